@@ -1,0 +1,213 @@
+//! The exactly-one-credential rule and client-token lookup (SPEC §3 step 3).
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::header::AUTHORIZATION;
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::rejection::Rejection;
+
+/// The header QuickBlox SDKs send a session token in.
+pub const QB_TOKEN: &str = "qb-token";
+
+/// The token a request presents, before it is matched against the clients.
+pub(crate) fn presented_token(headers: &HeaderMap) -> Result<&[u8], Rejection> {
+    let mut qb_tokens = headers.get_all(QB_TOKEN).iter();
+    let mut authorizations = headers.get_all(AUTHORIZATION).iter();
+    let (qb_token, authorization) = (qb_tokens.next(), authorizations.next());
+    if qb_tokens.next().is_some() {
+        return Err(Rejection::RepeatedCredential("QB-Token"));
+    }
+    if authorizations.next().is_some() {
+        return Err(Rejection::RepeatedCredential("Authorization"));
+    }
+    match (qb_token, authorization) {
+        (None, None) => Err(Rejection::MissingCredentials),
+        (Some(_), Some(_)) => Err(Rejection::AmbiguousCredentials),
+        (Some(token), None) => Ok(trim(token.as_bytes())),
+        (None, Some(value)) => api_key_token(value.as_bytes()).ok_or(Rejection::BadScheme),
+    }
+}
+
+/// `ApiKey <token>`, scheme case-insensitive.
+fn api_key_token(value: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"apikey";
+    let value = trim(value);
+    if value.len() <= SCHEME.len() || !value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME) {
+        return None;
+    }
+    let rest = &value[SCHEME.len()..];
+    if !matches!(rest[0], b' ' | b'\t') {
+        return None;
+    }
+    Some(trim(rest))
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    bytes.trim_ascii()
+}
+
+/// A configured client's name, as it appears in logs and metrics.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ClientId(Arc<str>);
+
+impl ClientId {
+    /// Wraps a client name.
+    pub fn new(id: &str) -> Self {
+        ClientId(id.into())
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// SHA-256 of a client token; the only form in which tokens are configured or kept.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenDigest(pub [u8; 32]);
+
+impl TokenDigest {
+    /// The digest of a token.
+    pub fn of(token: &[u8]) -> Self {
+        TokenDigest(Sha256::digest(token).into())
+    }
+
+    /// Lower-case hex, as written in `guard.clients[].token_sha256`.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenDigest({}…)", &self.to_hex()[..8])
+    }
+}
+
+/// The configured clients, matched in constant time.
+#[derive(Debug, Clone, Default)]
+pub struct ClientRegistry {
+    clients: Box<[(ClientId, TokenDigest)]>,
+}
+
+impl ClientRegistry {
+    /// Builds the registry; the caller has checked that ids and digests are unique.
+    pub fn new(clients: impl IntoIterator<Item = (ClientId, TokenDigest)>) -> Self {
+        ClientRegistry {
+            clients: clients.into_iter().collect(),
+        }
+    }
+
+    /// The client a token belongs to. Every digest is compared, in constant time, so the
+    /// time taken says nothing about how close a guess came.
+    pub fn identify(&self, token: &[u8]) -> Option<&ClientId> {
+        let presented = TokenDigest::of(token);
+        let mut found = None;
+        for (id, digest) in self.clients.iter() {
+            if bool::from(digest.0.ct_eq(&presented.0)) {
+                found = Some(id);
+            }
+        }
+        found
+    }
+
+    /// How many clients are configured.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Whether no client is configured.
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn exactly_one_credential() {
+        assert_eq!(
+            presented_token(&headers(&[])),
+            Err(Rejection::MissingCredentials)
+        );
+        assert_eq!(
+            presented_token(&headers(&[("qb-token", "t")])),
+            Ok(&b"t"[..])
+        );
+        assert_eq!(
+            presented_token(&headers(&[
+                ("qb-token", "t"),
+                ("authorization", "ApiKey t")
+            ])),
+            Err(Rejection::AmbiguousCredentials)
+        );
+        assert_eq!(
+            presented_token(&headers(&[("qb-token", "t"), ("qb-token", "t")])),
+            Err(Rejection::RepeatedCredential("QB-Token"))
+        );
+        assert_eq!(
+            presented_token(&headers(&[("authorization", "a"), ("authorization", "b")])),
+            Err(Rejection::RepeatedCredential("Authorization"))
+        );
+    }
+
+    #[test]
+    fn api_key_scheme_is_case_insensitive_and_required() {
+        for (value, expected) in [
+            ("ApiKey abc", Some(&b"abc"[..])),
+            ("apikey  abc ", Some(&b"abc"[..])),
+            ("APIKEY\tabc", Some(&b"abc"[..])),
+            ("Bearer abc", None),
+            ("ApiKeyabc", None),
+            ("ApiKey", None),
+            ("", None),
+        ] {
+            assert_eq!(api_key_token(value.as_bytes()), expected, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn identifies_clients_by_digest() {
+        let registry = ClientRegistry::new([
+            (ClientId::new("ios"), TokenDigest::of(b"ios-token")),
+            (ClientId::new("web"), TokenDigest::of(b"web-token")),
+        ]);
+        assert_eq!(
+            registry.identify(b"web-token").map(ClientId::as_str),
+            Some("web")
+        );
+        assert_eq!(
+            registry.identify(b"ios-token").map(ClientId::as_str),
+            Some("ios")
+        );
+        assert_eq!(registry.identify(b"web-token "), None);
+        assert_eq!(registry.identify(b""), None);
+    }
+}

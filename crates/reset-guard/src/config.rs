@@ -1,0 +1,356 @@
+//! The `guard:` section of the YAML file: [`GuardConfig`] deserializes it and
+//! [`GuardConfig::validate`] turns it into [`GuardSettings`], the only form the guard runs on.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::de::{self, DeserializeOwned};
+use serde::{Deserialize, Deserializer};
+
+use crate::auth::{ClientId, ClientRegistry, TokenDigest};
+use crate::duration::ConfigDuration;
+use crate::email::{EmailKeyPolicy, EmailPolicy};
+
+/// The guarded path QuickBlox serves password resets on.
+pub const DEFAULT_PATH: &str = "/users/password/reset.json";
+
+/// The `guard:` section. Every field has a default, so `{}` is a valid (if client-less) file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// The path that is guarded.
+    pub path: String,
+    /// What happens to every other path.
+    pub other_routes: OtherRoutes,
+    /// The apps allowed to ask for resets.
+    pub clients: Vec<ClientConfig>,
+    /// Where the client address comes from.
+    pub client_ip: ClientIpConfig,
+    /// How answers are shaped.
+    pub responses: ResponsesConfig,
+    /// Which addresses are accepted.
+    pub email: EmailConfig,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            path: DEFAULT_PATH.to_owned(),
+            other_routes: OtherRoutes::default(),
+            clients: Vec::new(),
+            client_ip: ClientIpConfig::default(),
+            responses: ResponsesConfig::default(),
+            email: EmailConfig::default(),
+        }
+    }
+}
+
+/// `guard.other_routes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtherRoutes {
+    /// Answer 404.
+    #[default]
+    Reject,
+    /// Pass upstream untouched apart from hop-by-hop hygiene.
+    Forward,
+}
+
+/// One entry of `guard.clients`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Name used in logs and metrics.
+    pub id: String,
+    /// SHA-256 of the client token, 64 hex digits (`reset-gateway hash-token` prints it).
+    pub token_sha256: TokenDigest,
+}
+
+impl<'de> Deserialize<'de> for TokenDigest {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut digest).map_err(|_| {
+            de::Error::custom(
+                "expected 64 hex digits (SHA-256 of the token, see `reset-gateway hash-token`)",
+            )
+        })?;
+        Ok(TokenDigest(digest))
+    }
+}
+
+/// `guard.client_ip`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientIpConfig {
+    /// Peers whose `X-Forwarded-For` is believed, as CIDRs.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// A CIDR block; a bare address means a single host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub IpNet);
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let net = text
+            .parse::<IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+            .map_err(|_| {
+                de::Error::custom(format!("{text:?} is not an IP address or CIDR block"))
+            })?;
+        Ok(Cidr(net.trunc()))
+    }
+}
+
+/// `guard.responses`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResponsesConfig {
+    /// Upstream 404 and 401 become 200 with an empty body.
+    pub uniform: bool,
+    /// Every response that passed the email check takes at least this long.
+    pub min_latency: ConfigDuration,
+}
+
+impl Default for ResponsesConfig {
+    fn default() -> Self {
+        ResponsesConfig {
+            uniform: true,
+            min_latency: ConfigDuration::default(),
+        }
+    }
+}
+
+/// `guard.email`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmailConfig {
+    /// Accept non-ASCII local parts.
+    pub allow_utf8_local: bool,
+}
+
+/// A configuration error that names the key path and, where known, the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path, such as `guard.clients[0].token_sha256`.
+    pub path: String,
+    /// 1-based line in the YAML file.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about a key path without a known line.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            line: None,
+            message: message.into(),
+        }
+    }
+
+    /// Places the error at `line` if it has none yet.
+    pub fn at_line(mut self, line: Option<usize>) -> Self {
+        self.line = self.line.or(line);
+        self
+    }
+
+    /// Prefixes the key path, for a section nested in a larger file.
+    pub fn within(mut self, section: &str) -> Self {
+        self.path = if self.path.is_empty() {
+            section.to_owned()
+        } else {
+            format!("{section}.{}", self.path)
+        };
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = if self.path.is_empty() {
+            "(top level)"
+        } else {
+            &self.path
+        };
+        match self.line {
+            Some(line) => write!(f, "{path} (line {line}): {}", self.message),
+            None => write!(f, "{path}: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Deserializes YAML, turning any error into a [`ConfigError`] with path and line.
+pub fn from_yaml<T: DeserializeOwned>(yaml: &str) -> Result<T, ConfigError> {
+    let deserializer = serde_yaml::Deserializer::from_str(yaml);
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        let path = if path == "." { String::new() } else { path };
+        let line = inner.location().map(|l| refine_line(yaml, l.line(), &path));
+        ConfigError {
+            path,
+            line,
+            message: strip_location(&inner.to_string()),
+        }
+    })
+}
+
+/// serde_yaml places an error inside a block mapping at the mapping's first line; the
+/// key the path ends in is on that line or a later one.
+fn refine_line(yaml: &str, line: usize, path: &str) -> usize {
+    let key = path.rsplit('.').next().unwrap_or("");
+    if key.is_empty() || key.ends_with(']') {
+        return line;
+    }
+    let pattern = format!("{key}:");
+    yaml.lines()
+        .enumerate()
+        .skip(line.saturating_sub(1))
+        .find(|(_, text)| {
+            let text = text.trim_start().trim_start_matches("- ");
+            text.starts_with(&pattern)
+                || text.contains(&format!(" {pattern}"))
+                || text.contains(&format!("{{{pattern}"))
+        })
+        .map_or(line, |(i, _)| i + 1)
+}
+
+/// serde_yaml appends "at line L column C" and prefixes the path itself; the error
+/// carries both as fields, so the message keeps only what is wrong.
+fn strip_location(message: &str) -> String {
+    let message = match message.rfind(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    match message.split_once(": ") {
+        Some((head, rest)) if !head.contains(' ') => rest.to_owned(),
+        _ => message.to_owned(),
+    }
+}
+
+/// Finds the line of `key: value` in `yaml`, for errors found after parsing.
+pub fn line_of(yaml: &str, key: &str, value: &str) -> Option<usize> {
+    yaml.lines()
+        .position(|line| {
+            let line = line
+                .trim_start()
+                .trim_start_matches("- ")
+                .trim_start_matches('{')
+                .trim();
+            line.split(',').any(|part| {
+                part.trim()
+                    .strip_prefix(key)
+                    .and_then(|r| r.trim_start().strip_prefix(':'))
+                    .is_some_and(|v| v.trim().trim_matches(['"', '\'', '}']) == value)
+            })
+        })
+        .map(|i| i + 1)
+}
+
+impl GuardConfig {
+    /// Reads a `guard:` section on its own, as an embedding service would.
+    pub fn from_yaml(yaml: &str) -> Result<GuardConfig, ConfigError> {
+        from_yaml(yaml)
+    }
+
+    /// Checks what the types alone cannot and builds the settings the guard runs on.
+    /// Paths in errors are relative to the section (`clients[1].id`).
+    pub fn validate(&self) -> Result<GuardSettings, ConfigError> {
+        if !self.path.starts_with('/') || self.path.contains(['?', '#']) {
+            return Err(ConfigError::new(
+                "path",
+                "must start with '/' and hold no query",
+            ));
+        }
+        if self.clients.is_empty() {
+            return Err(ConfigError::new(
+                "clients",
+                "at least one client is required (id and token_sha256)",
+            ));
+        }
+        let mut ids = HashSet::new();
+        let mut digests = HashSet::new();
+        for (i, client) in self.clients.iter().enumerate() {
+            if client.id.trim().is_empty() {
+                return Err(ConfigError::new(
+                    format!("clients[{i}].id"),
+                    "must not be empty",
+                ));
+            }
+            if !ids.insert(client.id.as_str()) {
+                return Err(ConfigError::new(
+                    format!("clients[{i}].id"),
+                    format!("duplicate client id {:?}", client.id),
+                ));
+            }
+            if !digests.insert(client.token_sha256.0) {
+                return Err(ConfigError::new(
+                    format!("clients[{i}].token_sha256"),
+                    "the same token is configured for two clients",
+                ));
+            }
+        }
+        Ok(GuardSettings {
+            path: self.path.clone(),
+            other_routes: self.other_routes,
+            clients: ClientRegistry::new(
+                self.clients
+                    .iter()
+                    .map(|c| (ClientId::new(&c.id), c.token_sha256)),
+            ),
+            trusted_proxies: self.client_ip.trusted_proxies.iter().map(|c| c.0).collect(),
+            uniform: self.responses.uniform,
+            min_latency: self.responses.min_latency.0,
+            email: EmailPolicy {
+                allow_utf8_local: self.email.allow_utf8_local,
+            },
+            email_key: EmailKeyPolicy::default(),
+        })
+    }
+}
+
+/// Validated settings. Built only by [`GuardConfig::validate`], so every value is checked.
+#[derive(Debug, Clone)]
+pub struct GuardSettings {
+    pub(crate) path: String,
+    pub(crate) other_routes: OtherRoutes,
+    pub(crate) clients: ClientRegistry,
+    pub(crate) trusted_proxies: Vec<IpNet>,
+    pub(crate) uniform: bool,
+    pub(crate) min_latency: Duration,
+    pub(crate) email: EmailPolicy,
+    pub(crate) email_key: EmailKeyPolicy,
+}
+
+impl GuardSettings {
+    /// The guarded path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Whether unguarded paths are forwarded.
+    pub fn other_routes(&self) -> OtherRoutes {
+        self.other_routes
+    }
+
+    /// Trusted proxy networks.
+    pub fn trusted_proxies(&self) -> &[IpNet] {
+        &self.trusted_proxies
+    }
+
+    /// Whether uniform answers are on.
+    pub fn uniform(&self) -> bool {
+        self.uniform
+    }
+}
+
+#[cfg(test)]
+mod tests;

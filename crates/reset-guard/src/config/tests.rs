@@ -1,0 +1,83 @@
+use super::*;
+
+const DIGEST: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+fn config(yaml: &str) -> Result<GuardSettings, ConfigError> {
+    GuardConfig::from_yaml(yaml)?.validate()
+}
+
+#[test]
+fn defaults_fill_everything_but_clients() {
+    let settings = config(&format!("clients: [{{ id: ios, token_sha256: {DIGEST} }}]")).unwrap();
+    assert_eq!(settings.path(), DEFAULT_PATH);
+    assert_eq!(settings.other_routes(), OtherRoutes::Reject);
+    assert!(settings.uniform());
+    assert_eq!(settings.min_latency, Duration::ZERO);
+    assert_eq!(settings.clients.len(), 1);
+}
+
+#[test]
+fn unknown_keys_are_named_with_their_line() {
+    let yaml = format!(
+        "clients:\n  - id: ios\n    token_sha256: {DIGEST}\nresponses:\n  unifrom: false\n"
+    );
+    let error = GuardConfig::from_yaml(&yaml).unwrap_err();
+    assert_eq!(error.path, "responses.unifrom");
+    assert_eq!(error.line, Some(5));
+    assert!(error.message.contains("unknown field `unifrom`"), "{error}");
+}
+
+#[test]
+fn bad_values_are_named_with_their_line() {
+    let error =
+        GuardConfig::from_yaml("clients:\n  - id: ios\n    token_sha256: abc\n").unwrap_err();
+    assert_eq!(error.path, "clients[0].token_sha256");
+    assert_eq!(error.line, Some(3));
+    assert!(error.message.contains("64 hex digits"), "{error}");
+
+    let error = GuardConfig::from_yaml("responses:\n  min_latency: 5 s\n").unwrap_err();
+    assert_eq!(error.path, "responses.min_latency");
+    assert_eq!(error.line, Some(2));
+
+    let error =
+        GuardConfig::from_yaml("client_ip:\n  trusted_proxies: [10.0.0.0/33]\n").unwrap_err();
+    assert_eq!(error.path, "client_ip.trusted_proxies[0]");
+}
+
+#[test]
+fn validation_names_the_key() {
+    assert_eq!(config("{}").unwrap_err().path, "clients");
+    let twice = format!(
+        "clients:\n  - {{ id: a, token_sha256: {DIGEST} }}\n  - {{ id: a, token_sha256: {} }}\n",
+        "0".repeat(64)
+    );
+    let error = config(&twice).unwrap_err();
+    assert_eq!(error.path, "clients[1].id");
+    assert_eq!(line_of(&twice, "id", "a"), Some(2));
+    let same_token = format!(
+        "clients:\n  - {{ id: a, token_sha256: {DIGEST} }}\n  - {{ id: b, token_sha256: {DIGEST} }}\n"
+    );
+    assert_eq!(
+        config(&same_token).unwrap_err().path,
+        "clients[1].token_sha256"
+    );
+    let error = config(&format!(
+        "path: reset\nclients: [{{ id: a, token_sha256: {DIGEST} }}]"
+    ))
+    .unwrap_err();
+    assert_eq!(error.path, "path");
+}
+
+#[test]
+fn trusted_proxies_accept_hosts_and_blocks() {
+    let settings = config(&format!(
+        "clients: [{{ id: a, token_sha256: {DIGEST} }}]\nclient_ip: {{ trusted_proxies: [10.0.0.0/8, '::1', 192.168.1.7/16] }}"
+    ))
+    .unwrap();
+    let nets: Vec<String> = settings
+        .trusted_proxies()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "::1/128", "192.168.0.0/16"]);
+}

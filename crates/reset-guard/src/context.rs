@@ -1,0 +1,44 @@
+//! What the guard learned about a request, left in its extensions for the services after it.
+
+use http::StatusCode;
+
+use crate::auth::ClientId;
+use crate::client_ip::ClientIp;
+use crate::email::{Email, EmailKey};
+
+/// Inserted into the request extensions of every request the guard lets through on the
+/// guarded path. Its presence tells the forwarder to build the upstream request from it.
+#[derive(Debug, Clone)]
+pub struct GuardedRequest {
+    pub(crate) client_id: ClientId,
+    pub(crate) client_ip: ClientIp,
+    pub(crate) email: Email,
+    pub(crate) email_key: EmailKey,
+}
+
+impl GuardedRequest {
+    /// The configured client the token belongs to.
+    pub fn client_id(&self) -> &ClientId {
+        &self.client_id
+    }
+
+    /// The address the request is attributed to.
+    pub fn client_ip(&self) -> ClientIp {
+        self.client_ip
+    }
+
+    /// The validated address, as the user gave it.
+    pub fn email(&self) -> &Email {
+        &self.email
+    }
+
+    /// The canonical address used for the per-email limit.
+    pub fn email_key(&self) -> &EmailKey {
+        &self.email_key
+    }
+}
+
+/// Inserted into the response extensions when a uniform answer replaced what QuickBlox
+/// said, so logs and metrics can still see the true status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamStatus(pub StatusCode);

@@ -1,0 +1,288 @@
+//! Email addresses: [`Email::parse`] proves an address is acceptable (SPEC §4) and
+//! [`EmailKey`] is its canonical form for the per-email limit.
+
+use std::fmt;
+
+use idna::AsciiDenyList;
+
+/// Longest whole address, in octets (RFC 5321 path limit less the angle brackets).
+const MAX_ADDRESS_OCTETS: usize = 254;
+const MAX_LOCAL_OCTETS: usize = 64;
+const MAX_LABEL_OCTETS: usize = 63;
+const MAX_DOMAIN_OCTETS: usize = 253;
+
+/// How strict [`Email::parse`] is about the local part.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EmailPolicy {
+    /// Accept non-ASCII characters in the local part (RFC 6531 mailboxes).
+    pub allow_utf8_local: bool,
+}
+
+/// Why an address was refused. Messages name the rule, never the address.
+#[allow(missing_docs)] // each message documents its variant
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EmailError {
+    #[error("address longer than {MAX_ADDRESS_OCTETS} octets")]
+    TooLong,
+    #[error("address must contain exactly one '@'")]
+    AtSign,
+    #[error("whitespace, control or invisible character")]
+    ForbiddenCharacter,
+    #[error("local part must be 1 to {MAX_LOCAL_OCTETS} octets")]
+    LocalLength,
+    #[error("local part has a leading, trailing or doubled dot")]
+    LocalDots,
+    #[error("local part has a character outside the dot-atom set")]
+    LocalCharacter,
+    #[error("non-ASCII local part is not allowed")]
+    Utf8Local,
+    #[error("domain is not a valid internationalised name")]
+    Idna,
+    #[error("domain must have at least two labels")]
+    DomainLabels,
+    #[error("domain label must be 1 to {MAX_LABEL_OCTETS} octets")]
+    LabelLength,
+    #[error("domain label has a character other than letters, digits and hyphens")]
+    LabelCharacter,
+    #[error("domain label starts or ends with a hyphen")]
+    LabelHyphen,
+    #[error("top-level domain is all digits")]
+    NumericTld,
+    #[error("domain longer than {MAX_DOMAIN_OCTETS} octets")]
+    DomainLength,
+}
+
+/// An address that passed every rule of SPEC §4. Holding one proves it.
+///
+/// `as_str` is exactly the decoded input (no trimming, no case change), so what is
+/// forwarded upstream is what the user typed; `ascii_domain` is the domain's IDNA
+/// ASCII form, lower-cased.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Email {
+    address: Box<str>,
+    at: usize,
+    ascii_domain: Box<str>,
+}
+
+impl Email {
+    /// Parses a percent-decoded address.
+    pub fn parse(input: &str, policy: EmailPolicy) -> Result<Email, EmailError> {
+        if input.len() > MAX_ADDRESS_OCTETS {
+            return Err(EmailError::TooLong);
+        }
+        if input.chars().any(is_forbidden_char) {
+            return Err(EmailError::ForbiddenCharacter);
+        }
+        let at = input.find('@').ok_or(EmailError::AtSign)?;
+        let (local, domain) = (&input[..at], &input[at + 1..]);
+        if domain.contains('@') {
+            return Err(EmailError::AtSign);
+        }
+        check_local(local, policy)?;
+        let ascii_domain = ascii_domain(domain)?;
+        Ok(Email {
+            address: input.into(),
+            at,
+            ascii_domain: ascii_domain.into(),
+        })
+    }
+
+    /// The address as given.
+    pub fn as_str(&self) -> &str {
+        &self.address
+    }
+
+    /// The part before the `@`, as given.
+    pub fn local_part(&self) -> &str {
+        &self.address[..self.at]
+    }
+
+    /// The domain as given.
+    pub fn domain(&self) -> &str {
+        &self.address[self.at + 1..]
+    }
+
+    /// The domain in IDNA ASCII form, lower-cased.
+    pub fn ascii_domain(&self) -> &str {
+        &self.ascii_domain
+    }
+}
+
+// Addresses are personal data: Debug shows the shape only, so a stray `{:?}` in a log
+// line cannot leak one.
+impl fmt::Debug for Email {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Email(<{} octets>)", self.address.len())
+    }
+}
+
+/// Characters refused anywhere in an address: whitespace, controls and the invisible
+/// formatting code points that make two addresses look alike.
+fn is_forbidden_char(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{034F}'
+                | '\u{061C}'
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{17B4}'
+                | '\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FEFF}'
+                | '\u{FFA0}'
+                | '\u{FFF0}'..='\u{FFFB}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0000}'..='\u{E0FFF}'
+        )
+}
+
+/// RFC 5322 `atext`.
+fn is_atext(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~-".contains(&b)
+}
+
+fn check_local(local: &str, policy: EmailPolicy) -> Result<(), EmailError> {
+    if local.is_empty() || local.len() > MAX_LOCAL_OCTETS {
+        return Err(EmailError::LocalLength);
+    }
+    if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+        return Err(EmailError::LocalDots);
+    }
+    for c in local.chars() {
+        if c.is_ascii() {
+            if c != '.' && !is_atext(c as u8) {
+                return Err(EmailError::LocalCharacter);
+            }
+        } else if !policy.allow_utf8_local {
+            return Err(EmailError::Utf8Local);
+        }
+    }
+    Ok(())
+}
+
+/// Converts the domain to its IDNA ASCII form and checks the hostname rules on that form.
+fn ascii_domain(domain: &str) -> Result<String, EmailError> {
+    let ascii = if domain.is_ascii() {
+        // Plain ASCII needs no mapping unless it holds punycode, which IDNA must verify.
+        if domain.contains("xn--") || domain.contains("XN--") || domain.contains("Xn--") {
+            to_ascii(domain)?
+        } else {
+            domain.to_ascii_lowercase()
+        }
+    } else {
+        to_ascii(domain)?
+    };
+    check_hostname(&ascii)?;
+    Ok(ascii)
+}
+
+fn to_ascii(domain: &str) -> Result<String, EmailError> {
+    idna::domain_to_ascii_cow(domain.as_bytes(), AsciiDenyList::STD3)
+        .map(|cow| cow.into_owned())
+        .map_err(|_| EmailError::Idna)
+}
+
+fn check_hostname(ascii: &str) -> Result<(), EmailError> {
+    if ascii.len() > MAX_DOMAIN_OCTETS {
+        return Err(EmailError::DomainLength);
+    }
+    let mut labels = 0;
+    let mut last = "";
+    for label in ascii.split('.') {
+        if label.is_empty() || label.len() > MAX_LABEL_OCTETS {
+            return Err(EmailError::LabelLength);
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(EmailError::LabelCharacter);
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(EmailError::LabelHyphen);
+        }
+        labels += 1;
+        last = label;
+    }
+    if labels < 2 {
+        return Err(EmailError::DomainLabels);
+    }
+    if last.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(EmailError::NumericTld);
+    }
+    Ok(())
+}
+
+/// How addresses are folded into one per-email limit key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmailKeyPolicy {
+    /// `bob+news@x.io` counts as `bob@x.io`.
+    pub strip_plus_tag: bool,
+    /// `b.o.b@gmail.com` counts as `bob@gmail.com`; googlemail.com counts as gmail.com.
+    pub fold_gmail_dots: bool,
+}
+
+impl Default for EmailKeyPolicy {
+    fn default() -> Self {
+        EmailKeyPolicy {
+            strip_plus_tag: true,
+            fold_gmail_dots: true,
+        }
+    }
+}
+
+/// The canonical form of an address: every spelling that reaches the same mailbox
+/// maps to one key, so a caller cannot dodge the per-email limit by rewriting it.
+///
+/// It still holds the address, so it is hashed before it is stored anywhere.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct EmailKey(Box<str>);
+
+impl EmailKey {
+    /// Canonicalises a parsed address.
+    pub fn new(email: &Email, policy: EmailKeyPolicy) -> EmailKey {
+        let mut domain = email.ascii_domain();
+        let gmail = policy.fold_gmail_dots && matches!(domain, "gmail.com" | "googlemail.com");
+        if gmail {
+            domain = "gmail.com";
+        }
+        let mut local = email.local_part();
+        if policy.strip_plus_tag {
+            // A leading '+' is the whole name, not a tag.
+            if let Some(plus) = local.find('+').filter(|&i| i > 0) {
+                local = &local[..plus];
+            }
+        }
+        let mut key = String::with_capacity(local.len() + 1 + domain.len());
+        for c in local.chars().flat_map(char::to_lowercase) {
+            if !(gmail && c == '.') {
+                key.push(c);
+            }
+        }
+        key.push('@');
+        key.push_str(domain);
+        EmailKey(key.into())
+    }
+
+    /// The canonical address. Hash it before storing it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for EmailKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EmailKey(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,135 @@
+use super::*;
+use proptest::prelude::*;
+
+const STRICT: EmailPolicy = EmailPolicy {
+    allow_utf8_local: false,
+};
+const UTF8: EmailPolicy = EmailPolicy {
+    allow_utf8_local: true,
+};
+
+fn key(address: &str) -> String {
+    let email = Email::parse(address, UTF8).expect("valid address");
+    EmailKey::new(&email, EmailKeyPolicy::default())
+        .as_str()
+        .to_owned()
+}
+
+#[test]
+fn accepts_plain_and_keeps_it_verbatim() {
+    let email = Email::parse("Bob.Smith+news@Example.COM", STRICT).unwrap();
+    assert_eq!(email.as_str(), "Bob.Smith+news@Example.COM");
+    assert_eq!(email.local_part(), "Bob.Smith+news");
+    assert_eq!(email.domain(), "Example.COM");
+    assert_eq!(email.ascii_domain(), "example.com");
+}
+
+#[test]
+fn errors_name_the_rule() {
+    assert_eq!(Email::parse("a@b", STRICT), Err(EmailError::DomainLabels));
+    assert_eq!(Email::parse(".a@b.io", STRICT), Err(EmailError::LocalDots));
+    assert_eq!(
+        Email::parse("a b@b.io", STRICT),
+        Err(EmailError::ForbiddenCharacter)
+    );
+    assert_eq!(Email::parse("a@1.2", STRICT), Err(EmailError::NumericTld));
+    assert_eq!(Email::parse("é@b.io", STRICT), Err(EmailError::Utf8Local));
+    assert!(Email::parse("é@b.io", UTF8).is_ok());
+}
+
+#[test]
+fn length_limits_are_octets() {
+    let local64 = "a".repeat(64);
+    assert!(Email::parse(&format!("{local64}@x.io"), STRICT).is_ok());
+    assert_eq!(
+        Email::parse(&format!("{local64}a@x.io"), STRICT),
+        Err(EmailError::LocalLength)
+    );
+    // 64 octets made of 32 two-octet characters is fine, 33 of them is not.
+    assert!(Email::parse(&format!("{}@x.io", "é".repeat(32)), UTF8).is_ok());
+    assert!(Email::parse(&format!("{}@x.io", "é".repeat(33)), UTF8).is_err());
+    let label = "d".repeat(63);
+    let domain = format!("{label}.{label}.{label}.{}.io", "d".repeat(55));
+    assert_eq!(domain.len(), 250);
+    assert!(Email::parse(&format!("abc@{domain}"), STRICT).is_ok());
+    assert_eq!(
+        Email::parse(&format!("abcd@{domain}"), STRICT),
+        Err(EmailError::TooLong)
+    );
+    assert_eq!(
+        Email::parse(&format!("a@{}.io", "d".repeat(64)), STRICT),
+        Err(EmailError::LabelLength)
+    );
+}
+
+#[test]
+fn idn_domains_use_their_ascii_form() {
+    let email = Email::parse("anna@bücher.example", STRICT).unwrap();
+    assert_eq!(email.ascii_domain(), "xn--bcher-kva.example");
+    assert_eq!(email.domain(), "bücher.example");
+    // Punycode that does not decode is refused.
+    assert_eq!(
+        Email::parse("a@xn--zz.example", STRICT),
+        Err(EmailError::Idna)
+    );
+}
+
+#[test]
+fn key_folds_case_plus_tags_and_gmail_dots() {
+    assert_eq!(key("Bob+x@Gmail.com"), "bob@gmail.com");
+    assert_eq!(key("B.o.b+y@googlemail.COM"), "bob@gmail.com");
+    assert_eq!(key("b.ob@example.com"), "b.ob@example.com");
+    assert_eq!(
+        key("anna@bücher.example"),
+        key("Anna@xn--bcher-kva.example")
+    );
+    assert_eq!(key("+only@example.com"), "+only@example.com");
+    assert_eq!(key("ÉLISE@example.com"), "élise@example.com");
+}
+
+#[test]
+fn key_policy_can_keep_tags_and_dots() {
+    let email = Email::parse("B.ob+x@gmail.com", STRICT).unwrap();
+    let policy = EmailKeyPolicy {
+        strip_plus_tag: false,
+        fold_gmail_dots: false,
+    };
+    assert_eq!(EmailKey::new(&email, policy).as_str(), "b.ob+x@gmail.com");
+}
+
+#[test]
+fn debug_never_shows_the_address() {
+    let email = Email::parse("secret.person@example.com", STRICT).unwrap();
+    let shown = format!(
+        "{email:?} {:?}",
+        EmailKey::new(&email, EmailKeyPolicy::default())
+    );
+    assert!(!shown.contains("secret"), "{shown}");
+}
+
+proptest! {
+    #[test]
+    fn parse_never_panics(input in any::<String>(), utf8 in any::<bool>()) {
+        let _ = Email::parse(&input, EmailPolicy { allow_utf8_local: utf8 });
+    }
+
+    #[test]
+    fn parse_never_panics_on_address_shapes(input in "[a-zA-Z0-9.+@\u{00e9}\u{200b}\\-\\[\\]\" ]{0,80}") {
+        if let Ok(email) = Email::parse(&input, UTF8) {
+            let _ = EmailKey::new(&email, EmailKeyPolicy::default());
+        }
+    }
+
+    #[test]
+    fn accepted_addresses_round_trip(
+        local in "[a-zA-Z0-9!#$%&'*+/=?^_`{|}~-]{1,20}(\\.[a-zA-Z0-9_+-]{1,10}){0,2}",
+        labels in proptest::collection::vec("[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", 1..4),
+        tld in "[a-z]{2,6}",
+    ) {
+        let address = format!("{local}@{}.{tld}", labels.join("."));
+        let email = Email::parse(&address, STRICT).expect("generated address is valid");
+        prop_assert_eq!(email.as_str(), address.as_str());
+        let again = Email::parse(email.as_str(), STRICT).unwrap();
+        prop_assert_eq!(again, email);
+    }
+}

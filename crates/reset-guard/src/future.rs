@@ -1,0 +1,120 @@
+//! [`ResponseFuture`]: the inner service's answer, made uniform and padded to the
+//! latency floor, or the guard's own answer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use http::{Response, StatusCode};
+use pin_project_lite::pin_project;
+use tokio::time::{sleep_until, Instant, Sleep};
+
+use crate::body::GuardBody;
+use crate::context::UpstreamStatus;
+use crate::rejection::{uniform_success, Rejection};
+
+pin_project! {
+    /// Response future of [`ResetGuard`](crate::ResetGuard).
+    pub struct ResponseFuture<F, B> {
+        #[pin]
+        state: State<F, B>,
+        uniform: bool,
+        floor: Option<Instant>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B> {
+        Inner { #[pin] future: F },
+        Padding { #[pin] sleep: Sleep, response: Option<Response<GuardBody<B>>> },
+        Ready { response: Option<Response<GuardBody<B>>> },
+    }
+}
+
+impl<F, B> ResponseFuture<F, B> {
+    pub(crate) fn guarded(future: F, uniform: bool, floor: Option<Instant>) -> Self {
+        ResponseFuture {
+            state: State::Inner { future },
+            uniform,
+            floor,
+        }
+    }
+
+    pub(crate) fn passed_through(future: F) -> Self {
+        Self::guarded(future, false, None)
+    }
+
+    pub(crate) fn rejected(rejection: Rejection, floor: Option<Instant>) -> Self {
+        let mut response = rejection.to_response().map(GuardBody::full);
+        response.extensions_mut().insert(rejection);
+        ResponseFuture {
+            state: after(response, floor),
+            uniform: false,
+            floor,
+        }
+    }
+}
+
+/// The state that hands out `response`, after the floor if one is set and not yet reached.
+fn after<F, B>(response: Response<GuardBody<B>>, floor: Option<Instant>) -> State<F, B> {
+    match floor {
+        Some(deadline) if deadline > Instant::now() => State::Padding {
+            sleep: sleep_until(deadline),
+            response: Some(response),
+        },
+        _ => State::Ready {
+            response: Some(response),
+        },
+    }
+}
+
+/// Under `uniform`, 200, 401 and 404 leave as one identical bare 200, so neither status,
+/// headers nor body tell whether the account exists; the true status rides along.
+fn make_uniform<B>(response: Response<B>) -> Response<GuardBody<B>> {
+    let status = response.status();
+    if !matches!(
+        status,
+        StatusCode::OK | StatusCode::UNAUTHORIZED | StatusCode::NOT_FOUND
+    ) {
+        return response.map(GuardBody::inner);
+    }
+    let (mut parts, _body) = response.into_parts();
+    let mut uniform = uniform_success().map(GuardBody::full);
+    *uniform.extensions_mut() = std::mem::take(&mut parts.extensions);
+    uniform.extensions_mut().insert(UpstreamStatus(status));
+    uniform
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<GuardBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Inner { future } => {
+                    let response = ready!(future.poll(cx))?;
+                    let response = if *this.uniform {
+                        make_uniform(response)
+                    } else {
+                        response.map(GuardBody::inner)
+                    };
+                    this.state.set(after(response, *this.floor));
+                }
+                StateProj::Padding { sleep, response } => {
+                    ready!(sleep.poll(cx));
+                    let response = response.take().expect("future polled after completion");
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Ready { response } => {
+                    let response = response.take().expect("future polled after completion");
+                    return Poll::Ready(Ok(response));
+                }
+            }
+        }
+    }
+}

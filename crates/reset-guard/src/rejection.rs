@@ -1,0 +1,195 @@
+//! Every answer the guard gives on its own, and the one place it becomes a response.
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::email::EmailError;
+
+/// Why a request was not forwarded. A rejection is a response, not an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The path is not guarded and `other_routes` is `reject`.
+    #[error("no route for this path")]
+    NotFound,
+    /// Anything but GET on the guarded path.
+    #[error("method not allowed on the reset path")]
+    MethodNotAllowed,
+    /// A GET with Content-Length > 0 or Transfer-Encoding.
+    #[error("GET request carries a body")]
+    BodyOnGet,
+    /// Neither `QB-Token` nor `Authorization`.
+    #[error("no QB-Token or Authorization header")]
+    MissingCredentials,
+    /// Both `QB-Token` and `Authorization`.
+    #[error("both QB-Token and Authorization headers")]
+    AmbiguousCredentials,
+    /// One credential header given more than once.
+    #[error("{0} header given more than once")]
+    RepeatedCredential(&'static str),
+    /// `Authorization` without the `ApiKey` scheme.
+    #[error("Authorization scheme is not ApiKey")]
+    BadScheme,
+    /// A token that matches no configured client.
+    #[error("unknown client token")]
+    UnknownClient,
+    /// No `email` query parameter, or an empty one.
+    #[error("email is missing")]
+    EmailMissing,
+    /// `email` given more than once.
+    #[error("email given more than once")]
+    EmailRepeated,
+    /// `email` is not valid percent-encoded UTF-8.
+    #[error("email is not valid UTF-8")]
+    EmailNotUtf8,
+    /// `email` fails a rule of SPEC §4.
+    #[error("email is invalid: {0}")]
+    EmailInvalid(EmailError),
+    /// QuickBlox could not be reached or answered badly.
+    #[error("upstream unavailable")]
+    UpstreamUnavailable,
+    /// QuickBlox did not answer in time.
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+}
+
+impl Rejection {
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::NotFound => StatusCode::NOT_FOUND,
+            Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Rejection::BodyOnGet
+            | Rejection::AmbiguousCredentials
+            | Rejection::RepeatedCredential(_)
+            | Rejection::EmailRepeated => StatusCode::BAD_REQUEST,
+            Rejection::MissingCredentials | Rejection::BadScheme | Rejection::UnknownClient => {
+                StatusCode::UNAUTHORIZED
+            }
+            Rejection::EmailMissing | Rejection::EmailNotUtf8 | Rejection::EmailInvalid(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Rejection::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A short label for logs and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Rejection::NotFound => "not_found",
+            Rejection::MethodNotAllowed => "method_not_allowed",
+            Rejection::BodyOnGet => "body_on_get",
+            Rejection::MissingCredentials => "missing_credentials",
+            Rejection::AmbiguousCredentials | Rejection::RepeatedCredential(_) => {
+                "ambiguous_credentials"
+            }
+            Rejection::BadScheme => "bad_scheme",
+            Rejection::UnknownClient => "unknown_client",
+            Rejection::EmailMissing => "email_missing",
+            Rejection::EmailRepeated => "email_repeated",
+            Rejection::EmailNotUtf8 | Rejection::EmailInvalid(_) => "email_invalid",
+            Rejection::UpstreamUnavailable => "upstream_unavailable",
+            Rejection::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    /// The QuickBlox-style error envelope.
+    pub fn body(&self) -> &'static str {
+        match self {
+            Rejection::NotFound => r#"{"errors":{"base":["Not found"]}}"#,
+            Rejection::MethodNotAllowed => r#"{"errors":{"base":["Method not allowed"]}}"#,
+            Rejection::BodyOnGet => r#"{"errors":{"base":["GET request must not have a body"]}}"#,
+            Rejection::MissingCredentials => {
+                r#"{"errors":{"base":["QB-Token or Authorization header is required"]}}"#
+            }
+            Rejection::AmbiguousCredentials => {
+                r#"{"errors":{"base":["Send exactly one of QB-Token and Authorization"]}}"#
+            }
+            Rejection::RepeatedCredential("QB-Token") => {
+                r#"{"errors":{"base":["QB-Token header given more than once"]}}"#
+            }
+            Rejection::RepeatedCredential(_) => {
+                r#"{"errors":{"base":["Authorization header given more than once"]}}"#
+            }
+            Rejection::BadScheme => {
+                r#"{"errors":{"base":["Authorization scheme must be ApiKey"]}}"#
+            }
+            Rejection::UnknownClient => r#"{"errors":{"base":["Unknown client token"]}}"#,
+            Rejection::EmailMissing => r#"{"errors":{"email":["is required"]}}"#,
+            Rejection::EmailRepeated => {
+                r#"{"errors":{"base":["email parameter given more than once"]}}"#
+            }
+            Rejection::EmailNotUtf8 | Rejection::EmailInvalid(_) => {
+                r#"{"errors":{"email":["is invalid"]}}"#
+            }
+            Rejection::UpstreamUnavailable | Rejection::UpstreamTimeout => {
+                r#"{"errors":{"base":["Upstream unavailable"]}}"#
+            }
+        }
+    }
+
+    /// The full answer, with the JSON content type and, for 405, `Allow: GET`.
+    pub fn to_response(&self) -> Response<Bytes> {
+        let body = self.body();
+        let mut response = Response::new(Bytes::from_static(body.as_bytes()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, JSON.clone());
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        if matches!(self, Rejection::MethodNotAllowed) {
+            headers.insert(ALLOW, HeaderValue::from_static("GET"));
+        }
+        response
+    }
+}
+
+/// `application/json; charset=utf-8`
+pub(crate) static JSON: HeaderValue = HeaderValue::from_static("application/json; charset=utf-8");
+
+/// The answer to a reset the guard vouches for without revealing anything: 200 and an
+/// empty body, identical whether or not the account exists.
+pub fn uniform_success() -> Response<Bytes> {
+    let mut response = Response::new(Bytes::new());
+    response
+        .headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_json_envelopes() {
+        let all = [
+            Rejection::NotFound,
+            Rejection::MethodNotAllowed,
+            Rejection::BodyOnGet,
+            Rejection::MissingCredentials,
+            Rejection::AmbiguousCredentials,
+            Rejection::RepeatedCredential("QB-Token"),
+            Rejection::RepeatedCredential("Authorization"),
+            Rejection::BadScheme,
+            Rejection::UnknownClient,
+            Rejection::EmailMissing,
+            Rejection::EmailRepeated,
+            Rejection::EmailNotUtf8,
+            Rejection::EmailInvalid(EmailError::AtSign),
+            Rejection::UpstreamUnavailable,
+            Rejection::UpstreamTimeout,
+        ];
+        for rejection in all {
+            let response = rejection.to_response();
+            let body = std::str::from_utf8(response.body()).unwrap();
+            assert!(body.starts_with(r#"{"errors":{""#), "{body}");
+            assert!(body.ends_with("\"]}}"), "{body}");
+            assert_eq!(response.headers()[CONTENT_TYPE], JSON);
+        }
+        assert_eq!(
+            Rejection::MethodNotAllowed.to_response().headers()[ALLOW],
+            "GET"
+        );
+    }
+}

@@ -1,0 +1,378 @@
+//! The layer driven as an embedding service would: `ServiceBuilder` around a `service_fn`.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use tower::{service_fn, BoxError, ServiceBuilder, ServiceExt};
+
+use crate::*;
+
+/// SHA-256 of "foo".
+const FOO_SHA256: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+fn settings(extra: &str) -> GuardSettings {
+    let yaml = format!("clients:\n  - id: app\n    token_sha256: {FOO_SHA256}\n{extra}");
+    GuardConfig::from_yaml(&yaml).unwrap().validate().unwrap()
+}
+
+type Seen = Arc<Mutex<Vec<(HeaderMap, Option<String>)>>>;
+
+/// Runs one request through the guard in front of an upstream that answers `status`.
+async fn run(
+    extra: &str,
+    status: StatusCode,
+    request: Request<Full<Bytes>>,
+) -> (Response<GuardBody<Full<Bytes>>>, Seen) {
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    let upstream = service_fn(move |request: Request<Full<Bytes>>| {
+        let email = request
+            .extensions()
+            .get::<GuardedRequest>()
+            .map(|g| g.email().as_str().to_owned());
+        log.lock().unwrap().push((request.headers().clone(), email));
+        async move {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"null")));
+            *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert("x-upstream", "yes".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let layer = ResetGuardLayer::new(settings(extra), ApiKey::new("server-key").unwrap());
+    let service = ServiceBuilder::new().layer(layer).service(upstream);
+    (service.oneshot(request).await.unwrap(), seen)
+}
+
+fn reset(query: &str) -> http::request::Builder {
+    Request::get(format!("/users/password/reset.json?{query}"))
+}
+
+async fn body_of<B>(response: Response<B>) -> String
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(Into::into)
+        .unwrap()
+        .to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+async fn rejected(request: Request<Full<Bytes>>) -> (StatusCode, String) {
+    let (response, seen) = run("", StatusCode::OK, request).await;
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a rejected request reached upstream"
+    );
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json; charset=utf-8"
+    );
+    (response.status(), body_of(response).await)
+}
+
+fn empty() -> Full<Bytes> {
+    Full::new(Bytes::new())
+}
+
+#[tokio::test]
+async fn every_rejection_row_of_the_table() {
+    let cases: Vec<(Request<Full<Bytes>>, StatusCode, &str)> = vec![
+        (
+            Request::get("/users.json").body(empty()).unwrap(),
+            StatusCode::NOT_FOUND,
+            r#"{"errors":{"base":["Not found"]}}"#,
+        ),
+        (
+            Request::post("/users/password/reset.json")
+                .body(empty())
+                .unwrap(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            r#"{"errors":{"base":["Method not allowed"]}}"#,
+        ),
+        (
+            reset("email=a@b.io")
+                .header("qb-token", "foo")
+                .header("content-length", "2")
+                .body(Full::new(Bytes::from_static(b"hi")))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            r#"{"errors":{"base":["GET request must not have a body"]}}"#,
+        ),
+        (
+            reset("email=a@b.io")
+                .header("qb-token", "foo")
+                .header("transfer-encoding", "chunked")
+                .body(empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            r#"{"errors":{"base":["GET request must not have a body"]}}"#,
+        ),
+        (
+            reset("email=a@b.io")
+                .header("qb-token", "foo")
+                .header("authorization", "ApiKey foo")
+                .body(empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            r#"{"errors":{"base":["Send exactly one of QB-Token and Authorization"]}}"#,
+        ),
+        (
+            reset("email=a@b.io")
+                .header("qb-token", "foo")
+                .header("qb-token", "foo")
+                .body(empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            r#"{"errors":{"base":["QB-Token header given more than once"]}}"#,
+        ),
+        (
+            reset("email=a@b.io&email=c@d.io")
+                .header("qb-token", "foo")
+                .body(empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            r#"{"errors":{"base":["email parameter given more than once"]}}"#,
+        ),
+        (
+            reset("email=a@b.io").body(empty()).unwrap(),
+            StatusCode::UNAUTHORIZED,
+            r#"{"errors":{"base":["QB-Token or Authorization header is required"]}}"#,
+        ),
+        (
+            reset("email=a@b.io")
+                .header("authorization", "Bearer foo")
+                .body(empty())
+                .unwrap(),
+            StatusCode::UNAUTHORIZED,
+            r#"{"errors":{"base":["Authorization scheme must be ApiKey"]}}"#,
+        ),
+        (
+            reset("email=a@b.io")
+                .header("qb-token", "bar")
+                .body(empty())
+                .unwrap(),
+            StatusCode::UNAUTHORIZED,
+            r#"{"errors":{"base":["Unknown client token"]}}"#,
+        ),
+        (
+            reset("x=1")
+                .header("qb-token", "foo")
+                .body(empty())
+                .unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            r#"{"errors":{"email":["is required"]}}"#,
+        ),
+        (
+            reset("email=a@b")
+                .header("qb-token", "foo")
+                .body(empty())
+                .unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            r#"{"errors":{"email":["is invalid"]}}"#,
+        ),
+        (
+            reset("email=%C3%28@b.io")
+                .header("qb-token", "foo")
+                .body(empty())
+                .unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            r#"{"errors":{"email":["is invalid"]}}"#,
+        ),
+    ];
+    for (request, status, body) in cases {
+        let what = format!("{} {}", request.method(), request.uri());
+        assert_eq!(rejected(request).await, (status, body.to_owned()), "{what}");
+    }
+}
+
+#[tokio::test]
+async fn method_not_allowed_says_allow_get() {
+    let request = Request::delete("/users/password/reset.json")
+        .body(empty())
+        .unwrap();
+    let (response, _) = run("", StatusCode::OK, request).await;
+    assert_eq!(response.headers()["allow"], "GET");
+}
+
+#[tokio::test]
+async fn checks_run_in_order_auth_before_email() {
+    // No credential and no email: the credential is reported, the email never parsed.
+    let request = reset("email=bad").body(empty()).unwrap();
+    assert_eq!(rejected(request).await.0, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn swaps_the_client_token_for_the_server_key() {
+    for header in ["qb-token", "authorization"] {
+        let value = if header == "qb-token" {
+            "foo"
+        } else {
+            "apikey foo"
+        };
+        let request = reset("email=Bob%2Bx%40Example.com&other=1")
+            .header(header, value)
+            .header("cookie", "session=1")
+            .body(empty())
+            .unwrap();
+        let (response, seen) = run("", StatusCode::OK, request).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let seen = seen.lock().unwrap();
+        let (headers, email) = &seen[0];
+        assert_eq!(headers["authorization"], "ApiKey server-key");
+        assert!(headers["authorization"].is_sensitive());
+        assert!(headers.get("qb-token").is_none());
+        assert_eq!(email.as_deref(), Some("Bob+x@Example.com"));
+    }
+}
+
+#[tokio::test]
+async fn uniform_hides_whether_the_account_exists() {
+    let mut answers = Vec::new();
+    for status in [
+        StatusCode::OK,
+        StatusCode::NOT_FOUND,
+        StatusCode::UNAUTHORIZED,
+    ] {
+        let request = reset("email=a@b.io")
+            .header("qb-token", "foo")
+            .body(empty())
+            .unwrap();
+        let (response, _) = run("", status, request).await;
+        let true_status = response.extensions().get::<UpstreamStatus>().copied();
+        assert_eq!(true_status, Some(UpstreamStatus(status)));
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        answers.push((parts.status, format!("{:?}", parts.headers), body));
+    }
+    assert_eq!(answers[0].0, StatusCode::OK);
+    assert!(answers[0].2.is_empty());
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0], answers[2]);
+}
+
+#[tokio::test]
+async fn uniform_off_passes_status_and_body_through() {
+    let request = reset("email=a@b.io")
+        .header("qb-token", "foo")
+        .body(empty())
+        .unwrap();
+    let (response, _) = run(
+        "responses: { uniform: false }\n",
+        StatusCode::NOT_FOUND,
+        request,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(response.headers()["x-upstream"], "yes");
+    assert_eq!(body_of(response).await, "null");
+}
+
+#[tokio::test]
+async fn uniform_leaves_other_statuses_alone() {
+    let request = reset("email=a@b.io")
+        .header("qb-token", "foo")
+        .body(empty())
+        .unwrap();
+    let (response, _) = run("", StatusCode::UNPROCESSABLE_ENTITY, request).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test(start_paused = true)]
+async fn min_latency_pads_answers_past_the_email_check() {
+    let extra = "responses: { min_latency: 300ms }\n";
+    let started = tokio::time::Instant::now();
+    let request = reset("email=a@b.io")
+        .header("qb-token", "foo")
+        .body(empty())
+        .unwrap();
+    let (response, _) = run(extra, StatusCode::NOT_FOUND, request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+
+    // An invalid address is answered at once: it never passed step 4.
+    let started = tokio::time::Instant::now();
+    let request = reset("email=nope")
+        .header("qb-token", "foo")
+        .body(empty())
+        .unwrap();
+    let (response, _) = run(extra, StatusCode::OK, request).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test]
+async fn forward_mode_passes_other_paths_untouched() {
+    let extra = "other_routes: forward\n";
+    let request = Request::get("/session.json")
+        .header("qb-token", "user-session")
+        .body(empty())
+        .unwrap();
+    let (response, seen) = run(extra, StatusCode::OK, request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-upstream"], "yes");
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[0].0["qb-token"], "user-session");
+    assert!(seen[0].1.is_none());
+}
+
+#[tokio::test]
+async fn forward_mode_never_forwards_lookalikes_of_the_guarded_path() {
+    let extra = "other_routes: forward\n";
+    for path in [
+        "/users/password/reset%2Ejson?email=a@b.io",
+        "//users/password/reset.json",
+        "/users/password/reset",
+    ] {
+        let request = Request::get(path).body(empty()).unwrap();
+        let (response, seen) = run(extra, StatusCode::OK, request).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        assert!(seen.lock().unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn handle_swaps_settings_live() {
+    let layer = ResetGuardLayer::new(settings(""), ApiKey::new("k1").unwrap());
+    let handle = layer.handle();
+    let upstream = service_fn(|request: Request<Empty<Bytes>>| async move {
+        let key = request.headers()["authorization"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(key))))
+    });
+    let service = ServiceBuilder::new().layer(layer).service(upstream);
+    let ask = || {
+        reset("email=a@b.io")
+            .header("qb-token", "foo")
+            .body(Empty::new())
+            .unwrap()
+    };
+    let uniform_off = settings("responses: { uniform: false }\n");
+
+    handle.update(uniform_off.clone(), ApiKey::new("k2").unwrap());
+    let response = service.clone().oneshot(ask()).await.unwrap();
+    assert_eq!(body_of(response).await, "ApiKey k2");
+
+    let other_client = GuardConfig::from_yaml(&format!(
+        "clients: [{{ id: b, token_sha256: {} }}]",
+        "0".repeat(64)
+    ))
+    .unwrap()
+    .validate()
+    .unwrap();
+    handle.update(other_client, ApiKey::new("k2").unwrap());
+    let response = service.oneshot(ask()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
