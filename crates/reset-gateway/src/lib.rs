@@ -1,1 +1,20 @@
+//! qb-reset-gateway: an edge gateway in front of the QuickBlox password-reset endpoint.
+//!
+//! [`build`] binds the listener and wires the stack from checked [`Settings`]; tests call it
+//! in-process, `main` only parses arguments and calls it.
 
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod hop_by_hop;
+pub mod request_id;
+pub mod server;
+pub mod signal;
+pub mod telemetry;
+pub mod upstream;
+
+pub use config::{load, GatewayConfig, Settings};
+pub use server::{build, App};
+
+/// Exit status for a configuration error (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;

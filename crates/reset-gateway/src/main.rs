@@ -1,1 +1,73 @@
-fn main() {}
+//! `reset-gateway`: parse arguments, load the configuration, run.
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use clap::Parser;
+use reset_gateway::cli::{Cli, Command};
+use reset_gateway::{demo, load, signal, telemetry, EXIT_CONFIG};
+use reset_guard::TokenDigest;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => match load(&cli.config) {
+            Ok(_) => {
+                println!("configuration OK: {}", cli.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => invalid(&cli.config, &error),
+        },
+        Command::HashToken => hash_token(),
+        Command::Demo { listen } => runtime(demo::run(listen, signal::terminate())),
+        Command::Run => {
+            let settings = match load(&cli.config) {
+                Ok(settings) => settings,
+                Err(error) => return invalid(&cli.config, &error),
+            };
+            telemetry::init(&settings.log);
+            runtime(async move {
+                let app = reset_gateway::build(settings).await?;
+                tracing::info!(listen = %app.local_addr(), "serving");
+                app.run(signal::terminate()).await
+            })
+        }
+    }
+}
+
+fn invalid(path: &std::path::Path, error: &reset_guard::ConfigError) -> ExitCode {
+    eprintln!("invalid configuration: {}: {error}", path.display());
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn hash_token() -> ExitCode {
+    let mut token = String::new();
+    if let Err(error) = std::io::stdin().read_to_string(&mut token) {
+        eprintln!("cannot read the token from stdin: {error}");
+        return ExitCode::FAILURE;
+    }
+    let token = token.trim_end_matches(['\n', '\r']);
+    if token.is_empty() {
+        eprintln!("no token on stdin: try `printf %s \"$TOKEN\" | reset-gateway hash-token`");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", TokenDigest::of(token.as_bytes()).to_hex());
+    ExitCode::SUCCESS
+}
+
+fn runtime(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("reset-gateway: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! The command line (SPEC §9).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::DEFAULT_CONFIG_PATH;
+
+/// Edge gateway for the QuickBlox password-reset endpoint: checks each request, limits
+/// abuse and swaps the client token for the server-held API key.
+#[derive(Debug, Parser)]
+#[command(name = "reset-gateway", version, about)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "RESET_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// What to do; without one, run the gateway.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate the configuration and exit 0, or print the error and exit 64.
+    CheckConfig,
+    /// Read a client token on stdin and print its SHA-256 for `guard.clients[].token_sha256`.
+    HashToken,
+    /// Run the gateway with an in-process QuickBlox stand-in and print curl commands to try.
+    Demo {
+        /// Where the demo gateway listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}

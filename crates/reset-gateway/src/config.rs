@@ -1,0 +1,319 @@
+//! The gateway's YAML file (SPEC §8): [`GatewayConfig`] as written, [`Settings`] as run.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::header::{HeaderName, AUTHORIZATION, COOKIE, HOST};
+use http::Uri;
+use reset_guard::duration::ConfigDuration;
+use reset_guard::{ApiKey, ConfigError, GuardConfig, GuardSettings, QB_TOKEN};
+use serde::{de, Deserialize, Deserializer};
+
+use crate::hop_by_hop::is_hop_by_hop;
+
+/// Where the file is read from when neither `--config` nor `RESET_GATEWAY_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.yaml";
+
+/// The whole file, as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// The public listener.
+    pub server: ServerConfig,
+    /// QuickBlox.
+    pub upstream: UpstreamConfig,
+    /// The checks; exactly what `reset_guard::GuardConfig` reads.
+    pub guard: GuardConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `server`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the public listener.
+    pub listen: SocketAddr,
+    /// A client must send its whole request head within this time.
+    pub header_read_timeout: ConfigDuration,
+    /// How long in-flight requests may run on after SIGTERM.
+    pub shutdown_grace: ConfigDuration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            header_read_timeout: ConfigDuration::from_secs(5),
+            shutdown_grace: ConfigDuration::from_secs(20),
+        }
+    }
+}
+
+/// `upstream`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL of the QuickBlox API.
+    pub url: String,
+    /// Environment variable holding the API key.
+    pub api_key_env: String,
+    /// File holding the API key (takes precedence over the variable).
+    pub api_key_file: Option<PathBuf>,
+    /// Refused: the key never lives in this file.
+    #[serde(deserialize_with = "refuse_api_key")]
+    pub api_key: Option<()>,
+    /// Extra CA certificates (PEM) trusted for an https upstream.
+    pub ca_file: Option<PathBuf>,
+    /// Whole-exchange limit: upstream must answer within this time (else 504).
+    pub timeout: ConfigDuration,
+    /// TCP and TLS connect limit.
+    pub connect_timeout: ConfigDuration,
+    /// Client headers copied to the upstream request; every other one is dropped.
+    pub pass_headers: Vec<String>,
+    /// Idle pooled connections kept per upstream host.
+    pub pool_max_idle: usize,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: ConfigDuration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: "https://api.quickblox.com".to_owned(),
+            api_key_env: "QB_API_KEY".to_owned(),
+            api_key_file: None,
+            api_key: None,
+            ca_file: None,
+            timeout: ConfigDuration::from_secs(5),
+            connect_timeout: ConfigDuration::from_secs(2),
+            pass_headers: vec!["User-Agent".to_owned(), "Accept-Language".to_owned()],
+            pool_max_idle: 64,
+            pool_idle_timeout: ConfigDuration::from_secs(60),
+        }
+    }
+}
+
+fn refuse_api_key<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<()>, D::Error> {
+    // Read and discard the value without ever putting it into a message.
+    let _ = de::IgnoredAny::deserialize(deserializer)?;
+    Err(de::Error::custom(
+        "the API key must not be written in the file: set upstream.api_key_env or upstream.api_key_file",
+    ))
+}
+
+/// `log`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `json` (one object per line) or `text`.
+    pub format: LogFormat,
+    /// Default level filter; `RUST_LOG` overrides it.
+    pub level: String,
+    /// Put the raw address in request logs (off: a short hash only).
+    pub include_email: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Json,
+            level: "info".to_owned(),
+            include_email: false,
+        }
+    }
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// Everything the gateway runs on, checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Public listener settings.
+    pub server: ServerSettings,
+    /// Upstream settings.
+    pub upstream: UpstreamSettings,
+    /// The guard's settings.
+    pub guard: GuardSettings,
+    /// The server-held API key.
+    pub api_key: ApiKey,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Checked `server` section.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Public listener.
+    pub listen: SocketAddr,
+    /// Request head deadline.
+    pub header_read_timeout: Duration,
+    /// Drain time on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// Checked `upstream` section.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// Scheme and authority, plus any path prefix without a trailing slash.
+    pub base: String,
+    /// Extra trusted CA certificates file.
+    pub ca_file: Option<PathBuf>,
+    /// Whole-exchange limit.
+    pub timeout: Duration,
+    /// Connect limit.
+    pub connect_timeout: Duration,
+    /// Headers copied from the client.
+    pub pass_headers: Vec<HeaderName>,
+    /// Idle connections kept.
+    pub pool_max_idle: usize,
+    /// Idle connection lifetime.
+    pub pool_idle_timeout: Duration,
+}
+
+impl GatewayConfig {
+    /// Parses the file's text.
+    pub fn from_yaml(yaml: &str) -> Result<GatewayConfig, ConfigError> {
+        reset_guard::from_yaml(yaml)
+    }
+
+    /// Checks everything and resolves the API key. `yaml` is the text the config came
+    /// from, used to find the line of errors found after parsing.
+    pub fn validate(&self, yaml: &str) -> Result<Settings, ConfigError> {
+        let api_key = self.upstream.resolve_api_key().map_err(|e| {
+            let key = e.path.rsplit('.').next().unwrap_or("").to_owned();
+            e.at_line(first_line_of(yaml, &key))
+        })?;
+        self.validate_with_key(yaml, api_key)
+    }
+
+    /// Checks everything, with the API key supplied by the caller (the demo, tests).
+    pub fn validate_with_key(&self, yaml: &str, api_key: ApiKey) -> Result<Settings, ConfigError> {
+        let guard = self.guard.validate().map_err(|e| {
+            let line = e
+                .path
+                .rsplit('.')
+                .next()
+                .and_then(|key| key.split('[').next())
+                .and_then(|key| first_line_of(yaml, key));
+            e.within("guard").at_line(line)
+        })?;
+        let upstream = self.upstream.validate().map_err(|e| {
+            let key = e.path.rsplit('.').next().unwrap_or("").to_owned();
+            e.at_line(first_line_of(yaml, &key))
+        })?;
+        Ok(Settings {
+            server: ServerSettings {
+                listen: self.server.listen,
+                header_read_timeout: self.server.header_read_timeout.0,
+                shutdown_grace: self.server.shutdown_grace.0,
+            },
+            upstream,
+            guard,
+            api_key,
+            log: self.log.clone(),
+        })
+    }
+}
+
+/// The line of the first `key:` in the file.
+fn first_line_of(yaml: &str, key: &str) -> Option<usize> {
+    let pattern = format!("{key}:");
+    yaml.lines()
+        .position(|l| l.trim_start().trim_start_matches("- ").starts_with(&pattern))
+        .map(|i| i + 1)
+}
+
+/// Headers the gateway sets itself or must never forward, whatever `pass_headers` says.
+fn never_passed(name: &HeaderName) -> bool {
+    name == AUTHORIZATION
+        || name == COOKIE
+        || name == HOST
+        || name.as_str() == QB_TOKEN
+        || name.as_str() == "x-forwarded-for"
+        || name.as_str() == "x-request-id"
+        || is_hop_by_hop(name)
+}
+
+impl UpstreamConfig {
+    fn validate(&self) -> Result<UpstreamSettings, ConfigError> {
+        let uri: Uri = self
+            .url
+            .parse()
+            .map_err(|_| ConfigError::new("upstream.url", format!("{:?} is not a URL", self.url)))?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => return Err(ConfigError::new("upstream.url", "must start with http:// or https://")),
+        }
+        if uri.authority().is_none() || uri.query().is_some() {
+            return Err(ConfigError::new("upstream.url", "must be scheme://host[:port][/prefix] without a query"));
+        }
+        if self.timeout.0.is_zero() || self.connect_timeout.0.is_zero() {
+            return Err(ConfigError::new("upstream.timeout", "timeouts must be greater than zero"));
+        }
+        let mut pass_headers = Vec::new();
+        for (i, name) in self.pass_headers.iter().enumerate() {
+            let header = HeaderName::try_from(name.as_str()).map_err(|_| {
+                ConfigError::new(format!("upstream.pass_headers[{i}]"), format!("{name:?} is not a header name"))
+            })?;
+            if never_passed(&header) {
+                return Err(ConfigError::new(
+                    format!("upstream.pass_headers[{i}]"),
+                    format!("{name} is set by the gateway or never forwarded"),
+                ));
+            }
+            pass_headers.push(header);
+        }
+        if let Some(path) = &self.ca_file {
+            if !path.is_file() {
+                return Err(ConfigError::new("upstream.ca_file", format!("{} is not a readable file", path.display())));
+            }
+        }
+        Ok(UpstreamSettings {
+            base: self.url.trim_end_matches('/').to_owned(),
+            ca_file: self.ca_file.clone(),
+            timeout: self.timeout.0,
+            connect_timeout: self.connect_timeout.0,
+            pass_headers,
+            pool_max_idle: self.pool_max_idle,
+            pool_idle_timeout: self.pool_idle_timeout.0,
+        })
+    }
+
+    /// Reads the key from `api_key_file`, else from the variable `api_key_env`.
+    pub fn resolve_api_key(&self) -> Result<ApiKey, ConfigError> {
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new("upstream.api_key_file", format!("cannot read {}: {e}", path.display()))
+            })?;
+            return ApiKey::new(text).map_err(|e| {
+                ConfigError::new("upstream.api_key_file", format!("{}: {e}", path.display()))
+            });
+        }
+        let name = &self.api_key_env;
+        let value = std::env::var(name).map_err(|_| {
+            ConfigError::new(
+                "upstream.api_key_env",
+                format!("environment variable {name} is not set (it must hold the QuickBlox API key)"),
+            )
+        })?;
+        ApiKey::new(value).map_err(|e| ConfigError::new("upstream.api_key_env", format!("{name}: {e}")))
+    }
+}
+
+/// Reads, parses and checks the file at `path`.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let yaml = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
+    GatewayConfig::from_yaml(&yaml)?.validate(&yaml)
+}

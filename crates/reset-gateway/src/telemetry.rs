@@ -1,0 +1,72 @@
+//! Logging setup and the one-line-per-request access log.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use http::StatusCode;
+use reset_guard::{GuardedRequest, Rejection, UpstreamStatus};
+use sha2::{Digest, Sha256};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+use crate::upstream::UpstreamExchange;
+
+/// Installs the global subscriber; `RUST_LOG` overrides `log.level`. Calling it again
+/// (tests) is harmless.
+pub fn init(log: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// A short, stable, non-reversible tag for an email key: enough to follow one address
+/// through the logs, not enough to recover it.
+pub fn email_tag(guarded: &GuardedRequest) -> String {
+    let digest = Sha256::digest(guarded.email_key().as_str().as_bytes());
+    hex::encode(&digest[..6])
+}
+
+/// What the access log says about one request.
+pub struct AccessRecord<'a> {
+    pub request_id: &'a str,
+    pub peer: IpAddr,
+    pub status: StatusCode,
+    pub duration: Duration,
+    pub guarded: Option<&'a GuardedRequest>,
+    pub rejection: Option<&'a Rejection>,
+    pub upstream: Option<&'a UpstreamExchange>,
+    pub uniform: Option<&'a UpstreamStatus>,
+    pub include_email: bool,
+}
+
+impl AccessRecord<'_> {
+    /// Emits the line.
+    pub fn emit(&self) {
+        let outcome = match (self.rejection, self.guarded) {
+            (Some(rejection), _) => rejection.outcome(),
+            (None, Some(_)) => "forwarded",
+            (None, None) => "passed_through",
+        };
+        let upstream_status = self
+            .uniform
+            .map(|u| u.0.as_u16())
+            .or_else(|| self.upstream.and_then(|u| u.status).map(|s| s.as_u16()));
+        let client_ip = self.guarded.map_or(self.peer, |g| g.client_ip().ip());
+        tracing::info!(
+            target: "access",
+            request_id = self.request_id,
+            client_id = self.guarded.map(|g| g.client_id().as_str()),
+            client_ip = %client_ip,
+            email_hash = self.guarded.map(email_tag),
+            email = self.guarded.filter(|_| self.include_email).map(|g| g.email().as_str()),
+            outcome,
+            status = self.status.as_u16(),
+            upstream_status,
+            upstream_ms = self.upstream.map(|u| u.duration.as_secs_f64() * 1000.0),
+            duration_ms = self.duration.as_secs_f64() * 1000.0,
+        );
+    }
+}

@@ -1,0 +1,211 @@
+//! Every row of the SPEC §3 table, the key swap, uniform answers.
+
+use crate::common::*;
+
+const JSON: &str = "application/json; charset=utf-8";
+
+/// (method, target, headers, body, expected status, expected body)
+type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, &'a str, u16, &'a str);
+
+#[tokio::test]
+async fn every_rejection_row_is_answered_by_the_gateway() {
+    let gw = Gateway::start("").await;
+    let ios = ("QB-Token", IOS_TOKEN);
+    let api = ("Authorization", "ApiKey ios-client-token-1a2b3c");
+    let cases: Vec<Case> = vec![
+        ("GET", "/users.json".into(), vec![ios], "", 404, r#"{"errors":{"base":["Not found"]}}"#),
+        ("POST", format!("{RESET}?email=alice%40example.com"), vec![ios, ("Content-Length", "0")], "", 405, r#"{"errors":{"base":["Method not allowed"]}}"#),
+        ("GET", format!("{RESET}?email=alice%40example.com"), vec![ios, ("Content-Length", "5")], "hello", 400, r#"{"errors":{"base":["GET request must not have a body"]}}"#),
+        ("GET", format!("{RESET}?email=alice%40example.com"), vec![ios, ("Transfer-Encoding", "chunked")], "0\r\n\r\n", 400, r#"{"errors":{"base":["GET request must not have a body"]}}"#),
+        ("GET", format!("{RESET}?email=alice%40example.com&email=bob%40example.com"), vec![ios], "", 400, r#"{"errors":{"base":["email parameter given more than once"]}}"#),
+        ("GET", format!("{RESET}?email=alice%40example.com"), vec![ios, api], "", 400, r#"{"errors":{"base":["Send exactly one of QB-Token and Authorization"]}}"#),
+        ("GET", format!("{RESET}?email=alice%40example.com"), vec![ios, ios], "", 400, r#"{"errors":{"base":["QB-Token header given more than once"]}}"#),
+        ("GET", format!("{RESET}?email=alice%40example.com"), vec![api, api], "", 400, r#"{"errors":{"base":["Authorization header given more than once"]}}"#),
+        ("GET", format!("{RESET}?email=alice%40example.com"), vec![], "", 401, r#"{"errors":{"base":["QB-Token or Authorization header is required"]}}"#),
+        ("GET", format!("{RESET}?email=alice%40example.com"), vec![("Authorization", "Bearer ios-client-token-1a2b3c")], "", 401, r#"{"errors":{"base":["Authorization scheme must be ApiKey"]}}"#),
+        ("GET", format!("{RESET}?email=alice%40example.com"), vec![("QB-Token", "guessed")], "", 401, r#"{"errors":{"base":["Unknown client token"]}}"#),
+        ("GET", format!("{RESET}?email=alice%40example.com"), vec![("Authorization", "ApiKey guessed")], "", 401, r#"{"errors":{"base":["Unknown client token"]}}"#),
+        ("GET", RESET.into(), vec![ios], "", 422, r#"{"errors":{"email":["is required"]}}"#),
+        ("GET", format!("{RESET}?mail=alice%40example.com"), vec![ios], "", 422, r#"{"errors":{"email":["is required"]}}"#),
+        ("GET", format!("{RESET}?email=alice"), vec![ios], "", 422, r#"{"errors":{"email":["is invalid"]}}"#),
+        ("GET", format!("{RESET}?email=%FF%40example.com"), vec![ios], "", 422, r#"{"errors":{"email":["is invalid"]}}"#),
+    ];
+    for (method, target, headers, body, status, expected) in cases {
+        let reply = gw.send(method, &target, &headers, body).await;
+        let what = format!("{method} {target} {headers:?}");
+        assert_eq!(reply.status, status, "{what}: {reply:?}");
+        assert_eq!(reply.body, expected, "{what}");
+        assert_eq!(reply.header("content-type"), Some(JSON), "{what}");
+        assert!(reply.header("x-request-id").is_some_and(|id| !id.is_empty()), "{what}");
+        if status == 405 {
+            assert_eq!(reply.header("allow"), Some("GET"));
+        }
+    }
+    assert!(gw.mock.requests().is_empty(), "no rejected request may reach QuickBlox");
+}
+
+#[tokio::test]
+async fn the_client_token_is_swapped_for_the_server_key() {
+    let gw = Gateway::start("").await;
+    let reply = gw
+        .reset(
+            "email=Bob%2Bnews%40Example.com&admin=true",
+            &[
+                ("QB-Token", IOS_TOKEN),
+                ("Cookie", "session=abc"),
+                ("User-Agent", "ios-app/1.0"),
+                ("X-Trace", "t-1"),
+                ("X-Internal", "leak"),
+                ("X-Request-Id", "req-42"),
+                ("X-Forwarded-For", "6.6.6.6"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.header("x-request-id"), Some("req-42"));
+
+    let seen = gw.mock.requests();
+    assert_eq!(seen.len(), 1);
+    let upstream = &seen[0];
+    assert_eq!(upstream.path, RESET);
+    assert_eq!(upstream.query.as_deref(), Some("email=Bob%2Bnews@Example.com"));
+    assert_eq!(upstream.email().as_deref(), Some("Bob+news@Example.com"));
+    let h = &upstream.headers;
+    assert_eq!(h["authorization"], format!("ApiKey {SERVER_KEY}"));
+    assert!(h.get("qb-token").is_none());
+    assert!(h.get("cookie").is_none());
+    assert!(h.get("x-internal").is_none());
+    assert_eq!(h["user-agent"], "ios-app/1.0");
+    assert_eq!(h["x-trace"], "t-1");
+    assert_eq!(h["x-request-id"], "req-42");
+    // The peer is not a trusted proxy, so its own claim is dropped.
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    let all: String = h.iter().map(|(n, v)| format!("{n}: {v:?}\n")).collect();
+    assert!(!all.contains(IOS_TOKEN), "{all}");
+}
+
+#[tokio::test]
+async fn the_api_key_form_works_and_never_leaks_back() {
+    let gw = Gateway::start("").await;
+    let reply = gw
+        .reset("email=alice%40example.com", &[("Authorization", &format!("apikey {WEB_TOKEN}"))])
+        .await;
+    assert_eq!(reply.status, 200);
+    let everything = format!("{reply:?}");
+    assert!(!everything.contains(SERVER_KEY) && !everything.contains(WEB_TOKEN));
+    assert_eq!(gw.mock.requests()[0].headers["authorization"], format!("ApiKey {SERVER_KEY}"));
+}
+
+#[tokio::test]
+async fn connection_named_headers_are_not_forwarded() {
+    let gw = Gateway::start("").await;
+    let reply = gw
+        .reset(
+            "email=alice%40example.com",
+            &[("QB-Token", IOS_TOKEN), ("X-Trace", "t-1"), ("Connection", "close, X-Trace")],
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(gw.mock.requests()[0].headers.get("x-trace").is_none());
+}
+
+#[tokio::test]
+async fn trusted_proxies_extend_the_forwarding_chain() {
+    let gw = Gateway::start("  client_ip:\n    trusted_proxies: [127.0.0.0/8]\n").await;
+    let reply = gw
+        .reset("email=alice%40example.com", &[("QB-Token", IOS_TOKEN), ("X-Forwarded-For", "198.51.100.7")])
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(gw.mock.requests()[0].headers["x-forwarded-for"], "198.51.100.7, 127.0.0.1");
+}
+
+#[tokio::test]
+async fn uniform_answers_hide_whether_an_account_exists() {
+    let gw = Gateway::start("").await;
+    let known = gw.reset_as_ios("email=alice%40example.com").await;
+    let unknown = gw.reset_as_ios("email=nobody%40example.com").await;
+    assert_eq!((known.status, known.body.as_str()), (200, ""));
+    assert_eq!(known.stable_headers(), unknown.stable_headers());
+    assert_eq!(known.body, unknown.body);
+    assert_eq!(unknown.status, 200);
+
+    // QuickBlox's 401 (say, a revoked server key) is hidden the same way.
+    let mut config = mock_config();
+    config.api_key = "rotated-elsewhere".into();
+    let gw = Gateway::start_with(config, "", "").await;
+    let denied = gw.reset_as_ios("email=alice%40example.com").await;
+    assert_eq!(denied.stable_headers(), known.stable_headers());
+    assert_eq!((denied.status, denied.body.as_str()), (200, ""));
+}
+
+#[tokio::test]
+async fn uniform_off_passes_quickblox_answers_through() {
+    let gw = Gateway::start("  responses:\n    uniform: false\n").await;
+    let known = gw.reset_as_ios("email=alice%40example.com").await;
+    assert_eq!((known.status, known.body.as_str()), (200, ""));
+    let unknown = gw.reset_as_ios("email=nobody%40example.com").await;
+    assert_eq!((unknown.status, unknown.body.as_str()), (404, "null"));
+}
+
+#[tokio::test]
+async fn other_routes_can_be_forwarded_untouched() {
+    let gw = Gateway::start("  other_routes: forward\n").await;
+    let reply = gw
+        .send("GET", "/users.json?page=2", &[("QB-Token", "user-session"), ("Keep-Alive", "timeout=5")], "")
+        .await;
+    assert_eq!(reply.status, 404); // qb-mock knows no /users.json
+    let seen = gw.mock.requests();
+    assert_eq!(seen[0].path, "/users.json");
+    assert_eq!(seen[0].query.as_deref(), Some("page=2"));
+    assert_eq!(seen[0].headers["qb-token"], "user-session");
+    assert!(seen[0].headers.get("keep-alive").is_none());
+    // A spelling that QuickBlox could route to the reset action is never forwarded.
+    let sneaky = gw.send("GET", "/users/password/reset%2Ejson?email=a%40b.io", &[], "").await;
+    assert_eq!(sneaky.status, 404);
+    assert_eq!(gw.mock.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_sane_request_id_is_kept_and_a_hostile_one_replaced() {
+    let gw = Gateway::start("").await;
+    let reply = gw.reset("email=x", &[("X-Request-Id", "abc-123")]).await;
+    assert_eq!(reply.header("x-request-id"), Some("abc-123"));
+    let reply = gw.reset("email=x", &[("X-Request-Id", "<script>alert(1)</script>")]).await;
+    let id = reply.header("x-request-id").unwrap();
+    assert_eq!(id.len(), 32);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+}
+
+#[tokio::test]
+async fn http2_cleartext_is_served() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let gw = Gateway::start("").await;
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{}{RESET}?email=alice%40example.com", gw.addr))
+        .header("qb-token", IOS_TOKEN)
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert!(response.into_body().collect().await.unwrap().to_bytes().is_empty());
+    assert_eq!(gw.mock.requests()[0].headers["authorization"], format!("ApiKey {SERVER_KEY}"));
+}
+
+#[tokio::test]
+async fn slow_request_heads_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start("").await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(b"GET /users/password/reset.json HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    // header_read_timeout is 300ms; the rest of the head never comes.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the gateway kept a slow client's connection open");
+    assert!(gw.mock.requests().is_empty());
+}

@@ -1,0 +1,186 @@
+//! Shared test harness: a gateway in-process on a free loopback port in front of qb-mock.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use qb_mock::{MockConfig, MockServer};
+use reset_gateway::GatewayConfig;
+use reset_guard::{ApiKey, TokenDigest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const SERVER_KEY: &str = "server-api-key-9f8e7d";
+pub const IOS_TOKEN: &str = "ios-client-token-1a2b3c";
+pub const WEB_TOKEN: &str = "web-client-token-4d5e6f";
+pub const ALICE: &str = "alice@example.com";
+pub const RESET: &str = "/users/password/reset.json";
+
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub mock: MockServer,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The YAML a test gateway runs on: two clients, short timeouts, `extra` appended to `guard:`
+/// (indented by the caller) or as further top-level sections.
+pub fn yaml(upstream: &str, guard_extra: &str, top_extra: &str) -> String {
+    let ios = TokenDigest::of(IOS_TOKEN.as_bytes()).to_hex();
+    let web = TokenDigest::of(WEB_TOKEN.as_bytes()).to_hex();
+    format!(
+        "server:\n  listen: 127.0.0.1:0\n  header_read_timeout: 300ms\n  shutdown_grace: 5s\n\
+         upstream:\n  url: {upstream}\n  timeout: 400ms\n  connect_timeout: 400ms\n  pass_headers: [User-Agent, X-Trace]\n\
+         guard:\n  clients:\n    - id: ios\n      token_sha256: {ios}\n    - id: web\n      token_sha256: {web}\n{guard_extra}\
+         {top_extra}"
+    )
+}
+
+pub fn mock_config() -> MockConfig {
+    MockConfig {
+        api_key: SERVER_KEY.to_owned(),
+        users: vec![ALICE.to_owned()],
+        ..MockConfig::default()
+    }
+}
+
+impl Gateway {
+    pub async fn start(guard_extra: &str) -> Gateway {
+        Self::start_with(mock_config(), guard_extra, "").await
+    }
+
+    pub async fn start_with(mock: MockConfig, guard_extra: &str, top_extra: &str) -> Gateway {
+        let mock = MockServer::start(mock).await.unwrap();
+        let yaml = yaml(&mock.url(), guard_extra, top_extra);
+        Self::start_yaml(mock, &yaml).await
+    }
+
+    pub async fn start_yaml(mock: MockServer, yaml: &str) -> Gateway {
+        let settings = GatewayConfig::from_yaml(yaml)
+            .unwrap()
+            .validate_with_key(yaml, ApiKey::new(SERVER_KEY).unwrap())
+            .unwrap();
+        let app = reset_gateway::build(settings).await.unwrap();
+        let addr = app.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(async {
+            let _ = stopped.await;
+        }));
+        Gateway {
+            addr,
+            mock,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// `GET /users/password/reset.json?{query}` with these headers.
+    pub async fn reset(&self, query: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send("GET", &format!("{RESET}?{query}"), headers, "").await
+    }
+
+    /// A reset from the iOS client.
+    pub async fn reset_as_ios(&self, query: &str) -> Reply {
+        self.reset(query, &[("QB-Token", IOS_TOKEN)]).await
+    }
+
+    pub async fn send(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+        let mut head = format!("{method} {target} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        head.push_str(body);
+        raw(self.addr, head.as_bytes()).await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Headers other than the ones that differ between any two answers (date, request id).
+    pub fn stable_headers(&self) -> Vec<(String, String)> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n != "date" && n != "x-request-id")
+            .cloned()
+            .collect()
+    }
+}
+
+/// Writes `request` on a fresh connection and reads the answer until the server closes.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> Reply {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes))
+        .await
+        .expect("the gateway answered and closed within 10s")
+        .unwrap();
+    parse(&bytes)
+}
+
+pub fn parse(bytes: &[u8]) -> Reply {
+    let text = String::from_utf8_lossy(bytes);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no response head in {text:?}"));
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = lines
+        .map(|l| {
+            let (n, v) = l.split_once(':').unwrap();
+            (n.trim().to_ascii_lowercase(), v.trim().to_owned())
+        })
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+impl Gateway {
+    /// A gateway whose upstream is `url` rather than its own mock.
+    pub async fn start_upstream(url: &str, top_extra: &str) -> Gateway {
+        let mock = MockServer::start(mock_config()).await.unwrap();
+        let yaml = yaml(url, "", top_extra);
+        Self::start_yaml(mock, &yaml).await
+    }
+}
+
+/// A loopback address nothing listens on.
+pub fn closed_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}

@@ -1,0 +1,7 @@
+//! The gateway through real sockets, in front of qb-mock.
+
+mod checks;
+mod common;
+mod emails;
+mod process;
+mod upstream;
