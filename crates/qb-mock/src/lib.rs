@@ -142,7 +142,12 @@ impl MockServer {
         });
         let (stop, stopped) = watch::channel(false);
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let task = tokio::spawn(serve(listener, shared.clone(), tls.map(TlsAcceptor::from), stopped));
+        let task = tokio::spawn(serve(
+            listener,
+            shared.clone(),
+            tls.map(TlsAcceptor::from),
+            stopped,
+        ));
         Ok(MockServer {
             addr,
             scheme,
@@ -230,7 +235,8 @@ async fn serve(
         let tls = tls.clone();
         let mut stopped = stopped.clone();
         connections.spawn(async move {
-            let service = hyper::service::service_fn(move |request| handle(shared.clone(), request));
+            let service =
+                hyper::service::service_fn(move |request| handle(shared.clone(), request));
             let builder = auto::Builder::new(TokioExecutor::new());
             let result = match tls {
                 Some(acceptor) => match acceptor.accept(stream).await {
@@ -254,7 +260,10 @@ async fn serve(
 
 type MockBody = BoxBody<Bytes, std::io::Error>;
 
-async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Response<MockBody>, Infallible> {
+async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<Response<MockBody>, Infallible> {
     let recorded = RecordedRequest {
         method: request.method().clone(),
         path: request.uri().path().to_owned(),
@@ -279,7 +288,10 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
         Failure::None => {}
         Failure::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return Ok(json(status, r#"{"errors":["Service temporarily unavailable"]}"#));
+            return Ok(json(
+                status,
+                r#"{"errors":["Service temporarily unavailable"]}"#,
+            ));
         }
         Failure::Hang => std::future::pending::<()>().await,
         Failure::AbortMidBody => return Ok(abort_mid_body()),
@@ -296,7 +308,12 @@ fn reset(shared: &Shared, config: &MockConfig, request: &RecordedRequest) -> Res
     let qb_token = request.headers.get("qb-token");
     let authorization = request.headers.get("authorization");
     let authorised = match (qb_token, authorization) {
-        (None, None) => return json(StatusCode::UNAUTHORIZED, r#"{"errors":["Token is required"]}"#),
+        (None, None) => {
+            return json(
+                StatusCode::UNAUTHORIZED,
+                r#"{"errors":["Token is required"]}"#,
+            )
+        }
         (Some(_), Some(_)) => false,
         (Some(token), None) => config
             .session_tokens
@@ -307,24 +324,38 @@ fn reset(shared: &Shared, config: &MockConfig, request: &RecordedRequest) -> Res
             .ok()
             .and_then(|v| v.split_once(' '))
             .is_some_and(|(scheme, key)| {
-                scheme.eq_ignore_ascii_case("apikey") && !config.api_key.is_empty() && key == config.api_key
+                scheme.eq_ignore_ascii_case("apikey")
+                    && !config.api_key.is_empty()
+                    && key == config.api_key
             }),
     };
     if !authorised {
-        return json(StatusCode::UNAUTHORIZED, r#"{"errors":["Required session does not exist"]}"#);
+        return json(
+            StatusCode::UNAUTHORIZED,
+            r#"{"errors":["Required session does not exist"]}"#,
+        );
     }
     let email = match request.email() {
         Some(email) if !email.is_empty() => email,
-        _ => return json(StatusCode::UNPROCESSABLE_ENTITY, r#"{"errors":{"email":["can't be blank"]}}"#),
+        _ => {
+            return json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                r#"{"errors":{"email":["can't be blank"]}}"#,
+            )
+        }
     };
     if !email.contains('@') {
-        return json(StatusCode::UNPROCESSABLE_ENTITY, r#"{"errors":{"email":["is invalid"]}}"#);
+        return json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            r#"{"errors":{"email":["is invalid"]}}"#,
+        );
     }
     if lock(&shared.users).contains(&email.to_lowercase()) {
         let mut response = Response::new(full(Bytes::new()));
-        response
-            .headers_mut()
-            .insert("content-type", "application/json; charset=utf-8".parse().expect("valid"));
+        response.headers_mut().insert(
+            "content-type",
+            "application/json; charset=utf-8".parse().expect("valid"),
+        );
         response
     } else {
         json(StatusCode::NOT_FOUND, "null")
@@ -338,19 +369,25 @@ fn full(bytes: Bytes) -> MockBody {
 fn json(status: StatusCode, body: &'static str) -> Response<MockBody> {
     let mut response = Response::new(full(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert("content-type", "application/json; charset=utf-8".parse().expect("valid"));
+    response.headers_mut().insert(
+        "content-type",
+        "application/json; charset=utf-8".parse().expect("valid"),
+    );
     response
 }
 
 fn abort_mid_body() -> Response<MockBody> {
     let chunks = stream::iter([
         Ok(Frame::data(Bytes::from_static(b"{\"errors\":"))),
-        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "aborted by qb-mock")),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "aborted by qb-mock",
+        )),
     ]);
     let mut response = Response::new(StreamBody::new(chunks).boxed());
-    response.headers_mut().insert("content-length", "100".parse().expect("valid"));
+    response
+        .headers_mut()
+        .insert("content-length", "100".parse().expect("valid"));
     response
 }
 

@@ -230,7 +230,11 @@ impl GatewayConfig {
 fn first_line_of(yaml: &str, key: &str) -> Option<usize> {
     let pattern = format!("{key}:");
     yaml.lines()
-        .position(|l| l.trim_start().trim_start_matches("- ").starts_with(&pattern))
+        .position(|l| {
+            l.trim_start()
+                .trim_start_matches("- ")
+                .starts_with(&pattern)
+        })
         .map(|i| i + 1)
 }
 
@@ -247,24 +251,37 @@ fn never_passed(name: &HeaderName) -> bool {
 
 impl UpstreamConfig {
     fn validate(&self) -> Result<UpstreamSettings, ConfigError> {
-        let uri: Uri = self
-            .url
-            .parse()
-            .map_err(|_| ConfigError::new("upstream.url", format!("{:?} is not a URL", self.url)))?;
+        let uri: Uri = self.url.parse().map_err(|_| {
+            ConfigError::new("upstream.url", format!("{:?} is not a URL", self.url))
+        })?;
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
-            _ => return Err(ConfigError::new("upstream.url", "must start with http:// or https://")),
+            _ => {
+                return Err(ConfigError::new(
+                    "upstream.url",
+                    "must start with http:// or https://",
+                ))
+            }
         }
         if uri.authority().is_none() || uri.query().is_some() {
-            return Err(ConfigError::new("upstream.url", "must be scheme://host[:port][/prefix] without a query"));
+            return Err(ConfigError::new(
+                "upstream.url",
+                "must be scheme://host[:port][/prefix] without a query",
+            ));
         }
         if self.timeout.0.is_zero() || self.connect_timeout.0.is_zero() {
-            return Err(ConfigError::new("upstream.timeout", "timeouts must be greater than zero"));
+            return Err(ConfigError::new(
+                "upstream.timeout",
+                "timeouts must be greater than zero",
+            ));
         }
         let mut pass_headers = Vec::new();
         for (i, name) in self.pass_headers.iter().enumerate() {
             let header = HeaderName::try_from(name.as_str()).map_err(|_| {
-                ConfigError::new(format!("upstream.pass_headers[{i}]"), format!("{name:?} is not a header name"))
+                ConfigError::new(
+                    format!("upstream.pass_headers[{i}]"),
+                    format!("{name:?} is not a header name"),
+                )
             })?;
             if never_passed(&header) {
                 return Err(ConfigError::new(
@@ -276,7 +293,10 @@ impl UpstreamConfig {
         }
         if let Some(path) = &self.ca_file {
             if !path.is_file() {
-                return Err(ConfigError::new("upstream.ca_file", format!("{} is not a readable file", path.display())));
+                return Err(ConfigError::new(
+                    "upstream.ca_file",
+                    format!("{} is not a readable file", path.display()),
+                ));
             }
         }
         Ok(UpstreamSettings {
@@ -294,7 +314,10 @@ impl UpstreamConfig {
     pub fn resolve_api_key(&self) -> Result<ApiKey, ConfigError> {
         if let Some(path) = &self.api_key_file {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::new("upstream.api_key_file", format!("cannot read {}: {e}", path.display()))
+                ConfigError::new(
+                    "upstream.api_key_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
             })?;
             return ApiKey::new(text).map_err(|e| {
                 ConfigError::new("upstream.api_key_file", format!("{}: {e}", path.display()))
@@ -304,10 +327,13 @@ impl UpstreamConfig {
         let value = std::env::var(name).map_err(|_| {
             ConfigError::new(
                 "upstream.api_key_env",
-                format!("environment variable {name} is not set (it must hold the QuickBlox API key)"),
+                format!(
+                    "environment variable {name} is not set (it must hold the QuickBlox API key)"
+                ),
             )
         })?;
-        ApiKey::new(value).map_err(|e| ConfigError::new("upstream.api_key_env", format!("{name}: {e}")))
+        ApiKey::new(value)
+            .map_err(|e| ConfigError::new("upstream.api_key_env", format!("{name}: {e}")))
     }
 }
 

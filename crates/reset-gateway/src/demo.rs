@@ -30,7 +30,10 @@ pub fn settings(listen: SocketAddr, upstream_url: &str) -> anyhow::Result<Settin
 }
 
 /// Starts the stand-in and the gateway, prints what to try, serves until `shutdown`.
-pub async fn run(listen: SocketAddr, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let mock = MockServer::start(MockConfig {
         api_key: DEMO_API_KEY.to_owned(),
         users: vec![DEMO_USER.to_owned()],
@@ -40,9 +43,9 @@ pub async fn run(listen: SocketAddr, shutdown: impl std::future::Future<Output =
     .context("starting the QuickBlox stand-in")?;
     let settings = settings(listen, &mock.url())?;
     crate::telemetry::init(&settings.log);
-    let app = crate::build(settings)
-        .await
-        .with_context(|| format!("is another process on {listen}? try `demo --listen 127.0.0.1:8081`"))?;
+    let app = crate::build(settings).await.with_context(|| {
+        format!("is another process on {listen}? try `demo --listen 127.0.0.1:8081`")
+    })?;
     println!("{}", instructions(app.local_addr(), &mock.url()));
     app.run(shutdown).await?;
     mock.shutdown().await;

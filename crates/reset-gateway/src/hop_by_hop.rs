@@ -23,7 +23,11 @@ pub fn strip(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(&name);
     }
-    let fixed: Vec<HeaderName> = headers.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    let fixed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
     for name in fixed {
         headers.remove(&name);
     }

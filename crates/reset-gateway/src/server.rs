@@ -69,7 +69,9 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
 impl App {
     /// The address the listener is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Swaps guard settings live.
@@ -105,7 +107,10 @@ impl App {
             serve_connection(&builder, &graceful, self.shared.clone(), stream, peer);
         }
         drop(self.listener);
-        tracing::info!(grace_secs = self.shutdown_grace.as_secs(), "draining connections");
+        tracing::info!(
+            grace_secs = self.shutdown_grace.as_secs(),
+            "draining connections"
+        );
         tokio::select! {
             () = graceful.shutdown() => tracing::info!("all connections closed"),
             () = tokio::time::sleep(self.shutdown_grace) => tracing::warn!("shutdown grace elapsed with requests in flight"),
@@ -123,7 +128,9 @@ fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let service = hyper::service::service_fn(move |request| handle(shared.clone(), peer, request));
-    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
         if let Err(error) = connection.await {
@@ -139,10 +146,14 @@ async fn handle(
 ) -> Result<Response<GatewayBody>, Infallible> {
     let started = Instant::now();
     let id = request_id::resolve(request.headers());
-    request.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+    request
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), id.clone());
     request.extensions_mut().insert(PeerAddr(peer));
     let mut response = shared.service.clone().oneshot(request).await?;
-    response.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), id.clone());
     let extensions = response.extensions();
     AccessRecord {
         request_id: id.to_str().unwrap_or_default(),

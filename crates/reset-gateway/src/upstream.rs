@@ -66,17 +66,30 @@ impl Forwarder {
         if let Some(path) = &settings.ca_file {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-                .with_context(|| format!("upstream.ca_file: cannot read certificates from {}", path.display()))?;
-            anyhow::ensure!(!certs.is_empty(), "upstream.ca_file: no certificate in {}", path.display());
+                .with_context(|| {
+                    format!(
+                        "upstream.ca_file: cannot read certificates from {}",
+                        path.display()
+                    )
+                })?;
+            anyhow::ensure!(
+                !certs.is_empty(),
+                "upstream.ca_file: no certificate in {}",
+                path.display()
+            );
             for cert in certs {
-                roots.add(cert).context("upstream.ca_file: invalid certificate")?;
+                roots
+                    .add(cert)
+                    .context("upstream.ca_file: invalid certificate")?;
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .context("TLS setup")?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .context("TLS setup")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -130,7 +143,10 @@ impl Forwarder {
         &self,
         request: Request<Incoming>,
         guarded: &GuardedRequest,
-    ) -> (Result<Response<ForwardBody>, Rejection>, Option<http::StatusCode>) {
+    ) -> (
+        Result<Response<ForwardBody>, Rejection>,
+        Option<http::StatusCode>,
+    ) {
         let settings = &self.inner.settings;
         let uri = format!(
             "{}{}?email={}",
@@ -149,7 +165,10 @@ impl Forwarder {
         if let Some(id) = incoming.get(&X_REQUEST_ID) {
             headers.insert(X_REQUEST_ID.clone(), id.clone());
         }
-        let peer = request.extensions().get::<PeerAddr>().map(|p| p.0.ip().to_canonical());
+        let peer = request
+            .extensions()
+            .get::<PeerAddr>()
+            .map(|p| p.0.ip().to_canonical());
         if let Some(chain) = forwarded_for(incoming, peer, guarded.client_ip().ip()) {
             headers.insert("x-forwarded-for", chain);
         }
@@ -178,7 +197,10 @@ impl Forwarder {
                 .to_bytes();
             hop_by_hop::strip(&mut parts.headers);
             parts.version = Version::HTTP_11;
-            Ok::<_, (Rejection, Option<http::StatusCode>)>(Response::from_parts(parts, GuardBody::full(body)))
+            Ok::<_, (Rejection, Option<http::StatusCode>)>(Response::from_parts(
+                parts,
+                GuardBody::full(body),
+            ))
         };
         match timeout(settings.timeout, exchange).await {
             Ok(Ok(response)) => {
@@ -195,19 +217,27 @@ impl Forwarder {
     async fn forward_other(
         &self,
         request: Request<Incoming>,
-    ) -> (Result<Response<ForwardBody>, Rejection>, Option<http::StatusCode>) {
+    ) -> (
+        Result<Response<ForwardBody>, Rejection>,
+        Option<http::StatusCode>,
+    ) {
         let settings = &self.inner.settings;
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
         let Ok(uri) = format!("{}{}", settings.base, path).parse::<Uri>() else {
             return (Err(Rejection::UpstreamUnavailable), None);
         };
-        let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0.ip().to_canonical());
+        let peer = parts
+            .extensions
+            .get::<PeerAddr>()
+            .map(|p| p.0.ip().to_canonical());
         hop_by_hop::strip(&mut parts.headers);
         parts.headers.remove(HOST);
         parts.headers.remove("x-forwarded-for");
         if let Some(peer) = peer {
-            parts.headers.insert("x-forwarded-for", header_value(&peer.to_string()));
+            parts
+                .headers
+                .insert("x-forwarded-for", header_value(&peer.to_string()));
         }
         let mut upstream = Request::new(Either::Right(body));
         *upstream.method_mut() = parts.method;
@@ -219,7 +249,10 @@ impl Forwarder {
                 hop_by_hop::strip(&mut parts.headers);
                 parts.version = Version::HTTP_11;
                 let status = parts.status;
-                (Ok(Response::from_parts(parts, GuardBody::inner(body))), Some(status))
+                (
+                    Ok(Response::from_parts(parts, GuardBody::inner(body))),
+                    Some(status),
+                )
             }
             Ok(Err(error)) => (Err(classify(error).0), None),
             Err(_) => (Err(Rejection::UpstreamTimeout), None),

@@ -41,7 +41,11 @@ fn app(api_key: ApiKey) -> Router {
 
 /// Copies axum's connection info into the extension the guard reads.
 async fn peer_addr(mut request: Request, next: Next) -> impl IntoResponse {
-    if let Some(ConnectInfo(addr)) = request.extensions().get::<ConnectInfo<SocketAddr>>().copied() {
+    if let Some(ConnectInfo(addr)) = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .copied()
+    {
         request.extensions_mut().insert(PeerAddr(addr));
     }
     next.run(request).await
@@ -49,7 +53,10 @@ async fn peer_addr(mut request: Request, next: Next) -> impl IntoResponse {
 
 /// Only checked requests get here. A real service would call QuickBlox now.
 async fn reset(Extension(guarded): Extension<GuardedRequest>) -> impl IntoResponse {
-    format!("reset requested by {} for a valid address\n", guarded.client_id())
+    format!(
+        "reset requested by {} for a valid address\n",
+        guarded.client_id()
+    )
 }
 
 #[tokio::main]
@@ -57,7 +64,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let key = ApiKey::new(std::env::var("QB_API_KEY").unwrap_or_else(|_| "example-key".into()))?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     println!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app(key).into_make_service_with_connect_info::<SocketAddr>()).await?;
+    axum::serve(
+        listener,
+        app(key).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -91,11 +102,20 @@ mod tests {
         let (status, _) = call("/users/password/reset.json?email=a%40b.io", Some("bar")).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         let (status, body) = call("/users/password/reset.json?email=nope", Some("foo")).await;
-        assert_eq!((status, body.as_str()), (StatusCode::UNPROCESSABLE_ENTITY, r#"{"errors":{"email":["is invalid"]}}"#));
+        assert_eq!(
+            (status, body.as_str()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                r#"{"errors":{"email":["is invalid"]}}"#
+            )
+        );
     }
 
     #[tokio::test]
     async fn other_routes_stay_the_apps() {
-        assert_eq!(call("/health", None).await, (StatusCode::OK, "ok".to_owned()));
+        assert_eq!(
+            call("/health", None).await,
+            (StatusCode::OK, "ok".to_owned())
+        );
     }
 }

@@ -5,7 +5,14 @@ use crate::common::*;
 const JSON: &str = "application/json; charset=utf-8";
 
 /// (method, target, headers, body, expected status, expected body)
-type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, &'a str, u16, &'a str);
+type Case<'a> = (
+    &'a str,
+    String,
+    Vec<(&'a str, &'a str)>,
+    &'a str,
+    u16,
+    &'a str,
+);
 
 #[tokio::test]
 async fn every_rejection_row_is_answered_by_the_gateway() {
@@ -13,22 +20,134 @@ async fn every_rejection_row_is_answered_by_the_gateway() {
     let ios = ("QB-Token", IOS_TOKEN);
     let api = ("Authorization", "ApiKey ios-client-token-1a2b3c");
     let cases: Vec<Case> = vec![
-        ("GET", "/users.json".into(), vec![ios], "", 404, r#"{"errors":{"base":["Not found"]}}"#),
-        ("POST", format!("{RESET}?email=alice%40example.com"), vec![ios, ("Content-Length", "0")], "", 405, r#"{"errors":{"base":["Method not allowed"]}}"#),
-        ("GET", format!("{RESET}?email=alice%40example.com"), vec![ios, ("Content-Length", "5")], "hello", 400, r#"{"errors":{"base":["GET request must not have a body"]}}"#),
-        ("GET", format!("{RESET}?email=alice%40example.com"), vec![ios, ("Transfer-Encoding", "chunked")], "0\r\n\r\n", 400, r#"{"errors":{"base":["GET request must not have a body"]}}"#),
-        ("GET", format!("{RESET}?email=alice%40example.com&email=bob%40example.com"), vec![ios], "", 400, r#"{"errors":{"base":["email parameter given more than once"]}}"#),
-        ("GET", format!("{RESET}?email=alice%40example.com"), vec![ios, api], "", 400, r#"{"errors":{"base":["Send exactly one of QB-Token and Authorization"]}}"#),
-        ("GET", format!("{RESET}?email=alice%40example.com"), vec![ios, ios], "", 400, r#"{"errors":{"base":["QB-Token header given more than once"]}}"#),
-        ("GET", format!("{RESET}?email=alice%40example.com"), vec![api, api], "", 400, r#"{"errors":{"base":["Authorization header given more than once"]}}"#),
-        ("GET", format!("{RESET}?email=alice%40example.com"), vec![], "", 401, r#"{"errors":{"base":["QB-Token or Authorization header is required"]}}"#),
-        ("GET", format!("{RESET}?email=alice%40example.com"), vec![("Authorization", "Bearer ios-client-token-1a2b3c")], "", 401, r#"{"errors":{"base":["Authorization scheme must be ApiKey"]}}"#),
-        ("GET", format!("{RESET}?email=alice%40example.com"), vec![("QB-Token", "guessed")], "", 401, r#"{"errors":{"base":["Unknown client token"]}}"#),
-        ("GET", format!("{RESET}?email=alice%40example.com"), vec![("Authorization", "ApiKey guessed")], "", 401, r#"{"errors":{"base":["Unknown client token"]}}"#),
-        ("GET", RESET.into(), vec![ios], "", 422, r#"{"errors":{"email":["is required"]}}"#),
-        ("GET", format!("{RESET}?mail=alice%40example.com"), vec![ios], "", 422, r#"{"errors":{"email":["is required"]}}"#),
-        ("GET", format!("{RESET}?email=alice"), vec![ios], "", 422, r#"{"errors":{"email":["is invalid"]}}"#),
-        ("GET", format!("{RESET}?email=%FF%40example.com"), vec![ios], "", 422, r#"{"errors":{"email":["is invalid"]}}"#),
+        (
+            "GET",
+            "/users.json".into(),
+            vec![ios],
+            "",
+            404,
+            r#"{"errors":{"base":["Not found"]}}"#,
+        ),
+        (
+            "POST",
+            format!("{RESET}?email=alice%40example.com"),
+            vec![ios, ("Content-Length", "0")],
+            "",
+            405,
+            r#"{"errors":{"base":["Method not allowed"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?email=alice%40example.com"),
+            vec![ios, ("Content-Length", "5")],
+            "hello",
+            400,
+            r#"{"errors":{"base":["GET request must not have a body"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?email=alice%40example.com"),
+            vec![ios, ("Transfer-Encoding", "chunked")],
+            "0\r\n\r\n",
+            400,
+            r#"{"errors":{"base":["GET request must not have a body"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?email=alice%40example.com&email=bob%40example.com"),
+            vec![ios],
+            "",
+            400,
+            r#"{"errors":{"base":["email parameter given more than once"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?email=alice%40example.com"),
+            vec![ios, api],
+            "",
+            400,
+            r#"{"errors":{"base":["Send exactly one of QB-Token and Authorization"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?email=alice%40example.com"),
+            vec![ios, ios],
+            "",
+            400,
+            r#"{"errors":{"base":["QB-Token header given more than once"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?email=alice%40example.com"),
+            vec![api, api],
+            "",
+            400,
+            r#"{"errors":{"base":["Authorization header given more than once"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?email=alice%40example.com"),
+            vec![],
+            "",
+            401,
+            r#"{"errors":{"base":["QB-Token or Authorization header is required"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?email=alice%40example.com"),
+            vec![("Authorization", "Bearer ios-client-token-1a2b3c")],
+            "",
+            401,
+            r#"{"errors":{"base":["Authorization scheme must be ApiKey"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?email=alice%40example.com"),
+            vec![("QB-Token", "guessed")],
+            "",
+            401,
+            r#"{"errors":{"base":["Unknown client token"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?email=alice%40example.com"),
+            vec![("Authorization", "ApiKey guessed")],
+            "",
+            401,
+            r#"{"errors":{"base":["Unknown client token"]}}"#,
+        ),
+        (
+            "GET",
+            RESET.into(),
+            vec![ios],
+            "",
+            422,
+            r#"{"errors":{"email":["is required"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?mail=alice%40example.com"),
+            vec![ios],
+            "",
+            422,
+            r#"{"errors":{"email":["is required"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?email=alice"),
+            vec![ios],
+            "",
+            422,
+            r#"{"errors":{"email":["is invalid"]}}"#,
+        ),
+        (
+            "GET",
+            format!("{RESET}?email=%FF%40example.com"),
+            vec![ios],
+            "",
+            422,
+            r#"{"errors":{"email":["is invalid"]}}"#,
+        ),
     ];
     for (method, target, headers, body, status, expected) in cases {
         let reply = gw.send(method, &target, &headers, body).await;
@@ -36,12 +155,20 @@ async fn every_rejection_row_is_answered_by_the_gateway() {
         assert_eq!(reply.status, status, "{what}: {reply:?}");
         assert_eq!(reply.body, expected, "{what}");
         assert_eq!(reply.header("content-type"), Some(JSON), "{what}");
-        assert!(reply.header("x-request-id").is_some_and(|id| !id.is_empty()), "{what}");
+        assert!(
+            reply
+                .header("x-request-id")
+                .is_some_and(|id| !id.is_empty()),
+            "{what}"
+        );
         if status == 405 {
             assert_eq!(reply.header("allow"), Some("GET"));
         }
     }
-    assert!(gw.mock.requests().is_empty(), "no rejected request may reach QuickBlox");
+    assert!(
+        gw.mock.requests().is_empty(),
+        "no rejected request may reach QuickBlox"
+    );
 }
 
 #[tokio::test]
@@ -68,7 +195,10 @@ async fn the_client_token_is_swapped_for_the_server_key() {
     assert_eq!(seen.len(), 1);
     let upstream = &seen[0];
     assert_eq!(upstream.path, RESET);
-    assert_eq!(upstream.query.as_deref(), Some("email=Bob%2Bnews@Example.com"));
+    assert_eq!(
+        upstream.query.as_deref(),
+        Some("email=Bob%2Bnews@Example.com")
+    );
     assert_eq!(upstream.email().as_deref(), Some("Bob+news@Example.com"));
     let h = &upstream.headers;
     assert_eq!(h["authorization"], format!("ApiKey {SERVER_KEY}"));
@@ -88,12 +218,18 @@ async fn the_client_token_is_swapped_for_the_server_key() {
 async fn the_api_key_form_works_and_never_leaks_back() {
     let gw = Gateway::start("").await;
     let reply = gw
-        .reset("email=alice%40example.com", &[("Authorization", &format!("apikey {WEB_TOKEN}"))])
+        .reset(
+            "email=alice%40example.com",
+            &[("Authorization", &format!("apikey {WEB_TOKEN}"))],
+        )
         .await;
     assert_eq!(reply.status, 200);
     let everything = format!("{reply:?}");
     assert!(!everything.contains(SERVER_KEY) && !everything.contains(WEB_TOKEN));
-    assert_eq!(gw.mock.requests()[0].headers["authorization"], format!("ApiKey {SERVER_KEY}"));
+    assert_eq!(
+        gw.mock.requests()[0].headers["authorization"],
+        format!("ApiKey {SERVER_KEY}")
+    );
 }
 
 #[tokio::test]
@@ -102,7 +238,11 @@ async fn connection_named_headers_are_not_forwarded() {
     let reply = gw
         .reset(
             "email=alice%40example.com",
-            &[("QB-Token", IOS_TOKEN), ("X-Trace", "t-1"), ("Connection", "close, X-Trace")],
+            &[
+                ("QB-Token", IOS_TOKEN),
+                ("X-Trace", "t-1"),
+                ("Connection", "close, X-Trace"),
+            ],
         )
         .await;
     assert_eq!(reply.status, 200);
@@ -113,10 +253,16 @@ async fn connection_named_headers_are_not_forwarded() {
 async fn trusted_proxies_extend_the_forwarding_chain() {
     let gw = Gateway::start("  client_ip:\n    trusted_proxies: [127.0.0.0/8]\n").await;
     let reply = gw
-        .reset("email=alice%40example.com", &[("QB-Token", IOS_TOKEN), ("X-Forwarded-For", "198.51.100.7")])
+        .reset(
+            "email=alice%40example.com",
+            &[("QB-Token", IOS_TOKEN), ("X-Forwarded-For", "198.51.100.7")],
+        )
         .await;
     assert_eq!(reply.status, 200);
-    assert_eq!(gw.mock.requests()[0].headers["x-forwarded-for"], "198.51.100.7, 127.0.0.1");
+    assert_eq!(
+        gw.mock.requests()[0].headers["x-forwarded-for"],
+        "198.51.100.7, 127.0.0.1"
+    );
 }
 
 #[tokio::test]
@@ -151,7 +297,12 @@ async fn uniform_off_passes_quickblox_answers_through() {
 async fn other_routes_can_be_forwarded_untouched() {
     let gw = Gateway::start("  other_routes: forward\n").await;
     let reply = gw
-        .send("GET", "/users.json?page=2", &[("QB-Token", "user-session"), ("Keep-Alive", "timeout=5")], "")
+        .send(
+            "GET",
+            "/users.json?page=2",
+            &[("QB-Token", "user-session"), ("Keep-Alive", "timeout=5")],
+            "",
+        )
         .await;
     assert_eq!(reply.status, 404); // qb-mock knows no /users.json
     let seen = gw.mock.requests();
@@ -160,7 +311,14 @@ async fn other_routes_can_be_forwarded_untouched() {
     assert_eq!(seen[0].headers["qb-token"], "user-session");
     assert!(seen[0].headers.get("keep-alive").is_none());
     // A spelling that QuickBlox could route to the reset action is never forwarded.
-    let sneaky = gw.send("GET", "/users/password/reset%2Ejson?email=a%40b.io", &[], "").await;
+    let sneaky = gw
+        .send(
+            "GET",
+            "/users/password/reset%2Ejson?email=a%40b.io",
+            &[],
+            "",
+        )
+        .await;
     assert_eq!(sneaky.status, 404);
     assert_eq!(gw.mock.requests().len(), 1);
 }
@@ -170,7 +328,9 @@ async fn a_sane_request_id_is_kept_and_a_hostile_one_replaced() {
     let gw = Gateway::start("").await;
     let reply = gw.reset("email=x", &[("X-Request-Id", "abc-123")]).await;
     assert_eq!(reply.header("x-request-id"), Some("abc-123"));
-    let reply = gw.reset("email=x", &[("X-Request-Id", "<script>alert(1)</script>")]).await;
+    let reply = gw
+        .reset("email=x", &[("X-Request-Id", "<script>alert(1)</script>")])
+        .await;
     let id = reply.header("x-request-id").unwrap();
     assert_eq!(id.len(), 32);
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -184,17 +344,31 @@ async fn http2_cleartext_is_served() {
     let gw = Gateway::start("").await;
     let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(connection);
-    let request = http::Request::get(format!("http://{}{RESET}?email=alice%40example.com", gw.addr))
-        .header("qb-token", IOS_TOKEN)
-        .body(Empty::<bytes::Bytes>::new())
-        .unwrap();
+    let request = http::Request::get(format!(
+        "http://{}{RESET}?email=alice%40example.com",
+        gw.addr
+    ))
+    .header("qb-token", IOS_TOKEN)
+    .body(Empty::<bytes::Bytes>::new())
+    .unwrap();
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), http::Version::HTTP_2);
-    assert!(response.into_body().collect().await.unwrap().to_bytes().is_empty());
-    assert_eq!(gw.mock.requests()[0].headers["authorization"], format!("ApiKey {SERVER_KEY}"));
+    assert!(response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .is_empty());
+    assert_eq!(
+        gw.mock.requests()[0].headers["authorization"],
+        format!("ApiKey {SERVER_KEY}")
+    );
 }
 
 #[tokio::test]
@@ -202,10 +376,20 @@ async fn slow_request_heads_are_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gw = Gateway::start("").await;
     let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    stream.write_all(b"GET /users/password/reset.json HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    stream
+        .write_all(b"GET /users/password/reset.json HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     // header_read_timeout is 300ms; the rest of the head never comes.
     let mut rest = Vec::new();
-    let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "the gateway kept a slow client's connection open");
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "the gateway kept a slow client's connection open"
+    );
     assert!(gw.mock.requests().is_empty());
 }

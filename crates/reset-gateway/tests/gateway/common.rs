@@ -79,7 +79,8 @@ impl Gateway {
 
     /// `GET /users/password/reset.json?{query}` with these headers.
     pub async fn reset(&self, query: &str, headers: &[(&str, &str)]) -> Reply {
-        self.send("GET", &format!("{RESET}?{query}"), headers, "").await
+        self.send("GET", &format!("{RESET}?{query}"), headers, "")
+            .await
     }
 
     /// A reset from the iOS client.
@@ -87,8 +88,15 @@ impl Gateway {
         self.reset(query, &[("QB-Token", IOS_TOKEN)]).await
     }
 
-    pub async fn send(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &str) -> Reply {
-        let mut head = format!("{method} {target} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n");
+    pub async fn send(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        let mut head =
+            format!("{method} {target} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n");
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
@@ -154,9 +162,18 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> Reply {
 
 pub fn parse(bytes: &[u8]) -> Reply {
     let text = String::from_utf8_lossy(bytes);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no response head in {text:?}"));
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head in {text:?}"));
     let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers = lines
         .map(|l| {
             let (n, v) = l.split_once(':').unwrap();

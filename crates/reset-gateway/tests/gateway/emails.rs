@@ -13,19 +13,31 @@ const VALID: &[(&str, &str)] = &[
     ("x%40sub.domain.example.co.uk", "x@sub.domain.example.co.uk"),
     ("first.last%40example.org", "first.last@example.org"),
     ("o'hara%40example.ie", "o'hara@example.ie"),
-    ("%21%23%24%25%26'%2A%2B%2F%3D%3F%5E_%60%7B%7C%7D~-%40example.com", "!#$%&'*+/=?^_`{|}~-@example.com"),
+    (
+        "%21%23%24%25%26'%2A%2B%2F%3D%3F%5E_%60%7B%7C%7D~-%40example.com",
+        "!#$%&'*+/=?^_`{|}~-@example.com",
+    ),
     ("user%2540host%40example.com", "user%40host@example.com"),
     ("a%2526b%40example.com", "a%26b@example.com"),
     ("1234567890%40example.com", "1234567890@example.com"),
     ("a-b_c%40my-domain.example", "a-b_c@my-domain.example"),
     ("x%40xn--bcher-kva.example", "x@xn--bcher-kva.example"),
     ("x%40b%C3%BCcher.example", "x@bücher.example"),
-    ("x%40%E4%BE%8B%E3%81%88.%E3%83%86%E3%82%B9%E3%83%88", "x@例え.テスト"),
+    (
+        "x%40%E4%BE%8B%E3%81%88.%E3%83%86%E3%82%B9%E3%83%88",
+        "x@例え.テスト",
+    ),
     ("x%40EXAMPLE.COM", "x@EXAMPLE.COM"),
     ("x%40a1.b2c", "x@a1.b2c"),
     ("x%40123.example", "x@123.example"),
-    ("x%40ddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd.com", "x@ddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd.com"),
-    ("llllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllll%40example.com", "llllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllll@example.com"),
+    (
+        "x%40ddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd.com",
+        "x@ddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd.com",
+    ),
+    (
+        "llllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllll%40example.com",
+        "llllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllll@example.com",
+    ),
     ("x%40a.b.c.d.e.f.example", "x@a.b.c.d.e.f.example"),
     ("x.y.z%40example.com", "x.y.z@example.com"),
     ("x%40example.museum", "x@example.museum"),
@@ -95,15 +107,26 @@ async fn the_address_table() {
     }
     for (sent, why) in INVALID {
         let target = format!("{RESET}?email={sent}");
-        let reply = gw.send("GET", &target, &[("QB-Token", IOS_TOKEN)], "").await;
+        let reply = gw
+            .send("GET", &target, &[("QB-Token", IOS_TOKEN)], "")
+            .await;
         // A raw space makes the request line itself malformed: the HTTP parser refuses it.
         let expected = if sent.contains(' ') { 400 } else { 422 };
-        assert_eq!(reply.status, expected, "{sent} ({why}) should be refused: {reply:?}");
+        assert_eq!(
+            reply.status, expected,
+            "{sent} ({why}) should be refused: {reply:?}"
+        );
         if expected == 422 {
-            assert_eq!(reply.body, r#"{"errors":{"email":["is invalid"]}}"#, "{sent}");
+            assert_eq!(
+                reply.body, r#"{"errors":{"email":["is invalid"]}}"#,
+                "{sent}"
+            );
         }
     }
-    assert!(gw.mock.requests().is_empty(), "an invalid address reached QuickBlox");
+    assert!(
+        gw.mock.requests().is_empty(),
+        "an invalid address reached QuickBlox"
+    );
 }
 
 #[tokio::test]
@@ -111,8 +134,13 @@ async fn utf8_local_parts_when_allowed() {
     let gw = Gateway::start("  email:\n    allow_utf8_local: true\n").await;
     let reply = gw.reset_as_ios("email=%C3%A9lise%40example.com").await;
     assert_eq!(reply.status, 200);
-    assert_eq!(gw.mock.requests()[0].email().as_deref(), Some("élise@example.com"));
+    assert_eq!(
+        gw.mock.requests()[0].email().as_deref(),
+        Some("élise@example.com")
+    );
     // Invisible characters stay refused even then.
-    let reply = gw.reset_as_ios("email=%C3%A9li%E2%80%8Bse%40example.com").await;
+    let reply = gw
+        .reset_as_ios("email=%C3%A9li%E2%80%8Bse%40example.com")
+        .await;
     assert_eq!(reply.status, 422);
 }

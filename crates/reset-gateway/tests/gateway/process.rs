@@ -12,7 +12,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_reset-gateway");
 
 fn gateway() -> Command {
     let mut command = Command::new(BIN);
-    command.env_remove("RUST_LOG").env_remove("RESET_GATEWAY_CONFIG");
+    command
+        .env_remove("RUST_LOG")
+        .env_remove("RESET_GATEWAY_CONFIG");
     command
 }
 
@@ -26,7 +28,10 @@ fn write_config(dir: &tempfile::TempDir, yaml: &str) -> std::path::PathBuf {
 fn version_and_help() {
     let out = gateway().arg("--version").output().unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("reset-gateway {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("reset-gateway {}", env!("CARGO_PKG_VERSION"))
+    );
     let out = gateway().arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     for word in ["check-config", "hash-token", "demo", "--config"] {
@@ -36,7 +41,12 @@ fn version_and_help() {
 
 #[test]
 fn hash_token_prints_the_digest_for_the_config() {
-    let mut child = gateway().arg("hash-token").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = gateway()
+        .arg("hash-token")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(b"foo\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
@@ -44,7 +54,11 @@ fn hash_token_prints_the_digest_for_the_config() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
     );
-    let out = gateway().arg("hash-token").stdin(Stdio::null()).output().unwrap();
+    let out = gateway()
+        .arg("hash-token")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "an empty token must not hash");
 }
 
@@ -52,25 +66,50 @@ fn hash_token_prints_the_digest_for_the_config() {
 fn check_config_accepts_a_good_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(&dir, &yaml("http://127.0.0.1:9", "", ""));
-    let out = gateway().args(["check-config", "--config"]).arg(&path).env("QB_API_KEY", "k").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = gateway()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("QB_API_KEY", "k")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The variable works in place of --config.
-    let out = gateway().arg("check-config").env("RESET_GATEWAY_CONFIG", &path).env("QB_API_KEY", "k").output().unwrap();
+    let out = gateway()
+        .arg("check-config")
+        .env("RESET_GATEWAY_CONFIG", &path)
+        .env("QB_API_KEY", "k")
+        .output()
+        .unwrap();
     assert!(out.status.success());
 }
 
 #[test]
 fn the_shipped_default_config_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/gateway.yaml");
-    let out = gateway().args(["check-config", "--config", path]).env("QB_API_KEY", "k").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = gateway()
+        .args(["check-config", "--config", path])
+        .env("QB_API_KEY", "k")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn check_config_error(yaml: &str, env_key: bool) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(&dir, yaml);
     let mut command = gateway();
-    command.args(["check-config", "--config"]).arg(&path).env_remove("QB_API_KEY");
+    command
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env_remove("QB_API_KEY");
     if env_key {
         command.env("QB_API_KEY", "k");
     }
@@ -86,12 +125,18 @@ fn check_config_names_the_key_and_line() {
     let base = yaml("http://127.0.0.1:9", "", "");
     let stderr = check_config_error(&format!("{base}  responses:\n    unifrom: false\n"), true);
     let line = base.lines().count() + 2;
-    assert!(stderr.contains(&format!("guard.responses.unifrom (line {line})")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("guard.responses.unifrom (line {line})")),
+        "{stderr}"
+    );
 
     let stderr = check_config_error(&base.replace("timeout: 400ms", "timeout: soon"), true);
     assert!(stderr.contains("upstream.timeout (line 7)"), "{stderr}");
 
-    let stderr = check_config_error(&base.replace("listen: 127.0.0.1:0", "listen: nowhere"), true);
+    let stderr = check_config_error(
+        &base.replace("listen: 127.0.0.1:0", "listen: nowhere"),
+        true,
+    );
     assert!(stderr.contains("server.listen (line 2)"), "{stderr}");
 
     let dup = base.replace("id: web", "id: ios");
@@ -100,7 +145,10 @@ fn check_config_names_the_key_and_line() {
     assert!(stderr.contains("(line "), "{stderr}");
 
     let stderr = check_config_error(&base, false);
-    assert!(stderr.contains("upstream.api_key_env") && stderr.contains("QB_API_KEY"), "{stderr}");
+    assert!(
+        stderr.contains("upstream.api_key_env") && stderr.contains("QB_API_KEY"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -117,10 +165,25 @@ fn the_key_can_come_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("key"), "file-key\n").unwrap();
     let base = yaml("http://127.0.0.1:9", "", "");
-    let yaml = base.replace("upstream:\n", &format!("upstream:\n  api_key_file: {}\n", dir.path().join("key").display()));
+    let yaml = base.replace(
+        "upstream:\n",
+        &format!(
+            "upstream:\n  api_key_file: {}\n",
+            dir.path().join("key").display()
+        ),
+    );
     let path = write_config(&dir, &yaml);
-    let out = gateway().args(["check-config", "--config"]).arg(&path).env_remove("QB_API_KEY").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = gateway()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env_remove("QB_API_KEY")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Starts the binary and waits for its "serving" log line; returns the child and address.
@@ -135,7 +198,10 @@ fn spawn_gateway(config: &std::path::Path) -> (Child, std::net::SocketAddr) {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = loop {
-        let line = lines.next().expect("the gateway logged that it serves").unwrap();
+        let line = lines
+            .next()
+            .expect("the gateway logged that it serves")
+            .unwrap();
         if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
             if json["message"] == "serving" {
                 break json["listen"].as_str().unwrap().parse().unwrap();
@@ -152,7 +218,10 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     config.latency = Duration::from_millis(800);
     let mock = MockServer::start(config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(&dir, &yaml(&mock.url(), "", "").replace("timeout: 400ms", "timeout: 5s"));
+    let path = write_config(
+        &dir,
+        &yaml(&mock.url(), "", "").replace("timeout: 400ms", "timeout: 5s"),
+    );
     let (mut child, addr) = spawn_gateway(&path);
 
     let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
@@ -162,12 +231,18 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
 
     let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, 200, "the in-flight request completed");
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
     // And it no longer accepts.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());

@@ -15,7 +15,10 @@ async fn refused_connection_is_a_502() {
     let gw = Gateway::start_upstream(&format!("http://{}", closed_port()), "").await;
     let reply = gw.reset_as_ios("email=alice%40example.com").await;
     assert_eq!((reply.status, reply.body.as_str()), (502, UNAVAILABLE));
-    assert_eq!(reply.header("content-type"), Some("application/json; charset=utf-8"));
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
 }
 
 #[tokio::test]
@@ -24,7 +27,11 @@ async fn slow_hanging_and_endless_upstreams_are_a_504() {
     for failure in [Failure::Hang, Failure::EndlessBody] {
         gw.mock.set_failure(failure);
         let reply = gw.reset_as_ios("email=alice%40example.com").await;
-        assert_eq!((reply.status, reply.body.as_str()), (504, UNAVAILABLE), "{failure:?}");
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (504, UNAVAILABLE),
+            "{failure:?}"
+        );
     }
     gw.mock.set_failure(Failure::None);
     gw.mock.set_latency(Duration::from_secs(3));
@@ -51,7 +58,10 @@ async fn quickblox_errors_pass_through() {
     gw.mock.set_failure(Failure::Status(503));
     let reply = gw.reset_as_ios("email=alice%40example.com").await;
     assert_eq!(reply.status, 503);
-    assert_eq!(reply.body, r#"{"errors":["Service temporarily unavailable"]}"#);
+    assert_eq!(
+        reply.body,
+        r#"{"errors":["Service temporarily unavailable"]}"#
+    );
 }
 
 #[tokio::test]
@@ -69,25 +79,37 @@ async fn https_upstream_with_a_private_ca() {
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca.pem()).unwrap();
 
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let mock = MockServer::bind("127.0.0.1:0".parse().unwrap(), mock_config(), Some(Arc::new(tls)))
-        .await
-        .unwrap();
+    let mock = MockServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        mock_config(),
+        Some(Arc::new(tls)),
+    )
+    .await
+    .unwrap();
     let url = mock.url();
     assert!(url.starts_with("https://localhost:"));
 
     // Without the private CA the certificate is not trusted: 502.
     let untrusting = Gateway::start_upstream(&url, "").await;
-    assert_eq!(untrusting.reset_as_ios("email=alice%40example.com").await.status, 502);
+    assert_eq!(
+        untrusting
+            .reset_as_ios("email=alice%40example.com")
+            .await
+            .status,
+        502
+    );
 
     let yaml = yaml(&url, "", "").replace(
         "  pass_headers:",
@@ -98,5 +120,8 @@ async fn https_upstream_with_a_private_ca() {
     assert_eq!(reply.status, 200, "{reply:?}");
     let seen = gw.mock.requests();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].headers["authorization"], format!("ApiKey {SERVER_KEY}"));
+    assert_eq!(
+        seen[0].headers["authorization"],
+        format!("ApiKey {SERVER_KEY}")
+    );
 }
