@@ -9,6 +9,7 @@ use http::Uri;
 use reset_guard::duration::ConfigDuration;
 use reset_guard::{ApiKey, ConfigError, GuardConfig, GuardSettings, QB_TOKEN};
 use serde::{de, Deserialize, Deserializer};
+use zeroize::Zeroizing;
 
 use crate::hop_by_hop::is_hop_by_hop;
 
@@ -25,8 +26,41 @@ pub struct GatewayConfig {
     pub upstream: UpstreamConfig,
     /// The checks; exactly what `reset_guard::GuardConfig` reads.
     pub guard: GuardConfig,
+    /// Where rate-limit state lives.
+    pub store: StoreConfig,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// `store`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `memory`: limits held in this process.
+    pub kind: StoreKind,
+    /// Most keys each quota tracks; idle keys are forgotten first.
+    pub max_keys: usize,
+    /// Environment variable holding a secret that keys the hash of stored limit keys.
+    pub key_secret_env: Option<String>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Memory,
+            max_keys: 1_000_000,
+            key_secret_env: None,
+        }
+    }
+}
+
+/// `store.kind`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// In this process.
+    #[default]
+    Memory,
 }
 
 /// `server`.
@@ -147,8 +181,61 @@ pub struct Settings {
     pub guard: GuardSettings,
     /// The server-held API key.
     pub api_key: ApiKey,
+    /// Rate-limit store.
+    pub store: StoreSettings,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// Checked `store` section.
+#[derive(Clone)]
+pub struct StoreSettings {
+    /// Bounds and housekeeping.
+    pub limits: reset_guard::StoreSettings,
+    /// Secret keying the limit-key hash, if configured.
+    pub key_secret: Option<Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("limits", &self.limits)
+            .field("key_secret", &self.key_secret.as_ref().map(|_| "<secret>"))
+            .finish()
+    }
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<StoreSettings, ConfigError> {
+        if self.max_keys == 0 {
+            return Err(ConfigError::new("store.max_keys", "must be at least 1"));
+        }
+        let key_secret = match &self.key_secret_env {
+            None => None,
+            Some(name) => {
+                let value = std::env::var(name).map_err(|_| {
+                    ConfigError::new(
+                        "store.key_secret_env",
+                        format!("environment variable {name} is not set"),
+                    )
+                })?;
+                if value.len() < 16 {
+                    return Err(ConfigError::new(
+                        "store.key_secret_env",
+                        format!("{name} must hold at least 16 characters"),
+                    ));
+                }
+                Some(Zeroizing::new(value.into_bytes()))
+            }
+        };
+        Ok(StoreSettings {
+            limits: reset_guard::StoreSettings {
+                max_keys: self.max_keys,
+                ..reset_guard::StoreSettings::default()
+            },
+            key_secret,
+        })
+    }
 }
 
 /// Checked `server` section.
@@ -212,7 +299,12 @@ impl GatewayConfig {
             let key = e.path.rsplit('.').next().unwrap_or("").to_owned();
             e.at_line(first_line_of(yaml, &key))
         })?;
+        let store = self.store.validate().map_err(|e| {
+            let key = e.path.rsplit('.').next().unwrap_or("").to_owned();
+            e.at_line(first_line_of(yaml, &key))
+        })?;
         Ok(Settings {
+            store,
             server: ServerSettings {
                 listen: self.server.listen,
                 header_read_timeout: self.server.header_read_timeout.0,

@@ -75,6 +75,8 @@ curl -i -H 'QB-Token: {token}' -H 'Authorization: ApiKey {token}' '{url}?email=a
 # missing email: 422; invalid email: 422
 curl -i -H 'QB-Token: {token}' '{url}'
 curl -i -H 'QB-Token: {token}' '{url}?email=not-an-address'
+# rate limits: 20 requests a minute per IP, so the last few of these answer 429 with Retry-After
+for i in $(seq 22); do curl -s -o /dev/null -w '%{{http_code}} ' -H 'QB-Token: {token}' '{url}?email=user$i%40example.com'; done; echo
 # wrong method: 405; other path: 404
 curl -i -X POST -H 'QB-Token: {token}' '{url}?email=alice%40example.com'
 curl -i 'http://{gateway}/users.json'

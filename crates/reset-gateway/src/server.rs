@@ -50,7 +50,12 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         .await
         .with_context(|| format!("server.listen: cannot listen on {}", settings.server.listen))?;
     let forwarder = Forwarder::new(settings.upstream.clone())?;
-    let layer = ResetGuardLayer::new(settings.guard.clone(), settings.api_key.clone());
+    let mut layer = ResetGuardLayer::builder(settings.guard.clone(), settings.api_key.clone())
+        .store(settings.store.limits.clone());
+    if let Some(secret) = &settings.store.key_secret {
+        layer = layer.key_secret(secret);
+    }
+    let layer = layer.build();
     let guard = layer.handle();
     // The guard sits in front of the forwarder: nothing it rejects costs an upstream call.
     let service = tower::ServiceBuilder::new().layer(layer).service(forwarder);

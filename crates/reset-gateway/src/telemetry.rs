@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use http::StatusCode;
 use reset_guard::{GuardedRequest, Rejection, UpstreamStatus};
-use sha2::{Digest, Sha256};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -28,11 +27,10 @@ pub fn init(log: &LogConfig) {
     };
 }
 
-/// A short, stable, non-reversible tag for an email key: enough to follow one address
-/// through the logs, not enough to recover it.
+/// A short tag for an address: the top 48 bits of its keyed limit-key hash. Enough to
+/// follow one address through the logs; without the key, not enough to test a guess.
 pub fn email_tag(guarded: &GuardedRequest) -> String {
-    let digest = Sha256::digest(guarded.email_key().as_str().as_bytes());
-    hex::encode(&digest[..6])
+    format!("{:012x}", guarded.email_hash() >> 16)
 }
 
 /// What the access log says about one request.
@@ -56,6 +54,10 @@ impl AccessRecord<'_> {
             (None, Some(_)) => "forwarded",
             (None, None) => "passed_through",
         };
+        let limit = match self.rejection {
+            Some(Rejection::RateLimited(denial)) => Some(denial.group.name()),
+            _ => None,
+        };
         let upstream_status = self
             .uniform
             .map(|u| u.0.as_u16())
@@ -69,6 +71,7 @@ impl AccessRecord<'_> {
             email_hash = self.guarded.map(email_tag),
             email = self.guarded.filter(|_| self.include_email).map(|g| g.email().as_str()),
             outcome,
+            limit,
             status = self.status.as_u16(),
             upstream_status,
             upstream_ms = self.upstream.map(|u| u.duration.as_secs_f64() * 1000.0),

@@ -1,4 +1,5 @@
-//! The guard's decision for one request: SPEC §3 steps 1 to 4, cheapest check first.
+//! The guard's decision for one request: SPEC §3 steps 1 to 4, cheapest check first,
+//! each rate limit charged only once the steps before it passed.
 
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Method, Request};
@@ -10,24 +11,30 @@ use crate::client_ip::{ClientIp, PeerAddr};
 use crate::config::OtherRoutes;
 use crate::context::GuardedRequest;
 use crate::email::{Email, EmailKey};
-use crate::layer::GuardState;
+use crate::layer::{GuardState, Shared};
+use crate::limit::{Domain, LimitGroup, Standing};
 use crate::query::email_param;
 use crate::rejection::Rejection;
 
-/// What to do with a request that was not rejected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What to do with a request that was not rejected outright.
+#[derive(Debug)]
 pub(crate) enum Verdict {
-    /// A checked reset request, swapped to the server key.
-    Guarded,
+    /// A checked reset, swapped to the server key; the tightest quota's standing.
+    Guarded(Option<Standing>),
+    /// A per-email denial under uniform answers: answered like a success, never forwarded.
+    Silenced(Rejection, Box<GuardedRequest>),
     /// Another path under `other_routes: forward`.
     PassThrough,
 }
 
 pub(crate) fn check<B: Body>(
+    shared: &Shared,
     state: &GuardState,
     request: &mut Request<B>,
 ) -> Result<Verdict, Rejection> {
     let settings = &state.settings;
+    let limits = &settings.limits;
+    let limiter = &state.limiter;
     let path = request.uri().path();
     if path != settings.path {
         // A spelling QuickBlox might route to the reset action (`/Users//password/reset%2Ejson`)
@@ -43,30 +50,80 @@ pub(crate) fn check<B: Body>(
     if has_body(request) {
         return Err(Rejection::BodyOnGet);
     }
+
+    // Step 2: who is asking, and the per-IP limit, charged for valid and invalid alike.
     let client_ip = match request.extensions().get::<PeerAddr>() {
         Some(peer) => ClientIp::resolve(peer.0.ip(), request.headers(), &settings.trusted_proxies),
         None => ClientIp::UNKNOWN,
     };
+    let mut standing = None;
+    if !limits.is_exempt(client_ip.ip()) {
+        let key = limits.ip_key(client_ip.ip(), &shared.hasher);
+        standing = limiter
+            .check(LimitGroup::PerIp, key)
+            .map_err(Rejection::RateLimited)?;
+    }
+
+    // Step 3: exactly one known credential, then the per-client limit.
     let token = presented_token(request.headers())?;
     let client_id = settings
         .clients
         .identify(token)
         .ok_or(Rejection::UnknownClient)?
         .clone();
+    let key = shared
+        .hasher
+        .hash(Domain::Client, client_id.as_str().as_bytes());
+    standing = tighter(
+        standing,
+        limiter
+            .check(LimitGroup::PerClient, key)
+            .map_err(Rejection::RateLimited)?,
+    );
+
+    // Step 4: one valid address, then the per-email and global limits.
     let raw = email_param(request.uri().query())?;
     let email = Email::parse(&raw, settings.email).map_err(Rejection::EmailInvalid)?;
-    let email_key = EmailKey::new(&email, settings.email_key);
-
-    let headers = request.headers_mut();
-    headers.remove(QB_TOKEN);
-    headers.insert(AUTHORIZATION, state.api_key.authorization().clone());
-    request.extensions_mut().insert(GuardedRequest {
+    let email_key = EmailKey::new(&email, limits.email_key);
+    let email_hash = shared
+        .hasher
+        .hash(Domain::Email, email_key.as_str().as_bytes());
+    let guarded = GuardedRequest {
         client_id,
         client_ip,
         email,
         email_key,
-    });
-    Ok(Verdict::Guarded)
+        email_hash,
+    };
+    match limiter.check(LimitGroup::PerEmail, email_hash) {
+        Ok(s) => standing = tighter(standing, s),
+        Err(denial) if settings.uniform => {
+            return Ok(Verdict::Silenced(
+                Rejection::RateLimited(denial),
+                Box::new(guarded),
+            ));
+        }
+        Err(denial) => return Err(Rejection::RateLimited(denial)),
+    }
+    standing = tighter(
+        standing,
+        limiter
+            .check(LimitGroup::Global, 0)
+            .map_err(Rejection::RateLimited)?,
+    );
+
+    let headers = request.headers_mut();
+    headers.remove(QB_TOKEN);
+    headers.insert(AUTHORIZATION, state.api_key.authorization().clone());
+    request.extensions_mut().insert(guarded);
+    Ok(Verdict::Guarded(standing))
+}
+
+fn tighter(current: Option<Standing>, next: Option<Standing>) -> Option<Standing> {
+    match next {
+        Some(next) => Some(next.tighter(current)),
+        None => current,
+    }
 }
 
 /// Content-Length > 0, any Transfer-Encoding, or (HTTP/2) a body stream that is not empty.

@@ -11,7 +11,8 @@ use serde::{Deserialize, Deserializer};
 
 use crate::auth::{ClientId, ClientRegistry, TokenDigest};
 use crate::duration::ConfigDuration;
-use crate::email::{EmailKeyPolicy, EmailPolicy};
+use crate::email::EmailPolicy;
+use crate::limit::{LimitSettings, LimitsConfig};
 
 /// The guarded path QuickBlox serves password resets on.
 pub const DEFAULT_PATH: &str = "/users/password/reset.json";
@@ -32,6 +33,8 @@ pub struct GuardConfig {
     pub responses: ResponsesConfig,
     /// Which addresses are accepted.
     pub email: EmailConfig,
+    /// Rate limits.
+    pub limits: LimitsConfig,
 }
 
 impl Default for GuardConfig {
@@ -43,6 +46,7 @@ impl Default for GuardConfig {
             client_ip: ClientIpConfig::default(),
             responses: ResponsesConfig::default(),
             email: EmailConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -298,6 +302,7 @@ impl GuardConfig {
                 ));
             }
         }
+        let limits = self.limits.validate()?;
         Ok(GuardSettings {
             path: self.path.clone(),
             other_routes: self.other_routes,
@@ -312,7 +317,7 @@ impl GuardConfig {
             email: EmailPolicy {
                 allow_utf8_local: self.email.allow_utf8_local,
             },
-            email_key: EmailKeyPolicy::default(),
+            limits,
         })
     }
 }
@@ -327,7 +332,7 @@ pub struct GuardSettings {
     pub(crate) uniform: bool,
     pub(crate) min_latency: Duration,
     pub(crate) email: EmailPolicy,
-    pub(crate) email_key: EmailKeyPolicy,
+    pub(crate) limits: LimitSettings,
 }
 
 impl GuardSettings {
@@ -349,6 +354,11 @@ impl GuardSettings {
     /// Whether uniform answers are on.
     pub fn uniform(&self) -> bool {
         self.uniform
+    }
+
+    /// The rate limits.
+    pub fn limits(&self) -> &LimitSettings {
+        &self.limits
     }
 }
 

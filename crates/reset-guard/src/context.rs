@@ -14,6 +14,7 @@ pub struct GuardedRequest {
     pub(crate) client_ip: ClientIp,
     pub(crate) email: Email,
     pub(crate) email_key: EmailKey,
+    pub(crate) email_hash: u64,
 }
 
 impl GuardedRequest {
@@ -35,6 +36,12 @@ impl GuardedRequest {
     /// The canonical address used for the per-email limit.
     pub fn email_key(&self) -> &EmailKey {
         &self.email_key
+    }
+
+    /// The keyed hash of the canonical address: the per-email limit key, and a safe
+    /// handle for logs.
+    pub fn email_hash(&self) -> u64 {
+        self.email_hash
     }
 }
 

@@ -5,13 +5,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use http::{Response, StatusCode};
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::body::GuardBody;
 use crate::context::UpstreamStatus;
-use crate::rejection::{uniform_success, Rejection};
+use crate::rejection::{uniform_success, Rejection, RATELIMIT, RATELIMIT_POLICY};
 
 pin_project! {
     /// Response future of [`ResetGuard`](crate::ResetGuard).
@@ -20,6 +21,7 @@ pin_project! {
         state: State<F, B>,
         uniform: bool,
         floor: Option<Instant>,
+        rate_limit: Option<(HeaderValue, HeaderValue)>,
     }
 }
 
@@ -33,25 +35,38 @@ pin_project! {
 }
 
 impl<F, B> ResponseFuture<F, B> {
-    pub(crate) fn guarded(future: F, uniform: bool, floor: Option<Instant>) -> Self {
+    pub(crate) fn guarded(
+        future: F,
+        uniform: bool,
+        floor: Option<Instant>,
+        rate_limit: Option<(HeaderValue, HeaderValue)>,
+    ) -> Self {
         ResponseFuture {
             state: State::Inner { future },
             uniform,
             floor,
+            rate_limit,
         }
     }
 
     pub(crate) fn passed_through(future: F) -> Self {
-        Self::guarded(future, false, None)
+        Self::guarded(future, false, None, None)
     }
 
-    pub(crate) fn rejected(rejection: Rejection, floor: Option<Instant>) -> Self {
-        let mut response = rejection.to_response().map(GuardBody::full);
+    /// The guard's own answer, with the rejection in its extensions for logs.
+    pub(crate) fn rejected(rejection: Rejection) -> Self {
+        let mut response = rejection.to_response();
         response.extensions_mut().insert(rejection);
+        Self::answered(response, None)
+    }
+
+    /// An answer the guard made, handed out no sooner than `floor`.
+    pub(crate) fn answered(response: Response<Bytes>, floor: Option<Instant>) -> Self {
         ResponseFuture {
-            state: after(response, floor),
+            state: after(response.map(GuardBody::full), floor),
             uniform: false,
             floor,
+            rate_limit: None,
         }
     }
 }
@@ -98,11 +113,15 @@ where
             match this.state.as_mut().project() {
                 StateProj::Inner { future } => {
                     let response = ready!(future.poll(cx))?;
-                    let response = if *this.uniform {
+                    let mut response = if *this.uniform {
                         make_uniform(response)
                     } else {
                         response.map(GuardBody::inner)
                     };
+                    if let Some((policy, state)) = this.rate_limit.take() {
+                        response.headers_mut().insert(RATELIMIT_POLICY, policy);
+                        response.headers_mut().insert(RATELIMIT, state);
+                    }
                     this.state.set(after(response, *this.floor));
                 }
                 StateProj::Padding { sleep, response } => {

@@ -1,66 +1,212 @@
 //! [`ResetGuardLayer`]: builds the guard around a service and swaps its settings live.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
 use tower::Layer;
 
 use crate::config::GuardSettings;
+use crate::limit::{
+    Clock, KeyHasher, LimitCounters, LimitGroup, Limiter, MonotonicClock, StoreSettings,
+};
 use crate::secret::ApiKey;
 use crate::service::ResetGuard;
 
-/// What every clone of the guard reads on each request.
+/// What every request reads: replaced whole on reload.
 #[derive(Debug)]
 pub(crate) struct GuardState {
     pub(crate) settings: GuardSettings,
     pub(crate) api_key: ApiKey,
+    pub(crate) limiter: Limiter,
+}
+
+/// What outlives a reload.
+pub(crate) struct Shared {
+    pub(crate) current: ArcSwap<GuardState>,
+    pub(crate) hasher: KeyHasher,
+    store: StoreSettings,
+    clock: Arc<dyn Clock>,
+    counters: Arc<LimitCounters>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Guards the QuickBlox password-reset path. See the [crate docs](crate) for an example.
 #[derive(Debug, Clone)]
 pub struct ResetGuardLayer {
-    state: Arc<ArcSwap<GuardState>>,
+    shared: Arc<Shared>,
 }
 
 impl ResetGuardLayer {
-    /// A guard with these settings that sends `api_key` upstream in place of client tokens.
+    /// A guard with these settings that sends `api_key` upstream in place of client
+    /// tokens, with in-memory limits under default store settings.
     pub fn new(settings: GuardSettings, api_key: ApiKey) -> Self {
-        ResetGuardLayer {
-            state: Arc::new(ArcSwap::from_pointee(GuardState { settings, api_key })),
+        Self::builder(settings, api_key).build()
+    }
+
+    /// A builder for the store, clock and key secret.
+    pub fn builder(settings: GuardSettings, api_key: ApiKey) -> ResetGuardBuilder {
+        ResetGuardBuilder {
+            settings,
+            api_key,
+            store: StoreSettings::default(),
+            clock: None,
+            hasher: None,
         }
     }
 
     /// A handle that replaces the settings of every service this layer built.
     pub fn handle(&self) -> GuardHandle {
         GuardHandle {
-            state: self.state.clone(),
+            shared: self.shared.clone(),
         }
     }
+}
+
+/// Builds a [`ResetGuardLayer`].
+pub struct ResetGuardBuilder {
+    settings: GuardSettings,
+    api_key: ApiKey,
+    store: StoreSettings,
+    clock: Option<Arc<dyn Clock>>,
+    hasher: Option<KeyHasher>,
+}
+
+impl ResetGuardBuilder {
+    /// Bounds and housekeeping of the in-memory store.
+    pub fn store(mut self, store: StoreSettings) -> Self {
+        self.store = store;
+        self
+    }
+
+    /// The limiters' clock (tests pass a [`ManualClock`](crate::ManualClock)).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// Derives the limit-key hash from a secret instead of a random per-process key, so
+    /// stored keys and log tags are stable across restarts and replicas.
+    pub fn key_secret(mut self, secret: &[u8]) -> Self {
+        self.hasher = Some(KeyHasher::from_secret(secret));
+        self
+    }
+
+    /// Builds the layer; inside a tokio runtime it also starts the idle-key sweeper,
+    /// which stops once the layer and every service built from it are gone.
+    pub fn build(self) -> ResetGuardLayer {
+        let clock = self
+            .clock
+            .unwrap_or_else(|| Arc::new(MonotonicClock::default()));
+        let counters = Arc::new(LimitCounters::default());
+        let limiter = Limiter::new(
+            &self.settings.limits,
+            &self.store,
+            clock.clone(),
+            counters.clone(),
+            None,
+        );
+        let shared = Arc::new(Shared {
+            current: ArcSwap::from_pointee(GuardState {
+                settings: self.settings,
+                api_key: self.api_key,
+                limiter,
+            }),
+            hasher: self.hasher.unwrap_or_else(KeyHasher::random),
+            store: self.store,
+            clock,
+            counters,
+        });
+        spawn_sweeper(&shared);
+        ResetGuardLayer { shared }
+    }
+}
+
+fn spawn_sweeper(shared: &Arc<Shared>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    let every = shared.store.sweep_interval;
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(shared) = weak.upgrade() else { break };
+            let state = shared.current.load_full();
+            drop(shared);
+            // Sweeping a million keys takes milliseconds: keep it off the async workers.
+            let _ = tokio::task::spawn_blocking(move || state.limiter.sweep()).await;
+        }
+    });
 }
 
 impl<S> Layer<S> for ResetGuardLayer {
     type Service = ResetGuard<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ResetGuard::new(inner, self.state.clone())
+        ResetGuard::new(inner, self.shared.clone())
     }
 }
 
-/// Swaps the running guard's settings and key (config reload, key rotation).
-/// Requests already inside the guard finish with the settings they started with.
+/// Swaps the running guard's settings and key (config reload, key rotation), and looks
+/// at its limiter. Requests already inside the guard finish with the settings they
+/// started with.
 #[derive(Debug, Clone)]
 pub struct GuardHandle {
-    state: Arc<ArcSwap<GuardState>>,
+    shared: Arc<Shared>,
 }
 
 impl GuardHandle {
-    /// Applies new settings and key to every request from now on.
+    /// Applies new settings and key to every request from now on. Limiter state is kept
+    /// for every quota whose limit did not change.
     pub fn update(&self, settings: GuardSettings, api_key: ApiKey) {
-        self.state.store(Arc::new(GuardState { settings, api_key }));
+        let shared = &self.shared;
+        let previous = shared.current.load();
+        let limiter = Limiter::new(
+            &settings.limits,
+            &shared.store,
+            shared.clock.clone(),
+            shared.counters.clone(),
+            Some(&previous.limiter),
+        );
+        shared.current.store(Arc::new(GuardState {
+            settings,
+            api_key,
+            limiter,
+        }));
     }
 
     /// The settings in force.
     pub fn settings(&self) -> GuardSettings {
-        self.state.load().settings.clone()
+        self.shared.current.load().settings.clone()
+    }
+
+    /// Forgets idle limiter keys now (the sweeper does this periodically).
+    pub fn sweep(&self) -> usize {
+        self.shared.current.load().limiter.sweep()
+    }
+
+    /// Keys held by each quota of `group`.
+    pub fn tracked_keys(&self, group: LimitGroup) -> Vec<usize> {
+        self.shared.current.load().limiter.keys(group)
+    }
+
+    /// Keys dropped while still counting because a quota hit `max_keys`.
+    pub fn forced_evictions(&self) -> u64 {
+        self.shared.current.load().limiter.forced_evictions()
+    }
+
+    /// Denials so far, enforced and shadow, per group.
+    pub fn counters(&self) -> &LimitCounters {
+        &self.shared.counters
     }
 }

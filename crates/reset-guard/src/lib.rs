@@ -63,6 +63,7 @@ pub mod duration;
 mod email;
 mod future;
 mod layer;
+pub mod limit;
 mod query;
 mod rejection;
 mod secret;
@@ -78,9 +79,13 @@ pub use config::{
 pub use context::{GuardedRequest, UpstreamStatus};
 pub use email::{Email, EmailError, EmailKey, EmailKeyPolicy, EmailPolicy};
 pub use future::ResponseFuture;
-pub use layer::{GuardHandle, ResetGuardLayer};
+pub use layer::{GuardHandle, ResetGuardBuilder, ResetGuardLayer};
+pub use limit::{
+    Clock, Denial, LimitCounters, LimitGroup, LimitSettings, LimitsConfig, ManualClock,
+    MonotonicClock, Quota, QuotaConfig, Standing, StoreSettings,
+};
 pub use query::{email_param, encode_query_value};
-pub use rejection::{uniform_success, Rejection};
+pub use rejection::{rate_limit_fields, uniform_success, Rejection, RATELIMIT, RATELIMIT_POLICY};
 pub use secret::{ApiKey, InvalidApiKey};
 pub use service::ResetGuard;
 

@@ -1,10 +1,11 @@
 //! Every answer the guard gives on its own, and the one place it becomes a response.
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderValue, Response, StatusCode};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::email::EmailError;
+use crate::limit::{Denial, LimitGroup, Quota};
 
 /// Why a request was not forwarded. A rejection is a response, not an error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +46,9 @@ pub enum Rejection {
     /// `email` fails a rule of SPEC §4.
     #[error("email is invalid: {0}")]
     EmailInvalid(EmailError),
+    /// A rate limit denied the request.
+    #[error("{} limit: {} per {}s", .0.group.name(), .0.quota.requests, .0.quota.per.as_secs())]
+    RateLimited(Denial),
     /// QuickBlox could not be reached or answered badly.
     #[error("upstream unavailable")]
     UpstreamUnavailable,
@@ -69,6 +73,7 @@ impl Rejection {
             Rejection::EmailMissing | Rejection::EmailNotUtf8 | Rejection::EmailInvalid(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
+            Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Rejection::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -89,6 +94,7 @@ impl Rejection {
             Rejection::EmailMissing => "email_missing",
             Rejection::EmailRepeated => "email_repeated",
             Rejection::EmailNotUtf8 | Rejection::EmailInvalid(_) => "email_invalid",
+            Rejection::RateLimited(_) => "rate_limited",
             Rejection::UpstreamUnavailable => "upstream_unavailable",
             Rejection::UpstreamTimeout => "upstream_timeout",
         }
@@ -123,6 +129,9 @@ impl Rejection {
             Rejection::EmailNotUtf8 | Rejection::EmailInvalid(_) => {
                 r#"{"errors":{"email":["is invalid"]}}"#
             }
+            Rejection::RateLimited(_) => {
+                r#"{"errors":{"base":["Too many requests, retry later"]}}"#
+            }
             Rejection::UpstreamUnavailable | Rejection::UpstreamTimeout => {
                 r#"{"errors":{"base":["Upstream unavailable"]}}"#
             }
@@ -137,11 +146,42 @@ impl Rejection {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, JSON.clone());
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        if matches!(self, Rejection::MethodNotAllowed) {
-            headers.insert(ALLOW, HeaderValue::from_static("GET"));
+        match self {
+            Rejection::MethodNotAllowed => {
+                headers.insert(ALLOW, HeaderValue::from_static("GET"));
+            }
+            Rejection::RateLimited(denial) => {
+                let retry = denial.retry_after_secs();
+                headers.insert(RETRY_AFTER, HeaderValue::from(retry));
+                let (policy, state) = rate_limit_fields(denial.group, &denial.quota, 0, retry);
+                headers.insert(RATELIMIT_POLICY, policy);
+                headers.insert(RATELIMIT, state);
+            }
+            _ => {}
         }
         response
     }
+}
+
+/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// The two structured fields for a quota: `"per_ip";q=20;w=60` and `"per_ip";r=0;t=42`.
+pub fn rate_limit_fields(
+    group: LimitGroup,
+    quota: &Quota,
+    remaining: u64,
+    reset_secs: u64,
+) -> (HeaderValue, HeaderValue) {
+    let name = group.name();
+    let policy = format!("\"{name}\";q={};w={}", quota.requests, quota.window_secs());
+    let state = format!("\"{name}\";r={remaining};t={reset_secs}");
+    (
+        HeaderValue::from_str(&policy).expect("ASCII digits and a fixed name"),
+        HeaderValue::from_str(&state).expect("ASCII digits and a fixed name"),
+    )
 }
 
 /// `application/json; charset=utf-8`

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use arc_swap::ArcSwap;
 use http::{Request, Response};
 use http_body::Body;
 use tokio::time::Instant;
@@ -12,19 +11,20 @@ use tower::Service;
 use crate::body::GuardBody;
 use crate::check::{check, Verdict};
 use crate::future::ResponseFuture;
-use crate::layer::GuardState;
+use crate::layer::Shared;
+use crate::rejection::{rate_limit_fields, uniform_success};
 
 /// Checks reset requests and answers rejections itself; built by
 /// [`ResetGuardLayer`](crate::ResetGuardLayer). See the [crate docs](crate) for an example.
 #[derive(Debug, Clone)]
 pub struct ResetGuard<S> {
     inner: S,
-    state: Arc<ArcSwap<GuardState>>,
+    shared: Arc<Shared>,
 }
 
 impl<S> ResetGuard<S> {
-    pub(crate) fn new(inner: S, state: Arc<ArcSwap<GuardState>>) -> Self {
-        ResetGuard { inner, state }
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        ResetGuard { inner, shared }
     }
 
     /// The wrapped service.
@@ -48,15 +48,31 @@ where
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let started = Instant::now();
-        let state = self.state.load();
-        match check(&state, &mut request) {
-            Ok(Verdict::Guarded) => {
-                let min_latency = state.settings.min_latency;
-                let floor = (!min_latency.is_zero()).then(|| started + min_latency);
-                ResponseFuture::guarded(self.inner.call(request), state.settings.uniform, floor)
+        let state = self.shared.current.load();
+        let settings = &state.settings;
+        let floor = (!settings.min_latency.is_zero()).then(|| started + settings.min_latency);
+        match check(&self.shared, &state, &mut request) {
+            Ok(Verdict::Guarded(standing)) => {
+                let fields = standing
+                    .filter(|_| settings.limits.response_headers)
+                    .map(|s| {
+                        rate_limit_fields(
+                            s.group,
+                            &s.quota,
+                            s.remaining,
+                            crate::limit::ceil_secs(s.reset),
+                        )
+                    });
+                ResponseFuture::guarded(self.inner.call(request), settings.uniform, floor, fields)
+            }
+            Ok(Verdict::Silenced(rejection, guarded)) => {
+                let mut response = uniform_success();
+                response.extensions_mut().insert(rejection);
+                response.extensions_mut().insert(*guarded);
+                ResponseFuture::answered(response, floor)
             }
             Ok(Verdict::PassThrough) => ResponseFuture::passed_through(self.inner.call(request)),
-            Err(rejection) => ResponseFuture::rejected(rejection, None),
+            Err(rejection) => ResponseFuture::rejected(rejection),
         }
     }
 }

@@ -34,8 +34,14 @@ pub fn yaml(upstream: &str, guard_extra: &str, top_extra: &str) -> String {
     format!(
         "server:\n  listen: 127.0.0.1:0\n  header_read_timeout: 300ms\n  shutdown_grace: 5s\n\
          upstream:\n  url: {upstream}\n  timeout: 400ms\n  connect_timeout: 400ms\n  pass_headers: [User-Agent, X-Trace]\n\
-         guard:\n  clients:\n    - id: ios\n      token_sha256: {ios}\n    - id: web\n      token_sha256: {web}\n{guard_extra}\
-         {top_extra}"
+         guard:\n  clients:\n    - id: ios\n      token_sha256: {ios}\n    - id: web\n      token_sha256: {web}\n{guard_extra}{limits}\
+         {top_extra}",
+        // Tests that are not about limits must not trip over the defaults.
+        limits = if guard_extra.contains("limits:") {
+            ""
+        } else {
+            "  limits: { per_ip: [], per_client: [], per_email: [], global: [] }\n"
+        }
     )
 }
 

@@ -3,5 +3,6 @@
 mod checks;
 mod common;
 mod emails;
+mod limits;
 mod process;
 mod upstream;

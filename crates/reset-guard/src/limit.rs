@@ -1,0 +1,477 @@
+//! Rate limits (SPEC §6, §7): four groups of GCRA quotas, keyed by client IP, client,
+//! canonical email and nothing (global), held in memory.
+//!
+//! A group's quotas are decided together: a request is charged to none of them unless
+//! every enforced quota admits it. Groups are checked in request order (IP, client,
+//! email, global), so a request denied by one group is never charged by a later one.
+
+mod clock;
+mod gcra;
+mod key;
+mod memory;
+mod quota;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, MutexGuard};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+pub use clock::{Clock, ManualClock, MonotonicClock};
+pub(crate) use key::Domain;
+pub use key::KeyHasher;
+pub use quota::{Quota, QuotaConfig};
+
+use crate::config::{Cidr, ConfigError};
+use crate::email::EmailKeyPolicy;
+use gcra::Cell;
+use memory::{shard_of, QuotaState};
+
+/// Most quotas one group may hold.
+pub const MAX_QUOTAS_PER_GROUP: usize = 4;
+
+/// The four limit groups, in the order a request meets them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitGroup {
+    /// Keyed by client IP (masked to a prefix).
+    PerIp,
+    /// Keyed by client id.
+    PerClient,
+    /// Keyed by canonical email, hashed.
+    PerEmail,
+    /// One key for everything.
+    Global,
+}
+
+impl LimitGroup {
+    /// All groups, in order.
+    pub const ALL: [LimitGroup; 4] = [
+        LimitGroup::PerIp,
+        LimitGroup::PerClient,
+        LimitGroup::PerEmail,
+        LimitGroup::Global,
+    ];
+
+    /// The name used in YAML, headers, logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitGroup::PerIp => "per_ip",
+            LimitGroup::PerClient => "per_client",
+            LimitGroup::PerEmail => "per_email",
+            LimitGroup::Global => "global",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// `guard.limits`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Per client IP (every guarded request, valid or not).
+    pub per_ip: Vec<QuotaConfig>,
+    /// Per client id.
+    pub per_client: Vec<QuotaConfig>,
+    /// Per canonical email address.
+    pub per_email: Vec<QuotaConfig>,
+    /// All valid requests together.
+    pub global: Vec<QuotaConfig>,
+    /// IPv4 clients are grouped by this prefix length.
+    pub ipv4_prefix: u8,
+    /// IPv6 clients are grouped by this prefix length (one /64 is usually one host).
+    pub ipv6_prefix: u8,
+    /// Clients (CIDRs) that skip the per-IP limit.
+    pub exempt_ips: Vec<Cidr>,
+    /// Send `RateLimit-Policy`/`RateLimit` on allowed answers too.
+    pub response_headers: bool,
+    /// How addresses fold into one per-email key.
+    pub email_key: EmailKeyConfig,
+}
+
+fn quota(requests: u32, per_secs: u64, burst: Option<u32>) -> QuotaConfig {
+    QuotaConfig {
+        requests,
+        per: crate::duration::ConfigDuration::from_secs(per_secs),
+        burst,
+        shadow: false,
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            per_ip: vec![quota(20, 60, None)],
+            per_client: vec![quota(200, 1, Some(400))],
+            per_email: vec![quota(3, 3600, None), quota(10, 86_400, None)],
+            global: vec![quota(100, 1, None)],
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            exempt_ips: Vec::new(),
+            response_headers: false,
+            email_key: EmailKeyConfig::default(),
+        }
+    }
+}
+
+/// `guard.limits.email_key`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmailKeyConfig {
+    /// `bob+tag@x.io` counts as `bob@x.io`.
+    pub strip_plus_tag: bool,
+    /// Dots in gmail.com local parts are ignored; googlemail.com is gmail.com.
+    pub fold_gmail_dots: bool,
+}
+
+impl Default for EmailKeyConfig {
+    fn default() -> Self {
+        EmailKeyConfig {
+            strip_plus_tag: true,
+            fold_gmail_dots: true,
+        }
+    }
+}
+
+/// Checked `guard.limits`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitSettings {
+    pub(crate) groups: [Vec<Quota>; 4],
+    pub(crate) ipv4_prefix: u8,
+    pub(crate) ipv6_prefix: u8,
+    pub(crate) exempt: Vec<IpNet>,
+    pub(crate) response_headers: bool,
+    pub(crate) email_key: EmailKeyPolicy,
+}
+
+impl LimitsConfig {
+    /// Checks every quota; error paths are relative to `limits`.
+    pub fn validate(&self) -> Result<LimitSettings, ConfigError> {
+        let mut groups: [Vec<Quota>; 4] = Default::default();
+        for group in LimitGroup::ALL {
+            let configs = match group {
+                LimitGroup::PerIp => &self.per_ip,
+                LimitGroup::PerClient => &self.per_client,
+                LimitGroup::PerEmail => &self.per_email,
+                LimitGroup::Global => &self.global,
+            };
+            if configs.len() > MAX_QUOTAS_PER_GROUP {
+                return Err(ConfigError::new(
+                    format!("limits.{}", group.name()),
+                    format!("at most {MAX_QUOTAS_PER_GROUP} quotas per group"),
+                ));
+            }
+            for (i, config) in configs.iter().enumerate() {
+                let quota = config.validate().map_err(|message| {
+                    ConfigError::new(format!("limits.{}[{i}]", group.name()), message)
+                })?;
+                groups[group.index()].push(quota);
+            }
+        }
+        if self.ipv4_prefix > 32 {
+            return Err(ConfigError::new("limits.ipv4_prefix", "must be 0 to 32"));
+        }
+        if self.ipv6_prefix > 128 {
+            return Err(ConfigError::new("limits.ipv6_prefix", "must be 0 to 128"));
+        }
+        Ok(LimitSettings {
+            groups,
+            ipv4_prefix: self.ipv4_prefix,
+            ipv6_prefix: self.ipv6_prefix,
+            exempt: self.exempt_ips.iter().map(|c| c.0).collect(),
+            response_headers: self.response_headers,
+            email_key: EmailKeyPolicy {
+                strip_plus_tag: self.email_key.strip_plus_tag,
+                fold_gmail_dots: self.email_key.fold_gmail_dots,
+            },
+        })
+    }
+}
+
+impl LimitSettings {
+    /// The quotas of one group.
+    pub fn quotas(&self, group: LimitGroup) -> &[Quota] {
+        &self.groups[group.index()]
+    }
+
+    /// Whether `ip` skips the per-IP limit.
+    pub(crate) fn is_exempt(&self, ip: IpAddr) -> bool {
+        self.exempt.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The per-IP key: the address masked to the configured prefix, so one host
+    /// rotating through its IPv6 /64 is still one client.
+    pub(crate) fn ip_key(&self, ip: IpAddr, hasher: &KeyHasher) -> u64 {
+        match ip {
+            IpAddr::V4(v4) => {
+                let masked = u32::from(v4) & prefix_mask32(self.ipv4_prefix);
+                hasher.hash(key::Domain::Ip, &masked.to_be_bytes())
+            }
+            IpAddr::V6(v6) => {
+                let masked = u128::from(v6) & prefix_mask128(self.ipv6_prefix);
+                hasher.hash(key::Domain::Ip, &masked.to_be_bytes())
+            }
+        }
+    }
+}
+
+fn prefix_mask32(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+}
+
+fn prefix_mask128(prefix: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
+}
+
+/// Why a request was limited: the quota that denied it and when it may retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denial {
+    /// The group.
+    pub group: LimitGroup,
+    /// The quota that denied.
+    pub quota: Quota,
+    /// Time until a request would be admitted.
+    pub retry_after: Duration,
+}
+
+impl Denial {
+    /// Whole seconds for `Retry-After`, rounded up, at least 1.
+    pub fn retry_after_secs(&self) -> u64 {
+        ceil_secs(self.retry_after).max(1)
+    }
+}
+
+/// How much room the tightest admitting quota has left, for `RateLimit` on allowed answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    /// The group.
+    pub group: LimitGroup,
+    /// The quota.
+    pub quota: Quota,
+    /// Requests that still fit now.
+    pub remaining: u64,
+    /// Time until the quota is whole again.
+    pub reset: Duration,
+}
+
+impl Standing {
+    /// The tighter of two standings.
+    pub(crate) fn tighter(self, other: Option<Standing>) -> Standing {
+        match other {
+            Some(other) if other.remaining < self.remaining => other,
+            _ => self,
+        }
+    }
+}
+
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Store settings that belong to the deployment rather than to the `guard:` section.
+#[derive(Clone)]
+pub struct StoreSettings {
+    /// Most keys each quota tracks before idle (then least-charged) keys are dropped.
+    pub max_keys: usize,
+    /// How often idle keys are forgotten.
+    pub sweep_interval: Duration,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            max_keys: 1_000_000,
+            sweep_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("max_keys", &self.max_keys)
+            .field("sweep_interval", &self.sweep_interval)
+            .finish()
+    }
+}
+
+struct Entry {
+    state: Arc<QuotaState>,
+    shadow: bool,
+}
+
+/// The live limiter: quota state for every group, the clock and the key hasher.
+pub(crate) struct Limiter {
+    groups: [Vec<Entry>; 4],
+    clock: Arc<dyn Clock>,
+    max_keys: usize,
+    counters: Arc<LimitCounters>,
+}
+
+/// Denials counted since start, kept across reloads.
+#[derive(Debug, Default)]
+pub struct LimitCounters {
+    denied: [AtomicU64; 4],
+    shadow_denied: [AtomicU64; 4],
+}
+
+impl LimitCounters {
+    /// Requests denied by an enforced quota of `group`.
+    pub fn denied(&self, group: LimitGroup) -> u64 {
+        self.denied[group.index()].load(Ordering::Relaxed)
+    }
+
+    /// Requests a shadow quota of `group` would have denied.
+    pub fn shadow_denied(&self, group: LimitGroup) -> u64 {
+        self.shadow_denied[group.index()].load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("max_keys", &self.max_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Limiter {
+    /// Builds the state for `settings`, carrying over the state of every quota whose
+    /// limit did not change (shadow may flip), so a reload forgives nobody.
+    pub(crate) fn new(
+        settings: &LimitSettings,
+        store: &StoreSettings,
+        clock: Arc<dyn Clock>,
+        counters: Arc<LimitCounters>,
+        previous: Option<&Limiter>,
+    ) -> Limiter {
+        let mut groups: [Vec<Entry>; 4] = Default::default();
+        for group in LimitGroup::ALL {
+            let mut reusable: Vec<&Arc<QuotaState>> = previous
+                .filter(|p| p.max_keys == store.max_keys)
+                .map(|p| p.groups[group.index()].iter().map(|e| &e.state).collect())
+                .unwrap_or_default();
+            for quota in &settings.groups[group.index()] {
+                let state = match reusable.iter().position(|s| s.quota.same_limit(quota)) {
+                    Some(i) => reusable.remove(i).clone(),
+                    None => Arc::new(QuotaState::new(*quota, store.max_keys)),
+                };
+                groups[group.index()].push(Entry {
+                    state,
+                    shadow: quota.shadow,
+                });
+            }
+        }
+        Limiter {
+            groups,
+            clock,
+            max_keys: store.max_keys,
+            counters,
+        }
+    }
+
+    /// Decides one group for `key` and charges it only if every enforced quota admits.
+    /// Shadow quotas are charged when they would admit, and logged when they would deny.
+    pub(crate) fn check(&self, group: LimitGroup, key: u64) -> Result<Option<Standing>, Denial> {
+        let entries = &self.groups[group.index()];
+        if entries.is_empty() {
+            return Ok(None);
+        }
+        let now = self.clock.now();
+        let shard = shard_of(key);
+        // Every quota's shard stays locked from evaluation to commit, always in the same
+        // order, so concurrent requests cannot both take the last slot.
+        let mut maps: [Option<MutexGuard<'_, _>>; MAX_QUOTAS_PER_GROUP] = [None, None, None, None];
+        let mut cells = [None; MAX_QUOTAS_PER_GROUP];
+        let mut denial: Option<Denial> = None;
+        for (i, entry) in entries.iter().enumerate() {
+            let map = maps[i].insert(entry.state.lock(shard));
+            let cell = entry.state.evaluate(map, key, now);
+            cells[i] = Some(cell);
+            if let Cell::Deny { retry_ns } = cell {
+                let candidate = Denial {
+                    group,
+                    quota: Quota {
+                        shadow: entry.shadow,
+                        ..entry.state.quota
+                    },
+                    retry_after: Duration::from_nanos(retry_ns),
+                };
+                if entry.shadow {
+                    tracing::info!(
+                        target: "reset_guard::limit",
+                        limit = group.name(),
+                        requests = candidate.quota.requests,
+                        per_secs = candidate.quota.per.as_secs(),
+                        "shadow quota would deny"
+                    );
+                    self.counters.shadow_denied[group.index()].fetch_add(1, Ordering::Relaxed);
+                } else if denial.is_none_or(|d| d.retry_after < candidate.retry_after) {
+                    denial = Some(candidate);
+                }
+            }
+        }
+        if let Some(denial) = denial {
+            self.counters.denied[group.index()].fetch_add(1, Ordering::Relaxed);
+            return Err(denial);
+        }
+        let mut tightest: Option<Standing> = None;
+        for (i, entry) in entries.iter().enumerate() {
+            if let (
+                Some(Cell::Admit {
+                    tat,
+                    remaining,
+                    reset_ns,
+                }),
+                Some(map),
+            ) = (cells[i], maps[i].as_mut())
+            {
+                entry.state.commit(map, key, tat, now);
+                if !entry.shadow {
+                    let standing = Standing {
+                        group,
+                        quota: entry.state.quota,
+                        remaining,
+                        reset: Duration::from_nanos(reset_ns),
+                    };
+                    tightest = Some(standing.tighter(tightest));
+                }
+            }
+        }
+        Ok(tightest)
+    }
+
+    /// Forgets idle keys in every quota; returns how many.
+    pub(crate) fn sweep(&self) -> usize {
+        let now = self.clock.now();
+        self.groups
+            .iter()
+            .flatten()
+            .map(|e| e.state.sweep(now))
+            .sum()
+    }
+
+    /// Keys held by each quota of `group`.
+    pub(crate) fn keys(&self, group: LimitGroup) -> Vec<usize> {
+        self.groups[group.index()]
+            .iter()
+            .map(|e| e.state.len())
+            .collect()
+    }
+
+    /// Keys dropped while still counting, over all quotas.
+    pub(crate) fn forced_evictions(&self) -> u64 {
+        self.groups
+            .iter()
+            .flatten()
+            .map(|e| e.state.forced_evictions())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests;
