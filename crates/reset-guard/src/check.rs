@@ -10,7 +10,7 @@ use crate::auth::{presented_token, QB_TOKEN};
 use crate::client_ip::{ClientIp, PeerAddr};
 use crate::config::OtherRoutes;
 use crate::context::GuardedRequest;
-use crate::email::{Email, EmailKey};
+use crate::email::{canonical_chars, Email};
 use crate::layer::{GuardState, Shared};
 use crate::limit::{Domain, LimitGroup, Standing};
 use crate::query::email_param;
@@ -56,11 +56,12 @@ pub(crate) fn check<B: Body>(
         Some(peer) => ClientIp::resolve(peer.0.ip(), request.headers(), &settings.trusted_proxies),
         None => ClientIp::UNKNOWN,
     };
+    let now = limiter.now();
     let mut standing = None;
     if !limits.is_exempt(client_ip.ip()) {
         let key = limits.ip_key(client_ip.ip(), &shared.hasher);
         standing = limiter
-            .check(LimitGroup::PerIp, key)
+            .check(LimitGroup::PerIp, key, now)
             .map_err(Rejection::RateLimited)?;
     }
 
@@ -77,25 +78,23 @@ pub(crate) fn check<B: Body>(
     standing = tighter(
         standing,
         limiter
-            .check(LimitGroup::PerClient, key)
+            .check(LimitGroup::PerClient, key, now)
             .map_err(Rejection::RateLimited)?,
     );
 
     // Step 4: one valid address, then the per-email and global limits.
     let raw = email_param(request.uri().query())?;
     let email = Email::parse(&raw, settings.email).map_err(Rejection::EmailInvalid)?;
-    let email_key = EmailKey::new(&email, limits.email_key);
-    let email_hash = shared
-        .hasher
-        .hash(Domain::Email, email_key.as_str().as_bytes());
+    let email_hash = shared.hasher.hash_chars(Domain::Email, |sink| {
+        canonical_chars(&email, limits.email_key, sink)
+    });
     let guarded = GuardedRequest {
         client_id,
         client_ip,
         email,
-        email_key,
         email_hash,
     };
-    match limiter.check(LimitGroup::PerEmail, email_hash) {
+    match limiter.check(LimitGroup::PerEmail, email_hash, now) {
         Ok(s) => standing = tighter(standing, s),
         Err(denial) if settings.uniform => {
             return Ok(Verdict::Silenced(
@@ -108,7 +107,7 @@ pub(crate) fn check<B: Body>(
     standing = tighter(
         standing,
         limiter
-            .check(LimitGroup::Global, 0)
+            .check(LimitGroup::Global, 0, now)
             .map_err(Rejection::RateLimited)?,
     );
 

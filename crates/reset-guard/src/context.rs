@@ -4,7 +4,7 @@ use http::StatusCode;
 
 use crate::auth::ClientId;
 use crate::client_ip::ClientIp;
-use crate::email::{Email, EmailKey};
+use crate::email::Email;
 
 /// Inserted into the request extensions of every request the guard lets through on the
 /// guarded path. Its presence tells the forwarder to build the upstream request from it.
@@ -13,7 +13,6 @@ pub struct GuardedRequest {
     pub(crate) client_id: ClientId,
     pub(crate) client_ip: ClientIp,
     pub(crate) email: Email,
-    pub(crate) email_key: EmailKey,
     pub(crate) email_hash: u64,
 }
 
@@ -33,13 +32,8 @@ impl GuardedRequest {
         &self.email
     }
 
-    /// The canonical address used for the per-email limit.
-    pub fn email_key(&self) -> &EmailKey {
-        &self.email_key
-    }
-
-    /// The keyed hash of the canonical address: the per-email limit key, and a safe
-    /// handle for logs.
+    /// The keyed hash of the canonical address ([`EmailKey`](crate::EmailKey)): the
+    /// per-email limit key, and a safe handle for logs.
     pub fn email_hash(&self) -> u64 {
         self.email_hash
     }

@@ -61,7 +61,8 @@ pub enum EmailError {
 pub struct Email {
     address: Box<str>,
     at: usize,
-    ascii_domain: Box<str>,
+    /// Only when it differs from the domain as given (upper case, Unicode).
+    ascii_domain: Option<Box<str>>,
 }
 
 impl Email {
@@ -83,7 +84,7 @@ impl Email {
         Ok(Email {
             address: input.into(),
             at,
-            ascii_domain: ascii_domain.into(),
+            ascii_domain: ascii_domain.map(Into::into),
         })
     }
 
@@ -104,7 +105,9 @@ impl Email {
 
     /// The domain in IDNA ASCII form, lower-cased.
     pub fn ascii_domain(&self) -> &str {
-        &self.ascii_domain
+        self.ascii_domain
+            .as_deref()
+            .unwrap_or_else(|| self.domain())
     }
 }
 
@@ -168,20 +171,24 @@ fn check_local(local: &str, policy: EmailPolicy) -> Result<(), EmailError> {
     Ok(())
 }
 
-/// Converts the domain to its IDNA ASCII form and checks the hostname rules on that form.
-fn ascii_domain(domain: &str) -> Result<String, EmailError> {
-    let ascii = if domain.is_ascii() {
-        // Plain ASCII needs no mapping unless it holds punycode, which IDNA must verify.
-        if domain.contains("xn--") || domain.contains("XN--") || domain.contains("Xn--") {
-            to_ascii(domain)?
-        } else {
-            domain.to_ascii_lowercase()
-        }
+/// Converts the domain to its IDNA ASCII form and checks the hostname rules on that form;
+/// `None` when that form is the domain as given.
+fn ascii_domain(domain: &str) -> Result<Option<String>, EmailError> {
+    // Plain lower-case ASCII needs no mapping unless it holds punycode, which IDNA must verify.
+    let plain = domain
+        .bytes()
+        .all(|b| b.is_ascii() && !b.is_ascii_uppercase());
+    if plain && !domain.contains("xn--") {
+        check_hostname(domain)?;
+        return Ok(None);
+    }
+    let ascii = if domain.is_ascii() && !domain.to_ascii_lowercase().contains("xn--") {
+        domain.to_ascii_lowercase()
     } else {
         to_ascii(domain)?
     };
     check_hostname(&ascii)?;
-    Ok(ascii)
+    Ok((ascii != domain).then_some(ascii))
 }
 
 fn to_ascii(domain: &str) -> Result<String, EmailError> {
@@ -249,26 +256,8 @@ pub struct EmailKey(Box<str>);
 impl EmailKey {
     /// Canonicalises a parsed address.
     pub fn new(email: &Email, policy: EmailKeyPolicy) -> EmailKey {
-        let mut domain = email.ascii_domain();
-        let gmail = policy.fold_gmail_dots && matches!(domain, "gmail.com" | "googlemail.com");
-        if gmail {
-            domain = "gmail.com";
-        }
-        let mut local = email.local_part();
-        if policy.strip_plus_tag {
-            // A leading '+' is the whole name, not a tag.
-            if let Some(plus) = local.find('+').filter(|&i| i > 0) {
-                local = &local[..plus];
-            }
-        }
-        let mut key = String::with_capacity(local.len() + 1 + domain.len());
-        for c in local.chars().flat_map(char::to_lowercase) {
-            if !(gmail && c == '.') {
-                key.push(c);
-            }
-        }
-        key.push('@');
-        key.push_str(domain);
+        let mut key = String::with_capacity(email.as_str().len());
+        canonical_chars(email, policy, |c| key.push(c));
         EmailKey(key.into())
     }
 
@@ -276,6 +265,35 @@ impl EmailKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Feeds the canonical form of `email` to `sink`, one character at a time, so the limiter
+/// can hash it without building it: lower-cased local part without its `+tag` (unless
+/// it starts with one), without dots for Gmail, `@`, the lower-cased IDNA ASCII domain.
+pub(crate) fn canonical_chars(email: &Email, policy: EmailKeyPolicy, mut sink: impl FnMut(char)) {
+    let mut domain = email.ascii_domain();
+    let gmail = policy.fold_gmail_dots && matches!(domain, "gmail.com" | "googlemail.com");
+    if gmail {
+        domain = "gmail.com";
+    }
+    let mut local = email.local_part();
+    if policy.strip_plus_tag {
+        if let Some(plus) = local.find('+').filter(|&i| i > 0) {
+            local = &local[..plus];
+        }
+    }
+    for c in local.chars() {
+        if c.is_ascii() {
+            let c = c.to_ascii_lowercase();
+            if !(gmail && c == '.') {
+                sink(c);
+            }
+        } else {
+            c.to_lowercase().for_each(&mut sink);
+        }
+    }
+    sink('@');
+    domain.chars().for_each(sink);
 }
 
 impl fmt::Debug for EmailKey {

@@ -12,7 +12,7 @@ use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::body::GuardBody;
 use crate::context::UpstreamStatus;
-use crate::rejection::{uniform_success, Rejection, RATELIMIT, RATELIMIT_POLICY};
+use crate::rejection::{set_uniform_headers, Rejection, RATELIMIT, RATELIMIT_POLICY};
 
 pin_project! {
     /// Response future of [`ResetGuard`](crate::ResetGuard).
@@ -29,7 +29,8 @@ pin_project! {
     #[project = StateProj]
     enum State<F, B> {
         Inner { #[pin] future: F },
-        Padding { #[pin] sleep: Sleep, response: Option<Response<GuardBody<B>>> },
+        // Boxed: a timer entry is large, and most futures never pad.
+        Padding { sleep: Pin<Box<Sleep>>, response: Option<Response<GuardBody<B>>> },
         Ready { response: Option<Response<GuardBody<B>>> },
     }
 }
@@ -75,7 +76,7 @@ impl<F, B> ResponseFuture<F, B> {
 fn after<F, B>(response: Response<GuardBody<B>>, floor: Option<Instant>) -> State<F, B> {
     match floor {
         Some(deadline) if deadline > Instant::now() => State::Padding {
-            sleep: sleep_until(deadline),
+            sleep: Box::pin(sleep_until(deadline)),
             response: Some(response),
         },
         _ => State::Ready {
@@ -94,11 +95,13 @@ fn make_uniform<B>(response: Response<B>) -> Response<GuardBody<B>> {
     ) {
         return response.map(GuardBody::inner);
     }
+    // Rewritten in place: the header map keeps its allocation.
     let (mut parts, _body) = response.into_parts();
-    let mut uniform = uniform_success().map(GuardBody::full);
-    *uniform.extensions_mut() = std::mem::take(&mut parts.extensions);
-    uniform.extensions_mut().insert(UpstreamStatus(status));
-    uniform
+    parts.status = StatusCode::OK;
+    parts.headers.clear();
+    set_uniform_headers(&mut parts.headers);
+    parts.extensions.insert(UpstreamStatus(status));
+    Response::from_parts(parts, GuardBody::full(Bytes::new()))
 }
 
 impl<F, B, E> Future for ResponseFuture<F, B>
@@ -125,7 +128,7 @@ where
                     this.state.set(after(response, *this.floor));
                 }
                 StateProj::Padding { sleep, response } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     let response = response.take().expect("future polled after completion");
                     return Poll::Ready(Ok(response));
                 }

@@ -376,13 +376,19 @@ impl Limiter {
 
     /// Decides one group for `key` and charges it only if every enforced quota admits.
     /// Shadow quotas are charged when they would admit, and logged when they would deny.
-    pub(crate) fn check(&self, group: LimitGroup, key: u64) -> Result<Option<Standing>, Denial> {
+    pub(crate) fn check(
+        &self,
+        group: LimitGroup,
+        key: u64,
+        now: u64,
+    ) -> Result<Option<Standing>, Denial> {
         let entries = &self.groups[group.index()];
-        if entries.is_empty() {
-            return Ok(None);
-        }
-        let now = self.clock.now();
         let shard = shard_of(key);
+        match entries.as_slice() {
+            [] => return Ok(None),
+            [single] if !single.shadow => return self.check_one(group, single, shard, key, now),
+            _ => {}
+        }
         // Every quota's shard stays locked from evaluation to commit, always in the same
         // order, so concurrent requests cannot both take the last slot.
         let mut maps: [Option<MutexGuard<'_, _>>; MAX_QUOTAS_PER_GROUP] = [None, None, None, None];
@@ -443,6 +449,45 @@ impl Limiter {
             }
         }
         Ok(tightest)
+    }
+
+    /// The common case of one enforced quota in a group: one lock, one lookup.
+    fn check_one(
+        &self,
+        group: LimitGroup,
+        entry: &Entry,
+        shard: usize,
+        key: u64,
+        now: u64,
+    ) -> Result<Option<Standing>, Denial> {
+        let state = &entry.state;
+        let mut map = state.lock(shard);
+        match state.evaluate_and_commit(&mut map, key, now) {
+            Cell::Admit {
+                remaining,
+                reset_ns,
+                ..
+            } => Ok(Some(Standing {
+                group,
+                quota: state.quota,
+                remaining,
+                reset: Duration::from_nanos(reset_ns),
+            })),
+            Cell::Deny { retry_ns } => {
+                drop(map);
+                self.counters.denied[group.index()].fetch_add(1, Ordering::Relaxed);
+                Err(Denial {
+                    group,
+                    quota: state.quota,
+                    retry_after: Duration::from_nanos(retry_ns),
+                })
+            }
+        }
+    }
+
+    /// The limiters' time; read once per request so every group sees the same instant.
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.now()
     }
 
     /// Forgets idle keys in every quota; returns how many.

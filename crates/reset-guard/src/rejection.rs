@@ -191,10 +191,13 @@ pub(crate) static JSON: HeaderValue = HeaderValue::from_static("application/json
 /// empty body, identical whether or not the account exists.
 pub fn uniform_success() -> Response<Bytes> {
     let mut response = Response::new(Bytes::new());
+    set_uniform_headers(response.headers_mut());
     response
-        .headers_mut()
-        .insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
-    response
+}
+
+/// The headers of a uniform answer: its length, and nothing that could differ.
+pub(crate) fn set_uniform_headers(headers: &mut http::HeaderMap) {
+    headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
 }
 
 #[cfg(test)]

@@ -47,10 +47,10 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let started = Instant::now();
         let state = self.shared.current.load();
         let settings = &state.settings;
-        let floor = (!settings.min_latency.is_zero()).then(|| started + settings.min_latency);
+        let floor =
+            (!settings.min_latency.is_zero()).then(|| Instant::now() + settings.min_latency);
         match check(&self.shared, &state, &mut request) {
             Ok(Verdict::Guarded(standing)) => {
                 let fields = standing

@@ -45,6 +45,28 @@ impl KeyHasher {
         }
     }
 
+    /// Hashes a string given one character at a time; equal to hashing its UTF-8 bytes.
+    /// Characters are gathered on the stack and hashed in chunks.
+    pub(crate) fn hash_chars(
+        &self,
+        domain: Domain,
+        feed: impl FnOnce(&mut dyn FnMut(char)),
+    ) -> u64 {
+        let mut hasher = SipHasher13::new_with_keys(self.k0, self.k1);
+        hasher.write_u8(domain as u8);
+        let mut buf = [0u8; 256];
+        let mut len = 0;
+        feed(&mut |c: char| {
+            if len + 4 > buf.len() {
+                hasher.write(&buf[..len]);
+                len = 0;
+            }
+            len += c.encode_utf8(&mut buf[len..]).len();
+        });
+        hasher.write(&buf[..len]);
+        hasher.finish()
+    }
+
     pub(crate) fn hash(&self, domain: Domain, bytes: &[u8]) -> u64 {
         let mut hasher = SipHasher13::new_with_keys(self.k0, self.k1);
         hasher.write_u8(domain as u8);
@@ -56,5 +78,32 @@ impl KeyHasher {
 impl fmt::Debug for KeyHasher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("KeyHasher(<secret>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashing_chars_equals_hashing_their_bytes() {
+        let hasher = KeyHasher::from_secret(b"secret");
+        let long: String = "é".repeat(300) + "@example.com";
+        for text in ["bob@example.com", "élise@bücher.example", long.as_str()] {
+            let by_chars = hasher.hash_chars(Domain::Email, |sink| text.chars().for_each(sink));
+            assert_eq!(
+                by_chars,
+                hasher.hash(Domain::Email, text.as_bytes()),
+                "{text}"
+            );
+        }
+        assert_ne!(
+            hasher.hash(Domain::Ip, b"x"),
+            hasher.hash(Domain::Email, b"x")
+        );
+        assert_ne!(
+            KeyHasher::from_secret(b"other").hash(Domain::Ip, b"x"),
+            hasher.hash(Domain::Ip, b"x")
+        );
     }
 }

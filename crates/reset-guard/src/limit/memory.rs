@@ -66,6 +66,21 @@ impl QuotaState {
         evaluate(tat, now, self.quota.interval_ns, self.quota.capacity_ns)
     }
 
+    /// Evaluates and, if admitted, stores the new TAT, with a single lookup.
+    pub(crate) fn evaluate_and_commit(&self, map: &mut TatMap, key: u64, now: u64) -> Cell {
+        if map.len() >= self.shard_capacity && !map.contains_key(&key) {
+            self.make_room(map, now);
+        }
+        // A fresh entry holds 0, which equals no state; a denied key always existed
+        // already (a fresh key is always admitted), so nothing is added on a denial.
+        let tat = map.entry(key).or_insert(0);
+        let cell = evaluate(*tat, now, self.quota.interval_ns, self.quota.capacity_ns);
+        if let Cell::Admit { tat: new_tat, .. } = cell {
+            *tat = new_tat;
+        }
+        cell
+    }
+
     /// Stores a new TAT, making room first if the shard is full.
     pub(crate) fn commit(&self, map: &mut TatMap, key: u64, tat: u64, now: u64) {
         if map.len() >= self.shard_capacity && !map.contains_key(&key) {

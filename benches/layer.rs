@@ -1,0 +1,195 @@
+//! The guard's per-request cost and the limiter's memory per key.
+//!
+//! `cargo bench -p reset-guard --bench layer` runs the timings and then prints the
+//! resident memory per tracked email key after inserting 1,000,000 distinct addresses.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use criterion::{criterion_group, BatchSize, Criterion};
+use http::{Request, Response};
+use http_body_util::{Empty, Full};
+use reset_guard::{ApiKey, GuardConfig, LimitGroup, PeerAddr, ResetGuardLayer, StoreSettings};
+use tower::{service_fn, Service, ServiceBuilder};
+
+/// SHA-256 of "foo".
+const FOO: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+fn layer(limits: &str, max_keys: usize) -> ResetGuardLayer {
+    let yaml = format!("clients: [{{ id: app, token_sha256: {FOO} }}]\nlimits:\n{limits}");
+    let settings = GuardConfig::from_yaml(&yaml).unwrap().validate().unwrap();
+    ResetGuardLayer::builder(settings, ApiKey::new("server-key").unwrap())
+        .store(StoreSettings {
+            max_keys,
+            ..StoreSettings::default()
+        })
+        .key_secret(b"bench secret, sixteen+")
+        .build()
+}
+
+fn request(email: &str, peer: SocketAddr) -> Request<Empty<Bytes>> {
+    let mut request = Request::get(format!("/users/password/reset.json?email={email}"))
+        .header("qb-token", "foo")
+        .header("user-agent", "bench/1.0")
+        .body(Empty::new())
+        .unwrap();
+    request.extensions_mut().insert(PeerAddr(peer));
+    request
+}
+
+/// Every group active, limits far above what the bench sends: the allow path.
+const GENEROUS: &str = "  per_ip: [{ requests: 1000000000, per: 1s }]\n  per_client: [{ requests: 1000000000, per: 1s }]\n  per_email: [{ requests: 1000000000, per: 1h }, { requests: 1000000000, per: 24h }]\n  global: [{ requests: 1000000000, per: 1s }]\n";
+
+/// Polls a future that the guard completes without waiting (no upstream, no latency
+/// floor): measures the layer, not an executor.
+fn ready<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("the guard waited on something"),
+    }
+}
+
+fn bench_layer(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let inner = service_fn(|_req: Request<Empty<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    });
+    let peer: SocketAddr = "198.51.100.7:50000".parse().unwrap();
+    let emails: Vec<String> = (0..1024)
+        .map(|i| format!("user{i}%40example.com"))
+        .collect();
+
+    let mut allow = ServiceBuilder::new()
+        .layer(layer(GENEROUS, 1_000_000))
+        .service(inner);
+    let mut i = 0usize;
+    c.bench_function("layer/allow (all four groups, 5 quotas)", |b| {
+        b.iter_batched(
+            || {
+                i = (i + 1) % emails.len();
+                request(&emails[i], peer)
+            },
+            |req| black_box(ready(allow.call(req)).unwrap()),
+            BatchSize::SmallInput,
+        )
+    });
+
+    let mut deny = ServiceBuilder::new()
+        .layer(layer("  per_ip: [{ requests: 1, per: 24h }]\n", 1_000_000))
+        .service(inner);
+    c.bench_function("layer/deny (per-IP 429)", |b| {
+        b.iter_batched(
+            || request("a%40example.com", peer),
+            |req| black_box(ready(deny.call(req)).unwrap()),
+            BatchSize::SmallInput,
+        )
+    });
+
+    let mut invalid = ServiceBuilder::new()
+        .layer(layer(GENEROUS, 1_000_000))
+        .service(inner);
+    c.bench_function("layer/reject (invalid email 422)", |b| {
+        b.iter_batched(
+            || request("not-an-address", peer),
+            |req| black_box(ready(invalid.call(req)).unwrap()),
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+/// Resident set size of this process, from /proc.
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+const MEMORY_CHILD: &str = "RESET_GUARD_BENCH_MEMORY";
+
+/// Per-email limit sections measured for memory per key.
+const MEMORY_CASES: [(&str, &str); 2] = [
+    ("one per-email quota", "  per_ip: []\n  per_client: []\n  global: []\n  per_email: [{ requests: 3, per: 1h }]\n"),
+    (
+        "two per-email quotas (the default)",
+        "  per_ip: []\n  per_client: []\n  global: []\n  per_email: [{ requests: 3, per: 1h }, { requests: 10, per: 24h }]\n",
+    ),
+];
+
+/// In a fresh child process (so nothing else has touched the heap), inserts 1,000,000
+/// distinct addresses through the layer and prints the resident memory they added.
+fn memory_per_key(case: usize) {
+    const KEYS: usize = 1_000_000;
+    let (label, limits) = MEMORY_CASES[case];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let inner = service_fn(|_req: Request<Empty<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    });
+    let guard = layer(limits, 2_000_000);
+    let handle = guard.handle();
+    let mut service = ServiceBuilder::new().layer(guard).service(inner);
+    let peer: SocketAddr = "198.51.100.7:50000".parse().unwrap();
+    // Warm up allocator and runtime before the baseline.
+    for i in 0..1000 {
+        ready(service.call(request(&format!("warm{i}%40example.org"), peer))).unwrap();
+    }
+    let before = rss_bytes().unwrap_or(0);
+    for i in 0..KEYS {
+        ready(service.call(request(&format!("u{i}%40example.com"), peer))).unwrap();
+    }
+    let after = rss_bytes().unwrap_or(0);
+    let held = handle
+        .tracked_keys(LimitGroup::PerEmail)
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0)
+        - 1000;
+    let added = after.saturating_sub(before);
+    println!(
+        "memory/{label}: {held} keys, RSS +{:.1} MiB, {:.1} bytes per key",
+        added as f64 / (1024.0 * 1024.0),
+        added as f64 / held.max(1) as f64
+    );
+}
+
+criterion_group!(benches, bench_layer);
+
+fn main() {
+    if let Ok(case) = std::env::var(MEMORY_CHILD) {
+        memory_per_key(case.parse().expect("case index"));
+        return;
+    }
+    benches();
+    // The memory figures take a few seconds: only when benchmarking, not in `cargo test`.
+    if std::env::args().any(|a| a == "--bench") {
+        let exe = std::env::current_exe().expect("own path");
+        for case in 0..MEMORY_CASES.len() {
+            let status = std::process::Command::new(&exe)
+                .env(MEMORY_CHILD, case.to_string())
+                .status();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "memory measurement failed"
+            );
+        }
+    }
+    Criterion::default().configure_from_args().final_summary();
+}
