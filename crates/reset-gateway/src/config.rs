@@ -7,7 +7,9 @@ use std::time::Duration;
 use http::header::{HeaderName, AUTHORIZATION, COOKIE, HOST};
 use http::Uri;
 use reset_guard::duration::ConfigDuration;
-use reset_guard::{ApiKey, ConfigError, GuardConfig, GuardSettings, QB_TOKEN};
+use reset_guard::{
+    ApiKey, ConfigError, GuardConfig, GuardSettings, OnError, RedisSettings, QB_TOKEN,
+};
 use serde::{de, Deserialize, Deserializer};
 use zeroize::Zeroizing;
 
@@ -42,6 +44,8 @@ pub struct StoreConfig {
     pub max_keys: usize,
     /// Environment variable holding a secret that keys the hash of stored limit keys.
     pub key_secret_env: Option<String>,
+    /// The Redis server, for `kind: redis`.
+    pub redis: RedisConfig,
 }
 
 impl Default for StoreConfig {
@@ -50,6 +54,7 @@ impl Default for StoreConfig {
             kind: StoreKind::Memory,
             max_keys: 1_000_000,
             key_secret_env: None,
+            redis: RedisConfig::default(),
         }
     }
 }
@@ -61,6 +66,64 @@ pub enum StoreKind {
     /// In this process.
     #[default]
     Memory,
+    /// Shared by every replica through Redis.
+    Redis,
+}
+
+/// `store.redis`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    pub url: String,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// Longest a request waits for Redis.
+    pub timeout: ConfigDuration,
+    /// `allow` or `deny` (503) when Redis cannot answer in time.
+    pub on_error: OnError,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            key_prefix: "reset-gateway".to_owned(),
+            timeout: ConfigDuration::from_millis(50),
+            on_error: OnError::Allow,
+        }
+    }
+}
+
+impl RedisConfig {
+    fn validate(&self) -> Result<RedisSettings, ConfigError> {
+        let url = &self.url;
+        // The client's own message could echo a password in the URL: say only what is wrong.
+        RedisSettings::check_url(url).map_err(|_| {
+            ConfigError::new(
+                "store.redis.url",
+                "is not a valid Redis URL (redis://host:port[/db], rediss:// or unix://)",
+            )
+        })?;
+        if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
+            return Err(ConfigError::new(
+                "store.redis.key_prefix",
+                "must be non-empty, without spaces",
+            ));
+        }
+        if self.timeout.0.is_zero() {
+            return Err(ConfigError::new(
+                "store.redis.timeout",
+                "must be greater than zero",
+            ));
+        }
+        Ok(RedisSettings {
+            url: url.clone(),
+            key_prefix: self.key_prefix.clone(),
+            timeout: self.timeout.0,
+            on_error: self.on_error,
+        })
+    }
 }
 
 /// `server`.
@@ -228,9 +291,17 @@ impl StoreConfig {
                 Some(Zeroizing::new(value.into_bytes()))
             }
         };
+        let redis = match self.kind {
+            StoreKind::Memory => None,
+            StoreKind::Redis => Some(self.redis.validate()?),
+        };
+        if redis.is_some() && key_secret.is_none() {
+            tracing::warn!("store.kind is redis without store.key_secret_env: limit keys are hashed with a fixed key");
+        }
         Ok(StoreSettings {
             limits: reset_guard::StoreSettings {
                 max_keys: self.max_keys,
+                redis,
                 ..reset_guard::StoreSettings::default()
             },
             key_secret,

@@ -55,7 +55,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
     if let Some(secret) = &settings.store.key_secret {
         layer = layer.key_secret(secret);
     }
-    let layer = layer.build();
+    let layer = layer.try_build().context("store.redis.url")?;
     let guard = layer.handle();
     // The guard sits in front of the forwarder: nothing it rejects costs an upstream call.
     let service = tower::ServiceBuilder::new().layer(layer).service(forwarder);

@@ -12,116 +12,191 @@ use crate::config::OtherRoutes;
 use crate::context::GuardedRequest;
 use crate::email::{canonical_chars, Email};
 use crate::layer::{GuardState, Shared};
-use crate::limit::{Domain, LimitGroup, Standing};
+use crate::limit::{Denial, Domain, LimitGroup, Standing};
 use crate::query::email_param;
 use crate::rejection::Rejection;
 
-/// What to do with a request that was not rejected outright.
+/// What the checks alone (no limiter yet) make of a request.
+#[derive(Debug)]
+pub(crate) enum Inspection {
+    /// Refused before any limit applies (route, method, body).
+    Answer(Rejection),
+    /// Another path under `other_routes: forward`.
+    PassThrough,
+    /// The limits to charge, in order, and what follows if they all admit.
+    Plan(Plan),
+}
+
+/// The limits a request is charged to, in request order, and its fate once they admit.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    charges: [(LimitGroup, u64); 4],
+    len: usize,
+    then: Then,
+}
+
+#[derive(Debug)]
+enum Then {
+    /// A later check failed: the limits before it are still charged.
+    Reject(Rejection),
+    /// Every check passed.
+    Forward(Box<GuardedRequest>),
+}
+
+impl Plan {
+    fn new(then: Then) -> Self {
+        Plan {
+            charges: [(LimitGroup::Global, 0); 4],
+            len: 0,
+            then,
+        }
+    }
+
+    fn charge(&mut self, group: LimitGroup, key: u64) {
+        self.charges[self.len] = (group, key);
+        self.len += 1;
+    }
+
+    /// The `(group, key)` pairs to charge, in order.
+    pub(crate) fn charges(&self) -> &[(LimitGroup, u64)] {
+        &self.charges[..self.len]
+    }
+}
+
+/// What the store said about a plan's charges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Every group admitted; the tightest standing among them.
+    Admitted(Option<Standing>),
+    /// The group at this index of the charges denied; the ones before it were charged.
+    Denied(usize, Denial),
+    /// The store could not be asked and `on_error: deny` is set.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Unavailable,
+}
+
+/// The final word on a request.
 #[derive(Debug)]
 pub(crate) enum Verdict {
     /// A checked reset, swapped to the server key; the tightest quota's standing.
     Guarded(Option<Standing>),
     /// A per-email denial under uniform answers: answered like a success, never forwarded.
     Silenced(Rejection, Box<GuardedRequest>),
-    /// Another path under `other_routes: forward`.
-    PassThrough,
+    /// Answered by the guard.
+    Rejected(Rejection),
 }
 
-pub(crate) fn check<B: Body>(
+/// Steps 1 to 4 of SPEC §3 without the limits: which limits apply to this request, in order,
+/// and what follows. Nothing is charged here, so every store decides the same plan.
+pub(crate) fn inspect<B: Body>(
     shared: &Shared,
     state: &GuardState,
-    request: &mut Request<B>,
-) -> Result<Verdict, Rejection> {
+    request: &Request<B>,
+) -> Inspection {
     let settings = &state.settings;
     let limits = &settings.limits;
-    let limiter = &state.limiter;
     let path = request.uri().path();
     if path != settings.path {
         // A spelling QuickBlox might route to the reset action (`/Users//password/reset%2Ejson`)
         // would slip past every check if forwarded, so it is never forwarded.
         if settings.other_routes == OtherRoutes::Reject || resembles(path, &settings.path) {
-            return Err(Rejection::NotFound);
+            return Inspection::Answer(Rejection::NotFound);
         }
-        return Ok(Verdict::PassThrough);
+        return Inspection::PassThrough;
     }
     if request.method() != Method::GET {
-        return Err(Rejection::MethodNotAllowed);
+        return Inspection::Answer(Rejection::MethodNotAllowed);
     }
     if has_body(request) {
-        return Err(Rejection::BodyOnGet);
+        return Inspection::Answer(Rejection::BodyOnGet);
     }
 
-    // Step 2: who is asking, and the per-IP limit, charged for valid and invalid alike.
+    // Step 2: who is asking; the per-IP limit applies to valid and invalid requests alike.
     let client_ip = match request.extensions().get::<PeerAddr>() {
         Some(peer) => ClientIp::resolve(peer.0.ip(), request.headers(), &settings.trusted_proxies),
         None => ClientIp::UNKNOWN,
     };
-    let now = limiter.now();
-    let mut standing = None;
+    let mut plan = Plan::new(Then::Reject(Rejection::NotFound));
     if !limits.is_exempt(client_ip.ip()) {
-        let key = limits.ip_key(client_ip.ip(), &shared.hasher);
-        standing = limiter
-            .check(LimitGroup::PerIp, key, now)
-            .map_err(Rejection::RateLimited)?;
+        plan.charge(
+            LimitGroup::PerIp,
+            limits.ip_key(client_ip.ip(), &shared.hasher),
+        );
     }
 
     // Step 3: exactly one known credential, then the per-client limit.
-    let token = presented_token(request.headers())?;
-    let client_id = settings
-        .clients
-        .identify(token)
-        .ok_or(Rejection::UnknownClient)?
-        .clone();
-    let key = shared
-        .hasher
-        .hash(Domain::Client, client_id.as_str().as_bytes());
-    standing = tighter(
-        standing,
-        limiter
-            .check(LimitGroup::PerClient, key, now)
-            .map_err(Rejection::RateLimited)?,
+    let client_id = match presented_token(request.headers()).and_then(|token| {
+        settings
+            .clients
+            .identify(token)
+            .ok_or(Rejection::UnknownClient)
+    }) {
+        Ok(id) => id.clone(),
+        Err(rejection) => {
+            return Inspection::Plan(Plan {
+                then: Then::Reject(rejection),
+                ..plan
+            })
+        }
+    };
+    plan.charge(
+        LimitGroup::PerClient,
+        shared
+            .hasher
+            .hash(Domain::Client, client_id.as_str().as_bytes()),
     );
 
     // Step 4: one valid address, then the per-email and global limits.
-    let raw = email_param(request.uri().query())?;
-    let email = Email::parse(&raw, settings.email).map_err(Rejection::EmailInvalid)?;
+    let email = match email_param(request.uri().query())
+        .and_then(|raw| Email::parse(&raw, settings.email).map_err(Rejection::EmailInvalid))
+    {
+        Ok(email) => email,
+        Err(rejection) => {
+            return Inspection::Plan(Plan {
+                then: Then::Reject(rejection),
+                ..plan
+            })
+        }
+    };
     let email_hash = shared.hasher.hash_chars(Domain::Email, |sink| {
         canonical_chars(&email, limits.email_key, sink)
     });
-    let guarded = GuardedRequest {
+    plan.charge(LimitGroup::PerEmail, email_hash);
+    plan.charge(LimitGroup::Global, 0);
+    plan.then = Then::Forward(Box::new(GuardedRequest {
         client_id,
         client_ip,
         email,
         email_hash,
-    };
-    match limiter.check(LimitGroup::PerEmail, email_hash, now) {
-        Ok(s) => standing = tighter(standing, s),
-        Err(denial) if settings.uniform => {
-            return Ok(Verdict::Silenced(
-                Rejection::RateLimited(denial),
-                Box::new(guarded),
-            ));
-        }
-        Err(denial) => return Err(Rejection::RateLimited(denial)),
-    }
-    standing = tighter(
-        standing,
-        limiter
-            .check(LimitGroup::Global, 0, now)
-            .map_err(Rejection::RateLimited)?,
-    );
-
-    let headers = request.headers_mut();
-    headers.remove(QB_TOKEN);
-    headers.insert(AUTHORIZATION, state.api_key.authorization().clone());
-    request.extensions_mut().insert(guarded);
-    Ok(Verdict::Guarded(standing))
+    }));
+    Inspection::Plan(plan)
 }
 
-fn tighter(current: Option<Standing>, next: Option<Standing>) -> Option<Standing> {
-    match next {
-        Some(next) => Some(next.tighter(current)),
-        None => current,
+/// Applies the store's decision: a denial answers 429 (or, for the per-email limit under
+/// uniform answers, a silent success); otherwise the plan's own outcome, and for a
+/// forwarded reset the swap of the client token for the server key.
+pub(crate) fn conclude<B>(
+    state: &GuardState,
+    request: &mut Request<B>,
+    plan: Plan,
+    decision: Decision,
+) -> Verdict {
+    match (decision, plan.then) {
+        (Decision::Unavailable, _) => Verdict::Rejected(Rejection::LimiterUnavailable),
+        (Decision::Denied(_, denial), Then::Forward(guarded))
+            if denial.group == LimitGroup::PerEmail && state.settings.uniform =>
+        {
+            Verdict::Silenced(Rejection::RateLimited(denial), guarded)
+        }
+        (Decision::Denied(_, denial), _) => Verdict::Rejected(Rejection::RateLimited(denial)),
+        (Decision::Admitted(_), Then::Reject(rejection)) => Verdict::Rejected(rejection),
+        (Decision::Admitted(standing), Then::Forward(guarded)) => {
+            let headers = request.headers_mut();
+            headers.remove(QB_TOKEN);
+            headers.insert(AUTHORIZATION, state.api_key.authorization().clone());
+            request.extensions_mut().insert(*guarded);
+            Verdict::Guarded(standing)
+        }
     }
 }
 

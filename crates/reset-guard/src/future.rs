@@ -11,6 +11,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::body::GuardBody;
+use crate::check::Decision;
 use crate::context::UpstreamStatus;
 use crate::rejection::{set_uniform_headers, Rejection, RATELIMIT, RATELIMIT_POLICY};
 
@@ -25,9 +26,15 @@ pin_project! {
     }
 }
 
+/// A store's answer still on its way (Redis).
+pub(crate) type PendingDecision = Pin<Box<dyn Future<Output = Decision> + Send>>;
+/// What to do with it once it arrives.
+pub(crate) type Continuation<F, B> = Box<dyn FnOnce(Decision) -> ResponseFuture<F, B> + Send>;
+
 pin_project! {
     #[project = StateProj]
     enum State<F, B> {
+        Deciding { decision: PendingDecision, then: Option<Continuation<F, B>> },
         Inner { #[pin] future: F },
         // Boxed: a timer entry is large, and most futures never pad.
         Padding { sleep: Pin<Box<Sleep>>, response: Option<Response<GuardBody<B>>> },
@@ -47,6 +54,20 @@ impl<F, B> ResponseFuture<F, B> {
             uniform,
             floor,
             rate_limit,
+        }
+    }
+
+    /// Waits for the store, then continues as `then` says.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn deciding(decision: PendingDecision, then: Continuation<F, B>) -> Self {
+        ResponseFuture {
+            state: State::Deciding {
+                decision,
+                then: Some(then),
+            },
+            uniform: false,
+            floor: None,
+            rate_limit: None,
         }
     }
 
@@ -110,10 +131,15 @@ where
 {
     type Output = Result<Response<GuardBody<B>>, E>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
+            let mut this = self.as_mut().project();
             match this.state.as_mut().project() {
+                StateProj::Deciding { decision, then } => {
+                    let decision = ready!(decision.as_mut().poll(cx));
+                    let then = then.take().expect("future polled after completion");
+                    self.set(then(decision));
+                }
                 StateProj::Inner { future } => {
                     let response = ready!(future.poll(cx))?;
                     let mut response = if *this.uniform {

@@ -24,6 +24,8 @@ pub(crate) struct GuardState {
 pub(crate) struct Shared {
     pub(crate) current: ArcSwap<GuardState>,
     pub(crate) hasher: KeyHasher,
+    #[cfg(feature = "redis")]
+    pub(crate) redis: Option<Arc<crate::limit::RedisStore>>,
     store: StoreSettings,
     clock: Arc<dyn Clock>,
     counters: Arc<LimitCounters>,
@@ -98,13 +100,32 @@ impl ResetGuardBuilder {
         self
     }
 
-    /// Builds the layer; inside a tokio runtime it also starts the idle-key sweeper,
-    /// which stops once the layer and every service built from it are gone.
+    /// Builds the layer; inside a tokio runtime it also starts the idle-key sweeper (and,
+    /// with Redis, a health probe), which stop once the layer and every service built from
+    /// it are gone.
+    ///
+    /// # Panics
+    ///
+    /// If `store.redis` holds a URL the Redis client cannot parse; use
+    /// [`try_build`](Self::try_build) to get that as an error.
     pub fn build(self) -> ResetGuardLayer {
+        self.try_build().expect("invalid Redis URL")
+    }
+
+    /// Builds the layer, or says why the Redis client cannot be set up.
+    pub fn try_build(self) -> Result<ResetGuardLayer, StoreError> {
         let clock = self
             .clock
             .unwrap_or_else(|| Arc::new(MonotonicClock::default()));
         let counters = Arc::new(LimitCounters::default());
+        #[cfg(feature = "redis")]
+        let redis = match &self.store.redis {
+            Some(settings) => Some(Arc::new(
+                crate::limit::RedisStore::new(settings, counters.clone())
+                    .map_err(|e| StoreError(e.to_string()))?,
+            )),
+            None => None,
+        };
         let limiter = Limiter::new(
             &self.settings.limits,
             &self.store,
@@ -119,13 +140,46 @@ impl ResetGuardBuilder {
                 limiter,
             }),
             hasher: self.hasher.unwrap_or_else(KeyHasher::random),
+            #[cfg(feature = "redis")]
+            redis,
             store: self.store,
             clock,
             counters,
         });
         spawn_sweeper(&shared);
-        ResetGuardLayer { shared }
+        #[cfg(feature = "redis")]
+        spawn_redis_probe(&shared);
+        Ok(ResetGuardLayer { shared })
     }
+}
+
+/// The store could not be set up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rate-limit store: {0}")]
+pub struct StoreError(String);
+
+/// Pings Redis every second so readiness reflects it and a lost connection is remade
+/// before requests need it.
+#[cfg(feature = "redis")]
+fn spawn_redis_probe(shared: &Arc<Shared>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if shared.redis.is_none() {
+        return;
+    }
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(store) = weak.upgrade().and_then(|s| s.redis.clone()) else {
+                break;
+            };
+            store.probe().await;
+        }
+    });
 }
 
 fn spawn_sweeper(shared: &Arc<Shared>) {
@@ -142,6 +196,10 @@ fn spawn_sweeper(shared: &Arc<Shared>) {
             tick.tick().await;
             let Some(shared) = weak.upgrade() else { break };
             let state = shared.current.load_full();
+            #[cfg(feature = "redis")]
+            if let Some(store) = &shared.redis {
+                store.sweep();
+            }
             drop(shared);
             // Sweeping a million keys takes milliseconds: keep it off the async workers.
             let _ = tokio::task::spawn_blocking(move || state.limiter.sweep()).await;
@@ -183,6 +241,38 @@ impl GuardHandle {
             api_key,
             limiter,
         }));
+        #[cfg(feature = "redis")]
+        if let Some(store) = &shared.redis {
+            store.forget_denials();
+        }
+    }
+
+    /// Whether the rate-limit store can serve: always for memory; for Redis, whether
+    /// it answers, or `true` anyway under `on_error: allow` (requests are served then).
+    pub fn store_ready(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.shared.redis {
+            return store.is_healthy() || store.on_error() == crate::limit::OnError::Allow;
+        }
+        true
+    }
+
+    /// Whether the rate-limit store answered its last request or probe (memory: always).
+    pub fn store_healthy(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.shared.redis {
+            return store.is_healthy();
+        }
+        true
+    }
+
+    /// Requests that could not ask the rate-limit store.
+    pub fn store_errors(&self) -> u64 {
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.shared.redis {
+            return store.errors();
+        }
+        0
     }
 
     /// The settings in force.

@@ -79,11 +79,13 @@ pub use config::{
 pub use context::{GuardedRequest, UpstreamStatus};
 pub use email::{Email, EmailError, EmailKey, EmailKeyPolicy, EmailPolicy};
 pub use future::ResponseFuture;
-pub use layer::{GuardHandle, ResetGuardBuilder, ResetGuardLayer};
+pub use layer::{GuardHandle, ResetGuardBuilder, ResetGuardLayer, StoreError};
 pub use limit::{
     Clock, Denial, LimitCounters, LimitGroup, LimitSettings, LimitsConfig, ManualClock,
     MonotonicClock, Quota, QuotaConfig, Standing, StoreSettings,
 };
+#[cfg(feature = "redis")]
+pub use limit::{OnError, RedisSettings};
 pub use query::{email_param, encode_query_value};
 pub use rejection::{rate_limit_fields, uniform_success, Rejection, RATELIMIT, RATELIMIT_POLICY};
 pub use secret::{ApiKey, InvalidApiKey};

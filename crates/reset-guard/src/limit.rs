@@ -10,6 +10,8 @@ mod gcra;
 mod key;
 mod memory;
 mod quota;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,11 +21,16 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+#[cfg(feature = "redis")]
+pub(crate) use self::redis::RedisStore;
+#[cfg(feature = "redis")]
+pub use self::redis::{OnError, RedisSettings};
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub(crate) use key::Domain;
 pub use key::KeyHasher;
 pub use quota::{Quota, QuotaConfig};
 
+use crate::check::Decision;
 use crate::config::{Cidr, ConfigError};
 use crate::email::EmailKeyPolicy;
 use gcra::Cell;
@@ -279,6 +286,9 @@ pub struct StoreSettings {
     pub max_keys: usize,
     /// How often idle keys are forgotten.
     pub sweep_interval: Duration,
+    /// Share limits through Redis instead of holding them in this process.
+    #[cfg(feature = "redis")]
+    pub redis: Option<RedisSettings>,
 }
 
 impl Default for StoreSettings {
@@ -286,6 +296,8 @@ impl Default for StoreSettings {
         StoreSettings {
             max_keys: 1_000_000,
             sweep_interval: Duration::from_secs(10),
+            #[cfg(feature = "redis")]
+            redis: None,
         }
     }
 }
@@ -295,7 +307,7 @@ impl std::fmt::Debug for StoreSettings {
         f.debug_struct("StoreSettings")
             .field("max_keys", &self.max_keys)
             .field("sweep_interval", &self.sweep_interval)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -328,6 +340,14 @@ impl LimitCounters {
     /// Requests a shadow quota of `group` would have denied.
     pub fn shadow_denied(&self, group: LimitGroup) -> u64 {
         self.shadow_denied[group.index()].load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_denied(&self, group: LimitGroup) {
+        self.denied[group.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_shadow(&self, group: LimitGroup) {
+        self.shadow_denied[group.index()].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -415,14 +435,14 @@ impl Limiter {
                         per_secs = candidate.quota.per.as_secs(),
                         "shadow quota would deny"
                     );
-                    self.counters.shadow_denied[group.index()].fetch_add(1, Ordering::Relaxed);
+                    self.counters.count_shadow(group);
                 } else if denial.is_none_or(|d| d.retry_after < candidate.retry_after) {
                     denial = Some(candidate);
                 }
             }
         }
         if let Some(denial) = denial {
-            self.counters.denied[group.index()].fetch_add(1, Ordering::Relaxed);
+            self.counters.count_denied(group);
             return Err(denial);
         }
         let mut tightest: Option<Standing> = None;
@@ -475,7 +495,7 @@ impl Limiter {
             })),
             Cell::Deny { retry_ns } => {
                 drop(map);
-                self.counters.denied[group.index()].fetch_add(1, Ordering::Relaxed);
+                self.counters.count_denied(group);
                 Err(Denial {
                     group,
                     quota: state.quota,
@@ -483,6 +503,20 @@ impl Limiter {
                 })
             }
         }
+    }
+
+    /// Charges a plan's groups in order, stopping at the first that denies.
+    pub(crate) fn decide(&self, charges: &[(LimitGroup, u64)]) -> Decision {
+        let now = self.now();
+        let mut standing: Option<Standing> = None;
+        for (i, &(group, key)) in charges.iter().enumerate() {
+            match self.check(group, key, now) {
+                Ok(Some(s)) => standing = Some(s.tighter(standing)),
+                Ok(None) => {}
+                Err(denial) => return Decision::Denied(i, denial),
+            }
+        }
+        Decision::Admitted(standing)
     }
 
     /// The limiters' time; read once per request so every group sees the same instant.

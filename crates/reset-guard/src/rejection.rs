@@ -49,6 +49,9 @@ pub enum Rejection {
     /// A rate limit denied the request.
     #[error("{} limit: {} per {}s", .0.group.name(), .0.quota.requests, .0.quota.per.as_secs())]
     RateLimited(Denial),
+    /// The shared limiter (Redis) could not be asked and `on_error: deny` is set.
+    #[error("rate limiter unavailable")]
+    LimiterUnavailable,
     /// QuickBlox could not be reached or answered badly.
     #[error("upstream unavailable")]
     UpstreamUnavailable,
@@ -74,6 +77,7 @@ impl Rejection {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Rejection::LimiterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -95,6 +99,7 @@ impl Rejection {
             Rejection::EmailRepeated => "email_repeated",
             Rejection::EmailNotUtf8 | Rejection::EmailInvalid(_) => "email_invalid",
             Rejection::RateLimited(_) => "rate_limited",
+            Rejection::LimiterUnavailable => "limiter_unavailable",
             Rejection::UpstreamUnavailable => "upstream_unavailable",
             Rejection::UpstreamTimeout => "upstream_timeout",
         }
@@ -132,6 +137,7 @@ impl Rejection {
             Rejection::RateLimited(_) => {
                 r#"{"errors":{"base":["Too many requests, retry later"]}}"#
             }
+            Rejection::LimiterUnavailable => r#"{"errors":{"base":["Rate limiter unavailable"]}}"#,
             Rejection::UpstreamUnavailable | Rejection::UpstreamTimeout => {
                 r#"{"errors":{"base":["Upstream unavailable"]}}"#
             }
@@ -220,6 +226,7 @@ mod tests {
             Rejection::EmailRepeated,
             Rejection::EmailNotUtf8,
             Rejection::EmailInvalid(EmailError::AtSign),
+            Rejection::LimiterUnavailable,
             Rejection::UpstreamUnavailable,
             Rejection::UpstreamTimeout,
         ];

@@ -29,6 +29,10 @@ struct Rig {
 
 /// A guard whose `limits:` section is `limits` (YAML, indented two spaces) and `extra`.
 fn rig_with(limits: &str, extra: &str, store: StoreSettings) -> Rig {
+    rig_in(limits, extra, store, ManualClock::new())
+}
+
+fn rig_in(limits: &str, extra: &str, store: StoreSettings, clock: ManualClock) -> Rig {
     let yaml = format!(
         "clients:\n  - {{ id: foo, token_sha256: {FOO} }}\n  - {{ id: bar, token_sha256: {BAR} }}\n\
          limits:\n{}{}",
@@ -37,7 +41,6 @@ fn rig_with(limits: &str, extra: &str, store: StoreSettings) -> Rig {
         if extra.contains("responses") { extra.to_owned() } else { format!("{extra}responses: {{ uniform: false }}\n") }
     );
     let settings = GuardConfig::from_yaml(&yaml).unwrap().validate().unwrap();
-    let clock = ManualClock::new();
     let layer = ResetGuardLayer::builder(settings, ApiKey::new("server-key").unwrap())
         .clock(clock.clone())
         .store(store)
@@ -74,7 +77,7 @@ fn new_rig(limits: &str) -> Rig {
 }
 
 #[derive(Debug, Clone)]
-struct Ask {
+pub(super) struct Ask {
     peer: &'static str,
     token: Option<&'static str>,
     email: String,
@@ -593,4 +596,413 @@ fn default_limits_are_the_documented_ones() {
         [(3, 3600, 3), (10, 86_400, 10)]
     );
     assert_eq!(shape(LimitGroup::Global), [(100, 1, 100)]);
+}
+
+/// One scenario of the table both stores must pass: a limits section, other guard
+/// settings, and requests with the status (and Retry-After) each must get. No scenario
+/// needs time to pass, so the same table runs against Redis, whose clock is its own.
+struct Case {
+    name: &'static str,
+    limits: &'static str,
+    extra: &'static str,
+    steps: Vec<(Ask, u16, Option<&'static str>)>,
+    /// Upstream calls expected at the end.
+    forwarded: usize,
+}
+
+fn table() -> Vec<Case> {
+    let a = || ask("a@b.io");
+    vec![
+        Case {
+            name: "per-IP quota, exact Retry-After",
+            limits: "  per_ip: [{ requests: 2, per: 1m }]\n",
+            extra: "",
+            steps: vec![(a(), 200, None), (a(), 200, None), (a(), 429, Some("30"))],
+            forwarded: 2,
+        },
+        Case {
+            name: "per-IP counts invalid requests",
+            limits: "  per_ip: [{ requests: 3, per: 1h }]\n",
+            extra: "",
+            steps: vec![
+                (a().token(None), 401, None),
+                (a().token(Some("guess")), 401, None),
+                (ask("not-an-address"), 422, None),
+                (a(), 429, Some("1200")),
+            ],
+            forwarded: 0,
+        },
+        Case {
+            name: "a denial charges no later group",
+            limits: "  per_ip: [{ requests: 1, per: 1h }]\n  per_client: [{ requests: 2, per: 1h }]\n  per_email: [{ requests: 2, per: 1h }]\n",
+            extra: "",
+            steps: vec![
+                (a(), 200, None),
+                (a(), 429, Some("3600")),
+                (a(), 429, Some("3600")),
+                (a().from("192.0.2.2"), 200, None),
+                (a().from("192.0.2.3"), 429, Some("1800")),
+                (a().from("192.0.2.4").token(Some("bar")), 429, Some("1800")),
+                (ask("c@b.io").from("192.0.2.5").token(Some("bar")), 200, None),
+            ],
+            forwarded: 3,
+        },
+        Case {
+            name: "per-email denial leaves the global quota alone",
+            limits: "  per_email: [{ requests: 1, per: 1h }]\n  global: [{ requests: 2, per: 1h }]\n",
+            extra: "",
+            steps: vec![
+                (a(), 200, None),
+                (a(), 429, Some("3600")),
+                (ask("c@b.io"), 200, None),
+                (ask("d@b.io"), 429, Some("1800")),
+            ],
+            forwarded: 2,
+        },
+        Case {
+            name: "several quotas in a group, the tightest denies",
+            limits: "  per_email: [{ requests: 10, per: 1m }, { requests: 2, per: 1h }]\n",
+            extra: "",
+            steps: vec![(a(), 200, None), (a(), 200, None), (a(), 429, Some("1800"))],
+            forwarded: 2,
+        },
+        Case {
+            name: "burst",
+            limits: "  per_client: [{ requests: 1, per: 1s, burst: 3 }]\n",
+            extra: "",
+            steps: vec![
+                (a(), 200, None),
+                (a(), 200, None),
+                (a(), 200, None),
+                (a(), 429, Some("1")),
+                (a().token(Some("bar")), 200, None),
+            ],
+            forwarded: 4,
+        },
+        Case {
+            name: "shadow quotas never deny",
+            limits: "  per_email: [{ requests: 1, per: 1h, shadow: true }]\n",
+            extra: "",
+            steps: vec![(a(), 200, None), (a(), 200, None), (a(), 200, None)],
+            forwarded: 3,
+        },
+        Case {
+            name: "exempt IPs skip the per-IP limit only",
+            limits: "  per_ip: [{ requests: 1, per: 1h }]\n  per_email: [{ requests: 2, per: 1h }]\n  exempt_ips: [198.51.100.0/24]\n",
+            extra: "",
+            steps: vec![
+                (a().from("198.51.100.7"), 200, None),
+                (a().from("198.51.100.7"), 200, None),
+                (a().from("198.51.100.7"), 429, Some("1800")),
+                (ask("c@b.io").from("192.0.2.9"), 200, None),
+                (ask("c@b.io").from("192.0.2.9"), 429, Some("3600")),
+            ],
+            forwarded: 3,
+        },
+        Case {
+            name: "spoofed X-Forwarded-For from an untrusted peer",
+            limits: "  per_ip: [{ requests: 2, per: 1h }]\n",
+            extra: "",
+            steps: vec![
+                (a().forwarded_for("1.1.1.1"), 200, None),
+                (a().forwarded_for("2.2.2.2"), 200, None),
+                (a().forwarded_for("3.3.3.3"), 429, Some("1800")),
+            ],
+            forwarded: 2,
+        },
+        Case {
+            name: "trusted proxies",
+            limits: "  per_ip: [{ requests: 1, per: 1h }]\n",
+            extra: "client_ip:\n  trusted_proxies: [10.0.0.0/8]\n",
+            steps: vec![
+                (a().from("10.0.0.5").forwarded_for("203.0.113.1"), 200, None),
+                (a().from("10.0.0.5").forwarded_for("203.0.113.2"), 200, None),
+                (a().from("10.0.0.5").forwarded_for("203.0.113.1, 10.0.0.9"), 429, Some("3600")),
+            ],
+            forwarded: 2,
+        },
+        Case {
+            name: "one IPv6 /64 is one client",
+            limits: "  per_ip: [{ requests: 2, per: 1h }]\n",
+            extra: "",
+            steps: vec![
+                (a().from("2001:db8:1:2::1"), 200, None),
+                (a().from("2001:db8:1:2:ffff::2"), 200, None),
+                (a().from("2001:db8:1:2:abcd::9"), 429, Some("1800")),
+                (a().from("2001:db8:1:3::1"), 200, None),
+            ],
+            forwarded: 3,
+        },
+        Case {
+            name: "spellings of one mailbox share a bucket",
+            limits: "  per_email: [{ requests: 3, per: 1h }]\n",
+            extra: "",
+            steps: vec![
+                (ask("bob.smith@gmail.com"), 200, None),
+                (ask("Bob.Smith+promo@Gmail.com"), 200, None),
+                (ask("bobsmith+x@googlemail.com"), 200, None),
+                (ask("b.o.b.s.m.i.t.h@GMAIL.COM"), 429, Some("1200")),
+                (ask("anna@bücher.example"), 200, None),
+                (ask("bob.smith@example.com"), 200, None),
+            ],
+            forwarded: 5,
+        },
+        Case {
+            name: "uniform answers silence per-email denials",
+            limits: "  per_email: [{ requests: 1, per: 1h }]\n",
+            extra: "responses: { uniform: true }\n",
+            steps: vec![(a(), 200, None), (a(), 200, None), (ask("A+x@B.io"), 200, None)],
+            forwarded: 1,
+        },
+    ]
+}
+
+async fn run_table(make: impl Fn(&'static str, &'static str) -> Rig) {
+    for case in table() {
+        let rig = make(case.limits, case.extra);
+        for (i, (ask, status, retry)) in case.steps.into_iter().enumerate() {
+            let response = rig.send(ask).await;
+            assert_eq!(
+                response.status().as_u16(),
+                status,
+                "{}: step {i}",
+                case.name
+            );
+            if retry.is_some() {
+                assert_eq!(
+                    header(&response, "retry-after"),
+                    retry,
+                    "{}: step {i}",
+                    case.name
+                );
+            }
+        }
+        assert_eq!(
+            rig.upstream_calls.load(Ordering::SeqCst),
+            case.forwarded,
+            "{}",
+            case.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_shared_table_in_memory() {
+    run_table(|limits, extra| rig_with(limits, extra, StoreSettings::default())).await;
+}
+
+#[cfg(feature = "redis")]
+#[path = "../../tests/support/redis_server.rs"]
+mod redis_server;
+
+#[cfg(feature = "redis")]
+mod redis_store {
+    use super::redis_server::RedisServer;
+    use super::*;
+
+    fn redis_store(server: &RedisServer, on_error: OnError) -> StoreSettings {
+        StoreSettings {
+            redis: Some(RedisSettings {
+                url: server.url(),
+                key_prefix: format!("t{}", rand_suffix()),
+                timeout: Duration::from_millis(500),
+                on_error,
+            }),
+            ..StoreSettings::default()
+        }
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::hash::{BuildHasher, RandomState};
+        RandomState::new().hash_one(0u8)
+    }
+
+    fn redis_rig(server: &RedisServer, limits: &str, extra: &str, on_error: OnError) -> Rig {
+        rig_in(
+            limits,
+            extra,
+            redis_store(server, on_error),
+            ManualClock::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_shared_table_in_redis() {
+        let server = RedisServer::start();
+        run_table(|limits, extra| redis_rig(&server, limits, extra, OnError::Allow)).await;
+    }
+
+    #[tokio::test]
+    async fn a_group_is_charged_only_if_every_quota_admits() {
+        let server = RedisServer::start();
+        let rig = redis_rig(
+            &server,
+            "  per_email: [{ requests: 1, per: 1h }, { requests: 5, per: 1h }]\n",
+            "",
+            OnError::Allow,
+        );
+        assert_eq!(rig.status(ask("a@b.io")).await, 200);
+        let before = server.dump();
+        assert_eq!(before.len(), 2, "one key per quota: {before:?}");
+        assert_eq!(rig.status(ask("a@b.io")).await, 429);
+        // The denied request moved neither quota's state.
+        assert_eq!(server.dump(), before);
+    }
+
+    #[tokio::test]
+    async fn keys_expire_and_hold_no_raw_email_or_token() {
+        let server = RedisServer::start();
+        let rig = redis_rig(
+            &server,
+            "  per_ip: [{ requests: 5, per: 1m }]\n  per_client: [{ requests: 5, per: 1m }]\n  per_email: [{ requests: 5, per: 1h }]\n  global: [{ requests: 5, per: 1s }]\n",
+            "",
+            OnError::Allow,
+        );
+        assert_eq!(rig.status(ask("Secret.Person+tag@Example.com")).await, 200);
+        let dump = server.dump();
+        assert_eq!(dump.len(), 4, "{dump:?}");
+        for (key, value) in &dump {
+            for secret in ["secret", "person", "example", "foo", "192.0.2.1", "bar"] {
+                assert!(!key.to_lowercase().contains(secret), "{key} holds {secret}");
+            }
+            assert!(value.bytes().all(|b| b.is_ascii_digit()), "{key} = {value}");
+            let ttl: i64 = server
+                .command(&format!("PTTL {key}"))
+                .unwrap()
+                .trim_start_matches(':')
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(ttl > 0 && ttl <= 3_600_001, "{key} has no expiry ({ttl})");
+        }
+    }
+
+    #[tokio::test]
+    async fn two_guards_sharing_redis_enforce_one_limit() {
+        let server = RedisServer::start();
+        let store = redis_store(&server, OnError::Allow);
+        let limits = "  per_email: [{ requests: 3, per: 1h }]\n";
+        let one = rig_in(limits, "", store.clone(), ManualClock::new());
+        let two = rig_in(limits, "", store, ManualClock::new());
+        let mut statuses = Vec::new();
+        for i in 0..6 {
+            let rig = if i % 2 == 0 { &one } else { &two };
+            statuses.push(rig.status(ask("shared@b.io").from("192.0.2.1")).await);
+        }
+        assert_eq!(statuses, [200, 200, 200, 429, 429, 429]);
+    }
+
+    #[tokio::test]
+    async fn redis_down_follows_on_error_and_recovers() {
+        let mut server = RedisServer::start();
+        let port = server.port();
+        let limits = "  per_email: [{ requests: 1, per: 1h }]\n";
+        let allow = redis_rig(&server, limits, "", OnError::Allow);
+        let deny = redis_rig(&server, limits, "", OnError::Deny);
+        assert_eq!(allow.status(ask("a@b.io")).await, 200);
+        assert_eq!(allow.status(ask("a@b.io")).await, 429);
+        assert!(deny.handle.store_ready());
+
+        server.stop();
+        // allow: served unlimited, errors counted. deny: 503 with the JSON body.
+        assert_eq!(allow.status(ask("b@b.io")).await, 200);
+        assert_eq!(allow.status(ask("b@b.io")).await, 200);
+        assert!(allow.handle.store_errors() >= 2);
+        let refused = deny.send(ask("c@b.io")).await;
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = refused.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, r#"{"errors":{"base":["Rate limiter unavailable"]}}"#);
+        assert!(!deny.handle.store_ready());
+        assert!(
+            allow.handle.store_ready(),
+            "allow keeps serving, so it stays ready"
+        );
+
+        // Back on the same port, empty: limits apply again without a new guard.
+        let _server = RedisServer::start_on(port);
+        let mut statuses = Vec::new();
+        for _ in 0..200 {
+            let status = deny.status(ask("d@b.io")).await;
+            if status != 503 {
+                statuses.push(status);
+            }
+            if statuses.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            statuses,
+            [200, 429],
+            "limits apply again once Redis is back"
+        );
+        assert!(deny.handle.store_ready());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_redis_costs_at_most_the_timeout() {
+        // A listener that accepts and never answers: the worst kind of Redis outage.
+        let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let store = StoreSettings {
+            redis: Some(RedisSettings {
+                url: format!("redis://{}", stalled.local_addr().unwrap()),
+                key_prefix: "stalled".into(),
+                timeout: Duration::from_millis(100),
+                on_error: OnError::Deny,
+            }),
+            ..StoreSettings::default()
+        };
+        let rig = rig_in(
+            "  per_email: [{ requests: 1, per: 1h }]\n",
+            "",
+            store,
+            ManualClock::new(),
+        );
+        let started = std::time::Instant::now();
+        assert_eq!(rig.status(ask("a@b.io")).await, 503);
+        // Generous bound: this asserts "does not hang", not a speed.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn denials_are_cached_locally_until_their_reset() {
+        let server = RedisServer::start();
+        let rig = redis_rig(
+            &server,
+            "  per_ip: [{ requests: 1, per: 1h }]\n",
+            "",
+            OnError::Deny,
+        );
+        assert_eq!(rig.status(ask("a@b.io")).await, 200);
+        assert_eq!(rig.status(ask("a@b.io")).await, 429);
+        let calls = |s: &RedisServer| {
+            let info = s.command("INFO commandstats").unwrap_or_default();
+            info.lines()
+                .filter(|l| l.starts_with("cmdstat_evalsha") || l.starts_with("cmdstat_eval:"))
+                .filter_map(|l| {
+                    l.split("calls=")
+                        .nth(1)?
+                        .split(',')
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum::<u64>()
+        };
+        let before = calls(&server);
+        for _ in 0..20 {
+            let response = rig.send(ask("a@b.io")).await;
+            assert_eq!(response.status(), 429);
+            assert!(header(&response, "retry-after").is_some());
+        }
+        assert_eq!(
+            calls(&server),
+            before,
+            "a flood against a denied IP does not reach Redis"
+        );
+    }
 }

@@ -1,0 +1,308 @@
+//! Limits shared by every replica through Redis (SPEC §7): one script call per request
+//! decides all of its groups atomically on the server's clock.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Deserialize;
+
+use super::{
+    Clock, Denial, LimitCounters, LimitGroup, LimitSettings, MonotonicClock, Quota, Standing,
+};
+use crate::check::Decision;
+
+/// Most denials remembered locally.
+const DENIAL_CACHE_LIMIT: usize = 100_000;
+
+/// What to do with a request when Redis cannot be asked in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Let it through unlimited, and count the error.
+    #[default]
+    Allow,
+    /// Answer 503 `Rate limiter unavailable`.
+    Deny,
+}
+
+/// Where and how to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…`.
+    pub url: String,
+    /// Prepended to every key, so several deployments can share one server.
+    pub key_prefix: String,
+    /// Longest a request waits for Redis.
+    pub timeout: Duration,
+    /// What happens when Redis cannot answer in time.
+    pub on_error: OnError,
+}
+
+impl RedisSettings {
+    /// Whether the client accepts `url` (checked without connecting).
+    pub fn check_url(url: &str) -> Result<(), String> {
+        redis::Client::open(url)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The Redis-backed limiter, shared by every settings generation.
+pub(crate) struct RedisStore {
+    connection: ConnectionManager,
+    script: Arc<redis::Script>,
+    prefix: String,
+    timeout: Duration,
+    on_error: OnError,
+    healthy: AtomicBool,
+    errors: AtomicU64,
+    denials: Mutex<HashMap<(LimitGroup, u64), (u64, Denial)>>,
+    clock: MonotonicClock,
+    counters: Arc<LimitCounters>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("on_error", &self.on_error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Prepares the client; the connection is made on first use and remade with backoff
+    /// whenever it breaks, so the gateway starts and serves while Redis is away.
+    pub(crate) fn new(
+        settings: &RedisSettings,
+        counters: Arc<LimitCounters>,
+    ) -> redis::RedisResult<Self> {
+        let client = redis::Client::open(settings.url.as_str())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(250))))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(RedisStore {
+            connection,
+            script: Arc::new(redis::Script::new(include_str!("redis.lua"))),
+            prefix: settings.key_prefix.clone(),
+            timeout: settings.timeout,
+            on_error: settings.on_error,
+            healthy: AtomicBool::new(true),
+            errors: AtomicU64::new(0),
+            denials: Mutex::new(HashMap::new()),
+            clock: MonotonicClock::default(),
+            counters,
+        })
+    }
+
+    /// Whether the last exchange with Redis worked.
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Requests that could not ask Redis.
+    pub(crate) fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// What `on_error` says.
+    pub(crate) fn on_error(&self) -> OnError {
+        self.on_error
+    }
+
+    /// Forgets cached denials (after a reload, quotas may have changed).
+    pub(crate) fn forget_denials(&self) {
+        self.denials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Drops expired cached denials.
+    pub(crate) fn sweep(&self) {
+        let now = self.clock.now();
+        self.denials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, (until, _)| *until > now);
+    }
+
+    /// Sends a `PING` and records whether it came back in time.
+    pub(crate) async fn probe(&self) -> bool {
+        let mut connection = self.connection.clone();
+        let command = redis::cmd("PING");
+        let ping = command.query_async::<String>(&mut connection);
+        let ok = matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)));
+        self.healthy.store(ok, Ordering::Relaxed);
+        ok
+    }
+
+    /// Decides a plan's charges: from the local denial cache when it can, else with one
+    /// script call.
+    pub(crate) fn decide(
+        self: &Arc<Self>,
+        limits: &LimitSettings,
+        charges: &[(LimitGroup, u64)],
+    ) -> Pin<Box<dyn Future<Output = Decision> + Send>> {
+        let now = self.clock.now();
+        // A group known to deny needs no round trip; the groups before it still do.
+        let cached = self.cached_denial(charges, now);
+        let asked = cached.map_or(charges.len(), |(i, _)| i);
+        let charges = &charges[..asked];
+        if charges
+            .iter()
+            .all(|(group, _)| limits.quotas(*group).is_empty())
+        {
+            let decision = match cached {
+                Some((i, denial)) => Decision::Denied(i, denial),
+                None => Decision::Admitted(None),
+            };
+            return Box::pin(std::future::ready(decision));
+        }
+        let mut keys = Vec::new();
+        let mut args: Vec<u64> = vec![charges.len() as u64];
+        for &(group, key) in charges {
+            let group_quotas = limits.quotas(group);
+            args.push(group_quotas.len() as u64);
+            for quota in group_quotas {
+                let interval_us = (quota.interval_ns / 1000).max(1);
+                let capacity_us = interval_us * u64::from(quota.burst);
+                // The quota's numbers are part of the key: a changed quota starts fresh,
+                // an unchanged one keeps its state across reloads and replicas.
+                keys.push(format!(
+                    "{}:{}:{interval_us}.{capacity_us}:{key:016x}",
+                    self.prefix,
+                    group.name()
+                ));
+                args.extend([interval_us, capacity_us, u64::from(quota.shadow)]);
+            }
+        }
+        let store = self.clone();
+        let groups: Vec<(LimitGroup, u64)> = charges.to_vec();
+        let quotas: Vec<Vec<Quota>> = groups
+            .iter()
+            .map(|(g, _)| limits.quotas(*g).to_vec())
+            .collect();
+        Box::pin(async move {
+            let mut invocation = store.script.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            for arg in &args {
+                invocation.arg(*arg);
+            }
+            let mut connection = store.connection.clone();
+            let call = invocation.invoke_async::<Vec<i64>>(&mut connection);
+            let reply = match tokio::time::timeout(store.timeout, call).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(error)) => return store.failed(&error.to_string()),
+                Err(_) => return store.failed("timed out"),
+            };
+            store.healthy.store(true, Ordering::Relaxed);
+            store.read_reply(&reply, &groups, &quotas, cached)
+        })
+    }
+
+    fn failed(&self, why: &str) -> Decision {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.healthy.store(false, Ordering::Relaxed);
+        tracing::warn!(target: "reset_guard::limit", error = why, on_error = ?self.on_error, "rate-limit store unavailable");
+        match self.on_error {
+            OnError::Allow => Decision::Admitted(None),
+            OnError::Deny => Decision::Unavailable,
+        }
+    }
+
+    fn read_reply(
+        &self,
+        reply: &[i64],
+        groups: &[(LimitGroup, u64)],
+        limits: &[Vec<Quota>],
+        cached: Option<(usize, Denial)>,
+    ) -> Decision {
+        let field = |i: usize| reply.get(i).copied().unwrap_or(0);
+        let quota_at = |g: i64, q: i64| -> Option<(usize, LimitGroup, u64, Quota)> {
+            let gi = usize::try_from(g).ok()?.checked_sub(1)?;
+            let qi = usize::try_from(q).ok()?.checked_sub(1)?;
+            let (group, key) = *groups.get(gi)?;
+            Some((gi, group, key, *limits.get(gi)?.get(qi)?))
+        };
+        let shadow_mask = if field(0) == 1 { field(4) } else { field(5) };
+        for (i, (group, _)) in groups.iter().enumerate() {
+            if shadow_mask & (1 << i) != 0 {
+                self.counters.count_shadow(*group);
+            }
+        }
+        if field(0) == 1 {
+            let Some((gi, group, key, quota)) = quota_at(field(1), field(2)) else {
+                return self.failed("unexpected reply from the rate-limit script");
+            };
+            let retry = Duration::from_micros(u64::try_from(field(3)).unwrap_or(0));
+            let denial = Denial {
+                group,
+                quota,
+                retry_after: retry,
+            };
+            self.remember(group, key, denial);
+            self.counters.count_denied(group);
+            return Decision::Denied(gi, denial);
+        }
+        if let Some((i, denial)) = cached {
+            self.counters.count_denied(denial.group);
+            return Decision::Denied(i, denial);
+        }
+        let standing = quota_at(field(1), field(2)).map(|(_, group, _, quota)| Standing {
+            group,
+            quota,
+            remaining: u64::try_from(field(3)).unwrap_or(0),
+            reset: Duration::from_micros(u64::try_from(field(4)).unwrap_or(0)),
+        });
+        Decision::Admitted(standing)
+    }
+
+    fn remember(&self, group: LimitGroup, key: u64, denial: Denial) {
+        let until = self
+            .clock
+            .now()
+            .saturating_add(denial.retry_after.as_nanos() as u64);
+        let mut cache = self.denials.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= DENIAL_CACHE_LIMIT {
+            let now = self.clock.now();
+            cache.retain(|_, (u, _)| *u > now);
+            if cache.len() >= DENIAL_CACHE_LIMIT {
+                return;
+            }
+        }
+        cache.insert((group, key), (until, denial));
+    }
+
+    /// The first charge with a denial still in force, with its retry time brought up to date.
+    fn cached_denial(&self, charges: &[(LimitGroup, u64)], now: u64) -> Option<(usize, Denial)> {
+        let cache = self.denials.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.is_empty() {
+            return None;
+        }
+        charges.iter().enumerate().find_map(|(i, charge)| {
+            let (until, denial) = cache.get(charge)?;
+            (*until > now).then(|| {
+                (
+                    i,
+                    Denial {
+                        retry_after: Duration::from_nanos(until - now),
+                        ..*denial
+                    },
+                )
+            })
+        })
+    }
+}

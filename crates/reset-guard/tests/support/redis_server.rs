@@ -1,0 +1,170 @@
+//! A real `redis-server` on a free loopback port, owned by one test and stopped with it.
+//! (Shared by the reset-guard and reset-gateway test suites through `#[path]`.)
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port; panics with the reason if it cannot.
+    pub fn start() -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    /// Starts a server on `port` (used to bring one back after `stop`).
+    pub fn start_on(port: u16) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args([
+                "--protected-mode",
+                "no",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        let server = RedisServer {
+            port,
+            child: Some(child),
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.command("PING").is_some_and(|r| r.starts_with("+PONG")) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server on port {} did not start", self.port);
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Sends one inline command and returns the raw reply (enough for tests).
+    pub fn command(&self, line: &str) -> Option<String> {
+        let mut stream =
+            TcpStream::connect_timeout(&self.addr(), Duration::from_millis(200)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream.write_all(format!("{line}\r\n").as_bytes()).ok()?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            let n = stream.read(&mut buf).ok()?;
+            reply.extend_from_slice(&buf[..n]);
+            if n == 0 || complete(&reply) {
+                break;
+            }
+        }
+        Some(String::from_utf8_lossy(&reply).into_owned())
+    }
+
+    /// Every key and its value.
+    pub fn dump(&self) -> Vec<(String, String)> {
+        let keys = self.command("KEYS *").unwrap_or_default();
+        bulk_strings(&keys)
+            .into_iter()
+            .map(|key| {
+                let value = self.command(&format!("GET {key}")).unwrap_or_default();
+                let value = bulk_strings(&format!("*1\r\n{value}"))
+                    .pop()
+                    .unwrap_or_default();
+                (key, value)
+            })
+            .collect()
+    }
+
+    /// Kills the server (SIGKILL: the worst case for its clients).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether a RESP reply has fully arrived (simple replies and flat arrays of bulk strings).
+fn complete(reply: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(reply);
+    match text.chars().next() {
+        Some('*') => {
+            let count: usize = text[1..]
+                .split("\r\n")
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            bulk_strings(&text).len() >= count
+        }
+        Some('$') => {
+            let len: i64 = text[1..]
+                .split("\r\n")
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            len < 0 || text.split("\r\n").count() >= 3
+        }
+        Some(_) => text.ends_with("\r\n"),
+        None => false,
+    }
+}
+
+fn bulk_strings(reply: &str) -> Vec<String> {
+    let mut lines = reply.split("\r\n");
+    let mut out = Vec::new();
+    lines.next();
+    while let Some(line) = lines.next() {
+        if line.starts_with('$') {
+            if let Some(value) = lines.next() {
+                if !line.starts_with("$-1") {
+                    out.push(value.to_owned());
+                }
+            }
+        }
+    }
+    out
+}
