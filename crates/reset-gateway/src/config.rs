@@ -44,6 +44,8 @@ pub struct StoreConfig {
     pub max_keys: usize,
     /// Environment variable holding a secret that keys the hash of stored limit keys.
     pub key_secret_env: Option<String>,
+    /// File holding that secret (a mounted secret), instead of the variable.
+    pub key_secret_file: Option<PathBuf>,
     /// The Redis server, for `kind: redis`.
     pub redis: RedisConfig,
 }
@@ -54,6 +56,7 @@ impl Default for StoreConfig {
             kind: StoreKind::Memory,
             max_keys: 1_000_000,
             key_secret_env: None,
+            key_secret_file: None,
             redis: RedisConfig::default(),
         }
     }
@@ -268,35 +271,57 @@ impl std::fmt::Debug for StoreSettings {
     }
 }
 
+fn key_secret(key: &str, value: String) -> Result<Zeroizing<Vec<u8>>, ConfigError> {
+    let value = Zeroizing::new(value);
+    if value.len() < 16 {
+        return Err(ConfigError::new(
+            key,
+            "the key secret must hold at least 16 characters",
+        ));
+    }
+    Ok(Zeroizing::new(value.as_bytes().to_vec()))
+}
+
 impl StoreConfig {
     fn validate(&self) -> Result<StoreSettings, ConfigError> {
         if self.max_keys == 0 {
             return Err(ConfigError::new("store.max_keys", "must be at least 1"));
         }
-        let key_secret = match &self.key_secret_env {
-            None => None,
-            Some(name) => {
+        let key_secret = match (&self.key_secret_file, &self.key_secret_env) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "store.key_secret_file",
+                    "set key_secret_file or key_secret_env, not both",
+                ))
+            }
+            (Some(path), None) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new(
+                        "store.key_secret_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Some(key_secret("store.key_secret_file", text.trim().to_owned())?)
+            }
+            (None, Some(name)) => {
                 let value = std::env::var(name).map_err(|_| {
                     ConfigError::new(
                         "store.key_secret_env",
                         format!("environment variable {name} is not set"),
                     )
                 })?;
-                if value.len() < 16 {
-                    return Err(ConfigError::new(
-                        "store.key_secret_env",
-                        format!("{name} must hold at least 16 characters"),
-                    ));
-                }
-                Some(Zeroizing::new(value.into_bytes()))
+                Some(key_secret("store.key_secret_env", value)?)
             }
+            (None, None) => None,
         };
         let redis = match self.kind {
             StoreKind::Memory => None,
             StoreKind::Redis => Some(self.redis.validate()?),
         };
         if redis.is_some() && key_secret.is_none() {
-            tracing::warn!("store.kind is redis without store.key_secret_env: limit keys are hashed with a fixed key");
+            tracing::warn!(
+                "store.kind is redis without a key secret: limit keys are hashed with a fixed key"
+            );
         }
         Ok(StoreSettings {
             limits: reset_guard::StoreSettings {

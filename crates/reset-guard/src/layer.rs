@@ -18,6 +18,9 @@ pub(crate) struct GuardState {
     pub(crate) settings: GuardSettings,
     pub(crate) api_key: ApiKey,
     pub(crate) limiter: Limiter,
+    /// The Redis script's view of these settings, when limits live in Redis.
+    #[cfg(feature = "redis")]
+    pub(crate) redis_specs: Option<Arc<crate::limit::RedisSpecs>>,
 }
 
 /// What outlives a reload.
@@ -133,13 +136,17 @@ impl ResetGuardBuilder {
             counters.clone(),
             None,
         );
+        #[cfg(feature = "redis")]
+        let redis_specs = redis.as_ref().map(|r| r.specs(&self.settings.limits));
         let shared = Arc::new(Shared {
             current: ArcSwap::from_pointee(GuardState {
                 settings: self.settings,
                 api_key: self.api_key,
                 limiter,
+                #[cfg(feature = "redis")]
+                redis_specs,
             }),
-            hasher: self.hasher.unwrap_or_else(KeyHasher::random),
+            hasher: self.hasher.unwrap_or_else(|| default_hasher(&self.store)),
             #[cfg(feature = "redis")]
             redis,
             store: self.store,
@@ -151,6 +158,17 @@ impl ResetGuardBuilder {
         spawn_redis_probe(&shared);
         Ok(ResetGuardLayer { shared })
     }
+}
+
+/// Without a configured secret: a random key per process for memory limits; a fixed one
+/// for Redis, where every replica must derive the same keys.
+fn default_hasher(store: &StoreSettings) -> KeyHasher {
+    #[cfg(feature = "redis")]
+    if store.redis.is_some() {
+        return KeyHasher::from_secret(b"");
+    }
+    let _ = store;
+    KeyHasher::random()
 }
 
 /// The store could not be set up.
@@ -236,10 +254,14 @@ impl GuardHandle {
             shared.counters.clone(),
             Some(&previous.limiter),
         );
+        #[cfg(feature = "redis")]
+        let redis_specs = shared.redis.as_ref().map(|r| r.specs(&settings.limits));
         shared.current.store(Arc::new(GuardState {
             settings,
             api_key,
             limiter,
+            #[cfg(feature = "redis")]
+            redis_specs,
         }));
         #[cfg(feature = "redis")]
         if let Some(store) = &shared.redis {

@@ -22,9 +22,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 #[cfg(feature = "redis")]
-pub(crate) use self::redis::RedisStore;
-#[cfg(feature = "redis")]
 pub use self::redis::{OnError, RedisSettings};
+#[cfg(feature = "redis")]
+pub(crate) use self::redis::{RedisSpecs, RedisStore};
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub(crate) use key::Domain;
 pub use key::KeyHasher;
@@ -71,7 +71,7 @@ impl LimitGroup {
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }

@@ -5,4 +5,7 @@ mod common;
 mod emails;
 mod limits;
 mod process;
+mod redis;
+#[path = "../../../reset-guard/tests/support/redis_server.rs"]
+mod redis_server;
 mod upstream;

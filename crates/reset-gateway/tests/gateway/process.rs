@@ -247,3 +247,36 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     // And it no longer accepts.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[test]
+fn every_example_config_is_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/examples");
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("qb_api_key");
+    std::fs::write(&key_file, "k").unwrap();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        // Point file-based secrets at a temporary file, as a deployment would mount one.
+        let yaml = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("/run/secrets/qb_api_key", key_file.to_str().unwrap());
+        let copy = keys.path().join(path.file_name().unwrap());
+        std::fs::write(&copy, yaml).unwrap();
+        let out = gateway()
+            .args(["check-config", "--config"])
+            .arg(&copy)
+            .env("QB_API_KEY", "k")
+            .env("RESET_GATEWAY_KEY_SECRET", "a shared secret of some length")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
+}

@@ -1,18 +1,23 @@
--- One request's rate-limit decision, evaluated atomically on the Redis server.
+-- Rate-limit decisions for a batch of requests, evaluated atomically on the Redis server.
 --
--- KEYS: one per quota, group after group, in request order.
--- ARGV[1]: the number of groups; then, per group, its quota count followed by
---          interval_us, capacity_us and shadow (0/1) for each quota.
+-- ARGV[1]: the number of requests. ARGV[2]: the number of quota sets, each the quotas of
+--          one group: its quota count, then interval_us, capacity_us and shadow (0/1) per
+--          quota. Then, per request: its group count and the quota set of each group.
+-- KEYS: one per quota, request after request, group after group, in request order.
 --
--- Groups are decided in order with GCRA (the same arithmetic as limit/gcra.rs, in
--- microseconds of the server's own clock, so replicas need no clock sync). A group
--- charges none of its quotas unless every enforced one admits; the first group that
--- denies ends the evaluation, and the groups before it stay charged.
+-- Every key is read once (one MGET) and written once (its final value) for the whole
+-- batch: hot keys such as the global quota's are shared by every request in it.
 --
--- Returns {1, group, quota, retry_us, shadow_mask} for a denial, or
---         {0, group, quota, remaining, reset_us, shadow_mask} for the tightest admitting
---         quota (group 0: none), where shadow_mask has bit g-1 set when a shadow quota of
---         group g would have denied.
+-- Each request's groups are decided in order with GCRA (the same arithmetic as
+-- limit/gcra.rs, in microseconds of the server's own clock, so replicas need no clock
+-- sync). A group charges none of its quotas unless every enforced one admits; the first
+-- group that denies ends that request's evaluation, and the groups before it stay charged.
+--
+-- Returns six numbers per request:
+--   {1, group, quota, retry_us, 0, shadow_mask} for a denial, or
+--   {0, group, quota, remaining, reset_us, shadow_mask} for the tightest admitting quota
+--   (group 0: none), where shadow_mask has bit g-1 set when a shadow quota of group g
+--   would have denied.
 
 -- Redis before 7 needs this to write after reading TIME (effects replication).
 pcall(redis.replicate_commands)
@@ -24,61 +29,123 @@ local function int(n)
   return string.format('%.0f', n)
 end
 
-local groups = tonumber(ARGV[1])
-local a, k = 2, 1
-local shadowed = {}
-local tight_g, tight_q, tight_rem, tight_reset = 0, 0, -1, 0
+local out = {}
 
-local function shadow_mask()
-  local mask = 0
-  for g, _ in pairs(shadowed) do
-    mask = mask + 2 ^ (g - 1)
+-- The quota sets, read once for the whole batch.
+local sets = {}
+local a = 3
+for id = 1, tonumber(ARGV[2]) do
+  local n = tonumber(ARGV[a])
+  local set = {n = n, interval = {}, capacity = {}, shadow = {}}
+  for q = 1, n do
+    set.interval[q] = tonumber(ARGV[a + 3 * q - 2])
+    set.capacity[q] = tonumber(ARGV[a + 3 * q - 1])
+    set.shadow[q] = ARGV[a + 3 * q] == '1'
   end
-  return mask
+  sets[id] = set
+  a = a + 1 + 3 * n
 end
 
-for g = 1, groups do
-  local n = tonumber(ARGV[a])
-  a = a + 1
-  local interval, capacity, shadow, new_tat, ahead = {}, {}, {}, {}, {}
-  local deny_q, deny_retry = 0, -1
-  for q = 1, n do
-    interval[q] = tonumber(ARGV[a])
-    capacity[q] = tonumber(ARGV[a + 1])
-    shadow[q] = ARGV[a + 2] == '1'
-    a = a + 3
-    local stored = redis.call('GET', KEYS[k + q - 1])
-    local tat = stored and tonumber(stored) or 0
-    if tat < now then
-      tat = now
-    end
-    local candidate = tat + interval[q]
-    local lead = candidate - now
-    if lead > capacity[q] then
-      if shadow[q] then
-        shadowed[g] = true
-      elseif lead - capacity[q] > deny_retry then
-        deny_q, deny_retry = q, lead - capacity[q]
+-- Every distinct key, read once.
+local tats, order, seen = {}, {}, {}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  if not seen[key] then
+    seen[key] = true
+    order[#order + 1] = key
+  end
+end
+if #order > 0 then
+  local values = redis.call('MGET', unpack(order))
+  for i, key in ipairs(order) do
+    tats[key] = values[i] and tonumber(values[i]) or 0
+  end
+end
+local dirty = {}
+
+local k = 1
+local new_tat = {}
+
+local function decide()
+  local shadowed = 0
+  local tight_g, tight_q, tight_rem, tight_reset = 0, 0, -1, 0
+  local groups = tonumber(ARGV[a])
+  local first_arg = a + 1
+  a = a + 1 + groups
+  local denial = false
+  for g = 1, groups do
+    local set = sets[tonumber(ARGV[first_arg + g - 1])]
+    local n = set.n
+    if not denial then
+      local interval, capacity, shadow = set.interval, set.capacity, set.shadow
+      local deny_q, deny_retry, shadow_hit = 0, -1, false
+      for q = 1, n do
+        local tat = tats[KEYS[k + q - 1]]
+        if tat < now then
+          tat = now
+        end
+        local candidate = tat + interval[q]
+        local lead = candidate - now
+        if lead > capacity[q] then
+          new_tat[q] = false
+          if shadow[q] then
+            shadow_hit = true
+          elseif lead - capacity[q] > deny_retry then
+            deny_q, deny_retry = q, lead - capacity[q]
+          end
+        else
+          new_tat[q] = candidate
+        end
       end
-    else
-      new_tat[q], ahead[q] = candidate, lead
-    end
-  end
-  if deny_q > 0 then
-    return {1, g, deny_q, deny_retry, shadow_mask()}
-  end
-  for q = 1, n do
-    if new_tat[q] then
-      -- The key expires once its TAT passes: from then on it equals no state at all.
-      redis.call('SET', KEYS[k + q - 1], int(new_tat[q]), 'PX', int(math.floor(ahead[q] / 1000) + 1))
-      if not shadow[q] then
-        local remaining = math.floor((capacity[q] - ahead[q]) / interval[q])
-        if tight_rem < 0 or remaining < tight_rem then
-          tight_g, tight_q, tight_rem, tight_reset = g, q, remaining, ahead[q]
+      if shadow_hit then
+        shadowed = shadowed + 2 ^ (g - 1)
+      end
+      if deny_q > 0 then
+        denial = true
+        out[#out + 1] = 1
+        out[#out + 1] = g
+        out[#out + 1] = deny_q
+        out[#out + 1] = deny_retry
+        out[#out + 1] = 0
+      else
+        for q = 1, n do
+          if new_tat[q] then
+            local key = KEYS[k + q - 1]
+            tats[key] = new_tat[q]
+            dirty[key] = true
+            if not shadow[q] then
+              local lead = new_tat[q] - now
+              local remaining = math.floor((capacity[q] - lead) / interval[q])
+              if tight_rem < 0 or remaining < tight_rem then
+                tight_g, tight_q, tight_rem, tight_reset = g, q, remaining, lead
+              end
+            end
+          end
         end
       end
     end
+    k = k + n
   end
-  k = k + n
+  if not denial then
+    out[#out + 1] = 0
+    out[#out + 1] = tight_g
+    out[#out + 1] = tight_q
+    out[#out + 1] = math.max(tight_rem, 0)
+    out[#out + 1] = tight_reset
+  end
+  out[#out + 1] = shadowed
 end
-return {0, tight_g, tight_q, tight_rem, tight_reset, shadow_mask()}
+
+for _ = 1, tonumber(ARGV[1]) do
+  decide()
+end
+
+-- Each changed key once, with its final TAT; it expires once that TAT passes, and from
+-- then on equals no state at all.
+for _, key in ipairs(order) do
+  if dirty[key] then
+    local tat = tats[key]
+    redis.call('SET', key, int(tat), 'PX', math.floor((tat - now) / 1000) + 1)
+  end
+end
+return out

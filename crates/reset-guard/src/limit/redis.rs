@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Clock, Denial, LimitCounters, LimitGroup, LimitSettings, MonotonicClock, Quota, Standing,
@@ -18,6 +19,146 @@ use crate::check::Decision;
 
 /// Most denials remembered locally.
 const DENIAL_CACHE_LIMIT: usize = 100_000;
+/// Most requests waiting for Redis; beyond that they fail fast (as `on_error` says).
+const QUEUE_LIMIT: usize = 65_536;
+/// Most requests decided by one script call.
+const MAX_BATCH: usize = 128;
+/// Numbers the script returns per request.
+const REPLY_LEN: usize = 6;
+
+/// One request's charges under one settings generation, and where its six numbers go.
+struct Job {
+    specs: Arc<RedisSpecs>,
+    charges: Vec<(LimitGroup, u64)>,
+    reply: oneshot::Sender<Result<[i64; REPLY_LEN], String>>,
+}
+
+/// The script's view of one settings generation, prepared once per reload: per group, the
+/// quota arguments and the key prefix of each quota.
+#[derive(Debug)]
+pub(crate) struct RedisSpecs {
+    groups: [GroupSpec; 4],
+}
+
+#[derive(Debug, Default)]
+struct GroupSpec {
+    /// Quota count, then interval_us, capacity_us, shadow per quota.
+    args: Vec<u64>,
+    /// `{prefix}:{group}:{interval_us}.{capacity_us}:` per quota. The quota's numbers are
+    /// part of the key: a changed quota starts fresh, an unchanged one keeps its state
+    /// across reloads and replicas.
+    prefixes: Vec<String>,
+}
+
+impl RedisSpecs {
+    pub(crate) fn new(limits: &LimitSettings, prefix: &str) -> Self {
+        let groups = LimitGroup::ALL.map(|group| {
+            let quotas = limits.quotas(group);
+            let mut spec = GroupSpec {
+                args: vec![quotas.len() as u64],
+                prefixes: Vec::new(),
+            };
+            for quota in quotas {
+                let interval_us = (quota.interval_ns / 1000).max(1);
+                let capacity_us = interval_us * u64::from(quota.burst);
+                spec.args
+                    .extend([interval_us, capacity_us, u64::from(quota.shadow)]);
+                spec.prefixes.push(format!(
+                    "{prefix}:{}:{interval_us}.{capacity_us}:",
+                    group.name()
+                ));
+            }
+            spec
+        });
+        RedisSpecs { groups }
+    }
+
+    fn group(&self, group: LimitGroup) -> &GroupSpec {
+        &self.groups[group.index()]
+    }
+}
+
+/// Builds one script call for a batch: the quota sets of every settings generation in
+/// it, once, then each request's groups and keys.
+fn invocation<'a>(script: &'a redis::Script, batch: &[Job]) -> redis::ScriptInvocation<'a> {
+    let mut generations: Vec<&Arc<RedisSpecs>> = Vec::new();
+    for job in batch {
+        if !generations.iter().any(|g| Arc::ptr_eq(g, &job.specs)) {
+            generations.push(&job.specs);
+        }
+    }
+    let mut invocation = script.prepare_invoke();
+    invocation.arg(batch.len()).arg(generations.len() * 4);
+    for specs in &generations {
+        for spec in &specs.groups {
+            for arg in &spec.args {
+                invocation.arg(*arg);
+            }
+        }
+    }
+    let mut key = String::new();
+    for job in batch {
+        let generation = generations
+            .iter()
+            .position(|g| Arc::ptr_eq(g, &job.specs))
+            .unwrap_or(0);
+        invocation.arg(job.charges.len());
+        for (group, _) in &job.charges {
+            invocation.arg(generation * 4 + group.index() + 1);
+        }
+        for (group, hash) in &job.charges {
+            for prefix in &job.specs.group(*group).prefixes {
+                use std::fmt::Write;
+                key.clear();
+                let _ = write!(key, "{prefix}{hash:016x}");
+                invocation.key(key.as_str());
+            }
+        }
+    }
+    invocation
+}
+
+/// Gathers whatever requests are waiting into one script call, so a busy gateway makes
+/// one round trip for many requests; each request is still decided atomically, in order.
+async fn run_batches(
+    mut queue: mpsc::Receiver<Job>,
+    connection: ConnectionManager,
+    script: Arc<redis::Script>,
+    timeout: Duration,
+) {
+    let mut connection = connection;
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // One call at a time: Redis runs scripts one after another anyway, and whatever
+        // arrives meanwhile rides in the next batch.
+        let invocation = invocation(&script, &batch);
+        let call = invocation.invoke_async::<Vec<i64>>(&mut connection);
+        let outcome = match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(values)) if values.len() == REPLY_LEN * batch.len() => Ok(values),
+            Ok(Ok(_)) => Err("unexpected reply from the rate-limit script".to_owned()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err("timed out".to_owned()),
+        };
+        for (i, job) in batch.into_iter().enumerate() {
+            let reply = match &outcome {
+                Ok(values) => {
+                    let mut six = [0; REPLY_LEN];
+                    six.copy_from_slice(&values[i * REPLY_LEN..(i + 1) * REPLY_LEN]);
+                    Ok(six)
+                }
+                Err(error) => Err(error.clone()),
+            };
+            // The request may have given up already; that is fine.
+            let _ = job.reply.send(reply);
+        }
+    }
+}
 
 /// What to do with a request when Redis cannot be asked in time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -56,6 +197,8 @@ impl RedisSettings {
 pub(crate) struct RedisStore {
     connection: ConnectionManager,
     script: Arc<redis::Script>,
+    /// The batching worker's queue, started on first use (inside the runtime).
+    queue: OnceLock<mpsc::Sender<Job>>,
     prefix: String,
     timeout: Duration,
     on_error: OnError,
@@ -94,6 +237,7 @@ impl RedisStore {
         Ok(RedisStore {
             connection,
             script: Arc::new(redis::Script::new(include_str!("redis.lua"))),
+            queue: OnceLock::new(),
             prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
             on_error: settings.on_error,
@@ -118,6 +262,11 @@ impl RedisStore {
     /// What `on_error` says.
     pub(crate) fn on_error(&self) -> OnError {
         self.on_error
+    }
+
+    /// The script's view of a settings generation.
+    pub(crate) fn specs(&self, limits: &LimitSettings) -> Arc<RedisSpecs> {
+        Arc::new(RedisSpecs::new(limits, &self.prefix))
     }
 
     /// Forgets cached denials (after a reload, quotas may have changed).
@@ -152,6 +301,7 @@ impl RedisStore {
     pub(crate) fn decide(
         self: &Arc<Self>,
         limits: &LimitSettings,
+        specs: &Arc<RedisSpecs>,
         charges: &[(LimitGroup, u64)],
     ) -> Pin<Box<dyn Future<Output = Decision> + Send>> {
         let now = self.clock.now();
@@ -169,47 +319,46 @@ impl RedisStore {
             };
             return Box::pin(std::future::ready(decision));
         }
-        let mut keys = Vec::new();
-        let mut args: Vec<u64> = vec![charges.len() as u64];
-        for &(group, key) in charges {
-            let group_quotas = limits.quotas(group);
-            args.push(group_quotas.len() as u64);
-            for quota in group_quotas {
-                let interval_us = (quota.interval_ns / 1000).max(1);
-                let capacity_us = interval_us * u64::from(quota.burst);
-                // The quota's numbers are part of the key: a changed quota starts fresh,
-                // an unchanged one keeps its state across reloads and replicas.
-                keys.push(format!(
-                    "{}:{}:{interval_us}.{capacity_us}:{key:016x}",
-                    self.prefix,
-                    group.name()
-                ));
-                args.extend([interval_us, capacity_us, u64::from(quota.shadow)]);
-            }
-        }
-        let store = self.clone();
         let groups: Vec<(LimitGroup, u64)> = charges.to_vec();
         let quotas: Vec<Vec<Quota>> = groups
             .iter()
             .map(|(g, _)| limits.quotas(*g).to_vec())
             .collect();
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            specs: specs.clone(),
+            charges: groups.clone(),
+            reply,
+        };
+        let queued = self.queue().try_send(job);
+        let store = self.clone();
         Box::pin(async move {
-            let mut invocation = store.script.prepare_invoke();
-            for key in &keys {
-                invocation.key(key);
+            if queued.is_err() {
+                return store.failed("too many requests waiting for Redis");
             }
-            for arg in &args {
-                invocation.arg(*arg);
+            match tokio::time::timeout(store.timeout, answer).await {
+                Ok(Ok(Ok(reply))) => {
+                    store.healthy.store(true, Ordering::Relaxed);
+                    store.read_reply(&reply, &groups, &quotas, cached)
+                }
+                Ok(Ok(Err(error))) => store.failed(&error),
+                Ok(Err(_)) => store.failed("the Redis worker stopped"),
+                Err(_) => store.failed("timed out"),
             }
-            let mut connection = store.connection.clone();
-            let call = invocation.invoke_async::<Vec<i64>>(&mut connection);
-            let reply = match tokio::time::timeout(store.timeout, call).await {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(error)) => return store.failed(&error.to_string()),
-                Err(_) => return store.failed("timed out"),
-            };
-            store.healthy.store(true, Ordering::Relaxed);
-            store.read_reply(&reply, &groups, &quotas, cached)
+        })
+    }
+
+    /// The worker's queue, starting the worker on first use.
+    fn queue(&self) -> &mpsc::Sender<Job> {
+        self.queue.get_or_init(|| {
+            let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
+            tokio::spawn(run_batches(
+                receiver,
+                self.connection.clone(),
+                self.script.clone(),
+                self.timeout,
+            ));
+            sender
         })
     }
 
@@ -225,7 +374,7 @@ impl RedisStore {
 
     fn read_reply(
         &self,
-        reply: &[i64],
+        reply: &[i64; REPLY_LEN],
         groups: &[(LimitGroup, u64)],
         limits: &[Vec<Quota>],
         cached: Option<(usize, Denial)>,
@@ -237,7 +386,7 @@ impl RedisStore {
             let (group, key) = *groups.get(gi)?;
             Some((gi, group, key, *limits.get(gi)?.get(qi)?))
         };
-        let shadow_mask = if field(0) == 1 { field(4) } else { field(5) };
+        let shadow_mask = field(5);
         for (i, (group, _)) in groups.iter().enumerate() {
             if shadow_mask & (1 << i) != 0 {
                 self.counters.count_shadow(*group);
