@@ -23,7 +23,8 @@ pub fn settings(listen: SocketAddr, upstream_url: &str) -> anyhow::Result<Settin
         "server:\n  listen: \"{listen}\"\n  shutdown_grace: 2s\n\
          upstream:\n  url: \"{upstream_url}\"\n  timeout: 2s\n\
          guard:\n  clients:\n    - id: demo-app\n      token_sha256: {digest}\n\
-         log:\n  format: text\n"
+         log:\n  format: text\n\
+         admin:\n  listen: 127.0.0.1:0\n"
     );
     let key = ApiKey::new(DEMO_API_KEY).expect("the demo key is valid");
     Ok(GatewayConfig::from_yaml(&yaml)?.validate_with_key(&yaml, key)?)
@@ -47,6 +48,10 @@ pub async fn run(
         format!("is another process on {listen}? try `demo --listen 127.0.0.1:8081`")
     })?;
     println!("{}", instructions(app.local_addr(), &mock.url()));
+    println!(
+        "# health, readiness and Prometheus metrics\ncurl http://{}/metrics\n",
+        app.admin_addr()
+    );
     app.run(shutdown).await?;
     mock.shutdown().await;
     Ok(())

@@ -3,14 +3,18 @@
 //! [`build`] binds the listener and wires the stack from checked [`Settings`]; tests call it
 //! in-process, `main` only parses arguments and calls it.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod hop_by_hop;
+pub mod metrics;
+pub mod reload;
 pub mod request_id;
 pub mod server;
 pub mod signal;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 pub use config::{load, GatewayConfig, Settings};

@@ -26,9 +26,11 @@ fn main() -> ExitCode {
                 Err(error) => return invalid(&cli.config, &error),
             };
             telemetry::init(&settings.log);
+            let path = cli.config.clone();
             runtime(async move {
                 let app = reset_gateway::build(settings).await?;
-                tracing::info!(listen = %app.local_addr(), "serving");
+                tokio::spawn(app.reloader(path).watch());
+                tracing::info!(listen = %app.local_addr(), admin = %app.admin_addr(), "serving");
                 app.run(signal::terminate()).await
             })
         }

@@ -47,13 +47,18 @@ pub struct AccessRecord<'a> {
 }
 
 impl AccessRecord<'_> {
-    /// Emits the line.
-    pub fn emit(&self) {
-        let outcome = match (self.rejection, self.guarded) {
+    /// The outcome label for logs and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match (self.rejection, self.guarded) {
             (Some(rejection), _) => rejection.outcome(),
             (None, Some(_)) => "forwarded",
             (None, None) => "passed_through",
-        };
+        }
+    }
+
+    /// Emits the line.
+    pub fn emit(&self) {
+        let outcome = self.outcome();
         let limit = match self.rejection {
             Some(Rejection::RateLimited(denial)) => Some(denial.group.name()),
             _ => None,

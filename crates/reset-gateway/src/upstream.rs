@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, HOST};
 use http::uri::PathAndQuery;
@@ -46,10 +47,11 @@ pub struct UpstreamExchange {
     pub duration: Duration,
 }
 
-/// Forwards requests to QuickBlox over a pooled HTTP/1.1 or HTTP/2 client.
+/// Forwards requests to QuickBlox over a pooled HTTP/1.1 or HTTP/2 client. Clones share
+/// one client; [`reload`](Forwarder::reload) replaces it for every clone.
 #[derive(Clone)]
 pub struct Forwarder {
-    inner: Arc<Inner>,
+    inner: Arc<ArcSwap<Inner>>,
 }
 
 struct Inner {
@@ -60,6 +62,28 @@ struct Inner {
 impl Forwarder {
     /// Builds the client: TLS via rustls with the web PKI roots plus `ca_file`.
     pub fn new(settings: UpstreamSettings) -> anyhow::Result<Forwarder> {
+        Ok(Forwarder {
+            inner: Arc::new(ArcSwap::from_pointee(Inner::new(settings)?)),
+        })
+    }
+
+    /// Prepares a client for new settings without using it yet (a reload applies it
+    /// only once everything else in the file has been checked too).
+    pub fn prepare(settings: UpstreamSettings) -> anyhow::Result<PreparedUpstream> {
+        Ok(PreparedUpstream(Inner::new(settings)?))
+    }
+
+    /// Uses a prepared client from now on; requests in flight finish on the old one.
+    pub fn apply(&self, prepared: PreparedUpstream) {
+        self.inner.store(Arc::new(prepared.0));
+    }
+}
+
+/// A client built from reloaded settings, not yet in use.
+pub struct PreparedUpstream(Inner);
+
+impl Inner {
+    fn new(settings: UpstreamSettings) -> anyhow::Result<Inner> {
         let mut roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
@@ -106,17 +130,18 @@ impl Forwarder {
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle)
             .build(connector);
-        Ok(Forwarder {
-            inner: Arc::new(Inner { client, settings }),
-        })
+        Ok(Inner { client, settings })
     }
+}
 
+impl Forwarder {
     async fn forward(self, mut request: Request<Incoming>) -> Response<ForwardBody> {
         let started = Instant::now();
+        let inner = self.inner.load_full();
         let guarded = request.extensions_mut().remove::<GuardedRequest>();
         let (response, status) = match &guarded {
-            Some(guarded) => self.forward_reset(request, guarded).await,
-            None => self.forward_other(request).await,
+            Some(guarded) => inner.forward_reset(request, guarded).await,
+            None => inner.forward_other(request).await,
         };
         let mut response = match response {
             Ok(response) => response,
@@ -135,7 +160,9 @@ impl Forwarder {
         }
         response
     }
+}
 
+impl Inner {
     /// A checked reset: a fresh request carrying only the email, the server key, the
     /// request id, the forwarding chain and the allowed headers; the answer read whole
     /// within the timeout, so a never-ending body is a 504 too.
@@ -147,7 +174,7 @@ impl Forwarder {
         Result<Response<ForwardBody>, Rejection>,
         Option<http::StatusCode>,
     ) {
-        let settings = &self.inner.settings;
+        let settings = &self.settings;
         let uri = format!(
             "{}{}?email={}",
             settings.base,
@@ -185,7 +212,7 @@ impl Forwarder {
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = headers;
 
-        let client = &self.inner.client;
+        let client = &self.client;
         let exchange = async {
             let response = client.request(upstream).await.map_err(classify)?;
             let (mut parts, body) = response.into_parts();
@@ -221,7 +248,7 @@ impl Forwarder {
         Result<Response<ForwardBody>, Rejection>,
         Option<http::StatusCode>,
     ) {
-        let settings = &self.inner.settings;
+        let settings = &self.settings;
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
         let Ok(uri) = format!("{}{}", settings.base, path).parse::<Uri>() else {
@@ -243,7 +270,7 @@ impl Forwarder {
         *upstream.method_mut() = parts.method;
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers;
-        match timeout(settings.timeout, self.inner.client.request(upstream)).await {
+        match timeout(settings.timeout, self.client.request(upstream)).await {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 hop_by_hop::strip(&mut parts.headers);

@@ -38,6 +38,13 @@ impl<B> GuardBody<B> {
     }
 }
 
+/// An empty body (what a CORS preflight answer carries).
+impl<B> Default for GuardBody<B> {
+    fn default() -> Self {
+        GuardBody::Full { data: None }
+    }
+}
+
 impl<B> Body for GuardBody<B>
 where
     B: Body<Data = Bytes>,

@@ -33,6 +33,7 @@ pub fn yaml(upstream: &str, guard_extra: &str, top_extra: &str) -> String {
     let web = TokenDigest::of(WEB_TOKEN.as_bytes()).to_hex();
     format!(
         "server:\n  listen: 127.0.0.1:0\n  header_read_timeout: 300ms\n  shutdown_grace: 5s\n\
+         admin:\n  listen: 127.0.0.1:0\n\
          upstream:\n  url: {upstream}\n  timeout: 400ms\n  connect_timeout: 400ms\n  pass_headers: [User-Agent, X-Trace]\n\
          guard:\n  clients:\n    - id: ios\n      token_sha256: {ios}\n    - id: web\n      token_sha256: {web}\n{guard_extra}{limits}\
          {top_extra}",

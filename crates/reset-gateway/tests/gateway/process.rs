@@ -131,7 +131,7 @@ fn check_config_names_the_key_and_line() {
     );
 
     let stderr = check_config_error(&base.replace("timeout: 400ms", "timeout: soon"), true);
-    assert!(stderr.contains("upstream.timeout (line 7)"), "{stderr}");
+    assert!(stderr.contains("upstream.timeout (line 9)"), "{stderr}");
 
     let stderr = check_config_error(
         &base.replace("listen: 127.0.0.1:0", "listen: nowhere"),
@@ -156,7 +156,7 @@ fn an_api_key_written_in_the_file_is_refused_without_echoing_it() {
     let base = yaml("http://127.0.0.1:9", "", "");
     let with_key = base.replace("upstream:\n", "upstream:\n  api_key: sk-live-0123456789\n");
     let stderr = check_config_error(&with_key, true);
-    assert!(stderr.contains("upstream.api_key (line 6)"), "{stderr}");
+    assert!(stderr.contains("upstream.api_key (line 8)"), "{stderr}");
     assert!(!stderr.contains("sk-live-0123456789"), "{stderr}");
 }
 

@@ -1,0 +1,100 @@
+//! The admin listener (SPEC §10): `/healthz`, `/readyz`, `/metrics`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use reset_guard::GuardHandle;
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+
+/// What the admin endpoints report on.
+#[derive(Debug)]
+pub struct Status {
+    /// Set once shutdown starts: readiness fails so load balancers stop sending traffic.
+    pub draining: AtomicBool,
+    pub guard: GuardHandle,
+    pub metrics: Metrics,
+}
+
+impl Status {
+    /// Ready to take traffic: not draining, and the limit store can serve.
+    pub fn ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && self.guard.store_ready()
+    }
+}
+
+/// Serves the admin endpoints on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, status: Arc<Status>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request| answer(status.clone(), request));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    use anyhow::Context as _;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("admin.listen: cannot listen on {addr}"))
+}
+
+async fn answer(
+    status: Arc<Status>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
+    }
+    Ok(match request.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if status.ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" if status.draining.load(Ordering::Relaxed) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rate-limit store unavailable\n",
+        ),
+        "/metrics" => {
+            let mut response = Response::new(Full::new(Bytes::from(status.metrics.render())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8"
+                    .parse()
+                    .expect("valid"),
+            );
+            response
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    })
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "text/plain; charset=utf-8".parse().expect("valid"),
+    );
+    response
+}

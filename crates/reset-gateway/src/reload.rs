@@ -1,0 +1,152 @@
+//! Live reload (SPEC §10): on SIGHUP and when the file changes, the file is read and
+//! checked in full; only then is anything applied. A bad file is logged and counted and
+//! the running configuration stays.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::admin::Status;
+use crate::config::{load, Settings};
+use crate::tls::CertStore;
+use crate::upstream::Forwarder;
+
+/// How often the file is looked at for changes.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Reloads one running gateway from its file.
+pub struct Reloader {
+    path: PathBuf,
+    status: Arc<Status>,
+    forwarder: Forwarder,
+    certs: Option<Arc<CertStore>>,
+    /// What needs a restart to change, as the process started with it.
+    fixed: Fixed,
+}
+
+#[derive(Debug, PartialEq)]
+struct Fixed {
+    listen: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    tls: bool,
+    redis: bool,
+    max_connections: usize,
+}
+
+impl Fixed {
+    fn of(settings: &Settings) -> Self {
+        Fixed {
+            listen: settings.server.listen,
+            admin: settings.server.admin_listen,
+            tls: settings.server.tls.is_some(),
+            redis: settings.store.limits.redis.is_some(),
+            max_connections: settings.server.max_connections,
+        }
+    }
+}
+
+impl Reloader {
+    pub(crate) fn new(
+        path: PathBuf,
+        status: Arc<Status>,
+        forwarder: Forwarder,
+        certs: Option<Arc<CertStore>>,
+        settings: &Settings,
+    ) -> Self {
+        Reloader {
+            path,
+            status,
+            forwarder,
+            certs,
+            fixed: Fixed::of(settings),
+        }
+    }
+
+    /// Reads, checks and applies the file: guard settings and limits (state kept for
+    /// unchanged quotas), the API key (re-read: key rotation), the upstream client and the
+    /// TLS certificate. Listeners, TLS on/off, the store kind and logging need a restart.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let result = self.try_reload();
+        self.status.metrics.reload(result.is_ok());
+        match &result {
+            Ok(()) => tracing::info!(path = %self.path.display(), "configuration reloaded"),
+            Err(error) => tracing::error!(
+                path = %self.path.display(),
+                error = %error,
+                "configuration reload rejected; the running configuration stays"
+            ),
+        }
+        result
+    }
+
+    fn try_reload(&self) -> anyhow::Result<()> {
+        let settings = load(&self.path)?;
+        let fixed = Fixed::of(&settings);
+        if fixed != self.fixed {
+            tracing::warn!(
+                "listen addresses, TLS on/off, the store kind and max_connections change only on restart"
+            );
+        }
+        // Everything that can fail is prepared first; nothing is applied until all of it worked.
+        let upstream = Forwarder::prepare(settings.upstream.clone())?;
+        if let (Some(certs), Some(files)) = (&self.certs, &settings.server.tls) {
+            certs.reload(files)?;
+        }
+        self.forwarder.apply(upstream);
+        self.status.guard.update(settings.guard, settings.api_key);
+        Ok(())
+    }
+
+    /// Reloads on SIGHUP and whenever the file's contents change, until the process ends.
+    pub async fn watch(self) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(hangup) => hangup,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGHUP; reloading on file change only");
+                return self.poll_only().await;
+            }
+        };
+        let mut seen = self.fingerprint();
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP received");
+                    seen = self.fingerprint();
+                    let _ = self.reload();
+                }
+                _ = tick.tick() => {
+                    let now = self.fingerprint();
+                    if now.is_some() && now != seen {
+                        seen = now;
+                        let _ = self.reload();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn poll_only(self) {
+        let mut seen = self.fingerprint();
+        loop {
+            tokio::time::sleep(POLL_INTERVAL).await;
+            let now = self.fingerprint();
+            if now.is_some() && now != seen {
+                seen = now;
+                let _ = self.reload();
+            }
+        }
+    }
+
+    /// A digest of the file's contents (not its timestamp: ConfigMaps swap symlinks, and
+    /// editors rewrite files, without the contents always changing).
+    fn fingerprint(&self) -> Option<[u8; 32]> {
+        std::fs::read(&self.path)
+            .ok()
+            .map(|bytes| Sha256::digest(bytes).into())
+    }
+}

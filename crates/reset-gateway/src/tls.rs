@@ -1,0 +1,95 @@
+//! TLS termination with rustls: ALPN h2 and http/1.1, and a certificate that a config
+//! reload can replace without dropping a connection.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use rustls::crypto::ring::default_provider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsConfig;
+
+/// The certificate in force; swapped whole on reload.
+#[derive(Debug)]
+pub struct CertStore {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl CertStore {
+    /// Loads the certificate chain and key.
+    pub fn load(tls: &TlsConfig) -> anyhow::Result<Arc<CertStore>> {
+        Ok(Arc::new(CertStore {
+            current: ArcSwap::from_pointee(certified_key(&tls.cert_file, &tls.key_file)?),
+        }))
+    }
+
+    /// Replaces the certificate; new handshakes use it, open connections keep theirs.
+    pub fn reload(&self, tls: &TlsConfig) -> anyhow::Result<()> {
+        self.current
+            .store(Arc::new(certified_key(&tls.cert_file, &tls.key_file)?));
+        Ok(())
+    }
+
+    /// An acceptor that offers HTTP/2 and HTTP/1.1.
+    pub fn acceptor(self: &Arc<Self>) -> anyhow::Result<TlsAcceptor> {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(default_provider()))
+            .with_safe_default_protocol_versions()
+            .context("TLS setup")?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn certified_key(cert_file: &Path, key_file: &Path) -> anyhow::Result<CertifiedKey> {
+    let chain = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| {
+            format!(
+                "server.tls.cert_file: cannot read certificates from {}",
+                cert_file.display()
+            )
+        })?;
+    anyhow::ensure!(
+        !chain.is_empty(),
+        "server.tls.cert_file: no certificate in {}",
+        cert_file.display()
+    );
+    // The key's own parse error is not shown: it could quote key material.
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|_| {
+        anyhow::anyhow!(
+            "server.tls.key_file: no PEM private key in {}",
+            key_file.display()
+        )
+    })?;
+    let signing = default_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "server.tls.key_file: unsupported private key in {}",
+                key_file.display()
+            )
+        })?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(|_| {
+        anyhow::anyhow!(
+            "server.tls: the key in {} does not match the certificate",
+            key_file.display()
+        )
+    })?;
+    Ok(certified)
+}
