@@ -12,15 +12,15 @@ use anyhow::Context as _;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderName, Method, Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use reset_guard::{
     GuardBody, GuardHandle, GuardedRequest, PeerAddr, Rejection, ResetGuard, ResetGuardLayer,
     UpstreamStatus, RATELIMIT, RATELIMIT_POLICY,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -170,20 +170,7 @@ impl App {
     /// in-flight requests finish for up to `server.shutdown_grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let server = &self.settings.server;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            // Also closes keep-alive connections idle for that long between requests.
-            .header_read_timeout(server.header_read_timeout)
-            .max_buf_size(server.max_header_bytes)
-            .keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
-            .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(20));
+        let protocols = Protocols::new(server);
         tokio::spawn(admin::serve(self.admin, self.status.clone()));
         let connections = Arc::new(Semaphore::new(server.max_connections));
         let graceful = GracefulShutdown::new();
@@ -209,35 +196,22 @@ impl App {
             };
             let _ = stream.set_nodelay(true);
             let connection = Connection {
-                builder: builder.clone(),
-                shared: self.shared.clone(),
-                peer,
+                protocols: protocols.clone(),
+                service: GatewayService {
+                    shared: self.shared.clone(),
+                    peer,
+                },
+                head_timeout: server.header_read_timeout,
+                watcher: graceful.watcher(),
             };
-            match &self.tls {
-                Some(acceptor) => {
-                    let acceptor = acceptor.clone();
-                    let watcher = graceful.watcher();
-                    let handshake_timeout = server.header_read_timeout;
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(tls)) => connection.serve(tls, |c| watcher.watch(c)).await,
-                            Ok(Err(error)) => {
-                                tracing::debug!(%peer, %error, "TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                        }
-                    });
+            let tls = self.tls.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tls {
+                    Some(acceptor) => connection.serve_tls(acceptor, stream).await,
+                    None => connection.serve_plain(stream).await,
                 }
-                None => {
-                    let watcher = graceful.watcher();
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        connection.serve(stream, |c| watcher.watch(c)).await;
-                    });
-                }
-            }
+            });
         }
         self.status.draining.store(true, Ordering::Relaxed);
         drop(self.listener);
@@ -253,31 +227,114 @@ impl App {
     }
 }
 
-struct Connection {
-    builder: auto::Builder<TokioExecutor>,
-    shared: Arc<Shared>,
-    peer: SocketAddr,
+/// The HTTP/1.1 and HTTP/2 server settings.
+#[derive(Clone)]
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
 }
 
+impl Protocols {
+    fn new(server: &crate::config::ServerSettings) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            // Also closes keep-alive connections idle for that long between requests.
+            .header_read_timeout(server.header_read_timeout)
+            .max_buf_size(server.max_header_bytes)
+            .keep_alive(true);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Protocols { http1, http2 }
+    }
+}
+
+/// One accepted connection, before its protocol is known.
+struct Connection {
+    protocols: Protocols,
+    service: GatewayService,
+    head_timeout: Duration,
+    watcher: Watcher,
+}
+
+/// The HTTP/2 connection preface a cleartext (h2c prior knowledge) client starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 impl Connection {
-    async fn serve<I, W, F>(self, io: I, watch: W)
-    where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        W: FnOnce(auto::Connection<'static, TokioIo<I>, GatewayService, TokioExecutor>) -> F,
-        F: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
-    {
-        let Connection {
-            builder,
-            shared,
-            peer,
-        } = self;
-        let service = GatewayService { shared, peer };
-        let connection = builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        if let Err(error) = watch(connection).await {
-            tracing::debug!(%peer, error = %error, "connection ended with an error");
+    /// Cleartext: HTTP/2 if the client opens with the preface, else HTTP/1.1. A client
+    /// that sends nothing is dropped after the header read timeout, so silent connections
+    /// cannot hold `max_connections` slots.
+    async fn serve_plain(self, stream: TcpStream) {
+        let peer = self.service.peer;
+        match tokio::time::timeout(self.head_timeout, opens_with_preface(&stream)).await {
+            Ok(Ok(true)) => self.serve_h2(stream).await,
+            Ok(Ok(false)) => self.serve_h1(stream).await,
+            Ok(Err(error)) => tracing::debug!(%peer, %error, "connection failed before a request"),
+            Err(_) => tracing::debug!(%peer, "no request within the header read timeout"),
         }
+    }
+
+    /// TLS: the handshake must finish within the header read timeout; ALPN picks the protocol.
+    async fn serve_tls(self, acceptor: TlsAcceptor, stream: TcpStream) {
+        let peer = self.service.peer;
+        match tokio::time::timeout(self.head_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    self.serve_h2(tls).await
+                } else {
+                    self.serve_h1(tls).await
+                }
+            }
+            Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        }
+    }
+
+    async fn serve_h1<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self, io: I) {
+        let peer = self.service.peer;
+        let connection = self
+            .protocols
+            .http1
+            .serve_connection(TokioIo::new(io), self.service);
+        if let Err(error) = self.watcher.watch(connection).await {
+            tracing::debug!(%peer, %error, "HTTP/1.1 connection ended with an error");
+        }
+    }
+
+    async fn serve_h2<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self, io: I) {
+        let peer = self.service.peer;
+        let connection = self
+            .protocols
+            .http2
+            .serve_connection(TokioIo::new(io), self.service);
+        if let Err(error) = self.watcher.watch(connection).await {
+            tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
+        }
+    }
+}
+
+/// Peeks until the bytes received so far either are the whole HTTP/2 preface or stop
+/// matching it.
+async fn opens_with_preface(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // A partial preface stays readable until more arrives: poll gently instead of
+        // spinning (the caller's timeout bounds the wait).
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -21,6 +21,7 @@ pub const RESET: &str = "/users/password/reset.json";
 
 pub struct Gateway {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub mock: MockServer,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -72,12 +73,14 @@ impl Gateway {
             .unwrap();
         let app = reset_gateway::build(settings).await.unwrap();
         let addr = app.local_addr();
+        let admin = app.admin_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run(async {
             let _ = stopped.await;
         }));
         Gateway {
             addr,
+            admin,
             mock,
             stop: Some(stop),
             task: Some(task),
@@ -110,6 +113,15 @@ impl Gateway {
         head.push_str("\r\n");
         head.push_str(body);
         raw(self.addr, head.as_bytes()).await
+    }
+
+    /// `GET` on the admin listener.
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        raw(
+            self.admin,
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
     }
 
     pub async fn stop(mut self) {

@@ -4,6 +4,7 @@ mod checks;
 mod common;
 mod emails;
 mod limits;
+mod operations;
 mod process;
 mod redis;
 #[path = "../../../reset-guard/tests/support/redis_server.rs"]

@@ -186,8 +186,37 @@ fn the_key_can_come_from_a_file() {
     );
 }
 
-/// Starts the binary and waits for its "serving" log line; returns the child and address.
-fn spawn_gateway(config: &std::path::Path) -> (Child, std::net::SocketAddr) {
+/// A gateway process and everything it has logged so far.
+pub struct Process {
+    pub child: Child,
+    pub addr: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Process {
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary and waits for its "serving" log line.
+pub fn spawn_gateway(config: &std::path::Path) -> Process {
     let mut child = gateway()
         .arg("--config")
         .arg(config)
@@ -197,19 +226,34 @@ fn spawn_gateway(config: &std::path::Path) -> (Child, std::net::SocketAddr) {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (addr, admin) = loop {
         let line = lines
             .next()
             .expect("the gateway logged that it serves")
             .unwrap();
+        logs.lock().unwrap().push(line.clone());
         if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
             if json["message"] == "serving" {
-                break json["listen"].as_str().unwrap().parse().unwrap();
+                break (
+                    json["listen"].as_str().unwrap().parse().unwrap(),
+                    json["admin"].as_str().unwrap().parse().unwrap(),
+                );
             }
         }
     };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, addr)
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Process {
+        child,
+        addr,
+        admin,
+        logs,
+    }
 }
 
 #[tokio::test]
@@ -222,7 +266,8 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
         &dir,
         &yaml(&mock.url(), "", "").replace("timeout: 400ms", "timeout: 5s"),
     );
-    let (mut child, addr) = spawn_gateway(&path);
+    let process = spawn_gateway(&path);
+    let addr = process.addr;
 
     let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
     let in_flight = tokio::spawn(async move { raw(addr, request.as_bytes()).await });
@@ -231,15 +276,19 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    process.signal("TERM");
+    // While draining, readiness fails so load balancers stop sending traffic.
+    let ready = raw(
+        process.admin,
+        b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((ready.status, ready.body.as_str()), (503, "draining\n"));
 
     let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, 200, "the in-flight request completed");
-    let status = tokio::task::spawn_blocking(move || child.wait())
+    let mut process = process;
+    let status = tokio::task::spawn_blocking(move || process.child.wait())
         .await
         .unwrap()
         .unwrap();

@@ -1,0 +1,519 @@
+//! What operators run: admin endpoints and metrics, reload, logs, TLS, CORS, limits on
+//! connections and header sizes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qb_mock::MockServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::*;
+use crate::process::spawn_gateway;
+
+/// The value of one sample in Prometheus text, e.g. `reset_gateway_requests_total{outcome="forwarded"}`.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let gw = Gateway::start("  limits:\n    per_ip: []\n    per_client: []\n    per_email: [{ requests: 1, per: 1h }]\n    global: []\n").await;
+    assert_eq!(gw.admin_get("/healthz").await.status, 200);
+    assert_eq!(gw.admin_get("/readyz").await.status, 200);
+    assert_eq!(gw.admin_get("/nope").await.status, 404);
+
+    gw.reset_as_ios("email=alice%40example.com").await; // forwarded
+    gw.reset_as_ios("email=alice%40example.com").await; // per-email denial (silent)
+    gw.reset_as_ios("email=nobody%40example.com").await; // forwarded, QuickBlox 404
+    gw.reset_as_ios("email=bad").await; // 422
+    gw.reset("email=bad", &[]).await; // 401
+
+    let metrics = gw.admin_get("/metrics").await;
+    assert_eq!(metrics.status, 200);
+    assert!(metrics
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain"));
+    let m = &metrics.body;
+    for family in [
+        "reset_gateway_requests_total",
+        "reset_gateway_rate_limited_total",
+        "reset_gateway_upstream_responses_total",
+        "reset_gateway_upstream_duration_seconds_bucket",
+        "reset_gateway_request_duration_seconds_bucket",
+        "reset_gateway_store_errors_total",
+        "reset_gateway_config_reloads_total",
+    ] {
+        assert!(
+            m.contains(&format!(
+                "# TYPE {}",
+                family
+                    .trim_end_matches("_bucket")
+                    .trim_end_matches("_total")
+            )),
+            "{family} missing:\n{m}"
+        );
+    }
+    assert_eq!(
+        sample(m, r#"reset_gateway_requests_total{outcome="forwarded"}"#),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(m, r#"reset_gateway_requests_total{outcome="rate_limited"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            m,
+            r#"reset_gateway_requests_total{outcome="email_invalid"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            m,
+            r#"reset_gateway_requests_total{outcome="missing_credentials"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            m,
+            r#"reset_gateway_rate_limited_total{limit="per_email",shadow="false"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(m, r#"reset_gateway_upstream_responses_total{status="200"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(m, r#"reset_gateway_upstream_responses_total{status="404"}"#),
+        Some(1.0),
+        "true status, before uniform answers"
+    );
+    assert_eq!(
+        sample(m, "reset_gateway_request_duration_seconds_count"),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(m, "reset_gateway_upstream_duration_seconds_count"),
+        Some(2.0)
+    );
+    // No secret, token or address in the exposition.
+    for secret in [SERVER_KEY, IOS_TOKEN, "alice", "nobody"] {
+        assert!(!m.contains(secret), "{secret} in metrics");
+    }
+}
+
+#[tokio::test]
+async fn headers_over_max_header_bytes_get_431() {
+    let gw = Gateway::start("").await;
+    let big = "x".repeat(20_000);
+    let reply = gw
+        .reset(
+            "email=alice%40example.com",
+            &[("QB-Token", IOS_TOKEN), ("X-Big", &big)],
+        )
+        .await;
+    assert_eq!(reply.status, 431);
+    assert!(gw.mock.requests().is_empty());
+    // The gateway keeps serving.
+    assert_eq!(
+        gw.reset_as_ios("email=alice%40example.com").await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn beyond_max_connections_new_clients_wait_and_are_then_served() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = yaml(&mock.url(), "", "").replace(
+        "  shutdown_grace: 5s\n",
+        "  shutdown_grace: 5s\n  max_connections: 1\n",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    // One idle connection holds the only slot until the header read timeout (300ms) frees it.
+    let idle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let reply = gw.reset_as_ios("email=alice%40example.com").await;
+    assert_eq!(reply.status, 200);
+    drop(idle);
+}
+
+#[tokio::test]
+async fn cors_preflight_and_exposed_headers_for_allowed_origins_only() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = yaml(&mock.url(), "", "").replace(
+        "  shutdown_grace: 5s\n",
+        "  shutdown_grace: 5s\n  cors:\n    allow_origins: [\"https://app.example\"]\n",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let preflight = gw
+        .send(
+            "OPTIONS",
+            &format!("{RESET}?email=a%40b.io"),
+            &[
+                ("Origin", "https://app.example"),
+                ("Access-Control-Request-Method", "GET"),
+                ("Access-Control-Request-Headers", "qb-token"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(preflight.status, 200, "{preflight:?}");
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert!(preflight
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("qb-token"));
+    assert!(
+        gw.mock.requests().is_empty(),
+        "a preflight never reaches QuickBlox"
+    );
+
+    let reply = gw
+        .reset(
+            "email=alice%40example.com",
+            &[("QB-Token", IOS_TOKEN), ("Origin", "https://app.example")],
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert!(reply
+        .header("access-control-expose-headers")
+        .unwrap()
+        .to_lowercase()
+        .contains("retry-after"));
+
+    let other = gw
+        .reset(
+            "email=alice%40example.com",
+            &[("QB-Token", IOS_TOKEN), ("Origin", "https://evil.example")],
+        )
+        .await;
+    assert_eq!(other.header("access-control-allow-origin"), None);
+}
+
+/// A CA and a certificate for `localhost` signed by it, written to `dir`.
+pub fn test_certificates(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let (ca_file, cert_file, key_file) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    (ca_file, cert_file, key_file)
+}
+
+#[tokio::test]
+async fn tls_with_alpn_h2_and_http1() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_file, cert_file, key_file) = test_certificates(dir.path());
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = yaml(&mock.url(), "", "").replace(
+        "  shutdown_grace: 5s\n",
+        &format!(
+            "  shutdown_grace: 5s\n  tls:\n    cert_file: {}\n    key_file: {}\n",
+            cert_file.display(),
+            key_file.display()
+        ),
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_file_iter(&ca_file).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    for (alpn, version) in [
+        (b"h2".to_vec(), http::Version::HTTP_2),
+        (b"http/1.1".to_vec(), http::Version::HTTP_11),
+    ] {
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+        config.alpn_protocols = vec![alpn];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let tls = connector
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        let request = http::Request::get(format!(
+            "https://localhost{RESET}?email=alice%40example.com"
+        ))
+        .header("qb-token", IOS_TOKEN)
+        .header("host", "localhost")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+        let response = if version == http::Version::HTTP_2 {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            sender.send_request(request).await.unwrap()
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            sender.send_request(request).await.unwrap()
+        };
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), version);
+        assert!(response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .is_empty());
+    }
+    assert_eq!(gw.mock.requests().len(), 2);
+}
+
+fn write(path: &std::path::Path, yaml: &str) {
+    // Written whole then renamed, as config managers do, so a poll never sees half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, yaml).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn metric(admin: std::net::SocketAddr, series: &str) -> f64 {
+    let reply = raw(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    sample(&reply.body, series).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn reload_on_sighup_and_on_file_change_keeps_a_good_config() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let limits = |per_ip: u32| {
+        format!("  responses: {{ uniform: false }}\n  limits:\n    per_ip: [{{ requests: {per_ip}, per: 1h }}]\n    per_client: []\n    per_email: []\n    global: []\n")
+    };
+    write(&path, &yaml(&mock.url(), &limits(100), ""));
+    let gw = spawn_gateway(&path);
+    let ask = || {
+        let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+        async move { raw(gw.addr, request.as_bytes()).await.status }
+    };
+    assert_eq!(ask().await, 200);
+
+    // SIGHUP with a tighter per-IP limit: applies at once.
+    write(&path, &yaml(&mock.url(), &limits(1), ""));
+    gw.signal("HUP");
+    let mut status = 0;
+    for _ in 0..100 {
+        status = ask().await;
+        if status == 429 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 429, "the reloaded limit applies");
+    assert!(
+        metric(
+            gw.admin,
+            r#"reset_gateway_config_reloads_total{result="success"}"#
+        )
+        .await
+            >= 1.0
+    );
+
+    // A broken file is rejected and the running config stays.
+    std::fs::write(&path, "server: [this is not\n").unwrap();
+    gw.signal("HUP");
+    for _ in 0..100 {
+        if metric(
+            gw.admin,
+            r#"reset_gateway_config_reloads_total{result="failure"}"#,
+        )
+        .await
+            >= 1.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        metric(
+            gw.admin,
+            r#"reset_gateway_config_reloads_total{result="failure"}"#
+        )
+        .await
+            >= 1.0
+    );
+    assert_eq!(ask().await, 429, "still the last good configuration");
+    assert!(
+        gw.logs().iter().any(|l| l.contains("reload rejected")),
+        "{:?}",
+        gw.logs()
+    );
+
+    // Changing the file alone is enough (no signal): the limit goes back up.
+    write(&path, &yaml(&mock.url(), &limits(1000), ""));
+    let mut status = 0;
+    for _ in 0..250 {
+        status = ask().await;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200, "the file change was picked up");
+}
+
+#[tokio::test]
+async fn logs_are_json_lines_without_secrets_or_raw_emails() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, yaml(&mock.url(), "", "log:\n  level: trace\n")).unwrap();
+    let gw = spawn_gateway(&path);
+    for (query, headers) in [
+        ("email=alice%40example.com", vec![("QB-Token", IOS_TOKEN)]),
+        (
+            "email=Secret.Person%2Btag%40example.com",
+            vec![("Authorization", "ApiKey web-client-token-4d5e6f")],
+        ),
+        ("email=not-an-address", vec![("QB-Token", IOS_TOKEN)]),
+        (
+            "email=alice%40example.com",
+            vec![("QB-Token", "guessed-token-value")],
+        ),
+    ] {
+        let mut request =
+            format!("GET {RESET}?{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+        for (n, v) in headers {
+            request.push_str(&format!("{n}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        raw(gw.addr, request.as_bytes()).await;
+    }
+    let mut access = Vec::new();
+    for _ in 0..100 {
+        access = gw
+            .logs()
+            .into_iter()
+            .filter(|l| l.contains("\"target\":\"access\""))
+            .collect();
+        if access.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(access.len(), 4, "one line per request");
+    for line in gw.logs() {
+        let json: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        assert!(json.is_object());
+        for secret in [
+            SERVER_KEY,
+            IOS_TOKEN,
+            "web-client-token-4d5e6f",
+            "guessed-token-value",
+            "alice",
+            "secret.person",
+            "Secret.Person",
+            "not-an-address",
+        ] {
+            assert!(!line.contains(secret), "the log holds {secret:?}: {line}");
+        }
+    }
+    let first: serde_json::Value = serde_json::from_str(&access[0]).unwrap();
+    for field in [
+        "request_id",
+        "client_id",
+        "client_ip",
+        "email_hash",
+        "outcome",
+        "status",
+        "upstream_status",
+        "duration_ms",
+    ] {
+        assert!(!first[field].is_null(), "{field} missing from {first}");
+    }
+    assert_eq!(first["client_id"], "ios");
+    assert_eq!(first["outcome"], "forwarded");
+}
+
+#[tokio::test]
+async fn readiness_follows_redis_under_deny() {
+    let mut redis = crate::redis_server::RedisServer::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = yaml(
+        &mock.url(),
+        "",
+        &format!("store:\n  kind: redis\n  redis:\n    url: {}\n    timeout: 200ms\n    on_error: deny\n", redis.url()),
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    assert_eq!(gw.admin_get("/readyz").await.status, 200);
+    redis.stop();
+    let mut status = 200;
+    for _ in 0..150 {
+        status = gw.admin_get("/readyz").await.status;
+        if status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 503, "the probe noticed Redis is gone");
+    let metrics = gw.admin_get("/metrics").await.body;
+    assert_eq!(sample(&metrics, "reset_gateway_store_up"), Some(0.0));
+}
+
+#[tokio::test]
+async fn a_slow_client_body_does_not_hold_the_reset_path() {
+    let gw = Gateway::start("").await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(format!("GET {RESET}?email=a%40b.io HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nContent-Length: 100\r\n\r\nab").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+}
