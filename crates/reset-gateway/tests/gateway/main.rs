@@ -2,6 +2,7 @@
 
 mod checks;
 mod common;
+mod deploy;
 mod emails;
 mod limits;
 mod operations;
