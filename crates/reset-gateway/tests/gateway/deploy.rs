@@ -9,7 +9,9 @@ use serde_yaml::Value;
 use crate::common::*;
 
 fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
 }
 
 fn read(path: &str) -> String {
@@ -37,7 +39,8 @@ fn str_at<'a>(value: &'a Value, path: &[&str]) -> &'a str {
     for key in path {
         v = &v[*key];
     }
-    v.as_str().unwrap_or_else(|| panic!("{path:?} is not a string"))
+    v.as_str()
+        .unwrap_or_else(|| panic!("{path:?} is not a string"))
 }
 
 fn port_of(addr: &str) -> u64 {
@@ -59,9 +62,20 @@ fn kubernetes_manifests_match_the_binary() {
         .as_sequence()
         .unwrap()
         .iter()
-        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["containerPort"].as_u64().unwrap()))
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
         .collect();
-    let port = |name: &str| ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p).unwrap();
+    let port = |name: &str| {
+        ports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| *p)
+            .unwrap()
+    };
 
     // The ConfigMap is a valid configuration whose listeners are the container's ports.
     let yaml = str_at(&configmap, &["data", "gateway.yaml"]);
@@ -69,23 +83,65 @@ fn kubernetes_manifests_match_the_binary() {
     config.guard.validate().unwrap();
     assert_eq!(u64::from(config.server.listen.port()), port("http"));
     assert_eq!(u64::from(config.admin.listen.port()), port("admin"));
-    assert!(config.admin.listen.ip().is_unspecified(), "probes must reach the admin port");
+    assert!(
+        config.admin.listen.ip().is_unspecified(),
+        "probes must reach the admin port"
+    );
 
     // Probes hit the admin endpoints.
-    assert_eq!(str_at(container, &["livenessProbe", "httpGet", "path"]), "/healthz");
-    assert_eq!(str_at(container, &["readinessProbe", "httpGet", "path"]), "/readyz");
-    assert_eq!(str_at(container, &["livenessProbe", "httpGet", "port"]), "admin");
-    assert_eq!(str_at(container, &["readinessProbe", "httpGet", "port"]), "admin");
+    assert_eq!(
+        str_at(container, &["livenessProbe", "httpGet", "path"]),
+        "/healthz"
+    );
+    assert_eq!(
+        str_at(container, &["readinessProbe", "httpGet", "path"]),
+        "/readyz"
+    );
+    assert_eq!(
+        str_at(container, &["livenessProbe", "httpGet", "port"]),
+        "admin"
+    );
+    assert_eq!(
+        str_at(container, &["readinessProbe", "httpGet", "port"]),
+        "admin"
+    );
 
     // The config file and the secrets are where the configuration says.
     let mounts = container["volumeMounts"].as_sequence().unwrap();
-    let mount = |name: &str| mounts.iter().find(|m| m["name"] == name).map(|m| str_at(m, &["mountPath"])).unwrap();
-    let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-    assert_eq!(args, ["--config", &format!("{}/gateway.yaml", mount("config"))]);
+    let mount = |name: &str| {
+        mounts
+            .iter()
+            .find(|m| m["name"] == name)
+            .map(|m| str_at(m, &["mountPath"]))
+            .unwrap()
+    };
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        ["--config", &format!("{}/gateway.yaml", mount("config"))]
+    );
     let secrets_dir = mount("secrets");
-    let secret_keys: BTreeSet<&str> = secret["stringData"].as_mapping().unwrap().keys().map(|k| k.as_str().unwrap()).collect();
-    for file in [config.upstream.api_key_file.clone().unwrap(), config.store.key_secret_file.clone().unwrap()] {
-        assert_eq!(file.parent().unwrap().to_str().unwrap(), secrets_dir, "{}", file.display());
+    let secret_keys: BTreeSet<&str> = secret["stringData"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    for file in [
+        config.upstream.api_key_file.clone().unwrap(),
+        config.store.key_secret_file.clone().unwrap(),
+    ] {
+        assert_eq!(
+            file.parent().unwrap().to_str().unwrap(),
+            secrets_dir,
+            "{}",
+            file.display()
+        );
         let key = file.file_name().unwrap().to_str().unwrap();
         assert!(secret_keys.contains(key), "{key} is not in the Secret");
     }
@@ -105,7 +161,10 @@ fn kubernetes_manifests_match_the_binary() {
         assert!(ports.iter().any(|(n, _)| n == target), "{target}");
     }
     assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "Deployment");
-    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], deployment["metadata"]["name"]);
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        deployment["metadata"]["name"]
+    );
 
     let kustomization = one("deploy/kubernetes/kustomization.yaml");
     for resource in kustomization["resources"].as_sequence().unwrap() {
@@ -120,18 +179,34 @@ fn compose_and_dockerfile_match_the_binary() {
     config.guard.validate().unwrap();
     let listen = config.server.listen.port();
     assert!(read("deploy/compose/nginx.conf").contains(&format!("server gateway:{listen};")));
-    assert_eq!(compose["services"]["lb"]["ports"][0], format!("8080:{listen}").as_str());
+    assert_eq!(
+        compose["services"]["lb"]["ports"][0],
+        format!("8080:{listen}").as_str()
+    );
     let secrets = compose["secrets"].as_mapping().unwrap();
-    for file in [config.upstream.api_key_file.unwrap(), config.store.key_secret_file.unwrap()] {
+    for file in [
+        config.upstream.api_key_file.unwrap(),
+        config.store.key_secret_file.unwrap(),
+    ] {
         let name = file.file_name().unwrap().to_str().unwrap();
         assert!(secrets.contains_key(name), "compose has no secret {name}");
         assert!(file.starts_with("/run/secrets"));
     }
     let dockerfile = read("deploy/Dockerfile");
     let defaults = GatewayConfig::default();
-    let expose = format!("EXPOSE {} {}", defaults.server.listen.port(), defaults.admin.listen.port());
-    assert!(dockerfile.contains(&expose), "the Dockerfile should say {expose}");
-    assert!(dockerfile.contains("nonroot"), "the image runs as a non-root user");
+    let expose = format!(
+        "EXPOSE {} {}",
+        defaults.server.listen.port(),
+        defaults.admin.listen.port()
+    );
+    assert!(
+        dockerfile.contains(&expose),
+        "the Dockerfile should say {expose}"
+    );
+    assert!(
+        dockerfile.contains("nonroot"),
+        "the image runs as a non-root user"
+    );
 }
 
 /// Metric family names a Prometheus expression refers to, without sample suffixes.
@@ -139,7 +214,10 @@ fn families(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut rest = text;
     while let Some(i) = rest.find("reset_gateway_") {
-        let name: String = rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
         rest = &rest[i + name.len()..];
         let base = ["_total", "_bucket", "_count", "_sum"]
             .iter()
@@ -172,23 +250,35 @@ async fn alerts_and_dashboard_use_metrics_the_gateway_exports() {
             let used = families(expr);
             assert!(!used.is_empty(), "{expr}");
             for name in used {
-                assert!(exported.contains(&name), "alert {} uses {name}, not exported", str_at(rule, &["alert"]));
+                assert!(
+                    exported.contains(&name),
+                    "alert {} uses {name}, not exported",
+                    str_at(rule, &["alert"])
+                );
             }
             alerts += 1;
         }
     }
     assert!(alerts >= 4);
     for required in ["upstream", "rate_limited", "store_errors", "config_reloads"] {
-        assert!(read("deploy/alerts/rules.yaml").contains(required), "no alert on {required}");
+        assert!(
+            read("deploy/alerts/rules.yaml").contains(required),
+            "no alert on {required}"
+        );
     }
 
-    let dashboard: serde_json::Value = serde_json::from_str(&read("deploy/grafana/dashboard.json")).unwrap();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/dashboard.json")).unwrap();
     let panels = dashboard["panels"].as_array().unwrap();
     assert!(!panels.is_empty());
     for panel in panels {
         for target in panel["targets"].as_array().unwrap() {
             for name in families(target["expr"].as_str().unwrap()) {
-                assert!(exported.contains(&name), "panel {} uses {name}, not exported", panel["title"]);
+                assert!(
+                    exported.contains(&name),
+                    "panel {} uses {name}, not exported",
+                    panel["title"]
+                );
             }
         }
     }
