@@ -43,10 +43,6 @@ fn str_at<'a>(value: &'a Value, path: &[&str]) -> &'a str {
         .unwrap_or_else(|| panic!("{path:?} is not a string"))
 }
 
-fn port_of(addr: &str) -> u64 {
-    addr.rsplit(':').next().unwrap().parse().unwrap()
-}
-
 #[test]
 fn kubernetes_manifests_match_the_binary() {
     let deployment = one("deploy/kubernetes/deployment.yaml");
