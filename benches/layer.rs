@@ -14,7 +14,9 @@ use bytes::Bytes;
 use criterion::{criterion_group, BatchSize, Criterion};
 use http::{Request, Response};
 use http_body_util::{Empty, Full};
-use reset_guard::{ApiKey, GuardConfig, LimitGroup, PeerAddr, ResetGuardLayer, StoreSettings};
+use reset_guard::{
+    ApiKey, Email, EmailPolicy, GuardConfig, LimitGroup, PeerAddr, ResetGuardLayer, StoreSettings,
+};
 use tower::{service_fn, Service, ServiceBuilder};
 
 /// SHA-256 of "foo".
@@ -98,16 +100,168 @@ fn bench_layer(c: &mut Criterion) {
         )
     });
 
-    let mut invalid = ServiceBuilder::new()
+    // Every rejection path of the SPEC §3 table, each refused at its own step.
+    let mut guard = ServiceBuilder::new()
         .layer(layer(GENEROUS, 1_000_000))
         .service(inner);
-    c.bench_function("layer/reject (invalid email 422)", |b| {
+    let rejections: [(&str, fn(SocketAddr) -> Request<Empty<Bytes>>); 6] = [
+        ("layer/reject 404 (unknown path)", |peer| {
+            with_peer(Request::get("/users.json"), peer)
+        }),
+        ("layer/reject 405 (POST)", |peer| {
+            with_peer(
+                Request::post("/users/password/reset.json?email=a%40b.io"),
+                peer,
+            )
+        }),
+        ("layer/reject 400 (both credentials)", |peer| {
+            with_peer(
+                Request::get("/users/password/reset.json?email=a%40b.io")
+                    .header("qb-token", "foo")
+                    .header("authorization", "ApiKey foo"),
+                peer,
+            )
+        }),
+        ("layer/reject 401 (unknown token)", |peer| {
+            with_peer(
+                Request::get("/users/password/reset.json?email=a%40b.io").header("qb-token", "bar"),
+                peer,
+            )
+        }),
+        ("layer/reject 422 (invalid email)", |peer| {
+            request("not-an-address", peer)
+        }),
+        ("layer/reject 422 (missing email)", |peer| {
+            with_peer(
+                Request::get("/users/password/reset.json").header("qb-token", "foo"),
+                peer,
+            )
+        }),
+    ];
+    for (name, make) in rejections {
+        c.bench_function(name, |b| {
+            b.iter_batched(
+                || make(peer),
+                |req| black_box(ready(guard.call(req)).unwrap()),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+
+    // The per-email limiter with one hot key, and with 1,000,000 keys held.
+    let one_quota = "  per_ip: []\n  per_client: []\n  global: []\n  per_email: [{ requests: 1000000000, per: 1s }]\n";
+    let mut hot = ServiceBuilder::new()
+        .layer(layer(one_quota, 2_000_000))
+        .service(inner);
+    c.bench_function("limiter/1 key", |b| {
         b.iter_batched(
-            || request("not-an-address", peer),
-            |req| black_box(ready(invalid.call(req)).unwrap()),
+            || request("same%40example.com", peer),
+            |req| black_box(ready(hot.call(req)).unwrap()),
             BatchSize::SmallInput,
         )
     });
+    let mut full = ServiceBuilder::new()
+        .layer(layer(one_quota, 2_000_000))
+        .service(inner);
+    let million: Vec<String> = (0..1_000_000)
+        .map(|i| format!("u{i}%40example.com"))
+        .collect();
+    for email in &million {
+        ready(full.call(request(email, peer))).unwrap();
+    }
+    let mut i = 0usize;
+    c.bench_function("limiter/1,000,000 keys", |b| {
+        b.iter_batched(
+            || {
+                i = (i + 7919) % million.len();
+                request(&million[i], peer)
+            },
+            |req| black_box(ready(full.call(req)).unwrap()),
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn with_peer(builder: http::request::Builder, peer: SocketAddr) -> Request<Empty<Bytes>> {
+    let mut request = builder.body(Empty::new()).unwrap();
+    request.extensions_mut().insert(PeerAddr(peer));
+    request
+}
+
+fn bench_email(c: &mut Criterion) {
+    let policy = EmailPolicy::default();
+    for (name, address) in [
+        ("email/parse ascii", "Bob.Smith+news@Example.com"),
+        ("email/parse idn", "anna@bücher.example"),
+        ("email/parse invalid", "bob..smith@example.com"),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| black_box(Email::parse(black_box(address), policy)))
+        });
+    }
+}
+
+/// What an embedding service pays for a per-IP limit: this layer next to tower_governor's
+/// `GovernorLayer`, same quota, same inner service. On the deny path both do exactly a
+/// per-IP check and a 429; on the allow path this layer also runs its credential and
+/// email checks, which governor does not have.
+fn bench_against_governor(c: &mut Criterion) {
+    use axum::extract::ConnectInfo;
+    use tower_governor::governor::GovernorConfigBuilder;
+    use tower_governor::GovernorLayer;
+
+    let peer: SocketAddr = "198.51.100.7:50000".parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let axum_inner = service_fn(|_req: Request<Empty<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(axum::body::Body::empty()))
+    });
+    for (label, per_ns, burst, quota) in [
+        ("allow", 1u64, u32::MAX, "1000000000, per: 1s"),
+        ("deny", 86_400_000_000_000, 1, "1, per: 24h"),
+    ] {
+        let config = GovernorConfigBuilder::default()
+            .per_nanosecond(per_ns)
+            .burst_size(burst)
+            .finish()
+            .unwrap();
+        let mut governed = ServiceBuilder::new()
+            .layer(GovernorLayer::new(config))
+            .service(axum_inner);
+        let governor_request = || {
+            let mut req = request("a%40example.com", peer);
+            req.extensions_mut().insert(ConnectInfo(peer));
+            req
+        };
+        ready(governed.call(governor_request())).unwrap();
+        c.bench_function(&format!("per-ip/{label}/tower_governor"), |b| {
+            b.iter_batched(
+                governor_request,
+                |req| black_box(ready(governed.call(req)).unwrap()),
+                BatchSize::SmallInput,
+            )
+        });
+
+        let limits = format!(
+            "  per_ip: [{{ requests: {quota} }}]\n  per_client: []\n  per_email: []\n  global: []\n"
+        );
+        let mut guarded = ServiceBuilder::new()
+            .layer(layer(&limits, 1_000_000))
+            .service(service_fn(|_req: Request<Empty<Bytes>>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            }));
+        ready(guarded.call(request("a%40example.com", peer))).unwrap();
+        c.bench_function(&format!("per-ip/{label}/reset-guard"), |b| {
+            b.iter_batched(
+                || request("a%40example.com", peer),
+                |req| black_box(ready(guarded.call(req)).unwrap()),
+                BatchSize::SmallInput,
+            )
+        });
+    }
 }
 
 /// Resident set size of this process, from /proc.
@@ -170,7 +324,7 @@ fn memory_per_key(case: usize) {
     );
 }
 
-criterion_group!(benches, bench_layer);
+criterion_group!(benches, bench_layer, bench_email, bench_against_governor);
 
 fn main() {
     if let Ok(case) = std::env::var(MEMORY_CHILD) {

@@ -20,6 +20,9 @@ struct Args {
     /// A registered address (repeat for more).
     #[arg(long = "user")]
     users: Vec<String>,
+    /// Treat every address as a registered user (answer 200 to every valid reset).
+    #[arg(long)]
+    all_users: bool,
     /// A user session token accepted as `QB-Token` (repeat for more).
     #[arg(long = "session-token")]
     session_tokens: Vec<String>,
@@ -38,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
         api_key: args.api_key,
         session_tokens: args.session_tokens,
         users: args.users,
+        all_users: args.all_users,
         latency: Duration::from_millis(args.latency_ms),
         failure: args.fail_status.map_or(Failure::None, Failure::Status),
     };

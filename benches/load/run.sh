@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# The comparison users make: this gateway against nginx and HAProxy configured to do the
+# same job, and against QuickBlox's stand-in reached directly. One run, one load generator
+# (wrk, one thread, 64 connections), one upstream (qb-mock in its own process).
+#
+# Scenarios:
+#   allow  limits high enough that nothing is denied; a new address every request
+#   flood  one address from one IP: after the first few, every request is denied (429)
+#
+# Prints requests/s, p50 and p99 for each, the gateway/nginx and gateway/direct ratios, the
+# gateway's idle and peak RSS, and writes results.txt and chart.svg beside this script.
+#
+#   benches/load/run.sh                 # 10 s per measurement
+#   DURATION=30s benches/load/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$(pwd)
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+OUT=${OUT:-$root/benches/load}
+
+need=()
+for tool in wrk nginx haproxy; do
+  command -v "$tool" >/dev/null || need+=("$tool")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release -q -p reset-gateway -p qb-mock
+bin=$root/target/release
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  [ -f "$work/haproxy.pid" ] && kill "$(cat "$work/haproxy.pid")" 2>/dev/null || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 300); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+rss_kib() { awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status"; }
+
+TOKEN=bench-client-token
+KEY=bench-server-key
+MOCK=$(free_port)
+# Every address is a registered user: answers are 200, as for real accounts, so no proxy
+# pays for intercepting a 404 (nginx closes the upstream connection when it does).
+"$bin/qb-mock" --listen 127.0.0.1:$MOCK --api-key $KEY --all-users >/dev/null & pids+=($!)
+wait_port "$MOCK"
+DIGEST=$(printf %s $TOKEN | "$bin/reset-gateway" hash-token)
+
+# Per scenario: the gateway's limits, and the same numbers for nginx and HAProxy.
+start_all() { # scenario -> sets GW NGINX HAPROXY ports and GW_PID
+  local scenario=$1
+  local per_ip per_email
+  if [ "$scenario" = allow ]; then
+    per_ip="[{ requests: 100000000, per: 1s }]"; per_email="[{ requests: 100000000, per: 1s }]"
+    nginx_ip_rate=1000000r/s; nginx_ip_burst=1000000; nginx_email_rate=1000000r/s; nginx_email_burst=1000000
+    ha_ip_window=1s; ha_ip_limit=100000000; ha_email_window=1s; ha_email_limit=100000000
+  else
+    per_ip="[{ requests: 20, per: 1m }]"; per_email="[{ requests: 3, per: 1h }]"
+    nginx_ip_rate=20r/m; nginx_ip_burst=20; nginx_email_rate=1r/m; nginx_email_burst=3  # nginx has no r/h: the closest it can say
+    ha_ip_window=1m; ha_ip_limit=20; ha_email_window=1h; ha_email_limit=3
+  fi
+  GW=$(free_port); NGINX=$(free_port); HAPROXY=$(free_port)
+  cat > "$work/gateway.yaml" <<YAML
+server: { listen: "127.0.0.1:$GW" }
+admin: { listen: "127.0.0.1:0" }
+upstream: { url: "http://127.0.0.1:$MOCK", pool_max_idle: 128 }
+guard:
+  clients: [{ id: bench, token_sha256: $DIGEST }]
+  limits: { per_ip: $per_ip, per_client: [], per_email: $per_email, global: [] }
+log: { level: warn }
+YAML
+  QB_API_KEY=$KEY "$bin/reset-gateway" --config "$work/gateway.yaml" 2>"$work/gateway.log" & GW_PID=$!
+  pids+=($GW_PID)
+  fill() {
+    sed -e "s|@WORK@|$work|g" -e "s|@PORT@|$1|g" -e "s|@UPSTREAM@|$MOCK|g" -e "s|@TOKEN@|$TOKEN|g" -e "s|@API_KEY@|$KEY|g" \
+      -e "s|@PER_IP_RATE@|$nginx_ip_rate|g" -e "s|@PER_IP_BURST@|$nginx_ip_burst|g" \
+      -e "s|@PER_EMAIL_RATE@|$nginx_email_rate|g" -e "s|@PER_EMAIL_BURST@|$nginx_email_burst|g" \
+      -e "s|@PER_IP_WINDOW@|$ha_ip_window|g" -e "s|@PER_IP_LIMIT@|$ha_ip_limit|g" \
+      -e "s|@PER_EMAIL_WINDOW@|$ha_email_window|g" -e "s|@PER_EMAIL_LIMIT@|$ha_email_limit|g" "$2"
+  }
+  fill "$NGINX" benches/load/configs/nginx.conf.in > "$work/nginx.conf"
+  fill "$HAPROXY" benches/load/configs/haproxy.cfg.in > "$work/haproxy.cfg"
+  nginx -c "$work/nginx.conf" -e "$work/nginx-error.log"
+  haproxy -D -f "$work/haproxy.cfg" 2>"$work/haproxy.log" || { cat "$work/haproxy.log" >&2; exit 1; }
+  for p in $GW $NGINX $HAPROXY; do wait_port "$p"; done
+}
+stop_all() {
+  kill "$GW_PID" 2>/dev/null || true; wait "$GW_PID" 2>/dev/null || true
+  kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  kill "$(cat "$work/haproxy.pid")" 2>/dev/null || true
+  sleep 0.5
+}
+
+cat > "$work/flood.lua" <<LUA
+request = function()
+  return wrk.format("GET", "/users/password/reset.json?email=victim%40example.com", { ["QB-Token"] = "$TOKEN" })
+end
+LUA
+
+measure() { # scenario name port -> one line
+  local script=benches/load/reset.lua
+  [ "$1" = flood ] && script=$work/flood.lua
+  BENCH_CLIENT_TOKEN=$TOKEN wrk -t1 -c8 -d1s -s "$script" "http://127.0.0.1:$3" >/dev/null 2>&1 || true
+  local out
+  out=$(BENCH_CLIENT_TOKEN=$TOKEN wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "http://127.0.0.1:$3" 2>&1)
+  local rps p50 p99 non2xx
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out")
+  printf '%-6s %-8s %12s %10s %10s %10s\n' "$1" "$2" "$rps" "$p50" "$p99" "${non2xx:-0}"
+}
+
+results=$work/results.txt
+{
+  echo "# $(date -u +%FT%TZ) $(nproc) cores, wrk -t1 -c$CONNECTIONS -d$DURATION, upstream qb-mock"
+  printf '%-6s %-8s %12s %10s %10s %10s\n' scenario server "requests/s" p50 p99 non-2xx
+} > "$results"
+for scenario in allow flood; do
+  start_all "$scenario"
+  idle_rss=$(rss_kib "$GW_PID" VmRSS)
+  [ "$scenario" = allow ] && measure "$scenario" direct "$MOCK" >> "$results"
+  measure "$scenario" gateway "$GW" >> "$results"
+  measure "$scenario" nginx "$NGINX" >> "$results"
+  measure "$scenario" haproxy "$HAPROXY" >> "$results"
+  peak_rss=$(rss_kib "$GW_PID" VmHWM)
+  echo "# $scenario: gateway RSS idle ${idle_rss} KiB, peak ${peak_rss} KiB" >> "$results"
+  stop_all
+done
+
+python3 - "$results" "$OUT" <<'PY'
+import re, sys
+path, out = sys.argv[1], sys.argv[2]
+rows = {}
+for line in open(path):
+    if line.startswith('#') or line.startswith('scenario'):
+        continue
+    s, server, rps, p50, p99, bad = line.split()
+    rows[(s, server)] = (float(rps), p50, p99)
+def ms(v):
+    return float(v[:-2]) if v.endswith('ms') else float(v[:-2]) / 1000 if v.endswith('us') else float(v[:-1]) * 1000
+lines = open(path).read().rstrip('\n').split('\n')
+g, n, d = rows[('allow', 'gateway')], rows[('allow', 'nginx')], rows[('allow', 'direct')]
+fg, fn = rows[('flood', 'gateway')], rows[('flood', 'nginx')]
+lines += [
+    f"allow: gateway/nginx throughput {g[0]/n[0]:.2f} (target >= 1.0), p99 {g[2]} vs nginx {n[2]} ({'ok' if ms(g[2]) <= ms(n[2]) else 'worse'})",
+    f"allow: gateway/direct throughput {g[0]/d[0]:.2f} (target >= 0.5)",
+    f"flood: gateway/nginx throughput {fg[0]/fn[0]:.2f} (target >= 1.2)",
+    f"allow: gateway/haproxy throughput {g[0]/rows[('allow','haproxy')][0]:.2f}; flood: {fg[0]/rows[('flood','haproxy')][0]:.2f}",
+]
+text = '\n'.join(lines) + '\n'
+open(f"{out}/results.txt", 'w').write(text)
+print(text, end='')
+
+# A grouped bar chart of requests/s, one group per scenario.
+servers = ['direct', 'gateway', 'nginx', 'haproxy']
+colors = {'direct': '#9e9e9e', 'gateway': '#1f77b4', 'nginx': '#2ca02c', 'haproxy': '#d62728'}
+top = max(v[0] for v in rows.values()) * 1.15
+W, H, left, bottom = 720, 400, 70, 340
+bar, gap = 60, 14
+svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+       f'<rect width="{W}" height="{H}" fill="white"/>',
+       f'<text x="{W/2}" y="22" text-anchor="middle" font-size="15">Requests/s, wrk -t1 -c64, same machine and run (higher is better)</text>']
+for i in range(6):
+    v = top * i / 5
+    y = bottom - (bottom - 40) * i / 5
+    svg.append(f'<line x1="{left}" x2="{W-20}" y1="{y:.0f}" y2="{y:.0f}" stroke="#ddd"/>')
+    svg.append(f'<text x="{left-6}" y="{y+4:.0f}" text-anchor="end">{v/1000:.0f}k</text>')
+x = left + 20
+for scenario in ['allow', 'flood']:
+    start = x
+    for server in servers:
+        if (scenario, server) not in rows:
+            continue
+        rps = rows[(scenario, server)][0]
+        h = (bottom - 40) * rps / top
+        svg.append(f'<rect x="{x}" y="{bottom-h:.0f}" width="{bar}" height="{h:.0f}" fill="{colors[server]}"/>')
+        svg.append(f'<text x="{x+bar/2}" y="{bottom-h-5:.0f}" text-anchor="middle">{rps/1000:.1f}k</text>')
+        svg.append(f'<text x="{x+bar/2}" y="{bottom+16}" text-anchor="middle">{server}</text>')
+        x += bar + gap
+    svg.append(f'<text x="{(start+x-gap)/2}" y="{bottom+36}" text-anchor="middle" font-weight="bold">{scenario}</text>')
+    x += 40
+svg.append('</svg>')
+open(f"{out}/chart.svg", 'w').write('\n'.join(svg) + '\n')
+PY
+echo "wrote $OUT/results.txt and $OUT/chart.svg"
