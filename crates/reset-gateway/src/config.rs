@@ -161,6 +161,8 @@ pub struct ServerConfig {
     pub request_timeout: ConfigDuration,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Worker threads, each with its own event loop, listener and upstream pool; 0: one per core.
+    pub workers: usize,
     /// Largest request head, in bytes; beyond it the answer is 431.
     pub max_header_bytes: usize,
     /// TLS termination (HTTP/2 and HTTP/1.1 by ALPN).
@@ -177,6 +179,7 @@ impl Default for ServerConfig {
             shutdown_grace: ConfigDuration::from_secs(20),
             request_timeout: ConfigDuration::from_secs(30),
             max_connections: 10_000,
+            workers: 0,
             max_header_bytes: 16 * 1024,
             tls: None,
             cors: CorsConfig::default(),
@@ -409,6 +412,8 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// Connections at once.
     pub max_connections: usize,
+    /// Worker threads.
+    pub workers: usize,
     /// Largest request head.
     pub max_header_bytes: usize,
     /// TLS files, if TLS is on.
@@ -491,6 +496,9 @@ impl GatewayConfig {
 
 impl ServerConfig {
     fn validate(&self, admin: &AdminConfig) -> Result<ServerSettings, ConfigError> {
+        if self.workers > 1024 {
+            return Err(ConfigError::new("server.workers", "at most 1024"));
+        }
         if self.max_connections == 0 {
             return Err(ConfigError::new(
                 "server.max_connections",
@@ -553,6 +561,10 @@ impl ServerConfig {
             shutdown_grace: self.shutdown_grace.0,
             request_timeout: self.request_timeout.0,
             max_connections: self.max_connections,
+            workers: match self.workers {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
             max_header_bytes: self.max_header_bytes,
             tls: self.tls.clone(),
             cors_origins,

@@ -20,7 +20,7 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Reloader {
     path: PathBuf,
     status: Arc<Status>,
-    forwarder: Forwarder,
+    forwarders: Vec<Forwarder>,
     certs: Option<Arc<CertStore>>,
     /// What needs a restart to change, as the process started with it.
     fixed: Fixed,
@@ -33,6 +33,7 @@ struct Fixed {
     tls: bool,
     redis: bool,
     max_connections: usize,
+    workers: usize,
 }
 
 impl Fixed {
@@ -43,6 +44,7 @@ impl Fixed {
             tls: settings.server.tls.is_some(),
             redis: settings.store.limits.redis.is_some(),
             max_connections: settings.server.max_connections,
+            workers: settings.server.workers,
         }
     }
 }
@@ -51,14 +53,14 @@ impl Reloader {
     pub(crate) fn new(
         path: PathBuf,
         status: Arc<Status>,
-        forwarder: Forwarder,
+        forwarders: Vec<Forwarder>,
         certs: Option<Arc<CertStore>>,
         settings: &Settings,
     ) -> Self {
         Reloader {
             path,
             status,
-            forwarder,
+            forwarders,
             certs,
             fixed: Fixed::of(settings),
         }
@@ -86,15 +88,21 @@ impl Reloader {
         let fixed = Fixed::of(&settings);
         if fixed != self.fixed {
             tracing::warn!(
-                "listen addresses, TLS on/off, the store kind and max_connections change only on restart"
+                "listen addresses, TLS on/off, the store kind, max_connections and workers change only on restart"
             );
         }
         // Everything that can fail is prepared first; nothing is applied until all of it worked.
-        let upstream = Forwarder::prepare(settings.upstream.clone())?;
+        let upstreams = self
+            .forwarders
+            .iter()
+            .map(|_| Forwarder::prepare(settings.upstream.clone()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         if let (Some(certs), Some(files)) = (&self.certs, &settings.server.tls) {
             certs.reload(files)?;
         }
-        self.forwarder.apply(upstream);
+        for (forwarder, upstream) in self.forwarders.iter().zip(upstreams) {
+            forwarder.apply(upstream);
+        }
         self.status.guard.update(settings.guard, settings.api_key);
         Ok(())
     }

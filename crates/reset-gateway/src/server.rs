@@ -44,17 +44,20 @@ type Stack = Either<Cors<ResetGuard<Forwarder>>, ResetGuard<Forwarder>>;
 
 /// A gateway bound to its listeners, ready to [`run`](App::run).
 pub struct App {
-    listener: TcpListener,
+    /// One listener per worker: duplicates of one socket.
+    listeners: Vec<std::net::TcpListener>,
+    addr: SocketAddr,
     admin: TcpListener,
-    shared: Arc<Shared>,
+    /// One service stack per worker; each has its own upstream pool.
+    workers: Vec<Arc<Shared>>,
     status: Arc<Status>,
-    forwarder: Forwarder,
+    forwarders: Vec<Forwarder>,
     certs: Option<Arc<CertStore>>,
     tls: Option<TlsAcceptor>,
     settings: Settings,
 }
 
-/// What every connection reads.
+/// What every connection of one worker reads.
 struct Shared {
     service: Stack,
     include_email: bool,
@@ -62,18 +65,19 @@ struct Shared {
     status: Arc<Status>,
 }
 
-/// Binds the listeners and builds the service stack; no request is served until `run`.
+/// Binds the listeners and builds the service stacks; no request is served until `run`.
 pub async fn build(settings: Settings) -> anyhow::Result<App> {
-    let listener = TcpListener::bind(settings.server.listen)
-        .await
-        .with_context(|| format!("server.listen: cannot listen on {}", settings.server.listen))?;
-    let admin = admin::bind(settings.server.admin_listen).await?;
-    let forwarder = Forwarder::new(settings.upstream.clone())?;
+    let server = &settings.server;
+    let listeners = bind_listeners(server.listen, server.workers)
+        .with_context(|| format!("server.listen: cannot listen on {}", server.listen))?;
+    let addr = listeners[0].local_addr()?;
+    let admin = admin::bind(server.admin_listen).await?;
     let mut layer = ResetGuardLayer::builder(settings.guard.clone(), settings.api_key.clone())
         .store(settings.store.limits.clone());
     if let Some(secret) = &settings.store.key_secret {
         layer = layer.key_secret(secret);
     }
+    // One guard for all workers: the limits are the process's, not a worker's.
     let layer = layer.try_build().context("store.redis.url")?;
     let guard = layer.handle();
     let status = Arc::new(Status {
@@ -81,7 +85,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         metrics: Metrics::new(guard.clone()),
         guard,
     });
-    let (certs, tls) = match &settings.server.tls {
+    let (certs, tls) = match &server.tls {
         Some(files) => {
             let certs = CertStore::load(files)?;
             let acceptor = certs.acceptor()?;
@@ -89,27 +93,55 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         }
         None => (None, None),
     };
-    let service = tower::ServiceBuilder::new()
-        // CORS first: a browser's preflight is answered here, before any check.
-        .option_layer(cors(&settings))
-        // The guard sits in front of the forwarder: nothing it rejects costs an upstream call.
-        .layer(layer)
-        .service(forwarder.clone());
-    Ok(App {
-        listener,
-        admin,
-        shared: Arc::new(Shared {
+    let mut forwarders = Vec::new();
+    let mut workers = Vec::new();
+    for _ in 0..listeners.len() {
+        let forwarder = Forwarder::new(settings.upstream.clone())?;
+        let service = tower::ServiceBuilder::new()
+            // CORS first: a browser's preflight is answered here, before any check.
+            .option_layer(cors(&settings))
+            // The guard sits in front of the forwarder: nothing it rejects costs an upstream call.
+            .layer(layer.clone())
+            .service(forwarder.clone());
+        forwarders.push(forwarder);
+        workers.push(Arc::new(Shared {
             service,
             include_email: settings.log.include_email,
-            request_timeout: settings.server.request_timeout,
+            request_timeout: server.request_timeout,
             status: status.clone(),
-        }),
+        }));
+    }
+    Ok(App {
+        listeners,
+        addr,
+        admin,
+        workers,
         status,
-        forwarder,
+        forwarders,
         certs,
         tls,
         settings,
     })
+}
+
+/// One listening socket on `addr`, and a duplicate of it for every further worker. Every
+/// worker waits on the same accept queue, so whichever is least busy takes the next
+/// connection (as nginx's workers do without `reuseport`), rather than the kernel hashing
+/// connections onto workers regardless of their load.
+fn bind_listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    let first: std::net::TcpListener = socket.into();
+    let mut listeners = Vec::with_capacity(count.max(1));
+    for _ in 1..count.max(1) {
+        listeners.push(first.try_clone()?);
+    }
+    listeners.insert(0, first);
+    Ok(listeners)
 }
 
 /// CORS for browser apps, when origins are configured.
@@ -138,9 +170,7 @@ fn cors(settings: &Settings) -> Option<CorsLayer> {
 impl App {
     /// The address the public listener is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.addr
     }
 
     /// The address the admin listener is bound to.
@@ -160,7 +190,7 @@ impl App {
         Reloader::new(
             path,
             self.status.clone(),
-            self.forwarder.clone(),
+            self.forwarders.clone(),
             self.certs.clone(),
             &self.settings,
         )
@@ -168,22 +198,87 @@ impl App {
 
     /// Serves until `shutdown` completes, then reports not ready, stops accepting and lets
     /// in-flight requests finish for up to `server.shutdown_grace`.
+    ///
+    /// Each worker runs on its own thread with its own single-threaded event loop, like
+    /// nginx's worker processes: a connection, its requests and its upstream exchanges stay
+    /// on one thread, with no work stealing or cross-thread wake-ups between them. The
+    /// admin listener, reloads and limiter housekeeping stay on the caller's runtime.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let server = &self.settings.server;
-        let protocols = Protocols::new(server);
+        let server = self.settings.server.clone();
         tokio::spawn(admin::serve(self.admin, self.status.clone()));
-        let connections = Arc::new(Semaphore::new(server.max_connections));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let per_worker = server.max_connections.div_ceil(self.workers.len()).max(1);
+        let mut finished = Vec::new();
+        for (index, (listener, shared)) in self.listeners.into_iter().zip(self.workers).enumerate()
+        {
+            let worker = Worker {
+                listener,
+                shared,
+                protocols: Protocols::new(&server),
+                tls: self.tls.clone(),
+                head_timeout: server.header_read_timeout,
+                grace: server.shutdown_grace,
+                max_connections: per_worker,
+                stop: stopped.clone(),
+            };
+            let (done, finish) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name(format!("gateway-worker-{index}"))
+                .spawn(move || {
+                    let result = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|runtime| runtime.block_on(worker.run()));
+                    let _ = done.send(result);
+                })
+                .context("starting a worker thread")?;
+            finished.push(finish);
+        }
+        shutdown.await;
+        self.status.draining.store(true, Ordering::Relaxed);
+        tracing::info!(
+            grace_secs = server.shutdown_grace.as_secs(),
+            "draining connections"
+        );
+        let _ = stop.send(true);
+        for finish in finished {
+            finish.await.context("a worker thread died")??;
+        }
+        Ok(())
+    }
+}
+
+/// One worker: its listener, its event loop, its connections.
+struct Worker {
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    protocols: Protocols,
+    tls: Option<TlsAcceptor>,
+    head_timeout: Duration,
+    grace: Duration,
+    max_connections: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Worker {
+    async fn run(mut self) -> anyhow::Result<()> {
+        let listener = TcpListener::from_std(self.listener)?;
+        let connections = Arc::new(Semaphore::new(self.max_connections));
         let graceful = GracefulShutdown::new();
-        let mut shutdown = std::pin::pin!(shutdown);
+        let stop = async {
+            let _ = self.stop.wait_for(|stop| *stop).await;
+        };
+        let mut stop = std::pin::pin!(stop);
         loop {
             // Beyond max_connections, new connections wait in the kernel's backlog rather
             // than being accepted and starving the ones being served.
             let permit = tokio::select! {
                 permit = connections.clone().acquire_owned() => permit.expect("never closed"),
-                () = &mut shutdown => break,
+                () = &mut stop => break,
             };
             let (stream, peer) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
+                accepted = listener.accept() => match accepted {
                     Ok(pair) => pair,
                     Err(error) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -192,16 +287,16 @@ impl App {
                         continue;
                     }
                 },
-                () = &mut shutdown => break,
+                () = &mut stop => break,
             };
             let _ = stream.set_nodelay(true);
             let connection = Connection {
-                protocols: protocols.clone(),
+                protocols: self.protocols.clone(),
                 service: GatewayService {
                     shared: self.shared.clone(),
                     peer,
                 },
-                head_timeout: server.header_read_timeout,
+                head_timeout: self.head_timeout,
                 watcher: graceful.watcher(),
             };
             let tls = self.tls.clone();
@@ -213,15 +308,10 @@ impl App {
                 }
             });
         }
-        self.status.draining.store(true, Ordering::Relaxed);
-        drop(self.listener);
-        tracing::info!(
-            grace_secs = server.shutdown_grace.as_secs(),
-            "draining connections"
-        );
+        drop(listener);
         tokio::select! {
-            () = graceful.shutdown() => tracing::info!("all connections closed"),
-            () = tokio::time::sleep(server.shutdown_grace) => tracing::warn!("shutdown grace elapsed with requests in flight"),
+            () = graceful.shutdown() => {}
+            () = tokio::time::sleep(self.grace) => tracing::warn!("shutdown grace elapsed with requests in flight"),
         }
         Ok(())
     }
@@ -365,8 +455,15 @@ async fn handle(
     let id = request_id::resolve(request.headers());
     request.headers_mut().insert(X_REQUEST_ID, id.clone());
     request.extensions_mut().insert(PeerAddr(peer));
-    let answer = shared.service.clone().oneshot(request);
-    let mut response = match tokio::time::timeout(shared.request_timeout, answer).await {
+    let mut answer = std::pin::pin!(shared.service.clone().oneshot(request));
+    // Most answers (every rejection) are ready at once: only arm the request timer for the
+    // ones that wait on QuickBlox or Redis.
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(answer.as_mut().poll(cx))).await;
+    let outcome = match first {
+        std::task::Poll::Ready(result) => Ok(result),
+        std::task::Poll::Pending => tokio::time::timeout(shared.request_timeout, answer).await,
+    };
+    let mut response = match outcome {
         Ok(Ok(response)) => response,
         Ok(Err(never)) => match never {},
         Err(_) => {
