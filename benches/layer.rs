@@ -104,7 +104,7 @@ fn bench_layer(c: &mut Criterion) {
     let mut guard = ServiceBuilder::new()
         .layer(layer(GENEROUS, 1_000_000))
         .service(inner);
-    let rejections: [(&str, fn(SocketAddr) -> Request<Empty<Bytes>>); 6] = [
+    let rejections: [(&str, MakeRequest); 6] = [
         ("layer/reject 404 (unknown path)", |peer| {
             with_peer(Request::get("/users.json"), peer)
         }),
@@ -181,6 +181,9 @@ fn bench_layer(c: &mut Criterion) {
         )
     });
 }
+
+/// Builds one request from the peer address.
+type MakeRequest = fn(SocketAddr) -> Request<Empty<Bytes>>;
 
 fn with_peer(builder: http::request::Builder, peer: SocketAddr) -> Request<Empty<Bytes>> {
     let mut request = builder.body(Empty::new()).unwrap();
