@@ -187,6 +187,11 @@ impl MockServer {
         lock(&self.shared.config).failure = failure;
     }
 
+    /// Changes the API key it accepts (key rotation).
+    pub fn set_api_key(&self, key: &str) {
+        lock(&self.shared.config).api_key = key.to_owned();
+    }
+
     /// Changes the delay before every answer.
     pub fn set_latency(&self, latency: Duration) {
         lock(&self.shared.config).latency = latency;

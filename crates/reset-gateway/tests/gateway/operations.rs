@@ -517,3 +517,39 @@ async fn a_slow_client_body_does_not_hold_the_reset_path() {
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
 }
+
+#[tokio::test]
+async fn the_api_key_file_is_re_read_on_reload() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    mock.set_api_key("rotated-key-2");
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("qb_api_key");
+    std::fs::write(&key_file, "old-key-1\n").unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let yaml = yaml(&mock.url(), "  responses: { uniform: false }\n", "").replace(
+        "upstream:\n",
+        &format!("upstream:\n  api_key_file: {}\n", key_file.display()),
+    );
+    write(&path, &yaml);
+    let gw = spawn_gateway(&path);
+    let ask = || {
+        let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+        async move { raw(gw.addr, request.as_bytes()).await.status }
+    };
+    assert_eq!(ask().await, 401, "QuickBlox refuses the old key");
+    std::fs::write(&key_file, "rotated-key-2\n").unwrap();
+    gw.signal("HUP");
+    let mut status = 0;
+    for _ in 0..100 {
+        status = ask().await;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200, "the rotated key is used without a restart");
+    assert!(gw
+        .logs()
+        .iter()
+        .all(|l| !l.contains("rotated-key-2") && !l.contains("old-key-1")));
+}
