@@ -12,12 +12,14 @@ use crate::config::OtherRoutes;
 use crate::context::GuardedRequest;
 use crate::email::{canonical_chars, Email};
 use crate::layer::{GuardState, Shared};
-use crate::limit::{Denial, Domain, LimitGroup, Standing};
+use crate::limit::{Denial, Domain, LimitGroup, Limiter, Standing};
 use crate::query::email_param;
 use crate::rejection::Rejection;
 
 /// What the checks alone (no limiter yet) make of a request.
 #[derive(Debug)]
+// Lives on the stack for one call; boxing the plan would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Inspection {
     /// Refused before any limit applies (route, method, body).
     Answer(Rejection),
@@ -33,6 +35,9 @@ pub(crate) struct Plan {
     charges: [(LimitGroup, u64); 4],
     len: usize,
     then: Then,
+    /// Set when the limits were charged during the inspection (the memory store).
+    pub(crate) decided: Option<Decision>,
+    standing: Option<Standing>,
 }
 
 #[derive(Debug)]
@@ -49,15 +54,39 @@ impl Plan {
             charges: [(LimitGroup::Global, 0); 4],
             len: 0,
             then,
+            decided: None,
+            standing: None,
         }
     }
 
-    fn charge(&mut self, group: LimitGroup, key: u64) {
+    /// Adds a charge; with `eager`, charges it at once and says whether it was admitted,
+    /// so a denied request goes no further (a cheap 429 under a flood).
+    fn charge(&mut self, group: LimitGroup, key: u64, eager: Option<(&Limiter, u64)>) -> bool {
         self.charges[self.len] = (group, key);
         self.len += 1;
+        let Some((limiter, now)) = eager else {
+            return true;
+        };
+        match limiter.check(group, key, now) {
+            Ok(Some(standing)) => {
+                self.standing = Some(standing.tighter(self.standing));
+                true
+            }
+            Ok(None) => true,
+            Err(denial) => {
+                self.decided = Some(Decision::Denied(self.len - 1, denial));
+                false
+            }
+        }
+    }
+
+    /// What an eager inspection decided: admitted unless a charge was denied.
+    pub(crate) fn eager_decision(&self) -> Decision {
+        self.decided.unwrap_or(Decision::Admitted(self.standing))
     }
 
     /// The `(group, key)` pairs to charge, in order.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn charges(&self) -> &[(LimitGroup, u64)] {
         &self.charges[..self.len]
     }
@@ -86,13 +115,17 @@ pub(crate) enum Verdict {
     Rejected(Rejection),
 }
 
-/// Steps 1 to 4 of SPEC §3 without the limits: which limits apply to this request, in order,
-/// and what follows. Nothing is charged here, so every store decides the same plan.
+/// Steps 1 to 4 of SPEC §3: which limits apply to this request, in order, and what follows.
+/// With `eager` (the memory store) each limit is charged as the request reaches it and a
+/// denial ends the inspection; without (Redis), the plan is decided in one round trip
+/// afterwards, with the same outcome.
 pub(crate) fn inspect<B: Body>(
     shared: &Shared,
     state: &GuardState,
     request: &Request<B>,
+    eager: bool,
 ) -> Inspection {
+    let eager = eager.then(|| (&state.limiter, state.limiter.now()));
     let settings = &state.settings;
     let limits = &settings.limits;
     let path = request.uri().path();
@@ -117,11 +150,14 @@ pub(crate) fn inspect<B: Body>(
         None => ClientIp::UNKNOWN,
     };
     let mut plan = Plan::new(Then::Reject(Rejection::NotFound));
-    if !limits.is_exempt(client_ip.ip()) {
-        plan.charge(
+    if !limits.is_exempt(client_ip.ip())
+        && !plan.charge(
             LimitGroup::PerIp,
             limits.ip_key(client_ip.ip(), &shared.hasher),
-        );
+            eager,
+        )
+    {
+        return Inspection::Plan(plan);
     }
 
     // Step 3: exactly one known credential, then the per-client limit.
@@ -139,12 +175,12 @@ pub(crate) fn inspect<B: Body>(
             })
         }
     };
-    plan.charge(
-        LimitGroup::PerClient,
-        shared
-            .hasher
-            .hash(Domain::Client, client_id.as_str().as_bytes()),
-    );
+    let client_key = shared
+        .hasher
+        .hash(Domain::Client, client_id.as_str().as_bytes());
+    if !plan.charge(LimitGroup::PerClient, client_key, eager) {
+        return Inspection::Plan(plan);
+    }
 
     // Step 4: one valid address, then the per-email and global limits.
     let email = match email_param(request.uri().query())
@@ -161,14 +197,15 @@ pub(crate) fn inspect<B: Body>(
     let email_hash = shared.hasher.hash_chars(Domain::Email, |sink| {
         canonical_chars(&email, limits.email_key, sink)
     });
-    plan.charge(LimitGroup::PerEmail, email_hash);
-    plan.charge(LimitGroup::Global, 0);
     plan.then = Then::Forward(Box::new(GuardedRequest {
         client_id,
         client_ip,
         email,
         email_hash,
     }));
+    if plan.charge(LimitGroup::PerEmail, email_hash, eager) {
+        plan.charge(LimitGroup::Global, 0, eager);
+    }
     Inspection::Plan(plan)
 }
 

@@ -30,7 +30,6 @@ pub(crate) use key::Domain;
 pub use key::KeyHasher;
 pub use quota::{Quota, QuotaConfig};
 
-use crate::check::Decision;
 use crate::config::{Cidr, ConfigError};
 use crate::email::EmailKeyPolicy;
 use gcra::Cell;
@@ -503,20 +502,6 @@ impl Limiter {
                 })
             }
         }
-    }
-
-    /// Charges a plan's groups in order, stopping at the first that denies.
-    pub(crate) fn decide(&self, charges: &[(LimitGroup, u64)]) -> Decision {
-        let now = self.now();
-        let mut standing: Option<Standing> = None;
-        for (i, &(group, key)) in charges.iter().enumerate() {
-            match self.check(group, key, now) {
-                Ok(Some(s)) => standing = Some(s.tighter(standing)),
-                Ok(None) => {}
-                Err(denial) => return Decision::Denied(i, denial),
-            }
-        }
-        Decision::Admitted(standing)
     }
 
     /// The limiters' time; read once per request so every group sees the same instant.

@@ -53,7 +53,11 @@ where
         let state = self.shared.current.load();
         let min_latency = state.settings.min_latency;
         let floor = (!min_latency.is_zero()).then(|| Instant::now() + min_latency);
-        let plan = match inspect(&self.shared, &state, &request) {
+        #[cfg(feature = "redis")]
+        let eager = self.shared.redis.is_none();
+        #[cfg(not(feature = "redis"))]
+        let eager = true;
+        let plan = match inspect(&self.shared, &state, &request, eager) {
             Inspection::Answer(rejection) => return ResponseFuture::rejected(rejection),
             Inspection::PassThrough => {
                 return ResponseFuture::passed_through(self.inner.call(request))
@@ -75,7 +79,7 @@ where
                 }),
             );
         }
-        let decision = state.limiter.decide(plan.charges());
+        let decision = plan.eager_decision();
         finish(&mut self.inner, &state, request, plan, decision, floor)
     }
 }
