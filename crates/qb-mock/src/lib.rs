@@ -295,10 +295,14 @@ async fn handle(
         Failure::None => {}
         Failure::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return Ok(json(
-                status,
-                r#"{"errors":["Service temporarily unavailable"]}"#,
-            ));
+            let mut response = json(status, r#"{"errors":["Service temporarily unavailable"]}"#);
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                // QuickBlox's own rate limit says when to come back.
+                response
+                    .headers_mut()
+                    .insert("retry-after", "30".parse().expect("valid"));
+            }
+            return Ok(response);
         }
         Failure::Hang => std::future::pending::<()>().await,
         Failure::AbortMidBody => return Ok(abort_mid_body()),

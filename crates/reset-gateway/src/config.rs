@@ -165,6 +165,8 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Largest request head, in bytes; beyond it the answer is 431.
     pub max_header_bytes: usize,
+    /// Longest request target (path and query), in bytes; beyond it the answer is 414.
+    pub max_uri_bytes: usize,
     /// TLS termination (HTTP/2 and HTTP/1.1 by ALPN).
     pub tls: Option<TlsConfig>,
     /// CORS for browser apps.
@@ -181,6 +183,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             workers: 0,
             max_header_bytes: 16 * 1024,
+            max_uri_bytes: 8 * 1024,
             tls: None,
             cors: CorsConfig::default(),
         }
@@ -416,6 +419,8 @@ pub struct ServerSettings {
     pub workers: usize,
     /// Largest request head.
     pub max_header_bytes: usize,
+    /// Longest request target.
+    pub max_uri_bytes: usize,
     /// TLS files, if TLS is on.
     pub tls: Option<TlsConfig>,
     /// Allowed CORS origins (empty: off) and preflight cache time.
@@ -505,6 +510,12 @@ impl ServerConfig {
                 "must be at least 1",
             ));
         }
+        if !(256..=self.max_header_bytes).contains(&self.max_uri_bytes) {
+            return Err(ConfigError::new(
+                "server.max_uri_bytes",
+                "must be 256 to server.max_header_bytes",
+            ));
+        }
         if !(8192..=1024 * 1024).contains(&self.max_header_bytes) {
             return Err(ConfigError::new(
                 "server.max_header_bytes",
@@ -566,6 +577,7 @@ impl ServerConfig {
                 n => n,
             },
             max_header_bytes: self.max_header_bytes,
+            max_uri_bytes: self.max_uri_bytes,
             tls: self.tls.clone(),
             cors_origins,
             cors_max_age: self.cors.max_age.0,
@@ -631,6 +643,12 @@ impl UpstreamConfig {
                     format!("{name:?} is not a header name"),
                 )
             })?;
+            if header.as_str().contains('_') {
+                return Err(ConfigError::new(
+                    format!("upstream.pass_headers[{i}]"),
+                    "header names with underscores are dropped, never forwarded",
+                ));
+            }
             if never_passed(&header) {
                 return Err(ConfigError::new(
                     format!("upstream.pass_headers[{i}]"),

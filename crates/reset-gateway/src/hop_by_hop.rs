@@ -17,8 +17,18 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
         )
 }
 
-/// Removes every hop-by-hop header, including each one named in `Connection`.
+/// Removes every hop-by-hop header, including each one named in `Connection`, and every
+/// header whose name has an underscore: servers that map `X_Forwarded_For` and
+/// `X-Forwarded-For` to one name would otherwise read a header we never checked.
 pub fn strip(headers: &mut HeaderMap) {
+    let underscored: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in underscored {
+        headers.remove(&name);
+    }
     let named: Vec<HeaderName> = connection_named(headers).collect();
     for name in named {
         headers.remove(&name);
@@ -57,6 +67,7 @@ mod tests {
             ("te", "trailers"),
             ("upgrade", "h2c"),
             ("proxy-authorization", "Basic x"),
+            ("x_forwarded_for", "6.6.6.6"),
             ("x-kept", "1"),
         ] {
             headers.append(HeaderName::from_static(name), value.parse().unwrap());

@@ -62,6 +62,7 @@ struct Shared {
     service: Stack,
     include_email: bool,
     request_timeout: Duration,
+    max_uri_bytes: usize,
     status: Arc<Status>,
 }
 
@@ -108,6 +109,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
             service,
             include_email: settings.log.include_email,
             request_timeout: server.request_timeout,
+            max_uri_bytes: server.max_uri_bytes,
             status: status.clone(),
         }));
     }
@@ -332,6 +334,8 @@ impl Protocols {
             // Also closes keep-alive connections idle for that long between requests.
             .header_read_timeout(server.header_read_timeout)
             .max_buf_size(server.max_header_bytes)
+            // A client that shuts down its sending side after the request still gets the answer.
+            .half_close(true)
             .keep_alive(true);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
@@ -428,6 +432,43 @@ async fn opens_with_preface(stream: &TcpStream) -> std::io::Result<bool> {
     }
 }
 
+/// Requests a careful HTTP server refuses before looking at what they ask: an HTTP/1.1
+/// request without exactly one Host (RFC 9112 §3.2), or a target longer than `max_uri`.
+fn malformed<B>(request: &Request<B>, max_uri: usize) -> Option<Response<bytes::Bytes>> {
+    let uri_len = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if uri_len > max_uri {
+        return Some(plain_error(
+            http::StatusCode::URI_TOO_LONG,
+            "Request target too long",
+        ));
+    }
+    if request.version() == http::Version::HTTP_11 && request.uri().authority().is_none() {
+        let mut hosts = request.headers().get_all(http::header::HOST).iter();
+        if hosts.next().is_none() || hosts.next().is_some() {
+            return Some(plain_error(
+                http::StatusCode::BAD_REQUEST,
+                "Exactly one Host header is required",
+            ));
+        }
+    }
+    None
+}
+
+/// An answer in the QuickBlox error envelope for a refusal outside the guard's table.
+fn plain_error(status: http::StatusCode, message: &str) -> Response<bytes::Bytes> {
+    let body = format!(r#"{{"errors":{{"base":["{message}"]}}}}"#);
+    let mut response = Response::new(bytes::Bytes::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    response
+}
+
 /// One connection's view of the gateway.
 #[derive(Clone)]
 struct GatewayService {
@@ -453,6 +494,15 @@ async fn handle(
 ) -> Result<Response<GatewayBody>, Infallible> {
     let started = Instant::now();
     let id = request_id::resolve(request.headers());
+    if let Some(refusal) = malformed(&request, shared.max_uri_bytes) {
+        let mut response = refusal.map(GuardBody::full);
+        response.headers_mut().insert(X_REQUEST_ID, id);
+        shared
+            .status
+            .metrics
+            .request("malformed", started.elapsed());
+        return Ok(response);
+    }
     request.headers_mut().insert(X_REQUEST_ID, id.clone());
     request.extensions_mut().insert(PeerAddr(peer));
     let mut answer = std::pin::pin!(shared.service.clone().oneshot(request));

@@ -4,6 +4,7 @@ mod checks;
 mod common;
 mod deploy;
 mod emails;
+mod hostile;
 mod limits;
 mod operations;
 mod process;

@@ -1,0 +1,152 @@
+//! Hostile input: smuggling and header abuse, oversized targets, half-closed clients,
+//! upstream rate limits, and answers that must not tell accounts apart.
+
+use std::time::{Duration, Instant};
+
+use qb_mock::{Failure, MockServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::*;
+
+const GOOD: &str = "GET /users/password/reset.json?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: ios-client-token-1a2b3c\r\n";
+
+async fn status_of(gw: &Gateway, head: &str) -> u16 {
+    raw(gw.addr, head.as_bytes()).await.status
+}
+
+#[tokio::test]
+async fn smuggling_attempts_are_refused_and_never_reach_quickblox() {
+    let gw = Gateway::start("").await;
+    let cases = [
+        ("Content-Length plus Transfer-Encoding", format!("{GOOD}Content-Length: 4\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n")),
+        ("two different Content-Lengths", format!("{GOOD}Content-Length: 0\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")),
+        ("Transfer-Encoding on a GET", format!("{GOOD}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n")),
+        ("obs-fold continuation line", format!("{GOOD}X-Folded: a\r\n b\r\nConnection: close\r\n\r\n")),
+        ("bare LF inside the query", "GET /users/password/reset.json?email=al\nice HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_owned()),
+        ("CR inside the query", "GET /users/password/reset.json?email=al\rice HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_owned()),
+        ("no Host on HTTP/1.1", "GET /users/password/reset.json?email=alice%40example.com HTTP/1.1\r\nQB-Token: ios-client-token-1a2b3c\r\nConnection: close\r\n\r\n".to_owned()),
+        ("two Host headers", format!("{GOOD}Host: y\r\nConnection: close\r\n\r\n")),
+    ];
+    for (what, request) in cases {
+        assert_eq!(status_of(&gw, &request).await, 400, "{what}");
+    }
+    assert!(gw.mock.requests().is_empty());
+    // Identical duplicates of Content-Length: 0 carry no body and are harmless.
+    let same = format!("{GOOD}Content-Length: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    assert_eq!(status_of(&gw, &same).await, 200);
+}
+
+#[tokio::test]
+async fn underscored_names_are_not_credentials_and_are_never_forwarded() {
+    let gw = Gateway::start("  other_routes: forward\n").await;
+    let head = "GET /users/password/reset.json?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB_Token: ios-client-token-1a2b3c\r\nConnection: close\r\n\r\n";
+    assert_eq!(status_of(&gw, head).await, 401);
+    let other = "GET /users.json HTTP/1.1\r\nHost: x\r\nX_Forwarded_For: 6.6.6.6\r\nX-Kept: 1\r\nConnection: close\r\n\r\n";
+    raw(gw.addr, other.as_bytes()).await;
+    let seen = &gw.mock.requests()[0].headers;
+    assert!(seen.get("x_forwarded_for").is_none());
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-kept"], "1");
+}
+
+#[tokio::test]
+async fn oversized_targets_get_414_and_heads_431() {
+    let gw = Gateway::start("").await;
+    let long = format!("GET /users/password/reset.json?email={}%40example.com HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "a".repeat(9000));
+    let reply = raw(gw.addr, long.as_bytes()).await;
+    assert_eq!(reply.status, 414);
+    assert_eq!(
+        reply.body,
+        r#"{"errors":{"base":["Request target too long"]}}"#
+    );
+    assert!(reply.header("x-request-id").is_some());
+    let huge = format!("GET /users/password/reset.json?email={}%40example.com HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "a".repeat(40_000));
+    assert_eq!(raw(gw.addr, huge.as_bytes()).await.status, 431);
+    assert!(gw.mock.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_still_gets_its_answer() {
+    let mut config = mock_config();
+    config.latency = Duration::from_millis(100);
+    let gw = Gateway::start_with(config, "", "").await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(format!("{GOOD}\r\n").as_bytes())
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn forwarded_for_garbage_and_ipv6_from_a_trusted_proxy() {
+    let gw = Gateway::start("  client_ip:\n    trusted_proxies: [127.0.0.0/8]\n  limits:\n    per_ip: [{ requests: 1, per: 1h }]\n    per_client: []\n    per_email: []\n    global: []\n").await;
+    let with_xff = |xff: &str| format!("{GOOD}X-Forwarded-For: {xff}\r\nConnection: close\r\n\r\n");
+    // An IPv6 client behind the proxy is its own client; another in the same /64 is not a new one.
+    assert_eq!(status_of(&gw, &with_xff("2001:db8::1")).await, 200);
+    assert_eq!(status_of(&gw, &with_xff("2001:db8::2")).await, 429);
+    // Garbage means the peer (the proxy itself) is the client: no way to dodge by scribbling.
+    assert_eq!(status_of(&gw, &with_xff("garbage, [::1]:80")).await, 200);
+    assert_eq!(status_of(&gw, &with_xff("999.1.1.1")).await, 429);
+}
+
+#[tokio::test]
+async fn quickblox_429_passes_through_with_retry_after() {
+    let gw = Gateway::start("").await;
+    gw.mock.set_failure(Failure::Status(429));
+    let reply = gw.reset_as_ios("email=alice%40example.com").await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.header("retry-after"), Some("30"));
+    // A 5xx storm: every answer is QuickBlox's, and the gateway keeps serving.
+    gw.mock.set_failure(Failure::Status(500));
+    for _ in 0..50 {
+        assert_eq!(
+            gw.reset_as_ios("email=alice%40example.com").await.status,
+            500
+        );
+    }
+    gw.mock.set_failure(Failure::None);
+    assert_eq!(
+        gw.reset_as_ios("email=alice%40example.com").await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn existing_unknown_and_limited_addresses_look_the_same_and_take_the_floor() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = yaml(
+        &mock.url(),
+        "  responses: { uniform: true, min_latency: 300ms }\n  limits:\n    per_ip: []\n    per_client: []\n    per_email: [{ requests: 1, per: 1h }]\n    global: []\n",
+        "",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let mut answers = Vec::new();
+    for email in [
+        "alice%40example.com",
+        "nobody%40example.com",
+        "alice%40example.com",
+    ] {
+        let started = Instant::now();
+        let reply = gw.reset_as_ios(&format!("email={email}")).await;
+        // A floor, not a speed: every answer takes at least min_latency.
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{email} answered early"
+        );
+        answers.push((reply.status, reply.stable_headers(), reply.body));
+    }
+    assert_eq!(answers[0], answers[1], "existing vs unknown");
+    assert_eq!(answers[0], answers[2], "existing vs per-email denial");
+    assert_eq!(
+        gw.mock.requests().len(),
+        2,
+        "the limited one never reached QuickBlox"
+    );
+}
