@@ -13,8 +13,9 @@ use crate::rejection::Rejection;
 /// The header QuickBlox SDKs send a session token in.
 pub const QB_TOKEN: &str = "qb-token";
 
-/// The token a request presents, before it is matched against the clients.
-pub(crate) fn presented_token(headers: &HeaderMap) -> Result<&[u8], Rejection> {
+/// The token a request presents (SPEC §3 step 3: exactly one of `QB-Token` and
+/// `Authorization: ApiKey`), before it is matched against the clients.
+pub fn presented_token(headers: &HeaderMap) -> Result<&[u8], Rejection> {
     let mut qb_tokens = headers.get_all(QB_TOKEN).iter();
     let mut authorizations = headers.get_all(AUTHORIZATION).iter();
     let (qb_token, authorization) = (qb_tokens.next(), authorizations.next());

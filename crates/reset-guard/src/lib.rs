@@ -69,7 +69,7 @@ mod rejection;
 mod secret;
 mod service;
 
-pub use auth::{ClientId, ClientRegistry, TokenDigest, QB_TOKEN};
+pub use auth::{presented_token, ClientId, ClientRegistry, TokenDigest, QB_TOKEN};
 pub use body::GuardBody;
 pub use client_ip::{ClientIp, PeerAddr};
 pub use config::{
