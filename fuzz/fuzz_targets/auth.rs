@@ -27,7 +27,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if presented_token(&headers).is_ok() {
-        let credentials = headers.get_all("qb-token").iter().count() + headers.get_all("authorization").iter().count();
+        let credentials = headers.get_all("qb-token").iter().count()
+            + headers.get_all("authorization").iter().count();
         assert_eq!(credentials, 1);
     }
 });

@@ -32,15 +32,25 @@ fn layer() -> &'static ResetGuardLayer {
 fuzz_target!(|data: &[u8]| {
     // method \0 target \0 name:value\n…
     let mut parts = data.splitn(3, |&b| b == 0);
-    let (Some(method), Some(target)) = (parts.next(), parts.next()) else { return };
-    let Ok(mut builder) = std::str::from_utf8(target).map(|t| Request::builder().method(method).uri(t)) else { return };
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        return;
+    };
+    let Ok(mut builder) =
+        std::str::from_utf8(target).map(|t| Request::builder().method(method).uri(t))
+    else {
+        return;
+    };
     for line in parts.next().unwrap_or_default().split(|&b| b == b'\n') {
         if let Some(i) = line.iter().position(|&b| b == b':') {
             builder = builder.header(&line[..i], &line[i + 1..]);
         }
     }
-    let Ok(mut request) = builder.body(Empty::<Bytes>::new()) else { return };
-    request.extensions_mut().insert(PeerAddr(SocketAddr::from(([192, 0, 2, 1], 4000))));
+    let Ok(mut request) = builder.body(Empty::<Bytes>::new()) else {
+        return;
+    };
+    request
+        .extensions_mut()
+        .insert(PeerAddr(SocketAddr::from(([192, 0, 2, 1], 4000))));
 
     let inner = service_fn(|request: Request<Empty<Bytes>>| async move {
         if request.extensions().get::<GuardedRequest>().is_some() {
@@ -51,10 +61,16 @@ fuzz_target!(|data: &[u8]| {
     });
     let mut service = ServiceBuilder::new().layer(layer().clone()).service(inner);
     let mut future = pin!(service.call(request));
-    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
         Poll::Ready(Ok(response)) => {
             let status = response.status().as_u16();
-            assert!([200, 400, 401, 404, 405, 422, 429].contains(&status), "{status}");
+            assert!(
+                [200, 400, 401, 404, 405, 422, 429].contains(&status),
+                "{status}"
+            );
         }
         Poll::Ready(Err(never)) => match never {},
         Poll::Pending => panic!("the memory store never waits"),

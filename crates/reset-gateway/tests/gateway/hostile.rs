@@ -150,3 +150,93 @@ async fn existing_unknown_and_limited_addresses_look_the_same_and_take_the_floor
         "the limited one never reached QuickBlox"
     );
 }
+
+#[tokio::test]
+async fn connections_beyond_the_limit_do_not_starve_the_ones_being_served() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = yaml(&mock.url(), "", "").replace(
+        "  shutdown_grace: 5s\n",
+        "  shutdown_grace: 5s\n  max_connections: 4\n  workers: 1\n",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    // A keep-alive client already being served…
+    let mut client = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let one = format!("{GOOD}\r\n");
+    let mut buf = vec![0u8; 4096];
+    client.write_all(one.as_bytes()).await.unwrap();
+    let n = client.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // …then a crowd of connections that never send anything.
+    let mut crowd = Vec::new();
+    for _ in 0..1000 {
+        crowd.push(tokio::net::TcpStream::connect(gw.addr).await.unwrap());
+    }
+    // The client keeps being answered, promptly, throughout.
+    for _ in 0..20 {
+        client.write_all(one.as_bytes()).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
+    drop(crowd);
+    // And the gateway is still whole for newcomers.
+    assert_eq!(
+        gw.reset_as_ios("email=alice%40example.com").await.status,
+        200
+    );
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_answers_does_not_pin_memory() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, yaml(&mock.url(), "", "")).unwrap();
+    let gw = crate::process::spawn_gateway(&path);
+    let before = rss_kib(gw.child.id());
+    // Up to a million pipelined requests (~100 MB), and not one byte of the answers read.
+    // The kernel's socket buffers on both sides absorb some megabytes first.
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let request = "GET /users/password/reset.json?email=nope HTTP/1.1\r\nHost: x\r\nQB-Token: ios-client-token-1a2b3c\r\n\r\n";
+    let burst = request.repeat(1000);
+    let mut sent = 0;
+    for _ in 0..1000 {
+        // The gateway stops reading once its answers back up: writes then block.
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            stream.write_all(burst.as_bytes()),
+        )
+        .await
+        {
+            Ok(Ok(())) => sent += 1000,
+            _ => break,
+        }
+    }
+    let after = rss_kib(gw.child.id());
+    // Once the socket buffers are full the gateway stops reading, and the writes block.
+    assert!(
+        sent < 1_000_000,
+        "the gateway kept reading requests whose answers nobody took"
+    );
+    // A bound, not a speed: far less than the requests would need if their answers piled up.
+    assert!(
+        after.saturating_sub(before) < 16 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    // Others are still served meanwhile.
+    let reply = raw(
+        gw.addr,
+        format!("{GOOD}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+}
