@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use bytes::Bytes;
 use http::HeaderValue;
 use zeroize::Zeroizing;
 
@@ -29,8 +30,13 @@ impl ApiKey {
         if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(InvalidApiKey);
         }
-        let value = Zeroizing::new(format!("ApiKey {}", key.as_str()));
-        let mut header = HeaderValue::from_str(&value).map_err(|_| InvalidApiKey)?;
+        // The header's bytes live in a zeroizing buffer too: they are wiped when the last
+        // request holding a clone of the header is gone.
+        let mut value = Zeroizing::new(Vec::with_capacity(7 + key.len()));
+        value.extend_from_slice(b"ApiKey ");
+        value.extend_from_slice(key.as_bytes());
+        let bytes = Bytes::from_owner(ZeroizingBytes(value));
+        let mut header = HeaderValue::from_maybe_shared(bytes).map_err(|_| InvalidApiKey)?;
         header.set_sensitive(true);
         Ok(ApiKey { key, header })
     }
@@ -43,6 +49,15 @@ impl ApiKey {
     /// The key itself, for code that must compare or send it.
     pub fn expose(&self) -> &str {
         &self.key
+    }
+}
+
+/// Owner of a header's bytes that wipes them on drop.
+struct ZeroizingBytes(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for ZeroizingBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 

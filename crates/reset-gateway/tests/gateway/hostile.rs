@@ -240,3 +240,63 @@ async fn a_client_that_never_reads_its_answers_does_not_pin_memory() {
     .await;
     assert_eq!(reply.status, 200);
 }
+
+#[tokio::test]
+async fn slowloris_dribbling_a_head_byte_by_byte_is_cut_off() {
+    let gw = Gateway::start("").await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = GOOD.as_bytes();
+    let started = Instant::now();
+    let mut cut_off = false;
+    // One byte every 50ms: the whole head would take seconds; the limit is 300ms in total.
+    for byte in head.iter().cycle().take(200) {
+        if stream.write_all(&[*byte]).await.is_err() {
+            cut_off = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut probe = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(1), stream.peek(&mut probe)).await
+        {
+            cut_off = true;
+            break;
+        }
+    }
+    assert!(cut_off, "the dribbling connection was kept open");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(gw.mock.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_hanging_quickblox_does_not_hold_up_other_clients() {
+    let gw = Gateway::start("").await;
+    gw.mock.set_failure(Failure::Hang);
+    let hanging: Vec<_> = (0..20)
+        .map(|_| {
+            let addr = gw.addr;
+            tokio::spawn(async move {
+                raw(addr, format!("{GOOD}Connection: close\r\n\r\n").as_bytes())
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    // Meanwhile, requests the guard answers itself are answered at once.
+    for _ in 0..20 {
+        assert_eq!(
+            gw.reset("email=bad", &[("QB-Token", IOS_TOKEN)])
+                .await
+                .status,
+            422
+        );
+    }
+    for task in hanging {
+        assert_eq!(task.await.unwrap(), 504);
+    }
+    gw.mock.set_failure(Failure::None);
+    assert_eq!(
+        gw.reset_as_ios("email=alice%40example.com").await.status,
+        200
+    );
+}
