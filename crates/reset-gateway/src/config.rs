@@ -459,10 +459,10 @@ impl GatewayConfig {
     /// Checks everything and resolves the API key. `yaml` is the text the config came
     /// from, used to find the line of errors found after parsing.
     pub fn validate(&self, yaml: &str) -> Result<Settings, ConfigError> {
-        let api_key = self.upstream.resolve_api_key().map_err(|e| {
-            let key = e.path.rsplit('.').next().unwrap_or("").to_owned();
-            e.at_line(first_line_of(yaml, &key))
-        })?;
+        let api_key = self
+            .upstream
+            .resolve_api_key()
+            .map_err(|e| locate(yaml, e))?;
         self.validate_with_key(yaml, api_key)
     }
 
@@ -477,20 +477,14 @@ impl GatewayConfig {
                 .and_then(|key| first_line_of(yaml, key));
             e.within("guard").at_line(line)
         })?;
-        let upstream = self.upstream.validate().map_err(|e| {
-            let key = e.path.rsplit('.').next().unwrap_or("").to_owned();
-            e.at_line(first_line_of(yaml, &key))
-        })?;
-        let store = self.store.validate().map_err(|e| {
-            let key = e.path.rsplit('.').next().unwrap_or("").to_owned();
-            e.at_line(first_line_of(yaml, &key))
-        })?;
+        let upstream = self.upstream.validate().map_err(|e| locate(yaml, e))?;
+        let store = self.store.validate().map_err(|e| locate(yaml, e))?;
         Ok(Settings {
             store,
-            server: self.server.validate(&self.admin).map_err(|e| {
-                let key = e.path.rsplit('.').next().unwrap_or("").to_owned();
-                e.at_line(first_line_of(yaml, &key))
-            })?,
+            server: self
+                .server
+                .validate(&self.admin)
+                .map_err(|e| locate(yaml, e))?,
             upstream,
             guard,
             api_key,
@@ -584,6 +578,12 @@ impl ServerConfig {
             admin_listen: admin.listen,
         })
     }
+}
+
+/// Places an error found after parsing at the line of the last key of its path.
+fn locate(yaml: &str, error: ConfigError) -> ConfigError {
+    let key = error.path.rsplit('.').next().unwrap_or("").to_owned();
+    error.at_line(first_line_of(yaml, &key))
 }
 
 /// The line of the first `key:` in the file.

@@ -277,12 +277,24 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     process.signal("TERM");
-    // While draining, readiness fails so load balancers stop sending traffic.
-    let ready = raw(
+    // While draining, readiness fails so load balancers stop sending traffic (the signal is
+    // handled asynchronously: ask until it shows, the in-flight request lasts 800ms).
+    let mut ready = raw(
         process.admin,
         b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )
     .await;
+    for _ in 0..50 {
+        if ready.status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        ready = raw(
+            process.admin,
+            b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+    }
     assert_eq!((ready.status, ready.body.as_str()), (503, "draining\n"));
 
     let reply = in_flight.await.unwrap();
