@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qb_mock::{Failure, MockServer};
+use rustls::pki_types::pem::PemObject;
 
 use crate::common::*;
 
@@ -67,17 +68,13 @@ async fn quickblox_errors_pass_through() {
 #[tokio::test]
 async fn https_upstream_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+    let (ca_file, cert_file, key_file) = test_certificates(dir.path());
+    let cert = rustls::pki_types::CertificateDer::pem_file_iter(&cert_file)
         .unwrap()
-        .signed_by(&key, &ca, &ca_key)
+        .next()
+        .unwrap()
         .unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&key_file).unwrap();
 
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -85,10 +82,7 @@ async fn https_upstream_with_a_private_ca() {
     .with_safe_default_protocol_versions()
     .unwrap()
     .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
+    .with_single_cert(vec![cert], key)
     .unwrap();
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let mock = MockServer::bind(
