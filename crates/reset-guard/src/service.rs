@@ -66,7 +66,7 @@ where
         };
         #[cfg(feature = "redis")]
         if let (Some(store), Some(specs)) = (&self.shared.redis, &state.redis_specs) {
-            let decision = store.decide(&state.settings.limits, specs, plan.charges());
+            let decision = store.decide(specs, plan.charges());
             // The inner service was made ready for this request: take that one along and
             // leave a fresh clone for the next `poll_ready`.
             let clone = self.inner.clone();

@@ -29,7 +29,7 @@ const REPLY_LEN: usize = 6;
 /// One request's charges under one settings generation, and where its six numbers go.
 struct Job {
     specs: Arc<RedisSpecs>,
-    charges: Vec<(LimitGroup, u64)>,
+    charges: Charges,
     reply: oneshot::Sender<Result<[i64; REPLY_LEN], String>>,
 }
 
@@ -40,8 +40,32 @@ pub(crate) struct RedisSpecs {
     groups: [GroupSpec; 4],
 }
 
+/// A request's charges in order, without an allocation (a request has at most four).
+#[derive(Debug, Clone, Copy)]
+struct Charges {
+    items: [(LimitGroup, u64); 4],
+    len: usize,
+}
+
+impl Charges {
+    fn new(charges: &[(LimitGroup, u64)]) -> Self {
+        let mut items = [(LimitGroup::Global, 0); 4];
+        items[..charges.len()].copy_from_slice(charges);
+        Charges {
+            items,
+            len: charges.len(),
+        }
+    }
+
+    fn as_slice(&self) -> &[(LimitGroup, u64)] {
+        &self.items[..self.len]
+    }
+}
+
 #[derive(Debug, Default)]
 struct GroupSpec {
+    /// The group's quotas, to read the script's answer by index.
+    quotas: Vec<Quota>,
     /// Quota count, then interval_us, capacity_us, shadow per quota.
     args: Vec<u64>,
     /// `{prefix}:{group}:{interval_us}.{capacity_us}:` per quota. The quota's numbers are
@@ -55,6 +79,7 @@ impl RedisSpecs {
         let groups = LimitGroup::ALL.map(|group| {
             let quotas = limits.quotas(group);
             let mut spec = GroupSpec {
+                quotas: quotas.to_vec(),
                 args: vec![quotas.len() as u64],
                 prefixes: Vec::new(),
             };
@@ -102,11 +127,11 @@ fn invocation<'a>(script: &'a redis::Script, batch: &[Job]) -> redis::ScriptInvo
             .iter()
             .position(|g| Arc::ptr_eq(g, &job.specs))
             .unwrap_or(0);
-        invocation.arg(job.charges.len());
-        for (group, _) in &job.charges {
+        invocation.arg(job.charges.len);
+        for (group, _) in job.charges.as_slice() {
             invocation.arg(generation * 4 + group.index() + 1);
         }
-        for (group, hash) in &job.charges {
+        for (group, hash) in job.charges.as_slice() {
             for prefix in &job.specs.group(*group).prefixes {
                 use std::fmt::Write;
                 key.clear();
@@ -300,7 +325,6 @@ impl RedisStore {
     /// script call.
     pub(crate) fn decide(
         self: &Arc<Self>,
-        limits: &LimitSettings,
         specs: &Arc<RedisSpecs>,
         charges: &[(LimitGroup, u64)],
     ) -> Pin<Box<dyn Future<Output = Decision> + Send>> {
@@ -311,7 +335,7 @@ impl RedisStore {
         let charges = &charges[..asked];
         if charges
             .iter()
-            .all(|(group, _)| limits.quotas(*group).is_empty())
+            .all(|(group, _)| specs.group(*group).quotas.is_empty())
         {
             let decision = match cached {
                 Some((i, denial)) => Decision::Denied(i, denial),
@@ -319,15 +343,12 @@ impl RedisStore {
             };
             return Box::pin(std::future::ready(decision));
         }
-        let groups: Vec<(LimitGroup, u64)> = charges.to_vec();
-        let quotas: Vec<Vec<Quota>> = groups
-            .iter()
-            .map(|(g, _)| limits.quotas(*g).to_vec())
-            .collect();
+        let charges = Charges::new(charges);
+        let specs = specs.clone();
         let (reply, answer) = oneshot::channel();
         let job = Job {
             specs: specs.clone(),
-            charges: groups.clone(),
+            charges,
             reply,
         };
         let queued = self.queue().try_send(job);
@@ -339,7 +360,7 @@ impl RedisStore {
             match tokio::time::timeout(store.timeout, answer).await {
                 Ok(Ok(Ok(reply))) => {
                     store.healthy.store(true, Ordering::Relaxed);
-                    store.read_reply(&reply, &groups, &quotas, cached)
+                    store.read_reply(&reply, charges.as_slice(), &specs, cached)
                 }
                 Ok(Ok(Err(error))) => store.failed(&error),
                 Ok(Err(_)) => store.failed("the Redis worker stopped"),
@@ -376,7 +397,7 @@ impl RedisStore {
         &self,
         reply: &[i64; REPLY_LEN],
         groups: &[(LimitGroup, u64)],
-        limits: &[Vec<Quota>],
+        specs: &RedisSpecs,
         cached: Option<(usize, Denial)>,
     ) -> Decision {
         let field = |i: usize| reply.get(i).copied().unwrap_or(0);
@@ -384,7 +405,7 @@ impl RedisStore {
             let gi = usize::try_from(g).ok()?.checked_sub(1)?;
             let qi = usize::try_from(q).ok()?.checked_sub(1)?;
             let (group, key) = *groups.get(gi)?;
-            Some((gi, group, key, *limits.get(gi)?.get(qi)?))
+            Some((gi, group, key, *specs.group(group).quotas.get(qi)?))
         };
         let shadow_mask = field(5);
         for (i, (group, _)) in groups.iter().enumerate() {
