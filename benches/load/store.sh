@@ -36,6 +36,7 @@ digest=$(printf %s bench-client-token | target/release/reset-gateway hash-token)
 config() { # listen, store section
   cat <<YAML
 server: { listen: "127.0.0.1:$1" }
+admin: { listen: "127.0.0.1:0" }
 upstream: { url: "http://127.0.0.1:$MOCK", timeout: 5s, pool_max_idle: 256 }
 guard:
   clients: [{ id: bench, token_sha256: $digest }]

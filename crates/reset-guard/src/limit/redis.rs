@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -25,6 +25,13 @@ const QUEUE_LIMIT: usize = 65_536;
 const MAX_BATCH: usize = 128;
 /// Numbers the script returns per request.
 const REPLY_LEN: usize = 6;
+
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Per thread: each store's batching queue on this thread.
+    static QUEUES: std::cell::RefCell<Vec<(u64, mpsc::Sender<Job>)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// One request's charges under one settings generation, and where its six numbers go.
 struct Job {
@@ -222,8 +229,11 @@ impl RedisSettings {
 pub(crate) struct RedisStore {
     connection: ConnectionManager,
     script: Arc<redis::Script>,
-    /// The batching worker's queue, started on first use (inside the runtime).
-    queue: OnceLock<mpsc::Sender<Job>>,
+    /// Tells this store's queues apart in each thread's list.
+    id: u64,
+    /// Where per-thread connections are made from.
+    client: redis::Client,
+    config: ConnectionManagerConfig,
     prefix: String,
     timeout: Duration,
     on_error: OnError,
@@ -258,11 +268,13 @@ impl RedisStore {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
         Ok(RedisStore {
             connection,
             script: Arc::new(redis::Script::new(include_str!("redis.lua"))),
-            queue: OnceLock::new(),
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
+            client,
+            config,
             prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
             on_error: settings.on_error,
@@ -351,11 +363,15 @@ impl RedisStore {
             charges,
             reply,
         };
-        let queued = self.queue().try_send(job);
+        let queued = self.queue().map_err(|e| e.to_string()).and_then(|queue| {
+            queue
+                .try_send(job)
+                .map_err(|_| "too many requests waiting for Redis".to_owned())
+        });
         let store = self.clone();
         Box::pin(async move {
-            if queued.is_err() {
-                return store.failed("too many requests waiting for Redis");
+            if let Err(why) = queued {
+                return store.failed(&why);
             }
             match tokio::time::timeout(store.timeout, answer).await {
                 Ok(Ok(Ok(reply))) => {
@@ -369,17 +385,29 @@ impl RedisStore {
         })
     }
 
-    /// The worker's queue, starting the worker on first use.
-    fn queue(&self) -> &mpsc::Sender<Job> {
-        self.queue.get_or_init(|| {
+    /// This thread's batching queue, started on first use. Each worker thread batches its
+    /// own requests over its own Redis connection, so a decision never hops threads.
+    fn queue(&self) -> redis::RedisResult<mpsc::Sender<Job>> {
+        QUEUES.with(|queues| {
+            let mut queues = queues.borrow_mut();
+            if let Some((_, sender)) = queues
+                .iter()
+                .find(|(id, s)| *id == self.id && !s.is_closed())
+            {
+                return Ok(sender.clone());
+            }
+            let connection =
+                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())?;
             let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
             tokio::spawn(run_batches(
                 receiver,
-                self.connection.clone(),
+                connection,
                 self.script.clone(),
                 self.timeout,
             ));
-            sender
+            queues.retain(|(id, _)| *id != self.id);
+            queues.push((self.id, sender.clone()));
+            Ok(sender)
         })
     }
 
