@@ -434,39 +434,21 @@ async fn opens_with_preface(stream: &TcpStream) -> std::io::Result<bool> {
 
 /// Requests a careful HTTP server refuses before looking at what they ask: an HTTP/1.1
 /// request without exactly one Host (RFC 9112 §3.2), or a target longer than `max_uri`.
-fn malformed<B>(request: &Request<B>, max_uri: usize) -> Option<Response<bytes::Bytes>> {
+fn malformed<B>(request: &Request<B>, max_uri: usize) -> Option<Rejection> {
     let uri_len = request
         .uri()
         .path_and_query()
         .map_or(0, |p| p.as_str().len());
     if uri_len > max_uri {
-        return Some(plain_error(
-            http::StatusCode::URI_TOO_LONG,
-            "Request target too long",
-        ));
+        return Some(Rejection::TargetTooLong);
     }
     if request.version() == http::Version::HTTP_11 && request.uri().authority().is_none() {
         let mut hosts = request.headers().get_all(http::header::HOST).iter();
         if hosts.next().is_none() || hosts.next().is_some() {
-            return Some(plain_error(
-                http::StatusCode::BAD_REQUEST,
-                "Exactly one Host header is required",
-            ));
+            return Some(Rejection::HostRequired);
         }
     }
     None
-}
-
-/// An answer in the QuickBlox error envelope for a refusal outside the guard's table.
-fn plain_error(status: http::StatusCode, message: &str) -> Response<bytes::Bytes> {
-    let body = format!(r#"{{"errors":{{"base":["{message}"]}}}}"#);
-    let mut response = Response::new(bytes::Bytes::from(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    response
 }
 
 /// One connection's view of the gateway.
@@ -495,12 +477,12 @@ async fn handle(
     let started = Instant::now();
     let id = request_id::resolve(request.headers());
     if let Some(refusal) = malformed(&request, shared.max_uri_bytes) {
-        let mut response = refusal.map(GuardBody::full);
+        let mut response = refusal.to_response().map(GuardBody::full);
         response.headers_mut().insert(X_REQUEST_ID, id);
         shared
             .status
             .metrics
-            .request("malformed", started.elapsed());
+            .request(refusal.outcome(), started.elapsed());
         return Ok(response);
     }
     request.headers_mut().insert(X_REQUEST_ID, id.clone());

@@ -16,6 +16,12 @@ pub enum Rejection {
     /// Anything but GET on the guarded path.
     #[error("method not allowed on the reset path")]
     MethodNotAllowed,
+    /// An HTTP/1.1 request without exactly one Host header (RFC 9112 §3.2).
+    #[error("HTTP/1.1 request without exactly one Host header")]
+    HostRequired,
+    /// A request target longer than the server allows.
+    #[error("request target too long")]
+    TargetTooLong,
     /// A GET with Content-Length > 0 or Transfer-Encoding.
     #[error("GET request carries a body")]
     BodyOnGet,
@@ -66,7 +72,9 @@ impl Rejection {
         match self {
             Rejection::NotFound => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Rejection::BodyOnGet
+            Rejection::TargetTooLong => StatusCode::URI_TOO_LONG,
+            Rejection::HostRequired
+            | Rejection::BodyOnGet
             | Rejection::AmbiguousCredentials
             | Rejection::RepeatedCredential(_)
             | Rejection::EmailRepeated => StatusCode::BAD_REQUEST,
@@ -88,6 +96,8 @@ impl Rejection {
         match self {
             Rejection::NotFound => "not_found",
             Rejection::MethodNotAllowed => "method_not_allowed",
+            Rejection::HostRequired => "host_required",
+            Rejection::TargetTooLong => "target_too_long",
             Rejection::BodyOnGet => "body_on_get",
             Rejection::MissingCredentials => "missing_credentials",
             Rejection::AmbiguousCredentials | Rejection::RepeatedCredential(_) => {
@@ -110,6 +120,10 @@ impl Rejection {
         match self {
             Rejection::NotFound => r#"{"errors":{"base":["Not found"]}}"#,
             Rejection::MethodNotAllowed => r#"{"errors":{"base":["Method not allowed"]}}"#,
+            Rejection::HostRequired => {
+                r#"{"errors":{"base":["Exactly one Host header is required"]}}"#
+            }
+            Rejection::TargetTooLong => r#"{"errors":{"base":["Request target too long"]}}"#,
             Rejection::BodyOnGet => r#"{"errors":{"base":["GET request must not have a body"]}}"#,
             Rejection::MissingCredentials => {
                 r#"{"errors":{"base":["QB-Token or Authorization header is required"]}}"#
@@ -215,6 +229,8 @@ mod tests {
         let all = [
             Rejection::NotFound,
             Rejection::MethodNotAllowed,
+            Rejection::HostRequired,
+            Rejection::TargetTooLong,
             Rejection::BodyOnGet,
             Rejection::MissingCredentials,
             Rejection::AmbiguousCredentials,
