@@ -15,7 +15,7 @@ mod redis;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, RwLockWriteGuard};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -405,16 +405,17 @@ impl Limiter {
         let shard = shard_of(key);
         match entries.as_slice() {
             [] => return Ok(None),
-            [single] if !single.shadow => return self.check_one(group, single, shard, key, now),
+            [single] if !single.shadow => return self.check_one(group, single, key, now),
             _ => {}
         }
         // Every quota's shard stays locked from evaluation to commit, always in the same
         // order, so concurrent requests cannot both take the last slot.
-        let mut maps: [Option<MutexGuard<'_, _>>; MAX_QUOTAS_PER_GROUP] = [None, None, None, None];
+        let mut maps: [Option<RwLockWriteGuard<'_, _>>; MAX_QUOTAS_PER_GROUP] =
+            [None, None, None, None];
         let mut cells = [None; MAX_QUOTAS_PER_GROUP];
         let mut denial: Option<Denial> = None;
         for (i, entry) in entries.iter().enumerate() {
-            let map = maps[i].insert(entry.state.lock(shard));
+            let map = maps[i].insert(entry.state.write(shard));
             let cell = entry.state.evaluate(map, key, now);
             cells[i] = Some(cell);
             if let Cell::Deny { retry_ns } = cell {
@@ -470,18 +471,17 @@ impl Limiter {
         Ok(tightest)
     }
 
-    /// The common case of one enforced quota in a group: one lock, one lookup.
+    /// The common case of one enforced quota in a group: one lookup, and for a known key
+    /// no exclusive lock.
     fn check_one(
         &self,
         group: LimitGroup,
         entry: &Entry,
-        shard: usize,
         key: u64,
         now: u64,
     ) -> Result<Option<Standing>, Denial> {
         let state = &entry.state;
-        let mut map = state.lock(shard);
-        match state.evaluate_and_commit(&mut map, key, now) {
+        match state.decide(key, now) {
             Cell::Admit {
                 remaining,
                 reset_ns,
@@ -493,7 +493,6 @@ impl Limiter {
                 reset: Duration::from_nanos(reset_ns),
             })),
             Cell::Deny { retry_ns } => {
-                drop(map);
                 self.counters.count_denied(group);
                 Err(Denial {
                     group,
