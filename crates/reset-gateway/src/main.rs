@@ -8,6 +8,9 @@ use reset_gateway::cli::{Cli, Command};
 use reset_gateway::{demo, load, signal, telemetry, EXIT_CONFIG};
 use reset_guard::TokenDigest;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
