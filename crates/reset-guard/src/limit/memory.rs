@@ -4,6 +4,11 @@
 //! TAT, so requests on one hot key (a flood from one address) never queue behind each
 //! other, and a thread preempted mid-decision holds up no one. Only a new key, a group of
 //! several quotas and the sweeper take a shard exclusively.
+//!
+//! Idle keys are forgotten by the sweeper, and also as new keys arrive: a shard drops its
+//! idle keys once it has taken in a quarter of its size in new ones, so a quota whose
+//! keys go idle quickly keeps a small table (as nginx's zones expire entries as they
+//! go), and neither growth nor a full shard ever costs more than O(1) per new key.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -36,10 +41,20 @@ impl Hasher for PassThroughHasher {
 
 pub(crate) type TatMap = HashMap<u64, AtomicU64, BuildHasherDefault<PassThroughHasher>>;
 
+/// One shard: its keys, and how many arrived since it last dropped its idle ones.
+#[derive(Default)]
+pub(crate) struct Shard {
+    pub(crate) tats: TatMap,
+    new_since_reclaim: usize,
+}
+
+/// Fewest new keys between two reclaiming scans of a small shard.
+const RECLAIM_MIN: usize = 16;
+
 /// The state of one quota: for each key, its theoretical arrival time.
 pub(crate) struct QuotaState {
     pub(crate) quota: Quota,
-    shards: Box<[RwLock<TatMap>]>,
+    shards: Box<[RwLock<Shard>]>,
     shard_capacity: usize,
     /// Keys dropped while still counting because the map was full.
     forced_evictions: AtomicU64,
@@ -54,29 +69,30 @@ impl QuotaState {
     pub(crate) fn new(quota: Quota, max_keys: usize) -> Self {
         QuotaState {
             quota,
-            shards: (0..SHARDS)
-                .map(|_| RwLock::new(TatMap::default()))
-                .collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
             shard_capacity: max_keys.div_ceil(SHARDS).max(1),
             forced_evictions: AtomicU64::new(0),
         }
     }
 
     /// The shard, exclusively: for new keys, groups of several quotas and sweeping.
-    pub(crate) fn write(&self, shard: usize) -> RwLockWriteGuard<'_, TatMap> {
+    pub(crate) fn write(&self, shard: usize) -> RwLockWriteGuard<'_, Shard> {
         // A panic while holding the lock cannot leave a TAT half-written: keep serving.
         self.shards[shard]
             .write()
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    fn read(&self, shard: usize) -> RwLockReadGuard<'_, TatMap> {
+    fn read(&self, shard: usize) -> RwLockReadGuard<'_, Shard> {
         self.shards[shard].read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Evaluates `key` at `now` against an exclusively held shard, without changing it.
-    pub(crate) fn evaluate(&self, map: &TatMap, key: u64, now: u64) -> Cell {
-        let tat = map.get(&key).map_or(0, |tat| tat.load(Ordering::Relaxed));
+    pub(crate) fn evaluate(&self, shard: &Shard, key: u64, now: u64) -> Cell {
+        let tat = shard
+            .tats
+            .get(&key)
+            .map_or(0, |tat| tat.load(Ordering::Relaxed));
         evaluate(tat, now, self.quota.interval_ns, self.quota.capacity_ns)
     }
 
@@ -84,16 +100,16 @@ impl QuotaState {
     /// group of one quota.
     pub(crate) fn decide(&self, key: u64, now: u64) -> Cell {
         let shard = shard_of(key);
-        if let Some(tat) = self.read(shard).get(&key) {
+        if let Some(tat) = self.read(shard).tats.get(&key) {
             return self.decide_on(tat, now);
         }
-        let mut map = self.write(shard);
-        if map.len() >= self.shard_capacity && !map.contains_key(&key) {
-            self.make_room(&mut map, now);
+        let mut shard = self.write(shard);
+        if !shard.tats.contains_key(&key) {
+            self.make_room(&mut shard, now);
         }
         // A fresh entry holds 0, which equals no state; a denied key always existed
         // already (a fresh key is always admitted), so nothing is added on a denial.
-        let tat = map.entry(key).or_default();
+        let tat = shard.tats.entry(key).or_default();
         self.decide_on(tat, now)
     }
 
@@ -113,29 +129,40 @@ impl QuotaState {
         }
     }
 
-    /// Stores a new TAT, making room first if the shard is full.
-    pub(crate) fn commit(&self, map: &mut TatMap, key: u64, tat: u64, now: u64) {
-        if map.len() >= self.shard_capacity && !map.contains_key(&key) {
-            self.make_room(map, now);
+    /// Stores a new TAT, making room first for a new key.
+    pub(crate) fn commit(&self, shard: &mut Shard, key: u64, tat: u64, now: u64) {
+        match shard.tats.get_mut(&key) {
+            Some(stored) => *stored.get_mut() = tat,
+            None => {
+                self.make_room(shard, now);
+                shard.tats.insert(key, AtomicU64::new(tat));
+            }
         }
-        map.insert(key, AtomicU64::new(tat));
     }
 
-    /// Idle keys go first (forgetting them changes no decision); if every key is
-    /// still counting, the one closest to idle among a handful is dropped.
-    fn make_room(&self, map: &mut TatMap, now: u64) {
-        map.retain(|_, tat| *tat.get_mut() > now);
-        if map.len() < self.shard_capacity {
+    /// Before a new key goes in: idle keys are dropped once a quarter of the shard's size
+    /// has arrived since the last scan (forgetting them changes no decision), and if the
+    /// shard is still at its bound, the key closest to idle among a handful goes.
+    fn make_room(&self, shard: &mut Shard, now: u64) {
+        shard.new_since_reclaim += 1;
+        if shard.new_since_reclaim >= (shard.tats.len() / 4).max(RECLAIM_MIN) {
+            shard.new_since_reclaim = 0;
+            shard.tats.retain(|_, tat| *tat.get_mut() > now);
+        }
+        if shard.tats.len() < self.shard_capacity {
             return;
         }
-        if let Some(victim) = map
+        if let Some((victim, tat)) = shard
+            .tats
             .iter()
             .take(16)
-            .min_by_key(|(_, tat)| tat.load(Ordering::Relaxed))
-            .map(|(k, _)| *k)
+            .map(|(key, tat)| (*key, tat.load(Ordering::Relaxed)))
+            .min_by_key(|(_, tat)| *tat)
         {
-            map.remove(&victim);
-            self.forced_evictions.fetch_add(1, Ordering::Relaxed);
+            shard.tats.remove(&victim);
+            if tat > now {
+                self.forced_evictions.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -143,7 +170,8 @@ impl QuotaState {
     pub(crate) fn sweep(&self, now: u64) -> usize {
         let mut removed = 0;
         for shard in 0..SHARDS {
-            let mut map = self.write(shard);
+            let mut shard = self.write(shard);
+            let map = &mut shard.tats;
             let before = map.len();
             map.retain(|_, tat| *tat.get_mut() > now);
             if map.capacity() > 64 && map.len() < map.capacity() / 4 {
@@ -156,7 +184,7 @@ impl QuotaState {
 
     /// Keys currently held.
     pub(crate) fn len(&self) -> usize {
-        (0..SHARDS).map(|s| self.read(s).len()).sum()
+        (0..SHARDS).map(|s| self.read(s).tats.len()).sum()
     }
 
     pub(crate) fn forced_evictions(&self) -> u64 {
@@ -225,5 +253,40 @@ mod tests {
         });
         assert_eq!(admitted, 100 * 3);
         assert_eq!(state.len(), 100);
+    }
+
+    #[test]
+    fn keys_that_go_idle_at_once_never_pile_up_between_sweeps() {
+        // A generous quota (1 per second, each key asked once, two seconds apart): with no
+        // sweep at all, each shard still holds only the few keys since its last scan.
+        let state = QuotaState::new(quota(1, 1), 1_000_000);
+        let second = 1_000_000_000;
+        for i in 0..100_000u64 {
+            let key = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            assert!(matches!(
+                state.decide(key, (i + 1) * 2 * second),
+                Cell::Admit { .. }
+            ));
+        }
+        assert!(
+            state.len() <= SHARDS * RECLAIM_MIN,
+            "{} keys held",
+            state.len()
+        );
+        assert_eq!(state.forced_evictions(), 0);
+    }
+
+    #[test]
+    fn a_full_shard_of_live_keys_stays_at_its_bound() {
+        // 64 keys allowed in all (one per shard); every key stays live for an hour: each
+        // new key displaces a live one (counted), and the bound holds.
+        let state = QuotaState::new(quota(1, 3600), SHARDS);
+        let now = 1_000_000_000_000;
+        for i in 0..10_000u64 {
+            let key = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            assert!(matches!(state.decide(key, now), Cell::Admit { .. }));
+        }
+        assert_eq!(state.len(), SHARDS);
+        assert_eq!(state.forced_evictions(), 10_000 - SHARDS as u64);
     }
 }
