@@ -1,13 +1,16 @@
 //! Prometheus metrics (SPEC §10), exposed in text format on the admin listener.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{text, DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use reset_guard::{GuardHandle, LimitGroup};
@@ -27,14 +30,41 @@ struct Result_ {
     result: &'static str,
 }
 
-/// Every metric the gateway records.
+/// Every outcome the gateway counts, resolved to its counter once at start (an outcome
+/// not listed here still counts, through the family).
+const OUTCOMES: [&str; 18] = [
+    "forwarded",
+    "passed_through",
+    "not_found",
+    "method_not_allowed",
+    "host_required",
+    "target_too_long",
+    "body_on_get",
+    "missing_credentials",
+    "ambiguous_credentials",
+    "bad_scheme",
+    "unknown_client",
+    "email_missing",
+    "email_repeated",
+    "email_invalid",
+    "rate_limited",
+    "limiter_unavailable",
+    "upstream_unavailable",
+    "upstream_timeout",
+];
+
+/// Every metric the gateway records. Recording is a few atomic adds: counters are looked
+/// up without hashing or locking their family, and the histograms take no lock, since
+/// every worker thread records every request.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<Outcome, Counter>,
+    outcome_counters: Vec<(&'static str, Counter)>,
     upstream_responses: Family<Status, Counter>,
-    upstream_duration: Histogram,
-    request_duration: Histogram,
+    status_counters: Box<[OnceLock<Counter>]>,
+    upstream_duration: Arc<LatencyHistogram>,
+    request_duration: Arc<LatencyHistogram>,
     reloads: Family<Result_, Counter>,
 }
 
@@ -49,8 +79,8 @@ impl Metrics {
         let mut registry = Registry::default();
         let requests = Family::<Outcome, Counter>::default();
         let upstream_responses = Family::<Status, Counter>::default();
-        let upstream_duration = Histogram::new(latency_buckets());
-        let request_duration = Histogram::new(latency_buckets());
+        let upstream_duration = Arc::new(LatencyHistogram::new(latency_buckets()));
+        let request_duration = Arc::new(LatencyHistogram::new(latency_buckets()));
         let reloads = Family::<Result_, Counter>::default();
         registry.register(
             "reset_gateway_requests",
@@ -65,12 +95,12 @@ impl Metrics {
         registry.register(
             "reset_gateway_upstream_duration_seconds",
             "Time QuickBlox took to answer",
-            upstream_duration.clone(),
+            SharedHistogram(upstream_duration.clone()),
         );
         registry.register(
             "reset_gateway_request_duration_seconds",
             "Time from request head to answer",
-            request_duration.clone(),
+            SharedHistogram(request_duration.clone()),
         );
         registry.register(
             "reset_gateway_config_reloads",
@@ -78,10 +108,21 @@ impl Metrics {
             reloads.clone(),
         );
         registry.register_collector(Box::new(LimiterCollector { guard }));
+        let outcome_counters = OUTCOMES
+            .iter()
+            .map(|&outcome| {
+                (
+                    outcome,
+                    requests.get_or_create(&Outcome { outcome }).clone(),
+                )
+            })
+            .collect();
         Metrics {
             registry,
             requests,
+            outcome_counters,
             upstream_responses,
+            status_counters: (0..STATUSES).map(|_| OnceLock::new()).collect(),
             upstream_duration,
             request_duration,
             reloads,
@@ -90,16 +131,25 @@ impl Metrics {
 
     /// Counts one answered request.
     pub fn request(&self, outcome: &'static str, duration: Duration) {
-        self.requests.get_or_create(&Outcome { outcome }).inc();
-        self.request_duration.observe(duration.as_secs_f64());
+        match self
+            .outcome_counters
+            .iter()
+            .find(|(known, _)| *known == outcome)
+        {
+            Some((_, counter)) => counter.inc(),
+            None => self.requests.get_or_create(&Outcome { outcome }).inc(),
+        };
+        self.request_duration.observe(duration);
     }
 
     /// Counts one QuickBlox answer.
     pub fn upstream(&self, status: u16, duration: Duration) {
-        self.upstream_responses
-            .get_or_create(&Status { status })
-            .inc();
-        self.upstream_duration.observe(duration.as_secs_f64());
+        let family = || self.upstream_responses.get_or_create(&Status { status });
+        match self.status_counters.get(usize::from(status)) {
+            Some(slot) => slot.get_or_init(|| family().clone()).inc(),
+            None => family().inc(),
+        };
+        self.upstream_duration.observe(duration);
     }
 
     /// Counts a reload attempt.
@@ -113,6 +163,68 @@ impl Metrics {
         let mut out = String::new();
         text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// HTTP statuses with a counter slot of their own.
+const STATUSES: usize = 600;
+
+/// A latency histogram kept in atomics: observing takes no lock (prometheus-client's
+/// takes a write lock for each observation, which every worker thread would contend on).
+#[derive(Debug)]
+struct LatencyHistogram {
+    /// Upper bounds, in seconds for the exposition and in nanoseconds for observing.
+    bounds: Vec<(f64, u64)>,
+    /// Observations per bucket (not cumulative); the last one is above every bound.
+    counts: Box<[AtomicU64]>,
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    fn new(bounds: impl Iterator<Item = f64>) -> Self {
+        let bounds: Vec<(f64, u64)> = bounds.map(|b| (b, (b * 1e9) as u64)).collect();
+        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        LatencyHistogram {
+            bounds,
+            counts,
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, duration: Duration) {
+        let ns = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        // A bucket holds what is at most its bound (Prometheus's `le`).
+        let bucket = self.bounds.partition_point(|&(_, bound)| bound < ns);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+/// The registry's handle on a histogram the metrics also record into.
+#[derive(Debug)]
+struct SharedHistogram(Arc<LatencyHistogram>);
+
+impl EncodeMetric for SharedHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let histogram = &self.0;
+        let counts: Vec<u64> = histogram
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let buckets: Vec<(f64, u64)> = histogram
+            .bounds
+            .iter()
+            .map(|&(bound, _)| bound)
+            .chain(std::iter::once(f64::MAX))
+            .zip(counts.iter().copied())
+            .collect();
+        let sum = histogram.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, counts.iter().sum(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
@@ -171,5 +283,31 @@ impl Collector for LimiterCollector {
             ConstGauge::new(held as i64).encode(keys.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_histogram_counts_each_observation_at_most_its_bound() {
+        let histogram = Arc::new(LatencyHistogram::new([0.001, 0.01].into_iter()));
+        for ms in [0, 1, 2, 10, 11, 5000] {
+            histogram.observe(Duration::from_millis(ms));
+        }
+        let mut registry = Registry::default();
+        registry.register("latency", "test", SharedHistogram(histogram));
+        let mut text = String::new();
+        text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "latency_count 6",
+            "latency_sum 5.024",
+            "latency_bucket{le=\"0.001\"} 2",
+            "latency_bucket{le=\"0.01\"} 4",
+            "latency_bucket{le=\"+Inf\"} 6",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 }
