@@ -25,8 +25,14 @@ pub fn email_param(query: Option<&str>) -> Result<Cow<'_, str>, Rejection> {
     if raw.is_empty() {
         return Err(Rejection::EmailMissing);
     }
-    percent_decode_str(raw)
-        .decode_utf8()
+    if !raw.contains('%') {
+        return Ok(Cow::Borrowed(raw));
+    }
+    // Decoded into one buffer of the right size rather than grown a byte at a time.
+    let mut decoded = Vec::with_capacity(raw.len());
+    decoded.extend(percent_decode_str(raw));
+    String::from_utf8(decoded)
+        .map(Cow::Owned)
         .map_err(|_| Rejection::EmailNotUtf8)
 }
 
@@ -46,8 +52,9 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~')
     .remove(b'@');
 
-/// Percent-encodes an address for the upstream query string.
-pub fn encode_query_value(value: &str) -> impl std::fmt::Display + '_ {
+/// Percent-encodes an address for the upstream query string: display it, or append its
+/// pieces to a string.
+pub fn encode_query_value(value: &str) -> impl std::fmt::Display + Iterator<Item = &str> {
     utf8_percent_encode(value, QUERY_VALUE)
 }
 
