@@ -21,6 +21,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -111,6 +112,10 @@ struct Shared {
     config: Mutex<MockConfig>,
     users: Mutex<HashSet<String>>,
     recorded: Mutex<VecDeque<RecordedRequest>>,
+    /// Connections accepted so far.
+    accepted: AtomicUsize,
+    /// Bumped to close every open connection (the server keeps listening).
+    close_all: watch::Sender<u64>,
 }
 
 /// A running mock. Dropping it stops the server.
@@ -141,6 +146,8 @@ impl MockServer {
             config: Mutex::new(config),
             users: Mutex::new(users),
             recorded: Mutex::new(VecDeque::new()),
+            accepted: AtomicUsize::new(0),
+            close_all: watch::channel(0).0,
         });
         let (stop, stopped) = watch::channel(false);
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -202,6 +209,19 @@ impl MockServer {
         lock(&self.shared.users).insert(email.to_lowercase());
     }
 
+    /// Connections accepted so far (keep-alive clients reuse theirs).
+    pub fn connections(&self) -> usize {
+        self.shared.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Closes every open connection and keeps listening, as a load balancer does with
+    /// idle keep-alive connections.
+    pub fn close_connections(&self) {
+        self.shared
+            .close_all
+            .send_modify(|generation| *generation += 1);
+    }
+
     /// Stops accepting and closes every connection.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
@@ -238,6 +258,8 @@ async fn serve(
             _ = stopped.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        shared.accepted.fetch_add(1, Ordering::Relaxed);
+        let mut closed = shared.close_all.subscribe();
         let shared = shared.clone();
         let tls = tls.clone();
         let mut stopped = stopped.clone();
@@ -249,13 +271,21 @@ async fn serve(
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        tokio::select! { r = conn => r, _ = stopped.changed() => Ok(()) }
+                        tokio::select! {
+                            r = conn => r,
+                            _ = stopped.changed() => Ok(()),
+                            _ = closed.changed() => Ok(()),
+                        }
                     }
                     Err(_) => Ok(()),
                 },
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    tokio::select! { r = conn => r, _ = stopped.changed() => Ok(()) }
+                    tokio::select! {
+                        r = conn => r,
+                        _ = stopped.changed() => Ok(()),
+                        _ = closed.changed() => Ok(()),
+                    }
                 }
             };
             drop(result);

@@ -1,7 +1,6 @@
 //! The forwarder: the service behind the guard that talks to QuickBlox (SPEC §3 steps 5-6).
 
 use std::convert::Infallible;
-use std::error::Error as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,13 +12,10 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, HOST};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty, Limited};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use reset_guard::{encode_query_value, GuardBody, GuardedRequest, PeerAddr, Rejection};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -29,6 +25,13 @@ use crate::config::UpstreamSettings;
 use crate::hop_by_hop::{self, connection_named};
 use crate::request_id::X_REQUEST_ID;
 
+mod pool;
+
+use pool::{Lease, Pool, SendError};
+
+/// The forwarding chain sent upstream.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// Largest upstream body read for a reset answer; QuickBlox's are a few bytes.
 const MAX_RESET_BODY: usize = 64 * 1024;
 
@@ -36,7 +39,7 @@ const MAX_RESET_BODY: usize = 64 * 1024;
 pub type UpstreamBody = Either<Empty<Bytes>, Incoming>;
 
 /// What the forwarder answers with: a reset answer read whole, or a streamed one.
-pub type ForwardBody = GuardBody<Incoming>;
+pub type ForwardBody = GuardBody<StreamedBody>;
 
 /// How the upstream exchange went, left in the response extensions for the access log.
 #[derive(Debug, Clone, Copy)]
@@ -47,15 +50,15 @@ pub struct UpstreamExchange {
     pub duration: Duration,
 }
 
-/// Forwards requests to QuickBlox over a pooled HTTP/1.1 or HTTP/2 client. Clones share
-/// one client; [`reload`](Forwarder::reload) replaces it for every clone.
+/// Forwards requests to QuickBlox over pooled HTTP/1.1 or HTTP/2 connections. Clones share
+/// one pool; [`apply`](Forwarder::apply) replaces it for every clone.
 #[derive(Clone)]
 pub struct Forwarder {
     inner: Arc<ArcSwap<Inner>>,
 }
 
 struct Inner {
-    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    pool: Pool,
     settings: UpstreamSettings,
 }
 
@@ -124,13 +127,14 @@ impl Inner {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle)
-            .build(connector);
-        Ok(Inner { client, settings })
+        let origin: Uri = settings.base.parse().context("upstream.url")?;
+        let pool = Pool::new(
+            connector,
+            origin,
+            settings.pool_max_idle,
+            settings.pool_idle_timeout,
+        )?;
+        Ok(Inner { pool, settings })
     }
 }
 
@@ -175,46 +179,56 @@ impl Inner {
         Option<http::StatusCode>,
     ) {
         let settings = &self.settings;
-        let uri = format!(
-            "{}{}?email={}",
-            settings.base,
-            request.uri().path(),
-            encode_query_value(guarded.email().as_str())
-        );
-        let Ok(uri) = uri.parse::<Uri>() else {
-            return (Err(Rejection::UpstreamUnavailable), None);
-        };
         let incoming = request.headers();
-        let mut headers = HeaderMap::with_capacity(settings.pass_headers.len() + 3);
-        if let Some(key) = incoming.get(AUTHORIZATION) {
-            headers.insert(AUTHORIZATION, key.clone());
-        }
-        if let Some(id) = incoming.get(&X_REQUEST_ID) {
-            headers.insert(X_REQUEST_ID.clone(), id.clone());
-        }
         let peer = request
             .extensions()
             .get::<PeerAddr>()
             .map(|p| p.0.ip().to_canonical());
-        if let Some(chain) = forwarded_for(incoming, peer, guarded.client_ip().ip()) {
-            headers.insert("x-forwarded-for", chain);
-        }
-        let hop_named: Vec<_> = connection_named(incoming).collect();
-        for name in &settings.pass_headers {
-            if hop_named.contains(name) {
-                continue;
+        // Built again only if a kept connection turns out dead under it.
+        let build = || -> Option<Request<UpstreamBody>> {
+            let (path, email) = (request.uri().path(), guarded.email().as_str());
+            let mut uri =
+                String::with_capacity(settings.base.len() + path.len() + 7 + 3 * email.len());
+            uri.push_str(&settings.base);
+            uri.push_str(path);
+            uri.push_str("?email=");
+            uri.extend(encode_query_value(email));
+            let uri = Uri::try_from(uri).ok()?;
+            let mut headers = HeaderMap::with_capacity(settings.pass_headers.len() + 3);
+            if let Some(key) = incoming.get(AUTHORIZATION) {
+                headers.insert(AUTHORIZATION, key.clone());
             }
-            for value in incoming.get_all(name) {
-                headers.append(name.clone(), value.clone());
+            if let Some(id) = incoming.get(&X_REQUEST_ID) {
+                headers.insert(X_REQUEST_ID.clone(), id.clone());
             }
-        }
-        let mut upstream = Request::new(Either::Left(Empty::new()));
-        *upstream.uri_mut() = uri;
-        *upstream.headers_mut() = headers;
+            if let Some(chain) = forwarded_for(incoming, peer, guarded.client_ip().ip()) {
+                headers.insert(X_FORWARDED_FOR, chain);
+            }
+            let hop_named: Vec<_> = connection_named(incoming).collect();
+            for name in &settings.pass_headers {
+                if hop_named.contains(name) {
+                    continue;
+                }
+                for value in incoming.get_all(name) {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+            let mut upstream = Request::new(Either::Left(Empty::new()));
+            *upstream.uri_mut() = uri;
+            *upstream.headers_mut() = headers;
+            Some(upstream)
+        };
+        let Some(upstream) = build() else {
+            return (Err(Rejection::UpstreamUnavailable), None);
+        };
+        let replay = || build().expect("built once already");
 
-        let client = &self.client;
         let exchange = async {
-            let response = client.request(upstream).await.map_err(classify)?;
+            let (response, lease) = self
+                .pool
+                .send(upstream, Some(&replay))
+                .await
+                .map_err(classify)?;
             let (mut parts, body) = response.into_parts();
             let status = parts.status;
             let body = Limited::new(body, MAX_RESET_BODY)
@@ -222,6 +236,7 @@ impl Inner {
                 .await
                 .map_err(|_| (Rejection::UpstreamUnavailable, Some(status)))?
                 .to_bytes();
+            lease.release();
             hop_by_hop::strip(&mut parts.headers);
             parts.version = Version::HTTP_11;
             Ok::<_, (Rejection, Option<http::StatusCode>)>(Response::from_parts(
@@ -260,22 +275,24 @@ impl Inner {
             .map(|p| p.0.ip().to_canonical());
         hop_by_hop::strip(&mut parts.headers);
         parts.headers.remove(HOST);
-        parts.headers.remove("x-forwarded-for");
+        parts.headers.remove(X_FORWARDED_FOR);
         if let Some(peer) = peer {
-            parts
-                .headers
-                .insert("x-forwarded-for", header_value(&peer.to_string()));
+            parts.headers.insert(X_FORWARDED_FOR, ip_header(peer));
         }
         let mut upstream = Request::new(Either::Right(body));
         *upstream.method_mut() = parts.method;
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers;
-        match timeout(settings.timeout, self.client.request(upstream)).await {
-            Ok(Ok(response)) => {
+        match timeout(settings.timeout, self.pool.send(upstream, None)).await {
+            Ok(Ok((response, lease))) => {
                 let (mut parts, body) = response.into_parts();
                 hop_by_hop::strip(&mut parts.headers);
                 parts.version = Version::HTTP_11;
                 let status = parts.status;
+                let body = StreamedBody {
+                    body,
+                    lease: Some(lease),
+                };
                 (
                     Ok(Response::from_parts(parts, GuardBody::inner(body))),
                     Some(status),
@@ -296,10 +313,10 @@ fn forwarded_for(
 ) -> Option<HeaderValue> {
     let peer = peer?;
     if peer == client {
-        return Some(header_value(&peer.to_string()));
+        return Some(ip_header(peer));
     }
     let mut chain = String::new();
-    for value in incoming.get_all("x-forwarded-for") {
+    for value in incoming.get_all(X_FORWARDED_FOR) {
         if let Ok(value) = value.to_str() {
             if !chain.is_empty() {
                 chain.push_str(", ");
@@ -314,23 +331,78 @@ fn forwarded_for(
     HeaderValue::from_str(&chain).ok()
 }
 
-fn header_value(text: &str) -> HeaderValue {
-    HeaderValue::from_str(text).expect("an IP address is a valid header value")
+/// An address as a header value. IPv4, the common case, is written out by hand: it is on
+/// every forwarded request, and the formatting machinery costs more than the rest of it.
+fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
+    let std::net::IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string()).expect("an address is a valid header");
+    };
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            text[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        text[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    HeaderValue::from_bytes(&text[..len]).expect("digits and dots are a valid header")
 }
 
 /// A connect that timed out is a 504; everything else (refused, reset, TLS, protocol) a 502.
-fn classify(error: hyper_util::client::legacy::Error) -> (Rejection, Option<http::StatusCode>) {
-    let mut source = error.source();
-    while let Some(cause) = source {
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return (Rejection::UpstreamTimeout, None);
+fn classify(error: SendError) -> (Rejection, Option<http::StatusCode>) {
+    let timed_out = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    });
+    if timed_out {
+        return (Rejection::UpstreamTimeout, None);
+    }
+    tracing::debug!(%error, "upstream request failed");
+    (Rejection::UpstreamUnavailable, None)
+}
+
+/// An answer streamed from QuickBlox; its connection goes back to the pool once the
+/// body has been read to its end.
+pub struct StreamedBody {
+    body: Incoming,
+    lease: Option<Lease>,
+}
+
+impl http_body::Body for StreamedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            if let Some(lease) = self.lease.take() {
+                lease.release();
             }
         }
-        source = cause.source();
+        frame
     }
-    tracing::debug!(error = %error, "upstream request failed");
-    (Rejection::UpstreamUnavailable, None)
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 impl tower::Service<Request<Incoming>> for Forwarder {
@@ -345,5 +417,26 @@ impl tower::Service<Request<Incoming>> for Forwarder {
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let forwarder = self.clone();
         Box::pin(async move { Ok(forwarder.forward(request).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_written_as_their_display_form() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "127.0.0.1",
+            "255.255.255.255",
+            "10.200.3.45",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_header(ip).to_str().unwrap(), ip.to_string());
+        }
     }
 }

@@ -46,6 +46,41 @@ async fn slow_hanging_and_endless_upstreams_are_a_504() {
 }
 
 #[tokio::test]
+async fn upstream_connections_are_kept_and_reused() {
+    // One worker: each worker thread keeps connections of its own.
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = yaml(&mock.url(), "", "").replace(
+        "  shutdown_grace: 5s\n",
+        "  shutdown_grace: 5s\n  workers: 1\n",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    for _ in 0..5 {
+        let reply = gw.reset_as_ios("email=alice%40example.com").await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(gw.mock.requests().len(), 5);
+    assert_eq!(
+        gw.mock.connections(),
+        1,
+        "one keep-alive connection carried all five"
+    );
+}
+
+#[tokio::test]
+async fn connections_quickblox_closed_while_idle_cost_no_request() {
+    let gw = Gateway::start("").await;
+    for round in 1..=3 {
+        // QuickBlox (or a load balancer before it) drops the idle connection: the next
+        // request goes on a new one, whether the gateway noticed the close already or
+        // finds out when it tries the old connection.
+        gw.mock.close_connections();
+        let reply = gw.reset_as_ios("email=alice%40example.com").await;
+        assert_eq!(reply.status, 200, "round {round}: {reply:?}");
+    }
+    assert_eq!(gw.mock.requests().len(), 3);
+}
+
+#[tokio::test]
 async fn a_reset_mid_answer_is_a_502() {
     let gw = Gateway::start("").await;
     gw.mock.set_failure(Failure::AbortMidBody);

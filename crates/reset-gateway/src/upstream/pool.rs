@@ -1,0 +1,349 @@
+//! Connections to QuickBlox, one pool per worker thread: HTTP/1.1 connections kept idle
+//! for the next request, or one shared HTTP/2 connection when TLS negotiates it.
+//!
+//! It does what hyper-util's pooled client does for one origin, without what one origin
+//! does not need (a map of hosts hashed several times per request, a connect future built
+//! for every request): that was a tenth of the gateway's own work per forwarded request.
+
+use std::error::Error as StdError;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use http::header::HOST;
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+use super::UpstreamBody;
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Why an exchange failed before an answer arrived.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection: refused, timed out, TLS.
+    Connect(BoxError),
+    /// The connection failed while the request was on it.
+    Exchange(hyper::Error),
+}
+
+impl SendError {
+    /// The failure and its causes, innermost last.
+    pub fn chain(&self) -> impl Iterator<Item = &(dyn StdError + 'static)> {
+        let first: &(dyn StdError + 'static) = match self {
+            SendError::Connect(error) => error.as_ref(),
+            SendError::Exchange(error) => error,
+        };
+        std::iter::successors(Some(first), |&e| e.source())
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(error) => write!(f, "connect: {error}"),
+            SendError::Exchange(error) => write!(f, "exchange: {error}"),
+        }
+    }
+}
+
+/// The connections of one worker to the upstream origin.
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority` of the upstream: what is connected to.
+    origin: Uri,
+    /// The `Host` header of HTTP/1.1 requests.
+    host: HeaderValue,
+    max_idle: usize,
+    idle_timeout: Duration,
+    /// HTTP/1.1 connections waiting for a request, the most recently used last.
+    idle: Mutex<Vec<Idle>>,
+    /// The HTTP/2 connection, when the upstream chose HTTP/2.
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// Whether the task closing long-idle connections runs.
+    reaping: AtomicBool,
+}
+
+struct Idle {
+    sender: http1::SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+/// An HTTP/1.1 connection lent for one exchange: given back with [`Lease::release`] once
+/// the answer has been read to its end, closed if dropped before.
+pub struct Lease {
+    sender: Option<http1::SendRequest<UpstreamBody>>,
+    pool: Weak<Shared>,
+}
+
+impl Lease {
+    /// Puts the connection back for the next request.
+    pub fn release(mut self) {
+        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
+            pool.put_back(sender);
+        }
+    }
+
+    fn none() -> Lease {
+        Lease {
+            sender: None,
+            pool: Weak::new(),
+        }
+    }
+}
+
+enum Fresh {
+    H1(http1::SendRequest<UpstreamBody>),
+    H2(http2::SendRequest<UpstreamBody>),
+}
+
+impl Pool {
+    /// A pool for `origin`, which has a scheme and an authority.
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        origin: Uri,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> anyhow::Result<Pool> {
+        let authority = origin
+            .authority()
+            .ok_or_else(|| anyhow::anyhow!("upstream.url has no host"))?;
+        let default_port = if origin.scheme() == Some(&Scheme::HTTPS) {
+            443
+        } else {
+            80
+        };
+        // As browsers and hyper-util write it: the port only when it is not the default.
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => authority.as_str().to_owned(),
+            _ => authority.host().to_owned(),
+        };
+        Ok(Pool {
+            shared: Arc::new(Shared {
+                connector,
+                host: HeaderValue::from_str(&host)?,
+                origin,
+                max_idle,
+                idle_timeout,
+                idle: Mutex::new(Vec::new()),
+                h2: Mutex::new(None),
+                reaping: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Sends `request` (absolute URI on the upstream origin) on an idle connection, the
+    /// HTTP/2 connection, or a new one.
+    ///
+    /// A kept connection may have been closed by QuickBlox (or a load balancer) while idle,
+    /// and the request may find out only once on it. A request the connection never took
+    /// goes on the next one. One it took goes again on a new connection if `replay` can
+    /// build it again (a `GET`, as browsers and Go's client retry idempotent requests) and
+    /// the connection failed before any answer, the sign of a close it raced with.
+    pub async fn send(
+        &self,
+        mut request: Request<UpstreamBody>,
+        replay: Option<&(dyn Fn() -> Request<UpstreamBody> + Sync)>,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let shared = &self.shared;
+        while let Some(mut sender) = shared.take_idle() {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(for_h1(request, &shared.host)).await {
+                Ok(response) => return Ok((response, shared.lease(sender))),
+                Err(mut error) => match (error.take_message(), replay) {
+                    (Some(unsent), _) => request = unsent,
+                    (None, Some(replay)) if closed_under(error.error()) => {
+                        // The other kept connections are likely as dead: a new one.
+                        lock(&shared.idle).clear();
+                        request = replay();
+                    }
+                    (None, _) => return Err(SendError::Exchange(error.into_error())),
+                },
+            }
+        }
+        if let Some(mut sender) = shared.current_h2() {
+            if sender.ready().await.is_ok() {
+                match sender
+                    .try_send_request(for_h2(request, &shared.origin))
+                    .await
+                {
+                    Ok(response) => return Ok((response, Lease::none())),
+                    Err(mut error) => match error.take_message() {
+                        Some(unsent) => request = unsent,
+                        None => return Err(SendError::Exchange(error.into_error())),
+                    },
+                }
+            }
+        }
+        // Boxed: connecting (TCP, TLS, handshakes) is rare and its state is large, and every
+        // request's future would otherwise be as large as it.
+        match Box::pin(shared.connect()).await? {
+            Fresh::H1(mut sender) => {
+                let response = sender
+                    .send_request(for_h1(request, &shared.host))
+                    .await
+                    .map_err(SendError::Exchange)?;
+                Ok((response, shared.lease(sender)))
+            }
+            Fresh::H2(mut sender) => {
+                *lock(&shared.h2) = Some(sender.clone());
+                let response = sender
+                    .send_request(for_h2(request, &shared.origin))
+                    .await
+                    .map_err(SendError::Exchange)?;
+                Ok((response, Lease::none()))
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// The most recently used idle connection still worth trying; older ones that sat
+    /// too long or were closed are dropped on the way.
+    fn take_idle(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+        let mut idle = lock(&self.idle);
+        while let Some(entry) = idle.pop() {
+            if !entry.sender.is_closed() && entry.since.elapsed() < self.idle_timeout {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    fn current_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+        let mut h2 = lock(&self.h2);
+        if h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
+            *h2 = None;
+        }
+        h2.clone()
+    }
+
+    fn lease(self: &Arc<Self>, sender: http1::SendRequest<UpstreamBody>) -> Lease {
+        Lease {
+            sender: Some(sender),
+            pool: Arc::downgrade(self),
+        }
+    }
+
+    fn put_back(self: Arc<Self>, sender: http1::SendRequest<UpstreamBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        {
+            let mut idle = lock(&self.idle);
+            if idle.len() >= self.max_idle {
+                return;
+            }
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+        if !self.reaping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap(Arc::downgrade(&self), self.idle_timeout));
+        }
+    }
+
+    async fn connect(&self) -> Result<Fresh, SendError> {
+        let io = self
+            .connector
+            .clone()
+            .oneshot(self.origin.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(SendError::Exchange)?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "upstream HTTP/2 connection ended");
+                }
+            });
+            return Ok(Fresh::H2(sender));
+        }
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(SendError::Exchange)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "upstream connection ended");
+            }
+        });
+        Ok(Fresh::H1(sender))
+    }
+}
+
+/// Closes connections idle for longer than `idle_timeout`, until the pool is gone.
+async fn reap(pool: Weak<Shared>, idle_timeout: Duration) {
+    let period = (idle_timeout / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else { return };
+        lock(&pool.idle)
+            .retain(|entry| !entry.sender.is_closed() && entry.since.elapsed() < idle_timeout);
+    }
+}
+
+/// A kept connection that the other side closed as the request went out: no answer at
+/// all, or the connection reset or broken under the write.
+fn closed_under(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    error.is_incomplete_message()
+        || std::iter::successors(error.source(), |&e| e.source()).any(|cause| {
+            cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted)
+            })
+        })
+}
+
+/// HTTP/1.1 wants the path and query as the target, and a `Host` header.
+fn for_h1(mut request: Request<UpstreamBody>, host: &HeaderValue) -> Request<UpstreamBody> {
+    if request.uri().authority().is_some() {
+        let target = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *request.uri_mut() = Uri::from(target);
+    }
+    request
+        .headers_mut()
+        .entry(HOST)
+        .or_insert_with(|| host.clone());
+    request
+}
+
+/// HTTP/2 carries the scheme and authority in the request itself: no `Host` header.
+fn for_h2(mut request: Request<UpstreamBody>, origin: &Uri) -> Request<UpstreamBody> {
+    if request.uri().authority().is_none() {
+        let mut parts = origin.clone().into_parts();
+        parts.path_and_query = request.uri().path_and_query().cloned();
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+    request.headers_mut().remove(HOST);
+    request
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing here is left half-changed by a panic: keep using it.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
