@@ -34,7 +34,8 @@ fn generate() -> HeaderValue {
         *byte = HEX[(bits & 0xf) as usize];
         bits >>= 4;
     }
-    HeaderValue::from_bytes(&id).expect("hex is a valid header value")
+    // Owned by the value itself: the copies for the upstream request and the answer share it.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id)).expect("hex is a valid header")
 }
 
 #[cfg(test)]
