@@ -7,8 +7,15 @@
 #   allow  limits high enough that nothing is denied; a new address every request
 #   flood  one address from one IP: after the first few, every request is denied (429)
 #
-# Prints requests/s, p50 and p99 for each, the gateway/nginx and gateway/direct ratios, the
-# gateway's idle and peak RSS, and writes results.txt and chart.svg beside this script.
+# Prints requests/s, p50, p99 and CPU time per request for each, the gateway/nginx and
+# gateway/direct ratios, the gateway's idle and peak RSS, and writes results.txt and
+# chart.svg beside this script. The flood also measures a ceiling: nginx answering a fixed
+# 429 with no checks, the most any server can be driven to here.
+#
+# The gateway runs one worker (GATEWAY_WORKERS): on two cores, wrk and the upstream need
+# the other one, and a second worker only adds a third busy thread to share two cores
+# (nginx, given two workers, ends up serving wrk's 64 connections from one: its first
+# worker to wake accepts them all).
 #
 # Each server is measured ROUNDS times (default 3), the servers taking turns, and the
 # median round is reported: shared 2-core machines are noisy.
@@ -21,6 +28,7 @@ root=$(pwd)
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
+GATEWAY_WORKERS=${GATEWAY_WORKERS:-1}
 OUT=${OUT:-$root/benches/load}
 
 need=()
@@ -46,13 +54,16 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 300); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 rss_kib() { awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status"; }
+# CPU time (user + system, in clock ticks) of the given processes so far.
+cpu_ticks() { local total=0 pid; for pid in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$total"; }
 
 TOKEN=bench-client-token
 KEY=bench-server-key
 MOCK=$(free_port)
 # Every address is a registered user: answers are 200, as for real accounts, so no proxy
 # pays for intercepting a 404 (nginx closes the upstream connection when it does).
-"$bin/qb-mock" --listen 127.0.0.1:$MOCK --api-key $KEY --all-users >/dev/null & pids+=($!)
+"$bin/qb-mock" --listen 127.0.0.1:$MOCK --api-key $KEY --all-users >/dev/null & MOCK_PID=$!
+pids+=($MOCK_PID)
 wait_port "$MOCK"
 DIGEST=$(printf %s $TOKEN | "$bin/reset-gateway" hash-token)
 
@@ -69,9 +80,9 @@ start_all() { # scenario -> sets GW NGINX HAPROXY ports and GW_PID
     nginx_ip_rate=20r/m; nginx_ip_burst=20; nginx_email_rate=1r/m; nginx_email_burst=3  # nginx has no r/h: the closest it can say
     ha_ip_window=1m; ha_ip_limit=20; ha_email_window=1h; ha_email_limit=3
   fi
-  GW=$(free_port); NGINX=$(free_port); HAPROXY=$(free_port)
+  GW=$(free_port); NGINX=$(free_port); HAPROXY=$(free_port); STATIC=$(free_port)
   cat > "$work/gateway.yaml" <<YAML
-server: { listen: "127.0.0.1:$GW" }
+server: { listen: "127.0.0.1:$GW", workers: $GATEWAY_WORKERS }
 admin: { listen: "127.0.0.1:0" }
 upstream: { url: "http://127.0.0.1:$MOCK", pool_max_idle: 128 }
 guard:
@@ -82,7 +93,7 @@ YAML
   QB_API_KEY=$KEY "$bin/reset-gateway" --config "$work/gateway.yaml" 2>"$work/gateway.log" & GW_PID=$!
   pids+=($GW_PID)
   fill() {
-    sed -e "s|@WORK@|$work|g" -e "s|@PORT@|$1|g" -e "s|@UPSTREAM@|$MOCK|g" -e "s|@TOKEN@|$TOKEN|g" -e "s|@API_KEY@|$KEY|g" \
+    sed -e "s|@WORK@|$work|g" -e "s|@PORT@|$1|g" -e "s|@STATIC_PORT@|$STATIC|g" -e "s|@UPSTREAM@|$MOCK|g" -e "s|@TOKEN@|$TOKEN|g" -e "s|@API_KEY@|$KEY|g" \
       -e "s|@PER_IP_RATE@|$nginx_ip_rate|g" -e "s|@PER_IP_BURST@|$nginx_ip_burst|g" \
       -e "s|@PER_EMAIL_RATE@|$nginx_email_rate|g" -e "s|@PER_EMAIL_BURST@|$nginx_email_burst|g" \
       -e "s|@PER_IP_WINDOW@|$ha_ip_window|g" -e "s|@PER_IP_LIMIT@|$ha_ip_limit|g" \
@@ -92,7 +103,7 @@ YAML
   fill "$HAPROXY" benches/load/configs/haproxy.cfg.in > "$work/haproxy.cfg"
   nginx -c "$work/nginx.conf" -e "$work/nginx-error.log"
   haproxy -D -f "$work/haproxy.cfg" 2>"$work/haproxy.log" || { cat "$work/haproxy.log" >&2; exit 1; }
-  for p in $GW $NGINX $HAPROXY; do wait_port "$p"; done
+  for p in $GW $NGINX $HAPROXY $STATIC; do wait_port "$p"; done
 }
 stop_all() {
   kill "$GW_PID" 2>/dev/null || true; wait "$GW_PID" 2>/dev/null || true
@@ -107,24 +118,41 @@ request = function()
 end
 LUA
 
+server_pids() { # name -> the processes doing that server's work (not the shared upstream's)
+  case $1 in
+    direct) echo "$MOCK_PID" ;;
+    gateway) echo "$GW_PID" ;;
+    nginx | static) pgrep -f "nginx: worker process" | tr '\n' ' ' ;;
+    haproxy) cat "$work/haproxy.pid" ;;
+  esac
+}
+
 measure() { # scenario name port round -> one line
   local script=benches/load/reset.lua
   [ "$1" = flood ] && script=$work/flood.lua
   BENCH_CLIENT_TOKEN=$TOKEN wrk -t1 -c8 -d1s -s "$script" "http://127.0.0.1:$3" >/dev/null 2>&1 || true
-  local out
+  local out pids before after
+  pids=$(server_pids "$2")
+  # shellcheck disable=SC2086
+  before=$(cpu_ticks $pids)
   out=$(BENCH_CLIENT_TOKEN=$TOKEN wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "http://127.0.0.1:$3" 2>&1)
-  local rps p50 p99 non2xx
+  # shellcheck disable=SC2086
+  after=$(cpu_ticks $pids)
+  local rps p50 p99 non2xx requests cpu_us
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out")
-  printf '%-6s %-8s %-5s %12s %10s %10s %10s\n' "$1" "$2" "$4" "$rps" "$p50" "$p99" "${non2xx:-0}"
+  requests=$(awk '/requests in/ {print $1}' <<<"$out")
+  cpu_us=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
+  printf '%-6s %-8s %-5s %12s %10s %10s %10s %8s\n' "$1" "$2" "$4" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu_us"
 }
 
 results=$work/results.txt
 {
-  echo "# $(date -u +%FT%TZ) $(nproc) cores, wrk -t1 -c$CONNECTIONS -d$DURATION, upstream qb-mock"
-  printf '%-6s %-8s %-5s %12s %10s %10s %10s\n' scenario server round "requests/s" p50 p99 non-2xx
+  echo "# $(date -u +%FT%TZ) $(nproc) cores, wrk -t1 -c$CONNECTIONS -d$DURATION, upstream qb-mock, gateway workers $GATEWAY_WORKERS"
+  echo "# cpu_us: CPU time of the server's own processes per request (the upstream's not included)"
+  printf '%-6s %-8s %-5s %12s %10s %10s %10s %8s\n' scenario server round "requests/s" p50 p99 non-2xx cpu_us
 } > "$results"
 for scenario in allow flood; do
   start_all "$scenario"
@@ -134,6 +162,7 @@ for scenario in allow flood; do
     measure "$scenario" gateway "$GW" "$round" >> "$results"
     measure "$scenario" nginx "$NGINX" "$round" >> "$results"
     measure "$scenario" haproxy "$HAPROXY" "$round" >> "$results"
+    [ "$scenario" = flood ] && measure "$scenario" static "$STATIC" "$round" >> "$results"
   done
   peak_rss=$(rss_kib "$GW_PID" VmHWM)
   echo "# $scenario: gateway RSS idle ${idle_rss} KiB, peak ${peak_rss} KiB" >> "$results"
@@ -147,16 +176,20 @@ rounds = {}
 for line in open(path):
     if line.startswith('#') or line.startswith('scenario'):
         continue
-    s, server, _round, rps, p50, p99, bad = line.split()
-    rounds.setdefault((s, server), []).append((float(rps), p50, p99))
+    s, server, _round, rps, p50, p99, bad, cpu = line.split()
+    rounds.setdefault((s, server), []).append((float(rps), p50, p99, float(cpu)))
 # The median round of each server, by throughput (its own latencies come with it).
 rows = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
 def ms(v):
     return float(v[:-2]) if v.endswith('ms') else float(v[:-2]) / 1000 if v.endswith('us') else float(v[:-1]) * 1000
 lines = open(path).read().rstrip('\n').split('\n')
 lines.append('median rounds:')
-for (s, server), (rps, p50, p99) in sorted(rows.items()):
-    lines.append(f'{s:<6} {server:<8} {rps:12.0f} {p50:>10} {p99:>10}')
+for (s, server), (rps, p50, p99, _) in sorted(rows.items()):
+    cpu = sorted(r[3] for r in rounds[(s, server)])[len(rounds[(s, server)]) // 2]
+    lines.append(f'{s:<6} {server:<8} {rps:12.0f} {p50:>10} {p99:>10} {cpu:8.2f} us cpu/request (median)')
+def cpu(s, server):
+    v = sorted(r[3] for r in rounds[(s, server)])
+    return v[len(v) // 2]
 g, n, d = rows[('allow', 'gateway')], rows[('allow', 'nginx')], rows[('allow', 'direct')]
 fg, fn = rows[('flood', 'gateway')], rows[('flood', 'nginx')]
 lines += [
@@ -164,16 +197,20 @@ lines += [
     f"allow: gateway/direct throughput {g[0]/d[0]:.2f} (target >= 0.5)",
     f"flood: gateway/nginx throughput {fg[0]/fn[0]:.2f} (target >= 1.2)",
     f"allow: gateway/haproxy throughput {g[0]/rows[('allow','haproxy')][0]:.2f}; flood: {fg[0]/rows[('flood','haproxy')][0]:.2f}",
+    f"cpu per request, gateway/nginx: allow {cpu('allow','gateway')/cpu('allow','nginx'):.2f}, flood {cpu('flood','gateway')/cpu('flood','nginx'):.2f} (below 1: the gateway does the job with less CPU)",
 ]
+if ('flood', 'static') in rows:
+    st = rows[('flood', 'static')]
+    lines.append(f"flood: ceiling (fixed 429, no checks) {st[0]:.0f}/s; nginx reaches {fn[0]/st[0]:.2f} of it, the gateway {fg[0]/st[0]:.2f}; 1.2x nginx would be {1.2*fn[0]/st[0]:.2f} of it")
 text = '\n'.join(lines) + '\n'
 open(f"{out}/results.txt", 'w').write(text)
 print(text, end='')
 
 # A grouped bar chart of requests/s, one group per scenario.
-servers = ['direct', 'gateway', 'nginx', 'haproxy']
-colors = {'direct': '#9e9e9e', 'gateway': '#1f77b4', 'nginx': '#2ca02c', 'haproxy': '#d62728'}
+servers = ['direct', 'gateway', 'nginx', 'haproxy', 'static']
+colors = {'direct': '#9e9e9e', 'gateway': '#1f77b4', 'nginx': '#2ca02c', 'haproxy': '#d62728', 'static': '#c7c7c7'}
 top = max(v[0] for v in rows.values()) * 1.15
-W, H, left, bottom = 720, 400, 70, 340
+W, H, left, bottom = 780, 400, 70, 340
 bar, gap = 60, 14
 svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
        f'<rect width="{W}" height="{H}" fill="white"/>',
@@ -193,7 +230,8 @@ for scenario in ['allow', 'flood']:
         h = (bottom - 40) * rps / top
         svg.append(f'<rect x="{x}" y="{bottom-h:.0f}" width="{bar}" height="{h:.0f}" fill="{colors[server]}"/>')
         svg.append(f'<text x="{x+bar/2}" y="{bottom-h-5:.0f}" text-anchor="middle">{rps/1000:.1f}k</text>')
-        svg.append(f'<text x="{x+bar/2}" y="{bottom+16}" text-anchor="middle">{server}</text>')
+        label = 'ceiling' if server == 'static' else server
+        svg.append(f'<text x="{x+bar/2}" y="{bottom+16}" text-anchor="middle">{label}</text>')
         x += bar + gap
     svg.append(f'<text x="{(start+x-gap)/2}" y="{bottom+36}" text-anchor="middle" font-weight="bold">{scenario}</text>')
     x += 40
