@@ -59,6 +59,8 @@ pub struct Forwarder {
 
 struct Inner {
     pool: Pool,
+    /// The path `upstream.url` puts before every upstream path (usually none).
+    prefix: String,
     settings: UpstreamSettings,
 }
 
@@ -128,13 +130,18 @@ impl Inner {
             .enable_http2()
             .wrap_connector(http);
         let origin: Uri = settings.base.parse().context("upstream.url")?;
+        let prefix = origin.path().trim_end_matches('/').to_owned();
         let pool = Pool::new(
             connector,
             origin,
             settings.pool_max_idle,
             settings.pool_idle_timeout,
         )?;
-        Ok(Inner { pool, settings })
+        Ok(Inner {
+            pool,
+            prefix,
+            settings,
+        })
     }
 }
 
@@ -187,9 +194,10 @@ impl Inner {
         // Built again only if a kept connection turns out dead under it.
         let build = || -> Option<Request<UpstreamBody>> {
             let (path, email) = (request.uri().path(), guarded.email().as_str());
+            // The target alone: the pool knows the origin, and HTTP/1.1 sends only this.
             let mut uri =
-                String::with_capacity(settings.base.len() + path.len() + 7 + 3 * email.len());
-            uri.push_str(&settings.base);
+                String::with_capacity(self.prefix.len() + path.len() + 7 + 3 * email.len());
+            uri.push_str(&self.prefix);
             uri.push_str(path);
             uri.push_str("?email=");
             uri.extend(encode_query_value(email));
@@ -266,7 +274,7 @@ impl Inner {
         let settings = &self.settings;
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-        let Ok(uri) = format!("{}{}", settings.base, path).parse::<Uri>() else {
+        let Ok(uri) = Uri::try_from(format!("{}{}", self.prefix, path)) else {
             return (Err(Rejection::UpstreamUnavailable), None);
         };
         let peer = parts

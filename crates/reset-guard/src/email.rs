@@ -71,7 +71,13 @@ impl Email {
         if input.len() > MAX_ADDRESS_OCTETS {
             return Err(EmailError::TooLong);
         }
-        if input.chars().any(is_forbidden_char) {
+        // ASCII whitespace and controls are the bytes up to the space, and DEL.
+        let forbidden = if input.is_ascii() {
+            input.bytes().any(|b| b <= b' ' || b == 0x7f)
+        } else {
+            input.chars().any(is_forbidden_char)
+        };
+        if forbidden {
             return Err(EmailError::ForbiddenCharacter);
         }
         let at = input.find('@').ok_or(EmailError::AtSign)?;

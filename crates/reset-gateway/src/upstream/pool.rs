@@ -143,8 +143,8 @@ impl Pool {
         })
     }
 
-    /// Sends `request` (absolute URI on the upstream origin) on an idle connection, the
-    /// HTTP/2 connection, or a new one.
+    /// Sends `request` (its URI the target on the upstream origin: path and query) on an
+    /// idle connection, the HTTP/2 connection, or a new one.
     ///
     /// A kept connection may have been closed by QuickBlox (or a load balancer) while idle,
     /// and the request may find out only once on it. A request the connection never took

@@ -81,6 +81,20 @@ async fn connections_quickblox_closed_while_idle_cost_no_request() {
 }
 
 #[tokio::test]
+async fn a_path_in_the_upstream_url_prefixes_every_upstream_path() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = yaml(&format!("{}/quickblox/", mock.url()), "", "");
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    gw.reset_as_ios("email=alice%40example.com").await;
+    let seen = gw.mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/quickblox/users/password/reset.json");
+    assert_eq!(seen[0].query.as_deref(), Some("email=alice@example.com"));
+    let host = seen[0].headers["host"].to_str().unwrap().to_owned();
+    assert_eq!(host, gw.mock.addr().to_string());
+}
+
+#[tokio::test]
 async fn a_reset_mid_answer_is_a_502() {
     let gw = Gateway::start("").await;
     gw.mock.set_failure(Failure::AbortMidBody);

@@ -133,3 +133,16 @@ proptest! {
         prop_assert_eq!(again, email);
     }
 }
+
+#[test]
+fn the_ascii_shortcut_refuses_exactly_the_forbidden_ascii_characters() {
+    for b in 0u8..=0x7f {
+        let c = char::from(b);
+        let address = format!("a{c}b@example.com");
+        let refused = matches!(
+            Email::parse(&address, EmailPolicy::default()),
+            Err(EmailError::ForbiddenCharacter)
+        );
+        assert_eq!(refused, is_forbidden_char(c), "{b:#04x}");
+    }
+}
