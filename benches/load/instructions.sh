@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The gateway's own work per request, counted in instructions: it runs under valgrind's
+# callgrind (user space only, so the kernel's TCP work is not in it) while wrk sends
+# resets through it, first ones that are forwarded (allow), then a flood answered 429.
+# Unlike requests/s on a shared machine, the count moves by well under 1% between runs,
+# which makes it the figure to compare two versions of the code by.
+#
+#   benches/load/instructions.sh                       # the current tree
+#   BIN=/path/to/other/reset-gateway benches/load/instructions.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$(pwd)
+DURATION=${DURATION:-6s}
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v valgrind >/dev/null || need+=(valgrind)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release -q -p reset-gateway -p qb-mock
+bin=$root/target/release
+BIN=${BIN:-$bin/reset-gateway}
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 600); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+TOKEN=bench-client-token
+KEY=bench-server-key
+MOCK=$(free_port)
+"$bin/qb-mock" --listen 127.0.0.1:$MOCK --api-key $KEY --all-users >/dev/null & pids+=($!)
+wait_port "$MOCK"
+DIGEST=$(printf %s $TOKEN | "$bin/reset-gateway" hash-token)
+cat > "$work/flood.lua" <<LUA
+request = function()
+  return wrk.format("GET", "/users/password/reset.json?email=victim%40example.com", { ["QB-Token"] = "$TOKEN" })
+end
+LUA
+
+count() { # scenario -> one line
+  local per_ip per_email script=benches/load/reset.lua
+  if [ "$1" = allow ]; then
+    per_ip="[{ requests: 100000000, per: 1s }]"; per_email="[{ requests: 100000000, per: 1s }]"
+  else
+    per_ip="[{ requests: 20, per: 1m }]"; per_email="[{ requests: 3, per: 1h }]"; script=$work/flood.lua
+  fi
+  local gw
+  gw=$(free_port)
+  cat > "$work/gateway.yaml" <<YAML
+server: { listen: "127.0.0.1:$gw", workers: 1 }
+admin: { listen: "127.0.0.1:0" }
+upstream: { url: "http://127.0.0.1:$MOCK" }
+guard:
+  clients: [{ id: bench, token_sha256: $DIGEST }]
+  limits: { per_ip: $per_ip, per_client: [], per_email: $per_email, global: [] }
+log: { level: warn }
+YAML
+  rm -f "$work"/callgrind.out*
+  QB_API_KEY=$KEY valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/callgrind.out" \
+    "$BIN" --config "$work/gateway.yaml" 2>"$work/valgrind.log" &
+  local vg=$!
+  pids+=($vg)
+  wait_port "$gw"
+  # Warm up (connections, pools, maps), then count only the measured requests.
+  BENCH_CLIENT_TOKEN=$TOKEN wrk -t1 -c4 -d2s -s "$script" "http://127.0.0.1:$gw" >/dev/null
+  callgrind_control -i on "$vg" >/dev/null 2>&1
+  local out
+  out=$(BENCH_CLIENT_TOKEN=$TOKEN wrk -t1 -c4 -d"$DURATION" -s "$script" "http://127.0.0.1:$gw")
+  callgrind_control -i off "$vg" >/dev/null 2>&1
+  callgrind_control -d "$vg" >/dev/null 2>&1
+  kill "$vg" 2>/dev/null || true
+  wait "$vg" 2>/dev/null || true
+  local requests total
+  requests=$(awk '/requests in/ {print $1}' <<<"$out")
+  total=$(awk '/^totals:/ {print $2}' "$work"/callgrind.out* | sort -n | tail -1)
+  printf '%-6s %8d requests %10d instructions/request\n' "$1" "$requests" $((total / requests))
+}
+
+echo "# $(basename "$BIN"): user-space instructions per request, one worker (callgrind)"
+count allow
+count flood
