@@ -12,12 +12,9 @@ cd "$(dirname "$0")/../.."
 root=$(pwd)
 DURATION=${DURATION:-6s}
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v valgrind >/dev/null || need+=(valgrind)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+# shellcheck source=benches/load/lib.sh
+source benches/load/lib.sh
+install_missing wrk valgrind
 cargo build --release -q -p reset-gateway -p qb-mock
 bin=$root/target/release
 BIN=${BIN:-$bin/reset-gateway}
@@ -30,8 +27,6 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 600); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 TOKEN=bench-client-token
 KEY=bench-server-key

@@ -31,13 +31,9 @@ CONNECTIONS=${CONNECTIONS:-64}
 GATEWAY_WORKERS=${GATEWAY_WORKERS:-1}
 OUT=${OUT:-$root/benches/load}
 
-need=()
-for tool in wrk nginx haproxy; do
-  command -v "$tool" >/dev/null || need+=("$tool")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+# shellcheck source=benches/load/lib.sh
+source benches/load/lib.sh
+install_missing wrk nginx haproxy
 cargo build --release -q -p reset-gateway -p qb-mock
 bin=$root/target/release
 
@@ -51,8 +47,6 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 300); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 rss_kib() { awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status"; }
 # CPU time (user + system, in clock ticks) of the given processes so far.
 cpu_ticks() { local total=0 pid; for pid in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$total"; }

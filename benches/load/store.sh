@@ -11,12 +11,9 @@ DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-2}
 CONNECTIONS=${CONNECTIONS:-64}
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v redis-server >/dev/null || need+=(redis-server)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+# shellcheck source=benches/load/lib.sh
+source benches/load/lib.sh
+install_missing wrk redis-server
 cargo build --release -q -p reset-gateway -p qb-mock
 
 work=$(mktemp -d)
@@ -24,8 +21,6 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 MOCK=$(free_port); REDIS=$(free_port); MEM=$(free_port); RED=$(free_port)
 target/release/qb-mock --listen 127.0.0.1:$MOCK --api-key bench-server-key --user user1@example.com >/dev/null & pids+=($!)

@@ -6,6 +6,7 @@
 //! for every request): that was a tenth of the gateway's own work per forwarded request.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -270,24 +271,28 @@ impl Shared {
                 .handshake(io)
                 .await
                 .map_err(SendError::Exchange)?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "upstream HTTP/2 connection ended");
-                }
-            });
+            run_connection(connection, "HTTP/2");
             return Ok(Fresh::H2(sender));
         }
         let (sender, connection) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(SendError::Exchange)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended");
-            }
-        });
+        run_connection(connection, "HTTP/1.1");
         Ok(Fresh::H1(sender))
     }
+}
+
+/// Runs a connection's I/O on this worker's event loop until it ends.
+fn run_connection(
+    connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
+    protocol: &'static str,
+) {
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, protocol, "upstream connection ended");
+        }
+    });
 }
 
 /// Closes connections idle for longer than `idle_timeout`, until the pool is gone.
