@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -83,6 +83,8 @@ pub enum Failure {
 pub struct RecordedRequest {
     /// The method.
     pub method: Method,
+    /// The HTTP version it came over.
+    pub version: Version,
     /// The path.
     pub path: String,
     /// The raw query string.
@@ -303,6 +305,7 @@ async fn handle(
 ) -> Result<Response<MockBody>, Infallible> {
     let recorded = RecordedRequest {
         method: request.method().clone(),
+        version: request.version(),
         path: request.uri().path().to_owned(),
         query: request.uri().query().map(str::to_owned),
         headers: request.headers().clone(),

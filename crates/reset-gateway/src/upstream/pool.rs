@@ -15,7 +15,7 @@ use http::header::HOST;
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -148,10 +148,11 @@ impl Pool {
     /// idle connection, the HTTP/2 connection, or a new one.
     ///
     /// A kept connection may have been closed by QuickBlox (or a load balancer) while idle,
-    /// and the request may find out only once on it. A request the connection never took
-    /// goes on the next one. One it took goes again on a new connection if `replay` can
-    /// build it again (a `GET`, as browsers and Go's client retry idempotent requests) and
-    /// the connection failed before any answer, the sign of a close it raced with.
+    /// and the request may find out only once on it. Then the kept connections are dropped
+    /// and the request goes on a new one: as it was if the connection never took it, or
+    /// built again by `replay` (a `GET`, as browsers and Go's client retry idempotent
+    /// requests) if the connection failed before any answer, the sign of a close it raced
+    /// with.
     pub async fn send(
         &self,
         mut request: Request<UpstreamBody>,
@@ -164,15 +165,11 @@ impl Pool {
             }
             match sender.try_send_request(for_h1(request, &shared.host)).await {
                 Ok(response) => return Ok((response, shared.lease(sender))),
-                Err(mut error) => match (error.take_message(), replay) {
-                    (Some(unsent), _) => request = unsent,
-                    (None, Some(replay)) if closed_under(error.error()) => {
-                        // The other kept connections are likely as dead: a new one.
-                        lock(&shared.idle).clear();
-                        request = replay();
-                    }
-                    (None, _) => return Err(SendError::Exchange(error.into_error())),
-                },
+                Err(error) => {
+                    // The other kept connections are likely as dead: new ones.
+                    lock(&shared.idle).clear();
+                    request = again(error, replay)?;
+                }
             }
         }
         if let Some(mut sender) = shared.current_h2() {
@@ -182,10 +179,10 @@ impl Pool {
                     .await
                 {
                     Ok(response) => return Ok((response, Lease::none())),
-                    Err(mut error) => match error.take_message() {
-                        Some(unsent) => request = unsent,
-                        None => return Err(SendError::Exchange(error.into_error())),
-                    },
+                    Err(error) => {
+                        lock(&shared.h2).take();
+                        request = again(error, replay)?;
+                    }
                 }
             }
         }
@@ -306,14 +303,31 @@ async fn reap(pool: Weak<Shared>, idle_timeout: Duration) {
     }
 }
 
+/// The request to send on a new connection after a kept one failed it: the request itself
+/// if the connection never took it, or one `replay` builds again if the connection failed
+/// the way a close it raced with looks; else the failure.
+fn again(
+    mut error: TrySendError<Request<UpstreamBody>>,
+    replay: Option<&(dyn Fn() -> Request<UpstreamBody> + Sync)>,
+) -> Result<Request<UpstreamBody>, SendError> {
+    match (error.take_message(), replay) {
+        (Some(unsent), _) => Ok(unsent),
+        (None, Some(replay)) if closed_under(error.error()) => Ok(replay()),
+        (None, _) => Err(SendError::Exchange(error.into_error())),
+    }
+}
+
 /// A kept connection that the other side closed as the request went out: no answer at
-/// all, or the connection reset or broken under the write.
+/// all, or the connection reset, broken or ended (TLS without its close) under the write.
 fn closed_under(error: &hyper::Error) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     error.is_incomplete_message()
         || std::iter::successors(error.source(), |&e| e.source()).any(|cause| {
             cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted)
+                matches!(
+                    io.kind(),
+                    ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
+                )
             })
         })
 }

@@ -89,6 +89,7 @@ async fn a_path_in_the_upstream_url_prefixes_every_upstream_path() {
     let seen = gw.mock.requests();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].path, "/quickblox/users/password/reset.json");
+    assert_eq!(seen[0].version, http::Version::HTTP_11);
     assert_eq!(seen[0].query.as_deref(), Some("email=alice@example.com"));
     let host = seen[0].headers["host"].to_str().unwrap().to_owned();
     assert_eq!(host, gw.mock.addr().to_string());
@@ -167,4 +168,13 @@ async fn https_upstream_with_a_private_ca() {
         seen[0].headers["authorization"],
         format!("ApiKey {SERVER_KEY}")
     );
+    assert_eq!(seen[0].version, http::Version::HTTP_2, "ALPN chose HTTP/2");
+
+    // The TLS connection negotiated HTTP/2; when QuickBlox drops it, the next resets go on
+    // a new one.
+    for round in 1..=3 {
+        gw.mock.close_connections();
+        let reply = gw.reset_as_ios("email=alice%40example.com").await;
+        assert_eq!(reply.status, 200, "round {round}: {reply:?}");
+    }
 }
