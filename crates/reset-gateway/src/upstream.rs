@@ -381,10 +381,27 @@ fn classify(error: SendError) -> (Rejection, Option<http::StatusCode>) {
 }
 
 /// An answer streamed from QuickBlox; its connection goes back to the pool once the
-/// body has been read to its end.
+/// body has been read to its end (servers stop polling a body that says it has ended, so
+/// that is checked after each frame, and when the body is dropped).
 pub struct StreamedBody {
     body: Incoming,
     lease: Option<Lease>,
+}
+
+impl StreamedBody {
+    fn release_if_read(&mut self) {
+        if http_body::Body::is_end_stream(&self.body) {
+            if let Some(lease) = self.lease.take() {
+                lease.release();
+            }
+        }
+    }
+}
+
+impl Drop for StreamedBody {
+    fn drop(&mut self) {
+        self.release_if_read();
+    }
 }
 
 impl http_body::Body for StreamedBody {
@@ -396,10 +413,8 @@ impl http_body::Body for StreamedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
         let frame = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None) = frame {
-            if let Some(lease) = self.lease.take() {
-                lease.release();
-            }
+        if frame.is_ready() {
+            self.release_if_read();
         }
         frame
     }

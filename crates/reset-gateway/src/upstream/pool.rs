@@ -250,8 +250,11 @@ impl Shared {
                 since: Instant::now(),
             });
         }
-        if !self.reaping.swap(true, Ordering::Relaxed) {
-            tokio::spawn(reap(Arc::downgrade(&self), self.idle_timeout));
+        // Given back from a drop outside any event loop (at shutdown), it is not reaped.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            if !self.reaping.swap(true, Ordering::Relaxed) {
+                runtime.spawn(reap(Arc::downgrade(&self), self.idle_timeout));
+            }
         }
     }
 

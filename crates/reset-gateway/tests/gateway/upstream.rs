@@ -67,6 +67,24 @@ async fn upstream_connections_are_kept_and_reused() {
 }
 
 #[tokio::test]
+async fn streamed_answers_give_their_connection_back_once_read() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = yaml(&mock.url(), "  other_routes: forward\n", "").replace(
+        "  shutdown_grace: 5s\n",
+        "  shutdown_grace: 5s\n  workers: 1\n",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    for _ in 0..3 {
+        let reply = gw.send("GET", "/users.json?page=2", &[], "").await;
+        assert_eq!(reply.status, 404); // qb-mock knows no /users.json
+    }
+    let reply = gw.reset_as_ios("email=alice%40example.com").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(gw.mock.requests().len(), 4);
+    assert_eq!(gw.mock.connections(), 1);
+}
+
+#[tokio::test]
 async fn connections_quickblox_closed_while_idle_cost_no_request() {
     let gw = Gateway::start("").await;
     for round in 1..=3 {
