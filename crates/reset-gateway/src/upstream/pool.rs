@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use http::header::HOST;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::Scheme;
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2, TrySendError};
@@ -79,6 +79,13 @@ struct Shared {
 struct Idle {
     sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
+}
+
+impl Idle {
+    /// Still open, and not idle for longer than `idle_timeout`.
+    fn is_usable(&self, idle_timeout: Duration) -> bool {
+        !self.sender.is_closed() && self.since.elapsed() < idle_timeout
+    }
 }
 
 /// An HTTP/1.1 connection lent for one exchange: given back with [`Lease::release`] once
@@ -214,7 +221,7 @@ impl Shared {
     fn take_idle(&self) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut idle = lock(&self.idle);
         while let Some(entry) = idle.pop() {
-            if !entry.sender.is_closed() && entry.since.elapsed() < self.idle_timeout {
+            if entry.is_usable(self.idle_timeout) {
                 return Some(entry.sender);
             }
         }
@@ -301,8 +308,7 @@ async fn reap(pool: Weak<Shared>, idle_timeout: Duration) {
     loop {
         tokio::time::sleep(period).await;
         let Some(pool) = pool.upgrade() else { return };
-        lock(&pool.idle)
-            .retain(|entry| !entry.sender.is_closed() && entry.since.elapsed() < idle_timeout);
+        lock(&pool.idle).retain(|entry| entry.is_usable(idle_timeout));
     }
 }
 
@@ -335,31 +341,18 @@ fn closed_under(error: &hyper::Error) -> bool {
         })
 }
 
-/// HTTP/1.1 wants the path and query as the target, and a `Host` header.
+/// HTTP/1.1 sends the target as it is, with a `Host` header.
 fn for_h1(mut request: Request<UpstreamBody>, host: &HeaderValue) -> Request<UpstreamBody> {
-    if request.uri().authority().is_some() {
-        let target = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *request.uri_mut() = Uri::from(target);
-    }
-    request
-        .headers_mut()
-        .entry(HOST)
-        .or_insert_with(|| host.clone());
+    request.headers_mut().insert(HOST, host.clone());
     request
 }
 
 /// HTTP/2 carries the scheme and authority in the request itself: no `Host` header.
 fn for_h2(mut request: Request<UpstreamBody>, origin: &Uri) -> Request<UpstreamBody> {
-    if request.uri().authority().is_none() {
-        let mut parts = origin.clone().into_parts();
-        parts.path_and_query = request.uri().path_and_query().cloned();
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *request.uri_mut() = uri;
-        }
+    let mut parts = origin.clone().into_parts();
+    parts.path_and_query = request.uri().path_and_query().cloned();
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
     }
     request.headers_mut().remove(HOST);
     request
