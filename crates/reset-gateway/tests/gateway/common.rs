@@ -47,6 +47,11 @@ pub fn yaml(upstream: &str, guard_extra: &str, top_extra: &str) -> String {
     )
 }
 
+/// `yaml` with `keys` (lines indented by two) added to its `server:` section.
+pub fn with_server_keys(yaml: &str, keys: &str) -> String {
+    yaml.replacen("server:\n", &format!("server:\n{keys}"), 1)
+}
+
 pub fn mock_config() -> MockConfig {
     MockConfig {
         api_key: SERVER_KEY.to_owned(),
@@ -243,4 +248,22 @@ pub fn test_certificates(
     std::fs::write(&cert_file, cert.pem()).unwrap();
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
     (ca_file, cert_file, key_file)
+}
+
+/// Asks `probe` every 20 ms until `done` holds of its answer, at most `tries` times, and
+/// returns the last answer: for state another task or process reaches in its own time.
+pub async fn poll_until<T>(
+    tries: u32,
+    mut probe: impl AsyncFnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let mut answer = probe().await;
+    for _ in 1..tries {
+        if done(&answer) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        answer = probe().await;
+    }
+    answer
 }

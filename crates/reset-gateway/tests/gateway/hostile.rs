@@ -154,9 +154,9 @@ async fn existing_unknown_and_limited_addresses_look_the_same_and_take_the_floor
 #[tokio::test]
 async fn connections_beyond_the_limit_do_not_starve_the_ones_being_served() {
     let mock = MockServer::start(mock_config()).await.unwrap();
-    let yaml = yaml(&mock.url(), "", "").replace(
-        "  shutdown_grace: 5s\n",
-        "  shutdown_grace: 5s\n  max_connections: 4\n  workers: 1\n",
+    let yaml = with_server_keys(
+        &yaml(&mock.url(), "", ""),
+        "  max_connections: 4\n  workers: 1\n",
     );
     let gw = Gateway::start_yaml(mock, &yaml).await;
     // A keep-alive client already being served…

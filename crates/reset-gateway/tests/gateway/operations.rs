@@ -133,10 +133,7 @@ async fn headers_over_max_header_bytes_get_431() {
 #[tokio::test]
 async fn beyond_max_connections_new_clients_wait_and_are_then_served() {
     let mock = MockServer::start(mock_config()).await.unwrap();
-    let yaml = yaml(&mock.url(), "", "").replace(
-        "  shutdown_grace: 5s\n",
-        "  shutdown_grace: 5s\n  max_connections: 1\n",
-    );
+    let yaml = with_server_keys(&yaml(&mock.url(), "", ""), "  max_connections: 1\n");
     let gw = Gateway::start_yaml(mock, &yaml).await;
     // One idle connection holds the only slot until the header read timeout (300ms) frees it.
     let idle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
@@ -148,9 +145,9 @@ async fn beyond_max_connections_new_clients_wait_and_are_then_served() {
 #[tokio::test]
 async fn cors_preflight_and_exposed_headers_for_allowed_origins_only() {
     let mock = MockServer::start(mock_config()).await.unwrap();
-    let yaml = yaml(&mock.url(), "", "").replace(
-        "  shutdown_grace: 5s\n",
-        "  shutdown_grace: 5s\n  cors:\n    allow_origins: [\"https://app.example\"]\n",
+    let yaml = with_server_keys(
+        &yaml(&mock.url(), "", ""),
+        "  cors:\n    allow_origins: [\"https://app.example\"]\n",
     );
     let gw = Gateway::start_yaml(mock, &yaml).await;
     let preflight = gw
@@ -213,10 +210,10 @@ async fn tls_with_alpn_h2_and_http1() {
     let dir = tempfile::tempdir().unwrap();
     let (ca_file, cert_file, key_file) = test_certificates(dir.path());
     let mock = MockServer::start(mock_config()).await.unwrap();
-    let yaml = yaml(&mock.url(), "", "").replace(
-        "  shutdown_grace: 5s\n",
+    let yaml = with_server_keys(
+        &yaml(&mock.url(), "", ""),
         &format!(
-            "  shutdown_grace: 5s\n  tls:\n    cert_file: {}\n    key_file: {}\n",
+            "  tls:\n    cert_file: {}\n    key_file: {}\n",
             cert_file.display(),
             key_file.display()
         ),
@@ -317,68 +314,52 @@ async fn reload_on_sighup_and_on_file_change_keeps_a_good_config() {
     // SIGHUP with a tighter per-IP limit: applies at once.
     write(&path, &yaml(&mock.url(), &limits(1), ""));
     gw.signal("HUP");
-    let mut status = 0;
-    for _ in 0..100 {
-        status = ask().await;
-        if status == 429 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let status = poll_until(100, async || ask().await, |s| *s == 429).await;
     assert_eq!(status, 429, "the reloaded limit applies");
-    assert!(
-        metric(
-            gw.admin,
-            r#"reset_gateway_config_reloads_total{result="success"}"#
-        )
-        .await
-            >= 1.0
-    );
+    // Counted once the new configuration is in force, so perhaps just after it answers.
+    let successes = poll_until(
+        100,
+        async || {
+            metric(
+                gw.admin,
+                r#"reset_gateway_config_reloads_total{result="success"}"#,
+            )
+            .await
+        },
+        |n| *n >= 1.0,
+    )
+    .await;
+    assert!(successes >= 1.0);
 
     // A broken file is rejected and the running config stays.
     std::fs::write(&path, "server: [this is not\n").unwrap();
     gw.signal("HUP");
-    for _ in 0..100 {
-        if metric(
-            gw.admin,
-            r#"reset_gateway_config_reloads_total{result="failure"}"#,
-        )
-        .await
-            >= 1.0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        metric(
-            gw.admin,
-            r#"reset_gateway_config_reloads_total{result="failure"}"#
-        )
-        .await
-            >= 1.0
-    );
+    let failures = poll_until(
+        100,
+        async || {
+            metric(
+                gw.admin,
+                r#"reset_gateway_config_reloads_total{result="failure"}"#,
+            )
+            .await
+        },
+        |n| *n >= 1.0,
+    )
+    .await;
+    assert!(failures >= 1.0);
     assert_eq!(ask().await, 429, "still the last good configuration");
     // The failure is counted before it is logged, and the log is read by another thread.
-    let rejection_logged = || gw.logs().iter().any(|l| l.contains("reload rejected"));
-    for _ in 0..100 {
-        if rejection_logged() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(rejection_logged(), "{:?}", gw.logs());
+    let rejection_logged = poll_until(
+        100,
+        async || gw.logs().iter().any(|l| l.contains("reload rejected")),
+        |logged| *logged,
+    )
+    .await;
+    assert!(rejection_logged, "{:?}", gw.logs());
 
     // Changing the file alone is enough (no signal): the limit goes back up.
     write(&path, &yaml(&mock.url(), &limits(1000), ""));
-    let mut status = 0;
-    for _ in 0..250 {
-        status = ask().await;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let status = poll_until(250, async || ask().await, |s| *s == 200).await;
     assert_eq!(status, 200, "the file change was picked up");
 }
 
@@ -409,18 +390,17 @@ async fn logs_are_json_lines_without_secrets_or_raw_emails() {
         request.push_str("\r\n");
         raw(gw.addr, request.as_bytes()).await;
     }
-    let mut access = Vec::new();
-    for _ in 0..100 {
-        access = gw
-            .logs()
-            .into_iter()
-            .filter(|l| l.contains("\"target\":\"access\""))
-            .collect();
-        if access.len() == 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let access: Vec<String> = poll_until(
+        100,
+        async || {
+            gw.logs()
+                .into_iter()
+                .filter(|l| l.contains("\"target\":\"access\""))
+                .collect()
+        },
+        |lines: &Vec<String>| lines.len() == 4,
+    )
+    .await;
     assert_eq!(access.len(), 4, "one line per request");
     for line in gw.logs() {
         let json: serde_json::Value =
@@ -468,14 +448,12 @@ async fn readiness_follows_redis_under_deny() {
     let gw = Gateway::start_yaml(mock, &yaml).await;
     assert_eq!(gw.admin_get("/readyz").await.status, 200);
     redis.stop();
-    let mut status = 200;
-    for _ in 0..150 {
-        status = gw.admin_get("/readyz").await.status;
-        if status == 503 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let status = poll_until(
+        150,
+        async || gw.admin_get("/readyz").await.status,
+        |s| *s == 503,
+    )
+    .await;
     assert_eq!(status, 503, "the probe noticed Redis is gone");
     let metrics = gw.admin_get("/metrics").await.body;
     assert_eq!(sample(&metrics, "reset_gateway_store_up"), Some(0.0));
@@ -519,14 +497,7 @@ async fn the_api_key_file_is_re_read_on_reload() {
     assert_eq!(ask().await, 401, "QuickBlox refuses the old key");
     std::fs::write(&key_file, "rotated-key-2\n").unwrap();
     gw.signal("HUP");
-    let mut status = 0;
-    for _ in 0..100 {
-        status = ask().await;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let status = poll_until(100, async || ask().await, |s| *s == 200).await;
     assert_eq!(status, 200, "the rotated key is used without a restart");
     assert!(gw
         .logs()

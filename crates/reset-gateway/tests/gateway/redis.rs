@@ -86,15 +86,16 @@ async fn redis_outage_under_deny_answers_503_then_recovers() {
     );
 
     let _redis = RedisServer::start_on(port);
-    let mut recovered = false;
-    for _ in 0..200 {
-        if gw.reset_as_ios("email=alice%40example.com").await.status == 200 {
-            recovered = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(recovered, "the gateway uses Redis again without a restart");
+    let status = poll_until(
+        200,
+        async || gw.reset_as_ios("email=alice%40example.com").await.status,
+        |s| *s == 200,
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "the gateway uses Redis again without a restart"
+    );
 }
 
 #[tokio::test]

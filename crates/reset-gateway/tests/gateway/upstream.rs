@@ -49,10 +49,7 @@ async fn slow_hanging_and_endless_upstreams_are_a_504() {
 async fn upstream_connections_are_kept_and_reused() {
     // One worker: each worker thread keeps connections of its own.
     let mock = MockServer::start(mock_config()).await.unwrap();
-    let yaml = yaml(&mock.url(), "", "").replace(
-        "  shutdown_grace: 5s\n",
-        "  shutdown_grace: 5s\n  workers: 1\n",
-    );
+    let yaml = with_server_keys(&yaml(&mock.url(), "", ""), "  workers: 1\n");
     let gw = Gateway::start_yaml(mock, &yaml).await;
     for _ in 0..5 {
         let reply = gw.reset_as_ios("email=alice%40example.com").await;
@@ -69,9 +66,9 @@ async fn upstream_connections_are_kept_and_reused() {
 #[tokio::test]
 async fn streamed_answers_give_their_connection_back_once_read() {
     let mock = MockServer::start(mock_config()).await.unwrap();
-    let yaml = yaml(&mock.url(), "  other_routes: forward\n", "").replace(
-        "  shutdown_grace: 5s\n",
-        "  shutdown_grace: 5s\n  workers: 1\n",
+    let yaml = with_server_keys(
+        &yaml(&mock.url(), "  other_routes: forward\n", ""),
+        "  workers: 1\n",
     );
     let gw = Gateway::start_yaml(mock, &yaml).await;
     for _ in 0..3 {
