@@ -48,6 +48,15 @@ pub(crate) struct Shard {
     new_since_reclaim: usize,
 }
 
+impl Shard {
+    /// Drops every idle key (forgetting one changes no decision); returns how many.
+    fn forget_idle(&mut self, now: u64) -> usize {
+        let before = self.tats.len();
+        self.tats.retain(|_, tat| *tat.get_mut() > now);
+        before - self.tats.len()
+    }
+}
+
 /// Fewest new keys between two reclaiming scans of a small shard.
 const RECLAIM_MIN: usize = 16;
 
@@ -147,7 +156,7 @@ impl QuotaState {
         shard.new_since_reclaim += 1;
         if shard.new_since_reclaim >= (shard.tats.len() / 4).max(RECLAIM_MIN) {
             shard.new_since_reclaim = 0;
-            shard.tats.retain(|_, tat| *tat.get_mut() > now);
+            shard.forget_idle(now);
         }
         if shard.tats.len() < self.shard_capacity {
             return;
@@ -171,13 +180,11 @@ impl QuotaState {
         let mut removed = 0;
         for shard in 0..SHARDS {
             let mut shard = self.write(shard);
+            removed += shard.forget_idle(now);
             let map = &mut shard.tats;
-            let before = map.len();
-            map.retain(|_, tat| *tat.get_mut() > now);
             if map.capacity() > 64 && map.len() < map.capacity() / 4 {
                 map.shrink_to_fit();
             }
-            removed += before - map.len();
         }
         removed
     }
@@ -195,17 +202,20 @@ impl QuotaState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limit::quota::QuotaConfig;
 
     fn quota(requests: u32, per_secs: u64) -> Quota {
-        QuotaConfig {
-            requests,
-            per: crate::duration::ConfigDuration(std::time::Duration::from_secs(per_secs)),
-            burst: None,
-            shadow: false,
-        }
-        .validate()
-        .unwrap()
+        crate::limit::quota(requests, per_secs, None)
+            .validate()
+            .unwrap()
+    }
+
+    /// How many of `ask`'s decisions were admissions, summed over four threads running it
+    /// at once.
+    fn admitted_by_four_threads(ask: impl Fn() -> usize + Sync) -> usize {
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..4).map(|_| scope.spawn(&ask)).collect();
+            threads.into_iter().map(|t| t.join().unwrap()).sum()
+        })
     }
 
     #[test]
@@ -214,17 +224,10 @@ mod tests {
         // exactly 1000 are admitted however the compare-and-swaps interleave.
         let state = QuotaState::new(quota(1000, 3600), 1_000);
         let now = 1_000_000_000_000;
-        let admitted: usize = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..4)
-                .map(|_| {
-                    scope.spawn(|| {
-                        (0..500)
-                            .filter(|_| matches!(state.decide(42, now), Cell::Admit { .. }))
-                            .count()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        let admitted = admitted_by_four_threads(|| {
+            (0..500)
+                .filter(|_| matches!(state.decide(42, now), Cell::Admit { .. }))
+                .count()
         });
         assert_eq!(admitted, 1000);
         assert!(matches!(state.decide(42, now), Cell::Deny { .. }));
@@ -236,20 +239,11 @@ mod tests {
         // burst, whichever thread created its entry.
         let state = QuotaState::new(quota(3, 3600), 10_000);
         let now = 1_000_000_000_000;
-        let admitted: usize = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..4)
-                .map(|_| {
-                    scope.spawn(|| {
-                        (0..100u64)
-                            .flat_map(|key| [key, key])
-                            .filter(|&key| {
-                                matches!(state.decide(key << 32 | key, now), Cell::Admit { .. })
-                            })
-                            .count()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        let admitted = admitted_by_four_threads(|| {
+            (0..100u64)
+                .flat_map(|key| [key, key])
+                .filter(|&key| matches!(state.decide(key << 32 | key, now), Cell::Admit { .. }))
+                .count()
         });
         assert_eq!(admitted, 100 * 3);
         assert_eq!(state.len(), 100);
