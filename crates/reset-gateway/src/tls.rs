@@ -54,20 +54,21 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-fn certified_key(cert_file: &Path, key_file: &Path) -> anyhow::Result<CertifiedKey> {
-    let chain = CertificateDer::pem_file_iter(cert_file)
+/// Every certificate in the PEM file at `path` (at least one); errors name the config `key`.
+pub fn read_certificates(key: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .with_context(|| {
-            format!(
-                "server.tls.cert_file: cannot read certificates from {}",
-                cert_file.display()
-            )
-        })?;
+        .with_context(|| format!("{key}: cannot read certificates from {}", path.display()))?;
     anyhow::ensure!(
-        !chain.is_empty(),
-        "server.tls.cert_file: no certificate in {}",
-        cert_file.display()
+        !certs.is_empty(),
+        "{key}: no certificate in {}",
+        path.display()
     );
+    Ok(certs)
+}
+
+fn certified_key(cert_file: &Path, key_file: &Path) -> anyhow::Result<CertifiedKey> {
+    let chain = read_certificates("server.tls.cert_file", cert_file)?;
     // The key's own parse error is not shown: it could quote key material.
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|_| {
         anyhow::anyhow!(

@@ -17,13 +17,12 @@ use http_body_util::{BodyExt, Either, Empty, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use reset_guard::{encode_query_value, GuardBody, GuardedRequest, PeerAddr, Rejection};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use tokio::time::{timeout, Instant};
 
 use crate::config::UpstreamSettings;
 use crate::hop_by_hop::{self, connection_named};
 use crate::request_id::X_REQUEST_ID;
+use crate::tls::read_certificates;
 
 mod pool;
 
@@ -93,20 +92,7 @@ impl Inner {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
         if let Some(path) = &settings.ca_file {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-                .with_context(|| {
-                    format!(
-                        "upstream.ca_file: cannot read certificates from {}",
-                        path.display()
-                    )
-                })?;
-            anyhow::ensure!(
-                !certs.is_empty(),
-                "upstream.ca_file: no certificate in {}",
-                path.display()
-            );
-            for cert in certs {
+            for cert in read_certificates("upstream.ca_file", path)? {
                 roots
                     .add(cert)
                     .context("upstream.ca_file: invalid certificate")?;
