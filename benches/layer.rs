@@ -60,15 +60,37 @@ fn ready<F: Future>(future: F) -> F::Output {
     }
 }
 
+/// The inner service every guard here wraps: an empty 200 at once.
+async fn answer_at_once(_req: Request<Empty<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(Response::new(Full::new(Bytes::new())))
+}
+
+/// Times `service` on requests `make` builds fresh for each call (outside the timing).
+fn time_calls<S, B>(
+    c: &mut Criterion,
+    name: &str,
+    service: &mut S,
+    mut make: impl FnMut() -> Request<Empty<Bytes>>,
+) where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    c.bench_function(name, |b| {
+        b.iter_batched(
+            &mut make,
+            |req| black_box(ready(service.call(req)).unwrap()),
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 fn bench_layer(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let _guard = runtime.enter();
-    let inner = service_fn(|_req: Request<Empty<Bytes>>| async {
-        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-    });
+    let inner = service_fn(answer_at_once);
     let peer: SocketAddr = "198.51.100.7:50000".parse().unwrap();
     let emails: Vec<String> = (0..1024)
         .map(|i| format!("user{i}%40example.com"))
@@ -78,26 +100,21 @@ fn bench_layer(c: &mut Criterion) {
         .layer(layer(GENEROUS, 1_000_000))
         .service(inner);
     let mut i = 0usize;
-    c.bench_function("layer/allow (all four groups, 5 quotas)", |b| {
-        b.iter_batched(
-            || {
-                i = (i + 1) % emails.len();
-                request(&emails[i], peer)
-            },
-            |req| black_box(ready(allow.call(req)).unwrap()),
-            BatchSize::SmallInput,
-        )
-    });
+    time_calls(
+        c,
+        "layer/allow (all four groups, 5 quotas)",
+        &mut allow,
+        || {
+            i = (i + 1) % emails.len();
+            request(&emails[i], peer)
+        },
+    );
 
     let mut deny = ServiceBuilder::new()
         .layer(layer("  per_ip: [{ requests: 1, per: 24h }]\n", 1_000_000))
         .service(inner);
-    c.bench_function("layer/deny (per-IP 429)", |b| {
-        b.iter_batched(
-            || request("a%40example.com", peer),
-            |req| black_box(ready(deny.call(req)).unwrap()),
-            BatchSize::SmallInput,
-        )
+    time_calls(c, "layer/deny (per-IP 429)", &mut deny, || {
+        request("a%40example.com", peer)
     });
 
     // Every rejection path of the SPEC §3 table, each refused at its own step.
@@ -139,13 +156,7 @@ fn bench_layer(c: &mut Criterion) {
         }),
     ];
     for (name, make) in rejections {
-        c.bench_function(name, |b| {
-            b.iter_batched(
-                || make(peer),
-                |req| black_box(ready(guard.call(req)).unwrap()),
-                BatchSize::SmallInput,
-            )
-        });
+        time_calls(c, name, &mut guard, || make(peer));
     }
 
     // The per-email limiter with one hot key, and with 1,000,000 keys held.
@@ -153,12 +164,8 @@ fn bench_layer(c: &mut Criterion) {
     let mut hot = ServiceBuilder::new()
         .layer(layer(one_quota, 2_000_000))
         .service(inner);
-    c.bench_function("limiter/1 key", |b| {
-        b.iter_batched(
-            || request("same%40example.com", peer),
-            |req| black_box(ready(hot.call(req)).unwrap()),
-            BatchSize::SmallInput,
-        )
+    time_calls(c, "limiter/1 key", &mut hot, || {
+        request("same%40example.com", peer)
     });
     let mut full = ServiceBuilder::new()
         .layer(layer(one_quota, 2_000_000))
@@ -170,15 +177,9 @@ fn bench_layer(c: &mut Criterion) {
         ready(full.call(request(email, peer))).unwrap();
     }
     let mut i = 0usize;
-    c.bench_function("limiter/1,000,000 keys", |b| {
-        b.iter_batched(
-            || {
-                i = (i + 7919) % million.len();
-                request(&million[i], peer)
-            },
-            |req| black_box(ready(full.call(req)).unwrap()),
-            BatchSize::SmallInput,
-        )
+    time_calls(c, "limiter/1,000,000 keys", &mut full, || {
+        i = (i + 7919) % million.len();
+        request(&million[i], peer)
     });
 }
 
@@ -245,30 +246,26 @@ fn bench_against_governor(c: &mut Criterion) {
             req
         };
         ready(governed.call(governor_request())).unwrap();
-        c.bench_function(&format!("per-ip/{label}/tower_governor"), |b| {
-            b.iter_batched(
-                governor_request,
-                |req| black_box(ready(governed.call(req)).unwrap()),
-                BatchSize::SmallInput,
-            )
-        });
+        time_calls(
+            c,
+            &format!("per-ip/{label}/tower_governor"),
+            &mut governed,
+            governor_request,
+        );
 
         let limits = format!(
             "  per_ip: [{{ requests: {quota} }}]\n  per_client: []\n  per_email: []\n  global: []\n"
         );
         let mut guarded = ServiceBuilder::new()
             .layer(layer(&limits, 1_000_000))
-            .service(service_fn(|_req: Request<Empty<Bytes>>| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-            }));
+            .service(service_fn(answer_at_once));
         ready(guarded.call(request("a%40example.com", peer))).unwrap();
-        c.bench_function(&format!("per-ip/{label}/reset-guard"), |b| {
-            b.iter_batched(
-                || request("a%40example.com", peer),
-                |req| black_box(ready(guarded.call(req)).unwrap()),
-                BatchSize::SmallInput,
-            )
-        });
+        time_calls(
+            c,
+            &format!("per-ip/{label}/reset-guard"),
+            &mut guarded,
+            || request("a%40example.com", peer),
+        );
     }
 }
 
@@ -301,9 +298,7 @@ fn memory_per_key(case: usize) {
         .build()
         .unwrap();
     let _guard = runtime.enter();
-    let inner = service_fn(|_req: Request<Empty<Bytes>>| async {
-        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-    });
+    let inner = service_fn(answer_at_once);
     let guard = layer(limits, 2_000_000);
     let handle = guard.handle();
     let mut service = ServiceBuilder::new().layer(guard).service(inner);
