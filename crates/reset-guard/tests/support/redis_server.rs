@@ -128,26 +128,21 @@ impl Drop for RedisServer {
     }
 }
 
+/// The count or length after a RESP reply's type byte (0 until it has arrived).
+fn leading_number<T: std::str::FromStr + Default>(reply: &str) -> T {
+    reply[1..]
+        .split("\r\n")
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_default()
+}
+
 /// Whether a RESP reply has fully arrived (simple replies and flat arrays of bulk strings).
 fn complete(reply: &[u8]) -> bool {
     let text = String::from_utf8_lossy(reply);
     match text.chars().next() {
-        Some('*') => {
-            let count: usize = text[1..]
-                .split("\r\n")
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            bulk_strings(&text).len() >= count
-        }
-        Some('$') => {
-            let len: i64 = text[1..]
-                .split("\r\n")
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            len < 0 || text.split("\r\n").count() >= 3
-        }
+        Some('*') => bulk_strings(&text).len() >= leading_number::<usize>(&text),
+        Some('$') => leading_number::<i64>(&text) < 0 || text.split("\r\n").count() >= 3,
         Some(_) => text.ends_with("\r\n"),
         None => false,
     }
