@@ -62,44 +62,32 @@ fn hash_token_prints_the_digest_for_the_config() {
     assert!(!out.status.success(), "an empty token must not hash");
 }
 
-#[test]
-fn check_config_accepts_a_good_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(&dir, &yaml("http://127.0.0.1:9", "", ""));
-    let out = gateway()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .env("QB_API_KEY", "k")
-        .output()
-        .unwrap();
+/// Runs `check-config` (with an API key in the environment and what `configure` adds),
+/// and asserts that it accepts the configuration.
+fn assert_check_config_passes(configure: impl FnOnce(&mut Command) -> &mut Command) {
+    let mut command = gateway();
+    command.arg("check-config").env("QB_API_KEY", "k");
+    let out = configure(&mut command).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn check_config_accepts_a_good_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &yaml("http://127.0.0.1:9", "", ""));
+    assert_check_config_passes(|command| command.arg("--config").arg(&path));
     // The variable works in place of --config.
-    let out = gateway()
-        .arg("check-config")
-        .env("RESET_GATEWAY_CONFIG", &path)
-        .env("QB_API_KEY", "k")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    assert_check_config_passes(|command| command.env("RESET_GATEWAY_CONFIG", &path));
 }
 
 #[test]
 fn the_shipped_default_config_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/gateway.yaml");
-    let out = gateway()
-        .args(["check-config", "--config", path])
-        .env("QB_API_KEY", "k")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_check_config_passes(|command| command.args(["--config", path]));
 }
 
 fn check_config_error(yaml: &str, env_key: bool) -> String {
