@@ -13,7 +13,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use reset_guard::{GuardHandle, LimitGroup};
+use reset_guard::{GuardHandle, LimitGroup, Rejection};
+
+use crate::telemetry::AccessRecord;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
@@ -29,29 +31,6 @@ struct Status {
 struct Result_ {
     result: &'static str,
 }
-
-/// Every outcome the gateway counts, resolved to its counter once at start (an outcome
-/// not listed here still counts, through the family).
-const OUTCOMES: [&str; 18] = [
-    "forwarded",
-    "passed_through",
-    "not_found",
-    "method_not_allowed",
-    "host_required",
-    "target_too_long",
-    "body_on_get",
-    "missing_credentials",
-    "ambiguous_credentials",
-    "bad_scheme",
-    "unknown_client",
-    "email_missing",
-    "email_repeated",
-    "email_invalid",
-    "rate_limited",
-    "limiter_unavailable",
-    "upstream_unavailable",
-    "upstream_timeout",
-];
 
 /// Every metric the gateway records. Recording is a few atomic adds: counters are looked
 /// up without hashing or locking their family, and the histograms take no lock, since
@@ -108,8 +87,11 @@ impl Metrics {
             reloads.clone(),
         );
         registry.register_collector(Box::new(LimiterCollector { guard }));
-        let outcome_counters = OUTCOMES
+        // Every outcome's counter resolved once (one not listed still counts, through the
+        // family).
+        let outcome_counters = AccessRecord::FORWARD_OUTCOMES
             .iter()
+            .chain(Rejection::OUTCOMES.iter())
             .map(|&outcome| {
                 (
                     outcome,

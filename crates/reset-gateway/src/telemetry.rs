@@ -47,12 +47,17 @@ pub struct AccessRecord<'a> {
 }
 
 impl AccessRecord<'_> {
+    /// The outcomes of requests the guard did not answer itself: a checked reset, and
+    /// another route under `other_routes: forward`.
+    pub const FORWARD_OUTCOMES: [&'static str; 2] = ["forwarded", "passed_through"];
+
     /// The outcome label for logs and metrics.
     pub fn outcome(&self) -> &'static str {
+        let [forwarded, passed_through] = Self::FORWARD_OUTCOMES;
         match (self.rejection, self.guarded) {
             (Some(rejection), _) => rejection.outcome(),
-            (None, Some(_)) => "forwarded",
-            (None, None) => "passed_through",
+            (None, Some(_)) => forwarded,
+            (None, None) => passed_through,
         }
     }
 

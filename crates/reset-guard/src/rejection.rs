@@ -91,6 +91,26 @@ impl Rejection {
         }
     }
 
+    /// Every label [`outcome`](Rejection::outcome) gives, for counters made ahead of use.
+    pub const OUTCOMES: [&'static str; 16] = [
+        "not_found",
+        "method_not_allowed",
+        "host_required",
+        "target_too_long",
+        "body_on_get",
+        "missing_credentials",
+        "ambiguous_credentials",
+        "bad_scheme",
+        "unknown_client",
+        "email_missing",
+        "email_repeated",
+        "email_invalid",
+        "rate_limited",
+        "limiter_unavailable",
+        "upstream_unavailable",
+        "upstream_timeout",
+    ];
+
     /// A short label for logs and metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
@@ -249,9 +269,17 @@ pub(crate) fn set_uniform_headers(headers: &mut http::HeaderMap) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn bodies_are_json_envelopes() {
-        let all = [
+    /// One rejection of each kind.
+    fn every_kind() -> Vec<Rejection> {
+        let quota = crate::limit::QuotaConfig {
+            requests: 1,
+            per: crate::duration::ConfigDuration::from_secs(60),
+            burst: None,
+            shadow: false,
+        }
+        .validate()
+        .unwrap();
+        let mut all = vec![
             Rejection::NotFound,
             Rejection::MethodNotAllowed,
             Rejection::HostRequired,
@@ -271,7 +299,27 @@ mod tests {
             Rejection::UpstreamUnavailable,
             Rejection::UpstreamTimeout,
         ];
-        for rejection in all {
+        all.push(Rejection::RateLimited(crate::limit::Denial {
+            group: LimitGroup::PerIp,
+            quota,
+            retry_after: std::time::Duration::from_secs(1),
+        }));
+        all
+    }
+
+    #[test]
+    fn every_outcome_is_listed() {
+        for rejection in every_kind() {
+            assert!(
+                Rejection::OUTCOMES.contains(&rejection.outcome()),
+                "{rejection:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bodies_are_json_envelopes() {
+        for rejection in every_kind() {
             let response = rejection.to_response();
             let body = std::str::from_utf8(response.body()).unwrap();
             assert!(body.starts_with(r#"{"errors":{""#), "{body}");
