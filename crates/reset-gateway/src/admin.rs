@@ -34,9 +34,7 @@ impl Status {
 /// Serves the admin endpoints on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, status: Arc<Status>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let (stream, _) = crate::server::accept(&listener).await;
         let status = status.clone();
         tokio::spawn(async move {
             let service =

@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod hop_by_hop;
 pub mod metrics;
+pub mod preface;
 pub mod reload;
 pub mod request_id;
 pub mod server;

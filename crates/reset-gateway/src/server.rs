@@ -31,6 +31,7 @@ use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use crate::admin::{self, Status};
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::preface;
 use crate::reload::Reloader;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::telemetry::AccessRecord;
@@ -280,15 +281,7 @@ impl Worker {
                 () = &mut stop => break,
             };
             let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                accepted = accept(&listener) => accepted,
                 () = &mut stop => break,
             };
             let _ = stream.set_nodelay(true);
@@ -316,6 +309,20 @@ impl Worker {
             () = tokio::time::sleep(self.grace) => tracing::warn!("shutdown grace elapsed with requests in flight"),
         }
         Ok(())
+    }
+}
+
+/// The next connection on `listener`. A failed accept (out of file descriptors and the
+/// like) is logged and retried after a pause, instead of spinning on it.
+pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(pair) => return pair,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 
@@ -355,18 +362,16 @@ struct Connection {
     watcher: Watcher,
 }
 
-/// The HTTP/2 connection preface a cleartext (h2c prior knowledge) client starts with.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
 impl Connection {
     /// Cleartext: HTTP/2 if the client opens with the preface, else HTTP/1.1. A client
-    /// that sends nothing is dropped after the header read timeout, so silent connections
-    /// cannot hold `max_connections` slots.
+    /// that sends nothing, or part of the preface, is dropped after the header read
+    /// timeout, so such connections cannot hold `max_connections` slots; waiting on them
+    /// costs nothing but their memory.
     async fn serve_plain(self, stream: TcpStream) {
         let peer = self.service.peer;
-        match tokio::time::timeout(self.head_timeout, opens_with_preface(&stream)).await {
-            Ok(Ok(true)) => self.serve_h2(stream).await,
-            Ok(Ok(false)) => self.serve_h1(stream).await,
+        match tokio::time::timeout(self.head_timeout, preface::read_protocol(stream)).await {
+            Ok(Ok((preface::Protocol::Http2, io))) => self.serve_h2(io).await,
+            Ok(Ok((preface::Protocol::Http1, io))) => self.serve_h1(io).await,
             Ok(Err(error)) => tracing::debug!(%peer, %error, "connection failed before a request"),
             Err(_) => tracing::debug!(%peer, "no request within the header read timeout"),
         }
@@ -408,27 +413,6 @@ impl Connection {
         if let Err(error) = self.watcher.watch(connection).await {
             tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
         }
-    }
-}
-
-/// Peeks until the bytes received so far either are the whole HTTP/2 preface or stop
-/// matching it.
-async fn opens_with_preface(stream: &TcpStream) -> std::io::Result<bool> {
-    let mut buf = [0u8; 24];
-    loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if buf[..n] != H2_PREFACE[..n] {
-            return Ok(false);
-        }
-        if n == H2_PREFACE.len() {
-            return Ok(true);
-        }
-        // A partial preface stays readable until more arrives: poll gently instead of
-        // spinning (the caller's timeout bounds the wait).
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
