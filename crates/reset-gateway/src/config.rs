@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::header::{HeaderName, AUTHORIZATION, COOKIE, HOST};
+use http::header::{HeaderName, AUTHORIZATION, COOKIE, EXPECT, HOST};
 use http::Uri;
 use reset_guard::duration::ConfigDuration;
 use reset_guard::{
@@ -13,7 +13,7 @@ use reset_guard::{
 use serde::{de, Deserialize, Deserializer};
 use zeroize::Zeroizing;
 
-use crate::hop_by_hop::is_hop_by_hop;
+use crate::hop_by_hop::{is_framing, is_hop_by_hop};
 
 /// Where the file is read from when neither `--config` nor `RESET_GATEWAY_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.yaml";
@@ -606,7 +606,9 @@ fn never_passed(name: &HeaderName) -> bool {
         || name.as_str() == QB_TOKEN
         || name.as_str() == "x-forwarded-for"
         || name.as_str() == "x-request-id"
+        || name == EXPECT
         || is_hop_by_hop(name)
+        || is_framing(name)
 }
 
 impl UpstreamConfig {

@@ -24,18 +24,26 @@ use crate::hop_by_hop::{self, connection_named};
 use crate::request_id::X_REQUEST_ID;
 use crate::tls::read_certificates;
 
+mod client_body;
 mod pool;
 
+use client_body::{BodyWatch, ClientBody};
 use pool::{Lease, Pool, SendError};
 
 /// The forwarding chain sent upstream.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
+/// The standard forwarding header (RFC 7239), which a client could fill with anything.
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// The client address as some servers read it, which a client could fill with anything.
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
 /// Largest upstream body read for a reset answer; QuickBlox's are a few bytes.
 const MAX_RESET_BODY: usize = 64 * 1024;
 
 /// What is sent upstream: nothing for a reset, the client's body for a forwarded route.
-pub type UpstreamBody = Either<Empty<Bytes>, Incoming>;
+pub type UpstreamBody = Either<Empty<Bytes>, ClientBody>;
 
 /// What the forwarder answers with: a reset answer read whole, or a streamed one.
 pub type ForwardBody = GuardBody<StreamedBody>;
@@ -225,6 +233,10 @@ impl Inner {
                 .map_err(classify)?;
             let (mut parts, body) = response.into_parts();
             let status = parts.status;
+            if !is_final(status) {
+                // Dropping the lease closes the connection: it was switched or is out of step.
+                return Err((Rejection::UpstreamUnavailable, Some(status)));
+            }
             let body = Limited::new(body, MAX_RESET_BODY)
                 .collect()
                 .await
@@ -249,7 +261,9 @@ impl Inner {
     }
 
     /// Another path under `other_routes: forward`: passed on as it came, less hop-by-hop
-    /// headers, streamed both ways; the timeout covers the answer's head.
+    /// and framing headers, streamed both ways; the timeout covers the answer's head. A
+    /// failure of the client's own body is the client's error (400, or 408 when it stalled),
+    /// never QuickBlox's.
     async fn forward_other(
         &self,
         request: Request<Incoming>,
@@ -269,15 +283,22 @@ impl Inner {
             .map(|p| p.0.ip().to_canonical());
         hop_by_hop::strip(&mut parts.headers);
         parts.headers.remove(HOST);
-        parts.headers.remove(X_FORWARDED_FOR);
+        // The gateway's X-Forwarded-For is the one account of where the request came from.
+        for spoofable in [&X_FORWARDED_FOR, &FORWARDED, &X_REAL_IP] {
+            parts.headers.remove(spoofable);
+        }
         if let Some(peer) = peer {
             parts.headers.insert(X_FORWARDED_FOR, ip_header(peer));
         }
+        let (body, watch) = ClientBody::new(body);
         let mut upstream = Request::new(Either::Right(body));
         *upstream.method_mut() = parts.method;
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers;
         match timeout(settings.timeout, self.pool.send(upstream, None)).await {
+            Ok(Ok((response, _))) if !is_final(response.status()) => {
+                (Err(Rejection::UpstreamUnavailable), Some(response.status()))
+            }
             Ok(Ok((response, lease))) => {
                 let (mut parts, body) = response.into_parts();
                 hop_by_hop::strip(&mut parts.headers);
@@ -292,10 +313,27 @@ impl Inner {
                     Some(status),
                 )
             }
-            Ok(Err(error)) => (Err(classify(error).0), None),
+            Ok(Err(error)) => (Err(blame(error, &watch)), None),
+            Err(_) if watch.waiting_on_client() => (Err(Rejection::ClientBodyTimeout), None),
             Err(_) => (Err(Rejection::UpstreamTimeout), None),
         }
     }
+}
+
+/// Whether QuickBlox's answer is a final one: 2xx-5xx. hyper hands back an unrequested
+/// `101 Switching Protocols` as final, and passing it on would give an HTTP/1.1 client a
+/// dead connection and an HTTP/2 client a status RFC 9113 §8.6 forbids.
+fn is_final(status: http::StatusCode) -> bool {
+    (200..600).contains(&status.as_u16())
+}
+
+/// Whose fault a failed forwarded exchange is: the client's if its body broke.
+fn blame(error: SendError, watch: &BodyWatch) -> Rejection {
+    if watch.failed() {
+        tracing::debug!(%error, "client request body failed");
+        return Rejection::ClientBodyInvalid;
+    }
+    classify(error).0
 }
 
 /// The chain sent upstream: the client's own chain when it came through trusted proxies

@@ -58,6 +58,14 @@ pub enum Rejection {
     /// The shared limiter (Redis) could not be asked and `on_error: deny` is set.
     #[error("rate limiter unavailable")]
     LimiterUnavailable,
+    /// A forwarded request's body was broken by the client (bad chunk framing, cut short
+    /// before its length): the client's fault, not QuickBlox's.
+    #[error("request body malformed or cut short")]
+    ClientBodyInvalid,
+    /// A forwarded request's body stopped arriving from the client before QuickBlox
+    /// could answer.
+    #[error("request body not received in time")]
+    ClientBodyTimeout,
     /// QuickBlox could not be reached or answered badly.
     #[error("upstream unavailable")]
     UpstreamUnavailable,
@@ -77,7 +85,9 @@ impl Rejection {
             | Rejection::BodyOnGet
             | Rejection::AmbiguousCredentials
             | Rejection::RepeatedCredential(_)
-            | Rejection::EmailRepeated => StatusCode::BAD_REQUEST,
+            | Rejection::EmailRepeated
+            | Rejection::ClientBodyInvalid => StatusCode::BAD_REQUEST,
+            Rejection::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::MissingCredentials | Rejection::BadScheme | Rejection::UnknownClient => {
                 StatusCode::UNAUTHORIZED
             }
@@ -92,7 +102,7 @@ impl Rejection {
     }
 
     /// Every label [`outcome`](Rejection::outcome) gives, for counters made ahead of use.
-    pub const OUTCOMES: [&'static str; 16] = [
+    pub const OUTCOMES: [&'static str; 18] = [
         "not_found",
         "method_not_allowed",
         "host_required",
@@ -107,6 +117,8 @@ impl Rejection {
         "email_invalid",
         "rate_limited",
         "limiter_unavailable",
+        "client_body_invalid",
+        "client_body_timeout",
         "upstream_unavailable",
         "upstream_timeout",
     ];
@@ -130,6 +142,8 @@ impl Rejection {
             Rejection::EmailNotUtf8 | Rejection::EmailInvalid(_) => "email_invalid",
             Rejection::RateLimited(_) => "rate_limited",
             Rejection::LimiterUnavailable => "limiter_unavailable",
+            Rejection::ClientBodyInvalid => "client_body_invalid",
+            Rejection::ClientBodyTimeout => "client_body_timeout",
             Rejection::UpstreamUnavailable => "upstream_unavailable",
             Rejection::UpstreamTimeout => "upstream_timeout",
         }
@@ -172,6 +186,12 @@ impl Rejection {
                 r#"{"errors":{"base":["Too many requests, retry later"]}}"#
             }
             Rejection::LimiterUnavailable => r#"{"errors":{"base":["Rate limiter unavailable"]}}"#,
+            Rejection::ClientBodyInvalid => {
+                r#"{"errors":{"base":["Request body is malformed or cut short"]}}"#
+            }
+            Rejection::ClientBodyTimeout => {
+                r#"{"errors":{"base":["Request body not received in time"]}}"#
+            }
             Rejection::UpstreamUnavailable | Rejection::UpstreamTimeout => {
                 r#"{"errors":{"base":["Upstream unavailable"]}}"#
             }
@@ -296,6 +316,8 @@ mod tests {
             Rejection::EmailNotUtf8,
             Rejection::EmailInvalid(EmailError::AtSign),
             Rejection::LimiterUnavailable,
+            Rejection::ClientBodyInvalid,
+            Rejection::ClientBodyTimeout,
             Rejection::UpstreamUnavailable,
             Rejection::UpstreamTimeout,
         ];

@@ -267,3 +267,12 @@ pub async fn poll_until<T>(
     }
     answer
 }
+
+/// The value of one sample in Prometheus text, e.g. `reset_gateway_requests_total{outcome="forwarded"}`.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

@@ -8,6 +8,7 @@ mod hostile;
 mod limits;
 mod operations;
 mod process;
+mod proxy_boundary;
 mod redis;
 #[path = "../../../reset-guard/tests/support/redis_server.rs"]
 mod redis_server;

@@ -1,0 +1,475 @@
+//! The proxy boundary against a hostile or broken QuickBlox and hostile clients: the
+//! framing of every answer is the gateway's own, a non-final status from QuickBlox is a
+//! bad gateway, a client's broken body is the client's error, and a cut-short HTTP/2
+//! preface costs nothing while it waits.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use qb_mock::MockServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::common::*;
+
+const UNAVAILABLE: &str = r#"{"errors":{"base":["Upstream unavailable"]}}"#;
+const NO_CREDENTIALS: &str =
+    r#"{"errors":{"base":["QB-Token or Authorization header is required"]}}"#;
+const BAD_BODY: &str = r#"{"errors":{"base":["Request body is malformed or cut short"]}}"#;
+/// What a hostile upstream tries to slip in as the answer to the client's next request.
+const INJECTED: &str = "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected";
+
+/// An upstream that answers every request head with the same bytes, then closes.
+struct RawUpstream {
+    addr: SocketAddr,
+}
+
+impl RawUpstream {
+    async fn start(answer: String) -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        RawUpstream { addr }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A gateway in front of `upstream`, with `guard_extra` added to its guard section.
+async fn gateway_before(upstream: &str, guard_extra: &str) -> Gateway {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    Gateway::start_yaml(mock, &yaml(upstream, guard_extra, "")).await
+}
+
+/// The routes an upstream answer reaches the client by: (what, guard settings, target,
+/// status QuickBlox answers with).
+const ROUTES: [(&str, &str, &str, u16); 3] = [
+    (
+        "reset, uniform off",
+        "  responses:\n    uniform: false\n",
+        "/users/password/reset.json?email=alice%40example.com",
+        200,
+    ),
+    (
+        "reset, uniform on, a status it keeps",
+        "",
+        "/users/password/reset.json?email=alice%40example.com",
+        500,
+    ),
+    (
+        "forwarded route",
+        "  other_routes: forward\n",
+        "/users.json?page=2",
+        200,
+    ),
+];
+
+/// Sends the request for `target` and, pipelined on the same connection, a reset without
+/// credentials that the gateway answers itself; returns every answer read off the wire and
+/// whether the bytes ended inside an answer.
+async fn pipelined(gw: &Gateway, target: &str) -> (Vec<Reply>, bool) {
+    let requests = format!(
+        "GET {target} HTTP/1.1\r\nHost: gateway.test\r\nQB-Token: {IOS_TOKEN}\r\n\r\n\
+         GET {RESET}?email=bob%40example.com HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n"
+    );
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes))
+        .await
+        .expect("the gateway answered and closed within 10s")
+        .unwrap();
+    read_answers(&bytes)
+}
+
+/// Splits HTTP/1.1 answers as a client does: by their `Transfer-Encoding` or
+/// `Content-Length`, else to the end. The flag is set if the bytes ended inside an answer.
+fn read_answers(mut bytes: &[u8]) -> (Vec<Reply>, bool) {
+    let mut answers = Vec::new();
+    while !bytes.is_empty() {
+        let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return (answers, true);
+        };
+        let head = parse(&bytes[..end + 4]);
+        let mut rest = &bytes[end + 4..];
+        let body = if head.header("transfer-encoding") == Some("chunked") {
+            let mut body = Vec::new();
+            loop {
+                let Some(line) = rest.windows(2).position(|w| w == b"\r\n") else {
+                    return (answers, true);
+                };
+                let size = std::str::from_utf8(&rest[..line]).unwrap();
+                let size = usize::from_str_radix(size, 16).unwrap();
+                rest = &rest[line + 2..];
+                if rest.len() < size + 2 {
+                    return (answers, true);
+                }
+                body.extend_from_slice(&rest[..size]);
+                rest = &rest[size + 2..];
+                if size == 0 {
+                    break;
+                }
+            }
+            body
+        } else if let Some(length) = head.header("content-length") {
+            let length: usize = length.parse().unwrap();
+            if rest.len() < length {
+                return (answers, true);
+            }
+            let body = rest[..length].to_vec();
+            rest = &rest[length..];
+            body
+        } else {
+            std::mem::take(&mut rest).to_vec()
+        };
+        answers.push(Reply {
+            body: String::from_utf8_lossy(&body).into_owned(),
+            ..head
+        });
+        bytes = rest;
+    }
+    (answers, false)
+}
+
+/// `body` as one chunk, then the last chunk.
+fn chunked(body: &str) -> String {
+    format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len())
+}
+
+#[tokio::test]
+async fn upstream_framing_headers_never_reach_the_client() {
+    let hidden = format!("hello{INJECTED}");
+    for (route, guard_extra, target, status) in ROUTES {
+        let line = format!("HTTP/1.1 {status} Whatever\r\n");
+        // (what QuickBlox sends, the body the client must get)
+        let cases = [
+            (
+                "Content-Length beside Transfer-Encoding",
+                format!(
+                    "{line}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+                    chunked(&hidden)
+                ),
+                hidden.as_str(),
+            ),
+            (
+                "Content-Length shorter than the body",
+                format!("{line}Content-Length: 5\r\n\r\n{hidden}"),
+                "hello",
+            ),
+        ];
+        for (what, answer, body) in cases {
+            let upstream = RawUpstream::start(answer).await;
+            let gw = gateway_before(&upstream.url(), guard_extra).await;
+            let (answers, cut) = pipelined(&gw, target).await;
+            assert!(!cut, "{route}, {what}: {answers:?}");
+            assert_eq!(answers.len(), 2, "{route}, {what}: {answers:?}");
+            assert_eq!(
+                (answers[0].status, answers[0].body.as_str()),
+                (status, body),
+                "{route}, {what}"
+            );
+            assert_eq!(
+                (answers[1].status, answers[1].body.as_str()),
+                (401, NO_CREDENTIALS),
+                "{route}, {what}: the next request got its own answer"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn upstream_bodies_that_break_their_framing_never_desync_the_client() {
+    for (route, guard_extra, target, status) in ROUTES {
+        let line = format!("HTTP/1.1 {status} Whatever\r\n");
+        let cases = [
+            (
+                "Content-Length longer than the body",
+                format!("{line}Content-Length: 100\r\n\r\nhello"),
+            ),
+            (
+                "two different Content-Lengths",
+                format!("{line}Content-Length: 5\r\nContent-Length: 50\r\n\r\nhello{INJECTED}"),
+            ),
+        ];
+        for (what, answer) in cases {
+            let upstream = RawUpstream::start(answer).await;
+            let gw = gateway_before(&upstream.url(), guard_extra).await;
+            let (answers, cut) = pipelined(&gw, target).await;
+            for answer in &answers {
+                assert!(!answer.body.contains("injected"), "{route}, {what}");
+            }
+            if route == "forwarded route" && what.starts_with("Content-Length longer") {
+                // The head was streamed before the body broke: the client sees its answer cut
+                // short and the connection closed, never a second answer.
+                assert!(cut, "{route}, {what}: {answers:?}");
+                assert!(answers.is_empty(), "{route}, {what}: {answers:?}");
+                continue;
+            }
+            assert!(!cut, "{route}, {what}: {answers:?}");
+            assert_eq!(answers.len(), 2, "{route}, {what}: {answers:?}");
+            assert_eq!(
+                (answers[0].status, answers[0].body.as_str()),
+                (502, UNAVAILABLE),
+                "{route}, {what}"
+            );
+            assert_eq!(answers[1].status, 401, "{route}, {what}");
+        }
+    }
+}
+
+/// One HTTP/2 request to the gateway over cleartext.
+async fn h2_get(addr: SocketAddr, target: &str) -> (u16, Option<String>, Bytes) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{addr}{target}"))
+        .header("qb-token", IOS_TOKEN)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let length = response
+        .headers()
+        .get("content-length")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, length, body)
+}
+
+#[tokio::test]
+async fn http2_clients_get_the_gateways_framing_too() {
+    let hidden = format!("hello{INJECTED}");
+    let answer = format!(
+        "HTTP/1.1 500 Whatever\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+        chunked(&hidden)
+    );
+    let upstream = RawUpstream::start(answer).await;
+    for (route, guard_extra, target, _) in ROUTES {
+        let gw = gateway_before(&upstream.url(), guard_extra).await;
+        let (status, length, body) = h2_get(gw.addr, target).await;
+        assert_eq!((status, &body[..]), (500, hidden.as_bytes()), "{route}");
+        if let Some(length) = length {
+            assert_eq!(length, hidden.len().to_string(), "{route}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_status_that_is_not_final_is_a_bad_gateway() {
+    let answers = [
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        "HTTP/1.1 600 Beyond\r\nContent-Length: 0\r\n\r\n",
+    ];
+    for answer in answers {
+        let upstream = RawUpstream::start(answer.to_owned()).await;
+        let mut bad_gateways = 0;
+        for (route, guard_extra, target, _) in ROUTES {
+            let gw = gateway_before(&upstream.url(), guard_extra).await;
+            let (answers, cut) = pipelined(&gw, target).await;
+            assert!(!cut, "{route}, {answer:?}: {answers:?}");
+            assert_eq!(answers.len(), 2, "{route}, {answer:?}: {answers:?}");
+            assert_eq!(
+                (answers[0].status, answers[0].body.as_str()),
+                (502, UNAVAILABLE),
+                "{route}, {answer:?}"
+            );
+            assert_eq!(answers[1].status, 401, "{route}, {answer:?}");
+            let (status, _, body) = h2_get(gw.addr, target).await;
+            assert_eq!(
+                (status, &body[..]),
+                (502, UNAVAILABLE.as_bytes()),
+                "{route}"
+            );
+            bad_gateways += 2;
+            let metrics = gw.admin_get("/metrics").await.body;
+            assert_eq!(
+                sample(
+                    &metrics,
+                    r#"reset_gateway_requests_total{outcome="upstream_unavailable"}"#
+                ),
+                Some(2.0),
+                "{route}, {answer:?}: counted as an upstream error"
+            );
+        }
+        assert_eq!(bad_gateways, 6);
+    }
+}
+
+/// An upstream that reads each request's whole body before it answers, as an API does.
+async fn body_reading_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(
+                |request: http::Request<hyper::body::Incoming>| async move {
+                    let body = request.into_body().collect().await?.to_bytes();
+                    Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from(format!(
+                        "read {} bytes",
+                        body.len()
+                    )))))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_body_the_client_broke_is_the_clients_error() {
+    let upstream = body_reading_upstream().await;
+    let gw = gateway_before(&format!("http://{upstream}"), "  other_routes: forward\n").await;
+    let post = "POST /users.json HTTP/1.1\r\nHost: gateway.test\r\n";
+    let cases = [
+        (
+            "non-hex chunk size",
+            format!("{post}Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
+        ),
+        (
+            "chunk size overflow",
+            format!("{post}Transfer-Encoding: chunked\r\n\r\nfffffffffffffffffffffff\r\nhello\r\n0\r\n\r\n"),
+        ),
+        (
+            "chunk data longer than its size",
+            format!("{post}Transfer-Encoding: chunked\r\n\r\n5\r\nhelloXX\r\n0\r\n\r\n"),
+        ),
+        (
+            "body cut short before its Content-Length",
+            format!("{post}Content-Length: 100\r\n\r\nabc"),
+        ),
+    ];
+    for (what, request) in &cases {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // The client is done sending: a cut-short body ends here.
+        stream.shutdown().await.unwrap();
+        let mut bytes = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes))
+            .await
+            .expect("answered within 10s")
+            .unwrap();
+        let (answers, _) = read_answers(&bytes);
+        assert_eq!(
+            answers.first().map(|a| (a.status, a.body.as_str())),
+            Some((400, BAD_BODY)),
+            "{what}: {answers:?}"
+        );
+    }
+    // A well-formed chunked body still goes through.
+    let fine = format!(
+        "{post}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n{}",
+        chunked("hello")
+    );
+    let reply = raw(gw.addr, fine.as_bytes()).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "read 5 bytes"));
+
+    // A body that stops arriving is the client's too: 408 once QuickBlox's timeout is up.
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(format!("{post}Content-Length: 100\r\n\r\nabc").as_bytes())
+        .await
+        .unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes))
+        .await
+        .expect("answered within 10s")
+        .unwrap();
+    assert_eq!(read_answers(&bytes).0[0].status, 408);
+
+    let metrics = gw.admin_get("/metrics").await.body;
+    let count = |outcome: &str| {
+        sample(
+            &metrics,
+            &format!(r#"reset_gateway_requests_total{{outcome="{outcome}"}}"#),
+        )
+    };
+    assert_eq!(count("client_body_invalid"), Some(cases.len() as f64));
+    assert_eq!(count("client_body_timeout"), Some(1.0));
+    assert_eq!(count("upstream_unavailable"), Some(0.0));
+    assert_eq!(count("upstream_timeout"), Some(0.0));
+}
+
+#[tokio::test]
+async fn a_preface_sent_in_pieces_is_served_and_one_never_finished_is_dropped() {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const EMPTY_SETTINGS: &[u8] = b"\0\0\0\x04\0\0\0\0\0";
+    let gw = Gateway::start("").await;
+
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(&PREFACE[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream.write_all(&PREFACE[10..]).await.unwrap();
+    stream.write_all(EMPTY_SETTINGS).await.unwrap();
+    // The server's own SETTINGS frame: a 9-byte frame header of type 4.
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut frame))
+        .await
+        .expect("HTTP/2 answered within 10s")
+        .unwrap();
+    assert_eq!(frame[3], 4, "a SETTINGS frame: {frame:?}");
+
+    // header_read_timeout is 300ms: a preface that never ends is closed then.
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(&PREFACE[..10]).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("the gateway dropped the connection")
+        .unwrap();
+    assert!(rest.is_empty());
+}
+
+#[tokio::test]
+async fn only_end_to_end_headers_cross_to_quickblox_on_forwarded_routes() {
+    let gw = Gateway::start("  other_routes: forward\n").await;
+    let request = "POST /users.json HTTP/1.1\r\nHost: gateway.test\r\n\
+                   Connection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+                   Expect: 100-continue\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\
+                   X-Forwarded-For: 6.6.6.6\r\nX-Kept: 1\r\nContent-Length: 5\r\n\r\nhello";
+    raw(gw.addr, request.as_bytes()).await;
+    let seen = &gw.mock.requests()[0].headers;
+    for dropped in [
+        "connection",
+        "x-secret",
+        "keep-alive",
+        "te",
+        "expect",
+        "forwarded",
+        "x-real-ip",
+        "transfer-encoding",
+    ] {
+        assert!(seen.get(dropped).is_none(), "{dropped} crossed: {seen:?}");
+    }
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-kept"], "1");
+    // Framed by the gateway from the body it sends.
+    assert_eq!(seen["content-length"], "5");
+}
