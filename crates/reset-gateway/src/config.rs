@@ -95,7 +95,7 @@ pub enum StoreKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    /// `redis://[user:password@]host:port[/db]`.
     pub url: String,
     /// Prefix of every key.
     pub key_prefix: String,
@@ -123,7 +123,7 @@ impl RedisConfig {
         RedisSettings::check_url(url).map_err(|_| {
             ConfigError::new(
                 "store.redis.url",
-                "is not a valid Redis URL (redis://host:port[/db], rediss:// or unix://)",
+                "is not a valid Redis URL: redis://host:port[/db] (TLS, rediss://, is not supported)",
             )
         })?;
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
@@ -387,9 +387,14 @@ impl StoreConfig {
             StoreKind::Redis => Some(self.redis.validate()?),
         };
         if redis.is_some() && key_secret.is_none() {
-            tracing::warn!(
-                "store.kind is redis without a key secret: limit keys are hashed with a fixed key"
-            );
+            // Unkeyed hashes of addresses are reversed with a dictionary, and replicas that
+            // hash with different keys silently keep separate limits.
+            return Err(ConfigError::new(
+                "store.key_secret_env",
+                "store.kind redis needs store.key_secret_env or store.key_secret_file: the \
+                 same secret of 16+ characters on every replica, so stored keys cannot be \
+                 reversed and all replicas share one limit",
+            ));
         }
         Ok(StoreSettings {
             limits: reset_guard::StoreSettings {
@@ -462,29 +467,24 @@ impl GatewayConfig {
         let api_key = self
             .upstream
             .resolve_api_key()
-            .map_err(|e| locate(yaml, e))?;
+            .map_err(|e| e.located(yaml))?;
         self.validate_with_key(yaml, api_key)
     }
 
     /// Checks everything, with the API key supplied by the caller (the demo, tests).
     pub fn validate_with_key(&self, yaml: &str, api_key: ApiKey) -> Result<Settings, ConfigError> {
-        let guard = self.guard.validate().map_err(|e| {
-            let line = e
-                .path
-                .rsplit('.')
-                .next()
-                .and_then(|key| key.split('[').next())
-                .and_then(|key| first_line_of(yaml, key));
-            e.within("guard").at_line(line)
-        })?;
-        let upstream = self.upstream.validate().map_err(|e| locate(yaml, e))?;
-        let store = self.store.validate().map_err(|e| locate(yaml, e))?;
+        let guard = self
+            .guard
+            .validate()
+            .map_err(|e| e.within("guard").located(yaml))?;
+        let upstream = self.upstream.validate().map_err(|e| e.located(yaml))?;
+        let store = self.store.validate().map_err(|e| e.located(yaml))?;
         Ok(Settings {
             store,
             server: self
                 .server
                 .validate(&self.admin)
-                .map_err(|e| locate(yaml, e))?,
+                .map_err(|e| e.located(yaml))?,
             upstream,
             guard,
             api_key,
@@ -578,24 +578,6 @@ impl ServerConfig {
             admin_listen: admin.listen,
         })
     }
-}
-
-/// Places an error found after parsing at the line of the last key of its path.
-fn locate(yaml: &str, error: ConfigError) -> ConfigError {
-    let key = error.path.rsplit('.').next().unwrap_or("").to_owned();
-    error.at_line(first_line_of(yaml, &key))
-}
-
-/// The line of the first `key:` in the file.
-fn first_line_of(yaml: &str, key: &str) -> Option<usize> {
-    let pattern = format!("{key}:");
-    yaml.lines()
-        .position(|l| {
-            l.trim_start()
-                .trim_start_matches("- ")
-                .starts_with(&pattern)
-        })
-        .map(|i| i + 1)
 }
 
 /// Headers the gateway sets itself or must never forward, whatever `pass_headers` says.

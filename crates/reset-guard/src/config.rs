@@ -6,13 +6,17 @@ use std::fmt;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::de::{self, DeserializeOwned};
+use serde::de;
 use serde::{Deserialize, Deserializer};
 
 use crate::auth::{ClientId, ClientRegistry, TokenDigest};
 use crate::duration::ConfigDuration;
 use crate::email::EmailPolicy;
 use crate::limit::{LimitSettings, LimitsConfig};
+
+/// Client tokens that appear in documentation and examples: a client configured with one
+/// of them would accept a token anyone can read, so it is refused.
+const PLACEHOLDER_TOKENS: [&str; 2] = ["change-me", "changeme"];
 
 /// The guarded path QuickBlox serves password resets on.
 pub const DEFAULT_PATH: &str = "/users/password/reset.json";
@@ -106,7 +110,16 @@ impl<'de> Deserialize<'de> for Cidr {
             .map_err(|_| {
                 de::Error::custom(format!("{text:?} is not an IP address or CIDR block"))
             })?;
-        Ok(Cidr(net.trunc()))
+        if net.trunc() != net {
+            // `10.0.0.1/8` is most likely a typo for a host or for `10.0.0.0/8`: trusting
+            // a whole block by mistake lets its hosts choose their client address.
+            return Err(de::Error::custom(format!(
+                "{text} has host bits set: write {} for the block, or {} for the one host",
+                net.trunc(),
+                net.addr()
+            )));
+        }
+        Ok(Cidr(net))
     }
 }
 
@@ -191,74 +204,6 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Deserializes YAML, turning any error into a [`ConfigError`] with path and line.
-pub fn from_yaml<T: DeserializeOwned>(yaml: &str) -> Result<T, ConfigError> {
-    let deserializer = serde_yaml::Deserializer::from_str(yaml);
-    serde_path_to_error::deserialize(deserializer).map_err(|error| {
-        let path = error.path().to_string();
-        let inner = error.into_inner();
-        let path = if path == "." { String::new() } else { path };
-        let line = inner.location().map(|l| refine_line(yaml, l.line(), &path));
-        ConfigError {
-            path,
-            line,
-            message: strip_location(&inner.to_string()),
-        }
-    })
-}
-
-/// serde_yaml places an error inside a block mapping at the mapping's first line; the
-/// key the path ends in is on that line or a later one.
-fn refine_line(yaml: &str, line: usize, path: &str) -> usize {
-    let key = path.rsplit('.').next().unwrap_or("");
-    if key.is_empty() || key.ends_with(']') {
-        return line;
-    }
-    let pattern = format!("{key}:");
-    yaml.lines()
-        .enumerate()
-        .skip(line.saturating_sub(1))
-        .find(|(_, text)| {
-            let text = text.trim_start().trim_start_matches("- ");
-            text.starts_with(&pattern)
-                || text.contains(&format!(" {pattern}"))
-                || text.contains(&format!("{{{pattern}"))
-        })
-        .map_or(line, |(i, _)| i + 1)
-}
-
-/// serde_yaml appends "at line L column C" and prefixes the path itself; the error
-/// carries both as fields, so the message keeps only what is wrong.
-fn strip_location(message: &str) -> String {
-    let message = match message.rfind(" at line ") {
-        Some(i) => &message[..i],
-        None => message,
-    };
-    match message.split_once(": ") {
-        Some((head, rest)) if !head.contains(' ') => rest.to_owned(),
-        _ => message.to_owned(),
-    }
-}
-
-/// Finds the line of `key: value` in `yaml`, for errors found after parsing.
-pub fn line_of(yaml: &str, key: &str, value: &str) -> Option<usize> {
-    yaml.lines()
-        .position(|line| {
-            let line = line
-                .trim_start()
-                .trim_start_matches("- ")
-                .trim_start_matches('{')
-                .trim();
-            line.split(',').any(|part| {
-                part.trim()
-                    .strip_prefix(key)
-                    .and_then(|r| r.trim_start().strip_prefix(':'))
-                    .is_some_and(|v| v.trim().trim_matches(['"', '\'', '}']) == value)
-            })
-        })
-        .map(|i| i + 1)
-}
-
 impl GuardConfig {
     /// Reads a `guard:` section on its own, as an embedding service would.
     pub fn from_yaml(yaml: &str) -> Result<GuardConfig, ConfigError> {
@@ -293,6 +238,19 @@ impl GuardConfig {
                 return Err(ConfigError::new(
                     format!("clients[{i}].id"),
                     format!("duplicate client id {:?}", client.id),
+                ));
+            }
+            if let Some(token) = PLACEHOLDER_TOKENS
+                .iter()
+                .find(|t| TokenDigest::of(t.as_bytes()) == client.token_sha256)
+            {
+                return Err(ConfigError::new(
+                    format!("clients[{i}].token_sha256"),
+                    format!(
+                        "is SHA-256 of {token:?}, a placeholder from the documentation that anyone \
+                         can send: make a random token for this app and write its digest here \
+                         (printf %s \"$TOKEN\" | reset-gateway hash-token)"
+                    ),
                 ));
             }
             if !digests.insert(client.token_sha256.0) {
@@ -361,6 +319,10 @@ impl GuardSettings {
         &self.limits
     }
 }
+
+mod yaml;
+
+pub use yaml::from_yaml;
 
 #[cfg(test)]
 mod tests;

@@ -276,3 +276,13 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// A file holding the limit-key secret that gateways sharing one Redis must all use.
+pub fn key_secret_file() -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "reset-gateway-test-key-secret-{}",
+        std::process::id()
+    ));
+    std::fs::write(&path, "test-key-secret-0123456789abcdef").unwrap();
+    path
+}

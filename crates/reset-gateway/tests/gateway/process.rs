@@ -84,10 +84,77 @@ fn check_config_accepts_a_good_file() {
     assert_check_config_passes(|command| command.env("RESET_GATEWAY_CONFIG", &path));
 }
 
+/// The 1-based line of the `n`th line of `text` that starts with `start`.
+fn line_of_nth(text: &str, start: &str, n: usize) -> usize {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| line.contains(start))
+        .nth(n - 1)
+        .map(|(i, _)| i + 1)
+        .unwrap_or_else(|| panic!("no {start:?} in {text}"))
+}
+
+/// SHA-256("change-me"): the placeholder client the shipped files carry.
+const PLACEHOLDER_DIGEST: &str = "e2186dbdb1bb4193608605e84f33208765b5693b55edd4f730a719a100eeea6f";
+
+/// A shipped file as a deployment would write it: file-based secrets pointing at files of
+/// `dir`, and with `real_token` a real client token in place of the placeholder.
+fn deployed_copy(
+    path: &std::path::Path,
+    dir: &std::path::Path,
+    real_token: bool,
+) -> std::path::PathBuf {
+    let key_file = dir.join("qb_api_key");
+    std::fs::write(&key_file, "k").unwrap();
+    let mut yaml = std::fs::read_to_string(path)
+        .unwrap()
+        .replace("/run/secrets/qb_api_key", key_file.to_str().unwrap());
+    if real_token {
+        let real = reset_guard::TokenDigest::of(IOS_TOKEN.as_bytes()).to_hex();
+        yaml = yaml.replace(PLACEHOLDER_DIGEST, &real);
+    }
+    let copy = dir.join(path.file_name().unwrap());
+    std::fs::write(&copy, yaml).unwrap();
+    copy
+}
+
+/// `check-config` refuses a shipped file as it is, at its placeholder client.
+fn assert_placeholder_refused(path: &std::path::Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = &deployed_copy(path, dir.path(), false);
+    let text = std::fs::read_to_string(path).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.contains(PLACEHOLDER_DIGEST))
+        .map(|i| i + 1)
+        .unwrap();
+    let out = gateway()
+        .args(["check-config", "--config"])
+        .arg(path)
+        .env("QB_API_KEY", "k")
+        .env("RESET_GATEWAY_KEY_SECRET", "a shared secret of some length")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{}: {stderr}", path.display());
+    assert!(
+        stderr.contains(&format!("guard.clients[0].token_sha256 (line {line})"))
+            && stderr.contains("hash-token"),
+        "{}: {stderr}",
+        path.display()
+    );
+}
+
 #[test]
-fn the_shipped_default_config_is_valid() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/gateway.yaml");
-    assert_check_config_passes(|command| command.args(["--config", path]));
+fn the_shipped_default_config_refuses_its_placeholder_and_is_valid_with_a_real_token() {
+    let path = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../config/gateway.yaml"
+    ));
+    assert_placeholder_refused(path);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = deployed_copy(path, dir.path(), true);
+    assert_check_config_passes(|command| command.arg("--config").arg(&copy));
 }
 
 fn check_config_error(yaml: &str, env_key: bool) -> String {
@@ -97,6 +164,7 @@ fn check_config_error(yaml: &str, env_key: bool) -> String {
     command
         .args(["check-config", "--config"])
         .arg(&path)
+        .env("RESET_GATEWAY_KEY_SECRET", "a shared secret of some length")
         .env_remove("QB_API_KEY");
     if env_key {
         command.env("QB_API_KEY", "k");
@@ -129,8 +197,42 @@ fn check_config_names_the_key_and_line() {
 
     let dup = base.replace("id: web", "id: ios");
     let stderr = check_config_error(&dup, true);
-    assert!(stderr.contains("guard.clients[1].id"), "{stderr}");
-    assert!(stderr.contains("(line "), "{stderr}");
+    let line = line_of_nth(&dup, "- id: ios", 2);
+    assert!(
+        stderr.contains(&format!("guard.clients[1].id (line {line})")),
+        "{stderr}"
+    );
+
+    // A key whose last name is also another key's (`url`) is found by its whole path.
+    let redis = format!(
+        "{base}store:\n  kind: redis\n  key_secret_env: RESET_GATEWAY_KEY_SECRET\n  redis:\n    url: http://not-redis\n"
+    );
+    let stderr = check_config_error(&redis, true);
+    let line = line_of_nth(&redis, "    url: http://not-redis", 1);
+    assert!(
+        stderr.contains(&format!("store.redis.url (line {line})")),
+        "{stderr}"
+    );
+
+    // Redis without a key secret: unkeyed hashes of addresses, replicas that disagree.
+    let unkeyed = format!("{base}store:\n  kind: redis\n");
+    let stderr = check_config_error(&unkeyed, true);
+    assert!(
+        stderr.contains("store.key_secret_env") && stderr.contains("key_secret_file"),
+        "{stderr}"
+    );
+
+    let stderr = check_config_error(
+        &base.replace(
+            "  listen: 127.0.0.1:0\n  header",
+            "\tlisten: 127.0.0.1:0\n  header",
+        ),
+        true,
+    );
+    assert!(
+        stderr.contains("(line 2)") && stderr.contains("tab"),
+        "{stderr}"
+    );
 
     let stderr = check_config_error(&base, false);
     assert!(
@@ -298,20 +400,14 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
 }
 
 #[test]
-fn every_example_config_is_valid() {
+fn every_example_config_is_valid_once_its_placeholder_is_replaced() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/examples");
-    let keys = tempfile::tempdir().unwrap();
-    let key_file = keys.path().join("qb_api_key");
-    std::fs::write(&key_file, "k").unwrap();
+    let deployed = tempfile::tempdir().unwrap();
     let mut checked = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        // Point file-based secrets at a temporary file, as a deployment would mount one.
-        let yaml = std::fs::read_to_string(&path)
-            .unwrap()
-            .replace("/run/secrets/qb_api_key", key_file.to_str().unwrap());
-        let copy = keys.path().join(path.file_name().unwrap());
-        std::fs::write(&copy, yaml).unwrap();
+        assert_placeholder_refused(&path);
+        let copy = deployed_copy(&path, deployed.path(), true);
         let out = gateway()
             .args(["check-config", "--config"])
             .arg(&copy)
@@ -328,4 +424,38 @@ fn every_example_config_is_valid() {
         checked += 1;
     }
     assert_eq!(checked, 3);
+}
+
+#[tokio::test]
+async fn health_asks_the_admin_listener_the_config_names() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let admin = closed_port();
+    let yaml = yaml(&mock.url(), "", "").replace(
+        "admin:\n  listen: 127.0.0.1:0",
+        &format!("admin:\n  listen: {admin}"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &yaml);
+    let health = || {
+        gateway()
+            .args(["health", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let out = health();
+    assert_eq!(out.status.code(), Some(1), "nothing listens yet");
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("not ready: "));
+
+    let _gateway = spawn_gateway(&path);
+    let out = health();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("ready: {admin}: ready")
+    );
 }

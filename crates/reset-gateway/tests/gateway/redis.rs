@@ -10,7 +10,8 @@ fn redis_yaml(mock: &MockServer, redis: &RedisServer, on_error: &str) -> String 
         &mock.url(),
         "  responses: { uniform: false }\n  limits:\n    per_ip: [{ requests: 100, per: 1m }]\n    per_client: []\n    per_email: [{ requests: 3, per: 1h }]\n    global: []\n",
         &format!(
-            "store:\n  kind: redis\n  redis:\n    url: {}\n    key_prefix: replicas\n    timeout: 300ms\n    on_error: {on_error}\n",
+            "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    url: {}\n    key_prefix: replicas\n    timeout: 300ms\n    on_error: {on_error}\n",
+            key_secret_file().display(),
             redis.url()
         ),
     )

@@ -53,7 +53,6 @@ fn validation_names_the_key() {
     );
     let error = config(&twice).unwrap_err();
     assert_eq!(error.path, "clients[1].id");
-    assert_eq!(line_of(&twice, "id", "a"), Some(2));
     let same_token = format!(
         "clients:\n  - {{ id: a, token_sha256: {DIGEST} }}\n  - {{ id: b, token_sha256: {DIGEST} }}\n"
     );
@@ -71,7 +70,7 @@ fn validation_names_the_key() {
 #[test]
 fn trusted_proxies_accept_hosts_and_blocks() {
     let settings = config(&format!(
-        "clients: [{{ id: a, token_sha256: {DIGEST} }}]\nclient_ip: {{ trusted_proxies: [10.0.0.0/8, '::1', 192.168.1.7/16] }}"
+        "clients: [{{ id: a, token_sha256: {DIGEST} }}]\nclient_ip: {{ trusted_proxies: [10.0.0.0/8, '::1', 192.168.0.0/16] }}"
     ))
     .unwrap();
     let nets: Vec<String> = settings
@@ -80,4 +79,35 @@ fn trusted_proxies_accept_hosts_and_blocks() {
         .map(|n| n.to_string())
         .collect();
     assert_eq!(nets, ["10.0.0.0/8", "::1/128", "192.168.0.0/16"]);
+}
+
+#[test]
+fn a_block_with_host_bits_is_refused_with_both_readings() {
+    let error =
+        GuardConfig::from_yaml("client_ip:\n  trusted_proxies: [10.0.0.1/8]\n").unwrap_err();
+    assert_eq!(error.path, "client_ip.trusted_proxies[0]");
+    assert_eq!(error.line, Some(2));
+    assert!(error.message.contains("10.0.0.0/8"), "{error}");
+    assert!(
+        error.message.contains("10.0.0.1 for the one host"),
+        "{error}"
+    );
+}
+
+#[test]
+fn documented_placeholder_tokens_are_refused() {
+    let placeholder = TokenDigest::of(b"change-me").to_hex();
+    let error = config(&format!(
+        "clients:\n  - {{ id: ok, token_sha256: {DIGEST} }}\n  - {{ id: app, token_sha256: {placeholder} }}\n"
+    ))
+    .unwrap_err();
+    assert_eq!(error.path, "clients[1].token_sha256");
+    assert!(error.message.contains("hash-token"), "{error}");
+}
+
+#[test]
+fn a_tab_in_the_indentation_is_called_a_tab() {
+    let error = GuardConfig::from_yaml("responses:\n\tuniform: false\n").unwrap_err();
+    assert!(error.message.contains("tab"), "{error}");
+    assert_eq!(error.line, Some(2));
 }

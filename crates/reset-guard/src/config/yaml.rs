@@ -1,0 +1,189 @@
+//! Reading a YAML file: its values through serde (yaml_serde), and the line every key path
+//! is written on (saphyr-parser's events), so that every error, found while parsing or
+//! after, names its key path and the line that key is on.
+
+use std::collections::HashMap;
+
+use saphyr_parser::{Event, Parser};
+use serde::de::DeserializeOwned;
+
+use super::ConfigError;
+
+/// Deserializes YAML, turning any error into a [`ConfigError`] with path and line.
+pub fn from_yaml<T: DeserializeOwned>(yaml: &str) -> Result<T, ConfigError> {
+    let deserializer = yaml_serde::Deserializer::from_str(yaml);
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let inner = error.into_inner();
+        let parsed_at = inner.location().map(|l| l.line());
+        if let Some(line) = parsed_at.filter(|&l| indented_with_tab(yaml, l)) {
+            return ConfigError {
+                path,
+                line: Some(line),
+                message: "indented with a tab; YAML indents with spaces only".to_owned(),
+            };
+        }
+        ConfigError {
+            line: KeyLines::of(yaml).line(&path).or(parsed_at),
+            path,
+            message: without_location(&inner.to_string()),
+        }
+    })
+}
+
+impl ConfigError {
+    /// Places an error found after parsing at the line its key path is written on in
+    /// `yaml` (no line when the key is not written and its default was used).
+    pub fn located(self, yaml: &str) -> ConfigError {
+        let line = KeyLines::of(yaml).line(&self.path);
+        self.at_line(line)
+    }
+}
+
+/// The line of every key path written in a document: `store.redis.url`,
+/// `guard.clients[1].id`. A sequence item's line is the line it starts on.
+struct KeyLines(HashMap<String, usize>);
+
+/// Where the parser is in the document's tree.
+enum Frame {
+    /// In a mapping at `path`; `key` is set between a key and its value.
+    Map { path: String, key: Option<String> },
+    /// In a sequence at `path`, before item `next`.
+    Seq { path: String, next: usize },
+}
+
+impl KeyLines {
+    /// Reads the first document of `yaml`; what follows a syntax error is left out (the
+    /// deserializer reports the error itself).
+    fn of(yaml: &str) -> KeyLines {
+        let mut lines = HashMap::new();
+        let mut stack: Vec<Frame> = Vec::new();
+        for item in Parser::new_from_str(yaml) {
+            let Ok((event, span)) = item else { break };
+            let line = span.start.line();
+            let opens = matches!(event, Event::MappingStart(..) | Event::SequenceStart(..));
+            match event {
+                Event::DocumentEnd => break,
+                Event::MappingEnd | Event::SequenceEnd => {
+                    stack.pop();
+                    continue;
+                }
+                Event::Scalar(..)
+                | Event::Alias(_)
+                | Event::MappingStart(..)
+                | Event::SequenceStart(..) => {}
+                _ => continue,
+            }
+            // The path of this node, unless it is a mapping's key.
+            let path = match stack.last_mut() {
+                None => String::new(),
+                Some(Frame::Map { path, key }) => match key.take() {
+                    Some(key) => join(path, &key),
+                    None => {
+                        let name = match &event {
+                            Event::Scalar(text, ..) => text.to_string(),
+                            _ => "?".to_owned(),
+                        };
+                        let full = join(path, &name);
+                        lines.entry(full).or_insert(line);
+                        *key = Some(name);
+                        if opens {
+                            // A complex key: nothing inside it is a key path.
+                            stack.push(Frame::Map {
+                                path: "?".to_owned(),
+                                key: None,
+                            });
+                        }
+                        continue;
+                    }
+                },
+                Some(Frame::Seq { path, next }) => {
+                    let item = format!("{path}[{next}]");
+                    *next += 1;
+                    lines.entry(item.clone()).or_insert(line);
+                    item
+                }
+            };
+            match event {
+                Event::MappingStart(..) => stack.push(Frame::Map { path, key: None }),
+                Event::SequenceStart(..) => stack.push(Frame::Seq { path, next: 0 }),
+                _ => {}
+            }
+        }
+        KeyLines(lines)
+    }
+
+    fn line(&self, path: &str) -> Option<usize> {
+        self.0.get(path).copied()
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Whether the indentation of 1-based `line` holds a tab.
+fn indented_with_tab(yaml: &str, line: usize) -> bool {
+    yaml.lines()
+        .nth(line.saturating_sub(1))
+        .is_some_and(|text| {
+            text.chars()
+                .take_while(|c| c.is_whitespace())
+                .any(|c| c == '\t')
+        })
+}
+
+/// The YAML error's own message without the location and path it appends and prefixes:
+/// the error carries both as fields.
+fn without_location(message: &str) -> String {
+    let message = match message.rfind(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    match message.split_once(": ") {
+        Some((head, rest)) if !head.contains(' ') => rest.to_owned(),
+        _ => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_path_has_the_line_it_is_written_on() {
+        let yaml = "\
+upstream:
+  url: http://a
+store:
+  kind: redis
+  redis:
+    url: redis://b
+guard:
+  clients:
+    - id: ios
+      token_sha256: x
+    - { id: web, token_sha256: y }
+  limits:
+    per_ip: [{ requests: 1, per: 1m }]
+";
+        let lines = KeyLines::of(yaml);
+        for (path, line) in [
+            ("upstream.url", 2),
+            ("store.redis", 5),
+            ("store.redis.url", 6),
+            ("guard.clients[0]", 9),
+            ("guard.clients[0].token_sha256", 10),
+            ("guard.clients[1].id", 11),
+            ("guard.limits.per_ip[0].per", 13),
+        ] {
+            assert_eq!(lines.line(path), Some(line), "{path}");
+        }
+        assert_eq!(lines.line("store.redis.timeout"), None);
+    }
+}
