@@ -1,6 +1,5 @@
 //! The command line (SPEC §9).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -29,10 +28,14 @@ pub enum Command {
     CheckConfig,
     /// Read a client token on stdin and print its SHA-256 for `guard.clients[].token_sha256`.
     HashToken,
+    /// Ask the running gateway's admin listener (`admin.listen` of the configuration)
+    /// whether it is ready: exit 0 if it is, 1 if not. For container health checks.
+    Health,
     /// Run the gateway with an in-process QuickBlox stand-in and print curl commands to try.
+    #[cfg(feature = "demo")]
     Demo {
         /// Where the demo gateway listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
+        listen: std::net::SocketAddr,
     },
 }

@@ -6,7 +6,9 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
+pub mod health;
 pub mod hop_by_hop;
 pub mod metrics;
 pub mod preface;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use reset_gateway::cli::{Cli, Command};
-use reset_gateway::{demo, load, signal, telemetry, EXIT_CONFIG};
+use reset_gateway::{health, load, signal, telemetry, EXIT_CONFIG};
 use reset_guard::TokenDigest;
 
 #[global_allocator]
@@ -22,7 +22,18 @@ fn main() -> ExitCode {
             Err(error) => invalid(&cli.config, &error),
         },
         Command::HashToken => hash_token(),
-        Command::Demo { listen } => runtime(demo::run(listen, signal::terminate())),
+        Command::Health => match health::check(&cli.config) {
+            Ok(answer) => {
+                println!("ready: {answer}");
+                ExitCode::SUCCESS
+            }
+            Err(reason) => {
+                eprintln!("not ready: {reason}");
+                ExitCode::FAILURE
+            }
+        },
+        #[cfg(feature = "demo")]
+        Command::Demo { listen } => runtime(reset_gateway::demo::run(listen, signal::terminate())),
         Command::Run => {
             let settings = match load(&cli.config) {
                 Ok(settings) => settings,

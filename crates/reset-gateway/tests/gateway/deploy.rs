@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use reset_gateway::GatewayConfig;
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 use crate::common::*;
 
@@ -21,7 +21,7 @@ fn read(path: &str) -> String {
 /// Every document of a YAML file.
 fn documents(path: &str) -> Vec<Value> {
     let text = read(path);
-    serde_yaml::Deserializer::from_str(&text)
+    yaml_serde::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{path}: {e}")))
         .collect()
 }
@@ -76,7 +76,7 @@ fn kubernetes_manifests_match_the_binary() {
     // The ConfigMap is a valid configuration whose listeners are the container's ports.
     let yaml = str_at(&configmap, &["data", "gateway.yaml"]);
     let config = GatewayConfig::from_yaml(yaml).unwrap_or_else(|e| panic!("configmap: {e}"));
-    config.guard.validate().unwrap();
+    assert_only_the_placeholder_client_is_refused(&config);
     assert_eq!(u64::from(config.server.listen.port()), port("http"));
     assert_eq!(u64::from(config.admin.listen.port()), port("admin"));
     assert!(
@@ -172,7 +172,7 @@ fn kubernetes_manifests_match_the_binary() {
 fn compose_and_dockerfile_match_the_binary() {
     let compose = one("deploy/compose.yaml");
     let config = GatewayConfig::from_yaml(&read("deploy/compose/gateway.yaml")).unwrap();
-    config.guard.validate().unwrap();
+    assert_only_the_placeholder_client_is_refused(&config);
     let listen = config.server.listen.port();
     assert!(read("deploy/compose/nginx.conf").contains(&format!("server gateway:{listen};")));
     assert_eq!(
@@ -188,21 +188,223 @@ fn compose_and_dockerfile_match_the_binary() {
         assert!(secrets.contains_key(name), "compose has no secret {name}");
         assert!(file.starts_with("/run/secrets"));
     }
+    let lb_waits_for = &compose["services"]["lb"]["depends_on"]["gateway"]["condition"];
+    assert_eq!(
+        lb_waits_for, "service_healthy",
+        "the image has a health check"
+    );
+
+    // The image: the baked configuration serves the ports the image exposes, beyond
+    // loopback, and its health check is the binary's own (distroless has no shell).
     let dockerfile = read("deploy/Dockerfile");
-    let defaults = GatewayConfig::default();
+    let baked = GatewayConfig::from_yaml(&read("deploy/image.yaml")).unwrap();
+    assert!(dockerfile.contains("COPY deploy/image.yaml /etc/reset-gateway/gateway.yaml"));
+    assert_only_the_placeholder_client_is_refused(&baked);
     let expose = format!(
         "EXPOSE {} {}",
-        defaults.server.listen.port(),
-        defaults.admin.listen.port()
+        baked.server.listen.port(),
+        baked.admin.listen.port()
     );
     assert!(
         dockerfile.contains(&expose),
         "the Dockerfile should say {expose}"
     );
+    assert!(baked.server.listen.ip().is_unspecified());
+    assert!(
+        baked.admin.listen.ip().is_unspecified(),
+        "an exposed admin port must be served beyond loopback"
+    );
+    assert!(dockerfile.contains(r#"CMD ["/usr/local/bin/reset-gateway", "health"]"#));
     assert!(
         dockerfile.contains("nonroot"),
         "the image runs as a non-root user"
     );
+    // The production stage carries no test double: built without default features, and
+    // qb-mock is copied only into the demo stage.
+    assert!(dockerfile.contains("-p reset-gateway --no-default-features"));
+    let production = dockerfile
+        .split("AS production")
+        .nth(1)
+        .unwrap()
+        .split("AS demo")
+        .next()
+        .unwrap();
+    assert!(
+        !production
+            .lines()
+            .any(|l| l.starts_with("COPY") && l.contains("qb-mock")),
+        "{production}"
+    );
+    assert!(dockerfile.trim_end().ends_with("FROM production"));
+    let ignored = read(".dockerignore");
+    assert!(
+        ignored.lines().any(|l| l == "target"),
+        "target/ stays out of the build context"
+    );
+}
+
+#[test]
+fn the_compose_demo_runs_with_nothing_to_prepare() {
+    let compose = one("deploy/compose.demo.yaml");
+    let gateway = &compose["services"]["gateway"];
+    assert_eq!(gateway["build"]["target"], "demo");
+    assert_eq!(compose["services"]["qb-mock"]["build"]["target"], "demo");
+    assert!(compose.get("secrets").is_none(), "no files to create first");
+    let mount = gateway["volumes"][0].as_str().unwrap();
+    let (file, target) = mount.split_once(':').unwrap();
+    assert_eq!(target, "/etc/reset-gateway/gateway.yaml:ro");
+    assert_eq!(
+        str_at(gateway, &["environment", "RESET_GATEWAY_CONFIG"]),
+        "/etc/reset-gateway/gateway.yaml"
+    );
+    let yaml = read(&format!("deploy/{file}"));
+    let config = GatewayConfig::from_yaml(&yaml).unwrap();
+    // Valid as the gateway will see it, with the environment compose gives it.
+    let key = str_at(gateway, &["environment", "QB_API_KEY"]);
+    let secret = str_at(gateway, &["environment", "RESET_GATEWAY_KEY_SECRET"]);
+    assert_eq!(
+        config.store.key_secret_env.as_deref(),
+        Some("RESET_GATEWAY_KEY_SECRET")
+    );
+    assert!(secret.len() >= 16);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reset-gateway"))
+        .args(["check-config", "--config"])
+        .arg(repo(&format!("deploy/{file}")))
+        .env_clear()
+        .env("QB_API_KEY", key)
+        .env("RESET_GATEWAY_KEY_SECRET", secret)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{file}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The gateway talks to qb-mock with the key qb-mock expects, and the token in the
+    // file's comment is the one configured.
+    assert_eq!(config.upstream.url, "http://qb-mock:3000");
+    let mock = &compose["services"]["qb-mock"];
+    assert_eq!(str_at(mock, &["environment", "QB_API_KEY"]), key);
+    assert!(mock["entrypoint"][2].as_str().unwrap().ends_with(":3000"));
+    let demo_digest = reset_guard::TokenDigest::of(b"demo-client-token");
+    assert_eq!(config.guard.clients[0].token_sha256, demo_digest);
+    assert!(read("deploy/compose.demo.yaml").contains("QB-Token: demo-client-token"));
+}
+
+/// SHA-256("change-me"): the placeholder client the shipped files carry.
+const PLACEHOLDER_DIGEST: &str = "e2186dbdb1bb4193608605e84f33208765b5693b55edd4f730a719a100eeea6f";
+
+/// A shipped file's guard is refused for its placeholder client, and for nothing else.
+fn assert_only_the_placeholder_client_is_refused(config: &GatewayConfig) {
+    let error = config.guard.validate().unwrap_err();
+    assert_eq!(error.path, "clients[0].token_sha256", "{error}");
+    let mut real = config.clone();
+    for client in &mut real.guard.clients {
+        assert_eq!(client.token_sha256.to_hex(), PLACEHOLDER_DIGEST);
+        client.token_sha256 = reset_guard::TokenDigest::of(IOS_TOKEN.as_bytes());
+    }
+    real.guard.validate().unwrap();
+}
+
+/// Every resource the kustomization lists, as `kubectl apply -k` would send them.
+fn rendered_manifests() -> Vec<Value> {
+    let kustomization = one("deploy/kubernetes/kustomization.yaml");
+    kustomization["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|r| documents(&format!("deploy/kubernetes/{}", r.as_str().unwrap())))
+        .collect()
+}
+
+#[test]
+fn every_secret_volume_is_readable_by_its_container_user() {
+    let mut checked = 0;
+    for manifest in rendered_manifests() {
+        let pod = &manifest["spec"]["template"]["spec"];
+        let Some(volumes) = pod["volumes"].as_sequence() else {
+            continue;
+        };
+        for volume in volumes.iter().filter(|v| v.get("secret").is_some()) {
+            let name = volume["name"].as_str().unwrap();
+            // Kubernetes writes secret files owned by root, group fsGroup when set.
+            // Kubernetes reads YAML 1.1, where a leading 0 means octal (0440).
+            let mode = match &volume["secret"]["defaultMode"] {
+                Value::Null => 0o644,
+                Value::String(text) if text.starts_with('0') => {
+                    u64::from_str_radix(text, 8).unwrap()
+                }
+                value => value.as_u64().expect("a file mode"),
+            };
+            let fs_group = pod["securityContext"]["fsGroup"].as_u64();
+            for container in pod["containers"].as_sequence().unwrap() {
+                let mounts = container["volumeMounts"].as_sequence().unwrap();
+                if !mounts.iter().any(|m| m["name"] == name) {
+                    continue;
+                }
+                let user = container["securityContext"]["runAsUser"]
+                    .as_u64()
+                    .or(pod["securityContext"]["runAsUser"].as_u64())
+                    .expect("a fixed user");
+                let readable =
+                    user == 0 || mode & 0o004 != 0 || (fs_group.is_some() && mode & 0o040 != 0);
+                assert!(
+                    readable,
+                    "{}: volume {name} (mode {mode:o}) cannot be read by uid {user}",
+                    manifest["metadata"]["name"].as_str().unwrap()
+                );
+                assert_eq!(mode & 0o007, 0, "{name}: secrets are not world-readable");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 1);
+}
+
+#[test]
+fn the_redis_the_configmap_names_is_deployed() {
+    let manifests = rendered_manifests();
+    let configmap = manifests.iter().find(|m| m["kind"] == "ConfigMap").unwrap();
+    let config = GatewayConfig::from_yaml(str_at(configmap, &["data", "gateway.yaml"])).unwrap();
+    let url: http::Uri = config.store.redis.url.parse().unwrap();
+    let service = manifests
+        .iter()
+        .find(|m| m["kind"] == "Service" && m["metadata"]["name"] == url.host().unwrap())
+        .expect("a Service named as the Redis URL's host");
+    let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
+    assert_eq!(Some(port as u16), url.port_u16());
+    let selector = &service["spec"]["selector"];
+    assert!(manifests
+        .iter()
+        .any(|m| m["kind"] == "Deployment"
+            && &m["spec"]["template"]["metadata"]["labels"] == selector));
+}
+
+#[test]
+fn the_production_build_has_no_test_double() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--locked",
+            "-p",
+            "reset-gateway",
+            "--no-default-features",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .current_dir(repo(""))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(tree.starts_with("reset-gateway "), "{tree}");
+    assert!(!tree.lines().any(|l| l.starts_with("qb-mock ")), "{tree}");
 }
 
 /// Metric family names a Prometheus expression refers to, without sample suffixes.
