@@ -1,13 +1,16 @@
-//! Who is asking (SPEC §5): the TCP peer, or the right-most untrusted
-//! `X-Forwarded-For` entry when the peer is a trusted proxy.
+//! Who is asking: the TCP peer, or the right-most untrusted `X-Forwarded-For` entry when
+//! the peer is a trusted proxy.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use http::HeaderMap;
 use ipnet::IpNet;
 
-/// The TCP peer of a request. The server inserts it into the request extensions; an
-/// embedding service copies it there from its own connection info (see `examples/axum.rs`).
+/// The TCP peer of a request, which the guard reads from the request extensions. The
+/// gateway's server inserts it; an embedding service copies it there from its own
+/// connection info in a layer outside the guard (see the [crate docs](crate)). A request
+/// on the guarded path without it is answered 500, unless the layer was built
+/// [`without_peer_address`](crate::ResetGuardBuilder::without_peer_address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
@@ -38,8 +41,9 @@ impl ClientIp {
         self.0
     }
 
-    /// Used when the embedder did not provide a [`PeerAddr`]: all such requests share one
-    /// per-IP key rather than escaping the limit.
+    /// The address of requests without a [`PeerAddr`] under
+    /// [`without_peer_address`](crate::ResetGuardBuilder::without_peer_address): they all
+    /// share this one per-IP key.
     pub const UNKNOWN: ClientIp = ClientIp(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
 }
 

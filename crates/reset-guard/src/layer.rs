@@ -1,5 +1,6 @@
 //! [`ResetGuardLayer`]: builds the guard around a service and swaps its settings live.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
@@ -29,6 +30,10 @@ pub(crate) struct Shared {
     pub(crate) hasher: KeyHasher,
     #[cfg(feature = "redis")]
     pub(crate) redis: Option<Arc<crate::limit::RedisStore>>,
+    /// Set by [`ResetGuardBuilder::without_peer_address`].
+    pub(crate) peer_optional: bool,
+    /// Whether the missing peer address was logged yet (once per layer).
+    pub(crate) missing_peer_logged: AtomicBool,
     store: StoreSettings,
     clock: Arc<dyn Clock>,
     counters: Arc<LimitCounters>,
@@ -38,6 +43,7 @@ impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
             .field("store", &self.store)
+            .field("peer_optional", &self.peer_optional)
             .finish_non_exhaustive()
     }
 }
@@ -63,6 +69,7 @@ impl ResetGuardLayer {
             store: StoreSettings::default(),
             clock: None,
             hasher: None,
+            peer_optional: false,
         }
     }
 
@@ -81,6 +88,7 @@ pub struct ResetGuardBuilder {
     store: StoreSettings,
     clock: Option<Arc<dyn Clock>>,
     hasher: Option<KeyHasher>,
+    peer_optional: bool,
 }
 
 impl ResetGuardBuilder {
@@ -100,6 +108,21 @@ impl ResetGuardBuilder {
     /// stored keys and log tags are stable across restarts and replicas.
     pub fn key_secret(mut self, secret: &[u8]) -> Self {
         self.hasher = Some(KeyHasher::from_secret(secret));
+        self
+    }
+
+    /// Serves requests on the guarded path that carry no [`PeerAddr`](crate::PeerAddr):
+    /// they are all attributed to [`ClientIp::UNKNOWN`](crate::ClientIp::UNKNOWN), so
+    /// together they share **one** per-IP bucket (`limits.per_ip`): once it is spent,
+    /// every client without an address is refused until it refills.
+    ///
+    /// Without this call such a request is answered 500 and the first one is logged
+    /// (`tracing::error!`) with what to do: a missing peer address is a wiring mistake
+    /// in the host service, not something to limit around. Use it only where no client
+    /// address exists (a Unix socket, a test harness) or where something in front already
+    /// limits per client.
+    pub fn without_peer_address(mut self) -> Self {
+        self.peer_optional = true;
         self
     }
 
@@ -149,6 +172,8 @@ impl ResetGuardBuilder {
             hasher: self.hasher.unwrap_or_else(|| default_hasher(&self.store)),
             #[cfg(feature = "redis")]
             redis,
+            peer_optional: self.peer_optional,
+            missing_peer_logged: AtomicBool::new(false),
             store: self.store,
             clock,
             counters,

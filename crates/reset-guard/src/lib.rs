@@ -11,10 +11,12 @@
 //! exists.
 //!
 //! ```
+//! use std::net::SocketAddr;
+//!
 //! use bytes::Bytes;
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::{BodyExt, Empty, Full};
-//! use reset_guard::{ApiKey, GuardConfig, GuardedRequest, ResetGuardLayer};
+//! use reset_guard::{ApiKey, GuardConfig, GuardedRequest, PeerAddr, ResetGuardLayer};
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -35,19 +37,103 @@
 //! });
 //! let service = ServiceBuilder::new().layer(layer).service(upstream);
 //!
+//! // The server puts each connection's peer address where the guard reads it.
+//! let peer = PeerAddr(SocketAddr::from(([203, 0, 113, 7], 50123)));
 //! let request = Request::get("/users/password/reset.json?email=bob%40example.com")
 //!     .header("QB-Token", "foo")
+//!     .extension(peer)
 //!     .body(Empty::new())?;
 //! let response = service.clone().oneshot(request).await?;
 //! assert_eq!(response.status(), StatusCode::OK);
 //!
 //! let request = Request::get("/users/password/reset.json?email=not-an-address")
 //!     .header("QB-Token", "foo")
+//!     .extension(peer)
 //!     .body(Empty::new())?;
-//! let response = service.oneshot(request).await?;
+//! let response = service.clone().oneshot(request).await?;
 //! assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
 //! let body = response.into_body().collect().await?.to_bytes();
 //! assert_eq!(body, r#"{"errors":{"email":["is invalid"]}}"#);
+//!
+//! // Without a peer address the guard cannot tell clients apart: it refuses to guess.
+//! let request = Request::get("/users/password/reset.json?email=bob%40example.com")
+//!     .header("QB-Token", "foo")
+//!     .body(Empty::new())?;
+//! let response = service.oneshot(request).await?;
+//! assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What the guard changes in the host app
+//!
+//! Layered over a whole app, the guard sees every request first. These settings decide
+//! what the app's own routes answer:
+//!
+//! - `other_routes`: the default, [`Reject`](OtherRoutes::Reject), answers 404 to every
+//!   path but the guarded one, so the app's other routes vanish. Embedded, set `forward`:
+//!   other paths reach the app untouched, except spellings of the guarded path
+//!   (`/users/password/reset%2Ejson`, a trailing slash), which stay 404.
+//! - `path` ([`DEFAULT_PATH`]): the guard owns it, comparing it with the path the layer
+//!   sees (under axum's `Router::nest`, without the prefix). It answers 405 to anything but
+//!   GET there, a CORS preflight included (the guard has no CORS: put a CORS layer outside
+//!   it), 400 to a body, and 401, 422 and 429 itself. The handler only sees checked
+//!   requests, whose `QB-Token` is replaced by `Authorization: ApiKey <server key>`.
+//! - `responses.uniform`: the default, `true`, turns the handler's 200, 401 and 404 into
+//!   one bare 200 with an empty body and none of its headers, and answers an address over
+//!   its per-email limit with the same 200 without calling the handler. Set `false` when
+//!   the handler's own answer should reach the client.
+//! - `responses.min_latency`: answers on the guarded path that passed the email check take
+//!   at least this long.
+//! - `limits.per_ip` and `client_ip.trusted_proxies` need the TCP peer (next section).
+//! - `limits.response_headers`: adds `RateLimit-Policy` and `RateLimit` to the handler's
+//!   answers.
+//!
+//! # The peer address
+//!
+//! The guard reads the client's address from a [`PeerAddr`] request extension, which a
+//! layer outside the guard inserts from the connection. A request on the guarded path
+//! without one is answered 500, and the first is logged with `tracing::error!` saying what
+//! to do: counting such requests in one shared per-IP bucket would let any client spend it
+//! for every other. The peer arrives with each request, so this cannot be caught when the
+//! layer is built. [`ResetGuardBuilder::without_peer_address`] opts into the shared bucket
+//! instead, for hosts that have no peer address or limit per client in front.
+//!
+//! # Embedding in axum
+//!
+//! Serve with `into_make_service_with_connect_info::<SocketAddr>()` and copy axum's
+//! `ConnectInfo` into [`PeerAddr`] in a layer added after the guard (axum runs the last
+//! layer added first). `examples/axum.rs` is a complete app, served on a loopback port by
+//! `tests/embedding.rs`:
+//!
+//! ```no_run
+//! use std::net::SocketAddr;
+//!
+//! use axum::extract::{ConnectInfo, Request};
+//! use axum::{middleware, routing::get, Router};
+//! use reset_guard::{ApiKey, GuardConfig, PeerAddr, ResetGuardLayer};
+//!
+//! async fn peer_addr(mut request: Request) -> Request {
+//!     if let Some(&ConnectInfo(addr)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
+//!         request.extensions_mut().insert(PeerAddr(addr));
+//!     }
+//!     request
+//! }
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let settings = GuardConfig::from_yaml(
+//!     "clients:\n  - id: ios-app\n    token_sha256: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\n\
+//!      other_routes: forward\nresponses:\n  uniform: false\n",
+//! )?
+//! .validate()?;
+//! let app = Router::new()
+//!     .route("/users/password/reset.json", get(|| async { "reset requested" }))
+//!     .route("/health", get(|| async { "ok" }))
+//!     .layer(ResetGuardLayer::new(settings, ApiKey::new("server-api-key")?))
+//!     .layer(middleware::map_request(peer_addr));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
 //! # Ok(())
 //! # }
 //! ```

@@ -1,19 +1,23 @@
 //! [`ResetGuard`]: the middleware service.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use tokio::time::Instant;
 use tower::Service;
 
 use crate::body::GuardBody;
 use crate::check::{conclude, inspect, Decision, Inspection, Plan, Verdict};
+use crate::client_ip::PeerAddr;
 use crate::future::ResponseFuture;
 use crate::layer::{GuardState, Shared};
 use crate::limit::ceil_secs;
-use crate::rejection::{rate_limit_fields, uniform_success};
+use crate::rejection::{rate_limit_fields, uniform_success, JSON};
 
 /// Checks reset requests and answers rejections itself; built by
 /// [`ResetGuardLayer`](crate::ResetGuardLayer). See the [crate docs](crate) for an example.
@@ -51,6 +55,12 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let state = self.shared.current.load();
+        if !self.shared.peer_optional
+            && request.uri().path() == state.settings.path
+            && request.extensions().get::<PeerAddr>().is_none()
+        {
+            return missing_peer(&self.shared, &state.settings.path);
+        }
         let min_latency = state.settings.min_latency;
         let floor = (!min_latency.is_zero()).then(|| Instant::now() + min_latency);
         #[cfg(feature = "redis")]
@@ -82,6 +92,30 @@ where
         let decision = plan.eager_decision();
         finish(&mut self.inner, &state, request, plan, decision, floor)
     }
+}
+
+/// A guarded request without a peer address: counting it against a shared bucket would
+/// let any client lock out every other, so it is refused until the host is fixed.
+fn missing_peer<F, B>(shared: &Shared, path: &str) -> ResponseFuture<F, B> {
+    if !shared.missing_peer_logged.swap(true, Ordering::Relaxed) {
+        tracing::error!(
+            guarded_path = path,
+            "reset-guard: a request on the guarded path carries no reset_guard::PeerAddr \
+             extension, so its client cannot be told from any other; answering 500. Insert \
+             PeerAddr(the TCP peer's SocketAddr) into the request extensions in a layer \
+             outside the guard (axum: serve with into_make_service_with_connect_info::<SocketAddr>() \
+             and copy ConnectInfo into PeerAddr, as in the crate's examples/axum.rs), or build \
+             the layer with .without_peer_address() to let such requests share one per-IP bucket. \
+             Logged once."
+        );
+    }
+    const BODY: &str = r#"{"errors":{"base":["Internal server error"]}}"#;
+    let mut response = Response::new(Bytes::from_static(BODY.as_bytes()));
+    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, JSON.clone());
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(BODY.len()));
+    ResponseFuture::answered(response, None)
 }
 
 /// Turns the store's decision into the answer: the inner service's, or the guard's own.

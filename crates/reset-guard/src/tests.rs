@@ -1,6 +1,7 @@
 //! The layer driven as an embedding service would: `ServiceBuilder` around a `service_fn`.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,12 +22,21 @@ fn settings(extra: &str) -> GuardSettings {
 
 type Seen = Arc<Mutex<Vec<(HeaderMap, Option<String>)>>>;
 
-/// Runs one request through the guard in front of an upstream that answers `status`.
+/// The peer every request in these tests comes from, unless it says otherwise.
+fn peer() -> PeerAddr {
+    PeerAddr(SocketAddr::from(([192, 0, 2, 1], 40000)))
+}
+
+/// Runs one request (from [`peer`] when it names none) through the guard in front of an
+/// upstream that answers `status`.
 async fn run(
     extra: &str,
     status: StatusCode,
-    request: Request<Full<Bytes>>,
+    mut request: Request<Full<Bytes>>,
 ) -> (Response<GuardBody<Full<Bytes>>>, Seen) {
+    if request.extensions().get::<PeerAddr>().is_none() {
+        request.extensions_mut().insert(peer());
+    }
     let seen: Seen = Arc::default();
     let log = seen.clone();
     let upstream = service_fn(move |request: Request<Full<Bytes>>| {
@@ -356,6 +366,7 @@ async fn handle_swaps_settings_live() {
     let ask = || {
         reset("email=a@b.io")
             .header("qb-token", "foo")
+            .extension(peer())
             .body(Empty::new())
             .unwrap()
     };
@@ -375,4 +386,121 @@ async fn handle_swaps_settings_live() {
     handle.update(other_client, ApiKey::new("k2").unwrap());
     let response = service.oneshot(ask()).await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// The messages of the error events logged while it is the default subscriber.
+#[derive(Clone, Default)]
+struct ErrorLog(Arc<Mutex<Vec<String>>>);
+
+impl tracing::Subscriber for ErrorLog {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() == tracing::Level::ERROR
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut text = String::new();
+        event.record(
+            &mut |field: &tracing::field::Field, value: &dyn std::fmt::Debug| {
+                text.push_str(&format!("{}={value:?} ", field.name()));
+            },
+        );
+        self.0.lock().unwrap().push(text);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A guard over an app that counts its calls.
+type Counted = (
+    tower::util::BoxCloneService<
+        Request<Empty<Bytes>>,
+        Response<GuardBody<Full<Bytes>>>,
+        Infallible,
+    >,
+    Arc<Mutex<usize>>,
+);
+
+/// `builder`'s guard in front of an app that answers "app" and counts its calls.
+fn counted(builder: ResetGuardBuilder) -> Counted {
+    let calls = Arc::new(Mutex::new(0));
+    let count = calls.clone();
+    let upstream = service_fn(move |_: Request<Empty<Bytes>>| {
+        *count.lock().unwrap() += 1;
+        async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"app")))) }
+    });
+    let service = ServiceBuilder::new()
+        .layer(builder.build())
+        .service(upstream);
+    (tower::util::BoxCloneService::new(service), calls)
+}
+
+#[tokio::test]
+async fn a_reset_without_a_peer_address_is_refused_and_logged_once() {
+    let errors = ErrorLog::default();
+    let _logging = tracing::subscriber::set_default(errors.clone());
+    let builder = ResetGuardLayer::builder(
+        settings("other_routes: forward\n"),
+        ApiKey::new("server-key").unwrap(),
+    );
+    let (service, calls) = counted(builder);
+    for email in ["bob@example.com", "ann@example.com"] {
+        let request = reset(&format!("email={email}"))
+            .header("qb-token", "foo")
+            .body(Empty::new())
+            .unwrap();
+        let response = service.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/json; charset=utf-8"
+        );
+        assert_eq!(
+            body_of(response).await,
+            r#"{"errors":{"base":["Internal server error"]}}"#
+        );
+    }
+    assert_eq!(*calls.lock().unwrap(), 0, "a refused reset reached the app");
+
+    // Said once, with the way out, and without the request's address.
+    let logged = errors.0.lock().unwrap().clone();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(logged[0].contains("PeerAddr"), "{}", logged[0]);
+    assert!(logged[0].contains("without_peer_address"), "{}", logged[0]);
+    assert!(!logged[0].contains("example.com"), "{}", logged[0]);
+
+    // The app's other routes do not need the peer address.
+    let request = Request::get("/health").body(Empty::new()).unwrap();
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(body_of(response).await, "app");
+}
+
+#[tokio::test]
+async fn without_peer_address_puts_addressless_requests_in_one_per_ip_bucket() {
+    let extra = "limits:\n  per_ip: [{ requests: 2, per: 1m }]\n";
+    let builder = ResetGuardLayer::builder(settings(extra), ApiKey::new("server-key").unwrap())
+        .without_peer_address();
+    let (service, _) = counted(builder);
+    let ask = |email: &str, peer: Option<PeerAddr>| {
+        let mut request = reset(&format!("email={email}"))
+            .header("qb-token", "foo")
+            .body(Empty::new())
+            .unwrap();
+        if let Some(peer) = peer {
+            request.extensions_mut().insert(peer);
+        }
+        service.clone().oneshot(request)
+    };
+    let mut statuses = Vec::new();
+    for email in ["a@x.io", "b@x.io", "c@x.io"] {
+        statuses.push(ask(email, None).await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    // A request that does carry its peer has that peer's own bucket.
+    let response = ask("d@x.io", Some(peer())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
 }
