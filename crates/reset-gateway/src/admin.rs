@@ -1,4 +1,4 @@
-//! The admin listener (SPEC §10): `/healthz`, `/readyz`, `/metrics`.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -77,9 +77,7 @@ async fn answer(
             let mut response = Response::new(Full::new(Bytes::from(status.metrics.render())));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8"
-                    .parse()
-                    .expect("valid"),
+                HeaderValue::from_static(Metrics::CONTENT_TYPE),
             );
             response
         }

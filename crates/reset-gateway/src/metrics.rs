@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §10), exposed in text format on the admin listener.
+//! Prometheus metrics, exposed in the OpenMetrics text format on the admin listener.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -53,6 +53,12 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 }
 
 impl Metrics {
+    /// The media type of [`render`](Self::render)'s body. prometheus-client writes
+    /// OpenMetrics (`# EOF`, `_total` samples under a `counter` family); read as the older
+    /// `text/plain; version=0.0.4`, every counter would be untyped.
+    pub const CONTENT_TYPE: &'static str =
+        "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
     /// Registers every family; `guard` supplies the limiter's own counters at scrape time.
     pub fn new(guard: GuardHandle) -> Self {
         let mut registry = Registry::default();
@@ -87,6 +93,11 @@ impl Metrics {
             reloads.clone(),
         );
         registry.register_collector(Box::new(LimiterCollector { guard }));
+        // Both results from the start: `increase()` sees nothing of a series' first sample,
+        // so a first failed reload would never alert if its series only appeared then.
+        for result in RELOAD_RESULTS {
+            let _ = reloads.get_or_create(&Result_ { result });
+        }
         // Every outcome's counter resolved once (one not listed still counts, through the
         // family).
         let outcome_counters = AccessRecord::FORWARD_OUTCOMES
@@ -136,17 +147,21 @@ impl Metrics {
 
     /// Counts a reload attempt.
     pub fn reload(&self, ok: bool) {
-        let result = if ok { "success" } else { "failure" };
+        let [success, failure] = RELOAD_RESULTS;
+        let result = if ok { success } else { failure };
         self.reloads.get_or_create(&Result_ { result }).inc();
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition (what [`CONTENT_TYPE`](Self::CONTENT_TYPE) names).
     pub fn render(&self) -> String {
         let mut out = String::new();
         text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }
+
+/// The `result` labels of `reset_gateway_config_reloads_total`.
+const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// HTTP statuses with a counter slot of their own.
 const STATUSES: usize = 600;

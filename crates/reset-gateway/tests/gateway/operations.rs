@@ -28,7 +28,7 @@ async fn health_readiness_and_metrics() {
     assert!(metrics
         .header("content-type")
         .unwrap()
-        .starts_with("text/plain"));
+        .starts_with("application/openmetrics-text"));
     let m = &metrics.body;
     for family in [
         "reset_gateway_requests_total",
@@ -494,4 +494,60 @@ async fn the_api_key_file_is_re_read_on_reload() {
         .logs()
         .iter()
         .all(|l| !l.contains("rotated-key-2") && !l.contains("old-key-1")));
+}
+
+#[tokio::test]
+async fn metrics_parse_as_the_format_their_content_type_names() {
+    use openmetrics_parser::{OpenMetricsType, OpenMetricsValue};
+
+    let gw = Gateway::start("").await;
+    gw.reset_as_ios("email=alice%40example.com").await;
+    let metrics = gw.admin_get("/metrics").await;
+    // Prometheus picks its parser by this header: as `text/plain; version=0.0.4`, every
+    // `_total` sample under a `counter` family would be read as untyped.
+    let content_type = metrics.header("content-type").unwrap();
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let exposition = openmetrics_parser::openmetrics::parse_openmetrics(&metrics.body)
+        .unwrap_or_else(|e| panic!("not OpenMetrics: {e:?}\n{}", metrics.body));
+    let family = |name: &str| {
+        exposition
+            .families
+            .get(name)
+            .unwrap_or_else(|| panic!("no family {name} in\n{}", metrics.body))
+    };
+    for (name, kind) in [
+        ("reset_gateway_requests", OpenMetricsType::Counter),
+        ("reset_gateway_upstream_responses", OpenMetricsType::Counter),
+        ("reset_gateway_rate_limited", OpenMetricsType::Counter),
+        ("reset_gateway_store_errors", OpenMetricsType::Counter),
+        ("reset_gateway_config_reloads", OpenMetricsType::Counter),
+        (
+            "reset_gateway_request_duration_seconds",
+            OpenMetricsType::Histogram,
+        ),
+        ("reset_gateway_store_up", OpenMetricsType::Gauge),
+    ] {
+        assert_eq!(family(name).family_type, kind, "{name}");
+    }
+    let forwarded = family("reset_gateway_requests")
+        .get_sample_by_label_values(&["forwarded".to_owned()])
+        .map(|sample| sample.value.clone());
+    assert!(
+        matches!(&forwarded, Some(OpenMetricsValue::Counter(c)) if c.value.as_f64() == 1.0),
+        "{forwarded:?}"
+    );
+    // Both reload results exist before any reload, so `increase()` sees the first one.
+    let reloads = family("reset_gateway_config_reloads");
+    for result in ["success", "failure"] {
+        let sample = reloads
+            .get_sample_by_label_values(&[result.to_owned()])
+            .map(|sample| sample.value.clone());
+        assert!(
+            matches!(&sample, Some(OpenMetricsValue::Counter(c)) if c.value.as_f64() == 0.0),
+            "{result}: {sample:?}"
+        );
+    }
 }
