@@ -1,24 +1,38 @@
 #!/usr/bin/env bash
 # Real clients against the gateway: the official QuickBlox JavaScript SDK (npm `quickblox`,
 # HTTPS only) and a browser app on another origin calling it with fetch in headless
-# Chromium (CORS preflight). Installs Node packages and Chromium when missing; starts
-# qb-mock and two gateways (TLS for the SDK, cleartext with CORS for the browser) on free
-# loopback ports, and stops them.
+# Chromium (CORS preflight). Needs Node.js and npm; installs the SDK's Node packages and
+# Chromium (apt-get, through sudo unless root) when missing; starts qb-mock, two gateways
+# (TLS for the SDK, cleartext with CORS for the browser) and two static page servers on
+# free loopback ports, and stops them however the script ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
 
+for tool in node npm; do
+  command -v "$tool" >/dev/null || { echo "clients/run.sh: $tool is missing; install Node.js (with npm) first" >&2; exit 1; }
+done
 if ! command -v chromium >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
 fi
 (cd clients/quickblox-sdk && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
-cargo build -q -p reset-gateway -p qb-mock
-bin=$root/target/debug
+cargo build -q --locked -p reset-gateway -p qb-mock
+# Wherever cargo put them: CARGO_TARGET_DIR and build.target-dir move the target directory.
+target=$(cargo metadata --format-version 1 --no-deps --locked |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+bin=$target/debug
 
+# Every server below is started directly in the background (no subshell), so its pid is
+# the one in pids and the trap stops it however the script ends.
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 300); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
@@ -51,8 +65,8 @@ config "$TLS" "  tls: { cert_file: $work/cert.pem, key_file: $work/key.pem }" > 
 config "$PLAIN" "  cors: { allow_origins: [\"http://127.0.0.1:$PAGE\"] }" > "$work/plain.yaml"
 QB_API_KEY=server-key-for-clients "$bin/reset-gateway" --config "$work/tls.yaml" 2>"$work/tls.log" & pids+=($!)
 QB_API_KEY=server-key-for-clients "$bin/reset-gateway" --config "$work/plain.yaml" 2>"$work/plain.log" & pids+=($!)
-(cd clients/browser && python3 -m http.server "$PAGE" --bind 127.0.0.1 >/dev/null 2>&1) & pids+=($!)
-(cd clients/browser && python3 -m http.server "$OTHER" --bind 127.0.0.1 >/dev/null 2>&1) & pids+=($!)
+python3 -m http.server "$PAGE" --bind 127.0.0.1 --directory clients/browser >/dev/null 2>&1 & pids+=($!)
+python3 -m http.server "$OTHER" --bind 127.0.0.1 --directory clients/browser >/dev/null 2>&1 & pids+=($!)
 for p in $MOCK $TLS $PLAIN $PAGE $OTHER; do wait_port "$p"; done
 
 passed=0; failed=0
