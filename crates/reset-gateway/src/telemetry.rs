@@ -1,5 +1,7 @@
 //! Logging setup and the one-line-per-request access log.
 
+use std::error::Error;
+use std::io::IsTerminal;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -14,8 +16,10 @@ use crate::upstream::UpstreamExchange;
 /// (tests) is harmless.
 pub fn init(log: &LogConfig) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    // Colour codes only for a person at a terminal: in a file or a log pipeline they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match log.format {
         LogFormat::Json => builder
@@ -84,8 +88,110 @@ impl AccessRecord<'_> {
             limit,
             status = self.status.as_u16(),
             upstream_status,
-            upstream_ms = self.upstream.map(|u| u.duration.as_secs_f64() * 1000.0),
-            duration_ms = self.duration.as_secs_f64() * 1000.0,
+            upstream_ms = self.upstream.map(|u| millis(u.duration)),
+            duration_ms = millis(self.duration),
+        );
+    }
+}
+
+/// Milliseconds to the microsecond: finer is clock noise, and the plain `f64` printed
+/// 0.030154999999999998.
+fn millis(duration: Duration) -> f64 {
+    let micros = u64::try_from((duration.as_nanos() + 500) / 1000).unwrap_or(u64::MAX);
+    // Correctly rounded, so it prints as its shortest form: at most three decimals.
+    micros as f64 / 1000.0
+}
+
+/// Why an exchange with QuickBlox failed, in a few words for the log ("connect refused",
+/// "tls: invalid peer certificate: UnknownIssuer", "connection reset"): the innermost
+/// cause that says something. Built from error messages only; hyper, I/O and rustls
+/// errors carry no header value, so no key or token.
+pub fn upstream_error<'a>(chain: impl Iterator<Item = &'a (dyn Error + 'static)>) -> String {
+    // An I/O error's `source` skips the error it wraps (rustls's, say): add that too.
+    let mut causes: Vec<&(dyn Error + 'static)> = Vec::new();
+    for cause in chain {
+        causes.push(cause);
+        if let Some(inner) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            causes.push(inner);
+        }
+    }
+    for &cause in causes.iter().rev() {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return format!("tls: {tls}");
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            let said = match io.kind() {
+                ConnectionRefused => "connect refused",
+                TimedOut => "timed out",
+                ConnectionReset => "connection reset",
+                ConnectionAborted => "connection aborted",
+                BrokenPipe => "broken pipe",
+                UnexpectedEof => "connection closed",
+                _ => continue,
+            };
+            return said.to_owned();
+        }
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            let said = if hyper.is_timeout() {
+                "timed out"
+            } else if hyper.is_incomplete_message() {
+                "connection closed before the answer"
+            } else if hyper.is_parse() || hyper.is_parse_status() {
+                "invalid answer"
+            } else if hyper.is_closed() || hyper.is_canceled() {
+                "connection closed"
+            } else {
+                continue;
+            };
+            return said.to_owned();
+        }
+    }
+    // Nothing known (a failed name lookup, say): the innermost message.
+    causes.last().map_or_else(String::new, ToString::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn milliseconds_keep_three_decimals() {
+        for (duration, printed) in [
+            (Duration::from_nanos(30_154_999), "30.155"),
+            (Duration::from_nanos(30_155), "0.03"),
+            (Duration::from_nanos(499), "0"),
+            (Duration::from_nanos(500), "0.001"),
+            (Duration::from_micros(1), "0.001"),
+            (Duration::from_secs(8), "8000"),
+        ] {
+            assert_eq!(format!("{}", millis(duration)), printed);
+        }
+    }
+
+    #[test]
+    fn upstream_errors_name_their_innermost_known_cause() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let wrapped = std::io::Error::other(refused);
+        assert_eq!(
+            upstream_error(std::iter::once(&wrapped as &(dyn Error + 'static))),
+            "connect refused"
+        );
+        let tls = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert_eq!(
+            upstream_error(std::iter::once(&tls as &(dyn Error + 'static))),
+            "tls: invalid peer certificate: UnknownIssuer"
+        );
+        let dns = std::io::Error::other("failed to lookup address information");
+        assert_eq!(
+            upstream_error(std::iter::once(&dns as &(dyn Error + 'static))),
+            "failed to lookup address information"
         );
     }
 }

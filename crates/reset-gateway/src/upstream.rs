@@ -392,6 +392,12 @@ fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
 
 /// A connect that timed out is a 504; everything else (refused, reset, TLS, protocol) a 502.
 fn classify(error: SendError) -> (Rejection, Option<http::StatusCode>) {
+    // The access log says only upstream_unavailable or upstream_timeout; the cause is here.
+    tracing::warn!(
+        upstream_error = crate::telemetry::upstream_error(error.chain()),
+        %error,
+        "upstream request failed"
+    );
     let timed_out = error.chain().any(|cause| {
         cause
             .downcast_ref::<std::io::Error>()
@@ -400,7 +406,6 @@ fn classify(error: SendError) -> (Rejection, Option<http::StatusCode>) {
     if timed_out {
         return (Rejection::UpstreamTimeout, None);
     }
-    tracing::debug!(%error, "upstream request failed");
     (Rejection::UpstreamUnavailable, None)
 }
 

@@ -8,7 +8,7 @@ use qb_mock::MockServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
-use crate::process::spawn_gateway;
+use crate::process::{spawn_gateway, Process};
 
 #[tokio::test]
 async fn health_readiness_and_metrics() {
@@ -549,5 +549,144 @@ async fn metrics_parse_as_the_format_their_content_type_names() {
             matches!(&sample, Some(OpenMetricsValue::Counter(c)) if c.value.as_f64() == 0.0),
             "{result}: {sample:?}"
         );
+    }
+}
+
+/// The number a log line gives `field` (JSON `"field":1.5` or text `field=1.5`).
+fn logged_number<'a>(line: &'a str, field: &str) -> Option<&'a str> {
+    let start = [format!("\"{field}\":"), format!(" {field}=")]
+        .iter()
+        .find_map(|key| line.find(key.as_str()).map(|i| i + key.len()))?;
+    let rest = &line[start..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+/// Fails unless `number` has at most three decimals.
+fn assert_at_most_three_decimals(number: &str, line: &str) {
+    let decimals = number.split_once('.').map_or(0, |(_, d)| d.len());
+    assert!(
+        !number.is_empty() && decimals <= 3,
+        "{number:?} has {decimals} decimals: {line}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_upstream_logs_its_cause_at_the_default_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, yaml(&format!("http://{}", closed_port()), "", "")).unwrap();
+    let gw = spawn_gateway(&path);
+    let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+    assert_eq!(raw(gw.addr, request.as_bytes()).await.status, 502);
+
+    let lines = poll_until(
+        100,
+        async || gw.logs(),
+        |lines: &Vec<String>| {
+            lines.iter().any(|l| l.contains("\"target\":\"access\""))
+                && lines.iter().any(|l| l.contains("upstream_error"))
+        },
+    )
+    .await;
+    let cause: serde_json::Value = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .find(|json: &serde_json::Value| !json["upstream_error"].is_null())
+        .unwrap_or_else(|| panic!("no upstream_error logged: {lines:?}"));
+    assert_eq!(cause["level"], "WARN", "{cause}");
+    assert_eq!(cause["upstream_error"], "connect refused", "{cause}");
+    for line in &lines {
+        for secret in [SERVER_KEY, IOS_TOKEN, "alice"] {
+            assert!(!line.contains(secret), "the log holds {secret:?}: {line}");
+        }
+    }
+    let access = lines
+        .iter()
+        .find(|l| l.contains("\"target\":\"access\""))
+        .unwrap();
+    assert!(
+        access.contains("\"outcome\":\"upstream_unavailable\""),
+        "{access}"
+    );
+    assert_at_most_three_decimals(logged_number(access, "duration_ms").unwrap(), access);
+}
+
+#[tokio::test]
+async fn text_logs_to_a_pipe_are_plain_with_short_durations() {
+    use std::io::BufRead;
+
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, yaml(&mock.url(), "", "log:\n  format: text\n")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_reset-gateway"))
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .env("QB_API_KEY", SERVER_KEY)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let address = |line: &str, key: &str| -> Option<std::net::SocketAddr> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    let serving = poll_until(
+        250,
+        async || {
+            logs.lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains("serving"))
+                .cloned()
+        },
+        Option::is_some,
+    )
+    .await
+    .unwrap_or_else(|| panic!("the gateway never said it serves: {:?}", logs.lock()));
+    // Parsed only after checking for colour codes, which would split `listen=` from its value.
+    assert!(!serving.contains("\x1b["), "colour codes in {serving:?}");
+    let gw = Process {
+        child,
+        addr: address(&serving, " listen=").unwrap(),
+        admin: address(&serving, " admin=").unwrap(),
+        logs,
+    };
+
+    let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+    assert_eq!(raw(gw.addr, request.as_bytes()).await.status, 200);
+    let lines = poll_until(
+        100,
+        async || gw.logs(),
+        |lines: &Vec<String>| lines.iter().any(|l| l.contains("outcome=")),
+    )
+    .await;
+    for line in &lines {
+        assert!(!line.contains('\x1b'), "an escape code in {line:?}");
+    }
+    let access = lines
+        .iter()
+        .find(|l| l.contains("outcome="))
+        .unwrap_or_else(|| panic!("no access line: {lines:?}"));
+    for field in ["duration_ms", "upstream_ms"] {
+        let number =
+            logged_number(access, field).unwrap_or_else(|| panic!("no {field} in {access}"));
+        assert_at_most_three_decimals(number, access);
     }
 }
