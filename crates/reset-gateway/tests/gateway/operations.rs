@@ -434,7 +434,11 @@ async fn readiness_follows_redis_under_deny() {
     let yaml = yaml(
         &mock.url(),
         "",
-        &format!("store:\n  kind: redis\n  redis:\n    url: {}\n    timeout: 200ms\n    on_error: deny\n", redis.url()),
+        &format!(
+            "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    url: {}\n    timeout: 200ms\n    on_error: deny\n",
+            key_secret_file().display(),
+            redis.url()
+        ),
     );
     let gw = Gateway::start_yaml(mock, &yaml).await;
     assert_eq!(gw.admin_get("/readyz").await.status, 200);
