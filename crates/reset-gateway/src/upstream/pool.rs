@@ -1,14 +1,19 @@
 //! Connections to QuickBlox, one pool per worker thread: HTTP/1.1 connections kept idle
 //! for the next request, or one shared HTTP/2 connection when TLS negotiates it.
 //!
+//! Until a connect has shown which of the two the upstream speaks (and whenever the HTTP/2
+//! connection is gone), one request connects and the requests arriving meanwhile wait for
+//! it: a burst at a fresh gateway opens one HTTP/2 connection, not one per request.
+//!
 //! It does what hyper-util's pooled client does for one origin, without what one origin
 //! does not need (a map of hosts hashed several times per request, a connect future built
 //! for every request): that was a tenth of the gateway's own work per forwarded request.
 
 use std::error::Error as StdError;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use http::header::HOST;
@@ -19,6 +24,8 @@ use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::futures::Notified;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -33,6 +40,8 @@ pub enum SendError {
     Connect(BoxError),
     /// The connection failed while the request was on it.
     Exchange(hyper::Error),
+    /// The connect that this request and others waited for failed so.
+    Shared(Arc<SendError>),
 }
 
 impl SendError {
@@ -41,6 +50,7 @@ impl SendError {
         let first: &(dyn StdError + 'static) = match self {
             SendError::Connect(error) => error.as_ref(),
             SendError::Exchange(error) => error,
+            SendError::Shared(error) => return error.chain(),
         };
         std::iter::successors(Some(first), |&e| e.source())
     }
@@ -51,6 +61,7 @@ impl std::fmt::Display for SendError {
         match self {
             SendError::Connect(error) => write!(f, "connect: {error}"),
             SendError::Exchange(error) => write!(f, "exchange: {error}"),
+            SendError::Shared(error) => error.fmt(f),
         }
     }
 }
@@ -70,10 +81,53 @@ struct Shared {
     idle_timeout: Duration,
     /// HTTP/1.1 connections waiting for a request, the most recently used last.
     idle: Mutex<Vec<Idle>>,
-    /// The HTTP/2 connection, when the upstream chose HTTP/2.
-    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// The HTTP/2 connection, and the connect that may bring one.
+    h2: Mutex<H2>,
+    /// Wakes the requests waiting for the connect under way.
+    connected: Notify,
     /// Whether the task closing long-idle connections runs.
     reaping: AtomicBool,
+}
+
+struct H2 {
+    /// The HTTP/2 connection, when the upstream chose HTTP/2, and its number.
+    sender: Option<(u64, http2::SendRequest<UpstreamBody>)>,
+    /// How many HTTP/2 connections were made.
+    made: u64,
+    /// The last connect negotiated HTTP/1.1 (or the origin is `http://`): each request
+    /// without an idle connection connects on its own.
+    http1: bool,
+    /// A request is connecting, and those without a connection wait for it.
+    connecting: bool,
+    /// The number of the latest connect waited for.
+    attempt: u64,
+    /// The latest such connect that failed, by number, for the requests that waited on it.
+    failed: Option<(u64, Arc<SendError>)>,
+}
+
+/// What a request without an idle HTTP/1.1 connection does.
+enum Turn<'a> {
+    /// Sends on the HTTP/2 connection numbered so.
+    Use(u64, http2::SendRequest<UpstreamBody>),
+    /// Waits for the connect numbered so that another request is making.
+    Wait(Pin<Box<Notified<'a>>>, u64),
+    /// Connects, for itself alone or (with a guard) for those that will wait on it.
+    Connect(Option<Connecting<'a>>),
+}
+
+/// The connect that other requests wait for. Dropped, it wakes them: when the connect ended
+/// (they find its connection or its failure) or when the request making it was dropped
+/// before (one of them connects instead).
+struct Connecting<'a> {
+    shared: &'a Shared,
+    attempt: u64,
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.h2).connecting = false;
+        self.shared.connected.notify_waiters();
+    }
 }
 
 struct Idle {
@@ -137,6 +191,7 @@ impl Pool {
             Some(port) if port != default_port => authority.as_str().to_owned(),
             _ => authority.host().to_owned(),
         };
+        let plain = origin.scheme() != Some(&Scheme::HTTPS);
         Ok(Pool {
             shared: Arc::new(Shared {
                 connector,
@@ -145,14 +200,25 @@ impl Pool {
                 max_idle,
                 idle_timeout,
                 idle: Mutex::new(Vec::new()),
-                h2: Mutex::new(None),
+                h2: Mutex::new(H2 {
+                    sender: None,
+                    made: 0,
+                    // Plain HTTP is HTTP/1.1: only TLS can negotiate HTTP/2.
+                    http1: plain,
+                    connecting: false,
+                    attempt: 0,
+                    failed: None,
+                }),
+                connected: Notify::new(),
                 reaping: AtomicBool::new(false),
             }),
         })
     }
 
     /// Sends `request` (its URI the target on the upstream origin: path and query) on an
-    /// idle connection, the HTTP/2 connection, or a new one.
+    /// idle connection, the HTTP/2 connection, or a new one. A request that finds neither
+    /// while another is connecting (and the upstream may speak HTTP/2) waits for that connect
+    /// and then uses what it brought, or fails as it did.
     ///
     /// A kept connection may have been closed by QuickBlox (or a load balancer) while idle,
     /// and the request may find out only once on it. Then the kept connections are dropped
@@ -166,36 +232,49 @@ impl Pool {
         replay: Option<&(dyn Fn() -> Request<UpstreamBody> + Sync)>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let shared = &self.shared;
-        while let Some(mut sender) = shared.take_idle() {
-            if sender.ready().await.is_err() {
-                continue;
-            }
-            match sender.try_send_request(for_h1(request, &shared.host)).await {
-                Ok(response) => return Ok((response, shared.lease(sender))),
-                Err(error) => {
-                    // The other kept connections are likely as dead: new ones.
-                    lock(&shared.idle).clear();
-                    request = again(error, replay)?;
+        let connecting = loop {
+            while let Some(mut sender) = shared.take_idle() {
+                if sender.ready().await.is_err() {
+                    continue;
                 }
-            }
-        }
-        if let Some(mut sender) = shared.current_h2() {
-            if sender.ready().await.is_ok() {
-                match sender
-                    .try_send_request(for_h2(request, &shared.origin))
-                    .await
-                {
-                    Ok(response) => return Ok((response, Lease::none())),
+                match sender.try_send_request(for_h1(request, &shared.host)).await {
+                    Ok(response) => return Ok((response, shared.lease(sender))),
                     Err(error) => {
-                        lock(&shared.h2).take();
+                        // The other kept connections are likely as dead: new ones.
+                        lock(&shared.idle).clear();
                         request = again(error, replay)?;
                     }
                 }
             }
-        }
+            match shared.turn() {
+                Turn::Use(number, mut sender) => {
+                    if sender.ready().await.is_ok() {
+                        match sender
+                            .try_send_request(for_h2(request, &shared.origin))
+                            .await
+                        {
+                            Ok(response) => return Ok((response, Lease::none())),
+                            Err(error) => request = again(error, replay)?,
+                        }
+                    }
+                    shared.forget_h2(number);
+                }
+                Turn::Wait(connected, attempt) => {
+                    connected.await;
+                    if let Some(error) = shared.failed(attempt) {
+                        return Err(SendError::Shared(error));
+                    }
+                }
+                Turn::Connect(connecting) => break connecting,
+            }
+        };
         // Boxed: connecting (TCP, TLS, handshakes) is rare and its state is large, and every
         // request's future would otherwise be as large as it.
-        match Box::pin(shared.connect()).await? {
+        let fresh = Box::pin(shared.connect()).await;
+        let fresh = shared.record(fresh, connecting.as_ref().map(|c| c.attempt));
+        // Wakes the requests waiting on this connect, now that it is recorded.
+        drop(connecting);
+        match fresh? {
             Fresh::H1(mut sender) => {
                 let response = sender
                     .send_request(for_h1(request, &shared.host))
@@ -204,7 +283,6 @@ impl Pool {
                 Ok((response, shared.lease(sender)))
             }
             Fresh::H2(mut sender) => {
-                *lock(&shared.h2) = Some(sender.clone());
                 let response = sender
                     .send_request(for_h2(request, &shared.origin))
                     .await
@@ -228,12 +306,80 @@ impl Shared {
         None
     }
 
-    fn current_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+    /// The HTTP/2 connection if there is one; else whether to wait for the connect under
+    /// way or to make one, for others to wait on unless the upstream speaks HTTP/1.1.
+    fn turn(&self) -> Turn<'_> {
         let mut h2 = lock(&self.h2);
-        if h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
-            *h2 = None;
+        if let Some((number, sender)) = &h2.sender {
+            if !sender.is_closed() {
+                return Turn::Use(*number, sender.clone());
+            }
+            h2.sender = None;
         }
-        h2.clone()
+        if h2.http1 {
+            return Turn::Connect(None);
+        }
+        if h2.connecting {
+            // Made under the lock, so the wake-up that ends the connect cannot come before it.
+            return Turn::Wait(Box::pin(self.connected.notified()), h2.attempt);
+        }
+        h2.connecting = true;
+        h2.attempt += 1;
+        Turn::Connect(Some(Connecting {
+            shared: self,
+            attempt: h2.attempt,
+        }))
+    }
+
+    /// What a connect brought: an HTTP/2 connection kept for every request, the knowledge
+    /// that the upstream speaks HTTP/1.1, or (for connect `attempt`, which others waited
+    /// on) a failure they share.
+    fn record(
+        &self,
+        fresh: Result<Fresh, SendError>,
+        attempt: Option<u64>,
+    ) -> Result<Fresh, SendError> {
+        let mut h2 = lock(&self.h2);
+        match fresh {
+            Ok(Fresh::H2(sender)) => {
+                h2.made += 1;
+                h2.sender = Some((h2.made, sender.clone()));
+                h2.http1 = false;
+                Ok(Fresh::H2(sender))
+            }
+            Ok(Fresh::H1(sender)) => {
+                h2.http1 = true;
+                Ok(Fresh::H1(sender))
+            }
+            Err(error) => match attempt {
+                Some(attempt) => {
+                    let error = Arc::new(error);
+                    h2.failed = Some((attempt, error.clone()));
+                    Err(SendError::Shared(error))
+                }
+                None => Err(error),
+            },
+        }
+    }
+
+    /// Drops HTTP/2 connection `number`, which failed a request, unless already replaced.
+    fn forget_h2(&self, number: u64) {
+        let mut h2 = lock(&self.h2);
+        if h2
+            .sender
+            .as_ref()
+            .is_some_and(|(current, _)| *current == number)
+        {
+            h2.sender = None;
+        }
+    }
+
+    /// The failure of connect `attempt`, if it failed.
+    fn failed(&self, attempt: u64) -> Option<Arc<SendError>> {
+        match &lock(&self.h2).failed {
+            Some((failed, error)) if *failed == attempt => Some(error.clone()),
+            _ => None,
+        }
     }
 
     fn lease(self: &Arc<Self>, sender: http1::SendRequest<UpstreamBody>) -> Lease {
@@ -358,7 +504,7 @@ fn for_h2(mut request: Request<UpstreamBody>, origin: &Uri) -> Request<UpstreamB
     request
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing here is left half-changed by a panic: keep using it.
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

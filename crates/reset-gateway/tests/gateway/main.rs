@@ -7,6 +7,7 @@ mod emails;
 mod hostile;
 mod limits;
 mod operations;
+mod pool;
 mod process;
 mod proxy_boundary;
 mod redis;
