@@ -32,6 +32,8 @@ fn layer(limits: &str, max_keys: usize) -> ResetGuardLayer {
         })
         .key_secret(b"bench secret, sixteen+")
         .build()
+        .unwrap()
+        .0
 }
 
 fn request(email: &str, peer: SocketAddr) -> Request<Empty<Bytes>> {
@@ -117,7 +119,8 @@ fn bench_layer(c: &mut Criterion) {
         request("a%40example.com", peer)
     });
 
-    // Every rejection path of the SPEC §3 table, each refused at its own step.
+    // Every rejection path of the guard's steps (ARCHITECTURE.md, "The request's path"),
+    // each refused at its own step.
     let mut guard = ServiceBuilder::new()
         .layer(layer(GENEROUS, 1_000_000))
         .service(inner);

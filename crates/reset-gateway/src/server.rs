@@ -79,8 +79,10 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
     if let Some(secret) = &settings.store.key_secret {
         layer = layer.key_secret(secret);
     }
-    // One guard for all workers: the limits are the process's, not a worker's.
-    let layer = layer.try_build().context("store.redis.url")?;
+    // One guard for all workers: the limits are the process's, not a worker's. Its
+    // housekeeping (idle-key sweeps, the Redis probe) runs on the caller's runtime.
+    let (layer, housekeeping) = layer.build().context("store.redis.url")?;
+    tokio::spawn(housekeeping);
     let guard = layer.handle();
     let status = Arc::new(Status {
         draining: Default::default(),

@@ -2,7 +2,6 @@
 //! [`GuardConfig::validate`] turns it into [`GuardSettings`], the only form the guard runs on.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -151,7 +150,8 @@ pub struct EmailConfig {
 }
 
 /// A configuration error that names the key path and, where known, the line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}: {message}", key_path(.path), at_line(.line))]
 pub struct ConfigError {
     /// Dotted key path, such as `guard.clients[0].token_sha256`.
     pub path: String,
@@ -188,21 +188,20 @@ impl ConfigError {
     }
 }
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = if self.path.is_empty() {
-            "(top level)"
-        } else {
-            &self.path
-        };
-        match self.line {
-            Some(line) => write!(f, "{path} (line {line}): {}", self.message),
-            None => write!(f, "{path}: {}", self.message),
-        }
+/// How an error names its key: the dotted path, or the file as a whole.
+fn key_path(path: &str) -> &str {
+    if path.is_empty() {
+        "(top level)"
+    } else {
+        path
     }
 }
 
-impl std::error::Error for ConfigError {}
+/// ` (line N)` where the line is known.
+fn at_line(line: &Option<usize>) -> String {
+    line.map(|l| format!(" (line {l})")).unwrap_or_default()
+}
+
 
 impl GuardConfig {
     /// Reads a `guard:` section on its own, as an embedding service would.

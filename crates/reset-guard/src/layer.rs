@@ -1,7 +1,10 @@
 //! [`ResetGuardLayer`]: builds the guard around a service and swaps its settings live.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use tower::Layer;
@@ -56,9 +59,14 @@ pub struct ResetGuardLayer {
 
 impl ResetGuardLayer {
     /// A guard with these settings that sends `api_key` upstream in place of client
-    /// tokens, with in-memory limits under default store settings.
+    /// tokens, with in-memory limits under default store settings and no background work
+    /// (idle keys are reclaimed as new ones arrive). [`builder`](Self::builder) gives the
+    /// sweeper, Redis, a clock and a key secret.
     pub fn new(settings: GuardSettings, api_key: ApiKey) -> Self {
-        Self::builder(settings, api_key).build()
+        let (layer, _housekeeping) = Self::builder(settings, api_key)
+            .build()
+            .expect("memory limits need no setup that can fail");
+        layer
     }
 
     /// A builder for the store, clock and key secret.
@@ -126,20 +134,18 @@ impl ResetGuardBuilder {
         self
     }
 
-    /// Builds the layer; inside a tokio runtime it also starts the idle-key sweeper (and,
-    /// with Redis, a health probe), which stop once the layer and every service built from
-    /// it are gone.
+    /// Builds the layer, and the housekeeping its limits need: a future that forgets idle
+    /// limiter keys every `store.sweep_interval` (and, with Redis, probes the server every
+    /// second so readiness follows it and a lost connection is remade before requests need
+    /// it). Nothing runs until you spawn it, as with tower's `Buffer::pair`; it ends by
+    /// itself once the layer and every service built from it are gone. Left unspawned,
+    /// memory stays bounded by `store.max_keys` and idle keys are reclaimed as new ones
+    /// arrive, but Redis health is only learnt from requests.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If `store.redis` holds a URL the Redis client cannot parse; use
-    /// [`try_build`](Self::try_build) to get that as an error.
-    pub fn build(self) -> ResetGuardLayer {
-        self.try_build().expect("invalid Redis URL")
-    }
-
-    /// Builds the layer, or says why the Redis client cannot be set up.
-    pub fn try_build(self) -> Result<ResetGuardLayer, StoreError> {
+    /// If the Redis client cannot be set up from `store.redis` (a URL it cannot parse).
+    pub fn build(self) -> Result<(ResetGuardLayer, Housekeeping), StoreError> {
         let clock = self
             .clock
             .unwrap_or_else(|| Arc::new(MonotonicClock::default()));
@@ -178,10 +184,8 @@ impl ResetGuardBuilder {
             clock,
             counters,
         });
-        spawn_sweeper(&shared);
-        #[cfg(feature = "redis")]
-        spawn_redis_probe(&shared);
-        Ok(ResetGuardLayer { shared })
+        let housekeeping = Housekeeping(Box::pin(housekeeping(Arc::downgrade(&shared))));
+        Ok((ResetGuardLayer { shared }, housekeeping))
     }
 }
 
@@ -201,53 +205,69 @@ fn default_hasher(store: &StoreSettings) -> KeyHasher {
 #[error("rate-limit store: {0}")]
 pub struct StoreError(String);
 
+/// The limits' background work, returned by [`ResetGuardBuilder::build`] for the caller
+/// to spawn (`tokio::spawn(housekeeping)`).
+#[must_use = "housekeeping does nothing unless spawned"]
+pub struct Housekeeping(Pin<Box<dyn Future<Output = ()> + Send>>);
+
+impl Future for Housekeeping {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl std::fmt::Debug for Housekeeping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Housekeeping")
+    }
+}
+
+/// Sweeps idle keys every `sweep_interval` and, with Redis, probes it every second, until
+/// `shared` is gone.
+async fn housekeeping(weak: Weak<Shared>) {
+    #[cfg(feature = "redis")]
+    tokio::join!(sweep(weak.clone()), probe_redis(weak));
+    #[cfg(not(feature = "redis"))]
+    sweep(weak).await;
+}
+
+async fn sweep(weak: Weak<Shared>) {
+    let Some(every) = weak.upgrade().map(|s| s.store.sweep_interval) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: nothing to sweep yet.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(shared) = weak.upgrade() else { return };
+        let state = shared.current.load_full();
+        #[cfg(feature = "redis")]
+        if let Some(store) = &shared.redis {
+            store.sweep();
+        }
+        drop(shared);
+        // Sweeping a million keys takes milliseconds: keep it off the async workers.
+        let _ = tokio::task::spawn_blocking(move || state.limiter.sweep()).await;
+    }
+}
+
 /// Pings Redis every second so readiness reflects it and a lost connection is remade
 /// before requests need it.
 #[cfg(feature = "redis")]
-fn spawn_redis_probe(shared: &Arc<Shared>) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    if shared.redis.is_none() {
-        return;
-    }
-    let weak: Weak<Shared> = Arc::downgrade(shared);
-    runtime.spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let Some(store) = weak.upgrade().and_then(|s| s.redis.clone()) else {
-                break;
-            };
-            store.probe().await;
-        }
-    });
-}
-
-fn spawn_sweeper(shared: &Arc<Shared>) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let weak: Weak<Shared> = Arc::downgrade(shared);
-    let every = shared.store.sweep_interval;
-    runtime.spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+async fn probe_redis(weak: Weak<Shared>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
         tick.tick().await;
-        loop {
-            tick.tick().await;
-            let Some(shared) = weak.upgrade() else { break };
-            let state = shared.current.load_full();
-            #[cfg(feature = "redis")]
-            if let Some(store) = &shared.redis {
-                store.sweep();
-            }
-            drop(shared);
-            // Sweeping a million keys takes milliseconds: keep it off the async workers.
-            let _ = tokio::task::spawn_blocking(move || state.limiter.sweep()).await;
-        }
-    });
+        let Some(store) = weak.upgrade().and_then(|s| s.redis.clone()) else {
+            return;
+        };
+        store.probe().await;
+    }
 }
 
 impl<S> Layer<S> for ResetGuardLayer {

@@ -165,7 +165,7 @@ pub use config::{
 pub use context::{GuardedRequest, UpstreamStatus};
 pub use email::{Email, EmailError, EmailKey, EmailKeyPolicy, EmailPolicy};
 pub use future::ResponseFuture;
-pub use layer::{GuardHandle, ResetGuardBuilder, ResetGuardLayer, StoreError};
+pub use layer::{GuardHandle, Housekeeping, ResetGuardBuilder, ResetGuardLayer, StoreError};
 pub use limit::{
     Clock, Denial, LimitCounters, LimitGroup, LimitSettings, LimitsConfig, ManualClock,
     MonotonicClock, Quota, QuotaConfig, Standing, StoreSettings,

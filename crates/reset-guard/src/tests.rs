@@ -433,7 +433,7 @@ fn counted(builder: ResetGuardBuilder) -> Counted {
         async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"app")))) }
     });
     let service = ServiceBuilder::new()
-        .layer(builder.build())
+        .layer(builder.build().unwrap().0)
         .service(upstream);
     (tower::util::BoxCloneService::new(service), calls)
 }
@@ -503,4 +503,54 @@ async fn without_peer_address_puts_addressless_requests_in_one_per_ip_bucket() {
     // A request that does carry its peer has that peer's own bucket.
     let response = ask("d@x.io", Some(peer())).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[test]
+fn building_needs_no_runtime_and_starts_nothing() {
+    // Outside any runtime there is nothing to spawn on, and building must not try.
+    let (layer, housekeeping) =
+        ResetGuardLayer::builder(settings(""), ApiKey::new("server-key").unwrap())
+            .build()
+            .unwrap();
+    drop(housekeeping);
+    assert_eq!(layer.handle().tracked_keys(LimitGroup::PerIp), [0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn spawned_housekeeping_forgets_idle_keys() {
+    let clock = ManualClock::new();
+    let (layer, housekeeping) = ResetGuardLayer::builder(
+        settings("limits:\n  per_ip: [{ requests: 5, per: 1m }]\n"),
+        ApiKey::new("server-key").unwrap(),
+    )
+    .clock(clock.clone())
+    .build()
+    .unwrap();
+    let handle = layer.handle();
+    let upstream = service_fn(|_: Request<Empty<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+    });
+    let service = ServiceBuilder::new().layer(layer).service(upstream);
+    let request = reset("email=a%40example.com")
+        .header("qb-token", "foo")
+        .extension(peer())
+        .body(Empty::new())
+        .unwrap();
+    service.oneshot(request).await.unwrap();
+    assert_eq!(handle.tracked_keys(LimitGroup::PerIp), [1]);
+
+    // Idle on the limiter's clock, but nothing sweeps until the housekeeping runs.
+    clock.advance(Duration::from_secs(120));
+    let sweep_interval = StoreSettings::default().sweep_interval;
+    tokio::time::sleep(sweep_interval * 2).await;
+    assert_eq!(handle.tracked_keys(LimitGroup::PerIp), [1]);
+
+    tokio::spawn(housekeeping);
+    for _ in 0..20 {
+        tokio::time::sleep(sweep_interval).await;
+        if handle.tracked_keys(LimitGroup::PerIp) == [0] {
+            return;
+        }
+    }
+    panic!("the idle key was never swept");
 }

@@ -41,11 +41,16 @@ fn rig_in(limits: &str, extra: &str, store: StoreSettings, clock: ManualClock) -
         if extra.contains("responses") { extra.to_owned() } else { format!("{extra}responses: {{ uniform: false }}\n") }
     );
     let settings = GuardConfig::from_yaml(&yaml).unwrap().validate().unwrap();
-    let layer = ResetGuardLayer::builder(settings, ApiKey::new("server-key").unwrap())
-        .clock(clock.clone())
-        .store(store)
-        .key_secret(b"test secret")
-        .build();
+    let (layer, housekeeping) =
+        ResetGuardLayer::builder(settings, ApiKey::new("server-key").unwrap())
+            .clock(clock.clone())
+            .store(store)
+            .key_secret(b"test secret")
+            .build()
+            .unwrap();
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(housekeeping);
+    }
     let handle = layer.handle();
     let upstream_calls = Arc::new(AtomicUsize::new(0));
     let calls = upstream_calls.clone();
