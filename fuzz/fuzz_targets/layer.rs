@@ -1,5 +1,6 @@
 //! The whole layer on arbitrary requests: never panics, never forwards a request without
-//! the server key, and answers everything else from the SPEC §3 table.
+//! the server key, and answers everything else as one of the guard's steps says (ARCHITECTURE.md,
+//! "The request's path").
 #![no_main]
 
 use std::convert::Infallible;

@@ -1,4 +1,5 @@
-//! The command line (SPEC §9).
+//! The command line: `run` (the default), `check-config`, `hash-token`, `health` and `demo`,
+//! as README.md, "Run it for real", describes them.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,5 @@
-//! The gateway's YAML file (SPEC §8): [`GatewayConfig`] as written, [`Settings`] as run.
+//! The gateway's YAML file (every key documented in config/gateway.yaml): [`GatewayConfig`]
+//! as written, [`Settings`] as run.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! Live reload (SPEC §10): on SIGHUP and when the file changes, the file is read and
+//! Live reload: on SIGHUP and when the file changes, the file is read and
 //! checked in full; only then is anything applied. A bad file is logged and counted and
 //! the running configuration stays.
 

@@ -1,4 +1,5 @@
-//! The forwarder: the service behind the guard that talks to QuickBlox (SPEC §3 steps 5-6).
+//! The forwarder: the service behind the guard that talks to QuickBlox (steps 7 and 8 of
+//! ARCHITECTURE.md, "The request's path").
 
 use std::convert::Infallible;
 use std::future::Future;

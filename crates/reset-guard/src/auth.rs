@@ -1,4 +1,5 @@
-//! The exactly-one-credential rule and client-token lookup (SPEC §3 step 3).
+//! The exactly-one-credential rule and client-token lookup (guard step 3 in ARCHITECTURE.md,
+//! "The request's path").
 
 use std::fmt;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use crate::rejection::Rejection;
 /// The header QuickBlox SDKs send a session token in.
 pub const QB_TOKEN: &str = "qb-token";
 
-/// The token a request presents (SPEC §3 step 3: exactly one of `QB-Token` and
+/// The token a request presents (exactly one of `QB-Token` and
 /// `Authorization: ApiKey`), before it is matched against the clients.
 pub fn presented_token(headers: &HeaderMap) -> Result<&[u8], Rejection> {
     let mut qb_tokens = headers.get_all(QB_TOKEN).iter();

@@ -1,5 +1,6 @@
-//! The guard's decision for one request: SPEC §3 steps 1 to 4, cheapest check first,
-//! each rate limit charged only once the steps before it passed.
+//! The guard's decision for one request: steps 1 to 4 of ARCHITECTURE.md, "The request's
+//! path", cheapest check first, each rate limit charged only once the steps before it
+//! passed.
 
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Method, Request};
@@ -115,7 +116,8 @@ pub(crate) enum Verdict {
     Rejected(Rejection),
 }
 
-/// Steps 1 to 4 of SPEC §3: which limits apply to this request, in order, and what follows.
+/// Steps 1 to 4 (route, client IP, credential, email; see the module docs): which limits
+/// apply to this request, in order, and what follows.
 /// With `eager` (the memory store) each limit is charged as the request reaches it and a
 /// denial ends the inspection; without (Redis), the plan is decided in one round trip
 /// afterwards, with the same outcome.

@@ -1,5 +1,5 @@
-//! Email addresses: [`Email::parse`] proves an address is acceptable (SPEC §4) and
-//! [`EmailKey`] is its canonical form for the per-email limit.
+//! Email addresses: [`Email::parse`] proves an address breaks none of the rules
+//! [`EmailError`] names, and [`EmailKey`] is its canonical form for the per-email limit.
 
 use std::fmt;
 
@@ -52,7 +52,7 @@ pub enum EmailError {
     DomainLength,
 }
 
-/// An address that passed every rule of SPEC §4. Holding one proves it.
+/// An address that broke none of the rules [`EmailError`] names. Holding one proves it.
 ///
 /// `as_str` is exactly the decoded input (no trimming, no case change), so what is
 /// forwarded upstream is what the user typed; `ascii_domain` is the domain's IDNA

@@ -1,5 +1,5 @@
-//! Rate limits (SPEC §6, §7): four groups of GCRA quotas, keyed by client IP, client,
-//! canonical email and nothing (global), held in memory.
+//! Rate limits (ARCHITECTURE.md, "The limiter"): four groups of GCRA quotas, keyed by
+//! client IP, client, canonical email and nothing (global), held in memory.
 //!
 //! A group's quotas are decided together: a request is charged to none of them unless
 //! every enforced quota admits it. Groups are checked in request order (IP, client,

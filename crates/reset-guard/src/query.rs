@@ -1,4 +1,5 @@
-//! The `email` query parameter (SPEC §3 step 4): exactly once, percent-decoded.
+//! The `email` query parameter (guard step 4 in ARCHITECTURE.md, "The request's path"):
+//! exactly once, percent-decoded.
 
 use std::borrow::Cow;
 

@@ -49,7 +49,7 @@ pub enum Rejection {
     /// `email` is not valid percent-encoded UTF-8.
     #[error("email is not valid UTF-8")]
     EmailNotUtf8,
-    /// `email` fails a rule of SPEC §4.
+    /// `email` breaks one of the rules [`EmailError`] names.
     #[error("email is invalid: {0}")]
     EmailInvalid(EmailError),
     /// A rate limit denied the request.

@@ -1,4 +1,5 @@
-//! Every row of the SPEC §3 table, the key swap, uniform answers.
+//! Every rejection of the guard's steps (ARCHITECTURE.md, "The request's path"), the key
+//! swap, uniform answers.
 
 use crate::common::*;
 

@@ -1,4 +1,5 @@
-//! The SPEC §4 table through the gateway: each address sent percent-encoded in the query.
+//! The email rules (reset-guard's `EmailError`) through the gateway: each address sent
+//! percent-encoded in the query.
 
 use crate::common::*;
 

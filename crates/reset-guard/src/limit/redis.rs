@@ -1,5 +1,6 @@
-//! Limits shared by every replica through Redis (SPEC §7): one script call per request
-//! decides all of its groups atomically on the server's clock.
+//! Limits shared by every replica through Redis (README.md, "Several replicas: limits in
+//! Redis"): one script call per request decides all of its groups atomically on the
+//! server's clock.
 
 use std::collections::HashMap;
 use std::future::Future;
