@@ -8,6 +8,8 @@
 //! It does what hyper-util's pooled client does for one origin, without what one origin
 //! does not need (a map of hosts hashed several times per request, a connect future built
 //! for every request): that was a tenth of the gateway's own work per forwarded request.
+//! hyper-util's `client::pool` building blocks (cache, singleton, negotiate) measured 6% more
+//! instructions per forwarded request than this pool (benches/README.md).
 
 use std::error::Error as StdError;
 use std::future::Future;
