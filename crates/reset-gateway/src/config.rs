@@ -459,7 +459,7 @@ pub struct UpstreamSettings {
 impl GatewayConfig {
     /// Parses the file's text.
     pub fn from_yaml(yaml: &str) -> Result<GatewayConfig, ConfigError> {
-        reset_guard::from_yaml(yaml)
+        located_yaml::from_yaml(yaml)
     }
 
     /// Checks everything and resolves the API key. `yaml` is the text the config came

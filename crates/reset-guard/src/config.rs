@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::de;
+
+pub use located_yaml::ConfigError;
 use serde::{Deserialize, Deserializer};
 
 use crate::auth::{ClientId, ClientRegistry, TokenDigest};
@@ -149,64 +151,10 @@ pub struct EmailConfig {
     pub allow_utf8_local: bool,
 }
 
-/// A configuration error that names the key path and, where known, the line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}{}: {message}", key_path(.path), at_line(.line))]
-pub struct ConfigError {
-    /// Dotted key path, such as `guard.clients[0].token_sha256`.
-    pub path: String,
-    /// 1-based line in the YAML file.
-    pub line: Option<usize>,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl ConfigError {
-    /// An error about a key path without a known line.
-    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            path: path.into(),
-            line: None,
-            message: message.into(),
-        }
-    }
-
-    /// Places the error at `line` if it has none yet.
-    pub fn at_line(mut self, line: Option<usize>) -> Self {
-        self.line = self.line.or(line);
-        self
-    }
-
-    /// Prefixes the key path, for a section nested in a larger file.
-    pub fn within(mut self, section: &str) -> Self {
-        self.path = if self.path.is_empty() {
-            section.to_owned()
-        } else {
-            format!("{section}.{}", self.path)
-        };
-        self
-    }
-}
-
-/// How an error names its key: the dotted path, or the file as a whole.
-fn key_path(path: &str) -> &str {
-    if path.is_empty() {
-        "(top level)"
-    } else {
-        path
-    }
-}
-
-/// ` (line N)` where the line is known.
-fn at_line(line: &Option<usize>) -> String {
-    line.map(|l| format!(" (line {l})")).unwrap_or_default()
-}
-
-
 impl GuardConfig {
     /// Reads a `guard:` section on its own, as an embedding service would.
     pub fn from_yaml(yaml: &str) -> Result<GuardConfig, ConfigError> {
-        from_yaml(yaml)
+        located_yaml::from_yaml(yaml)
     }
 
     /// Checks what the types alone cannot and builds the settings the guard runs on.
@@ -318,10 +266,6 @@ impl GuardSettings {
         &self.limits
     }
 }
-
-mod yaml;
-
-pub use yaml::from_yaml;
 
 #[cfg(test)]
 mod tests;

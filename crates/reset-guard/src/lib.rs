@@ -159,8 +159,8 @@ pub use auth::{presented_token, ClientId, ClientRegistry, TokenDigest, QB_TOKEN}
 pub use body::GuardBody;
 pub use client_ip::{ClientIp, PeerAddr};
 pub use config::{
-    from_yaml, Cidr, ClientConfig, ClientIpConfig, ConfigError, EmailConfig, GuardConfig,
-    GuardSettings, OtherRoutes, ResponsesConfig, DEFAULT_PATH,
+    Cidr, ClientConfig, ClientIpConfig, ConfigError, EmailConfig, GuardConfig, GuardSettings,
+    OtherRoutes, ResponsesConfig, DEFAULT_PATH,
 };
 pub use context::{GuardedRequest, UpstreamStatus};
 pub use email::{Email, EmailError, EmailKey, EmailKeyPolicy, EmailPolicy};

@@ -1,13 +1,70 @@
-//! Reading a YAML file: its values through serde (yaml_serde), and the line every key path
-//! is written on (saphyr-parser's events), so that every error, found while parsing or
-//! after, names its key path and the line that key is on.
+//! YAML configuration read through serde, with errors that say where: every
+//! [`ConfigError`] names its key path (`store.redis.url`, `guard.clients[1].id`) and, when
+//! that key is written in the file, the line it is on, whether the error was found while
+//! parsing or by checks after.
+//!
+//! Values come from yaml_serde; the line of each key path from saphyr-parser's events
+//! (yaml_serde reports one location per error, which for a bad value inside a block
+//! mapping is often the mapping's first line, not the key's).
 
 use std::collections::HashMap;
 
 use saphyr_parser::{Event, Parser};
 use serde::de::DeserializeOwned;
 
-use super::ConfigError;
+/// A configuration error that names the key path and, where known, the line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}: {message}", key_path(.path), at_line(.line))]
+pub struct ConfigError {
+    /// Dotted key path, such as `guard.clients[0].token_sha256`.
+    pub path: String,
+    /// 1-based line in the YAML file.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about a key path without a known line.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            line: None,
+            message: message.into(),
+        }
+    }
+
+    /// Prefixes the key path, for a section nested in a larger file.
+    pub fn within(mut self, section: &str) -> Self {
+        self.path = if self.path.is_empty() {
+            section.to_owned()
+        } else {
+            format!("{section}.{}", self.path)
+        };
+        self
+    }
+
+    /// Places an error found after parsing at the line its key path is written on in
+    /// `yaml` (no line when the key is not written and its default was used).
+    pub fn located(mut self, yaml: &str) -> ConfigError {
+        self.line = self.line.or_else(|| KeyLines::of(yaml).line(&self.path));
+        self
+    }
+}
+
+/// How an error names its key: the dotted path, or the file as a whole.
+fn key_path(path: &str) -> &str {
+    if path.is_empty() {
+        "(top level)"
+    } else {
+        path
+    }
+}
+
+/// ` (line N)` where the line is known.
+fn at_line(line: &Option<usize>) -> String {
+    line.map(|l| format!(" (line {l})")).unwrap_or_default()
+}
 
 /// Deserializes YAML, turning any error into a [`ConfigError`] with path and line.
 pub fn from_yaml<T: DeserializeOwned>(yaml: &str) -> Result<T, ConfigError> {
@@ -30,15 +87,6 @@ pub fn from_yaml<T: DeserializeOwned>(yaml: &str) -> Result<T, ConfigError> {
             message: without_location(&inner.to_string()),
         }
     })
-}
-
-impl ConfigError {
-    /// Places an error found after parsing at the line its key path is written on in
-    /// `yaml` (no line when the key is not written and its default was used).
-    pub fn located(self, yaml: &str) -> ConfigError {
-        let line = KeyLines::of(yaml).line(&self.path);
-        self.at_line(line)
-    }
 }
 
 /// The line of every key path written in a document: `store.redis.url`,
