@@ -12,10 +12,10 @@ use crate::client_ip::{ClientIp, PeerAddr};
 use crate::config::OtherRoutes;
 use crate::context::GuardedRequest;
 use crate::email::{canonical_chars, Email};
-use crate::layer::{GuardState, Shared};
-use crate::limit::{Denial, Domain, LimitGroup, Limiter, Standing};
+use crate::limit::{Decision, Domain, LimitGroup, Limiter, Standing};
 use crate::query::email_param;
 use crate::rejection::Rejection;
+use crate::state::{GuardCore, GuardState};
 
 /// What the checks alone (no limiter yet) make of a request.
 #[derive(Debug)]
@@ -93,18 +93,6 @@ impl Plan {
     }
 }
 
-/// What the store said about a plan's charges.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Decision {
-    /// Every group admitted; the tightest standing among them.
-    Admitted(Option<Standing>),
-    /// The group at this index of the charges denied; the ones before it were charged.
-    Denied(usize, Denial),
-    /// The store could not be asked and `on_error: deny` is set.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    Unavailable,
-}
-
 /// The final word on a request.
 #[derive(Debug)]
 pub(crate) enum Verdict {
@@ -122,7 +110,7 @@ pub(crate) enum Verdict {
 /// denial ends the inspection; without (Redis), the plan is decided in one round trip
 /// afterwards, with the same outcome.
 pub(crate) fn inspect<B: Body>(
-    shared: &Shared,
+    core: &GuardCore,
     state: &GuardState,
     request: &Request<B>,
     eager: bool,
@@ -155,7 +143,7 @@ pub(crate) fn inspect<B: Body>(
     if !limits.is_exempt(client_ip.ip())
         && !plan.charge(
             LimitGroup::PerIp,
-            limits.ip_key(client_ip.ip(), &shared.hasher),
+            limits.ip_key(client_ip.ip(), &core.hasher),
             eager,
         )
     {
@@ -177,7 +165,7 @@ pub(crate) fn inspect<B: Body>(
             })
         }
     };
-    let client_key = shared
+    let client_key = core
         .hasher
         .hash(Domain::Client, client_id.as_str().as_bytes());
     if !plan.charge(LimitGroup::PerClient, client_key, eager) {
@@ -196,8 +184,8 @@ pub(crate) fn inspect<B: Body>(
             })
         }
     };
-    let email_hash = shared.hasher.hash_chars(Domain::Email, |sink| {
-        canonical_chars(&email, limits.email_key, sink)
+    let email_hash = core.hasher.hash_chars(Domain::Email, |sink| {
+        canonical_chars(&email, settings.email_key, sink)
     });
     plan.then = Then::Forward(Box::new(GuardedRequest {
         client_id,

@@ -12,8 +12,13 @@ use serde::{Deserialize, Deserializer};
 
 use crate::auth::{ClientId, ClientRegistry, TokenDigest};
 use crate::duration::ConfigDuration;
+use crate::email::EmailKeyPolicy;
 use crate::email::EmailPolicy;
-use crate::limit::{LimitSettings, LimitsConfig};
+use crate::limit::LimitSettings;
+
+mod limits;
+
+pub use limits::{EmailKeyConfig, LimitsConfig, QuotaConfig};
 
 /// Client tokens that appear in documentation and examples: a client configured with one
 /// of them would accept a token anyone can read, so it is refused.
@@ -207,7 +212,7 @@ impl GuardConfig {
                 ));
             }
         }
-        let limits = self.limits.validate()?;
+        let (limits, email_key) = self.limits.validate()?;
         Ok(GuardSettings {
             path: self.path.clone(),
             other_routes: self.other_routes,
@@ -223,6 +228,7 @@ impl GuardConfig {
                 allow_utf8_local: self.email.allow_utf8_local,
             },
             limits,
+            email_key,
         })
     }
 }
@@ -238,6 +244,7 @@ pub struct GuardSettings {
     pub(crate) min_latency: Duration,
     pub(crate) email: EmailPolicy,
     pub(crate) limits: LimitSettings,
+    pub(crate) email_key: EmailKeyPolicy,
 }
 
 impl GuardSettings {

@@ -11,8 +11,8 @@ use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::body::GuardBody;
-use crate::check::Decision;
 use crate::context::UpstreamStatus;
+use crate::limit::Decision;
 use crate::rejection::{set_uniform_headers, Rejection, RATELIMIT, RATELIMIT_POLICY};
 
 pin_project! {

@@ -4,57 +4,23 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Weak};
+
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use tower::Layer;
 
 use crate::config::GuardSettings;
-use crate::limit::{
-    Clock, KeyHasher, LimitCounters, LimitGroup, Limiter, MonotonicClock, StoreSettings,
-};
+use crate::handle::GuardHandle;
+use crate::limit::{Clock, KeyHasher, LimitCounters, Limiter, MonotonicClock, StoreSettings};
 use crate::secret::ApiKey;
 use crate::service::ResetGuard;
-
-/// What every request reads: replaced whole on reload.
-#[derive(Debug)]
-pub(crate) struct GuardState {
-    pub(crate) settings: GuardSettings,
-    pub(crate) api_key: ApiKey,
-    pub(crate) limiter: Limiter,
-    /// The Redis script's view of these settings, when limits live in Redis.
-    #[cfg(feature = "redis")]
-    pub(crate) redis_specs: Option<Arc<crate::limit::RedisSpecs>>,
-}
-
-/// What outlives a reload.
-pub(crate) struct Shared {
-    pub(crate) current: ArcSwap<GuardState>,
-    pub(crate) hasher: KeyHasher,
-    #[cfg(feature = "redis")]
-    pub(crate) redis: Option<Arc<crate::limit::RedisStore>>,
-    /// Set by [`ResetGuardBuilder::without_peer_address`].
-    pub(crate) peer_optional: bool,
-    /// Whether the missing peer address was logged yet (once per layer).
-    pub(crate) missing_peer_logged: AtomicBool,
-    store: StoreSettings,
-    clock: Arc<dyn Clock>,
-    counters: Arc<LimitCounters>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("store", &self.store)
-            .field("peer_optional", &self.peer_optional)
-            .finish_non_exhaustive()
-    }
-}
+use crate::state::{GuardCore, GuardState};
 
 /// Guards the QuickBlox password-reset path. See the [crate docs](crate) for an example.
 #[derive(Debug, Clone)]
 pub struct ResetGuardLayer {
-    shared: Arc<Shared>,
+    core: Arc<GuardCore>,
 }
 
 impl ResetGuardLayer {
@@ -84,7 +50,7 @@ impl ResetGuardLayer {
     /// A handle that replaces the settings of every service this layer built.
     pub fn handle(&self) -> GuardHandle {
         GuardHandle {
-            shared: self.shared.clone(),
+            core: self.core.clone(),
         }
     }
 }
@@ -167,7 +133,7 @@ impl ResetGuardBuilder {
         );
         #[cfg(feature = "redis")]
         let redis_specs = redis.as_ref().map(|r| r.specs(&self.settings.limits));
-        let shared = Arc::new(Shared {
+        let core = Arc::new(GuardCore {
             current: ArcSwap::from_pointee(GuardState {
                 settings: self.settings,
                 api_key: self.api_key,
@@ -184,8 +150,8 @@ impl ResetGuardBuilder {
             clock,
             counters,
         });
-        let housekeeping = Housekeeping(Box::pin(housekeeping(Arc::downgrade(&shared))));
-        Ok((ResetGuardLayer { shared }, housekeeping))
+        let housekeeping = Housekeeping(Box::pin(housekeeping(Arc::downgrade(&core))));
+        Ok((ResetGuardLayer { core }, housekeeping))
     }
 }
 
@@ -225,16 +191,16 @@ impl std::fmt::Debug for Housekeeping {
 }
 
 /// Sweeps idle keys every `sweep_interval` and, with Redis, probes it every second, until
-/// `shared` is gone.
-async fn housekeeping(weak: Weak<Shared>) {
+/// the guard is gone.
+async fn housekeeping(weak: Weak<GuardCore>) {
     #[cfg(feature = "redis")]
     tokio::join!(sweep(weak.clone()), probe_redis(weak));
     #[cfg(not(feature = "redis"))]
     sweep(weak).await;
 }
 
-async fn sweep(weak: Weak<Shared>) {
-    let Some(every) = weak.upgrade().map(|s| s.store.sweep_interval) else {
+async fn sweep(weak: Weak<GuardCore>) {
+    let Some(every) = weak.upgrade().map(|core| core.store.sweep_interval) else {
         return;
     };
     let mut tick = tokio::time::interval(every);
@@ -243,13 +209,13 @@ async fn sweep(weak: Weak<Shared>) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let Some(shared) = weak.upgrade() else { return };
-        let state = shared.current.load_full();
+        let Some(core) = weak.upgrade() else { return };
+        let state = core.current.load_full();
         #[cfg(feature = "redis")]
-        if let Some(store) = &shared.redis {
+        if let Some(store) = &core.redis {
             store.sweep();
         }
-        drop(shared);
+        drop(core);
         // Sweeping a million keys takes milliseconds: keep it off the async workers.
         let _ = tokio::task::spawn_blocking(move || state.limiter.sweep()).await;
     }
@@ -258,7 +224,7 @@ async fn sweep(weak: Weak<Shared>) {
 /// Pings Redis every second so readiness reflects it and a lost connection is remade
 /// before requests need it.
 #[cfg(feature = "redis")]
-async fn probe_redis(weak: Weak<Shared>) {
+async fn probe_redis(weak: Weak<GuardCore>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -274,96 +240,6 @@ impl<S> Layer<S> for ResetGuardLayer {
     type Service = ResetGuard<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ResetGuard::new(inner, self.shared.clone())
-    }
-}
-
-/// Swaps the running guard's settings and key (config reload, key rotation), and looks
-/// at its limiter. Requests already inside the guard finish with the settings they
-/// started with.
-#[derive(Debug, Clone)]
-pub struct GuardHandle {
-    shared: Arc<Shared>,
-}
-
-impl GuardHandle {
-    /// Applies new settings and key to every request from now on. Limiter state is kept
-    /// for every quota whose limit did not change.
-    pub fn update(&self, settings: GuardSettings, api_key: ApiKey) {
-        let shared = &self.shared;
-        let previous = shared.current.load();
-        let limiter = Limiter::new(
-            &settings.limits,
-            &shared.store,
-            shared.clock.clone(),
-            shared.counters.clone(),
-            Some(&previous.limiter),
-        );
-        #[cfg(feature = "redis")]
-        let redis_specs = shared.redis.as_ref().map(|r| r.specs(&settings.limits));
-        shared.current.store(Arc::new(GuardState {
-            settings,
-            api_key,
-            limiter,
-            #[cfg(feature = "redis")]
-            redis_specs,
-        }));
-        #[cfg(feature = "redis")]
-        if let Some(store) = &shared.redis {
-            store.forget_denials();
-        }
-    }
-
-    /// Whether the rate-limit store can serve: always for memory; for Redis, whether
-    /// it answers, or `true` anyway under `on_error: allow` (requests are served then).
-    pub fn store_ready(&self) -> bool {
-        #[cfg(feature = "redis")]
-        if let Some(store) = &self.shared.redis {
-            return store.is_healthy() || store.on_error() == crate::limit::OnError::Allow;
-        }
-        true
-    }
-
-    /// Whether the rate-limit store answered its last request or probe (memory: always).
-    pub fn store_healthy(&self) -> bool {
-        #[cfg(feature = "redis")]
-        if let Some(store) = &self.shared.redis {
-            return store.is_healthy();
-        }
-        true
-    }
-
-    /// Requests that could not ask the rate-limit store.
-    pub fn store_errors(&self) -> u64 {
-        #[cfg(feature = "redis")]
-        if let Some(store) = &self.shared.redis {
-            return store.errors();
-        }
-        0
-    }
-
-    /// The settings in force.
-    pub fn settings(&self) -> GuardSettings {
-        self.shared.current.load().settings.clone()
-    }
-
-    /// Forgets idle limiter keys now (the sweeper does this periodically).
-    pub fn sweep(&self) -> usize {
-        self.shared.current.load().limiter.sweep()
-    }
-
-    /// Keys held by each quota of `group`.
-    pub fn tracked_keys(&self, group: LimitGroup) -> Vec<usize> {
-        self.shared.current.load().limiter.keys(group)
-    }
-
-    /// Keys dropped while still counting because a quota hit `max_keys`.
-    pub fn forced_evictions(&self) -> u64 {
-        self.shared.current.load().limiter.forced_evictions()
-    }
-
-    /// Denials so far, enforced and shadow, per group.
-    pub fn counters(&self) -> &LimitCounters {
-        &self.shared.counters
+        ResetGuard::new(inner, self.core.clone())
     }
 }

@@ -148,27 +148,30 @@ mod context;
 pub mod duration;
 mod email;
 mod future;
+mod handle;
 mod layer;
 pub mod limit;
 mod query;
 mod rejection;
 mod secret;
 mod service;
+mod state;
 
 pub use auth::{presented_token, ClientId, ClientRegistry, TokenDigest, QB_TOKEN};
 pub use body::GuardBody;
 pub use client_ip::{ClientIp, PeerAddr};
 pub use config::{
-    Cidr, ClientConfig, ClientIpConfig, ConfigError, EmailConfig, GuardConfig, GuardSettings,
-    OtherRoutes, ResponsesConfig, DEFAULT_PATH,
+    Cidr, ClientConfig, ClientIpConfig, ConfigError, EmailConfig, EmailKeyConfig, GuardConfig,
+    GuardSettings, LimitsConfig, OtherRoutes, QuotaConfig, ResponsesConfig, DEFAULT_PATH,
 };
 pub use context::{GuardedRequest, UpstreamStatus};
 pub use email::{Email, EmailError, EmailKey, EmailKeyPolicy, EmailPolicy};
 pub use future::ResponseFuture;
-pub use layer::{GuardHandle, Housekeeping, ResetGuardBuilder, ResetGuardLayer, StoreError};
+pub use handle::GuardHandle;
+pub use layer::{Housekeeping, ResetGuardBuilder, ResetGuardLayer, StoreError};
 pub use limit::{
-    Clock, Denial, LimitCounters, LimitGroup, LimitSettings, LimitsConfig, ManualClock,
-    MonotonicClock, Quota, QuotaConfig, Standing, StoreSettings,
+    Clock, Denial, LimitCounters, LimitGroup, LimitSettings, ManualClock, MonotonicClock, Quota,
+    Standing, StoreSettings,
 };
 #[cfg(feature = "redis")]
 pub use limit::{OnError, RedisSettings};

@@ -19,7 +19,6 @@ use std::sync::{Arc, RwLockWriteGuard};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::Deserialize;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{OnError, RedisSettings};
@@ -28,10 +27,8 @@ pub(crate) use self::redis::{RedisSpecs, RedisStore};
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub(crate) use key::Domain;
 pub use key::KeyHasher;
-pub use quota::{Quota, QuotaConfig};
+pub use quota::Quota;
 
-use crate::config::{Cidr, ConfigError};
-use crate::email::EmailKeyPolicy;
 use gcra::Cell;
 use memory::{shard_of, QuotaState};
 
@@ -75,74 +72,6 @@ impl LimitGroup {
     }
 }
 
-/// `guard.limits`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Per client IP (every guarded request, valid or not).
-    pub per_ip: Vec<QuotaConfig>,
-    /// Per client id.
-    pub per_client: Vec<QuotaConfig>,
-    /// Per canonical email address.
-    pub per_email: Vec<QuotaConfig>,
-    /// All valid requests together.
-    pub global: Vec<QuotaConfig>,
-    /// IPv4 clients are grouped by this prefix length.
-    pub ipv4_prefix: u8,
-    /// IPv6 clients are grouped by this prefix length (one /64 is usually one host).
-    pub ipv6_prefix: u8,
-    /// Clients (CIDRs) that skip the per-IP limit.
-    pub exempt_ips: Vec<Cidr>,
-    /// Send `RateLimit-Policy`/`RateLimit` on allowed answers too.
-    pub response_headers: bool,
-    /// How addresses fold into one per-email key.
-    pub email_key: EmailKeyConfig,
-}
-
-fn quota(requests: u32, per_secs: u64, burst: Option<u32>) -> QuotaConfig {
-    QuotaConfig {
-        requests,
-        per: crate::duration::ConfigDuration::from_secs(per_secs),
-        burst,
-        shadow: false,
-    }
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            per_ip: vec![quota(20, 60, None)],
-            per_client: vec![quota(200, 1, Some(400))],
-            per_email: vec![quota(3, 3600, None), quota(10, 86_400, None)],
-            global: vec![quota(100, 1, None)],
-            ipv4_prefix: 32,
-            ipv6_prefix: 64,
-            exempt_ips: Vec::new(),
-            response_headers: false,
-            email_key: EmailKeyConfig::default(),
-        }
-    }
-}
-
-/// `guard.limits.email_key`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EmailKeyConfig {
-    /// `bob+tag@x.io` counts as `bob@x.io`.
-    pub strip_plus_tag: bool,
-    /// Dots in gmail.com local parts are ignored; googlemail.com is gmail.com.
-    pub fold_gmail_dots: bool,
-}
-
-impl Default for EmailKeyConfig {
-    fn default() -> Self {
-        EmailKeyConfig {
-            strip_plus_tag: true,
-            fold_gmail_dots: true,
-        }
-    }
-}
-
 /// Checked `guard.limits`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LimitSettings {
@@ -151,51 +80,6 @@ pub struct LimitSettings {
     pub(crate) ipv6_prefix: u8,
     pub(crate) exempt: Vec<IpNet>,
     pub(crate) response_headers: bool,
-    pub(crate) email_key: EmailKeyPolicy,
-}
-
-impl LimitsConfig {
-    /// Checks every quota; error paths are relative to `limits`.
-    pub fn validate(&self) -> Result<LimitSettings, ConfigError> {
-        let mut groups: [Vec<Quota>; 4] = Default::default();
-        for group in LimitGroup::ALL {
-            let configs = match group {
-                LimitGroup::PerIp => &self.per_ip,
-                LimitGroup::PerClient => &self.per_client,
-                LimitGroup::PerEmail => &self.per_email,
-                LimitGroup::Global => &self.global,
-            };
-            if configs.len() > MAX_QUOTAS_PER_GROUP {
-                return Err(ConfigError::new(
-                    format!("limits.{}", group.name()),
-                    format!("at most {MAX_QUOTAS_PER_GROUP} quotas per group"),
-                ));
-            }
-            for (i, config) in configs.iter().enumerate() {
-                let quota = config.validate().map_err(|message| {
-                    ConfigError::new(format!("limits.{}[{i}]", group.name()), message)
-                })?;
-                groups[group.index()].push(quota);
-            }
-        }
-        if self.ipv4_prefix > 32 {
-            return Err(ConfigError::new("limits.ipv4_prefix", "must be 0 to 32"));
-        }
-        if self.ipv6_prefix > 128 {
-            return Err(ConfigError::new("limits.ipv6_prefix", "must be 0 to 128"));
-        }
-        Ok(LimitSettings {
-            groups,
-            ipv4_prefix: self.ipv4_prefix,
-            ipv6_prefix: self.ipv6_prefix,
-            exempt: self.exempt_ips.iter().map(|c| c.0).collect(),
-            response_headers: self.response_headers,
-            email_key: EmailKeyPolicy {
-                strip_plus_tag: self.email_key.strip_plus_tag,
-                fold_gmail_dots: self.email_key.fold_gmail_dots,
-            },
-        })
-    }
 }
 
 impl LimitSettings {
@@ -231,6 +115,18 @@ fn prefix_mask32(prefix: u8) -> u32 {
 
 fn prefix_mask128(prefix: u8) -> u128 {
     u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
+}
+
+/// What the store said about a plan's charges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Every group admitted; the tightest standing among them.
+    Admitted(Option<Standing>),
+    /// The group at this index of the charges denied; the ones before it were charged.
+    Denied(usize, Denial),
+    /// The store could not be asked and `on_error: deny` is set.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Unavailable,
 }
 
 /// Why a request was limited: the quota that denied it and when it may retry.

@@ -291,7 +291,7 @@ mod tests {
 
     /// One rejection of each kind.
     fn every_kind() -> Vec<Rejection> {
-        let quota = crate::limit::QuotaConfig {
+        let quota = crate::config::QuotaConfig {
             requests: 1,
             per: crate::duration::ConfigDuration::from_secs(60),
             burst: None,

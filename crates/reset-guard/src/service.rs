@@ -12,24 +12,25 @@ use tokio::time::Instant;
 use tower::Service;
 
 use crate::body::GuardBody;
-use crate::check::{conclude, inspect, Decision, Inspection, Plan, Verdict};
+use crate::check::{conclude, inspect, Inspection, Plan, Verdict};
 use crate::client_ip::PeerAddr;
 use crate::future::ResponseFuture;
-use crate::layer::{GuardState, Shared};
 use crate::limit::ceil_secs;
+use crate::limit::Decision;
 use crate::rejection::{rate_limit_fields, uniform_success, JSON};
+use crate::state::{GuardCore, GuardState};
 
 /// Checks reset requests and answers rejections itself; built by
 /// [`ResetGuardLayer`](crate::ResetGuardLayer). See the [crate docs](crate) for an example.
 #[derive(Debug, Clone)]
 pub struct ResetGuard<S> {
     inner: S,
-    shared: Arc<Shared>,
+    core: Arc<GuardCore>,
 }
 
 impl<S> ResetGuard<S> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
-        ResetGuard { inner, shared }
+    pub(crate) fn new(inner: S, core: Arc<GuardCore>) -> Self {
+        ResetGuard { inner, core }
     }
 
     /// The wrapped service.
@@ -54,20 +55,20 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let state = self.shared.current.load();
-        if !self.shared.peer_optional
+        let state = self.core.current.load();
+        if !self.core.peer_optional
             && request.uri().path() == state.settings.path
             && request.extensions().get::<PeerAddr>().is_none()
         {
-            return missing_peer(&self.shared, &state.settings.path);
+            return missing_peer(&self.core, &state.settings.path);
         }
         let min_latency = state.settings.min_latency;
         let floor = (!min_latency.is_zero()).then(|| Instant::now() + min_latency);
         #[cfg(feature = "redis")]
-        let eager = self.shared.redis.is_none();
+        let eager = self.core.redis.is_none();
         #[cfg(not(feature = "redis"))]
         let eager = true;
-        let plan = match inspect(&self.shared, &state, &request, eager) {
+        let plan = match inspect(&self.core, &state, &request, eager) {
             Inspection::Answer(rejection) => return ResponseFuture::rejected(rejection),
             Inspection::PassThrough => {
                 return ResponseFuture::passed_through(self.inner.call(request))
@@ -75,7 +76,7 @@ where
             Inspection::Plan(plan) => plan,
         };
         #[cfg(feature = "redis")]
-        if let (Some(store), Some(specs)) = (&self.shared.redis, &state.redis_specs) {
+        if let (Some(store), Some(specs)) = (&self.core.redis, &state.redis_specs) {
             let decision = store.decide(specs, plan.charges());
             // The inner service was made ready for this request: take that one along and
             // leave a fresh clone for the next `poll_ready`.
@@ -94,10 +95,10 @@ where
     }
 }
 
-/// A guarded request without a peer address: counting it against a shared bucket would
+/// A guarded request without a peer address: counting it against a core bucket would
 /// let any client lock out every other, so it is refused until the host is fixed.
-fn missing_peer<F, B>(shared: &Shared, path: &str) -> ResponseFuture<F, B> {
-    if !shared.missing_peer_logged.swap(true, Ordering::Relaxed) {
+fn missing_peer<F, B>(core: &GuardCore, path: &str) -> ResponseFuture<F, B> {
+    if !core.missing_peer_logged.swap(true, Ordering::Relaxed) {
         tracing::error!(
             guarded_path = path,
             "reset-guard: a request on the guarded path carries no reset_guard::PeerAddr \

@@ -204,9 +204,13 @@ mod tests {
     use super::*;
 
     fn quota(requests: u32, per_secs: u64) -> Quota {
-        crate::limit::quota(requests, per_secs, None)
-            .validate()
-            .unwrap()
+        Quota::new(
+            requests,
+            std::time::Duration::from_secs(per_secs),
+            None,
+            false,
+        )
+        .unwrap()
     }
 
     /// How many of `ask`'s decisions were admissions, summed over four threads running it

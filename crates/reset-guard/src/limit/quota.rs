@@ -1,26 +1,6 @@
-//! One quota: `requests` per `per`, with room for `burst` at once.
+//! One quota: `requests` per `per`, with room for `burst` at once, as GCRA parameters.
 
 use std::time::Duration;
-
-use serde::Deserialize;
-
-use crate::duration::ConfigDuration;
-
-/// A quota as written in YAML: `{ requests: 3, per: 1h, burst: 5, shadow: false }`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct QuotaConfig {
-    /// Requests allowed per `per`.
-    pub requests: u32,
-    /// The window.
-    pub per: ConfigDuration,
-    /// Requests allowed at once (default: `requests`).
-    #[serde(default)]
-    pub burst: Option<u32>,
-    /// Only log and count what it would deny.
-    #[serde(default)]
-    pub shadow: bool,
-}
 
 /// A checked quota, as GCRA parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,22 +17,27 @@ pub struct Quota {
     pub(crate) capacity_ns: u64,
 }
 
-impl QuotaConfig {
-    /// Checks the numbers; the error says which rule failed.
-    pub fn validate(&self) -> Result<Quota, String> {
-        if self.requests == 0 {
+impl Quota {
+    /// `requests` per `per`, with room for `burst` at once; the error says which rule
+    /// the numbers break.
+    pub(crate) fn new(
+        requests: u32,
+        per: Duration,
+        burst: Option<u32>,
+        shadow: bool,
+    ) -> Result<Quota, String> {
+        if requests == 0 {
             return Err("requests must be at least 1".into());
         }
-        let per_ns =
-            u64::try_from(self.per.0.as_nanos()).map_err(|_| "per is too long".to_owned())?;
+        let per_ns = u64::try_from(per.as_nanos()).map_err(|_| "per is too long".to_owned())?;
         if per_ns == 0 {
             return Err("per must be longer than zero".into());
         }
-        let burst = self.burst.unwrap_or(self.requests);
+        let burst = burst.unwrap_or(requests);
         if burst == 0 {
             return Err("burst must be at least 1".into());
         }
-        let interval_ns = per_ns / u64::from(self.requests);
+        let interval_ns = per_ns / u64::from(requests);
         if interval_ns == 0 {
             return Err("more than one request per nanosecond".into());
         }
@@ -60,17 +45,15 @@ impl QuotaConfig {
             .checked_mul(u64::from(burst))
             .ok_or_else(|| "burst × per is too long".to_owned())?;
         Ok(Quota {
-            requests: self.requests,
-            per: self.per.0,
+            requests,
+            per,
             burst,
-            shadow: self.shadow,
+            shadow,
             interval_ns,
             capacity_ns,
         })
     }
-}
 
-impl Quota {
     /// The window in whole seconds, at least 1, for `RateLimit-Policy`.
     pub fn window_secs(&self) -> u64 {
         self.per.as_secs().max(1)

@@ -14,9 +14,9 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Clock, Denial, LimitCounters, LimitGroup, LimitSettings, MonotonicClock, Quota, Standing,
+    Clock, Decision, Denial, LimitCounters, LimitGroup, LimitSettings, MonotonicClock, Quota,
+    Standing,
 };
-use crate::check::Decision;
 
 /// Most denials remembered locally.
 const DENIAL_CACHE_LIMIT: usize = 100_000;

@@ -1,0 +1,98 @@
+//! [`GuardHandle`]: the running guard's settings, swapped live, and a look at its limiter.
+
+use std::sync::Arc;
+
+use crate::config::GuardSettings;
+use crate::limit::{LimitCounters, LimitGroup, Limiter};
+use crate::secret::ApiKey;
+use crate::state::{GuardCore, GuardState};
+
+/// Swaps the running guard's settings and key (config reload, key rotation), and looks
+/// at its limiter. Requests already inside the guard finish with the settings they
+/// started with.
+#[derive(Debug, Clone)]
+pub struct GuardHandle {
+    pub(crate) core: Arc<GuardCore>,
+}
+
+impl GuardHandle {
+    /// Applies new settings and key to every request from now on. Limiter state is kept
+    /// for every quota whose limit did not change.
+    pub fn update(&self, settings: GuardSettings, api_key: ApiKey) {
+        let core = &self.core;
+        let previous = core.current.load();
+        let limiter = Limiter::new(
+            &settings.limits,
+            &core.store,
+            core.clock.clone(),
+            core.counters.clone(),
+            Some(&previous.limiter),
+        );
+        #[cfg(feature = "redis")]
+        let redis_specs = core.redis.as_ref().map(|r| r.specs(&settings.limits));
+        core.current.store(Arc::new(GuardState {
+            settings,
+            api_key,
+            limiter,
+            #[cfg(feature = "redis")]
+            redis_specs,
+        }));
+        #[cfg(feature = "redis")]
+        if let Some(store) = &core.redis {
+            store.forget_denials();
+        }
+    }
+
+    /// Whether the rate-limit store can serve: always for memory; for Redis, whether
+    /// it answers, or `true` anyway under `on_error: allow` (requests are served then).
+    pub fn store_ready(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.core.redis {
+            return store.is_healthy() || store.on_error() == crate::limit::OnError::Allow;
+        }
+        true
+    }
+
+    /// Whether the rate-limit store answered its last request or probe (memory: always).
+    pub fn store_healthy(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.core.redis {
+            return store.is_healthy();
+        }
+        true
+    }
+
+    /// Requests that could not ask the rate-limit store.
+    pub fn store_errors(&self) -> u64 {
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.core.redis {
+            return store.errors();
+        }
+        0
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> GuardSettings {
+        self.core.current.load().settings.clone()
+    }
+
+    /// Forgets idle limiter keys now (the sweeper does this periodically).
+    pub fn sweep(&self) -> usize {
+        self.core.current.load().limiter.sweep()
+    }
+
+    /// Keys held by each quota of `group`.
+    pub fn tracked_keys(&self, group: LimitGroup) -> Vec<usize> {
+        self.core.current.load().limiter.keys(group)
+    }
+
+    /// Keys dropped while still counting because a quota hit `max_keys`.
+    pub fn forced_evictions(&self) -> u64 {
+        self.core.current.load().limiter.forced_evictions()
+    }
+
+    /// Denials so far, enforced and shadow, per group.
+    pub fn counters(&self) -> &LimitCounters {
+        &self.core.counters
+    }
+}
