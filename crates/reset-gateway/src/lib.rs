@@ -12,6 +12,7 @@ pub mod health;
 pub mod hop_by_hop;
 pub mod metrics;
 pub mod preface;
+pub mod refusal;
 pub mod reload;
 pub mod request_id;
 pub mod server;

@@ -15,6 +15,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use reset_guard::{GuardHandle, LimitGroup, Rejection};
 
+use crate::refusal::Refusal;
+
 use crate::telemetry::AccessRecord;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -103,6 +105,7 @@ impl Metrics {
         let outcome_counters = AccessRecord::FORWARD_OUTCOMES
             .iter()
             .chain(Rejection::OUTCOMES.iter())
+            .chain(Refusal::OUTCOMES.iter())
             .map(|&outcome| {
                 (
                     outcome,

@@ -32,6 +32,7 @@ use crate::admin::{self, Status};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::preface;
+use crate::refusal::Refusal;
 use crate::reload::Reloader;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::telemetry::AccessRecord;
@@ -420,18 +421,18 @@ impl Connection {
 
 /// Requests a careful HTTP server refuses before looking at what they ask: an HTTP/1.1
 /// request without exactly one Host (RFC 9112 §3.2), or a target longer than `max_uri`.
-fn malformed<B>(request: &Request<B>, max_uri: usize) -> Option<Rejection> {
+fn malformed<B>(request: &Request<B>, max_uri: usize) -> Option<Refusal> {
     let uri_len = request
         .uri()
         .path_and_query()
         .map_or(0, |p| p.as_str().len());
     if uri_len > max_uri {
-        return Some(Rejection::TargetTooLong);
+        return Some(Refusal::TargetTooLong);
     }
     if request.version() == http::Version::HTTP_11 && request.uri().authority().is_none() {
         let mut hosts = request.headers().get_all(http::header::HOST).iter();
         if hosts.next().is_none() || hosts.next().is_some() {
-            return Some(Rejection::HostRequired);
+            return Some(Refusal::HostRequired);
         }
     }
     None
@@ -484,12 +485,7 @@ async fn handle(
     let mut response = match outcome {
         Ok(Ok(response)) => response,
         Ok(Err(never)) => match never {},
-        Err(_) => {
-            let rejection = Rejection::UpstreamTimeout;
-            let mut response = rejection.to_response().map(GuardBody::full);
-            response.extensions_mut().insert(rejection);
-            response
-        }
+        Err(_) => Refusal::UpstreamTimeout.to_response().map(GuardBody::full),
     };
     response.headers_mut().insert(X_REQUEST_ID, id.clone());
     let extensions = response.extensions();
@@ -500,6 +496,7 @@ async fn handle(
         duration: started.elapsed(),
         guarded: extensions.get::<GuardedRequest>(),
         rejection: extensions.get::<Rejection>(),
+        refusal: extensions.get::<Refusal>(),
         upstream: extensions.get::<UpstreamExchange>(),
         uniform: extensions.get::<UpstreamStatus>(),
         include_email: shared.include_email,

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use http::StatusCode;
 use reset_guard::{GuardedRequest, Rejection, UpstreamStatus};
+
+use crate::refusal::Refusal;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -45,6 +47,7 @@ pub struct AccessRecord<'a> {
     pub duration: Duration,
     pub guarded: Option<&'a GuardedRequest>,
     pub rejection: Option<&'a Rejection>,
+    pub refusal: Option<&'a Refusal>,
     pub upstream: Option<&'a UpstreamExchange>,
     pub uniform: Option<&'a UpstreamStatus>,
     pub include_email: bool,
@@ -58,10 +61,11 @@ impl AccessRecord<'_> {
     /// The outcome label for logs and metrics.
     pub fn outcome(&self) -> &'static str {
         let [forwarded, passed_through] = Self::FORWARD_OUTCOMES;
-        match (self.rejection, self.guarded) {
-            (Some(rejection), _) => rejection.outcome(),
-            (None, Some(_)) => forwarded,
-            (None, None) => passed_through,
+        match (self.refusal, self.rejection, self.guarded) {
+            (Some(refusal), _, _) => refusal.outcome(),
+            (None, Some(rejection), _) => rejection.outcome(),
+            (None, None, Some(_)) => forwarded,
+            (None, None, None) => passed_through,
         }
     }
 

@@ -17,11 +17,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use reset_guard::{encode_query_value, GuardBody, GuardedRequest, PeerAddr, Rejection};
+use reset_guard::{encode_query_value, GuardBody, GuardedRequest, PeerAddr};
 use tokio::time::{timeout, Instant};
 
 use crate::config::UpstreamSettings;
 use crate::hop_by_hop::{self, connection_named};
+use crate::refusal::Refusal;
 use crate::request_id::X_REQUEST_ID;
 use crate::tls::read_certificates;
 
@@ -151,11 +152,7 @@ impl Forwarder {
         };
         let mut response = match response {
             Ok(response) => response,
-            Err(rejection) => {
-                let mut response = rejection.to_response().map(GuardBody::full);
-                response.extensions_mut().insert(rejection);
-                response
-            }
+            Err(refusal) => refusal.to_response().map(GuardBody::full),
         };
         response.extensions_mut().insert(UpstreamExchange {
             status,
@@ -177,7 +174,7 @@ impl Inner {
         request: Request<Incoming>,
         guarded: &GuardedRequest,
     ) -> (
-        Result<Response<ForwardBody>, Rejection>,
+        Result<Response<ForwardBody>, Refusal>,
         Option<http::StatusCode>,
     ) {
         let settings = &self.settings;
@@ -222,7 +219,7 @@ impl Inner {
             Some(upstream)
         };
         let Some(upstream) = build() else {
-            return (Err(Rejection::UpstreamUnavailable), None);
+            return (Err(Refusal::UpstreamUnavailable), None);
         };
         let replay = || build().expect("built once already");
 
@@ -236,17 +233,17 @@ impl Inner {
             let status = parts.status;
             if !is_final(status) {
                 // Dropping the lease closes the connection: it was switched or is out of step.
-                return Err((Rejection::UpstreamUnavailable, Some(status)));
+                return Err((Refusal::UpstreamUnavailable, Some(status)));
             }
             let body = Limited::new(body, MAX_RESET_BODY)
                 .collect()
                 .await
-                .map_err(|_| (Rejection::UpstreamUnavailable, Some(status)))?
+                .map_err(|_| (Refusal::UpstreamUnavailable, Some(status)))?
                 .to_bytes();
             lease.release();
             hop_by_hop::strip(&mut parts.headers);
             parts.version = Version::HTTP_11;
-            Ok::<_, (Rejection, Option<http::StatusCode>)>(Response::from_parts(
+            Ok::<_, (Refusal, Option<http::StatusCode>)>(Response::from_parts(
                 parts,
                 GuardBody::full(body),
             ))
@@ -256,8 +253,8 @@ impl Inner {
                 let status = response.status();
                 (Ok(response), Some(status))
             }
-            Ok(Err((rejection, status))) => (Err(rejection), status),
-            Err(_) => (Err(Rejection::UpstreamTimeout), None),
+            Ok(Err((refusal, status))) => (Err(refusal), status),
+            Err(_) => (Err(Refusal::UpstreamTimeout), None),
         }
     }
 
@@ -269,14 +266,14 @@ impl Inner {
         &self,
         request: Request<Incoming>,
     ) -> (
-        Result<Response<ForwardBody>, Rejection>,
+        Result<Response<ForwardBody>, Refusal>,
         Option<http::StatusCode>,
     ) {
         let settings = &self.settings;
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
         let Ok(uri) = Uri::try_from(format!("{}{}", self.prefix, path)) else {
-            return (Err(Rejection::UpstreamUnavailable), None);
+            return (Err(Refusal::UpstreamUnavailable), None);
         };
         let peer = parts
             .extensions
@@ -298,7 +295,7 @@ impl Inner {
         *upstream.headers_mut() = parts.headers;
         match timeout(settings.timeout, self.pool.send(upstream, None)).await {
             Ok(Ok((response, _))) if !is_final(response.status()) => {
-                (Err(Rejection::UpstreamUnavailable), Some(response.status()))
+                (Err(Refusal::UpstreamUnavailable), Some(response.status()))
             }
             Ok(Ok((response, lease))) => {
                 let (mut parts, body) = response.into_parts();
@@ -315,8 +312,8 @@ impl Inner {
                 )
             }
             Ok(Err(error)) => (Err(blame(error, &watch)), None),
-            Err(_) if watch.waiting_on_client() => (Err(Rejection::ClientBodyTimeout), None),
-            Err(_) => (Err(Rejection::UpstreamTimeout), None),
+            Err(_) if watch.waiting_on_client() => (Err(Refusal::ClientBodyTimeout), None),
+            Err(_) => (Err(Refusal::UpstreamTimeout), None),
         }
     }
 }
@@ -329,10 +326,10 @@ fn is_final(status: http::StatusCode) -> bool {
 }
 
 /// Whose fault a failed forwarded exchange is: the client's if its body broke.
-fn blame(error: SendError, watch: &BodyWatch) -> Rejection {
+fn blame(error: SendError, watch: &BodyWatch) -> Refusal {
     if watch.failed() {
         tracing::debug!(%error, "client request body failed");
-        return Rejection::ClientBodyInvalid;
+        return Refusal::ClientBodyInvalid;
     }
     classify(error).0
 }
@@ -392,7 +389,7 @@ fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
 }
 
 /// A connect that timed out is a 504; everything else (refused, reset, TLS, protocol) a 502.
-fn classify(error: SendError) -> (Rejection, Option<http::StatusCode>) {
+fn classify(error: SendError) -> (Refusal, Option<http::StatusCode>) {
     // The access log says only upstream_unavailable or upstream_timeout; the cause is here.
     tracing::warn!(
         upstream_error = crate::telemetry::upstream_error(error.chain()),
@@ -405,9 +402,9 @@ fn classify(error: SendError) -> (Rejection, Option<http::StatusCode>) {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
     });
     if timed_out {
-        return (Rejection::UpstreamTimeout, None);
+        return (Refusal::UpstreamTimeout, None);
     }
-    (Rejection::UpstreamUnavailable, None)
+    (Refusal::UpstreamUnavailable, None)
 }
 
 /// An answer streamed from QuickBlox; its connection goes back to the pool once the

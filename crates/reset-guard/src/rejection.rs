@@ -9,6 +9,7 @@ use crate::limit::{Denial, LimitGroup, Quota};
 
 /// Why a request was not forwarded. A rejection is a response, not an error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Rejection {
     /// The path is not guarded and `other_routes` is `reject`.
     #[error("no route for this path")]
@@ -16,12 +17,6 @@ pub enum Rejection {
     /// Anything but GET on the guarded path.
     #[error("method not allowed on the reset path")]
     MethodNotAllowed,
-    /// An HTTP/1.1 request without exactly one Host header (RFC 9112 §3.2).
-    #[error("HTTP/1.1 request without exactly one Host header")]
-    HostRequired,
-    /// A request target longer than the server allows.
-    #[error("request target too long")]
-    TargetTooLong,
     /// A GET with Content-Length > 0 or Transfer-Encoding.
     #[error("GET request carries a body")]
     BodyOnGet,
@@ -58,20 +53,6 @@ pub enum Rejection {
     /// The shared limiter (Redis) could not be asked and `on_error: deny` is set.
     #[error("rate limiter unavailable")]
     LimiterUnavailable,
-    /// A forwarded request's body was broken by the client (bad chunk framing, cut short
-    /// before its length): the client's fault, not QuickBlox's.
-    #[error("request body malformed or cut short")]
-    ClientBodyInvalid,
-    /// A forwarded request's body stopped arriving from the client before QuickBlox
-    /// could answer.
-    #[error("request body not received in time")]
-    ClientBodyTimeout,
-    /// QuickBlox could not be reached or answered badly.
-    #[error("upstream unavailable")]
-    UpstreamUnavailable,
-    /// QuickBlox did not answer in time.
-    #[error("upstream timed out")]
-    UpstreamTimeout,
 }
 
 impl Rejection {
@@ -80,14 +61,10 @@ impl Rejection {
         match self {
             Rejection::NotFound => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Rejection::TargetTooLong => StatusCode::URI_TOO_LONG,
-            Rejection::HostRequired
-            | Rejection::BodyOnGet
+            Rejection::BodyOnGet
             | Rejection::AmbiguousCredentials
             | Rejection::RepeatedCredential(_)
-            | Rejection::EmailRepeated
-            | Rejection::ClientBodyInvalid => StatusCode::BAD_REQUEST,
-            Rejection::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            | Rejection::EmailRepeated => StatusCode::BAD_REQUEST,
             Rejection::MissingCredentials | Rejection::BadScheme | Rejection::UnknownClient => {
                 StatusCode::UNAUTHORIZED
             }
@@ -96,17 +73,13 @@ impl Rejection {
             }
             Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Rejection::LimiterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Rejection::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
-            Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
     /// Every label [`outcome`](Rejection::outcome) gives, for counters made ahead of use.
-    pub const OUTCOMES: [&'static str; 18] = [
+    pub const OUTCOMES: [&'static str; 12] = [
         "not_found",
         "method_not_allowed",
-        "host_required",
-        "target_too_long",
         "body_on_get",
         "missing_credentials",
         "ambiguous_credentials",
@@ -117,10 +90,6 @@ impl Rejection {
         "email_invalid",
         "rate_limited",
         "limiter_unavailable",
-        "client_body_invalid",
-        "client_body_timeout",
-        "upstream_unavailable",
-        "upstream_timeout",
     ];
 
     /// A short label for logs and metrics.
@@ -128,8 +97,6 @@ impl Rejection {
         match self {
             Rejection::NotFound => "not_found",
             Rejection::MethodNotAllowed => "method_not_allowed",
-            Rejection::HostRequired => "host_required",
-            Rejection::TargetTooLong => "target_too_long",
             Rejection::BodyOnGet => "body_on_get",
             Rejection::MissingCredentials => "missing_credentials",
             Rejection::AmbiguousCredentials | Rejection::RepeatedCredential(_) => {
@@ -142,10 +109,6 @@ impl Rejection {
             Rejection::EmailNotUtf8 | Rejection::EmailInvalid(_) => "email_invalid",
             Rejection::RateLimited(_) => "rate_limited",
             Rejection::LimiterUnavailable => "limiter_unavailable",
-            Rejection::ClientBodyInvalid => "client_body_invalid",
-            Rejection::ClientBodyTimeout => "client_body_timeout",
-            Rejection::UpstreamUnavailable => "upstream_unavailable",
-            Rejection::UpstreamTimeout => "upstream_timeout",
         }
     }
 
@@ -154,10 +117,6 @@ impl Rejection {
         match self {
             Rejection::NotFound => r#"{"errors":{"base":["Not found"]}}"#,
             Rejection::MethodNotAllowed => r#"{"errors":{"base":["Method not allowed"]}}"#,
-            Rejection::HostRequired => {
-                r#"{"errors":{"base":["Exactly one Host header is required"]}}"#
-            }
-            Rejection::TargetTooLong => r#"{"errors":{"base":["Request target too long"]}}"#,
             Rejection::BodyOnGet => r#"{"errors":{"base":["GET request must not have a body"]}}"#,
             Rejection::MissingCredentials => {
                 r#"{"errors":{"base":["QB-Token or Authorization header is required"]}}"#
@@ -186,15 +145,6 @@ impl Rejection {
                 r#"{"errors":{"base":["Too many requests, retry later"]}}"#
             }
             Rejection::LimiterUnavailable => r#"{"errors":{"base":["Rate limiter unavailable"]}}"#,
-            Rejection::ClientBodyInvalid => {
-                r#"{"errors":{"base":["Request body is malformed or cut short"]}}"#
-            }
-            Rejection::ClientBodyTimeout => {
-                r#"{"errors":{"base":["Request body not received in time"]}}"#
-            }
-            Rejection::UpstreamUnavailable | Rejection::UpstreamTimeout => {
-                r#"{"errors":{"base":["Upstream unavailable"]}}"#
-            }
         }
     }
 
@@ -302,8 +252,6 @@ mod tests {
         let mut all = vec![
             Rejection::NotFound,
             Rejection::MethodNotAllowed,
-            Rejection::HostRequired,
-            Rejection::TargetTooLong,
             Rejection::BodyOnGet,
             Rejection::MissingCredentials,
             Rejection::AmbiguousCredentials,
@@ -316,10 +264,6 @@ mod tests {
             Rejection::EmailNotUtf8,
             Rejection::EmailInvalid(EmailError::AtSign),
             Rejection::LimiterUnavailable,
-            Rejection::ClientBodyInvalid,
-            Rejection::ClientBodyTimeout,
-            Rejection::UpstreamUnavailable,
-            Rejection::UpstreamTimeout,
         ];
         all.push(Rejection::RateLimited(crate::limit::Denial {
             group: LimitGroup::PerIp,

@@ -1,0 +1,129 @@
+//! Answers the gateway gives on its own, outside the guard: requests a careful HTTP server
+//! refuses before reading what they ask, a client's broken request body, and exchanges
+//! with QuickBlox that failed. They use the guard's error envelope and content type.
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, Response, StatusCode};
+
+/// Why the gateway answered itself. Left in the response extensions for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// An HTTP/1.1 request without exactly one Host header (RFC 9112 §3.2).
+    #[error("HTTP/1.1 request without exactly one Host header")]
+    HostRequired,
+    /// A request target longer than `server.max_uri_bytes`.
+    #[error("request target too long")]
+    TargetTooLong,
+    /// A forwarded request's body was broken by the client (bad chunk framing, cut short
+    /// before its length): the client's fault, not QuickBlox's.
+    #[error("request body malformed or cut short")]
+    ClientBodyInvalid,
+    /// A forwarded request's body stopped arriving before QuickBlox could answer.
+    #[error("request body not received in time")]
+    ClientBodyTimeout,
+    /// QuickBlox could not be reached or answered badly.
+    #[error("upstream unavailable")]
+    UpstreamUnavailable,
+    /// QuickBlox did not answer in time.
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+}
+
+impl Refusal {
+    /// Every label [`outcome`](Refusal::outcome) gives, for counters made ahead of use.
+    pub const OUTCOMES: [&'static str; 6] = [
+        "host_required",
+        "target_too_long",
+        "client_body_invalid",
+        "client_body_timeout",
+        "upstream_unavailable",
+        "upstream_timeout",
+    ];
+
+    /// The HTTP status of the answer.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::HostRequired | Refusal::ClientBodyInvalid => StatusCode::BAD_REQUEST,
+            Refusal::TargetTooLong => StatusCode::URI_TOO_LONG,
+            Refusal::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A short label for logs and metrics.
+    pub fn outcome(self) -> &'static str {
+        let [host, target, body, body_timeout, unavailable, timeout] = Self::OUTCOMES;
+        match self {
+            Refusal::HostRequired => host,
+            Refusal::TargetTooLong => target,
+            Refusal::ClientBodyInvalid => body,
+            Refusal::ClientBodyTimeout => body_timeout,
+            Refusal::UpstreamUnavailable => unavailable,
+            Refusal::UpstreamTimeout => timeout,
+        }
+    }
+
+    /// The QuickBlox-style error envelope.
+    pub fn body(self) -> &'static str {
+        match self {
+            Refusal::HostRequired => {
+                r#"{"errors":{"base":["Exactly one Host header is required"]}}"#
+            }
+            Refusal::TargetTooLong => r#"{"errors":{"base":["Request target too long"]}}"#,
+            Refusal::ClientBodyInvalid => {
+                r#"{"errors":{"base":["Request body is malformed or cut short"]}}"#
+            }
+            Refusal::ClientBodyTimeout => {
+                r#"{"errors":{"base":["Request body not received in time"]}}"#
+            }
+            Refusal::UpstreamUnavailable | Refusal::UpstreamTimeout => {
+                r#"{"errors":{"base":["Upstream unavailable"]}}"#
+            }
+        }
+    }
+
+    /// The full answer, carrying itself in its extensions.
+    pub fn to_response(self) -> Response<Bytes> {
+        let body = self.body();
+        let mut response = Response::new(Bytes::from_static(body.as_bytes()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        response.extensions_mut().insert(self);
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [Refusal; 6] = [
+        Refusal::HostRequired,
+        Refusal::TargetTooLong,
+        Refusal::ClientBodyInvalid,
+        Refusal::ClientBodyTimeout,
+        Refusal::UpstreamUnavailable,
+        Refusal::UpstreamTimeout,
+    ];
+
+    #[test]
+    fn every_outcome_is_listed_and_every_body_is_an_envelope() {
+        for refusal in ALL {
+            assert!(
+                Refusal::OUTCOMES.contains(&refusal.outcome()),
+                "{refusal:?}"
+            );
+            let response = refusal.to_response();
+            let body = std::str::from_utf8(response.body()).unwrap();
+            assert!(body.starts_with(r#"{"errors":{"base":[""#), "{body}");
+            assert_eq!(response.extensions().get::<Refusal>(), Some(&refusal));
+        }
+    }
+}
