@@ -14,9 +14,8 @@ use bytes::Bytes;
 use criterion::{criterion_group, BatchSize, Criterion};
 use http::{Request, Response};
 use http_body_util::{Empty, Full};
-use reset_guard::{
-    ApiKey, Email, EmailPolicy, GuardConfig, LimitGroup, PeerAddr, ResetGuardLayer, StoreSettings,
-};
+use reset_guard::internals::{Email, EmailPolicy};
+use reset_guard::{ApiKey, GuardConfig, LimitGroup, PeerAddr, ResetGuardLayer, StoreSettings};
 use tower::{service_fn, Service, ServiceBuilder};
 
 /// SHA-256 of "foo".

@@ -4,7 +4,7 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use reset_guard::presented_token;
+use reset_guard::internals::presented_token;
 
 fuzz_target!(|data: &[u8]| {
     let mut headers = HeaderMap::new();

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use reset_guard::{Email, EmailKey, EmailKeyPolicy, EmailPolicy};
+use reset_guard::internals::{Email, EmailKey, EmailKeyPolicy, EmailPolicy};
 
 fuzz_target!(|input: &str| {
     for allow_utf8_local in [false, true] {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use reset_guard::{email_param, encode_query_value, Email, EmailPolicy};
+use reset_guard::internals::{email_param, encode_query_value, Email, EmailPolicy};
 
 fuzz_target!(|query: &str| {
     if let Ok(raw) = email_param(Some(query)) {

@@ -7,13 +7,12 @@ use std::time::Duration;
 
 use http::header::{HeaderName, AUTHORIZATION, COOKIE, EXPECT, HOST};
 use http::Uri;
-use reset_guard::duration::ConfigDuration;
-use reset_guard::{
-    ApiKey, ConfigError, GuardConfig, GuardSettings, OnError, RedisSettings, QB_TOKEN,
-};
+use reset_guard::ConfigDuration;
+use reset_guard::{ApiKey, ConfigError, GuardConfig, GuardSettings, OnError, RedisSettings};
 use serde::{de, Deserialize, Deserializer};
 use zeroize::Zeroizing;
 
+use crate::header_names::QB_TOKEN;
 use crate::hop_by_hop::{is_framing, is_hop_by_hop};
 
 /// Where the file is read from when neither `--config` nor `RESET_GATEWAY_CONFIG` is given.
@@ -586,7 +585,7 @@ fn never_passed(name: &HeaderName) -> bool {
     name == AUTHORIZATION
         || name == COOKIE
         || name == HOST
-        || name.as_str() == QB_TOKEN
+        || name == QB_TOKEN
         || name.as_str() == "x-forwarded-for"
         || name.as_str() == "x-request-id"
         || name == EXPECT

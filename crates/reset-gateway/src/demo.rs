@@ -70,7 +70,7 @@ pub async fn run(
 
 /// The demo's one per-IP quota, which the printed rate-limit loop is counted from.
 fn per_ip_quota(settings: &Settings) -> &Quota {
-    match settings.guard.limits().quotas(LimitGroup::PerIp) {
+    match settings.guard.quotas(LimitGroup::PerIp) {
         [quota] => quota,
         quotas => unreachable!("the demo sets one per-IP quota, not {}", quotas.len()),
     }

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod header_names;
 pub mod health;
 pub mod hop_by_hop;
 pub mod metrics;

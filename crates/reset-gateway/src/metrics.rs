@@ -236,7 +236,6 @@ struct LimiterCollector {
 
 impl Collector for LimiterCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let counters = self.guard.counters();
         let mut family = encoder.encode_descriptor(
             "reset_gateway_rate_limited",
             "Requests a quota denied (shadow=\"true\": would have denied)",
@@ -245,8 +244,8 @@ impl Collector for LimiterCollector {
         )?;
         for group in LimitGroup::ALL {
             for (shadow, value) in [
-                ("false", counters.denied(group)),
-                ("true", counters.shadow_denied(group)),
+                ("false", self.guard.denied(group)),
+                ("true", self.guard.shadow_denied(group)),
             ] {
                 let labels = [("limit", group.name()), ("shadow", shadow)];
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;

@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use reset_guard::{
     GuardBody, GuardHandle, GuardedRequest, PeerAddr, Rejection, ResetGuard, ResetGuardLayer,
-    UpstreamStatus, RATELIMIT, RATELIMIT_POLICY,
+    UpstreamStatus,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -30,6 +30,7 @@ use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 
 use crate::admin::{self, Status};
 use crate::config::Settings;
+use crate::header_names::{QB_TOKEN, RATELIMIT, RATELIMIT_POLICY};
 use crate::metrics::Metrics;
 use crate::preface;
 use crate::refusal::Refusal;
@@ -161,7 +162,7 @@ fn cors(settings: &Settings) -> Option<CorsLayer> {
             .allow_origin(AllowOrigin::list(origins.iter().cloned()))
             .allow_methods([Method::GET])
             .allow_headers([
-                HeaderName::from_static(reset_guard::QB_TOKEN),
+                QB_TOKEN,
                 AUTHORIZATION,
                 CONTENT_TYPE,
                 X_REQUEST_ID,

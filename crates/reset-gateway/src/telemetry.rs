@@ -80,14 +80,14 @@ impl AccessRecord<'_> {
             .uniform
             .map(|u| u.0.as_u16())
             .or_else(|| self.upstream.and_then(|u| u.status).map(|s| s.as_u16()));
-        let client_ip = self.guarded.map_or(self.peer, |g| g.client_ip().ip());
+        let client_ip = self.guarded.map_or(self.peer, |g| g.client_ip());
         tracing::info!(
             target: "access",
             request_id = self.request_id,
-            client_id = self.guarded.map(|g| g.client_id().as_str()),
+            client_id = self.guarded.map(|g| g.client_id()),
             client_ip = %client_ip,
             email_hash = self.guarded.map(email_tag),
-            email = self.guarded.filter(|_| self.include_email).map(|g| g.email().as_str()),
+            email = self.guarded.filter(|_| self.include_email).map(|g| g.email()),
             outcome,
             limit,
             status = self.status.as_u16(),

@@ -17,7 +17,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use reset_guard::{encode_query_value, GuardBody, GuardedRequest, PeerAddr};
+use reset_guard::{GuardBody, GuardedRequest, PeerAddr};
 use tokio::time::{timeout, Instant};
 
 use crate::config::UpstreamSettings;
@@ -185,14 +185,14 @@ impl Inner {
             .map(|p| p.0.ip().to_canonical());
         // Built again only if a kept connection turns out dead under it.
         let build = || -> Option<Request<UpstreamBody>> {
-            let (path, email) = (request.uri().path(), guarded.email().as_str());
+            let (path, email) = (request.uri().path(), guarded.email());
             // The target alone: the pool knows the origin, and HTTP/1.1 sends only this.
             let mut uri =
                 String::with_capacity(self.prefix.len() + path.len() + 7 + 3 * email.len());
             uri.push_str(&self.prefix);
             uri.push_str(path);
-            uri.push_str("?email=");
-            uri.extend(encode_query_value(email));
+            uri.push('?');
+            guarded.write_email_query(&mut uri);
             let uri = Uri::try_from(uri).ok()?;
             let mut headers = HeaderMap::with_capacity(settings.pass_headers.len() + 3);
             if let Some(key) = incoming.get(AUTHORIZATION) {
@@ -201,7 +201,7 @@ impl Inner {
             if let Some(id) = incoming.get(&X_REQUEST_ID) {
                 headers.insert(X_REQUEST_ID.clone(), id.clone());
             }
-            if let Some(chain) = forwarded_for(incoming, peer, guarded.client_ip().ip()) {
+            if let Some(chain) = forwarded_for(incoming, peer, guarded.client_ip()) {
                 headers.insert(X_FORWARDED_FOR, chain);
             }
             let hop_named: Vec<_> = connection_named(incoming).collect();

@@ -130,13 +130,9 @@ impl ClientRegistry {
     }
 
     /// How many clients are configured.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.clients.len()
-    }
-
-    /// Whether no client is configured.
-    pub fn is_empty(&self) -> bool {
-        self.clients.is_empty()
     }
 }
 

@@ -19,11 +19,6 @@ pub struct PeerAddr(pub SocketAddr);
 pub struct ClientIp(IpAddr);
 
 impl ClientIp {
-    /// The peer when no proxy is trusted.
-    pub fn new(ip: IpAddr) -> Self {
-        ClientIp(ip.to_canonical())
-    }
-
     /// Resolves the client behind any trusted proxies.
     pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Self {
         let peer = peer.to_canonical();

@@ -268,9 +268,9 @@ impl GuardSettings {
         self.uniform
     }
 
-    /// The rate limits.
-    pub fn limits(&self) -> &LimitSettings {
-        &self.limits
+    /// The quotas of one limit group, in the order they are checked.
+    pub fn quotas(&self, group: crate::limit::LimitGroup) -> &[crate::limit::Quota] {
+        self.limits.quotas(group)
     }
 }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::config::GuardSettings;
-use crate::limit::{LimitCounters, LimitGroup, Limiter};
+use crate::limit::{LimitGroup, Limiter};
 use crate::secret::ApiKey;
 use crate::state::{GuardCore, GuardState};
 
@@ -91,8 +91,13 @@ impl GuardHandle {
         self.core.current.load().limiter.forced_evictions()
     }
 
-    /// Denials so far, enforced and shadow, per group.
-    pub fn counters(&self) -> &LimitCounters {
-        &self.core.counters
+    /// Requests a quota of `group` denied so far (kept across reloads).
+    pub fn denied(&self, group: LimitGroup) -> u64 {
+        self.core.counters.denied(group)
+    }
+
+    /// Requests a shadow quota of `group` would have denied so far.
+    pub fn shadow_denied(&self, group: LimitGroup) -> u64 {
+        self.core.counters.shadow_denied(group)
     }
 }

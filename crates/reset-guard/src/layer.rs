@@ -72,8 +72,9 @@ impl ResetGuardBuilder {
         self
     }
 
-    /// The limiters' clock (tests pass a [`ManualClock`](crate::ManualClock)).
-    pub fn clock(mut self, clock: impl Clock) -> Self {
+    /// The limiters' clock (tests pass a `ManualClock`).
+    #[cfg(test)]
+    pub(crate) fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
         self
     }
@@ -86,7 +87,7 @@ impl ResetGuardBuilder {
     }
 
     /// Serves requests on the guarded path that carry no [`PeerAddr`](crate::PeerAddr):
-    /// they are all attributed to [`ClientIp::UNKNOWN`](crate::ClientIp::UNKNOWN), so
+    /// they are all attributed to one unknown address (`0.0.0.0`), so
     /// together they share **one** per-IP bucket (`limits.per_ip`): once it is spent,
     /// every client without an address is refused until it refills.
     ///

@@ -32,7 +32,7 @@
 //!     assert_eq!(request.headers()["authorization"], "ApiKey server-api-key");
 //!     assert!(request.headers().get("qb-token").is_none());
 //!     let guarded = request.extensions().get::<GuardedRequest>().unwrap();
-//!     assert_eq!(guarded.email().as_str(), "bob@example.com");
+//!     assert_eq!(guarded.email(), "bob@example.com");
 //!     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
 //! });
 //! let service = ServiceBuilder::new().layer(layer).service(upstream);
@@ -74,7 +74,7 @@
 //!   path but the guarded one, so the app's other routes vanish. Embedded, set `forward`:
 //!   other paths reach the app untouched, except spellings of the guarded path
 //!   (`/users/password/reset%2Ejson`, a trailing slash), which stay 404.
-//! - `path` ([`DEFAULT_PATH`]): the guard owns it, comparing it with the path the layer
+//! - `path` (by default `/users/password/reset.json`): the guard owns it, comparing it with the path the layer
 //!   sees (under axum's `Router::nest`, without the prefix). It answers 405 to anything but
 //!   GET there, a CORS preflight included (the guard has no CORS: put a CORS layer outside
 //!   it), 400 to a body, and 401, 422 and 429 itself. The handler only sees checked
@@ -145,40 +145,46 @@ mod check;
 mod client_ip;
 mod config;
 mod context;
-pub mod duration;
+mod duration;
 mod email;
 mod future;
 mod handle;
 mod layer;
-pub mod limit;
+mod limit;
 mod query;
 mod rejection;
 mod secret;
 mod service;
 mod state;
 
-pub use auth::{presented_token, ClientId, ClientRegistry, TokenDigest, QB_TOKEN};
+pub use auth::TokenDigest;
 pub use body::GuardBody;
-pub use client_ip::{ClientIp, PeerAddr};
+pub use client_ip::PeerAddr;
 pub use config::{
     Cidr, ClientConfig, ClientIpConfig, ConfigError, EmailConfig, EmailKeyConfig, GuardConfig,
-    GuardSettings, LimitsConfig, OtherRoutes, QuotaConfig, ResponsesConfig, DEFAULT_PATH,
+    GuardSettings, LimitsConfig, OtherRoutes, QuotaConfig, ResponsesConfig,
 };
 pub use context::{GuardedRequest, UpstreamStatus};
-pub use email::{Email, EmailError, EmailKey, EmailKeyPolicy, EmailPolicy};
+pub use duration::ConfigDuration;
+pub use email::EmailError;
 pub use future::ResponseFuture;
 pub use handle::GuardHandle;
 pub use layer::{Housekeeping, ResetGuardBuilder, ResetGuardLayer, StoreError};
-pub use limit::{
-    Clock, Denial, LimitCounters, LimitGroup, LimitSettings, ManualClock, MonotonicClock, Quota,
-    Standing, StoreSettings,
-};
+pub use limit::{Denial, LimitGroup, Quota, StoreSettings};
 #[cfg(feature = "redis")]
 pub use limit::{OnError, RedisSettings};
-pub use query::{email_param, encode_query_value};
-pub use rejection::{rate_limit_fields, uniform_success, Rejection, RATELIMIT, RATELIMIT_POLICY};
+pub use rejection::Rejection;
 pub use secret::{ApiKey, InvalidApiKey};
 pub use service::ResetGuard;
+
+/// Not part of the API: the parts the project's own fuzz targets and benchmarks drive
+/// directly. They may change in any release.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::auth::presented_token;
+    pub use crate::email::{Email, EmailKey, EmailKeyPolicy, EmailPolicy};
+    pub use crate::query::{email_param, encode_query_value};
+}
 
 #[cfg(test)]
 mod tests;

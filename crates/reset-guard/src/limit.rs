@@ -24,7 +24,9 @@ use ipnet::IpNet;
 pub use self::redis::{OnError, RedisSettings};
 #[cfg(feature = "redis")]
 pub(crate) use self::redis::{RedisSpecs, RedisStore};
-pub use clock::{Clock, ManualClock, MonotonicClock};
+#[cfg(test)]
+pub(crate) use clock::ManualClock;
+pub(crate) use clock::{Clock, MonotonicClock};
 pub(crate) use key::Domain;
 pub use key::KeyHasher;
 pub use quota::Quota;

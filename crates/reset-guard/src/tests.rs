@@ -10,6 +10,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use tower::{service_fn, BoxError, ServiceBuilder, ServiceExt};
 
+use crate::limit::ManualClock;
 use crate::*;
 
 /// SHA-256 of "foo".
@@ -43,7 +44,7 @@ async fn run(
         let email = request
             .extensions()
             .get::<GuardedRequest>()
-            .map(|g| g.email().as_str().to_owned());
+            .map(|g| g.email().to_owned());
         log.lock().unwrap().push((request.headers().clone(), email));
         async move {
             let mut response = Response::new(Full::new(Bytes::from_static(b"null")));

@@ -1,9 +1,6 @@
 //! Time for the limiters, injectable so tests never sleep for a rate to refill.
 
-use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// A monotonic clock in nanoseconds since some fixed origin.
 pub trait Clock: Send + Sync + 'static {
@@ -31,33 +28,46 @@ impl Clock for MonotonicClock {
     }
 }
 
-/// A clock that moves only when told to; clones share the same time.
-#[derive(Clone, Default)]
-pub struct ManualClock {
-    nanos: Arc<AtomicU64>,
-}
+#[cfg(test)]
+pub use manual::ManualClock;
 
-impl ManualClock {
-    /// A clock at its origin.
-    pub fn new() -> Self {
-        Self::default()
+#[cfg(test)]
+mod manual {
+    use std::fmt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::Clock;
+
+    /// A clock that moves only when told to; clones share the same time.
+    #[derive(Clone, Default)]
+    pub struct ManualClock {
+        nanos: Arc<AtomicU64>,
     }
 
-    /// Moves time forward.
-    pub fn advance(&self, by: Duration) {
-        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
-        self.nanos.fetch_add(nanos, Ordering::SeqCst);
-    }
-}
+    impl ManualClock {
+        /// A clock at its origin.
+        pub fn new() -> Self {
+            Self::default()
+        }
 
-impl Clock for ManualClock {
-    fn now(&self) -> u64 {
-        self.nanos.load(Ordering::SeqCst)
+        /// Moves time forward.
+        pub fn advance(&self, by: Duration) {
+            let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+            self.nanos.fetch_add(nanos, Ordering::SeqCst);
+        }
     }
-}
 
-impl fmt::Debug for ManualClock {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ManualClock({}ns)", self.now())
+    impl Clock for ManualClock {
+        fn now(&self) -> u64 {
+            self.nanos.load(Ordering::SeqCst)
+        }
+    }
+
+    impl fmt::Debug for ManualClock {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "ManualClock({}ns)", self.now())
+        }
     }
 }

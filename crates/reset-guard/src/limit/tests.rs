@@ -12,6 +12,8 @@ use http_body_util::{BodyExt, Empty, Full};
 use proptest::prelude::*;
 use tower::{service_fn, util::BoxCloneService, ServiceBuilder, ServiceExt};
 
+use crate::limit::ManualClock;
+use crate::query::encode_query_value;
 use crate::*;
 
 /// SHA-256 of "foo" and "bar".
@@ -183,7 +185,7 @@ async fn per_ip_denial_names_the_quota_with_exact_retry_after() {
     assert_eq!(rig.status(ask("a@b.io")).await, 429);
     rig.clock.advance(Duration::from_millis(1));
     assert_eq!(rig.status(ask("a@b.io")).await, 200);
-    assert_eq!(rig.handle.counters().denied(LimitGroup::PerIp), 2);
+    assert_eq!(rig.handle.denied(LimitGroup::PerIp), 2);
 }
 
 #[tokio::test]
@@ -283,8 +285,8 @@ async fn shadow_quotas_count_but_never_deny() {
     let rig = new_rig("  per_email: [{ requests: 1, per: 1h, shadow: true }]\n");
     assert_eq!(rig.statuses(3, ask("a@b.io")).await, [200, 200, 200]);
     assert_eq!(rig.upstream_calls.load(Ordering::SeqCst), 3);
-    assert_eq!(rig.handle.counters().shadow_denied(LimitGroup::PerEmail), 2);
-    assert_eq!(rig.handle.counters().denied(LimitGroup::PerEmail), 0);
+    assert_eq!(rig.handle.shadow_denied(LimitGroup::PerEmail), 2);
+    assert_eq!(rig.handle.denied(LimitGroup::PerEmail), 0);
 }
 
 #[tokio::test]
@@ -586,7 +588,7 @@ fn default_limits_are_the_documented_ones() {
             .unwrap()
             .validate()
             .unwrap();
-    let limits = settings.limits();
+    let limits = &settings.limits;
     let shape = |g| {
         limits
             .quotas(g)
