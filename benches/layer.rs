@@ -24,11 +24,10 @@ const FOO: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e
 fn layer(limits: &str, max_keys: usize) -> ResetGuardLayer {
     let yaml = format!("clients: [{{ id: app, token_sha256: {FOO} }}]\nlimits:\n{limits}");
     let settings = GuardConfig::from_yaml(&yaml).unwrap().validate().unwrap();
+    let mut store = StoreSettings::default();
+    store.max_keys = max_keys;
     ResetGuardLayer::builder(settings, ApiKey::new("server-key").unwrap())
-        .store(StoreSettings {
-            max_keys,
-            ..StoreSettings::default()
-        })
+        .store(store)
         .key_secret(b"bench secret, sixteen+")
         .build()
         .unwrap()

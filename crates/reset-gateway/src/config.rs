@@ -138,12 +138,11 @@ impl RedisConfig {
                 "must be greater than zero",
             ));
         }
-        Ok(RedisSettings {
-            url: url.clone(),
-            key_prefix: self.key_prefix.clone(),
-            timeout: self.timeout.0,
-            on_error: self.on_error,
-        })
+        let mut settings = RedisSettings::new(url.clone());
+        settings.key_prefix = self.key_prefix.clone();
+        settings.timeout = self.timeout.0;
+        settings.on_error = self.on_error;
+        Ok(settings)
     }
 }
 
@@ -396,14 +395,10 @@ impl StoreConfig {
                  reversed and all replicas share one limit",
             ));
         }
-        Ok(StoreSettings {
-            limits: reset_guard::StoreSettings {
-                max_keys: self.max_keys,
-                redis,
-                ..reset_guard::StoreSettings::default()
-            },
-            key_secret,
-        })
+        let mut limits = reset_guard::StoreSettings::default();
+        limits.max_keys = self.max_keys;
+        limits.redis = redis;
+        Ok(StoreSettings { limits, key_secret })
     }
 }
 

@@ -16,6 +16,7 @@ use crate::email::EmailKeyPolicy;
 use crate::email::EmailPolicy;
 use crate::limit::LimitSettings;
 
+mod builder;
 mod limits;
 
 pub use limits::{EmailKeyConfig, LimitsConfig, QuotaConfig};
@@ -30,6 +31,7 @@ pub const DEFAULT_PATH: &str = "/users/password/reset.json";
 /// The `guard:` section. Every field has a default, so `{}` is a valid (if client-less) file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct GuardConfig {
     /// The path that is guarded.
     pub path: String,
@@ -64,6 +66,7 @@ impl Default for GuardConfig {
 /// `guard.other_routes`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum OtherRoutes {
     /// Answer 404.
     #[default]
@@ -75,6 +78,7 @@ pub enum OtherRoutes {
 /// One entry of `guard.clients`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// Name used in logs and metrics.
     pub id: String,
@@ -98,6 +102,7 @@ impl<'de> Deserialize<'de> for TokenDigest {
 /// `guard.client_ip`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct ClientIpConfig {
     /// Peers whose `X-Forwarded-For` is believed, as CIDRs.
     pub trusted_proxies: Vec<Cidr>,
@@ -107,31 +112,40 @@ pub struct ClientIpConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr(pub IpNet);
 
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    /// `10.0.0.0/8`, `2001:db8::/32`, or a bare address for one host.
+    fn from_str(text: &str) -> Result<Cidr, String> {
         let net = text
             .parse::<IpNet>()
             .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-            .map_err(|_| {
-                de::Error::custom(format!("{text:?} is not an IP address or CIDR block"))
-            })?;
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR block"))?;
         if net.trunc() != net {
             // `10.0.0.1/8` is most likely a typo for a host or for `10.0.0.0/8`: trusting
             // a whole block by mistake lets its hosts choose their client address.
-            return Err(de::Error::custom(format!(
+            return Err(format!(
                 "{text} has host bits set: write {} for the block, or {} for the one host",
                 net.trunc(),
                 net.addr()
-            )));
+            ));
         }
         Ok(Cidr(net))
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(de::Error::custom)
     }
 }
 
 /// `guard.responses`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct ResponsesConfig {
     /// Upstream 404 and 401 become 200 with an empty body.
     pub uniform: bool,
@@ -151,6 +165,7 @@ impl Default for ResponsesConfig {
 /// `guard.email`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct EmailConfig {
     /// Accept non-ASCII local parts.
     pub allow_utf8_local: bool,

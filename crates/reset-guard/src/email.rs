@@ -21,6 +21,7 @@ pub struct EmailPolicy {
 /// Why an address was refused. Messages name the rule, never the address.
 #[allow(missing_docs)] // each message documents its variant
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum EmailError {
     #[error("address longer than {MAX_ADDRESS_OCTETS} octets")]
     TooLong,

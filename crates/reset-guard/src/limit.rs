@@ -39,6 +39,7 @@ pub const MAX_QUOTAS_PER_GROUP: usize = 4;
 
 /// The four limit groups, in the order a request meets them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum LimitGroup {
     /// Keyed by client IP (masked to a prefix).
     PerIp,
@@ -178,6 +179,7 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
 
 /// Store settings that belong to the deployment rather than to the `guard:` section.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct StoreSettings {
     /// Most keys each quota tracks before idle (then least-charged) keys are dropped.
     pub max_keys: usize,

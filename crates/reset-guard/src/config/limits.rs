@@ -11,6 +11,7 @@ use crate::limit::{LimitGroup, LimitSettings, Quota, MAX_QUOTAS_PER_GROUP};
 /// A quota as written in YAML: `{ requests: 3, per: 1h, burst: 5, shadow: false }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct QuotaConfig {
     /// Requests allowed per `per`.
     pub requests: u32,
@@ -27,6 +28,7 @@ pub struct QuotaConfig {
 /// `guard.limits`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct LimitsConfig {
     /// Per client IP (every guarded request, valid or not).
     pub per_ip: Vec<QuotaConfig>,
@@ -76,6 +78,7 @@ impl Default for LimitsConfig {
 /// `guard.limits.email_key`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct EmailKeyConfig {
     /// `bob+tag@x.io` counts as `bob@x.io`.
     pub strip_plus_tag: bool,

@@ -196,6 +196,7 @@ async fn run_batches(
 /// What to do with a request when Redis cannot be asked in time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum OnError {
     /// Let it through unlimited, and count the error.
     #[default]
@@ -206,8 +207,9 @@ pub enum OnError {
 
 /// Where and how to reach Redis.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RedisSettings {
-    /// `redis://[user:password@]host:port[/db]` or `rediss://…`.
+    /// `redis://[user:password@]host:port[/db]`.
     pub url: String,
     /// Prepended to every key, so several deployments can share one server.
     pub key_prefix: String,
@@ -218,6 +220,17 @@ pub struct RedisSettings {
 }
 
 impl RedisSettings {
+    /// The server at `url`, with the key prefix `reset-gateway`, a 50ms timeout and
+    /// `on_error: allow`.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisSettings {
+            url: url.into(),
+            key_prefix: "reset-gateway".to_owned(),
+            timeout: Duration::from_millis(50),
+            on_error: OnError::Allow,
+        }
+    }
+
     /// Whether the client accepts `url` (checked without connecting).
     pub fn check_url(url: &str) -> Result<(), String> {
         redis::Client::open(url)
