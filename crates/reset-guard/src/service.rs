@@ -39,60 +39,78 @@ impl<S> ResetGuard<S> {
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ResetGuard<S>
-where
+/// The service impl, written once for both builds: with Redis, a request may wait for the
+/// store's answer with the inner service taken along, so the inner service must be
+/// `Clone + Send + 'static` there; without, the guard asks nothing of it.
+macro_rules! guard_service {
+    ($($bounds:tt)*) => {
+        impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ResetGuard<S>
+        where
+            $($bounds)*
+        {
+            type Response = Response<GuardBody<ResBody>>;
+            type Error = S::Error;
+            type Future = ResponseFuture<S::Future, ResBody>;
+
+            fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+                self.inner.poll_ready(cx)
+            }
+
+            fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+                let state = self.core.current.load();
+                if !self.core.peer_optional
+                    && request.uri().path() == state.settings.path
+                    && request.extensions().get::<PeerAddr>().is_none()
+                {
+                    return missing_peer(&self.core, &state.settings.path);
+                }
+                let min_latency = state.settings.min_latency;
+                let floor = (!min_latency.is_zero()).then(|| Instant::now() + min_latency);
+                #[cfg(feature = "redis")]
+                let eager = self.core.redis.is_none();
+                #[cfg(not(feature = "redis"))]
+                let eager = true;
+                let plan = match inspect(&self.core, &state, &request, eager) {
+                    Inspection::Answer(rejection) => return ResponseFuture::rejected(rejection),
+                    Inspection::PassThrough => {
+                        return ResponseFuture::passed_through(self.inner.call(request))
+                    }
+                    Inspection::Plan(plan) => plan,
+                };
+                #[cfg(feature = "redis")]
+                if let (Some(store), Some(specs)) = (&self.core.redis, &state.redis_specs) {
+                    let decision = store.decide(specs, plan.charges());
+                    // The inner service was made ready for this request: take that one along and
+                    // leave a fresh clone for the next `poll_ready`.
+                    let clone = self.inner.clone();
+                    let mut inner = std::mem::replace(&mut self.inner, clone);
+                    let state = arc_swap::Guard::into_inner(state);
+                    return ResponseFuture::deciding(
+                        decision,
+                        Box::new(move |decision| {
+                            finish(&mut inner, &state, request, plan, decision, floor)
+                        }),
+                    );
+                }
+                let decision = plan.eager_decision();
+                finish(&mut self.inner, &state, request, plan, decision, floor)
+            }
+        }
+    };
+}
+
+#[cfg(feature = "redis")]
+guard_service! {
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     ReqBody: Body + Send + 'static,
     ResBody: Send + 'static,
-{
-    type Response = Response<GuardBody<ResBody>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody>;
+}
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let state = self.core.current.load();
-        if !self.core.peer_optional
-            && request.uri().path() == state.settings.path
-            && request.extensions().get::<PeerAddr>().is_none()
-        {
-            return missing_peer(&self.core, &state.settings.path);
-        }
-        let min_latency = state.settings.min_latency;
-        let floor = (!min_latency.is_zero()).then(|| Instant::now() + min_latency);
-        #[cfg(feature = "redis")]
-        let eager = self.core.redis.is_none();
-        #[cfg(not(feature = "redis"))]
-        let eager = true;
-        let plan = match inspect(&self.core, &state, &request, eager) {
-            Inspection::Answer(rejection) => return ResponseFuture::rejected(rejection),
-            Inspection::PassThrough => {
-                return ResponseFuture::passed_through(self.inner.call(request))
-            }
-            Inspection::Plan(plan) => plan,
-        };
-        #[cfg(feature = "redis")]
-        if let (Some(store), Some(specs)) = (&self.core.redis, &state.redis_specs) {
-            let decision = store.decide(specs, plan.charges());
-            // The inner service was made ready for this request: take that one along and
-            // leave a fresh clone for the next `poll_ready`.
-            let clone = self.inner.clone();
-            let mut inner = std::mem::replace(&mut self.inner, clone);
-            let state = arc_swap::Guard::into_inner(state);
-            return ResponseFuture::deciding(
-                decision,
-                Box::new(move |decision| {
-                    finish(&mut inner, &state, request, plan, decision, floor)
-                }),
-            );
-        }
-        let decision = plan.eager_decision();
-        finish(&mut self.inner, &state, request, plan, decision, floor)
-    }
+#[cfg(not(feature = "redis"))]
+guard_service! {
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: Body,
 }
 
 /// A guarded request without a peer address: counting it against a core bucket would

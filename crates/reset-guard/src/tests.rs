@@ -555,3 +555,39 @@ async fn spawned_housekeeping_forgets_idle_keys() {
     }
     panic!("the idle key was never swept");
 }
+
+/// Without Redis the guard asks nothing more of the inner service than to be a service:
+/// neither `Clone` nor `Send` (compiled by `cargo check -p reset-guard --all-targets`,
+/// which builds without the `redis` feature).
+#[cfg(not(feature = "redis"))]
+#[tokio::test]
+async fn memory_limits_take_any_inner_service() {
+    use std::rc::Rc;
+    use std::task::{Context, Poll};
+
+    struct Local(Rc<()>);
+    impl tower::Service<Request<Empty<Bytes>>> for Local {
+        type Response = Response<Empty<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: Request<Empty<Bytes>>) -> Self::Future {
+            let _ = &self.0;
+            std::future::ready(Ok(Response::new(Empty::new())))
+        }
+    }
+
+    let layer = ResetGuardLayer::new(settings(""), ApiKey::new("server-key").unwrap());
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(Local(Rc::new(())));
+    let request = reset("email=a%40example.com")
+        .header("qb-token", "foo")
+        .extension(peer())
+        .body(Empty::new())
+        .unwrap();
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
