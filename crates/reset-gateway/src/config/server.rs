@@ -1,0 +1,215 @@
+//! The listeners: `server` (the public one, with its TLS and CORS) and `admin` (health,
+//! readiness and metrics) as written, checked together into [`ServerSettings`], since the
+//! two must not share an address.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::Uri;
+use reset_guard::{ConfigDuration, ConfigError};
+use serde::Deserialize;
+
+/// `server`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the public listener.
+    pub listen: SocketAddr,
+    /// A client must send its whole request head within this time.
+    pub header_read_timeout: ConfigDuration,
+    /// How long in-flight requests may run on after SIGTERM.
+    pub shutdown_grace: ConfigDuration,
+    /// A whole request, head to answer, must be done within this time.
+    pub request_timeout: ConfigDuration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Worker threads, each with its own event loop, listener and upstream pool; 0: one per core.
+    pub workers: usize,
+    /// Largest request head, in bytes; beyond it the answer is 431.
+    pub max_header_bytes: usize,
+    /// Longest request target (path and query), in bytes; beyond it the answer is 414.
+    pub max_uri_bytes: usize,
+    /// TLS termination (HTTP/2 and HTTP/1.1 by ALPN).
+    pub tls: Option<TlsConfig>,
+    /// CORS for browser apps.
+    pub cors: CorsConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            header_read_timeout: ConfigDuration::from_secs(5),
+            shutdown_grace: ConfigDuration::from_secs(20),
+            request_timeout: ConfigDuration::from_secs(30),
+            max_connections: 10_000,
+            workers: 0,
+            max_header_bytes: 16 * 1024,
+            max_uri_bytes: 8 * 1024,
+            tls: None,
+            cors: CorsConfig::default(),
+        }
+    }
+}
+
+/// `server.tls`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// `server.cors`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed to call the gateway from a browser (`https://app.example`); empty: CORS off.
+    pub allow_origins: Vec<String>,
+    /// How long browsers may cache a preflight answer.
+    pub max_age: ConfigDuration,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            allow_origins: Vec::new(),
+            max_age: ConfigDuration::from_secs(600),
+        }
+    }
+}
+
+/// `admin`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin listener (`/healthz`, `/readyz`, `/metrics`).
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+        }
+    }
+}
+
+/// Checked `server` section.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Public listener.
+    pub listen: SocketAddr,
+    /// Request head deadline.
+    pub header_read_timeout: Duration,
+    /// Drain time on shutdown.
+    pub shutdown_grace: Duration,
+    /// Whole-request deadline.
+    pub request_timeout: Duration,
+    /// Connections at once.
+    pub max_connections: usize,
+    /// Worker threads.
+    pub workers: usize,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Longest request target.
+    pub max_uri_bytes: usize,
+    /// TLS files, if TLS is on.
+    pub tls: Option<TlsConfig>,
+    /// Allowed CORS origins (empty: off) and preflight cache time.
+    pub cors_origins: Vec<http::HeaderValue>,
+    /// Preflight cache time.
+    pub cors_max_age: Duration,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+}
+
+impl ServerConfig {
+    pub(super) fn validate(&self, admin: &AdminConfig) -> Result<ServerSettings, ConfigError> {
+        if self.workers > 1024 {
+            return Err(ConfigError::new("server.workers", "at most 1024"));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::new(
+                "server.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if !(256..=self.max_header_bytes).contains(&self.max_uri_bytes) {
+            return Err(ConfigError::new(
+                "server.max_uri_bytes",
+                "must be 256 to server.max_header_bytes",
+            ));
+        }
+        if !(8192..=1024 * 1024).contains(&self.max_header_bytes) {
+            return Err(ConfigError::new(
+                "server.max_header_bytes",
+                "must be 8192 to 1048576",
+            ));
+        }
+        for (key, value) in [
+            ("server.header_read_timeout", self.header_read_timeout),
+            ("server.request_timeout", self.request_timeout),
+        ] {
+            if value.0.is_zero() {
+                return Err(ConfigError::new(key, "must be greater than zero"));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [
+                ("server.tls.cert_file", &tls.cert_file),
+                ("server.tls.key_file", &tls.key_file),
+            ] {
+                if !path.is_file() {
+                    return Err(ConfigError::new(
+                        key,
+                        format!("{} is not a readable file", path.display()),
+                    ));
+                }
+            }
+        }
+        let mut cors_origins = Vec::new();
+        for (i, origin) in self.cors.allow_origins.iter().enumerate() {
+            let valid = origin.parse::<Uri>().ok().filter(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.path() == "/"
+                    && !origin.ends_with('/')
+            });
+            let value = valid
+                .and_then(|_| http::HeaderValue::from_str(origin).ok())
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        format!("server.cors.allow_origins[{i}]"),
+                        format!("{origin:?} is not an origin like https://app.example"),
+                    )
+                })?;
+            cors_origins.push(value);
+        }
+        if admin.listen == self.listen && self.listen.port() != 0 {
+            return Err(ConfigError::new(
+                "admin.listen",
+                "must differ from server.listen",
+            ));
+        }
+        Ok(ServerSettings {
+            listen: self.listen,
+            header_read_timeout: self.header_read_timeout.0,
+            shutdown_grace: self.shutdown_grace.0,
+            request_timeout: self.request_timeout.0,
+            max_connections: self.max_connections,
+            workers: match self.workers {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
+            max_header_bytes: self.max_header_bytes,
+            max_uri_bytes: self.max_uri_bytes,
+            tls: self.tls.clone(),
+            cors_origins,
+            cors_max_age: self.cors.max_age.0,
+            admin_listen: admin.listen,
+        })
+    }
+}
