@@ -15,16 +15,17 @@ use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
 
-/// What the admin endpoints report on.
+/// The process-wide state the admin endpoints report on: draining, the guard (and its
+/// store's health), the metrics.
 #[derive(Debug)]
-pub struct Status {
+pub struct AdminState {
     /// Set once shutdown starts: readiness fails so load balancers stop sending traffic.
     pub draining: AtomicBool,
     pub guard: GuardHandle,
     pub metrics: Metrics,
 }
 
-impl Status {
+impl AdminState {
     /// Ready to take traffic: not draining, and the limit store can serve.
     pub fn ready(&self) -> bool {
         !self.draining.load(Ordering::Relaxed) && self.guard.store_ready()
@@ -32,13 +33,12 @@ impl Status {
 }
 
 /// Serves the admin endpoints on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, status: Arc<Status>) {
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     loop {
         let (stream, _) = crate::server::accept(&listener).await;
-        let status = status.clone();
+        let state = state.clone();
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request| answer(status.clone(), request));
+            let service = hyper::service::service_fn(move |request| answer(state.clone(), request));
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(5))
@@ -57,7 +57,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 async fn answer(
-    status: Arc<Status>,
+    state: Arc<AdminState>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
@@ -65,8 +65,8 @@ async fn answer(
     }
     Ok(match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if status.ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" if status.draining.load(Ordering::Relaxed) => {
+        "/readyz" if state.ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" if state.draining.load(Ordering::Relaxed) => {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
         "/readyz" => text(
@@ -74,7 +74,7 @@ async fn answer(
             "rate-limit store unavailable\n",
         ),
         "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(status.metrics.render())));
+            let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static(Metrics::CONTENT_TYPE),

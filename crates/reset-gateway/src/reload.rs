@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::admin::Status;
+use crate::admin::AdminState;
 use crate::config::{load, Settings};
 use crate::tls::CertStore;
 use crate::upstream::Forwarder;
@@ -19,7 +19,7 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Reloads one running gateway from its file.
 pub struct Reloader {
     path: PathBuf,
-    status: Arc<Status>,
+    state: Arc<AdminState>,
     forwarders: Vec<Forwarder>,
     certs: Option<Arc<CertStore>>,
     /// What needs a restart to change, as the process started with it.
@@ -52,14 +52,14 @@ impl Fixed {
 impl Reloader {
     pub(crate) fn new(
         path: PathBuf,
-        status: Arc<Status>,
+        state: Arc<AdminState>,
         forwarders: Vec<Forwarder>,
         certs: Option<Arc<CertStore>>,
         settings: &Settings,
     ) -> Self {
         Reloader {
             path,
-            status,
+            state,
             forwarders,
             certs,
             fixed: Fixed::of(settings),
@@ -71,7 +71,7 @@ impl Reloader {
     /// TLS certificate. Listeners, TLS on/off, the store kind and logging need a restart.
     pub fn reload(&self) -> anyhow::Result<()> {
         let result = self.try_reload();
-        self.status.metrics.reload(result.is_ok());
+        self.state.metrics.reload(result.is_ok());
         match &result {
             Ok(()) => tracing::info!(path = %self.path.display(), "configuration reloaded"),
             Err(error) => tracing::error!(
@@ -103,7 +103,7 @@ impl Reloader {
         for (forwarder, upstream) in self.forwarders.iter().zip(upstreams) {
             forwarder.apply(upstream);
         }
-        self.status.guard.update(settings.guard, settings.api_key);
+        self.state.guard.update(settings.guard, settings.api_key);
         Ok(())
     }
 

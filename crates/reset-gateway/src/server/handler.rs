@@ -1,0 +1,142 @@
+//! The per-request handler: refuses malformed requests, runs the service stack (CORS, the
+//! guard, the forwarder) under the request timeout, and records the access log line and
+//! the metrics.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use reset_guard::{GuardBody, GuardedRequest, PeerAddr, Rejection, ResetGuard, UpstreamStatus};
+use tokio::time::Instant;
+use tower::util::Either;
+use tower::ServiceExt;
+use tower_http::cors::Cors;
+
+use crate::admin::AdminState;
+use crate::refusal::Refusal;
+use crate::request_id::{self, X_REQUEST_ID};
+use crate::telemetry::AccessRecord;
+use crate::upstream::{ForwardBody, Forwarder, UpstreamExchange};
+
+/// The body of every answer the gateway sends.
+pub type GatewayBody = GuardBody<ForwardBody>;
+
+/// One worker's service stack: CORS (when origins are configured), the guard, the forwarder.
+pub(super) type Stack = Either<Cors<ResetGuard<Forwarder>>, ResetGuard<Forwarder>>;
+
+/// What every connection of one worker reads.
+pub(super) struct WorkerContext {
+    pub(super) service: Stack,
+    pub(super) include_email: bool,
+    pub(super) request_timeout: Duration,
+    pub(super) max_uri_bytes: usize,
+    pub(super) state: Arc<AdminState>,
+}
+
+/// Requests a careful HTTP server refuses before looking at what they ask: an HTTP/1.1
+/// request without exactly one Host (RFC 9112 §3.2), or a target longer than `max_uri`.
+fn malformed<B>(request: &Request<B>, max_uri: usize) -> Option<Refusal> {
+    let uri_len = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if uri_len > max_uri {
+        return Some(Refusal::TargetTooLong);
+    }
+    if request.version() == http::Version::HTTP_11 && request.uri().authority().is_none() {
+        let mut hosts = request.headers().get_all(http::header::HOST).iter();
+        if hosts.next().is_none() || hosts.next().is_some() {
+            return Some(Refusal::HostRequired);
+        }
+    }
+    None
+}
+
+/// One connection's view of the gateway.
+#[derive(Clone)]
+pub(super) struct GatewayService {
+    context: Arc<WorkerContext>,
+    peer: SocketAddr,
+}
+
+impl GatewayService {
+    pub(super) fn new(context: Arc<WorkerContext>, peer: SocketAddr) -> Self {
+        GatewayService { context, peer }
+    }
+
+    /// The client's address (the connection's peer).
+    pub(super) fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for GatewayService {
+    type Response = Response<GatewayBody>;
+    type Error = Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        Box::pin(handle(self.context.clone(), self.peer, request))
+    }
+}
+
+async fn handle(
+    context: Arc<WorkerContext>,
+    peer: SocketAddr,
+    mut request: Request<Incoming>,
+) -> Result<Response<GatewayBody>, Infallible> {
+    let started = Instant::now();
+    let id = request_id::resolve(request.headers());
+    if let Some(refusal) = malformed(&request, context.max_uri_bytes) {
+        let mut response = refusal.to_response().map(GuardBody::full);
+        response.headers_mut().insert(X_REQUEST_ID, id);
+        context
+            .state
+            .metrics
+            .request(refusal.outcome(), started.elapsed());
+        return Ok(response);
+    }
+    request.headers_mut().insert(X_REQUEST_ID, id.clone());
+    request.extensions_mut().insert(PeerAddr(peer));
+    let mut answer = std::pin::pin!(context.service.clone().oneshot(request));
+    // Most answers (every rejection) are ready at once: only arm the request timer for the
+    // ones that wait on QuickBlox or Redis.
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(answer.as_mut().poll(cx))).await;
+    let outcome = match first {
+        std::task::Poll::Ready(result) => Ok(result),
+        std::task::Poll::Pending => tokio::time::timeout(context.request_timeout, answer).await,
+    };
+    let mut response = match outcome {
+        Ok(Ok(response)) => response,
+        Ok(Err(never)) => match never {},
+        Err(_) => Refusal::UpstreamTimeout.to_response().map(GuardBody::full),
+    };
+    response.headers_mut().insert(X_REQUEST_ID, id.clone());
+    let extensions = response.extensions();
+    let record = AccessRecord {
+        request_id: id.to_str().unwrap_or_default(),
+        peer: peer.ip().to_canonical(),
+        status: response.status(),
+        duration: started.elapsed(),
+        guarded: extensions.get::<GuardedRequest>(),
+        rejection: extensions.get::<Rejection>(),
+        refusal: extensions.get::<Refusal>(),
+        upstream: extensions.get::<UpstreamExchange>(),
+        uniform: extensions.get::<UpstreamStatus>(),
+        include_email: context.include_email,
+    };
+    record.emit();
+    let metrics = &context.state.metrics;
+    metrics.request(record.outcome(), record.duration);
+    if let Some(exchange) = record.upstream {
+        if let Some(status) = record.uniform.map(|u| u.0).or(exchange.status) {
+            metrics.upstream(status.as_u16(), exchange.duration);
+        }
+    }
+    Ok(response)
+}

@@ -1,0 +1,85 @@
+//! One worker thread's accept loop: connections up to its share of `max_connections`,
+//! each served on the worker's own event loop, drained on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use super::connection::{Connection, Protocols};
+use super::handler::{GatewayService, WorkerContext};
+
+/// One worker: its listener, its event loop, its connections.
+pub(super) struct Worker {
+    pub(super) listener: std::net::TcpListener,
+    pub(super) context: Arc<WorkerContext>,
+    pub(super) protocols: Protocols,
+    pub(super) tls: Option<TlsAcceptor>,
+    pub(super) head_timeout: Duration,
+    pub(super) grace: Duration,
+    pub(super) max_connections: usize,
+    pub(super) stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Worker {
+    pub(super) async fn run(mut self) -> anyhow::Result<()> {
+        let listener = TcpListener::from_std(self.listener)?;
+        let connections = Arc::new(Semaphore::new(self.max_connections));
+        let graceful = GracefulShutdown::new();
+        let stop = async {
+            let _ = self.stop.wait_for(|stop| *stop).await;
+        };
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            // Beyond max_connections, new connections wait in the kernel's backlog rather
+            // than being accepted and starving the ones being served.
+            let permit = tokio::select! {
+                permit = connections.clone().acquire_owned() => permit.expect("never closed"),
+                () = &mut stop => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = accept(&listener) => accepted,
+                () = &mut stop => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let connection = Connection {
+                protocols: self.protocols.clone(),
+                service: GatewayService::new(self.context.clone(), peer),
+                head_timeout: self.head_timeout,
+                watcher: graceful.watcher(),
+            };
+            let tls = self.tls.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tls {
+                    Some(acceptor) => connection.serve_tls(acceptor, stream).await,
+                    None => connection.serve_plain(stream).await,
+                }
+            });
+        }
+        drop(listener);
+        tokio::select! {
+            () = graceful.shutdown() => {}
+            () = tokio::time::sleep(self.grace) => tracing::warn!("shutdown grace elapsed with requests in flight"),
+        }
+        Ok(())
+    }
+}
+
+/// The next connection on `listener`. A failed accept (out of file descriptors and the
+/// like) is logged and retried after a pause, instead of spinning on it.
+pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(pair) => return pair,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
