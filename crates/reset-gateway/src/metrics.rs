@@ -19,18 +19,21 @@ use crate::refusal::Refusal;
 
 use crate::telemetry::AccessRecord;
 
+/// The `outcome` label of `reset_gateway_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Outcome {
+struct OutcomeLabel {
     outcome: &'static str,
 }
 
+/// The `status` label of `reset_gateway_upstream_responses_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Status {
+struct StatusLabel {
     status: u16,
 }
 
+/// The `result` label of `reset_gateway_config_reloads_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Result_ {
+struct ResultLabel {
     result: &'static str,
 }
 
@@ -40,13 +43,13 @@ struct Result_ {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    requests: Family<Outcome, Counter>,
+    requests: Family<OutcomeLabel, Counter>,
     outcome_counters: Vec<(&'static str, Counter)>,
-    upstream_responses: Family<Status, Counter>,
+    upstream_responses: Family<StatusLabel, Counter>,
     status_counters: Box<[OnceLock<Counter>]>,
     upstream_duration: Arc<LatencyHistogram>,
     request_duration: Arc<LatencyHistogram>,
-    reloads: Family<Result_, Counter>,
+    reloads: Family<ResultLabel, Counter>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -64,11 +67,11 @@ impl Metrics {
     /// Registers every family; `guard` supplies the limiter's own counters at scrape time.
     pub fn new(guard: GuardHandle) -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<Outcome, Counter>::default();
-        let upstream_responses = Family::<Status, Counter>::default();
+        let requests = Family::<OutcomeLabel, Counter>::default();
+        let upstream_responses = Family::<StatusLabel, Counter>::default();
         let upstream_duration = Arc::new(LatencyHistogram::new(latency_buckets()));
         let request_duration = Arc::new(LatencyHistogram::new(latency_buckets()));
-        let reloads = Family::<Result_, Counter>::default();
+        let reloads = Family::<ResultLabel, Counter>::default();
         registry.register(
             "reset_gateway_requests",
             "Requests answered, by outcome (forwarded, rate_limited, email_invalid, …)",
@@ -98,7 +101,7 @@ impl Metrics {
         // Both results from the start: `increase()` sees nothing of a series' first sample,
         // so a first failed reload would never alert if its series only appeared then.
         for result in RELOAD_RESULTS {
-            let _ = reloads.get_or_create(&Result_ { result });
+            let _ = reloads.get_or_create(&ResultLabel { result });
         }
         // Every outcome's counter resolved once (one not listed still counts, through the
         // family).
@@ -109,7 +112,7 @@ impl Metrics {
             .map(|&outcome| {
                 (
                     outcome,
-                    requests.get_or_create(&Outcome { outcome }).clone(),
+                    requests.get_or_create(&OutcomeLabel { outcome }).clone(),
                 )
             })
             .collect();
@@ -133,14 +136,17 @@ impl Metrics {
             .find(|(known, _)| *known == outcome)
         {
             Some((_, counter)) => counter.inc(),
-            None => self.requests.get_or_create(&Outcome { outcome }).inc(),
+            None => self.requests.get_or_create(&OutcomeLabel { outcome }).inc(),
         };
         self.request_duration.observe(duration);
     }
 
     /// Counts one QuickBlox answer.
     pub fn upstream(&self, status: u16, duration: Duration) {
-        let family = || self.upstream_responses.get_or_create(&Status { status });
+        let family = || {
+            self.upstream_responses
+                .get_or_create(&StatusLabel { status })
+        };
         match self.status_counters.get(usize::from(status)) {
             Some(slot) => slot.get_or_init(|| family().clone()).inc(),
             None => family().inc(),
@@ -152,7 +158,7 @@ impl Metrics {
     pub fn reload(&self, ok: bool) {
         let [success, failure] = RELOAD_RESULTS;
         let result = if ok { success } else { failure };
-        self.reloads.get_or_create(&Result_ { result }).inc();
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// The OpenMetrics text exposition (what [`CONTENT_TYPE`](Self::CONTENT_TYPE) names).
