@@ -244,3 +244,6 @@ impl<S> Layer<S> for ResetGuardLayer {
         ResetGuard::new(inner, self.core.clone())
     }
 }
+
+#[cfg(test)]
+mod tests;

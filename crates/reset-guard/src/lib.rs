@@ -185,6 +185,3 @@ pub mod internals {
     pub use crate::email::{Email, EmailKey, EmailKeyPolicy, EmailPolicy};
     pub use crate::query::{email_param, encode_query_value};
 }
-
-#[cfg(test)]
-mod tests;

@@ -11,6 +11,4 @@ mod pool;
 mod process;
 mod proxy_boundary;
 mod redis;
-#[path = "../../../reset-guard/tests/support/redis_server.rs"]
-mod redis_server;
 mod upstream;

@@ -429,7 +429,7 @@ async fn logs_are_json_lines_without_secrets_or_raw_emails() {
 
 #[tokio::test]
 async fn readiness_follows_redis_under_deny() {
-    let mut redis = crate::redis_server::RedisServer::start();
+    let mut redis = test_support::RedisServer::start();
     let mock = MockServer::start(mock_config()).await.unwrap();
     let yaml = yaml(
         &mock.url(),

@@ -3,7 +3,7 @@
 use qb_mock::MockServer;
 
 use crate::common::*;
-use crate::redis_server::RedisServer;
+use test_support::RedisServer;
 
 fn redis_yaml(mock: &MockServer, redis: &RedisServer, on_error: &str) -> String {
     yaml(

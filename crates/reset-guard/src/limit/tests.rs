@@ -799,13 +799,9 @@ async fn the_shared_table_in_memory() {
 }
 
 #[cfg(feature = "redis")]
-#[path = "../../tests/support/redis_server.rs"]
-mod redis_server;
-
-#[cfg(feature = "redis")]
 mod redis_store {
-    use super::redis_server::RedisServer;
     use super::*;
+    use test_support::RedisServer;
 
     fn redis_store(server: &RedisServer, on_error: OnError) -> StoreSettings {
         StoreSettings {

@@ -1,4 +1,5 @@
-//! The layer driven as an embedding service would: `ServiceBuilder` around a `service_fn`.
+//! The layer driven as an embedding service would, through its public API only:
+//! `ServiceBuilder` around a `service_fn`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -10,8 +11,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use tower::{service_fn, BoxError, ServiceBuilder, ServiceExt};
 
-use crate::limit::ManualClock;
-use crate::*;
+use reset_guard::*;
 
 /// SHA-256 of "foo".
 const FOO_SHA256: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
@@ -503,91 +503,5 @@ async fn without_peer_address_puts_addressless_requests_in_one_per_ip_bucket() {
     assert_eq!(statuses, [200, 200, 429]);
     // A request that does carry its peer has that peer's own bucket.
     let response = ask("d@x.io", Some(peer())).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-}
-
-#[test]
-fn building_needs_no_runtime_and_starts_nothing() {
-    // Outside any runtime there is nothing to spawn on, and building must not try.
-    let (layer, housekeeping) =
-        ResetGuardLayer::builder(settings(""), ApiKey::new("server-key").unwrap())
-            .build()
-            .unwrap();
-    drop(housekeeping);
-    assert_eq!(layer.handle().tracked_keys(LimitGroup::PerIp), [0]);
-}
-
-#[tokio::test(start_paused = true)]
-async fn spawned_housekeeping_forgets_idle_keys() {
-    let clock = ManualClock::new();
-    let (layer, housekeeping) = ResetGuardLayer::builder(
-        settings("limits:\n  per_ip: [{ requests: 5, per: 1m }]\n"),
-        ApiKey::new("server-key").unwrap(),
-    )
-    .clock(clock.clone())
-    .build()
-    .unwrap();
-    let handle = layer.handle();
-    let upstream = service_fn(|_: Request<Empty<Bytes>>| async {
-        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
-    });
-    let service = ServiceBuilder::new().layer(layer).service(upstream);
-    let request = reset("email=a%40example.com")
-        .header("qb-token", "foo")
-        .extension(peer())
-        .body(Empty::new())
-        .unwrap();
-    service.oneshot(request).await.unwrap();
-    assert_eq!(handle.tracked_keys(LimitGroup::PerIp), [1]);
-
-    // Idle on the limiter's clock, but nothing sweeps until the housekeeping runs.
-    clock.advance(Duration::from_secs(120));
-    let sweep_interval = StoreSettings::default().sweep_interval;
-    tokio::time::sleep(sweep_interval * 2).await;
-    assert_eq!(handle.tracked_keys(LimitGroup::PerIp), [1]);
-
-    tokio::spawn(housekeeping);
-    for _ in 0..20 {
-        tokio::time::sleep(sweep_interval).await;
-        if handle.tracked_keys(LimitGroup::PerIp) == [0] {
-            return;
-        }
-    }
-    panic!("the idle key was never swept");
-}
-
-/// Without Redis the guard asks nothing more of the inner service than to be a service:
-/// neither `Clone` nor `Send` (compiled by `cargo check -p reset-guard --all-targets`,
-/// which builds without the `redis` feature).
-#[cfg(not(feature = "redis"))]
-#[tokio::test]
-async fn memory_limits_take_any_inner_service() {
-    use std::rc::Rc;
-    use std::task::{Context, Poll};
-
-    struct Local(Rc<()>);
-    impl tower::Service<Request<Empty<Bytes>>> for Local {
-        type Response = Response<Empty<Bytes>>;
-        type Error = Infallible;
-        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Ready(Ok(()))
-        }
-        fn call(&mut self, _: Request<Empty<Bytes>>) -> Self::Future {
-            let _ = &self.0;
-            std::future::ready(Ok(Response::new(Empty::new())))
-        }
-    }
-
-    let layer = ResetGuardLayer::new(settings(""), ApiKey::new("server-key").unwrap());
-    let service = ServiceBuilder::new()
-        .layer(layer)
-        .service(Local(Rc::new(())));
-    let request = reset("email=a%40example.com")
-        .header("qb-token", "foo")
-        .extension(peer())
-        .body(Empty::new())
-        .unwrap();
-    let response = service.oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 }

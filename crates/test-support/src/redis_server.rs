@@ -1,7 +1,4 @@
 //! A real `redis-server` on a free loopback port, owned by one test and stopped with it.
-//! (Shared by the reset-guard and reset-gateway test suites through `#[path]`.)
-
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

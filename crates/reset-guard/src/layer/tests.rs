@@ -1,0 +1,112 @@
+//! The layer's building and background work, which need the limiter's injected clock.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Empty;
+use tower::{service_fn, ServiceBuilder, ServiceExt};
+
+use crate::limit::ManualClock;
+use crate::*;
+
+fn settings(extra: &str) -> GuardSettings {
+    let digest = TokenDigest::of(b"foo").to_hex();
+    GuardConfig::from_yaml(&format!(
+        "clients: [{{ id: app, token_sha256: {digest} }}]\n{extra}"
+    ))
+    .unwrap()
+    .validate()
+    .unwrap()
+}
+
+fn reset(query: &str) -> http::request::Builder {
+    Request::get(format!("/users/password/reset.json?{query}"))
+        .extension(PeerAddr(SocketAddr::from(([192, 0, 2, 1], 40000))))
+}
+
+#[test]
+fn building_needs_no_runtime_and_starts_nothing() {
+    // Outside any runtime there is nothing to spawn on, and building must not try.
+    let (layer, housekeeping) =
+        ResetGuardLayer::builder(settings(""), ApiKey::new("server-key").unwrap())
+            .build()
+            .unwrap();
+    drop(housekeeping);
+    assert_eq!(layer.handle().tracked_keys(LimitGroup::PerIp), [0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn spawned_housekeeping_forgets_idle_keys() {
+    let clock = ManualClock::new();
+    let (layer, housekeeping) = ResetGuardLayer::builder(
+        settings("limits:\n  per_ip: [{ requests: 5, per: 1m }]\n"),
+        ApiKey::new("server-key").unwrap(),
+    )
+    .clock(clock.clone())
+    .build()
+    .unwrap();
+    let handle = layer.handle();
+    let upstream = service_fn(|_: Request<Empty<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+    });
+    let service = ServiceBuilder::new().layer(layer).service(upstream);
+    let request = reset("email=a%40example.com")
+        .header("qb-token", "foo")
+        .body(Empty::new())
+        .unwrap();
+    service.oneshot(request).await.unwrap();
+    assert_eq!(handle.tracked_keys(LimitGroup::PerIp), [1]);
+
+    // Idle on the limiter's clock, but nothing sweeps until the housekeeping runs.
+    clock.advance(Duration::from_secs(120));
+    let sweep_interval = StoreSettings::default().sweep_interval;
+    tokio::time::sleep(sweep_interval * 2).await;
+    assert_eq!(handle.tracked_keys(LimitGroup::PerIp), [1]);
+
+    tokio::spawn(housekeeping);
+    for _ in 0..20 {
+        tokio::time::sleep(sweep_interval).await;
+        if handle.tracked_keys(LimitGroup::PerIp) == [0] {
+            return;
+        }
+    }
+    panic!("the idle key was never swept");
+}
+
+/// Without Redis the guard asks nothing more of the inner service than to be a service:
+/// neither `Clone` nor `Send` (compiled by `cargo check -p reset-guard --all-targets`,
+/// which builds without the `redis` feature).
+#[cfg(not(feature = "redis"))]
+#[tokio::test]
+async fn memory_limits_take_any_inner_service() {
+    use std::rc::Rc;
+    use std::task::{Context, Poll};
+
+    struct Local(Rc<()>);
+    impl tower::Service<Request<Empty<Bytes>>> for Local {
+        type Response = Response<Empty<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: Request<Empty<Bytes>>) -> Self::Future {
+            let _ = &self.0;
+            std::future::ready(Ok(Response::new(Empty::new())))
+        }
+    }
+
+    let layer = ResetGuardLayer::new(settings(""), ApiKey::new("server-key").unwrap());
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(Local(Rc::new(())));
+    let request = reset("email=a%40example.com")
+        .header("qb-token", "foo")
+        .body(Empty::new())
+        .unwrap();
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+}

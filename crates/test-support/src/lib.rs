@@ -1,0 +1,6 @@
+//! Real servers the workspace's test suites start for themselves, on free loopback ports,
+//! and stop when the test is done with them.
+
+mod redis_server;
+
+pub use redis_server::RedisServer;
