@@ -1,0 +1,101 @@
+//! The headers that say where a request came from: the gateway's `X-Forwarded-For` is the
+//! one account of it sent upstream.
+
+use std::net::IpAddr;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// The forwarding chain sent upstream.
+pub(super) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// The standard forwarding header (RFC 7239), which a client could fill with anything.
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// The client address as some servers read it, which a client could fill with anything.
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// The chain sent upstream: the client's own chain when it came through trusted proxies
+/// (the guard resolved a client other than the peer), then the peer.
+pub(super) fn forwarded_for(
+    incoming: &HeaderMap,
+    peer: Option<IpAddr>,
+    client: IpAddr,
+) -> Option<HeaderValue> {
+    let peer = peer?;
+    if peer == client {
+        return Some(ip_header(peer));
+    }
+    let mut chain = String::new();
+    for value in incoming.get_all(X_FORWARDED_FOR) {
+        if let Ok(value) = value.to_str() {
+            if !chain.is_empty() {
+                chain.push_str(", ");
+            }
+            chain.push_str(value.trim());
+        }
+    }
+    if !chain.is_empty() {
+        chain.push_str(", ");
+    }
+    chain.push_str(&peer.to_string());
+    HeaderValue::from_str(&chain).ok()
+}
+
+/// Replaces whatever forwarding headers a client sent with the peer's address alone (a
+/// forwarded route: the guard resolved no client).
+pub(super) fn replace_forwarding(headers: &mut HeaderMap, peer: Option<IpAddr>) {
+    for spoofable in [&X_FORWARDED_FOR, &FORWARDED, &X_REAL_IP] {
+        headers.remove(spoofable);
+    }
+    if let Some(peer) = peer {
+        headers.insert(X_FORWARDED_FOR, ip_header(peer));
+    }
+}
+
+/// An address as a header value. IPv4, the common case, is written out by hand: it is on
+/// every forwarded request, and the formatting machinery costs more than the rest of it.
+fn ip_header(ip: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string()).expect("an address is a valid header");
+    };
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            text[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        text[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    HeaderValue::from_bytes(&text[..len]).expect("digits and dots are a valid header")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_written_as_their_display_form() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "127.0.0.1",
+            "255.255.255.255",
+            "10.200.3.45",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_header(ip).to_str().unwrap(), ip.to_string());
+        }
+    }
+}

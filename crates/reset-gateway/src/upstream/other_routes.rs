@@ -1,0 +1,63 @@
+//! A path under `other_routes: forward`, passed on to QuickBlox as it came and streamed
+//! both ways.
+
+use http::header::HOST;
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use reset_guard::{GuardBody, PeerAddr};
+use tokio::time::timeout;
+
+use super::client_body::ClientBody;
+use super::forwarding_headers::replace_forwarding;
+use super::streamed_body::StreamedBody;
+use super::{blame, is_final, Answer, UpstreamClient};
+use crate::hop_by_hop;
+use crate::refusal::Refusal;
+
+impl UpstreamClient {
+    /// Another path under `other_routes: forward`: passed on as it came, less hop-by-hop
+    /// and framing headers, streamed both ways; the timeout covers the answer's head. A
+    /// failure of the client's own body is the client's error (400, or 408 when it stalled),
+    /// never QuickBlox's.
+    pub(super) async fn forward_other(&self, request: Request<Incoming>) -> Answer {
+        let (mut parts, body) = request.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let Ok(uri) = Uri::try_from(format!("{}{}", self.prefix, path)) else {
+            return (Err(Refusal::UpstreamUnavailable), None);
+        };
+        let peer = parts
+            .extensions
+            .get::<PeerAddr>()
+            .map(|p| p.0.ip().to_canonical());
+        hop_by_hop::strip(&mut parts.headers);
+        parts.headers.remove(HOST);
+        // The gateway's X-Forwarded-For is the one account of where the request came from.
+        replace_forwarding(&mut parts.headers, peer);
+        let (body, watch) = ClientBody::new(body);
+        let mut upstream = Request::new(Either::Right(body));
+        *upstream.method_mut() = parts.method;
+        *upstream.uri_mut() = uri;
+        *upstream.headers_mut() = parts.headers;
+        match timeout(self.settings.timeout, self.pool.send(upstream, None)).await {
+            Ok(Ok((response, _))) if !is_final(response.status()) => {
+                (Err(Refusal::UpstreamUnavailable), Some(response.status()))
+            }
+            Ok(Ok((response, lease))) => {
+                let (mut parts, body) = response.into_parts();
+                hop_by_hop::strip(&mut parts.headers);
+                parts.version = Version::HTTP_11;
+                let status = parts.status;
+                let body = StreamedBody::new(body, lease);
+                (
+                    Ok(Response::from_parts(parts, GuardBody::inner(body))),
+                    Some(status),
+                )
+            }
+            Ok(Err(error)) => (Err(blame(error, &watch)), None),
+            Err(_) if watch.waiting_on_client() => (Err(Refusal::ClientBodyTimeout), None),
+            Err(_) => (Err(Refusal::UpstreamTimeout), None),
+        }
+    }
+}
