@@ -11,9 +11,6 @@
 //! hyper-util's `client::pool` building blocks (cache, singleton, negotiate) measured 6% more
 //! instructions per forwarded request than this pool (benches/README.md).
 
-use std::error::Error as StdError;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -22,58 +19,32 @@ use http::header::HOST;
 use http::uri::Scheme;
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2, TrySendError};
+use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::sync::futures::Notified;
+use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tower::ServiceExt;
 
 use super::UpstreamBody;
 
-type BoxError = Box<dyn StdError + Send + Sync>;
+mod connect;
+mod send_error;
+mod singleton;
 
-/// Why an exchange failed before an answer arrived.
-#[derive(Debug)]
-pub enum SendError {
-    /// No connection: refused, timed out, TLS.
-    Connect(BoxError),
-    /// The connection failed while the request was on it.
-    Exchange(hyper::Error),
-    /// The connect that this request and others waited for failed so.
-    Shared(Arc<SendError>),
-}
+use connect::Fresh;
+use send_error::again;
+use singleton::{Turn, H2};
 
-impl SendError {
-    /// The failure and its causes, innermost last.
-    pub fn chain(&self) -> impl Iterator<Item = &(dyn StdError + 'static)> {
-        let first: &(dyn StdError + 'static) = match self {
-            SendError::Connect(error) => error.as_ref(),
-            SendError::Exchange(error) => error,
-            SendError::Shared(error) => return error.chain(),
-        };
-        std::iter::successors(Some(first), |&e| e.source())
-    }
-}
-
-impl std::fmt::Display for SendError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SendError::Connect(error) => write!(f, "connect: {error}"),
-            SendError::Exchange(error) => write!(f, "exchange: {error}"),
-            SendError::Shared(error) => error.fmt(f),
-        }
-    }
-}
+pub use send_error::SendError;
 
 /// The connections of one worker to the upstream origin.
 pub struct Pool {
-    shared: Arc<Shared>,
+    state: Arc<PoolState>,
 }
 
-struct Shared {
+/// A pool's connections and what it knows of the upstream, shared with its leases and
+/// its reaper.
+struct PoolState {
     connector: HttpsConnector<HttpConnector>,
     /// `scheme://authority` of the upstream: what is connected to.
     origin: Uri,
@@ -89,47 +60,6 @@ struct Shared {
     connected: Notify,
     /// Whether the task closing long-idle connections runs.
     reaping: AtomicBool,
-}
-
-struct H2 {
-    /// The HTTP/2 connection, when the upstream chose HTTP/2, and its number.
-    sender: Option<(u64, http2::SendRequest<UpstreamBody>)>,
-    /// How many HTTP/2 connections were made.
-    made: u64,
-    /// The last connect negotiated HTTP/1.1 (or the origin is `http://`): each request
-    /// without an idle connection connects on its own.
-    http1: bool,
-    /// A request is connecting, and those without a connection wait for it.
-    connecting: bool,
-    /// The number of the latest connect waited for.
-    attempt: u64,
-    /// The latest such connect that failed, by number, for the requests that waited on it.
-    failed: Option<(u64, Arc<SendError>)>,
-}
-
-/// What a request without an idle HTTP/1.1 connection does.
-enum Turn<'a> {
-    /// Sends on the HTTP/2 connection numbered so.
-    Use(u64, http2::SendRequest<UpstreamBody>),
-    /// Waits for the connect numbered so that another request is making.
-    Wait(Pin<Box<Notified<'a>>>, u64),
-    /// Connects, for itself alone or (with a guard) for those that will wait on it.
-    Connect(Option<Connecting<'a>>),
-}
-
-/// The connect that other requests wait for. Dropped, it wakes them: when the connect ended
-/// (they find its connection or its failure) or when the request making it was dropped
-/// before (one of them connects instead).
-struct Connecting<'a> {
-    shared: &'a Shared,
-    attempt: u64,
-}
-
-impl Drop for Connecting<'_> {
-    fn drop(&mut self) {
-        lock(&self.shared.h2).connecting = false;
-        self.shared.connected.notify_waiters();
-    }
 }
 
 struct Idle {
@@ -148,7 +78,7 @@ impl Idle {
 /// the answer has been read to its end, closed if dropped before.
 pub struct Lease {
     sender: Option<http1::SendRequest<UpstreamBody>>,
-    pool: Weak<Shared>,
+    pool: Weak<PoolState>,
 }
 
 impl Lease {
@@ -165,11 +95,6 @@ impl Lease {
             pool: Weak::new(),
         }
     }
-}
-
-enum Fresh {
-    H1(http1::SendRequest<UpstreamBody>),
-    H2(http2::SendRequest<UpstreamBody>),
 }
 
 impl Pool {
@@ -195,22 +120,15 @@ impl Pool {
         };
         let plain = origin.scheme() != Some(&Scheme::HTTPS);
         Ok(Pool {
-            shared: Arc::new(Shared {
+            state: Arc::new(PoolState {
                 connector,
                 host: HeaderValue::from_str(&host)?,
                 origin,
                 max_idle,
                 idle_timeout,
                 idle: Mutex::new(Vec::new()),
-                h2: Mutex::new(H2 {
-                    sender: None,
-                    made: 0,
-                    // Plain HTTP is HTTP/1.1: only TLS can negotiate HTTP/2.
-                    http1: plain,
-                    connecting: false,
-                    attempt: 0,
-                    failed: None,
-                }),
+                // Plain HTTP is HTTP/1.1: only TLS can negotiate HTTP/2.
+                h2: Mutex::new(H2::new(plain)),
                 connected: Notify::new(),
                 reaping: AtomicBool::new(false),
             }),
@@ -233,37 +151,37 @@ impl Pool {
         mut request: Request<UpstreamBody>,
         replay: Option<&(dyn Fn() -> Request<UpstreamBody> + Sync)>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
-        let shared = &self.shared;
+        let state = &self.state;
         let connecting = loop {
-            while let Some(mut sender) = shared.take_idle() {
+            while let Some(mut sender) = state.take_idle() {
                 if sender.ready().await.is_err() {
                     continue;
                 }
-                match sender.try_send_request(for_h1(request, &shared.host)).await {
-                    Ok(response) => return Ok((response, shared.lease(sender))),
+                match sender.try_send_request(for_h1(request, &state.host)).await {
+                    Ok(response) => return Ok((response, state.lease(sender))),
                     Err(error) => {
                         // The other kept connections are likely as dead: new ones.
-                        lock(&shared.idle).clear();
+                        lock(&state.idle).clear();
                         request = again(error, replay)?;
                     }
                 }
             }
-            match shared.turn() {
+            match state.turn() {
                 Turn::Use(number, mut sender) => {
                     if sender.ready().await.is_ok() {
                         match sender
-                            .try_send_request(for_h2(request, &shared.origin))
+                            .try_send_request(for_h2(request, &state.origin))
                             .await
                         {
                             Ok(response) => return Ok((response, Lease::none())),
                             Err(error) => request = again(error, replay)?,
                         }
                     }
-                    shared.forget_h2(number);
+                    state.forget_h2(number);
                 }
                 Turn::Wait(connected, attempt) => {
                     connected.await;
-                    if let Some(error) = shared.failed(attempt) {
+                    if let Some(error) = state.failed(attempt) {
                         return Err(SendError::Shared(error));
                     }
                 }
@@ -272,21 +190,21 @@ impl Pool {
         };
         // Boxed: connecting (TCP, TLS, handshakes) is rare and its state is large, and every
         // request's future would otherwise be as large as it.
-        let fresh = Box::pin(shared.connect()).await;
-        let fresh = shared.record(fresh, connecting.as_ref().map(|c| c.attempt));
+        let fresh = Box::pin(state.connect()).await;
+        let fresh = state.record(fresh, connecting.as_ref().map(|c| c.attempt));
         // Wakes the requests waiting on this connect, now that it is recorded.
         drop(connecting);
         match fresh? {
             Fresh::H1(mut sender) => {
                 let response = sender
-                    .send_request(for_h1(request, &shared.host))
+                    .send_request(for_h1(request, &state.host))
                     .await
                     .map_err(SendError::Exchange)?;
-                Ok((response, shared.lease(sender)))
+                Ok((response, state.lease(sender)))
             }
             Fresh::H2(mut sender) => {
                 let response = sender
-                    .send_request(for_h2(request, &shared.origin))
+                    .send_request(for_h2(request, &state.origin))
                     .await
                     .map_err(SendError::Exchange)?;
                 Ok((response, Lease::none()))
@@ -295,7 +213,7 @@ impl Pool {
     }
 }
 
-impl Shared {
+impl PoolState {
     /// The most recently used idle connection still worth trying; older ones that sat
     /// too long or were closed are dropped on the way.
     fn take_idle(&self) -> Option<http1::SendRequest<UpstreamBody>> {
@@ -306,82 +224,6 @@ impl Shared {
             }
         }
         None
-    }
-
-    /// The HTTP/2 connection if there is one; else whether to wait for the connect under
-    /// way or to make one, for others to wait on unless the upstream speaks HTTP/1.1.
-    fn turn(&self) -> Turn<'_> {
-        let mut h2 = lock(&self.h2);
-        if let Some((number, sender)) = &h2.sender {
-            if !sender.is_closed() {
-                return Turn::Use(*number, sender.clone());
-            }
-            h2.sender = None;
-        }
-        if h2.http1 {
-            return Turn::Connect(None);
-        }
-        if h2.connecting {
-            // Made under the lock, so the wake-up that ends the connect cannot come before it.
-            return Turn::Wait(Box::pin(self.connected.notified()), h2.attempt);
-        }
-        h2.connecting = true;
-        h2.attempt += 1;
-        Turn::Connect(Some(Connecting {
-            shared: self,
-            attempt: h2.attempt,
-        }))
-    }
-
-    /// What a connect brought: an HTTP/2 connection kept for every request, the knowledge
-    /// that the upstream speaks HTTP/1.1, or (for connect `attempt`, which others waited
-    /// on) a failure they share.
-    fn record(
-        &self,
-        fresh: Result<Fresh, SendError>,
-        attempt: Option<u64>,
-    ) -> Result<Fresh, SendError> {
-        let mut h2 = lock(&self.h2);
-        match fresh {
-            Ok(Fresh::H2(sender)) => {
-                h2.made += 1;
-                h2.sender = Some((h2.made, sender.clone()));
-                h2.http1 = false;
-                Ok(Fresh::H2(sender))
-            }
-            Ok(Fresh::H1(sender)) => {
-                h2.http1 = true;
-                Ok(Fresh::H1(sender))
-            }
-            Err(error) => match attempt {
-                Some(attempt) => {
-                    let error = Arc::new(error);
-                    h2.failed = Some((attempt, error.clone()));
-                    Err(SendError::Shared(error))
-                }
-                None => Err(error),
-            },
-        }
-    }
-
-    /// Drops HTTP/2 connection `number`, which failed a request, unless already replaced.
-    fn forget_h2(&self, number: u64) {
-        let mut h2 = lock(&self.h2);
-        if h2
-            .sender
-            .as_ref()
-            .is_some_and(|(current, _)| *current == number)
-        {
-            h2.sender = None;
-        }
-    }
-
-    /// The failure of connect `attempt`, if it failed.
-    fn failed(&self, attempt: u64) -> Option<Arc<SendError>> {
-        match &lock(&self.h2).failed {
-            Some((failed, error)) if *failed == attempt => Some(error.clone()),
-            _ => None,
-        }
     }
 
     fn lease(self: &Arc<Self>, sender: http1::SendRequest<UpstreamBody>) -> Lease {
@@ -412,81 +254,16 @@ impl Shared {
             }
         }
     }
-
-    async fn connect(&self) -> Result<Fresh, SendError> {
-        let io = self
-            .connector
-            .clone()
-            .oneshot(self.origin.clone())
-            .await
-            .map_err(SendError::Connect)?;
-        if io.connected().is_negotiated_h2() {
-            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(SendError::Exchange)?;
-            run_connection(connection, "HTTP/2");
-            return Ok(Fresh::H2(sender));
-        }
-        let (sender, connection) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(SendError::Exchange)?;
-        run_connection(connection, "HTTP/1.1");
-        Ok(Fresh::H1(sender))
-    }
-}
-
-/// Runs a connection's I/O on this worker's event loop until it ends.
-fn run_connection(
-    connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
-    protocol: &'static str,
-) {
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, protocol, "upstream connection ended");
-        }
-    });
 }
 
 /// Closes connections idle for longer than `idle_timeout`, until the pool is gone.
-async fn reap(pool: Weak<Shared>, idle_timeout: Duration) {
+async fn reap(pool: Weak<PoolState>, idle_timeout: Duration) {
     let period = (idle_timeout / 2).max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(period).await;
         let Some(pool) = pool.upgrade() else { return };
         lock(&pool.idle).retain(|entry| entry.is_usable(idle_timeout));
     }
-}
-
-/// The request to send on a new connection after a kept one failed it: the request itself
-/// if the connection never took it, or one `replay` builds again if the connection failed
-/// the way a close it raced with looks; else the failure.
-fn again(
-    mut error: TrySendError<Request<UpstreamBody>>,
-    replay: Option<&(dyn Fn() -> Request<UpstreamBody> + Sync)>,
-) -> Result<Request<UpstreamBody>, SendError> {
-    match (error.take_message(), replay) {
-        (Some(unsent), _) => Ok(unsent),
-        (None, Some(replay)) if closed_under(error.error()) => Ok(replay()),
-        (None, _) => Err(SendError::Exchange(error.into_error())),
-    }
-}
-
-/// A kept connection that the other side closed as the request went out: no answer at
-/// all, or the connection reset, broken or ended (TLS without its close) under the write.
-fn closed_under(error: &hyper::Error) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-    error.is_incomplete_message()
-        || std::iter::successors(error.source(), |&e| e.source()).any(|cause| {
-            cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
-                )
-            })
-        })
 }
 
 /// HTTP/1.1 sends the target as it is, with a `Host` header.
