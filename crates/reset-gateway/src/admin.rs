@@ -35,7 +35,7 @@ impl AdminState {
 /// Serves the admin endpoints on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     loop {
-        let (stream, _) = crate::server::accept(&listener).await;
+        let (stream, _) = crate::accept::accept(&listener).await;
         let state = state.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| answer(state.clone(), request));

@@ -3,6 +3,7 @@
 //! [`build`] binds the listener and wires the stack from checked [`Settings`]; tests call it
 //! in-process, `main` only parses arguments and calls it.
 
+pub mod accept;
 pub mod admin;
 pub mod cli;
 pub mod config;

@@ -36,7 +36,6 @@ use handler::WorkerContext;
 use worker::Worker;
 
 pub use handler::GatewayBody;
-pub(crate) use worker::accept;
 
 /// A gateway bound to its listeners, ready to [`run`](App::run).
 pub struct App {

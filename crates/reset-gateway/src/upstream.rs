@@ -27,6 +27,7 @@ use crate::config::UpstreamSettings;
 use crate::refusal::Refusal;
 use crate::tls::read_certificates;
 
+mod cause;
 mod client_body;
 mod forwarding_headers;
 mod other_routes;
@@ -189,7 +190,7 @@ fn blame(error: SendError, watch: &BodyWatch) -> Refusal {
 fn classify(error: SendError) -> (Refusal, Option<http::StatusCode>) {
     // The access log says only upstream_unavailable or upstream_timeout; the cause is here.
     tracing::warn!(
-        upstream_error = crate::telemetry::upstream_error(error.chain()),
+        upstream_error = cause::upstream_error(error.chain()),
         %error,
         "upstream request failed"
     );

@@ -1,17 +1,17 @@
 //! One worker thread's accept loop: connections up to its share of `max_connections`,
 //! each served on the worker's own event loop, drained on shutdown.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::connection::{Connection, Protocols};
 use super::handler::{GatewayService, WorkerContext};
+use crate::accept::accept;
 
 /// One worker: its listener, its event loop, its connections.
 pub(super) struct Worker {
@@ -67,19 +67,5 @@ impl Worker {
             () = tokio::time::sleep(self.grace) => tracing::warn!("shutdown grace elapsed with requests in flight"),
         }
         Ok(())
-    }
-}
-
-/// The next connection on `listener`. A failed accept (out of file descriptors and the
-/// like) is logged and retried after a pause, instead of spinning on it.
-pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(pair) => return pair,
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
     }
 }
