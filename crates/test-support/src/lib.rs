@@ -3,4 +3,4 @@
 
 mod redis_server;
 
-pub use redis_server::RedisServer;
+pub use redis_server::{free_port, RedisOptions, RedisServer};

@@ -2,27 +2,66 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct RedisServer {
     port: u16,
+    options: RedisOptions,
     child: Option<Child>,
+}
+
+/// How a server is set up beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct RedisOptions {
+    /// `requirepass`: clients must `AUTH` with it.
+    pub password: Option<String>,
+    /// TLS on a second port: (port, certificate file, key file, CA file).
+    pub tls: Option<(u16, PathBuf, PathBuf, PathBuf)>,
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl RedisServer {
     /// Starts a server on a free port; panics with the reason if it cannot.
     pub fn start() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
+        Self::start_with(RedisOptions::default())
+    }
+
+    /// Starts a server on a free port, set up as `options` says.
+    pub fn start_with(options: RedisOptions) -> RedisServer {
+        Self::start_on_with(free_port(), options)
     }
 
     /// Starts a server on `port` (used to bring one back after `stop`).
     pub fn start_on(port: u16) -> RedisServer {
+        Self::start_on_with(port, RedisOptions::default())
+    }
+
+    fn start_on_with(port: u16, options: RedisOptions) -> RedisServer {
+        let mut extra: Vec<String> = Vec::new();
+        if let Some(password) = &options.password {
+            extra.extend(["--requirepass".to_owned(), password.clone()]);
+        }
+        if let Some((tls_port, cert, key, ca)) = &options.tls {
+            extra.extend(["--tls-port".to_owned(), tls_port.to_string()]);
+            for (flag, path) in [
+                ("--tls-cert-file", cert),
+                ("--tls-key-file", key),
+                ("--tls-ca-cert-file", ca),
+            ] {
+                extra.extend([flag.to_owned(), path.display().to_string()]);
+            }
+            extra.extend(["--tls-auth-clients".to_owned(), "no".to_owned()]);
+        }
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -42,12 +81,14 @@ impl RedisServer {
                 "--loglevel",
                 "warning",
             ])
+            .args(&extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test installs it)");
         let server = RedisServer {
             port,
+            options,
             child: Some(child),
         };
         server.wait_ready();
@@ -69,8 +110,15 @@ impl RedisServer {
         self.port
     }
 
+    /// The plain-TCP URL, without the password.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The TLS URL for `host` (the name the certificate carries), when TLS is on.
+    pub fn tls_url(&self, host: &str) -> Option<String> {
+        let (port, ..) = self.options.tls.as_ref()?;
+        Some(format!("rediss://{host}:{port}"))
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -82,6 +130,16 @@ impl RedisServer {
         let mut stream =
             TcpStream::connect_timeout(&self.addr(), Duration::from_millis(200)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        if let Some(password) = &self.options.password {
+            stream
+                .write_all(format!("AUTH {password}\r\n").as_bytes())
+                .ok()?;
+            let mut ok = [0u8; 5];
+            stream.read_exact(&mut ok).ok()?;
+            if &ok != b"+OK\r\n" {
+                return None;
+            }
+        }
         stream.write_all(format!("{line}\r\n").as_bytes()).ok()?;
         let mut reply = Vec::new();
         let mut buf = [0u8; 65536];

@@ -2,11 +2,13 @@
 //! lives, how many keys it holds, and the secret (from a variable or a mounted file) that
 //! keys the hash of every stored limit key, which Redis requires.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use reset_guard::{ConfigDuration, ConfigError, OnError, RedisSettings};
 use serde::Deserialize;
 use zeroize::Zeroizing;
+
+use crate::tls::read_certificates;
 
 /// `store`.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,8 +53,16 @@ pub enum StoreKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://host:port[/db]`, or `rediss://` for TLS; never with a password in it.
     pub url: String,
+    /// The ACL user (Redis 6+).
+    pub username: Option<String>,
+    /// Environment variable holding the Redis password.
+    pub password_env: Option<String>,
+    /// File holding the Redis password (a mounted secret), instead of the variable.
+    pub password_file: Option<PathBuf>,
+    /// PEM certificates of a private CA for `rediss://` (then only these are trusted).
+    pub ca_file: Option<PathBuf>,
     /// Prefix of every key.
     pub key_prefix: String,
     /// Longest a request waits for Redis.
@@ -65,6 +75,10 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
+            username: None,
+            password_env: None,
+            password_file: None,
+            ca_file: None,
             key_prefix: "reset-gateway".to_owned(),
             timeout: ConfigDuration::from_millis(50),
             on_error: OnError::Allow,
@@ -75,13 +89,8 @@ impl Default for RedisConfig {
 impl RedisConfig {
     fn validate(&self) -> Result<RedisSettings, ConfigError> {
         let url = &self.url;
-        // The client's own message could echo a password in the URL: say only what is wrong.
-        RedisSettings::check_url(url).map_err(|_| {
-            ConfigError::new(
-                "store.redis.url",
-                "is not a valid Redis URL: redis://host:port[/db] (TLS, rediss://, is not supported)",
-            )
-        })?;
+        // The check says what is wrong without repeating the URL, which may hold a password.
+        RedisSettings::check_url(url).map_err(|why| ConfigError::new("store.redis.url", why))?;
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
             return Err(ConfigError::new(
                 "store.redis.key_prefix",
@@ -95,6 +104,30 @@ impl RedisConfig {
             ));
         }
         let mut settings = RedisSettings::new(url.clone());
+        settings.username = self.username.clone();
+        settings.password = env_or_file(
+            "store.redis.password",
+            self.password_env.as_deref(),
+            self.password_file.as_deref(),
+        )?
+        .map(|(_, password)| password);
+        if let Some(path) = &self.ca_file {
+            if !url.starts_with("rediss://") {
+                return Err(ConfigError::new(
+                    "store.redis.ca_file",
+                    "is for TLS: the URL must start with rediss://",
+                ));
+            }
+            read_certificates("store.redis.ca_file", path)
+                .map_err(|e| ConfigError::new("store.redis.ca_file", format!("{e:#}")))?;
+            let pem = std::fs::read(path).map_err(|e| {
+                ConfigError::new(
+                    "store.redis.ca_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            settings.ca_pem = Some(pem);
+        }
         settings.key_prefix = self.key_prefix.clone();
         settings.timeout = self.timeout.0;
         settings.on_error = self.on_error;
@@ -122,8 +155,7 @@ impl std::fmt::Debug for LimitStore {
     }
 }
 
-fn key_secret(key: &str, value: String) -> Result<Zeroizing<Vec<u8>>, ConfigError> {
-    let value = Zeroizing::new(value);
+fn key_secret(key: &str, value: Zeroizing<String>) -> Result<Zeroizing<Vec<u8>>, ConfigError> {
     if value.len() < 16 {
         return Err(ConfigError::new(
             key,
@@ -138,33 +170,13 @@ impl StoreConfig {
         if self.max_keys == 0 {
             return Err(ConfigError::new("store.max_keys", "must be at least 1"));
         }
-        let key_secret = match (&self.key_secret_file, &self.key_secret_env) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::new(
-                    "store.key_secret_file",
-                    "set key_secret_file or key_secret_env, not both",
-                ))
-            }
-            (Some(path), None) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError::new(
-                        "store.key_secret_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                Some(key_secret("store.key_secret_file", text.trim().to_owned())?)
-            }
-            (None, Some(name)) => {
-                let value = std::env::var(name).map_err(|_| {
-                    ConfigError::new(
-                        "store.key_secret_env",
-                        format!("environment variable {name} is not set"),
-                    )
-                })?;
-                Some(key_secret("store.key_secret_env", value)?)
-            }
-            (None, None) => None,
-        };
+        let key_secret = env_or_file(
+            "store.key_secret",
+            self.key_secret_env.as_deref(),
+            self.key_secret_file.as_deref(),
+        )?
+        .map(|(key, value)| key_secret(&key, value))
+        .transpose()?;
         let redis = match self.kind {
             StoreKind::Memory => None,
             StoreKind::Redis => Some(self.redis.validate()?),
@@ -183,5 +195,35 @@ impl StoreConfig {
         limits.max_keys = self.max_keys;
         limits.redis = redis;
         Ok(LimitStore { limits, key_secret })
+    }
+}
+
+/// A secret the file names but does not hold: in the environment variable `env` or the
+/// file `file` (a mounted secret; surrounding whitespace ignored), never both. Returns
+/// the key path it came from, for errors about its value.
+fn env_or_file(
+    key: &str,
+    env: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<(String, Zeroizing<String>)>, ConfigError> {
+    let (env_key, file_key) = (format!("{key}_env"), format!("{key}_file"));
+    match (env, file) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            &file_key,
+            format!("set {file_key} or {env_key}, not both"),
+        )),
+        (None, Some(path)) => {
+            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(&file_key, format!("cannot read {}: {e}", path.display()))
+            })?);
+            Ok(Some((file_key, Zeroizing::new(text.trim().to_owned()))))
+        }
+        (Some(name), None) => {
+            let value = std::env::var(name).map_err(|_| {
+                ConfigError::new(&env_key, format!("environment variable {name} is not set"))
+            })?;
+            Ok(Some((env_key, Zeroizing::new(value))))
+        }
+        (None, None) => Ok(None),
     }
 }

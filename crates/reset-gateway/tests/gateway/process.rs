@@ -459,3 +459,37 @@ async fn health_asks_the_admin_listener_the_config_names() {
         format!("ready: {admin}: ready")
     );
 }
+
+#[test]
+fn every_key_the_shipped_config_shows_commented_out_is_a_key_the_gateway_knows() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/gateway.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut uncommented = 0;
+    let yaml: String = text
+        .lines()
+        .map(|line| {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            let rest = line.trim_start();
+            // `# name: value` or `# name:`, where name is a key's shape (not prose, not a URL).
+            let key = rest.strip_prefix("# ").filter(|r| {
+                r.trim_start().split_once(':').is_some_and(|(name, value)| {
+                    !name.is_empty()
+                        && name.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        && (value.is_empty() || value.starts_with(' '))
+                })
+            });
+            match key {
+                Some(key) => {
+                    uncommented += 1;
+                    format!("{indent}{key}\n")
+                }
+                None => format!("{line}\n"),
+            }
+        })
+        .collect();
+    assert!(uncommented >= 10, "{uncommented} keys found commented out");
+    // Parsing alone: unknown keys are refused here, before any file or variable is read.
+    if let Err(error) = reset_gateway::GatewayConfig::from_yaml(&yaml) {
+        panic!("a documented key is refused: {error}\n{yaml}");
+    }
+}

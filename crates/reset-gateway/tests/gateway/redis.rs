@@ -113,3 +113,128 @@ async fn redis_outage_under_allow_keeps_serving() {
         );
     }
 }
+
+/// `redis_yaml` for a Redis at `url`, with more `store.redis` keys.
+fn redis_yaml_at(mock: &MockServer, url: &str, redis_extra: &str, on_error: &str) -> String {
+    yaml(
+        &mock.url(),
+        "  responses: { uniform: false }\n  limits:\n    per_ip: []\n    per_client: []\n    per_email: [{ requests: 3, per: 1h }]\n    global: []\n",
+        &format!(
+            "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    url: {url}\n    key_prefix: secured\n    timeout: 300ms\n    on_error: {on_error}\n{redis_extra}",
+            key_secret_file().display(),
+        ),
+    )
+}
+
+/// Four resets of one address, alternating between the two gateways.
+async fn four_resets(a: &Gateway, b: &Gateway) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let replica = if i % 2 == 0 { a } else { b };
+        statuses.push(
+            replica
+                .reset_as_ios("email=alice%40example.com")
+                .await
+                .status,
+        );
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn auth_with_a_password_from_the_environment_shares_one_limit() {
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_REDIS_PASSWORD";
+    let redis = test_support::RedisServer::start_with(test_support::RedisOptions {
+        password: Some("s3cret-redis-password".to_owned()),
+        ..Default::default()
+    });
+    // Each test runs in its own process: setting the variable touches no other test.
+    std::env::set_var(VARIABLE, "s3cret-redis-password");
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = redis_yaml_at(
+        &mock,
+        &redis.url(),
+        &format!("    password_env: {VARIABLE}\n"),
+        "deny",
+    );
+    let a = Gateway::start_yaml(mock, &yaml).await;
+    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &yaml).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    assert!(
+        !redis.dump().is_empty(),
+        "the limits live in the password-protected Redis"
+    );
+
+    // Without the password Redis refuses every command: under on_error deny, 503.
+    let no_password = redis_yaml_at(&a.mock, &redis.url(), "", "deny");
+    let c = Gateway::start_yaml(
+        MockServer::start(mock_config()).await.unwrap(),
+        &no_password,
+    )
+    .await;
+    let reply = c.reset_as_ios("email=bob%40example.com").await;
+    assert_eq!(reply.status, 503, "{reply:?}");
+}
+
+#[tokio::test]
+async fn a_password_in_the_url_is_refused_without_echoing_it() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    for url in [
+        "redis://:hunter2-password@127.0.0.1:6379",
+        "redis://default:hunter2-password@127.0.0.1:6379/0",
+        "rediss://user:hunter2-password@redis.internal:6380",
+    ] {
+        let yaml = redis_yaml_at(&mock, url, "", "allow");
+        let error = reset_gateway::GatewayConfig::from_yaml(&yaml)
+            .unwrap()
+            .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+            .unwrap_err();
+        let shown = error.to_string();
+        assert!(shown.starts_with("store.redis.url (line "), "{shown}");
+        assert!(shown.contains("password_env or password_file"), "{shown}");
+        assert!(
+            !shown.contains("hunter2"),
+            "the password was echoed: {shown}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tls_with_a_private_ca_and_not_with_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificates(dir.path());
+    let redis = test_support::RedisServer::start_with(test_support::RedisOptions {
+        tls: Some((test_support::free_port(), cert, key, ca.clone())),
+        ..Default::default()
+    });
+    let tls_url = redis.tls_url("localhost").unwrap();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let trusting = redis_yaml_at(
+        &mock,
+        &tls_url,
+        &format!("    ca_file: {}\n", ca.display()),
+        "deny",
+    );
+    let a = Gateway::start_yaml(mock, &trusting).await;
+    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &trusting).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    assert!(
+        !redis.dump().is_empty(),
+        "the limits went over TLS to this Redis"
+    );
+
+    // A certificate from another CA does not verify: a connection failure, handled by
+    // on_error (deny: 503, and not ready).
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = test_certificates(other.path());
+    let untrusting = redis_yaml_at(
+        &a.mock,
+        &tls_url,
+        &format!("    ca_file: {}\n", other_ca.display()),
+        "deny",
+    );
+    let c = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &untrusting).await;
+    assert_eq!(c.reset_as_ios("email=bob%40example.com").await.status, 503);
+    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
+    assert_eq!(ready.status, 503);
+}

@@ -72,7 +72,7 @@ impl RedisStore {
         settings: &RedisSettings,
         counters: Arc<LimitCounters>,
     ) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(settings.url.as_str())?;
+        let client = settings.client()?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(250))))
             .set_response_timeout(Some(settings.timeout))

@@ -806,6 +806,9 @@ mod redis_store {
     fn redis_store(server: &RedisServer, on_error: OnError) -> StoreSettings {
         StoreSettings {
             redis: Some(RedisSettings {
+                username: None,
+                password: None,
+                ca_pem: None,
                 url: server.url(),
                 key_prefix: format!("t{}", rand_suffix()),
                 timeout: Duration::from_millis(500),
@@ -948,6 +951,9 @@ mod redis_store {
         let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let store = StoreSettings {
             redis: Some(RedisSettings {
+                username: None,
+                password: None,
+                ca_pem: None,
                 url: format!("redis://{}", stalled.local_addr().unwrap()),
                 key_prefix: "stalled".into(),
                 timeout: Duration::from_millis(100),
