@@ -3,4 +3,4 @@
 
 mod redis_server;
 
-pub use redis_server::{free_port, RedisOptions, RedisServer};
+pub use redis_server::{free_port, RedisOptions, RedisServer, SENTINEL_MASTER};

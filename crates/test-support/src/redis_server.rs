@@ -1,4 +1,5 @@
-//! A real `redis-server` on a free loopback port, owned by one test and stopped with it.
+//! A real `redis-server` on a free loopback port, owned by one test and stopped with it:
+//! standalone, a replica of another, or a sentinel watching one.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -10,7 +11,12 @@ pub struct RedisServer {
     port: u16,
     options: RedisOptions,
     child: Option<Child>,
+    /// A sentinel's directory (its config file, which it rewrites), removed on drop.
+    dir: Option<PathBuf>,
 }
+
+/// The name sentinels started by [`RedisServer::sentinel`] know their master by.
+pub const SENTINEL_MASTER: &str = "mymaster";
 
 /// How a server is set up beyond the defaults.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +25,8 @@ pub struct RedisOptions {
     pub password: Option<String>,
     /// TLS on a second port: (port, certificate file, key file, CA file).
     pub tls: Option<(u16, PathBuf, PathBuf, PathBuf)>,
+    /// `replicaof 127.0.0.1 <port>`: a replica of the server on that port.
+    pub replica_of: Option<u16>,
 }
 
 /// A free loopback port.
@@ -62,6 +70,13 @@ impl RedisServer {
             }
             extra.extend(["--tls-auth-clients".to_owned(), "no".to_owned()]);
         }
+        if let Some(master) = options.replica_of {
+            extra.extend([
+                "--replicaof".to_owned(),
+                "127.0.0.1".to_owned(),
+                master.to_string(),
+            ]);
+        }
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -81,6 +96,16 @@ impl RedisServer {
                 "--loglevel",
                 "warning",
             ])
+            // Replication straight over the socket, at once, never through a file in the
+            // working directory.
+            .args([
+                "--repl-diskless-sync",
+                "yes",
+                "--repl-diskless-sync-delay",
+                "0",
+                "--repl-diskless-load",
+                "on-empty-db",
+            ])
             .args(&extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -90,9 +115,67 @@ impl RedisServer {
             port,
             options,
             child: Some(child),
+            dir: None,
         };
         server.wait_ready();
         server
+    }
+
+    /// Starts a sentinel on a free port watching the master on `master_port` as
+    /// [`SENTINEL_MASTER`] (quorum 2, down after 500ms, failover timeout 5s), from a
+    /// config file in a directory of its own.
+    pub fn sentinel(master_port: u16) -> RedisServer {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "test-support-sentinel-{}-{port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\n\
+                 loglevel warning\ndir {dir}\n\
+                 sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} 500\n\
+                 sentinel failover-timeout {SENTINEL_MASTER} 5000\n",
+                dir = dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&config)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        let server = RedisServer {
+            port,
+            options: RedisOptions::default(),
+            child: Some(child),
+            dir: Some(dir),
+        };
+        server.wait_ready();
+        server
+    }
+
+    /// A sentinel's view of [`SENTINEL_MASTER`]: the port it names as the master now.
+    pub fn sentinel_master_port(&self) -> Option<u16> {
+        let reply = self.command(&format!(
+            "SENTINEL get-master-addr-by-name {SENTINEL_MASTER}"
+        ))?;
+        bulk_strings(&reply).get(1)?.parse().ok()
+    }
+
+    /// A field of a sentinel's `SENTINEL master` reply (`num-other-sentinels`,
+    /// `num-slaves`, `flags`…).
+    pub fn sentinel_field(&self, name: &str) -> Option<String> {
+        let reply = self.command(&format!("SENTINEL master {SENTINEL_MASTER}"))?;
+        let fields = bulk_strings(&reply);
+        let at = fields.iter().position(|f| f == name)?;
+        fields.get(at + 1).cloned()
     }
 
     fn wait_ready(&self) {
@@ -180,6 +263,9 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

@@ -49,12 +49,35 @@ pub enum StoreKind {
     Redis,
 }
 
+/// `store.redis.url` unless set.
+const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
+
+/// `store.redis.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    /// One server at `url`.
+    #[default]
+    Standalone,
+    /// The master the sentinels at `nodes` name `sentinel_master`, followed across failovers.
+    Sentinel,
+    /// Refused: not supported yet.
+    Cluster,
+}
+
 /// `store.redis`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// `standalone` (the server at `url`) or `sentinel` (the master the sentinels name).
+    pub mode: RedisMode,
     /// `redis://host:port[/db]`, or `rediss://` for TLS; never with a password in it.
+    /// Standalone only.
     pub url: String,
+    /// Sentinel mode: the sentinels, `redis://host:port` (all `rediss://` for TLS).
+    pub nodes: Option<Vec<String>>,
+    /// Sentinel mode: the name the sentinels know the master by.
+    pub sentinel_master: Option<String>,
     /// The ACL user (Redis 6+).
     pub username: Option<String>,
     /// Environment variable holding the Redis password.
@@ -74,7 +97,10 @@ pub struct RedisConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
-            url: "redis://127.0.0.1:6379".to_owned(),
+            mode: RedisMode::Standalone,
+            url: DEFAULT_URL.to_owned(),
+            nodes: None,
+            sentinel_master: None,
             username: None,
             password_env: None,
             password_file: None,
@@ -87,10 +113,68 @@ impl Default for RedisConfig {
 }
 
 impl RedisConfig {
+    /// Where Redis is, as `mode` says; errors say what is wrong without repeating a URL,
+    /// which may hold a password.
+    fn target(&self) -> Result<RedisSettings, ConfigError> {
+        match self.mode {
+            RedisMode::Cluster => Err(ConfigError::new(
+                "store.redis.mode",
+                "cluster is not supported yet: use standalone or sentinel",
+            )),
+            RedisMode::Standalone => {
+                let sentinel_only = [
+                    ("store.redis.nodes", self.nodes.is_some()),
+                    (
+                        "store.redis.sentinel_master",
+                        self.sentinel_master.is_some(),
+                    ),
+                ];
+                if let Some((key, _)) = sentinel_only.into_iter().find(|(_, set)| *set) {
+                    return Err(ConfigError::new(
+                        key,
+                        "is for mode: sentinel (standalone reaches the server at url)",
+                    ));
+                }
+                RedisSettings::check_url(&self.url)
+                    .map_err(|why| ConfigError::new("store.redis.url", why))?;
+                Ok(RedisSettings::new(self.url.clone()))
+            }
+            RedisMode::Sentinel => {
+                if self.url != DEFAULT_URL {
+                    return Err(ConfigError::new(
+                        "store.redis.url",
+                        "is for mode: standalone; in sentinel mode the master's address comes \
+                         from the sentinels",
+                    ));
+                }
+                let nodes = self.nodes.as_deref().unwrap_or_default();
+                if nodes.is_empty() {
+                    return Err(ConfigError::new(
+                        "store.redis.nodes",
+                        "mode: sentinel needs the sentinels: nodes: [redis://host:26379, ...]",
+                    ));
+                }
+                let Some(master) = &self.sentinel_master else {
+                    return Err(ConfigError::new(
+                        "store.redis.sentinel_master",
+                        "mode: sentinel needs the name the sentinels know the master by",
+                    ));
+                };
+                RedisSettings::sentinel(nodes, master).map_err(|why| {
+                    let key = if why.starts_with("node") {
+                        "store.redis.nodes"
+                    } else {
+                        "store.redis.sentinel_master"
+                    };
+                    ConfigError::new(key, why)
+                })
+            }
+        }
+    }
+
     fn validate(&self) -> Result<RedisSettings, ConfigError> {
-        let url = &self.url;
-        // The check says what is wrong without repeating the URL, which may hold a password.
-        RedisSettings::check_url(url).map_err(|why| ConfigError::new("store.redis.url", why))?;
+        let mut settings = self.target()?;
+        let tls = settings.url.starts_with("rediss");
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
             return Err(ConfigError::new(
                 "store.redis.key_prefix",
@@ -103,7 +187,6 @@ impl RedisConfig {
                 "must be greater than zero",
             ));
         }
-        let mut settings = RedisSettings::new(url.clone());
         settings.username = self.username.clone();
         settings.password = env_or_file(
             "store.redis.password",
@@ -112,10 +195,10 @@ impl RedisConfig {
         )?
         .map(|(_, password)| password);
         if let Some(path) = &self.ca_file {
-            if !url.starts_with("rediss://") {
+            if !tls {
                 return Err(ConfigError::new(
                     "store.redis.ca_file",
-                    "is for TLS: the URL must start with rediss://",
+                    "is for TLS: the URL (in sentinel mode, every node) must start with rediss://",
                 ));
             }
             read_certificates("store.redis.ca_file", path)

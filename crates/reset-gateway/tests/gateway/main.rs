@@ -11,4 +11,5 @@ mod pool;
 mod process;
 mod proxy_boundary;
 mod redis;
+mod sentinel;
 mod upstream;

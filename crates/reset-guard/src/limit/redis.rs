@@ -1,6 +1,8 @@
 //! Limits shared by every replica through Redis (README.md, "Several replicas: limits in
 //! Redis"): one script call per request decides all of its groups atomically on the
-//! server's clock.
+//! server's clock. Through Sentinel, the server is the master the sentinels name, asked
+//! again every second and whenever a request fails; when it changes, every connection
+//! moves to the new one.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -9,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 
@@ -17,6 +20,7 @@ mod settings;
 
 pub(crate) use batch::RedisSpecs;
 use batch::{run_batches, Charges, Job, REPLY_LEN};
+use settings::Sentinels;
 pub use settings::{OnError, RedisSettings};
 
 use super::{
@@ -28,22 +32,61 @@ use super::{
 const DENIAL_CACHE_LIMIT: usize = 100_000;
 /// Most requests waiting for Redis; beyond that they fail fast (as `on_error` says).
 const QUEUE_LIMIT: usize = 65_536;
+/// Least time between two questions to the sentinels prompted by failed requests.
+const RESOLVE_INTERVAL_NS: u64 = 250_000_000;
 
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
-    /// Per thread: each store's batching queue on this thread.
-    static QUEUES: std::cell::RefCell<Vec<(u64, mpsc::Sender<Job>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per thread: each store's batching queue on this thread, and the master generation
+    /// it talks to.
+    static QUEUES: std::cell::RefCell<Vec<(u64, u64, mpsc::Sender<Job>)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The server decisions go to: the standalone one, or the master the sentinels named.
+struct Master {
+    /// Counts masters: a per-thread queue made for an older one is remade.
+    generation: u64,
+    /// The address the sentinels named (standalone: none).
+    address: Option<(String, u16)>,
+    /// Where per-thread connections are made from.
+    client: redis::Client,
+    /// The probe's connection.
+    connection: ConnectionManager,
+}
+
+impl Master {
+    fn new(
+        generation: u64,
+        address: Option<(String, u16)>,
+        client: redis::Client,
+        config: &ConnectionManagerConfig,
+    ) -> redis::RedisResult<Self> {
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        Ok(Master {
+            generation,
+            address,
+            client,
+            connection,
+        })
+    }
 }
 
 /// The Redis-backed limiter, shared by every settings generation.
 pub(crate) struct RedisStore {
-    connection: ConnectionManager,
+    /// None only in Sentinel mode, until the sentinels have named a master.
+    master: ArcSwapOption<Master>,
+    /// Sentinel mode: whom to ask for the master.
+    sentinels: Option<Sentinels>,
+    /// Held while the sentinels are asked, so one question runs at a time.
+    resolving: tokio::sync::Mutex<()>,
+    /// When a failed request last prompted a question ([`MonotonicClock`] nanoseconds).
+    last_resolve: AtomicU64,
+    /// The credentials and CA every client is built with.
+    settings: RedisSettings,
     script: Arc<redis::Script>,
     /// Tells this store's queues apart in each thread's list.
     id: u64,
-    /// Where per-thread connections are made from.
-    client: redis::Client,
     config: ConnectionManagerConfig,
     prefix: String,
     timeout: Duration,
@@ -72,19 +115,31 @@ impl RedisStore {
         settings: &RedisSettings,
         counters: Arc<LimitCounters>,
     ) -> redis::RedisResult<Self> {
-        let client = settings.client()?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(250))))
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        let sentinels = settings.sentinels();
+        let master = match &sentinels {
+            None => Some(Arc::new(Master::new(0, None, settings.client()?, &config)?)),
+            Some(sentinels) => {
+                // Only checks each sentinel's URL; the master is asked for on first use.
+                for node in &sentinels.nodes {
+                    settings.client_at(node, false)?;
+                }
+                None
+            }
+        };
         Ok(RedisStore {
-            connection,
+            master: ArcSwapOption::new(master),
+            sentinels,
+            resolving: tokio::sync::Mutex::new(()),
+            last_resolve: AtomicU64::new(0),
+            settings: settings.clone(),
             script: Arc::new(redis::Script::new(include_str!("redis.lua"))),
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
-            client,
             config,
             prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
@@ -134,9 +189,15 @@ impl RedisStore {
             .retain(|_, (until, _)| *until > now);
     }
 
-    /// Sends a `PING` and records whether it came back in time.
+    /// Sends a `PING` and records whether it came back in time; in Sentinel mode, first
+    /// asks the sentinels whether the master moved.
     pub(crate) async fn probe(&self) -> bool {
-        let mut connection = self.connection.clone();
+        self.resolve().await;
+        let Some(master) = self.master.load_full() else {
+            self.healthy.store(false, Ordering::Relaxed);
+            return false;
+        };
+        let mut connection = master.connection.clone();
         let command = redis::cmd("PING");
         let ping = command.query_async::<String>(&mut connection);
         let ok = matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)));
@@ -174,41 +235,60 @@ impl RedisStore {
             charges,
             reply,
         };
-        let queued = self.queue().map_err(|e| e.to_string()).and_then(|queue| {
-            queue
-                .try_send(job)
-                .map_err(|_| "too many requests waiting for Redis".to_owned())
-        });
+        // Until the sentinels have named a master (just after start), they are asked first.
+        let early = if self.master.load().is_some() {
+            Ok(self.enqueue(job))
+        } else {
+            Err(job)
+        };
         let store = self.clone();
         Box::pin(async move {
+            let queued = match early {
+                Ok(queued) => queued,
+                Err(job) => {
+                    let _ = tokio::time::timeout(store.timeout, store.resolve()).await;
+                    store.enqueue(job)
+                }
+            };
             if let Err(why) = queued {
-                return store.failed(&why);
+                return store.fail(&why);
             }
             match tokio::time::timeout(store.timeout, answer).await {
                 Ok(Ok(Ok(reply))) => {
                     store.healthy.store(true, Ordering::Relaxed);
                     store.read_reply(&reply, charges.as_slice(), &specs, cached)
                 }
-                Ok(Ok(Err(error))) => store.failed(&error),
-                Ok(Err(_)) => store.failed("the Redis worker stopped"),
-                Err(_) => store.failed("timed out"),
+                Ok(Ok(Err(error))) => store.fail(&error),
+                Ok(Err(_)) => store.fail("the Redis worker stopped"),
+                Err(_) => store.fail("timed out"),
             }
         })
     }
 
+    /// Hands a job to this thread's queue.
+    fn enqueue(&self, job: Job) -> Result<(), String> {
+        self.queue()?
+            .try_send(job)
+            .map_err(|_| "too many requests waiting for Redis".to_owned())
+    }
+
     /// This thread's batching queue, started on first use. Each worker thread batches its
-    /// own requests over its own Redis connection, so a decision never hops threads.
-    fn queue(&self) -> redis::RedisResult<mpsc::Sender<Job>> {
+    /// own requests over its own Redis connection, so a decision never hops threads. A
+    /// queue made for an earlier master is replaced; it ends once its last job is answered.
+    fn queue(&self) -> Result<mpsc::Sender<Job>, String> {
+        let Some(master) = self.master.load_full() else {
+            return Err("the sentinels have named no Redis master yet".to_owned());
+        };
         QUEUES.with(|queues| {
             let mut queues = queues.borrow_mut();
-            if let Some((_, sender)) = queues
-                .iter()
-                .find(|(id, s)| *id == self.id && !s.is_closed())
-            {
+            if let Some((.., sender)) = queues.iter().find(|(id, generation, s)| {
+                *id == self.id && *generation == master.generation && !s.is_closed()
+            }) {
                 return Ok(sender.clone());
             }
             let connection =
-                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())?;
+                ConnectionManager::new_lazy_with_config(master.client.clone(), self.config.clone())
+                    .map_err(|e| e.to_string())?;
             let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
             tokio::spawn(run_batches(
                 receiver,
@@ -216,10 +296,94 @@ impl RedisStore {
                 self.script.clone(),
                 self.timeout,
             ));
-            queues.retain(|(id, _)| *id != self.id);
-            queues.push((self.id, sender.clone()));
+            queues.retain(|(id, ..)| *id != self.id);
+            queues.push((self.id, master.generation, sender.clone()));
             Ok(sender)
         })
+    }
+
+    /// In Sentinel mode: asks the sentinels which server is the master now and, when it
+    /// changed (a failover), moves every connection to it. One question at a time.
+    async fn resolve(&self) {
+        let Some(sentinels) = &self.sentinels else {
+            return;
+        };
+        let _one = self.resolving.lock().await;
+        let Some((host, port)) = self.ask_sentinels(sentinels).await else {
+            return;
+        };
+        let current = self.master.load_full();
+        if current.as_ref().is_some_and(|m| {
+            m.address
+                .as_ref()
+                .is_some_and(|(h, p)| *h == host && *p == port)
+        }) {
+            return;
+        }
+        let generation = current.map_or(1, |m| m.generation + 1);
+        let named = format!("{host}:{port}");
+        let master = self
+            .settings
+            .client_at(&sentinels.master_url(&host, port), true)
+            .and_then(|client| Master::new(generation, Some((host, port)), client, &self.config));
+        match master {
+            Ok(master) => {
+                tracing::info!(target: "reset_guard::limit", master = %named, "Redis master named by the sentinels");
+                self.master.store(Some(Arc::new(master)));
+            }
+            Err(error) => {
+                tracing::warn!(target: "reset_guard::limit", master = %named, %error, "cannot use the Redis master the sentinels named");
+            }
+        }
+    }
+
+    /// The master's address, from the first sentinel that names it.
+    async fn ask_sentinels(&self, sentinels: &Sentinels) -> Option<(String, u16)> {
+        let wait = self.timeout.max(Duration::from_millis(250));
+        for node in &sentinels.nodes {
+            let ask = async {
+                let client = self.settings.client_at(node, false)?;
+                let mut connection = client.get_multiplexed_async_connection().await?;
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&sentinels.master)
+                    .query_async::<Option<(String, u16)>>(&mut connection)
+                    .await
+            };
+            match tokio::time::timeout(wait, ask).await {
+                Ok(Ok(Some(address))) => return Some(address),
+                Ok(Ok(None)) => {
+                    tracing::warn!(target: "reset_guard::limit", master = %sentinels.master, "a sentinel does not know this master");
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(target: "reset_guard::limit", %error, "a sentinel did not answer");
+                }
+                Err(_) => {
+                    tracing::debug!(target: "reset_guard::limit", "a sentinel did not answer in time");
+                }
+            }
+        }
+        tracing::warn!(target: "reset_guard::limit", "no sentinel named the Redis master");
+        None
+    }
+
+    /// A failed request: as `on_error` says. In Sentinel mode the master may have moved (a
+    /// connection refused, or `READONLY` from a demoted master), so the sentinels are asked
+    /// again now rather than at the next probe, at most every 250ms.
+    fn fail(self: &Arc<Self>, why: &str) -> Decision {
+        let now = self.clock.now();
+        let last = self.last_resolve.load(Ordering::Relaxed);
+        if self.sentinels.is_some()
+            && now.saturating_sub(last) >= RESOLVE_INTERVAL_NS
+            && self
+                .last_resolve
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let store = self.clone();
+            tokio::spawn(async move { store.resolve().await });
+        }
+        self.failed(why)
     }
 
     fn failed(&self, why: &str) -> Decision {

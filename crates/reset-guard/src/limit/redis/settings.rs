@@ -24,7 +24,9 @@ pub enum OnError {
 #[non_exhaustive]
 pub struct RedisSettings {
     /// `redis://host:port[/db]`, or `rediss://` for TLS; a password goes in
-    /// [`password`](Self::password), never in the URL.
+    /// [`password`](Self::password), never in the URL. Through Sentinel (see
+    /// [`sentinel`](Self::sentinel)): `redis+sentinel://host:port,host:port/master`, or
+    /// `rediss+sentinel://` when the sentinels and the master speak TLS.
     pub url: String,
     /// The ACL user (Redis 6+); none: the default user.
     pub username: Option<String>,
@@ -70,10 +72,69 @@ impl RedisSettings {
         }
     }
 
+    /// Settings for the master the sentinels at `nodes` (`redis://host:port`, or all
+    /// `rediss://`) name `master`, otherwise as [`new`](Self::new). The username,
+    /// password and CA apply to the master; the sentinels are asked without a password.
+    ///
+    /// # Errors
+    ///
+    /// What is wrong with which node (counted from 1), without repeating it.
+    pub fn sentinel(nodes: &[String], master: &str) -> Result<Self, String> {
+        if nodes.is_empty() {
+            return Err("sentinel mode needs at least one sentinel".to_owned());
+        }
+        if master.is_empty() || master.contains([',', '/', ' ']) {
+            return Err(
+                "the master's name must be non-empty, without `,`, `/` or spaces".to_owned(),
+            );
+        }
+        let tls = nodes[0].starts_with("rediss://");
+        let mut addresses = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
+            let n = i + 1;
+            let info = node
+                .as_str()
+                .into_connection_info()
+                .map_err(|_| format!("node {n} is not a valid Redis URL: redis://host:port"))?;
+            if info.redis_settings().password().is_some() {
+                return Err(format!(
+                    "node {n} holds a password: the sentinels are asked without one (the \
+                     master's goes in store.redis.password_env or password_file)"
+                ));
+            }
+            if node.starts_with("rediss://") != tls {
+                return Err(format!(
+                    "node {n}: every node must use the same scheme, redis:// or rediss://"
+                ));
+            }
+            match info.addr() {
+                redis::ConnectionAddr::Tcp(host, port)
+                | redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                    addresses.push(format!("{host}:{port}"));
+                }
+                _ => return Err(format!("node {n}: a sentinel is reached over TCP")),
+            }
+        }
+        let scheme = if tls { "rediss" } else { "redis" };
+        Ok(Self::new(format!(
+            "{scheme}+sentinel://{}/{master}",
+            addresses.join(",")
+        )))
+    }
+
     /// Whether the client accepts `url` (checked without connecting) and it carries no
     /// password; the error says what is wrong without repeating the URL, which may hold
     /// a secret.
     pub fn check_url(url: &str) -> Result<(), &'static str> {
+        if let Some(sentinels) = Sentinels::parse(url) {
+            if sentinels.master.is_empty() {
+                return Err("names no master: redis+sentinel://host:port,host:port/master");
+            }
+            return sentinels
+                .nodes
+                .iter()
+                .try_for_each(|node| Self::check_url(node));
+        }
         let info = url.into_connection_info().map_err(|_| {
             "is not a valid Redis URL: redis://host:port[/db], or rediss:// for TLS"
         })?;
@@ -83,16 +144,29 @@ impl RedisSettings {
         Ok(())
     }
 
+    /// The sentinels to ask for the master, in Sentinel mode.
+    pub(crate) fn sentinels(&self) -> Option<Sentinels> {
+        Sentinels::parse(&self.url)
+    }
+
     /// The client for these settings: the URL's address and database, the username and
     /// password given apart from it, TLS through rustls with `ca_pem` when set.
     pub(crate) fn client(&self) -> redis::RedisResult<redis::Client> {
-        let info = self.url.as_str().into_connection_info()?;
+        self.client_at(&self.url, true)
+    }
+
+    /// The client for the server at `url`: with the username and password when `auth`
+    /// (Sentinel mode asks the sentinels without them), TLS with `ca_pem` when set.
+    pub(crate) fn client_at(&self, url: &str, auth: bool) -> redis::RedisResult<redis::Client> {
+        let info = url.into_connection_info()?;
         let mut handshake = info.redis_settings().clone();
-        if let Some(username) = &self.username {
-            handshake = handshake.set_username(username);
-        }
-        if let Some(password) = &self.password {
-            handshake = handshake.set_password(password.as_str());
+        if auth {
+            if let Some(username) = &self.username {
+                handshake = handshake.set_username(username);
+            }
+            if let Some(password) = &self.password {
+                handshake = handshake.set_password(password.as_str());
+            }
         }
         let info = info.set_redis_settings(handshake);
         match &self.ca_pem {
@@ -104,6 +178,46 @@ impl RedisSettings {
                 },
             ),
             None => redis::Client::open(info),
+        }
+    }
+}
+
+/// Sentinel mode, read from a `redis+sentinel://` or `rediss+sentinel://` URL.
+#[derive(Debug, Clone)]
+pub(crate) struct Sentinels {
+    /// Each sentinel's URL.
+    pub(crate) nodes: Vec<String>,
+    /// The name the sentinels know the master by.
+    pub(crate) master: String,
+    /// `redis` or `rediss`: how the sentinels and the master are reached.
+    pub(crate) scheme: &'static str,
+}
+
+impl Sentinels {
+    fn parse(url: &str) -> Option<Sentinels> {
+        let (scheme, rest) = [
+            ("redis", "redis+sentinel://"),
+            ("rediss", "rediss+sentinel://"),
+        ]
+        .into_iter()
+        .find_map(|(scheme, prefix)| Some((scheme, url.strip_prefix(prefix)?)))?;
+        let (hosts, master) = rest.split_once('/').unwrap_or((rest, ""));
+        Some(Sentinels {
+            nodes: hosts
+                .split(',')
+                .map(|host| format!("{scheme}://{host}"))
+                .collect(),
+            master: master.to_owned(),
+            scheme,
+        })
+    }
+
+    /// The master's URL, once the sentinels have named its address.
+    pub(crate) fn master_url(&self, host: &str, port: u16) -> String {
+        if host.contains(':') {
+            format!("{}://[{host}]:{port}", self.scheme)
+        } else {
+            format!("{}://{host}:{port}", self.scheme)
         }
     }
 }

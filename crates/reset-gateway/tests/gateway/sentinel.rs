@@ -1,0 +1,154 @@
+//! Limits in Redis through Sentinel: a real master, a replica and three sentinels, and a
+//! failover the gateways follow without a restart.
+
+use std::time::{Duration, Instant};
+
+use qb_mock::MockServer;
+
+use crate::common::*;
+use test_support::{RedisOptions, RedisServer, SENTINEL_MASTER};
+
+/// A gateway config reaching Redis through the sentinels at `nodes`, with more
+/// `store.redis` keys.
+fn sentinel_yaml(mock: &MockServer, nodes: &[String], redis_extra: &str) -> String {
+    yaml(
+        &mock.url(),
+        "  responses: { uniform: false }\n  limits:\n    per_ip: []\n    per_client: []\n    per_email: [{ requests: 3, per: 1h }]\n    global: []\n",
+        &format!(
+            "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    mode: sentinel\n    nodes: [{}]\n    sentinel_master: {SENTINEL_MASTER}\n    key_prefix: sentinel\n    timeout: 300ms\n    on_error: allow\n{redis_extra}",
+            key_secret_file().display(),
+            nodes.join(", "),
+        ),
+    )
+}
+
+/// Waits (blocking) until `done` holds, at most `limit`; says whether it did.
+fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
+}
+
+#[tokio::test]
+async fn a_failover_keeps_serving_and_keeps_the_limits_written_before_it() {
+    let mut master = RedisServer::start();
+    let replica = RedisServer::start_with(RedisOptions {
+        replica_of: Some(master.port()),
+        ..Default::default()
+    });
+    assert!(
+        wait_for(Duration::from_secs(10), || replica
+            .command("INFO replication")
+            .is_some_and(|info| info.contains("master_link_status:up"))),
+        "the replica did not sync"
+    );
+    let sentinels: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::sentinel(master.port()))
+        .collect();
+    // A failover needs the sentinels to know each other (they meet through the master
+    // every 2 s) and the replica.
+    assert!(
+        wait_for(Duration::from_secs(15), || sentinels.iter().all(|s| {
+            s.sentinel_field("num-other-sentinels").as_deref() == Some("2")
+                && s.sentinel_field("num-slaves").as_deref() == Some("1")
+        })),
+        "the sentinels did not find each other and the replica"
+    );
+    let nodes: Vec<String> = sentinels.iter().map(RedisServer::url).collect();
+
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = sentinel_yaml(&mock, &nodes, "");
+    let a = Gateway::start_yaml(mock, &yaml).await;
+    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &yaml).await;
+    let alice = "email=alice%40example.com";
+    for gateway in [&a, &b, &a] {
+        assert_eq!(gateway.reset_as_ios(alice).await.status, 200);
+    }
+    assert!(!master.dump().is_empty(), "the limits live in the master");
+    // The replica has every write before the master goes.
+    assert_eq!(master.command("WAIT 1 1000").as_deref(), Some(":1\r\n"));
+
+    let killed = Instant::now();
+    master.stop();
+    // Until the gateways use the new master, on_error: allow serves every request; each
+    // gateway has used it once another address reaches its limit (a 429 only Redis
+    // decides).
+    for (gateway, address) in [
+        (&a, "email=bob%40example.com"),
+        (&b, "email=carol%40example.com"),
+    ] {
+        let mut statuses = Vec::new();
+        loop {
+            let status = gateway.reset_as_ios(address).await.status;
+            statuses.push(status);
+            assert!(status < 500, "a 5xx during the failover: {statuses:?}");
+            if status == 429 {
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(15),
+                "limits did not apply again within 15 s: {statuses:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let recovered = killed.elapsed();
+    assert_eq!(
+        sentinels[0].sentinel_master_port(),
+        Some(replica.port()),
+        "the sentinels promoted the replica"
+    );
+    // Alice's three resets, written before the failover, still count on the new master.
+    assert_eq!(a.reset_as_ios(alice).await.status, 429);
+    assert_eq!(b.reset_as_ios(alice).await.status, 429);
+    assert!(!replica.dump().is_empty());
+    eprintln!("limits applied again {recovered:?} after the master was killed");
+}
+
+#[test]
+fn sentinel_mode_is_checked_without_echoing_a_node_password() {
+    let check = |redis: &str| -> Result<(), String> {
+        let yaml = yaml(
+            "http://127.0.0.1:9",
+            "",
+            &format!(
+                "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n{redis}",
+                key_secret_file().display()
+            ),
+        );
+        let config = reset_gateway::GatewayConfig::from_yaml(&yaml).map_err(|e| e.to_string())?;
+        config
+            .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let sentinel = "    mode: sentinel\n    nodes: [redis://10.0.0.1:26379, redis://10.0.0.2:26379]\n    sentinel_master: mymaster\n";
+    check(sentinel).unwrap();
+    let refused = [
+        ("    mode: cluster\n", "store.redis.mode (line", "not supported yet"),
+        ("    mode: sentinel\n    sentinel_master: mymaster\n", "store.redis.nodes:", "needs the sentinels"),
+        ("    mode: sentinel\n    nodes: []\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "needs the sentinels"),
+        ("    mode: sentinel\n    nodes: [redis://10.0.0.1:26379]\n", "store.redis.sentinel_master", "needs the name"),
+        ("    nodes: [redis://10.0.0.1:26379]\n", "store.redis.nodes (line", "is for mode: sentinel"),
+        ("    sentinel_master: mymaster\n", "store.redis.sentinel_master (line", "is for mode: sentinel"),
+        (&format!("{sentinel}    url: redis://10.0.0.3:6379\n"), "store.redis.url (line", "comes from the sentinels"),
+        ("    mode: sentinel\n    nodes: [redis://10.0.0.1:26379, 'redis://:hunter2-password@10.0.0.2:26379']\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "node 2 holds a password"),
+        ("    mode: sentinel\n    nodes: [redis://10.0.0.1:26379, rediss://10.0.0.2:26379]\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "same scheme"),
+        ("    mode: sentinel\n    nodes: [not a url]\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "not a valid Redis URL"),
+        (&format!("{sentinel}    sentinels: 3\n"), "store.redis.sentinels", "unknown field"),
+    ];
+    for (redis, path, why) in refused {
+        let shown = check(redis).unwrap_err();
+        assert!(shown.contains(path), "{redis}: {shown}");
+        assert!(shown.contains(why), "{redis}: {shown}");
+        assert!(
+            !shown.contains("hunter2"),
+            "the password was echoed: {shown}"
+        );
+    }
+}
