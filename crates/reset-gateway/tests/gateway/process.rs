@@ -423,7 +423,7 @@ fn every_example_config_is_valid_once_its_placeholder_is_replaced() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 3);
+    assert_eq!(checked, 4);
 }
 
 #[tokio::test]
