@@ -481,3 +481,65 @@ async fn alerts_and_dashboard_use_metrics_the_gateway_exports() {
         }
     }
 }
+
+#[test]
+fn the_compose_sentinel_variant_points_the_gateways_at_its_sentinels() {
+    let compose = one("deploy/compose.sentinel.yaml");
+    let services = compose["services"].as_mapping().unwrap();
+    let gateway = &compose["services"]["gateway"];
+    let mount = gateway["volumes"][0].as_str().unwrap();
+    let (file, target) = mount.split_once(':').unwrap();
+    assert_eq!(target, "/etc/reset-gateway/gateway.yaml:ro");
+    let config = GatewayConfig::from_yaml(&read(&format!("deploy/{file}"))).unwrap();
+    assert_only_the_placeholder_client_is_refused(&config);
+    let redis = &config.store.redis;
+    let nodes = redis.nodes.clone().unwrap_or_default();
+    let sentinel_text = read("deploy/compose.sentinel.yaml");
+    // Every node is a sentinel service of this file, on the port it listens on.
+    assert!(
+        nodes.len() >= 3,
+        "a majority survives one sentinel going away"
+    );
+    for node in &nodes {
+        let uri: http::Uri = node.parse().unwrap();
+        let host = uri.host().unwrap();
+        assert!(services.contains_key(host), "{node}: no service {host}");
+        assert_eq!(uri.port_u16(), Some(26379));
+        assert!(compose["services"][host].get("entrypoint").is_some());
+    }
+    // The sentinels monitor the master service under the name the gateways ask for, with a
+    // quorum the sentinels can reach.
+    let master = redis.sentinel_master.as_deref().unwrap();
+    let monitor = sentinel_text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(&format!("sentinel monitor {master} "))
+        })
+        .expect("a sentinel monitor line for the gateways' master name");
+    let [host, port, quorum] = monitor.split(' ').collect::<Vec<_>>()[..] else {
+        panic!("{monitor}");
+    };
+    assert!(services.contains_key(host), "{host}");
+    assert_eq!(port, "6379");
+    assert!(quorum.parse::<usize>().unwrap() <= nodes.len());
+    let replica = compose["services"]["redis-replica"]["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        replica.contains(&format!("--replicaof {host} 6379")),
+        "{replica}"
+    );
+    let secrets = compose["secrets"].as_mapping().unwrap();
+    for file in [
+        config.upstream.api_key_file.clone().unwrap(),
+        config.store.key_secret_file.clone().unwrap(),
+    ] {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert!(secrets.contains_key(name), "compose has no secret {name}");
+    }
+}
