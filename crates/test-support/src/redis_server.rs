@@ -27,6 +27,8 @@ pub struct RedisOptions {
     pub tls: Option<(u16, PathBuf, PathBuf, PathBuf)>,
     /// `replicaof 127.0.0.1 <port>`: a replica of the server on that port.
     pub replica_of: Option<u16>,
+    /// Cluster mode, with its `nodes-<port>.conf` in this directory.
+    pub cluster_dir: Option<PathBuf>,
 }
 
 /// A free loopback port.
@@ -54,7 +56,8 @@ impl RedisServer {
         Self::start_on_with(port, RedisOptions::default())
     }
 
-    fn start_on_with(port: u16, options: RedisOptions) -> RedisServer {
+    /// Starts a server on `port`, set up as `options` says (a cluster node brought back).
+    pub fn start_on_with(port: u16, options: RedisOptions) -> RedisServer {
         let mut extra: Vec<String> = Vec::new();
         if let Some(password) = &options.password {
             extra.extend(["--requirepass".to_owned(), password.clone()]);
@@ -75,6 +78,18 @@ impl RedisServer {
                 "--replicaof".to_owned(),
                 "127.0.0.1".to_owned(),
                 master.to_string(),
+            ]);
+        }
+        if let Some(dir) = &options.cluster_dir {
+            extra.extend([
+                "--cluster-enabled".to_owned(),
+                "yes".to_owned(),
+                "--cluster-config-file".to_owned(),
+                dir.join(format!("nodes-{port}.conf")).display().to_string(),
+                "--cluster-node-timeout".to_owned(),
+                "2000".to_owned(),
+                "--dir".to_owned(),
+                dir.display().to_string(),
             ]);
         }
         let child = Command::new("redis-server")
@@ -187,6 +202,11 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("redis-server on port {} did not start", self.port);
+    }
+
+    /// The options it was started with.
+    pub fn options(&self) -> &RedisOptions {
+        &self.options
     }
 
     pub fn port(&self) -> u16 {

@@ -61,7 +61,7 @@ pub enum RedisMode {
     Standalone,
     /// The master the sentinels at `nodes` name `sentinel_master`, followed across failovers.
     Sentinel,
-    /// Refused: not supported yet.
+    /// The Redis Cluster the seed `nodes` belong to; each group decided in its own slot.
     Cluster,
 }
 
@@ -69,12 +69,14 @@ pub enum RedisMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `standalone` (the server at `url`) or `sentinel` (the master the sentinels name).
+    /// `standalone` (the server at `url`), `sentinel` (the master the sentinels name) or
+    /// `cluster` (the Redis Cluster the seed `nodes` belong to).
     pub mode: RedisMode,
     /// `redis://host:port[/db]`, or `rediss://` for TLS; never with a password in it.
     /// Standalone only.
     pub url: String,
-    /// Sentinel mode: the sentinels, `redis://host:port` (all `rediss://` for TLS).
+    /// Sentinel mode: the sentinels; cluster mode: seed nodes of the cluster.
+    /// `redis://host:port` (all `rediss://` for TLS).
     pub nodes: Option<Vec<String>>,
     /// Sentinel mode: the name the sentinels know the master by.
     pub sentinel_master: Option<String>,
@@ -117,23 +119,50 @@ impl RedisConfig {
     /// which may hold a password.
     fn target(&self) -> Result<RedisSettings, ConfigError> {
         match self.mode {
-            RedisMode::Cluster => Err(ConfigError::new(
-                "store.redis.mode",
-                "cluster is not supported yet: use standalone or sentinel",
-            )),
+            RedisMode::Cluster => {
+                if self.url != DEFAULT_URL {
+                    return Err(ConfigError::new(
+                        "store.redis.url",
+                        "is for mode: standalone; in cluster mode the seed nodes go in nodes",
+                    ));
+                }
+                if self.sentinel_master.is_some() {
+                    return Err(ConfigError::new(
+                        "store.redis.sentinel_master",
+                        "is for mode: sentinel",
+                    ));
+                }
+                if self.key_prefix.contains(['{', '}']) {
+                    return Err(ConfigError::new(
+                        "store.redis.key_prefix",
+                        "in cluster mode, must not hold `{` or `}` (the keys' hash tags)",
+                    ));
+                }
+                let nodes = self.nodes.as_deref().unwrap_or_default();
+                if nodes.is_empty() {
+                    return Err(ConfigError::new(
+                        "store.redis.nodes",
+                        "mode: cluster needs seed nodes: nodes: [redis://host:6379, ...]",
+                    ));
+                }
+                RedisSettings::cluster(nodes)
+                    .map_err(|why| ConfigError::new("store.redis.nodes", why))
+            }
             RedisMode::Standalone => {
-                let sentinel_only = [
-                    ("store.redis.nodes", self.nodes.is_some()),
+                let not_standalone = [
+                    (
+                        "store.redis.nodes",
+                        self.nodes.is_some(),
+                        "is for mode: sentinel or cluster (standalone reaches the server at url)",
+                    ),
                     (
                         "store.redis.sentinel_master",
                         self.sentinel_master.is_some(),
+                        "is for mode: sentinel (standalone reaches the server at url)",
                     ),
                 ];
-                if let Some((key, _)) = sentinel_only.into_iter().find(|(_, set)| *set) {
-                    return Err(ConfigError::new(
-                        key,
-                        "is for mode: sentinel (standalone reaches the server at url)",
-                    ));
+                if let Some((key, _, why)) = not_standalone.into_iter().find(|(_, set, _)| *set) {
+                    return Err(ConfigError::new(key, why));
                 }
                 RedisSettings::check_url(&self.url)
                     .map_err(|why| ConfigError::new("store.redis.url", why))?;
@@ -198,7 +227,7 @@ impl RedisConfig {
             if !tls {
                 return Err(ConfigError::new(
                     "store.redis.ca_file",
-                    "is for TLS: the URL (in sentinel mode, every node) must start with rediss://",
+                    "is for TLS: the URL (in sentinel and cluster mode, every node) must start with rediss://",
                 ));
             }
             read_certificates("store.redis.ca_file", path)

@@ -1,6 +1,7 @@
 //! The gateway through real sockets, in front of qb-mock.
 
 mod checks;
+mod cluster;
 mod common;
 mod deploy;
 mod emails;

@@ -2,7 +2,9 @@
 //! Redis"): one script call per request decides all of its groups atomically on the
 //! server's clock. Through Sentinel, the server is the master the sentinels name, asked
 //! again every second and whenever a request fails; when it changes, every connection
-//! moves to the new one.
+//! moves to the new one. In Cluster mode (`redis+cluster://`), one request's groups hash
+//! to different slots, so each group with quotas is one script call over that group's
+//! keys (one hash tag), made in request order and ended by the first denial.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,7 +21,7 @@ mod batch;
 mod settings;
 
 pub(crate) use batch::RedisSpecs;
-use batch::{run_batches, Charges, Job, REPLY_LEN};
+use batch::{run_batches, run_cluster_batches, Charges, Job, REPLY_LEN};
 use settings::Sentinels;
 pub use settings::{OnError, RedisSettings};
 
@@ -72,8 +74,25 @@ impl Master {
     }
 }
 
+/// Cluster mode: the client every per-thread connection is made from, and the probe's.
+struct Cluster {
+    client: redis::cluster::ClusterClient,
+    config: redis::cluster::ClusterConfig,
+    /// The probe's connection; made on first use, then reconnected by the client itself.
+    probe: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+}
+
+impl Cluster {
+    fn connection(&self) -> redis::cluster_async::ClusterConnection {
+        self.client
+            .get_pending_async_connection_with_config(self.config.clone())
+    }
+}
+
 /// The Redis-backed limiter, shared by every settings generation.
 pub(crate) struct RedisStore {
+    /// Cluster mode: the cluster (then `master` and `sentinels` are none).
+    cluster: Option<Cluster>,
     /// None only in Sentinel mode, until the sentinels have named a master.
     master: ArcSwapOption<Master>,
     /// Sentinel mode: whom to ask for the master.
@@ -122,7 +141,18 @@ impl RedisStore {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
         let sentinels = settings.sentinels();
+        let cluster = match settings.cluster_nodes() {
+            Some(nodes) => Some(Cluster {
+                client: settings.cluster_client(&nodes)?,
+                config: redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(settings.timeout.max(Duration::from_millis(250)))
+                    .set_response_timeout(settings.timeout),
+                probe: tokio::sync::OnceCell::new(),
+            }),
+            None => None,
+        };
         let master = match &sentinels {
+            None if cluster.is_some() => None,
             None => Some(Arc::new(Master::new(0, None, settings.client()?, &config)?)),
             Some(sentinels) => {
                 // Only checks each sentinel's URL; the master is asked for on first use.
@@ -133,6 +163,7 @@ impl RedisStore {
             }
         };
         Ok(RedisStore {
+            cluster,
             master: ArcSwapOption::new(master),
             sentinels,
             resolving: tokio::sync::Mutex::new(()),
@@ -169,7 +200,11 @@ impl RedisStore {
 
     /// The script's view of a settings generation.
     pub(crate) fn specs(&self, limits: &LimitSettings) -> Arc<RedisSpecs> {
-        Arc::new(RedisSpecs::new(limits, &self.prefix))
+        Arc::new(RedisSpecs::new(
+            limits,
+            &self.prefix,
+            self.cluster.is_some(),
+        ))
     }
 
     /// Forgets cached denials (after a reload, quotas may have changed).
@@ -192,6 +227,19 @@ impl RedisStore {
     /// Sends a `PING` and records whether it came back in time; in Sentinel mode, first
     /// asks the sentinels whether the master moved.
     pub(crate) async fn probe(&self) -> bool {
+        if let Some(cluster) = &self.cluster {
+            // PING goes to every master: healthy when all of them answer.
+            let mut connection = cluster
+                .probe
+                .get_or_init(|| async { cluster.connection() })
+                .await
+                .clone();
+            let command = redis::cmd("PING");
+            let ping = command.query_async::<redis::Value>(&mut connection);
+            let ok = matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)));
+            self.healthy.store(ok, Ordering::Relaxed);
+            return ok;
+        }
         self.resolve().await;
         let Some(master) = self.master.load_full() else {
             self.healthy.store(false, Ordering::Relaxed);
@@ -226,6 +274,9 @@ impl RedisStore {
                 None => Decision::Admitted(None),
             };
             return Box::pin(std::future::ready(decision));
+        }
+        if self.cluster.is_some() {
+            return self.decide_in_cluster(specs, Charges::new(charges), cached);
         }
         let charges = Charges::new(charges);
         let specs = specs.clone();
@@ -265,6 +316,64 @@ impl RedisStore {
         })
     }
 
+    /// Cluster mode: one script call per group with quotas, in request order, each over
+    /// that group's keys only (one hash tag, one slot), until one denies. As in one call
+    /// over all groups, a group is charged only if all its quotas admit, and the groups
+    /// after a denial are not charged; what differs is that the groups are no longer
+    /// decided in one atomic step (another request may be decided between two of them).
+    /// The replies are merged into the one the script gives for a whole request, so the
+    /// decision is read the same way. The whole request waits at most `timeout`.
+    fn decide_in_cluster(
+        self: &Arc<Self>,
+        specs: &Arc<RedisSpecs>,
+        charges: Charges,
+        cached: Option<(usize, Denial)>,
+    ) -> Pin<Box<dyn Future<Output = Decision> + Send>> {
+        let store = self.clone();
+        let specs = specs.clone();
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + store.timeout;
+            // {denied, group, quota, remaining or retry, reset, shadow mask}, as the script.
+            let mut merged = [0i64; REPLY_LEN];
+            let mut tightest: Option<i64> = None;
+            for (i, charge) in charges.as_slice().iter().enumerate() {
+                if specs.group(charge.0).quotas.is_empty() {
+                    continue;
+                }
+                let (reply, answer) = oneshot::channel();
+                let job = Job {
+                    specs: specs.clone(),
+                    charges: Charges::new(std::slice::from_ref(charge)),
+                    reply,
+                };
+                if let Err(why) = store.enqueue(job) {
+                    return store.fail(&why);
+                }
+                let one = match tokio::time::timeout_at(deadline, answer).await {
+                    Ok(Ok(Ok(reply))) => reply,
+                    Ok(Ok(Err(error))) => return store.fail(&error),
+                    Ok(Err(_)) => return store.fail("the Redis worker stopped"),
+                    Err(_) => return store.fail("timed out"),
+                };
+                let group = i64::try_from(i + 1).unwrap_or(0);
+                if one[5] & 1 != 0 {
+                    merged[5] |= 1 << i;
+                }
+                if one[0] == 1 {
+                    merged[..5].copy_from_slice(&[1, group, one[2], one[3], 0]);
+                    break;
+                }
+                // The tightest admitting quota; on a tie, the earlier group's, as the script.
+                if one[1] != 0 && tightest.is_none_or(|remaining| one[3] < remaining) {
+                    tightest = Some(one[3]);
+                    merged[..5].copy_from_slice(&[0, group, one[2], one[3], one[4]]);
+                }
+            }
+            store.healthy.store(true, Ordering::Relaxed);
+            store.read_reply(&merged, charges.as_slice(), &specs, cached)
+        })
+    }
+
     /// Hands a job to this thread's queue.
     fn enqueue(&self, job: Job) -> Result<(), String> {
         self.queue()?
@@ -276,6 +385,9 @@ impl RedisStore {
     /// own requests over its own Redis connection, so a decision never hops threads. A
     /// queue made for an earlier master is replaced; it ends once its last job is answered.
     fn queue(&self) -> Result<mpsc::Sender<Job>, String> {
+        if let Some(cluster) = &self.cluster {
+            return Ok(self.cluster_queue(cluster));
+        }
         let Some(master) = self.master.load_full() else {
             return Err("the sentinels have named no Redis master yet".to_owned());
         };
@@ -299,6 +411,31 @@ impl RedisStore {
             queues.retain(|(id, ..)| *id != self.id);
             queues.push((self.id, master.generation, sender.clone()));
             Ok(sender)
+        })
+    }
+
+    /// Cluster mode: this thread's queue and its own cluster connection, which keeps
+    /// itself connected to every master (reconnecting, and refreshing the slot map on
+    /// MOVED or when a node is lost).
+    fn cluster_queue(&self, cluster: &Cluster) -> mpsc::Sender<Job> {
+        QUEUES.with(|queues| {
+            let mut queues = queues.borrow_mut();
+            if let Some((.., sender)) = queues
+                .iter()
+                .find(|(id, _, s)| *id == self.id && !s.is_closed())
+            {
+                return sender.clone();
+            }
+            let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
+            tokio::spawn(run_cluster_batches(
+                receiver,
+                cluster.connection(),
+                self.script.clone(),
+                self.timeout,
+            ));
+            queues.retain(|(id, ..)| *id != self.id);
+            queues.push((self.id, 0, sender.clone()));
+            sender
         })
     }
 

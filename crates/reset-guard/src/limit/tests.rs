@@ -1015,3 +1015,95 @@ mod redis_store {
         );
     }
 }
+
+#[cfg(feature = "redis")]
+mod redis_cluster_store {
+    use super::*;
+    use test_support::RedisCluster;
+
+    fn cluster_store(cluster: &RedisCluster, prefix: &str) -> StoreSettings {
+        let mut settings = RedisSettings::cluster(&cluster.urls()).unwrap();
+        settings.key_prefix = prefix.to_owned();
+        settings.timeout = Duration::from_millis(1000);
+        settings.on_error = OnError::Deny;
+        StoreSettings {
+            redis: Some(settings),
+            ..StoreSettings::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_shared_table_in_a_redis_cluster() {
+        let cluster = RedisCluster::start();
+        let next = AtomicUsize::new(0);
+        run_table(|limits, extra| {
+            let prefix = format!("t{}", next.fetch_add(1, Ordering::Relaxed));
+            rig_in(
+                limits,
+                extra,
+                cluster_store(&cluster, &prefix),
+                ManualClock::new(),
+            )
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn each_group_and_key_has_its_own_slot_and_keys_spread_over_the_masters() {
+        let cluster = RedisCluster::start();
+        let rig = rig_in(
+            "  per_ip: [{ requests: 50, per: 1m }]\n  per_client: [{ requests: 50, per: 1m }]\n  per_email: [{ requests: 1, per: 1h }, { requests: 5, per: 1d }]\n  global: [{ requests: 100, per: 1s }]\n",
+            "",
+            cluster_store(&cluster, "spread"),
+            ManualClock::new(),
+        );
+        for i in 0..30 {
+            let email = format!("Secret.Person{i}@Example.com");
+            assert_eq!(rig.status(ask(&email)).await, 200);
+        }
+        // A denied per-email group: neither of its quotas moves, and global (after it) is
+        // not charged; per_ip and per_client, decided before it, stay charged.
+        let before = cluster.dump();
+        assert_eq!(rig.status(ask("Secret.Person0@Example.com")).await, 429);
+        let later = |dump: Vec<(usize, String, String)>| {
+            let mut dump: Vec<_> = dump
+                .into_iter()
+                .filter(|(_, key, _)| key.contains(":per_email:") || key.contains(":global:"))
+                .collect();
+            dump.sort();
+            dump
+        };
+        assert_eq!(
+            later(cluster.dump()),
+            later(before.clone()),
+            "a denial charged nothing"
+        );
+
+        // 30 emails x 2 quotas, one IP, one client, one global key.
+        assert_eq!(before.len(), 63, "{before:?}");
+        let mut per_node = [0usize; 3];
+        for (node, key, value) in &before {
+            per_node[*node] += 1;
+            assert!(key.starts_with("{spread:"), "{key}");
+            for secret in ["secret", "person", "example", "192.0.2.1", "foo", "bar"] {
+                assert!(!key.to_lowercase().contains(secret), "{key} holds {secret}");
+            }
+            assert!(value.bytes().all(|b| b.is_ascii_digit()), "{key} = {value}");
+            let ttl = cluster.pttl(*node, key);
+            assert!(ttl > 0 && ttl <= 86_400_001, "{key} has no expiry ({ttl})");
+            // Both per-email quotas of one key sit on one node (one hash tag).
+            let tag = &key[..=key.find('}').unwrap()];
+            assert!(
+                before
+                    .iter()
+                    .filter(|(_, other, _)| other.starts_with(tag))
+                    .all(|(other_node, ..)| other_node == node),
+                "{tag} is split"
+            );
+        }
+        assert!(
+            per_node.iter().all(|&n| n > 0),
+            "keys on every master: {per_node:?}"
+        );
+    }
+}

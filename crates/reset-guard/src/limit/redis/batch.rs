@@ -27,6 +27,9 @@ pub(super) struct Job {
 #[derive(Debug)]
 pub(crate) struct RedisSpecs {
     groups: [GroupSpec; 4],
+    /// Cluster mode: each key's group and keyed hash form its hash tag, so every quota of
+    /// one group and key shares a slot.
+    cluster: bool,
 }
 
 /// A request's charges in order, without an allocation (a request has at most four).
@@ -57,34 +60,51 @@ pub(super) struct GroupSpec {
     pub(super) quotas: Vec<Quota>,
     /// Quota count, then interval_us, capacity_us, shadow per quota.
     args: Vec<u64>,
-    /// `{prefix}:{group}:{interval_us}.{capacity_us}:` per quota. The quota's numbers are
-    /// part of the key: a changed quota starts fresh, an unchanged one keeps its state
-    /// across reloads and replicas.
-    prefixes: Vec<String>,
+    /// `{prefix}:{group}`.
+    head: String,
+    /// `{interval_us}.{capacity_us}` per quota. The quota's numbers are part of the key: a
+    /// changed quota starts fresh, an unchanged one keeps its state across reloads and
+    /// replicas.
+    quota_parts: Vec<String>,
+}
+
+impl GroupSpec {
+    /// The key of quota `q` for the keyed hash `hash`: `{prefix}:{group}:{quota}:{hash}`,
+    /// or in Cluster mode `{{prefix}:{group}:{hash}}:{quota}`, whose hash tag puts every
+    /// quota of one group and key in one slot.
+    fn key(&self, out: &mut String, q: usize, hash: u64, cluster: bool) {
+        use std::fmt::Write;
+        out.clear();
+        let (head, quota) = (&self.head, &self.quota_parts[q]);
+        let _ = if cluster {
+            write!(out, "{{{head}:{hash:016x}}}:{quota}")
+        } else {
+            write!(out, "{head}:{quota}:{hash:016x}")
+        };
+    }
 }
 
 impl RedisSpecs {
-    pub(crate) fn new(limits: &LimitSettings, prefix: &str) -> Self {
+    pub(crate) fn new(limits: &LimitSettings, prefix: &str, cluster: bool) -> Self {
         let groups = LimitGroup::ALL.map(|group| {
             let quotas = limits.quotas(group);
             let mut spec = GroupSpec {
                 quotas: quotas.to_vec(),
                 args: vec![quotas.len() as u64],
-                prefixes: Vec::new(),
+                head: format!("{prefix}:{}", group.name()),
+                quota_parts: Vec::new(),
             };
             for quota in quotas {
                 let interval_us = (quota.interval_ns / 1000).max(1);
                 let capacity_us = interval_us * u64::from(quota.burst);
                 spec.args
                     .extend([interval_us, capacity_us, u64::from(quota.shadow)]);
-                spec.prefixes.push(format!(
-                    "{prefix}:{}:{interval_us}.{capacity_us}:",
-                    group.name()
-                ));
+                spec.quota_parts
+                    .push(format!("{interval_us}.{capacity_us}"));
             }
             spec
         });
-        RedisSpecs { groups }
+        RedisSpecs { groups, cluster }
     }
 
     pub(super) fn group(&self, group: LimitGroup) -> &GroupSpec {
@@ -121,10 +141,9 @@ fn invocation<'a>(script: &'a redis::Script, batch: &[Job]) -> redis::ScriptInvo
             invocation.arg(generation * 4 + group.index() + 1);
         }
         for (group, hash) in job.charges.as_slice() {
-            for prefix in &job.specs.group(*group).prefixes {
-                use std::fmt::Write;
-                key.clear();
-                let _ = write!(key, "{prefix}{hash:016x}");
+            let spec = job.specs.group(*group);
+            for q in 0..spec.quota_parts.len() {
+                spec.key(&mut key, q, *hash, job.specs.cluster);
                 invocation.key(key.as_str());
             }
         }
@@ -142,34 +161,76 @@ pub(super) async fn run_batches(
 ) {
     let mut connection = connection;
     while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+        let batch = gather(first, &mut queue);
         // One call at a time: Redis runs scripts one after another anyway, and whatever
         // arrives meanwhile rides in the next batch.
-        let invocation = invocation(&script, &batch);
-        let call = invocation.invoke_async::<Vec<i64>>(&mut connection);
-        let outcome = match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(values)) if values.len() == REPLY_LEN * batch.len() => Ok(values),
-            Ok(Ok(_)) => Err("unexpected reply from the rate-limit script".to_owned()),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err("timed out".to_owned()),
-        };
-        for (i, job) in batch.into_iter().enumerate() {
-            let reply = match &outcome {
-                Ok(values) => {
-                    let mut six = [0; REPLY_LEN];
-                    six.copy_from_slice(&values[i * REPLY_LEN..(i + 1) * REPLY_LEN]);
-                    Ok(six)
-                }
-                Err(error) => Err(error.clone()),
-            };
-            // The request may have given up already; that is fine.
-            let _ = job.reply.send(reply);
+        call(batch, &mut connection, &script, timeout).await;
+    }
+}
+
+/// Cluster mode: each job is one group of one request (its keys share a hash tag). The
+/// jobs waiting on this thread are gathered, and those with the same hash tag (the same
+/// group and key: above all the hot `global` key) go as one script call; calls for
+/// different tags run side by side, pipelined over the cluster connection, which sends
+/// each to the node holding its slot and follows MOVED/ASK itself.
+pub(super) async fn run_cluster_batches(
+    mut queue: mpsc::Receiver<Job>,
+    connection: redis::cluster_async::ClusterConnection,
+    script: Arc<redis::Script>,
+    timeout: Duration,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = gather(first, &mut queue);
+        while !batch.is_empty() {
+            let tag = batch[0].charges.as_slice().first().copied();
+            let (same, rest): (Vec<Job>, Vec<Job>) = batch
+                .into_iter()
+                .partition(|job| job.charges.as_slice().first().copied() == tag);
+            batch = rest;
+            let mut connection = connection.clone();
+            let script = script.clone();
+            tokio::spawn(async move { call(same, &mut connection, &script, timeout).await });
         }
+    }
+}
+
+/// The first job and whatever else is waiting, up to [`MAX_BATCH`].
+fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match queue.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// One script call deciding `batch`, and each job's six numbers (or the error) sent back.
+async fn call(
+    batch: Vec<Job>,
+    connection: &mut impl redis::aio::ConnectionLike,
+    script: &redis::Script,
+    timeout: Duration,
+) {
+    let invocation = invocation(script, &batch);
+    let call = invocation.invoke_async::<Vec<i64>>(connection);
+    let outcome = match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(values)) if values.len() == REPLY_LEN * batch.len() => Ok(values),
+        Ok(Ok(_)) => Err("unexpected reply from the rate-limit script".to_owned()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    };
+    for (i, job) in batch.into_iter().enumerate() {
+        let reply = match &outcome {
+            Ok(values) => {
+                let mut six = [0; REPLY_LEN];
+                six.copy_from_slice(&values[i * REPLY_LEN..(i + 1) * REPLY_LEN]);
+                Ok(six)
+            }
+            Err(error) => Err(error.clone()),
+        };
+        // The request may have given up already; that is fine.
+        let _ = job.reply.send(reply);
     }
 }

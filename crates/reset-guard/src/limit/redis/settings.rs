@@ -88,36 +88,27 @@ impl RedisSettings {
                 "the master's name must be non-empty, without `,`, `/` or spaces".to_owned(),
             );
         }
-        let tls = nodes[0].starts_with("rediss://");
-        let mut addresses = Vec::new();
-        for (i, node) in nodes.iter().enumerate() {
-            let n = i + 1;
-            let info = node
-                .as_str()
-                .into_connection_info()
-                .map_err(|_| format!("node {n} is not a valid Redis URL: redis://host:port"))?;
-            if info.redis_settings().password().is_some() {
-                return Err(format!(
-                    "node {n} holds a password: the sentinels are asked without one (the \
-                     master's goes in store.redis.password_env or password_file)"
-                ));
-            }
-            if node.starts_with("rediss://") != tls {
-                return Err(format!(
-                    "node {n}: every node must use the same scheme, redis:// or rediss://"
-                ));
-            }
-            match info.addr() {
-                redis::ConnectionAddr::Tcp(host, port)
-                | redis::ConnectionAddr::TcpTls { host, port, .. } => {
-                    addresses.push(format!("{host}:{port}"));
-                }
-                _ => return Err(format!("node {n}: a sentinel is reached over TCP")),
-            }
-        }
-        let scheme = if tls { "rediss" } else { "redis" };
+        let (scheme, addresses) = node_addresses(nodes, "the sentinels are asked without one")?;
         Ok(Self::new(format!(
             "{scheme}+sentinel://{}/{master}",
+            addresses.join(",")
+        )))
+    }
+
+    /// Settings for the Redis Cluster that the seed `nodes` (`redis://host:port`, or all
+    /// `rediss://`) belong to, otherwise as [`new`](Self::new). The username, password and
+    /// CA apply to every node of the cluster.
+    ///
+    /// # Errors
+    ///
+    /// What is wrong with which node (counted from 1), without repeating it.
+    pub fn cluster(nodes: &[String]) -> Result<Self, String> {
+        if nodes.is_empty() {
+            return Err("cluster mode needs at least one seed node".to_owned());
+        }
+        let (scheme, addresses) = node_addresses(nodes, "every node is asked with the same one")?;
+        Ok(Self::new(format!(
+            "{scheme}+cluster://{}",
             addresses.join(",")
         )))
     }
@@ -126,6 +117,9 @@ impl RedisSettings {
     /// password; the error says what is wrong without repeating the URL, which may hold
     /// a secret.
     pub fn check_url(url: &str) -> Result<(), &'static str> {
+        if let Some(nodes) = cluster_nodes(url) {
+            return nodes.iter().try_for_each(|node| Self::check_url(node));
+        }
         if let Some(sentinels) = Sentinels::parse(url) {
             if sentinels.master.is_empty() {
                 return Err("names no master: redis+sentinel://host:port,host:port/master");
@@ -147,6 +141,39 @@ impl RedisSettings {
     /// The sentinels to ask for the master, in Sentinel mode.
     pub(crate) fn sentinels(&self) -> Option<Sentinels> {
         Sentinels::parse(&self.url)
+    }
+
+    /// The seed nodes' URLs, in Cluster mode.
+    pub(crate) fn cluster_nodes(&self) -> Option<Vec<String>> {
+        cluster_nodes(&self.url)
+    }
+
+    /// The cluster client for these settings: the seed nodes, with the username and
+    /// password, TLS through rustls with `ca_pem` when set, and `timeout` per reply.
+    pub(crate) fn cluster_client(
+        &self,
+        nodes: &[String],
+    ) -> redis::RedisResult<redis::cluster::ClusterClient> {
+        let mut builder =
+            redis::cluster::ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+                .connection_timeout(self.timeout.max(std::time::Duration::from_millis(250)))
+                .response_timeout(self.timeout)
+                .retries(3)
+                .min_retry_wait(10)
+                .max_retry_wait(200);
+        if let Some(username) = &self.username {
+            builder = builder.username(username);
+        }
+        if let Some(password) = &self.password {
+            builder = builder.password(password.as_str());
+        }
+        if let Some(pem) = &self.ca_pem {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            });
+        }
+        builder.build()
     }
 
     /// The client for these settings: the URL's address and database, the username and
@@ -180,6 +207,58 @@ impl RedisSettings {
             None => redis::Client::open(info),
         }
     }
+}
+
+/// Every node's scheme (`redis` or `rediss`, the same for all) and `host:port`; `password`
+/// says why a node may not hold a password.
+fn node_addresses(nodes: &[String], password: &str) -> Result<(&'static str, Vec<String>), String> {
+    let tls = nodes[0].starts_with("rediss://");
+    let mut addresses = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let n = i + 1;
+        let info = node
+            .as_str()
+            .into_connection_info()
+            .map_err(|_| format!("node {n} is not a valid Redis URL: redis://host:port"))?;
+        if info.redis_settings().password().is_some() {
+            return Err(format!(
+                "node {n} holds a password: {password} (it goes in \
+                 store.redis.password_env or password_file)"
+            ));
+        }
+        if node.starts_with("rediss://") != tls {
+            return Err(format!(
+                "node {n}: every node must use the same scheme, redis:// or rediss://"
+            ));
+        }
+        match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port)
+            | redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                if host.contains(':') {
+                    addresses.push(format!("[{host}]:{port}"));
+                } else {
+                    addresses.push(format!("{host}:{port}"));
+                }
+            }
+            _ => return Err(format!("node {n}: a node is reached over TCP")),
+        }
+    }
+    Ok((if tls { "rediss" } else { "redis" }, addresses))
+}
+
+/// Cluster mode's seed nodes, read from a `redis+cluster://` or `rediss+cluster://` URL.
+fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let (scheme, rest) = [
+        ("redis", "redis+cluster://"),
+        ("rediss", "rediss+cluster://"),
+    ]
+    .into_iter()
+    .find_map(|(scheme, prefix)| Some((scheme, url.strip_prefix(prefix)?)))?;
+    Some(
+        rest.split(',')
+            .map(|host| format!("{scheme}://{host}"))
+            .collect(),
+    )
 }
 
 /// Sentinel mode, read from a `redis+sentinel://` or `rediss+sentinel://` URL.

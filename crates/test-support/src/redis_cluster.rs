@@ -1,0 +1,172 @@
+//! A real Redis Cluster of three masters on free loopback ports (each port + 10000, its
+//! cluster bus, free too), joined with `redis-cli --cluster create`, and stopped with the
+//! test.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::{RedisOptions, RedisServer};
+
+pub struct RedisCluster {
+    /// The masters, in the order they were created.
+    pub nodes: Vec<RedisServer>,
+    dir: PathBuf,
+}
+
+/// A free loopback port whose cluster bus port (+10000) is free as well.
+fn free_cluster_port() -> u16 {
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Starts three masters and joins them; returns once every node says
+    /// `cluster_state:ok`. Panics with the reason if it cannot.
+    pub fn start() -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "test-support-cluster-{}-{}",
+            std::process::id(),
+            free_cluster_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_on_with(
+                    free_cluster_port(),
+                    RedisOptions {
+                        cluster_dir: Some(dir.clone()),
+                        ..RedisOptions::default()
+                    },
+                )
+            })
+            .collect();
+        let cluster = RedisCluster { nodes, dir };
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", node.port()));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        cluster.wait_ok(Duration::from_secs(20));
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok` and agrees on three masters
+    /// covering all slots.
+    pub fn wait_ok(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.nodes.iter().all(|n| {
+                n.command("CLUSTER INFO").is_some_and(|info| {
+                    info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+                })
+            }) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the cluster did not reach cluster_state:ok");
+    }
+
+    /// The seed URLs, `redis://127.0.0.1:port`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Node `i`'s cluster id.
+    pub fn node_id(&self, i: usize) -> String {
+        let reply = self.nodes[i].command("CLUSTER MYID").unwrap();
+        reply
+            .split("\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
+    /// Moves `slots` slots from node `from` to node `to` with `redis-cli --cluster
+    /// reshard` (MIGRATE key by key), blocking until done.
+    pub fn reshard(&self, from: usize, to: usize, slots: u32) {
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "reshard"])
+            .arg(format!("127.0.0.1:{}", self.nodes[0].port()))
+            .args(["--cluster-from", &self.node_id(from)])
+            .args(["--cluster-to", &self.node_id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster reshard failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// How many slots node `i` serves, as it says itself.
+    pub fn slots_of(&self, i: usize) -> usize {
+        let id = self.node_id(i);
+        let nodes = self.nodes[i].command("CLUSTER NODES").unwrap_or_default();
+        nodes
+            .lines()
+            .find(|line| line.starts_with(&id))
+            .map(|line| {
+                line.split(' ')
+                    .skip(8)
+                    .filter_map(|range| {
+                        let (a, b) = range.split_once('-').unwrap_or((range, range));
+                        Some(b.parse::<usize>().ok()? - a.parse::<usize>().ok()? + 1)
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Every key of the cluster with its value, and the node (index) holding it.
+    pub fn dump(&self) -> Vec<(usize, String, String)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, node)| {
+                node.dump()
+                    .into_iter()
+                    .map(move |(key, value)| (i, key, value))
+            })
+            .collect()
+    }
+
+    /// A key's remaining time to live in milliseconds, asked of the node holding it.
+    pub fn pttl(&self, node: usize, key: &str) -> i64 {
+        self.nodes[node]
+            .command(&format!("PTTL {key}"))
+            .unwrap_or_default()
+            .trim_start_matches(':')
+            .trim()
+            .parse()
+            .unwrap_or(-3)
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
