@@ -6,7 +6,8 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Response, StatusCode};
 
-/// Why the gateway answered itself. Left in the response extensions for logs and metrics.
+/// Why the gateway answered itself; the access log and metrics learn it from the upstream
+/// exchange (or the handler's own timeout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// An HTTP/1.1 request without exactly one Host header (RFC 9112 §3.2).
@@ -84,7 +85,7 @@ impl Refusal {
         }
     }
 
-    /// The full answer, carrying itself in its extensions.
+    /// The full answer.
     pub fn to_response(self) -> Response<Bytes> {
         let body = self.body();
         let mut response = Response::new(Bytes::from_static(body.as_bytes()));
@@ -95,7 +96,6 @@ impl Refusal {
             HeaderValue::from_static("application/json; charset=utf-8"),
         );
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        response.extensions_mut().insert(self);
         response
     }
 }
@@ -123,7 +123,6 @@ mod tests {
             let response = refusal.to_response();
             let body = std::str::from_utf8(response.body()).unwrap();
             assert!(body.starts_with(r#"{"errors":{"base":[""#), "{body}");
-            assert_eq!(response.extensions().get::<Refusal>(), Some(&refusal));
         }
     }
 }

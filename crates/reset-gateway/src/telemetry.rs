@@ -46,7 +46,7 @@ pub struct AccessRecord<'a> {
     pub duration: Duration,
     pub guarded: Option<&'a GuardedRequest>,
     pub rejection: Option<&'a Rejection>,
-    pub refusal: Option<&'a Refusal>,
+    pub refusal: Option<Refusal>,
     pub upstream: Option<&'a UpstreamExchange>,
     pub uniform: Option<&'a UpstreamStatus>,
     pub include_email: bool,

@@ -60,6 +60,8 @@ pub struct UpstreamExchange {
     pub status: Option<http::StatusCode>,
     /// Time from sending to the whole answer (reset) or its head (forwarded route).
     pub duration: Duration,
+    /// The gateway's own answer, when the exchange failed.
+    pub refusal: Option<Refusal>,
 }
 
 /// Forwards requests to QuickBlox over pooled HTTP/1.1 or HTTP/2 connections. Clones share
@@ -155,13 +157,14 @@ impl Forwarder {
             Some(guarded) => client.forward_reset(request, guarded).await,
             None => client.forward_other(request).await,
         };
-        let mut response = match response {
-            Ok(response) => response,
-            Err(refusal) => refusal.to_response().map(GuardBody::full),
+        let (mut response, refusal) = match response {
+            Ok(response) => (response, None),
+            Err(refusal) => (refusal.to_response().map(GuardBody::full), Some(refusal)),
         };
         response.extensions_mut().insert(UpstreamExchange {
             status,
             duration: started.elapsed(),
+            refusal,
         });
         if let Some(guarded) = guarded {
             response.extensions_mut().insert(guarded);

@@ -26,6 +26,8 @@ pub(crate) enum Inspection {
     Answer(Rejection),
     /// Another path under `other_routes: forward`.
     PassThrough,
+    /// A reset without a peer address, when the layer was not told to allow that.
+    MissingPeer,
     /// The limits to charge, in order, and what follows if they all admit.
     Plan(Plan),
 }
@@ -137,7 +139,8 @@ pub(crate) fn inspect<B: Body>(
     // Step 2: who is asking; the per-IP limit applies to valid and invalid requests alike.
     let client_ip = match request.extensions().get::<PeerAddr>() {
         Some(peer) => ClientIp::resolve(peer.0.ip(), request.headers(), &settings.trusted_proxies),
-        None => ClientIp::UNKNOWN,
+        None if core.peer_optional => ClientIp::UNKNOWN,
+        None => return Inspection::MissingPeer,
     };
     let mut plan = Plan::new(Then::Reject(Rejection::NotFound));
     if !limits.is_exempt(client_ip.ip())

@@ -13,7 +13,6 @@ use tower::Service;
 
 use crate::body::GuardBody;
 use crate::check::{conclude, inspect, Inspection, Plan, Verdict};
-use crate::client_ip::PeerAddr;
 use crate::future::ResponseFuture;
 use crate::limit::ceil_secs;
 use crate::limit::Decision;
@@ -58,12 +57,6 @@ macro_rules! guard_service {
 
             fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
                 let state = self.core.current.load();
-                if !self.core.peer_optional
-                    && request.uri().path() == state.settings.path
-                    && request.extensions().get::<PeerAddr>().is_none()
-                {
-                    return missing_peer(&self.core, &state.settings.path);
-                }
                 let min_latency = state.settings.min_latency;
                 let floor = (!min_latency.is_zero()).then(|| Instant::now() + min_latency);
                 #[cfg(feature = "redis")]
@@ -74,6 +67,9 @@ macro_rules! guard_service {
                     Inspection::Answer(rejection) => return ResponseFuture::rejected(rejection),
                     Inspection::PassThrough => {
                         return ResponseFuture::passed_through(self.inner.call(request))
+                    }
+                    Inspection::MissingPeer => {
+                        return missing_peer(&self.core, &state.settings.path)
                     }
                     Inspection::Plan(plan) => plan,
                 };

@@ -111,13 +111,17 @@ async fn handle(
         std::task::Poll::Ready(result) => Ok(result),
         std::task::Poll::Pending => tokio::time::timeout(context.request_timeout, answer).await,
     };
-    let mut response = match outcome {
-        Ok(Ok(response)) => response,
+    let (mut response, timed_out) = match outcome {
+        Ok(Ok(response)) => (response, None),
         Ok(Err(never)) => match never {},
-        Err(_) => Refusal::UpstreamTimeout.to_response().map(GuardBody::full),
+        Err(_) => {
+            let refusal = Refusal::UpstreamTimeout;
+            (refusal.to_response().map(GuardBody::full), Some(refusal))
+        }
     };
     response.headers_mut().insert(X_REQUEST_ID, id.clone());
     let extensions = response.extensions();
+    let upstream = extensions.get::<UpstreamExchange>();
     let record = AccessRecord {
         request_id: id.to_str().unwrap_or_default(),
         peer: peer.ip().to_canonical(),
@@ -125,8 +129,8 @@ async fn handle(
         duration: started.elapsed(),
         guarded: extensions.get::<GuardedRequest>(),
         rejection: extensions.get::<Rejection>(),
-        refusal: extensions.get::<Refusal>(),
-        upstream: extensions.get::<UpstreamExchange>(),
+        refusal: timed_out.or(upstream.and_then(|u| u.refusal)),
+        upstream,
         uniform: extensions.get::<UpstreamStatus>(),
         include_email: context.include_email,
     };
