@@ -18,10 +18,14 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 
 mod batch;
+mod cluster;
+mod sentinel;
 mod settings;
 
 pub(crate) use batch::RedisSpecs;
 use batch::{run_batches, run_cluster_batches, Charges, Job, REPLY_LEN};
+use cluster::Cluster;
+use sentinel::{Master, RESOLVE_INTERVAL_NS};
 use settings::Sentinels;
 pub use settings::{OnError, RedisSettings};
 
@@ -34,8 +38,6 @@ use super::{
 const DENIAL_CACHE_LIMIT: usize = 100_000;
 /// Most requests waiting for Redis; beyond that they fail fast (as `on_error` says).
 const QUEUE_LIMIT: usize = 65_536;
-/// Least time between two questions to the sentinels prompted by failed requests.
-const RESOLVE_INTERVAL_NS: u64 = 250_000_000;
 
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -43,50 +45,6 @@ thread_local! {
     /// Per thread: each store's batching queue on this thread, and the master generation
     /// it talks to.
     static QUEUES: std::cell::RefCell<Vec<(u64, u64, mpsc::Sender<Job>)>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// The server decisions go to: the standalone one, or the master the sentinels named.
-struct Master {
-    /// Counts masters: a per-thread queue made for an older one is remade.
-    generation: u64,
-    /// The address the sentinels named (standalone: none).
-    address: Option<(String, u16)>,
-    /// Where per-thread connections are made from.
-    client: redis::Client,
-    /// The probe's connection.
-    connection: ConnectionManager,
-}
-
-impl Master {
-    fn new(
-        generation: u64,
-        address: Option<(String, u16)>,
-        client: redis::Client,
-        config: &ConnectionManagerConfig,
-    ) -> redis::RedisResult<Self> {
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
-        Ok(Master {
-            generation,
-            address,
-            client,
-            connection,
-        })
-    }
-}
-
-/// Cluster mode: the client every per-thread connection is made from, and the probe's.
-struct Cluster {
-    client: redis::cluster::ClusterClient,
-    config: redis::cluster::ClusterConfig,
-    /// The probe's connection; made on first use, then reconnected by the client itself.
-    probe: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
-}
-
-impl Cluster {
-    fn connection(&self) -> redis::cluster_async::ClusterConnection {
-        self.client
-            .get_pending_async_connection_with_config(self.config.clone())
-    }
 }
 
 /// The Redis-backed limiter, shared by every settings generation.
@@ -316,64 +274,6 @@ impl RedisStore {
         })
     }
 
-    /// Cluster mode: one script call per group with quotas, in request order, each over
-    /// that group's keys only (one hash tag, one slot), until one denies. As in one call
-    /// over all groups, a group is charged only if all its quotas admit, and the groups
-    /// after a denial are not charged; what differs is that the groups are no longer
-    /// decided in one atomic step (another request may be decided between two of them).
-    /// The replies are merged into the one the script gives for a whole request, so the
-    /// decision is read the same way. The whole request waits at most `timeout`.
-    fn decide_in_cluster(
-        self: &Arc<Self>,
-        specs: &Arc<RedisSpecs>,
-        charges: Charges,
-        cached: Option<(usize, Denial)>,
-    ) -> Pin<Box<dyn Future<Output = Decision> + Send>> {
-        let store = self.clone();
-        let specs = specs.clone();
-        Box::pin(async move {
-            let deadline = tokio::time::Instant::now() + store.timeout;
-            // {denied, group, quota, remaining or retry, reset, shadow mask}, as the script.
-            let mut merged = [0i64; REPLY_LEN];
-            let mut tightest: Option<i64> = None;
-            for (i, charge) in charges.as_slice().iter().enumerate() {
-                if specs.group(charge.0).quotas.is_empty() {
-                    continue;
-                }
-                let (reply, answer) = oneshot::channel();
-                let job = Job {
-                    specs: specs.clone(),
-                    charges: Charges::new(std::slice::from_ref(charge)),
-                    reply,
-                };
-                if let Err(why) = store.enqueue(job) {
-                    return store.fail(&why);
-                }
-                let one = match tokio::time::timeout_at(deadline, answer).await {
-                    Ok(Ok(Ok(reply))) => reply,
-                    Ok(Ok(Err(error))) => return store.fail(&error),
-                    Ok(Err(_)) => return store.fail("the Redis worker stopped"),
-                    Err(_) => return store.fail("timed out"),
-                };
-                let group = i64::try_from(i + 1).unwrap_or(0);
-                if one[5] & 1 != 0 {
-                    merged[5] |= 1 << i;
-                }
-                if one[0] == 1 {
-                    merged[..5].copy_from_slice(&[1, group, one[2], one[3], 0]);
-                    break;
-                }
-                // The tightest admitting quota; on a tie, the earlier group's, as the script.
-                if one[1] != 0 && tightest.is_none_or(|remaining| one[3] < remaining) {
-                    tightest = Some(one[3]);
-                    merged[..5].copy_from_slice(&[0, group, one[2], one[3], one[4]]);
-                }
-            }
-            store.healthy.store(true, Ordering::Relaxed);
-            store.read_reply(&merged, charges.as_slice(), &specs, cached)
-        })
-    }
-
     /// Hands a job to this thread's queue.
     fn enqueue(&self, job: Job) -> Result<(), String> {
         self.queue()?
@@ -412,96 +312,6 @@ impl RedisStore {
             queues.push((self.id, master.generation, sender.clone()));
             Ok(sender)
         })
-    }
-
-    /// Cluster mode: this thread's queue and its own cluster connection, which keeps
-    /// itself connected to every master (reconnecting, and refreshing the slot map on
-    /// MOVED or when a node is lost).
-    fn cluster_queue(&self, cluster: &Cluster) -> mpsc::Sender<Job> {
-        QUEUES.with(|queues| {
-            let mut queues = queues.borrow_mut();
-            if let Some((.., sender)) = queues
-                .iter()
-                .find(|(id, _, s)| *id == self.id && !s.is_closed())
-            {
-                return sender.clone();
-            }
-            let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
-            tokio::spawn(run_cluster_batches(
-                receiver,
-                cluster.connection(),
-                self.script.clone(),
-                self.timeout,
-            ));
-            queues.retain(|(id, ..)| *id != self.id);
-            queues.push((self.id, 0, sender.clone()));
-            sender
-        })
-    }
-
-    /// In Sentinel mode: asks the sentinels which server is the master now and, when it
-    /// changed (a failover), moves every connection to it. One question at a time.
-    async fn resolve(&self) {
-        let Some(sentinels) = &self.sentinels else {
-            return;
-        };
-        let _one = self.resolving.lock().await;
-        let Some((host, port)) = self.ask_sentinels(sentinels).await else {
-            return;
-        };
-        let current = self.master.load_full();
-        if current.as_ref().is_some_and(|m| {
-            m.address
-                .as_ref()
-                .is_some_and(|(h, p)| *h == host && *p == port)
-        }) {
-            return;
-        }
-        let generation = current.map_or(1, |m| m.generation + 1);
-        let named = format!("{host}:{port}");
-        let master = self
-            .settings
-            .client_at(&sentinels.master_url(&host, port), true)
-            .and_then(|client| Master::new(generation, Some((host, port)), client, &self.config));
-        match master {
-            Ok(master) => {
-                tracing::info!(target: "reset_guard::limit", master = %named, "Redis master named by the sentinels");
-                self.master.store(Some(Arc::new(master)));
-            }
-            Err(error) => {
-                tracing::warn!(target: "reset_guard::limit", master = %named, %error, "cannot use the Redis master the sentinels named");
-            }
-        }
-    }
-
-    /// The master's address, from the first sentinel that names it.
-    async fn ask_sentinels(&self, sentinels: &Sentinels) -> Option<(String, u16)> {
-        let wait = self.timeout.max(Duration::from_millis(250));
-        for node in &sentinels.nodes {
-            let ask = async {
-                let client = self.settings.client_at(node, false)?;
-                let mut connection = client.get_multiplexed_async_connection().await?;
-                redis::cmd("SENTINEL")
-                    .arg("get-master-addr-by-name")
-                    .arg(&sentinels.master)
-                    .query_async::<Option<(String, u16)>>(&mut connection)
-                    .await
-            };
-            match tokio::time::timeout(wait, ask).await {
-                Ok(Ok(Some(address))) => return Some(address),
-                Ok(Ok(None)) => {
-                    tracing::warn!(target: "reset_guard::limit", master = %sentinels.master, "a sentinel does not know this master");
-                }
-                Ok(Err(error)) => {
-                    tracing::debug!(target: "reset_guard::limit", %error, "a sentinel did not answer");
-                }
-                Err(_) => {
-                    tracing::debug!(target: "reset_guard::limit", "a sentinel did not answer in time");
-                }
-            }
-        }
-        tracing::warn!(target: "reset_guard::limit", "no sentinel named the Redis master");
-        None
     }
 
     /// A failed request: as `on_error` says. In Sentinel mode the master may have moved (a
