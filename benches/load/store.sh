@@ -5,6 +5,9 @@
 #
 #   benches/load/store.sh            # 10 s per run, two rounds
 #   DURATION=30s ROUNDS=3 benches/load/store.sh
+#
+# benches/load/store-modes.sh does the same for every store mode (standalone, sentinel,
+# cluster) against memory, taking turns, with medians and CPU per request.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10s}
@@ -45,7 +48,9 @@ $2
 YAML
 }
 config "$MEM" "store: { kind: memory }" > "$work/memory.yaml"
-config "$RED" "store: { kind: redis, redis: { url: \"redis://127.0.0.1:$REDIS\", timeout: 200ms, on_error: deny } }" > "$work/redis.yaml"
+# Redis needs a key secret (check-config refuses kind: redis without one).
+export RESET_GATEWAY_KEY_SECRET=bench-key-secret-0123456789
+config "$RED" "store: { kind: redis, key_secret_env: RESET_GATEWAY_KEY_SECRET, redis: { url: \"redis://127.0.0.1:$REDIS\", timeout: 200ms, on_error: deny } }" > "$work/redis.yaml"
 QB_API_KEY=bench-server-key target/release/reset-gateway --config "$work/memory.yaml" 2>"$work/memory.log" & pids+=($!)
 QB_API_KEY=bench-server-key target/release/reset-gateway --config "$work/redis.yaml" 2>"$work/redis.log" & pids+=($!)
 wait_port "$MEM"; wait_port "$RED"
