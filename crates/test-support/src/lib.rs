@@ -4,5 +4,5 @@
 mod redis_cluster;
 mod redis_server;
 
-pub use redis_cluster::RedisCluster;
+pub use redis_cluster::{ClusterOptions, RedisCluster};
 pub use redis_server::{free_port, RedisOptions, RedisServer, SENTINEL_MASTER};

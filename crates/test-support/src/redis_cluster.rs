@@ -1,6 +1,6 @@
 //! A real Redis Cluster of three masters on free loopback ports (each port + 10000, its
 //! cluster bus, free too), joined with `redis-cli --cluster create`, and stopped with the
-//! test.
+//! test; optionally with a password and TLS, and with nodes killed and brought back.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -13,6 +13,17 @@ pub struct RedisCluster {
     /// The masters, in the order they were created.
     pub nodes: Vec<RedisServer>,
     dir: PathBuf,
+    options: ClusterOptions,
+}
+
+/// How every node of a [`RedisCluster`] is set up beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// `requirepass` and `masterauth` on every node.
+    pub password: Option<String>,
+    /// TLS for clients and the cluster bus, on a TLS port of each node's own (the plain
+    /// port stays open for the test's own commands): (certificate file, key file, CA file).
+    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 /// A free loopback port whose cluster bus port (+10000) is free as well.
@@ -30,6 +41,11 @@ impl RedisCluster {
     /// Starts three masters and joins them; returns once every node says
     /// `cluster_state:ok`. Panics with the reason if it cannot.
     pub fn start() -> RedisCluster {
+        Self::start_with(ClusterOptions::default())
+    }
+
+    /// [`start`](Self::start), every node set up as `options` says.
+    pub fn start_with(options: ClusterOptions) -> RedisCluster {
         let dir = std::env::temp_dir().join(format!(
             "test-support-cluster-{}-{}",
             std::process::id(),
@@ -41,17 +57,26 @@ impl RedisCluster {
                 RedisServer::start_on_with(
                     free_cluster_port(),
                     RedisOptions {
+                        password: options.password.clone(),
+                        tls: options.tls.clone().map(|(cert, key, ca)| {
+                            // The bus listens at the TLS port + 10000 then.
+                            (free_cluster_port(), cert, key, ca)
+                        }),
                         cluster_dir: Some(dir.clone()),
                         ..RedisOptions::default()
                     },
                 )
             })
             .collect();
-        let cluster = RedisCluster { nodes, dir };
-        let mut create = Command::new("redis-cli");
+        let cluster = RedisCluster {
+            nodes,
+            dir,
+            options,
+        };
+        let mut create = cluster.cli();
         create.arg("--cluster").arg("create");
-        for node in &cluster.nodes {
-            create.arg(format!("127.0.0.1:{}", node.port()));
+        for i in 0..cluster.nodes.len() {
+            create.arg(cluster.cli_address(i));
         }
         let out = create
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -83,9 +108,48 @@ impl RedisCluster {
         panic!("the cluster did not reach cluster_state:ok");
     }
 
+    /// `redis-cli` with the password and TLS the nodes want.
+    fn cli(&self) -> Command {
+        let mut cli = Command::new("redis-cli");
+        if let Some(password) = &self.options.password {
+            cli.args(["-a", password, "--no-auth-warning"]);
+        }
+        if let Some((_, _, ca)) = &self.options.tls {
+            cli.arg("--tls").arg("--cacert").arg(ca);
+        }
+        cli
+    }
+
+    /// Node `i`'s address for `redis-cli`: its TLS port when TLS is on.
+    fn cli_address(&self, i: usize) -> String {
+        let node = &self.nodes[i];
+        let port = node.options().tls.as_ref().map_or(node.port(), |t| t.0);
+        format!("127.0.0.1:{port}")
+    }
+
     /// The seed URLs, `redis://127.0.0.1:port`.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The TLS seed URLs, `rediss://{host}:tls-port` (`host`: a name the certificate
+    /// carries), when TLS is on.
+    pub fn tls_urls(&self, host: &str) -> Vec<String> {
+        self.nodes.iter().filter_map(|n| n.tls_url(host)).collect()
+    }
+
+    /// Kills node `i` (SIGKILL); its `nodes.conf` stays, for [`restart`](Self::restart).
+    /// Nothing is persisted, so it comes back without keys.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].stop();
+    }
+
+    /// Brings node `i` back on its ports, with its `nodes.conf`: the same node id, epoch
+    /// and slots. Returns once it answers `PING` (the cluster may still be converging:
+    /// see [`wait_ok`](Self::wait_ok)).
+    pub fn restart(&mut self, i: usize) {
+        let (port, options) = (self.nodes[i].port(), self.nodes[i].options().clone());
+        self.nodes[i] = RedisServer::start_on_with(port, options);
     }
 
     /// Node `i`'s cluster id.
@@ -102,9 +166,10 @@ impl RedisCluster {
     /// Moves `slots` slots from node `from` to node `to` with `redis-cli --cluster
     /// reshard` (MIGRATE key by key), blocking until done.
     pub fn reshard(&self, from: usize, to: usize, slots: u32) {
-        let out = Command::new("redis-cli")
+        let out = self
+            .cli()
             .args(["--cluster", "reshard"])
-            .arg(format!("127.0.0.1:{}", self.nodes[0].port()))
+            .arg(self.cli_address(0))
             .args(["--cluster-from", &self.node_id(from)])
             .args(["--cluster-to", &self.node_id(to)])
             .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])

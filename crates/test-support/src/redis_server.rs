@@ -21,9 +21,12 @@ pub const SENTINEL_MASTER: &str = "mymaster";
 /// How a server is set up beyond the defaults.
 #[derive(Debug, Clone, Default)]
 pub struct RedisOptions {
-    /// `requirepass`: clients must `AUTH` with it.
+    /// `requirepass`: clients must `AUTH` with it; a replica (or a cluster node's
+    /// replica) authenticates to its master with it too (`masterauth`).
     pub password: Option<String>,
-    /// TLS on a second port: (port, certificate file, key file, CA file).
+    /// TLS on a second port: (port, certificate file, key file, CA file). A cluster node
+    /// with TLS also speaks it on its cluster bus (at that port + 10000) and to its
+    /// replicas, and tells TLS clients its TLS port in `CLUSTER SLOTS` and redirections.
     pub tls: Option<(u16, PathBuf, PathBuf, PathBuf)>,
     /// `replicaof 127.0.0.1 <port>`: a replica of the server on that port.
     pub replica_of: Option<u16>,
@@ -61,6 +64,7 @@ impl RedisServer {
         let mut extra: Vec<String> = Vec::new();
         if let Some(password) = &options.password {
             extra.extend(["--requirepass".to_owned(), password.clone()]);
+            extra.extend(["--masterauth".to_owned(), password.clone()]);
         }
         if let Some((tls_port, cert, key, ca)) = &options.tls {
             extra.extend(["--tls-port".to_owned(), tls_port.to_string()]);
@@ -72,6 +76,11 @@ impl RedisServer {
                 extra.extend([flag.to_owned(), path.display().to_string()]);
             }
             extra.extend(["--tls-auth-clients".to_owned(), "no".to_owned()]);
+            if options.cluster_dir.is_some() {
+                for flag in ["--tls-cluster", "--tls-replication"] {
+                    extra.extend([flag.to_owned(), "yes".to_owned()]);
+                }
+            }
         }
         if let Some(master) = options.replica_of {
             extra.extend([
@@ -140,6 +149,12 @@ impl RedisServer {
     /// [`SENTINEL_MASTER`] (quorum 2, down after 500ms, failover timeout 5s), from a
     /// config file in a directory of its own.
     pub fn sentinel(master_port: u16) -> RedisServer {
+        Self::sentinel_with_auth(master_port, None)
+    }
+
+    /// [`sentinel`](Self::sentinel) for a master (and replicas) that want `password`
+    /// (`sentinel auth-pass`); the sentinel itself wants none.
+    pub fn sentinel_with_auth(master_port: u16, password: Option<&str>) -> RedisServer {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
             "test-support-sentinel-{}-{port}",
@@ -154,8 +169,11 @@ impl RedisServer {
                  loglevel warning\ndir {dir}\n\
                  sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds {SENTINEL_MASTER} 500\n\
-                 sentinel failover-timeout {SENTINEL_MASTER} 5000\n",
-                dir = dir.display()
+                 sentinel failover-timeout {SENTINEL_MASTER} 5000\n{auth}",
+                dir = dir.display(),
+                auth = password
+                    .map(|p| format!("sentinel auth-pass {SENTINEL_MASTER} {p}\n"))
+                    .unwrap_or_default(),
             ),
         )
         .unwrap();

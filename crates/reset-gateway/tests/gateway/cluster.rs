@@ -1,7 +1,7 @@
 //! Limits in a real Redis Cluster of three masters: two gateways share one limit, keys
 //! spread over the masters, and thousands of slots move while requests flow.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use qb_mock::MockServer;
 
@@ -18,6 +18,171 @@ fn cluster_yaml(mock: &MockServer, nodes: &[String]) -> String {
             nodes.join(", "),
         ),
     )
+}
+
+/// A gateway config for the cluster at the seed `nodes`, with a per-email limit only (so
+/// each address has exactly one key), more `store.redis` keys, and `on_error`.
+fn per_email_yaml(
+    mock: &MockServer,
+    nodes: &[String],
+    redis_extra: &str,
+    on_error: &str,
+) -> String {
+    yaml(
+        &mock.url(),
+        "  responses: { uniform: false }\n  limits:\n    per_ip: []\n    per_client: []\n    per_email: [{ requests: 3, per: 1h }]\n    global: []\n",
+        &format!(
+            "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    mode: cluster\n    nodes: [{}]\n    key_prefix: cluster\n    timeout: 300ms\n    on_error: {on_error}\n{redis_extra}",
+            key_secret_file().display(),
+            nodes.join(", "),
+        ),
+    )
+}
+
+/// How many keys each master holds.
+fn keys_per_node(cluster: &RedisCluster) -> Vec<usize> {
+    cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            node.command("DBSIZE")
+                .and_then(|reply| reply.trim().trim_start_matches(':').parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_killed_master_serves_no_5xx_and_applies_limits_again_once_back() {
+    let mut cluster = RedisCluster::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = per_email_yaml(&mock, &cluster.urls(), "", "allow");
+    let a = Gateway::start_yaml(mock, &yaml).await;
+    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &yaml).await;
+    let address = |i: usize| format!("email=user{i}%40example.com");
+    for i in 0..40 {
+        a.mock.add_user(&format!("user{i}@example.com"));
+    }
+
+    // Which master holds each address's one key: the one whose key count grows.
+    let mut home = Vec::new();
+    for i in 0..40 {
+        let before = keys_per_node(&cluster);
+        assert_eq!(a.reset_as_ios(&address(i)).await.status, 200);
+        let after = keys_per_node(&cluster);
+        home.push((0..3).find(|&n| after[n] > before[n]).expect("a new key"));
+    }
+    // The master holding user0's key goes; user0 is at its limit on it first.
+    let victim = home[0];
+    let on_victim: Vec<usize> = (1..40).filter(|&i| home[i] == victim).collect();
+    let elsewhere: Vec<usize> = (1..40).filter(|&i| home[i] != victim).collect();
+    assert!(
+        on_victim.len() >= 4 && elsewhere.len() >= 4,
+        "addresses per master: {home:?}"
+    );
+    let mut statuses = Vec::new();
+    for gateway in [&b, &a, &b] {
+        statuses.push(gateway.reset_as_ios(&address(0)).await.status);
+    }
+    assert_eq!(statuses, [200, 200, 429], "the limit was written");
+
+    // While it is down, and while the others call the cluster down, on_error: allow
+    // serves every request: no 5xx, whichever master the address lives on.
+    let killed = Instant::now();
+    cluster.kill(victim);
+    let live = (victim + 1) % 3;
+    let mut down = Vec::new();
+    let mut cluster_failed = false;
+    for round in 0.. {
+        for (gateway, i) in [
+            (&a, on_victim[0]),
+            (&b, elsewhere[round % (elsewhere.len() - 2)]),
+        ] {
+            let status = gateway.reset_as_ios(&address(i)).await.status;
+            down.push(status);
+            assert!(status < 500, "a 5xx with a master down: {down:?}");
+        }
+        cluster_failed = cluster.nodes[live]
+            .command("CLUSTER INFO")
+            .is_some_and(|info| info.contains("cluster_state:fail"));
+        if cluster_failed || killed.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+    }
+    assert!(cluster_failed, "the other masters did not notice");
+    // The address on the dead master (one reset before) was served every time, uncounted.
+    assert!(
+        down.iter().step_by(2).all(|&s| s == 200),
+        "user{}: {down:?}",
+        on_victim[0]
+    );
+
+    // Back on its port with its nodes.conf (and without its keys: nothing is persisted),
+    // it gets limits again, on both gateways, without their restart: the 429 of an
+    // address that lives on it is a decision only that master can make.
+    let restarted = Instant::now();
+    cluster.restart(victim);
+    for (gateway, i) in [(&a, on_victim[1]), (&b, on_victim[2])] {
+        let mut statuses = Vec::new();
+        loop {
+            let status = gateway.reset_as_ios(&address(i)).await.status;
+            statuses.push(status);
+            assert!(status < 500, "a 5xx after the restart: {statuses:?}");
+            if status == 429 {
+                break;
+            }
+            assert!(
+                restarted.elapsed() < Duration::from_secs(15),
+                "limits did not apply again within 15 s: {statuses:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let recovered = restarted.elapsed();
+    assert!(
+        keys_per_node(&cluster)[victim] > 0,
+        "the restarted master holds the new keys"
+    );
+    // The other masters refuse (CLUSTERDOWN) until they clear the failure flag of the one
+    // that came back, some seconds later; until then on_error: allow serves, then they
+    // decide again too.
+    let other = elsewhere[elsewhere.len() - 2];
+    let mut statuses = Vec::new();
+    loop {
+        let gateway = [&a, &b][statuses.len() % 2];
+        let status = gateway.reset_as_ios(&address(other)).await.status;
+        statuses.push(status);
+        assert!(status < 500, "a 5xx after the restart: {statuses:?}");
+        if status == 429 {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(15),
+            "the other masters did not decide again within 15 s: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all = restarted.elapsed();
+    // Once the cluster is whole, limits are exact again on every master: on the restarted
+    // one from zero (the reset it counted before was lost with it), on the others from
+    // what they held.
+    cluster.wait_ok(Duration::from_secs(5));
+    for (i, expected) in [
+        (on_victim[3], &[200, 200, 200, 429][..]),
+        (elsewhere[elsewhere.len() - 1], &[200, 200, 429][..]),
+    ] {
+        let mut statuses = Vec::new();
+        for gateway in [&a, &b, &a, &b].into_iter().take(expected.len()) {
+            statuses.push(gateway.reset_as_ios(&address(i)).await.status);
+        }
+        assert_eq!(statuses, expected, "user{i}");
+    }
+    eprintln!(
+        "down {:?} ({} requests, none 5xx); limits applied again on the restarted master \
+         {recovered:?} after its restart, on all {all:?} after",
+        restarted - killed,
+        down.len()
+    );
 }
 
 #[tokio::test]
