@@ -127,7 +127,7 @@ fn redis_yaml_at(mock: &MockServer, url: &str, redis_extra: &str, on_error: &str
 }
 
 /// Four resets of one address, alternating between the two gateways.
-async fn four_resets(a: &Gateway, b: &Gateway) -> Vec<u16> {
+pub(crate) async fn four_resets(a: &Gateway, b: &Gateway) -> Vec<u16> {
     let mut statuses = Vec::new();
     for i in 0..4 {
         let replica = if i % 2 == 0 { a } else { b };

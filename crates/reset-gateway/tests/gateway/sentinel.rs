@@ -6,16 +6,17 @@ use std::time::{Duration, Instant};
 use qb_mock::MockServer;
 
 use crate::common::*;
+use crate::redis::four_resets;
 use test_support::{RedisOptions, RedisServer, SENTINEL_MASTER};
 
 /// A gateway config reaching Redis through the sentinels at `nodes`, with more
-/// `store.redis` keys.
-fn sentinel_yaml(mock: &MockServer, nodes: &[String], redis_extra: &str) -> String {
+/// `store.redis` keys, and `on_error`.
+fn sentinel_yaml(mock: &MockServer, nodes: &[String], redis_extra: &str, on_error: &str) -> String {
     yaml(
         &mock.url(),
         "  responses: { uniform: false }\n  limits:\n    per_ip: []\n    per_client: []\n    per_email: [{ requests: 3, per: 1h }]\n    global: []\n",
         &format!(
-            "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    mode: sentinel\n    nodes: [{}]\n    sentinel_master: {SENTINEL_MASTER}\n    key_prefix: sentinel\n    timeout: 300ms\n    on_error: allow\n{redis_extra}",
+            "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    mode: sentinel\n    nodes: [{}]\n    sentinel_master: {SENTINEL_MASTER}\n    key_prefix: sentinel\n    timeout: 300ms\n    on_error: {on_error}\n{redis_extra}",
             key_secret_file().display(),
             nodes.join(", "),
         ),
@@ -62,7 +63,7 @@ async fn a_failover_keeps_serving_and_keeps_the_limits_written_before_it() {
     let nodes: Vec<String> = sentinels.iter().map(RedisServer::url).collect();
 
     let mock = MockServer::start(mock_config()).await.unwrap();
-    let yaml = sentinel_yaml(&mock, &nodes, "");
+    let yaml = sentinel_yaml(&mock, &nodes, "", "allow");
     let a = Gateway::start_yaml(mock, &yaml).await;
     let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &yaml).await;
     let alice = "email=alice%40example.com";
@@ -108,6 +109,84 @@ async fn a_failover_keeps_serving_and_keeps_the_limits_written_before_it() {
     assert_eq!(b.reset_as_ios(alice).await.status, 429);
     assert!(!replica.dump().is_empty());
     eprintln!("limits applied again {recovered:?} after the master was killed");
+}
+
+#[tokio::test]
+async fn auth_on_the_master_behind_sentinels_from_env_or_file_shares_one_limit() {
+    const PASSWORD: &str = "s3cret-sentinel-master-password";
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_SENTINEL_MASTER_PASSWORD";
+    let secured = RedisOptions {
+        password: Some(PASSWORD.to_owned()),
+        ..Default::default()
+    };
+    let master = RedisServer::start_with(secured.clone());
+    // The replica authenticates to the master (masterauth), the sentinels to both
+    // (auth-pass); the sentinels themselves want no password.
+    let replica = RedisServer::start_with(RedisOptions {
+        replica_of: Some(master.port()),
+        ..secured
+    });
+    let sentinels: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::sentinel_with_auth(master.port(), Some(PASSWORD)))
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(10), || replica
+            .command("INFO replication")
+            .is_some_and(|info| info.contains("master_link_status:up"))),
+        "the replica did not sync with the password"
+    );
+    // A sentinel learns the replica from the master's INFO: it got in with auth-pass.
+    assert!(
+        wait_for(Duration::from_secs(10), || sentinels.iter().all(|s| {
+            s.sentinel_field("num-slaves").as_deref() == Some("1")
+                && s.sentinel_field("flags").as_deref() == Some("master")
+        })),
+        "the sentinels did not get into the master"
+    );
+    let nodes: Vec<String> = sentinels.iter().map(RedisServer::url).collect();
+
+    // Each test runs in its own process: setting the variable touches no other test.
+    std::env::set_var(VARIABLE, PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("redis-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let from_env = sentinel_yaml(
+        &mock,
+        &nodes,
+        &format!("    password_env: {VARIABLE}\n"),
+        "deny",
+    );
+    let from_file = sentinel_yaml(
+        &mock,
+        &nodes,
+        &format!("    password_file: {}\n", password_file.display()),
+        "deny",
+    );
+    let a = Gateway::start_yaml(mock, &from_env).await;
+    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &from_file).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    assert!(
+        !master.dump().is_empty(),
+        "the limits live in the password-protected master"
+    );
+
+    // Without the password the sentinels still name the master, but it refuses every
+    // command: under on_error deny, 503.
+    let no_password = sentinel_yaml(&a.mock, &nodes, "", "deny");
+    let c = Gateway::start_yaml(
+        MockServer::start(mock_config()).await.unwrap(),
+        &no_password,
+    )
+    .await;
+    let reply = c.reset_as_ios("email=bob%40example.com").await;
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert_eq!(
+        reply.body,
+        r#"{"errors":{"base":["Rate limiter unavailable"]}}"#
+    );
+    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
+    assert_eq!(ready.status, 503, "not ready without the password");
 }
 
 #[test]
