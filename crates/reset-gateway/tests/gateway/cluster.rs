@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use qb_mock::MockServer;
 
 use crate::common::*;
-use test_support::RedisCluster;
+use crate::redis::four_resets;
+use test_support::{ClusterOptions, RedisCluster};
 
 fn cluster_yaml(mock: &MockServer, nodes: &[String]) -> String {
     yaml(
@@ -182,6 +183,79 @@ async fn a_killed_master_serves_no_5xx_and_applies_limits_again_once_back() {
          {recovered:?} after its restart, on all {all:?} after",
         restarted - killed,
         down.len()
+    );
+}
+
+#[tokio::test]
+async fn auth_on_every_cluster_node_from_env_or_file_shares_one_limit() {
+    const PASSWORD: &str = "s3cret-cluster-password";
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_CLUSTER_PASSWORD";
+    // Every node wants the password (requirepass, masterauth); redis-cli joins them with it.
+    let cluster = RedisCluster::start_with(ClusterOptions {
+        password: Some(PASSWORD.to_owned()),
+        ..Default::default()
+    });
+    // Each test runs in its own process: setting the variable touches no other test.
+    std::env::set_var(VARIABLE, PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("redis-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    // One seed node: the others, learned from it, are asked with the same password.
+    let seed = &cluster.urls()[..1];
+    let from_env = per_email_yaml(
+        &mock,
+        seed,
+        &format!("    password_env: {VARIABLE}\n"),
+        "deny",
+    );
+    let from_file = per_email_yaml(
+        &mock,
+        seed,
+        &format!("    password_file: {}\n", password_file.display()),
+        "deny",
+    );
+    let a = Gateway::start_yaml(mock, &from_env).await;
+    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &from_file).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+
+    // Addresses on every master, from both gateways: under on_error: deny, a node that
+    // refused either would answer 503.
+    for i in 0..30 {
+        a.mock.add_user(&format!("user{i}@example.com"));
+    }
+    for i in 0..30 {
+        let gateway = [&a, &b][i % 2];
+        let reply = gateway
+            .reset_as_ios(&format!("email=user{i}%40example.com"))
+            .await;
+        assert_eq!(reply.status, 200, "user{i}: {reply:?}");
+    }
+    let per_node = keys_per_node(&cluster);
+    assert!(
+        per_node.iter().all(|&n| n > 0),
+        "keys per master: {per_node:?}"
+    );
+
+    // Without the password every node refuses: under on_error deny, 503, and not ready.
+    let no_password = per_email_yaml(&a.mock, seed, "", "deny");
+    let c = Gateway::start_yaml(
+        MockServer::start(mock_config()).await.unwrap(),
+        &no_password,
+    )
+    .await;
+    let reply = c.reset_as_ios("email=bob%40example.com").await;
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert_eq!(
+        reply.body,
+        r#"{"errors":{"base":["Rate limiter unavailable"]}}"#
+    );
+    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
+    assert_eq!(ready.status, 503, "not ready without the password");
+    // The gateways with it go on deciding.
+    assert_eq!(
+        a.reset_as_ios("email=alice%40example.com").await.status,
+        429
     );
 }
 
