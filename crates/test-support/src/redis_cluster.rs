@@ -84,8 +84,9 @@ impl RedisCluster {
             .expect("redis-cli must be installed");
         assert!(
             out.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
         cluster.wait_ok(Duration::from_secs(20));
         cluster

@@ -259,6 +259,118 @@ async fn auth_on_every_cluster_node_from_env_or_file_shares_one_limit() {
     );
 }
 
+/// As `test_certificates` (a private CA and a certificate for `localhost` and 127.0.0.1
+/// signed by it), but with a subject of each's own: OpenSSL, which redis-cli and the
+/// nodes on the cluster bus verify with, takes a certificate whose subject is its
+/// issuer's for self-signed and refuses it.
+fn verifiable_certificates(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let named = |sans: Vec<String>, name: &str| {
+        let mut params = rcgen::CertificateParams::new(sans).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params
+    };
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = named(Vec::new(), "reset-gateway test CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = named(
+        vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+        "localhost",
+    )
+    .signed_by(&key, &ca, &ca_key)
+    .unwrap();
+    let files = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&files.0, ca.pem()).unwrap();
+    std::fs::write(&files.1, cert.pem()).unwrap();
+    std::fs::write(&files.2, key.serialize_pem()).unwrap();
+    files
+}
+
+#[tokio::test]
+async fn tls_on_every_cluster_node_with_a_private_ca_and_not_with_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = verifiable_certificates(dir.path());
+    // TLS for clients and on the cluster bus; redis-cli joins the nodes over it. Each
+    // node's plain port stays open for the test's own commands, but a TLS client is told
+    // TLS ports only: a node reached in plain text would fail the handshake.
+    let cluster = RedisCluster::start_with(ClusterOptions {
+        tls: Some((cert, key, ca.clone())),
+        ..Default::default()
+    });
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    // The seed by name, the others by the address the cluster gives (127.0.0.1): the
+    // certificate carries both.
+    let seed = &cluster.tls_urls("localhost")[..1];
+    let trusting = per_email_yaml(
+        &mock,
+        seed,
+        &format!("    ca_file: {}\n", ca.display()),
+        "deny",
+    );
+    let a = Gateway::start_yaml(mock, &trusting).await;
+    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &trusting).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    for i in 0..30 {
+        a.mock.add_user(&format!("user{i}@example.com"));
+    }
+    for i in 0..30 {
+        let gateway = [&a, &b][i % 2];
+        let reply = gateway
+            .reset_as_ios(&format!("email=user{i}%40example.com"))
+            .await;
+        assert_eq!(reply.status, 200, "user{i}: {reply:?}");
+    }
+    let per_node = keys_per_node(&cluster);
+    assert!(
+        per_node.iter().all(|&n| n > 0),
+        "keys per master, over TLS: {per_node:?}"
+    );
+    // Every master's clients (but the test asking) came in on its TLS port.
+    for (node, url) in cluster.nodes.iter().zip(cluster.tls_urls("127.0.0.1")) {
+        let tls = url.trim_start_matches("rediss://");
+        let clients = node.command("CLIENT LIST").unwrap_or_default();
+        let gateways: Vec<&str> = clients
+            .lines()
+            .filter(|line| line.contains(" laddr=") && !line.contains("cmd=client|list"))
+            .collect();
+        assert!(
+            !gateways.is_empty()
+                && gateways
+                    .iter()
+                    .all(|l| l.contains(&format!(" laddr={tls} "))),
+            "clients not on {tls}: {clients}"
+        );
+    }
+
+    // Certificates from another CA do not verify: under on_error deny, 503, not ready.
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = verifiable_certificates(other.path());
+    let untrusting = per_email_yaml(
+        &a.mock,
+        seed,
+        &format!("    ca_file: {}\n", other_ca.display()),
+        "deny",
+    );
+    let c = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &untrusting).await;
+    assert_eq!(c.reset_as_ios("email=bob%40example.com").await.status, 503);
+    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
+    assert_eq!(ready.status, 503, "not ready without a trusted certificate");
+    assert_eq!(
+        a.reset_as_ios("email=alice%40example.com").await.status,
+        429
+    );
+}
+
 #[tokio::test]
 async fn two_gateways_share_limits_in_a_cluster_while_slots_move() {
     let cluster = RedisCluster::start();
