@@ -259,47 +259,10 @@ async fn auth_on_every_cluster_node_from_env_or_file_shares_one_limit() {
     );
 }
 
-/// As `test_certificates` (a private CA and a certificate for `localhost` and 127.0.0.1
-/// signed by it), but with a subject of each's own: OpenSSL, which redis-cli and the
-/// nodes on the cluster bus verify with, takes a certificate whose subject is its
-/// issuer's for self-signed and refuses it.
-fn verifiable_certificates(
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let named = |sans: Vec<String>, name: &str| {
-        let mut params = rcgen::CertificateParams::new(sans).unwrap();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params
-    };
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = named(Vec::new(), "reset-gateway test CA");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = named(
-        vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
-        "localhost",
-    )
-    .signed_by(&key, &ca, &ca_key)
-    .unwrap();
-    let files = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    std::fs::write(&files.0, ca.pem()).unwrap();
-    std::fs::write(&files.1, cert.pem()).unwrap();
-    std::fs::write(&files.2, key.serialize_pem()).unwrap();
-    files
-}
-
 #[tokio::test]
 async fn tls_on_every_cluster_node_with_a_private_ca_and_not_with_another() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = verifiable_certificates(dir.path());
+    let (ca, cert, key) = test_certificates(dir.path());
     // TLS for clients and on the cluster bus; redis-cli joins the nodes over it. Each
     // node's plain port stays open for the test's own commands, but a TLS client is told
     // TLS ports only: a node reached in plain text would fail the handshake.
@@ -354,7 +317,7 @@ async fn tls_on_every_cluster_node_with_a_private_ca_and_not_with_another() {
 
     // Certificates from another CA do not verify: under on_error deny, 503, not ready.
     let other = tempfile::tempdir().unwrap();
-    let (other_ca, _, _) = verifiable_certificates(other.path());
+    let (other_ca, _, _) = test_certificates(other.path());
     let untrusting = per_email_yaml(
         &a.mock,
         seed,

@@ -226,28 +226,40 @@ pub fn closed_port() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
-/// A CA and a certificate for `localhost` signed by it, written to `dir`.
+/// A CA and a certificate for `localhost` signed by it, written to `dir`. Each has a name
+/// of its own: OpenSSL (redis-server, redis-cli) takes a leaf named as its issuer for
+/// self-signed.
 pub fn test_certificates(
     dir: &std::path::Path,
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let named = |sans: Vec<String>, name: &str| {
+        let mut params = rcgen::CertificateParams::new(sans).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params
+    };
     let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    let mut ca_params = named(Vec::new(), "reset-gateway test CA");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let (ca_file, cert_file, key_file) = (
+    let cert = named(
+        vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+        "localhost",
+    )
+    .signed_by(&key, &ca, &ca_key)
+    .unwrap();
+    let files = (
         dir.join("ca.pem"),
         dir.join("cert.pem"),
         dir.join("key.pem"),
     );
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    std::fs::write(&cert_file, cert.pem()).unwrap();
-    std::fs::write(&key_file, key.serialize_pem()).unwrap();
-    (ca_file, cert_file, key_file)
+    std::fs::write(&files.0, ca.pem()).unwrap();
+    std::fs::write(&files.1, cert.pem()).unwrap();
+    std::fs::write(&files.2, key.serialize_pem()).unwrap();
+    files
 }
 
 /// Asks `probe` every 20 ms until `done` holds of its answer, at most `tries` times, and
