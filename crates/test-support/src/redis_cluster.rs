@@ -44,8 +44,22 @@ impl RedisCluster {
         Self::start_with(ClusterOptions::default())
     }
 
-    /// [`start`](Self::start), every node set up as `options` says.
+    /// [`start`](Self::start), every node set up as `options` says. A port picked free can
+    /// be taken by another process before a node binds it (and a node needs two: its own
+    /// and its bus port): a failed start is tried again on other ports, twice at most.
     pub fn start_with(options: ClusterOptions) -> RedisCluster {
+        for _ in 0..2 {
+            let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Self::start_once(options.clone())
+            }));
+            if let Ok(cluster) = attempt {
+                return cluster;
+            }
+        }
+        Self::start_once(options)
+    }
+
+    fn start_once(options: ClusterOptions) -> RedisCluster {
         let dir = std::env::temp_dir().join(format!(
             "test-support-cluster-{}-{}",
             std::process::id(),

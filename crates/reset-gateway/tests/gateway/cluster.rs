@@ -441,21 +441,7 @@ async fn two_gateways_share_limits_in_a_cluster_while_slots_move() {
 
 #[test]
 fn cluster_mode_is_checked_without_echoing_a_node_password() {
-    let check = |redis: &str| -> Result<(), String> {
-        let yaml = yaml(
-            "http://127.0.0.1:9",
-            "",
-            &format!(
-                "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n{redis}",
-                key_secret_file().display()
-            ),
-        );
-        let config = reset_gateway::GatewayConfig::from_yaml(&yaml).map_err(|e| e.to_string())?;
-        config
-            .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    };
+    let check = check_redis_section;
     let cluster = "    mode: cluster\n    nodes: [redis://10.0.0.1:6379, redis://10.0.0.2:6379]\n";
     check(cluster).unwrap();
     check("    mode: cluster\n    nodes: [rediss://10.0.0.1:6379]\n    username: limiter\n")

@@ -298,3 +298,58 @@ pub fn key_secret_file() -> std::path::PathBuf {
     std::fs::write(&path, "test-key-secret-0123456789abcdef").unwrap();
     path
 }
+
+/// Checks a gateway configuration whose `store.redis` section is `redis` (lines indented by
+/// four), as check-config would; the error as shown.
+pub fn check_redis_section(redis: &str) -> Result<(), String> {
+    let yaml = yaml(
+        "http://127.0.0.1:9",
+        "",
+        &format!(
+            "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n{redis}",
+            key_secret_file().display()
+        ),
+    );
+    let config = reset_gateway::GatewayConfig::from_yaml(&yaml).map_err(|e| e.to_string())?;
+    config
+        .validate_with_key(&yaml, ApiKey::new(SERVER_KEY).unwrap())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// qb-mock over TLS with a certificate from a private CA, offering `alpn`; and the CA's file,
+/// kept as long as the directory.
+pub async fn tls_mock(alpn: &[&[u8]]) -> (MockServer, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_file, cert_file, key_file) = test_certificates(dir.path());
+    let cert =
+        <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::pem_file_iter(
+            &cert_file,
+        )
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let key =
+        <rustls::pki_types::PrivateKeyDer as rustls::pki_types::pem::PemObject>::from_pem_file(
+            &key_file,
+        )
+        .unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let mock = MockServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        mock_config(),
+        Some(std::sync::Arc::new(tls)),
+    )
+    .await
+    .unwrap();
+    (mock, dir, ca_file)
+}

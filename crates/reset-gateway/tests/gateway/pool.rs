@@ -2,45 +2,12 @@
 //! share the one connection being made, over HTTP/1.1 each gets a connection of its own, and
 //! a connect that fails fails each of them with a 502 rather than leaving any waiting.
 
-use std::sync::Arc;
-
 use qb_mock::MockServer;
-use rustls::pki_types::pem::PemObject;
 use tokio::task::JoinSet;
 
 use crate::common::*;
 
 const CONCURRENT: usize = 20;
-
-/// qb-mock over TLS with a certificate from a private CA, offering `alpn`; and the CA's file,
-/// kept as long as the directory.
-async fn tls_mock(alpn: &[&[u8]]) -> (MockServer, tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca_file, cert_file, key_file) = test_certificates(dir.path());
-    let cert = rustls::pki_types::CertificateDer::pem_file_iter(&cert_file)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&key_file).unwrap();
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
-    .unwrap();
-    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let mock = MockServer::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        mock_config(),
-        Some(Arc::new(tls)),
-    )
-    .await
-    .unwrap();
-    (mock, dir, ca_file)
-}
 
 /// A fresh gateway with one worker (one pool) in front of `mock`, trusting `ca_file` if given.
 /// The timeouts are generous: a slow machine must not turn a wait into a 504.

@@ -191,21 +191,7 @@ async fn auth_on_the_master_behind_sentinels_from_env_or_file_shares_one_limit()
 
 #[test]
 fn sentinel_mode_is_checked_without_echoing_a_node_password() {
-    let check = |redis: &str| -> Result<(), String> {
-        let yaml = yaml(
-            "http://127.0.0.1:9",
-            "",
-            &format!(
-                "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n{redis}",
-                key_secret_file().display()
-            ),
-        );
-        let config = reset_gateway::GatewayConfig::from_yaml(&yaml).map_err(|e| e.to_string())?;
-        config
-            .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    };
+    let check = check_redis_section;
     let sentinel = "    mode: sentinel\n    nodes: [redis://10.0.0.1:26379, redis://10.0.0.2:26379]\n    sentinel_master: mymaster\n";
     check(sentinel).unwrap();
     let refused = [

@@ -1,11 +1,9 @@
 //! QuickBlox unreachable, slow or broken: 502 and 504 with the JSON body, and the
 //! gateway keeps serving.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use qb_mock::{Failure, MockServer};
-use rustls::pki_types::pem::PemObject;
 
 use crate::common::*;
 
@@ -132,31 +130,7 @@ async fn quickblox_errors_pass_through() {
 
 #[tokio::test]
 async fn https_upstream_with_a_private_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca_file, cert_file, key_file) = test_certificates(dir.path());
-    let cert = rustls::pki_types::CertificateDer::pem_file_iter(&cert_file)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&key_file).unwrap();
-
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
-    .unwrap();
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let mock = MockServer::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        mock_config(),
-        Some(Arc::new(tls)),
-    )
-    .await
-    .unwrap();
+    let (mock, _dir, ca_file) = tls_mock(&[b"h2", b"http/1.1"]).await;
     let url = mock.url();
     assert!(url.starts_with("https://localhost:"));
 
