@@ -32,6 +32,9 @@ struct Fixed {
     admin: std::net::SocketAddr,
     tls: bool,
     redis: bool,
+    /// Everything else `store` holds: the Redis connection, credentials, CA, timeout,
+    /// on_error, key prefix and the key secret (hashed: it is compared, never kept).
+    store: u64,
     max_connections: usize,
     workers: usize,
 }
@@ -43,10 +46,30 @@ impl Fixed {
             admin: settings.server.admin_listen,
             tls: settings.server.tls.is_some(),
             redis: settings.store.limits.redis.is_some(),
+            store: store_fingerprint(settings),
             max_connections: settings.server.max_connections,
             workers: settings.server.workers,
         }
     }
+}
+
+/// A hash of what `store` holds beyond its kind, to tell a changed store section on reload.
+fn store_fingerprint(settings: &Settings) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let store = &settings.store;
+    store.limits.max_keys.hash(&mut hasher);
+    store.key_secret.as_deref().hash(&mut hasher);
+    if let Some(redis) = &store.limits.redis {
+        redis.url.hash(&mut hasher);
+        redis.username.hash(&mut hasher);
+        redis.password.as_deref().hash(&mut hasher);
+        redis.ca_pem.hash(&mut hasher);
+        redis.key_prefix.hash(&mut hasher);
+        redis.timeout.hash(&mut hasher);
+        format!("{:?}", redis.on_error).hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 impl Reloader {
@@ -68,7 +91,7 @@ impl Reloader {
 
     /// Reads, checks and applies the file: guard settings and limits (state kept for
     /// unchanged quotas), the API key (re-read: key rotation), the upstream client and the
-    /// TLS certificate. Listeners, TLS on/off, the store kind and logging need a restart.
+    /// TLS certificate. Listeners, TLS on/off, the store section and logging need a restart.
     pub fn reload(&self) -> anyhow::Result<()> {
         let result = self.try_reload();
         self.state.metrics.reload(result.is_ok());
@@ -88,7 +111,7 @@ impl Reloader {
         let fixed = Fixed::of(&settings);
         if fixed != self.fixed {
             tracing::warn!(
-                "listen addresses, TLS on/off, the store kind, max_connections and workers change only on restart"
+                "listen addresses, TLS on/off, the store section (kind, Redis connection, credentials, timeout, on_error, key secret), max_connections and workers change only on restart"
             );
         }
         // Everything that can fail is prepared first; nothing is applied until all of it worked.

@@ -111,8 +111,14 @@ impl ResetGuardBuilder {
     ///
     /// # Errors
     ///
-    /// If the Redis client cannot be set up from `store.redis` (a URL it cannot parse).
+    /// If the Redis client cannot be set up from `store.redis` (a URL it cannot parse), or
+    /// `store.sweep_interval` is zero.
     pub fn build(self) -> Result<(ResetGuardLayer, Housekeeping), StoreError> {
+        if self.store.sweep_interval.is_zero() {
+            return Err(StoreError(
+                "sweep_interval must be longer than zero".to_owned(),
+            ));
+        }
         let clock = self
             .clock
             .unwrap_or_else(|| Arc::new(MonotonicClock::default()));

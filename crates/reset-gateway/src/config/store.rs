@@ -164,6 +164,15 @@ impl RedisConfig {
                 if let Some((key, _, why)) = not_standalone.into_iter().find(|(_, set, _)| *set) {
                     return Err(ConfigError::new(key, why));
                 }
+                // The library reads redis+sentinel:// and redis+cluster:// URLs as those modes:
+                // here they would skip the checks `mode:` makes.
+                if !(self.url.starts_with("redis://") || self.url.starts_with("rediss://")) {
+                    return Err(ConfigError::new(
+                        "store.redis.url",
+                        "must start with redis:// or rediss:// (Sentinel and Cluster are set \
+                         with mode: and nodes:)",
+                    ));
+                }
                 RedisSettings::check_url(&self.url)
                     .map_err(|why| ConfigError::new("store.redis.url", why))?;
                 Ok(RedisSettings::new(self.url.clone()))

@@ -238,3 +238,19 @@ async fn tls_with_a_private_ca_and_not_with_another() {
     let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
     assert_eq!(ready.status, 503);
 }
+
+#[test]
+fn standalone_mode_takes_only_redis_urls() {
+    for url in [
+        "redis+cluster://127.0.0.1:7000",
+        "redis+sentinel://127.0.0.1:26379/mymaster",
+        "unix:///tmp/redis.sock",
+    ] {
+        let error = check_redis_section(&format!("    url: {url}\n")).unwrap_err();
+        assert!(
+            error.starts_with("store.redis.url (line ") && error.contains("mode:"),
+            "{url}: {error}"
+        );
+    }
+    check_redis_section("    url: rediss://127.0.0.1:6380/2\n").unwrap();
+}

@@ -110,3 +110,16 @@ async fn memory_limits_take_any_inner_service() {
     let response = service.oneshot(request).await.unwrap();
     assert_eq!(response.status(), http::StatusCode::OK);
 }
+
+#[test]
+fn a_zero_sweep_interval_is_an_error_not_a_panic() {
+    let store = StoreSettings {
+        sweep_interval: Duration::ZERO,
+        ..StoreSettings::default()
+    };
+    let error = ResetGuardLayer::builder(settings(""), ApiKey::new("server-key").unwrap())
+        .store(store)
+        .build()
+        .expect_err("refused");
+    assert!(error.to_string().contains("sweep_interval"), "{error}");
+}
