@@ -16,7 +16,8 @@ use axum::{Extension, Router};
 use reset_guard::{ApiKey, GuardConfig, GuardedRequest, PeerAddr, ResetGuardLayer};
 use tokio::net::TcpListener;
 
-/// The `guard:` section, as in the gateway's YAML. The token is "foo".
+/// The `guard:` section, as in the gateway's YAML. The token is "foo", a stand-in anyone can
+/// read: give each real app a random token (`openssl rand -hex 24`) and put its digest here.
 const GUARD_YAML: &str = "
 clients:
   - id: example-app
