@@ -39,7 +39,7 @@ impl ClientIp {
     /// The address of requests without a [`PeerAddr`] under
     /// [`without_peer_address`](crate::ResetGuardBuilder::without_peer_address): they all
     /// share this one per-IP key.
-    pub const UNKNOWN: ClientIp = ClientIp(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    pub const UNKNOWN: ClientIp = ClientIp(IpAddr::V4(Ipv4Addr::new(0, 0, 0, 0)));
 }
 
 fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
