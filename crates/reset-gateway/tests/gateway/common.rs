@@ -353,3 +353,28 @@ pub async fn tls_mock(alpn: &[&[u8]]) -> (MockServer, tempfile::TempDir, std::pa
     .unwrap();
     (mock, dir, ca_file)
 }
+
+/// Resets `query` on `gateway` every 100 ms until one is refused with 429, a decision only
+/// the limit store makes: no answer may be a 5xx meanwhile, and the 429 must come within
+/// 15 s of `since`. `during` names the disturbance for the failure messages.
+pub async fn reset_until_limited(
+    gateway: &Gateway,
+    query: &str,
+    since: std::time::Instant,
+    during: &str,
+) {
+    let mut statuses = Vec::new();
+    loop {
+        let status = gateway.reset_as_ios(query).await.status;
+        statuses.push(status);
+        assert!(status < 500, "a 5xx {during}: {statuses:?}");
+        if status == 429 {
+            return;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(15),
+            "limits did not apply again within 15 s: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -83,20 +83,7 @@ async fn a_failover_keeps_serving_and_keeps_the_limits_written_before_it() {
         (&a, "email=bob%40example.com"),
         (&b, "email=carol%40example.com"),
     ] {
-        let mut statuses = Vec::new();
-        loop {
-            let status = gateway.reset_as_ios(address).await.status;
-            statuses.push(status);
-            assert!(status < 500, "a 5xx during the failover: {statuses:?}");
-            if status == 429 {
-                break;
-            }
-            assert!(
-                killed.elapsed() < Duration::from_secs(15),
-                "limits did not apply again within 15 s: {statuses:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        reset_until_limited(gateway, address, killed, "during the failover").await;
     }
     let recovered = killed.elapsed();
     assert_eq!(
