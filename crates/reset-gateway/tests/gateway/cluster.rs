@@ -59,7 +59,7 @@ async fn a_killed_master_serves_no_5xx_and_applies_limits_again_once_back() {
     let mock = MockServer::start(mock_config()).await.unwrap();
     let yaml = per_email_yaml(&mock, &cluster.urls(), "", "allow");
     let a = Gateway::start_yaml(mock, &yaml).await;
-    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &yaml).await;
+    let b = Gateway::replica(&yaml).await;
     let address = |i: usize| format!("email=user{i}%40example.com");
     for i in 0..40 {
         a.mock.add_user(&format!("user{i}@example.com"));
@@ -203,7 +203,7 @@ async fn auth_on_every_cluster_node_from_env_or_file_shares_one_limit() {
         "deny",
     );
     let a = Gateway::start_yaml(mock, &from_env).await;
-    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &from_file).await;
+    let b = Gateway::replica(&from_file).await;
     assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
 
     // Addresses on every master, from both gateways: under on_error: deny, a node that
@@ -226,11 +226,7 @@ async fn auth_on_every_cluster_node_from_env_or_file_shares_one_limit() {
 
     // Without the password every node refuses: under on_error deny, 503, and not ready.
     let no_password = per_email_yaml(&a.mock, seed, "", "deny");
-    let c = Gateway::start_yaml(
-        MockServer::start(mock_config()).await.unwrap(),
-        &no_password,
-    )
-    .await;
+    let c = Gateway::replica(&no_password).await;
     let reply = c.reset_as_ios("email=bob%40example.com").await;
     assert_eq!(reply.status, 503, "{reply:?}");
     assert_eq!(
@@ -268,7 +264,7 @@ async fn tls_on_every_cluster_node_with_a_private_ca_and_not_with_another() {
         "deny",
     );
     let a = Gateway::start_yaml(mock, &trusting).await;
-    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &trusting).await;
+    let b = Gateway::replica(&trusting).await;
     assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
     for i in 0..30 {
         a.mock.add_user(&format!("user{i}@example.com"));
@@ -311,7 +307,7 @@ async fn tls_on_every_cluster_node_with_a_private_ca_and_not_with_another() {
         &format!("    ca_file: {}\n", other_ca.display()),
         "deny",
     );
-    let c = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &untrusting).await;
+    let c = Gateway::replica(&untrusting).await;
     assert_eq!(c.reset_as_ios("email=bob%40example.com").await.status, 503);
     let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
     assert_eq!(ready.status, 503, "not ready without a trusted certificate");
@@ -329,7 +325,7 @@ async fn two_gateways_share_limits_in_a_cluster_while_slots_move() {
     let yaml = cluster_yaml(&mock, &cluster.urls()[..1]);
     let a = Gateway::start_yaml(mock, &yaml).await;
     // B has its own (unused) mock; its upstream is A's, which knows every address used.
-    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &yaml).await;
+    let b = Gateway::replica(&yaml).await;
     a.mock.add_user("alice@example.com");
     for i in 0..30 {
         a.mock.add_user(&format!("user{i}@example.com"));

@@ -71,6 +71,12 @@ impl Gateway {
         Self::start_yaml(mock, &yaml).await
     }
 
+    /// A further gateway on `yaml`, whose upstream is whatever `yaml` names: another
+    /// replica of a gateway started before (its own mock is there only to be owned).
+    pub async fn replica(yaml: &str) -> Gateway {
+        Self::start_yaml(MockServer::start(mock_config()).await.unwrap(), yaml).await
+    }
+
     pub async fn start_yaml(mock: MockServer, yaml: &str) -> Gateway {
         let settings = GatewayConfig::from_yaml(yaml)
             .unwrap()

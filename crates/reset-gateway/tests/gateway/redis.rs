@@ -25,7 +25,7 @@ async fn two_replicas_enforce_one_per_email_limit_exactly() {
     let yaml = redis_yaml(&mock, &redis, "allow");
     let a = Gateway::start_yaml(mock, &yaml).await;
     // Replica B has its own (unused) mock; its upstream is A's, so one QuickBlox sees all.
-    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &yaml).await;
+    let b = Gateway::replica(&yaml).await;
     assert!(yaml.contains(&url));
     a.mock.add_user("Alice+x@Example.com");
 
@@ -158,7 +158,7 @@ async fn auth_with_a_password_from_the_environment_shares_one_limit() {
         "deny",
     );
     let a = Gateway::start_yaml(mock, &yaml).await;
-    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &yaml).await;
+    let b = Gateway::replica(&yaml).await;
     assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
     assert!(
         !redis.dump().is_empty(),
@@ -167,11 +167,7 @@ async fn auth_with_a_password_from_the_environment_shares_one_limit() {
 
     // Without the password Redis refuses every command: under on_error deny, 503.
     let no_password = redis_yaml_at(&a.mock, &redis.url(), "", "deny");
-    let c = Gateway::start_yaml(
-        MockServer::start(mock_config()).await.unwrap(),
-        &no_password,
-    )
-    .await;
+    let c = Gateway::replica(&no_password).await;
     let reply = c.reset_as_ios("email=bob%40example.com").await;
     assert_eq!(reply.status, 503, "{reply:?}");
 }
@@ -216,7 +212,7 @@ async fn tls_with_a_private_ca_and_not_with_another() {
         "deny",
     );
     let a = Gateway::start_yaml(mock, &trusting).await;
-    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &trusting).await;
+    let b = Gateway::replica(&trusting).await;
     assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
     assert!(
         !redis.dump().is_empty(),
@@ -233,7 +229,7 @@ async fn tls_with_a_private_ca_and_not_with_another() {
         &format!("    ca_file: {}\n", other_ca.display()),
         "deny",
     );
-    let c = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &untrusting).await;
+    let c = Gateway::replica(&untrusting).await;
     assert_eq!(c.reset_as_ios("email=bob%40example.com").await.status, 503);
     let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
     assert_eq!(ready.status, 503);

@@ -65,7 +65,7 @@ async fn a_failover_keeps_serving_and_keeps_the_limits_written_before_it() {
     let mock = MockServer::start(mock_config()).await.unwrap();
     let yaml = sentinel_yaml(&mock, &nodes, "", "allow");
     let a = Gateway::start_yaml(mock, &yaml).await;
-    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &yaml).await;
+    let b = Gateway::replica(&yaml).await;
     let alice = "email=alice%40example.com";
     for gateway in [&a, &b, &a] {
         assert_eq!(gateway.reset_as_ios(alice).await.status, 200);
@@ -151,7 +151,7 @@ async fn auth_on_the_master_behind_sentinels_from_env_or_file_shares_one_limit()
         "deny",
     );
     let a = Gateway::start_yaml(mock, &from_env).await;
-    let b = Gateway::start_yaml(MockServer::start(mock_config()).await.unwrap(), &from_file).await;
+    let b = Gateway::replica(&from_file).await;
     assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
     assert!(
         !master.dump().is_empty(),
@@ -161,11 +161,7 @@ async fn auth_on_the_master_behind_sentinels_from_env_or_file_shares_one_limit()
     // Without the password the sentinels still name the master, but it refuses every
     // command: under on_error deny, 503.
     let no_password = sentinel_yaml(&a.mock, &nodes, "", "deny");
-    let c = Gateway::start_yaml(
-        MockServer::start(mock_config()).await.unwrap(),
-        &no_password,
-    )
-    .await;
+    let c = Gateway::replica(&no_password).await;
     let reply = c.reset_as_ios("email=bob%40example.com").await;
     assert_eq!(reply.status, 503, "{reply:?}");
     assert_eq!(
