@@ -19,7 +19,9 @@ if ! command -v chromium >/dev/null; then
   fi
 fi
 (cd clients/quickblox-sdk && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
-cargo build -q --locked -p reset-gateway -p qb-mock
+# The same build as the test suite's (features unified with the tests'), so after the
+# suite this builds nothing new rather than a second copy of every dependency.
+cargo build -q --locked --workspace --all-targets
 # Wherever cargo put them: CARGO_TARGET_DIR and build.target-dir move the target directory.
 target=$(cargo metadata --format-version 1 --no-deps --locked |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
