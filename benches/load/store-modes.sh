@@ -18,6 +18,7 @@
 #   benches/load/store-modes.sh                    # 8 s per run, five rounds: ~4 minutes
 #   DURATION=10s ROUNDS=3 benches/load/store-modes.sh
 #   GATEWAY_WORKERS=2 benches/load/store-modes.sh  # default 1, as run.sh
+#   MODES=cluster CONNECTIONS=256 benches/load/store-modes.sh   # memory and cluster only
 #   TREE=/tmp/clean benches/load/store-modes.sh     # build and measure another checkout
 #                                                   # (a worktree of a commit), not this one
 set -euo pipefail
@@ -26,7 +27,9 @@ DURATION=${DURATION:-8s}
 ROUNDS=${ROUNDS:-5}
 CONNECTIONS=${CONNECTIONS:-64}
 GATEWAY_WORKERS=${GATEWAY_WORKERS:-1}
-MODES=(memory standalone sentinel cluster)
+# The modes measured; memory always (the ratios are to it). MODES="cluster" measures
+# memory and cluster only.
+read -r -a MODES <<<"memory ${MODES:-standalone sentinel cluster}"
 
 # shellcheck source=benches/load/lib.sh
 source benches/load/lib.sh
@@ -176,10 +179,16 @@ STORE_PIDS[standalone]=$standalone_pids
 STORE_PIDS[sentinel]=$sentinel_pids
 STORE_PIDS[cluster]=$cluster_pids
 for mode in "${MODES[@]}"; do PORT[$mode]=$(free_port); done
-config "${PORT[memory]}" "store: { kind: memory }" >"$work/memory.yaml"
-config "${PORT[standalone]}" "store: { kind: redis, $redis_common, redis: { mode: standalone, url: \"redis://127.0.0.1:$STANDALONE\", $redis_tail } }" >"$work/standalone.yaml"
-config "${PORT[sentinel]}" "store: { kind: redis, $redis_common, redis: { mode: sentinel, nodes: $(list "${SENTINELS[@]}"), sentinel_master: mymaster, $redis_tail } }" >"$work/sentinel.yaml"
-config "${PORT[cluster]}" "store: { kind: redis, $redis_common, redis: { mode: cluster, nodes: $(list "${CLUSTER[@]}"), $redis_tail } }" >"$work/cluster.yaml"
+for mode in "${MODES[@]}"; do
+  case $mode in
+    memory) store="store: { kind: memory }" ;;
+    standalone) store="store: { kind: redis, $redis_common, redis: { mode: standalone, url: \"redis://127.0.0.1:$STANDALONE\", $redis_tail } }" ;;
+    sentinel) store="store: { kind: redis, $redis_common, redis: { mode: sentinel, nodes: $(list "${SENTINELS[@]}"), sentinel_master: mymaster, $redis_tail } }" ;;
+    cluster) store="store: { kind: redis, $redis_common, redis: { mode: cluster, nodes: $(list "${CLUSTER[@]}"), $redis_tail } }" ;;
+    *) echo "store-modes.sh: unknown mode '$mode' in MODES (standalone, sentinel, cluster)" >&2; exit 1 ;;
+  esac
+  config "${PORT[$mode]}" "$store" >"$work/$mode.yaml"
+done
 for mode in "${MODES[@]}"; do
   QB_API_KEY=bench-server-key "$work/reset-gateway" check-config --config "$work/$mode.yaml" >/dev/null 2>"$work/$mode.check" \
     || { echo "$mode: config refused:" >&2; cat "$work/$mode.check" >&2; exit 1; }
@@ -227,8 +236,8 @@ results=$work/results.txt
 } | tee "$results"
 for round in $(seq "$ROUNDS"); do
   # Rotate the order so that no mode always runs first or last.
-  for i in 0 1 2 3; do
-    mode=${MODES[$(( (i + round - 1) % 4 ))]}
+  for i in "${!MODES[@]}"; do
+    mode=${MODES[$(( (i + round - 1) % ${#MODES[@]} ))]}
     measure "$mode" "$round" | tee -a "$results"
   done
 done
@@ -248,7 +257,7 @@ mem = statistics.median(r['rps'] for r in rows['memory'])
 mem_by_round = {r['round']: r['rps'] for r in rows['memory']}
 print()
 print(f"{'mode':<10} {'requests/s':>11} {'p50':>9} {'p99':>9} {'gw us/req':>10} {'store us/req':>13} {'ratio':>6} {'paired':>7}  per-round ratios")
-for mode in ('memory', 'standalone', 'sentinel', 'cluster'):
+for mode in [m for m in ('memory', 'standalone', 'sentinel', 'cluster') if m in rows]:
     rs = rows[mode]
     rps = statistics.median(r['rps'] for r in rs)
     m = median_row(rs)

@@ -2,11 +2,20 @@
 --
 -- ARGV[1]: the number of requests. ARGV[2]: the number of quota sets, each the quotas of
 --          one group: its quota count, then interval_us, capacity_us and shadow (0/1) per
---          quota. Then, per request: its group count and the quota set of each group.
--- KEYS: one per quota, request after request, group after group, in request order.
+--          quota. ARGV[3]: how many keys follow in ARGV (0: the keys are KEYS). Then those
+--          keys, then the quota sets, then, per request: its group count and the quota set
+--          of each group.
+-- The keys: one per quota, request after request, group after group, in request order.
 --
--- Every key is read once (one MGET) and written once (its final value) for the whole
--- batch: hot keys such as the global quota's are shared by every request in it.
+-- Every key is read once and written once (its final value) for the whole batch: hot keys
+-- such as the global quota's are shared by every request in it.
+--
+-- Declared keys (KEYS) must share one slot in a Redis Cluster. Keys passed in ARGV let one
+-- call decide requests whose keys live in different slots of one cluster node (Redis 7's
+-- allow-cross-slot-keys flag, which the gateway then puts on the script's first line). Such
+-- a call first reads every key; if one is not served here (the slot moved, or is moving),
+-- it returns {-1} before writing anything, and the gateway decides those requests again
+-- slot by slot.
 --
 -- Each request's groups are decided in order with GCRA (the same arithmetic as
 -- limit/gcra.rs, in microseconds of the server's own clock, so replicas need no clock
@@ -31,9 +40,19 @@ end
 
 local out = {}
 
+-- The keys: declared, or passed in ARGV.
+local keys = KEYS
+local in_argv = tonumber(ARGV[3])
+if in_argv > 0 then
+  keys = {}
+  for i = 1, in_argv do
+    keys[i] = ARGV[3 + i]
+  end
+end
+
 -- The quota sets, read once for the whole batch.
 local sets = {}
-local a = 3
+local a = 4 + in_argv
 for id = 1, tonumber(ARGV[2]) do
   local n = tonumber(ARGV[a])
   local set = {n = n, interval = {}, capacity = {}, shadow = {}}
@@ -46,16 +65,24 @@ for id = 1, tonumber(ARGV[2]) do
   a = a + 1 + 3 * n
 end
 
--- Every distinct key, read once.
+-- Every distinct key, read once, before anything is written.
 local tats, order, seen = {}, {}, {}
-for i = 1, #KEYS do
-  local key = KEYS[i]
+for i = 1, #keys do
+  local key = keys[i]
   if not seen[key] then
     seen[key] = true
     order[#order + 1] = key
   end
 end
-if #order > 0 then
+if in_argv > 0 then
+  for _, key in ipairs(order) do
+    local served, value = pcall(redis.call, 'GET', key)
+    if not served then
+      return {-1}
+    end
+    tats[key] = value and tonumber(value) or 0
+  end
+elseif #order > 0 then
   local values = redis.call('MGET', unpack(order))
   for i, key in ipairs(order) do
     tats[key] = values[i] and tonumber(values[i]) or 0
@@ -80,7 +107,7 @@ local function decide()
       local interval, capacity, shadow = set.interval, set.capacity, set.shadow
       local deny_q, deny_retry, shadow_hit = 0, -1, false
       for q = 1, n do
-        local tat = tats[KEYS[k + q - 1]]
+        local tat = tats[keys[k + q - 1]]
         if tat < now then
           tat = now
         end
@@ -110,7 +137,7 @@ local function decide()
       else
         for q = 1, n do
           if new_tat[q] then
-            local key = KEYS[k + q - 1]
+            local key = keys[k + q - 1]
             tats[key] = new_tat[q]
             dirty[key] = true
             if not shadow[q] then

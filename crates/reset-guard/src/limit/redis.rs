@@ -23,7 +23,7 @@ mod sentinel;
 mod settings;
 
 pub(crate) use batch::RedisSpecs;
-use batch::{run_batches, run_cluster_batches, Charges, Job, REPLY_LEN};
+use batch::{run_batches, Charges, Job, REPLY_LEN};
 use cluster::Cluster;
 use sentinel::{Master, RESOLVE_INTERVAL_NS};
 use settings::Sentinels;
@@ -100,13 +100,12 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(1));
         let sentinels = settings.sentinels();
         let cluster = match settings.cluster_nodes() {
-            Some(nodes) => Some(Cluster {
-                client: settings.cluster_client(&nodes)?,
-                config: redis::cluster::ClusterConfig::new()
+            Some(nodes) => Some(Cluster::new(
+                settings.cluster_client(&nodes)?,
+                redis::cluster::ClusterConfig::new()
                     .set_connection_timeout(settings.timeout.max(Duration::from_millis(250)))
                     .set_response_timeout(settings.timeout),
-                probe: tokio::sync::OnceCell::new(),
-            }),
+            )),
             None => None,
         };
         let master = match &sentinels {

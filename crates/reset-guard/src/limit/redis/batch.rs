@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::limit::{LimitGroup, LimitSettings, Quota};
 
 /// Most requests decided by one script call.
-const MAX_BATCH: usize = 128;
+pub(super) const MAX_BATCH: usize = 128;
 /// Numbers the script returns per request.
 pub(super) const REPLY_LEN: usize = 6;
 
@@ -85,6 +85,15 @@ impl GroupSpec {
 }
 
 impl RedisSpecs {
+    /// Cluster mode: the slot of a group's keys for one keyed hash (CRC16 of the hash tag
+    /// `{prefix}:{group}:{hash}`, modulo 16384, as Redis Cluster computes it).
+    pub(super) fn slot(&self, group: LimitGroup, hash: u64) -> u16 {
+        use std::fmt::Write;
+        let mut tag = String::with_capacity(64);
+        let _ = write!(tag, "{}:{hash:016x}", self.group(group).head);
+        crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
+    }
+
     pub(crate) fn new(limits: &LimitSettings, prefix: &str, cluster: bool) -> Self {
         let groups = LimitGroup::ALL.map(|group| {
             let quotas = limits.quotas(group);
@@ -112,43 +121,82 @@ impl RedisSpecs {
     }
 }
 
-/// Builds one script call for a batch: the quota sets of every settings generation in
-/// it, once, then each request's groups and keys.
-fn invocation<'a>(script: &'a redis::Script, batch: &[Job]) -> redis::ScriptInvocation<'a> {
-    let mut generations: Vec<&Arc<RedisSpecs>> = Vec::new();
-    for job in batch {
-        if !generations.iter().any(|g| Arc::ptr_eq(g, &job.specs)) {
-            generations.push(&job.specs);
-        }
-    }
-    let mut invocation = script.prepare_invoke();
-    invocation.arg(batch.len()).arg(generations.len() * 4);
-    for specs in &generations {
-        for spec in &specs.groups {
-            for arg in &spec.args {
-                invocation.arg(*arg);
+/// One script call's arguments for a batch (the layout is described at the top of
+/// redis.lua): the counts, the keys, and the rest.
+pub(super) struct CallArgs {
+    /// The number of requests and of quota sets.
+    counts: [usize; 2],
+    /// One per quota, request after request, group after group.
+    pub(super) keys: Vec<String>,
+    /// The quota sets, then each request's groups.
+    rest: Vec<u64>,
+}
+
+impl CallArgs {
+    /// The quota sets of every settings generation in the batch, once, then each
+    /// request's groups and keys.
+    pub(super) fn new(batch: &[Job]) -> Self {
+        let mut generations: Vec<&Arc<RedisSpecs>> = Vec::new();
+        for job in batch {
+            if !generations.iter().any(|g| Arc::ptr_eq(g, &job.specs)) {
+                generations.push(&job.specs);
             }
         }
-    }
-    let mut key = String::new();
-    for job in batch {
-        let generation = generations
-            .iter()
-            .position(|g| Arc::ptr_eq(g, &job.specs))
-            .unwrap_or(0);
-        invocation.arg(job.charges.len);
-        for (group, _) in job.charges.as_slice() {
-            invocation.arg(generation * 4 + group.index() + 1);
-        }
-        for (group, hash) in job.charges.as_slice() {
-            let spec = job.specs.group(*group);
-            for q in 0..spec.quota_parts.len() {
-                spec.key(&mut key, q, *hash, job.specs.cluster);
-                invocation.key(key.as_str());
+        let mut rest = Vec::new();
+        for specs in &generations {
+            for spec in &specs.groups {
+                rest.extend_from_slice(&spec.args);
             }
         }
+        let mut keys = Vec::new();
+        for job in batch {
+            let generation = generations
+                .iter()
+                .position(|g| Arc::ptr_eq(g, &job.specs))
+                .unwrap_or(0);
+            rest.push(job.charges.len as u64);
+            for (group, _) in job.charges.as_slice() {
+                rest.push((generation * 4 + group.index() + 1) as u64);
+            }
+            for (group, hash) in job.charges.as_slice() {
+                let spec = job.specs.group(*group);
+                for q in 0..spec.quota_parts.len() {
+                    let mut key = String::new();
+                    spec.key(&mut key, q, *hash, job.specs.cluster);
+                    keys.push(key);
+                }
+            }
+        }
+        CallArgs {
+            counts: [batch.len(), generations.len() * 4],
+            keys,
+            rest,
+        }
     }
-    invocation
+
+    /// The call with the keys declared (they must share one slot in a cluster).
+    fn declared<'a>(&self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        invocation.arg(&self.counts[..]).arg(0).arg(&self.rest);
+        for key in &self.keys {
+            invocation.key(key.as_str());
+        }
+        invocation
+    }
+
+    /// `EVALSHA` with the keys passed as arguments, for the script that may touch several
+    /// slots of one cluster node.
+    pub(super) fn undeclared(&self, sha: &str) -> redis::Cmd {
+        let mut command = redis::cmd("EVALSHA");
+        command
+            .arg(sha)
+            .arg(0)
+            .arg(&self.counts[..])
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.rest);
+        command
+    }
 }
 
 /// Gathers whatever requests are waiting into one script call, so a busy gateway makes
@@ -168,34 +216,8 @@ pub(super) async fn run_batches(
     }
 }
 
-/// Cluster mode: each job is one group of one request (its keys share a hash tag). The
-/// jobs waiting on this thread are gathered, and those with the same hash tag (the same
-/// group and key: above all the hot `global` key) go as one script call; calls for
-/// different tags run side by side, pipelined over the cluster connection, which sends
-/// each to the node holding its slot and follows MOVED/ASK itself.
-pub(super) async fn run_cluster_batches(
-    mut queue: mpsc::Receiver<Job>,
-    connection: redis::cluster_async::ClusterConnection,
-    script: Arc<redis::Script>,
-    timeout: Duration,
-) {
-    while let Some(first) = queue.recv().await {
-        let mut batch = gather(first, &mut queue);
-        while !batch.is_empty() {
-            let tag = batch[0].charges.as_slice().first().copied();
-            let (same, rest): (Vec<Job>, Vec<Job>) = batch
-                .into_iter()
-                .partition(|job| job.charges.as_slice().first().copied() == tag);
-            batch = rest;
-            let mut connection = connection.clone();
-            let script = script.clone();
-            tokio::spawn(async move { call(same, &mut connection, &script, timeout).await });
-        }
-    }
-}
-
 /// The first job and whatever else is waiting, up to [`MAX_BATCH`].
-fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {
+pub(super) fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
         match queue.try_recv() {
@@ -207,19 +229,30 @@ fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {
 }
 
 /// One script call deciding `batch`, and each job's six numbers (or the error) sent back.
-async fn call(
+pub(super) async fn call(
     batch: Vec<Job>,
     connection: &mut impl redis::aio::ConnectionLike,
     script: &redis::Script,
     timeout: Duration,
 ) {
-    let invocation = invocation(script, &batch);
+    let args = CallArgs::new(&batch);
+    let invocation = args.declared(script);
     let call = invocation.invoke_async::<Vec<i64>>(connection);
     let outcome = match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(values)) if values.len() == REPLY_LEN * batch.len() => Ok(values),
-        Ok(Ok(_)) => Err("unexpected reply from the rate-limit script".to_owned()),
+        Ok(Ok(values)) => Ok(values),
         Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err("timed out".to_owned()),
+    };
+    answer(batch, outcome);
+}
+
+/// Sends each job of a batch its six numbers from the script's reply, or the error.
+pub(super) fn answer(batch: Vec<Job>, outcome: Result<Vec<i64>, String>) {
+    let outcome = match outcome {
+        Ok(values) if values.len() != REPLY_LEN * batch.len() => {
+            Err("unexpected reply from the rate-limit script".to_owned())
+        }
+        other => other,
     };
     for (i, job) in batch.into_iter().enumerate() {
         let reply = match &outcome {

@@ -1,7 +1,28 @@
 //! Cluster mode: a request's groups decided one after another, each on the node that holds
 //! its keys' slot.
+//!
+//! One request's groups live in different slots, so each group is one decision; but the
+//! groups waiting on one thread (of many requests) whose slots one master serves go to it
+//! as one script call, as in the other modes. That is what keeps a cluster near the
+//! standalone mode's cost: a call per group of every request would cost the cluster
+//! several times the CPU (benches/README.md, "Redis modes"). The script is told the keys
+//! as arguments (declared keys must share one slot) and carries Redis 7's
+//! `allow-cross-slot-keys` flag; it checks that it serves every key before it writes any,
+//! so a slot map gone stale costs a second try, never a wrong decision. Where that cannot
+//! work (Redis before 7, no slot map yet, a group alone on its node) a group is one call
+//! with declared keys, which the client routes and redirects itself.
 
+use std::sync::atomic::AtomicU64;
+
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+
+use super::batch::{answer, call, gather, CallArgs, MAX_BATCH};
 use super::*;
+
+/// Slots in a Redis Cluster.
+const SLOTS: usize = 16_384;
+/// Least time between two reads of the slot map.
+const SLOT_MAP_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// Cluster mode: the client every per-thread connection is made from, and the probe's.
 pub(super) struct Cluster {
@@ -9,12 +30,292 @@ pub(super) struct Cluster {
     pub(super) config: redis::cluster::ClusterConfig,
     /// The probe's connection; made on first use, then reconnected by the client itself.
     pub(super) probe: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+    /// What every thread's batching needs to send one call per master.
+    pub(super) nodes: Arc<NodeCalls>,
 }
 
 impl Cluster {
+    pub(super) fn new(
+        client: redis::cluster::ClusterClient,
+        config: redis::cluster::ClusterConfig,
+    ) -> Self {
+        Cluster {
+            client,
+            config,
+            probe: tokio::sync::OnceCell::new(),
+            nodes: Arc::new(NodeCalls::new()),
+        }
+    }
+
     pub(super) fn connection(&self) -> redis::cluster_async::ClusterConnection {
         self.client
             .get_pending_async_connection_with_config(self.config.clone())
+    }
+}
+
+/// Calls that decide the groups of many requests on one master at once.
+pub(super) struct NodeCalls {
+    /// Which master serves each slot, as the cluster last said; none until read, and
+    /// again after a call found it stale.
+    slots: ArcSwapOption<SlotOwners>,
+    /// When the slot map was last asked for ([`MonotonicClock`] nanoseconds).
+    last_read: AtomicU64,
+    /// Off once a server refused the flagged script (Redis before 7).
+    supported: AtomicBool,
+    /// The script with the `allow-cross-slot-keys` flag, and its SHA-1.
+    code: String,
+    sha: String,
+    clock: MonotonicClock,
+}
+
+/// Which master serves each slot: an index per slot into the masters `CLUSTER SLOTS` named.
+struct SlotOwners {
+    owner: Vec<u16>,
+}
+
+impl SlotOwners {
+    /// Reads a `CLUSTER SLOTS` reply: `[start, end, [host, port, ...], replicas...]` per range.
+    fn parse(reply: &redis::Value) -> Option<Self> {
+        use redis::Value;
+        let Value::Array(ranges) = reply else {
+            return None;
+        };
+        let mut owner = vec![u16::MAX; SLOTS];
+        let mut masters: Vec<(Value, Value)> = Vec::new();
+        for range in ranges {
+            let Value::Array(fields) = range else {
+                return None;
+            };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                return None;
+            };
+            let address = (master.first()?.clone(), master.get(1)?.clone());
+            let index = match masters.iter().position(|m| *m == address) {
+                Some(index) => index,
+                None => {
+                    masters.push(address);
+                    masters.len() - 1
+                }
+            };
+            let (start, end) = (usize::try_from(*start).ok()?, usize::try_from(*end).ok()?);
+            for slot in owner.get_mut(start..=end)? {
+                *slot = u16::try_from(index).ok()?;
+            }
+        }
+        Some(SlotOwners { owner })
+    }
+}
+
+impl NodeCalls {
+    fn new() -> Self {
+        let code = format!(
+            "#!lua flags=allow-cross-slot-keys\n{}",
+            include_str!("../redis.lua")
+        );
+        let sha = redis::Script::new(&code).get_hash().to_owned();
+        NodeCalls {
+            slots: ArcSwapOption::empty(),
+            last_read: AtomicU64::new(0),
+            supported: AtomicBool::new(true),
+            code,
+            sha,
+            clock: MonotonicClock::default(),
+        }
+    }
+
+    /// The slot map, or none; asks the cluster for it (in the background, at most once a
+    /// second) when there is none.
+    fn slot_map(
+        self: &Arc<Self>,
+        connection: &redis::cluster_async::ClusterConnection,
+        timeout: Duration,
+    ) -> Option<Arc<SlotOwners>> {
+        if !self.supported.load(Ordering::Relaxed) {
+            return None;
+        }
+        let map = self.slots.load_full();
+        let now = self.clock.now();
+        let last = self.last_read.load(Ordering::Relaxed);
+        if map.is_none()
+            && now.saturating_sub(last) >= SLOT_MAP_INTERVAL_NS
+            && self
+                .last_read
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let nodes = self.clone();
+            let mut connection = connection.clone();
+            tokio::spawn(async move {
+                let ask = connection.route_command(
+                    redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                );
+                if let Ok(Ok(reply)) = tokio::time::timeout(timeout, ask).await {
+                    nodes.slots.store(SlotOwners::parse(&reply).map(Arc::new));
+                }
+            });
+        }
+        map
+    }
+
+    /// One call deciding `batch`, every job of which has its keys on the master that serves
+    /// `slot` (by the slot map). `Ok(None)`: the call decided nothing (a key not served
+    /// there, or the flagged script refused), so the jobs are to be decided slot by slot.
+    async fn call(
+        &self,
+        batch: &[Job],
+        slot: u16,
+        connection: &mut redis::cluster_async::ClusterConnection,
+    ) -> Result<Option<Vec<i64>>, String> {
+        let args = CallArgs::new(batch);
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+            slot,
+            SlotAddr::Master,
+        )));
+        let mut load_tried = false;
+        loop {
+            let reply = connection
+                .route_command(args.undeclared(&self.sha), route.clone())
+                .await
+                .and_then(redis::Value::extract_error);
+            match reply {
+                Ok(value) => {
+                    let values: Vec<i64> =
+                        redis::from_redis_value(value).map_err(|e| e.to_string())?;
+                    if values == [-1] {
+                        // A slot moved: read the map again before the next such call.
+                        self.slots.store(None);
+                        return Ok(None);
+                    }
+                    return Ok(Some(values));
+                }
+                Err(error)
+                    if error.kind()
+                        == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+                        && !load_tried =>
+                {
+                    load_tried = true;
+                    let load = redis::cmd("SCRIPT").arg("LOAD").arg(&self.code).clone();
+                    let loaded = connection
+                        .route_command(load, route.clone())
+                        .await
+                        .and_then(redis::Value::extract_error);
+                    if let Err(error) = loaded {
+                        // Redis before 7 knows no script flags: decide slot by slot.
+                        tracing::info!(target: "reset_guard::limit", %error, "the cluster cannot run one call per node; deciding slot by slot");
+                        self.supported.store(false, Ordering::Relaxed);
+                        return Ok(None);
+                    }
+                }
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+    }
+}
+
+/// Cluster mode: each job is one group of one request (its keys share a hash tag). Jobs
+/// whose slot the slot map places on a master go to that master's own queue on this
+/// thread; the others are decided one call per hash tag at once. The calls run side by
+/// side over the cluster connection.
+pub(super) async fn run_cluster_batches(
+    mut queue: mpsc::Receiver<Job>,
+    connection: redis::cluster_async::ClusterConnection,
+    nodes: Arc<NodeCalls>,
+    script: Arc<redis::Script>,
+    timeout: Duration,
+) {
+    // Per master (its index in the slot map): the queue its calls are made from.
+    let mut masters: Vec<Option<mpsc::UnboundedSender<Job>>> = Vec::new();
+    while let Some(first) = queue.recv().await {
+        let mut by_tag = gather(first, &mut queue);
+        if let Some(map) = nodes.slot_map(&connection, timeout) {
+            let mut rest = Vec::new();
+            for job in by_tag {
+                let (group, hash) = job.charges.as_slice()[0];
+                let owner = map.owner[usize::from(job.specs.slot(group, hash))];
+                if owner == u16::MAX {
+                    rest.push(job);
+                    continue;
+                }
+                let index = usize::from(owner);
+                if masters.len() <= index {
+                    masters.resize(index + 1, None);
+                }
+                let sender = masters[index].get_or_insert_with(|| {
+                    let (sender, receiver) = mpsc::unbounded_channel();
+                    tokio::spawn(run_master_batches(
+                        receiver,
+                        connection.clone(),
+                        nodes.clone(),
+                        script.clone(),
+                        timeout,
+                    ));
+                    sender
+                });
+                if let Err(mpsc::error::SendError(job)) = sender.send(job) {
+                    rest.push(job);
+                }
+            }
+            by_tag = rest;
+        }
+        by_tags(by_tag, &connection, &script, timeout);
+    }
+}
+
+/// One master's calls from one thread: whatever jobs wait for it go as one call, one call
+/// at a time, so that under load the calls grow rather than multiply (as in the other
+/// modes). A job alone is one call with declared keys; a call that finds its keys no longer
+/// served there hands its jobs back to be decided one call per hash tag.
+async fn run_master_batches(
+    mut queue: mpsc::UnboundedReceiver<Job>,
+    mut connection: redis::cluster_async::ClusterConnection,
+    nodes: Arc<NodeCalls>,
+    script: Arc<redis::Script>,
+    timeout: Duration,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if batch.len() == 1 {
+            call(batch, &mut connection, &script, timeout).await;
+            continue;
+        }
+        let (group, hash) = batch[0].charges.as_slice()[0];
+        let slot = batch[0].specs.slot(group, hash);
+        let decided = tokio::time::timeout(timeout, nodes.call(&batch, slot, &mut connection))
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_owned()));
+        match decided {
+            Ok(Some(values)) => answer(batch, Ok(values)),
+            Ok(None) => by_tags(batch, &connection, &script, timeout),
+            Err(error) => answer(batch, Err(error)),
+        }
+    }
+}
+
+/// One call per hash tag: the jobs with the same tag (the same group and key) together.
+fn by_tags(
+    mut batch: Vec<Job>,
+    connection: &redis::cluster_async::ClusterConnection,
+    script: &Arc<redis::Script>,
+    timeout: Duration,
+) {
+    while !batch.is_empty() {
+        let tag = batch[0].charges.as_slice().first().copied();
+        let (same, rest): (Vec<Job>, Vec<Job>) = batch
+            .into_iter()
+            .partition(|job| job.charges.as_slice().first().copied() == tag);
+        batch = rest;
+        let mut connection = connection.clone();
+        let script = script.clone();
+        tokio::spawn(async move { call(same, &mut connection, &script, timeout).await });
     }
 }
 
@@ -93,6 +394,7 @@ impl RedisStore {
             tokio::spawn(run_cluster_batches(
                 receiver,
                 cluster.connection(),
+                cluster.nodes.clone(),
                 self.script.clone(),
                 self.timeout,
             ));

@@ -1,0 +1,169 @@
+//! The Redis Cluster store against a real three-master cluster.
+
+use super::*;
+use test_support::RedisCluster;
+
+fn cluster_store(cluster: &RedisCluster, prefix: &str) -> StoreSettings {
+    let mut settings = RedisSettings::cluster(&cluster.urls()).unwrap();
+    settings.key_prefix = prefix.to_owned();
+    settings.timeout = Duration::from_millis(1000);
+    settings.on_error = OnError::Deny;
+    StoreSettings {
+        redis: Some(settings),
+        ..StoreSettings::default()
+    }
+}
+
+#[tokio::test]
+async fn the_shared_table_in_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let next = AtomicUsize::new(0);
+    run_table(|limits, extra| {
+        let prefix = format!("t{}", next.fetch_add(1, Ordering::Relaxed));
+        rig_in(
+            limits,
+            extra,
+            cluster_store(&cluster, &prefix),
+            ManualClock::new(),
+        )
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn each_group_and_key_has_its_own_slot_and_keys_spread_over_the_masters() {
+    let cluster = RedisCluster::start();
+    let rig = rig_in(
+        "  per_ip: [{ requests: 50, per: 1m }]\n  per_client: [{ requests: 50, per: 1m }]\n  per_email: [{ requests: 1, per: 1h }, { requests: 5, per: 1d }]\n  global: [{ requests: 100, per: 1m }]\n",
+        "",
+        cluster_store(&cluster, "spread"),
+        ManualClock::new(),
+    );
+    for i in 0..30 {
+        let email = format!("Secret.Person{i}@Example.com");
+        assert_eq!(rig.status(ask(&email)).await, 200);
+    }
+    // A denied per-email group: neither of its quotas moves, and global (after it) is
+    // not charged; per_ip and per_client, decided before it, stay charged.
+    let before = cluster.dump();
+    assert_eq!(rig.status(ask("Secret.Person0@Example.com")).await, 429);
+    let later = |dump: Vec<(usize, String, String)>| {
+        let mut dump: Vec<_> = dump
+            .into_iter()
+            .filter(|(_, key, _)| key.contains(":per_email:") || key.contains(":global:"))
+            .collect();
+        dump.sort();
+        dump
+    };
+    assert_eq!(
+        later(cluster.dump()),
+        later(before.clone()),
+        "a denial charged nothing"
+    );
+
+    // 30 emails x 2 quotas, one IP, one client, one global key.
+    assert_eq!(before.len(), 63, "{before:?}");
+    let mut per_node = [0usize; 3];
+    for (node, key, value) in &before {
+        per_node[*node] += 1;
+        assert!(key.starts_with("{spread:"), "{key}");
+        for secret in ["secret", "person", "example", "192.0.2.1", "foo", "bar"] {
+            assert!(!key.to_lowercase().contains(secret), "{key} holds {secret}");
+        }
+        assert!(value.bytes().all(|b| b.is_ascii_digit()), "{key} = {value}");
+        let ttl = cluster.pttl(*node, key);
+        assert!(ttl > 0 && ttl <= 86_400_001, "{key} has no expiry ({ttl})");
+        // Both per-email quotas of one key sit on one node (one hash tag).
+        let tag = &key[..=key.find('}').unwrap()];
+        assert!(
+            before
+                .iter()
+                .filter(|(_, other, _)| other.starts_with(tag))
+                .all(|(other_node, ..)| other_node == node),
+            "{tag} is split"
+        );
+    }
+    assert!(
+        per_node.iter().all(|&n| n > 0),
+        "keys on every master: {per_node:?}"
+    );
+}
+
+/// Script calls the cluster's masters have run so far.
+fn script_calls(cluster: &RedisCluster) -> u64 {
+    cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            let info = node.command("INFO commandstats").unwrap_or_default();
+            info.lines()
+                .filter(|l| l.starts_with("cmdstat_evalsha") || l.starts_with("cmdstat_eval:"))
+                .filter_map(|l| {
+                    l.split("calls=")
+                        .nth(1)?
+                        .split(',')
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn concurrent_requests_share_one_call_per_master_and_decide_exactly() {
+    let cluster = RedisCluster::start();
+    let rig = rig_in(
+        // One day per 100,000: each charge moves a key's state 864ms ahead, so the
+        // per-IP and global states below count charges exactly (they never fall behind now).
+        "  per_ip: [{ requests: 100000, per: 1d }]\n  per_email: [{ requests: 2, per: 1h }]\n  global: [{ requests: 100000, per: 1d }]\n",
+        "",
+        cluster_store(&cluster, "nodes"),
+        ManualClock::new(),
+    );
+    // The slot map is read in the background once calls start: rounds of 40 new addresses
+    // at once, until a round costs fewer script calls than its 120 group decisions (40
+    // requests x 3 groups) would take one by one.
+    let mut round = 0;
+    let per_round = loop {
+        let before = script_calls(&cluster);
+        let asks = (0..40).map(|i| rig.status(ask(&format!("warm{round}.{i}@b.io"))));
+        let statuses = futures_util::future::join_all(asks).await;
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+        let calls = script_calls(&cluster) - before;
+        round += 1;
+        if calls < 40 || round == 50 {
+            break calls;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        per_round < 40,
+        "120 group decisions still took {per_round} calls after {round} rounds"
+    );
+
+    // Decided many at a time, each address still gets exactly its quota: 40 addresses, each
+    // asked three times in one burst, interleaved.
+    let state = |group: &str| -> i64 {
+        let found: Vec<i64> = cluster
+            .dump()
+            .into_iter()
+            .filter(|(_, key, _)| key.contains(&format!(":{group}:")))
+            .map(|(_, _, value)| value.parse().unwrap())
+            .collect();
+        assert_eq!(found.len(), 1, "one {group} key: {found:?}");
+        found[0]
+    };
+    let (ip_before, global_before) = (state("per_ip"), state("global"));
+    let asks = (0..120).map(|i| rig.status(ask(&format!("exact{}@b.io", i % 40))));
+    let statuses = futures_util::future::join_all(asks).await;
+    for address in 0..40 {
+        let mine: Vec<u16> = statuses.iter().skip(address).step_by(40).copied().collect();
+        assert_eq!(mine, [200, 200, 429], "address {address}");
+    }
+    // Every request charged per_ip (decided first); only the 80 admitted ones reached global.
+    let charge_us = 864_000;
+    assert_eq!(state("per_ip") - ip_before, 120 * charge_us);
+    assert_eq!(state("global") - global_before, 80 * charge_us);
+}
