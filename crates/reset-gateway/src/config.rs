@@ -16,7 +16,9 @@ mod store;
 mod upstream;
 
 pub use log::{LogConfig, LogFormat};
-pub use server::{AdminConfig, CorsConfig, ServerConfig, ServerSettings, TlsConfig};
+pub use server::{
+    AdminConfig, CorsConfig, ProxyProtocolConfig, ServerConfig, ServerSettings, TlsConfig,
+};
 pub use store::{LimitStore, RedisConfig, StoreConfig, StoreKind};
 pub use upstream::{UpstreamConfig, UpstreamSettings};
 

@@ -14,6 +14,7 @@ pub mod health;
 pub mod hop_by_hop;
 pub mod metrics;
 pub mod preface;
+pub mod proxy_protocol;
 pub mod refusal;
 pub mod reload;
 pub mod request_id;

@@ -15,6 +15,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use reset_guard::{GuardHandle, LimitGroup, Rejection};
 
+use crate::proxy_protocol::Refused;
 use crate::refusal::Refusal;
 
 use crate::telemetry::AccessRecord;
@@ -29,6 +30,12 @@ struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
     status: u16,
+}
+
+/// The `reason` label of `reset_gateway_proxy_protocol_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 /// The `result` label of `reset_gateway_config_reloads_total`.
@@ -50,6 +57,7 @@ pub struct Metrics {
     upstream_duration: Arc<LatencyHistogram>,
     request_duration: Arc<LatencyHistogram>,
     reloads: Family<ResultLabel, Counter>,
+    proxy_refused: Family<ReasonLabel, Counter>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -72,6 +80,7 @@ impl Metrics {
         let upstream_duration = Arc::new(LatencyHistogram::new(latency_buckets()));
         let request_duration = Arc::new(LatencyHistogram::new(latency_buckets()));
         let reloads = Family::<ResultLabel, Counter>::default();
+        let proxy_refused = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "reset_gateway_requests",
             "Requests answered, by outcome (forwarded, rate_limited, email_invalid, …)",
@@ -97,6 +106,16 @@ impl Metrics {
             "Configuration reloads, by result",
             reloads.clone(),
         );
+        registry.register(
+            "reset_gateway_proxy_protocol_refused",
+            "Connections closed for their PROXY protocol header, or its absence, by reason",
+            proxy_refused.clone(),
+        );
+        // Every reason from the start, so that the first refusal shows in `increase()`.
+        for refused in Refused::ALL {
+            let reason = refused.reason();
+            let _ = proxy_refused.get_or_create(&ReasonLabel { reason });
+        }
         registry.register_collector(Box::new(LimiterCollector { guard }));
         // Both results from the start: `increase()` sees nothing of a series' first sample,
         // so a first failed reload would never alert if its series only appeared then.
@@ -125,6 +144,7 @@ impl Metrics {
             upstream_duration,
             request_duration,
             reloads,
+            proxy_refused,
         }
     }
 
@@ -152,6 +172,14 @@ impl Metrics {
             None => family().inc(),
         };
         self.upstream_duration.observe(duration);
+    }
+
+    /// Counts a connection closed for its PROXY protocol header.
+    pub fn proxy_refused(&self, refused: Refused) {
+        let reason = refused.reason();
+        self.proxy_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Counts a reload attempt.

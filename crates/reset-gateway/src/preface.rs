@@ -29,12 +29,17 @@ pub enum Protocol {
 /// Reads from `io` until the bytes received either are the whole HTTP/2 preface or stop
 /// matching it, and returns the protocol with the connection, those bytes put back in
 /// front. A connection that closes first is an `UnexpectedEof` error.
-pub async fn read_protocol<I: AsyncRead + Unpin>(mut io: I) -> io::Result<(Protocol, Rewind<I>)> {
-    let mut read = BytesMut::with_capacity(FIRST_READ);
+pub async fn read_protocol<I: AsyncRead + Unpin>(io: I) -> io::Result<(Protocol, Rewind<I>)> {
+    read_protocol_after(io, BytesMut::with_capacity(FIRST_READ)).await
+}
+
+/// [`read_protocol`] on a connection of which `read` was already read (what followed a
+/// PROXY protocol header): those bytes are looked at first, and handed back first.
+pub async fn read_protocol_after<I: AsyncRead + Unpin>(
+    mut io: I,
+    mut read: BytesMut,
+) -> io::Result<(Protocol, Rewind<I>)> {
     let protocol = loop {
-        if io.read_buf(&mut read).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
         let n = read.len().min(H2_PREFACE.len());
         if read[..n] != H2_PREFACE[..n] {
             break Protocol::Http1;
@@ -42,8 +47,14 @@ pub async fn read_protocol<I: AsyncRead + Unpin>(mut io: I) -> io::Result<(Proto
         if n == H2_PREFACE.len() {
             break Protocol::Http2;
         }
+        if read.capacity() == read.len() {
+            read.reserve(FIRST_READ);
+        }
+        if io.read_buf(&mut read).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
     };
-    Ok((protocol, Rewind { read, inner: io }))
+    Ok((protocol, Rewind::new(read, io)))
 }
 
 /// An I/O whose first reads return bytes already read from it.
@@ -51,6 +62,13 @@ pub async fn read_protocol<I: AsyncRead + Unpin>(mut io: I) -> io::Result<(Proto
 pub struct Rewind<I> {
     read: BytesMut,
     inner: I,
+}
+
+impl<I> Rewind<I> {
+    /// `inner`, whose first reads return `read`.
+    pub fn new(read: BytesMut, inner: I) -> Self {
+        Rewind { read, inner }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {

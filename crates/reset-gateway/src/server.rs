@@ -206,6 +206,7 @@ impl App {
                 context,
                 protocols: Protocols::new(&server),
                 tls: self.tls.clone(),
+                proxy: server.proxy_protocol.clone().map(Arc::new),
                 head_timeout: server.header_read_timeout,
                 grace: server.shutdown_grace,
                 max_connections: per_worker,

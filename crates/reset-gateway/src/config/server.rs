@@ -7,8 +7,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use http::Uri;
-use reset_guard::{ConfigDuration, ConfigError};
+use reset_guard::{Cidr, ConfigDuration, ConfigError};
 use serde::Deserialize;
+
+use crate::proxy_protocol::ProxyProtocolSettings;
 
 /// `server`.
 #[derive(Debug, Clone, Deserialize)]
@@ -34,6 +36,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// CORS for browser apps.
     pub cors: CorsConfig,
+    /// PROXY protocol headers from TCP load balancers.
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +53,7 @@ impl Default for ServerConfig {
             max_uri_bytes: 8 * 1024,
             tls: None,
             cors: CorsConfig::default(),
+            proxy_protocol: None,
         }
     }
 }
@@ -61,6 +66,17 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: PathBuf,
+}
+
+/// `server.proxy_protocol`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocolConfig {
+    /// Load balancers (CIDRs, or bare addresses) whose header names the client.
+    pub trusted: Vec<Cidr>,
+    /// Refuse a trusted peer's connection that starts without a header.
+    #[serde(default)]
+    pub required: bool,
 }
 
 /// `server.cors`.
@@ -125,6 +141,8 @@ pub struct ServerSettings {
     pub cors_max_age: Duration,
     /// Admin listener.
     pub admin_listen: SocketAddr,
+    /// PROXY protocol on the public listener, when on.
+    pub proxy_protocol: Option<ProxyProtocolSettings>,
 }
 
 impl ServerConfig {
@@ -188,6 +206,16 @@ impl ServerConfig {
                 })?;
             cors_origins.push(value);
         }
+        if let Some(proxy) = &self.proxy_protocol {
+            if proxy.trusted.is_empty() {
+                // No peer could send a header: most likely a forgotten list, which would
+                // refuse every balancer's connection.
+                return Err(ConfigError::new(
+                    "server.proxy_protocol.trusted",
+                    "must name at least one load balancer address or CIDR block",
+                ));
+            }
+        }
         if admin.listen == self.listen && self.listen.port() != 0 {
             return Err(ConfigError::new(
                 "admin.listen",
@@ -210,6 +238,13 @@ impl ServerConfig {
             cors_origins,
             cors_max_age: self.cors.max_age.0,
             admin_listen: admin.listen,
+            proxy_protocol: self
+                .proxy_protocol
+                .as_ref()
+                .map(|proxy| ProxyProtocolSettings {
+                    trusted: proxy.trusted.iter().map(|cidr| cidr.0).collect(),
+                    required: proxy.required,
+                }),
         })
     }
 }

@@ -1,18 +1,24 @@
-//! One accepted connection: TLS or cleartext, then HTTP/1.1 or HTTP/2 (preface sniffing
-//! in `preface.rs`, ALPN under TLS), served by hyper until it ends or the worker drains.
+//! One accepted connection: its PROXY protocol header when configured (`proxy_protocol.rs`),
+//! TLS or cleartext, then HTTP/1.1 or HTTP/2 (preface sniffing in `preface.rs`, ALPN under
+//! TLS), served by hyper until it ends or the worker drains.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
 
-use super::handler::GatewayService;
+use super::handler::{GatewayService, WorkerContext};
 use crate::config::ServerSettings;
-use crate::preface;
+use crate::preface::{self, Rewind};
+use crate::proxy_protocol::{self, Failure, ProxyProtocolSettings};
 
 /// The HTTP/1.1 and HTTP/2 server settings.
 #[derive(Clone)]
@@ -45,61 +51,130 @@ impl Protocols {
 /// One accepted connection, before its protocol is known.
 pub(super) struct Connection {
     pub(super) protocols: Protocols,
-    pub(super) service: GatewayService,
+    pub(super) context: Arc<WorkerContext>,
+    /// The TCP peer.
+    pub(super) peer: SocketAddr,
     pub(super) head_timeout: Duration,
     pub(super) watcher: Watcher,
 }
 
 impl Connection {
-    /// Cleartext: HTTP/2 if the client opens with the preface, else HTTP/1.1. A client
-    /// that sends nothing, or part of the preface, is dropped after the header read
-    /// timeout, so such connections cannot hold `max_connections` slots; waiting on them
-    /// costs nothing but their memory.
-    pub(super) async fn serve_plain(self, stream: TcpStream) {
-        let peer = self.service.peer();
-        match tokio::time::timeout(self.head_timeout, preface::read_protocol(stream)).await {
-            Ok(Ok((preface::Protocol::Http2, io))) => self.serve_h2(io).await,
-            Ok(Ok((preface::Protocol::Http1, io))) => self.serve_h1(io).await,
-            Ok(Err(error)) => tracing::debug!(%peer, %error, "connection failed before a request"),
-            Err(_) => tracing::debug!(%peer, "no request within the header read timeout"),
+    /// Serves the connection: its PROXY protocol header first when `proxy` is set, then
+    /// TLS when `tls` is, then HTTP. Everything before the first request (header, TLS
+    /// handshake, HTTP/2 preface) shares one deadline, `server.header_read_timeout`.
+    pub(super) async fn serve(
+        self,
+        mut stream: TcpStream,
+        tls: Option<TlsAcceptor>,
+        proxy: Option<Arc<ProxyProtocolSettings>>,
+    ) {
+        let deadline = Instant::now() + self.head_timeout;
+        let peer = self.peer;
+        let Some(proxy) = proxy else {
+            return match tls {
+                Some(acceptor) => self.serve_tls(acceptor, stream, peer, deadline).await,
+                None => self.serve_plain(stream, None, peer, deadline).await,
+            };
+        };
+        let (client, read) = match proxy_protocol::read_client(&mut stream, peer, &proxy, deadline)
+            .await
+        {
+            Ok(found) => found,
+            Err(Failure::Refused(refused)) => {
+                self.context.state.metrics.proxy_refused(refused);
+                let reason = refused.reason();
+                tracing::debug!(%peer, reason, "connection refused for its PROXY protocol header");
+                return;
+            }
+            Err(Failure::Io(error)) => {
+                tracing::debug!(%peer, %error, "connection failed before a request");
+                return;
+            }
+        };
+        match tls {
+            Some(acceptor) => {
+                let stream = Rewind::new(read, stream);
+                self.serve_tls(acceptor, stream, client, deadline).await
+            }
+            None => self.serve_plain(stream, Some(read), client, deadline).await,
         }
     }
 
-    /// TLS: the handshake must finish within the header read timeout; ALPN picks the protocol.
-    pub(super) async fn serve_tls(self, acceptor: TlsAcceptor, stream: TcpStream) {
-        let peer = self.service.peer();
-        match tokio::time::timeout(self.head_timeout, acceptor.accept(stream)).await {
+    /// Cleartext: HTTP/2 if the client opens with the preface, else HTTP/1.1. `read` is
+    /// what was read already (after a PROXY protocol header). A client that sends
+    /// nothing, or part of the preface, is dropped at the deadline, so such connections
+    /// cannot hold `max_connections` slots; waiting on them costs nothing but their memory.
+    async fn serve_plain(
+        self,
+        stream: TcpStream,
+        read: Option<BytesMut>,
+        client: SocketAddr,
+        deadline: Instant,
+    ) {
+        let sniffed = match read {
+            Some(read) => timeout_at(deadline, preface::read_protocol_after(stream, read)).await,
+            None => timeout_at(deadline, preface::read_protocol(stream)).await,
+        };
+        match sniffed {
+            Ok(Ok((preface::Protocol::Http2, io))) => self.serve_h2(io, client).await,
+            Ok(Ok((preface::Protocol::Http1, io))) => self.serve_h1(io, client).await,
+            Ok(Err(error)) => {
+                tracing::debug!(peer = %client, %error, "connection failed before a request")
+            }
+            Err(_) => tracing::debug!(peer = %client, "no request within the header read timeout"),
+        }
+    }
+
+    /// TLS: the handshake must finish by the deadline; ALPN picks the protocol.
+    async fn serve_tls<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        self,
+        acceptor: TlsAcceptor,
+        stream: I,
+        client: SocketAddr,
+        deadline: Instant,
+    ) {
+        match timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
                 if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    self.serve_h2(tls).await
+                    self.serve_h2(tls, client).await
                 } else {
-                    self.serve_h1(tls).await
+                    self.serve_h1(tls, client).await
                 }
             }
-            Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            Ok(Err(error)) => tracing::debug!(peer = %client, %error, "TLS handshake failed"),
+            Err(_) => tracing::debug!(peer = %client, "TLS handshake timed out"),
         }
     }
 
-    async fn serve_h1<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self, io: I) {
-        let peer = self.service.peer();
+    /// HTTP/1.1, every request attributed to `client`.
+    async fn serve_h1<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        self,
+        io: I,
+        client: SocketAddr,
+    ) {
+        let service = GatewayService::new(self.context, client);
         let connection = self
             .protocols
             .http1
-            .serve_connection(TokioIo::new(io), self.service);
+            .serve_connection(TokioIo::new(io), service);
         if let Err(error) = self.watcher.watch(connection).await {
-            tracing::debug!(%peer, %error, "HTTP/1.1 connection ended with an error");
+            tracing::debug!(peer = %client, %error, "HTTP/1.1 connection ended with an error");
         }
     }
 
-    async fn serve_h2<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self, io: I) {
-        let peer = self.service.peer();
+    /// HTTP/2, every request attributed to `client`.
+    async fn serve_h2<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        self,
+        io: I,
+        client: SocketAddr,
+    ) {
+        let service = GatewayService::new(self.context, client);
         let connection = self
             .protocols
             .http2
-            .serve_connection(TokioIo::new(io), self.service);
+            .serve_connection(TokioIo::new(io), service);
         if let Err(error) = self.watcher.watch(connection).await {
-            tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
+            tracing::debug!(peer = %client, %error, "HTTP/2 connection ended with an error");
         }
     }
 }

@@ -60,17 +60,14 @@ fn malformed<B>(request: &Request<B>, max_uri: usize) -> Option<Refusal> {
 #[derive(Clone)]
 pub(super) struct GatewayService {
     context: Arc<WorkerContext>,
+    /// The client: the TCP peer, or the address a trusted load balancer's PROXY protocol
+    /// header named. Every request of the connection is the client's (`PeerAddr`).
     peer: SocketAddr,
 }
 
 impl GatewayService {
     pub(super) fn new(context: Arc<WorkerContext>, peer: SocketAddr) -> Self {
         GatewayService { context, peer }
-    }
-
-    /// The client's address (the connection's peer).
-    pub(super) fn peer(&self) -> SocketAddr {
-        self.peer
     }
 }
 

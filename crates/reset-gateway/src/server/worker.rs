@@ -10,8 +10,9 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::connection::{Connection, Protocols};
-use super::handler::{GatewayService, WorkerContext};
+use super::handler::WorkerContext;
 use crate::accept::accept;
+use crate::proxy_protocol::ProxyProtocolSettings;
 
 /// One worker: its listener, its event loop, its connections.
 pub(super) struct Worker {
@@ -19,6 +20,7 @@ pub(super) struct Worker {
     pub(super) context: Arc<WorkerContext>,
     pub(super) protocols: Protocols,
     pub(super) tls: Option<TlsAcceptor>,
+    pub(super) proxy: Option<Arc<ProxyProtocolSettings>>,
     pub(super) head_timeout: Duration,
     pub(super) grace: Duration,
     pub(super) max_connections: usize,
@@ -48,17 +50,16 @@ impl Worker {
             let _ = stream.set_nodelay(true);
             let connection = Connection {
                 protocols: self.protocols.clone(),
-                service: GatewayService::new(self.context.clone(), peer),
+                context: self.context.clone(),
+                peer,
                 head_timeout: self.head_timeout,
                 watcher: graceful.watcher(),
             };
             let tls = self.tls.clone();
+            let proxy = self.proxy.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                match tls {
-                    Some(acceptor) => connection.serve_tls(acceptor, stream).await,
-                    None => connection.serve_plain(stream).await,
-                }
+                connection.serve(stream, tls, proxy).await;
             });
         }
         drop(listener);
