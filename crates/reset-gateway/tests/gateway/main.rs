@@ -11,6 +11,7 @@ mod operations;
 mod pool;
 mod process;
 mod proxy_boundary;
+mod proxy_protocol;
 mod redis;
 mod sentinel;
 mod upstream;
