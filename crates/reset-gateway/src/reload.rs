@@ -37,6 +37,7 @@ struct Fixed {
     store: u64,
     max_connections: usize,
     workers: usize,
+    proxy_protocol: Option<crate::proxy_protocol::ProxyProtocolSettings>,
 }
 
 impl Fixed {
@@ -49,6 +50,7 @@ impl Fixed {
             store: store_fingerprint(settings),
             max_connections: settings.server.max_connections,
             workers: settings.server.workers,
+            proxy_protocol: settings.server.proxy_protocol.clone(),
         }
     }
 }
@@ -91,7 +93,8 @@ impl Reloader {
 
     /// Reads, checks and applies the file: guard settings and limits (state kept for
     /// unchanged quotas), the API key (re-read: key rotation), the upstream client and the
-    /// TLS certificate. Listeners, TLS on/off, the store section and logging need a restart.
+    /// TLS certificate. Listeners, TLS on/off, `proxy_protocol`, the store section and logging
+    /// need a restart.
     pub fn reload(&self) -> anyhow::Result<()> {
         let result = self.try_reload();
         self.state.metrics.reload(result.is_ok());
@@ -111,7 +114,7 @@ impl Reloader {
         let fixed = Fixed::of(&settings);
         if fixed != self.fixed {
             tracing::warn!(
-                "listen addresses, TLS on/off, the store section (kind, Redis connection, credentials, timeout, on_error, key secret), max_connections and workers change only on restart"
+                "listen addresses, TLS on/off, proxy_protocol, the store section (kind, Redis connection, credentials, timeout, on_error, key secret), max_connections and workers change only on restart"
             );
         }
         // Everything that can fail is prepared first; nothing is applied until all of it worked.

@@ -543,3 +543,75 @@ fn the_compose_sentinel_variant_points_the_gateways_at_its_sentinels() {
         assert!(secrets.contains_key(name), "compose has no secret {name}");
     }
 }
+
+#[test]
+fn the_tcp_balancer_variants_send_proxy_protocol_and_the_gateways_require_it() {
+    // Compose: HAProxy in TCP mode sends v2 headers to every replica's public port.
+    let compose = one("deploy/compose.tcp-lb.yaml");
+    let gateway = &compose["services"]["gateway"];
+    let (file, target) = gateway["volumes"][0]
+        .as_str()
+        .unwrap()
+        .split_once(':')
+        .unwrap();
+    assert_eq!(target, "/etc/reset-gateway/gateway.yaml:ro");
+    let config = GatewayConfig::from_yaml(&read(&format!("deploy/{file}"))).unwrap();
+    assert_only_the_placeholder_client_is_refused(&config);
+    let proxy = config.server.proxy_protocol.as_ref().unwrap();
+    assert!(proxy.required && !proxy.trusted.is_empty());
+    let listen = config.server.listen.port();
+    let haproxy = read("deploy/compose/haproxy.cfg");
+    let server = haproxy
+        .lines()
+        .find(|l| l.trim_start().starts_with("server-template"))
+        .unwrap();
+    assert!(server.contains(&format!(" gateway:{listen} ")), "{server}");
+    assert!(server.contains(" send-proxy-v2"), "{server}");
+    assert!(haproxy.contains("mode tcp"));
+    let lb = &compose["services"]["lb"];
+    assert!(lb["volumes"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("./compose/haproxy.cfg:"));
+    assert_eq!(lb["ports"][0], format!("8080:{listen}").as_str());
+
+    // Kubernetes: the base, a public Service through an NLB with PROXY protocol v2, and
+    // the configuration requiring it.
+    let kustomization = one("deploy/kubernetes-nlb/kustomization.yaml");
+    let resources: Vec<&str> = kustomization["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert_eq!(resources, ["../kubernetes", "service.yaml"]);
+    let configmap = one("deploy/kubernetes-nlb/configmap.yaml");
+    let base = one("deploy/kubernetes/configmap.yaml");
+    assert_eq!(configmap["metadata"]["name"], base["metadata"]["name"]);
+    let config = GatewayConfig::from_yaml(str_at(&configmap, &["data", "gateway.yaml"])).unwrap();
+    assert_only_the_placeholder_client_is_refused(&config);
+    let proxy = config.server.proxy_protocol.as_ref().unwrap();
+    assert!(proxy.required && !proxy.trusted.is_empty());
+    let service = one("deploy/kubernetes-nlb/service.yaml");
+    assert_eq!(service["spec"]["type"], "LoadBalancer");
+    assert_eq!(
+        str_at(
+            &service,
+            &[
+                "metadata",
+                "annotations",
+                "service.beta.kubernetes.io/aws-load-balancer-proxy-protocol"
+            ]
+        ),
+        "*"
+    );
+    let deployment = one("deploy/kubernetes/deployment.yaml");
+    assert_eq!(
+        &service["spec"]["selector"],
+        &deployment["spec"]["template"]["metadata"]["labels"]
+    );
+    // Only the public port: the admin listener never reads a header.
+    let ports = service["spec"]["ports"].as_sequence().unwrap();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0]["targetPort"], "http");
+}
