@@ -10,7 +10,7 @@ use percent_encoding::percent_decode_str;
 use crate::auth::{presented_token, QB_TOKEN};
 use crate::client_ip::{ClientIp, PeerAddr};
 use crate::config::OtherRoutes;
-use crate::context::GuardedRequest;
+use crate::context::{Attribution, GuardedRequest};
 use crate::email::{canonical_chars, Email};
 use crate::limit::{Decision, Domain, LimitGroup, Limiter, Standing};
 use crate::query::email_param;
@@ -41,6 +41,8 @@ pub(crate) struct Plan {
     /// Set when the limits were charged during the inspection (the memory store).
     pub(crate) decided: Option<Decision>,
     standing: Option<Standing>,
+    /// What the charges were keyed on, for the access log.
+    attribution: Attribution,
 }
 
 #[derive(Debug)]
@@ -52,13 +54,18 @@ enum Then {
 }
 
 impl Plan {
-    fn new(then: Then) -> Self {
+    fn new(then: Then, client_ip: ClientIp) -> Self {
         Plan {
             charges: [(LimitGroup::Global, 0); 4],
             len: 0,
             then,
             decided: None,
             standing: None,
+            attribution: Attribution {
+                client_ip: client_ip.ip(),
+                client_id: None,
+                email_hash: None,
+            },
         }
     }
 
@@ -102,8 +109,8 @@ pub(crate) enum Verdict {
     Guarded(Option<Standing>),
     /// A per-email denial under uniform answers: answered like a success, never forwarded.
     Silenced(Rejection, Box<GuardedRequest>),
-    /// Answered by the guard.
-    Rejected(Rejection),
+    /// Answered by the guard, and what its limits were keyed on.
+    Rejected(Rejection, Attribution),
 }
 
 /// Steps 1 to 4 (route, client IP, credential, email; see the module docs): which limits
@@ -142,7 +149,7 @@ pub(crate) fn inspect<B: Body>(
         None if core.peer_optional => ClientIp::UNKNOWN,
         None => return Inspection::MissingPeer,
     };
-    let mut plan = Plan::new(Then::Reject(Rejection::NotFound));
+    let mut plan = Plan::new(Then::Reject(Rejection::NotFound), client_ip);
     if !limits.is_exempt(client_ip.ip())
         && !plan.charge(
             LimitGroup::PerIp,
@@ -171,6 +178,7 @@ pub(crate) fn inspect<B: Body>(
     let client_key = core
         .hasher
         .hash(Domain::Client, client_id.as_str().as_bytes());
+    plan.attribution.client_id = Some(client_id.clone());
     if !plan.charge(LimitGroup::PerClient, client_key, eager) {
         return Inspection::Plan(plan);
     }
@@ -190,6 +198,7 @@ pub(crate) fn inspect<B: Body>(
     let email_hash = core.hasher.hash_chars(Domain::Email, |sink| {
         canonical_chars(&email, settings.email_key, sink)
     });
+    plan.attribution.email_hash = Some(email_hash);
     plan.then = Then::Forward(Box::new(GuardedRequest {
         client_id,
         client_ip,
@@ -211,15 +220,20 @@ pub(crate) fn conclude<B>(
     plan: Plan,
     decision: Decision,
 ) -> Verdict {
+    let attribution = plan.attribution;
     match (decision, plan.then) {
-        (Decision::Unavailable, _) => Verdict::Rejected(Rejection::LimiterUnavailable),
+        (Decision::Unavailable, _) => Verdict::Rejected(Rejection::LimiterUnavailable, attribution),
         (Decision::Denied(_, denial), Then::Forward(guarded))
             if denial.group == LimitGroup::PerEmail && state.settings.uniform =>
         {
             Verdict::Silenced(Rejection::RateLimited(denial), guarded)
         }
-        (Decision::Denied(_, denial), _) => Verdict::Rejected(Rejection::RateLimited(denial)),
-        (Decision::Admitted(_), Then::Reject(rejection)) => Verdict::Rejected(rejection),
+        (Decision::Denied(_, denial), _) => {
+            Verdict::Rejected(Rejection::RateLimited(denial), attribution)
+        }
+        (Decision::Admitted(_), Then::Reject(rejection)) => {
+            Verdict::Rejected(rejection, attribution)
+        }
         (Decision::Admitted(standing), Then::Forward(guarded)) => {
             let headers = request.headers_mut();
             headers.remove(QB_TOKEN);

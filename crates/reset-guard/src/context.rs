@@ -55,3 +55,42 @@ impl GuardedRequest {
 /// said, so logs and metrics can still see the true status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamStatus(pub StatusCode);
+
+/// Who a request on the guarded path was attributed to, as far as the checks got before
+/// answering: the client IP always, the client id once the credential was known, the keyed
+/// email hash once the address was valid. Left in the extensions of every answer the guard
+/// gives itself to a charged request, so its access-log line says what its limits were
+/// keyed on even when no [`GuardedRequest`] was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attribution {
+    pub(crate) client_ip: IpAddr,
+    pub(crate) client_id: Option<ClientId>,
+    pub(crate) email_hash: Option<u64>,
+}
+
+impl Attribution {
+    /// The client IP the per-IP limit was keyed on (before masking).
+    pub fn client_ip(&self) -> IpAddr {
+        self.client_ip
+    }
+
+    /// The client the credential belongs to, once it was checked.
+    pub fn client_id(&self) -> Option<&str> {
+        self.client_id.as_ref().map(ClientId::as_str)
+    }
+
+    /// The per-email limit key, once the address was valid.
+    pub fn email_hash(&self) -> Option<u64> {
+        self.email_hash
+    }
+}
+
+impl From<&GuardedRequest> for Attribution {
+    fn from(guarded: &GuardedRequest) -> Self {
+        Attribution {
+            client_ip: guarded.client_ip(),
+            client_id: Some(guarded.client_id.clone()),
+            email_hash: Some(guarded.email_hash),
+        }
+    }
+}

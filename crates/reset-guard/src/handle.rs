@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::config::GuardSettings;
-use crate::limit::{LimitGroup, Limiter};
+use crate::limit::{LimitGroup, Limiter, Quota};
 use crate::secret::ApiKey;
 use crate::state::{GuardCore, GuardState};
 
@@ -94,6 +94,19 @@ impl GuardHandle {
     /// Requests a quota of `group` denied so far (kept across reloads).
     pub fn denied(&self, group: LimitGroup) -> u64 {
         self.core.counters.denied(group)
+    }
+
+    /// For each quota of `group` now in force: the admissions since start that left some
+    /// key less than a fifth of that quota's burst, so the quota was close to denying it.
+    /// Counted by the quota's position in its group, with either store.
+    pub fn near_limit(&self, group: LimitGroup) -> Vec<(Quota, u64)> {
+        let settings = &self.core.current.load().settings;
+        settings
+            .quotas(group)
+            .iter()
+            .enumerate()
+            .map(|(position, quota)| (*quota, self.core.counters.near_limit(group, position)))
+            .collect()
     }
 
     /// Requests a shadow quota of `group` would have denied so far.

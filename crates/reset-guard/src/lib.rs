@@ -153,6 +153,7 @@ mod layer;
 mod limit;
 mod query;
 mod rejection;
+mod replay;
 mod secret;
 mod service;
 mod state;
@@ -178,10 +179,13 @@ pub use secret::{ApiKey, InvalidApiKey};
 pub use service::ResetGuard;
 
 /// Not part of the API: the parts the project's own fuzz targets and benchmarks drive
-/// directly. They may change in any release.
+/// directly, and what the gateway's access log and `simulate` command need. They may change in any release.
 #[doc(hidden)]
 pub mod internals {
     pub use crate::auth::presented_token;
+    pub use crate::context::Attribution;
     pub use crate::email::{Email, EmailKey, EmailKeyPolicy, EmailPolicy};
+    pub use crate::limit::{near_limit, QuotaOutcome};
     pub use crate::query::{email_param, encode_query_value};
+    pub use crate::replay::{Charge, Recorded, Replay};
 }

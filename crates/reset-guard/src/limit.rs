@@ -26,7 +26,7 @@ pub use self::redis::{OnError, RedisSettings};
 pub(crate) use self::redis::{RedisSpecs, RedisStore};
 #[cfg(test)]
 pub(crate) use clock::ManualClock;
-pub(crate) use clock::{Clock, MonotonicClock};
+pub(crate) use clock::{Clock, MonotonicClock, SetClock};
 pub(crate) use key::Domain;
 pub use key::KeyHasher;
 pub use quota::Quota;
@@ -223,11 +223,35 @@ pub(crate) struct Limiter {
     counters: Arc<LimitCounters>,
 }
 
+/// What one quota of a group made of one request, for whoever watches decisions (the
+/// near-limit counters, a replay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaOutcome {
+    /// Admitted and charged: `remaining` more requests fit now.
+    Charged {
+        /// Requests that still fit at once.
+        remaining: u64,
+    },
+    /// It would not admit the request (a shadow quota only counts this).
+    Denied,
+    /// It would have admitted, but another quota of the group denied, so nothing was
+    /// charged.
+    Uncharged,
+}
+
+/// Whether an admission left less than a fifth of a quota's burst: the quota is close to
+/// denying that key.
+pub fn near_limit(quota: &Quota, remaining: u64) -> bool {
+    remaining.saturating_mul(5) < u64::from(quota.burst)
+}
+
 /// Denials counted since start, kept across reloads.
 #[derive(Debug, Default)]
 pub struct LimitCounters {
     denied: [AtomicU64; 4],
     shadow_denied: [AtomicU64; 4],
+    /// Per group and quota position: admissions that left less than a fifth of the burst.
+    near_limit: [[AtomicU64; MAX_QUOTAS_PER_GROUP]; 4],
 }
 
 impl LimitCounters {
@@ -239,6 +263,20 @@ impl LimitCounters {
     /// Requests a shadow quota of `group` would have denied.
     pub fn shadow_denied(&self, group: LimitGroup) -> u64 {
         self.shadow_denied[group.index()].load(Ordering::Relaxed)
+    }
+
+    /// Admissions by the quota at `position` of `group` that left it near its limit
+    /// ([`near_limit`]).
+    pub fn near_limit(&self, group: LimitGroup, position: usize) -> u64 {
+        self.near_limit[group.index()]
+            .get(position)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn count_near_limit(&self, group: LimitGroup, position: usize) {
+        if let Some(counter) = self.near_limit[group.index()].get(position) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn count_denied(&self, group: LimitGroup) {
@@ -301,11 +339,25 @@ impl Limiter {
         key: u64,
         now: u64,
     ) -> Result<Option<Standing>, Denial> {
+        self.check_observed(group, key, now, |_, _| {})
+    }
+
+    /// [`check`](Self::check), telling `observe` what each quota (by position in the
+    /// group) made of the request.
+    pub(crate) fn check_observed(
+        &self,
+        group: LimitGroup,
+        key: u64,
+        now: u64,
+        mut observe: impl FnMut(usize, QuotaOutcome),
+    ) -> Result<Option<Standing>, Denial> {
         let entries = &self.groups[group.index()];
         let shard = shard_of(key);
         match entries.as_slice() {
             [] => return Ok(None),
-            [single] if !single.shadow => return self.check_one(group, single, key, now),
+            [single] if !single.shadow => {
+                return self.check_one(group, single, key, now, &mut observe)
+            }
             _ => {}
         }
         // Every quota's shard stays locked from evaluation to commit, always in the same
@@ -342,11 +394,20 @@ impl Limiter {
             }
         }
         if let Some(denial) = denial {
+            for (i, cell) in cells.iter().take(entries.len()).enumerate() {
+                match cell {
+                    Some(Cell::Deny { .. }) => observe(i, QuotaOutcome::Denied),
+                    _ => observe(i, QuotaOutcome::Uncharged),
+                }
+            }
             self.counters.count_denied(group);
             return Err(denial);
         }
         let mut tightest: Option<Standing> = None;
         for (i, entry) in entries.iter().enumerate() {
+            if matches!(cells[i], Some(Cell::Deny { .. })) {
+                observe(i, QuotaOutcome::Denied);
+            }
             if let (
                 Some(Cell::Admit {
                     tat,
@@ -357,6 +418,8 @@ impl Limiter {
             ) = (cells[i], maps[i].as_mut())
             {
                 entry.state.commit(map, key, tat, now);
+                self.count_if_near(group, i, &entry.state.quota, remaining);
+                observe(i, QuotaOutcome::Charged { remaining });
                 if !entry.shadow {
                     let standing = Standing {
                         group,
@@ -379,6 +442,7 @@ impl Limiter {
         entry: &Entry,
         key: u64,
         now: u64,
+        observe: &mut impl FnMut(usize, QuotaOutcome),
     ) -> Result<Option<Standing>, Denial> {
         let state = &entry.state;
         match state.decide(key, now) {
@@ -386,13 +450,18 @@ impl Limiter {
                 remaining,
                 reset_ns,
                 ..
-            } => Ok(Some(Standing {
-                group,
-                quota: state.quota,
-                remaining,
-                reset: Duration::from_nanos(reset_ns),
-            })),
+            } => {
+                self.count_if_near(group, 0, &state.quota, remaining);
+                observe(0, QuotaOutcome::Charged { remaining });
+                Ok(Some(Standing {
+                    group,
+                    quota: state.quota,
+                    remaining,
+                    reset: Duration::from_nanos(reset_ns),
+                }))
+            }
             Cell::Deny { retry_ns } => {
+                observe(0, QuotaOutcome::Denied);
                 self.counters.count_denied(group);
                 Err(Denial {
                     group,
@@ -400,6 +469,12 @@ impl Limiter {
                     retry_after: Duration::from_nanos(retry_ns),
                 })
             }
+        }
+    }
+
+    fn count_if_near(&self, group: LimitGroup, position: usize, quota: &Quota, remaining: u64) {
+        if near_limit(quota, remaining) {
+            self.counters.count_near_limit(group, position);
         }
     }
 

@@ -159,6 +159,11 @@ where
             response.extensions_mut().insert(*guarded);
             ResponseFuture::answered(response, floor)
         }
-        Verdict::Rejected(rejection) => ResponseFuture::rejected(rejection),
+        Verdict::Rejected(rejection, attribution) => {
+            let mut response = rejection.to_response();
+            response.extensions_mut().insert(rejection);
+            response.extensions_mut().insert(attribution);
+            ResponseFuture::answered(response, None)
+        }
     }
 }

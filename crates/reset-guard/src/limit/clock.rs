@@ -28,6 +28,27 @@ impl Clock for MonotonicClock {
     }
 }
 
+/// A clock set from outside, forward only: a replay sets it to each recorded request's
+/// time before deciding it.
+#[derive(Debug, Default)]
+pub struct SetClock {
+    nanos: std::sync::atomic::AtomicU64,
+}
+
+impl SetClock {
+    /// Moves the clock to `nanos`, unless it already reads later (time never goes back).
+    pub fn set(&self, nanos: u64) {
+        self.nanos
+            .fetch_max(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Clock for SetClock {
+    fn now(&self) -> u64 {
+        self.nanos.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 pub use manual::ManualClock;
 

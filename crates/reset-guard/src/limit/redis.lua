@@ -22,11 +22,13 @@
 -- sync). A group charges none of its quotas unless every enforced one admits; the first
 -- group that denies ends that request's evaluation, and the groups before it stay charged.
 --
--- Returns six numbers per request:
---   {1, group, quota, retry_us, 0, shadow_mask} for a denial, or
---   {0, group, quota, remaining, reset_us, shadow_mask} for the tightest admitting quota
---   (group 0: none), where shadow_mask has bit g-1 set when a shadow quota of group g
---   would have denied.
+-- Returns seven numbers per request:
+--   {1, group, quota, retry_us, 0, shadow_mask, near_mask} for a denial, or
+--   {0, group, quota, remaining, reset_us, shadow_mask, near_mask} for the tightest
+--   admitting quota (group 0: none), where shadow_mask has bit g-1 set when a shadow quota
+--   of group g would have denied, and near_mask has bit 4(g-1)+(q-1) set when quota q of
+--   group g admitted and was left with less than a fifth of its burst (limit.rs
+--   near_limit).
 
 -- Redis before 7 needs this to write after reading TIME (effects replication).
 pcall(redis.replicate_commands)
@@ -95,6 +97,7 @@ local new_tat = {}
 
 local function decide()
   local shadowed = 0
+  local near = 0
   local tight_g, tight_q, tight_rem, tight_reset = 0, 0, -1, 0
   local groups = tonumber(ARGV[a])
   local first_arg = a + 1
@@ -140,9 +143,12 @@ local function decide()
             local key = keys[k + q - 1]
             tats[key] = new_tat[q]
             dirty[key] = true
+            local lead = new_tat[q] - now
+            local remaining = math.floor((capacity[q] - lead) / interval[q])
+            if remaining * 5 < capacity[q] / interval[q] then
+              near = near + 2 ^ (4 * (g - 1) + q - 1)
+            end
             if not shadow[q] then
-              local lead = new_tat[q] - now
-              local remaining = math.floor((capacity[q] - lead) / interval[q])
               if tight_rem < 0 or remaining < tight_rem then
                 tight_g, tight_q, tight_rem, tight_reset = g, q, remaining, lead
               end
@@ -161,6 +167,7 @@ local function decide()
     out[#out + 1] = tight_reset
   end
   out[#out + 1] = shadowed
+  out[#out + 1] = near
 end
 
 for _ = 1, tonumber(ARGV[1]) do

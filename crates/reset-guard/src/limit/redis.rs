@@ -31,7 +31,7 @@ pub use settings::{OnError, RedisSettings};
 
 use super::{
     Clock, Decision, Denial, LimitCounters, LimitGroup, LimitSettings, MonotonicClock, Quota,
-    Standing,
+    Standing, MAX_QUOTAS_PER_GROUP,
 };
 
 /// Most denials remembered locally.
@@ -357,9 +357,15 @@ impl RedisStore {
             Some((gi, group, key, *specs.group(group).quotas.get(qi)?))
         };
         let shadow_mask = field(5);
+        let near_mask = field(6);
         for (i, (group, _)) in groups.iter().enumerate() {
             if shadow_mask & (1 << i) != 0 {
                 self.counters.count_shadow(*group);
+            }
+            for q in 0..MAX_QUOTAS_PER_GROUP {
+                if near_mask & (1 << (4 * i + q)) != 0 {
+                    self.counters.count_near_limit(*group, q);
+                }
             }
         }
         if field(0) == 1 {

@@ -13,7 +13,7 @@ use crate::limit::{LimitGroup, LimitSettings, Quota};
 /// Most requests decided by one script call.
 pub(super) const MAX_BATCH: usize = 128;
 /// Numbers the script returns per request.
-pub(super) const REPLY_LEN: usize = 6;
+pub(super) const REPLY_LEN: usize = 7;
 
 /// One request's charges under one settings generation, and where its six numbers go.
 pub(super) struct Job {
@@ -257,9 +257,9 @@ pub(super) fn answer(batch: Vec<Job>, outcome: Result<Vec<i64>, String>) {
     for (i, job) in batch.into_iter().enumerate() {
         let reply = match &outcome {
             Ok(values) => {
-                let mut six = [0; REPLY_LEN];
-                six.copy_from_slice(&values[i * REPLY_LEN..(i + 1) * REPLY_LEN]);
-                Ok(six)
+                let mut one = [0; REPLY_LEN];
+                one.copy_from_slice(&values[i * REPLY_LEN..(i + 1) * REPLY_LEN]);
+                Ok(one)
             }
             Err(error) => Err(error.clone()),
         };

@@ -337,7 +337,8 @@ impl RedisStore {
         let specs = specs.clone();
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + store.timeout;
-            // {denied, group, quota, remaining or retry, reset, shadow mask}, as the script.
+            // {denied, group, quota, remaining or retry, reset, shadow mask, near mask}, as
+            // the script.
             let mut merged = [0i64; REPLY_LEN];
             let mut tightest: Option<i64> = None;
             for (i, charge) in charges.as_slice().iter().enumerate() {
@@ -363,6 +364,7 @@ impl RedisStore {
                 if one[5] & 1 != 0 {
                     merged[5] |= 1 << i;
                 }
+                merged[6] |= (one[6] & 0xf) << (4 * i);
                 if one[0] == 1 {
                     merged[..5].copy_from_slice(&[1, group, one[2], one[3], 0]);
                     break;
