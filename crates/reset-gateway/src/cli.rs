@@ -1,5 +1,5 @@
-//! The command line: `run` (the default), `check-config`, `hash-token`, `health` and `demo`,
-//! as README.md, "Run it for real", describes them.
+//! The command line: `run` (the default), `check-config`, `simulate`, `hash-token`,
+//! `health` and `demo`, as README.md, "Run it for real" and "Tuning limits", describes them.
 
 use std::path::PathBuf;
 
@@ -26,7 +26,26 @@ pub enum Command {
     /// Run the gateway (the default).
     Run,
     /// Validate the configuration and exit 0, or print the error and exit 64.
-    CheckConfig,
+    CheckConfig {
+        /// Also print each quota in plain words.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// Replay a recorded JSON access log through the limits of `--config` (a proposal)
+    /// and print, per quota, what it would have denied and how near it ran.
+    Simulate {
+        /// The access log (the gateway's JSON log; other lines are skipped). Standard
+        /// input when absent.
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Replay this configuration too (the current one) and list the requests whose
+        /// fate changes.
+        #[arg(long, value_name = "CURRENT")]
+        compare: Option<PathBuf>,
+    },
     /// Read a client token on stdin and print its SHA-256 for `guard.clients[].token_sha256`.
     HashToken,
     /// Ask the running gateway's admin listener (`admin.listen` of the configuration)

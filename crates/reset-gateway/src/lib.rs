@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod explain;
 pub mod header_names;
 pub mod health;
 pub mod hop_by_hop;
@@ -20,6 +21,7 @@ pub mod reload;
 pub mod request_id;
 pub mod server;
 pub mod signal;
+pub mod simulate;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

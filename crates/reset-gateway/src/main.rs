@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use reset_gateway::cli::{Cli, Command};
-use reset_gateway::{health, load, signal, telemetry, EXIT_CONFIG};
+use reset_gateway::{health, load, signal, simulate, telemetry, EXIT_CONFIG};
 use reset_guard::TokenDigest;
 
 #[global_allocator]
@@ -14,13 +14,19 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => match load(&cli.config) {
-            Ok(_) => {
+        Command::CheckConfig { explain } => match load(&cli.config) {
+            Ok(settings) => {
                 println!("configuration OK: {}", cli.config.display());
+                if explain {
+                    print!("{}", reset_gateway::explain::explain(&settings.guard));
+                }
                 ExitCode::SUCCESS
             }
             Err(error) => invalid(&cli.config, &error),
         },
+        Command::Simulate { log, json, compare } => {
+            simulate::main(&cli.config, log.as_deref(), compare.as_deref(), json)
+        }
         Command::HashToken => hash_token(),
         Command::Health => match health::check(&cli.config) {
             Ok(answer) => {

@@ -107,14 +107,16 @@ impl Replay {
             }
         }
         for (group, key) in charges.into_iter().flatten() {
-            let result = self.limiter.check_observed(group, key, now, |position, outcome| {
-                observe(Charge {
-                    group,
-                    key,
-                    position,
-                    outcome,
-                })
-            });
+            let result = self
+                .limiter
+                .check_observed(group, key, now, |position, outcome| {
+                    observe(Charge {
+                        group,
+                        key,
+                        position,
+                        outcome,
+                    })
+                });
             if let Err(denial) = result {
                 return Some(denial);
             }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use reset_guard::internals::Attribution;
 use reset_guard::{GuardBody, GuardedRequest, PeerAddr, Rejection, ResetGuard, UpstreamStatus};
 use tokio::time::Instant;
 use tower::util::Either;
@@ -88,6 +89,7 @@ async fn handle(
     mut request: Request<Incoming>,
 ) -> Result<Response<GatewayBody>, Infallible> {
     let started = Instant::now();
+    let received = std::time::SystemTime::now();
     let id = request_id::resolve(request.headers());
     if let Some(refusal) = malformed(&request, context.max_uri_bytes) {
         let mut response = refusal.to_response().map(GuardBody::full);
@@ -121,10 +123,12 @@ async fn handle(
     let upstream = extensions.get::<UpstreamExchange>();
     let record = AccessRecord {
         request_id: id.to_str().unwrap_or_default(),
+        received,
         peer: peer.ip().to_canonical(),
         status: response.status(),
         duration: started.elapsed(),
         guarded: extensions.get::<GuardedRequest>(),
+        attribution: extensions.get::<Attribution>(),
         rejection: extensions.get::<Rejection>(),
         refusal: timed_out.or(upstream.and_then(|u| u.refusal)),
         upstream,

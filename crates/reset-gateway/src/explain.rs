@@ -1,0 +1,164 @@
+//! `reset-gateway check-config --explain`: every quota in plain words, so what the YAML
+//! means is never a guess.
+
+use std::time::Duration;
+
+use reset_guard::{GuardSettings, LimitGroup, Quota};
+
+/// One line per limit group, for example
+/// `per_email: 3 per hour, at most 3 at once; a steady client gets one every 20 minutes;
+/// at most 10 a day per address`.
+pub fn explain(settings: &GuardSettings) -> String {
+    LimitGroup::ALL
+        .into_iter()
+        .map(|group| format!("{}\n", group_line(group, settings.quotas(group))))
+        .collect()
+}
+
+fn group_line(group: LimitGroup, quotas: &[Quota]) -> String {
+    let name = group.name();
+    let Some((first, rest)) = quotas.split_first() else {
+        return format!("{name}: no limit");
+    };
+    let steady = if group == LimitGroup::Global {
+        "steady traffic gets"
+    } else {
+        "a steady client gets"
+    };
+    let mut line = format!(
+        "{name}: {} per {}, at most {} at once; {steady} one every {}{}",
+        first.requests,
+        window(first.per),
+        first.burst,
+        spoken(interval(first)),
+        shadow_note(first),
+    );
+    for quota in rest {
+        let burst = if quota.burst == quota.requests {
+            String::new()
+        } else {
+            format!(" ({} at once)", quota.burst)
+        };
+        line.push_str(&format!(
+            "; at most {} {}{burst} {}{}",
+            quota.requests,
+            per_window(quota.per),
+            subject(group),
+            shadow_note(quota),
+        ));
+    }
+    line
+}
+
+fn subject(group: LimitGroup) -> &'static str {
+    match group {
+        LimitGroup::PerIp => "per client IP",
+        LimitGroup::PerClient => "per client",
+        LimitGroup::PerEmail => "per address",
+        _ => "in all",
+    }
+}
+
+fn shadow_note(quota: &Quota) -> &'static str {
+    if quota.shadow {
+        " (shadow: counted and logged, never denied)"
+    } else {
+        ""
+    }
+}
+
+/// The time between two requests a quota admits at its steady rate.
+fn interval(quota: &Quota) -> Duration {
+    quota.per / quota.requests
+}
+
+const UNITS: [(&str, u128); 5] = [
+    ("day", 86_400_000_000_000),
+    ("hour", 3_600_000_000_000),
+    ("minute", 60_000_000_000),
+    ("second", 1_000_000_000),
+    ("millisecond", 1_000_000),
+];
+
+/// `hour`, `day`, `5 minutes`: the window after "per".
+fn window(per: Duration) -> String {
+    let ns = per.as_nanos();
+    for (unit, size) in UNITS {
+        if ns == size {
+            return unit.to_owned();
+        }
+    }
+    spoken(per)
+}
+
+/// `a day`, `an hour`, `per 5 minutes`.
+fn per_window(per: Duration) -> String {
+    match window(per).as_str() {
+        "hour" => "an hour".to_owned(),
+        one @ ("day" | "minute" | "second" | "millisecond") => format!("a {one}"),
+        other => format!("per {other}"),
+    }
+}
+
+/// `20 minutes`, `2 hours 24 minutes`, `1 second`, `250 milliseconds`: the two largest
+/// units, enough to picture a pace.
+fn spoken(duration: Duration) -> String {
+    let mut rest = duration.as_nanos();
+    let mut parts = Vec::new();
+    for (unit, size) in UNITS {
+        if rest >= size && parts.len() < 2 {
+            let n = rest / size;
+            rest %= size;
+            parts.push(format!("{n} {unit}{}", if n == 1 { "" } else { "s" }));
+        } else if !parts.is_empty() {
+            break;
+        }
+    }
+    if parts.is_empty() {
+        return format!("{} microseconds", duration.as_micros().max(1));
+    }
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use reset_guard::GuardConfig;
+
+    use super::*;
+
+    fn explained(limits: &str) -> String {
+        let settings = GuardConfig::from_yaml(&format!("limits:\n{limits}"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        explain(&settings)
+    }
+
+    #[test]
+    fn each_group_in_plain_words() {
+        let text = explained(
+            "  per_ip: [{ requests: 20, per: 1m }]\n  per_client: [{ requests: 200, per: 1s, burst: 400 }]\n  per_email: [{ requests: 3, per: 1h }, { requests: 10, per: 24h }]\n  global: []\n",
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "per_ip: 20 per minute, at most 20 at once; a steady client gets one every 3 seconds",
+                "per_client: 200 per second, at most 400 at once; a steady client gets one every 5 milliseconds",
+                "per_email: 3 per hour, at most 3 at once; a steady client gets one every 20 minutes; at most 10 a day per address",
+                "global: no limit",
+            ]
+        );
+    }
+
+    #[test]
+    fn odd_windows_and_shadow_quotas() {
+        let text = explained(
+            "  per_ip: []\n  per_client: []\n  per_email: [{ requests: 5, per: 90m, shadow: true }, { requests: 7, per: 2d, burst: 2 }]\n  global: [{ requests: 10, per: 24h }]\n",
+        );
+        assert!(text.contains(
+            "per_email: 5 per 1 hour 30 minutes, at most 5 at once; a steady client gets one every 18 minutes (shadow: counted and logged, never denied); at most 7 per 2 days (2 at once) per address"
+        ), "{text}");
+        assert!(text.contains("global: 10 per day, at most 10 at once; steady traffic gets one every 2 hours 24 minutes"), "{text}");
+    }
+}

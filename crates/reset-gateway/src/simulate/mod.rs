@@ -1,0 +1,142 @@
+//! `reset-gateway simulate`: replays a recorded access log through the limits of a
+//! proposed configuration (and, with `--compare`, the current one) and reports per quota
+//! what it would have done. `reader` reads the log, `replay` decides each request again
+//! with the gateway's own limiter, `report` prints the result.
+
+pub mod reader;
+pub mod replay;
+pub mod report;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use reset_guard::{ConfigError, GuardSettings};
+
+use crate::config::GatewayConfig;
+use reader::Reader;
+use replay::Simulation;
+
+/// Why a simulation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    /// A configuration file is missing or invalid.
+    #[error("invalid configuration: {}: {error}", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        error: ConfigError,
+    },
+    /// The log cannot be opened or read.
+    #[error("cannot read the log {name}: {error}")]
+    Log {
+        /// The file, or standard input.
+        name: String,
+        /// Why.
+        error: std::io::Error,
+    },
+}
+
+/// The limits of a configuration file and its `store.max_keys`. Only `guard` and `store`
+/// are checked: a replay needs no API key, secret or listener.
+pub fn limits_of(path: &Path) -> Result<(GuardSettings, usize), SimulateError> {
+    let config_error = |error| SimulateError::Config {
+        path: path.to_owned(),
+        error,
+    };
+    let yaml = std::fs::read_to_string(path).map_err(|e| {
+        config_error(ConfigError::new(
+            "",
+            format!("cannot read {}: {e}", path.display()),
+        ))
+    })?;
+    let config = GatewayConfig::from_yaml(&yaml).map_err(config_error)?;
+    let guard = config
+        .guard
+        .validate()
+        .map_err(|e| config_error(e.within("guard").located(&yaml)))?;
+    if config.store.max_keys == 0 {
+        let error = ConfigError::new("store.max_keys", "must be at least 1").located(&yaml);
+        return Err(config_error(error));
+    }
+    Ok((guard, config.store.max_keys))
+}
+
+/// Reads `log` to the end and replays it.
+pub fn simulate(
+    log: impl BufRead,
+    log_name: &str,
+    simulation: &mut Simulation,
+    reader: &mut Reader,
+) -> Result<(), SimulateError> {
+    reader
+        .read_all(log, |request, clients| simulation.push(request, clients))
+        .map_err(|error| SimulateError::Log {
+            name: log_name.to_owned(),
+            error,
+        })?;
+    simulation.finish();
+    Ok(())
+}
+
+/// Exit status when the log cannot be read (EX_NOINPUT).
+pub const EXIT_NO_INPUT: u8 = 66;
+
+/// The command: replays `log` (standard input when `None`) through `proposed`, and
+/// `current` beside it; prints the table or, with `json`, one JSON object.
+pub fn main(proposed: &Path, log: Option<&Path>, current: Option<&Path>, json: bool) -> ExitCode {
+    match run(proposed, log, current, json) {
+        Ok(report) => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(report.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(error @ SimulateError::Config { .. }) => {
+            eprintln!("{error}");
+            ExitCode::from(crate::EXIT_CONFIG)
+        }
+        Err(error @ SimulateError::Log { .. }) => {
+            eprintln!("{error}");
+            ExitCode::from(EXIT_NO_INPUT)
+        }
+    }
+}
+
+/// [`main`] without printing: the report's text.
+pub fn run(
+    proposed: &Path,
+    log: Option<&Path>,
+    current: Option<&Path>,
+    json: bool,
+) -> Result<String, SimulateError> {
+    let mut simulation = Simulation::new(limits_of(proposed)?, current.map(limits_of).transpose()?);
+    let mut reader = Reader::default();
+    let name = log.map_or_else(|| "standard input".to_owned(), |p| p.display().to_string());
+    match log {
+        Some(path) => {
+            let file = std::fs::File::open(path).map_err(|error| SimulateError::Log {
+                name: name.clone(),
+                error,
+            })?;
+            simulate(
+                BufReader::with_capacity(1 << 16, file),
+                &name,
+                &mut simulation,
+                &mut reader,
+            )?;
+        }
+        None => simulate(std::io::stdin().lock(), &name, &mut simulation, &mut reader)?,
+    }
+    Ok(if json {
+        let mut text = report::json(&simulation, &reader).to_string();
+        text.push('\n');
+        text
+    } else {
+        let names = (
+            proposed.to_str().unwrap_or("proposed"),
+            current.and_then(Path::to_str),
+        );
+        report::human(&simulation, &reader, names)
+    })
+}

@@ -1,0 +1,216 @@
+//! Reads the gateway's JSON access log (telemetry.rs writes it) into the requests a
+//! replay charges: when each arrived and what each limit group was keyed on.
+//!
+//! Lines that are not access lines (other log events, text, blank lines) are skipped;
+//! access lines of requests that never reached the limits (other routes, wrong method)
+//! are counted and skipped; an access line that cannot be read is reported with its
+//! line number and skipped.
+
+use std::borrow::Cow;
+use std::io::BufRead;
+use std::net::IpAddr;
+
+use reset_guard::LimitGroup;
+use serde::Deserialize;
+
+/// One charged request as the log tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedRequest {
+    /// Line number in the log, from 1.
+    pub line: u64,
+    /// When it arrived: nanoseconds since the Unix epoch.
+    pub at_ns: u64,
+    /// The client IP the per-IP limit was keyed on.
+    pub client_ip: IpAddr,
+    /// The client, as an index into [`Reader::clients`], once authenticated.
+    pub client: Option<u32>,
+    /// The per-email limit key, once the address was valid.
+    pub email_hash: Option<u64>,
+    /// The group that refused it when it was recorded (`outcome: rate_limited`).
+    pub recorded_denial: Option<LimitGroup>,
+}
+
+/// What went wrong with one access line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadLine {
+    /// Line number, from 1.
+    pub line: u64,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// The fields of an access line the replay reads; the others are ignored.
+#[derive(Deserialize)]
+struct AccessLine<'a> {
+    #[serde(borrow)]
+    target: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    received_at: Option<Cow<'a, str>>,
+    guarded: Option<bool>,
+    #[serde(borrow)]
+    client_ip: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    client_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    email_hash: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    outcome: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    limit: Option<Cow<'a, str>>,
+}
+
+/// Reads a log line by line.
+#[derive(Debug, Default)]
+pub struct Reader {
+    /// Client ids seen, in order of first appearance.
+    pub clients: Vec<String>,
+    /// Access lines of requests that never reached the limits.
+    pub unguarded: u64,
+    /// Lines that are not access lines.
+    pub other_lines: u64,
+    /// Access lines skipped as unreadable (the first hundred).
+    pub bad_lines: Vec<BadLine>,
+    bad_lines_total: u64,
+    line: u64,
+}
+
+/// Most unreadable lines remembered one by one (the rest are only counted).
+const BAD_LINES_KEPT: usize = 100;
+
+impl Reader {
+    /// Reads every line of `input`, handing each charged request to `each` with the
+    /// client ids seen so far. Fails only when `input` itself cannot be read.
+    pub fn read_all(
+        &mut self,
+        mut input: impl BufRead,
+        mut each: impl FnMut(LoggedRequest, &[String]),
+    ) -> std::io::Result<()> {
+        let mut buffer = Vec::with_capacity(1024);
+        loop {
+            buffer.clear();
+            if input.read_until(b'\n', &mut buffer)? == 0 {
+                return Ok(());
+            }
+            if let Some(request) = self.line(&buffer) {
+                each(request, &self.clients);
+            }
+        }
+    }
+
+    /// Access lines skipped as unreadable (more may have been than are listed).
+    pub fn bad_line_count(&self) -> u64 {
+        self.bad_lines_total
+    }
+
+    /// Reads one line (with or without its newline).
+    pub fn line(&mut self, bytes: &[u8]) -> Option<LoggedRequest> {
+        self.line += 1;
+        // Most lines of a busy log are access lines; the rest are cheap to tell apart.
+        if !contains(bytes, br#""target":"access""#) {
+            self.other_lines += 1;
+            return None;
+        }
+        let parsed = std::str::from_utf8(bytes)
+            .map_err(|_| "not UTF-8".to_owned())
+            .and_then(|text| {
+                serde_json::from_str::<AccessLine<'_>>(text.trim_end())
+                    .map_err(|e| format!("not a JSON access line: {e}"))
+            })
+            .and_then(|access| self.request(access));
+        match parsed {
+            Ok(request) => request,
+            Err(reason) => {
+                self.bad(reason);
+                None
+            }
+        }
+    }
+
+    fn bad(&mut self, reason: String) {
+        self.bad_lines_total += 1;
+        if self.bad_lines.len() < BAD_LINES_KEPT {
+            self.bad_lines.push(BadLine {
+                line: self.line,
+                reason,
+            });
+        }
+    }
+
+    fn request(&mut self, access: AccessLine<'_>) -> Result<Option<LoggedRequest>, String> {
+        if access.target.as_deref() != Some("access") {
+            self.other_lines += 1;
+            return Ok(None);
+        }
+        if access.guarded != Some(true) {
+            self.unguarded += 1;
+            return Ok(None);
+        }
+        let received = access
+            .received_at
+            .ok_or("no received_at (recorded by an older gateway?)")?;
+        let at_ns = parse_time(&received)?;
+        let client_ip = access
+            .client_ip
+            .ok_or("no client_ip")?
+            .parse::<IpAddr>()
+            .map_err(|_| "client_ip is not an IP address")?;
+        let client = access.client_id.map(|id| self.client(&id));
+        let email_hash = access
+            .email_hash
+            .map(|hash| parse_hash(&hash))
+            .transpose()?;
+        let recorded_denial = match access.outcome.as_deref() {
+            Some("rate_limited") => Some(group_named(access.limit.as_deref())?),
+            Some(_) => None,
+            None => return Err("no outcome".into()),
+        };
+        Ok(Some(LoggedRequest {
+            line: self.line,
+            at_ns,
+            client_ip: client_ip.to_canonical(),
+            client,
+            email_hash,
+            recorded_denial,
+        }))
+    }
+
+    fn client(&mut self, id: &str) -> u32 {
+        let index = match self.clients.iter().position(|known| known == id) {
+            Some(index) => index,
+            None => {
+                self.clients.push(id.to_owned());
+                self.clients.len() - 1
+            }
+        };
+        u32::try_from(index).unwrap_or(u32::MAX)
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// RFC 3339 to nanoseconds since the Unix epoch.
+pub fn parse_time(text: &str) -> Result<u64, String> {
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| format!("received_at {text:?} is not an RFC 3339 time"))?;
+    u64::try_from(at.unix_timestamp_nanos())
+        .map_err(|_| format!("received_at {text:?} is before 1970"))
+}
+
+/// The 16 hex digits telemetry.rs writes.
+fn parse_hash(text: &str) -> Result<u64, String> {
+    if text.len() != 16 {
+        return Err(format!(
+            "email_hash {text:?} is not 16 hex digits (recorded by an older gateway?)"
+        ));
+    }
+    u64::from_str_radix(text, 16).map_err(|_| format!("email_hash {text:?} is not hex"))
+}
+
+fn group_named(name: Option<&str>) -> Result<LimitGroup, String> {
+    LimitGroup::ALL
+        .into_iter()
+        .find(|group| Some(group.name()) == name)
+        .ok_or_else(|| format!("rate_limited with an unknown limit {name:?}"))
+}

@@ -1,0 +1,317 @@
+//! Replays logged requests, in arrival order, through one or two limit configurations
+//! (reset-guard's [`Replay`]: the gateway's own in-memory limiter on a clock set from the
+//! log) and tallies, per quota, what each would have done.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
+use std::time::Duration;
+
+use reset_guard::internals::{Charge, QuotaOutcome, Recorded, Replay};
+use reset_guard::{GuardSettings, LimitGroup, Quota};
+
+use super::reader::LoggedRequest;
+
+/// Log lines are written when requests finish, so a line may follow lines of requests
+/// that arrived after it. Requests are held this long (in log time) to be put in order.
+pub const REORDER_WINDOW: Duration = Duration::from_secs(300);
+
+/// What one quota made of the replayed traffic.
+#[derive(Debug, Clone)]
+pub struct QuotaTally {
+    /// The group.
+    pub group: LimitGroup,
+    /// The quota.
+    pub quota: Quota,
+    /// Requests that reached it.
+    pub seen: u64,
+    /// Requests it refused (would refuse, for a shadow quota), whichever other quota of
+    /// the group refused them too.
+    pub denied: u64,
+    /// The most any key used of its burst at once, as a fraction (1: it was refused).
+    pub peak_use: f64,
+}
+
+/// One configuration's replay.
+#[derive(Debug)]
+pub struct Tally {
+    replay: Replay,
+    /// Per quota, group by group.
+    pub quotas: Vec<QuotaTally>,
+    /// Distinct keys per group.
+    keys: [HashSet<u64>; 4],
+    /// Requests replayed.
+    pub requests: u64,
+    /// Requests an enforced quota refused.
+    pub denied: u64,
+    /// Requests refused, by group.
+    pub denied_by: [u64; 4],
+    /// Requests this replay let past a group the recording refused them at: what they
+    /// would have met after it (the client, the address) is not in the log, so those
+    /// groups were not charged.
+    pub unknown_beyond: u64,
+}
+
+impl Tally {
+    fn new(settings: GuardSettings, max_keys: usize) -> Tally {
+        let quotas = LimitGroup::ALL
+            .into_iter()
+            .flat_map(|group| {
+                settings.quotas(group).iter().map(move |quota| QuotaTally {
+                    group,
+                    quota: *quota,
+                    seen: 0,
+                    denied: 0,
+                    peak_use: 0.0,
+                })
+            })
+            .collect();
+        Tally {
+            replay: Replay::new(settings, max_keys),
+            quotas,
+            keys: Default::default(),
+            requests: 0,
+            denied: 0,
+            denied_by: [0; 4],
+            unknown_beyond: 0,
+        }
+    }
+
+    /// Distinct keys the group was charged on.
+    pub fn distinct_keys(&self, group: LimitGroup) -> usize {
+        self.keys[group_index(group)].len()
+    }
+
+    /// Decides one request; returns the group that refused it.
+    fn decide(&mut self, request: &LoggedRequest, recorded: &Recorded<'_>) -> Option<LimitGroup> {
+        self.requests += 1;
+        let Tally {
+            replay,
+            quotas,
+            keys,
+            ..
+        } = self;
+        let mut last_key: Option<(LimitGroup, u64)> = None;
+        let denial = replay.decide(request.at_ns, recorded, |charge: Charge| {
+            if last_key != Some((charge.group, charge.key)) {
+                keys[group_index(charge.group)].insert(charge.key);
+                last_key = Some((charge.group, charge.key));
+            }
+            let Some(tally) = quota_tally(quotas, charge.group, charge.position) else {
+                return;
+            };
+            tally.seen += 1;
+            let use_now = match charge.outcome {
+                QuotaOutcome::Charged { remaining } => {
+                    let burst = u64::from(tally.quota.burst);
+                    burst.saturating_sub(remaining) as f64 / burst as f64
+                }
+                QuotaOutcome::Denied => {
+                    tally.denied += 1;
+                    1.0
+                }
+                QuotaOutcome::Uncharged => 0.0,
+            };
+            tally.peak_use = tally.peak_use.max(use_now);
+        });
+        let refused = denial.map(|d| d.group);
+        if let Some(group) = refused {
+            self.denied += 1;
+            self.denied_by[group_index(group)] += 1;
+        }
+        if let Some(stopped) = request.recorded_denial {
+            let reached_beyond = match refused {
+                None => true,
+                Some(group) => group_index(group) > group_index(stopped),
+            };
+            if reached_beyond && stopped != LimitGroup::Global {
+                self.unknown_beyond += 1;
+            }
+        }
+        refused
+    }
+
+    /// The settings replayed.
+    pub fn settings(&self) -> &GuardSettings {
+        self.replay.settings()
+    }
+}
+
+fn quota_tally(
+    quotas: &mut [QuotaTally],
+    group: LimitGroup,
+    position: usize,
+) -> Option<&mut QuotaTally> {
+    quotas.iter_mut().filter(|t| t.group == group).nth(position)
+}
+
+fn group_index(group: LimitGroup) -> usize {
+    LimitGroup::ALL
+        .iter()
+        .position(|g| *g == group)
+        .unwrap_or(0)
+}
+
+/// A request whose fate differs between the two configurations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Its line in the log.
+    pub line: u64,
+    /// Arrival, nanoseconds since the Unix epoch.
+    pub at_ns: u64,
+    /// The group the proposal refuses it at, if any.
+    pub proposed: Option<LimitGroup>,
+    /// The group the current configuration refuses it at, if any.
+    pub current: Option<LimitGroup>,
+}
+
+/// Most changed requests listed one by one (all are counted).
+pub const CHANGES_LISTED: usize = 100;
+
+/// A whole replay: the proposal, and the current configuration when comparing.
+#[derive(Debug)]
+pub struct Simulation {
+    /// The proposed configuration's tally.
+    pub proposed: Tally,
+    /// The current configuration's tally, with `--compare`.
+    pub current: Option<Tally>,
+    /// Requests whose fate differs (with `--compare`).
+    pub changed: u64,
+    /// The first [`CHANGES_LISTED`] of them.
+    pub changes: Vec<Change>,
+    /// Requests the recording refused with 429.
+    pub recorded_denied: u64,
+    /// Requests that arrived more than [`REORDER_WINDOW`] before one already replayed,
+    /// replayed as if at that later time.
+    pub late: u64,
+    /// First and last arrival replayed (nanoseconds since the Unix epoch).
+    pub span: Option<(u64, u64)>,
+    /// Every request's fate under the proposal, by line, when asked for.
+    pub fates: Option<Vec<(u64, Option<LimitGroup>)>>,
+    clients: Vec<String>,
+    pending: BinaryHeap<Reverse<Pending>>,
+    newest: u64,
+    replayed_until: u64,
+}
+
+/// A request waiting in the reorder window, ordered by arrival (then line).
+#[derive(Debug)]
+struct Pending(LoggedRequest);
+
+impl Pending {
+    fn order(&self) -> (u64, u64) {
+        (self.0.at_ns, self.0.line)
+    }
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        self.order() == other.order()
+    }
+}
+
+impl Eq for Pending {}
+
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.order().cmp(&other.order())
+    }
+}
+
+impl Simulation {
+    /// A replay of `proposed`, and of `current` beside it when comparing; `max_keys` as
+    /// each file's `store.max_keys`.
+    pub fn new(proposed: (GuardSettings, usize), current: Option<(GuardSettings, usize)>) -> Self {
+        Simulation {
+            proposed: Tally::new(proposed.0, proposed.1),
+            current: current.map(|(settings, max_keys)| Tally::new(settings, max_keys)),
+            changed: 0,
+            changes: Vec::new(),
+            recorded_denied: 0,
+            late: 0,
+            span: None,
+            fates: None,
+            clients: Vec::new(),
+            pending: BinaryHeap::new(),
+            newest: 0,
+            replayed_until: 0,
+        }
+    }
+
+    /// Keeps every request's fate (for tests that compare request by request).
+    pub fn keep_fates(mut self) -> Self {
+        self.fates = Some(Vec::new());
+        self
+    }
+
+    /// Takes one logged request; it is replayed once nothing earlier can still follow.
+    pub fn push(&mut self, request: LoggedRequest, clients: &[String]) {
+        if clients.len() != self.clients.len() {
+            self.clients = clients.to_vec();
+        }
+        self.newest = self.newest.max(request.at_ns);
+        self.pending.push(Reverse(Pending(request)));
+        let window = REORDER_WINDOW.as_nanos() as u64;
+        while let Some(Reverse(first)) = self.pending.peek() {
+            if first.0.at_ns.saturating_add(window) > self.newest {
+                break;
+            }
+            let Some(Reverse(first)) = self.pending.pop() else {
+                break;
+            };
+            self.replay(first.0);
+        }
+    }
+
+    /// Replays whatever is still held; call once the log is read.
+    pub fn finish(&mut self) {
+        while let Some(Reverse(first)) = self.pending.pop() {
+            self.replay(first.0);
+        }
+    }
+
+    fn replay(&mut self, request: LoggedRequest) {
+        if request.at_ns < self.replayed_until {
+            self.late += 1;
+        }
+        self.replayed_until = self.replayed_until.max(request.at_ns);
+        self.span = Some(match self.span {
+            None => (request.at_ns, request.at_ns),
+            Some((first, last)) => (first.min(request.at_ns), last.max(request.at_ns)),
+        });
+        if request.recorded_denial.is_some() {
+            self.recorded_denied += 1;
+        }
+        let recorded = Recorded {
+            client_ip: request.client_ip,
+            client_id: request
+                .client
+                .and_then(|i| self.clients.get(i as usize))
+                .map(String::as_str),
+            email_hash: request.email_hash,
+        };
+        let proposed = self.proposed.decide(&request, &recorded);
+        if let Some(fates) = &mut self.fates {
+            fates.push((request.line, proposed));
+        }
+        if let Some(current) = &mut self.current {
+            let before = current.decide(&request, &recorded);
+            if before != proposed {
+                self.changed += 1;
+                if self.changes.len() < CHANGES_LISTED {
+                    self.changes.push(Change {
+                        line: request.line,
+                        at_ns: request.at_ns,
+                        proposed,
+                        current: before,
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! What a replay found, as a table for a person or one JSON object for a script.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use reset_guard::LimitGroup;
+use serde_json::{json, Value};
+
+use super::reader::Reader;
+use super::replay::{Simulation, Tally};
+
+/// `per` as it would be written in the YAML: the largest unit that divides it.
+pub fn written_duration(per: Duration) -> String {
+    let ms = per.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= size && ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+fn time_of(ns: u64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_nanos(ns);
+    crate::telemetry::timestamp(at)
+}
+
+fn fate(group: Option<LimitGroup>) -> String {
+    match group {
+        Some(group) => format!("refused by {}", group.name()),
+        None => "admitted".to_owned(),
+    }
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+/// The table, the totals, the changed requests and the lines not read.
+pub fn human(simulation: &Simulation, reader: &Reader, names: (&str, Option<&str>)) -> String {
+    let mut out = String::new();
+    let proposed = &simulation.proposed;
+    match simulation.span {
+        Some((first, last)) => {
+            let _ = writeln!(
+                out,
+                "Replayed {} requests that reached the limits, arrived {} to {}.",
+                proposed.requests,
+                time_of(first),
+                time_of(last)
+            );
+        }
+        None => out.push_str("No request in the log reached the limits.\n"),
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<9} {:<10} {:<8} {:>6} {:>6} {:>9} {:>10} {:>13} {:>9}",
+        "config",
+        "group",
+        "quota",
+        "burst",
+        "shadow",
+        "seen",
+        "would deny",
+        "distinct keys",
+        "peak use"
+    );
+    let mut tallies = vec![("proposed", proposed)];
+    if let Some(current) = &simulation.current {
+        tallies.push(("current", current));
+    }
+    for group in LimitGroup::ALL {
+        for (config, tally) in &tallies {
+            table_rows(&mut out, config, tally, group);
+        }
+    }
+    let _ = writeln!(out);
+    for (config, tally) in &tallies {
+        let name = if *config == "proposed" {
+            names.0
+        } else {
+            names.1.unwrap_or("")
+        };
+        let _ = writeln!(
+            out,
+            "{config} ({name}): {} of {} requests refused ({:.2}%){}",
+            tally.denied,
+            tally.requests,
+            percent(tally.denied, tally.requests),
+            by_group(tally)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "recorded: {} of {} requests refused with 429",
+        simulation.recorded_denied, proposed.requests
+    );
+    if proposed.unknown_beyond > 0 {
+        let _ = writeln!(
+            out,
+            "note: {} requests the recording refused early would get further under the \
+             proposal; the log does not say which client or address they were for, so the \
+             later groups were not charged for them",
+            proposed.unknown_beyond
+        );
+    }
+    if simulation.late > 0 {
+        let _ = writeln!(
+            out,
+            "note: {} requests were logged over 5 minutes out of order and replayed late",
+            simulation.late
+        );
+    }
+    if simulation.current.is_some() {
+        let _ = writeln!(out, "\n{} requests change fate", simulation.changed);
+        for change in simulation.changes.iter().take(20) {
+            let _ = writeln!(
+                out,
+                "  line {} at {}: {} now, {} proposed",
+                change.line,
+                time_of(change.at_ns),
+                fate(change.current),
+                fate(change.proposed)
+            );
+        }
+        if simulation.changed > 20 {
+            let _ = writeln!(
+                out,
+                "  … {} more (--json lists up to 100)",
+                simulation.changed - 20
+            );
+        }
+    }
+    lines_not_read(&mut out, reader);
+    out
+}
+
+fn by_group(tally: &Tally) -> String {
+    let parts: Vec<String> = LimitGroup::ALL
+        .into_iter()
+        .zip(tally.denied_by)
+        .filter(|(_, n)| *n > 0)
+        .map(|(group, n)| format!("{} {n}", group.name()))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", parts.join(", "))
+    }
+}
+
+fn table_rows(out: &mut String, config: &str, tally: &Tally, group: LimitGroup) {
+    for quota in tally.quotas.iter().filter(|q| q.group == group) {
+        let _ = writeln!(
+            out,
+            "{:<9} {:<10} {:<8} {:>6} {:>6} {:>9} {:>10} {:>13} {:>8.0}%",
+            config,
+            group.name(),
+            format!(
+                "{}/{}",
+                quota.quota.requests,
+                written_duration(quota.quota.per)
+            ),
+            quota.quota.burst,
+            if quota.quota.shadow { "yes" } else { "no" },
+            quota.seen,
+            quota.denied,
+            tally.distinct_keys(group),
+            quota.peak_use * 100.0
+        );
+    }
+}
+
+fn lines_not_read(out: &mut String, reader: &Reader) {
+    if reader.bad_line_count() == 0 {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n{} access lines could not be read and were skipped:",
+        reader.bad_line_count()
+    );
+    for bad in &reader.bad_lines {
+        let _ = writeln!(out, "  line {}: {}", bad.line, bad.reason);
+    }
+}
+
+fn tally_json(tally: &Tally) -> Value {
+    let quotas: Vec<Value> = tally
+        .quotas
+        .iter()
+        .map(|q| {
+            json!({
+                "group": q.group.name(),
+                "requests": q.quota.requests,
+                "per": written_duration(q.quota.per),
+                "burst": q.quota.burst,
+                "shadow": q.quota.shadow,
+                "seen": q.seen,
+                "denied": q.denied,
+                "distinct_keys": tally.distinct_keys(q.group),
+                "peak_use": q.peak_use,
+            })
+        })
+        .collect();
+    let denied_by: serde_json::Map<String, Value> = LimitGroup::ALL
+        .into_iter()
+        .zip(tally.denied_by)
+        .map(|(group, n)| (group.name().to_owned(), json!(n)))
+        .collect();
+    json!({
+        "requests": tally.requests,
+        "denied": tally.denied,
+        "denied_by": denied_by,
+        "quotas": quotas,
+    })
+}
+
+/// One JSON object: the proposal's tally at the top, the comparison under `compare`.
+pub fn json(simulation: &Simulation, reader: &Reader) -> Value {
+    let mut out = tally_json(&simulation.proposed);
+    let object = out.as_object_mut().expect("an object");
+    object.insert("recorded_denied".into(), json!(simulation.recorded_denied));
+    object.insert(
+        "unknown_beyond".into(),
+        json!(simulation.proposed.unknown_beyond),
+    );
+    object.insert("late".into(), json!(simulation.late));
+    if let Some((first, last)) = simulation.span {
+        object.insert("first".into(), json!(time_of(first)));
+        object.insert("last".into(), json!(time_of(last)));
+    }
+    object.insert("unguarded_lines".into(), json!(reader.unguarded));
+    object.insert("other_lines".into(), json!(reader.other_lines));
+    object.insert("bad_line_count".into(), json!(reader.bad_line_count()));
+    let bad: Vec<Value> = reader
+        .bad_lines
+        .iter()
+        .map(|b| json!({"line": b.line, "reason": b.reason}))
+        .collect();
+    object.insert("bad_lines".into(), json!(bad));
+    if let Some(current) = &simulation.current {
+        let changes: Vec<Value> = simulation
+            .changes
+            .iter()
+            .map(|c| {
+                json!({
+                    "line": c.line,
+                    "received_at": time_of(c.at_ns),
+                    "current": c.current.map(LimitGroup::name),
+                    "proposed": c.proposed.map(LimitGroup::name),
+                })
+            })
+            .collect();
+        let mut compare = tally_json(current);
+        let compare_object = compare.as_object_mut().expect("an object");
+        compare_object.insert("changed".into(), json!(simulation.changed));
+        compare_object.insert("changes".into(), json!(changes));
+        object.insert("compare".into(), compare);
+    }
+    out
+}
