@@ -30,7 +30,7 @@ fn group_line(group: LimitGroup, quotas: &[Quota]) -> String {
         first.requests,
         window(first.per),
         first.burst,
-        spoken(interval(first)),
+        every(interval(first)),
         shadow_note(first),
     );
     for quota in rest {
@@ -72,6 +72,23 @@ fn interval(quota: &Quota) -> Duration {
     quota.per / quota.requests
 }
 
+/// `per` as it would be written in the YAML: the largest unit that divides it (`1h`,
+/// `90m`, `250ms`).
+pub fn written_duration(per: Duration) -> String {
+    let ms = per.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= size && ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
 const UNITS: [(&str, u128); 5] = [
     ("day", 86_400_000_000_000),
     ("hour", 3_600_000_000_000),
@@ -97,6 +114,15 @@ fn per_window(per: Duration) -> String {
         "hour" => "an hour".to_owned(),
         one @ ("day" | "minute" | "second" | "millisecond") => format!("a {one}"),
         other => format!("per {other}"),
+    }
+}
+
+/// `20 minutes`, or `hour` for exactly one: "one every hour".
+fn every(duration: Duration) -> String {
+    let text = spoken(duration);
+    match text.strip_prefix("1 ") {
+        Some(unit) if !unit.contains(' ') => unit.to_owned(),
+        _ => text,
     }
 }
 

@@ -285,6 +285,19 @@ impl Collector for LimiterCollector {
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
+        let mut near = encoder.encode_descriptor(
+            "reset_gateway_near_limit",
+            "Admissions that left a key less than 20% of a quota's burst, by group and quota",
+            None,
+            MetricType::Counter,
+        )?;
+        for group in LimitGroup::ALL {
+            for (quota, value) in self.guard.near_limit(group) {
+                let label = quota_label(&quota);
+                let labels = [("limit", group.name()), ("quota", label.as_str())];
+                ConstCounter::new(value).encode(near.encode_family(&labels)?)?;
+            }
+        }
         let errors = encoder.encode_descriptor(
             "reset_gateway_store_errors",
             "Requests that could not ask the rate-limit store",
@@ -317,6 +330,24 @@ impl Collector for LimiterCollector {
         }
         Ok(())
     }
+}
+
+/// A quota as its `quota` label: `3/1h`, with the burst when it is not `requests`
+/// (`200/1s burst 400`) and ` shadow` for a shadow quota, so two quotas of one group
+/// never share a series.
+fn quota_label(quota: &reset_guard::Quota) -> String {
+    let mut label = format!(
+        "{}/{}",
+        quota.requests,
+        crate::explain::written_duration(quota.per)
+    );
+    if quota.burst != quota.requests {
+        label.push_str(&format!(" burst {}", quota.burst));
+    }
+    if quota.shadow {
+        label.push_str(" shadow");
+    }
+    label
 }
 
 #[cfg(test)]

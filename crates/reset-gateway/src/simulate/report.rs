@@ -8,22 +8,7 @@ use serde_json::{json, Value};
 
 use super::reader::Reader;
 use super::replay::{Simulation, Tally};
-
-/// `per` as it would be written in the YAML: the largest unit that divides it.
-pub fn written_duration(per: Duration) -> String {
-    let ms = per.as_millis();
-    for (unit, size) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1_000),
-    ] {
-        if ms >= size && ms % size == 0 {
-            return format!("{}{unit}", ms / size);
-        }
-    }
-    format!("{ms}ms")
-}
+use crate::explain::written_duration;
 
 fn time_of(ns: u64) -> String {
     let at = std::time::UNIX_EPOCH + Duration::from_nanos(ns);
