@@ -14,4 +14,5 @@ mod proxy_boundary;
 mod proxy_protocol;
 mod redis;
 mod sentinel;
+mod simulate;
 mod upstream;
