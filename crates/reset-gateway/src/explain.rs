@@ -153,7 +153,8 @@ mod tests {
     use super::*;
 
     fn explained(limits: &str) -> String {
-        let settings = GuardConfig::from_yaml(&format!("limits:\n{limits}"))
+        let client = "clients:\n  - id: ios\n    token_sha256: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\n";
+        let settings = GuardConfig::from_yaml(&format!("{client}limits:\n{limits}"))
             .unwrap()
             .validate()
             .unwrap();

@@ -140,3 +140,6 @@ pub fn run(
         report::human(&simulation, &reader, names)
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,184 @@
+//! Hand-computed replays: each group, time refilling a quota, shadow quotas, the order of
+//! lines, and lines that cannot be read.
+
+use reset_guard::{GuardConfig, LimitGroup};
+
+use super::reader::Reader;
+use super::replay::Simulation;
+use super::simulate;
+
+/// The guard settings with `limits` (lines under `limits:`); groups it does not name
+/// have no quota.
+fn settings(limits: &str) -> reset_guard::GuardSettings {
+    let unnamed: String = ["per_ip", "per_client", "per_email", "global"]
+        .into_iter()
+        .filter(|group| !limits.contains(&format!("{group}:")))
+        .map(|group| format!("  {group}: []\n"))
+        .collect();
+    GuardConfig::from_yaml(&format!(
+        "clients:\n  - id: ios\n    token_sha256: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\n\
+         limits:\n{unnamed}{limits}"
+    ))
+    .unwrap()
+    .validate()
+    .unwrap()
+}
+
+/// An access line at `second` seconds past 10:00, from `ip`, for `client` and `email`.
+fn line(second: u32, ip: &str, client: Option<&str>, email: Option<u64>) -> String {
+    let mut fields = format!(
+        r#"{{"timestamp":"x","received_at":"2025-03-01T10:{:02}:{:02}.5Z","guarded":true,"client_ip":"{ip}","#,
+        second / 60,
+        second % 60
+    );
+    if let Some(client) = client {
+        fields.push_str(&format!(r#""client_id":"{client}","#));
+    }
+    if let Some(email) = email {
+        fields.push_str(&format!(r#""email_hash":"{email:016x}","#));
+    }
+    fields.push_str(r#""outcome":"forwarded","status":200,"target":"access"}"#);
+    fields
+}
+
+/// Replays `lines` through `limits` (YAML lines under `limits:`, which override the
+/// empty defaults); each line's fate and the simulation.
+fn replay(limits: &str, lines: &[String]) -> (Vec<Option<LimitGroup>>, Simulation, Reader) {
+    let mut simulation = Simulation::new((settings(limits), 1000), None).keep_fates();
+    let mut reader = Reader::default();
+    let text = lines.join("\n");
+    simulate(text.as_bytes(), "test", &mut simulation, &mut reader).unwrap();
+    let mut fates = simulation.fates.clone().unwrap();
+    fates.sort_by_key(|(line, _)| *line);
+    (
+        fates.into_iter().map(|(_, f)| f).collect(),
+        simulation,
+        reader,
+    )
+}
+
+const IP: &str = "203.0.113.9";
+
+#[test]
+fn per_ip_counts_every_request_and_groups_ipv6_by_prefix() {
+    let lines = [
+        line(0, IP, None, None),
+        line(1, IP, Some("ios"), Some(1)),
+        line(2, IP, Some("ios"), Some(2)),
+        line(3, "2001:db8::1", None, None),
+        line(4, "2001:db8::2", None, None),
+        line(5, "2001:db8::3", None, None),
+        line(6, "2001:db8:0:1::1", None, None),
+    ];
+    let (fates, simulation, _) = replay("  per_ip: [{ requests: 2, per: 1h }]\n", &lines);
+    let ip = Some(LimitGroup::PerIp);
+    assert_eq!(fates, [None, None, ip, None, None, ip, None]);
+    let tally = &simulation.proposed;
+    assert_eq!((tally.requests, tally.denied), (7, 2));
+    // 2001:db8::1 and ::2 share a /64; 2001:db8:0:1:: is another.
+    assert_eq!(tally.distinct_keys(LimitGroup::PerIp), 3);
+    assert_eq!(tally.quotas[0].peak_use, 1.0);
+}
+
+#[test]
+fn per_client_and_global_count_authenticated_and_valid_requests() {
+    let lines = [
+        line(0, "198.51.100.1", Some("ios"), None),
+        line(1, "198.51.100.2", Some("ios"), Some(7)),
+        line(2, "198.51.100.3", Some("web"), Some(8)),
+        line(3, "198.51.100.4", Some("ios"), Some(9)),
+        line(4, "198.51.100.5", Some("web"), Some(10)),
+        line(5, "198.51.100.6", None, None),
+    ];
+    let (fates, simulation, _) = replay(
+        "  per_client: [{ requests: 2, per: 1h }]\n  global: [{ requests: 2, per: 1h }]\n",
+        &lines,
+    );
+    let (client, global) = (Some(LimitGroup::PerClient), Some(LimitGroup::Global));
+    // ios: an invalid address (charged per client, not globally), a valid one; the third
+    // is over. web: two valid ones, the second over the global limit, which the ios
+    // request before it had reached.
+    assert_eq!(fates, [None, None, None, client, global, None]);
+    assert_eq!(simulation.proposed.denied_by, [0, 1, 0, 1]);
+    let global_quota = &simulation.proposed.quotas[1];
+    assert_eq!((global_quota.seen, global_quota.denied), (3, 1));
+}
+
+#[test]
+fn per_email_refills_with_time_and_shadow_quotas_refuse_nothing() {
+    let lines = [
+        line(0, "198.51.100.1", Some("ios"), Some(42)),
+        line(30, "198.51.100.2", Some("ios"), Some(42)),
+        line(45, "198.51.100.3", Some("ios"), Some(43)),
+        line(60, "198.51.100.4", Some("ios"), Some(42)),
+    ];
+    let (fates, simulation, _) = replay(
+        "  per_email: [{ requests: 1, per: 1m }, { requests: 1, per: 1h, shadow: true }]\n",
+        &lines,
+    );
+    // One a minute: the second, 30 s later, is refused; the fourth, a minute after the
+    // first, is admitted. The shadow quota (one an hour) would have refused both.
+    assert_eq!(fates, [None, Some(LimitGroup::PerEmail), None, None]);
+    let [enforced, shadow] = &simulation.proposed.quotas[..] else {
+        panic!("two quotas")
+    };
+    assert_eq!((enforced.seen, enforced.denied), (4, 1));
+    assert_eq!((shadow.seen, shadow.denied), (4, 2));
+    assert!(shadow.quota.shadow);
+    assert_eq!(simulation.proposed.denied, 1);
+    assert_eq!(simulation.proposed.distinct_keys(LimitGroup::PerEmail), 2);
+}
+
+#[test]
+fn lines_are_replayed_in_arrival_order_whatever_order_they_were_written_in() {
+    // Written when each finished: the slow first request's line comes last.
+    let lines = [
+        line(1, IP, None, None),
+        line(2, IP, None, None),
+        line(0, IP, None, None),
+    ];
+    let (fates, simulation, _) = replay("  per_ip: [{ requests: 2, per: 1h }]\n", &lines);
+    assert_eq!(fates, [None, Some(LimitGroup::PerIp), None]);
+    assert_eq!(simulation.late, 0);
+}
+
+#[test]
+fn unreadable_access_lines_are_reported_by_number_and_others_skipped() {
+    let lines = [
+        "plain text from another program".to_owned(),
+        r#"{"timestamp":"x","level":"INFO","message":"serving","target":"reset_gateway"}"#.to_owned(),
+        r#"{"received_at":"2025-03-01T10:00:00Z","outcome":"not_found","status":404,"target":"access"}"#.to_owned(),
+        r#"{"target":"access", truncated"#.to_owned(),
+        line(1, "not-an-ip", None, None),
+        line(2, IP, None, None).replace("2025-03-01T10:00:02.5Z", "yesterday"),
+        line(3, IP, None, Some(5)).replace("0000000000000005", "05"),
+        line(4, IP, None, None).replace(r#""received_at":"2025-03-01T10:00:04.5Z","#, ""),
+        String::new(),
+        line(5, IP, None, None),
+    ];
+    let (fates, simulation, reader) = replay("", &lines);
+    assert_eq!(fates, [None]);
+    assert_eq!(simulation.proposed.requests, 1);
+    assert_eq!(reader.unguarded, 1);
+    assert_eq!(reader.other_lines, 3);
+    let bad: Vec<u64> = reader.bad_lines.iter().map(|b| b.line).collect();
+    assert_eq!(bad, [4, 5, 6, 7, 8]);
+    let reasons: Vec<&str> = reader.bad_lines.iter().map(|b| b.reason.as_str()).collect();
+    assert!(reasons[1].contains("client_ip"), "{reasons:?}");
+    assert!(reasons[2].contains("RFC 3339"), "{reasons:?}");
+    assert!(reasons[3].contains("16 hex digits"), "{reasons:?}");
+    assert!(reasons[4].contains("received_at"), "{reasons:?}");
+}
+
+#[test]
+fn a_request_refused_early_when_recorded_is_counted_when_the_proposal_lets_it_further() {
+    let mut refused = line(0, IP, None, None);
+    refused = refused.replace(
+        r#""outcome":"forwarded""#,
+        r#""outcome":"rate_limited","limit":"per_ip""#,
+    );
+    let (fates, simulation, _) = replay("", &[refused]);
+    assert_eq!(fates, [None]);
+    assert_eq!(simulation.recorded_denied, 1);
+    assert_eq!(simulation.proposed.unknown_beyond, 1);
+}
