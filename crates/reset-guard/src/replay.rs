@@ -54,8 +54,10 @@ impl Replay {
     /// A fresh limiter for `settings`' limits, bounded like the gateway's memory store.
     pub fn new(settings: GuardSettings, max_keys: usize) -> Replay {
         let clock = Arc::new(SetClock::default());
-        let mut store = StoreSettings::default();
-        store.max_keys = max_keys;
+        let store = StoreSettings {
+            max_keys,
+            ..StoreSettings::default()
+        };
         let limiter = Limiter::new(
             &settings.limits,
             &store,
