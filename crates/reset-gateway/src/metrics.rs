@@ -285,17 +285,24 @@ impl Collector for LimiterCollector {
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
-        let mut near = encoder.encode_descriptor(
-            "reset_gateway_near_limit",
-            "Admissions that left a key less than 20% of a quota's burst, by group and quota",
-            None,
-            MetricType::Counter,
-        )?;
-        for group in LimitGroup::ALL {
-            for (quota, value) in self.guard.near_limit(group) {
-                let label = quota_label(&quota);
-                let labels = [("limit", group.name()), ("quota", label.as_str())];
-                ConstCounter::new(value).encode(near.encode_family(&labels)?)?;
+        let near: Vec<(LimitGroup, Vec<(reset_guard::Quota, u64)>)> = LimitGroup::ALL
+            .into_iter()
+            .map(|group| (group, self.guard.near_limit(group)))
+            .collect();
+        // A family without a series is left out: OpenMetrics parsers refuse an empty one.
+        if near.iter().any(|(_, quotas)| !quotas.is_empty()) {
+            let mut family = encoder.encode_descriptor(
+                "reset_gateway_near_limit",
+                "Admissions that left a key less than 20% of a quota's burst, by group and quota",
+                None,
+                MetricType::Counter,
+            )?;
+            for (group, quotas) in near {
+                for (quota, value) in quotas {
+                    let label = quota_label(&quota);
+                    let labels = [("limit", group.name()), ("quota", label.as_str())];
+                    ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+                }
             }
         }
         let errors = encoder.encode_descriptor(

@@ -429,7 +429,11 @@ fn families(text: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn alerts_and_dashboard_use_metrics_the_gateway_exports() {
-    let gw = Gateway::start("").await;
+    // One quota, so the per-quota families have a series.
+    let gw = Gateway::start(
+        "  limits: { per_ip: [], per_client: [], per_email: [{ requests: 3, per: 1h }], global: [] }\n",
+    )
+    .await;
     gw.reset_as_ios("email=alice%40example.com").await;
     let exported: BTreeSet<String> = gw
         .admin_get("/metrics")

@@ -20,6 +20,8 @@ async fn assert_counts_the_third_request(gw: &Gateway) {
         );
     }
     let metrics = gw.admin_get("/metrics").await.body;
+    openmetrics_parser::openmetrics::parse_openmetrics(&metrics)
+        .unwrap_or_else(|e| panic!("not OpenMetrics: {e:?}\n{metrics}"));
     let series = |quota: &str| {
         sample(
             &metrics,
