@@ -6,6 +6,7 @@
 //! email, global), so a request denied by one group is never charged by a later one.
 
 mod clock;
+mod counters;
 mod gcra;
 mod key;
 mod memory;
@@ -14,7 +15,6 @@ mod quota;
 mod redis;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ pub(crate) use self::redis::{RedisSpecs, RedisStore};
 #[cfg(test)]
 pub(crate) use clock::ManualClock;
 pub(crate) use clock::{Clock, MonotonicClock, SetClock};
+pub use counters::{near_limit, LimitCounters, QuotaOutcome};
 pub(crate) use key::Domain;
 pub use key::KeyHasher;
 pub use quota::Quota;
@@ -221,71 +222,6 @@ pub(crate) struct Limiter {
     clock: Arc<dyn Clock>,
     max_keys: usize,
     counters: Arc<LimitCounters>,
-}
-
-/// What one quota of a group made of one request, for whoever watches decisions (the
-/// near-limit counters, a replay).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuotaOutcome {
-    /// Admitted and charged: `remaining` more requests fit now.
-    Charged {
-        /// Requests that still fit at once.
-        remaining: u64,
-    },
-    /// It would not admit the request (a shadow quota only counts this).
-    Denied,
-    /// It would have admitted, but another quota of the group denied, so nothing was
-    /// charged.
-    Uncharged,
-}
-
-/// Whether an admission left less than a fifth of a quota's burst: the quota is close to
-/// denying that key.
-pub fn near_limit(quota: &Quota, remaining: u64) -> bool {
-    remaining.saturating_mul(5) < u64::from(quota.burst)
-}
-
-/// Denials counted since start, kept across reloads.
-#[derive(Debug, Default)]
-pub struct LimitCounters {
-    denied: [AtomicU64; 4],
-    shadow_denied: [AtomicU64; 4],
-    /// Per group and quota position: admissions that left less than a fifth of the burst.
-    near_limit: [[AtomicU64; MAX_QUOTAS_PER_GROUP]; 4],
-}
-
-impl LimitCounters {
-    /// Requests denied by an enforced quota of `group`.
-    pub fn denied(&self, group: LimitGroup) -> u64 {
-        self.denied[group.index()].load(Ordering::Relaxed)
-    }
-
-    /// Requests a shadow quota of `group` would have denied.
-    pub fn shadow_denied(&self, group: LimitGroup) -> u64 {
-        self.shadow_denied[group.index()].load(Ordering::Relaxed)
-    }
-
-    /// Admissions by the quota at `position` of `group` that left it near its limit
-    /// ([`near_limit`]).
-    pub fn near_limit(&self, group: LimitGroup, position: usize) -> u64 {
-        self.near_limit[group.index()]
-            .get(position)
-            .map_or(0, |c| c.load(Ordering::Relaxed))
-    }
-
-    pub(crate) fn count_near_limit(&self, group: LimitGroup, position: usize) {
-        if let Some(counter) = self.near_limit[group.index()].get(position) {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    pub(crate) fn count_denied(&self, group: LimitGroup) {
-        self.denied[group.index()].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn count_shadow(&self, group: LimitGroup) {
-        self.shadow_denied[group.index()].fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 impl std::fmt::Debug for Limiter {
