@@ -185,6 +185,7 @@ pub mod internals {
     pub use crate::auth::presented_token;
     pub use crate::context::Attribution;
     pub use crate::email::{Email, EmailKey, EmailKeyPolicy, EmailPolicy};
+    pub use crate::limit::PassThroughHasher;
     pub use crate::limit::{near_limit, QuotaOutcome};
     pub use crate::query::{email_param, encode_query_value};
     pub use crate::replay::{Charge, Recorded, Replay};

@@ -33,6 +33,7 @@ pub use key::KeyHasher;
 pub use quota::Quota;
 
 use gcra::Cell;
+pub use memory::PassThroughHasher;
 use memory::{shard_of, QuotaState};
 
 /// Most quotas one group may hold.

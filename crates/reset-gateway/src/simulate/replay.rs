@@ -3,10 +3,11 @@
 //! log) and tallies, per quota, what each would have done.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::{BinaryHeap, HashSet, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::time::Duration;
 
-use reset_guard::internals::{Charge, QuotaOutcome, Recorded, Replay};
+use reset_guard::internals::{Charge, PassThroughHasher, QuotaOutcome, Recorded, Replay};
 use reset_guard::{GuardSettings, LimitGroup, Quota};
 
 use super::reader::LoggedRequest;
@@ -14,6 +15,9 @@ use super::reader::LoggedRequest;
 /// Log lines are written when requests finish, so a line may follow lines of requests
 /// that arrived after it. Requests are held this long (in log time) to be put in order.
 pub const REORDER_WINDOW: Duration = Duration::from_secs(300);
+
+/// Limit keys are keyed hashes already: hashing them again would only cost time.
+type KeySet = HashSet<u64, BuildHasherDefault<PassThroughHasher>>;
 
 /// What one quota made of the replayed traffic.
 #[derive(Debug, Clone)]
@@ -38,7 +42,7 @@ pub struct Tally {
     /// Per quota, group by group.
     pub quotas: Vec<QuotaTally>,
     /// Distinct keys per group.
-    keys: [HashSet<u64>; 4],
+    keys: [KeySet; 4],
     /// Requests replayed.
     pub requests: u64,
     /// Requests an enforced quota refused.
@@ -188,6 +192,9 @@ pub struct Simulation {
     /// Every request's fate under the proposal, by line, when asked for.
     pub fates: Option<Vec<(u64, Option<LimitGroup>)>>,
     clients: Vec<String>,
+    /// The reorder window: requests that came in arrival order (most of them, so most
+    /// cost no heap operation), and those that came out of it.
+    in_order: VecDeque<LoggedRequest>,
     pending: BinaryHeap<Reverse<Pending>>,
     newest: u64,
     replayed_until: u64,
@@ -237,6 +244,7 @@ impl Simulation {
             span: None,
             fates: None,
             clients: Vec::new(),
+            in_order: VecDeque::new(),
             pending: BinaryHeap::new(),
             newest: 0,
             replayed_until: 0,
@@ -255,23 +263,59 @@ impl Simulation {
             self.clients = clients.to_vec();
         }
         self.newest = self.newest.max(request.at_ns);
-        self.pending.push(Reverse(Pending(request)));
+        // Lines come in increasing order, so a request no earlier than the last one in
+        // order sorts after it (arrival, then line) and the queue stays sorted.
+        if self
+            .in_order
+            .back()
+            .is_none_or(|last| request.at_ns >= last.at_ns)
+        {
+            self.in_order.push_back(request);
+        } else {
+            self.pending.push(Reverse(Pending(request)));
+        }
         let window = REORDER_WINDOW.as_nanos() as u64;
-        while let Some(Reverse(first)) = self.pending.peek() {
-            if first.0.at_ns.saturating_add(window) > self.newest {
+        while let Some(first) = self.next_waiting() {
+            if first.saturating_add(window) > self.newest {
                 break;
             }
-            let Some(Reverse(first)) = self.pending.pop() else {
+            let Some(request) = self.take_first() else {
                 break;
             };
-            self.replay(first.0);
+            self.replay(request);
         }
     }
 
     /// Replays whatever is still held; call once the log is read.
     pub fn finish(&mut self) {
-        while let Some(Reverse(first)) = self.pending.pop() {
-            self.replay(first.0);
+        while let Some(request) = self.take_first() {
+            self.replay(request);
+        }
+    }
+
+    /// The arrival time of the earliest request held.
+    fn next_waiting(&self) -> Option<u64> {
+        let queued = self.in_order.front().map(|r| r.at_ns);
+        let heaped = self.pending.peek().map(|Reverse(p)| p.0.at_ns);
+        match (queued, heaped) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Takes the earliest request held (by arrival, then line).
+    fn take_first(&mut self) -> Option<LoggedRequest> {
+        let from_heap = match (self.in_order.front(), self.pending.peek()) {
+            (Some(queued), Some(Reverse(heaped))) => {
+                (heaped.0.at_ns, heaped.0.line) < (queued.at_ns, queued.line)
+            }
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if from_heap {
+            self.pending.pop().map(|Reverse(p)| p.0)
+        } else {
+            self.in_order.pop_front()
         }
     }
 

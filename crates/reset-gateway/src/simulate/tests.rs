@@ -182,3 +182,68 @@ fn a_request_refused_early_when_recorded_is_counted_when_the_proposal_lets_it_fu
     assert_eq!(simulation.recorded_denied, 1);
     assert_eq!(simulation.proposed.unknown_beyond, 1);
 }
+
+/// The hand-written reading of the gateway's own time format gives what the general RFC
+/// 3339 parser gives, over four centuries of leap years, every fraction length and the
+/// edges of each field; what it does not read (offsets, out-of-range fields) falls to the
+/// general parser, which keeps refusing what is not a time.
+#[test]
+fn log_times_read_as_the_general_parser_reads_them() {
+    use super::reader::parse_time;
+    use time::format_description::well_known::Rfc3339;
+    let general = |text: &str| {
+        time::OffsetDateTime::parse(text, &Rfc3339)
+            .ok()
+            .and_then(|t| u64::try_from(t.unix_timestamp_nanos()).ok())
+    };
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut texts = vec![
+        "1970-01-01T00:00:00Z".to_owned(),
+        "2000-02-29T23:59:59.999999999Z".to_owned(),
+        "2100-02-28T12:00:00.5Z".to_owned(),
+        "2024-12-31T23:59:59.123456Z".to_owned(),
+    ];
+    for _ in 0..20_000 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let secs = state % (400 * 365 * 86_400);
+        let at = time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap();
+        let digits = (state >> 40) % 10;
+        let fraction = match digits {
+            0 => String::new(),
+            n => format!(
+                ".{:0width$}",
+                (state >> 8) % 10u64.pow(n as u32),
+                width = n as usize
+            ),
+        };
+        texts.push(format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{fraction}Z",
+            at.year(),
+            u8::from(at.month()),
+            at.day(),
+            at.hour(),
+            at.minute(),
+            at.second()
+        ));
+    }
+    for text in &texts {
+        assert_eq!(parse_time(text).ok(), general(text), "{text}");
+    }
+    for refused in [
+        "2025-02-29T10:00:00Z",
+        "2025-13-01T10:00:00Z",
+        "2025-03-01T24:00:00Z",
+        "2025-03-01T10:00:00.Z",
+        "1969-12-31T23:59:59Z",
+        "not a time",
+    ] {
+        assert!(parse_time(refused).is_err(), "{refused}");
+    }
+    // Offsets are read by the general parser.
+    assert_eq!(
+        parse_time("2025-03-01T11:00:00+01:00").ok(),
+        parse_time("2025-03-01T10:00:00Z").ok()
+    );
+}

@@ -22,8 +22,8 @@ use super::quota::Quota;
 pub(crate) const SHARDS: usize = 64;
 
 /// Keys are already keyed hashes: hashing them again would only cost time.
-#[derive(Default)]
-pub(crate) struct PassThroughHasher(u64);
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PassThroughHasher(u64);
 
 impl Hasher for PassThroughHasher {
     fn finish(&self) -> u64 {
