@@ -1,10 +1,12 @@
-//! Real servers the workspace's test suites start for themselves (Redis, HAProxy), on free
-//! loopback ports, and stop when the test is done with them.
+//! Real servers the workspace's test suites start for themselves (Redis, HAProxy), and a
+//! stand-in sentinel, on free loopback ports, and stop when the test is done with them.
 
+mod fake_sentinel;
 mod haproxy;
 mod redis_cluster;
 mod redis_server;
 
+pub use fake_sentinel::FakeSentinel;
 pub use haproxy::Haproxy;
 pub use redis_cluster::{ClusterOptions, RedisCluster};
-pub use redis_server::{free_port, RedisOptions, RedisServer, SENTINEL_MASTER};
+pub use redis_server::{free_port, RedisOptions, RedisServer, SentinelOptions, SENTINEL_MASTER};

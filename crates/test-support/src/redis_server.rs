@@ -24,14 +24,29 @@ pub struct RedisOptions {
     /// `requirepass`: clients must `AUTH` with it; a replica (or a cluster node's
     /// replica) authenticates to its master with it too (`masterauth`).
     pub password: Option<String>,
-    /// TLS on a second port: (port, certificate file, key file, CA file). A cluster node
-    /// with TLS also speaks it on its cluster bus (at that port + 10000) and to its
-    /// replicas, and tells TLS clients its TLS port in `CLUSTER SLOTS` and redirections.
+    /// TLS on a second port: (port, certificate file, key file, CA file). A replica then
+    /// reaches its master over TLS (`replica_of` names the master's TLS port) and announces
+    /// its TLS port. A cluster node with TLS also speaks it on its cluster bus (at that
+    /// port + 10000), and tells TLS clients its TLS port in `CLUSTER SLOTS` and
+    /// redirections.
     pub tls: Option<(u16, PathBuf, PathBuf, PathBuf)>,
     /// `replicaof 127.0.0.1 <port>`: a replica of the server on that port.
     pub replica_of: Option<u16>,
     /// Cluster mode, with its `nodes-<port>.conf` in this directory.
     pub cluster_dir: Option<PathBuf>,
+}
+
+/// How a sentinel is set up beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct SentinelOptions {
+    /// `sentinel auth-pass`: the password of the master and its replicas.
+    pub auth_pass: Option<String>,
+    /// `requirepass`: the sentinel's own password, for its clients and the other
+    /// sentinels (which must share it).
+    pub password: Option<String>,
+    /// TLS on a second port, as [`RedisOptions::tls`], and to the master, its replicas and
+    /// the other sentinels (`tls-replication yes`: the monitored port is a TLS one).
+    pub tls: Option<(u16, PathBuf, PathBuf, PathBuf)>,
 }
 
 /// A free loopback port.
@@ -76,10 +91,9 @@ impl RedisServer {
                 extra.extend([flag.to_owned(), path.display().to_string()]);
             }
             extra.extend(["--tls-auth-clients".to_owned(), "no".to_owned()]);
+            extra.extend(["--tls-replication".to_owned(), "yes".to_owned()]);
             if options.cluster_dir.is_some() {
-                for flag in ["--tls-cluster", "--tls-replication"] {
-                    extra.extend([flag.to_owned(), "yes".to_owned()]);
-                }
+                extra.extend(["--tls-cluster".to_owned(), "yes".to_owned()]);
             }
         }
         if let Some(master) = options.replica_of {
@@ -149,12 +163,23 @@ impl RedisServer {
     /// [`SENTINEL_MASTER`] (quorum 2, down after 500ms, failover timeout 5s), from a
     /// config file in a directory of its own.
     pub fn sentinel(master_port: u16) -> RedisServer {
-        Self::sentinel_with_auth(master_port, None)
+        Self::sentinel_with(master_port, SentinelOptions::default())
     }
 
     /// [`sentinel`](Self::sentinel) for a master (and replicas) that want `password`
     /// (`sentinel auth-pass`); the sentinel itself wants none.
     pub fn sentinel_with_auth(master_port: u16, password: Option<&str>) -> RedisServer {
+        Self::sentinel_with(
+            master_port,
+            SentinelOptions {
+                auth_pass: password.map(str::to_owned),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`sentinel`](Self::sentinel), set up as `options` says.
+    pub fn sentinel_with(master_port: u16, options: SentinelOptions) -> RedisServer {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
             "test-support-sentinel-{}-{port}",
@@ -162,6 +187,22 @@ impl RedisServer {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("sentinel.conf");
+        let mut extra = String::new();
+        if let Some(password) = &options.auth_pass {
+            extra += &format!("sentinel auth-pass {SENTINEL_MASTER} {password}\n");
+        }
+        if let Some(password) = &options.password {
+            extra += &format!("requirepass {password}\n");
+        }
+        if let Some((tls_port, cert, key, ca)) = &options.tls {
+            extra += &format!(
+                "tls-port {tls_port}\ntls-cert-file {}\ntls-key-file {}\n\
+                 tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n",
+                cert.display(),
+                key.display(),
+                ca.display()
+            );
+        }
         std::fs::write(
             &config,
             format!(
@@ -169,11 +210,8 @@ impl RedisServer {
                  loglevel warning\ndir {dir}\n\
                  sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds {SENTINEL_MASTER} 500\n\
-                 sentinel failover-timeout {SENTINEL_MASTER} 5000\n{auth}",
+                 sentinel failover-timeout {SENTINEL_MASTER} 5000\n{extra}",
                 dir = dir.display(),
-                auth = password
-                    .map(|p| format!("sentinel auth-pass {SENTINEL_MASTER} {p}\n"))
-                    .unwrap_or_default(),
             ),
         )
         .unwrap();
@@ -186,7 +224,11 @@ impl RedisServer {
             .expect("redis-server must be installed (scripts/test installs it)");
         let server = RedisServer {
             port,
-            options: RedisOptions::default(),
+            options: RedisOptions {
+                password: options.password,
+                tls: options.tls,
+                ..Default::default()
+            },
             child: Some(child),
             dir: Some(dir),
         };

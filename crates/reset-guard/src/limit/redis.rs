@@ -25,7 +25,7 @@ mod settings;
 pub(crate) use batch::RedisSpecs;
 use batch::{run_batches, Charges, Job, REPLY_LEN};
 use cluster::Cluster;
-use sentinel::{Master, RESOLVE_INTERVAL_NS};
+use sentinel::{Master, SentinelPool, RESOLVE_INTERVAL_NS};
 use settings::Sentinels;
 pub use settings::{OnError, RedisSettings};
 
@@ -54,7 +54,7 @@ pub(crate) struct RedisStore {
     /// None only in Sentinel mode, until the sentinels have named a master.
     master: ArcSwapOption<Master>,
     /// Sentinel mode: whom to ask for the master.
-    sentinels: Option<Sentinels>,
+    sentinels: Option<SentinelPool>,
     /// Held while the sentinels are asked, so one question runs at a time.
     resolving: tokio::sync::Mutex<()>,
     /// When a failed request last prompted a question ([`MonotonicClock`] nanoseconds).
@@ -122,7 +122,7 @@ impl RedisStore {
         Ok(RedisStore {
             cluster,
             master: ArcSwapOption::new(master),
-            sentinels,
+            sentinels: sentinels.map(SentinelPool::new),
             resolving: tokio::sync::Mutex::new(()),
             last_resolve: AtomicU64::new(0),
             settings: settings.clone(),

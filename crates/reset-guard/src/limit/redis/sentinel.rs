@@ -1,5 +1,14 @@
-//! Sentinel mode: asking the sentinels which server is the master, and moving every
-//! connection to a new one after a failover.
+//! Sentinel mode: asking the sentinels which server is the master, checking with that
+//! server (`ROLE`) that it is one, and moving every connection to it after a failover.
+//!
+//! A sentinel can name a stale master while a failover is under way (it has not yet
+//! heard of the promotion), so a named server is used only once it says `master` itself;
+//! otherwise the next sentinel is asked. The sentinel whose answer was used is asked
+//! first next time, so a dead sentinel costs its timeout once, not on every question.
+//! The sentinels are asked without the username and password, and with them when a
+//! sentinel wants them (its own `requirepass`); whichever way worked is tried first.
+
+use std::sync::atomic::AtomicUsize;
 
 use super::*;
 
@@ -35,32 +44,69 @@ impl Master {
     }
 }
 
+/// The sentinels, and what asking them has taught.
+pub(super) struct SentinelPool {
+    sentinels: Sentinels,
+    /// The position of the sentinel asked first: the last one whose answer was used.
+    first: AtomicUsize,
+    /// Whether the sentinels are asked with the username and password.
+    with_auth: AtomicBool,
+}
+
+impl SentinelPool {
+    pub(super) fn new(sentinels: Sentinels) -> Self {
+        SentinelPool {
+            sentinels,
+            first: AtomicUsize::new(0),
+            with_auth: AtomicBool::new(false),
+        }
+    }
+
+    /// Each sentinel's URL.
+    pub(super) fn nodes(&self) -> &[String] {
+        &self.sentinels.nodes
+    }
+}
+
+/// Whether a sentinel refused because of the credentials: it wants a password it was not
+/// given (`NOAUTH`), or it has none and refused the one it was given.
+fn refused_credentials(error: &redis::RedisError) -> bool {
+    error.kind() == redis::ErrorKind::AuthenticationFailed || error.code() == Some("NOAUTH")
+}
+
+/// Whether a `ROLE` reply says `master` (a replica says `slave`, a sentinel `sentinel`).
+fn says_master(role: &redis::Value) -> bool {
+    let redis::Value::Array(fields) = role else {
+        return false;
+    };
+    match fields.first() {
+        Some(redis::Value::BulkString(role)) => role == b"master",
+        Some(redis::Value::SimpleString(role)) => role == "master",
+        _ => false,
+    }
+}
+
 impl RedisStore {
     /// In Sentinel mode: asks the sentinels which server is the master now and, when it
     /// changed (a failover), moves every connection to it. One question at a time.
     pub(super) async fn resolve(&self) {
-        let Some(sentinels) = &self.sentinels else {
+        let Some(pool) = &self.sentinels else {
             return;
         };
         let _one = self.resolving.lock().await;
-        let Some((host, port)) = self.ask_sentinels(sentinels).await else {
+        let current = self.master.load_full();
+        let Some(((host, port), client)) = self.find_master(pool, current.as_deref()).await else {
             return;
         };
-        let current = self.master.load_full();
-        if current.as_ref().is_some_and(|m| {
-            m.address
-                .as_ref()
-                .is_some_and(|(h, p)| *h == host && *p == port)
-        }) {
+        if current
+            .as_ref()
+            .is_some_and(|m| m.address.as_ref() == Some(&(host.clone(), port)))
+        {
             return;
         }
         let generation = current.map_or(1, |m| m.generation + 1);
         let named = format!("{host}:{port}");
-        let master = self
-            .settings
-            .client_at(&sentinels.master_url(&host, port), true)
-            .and_then(|client| Master::new(generation, Some((host, port)), client, &self.config));
-        match master {
+        match Master::new(generation, Some((host, port)), client, &self.config) {
             Ok(master) => {
                 tracing::info!(target: "reset_guard::limit", master = %named, "Redis master named by the sentinels");
                 self.master.store(Some(Arc::new(master)));
@@ -71,33 +117,116 @@ impl RedisStore {
         }
     }
 
-    /// The master's address, from the first sentinel that names it.
-    pub(super) async fn ask_sentinels(&self, sentinels: &Sentinels) -> Option<(String, u16)> {
+    /// The master's address and a client for it: from the first sentinel, starting with
+    /// the one whose answer was used last, that names a server which says it is a master.
+    async fn find_master(
+        &self,
+        pool: &SentinelPool,
+        current: Option<&Master>,
+    ) -> Option<((String, u16), redis::Client)> {
         let wait = self.timeout.max(Duration::from_millis(250));
-        for node in &sentinels.nodes {
-            let ask = async {
-                let client = self.settings.client_at(node, false)?;
-                let mut connection = client.get_multiplexed_async_connection().await?;
-                redis::cmd("SENTINEL")
-                    .arg("get-master-addr-by-name")
-                    .arg(&sentinels.master)
-                    .query_async::<Option<(String, u16)>>(&mut connection)
-                    .await
-            };
-            match tokio::time::timeout(wait, ask).await {
-                Ok(Ok(Some(address))) => return Some(address),
+        let count = pool.nodes().len();
+        let first = pool.first.load(Ordering::Relaxed);
+        for at in (0..count).map(|i| (first + i) % count) {
+            let address = match tokio::time::timeout(wait, self.ask_sentinel(pool, at)).await {
+                Ok(Ok(Some(address))) => address,
                 Ok(Ok(None)) => {
-                    tracing::warn!(target: "reset_guard::limit", master = %sentinels.master, "a sentinel does not know this master");
+                    tracing::warn!(target: "reset_guard::limit", master = %pool.sentinels.master, "a sentinel does not know this master");
+                    continue;
                 }
                 Ok(Err(error)) => {
                     tracing::debug!(target: "reset_guard::limit", %error, "a sentinel did not answer");
+                    continue;
                 }
                 Err(_) => {
                     tracing::debug!(target: "reset_guard::limit", "a sentinel did not answer in time");
+                    continue;
+                }
+            };
+            let named = format!("{}:{}", address.0, address.1);
+            match tokio::time::timeout(wait, self.confirm_master(pool, &address, current)).await {
+                Ok(Ok(Some(client))) => {
+                    pool.first.store(at, Ordering::Relaxed);
+                    return Some((address, client));
+                }
+                Ok(Ok(None)) => {
+                    tracing::warn!(target: "reset_guard::limit", master = %named, "a sentinel named a Redis server that is not a master");
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(target: "reset_guard::limit", master = %named, %error, "cannot reach the Redis master a sentinel named");
+                }
+                Err(_) => {
+                    tracing::warn!(target: "reset_guard::limit", master = %named, "the Redis master a sentinel named did not answer in time");
                 }
             }
         }
-        tracing::warn!(target: "reset_guard::limit", "no sentinel named the Redis master");
+        tracing::warn!(target: "reset_guard::limit", "no sentinel named a Redis master that answers as one");
         None
     }
+
+    /// The sentinel at `at`'s answer to `SENTINEL get-master-addr-by-name`: asked the way
+    /// that worked last, then the other way if it refused the credentials.
+    async fn ask_sentinel(
+        &self,
+        pool: &SentinelPool,
+        at: usize,
+    ) -> redis::RedisResult<Option<(String, u16)>> {
+        let with_auth = pool.with_auth.load(Ordering::Relaxed);
+        let node = &pool.nodes()[at];
+        match self.query_sentinel(pool, node, with_auth).await {
+            Err(error) if refused_credentials(&error) && self.settings.password.is_some() => {
+                let answer = self.query_sentinel(pool, node, !with_auth).await;
+                if answer.is_ok() {
+                    pool.with_auth.store(!with_auth, Ordering::Relaxed);
+                }
+                answer
+            }
+            answer => answer,
+        }
+    }
+
+    async fn query_sentinel(
+        &self,
+        pool: &SentinelPool,
+        node: &str,
+        with_auth: bool,
+    ) -> redis::RedisResult<Option<(String, u16)>> {
+        let client = self.settings.client_at(node, with_auth)?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(&pool.sentinels.master)
+            .query_async(&mut connection)
+            .await
+    }
+
+    /// A client for the server at `address` when it says `ROLE` master, asked with the
+    /// username, password and CA the master is reached with (over the current master's
+    /// connection when it is the same server).
+    async fn confirm_master(
+        &self,
+        pool: &SentinelPool,
+        address: &(String, u16),
+        current: Option<&Master>,
+    ) -> redis::RedisResult<Option<redis::Client>> {
+        let role = redis::cmd("ROLE");
+        let (client, reply) = match current.filter(|m| m.address.as_ref() == Some(address)) {
+            Some(master) => {
+                let mut connection = master.connection.clone();
+                let reply = role.query_async(&mut connection).await?;
+                (master.client.clone(), reply)
+            }
+            None => {
+                let url = pool.sentinels.master_url(&address.0, address.1);
+                let client = self.settings.client_at(&url, true)?;
+                let mut connection = client.get_multiplexed_async_connection().await?;
+                let reply = role.query_async(&mut connection).await?;
+                (client, reply)
+            }
+        };
+        Ok(says_master(&reply).then_some(client))
+    }
 }
+
+#[cfg(test)]
+mod tests;

@@ -74,7 +74,9 @@ impl RedisSettings {
 
     /// Settings for the master the sentinels at `nodes` (`redis://host:port`, or all
     /// `rediss://`) name `master`, otherwise as [`new`](Self::new). The username,
-    /// password and CA apply to the master; the sentinels are asked without a password.
+    /// password and CA apply to the master and its replicas; the sentinels are asked
+    /// without the username and password, and with them when they want one (their own
+    /// `requirepass`); the CA applies to them too.
     ///
     /// # Errors
     ///
@@ -88,7 +90,8 @@ impl RedisSettings {
                 "the master's name must be non-empty, without `,`, `/` or spaces".to_owned(),
             );
         }
-        let (scheme, addresses) = node_addresses(nodes, "the sentinels are asked without one")?;
+        let (scheme, addresses) =
+            node_addresses(nodes, "a sentinel that wants one is given the master's")?;
         Ok(Self::new(format!(
             "{scheme}+sentinel://{}/{master}",
             addresses.join(",")
@@ -183,7 +186,7 @@ impl RedisSettings {
     }
 
     /// The client for the server at `url`: with the username and password when `auth`
-    /// (Sentinel mode asks the sentinels without them), TLS with `ca_pem` when set.
+    /// (Sentinel mode asks the sentinels without them first), TLS with `ca_pem` when set.
     pub(crate) fn client_at(&self, url: &str, auth: bool) -> redis::RedisResult<redis::Client> {
         let info = url.into_connection_info()?;
         let mut handshake = info.redis_settings().clone();

@@ -1,0 +1,91 @@
+//! Which master the store settles on, against a real master, replica and sentinel, with a
+//! stand-in sentinel that names the replica or never answers.
+
+use super::*;
+use test_support::{FakeSentinel, RedisOptions, RedisServer, SENTINEL_MASTER};
+
+fn store(nodes: &[String]) -> RedisStore {
+    let mut settings = RedisSettings::sentinel(nodes, SENTINEL_MASTER).unwrap();
+    settings.timeout = Duration::from_millis(300);
+    RedisStore::new(&settings, Arc::new(LimitCounters::default())).unwrap()
+}
+
+/// The port of the master the store sends decisions to, if any.
+fn master_port(store: &RedisStore) -> Option<u16> {
+    store.master.load().as_ref()?.address.as_ref().map(|a| a.1)
+}
+
+#[tokio::test]
+async fn a_sentinel_naming_a_replica_is_passed_over_and_asked_last() {
+    let master = RedisServer::start();
+    let replica = RedisServer::start_with(RedisOptions {
+        replica_of: Some(master.port()),
+        ..Default::default()
+    });
+    let stale = FakeSentinel::naming(replica.port());
+    let sentinel = RedisServer::sentinel(master.port());
+
+    let store = store(&[stale.url(), sentinel.url()]);
+    store.resolve().await;
+    assert_eq!(stale.connections(), 1, "the stale sentinel was asked first");
+    assert_eq!(master_port(&store), Some(master.port()));
+    assert!(store.probe().await, "the master answers");
+    // The sentinel whose answer was used is now asked first.
+    for _ in 0..3 {
+        store.resolve().await;
+    }
+    assert_eq!(stale.connections(), 1);
+    assert_eq!(master_port(&store), Some(master.port()));
+
+    // Alone, the stale sentinel gives no master: the replica is never used.
+    let store = self::store(&[stale.url()]);
+    store.resolve().await;
+    assert_eq!(stale.connections(), 2);
+    assert_eq!(master_port(&store), None);
+    assert!(!store.probe().await, "no master: not healthy");
+}
+
+#[tokio::test]
+async fn a_dead_first_sentinel_is_waited_for_once_not_at_every_question() {
+    let master = RedisServer::start();
+    let dead = FakeSentinel::silent();
+    let sentinel = RedisServer::sentinel(master.port());
+
+    let store = store(&[dead.url(), sentinel.url()]);
+    for _ in 0..4 {
+        store.resolve().await;
+        assert_eq!(master_port(&store), Some(master.port()));
+    }
+    assert_eq!(dead.connections(), 1, "the silent sentinel was asked once");
+}
+
+#[tokio::test]
+async fn sentinels_that_want_a_password_get_the_masters_and_are_then_asked_with_it() {
+    const PASSWORD: &str = "s3cret-sentinel-password";
+    let master = RedisServer::start_with(RedisOptions {
+        password: Some(PASSWORD.to_owned()),
+        ..Default::default()
+    });
+    let sentinel = RedisServer::sentinel_with(
+        master.port(),
+        test_support::SentinelOptions {
+            auth_pass: Some(PASSWORD.to_owned()),
+            password: Some(PASSWORD.to_owned()),
+            ..Default::default()
+        },
+    );
+    let mut settings = RedisSettings::sentinel(&[sentinel.url()], SENTINEL_MASTER).unwrap();
+    settings.password = Some(PASSWORD.to_owned().into());
+    settings.timeout = Duration::from_millis(300);
+    let store = RedisStore::new(&settings, Arc::new(LimitCounters::default())).unwrap();
+    store.resolve().await;
+    assert_eq!(master_port(&store), Some(master.port()));
+    let pool = store.sentinels.as_ref().unwrap();
+    assert!(pool.with_auth.load(Ordering::Relaxed), "remembered");
+    assert!(store.probe().await);
+
+    // Without a password, neither the sentinel nor the master lets the store in.
+    let store = self::store(&[sentinel.url()]);
+    store.resolve().await;
+    assert_eq!(master_port(&store), None);
+}
