@@ -1,5 +1,6 @@
 //! Limits in Redis through Sentinel: a real master, a replica and three sentinels, and a
-//! failover the gateways follow without a restart.
+//! failover the gateways follow without a restart, also with passwords everywhere; TLS to
+//! the sentinels and the master.
 
 use std::time::{Duration, Instant};
 
@@ -7,7 +8,7 @@ use qb_mock::MockServer;
 
 use crate::common::*;
 use crate::redis::four_resets;
-use test_support::{RedisOptions, RedisServer, SENTINEL_MASTER};
+use test_support::{free_port, RedisOptions, RedisServer, SentinelOptions, SENTINEL_MASTER};
 
 /// A gateway config reaching Redis through the sentinels at `nodes`, with more
 /// `store.redis` keys, and `on_error`.
@@ -35,12 +36,21 @@ fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
-#[tokio::test]
-async fn a_failover_keeps_serving_and_keeps_the_limits_written_before_it() {
-    let mut master = RedisServer::start();
+/// A master, its replica and three sentinels (quorum 2) that know each other and the
+/// replica, so a failover can happen. With `password`, every one of them wants it: the data
+/// nodes (`requirepass`, and `masterauth` between them), the sentinels to reach them
+/// (`auth-pass`) and the sentinels themselves (`requirepass`, shared between them).
+fn master_replica_and_sentinels(
+    password: Option<&str>,
+) -> (RedisServer, RedisServer, Vec<RedisServer>) {
+    let secured = RedisOptions {
+        password: password.map(str::to_owned),
+        ..Default::default()
+    };
+    let master = RedisServer::start_with(secured.clone());
     let replica = RedisServer::start_with(RedisOptions {
         replica_of: Some(master.port()),
-        ..Default::default()
+        ..secured
     });
     assert!(
         wait_for(Duration::from_secs(10), || replica
@@ -49,7 +59,16 @@ async fn a_failover_keeps_serving_and_keeps_the_limits_written_before_it() {
         "the replica did not sync"
     );
     let sentinels: Vec<RedisServer> = (0..3)
-        .map(|_| RedisServer::sentinel(master.port()))
+        .map(|_| {
+            RedisServer::sentinel_with(
+                master.port(),
+                SentinelOptions {
+                    auth_pass: password.map(str::to_owned),
+                    password: password.map(str::to_owned),
+                    ..Default::default()
+                },
+            )
+        })
         .collect();
     // A failover needs the sentinels to know each other (they meet through the master
     // every 2 s) and the replica.
@@ -60,10 +79,25 @@ async fn a_failover_keeps_serving_and_keeps_the_limits_written_before_it() {
         })),
         "the sentinels did not find each other and the replica"
     );
+    (master, replica, sentinels)
+}
+
+/// Two gateways (the password, if any, from the environment) write limits to the master;
+/// it is killed; both serve through the failover (`on_error: allow`), then enforce limits
+/// on the promoted replica, which still has what was written before.
+async fn a_failover_keeps_serving_and_the_limits(password: Option<&str>) {
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_SENTINEL_FAILOVER_PASSWORD";
+    let (mut master, replica, sentinels) = master_replica_and_sentinels(password);
     let nodes: Vec<String> = sentinels.iter().map(RedisServer::url).collect();
+    let mut extra = String::new();
+    if let Some(password) = password {
+        // Each test runs in its own process: setting the variable touches no other test.
+        std::env::set_var(VARIABLE, password);
+        extra = format!("    password_env: {VARIABLE}\n");
+    }
 
     let mock = MockServer::start(mock_config()).await.unwrap();
-    let yaml = sentinel_yaml(&mock, &nodes, "", "allow");
+    let yaml = sentinel_yaml(&mock, &nodes, &extra, "allow");
     let a = Gateway::start_yaml(mock, &yaml).await;
     let b = Gateway::replica(&yaml).await;
     let alice = "email=alice%40example.com";
@@ -96,6 +130,81 @@ async fn a_failover_keeps_serving_and_keeps_the_limits_written_before_it() {
     assert_eq!(b.reset_as_ios(alice).await.status, 429);
     assert!(!replica.dump().is_empty());
     eprintln!("limits applied again {recovered:?} after the master was killed");
+}
+
+#[tokio::test]
+async fn a_failover_keeps_serving_and_keeps_the_limits_written_before_it() {
+    a_failover_keeps_serving_and_the_limits(None).await;
+}
+
+#[tokio::test]
+async fn a_failover_with_passwords_on_every_node_and_sentinel_keeps_the_limits() {
+    a_failover_keeps_serving_and_the_limits(Some("s3cret-failover-password")).await;
+}
+
+#[tokio::test]
+async fn tls_to_the_sentinels_and_the_master_with_a_private_ca_and_not_with_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificates(dir.path());
+    let tls = || Some((free_port(), cert.clone(), key.clone(), ca.clone()));
+    let master = RedisServer::start_with(RedisOptions {
+        tls: tls(),
+        ..Default::default()
+    });
+    let master_tls_port = master.options().tls.as_ref().unwrap().0;
+    // The sentinels watch the master's TLS port, over TLS, and so name that port.
+    let sentinels: Vec<RedisServer> = (0..2)
+        .map(|_| {
+            RedisServer::sentinel_with(
+                master_tls_port,
+                SentinelOptions {
+                    tls: tls(),
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(10), || sentinels
+            .iter()
+            .all(|s| s.sentinel_field("flags").as_deref() == Some("master"))),
+        "the sentinels did not reach the master over TLS"
+    );
+    assert_eq!(sentinels[0].sentinel_master_port(), Some(master_tls_port));
+    let nodes: Vec<String> = sentinels
+        .iter()
+        .map(|s| s.tls_url("localhost").unwrap())
+        .collect();
+
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let trusting = sentinel_yaml(
+        &mock,
+        &nodes,
+        &format!("    ca_file: {}\n", ca.display()),
+        "deny",
+    );
+    let a = Gateway::start_yaml(mock, &trusting).await;
+    let b = Gateway::replica(&trusting).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    assert!(
+        !master.dump().is_empty(),
+        "the limits went over TLS to the master the sentinels named"
+    );
+
+    // A certificate from another CA does not verify, the sentinels' or the master's: a
+    // connection failure, handled by on_error (deny: 503, and not ready).
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = test_certificates(other.path());
+    let untrusting = sentinel_yaml(
+        &a.mock,
+        &nodes,
+        &format!("    ca_file: {}\n", other_ca.display()),
+        "deny",
+    );
+    let c = Gateway::replica(&untrusting).await;
+    assert_eq!(c.reset_as_ios("email=bob%40example.com").await.status, 503);
+    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
+    assert_eq!(ready.status, 503);
 }
 
 #[tokio::test]
