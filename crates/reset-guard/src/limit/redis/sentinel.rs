@@ -127,6 +127,9 @@ impl RedisStore {
         let wait = self.timeout.max(Duration::from_millis(250));
         let count = pool.nodes().len();
         let first = pool.first.load(Ordering::Relaxed);
+        // Servers that did not answer as master this time: another sentinel naming one
+        // too is passed over without asking it again.
+        let mut refused: Vec<(String, u16)> = Vec::new();
         for at in (0..count).map(|i| (first + i) % count) {
             let address = match tokio::time::timeout(wait, self.ask_sentinel(pool, at)).await {
                 Ok(Ok(Some(address))) => address,
@@ -143,6 +146,9 @@ impl RedisStore {
                     continue;
                 }
             };
+            if refused.contains(&address) {
+                continue;
+            }
             let named = format!("{}:{}", address.0, address.1);
             match tokio::time::timeout(wait, self.confirm_master(pool, &address, current)).await {
                 Ok(Ok(Some(client))) => {
@@ -159,6 +165,7 @@ impl RedisStore {
                     tracing::warn!(target: "reset_guard::limit", master = %named, "the Redis master a sentinel named did not answer in time");
                 }
             }
+            refused.push(address);
         }
         tracing::warn!(target: "reset_guard::limit", "no sentinel named a Redis master that answers as one");
         None

@@ -23,19 +23,32 @@ async fn a_sentinel_naming_a_replica_is_passed_over_and_asked_last() {
         ..Default::default()
     });
     let stale = FakeSentinel::naming(replica.port());
+    let also_stale = FakeSentinel::naming(replica.port());
     let sentinel = RedisServer::sentinel(master.port());
 
-    let store = store(&[stale.url(), sentinel.url()]);
+    let store = store(&[stale.url(), also_stale.url(), sentinel.url()]);
     store.resolve().await;
     assert_eq!(stale.connections(), 1, "the stale sentinel was asked first");
+    assert_eq!(also_stale.connections(), 1);
     assert_eq!(master_port(&store), Some(master.port()));
+    // The replica was asked its role once, not once per sentinel naming it.
+    let role_calls = |server: &RedisServer| {
+        let stats = server.command("INFO commandstats").unwrap_or_default();
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_role:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(role_calls(&replica), 1);
     assert!(store.probe().await, "the master answers");
     // The sentinel whose answer was used is now asked first.
     for _ in 0..3 {
         store.resolve().await;
     }
-    assert_eq!(stale.connections(), 1);
+    assert_eq!(stale.connections() + also_stale.connections(), 2);
     assert_eq!(master_port(&store), Some(master.port()));
+    assert_eq!(role_calls(&replica), 1);
 
     // Alone, the stale sentinel gives no master: the replica is never used.
     let store = self::store(&[stale.url()]);
