@@ -15,7 +15,7 @@ mod server;
 mod store;
 mod upstream;
 
-pub use log::{LogConfig, LogFormat};
+pub use log::{DenialLogging, LogConfig, LogFormat};
 pub use server::{
     AdminConfig, CorsConfig, ProxyProtocolConfig, ServerConfig, ServerSettings, TlsConfig,
 };
@@ -84,6 +84,7 @@ impl GatewayConfig {
             .map_err(|e| e.within("guard").located(yaml))?;
         let upstream = self.upstream.validate().map_err(|e| e.located(yaml))?;
         let store = self.store.validate().map_err(|e| e.located(yaml))?;
+        self.log.validate().map_err(|e| e.located(yaml))?;
         Ok(Settings {
             store,
             server: self

@@ -52,7 +52,7 @@ pub async fn run(
     .context("starting the QuickBlox stand-in")?;
     let settings = settings(listen, &mock.url())?;
     let per_ip = *per_ip_quota(&settings);
-    crate::telemetry::init(&settings.log);
+    let _log_sink = crate::telemetry::init(&settings.log);
     let app = crate::build(settings).await.with_context(|| {
         format!(
             "starting the demo gateway on {listen} (if another process holds that port, \

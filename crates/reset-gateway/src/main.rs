@@ -45,7 +45,8 @@ fn main() -> ExitCode {
                 Ok(settings) => settings,
                 Err(error) => return invalid(&cli.config, &error),
             };
-            telemetry::init(&settings.log);
+            // Kept to the end: dropping it writes out the lines still queued.
+            let _log_sink = telemetry::init(&settings.log);
             let path = cli.config.clone();
             runtime(async move {
                 let app = reset_gateway::build(settings).await?;

@@ -117,6 +117,7 @@ impl Metrics {
             let _ = proxy_refused.get_or_create(&ReasonLabel { reason });
         }
         registry.register_collector(Box::new(LimiterCollector { guard }));
+        registry.register_collector(Box::new(LogCollector));
         // Both results from the start: `increase()` sees nothing of a series' first sample,
         // so a first failed reload would never alert if its series only appeared then.
         for result in RELOAD_RESULTS {
@@ -336,6 +337,22 @@ impl Collector for LimiterCollector {
             ConstGauge::new(held as i64).encode(keys.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+/// Reads the log sink's drop counter when scraped.
+#[derive(Debug)]
+struct LogCollector;
+
+impl Collector for LogCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let dropped = encoder.encode_descriptor(
+            "reset_gateway_log_lines_dropped",
+            "Log lines dropped because the log sink did not keep up",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(crate::telemetry::dropped_lines()).encode(dropped)
     }
 }
 

@@ -24,6 +24,7 @@ use crate::header_names::{QB_TOKEN, RATELIMIT, RATELIMIT_POLICY};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::request_id::X_REQUEST_ID;
+use crate::telemetry::DenialLog;
 use crate::tls::CertStore;
 use crate::upstream::Forwarder;
 
@@ -46,6 +47,7 @@ pub struct App {
     /// One service stack per worker; each has its own upstream pool.
     workers: Vec<Arc<WorkerContext>>,
     state: Arc<AdminState>,
+    denials: Arc<DenialLog>,
     forwarders: Vec<Forwarder>,
     certs: Option<Arc<CertStore>>,
     tls: Option<TlsAcceptor>,
@@ -82,6 +84,8 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         }
         None => (None, None),
     };
+    let denials = Arc::new(DenialLog::new(&settings.log));
+    tokio::spawn(denials.clone().sweep_periodically());
     let mut forwarders = Vec::new();
     let mut workers = Vec::new();
     for _ in 0..listeners.len() {
@@ -96,6 +100,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         workers.push(Arc::new(WorkerContext {
             service,
             include_email: settings.log.include_email,
+            denials: denials.clone(),
             request_timeout: server.request_timeout,
             max_uri_bytes: server.max_uri_bytes,
             state: state.clone(),
@@ -107,6 +112,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         admin,
         workers,
         state,
+        denials,
         forwarders,
         certs,
         tls,
@@ -236,6 +242,8 @@ impl App {
         for finish in finished {
             finish.await.context("a worker thread died")??;
         }
+        // The denials folded since the last sweep: a recording stays complete.
+        self.denials.drain();
         Ok(())
     }
 }

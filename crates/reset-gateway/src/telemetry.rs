@@ -5,6 +5,17 @@
 //! RFC 3339 to the nanosecond), that it did (`guarded`), and what each limit group was
 //! keyed on: `client_ip` as the per-IP limit resolved it, `client_id` once the credential
 //! was known, `email_hash` once the address was valid.
+//!
+//! `sink` keeps logging off the request path; `fold` and `denials` fold repeated denials
+//! into summary lines (`log.denials: summarize`).
+
+mod denials;
+mod fold;
+mod sink;
+
+pub use denials::DenialLog;
+pub use fold::Denial;
+pub use sink::{dropped_lines, LogSink};
 
 use std::io::IsTerminal;
 use std::net::IpAddr;
@@ -20,15 +31,17 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 use crate::upstream::UpstreamExchange;
 
-/// Installs the global subscriber; `RUST_LOG` overrides `log.level`. Calling it again
-/// (tests) is harmless.
-pub fn init(log: &LogConfig) {
+/// Installs the global subscriber, writing to stderr through the non-blocking sink
+/// (`sink.rs`); `RUST_LOG` overrides `log.level`. Keep the returned sink until exit: its
+/// drop writes out what is queued. Calling it again (tests) is harmless and returns `None`.
+pub fn init(log: &LogConfig) -> Option<LogSink> {
+    let (writer, sink) = sink::install(log.format, log.queue_lines)?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
     // Colour codes only for a person at a terminal: in a file or a log pipeline they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match log.format {
         LogFormat::Json => builder
             .json()
@@ -37,6 +50,7 @@ pub fn init(log: &LogConfig) {
             .try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    Some(sink)
 }
 
 /// How an address appears in the logs: its per-email limit key, the 64-bit keyed hash of
@@ -89,20 +103,38 @@ impl AccessRecord<'_> {
         }
     }
 
-    /// Emits the line.
-    pub fn emit(&self) {
+    /// Emits the line, unless it is a denial `denials` folds into a summary.
+    pub fn emit(&self, denials: &DenialLog) {
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return;
+        }
         let outcome = self.outcome();
         let limit = match self.rejection {
             Some(Rejection::RateLimited(denial)) => Some(denial.group.name()),
             _ => None,
         };
+        let attribution = self.guarded.map(Attribution::from);
+        let attribution = attribution.as_ref().or(self.attribution);
+        let client_ip = attribution.map_or(self.peer, |a| a.client_ip());
+        // Requests the guard refused; forwarded ones (and failed forwards) always get a line.
+        if self.rejection.is_some() && self.refusal.is_none() {
+            let denial = Denial {
+                outcome,
+                limit,
+                status: self.status.as_u16(),
+                guarded: attribution.is_some(),
+                client_ip,
+                client_id: attribution.and_then(|a| a.client_id()),
+                email_hash: attribution.and_then(|a| a.email_hash()),
+            };
+            if !denials.admit(&denial, self.received) {
+                return;
+            }
+        }
         let upstream_status = self
             .uniform
             .map(|u| u.0.as_u16())
             .or_else(|| self.upstream.and_then(|u| u.status).map(|s| s.as_u16()));
-        let attribution = self.guarded.map(Attribution::from);
-        let attribution = attribution.as_ref().or(self.attribution);
-        let client_ip = attribution.map_or(self.peer, |a| a.client_ip());
         tracing::info!(
             target: "access",
             received_at = timestamp(self.received),

@@ -20,7 +20,7 @@ use tower_http::cors::Cors;
 use crate::admin::AdminState;
 use crate::refusal::Refusal;
 use crate::request_id::{self, X_REQUEST_ID};
-use crate::telemetry::AccessRecord;
+use crate::telemetry::{AccessRecord, DenialLog};
 use crate::upstream::{ForwardBody, Forwarder, UpstreamExchange};
 
 /// The body of every answer the gateway sends.
@@ -33,6 +33,7 @@ pub(super) type Stack = Either<Cors<ResetGuard<Forwarder>>, ResetGuard<Forwarder
 pub(super) struct WorkerContext {
     pub(super) service: Stack,
     pub(super) include_email: bool,
+    pub(super) denials: Arc<DenialLog>,
     pub(super) request_timeout: Duration,
     pub(super) max_uri_bytes: usize,
     pub(super) state: Arc<AdminState>,
@@ -135,7 +136,7 @@ async fn handle(
         uniform: extensions.get::<UpstreamStatus>(),
         include_email: context.include_email,
     };
-    record.emit();
+    record.emit(&context.denials);
     let metrics = &context.state.metrics;
     metrics.request(record.outcome(), record.duration);
     if let Some(exchange) = record.upstream {
