@@ -6,6 +6,7 @@
 pub mod reader;
 pub mod replay;
 pub mod report;
+mod summary;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

@@ -4,7 +4,8 @@
 //! Lines that are not access lines (other log events, text, blank lines) are skipped;
 //! access lines of requests that never reached the limits (other routes, wrong method)
 //! are counted and skipped; an access line that cannot be read is reported with its
-//! line number and skipped.
+//! line number and skipped. A summary line of folded denials stands for its `count`
+//! requests (summary.rs).
 
 use std::borrow::Cow;
 use std::io::BufRead;
@@ -12,6 +13,8 @@ use std::net::IpAddr;
 
 use reset_guard::LimitGroup;
 use serde::Deserialize;
+
+use super::summary::Expansion;
 
 /// One charged request as the log tells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +60,10 @@ struct AccessLine<'a> {
     outcome: Option<Cow<'a, str>>,
     #[serde(borrow)]
     limit: Option<Cow<'a, str>>,
+    /// A summary line's (summary.rs).
+    count: Option<u64>,
+    #[serde(borrow)]
+    last_received_at: Option<Cow<'a, str>>,
 }
 
 /// Reads a log line by line.
@@ -72,6 +79,8 @@ pub struct Reader {
     pub bad_lines: Vec<BadLine>,
     bad_lines_total: u64,
     line: u64,
+    /// The rest of the requests of the last summary line read.
+    summarized: Option<Expansion>,
 }
 
 /// Most unreadable lines remembered one by one (the rest are only counted).
@@ -93,6 +102,9 @@ impl Reader {
             }
             if let Some(request) = self.line(&buffer) {
                 each(request, &self.clients);
+                while let Some(request) = self.summarized() {
+                    each(request, &self.clients);
+                }
             }
         }
     }
@@ -102,9 +114,16 @@ impl Reader {
         self.bad_lines_total
     }
 
+    /// After [`line`](Self::line) returned the first request of a summary line, the
+    /// others it stands for, one a call.
+    pub fn summarized(&mut self) -> Option<LoggedRequest> {
+        self.summarized.as_mut()?.next()
+    }
+
     /// Reads one line (with or without its newline).
     pub fn line(&mut self, bytes: &[u8]) -> Option<LoggedRequest> {
         self.line += 1;
+        self.summarized = None;
         // Most lines of a busy log are access lines; the rest are cheap to tell apart.
         if !contains(bytes, br#""target":"access""#) {
             self.other_lines += 1;
@@ -161,14 +180,19 @@ impl Reader {
             Some(_) => None,
             None => return Err("no outcome".into()),
         };
-        Ok(Some(LoggedRequest {
+        let request = LoggedRequest {
             line: self.line,
             at_ns,
             client_ip: client_ip.to_canonical(),
             client,
             email_hash,
             recorded_denial,
-        }))
+        };
+        if let Some(count) = access.count {
+            let last = access.last_received_at.as_deref();
+            self.summarized = Some(Expansion::new(&request, count, last)?);
+        }
+        Ok(Some(request))
     }
 
     fn client(&mut self, id: &str) -> u32 {

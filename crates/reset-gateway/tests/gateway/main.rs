@@ -7,6 +7,7 @@ mod deploy;
 mod emails;
 mod hostile;
 mod limits;
+mod logging;
 mod near_limit;
 mod operations;
 mod pool;

@@ -10,7 +10,7 @@ use crate::common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_reset-gateway");
 
-fn gateway() -> Command {
+pub fn gateway() -> Command {
     let mut command = Command::new(BIN);
     command
         .env_remove("RUST_LOG")

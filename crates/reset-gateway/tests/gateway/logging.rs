@@ -1,0 +1,225 @@
+//! The log never holds up a request: a log reader that stops reading costs log lines
+//! (counted, and told of once it reads again), never latency. A flood of denials costs a
+//! few lines a second, and the recording still replays every request.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use qb_mock::MockServer;
+use reset_gateway::simulate::reader::Reader;
+
+use crate::common::*;
+use crate::process::{gateway, spawn_gateway};
+
+const NOTICE: &str = "log lines dropped: the log sink did not keep up";
+
+#[tokio::test]
+async fn a_log_reader_that_stops_reading_costs_lines_not_latency() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    // A short queue, so that a few thousand lines overflow it and the pipe behind it.
+    std::fs::write(&config, yaml(&mock.url(), "", "log:\n  queue_lines: 64\n")).unwrap();
+    let mut child = gateway()
+        .arg("--config")
+        .arg(&config)
+        .env("QB_API_KEY", SERVER_KEY)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read up to "serving", then leave the pipe unread: it fills (64 KiB), then the queue.
+    let mut log = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let (addr, admin) = loop {
+        line.clear();
+        assert!(log.read_line(&mut line).unwrap() > 0, "the gateway exited");
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if json["message"] == "serving" {
+            break (
+                json["listen"].as_str().unwrap().parse().unwrap(),
+                json["admin"].as_str().unwrap().parse().unwrap(),
+            );
+        }
+    };
+    let request = |n: usize| {
+        format!(
+            "GET {RESET}?email=user{n}%40example.com HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             QB-Token: {IOS_TOKEN}\r\nX-Request-Id: stalled-{n}\r\n\r\n"
+        )
+    };
+    // Every request is answered (`raw` gives each 10 s: "does not hang", not a speed test).
+    for n in 0..3000 {
+        let reply = raw(addr, request(n).as_bytes()).await;
+        assert_eq!(reply.status, 200, "request {n}: {}", reply.body);
+    }
+    let metrics = raw(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let dropped = sample(&metrics.body, "reset_gateway_log_lines_dropped_total").unwrap();
+    assert!(dropped > 0.0, "{}", metrics.body);
+    assert_eq!(
+        sample(
+            &metrics.body,
+            "reset_gateway_requests_total{outcome=\"forwarded\"}"
+        ),
+        Some(3000.0),
+        "nothing else changes"
+    );
+
+    // The reader comes back: lines flow again, the first ones after the gap saying how
+    // many were dropped.
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in log.lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let reply = raw(addr, request(3000).as_bytes()).await;
+    assert_eq!(reply.status, 200);
+    let seen = poll_until(
+        500,
+        async || lines.lock().unwrap().clone(),
+        |lines: &Vec<String>| lines.iter().any(|l| l.contains("\"stalled-3000\"")),
+    )
+    .await;
+    let notice = seen
+        .iter()
+        .find(|l| l.contains(NOTICE))
+        .unwrap_or_else(|| panic!("no drop notice in {} lines", seen.len()));
+    let notice: serde_json::Value = serde_json::from_str(notice).unwrap();
+    assert_eq!(notice["level"], "WARN");
+    assert!(notice["dropped"].as_u64().unwrap() > 0, "{notice}");
+    assert!(
+        seen.iter().any(|l| l.contains("\"stalled-3000\"")),
+        "the request after the reader came back is logged"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Per-email limit of 3 an hour, so that every request after the third is a 429.
+const ONE_ADDRESS: &str = "  limits:\n    per_ip: []\n    per_client: []\n\
+    \x20   per_email: [{ requests: 3, per: 1h }]\n    global: []\n";
+
+/// Floods one address with `requests` resets under `log_extra`; the access lines, once
+/// the process has exited (SIGTERM writes out the pending summaries).
+async fn flood(requests: usize, log_extra: &str) -> Vec<String> {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    let top = format!("log:\n{log_extra}");
+    std::fs::write(&config, yaml(&mock.url(), ONE_ADDRESS, &top)).unwrap();
+    let mut gateway = spawn_gateway(&config);
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    // One keep-alive connection: the flood is as fast as the gateway answers.
+    let one =
+        format!("GET {RESET}?email={ALICE} HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\n\r\n");
+    let mut answers = 0;
+    let mut read = Vec::new();
+    for _ in 0..requests {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream.write_all(one.as_bytes()).await.unwrap();
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            read.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&read);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if read.len() >= end + 4 + length {
+                    read.drain(..end + 4 + length);
+                    answers += 1;
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(answers, requests);
+    gateway.signal("TERM");
+    let _ = gateway.child.wait();
+    let logs = poll_until(
+        100,
+        async || gateway.logs(),
+        |logs: &Vec<String>| logs.iter().any(|l| l.contains("draining")),
+    )
+    .await;
+    logs.into_iter()
+        .filter(|l| l.contains("\"target\":\"access\""))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_flood_of_one_address_costs_a_few_lines_a_window_and_still_replays_whole() {
+    const REQUESTS: usize = 1500;
+    let lines = flood(REQUESTS, "  denial_window: 1s\n").await;
+    let json: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let denied: Vec<&serde_json::Value> = json
+        .iter()
+        .filter(|j| j["outcome"] == "rate_limited")
+        .collect();
+    let summaries: Vec<&&serde_json::Value> =
+        denied.iter().filter(|j| j["count"].is_u64()).collect();
+    // Every denial is accounted for: a line each, or a summary's count.
+    let accounted: u64 = denied
+        .iter()
+        .map(|j| j["count"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(accounted, REQUESTS as u64 - 3);
+    assert!(!summaries.is_empty(), "{lines:#?}");
+    // At most three in full and one summary per window the flood spanned.
+    let times: Vec<u64> = denied
+        .iter()
+        .flat_map(|j| [&j["received_at"], &j["last_received_at"]])
+        .filter_map(|t| t.as_str())
+        .map(|t| reset_gateway::simulate::reader::parse_time(t).unwrap())
+        .collect();
+    let span_s = (times.iter().max().unwrap() - times.iter().min().unwrap()) / 1_000_000_000;
+    let windows = span_s as usize + 2;
+    assert!(
+        denied.len() <= 4 * windows,
+        "{} lines over {windows} windows",
+        denied.len()
+    );
+    for summary in &summaries {
+        for field in [
+            "client_ip",
+            "client_id",
+            "email_hash",
+            "limit",
+            "received_at",
+        ] {
+            assert!(summary[field].is_string(), "{field} missing in {summary}");
+        }
+    }
+    // The replay reads each summary as the requests it stands for.
+    let mut reader = Reader::default();
+    let mut replayed = 0;
+    reader
+        .read_all(lines.join("\n").as_bytes(), |_, _| replayed += 1)
+        .unwrap();
+    assert_eq!(replayed, REQUESTS);
+    assert!(reader.bad_lines.is_empty(), "{:?}", reader.bad_lines);
+}
+
+#[tokio::test]
+async fn denials_full_logs_every_denial() {
+    let lines = flood(200, "  denials: full\n").await;
+    assert_eq!(lines.len(), 200);
+    assert!(lines.iter().all(|l| !l.contains("\"count\"")));
+}
