@@ -10,7 +10,7 @@
 //! identities rarely repeat within a window, so little folding is lost.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -154,9 +154,7 @@ impl Folder {
     /// Decides one denial that arrived at `at_ns`; when it closes its identity's previous
     /// window, that window's summary comes with the decision.
     pub fn observe(&self, denial: &Denial<'_>, at_ns: u64) -> (Decision, Option<Summary>) {
-        let mut hasher = self.hasher.build_hasher();
-        denial.hash(&mut hasher);
-        let hash = hasher.finish();
+        let hash = self.hasher.hash_one(denial);
         let mut shard = lock(&self.shards[(hash as usize) % SHARDS]);
         let held = shard.len();
         let Some(window) = shard.get_mut(&hash) else {
