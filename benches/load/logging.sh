@@ -124,9 +124,10 @@ python3 - "$results" <<'PY'
 import sys
 rows = {}
 for line in open(sys.argv[1]):
-    if line.startswith('#') or line.startswith('run'):
+    words = line.split()
+    if line.startswith('#') or len(words) < 5 or words[0] not in ('now', 'before'):
         continue
-    *label, rps, p99, n, b = line.split()
+    *label, rps, p99, n, b = words
     rows[' '.join(label)] = (float(rps), p99, int(n), float(b))
 print(open(sys.argv[1]).read(), end='')
 for build in ['now', 'before']:
