@@ -288,6 +288,22 @@ impl RedisServer {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// Script calls (`EVAL`/`EVALSHA`) this server has run so far.
+    pub fn script_calls(&self) -> u64 {
+        let info = self.command("INFO commandstats").unwrap_or_default();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
     /// Sends one inline command and returns the raw reply (enough for tests).
     pub fn command(&self, line: &str) -> Option<String> {
         let mut stream =

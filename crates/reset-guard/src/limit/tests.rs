@@ -988,28 +988,14 @@ mod redis_store {
         );
         assert_eq!(rig.status(ask("a@b.io")).await, 200);
         assert_eq!(rig.status(ask("a@b.io")).await, 429);
-        let calls = |s: &RedisServer| {
-            let info = s.command("INFO commandstats").unwrap_or_default();
-            info.lines()
-                .filter(|l| l.starts_with("cmdstat_evalsha") || l.starts_with("cmdstat_eval:"))
-                .filter_map(|l| {
-                    l.split("calls=")
-                        .nth(1)?
-                        .split(',')
-                        .next()?
-                        .parse::<u64>()
-                        .ok()
-                })
-                .sum::<u64>()
-        };
-        let before = calls(&server);
+        let before = server.script_calls();
         for _ in 0..20 {
             let response = rig.send(ask("a@b.io")).await;
             assert_eq!(response.status(), 429);
             assert!(header(&response, "retry-after").is_some());
         }
         assert_eq!(
-            calls(&server),
+            server.script_calls(),
             before,
             "a flood against a denied IP does not reach Redis"
         );

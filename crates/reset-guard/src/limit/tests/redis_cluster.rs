@@ -1,7 +1,7 @@
 //! The Redis Cluster store against a real three-master cluster.
 
 use super::*;
-use test_support::RedisCluster;
+use test_support::{RedisCluster, RedisServer};
 
 fn cluster_store(cluster: &RedisCluster, prefix: &str) -> StoreSettings {
     let mut settings = RedisSettings::cluster(&cluster.urls()).unwrap();
@@ -91,24 +91,7 @@ async fn each_group_and_key_has_its_own_slot_and_keys_spread_over_the_masters() 
 
 /// Script calls the cluster's masters have run so far.
 fn script_calls(cluster: &RedisCluster) -> u64 {
-    cluster
-        .nodes
-        .iter()
-        .map(|node| {
-            let info = node.command("INFO commandstats").unwrap_or_default();
-            info.lines()
-                .filter(|l| l.starts_with("cmdstat_evalsha") || l.starts_with("cmdstat_eval:"))
-                .filter_map(|l| {
-                    l.split("calls=")
-                        .nth(1)?
-                        .split(',')
-                        .next()?
-                        .parse::<u64>()
-                        .ok()
-                })
-                .sum::<u64>()
-        })
-        .sum()
+    cluster.nodes.iter().map(RedisServer::script_calls).sum()
 }
 
 #[tokio::test]
