@@ -11,13 +11,14 @@
 
 mod denials;
 mod fold;
+mod json_line;
 mod sink;
 
 pub use denials::DenialLog;
 pub use fold::Denial;
 pub use sink::{dropped_lines, LogSink};
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
@@ -42,7 +43,7 @@ pub fn init(log: &LogConfig) -> Option<LogSink> {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer);
-    let _ = match log.format {
+    let installed = match log.format {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
@@ -50,6 +51,9 @@ pub fn init(log: &LogConfig) -> Option<LogSink> {
             .try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    if installed.is_ok() && log.format == LogFormat::Json {
+        sink::write_access_lines_directly();
+    }
     Some(sink)
 }
 
@@ -135,22 +139,102 @@ impl AccessRecord<'_> {
             .uniform
             .map(|u| u.0.as_u16())
             .or_else(|| self.upstream.and_then(|u| u.status).map(|s| s.as_u16()));
+        let line = AccessLine {
+            received: self.received,
+            request_id: self.request_id,
+            guarded: attribution.is_some(),
+            client_id: attribution.and_then(|a| a.client_id()),
+            client_ip,
+            email_hash: attribution.and_then(|a| a.email_hash()),
+            email: self
+                .guarded
+                .filter(|_| self.include_email)
+                .map(|g| g.email()),
+            outcome,
+            limit,
+            status: self.status.as_u16(),
+            upstream_status,
+            upstream_ms: self.upstream.map(|u| millis(u.duration)),
+            duration_ms: millis(self.duration),
+        };
+        match sink::access_writer() {
+            Some(mut sink) => {
+                let _ = sink.write_all(&line.json(SystemTime::now()));
+            }
+            None => line.trace(),
+        }
+    }
+}
+
+/// The fields of one access line.
+struct AccessLine<'a> {
+    received: SystemTime,
+    request_id: &'a str,
+    guarded: bool,
+    client_id: Option<&'a str>,
+    client_ip: IpAddr,
+    email_hash: Option<u64>,
+    email: Option<&'a str>,
+    outcome: &'static str,
+    limit: Option<&'static str>,
+    status: u16,
+    upstream_status: Option<u16>,
+    upstream_ms: Option<f64>,
+    duration_ms: f64,
+}
+
+impl AccessLine<'_> {
+    /// As a `tracing` event: the text format, and any subscriber other than the gateway's.
+    fn trace(&self) {
         tracing::info!(
             target: "access",
             received_at = timestamp(self.received),
             request_id = self.request_id,
-            guarded = attribution.map(|_| true),
-            client_id = attribution.and_then(|a| a.client_id()),
-            client_ip = %client_ip,
-            email_hash = attribution.and_then(|a| a.email_hash()).map(email_tag),
-            email = self.guarded.filter(|_| self.include_email).map(|g| g.email()),
-            outcome,
-            limit,
-            status = self.status.as_u16(),
-            upstream_status,
-            upstream_ms = self.upstream.map(|u| millis(u.duration)),
-            duration_ms = millis(self.duration),
+            guarded = self.guarded.then_some(true),
+            client_id = self.client_id,
+            client_ip = %self.client_ip,
+            email_hash = self.email_hash.map(email_tag),
+            email = self.email,
+            outcome = self.outcome,
+            limit = self.limit,
+            status = self.status,
+            upstream_status = self.upstream_status,
+            upstream_ms = self.upstream_ms,
+            duration_ms = self.duration_ms,
         );
+    }
+
+    /// The JSON line `trace` gives under the JSON format, written directly (`json_line.rs`).
+    fn json(&self, now: SystemTime) -> Vec<u8> {
+        let mut line = json_line::JsonLine::info(now);
+        line.time("received_at", self.received);
+        line.str("request_id", self.request_id);
+        if self.guarded {
+            line.bool("guarded", true);
+        }
+        if let Some(id) = self.client_id {
+            line.str("client_id", id);
+        }
+        line.plain("client_ip", self.client_ip);
+        if let Some(hash) = self.email_hash {
+            line.hex("email_hash", hash);
+        }
+        if let Some(email) = self.email {
+            line.str("email", email);
+        }
+        line.str("outcome", self.outcome);
+        if let Some(limit) = self.limit {
+            line.str("limit", limit);
+        }
+        line.uint("status", self.status.into());
+        if let Some(status) = self.upstream_status {
+            line.uint("upstream_status", status.into());
+        }
+        if let Some(ms) = self.upstream_ms {
+            line.float("upstream_ms", ms);
+        }
+        line.float("duration_ms", self.duration_ms);
+        line.finish("access")
     }
 }
 
@@ -165,6 +249,109 @@ fn millis(duration: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What the gateway's JSON subscriber writes for `line.trace()`.
+    fn formatted_by_tracing(line: &AccessLine<'_>) -> String {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || line.trace());
+        let bytes = captured.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// The line with its own timestamp cut out: the two are stamped at different moments.
+    fn without_stamp(line: &str) -> String {
+        let end = line.find("\",\"level\"").unwrap();
+        format!("{{{}", &line[end + 2..])
+    }
+
+    #[test]
+    fn the_direct_json_line_is_the_formatters_line() {
+        let received = std::time::UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789);
+        let full = AccessLine {
+            received,
+            request_id: "abc-123",
+            guarded: true,
+            client_id: Some("ios \"app\"\u{7f}\\\u{1}é"),
+            client_ip: "2001:db8::1".parse().unwrap(),
+            email_hash: Some(0x00ab_cdef_0123_4567),
+            email: Some("us\"er\n\u{2028}@exämple.com"),
+            outcome: "rate_limited",
+            limit: Some("per_email"),
+            status: 429,
+            upstream_status: Some(404),
+            upstream_ms: Some(8000.0),
+            duration_ms: 0.031,
+        };
+        let bare = AccessLine {
+            guarded: false,
+            client_id: None,
+            client_ip: "203.0.113.9".parse().unwrap(),
+            email_hash: None,
+            email: None,
+            outcome: "forwarded",
+            limit: None,
+            status: 200,
+            upstream_status: None,
+            upstream_ms: None,
+            duration_ms: 12345.678,
+            ..full
+        };
+        for line in [full, bare] {
+            let direct = String::from_utf8(line.json(SystemTime::now())).unwrap();
+            assert_eq!(
+                without_stamp(&direct),
+                without_stamp(&formatted_by_tracing(&line))
+            );
+        }
+    }
+
+    #[test]
+    fn the_direct_json_line_is_stamped_as_the_formatter_stamps() {
+        let at = std::time::UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789);
+        let line = AccessLine {
+            received: at,
+            request_id: "x",
+            guarded: false,
+            client_id: None,
+            client_ip: "127.0.0.1".parse().unwrap(),
+            email_hash: None,
+            email: None,
+            outcome: "forwarded",
+            limit: None,
+            status: 200,
+            upstream_status: None,
+            upstream_ms: None,
+            duration_ms: 0.0,
+        };
+        let json = String::from_utf8(line.json(at)).unwrap();
+        assert!(
+            json.starts_with(
+                "{\"timestamp\":\"2026-11-18T11:06:40.123456Z\",\"level\":\"INFO\",\"received_at\":\"2026-11-18T11:06:40.123456789Z\""
+            ),
+            "{json}"
+        );
+        assert!(json.ends_with(",\"target\":\"access\"}\n"), "{json}");
+    }
 
     #[test]
     fn milliseconds_keep_three_decimals() {

@@ -17,6 +17,23 @@ use crate::config::LogFormat;
 /// The process's drop counter, once the sink is installed.
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 
+/// The sink's writer, kept once the sink is installed with the JSON format and the
+/// gateway's subscriber: access lines are then written into it directly (`json_line.rs`).
+static INSTALLED: OnceLock<NonBlocking> = OnceLock::new();
+static ACCESS: OnceLock<NonBlocking> = OnceLock::new();
+
+/// Access lines go straight to the sink from now on, bypassing the subscriber's formatter.
+pub(super) fn write_access_lines_directly() {
+    if let Some(writer) = INSTALLED.get() {
+        let _ = ACCESS.set(writer.clone());
+    }
+}
+
+/// Where access lines are written directly, when they are.
+pub(super) fn access_writer() -> Option<NonBlocking> {
+    ACCESS.get().cloned()
+}
+
 /// Lines dropped because the log sink did not keep up.
 pub fn dropped_lines() -> u64 {
     DROPPED
@@ -49,6 +66,7 @@ pub(super) fn install(format: LogFormat, queue_lines: usize) -> Option<(NonBlock
         .thread_name("log-writer")
         .finish(drain);
     DROPPED.set(writer.error_counter()).ok()?;
+    let _ = INSTALLED.set(writer.clone());
     Some((writer, LogSink { _worker: worker }))
 }
 
