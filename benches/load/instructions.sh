@@ -7,14 +7,22 @@
 #
 #   benches/load/instructions.sh                       # the current tree
 #   BIN=/path/to/other/reset-gateway benches/load/instructions.sh
+#   LEVEL=info benches/load/instructions.sh            # with the access log (the default level)
+#   KEEP=/tmp/cg benches/load/instructions.sh          # keep callgrind's output files there
+#   NGINX=1 benches/load/instructions.sh               # also nginx doing the same job
+#                                                      # (configs/nginx.conf.in, one process)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
 DURATION=${DURATION:-6s}
+LEVEL=${LEVEL:-warn}
+KEEP=${KEEP:-}
 
 # shellcheck source=benches/load/lib.sh
 source benches/load/lib.sh
 install_missing wrk valgrind
+NGINX=${NGINX:-}
+[ -n "$NGINX" ] && install_missing nginx
 cargo build --release -q -p reset-gateway -p qb-mock
 bin=$root/target/release
 BIN=${BIN:-$bin/reset-gateway}
@@ -56,7 +64,7 @@ upstream: { url: "http://127.0.0.1:$MOCK" }
 guard:
   clients: [{ id: bench, token_sha256: $DIGEST }]
   limits: { per_ip: $per_ip, per_client: [], per_email: $per_email, global: [] }
-log: { level: warn }
+log: { level: $LEVEL }
 YAML
   rm -f "$work"/callgrind.out*
   QB_API_KEY=$KEY valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/callgrind.out" \
@@ -77,8 +85,54 @@ YAML
   requests=$(awk '/requests in/ {print $1}' <<<"$out")
   total=$(awk '/^totals:/ {print $2}' "$work"/callgrind.out* | sort -n | tail -1)
   printf '%-6s %8d requests %10d instructions/request\n' "$1" "$requests" $((total / requests))
+  if [ -n "$KEEP" ]; then
+    mkdir -p "$KEEP"
+    for f in "$work"/callgrind.out*; do cp "$f" "$KEEP/$1.$requests.$(basename "$f")"; done
+  fi
 }
 
-echo "# $(basename "$BIN"): user-space instructions per request, one worker (callgrind)"
+# nginx under the same count: the load script's config, as one process (no master, no
+# daemon) so that callgrind follows the process that serves.
+count_nginx() { # scenario -> one line
+  local script=benches/load/reset.lua port static ip_rate ip_burst email_rate email_burst
+  if [ "$1" = allow ]; then
+    ip_rate=1000000r/s; ip_burst=1000000; email_rate=1000000r/s; email_burst=1000000
+  else
+    ip_rate=20r/m; ip_burst=20; email_rate=1r/m; email_burst=3; script=$work/flood.lua
+  fi
+  port=$(free_port); static=$(free_port)
+  sed -e "s|@WORK@|$work|g" -e "s|@PORT@|$port|g" -e "s|@STATIC_PORT@|$static|g" -e "s|@UPSTREAM@|$MOCK|g" \
+    -e "s|@TOKEN@|$TOKEN|g" -e "s|@API_KEY@|$KEY|g" -e "s|@PER_IP_RATE@|$ip_rate|g" -e "s|@PER_IP_BURST@|$ip_burst|g" \
+    -e "s|@PER_EMAIL_RATE@|$email_rate|g" -e "s|@PER_EMAIL_BURST@|$email_burst|g" \
+    -e "s|^worker_processes 2;|worker_processes 1; master_process off; daemon off;|" \
+    benches/load/configs/nginx.conf.in > "$work/nginx.conf"
+  rm -f "$work"/callgrind.out*
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/callgrind.out" \
+    nginx -c "$work/nginx.conf" -e "$work/nginx-error.log" 2>"$work/valgrind.log" &
+  local vg=$!
+  pids+=($vg)
+  wait_port "$port"
+  BENCH_CLIENT_TOKEN=$TOKEN wrk -t1 -c4 -d2s -s "$script" "http://127.0.0.1:$port" >/dev/null
+  callgrind_control -i on "$vg" >/dev/null 2>&1
+  local out
+  out=$(BENCH_CLIENT_TOKEN=$TOKEN wrk -t1 -c4 -d"$DURATION" -s "$script" "http://127.0.0.1:$port")
+  callgrind_control -i off "$vg" >/dev/null 2>&1
+  callgrind_control -d "$vg" >/dev/null 2>&1
+  kill "$vg" 2>/dev/null || true
+  wait "$vg" 2>/dev/null || true
+  local requests total
+  requests=$(awk '/requests in/ {print $1}' <<<"$out")
+  total=$(awk '/^totals:/ {print $2}' "$work"/callgrind.out* | sort -n | tail -1)
+  printf '%-6s %8d requests %10d instructions/request (nginx)\n' "$1" "$requests" $((total / requests))
+  if [ -n "$KEEP" ]; then
+    for f in "$work"/callgrind.out*; do cp "$f" "$KEEP/nginx-$1.$requests.$(basename "$f")"; done
+  fi
+}
+
+echo "# $(basename "$BIN"): user-space instructions per request, one worker, log level $LEVEL (callgrind)"
 count allow
 count flood
+if [ -n "$NGINX" ]; then
+  count_nginx allow
+  count_nginx flood
+fi

@@ -12,10 +12,12 @@
 # chart.svg beside this script. The flood also measures a ceiling: nginx answering a fixed
 # 429 with no checks, the most any server can be driven to here.
 #
-# The gateway runs one worker (GATEWAY_WORKERS): on two cores, wrk and the upstream need
-# the other one, and a second worker only adds a third busy thread to share two cores
-# (nginx, given two workers, ends up serving wrk's 64 connections from one: its first
-# worker to wake accepts them all).
+# The gateway runs with its default settings (`workers` one per core, log level info).
+# GATEWAY sets other variants, each a gateway process of its own measured in the same
+# rounds: a space-separated list of WORKERS:LEVEL[:BINARY], WORKERS a number or `default`,
+# LEVEL a log level or `default`, BINARY another build to run (a before/after comparison in
+# one run); the first is the one the ratios are taken from, e.g.
+#   GATEWAY="default:default 1:default 2:warn default:default:/tmp/old/reset-gateway" benches/load/run.sh
 #
 # Each server is measured ROUNDS times (default 3), the servers taking turns, and the
 # median round is reported: shared 2-core machines are noisy.
@@ -28,7 +30,8 @@ root=$(pwd)
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
-GATEWAY_WORKERS=${GATEWAY_WORKERS:-1}
+GATEWAY=${GATEWAY:-default:default}
+read -r -a variants <<<"$GATEWAY"
 OUT=${OUT:-$root/benches/load}
 
 # shellcheck source=benches/load/lib.sh
@@ -62,7 +65,7 @@ wait_port "$MOCK"
 DIGEST=$(printf %s $TOKEN | "$bin/reset-gateway" hash-token)
 
 # Per scenario: the gateway's limits, and the same numbers for nginx and HAProxy.
-start_all() { # scenario -> sets GW NGINX HAPROXY ports and GW_PID
+start_all() { # scenario -> sets GW_PORTS GW_PIDS NGINX HAPROXY STATIC
   local scenario=$1
   local per_ip per_email
   if [ "$scenario" = allow ]; then
@@ -74,18 +77,30 @@ start_all() { # scenario -> sets GW NGINX HAPROXY ports and GW_PID
     nginx_ip_rate=20r/m; nginx_ip_burst=20; nginx_email_rate=1r/m; nginx_email_burst=3  # nginx has no r/h: the closest it can say
     ha_ip_window=1m; ha_ip_limit=20; ha_email_window=1h; ha_email_limit=3
   fi
-  GW=$(free_port); NGINX=$(free_port); HAPROXY=$(free_port); STATIC=$(free_port)
-  cat > "$work/gateway.yaml" <<YAML
-server: { listen: "127.0.0.1:$GW", workers: $GATEWAY_WORKERS }
+  NGINX=$(free_port); HAPROXY=$(free_port); STATIC=$(free_port)
+  GW_PORTS=(); GW_PIDS=()
+  local variant workers level binary i=0
+  for variant in "${variants[@]}"; do
+    IFS=: read -r workers level binary <<<"$variant"
+    local port
+    port=$(free_port)
+    {
+      if [ "$workers" = default ]; then echo "server: { listen: \"127.0.0.1:$port\" }"; else echo "server: { listen: \"127.0.0.1:$port\", workers: $workers }"; fi
+      cat <<YAML
 admin: { listen: "127.0.0.1:0" }
 upstream: { url: "http://127.0.0.1:$MOCK", pool_max_idle: 128 }
 guard:
   clients: [{ id: bench, token_sha256: $DIGEST }]
   limits: { per_ip: $per_ip, per_client: [], per_email: $per_email, global: [] }
-log: { level: warn }
 YAML
-  QB_API_KEY=$KEY "$bin/reset-gateway" --config "$work/gateway.yaml" 2>"$work/gateway.log" & GW_PID=$!
-  pids+=($GW_PID)
+      [ "$level" = default ] || echo "log: { level: $level }"
+    } > "$work/gateway-$i.yaml"
+    # The access log goes where an operator's would: a file.
+    QB_API_KEY=$KEY "${binary:-$bin/reset-gateway}" --config "$work/gateway-$i.yaml" 2>"$work/gateway-$i.log" &
+    GW_PIDS+=($!); GW_PORTS+=("$port"); pids+=($!)
+    i=$((i + 1))
+  done
+  GW_PID=${GW_PIDS[0]}
   fill() {
     sed -e "s|@WORK@|$work|g" -e "s|@PORT@|$1|g" -e "s|@STATIC_PORT@|$STATIC|g" -e "s|@UPSTREAM@|$MOCK|g" -e "s|@TOKEN@|$TOKEN|g" -e "s|@API_KEY@|$KEY|g" \
       -e "s|@PER_IP_RATE@|$nginx_ip_rate|g" -e "s|@PER_IP_BURST@|$nginx_ip_burst|g" \
@@ -97,10 +112,11 @@ YAML
   fill "$HAPROXY" benches/load/configs/haproxy.cfg.in > "$work/haproxy.cfg"
   nginx -c "$work/nginx.conf" -e "$work/nginx-error.log"
   haproxy -D -f "$work/haproxy.cfg" 2>"$work/haproxy.log" || { cat "$work/haproxy.log" >&2; exit 1; }
-  for p in $GW $NGINX $HAPROXY $STATIC; do wait_port "$p"; done
+  for p in "${GW_PORTS[@]}" $NGINX $HAPROXY $STATIC; do wait_port "$p"; done
 }
 stop_all() {
-  kill "$GW_PID" 2>/dev/null || true; wait "$GW_PID" 2>/dev/null || true
+  local p
+  for p in "${GW_PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
   kill "$(cat "$work/haproxy.pid")" 2>/dev/null || true
   sleep 0.5
@@ -115,7 +131,8 @@ LUA
 server_pids() { # name -> the processes doing that server's work (not the shared upstream's)
   case $1 in
     direct) echo "$MOCK_PID" ;;
-    gateway) echo "$GW_PID" ;;
+    gateway) echo "${GW_PIDS[0]}" ;;
+    gw-*) echo "${GW_PIDS[${1#gw-}]}" ;;
     nginx | static) pgrep -f "nginx: worker process" | tr '\n' ' ' ;;
     haproxy) cat "$work/haproxy.pid" ;;
   esac
@@ -139,21 +156,23 @@ measure() { # scenario name port round -> one line
   non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out")
   requests=$(awk '/requests in/ {print $1}' <<<"$out")
   cpu_us=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
-  printf '%-6s %-8s %-5s %12s %10s %10s %10s %8s\n' "$1" "$2" "$4" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu_us"
+  printf '%-6s %-10s %-5s %12s %10s %10s %10s %8s\n' "$1" "$2" "$4" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu_us"
 }
 
 results=$work/results.txt
 {
-  echo "# $(date -u +%FT%TZ) $(nproc) cores, wrk -t1 -c$CONNECTIONS -d$DURATION, upstream qb-mock, gateway workers $GATEWAY_WORKERS"
+  echo "# $(date -u +%FT%TZ) $(nproc) cores, wrk -t1 -c$CONNECTIONS -d$DURATION, upstream qb-mock, gateway variants (workers:level) $GATEWAY"
   echo "# cpu_us: CPU time of the server's own processes per request (the upstream's not included)"
-  printf '%-6s %-8s %-5s %12s %10s %10s %10s %8s\n' scenario server round "requests/s" p50 p99 non-2xx cpu_us
+  for i in "${!variants[@]}"; do [ "$i" = 0 ] && echo "# gateway: ${variants[0]}" || echo "# gw-$i: ${variants[$i]}"; done
+  printf '%-6s %-10s %-5s %12s %10s %10s %10s %8s\n' scenario server round "requests/s" p50 p99 non-2xx cpu_us
 } > "$results"
 for scenario in allow flood; do
   start_all "$scenario"
   idle_rss=$(rss_kib "$GW_PID" VmRSS)
   for round in $(seq "$ROUNDS"); do
     [ "$scenario" = allow ] && measure "$scenario" direct "$MOCK" "$round" >> "$results"
-    measure "$scenario" gateway "$GW" "$round" >> "$results"
+    measure "$scenario" gateway "${GW_PORTS[0]}" "$round" >> "$results"
+    for i in $(seq 1 $((${#variants[@]} - 1))); do measure "$scenario" "gw-$i" "${GW_PORTS[$i]}" "$round" >> "$results"; done
     measure "$scenario" nginx "$NGINX" "$round" >> "$results"
     measure "$scenario" haproxy "$HAPROXY" "$round" >> "$results"
     [ "$scenario" = flood ] && measure "$scenario" static "$STATIC" "$round" >> "$results"
@@ -180,7 +199,7 @@ lines = open(path).read().rstrip('\n').split('\n')
 lines.append('median rounds:')
 for (s, server), (rps, p50, p99, _) in sorted(rows.items()):
     cpu = sorted(r[3] for r in rounds[(s, server)])[len(rounds[(s, server)]) // 2]
-    lines.append(f'{s:<6} {server:<8} {rps:12.0f} {p50:>10} {p99:>10} {cpu:8.2f} us cpu/request (median)')
+    lines.append(f'{s:<6} {server:<10} {rps:12.0f} {p50:>10} {p99:>10} {cpu:8.2f} us cpu/request (median)')
 def cpu(s, server):
     v = sorted(r[3] for r in rounds[(s, server)])
     return v[len(v) // 2]

@@ -17,7 +17,7 @@
 #
 #   benches/load/store-modes.sh                    # 8 s per run, five rounds: ~4 minutes
 #   DURATION=10s ROUNDS=3 benches/load/store-modes.sh
-#   GATEWAY_WORKERS=2 benches/load/store-modes.sh  # default 1, as run.sh
+#   GATEWAY_WORKERS=2 benches/load/store-modes.sh  # default 1
 #   MODES=cluster CONNECTIONS=256 benches/load/store-modes.sh   # memory and cluster only
 #   TREE=/tmp/clean benches/load/store-modes.sh     # build and measure another checkout
 #                                                   # (a worktree of a commit), not this one
