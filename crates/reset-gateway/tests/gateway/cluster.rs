@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use qb_mock::MockServer;
 
 use crate::common::*;
+use crate::redis::another_ca_is_not_trusted;
 use crate::redis::four_resets;
 use test_support::{ClusterOptions, RedisCluster};
 
@@ -299,18 +300,7 @@ async fn tls_on_every_cluster_node_with_a_private_ca_and_not_with_another() {
     }
 
     // Certificates from another CA do not verify: under on_error deny, 503, not ready.
-    let other = tempfile::tempdir().unwrap();
-    let (other_ca, _, _) = test_certificates(other.path());
-    let untrusting = per_email_yaml(
-        &a.mock,
-        seed,
-        &format!("    ca_file: {}\n", other_ca.display()),
-        "deny",
-    );
-    let c = Gateway::replica(&untrusting).await;
-    assert_eq!(c.reset_as_ios("email=bob%40example.com").await.status, 503);
-    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
-    assert_eq!(ready.status, 503, "not ready without a trusted certificate");
+    another_ca_is_not_trusted(|ca_file| per_email_yaml(&a.mock, seed, ca_file, "deny")).await;
     assert_eq!(
         a.reset_as_ios("email=alice%40example.com").await.status,
         429

@@ -126,6 +126,18 @@ fn redis_yaml_at(mock: &MockServer, url: &str, redis_extra: &str, on_error: &str
     )
 }
 
+/// A further gateway on the same store, trusting only another CA (`yaml` given its
+/// `ca_file` line): its connections fail, and under on_error deny it answers 503 and is
+/// not ready.
+pub(crate) async fn another_ca_is_not_trusted(yaml: impl Fn(&str) -> String) {
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = test_certificates(other.path());
+    let c = Gateway::replica(&yaml(&format!("    ca_file: {}\n", other_ca.display()))).await;
+    assert_eq!(c.reset_as_ios("email=bob%40example.com").await.status, 503);
+    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
+    assert_eq!(ready.status, 503, "not ready without a trusted certificate");
+}
+
 /// Four resets of one address, alternating between the two gateways.
 pub(crate) async fn four_resets(a: &Gateway, b: &Gateway) -> Vec<u16> {
     let mut statuses = Vec::new();
@@ -221,18 +233,7 @@ async fn tls_with_a_private_ca_and_not_with_another() {
 
     // A certificate from another CA does not verify: a connection failure, handled by
     // on_error (deny: 503, and not ready).
-    let other = tempfile::tempdir().unwrap();
-    let (other_ca, _, _) = test_certificates(other.path());
-    let untrusting = redis_yaml_at(
-        &a.mock,
-        &tls_url,
-        &format!("    ca_file: {}\n", other_ca.display()),
-        "deny",
-    );
-    let c = Gateway::replica(&untrusting).await;
-    assert_eq!(c.reset_as_ios("email=bob%40example.com").await.status, 503);
-    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
-    assert_eq!(ready.status, 503);
+    another_ca_is_not_trusted(|ca_file| redis_yaml_at(&a.mock, &tls_url, ca_file, "deny")).await;
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use qb_mock::MockServer;
 
 use crate::common::*;
-use crate::redis::four_resets;
+use crate::redis::{another_ca_is_not_trusted, four_resets};
 use test_support::{free_port, RedisOptions, RedisServer, SentinelOptions, SENTINEL_MASTER};
 
 /// A gateway config reaching Redis through the sentinels at `nodes`, with more
@@ -193,18 +193,7 @@ async fn tls_to_the_sentinels_and_the_master_with_a_private_ca_and_not_with_anot
 
     // A certificate from another CA does not verify, the sentinels' or the master's: a
     // connection failure, handled by on_error (deny: 503, and not ready).
-    let other = tempfile::tempdir().unwrap();
-    let (other_ca, _, _) = test_certificates(other.path());
-    let untrusting = sentinel_yaml(
-        &a.mock,
-        &nodes,
-        &format!("    ca_file: {}\n", other_ca.display()),
-        "deny",
-    );
-    let c = Gateway::replica(&untrusting).await;
-    assert_eq!(c.reset_as_ios("email=bob%40example.com").await.status, 503);
-    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
-    assert_eq!(ready.status, 503);
+    another_ca_is_not_trusted(|ca_file| sentinel_yaml(&a.mock, &nodes, ca_file, "deny")).await;
 }
 
 #[tokio::test]
