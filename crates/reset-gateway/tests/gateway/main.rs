@@ -4,6 +4,7 @@ mod checks;
 mod cluster;
 mod common;
 mod deploy;
+mod deploy_variants;
 mod emails;
 mod hostile;
 mod limits;
