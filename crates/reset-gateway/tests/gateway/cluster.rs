@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use qb_mock::MockServer;
 
 use crate::common::*;
-use crate::redis::another_ca_is_not_trusted;
 use crate::redis::four_resets;
+use crate::redis::{another_ca_is_not_trusted, two_gateways_trusting};
 use test_support::{ClusterOptions, RedisCluster};
 
 fn cluster_yaml(mock: &MockServer, nodes: &[String]) -> String {
@@ -39,6 +39,26 @@ fn per_email_yaml(
             nodes.join(", "),
         ),
     )
+}
+
+/// Thirty addresses reset through `a` and `b` in turn, all admitted: their keys land on
+/// every master.
+async fn addresses_reach_every_master(a: &Gateway, b: &Gateway, cluster: &RedisCluster) {
+    for i in 0..30 {
+        a.mock.add_user(&format!("user{i}@example.com"));
+    }
+    for i in 0..30 {
+        let gateway = [a, b][i % 2];
+        let reply = gateway
+            .reset_as_ios(&format!("email=user{i}%40example.com"))
+            .await;
+        assert_eq!(reply.status, 200, "user{i}: {reply:?}");
+    }
+    let per_node = keys_per_node(cluster);
+    assert!(
+        per_node.iter().all(|&n| n > 0),
+        "keys per master: {per_node:?}"
+    );
 }
 
 /// How many keys each master holds.
@@ -209,21 +229,7 @@ async fn auth_on_every_cluster_node_from_env_or_file_shares_one_limit() {
 
     // Addresses on every master, from both gateways: under on_error: deny, a node that
     // refused either would answer 503.
-    for i in 0..30 {
-        a.mock.add_user(&format!("user{i}@example.com"));
-    }
-    for i in 0..30 {
-        let gateway = [&a, &b][i % 2];
-        let reply = gateway
-            .reset_as_ios(&format!("email=user{i}%40example.com"))
-            .await;
-        assert_eq!(reply.status, 200, "user{i}: {reply:?}");
-    }
-    let per_node = keys_per_node(&cluster);
-    assert!(
-        per_node.iter().all(|&n| n > 0),
-        "keys per master: {per_node:?}"
-    );
+    addresses_reach_every_master(&a, &b, &cluster).await;
 
     // Without the password every node refuses: under on_error deny, 503, and not ready.
     let no_password = per_email_yaml(&a.mock, seed, "", "deny");
@@ -254,34 +260,14 @@ async fn tls_on_every_cluster_node_with_a_private_ca_and_not_with_another() {
         tls: Some((cert, key, ca.clone())),
         ..Default::default()
     });
-    let mock = MockServer::start(mock_config()).await.unwrap();
     // The seed by name, the others by the address the cluster gives (127.0.0.1): the
     // certificate carries both.
     let seed = &cluster.tls_urls("localhost")[..1];
-    let trusting = per_email_yaml(
-        &mock,
-        seed,
-        &format!("    ca_file: {}\n", ca.display()),
-        "deny",
-    );
-    let a = Gateway::start_yaml(mock, &trusting).await;
-    let b = Gateway::replica(&trusting).await;
-    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
-    for i in 0..30 {
-        a.mock.add_user(&format!("user{i}@example.com"));
-    }
-    for i in 0..30 {
-        let gateway = [&a, &b][i % 2];
-        let reply = gateway
-            .reset_as_ios(&format!("email=user{i}%40example.com"))
-            .await;
-        assert_eq!(reply.status, 200, "user{i}: {reply:?}");
-    }
-    let per_node = keys_per_node(&cluster);
-    assert!(
-        per_node.iter().all(|&n| n > 0),
-        "keys per master, over TLS: {per_node:?}"
-    );
+    let (a, b) = two_gateways_trusting(&ca, |mock, ca_file| {
+        per_email_yaml(mock, seed, ca_file, "deny")
+    })
+    .await;
+    addresses_reach_every_master(&a, &b, &cluster).await;
     // Every master's clients (but the test asking) came in on its TLS port.
     for (node, url) in cluster.nodes.iter().zip(cluster.tls_urls("127.0.0.1")) {
         let tls = url.trim_start_matches("rediss://");

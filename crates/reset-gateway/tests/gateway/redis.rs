@@ -126,6 +126,20 @@ fn redis_yaml_at(mock: &MockServer, url: &str, redis_extra: &str, on_error: &str
     )
 }
 
+/// Two gateways on one store reached over TLS trusting `ca` (`yaml` given the mock and its
+/// `ca_file` line) share one per-email limit.
+pub(crate) async fn two_gateways_trusting(
+    ca: &std::path::Path,
+    yaml: impl Fn(&MockServer, &str) -> String,
+) -> (Gateway, Gateway) {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let trusting = yaml(&mock, &format!("    ca_file: {}\n", ca.display()));
+    let a = Gateway::start_yaml(mock, &trusting).await;
+    let b = Gateway::replica(&trusting).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    (a, b)
+}
+
 /// A further gateway on the same store, trusting only another CA (`yaml` given its
 /// `ca_file` line): its connections fail, and under on_error deny it answers 503 and is
 /// not ready.
@@ -216,16 +230,10 @@ async fn tls_with_a_private_ca_and_not_with_another() {
         ..Default::default()
     });
     let tls_url = redis.tls_url("localhost").unwrap();
-    let mock = MockServer::start(mock_config()).await.unwrap();
-    let trusting = redis_yaml_at(
-        &mock,
-        &tls_url,
-        &format!("    ca_file: {}\n", ca.display()),
-        "deny",
-    );
-    let a = Gateway::start_yaml(mock, &trusting).await;
-    let b = Gateway::replica(&trusting).await;
-    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    let (a, _b) = two_gateways_trusting(&ca, |mock, ca_file| {
+        redis_yaml_at(mock, &tls_url, ca_file, "deny")
+    })
+    .await;
     assert!(
         !redis.dump().is_empty(),
         "the limits went over TLS to this Redis"

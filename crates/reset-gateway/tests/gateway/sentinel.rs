@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use qb_mock::MockServer;
 
 use crate::common::*;
-use crate::redis::{another_ca_is_not_trusted, four_resets};
+use crate::redis::{another_ca_is_not_trusted, four_resets, two_gateways_trusting};
 use test_support::{free_port, RedisOptions, RedisServer, SentinelOptions, SENTINEL_MASTER};
 
 /// A gateway config reaching Redis through the sentinels at `nodes`, with more
@@ -176,16 +176,10 @@ async fn tls_to_the_sentinels_and_the_master_with_a_private_ca_and_not_with_anot
         .map(|s| s.tls_url("localhost").unwrap())
         .collect();
 
-    let mock = MockServer::start(mock_config()).await.unwrap();
-    let trusting = sentinel_yaml(
-        &mock,
-        &nodes,
-        &format!("    ca_file: {}\n", ca.display()),
-        "deny",
-    );
-    let a = Gateway::start_yaml(mock, &trusting).await;
-    let b = Gateway::replica(&trusting).await;
-    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    let (a, _b) = two_gateways_trusting(&ca, |mock, ca_file| {
+        sentinel_yaml(mock, &nodes, ca_file, "deny")
+    })
+    .await;
     assert!(
         !master.dump().is_empty(),
         "the limits went over TLS to the master the sentinels named"
