@@ -2,12 +2,14 @@
 //! "The request's path").
 
 use std::fmt;
-use std::sync::Arc;
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::{Arc, OnceLock};
 
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use siphasher::sip128::{Hasher128, SipHasher24};
+use subtle::{Choice, ConstantTimeEq};
 
 use crate::rejection::Rejection;
 
@@ -103,36 +105,90 @@ impl fmt::Debug for TokenDigest {
 }
 
 /// The configured clients, matched in constant time.
-#[derive(Debug, Clone, Default)]
+///
+/// A token is checked by its SHA-256 against every configured digest. Once a token has
+/// matched, its client also keeps a keyed fingerprint of it (SipHash-2-4, 128 bits, under
+/// a key drawn at random for this registry), and a later request presenting it is matched
+/// by that fingerprint alone: the fast path any valid token takes after its first request.
+/// A token matching no fingerprint takes the full path, so an unknown token's time is the
+/// same as before and says nothing a fingerprint could (ARCHITECTURE.md, "Client tokens").
+#[derive(Clone, Default)]
 pub struct ClientRegistry {
     clients: Box<[(ClientId, TokenDigest)]>,
+    /// Per client, the fingerprint of its token once a request has presented it.
+    seen: Box<[OnceLock<u128>]>,
+    fingerprint_key: (u64, u64),
 }
 
 impl ClientRegistry {
     /// Builds the registry; the caller has checked that ids and digests are unique.
     pub fn new(clients: impl IntoIterator<Item = (ClientId, TokenDigest)>) -> Self {
+        let clients: Box<[_]> = clients.into_iter().collect();
+        let state = RandomState::new();
         ClientRegistry {
-            clients: clients.into_iter().collect(),
+            seen: clients.iter().map(|_| OnceLock::new()).collect(),
+            clients,
+            fingerprint_key: (state.hash_one(0u8), state.hash_one(1u8)),
         }
     }
 
-    /// The client a token belongs to. Every digest is compared, in constant time, so the
-    /// time taken says nothing about how close a guess came.
+    /// The client a token belongs to. Every fingerprint, and on a miss every digest, is
+    /// compared, in constant time, so the time taken says nothing about how close a guess
+    /// came.
     pub fn identify(&self, token: &[u8]) -> Option<&ClientId> {
+        let fingerprint = self.fingerprint(token);
+        if let Some(index) = self.seen_before(fingerprint) {
+            return Some(&self.clients[index].0);
+        }
         let presented = TokenDigest::of(token);
         let mut found = None;
-        for (id, digest) in self.clients.iter() {
+        for (index, (_, digest)) in self.clients.iter().enumerate() {
             if bool::from(digest.0.ct_eq(&presented.0)) {
-                found = Some(id);
+                found = Some(index);
+            }
+        }
+        let index = found?;
+        // Only a token whose SHA-256 matched gets here: the fingerprint is its own.
+        let _ = self.seen[index].set(fingerprint);
+        Some(&self.clients[index].0)
+    }
+
+    /// The client whose fingerprint matches, comparing every one that is set.
+    fn seen_before(&self, fingerprint: u128) -> Option<usize> {
+        let presented = fingerprint.to_le_bytes();
+        let mut found = None;
+        for (index, seen) in self.seen.iter().enumerate() {
+            // An unset slot is compared too, its result masked out.
+            let known = seen.get();
+            let set = Choice::from(u8::from(known.is_some()));
+            let known = known.copied().unwrap_or(0).to_le_bytes();
+            if bool::from(known.ct_eq(&presented) & set) {
+                found = Some(index);
             }
         }
         found
+    }
+
+    fn fingerprint(&self, token: &[u8]) -> u128 {
+        let (k0, k1) = self.fingerprint_key;
+        let mut hasher = SipHasher24::new_with_keys(k0, k1);
+        hasher.write(token);
+        hasher.finish128().as_u128()
     }
 
     /// How many clients are configured.
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.clients.len()
+    }
+}
+
+impl fmt::Debug for ClientRegistry {
+    /// The clients and their digests' prefixes; never the fingerprints or their key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientRegistry")
+            .field("clients", &self.clients)
+            .finish_non_exhaustive()
     }
 }
 
@@ -207,5 +263,36 @@ mod tests {
         );
         assert_eq!(registry.identify(b"web-token "), None);
         assert_eq!(registry.identify(b""), None);
+    }
+
+    #[test]
+    fn a_token_seen_before_is_matched_by_its_fingerprint_alone() {
+        let registry = ClientRegistry::new([
+            (ClientId::new("ios"), TokenDigest::of(b"ios-token")),
+            (ClientId::new("web"), TokenDigest::of(b"web-token")),
+        ]);
+        assert!(registry.seen.iter().all(|seen| seen.get().is_none()));
+        registry.identify(b"web-token");
+        assert!(registry.seen[0].get().is_none());
+        assert_eq!(
+            registry.seen_before(registry.fingerprint(b"web-token")),
+            Some(1)
+        );
+        // The fast path gives the same answers as the full one, and learns nothing wrong.
+        for _ in 0..2 {
+            let identified = |token: &[u8]| registry.identify(token).map(ClientId::as_str);
+            assert_eq!(identified(b"web-token"), Some("web"));
+            assert_eq!(identified(b"ios-token"), Some("ios"));
+            assert_eq!(identified(b"web-token "), None);
+            assert_eq!(identified(b"nope"), None);
+        }
+        assert_eq!(registry.seen_before(registry.fingerprint(b"nope")), None);
+        // Another registry (a reload) keys its fingerprints afresh.
+        let other = ClientRegistry::new([(ClientId::new("web"), TokenDigest::of(b"web-token"))]);
+        assert_ne!(
+            other.fingerprint(b"web-token"),
+            registry.fingerprint(b"web-token")
+        );
+        assert!(!format!("{registry:?}").contains("seen"));
     }
 }
