@@ -155,22 +155,72 @@ impl Rejection {
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, JSON.clone());
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        headers.insert(CONTENT_LENGTH, content_length(body.len()));
         match self {
             Rejection::MethodNotAllowed => {
                 headers.insert(ALLOW, HeaderValue::from_static("GET"));
             }
             Rejection::RateLimited(denial) => {
                 let retry = denial.retry_after_secs();
-                headers.insert(RETRY_AFTER, HeaderValue::from(retry));
-                let (policy, state) = rate_limit_fields(denial.group, &denial.quota, 0, retry);
-                headers.insert(RATELIMIT_POLICY, policy);
-                headers.insert(RATELIMIT, state);
+                let name = denial.group.name();
+                let state = structured_field(name, ("r", 0), ("t", retry));
+                // `Retry-After` is the state's last number: one buffer for both.
+                let digits = itoa::Buffer::new().format(retry).len();
+                let retry_after = state.slice(state.len() - digits..);
+                headers.insert(RETRY_AFTER, header_value(retry_after));
+                headers.insert(RATELIMIT_POLICY, policy_field(denial.group, &denial.quota));
+                headers.insert(RATELIMIT, header_value(state));
             }
             _ => {}
         }
         response
     }
+}
+
+/// `Content-Length` of an envelope: every one is 10 to 99 bytes long, so its length comes
+/// from a static table rather than an allocation.
+fn content_length(len: usize) -> HeaderValue {
+    static TWO_DIGITS: [u8; 200] = {
+        let mut table = [0u8; 200];
+        let mut i = 0;
+        while i < 100 {
+            table[2 * i] = b'0' + (i / 10) as u8;
+            table[2 * i + 1] = b'0' + (i % 10) as u8;
+            i += 1;
+        }
+        table
+    };
+    if (10..100).contains(&len) {
+        header_value(Bytes::from_static(&TWO_DIGITS[2 * len..2 * len + 2]))
+    } else {
+        HeaderValue::from(len)
+    }
+}
+
+fn header_value(bytes: Bytes) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes).expect("ASCII digits and a fixed name")
+}
+
+/// `RateLimit-Policy` for `quota`: the same value for every denial of one quota, so the
+/// last one made is kept per thread and shared (a flood is denied by one quota).
+fn policy_field(group: LimitGroup, quota: &Quota) -> HeaderValue {
+    type Made = Option<((LimitGroup, u32, u64), HeaderValue)>;
+    thread_local! {
+        static LAST: std::cell::RefCell<Made> = const { std::cell::RefCell::new(None) };
+    }
+    let key = (group, quota.requests, quota.window_secs());
+    LAST.with_borrow_mut(|last| match last {
+        Some((made_for, value)) if *made_for == key => value.clone(),
+        _ => {
+            let value = header_value(structured_field(
+                group.name(),
+                ("q", quota.requests.into()),
+                ("w", quota.window_secs()),
+            ));
+            *last = Some((key, value.clone()));
+            value
+        }
+    })
 }
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
@@ -185,38 +235,55 @@ pub fn rate_limit_fields(
     remaining: u64,
     reset_secs: u64,
 ) -> (HeaderValue, HeaderValue) {
-    let name = group.name();
     (
-        structured_field(
-            name,
-            ("q", quota.requests.into()),
-            ("w", quota.window_secs()),
-        ),
-        structured_field(name, ("r", remaining), ("t", reset_secs)),
+        policy_field(group, quota),
+        header_value(structured_field(
+            group.name(),
+            ("r", remaining),
+            ("t", reset_secs),
+        )),
     )
 }
 
-/// `"name";a=1;b=2`, written without the formatting machinery: it is on every 429, where
-/// `format!` cost more than the rest of the answer.
-fn structured_field(
-    name: &str,
-    (a, a_value): (&str, u64),
-    (b, b_value): (&str, u64),
-) -> HeaderValue {
-    let mut digits = itoa::Buffer::new();
-    let mut field = Vec::with_capacity(name.len() + 48);
-    field.push(b'"');
-    field.extend_from_slice(name.as_bytes());
-    field.extend_from_slice(b"\";");
-    for (i, (key, value)) in [(a, a_value), (b, b_value)].into_iter().enumerate() {
-        if i > 0 {
-            field.push(b';');
-        }
-        field.extend_from_slice(key.as_bytes());
-        field.push(b'=');
-        field.extend_from_slice(digits.format(value).as_bytes());
+/// A structured field's bytes, kept inline: at most a group name and two 20-digit numbers.
+struct Field {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl Field {
+    fn push(&mut self, bytes: &[u8]) {
+        self.bytes[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
     }
-    HeaderValue::from_maybe_shared(Bytes::from(field)).expect("ASCII digits and a fixed name")
+}
+
+impl AsRef<[u8]> for Field {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// `"name";a=1;b=2`, written without the formatting machinery: it is on every 429, where
+/// `format!` cost more than the rest of the answer. One allocation, which the header
+/// values cut from it share.
+fn structured_field(name: &str, (a, a_value): (&str, u64), (b, b_value): (&str, u64)) -> Bytes {
+    let mut digits = itoa::Buffer::new();
+    let mut field = Field {
+        bytes: [0; 64],
+        len: 0,
+    };
+    field.push(b"\"");
+    field.push(name.as_bytes());
+    field.push(b"\";");
+    field.push(a.as_bytes());
+    field.push(b"=");
+    field.push(digits.format(a_value).as_bytes());
+    field.push(b";");
+    field.push(b.as_bytes());
+    field.push(b"=");
+    field.push(digits.format(b_value).as_bytes());
+    Bytes::from_owner(field)
 }
 
 /// `application/json; charset=utf-8`
@@ -281,6 +348,37 @@ mod tests {
                 "{rejection:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_denial_carries_its_retry_and_rate_limit_fields() {
+        for rejection in every_kind() {
+            let response = rejection.to_response();
+            let length = response.headers()[CONTENT_LENGTH].to_str().unwrap();
+            assert_eq!(length, response.body().len().to_string());
+        }
+        let quota = Quota::new(20, std::time::Duration::from_secs(60), None, false).unwrap();
+        for (retry_after, expected) in [(1, "1"), (42, "42"), (3600, "3600")] {
+            let denial = Rejection::RateLimited(crate::limit::Denial {
+                group: LimitGroup::PerClient,
+                quota,
+                retry_after: std::time::Duration::from_millis(retry_after * 1000 - 1),
+            });
+            let response = denial.to_response();
+            let headers = response.headers();
+            assert_eq!(headers[RETRY_AFTER], expected);
+            assert_eq!(headers[RATELIMIT_POLICY], "\"per_client\";q=20;w=60");
+            assert_eq!(
+                headers[RATELIMIT],
+                format!("\"per_client\";r=0;t={expected}").as_str()
+            );
+        }
+        let other = Quota::new(3, std::time::Duration::from_secs(3600), None, false).unwrap();
+        let (policy, state) = rate_limit_fields(LimitGroup::PerEmail, &other, 2, 1200);
+        assert_eq!(policy, "\"per_email\";q=3;w=3600");
+        assert_eq!(state, "\"per_email\";r=2;t=1200");
+        let (policy, _) = rate_limit_fields(LimitGroup::PerClient, &quota, 19, 3);
+        assert_eq!(policy, "\"per_client\";q=20;w=60");
     }
 
     #[test]
