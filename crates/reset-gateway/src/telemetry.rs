@@ -215,7 +215,7 @@ impl AccessLine<'_> {
         if let Some(id) = self.client_id {
             line.str("client_id", id);
         }
-        line.plain("client_ip", self.client_ip);
+        line.ip("client_ip", self.client_ip);
         if let Some(hash) = self.email_hash {
             line.hex("email_hash", hash);
         }

@@ -7,8 +7,8 @@
 //! Strings and floats go through `serde_json`, as they do in the formatter, so escaping
 //! and number forms are the formatter's own. The test below holds the two outputs equal.
 
-use std::fmt::Display;
 use std::io::Write as _;
+use std::net::IpAddr;
 use std::time::SystemTime;
 
 use time::format_description::well_known::Rfc3339;
@@ -18,12 +18,13 @@ use time::OffsetDateTime;
 fn digits(out: &mut Vec<u8>, value: u32, width: usize) {
     let mut buffer = [b'0'; 10];
     let mut rest = value;
-    for slot in buffer.iter_mut().rev() {
-        *slot = b'0' + (rest % 10) as u8;
+    let mut start = buffer.len();
+    while rest > 0 {
+        start -= 1;
+        buffer[start] = b'0' + (rest % 10) as u8;
         rest /= 10;
     }
-    let used = 10 - value.checked_ilog10().map_or(1, |l| l as usize + 1);
-    out.extend_from_slice(&buffer[used.min(10 - width)..]);
+    out.extend_from_slice(&buffer[start.min(buffer.len() - width)..]);
 }
 
 /// A line being written: `{"timestamp":…,"level":"INFO"` and the fields so far.
@@ -76,10 +77,24 @@ impl JsonLine {
         self.0.push(b'"');
     }
 
-    /// A value whose `Display` needs no escaping (an address).
-    pub(super) fn plain(&mut self, key: &str, value: impl Display) {
+    /// An address, as its `Display` writes it (an IPv4 one without the formatting machinery).
+    pub(super) fn ip(&mut self, key: &str, value: IpAddr) {
         self.key(key);
-        let _ = write!(self.0, "\"{value}\"");
+        match value {
+            IpAddr::V4(v4) => {
+                self.0.push(b'"');
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.0.push(b'.');
+                    }
+                    digits(&mut self.0, octet.into(), 1);
+                }
+                self.0.push(b'"');
+            }
+            IpAddr::V6(v6) => {
+                let _ = write!(self.0, "\"{v6}\"");
+            }
+        }
     }
 
     /// A 64-bit value in 16 lower-case hex digits, as `{:016x}` writes it.
@@ -133,6 +148,27 @@ mod tests {
         assert_eq!(written(123_456, 6), "123456");
         assert_eq!(written(2026, 4), "2026");
         assert_eq!(written(12345, 4), "12345");
+        assert_eq!(written(0, 1), "0");
+        assert_eq!(written(255, 1), "255");
+    }
+
+    #[test]
+    fn addresses_are_written_as_displayed() {
+        for ip in [
+            "0.0.0.0",
+            "10.200.3.45",
+            "255.255.255.255",
+            "2001:db8::1",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut line = JsonLine(Vec::new());
+            line.ip("ip", ip);
+            assert_eq!(
+                String::from_utf8(line.0).unwrap(),
+                format!(",\"ip\":\"{ip}\"")
+            );
+        }
     }
 
     #[test]
