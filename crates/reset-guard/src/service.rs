@@ -161,8 +161,13 @@ where
         }
         Verdict::Rejected(rejection, attribution) => {
             let mut response = rejection.to_response();
-            response.extensions_mut().insert(rejection);
-            response.extensions_mut().insert(attribution);
+            // The request's extension table, emptied, holds the answer's: a 429 under a
+            // flood then allocates no table of its own.
+            let extensions = response.extensions_mut();
+            *extensions = std::mem::take(request.extensions_mut());
+            extensions.clear();
+            extensions.insert(rejection);
+            extensions.insert(attribution);
             ResponseFuture::answered(response, None)
         }
     }

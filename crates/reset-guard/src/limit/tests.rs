@@ -175,6 +175,9 @@ async fn per_ip_denial_names_the_quota_with_exact_retry_after() {
         header(&denied, "content-type"),
         Some("application/json; charset=utf-8")
     );
+    // The answer's extensions are the guard's alone, not the request's.
+    assert!(denied.extensions().get::<Rejection>().is_some());
+    assert!(denied.extensions().get::<PeerAddr>().is_none());
     let body = denied.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(
         body,
