@@ -42,17 +42,23 @@ impl JsonLine {
         } else {
             digits(&mut out, year.unsigned_abs(), 4);
         }
-        for (separator, value, width) in [
-            (b'-', u32::from(u8::from(at.month())), 2),
-            (b'-', at.day().into(), 2),
-            (b'T', at.hour().into(), 2),
-            (b':', at.minute().into(), 2),
-            (b':', at.second().into(), 2),
-            (b'.', at.nanosecond() / 1_000, 6),
+        // `-MM-DDTHH:MM:SS.ffffff` in one buffer, then one copy.
+        let mut stamp = *b"-00-00T00:00:00.000000";
+        for (at_index, value, width) in [
+            (1, u32::from(u8::from(at.month())), 2),
+            (4, at.day().into(), 2),
+            (7, at.hour().into(), 2),
+            (10, at.minute().into(), 2),
+            (13, at.second().into(), 2),
+            (16, at.nanosecond() / 1_000, 6),
         ] {
-            out.push(separator);
-            digits(&mut out, value, width);
+            let mut rest = value;
+            for slot in stamp[at_index..at_index + width].iter_mut().rev() {
+                *slot = b'0' + (rest % 10) as u8;
+                rest /= 10;
+            }
         }
+        out.extend_from_slice(&stamp);
         out.extend_from_slice(b"Z\",\"level\":\"INFO\"");
         JsonLine(out)
     }
@@ -63,10 +69,20 @@ impl JsonLine {
         self.0.extend_from_slice(b"\":");
     }
 
-    /// A string, escaped as JSON.
+    /// A string, escaped as JSON. Most values (ids, labels) need no escaping and are
+    /// copied as they are; the rest go through `serde_json`.
     pub(super) fn str(&mut self, key: &str, value: &str) {
         self.key(key);
-        let _ = serde_json::to_writer(&mut self.0, value);
+        let plain = value
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+        if plain {
+            self.0.push(b'"');
+            self.0.extend_from_slice(value.as_bytes());
+            self.0.push(b'"');
+        } else {
+            let _ = serde_json::to_writer(&mut self.0, value);
+        }
     }
 
     /// A time in RFC 3339, to the nanosecond (`received_at`).
