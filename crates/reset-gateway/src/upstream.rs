@@ -20,7 +20,7 @@ use http::{Request, Response, Uri};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use reset_guard::{GuardBody, GuardedRequest};
+use reset_guard::{GuardBody, GuardedRequest, PeerAddr};
 use tokio::time::Instant;
 
 use crate::config::UpstreamSettings;
@@ -152,23 +152,27 @@ impl Forwarder {
     async fn forward(self, mut request: Request<Incoming>) -> Response<ForwardBody> {
         let started = Instant::now();
         let client = self.client.load_full();
-        let guarded = request.extensions_mut().remove::<GuardedRequest>();
-        let (response, status) = match &guarded {
-            Some(guarded) => client.forward_reset(request, guarded).await,
-            None => client.forward_other(request).await,
+        // The request's extension table becomes the answer's: the guard's record of the
+        // request stays where it is instead of moving into a table of its own.
+        let mut extensions = std::mem::take(request.extensions_mut());
+        let peer = extensions
+            .remove::<PeerAddr>()
+            .map(|p| p.0.ip().to_canonical());
+        let (response, status) = match extensions.get::<GuardedRequest>() {
+            Some(guarded) => client.forward_reset(request, guarded, peer).await,
+            None => client.forward_other(request, peer).await,
         };
         let (mut response, refusal) = match response {
             Ok(response) => (response, None),
             Err(refusal) => (refusal.to_response().map(GuardBody::full), Some(refusal)),
         };
-        response.extensions_mut().insert(UpstreamExchange {
+        extensions.insert(UpstreamExchange {
             status,
             duration: started.elapsed(),
             refusal,
         });
-        if let Some(guarded) = guarded {
-            response.extensions_mut().insert(guarded);
-        }
+        extensions.extend(std::mem::take(response.extensions_mut()));
+        *response.extensions_mut() = extensions;
         response
     }
 }

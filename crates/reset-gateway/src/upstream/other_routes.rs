@@ -1,12 +1,14 @@
 //! A path under `other_routes: forward`, passed on to QuickBlox as it came and streamed
 //! both ways.
 
+use std::net::IpAddr;
+
 use http::header::HOST;
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
-use reset_guard::{GuardBody, PeerAddr};
+use reset_guard::GuardBody;
 use tokio::time::timeout;
 
 use super::client_body::ClientBody;
@@ -21,16 +23,16 @@ impl UpstreamClient {
     /// and framing headers, streamed both ways; the timeout covers the answer's head. A
     /// failure of the client's own body is the client's error (400, or 408 when it stalled),
     /// never QuickBlox's.
-    pub(super) async fn forward_other(&self, request: Request<Incoming>) -> Answer {
+    pub(super) async fn forward_other(
+        &self,
+        request: Request<Incoming>,
+        peer: Option<IpAddr>,
+    ) -> Answer {
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
         let Ok(uri) = Uri::try_from(format!("{}{}", self.prefix, path)) else {
             return (Err(Refusal::UpstreamUnavailable), None);
         };
-        let peer = parts
-            .extensions
-            .get::<PeerAddr>()
-            .map(|p| p.0.ip().to_canonical());
         hop_by_hop::strip(&mut parts.headers);
         parts.headers.remove(HOST);
         // The gateway's X-Forwarded-For is the one account of where the request came from.

@@ -6,7 +6,7 @@ use http::header::AUTHORIZATION;
 use http::{HeaderMap, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty, Limited};
 use hyper::body::Incoming;
-use reset_guard::{GuardBody, GuardedRequest, PeerAddr};
+use reset_guard::{GuardBody, GuardedRequest};
 use tokio::time::timeout;
 
 use super::forwarding_headers::{forwarded_for, X_FORWARDED_FOR};
@@ -19,18 +19,15 @@ use crate::request_id::X_REQUEST_ID;
 const MAX_RESET_BODY: usize = 64 * 1024;
 
 impl UpstreamClient {
-    /// A checked reset: a fresh request carrying only the email, the server key, the
-    /// request id, the forwarding chain and the allowed headers; the answer read whole
-    /// within the timeout, so a never-ending body is a 504 too.
+    /// A checked reset from `peer`: a fresh request carrying only the email, the server
+    /// key, the request id, the forwarding chain and the allowed headers; the answer read
+    /// whole within the timeout, so a never-ending body is a 504 too.
     pub(super) async fn forward_reset(
         &self,
         request: Request<Incoming>,
         guarded: &GuardedRequest,
+        peer: Option<IpAddr>,
     ) -> Answer {
-        let peer = request
-            .extensions()
-            .get::<PeerAddr>()
-            .map(|p| p.0.ip().to_canonical());
         // Built again only if a kept connection turns out dead under it.
         let build = || self.reset_request(&request, guarded, peer);
         let Some(upstream) = build() else {
