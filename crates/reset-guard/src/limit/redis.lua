@@ -36,11 +36,29 @@ pcall(redis.replicate_commands)
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 
+-- '%d' prints through a C long (64 bits), far cheaper than '%.0f'; TATs are whole
+-- microseconds, well within both.
 local function int(n)
-  return string.format('%.0f', n)
+  return string.format('%d', n)
 end
 
-local out = {}
+local out, n_out = {}, 0
+local function put(v)
+  n_out = n_out + 1
+  out[n_out] = v
+end
+
+-- Each request's small numbers (its group count and quota sets) repeat from request to
+-- request: each distinct string is converted once (Lua's tonumber goes through strtod).
+local small = {}
+local function num(s)
+  local n = small[s]
+  if not n then
+    n = tonumber(s)
+    small[s] = n
+  end
+  return n
+end
 
 -- The keys: declared, or passed in ARGV.
 local keys = KEYS
@@ -67,30 +85,36 @@ for id = 1, tonumber(ARGV[2]) do
   a = a + 1 + 3 * n
 end
 
--- Every distinct key, read once, before anything is written.
-local tats, order, seen = {}, {}, {}
-for i = 1, #keys do
-  local key = keys[i]
-  if not seen[key] then
-    seen[key] = true
-    order[#order + 1] = key
+-- Every distinct key, read once, before anything is written. Each key is looked up by its
+-- string once: `at[j]` is the position of the j-th key among the distinct ones, whose
+-- state lives in arrays by that position.
+local order, position, at, n_order = {}, {}, {}, 0
+for j = 1, #keys do
+  local key = keys[j]
+  local i = position[key]
+  if not i then
+    n_order = n_order + 1
+    i = n_order
+    position[key] = i
+    order[i] = key
   end
+  at[j] = i
 end
+local tats, dirty = {}, {}
 if in_argv > 0 then
-  for _, key in ipairs(order) do
-    local served, value = pcall(redis.call, 'GET', key)
+  for i = 1, n_order do
+    local served, value = pcall(redis.call, 'GET', order[i])
     if not served then
       return {-1}
     end
-    tats[key] = value and tonumber(value) or 0
+    tats[i] = value and tonumber(value) or 0
   end
-elseif #order > 0 then
+elseif n_order > 0 then
   local values = redis.call('MGET', unpack(order))
-  for i, key in ipairs(order) do
-    tats[key] = values[i] and tonumber(values[i]) or 0
+  for i = 1, n_order do
+    tats[i] = values[i] and tonumber(values[i]) or 0
   end
 end
-local dirty = {}
 
 local k = 1
 local new_tat = {}
@@ -99,18 +123,18 @@ local function decide()
   local shadowed = 0
   local near = 0
   local tight_g, tight_q, tight_rem, tight_reset = 0, 0, -1, 0
-  local groups = tonumber(ARGV[a])
+  local groups = num(ARGV[a])
   local first_arg = a + 1
   a = a + 1 + groups
   local denial = false
   for g = 1, groups do
-    local set = sets[tonumber(ARGV[first_arg + g - 1])]
+    local set = sets[num(ARGV[first_arg + g - 1])]
     local n = set.n
     if not denial then
       local interval, capacity, shadow = set.interval, set.capacity, set.shadow
       local deny_q, deny_retry, shadow_hit = 0, -1, false
       for q = 1, n do
-        local tat = tats[keys[k + q - 1]]
+        local tat = tats[at[k + q - 1]]
         if tat < now then
           tat = now
         end
@@ -132,17 +156,17 @@ local function decide()
       end
       if deny_q > 0 then
         denial = true
-        out[#out + 1] = 1
-        out[#out + 1] = g
-        out[#out + 1] = deny_q
-        out[#out + 1] = deny_retry
-        out[#out + 1] = 0
+        put(1)
+        put(g)
+        put(deny_q)
+        put(deny_retry)
+        put(0)
       else
         for q = 1, n do
           if new_tat[q] then
-            local key = keys[k + q - 1]
-            tats[key] = new_tat[q]
-            dirty[key] = true
+            local i = at[k + q - 1]
+            tats[i] = new_tat[q]
+            dirty[i] = true
             local lead = new_tat[q] - now
             local remaining = math.floor((capacity[q] - lead) / interval[q])
             if remaining * 5 < capacity[q] / interval[q] then
@@ -160,14 +184,14 @@ local function decide()
     k = k + n
   end
   if not denial then
-    out[#out + 1] = 0
-    out[#out + 1] = tight_g
-    out[#out + 1] = tight_q
-    out[#out + 1] = math.max(tight_rem, 0)
-    out[#out + 1] = tight_reset
+    put(0)
+    put(tight_g)
+    put(tight_q)
+    put(math.max(tight_rem, 0))
+    put(tight_reset)
   end
-  out[#out + 1] = shadowed
-  out[#out + 1] = near
+  put(shadowed)
+  put(near)
 end
 
 for _ = 1, tonumber(ARGV[1]) do
@@ -176,10 +200,10 @@ end
 
 -- Each changed key once, with its final TAT; it expires once that TAT passes, and from
 -- then on equals no state at all.
-for _, key in ipairs(order) do
-  if dirty[key] then
-    local tat = tats[key]
-    redis.call('SET', key, int(tat), 'PX', math.floor((tat - now) / 1000) + 1)
+for i = 1, n_order do
+  if dirty[i] then
+    local tat = tats[i]
+    redis.call('SET', order[i], int(tat), 'PX', math.floor((tat - now) / 1000) + 1)
   end
 end
 return out
