@@ -336,48 +336,59 @@ impl RedisStore {
         let store = self.clone();
         let specs = specs.clone();
         Box::pin(async move {
-            let deadline = tokio::time::Instant::now() + store.timeout;
-            // {denied, group, quota, remaining or retry, reset, shadow mask, near mask}, as
-            // the script.
-            let mut merged = [0i64; REPLY_LEN];
-            let mut tightest: Option<i64> = None;
-            for (i, charge) in charges.as_slice().iter().enumerate() {
-                if specs.group(charge.0).quotas.is_empty() {
-                    continue;
-                }
-                let (reply, answer) = oneshot::channel();
-                let job = Job {
-                    specs: specs.clone(),
-                    charges: Charges::new(std::slice::from_ref(charge)),
-                    reply,
-                };
-                if let Err(why) = store.enqueue(job) {
-                    return store.fail(&why);
-                }
-                let one = match tokio::time::timeout_at(deadline, answer).await {
-                    Ok(Ok(Ok(reply))) => reply,
-                    Ok(Ok(Err(error))) => return store.fail(&error),
-                    Ok(Err(_)) => return store.fail("the Redis worker stopped"),
-                    Err(_) => return store.fail("timed out"),
-                };
-                let group = i64::try_from(i + 1).unwrap_or(0);
-                if one[5] & 1 != 0 {
-                    merged[5] |= 1 << i;
-                }
-                merged[6] |= (one[6] & 0xf) << (4 * i);
-                if one[0] == 1 {
-                    merged[..5].copy_from_slice(&[1, group, one[2], one[3], 0]);
-                    break;
-                }
-                // The tightest admitting quota; on a tie, the earlier group's, as the script.
-                if one[1] != 0 && tightest.is_none_or(|remaining| one[3] < remaining) {
-                    tightest = Some(one[3]);
-                    merged[..5].copy_from_slice(&[0, group, one[2], one[3], one[4]]);
-                }
-            }
+            // One timer for the whole request rather than one per group.
+            let decided = tokio::time::timeout(store.timeout, store.decide_groups(&specs, charges));
+            let merged = match decided.await {
+                Ok(Ok(merged)) => merged,
+                Ok(Err(why)) => return store.fail(&why),
+                Err(_) => return store.fail("timed out"),
+            };
             store.healthy.store(true, Ordering::Relaxed);
             store.read_reply(&merged, charges.as_slice(), &specs, cached)
         })
+    }
+
+    /// The groups of one request decided one after another, until one denies; the replies
+    /// merged into the one the script gives for a whole request.
+    async fn decide_groups(
+        &self,
+        specs: &Arc<RedisSpecs>,
+        charges: Charges,
+    ) -> Result<[i64; REPLY_LEN], String> {
+        // {denied, group, quota, remaining or retry, reset, shadow mask, near mask}, as
+        // the script.
+        let mut merged = [0i64; REPLY_LEN];
+        let mut tightest: Option<i64> = None;
+        for (i, charge) in charges.as_slice().iter().enumerate() {
+            if specs.group(charge.0).quotas.is_empty() {
+                continue;
+            }
+            let (reply, answer) = oneshot::channel();
+            let job = Job {
+                specs: specs.clone(),
+                charges: Charges::new(std::slice::from_ref(charge)),
+                reply,
+            };
+            self.enqueue(job)?;
+            let one = answer
+                .await
+                .map_err(|_| "the Redis worker stopped".to_owned())??;
+            let group = i64::try_from(i + 1).unwrap_or(0);
+            if one[5] & 1 != 0 {
+                merged[5] |= 1 << i;
+            }
+            merged[6] |= (one[6] & 0xf) << (4 * i);
+            if one[0] == 1 {
+                merged[..5].copy_from_slice(&[1, group, one[2], one[3], 0]);
+                break;
+            }
+            // The tightest admitting quota; on a tie, the earlier group's, as the script.
+            if one[1] != 0 && tightest.is_none_or(|remaining| one[3] < remaining) {
+                tightest = Some(one[3]);
+                merged[..5].copy_from_slice(&[0, group, one[2], one[3], one[4]]);
+            }
+        }
+        Ok(merged)
     }
 
     /// Cluster mode: this thread's queue and its own cluster connection, which keeps
