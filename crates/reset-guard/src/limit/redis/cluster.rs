@@ -1,8 +1,9 @@
 //! Cluster mode: a request's groups decided one after another, each on the node that holds
 //! its keys' slot.
 //!
-//! One request's groups live in different slots, so each group is one decision; but the
-//! groups waiting on one thread (of many requests) whose slots one master serves go to it
+//! One request's groups live in different slots, so each group is one decision (consecutive
+//! groups whose slots one master serves are one, decided in order in one step); but the
+//! decisions waiting on one thread (of many requests) whose slots one master serves go to it
 //! as one script call, as in the other modes. That is what keeps a cluster near the
 //! standalone mode's cost: a call per group of every request would cost the cluster
 //! several times the CPU (benches/README.md, "Redis modes"). The script is told the keys
@@ -21,6 +22,9 @@ use super::*;
 
 /// Slots in a Redis Cluster.
 const SLOTS: usize = 16_384;
+/// The answer to a job of several groups that could not be decided in one call (its keys
+/// are no longer all on one master): the request decides those groups one by one.
+const ONE_BY_ONE: &str = "decide these groups one by one";
 /// Least time between two reads of the slot map.
 const SLOT_MAP_INTERVAL_NS: u64 = 1_000_000_000;
 
@@ -283,7 +287,7 @@ async fn run_master_batches(
                 Err(_) => break,
             }
         }
-        if batch.len() == 1 {
+        if batch.len() == 1 && batch[0].charges.as_slice().len() == 1 {
             call(batch, &mut connection, &script, timeout).await;
             continue;
         }
@@ -302,11 +306,17 @@ async fn run_master_batches(
 
 /// One call per hash tag: the jobs with the same tag (the same group and key) together.
 fn by_tags(
-    mut batch: Vec<Job>,
+    batch: Vec<Job>,
     connection: &redis::cluster_async::ClusterConnection,
     script: &Arc<redis::Script>,
     timeout: Duration,
 ) {
+    let (mut batch, several): (Vec<Job>, Vec<Job>) = batch
+        .into_iter()
+        .partition(|job| job.charges.as_slice().len() == 1);
+    for job in several {
+        let _ = job.reply.send(Err(ONE_BY_ONE.to_owned()));
+    }
     while !batch.is_empty() {
         let tag = batch[0].charges.as_slice().first().copied();
         let (same, rest): (Vec<Job>, Vec<Job>) = batch
@@ -349,44 +359,75 @@ impl RedisStore {
     }
 
     /// The groups of one request decided one after another, until one denies; the replies
-    /// merged into the one the script gives for a whole request.
+    /// merged into the one the script gives for a whole request. Consecutive groups whose
+    /// keys the slot map places on one master are one job there, decided in order in one
+    /// step (as in the other modes); if that master no longer serves them all, they are
+    /// decided one by one.
     async fn decide_groups(
         &self,
         specs: &Arc<RedisSpecs>,
         charges: Charges,
     ) -> Result<[i64; REPLY_LEN], String> {
+        let map = self
+            .cluster
+            .as_ref()
+            .and_then(|c| c.nodes.slots.load_full());
+        let owner = |(group, hash): (LimitGroup, u64)| {
+            map.as_ref()
+                .map(|map| map.owner[usize::from(specs.slot(group, hash))])
+                .filter(|owner| *owner != u16::MAX)
+        };
         // {denied, group, quota, remaining or retry, reset, shadow mask, near mask}, as
         // the script.
         let mut merged = [0i64; REPLY_LEN];
         let mut tightest: Option<i64> = None;
-        for (i, charge) in charges.as_slice().iter().enumerate() {
-            if specs.group(charge.0).quotas.is_empty() {
+        let all = charges.as_slice();
+        let mut first = 0;
+        let mut together = true;
+        while first < all.len() {
+            if specs.group(all[first].0).quotas.is_empty() {
+                first += 1;
                 continue;
+            }
+            let mut end = first + 1;
+            if together && owner(all[first]).is_some() {
+                while end < all.len()
+                    && (specs.group(all[end].0).quotas.is_empty()
+                        || owner(all[end]) == owner(all[first]))
+                {
+                    end += 1;
+                }
             }
             let (reply, answer) = oneshot::channel();
             let job = Job {
                 specs: specs.clone(),
-                charges: Charges::new(std::slice::from_ref(charge)),
+                charges: Charges::new(&all[first..end]),
                 reply,
             };
             self.enqueue(job)?;
-            let one = answer
-                .await
-                .map_err(|_| "the Redis worker stopped".to_owned())??;
-            let group = i64::try_from(i + 1).unwrap_or(0);
-            if one[5] & 1 != 0 {
-                merged[5] |= 1 << i;
-            }
-            merged[6] |= (one[6] & 0xf) << (4 * i);
+            let one = match answer.await {
+                Ok(Err(why)) if why == ONE_BY_ONE => {
+                    together = false;
+                    continue;
+                }
+                Ok(reply) => reply?,
+                Err(_) => return Err("the Redis worker stopped".to_owned()),
+            };
+            // The job's groups are numbered from 1 in the reply; in the request, from
+            // `first` + 1.
+            let offset = i64::try_from(first).unwrap_or(0);
+            merged[5] |= one[5] << first;
+            merged[6] |= one[6] << (4 * first);
             if one[0] == 1 {
-                merged[..5].copy_from_slice(&[1, group, one[2], one[3], 0]);
+                merged[..5].copy_from_slice(&[1, offset + one[1], one[2], one[3], 0]);
                 break;
             }
             // The tightest admitting quota; on a tie, the earlier group's, as the script.
             if one[1] != 0 && tightest.is_none_or(|remaining| one[3] < remaining) {
                 tightest = Some(one[3]);
-                merged[..5].copy_from_slice(&[0, group, one[2], one[3], one[4]]);
+                merged[..5].copy_from_slice(&[0, offset + one[1], one[2], one[3], one[4]]);
             }
+            first = end;
         }
         Ok(merged)
     }

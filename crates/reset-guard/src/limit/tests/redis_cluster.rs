@@ -150,3 +150,37 @@ async fn concurrent_requests_share_one_call_per_master_and_decide_exactly() {
     assert_eq!(state("per_ip") - ip_before, 120 * charge_us);
     assert_eq!(state("global") - global_before, 80 * charge_us);
 }
+
+#[tokio::test]
+async fn consecutive_groups_on_one_master_are_decided_in_one_call() {
+    let cluster = RedisCluster::start();
+    let rig = rig_in(
+        "  per_ip: [{ requests: 100000, per: 1d }]\n  per_email: [{ requests: 1, per: 1h }]\n  global: [{ requests: 100000, per: 1d }]\n",
+        "",
+        cluster_store(&cluster, "runs"),
+        ManualClock::new(),
+    );
+    // Until the slot map is read (in the background, on first use) every group is a call.
+    let mut warm = 0;
+    loop {
+        let before = script_calls(&cluster);
+        assert_eq!(rig.status(ask(&format!("warm{warm}@b.io"))).await, 200);
+        warm += 1;
+        if script_calls(&cluster) - before < 3 || warm == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // One at a time, 60 new addresses: three groups each, but where the address's
+    // per-email key shares a master with the per-IP key before it or the global key after
+    // it, two groups are one call. Each address still gets exactly its quota.
+    let before = script_calls(&cluster);
+    for i in 0..60 {
+        assert_eq!(rig.status(ask(&format!("run{i}@b.io"))).await, 200);
+    }
+    let calls = script_calls(&cluster) - before;
+    assert!(calls < 180, "{calls} calls for 60 requests of three groups");
+    for i in 0..60 {
+        assert_eq!(rig.status(ask(&format!("run{i}@b.io"))).await, 429, "run{i}");
+    }
+}
