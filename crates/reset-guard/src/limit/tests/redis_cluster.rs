@@ -181,6 +181,10 @@ async fn consecutive_groups_on_one_master_are_decided_in_one_call() {
     let calls = script_calls(&cluster) - before;
     assert!(calls < 180, "{calls} calls for 60 requests of three groups");
     for i in 0..60 {
-        assert_eq!(rig.status(ask(&format!("run{i}@b.io"))).await, 429, "run{i}");
+        assert_eq!(
+            rig.status(ask(&format!("run{i}@b.io"))).await,
+            429,
+            "run{i}"
+        );
     }
 }
