@@ -21,6 +21,9 @@
 #   MODES=cluster CONNECTIONS=256 benches/load/store-modes.sh   # memory and cluster only
 #   TREE=/tmp/clean benches/load/store-modes.sh     # build and measure another checkout
 #                                                   # (a worktree of a commit), not this one
+#   BEFORE=/path/to/older/reset-gateway benches/load/store-modes.sh
+#                                                   # that build beside this one, each Redis
+#                                                   # mode's gateway run by both ("cluster-before")
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-8s}
@@ -173,14 +176,23 @@ YAML
 list() { local sep="" out="" p; for p in "$@"; do out+="$sep\"redis://127.0.0.1:$p\""; sep=", "; done; echo "[$out]"; }
 redis_common='key_secret_env: RESET_GATEWAY_KEY_SECRET'
 redis_tail='timeout: 200ms, on_error: deny'
-declare -A PORT GW_PID STORE_PIDS
+declare -A PORT GW_PID STORE_PIDS BINARY
 STORE_PIDS[memory]=""
 STORE_PIDS[standalone]=$standalone_pids
 STORE_PIDS[sentinel]=$sentinel_pids
 STORE_PIDS[cluster]=$cluster_pids
+if [ -n "${BEFORE:-}" ]; then
+  cp "$BEFORE" "$work/reset-gateway-before"
+  for mode in "${MODES[@]}"; do
+    [ "$mode" = memory ] && continue
+    MODES+=("$mode-before")
+    STORE_PIDS[$mode-before]=${STORE_PIDS[$mode]}
+  done
+fi
 for mode in "${MODES[@]}"; do PORT[$mode]=$(free_port); done
 for mode in "${MODES[@]}"; do
-  case $mode in
+  case $mode in *-before) BINARY[$mode]=$work/reset-gateway-before ;; *) BINARY[$mode]=$work/reset-gateway ;; esac
+  case ${mode%-before} in
     memory) store="store: { kind: memory }" ;;
     standalone) store="store: { kind: redis, $redis_common, redis: { mode: standalone, url: \"redis://127.0.0.1:$STANDALONE\", $redis_tail } }" ;;
     sentinel) store="store: { kind: redis, $redis_common, redis: { mode: sentinel, nodes: $(list "${SENTINELS[@]}"), sentinel_master: mymaster, $redis_tail } }" ;;
@@ -190,9 +202,9 @@ for mode in "${MODES[@]}"; do
   config "${PORT[$mode]}" "$store" >"$work/$mode.yaml"
 done
 for mode in "${MODES[@]}"; do
-  QB_API_KEY=bench-server-key "$work/reset-gateway" check-config --config "$work/$mode.yaml" >/dev/null 2>"$work/$mode.check" \
+  QB_API_KEY=bench-server-key "${BINARY[$mode]}" check-config --config "$work/$mode.yaml" >/dev/null 2>"$work/$mode.check" \
     || { echo "$mode: config refused:" >&2; cat "$work/$mode.check" >&2; exit 1; }
-  QB_API_KEY=bench-server-key "$work/reset-gateway" --config "$work/$mode.yaml" 2>"$work/$mode.log" & pids+=($!)
+  QB_API_KEY=bench-server-key "${BINARY[$mode]}" --config "$work/$mode.yaml" 2>"$work/$mode.log" & pids+=($!)
   GW_PID[$mode]=$!
 done
 for mode in "${MODES[@]}"; do wait_port "${PORT[$mode]}"; done
@@ -220,7 +232,7 @@ measure() { # mode round -> one line
   hz=$(getconf CLK_TCK)
   gw_us=$(awk -v t=$((gw_after - gw_before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
   st_us=$(awk -v t=$((st_after - st_before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
-  printf '%-10s %-5s %12s %10s %10s %8s %8s %10s %10s\n' "$1" "$2" "$rps" "$p50" "$p99" "${non2xx:-0}" "${errors:-0}" "$gw_us" "$st_us"
+  printf '%-17s %-5s %12s %10s %10s %8s %8s %10s %10s\n' "$1" "$2" "$rps" "$p50" "$p99" "${non2xx:-0}" "${errors:-0}" "$gw_us" "$st_us"
 }
 
 # Warm every gateway (connection pools, Redis script caches, the cluster's slot map).
@@ -232,7 +244,7 @@ results=$work/results.txt
 {
   echo "# $(date -u +%FT%TZ) $(nproc) cores, commit $commit$([ "$dirty" -gt 0 ] && echo " (+$dirty uncommitted tracked files)"), wrk -t1 -c$CONNECTIONS -d$DURATION, $ROUNDS round(s), gateway workers $GATEWAY_WORKERS, redis $(redis-server --version | awk '{print $3}')"
   echo "# gw_us: the gateway's CPU per request; store_us: its Redis processes' (none for memory)"
-  printf '%-10s %-5s %12s %10s %10s %8s %8s %10s %10s\n' mode round "requests/s" p50 p99 non-2xx errors gw_us store_us
+  printf '%-17s %-5s %12s %10s %10s %8s %8s %10s %10s\n' mode round "requests/s" p50 p99 non-2xx errors gw_us store_us
 } | tee "$results"
 for round in $(seq "$ROUNDS"); do
   # Rotate the order so that no mode always runs first or last.
@@ -256,8 +268,8 @@ def median_row(rs):
 mem = statistics.median(r['rps'] for r in rows['memory'])
 mem_by_round = {r['round']: r['rps'] for r in rows['memory']}
 print()
-print(f"{'mode':<10} {'requests/s':>11} {'p50':>9} {'p99':>9} {'gw us/req':>10} {'store us/req':>13} {'ratio':>6} {'paired':>7}  per-round ratios")
-for mode in [m for m in ('memory', 'standalone', 'sentinel', 'cluster') if m in rows]:
+print(f"{'mode':<17} {'requests/s':>11} {'p50':>9} {'p99':>9} {'gw us/req':>10} {'store us/req':>13} {'ratio':>6} {'paired':>7}  per-round ratios")
+for mode in rows:
     rs = rows[mode]
     rps = statistics.median(r['rps'] for r in rs)
     m = median_row(rs)
@@ -268,7 +280,7 @@ for mode in [m for m in ('memory', 'standalone', 'sentinel', 'cluster') if m in 
     paired = statistics.median(ratios)
     bad = sum(r['bad'] + r['err'] for r in rs)
     note = '' if bad == 0 else f'  ({bad} non-2xx or socket errors!)'
-    print(f"{mode:<10} {rps:11.0f} {m['p50']:>9} {m['p99']:>9} {gw:10.2f} {st:13.2f} {rps / mem:6.2f} {paired:7.2f}  {per_round}{note}")
+    print(f"{mode:<17} {rps:11.0f} {m['p50']:>9} {m['p99']:>9} {gw:10.2f} {st:13.2f} {rps / mem:6.2f} {paired:7.2f}  {per_round}{note}")
 print()
 print("ratio: median requests/s over memory's median; paired: median of the per-round ratios (each")
 print("round's requests/s over memory's in the same round, so less moved by load that drifts over the")
