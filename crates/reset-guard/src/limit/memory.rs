@@ -70,8 +70,11 @@ pub(crate) struct QuotaState {
 }
 
 pub(crate) fn shard_of(key: u64) -> usize {
-    // The low bits pick the hashbrown bucket; the high ones pick the shard.
-    (key >> 58) as usize % SHARDS
+    // hashbrown picks the bucket from the low bits and the tag it compares sixteen slots
+    // at a time from the top seven: the shard comes from bits in between. From the top
+    // six, every key of a shard would carry one of two tags, and a lookup would compare
+    // half a group of keys instead of about one.
+    (key >> 48) as usize % SHARDS
 }
 
 impl QuotaState {
@@ -272,6 +275,19 @@ mod tests {
             state.len()
         );
         assert_eq!(state.forced_evictions(), 0);
+    }
+
+    #[test]
+    fn shards_leave_hashbrowns_bucket_and_tag_bits_alone() {
+        // Keys that differ only in the top seven bits (hashbrown's tag) or the low
+        // 32 (the bucket) share a shard; the bits in between spread keys over all shards.
+        let key = 0x0123_4567_89ab_cdefu64;
+        for other in [key ^ (0x7f << 57), key ^ 0xffff_ffff] {
+            assert_eq!(shard_of(other), shard_of(key));
+        }
+        let shards: std::collections::HashSet<usize> =
+            (0..SHARDS as u64).map(|i| shard_of(i << 48)).collect();
+        assert_eq!(shards.len(), SHARDS);
     }
 
     #[test]
