@@ -354,6 +354,42 @@ mod tests {
     }
 
     #[test]
+    fn simulate_scans_the_gateways_own_lines_without_serde() {
+        // `simulate` reads lines like these with its scanner, and leaves those with
+        // escapes (a client id with a quote) to serde_json; both read them alike.
+        let line = AccessLine {
+            received: std::time::UNIX_EPOCH + Duration::new(1_795_000_000, 5),
+            request_id: "0af3-77",
+            guarded: true,
+            client_id: Some("ios"),
+            client_ip: "2001:db8::1".parse().unwrap(),
+            email_hash: Some(0x00ab_cdef_0123_4567),
+            email: Some("bob@example.com"),
+            outcome: "rate_limited",
+            limit: Some("per_email"),
+            status: 429,
+            upstream_status: Some(200),
+            upstream_ms: Some(41.2),
+            duration_ms: 0.031,
+        };
+        let quoted = AccessLine {
+            client_id: Some("ios \"app\""),
+            ..line
+        };
+        for (line, scanned) in [(line, true), (quoted, false)] {
+            let json = line.json(SystemTime::now());
+            let json = json.trim_ascii_end();
+            let by_scanner = crate::simulate::access_line::scan(json);
+            assert_eq!(by_scanner.is_some(), scanned);
+            let by_serde = serde_json::from_slice(json).unwrap();
+            assert_eq!(
+                by_scanner.unwrap_or(by_serde),
+                serde_json::from_slice(json).unwrap()
+            );
+        }
+    }
+
+    #[test]
     fn milliseconds_keep_three_decimals() {
         for (duration, printed) in [
             (Duration::from_nanos(30_154_999), "30.155"),

@@ -3,6 +3,7 @@
 //! what it would have done. `reader` reads the log, `replay` decides each request again
 //! with the gateway's own limiter, `report` prints the result.
 
+pub(crate) mod access_line;
 pub mod reader;
 pub mod replay;
 pub mod report;

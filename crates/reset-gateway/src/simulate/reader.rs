@@ -7,13 +7,15 @@
 //! line number and skipped. A summary line of folded denials stands for its `count`
 //! requests (summary.rs).
 
-use std::borrow::Cow;
 use std::io::BufRead;
 use std::net::IpAddr;
+use std::sync::LazyLock;
+
+use memchr::memmem;
 
 use reset_guard::LimitGroup;
-use serde::Deserialize;
 
+use super::access_line::AccessLine;
 use super::summary::Expansion;
 
 /// One charged request as the log tells it.
@@ -40,30 +42,6 @@ pub struct BadLine {
     pub line: u64,
     /// Why it was skipped.
     pub reason: String,
-}
-
-/// The fields of an access line the replay reads; the others are ignored.
-#[derive(Deserialize)]
-struct AccessLine<'a> {
-    #[serde(borrow)]
-    target: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    received_at: Option<Cow<'a, str>>,
-    guarded: Option<bool>,
-    #[serde(borrow)]
-    client_ip: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    client_id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    email_hash: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    outcome: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    limit: Option<Cow<'a, str>>,
-    /// A summary line's (summary.rs).
-    count: Option<u64>,
-    #[serde(borrow)]
-    last_received_at: Option<Cow<'a, str>>,
 }
 
 /// Reads a log line by line.
@@ -94,17 +72,52 @@ impl Reader {
         mut input: impl BufRead,
         mut each: impl FnMut(LoggedRequest, &[String]),
     ) -> std::io::Result<()> {
-        let mut buffer = Vec::with_capacity(1024);
+        // Lines are read where they lie in the input's buffer; only a line cut by the
+        // buffer's end is copied, to be completed from the next read.
+        let mut cut = Vec::new();
         loop {
-            buffer.clear();
-            if input.read_until(b'\n', &mut buffer)? == 0 {
+            let chunk = input.fill_buf()?;
+            if chunk.is_empty() {
+                if !cut.is_empty() {
+                    self.take(&cut, &mut each);
+                }
                 return Ok(());
             }
-            if let Some(request) = self.line(&buffer) {
-                each(request, &self.clients);
-                while let Some(request) = self.summarized() {
-                    each(request, &self.clients);
+            let mut used = 0;
+            if !cut.is_empty() {
+                match memchr::memchr(b'\n', chunk) {
+                    Some(newline) => {
+                        cut.extend_from_slice(&chunk[..newline]);
+                        self.take(&cut, &mut each);
+                        cut.clear();
+                        used = newline + 1;
+                    }
+                    None => {
+                        cut.extend_from_slice(chunk);
+                        used = chunk.len();
+                    }
                 }
+            }
+            if cut.is_empty() {
+                let start = used;
+                for newline in memchr::memchr_iter(b'\n', &chunk[start..]) {
+                    let end = start + newline;
+                    self.take(&chunk[used..end], &mut each);
+                    used = end + 1;
+                }
+                cut.extend_from_slice(&chunk[used..]);
+            }
+            let read = chunk.len();
+            input.consume(read);
+        }
+    }
+
+    /// Reads one line and hands on the requests it stands for.
+    fn take(&mut self, line: &[u8], each: &mut impl FnMut(LoggedRequest, &[String])) {
+        if let Some(request) = self.line(line) {
+            each(request, &self.clients);
+            while let Some(request) = self.summarized() {
+                each(request, &self.clients);
             }
         }
     }
@@ -125,12 +138,11 @@ impl Reader {
         self.line += 1;
         self.summarized = None;
         // Most lines of a busy log are access lines; the rest are cheap to tell apart.
-        if !contains(bytes, br#""target":"access""#) {
+        if !is_access_line(bytes) {
             self.other_lines += 1;
             return None;
         }
-        // serde_json checks the UTF-8 of what it reads; reading the bytes spares a pass.
-        let parsed = serde_json::from_slice::<AccessLine<'_>>(bytes.trim_ascii_end())
+        let parsed = AccessLine::parse(bytes.trim_ascii_end())
             .map_err(|e| format!("not a JSON access line: {e}"))
             .and_then(|access| self.request(access));
         match parsed {
@@ -207,8 +219,16 @@ impl Reader {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    memchr::memmem::find(haystack, needle).is_some()
+/// Whether `line` may be an access line: it names the target, as the gateway writes it
+/// at its end (looked at first) or anywhere.
+fn is_access_line(line: &[u8]) -> bool {
+    const TARGET: &[u8] = br#""target":"access""#;
+    static FINDER: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(TARGET));
+    let end = line.trim_ascii_end();
+    end.strip_suffix(b"}")
+        .is_some_and(|end| end.ends_with(TARGET))
+        || FINDER.find(line).is_some()
 }
 
 /// RFC 3339 to nanoseconds since the Unix epoch.
