@@ -4,6 +4,7 @@
 //! with the gateway's own limiter, `report` prints the result.
 
 pub(crate) mod access_line;
+mod distinct;
 pub mod reader;
 pub mod replay;
 pub mod report;

@@ -3,21 +3,18 @@
 //! log) and tallies, per quota, what each would have done.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet, VecDeque};
-use std::hash::BuildHasherDefault;
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::Duration;
 
-use reset_guard::internals::{Charge, PassThroughHasher, QuotaOutcome, Recorded, Replay};
+use reset_guard::internals::{Charge, QuotaOutcome, Recorded, Replay};
 use reset_guard::{GuardSettings, LimitGroup, Quota};
 
+use super::distinct::DistinctKeys;
 use super::reader::LoggedRequest;
 
 /// Log lines are written when requests finish, so a line may follow lines of requests
 /// that arrived after it. Requests are held this long (in log time) to be put in order.
 pub const REORDER_WINDOW: Duration = Duration::from_secs(300);
-
-/// Limit keys are keyed hashes already: hashing them again would only cost time.
-type KeySet = HashSet<u64, BuildHasherDefault<PassThroughHasher>>;
 
 /// What one quota made of the replayed traffic.
 #[derive(Debug, Clone)]
@@ -41,8 +38,9 @@ pub struct Tally {
     replay: Replay,
     /// Per quota, group by group.
     pub quotas: Vec<QuotaTally>,
-    /// Distinct keys per group.
-    keys: [KeySet; 4],
+    /// Where each group's quotas start in `quotas`.
+    first_quota: [usize; 4],
+    keys: DistinctKeys,
     /// Requests replayed.
     pub requests: u64,
     /// Requests an enforced quota refused.
@@ -57,6 +55,12 @@ pub struct Tally {
 
 impl Tally {
     fn new(settings: GuardSettings, max_keys: usize) -> Tally {
+        let mut first_quota = [0; 4];
+        let mut next = 0;
+        for (first, group) in first_quota.iter_mut().zip(LimitGroup::ALL) {
+            *first = next;
+            next += settings.quotas(group).len();
+        }
         let quotas = LimitGroup::ALL
             .into_iter()
             .flat_map(|group| {
@@ -72,7 +76,8 @@ impl Tally {
         Tally {
             replay: Replay::new(settings, max_keys),
             quotas,
-            keys: Default::default(),
+            first_quota,
+            keys: DistinctKeys::default(),
             requests: 0,
             denied: 0,
             denied_by: [0; 4],
@@ -82,7 +87,7 @@ impl Tally {
 
     /// Distinct keys the group was charged on.
     pub fn distinct_keys(&self, group: LimitGroup) -> usize {
-        self.keys[group_index(group)].len()
+        self.keys.count(group_index(group))
     }
 
     /// Decides one request; returns the group that refused it.
@@ -91,16 +96,17 @@ impl Tally {
         let Tally {
             replay,
             quotas,
+            first_quota,
             keys,
             ..
         } = self;
-        let mut last_key: Option<(LimitGroup, u64)> = None;
         let denial = replay.decide(request.at_ns, recorded, |charge: Charge| {
-            if last_key != Some((charge.group, charge.key)) {
-                keys[group_index(charge.group)].insert(charge.key);
-                last_key = Some((charge.group, charge.key));
-            }
-            let Some(tally) = quota_tally(quotas, charge.group, charge.position) else {
+            let group = group_index(charge.group);
+            keys.add(group, charge.key);
+            let Some(tally) = quotas
+                .get_mut(first_quota[group] + charge.position)
+                .filter(|t| t.group == charge.group)
+            else {
                 return;
             };
             tally.seen += 1;
@@ -138,14 +144,6 @@ impl Tally {
     pub fn settings(&self) -> &GuardSettings {
         self.replay.settings()
     }
-}
-
-fn quota_tally(
-    quotas: &mut [QuotaTally],
-    group: LimitGroup,
-    position: usize,
-) -> Option<&mut QuotaTally> {
-    quotas.iter_mut().filter(|t| t.group == group).nth(position)
 }
 
 fn group_index(group: LimitGroup) -> usize {
