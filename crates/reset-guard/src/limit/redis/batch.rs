@@ -62,6 +62,8 @@ pub(super) struct GroupSpec {
     args: Vec<u64>,
     /// `{prefix}:{group}`.
     head: String,
+    /// The CRC16 of `{prefix}:{group}:`, the start of every hash tag of the group.
+    tag_crc: crc16::State<crc16::XMODEM>,
     /// `{interval_us}.{capacity_us}` per quota. The quota's numbers are part of the key: a
     /// changed quota starts fresh, an unchanged one keeps its state across reloads and
     /// replicas.
@@ -88,19 +90,29 @@ impl RedisSpecs {
     /// Cluster mode: the slot of a group's keys for one keyed hash (CRC16 of the hash tag
     /// `{prefix}:{group}:{hash}`, modulo 16384, as Redis Cluster computes it).
     pub(super) fn slot(&self, group: LimitGroup, hash: u64) -> u16 {
-        use std::fmt::Write;
-        let mut tag = String::with_capacity(64);
-        let _ = write!(tag, "{}:{hash:016x}", self.group(group).head);
-        crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
+        // The CRC of `{prefix}:{group}:` is kept; only the hash's 16 hex digits are added
+        // per key, without formatting or allocating (a cluster request needs several).
+        let mut crc = self.group(group).tag_crc;
+        let mut digits = [0u8; 16];
+        for (i, digit) in digits.iter_mut().enumerate() {
+            *digit = b"0123456789abcdef"[((hash >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        crc.update(&digits);
+        crc.get() % 16384
     }
 
     pub(crate) fn new(limits: &LimitSettings, prefix: &str, cluster: bool) -> Self {
         let groups = LimitGroup::ALL.map(|group| {
             let quotas = limits.quotas(group);
+            let head = format!("{prefix}:{}", group.name());
+            let mut tag_crc = crc16::State::<crc16::XMODEM>::new();
+            tag_crc.update(head.as_bytes());
+            tag_crc.update(b":");
             let mut spec = GroupSpec {
                 quotas: quotas.to_vec(),
                 args: vec![quotas.len() as u64],
-                head: format!("{prefix}:{}", group.name()),
+                head,
+                tag_crc,
                 quota_parts: Vec::new(),
             };
             for quota in quotas {
@@ -265,5 +277,34 @@ pub(super) fn answer(batch: Vec<Job>, outcome: Result<Vec<i64>, String>) {
         };
         // The request may have given up already; that is fine.
         let _ = job.reply.send(reply);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_is_the_crc16_of_the_hash_tag_as_redis_computes_it() {
+        let limits = LimitSettings {
+            groups: Default::default(),
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            exempt: Vec::new(),
+            response_headers: false,
+        };
+        let specs = RedisSpecs::new(&limits, "rg", true);
+        for hash in [0, 1, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
+            for group in LimitGroup::ALL {
+                let tag = format!("rg:{}:{hash:016x}", group.name());
+                let expected = crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384;
+                assert_eq!(specs.slot(group, hash), expected, "{tag}");
+            }
+        }
+        // Redis's own example (CLUSTER KEYSLOT): the same CRC16.
+        assert_eq!(
+            crc16::State::<crc16::XMODEM>::calculate(b"123456789"),
+            0x31c3
+        );
     }
 }

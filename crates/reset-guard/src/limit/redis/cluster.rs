@@ -368,20 +368,23 @@ impl RedisStore {
         specs: &Arc<RedisSpecs>,
         charges: Charges,
     ) -> Result<[i64; REPLY_LEN], String> {
-        let map = self
+        let all = charges.as_slice();
+        // Each group's master by the slot map (none without one, or for an unowned slot).
+        let mut owners = [None; 4];
+        if let Some(map) = self
             .cluster
             .as_ref()
-            .and_then(|c| c.nodes.slots.load_full());
-        let owner = |(group, hash): (LimitGroup, u64)| {
-            map.as_ref()
-                .map(|map| map.owner[usize::from(specs.slot(group, hash))])
-                .filter(|owner| *owner != u16::MAX)
-        };
+            .and_then(|c| c.nodes.slots.load_full())
+        {
+            for (owner, (group, hash)) in owners.iter_mut().zip(all) {
+                *owner = Some(map.owner[usize::from(specs.slot(*group, *hash))])
+                    .filter(|owner| *owner != u16::MAX);
+            }
+        }
         // {denied, group, quota, remaining or retry, reset, shadow mask, near mask}, as
         // the script.
         let mut merged = [0i64; REPLY_LEN];
         let mut tightest: Option<i64> = None;
-        let all = charges.as_slice();
         let mut first = 0;
         let mut together = true;
         while first < all.len() {
@@ -390,10 +393,9 @@ impl RedisStore {
                 continue;
             }
             let mut end = first + 1;
-            if together && owner(all[first]).is_some() {
+            if together && owners[first].is_some() {
                 while end < all.len()
-                    && (specs.group(all[end].0).quotas.is_empty()
-                        || owner(all[end]) == owner(all[first]))
+                    && (specs.group(all[end].0).quotas.is_empty() || owners[end] == owners[first])
                 {
                     end += 1;
                 }
