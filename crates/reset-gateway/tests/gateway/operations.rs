@@ -671,6 +671,7 @@ async fn text_logs_to_a_pipe_are_plain_with_short_durations() {
         addr: address(&serving, " listen=").unwrap(),
         admin: address(&serving, " admin=").unwrap(),
         logs,
+        logs_ended: Default::default(),
     };
 
     let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");

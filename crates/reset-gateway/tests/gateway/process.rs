@@ -282,6 +282,8 @@ pub struct Process {
     pub addr: std::net::SocketAddr,
     pub admin: std::net::SocketAddr,
     pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Set once everything the process wrote to stderr is in `logs`.
+    pub logs_ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Process {
@@ -295,6 +297,21 @@ impl Process {
 
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits for the process to exit, then for the last line it logged (lines written at
+    /// shutdown may still be in the pipe when it exits).
+    pub fn logs_to_end(&mut self) -> Vec<String> {
+        let _ = self.child.wait();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.logs_ended.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log pipe stayed open after exit"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.logs()
     }
 }
 
@@ -333,16 +350,20 @@ pub fn spawn_gateway(config: &std::path::Path) -> Process {
         }
     };
     let sink = logs.clone();
+    let logs_ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended = logs_ended.clone();
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             sink.lock().unwrap().push(line);
         }
+        ended.store(true, std::sync::atomic::Ordering::Release);
     });
     Process {
         child,
         addr,
         admin,
         logs,
+        logs_ended,
     }
 }
 
