@@ -13,9 +13,10 @@ mod memory;
 mod quota;
 #[cfg(feature = "redis")]
 mod redis;
+mod shard_cell;
 
 use std::net::IpAddr;
-use std::sync::{Arc, RwLockWriteGuard};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -34,7 +35,9 @@ pub use quota::Quota;
 
 use gcra::Cell;
 pub use memory::PassThroughHasher;
+pub(crate) use memory::Shard;
 use memory::{shard_of, QuotaState};
+use shard_cell::ShardCell;
 
 /// Most quotas one group may hold.
 pub const MAX_QUOTAS_PER_GROUP: usize = 4;
@@ -212,20 +215,21 @@ impl std::fmt::Debug for StoreSettings {
     }
 }
 
-struct Entry {
-    state: Arc<QuotaState>,
+struct Entry<C> {
+    state: Arc<QuotaState<C>>,
     shadow: bool,
 }
 
-/// The live limiter: quota state for every group, the clock and the key hasher.
-pub(crate) struct Limiter {
-    groups: [Vec<Entry>; 4],
+/// The live limiter: quota state for every group, the clock and the key hasher. Its
+/// shards are locked (`C`) unless one thread replays a log (shard_cell.rs).
+pub(crate) struct Limiter<C = RwLock<Shard>> {
+    groups: [Vec<Entry<C>>; 4],
     clock: Arc<dyn Clock>,
     max_keys: usize,
     counters: Arc<LimitCounters>,
 }
 
-impl std::fmt::Debug for Limiter {
+impl<C> std::fmt::Debug for Limiter<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Limiter")
             .field("max_keys", &self.max_keys)
@@ -233,7 +237,7 @@ impl std::fmt::Debug for Limiter {
     }
 }
 
-impl Limiter {
+impl<C: ShardCell<Shard>> Limiter<C> {
     /// Builds the state for `settings`, carrying over the state of every quota whose
     /// limit did not change (shadow may flip), so a reload forgives nobody.
     pub(crate) fn new(
@@ -241,11 +245,11 @@ impl Limiter {
         store: &StoreSettings,
         clock: Arc<dyn Clock>,
         counters: Arc<LimitCounters>,
-        previous: Option<&Limiter>,
-    ) -> Limiter {
-        let mut groups: [Vec<Entry>; 4] = Default::default();
+        previous: Option<&Limiter<C>>,
+    ) -> Limiter<C> {
+        let mut groups: [Vec<Entry<C>>; 4] = Default::default();
         for group in LimitGroup::ALL {
-            let mut reusable: Vec<&Arc<QuotaState>> = previous
+            let mut reusable: Vec<&Arc<QuotaState<C>>> = previous
                 .filter(|p| p.max_keys == store.max_keys)
                 .map(|p| p.groups[group.index()].iter().map(|e| &e.state).collect())
                 .unwrap_or_default();
@@ -299,8 +303,7 @@ impl Limiter {
         }
         // Every quota's shard stays locked from evaluation to commit, always in the same
         // order, so concurrent requests cannot both take the last slot.
-        let mut maps: [Option<RwLockWriteGuard<'_, _>>; MAX_QUOTAS_PER_GROUP] =
-            [None, None, None, None];
+        let mut maps: [Option<C::Write<'_>>; MAX_QUOTAS_PER_GROUP] = [None, None, None, None];
         let mut cells = [None; MAX_QUOTAS_PER_GROUP];
         let mut denial: Option<Denial> = None;
         for (i, entry) in entries.iter().enumerate() {
@@ -376,7 +379,7 @@ impl Limiter {
     fn check_one(
         &self,
         group: LimitGroup,
-        entry: &Entry,
+        entry: &Entry<C>,
         key: u64,
         now: u64,
         observe: &mut impl FnMut(usize, QuotaOutcome),
@@ -418,6 +421,14 @@ impl Limiter {
     /// The limiters' time; read once per request so every group sees the same instant.
     pub(crate) fn now(&self) -> u64 {
         self.clock.now()
+    }
+
+    /// Reads `key`'s state in every quota of `group`, changing nothing (see
+    /// [`QuotaState::peek`]); returns something of it so the reads are not optimised away.
+    pub(crate) fn peek(&self, group: LimitGroup, key: u64) -> u64 {
+        self.groups[group.index()]
+            .iter()
+            .fold(0, |sum, e| sum ^ e.state.peek(key))
     }
 
     /// Forgets idle keys in every quota; returns how many.

@@ -3,12 +3,13 @@
 //! guard's order, on a clock the caller sets to each request's recorded time. The gateway's
 //! `simulate` command drives it from an access log.
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::config::GuardSettings;
 use crate::limit::{
-    Denial, Domain, KeyHasher, LimitCounters, LimitGroup, Limiter, QuotaOutcome, SetClock,
+    Denial, Domain, KeyHasher, LimitCounters, LimitGroup, Limiter, QuotaOutcome, SetClock, Shard,
     StoreSettings,
 };
 
@@ -39,7 +40,8 @@ pub struct Charge {
 /// A limiter of its own, fed recorded requests in time order.
 pub struct Replay {
     settings: GuardSettings,
-    limiter: Limiter,
+    /// One thread's: shards in plain cells rather than locks, the decisions the same.
+    limiter: Limiter<RefCell<Shard>>,
     clock: Arc<SetClock>,
     hasher: KeyHasher,
 }
@@ -77,6 +79,17 @@ impl Replay {
     /// The settings replayed.
     pub fn settings(&self) -> &GuardSettings {
         &self.settings
+    }
+
+    /// Reads, without changing it, the per-email state `request` will be decided on. A
+    /// replay calls this for a handful of requests to come, one after the other: their
+    /// addresses' state is spread over megabytes, and reading them together lets the
+    /// processor wait for those cache misses at once rather than one per decision.
+    pub fn prefetch(&self, request: &Recorded<'_>) -> u64 {
+        match (request.client_id, request.email_hash) {
+            (Some(_), Some(email)) => self.limiter.peek(LimitGroup::PerEmail, email),
+            _ => 0,
+        }
     }
 
     /// Decides `request` at `at_ns` (nanoseconds on any fixed origin, never decreasing)

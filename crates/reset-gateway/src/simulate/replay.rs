@@ -144,6 +144,10 @@ impl Tally {
     pub fn settings(&self) -> &GuardSettings {
         self.replay.settings()
     }
+
+    fn prefetch(&self, recorded: &Recorded<'_>) -> u64 {
+        self.replay.prefetch(recorded)
+    }
 }
 
 fn group_index(group: LimitGroup) -> usize {
@@ -165,6 +169,10 @@ pub struct Change {
     /// The group the current configuration refuses it at, if any.
     pub current: Option<LimitGroup>,
 }
+
+/// Requests to come whose limiter state is read ahead, together (see
+/// [`Replay::prefetch`]); more are read once fewer than half of them are left.
+const PREFETCH: usize = 16;
 
 /// Most changed requests listed one by one (all are counted).
 pub const CHANGES_LISTED: usize = 100;
@@ -193,6 +201,8 @@ pub struct Simulation {
     /// The reorder window: requests that came in arrival order (most of them, so most
     /// cost no heap operation), and those that came out of it.
     in_order: VecDeque<LoggedRequest>,
+    /// How many requests at the front of `in_order` had their state read ahead.
+    prefetched: usize,
     pending: BinaryHeap<Reverse<Pending>>,
     newest: u64,
     replayed_until: u64,
@@ -243,6 +253,7 @@ impl Simulation {
             fates: None,
             clients: Vec::new(),
             in_order: VecDeque::new(),
+            prefetched: 0,
             pending: BinaryHeap::new(),
             newest: 0,
             replayed_until: 0,
@@ -313,8 +324,29 @@ impl Simulation {
         if from_heap {
             self.pending.pop().map(|Reverse(p)| p.0)
         } else {
+            self.prefetch_ahead();
+            self.prefetched = self.prefetched.saturating_sub(1);
             self.in_order.pop_front()
         }
+    }
+
+    /// Reads ahead the limiter state of the next requests in order, a batch at a time, so
+    /// that their cache misses overlap (requests from the heap, few, are not read ahead).
+    fn prefetch_ahead(&mut self) {
+        if self.prefetched > PREFETCH / 2 {
+            return;
+        }
+        let end = self.in_order.len().min(self.prefetched + PREFETCH);
+        let mut read = 0;
+        for request in self.in_order.range(self.prefetched..end) {
+            let recorded = recorded(request, &self.clients);
+            read ^= self.proposed.prefetch(&recorded);
+            if let Some(current) = &self.current {
+                read ^= current.prefetch(&recorded);
+            }
+        }
+        std::hint::black_box(read);
+        self.prefetched = end;
     }
 
     fn replay(&mut self, request: LoggedRequest) {
@@ -329,14 +361,7 @@ impl Simulation {
         if request.recorded_denial.is_some() {
             self.recorded_denied += 1;
         }
-        let recorded = Recorded {
-            client_ip: request.client_ip,
-            client_id: request
-                .client
-                .and_then(|i| self.clients.get(i as usize))
-                .map(String::as_str),
-            email_hash: request.email_hash,
-        };
+        let recorded = recorded(&request, &self.clients);
         let proposed = self.proposed.decide(&request, &recorded);
         if let Some(fates) = &mut self.fates {
             fates.push((request.line, proposed));
@@ -355,5 +380,17 @@ impl Simulation {
                 }
             }
         }
+    }
+}
+
+/// What the limiter is told of `request`.
+fn recorded<'a>(request: &LoggedRequest, clients: &'a [String]) -> Recorded<'a> {
+    Recorded {
+        client_ip: request.client_ip,
+        client_id: request
+            .client
+            .and_then(|i| clients.get(i as usize))
+            .map(String::as_str),
+        email_hash: request.email_hash,
     }
 }

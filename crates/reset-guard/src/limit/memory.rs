@@ -13,10 +13,11 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::RwLock;
 
 use super::gcra::{evaluate, Cell};
 use super::quota::Quota;
+use super::shard_cell::ShardCell;
 
 /// Shards per quota: enough that two cores rarely meet on one lock.
 pub(crate) const SHARDS: usize = 64;
@@ -61,9 +62,9 @@ impl Shard {
 const RECLAIM_MIN: usize = 16;
 
 /// The state of one quota: for each key, its theoretical arrival time.
-pub(crate) struct QuotaState {
+pub(crate) struct QuotaState<C = RwLock<Shard>> {
     pub(crate) quota: Quota,
-    shards: Box<[RwLock<Shard>]>,
+    shards: Box<[C]>,
     shard_capacity: usize,
     /// Keys dropped while still counting because the map was full.
     forced_evictions: AtomicU64,
@@ -77,26 +78,23 @@ pub(crate) fn shard_of(key: u64) -> usize {
     (key >> 48) as usize % SHARDS
 }
 
-impl QuotaState {
+impl<C: ShardCell<Shard>> QuotaState<C> {
     pub(crate) fn new(quota: Quota, max_keys: usize) -> Self {
         QuotaState {
             quota,
-            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
+            shards: (0..SHARDS).map(|_| C::from(Shard::default())).collect(),
             shard_capacity: max_keys.div_ceil(SHARDS).max(1),
             forced_evictions: AtomicU64::new(0),
         }
     }
 
     /// The shard, exclusively: for new keys, groups of several quotas and sweeping.
-    pub(crate) fn write(&self, shard: usize) -> RwLockWriteGuard<'_, Shard> {
-        // A panic while holding the lock cannot leave a TAT half-written: keep serving.
-        self.shards[shard]
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn write(&self, shard: usize) -> C::Write<'_> {
+        self.shards[shard].write()
     }
 
-    fn read(&self, shard: usize) -> RwLockReadGuard<'_, Shard> {
-        self.shards[shard].read().unwrap_or_else(|e| e.into_inner())
+    fn read(&self, shard: usize) -> C::Read<'_> {
+        self.shards[shard].read()
     }
 
     /// Evaluates `key` at `now` against an exclusively held shard, without changing it.
@@ -108,10 +106,29 @@ impl QuotaState {
         evaluate(tat, now, self.quota.interval_ns, self.quota.capacity_ns)
     }
 
+    /// The TAT held for `key` (0 if none), changing nothing: a replay reads the state of
+    /// requests to come so that their cache misses overlap, ahead of deciding them.
+    pub(crate) fn peek(&self, key: u64) -> u64 {
+        self.read(shard_of(key))
+            .tats
+            .get(&key)
+            .map_or(0, |tat| tat.load(Ordering::Relaxed))
+    }
+
     /// Evaluates `key` and, if admitted, stores the new TAT: the whole decision for a
     /// group of one quota.
     pub(crate) fn decide(&self, key: u64, now: u64) -> Cell {
         let shard = shard_of(key);
+        if !C::SHARED {
+            // Nobody else can be stepping the TAT: the evaluation and commit a group of
+            // several quotas makes, with no compare-and-swap.
+            let mut shard = self.write(shard);
+            let cell = self.evaluate(&shard, key, now);
+            if let Cell::Admit { tat, .. } = cell {
+                self.commit(&mut shard, key, tat, now);
+            }
+            return cell;
+        }
         if let Some(tat) = self.read(shard).tats.get(&key) {
             return self.decide_on(tat, now);
         }
@@ -229,7 +246,7 @@ mod tests {
     fn threads_racing_on_one_key_never_share_a_slot() {
         // 4 threads ask 500 times each at one instant for a key allowed 1000 an hour:
         // exactly 1000 are admitted however the compare-and-swaps interleave.
-        let state = QuotaState::new(quota(1000, 3600), 1_000);
+        let state = QuotaState::<RwLock<Shard>>::new(quota(1000, 3600), 1_000);
         let now = 1_000_000_000_000;
         let admitted = admitted_by_four_threads(|| {
             (0..500)
@@ -244,7 +261,7 @@ mod tests {
     fn new_keys_arriving_together_each_get_their_own_state() {
         // Threads inserting the same fresh keys at once: each key admits exactly its
         // burst, whichever thread created its entry.
-        let state = QuotaState::new(quota(3, 3600), 10_000);
+        let state = QuotaState::<RwLock<Shard>>::new(quota(3, 3600), 10_000);
         let now = 1_000_000_000_000;
         let admitted = admitted_by_four_threads(|| {
             (0..100u64)
@@ -260,7 +277,7 @@ mod tests {
     fn keys_that_go_idle_at_once_never_pile_up_between_sweeps() {
         // A generous quota (1 per second, each key asked once, two seconds apart): with no
         // sweep at all, each shard still holds only the few keys since its last scan.
-        let state = QuotaState::new(quota(1, 1), 1_000_000);
+        let state = QuotaState::<RwLock<Shard>>::new(quota(1, 1), 1_000_000);
         let second = 1_000_000_000;
         for i in 0..100_000u64 {
             let key = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -294,7 +311,7 @@ mod tests {
     fn a_full_shard_of_live_keys_stays_at_its_bound() {
         // 64 keys allowed in all (one per shard); every key stays live for an hour: each
         // new key displaces a live one (counted), and the bound holds.
-        let state = QuotaState::new(quota(1, 3600), SHARDS);
+        let state = QuotaState::<RwLock<Shard>>::new(quota(1, 3600), SHARDS);
         let now = 1_000_000_000_000;
         for i in 0..10_000u64 {
             let key = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
