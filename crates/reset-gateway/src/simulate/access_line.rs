@@ -141,12 +141,7 @@ fn once(seen: &mut u16, bit: u16) -> Option<()> {
 /// left after its closing `"`.
 fn string<'a>(text: &'a str, at: &mut usize) -> Option<&'a str> {
     let start = *at + 1;
-    // Strings are short: a plain loop beats memchr's setup.
-    let len = text
-        .as_bytes()
-        .get(start..)?
-        .iter()
-        .position(|&b| b == b'"')?;
+    let len = memchr::memchr(b'"', text.as_bytes().get(start..)?)?;
     *at = start + len + 1;
     // Both ends are ASCII quotes, so the slice is on character boundaries.
     text.get(start..start + len)
