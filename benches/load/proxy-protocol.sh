@@ -82,11 +82,11 @@ haproxy -D -q -f "$work/haproxy.cfg"
 wait_port "$PLAIN"; wait_port "$PROXIED"; wait_port "$LB_PLAIN"; wait_port "$LB_PROXIED"
 
 measure() { # gateway-name gateway-pid balancer-port connection-pattern round
-  local script=benches/load/reset.lua
-  [ "$4" = close ] && script=benches/load/reset-close.lua
+  local close=0
+  [ "$4" = close ] && close=1
   local before after out requests rps cpu_us
   before=$(cpu_ticks "$2")
-  out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" -s "$script" "http://127.0.0.1:$3" 2>&1)
+  out=$(BENCH_CLOSE=$close wrk -t1 -c"$CONNECTIONS" -d"$DURATION" -s benches/load/reset.lua "http://127.0.0.1:$3" 2>&1)
   after=$(cpu_ticks "$2")
   requests=$(awk '/requests in/ {print $1}' <<<"$out")
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")

@@ -7,9 +7,13 @@ local random = io.open("/dev/urandom", "rb")
 local run = random:read(6):gsub(".", function(c) return string.format("%02x", c:byte()) end)
 random:close()
 local counter = 0
-local token = os.getenv("BENCH_CLIENT_TOKEN") or "bench-client-token"
+local headers = { ["QB-Token"] = os.getenv("BENCH_CLIENT_TOKEN") or "bench-client-token" }
+-- BENCH_CLOSE=1: every request on a new connection.
+if os.getenv("BENCH_CLOSE") == "1" then
+  headers["Connection"] = "close"
+end
 request = function()
   counter = counter + 1
   return wrk.format("GET", "/users/password/reset.json?email=user" .. run .. "." .. counter .. "%40example.com",
-    { ["QB-Token"] = token })
+    headers)
 end
