@@ -163,7 +163,8 @@ impl RedisSettings {
                 .response_timeout(self.timeout)
                 .retries(3)
                 .min_retry_wait(10)
-                .max_retry_wait(200);
+                .max_retry_wait(200)
+                .tcp_settings(tcp_settings());
         if let Some(username) = &self.username {
             builder = builder.username(username);
         }
@@ -198,7 +199,9 @@ impl RedisSettings {
                 handshake = handshake.set_password(password.as_str());
             }
         }
-        let info = info.set_redis_settings(handshake);
+        let info = info
+            .set_redis_settings(handshake)
+            .set_tcp_settings(tcp_settings());
         match &self.ca_pem {
             Some(pem) => redis::Client::build_with_tls(
                 info,
@@ -210,6 +213,14 @@ impl RedisSettings {
             None => redis::Client::open(info),
         }
     }
+}
+
+/// Every Redis connection's TCP settings: `TCP_NODELAY`, so that a call written while an
+/// earlier one on the same connection is unanswered (a multiplexed connection pipelines) is
+/// sent at once rather than held for its acknowledgement (Nagle's algorithm), as redis-server
+/// does for its side.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
 /// Every node's scheme (`redis` or `rediss`, the same for all) and `host:port`; `password`
