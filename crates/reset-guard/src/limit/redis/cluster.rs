@@ -369,13 +369,12 @@ impl RedisStore {
         charges: Charges,
     ) -> Result<[i64; REPLY_LEN], String> {
         let all = charges.as_slice();
-        // Each group's master by the slot map (none without one, or for an unowned slot).
+        // Each group's master by the slot map (none without one, or for an unowned slot;
+        // none either where Redis before 7 runs no flagged script: a group is a call there).
         let mut owners = [None; 4];
-        if let Some(map) = self
-            .cluster
-            .as_ref()
-            .and_then(|c| c.nodes.slots.load_full())
-        {
+        let nodes = self.cluster.as_ref().map(|c| &c.nodes);
+        let usable = nodes.filter(|n| n.supported.load(Ordering::Relaxed));
+        if let Some(map) = usable.and_then(|n| n.slots.load_full()) {
             for (owner, (group, hash)) in owners.iter_mut().zip(all) {
                 *owner = Some(map.owner[usize::from(specs.slot(*group, *hash))])
                     .filter(|owner| *owner != u16::MAX);
