@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the rate-limit script costs Redis, in instructions per request decided: redis-server
-# runs under valgrind's callgrind while redis-benchmark sends the same kind of script call
+# runs under valgrind's callgrind while a small client sends the same kind of script call
 # the gateway makes (BATCH requests per call, each charging the shipped limits' four groups
 # and five quotas, new per-IP and per-email keys each time, the client and global keys
 # shared). Unlike CPU time on a shared machine, the count moves by about 1-2% between runs
@@ -8,17 +8,23 @@
 #
 #   benches/load/redis-script.sh                          # this tree's script
 #   SCRIPT=/path/to/other/redis.lua benches/load/redis-script.sh
+#   LAYOUT=args SCRIPT=/path/to/older/redis.lua ...       # a script from before the numbers
+#                                                         # were packed into one argument
 #   BATCH=64 CALLS=100 benches/load/redis-script.sh
+#
+# A call's fixed cost is large beside a request's (BATCH=1 against BATCH=16 shows it), so
+# compare at the batch sizes the gateway makes: the requests/script call of store-modes.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SCRIPT=${SCRIPT:-crates/reset-guard/src/limit/redis.lua}
 BATCH=${BATCH:-16}
 CALLS=${CALLS:-300}
+LAYOUT=${LAYOUT:-packed}
 
 # shellcheck source=benches/load/lib.sh
 source benches/load/lib.sh
 install_missing valgrind redis-server
-command -v redis-benchmark >/dev/null || install_missing redis-tools
+command -v redis-cli >/dev/null || install_missing redis-tools
 
 work=$(mktemp -d)
 vg=
@@ -36,21 +42,51 @@ vg=$!
 for _ in $(seq 300); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 sha=$(redis-cli -p "$port" script load "$(cat "$SCRIPT")")
 
-# The shipped limits (config/gateway.yaml), as the gateway passes them: per quota
-# interval_us, capacity_us and shadow, per group its quota count first.
-sets=(1 3000000 60000000 0 1 5000 2000000 0 2 1200000000 3600000000 0 8640000000 86400000000 0 1 10000 1000000 0)
-keys=() requests=()
-for _ in $(seq "$BATCH"); do
-  keys+=(rg:per_ip:3000000.60000000:__rand_int__ rg:per_client:5000.2000000:0000000000000001
-    rg:per_email:1200000000.3600000000:__rand_int__ rg:per_email:8640000000.86400000000:__rand_int__
-    rg:global:10000.1000000:0000000000000000)
-  requests+=(4 1 2 3 4)
-done
 # One call to warm the script cache, then count only the measured calls.
-redis-cli -p "$port" evalsha "$sha" ${#keys[@]} "${keys[@]//__rand_int__/0}" "$BATCH" 4 0 "${sets[@]}" "${requests[@]}" >/dev/null
+calls() { python3 - "$port" "$sha" "$BATCH" "$1" "$LAYOUT" <<'PY'
+import random, socket, struct, sys
+port, sha, batch, calls, layout = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+# The shipped limits (config/gateway.yaml), as the gateway passes them: per group its quota
+# count, then interval_us, capacity_us and shadow per quota.
+sets = [1, 3000000, 60000000, 0, 1, 5000, 2000000, 0,
+        2, 1200000000, 3600000000, 0, 8640000000, 86400000000, 0, 1, 10000, 1000000, 0]
+def command(args):
+    out = [b'*%d\r\n' % len(args)]
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b'$%d\r\n%s\r\n' % (len(a), a))
+    return b''.join(out)
+s = socket.create_connection(('127.0.0.1', port))
+f = s.makefile('rb')
+def reply():
+    line = f.readline()
+    if line[:1] == b'*':
+        for _ in range(int(line[1:])):
+            reply()
+    elif line[:1] == b'$' and int(line[1:]) >= 0:
+        f.read(int(line[1:]) + 2)
+    elif line[:1] == b'-':
+        sys.exit('redis: ' + line.decode().strip())
+for _ in range(calls):
+    keys, requests = [], []
+    for _ in range(batch):
+        ip, email = random.getrandbits(64), random.getrandbits(64)
+        keys += ['rg:per_ip:3000000.60000000:%016x' % ip, 'rg:per_client:5000.2000000:0000000000000001',
+                 'rg:per_email:1200000000.3600000000:%016x' % email,
+                 'rg:per_email:8640000000.86400000000:%016x' % email, 'rg:global:10000.1000000:0000000000000000']
+        requests += [4, 1, 2, 3, 4]
+    if layout == 'packed':
+        numbers = [batch, 4, 0] + sets + requests
+        args = [b'EVALSHA', sha, len(keys)] + keys + [struct.pack('<%dd' % len(numbers), *numbers)]
+    else:
+        args = [b'EVALSHA', sha, len(keys)] + keys + [batch, 4, 0] + sets + requests
+    s.sendall(command(args))
+    reply()
+PY
+}
+calls 1
 callgrind_control -z "$vg" >/dev/null 2>&1
-redis-benchmark -p "$port" -n "$CALLS" -c 1 -r 1000000000 \
-  evalsha "$sha" ${#keys[@]} "${keys[@]}" "$BATCH" 4 0 "${sets[@]}" "${requests[@]}" >/dev/null
+calls "$CALLS"
 callgrind_control -d "$vg" >/dev/null 2>&1
 redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
 wait "$vg" 2>/dev/null || true

@@ -13,7 +13,8 @@
 # then measures the four gateways in rounds, taking turns (the order rotates each round),
 # and prints each mode's median requests/s, p50/p99, CPU per request (the gateway's own, and
 # that of the Redis processes serving the mode: master and replica and sentinels; the three
-# cluster nodes) and its ratio to memory. Everything listens on loopback and is stopped on exit.
+# cluster nodes), requests per script call (how well the gateway batches; a call's fixed
+# cost in Redis is several requests' worth) and its ratio to memory. Everything listens on loopback and is stopped on exit.
 #
 #   benches/load/store-modes.sh                    # 8 s per run, five rounds: ~4 minutes
 #   DURATION=10s ROUNDS=3 benches/load/store-modes.sh
@@ -176,8 +177,12 @@ YAML
 list() { local sep="" out="" p; for p in "$@"; do out+="$sep\"redis://127.0.0.1:$p\""; sep=", "; done; echo "[$out]"; }
 redis_common='key_secret_env: RESET_GATEWAY_KEY_SECRET'
 redis_tail='timeout: 200ms, on_error: deny'
-declare -A PORT GW_PID STORE_PIDS BINARY
+declare -A PORT GW_PID STORE_PIDS STORE_PORTS BINARY
 STORE_PIDS[memory]=""
+STORE_PORTS[memory]=""
+STORE_PORTS[standalone]=$STANDALONE
+STORE_PORTS[sentinel]="$MASTER $REPLICA"
+STORE_PORTS[cluster]=${CLUSTER[*]}
 STORE_PIDS[standalone]=$standalone_pids
 STORE_PIDS[sentinel]=$sentinel_pids
 STORE_PIDS[cluster]=$cluster_pids
@@ -187,6 +192,7 @@ if [ -n "${BEFORE:-}" ]; then
     [ "$mode" = memory ] && continue
     MODES+=("$mode-before")
     STORE_PIDS[$mode-before]=${STORE_PIDS[$mode]}
+    STORE_PORTS[$mode-before]=${STORE_PORTS[$mode]}
   done
 fi
 for mode in "${MODES[@]}"; do PORT[$mode]=$(free_port); done
@@ -212,17 +218,31 @@ for mode in "${MODES[@]}"; do wait_port "${PORT[$mode]}"; done
 # CPU time (user + system, in clock ticks) of the given processes so far.
 cpu_ticks() { local total=0 pid; for pid in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$total"; }
 
+# Script calls (EVALSHA) the given Redis servers have run so far.
+script_calls() {
+  local total=0 port n
+  for port in "$@"; do
+    n=$(ask "$port" INFO commandstats | tr -d '\r' | awk -F'[=,]' '/^cmdstat_evalsha:/ {print $2}')
+    total=$((total + ${n:-0}))
+  done
+  echo "$total"
+}
+
 measure() { # mode round -> one line
-  local port=${PORT[$1]} out gw_before gw_after st_before st_after
+  local port=${PORT[$1]} out gw_before gw_after st_before st_after calls_before calls_after
   BENCH_CLIENT_TOKEN=$TOKEN wrk -t1 -c8 -d1s -s benches/load/reset.lua "http://127.0.0.1:$port" >/dev/null 2>&1 || true
   gw_before=$(cpu_ticks "${GW_PID[$1]}")
   # shellcheck disable=SC2086
   st_before=$(cpu_ticks ${STORE_PIDS[$1]})
+  # shellcheck disable=SC2086
+  calls_before=$(script_calls ${STORE_PORTS[$1]})
   out=$(BENCH_CLIENT_TOKEN=$TOKEN timeout 120 wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s benches/load/reset.lua "http://127.0.0.1:$port" 2>&1)
   gw_after=$(cpu_ticks "${GW_PID[$1]}")
   # shellcheck disable=SC2086
   st_after=$(cpu_ticks ${STORE_PIDS[$1]})
-  local rps p50 p99 non2xx errors requests hz gw_us st_us
+  # shellcheck disable=SC2086
+  calls_after=$(script_calls ${STORE_PORTS[$1]})
+  local rps p50 p99 non2xx errors requests hz gw_us st_us per_call
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
@@ -232,7 +252,8 @@ measure() { # mode round -> one line
   hz=$(getconf CLK_TCK)
   gw_us=$(awk -v t=$((gw_after - gw_before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
   st_us=$(awk -v t=$((st_after - st_before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
-  printf '%-17s %-5s %12s %10s %10s %8s %8s %10s %10s\n' "$1" "$2" "$rps" "$p50" "$p99" "${non2xx:-0}" "${errors:-0}" "$gw_us" "$st_us"
+  per_call=$(awk -v c=$((calls_after - calls_before)) -v n="$requests" 'BEGIN {if (c > 0) printf "%.1f", n / c; else print "-"}')
+  printf '%-17s %-5s %12s %10s %10s %8s %8s %10s %10s %9s\n' "$1" "$2" "$rps" "$p50" "$p99" "${non2xx:-0}" "${errors:-0}" "$gw_us" "$st_us" "$per_call"
 }
 
 # Warm every gateway (connection pools, Redis script caches, the cluster's slot map).
@@ -243,8 +264,8 @@ done
 results=$work/results.txt
 {
   echo "# $(date -u +%FT%TZ) $(nproc) cores, commit $commit$([ "$dirty" -gt 0 ] && echo " (+$dirty uncommitted tracked files)"), wrk -t1 -c$CONNECTIONS -d$DURATION, $ROUNDS round(s), gateway workers $GATEWAY_WORKERS, redis $(redis-server --version | awk '{print $3}')"
-  echo "# gw_us: the gateway's CPU per request; store_us: its Redis processes' (none for memory)"
-  printf '%-17s %-5s %12s %10s %10s %8s %8s %10s %10s\n' mode round "requests/s" p50 p99 non-2xx errors gw_us store_us
+  echo "# gw_us: the gateway's CPU per request; store_us: its Redis processes' (none for memory); per_call: requests per script call"
+  printf '%-17s %-5s %12s %10s %10s %8s %8s %10s %10s %9s\n' mode round "requests/s" p50 p99 non-2xx errors gw_us store_us per_call
 } | tee "$results"
 for round in $(seq "$ROUNDS"); do
   # Rotate the order so that no mode always runs first or last.
@@ -260,27 +281,30 @@ rows = {}
 for line in open(sys.argv[1]):
     if line.startswith('#') or line.startswith('mode'):
         continue
-    mode, rnd, rps, p50, p99, bad, err, gw, st = line.split()
+    mode, rnd, rps, p50, p99, bad, err, gw, st, per_call = line.split()
     rows.setdefault(mode, []).append(dict(round=int(rnd), rps=float(rps), p50=p50, p99=p99,
-                                          bad=int(bad), err=int(err), gw=float(gw), st=float(st)))
+                                          bad=int(bad), err=int(err), gw=float(gw), st=float(st),
+                                          per_call=None if per_call == '-' else float(per_call)))
 def median_row(rs):
     return sorted(rs, key=lambda r: r['rps'])[len(rs) // 2]
 mem = statistics.median(r['rps'] for r in rows['memory'])
 mem_by_round = {r['round']: r['rps'] for r in rows['memory']}
 print()
-print(f"{'mode':<17} {'requests/s':>11} {'p50':>9} {'p99':>9} {'gw us/req':>10} {'store us/req':>13} {'ratio':>6} {'paired':>7}  per-round ratios")
+print(f"{'mode':<17} {'requests/s':>11} {'p50':>9} {'p99':>9} {'gw us/req':>10} {'store us/req':>13} {'req/call':>9} {'ratio':>6} {'paired':>7}  per-round ratios")
 for mode in rows:
     rs = rows[mode]
     rps = statistics.median(r['rps'] for r in rs)
     m = median_row(rs)
     gw = statistics.median(r['gw'] for r in rs)
     st = statistics.median(r['st'] for r in rs)
+    calls = [r['per_call'] for r in rs if r['per_call'] is not None]
+    per_call = f"{statistics.median(calls):9.1f}" if calls else f"{'-':>9}"
     ratios = [r['rps'] / mem_by_round[r['round']] for r in sorted(rs, key=lambda r: r['round'])]
     per_round = ' '.join(f"{x:.2f}" for x in ratios)
     paired = statistics.median(ratios)
     bad = sum(r['bad'] + r['err'] for r in rs)
     note = '' if bad == 0 else f'  ({bad} non-2xx or socket errors!)'
-    print(f"{mode:<17} {rps:11.0f} {m['p50']:>9} {m['p99']:>9} {gw:10.2f} {st:13.2f} {rps / mem:6.2f} {paired:7.2f}  {per_round}{note}")
+    print(f"{mode:<17} {rps:11.0f} {m['p50']:>9} {m['p99']:>9} {gw:10.2f} {st:13.2f} {per_call} {rps / mem:6.2f} {paired:7.2f}  {per_round}{note}")
 print()
 print("ratio: median requests/s over memory's median; paired: median of the per-round ratios (each")
 print("round's requests/s over memory's in the same round, so less moved by load that drifts over the")

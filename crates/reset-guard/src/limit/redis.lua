@@ -1,10 +1,13 @@
 -- Rate-limit decisions for a batch of requests, evaluated atomically on the Redis server.
 --
--- ARGV[1]: the number of requests. ARGV[2]: the number of quota sets, each the quotas of
---          one group: its quota count, then interval_us, capacity_us and shadow (0/1) per
---          quota. ARGV[3]: how many keys follow in ARGV (0: the keys are KEYS). Then those
---          keys, then the quota sets, then, per request: its group count and the quota set
---          of each group.
+-- ARGV[1]: every number of the call, packed as little-endian doubles (one argument and one
+--          C call to read them, where one argument per number costs Redis a string object,
+--          a Lua string and a strtod each): the number of requests; the number of quota
+--          sets; how many keys follow in ARGV (0: the keys are KEYS); the quota sets, each
+--          the quotas of one group: its quota count, then interval_us, capacity_us and
+--          shadow (0/1) per quota; then, per request, its group count and the quota set of
+--          each group.
+-- ARGV[2...]: the keys, when they are passed in ARGV.
 -- The keys: one per quota, request after request, group after group, in request order.
 --
 -- Every key is read once and written once (its final value) for the whole batch: hot keys
@@ -29,59 +32,38 @@
 --   of group g would have denied, and near_mask has bit 4(g-1)+(q-1) set when quota q of
 --   group g admitted and was left with less than a fifth of its burst (limit.rs
 --   near_limit).
+--
+-- Written for Redis's Lua interpreter, where every table, closure and string conversion
+-- shows in the cost of a call: the quota sets are read in place from the numbers, and the
+-- requests are decided in one loop.
 
 -- Redis before 7 needs this to write after reading TIME (effects replication).
 pcall(redis.replicate_commands)
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local floor, format, call = math.floor, string.format, redis.call
 
--- '%d' prints through a C long (64 bits), far cheaper than '%.0f'; TATs are whole
--- microseconds, well within both.
-local function int(n)
-  return string.format('%d', n)
-end
-
-local out, n_out = {}, 0
-local function put(v)
-  n_out = n_out + 1
-  out[n_out] = v
-end
-
--- Each request's small numbers (its group count and quota sets) repeat from request to
--- request: each distinct string is converted once (Lua's tonumber goes through strtod).
-local small = {}
-local function num(s)
-  local n = small[s]
-  if not n then
-    n = tonumber(s)
-    small[s] = n
-  end
-  return n
-end
+local packed = ARGV[1]
+local nums = {struct.unpack('<' .. string.rep('d', #packed / 8), packed)}
+local n_requests, n_sets, in_argv = nums[1], nums[2], nums[3]
 
 -- The keys: declared, or passed in ARGV.
 local keys = KEYS
-local in_argv = tonumber(ARGV[3])
 if in_argv > 0 then
   keys = {}
   for i = 1, in_argv do
-    keys[i] = ARGV[3 + i]
+    keys[i] = ARGV[1 + i]
   end
 end
 
--- The quota sets, read once for the whole batch.
-local sets = {}
-local a = 4 + in_argv
-for id = 1, tonumber(ARGV[2]) do
-  local n = tonumber(ARGV[a])
-  local set = {n = n, interval = {}, capacity = {}, shadow = {}}
-  for q = 1, n do
-    set.interval[q] = tonumber(ARGV[a + 3 * q - 2])
-    set.capacity[q] = tonumber(ARGV[a + 3 * q - 1])
-    set.shadow[q] = ARGV[a + 3 * q] == '1'
-  end
-  sets[id] = set
+-- Where each quota set starts in `nums` (its first quota's interval_us), and its size.
+local set_at, set_n = {}, {}
+local a = 4
+for id = 1, n_sets do
+  local n = nums[a]
+  set_n[id] = n
+  set_at[id] = a + 1
   a = a + 1 + 3 * n
 end
 
@@ -103,79 +85,84 @@ end
 local tats, dirty = {}, {}
 if in_argv > 0 then
   for i = 1, n_order do
-    local served, value = pcall(redis.call, 'GET', order[i])
+    local served, value = pcall(call, 'GET', order[i])
     if not served then
       return {-1}
     end
     tats[i] = value and tonumber(value) or 0
   end
 elseif n_order > 0 then
-  local values = redis.call('MGET', unpack(order))
+  local values = call('MGET', unpack(order))
   for i = 1, n_order do
-    tats[i] = values[i] and tonumber(values[i]) or 0
+    local value = values[i]
+    tats[i] = value and tonumber(value) or 0
   end
 end
 
-local k = 1
+-- bit[i] = 2^(i-1), for the shadow and near masks.
+local bit = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768}
+local out, n_out = {}, 0
 local new_tat = {}
-
-local function decide()
-  local shadowed = 0
-  local near = 0
+local k = 1
+for _ = 1, n_requests do
+  local shadowed, near = 0, 0
   local tight_g, tight_q, tight_rem, tight_reset = 0, 0, -1, 0
-  local groups = num(ARGV[a])
-  local first_arg = a + 1
-  a = a + 1 + groups
-  local denial = false
+  local groups = nums[a]
+  local first = a + 1
+  a = first + groups
+  local denied = false
   for g = 1, groups do
-    local set = sets[num(ARGV[first_arg + g - 1])]
-    local n = set.n
-    if not denial then
-      local interval, capacity, shadow = set.interval, set.capacity, set.shadow
+    local id = nums[first + g - 1]
+    local n = set_n[id]
+    if not denied then
+      local p = set_at[id]
       local deny_q, deny_retry, shadow_hit = 0, -1, false
       for q = 1, n do
         local tat = tats[at[k + q - 1]]
         if tat < now then
           tat = now
         end
-        local candidate = tat + interval[q]
-        local lead = candidate - now
-        if lead > capacity[q] then
+        local qp = p + 3 * q - 3
+        local candidate = tat + nums[qp]
+        local over = candidate - now - nums[qp + 1]
+        if over > 0 then
           new_tat[q] = false
-          if shadow[q] then
+          if nums[qp + 2] == 1 then
             shadow_hit = true
-          elseif lead - capacity[q] > deny_retry then
-            deny_q, deny_retry = q, lead - capacity[q]
+          elseif over > deny_retry then
+            deny_q, deny_retry = q, over
           end
         else
           new_tat[q] = candidate
         end
       end
       if shadow_hit then
-        shadowed = shadowed + 2 ^ (g - 1)
+        shadowed = shadowed + bit[g]
       end
       if deny_q > 0 then
-        denial = true
-        put(1)
-        put(g)
-        put(deny_q)
-        put(deny_retry)
-        put(0)
+        denied = true
+        out[n_out + 1] = 1
+        out[n_out + 2] = g
+        out[n_out + 3] = deny_q
+        out[n_out + 4] = deny_retry
+        out[n_out + 5] = 0
+        n_out = n_out + 5
       else
         for q = 1, n do
-          if new_tat[q] then
+          local candidate = new_tat[q]
+          if candidate then
             local i = at[k + q - 1]
-            tats[i] = new_tat[q]
+            tats[i] = candidate
             dirty[i] = true
-            local lead = new_tat[q] - now
-            local remaining = math.floor((capacity[q] - lead) / interval[q])
-            if remaining * 5 < capacity[q] / interval[q] then
-              near = near + 2 ^ (4 * (g - 1) + q - 1)
+            local qp = p + 3 * q - 3
+            local interval, capacity = nums[qp], nums[qp + 1]
+            local lead = candidate - now
+            local remaining = floor((capacity - lead) / interval)
+            if remaining * 5 < capacity / interval then
+              near = near + bit[4 * g - 4 + q]
             end
-            if not shadow[q] then
-              if tight_rem < 0 or remaining < tight_rem then
-                tight_g, tight_q, tight_rem, tight_reset = g, q, remaining, lead
-              end
+            if nums[qp + 2] ~= 1 and (tight_rem < 0 or remaining < tight_rem) then
+              tight_g, tight_q, tight_rem, tight_reset = g, q, remaining, lead
             end
           end
         end
@@ -183,27 +170,26 @@ local function decide()
     end
     k = k + n
   end
-  if not denial then
-    put(0)
-    put(tight_g)
-    put(tight_q)
-    put(math.max(tight_rem, 0))
-    put(tight_reset)
+  if not denied then
+    out[n_out + 1] = 0
+    out[n_out + 2] = tight_g
+    out[n_out + 3] = tight_q
+    out[n_out + 4] = tight_rem > 0 and tight_rem or 0
+    out[n_out + 5] = tight_reset
+    n_out = n_out + 5
   end
-  put(shadowed)
-  put(near)
+  out[n_out + 1] = shadowed
+  out[n_out + 2] = near
+  n_out = n_out + 2
 end
 
-for _ = 1, tonumber(ARGV[1]) do
-  decide()
-end
-
--- Each changed key once, with its final TAT; it expires once that TAT passes, and from
--- then on equals no state at all.
+-- Each changed key once, with its final TAT ('%d' prints through a C long, far cheaper
+-- than Lua's own number formatting); it expires once that TAT passes, and from then on
+-- equals no state at all.
 for i = 1, n_order do
   if dirty[i] then
     local tat = tats[i]
-    redis.call('SET', order[i], int(tat), 'PX', math.floor((tat - now) / 1000) + 1)
+    call('SET', order[i], format('%d', tat), 'PX', format('%d', floor((tat - now) / 1000) + 1))
   end
 end
 return out

@@ -134,15 +134,18 @@ impl RedisSpecs {
 }
 
 /// One script call's arguments for a batch (the layout is described at the top of
-/// redis.lua): the counts, the keys, and the rest.
+/// redis.lua): the numbers, packed into one argument, and the keys.
 pub(super) struct CallArgs {
-    /// The number of requests and of quota sets.
-    counts: [usize; 2],
+    /// The number of requests, of quota sets and of keys passed in ARGV (0 here: the
+    /// undeclared call patches it), the quota sets, then each request's groups; each a
+    /// little-endian f64 (every value is an integer below 2^53).
+    numbers: Vec<u8>,
     /// One per quota, request after request, group after group.
     pub(super) keys: Vec<String>,
-    /// The quota sets, then each request's groups.
-    rest: Vec<u64>,
 }
+
+/// Where the count of keys passed in ARGV sits in the packed numbers.
+const KEYS_IN_ARGV_AT: usize = 2 * 8;
 
 impl CallArgs {
     /// The quota sets of every settings generation in the batch, once, then each
@@ -154,21 +157,25 @@ impl CallArgs {
                 generations.push(&job.specs);
             }
         }
-        let mut rest = Vec::new();
+        let mut numbers = Vec::with_capacity(8 * (8 + 5 * batch.len()));
+        let mut push = |n: u64| numbers.extend_from_slice(&(n as f64).to_le_bytes());
+        push(batch.len() as u64);
+        push(generations.len() as u64 * 4);
+        push(0);
         for specs in &generations {
             for spec in &specs.groups {
-                rest.extend_from_slice(&spec.args);
+                spec.args.iter().for_each(|n| push(*n));
             }
         }
-        let mut keys = Vec::new();
+        let mut keys = Vec::with_capacity(5 * batch.len());
         for job in batch {
             let generation = generations
                 .iter()
                 .position(|g| Arc::ptr_eq(g, &job.specs))
                 .unwrap_or(0);
-            rest.push(job.charges.len as u64);
+            push(job.charges.len as u64);
             for (group, _) in job.charges.as_slice() {
-                rest.push((generation * 4 + group.index() + 1) as u64);
+                push((generation * 4 + group.index() + 1) as u64);
             }
             for (group, hash) in job.charges.as_slice() {
                 let spec = job.specs.group(*group);
@@ -179,17 +186,13 @@ impl CallArgs {
                 }
             }
         }
-        CallArgs {
-            counts: [batch.len(), generations.len() * 4],
-            keys,
-            rest,
-        }
+        CallArgs { numbers, keys }
     }
 
     /// The call with the keys declared (they must share one slot in a cluster).
     fn declared<'a>(&self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
         let mut invocation = script.prepare_invoke();
-        invocation.arg(&self.counts[..]).arg(0).arg(&self.rest);
+        invocation.arg(&self.numbers[..]);
         for key in &self.keys {
             invocation.key(key.as_str());
         }
@@ -199,14 +202,11 @@ impl CallArgs {
     /// `EVALSHA` with the keys passed as arguments, for the script that may touch several
     /// slots of one cluster node.
     pub(super) fn undeclared(&self, sha: &str) -> redis::Cmd {
+        let mut numbers = self.numbers.clone();
+        numbers[KEYS_IN_ARGV_AT..KEYS_IN_ARGV_AT + 8]
+            .copy_from_slice(&(self.keys.len() as f64).to_le_bytes());
         let mut command = redis::cmd("EVALSHA");
-        command
-            .arg(sha)
-            .arg(0)
-            .arg(&self.counts[..])
-            .arg(self.keys.len())
-            .arg(&self.keys)
-            .arg(&self.rest);
+        command.arg(sha).arg(0).arg(numbers).arg(&self.keys);
         command
     }
 }
