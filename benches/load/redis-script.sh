@@ -10,6 +10,8 @@
 #   SCRIPT=/path/to/other/redis.lua benches/load/redis-script.sh
 #   LAYOUT=args SCRIPT=/path/to/older/redis.lua ...       # a script from before the numbers
 #                                                         # were packed into one argument
+#   LAYOUT=packed1 SCRIPT=...                             # packed numbers, every key of
+#                                                         # every request (commit 65cafe3)
 #   BATCH=64 CALLS=100 benches/load/redis-script.sh
 #
 # A call's fixed cost is large beside a request's (BATCH=1 against BATCH=16 shows it), so
@@ -67,17 +69,34 @@ def reply():
         f.read(int(line[1:]) + 2)
     elif line[:1] == b'-':
         sys.exit('redis: ' + line.decode().strip())
+def packed(numbers):
+    return struct.pack('<%dd' % len(numbers), *numbers)
+CLIENT, GLOBAL = 'rg:per_client:5000.2000000:0000000000000001', 'rg:global:10000.1000000:0000000000000000'
 for _ in range(calls):
+    hashes = [(random.getrandbits(64), random.getrandbits(64)) for _ in range(batch)]
     keys, requests = [], []
-    for _ in range(batch):
-        ip, email = random.getrandbits(64), random.getrandbits(64)
-        keys += ['rg:per_ip:3000000.60000000:%016x' % ip, 'rg:per_client:5000.2000000:0000000000000001',
+    for ip, email in hashes:
+        keys += ['rg:per_ip:3000000.60000000:%016x' % ip, CLIENT,
                  'rg:per_email:1200000000.3600000000:%016x' % email,
-                 'rg:per_email:8640000000.86400000000:%016x' % email, 'rg:global:10000.1000000:0000000000000000']
+                 'rg:per_email:8640000000.86400000000:%016x' % email, GLOBAL]
         requests += [4, 1, 2, 3, 4]
     if layout == 'packed':
+        # Each distinct key once; per request and group, where its quota set starts in the
+        # numbers (after three counts) and the index of each quota's key.
+        distinct = [CLIENT, GLOBAL]
+        starts = [4, 8, 12, 19]
+        first = 4 + len(sets)
+        numbers = [batch, 0, first]
+        for ip, email in hashes:
+            n = len(distinct)
+            distinct += ['rg:per_ip:3000000.60000000:%016x' % ip,
+                         'rg:per_email:1200000000.3600000000:%016x' % email,
+                         'rg:per_email:8640000000.86400000000:%016x' % email]
+            numbers += [4, starts[0], n + 1, starts[1], 1, starts[2], n + 2, n + 3, starts[3], 2]
+        args = [b'EVALSHA', sha, len(distinct)] + distinct + [packed([batch, 0, first] + sets + numbers[3:])]
+    elif layout == 'packed1':
         numbers = [batch, 4, 0] + sets + requests
-        args = [b'EVALSHA', sha, len(keys)] + keys + [struct.pack('<%dd' % len(numbers), *numbers)]
+        args = [b'EVALSHA', sha, len(keys)] + keys + [packed(numbers)]
     else:
         args = [b'EVALSHA', sha, len(keys)] + keys + [batch, 4, 0] + sets + requests
     s.sendall(command(args))

@@ -1,17 +1,17 @@
 -- Rate-limit decisions for a batch of requests, evaluated atomically on the Redis server.
 --
--- ARGV[1]: every number of the call, packed as little-endian doubles (one argument and one
---          C call to read them, where one argument per number costs Redis a string object,
---          a Lua string and a strtod each): the number of requests; the number of quota
---          sets; how many keys follow in ARGV (0: the keys are KEYS); the quota sets, each
---          the quotas of one group: its quota count, then interval_us, capacity_us and
---          shadow (0/1) per quota; then, per request, its group count and the quota set of
---          each group.
--- ARGV[2...]: the keys, when they are passed in ARGV.
--- The keys: one per quota, request after request, group after group, in request order.
---
--- Every key is read once and written once (its final value) for the whole batch: hot keys
--- such as the global quota's are shared by every request in it.
+-- The keys: each distinct key of the batch once, as KEYS, or in ARGV after the numbers
+-- (see below).
+-- ARGV[1]: every number of the call, packed as little-endian doubles, read with one C call
+--          (one argument per number would cost Redis a string object, a Lua string and a
+--          strtod each):
+--   nums[1]  the number of requests
+--   nums[2]  how many keys follow in ARGV (0: the keys are KEYS)
+--   nums[3]  where in nums the first request starts
+--   then the quota sets, each the quotas of one group: its quota count, then interval_us,
+--   capacity_us and shadow (0/1) per quota;
+--   then per request: its group count, and per group the position in nums of its quota
+--   set's count followed by the index (from 1) of each quota's key.
 --
 -- Declared keys (KEYS) must share one slot in a Redis Cluster. Keys passed in ARGV let one
 -- call decide requests whose keys live in different slots of one cluster node (Redis 7's
@@ -24,6 +24,7 @@
 -- limit/gcra.rs, in microseconds of the server's own clock, so replicas need no clock
 -- sync). A group charges none of its quotas unless every enforced one admits; the first
 -- group that denies ends that request's evaluation, and the groups before it stay charged.
+-- Every key is read once and written once (its final value) for the whole batch.
 --
 -- Returns seven numbers per request:
 --   {1, group, quota, retry_us, 0, shadow_mask, near_mask} for a denial, or
@@ -33,111 +34,75 @@
 --   group g admitted and was left with less than a fifth of its burst (limit.rs
 --   near_limit).
 --
--- Written for Redis's Lua interpreter, where every table, closure and string conversion
--- shows in the cost of a call: the quota sets are read in place from the numbers, and the
--- requests are decided in one loop.
+-- Written for the cost of Redis's Lua: every table and string made costs an allocation and
+-- the garbage collector's work later (about a thousand instructions for an empty table),
+-- so the gateway does the bookkeeping it can (distinct keys, where each set starts) and
+-- the script makes no table per request.
 
 -- Redis before 7 needs this to write after reading TIME (effects replication).
 pcall(redis.replicate_commands)
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local floor, format, call = math.floor, string.format, redis.call
+local call, format = redis.call, string.format
 
 local packed = ARGV[1]
 local nums = {struct.unpack('<' .. string.rep('d', #packed / 8), packed)}
-local n_requests, n_sets, in_argv = nums[1], nums[2], nums[3]
 
--- The keys: declared, or passed in ARGV.
-local keys = KEYS
+-- Every key's TAT, read before anything is written.
+local keys, tats, dirty = KEYS, {}, {}
+local in_argv = nums[2]
 if in_argv > 0 then
   keys = {}
   for i = 1, in_argv do
-    keys[i] = ARGV[1 + i]
-  end
-end
-
--- Where each quota set starts in `nums` (its first quota's interval_us), and its size.
-local set_at, set_n = {}, {}
-local a = 4
-for id = 1, n_sets do
-  local n = nums[a]
-  set_n[id] = n
-  set_at[id] = a + 1
-  a = a + 1 + 3 * n
-end
-
--- Every distinct key, read once, before anything is written. Each key is looked up by its
--- string once: `at[j]` is the position of the j-th key among the distinct ones, whose
--- state lives in arrays by that position.
-local order, position, at, n_order = {}, {}, {}, 0
-for j = 1, #keys do
-  local key = keys[j]
-  local i = position[key]
-  if not i then
-    n_order = n_order + 1
-    i = n_order
-    position[key] = i
-    order[i] = key
-  end
-  at[j] = i
-end
-local tats, dirty = {}, {}
-if in_argv > 0 then
-  for i = 1, n_order do
-    local served, value = pcall(call, 'GET', order[i])
+    local key = ARGV[1 + i]
+    local served, value = pcall(call, 'GET', key)
     if not served then
       return {-1}
     end
+    keys[i] = key
     tats[i] = value and tonumber(value) or 0
   end
-elseif n_order > 0 then
-  local values = call('MGET', unpack(order))
-  for i = 1, n_order do
+elseif #keys > 0 then
+  local values = call('MGET', unpack(keys))
+  for i = 1, #keys do
     local value = values[i]
     tats[i] = value and tonumber(value) or 0
   end
 end
 
--- bit[i] = 2^(i-1), for the shadow and near masks.
-local bit = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768}
 local out, n_out = {}, 0
-local new_tat = {}
-local k = 1
-for _ = 1, n_requests do
+local a = nums[3]
+for _ = 1, nums[1] do
   local shadowed, near = 0, 0
   local tight_g, tight_q, tight_rem, tight_reset = 0, 0, -1, 0
-  local groups = nums[a]
-  local first = a + 1
-  a = first + groups
   local denied = false
+  -- 2^(g-1) and 16^(g-1): group g's shadow bit and the near bit of its first quota.
+  local g_bit, g_near = 1, 1
+  local groups = nums[a]
+  a = a + 1
   for g = 1, groups do
-    local id = nums[first + g - 1]
-    local n = set_n[id]
+    local set = nums[a]
+    local n = nums[set]
     if not denied then
-      local p = set_at[id]
-      local deny_q, deny_retry, shadow_hit = 0, -1, false
+      -- Whether every enforced quota admits; the one that would wait longest denies.
+      local deny_q, deny_retry = 0, -1
       for q = 1, n do
-        local tat = tats[at[k + q - 1]]
+        local tat = tats[nums[a + q]]
         if tat < now then
           tat = now
         end
-        local qp = p + 3 * q - 3
-        local candidate = tat + nums[qp]
-        local over = candidate - now - nums[qp + 1]
+        local p = set + 3 * q - 2
+        local over = tat + nums[p] - now - nums[p + 1]
         if over > 0 then
-          new_tat[q] = false
-          if nums[qp + 2] == 1 then
-            shadow_hit = true
+          if nums[p + 2] == 1 then
+            if shadowed % (2 * g_bit) < g_bit then
+              shadowed = shadowed + g_bit
+            end
           elseif over > deny_retry then
             deny_q, deny_retry = q, over
           end
-        else
-          new_tat[q] = candidate
         end
-      end
-      if shadow_hit then
-        shadowed = shadowed + bit[g]
       end
       if deny_q > 0 then
         denied = true
@@ -148,27 +113,35 @@ for _ = 1, n_requests do
         out[n_out + 5] = 0
         n_out = n_out + 5
       else
+        -- Charge every quota that admits (a shadow quota over its limit is not charged).
+        local q_bit = g_near
         for q = 1, n do
-          local candidate = new_tat[q]
-          if candidate then
-            local i = at[k + q - 1]
-            tats[i] = candidate
+          local i = nums[a + q]
+          local tat = tats[i]
+          if tat < now then
+            tat = now
+          end
+          local p = set + 3 * q - 2
+          local interval, capacity = nums[p], nums[p + 1]
+          local lead = tat + interval - now
+          if lead <= capacity then
+            tats[i] = tat + interval
             dirty[i] = true
-            local qp = p + 3 * q - 3
-            local interval, capacity = nums[qp], nums[qp + 1]
-            local lead = candidate - now
-            local remaining = floor((capacity - lead) / interval)
+            local left = (capacity - lead) / interval
+            local remaining = left - left % 1
             if remaining * 5 < capacity / interval then
-              near = near + bit[4 * g - 4 + q]
+              near = near + q_bit
             end
-            if nums[qp + 2] ~= 1 and (tight_rem < 0 or remaining < tight_rem) then
+            if nums[p + 2] ~= 1 and (tight_rem < 0 or remaining < tight_rem) then
               tight_g, tight_q, tight_rem, tight_reset = g, q, remaining, lead
             end
           end
+          q_bit = q_bit * 2
         end
       end
     end
-    k = k + n
+    a = a + 1 + n
+    g_bit, g_near = g_bit * 2, g_near * 16
   end
   if not denied then
     out[n_out + 1] = 0
@@ -184,12 +157,13 @@ for _ = 1, n_requests do
 end
 
 -- Each changed key once, with its final TAT ('%d' prints through a C long, far cheaper
--- than Lua's own number formatting); it expires once that TAT passes, and from then on
--- equals no state at all.
-for i = 1, n_order do
+-- than the formatting of a number argument); it expires once that TAT passes, and from
+-- then on equals no state at all.
+for i = 1, #keys do
   if dirty[i] then
     local tat = tats[i]
-    call('SET', order[i], format('%d', tat), 'PX', format('%d', floor((tat - now) / 1000) + 1))
+    local ttl = (tat - now) / 1000
+    call('SET', keys[i], format('%d', tat), 'PX', format('%d', ttl - ttl % 1 + 1))
   end
 end
 return out

@@ -902,6 +902,49 @@ mod redis_store {
     }
 
     #[tokio::test]
+    async fn requests_decided_many_per_call_each_get_exactly_their_quota() {
+        let server = RedisServer::start();
+        let rig = redis_rig(
+            &server,
+            // One day per 100,000: each charge moves a key's state 864ms ahead, so the per-IP
+            // and global states below count charges exactly (they never fall behind now).
+            "  per_ip: [{ requests: 100000, per: 1d }]\n  per_email: [{ requests: 2, per: 1h }, { requests: 5, per: 1d }]\n  global: [{ requests: 100000, per: 1d }]\n",
+            "",
+            OnError::Allow,
+        );
+        assert_eq!(rig.status(ask("warm@b.io")).await, 200);
+        let state = |group: &str| -> Vec<i64> {
+            let mut found: Vec<(String, i64)> = server
+                .dump()
+                .into_iter()
+                .filter(|(key, _)| key.contains(&format!(":{group}:")))
+                .map(|(key, value)| (key, value.parse().unwrap()))
+                .collect();
+            found.sort();
+            found.into_iter().map(|(_, value)| value).collect()
+        };
+        let (ip_before, global_before) = (state("per_ip"), state("global"));
+        assert_eq!((ip_before.len(), global_before.len()), (1, 1));
+        // 40 addresses, each asked three times in one burst, interleaved: the calls carry
+        // many requests sharing the per-IP and global keys, and each address's two keys.
+        let calls_before = server.script_calls();
+        let asks = (0..120).map(|i| rig.status(ask(&format!("exact{}@b.io", i % 40))));
+        let statuses = futures_util::future::join_all(asks).await;
+        let calls = server.script_calls() - calls_before;
+        assert!(calls < 120, "120 requests took {calls} script calls");
+        for address in 0..40 {
+            let mine: Vec<u16> = statuses.iter().skip(address).step_by(40).copied().collect();
+            assert_eq!(mine, [200, 200, 429], "address {address}");
+        }
+        // Every request charged per_ip (decided first); only the 80 admitted reached global.
+        let charge_us = 864_000;
+        assert_eq!(state("per_ip")[0] - ip_before[0], 120 * charge_us);
+        assert_eq!(state("global")[0] - global_before[0], 80 * charge_us);
+        // Each address's two per-email keys, charged twice each (1 + 40 addresses).
+        assert_eq!(state("per_email").len(), 2 * 41);
+    }
+
+    #[tokio::test]
     async fn redis_down_follows_on_error_and_recovers() {
         let mut server = RedisServer::start();
         let port = server.port();

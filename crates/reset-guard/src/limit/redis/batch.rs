@@ -2,6 +2,7 @@
 //! call, each still decided atomically and in order; and the script's view of a settings
 //! generation, prepared once per reload.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,18 +135,24 @@ impl RedisSpecs {
 }
 
 /// One script call's arguments for a batch (the layout is described at the top of
-/// redis.lua): the numbers, packed into one argument, and the keys.
+/// redis.lua): the numbers, packed into one argument, and each distinct key once.
 pub(super) struct CallArgs {
-    /// The number of requests, of quota sets and of keys passed in ARGV (0 here: the
-    /// undeclared call patches it), the quota sets, then each request's groups; each a
-    /// little-endian f64 (every value is an integer below 2^53).
+    /// The number of requests, of keys passed in ARGV (0 here: the undeclared call patches
+    /// it) and where the first request starts, the quota sets, then each request's groups
+    /// (where its set starts, and its keys' indices); each a little-endian f64 (every value
+    /// is an integer below 2^53).
     numbers: Vec<u8>,
-    /// One per quota, request after request, group after group.
+    /// Each distinct key of the batch once, in first use order.
     pub(super) keys: Vec<String>,
 }
 
 /// Where the count of keys passed in ARGV sits in the packed numbers.
-const KEYS_IN_ARGV_AT: usize = 2 * 8;
+const KEYS_IN_ARGV_AT: usize = 8;
+
+/// A key's identity: its group, its quota's interval_us and capacity_us, and the keyed
+/// hash (the prefix and the mode are the store's). Two settings generations with the same
+/// quota share its keys.
+type KeyId = (usize, u64, u64, u64);
 
 impl CallArgs {
     /// The quota sets of every settings generation in the batch, once, then each
@@ -157,32 +164,48 @@ impl CallArgs {
                 generations.push(&job.specs);
             }
         }
-        let mut numbers = Vec::with_capacity(8 * (8 + 5 * batch.len()));
-        let mut push = |n: u64| numbers.extend_from_slice(&(n as f64).to_le_bytes());
-        push(batch.len() as u64);
-        push(generations.len() as u64 * 4);
-        push(0);
-        for specs in &generations {
-            for spec in &specs.groups {
-                spec.args.iter().for_each(|n| push(*n));
+        let mut numbers = Vec::with_capacity(8 * (8 + 10 * batch.len()));
+        fn push(numbers: &mut Vec<u8>, n: u64) {
+            numbers.extend_from_slice(&(n as f64).to_le_bytes());
+        }
+        // Filled in below: where the first request starts.
+        let header = [batch.len() as u64, 0, 0];
+        header.iter().for_each(|n| push(&mut numbers, *n));
+        // Per generation and group: where (from 1, as Lua counts) its quota set starts.
+        let mut set_at = vec![[0u64; 4]; generations.len()];
+        for (specs, at) in generations.iter().zip(&mut set_at) {
+            for (spec, at) in specs.groups.iter().zip(at.iter_mut()) {
+                *at = (numbers.len() / 8 + 1) as u64;
+                spec.args.iter().for_each(|n| push(&mut numbers, *n));
             }
         }
-        let mut keys = Vec::with_capacity(5 * batch.len());
+        let first_request = (numbers.len() / 8 + 1) as f64;
+        numbers[16..24].copy_from_slice(&first_request.to_le_bytes());
+        let mut keys = Vec::with_capacity(4 * batch.len());
+        let mut index: HashMap<KeyId, u64> = HashMap::with_capacity(4 * batch.len());
         for job in batch {
             let generation = generations
                 .iter()
                 .position(|g| Arc::ptr_eq(g, &job.specs))
                 .unwrap_or(0);
-            push(job.charges.len as u64);
-            for (group, _) in job.charges.as_slice() {
-                push((generation * 4 + group.index() + 1) as u64);
-            }
+            push(&mut numbers, job.charges.len as u64);
             for (group, hash) in job.charges.as_slice() {
                 let spec = job.specs.group(*group);
-                for q in 0..spec.quota_parts.len() {
-                    let mut key = String::new();
-                    spec.key(&mut key, q, *hash, job.specs.cluster);
-                    keys.push(key);
+                push(&mut numbers, set_at[generation][group.index()]);
+                for (q, numbers_of_quota) in spec.args[1..].chunks_exact(3).enumerate() {
+                    let id = (
+                        group.index(),
+                        numbers_of_quota[0],
+                        numbers_of_quota[1],
+                        *hash,
+                    );
+                    let at = *index.entry(id).or_insert_with(|| {
+                        let mut key = String::new();
+                        spec.key(&mut key, q, *hash, job.specs.cluster);
+                        keys.push(key);
+                        keys.len() as u64
+                    });
+                    push(&mut numbers, at);
                 }
             }
         }
@@ -283,6 +306,90 @@ pub(super) fn answer(batch: Vec<Job>, outcome: Result<Vec<i64>, String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limits(per_email: &[(u32, u64)]) -> LimitSettings {
+        let quota = |requests, secs| Quota::new(requests, Duration::from_secs(secs), None, false);
+        let mut groups: [Vec<Quota>; 4] = Default::default();
+        groups[LimitGroup::PerIp.index()] = vec![quota(10, 60).unwrap()];
+        groups[LimitGroup::PerEmail.index()] = per_email
+            .iter()
+            .map(|(requests, secs)| quota(*requests, *secs).unwrap())
+            .collect();
+        LimitSettings {
+            groups,
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            exempt: Vec::new(),
+            response_headers: false,
+        }
+    }
+
+    fn job(specs: &Arc<RedisSpecs>, ip: u64, email: u64) -> Job {
+        Job {
+            specs: specs.clone(),
+            charges: Charges::new(&[(LimitGroup::PerIp, ip), (LimitGroup::PerEmail, email)]),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn each_distinct_key_is_passed_once_and_every_request_points_at_its_sets_and_keys() {
+        // A reload between two requests of one batch: the per-IP quota is unchanged (its
+        // keys are shared), the per-email one changed (new keys).
+        let old = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false));
+        let new = Arc::new(RedisSpecs::new(
+            &limits(&[(3, 3600), (5, 86_400)]),
+            "rg",
+            false,
+        ));
+        let batch = [job(&old, 1, 7), job(&new, 1, 7), job(&new, 2, 7)];
+        let args = CallArgs::new(&batch);
+        let nums: Vec<u64> = args
+            .numbers
+            .chunks_exact(8)
+            .map(|n| f64::from_le_bytes(n.try_into().unwrap()) as u64)
+            .collect();
+        // Lua counts from 1.
+        let at = |i: u64| nums[usize::try_from(i).unwrap() - 1];
+        assert_eq!(&nums[..2], [3, 0], "three requests, keys declared");
+        let mut next = at(3);
+        let mut keys_of_requests = Vec::new();
+        for _ in 0..3 {
+            let groups = at(next);
+            next += 1;
+            let mut keys = Vec::new();
+            for _ in 0..groups {
+                let set = at(next);
+                let quotas = at(set);
+                for q in 0..quotas {
+                    // The set holds interval_us, capacity_us and shadow per quota.
+                    let interval_us = at(set + 1 + 3 * q);
+                    let key = &args.keys[usize::try_from(at(next + 1 + q)).unwrap() - 1];
+                    assert!(key.contains(&format!(":{interval_us}.")), "{key}");
+                    keys.push(key.clone());
+                }
+                next += 1 + quotas;
+            }
+            keys_of_requests.push(keys);
+        }
+        assert_eq!(next as usize, nums.len() + 1, "every number read");
+        let [first, second, third] = &keys_of_requests[..] else {
+            panic!("{keys_of_requests:?}")
+        };
+        assert_eq!(first.len(), 2);
+        assert_eq!(second.len(), 3);
+        // The unchanged per-IP quota's key, and the first per-email quota's (its numbers
+        // did not change), are the same keys in both generations.
+        assert_eq!(first[..2], second[..2]);
+        assert_ne!(second[0], third[0], "another address");
+        assert_eq!(second[1..], third[1..], "the same mailbox");
+        // Each key once: per-IP for two addresses, two per-email keys.
+        assert_eq!(args.keys.len(), 4, "{:?}", args.keys);
+        let mut distinct = args.keys.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 4);
+    }
 
     #[test]
     fn a_slot_is_the_crc16_of_the_hash_tag_as_redis_computes_it() {
