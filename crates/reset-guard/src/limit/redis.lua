@@ -26,7 +26,8 @@
 -- group that denies ends that request's evaluation, and the groups before it stay charged.
 -- Every key is read once and written once (its final value) for the whole batch.
 --
--- Returns seven numbers per request:
+-- Returns seven numbers per request, packed as little-endian doubles in one string (one
+-- bulk reply for the gateway to read rather than an integer reply each):
 --   {1, group, quota, retry_us, 0, shadow_mask, near_mask} for a denial, or
 --   {0, group, quota, remaining, reset_us, shadow_mask, near_mask} for the tightest
 --   admitting quota (group 0: none), where shadow_mask has bit g-1 set when a shadow quota
@@ -166,4 +167,4 @@ for i = 1, #keys do
     call('SET', keys[i], format('%d', tat), 'PX', format('%d', ttl - ttl % 1 + 1))
   end
 end
-return out
+return struct.pack('<' .. string.rep('d', n_out), unpack(out, 1, n_out))

@@ -272,13 +272,27 @@ pub(super) async fn call(
 ) {
     let args = CallArgs::new(&batch);
     let invocation = args.declared(script);
-    let call = invocation.invoke_async::<Vec<i64>>(connection);
+    let call = invocation.invoke_async::<redis::Value>(connection);
     let outcome = match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(values)) => Ok(values),
+        Ok(Ok(reply)) => numbers(reply),
         Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err("timed out".to_owned()),
     };
     answer(batch, outcome);
+}
+
+/// The script's answer: its numbers packed as little-endian f64 in one string (one bulk
+/// reply to read rather than seven integers per request), or `[-1]` from a call that found
+/// a key not served where it ran.
+pub(super) fn numbers(reply: redis::Value) -> Result<Vec<i64>, String> {
+    match reply {
+        redis::Value::BulkString(bytes) if bytes.len() % 8 == 0 => Ok(bytes
+            .chunks_exact(8)
+            .map(|n| f64::from_le_bytes(n.try_into().unwrap_or_default()) as i64)
+            .collect()),
+        redis::Value::Array(_) => redis::from_redis_value(reply).map_err(|e| e.to_string()),
+        _ => Err("unexpected reply from the rate-limit script".to_owned()),
+    }
 }
 
 /// Sends each job of a batch its six numbers from the script's reply, or the error.

@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicU64;
 
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
-use super::batch::{answer, call, gather, CallArgs, MAX_BATCH};
+use super::batch::{answer, call, gather, numbers, CallArgs, MAX_BATCH};
 use super::*;
 
 /// Slots in a Redis Cluster.
@@ -186,8 +186,7 @@ impl NodeCalls {
                 .and_then(redis::Value::extract_error);
             match reply {
                 Ok(value) => {
-                    let values: Vec<i64> =
-                        redis::from_redis_value(value).map_err(|e| e.to_string())?;
+                    let values = numbers(value)?;
                     if values == [-1] {
                         // A slot moved: read the map again before the next such call.
                         self.slots.store(None);
