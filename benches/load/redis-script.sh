@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What the rate-limit script costs Redis, in instructions per request decided: redis-server
 # runs under valgrind's callgrind while a small client sends the same kind of script call
-# the gateway makes (BATCH requests per call, each charging the shipped limits' four groups
-# and five quotas, new per-IP and per-email keys each time, the client and global keys
-# shared). Unlike CPU time on a shared machine, the count moves by about 1-2% between runs
+# the gateway makes under store-modes.sh's load (BATCH requests per call, each charging
+# four groups and five quotas and denied by none: one client and one IP, whose keys every
+# request shares with the global key, and a new address each time, whose two per-email
+# keys are new; NEW_IPS=1 gives each request a new per-IP key as well). Unlike CPU time on a shared machine, the count moves by about 1-2% between runs
 # (the keys are random), so it is the figure to compare two versions of the script by.
 #
 #   benches/load/redis-script.sh                          # this tree's script
@@ -22,6 +23,7 @@ SCRIPT=${SCRIPT:-crates/reset-guard/src/limit/redis.lua}
 BATCH=${BATCH:-16}
 CALLS=${CALLS:-300}
 LAYOUT=${LAYOUT:-packed}
+NEW_IPS=${NEW_IPS:-0}
 
 # shellcheck source=benches/load/lib.sh
 source benches/load/lib.sh
@@ -45,19 +47,28 @@ for _ in $(seq 300); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; slee
 sha=$(redis-cli -p "$port" script load "$(cat "$SCRIPT")")
 
 # One call to warm the script cache, then count only the measured calls.
-calls() { python3 - "$port" "$sha" "$BATCH" "$1" "$LAYOUT" <<'PY'
+calls() { python3 - "$port" "$sha" "$BATCH" "$1" "$LAYOUT" "$NEW_IPS" <<'PY'
 import random, socket, struct, sys
 port, sha, batch, calls, layout = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-# The shipped limits (config/gateway.yaml), as the gateway passes them: per group its quota
-# count, then interval_us, capacity_us and shadow per quota.
-sets = [1, 3000000, 60000000, 0, 1, 5000, 2000000, 0,
-        2, 1200000000, 3600000000, 0, 8640000000, 86400000000, 0, 1, 10000, 1000000, 0]
+new_ips = sys.argv[6] == '1'
+# The limits of store-modes.sh as the gateway passes them (per group its quota count, then
+# interval_us, capacity_us and shadow per quota): per-IP, per-client and global too high to
+# deny, per-email 3/1h and 10/24h.
+sets = [1, 1, 100000000, 0, 1, 1, 100000000, 0,
+        2, 1200000000, 3600000000, 0, 8640000000, 86400000000, 0, 1, 1, 100000000, 0]
+starts = [4, 8, 12, 19]  # where each set's count sits in the numbers (Lua counts from 1)
+def ip_key(ip): return 'rg:per_ip:1.100000000:%016x' % ip
+CLIENT, GLOBAL = 'rg:per_client:1.100000000:0000000000000001', 'rg:global:1.100000000:0000000000000000'
+def email_keys(email):
+    return ['rg:per_email:1200000000.3600000000:%016x' % email, 'rg:per_email:8640000000.86400000000:%016x' % email]
 def command(args):
     out = [b'*%d\r\n' % len(args)]
     for a in args:
         a = a if isinstance(a, bytes) else str(a).encode()
         out.append(b'$%d\r\n%s\r\n' % (len(a), a))
     return b''.join(out)
+def packed(numbers):
+    return struct.pack('<%dd' % len(numbers), *numbers)
 s = socket.create_connection(('127.0.0.1', port))
 f = s.makefile('rb')
 def reply():
@@ -69,36 +80,32 @@ def reply():
         f.read(int(line[1:]) + 2)
     elif line[:1] == b'-':
         sys.exit('redis: ' + line.decode().strip())
-def packed(numbers):
-    return struct.pack('<%dd' % len(numbers), *numbers)
-CLIENT, GLOBAL = 'rg:per_client:5000.2000000:0000000000000001', 'rg:global:10000.1000000:0000000000000000'
 for _ in range(calls):
-    hashes = [(random.getrandbits(64), random.getrandbits(64)) for _ in range(batch)]
-    keys, requests = [], []
-    for ip, email in hashes:
-        keys += ['rg:per_ip:3000000.60000000:%016x' % ip, CLIENT,
-                 'rg:per_email:1200000000.3600000000:%016x' % email,
-                 'rg:per_email:8640000000.86400000000:%016x' % email, GLOBAL]
-        requests += [4, 1, 2, 3, 4]
+    # As wrk drives the gateway: one client, a new address each request, one IP (or a new one).
+    hashes = [(random.getrandbits(64) if new_ips else 1, random.getrandbits(64)) for _ in range(batch)]
     if layout == 'packed':
-        # Each distinct key once; per request and group, where its quota set starts in the
-        # numbers (after three counts) and the index of each quota's key.
-        distinct = [CLIENT, GLOBAL]
-        starts = [4, 8, 12, 19]
-        first = 4 + len(sets)
-        numbers = [batch, 0, first]
+        # Each distinct key once; per request and group, where its quota set starts and the
+        # index of each quota's key.
+        keys, index, numbers = [], {}, []
+        def at(key):
+            if key not in index:
+                keys.append(key)
+                index[key] = len(keys)
+            return index[key]
         for ip, email in hashes:
-            n = len(distinct)
-            distinct += ['rg:per_ip:3000000.60000000:%016x' % ip,
-                         'rg:per_email:1200000000.3600000000:%016x' % email,
-                         'rg:per_email:8640000000.86400000000:%016x' % email]
-            numbers += [4, starts[0], n + 1, starts[1], 1, starts[2], n + 2, n + 3, starts[3], 2]
-        args = [b'EVALSHA', sha, len(distinct)] + distinct + [packed([batch, 0, first] + sets + numbers[3:])]
-    elif layout == 'packed1':
-        numbers = [batch, 4, 0] + sets + requests
-        args = [b'EVALSHA', sha, len(keys)] + keys + [packed(numbers)]
+            e1, e2 = email_keys(email)
+            numbers += [4, starts[0], at(ip_key(ip)), starts[1], at(CLIENT),
+                        starts[2], at(e1), at(e2), starts[3], at(GLOBAL)]
+        args = [b'EVALSHA', sha, len(keys)] + keys + [packed([batch, 0, 4 + len(sets)] + sets + numbers)]
     else:
-        args = [b'EVALSHA', sha, len(keys)] + keys + [batch, 4, 0] + sets + requests
+        keys, requests = [], []
+        for ip, email in hashes:
+            keys += [ip_key(ip), CLIENT] + email_keys(email) + [GLOBAL]
+            requests += [4, 1, 2, 3, 4]
+        if layout == 'packed1':
+            args = [b'EVALSHA', sha, len(keys)] + keys + [packed([batch, 4, 0] + sets + requests)]
+        else:
+            args = [b'EVALSHA', sha, len(keys)] + keys + [batch, 4, 0] + sets + requests
     s.sendall(command(args))
     reply()
 PY
