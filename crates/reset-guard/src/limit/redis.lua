@@ -86,35 +86,31 @@ for _ = 1, nums[1] do
     local set = nums[a]
     local n = nums[set]
     if not denied then
-      -- Whether every enforced quota admits; the one that would wait longest denies.
       local deny_q, deny_retry = 0, -1
-      for q = 1, n do
-        local tat = tats[nums[a + q]]
-        if tat < now then
-          tat = now
-        end
-        local p = set + 3 * q - 2
-        local over = tat + nums[p] - now - nums[p + 1]
-        if over > 0 then
-          if nums[p + 2] == 1 then
-            if shadowed % (2 * g_bit) < g_bit then
-              shadowed = shadowed + g_bit
+      if n > 1 then
+        -- Several quotas: none is charged unless every enforced one admits; the one that
+        -- would wait longest denies.
+        for q = 1, n do
+          local tat = tats[nums[a + q]]
+          if tat < now then
+            tat = now
+          end
+          local p = set + 3 * q - 2
+          local over = tat + nums[p] - now - nums[p + 1]
+          if over > 0 then
+            if nums[p + 2] == 1 then
+              if shadowed % (2 * g_bit) < g_bit then
+                shadowed = shadowed + g_bit
+              end
+            elseif over > deny_retry then
+              deny_q, deny_retry = q, over
             end
-          elseif over > deny_retry then
-            deny_q, deny_retry = q, over
           end
         end
       end
-      if deny_q > 0 then
-        denied = true
-        out[n_out + 1] = 1
-        out[n_out + 2] = g
-        out[n_out + 3] = deny_q
-        out[n_out + 4] = deny_retry
-        out[n_out + 5] = 0
-        n_out = n_out + 5
-      else
+      if deny_q == 0 then
         -- Charge every quota that admits (a shadow quota over its limit is not charged).
+        -- A group of one quota (most groups) is decided in this one pass.
         local q_bit = g_near
         for q = 1, n do
           local i = nums[a + q]
@@ -136,9 +132,26 @@ for _ = 1, nums[1] do
             if nums[p + 2] ~= 1 and (tight_rem < 0 or remaining < tight_rem) then
               tight_g, tight_q, tight_rem, tight_reset = g, q, remaining, lead
             end
+          elseif nums[p + 2] == 1 then
+            if shadowed % (2 * g_bit) < g_bit then
+              shadowed = shadowed + g_bit
+            end
+          else
+            -- Only a group of one quota gets here: with several, the pass above found
+            -- every enforced quota admitting.
+            deny_q, deny_retry = q, lead - capacity
           end
           q_bit = q_bit * 2
         end
+      end
+      if deny_q > 0 then
+        denied = true
+        out[n_out + 1] = 1
+        out[n_out + 2] = g
+        out[n_out + 3] = deny_q
+        out[n_out + 4] = deny_retry
+        out[n_out + 5] = 0
+        n_out = n_out + 5
       end
     end
     a = a + 1 + n

@@ -227,7 +227,10 @@ impl RedisStore {
             .all(|(group, _)| specs.group(*group).quotas.is_empty())
         {
             let decision = match cached {
-                Some((i, denial)) => Decision::Denied(i, denial),
+                Some((i, denial)) => {
+                    self.counters.count_denied(denial.group);
+                    Decision::Denied(i, denial)
+                }
                 None => Decision::Admitted(None),
             };
             return Box::pin(std::future::ready(decision));

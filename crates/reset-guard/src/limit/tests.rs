@@ -796,6 +796,55 @@ async fn run_table(make: impl Fn(&'static str, &'static str) -> Rig) {
     }
 }
 
+/// The counters a sequence of requests leaves (denials, shadow denials and near-limit
+/// admissions per group and quota): the same for every store.
+const COUNTED_LIMITS: &str = "  per_ip: [{ requests: 6, per: 1h }, { requests: 2, per: 1h, shadow: true }]\n  per_email: [{ requests: 4, per: 1h }, { requests: 3, per: 1d, shadow: true }, { requests: 2, per: 1m }]\n  global: [{ requests: 5, per: 1h }]\n";
+
+async fn counted(rig: &Rig, requests: usize) -> (Vec<u16>, Vec<(u64, u64, Vec<u64>)>) {
+    let mut statuses = Vec::new();
+    for i in 0..requests {
+        let email = if i % 3 == 2 { "b@b.io" } else { "a@b.io" };
+        statuses.push(rig.status(ask(email)).await);
+    }
+    let counters = LimitGroup::ALL
+        .iter()
+        .map(|&group| {
+            (
+                rig.handle.denied(group),
+                rig.handle.shadow_denied(group),
+                rig.handle
+                    .near_limit(group)
+                    .iter()
+                    .map(|(_, n)| *n)
+                    .collect(),
+            )
+        })
+        .collect();
+    (statuses, counters)
+}
+
+#[tokio::test]
+async fn the_counted_sequence_in_memory() {
+    let (statuses, counters) =
+        counted(&rig_with(COUNTED_LIMITS, "", StoreSettings::default()), 9).await;
+    // Hand-checked: a@b.io's third and fourth requests are over its 2/1m quota, the per-IP
+    // quota denies from the seventh request on, and its shadow quota would have from the
+    // third.
+    assert_eq!(statuses, [200, 200, 200, 429, 429, 200, 429, 429, 429]);
+    let ip = &counters[LimitGroup::PerIp.index()];
+    assert_eq!((ip.0, ip.1), (3, 7), "{counters:?}");
+    assert!(
+        counters.iter().any(|(_, shadow, _)| *shadow > 0),
+        "{counters:?}"
+    );
+    assert!(
+        counters
+            .iter()
+            .any(|(_, _, near)| near.iter().any(|n| *n > 0)),
+        "{counters:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_shared_table_in_memory() {
     run_table(|limits, extra| rig_with(limits, extra, StoreSettings::default())).await;
@@ -839,6 +888,23 @@ mod redis_store {
     async fn the_shared_table_in_redis() {
         let server = RedisServer::start();
         run_table(|limits, extra| redis_rig(&server, limits, extra, OnError::Allow)).await;
+    }
+
+    #[tokio::test]
+    async fn the_counted_sequence_in_redis_counts_as_in_memory() {
+        let server = RedisServer::start();
+        // Up to the first per-IP denial: every request reaches Redis, whose script computes
+        // the shadow and near-limit masks.
+        let memory = counted(&rig_with(COUNTED_LIMITS, "", StoreSettings::default()), 7).await;
+        let redis = counted(&redis_rig(&server, COUNTED_LIMITS, "", OnError::Allow), 7).await;
+        assert_eq!(redis, memory);
+        // Past it, the address's denial is answered from the local cache: still counted as
+        // a denial (its group's shadow quotas go unasked until the denial ends).
+        let memory = counted(&rig_with(COUNTED_LIMITS, "", StoreSettings::default()), 9).await;
+        let redis = counted(&redis_rig(&server, COUNTED_LIMITS, "", OnError::Allow), 9).await;
+        assert_eq!(redis.0, memory.0);
+        let denials = |c: &[(u64, u64, Vec<u64>)]| c.iter().map(|g| g.0).collect::<Vec<_>>();
+        assert_eq!(denials(&redis.1), denials(&memory.1));
     }
 
     #[tokio::test]
