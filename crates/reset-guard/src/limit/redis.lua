@@ -30,10 +30,10 @@
 -- bulk reply for the gateway to read rather than an integer reply each):
 --   {1, group, quota, retry_us, 0, shadow_mask, near_mask} for a denial, or
 --   {0, group, quota, remaining, reset_us, shadow_mask, near_mask} for the tightest
---   admitting quota (group 0: none), where shadow_mask has bit g-1 set when a shadow quota
---   of group g would have denied, and near_mask has bit 4(g-1)+(q-1) set when quota q of
---   group g admitted and was left with less than a fifth of its burst (limit.rs
---   near_limit).
+--   admitting quota (group 0: none; on a tie the later quota, as the memory store), where
+--   shadow_mask has bit g-1 set when a shadow quota of group g would have denied, and
+--   near_mask has bit 4(g-1)+(q-1) set when quota q of group g admitted and was left with
+--   less than a fifth of its burst (limit.rs near_limit).
 --
 -- Written for the cost of Redis's Lua: every table and string made costs an allocation and
 -- the garbage collector's work later (about a thousand instructions for an empty table),
@@ -73,6 +73,8 @@ elseif #keys > 0 then
 end
 
 local out, n_out = {}, 0
+-- The TATs of a group of several quotas before it is charged.
+local before = {}
 local a = nums[3]
 for _ = 1, nums[1] do
   local shadowed, near = 0, 0
@@ -91,7 +93,9 @@ for _ = 1, nums[1] do
         -- Several quotas: none is charged unless every enforced one admits; the one that
         -- would wait longest denies.
         for q = 1, n do
-          local tat = tats[nums[a + q]]
+          local i = nums[a + q]
+          local tat = tats[i]
+          before[i] = tat
           if tat < now then
             tat = now
           end
@@ -114,7 +118,10 @@ for _ = 1, nums[1] do
         local q_bit = g_near
         for q = 1, n do
           local i = nums[a + q]
-          local tat = tats[i]
+          -- Several quotas: each reckoned from the state before the group, so that two
+          -- with the same numbers, which share one key, charge it once (the memory store's
+          -- two states move in step).
+          local tat = n > 1 and before[i] or tats[i]
           if tat < now then
             tat = now
           end
@@ -129,7 +136,8 @@ for _ = 1, nums[1] do
             if remaining * 5 < capacity / interval then
               near = near + q_bit
             end
-            if nums[p + 2] ~= 1 and (tight_rem < 0 or remaining < tight_rem) then
+            -- On a tie, the later quota (as the memory store).
+            if nums[p + 2] ~= 1 and (tight_rem < 0 or remaining <= tight_rem) then
               tight_g, tight_q, tight_rem, tight_reset = g, q, remaining, lead
             end
           elseif nums[p + 2] == 1 then

@@ -677,6 +677,27 @@ fn table() -> Vec<Case> {
             forwarded: 2,
         },
         Case {
+            name: "two quotas with the same numbers count as one",
+            limits: "  per_email: [{ requests: 2, per: 1h }, { requests: 2, per: 1h, shadow: true }]\n",
+            extra: "",
+            steps: vec![(a(), 200, None), (a(), 200, None), (a(), 429, Some("1800"))],
+            forwarded: 2,
+        },
+        Case {
+            name: "a shadow copy before the quota it copies",
+            limits: "  per_email: [{ requests: 1, per: 1h, shadow: true }, { requests: 1, per: 1h }]\n",
+            extra: "",
+            steps: vec![(a(), 200, None), (a(), 429, Some("3600"))],
+            forwarded: 1,
+        },
+        Case {
+            name: "two quotas that reduce to the same numbers",
+            limits: "  per_email: [{ requests: 10, per: 1m, burst: 2 }, { requests: 20, per: 2m, burst: 2 }]\n",
+            extra: "",
+            steps: vec![(a(), 200, None), (a(), 200, None), (a(), 429, Some("6"))],
+            forwarded: 2,
+        },
+        Case {
             name: "burst",
             limits: "  per_client: [{ requests: 1, per: 1s, burst: 3 }]\n",
             extra: "",
@@ -905,6 +926,25 @@ mod redis_store {
         assert_eq!(redis.0, memory.0);
         let denials = |c: &[(u64, u64, Vec<u64>)]| c.iter().map(|g| g.0).collect::<Vec<_>>();
         assert_eq!(denials(&redis.1), denials(&memory.1));
+    }
+
+    #[tokio::test]
+    async fn the_tightest_quota_on_a_tie_is_the_memory_stores() {
+        let server = RedisServer::start();
+        // Both quotas have four requests left after the first: the headers name the later.
+        let limits = "  per_ip: [{ requests: 5, per: 1m }]\n  per_email: [{ requests: 5, per: 1h }, { requests: 5, per: 1d }]\n  response_headers: true\n";
+        let memory = rig_with(limits, "", StoreSettings::default());
+        let redis = redis_rig(&server, limits, "", OnError::Allow);
+        for _ in 0..2 {
+            let (m, r) = (
+                memory.send(ask("a@b.io")).await,
+                redis.send(ask("a@b.io")).await,
+            );
+            assert_eq!(header(&r, "ratelimit"), header(&m, "ratelimit"));
+            assert!(header(&m, "ratelimit")
+                .unwrap()
+                .starts_with("\"per_email\""));
+        }
     }
 
     #[tokio::test]

@@ -422,8 +422,9 @@ impl RedisStore {
                 merged[..5].copy_from_slice(&[1, offset + one[1], one[2], one[3], 0]);
                 break;
             }
-            // The tightest admitting quota; on a tie, the earlier group's, as the script.
-            if one[1] != 0 && tightest.is_none_or(|remaining| one[3] < remaining) {
+            // The tightest admitting quota; on a tie, the later group's, as the script and
+            // the memory store.
+            if one[1] != 0 && tightest.is_none_or(|remaining| one[3] <= remaining) {
                 tightest = Some(one[3]);
                 merged[..5].copy_from_slice(&[0, offset + one[1], one[2], one[3], one[4]]);
             }

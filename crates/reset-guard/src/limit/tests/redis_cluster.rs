@@ -15,6 +15,28 @@ fn cluster_store(cluster: &RedisCluster, prefix: &str) -> StoreSettings {
 }
 
 #[tokio::test]
+async fn the_tightest_quota_on_a_tie_is_the_memory_stores_across_masters() {
+    let cluster = RedisCluster::start();
+    // Four requests left in each group after the first: group by group, the headers name
+    // the later one, as the memory store does.
+    let limits = "  per_ip: [{ requests: 5, per: 1m }]\n  per_email: [{ requests: 5, per: 1h }, { requests: 5, per: 1d }]\n  response_headers: true\n";
+    let memory = rig_with(limits, "", StoreSettings::default());
+    let redis = rig_in(
+        limits,
+        "",
+        cluster_store(&cluster, "tie"),
+        ManualClock::new(),
+    );
+    for _ in 0..2 {
+        let (m, r) = (
+            memory.send(ask("a@b.io")).await,
+            redis.send(ask("a@b.io")).await,
+        );
+        assert_eq!(header(&r, "ratelimit"), header(&m, "ratelimit"));
+    }
+}
+
+#[tokio::test]
 async fn the_shared_table_in_a_redis_cluster() {
     let cluster = RedisCluster::start();
     let next = AtomicUsize::new(0);
