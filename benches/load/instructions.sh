@@ -11,6 +11,10 @@
 #   KEEP=/tmp/cg benches/load/instructions.sh          # keep callgrind's output files there
 #   NGINX=1 benches/load/instructions.sh               # also nginx doing the same job
 #                                                      # (configs/nginx.conf.in, one process)
+#   STORE="redis cluster" benches/load/instructions.sh # forwarded resets with every group on,
+#                                                      # the memory store against a Redis
+#                                                      # server and a three-master cluster it
+#                                                      # starts (the gateway's side only)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
@@ -22,6 +26,8 @@ KEEP=${KEEP:-}
 source benches/load/lib.sh
 install_missing wrk valgrind
 NGINX=${NGINX:-}
+STORE=${STORE:-}
+[ -n "$STORE" ] && install_missing redis-server
 [ -n "$NGINX" ] && install_missing nginx
 cargo build --release -q -p reset-gateway -p qb-mock
 bin=$root/target/release
@@ -48,12 +54,16 @@ request = function()
 end
 LUA
 
-count() { # scenario -> one line
-  local per_ip per_email script=benches/load/reset.lua
+count() { # scenario [store section] -> one line
+  local per_ip per_email script=benches/load/reset.lua per_client="[]" global="[]" store=${2:-}
   if [ "$1" = allow ]; then
     per_ip="[{ requests: 100000000, per: 1s }]"; per_email="[{ requests: 100000000, per: 1s }]"
-  else
+  elif [ "$1" = flood ]; then
     per_ip="[{ requests: 20, per: 1m }]"; per_email="[{ requests: 3, per: 1h }]"; script=$work/flood.lua
+  else
+    # The load of store-modes.sh: every group on, nothing denied.
+    per_ip="[{ requests: 100000000, per: 1s }]"; per_client=$per_ip; global=$per_ip
+    per_email="[{ requests: 3, per: 1h }, { requests: 10, per: 24h }]"
   fi
   local gw
   gw=$(free_port)
@@ -63,11 +73,12 @@ admin: { listen: "127.0.0.1:0" }
 upstream: { url: "http://127.0.0.1:$MOCK" }
 guard:
   clients: [{ id: bench, token_sha256: $DIGEST }]
-  limits: { per_ip: $per_ip, per_client: [], per_email: $per_email, global: [] }
+  limits: { per_ip: $per_ip, per_client: $per_client, per_email: $per_email, global: $global }
 log: { level: $LEVEL }
+$store
 YAML
   rm -f "$work"/callgrind.out*
-  QB_API_KEY=$KEY valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/callgrind.out" \
+  QB_API_KEY=$KEY RESET_GATEWAY_KEY_SECRET=bench-key-secret-0123456789 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/callgrind.out" \
     "$BIN" --config "$work/gateway.yaml" 2>"$work/valgrind.log" &
   local vg=$!
   pids+=($vg)
@@ -130,6 +141,45 @@ count_nginx() { # scenario -> one line
 }
 
 echo "# $(basename "$BIN"): user-space instructions per request, one worker, log level $LEVEL (callgrind)"
+if [ -n "$STORE" ]; then
+  redis_at() { # port, extra arguments
+    local port=$1; shift
+    redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" "$@" >/dev/null & pids+=($!)
+  }
+  common='kind: redis, key_secret_env: RESET_GATEWAY_KEY_SECRET'
+  count stores "store: { kind: memory }"
+  for mode in $STORE; do
+    case $mode in
+      redis)
+        port=$(free_port); redis_at "$port"; wait_port "$port"
+        count "$mode" "store: { $common, redis: { url: \"redis://127.0.0.1:$port\", timeout: 5s } }" ;;
+      cluster)
+        nodes=()
+        for i in 1 2 3; do
+          port=$(python3 -c 'import socket
+while True:
+    a = socket.socket(); a.bind(("127.0.0.1", 0)); p = a.getsockname()[1]
+    if p + 10000 > 65535: continue
+    b = socket.socket()
+    try: b.bind(("127.0.0.1", p + 10000))
+    except OSError: continue
+    print(p); break')
+          redis_at "$port" --cluster-enabled yes --cluster-config-file "$work/nodes-$port.conf"
+          nodes+=("$port")
+        done
+        for port in "${nodes[@]}"; do wait_port "$port"; done
+        redis-cli --cluster create "${nodes[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >/dev/null
+        for _ in $(seq 100); do
+          redis-cli -p "${nodes[0]}" cluster info | grep -q cluster_state:ok && break
+          sleep 0.1
+        done
+        list=$(printf '"redis://127.0.0.1:%s", ' "${nodes[@]}")
+        count "$mode" "store: { $common, redis: { mode: cluster, nodes: [${list%, }], timeout: 5s } }" ;;
+      *) echo "instructions.sh: unknown STORE mode '$mode' (redis, cluster)" >&2; exit 1 ;;
+    esac
+  done
+  exit 0
+fi
 count allow
 count flood
 if [ -n "$NGINX" ]; then

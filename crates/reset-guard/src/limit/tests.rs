@@ -948,6 +948,26 @@ mod redis_store {
     }
 
     #[tokio::test]
+    async fn a_server_that_lost_the_script_is_given_it_again() {
+        let server = RedisServer::start();
+        let rig = redis_rig(
+            &server,
+            "  per_email: [{ requests: 2, per: 1h }]\n",
+            "",
+            OnError::Deny,
+        );
+        assert_eq!(rig.status(ask("a@b.io")).await, 200);
+        // As after a restart or a failover to a server that never ran it.
+        assert_eq!(
+            server.command("SCRIPT FLUSH").as_deref().map(str::trim),
+            Some("+OK")
+        );
+        assert_eq!(rig.status(ask("a@b.io")).await, 200);
+        assert_eq!(rig.status(ask("a@b.io")).await, 429);
+        assert_eq!(rig.handle.store_errors(), 0);
+    }
+
+    #[tokio::test]
     async fn a_group_is_charged_only_if_every_quota_admits() {
         let server = RedisServer::start();
         let rig = redis_rig(

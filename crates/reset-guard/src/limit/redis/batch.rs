@@ -24,13 +24,11 @@ pub(super) struct Job {
 }
 
 /// The script's view of one settings generation, prepared once per reload: per group, the
-/// quota arguments and the key prefix of each quota.
+/// quota arguments and how each quota's keys are spelled (in Cluster mode each key's group
+/// and keyed hash form its hash tag, so every quota of one group and key shares a slot).
 #[derive(Debug)]
 pub(crate) struct RedisSpecs {
     groups: [GroupSpec; 4],
-    /// Cluster mode: each key's group and keyed hash form its hash tag, so every quota of
-    /// one group and key shares a slot.
-    cluster: bool,
 }
 
 /// A request's charges in order, without an allocation (a request has at most four).
@@ -61,30 +59,35 @@ pub(super) struct GroupSpec {
     pub(super) quotas: Vec<Quota>,
     /// Quota count, then interval_us, capacity_us, shadow per quota.
     args: Vec<u64>,
-    /// `{prefix}:{group}`.
-    head: String,
     /// The CRC16 of `{prefix}:{group}:`, the start of every hash tag of the group.
     tag_crc: crc16::State<crc16::XMODEM>,
-    /// `{interval_us}.{capacity_us}` per quota. The quota's numbers are part of the key: a
-    /// changed quota starts fresh, an unchanged one keeps its state across reloads and
-    /// replicas.
-    quota_parts: Vec<String>,
+    /// Per quota, what comes before and after the keyed hash's 16 hex digits in its key:
+    /// `{prefix}:{group}:{quota}:` and nothing, or in Cluster mode `{{prefix}:{group}:` and
+    /// `}:{quota}`, whose hash tag puts every quota of one group and key in one slot. The
+    /// quota (`{interval_us}.{capacity_us}`) is part of the key: a changed quota starts
+    /// fresh, an unchanged one keeps its state across reloads and replicas.
+    key_parts: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl GroupSpec {
-    /// The key of quota `q` for the keyed hash `hash`: `{prefix}:{group}:{quota}:{hash}`,
-    /// or in Cluster mode `{{prefix}:{group}:{hash}}:{quota}`, whose hash tag puts every
-    /// quota of one group and key in one slot.
-    fn key(&self, out: &mut String, q: usize, hash: u64, cluster: bool) {
-        use std::fmt::Write;
-        out.clear();
-        let (head, quota) = (&self.head, &self.quota_parts[q]);
-        let _ = if cluster {
-            write!(out, "{{{head}:{hash:016x}}}:{quota}")
-        } else {
-            write!(out, "{head}:{quota}:{hash:016x}")
-        };
+    /// Appends the key of quota `q` for the keyed hash `hash` (formatted by hand: a batch
+    /// has several keys per request, and `core::fmt` was a fifth of the gateway's work
+    /// for a call).
+    fn key(&self, out: &mut Vec<u8>, q: usize, hash: u64) {
+        let (before, after) = &self.key_parts[q];
+        out.extend_from_slice(before);
+        out.extend_from_slice(&hex16(hash));
+        out.extend_from_slice(after);
     }
+}
+
+/// `hash` as 16 lowercase hex digits.
+fn hex16(hash: u64) -> [u8; 16] {
+    let mut digits = [0u8; 16];
+    for (i, digit) in digits.iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[((hash >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    digits
 }
 
 impl RedisSpecs {
@@ -94,11 +97,7 @@ impl RedisSpecs {
         // The CRC of `{prefix}:{group}:` is kept; only the hash's 16 hex digits are added
         // per key, without formatting or allocating (a cluster request needs several).
         let mut crc = self.group(group).tag_crc;
-        let mut digits = [0u8; 16];
-        for (i, digit) in digits.iter_mut().enumerate() {
-            *digit = b"0123456789abcdef"[((hash >> (60 - 4 * i)) & 0xf) as usize];
-        }
-        crc.update(&digits);
+        crc.update(&hex16(hash));
         crc.get() % 16384
     }
 
@@ -112,21 +111,24 @@ impl RedisSpecs {
             let mut spec = GroupSpec {
                 quotas: quotas.to_vec(),
                 args: vec![quotas.len() as u64],
-                head,
                 tag_crc,
-                quota_parts: Vec::new(),
+                key_parts: Vec::new(),
             };
             for quota in quotas {
                 let interval_us = (quota.interval_ns / 1000).max(1);
                 let capacity_us = interval_us * u64::from(quota.burst);
                 spec.args
                     .extend([interval_us, capacity_us, u64::from(quota.shadow)]);
-                spec.quota_parts
-                    .push(format!("{interval_us}.{capacity_us}"));
+                let quota = format!("{interval_us}.{capacity_us}");
+                spec.key_parts.push(if cluster {
+                    (format!("{{{head}:").into(), format!("}}:{quota}").into())
+                } else {
+                    (format!("{head}:{quota}:").into(), Vec::new())
+                });
             }
             spec
         });
-        RedisSpecs { groups, cluster }
+        RedisSpecs { groups }
     }
 
     pub(super) fn group(&self, group: LimitGroup) -> &GroupSpec {
@@ -142,8 +144,10 @@ pub(super) struct CallArgs {
     /// (where its set starts, and its keys' indices); each a little-endian f64 (every value
     /// is an integer below 2^53).
     numbers: Vec<u8>,
-    /// Each distinct key of the batch once, in first use order.
-    pub(super) keys: Vec<String>,
+    /// Each distinct key of the batch once, in first use order, back to back.
+    keys: Vec<u8>,
+    /// Where each key ends in `keys`.
+    key_ends: Vec<usize>,
 }
 
 /// Where the count of keys passed in ARGV sits in the packed numbers.
@@ -181,7 +185,8 @@ impl CallArgs {
         }
         let first_request = (numbers.len() / 8 + 1) as f64;
         numbers[16..24].copy_from_slice(&first_request.to_le_bytes());
-        let mut keys = Vec::with_capacity(4 * batch.len());
+        let mut keys = Vec::with_capacity(64 * 4 * batch.len());
+        let mut key_ends = Vec::with_capacity(4 * batch.len());
         let mut index: HashMap<KeyId, u64> = HashMap::with_capacity(4 * batch.len());
         for job in batch {
             let generation = generations
@@ -200,36 +205,53 @@ impl CallArgs {
                         *hash,
                     );
                     let at = *index.entry(id).or_insert_with(|| {
-                        let mut key = String::new();
-                        spec.key(&mut key, q, *hash, job.specs.cluster);
-                        keys.push(key);
-                        keys.len() as u64
+                        spec.key(&mut keys, q, *hash);
+                        key_ends.push(keys.len());
+                        key_ends.len() as u64
                     });
                     push(&mut numbers, at);
                 }
             }
         }
-        CallArgs { numbers, keys }
+        CallArgs {
+            numbers,
+            keys,
+            key_ends,
+        }
     }
 
-    /// The call with the keys declared (they must share one slot in a cluster).
-    fn declared<'a>(&self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
-        let mut invocation = script.prepare_invoke();
-        invocation.arg(&self.numbers[..]);
-        for key in &self.keys {
-            invocation.key(key.as_str());
+    /// The distinct keys, in order.
+    pub(super) fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.key_ends.iter().copied());
+        starts
+            .zip(&self.key_ends)
+            .map(|(start, end)| &self.keys[start..*end])
+    }
+
+    /// `EVALSHA` with the keys declared (they must share one slot in a cluster).
+    fn declared(&self, sha: &str) -> redis::Cmd {
+        use redis::RedisWrite;
+        let mut command = redis::cmd("EVALSHA");
+        command.arg(sha).arg(self.key_ends.len());
+        for key in self.keys() {
+            command.write_arg(key);
         }
-        invocation
+        command.arg(&self.numbers[..]);
+        command
     }
 
     /// `EVALSHA` with the keys passed as arguments, for the script that may touch several
     /// slots of one cluster node.
     pub(super) fn undeclared(&self, sha: &str) -> redis::Cmd {
+        use redis::RedisWrite;
         let mut numbers = self.numbers.clone();
         numbers[KEYS_IN_ARGV_AT..KEYS_IN_ARGV_AT + 8]
-            .copy_from_slice(&(self.keys.len() as f64).to_le_bytes());
+            .copy_from_slice(&(self.key_ends.len() as f64).to_le_bytes());
         let mut command = redis::cmd("EVALSHA");
-        command.arg(sha).arg(0).arg(numbers).arg(&self.keys);
+        command.arg(sha).arg(0).arg(numbers);
+        for key in self.keys() {
+            command.write_arg(key);
+        }
         command
     }
 }
@@ -271,8 +293,19 @@ pub(super) async fn call(
     timeout: Duration,
 ) {
     let args = CallArgs::new(&batch);
-    let invocation = args.declared(script);
-    let call = invocation.invoke_async::<redis::Value>(connection);
+    let command = args.declared(script.get_hash());
+    let call = async {
+        match command.query_async::<redis::Value>(connection).await {
+            // A server that lost its scripts (restarted, or `SCRIPT FLUSH`): load it again.
+            Err(error)
+                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                script.load_async(connection).await?;
+                command.query_async::<redis::Value>(connection).await
+            }
+            reply => reply,
+        }
+    };
     let outcome = match tokio::time::timeout(timeout, call).await {
         Ok(Ok(reply)) => numbers(reply),
         Ok(Err(error)) => Err(error.to_string()),
@@ -358,6 +391,10 @@ mod tests {
         ));
         let batch = [job(&old, 1, 7), job(&new, 1, 7), job(&new, 2, 7)];
         let args = CallArgs::new(&batch);
+        let all_keys: Vec<String> = args
+            .keys()
+            .map(|key| String::from_utf8(key.to_vec()).unwrap())
+            .collect();
         let nums: Vec<u64> = args
             .numbers
             .chunks_exact(8)
@@ -378,7 +415,7 @@ mod tests {
                 for q in 0..quotas {
                     // The set holds interval_us, capacity_us and shadow per quota.
                     let interval_us = at(set + 1 + 3 * q);
-                    let key = &args.keys[usize::try_from(at(next + 1 + q)).unwrap() - 1];
+                    let key = &all_keys[usize::try_from(at(next + 1 + q)).unwrap() - 1];
                     assert!(key.contains(&format!(":{interval_us}.")), "{key}");
                     keys.push(key.clone());
                 }
@@ -398,8 +435,8 @@ mod tests {
         assert_ne!(second[0], third[0], "another address");
         assert_eq!(second[1..], third[1..], "the same mailbox");
         // Each key once: per-IP for two addresses, two per-email keys.
-        assert_eq!(args.keys.len(), 4, "{:?}", args.keys);
-        let mut distinct = args.keys.clone();
+        assert_eq!(all_keys.len(), 4, "{all_keys:?}");
+        let mut distinct = all_keys.clone();
         distinct.sort();
         distinct.dedup();
         assert_eq!(distinct.len(), 4);
