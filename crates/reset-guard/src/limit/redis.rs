@@ -24,7 +24,7 @@ mod settings;
 
 pub(crate) use batch::RedisSpecs;
 use batch::{run_batches, Charges, Job, REPLY_LEN};
-use cluster::Cluster;
+use cluster::{Cluster, DirectMasters};
 use sentinel::{Master, SentinelPool, RESOLVE_INTERVAL_NS};
 use settings::Sentinels;
 pub use settings::{OnError, RedisSettings};
@@ -105,6 +105,15 @@ impl RedisStore {
                 redis::cluster::ClusterConfig::new()
                     .set_connection_timeout(settings.timeout.max(Duration::from_millis(250)))
                     .set_response_timeout(settings.timeout),
+                DirectMasters {
+                    settings: settings.clone(),
+                    config: config.clone(),
+                    scheme: if nodes[0].starts_with("rediss://") {
+                        "rediss"
+                    } else {
+                        "redis"
+                    },
+                },
             )),
             None => None,
         };

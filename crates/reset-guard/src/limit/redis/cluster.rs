@@ -9,13 +9,15 @@
 //! several times the CPU (benches/README.md, "Redis modes"). The script is told the keys
 //! as arguments (declared keys must share one slot) and carries Redis 7's
 //! `allow-cross-slot-keys` flag; it checks that it serves every key before it writes any,
-//! so a slot map gone stale costs a second try, never a wrong decision. Where that cannot
-//! work (Redis before 7, no slot map yet, a group alone on its node) a group is one call
-//! with declared keys, which the client routes and redirects itself.
+//! so a slot map gone stale costs a second try, never a wrong decision. These calls go over
+//! a connection of the thread's own to each master (by the slot map's address), not
+//! through the cluster client's routing. Where that cannot work (Redis before 7, no slot
+//! map yet, a key not served where the map said) a group is one call with declared keys,
+//! which the cluster client routes and redirects itself.
 
 use std::sync::atomic::AtomicU64;
 
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
 use super::batch::{answer, call, gather, numbers, CallArgs, MAX_BATCH};
 use super::*;
@@ -39,15 +41,18 @@ pub(super) struct Cluster {
 }
 
 impl Cluster {
+    /// `direct`: how to reach one master by its address (the credentials, TLS and
+    /// timeouts of the settings), for the calls that go to one master.
     pub(super) fn new(
         client: redis::cluster::ClusterClient,
         config: redis::cluster::ClusterConfig,
+        direct: DirectMasters,
     ) -> Self {
         Cluster {
             client,
             config,
             probe: tokio::sync::OnceCell::new(),
-            nodes: Arc::new(NodeCalls::new()),
+            nodes: Arc::new(NodeCalls::new(direct)),
         }
     }
 
@@ -70,11 +75,27 @@ pub(super) struct NodeCalls {
     code: String,
     sha: String,
     clock: MonotonicClock,
+    direct: DirectMasters,
+}
+
+/// A connection of its own to each master, for the calls that go to one master: the
+/// cluster client's routing (a task of its own between the caller and the node's
+/// connection, its requests in flight polled on every step) cost the gateway more per
+/// call than the rest of the call together (benches/README.md, "The gateway's side").
+/// Its failures are the call's: the call that finds its keys elsewhere, or cannot reach
+/// the master, makes the gateway read the slot map again.
+pub(crate) struct DirectMasters {
+    pub(crate) settings: RedisSettings,
+    pub(crate) config: ConnectionManagerConfig,
+    /// `redis` or `rediss`, as the seed nodes.
+    pub(crate) scheme: &'static str,
 }
 
 /// Which master serves each slot: an index per slot into the masters `CLUSTER SLOTS` named.
 struct SlotOwners {
     owner: Vec<u16>,
+    /// Each master's address, as `CLUSTER SLOTS` gave it (none where it gave no host).
+    masters: Vec<Option<(String, u16)>>,
 }
 
 impl SlotOwners {
@@ -108,12 +129,31 @@ impl SlotOwners {
                 *slot = u16::try_from(index).ok()?;
             }
         }
-        Some(SlotOwners { owner })
+        let masters = masters
+            .into_iter()
+            .map(|(host, port)| {
+                let host = match host {
+                    Value::BulkString(bytes) => String::from_utf8(bytes).ok()?,
+                    Value::SimpleString(host) => host,
+                    _ => return None,
+                };
+                let Value::Int(port) = port else { return None };
+                // An empty host is "the node you asked", which this map does not record.
+                (!host.is_empty()).then_some((host, u16::try_from(port).ok()?))
+            })
+            .collect();
+        Some(SlotOwners { owner, masters })
+    }
+
+    /// The address of the master serving `slot`, by this map.
+    fn master(&self, slot: u16) -> Option<&(String, u16)> {
+        let index = *self.owner.get(usize::from(slot))?;
+        self.masters.get(usize::from(index))?.as_ref()
     }
 }
 
 impl NodeCalls {
-    fn new() -> Self {
+    fn new(direct: DirectMasters) -> Self {
         let code = format!(
             "#!lua flags=allow-cross-slot-keys\n{}",
             include_str!("../redis.lua")
@@ -126,6 +166,7 @@ impl NodeCalls {
             code,
             sha,
             clock: MonotonicClock::default(),
+            direct,
         }
     }
 
@@ -165,26 +206,45 @@ impl NodeCalls {
     }
 
     /// One call deciding `batch`, every job of which has its keys on the master that serves
-    /// `slot` (by the slot map). `Ok(None)`: the call decided nothing (a key not served
-    /// there, or the flagged script refused), so the jobs are to be decided slot by slot.
+    /// `slot` (by the slot map), over this task's own connection to that master. `Ok(None)`:
+    /// the call decided nothing (a key not served there, or the flagged script refused),
+    /// so the jobs are to be decided slot by slot.
     async fn call(
         &self,
         batch: &[Job],
         slot: u16,
-        connection: &mut redis::cluster_async::ClusterConnection,
+        master: &mut Option<((String, u16), ConnectionManager)>,
     ) -> Result<Option<Vec<i64>>, String> {
+        let map = self.slots.load_full();
+        let Some(address) = map.as_ref().and_then(|map| map.master(slot)) else {
+            return Ok(None);
+        };
+        if master.as_ref().is_none_or(|(known, _)| known != address) {
+            let (host, port) = address;
+            let scheme = self.direct.scheme;
+            let url = if host.contains(':') {
+                format!("{scheme}://[{host}]:{port}")
+            } else {
+                format!("{scheme}://{host}:{port}")
+            };
+            let client = self
+                .direct
+                .settings
+                .client_at(&url, true)
+                .map_err(|e| e.to_string())?;
+            let connection =
+                ConnectionManager::new_lazy_with_config(client, self.direct.config.clone())
+                    .map_err(|e| e.to_string())?;
+            *master = Some((address.clone(), connection));
+        }
+        let Some((_, connection)) = master.as_mut() else {
+            return Ok(None);
+        };
         let args = CallArgs::new(batch);
-        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
-            slot,
-            SlotAddr::Master,
-        )));
+        let command = args.undeclared(&self.sha);
         let mut load_tried = false;
         loop {
-            let reply = connection
-                .route_command(args.undeclared(&self.sha), route.clone())
-                .await
-                .and_then(redis::Value::extract_error);
-            match reply {
+            match command.query_async::<redis::Value>(connection).await {
                 Ok(value) => {
                     let values = numbers(value)?;
                     if values == [-1] {
@@ -201,18 +261,18 @@ impl NodeCalls {
                 {
                     load_tried = true;
                     let load = redis::cmd("SCRIPT").arg("LOAD").arg(&self.code).clone();
-                    let loaded = connection
-                        .route_command(load, route.clone())
-                        .await
-                        .and_then(redis::Value::extract_error);
-                    if let Err(error) = loaded {
+                    if let Err(error) = load.query_async::<redis::Value>(connection).await {
                         // Redis before 7 knows no script flags: decide slot by slot.
                         tracing::info!(target: "reset_guard::limit", %error, "the cluster cannot run one call per node; deciding slot by slot");
                         self.supported.store(false, Ordering::Relaxed);
                         return Ok(None);
                     }
                 }
-                Err(error) => return Err(error.to_string()),
+                Err(error) => {
+                    // The master may have failed over or gone: read the map again.
+                    self.slots.store(None);
+                    return Err(error.to_string());
+                }
             }
         }
     }
@@ -267,17 +327,20 @@ pub(super) async fn run_cluster_batches(
     }
 }
 
-/// One master's calls from one thread: whatever jobs wait for it go as one call, one call
-/// at a time, so that under load the calls grow rather than multiply (as in the other
-/// modes). A job alone is one call with declared keys; a call that finds its keys no longer
-/// served there hands its jobs back to be decided one call per hash tag.
+/// One master's calls from one thread: whatever jobs wait for it go as one call over this
+/// task's own connection to the master, one call at a time, so that under load the calls
+/// grow rather than multiply (as in the other modes); a call that finds its keys no longer
+/// served there hands its jobs back to be decided one call per hash tag, through the
+/// cluster client (which follows `MOVED` and `ASK`).
 async fn run_master_batches(
     mut queue: mpsc::UnboundedReceiver<Job>,
-    mut connection: redis::cluster_async::ClusterConnection,
+    connection: redis::cluster_async::ClusterConnection,
     nodes: Arc<NodeCalls>,
     script: Arc<redis::Script>,
     timeout: Duration,
 ) {
+    // This task's connection to the master, and the master's address.
+    let mut master = None;
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -286,13 +349,9 @@ async fn run_master_batches(
                 Err(_) => break,
             }
         }
-        if batch.len() == 1 && batch[0].charges.as_slice().len() == 1 {
-            call(batch, &mut connection, &script, timeout).await;
-            continue;
-        }
         let (group, hash) = batch[0].charges.as_slice()[0];
         let slot = batch[0].specs.slot(group, hash);
-        let decided = tokio::time::timeout(timeout, nodes.call(&batch, slot, &mut connection))
+        let decided = tokio::time::timeout(timeout, nodes.call(&batch, slot, &mut master))
             .await
             .unwrap_or_else(|_| Err("timed out".to_owned()));
         match decided {
