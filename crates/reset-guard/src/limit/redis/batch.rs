@@ -267,6 +267,9 @@ pub(super) async fn run_batches(
     let mut connection = connection;
     while let Some(first) = queue.recv().await {
         let batch = gather(first, &mut queue);
+        if batch.is_empty() {
+            continue;
+        }
         // One call at a time: Redis runs scripts one after another anyway, and whatever
         // arrives meanwhile rides in the next batch.
         call(batch, &mut connection, &script, timeout).await;
@@ -275,14 +278,25 @@ pub(super) async fn run_batches(
 
 /// The first job and whatever else is waiting, up to [`MAX_BATCH`].
 pub(super) fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {
-    let mut batch = vec![first];
-    while batch.len() < MAX_BATCH {
-        match queue.try_recv() {
-            Ok(job) => batch.push(job),
-            Err(_) => break,
+    let mut batch = Vec::new();
+    let mut next = Some(first);
+    while let Some(job) = next {
+        keep_if_waited_for(&mut batch, job);
+        if batch.len() == MAX_BATCH {
+            break;
         }
+        next = queue.try_recv().ok();
     }
     batch
+}
+
+/// Adds `job` to `batch` unless its request has stopped waiting (it timed out and was
+/// answered as `on_error` says): charging it afterwards would count a request that was
+/// never decided by its limits.
+pub(super) fn keep_if_waited_for(batch: &mut Vec<Job>, job: Job) {
+    if !job.reply.is_closed() {
+        batch.push(job);
+    }
 }
 
 /// One script call deciding `batch`, and each job's six numbers (or the error) sent back.
@@ -377,6 +391,33 @@ mod tests {
             charges: Charges::new(&[(LimitGroup::PerIp, ip), (LimitGroup::PerEmail, email)]),
             reply: oneshot::channel().0,
         }
+    }
+
+    #[test]
+    fn a_request_that_stopped_waiting_is_not_sent() {
+        let specs = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false));
+        let (sender, mut queue) = mpsc::channel(8);
+        let mut waiting = Vec::new();
+        for i in 0..4u64 {
+            let (reply, answer) = oneshot::channel();
+            let job = Job {
+                specs: specs.clone(),
+                charges: Charges::new(&[(LimitGroup::PerIp, i)]),
+                reply,
+            };
+            // The first and third requests timed out (their answers are dropped).
+            if i % 2 == 1 {
+                waiting.push(answer);
+            }
+            sender.try_send(job).unwrap();
+        }
+        let first = queue.try_recv().unwrap();
+        let batch = gather(first, &mut queue);
+        let sent: Vec<u64> = batch
+            .iter()
+            .map(|job| job.charges.as_slice()[0].1)
+            .collect();
+        assert_eq!(sent, [1, 3]);
     }
 
     #[test]

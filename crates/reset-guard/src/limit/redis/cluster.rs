@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicU64;
 
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
-use super::batch::{answer, call, gather, numbers, CallArgs, MAX_BATCH};
+use super::batch::{answer, call, gather, keep_if_waited_for, numbers, CallArgs, MAX_BATCH};
 use super::*;
 
 /// Slots in a Redis Cluster.
@@ -138,8 +138,9 @@ impl SlotOwners {
                     _ => return None,
                 };
                 let Value::Int(port) = port else { return None };
-                // An empty host is "the node you asked", which this map does not record.
-                (!host.is_empty()).then_some((host, u16::try_from(port).ok()?))
+                // An empty host is "the node you asked", which this map does not record;
+                // `?`, a node with no name of the preferred endpoint type.
+                (!host.is_empty() && host != "?").then_some((host, u16::try_from(port).ok()?))
             })
             .collect();
         Some(SlotOwners { owner, masters })
@@ -227,14 +228,15 @@ impl NodeCalls {
             } else {
                 format!("{scheme}://{host}:{port}")
             };
-            let client = self
-                .direct
-                .settings
-                .client_at(&url, true)
-                .map_err(|e| e.to_string())?;
-            let connection =
+            // An address no URL can name (a zone in an IPv6 address, say) leaves these
+            // jobs to the cluster client.
+            let client = self.direct.settings.client_at(&url, true);
+            let connection = client.and_then(|client| {
                 ConnectionManager::new_lazy_with_config(client, self.direct.config.clone())
-                    .map_err(|e| e.to_string())?;
+            });
+            let Ok(connection) = connection else {
+                return Ok(None);
+            };
             *master = Some((address.clone(), connection));
         }
         let Some((_, connection)) = master.as_mut() else {
@@ -261,11 +263,18 @@ impl NodeCalls {
                 {
                     load_tried = true;
                     let load = redis::cmd("SCRIPT").arg("LOAD").arg(&self.code).clone();
-                    if let Err(error) = load.query_async::<redis::Value>(connection).await {
-                        // Redis before 7 knows no script flags: decide slot by slot.
-                        tracing::info!(target: "reset_guard::limit", %error, "the cluster cannot run one call per node; deciding slot by slot");
-                        self.supported.store(false, Ordering::Relaxed);
-                        return Ok(None);
+                    match load.query_async::<redis::Value>(connection).await {
+                        Ok(_) => {}
+                        // Redis before 7 knows no script flags (its compiler refuses the
+                        // first line): decide slot by slot from now on.
+                        Err(error) if error.to_string().contains("compiling") => {
+                            tracing::info!(target: "reset_guard::limit", %error, "the cluster cannot run one call per node; deciding slot by slot");
+                            self.supported.store(false, Ordering::Relaxed);
+                            return Ok(None);
+                        }
+                        // Anything else (a node loading its data, a dropped connection)
+                        // passes: these jobs go slot by slot, the next call tries again.
+                        Err(_) => return Ok(None),
                     }
                 }
                 Err(error) => {
@@ -342,18 +351,29 @@ async fn run_master_batches(
     // This task's connection to the master, and the master's address.
     let mut master = None;
     while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        while let Some(job) = next {
+            keep_if_waited_for(&mut batch, job);
+            if batch.len() == MAX_BATCH {
+                break;
             }
+            next = queue.try_recv().ok();
         }
-        let (group, hash) = batch[0].charges.as_slice()[0];
-        let slot = batch[0].specs.slot(group, hash);
+        let Some(job) = batch.first() else {
+            continue;
+        };
+        let (group, hash) = job.charges.as_slice()[0];
+        let slot = job.specs.slot(group, hash);
         let decided = tokio::time::timeout(timeout, nodes.call(&batch, slot, &mut master))
             .await
-            .unwrap_or_else(|_| Err("timed out".to_owned()));
+            .unwrap_or_else(|_| {
+                // A master that stops answering without closing its connection: make a
+                // new one, to the master the slot map names when read again.
+                master = None;
+                nodes.slots.store(None);
+                Err("timed out".to_owned())
+            });
         match decided {
             Ok(Some(values)) => answer(batch, Ok(values)),
             Ok(None) => by_tags(batch, &connection, &script, timeout),
