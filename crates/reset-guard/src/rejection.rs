@@ -153,6 +153,9 @@ impl Rejection {
         let body = self.body();
         let mut response = Response::new(Bytes::from_static(body.as_bytes()));
         *response.status_mut() = self.status();
+        // Room for these and the ones added on the way out (request id, security headers)
+        // without growing the map.
+        *response.headers_mut() = http::HeaderMap::with_capacity(12);
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, JSON.clone());
         headers.insert(CONTENT_LENGTH, content_length(body.len()));
@@ -161,15 +164,10 @@ impl Rejection {
                 headers.insert(ALLOW, HeaderValue::from_static("GET"));
             }
             Rejection::RateLimited(denial) => {
-                let retry = denial.retry_after_secs();
-                let name = denial.group.name();
-                let state = structured_field(name, ("r", 0), ("t", retry));
-                // `Retry-After` is the state's last number: one buffer for both.
-                let digits = itoa::Buffer::new().format(retry).len();
-                let retry_after = state.slice(state.len() - digits..);
-                headers.insert(RETRY_AFTER, header_value(retry_after));
+                let (state, retry_after) = state_fields(denial.group, denial.retry_after_secs());
+                headers.insert(RETRY_AFTER, retry_after);
                 headers.insert(RATELIMIT_POLICY, policy_field(denial.group, &denial.quota));
-                headers.insert(RATELIMIT, header_value(state));
+                headers.insert(RATELIMIT, state);
             }
             _ => {}
         }
@@ -199,6 +197,30 @@ fn content_length(len: usize) -> HeaderValue {
 
 fn header_value(bytes: Bytes) -> HeaderValue {
     HeaderValue::from_maybe_shared(bytes).expect("ASCII digits and a fixed name")
+}
+
+/// `RateLimit` and `Retry-After` of a denial: the same for every denial by one group with
+/// the same wait in whole seconds (a flood's denials within a second), so the last pair
+/// made is kept per thread and shared.
+fn state_fields(group: LimitGroup, retry: u64) -> (HeaderValue, HeaderValue) {
+    type Made = Option<((LimitGroup, u64), HeaderValue, HeaderValue)>;
+    thread_local! {
+        static LAST: std::cell::RefCell<Made> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((made_for, state, retry_after)) if *made_for == (group, retry) => {
+            (state.clone(), retry_after.clone())
+        }
+        _ => {
+            let state = structured_field(group.name(), ("r", 0), ("t", retry));
+            // `Retry-After` is the state's last number: one buffer for both.
+            let digits = itoa::Buffer::new().format(retry).len();
+            let retry_after = header_value(state.slice(state.len() - digits..));
+            let state = header_value(state);
+            *last = Some(((group, retry), state.clone(), retry_after.clone()));
+            (state, retry_after)
+        }
+    })
 }
 
 /// `RateLimit-Policy` for `quota`: the same value for every denial of one quota, so the
