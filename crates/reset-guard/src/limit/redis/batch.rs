@@ -278,25 +278,25 @@ pub(super) async fn run_batches(
 
 /// The first job and whatever else is waiting, up to [`MAX_BATCH`].
 pub(super) fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {
+    gather_from(first, || queue.try_recv().ok())
+}
+
+/// The first job and what `next` has waiting, up to [`MAX_BATCH`], less the jobs whose
+/// requests stopped waiting (they timed out and were answered as `on_error` says):
+/// charging them afterwards would count requests their limits never decided.
+pub(super) fn gather_from(first: Job, mut next: impl FnMut() -> Option<Job>) -> Vec<Job> {
     let mut batch = Vec::new();
-    let mut next = Some(first);
-    while let Some(job) = next {
-        keep_if_waited_for(&mut batch, job);
+    let mut job = Some(first);
+    while let Some(waiting) = job {
+        if !waiting.reply.is_closed() {
+            batch.push(waiting);
+        }
         if batch.len() == MAX_BATCH {
             break;
         }
-        next = queue.try_recv().ok();
+        job = next();
     }
     batch
-}
-
-/// Adds `job` to `batch` unless its request has stopped waiting (it timed out and was
-/// answered as `on_error` says): charging it afterwards would count a request that was
-/// never decided by its limits.
-pub(super) fn keep_if_waited_for(batch: &mut Vec<Job>, job: Job) {
-    if !job.reply.is_closed() {
-        batch.push(job);
-    }
 }
 
 /// One script call deciding `batch`, and each job's six numbers (or the error) sent back.

@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicU64;
 
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
-use super::batch::{answer, call, gather, keep_if_waited_for, numbers, CallArgs, MAX_BATCH};
+use super::batch::{answer, call, gather, gather_from, numbers, CallArgs};
 use super::*;
 
 /// Slots in a Redis Cluster.
@@ -351,15 +351,7 @@ async fn run_master_batches(
     // This task's connection to the master, and the master's address.
     let mut master = None;
     while let Some(first) = queue.recv().await {
-        let mut batch = Vec::new();
-        let mut next = Some(first);
-        while let Some(job) = next {
-            keep_if_waited_for(&mut batch, job);
-            if batch.len() == MAX_BATCH {
-                break;
-            }
-            next = queue.try_recv().ok();
-        }
+        let batch = gather_from(first, || queue.try_recv().ok());
         let Some(job) = batch.first() else {
             continue;
         };
