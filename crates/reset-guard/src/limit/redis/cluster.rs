@@ -221,13 +221,7 @@ impl NodeCalls {
             return Ok(None);
         };
         if master.as_ref().is_none_or(|(known, _)| known != address) {
-            let (host, port) = address;
-            let scheme = self.direct.scheme;
-            let url = if host.contains(':') {
-                format!("{scheme}://[{host}]:{port}")
-            } else {
-                format!("{scheme}://{host}:{port}")
-            };
+            let url = settings::node_url(self.direct.scheme, &address.0, address.1);
             // An address no URL can name (a zone in an IPv6 address, say) leaves these
             // jobs to the cluster client.
             let client = self.direct.settings.client_at(&url, true);

@@ -307,10 +307,16 @@ impl Sentinels {
 
     /// The master's URL, once the sentinels have named its address.
     pub(crate) fn master_url(&self, host: &str, port: u16) -> String {
-        if host.contains(':') {
-            format!("{}://[{host}]:{port}", self.scheme)
-        } else {
-            format!("{}://{host}:{port}", self.scheme)
-        }
+        node_url(self.scheme, host, port)
+    }
+}
+
+/// The URL of a server a sentinel or a cluster named by address (an IPv6 address in
+/// brackets).
+pub(crate) fn node_url(scheme: &str, host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("{scheme}://[{host}]:{port}")
+    } else {
+        format!("{scheme}://{host}:{port}")
     }
 }
