@@ -180,12 +180,12 @@ end
 
 -- Each changed key once, with its final TAT ('%d' prints through a C long, far cheaper
 -- than the formatting of a number argument); it expires once that TAT passes, and from
--- then on equals no state at all.
+-- then on equals no state at all. PSETEX rather than SET ... PX: no options to parse.
 for i = 1, #keys do
   if dirty[i] then
     local tat = tats[i]
     local ttl = (tat - now) / 1000
-    call('SET', keys[i], format('%d', tat), 'PX', format('%d', ttl - ttl % 1 + 1))
+    call('PSETEX', keys[i], format('%d', ttl - ttl % 1 + 1), format('%d', tat))
   end
 end
 return struct.pack('<' .. string.rep('d', n_out), unpack(out, 1, n_out))
