@@ -108,11 +108,7 @@ impl RedisStore {
                 DirectMasters {
                     settings: settings.clone(),
                     config: config.clone(),
-                    scheme: if nodes[0].starts_with("rediss://") {
-                        "rediss"
-                    } else {
-                        "redis"
-                    },
+                    scheme: settings::scheme_of(&nodes),
                 },
             )),
             None => None,

@@ -226,7 +226,8 @@ fn tcp_settings() -> redis::io::tcp::TcpSettings {
 /// Every node's scheme (`redis` or `rediss`, the same for all) and `host:port`; `password`
 /// says why a node may not hold a password.
 fn node_addresses(nodes: &[String], password: &str) -> Result<(&'static str, Vec<String>), String> {
-    let tls = nodes[0].starts_with("rediss://");
+    let scheme = scheme_of(nodes);
+    let tls = scheme == "rediss";
     let mut addresses = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         let n = i + 1;
@@ -257,7 +258,19 @@ fn node_addresses(nodes: &[String], password: &str) -> Result<(&'static str, Vec
             _ => return Err(format!("node {n}: a node is reached over TCP")),
         }
     }
-    Ok((if tls { "rediss" } else { "redis" }, addresses))
+    Ok((scheme, addresses))
+}
+
+/// The scheme of a list of nodes, all of which use the first one's (`redis` or `rediss`).
+pub(crate) fn scheme_of(nodes: &[String]) -> &'static str {
+    if nodes
+        .first()
+        .is_some_and(|node| node.starts_with("rediss://"))
+    {
+        "rediss"
+    } else {
+        "redis"
+    }
 }
 
 /// Cluster mode's seed nodes, read from a `redis+cluster://` or `rediss+cluster://` URL.
