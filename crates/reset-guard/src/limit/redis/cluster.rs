@@ -82,8 +82,8 @@ pub(super) struct NodeCalls {
 /// cluster client's routing (a task of its own between the caller and the node's
 /// connection, its requests in flight polled on every step) cost the gateway more per
 /// call than the rest of the call together (benches/README.md, "The gateway's side").
-/// Its failures are the call's: the call that finds its keys elsewhere, or cannot reach
-/// the master, makes the gateway read the slot map again.
+/// A call that finds its keys elsewhere, or cannot ask the master, makes the gateway read
+/// the slot map again and leaves its jobs to the cluster client.
 pub(crate) struct DirectMasters {
     pub(crate) settings: RedisSettings,
     pub(crate) config: ConnectionManagerConfig,
@@ -208,8 +208,8 @@ impl NodeCalls {
 
     /// One call deciding `batch`, every job of which has its keys on the master that serves
     /// `slot` (by the slot map), over this task's own connection to that master. `Ok(None)`:
-    /// the call decided nothing (a key not served there, or the flagged script refused),
-    /// so the jobs are to be decided slot by slot.
+    /// the call decided nothing (a key not served there, the flagged script refused, or the
+    /// master could not be asked), so the jobs are to be decided slot by slot.
     async fn call(
         &self,
         batch: &[Job],
@@ -271,10 +271,14 @@ impl NodeCalls {
                         Err(_) => return Ok(None),
                     }
                 }
-                Err(error) => {
-                    // The master may have failed over or gone: read the map again.
+                Err(_) => {
+                    // The master failed over, went or came back (a dropped connection,
+                    // CLUSTERDOWN, READONLY, LOADING): read the map again, connect anew, and
+                    // hand these jobs to the cluster client, which waits, follows and
+                    // retries as it always has for them.
                     self.slots.store(None);
-                    return Err(error.to_string());
+                    *master = None;
+                    return Ok(None);
                 }
             }
         }
