@@ -35,7 +35,8 @@ impl UpstreamClient {
         };
         let replay = || build().expect("built once already");
 
-        let exchange = async {
+        // Pinned where it is: the timeout below holds a pointer to it, not a copy of it.
+        let exchange = std::pin::pin!(async {
             let (response, lease) = self
                 .pool
                 .send(upstream, Some(&replay))
@@ -59,7 +60,7 @@ impl UpstreamClient {
                 parts,
                 GuardBody::full(body),
             ))
-        };
+        });
         match timeout(self.settings.timeout, exchange).await {
             Ok(Ok(response)) => {
                 let status = response.status();
