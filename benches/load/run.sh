@@ -51,8 +51,8 @@ cleanup() {
 }
 trap cleanup EXIT
 rss_kib() { awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status"; }
-# CPU time (user + system, in clock ticks) of the given processes so far.
-cpu_ticks() { local total=0 pid; for pid in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$total"; }
+# CPU time of the given processes so far, in clock ticks: user and system, then user only.
+cpu_ticks() { local total=0 user=0 pid; for pid in "$@"; do read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat"); total=$((total + u + s)); user=$((user + u)); done; echo "$total $user"; }
 
 TOKEN=bench-client-token
 KEY=bench-server-key
@@ -142,29 +142,32 @@ measure() { # scenario name port round -> one line
   local script=benches/load/reset.lua
   [ "$1" = flood ] && script=$work/flood.lua
   BENCH_CLIENT_TOKEN=$TOKEN wrk -t1 -c8 -d1s -s "$script" "http://127.0.0.1:$3" >/dev/null 2>&1 || true
-  local out pids before after
+  local out pids before before_user after after_user
   pids=$(server_pids "$2")
   # shellcheck disable=SC2086
-  before=$(cpu_ticks $pids)
+  read -r before before_user < <(cpu_ticks $pids)
   out=$(BENCH_CLIENT_TOKEN=$TOKEN wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "http://127.0.0.1:$3" 2>&1)
   # shellcheck disable=SC2086
-  after=$(cpu_ticks $pids)
-  local rps p50 p99 non2xx requests cpu_us
+  read -r after after_user < <(cpu_ticks $pids)
+  local rps p50 p99 non2xx requests cpu_us user_us
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out")
   requests=$(awk '/requests in/ {print $1}' <<<"$out")
   cpu_us=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
-  printf '%-6s %-10s %-5s %12s %10s %10s %10s %8s\n' "$1" "$2" "$4" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu_us"
+  user_us=$(awk -v t=$((after_user - before_user)) -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
+  printf '%-6s %-10s %-5s %12s %10s %10s %10s %8s %8s\n' "$1" "$2" "$4" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu_us" "$user_us"
 }
 
 results=$work/results.txt
 {
   echo "# $(date -u +%FT%TZ) $(nproc) cores, wrk -t1 -c$CONNECTIONS -d$DURATION, upstream qb-mock, gateway variants (workers:level) $GATEWAY"
-  echo "# cpu_us: CPU time of the server's own processes per request (the upstream's not included)"
+  echo "# cpu_us: CPU time of the server's own processes per request (the upstream's not included);"
+  echo "# user_us: the part of it in user space (the rest is the kernel's: sockets, TCP, and on"
+  echo "# loopback the receiving side's TCP work too)"
   for i in "${!variants[@]}"; do [ "$i" = 0 ] && echo "# gateway: ${variants[0]}" || echo "# gw-$i: ${variants[$i]}"; done
-  printf '%-6s %-10s %-5s %12s %10s %10s %10s %8s\n' scenario server round "requests/s" p50 p99 non-2xx cpu_us
+  printf '%-6s %-10s %-5s %12s %10s %10s %10s %8s %8s\n' scenario server round "requests/s" p50 p99 non-2xx cpu_us user_us
 } > "$results"
 for scenario in allow flood; do
   start_all "$scenario"
@@ -189,20 +192,19 @@ rounds = {}
 for line in open(path):
     if line.startswith('#') or line.startswith('scenario'):
         continue
-    s, server, _round, rps, p50, p99, bad, cpu = line.split()
-    rounds.setdefault((s, server), []).append((float(rps), p50, p99, float(cpu)))
+    s, server, _round, rps, p50, p99, bad, cpu, user = line.split()
+    rounds.setdefault((s, server), []).append((float(rps), p50, p99, float(cpu), float(user)))
 # The median round of each server, by throughput (its own latencies come with it).
 rows = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
 def ms(v):
     return float(v[:-2]) if v.endswith('ms') else float(v[:-2]) / 1000 if v.endswith('us') else float(v[:-1]) * 1000
 lines = open(path).read().rstrip('\n').split('\n')
 lines.append('median rounds:')
-for (s, server), (rps, p50, p99, _) in sorted(rows.items()):
-    cpu = sorted(r[3] for r in rounds[(s, server)])[len(rounds[(s, server)]) // 2]
-    lines.append(f'{s:<6} {server:<10} {rps:12.0f} {p50:>10} {p99:>10} {cpu:8.2f} us cpu/request (median)')
-def cpu(s, server):
-    v = sorted(r[3] for r in rounds[(s, server)])
+def cpu(s, server, field=3):
+    v = sorted(r[field] for r in rounds[(s, server)])
     return v[len(v) // 2]
+for (s, server), (rps, p50, p99, *_) in sorted(rows.items()):
+    lines.append(f'{s:<6} {server:<10} {rps:12.0f} {p50:>10} {p99:>10} {cpu(s, server):8.2f} us cpu/request, {cpu(s, server, 4):.2f} in user space (medians)')
 g, n, d = rows[('allow', 'gateway')], rows[('allow', 'nginx')], rows[('allow', 'direct')]
 fg, fn = rows[('flood', 'gateway')], rows[('flood', 'nginx')]
 lines += [
@@ -211,6 +213,7 @@ lines += [
     f"flood: gateway/nginx throughput {fg[0]/fn[0]:.2f} (target >= 1.2)",
     f"allow: gateway/haproxy throughput {g[0]/rows[('allow','haproxy')][0]:.2f}; flood: {fg[0]/rows[('flood','haproxy')][0]:.2f}",
     f"cpu per request, gateway/nginx: allow {cpu('allow','gateway')/cpu('allow','nginx'):.2f}, flood {cpu('flood','gateway')/cpu('flood','nginx'):.2f} (below 1: the gateway does the job with less CPU)",
+    f"kernel cpu per request (cpu less user), gateway/nginx: allow {(cpu('allow','gateway')-cpu('allow','gateway',4))/(cpu('allow','nginx')-cpu('allow','nginx',4)):.2f}, flood {(cpu('flood','gateway')-cpu('flood','gateway',4))/(cpu('flood','nginx')-cpu('flood','nginx',4)):.2f}",
 ]
 if ('flood', 'static') in rows:
     st = rows[('flood', 'static')]
