@@ -224,6 +224,14 @@ impl App {
                 .spawn(move || {
                     let result = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
+                        // Out of work, a worker first lets whatever else is runnable on its
+                        // core go (sched_yield), then waits for events. Where the gateway
+                        // shares cores with its clients or upstream, the thread let go is
+                        // often the one about to send the next requests, and the wait then
+                        // finds them ready instead of putting the worker to sleep; where
+                        // nothing else wants the core it costs one system call per wait
+                        // (benches/README.md, "A worker out of work").
+                        .on_thread_park(std::thread::yield_now)
                         .build()
                         .map_err(anyhow::Error::from)
                         .and_then(|runtime| runtime.block_on(worker.run()));
