@@ -205,7 +205,6 @@ impl App {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let per_worker = server.max_connections.div_ceil(self.workers.len()).max(1);
         let mut finished = Vec::new();
-        let several_workers = self.workers.len() > 1;
         for (index, (listener, context)) in self.listeners.into_iter().zip(self.workers).enumerate()
         {
             let worker = Worker {
@@ -223,21 +222,8 @@ impl App {
             std::thread::Builder::new()
                 .name(format!("gateway-worker-{index}"))
                 .spawn(move || {
-                    let mut runtime = tokio::runtime::Builder::new_current_thread();
-                    runtime.enable_all();
-                    if several_workers {
-                        // Out of work, a worker first lets whatever else is runnable on its
-                        // core go (sched_yield), then waits for events. Where the workers
-                        // share cores with the gateway's clients or upstream, the thread let
-                        // go is often the one about to send the next requests, and the wait
-                        // then finds them ready instead of putting the worker to sleep.
-                        // Measured to help only with several workers; a lone worker rarely
-                        // runs out of work under load, and when idle it would pay one
-                        // system call per wait for nothing (benches/README.md, "A worker
-                        // out of work").
-                        runtime.on_thread_park(std::thread::yield_now);
-                    }
-                    let result = runtime
+                    let result = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
                         .build()
                         .map_err(anyhow::Error::from)
                         .and_then(|runtime| runtime.block_on(worker.run()));
