@@ -45,9 +45,17 @@ impl ConfigError {
     }
 
     /// Places an error found after parsing at the line its key path is written on in
-    /// `yaml` (no line when the key is not written and its default was used).
+    /// `yaml`; for a key not written (a required one left out, a default that does not
+    /// fit), the line of the nearest section around it that is.
     pub fn located(mut self, yaml: &str) -> ConfigError {
-        self.line = self.line.or_else(|| KeyLines::of(yaml).line(&self.path));
+        if self.line.is_none() {
+            let lines = KeyLines::of(yaml);
+            let mut path = self.path.as_str();
+            while !path.is_empty() && self.line.is_none() {
+                self.line = lines.line(path);
+                path = &path[..path.rfind(['.', '[']).unwrap_or(0)];
+            }
+        }
         self
     }
 }
@@ -84,7 +92,7 @@ pub fn from_yaml<T: DeserializeOwned>(yaml: &str) -> Result<T, ConfigError> {
         ConfigError {
             line: KeyLines::of(yaml).line(&path).or(parsed_at),
             path,
-            message: without_location(&inner.to_string()),
+            message: without_string_value(&without_location(&inner.to_string())),
         }
     })
 }
@@ -197,6 +205,26 @@ fn without_location(message: &str) -> String {
         Some((head, rest)) if !head.contains(' ') => rest.to_owned(),
         _ => message.to_owned(),
     }
+}
+
+/// serde names a value of the wrong type by quoting it (`invalid type: string "…", expected
+/// a sequence`). A value in the wrong place may be a secret (a URL with a password written
+/// where a list of them belongs), so the message keeps its type and the line, not the value.
+fn without_string_value(message: &str) -> String {
+    for lead in ["invalid type: string ", "invalid value: string "] {
+        let Some(start) = message.find(lead) else {
+            continue;
+        };
+        let quoted = start + lead.len();
+        if let Some(end) = message[quoted..].rfind(", expected ") {
+            return format!(
+                "{}a string{}",
+                &message[..quoted - "string ".len()],
+                &message[quoted + end..]
+            );
+        }
+    }
+    message.to_owned()
 }
 
 #[cfg(test)]

@@ -85,12 +85,28 @@ impl GatewayConfig {
         let upstream = self.upstream.validate().map_err(|e| e.located(yaml))?;
         let store = self.store.validate().map_err(|e| e.located(yaml))?;
         self.log.validate().map_err(|e| e.located(yaml))?;
+        let server = self
+            .server
+            .validate(&self.admin)
+            .map_err(|e| e.located(yaml))?;
+        if let Some(redis) = &store.limits.redis {
+            // A request waits for Redis within its own time: a longer wait would never end
+            // in what on_error says, but in the request's timeout, blamed on QuickBlox.
+            if redis.timeout >= server.request_timeout {
+                return Err(ConfigError::new(
+                    "store.redis.timeout",
+                    format!(
+                        "must be shorter than server.request_timeout ({}), within which a \
+                         request waits for Redis",
+                        crate::explain::written_duration(server.request_timeout)
+                    ),
+                )
+                .located(yaml));
+            }
+        }
         Ok(Settings {
             store,
-            server: self
-                .server
-                .validate(&self.admin)
-                .map_err(|e| e.located(yaml))?,
+            server,
             upstream,
             guard,
             api_key,

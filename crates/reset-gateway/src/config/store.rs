@@ -73,8 +73,8 @@ pub struct RedisConfig {
     /// `cluster` (the Redis Cluster the seed `nodes` belong to).
     pub mode: RedisMode,
     /// `redis://host:port[/db]`, or `rediss://` for TLS; never with a password in it.
-    /// Standalone only.
-    pub url: String,
+    /// Standalone only; `redis://127.0.0.1:6379` when not written.
+    pub url: Option<String>,
     /// Sentinel mode: the sentinels; cluster mode: seed nodes of the cluster.
     /// `redis://host:port` (all `rediss://` for TLS).
     pub nodes: Option<Vec<String>>,
@@ -100,7 +100,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             mode: RedisMode::Standalone,
-            url: DEFAULT_URL.to_owned(),
+            url: None,
             nodes: None,
             sentinel_master: None,
             username: None,
@@ -120,7 +120,7 @@ impl RedisConfig {
     fn target(&self) -> Result<RedisSettings, ConfigError> {
         match self.mode {
             RedisMode::Cluster => {
-                if self.url != DEFAULT_URL {
+                if self.url.is_some() {
                     return Err(ConfigError::new(
                         "store.redis.url",
                         "is for mode: standalone; in cluster mode the seed nodes go in nodes",
@@ -164,21 +164,22 @@ impl RedisConfig {
                 if let Some((key, _, why)) = not_standalone.into_iter().find(|(_, set, _)| *set) {
                     return Err(ConfigError::new(key, why));
                 }
+                let url = self.url.as_deref().unwrap_or(DEFAULT_URL);
                 // The library reads redis+sentinel:// and redis+cluster:// URLs as those modes:
                 // here they would skip the checks `mode:` makes.
-                if !(self.url.starts_with("redis://") || self.url.starts_with("rediss://")) {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                     return Err(ConfigError::new(
                         "store.redis.url",
                         "must start with redis:// or rediss:// (Sentinel and Cluster are set \
                          with mode: and nodes:)",
                     ));
                 }
-                RedisSettings::check_url(&self.url)
+                RedisSettings::check_url(url)
                     .map_err(|why| ConfigError::new("store.redis.url", why))?;
-                Ok(RedisSettings::new(self.url.clone()))
+                Ok(RedisSettings::new(url))
             }
             RedisMode::Sentinel => {
-                if self.url != DEFAULT_URL {
+                if self.url.is_some() {
                     return Err(ConfigError::new(
                         "store.redis.url",
                         "is for mode: standalone; in sentinel mode the master's address comes \
@@ -232,6 +233,19 @@ impl RedisConfig {
             self.password_file.as_deref(),
         )?
         .map(|(_, password)| password);
+        if self.username.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::new(
+                "store.redis.username",
+                "must be non-empty (leave it out for the default user)",
+            ));
+        }
+        if settings.username.is_some() && settings.password.is_none() {
+            // Redis would answer every call NOAUTH: the user is only sent with a password.
+            return Err(ConfigError::new(
+                "store.redis.username",
+                "needs a password: set store.redis.password_env or password_file",
+            ));
+        }
         if let Some(path) = &self.ca_file {
             if !tls {
                 return Err(ConfigError::new(
@@ -337,14 +351,41 @@ fn env_or_file(
             let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
                 ConfigError::new(&file_key, format!("cannot read {}: {e}", path.display()))
             })?);
-            Ok(Some((file_key, Zeroizing::new(text.trim().to_owned()))))
+            let value = Zeroizing::new(text.trim().to_owned());
+            if value.is_empty() {
+                return Err(ConfigError::new(
+                    &file_key,
+                    format!("{} is empty", path.display()),
+                ));
+            }
+            Ok(Some((file_key, value)))
         }
         (Some(name), None) => {
-            let value = std::env::var(name).map_err(|_| {
-                ConfigError::new(&env_key, format!("environment variable {name} is not set"))
-            })?;
-            Ok(Some((env_key, Zeroizing::new(value))))
+            let value = Zeroizing::new(read_env(&env_key, name)?);
+            if value.is_empty() {
+                return Err(ConfigError::new(
+                    &env_key,
+                    format!("environment variable {name} is empty"),
+                ));
+            }
+            Ok(Some((env_key, value)))
         }
         (None, None) => Ok(None),
     }
+}
+
+/// The value of the environment variable `name`, which the key `key` names. A name that
+/// cannot be a variable's (a secret written where its variable's name belongs) is refused
+/// without being repeated.
+pub(super) fn read_env(key: &str, name: &str) -> Result<String, ConfigError> {
+    let shaped = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !shaped {
+        return Err(ConfigError::new(
+            key,
+            "must name an environment variable (letters, digits and `_`), not hold its value",
+        ));
+    }
+    std::env::var(name)
+        .map_err(|_| ConfigError::new(key, format!("environment variable {name} is not set")))
 }

@@ -178,13 +178,11 @@ impl UpstreamConfig {
             });
         }
         let name = &self.api_key_env;
-        let value = std::env::var(name).map_err(|_| {
-            ConfigError::new(
-                "upstream.api_key_env",
-                format!(
-                    "environment variable {name} is not set (it must hold the QuickBlox API key)"
-                ),
-            )
+        let value = super::store::read_env("upstream.api_key_env", name).map_err(|mut e| {
+            if e.message.ends_with("is not set") {
+                e.message.push_str(" (it must hold the QuickBlox API key)");
+            }
+            e
         })?;
         ApiKey::new(value)
             .map_err(|e| ConfigError::new("upstream.api_key_env", format!("{name}: {e}")))

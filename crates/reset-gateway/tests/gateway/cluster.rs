@@ -405,10 +405,13 @@ fn cluster_mode_is_checked_without_echoing_a_node_password() {
     let check = check_redis_section;
     let cluster = "    mode: cluster\n    nodes: [redis://10.0.0.1:6379, redis://10.0.0.2:6379]\n";
     check(cluster).unwrap();
-    check("    mode: cluster\n    nodes: [rediss://10.0.0.1:6379]\n    username: limiter\n")
-        .unwrap();
+    check(&format!(
+        "    mode: cluster\n    nodes: [rediss://10.0.0.1:6379]\n    username: limiter\n    password_file: {}\n",
+        key_secret_file().display()
+    ))
+    .unwrap();
     let refused = [
-        ("    mode: cluster\n", "store.redis.nodes:", "needs seed nodes"),
+        ("    mode: cluster\n", "store.redis.nodes (line", "needs seed nodes"),
         ("    mode: cluster\n    nodes: []\n", "store.redis.nodes (line", "needs seed nodes"),
         (&format!("{cluster}    url: redis://10.0.0.3:6379\n"), "store.redis.url (line", "seed nodes go in nodes"),
         (&format!("{cluster}    sentinel_master: mymaster\n"), "store.redis.sentinel_master (line", "is for mode: sentinel"),

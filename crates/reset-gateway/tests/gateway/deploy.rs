@@ -366,7 +366,14 @@ fn the_redis_the_configmap_names_is_deployed() {
     let manifests = rendered_manifests();
     let configmap = manifests.iter().find(|m| m["kind"] == "ConfigMap").unwrap();
     let config = GatewayConfig::from_yaml(str_at(configmap, &["data", "gateway.yaml"])).unwrap();
-    let url: http::Uri = config.store.redis.url.parse().unwrap();
+    let url: http::Uri = config
+        .store
+        .redis
+        .url
+        .as_deref()
+        .expect("the ConfigMap names a Redis URL")
+        .parse()
+        .unwrap();
     let service = manifests
         .iter()
         .find(|m| m["kind"] == "Service" && m["metadata"]["name"] == url.host().unwrap())

@@ -259,3 +259,112 @@ fn standalone_mode_takes_only_redis_urls() {
     }
     check_redis_section("    url: rediss://127.0.0.1:6380/2\n").unwrap();
 }
+
+#[test]
+fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
+    const EMPTY: &str = "RESET_GATEWAY_TEST_EMPTY_REDIS_PASSWORD";
+    // Each test runs in its own process: setting the variable touches no other test.
+    std::env::set_var(EMPTY, "");
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (empty, blank, password) = (
+        file("empty", ""),
+        file("blank", "\n"),
+        file("password", "hunter2-password\n"),
+    );
+    let cluster = "    mode: cluster\n";
+    let refused = [
+        // A URL with a password written where the list of nodes belongs: its type is wrong,
+        // and the message says so without the value.
+        (
+            format!("{cluster}    nodes: 'redis://:hunter2-password@10.0.0.1:6379'\n"),
+            "store.redis.nodes (line",
+            "a string, expected a sequence",
+        ),
+        (
+            "    password_env: 'hunter2-password!'\n".to_owned(),
+            "store.redis.password_env (line",
+            "must name an environment variable",
+        ),
+        (
+            format!("    password_env: {EMPTY}\n"),
+            "store.redis.password_env (line",
+            "is empty",
+        ),
+        (
+            format!("    password_file: {empty}\n"),
+            "store.redis.password_file (line",
+            "is empty",
+        ),
+        (
+            format!("    password_file: {blank}\n"),
+            "store.redis.password_file (line",
+            "is empty",
+        ),
+        (
+            "    username: limiter\n".to_owned(),
+            "store.redis.username (line",
+            "needs a password",
+        ),
+        (
+            format!("    username: ''\n    password_file: {password}\n"),
+            "store.redis.username (line",
+            "non-empty",
+        ),
+        (
+            "    url: 'redis://127.0.0.1:6379/?password=hunter2-password'\n".to_owned(),
+            "store.redis.url (line",
+            "password_env or password_file",
+        ),
+        (
+            "    url: 'rediss://redis.internal:6380/#insecure'\n".to_owned(),
+            "store.redis.url (line",
+            "query or a fragment",
+        ),
+        (
+            format!("{cluster}    nodes: ['redis://10.0.0.1:6379?password=hunter2-password']\n"),
+            "store.redis.nodes (line",
+            "node 1 has a query",
+        ),
+        (
+            format!("{cluster}    nodes: [redis://10.0.0.1:6379, redis://10.0.0.2:6379/5]\n"),
+            "store.redis.nodes (line",
+            "node 2 names a database",
+        ),
+        (
+            "    mode: sentinel\n    sentinel_master: m\n    nodes: [redis://10.0.0.1:26379/2]\n"
+                .to_owned(),
+            "store.redis.nodes (line",
+            "node 1 names a database",
+        ),
+        // The default URL written out is still a URL given in cluster mode.
+        (
+            format!(
+                "{cluster}    nodes: [redis://10.0.0.1:6379]\n    url: redis://127.0.0.1:6379\n"
+            ),
+            "store.redis.url (line",
+            "seed nodes go in nodes",
+        ),
+        // A wait for Redis longer than the request's own time would never reach on_error.
+        (
+            "    timeout: 30s\n".to_owned(),
+            "store.redis.timeout (line",
+            "shorter than server.request_timeout (30s)",
+        ),
+    ];
+    for (redis, path, why) in refused {
+        let shown = check_redis_section(&redis).unwrap_err();
+        assert!(shown.starts_with(path), "{redis}: {shown}");
+        assert!(shown.contains(why), "{redis}: {shown}");
+        assert!(!shown.contains("hunter2"), "a secret was echoed: {shown}");
+    }
+    check_redis_section(&format!(
+        "    username: limiter\n    password_file: {password}\n"
+    ))
+    .unwrap();
+    check_redis_section("    timeout: 29s\n").unwrap();
+}

@@ -270,8 +270,8 @@ fn sentinel_mode_is_checked_without_echoing_a_node_password() {
     let sentinel = "    mode: sentinel\n    nodes: [redis://10.0.0.1:26379, redis://10.0.0.2:26379]\n    sentinel_master: mymaster\n";
     check(sentinel).unwrap();
     let refused = [
-        ("    mode: cluster\n", "store.redis.nodes:", "needs seed nodes"),
-        ("    mode: sentinel\n    sentinel_master: mymaster\n", "store.redis.nodes:", "needs the sentinels"),
+        ("    mode: cluster\n", "store.redis.nodes (line", "needs seed nodes"),
+        ("    mode: sentinel\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "needs the sentinels"),
         ("    mode: sentinel\n    nodes: []\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "needs the sentinels"),
         ("    mode: sentinel\n    nodes: [redis://10.0.0.1:26379]\n", "store.redis.sentinel_master", "needs the name"),
         ("    nodes: [redis://10.0.0.1:26379]\n", "store.redis.nodes (line", "is for mode: sentinel"),

@@ -138,6 +138,9 @@ impl RedisSettings {
         if info.redis_settings().password().is_some() {
             return Err("holds a password: set store.redis.password_env or password_file instead");
         }
+        if has_query(url) {
+            return Err(QUERY_REFUSED);
+        }
         Ok(())
     }
 
@@ -241,6 +244,16 @@ fn node_addresses(nodes: &[String], password: &str) -> Result<(&'static str, Vec
                  store.redis.password_env or password_file)"
             ));
         }
+        if has_query(node) {
+            return Err(format!("node {n} {QUERY_REFUSED}"));
+        }
+        if info.redis_settings().db() != 0 {
+            // Cluster has only database 0, and a sentinel's URL says nothing of the master's.
+            return Err(format!(
+                "node {n} names a database: in sentinel and cluster mode database 0 is used \
+                 (keep deployments apart with store.redis.key_prefix)"
+            ));
+        }
         if node.starts_with("rediss://") != tls {
             return Err(format!(
                 "node {n}: every node must use the same scheme, redis:// or rediss://"
@@ -259,6 +272,17 @@ fn node_addresses(nodes: &[String], password: &str) -> Result<(&'static str, Vec
         }
     }
     Ok((scheme, addresses))
+}
+
+/// Why a URL with a query or a fragment is refused: the client reads a few settings from
+/// there (`#insecure` turns off certificate checks) and ignores the rest, where a password
+/// written as `?password=` would sit unnoticed.
+const QUERY_REFUSED: &str = "has a query or a fragment (`?`, `#`): no setting is given in \
+     the URL; a password goes in store.redis.password_env or password_file";
+
+/// Whether `url` carries a query or a fragment.
+fn has_query(url: &str) -> bool {
+    url.contains(['?', '#'])
 }
 
 /// The scheme of a list of nodes, all of which use the first one's (`redis` or `rediss`).
