@@ -430,3 +430,32 @@ fn cluster_mode_is_checked_without_echoing_a_node_password() {
         );
     }
 }
+
+#[tokio::test]
+async fn readiness_follows_every_master_under_deny() {
+    let mut cluster = RedisCluster::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = per_email_yaml(&mock, &cluster.urls(), "", "deny");
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let ready = async || gw.admin_get("/readyz").await.status;
+    assert_eq!(poll_until(300, ready, |s| *s == 200).await, 200);
+
+    // No request is sent: only the probe can tell that one master of three went.
+    cluster.kill(1);
+    assert_eq!(
+        poll_until(300, ready, |s| *s == 503).await,
+        503,
+        "a master is gone"
+    );
+    let metrics = gw.admin_get("/metrics").await.body;
+    assert_eq!(sample(&metrics, "reset_gateway_store_up"), Some(0.0));
+
+    cluster.restart(1);
+    assert_eq!(
+        poll_until(1000, ready, |s| *s == 200).await,
+        200,
+        "the cluster is whole again"
+    );
+    gw.mock.add_user("bob@example.com");
+    assert_eq!(gw.reset_as_ios("email=bob%40example.com").await.status, 200);
+}

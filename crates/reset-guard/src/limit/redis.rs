@@ -190,15 +190,7 @@ impl RedisStore {
     /// asks the sentinels whether the master moved.
     pub(crate) async fn probe(&self) -> bool {
         if let Some(cluster) = &self.cluster {
-            // PING goes to every master: healthy when all of them answer.
-            let mut connection = cluster
-                .probe
-                .get_or_init(|| async { cluster.connection() })
-                .await
-                .clone();
-            let command = redis::cmd("PING");
-            let ping = command.query_async::<redis::Value>(&mut connection);
-            let ok = matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)));
+            let ok = cluster.every_master_answers(self.timeout).await;
             self.healthy.store(ok, Ordering::Relaxed);
             return ok;
         }

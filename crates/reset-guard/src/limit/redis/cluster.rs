@@ -17,6 +17,7 @@
 
 use std::sync::atomic::AtomicU64;
 
+use redis::aio::MultiplexedConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
 use super::batch::{answer, call, gather, gather_from, numbers, CallArgs};
@@ -36,6 +37,8 @@ pub(super) struct Cluster {
     pub(super) config: redis::cluster::ClusterConfig,
     /// The probe's connection; made on first use, then reconnected by the client itself.
     pub(super) probe: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+    /// The probe's own connection to each master it pinged, by address.
+    masters_pinged: tokio::sync::Mutex<Vec<((String, u16), MultiplexedConnection)>>,
     /// What every thread's batching needs to send one call per master.
     pub(super) nodes: Arc<NodeCalls>,
 }
@@ -52,6 +55,7 @@ impl Cluster {
             client,
             config,
             probe: tokio::sync::OnceCell::new(),
+            masters_pinged: tokio::sync::Mutex::new(Vec::new()),
             nodes: Arc::new(NodeCalls::new(direct)),
         }
     }
@@ -59,6 +63,83 @@ impl Cluster {
     pub(super) fn connection(&self) -> redis::cluster_async::ClusterConnection {
         self.client
             .get_pending_async_connection_with_config(self.config.clone())
+    }
+
+    /// Whether the cluster serves every slot and every master serving some says, within
+    /// `timeout`, that the cluster is whole (`cluster_state:ok`: while a master is
+    /// missing the others refuse every command, CLUSTERDOWN). A request's groups live on
+    /// several masters, so one master gone fails nearly every request. The masters are
+    /// those `CLUSTER SLOTS` names, each asked over a connection of the probe's own: the
+    /// cluster client's `PING` to all masters passes over one whose connection it has
+    /// dropped.
+    pub(super) async fn every_master_answers(&self, timeout: Duration) -> bool {
+        let mut connection = self
+            .probe
+            .get_or_init(|| async { self.connection() })
+            .await
+            .clone();
+        let ask = connection.route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        );
+        let Ok(Ok(reply)) = tokio::time::timeout(timeout, ask).await else {
+            return false;
+        };
+        let Some(map) = SlotOwners::parse(&reply) else {
+            return false;
+        };
+        if map.owner.contains(&u16::MAX) {
+            return false;
+        }
+        let Some(masters) = map.masters.into_iter().collect::<Option<Vec<_>>>() else {
+            // A master named without an address ("the node you asked"): the cluster
+            // client's own routing is all that can reach it.
+            let ping = connection.route_command(
+                redis::cmd("PING").clone(),
+                RoutingInfo::MultiNode((
+                    redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters,
+                    Some(redis::cluster_routing::ResponsePolicy::AllSucceeded),
+                )),
+            );
+            return matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)));
+        };
+        let mut pinged = self.masters_pinged.lock().await;
+        pinged.retain(|(address, _)| masters.contains(address));
+        for address in masters {
+            let known = pinged.iter().position(|(a, _)| *a == address);
+            let mut connection = match known {
+                Some(at) => pinged.swap_remove(at).1,
+                None => match self.connect_to(&address, timeout).await {
+                    Some(connection) => connection,
+                    None => return false,
+                },
+            };
+            let command = redis::cmd("CLUSTER").arg("INFO").clone();
+            let info = command.query_async::<String>(&mut connection);
+            match tokio::time::timeout(timeout, info).await {
+                Ok(Ok(info)) if info.contains("cluster_state:ok") => {}
+                // A user whose ACL leaves CLUSTER INFO out: the master answered.
+                Ok(Err(error)) if error.code() == Some("NOPERM") => {}
+                _ => return false,
+            }
+            pinged.push((address, connection));
+        }
+        true
+    }
+
+    /// A connection to the master at `address`, as the per-thread calls make them.
+    async fn connect_to(
+        &self,
+        (host, port): &(String, u16),
+        timeout: Duration,
+    ) -> Option<MultiplexedConnection> {
+        let direct = &self.nodes.direct;
+        let url = settings::node_url(direct.scheme, host, *port);
+        let client = direct.settings.client_at(&url, true).ok()?;
+        let connect = client.get_multiplexed_async_connection();
+        // Connecting takes a handshake or two more than a call (TLS, AUTH).
+        let wait = timeout.max(Duration::from_millis(250));
+        tokio::time::timeout(wait, connect).await.ok()?.ok()
     }
 }
 
