@@ -695,3 +695,39 @@ async fn text_logs_to_a_pipe_are_plain_with_short_durations() {
         assert_at_most_three_decimals(number, access);
     }
 }
+
+#[tokio::test]
+async fn once_ready_again_after_redis_restarts_no_request_fails() {
+    let mut redis = test_support::RedisServer::start();
+    let port = redis.port();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = with_server_keys(
+        &yaml(
+            &mock.url(),
+            "  limits:\n    per_ip: [{ requests: 1000, per: 1m }]\n    per_client: []\n    per_email: []\n    global: []\n",
+            &format!(
+                "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    url: {}\n    timeout: 200ms\n    on_error: deny\n",
+                key_secret_file().display(),
+                redis.url()
+            ),
+        ),
+        "  workers: 2\n",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let ready = async || gw.admin_get("/readyz").await.status;
+    // Requests on many connections: both workers have their connection to Redis.
+    for _ in 0..20 {
+        assert_eq!(gw.reset_as_ios(&format!("email={ALICE}")).await.status, 200);
+    }
+    // Redis goes and comes back while no request is made: the workers' connections are
+    // dead, and nothing but the probe saw it.
+    redis.stop();
+    assert_eq!(poll_until(300, ready, |s| *s == 503).await, 503);
+    let _redis = test_support::RedisServer::start_on(port);
+    assert_eq!(poll_until(300, ready, |s| *s == 200).await, 200);
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(gw.reset_as_ios(&format!("email={ALICE}")).await.status);
+    }
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+}

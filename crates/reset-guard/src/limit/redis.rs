@@ -42,10 +42,14 @@ const QUEUE_LIMIT: usize = 65_536;
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
-    /// Per thread: each store's batching queue on this thread, and the master generation
-    /// it talks to.
-    static QUEUES: std::cell::RefCell<Vec<(u64, u64, mpsc::Sender<Job>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per thread: each store's batching queue on this thread, and the connection
+    /// generation it was made in.
+    static QUEUES: std::cell::RefCell<Vec<(u64, Generation, mpsc::Sender<Job>)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// Which connections a queue's was made among: the master's generation (Sentinel: one per
+/// master named) and the store's reconnects.
+type Generation = (u64, u64);
 
 /// The Redis-backed limiter, shared by every settings generation.
 pub(crate) struct RedisStore {
@@ -69,6 +73,14 @@ pub(crate) struct RedisStore {
     timeout: Duration,
     on_error: OnError,
     healthy: AtomicBool,
+    /// Set when a request or the probe failed to reach Redis; cleared by the probe's next
+    /// success, which then counts a reconnect.
+    broken: AtomicBool,
+    /// Counts the times the probe found Redis back after a failure. A thread's connection
+    /// that saw no request since may be dead (Redis restarted under it) and would fail the
+    /// next request: each thread's queue made before is remade, with a new connection,
+    /// before `/readyz` says ready again.
+    reconnects: AtomicU64,
     errors: AtomicU64,
     denials: Mutex<HashMap<(LimitGroup, u64), (u64, Denial)>>,
     clock: MonotonicClock,
@@ -138,6 +150,8 @@ impl RedisStore {
             timeout: settings.timeout,
             on_error: settings.on_error,
             healthy: AtomicBool::new(true),
+            broken: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             denials: Mutex::new(HashMap::new()),
             clock: MonotonicClock::default(),
@@ -203,6 +217,11 @@ impl RedisStore {
         let command = redis::cmd("PING");
         let ping = command.query_async::<String>(&mut connection);
         let ok = matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)));
+        if !ok {
+            self.broken.store(true, Ordering::Relaxed);
+        } else if self.broken.swap(false, Ordering::Relaxed) {
+            self.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
         self.healthy.store(ok, Ordering::Relaxed);
         ok
     }
@@ -290,10 +309,11 @@ impl RedisStore {
         let Some(master) = self.master.load_full() else {
             return Err("the sentinels have named no Redis master yet".to_owned());
         };
+        let current = (master.generation, self.reconnects.load(Ordering::Relaxed));
         QUEUES.with(|queues| {
             let mut queues = queues.borrow_mut();
             if let Some((.., sender)) = queues.iter().find(|(id, generation, s)| {
-                *id == self.id && *generation == master.generation && !s.is_closed()
+                *id == self.id && *generation == current && !s.is_closed()
             }) {
                 return Ok(sender.clone());
             }
@@ -308,7 +328,7 @@ impl RedisStore {
                 self.timeout,
             ));
             queues.retain(|(id, ..)| *id != self.id);
-            queues.push((self.id, master.generation, sender.clone()));
+            queues.push((self.id, current, sender.clone()));
             Ok(sender)
         })
     }
@@ -334,6 +354,7 @@ impl RedisStore {
 
     fn failed(&self, why: &str) -> Decision {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        self.broken.store(true, Ordering::Relaxed);
         self.healthy.store(false, Ordering::Relaxed);
         tracing::warn!(target: "reset_guard::limit", error = why, on_error = ?self.on_error, "rate-limit store unavailable");
         match self.on_error {

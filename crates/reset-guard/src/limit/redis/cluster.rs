@@ -604,7 +604,7 @@ impl RedisStore {
                 self.timeout,
             ));
             queues.retain(|(id, ..)| *id != self.id);
-            queues.push((self.id, 0, sender.clone()));
+            queues.push((self.id, (0, 0), sender.clone()));
             sender
         })
     }
