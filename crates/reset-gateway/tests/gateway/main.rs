@@ -12,7 +12,7 @@ mod logging;
 mod near_limit;
 mod operations;
 mod pool;
-mod process;
+pub mod process;
 mod proxy_boundary;
 mod proxy_protocol;
 mod redis;

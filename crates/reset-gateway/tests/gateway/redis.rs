@@ -368,3 +368,46 @@ fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
     .unwrap();
     check_redis_section("    timeout: 29s\n").unwrap();
 }
+
+#[tokio::test]
+async fn a_wrong_redis_password_is_logged_as_the_cause_without_the_password() {
+    let redis = test_support::RedisServer::start_with(test_support::RedisOptions {
+        password: Some("s3cret-redis-password".to_owned()),
+        ..Default::default()
+    });
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("redis-password");
+    std::fs::write(&password, "hunter2-wrong-password\n").unwrap();
+    let yaml = redis_yaml_at(
+        &mock,
+        &redis.url(),
+        &format!("    password_file: {}\n", password.display()),
+        "deny",
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = crate::process::spawn_gateway(&config);
+    let probe_failed = |logs: &Vec<String>| {
+        logs.iter()
+            .find(|line| line.contains("Redis does not answer the probe"))
+            .cloned()
+    };
+    let mut line = None;
+    for _ in 0..100 {
+        line = probe_failed(&gateway.logs());
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let line = line.expect("the probe's failure is logged");
+    assert!(
+        line.to_lowercase().contains("authentication"),
+        "the cause is named: {line}"
+    );
+    assert!(
+        gateway.logs().iter().all(|l| !l.contains("hunter2")),
+        "the password was logged"
+    );
+}

@@ -36,6 +36,8 @@ use super::{
 
 /// Most denials remembered locally.
 const DENIAL_CACHE_LIMIT: usize = 100_000;
+/// How much longer than `timeout` the probe waits for the cause of a late answer.
+const CAUSE_WAIT: Duration = Duration::from_millis(500);
 /// Most requests waiting for Redis; beyond that they fail fast (as `on_error` says).
 const QUEUE_LIMIT: usize = 65_536;
 
@@ -76,6 +78,8 @@ pub(crate) struct RedisStore {
     /// Set when a request or the probe failed to reach Redis; cleared by the probe's next
     /// success, which then counts a reconnect.
     broken: AtomicBool,
+    /// The cause of the probe's last failure, as logged; none while it succeeds.
+    probe_failure: Mutex<Option<String>>,
     /// Counts the times the probe found Redis back after a failure. A thread's connection
     /// that saw no request since may be dead (Redis restarted under it) and would fail the
     /// next request: each thread's queue made before is remade, with a new connection,
@@ -152,6 +156,7 @@ impl RedisStore {
             healthy: AtomicBool::new(true),
             broken: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
+            probe_failure: Mutex::new(None),
             errors: AtomicU64::new(0),
             denials: Mutex::new(HashMap::new()),
             clock: MonotonicClock::default(),
@@ -200,30 +205,54 @@ impl RedisStore {
             .retain(|_, (until, _)| *until > now);
     }
 
-    /// Sends a `PING` and records whether it came back in time; in Sentinel mode, first
-    /// asks the sentinels whether the master moved.
+    /// Asks Redis whether it serves (a `PING`; in Sentinel mode the sentinels first, in
+    /// Cluster mode every master) and records whether it did in time.
     pub(crate) async fn probe(&self) -> bool {
-        if let Some(cluster) = &self.cluster {
-            let ok = cluster.every_master_answers(self.timeout).await;
-            self.healthy.store(ok, Ordering::Relaxed);
-            return ok;
-        }
+        let answer = match &self.cluster {
+            Some(cluster) => cluster.every_master_answers(self.timeout).await,
+            None => self.ping_master().await,
+        };
+        self.record_probe(answer)
+    }
+
+    /// `PING` to the master, after asking the sentinels whether it moved.
+    async fn ping_master(&self) -> Result<(), String> {
         self.resolve().await;
         let Some(master) = self.master.load_full() else {
-            self.healthy.store(false, Ordering::Relaxed);
-            return false;
+            return Err("the sentinels have named no Redis master that answers as one".to_owned());
         };
         let mut connection = master.connection.clone();
         let command = redis::cmd("PING");
-        let ping = command.query_async::<String>(&mut connection);
-        let ok = matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)));
-        if !ok {
-            self.broken.store(true, Ordering::Relaxed);
-        } else if self.broken.swap(false, Ordering::Relaxed) {
-            self.reconnects.fetch_add(1, Ordering::Relaxed);
+        answer_in_time(self.timeout, command.query_async::<String>(&mut connection))
+            .await
+            .map(|_| ())
+    }
+
+    /// Records what the probe found. A failure's cause is logged when it is new, and the
+    /// return of Redis after one; then every thread's connection is made anew.
+    fn record_probe(&self, answer: Result<(), String>) -> bool {
+        let mut last = self.probe_failure.lock().unwrap_or_else(|e| e.into_inner());
+        match answer {
+            Ok(()) => {
+                if self.broken.swap(false, Ordering::Relaxed) {
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                if last.take().is_some() {
+                    tracing::info!(target: "reset_guard::limit", "Redis answers the probe again");
+                }
+                self.healthy.store(true, Ordering::Relaxed);
+                true
+            }
+            Err(cause) => {
+                self.broken.store(true, Ordering::Relaxed);
+                if last.as_deref() != Some(cause.as_str()) {
+                    tracing::warn!(target: "reset_guard::limit", error = %cause, "Redis does not answer the probe");
+                    *last = Some(cause);
+                }
+                self.healthy.store(false, Ordering::Relaxed);
+                false
+            }
         }
-        self.healthy.store(ok, Ordering::Relaxed);
-        ok
     }
 
     /// Decides a plan's charges: from the local denial cache when it can, else with one
@@ -450,5 +479,23 @@ impl RedisStore {
                 )
             })
         })
+    }
+}
+
+/// A probe's exchange, answered within `timeout` or not. A late answer is waited for a
+/// little longer, for its cause: a connection that is refused its password or its
+/// certificate can take longer than a request may wait to say so.
+pub(super) async fn answer_in_time<T>(
+    timeout: Duration,
+    exchange: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, String> {
+    let mut exchange = std::pin::pin!(exchange);
+    if let Ok(answer) = tokio::time::timeout(timeout, exchange.as_mut()).await {
+        return answer.map_err(|e| e.to_string());
+    }
+    match tokio::time::timeout(CAUSE_WAIT, exchange).await {
+        Ok(Err(error)) => Err(error.to_string()),
+        Ok(Ok(_)) => Err(format!("answered, but after more than {timeout:?}")),
+        Err(_) => Err(format!("no answer within {:?}", timeout + CAUSE_WAIT)),
     }
 }

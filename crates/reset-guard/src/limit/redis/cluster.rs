@@ -72,7 +72,7 @@ impl Cluster {
     /// those `CLUSTER SLOTS` names, each asked over a connection of the probe's own: the
     /// cluster client's `PING` to all masters passes over one whose connection it has
     /// dropped.
-    pub(super) async fn every_master_answers(&self, timeout: Duration) -> bool {
+    pub(super) async fn every_master_answers(&self, timeout: Duration) -> Result<(), String> {
         let mut connection = self
             .probe
             .get_or_init(|| async { self.connection() })
@@ -82,14 +82,12 @@ impl Cluster {
             redis::cmd("CLUSTER").arg("SLOTS").clone(),
             RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
         );
-        let Ok(Ok(reply)) = tokio::time::timeout(timeout, ask).await else {
-            return false;
-        };
-        let Some(map) = SlotOwners::parse(&reply) else {
-            return false;
-        };
-        if map.owner.contains(&u16::MAX) {
-            return false;
+        let reply = answer_in_time(timeout, ask)
+            .await
+            .map_err(|cause| format!("CLUSTER SLOTS: {cause}"))?;
+        let map = SlotOwners::parse(&reply).ok_or("CLUSTER SLOTS: an answer not understood")?;
+        if let Some(slot) = map.owner.iter().position(|&owner| owner == u16::MAX) {
+            return Err(format!("slot {slot} is served by no master"));
         }
         let Some(masters) = map.masters.into_iter().collect::<Option<Vec<_>>>() else {
             // A master named without an address ("the node you asked"): the cluster
@@ -101,30 +99,33 @@ impl Cluster {
                     Some(redis::cluster_routing::ResponsePolicy::AllSucceeded),
                 )),
             );
-            return matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)));
+            return answer_in_time(timeout, ping).await.map(|_| ());
         };
         let mut pinged = self.masters_pinged.lock().await;
         pinged.retain(|(address, _)| masters.contains(address));
         for address in masters {
+            let named = format!("master {}:{}", address.0, address.1);
             let known = pinged.iter().position(|(a, _)| *a == address);
             let mut connection = match known {
                 Some(at) => pinged.swap_remove(at).1,
-                None => match self.connect_to(&address, timeout).await {
-                    Some(connection) => connection,
-                    None => return false,
-                },
+                None => self
+                    .connect_to(&address, timeout)
+                    .await
+                    .map_err(|cause| format!("{named}: {cause}"))?,
             };
             let command = redis::cmd("CLUSTER").arg("INFO").clone();
             let info = command.query_async::<String>(&mut connection);
             match tokio::time::timeout(timeout, info).await {
                 Ok(Ok(info)) if info.contains("cluster_state:ok") => {}
+                Ok(Ok(_)) => return Err(format!("{named} says the cluster is down")),
                 // A user whose ACL leaves CLUSTER INFO out: the master answered.
                 Ok(Err(error)) if error.code() == Some("NOPERM") => {}
-                _ => return false,
+                Ok(Err(error)) => return Err(format!("{named}: {error}")),
+                Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
             }
             pinged.push((address, connection));
         }
-        true
+        Ok(())
     }
 
     /// A connection to the master at `address`, as the per-thread calls make them.
@@ -132,14 +133,16 @@ impl Cluster {
         &self,
         (host, port): &(String, u16),
         timeout: Duration,
-    ) -> Option<MultiplexedConnection> {
+    ) -> Result<MultiplexedConnection, String> {
         let direct = &self.nodes.direct;
         let url = settings::node_url(direct.scheme, host, *port);
-        let client = direct.settings.client_at(&url, true).ok()?;
-        let connect = client.get_multiplexed_async_connection();
+        let client = direct
+            .settings
+            .client_at(&url, true)
+            .map_err(|e| e.to_string())?;
         // Connecting takes a handshake or two more than a call (TLS, AUTH).
         let wait = timeout.max(Duration::from_millis(250));
-        tokio::time::timeout(wait, connect).await.ok()?.ok()
+        answer_in_time(wait, client.get_multiplexed_async_connection()).await
     }
 }
 

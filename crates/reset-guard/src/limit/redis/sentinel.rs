@@ -130,26 +130,33 @@ impl RedisStore {
         // Servers that did not answer as master this time: another sentinel naming one
         // too is passed over without asking it again.
         let mut refused: Vec<(String, u16)> = Vec::new();
+        // Why each sentinel's answer was not used, for the warning if none is.
+        let mut causes: Vec<String> = Vec::new();
         for at in (0..count).map(|i| (first + i) % count) {
+            let sentinel = at + 1;
             let address = match tokio::time::timeout(wait, self.ask_sentinel(pool, at)).await {
                 Ok(Ok(Some(address))) => address,
                 Ok(Ok(None)) => {
                     tracing::warn!(target: "reset_guard::limit", master = %pool.sentinels.master, "a sentinel does not know this master");
+                    causes.push(format!("sentinel {sentinel} does not know this master"));
                     continue;
                 }
                 Ok(Err(error)) => {
                     tracing::debug!(target: "reset_guard::limit", %error, "a sentinel did not answer");
+                    causes.push(format!("sentinel {sentinel}: {error}"));
                     continue;
                 }
                 Err(_) => {
                     tracing::debug!(target: "reset_guard::limit", "a sentinel did not answer in time");
+                    causes.push(format!("sentinel {sentinel}: no answer within {wait:?}"));
                     continue;
                 }
             };
+            let named = format!("{}:{}", address.0, address.1);
             if refused.contains(&address) {
+                causes.push(format!("sentinel {sentinel} names {named} too"));
                 continue;
             }
-            let named = format!("{}:{}", address.0, address.1);
             match tokio::time::timeout(wait, self.confirm_master(pool, &address, current)).await {
                 Ok(Ok(Some(client))) => {
                     pool.first.store(at, Ordering::Relaxed);
@@ -157,17 +164,22 @@ impl RedisStore {
                 }
                 Ok(Ok(None)) => {
                     tracing::warn!(target: "reset_guard::limit", master = %named, "a sentinel named a Redis server that is not a master");
+                    causes.push(format!("sentinel {sentinel} names {named}, not a master"));
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(target: "reset_guard::limit", master = %named, %error, "cannot reach the Redis master a sentinel named");
+                    causes.push(format!("sentinel {sentinel} names {named}: {error}"));
                 }
                 Err(_) => {
                     tracing::warn!(target: "reset_guard::limit", master = %named, "the Redis master a sentinel named did not answer in time");
+                    causes.push(format!(
+                        "sentinel {sentinel} names {named}: no answer within {wait:?}"
+                    ));
                 }
             }
             refused.push(address);
         }
-        tracing::warn!(target: "reset_guard::limit", "no sentinel named a Redis master that answers as one");
+        tracing::warn!(target: "reset_guard::limit", causes = %causes.join("; "), "no sentinel named a Redis master that answers as one");
         None
     }
 
