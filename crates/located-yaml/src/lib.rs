@@ -7,6 +7,7 @@
 //! (yaml_serde reports one location per error, which for a bad value inside a block
 //! mapping is often the mapping's first line, not the key's).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use saphyr_parser::{Event, Parser};
@@ -89,17 +90,33 @@ pub fn from_yaml<T: DeserializeOwned>(yaml: &str) -> Result<T, ConfigError> {
                 message: "indented with a tab; YAML indents with spaces only".to_owned(),
             };
         }
+        let message = without_string_value(&without_location(&inner.to_string()));
+        // A key written twice: the error is its section's; the line is the second one's.
+        let repeated = message
+            .strip_prefix("duplicate field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(key, _)| match path.as_str() {
+                "" => key.to_owned(),
+                section => format!("{section}.{key}"),
+            });
+        let lines = KeyLines::of(yaml);
+        let line = repeated.and_then(|key| lines.line_again(&key));
         ConfigError {
-            line: KeyLines::of(yaml).line(&path).or(parsed_at),
+            line: line.or_else(|| lines.line(&path)).or(parsed_at),
             path,
-            message: without_string_value(&without_location(&inner.to_string())),
+            message,
         }
     })
 }
 
 /// The line of every key path written in a document: `store.redis.url`,
 /// `guard.clients[1].id`. A sequence item's line is the line it starts on.
-struct KeyLines(HashMap<String, usize>);
+struct KeyLines {
+    /// The line each path is first written on.
+    first: HashMap<String, usize>,
+    /// The line a key is written on again in the same mapping (an error).
+    again: HashMap<String, usize>,
+}
 
 /// Where the parser is in the document's tree.
 enum Frame {
@@ -114,6 +131,7 @@ impl KeyLines {
     /// deserializer reports the error itself).
     fn of(yaml: &str) -> KeyLines {
         let mut lines = HashMap::new();
+        let mut again = HashMap::new();
         let mut stack: Vec<Frame> = Vec::new();
         for item in Parser::new_from_str(yaml) {
             let Ok((event, span)) = item else { break };
@@ -142,7 +160,14 @@ impl KeyLines {
                             _ => "?".to_owned(),
                         };
                         let full = join(path, &name);
-                        lines.entry(full).or_insert(line);
+                        match lines.entry(full) {
+                            Entry::Occupied(first) => {
+                                again.entry(first.key().clone()).or_insert(line);
+                            }
+                            Entry::Vacant(first) => {
+                                first.insert(line);
+                            }
+                        }
                         *key = Some(name);
                         if opens {
                             // A complex key: nothing inside it is a key path.
@@ -167,11 +192,19 @@ impl KeyLines {
                 _ => {}
             }
         }
-        KeyLines(lines)
+        KeyLines {
+            first: lines,
+            again,
+        }
     }
 
     fn line(&self, path: &str) -> Option<usize> {
-        self.0.get(path).copied()
+        self.first.get(path).copied()
+    }
+
+    /// The line `path` is written on a second time, if it is.
+    fn line_again(&self, path: &str) -> Option<usize> {
+        self.again.get(path).copied()
     }
 }
 

@@ -115,6 +115,18 @@ impl GatewayConfig {
     }
 }
 
+/// A file check's error (`key: what is wrong`, as the TLS readers say it) as a config
+/// error at that key; at `section` when it names none.
+pub(crate) fn located_error(error: &anyhow::Error, section: &str) -> ConfigError {
+    let text = format!("{error:#}");
+    match text.split_once(": ") {
+        Some((key, why)) if key.starts_with(section) && !key.contains(' ') => {
+            ConfigError::new(key, why)
+        }
+        _ => ConfigError::new(section, text),
+    }
+}
+
 /// Reads, parses and checks the file at `path`.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     let yaml = std::fs::read_to_string(path)

@@ -69,9 +69,17 @@ fn hash_token() -> ExitCode {
         eprintln!("cannot read the token from stdin: {error}");
         return ExitCode::FAILURE;
     }
-    let token = token.trim_end_matches(['\n', '\r']);
+    // As a header carries it: HTTP strips the spaces around a value, and `echo` adds a
+    // newline.
+    let token = token.trim_ascii();
     if token.is_empty() {
         eprintln!("no token on stdin: try `printf %s \"$TOKEN\" | reset-gateway hash-token`");
+        return ExitCode::FAILURE;
+    }
+    if token.bytes().any(|b| b.is_ascii_control()) {
+        eprintln!(
+            "the token holds a control character (a line break, say): no header can carry it"
+        );
         return ExitCode::FAILURE;
     }
     println!("{}", TokenDigest::of(token.as_bytes()).to_hex());

@@ -26,32 +26,60 @@ pub struct Reloader {
     fixed: Fixed,
 }
 
+/// What only a restart changes, as one configuration has it: each setting's key and its
+/// value, written out to compare (the key secret and Redis password hashed, never kept).
+/// The listeners, each worker's HTTP settings and request timer, the CORS layer and the
+/// store are built once at start; logging is set up once.
 #[derive(Debug, PartialEq)]
-struct Fixed {
-    listen: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-    tls: bool,
-    redis: bool,
-    /// Everything else `store` holds: the Redis connection, credentials, CA, timeout,
-    /// on_error, key prefix and the key secret (hashed: it is compared, never kept).
-    store: u64,
-    max_connections: usize,
-    workers: usize,
-    proxy_protocol: Option<crate::proxy_protocol::ProxyProtocolSettings>,
-}
+struct Fixed(Vec<(&'static str, String)>);
 
 impl Fixed {
     fn of(settings: &Settings) -> Self {
-        Fixed {
-            listen: settings.server.listen,
-            admin: settings.server.admin_listen,
-            tls: settings.server.tls.is_some(),
-            redis: settings.store.limits.redis.is_some(),
-            store: store_fingerprint(settings),
-            max_connections: settings.server.max_connections,
-            workers: settings.server.workers,
-            proxy_protocol: settings.server.proxy_protocol.clone(),
-        }
+        let server = &settings.server;
+        Fixed(vec![
+            ("server.listen", server.listen.to_string()),
+            ("admin.listen", server.admin_listen.to_string()),
+            ("server.tls (on or off)", server.tls.is_some().to_string()),
+            (
+                "server.proxy_protocol",
+                format!("{:?}", server.proxy_protocol),
+            ),
+            ("server.max_connections", server.max_connections.to_string()),
+            ("server.workers", server.workers.to_string()),
+            (
+                "server.header_read_timeout",
+                format!("{:?}", server.header_read_timeout),
+            ),
+            (
+                "server.request_timeout",
+                format!("{:?}", server.request_timeout),
+            ),
+            (
+                "server.shutdown_grace",
+                format!("{:?}", server.shutdown_grace),
+            ),
+            (
+                "server.max_header_bytes",
+                server.max_header_bytes.to_string(),
+            ),
+            ("server.max_uri_bytes", server.max_uri_bytes.to_string()),
+            (
+                "server.cors",
+                format!("{:?} {:?}", server.cors_origins, server.cors_max_age),
+            ),
+            ("store", store_fingerprint(settings).to_string()),
+            ("log", format!("{:?}", settings.log)),
+        ])
+    }
+
+    /// The keys whose values differ in `other`.
+    fn changed_in(&self, other: &Fixed) -> Vec<&'static str> {
+        self.0
+            .iter()
+            .zip(&other.0)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, _)| a.0)
+            .collect()
     }
 }
 
@@ -93,7 +121,7 @@ impl Reloader {
 
     /// Reads, checks and applies the file: guard settings and limits (state kept for
     /// unchanged quotas), the API key (re-read: key rotation), the upstream client and the
-    /// TLS certificate. Listeners, TLS on/off, `proxy_protocol`, the store section and logging
+    /// TLS certificate. The rest of `server` and `admin`, the store section and logging
     /// need a restart.
     pub fn reload(&self) -> anyhow::Result<()> {
         let result = self.try_reload();
@@ -111,10 +139,11 @@ impl Reloader {
 
     fn try_reload(&self) -> anyhow::Result<()> {
         let settings = load(&self.path)?;
-        let fixed = Fixed::of(&settings);
-        if fixed != self.fixed {
+        let changed = self.fixed.changed_in(&Fixed::of(&settings));
+        if !changed.is_empty() {
             tracing::warn!(
-                "listen addresses, TLS on/off, proxy_protocol, the store section (kind, Redis connection, credentials, timeout, on_error, key secret), max_connections and workers change only on restart"
+                keys = %changed.join(", "),
+                "these settings change only on restart; the running ones stay"
             );
         }
         // Everything that can fail is prepared first; nothing is applied until all of it worked.

@@ -36,18 +36,21 @@ pub fn presented_token(headers: &HeaderMap) -> Result<&[u8], Rejection> {
     }
 }
 
-/// `ApiKey <token>`, scheme case-insensitive.
+/// `ApiKey <token>`, scheme case-insensitive. `ApiKey` alone is the scheme with an empty
+/// token (HTTP strips the space after it), which then matches no client, as an empty
+/// `QB-Token` does.
 fn api_key_token(value: &[u8]) -> Option<&[u8]> {
     const SCHEME: &[u8] = b"apikey";
     let value = trim(value);
-    if value.len() <= SCHEME.len() || !value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME) {
+    if value.len() < SCHEME.len() || !value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME) {
         return None;
     }
     let rest = &value[SCHEME.len()..];
-    if !matches!(rest[0], b' ' | b'\t') {
-        return None;
+    match rest.first() {
+        None => Some(rest),
+        Some(b' ' | b'\t') => Some(trim(rest)),
+        Some(_) => None,
     }
-    Some(trim(rest))
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {
@@ -240,7 +243,8 @@ mod tests {
             ("APIKEY\tabc", Some(&b"abc"[..])),
             ("Bearer abc", None),
             ("ApiKeyabc", None),
-            ("ApiKey", None),
+            ("ApiKey", Some(&b""[..])),
+            ("ApiKey   ", Some(&b""[..])),
             ("", None),
         ] {
             assert_eq!(api_key_token(value.as_bytes()), expected, "{value:?}");

@@ -49,8 +49,33 @@ impl LogConfig {
         if !(1..=1_000_000).contains(&self.queue_lines) {
             return Err(ConfigError::new("log.queue_lines", "must be 1 to 1000000"));
         }
-        Ok(())
+        check_level(&self.level).map_err(|why| ConfigError::new("log.level", why))
     }
+}
+
+/// Level names a filter directive may be.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Whether `level` is a filter the gateway logs by: a level, or comma-separated
+/// `target=level` directives (`warn,reset_guard=debug`). A bare word that is not a level
+/// would be read as a target to log at every level, leaving every other line, the access
+/// log included, unlogged.
+fn check_level(level: &str) -> Result<(), String> {
+    if level.trim().is_empty() {
+        return Err("must not be empty: one of trace, debug, info, warn, error, off".to_owned());
+    }
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains('=') && !directive.contains(['[', '{', ':']);
+        if bare && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{directive:?} is not a level: one of trace, debug, info, warn, error, off, \
+                 or target=level directives separated by commas"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(|_| ())
+        .map_err(|e| format!("is not a log filter: {e}"))
 }
 
 /// `log.format`.
@@ -74,4 +99,26 @@ pub enum DenialLogging {
     /// window as one summary line with their count.
     #[default]
     Summarize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_level;
+
+    #[test]
+    fn a_level_is_a_level_or_target_directives() {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "warn,reset_guard=debug",
+            "reset_guard::limit",
+            "info,",
+        ] {
+            assert_eq!(check_level(good), Ok(()), "{good}");
+        }
+        for bad in ["verbose", "", "  ", "warn,loud", "info,x=nonsense"] {
+            assert!(check_level(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -156,16 +156,16 @@ impl ServerConfig {
                 "must be at least 1",
             ));
         }
-        if !(256..=self.max_header_bytes).contains(&self.max_uri_bytes) {
-            return Err(ConfigError::new(
-                "server.max_uri_bytes",
-                "must be 256 to server.max_header_bytes",
-            ));
-        }
         if !(8192..=1024 * 1024).contains(&self.max_header_bytes) {
             return Err(ConfigError::new(
                 "server.max_header_bytes",
                 "must be 8192 to 1048576",
+            ));
+        }
+        if !(256..=self.max_header_bytes).contains(&self.max_uri_bytes) {
+            return Err(ConfigError::new(
+                "server.max_uri_bytes",
+                "must be 256 to server.max_header_bytes",
             ));
         }
         for (key, value) in [
@@ -216,11 +216,16 @@ impl ServerConfig {
                 ));
             }
         }
-        if admin.listen == self.listen && self.listen.port() != 0 {
+        if clash(admin.listen, self.listen) {
             return Err(ConfigError::new(
                 "admin.listen",
-                "must differ from server.listen",
+                "must differ from server.listen: same port on an address both take",
             ));
+        }
+        if let Some(tls) = &self.tls {
+            // Read as the gateway will at start, so a pair that cannot serve is found here.
+            crate::tls::CertStore::load(tls)
+                .map_err(|e| crate::config::located_error(&e, "server.tls"))?;
         }
         Ok(ServerSettings {
             listen: self.listen,
@@ -247,4 +252,12 @@ impl ServerConfig {
                 }),
         })
     }
+}
+
+/// Whether two listeners cannot both bind: the same port (not 0, which picks a free one)
+/// on the same address, or on any address when either takes every one (`0.0.0.0`, `[::]`).
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }

@@ -386,6 +386,11 @@ pub(super) fn read_env(key: &str, name: &str) -> Result<String, ConfigError> {
             "must name an environment variable (letters, digits and `_`), not hold its value",
         ));
     }
-    std::env::var(name)
-        .map_err(|_| ConfigError::new(key, format!("environment variable {name} is not set")))
+    std::env::var(name).map_err(|e| {
+        let why = match e {
+            std::env::VarError::NotPresent => "is not set",
+            std::env::VarError::NotUnicode(_) => "is not valid UTF-8",
+        };
+        ConfigError::new(key, format!("environment variable {name} {why}"))
+    })
 }

@@ -99,9 +99,21 @@ fn never_passed(name: &HeaderName) -> bool {
 
 impl UpstreamConfig {
     pub(super) fn validate(&self) -> Result<UpstreamSettings, ConfigError> {
+        // A URL with `user:password@` is never repeated: the part before `@` is a secret.
+        let credentials = |url: &str| url.split('/').nth(2).is_some_and(|a| a.contains('@'));
         let uri: Uri = self.url.parse().map_err(|_| {
-            ConfigError::new("upstream.url", format!("{:?} is not a URL", self.url))
+            let shown = match credentials(&self.url) {
+                true => "the URL".to_owned(),
+                false => format!("{:?}", self.url),
+            };
+            ConfigError::new("upstream.url", format!("{shown} is not a URL"))
         })?;
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(ConfigError::new(
+                "upstream.url",
+                "must not hold credentials (user:password@): QuickBlox is asked with the API key",
+            ));
+        }
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
             _ => {
@@ -146,12 +158,8 @@ impl UpstreamConfig {
             pass_headers.push(header);
         }
         if let Some(path) = &self.ca_file {
-            if !path.is_file() {
-                return Err(ConfigError::new(
-                    "upstream.ca_file",
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
+            crate::tls::read_certificates("upstream.ca_file", path)
+                .map_err(|e| super::located_error(&e, "upstream.ca_file"))?;
         }
         Ok(UpstreamSettings {
             base: self.url.trim_end_matches('/').to_owned(),

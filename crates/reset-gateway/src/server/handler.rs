@@ -92,31 +92,13 @@ async fn handle(
     let started = Instant::now();
     let received = std::time::SystemTime::now();
     let id = request_id::resolve(request.headers());
-    if let Some(refusal) = malformed(&request, context.max_uri_bytes) {
-        let mut response = refusal.to_response().map(GuardBody::full);
-        response.headers_mut().insert(X_REQUEST_ID, id);
-        context
-            .state
-            .metrics
-            .request(refusal.outcome(), started.elapsed());
-        return Ok(response);
-    }
-    request.headers_mut().insert(X_REQUEST_ID, id.clone());
-    request.extensions_mut().insert(PeerAddr(peer));
-    let mut answer = std::pin::pin!(context.service.clone().oneshot(request));
-    // Most answers (every rejection) are ready at once: only arm the request timer for the
-    // ones that wait on QuickBlox or Redis.
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(answer.as_mut().poll(cx))).await;
-    let outcome = match first {
-        std::task::Poll::Ready(result) => Ok(result),
-        std::task::Poll::Pending => tokio::time::timeout(context.request_timeout, answer).await,
-    };
-    let (mut response, timed_out) = match outcome {
-        Ok(Ok(response)) => (response, None),
-        Ok(Err(never)) => match never {},
-        Err(_) => {
-            let refusal = Refusal::UpstreamTimeout;
-            (refusal.to_response().map(GuardBody::full), Some(refusal))
+    // A refusal made here, before the guard: a malformed request, or one out of time.
+    let (mut response, refused) = match malformed(&request, context.max_uri_bytes) {
+        Some(refusal) => (refusal.to_response().map(GuardBody::full), Some(refusal)),
+        None => {
+            request.headers_mut().insert(X_REQUEST_ID, id.clone());
+            request.extensions_mut().insert(PeerAddr(peer));
+            answer(&context, request).await
         }
     };
     response.headers_mut().insert(X_REQUEST_ID, id.clone());
@@ -131,7 +113,7 @@ async fn handle(
         guarded: extensions.get::<GuardedRequest>(),
         attribution: extensions.get::<Attribution>(),
         rejection: extensions.get::<Rejection>(),
-        refusal: timed_out.or(upstream.and_then(|u| u.refusal)),
+        refusal: refused.or(upstream.and_then(|u| u.refusal)),
         upstream,
         uniform: extensions.get::<UpstreamStatus>(),
         include_email: context.include_email,
@@ -145,4 +127,28 @@ async fn handle(
         }
     }
     Ok(response)
+}
+
+/// The guarded service's answer, or the refusal of a request still waiting for QuickBlox or
+/// Redis at `server.request_timeout`.
+async fn answer(
+    context: &WorkerContext,
+    request: Request<Incoming>,
+) -> (Response<GatewayBody>, Option<Refusal>) {
+    let mut answer = std::pin::pin!(context.service.clone().oneshot(request));
+    // Most answers (every rejection) are ready at once: only arm the request timer for the
+    // ones that wait on QuickBlox or Redis.
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(answer.as_mut().poll(cx))).await;
+    let outcome = match first {
+        std::task::Poll::Ready(result) => Ok(result),
+        std::task::Poll::Pending => tokio::time::timeout(context.request_timeout, answer).await,
+    };
+    match outcome {
+        Ok(Ok(response)) => (response, None),
+        Ok(Err(never)) => match never {},
+        Err(_) => {
+            let refusal = Refusal::UpstreamTimeout;
+            (refusal.to_response().map(GuardBody::full), Some(refusal))
+        }
+    }
 }

@@ -355,6 +355,37 @@ async fn reload_on_sighup_and_on_file_change_keeps_a_good_config() {
 }
 
 #[tokio::test]
+async fn a_reload_names_the_settings_that_need_a_restart() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    write(&path, &yaml(&mock.url(), "", ""));
+    let gw = spawn_gateway(&path);
+    let changed = with_server_keys(
+        &yaml(&mock.url(), "", "log:\n  level: debug\n"),
+        "  request_timeout: 1s\n  max_uri_bytes: 300\n",
+    );
+    write(&path, &changed);
+    gw.signal("HUP");
+    let warning = poll_until(
+        100,
+        async || {
+            gw.logs()
+                .into_iter()
+                .find(|l| l.contains("change only on restart"))
+        },
+        Option::is_some,
+    )
+    .await
+    .expect("a warning");
+    let json: serde_json::Value = serde_json::from_str(&warning).unwrap();
+    assert_eq!(
+        json["keys"], "server.request_timeout, server.max_uri_bytes, log",
+        "{warning}"
+    );
+}
+
+#[tokio::test]
 async fn logs_are_json_lines_without_secrets_or_raw_emails() {
     let mock = MockServer::start(mock_config()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -730,4 +761,35 @@ async fn once_ready_again_after_redis_restarts_no_request_fails() {
         statuses.push(gw.reset_as_ios(&format!("email={ALICE}")).await.status);
     }
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn a_request_refused_before_the_guard_still_gets_its_log_line() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    write(&path, &yaml(&mock.url(), "", ""));
+    let gw = spawn_gateway(&path);
+    let long = format!(
+        "GET {RESET}?email={}%40example.com HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "a".repeat(9000)
+    );
+    let no_host = format!("GET {RESET}?email=a%40b.io HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let mut ids = Vec::new();
+    for (request, status) in [(long, 414), (no_host, 400)] {
+        let reply = raw(gw.addr, request.as_bytes()).await;
+        assert_eq!(reply.status, status);
+        ids.push(reply.header("x-request-id").unwrap().to_owned());
+    }
+    for (id, outcome) in ids.iter().zip(["target_too_long", "host_required"]) {
+        let line = poll_until(
+            100,
+            async || gw.logs().into_iter().find(|l| l.contains(id.as_str())),
+            Option::is_some,
+        )
+        .await
+        .unwrap_or_else(|| panic!("no line for {outcome}"));
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(json["outcome"], outcome, "{line}");
+    }
 }

@@ -41,19 +41,29 @@ fn version_and_help() {
 
 #[test]
 fn hash_token_prints_the_digest_for_the_config() {
-    let mut child = gateway()
-        .arg("hash-token")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"foo\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
-    );
+    let hash = |input: &[u8]| {
+        let mut child = gateway()
+            .arg("hash-token")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    // The token as a header carries it: surrounding spaces and a newline are not part of it.
+    for input in [&b"foo\n"[..], b"  foo \t\r\n"] {
+        let out = hash(input);
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+        );
+    }
+    let out = hash(b"fo\no");
+    assert!(!out.status.success(), "no header can carry a line break");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("control character"));
     let out = gateway()
         .arg("hash-token")
         .stdin(Stdio::null())
@@ -239,6 +249,100 @@ fn check_config_names_the_key_and_line() {
         stderr.contains("upstream.api_key_env") && stderr.contains("QB_API_KEY"),
         "{stderr}"
     );
+}
+
+#[test]
+fn check_config_refuses_what_the_gateway_could_not_start_or_run_with() {
+    let base = yaml("http://127.0.0.1:9", "", "");
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificates(dir.path());
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let (_, other_cert, _) = test_certificates(&other);
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let tls = |cert: &std::path::Path, key: &std::path::Path| {
+        base.replace(
+            "server:\n",
+            &format!(
+                "server:\n  tls:\n    cert_file: {}\n    key_file: {}\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+    };
+    let with_server = |keys: &str| with_server_keys(&base, keys);
+    for (yaml, expected) in [
+        (tls(&other_cert, &key), "server.tls (line 2): the key in"),
+        (tls(&not_pem, &key), "server.tls.cert_file"),
+        (
+            base.replace(
+                "upstream:\n",
+                &format!("upstream:\n  ca_file: {}\n", not_pem.display()),
+            ),
+            "upstream.ca_file (line",
+        ),
+        (
+            base.replace(
+                "server:\n  listen: 127.0.0.1:0",
+                "server:\n  listen: 127.0.0.1:8443",
+            )
+            .replace(
+                "admin:\n  listen: 127.0.0.1:0",
+                "admin:\n  listen: 0.0.0.0:8443",
+            ),
+            "admin.listen (line",
+        ),
+        (
+            base.replace(
+                "http://127.0.0.1:9",
+                "http://user:hunter2-password@127.0.0.1:9",
+            ),
+            "upstream.url (line 8): must not hold credentials",
+        ),
+        (
+            with_server("  max_header_bytes: 4096\n"),
+            "server.max_header_bytes (line",
+        ),
+        (format!("{base}log:\n  level: verbose\n"), "log.level (line"),
+        (
+            format!("{base}guard:\n  clients: []\n"),
+            &format!(
+                "(top level) (line {}): duplicate field `guard`",
+                base.lines().count() + 1
+            ),
+        ),
+    ] {
+        let stderr = check_config_error(&yaml, true);
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+    }
+    // A pair that belongs together passes.
+    let mut command = gateway();
+    let path = write_config(&dir, &tls(&cert, &key));
+    command
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("QB_API_KEY", "k");
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = ca;
+
+    // A key that is set but cannot be read is not called missing.
+    use std::os::unix::ffi::OsStrExt;
+    let path = write_config(&dir, &base);
+    let out = gateway()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("QB_API_KEY", std::ffi::OsStr::from_bytes(b"\xffX"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("QB_API_KEY is not valid UTF-8"), "{stderr}");
 }
 
 #[test]
