@@ -295,4 +295,48 @@ guard:
         }
         assert_eq!(lines.line("store.redis.timeout"), None);
     }
+
+    #[test]
+    fn a_key_not_written_is_placed_at_its_section_and_a_repeated_key_at_its_repeat() {
+        let yaml = "store:\n  kind: redis\n  redis:\n    mode: cluster\n";
+        let missing = ConfigError::new("store.redis.nodes", "needs seed nodes").located(yaml);
+        assert_eq!(missing.line, Some(3));
+        assert_eq!(ConfigError::new("log.level", "x").located(yaml).line, None);
+
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Server {
+            listen: String,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct File {
+            server: Server,
+        }
+        let error = from_yaml::<File>("server:\n  listen: a\n  listen: b\n").unwrap_err();
+        assert_eq!(
+            (error.path.as_str(), error.line),
+            ("server", Some(3)),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_type_only() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct File {
+            nodes: Vec<String>,
+        }
+        let error = from_yaml::<File>("nodes: 'redis://:hunter2@10.0.0.1:6379'\n").unwrap_err();
+        assert_eq!(error.message, "invalid type: a string, expected a sequence");
+        assert_eq!(
+            without_string_value("invalid value: string \"s3cret, expected x\", expected a URL"),
+            "invalid value: a string, expected a URL"
+        );
+        assert_eq!(
+            without_string_value("unknown field `x`"),
+            "unknown field `x`"
+        );
+    }
 }

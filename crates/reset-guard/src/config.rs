@@ -207,6 +207,13 @@ impl GuardConfig {
                     format!("duplicate client id {:?}", client.id),
                 ));
             }
+            if client.token_sha256 == TokenDigest::of(b"") {
+                // What an empty QB-Token or a bare `Authorization: ApiKey` present.
+                return Err(ConfigError::new(
+                    format!("clients[{i}].token_sha256"),
+                    "is SHA-256 of the empty token, which a request without one presents",
+                ));
+            }
             if let Some(token) = PLACEHOLDER_TOKENS
                 .iter()
                 .find(|t| TokenDigest::of(t.as_bytes()) == client.token_sha256)

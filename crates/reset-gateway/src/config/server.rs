@@ -255,9 +255,38 @@ impl ServerConfig {
 }
 
 /// Whether two listeners cannot both bind: the same port (not 0, which picks a free one)
-/// on the same address, or on any address when either takes every one (`0.0.0.0`, `[::]`).
+/// on the same address, or on one the other's wildcard covers (`0.0.0.0` every IPv4
+/// address; `[::]` every address, IPv4 too on a dual-stack host).
 fn clash(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.port() != 0
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    let covers = |wild: SocketAddr, other: SocketAddr| {
+        wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+    };
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clash;
+
+    #[test]
+    fn listeners_clash_on_one_port_where_one_covers_the_other() {
+        let clashing = [
+            ("127.0.0.1:80", "127.0.0.1:80"),
+            ("0.0.0.0:80", "127.0.0.1:80"),
+            ("[::]:80", "127.0.0.1:80"),
+            ("[::]:80", "[::1]:80"),
+        ];
+        for (a, b) in clashing {
+            assert!(clash(a.parse().unwrap(), b.parse().unwrap()), "{a} {b}");
+            assert!(clash(b.parse().unwrap(), a.parse().unwrap()), "{b} {a}");
+        }
+        for (a, b) in [
+            ("0.0.0.0:80", "[::1]:80"),
+            ("127.0.0.1:80", "127.0.0.2:80"),
+            ("0.0.0.0:80", "0.0.0.0:81"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            assert!(!clash(a.parse().unwrap(), b.parse().unwrap()), "{a} {b}");
+        }
+    }
 }

@@ -243,7 +243,7 @@ impl RedisConfig {
             // Redis would answer every call NOAUTH: the user is only sent with a password.
             return Err(ConfigError::new(
                 "store.redis.username",
-                "needs a password: set store.redis.password_env or password_file",
+                "needs a password: set store.redis.password_env or password_file (for an ACL user with nopass, any value)",
             ));
         }
         if let Some(path) = &self.ca_file {
@@ -361,11 +361,11 @@ fn env_or_file(
             Ok(Some((file_key, value)))
         }
         (Some(name), None) => {
-            let value = Zeroizing::new(read_env(&env_key, name)?);
+            let value = Zeroizing::new(read_env(&env_key, name, false)?);
             if value.is_empty() {
                 return Err(ConfigError::new(
                     &env_key,
-                    format!("environment variable {name} is empty"),
+                    "the environment variable it names is empty",
                 ));
             }
             Ok(Some((env_key, value)))
@@ -374,23 +374,23 @@ fn env_or_file(
     }
 }
 
-/// The value of the environment variable `name`, which the key `key` names. A name that
-/// cannot be a variable's (a secret written where its variable's name belongs) is refused
-/// without being repeated.
-pub(super) fn read_env(key: &str, name: &str) -> Result<String, ConfigError> {
-    let shaped = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !shaped {
-        return Err(ConfigError::new(
-            key,
-            "must name an environment variable (letters, digits and `_`), not hold its value",
-        ));
+/// The value of the environment variable `name`, which the key `key` names. A name written
+/// in the file is not repeated in errors (it could be a secret written where its variable's
+/// name belongs; the key's line points at it); a `default` name, which the file does not
+/// hold, is.
+pub(super) fn read_env(key: &str, name: &str, default: bool) -> Result<String, ConfigError> {
+    if name.is_empty() || name.contains(['=', '\0']) {
+        return Err(ConfigError::new(key, "must name an environment variable"));
     }
+    let variable = match default {
+        true => format!("environment variable {name}"),
+        false => "the environment variable it names".to_owned(),
+    };
     std::env::var(name).map_err(|e| {
         let why = match e {
             std::env::VarError::NotPresent => "is not set",
             std::env::VarError::NotUnicode(_) => "is not valid UTF-8",
         };
-        ConfigError::new(key, format!("environment variable {name} {why}"))
+        ConfigError::new(key, format!("{variable} {why}"))
     })
 }

@@ -99,10 +99,9 @@ fn never_passed(name: &HeaderName) -> bool {
 
 impl UpstreamConfig {
     pub(super) fn validate(&self) -> Result<UpstreamSettings, ConfigError> {
-        // A URL with `user:password@` is never repeated: the part before `@` is a secret.
-        let credentials = |url: &str| url.split('/').nth(2).is_some_and(|a| a.contains('@'));
+        // A URL that may hold `user:password@` is never repeated.
         let uri: Uri = self.url.parse().map_err(|_| {
-            let shown = match credentials(&self.url) {
+            let shown = match self.url.contains('@') {
                 true => "the URL".to_owned(),
                 false => format!("{:?}", self.url),
             };
@@ -186,13 +185,21 @@ impl UpstreamConfig {
             });
         }
         let name = &self.api_key_env;
-        let value = super::store::read_env("upstream.api_key_env", name).map_err(|mut e| {
-            if e.message.ends_with("is not set") {
-                e.message.push_str(" (it must hold the QuickBlox API key)");
-            }
-            e
-        })?;
-        ApiKey::new(value)
-            .map_err(|e| ConfigError::new("upstream.api_key_env", format!("{name}: {e}")))
+        let default = *name == UpstreamConfig::default().api_key_env;
+        let value =
+            super::store::read_env("upstream.api_key_env", name, default).map_err(|mut e| {
+                if e.message.ends_with("is not set") {
+                    e.message.push_str(" (it must hold the QuickBlox API key)");
+                }
+                e
+            })?;
+        ApiKey::new(value).map_err(|e| {
+            let variable = if default {
+                name.as_str()
+            } else {
+                "its variable"
+            };
+            ConfigError::new("upstream.api_key_env", format!("{variable}: {e}"))
+        })
     }
 }

@@ -449,6 +449,18 @@ async fn readiness_follows_every_master_under_deny() {
     );
     let metrics = gw.admin_get("/metrics").await.body;
     assert_eq!(sample(&metrics, "reset_gateway_store_up"), Some(0.0));
+    // Requests whose keys live on the other masters are still decided; that does not
+    // make the store whole.
+    let mut decided = 0;
+    for i in 0..30 {
+        let status = gw
+            .reset_as_ios(&format!("email=user{i}%40example.com"))
+            .await
+            .status;
+        decided += usize::from(status != 503);
+        assert_eq!(ready().await, 503, "after user{i}: {status}");
+    }
+    assert!(decided > 0, "no address lives on the masters left");
 
     cluster.restart(1);
     assert_eq!(

@@ -106,6 +106,18 @@ fn documented_placeholder_tokens_are_refused() {
 }
 
 #[test]
+fn the_digest_of_the_empty_token_is_refused() {
+    // A bare `Authorization: ApiKey` or an empty QB-Token would match it.
+    let empty = TokenDigest::of(b"").to_hex();
+    let error = config(&format!(
+        "clients:\n  - {{ id: app, token_sha256: {empty} }}\n"
+    ))
+    .unwrap_err();
+    assert_eq!(error.path, "clients[0].token_sha256");
+    assert!(error.message.contains("empty token"), "{error}");
+}
+
+#[test]
 fn a_tab_in_the_indentation_is_called_a_tab() {
     let error = GuardConfig::from_yaml("responses:\n\tuniform: false\n").unwrap_err();
     assert!(error.message.contains("tab"), "{error}");

@@ -74,9 +74,13 @@ pub(crate) struct RedisStore {
     prefix: String,
     timeout: Duration,
     on_error: OnError,
+    /// Whether Redis serves, as `/readyz` and `store_up` report it: cleared by any failed
+    /// request, set again only by the probe (a request that succeeds says little in
+    /// Cluster mode, where its groups may have missed the master that is gone, and the
+    /// probe remakes the connections first).
     healthy: AtomicBool,
-    /// Set when a request or the probe failed to reach Redis; cleared by the probe's next
-    /// success, which then counts a reconnect.
+    /// Set when the probe failed (its own connection breaks with every restart of Redis,
+    /// however short); cleared by its next success, which then counts a reconnect.
     broken: AtomicBool,
     /// The cause of the probe's last failure, as logged; none while it succeeds.
     probe_failure: Mutex<Option<String>>,
@@ -217,15 +221,21 @@ impl RedisStore {
 
     /// `PING` to the master, after asking the sentinels whether it moved.
     async fn ping_master(&self) -> Result<(), String> {
-        self.resolve().await;
+        let resolved = self.resolve().await;
         let Some(master) = self.master.load_full() else {
-            return Err("the sentinels have named no Redis master that answers as one".to_owned());
+            let why = resolved.err().unwrap_or_default();
+            return Err(format!(
+                "the sentinels named no Redis master that answers as one: {why}"
+            ));
         };
         let mut connection = master.connection.clone();
         let command = redis::cmd("PING");
-        answer_in_time(self.timeout, command.query_async::<String>(&mut connection))
-            .await
-            .map(|_| ())
+        let ping = answer_in_time(self.timeout, command.query_async::<String>(&mut connection));
+        match (ping.await, resolved) {
+            (Ok(_), _) => Ok(()),
+            (Err(cause), Ok(())) => Err(cause),
+            (Err(cause), Err(sentinels)) => Err(format!("{cause}; the sentinels: {sentinels}")),
+        }
     }
 
     /// Records what the probe found. A failure's cause is logged when it is new, and the
@@ -235,12 +245,13 @@ impl RedisStore {
         match answer {
             Ok(()) => {
                 if self.broken.swap(false, Ordering::Relaxed) {
-                    self.reconnects.fetch_add(1, Ordering::Relaxed);
+                    // Published before readiness, which a worker's next queue lookup sees.
+                    self.reconnects.fetch_add(1, Ordering::Release);
                 }
                 if last.take().is_some() {
                     tracing::info!(target: "reset_guard::limit", "Redis answers the probe again");
                 }
-                self.healthy.store(true, Ordering::Relaxed);
+                self.healthy.store(true, Ordering::Release);
                 true
             }
             Err(cause) => {
@@ -310,10 +321,7 @@ impl RedisStore {
                 return store.fail(&why);
             }
             match tokio::time::timeout(store.timeout, answer).await {
-                Ok(Ok(Ok(reply))) => {
-                    store.healthy.store(true, Ordering::Relaxed);
-                    store.read_reply(&reply, charges.as_slice(), &specs, cached)
-                }
+                Ok(Ok(Ok(reply))) => store.read_reply(&reply, charges.as_slice(), &specs, cached),
                 Ok(Ok(Err(error))) => store.fail(&error),
                 Ok(Err(_)) => store.fail("the Redis worker stopped"),
                 Err(_) => store.fail("timed out"),
@@ -338,7 +346,7 @@ impl RedisStore {
         let Some(master) = self.master.load_full() else {
             return Err("the sentinels have named no Redis master yet".to_owned());
         };
-        let current = (master.generation, self.reconnects.load(Ordering::Relaxed));
+        let current = (master.generation, self.reconnects.load(Ordering::Acquire));
         QUEUES.with(|queues| {
             let mut queues = queues.borrow_mut();
             if let Some((.., sender)) = queues.iter().find(|(id, generation, s)| {
@@ -376,14 +384,16 @@ impl RedisStore {
                 .is_ok()
         {
             let store = self.clone();
-            tokio::spawn(async move { store.resolve().await });
+            // Its failure is the probe's to log.
+            tokio::spawn(async move {
+                let _ = store.resolve().await;
+            });
         }
         self.failed(why)
     }
 
     fn failed(&self, why: &str) -> Decision {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        self.broken.store(true, Ordering::Relaxed);
         self.healthy.store(false, Ordering::Relaxed);
         tracing::warn!(target: "reset_guard::limit", error = why, on_error = ?self.on_error, "rate-limit store unavailable");
         match self.on_error {

@@ -37,8 +37,9 @@ pub(super) struct Cluster {
     pub(super) config: redis::cluster::ClusterConfig,
     /// The probe's connection; made on first use, then reconnected by the client itself.
     pub(super) probe: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
-    /// The probe's own connection to each master it pinged, by address.
-    masters_pinged: tokio::sync::Mutex<Vec<((String, u16), MultiplexedConnection)>>,
+    /// The probe's own connection to each master it asked, by the master's name in logs
+    /// (`master host:port`).
+    masters_pinged: tokio::sync::Mutex<Vec<(String, MultiplexedConnection)>>,
     /// What every thread's batching needs to send one call per master.
     pub(super) nodes: Arc<NodeCalls>,
 }
@@ -65,13 +66,14 @@ impl Cluster {
             .get_pending_async_connection_with_config(self.config.clone())
     }
 
-    /// Whether the cluster serves every slot and every master serving some says, within
-    /// `timeout`, that the cluster is whole (`cluster_state:ok`: while a master is
-    /// missing the others refuse every command, CLUSTERDOWN). A request's groups live on
-    /// several masters, so one master gone fails nearly every request. The masters are
-    /// those `CLUSTER SLOTS` names, each asked over a connection of the probe's own: the
-    /// cluster client's `PING` to all masters passes over one whose connection it has
-    /// dropped.
+    /// Whether every master serving slots says, within `timeout`, that the cluster is
+    /// whole (`cluster_state:ok`: while a master is missing, the others refuse every
+    /// command, CLUSTERDOWN; with `cluster-require-full-coverage no`, slots left unserved on
+    /// purpose do not count). A request's groups live on several masters, so one master
+    /// gone fails nearly every request. The masters are those `CLUSTER SLOTS` names, each
+    /// asked over a connection of the probe's own: the cluster client's `PING` to all
+    /// masters passes over one whose connection it has dropped. A master whose ACL leaves
+    /// `CLUSTER INFO` out (`NOPERM`) counts as whole once it answers.
     pub(super) async fn every_master_answers(&self, timeout: Duration) -> Result<(), String> {
         let mut connection = self
             .probe
@@ -86,12 +88,19 @@ impl Cluster {
             .await
             .map_err(|cause| format!("CLUSTER SLOTS: {cause}"))?;
         let map = SlotOwners::parse(&reply).ok_or("CLUSTER SLOTS: an answer not understood")?;
-        if let Some(slot) = map.owner.iter().position(|&owner| owner == u16::MAX) {
-            return Err(format!("slot {slot} is served by no master"));
-        }
-        let Some(masters) = map.masters.into_iter().collect::<Option<Vec<_>>>() else {
-            // A master named without an address ("the node you asked"): the cluster
-            // client's own routing is all that can reach it.
+        let urls: Option<Vec<_>> = map
+            .masters
+            .into_iter()
+            .map(|address| {
+                let (host, port) = address?;
+                let url = settings::node_url(self.nodes.direct.scheme, &host, port);
+                let client = self.nodes.direct.settings.client_at(&url, true).ok()?;
+                Some((format!("master {host}:{port}"), client))
+            })
+            .collect();
+        let Some(masters) = urls else {
+            // A master named without an address ("the node you asked"), or by one no URL
+            // can hold (a zone in an IPv6 address): only the cluster client reaches it.
             let ping = connection.route_command(
                 redis::cmd("PING").clone(),
                 RoutingInfo::MultiNode((
@@ -102,47 +111,36 @@ impl Cluster {
             return answer_in_time(timeout, ping).await.map(|_| ());
         };
         let mut pinged = self.masters_pinged.lock().await;
-        pinged.retain(|(address, _)| masters.contains(address));
-        for address in masters {
-            let named = format!("master {}:{}", address.0, address.1);
-            let known = pinged.iter().position(|(a, _)| *a == address);
+        pinged.retain(|(named, _)| masters.iter().any(|(m, _)| m == named));
+        let mut verdict = Ok(());
+        for (named, client) in masters {
+            let known = pinged.iter().position(|(m, _)| *m == named);
             let mut connection = match known {
                 Some(at) => pinged.swap_remove(at).1,
-                None => self
-                    .connect_to(&address, timeout)
-                    .await
-                    .map_err(|cause| format!("{named}: {cause}"))?,
+                None => {
+                    // Connecting takes a handshake or two more than a call (TLS, AUTH).
+                    let wait = timeout.max(Duration::from_millis(250));
+                    match answer_in_time(wait, client.get_multiplexed_async_connection()).await {
+                        Ok(connection) => connection,
+                        Err(cause) => return Err(format!("{named}: {cause}")),
+                    }
+                }
             };
             let command = redis::cmd("CLUSTER").arg("INFO").clone();
             let info = command.query_async::<String>(&mut connection);
             match tokio::time::timeout(timeout, info).await {
                 Ok(Ok(info)) if info.contains("cluster_state:ok") => {}
-                Ok(Ok(_)) => return Err(format!("{named} says the cluster is down")),
-                // A user whose ACL leaves CLUSTER INFO out: the master answered.
+                // It answered: its connection is kept for the next probe.
+                Ok(Ok(_)) => {
+                    verdict = verdict.and(Err(format!("{named} says the cluster is down")))
+                }
                 Ok(Err(error)) if error.code() == Some("NOPERM") => {}
                 Ok(Err(error)) => return Err(format!("{named}: {error}")),
                 Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
             }
-            pinged.push((address, connection));
+            pinged.push((named, connection));
         }
-        Ok(())
-    }
-
-    /// A connection to the master at `address`, as the per-thread calls make them.
-    async fn connect_to(
-        &self,
-        (host, port): &(String, u16),
-        timeout: Duration,
-    ) -> Result<MultiplexedConnection, String> {
-        let direct = &self.nodes.direct;
-        let url = settings::node_url(direct.scheme, host, *port);
-        let client = direct
-            .settings
-            .client_at(&url, true)
-            .map_err(|e| e.to_string())?;
-        // Connecting takes a handshake or two more than a call (TLS, AUTH).
-        let wait = timeout.max(Duration::from_millis(250));
-        answer_in_time(wait, client.get_multiplexed_async_connection()).await
+        verdict
     }
 }
 
@@ -505,7 +503,6 @@ impl RedisStore {
                 Ok(Err(why)) => return store.fail(&why),
                 Err(_) => return store.fail("timed out"),
             };
-            store.healthy.store(true, Ordering::Relaxed);
             store.read_reply(&merged, charges.as_slice(), &specs, cached)
         })
     }

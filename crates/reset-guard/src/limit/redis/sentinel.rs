@@ -51,6 +51,8 @@ pub(super) struct SentinelPool {
     first: AtomicUsize,
     /// Whether the sentinels are asked with the username and password.
     with_auth: AtomicBool,
+    /// Why the sentinels' answers could not be used last time, as logged.
+    failure: std::sync::Mutex<Option<String>>,
 }
 
 impl SentinelPool {
@@ -59,6 +61,7 @@ impl SentinelPool {
             sentinels,
             first: AtomicUsize::new(0),
             with_auth: AtomicBool::new(false),
+            failure: std::sync::Mutex::new(None),
         }
     }
 
@@ -88,21 +91,39 @@ fn says_master(role: &redis::Value) -> bool {
 
 impl RedisStore {
     /// In Sentinel mode: asks the sentinels which server is the master now and, when it
-    /// changed (a failover), moves every connection to it. One question at a time.
-    pub(super) async fn resolve(&self) {
+    /// changed (a failover), moves every connection to it. One question at a time. The
+    /// error says why no sentinel's answer could be used (the probe logs it).
+    pub(super) async fn resolve(&self) -> Result<(), String> {
         let Some(pool) = &self.sentinels else {
-            return;
+            return Ok(());
         };
         let _one = self.resolving.lock().await;
         let current = self.master.load_full();
-        let Some(((host, port), client)) = self.find_master(pool, current.as_deref()).await else {
-            return;
+        let found = self.find_master(pool, current.as_deref()).await;
+        // Logged once per new reason: the sentinels are asked every second, and more
+        // often while requests fail.
+        let mut last = pool.failure.lock().unwrap_or_else(|e| e.into_inner());
+        let ((host, port), client) = match found {
+            Ok(found) => {
+                if last.take().is_some() {
+                    tracing::info!(target: "reset_guard::limit", "the sentinels name a Redis master again");
+                }
+                found
+            }
+            Err(cause) => {
+                if last.as_deref() != Some(cause.as_str()) {
+                    tracing::warn!(target: "reset_guard::limit", error = %cause, "the sentinels named no Redis master that answers as one");
+                    *last = Some(cause.clone());
+                }
+                return Err(cause);
+            }
         };
+        drop(last);
         if current
             .as_ref()
             .is_some_and(|m| m.address.as_ref() == Some(&(host.clone(), port)))
         {
-            return;
+            return Ok(());
         }
         let generation = current.map_or(1, |m| m.generation + 1);
         let named = format!("{host}:{port}");
@@ -115,15 +136,17 @@ impl RedisStore {
                 tracing::warn!(target: "reset_guard::limit", master = %named, %error, "cannot use the Redis master the sentinels named");
             }
         }
+        Ok(())
     }
 
     /// The master's address and a client for it: from the first sentinel, starting with
     /// the one whose answer was used last, that names a server which says it is a master.
+    /// Otherwise, each sentinel's reason (logged at debug level as it comes).
     async fn find_master(
         &self,
         pool: &SentinelPool,
         current: Option<&Master>,
-    ) -> Option<((String, u16), redis::Client)> {
+    ) -> Result<((String, u16), redis::Client), String> {
         let wait = self.timeout.max(Duration::from_millis(250));
         let count = pool.nodes().len();
         let first = pool.first.load(Ordering::Relaxed);
@@ -137,7 +160,7 @@ impl RedisStore {
             let address = match tokio::time::timeout(wait, self.ask_sentinel(pool, at)).await {
                 Ok(Ok(Some(address))) => address,
                 Ok(Ok(None)) => {
-                    tracing::warn!(target: "reset_guard::limit", master = %pool.sentinels.master, "a sentinel does not know this master");
+                    tracing::debug!(target: "reset_guard::limit", master = %pool.sentinels.master, "a sentinel does not know this master");
                     causes.push(format!("sentinel {sentinel} does not know this master"));
                     continue;
                 }
@@ -160,18 +183,18 @@ impl RedisStore {
             match tokio::time::timeout(wait, self.confirm_master(pool, &address, current)).await {
                 Ok(Ok(Some(client))) => {
                     pool.first.store(at, Ordering::Relaxed);
-                    return Some((address, client));
+                    return Ok((address, client));
                 }
                 Ok(Ok(None)) => {
-                    tracing::warn!(target: "reset_guard::limit", master = %named, "a sentinel named a Redis server that is not a master");
+                    tracing::debug!(target: "reset_guard::limit", master = %named, "a sentinel named a Redis server that is not a master");
                     causes.push(format!("sentinel {sentinel} names {named}, not a master"));
                 }
                 Ok(Err(error)) => {
-                    tracing::warn!(target: "reset_guard::limit", master = %named, %error, "cannot reach the Redis master a sentinel named");
+                    tracing::debug!(target: "reset_guard::limit", master = %named, %error, "cannot reach the Redis master a sentinel named");
                     causes.push(format!("sentinel {sentinel} names {named}: {error}"));
                 }
                 Err(_) => {
-                    tracing::warn!(target: "reset_guard::limit", master = %named, "the Redis master a sentinel named did not answer in time");
+                    tracing::debug!(target: "reset_guard::limit", master = %named, "the Redis master a sentinel named did not answer in time");
                     causes.push(format!(
                         "sentinel {sentinel} names {named}: no answer within {wait:?}"
                     ));
@@ -179,8 +202,7 @@ impl RedisStore {
             }
             refused.push(address);
         }
-        tracing::warn!(target: "reset_guard::limit", causes = %causes.join("; "), "no sentinel named a Redis master that answers as one");
-        None
+        Err(causes.join("; "))
     }
 
     /// The sentinel at `at`'s answer to `SENTINEL get-master-addr-by-name`: asked the way

@@ -27,7 +27,7 @@ async fn a_sentinel_naming_a_replica_is_passed_over_and_asked_last() {
     let sentinel = RedisServer::sentinel(master.port());
 
     let store = store(&[stale.url(), also_stale.url(), sentinel.url()]);
-    store.resolve().await;
+    let _ = store.resolve().await;
     assert_eq!(stale.connections(), 1, "the stale sentinel was asked first");
     assert_eq!(also_stale.connections(), 1);
     assert_eq!(master_port(&store), Some(master.port()));
@@ -44,7 +44,7 @@ async fn a_sentinel_naming_a_replica_is_passed_over_and_asked_last() {
     assert!(store.probe().await, "the master answers");
     // The sentinel whose answer was used is now asked first.
     for _ in 0..3 {
-        store.resolve().await;
+        let _ = store.resolve().await;
     }
     assert_eq!(stale.connections() + also_stale.connections(), 2);
     assert_eq!(master_port(&store), Some(master.port()));
@@ -52,7 +52,7 @@ async fn a_sentinel_naming_a_replica_is_passed_over_and_asked_last() {
 
     // Alone, the stale sentinel gives no master: the replica is never used.
     let store = self::store(&[stale.url()]);
-    store.resolve().await;
+    let _ = store.resolve().await;
     assert_eq!(stale.connections(), 2);
     assert_eq!(master_port(&store), None);
     assert!(!store.probe().await, "no master: not healthy");
@@ -66,7 +66,7 @@ async fn a_dead_first_sentinel_is_waited_for_once_not_at_every_question() {
 
     let store = store(&[dead.url(), sentinel.url()]);
     for _ in 0..4 {
-        store.resolve().await;
+        let _ = store.resolve().await;
         assert_eq!(master_port(&store), Some(master.port()));
     }
     assert_eq!(dead.connections(), 1, "the silent sentinel was asked once");
@@ -91,7 +91,7 @@ async fn sentinels_that_want_a_password_get_the_masters_and_are_then_asked_with_
     settings.password = Some(PASSWORD.to_owned().into());
     settings.timeout = Duration::from_millis(300);
     let store = RedisStore::new(&settings, Arc::new(LimitCounters::default())).unwrap();
-    store.resolve().await;
+    let _ = store.resolve().await;
     assert_eq!(master_port(&store), Some(master.port()));
     let pool = store.sentinels.as_ref().unwrap();
     assert!(pool.with_auth.load(Ordering::Relaxed), "remembered");
@@ -99,6 +99,6 @@ async fn sentinels_that_want_a_password_get_the_masters_and_are_then_asked_with_
 
     // Without a password, neither the sentinel nor the master lets the store in.
     let store = self::store(&[sentinel.url()]);
-    store.resolve().await;
+    let _ = store.resolve().await;
     assert_eq!(master_port(&store), None);
 }
