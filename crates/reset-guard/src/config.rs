@@ -24,6 +24,8 @@ pub use limits::{EmailKeyConfig, LimitsConfig, QuotaConfig};
 /// Client tokens that appear in documentation and examples: a client configured with one
 /// of them would accept a token anyone can read, so it is refused.
 const PLACEHOLDER_TOKENS: [&str; 2] = ["change-me", "changeme"];
+/// Longest `responses.min_latency`.
+const MAX_MIN_LATENCY: Duration = Duration::from_secs(10);
 
 /// The guarded path QuickBlox serves password resets on.
 pub const DEFAULT_PATH: &str = "/users/password/reset.json";
@@ -178,12 +180,29 @@ impl GuardConfig {
     }
 
     /// Checks what the types alone cannot and builds the settings the guard runs on.
-    /// Paths in errors are relative to the section (`clients[1].id`).
+    /// Paths in errors are relative to the section (`clients[1].id`); an error carries no
+    /// line until [`ConfigError::located`] finds it in the YAML the config came from.
     pub fn validate(&self) -> Result<GuardSettings, ConfigError> {
         if !self.path.starts_with('/') || self.path.contains(['?', '#']) {
             return Err(ConfigError::new(
                 "path",
                 "must start with '/' and hold no query",
+            ));
+        }
+        // Compared with the request's path as sent, so it must be spelled as sent: a
+        // character a client would percent-encode would never match.
+        let as_sent = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/".contains(c);
+        if !self.path.chars().all(as_sent) {
+            return Err(ConfigError::new(
+                "path",
+                "must hold only ASCII letters, digits and -._~!$&'()*+,;=:@/ (a character that \
+                 travels percent-encoded would never match)",
+            ));
+        }
+        if self.responses.min_latency.0 > MAX_MIN_LATENCY {
+            return Err(ConfigError::new(
+                "responses.min_latency",
+                "must be at most 10s (every answer past the email check waits that long)",
             ));
         }
         if self.clients.is_empty() {

@@ -111,8 +111,9 @@ impl ResetGuardBuilder {
     ///
     /// # Errors
     ///
-    /// If the Redis client cannot be set up from `store.redis` (a URL it cannot parse), or
-    /// `store.sweep_interval` is zero.
+    /// If `store.sweep_interval` is zero; with `store.redis`, if its settings cannot work
+    /// (`RedisSettings::check`) or no Tokio runtime is
+    /// running.
     pub fn build(self) -> Result<(ResetGuardLayer, Housekeeping), StoreError> {
         if self.store.sweep_interval.is_zero() {
             return Err(StoreError(
@@ -125,10 +126,19 @@ impl ResetGuardBuilder {
         let counters = Arc::new(LimitCounters::default());
         #[cfg(feature = "redis")]
         let redis = match &self.store.redis {
-            Some(settings) => Some(Arc::new(
-                crate::limit::RedisStore::new(settings, counters.clone())
-                    .map_err(|e| StoreError(e.to_string()))?,
-            )),
+            Some(settings) => {
+                settings.check().map_err(StoreError)?;
+                // The client's connections are tasks: made lazily, but on a runtime.
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(StoreError(
+                        "with Redis, build the layer inside a Tokio runtime".to_owned(),
+                    ));
+                }
+                Some(Arc::new(
+                    crate::limit::RedisStore::new(settings, counters.clone())
+                        .map_err(|e| StoreError(e.to_string()))?,
+                ))
+            }
             None => None,
         };
         let limiter = Limiter::new(

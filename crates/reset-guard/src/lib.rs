@@ -84,7 +84,7 @@
 //!   its per-email limit with the same 200 without calling the handler. Set `false` when
 //!   the handler's own answer should reach the client.
 //! - `responses.min_latency`: answers on the guarded path that passed the email check take
-//!   at least this long.
+//!   at least this long (at most 10 s).
 //! - `limits.per_ip` and `client_ip.trusted_proxies` need the TCP peer (next section).
 //! - `limits.response_headers`: adds `RateLimit-Policy` and `RateLimit` to the handler's
 //!   answers.
@@ -98,6 +98,15 @@
 //! for every other. The peer arrives with each request, so this cannot be caught when the
 //! layer is built. [`ResetGuardBuilder::without_peer_address`] opts into the shared bucket
 //! instead, for hosts that have no peer address or limit per client in front.
+//!
+//! # The `redis` feature
+//!
+//! Limits shared through Redis ([`ResetGuardLayer::builder`] with `store.redis`) need the
+//! `redis` feature. With it, the inner service must be `Clone + Send + 'static` and its
+//! future and bodies `Send` (a Redis decision is awaited before the service is called),
+//! whether or not Redis is configured; `build()` must run inside a Tokio runtime; and for
+//! `rediss://` the client takes the process's rustls crypto provider, installing ring's
+//! when the application has chosen none.
 //!
 //! # Embedding in axum
 //!

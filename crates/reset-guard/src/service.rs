@@ -58,7 +58,10 @@ macro_rules! guard_service {
             fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
                 let state = self.core.current.load();
                 let min_latency = state.settings.min_latency;
-                let floor = (!min_latency.is_zero()).then(|| Instant::now() + min_latency);
+                let floor = match min_latency.is_zero() {
+                    true => None,
+                    false => Instant::now().checked_add(min_latency),
+                };
                 #[cfg(feature = "redis")]
                 let eager = self.core.redis.is_none();
                 #[cfg(not(feature = "redis"))]

@@ -146,7 +146,7 @@ impl RedisConfig {
                     ));
                 }
                 RedisSettings::cluster(nodes)
-                    .map_err(|why| ConfigError::new("store.redis.nodes", why))
+                    .map_err(|why| ConfigError::new("store.redis.nodes", with_hint(&why)))
             }
             RedisMode::Standalone => {
                 let not_standalone = [
@@ -175,7 +175,7 @@ impl RedisConfig {
                     ));
                 }
                 RedisSettings::check_url(url)
-                    .map_err(|why| ConfigError::new("store.redis.url", why))?;
+                    .map_err(|why| ConfigError::new("store.redis.url", with_hint(why)))?;
                 Ok(RedisSettings::new(url))
             }
             RedisMode::Sentinel => {
@@ -205,7 +205,7 @@ impl RedisConfig {
                     } else {
                         "store.redis.sentinel_master"
                     };
-                    ConfigError::new(key, why)
+                    ConfigError::new(key, with_hint(&why))
                 })
             }
         }
@@ -220,10 +220,10 @@ impl RedisConfig {
                 "must be non-empty, without spaces",
             ));
         }
-        if self.timeout.0.is_zero() {
+        if self.timeout.0.is_zero() || self.timeout.0 > std::time::Duration::from_secs(60) {
             return Err(ConfigError::new(
                 "store.redis.timeout",
-                "must be greater than zero",
+                "must be 1ms to 60s",
             ));
         }
         settings.username = self.username.clone();
@@ -267,6 +267,14 @@ impl RedisConfig {
         settings.timeout = self.timeout.0;
         settings.on_error = self.on_error;
         Ok(settings)
+    }
+}
+
+/// A Redis URL's error, with where a password goes in this file when it is about one.
+fn with_hint(why: &str) -> String {
+    match why.contains("password") {
+        true => format!("{why}: set store.redis.password_env or password_file"),
+        false => why.to_owned(),
     }
 }
 

@@ -123,3 +123,22 @@ fn a_tab_in_the_indentation_is_called_a_tab() {
     assert!(error.message.contains("tab"), "{error}");
     assert_eq!(error.line, Some(2));
 }
+
+#[test]
+fn a_path_is_spelled_as_sent_and_padding_is_bounded() {
+    let client = format!("clients: [{{ id: ios, token_sha256: {DIGEST} }}]\n");
+    for path in ["/réinit", "'/a b'", "/a%20b"] {
+        let error = config(&format!("{client}path: {path}\n")).unwrap_err();
+        assert_eq!(error.path, "path", "{path}: {error}");
+    }
+    config(&format!("{client}path: /v1/users/password/reset.json\n")).unwrap();
+    let error = config(&format!("{client}responses: {{ min_latency: 11s }}\n")).unwrap_err();
+    assert_eq!(error.path, "responses.min_latency");
+    config(&format!("{client}responses: {{ min_latency: 10s }}\n")).unwrap();
+    // The builder goes through the same check.
+    let built = GuardConfig::new()
+        .client("ios", crate::TokenDigest::of(b"a token"))
+        .min_latency(Duration::MAX)
+        .validate();
+    assert!(built.is_err());
+}

@@ -123,3 +123,51 @@ fn a_zero_sweep_interval_is_an_error_not_a_panic() {
         .expect_err("refused");
     assert!(error.to_string().contains("sweep_interval"), "{error}");
 }
+
+#[cfg(feature = "redis")]
+#[test]
+fn redis_settings_that_cannot_work_are_errors_not_panics() {
+    let build = |settings: RedisSettings| {
+        let store = StoreSettings {
+            redis: Some(settings),
+            ..StoreSettings::default()
+        };
+        ResetGuardLayer::builder(self::settings(""), ApiKey::new("server-key").unwrap())
+            .store(store)
+            .build()
+            .map(|_| ())
+    };
+    // Outside a runtime: an error saying so, not the client's panic.
+    let error = build(RedisSettings::new("redis://127.0.0.1:6379")).expect_err("no runtime");
+    assert!(error.to_string().contains("Tokio runtime"), "{error}");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _inside = runtime.enter();
+    let mut zero = RedisSettings::new("redis://127.0.0.1:6379");
+    zero.timeout = Duration::ZERO;
+    for (settings, why) in [
+        (
+            RedisSettings::new("redis://:s3cret@127.0.0.1:6379"),
+            "password",
+        ),
+        (
+            RedisSettings::new("redis://127.0.0.1:6379/?protocol=resp3"),
+            "query",
+        ),
+        (
+            RedisSettings::new("redis+sentinel://127.0.0.1:26379"),
+            "no master",
+        ),
+        (zero, "timeout"),
+    ] {
+        let error = build(settings).expect_err(why);
+        assert!(error.to_string().contains(why), "{error}");
+        assert!(!error.to_string().contains("s3cret"), "{error}");
+    }
+    build(RedisSettings::new("rediss://127.0.0.1:6379")).unwrap();
+    let with_password = RedisSettings::new("redis://:s3cret@127.0.0.1:6379");
+    assert!(!format!("{with_password:?}").contains("s3cret"));
+}

@@ -112,6 +112,14 @@ impl RedisStore {
         settings: &RedisSettings,
         counters: Arc<LimitCounters>,
     ) -> redis::RedisResult<Self> {
+        if settings.url.starts_with("rediss") {
+            // The client's TLS takes the process's crypto provider and panics without one
+            // (an application whose rustls carries no provider, or two): ring, unless the
+            // application chose another.
+            if rustls::crypto::CryptoProvider::get_default().is_none() {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+            }
+        }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(250))))
             .set_response_timeout(Some(settings.timeout))

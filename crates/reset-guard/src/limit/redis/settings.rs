@@ -46,7 +46,7 @@ pub struct RedisSettings {
 impl fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisSettings")
-            .field("url", &self.url)
+            .field("url", &without_credentials(&self.url))
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "(set)"))
             .field("ca_pem", &self.ca_pem.as_ref().map(|_| "(set)"))
@@ -57,7 +57,32 @@ impl fmt::Debug for RedisSettings {
     }
 }
 
+/// `url` with anything between `://` and `@` (a user and password) left out.
+fn without_credentials(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(start), Some(at)) if at > start => {
+            format!("{}://(credentials)@{}", &url[..start], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Longest [`RedisSettings::timeout`]: a request waits that long for Redis.
+const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl RedisSettings {
+    /// Whether these settings can work, as [`crate::ResetGuardBuilder::build`] checks
+    /// them: a URL the client accepts, with no password, query or fragment in it (the
+    /// password goes in [`password`](Self::password)), and a timeout from 1ms to 60s.
+    /// The error says what is wrong without repeating the URL.
+    pub fn check(&self) -> Result<(), String> {
+        Self::check_url(&self.url).map_err(|why| format!("url {why}"))?;
+        if self.timeout < Duration::from_millis(1) || self.timeout > MAX_TIMEOUT {
+            return Err("timeout must be 1ms to 60s".to_owned());
+        }
+        Ok(())
+    }
+
     /// The server at `url`, with the key prefix `reset-gateway`, a 50ms timeout and
     /// `on_error: allow`.
     pub fn new(url: impl Into<String>) -> Self {
@@ -136,7 +161,7 @@ impl RedisSettings {
             "is not a valid Redis URL: redis://host:port[/db], or rediss:// for TLS"
         })?;
         if info.redis_settings().password().is_some() {
-            return Err("holds a password: set store.redis.password_env or password_file instead");
+            return Err("holds a password, which is given apart from the URL");
         }
         if has_query(url) {
             return Err(QUERY_REFUSED);
@@ -240,8 +265,7 @@ fn node_addresses(nodes: &[String], password: &str) -> Result<(&'static str, Vec
             .map_err(|_| format!("node {n} is not a valid Redis URL: redis://host:port"))?;
         if info.redis_settings().password().is_some() {
             return Err(format!(
-                "node {n} holds a password: {password} (it goes in \
-                 store.redis.password_env or password_file)"
+                "node {n} holds a password: {password}, given apart from the URLs"
             ));
         }
         if has_query(node) {
@@ -278,7 +302,7 @@ fn node_addresses(nodes: &[String], password: &str) -> Result<(&'static str, Vec
 /// there (`#insecure` turns off certificate checks) and ignores the rest, where a password
 /// written as `?password=` would sit unnoticed.
 const QUERY_REFUSED: &str = "has a query or a fragment (`?`, `#`): no setting is given in \
-     the URL; a password goes in store.redis.password_env or password_file";
+     the URL, and a password is given apart from it";
 
 /// Whether `url` carries a query or a fragment.
 fn has_query(url: &str) -> bool {
