@@ -315,7 +315,7 @@ impl Collector for LimiterCollector {
         ConstCounter::new(self.guard.store_errors()).encode(errors)?;
         let up = encoder.encode_descriptor(
             "reset_gateway_store_up",
-            "1 when the rate-limit store answers",
+            "1 when the rate-limit store answered its last probe",
             None,
             MetricType::Gauge,
         )?;

@@ -66,9 +66,13 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
     if let Some(secret) = &settings.store.key_secret {
         layer = layer.key_secret(secret);
     }
+    // The gateway's TLS names its provider; the Redis client's (rediss://) takes the
+    // process's, which is the same ring. Already installed (a second gateway in one
+    // process): kept.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // One guard for all workers: the limits are the process's, not a worker's. Its
     // housekeeping (idle-key sweeps, the Redis probe) runs on the caller's runtime.
-    let (layer, housekeeping) = layer.build().context("store.redis.url")?;
+    let (layer, housekeeping) = layer.build().context("store.redis")?;
     tokio::spawn(housekeeping);
     let guard = layer.handle();
     let state = Arc::new(AdminState {

@@ -24,6 +24,31 @@ pub use limits::{EmailKeyConfig, LimitsConfig, QuotaConfig};
 /// Client tokens that appear in documentation and examples: a client configured with one
 /// of them would accept a token anyone can read, so it is refused.
 const PLACEHOLDER_TOKENS: [&str; 2] = ["change-me", "changeme"];
+/// Whether `path` is written as it travels in a request target, which is what it is
+/// compared with: unreserved and sub-delimiter characters, `:`, `@`, `/`, and `%XX`.
+fn spelled_as_sent(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            if !bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+            {
+                return false;
+            }
+            i += 3;
+            continue;
+        }
+        if !(b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b)) {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Longest `responses.min_latency`.
 const MAX_MIN_LATENCY: Duration = Duration::from_secs(10);
 
@@ -189,14 +214,12 @@ impl GuardConfig {
                 "must start with '/' and hold no query",
             ));
         }
-        // Compared with the request's path as sent, so it must be spelled as sent: a
-        // character a client would percent-encode would never match.
-        let as_sent = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/".contains(c);
-        if !self.path.chars().all(as_sent) {
+        if !spelled_as_sent(&self.path) {
             return Err(ConfigError::new(
                 "path",
-                "must hold only ASCII letters, digits and -._~!$&'()*+,;=:@/ (a character that \
-                 travels percent-encoded would never match)",
+                "must be spelled as clients send it: ASCII letters, digits, -._~!$&'()*+,;=:@/ \
+                 and %XX escapes (a path written with a character that travels escaped never \
+                 matches)",
             ));
         }
         if self.responses.min_latency.0 > MAX_MIN_LATENCY {

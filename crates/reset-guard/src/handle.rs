@@ -53,7 +53,8 @@ impl GuardHandle {
         true
     }
 
-    /// Whether the rate-limit store answered its last request or probe (memory: always).
+    /// Whether the rate-limit store answered its last probe (memory: always). The probe
+    /// runs every second while the housekeeping runs, and soon after a request fails.
     pub fn store_healthy(&self) -> bool {
         #[cfg(feature = "redis")]
         if let Some(store) = &self.core.redis {

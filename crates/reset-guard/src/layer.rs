@@ -107,13 +107,13 @@ impl ResetGuardBuilder {
     /// it). Nothing runs until you spawn it, as with tower's `Buffer::pair`; it ends by
     /// itself once the layer and every service built from it are gone. Left unspawned,
     /// memory stays bounded by `store.max_keys` and idle keys are reclaimed as new ones
-    /// arrive, but Redis health is only learnt from requests.
+    /// arrive, but Redis is only probed when a request fails.
     ///
     /// # Errors
     ///
     /// If `store.sweep_interval` is zero; with `store.redis`, if its settings cannot work
-    /// (`RedisSettings::check`) or no Tokio runtime is
-    /// running.
+    /// (`RedisSettings::check`), no Tokio runtime is running, or the URL is `rediss://` and
+    /// no rustls crypto provider is installed for the process.
     pub fn build(self) -> Result<(ResetGuardLayer, Housekeeping), StoreError> {
         if self.store.sweep_interval.is_zero() {
             return Err(StoreError(
@@ -128,10 +128,24 @@ impl ResetGuardBuilder {
         let redis = match &self.store.redis {
             Some(settings) => {
                 settings.check().map_err(StoreError)?;
-                // The client's connections are tasks: made lazily, but on a runtime.
+                // The standalone client starts its connection's task when made; every mode
+                // is held to it alike.
                 if tokio::runtime::Handle::try_current().is_err() {
                     return Err(StoreError(
                         "with Redis, build the layer inside a Tokio runtime".to_owned(),
+                    ));
+                }
+                // The client's TLS takes the process's rustls provider and would panic at
+                // each connection without one: say so now, and leave the choice to the
+                // application.
+                if settings.url.starts_with("rediss")
+                    && rustls::crypto::CryptoProvider::get_default().is_none()
+                {
+                    return Err(StoreError(
+                        "rediss:// needs the process's rustls crypto provider: install one \
+                         before build(), e.g. rustls::crypto::ring::default_provider()\
+                         .install_default()"
+                            .to_owned(),
                     ));
                 }
                 Some(Arc::new(

@@ -74,10 +74,11 @@
 //!   path but the guarded one, so the app's other routes vanish. Embedded, set `forward`:
 //!   other paths reach the app untouched, except spellings of the guarded path
 //!   (`/users/password/reset%2Ejson`, a trailing slash), which stay 404.
-//! - `path` (by default `/users/password/reset.json`): the guard owns it, comparing it with the path the layer
-//!   sees (under axum's `Router::nest`, without the prefix). It answers 405 to anything but
-//!   GET there, a CORS preflight included (the guard has no CORS: put a CORS layer outside
-//!   it), 400 to a body, and 401, 422 and 429 itself. The handler only sees checked
+//! - `path` (by default `/users/password/reset.json`; written as it travels, ASCII with
+//!   `%XX` escapes): the guard owns it, comparing it with the path the layer sees (under
+//!   axum's `Router::nest`, without the prefix). It answers 405 to anything but GET there,
+//!   a CORS preflight included (the guard has no CORS: put a CORS layer outside it), 400 to
+//!   a body, and 401, 422 and 429 itself. The handler only sees checked
 //!   requests, whose `QB-Token` is replaced by `Authorization: ApiKey <server key>`.
 //! - `responses.uniform`: the default, `true`, turns the handler's 200, 401 and 404 into
 //!   one bare 200 with an empty body and none of its headers, and answers an address over
@@ -104,9 +105,11 @@
 //! Limits shared through Redis ([`ResetGuardLayer::builder`] with `store.redis`) need the
 //! `redis` feature. With it, the inner service must be `Clone + Send + 'static` and its
 //! future and bodies `Send` (a Redis decision is awaited before the service is called),
-//! whether or not Redis is configured; `build()` must run inside a Tokio runtime; and for
-//! `rediss://` the client takes the process's rustls crypto provider, installing ring's
-//! when the application has chosen none.
+//! whether or not Redis is configured. With `store.redis` set, `build()` must run inside a
+//! Tokio runtime, and for `rediss://` the process must have a rustls crypto provider
+//! installed (`rustls::crypto::ring::default_provider().install_default()`, or another):
+//! the Redis client takes the process's; `build()` says so rather than each connection
+//! panicking.
 //!
 //! # Embedding in axum
 //!

@@ -167,6 +167,13 @@ fn redis_settings_that_cannot_work_are_errors_not_panics() {
         assert!(error.to_string().contains(why), "{error}");
         assert!(!error.to_string().contains("s3cret"), "{error}");
     }
+    // rediss:// with no crypto provider for the process: an error saying what to install,
+    // not a panic at every connection; with one, it builds.
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let error = build(RedisSettings::new("rediss://127.0.0.1:6379")).expect_err("provider");
+        assert!(error.to_string().contains("crypto provider"), "{error}");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
     build(RedisSettings::new("rediss://127.0.0.1:6379")).unwrap();
     let with_password = RedisSettings::new("redis://:s3cret@127.0.0.1:6379");
     assert!(!format!("{with_password:?}").contains("s3cret"));

@@ -25,7 +25,7 @@ mod settings;
 pub(crate) use batch::RedisSpecs;
 use batch::{run_batches, Charges, Job, REPLY_LEN};
 use cluster::{Cluster, DirectMasters};
-use sentinel::{Master, SentinelPool, RESOLVE_INTERVAL_NS};
+use sentinel::{Master, SentinelPool};
 use settings::Sentinels;
 pub use settings::{OnError, RedisSettings};
 
@@ -36,6 +36,8 @@ use super::{
 
 /// Most denials remembered locally.
 const DENIAL_CACHE_LIMIT: usize = 100_000;
+/// Least time between two probes prompted by failed requests.
+const PROMPTED_PROBE_INTERVAL_NS: u64 = 250_000_000;
 /// How much longer than `timeout` the probe waits for the cause of a late answer.
 const CAUSE_WAIT: Duration = Duration::from_millis(500);
 /// Most requests waiting for Redis; beyond that they fail fast (as `on_error` says).
@@ -63,8 +65,8 @@ pub(crate) struct RedisStore {
     sentinels: Option<SentinelPool>,
     /// Held while the sentinels are asked, so one question runs at a time.
     resolving: tokio::sync::Mutex<()>,
-    /// When a failed request last prompted a question ([`MonotonicClock`] nanoseconds).
-    last_resolve: AtomicU64,
+    /// When a failed request last prompted a probe ([`MonotonicClock`] nanoseconds).
+    last_prompted_probe: AtomicU64,
     /// The credentials and CA every client is built with.
     settings: RedisSettings,
     script: Arc<redis::Script>,
@@ -74,10 +76,10 @@ pub(crate) struct RedisStore {
     prefix: String,
     timeout: Duration,
     on_error: OnError,
-    /// Whether Redis serves, as `/readyz` and `store_up` report it: cleared by any failed
-    /// request, set again only by the probe (a request that succeeds says little in
-    /// Cluster mode, where its groups may have missed the master that is gone, and the
-    /// probe remakes the connections first).
+    /// Whether Redis serves, as `/readyz` and `store_up` report it: the probe's verdict
+    /// alone (every second, and soon after a failed request). A request says little either
+    /// way: one can time out while Redis serves, or be decided by the masters of a cluster
+    /// that are left; and the probe remakes the connections before it says Redis is back.
     healthy: AtomicBool,
     /// Set when the probe failed (its own connection breaks with every restart of Redis,
     /// however short); cleared by its next success, which then counts a reconnect.
@@ -112,14 +114,6 @@ impl RedisStore {
         settings: &RedisSettings,
         counters: Arc<LimitCounters>,
     ) -> redis::RedisResult<Self> {
-        if settings.url.starts_with("rediss") {
-            // The client's TLS takes the process's crypto provider and panics without one
-            // (an application whose rustls carries no provider, or two): ring, unless the
-            // application chose another.
-            if rustls::crypto::CryptoProvider::get_default().is_none() {
-                let _ = rustls::crypto::ring::default_provider().install_default();
-            }
-        }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(250))))
             .set_response_timeout(Some(settings.timeout))
@@ -157,7 +151,7 @@ impl RedisStore {
             master: ArcSwapOption::new(master),
             sentinels: sentinels.map(SentinelPool::new),
             resolving: tokio::sync::Mutex::new(()),
-            last_resolve: AtomicU64::new(0),
+            last_prompted_probe: AtomicU64::new(0),
             settings: settings.clone(),
             script: Arc::new(redis::Script::new(include_str!("redis.lua"))),
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
@@ -378,23 +372,23 @@ impl RedisStore {
         })
     }
 
-    /// A failed request: as `on_error` says. In Sentinel mode the master may have moved (a
-    /// connection refused, or `READONLY` from a demoted master), so the sentinels are asked
-    /// again now rather than at the next probe, at most every 250ms.
+    /// A failed request: as `on_error` says. Redis is probed now rather than at the next
+    /// second, at most every 250ms: the probe, not the request, says whether the store is
+    /// up (a request can time out while Redis serves, or fail on one master of a cluster
+    /// while another answers), and in Sentinel mode it asks the sentinels whether the
+    /// master moved (a connection refused, or `READONLY` from a demoted master).
     fn fail(self: &Arc<Self>, why: &str) -> Decision {
         let now = self.clock.now();
-        let last = self.last_resolve.load(Ordering::Relaxed);
-        if self.sentinels.is_some()
-            && now.saturating_sub(last) >= RESOLVE_INTERVAL_NS
+        let last = self.last_prompted_probe.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= PROMPTED_PROBE_INTERVAL_NS
             && self
-                .last_resolve
+                .last_prompted_probe
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
             let store = self.clone();
-            // Its failure is the probe's to log.
             tokio::spawn(async move {
-                let _ = store.resolve().await;
+                store.probe().await;
             });
         }
         self.failed(why)
@@ -402,7 +396,6 @@ impl RedisStore {
 
     fn failed(&self, why: &str) -> Decision {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        self.healthy.store(false, Ordering::Relaxed);
         tracing::warn!(target: "reset_guard::limit", error = why, on_error = ?self.on_error, "rate-limit store unavailable");
         match self.on_error {
             OnError::Allow => Decision::Admitted(None),

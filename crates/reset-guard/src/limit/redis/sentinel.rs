@@ -12,9 +12,6 @@ use std::sync::atomic::AtomicUsize;
 
 use super::*;
 
-/// Least time between two questions to the sentinels prompted by failed requests.
-pub(super) const RESOLVE_INTERVAL_NS: u64 = 250_000_000;
-
 /// The server decisions go to: the standalone one, or the master the sentinels named.
 pub(super) struct Master {
     /// Counts masters: a per-thread queue made for an older one is remade.

@@ -37,7 +37,7 @@ pub struct RedisSettings {
     pub ca_pem: Option<Vec<u8>>,
     /// Prepended to every key, so several deployments can share one server.
     pub key_prefix: String,
-    /// Longest a request waits for Redis.
+    /// Longest a request waits for Redis: 1ms to 60s.
     pub timeout: Duration,
     /// What happens when Redis cannot answer in time.
     pub on_error: OnError,
@@ -57,13 +57,22 @@ impl fmt::Debug for RedisSettings {
     }
 }
 
-/// `url` with anything between `://` and `@` (a user and password) left out.
+/// `url` for logs and `Debug`: a user and password (before the last `@`) and any query or
+/// fragment (`?password=`) left out. A `@` elsewhere can cut more than the credentials,
+/// never less.
 fn without_credentials(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(start), Some(at)) if at > start => {
-            format!("{}://(credentials)@{}", &url[..start], &url[at + 1..])
-        }
-        _ => url.to_owned(),
+    let (base, tail) = match url.find(['?', '#']) {
+        Some(cut) => (&url[..cut], "?(left out)"),
+        None => (url, ""),
+    };
+    let host_from = base.find("://").map_or(0, |scheme| scheme + 3);
+    match base[host_from..].rfind('@') {
+        Some(at) => format!(
+            "{}(credentials)@{}{tail}",
+            &base[..host_from],
+            &base[host_from + at + 1..]
+        ),
+        None => format!("{base}{tail}"),
     }
 }
 
@@ -379,5 +388,36 @@ pub(crate) fn node_url(scheme: &str, host: &str, port: u16) -> String {
         format!("{scheme}://[{host}]:{port}")
     } else {
         format!("{scheme}://{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_credentials;
+
+    #[test]
+    fn debug_leaves_credentials_and_queries_out() {
+        for (url, shown) in [
+            ("redis://:s3cret@h:6379/0", "redis://(credentials)@h:6379/0"),
+            (
+                "redis://u:s3/c@ret@[::1]:6379",
+                "redis://(credentials)@[::1]:6379",
+            ),
+            (
+                "redis://h:6379/?password=s3cret",
+                "redis://h:6379/?(left out)",
+            ),
+            (
+                "redis+unix:///run/redis.sock?pass=s3cret",
+                "redis+unix:///run/redis.sock?(left out)",
+            ),
+            (":s3cret@h:6379", "(credentials)@h:6379"),
+            (
+                "rediss+sentinel://a:26379,b:26379/m",
+                "rediss+sentinel://a:26379,b:26379/m",
+            ),
+        ] {
+            assert_eq!(without_credentials(url), shown, "{url}");
+        }
     }
 }
