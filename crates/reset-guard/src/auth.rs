@@ -101,6 +101,22 @@ impl TokenDigest {
     }
 }
 
+/// A digest written as 64 hex digits, as `reset-gateway hash-token` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected 64 hex digits (SHA-256 of the token, see `reset-gateway hash-token`)")]
+pub struct InvalidDigest;
+
+impl std::str::FromStr for TokenDigest {
+    type Err = InvalidDigest;
+
+    /// Reads the hex form (`guard.clients[].token_sha256`), surrounding whitespace ignored.
+    fn from_str(text: &str) -> Result<Self, InvalidDigest> {
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut digest).map_err(|_| InvalidDigest)?;
+        Ok(TokenDigest(digest))
+    }
+}
+
 impl fmt::Debug for TokenDigest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "TokenDigest({}…)", &self.to_hex()[..8])
@@ -249,6 +265,17 @@ mod tests {
         ] {
             assert_eq!(api_key_token(value.as_bytes()), expected, "{value:?}");
         }
+    }
+
+    #[test]
+    fn a_digest_reads_from_its_hex_form() {
+        let digest = TokenDigest::of(b"foo");
+        assert_eq!(digest.to_hex().parse::<TokenDigest>(), Ok(digest));
+        assert_eq!(
+            format!(" {} ", digest.to_hex()).parse::<TokenDigest>(),
+            Ok(digest)
+        );
+        assert_eq!("abc".parse::<TokenDigest>(), Err(InvalidDigest));
     }
 
     #[test]

@@ -116,13 +116,7 @@ pub struct ClientConfig {
 impl<'de> Deserialize<'de> for TokenDigest {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        let mut digest = [0u8; 32];
-        hex::decode_to_slice(text.trim(), &mut digest).map_err(|_| {
-            de::Error::custom(
-                "expected 64 hex digits (SHA-256 of the token, see `reset-gateway hash-token`)",
-            )
-        })?;
-        Ok(TokenDigest(digest))
+        text.parse().map_err(de::Error::custom)
     }
 }
 

@@ -170,7 +170,7 @@ mod secret;
 mod service;
 mod state;
 
-pub use auth::TokenDigest;
+pub use auth::{InvalidDigest, TokenDigest};
 pub use body::GuardBody;
 pub use client_ip::PeerAddr;
 pub use config::{
