@@ -121,7 +121,9 @@ async fn handle(
     record.emit(&context.denials);
     let metrics = &context.state.metrics;
     metrics.request(record.outcome(), record.duration);
-    if let Some(exchange) = record.upstream {
+    // QuickBlox's answers to resets only: a route passed through (other_routes: forward)
+    // answers for itself, and its 401s say nothing of the API key.
+    if let (Some(exchange), Some(_)) = (record.upstream, record.guarded) {
         if let Some(status) = record.uniform.map(|u| u.0).or(exchange.status) {
             metrics.upstream(status.as_u16(), exchange.duration);
         }

@@ -322,6 +322,22 @@ async fn other_routes_can_be_forwarded_untouched() {
         .await;
     assert_eq!(sneaky.status, 404);
     assert_eq!(gw.mock.requests().len(), 1);
+    // QuickBlox's answer to a route passed through is not an answer to a reset: the
+    // upstream status counts (and the alert on its 401s) are the resets' alone.
+    let metrics = gw.admin_get("/metrics").await.body;
+    assert!(
+        !metrics.contains("reset_gateway_upstream_responses_total{"),
+        "{metrics}"
+    );
+    assert_eq!(gw.reset_as_ios(&format!("email={ALICE}")).await.status, 200);
+    let metrics = gw.admin_get("/metrics").await.body;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"reset_gateway_upstream_responses_total{status="200"}"#
+        ),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]

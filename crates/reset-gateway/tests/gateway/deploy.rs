@@ -145,7 +145,12 @@ fn kubernetes_manifests_match_the_binary() {
 
     // SIGKILL comes only after the gateway's own drain.
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(grace > config.server.shutdown_grace.0.as_secs());
+    // New connections keep coming while endpoints are withdrawn: SIGTERM waits for that.
+    let wait = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_u64()
+        .expect("a preStop wait before SIGTERM");
+    assert!(wait >= 5);
+    assert!(grace > wait + config.server.shutdown_grace.0.as_secs());
 
     // Service, PDB and HPA point at this Deployment.
     let labels = &deployment["spec"]["template"]["metadata"]["labels"];

@@ -116,9 +116,12 @@ fn deployed_copy(
 ) -> std::path::PathBuf {
     let key_file = dir.join("qb_api_key");
     std::fs::write(&key_file, "k").unwrap();
+    let secret_file = dir.join("key_secret");
+    std::fs::write(&secret_file, "a shared secret of some length").unwrap();
     let mut yaml = std::fs::read_to_string(path)
         .unwrap()
-        .replace("/run/secrets/qb_api_key", key_file.to_str().unwrap());
+        .replace("/run/secrets/qb_api_key", key_file.to_str().unwrap())
+        .replace("/run/secrets/key_secret", secret_file.to_str().unwrap());
     if real_token {
         let real = reset_guard::TokenDigest::of(IOS_TOKEN.as_bytes()).to_hex();
         yaml = yaml.replace(PLACEHOLDER_DIGEST, &real);
