@@ -32,12 +32,22 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 use crate::upstream::UpstreamExchange;
 
+/// `log.level` as a filter. The Redis client logs each failed reconnection to a cluster
+/// node, many a second during an outage the gateway already reports once per cause: only
+/// its errors pass, unless the level names it (`info,redis=debug`).
+fn level(log: &LogConfig) -> String {
+    match log.level.contains("redis") {
+        true => log.level.clone(),
+        false => format!("{},redis=error", log.level),
+    }
+}
+
 /// Installs the global subscriber, writing to stderr through the non-blocking sink
 /// (`sink.rs`); `RUST_LOG` overrides `log.level`. Keep the returned sink until exit: its
 /// drop writes out what is queued. Calling it again (tests) is harmless and returns `None`.
 pub fn init(log: &LogConfig) -> Option<LogSink> {
     let (writer, sink) = sink::install(log.format, log.queue_lines)?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level(log)));
     // Colour codes only for a person at a terminal: in a file or a log pipeline they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -252,18 +252,19 @@ async fn sweep(weak: Weak<GuardCore>) {
     }
 }
 
-/// Pings Redis every second so readiness reflects it and a lost connection is remade
-/// before requests need it.
+/// Probes Redis every second so readiness reflects it and a lost connection is remade
+/// before requests need it; every 250ms while it does not answer, so readiness comes back
+/// soon after Redis does.
 #[cfg(feature = "redis")]
 async fn probe_redis(weak: Weak<GuardCore>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
         let Some(store) = weak.upgrade().and_then(|s| s.redis.clone()) else {
             return;
         };
-        store.probe().await;
+        let up = store.probe().await;
+        drop(store);
+        let next = if up { 1000 } else { 250 };
+        tokio::time::sleep(std::time::Duration::from_millis(next)).await;
     }
 }
 

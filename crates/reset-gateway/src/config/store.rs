@@ -270,11 +270,14 @@ impl RedisConfig {
     }
 }
 
-/// A Redis URL's error, with where a password goes in this file when it is about one.
+/// A Redis URL's error, with where a password or user goes in this file when it is about one.
 fn with_hint(why: &str) -> String {
-    match why.contains("password") {
-        true => format!("{why}: set store.redis.password_env or password_file"),
-        false => why.to_owned(),
+    if why.contains("password") {
+        format!("{why}: set store.redis.password_env or password_file")
+    } else if why.contains("user name") {
+        format!("{why}: set store.redis.username")
+    } else {
+        why.to_owned()
     }
 }
 

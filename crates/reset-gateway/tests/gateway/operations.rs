@@ -793,3 +793,34 @@ async fn a_request_refused_before_the_guard_still_gets_its_log_line() {
         assert_eq!(json["outcome"], outcome, "{line}");
     }
 }
+
+#[tokio::test]
+async fn a_connection_redis_closed_while_idle_fails_no_request() {
+    let redis = test_support::RedisServer::start();
+    // Redis drops a connection idle for a second; the probe's never is.
+    redis.command("CONFIG SET timeout 1").unwrap();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = with_server_keys(
+        &yaml(
+            &mock.url(),
+            "  limits:\n    per_ip: [{ requests: 1000, per: 1m }]\n    per_client: []\n    per_email: []\n    global: []\n",
+            &format!(
+                "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    url: {}\n    timeout: 200ms\n    on_error: deny\n",
+                key_secret_file().display(),
+                redis.url()
+            ),
+        ),
+        "  workers: 2\n",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    for _ in 0..20 {
+        assert_eq!(gw.reset_as_ios(&format!("email={ALICE}")).await.status, 200);
+    }
+    // Past Redis's idle timeout (it checks idle clients every 100ms or so).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(gw.reset_as_ios(&format!("email={ALICE}")).await.status);
+    }
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+}

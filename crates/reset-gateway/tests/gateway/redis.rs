@@ -347,6 +347,17 @@ fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
             "store.redis.nodes (line",
             "node 1 names a database",
         ),
+        // A user in the URL: where a password written by mistake would travel as the name.
+        (
+            "    url: redis://Hunter2Secret@127.0.0.1:6379\n".to_owned(),
+            "store.redis.url (line",
+            "user name",
+        ),
+        (
+            format!("{cluster}    nodes: [redis://hunter2secret@10.0.0.1:6379]\n"),
+            "store.redis.nodes (line",
+            "node 1 holds a user name",
+        ),
         // The default URL written out is still a URL given in cluster mode.
         (
             format!(
@@ -415,6 +426,24 @@ async fn a_wrong_redis_password_is_logged_as_the_cause_without_the_password() {
         line.to_lowercase().contains("authentication"),
         "the cause is named: {line}"
     );
+    // Twenty requests fail at once (on_error deny): one line, counting them, not twenty.
+    let request = format!("GET {RESET}?email=a%40b.io HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+    let addr = gateway.addr;
+    let sent: Vec<_> = (0..20)
+        .map(|_| {
+            let request = request.clone();
+            tokio::spawn(async move { raw(addr, request.as_bytes()).await.status })
+        })
+        .collect();
+    for reply in sent {
+        assert_eq!(reply.await.unwrap(), 503);
+    }
+    let failures = |logs: Vec<String>| {
+        logs.into_iter()
+            .filter(|l| l.contains("rate-limit store unavailable"))
+            .count()
+    };
+    assert!(failures(gateway.logs()) <= 2, "{:?}", gateway.logs());
     assert!(
         gateway.logs().iter().all(|l| !l.contains("hunter2")),
         "the password was logged"

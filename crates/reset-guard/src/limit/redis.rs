@@ -36,6 +36,8 @@ use super::{
 
 /// Most denials remembered locally.
 const DENIAL_CACHE_LIMIT: usize = 100_000;
+/// Least time between two log lines about failed requests (five for the probe's causes).
+const FAILURE_LOG_INTERVAL_NS: u64 = 1_000_000_000;
 /// Least time between two probes prompted by failed requests.
 const PROMPTED_PROBE_INTERVAL_NS: u64 = 250_000_000;
 /// How much longer than `timeout` the probe waits for the cause of a late answer.
@@ -84,8 +86,12 @@ pub(crate) struct RedisStore {
     /// Set when the probe failed (its own connection breaks with every restart of Redis,
     /// however short); cleared by its next success, which then counts a reconnect.
     broken: AtomicBool,
-    /// The cause of the probe's last failure, as logged; none while it succeeds.
-    probe_failure: Mutex<Option<String>>,
+    /// The cause of the probe's last failure, and when a cause was last logged; none
+    /// while it succeeds.
+    probe_failure: Mutex<Option<(String, u64)>>,
+    /// When a failed request was last logged, and how many failed since.
+    failure_logged: AtomicU64,
+    failed_unlogged: AtomicU64,
     /// Counts the times the probe found Redis back after a failure. A thread's connection
     /// that saw no request since may be dead (Redis restarted under it) and would fail the
     /// next request: each thread's queue made before is remade, with a new connection,
@@ -163,6 +169,8 @@ impl RedisStore {
             broken: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
             probe_failure: Mutex::new(None),
+            failure_logged: AtomicU64::new(0),
+            failed_unlogged: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             denials: Mutex::new(HashMap::new()),
             clock: MonotonicClock::default(),
@@ -258,9 +266,18 @@ impl RedisStore {
             }
             Err(cause) => {
                 self.broken.store(true, Ordering::Relaxed);
-                if last.as_deref() != Some(cause.as_str()) {
+                // A new cause is logged, but not more than every few seconds: during a
+                // failover the cause can change from one probe to the next.
+                let now = self.clock.now();
+                let log = match &*last {
+                    None => true,
+                    Some((known, at)) => {
+                        *known != cause && now.saturating_sub(*at) >= FAILURE_LOG_INTERVAL_NS * 5
+                    }
+                };
+                if log {
                     tracing::warn!(target: "reset_guard::limit", error = %cause, "Redis does not answer the probe");
-                    *last = Some(cause);
+                    *last = Some((cause, now));
                 }
                 self.healthy.store(false, Ordering::Relaxed);
                 false
@@ -396,7 +413,20 @@ impl RedisStore {
 
     fn failed(&self, why: &str) -> Decision {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(target: "reset_guard::limit", error = why, on_error = ?self.on_error, "rate-limit store unavailable");
+        // One line a second at most, however many requests fail: the count is in the
+        // line (and in store_errors_total), the cause in the probe's.
+        self.failed_unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = self.clock.now();
+        let last = self.failure_logged.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= FAILURE_LOG_INTERVAL_NS)
+            && self
+                .failure_logged
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let failed = self.failed_unlogged.swap(0, Ordering::Relaxed);
+            tracing::warn!(target: "reset_guard::limit", error = why, failed, on_error = ?self.on_error, "rate-limit store unavailable");
+        }
         match self.on_error {
             OnError::Allow => Decision::Admitted(None),
             OnError::Deny => Decision::Unavailable,

@@ -276,6 +276,14 @@ pub(super) async fn run_batches(
     }
 }
 
+/// Whether a call failed writing to a connection the server had already closed (a broken
+/// pipe), so that the server never ran it. Any other failure may have come after the
+/// script ran, and is not retried: that could charge twice.
+fn closed_before_written(error: &redis::RedisError) -> bool {
+    // The client exposes the I/O error's kind only through its text.
+    error.is_connection_dropped() && error.to_string().to_lowercase().contains("broken pipe")
+}
+
 /// The first job and whatever else is waiting, up to [`MAX_BATCH`].
 pub(super) fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {
     gather_from(first, || queue.try_recv().ok())
@@ -309,7 +317,14 @@ pub(super) async fn call(
     let args = CallArgs::new(&batch);
     let command = args.declared(script.get_hash());
     let call = async {
-        match command.query_async::<redis::Value>(connection).await {
+        let mut reply = command.query_async::<redis::Value>(connection).await;
+        if reply.as_ref().is_err_and(closed_before_written) {
+            // Redis closed this connection while it sat idle (its `timeout`, `CLIENT
+            // KILL`): the call never reached it, and goes again on the connection the
+            // manager makes next.
+            reply = command.query_async::<redis::Value>(connection).await;
+        }
+        match reply {
             // A server that lost its scripts (restarted, or `SCRIPT FLUSH`): load it again.
             Err(error)
                 if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>

@@ -12,6 +12,10 @@ use std::sync::atomic::AtomicUsize;
 
 use super::*;
 
+/// Least time between two warnings of a new reason the sentinels' answers are not used:
+/// during a failover the reason can change from one question to the next.
+const CAUSE_LOG_INTERVAL_NS: u64 = 5_000_000_000;
+
 /// The server decisions go to: the standalone one, or the master the sentinels named.
 pub(super) struct Master {
     /// Counts masters: a per-thread queue made for an older one is remade.
@@ -48,8 +52,8 @@ pub(super) struct SentinelPool {
     first: AtomicUsize,
     /// Whether the sentinels are asked with the username and password.
     with_auth: AtomicBool,
-    /// Why the sentinels' answers could not be used last time, as logged.
-    failure: std::sync::Mutex<Option<String>>,
+    /// Why the sentinels' answers could not be used, and when that was last logged.
+    failure: std::sync::Mutex<Option<(String, u64)>>,
 }
 
 impl SentinelPool {
@@ -108,9 +112,16 @@ impl RedisStore {
                 found
             }
             Err(cause) => {
-                if last.as_deref() != Some(cause.as_str()) {
+                let now = self.clock.now();
+                let log = match &*last {
+                    None => true,
+                    Some((known, at)) => {
+                        *known != cause && now.saturating_sub(*at) >= CAUSE_LOG_INTERVAL_NS
+                    }
+                };
+                if log {
                     tracing::warn!(target: "reset_guard::limit", error = %cause, "the sentinels named no Redis master that answers as one");
-                    *last = Some(cause.clone());
+                    *last = Some((cause.clone(), now));
                 }
                 return Err(cause);
             }

@@ -172,6 +172,10 @@ impl RedisSettings {
         if info.redis_settings().password().is_some() {
             return Err("holds a password, which is given apart from the URL");
         }
+        if info.redis_settings().username().is_some() {
+            // Where a password is written by mistake, it would travel as the user's name.
+            return Err("holds a user name, which is given apart from the URL");
+        }
         if has_query(url) {
             return Err(QUERY_REFUSED);
         }
@@ -275,6 +279,11 @@ fn node_addresses(nodes: &[String], password: &str) -> Result<(&'static str, Vec
         if info.redis_settings().password().is_some() {
             return Err(format!(
                 "node {n} holds a password: {password}, given apart from the URLs"
+            ));
+        }
+        if info.redis_settings().username().is_some() {
+            return Err(format!(
+                "node {n} holds a user name, which is given apart from the URLs"
             ));
         }
         if has_query(node) {
