@@ -727,10 +727,9 @@ async fn text_logs_to_a_pipe_are_plain_with_short_durations() {
     }
 }
 
-#[tokio::test]
-async fn once_ready_again_after_redis_restarts_no_request_fails() {
-    let mut redis = test_support::RedisServer::start();
-    let port = redis.port();
+/// A gateway of two workers on `redis` under `on_error: deny`, a per-IP limit its only
+/// one (so every request asks Redis).
+async fn two_workers_on(redis: &test_support::RedisServer) -> Gateway {
     let mock = MockServer::start(mock_config()).await.unwrap();
     let yaml = with_server_keys(
         &yaml(
@@ -744,7 +743,14 @@ async fn once_ready_again_after_redis_restarts_no_request_fails() {
         ),
         "  workers: 2\n",
     );
-    let gw = Gateway::start_yaml(mock, &yaml).await;
+    Gateway::start_yaml(mock, &yaml).await
+}
+
+#[tokio::test]
+async fn once_ready_again_after_redis_restarts_no_request_fails() {
+    let mut redis = test_support::RedisServer::start();
+    let port = redis.port();
+    let gw = two_workers_on(&redis).await;
     let ready = async || gw.admin_get("/readyz").await.status;
     // Requests on many connections: both workers have their connection to Redis.
     for _ in 0..20 {
@@ -799,20 +805,7 @@ async fn a_connection_redis_closed_while_idle_fails_no_request() {
     let redis = test_support::RedisServer::start();
     // Redis drops a connection idle for a second; the probe's never is.
     redis.command("CONFIG SET timeout 1").unwrap();
-    let mock = MockServer::start(mock_config()).await.unwrap();
-    let yaml = with_server_keys(
-        &yaml(
-            &mock.url(),
-            "  limits:\n    per_ip: [{ requests: 1000, per: 1m }]\n    per_client: []\n    per_email: []\n    global: []\n",
-            &format!(
-                "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    url: {}\n    timeout: 200ms\n    on_error: deny\n",
-                key_secret_file().display(),
-                redis.url()
-            ),
-        ),
-        "  workers: 2\n",
-    );
-    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let gw = two_workers_on(&redis).await;
     for _ in 0..20 {
         assert_eq!(gw.reset_as_ios(&format!("email={ALICE}")).await.status, 200);
     }

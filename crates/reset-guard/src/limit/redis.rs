@@ -36,8 +36,36 @@ use super::{
 
 /// Most denials remembered locally.
 const DENIAL_CACHE_LIMIT: usize = 100_000;
-/// Least time between two log lines about failed requests (five for the probe's causes).
+/// Least time between two log lines about failed requests.
 const FAILURE_LOG_INTERVAL_NS: u64 = 1_000_000_000;
+/// Least time between two warnings of a new cause of a failure.
+const CAUSE_LOG_INTERVAL_NS: u64 = 5_000_000_000;
+
+/// The cause of a failure last warned of, and when. A new cause is warned of, but not
+/// more often than every few seconds: during a failover the cause can change from one
+/// attempt to the next, every fraction of a second.
+#[derive(Default)]
+pub(super) struct CauseLog(Option<(String, u64)>);
+
+impl CauseLog {
+    /// Whether `cause`, found at `now` ([`MonotonicClock`] nanoseconds), is to be warned
+    /// of; if so it is remembered as the last.
+    pub(super) fn is_new(&mut self, cause: &str, now: u64) -> bool {
+        let new = match &self.0 {
+            None => true,
+            Some((known, at)) => known != cause && now.saturating_sub(*at) >= CAUSE_LOG_INTERVAL_NS,
+        };
+        if new {
+            self.0 = Some((cause.to_owned(), now));
+        }
+        new
+    }
+
+    /// Forgets the failure once it is over; whether there was one.
+    pub(super) fn clear(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+}
 /// Least time between two probes prompted by failed requests.
 const PROMPTED_PROBE_INTERVAL_NS: u64 = 250_000_000;
 /// How much longer than `timeout` the probe waits for the cause of a late answer.
@@ -86,9 +114,8 @@ pub(crate) struct RedisStore {
     /// Set when the probe failed (its own connection breaks with every restart of Redis,
     /// however short); cleared by its next success, which then counts a reconnect.
     broken: AtomicBool,
-    /// The cause of the probe's last failure, and when a cause was last logged; none
-    /// while it succeeds.
-    probe_failure: Mutex<Option<(String, u64)>>,
+    /// The cause of the probe's failure, as logged; none while it succeeds.
+    probe_failure: Mutex<CauseLog>,
     /// When a failed request was last logged, and how many failed since.
     failure_logged: AtomicU64,
     failed_unlogged: AtomicU64,
@@ -168,7 +195,7 @@ impl RedisStore {
             healthy: AtomicBool::new(true),
             broken: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
-            probe_failure: Mutex::new(None),
+            probe_failure: Mutex::new(CauseLog::default()),
             failure_logged: AtomicU64::new(0),
             failed_unlogged: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -258,7 +285,7 @@ impl RedisStore {
                     // Published before readiness, which a worker's next queue lookup sees.
                     self.reconnects.fetch_add(1, Ordering::Release);
                 }
-                if last.take().is_some() {
+                if last.clear() {
                     tracing::info!(target: "reset_guard::limit", "Redis answers the probe again");
                 }
                 self.healthy.store(true, Ordering::Release);
@@ -266,18 +293,8 @@ impl RedisStore {
             }
             Err(cause) => {
                 self.broken.store(true, Ordering::Relaxed);
-                // A new cause is logged, but not more than every few seconds: during a
-                // failover the cause can change from one probe to the next.
-                let now = self.clock.now();
-                let log = match &*last {
-                    None => true,
-                    Some((known, at)) => {
-                        *known != cause && now.saturating_sub(*at) >= FAILURE_LOG_INTERVAL_NS * 5
-                    }
-                };
-                if log {
+                if last.is_new(&cause, self.clock.now()) {
                     tracing::warn!(target: "reset_guard::limit", error = %cause, "Redis does not answer the probe");
-                    *last = Some((cause, now));
                 }
                 self.healthy.store(false, Ordering::Relaxed);
                 false

@@ -12,10 +12,6 @@ use std::sync::atomic::AtomicUsize;
 
 use super::*;
 
-/// Least time between two warnings of a new reason the sentinels' answers are not used:
-/// during a failover the reason can change from one question to the next.
-const CAUSE_LOG_INTERVAL_NS: u64 = 5_000_000_000;
-
 /// The server decisions go to: the standalone one, or the master the sentinels named.
 pub(super) struct Master {
     /// Counts masters: a per-thread queue made for an older one is remade.
@@ -52,8 +48,8 @@ pub(super) struct SentinelPool {
     first: AtomicUsize,
     /// Whether the sentinels are asked with the username and password.
     with_auth: AtomicBool,
-    /// Why the sentinels' answers could not be used, and when that was last logged.
-    failure: std::sync::Mutex<Option<(String, u64)>>,
+    /// Why the sentinels' answers could not be used, as logged.
+    failure: std::sync::Mutex<CauseLog>,
 }
 
 impl SentinelPool {
@@ -62,7 +58,7 @@ impl SentinelPool {
             sentinels,
             first: AtomicUsize::new(0),
             with_auth: AtomicBool::new(false),
-            failure: std::sync::Mutex::new(None),
+            failure: std::sync::Mutex::new(CauseLog::default()),
         }
     }
 
@@ -106,22 +102,14 @@ impl RedisStore {
         let mut last = pool.failure.lock().unwrap_or_else(|e| e.into_inner());
         let ((host, port), client) = match found {
             Ok(found) => {
-                if last.take().is_some() {
+                if last.clear() {
                     tracing::info!(target: "reset_guard::limit", "the sentinels name a Redis master again");
                 }
                 found
             }
             Err(cause) => {
-                let now = self.clock.now();
-                let log = match &*last {
-                    None => true,
-                    Some((known, at)) => {
-                        *known != cause && now.saturating_sub(*at) >= CAUSE_LOG_INTERVAL_NS
-                    }
-                };
-                if log {
+                if last.is_new(&cause, self.clock.now()) {
                     tracing::warn!(target: "reset_guard::limit", error = %cause, "the sentinels named no Redis master that answers as one");
-                    *last = Some((cause.clone(), now));
                 }
                 return Err(cause);
             }
