@@ -40,6 +40,20 @@ const DENIAL_CACHE_LIMIT: usize = 100_000;
 const FAILURE_LOG_INTERVAL_NS: u64 = 1_000_000_000;
 /// Least time between two warnings of a new cause of a failure.
 const CAUSE_LOG_INTERVAL_NS: u64 = 5_000_000_000;
+/// Least time between two probes prompted by failed requests.
+const PROMPTED_PROBE_INTERVAL_NS: u64 = 250_000_000;
+/// How much longer than `timeout` the probe waits for the cause of a late answer.
+const CAUSE_WAIT: Duration = Duration::from_millis(500);
+/// Most requests waiting for Redis; beyond that they fail fast (as `on_error` says).
+const QUEUE_LIMIT: usize = 65_536;
+
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Per thread: each store's batching queue on this thread, and the connection
+    /// generation it was made in.
+    static QUEUES: std::cell::RefCell<Vec<(u64, Generation, mpsc::Sender<Job>)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// The cause of a failure last warned of, and when. A new cause is warned of, but not
 /// more often than every few seconds: during a failover the cause can change from one
@@ -65,20 +79,6 @@ impl CauseLog {
     pub(super) fn clear(&mut self) -> bool {
         self.0.take().is_some()
     }
-}
-/// Least time between two probes prompted by failed requests.
-const PROMPTED_PROBE_INTERVAL_NS: u64 = 250_000_000;
-/// How much longer than `timeout` the probe waits for the cause of a late answer.
-const CAUSE_WAIT: Duration = Duration::from_millis(500);
-/// Most requests waiting for Redis; beyond that they fail fast (as `on_error` says).
-const QUEUE_LIMIT: usize = 65_536;
-
-static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    /// Per thread: each store's batching queue on this thread, and the connection
-    /// generation it was made in.
-    static QUEUES: std::cell::RefCell<Vec<(u64, Generation, mpsc::Sender<Job>)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Which connections a queue's was made among: the master's generation (Sentinel: one per
@@ -555,5 +555,25 @@ pub(super) async fn answer_in_time<T>(
         Ok(Err(error)) => Err(error.to_string()),
         Ok(Ok(_)) => Err(format!("answered, but after more than {timeout:?}")),
         Err(_) => Err(format!("no answer within {:?}", timeout + CAUSE_WAIT)),
+    }
+}
+
+#[cfg(test)]
+mod cause_log_tests {
+    use super::{CauseLog, CAUSE_LOG_INTERVAL_NS};
+
+    #[test]
+    fn a_new_cause_is_warned_of_at_most_every_few_seconds() {
+        let mut log = CauseLog::default();
+        assert!(log.is_new("refused", 1));
+        assert!(!log.is_new("refused", 2), "the same cause again");
+        assert!(!log.is_new("timed out", 3), "a new cause too soon");
+        assert!(log.is_new("timed out", 1 + CAUSE_LOG_INTERVAL_NS));
+        assert!(log.clear());
+        assert!(!log.clear());
+        assert!(
+            log.is_new("timed out", 2 + CAUSE_LOG_INTERVAL_NS),
+            "a new failure"
+        );
     }
 }
