@@ -36,7 +36,15 @@ use crate::upstream::UpstreamExchange;
 /// node, many a second during an outage the gateway already reports once per cause: only
 /// its errors pass, unless the level names it (`info,redis=debug`).
 fn level(log: &LogConfig) -> String {
-    match log.level.contains("redis") {
+    let directives = || log.level.split(',').map(str::trim);
+    let names_redis = directives().any(|d| {
+        let target = d.split('=').next().unwrap_or_default();
+        target == "redis" || target.starts_with("redis::")
+    });
+    // `off` (or `error`) already keeps the client's reconnection messages out.
+    let quiet =
+        directives().any(|d| d.eq_ignore_ascii_case("off") || d.eq_ignore_ascii_case("error"));
+    match names_redis || quiet {
         true => log.level.clone(),
         false => format!("{},redis=error", log.level),
     }
@@ -411,5 +419,27 @@ mod tests {
         ] {
             assert_eq!(format!("{}", millis(duration)), printed);
         }
+    }
+
+    #[test]
+    fn the_redis_client_logs_errors_only_unless_the_level_names_it() {
+        let with = |level: &str| {
+            let log = LogConfig {
+                level: level.to_owned(),
+                ..LogConfig::default()
+            };
+            super::level(&log)
+        };
+        assert_eq!(with("info"), "info,redis=error");
+        assert_eq!(
+            with("warn,reset_guard::limit::redis=debug"),
+            "warn,reset_guard::limit::redis=debug,redis=error"
+        );
+        assert_eq!(with("info,redis=debug"), "info,redis=debug");
+        assert_eq!(
+            with("info,redis::cluster_async=warn"),
+            "info,redis::cluster_async=warn"
+        );
+        assert_eq!(with("off"), "off");
     }
 }

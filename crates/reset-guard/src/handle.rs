@@ -54,7 +54,8 @@ impl GuardHandle {
     }
 
     /// Whether the rate-limit store answered its last probe (memory: always). The probe
-    /// runs every second while the housekeeping runs, and soon after a request fails.
+    /// runs every second while the housekeeping runs (every 250ms while Redis does not
+    /// answer), and soon after a request fails.
     pub fn store_healthy(&self) -> bool {
         #[cfg(feature = "redis")]
         if let Some(store) = &self.core.redis {

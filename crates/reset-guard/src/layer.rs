@@ -221,7 +221,8 @@ impl std::fmt::Debug for Housekeeping {
     }
 }
 
-/// Sweeps idle keys every `sweep_interval` and, with Redis, probes it every second, until
+/// Sweeps idle keys every `sweep_interval` and, with Redis, probes it every second (every
+/// 250ms while it does not answer), until
 /// the guard is gone.
 async fn housekeeping(weak: Weak<GuardCore>) {
     #[cfg(feature = "redis")]

@@ -440,9 +440,13 @@ async fn a_wrong_redis_password_is_logged_as_the_cause_without_the_password() {
     }
     let failures = |logs: Vec<String>| {
         logs.into_iter()
-            .filter(|l| l.contains("rate-limit store unavailable"))
+            .filter(|l| l.contains("rate-limit store unavailable") && l.contains("\"failed\""))
             .count()
     };
+    // The log reaches the test through a pipe: wait for the first line, then a moment more.
+    let first = poll_until(100, async || failures(gateway.logs()), |n| *n > 0).await;
+    assert!(first > 0, "the failures were logged");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(failures(gateway.logs()) <= 2, "{:?}", gateway.logs());
     assert!(
         gateway.logs().iter().all(|l| !l.contains("hunter2")),

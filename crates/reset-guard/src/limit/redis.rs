@@ -286,7 +286,11 @@ impl RedisStore {
                     self.reconnects.fetch_add(1, Ordering::Release);
                 }
                 if last.clear() {
-                    tracing::info!(target: "reset_guard::limit", "Redis answers the probe again");
+                    // The failed requests not in a line yet are this failure's: counted
+                    // here, not in the next failure's first line.
+                    let failed = self.failed_unlogged.swap(0, Ordering::Relaxed);
+                    self.failure_logged.store(0, Ordering::Relaxed);
+                    tracing::info!(target: "reset_guard::limit", failed, "Redis answers the probe again");
                 }
                 self.healthy.store(true, Ordering::Release);
                 true

@@ -265,24 +265,31 @@ pub(super) async fn run_batches(
     timeout: Duration,
 ) {
     let mut connection = connection;
+    let mut last_call = std::time::Instant::now();
     while let Some(first) = queue.recv().await {
-        let batch = gather(first, &mut queue);
+        let mut batch = gather(first, &mut queue);
+        if last_call.elapsed() >= IDLE_CHECK {
+            // Redis may have closed a connection left idle (its `timeout`, `CLIENT KILL`):
+            // a PING finds out, and the manager makes a new one, before a script is sent
+            // that a closed connection would fail. A script call itself is never made
+            // twice: a connection that closes after it was written may have run it.
+            let ping = redis::cmd("PING");
+            let _ = tokio::time::timeout(timeout, ping.query_async::<()>(&mut connection)).await;
+            batch.retain(|job| !job.reply.is_closed());
+        }
         if batch.is_empty() {
             continue;
         }
         // One call at a time: Redis runs scripts one after another anyway, and whatever
         // arrives meanwhile rides in the next batch.
         call(batch, &mut connection, &script, timeout).await;
+        last_call = std::time::Instant::now();
     }
 }
 
-/// Whether a call failed writing to a connection the server had already closed (a broken
-/// pipe), so that the server never ran it. Any other failure may have come after the
-/// script ran, and is not retried: that could charge twice.
-fn closed_before_written(error: &redis::RedisError) -> bool {
-    // The client exposes the I/O error's kind only through its text.
-    error.is_connection_dropped() && error.to_string().to_lowercase().contains("broken pipe")
-}
+/// How long a connection may sit unused before it is checked with a PING ahead of the
+/// next call.
+const IDLE_CHECK: Duration = Duration::from_millis(500);
 
 /// The first job and whatever else is waiting, up to [`MAX_BATCH`].
 pub(super) fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {
@@ -317,14 +324,7 @@ pub(super) async fn call(
     let args = CallArgs::new(&batch);
     let command = args.declared(script.get_hash());
     let call = async {
-        let mut reply = command.query_async::<redis::Value>(connection).await;
-        if reply.as_ref().is_err_and(closed_before_written) {
-            // Redis closed this connection while it sat idle (its `timeout`, `CLIENT
-            // KILL`): the call never reached it, and goes again on the connection the
-            // manager makes next.
-            reply = command.query_async::<redis::Value>(connection).await;
-        }
-        match reply {
+        match command.query_async::<redis::Value>(connection).await {
             // A server that lost its scripts (restarted, or `SCRIPT FLUSH`): load it again.
             Err(error)
                 if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>

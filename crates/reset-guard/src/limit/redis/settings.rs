@@ -81,8 +81,9 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl RedisSettings {
     /// Whether these settings can work, as [`crate::ResetGuardBuilder::build`] checks
-    /// them: a URL the client accepts, with no password, query or fragment in it (the
-    /// password goes in [`password`](Self::password)), and a timeout from 1ms to 60s.
+    /// them: a URL the client accepts, with no user, password, query or fragment in it
+    /// (they go in [`username`](Self::username) and [`password`](Self::password)), and a
+    /// timeout from 1ms to 60s.
     /// The error says what is wrong without repeating the URL.
     pub fn check(&self) -> Result<(), String> {
         Self::check_url(&self.url).map_err(|why| format!("url {why}"))?;
@@ -151,8 +152,8 @@ impl RedisSettings {
     }
 
     /// Whether the client accepts `url` (checked without connecting) and it carries no
-    /// password; the error says what is wrong without repeating the URL, which may hold
-    /// a secret.
+    /// user, password, query or fragment; the error says what is wrong without repeating
+    /// the URL, which may hold a secret.
     pub fn check_url(url: &str) -> Result<(), &'static str> {
         if let Some(nodes) = cluster_nodes(url) {
             return nodes.iter().try_for_each(|node| Self::check_url(node));
