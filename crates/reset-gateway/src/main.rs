@@ -39,7 +39,10 @@ fn main() -> ExitCode {
             }
         },
         #[cfg(feature = "demo")]
-        Command::Demo { listen } => runtime(reset_gateway::demo::run(listen, signal::terminate())),
+        Command::Demo { listen } => runtime(async move {
+            let stop = signal::Terminate::install()?;
+            reset_gateway::demo::run(listen, stop.received()).await
+        }),
         Command::Run => {
             let settings = match load(&cli.config) {
                 Ok(settings) => settings,
@@ -49,10 +52,13 @@ fn main() -> ExitCode {
             let _log_sink = telemetry::init(&settings.log);
             let path = cli.config.clone();
             runtime(async move {
+                // Caught before the listeners open, so no signal meets its default action.
+                let stop = signal::Terminate::install()?;
+                let hangups = signal::hangups();
                 let app = reset_gateway::build(settings).await?;
-                tokio::spawn(app.reloader(path).watch());
+                tokio::spawn(app.reloader(path).watch(hangups));
                 tracing::info!(listen = %app.local_addr(), admin = %app.admin_addr(), "serving");
-                app.run(signal::terminate()).await
+                app.run(stop.received()).await
             })
         }
     }

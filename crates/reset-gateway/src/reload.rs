@@ -162,10 +162,10 @@ impl Reloader {
         Ok(())
     }
 
-    /// Reloads on SIGHUP and whenever the file's contents change, until the process ends.
-    pub async fn watch(self) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hangup = match signal(SignalKind::hangup()) {
+    /// Reloads on each of `hangups` (SIGHUP, see [`crate::signal::hangups`]) and whenever
+    /// the file's contents change, until the process ends.
+    pub async fn watch(self, hangups: std::io::Result<tokio::signal::unix::Signal>) {
+        let mut hangup = match hangups {
             Ok(hangup) => hangup,
             Err(error) => {
                 tracing::error!(%error, "cannot listen for SIGHUP; reloading on file change only");

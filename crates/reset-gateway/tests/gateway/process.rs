@@ -474,6 +474,60 @@ pub fn spawn_gateway(config: &std::path::Path) -> Process {
     }
 }
 
+/// Supervisors send SIGHUP as soon as a service reports started; one that arrived before the
+/// handler was installed took the default action and ended the process.
+#[tokio::test]
+async fn a_signal_sent_as_soon_as_the_gateway_serves_is_handled_not_fatal() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &yaml(&mock.url(), "", ""));
+    let mut gateways: Vec<Process> = (0..4).map(|_| spawn_gateway(&path)).collect();
+    for gateway in &gateways {
+        gateway.signal("HUP");
+    }
+    // Caught already when "serving" was logged: the kernel's mask of caught signals
+    // (SIGHUP is bit 0, SIGINT bit 1, SIGTERM bit 14).
+    let spawned = spawn_gateway(&path);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", spawned.child.id())).unwrap();
+    let caught = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .map(|mask| u64::from_str_radix(mask.trim(), 16).unwrap())
+        .unwrap();
+    for (name, bit) in [("HUP", 0), ("INT", 1), ("TERM", 14)] {
+        assert!(caught & (1 << bit) != 0, "SIG{name} is not caught yet");
+    }
+    spawned.signal("HUP");
+    gateways.push(spawned);
+    for gateway in &mut gateways {
+        let reloaded = poll_until(
+            250,
+            async || {
+                gateway
+                    .logs()
+                    .iter()
+                    .any(|l| l.contains("configuration reloaded"))
+            },
+            |done| *done,
+        )
+        .await;
+        assert!(
+            reloaded,
+            "exit status {:?}, logs {:?}",
+            gateway.child.try_wait(),
+            gateway.logs()
+        );
+        assert_eq!(gateway.child.try_wait().unwrap(), None, "still running");
+    }
+    let mut gateway = gateways.pop().unwrap();
+    gateway.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || gateway.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM drains and exits 0");
+}
+
 #[tokio::test]
 async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     let mut config = mock_config();
