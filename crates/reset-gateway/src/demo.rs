@@ -59,10 +59,10 @@ pub async fn run(
              pick another, such as `demo --listen 127.0.0.1:8081`)"
         )
     })?;
-    println!(
-        "{}",
+    crate::console::out(format_args!(
+        "{}\n",
         instructions(app.local_addr(), app.admin_addr(), &mock.url(), per_ip)
-    );
+    ));
     app.run(shutdown).await?;
     mock.shutdown().await;
     Ok(())

@@ -7,6 +7,7 @@ pub mod accept;
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod console;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod explain;

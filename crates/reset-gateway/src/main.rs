@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use reset_gateway::cli::{Cli, Command};
+use reset_gateway::console::{err, out};
 use reset_gateway::{health, load, signal, simulate, telemetry, EXIT_CONFIG};
 use reset_guard::TokenDigest;
 
@@ -16,11 +17,14 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig { explain } => match load(&cli.config) {
             Ok(settings) => {
-                println!("configuration OK: {}", cli.config.display());
+                let mut written = out(format_args!("configuration OK: {}\n", cli.config.display()));
                 if explain {
-                    print!("{}", reset_gateway::explain::explain(&settings.guard));
+                    written &= out(format_args!(
+                        "{}",
+                        reset_gateway::explain::explain(&settings.guard)
+                    ));
                 }
-                ExitCode::SUCCESS
+                exit_code(written)
             }
             Err(error) => invalid(&cli.config, &error),
         },
@@ -29,19 +33,17 @@ fn main() -> ExitCode {
         }
         Command::HashToken => hash_token(),
         Command::Health => match health::check(&cli.config) {
-            Ok(answer) => {
-                println!("ready: {answer}");
-                ExitCode::SUCCESS
-            }
+            Ok(answer) => exit_code(out(format_args!("ready: {answer}\n"))),
             Err(reason) => {
-                eprintln!("not ready: {reason}");
+                err(format_args!("not ready: {reason}"));
                 ExitCode::FAILURE
             }
         },
         #[cfg(feature = "demo")]
         Command::Demo { listen } => runtime(async move {
             let stop = signal::Terminate::install()?;
-            reset_gateway::demo::run(listen, stop.received()).await
+            stop.serve(|drain| reset_gateway::demo::run(listen, drain))
+                .await
         }),
         Command::Run => {
             let settings = match load(&cli.config) {
@@ -58,38 +60,45 @@ fn main() -> ExitCode {
                 let app = reset_gateway::build(settings).await?;
                 tokio::spawn(app.reloader(path).watch(hangups));
                 tracing::info!(listen = %app.local_addr(), admin = %app.admin_addr(), "serving");
-                app.run(stop.received()).await
+                stop.serve(|drain| app.run(drain)).await
             })
         }
     }
 }
 
 fn invalid(path: &std::path::Path, error: &reset_guard::ConfigError) -> ExitCode {
-    eprintln!("invalid configuration: {}: {error}", path.display());
+    err(format_args!(
+        "invalid configuration: {}: {error}",
+        path.display()
+    ));
     ExitCode::from(EXIT_CONFIG)
 }
 
 fn hash_token() -> ExitCode {
     let mut token = String::new();
     if let Err(error) = std::io::stdin().read_to_string(&mut token) {
-        eprintln!("cannot read the token from stdin: {error}");
+        err(format_args!("cannot read the token from stdin: {error}"));
         return ExitCode::FAILURE;
     }
     // As a header carries it: HTTP strips the spaces around a value, and `echo` adds a
     // newline.
     let token = token.trim_ascii();
     if token.is_empty() {
-        eprintln!("no token on stdin: try `printf %s \"$TOKEN\" | reset-gateway hash-token`");
+        err(format_args!(
+            "no token on stdin: try `printf %s \"$TOKEN\" | reset-gateway hash-token`"
+        ));
         return ExitCode::FAILURE;
     }
     if token.bytes().any(|b| b.is_ascii_control()) {
-        eprintln!(
+        err(format_args!(
             "the token holds a control character (a line break, say): no header can carry it"
-        );
+        ));
         return ExitCode::FAILURE;
     }
-    println!("{}", TokenDigest::of(token.as_bytes()).to_hex());
-    ExitCode::SUCCESS
+    exit_code(out(format_args!(
+        "{}\n",
+        TokenDigest::of(token.as_bytes()).to_hex()
+    )))
 }
 
 fn runtime(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
@@ -99,15 +108,25 @@ fn runtime(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitC
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("cannot start the runtime: {error}");
+            err(format_args!("cannot start the runtime: {error}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("reset-gateway: {error:#}");
+            err(format_args!("reset-gateway: {error:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Success only if the command's output was written: a digest or verdict that never
+/// reached its reader is a failure.
+fn exit_code(written: bool) -> ExitCode {
+    if written {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -96,11 +96,11 @@ pub fn main(proposed: &Path, log: Option<&Path>, current: Option<&Path>, json: b
             ExitCode::SUCCESS
         }
         Err(error @ SimulateError::Config { .. }) => {
-            eprintln!("{error}");
+            crate::console::err(format_args!("{error}"));
             ExitCode::from(crate::EXIT_CONFIG)
         }
         Err(error @ SimulateError::Log { .. }) => {
-            eprintln!("{error}");
+            crate::console::err(format_args!("{error}"));
             ExitCode::from(EXIT_NO_INPUT)
         }
     }

@@ -528,6 +528,81 @@ async fn a_signal_sent_as_soon_as_the_gateway_serves_is_handled_not_fatal() {
     assert_eq!(status.code(), Some(0), "SIGTERM drains and exits 0");
 }
 
+/// An operator who signals again while the gateway drains wants it gone now.
+#[tokio::test]
+async fn a_second_sigterm_while_draining_stops_at_once() {
+    let mut config = mock_config();
+    config.latency = Duration::from_secs(20);
+    let mock = MockServer::start(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &with_server_keys(
+            &yaml(&mock.url(), "", "")
+                .replace("timeout: 400ms", "timeout: 30s")
+                .replace("shutdown_grace: 5s", "shutdown_grace: 60s"),
+            "  request_timeout: 40s\n",
+        ),
+    );
+    let mut process = spawn_gateway(&path);
+    let addr = process.addr;
+    let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+    let _in_flight = tokio::spawn(async move { raw(addr, request.as_bytes()).await });
+    poll_until(500, async || mock.requests().len(), |n| *n > 0).await;
+    process.signal("TERM");
+    poll_until(
+        500,
+        async || process.logs().iter().any(|l| l.contains("draining connections")),
+        |draining| *draining,
+    )
+    .await;
+    process.signal("TERM");
+    let logs = tokio::task::spawn_blocking(move || {
+        let logs = process.logs_to_end();
+        (process.child.wait().unwrap(), logs)
+    });
+    let (status, logs) = tokio::time::timeout(Duration::from_secs(10), logs)
+        .await
+        .expect("gone well before the 20s request or the 60s grace")
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "not a clean drain: {logs:?}");
+    assert!(
+        logs.iter().any(|l| l.contains("SIGTERM received again")),
+        "{logs:?}"
+    );
+}
+
+/// A reader that has gone (`| head`, a closed pipe) is a failed write, not a panic (exit 101).
+#[test]
+fn output_nobody_reads_fails_the_command_without_a_panic() {
+    let closed_pipe = |command: &mut Command, stream: &str| {
+        let mut command = command;
+        command = match stream {
+            "stdout" => command.stdout(Stdio::piped()).stderr(Stdio::null()),
+            _ => command.stderr(Stdio::piped()).stdout(Stdio::null()),
+        };
+        let mut child = command.stdin(Stdio::piped()).spawn().unwrap();
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(b"token\n");
+        drop(stdin);
+        child.wait().unwrap().code()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write_config(&dir, "nonsense: 1\n");
+    assert_eq!(
+        closed_pipe(gateway().arg("--config").arg(&bad).arg("check-config"), "stderr"),
+        Some(64),
+        "the configuration's verdict, not a panic"
+    );
+    assert_eq!(
+        closed_pipe(gateway().arg("hash-token"), "stdout"),
+        Some(1),
+        "the digest was not delivered"
+    );
+}
+
 #[tokio::test]
 async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     let mut config = mock_config();
