@@ -5,7 +5,7 @@
 //! `upstream` (with the API key), `store` (with `store.redis` and the key secret) and `log`.
 //! `guard` is the library's own [`GuardConfig`]. Every type is used as `config::X`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use reset_guard::{ApiKey, ConfigError, GuardConfig, GuardSettings};
 use serde::Deserialize;
@@ -58,6 +58,10 @@ pub struct Settings {
     pub store: LimitStore,
     /// Logging.
     pub log: LogConfig,
+    /// The files besides this one that a reload reads again (the API key file, the TLS
+    /// certificate and key, `upstream.ca_file`): a change to one is a change to the
+    /// configuration.
+    pub reread_files: Vec<PathBuf>,
 }
 
 impl GatewayConfig {
@@ -104,6 +108,19 @@ impl GatewayConfig {
                 .located(yaml));
             }
         }
+        let reread_files = self
+            .upstream
+            .api_key_file
+            .iter()
+            .chain(upstream.ca_file.iter())
+            .chain(
+                server
+                    .tls
+                    .iter()
+                    .flat_map(|tls| [&tls.cert_file, &tls.key_file]),
+            )
+            .cloned()
+            .collect();
         Ok(Settings {
             store,
             server,
@@ -111,6 +128,7 @@ impl GatewayConfig {
             guard,
             api_key,
             log: self.log.clone(),
+            reread_files,
         })
     }
 }

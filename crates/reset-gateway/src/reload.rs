@@ -1,9 +1,15 @@
 //! Live reload: on SIGHUP and when the file changes, the file is read and
 //! checked in full; only then is anything applied. A bad file is logged and counted and
 //! the running configuration stays.
+//!
+//! "Changes" covers the files the configuration names and a reload reads again (the API
+//! key file, the TLS pair, `upstream.ca_file`): a Secret rotated in place is picked up
+//! like an edited file. A change is applied once the contents have stood still for one
+//! poll, so a file caught half-written (a writer that truncates, then writes) is not
+//! applied with defaults filling its missing sections.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -13,8 +19,9 @@ use crate::config::{load, Settings};
 use crate::tls::CertStore;
 use crate::upstream::Forwarder;
 
-/// How often the file is looked at for changes.
-const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the files are looked at for changes; a change is applied when two looks in a
+/// row see the same new contents.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Reloads one running gateway from its file.
 pub struct Reloader {
@@ -24,6 +31,8 @@ pub struct Reloader {
     certs: Option<Arc<CertStore>>,
     /// What needs a restart to change, as the process started with it.
     fixed: Fixed,
+    /// The running configuration's [`Settings::reread_files`].
+    reread_files: Mutex<Vec<PathBuf>>,
 }
 
 /// What only a restart changes, as one configuration has it: each setting's key and its
@@ -116,6 +125,7 @@ impl Reloader {
             forwarders,
             certs,
             fixed: Fixed::of(settings),
+            reread_files: Mutex::new(settings.reread_files.clone()),
         }
     }
 
@@ -158,58 +168,190 @@ impl Reloader {
         for (forwarder, upstream) in self.forwarders.iter().zip(upstreams) {
             forwarder.apply(upstream);
         }
+        *self.reread_files.lock().unwrap() = settings.reread_files;
         self.state.guard.update(settings.guard, settings.api_key);
         Ok(())
     }
 
     /// Reloads on each of `hangups` (SIGHUP, see [`crate::signal::hangups`]) and whenever
-    /// the file's contents change, until the process ends.
+    /// the files' contents change, until the process ends.
     pub async fn watch(self, hangups: std::io::Result<tokio::signal::unix::Signal>) {
         let mut hangup = match hangups {
-            Ok(hangup) => hangup,
+            Ok(hangup) => Some(hangup),
             Err(error) => {
                 tracing::error!(%error, "cannot listen for SIGHUP; reloading on file change only");
-                return self.poll_only().await;
+                None
             }
         };
-        let mut seen = self.fingerprint();
+        let mut watch = Watch::new(self.fingerprint());
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let hangup_received = async {
+                match &mut hangup {
+                    Some(hangup) => hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = hangup.recv() => {
+                _ = hangup_received => {
                     tracing::info!("SIGHUP received");
-                    seen = self.fingerprint();
                     let _ = self.reload();
+                    watch.reloaded(self.fingerprint());
                 }
-                _ = tick.tick() => {
-                    let now = self.fingerprint();
-                    if now.is_some() && now != seen {
-                        seen = now;
+                _ = tick.tick() => match watch.look(self.fingerprint()) {
+                    Look::Unchanged => {}
+                    Look::Changed => {
                         let _ = self.reload();
+                        // What the reload read (a new key file's path, say) is watched now.
+                        watch.reloaded(self.fingerprint());
                     }
+                    Look::Unreadable(error) => {
+                        self.state.metrics.reload(false);
+                        tracing::error!(
+                            path = %self.path.display(),
+                            %error,
+                            "cannot read the configuration file; the running configuration stays"
+                        );
+                    }
+                },
+            }
+        }
+    }
+
+    /// A digest of the file's contents and of the files it names that a reload reads
+    /// (contents, not timestamps: ConfigMaps swap symlinks, and editors rewrite files,
+    /// without the contents always changing). A named file that cannot be read counts as
+    /// contents of its own, so that its reload, and the error saying why, happen.
+    fn fingerprint(&self) -> std::io::Result<[u8; 32]> {
+        let mut digest = Sha256::new();
+        digest.update(std::fs::read(&self.path)?);
+        for path in self.reread_files.lock().unwrap().iter() {
+            digest.update(path.as_os_str().as_encoded_bytes());
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    digest.update([1]);
+                    digest.update(bytes);
                 }
+                Err(_) => digest.update([0]),
             }
+        }
+        Ok(digest.finalize().into())
+    }
+}
+
+/// What one look at the files found.
+#[derive(Debug, PartialEq)]
+enum Look {
+    Unchanged,
+    /// New contents, the same as the look before: time to reload.
+    Changed,
+    /// The file cannot be read (said once, until it can be again).
+    Unreadable(String),
+}
+
+/// The file watch's memory between looks: the contents last applied (or tried), and new
+/// contents seen once and waiting for a second look.
+struct Watch {
+    applied: Option<[u8; 32]>,
+    pending: Option<[u8; 32]>,
+    unreadable: bool,
+}
+
+impl Watch {
+    fn new(start: std::io::Result<[u8; 32]>) -> Self {
+        Watch {
+            applied: start.ok(),
+            pending: None,
+            unreadable: false,
         }
     }
 
-    async fn poll_only(self) {
-        let mut seen = self.fingerprint();
-        loop {
-            tokio::time::sleep(POLL_INTERVAL).await;
-            let now = self.fingerprint();
-            if now.is_some() && now != seen {
-                seen = now;
-                let _ = self.reload();
-            }
+    /// A reload happened outside the watch (SIGHUP): these contents are the ones tried.
+    fn reloaded(&mut self, now: std::io::Result<[u8; 32]>) {
+        if let Ok(now) = now {
+            self.applied = Some(now);
+            self.pending = None;
         }
     }
 
-    /// A digest of the file's contents (not its timestamp: ConfigMaps swap symlinks, and
-    /// editors rewrite files, without the contents always changing).
-    fn fingerprint(&self) -> Option<[u8; 32]> {
-        std::fs::read(&self.path)
-            .ok()
-            .map(|bytes| Sha256::digest(bytes).into())
+    fn look(&mut self, now: std::io::Result<[u8; 32]>) -> Look {
+        let now = match now {
+            Ok(now) => now,
+            Err(error) => {
+                self.pending = None;
+                if std::mem::replace(&mut self.unreadable, true) {
+                    return Look::Unchanged;
+                }
+                return Look::Unreadable(error.to_string());
+            }
+        };
+        self.unreadable = false;
+        if self.applied == Some(now) {
+            self.pending = None;
+            Look::Unchanged
+        } else if self.pending == Some(now) {
+            self.applied = Some(now);
+            self.pending = None;
+            Look::Changed
+        } else {
+            self.pending = Some(now);
+            Look::Unchanged
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Look, Watch};
+
+    fn contents(byte: u8) -> std::io::Result<[u8; 32]> {
+        Ok([byte; 32])
+    }
+
+    fn gone() -> std::io::Result<[u8; 32]> {
+        Err(std::io::Error::from(std::io::ErrorKind::NotFound))
+    }
+
+    #[test]
+    fn a_change_is_applied_once_it_has_stood_still_for_a_look() {
+        let mut watch = Watch::new(contents(1));
+        assert_eq!(watch.look(contents(1)), Look::Unchanged);
+        // Half written, then finished: neither is applied until seen twice.
+        assert_eq!(watch.look(contents(2)), Look::Unchanged);
+        assert_eq!(watch.look(contents(3)), Look::Unchanged);
+        assert_eq!(watch.look(contents(3)), Look::Changed);
+        assert_eq!(watch.look(contents(3)), Look::Unchanged);
+        // Back to what was applied before the write settled: nothing to do.
+        assert_eq!(watch.look(contents(4)), Look::Unchanged);
+        assert_eq!(watch.look(contents(3)), Look::Unchanged);
+        assert_eq!(watch.look(contents(3)), Look::Unchanged);
+    }
+
+    #[test]
+    fn an_unreadable_file_is_reported_once_until_it_is_readable_again() {
+        let mut watch = Watch::new(contents(1));
+        assert!(matches!(watch.look(gone()), Look::Unreadable(_)));
+        assert_eq!(watch.look(gone()), Look::Unchanged);
+        assert_eq!(
+            watch.look(contents(1)),
+            Look::Unchanged,
+            "the same file again"
+        );
+        assert!(matches!(watch.look(gone()), Look::Unreadable(_)));
+        assert_eq!(watch.look(contents(2)), Look::Unchanged);
+        assert_eq!(
+            watch.look(contents(2)),
+            Look::Changed,
+            "a new file, once settled"
+        );
+    }
+
+    #[test]
+    fn a_sighup_reload_is_not_repeated_by_the_watch() {
+        let mut watch = Watch::new(contents(1));
+        assert_eq!(watch.look(contents(2)), Look::Unchanged);
+        watch.reloaded(contents(2));
+        assert_eq!(watch.look(contents(2)), Look::Unchanged);
     }
 }

@@ -531,6 +531,62 @@ async fn the_api_key_file_is_re_read_on_reload() {
         .all(|l| !l.contains("rotated-key-2") && !l.contains("old-key-1")));
 }
 
+/// Kubernetes rotates a mounted Secret in place, and the image has no shell to send SIGHUP:
+/// the key file is watched like the configuration. A configuration file that disappears
+/// is said, and counted, once.
+#[tokio::test]
+async fn a_rotated_api_key_file_is_picked_up_without_a_signal() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    mock.set_api_key("rotated-key-2");
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("qb_api_key");
+    std::fs::write(&key_file, "old-key-1\n").unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let yaml = yaml(&mock.url(), "  responses: { uniform: false }\n", "").replace(
+        "upstream:\n",
+        &format!("upstream:\n  api_key_file: {}\n", key_file.display()),
+    );
+    write(&path, &yaml);
+    let gw = spawn_gateway(&path);
+    let ask = || {
+        let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+        async move { raw(gw.addr, request.as_bytes()).await.status }
+    };
+    assert_eq!(ask().await, 401, "QuickBlox refuses the old key");
+    std::fs::write(&key_file, "rotated-key-2\n").unwrap();
+    let status = poll_until(250, async || ask().await, |s| *s == 200).await;
+    assert_eq!(status, 200, "the rotated key is used without a signal");
+
+    let failures = async || {
+        let metrics = raw(
+            gw.admin,
+            b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .body;
+        sample(
+            &metrics,
+            "reset_gateway_config_reloads_total{result=\"failure\"}",
+        )
+    };
+    assert_eq!(failures().await, Some(0.0));
+    std::fs::remove_file(&path).unwrap();
+    let said = poll_until(
+        250,
+        async || {
+            gw.logs()
+                .iter()
+                .filter(|l| l.contains("cannot read the configuration file"))
+                .count()
+        },
+        |n| *n > 0,
+    )
+    .await;
+    assert_eq!(said, 1);
+    assert_eq!(failures().await, Some(1.0), "counted as a failed reload");
+    assert_eq!(ask().await, 200, "the running configuration stays");
+}
+
 #[tokio::test]
 async fn metrics_parse_as_the_format_their_content_type_names() {
     use openmetrics_parser::{OpenMetricsType, OpenMetricsValue};

@@ -552,7 +552,12 @@ async fn a_second_sigterm_while_draining_stops_at_once() {
     process.signal("TERM");
     poll_until(
         500,
-        async || process.logs().iter().any(|l| l.contains("draining connections")),
+        async || {
+            process
+                .logs()
+                .iter()
+                .any(|l| l.contains("draining connections"))
+        },
         |draining| *draining,
     )
     .await;
@@ -592,7 +597,10 @@ fn output_nobody_reads_fails_the_command_without_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let bad = write_config(&dir, "nonsense: 1\n");
     assert_eq!(
-        closed_pipe(gateway().arg("--config").arg(&bad).arg("check-config"), "stderr"),
+        closed_pipe(
+            gateway().arg("--config").arg(&bad).arg("check-config"),
+            "stderr"
+        ),
         Some(64),
         "the configuration's verdict, not a panic"
     );
