@@ -336,6 +336,18 @@ impl Collector for LimiterCollector {
             let labels = [("limit", group.name())];
             ConstGauge::new(held as i64).encode(keys.encode_family(&labels)?)?;
         }
+        let mut evictions = encoder.encode_descriptor(
+            "reset_gateway_limiter_evictions",
+            "Keys dropped while still counting because a quota of the group held \
+             store.max_keys keys: their next request starts afresh",
+            None,
+            MetricType::Counter,
+        )?;
+        for group in LimitGroup::ALL {
+            let labels = [("limit", group.name())];
+            ConstCounter::new(self.guard.forced_evictions(group))
+                .encode(evictions.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }

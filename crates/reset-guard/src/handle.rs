@@ -88,9 +88,10 @@ impl GuardHandle {
         self.core.current.load().limiter.keys(group)
     }
 
-    /// Keys dropped while still counting because a quota hit `max_keys`.
-    pub fn forced_evictions(&self) -> u64 {
-        self.core.current.load().limiter.forced_evictions()
+    /// Keys of `group` dropped while still counting because a quota of it held `max_keys`
+    /// keys (each such key's next request starts afresh), since start: kept across reloads.
+    pub fn forced_evictions(&self, group: LimitGroup) -> u64 {
+        self.core.current.load().limiter.forced_evictions(group)
     }
 
     /// Requests a quota of `group` denied so far (kept across reloads).

@@ -250,9 +250,11 @@ impl<C: ShardCell<Shard>> Limiter<C> {
         let mut groups: [Vec<Entry<C>>; 4] = Default::default();
         for group in LimitGroup::ALL {
             let mut reusable: Vec<&Arc<QuotaState<C>>> = previous
-                .filter(|p| p.max_keys == store.max_keys)
                 .map(|p| p.groups[group.index()].iter().map(|e| &e.state).collect())
                 .unwrap_or_default();
+            if previous.is_some_and(|p| p.max_keys != store.max_keys) {
+                counters.retire_evictions(group, reusable.drain(..).map(|s| s.forced_evictions()));
+            }
             for quota in &settings.groups[group.index()] {
                 let state = match reusable.iter().position(|s| s.quota.same_limit(quota)) {
                     Some(i) => reusable.remove(i).clone(),
@@ -263,6 +265,9 @@ impl<C: ShardCell<Shard>> Limiter<C> {
                     shadow: quota.shadow,
                 });
             }
+            // The states left behind take their count with them: kept, so the counter
+            // never goes back.
+            counters.retire_evictions(group, reusable.into_iter().map(|s| s.forced_evictions()));
         }
         Limiter {
             groups,
@@ -449,13 +454,13 @@ impl<C: ShardCell<Shard>> Limiter<C> {
             .collect()
     }
 
-    /// Keys dropped while still counting, over all quotas.
-    pub(crate) fn forced_evictions(&self) -> u64 {
-        self.groups
+    /// Keys of `group` dropped while still counting, since start.
+    pub(crate) fn forced_evictions(&self, group: LimitGroup) -> u64 {
+        let live: u64 = self.groups[group.index()]
             .iter()
-            .flatten()
             .map(|e| e.state.forced_evictions())
-            .sum()
+            .sum();
+        self.counters.retired_evictions(group) + live
     }
 }
 

@@ -10,6 +10,29 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::common::*;
 use crate::process::{spawn_gateway, Process};
 
+/// A full memory store forgets keys that still count: the operator must be able to see it.
+#[tokio::test]
+async fn keys_dropped_at_max_keys_are_counted() {
+    let gw = Gateway::start_with(
+        mock_config(),
+        "  limits: { per_ip: [], per_client: [], per_email: [{ requests: 3, per: 1h }], global: [] }\n",
+        "store:\n  max_keys: 64\n",
+    )
+    .await;
+    let evicted = async || {
+        sample(
+            &gw.admin_get("/metrics").await.body,
+            "reset_gateway_limiter_evictions_total{limit=\"per_email\"}",
+        )
+    };
+    assert_eq!(evicted().await, Some(0.0));
+    for i in 0..300 {
+        gw.reset_as_ios(&format!("email=user{i}%40example.com"))
+            .await;
+    }
+    assert!(evicted().await.unwrap() > 0.0);
+}
+
 #[tokio::test]
 async fn health_readiness_and_metrics() {
     let gw = Gateway::start("  limits:\n    per_ip: []\n    per_client: []\n    per_email: [{ requests: 1, per: 1h }]\n    global: []\n").await;

@@ -34,6 +34,8 @@ pub struct LimitCounters {
     shadow_denied: [AtomicU64; 4],
     /// Per group and quota position: admissions that left less than a fifth of the burst.
     near_limit: [[AtomicU64; MAX_QUOTAS_PER_GROUP]; 4],
+    /// Per group: keys dropped while still counting by quota states a reload replaced.
+    retired_evictions: [AtomicU64; 4],
 }
 
 impl LimitCounters {
@@ -53,6 +55,15 @@ impl LimitCounters {
         self.near_limit[group.index()]
             .get(position)
             .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn retired_evictions(&self, group: LimitGroup) -> u64 {
+        self.retired_evictions[group.index()].load(Ordering::Relaxed)
+    }
+
+    /// Keeps the eviction counts of quota states a reload leaves behind.
+    pub(crate) fn retire_evictions(&self, group: LimitGroup, counts: impl Iterator<Item = u64>) {
+        self.retired_evictions[group.index()].fetch_add(counts.sum(), Ordering::Relaxed);
     }
 
     pub(crate) fn count_near_limit(&self, group: LimitGroup, position: usize) {

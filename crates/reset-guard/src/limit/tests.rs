@@ -522,10 +522,15 @@ async fn idle_keys_are_swept_and_memory_is_bounded() {
     }
     let held: usize = rig.handle.tracked_keys(LimitGroup::PerEmail).iter().sum();
     assert!(held <= 640, "{held} keys held, bound is 640");
-    assert!(rig.handle.forced_evictions() > 0);
+    let evicted = rig.handle.forced_evictions(LimitGroup::PerEmail);
+    assert!(evicted > 0);
+    assert_eq!(rig.handle.forced_evictions(LimitGroup::PerIp), 0);
     rig.advance(20);
     assert!(rig.handle.sweep() > 0);
     assert_eq!(rig.handle.tracked_keys(LimitGroup::PerEmail), [0]);
+    // A reload that replaces the quota keeps the count: a counter never goes back.
+    reload(&rig, "  per_email: [{ requests: 4, per: 1m }]\n");
+    assert_eq!(rig.handle.forced_evictions(LimitGroup::PerEmail), evicted);
 }
 
 /// One step of a random schedule: wait some milliseconds, then ask for one of a few addresses.
