@@ -46,23 +46,39 @@ fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
     trusted.iter().any(|net| net.contains(&ip))
 }
 
-/// Reads every `X-Forwarded-For` entry right to left and returns the first one that is
-/// not a trusted proxy; `None` when the header is absent or any entry is malformed.
+/// Walks the `X-Forwarded-For` entries right to left (the last header line first) and
+/// returns the first one that is not a trusted proxy. Only the entries walked must be
+/// readable: what a client wrote to the left of the first untrusted entry is never looked
+/// at, so it cannot move the client into its proxy's bucket. A malformed entry reached
+/// before any untrusted one ends the walk at the nearest trusted address before it (a
+/// proxy vouched for nothing further); `None` when there is none.
 fn walk_forwarded_for(headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
-    let mut entries = Vec::new();
-    for value in headers.get_all("x-forwarded-for") {
-        for entry in value.to_str().ok()?.split(',') {
-            entries.push(entry.trim().parse::<IpAddr>().ok()?.to_canonical());
+    let mut nearest = None;
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(text) = value.to_str() else {
+            return nearest;
+        };
+        for entry in text.rsplit(',') {
+            let Some(ip) = forwarded_address(entry.trim()) else {
+                return nearest;
+            };
+            if !is_trusted(ip, trusted) {
+                return Some(ip);
+            }
+            nearest = Some(ip);
         }
     }
-    let mut leftmost = None;
-    for ip in entries.into_iter().rev() {
-        if !is_trusted(ip, trusted) {
-            return Some(ip);
-        }
-        leftmost = Some(ip);
-    }
-    leftmost
+    nearest
+}
+
+/// One entry: an address, or an address with a port (`192.0.2.1:4711`,
+/// `[2001:db8::1]:4711`), which some balancers write.
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let ip = match entry.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) => entry.parse::<SocketAddr>().ok()?.ip(),
+    };
+    Some(ip.to_canonical())
 }
 
 #[cfg(test)]
@@ -70,10 +86,10 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    fn xff(values: &[&'static str]) -> HeaderMap {
+    fn xff(values: &[&str]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for value in values {
-            map.append("x-forwarded-for", HeaderValue::from_static(value));
+            map.append("x-forwarded-for", HeaderValue::from_str(value).unwrap());
         }
         map
     }
@@ -105,12 +121,48 @@ mod tests {
     }
 
     #[test]
-    fn malformed_header_means_the_peer() {
+    fn malformed_entries_left_of_the_client_are_never_read() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        // What nginx's $proxy_add_x_forwarded_for and HAProxy's forwardfor send for a
+        // client that wrote its own header: its writing stays to the left of its address.
+        for written in ["nonsense", "unknown", "1.2.3.4:80, ,", "\"[::1]\""] {
+            let headers = xff(&[&format!("{written}, 198.51.100.7")]);
+            let got = ClientIp::resolve(ip("10.0.0.2"), &headers, &trusted);
+            assert_eq!(got.ip(), ip("198.51.100.7"), "{written}");
+        }
+        let got = ClientIp::resolve(
+            ip("10.0.0.2"),
+            &xff(&["nonsense", "198.51.100.7"]),
+            &trusted,
+        );
+        assert_eq!(got.ip(), ip("198.51.100.7"), "over two header lines");
+    }
+
+    #[test]
+    fn a_malformed_entry_a_proxy_vouched_for_ends_the_walk_at_that_proxy() {
         let trusted = nets(&["10.0.0.0/8"]);
         let got = ClientIp::resolve(ip("10.0.0.2"), &xff(&["1.2.3.4, nonsense"]), &trusted);
-        assert_eq!(got.ip(), ip("10.0.0.2"));
+        assert_eq!(got.ip(), ip("10.0.0.2"), "nothing readable: the peer");
+        let got = ClientIp::resolve(
+            ip("10.0.0.2"),
+            &xff(&["1.2.3.4, nonsense, 10.9.9.9"]),
+            &trusted,
+        );
+        assert_eq!(got.ip(), ip("10.9.9.9"), "the nearest trusted address");
         let got = ClientIp::resolve(ip("10.0.0.2"), &xff(&[]), &trusted);
         assert_eq!(got.ip(), ip("10.0.0.2"));
+    }
+
+    #[test]
+    fn entries_with_a_port_are_their_address() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        for (entry, want) in [
+            ("198.51.100.7:4711", "198.51.100.7"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+        ] {
+            let got = ClientIp::resolve(ip("10.0.0.2"), &xff(&[entry]), &trusted);
+            assert_eq!(got.ip(), ip(want));
+        }
     }
 
     #[test]
