@@ -30,6 +30,8 @@ use crate::upstream::Forwarder;
 
 mod connection;
 mod handler;
+mod idle;
+mod send_timeout;
 mod worker;
 
 use connection::Protocols;

@@ -16,6 +16,8 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
 
 use super::handler::{GatewayService, WorkerContext};
+use super::idle::Activity;
+use super::send_timeout::SendTimeout;
 use crate::config::ServerSettings;
 use crate::preface::{self, Rewind};
 use crate::proxy_protocol::{self, Failure, ProxyProtocolSettings};
@@ -55,7 +57,10 @@ pub(super) struct Connection {
     /// The TCP peer.
     pub(super) peer: SocketAddr,
     pub(super) head_timeout: Duration,
+    /// Keeps the worker's drain waiting until the connection ends.
     pub(super) watcher: Watcher,
+    /// Set when the worker drains.
+    pub(super) stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Connection {
@@ -152,6 +157,7 @@ impl Connection {
         io: I,
         client: SocketAddr,
     ) {
+        let io = SendTimeout::new(io, self.context.request_timeout);
         let service = GatewayService::new(self.context, client);
         let connection = self
             .protocols
@@ -162,18 +168,37 @@ impl Connection {
         }
     }
 
-    /// HTTP/2, every request attributed to `client`.
+    /// HTTP/2, every request attributed to `client`; closed gracefully (GOAWAY) when the
+    /// worker drains or the connection has been idle for the header read timeout.
     async fn serve_h2<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-        self,
+        mut self,
         io: I,
         client: SocketAddr,
     ) {
-        let service = GatewayService::new(self.context, client);
+        let io = SendTimeout::new(io, self.context.request_timeout);
+        let activity = std::sync::Arc::new(Activity::new());
+        let service = GatewayService::new(self.context, client).counting(activity.clone());
         let connection = self
             .protocols
             .http2
             .serve_connection(TokioIo::new(io), service);
-        if let Err(error) = self.watcher.watch(connection).await {
+        let mut connection = std::pin::pin!(connection);
+        let mut closing = false;
+        let result = loop {
+            tokio::select! {
+                result = connection.as_mut() => break result,
+                _ = self.stop.wait_for(|stop| *stop), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = activity.idle_for(self.head_timeout), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        };
+        drop(self.watcher);
+        if let Err(error) = result {
             tracing::debug!(peer = %client, %error, "HTTP/2 connection ended with an error");
         }
     }

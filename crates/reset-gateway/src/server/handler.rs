@@ -17,6 +17,7 @@ use tower::util::Either;
 use tower::ServiceExt;
 use tower_http::cors::Cors;
 
+use super::idle::Activity;
 use crate::admin::AdminState;
 use crate::refusal::Refusal;
 use crate::request_id::{self, X_REQUEST_ID};
@@ -65,11 +66,25 @@ pub(super) struct GatewayService {
     /// The client: the TCP peer, or the address a trusted load balancer's PROXY protocol
     /// header named. Every request of the connection is the client's (`PeerAddr`).
     peer: SocketAddr,
+    /// Where an HTTP/2 connection counts its open requests (idle.rs).
+    activity: Option<Arc<Activity>>,
 }
 
 impl GatewayService {
     pub(super) fn new(context: Arc<WorkerContext>, peer: SocketAddr) -> Self {
-        GatewayService { context, peer }
+        GatewayService {
+            context,
+            peer,
+            activity: None,
+        }
+    }
+
+    /// Counts each request in `activity` while it is open.
+    pub(super) fn counting(self, activity: Arc<Activity>) -> Self {
+        GatewayService {
+            activity: Some(activity),
+            ..self
+        }
     }
 }
 
@@ -80,7 +95,17 @@ impl hyper::service::Service<Request<Incoming>> for GatewayService {
         std::pin::Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        Box::pin(handle(self.context.clone(), self.peer, request))
+        let handled = handle(self.context.clone(), self.peer, request);
+        match &self.activity {
+            None => Box::pin(handled),
+            Some(activity) => {
+                let open = activity.begin();
+                Box::pin(async move {
+                    let _open = open;
+                    handled.await
+                })
+            }
+        }
     }
 }
 

@@ -28,12 +28,13 @@ pub(super) struct Worker {
 }
 
 impl Worker {
-    pub(super) async fn run(mut self) -> anyhow::Result<()> {
+    pub(super) async fn run(self) -> anyhow::Result<()> {
         let listener = TcpListener::from_std(self.listener)?;
         let connections = Arc::new(Semaphore::new(self.max_connections));
         let graceful = GracefulShutdown::new();
+        let mut draining = self.stop.clone();
         let stop = async {
-            let _ = self.stop.wait_for(|stop| *stop).await;
+            let _ = draining.wait_for(|stop| *stop).await;
         };
         let mut stop = std::pin::pin!(stop);
         loop {
@@ -54,6 +55,7 @@ impl Worker {
                 peer,
                 head_timeout: self.head_timeout,
                 watcher: graceful.watcher(),
+                stop: self.stop.clone(),
             };
             let tls = self.tls.clone();
             let proxy = self.proxy.clone();
@@ -65,7 +67,9 @@ impl Worker {
         drop(listener);
         tokio::select! {
             () = graceful.shutdown() => {}
-            () = tokio::time::sleep(self.grace) => tracing::warn!("shutdown grace elapsed with requests in flight"),
+            // Requests still in flight, or an HTTP/2 client that has not acknowledged its
+            // GOAWAY: both are cut off.
+            () = tokio::time::sleep(self.grace) => tracing::warn!("shutdown grace elapsed with connections still open; closing them"),
         }
         Ok(())
     }

@@ -91,9 +91,19 @@ async fn forwarded_for_garbage_and_ipv6_from_a_trusted_proxy() {
     // An IPv6 client behind the proxy is its own client; another in the same /64 is not a new one.
     assert_eq!(status_of(&gw, &with_xff("2001:db8::1")).await, 200);
     assert_eq!(status_of(&gw, &with_xff("2001:db8::2")).await, 429);
-    // Garbage means the peer (the proxy itself) is the client: no way to dodge by scribbling.
-    assert_eq!(status_of(&gw, &with_xff("garbage, [::1]:80")).await, 200);
-    assert_eq!(status_of(&gw, &with_xff("999.1.1.1")).await, 429);
+    // What a client scribbles left of the address its proxy appended is never read: no
+    // way to dodge its own bucket, or to land in the proxy's.
+    assert_eq!(
+        status_of(&gw, &with_xff("garbage, 198.51.100.9")).await,
+        200
+    );
+    assert_eq!(
+        status_of(&gw, &with_xff("unknown, 198.51.100.9:4711")).await,
+        429
+    );
+    // Nothing readable: the peer (the proxy itself) is the client.
+    assert_eq!(status_of(&gw, &with_xff("999.1.1.1")).await, 200);
+    assert_eq!(status_of(&gw, &with_xff("unknown")).await, 429);
 }
 
 #[tokio::test]
@@ -239,6 +249,86 @@ async fn a_client_that_never_reads_its_answers_does_not_pin_memory() {
     )
     .await;
     assert_eq!(reply.status, 200);
+}
+
+/// nginx's send_timeout: a client that takes nothing of its answers is let go, or a few
+/// thousand such connections would hold every max_connections slot for ever.
+#[tokio::test]
+async fn a_client_that_never_reads_is_dropped_after_the_request_timeout() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = with_server_keys(&yaml(&mock.url(), "", ""), "  request_timeout: 1s\n");
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(gw.addr).await.unwrap();
+    // Answers the gateway makes itself (404), pipelined until its writes back up.
+    let burst = "GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+    let mut sent = 0;
+    while let Ok(Ok(())) = tokio::time::timeout(
+        Duration::from_millis(500),
+        stream.write_all(burst.as_bytes()),
+    )
+    .await
+    {
+        sent += 1000;
+    }
+    // Not a byte read for twice the timeout, then everything the gateway wrote before it
+    // gave up: fewer answers than requests (it used to wait, then answer every one).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut answers = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut chunk = vec![0; 65536];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answers.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "still open after {} bytes", answers.len());
+    assert!(answers.starts_with(b"HTTP/1.1 404"));
+    let answered = answers.windows(12).filter(|w| w == b"HTTP/1.1 404").count();
+    assert!(
+        answered < sent,
+        "{answered} answers to {sent} requests: never dropped"
+    );
+}
+
+/// An HTTP/2 connection that asks nothing more is closed (GOAWAY) at the header read
+/// timeout, as an idle HTTP/1.1 one is; a request longer than that is not cut short.
+#[tokio::test]
+async fn idle_http2_connections_are_closed_but_slow_requests_finish() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let mut config = mock_config();
+    config.latency = Duration::from_millis(800);
+    let mock = MockServer::start(config).await.unwrap();
+    let yaml = yaml(&mock.url(), "", "").replace("timeout: 400ms", "timeout: 5s");
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!(
+        "http://{}{RESET}?email=alice%40example.com",
+        gw.addr
+    ))
+    .header("qb-token", IOS_TOKEN)
+    .body(Empty::<bytes::Bytes>::new())
+    .unwrap();
+    // 800ms at QuickBlox, past the 300ms header read timeout.
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // hyper's client answers the gateway's pings: only the gateway can end this.
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the idle connection was closed")
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
