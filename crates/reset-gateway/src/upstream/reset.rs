@@ -2,8 +2,8 @@
 
 use std::net::IpAddr;
 
-use http::header::AUTHORIZATION;
-use http::{HeaderMap, Request, Response, Uri, Version};
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LANGUAGE, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderName, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty, Limited};
 use hyper::body::Incoming;
 use reset_guard::{GuardBody, GuardedRequest};
@@ -11,7 +11,7 @@ use tokio::time::timeout;
 
 use super::forwarding_headers::{forwarded_for, X_FORWARDED_FOR};
 use super::{classify, is_final, Answer, UpstreamBody, UpstreamClient};
-use crate::hop_by_hop::{self, connection_named};
+use crate::hop_by_hop::connection_named;
 use crate::refusal::Refusal;
 use crate::request_id::X_REQUEST_ID;
 
@@ -34,6 +34,9 @@ impl UpstreamClient {
             return (Err(Refusal::UpstreamUnavailable), None);
         };
         let replay = || build().expect("built once already");
+        // The key as sent (a clone shares its wiped-on-drop buffer), to make sure no answer
+        // hands it back.
+        let upstream_key = upstream.headers().get(AUTHORIZATION).cloned();
 
         // Pinned where it is: the timeout below holds a pointer to it, not a copy of it.
         let exchange = std::pin::pin!(async {
@@ -54,7 +57,13 @@ impl UpstreamClient {
                 .map_err(|_| (Refusal::UpstreamUnavailable, Some(status)))?
                 .to_bytes();
             lease.release();
-            hop_by_hop::strip(&mut parts.headers);
+            keep_answer_headers(&mut parts.headers);
+            if let Some(key) = &upstream_key {
+                if carries(&parts.headers, &body, key.as_bytes()) {
+                    warn_once_key_reflected();
+                    return Err((Refusal::UpstreamUnavailable, Some(status)));
+                }
+            }
             parts.version = Version::HTTP_11;
             Ok::<_, (Refusal, Option<http::StatusCode>)>(Response::from_parts(
                 parts,
@@ -112,5 +121,84 @@ impl UpstreamClient {
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = headers;
         Some(upstream)
+    }
+}
+
+/// What of QuickBlox's answer to a reset reaches the client: the status, the body and
+/// these headers. The rest (cookies, redirects, challenges, anything that might echo the
+/// request) stays behind: the client asked the gateway, not QuickBlox.
+const ANSWER_HEADERS: [HeaderName; 4] =
+    [CONTENT_TYPE, CONTENT_LANGUAGE, CACHE_CONTROL, RETRY_AFTER];
+
+fn keep_answer_headers(headers: &mut HeaderMap) {
+    if headers.keys().all(|name| ANSWER_HEADERS.contains(name)) {
+        return;
+    }
+    let kept: Vec<_> = ANSWER_HEADERS
+        .iter()
+        .flat_map(|name| {
+            headers
+                .get_all(name)
+                .iter()
+                .map(move |v| (name.clone(), v.clone()))
+        })
+        .collect();
+    headers.clear();
+    for (name, value) in kept {
+        headers.append(name, value);
+    }
+}
+
+/// Whether the answer holds the key of `key` (the `Authorization` value sent). A key too
+/// short to tell from ordinary text is not looked for.
+fn carries(headers: &HeaderMap, body: &[u8], key: &[u8]) -> bool {
+    let secret = key.strip_prefix(b"ApiKey ").unwrap_or(key);
+    if secret.len() < 8 {
+        return false;
+    }
+    let holds = |bytes: &[u8]| memchr::memmem::find(bytes, secret).is_some();
+    holds(body) || headers.values().any(|v| holds(v.as_bytes()))
+}
+
+/// Said once per process: if QuickBlox echoes the key, it does so on every request.
+fn warn_once_key_reflected() {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::error!(
+            "QuickBlox's answer to a reset held the server API key: withheld, the client gets 502 \
+             (said once)"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_answer_headers_reach_the_client() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, "application/json".parse().unwrap());
+        headers.insert(RETRY_AFTER, "7".parse().unwrap());
+        headers.insert(http::header::SET_COOKIE, "s=1".parse().unwrap());
+        headers.insert(http::header::LOCATION, "/x".parse().unwrap());
+        keep_answer_headers(&mut headers);
+        let mut names: Vec<_> = headers.keys().map(|n| n.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["content-type", "retry-after"]);
+    }
+
+    #[test]
+    fn the_key_is_found_in_the_body_or_a_header() {
+        let key = b"ApiKey s3cr3t-key";
+        assert!(carries(
+            &HeaderMap::new(),
+            b"{\"echo\":\"s3cr3t-key\"}",
+            key
+        ));
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, "text/s3cr3t-key".parse().unwrap());
+        assert!(carries(&headers, b"", key));
+        assert!(!carries(&HeaderMap::new(), b"{\"errors\":[]}", key));
     }
 }

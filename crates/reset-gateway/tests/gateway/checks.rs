@@ -410,3 +410,61 @@ async fn slow_request_heads_are_cut_off() {
     );
     assert!(gw.mock.requests().is_empty());
 }
+
+/// QuickBlox's answers to resets pass through with their status and body, but only the
+/// headers a client of the gateway needs; and an answer that hands the API key back is
+/// withheld.
+#[tokio::test]
+async fn quickblox_answers_pass_without_their_other_headers_or_the_key() {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let answer = service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+                let echo = request.uri().query().unwrap_or("").contains("echo");
+                let key = request.headers()["authorization"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                let body = if echo {
+                    format!("{{\"errors\":[\"bad {key}\"]}}")
+                } else {
+                    "{\"errors\":[\"down\"]}".to_owned()
+                };
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(500)
+                        .header("content-type", "application/json")
+                        .header("retry-after", "5")
+                        .header("set-cookie", "qb_session=abc")
+                        .header("location", "https://elsewhere.example/")
+                        .body(Full::new(bytes::Bytes::from(body)))
+                        .unwrap(),
+                )
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), answer),
+            );
+        }
+    });
+    let gw = Gateway::start_upstream(&upstream, "").await;
+
+    let reply = gw.reset_as_ios("email=alice%40example.com").await;
+    assert_eq!(reply.status, 500);
+    assert_eq!(reply.body, "{\"errors\":[\"down\"]}");
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    assert_eq!(reply.header("retry-after"), Some("5"));
+    assert_eq!(reply.header("set-cookie"), None);
+    assert_eq!(reply.header("location"), None);
+
+    let reply = gw.reset_as_ios("email=echo%40example.com").await;
+    assert_eq!(reply.status, 502);
+    assert!(!reply.body.contains(SERVER_KEY));
+    assert!(reply.headers.iter().all(|(_, v)| !v.contains(SERVER_KEY)));
+}
