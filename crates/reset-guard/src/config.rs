@@ -271,6 +271,18 @@ impl GuardConfig {
             }
         }
         let (limits, email_key) = self.limits.validate()?;
+        let per_email_denies = limits.groups[crate::LimitGroup::PerEmail.index()]
+            .iter()
+            .any(|quota| !quota.shadow);
+        if limits.response_headers && self.responses.uniform && per_email_denies {
+            return Err(ConfigError::new(
+                "limits.response_headers",
+                "cannot be true with responses.uniform while per_email has an enforced quota: a \
+                 per-email denial answers as a bare success, and the RateLimit fields on real \
+                 successes would tell the two apart (set responses.uniform: false, or leave the \
+                 fields to 429s)",
+            ));
+        }
         Ok(GuardSettings {
             path: self.path.clone(),
             other_routes: self.other_routes,

@@ -145,3 +145,20 @@ fn a_path_is_spelled_as_sent_and_padding_is_bounded() {
         .unwrap_err();
     assert_eq!(built.path, "responses.min_latency");
 }
+
+#[test]
+fn rate_limit_fields_on_successes_cannot_give_away_a_silenced_per_email_denial() {
+    let client = format!("clients: [{{ id: ios, token_sha256: {DIGEST} }}]\n");
+    let with = |limits: &str, uniform: bool| {
+        config(&format!(
+            "{client}limits: {{ response_headers: true, {limits} }}\nresponses: {{ uniform: {uniform} }}\n"
+        ))
+    };
+    let error = with("per_email: [{ requests: 3, per: 1h }]", true).unwrap_err();
+    assert_eq!(error.path, "limits.response_headers");
+    assert!(error.message.contains("uniform"), "{error}");
+    // Nothing to give away: no per-email denial, or none silenced.
+    with("per_email: []", true).unwrap();
+    with("per_email: [{ requests: 3, per: 1h, shadow: true }]", true).unwrap();
+    with("per_email: [{ requests: 3, per: 1h }]", false).unwrap();
+}
