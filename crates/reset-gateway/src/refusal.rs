@@ -16,6 +16,10 @@ pub enum Refusal {
     /// A request target longer than `server.max_uri_bytes`.
     #[error("request target too long")]
     TargetTooLong,
+    /// On a forwarded route, a request no API proxy passes on: `CONNECT` (a tunnel) or an
+    /// asterisk-form target (`OPTIONS *`), which would reach QuickBlox as something else.
+    #[error("CONNECT or asterisk-form request on a forwarded route")]
+    NotProxied,
     /// A forwarded request's body was broken by the client (bad chunk framing, cut short
     /// before its length): the client's fault, not QuickBlox's.
     #[error("request body malformed or cut short")]
@@ -33,9 +37,10 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every label [`outcome`](Refusal::outcome) gives, for counters made ahead of use.
-    pub const OUTCOMES: [&'static str; 6] = [
+    pub const OUTCOMES: [&'static str; 7] = [
         "host_required",
         "target_too_long",
+        "not_proxied",
         "client_body_invalid",
         "client_body_timeout",
         "upstream_unavailable",
@@ -45,7 +50,9 @@ impl Refusal {
     /// The HTTP status of the answer.
     pub fn status(self) -> StatusCode {
         match self {
-            Refusal::HostRequired | Refusal::ClientBodyInvalid => StatusCode::BAD_REQUEST,
+            Refusal::HostRequired | Refusal::ClientBodyInvalid | Refusal::NotProxied => {
+                StatusCode::BAD_REQUEST
+            }
             Refusal::TargetTooLong => StatusCode::URI_TOO_LONG,
             Refusal::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
@@ -55,10 +62,11 @@ impl Refusal {
 
     /// A short label for logs and metrics.
     pub fn outcome(self) -> &'static str {
-        let [host, target, body, body_timeout, unavailable, timeout] = Self::OUTCOMES;
+        let [host, target, not_proxied, body, body_timeout, unavailable, timeout] = Self::OUTCOMES;
         match self {
             Refusal::HostRequired => host,
             Refusal::TargetTooLong => target,
+            Refusal::NotProxied => not_proxied,
             Refusal::ClientBodyInvalid => body,
             Refusal::ClientBodyTimeout => body_timeout,
             Refusal::UpstreamUnavailable => unavailable,
@@ -73,6 +81,9 @@ impl Refusal {
                 r#"{"errors":{"base":["Exactly one Host header is required"]}}"#
             }
             Refusal::TargetTooLong => r#"{"errors":{"base":["Request target too long"]}}"#,
+            Refusal::NotProxied => {
+                r#"{"errors":{"base":["CONNECT and asterisk-form requests are not proxied"]}}"#
+            }
             Refusal::ClientBodyInvalid => {
                 r#"{"errors":{"base":["Request body is malformed or cut short"]}}"#
             }

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use http::header::HOST;
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use reset_guard::GuardBody;
@@ -17,6 +17,7 @@ use super::streamed_body::StreamedBody;
 use super::{blame, is_final, Answer, UpstreamClient};
 use crate::hop_by_hop;
 use crate::refusal::Refusal;
+use crate::request_id::X_REQUEST_ID;
 
 impl UpstreamClient {
     /// Another path under `other_routes: forward`: passed on as it came, less hop-by-hop
@@ -30,10 +31,19 @@ impl UpstreamClient {
     ) -> Answer {
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        // A tunnel, or a target that is no path: nothing QuickBlox's API would read as sent.
+        if parts.method == Method::CONNECT || !path.starts_with('/') {
+            return (Err(Refusal::NotProxied), None);
+        }
         let Ok(uri) = Uri::try_from(format!("{}{}", self.prefix, path)) else {
             return (Err(Refusal::UpstreamUnavailable), None);
         };
+        // The gateway's own request id, whatever the client's Connection header names.
+        let id = parts.headers.get(&X_REQUEST_ID).cloned();
         hop_by_hop::strip(&mut parts.headers);
+        if let Some(id) = id {
+            parts.headers.insert(X_REQUEST_ID, id);
+        }
         parts.headers.remove(HOST);
         // The gateway's X-Forwarded-For is the one account of where the request came from.
         replace_forwarding(&mut parts.headers, peer);

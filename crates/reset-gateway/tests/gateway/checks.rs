@@ -322,6 +322,23 @@ async fn other_routes_can_be_forwarded_untouched() {
         .await;
     assert_eq!(sneaky.status, 404);
     assert_eq!(gw.mock.requests().len(), 1);
+    // A tunnel or a target that is no path would reach QuickBlox as something else.
+    for head in [
+        "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n",
+        "OPTIONS * HTTP/1.1\r\nHost: x\r\n",
+    ] {
+        let reply = raw(
+            gw.addr,
+            format!("{head}Connection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(reply.status, 400, "{head}");
+    }
+    assert_eq!(gw.mock.requests().len(), 1);
+    // The gateway's request id goes upstream even if the client's Connection names it.
+    gw.send("GET", "/users.json", &[("Connection", "x-request-id")], "")
+        .await;
+    assert_eq!(gw.mock.requests()[1].headers["x-request-id"].len(), 32);
     // QuickBlox's answer to a route passed through is not an answer to a reset: the
     // upstream status counts (and the alert on its 401s) are the resets' alone.
     let metrics = gw.admin_get("/metrics").await.body;

@@ -36,6 +36,30 @@ async fn smuggling_attempts_are_refused_and_never_reach_quickblox() {
     assert_eq!(status_of(&gw, &same).await, 200);
 }
 
+/// On a forwarded route, Content-Length beside Transfer-Encoding is read by the latter and
+/// the connection closed after the answer: what follows is never read as a request.
+#[tokio::test]
+async fn length_beside_chunked_on_a_forwarded_route_smuggles_nothing() {
+    let gw = Gateway::start("  other_routes: forward\n").await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /users.json HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
+              0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answers))
+        .await
+        .expect("the gateway closed the connection")
+        .unwrap();
+    let answers = String::from_utf8_lossy(&answers);
+    assert_eq!(answers.matches("HTTP/1.1 ").count(), 1, "{answers}");
+    let paths: Vec<_> = gw.mock.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/users.json"]);
+}
+
 #[tokio::test]
 async fn underscored_names_are_not_credentials_and_are_never_forwarded() {
     let gw = Gateway::start("  other_routes: forward\n").await;
