@@ -273,7 +273,8 @@ impl Collector for LimiterCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut family = encoder.encode_descriptor(
             "reset_gateway_rate_limited",
-            "Requests a quota denied (shadow=\"true\": would have denied)",
+            "Requests a quota denied (shadow=\"true\": requests the group admitted that a \
+             shadow quota of it would have denied, once each)",
             None,
             MetricType::Counter,
         )?;

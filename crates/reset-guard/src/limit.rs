@@ -324,16 +324,7 @@ impl<C: ShardCell<Shard>> Limiter<C> {
                     },
                     retry_after: Duration::from_nanos(retry_ns),
                 };
-                if entry.shadow {
-                    tracing::info!(
-                        target: "reset_guard::limit",
-                        limit = group.name(),
-                        requests = candidate.quota.requests,
-                        per_secs = candidate.quota.per.as_secs(),
-                        "shadow quota would deny"
-                    );
-                    self.counters.count_shadow(group);
-                } else if denial.is_none_or(|d| d.retry_after < candidate.retry_after) {
+                if !entry.shadow && denial.is_none_or(|d| d.retry_after < candidate.retry_after) {
                     denial = Some(candidate);
                 }
             }
@@ -348,10 +339,21 @@ impl<C: ShardCell<Shard>> Limiter<C> {
             self.counters.count_denied(group);
             return Err(denial);
         }
+        // The group admits: a shadow quota that would not have is what promoting it would
+        // add. Counted once per request (as the Redis store does), logged per quota.
+        let mut shadow_would_deny = false;
         let mut tightest: Option<Standing> = None;
         for (i, entry) in entries.iter().enumerate() {
             if matches!(cells[i], Some(Cell::Deny { .. })) {
                 observe(i, QuotaOutcome::Denied);
+                tracing::info!(
+                    target: "reset_guard::limit",
+                    limit = group.name(),
+                    requests = entry.state.quota.requests,
+                    per_secs = entry.state.quota.per.as_secs(),
+                    "shadow quota would deny"
+                );
+                shadow_would_deny = true;
             }
             if let (
                 Some(Cell::Admit {
@@ -375,6 +377,9 @@ impl<C: ShardCell<Shard>> Limiter<C> {
                     tightest = Some(standing.tighter(tightest));
                 }
             }
+        }
+        if shadow_would_deny {
+            self.counters.count_shadow(group);
         }
         Ok(tightest)
     }

@@ -31,7 +31,8 @@
 --   {1, group, quota, retry_us, 0, shadow_mask, near_mask} for a denial, or
 --   {0, group, quota, remaining, reset_us, shadow_mask, near_mask} for the tightest
 --   admitting quota (group 0: none; on a tie the later quota, as the memory store), where
---   shadow_mask has bit g-1 set when a shadow quota of group g would have denied, and
+--   shadow_mask has bit g-1 set when a shadow quota of group g would have denied a request
+--   the group admitted (what promoting it would add), and
 --   near_mask has bit 4(g-1)+(q-1) set when quota q of group g admitted and was left with
 --   less than a fifth of its burst (limit.rs near_limit).
 --
@@ -153,6 +154,10 @@ for _ = 1, nums[1] do
         end
       end
       if deny_q > 0 then
+        -- Denied by an enforced quota: what a shadow quota thought of it does not count.
+        if shadowed % (2 * g_bit) >= g_bit then
+          shadowed = shadowed - g_bit
+        end
         denied = true
         out[n_out + 1] = 1
         out[n_out + 2] = g

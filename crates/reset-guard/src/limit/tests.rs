@@ -284,6 +284,14 @@ async fn retry_after_rounds_up_to_whole_seconds_and_is_at_least_one() {
 }
 
 #[tokio::test]
+async fn a_request_two_shadow_quotas_would_deny_counts_once() {
+    let rig = new_rig("  per_email: [{ requests: 100, per: 1m }, { requests: 1, per: 1m, shadow: true }, { requests: 2, per: 1h, shadow: true }]\n");
+    assert_eq!(rig.statuses(4, ask("a@b.io")).await, [200, 200, 200, 200]);
+    // The second would be denied by the first shadow quota, the third and fourth by both.
+    assert_eq!(rig.handle.shadow_denied(LimitGroup::PerEmail), 3);
+}
+
+#[tokio::test]
 async fn shadow_quotas_count_but_never_deny() {
     let rig = new_rig("  per_email: [{ requests: 1, per: 1h, shadow: true }]\n");
     assert_eq!(rig.statuses(3, ask("a@b.io")).await, [200, 200, 200]);
@@ -855,10 +863,11 @@ async fn the_counted_sequence_in_memory() {
         counted(&rig_with(COUNTED_LIMITS, "", StoreSettings::default()), 9).await;
     // Hand-checked: a@b.io's third and fourth requests are over its 2/1m quota, the per-IP
     // quota denies from the seventh request on, and its shadow quota would have from the
-    // third.
+    // third: counted for the four the per-IP group still admitted (what promoting it would
+    // add), not for the three it denied anyway.
     assert_eq!(statuses, [200, 200, 200, 429, 429, 200, 429, 429, 429]);
     let ip = &counters[LimitGroup::PerIp.index()];
-    assert_eq!((ip.0, ip.1), (3, 7), "{counters:?}");
+    assert_eq!((ip.0, ip.1), (3, 4), "{counters:?}");
     assert!(
         counters.iter().any(|(_, shadow, _)| *shadow > 0),
         "{counters:?}"
