@@ -129,6 +129,12 @@ fn every(duration: Duration) -> String {
 /// `20 minutes`, `2 hours 24 minutes`, `1 second`, `250 milliseconds`: the two largest
 /// units, enough to picture a pace.
 fn spoken(duration: Duration) -> String {
+    // Under a second, whole milliseconds can be a sixth off (60 a second is one every
+    // 16.7, not 16): a tenth is shown.
+    let ns = duration.as_nanos();
+    if (1_000_000..1_000_000_000).contains(&ns) && ns % 1_000_000 != 0 {
+        return format!("{:.1} milliseconds", ns as f64 / 1e6);
+    }
     let mut rest = duration.as_nanos();
     let mut parts = Vec::new();
     for (unit, size) in UNITS {
@@ -187,5 +193,17 @@ mod tests {
             "per_email: 5 per 1 hour 30 minutes, at most 5 at once; a steady client gets one every 18 minutes (shadow: counted and logged, never denied); at most 7 per 2 days (2 at once) per address"
         ), "{text}");
         assert!(text.contains("global: 10 per day, at most 10 at once; steady traffic gets one every 2 hours 24 minutes"), "{text}");
+    }
+
+    #[test]
+    fn a_sub_second_pace_is_not_rounded_away() {
+        let text = explained(
+            "  per_ip: []
+  per_client: []
+  per_email: []
+  global: [{ requests: 60, per: 1s }]
+",
+        );
+        assert!(text.contains("one every 16.7 milliseconds"), "{text}");
     }
 }

@@ -44,6 +44,23 @@ pub enum SimulateError {
 /// The limits of a configuration file and its `store.max_keys`. Only `guard` and `store`
 /// are checked: a replay needs no API key, secret or listener.
 pub fn limits_of(path: &Path) -> Result<(GuardSettings, usize), SimulateError> {
+    let (config, yaml) = config_of(path)?;
+    let config_error = |error| SimulateError::Config {
+        path: path.to_owned(),
+        error,
+    };
+    let guard = config
+        .guard
+        .validate()
+        .map_err(|e| config_error(e.within("guard").located(&yaml)))?;
+    if config.store.max_keys == 0 {
+        let error = ConfigError::new("store.max_keys", "must be at least 1").located(&yaml);
+        return Err(config_error(error));
+    }
+    Ok((guard, config.store.max_keys))
+}
+
+fn config_of(path: &Path) -> Result<(GatewayConfig, String), SimulateError> {
     let config_error = |error| SimulateError::Config {
         path: path.to_owned(),
         error,
@@ -55,15 +72,55 @@ pub fn limits_of(path: &Path) -> Result<(GuardSettings, usize), SimulateError> {
         ))
     })?;
     let config = GatewayConfig::from_yaml(&yaml).map_err(config_error)?;
-    let guard = config
-        .guard
-        .validate()
-        .map_err(|e| config_error(e.within("guard").located(&yaml)))?;
-    if config.store.max_keys == 0 {
-        let error = ConfigError::new("store.max_keys", "must be at least 1").located(&yaml);
-        return Err(config_error(error));
-    }
-    Ok((guard, config.store.max_keys))
+    Ok((config, yaml))
+}
+
+/// The settings a replay takes from the log as the recording applied them, each as its
+/// key and its value written out: who a request's client IP, client and address key were
+/// is read from the access line, not worked out again, so a proposal that changes one of
+/// these is not replayed as it would run.
+fn unreplayed(config: &GatewayConfig) -> Vec<(&'static str, String)> {
+    let guard = &config.guard;
+    vec![
+        ("guard.path", guard.path.clone()),
+        (
+            "guard.client_ip.trusted_proxies",
+            format!("{:?}", guard.client_ip.trusted_proxies),
+        ),
+        (
+            "server.proxy_protocol",
+            format!("{:?}", config.server.proxy_protocol),
+        ),
+        (
+            "guard.clients",
+            format!(
+                "{:?}",
+                guard
+                    .clients
+                    .iter()
+                    .map(|c| (&c.id, c.token_sha256.to_hex()))
+                    .collect::<Vec<_>>()
+            ),
+        ),
+        (
+            "guard.limits.email_key",
+            format!("{:?}", guard.limits.email_key),
+        ),
+    ]
+}
+
+/// The keys of [`unreplayed`] settings that `current` and `proposed` set differently.
+fn unreplayed_changes(proposed: &Path, current: &Path) -> Result<Vec<&'static str>, SimulateError> {
+    let (proposed, current) = (
+        unreplayed(&config_of(proposed)?.0),
+        unreplayed(&config_of(current)?.0),
+    );
+    Ok(proposed
+        .iter()
+        .zip(&current)
+        .filter(|(p, c)| p.1 != c.1)
+        .map(|(p, _)| p.0)
+        .collect())
 }
 
 /// Reads `log` to the end and replays it.
@@ -114,6 +171,9 @@ pub fn run(
     json: bool,
 ) -> Result<String, SimulateError> {
     let mut simulation = Simulation::new(limits_of(proposed)?, current.map(limits_of).transpose()?);
+    if let Some(current) = current {
+        simulation.unreplayed = unreplayed_changes(proposed, current)?;
+    }
     let mut reader = Reader::default();
     let name = log.map_or_else(|| "standard input".to_owned(), |p| p.display().to_string());
     match log {

@@ -139,7 +139,13 @@ impl Reader {
         self.summarized = None;
         // Most lines of a busy log are access lines; the rest are cheap to tell apart.
         if !is_access_line(bytes) {
-            self.other_lines += 1;
+            // Only access lines carry received_at: this one lost its end (a log shipper's
+            // line limit, a file cut while written).
+            if RECEIVED_AT.find(bytes).is_some() {
+                self.bad("an access line cut short (no \"target\":\"access\" at its end)".into());
+            } else {
+                self.other_lines += 1;
+            }
             return None;
         }
         let parsed = AccessLine::parse(bytes.trim_ascii_end())
@@ -221,6 +227,9 @@ impl Reader {
 
 /// Whether `line` may be an access line: it names the target, as the gateway writes it
 /// at its end (looked at first) or anywhere.
+static RECEIVED_AT: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(br#""received_at":""#));
+
 fn is_access_line(line: &[u8]) -> bool {
     const TARGET: &[u8] = br#""target":"access""#;
     static FINDER: LazyLock<memmem::Finder<'static>> =

@@ -133,7 +133,10 @@ impl Tally {
                 None => true,
                 Some(group) => group_index(group) > group_index(stopped),
             };
-            if reached_beyond && stopped != LimitGroup::Global {
+            // Refused per IP or per client, the recording never read its address; refused
+            // per address, it did, and the replay charges the later groups.
+            let address_unread = group_index(stopped) < group_index(LimitGroup::PerEmail);
+            if reached_beyond && address_unread {
                 self.unknown_beyond += 1;
             }
         }
@@ -206,6 +209,9 @@ pub struct Simulation {
     pending: BinaryHeap<Reverse<Pending>>,
     newest: u64,
     replayed_until: u64,
+    /// Settings the proposal changes from the current configuration that a replay cannot
+    /// model (it reads client IPs, clients and address keys from the log): their keys.
+    pub unreplayed: Vec<&'static str>,
 }
 
 /// A request waiting in the reorder window, ordered by arrival (then line).
@@ -257,6 +263,7 @@ impl Simulation {
             pending: BinaryHeap::new(),
             newest: 0,
             replayed_until: 0,
+            unreplayed: Vec::new(),
         }
     }
 

@@ -44,7 +44,17 @@ pub fn human(simulation: &Simulation, reader: &Reader, names: (&str, Option<&str
                 time_of(last)
             );
         }
-        None => out.push_str("No request in the log reached the limits.\n"),
+        None => {
+            let _ = writeln!(
+                out,
+                "No request in the log reached the limits ({} access lines of requests that \
+                 did not, {} unreadable, {} other lines: is this the gateway's JSON access log, \
+                 log.format: json?).",
+                reader.unguarded,
+                reader.bad_line_count(),
+                reader.other_lines
+            );
+        }
     }
     let _ = writeln!(out);
     let _ = writeln!(
@@ -104,6 +114,14 @@ pub fn human(simulation: &Simulation, reader: &Reader, names: (&str, Option<&str
             out,
             "note: {} requests were logged over 5 minutes out of order and replayed late",
             simulation.late
+        );
+    }
+    if !simulation.unreplayed.is_empty() {
+        let _ = writeln!(
+            out,
+            "note: the proposal changes {}, which the replay cannot model: each request keeps \
+             the client IP, client and address key the recording gave it",
+            simulation.unreplayed.join(", ")
         );
     }
     if simulation.current.is_some() {
@@ -220,6 +238,7 @@ pub fn json(simulation: &Simulation, reader: &Reader) -> Value {
         "unknown_beyond".into(),
         json!(simulation.proposed.unknown_beyond),
     );
+    object.insert("unreplayed_changes".into(), json!(simulation.unreplayed));
     object.insert("late".into(), json!(simulation.late));
     if let Some((first, last)) = simulation.span {
         object.insert("first".into(), json!(time_of(first)));

@@ -155,6 +155,8 @@ fn unreadable_access_lines_are_reported_by_number_and_others_skipped() {
         line(4, IP, None, None).replace(r#""received_at":"2025-03-01T10:00:04.5Z","#, ""),
         String::new(),
         line(5, IP, None, None),
+        // Cut before its target: still known as an access line by its received_at.
+        line(6, IP, None, None).split(r#","status""#).next().unwrap().to_owned(),
     ];
     let (fates, simulation, reader) = replay("", &lines);
     assert_eq!(fates, [None]);
@@ -162,7 +164,8 @@ fn unreadable_access_lines_are_reported_by_number_and_others_skipped() {
     assert_eq!(reader.unguarded, 1);
     assert_eq!(reader.other_lines, 3);
     let bad: Vec<u64> = reader.bad_lines.iter().map(|b| b.line).collect();
-    assert_eq!(bad, [4, 5, 6, 7, 8]);
+    assert_eq!(bad, [4, 5, 6, 7, 8, 11]);
+    assert!(reader.bad_lines[5].reason.contains("cut short"));
     let reasons: Vec<&str> = reader.bad_lines.iter().map(|b| b.reason.as_str()).collect();
     assert!(reasons[1].contains("client_ip"), "{reasons:?}");
     assert!(reasons[2].contains("RFC 3339"), "{reasons:?}");
@@ -181,6 +184,19 @@ fn a_request_refused_early_when_recorded_is_counted_when_the_proposal_lets_it_fu
     assert_eq!(fates, [None]);
     assert_eq!(simulation.recorded_denied, 1);
     assert_eq!(simulation.proposed.unknown_beyond, 1);
+}
+
+#[test]
+fn a_request_refused_per_address_when_recorded_has_nothing_unknown_beyond() {
+    // Its address was read and logged: the replay charges the global group for it.
+    let refused = line(0, IP, Some("ios"), Some(0xaa)).replace(
+        r#""outcome":"forwarded""#,
+        r#""outcome":"rate_limited","limit":"per_email""#,
+    );
+    let (fates, simulation, _) = replay("", &[refused]);
+    assert_eq!(fates, [None]);
+    assert_eq!(simulation.recorded_denied, 1);
+    assert_eq!(simulation.proposed.unknown_beyond, 0);
 }
 
 /// The hand-written reading of the gateway's own time format gives what the general RFC

@@ -299,4 +299,26 @@ fn compare_lists_the_requests_whose_fate_changes() {
         ),
         "{text}"
     );
+    assert!(!text.contains("cannot model"), "{text}");
+
+    // A proposal that changes whose address a request is: said, not silently replayed as
+    // the recording resolved it.
+    let moved = std::fs::read_to_string(&proposed).unwrap().replace(
+        "guard:\n",
+        "guard:\n  client_ip: { trusted_proxies: [10.0.0.0/8] }\n",
+    );
+    std::fs::write(&proposed, moved).unwrap();
+    let out = Command::new(BIN)
+        .args(["simulate", "--json", "--config"])
+        .arg(&proposed)
+        .arg("--compare")
+        .arg(&current)
+        .stdin(std::fs::File::open("/dev/null").unwrap())
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json["unreplayed_changes"],
+        serde_json::json!(["guard.client_ip.trusted_proxies"])
+    );
 }
