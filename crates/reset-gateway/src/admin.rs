@@ -61,7 +61,12 @@ async fn answer(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
+        let mut refused = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        refused.headers_mut().insert(
+            http::header::ALLOW,
+            http::HeaderValue::from_static("GET, HEAD"),
+        );
+        return Ok(refused);
     }
     Ok(match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),

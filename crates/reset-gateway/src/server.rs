@@ -209,7 +209,16 @@ impl App {
         let server = self.settings.server.clone();
         tokio::spawn(admin::serve(self.admin, self.state.clone()));
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let per_worker = server.max_connections.div_ceil(self.workers.len()).max(1);
+        // max_connections split exactly (3 over 2 workers: 2 and 1); each worker at least 1,
+        // or its listener's share of new connections would wait for ever.
+        let workers = self.workers.len();
+        let share = |index: usize| {
+            let (each, rest) = (
+                server.max_connections / workers,
+                server.max_connections % workers,
+            );
+            (each + usize::from(index < rest)).max(1)
+        };
         let mut finished = Vec::new();
         for (index, (listener, context)) in self.listeners.into_iter().zip(self.workers).enumerate()
         {
@@ -221,7 +230,7 @@ impl App {
                 proxy: server.proxy_protocol.clone().map(Arc::new),
                 head_timeout: server.header_read_timeout,
                 grace: server.shutdown_grace,
-                max_connections: per_worker,
+                max_connections: share(index),
                 stop: stopped.clone(),
             };
             let (done, finish) = tokio::sync::oneshot::channel();

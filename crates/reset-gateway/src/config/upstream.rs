@@ -128,11 +128,13 @@ impl UpstreamConfig {
                 "must be scheme://host[:port][/prefix] without a query",
             ));
         }
-        if self.timeout.0.is_zero() || self.connect_timeout.0.is_zero() {
-            return Err(ConfigError::new(
-                "upstream.timeout",
-                "timeouts must be greater than zero",
-            ));
+        for (key, timeout) in [
+            ("upstream.timeout", self.timeout.0),
+            ("upstream.connect_timeout", self.connect_timeout.0),
+        ] {
+            if timeout.is_zero() {
+                return Err(ConfigError::new(key, "must be greater than zero"));
+            }
         }
         let mut pass_headers = Vec::new();
         for (i, name) in self.pass_headers.iter().enumerate() {

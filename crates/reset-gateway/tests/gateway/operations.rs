@@ -39,6 +39,15 @@ async fn health_readiness_and_metrics() {
     assert_eq!(gw.admin_get("/healthz").await.status, 200);
     assert_eq!(gw.admin_get("/readyz").await.status, 200);
     assert_eq!(gw.admin_get("/nope").await.status, 404);
+    let post = raw(
+        gw.admin,
+        b"POST /readyz HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        (post.status, post.header("allow")),
+        (405, Some("GET, HEAD"))
+    );
 
     gw.reset_as_ios("email=alice%40example.com").await; // forwarded
     gw.reset_as_ios("email=alice%40example.com").await; // per-email denial (silent)
@@ -154,6 +163,36 @@ async fn beyond_max_connections_new_clients_wait_and_are_then_served() {
     let reply = gw.reset_as_ios("email=alice%40example.com").await;
     assert_eq!(reply.status, 200);
     drop(idle);
+}
+
+/// max_connections is the total over the workers, not rounded up per worker.
+#[tokio::test]
+async fn max_connections_split_over_workers_adds_up_to_it() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = with_server_keys(
+        &yaml(&mock.url(), "", "").replace("header_read_timeout: 300ms", "header_read_timeout: 5s"),
+        "  max_connections: 3\n  workers: 2\n",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(gw.addr).await.unwrap());
+    }
+    let request = format!("{RESET}?email=alice%40example.com");
+    let fourth = tokio::spawn({
+        let addr = gw.addr;
+        async move {
+            let head = format!("GET {request} HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+            raw(addr, head.as_bytes()).await.status
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !fourth.is_finished(),
+        "a fourth connection was served beside three"
+    );
+    drop(idle.pop());
+    assert_eq!(fourth.await.unwrap(), 200);
 }
 
 #[tokio::test]

@@ -201,6 +201,14 @@ fn check_config_names_the_key_and_line() {
 
     let stderr = check_config_error(&base.replace("timeout: 400ms", "timeout: soon"), true);
     assert!(stderr.contains("upstream.timeout (line 9)"), "{stderr}");
+    let stderr = check_config_error(
+        &base.replace("connect_timeout: 400ms", "connect_timeout: 0s"),
+        true,
+    );
+    assert!(
+        stderr.contains("upstream.connect_timeout (line 10)"),
+        "{stderr}"
+    );
 
     let stderr = check_config_error(
         &base.replace("listen: 127.0.0.1:0", "listen: nowhere"),
