@@ -361,7 +361,7 @@ impl Collector for LogCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let dropped = encoder.encode_descriptor(
             "reset_gateway_log_lines_dropped",
-            "Log lines dropped because the log sink did not keep up",
+            "Log lines dropped because the log reader did not keep up, or was gone",
             None,
             MetricType::Counter,
         )?;

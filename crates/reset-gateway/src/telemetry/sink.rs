@@ -6,8 +6,10 @@
 //! (`reset_gateway_log_lines_dropped_total`). The draining thread writes a warning with
 //! the count before the next line it manages to write, so the log itself says where lines
 //! are missing; it writes that warning straight to the sink, where it cannot be dropped.
+//! Lines that cannot be written at all (the reader of stderr is gone) are counted too.
 
 use std::io::{BufWriter, Stderr, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
@@ -34,11 +36,15 @@ pub(super) fn access_writer() -> Option<NonBlocking> {
     ACCESS.get().cloned()
 }
 
-/// Lines dropped because the log sink did not keep up.
+/// Lines taken from the queue that stderr would not take (its reader has gone).
+static UNWRITTEN: AtomicU64 = AtomicU64::new(0);
+
+/// Lines dropped because the log sink did not keep up, or could not be written.
 pub fn dropped_lines() -> u64 {
-    DROPPED
+    let queue = DROPPED
         .get()
-        .map_or(0, |counter| counter.dropped_lines() as u64)
+        .map_or(0, |counter| counter.dropped_lines() as u64);
+    queue + UNWRITTEN.load(Ordering::Relaxed)
 }
 
 /// Keeps the draining thread; dropping it writes out what is queued (for at most about a
@@ -59,6 +65,7 @@ pub(super) fn install(format: LogFormat, queue_lines: usize) -> Option<(NonBlock
         out: BufWriter::with_capacity(64 * 1024, std::io::stderr()),
         format,
         reported: 0,
+        buffered: 0,
     };
     let (writer, worker) = NonBlockingBuilder::default()
         .lossy(true)
@@ -76,6 +83,17 @@ struct Drain {
     format: LogFormat,
     /// Drops already told of.
     reported: u64,
+    /// Lines in `out`'s buffer, not yet known to be written.
+    buffered: u64,
+}
+
+impl Drain {
+    /// The lines in the buffer (and `more`) are lost: counted, and the error goes no
+    /// further (nobody is left to read it).
+    fn lost(&mut self, more: u64) {
+        UNWRITTEN.fetch_add(self.buffered + more, Ordering::Relaxed);
+        self.buffered = 0;
+    }
 }
 
 impl Write for Drain {
@@ -83,15 +101,25 @@ impl Write for Drain {
         let dropped = dropped_lines();
         if dropped > self.reported {
             let notice = notice(self.format, dropped - self.reported, dropped);
-            self.out.write_all(notice.as_bytes())?;
             self.reported = dropped;
+            if self.out.write_all(notice.as_bytes()).is_err() {
+                self.lost(1);
+                return Ok(line.len());
+            }
         }
-        self.out.write_all(line)?;
+        match self.out.write_all(line) {
+            Ok(()) => self.buffered += 1,
+            Err(_) => self.lost(1),
+        }
         Ok(line.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
+        match self.out.flush() {
+            Ok(()) => self.buffered = 0,
+            Err(_) => self.lost(0),
+        }
+        Ok(())
     }
 }
 

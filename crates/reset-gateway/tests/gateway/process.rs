@@ -585,6 +585,57 @@ async fn a_second_sigterm_while_draining_stops_at_once() {
     );
 }
 
+/// Lines the gateway cannot write because the reader of its log has gone are counted as
+/// dropped, and serving goes on.
+#[tokio::test]
+async fn log_lines_nobody_reads_are_counted_as_dropped() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &yaml(&mock.url(), "", ""));
+    let mut child = gateway()
+        .arg("--config")
+        .arg(&path)
+        .env("QB_API_KEY", SERVER_KEY)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (addr, admin) = loop {
+        let line = lines
+            .next()
+            .expect("the gateway logged that it serves")
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if json["message"] == "serving" {
+            break (
+                json["listen"].as_str().unwrap().parse().unwrap(),
+                json["admin"].as_str().unwrap().parse().unwrap(),
+            );
+        }
+    };
+    drop(lines);
+    let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+    let dropped = poll_until(
+        250,
+        async || {
+            assert_eq!(raw(addr, request.as_bytes()).await.status, 200);
+            let metrics = raw(
+                admin,
+                b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .body;
+            sample(&metrics, "reset_gateway_log_lines_dropped_total")
+        },
+        |n| n.unwrap_or(0.0) > 0.0,
+    )
+    .await;
+    assert!(dropped.unwrap() > 0.0);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A reader that has gone (`| head`, a closed pipe) is a failed write, not a panic (exit 101).
 #[test]
 fn output_nobody_reads_fails_the_command_without_a_panic() {
