@@ -204,6 +204,7 @@ pub(crate) fn inspect<B: Body>(
         client_ip,
         email,
         email_hash,
+        uniform: settings.uniform,
     }));
     if plan.charge(LimitGroup::PerEmail, email_hash, eager) {
         plan.charge(LimitGroup::Global, 0, eager);

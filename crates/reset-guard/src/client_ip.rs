@@ -55,11 +55,13 @@ fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
 fn walk_forwarded_for(headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
     let mut nearest = None;
     for value in headers.get_all("x-forwarded-for").iter().rev() {
-        let Ok(text) = value.to_str() else {
-            return nearest;
-        };
-        for entry in text.rsplit(',') {
-            let Some(ip) = forwarded_address(entry.trim()) else {
+        // Split as bytes: a client's non-ASCII bytes on the left of the line must not make
+        // the entries its proxy appended unreadable.
+        for entry in value.as_bytes().rsplit(|b| *b == b',') {
+            let Some(ip) = std::str::from_utf8(entry)
+                .ok()
+                .and_then(|entry| forwarded_address(entry.trim()))
+            else {
                 return nearest;
             };
             if !is_trusted(ip, trusted) {
@@ -72,11 +74,22 @@ fn walk_forwarded_for(headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> 
 }
 
 /// One entry: an address, or an address with a port (`192.0.2.1:4711`,
-/// `[2001:db8::1]:4711`), which some balancers write.
+/// `[2001:db8::1]:4711`), in brackets (`[2001:db8::1]`) or with a zone (`fe80::1%eth0`),
+/// as balancers write them.
 fn forwarded_address(entry: &str) -> Option<IpAddr> {
     let ip = match entry.parse::<IpAddr>() {
         Ok(ip) => ip,
-        Err(_) => entry.parse::<SocketAddr>().ok()?.ip(),
+        Err(_) => match entry.parse::<SocketAddr>() {
+            Ok(socket) => socket.ip(),
+            Err(_) => {
+                let bare = entry
+                    .strip_prefix('[')
+                    .and_then(|e| e.strip_suffix(']'))
+                    .unwrap_or(entry);
+                let without_zone = bare.split_once('%').map_or(bare, |(ip, _)| ip);
+                without_zone.parse::<std::net::Ipv6Addr>().ok()?.into()
+            }
+        },
     };
     Some(ip.to_canonical())
 }
@@ -154,11 +167,25 @@ mod tests {
     }
 
     #[test]
+    fn bytes_a_client_wrote_that_are_not_text_are_never_read_either() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xff\xfe, 198.51.100.7").unwrap(),
+        );
+        let got = ClientIp::resolve(ip("10.0.0.2"), &headers, &trusted);
+        assert_eq!(got.ip(), ip("198.51.100.7"));
+    }
+
+    #[test]
     fn entries_with_a_port_are_their_address() {
         let trusted = nets(&["10.0.0.0/8"]);
         for (entry, want) in [
             ("198.51.100.7:4711", "198.51.100.7"),
             ("[2001:db8::1]:443", "2001:db8::1"),
+            ("[2001:db8::1]", "2001:db8::1"),
+            ("fe80::1%eth0", "fe80::1"),
         ] {
             let got = ClientIp::resolve(ip("10.0.0.2"), &xff(&[entry]), &trusted);
             assert_eq!(got.ip(), ip(want));

@@ -17,6 +17,8 @@ pub struct GuardedRequest {
     pub(crate) client_ip: ClientIp,
     pub(crate) email: Email,
     pub(crate) email_hash: u64,
+    /// `responses.uniform` as the request was checked.
+    pub(crate) uniform: bool,
 }
 
 impl GuardedRequest {
@@ -29,6 +31,18 @@ impl GuardedRequest {
     /// named.
     pub fn client_ip(&self) -> IpAddr {
         self.client_ip.ip()
+    }
+
+    /// Whether the guard will replace an answer with `status` by its uniform bare 200
+    /// (`responses.uniform`, and a 200, 401 or 404): nothing of such an answer but its
+    /// status reaches the client.
+    pub fn answer_replaced(&self, status: http::StatusCode) -> bool {
+        use http::StatusCode;
+        self.uniform
+            && matches!(
+                status,
+                StatusCode::OK | StatusCode::UNAUTHORIZED | StatusCode::NOT_FOUND
+            )
     }
 
     /// The validated address, as the user gave it.

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http::header::{HeaderName, AUTHORIZATION, COOKIE, EXPECT, HOST};
+use http::header::{HeaderName, ACCEPT_ENCODING, AUTHORIZATION, COOKIE, EXPECT, HOST};
 use http::Uri;
 use reset_guard::{ApiKey, ConfigDuration, ConfigError};
 use serde::{de, Deserialize, Deserializer};
@@ -85,8 +85,11 @@ pub struct UpstreamSettings {
 }
 
 /// Headers the gateway sets itself or must never forward, whatever `pass_headers` says.
+/// `Accept-Encoding` among them: QuickBlox's answer is read, checked and passed on as it
+/// is, so it must come uncompressed.
 fn never_passed(name: &HeaderName) -> bool {
     name == AUTHORIZATION
+        || name == ACCEPT_ENCODING
         || name == COOKIE
         || name == HOST
         || name == QB_TOKEN

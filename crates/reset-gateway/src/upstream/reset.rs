@@ -2,7 +2,9 @@
 
 use std::net::IpAddr;
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LANGUAGE, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_LANGUAGE, CONTENT_TYPE, RETRY_AFTER, VARY,
+};
 use http::{HeaderMap, HeaderName, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty, Limited};
 use hyper::body::Incoming;
@@ -57,11 +59,17 @@ impl UpstreamClient {
                 .map_err(|_| (Refusal::UpstreamUnavailable, Some(status)))?
                 .to_bytes();
             lease.release();
-            keep_answer_headers(&mut parts.headers);
-            if let Some(key) = &upstream_key {
-                if carries(&parts.headers, &body, key.as_bytes()) {
-                    warn_once_key_reflected();
-                    return Err((Refusal::UpstreamUnavailable, Some(status)));
+            // An answer the guard replaces whole (uniform answers) shows the client nothing
+            // but that it came; one passed on is cut to what a client needs, and withheld
+            // if it hands the key back (as a 502 for a 200 it would replace, it would tell
+            // accounts apart).
+            if !guarded.answer_replaced(status) {
+                keep_answer_headers(&mut parts.headers);
+                if let Some(key) = &upstream_key {
+                    if carries(&parts.headers, &body, key.as_bytes()) {
+                        warn_once_key_reflected();
+                        return Err((Refusal::UpstreamUnavailable, Some(status)));
+                    }
                 }
             }
             parts.version = Version::HTTP_11;
@@ -127,8 +135,13 @@ impl UpstreamClient {
 /// What of QuickBlox's answer to a reset reaches the client: the status, the body and
 /// these headers. The rest (cookies, redirects, challenges, anything that might echo the
 /// request) stays behind: the client asked the gateway, not QuickBlox.
-const ANSWER_HEADERS: [HeaderName; 4] =
-    [CONTENT_TYPE, CONTENT_LANGUAGE, CACHE_CONTROL, RETRY_AFTER];
+const ANSWER_HEADERS: [HeaderName; 5] = [
+    CONTENT_TYPE,
+    CONTENT_LANGUAGE,
+    CACHE_CONTROL,
+    VARY,
+    RETRY_AFTER,
+];
 
 fn keep_answer_headers(headers: &mut HeaderMap) {
     if headers.keys().all(|name| ANSWER_HEADERS.contains(name)) {

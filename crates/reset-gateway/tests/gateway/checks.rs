@@ -443,7 +443,9 @@ async fn quickblox_answers_pass_without_their_other_headers_or_the_key() {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             let answer = service_fn(|request: http::Request<hyper::body::Incoming>| async move {
-                let echo = request.uri().query().unwrap_or("").contains("echo");
+                let query = request.uri().query().unwrap_or("").to_owned();
+                let echo = query.contains("echo") || query.contains("gone");
+                let status = if query.contains("gone") { 404 } else { 500 };
                 let key = request.headers()["authorization"]
                     .to_str()
                     .unwrap()
@@ -455,7 +457,7 @@ async fn quickblox_answers_pass_without_their_other_headers_or_the_key() {
                 };
                 Ok::<_, std::convert::Infallible>(
                     http::Response::builder()
-                        .status(500)
+                        .status(status)
                         .header("content-type", "application/json")
                         .header("retry-after", "5")
                         .header("set-cookie", "qb_session=abc")
@@ -483,5 +485,11 @@ async fn quickblox_answers_pass_without_their_other_headers_or_the_key() {
     let reply = gw.reset_as_ios("email=echo%40example.com").await;
     assert_eq!(reply.status, 502);
     assert!(!reply.body.contains(SERVER_KEY));
+    assert!(reply.headers.iter().all(|(_, v)| !v.contains(SERVER_KEY)));
+
+    // A 404 the uniform answer replaces shows nothing of itself, the key included: withheld
+    // as a 502 instead, it would tell this address from one with an account.
+    let reply = gw.reset_as_ios("email=gone%40example.com").await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, ""));
     assert!(reply.headers.iter().all(|(_, v)| !v.contains(SERVER_KEY)));
 }

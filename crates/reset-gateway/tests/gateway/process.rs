@@ -294,6 +294,10 @@ fn check_config_refuses_what_the_gateway_could_not_start_or_run_with() {
             "upstream.ca_file (line",
         ),
         (
+            base.replace("[User-Agent, X-Trace]", "[User-Agent, Accept-Encoding]"),
+            "upstream.pass_headers[1]",
+        ),
+        (
             base.replace(
                 "server:\n  listen: 127.0.0.1:0",
                 "server:\n  listen: 127.0.0.1:8443",
