@@ -21,6 +21,13 @@ impl GuardHandle {
     pub fn update(&self, settings: GuardSettings, api_key: ApiKey) {
         let core = &self.core;
         let previous = core.current.load();
+        for group in LimitGroup::ALL {
+            core.counters.carry_near_limit(
+                group,
+                previous.settings.quotas(group),
+                settings.quotas(group),
+            );
+        }
         let limiter = Limiter::new(
             &settings.limits,
             &core.store,

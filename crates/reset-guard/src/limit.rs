@@ -250,24 +250,23 @@ impl<C: ShardCell<Shard>> Limiter<C> {
         let mut groups: [Vec<Entry<C>>; 4] = Default::default();
         for group in LimitGroup::ALL {
             let mut reusable: Vec<&Arc<QuotaState<C>>> = previous
+                .filter(|p| p.max_keys == store.max_keys)
                 .map(|p| p.groups[group.index()].iter().map(|e| &e.state).collect())
                 .unwrap_or_default();
-            if previous.is_some_and(|p| p.max_keys != store.max_keys) {
-                counters.retire_evictions(group, reusable.drain(..).map(|s| s.forced_evictions()));
-            }
             for quota in &settings.groups[group.index()] {
                 let state = match reusable.iter().position(|s| s.quota.same_limit(quota)) {
                     Some(i) => reusable.remove(i).clone(),
-                    None => Arc::new(QuotaState::new(*quota, store.max_keys)),
+                    None => Arc::new(QuotaState::counting_evictions(
+                        *quota,
+                        store.max_keys,
+                        counters.evictions(group),
+                    )),
                 };
                 groups[group.index()].push(Entry {
                     state,
                     shadow: quota.shadow,
                 });
             }
-            // The states left behind take their count with them: kept, so the counter
-            // never goes back.
-            counters.retire_evictions(group, reusable.into_iter().map(|s| s.forced_evictions()));
         }
         Limiter {
             groups,
@@ -461,11 +460,7 @@ impl<C: ShardCell<Shard>> Limiter<C> {
 
     /// Keys of `group` dropped while still counting, since start.
     pub(crate) fn forced_evictions(&self, group: LimitGroup) -> u64 {
-        let live: u64 = self.groups[group.index()]
-            .iter()
-            .map(|e| e.state.forced_evictions())
-            .sum();
-        self.counters.retired_evictions(group) + live
+        self.counters.forced_evictions(group)
     }
 }
 

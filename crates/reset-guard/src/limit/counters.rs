@@ -2,6 +2,7 @@
 //! quota's limit), kept across reloads, and what it tells an observer of each decision.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::{LimitGroup, Quota, MAX_QUOTAS_PER_GROUP};
 
@@ -34,8 +35,8 @@ pub struct LimitCounters {
     shadow_denied: [AtomicU64; 4],
     /// Per group and quota position: admissions that left less than a fifth of the burst.
     near_limit: [[AtomicU64; MAX_QUOTAS_PER_GROUP]; 4],
-    /// Per group: keys dropped while still counting by quota states a reload replaced.
-    retired_evictions: [AtomicU64; 4],
+    /// Per group: keys dropped while still counting, shared with its quotas' states.
+    evictions: [Arc<AtomicU64>; 4],
 }
 
 impl LimitCounters {
@@ -57,13 +58,31 @@ impl LimitCounters {
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
-    pub(crate) fn retired_evictions(&self, group: LimitGroup) -> u64 {
-        self.retired_evictions[group.index()].load(Ordering::Relaxed)
+    /// Keys of `group` dropped while still counting.
+    pub(crate) fn forced_evictions(&self, group: LimitGroup) -> u64 {
+        self.evictions[group.index()].load(Ordering::Relaxed)
     }
 
-    /// Keeps the eviction counts of quota states a reload leaves behind.
-    pub(crate) fn retire_evictions(&self, group: LimitGroup, counts: impl Iterator<Item = u64>) {
-        self.retired_evictions[group.index()].fetch_add(counts.sum(), Ordering::Relaxed);
+    /// The counter the states of `group`'s quotas count their forced evictions in.
+    pub(crate) fn evictions(&self, group: LimitGroup) -> Arc<AtomicU64> {
+        self.evictions[group.index()].clone()
+    }
+
+    /// After a reload, each quota's near-limit count follows it to its new position in
+    /// `group` (a changed quota starts from nothing): the counts are exported labelled by
+    /// quota, and a reordering would otherwise move one quota's count onto another.
+    pub(crate) fn carry_near_limit(&self, group: LimitGroup, before: &[Quota], after: &[Quota]) {
+        let counters = &self.near_limit[group.index()];
+        let old: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let mut taken = [false; MAX_QUOTAS_PER_GROUP];
+        for (position, counter) in counters.iter().enumerate() {
+            let carried = after.get(position).and_then(|quota| {
+                let from = (0..before.len()).find(|&i| !taken[i] && before[i].same_limit(quota))?;
+                taken[from] = true;
+                Some(old[from])
+            });
+            counter.store(carried.unwrap_or(0), Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn count_near_limit(&self, group: LimitGroup, position: usize) {

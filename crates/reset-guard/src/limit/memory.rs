@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use super::gcra::{evaluate, Cell};
 use super::quota::Quota;
@@ -66,8 +66,9 @@ pub(crate) struct QuotaState<C = RwLock<Shard>> {
     pub(crate) quota: Quota,
     shards: Box<[C]>,
     shard_capacity: usize,
-    /// Keys dropped while still counting because the map was full.
-    forced_evictions: AtomicU64,
+    /// Keys dropped while still counting because the map was full: the group's counter,
+    /// shared by the states of its quotas before and after a reload, so it never goes back.
+    forced_evictions: Arc<AtomicU64>,
 }
 
 pub(crate) fn shard_of(key: u64) -> usize {
@@ -79,12 +80,22 @@ pub(crate) fn shard_of(key: u64) -> usize {
 }
 
 impl<C: ShardCell<Shard>> QuotaState<C> {
+    #[cfg(test)]
     pub(crate) fn new(quota: Quota, max_keys: usize) -> Self {
+        Self::counting_evictions(quota, max_keys, Arc::default())
+    }
+
+    /// A state whose forced evictions are counted in `evictions`.
+    pub(crate) fn counting_evictions(
+        quota: Quota,
+        max_keys: usize,
+        evictions: Arc<AtomicU64>,
+    ) -> Self {
         QuotaState {
             quota,
             shards: (0..SHARDS).map(|_| C::from(Shard::default())).collect(),
             shard_capacity: max_keys.div_ceil(SHARDS).max(1),
-            forced_evictions: AtomicU64::new(0),
+            forced_evictions: evictions,
         }
     }
 
@@ -214,6 +225,7 @@ impl<C: ShardCell<Shard>> QuotaState<C> {
         (0..SHARDS).map(|s| self.read(s).tats.len()).sum()
     }
 
+    #[cfg(test)]
     pub(crate) fn forced_evictions(&self) -> u64 {
         self.forced_evictions.load(Ordering::Relaxed)
     }

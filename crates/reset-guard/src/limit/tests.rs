@@ -490,6 +490,46 @@ fn reload(rig: &Rig, limits: &str) {
 }
 
 #[tokio::test]
+async fn near_limit_counts_follow_their_quota_through_a_reload() {
+    let rig = new_rig("  per_email: [{ requests: 2, per: 1h }, { requests: 9, per: 1d }]\n");
+    // The second request leaves 2/1h with nothing: near its limit; 9/1d is not.
+    assert_eq!(rig.statuses(2, ask("a@b.io")).await, [200, 200]);
+    let counts = |rig: &Rig| {
+        let mut counts: Vec<(String, u64)> = rig
+            .handle
+            .near_limit(LimitGroup::PerEmail)
+            .iter()
+            .map(|(quota, n)| (format!("{}/{:?}", quota.requests, quota.per), *n))
+            .collect();
+        counts.sort();
+        counts
+    };
+    let before = counts(&rig);
+    assert_eq!(
+        before,
+        [("2/3600s".to_owned(), 1), ("9/86400s".to_owned(), 0)]
+    );
+    reload(
+        &rig,
+        "  per_email: [{ requests: 9, per: 1d }, { requests: 2, per: 1h }]\n",
+    );
+    assert_eq!(
+        counts(&rig),
+        before,
+        "reordered: each count stays with its quota"
+    );
+    reload(
+        &rig,
+        "  per_email: [{ requests: 9, per: 1d }, { requests: 3, per: 1h }]\n",
+    );
+    assert_eq!(
+        counts(&rig),
+        [("3/3600s".to_owned(), 0), ("9/86400s".to_owned(), 0)],
+        "a changed quota starts from nothing"
+    );
+}
+
+#[tokio::test]
 async fn reload_keeps_state_for_unchanged_quotas() {
     let rig = new_rig("  per_ip: [{ requests: 2, per: 1h }]\n  per_email: [{ requests: 1, per: 1h }]\n  response_headers: true\n");
     assert_eq!(rig.status(ask("a@b.io")).await, 200);
