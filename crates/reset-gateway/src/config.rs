@@ -70,6 +70,22 @@ impl GatewayConfig {
         located_yaml::from_yaml(yaml)
     }
 
+    /// The files besides this one that a reload reads again: [`Settings::reread_files`].
+    pub fn reread_files(&self) -> Vec<PathBuf> {
+        self.upstream
+            .api_key_file
+            .iter()
+            .chain(self.upstream.ca_file.iter())
+            .chain(
+                self.server
+                    .tls
+                    .iter()
+                    .flat_map(|tls| [&tls.cert_file, &tls.key_file]),
+            )
+            .cloned()
+            .collect()
+    }
+
     /// Checks everything and resolves the API key. `yaml` is the text the config came
     /// from, used to find the line of errors found after parsing.
     pub fn validate(&self, yaml: &str) -> Result<Settings, ConfigError> {
@@ -108,19 +124,7 @@ impl GatewayConfig {
                 .located(yaml));
             }
         }
-        let reread_files = self
-            .upstream
-            .api_key_file
-            .iter()
-            .chain(upstream.ca_file.iter())
-            .chain(
-                server
-                    .tls
-                    .iter()
-                    .flat_map(|tls| [&tls.cert_file, &tls.key_file]),
-            )
-            .cloned()
-            .collect();
+        let reread_files = self.reread_files();
         Ok(Settings {
             store,
             server,

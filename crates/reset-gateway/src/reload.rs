@@ -135,6 +135,9 @@ impl Reloader {
     /// need a restart.
     pub fn reload(&self) -> anyhow::Result<()> {
         let result = self.try_reload();
+        if result.is_err() {
+            self.follow_files_of_rejected();
+        }
         self.state.metrics.reload(result.is_ok());
         match &result {
             Ok(()) => tracing::info!(path = %self.path.display(), "configuration reloaded"),
@@ -145,6 +148,17 @@ impl Reloader {
             ),
         }
         result
+    }
+
+    /// A rejected file that parses names the files it would read: those are watched from
+    /// now on, so that the API key file it waits for reloads it once it appears.
+    fn follow_files_of_rejected(&self) {
+        let parsed = std::fs::read_to_string(&self.path)
+            .ok()
+            .and_then(|yaml| crate::config::GatewayConfig::from_yaml(&yaml).ok());
+        if let Some(config) = parsed {
+            *self.reread_files.lock().unwrap() = config.reread_files();
+        }
     }
 
     fn try_reload(&self) -> anyhow::Result<()> {
@@ -196,16 +210,11 @@ impl Reloader {
             tokio::select! {
                 _ = hangup_received => {
                     tracing::info!("SIGHUP received");
-                    let _ = self.reload();
-                    watch.reloaded(self.fingerprint());
+                    self.reload_and_note(&mut watch);
                 }
                 _ = tick.tick() => match watch.look(self.fingerprint()) {
                     Look::Unchanged => {}
-                    Look::Changed => {
-                        let _ = self.reload();
-                        // What the reload read (a new key file's path, say) is watched now.
-                        watch.reloaded(self.fingerprint());
-                    }
+                    Look::Changed => self.reload_and_note(&mut watch),
                     Look::Unreadable(error) => {
                         self.state.metrics.reload(false);
                         tracing::error!(
@@ -219,6 +228,20 @@ impl Reloader {
         }
     }
 
+    /// Reloads, and tells `watch` which contents that was: the ones seen before it read
+    /// them (a change made while it ran is then still new to the next look), or, when the
+    /// reload changed which files are watched, the new set as it is now.
+    fn reload_and_note(&self, watch: &mut Watch) {
+        let files = self.reread_files.lock().unwrap().clone();
+        let before = self.fingerprint();
+        let _ = self.reload();
+        if *self.reread_files.lock().unwrap() == files {
+            watch.reloaded(before);
+        } else {
+            watch.reloaded(self.fingerprint());
+        }
+    }
+
     /// A digest of the file's contents and of the files it names that a reload reads
     /// (contents, not timestamps: ConfigMaps swap symlinks, and editors rewrite files,
     /// without the contents always changing). A named file that cannot be read counts as
@@ -228,10 +251,11 @@ impl Reloader {
         digest.update(std::fs::read(&self.path)?);
         for path in self.reread_files.lock().unwrap().iter() {
             digest.update(path.as_os_str().as_encoded_bytes());
-            match std::fs::read(path) {
+            // The API key and the TLS private key: wiped once hashed.
+            match std::fs::read(path).map(zeroize::Zeroizing::new) {
                 Ok(bytes) => {
                     digest.update([1]);
-                    digest.update(bytes);
+                    digest.update(&*bytes);
                 }
                 Err(_) => digest.update([0]),
             }

@@ -107,6 +107,11 @@ impl Write for Drain {
                 return Ok(line.len());
             }
         }
+        // Flushed here rather than inside write_all, so that the lines known to be buffered
+        // are the ones a failed flush loses.
+        if self.out.buffer().len() + line.len() > self.out.capacity() {
+            self.flush()?;
+        }
         match self.out.write_all(line) {
             Ok(()) => self.buffered += 1,
             Err(_) => self.lost(1),

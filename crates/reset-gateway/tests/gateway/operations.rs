@@ -649,6 +649,43 @@ async fn a_rotated_api_key_file_is_picked_up_without_a_signal() {
     assert_eq!(ask().await, 200, "the running configuration stays");
 }
 
+/// A file that names a key file not there yet is rejected, and reloads by itself once the
+/// key file appears (the Secret mounted after the ConfigMap that names it).
+#[tokio::test]
+async fn a_key_file_that_appears_after_a_rejected_reload_is_followed() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    mock.set_api_key("rotated-key-2");
+    let dir = tempfile::tempdir().unwrap();
+    let old_key = dir.path().join("old_key");
+    std::fs::write(&old_key, "old-key-1\n").unwrap();
+    let new_key = dir.path().join("new_key");
+    let path = dir.path().join("gateway.yaml");
+    let config = |key: &std::path::Path| {
+        yaml(&mock.url(), "  responses: { uniform: false }\n", "").replace(
+            "upstream:\n",
+            &format!("upstream:\n  api_key_file: {}\n", key.display()),
+        )
+    };
+    write(&path, &config(&old_key));
+    let gw = spawn_gateway(&path);
+    let ask = || {
+        let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+        async move { raw(gw.addr, request.as_bytes()).await.status }
+    };
+    assert_eq!(ask().await, 401);
+    write(&path, &config(&new_key));
+    let rejected = poll_until(
+        250,
+        async || gw.logs().iter().any(|l| l.contains("reload rejected")),
+        |seen| *seen,
+    )
+    .await;
+    assert!(rejected, "{:?}", gw.logs());
+    std::fs::write(&new_key, "rotated-key-2\n").unwrap();
+    let status = poll_until(250, async || ask().await, |s| *s == 200).await;
+    assert_eq!(status, 200, "the key file was followed once it appeared");
+}
+
 #[tokio::test]
 async fn metrics_parse_as_the_format_their_content_type_names() {
     use openmetrics_parser::{OpenMetricsType, OpenMetricsValue};
