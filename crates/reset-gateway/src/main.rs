@@ -13,6 +13,8 @@ use reset_guard::TokenDigest;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // First: until a handler is in place, a SIGHUP would end the process.
+    let early_hangup = signal::catch_hangup_early();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig { explain } => match load(&cli.config) {
@@ -56,7 +58,7 @@ fn main() -> ExitCode {
             runtime(async move {
                 // Caught before the listeners open, so no signal meets its default action.
                 let stop = signal::Terminate::install()?;
-                let hangups = signal::hangups();
+                let hangups = signal::hangups(early_hangup);
                 let app = reset_gateway::build(settings).await?;
                 tokio::spawn(app.reloader(path).watch(hangups));
                 tracing::info!(listen = %app.local_addr(), admin = %app.admin_addr(), "serving");

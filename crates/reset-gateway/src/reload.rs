@@ -189,7 +189,7 @@ impl Reloader {
 
     /// Reloads on each of `hangups` (SIGHUP, see [`crate::signal::hangups`]) and whenever
     /// the files' contents change, until the process ends.
-    pub async fn watch(self, hangups: std::io::Result<tokio::signal::unix::Signal>) {
+    pub async fn watch(self, hangups: std::io::Result<crate::signal::Hangups>) {
         let mut hangup = match hangups {
             Ok(hangup) => Some(hangup),
             Err(error) => {

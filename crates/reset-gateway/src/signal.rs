@@ -3,11 +3,20 @@
 //! Handlers are installed before the gateway binds or serves: until a handler is in place
 //! a signal takes its default action, and for SIGHUP that is to end the process, so a
 //! reload sent right after start (by a supervisor, or a test) would kill the gateway.
+//! SIGHUP is caught from the first instruction of `main` (before the configuration is
+//! read and the runtime exists) and, if one came that early, honoured once the reload
+//! watch starts. A SIGTERM that early ends the process, which is what it asks.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
+
+/// How soon after the first stop signal the other kind counts as the same request.
+const SAME_REQUEST: Duration = Duration::from_secs(1);
 
 /// The signals that stop the gateway, SIGTERM and SIGINT, caught from now on.
 pub struct Terminate {
@@ -44,9 +53,16 @@ impl Terminate {
                 let name = self.next().await;
                 tracing::info!("{name} received");
                 let _ = first.send(());
-                let name = self.next().await;
-                tracing::warn!("{name} received again: stopping without waiting for the requests in flight");
-                name
+                let drain_began = Instant::now();
+                loop {
+                    let again = self.next().await;
+                    // A process manager forwards SIGTERM right after the terminal's SIGINT:
+                    // the other signal that soon is the same request, not a second one.
+                    if again == name || drain_began.elapsed() >= SAME_REQUEST {
+                        tracing::warn!("{again} received again: stopping without waiting for the requests in flight");
+                        break again;
+                    }
+                }
             } => anyhow::bail!("{name} received twice: stopped without waiting for the requests in flight"),
         }
     }
@@ -59,7 +75,44 @@ impl Terminate {
     }
 }
 
+/// A SIGHUP caught before the runtime exists, remembered until [`hangups`] takes over.
+pub struct EarlyHangup {
+    id: signal_hook::SigId,
+    seen: Arc<AtomicBool>,
+}
+
+/// Catches SIGHUP from now on, without a runtime; `None` if the handler cannot be set.
+pub fn catch_hangup_early() -> Option<EarlyHangup> {
+    let seen = Arc::new(AtomicBool::new(false));
+    let id = signal_hook::flag::register(signal_hook::consts::SIGHUP, seen.clone()).ok()?;
+    Some(EarlyHangup { id, seen })
+}
+
 /// SIGHUP, caught from now on: each one asks for a reload.
-pub fn hangups() -> std::io::Result<Signal> {
-    signal(SignalKind::hangup())
+pub struct Hangups {
+    signal: Signal,
+    /// One came before this was made (and after [`catch_hangup_early`]).
+    pending: bool,
+}
+
+/// Takes SIGHUP over from `early`, keeping one that came meanwhile.
+pub fn hangups(early: Option<EarlyHangup>) -> std::io::Result<Hangups> {
+    let signal = signal(SignalKind::hangup())?;
+    let pending = early.is_some_and(|early| {
+        signal_hook::low_level::unregister(early.id);
+        early.seen.load(Ordering::Relaxed)
+    });
+    Ok(Hangups { signal, pending })
+}
+
+impl Hangups {
+    /// The next SIGHUP (at once for one that came before the watch began).
+    pub async fn recv(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            return;
+        }
+        if self.signal.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
 }

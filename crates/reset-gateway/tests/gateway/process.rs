@@ -540,6 +540,83 @@ async fn a_signal_sent_as_soon_as_the_gateway_serves_is_handled_not_fatal() {
     assert_eq!(status.code(), Some(0), "SIGTERM drains and exits 0");
 }
 
+/// A SIGHUP that comes while the gateway still reads its configuration (a supervisor's
+/// reload right after start) is caught, not fatal, and honoured once it serves.
+#[tokio::test]
+async fn a_sighup_before_the_gateway_serves_is_kept_for_later() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The key secret file is a pipe: reading the configuration waits on it, so the signal
+    // surely comes before the gateway has read its configuration.
+    let secret = dir.path().join("key_secret");
+    assert!(Command::new("mkfifo")
+        .arg(&secret)
+        .status()
+        .unwrap()
+        .success());
+    let path = write_config(
+        &dir,
+        &yaml(
+            &mock.url(),
+            "",
+            &format!("store:\n  key_secret_file: {}\n", secret.display()),
+        ),
+    );
+    let mut child = gateway()
+        .arg("--config")
+        .arg(&path)
+        .env("QB_API_KEY", SERVER_KEY)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Sent as soon as the process catches it, while it waits for the pipe.
+    let caught = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .unwrap();
+        u64::from_str_radix(mask.trim(), 16).unwrap() & 1 != 0
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !caught() {
+        assert!(std::time::Instant::now() < deadline, "SIGHUP never caught");
+        std::thread::yield_now();
+    }
+    assert!(Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // The secret, then a plain file in the pipe's place for the reload to read.
+    let secret_text = "a-key-secret-of-enough-length\n";
+    std::fs::write(&secret, secret_text).unwrap();
+    let plain = dir.path().join("key_secret.plain");
+    std::fs::write(&plain, secret_text).unwrap();
+    std::fs::rename(&plain, &secret).unwrap();
+    let (sender, received) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let seen = |lines: &[String], what: &str| lines.iter().any(|l| l.contains(what));
+    while let Ok(line) = received.recv_timeout(Duration::from_secs(10)) {
+        lines.push(line);
+        if seen(&lines, "configuration reloaded") && seen(&lines, "\"serving\"") {
+            break;
+        }
+    }
+    assert_eq!(child.try_wait().unwrap(), None, "still running: {lines:?}");
+    assert!(seen(&lines, "configuration reloaded"), "the early SIGHUP was honoured: {lines:?}");
+    assert!(seen(&lines, "\"serving\""), "{lines:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// An operator who signals again while the gateway drains wants it gone now.
 #[tokio::test]
 async fn a_second_sigterm_while_draining_stops_at_once() {
