@@ -169,13 +169,15 @@ impl Connection {
     }
 
     /// HTTP/2, every request attributed to `client`; closed gracefully (GOAWAY) when the
-    /// worker drains or the connection has been idle for the header read timeout.
+    /// worker drains or the connection has been idle for the header read timeout, dropped
+    /// when the client has taken nothing of an answer for the request timeout (idle.rs).
     async fn serve_h2<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         mut self,
         io: I,
         client: SocketAddr,
     ) {
-        let io = SendTimeout::new(io, self.context.request_timeout);
+        let send_timeout = self.context.request_timeout;
+        let io = SendTimeout::new(io, send_timeout);
         let activity = std::sync::Arc::new(Activity::new());
         let service = GatewayService::new(self.context, client).counting(activity.clone());
         let connection = self
@@ -194,6 +196,13 @@ impl Connection {
                 () = activity.idle_for(self.head_timeout), if !closing => {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
+                }
+                () = activity.client_stalled_for(send_timeout) => {
+                    tracing::debug!(
+                        peer = %client,
+                        "HTTP/2 client took nothing of an answer within server.request_timeout; connection dropped"
+                    );
+                    break Ok(());
                 }
             }
         };

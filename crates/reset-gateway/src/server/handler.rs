@@ -17,7 +17,7 @@ use tower::util::Either;
 use tower::ServiceExt;
 use tower_http::cors::Cors;
 
-use super::idle::Activity;
+use super::idle::{Activity, TrackedBody};
 use crate::admin::AdminState;
 use crate::refusal::Refusal;
 use crate::request_id::{self, X_REQUEST_ID};
@@ -89,23 +89,19 @@ impl GatewayService {
 }
 
 impl hyper::service::Service<Request<Incoming>> for GatewayService {
-    type Response = Response<GatewayBody>;
+    type Response = Response<TrackedBody>;
     type Error = Infallible;
     type Future =
-        std::pin::Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>;
+        std::pin::Pin<Box<dyn Future<Output = Result<Response<TrackedBody>, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let handled = handle(self.context.clone(), self.peer, request);
-        match &self.activity {
-            None => Box::pin(handled),
-            Some(activity) => {
-                let open = activity.begin();
-                Box::pin(async move {
-                    let _open = open;
-                    handled.await
-                })
-            }
-        }
+        // Over HTTP/2 the request stays open until its answer's body is done (idle.rs).
+        let open = self.activity.as_ref().map(|activity| activity.begin());
+        Box::pin(async move {
+            let response = handled.await?;
+            Ok(response.map(|body| TrackedBody::new(body, open)))
+        })
     }
 }
 

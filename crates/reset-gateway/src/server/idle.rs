@@ -1,77 +1,203 @@
-//! When an HTTP/2 connection is idle: no request open, none finished for a while.
+//! What an HTTP/2 connection's answers are doing: none open and none for a while (idle),
+//! or one waiting for the client to take more (stalled).
 //!
 //! hyper closes an idle HTTP/1.1 connection at its header read timeout, but keeps an
 //! HTTP/2 connection open for as long as its client answers pings, so a client could hold
-//! `max_connections` slots with connections that never ask anything. The connection's
-//! service counts its requests here, and the connection closes gracefully (GOAWAY: streams
-//! already open finish) once it has been idle for `server.header_read_timeout`, as an
-//! HTTP/1.1 connection would have been.
+//! `max_connections` slots with connections that never ask anything. Each request counts
+//! as open until its answer's body is done (a streamed answer is still an open request),
+//! and the connection closes gracefully (GOAWAY: streams already open finish) once none
+//! has been open for `server.header_read_timeout`, as an HTTP/1.1 one would have been.
+//!
+//! A client that stops reading an HTTP/2 answer never stalls the socket (send_timeout.rs
+//! sees nothing): it stops granting flow-control window, and hyper stops asking the body
+//! for more. An answer whose body handed over a frame and has not been asked again for
+//! `server.request_timeout` is one the client stopped taking; the connection is dropped.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
-/// One connection's requests: how many are open, and when the last one finished.
+use super::handler::GatewayBody;
+
+/// One connection's answers.
 #[derive(Debug)]
 pub(super) struct Activity {
-    open: AtomicUsize,
     start: Instant,
+    /// Requests open: from the call until the answer's body is done or dropped.
+    open: AtomicUsize,
     /// Milliseconds from `start` to the last request's end (or to `start`).
     last_done_ms: AtomicU64,
+    /// Answers that handed over a frame and have not been asked for more since.
+    awaiting_client: AtomicUsize,
+    /// Milliseconds from `start` to when `awaiting_client` last rose from zero.
+    awaiting_since_ms: AtomicU64,
 }
 
 impl Activity {
     pub(super) fn new() -> Self {
         Activity {
-            open: AtomicUsize::new(0),
             start: Instant::now(),
+            open: AtomicUsize::new(0),
             last_done_ms: AtomicU64::new(0),
+            awaiting_client: AtomicUsize::new(0),
+            awaiting_since_ms: AtomicU64::new(0),
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn at(&self, ms: &AtomicU64) -> Instant {
+        self.start + Duration::from_millis(ms.load(Ordering::Relaxed))
+    }
+
     /// A request began; it ends when the returned guard is dropped.
-    pub(super) fn begin(self: &std::sync::Arc<Self>) -> RequestOpen {
+    pub(super) fn begin(self: &Arc<Self>) -> RequestOpen {
         self.open.fetch_add(1, Ordering::Relaxed);
         RequestOpen(self.clone())
     }
 
-    /// Since when no request has been open; `None` while one is.
-    fn idle_since(&self) -> Option<Instant> {
-        if self.open.load(Ordering::Relaxed) > 0 {
-            return None;
-        }
-        Some(self.start + Duration::from_millis(self.last_done_ms.load(Ordering::Relaxed)))
-    }
-
-    /// Completes once the connection has been idle for `limit`.
+    /// Completes once no request has been open for `limit`.
     pub(super) async fn idle_for(&self, limit: Duration) {
         loop {
-            match self.idle_since() {
-                Some(since) if since + limit <= Instant::now() => return,
-                Some(since) => tokio::time::sleep_until(since + limit).await,
-                None => tokio::time::sleep(limit).await,
+            if self.open.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(limit).await;
+                continue;
             }
+            let since = self.at(&self.last_done_ms);
+            if since + limit <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(since + limit).await;
+        }
+    }
+
+    /// Completes once some answer has waited `limit` for the client to take more.
+    pub(super) async fn client_stalled_for(&self, limit: Duration) {
+        loop {
+            if self.awaiting_client.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(limit).await;
+                continue;
+            }
+            let since = self.at(&self.awaiting_since_ms);
+            if since + limit <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(since + limit).await;
         }
     }
 }
 
 /// An open request of a connection; its end when dropped (answered, or abandoned).
-pub(super) struct RequestOpen(std::sync::Arc<Activity>);
+pub(super) struct RequestOpen(Arc<Activity>);
+
+impl RequestOpen {
+    fn awaiting_client(&self) {
+        let activity = &self.0;
+        // One thread serves the connection: nothing reads between these two.
+        if activity.awaiting_client.load(Ordering::Relaxed) == 0 {
+            activity
+                .awaiting_since_ms
+                .store(activity.now_ms(), Ordering::Relaxed);
+        }
+        activity.awaiting_client.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn asked_again(&self) {
+        self.0.awaiting_client.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 impl Drop for RequestOpen {
     fn drop(&mut self) {
         let activity = &self.0;
-        let elapsed = u64::try_from(activity.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        activity.last_done_ms.store(elapsed, Ordering::Relaxed);
+        activity
+            .last_done_ms
+            .store(activity.now_ms(), Ordering::Relaxed);
         activity.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body; over HTTP/2, the request stays open in its connection's
+    /// [`Activity`] until the body is done.
+    pub(super) struct TrackedBody {
+        #[pin]
+        inner: GatewayBody,
+        open: Option<RequestOpen>,
+        awaiting: bool,
+    }
+
+    impl PinnedDrop for TrackedBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let (true, Some(open)) = (*this.awaiting, this.open.as_ref()) {
+                open.asked_again();
+            }
+        }
+    }
+}
+
+impl TrackedBody {
+    pub(super) fn new(inner: GatewayBody, open: Option<RequestOpen>) -> Self {
+        TrackedBody {
+            inner,
+            open,
+            awaiting: false,
+        }
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = <GatewayBody as Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        let Some(open) = this.open.as_ref() else {
+            return this.inner.poll_frame(cx);
+        };
+        if std::mem::take(this.awaiting) {
+            open.asked_again();
+        }
+        let polled = this.inner.as_mut().poll_frame(cx);
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.inner.is_end_stream() {
+            open.awaiting_client();
+            *this.awaiting = true;
+        }
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.inner.is_end_stream() {
+            // Done: the request is over (the guard goes; a later poll finds none).
+            if *this.awaiting {
+                open.asked_again();
+                *this.awaiting = false;
+            }
+            *this.open = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[tokio::test(start_paused = true)]
     async fn idle_counts_from_the_last_request_and_never_while_one_is_open() {
@@ -89,5 +215,26 @@ mod tests {
         drop(open);
         idle.await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(28));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_not_asked_for_more_is_stalled_once_it_has_waited_the_limit() {
+        let activity = Arc::new(Activity::new());
+        let start = Instant::now();
+        let open = activity.begin();
+        let stalled = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.client_stalled_for(Duration::from_secs(30)).await }
+        });
+        // Asked again within the limit, twice: not stalled.
+        for _ in 0..2 {
+            open.awaiting_client();
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            open.asked_again();
+        }
+        assert!(!stalled.is_finished());
+        open.awaiting_client();
+        stalled.await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(70));
     }
 }

@@ -414,3 +414,122 @@ async fn a_hanging_quickblox_does_not_hold_up_other_clients() {
         200
     );
 }
+
+/// An upstream for forwarded routes: `/slow` streams ten chunks 200ms apart, `/big`
+/// answers 64 MiB, anything else a short 200.
+async fn streaming_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = vec![0u8; 8192];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(b"GET /slow") {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        .await;
+                    for _ in 0..10 {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        if stream.write_all(b"5\r\nhello\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = stream.write_all(b"0\r\n\r\n").await;
+                } else if head.starts_with(b"GET /big") {
+                    let len = 64usize << 20;
+                    let _ = stream
+                        .write_all(
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").as_bytes(),
+                        )
+                        .await;
+                    let chunk = vec![b'x'; 1 << 16];
+                    for _ in 0..len / chunk.len() {
+                        if stream.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                } else {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+                // Keep-alive: the gateway's pool may send the next request here.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn forwarding_gateway(server_keys: &str) -> Gateway {
+    let upstream = format!("http://{}", streaming_upstream().await);
+    let yaml = yaml(&upstream, "  other_routes: forward\n", "")
+        .replace("timeout: 400ms\n  connect", "timeout: 10s\n  connect");
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    Gateway::start_yaml(mock, &with_server_keys(&yaml, server_keys)).await
+}
+
+async fn h2_client(
+    gw: &Gateway,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
+fn h2_get(gw: &Gateway, path: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get(format!("http://{}{path}", gw.addr))
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+/// A request whose answer is still streaming is open: its connection is not idle, however
+/// long past the header read timeout (300ms) the stream runs.
+#[tokio::test]
+async fn an_http2_answer_still_streaming_keeps_its_connection_open() {
+    use http_body_util::BodyExt;
+    let gw = forwarding_gateway("").await;
+    let (mut sender, _connection) = h2_client(&gw, 65535).await;
+    let response = sender.send_request(h2_get(&gw, "/slow")).await.unwrap();
+    let body = tokio::spawn(async move { response.into_body().collect().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let second = sender.send_request(h2_get(&gw, "/other")).await;
+    assert_eq!(
+        second.unwrap().status(),
+        200,
+        "no GOAWAY while a body streams"
+    );
+    assert_eq!(body.await.unwrap().to_bytes().len(), 50);
+}
+
+/// Over HTTP/2 a client that stops reading closes its flow-control window, not the socket:
+/// the answer waiting on it for server.request_timeout drops the connection.
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_an_answer_is_dropped() {
+    let gw = forwarding_gateway("  request_timeout: 1s\n").await;
+    let (mut sender, connection) = h2_client(&gw, 65535).await;
+    let response = sender.send_request(h2_get(&gw, "/big")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // The body is never read.
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(ended.is_ok(), "the paused download held its connection");
+    drop(response);
+}

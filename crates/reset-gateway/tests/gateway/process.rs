@@ -611,7 +611,10 @@ async fn a_sighup_before_the_gateway_serves_is_kept_for_later() {
         }
     }
     assert_eq!(child.try_wait().unwrap(), None, "still running: {lines:?}");
-    assert!(seen(&lines, "configuration reloaded"), "the early SIGHUP was honoured: {lines:?}");
+    assert!(
+        seen(&lines, "configuration reloaded"),
+        "the early SIGHUP was honoured: {lines:?}"
+    );
     assert!(seen(&lines, "\"serving\""), "{lines:?}");
     let _ = child.kill();
     let _ = child.wait();
