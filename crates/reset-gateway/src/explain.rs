@@ -132,7 +132,7 @@ fn spoken(duration: Duration) -> String {
     // Under a second, whole milliseconds can be a sixth off (60 a second is one every
     // 16.7, not 16): a tenth is shown.
     let ns = duration.as_nanos();
-    if (1_000_000..1_000_000_000).contains(&ns) && !ns.is_multiple_of(1_000_000) {
+    if (1_000_000..999_950_000).contains(&ns) && !ns.is_multiple_of(1_000_000) {
         return format!("{:.1} milliseconds", ns as f64 / 1e6);
     }
     let mut rest = duration.as_nanos();

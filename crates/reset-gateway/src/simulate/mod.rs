@@ -81,11 +81,23 @@ fn config_of(path: &Path) -> Result<(GatewayConfig, String), SimulateError> {
 /// these is not replayed as it would run.
 fn unreplayed(config: &GatewayConfig) -> Vec<(&'static str, String)> {
     let guard = &config.guard;
+    // Lists compared as sets: the order they are written in changes nothing.
+    let sorted = |mut items: Vec<String>| {
+        items.sort();
+        format!("{items:?}")
+    };
     vec![
         ("guard.path", guard.path.clone()),
         (
             "guard.client_ip.trusted_proxies",
-            format!("{:?}", guard.client_ip.trusted_proxies),
+            sorted(
+                guard
+                    .client_ip
+                    .trusted_proxies
+                    .iter()
+                    .map(|net| format!("{net:?}"))
+                    .collect(),
+            ),
         ),
         (
             "server.proxy_protocol",
@@ -93,18 +105,21 @@ fn unreplayed(config: &GatewayConfig) -> Vec<(&'static str, String)> {
         ),
         (
             "guard.clients",
-            format!(
-                "{:?}",
+            sorted(
                 guard
                     .clients
                     .iter()
-                    .map(|c| (&c.id, c.token_sha256.to_hex()))
-                    .collect::<Vec<_>>()
+                    .map(|c| format!("{} {}", c.id, c.token_sha256.to_hex()))
+                    .collect(),
             ),
         ),
         (
             "guard.limits.email_key",
             format!("{:?}", guard.limits.email_key),
+        ),
+        (
+            "guard.email.allow_utf8_local",
+            guard.email.allow_utf8_local.to_string(),
         ),
     ]
 }

@@ -263,3 +263,38 @@ fn log_times_read_as_the_general_parser_reads_them() {
         parse_time("2025-03-01T10:00:00Z").ok()
     );
 }
+
+#[test]
+fn only_a_change_the_replay_cannot_model_is_named_and_order_is_no_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, guard: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "guard:\n  clients:\n    - id: ios\n      token_sha256: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\n{guard}"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let current = write(
+        "current.yaml",
+        "  client_ip: { trusted_proxies: [10.0.0.0/8, 192.0.2.0/24] }\n",
+    );
+    let reordered = write(
+        "reordered.yaml",
+        "  client_ip: { trusted_proxies: [192.0.2.0/24, 10.0.0.0/8] }\n",
+    );
+    let utf8 = write(
+        "utf8.yaml",
+        "  client_ip: { trusted_proxies: [10.0.0.0/8, 192.0.2.0/24] }\n  email: { allow_utf8_local: true }\n",
+    );
+    assert!(super::unreplayed_changes(&reordered, &current)
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        super::unreplayed_changes(&utf8, &current).unwrap(),
+        ["guard.email.allow_utf8_local"]
+    );
+}
