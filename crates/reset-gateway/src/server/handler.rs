@@ -17,7 +17,7 @@ use tower::util::Either;
 use tower::ServiceExt;
 use tower_http::cors::Cors;
 
-use super::idle::{Activity, TrackedBody};
+use super::idle::{Activity, RequestOpen, TrackedBody};
 use crate::admin::AdminState;
 use crate::refusal::Refusal;
 use crate::request_id::{self, X_REQUEST_ID};
@@ -95,21 +95,19 @@ impl hyper::service::Service<Request<Incoming>> for GatewayService {
         std::pin::Pin<Box<dyn Future<Output = Result<Response<TrackedBody>, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let handled = handle(self.context.clone(), self.peer, request);
         // Over HTTP/2 the request stays open until its answer's body is done (idle.rs).
         let open = self.activity.as_ref().map(|activity| activity.begin());
-        Box::pin(async move {
-            let response = handled.await?;
-            Ok(response.map(|body| TrackedBody::new(body, open)))
-        })
+        Box::pin(handle(self.context.clone(), self.peer, request, open))
     }
 }
 
+/// Answers `request`; over HTTP/2, `open` keeps it open until its answer's body is done.
 async fn handle(
     context: Arc<WorkerContext>,
     peer: SocketAddr,
     mut request: Request<Incoming>,
-) -> Result<Response<GatewayBody>, Infallible> {
+    open: Option<RequestOpen>,
+) -> Result<Response<TrackedBody>, Infallible> {
     let started = Instant::now();
     let received = std::time::SystemTime::now();
     let id = request_id::resolve(request.headers());
@@ -149,7 +147,7 @@ async fn handle(
             metrics.upstream(status.as_u16(), exchange.duration);
         }
     }
-    Ok(response)
+    Ok(response.map(|body| TrackedBody::new(body, open)))
 }
 
 /// The guarded service's answer, or the refusal of a request still waiting for QuickBlox or
