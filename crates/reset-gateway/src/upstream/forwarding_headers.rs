@@ -14,31 +14,16 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// The client address as some servers read it, which a client could fill with anything.
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// The chain sent upstream: the client's own chain when it came through trusted proxies
-/// (the guard resolved a client other than the peer), then the peer.
-pub(super) fn forwarded_for(
-    incoming: &HeaderMap,
-    peer: Option<IpAddr>,
-    client: IpAddr,
-) -> Option<HeaderValue> {
+/// The chain sent upstream: the peer, preceded by the client when it came through trusted
+/// proxies (the guard resolved a client other than the peer). Nothing the client wrote is
+/// passed on: a chain copied whole carried its forged entries to the left, where a reader
+/// of the leftmost entry would have believed them.
+pub(super) fn forwarded_for(peer: Option<IpAddr>, client: IpAddr) -> Option<HeaderValue> {
     let peer = peer?;
     if peer == client {
         return Some(ip_header(peer));
     }
-    let mut chain = String::new();
-    for value in incoming.get_all(X_FORWARDED_FOR) {
-        if let Ok(value) = value.to_str() {
-            if !chain.is_empty() {
-                chain.push_str(", ");
-            }
-            chain.push_str(value.trim());
-        }
-    }
-    if !chain.is_empty() {
-        chain.push_str(", ");
-    }
-    chain.push_str(&peer.to_string());
-    HeaderValue::from_str(&chain).ok()
+    HeaderValue::from_str(&format!("{client}, {peer}")).ok()
 }
 
 /// Replaces whatever forwarding headers a client sent with the peer's address alone (a

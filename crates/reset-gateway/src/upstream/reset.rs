@@ -113,7 +113,7 @@ impl UpstreamClient {
         if let Some(id) = incoming.get(&X_REQUEST_ID) {
             headers.insert(X_REQUEST_ID.clone(), id.clone());
         }
-        if let Some(chain) = forwarded_for(incoming, peer, guarded.client_ip()) {
+        if let Some(chain) = forwarded_for(peer, guarded.client_ip()) {
             headers.insert(X_FORWARDED_FOR, chain);
         }
         let hop_named: Vec<_> = connection_named(incoming).collect();

@@ -264,6 +264,23 @@ async fn trusted_proxies_extend_the_forwarding_chain() {
         gw.mock.requests()[0].headers["x-forwarded-for"],
         "198.51.100.7, 127.0.0.1"
     );
+    // What the client wrote left of its proxy's entry never reaches QuickBlox, where a
+    // reader of the leftmost entry would believe it.
+    gw.reset(
+        "email=alice%40example.com",
+        &[
+            ("QB-Token", IOS_TOKEN),
+            (
+                "X-Forwarded-For",
+                "1.2.3.4, <script>, 127.0.0.9, 198.51.100.7",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(
+        gw.mock.requests()[1].headers["x-forwarded-for"],
+        "198.51.100.7, 127.0.0.1"
+    );
 }
 
 #[tokio::test]
