@@ -16,8 +16,9 @@ pub enum Refusal {
     /// A request target longer than `server.max_uri_bytes`.
     #[error("request target too long")]
     TargetTooLong,
-    /// On a forwarded route, a request no API proxy passes on: `CONNECT` (a tunnel) or an
-    /// asterisk-form target (`OPTIONS *`), which would reach QuickBlox as something else.
+    /// On a forwarded route, a request no API proxy passes on: `CONNECT` (a tunnel), an
+    /// asterisk-form target (`OPTIONS *`) or an authority-form one (`GET host:80`), which
+    /// would reach QuickBlox as something else.
     #[error("CONNECT or asterisk-form request on a forwarded route")]
     NotProxied,
     /// A forwarded request's body was broken by the client (bad chunk framing, cut short

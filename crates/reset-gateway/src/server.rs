@@ -95,10 +95,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
     let mut forwarders = Vec::new();
     let mut workers = Vec::new();
     for _ in 0..listeners.len() {
-        let forwarder = Forwarder::new(settings.upstream.clone())?;
+        let cors = cors(&settings);
+        let forwarder = Forwarder::new(settings.upstream.clone(), cors.is_some())?;
         let service = tower::ServiceBuilder::new()
             // CORS first: a browser's preflight is answered here, before any check.
-            .option_layer(cors(&settings))
+            .option_layer(cors)
             // The guard sits in front of the forwarder: nothing it rejects costs an upstream call.
             .layer(layer.clone())
             .service(forwarder.clone());

@@ -69,6 +69,9 @@ pub struct UpstreamExchange {
 #[derive(Clone)]
 pub struct Forwarder {
     client: Arc<ArcSwap<UpstreamClient>>,
+    /// The gateway answers CORS itself (`server.cors`): QuickBlox's own `Access-Control-*`
+    /// headers on a forwarded route would be merged with its answer.
+    owns_cors: bool,
 }
 
 /// The client a forwarder sends with: its pool of connections to QuickBlox and the
@@ -81,10 +84,12 @@ struct UpstreamClient {
 }
 
 impl Forwarder {
-    /// Builds the client: TLS via rustls with the web PKI roots plus `ca_file`.
-    pub fn new(settings: UpstreamSettings) -> anyhow::Result<Forwarder> {
+    /// Builds the client: TLS via rustls with the web PKI roots plus `ca_file`. With
+    /// `owns_cors`, a forwarded route's answer loses QuickBlox's `Access-Control-*` headers.
+    pub fn new(settings: UpstreamSettings, owns_cors: bool) -> anyhow::Result<Forwarder> {
         Ok(Forwarder {
             client: Arc::new(ArcSwap::from_pointee(UpstreamClient::new(settings)?)),
+            owns_cors,
         })
     }
 
@@ -160,7 +165,7 @@ impl Forwarder {
             .map(|p| p.0.ip().to_canonical());
         let (response, status) = match extensions.get::<GuardedRequest>() {
             Some(guarded) => client.forward_reset(request, guarded, peer).await,
-            None => client.forward_other(request, peer).await,
+            None => client.forward_other(request, peer, self.owns_cors).await,
         };
         let (mut response, refusal) = match response {
             Ok(response) => (response, None),

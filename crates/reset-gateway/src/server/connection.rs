@@ -22,6 +22,9 @@ use crate::config::ServerSettings;
 use crate::preface::{self, Rewind};
 use crate::proxy_protocol::{self, Failure, ProxyProtocolSettings};
 
+/// Streams one HTTP/2 connection may have open at once.
+pub(super) const MAX_CONCURRENT_STREAMS: u32 = 32;
+
 /// The HTTP/1.1 and HTTP/2 server settings.
 #[derive(Clone)]
 pub(super) struct Protocols {
@@ -43,6 +46,9 @@ impl Protocols {
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
+            // nginx's default is 128, hyper's 200: each open stream of a forwarded route
+            // can hold an upstream exchange for server.request_timeout.
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20));
@@ -186,7 +192,17 @@ impl Connection {
             .serve_connection(TokioIo::new(io), service);
         let mut connection = std::pin::pin!(connection);
         let mut closing = false;
+        // An idle connection's GOAWAY waits for the client to acknowledge a ping: one that
+        // never does is dropped a header read timeout later (hyper's own keep-alive would
+        // wait 40 s).
+        let mut idle_closed_by = None;
         let result = loop {
+            let idle_close_overdue = async {
+                match idle_closed_by {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 result = connection.as_mut() => break result,
                 _ = self.stop.wait_for(|stop| *stop), if !closing => {
@@ -196,7 +212,9 @@ impl Connection {
                 () = activity.idle_for(self.head_timeout), if !closing => {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
+                    idle_closed_by = Some(Instant::now() + self.head_timeout);
                 }
+                () = idle_close_overdue => break Ok(()),
                 () = activity.client_stalled_for(send_timeout) => {
                     tracing::debug!(
                         peer = %client,

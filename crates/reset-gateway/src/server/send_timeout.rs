@@ -4,7 +4,9 @@
 //! pipelines requests and never reads, or pauses a download, would hold its connection
 //! (and a `max_connections` slot) for ever once the socket's buffers fill. Like nginx's
 //! `send_timeout`, the limit is on a write that makes no progress at all, not on a slow
-//! one: each byte the client takes starts the wait again.
+//! one: any write that goes through starts the wait again. The kernel says a socket is
+//! writable again only once a good part of its send buffer has drained, so a reader
+//! slower than that drains in the limit counts as making none (as with nginx).
 
 use std::future::Future;
 use std::io;

@@ -28,11 +28,15 @@ impl UpstreamClient {
         &self,
         request: Request<Incoming>,
         peer: Option<IpAddr>,
+        owns_cors: bool,
     ) -> Answer {
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-        // A tunnel, or a target that is no path: nothing QuickBlox's API would read as sent.
-        if parts.method == Method::CONNECT || !path.starts_with('/') {
+        // A tunnel, or a target that is no path (asterisk-form; authority-form, which a
+        // request line may carry with any method): nothing QuickBlox's API would read as
+        // sent.
+        let authority_form = parts.uri.scheme().is_none() && parts.uri.authority().is_some();
+        if parts.method == Method::CONNECT || authority_form || !path.starts_with('/') {
             return (Err(Refusal::NotProxied), None);
         }
         let Ok(uri) = Uri::try_from(format!("{}{}", self.prefix, path)) else {
@@ -59,6 +63,19 @@ impl UpstreamClient {
             Ok(Ok((response, lease))) => {
                 let (mut parts, body) = response.into_parts();
                 hop_by_hop::strip(&mut parts.headers);
+                if owns_cors {
+                    // The gateway's CORS answer is the one: merged with QuickBlox's, an
+                    // allowed origin could gain its Allow-Credentials.
+                    let theirs: Vec<_> = parts
+                        .headers
+                        .keys()
+                        .filter(|name| name.as_str().starts_with("access-control-"))
+                        .cloned()
+                        .collect();
+                    for name in theirs {
+                        parts.headers.remove(name);
+                    }
+                }
                 parts.version = Version::HTTP_11;
                 let status = parts.status;
                 let body = StreamedBody::new(body, lease);

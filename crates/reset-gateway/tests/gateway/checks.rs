@@ -343,6 +343,8 @@ async fn other_routes_can_be_forwarded_untouched() {
     for head in [
         "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n",
         "OPTIONS * HTTP/1.1\r\nHost: x\r\n",
+        "GET evil.example:80 HTTP/1.1\r\n",
+        "POST evil.example:80 HTTP/1.1\r\nContent-Length: 0\r\n",
     ] {
         let reply = raw(
             gw.addr,
@@ -509,4 +511,60 @@ async fn quickblox_answers_pass_without_their_other_headers_or_the_key() {
     let reply = gw.reset_as_ios("email=gone%40example.com").await;
     assert_eq!((reply.status, reply.body.as_str()), (200, ""));
     assert!(reply.headers.iter().all(|(_, v)| !v.contains(SERVER_KEY)));
+}
+
+/// With the gateway answering CORS, QuickBlox's own CORS headers on a forwarded route are
+/// dropped: merged with the gateway's, an allowed origin gained QuickBlox's
+/// `Access-Control-Allow-Credentials: true`, and any origin its `*`.
+#[tokio::test]
+async fn quickblox_cors_headers_do_not_mix_with_the_gateways() {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let answer = service_fn(|_: http::Request<hyper::body::Incoming>| async {
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .header("access-control-allow-origin", "*")
+                        .header("access-control-allow-credentials", "true")
+                        .body(Full::new(bytes::Bytes::from_static(b"{}")))
+                        .unwrap(),
+                )
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), answer),
+            );
+        }
+    });
+    let mock = qb_mock::MockServer::start(mock_config()).await.unwrap();
+    let yaml = with_server_keys(
+        &yaml(&upstream, "  other_routes: forward\n", ""),
+        "  cors:\n    allow_origins: [\"https://app.example\"]\n",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    for origin in ["https://app.example", "https://evil.example"] {
+        let reply = gw
+            .send("GET", "/users.json", &[("Origin", origin)], "")
+            .await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            reply.header("access-control-allow-credentials"),
+            None,
+            "{origin}"
+        );
+        let allowed = reply.header("access-control-allow-origin");
+        assert!(
+            allowed.is_none() || allowed == Some("https://app.example"),
+            "{origin}: {allowed:?}"
+        );
+        if origin == "https://evil.example" {
+            assert_eq!(allowed, None);
+        }
+    }
 }

@@ -533,3 +533,44 @@ async fn an_http2_client_that_stops_reading_an_answer_is_dropped() {
     assert!(ended.is_ok(), "the paused download held its connection");
     drop(response);
 }
+
+/// An HTTP/2 client that opens a connection and then answers nothing, not even the ping
+/// that goes with the GOAWAY, is dropped a header read timeout (300ms) after it, not when
+/// hyper's own keep-alive gives up (40 s).
+#[tokio::test]
+async fn a_silent_http2_connection_is_dropped_soon_after_its_goaway() {
+    let gw = Gateway::start("").await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // The preface and an empty SETTINGS frame; nothing after, no acknowledgement ever.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "still open after 10s");
+}
+
+/// Each open stream of a forwarded route can hold an upstream exchange: one connection
+/// may have 32 open at once (hyper's default is 200).
+#[tokio::test]
+async fn an_http2_connection_may_open_32_streams_at_once() {
+    let gw = Gateway::start("").await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    // The server's first frame is its SETTINGS: six bytes per setting, id then value.
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[3], 4, "a SETTINGS frame");
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.unwrap();
+    let max_streams = payload
+        .chunks(6)
+        .find(|s| u16::from_be_bytes([s[0], s[1]]) == 3)
+        .map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
+    assert_eq!(max_streams, Some(32));
+}
