@@ -13,9 +13,13 @@ use reset_guard::TokenDigest;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // First: until a handler is in place, a SIGHUP would end the process.
-    let early_hangup = signal::catch_hangup_early();
     let cli = Cli::parse();
+    // Before anything else the gateway does: until a handler is in place, a SIGHUP would
+    // end the process (the other commands keep SIGHUP's usual meaning).
+    let early_hangup = match cli.command {
+        None | Some(Command::Run) => signal::catch_hangup_early(),
+        _ => None,
+    };
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig { explain } => match load(&cli.config) {
             Ok(settings) => {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-/// How soon after the first stop signal the other kind counts as the same request.
+/// How soon after the first stop signal another counts as the same request.
 const SAME_REQUEST: Duration = Duration::from_secs(1);
 
 /// The signals that stop the gateway, SIGTERM and SIGINT, caught from now on.
@@ -56,9 +56,10 @@ impl Terminate {
                 let drain_began = Instant::now();
                 loop {
                     let again = self.next().await;
-                    // A process manager forwards SIGTERM right after the terminal's SIGINT:
-                    // the other signal that soon is the same request, not a second one.
-                    if again == name || drain_began.elapsed() >= SAME_REQUEST {
+                    // A process manager forwards the terminal's SIGINT (or sends SIGTERM)
+                    // while the terminal sends its own: a signal that soon is the same
+                    // request, not a second one.
+                    if drain_began.elapsed() >= SAME_REQUEST {
                         tracing::warn!("{again} received again: stopping without waiting for the requests in flight");
                         break again;
                     }

@@ -193,13 +193,17 @@ impl Connection {
         let mut connection = std::pin::pin!(connection);
         let mut closing = false;
         // An idle connection's GOAWAY waits for the client to acknowledge a ping: one that
-        // never does is dropped a header read timeout later (hyper's own keep-alive would
-        // wait 40 s).
+        // never does is dropped once a header read timeout has passed since it and no
+        // request has been open for as long (one that raced the GOAWAY is served; hyper's
+        // own keep-alive would wait 40 s).
         let mut idle_closed_by = None;
         let result = loop {
             let idle_close_overdue = async {
                 match idle_closed_by {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    Some(deadline) => {
+                        tokio::time::sleep_until(deadline).await;
+                        activity.idle_for(self.head_timeout).await;
+                    }
                     None => std::future::pending().await,
                 }
             };

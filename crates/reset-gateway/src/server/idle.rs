@@ -4,14 +4,17 @@
 //! hyper closes an idle HTTP/1.1 connection at its header read timeout, but keeps an
 //! HTTP/2 connection open for as long as its client answers pings, so a client could hold
 //! `max_connections` slots with connections that never ask anything. Each request counts
-//! as open until its answer's body is done (a streamed answer is still an open request),
-//! and the connection closes gracefully (GOAWAY: streams already open finish) once none
-//! has been open for `server.header_read_timeout`, as an HTTP/1.1 one would have been.
+//! as open until the last piece of its answer's body is handed over (a streamed answer is
+//! still an open request), and the connection closes gracefully (GOAWAY: streams already
+//! open finish) once none has been open for `server.header_read_timeout`, as an HTTP/1.1
+//! one would have been.
 //!
 //! A client that stops reading an HTTP/2 answer never stalls the socket (send_timeout.rs
 //! sees nothing): it stops granting flow-control window, and hyper stops asking the body
-//! for more. An answer whose body handed over a frame and has not been asked again for
-//! `server.request_timeout` is one the client stopped taking; the connection is dropped.
+//! for more. Answers waiting to be asked again with no progress on any of them for
+//! `server.request_timeout` mean a client that stopped taking them; the connection is
+//! dropped. Bodies are handed over in pieces of at most 16 KiB, so progress is seen about
+//! once a DATA frame.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -35,8 +38,9 @@ pub(super) struct Activity {
     last_done_ms: AtomicU64,
     /// Answers that handed over a frame and have not been asked for more since.
     awaiting_client: AtomicUsize,
-    /// Milliseconds from `start` to when `awaiting_client` last rose from zero.
-    awaiting_since_ms: AtomicU64,
+    /// Milliseconds from `start` to the client's last progress: an answer asked for more,
+    /// or one starting to wait while none was.
+    progress_ms: AtomicU64,
 }
 
 impl Activity {
@@ -46,7 +50,7 @@ impl Activity {
             open: AtomicUsize::new(0),
             last_done_ms: AtomicU64::new(0),
             awaiting_client: AtomicUsize::new(0),
-            awaiting_since_ms: AtomicU64::new(0),
+            progress_ms: AtomicU64::new(0),
         }
     }
 
@@ -79,14 +83,16 @@ impl Activity {
         }
     }
 
-    /// Completes once some answer has waited `limit` for the client to take more.
+    /// Completes once answers have waited `limit` for the client to take more with no
+    /// progress on any of them (a client reading one stream while another waits is
+    /// reading).
     pub(super) async fn client_stalled_for(&self, limit: Duration) {
         loop {
             if self.awaiting_client.load(Ordering::Relaxed) == 0 {
                 tokio::time::sleep(limit).await;
                 continue;
             }
-            let since = self.at(&self.awaiting_since_ms);
+            let since = self.at(&self.progress_ms);
             if since + limit <= Instant::now() {
                 return;
             }
@@ -104,14 +110,18 @@ impl RequestOpen {
         // One thread serves the connection: nothing reads between these two.
         if activity.awaiting_client.load(Ordering::Relaxed) == 0 {
             activity
-                .awaiting_since_ms
+                .progress_ms
                 .store(activity.now_ms(), Ordering::Relaxed);
         }
         activity.awaiting_client.fetch_add(1, Ordering::Relaxed);
     }
 
     fn asked_again(&self) {
-        self.0.awaiting_client.fetch_sub(1, Ordering::Relaxed);
+        let activity = &self.0;
+        activity
+            .progress_ms
+            .store(activity.now_ms(), Ordering::Relaxed);
+        activity.awaiting_client.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -125,14 +135,23 @@ impl Drop for RequestOpen {
     }
 }
 
+/// Largest piece of an answer handed to HTTP/2 at once: hyper asks for more only when a
+/// piece has gone out, so a bigger one (an upstream read can be hundreds of kilobytes)
+/// would make a slow but steady reader look stalled, and its last piece would outlive
+/// the request.
+const PIECE: usize = 16 * 1024;
+
 pin_project_lite::pin_project! {
     /// An answer's body; over HTTP/2, the request stays open in its connection's
-    /// [`Activity`] until the body is done.
+    /// [`Activity`] until the body is done, and the body is handed over in pieces of at
+    /// most [`PIECE`].
     pub(super) struct TrackedBody {
         #[pin]
         inner: GatewayBody,
         open: Option<RequestOpen>,
         awaiting: bool,
+        // What is left of the last data frame.
+        rest: Bytes,
     }
 
     impl PinnedDrop for TrackedBody {
@@ -151,6 +170,7 @@ impl TrackedBody {
             inner,
             open,
             awaiting: false,
+            rest: Bytes::new(),
         }
     }
 }
@@ -170,12 +190,28 @@ impl Body for TrackedBody {
         if std::mem::take(this.awaiting) {
             open.asked_again();
         }
-        let polled = this.inner.as_mut().poll_frame(cx);
-        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.inner.is_end_stream() {
+        let polled = if this.rest.is_empty() {
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) if data.len() > PIECE => {
+                        *this.rest = data.split_off(PIECE);
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+                other => other,
+            }
+        } else {
+            let take = this.rest.len().min(PIECE);
+            Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(take)))))
+        };
+        let ended = this.rest.is_empty() && this.inner.is_end_stream();
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !ended {
             open.awaiting_client();
             *this.awaiting = true;
         }
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.inner.is_end_stream() {
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || ended {
             // Done: the request is over (the guard goes; a later poll finds none).
             if *this.awaiting {
                 open.asked_again();
@@ -187,11 +223,18 @@ impl Body for TrackedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }
 
@@ -236,5 +279,30 @@ mod tests {
         open.awaiting_client();
         stalled.await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(70));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_on_one_stream_keeps_another_waiting_from_being_a_stall() {
+        let activity = Arc::new(Activity::new());
+        let start = Instant::now();
+        let (read, waiting) = (activity.begin(), activity.begin());
+        waiting.awaiting_client();
+        let stalled = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.client_stalled_for(Duration::from_secs(30)).await }
+        });
+        // The other stream takes a piece every 20s: the client is reading.
+        for _ in 0..3 {
+            read.awaiting_client();
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            read.asked_again();
+        }
+        assert!(!stalled.is_finished());
+        stalled.await.unwrap();
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(90),
+            "30s after the last progress"
+        );
     }
 }

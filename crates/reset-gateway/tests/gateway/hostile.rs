@@ -574,3 +574,34 @@ async fn an_http2_connection_may_open_32_streams_at_once() {
         .map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
     assert_eq!(max_streams, Some(32));
 }
+
+/// Slow but steady readers are not stalled ones: two downloads on one connection, each
+/// read a frame every 20ms, go on past three times server.request_timeout (1s).
+#[tokio::test]
+async fn slow_http2_readers_of_two_streams_are_not_dropped() {
+    use http_body_util::BodyExt;
+    let gw = forwarding_gateway("  request_timeout: 1s\n").await;
+    let (mut sender, connection) = h2_client(&gw, 65535).await;
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let response = sender.send_request(h2_get(&gw, "/big")).await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut body = response.into_body();
+            let (mut read, started) = (0usize, Instant::now());
+            while started.elapsed() < Duration::from_secs(3) {
+                let frame = body
+                    .frame()
+                    .await
+                    .expect("the body goes on")
+                    .expect("no error");
+                read += frame.data_ref().map_or(0, |d| d.len());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            read
+        }));
+    }
+    for reader in readers {
+        assert!(reader.await.unwrap() > 0);
+    }
+    assert!(!connection.is_finished(), "the connection was dropped");
+}

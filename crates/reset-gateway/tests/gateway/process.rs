@@ -653,7 +653,21 @@ async fn a_second_sigterm_while_draining_stops_at_once() {
         |draining| *draining,
     )
     .await;
+    // At once again: a process manager forwarding the same stop, not a second request.
     process.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(process.child.try_wait().unwrap(), None, "still draining");
+    // Then again, a second on: this one means it.
+    let pid = process.child.id().to_string();
+    let repeat = std::thread::spawn(move || {
+        for _ in 0..50 {
+            let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+            if !sent.success() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
     let logs = tokio::task::spawn_blocking(move || {
         let logs = process.logs_to_end();
         (process.child.wait().unwrap(), logs)
@@ -667,6 +681,7 @@ async fn a_second_sigterm_while_draining_stops_at_once() {
         logs.iter().any(|l| l.contains("SIGTERM received again")),
         "{logs:?}"
     );
+    repeat.join().unwrap();
 }
 
 /// Lines the gateway cannot write because the reader of its log has gone are counted as
