@@ -15,9 +15,10 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::admin::AdminState;
-use crate::config::{load, Settings};
+use crate::config::{GatewayConfig, Settings};
 use crate::tls::CertStore;
 use crate::upstream::Forwarder;
+use reset_guard::ConfigError;
 
 /// How often the files are looked at for changes; a change is applied when two looks in a
 /// row see the same new contents.
@@ -134,10 +135,21 @@ impl Reloader {
     /// TLS certificate. The rest of `server` and `admin`, the store section and logging
     /// need a restart.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let result = self.try_reload();
-        if result.is_err() {
-            self.follow_files_of_rejected();
-        }
+        self.reload_reading().0
+    }
+
+    /// [`reload`](Self::reload), and the file's text as it read it (none if it could
+    /// not), so that the watch notes exactly what was tried.
+    fn reload_reading(&self) -> (anyhow::Result<()>, Option<String>) {
+        let yaml = std::fs::read_to_string(&self.path);
+        let result = match &yaml {
+            Ok(yaml) => self.try_reload(yaml),
+            Err(error) => Err(ConfigError::new(
+                "",
+                format!("cannot read {}: {error}", self.path.display()),
+            )
+            .into()),
+        };
         self.state.metrics.reload(result.is_ok());
         match &result {
             Ok(()) => tracing::info!(path = %self.path.display(), "configuration reloaded"),
@@ -147,22 +159,16 @@ impl Reloader {
                 "configuration reload rejected; the running configuration stays"
             ),
         }
-        result
+        (result, yaml.ok())
     }
 
-    /// A rejected file that parses names the files it would read: those are watched from
-    /// now on, so that the API key file it waits for reloads it once it appears.
-    fn follow_files_of_rejected(&self) {
-        let parsed = std::fs::read_to_string(&self.path)
-            .ok()
-            .and_then(|yaml| crate::config::GatewayConfig::from_yaml(&yaml).ok());
-        if let Some(config) = parsed {
-            *self.reread_files.lock().unwrap() = config.reread_files();
-        }
-    }
-
-    fn try_reload(&self) -> anyhow::Result<()> {
-        let settings = load(&self.path)?;
+    /// Checks and applies `yaml`. A file that parses names the files it reads: those are
+    /// watched from now on even if it is rejected, so that the API key file it waits for
+    /// reloads it once it appears.
+    fn try_reload(&self, yaml: &str) -> anyhow::Result<()> {
+        let config = GatewayConfig::from_yaml(yaml)?;
+        *self.reread_files.lock().unwrap() = config.reread_files();
+        let settings = config.validate(yaml)?;
         let changed = self.fixed.changed_in(&Fixed::of(&settings));
         if !changed.is_empty() {
             tracing::warn!(
@@ -182,7 +188,6 @@ impl Reloader {
         for (forwarder, upstream) in self.forwarders.iter().zip(upstreams) {
             forwarder.apply(upstream);
         }
-        *self.reread_files.lock().unwrap() = settings.reread_files;
         self.state.guard.update(settings.guard, settings.api_key);
         Ok(())
     }
@@ -232,13 +237,8 @@ impl Reloader {
     /// them (a change made while it ran is then still new to the next look), or, when the
     /// reload changed which files are watched, the new set as it is now.
     fn reload_and_note(&self, watch: &mut Watch) {
-        let files = self.reread_files.lock().unwrap().clone();
-        let before = self.fingerprint();
-        let _ = self.reload();
-        if *self.reread_files.lock().unwrap() == files {
-            watch.reloaded(before);
-        } else {
-            watch.reloaded(self.fingerprint());
+        if let (_, Some(yaml)) = self.reload_reading() {
+            watch.reloaded(Ok(self.fingerprint_of(yaml.as_bytes())));
         }
     }
 
@@ -247,8 +247,13 @@ impl Reloader {
     /// without the contents always changing). A named file that cannot be read counts as
     /// contents of its own, so that its reload, and the error saying why, happen.
     fn fingerprint(&self) -> std::io::Result<[u8; 32]> {
+        Ok(self.fingerprint_of(&std::fs::read(&self.path)?))
+    }
+
+    /// [`fingerprint`](Self::fingerprint) with the file's contents as given.
+    fn fingerprint_of(&self, config: &[u8]) -> [u8; 32] {
         let mut digest = Sha256::new();
-        digest.update(std::fs::read(&self.path)?);
+        digest.update(config);
         for path in self.reread_files.lock().unwrap().iter() {
             digest.update(path.as_os_str().as_encoded_bytes());
             // The API key and the TLS private key: wiped once hashed.
@@ -260,7 +265,7 @@ impl Reloader {
                 Err(_) => digest.update([0]),
             }
         }
-        Ok(digest.finalize().into())
+        digest.finalize().into()
     }
 }
 
