@@ -534,6 +534,10 @@ async fn an_http2_client_that_stops_reading_an_answer_is_dropped() {
     drop(response);
 }
 
+/// A client's HTTP/2 connection preface and an empty SETTINGS frame.
+const H2_PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
 /// An HTTP/2 client that opens a connection and then answers nothing, not even the ping
 /// that goes with the GOAWAY, is dropped a header read timeout (300ms) after it, not when
 /// hyper's own keep-alive gives up (40 s).
@@ -541,11 +545,8 @@ async fn an_http2_client_that_stops_reading_an_answer_is_dropped() {
 async fn a_silent_http2_connection_is_dropped_soon_after_its_goaway() {
     let gw = Gateway::start("").await;
     let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    // The preface and an empty SETTINGS frame; nothing after, no acknowledgement ever.
-    stream
-        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        .await
-        .unwrap();
+    // Nothing after, no acknowledgement ever.
+    stream.write_all(H2_PREFACE_AND_SETTINGS).await.unwrap();
     let mut sink = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
     assert!(closed.is_ok(), "still open after 10s");
@@ -557,10 +558,7 @@ async fn a_silent_http2_connection_is_dropped_soon_after_its_goaway() {
 async fn an_http2_connection_may_open_32_streams_at_once() {
     let gw = Gateway::start("").await;
     let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    stream
-        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        .await
-        .unwrap();
+    stream.write_all(H2_PREFACE_AND_SETTINGS).await.unwrap();
     // The server's first frame is its SETTINGS: six bytes per setting, id then value.
     let mut head = [0u8; 9];
     stream.read_exact(&mut head).await.unwrap();

@@ -564,6 +564,21 @@ async fn a_slow_client_body_does_not_hold_the_reset_path() {
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
 }
 
+/// The test configuration with QuickBlox's answers passed through and the API key read
+/// from `key`.
+fn with_api_key_file(mock: &MockServer, key: &std::path::Path) -> String {
+    yaml(&mock.url(), "  responses: { uniform: false }\n", "").replace(
+        "upstream:\n",
+        &format!("upstream:\n  api_key_file: {}\n", key.display()),
+    )
+}
+
+/// The status of alice's reset from the iOS client, on a connection of its own.
+async fn reset_status(addr: std::net::SocketAddr) -> u16 {
+    let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+    raw(addr, request.as_bytes()).await.status
+}
+
 #[tokio::test]
 async fn the_api_key_file_is_re_read_on_reload() {
     let mock = MockServer::start(mock_config()).await.unwrap();
@@ -572,16 +587,9 @@ async fn the_api_key_file_is_re_read_on_reload() {
     let key_file = dir.path().join("qb_api_key");
     std::fs::write(&key_file, "old-key-1\n").unwrap();
     let path = dir.path().join("gateway.yaml");
-    let yaml = yaml(&mock.url(), "  responses: { uniform: false }\n", "").replace(
-        "upstream:\n",
-        &format!("upstream:\n  api_key_file: {}\n", key_file.display()),
-    );
-    write(&path, &yaml);
+    write(&path, &with_api_key_file(&mock, &key_file));
     let gw = spawn_gateway(&path);
-    let ask = || {
-        let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
-        async move { raw(gw.addr, request.as_bytes()).await.status }
-    };
+    let ask = || reset_status(gw.addr);
     assert_eq!(ask().await, 401, "QuickBlox refuses the old key");
     std::fs::write(&key_file, "rotated-key-2\n").unwrap();
     gw.signal("HUP");
@@ -604,16 +612,9 @@ async fn a_rotated_api_key_file_is_picked_up_without_a_signal() {
     let key_file = dir.path().join("qb_api_key");
     std::fs::write(&key_file, "old-key-1\n").unwrap();
     let path = dir.path().join("gateway.yaml");
-    let yaml = yaml(&mock.url(), "  responses: { uniform: false }\n", "").replace(
-        "upstream:\n",
-        &format!("upstream:\n  api_key_file: {}\n", key_file.display()),
-    );
-    write(&path, &yaml);
+    write(&path, &with_api_key_file(&mock, &key_file));
     let gw = spawn_gateway(&path);
-    let ask = || {
-        let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
-        async move { raw(gw.addr, request.as_bytes()).await.status }
-    };
+    let ask = || reset_status(gw.addr);
     assert_eq!(ask().await, 401, "QuickBlox refuses the old key");
     std::fs::write(&key_file, "rotated-key-2\n").unwrap();
     let status = poll_until(250, async || ask().await, |s| *s == 200).await;
@@ -660,20 +661,11 @@ async fn a_key_file_that_appears_after_a_rejected_reload_is_followed() {
     std::fs::write(&old_key, "old-key-1\n").unwrap();
     let new_key = dir.path().join("new_key");
     let path = dir.path().join("gateway.yaml");
-    let config = |key: &std::path::Path| {
-        yaml(&mock.url(), "  responses: { uniform: false }\n", "").replace(
-            "upstream:\n",
-            &format!("upstream:\n  api_key_file: {}\n", key.display()),
-        )
-    };
-    write(&path, &config(&old_key));
+    write(&path, &with_api_key_file(&mock, &old_key));
     let gw = spawn_gateway(&path);
-    let ask = || {
-        let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
-        async move { raw(gw.addr, request.as_bytes()).await.status }
-    };
+    let ask = || reset_status(gw.addr);
     assert_eq!(ask().await, 401);
-    write(&path, &config(&new_key));
+    write(&path, &with_api_key_file(&mock, &new_key));
     let rejected = poll_until(
         250,
         async || gw.logs().iter().any(|l| l.contains("reload rejected")),
