@@ -233,12 +233,17 @@ impl Reloader {
         }
     }
 
-    /// Reloads, and tells `watch` which contents that was: the ones seen before it read
-    /// them (a change made while it ran is then still new to the next look), or, when the
-    /// reload changed which files are watched, the new set as it is now.
+    /// Reloads, and tells `watch` which contents that was: the file's text as the reload
+    /// read it, with the named files as they were just before (a change made to either
+    /// while it ran is then still new to the next look). When the reload changed which
+    /// files are named, nothing is noted: the next looks reload once more.
     fn reload_and_note(&self, watch: &mut Watch) {
+        let named = self.reread_files.lock().unwrap().clone();
+        let named_before = Self::digest_of_files(&named);
         if let (_, Some(yaml)) = self.reload_reading() {
-            watch.reloaded(Ok(self.fingerprint_of(yaml.as_bytes())));
+            if *self.reread_files.lock().unwrap() == named {
+                watch.reloaded(Ok(Self::combined(yaml.as_bytes(), named_before)));
+            }
         }
     }
 
@@ -252,11 +257,23 @@ impl Reloader {
 
     /// [`fingerprint`](Self::fingerprint) with the file's contents as given.
     fn fingerprint_of(&self, config: &[u8]) -> [u8; 32] {
+        let named = Self::digest_of_files(&self.reread_files.lock().unwrap());
+        Self::combined(config, named)
+    }
+
+    fn combined(config: &[u8], named: [u8; 32]) -> [u8; 32] {
         let mut digest = Sha256::new();
         digest.update(config);
-        for path in self.reread_files.lock().unwrap().iter() {
+        digest.update(named);
+        digest.finalize().into()
+    }
+
+    /// A digest of the named files: each path and its contents, or that it cannot be read.
+    fn digest_of_files(paths: &[PathBuf]) -> [u8; 32] {
+        let mut digest = Sha256::new();
+        for path in paths {
             digest.update(path.as_os_str().as_encoded_bytes());
-            // The API key and the TLS private key: wiped once hashed.
+            // The API key and the TLS private key: the buffer read is wiped once hashed.
             match std::fs::read(path).map(zeroize::Zeroizing::new) {
                 Ok(bytes) => {
                     digest.update([1]);

@@ -3,8 +3,8 @@
 //! Handlers are installed before the gateway binds or serves: until a handler is in place
 //! a signal takes its default action, and for SIGHUP that is to end the process, so a
 //! reload sent right after start (by a supervisor, or a test) would kill the gateway.
-//! SIGHUP is caught from the first instruction of `main` (before the configuration is
-//! read and the runtime exists) and, if one came that early, honoured once the reload
+//! For `run`, SIGHUP is caught as soon as the command line is read (before the
+//! configuration is read and the runtime exists) and, if one came that early, honoured once the reload
 //! watch starts. A SIGTERM that early ends the process, which is what it asks.
 
 use std::future::Future;
@@ -34,8 +34,8 @@ impl Terminate {
     }
 
     /// Runs `serve`, handing it a future that completes on the first SIGTERM or SIGINT
-    /// (its cue to drain). A second signal while it drains ends it at once: the operator
-    /// who presses Ctrl-C twice means it.
+    /// (its cue to drain). A second signal while it drains ends it at once (the operator
+    /// who presses Ctrl-C again means it), unless it comes within a second of the first.
     pub async fn serve<F>(
         mut self,
         serve: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
@@ -63,6 +63,7 @@ impl Terminate {
                         tracing::warn!("{again} received again: stopping without waiting for the requests in flight");
                         break again;
                     }
+                    tracing::info!("{again} received within a second of {name}: the same request, still draining");
                 }
             } => anyhow::bail!("{name} received twice: stopped without waiting for the requests in flight"),
         }

@@ -11,14 +11,15 @@
 //!
 //! A client that stops reading an HTTP/2 answer never stalls the socket (send_timeout.rs
 //! sees nothing): it stops granting flow-control window, and hyper stops asking the body
-//! for more. Answers waiting to be asked again with no progress on any of them for
-//! `server.request_timeout` mean a client that stopped taking them; the connection is
+//! for more. An answer that has waited `server.request_timeout` to be asked again means a
+//! client that stopped taking it (each answer on its own clock: one stream read slowly
+//! does not keep another, never read, and its upstream exchange alive); the connection is
 //! dropped. Bodies are handed over in pieces of at most 16 KiB, so progress is seen about
 //! once a DATA frame.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,11 +37,12 @@ pub(super) struct Activity {
     open: AtomicUsize,
     /// Milliseconds from `start` to the last request's end (or to `start`).
     last_done_ms: AtomicU64,
-    /// Answers that handed over a frame and have not been asked for more since.
-    awaiting_client: AtomicUsize,
-    /// Milliseconds from `start` to the client's last progress: an answer asked for more,
-    /// or one starting to wait while none was.
-    progress_ms: AtomicU64,
+    /// The answers that handed over a piece and have not been asked for more since: each
+    /// request's number and the milliseconds from `start` to when it began waiting (at
+    /// most one per open stream, 32).
+    waiting: Mutex<Vec<(u64, u64)>>,
+    /// Numbers requests.
+    requests: AtomicU64,
 }
 
 impl Activity {
@@ -49,8 +51,8 @@ impl Activity {
             start: Instant::now(),
             open: AtomicUsize::new(0),
             last_done_ms: AtomicU64::new(0),
-            awaiting_client: AtomicUsize::new(0),
-            progress_ms: AtomicU64::new(0),
+            waiting: Mutex::new(Vec::new()),
+            requests: AtomicU64::new(0),
         }
     }
 
@@ -65,7 +67,8 @@ impl Activity {
     /// A request began; it ends when the returned guard is dropped.
     pub(super) fn begin(self: &Arc<Self>) -> RequestOpen {
         self.open.fetch_add(1, Ordering::Relaxed);
-        RequestOpen(self.clone())
+        let number = self.requests.fetch_add(1, Ordering::Relaxed);
+        RequestOpen(self.clone(), number)
     }
 
     /// Completes once no request has been open for `limit`.
@@ -83,16 +86,17 @@ impl Activity {
         }
     }
 
-    /// Completes once answers have waited `limit` for the client to take more with no
-    /// progress on any of them (a client reading one stream while another waits is
-    /// reading).
+    /// Completes once some answer has waited `limit` for the client to take more (each
+    /// answer on its own clock: one stream read slowly does not keep another the client
+    /// never reads, and its upstream exchange, alive).
     pub(super) async fn client_stalled_for(&self, limit: Duration) {
         loop {
-            if self.awaiting_client.load(Ordering::Relaxed) == 0 {
+            let oldest = self.waiting.lock().unwrap().iter().map(|w| w.1).min();
+            let Some(oldest) = oldest else {
                 tokio::time::sleep(limit).await;
                 continue;
-            }
-            let since = self.at(&self.progress_ms);
+            };
+            let since = self.start + Duration::from_millis(oldest);
             if since + limit <= Instant::now() {
                 return;
             }
@@ -101,27 +105,22 @@ impl Activity {
     }
 }
 
-/// An open request of a connection; its end when dropped (answered, or abandoned).
-pub(super) struct RequestOpen(Arc<Activity>);
+/// An open request of a connection (and its number); its end when dropped (answered, or
+/// abandoned).
+pub(super) struct RequestOpen(Arc<Activity>, u64);
 
 impl RequestOpen {
     fn awaiting_client(&self) {
         let activity = &self.0;
-        // One thread serves the connection: nothing reads between these two.
-        if activity.awaiting_client.load(Ordering::Relaxed) == 0 {
-            activity
-                .progress_ms
-                .store(activity.now_ms(), Ordering::Relaxed);
-        }
-        activity.awaiting_client.fetch_add(1, Ordering::Relaxed);
+        let since = activity.now_ms();
+        activity.waiting.lock().unwrap().push((self.1, since));
     }
 
     fn asked_again(&self) {
-        let activity = &self.0;
-        activity
-            .progress_ms
-            .store(activity.now_ms(), Ordering::Relaxed);
-        activity.awaiting_client.fetch_sub(1, Ordering::Relaxed);
+        let mut waiting = self.0.waiting.lock().unwrap();
+        if let Some(at) = waiting.iter().position(|w| w.0 == self.1) {
+            waiting.swap_remove(at);
+        }
     }
 }
 
@@ -230,9 +229,9 @@ impl Body for TrackedBody {
         let inner = self.inner.size_hint();
         let rest = self.rest.len() as u64;
         let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower() + rest);
+        hint.set_lower(inner.lower().saturating_add(rest));
         if let Some(upper) = inner.upper() {
-            hint.set_upper(upper + rest);
+            hint.set_upper(upper.saturating_add(rest));
         }
         hint
     }
@@ -282,27 +281,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn progress_on_one_stream_keeps_another_waiting_from_being_a_stall() {
+    async fn each_answer_waits_on_its_own_clock() {
         let activity = Arc::new(Activity::new());
         let start = Instant::now();
-        let (read, waiting) = (activity.begin(), activity.begin());
-        waiting.awaiting_client();
+        let (read, never_read) = (activity.begin(), activity.begin());
         let stalled = tokio::spawn({
             let activity = activity.clone();
             async move { activity.client_stalled_for(Duration::from_secs(30)).await }
         });
-        // The other stream takes a piece every 20s: the client is reading.
+        // Two streams each take a piece every 20s, out of step: no stall.
         for _ in 0..3 {
             read.awaiting_client();
-            tokio::time::sleep(Duration::from_secs(20)).await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            never_read.awaiting_client();
+            tokio::time::sleep(Duration::from_secs(10)).await;
             read.asked_again();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            never_read.asked_again();
         }
         assert!(!stalled.is_finished());
+        // Then one is never asked again while the other goes on: stalled 30s on.
+        never_read.awaiting_client();
+        for _ in 0..3 {
+            read.awaiting_client();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            read.asked_again();
+        }
         stalled.await.unwrap();
-        assert_eq!(
-            start.elapsed(),
-            Duration::from_secs(90),
-            "30s after the last progress"
-        );
+        assert_eq!(start.elapsed(), Duration::from_secs(90 + 30));
     }
 }

@@ -484,11 +484,23 @@ async fn h2_client(
     hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
     tokio::task::JoinHandle<hyper::Result<()>>,
 ) {
+    h2_client_windows(gw, window, window).await
+}
+
+/// An HTTP/2 client with a window for each stream and one for the whole connection.
+async fn h2_client_windows(
+    gw: &Gateway,
+    window: u32,
+    connection_window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(window)
-        .initial_connection_window_size(window)
+        .initial_connection_window_size(connection_window)
         .handshake(TokioIo::new(stream))
         .await
         .unwrap();
@@ -602,4 +614,23 @@ async fn slow_http2_readers_of_two_streams_are_not_dropped() {
         assert!(reader.await.unwrap() > 0);
     }
     assert!(!connection.is_finished(), "the connection was dropped");
+}
+
+/// One stream read slowly does not keep another the client never reads (and the upstream
+/// exchange behind it) alive: each answer waits on its own clock.
+#[tokio::test]
+async fn a_stream_never_read_drops_its_connection_however_another_is_read() {
+    use http_body_util::BodyExt;
+    let gw = forwarding_gateway("  request_timeout: 1s\n").await;
+    let (mut sender, connection) = h2_client_windows(&gw, 65535, 4 << 20).await;
+    let _parked = sender.send_request(h2_get(&gw, "/big")).await.unwrap();
+    let read = sender.send_request(h2_get(&gw, "/big")).await.unwrap();
+    tokio::spawn(async move {
+        let mut body = read.into_body();
+        while let Some(Ok(_)) = body.frame().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(ended.is_ok(), "the parked stream kept its connection");
 }
