@@ -441,6 +441,43 @@ impl Drop for Process {
     }
 }
 
+/// A gateway process with its log piped, not waited on to serve; killed when dropped, so
+/// a failing test leaves no process behind.
+pub struct Unready(Child);
+
+impl std::ops::Deref for Unready {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Unready {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Unready {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn_unready(config: &std::path::Path) -> Unready {
+    Unready(
+        gateway()
+            .arg("--config")
+            .arg(config)
+            .env("QB_API_KEY", SERVER_KEY)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// Starts the binary and waits for its "serving" log line.
 pub fn spawn_gateway(config: &std::path::Path) -> Process {
     let mut child = gateway()
@@ -562,14 +599,7 @@ async fn a_sighup_before_the_gateway_serves_is_kept_for_later() {
             &format!("store:\n  key_secret_file: {}\n", secret.display()),
         ),
     );
-    let mut child = gateway()
-        .arg("--config")
-        .arg(&path)
-        .env("QB_API_KEY", SERVER_KEY)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_unready(&path);
     // Sent as soon as the process catches it, while it waits for the pipe.
     let caught = || {
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
@@ -616,8 +646,6 @@ async fn a_sighup_before_the_gateway_serves_is_kept_for_later() {
         "the early SIGHUP was honoured: {lines:?}"
     );
     assert!(seen(&lines, "\"serving\""), "{lines:?}");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// An operator who signals again while the gateway drains wants it gone now.
@@ -691,14 +719,7 @@ async fn log_lines_nobody_reads_are_counted_as_dropped() {
     let mock = MockServer::start(mock_config()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(&dir, &yaml(&mock.url(), "", ""));
-    let mut child = gateway()
-        .arg("--config")
-        .arg(&path)
-        .env("QB_API_KEY", SERVER_KEY)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_unready(&path);
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let (addr, admin) = loop {
         let line = lines
@@ -731,8 +752,6 @@ async fn log_lines_nobody_reads_are_counted_as_dropped() {
     )
     .await;
     assert!(dropped.unwrap() > 0.0);
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// A reader that has gone (`| head`, a closed pipe) is a failed write, not a panic (exit 101).
