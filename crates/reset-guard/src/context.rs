@@ -37,12 +37,7 @@ impl GuardedRequest {
     /// (`responses.uniform`, and a 200, 401 or 404): nothing of such an answer but its
     /// status reaches the client.
     pub fn answer_replaced(&self, status: http::StatusCode) -> bool {
-        use http::StatusCode;
-        self.uniform
-            && matches!(
-                status,
-                StatusCode::OK | StatusCode::UNAUTHORIZED | StatusCode::NOT_FOUND
-            )
+        self.uniform && uniform_replaces(status)
     }
 
     /// The validated address, as the user gave it.
@@ -107,4 +102,14 @@ impl From<&GuardedRequest> for Attribution {
             email_hash: Some(guarded.email_hash),
         }
     }
+}
+
+/// The statuses uniform answers replace with their bare 200: success, no such account, and
+/// QuickBlox's 401.
+pub(crate) fn uniform_replaces(status: http::StatusCode) -> bool {
+    use http::StatusCode;
+    matches!(
+        status,
+        StatusCode::OK | StatusCode::UNAUTHORIZED | StatusCode::NOT_FOUND
+    )
 }

@@ -110,10 +110,7 @@ fn after<F, B>(response: Response<GuardBody<B>>, floor: Option<Instant>) -> Stat
 /// headers nor body tell whether the account exists; the true status rides along.
 fn make_uniform<B>(response: Response<B>) -> Response<GuardBody<B>> {
     let status = response.status();
-    if !matches!(
-        status,
-        StatusCode::OK | StatusCode::UNAUTHORIZED | StatusCode::NOT_FOUND
-    ) {
+    if !crate::context::uniform_replaces(status) {
         return response.map(GuardBody::inner);
     }
     // Rewritten in place: the header map keeps its allocation.

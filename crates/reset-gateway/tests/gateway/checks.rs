@@ -453,44 +453,30 @@ async fn slow_request_heads_are_cut_off() {
 #[tokio::test]
 async fn quickblox_answers_pass_without_their_other_headers_or_the_key() {
     use http_body_util::Full;
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let answer = service_fn(|request: http::Request<hyper::body::Incoming>| async move {
-                let query = request.uri().query().unwrap_or("").to_owned();
-                let echo = query.contains("echo") || query.contains("gone");
-                let status = if query.contains("gone") { 404 } else { 500 };
-                let key = request.headers()["authorization"]
-                    .to_str()
-                    .unwrap()
-                    .to_owned();
-                let body = if echo {
-                    format!("{{\"errors\":[\"bad {key}\"]}}")
-                } else {
-                    "{\"errors\":[\"down\"]}".to_owned()
-                };
-                Ok::<_, std::convert::Infallible>(
-                    http::Response::builder()
-                        .status(status)
-                        .header("content-type", "application/json")
-                        .header("retry-after", "5")
-                        .header("set-cookie", "qb_session=abc")
-                        .header("location", "https://elsewhere.example/")
-                        .body(Full::new(bytes::Bytes::from(body)))
-                        .unwrap(),
-                )
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), answer),
-            );
-        }
-    });
+    let upstream = upstream_answering(|request| {
+        let query = request.uri().query().unwrap_or("").to_owned();
+        let echo = query.contains("echo") || query.contains("gone");
+        let status = if query.contains("gone") { 404 } else { 500 };
+        let key = request.headers()["authorization"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = if echo {
+            format!("{{\"errors\":[\"bad {key}\"]}}")
+        } else {
+            "{\"errors\":[\"down\"]}".to_owned()
+        };
+        http::Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .header("retry-after", "5")
+            .header("set-cookie", "qb_session=abc")
+            .header("location", "https://elsewhere.example/")
+            .body(Full::new(bytes::Bytes::from(body)))
+            .unwrap()
+    })
+    .await;
     let gw = Gateway::start_upstream(&upstream, "").await;
 
     let reply = gw.reset_as_ios("email=alice%40example.com").await;
@@ -519,29 +505,15 @@ async fn quickblox_answers_pass_without_their_other_headers_or_the_key() {
 #[tokio::test]
 async fn quickblox_cors_headers_do_not_mix_with_the_gateways() {
     use http_body_util::Full;
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let answer = service_fn(|_: http::Request<hyper::body::Incoming>| async {
-                Ok::<_, std::convert::Infallible>(
-                    http::Response::builder()
-                        .header("access-control-allow-origin", "*")
-                        .header("access-control-allow-credentials", "true")
-                        .body(Full::new(bytes::Bytes::from_static(b"{}")))
-                        .unwrap(),
-                )
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), answer),
-            );
-        }
-    });
+    let upstream = upstream_answering(|_| {
+        http::Response::builder()
+            .header("access-control-allow-origin", "*")
+            .header("access-control-allow-credentials", "true")
+            .body(Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap()
+    })
+    .await;
     let mock = qb_mock::MockServer::start(mock_config()).await.unwrap();
     let yaml = with_server_keys(
         &yaml(&upstream, "  other_routes: forward\n", ""),
@@ -567,4 +539,34 @@ async fn quickblox_cors_headers_do_not_mix_with_the_gateways() {
             assert_eq!(allowed, None);
         }
     }
+}
+
+/// An upstream on a free loopback port that answers every request with `answer`; its URL.
+async fn upstream_answering(
+    answer: impl Fn(
+            http::Request<hyper::body::Incoming>,
+        ) -> http::Response<http_body_util::Full<bytes::Bytes>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+) -> String {
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let answer = answer.clone();
+            let service = hyper::service::service_fn(move |request| {
+                let response = answer(request);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    url
 }

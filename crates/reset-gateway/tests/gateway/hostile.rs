@@ -323,27 +323,16 @@ async fn a_client_that_never_reads_is_dropped_after_the_request_timeout() {
 /// timeout, as an idle HTTP/1.1 one is; a request longer than that is not cut short.
 #[tokio::test]
 async fn idle_http2_connections_are_closed_but_slow_requests_finish() {
-    use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-
     let mut config = mock_config();
     config.latency = Duration::from_millis(800);
     let mock = MockServer::start(config).await.unwrap();
     let yaml = yaml(&mock.url(), "", "").replace("timeout: 400ms", "timeout: 5s");
     let gw = Gateway::start_yaml(mock, &yaml).await;
-    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(connection);
-    let request = http::Request::get(format!(
-        "http://{}{RESET}?email=alice%40example.com",
-        gw.addr
-    ))
-    .header("qb-token", IOS_TOKEN)
-    .body(Empty::<bytes::Bytes>::new())
-    .unwrap();
+    let (mut sender, connection) = h2_client(&gw, 65535).await;
+    let mut request = h2_get(&gw, &format!("{RESET}?email=alice%40example.com"));
+    request
+        .headers_mut()
+        .insert("qb-token", http::HeaderValue::from_static(IOS_TOKEN));
     // 800ms at QuickBlox, past the 300ms header read timeout.
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);

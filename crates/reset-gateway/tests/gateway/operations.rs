@@ -579,16 +579,44 @@ async fn reset_status(addr: std::net::SocketAddr) -> u16 {
     raw(addr, request.as_bytes()).await.status
 }
 
+/// A spawned gateway whose API key file holds an old key QuickBlox (which expects
+/// `rotated-key-2`) refuses.
+struct KeyFileGateway {
+    gw: crate::process::Process,
+    key_file: std::path::PathBuf,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    _mock: MockServer,
+}
+
+impl KeyFileGateway {
+    async fn start() -> Self {
+        let mock = MockServer::start(mock_config()).await.unwrap();
+        mock.set_api_key("rotated-key-2");
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("qb_api_key");
+        std::fs::write(&key_file, "old-key-1\n").unwrap();
+        let path = dir.path().join("gateway.yaml");
+        write(&path, &with_api_key_file(&mock, &key_file));
+        KeyFileGateway {
+            gw: spawn_gateway(&path),
+            key_file,
+            path,
+            _dir: dir,
+            _mock: mock,
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_api_key_file_is_re_read_on_reload() {
-    let mock = MockServer::start(mock_config()).await.unwrap();
-    mock.set_api_key("rotated-key-2");
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("qb_api_key");
-    std::fs::write(&key_file, "old-key-1\n").unwrap();
-    let path = dir.path().join("gateway.yaml");
-    write(&path, &with_api_key_file(&mock, &key_file));
-    let gw = spawn_gateway(&path);
+    let KeyFileGateway {
+        gw,
+        key_file,
+        path: _,
+        _dir,
+        _mock,
+    } = KeyFileGateway::start().await;
     let ask = || reset_status(gw.addr);
     assert_eq!(ask().await, 401, "QuickBlox refuses the old key");
     std::fs::write(&key_file, "rotated-key-2\n").unwrap();
@@ -606,14 +634,13 @@ async fn the_api_key_file_is_re_read_on_reload() {
 /// is said, and counted, once.
 #[tokio::test]
 async fn a_rotated_api_key_file_is_picked_up_without_a_signal() {
-    let mock = MockServer::start(mock_config()).await.unwrap();
-    mock.set_api_key("rotated-key-2");
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("qb_api_key");
-    std::fs::write(&key_file, "old-key-1\n").unwrap();
-    let path = dir.path().join("gateway.yaml");
-    write(&path, &with_api_key_file(&mock, &key_file));
-    let gw = spawn_gateway(&path);
+    let KeyFileGateway {
+        gw,
+        key_file,
+        path,
+        _dir,
+        _mock,
+    } = KeyFileGateway::start().await;
     let ask = || reset_status(gw.addr);
     assert_eq!(ask().await, 401, "QuickBlox refuses the old key");
     std::fs::write(&key_file, "rotated-key-2\n").unwrap();
@@ -666,12 +693,7 @@ async fn a_key_file_that_appears_after_a_rejected_reload_is_followed() {
     let ask = || reset_status(gw.addr);
     assert_eq!(ask().await, 401);
     write(&path, &with_api_key_file(&mock, &new_key));
-    let rejected = poll_until(
-        250,
-        async || gw.logs().iter().any(|l| l.contains("reload rejected")),
-        |seen| *seen,
-    )
-    .await;
+    let rejected = gw.logged("reload rejected").await;
     assert!(rejected, "{:?}", gw.logs());
     std::fs::write(&new_key, "rotated-key-2\n").unwrap();
     let status = poll_until(250, async || ask().await, |s| *s == 200).await;

@@ -418,6 +418,16 @@ impl Process {
         self.logs.lock().unwrap().clone()
     }
 
+    /// Whether a line holding `text` is logged within about five seconds.
+    pub async fn logged(&self, text: &str) -> bool {
+        poll_until(
+            250,
+            async || self.logs().iter().any(|l| l.contains(text)),
+            |seen| *seen,
+        )
+        .await
+    }
+
     /// Waits for the process to exit, then for the last line it logged (lines written at
     /// shutdown may still be in the pipe when it exits).
     pub fn logs_to_end(&mut self) -> Vec<String> {
@@ -549,17 +559,7 @@ async fn a_signal_sent_as_soon_as_the_gateway_serves_is_handled_not_fatal() {
     spawned.signal("HUP");
     gateways.push(spawned);
     for gateway in &mut gateways {
-        let reloaded = poll_until(
-            250,
-            async || {
-                gateway
-                    .logs()
-                    .iter()
-                    .any(|l| l.contains("configuration reloaded"))
-            },
-            |done| *done,
-        )
-        .await;
+        let reloaded = gateway.logged("configuration reloaded").await;
         assert!(
             reloaded,
             "exit status {:?}, logs {:?}",
@@ -670,17 +670,7 @@ async fn a_second_sigterm_while_draining_stops_at_once() {
     let _in_flight = tokio::spawn(async move { raw(addr, request.as_bytes()).await });
     poll_until(500, async || mock.requests().len(), |n| *n > 0).await;
     process.signal("TERM");
-    poll_until(
-        500,
-        async || {
-            process
-                .logs()
-                .iter()
-                .any(|l| l.contains("draining connections"))
-        },
-        |draining| *draining,
-    )
-    .await;
+    process.logged("draining connections").await;
     // At once again: a process manager forwarding the same stop, not a second request.
     process.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
