@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
 use reset_guard::internals::Attribution;
-use reset_guard::{GuardedRequest, Rejection, UpstreamStatus};
+use reset_guard::{ClientIp, GuardedRequest, Rejection, UpstreamStatus};
 
 use crate::refusal::Refusal;
 use tracing_subscriber::EnvFilter;
@@ -102,6 +102,8 @@ pub struct AccessRecord<'a> {
     pub guarded: Option<&'a GuardedRequest>,
     /// Who a request the guard answered itself was charged as.
     pub attribution: Option<&'a Attribution>,
+    /// The client the guard resolved for a request it did not charge (another path).
+    pub client: Option<&'a ClientIp>,
     pub rejection: Option<&'a Rejection>,
     pub refusal: Option<Refusal>,
     pub upstream: Option<&'a UpstreamExchange>,
@@ -137,7 +139,10 @@ impl AccessRecord<'_> {
         };
         let attribution = self.guarded.map(Attribution::from);
         let attribution = attribution.as_ref().or(self.attribution);
-        let client_ip = attribution.map_or(self.peer, |a| a.client_ip());
+        let client_ip = attribution.map_or_else(
+            || self.client.map_or(self.peer, ClientIp::ip),
+            Attribution::client_ip,
+        );
         // Requests the guard refused; forwarded ones (and failed forwards) always get a line.
         if self.rejection.is_some() && self.refusal.is_none() {
             let denial = Denial {

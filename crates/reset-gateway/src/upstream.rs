@@ -20,7 +20,7 @@ use http::{Request, Response, Uri};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use reset_guard::{GuardBody, GuardedRequest, PeerAddr};
+use reset_guard::{ClientIp, GuardBody, GuardedRequest, PeerAddr};
 use tokio::time::Instant;
 
 use crate::config::UpstreamSettings;
@@ -165,7 +165,12 @@ impl Forwarder {
             .map(|p| p.0.ip().to_canonical());
         let (response, status) = match extensions.get::<GuardedRequest>() {
             Some(guarded) => client.forward_reset(request, guarded, peer).await,
-            None => client.forward_other(request, peer, self.owns_cors).await,
+            None => {
+                let resolved = extensions.get::<ClientIp>().map(ClientIp::ip);
+                client
+                    .forward_other(request, peer, resolved, self.owns_cors)
+                    .await
+            }
         };
         let (mut response, refusal) = match response {
             Ok(response) => (response, None),

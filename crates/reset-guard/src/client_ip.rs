@@ -14,7 +14,12 @@ use ipnet::IpNet;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
-/// The address a request is attributed to.
+/// The address a request is attributed to: its [`PeerAddr`], or the client behind it when the
+/// peer is one of `client_ip.trusted_proxies`. The guard leaves it in the extensions of
+/// every request it passes on to the inner service under `other_routes: forward`, and of
+/// every answer it gives before its limits apply (another path, a method other than `GET`),
+/// so what follows (a forwarder's `X-Forwarded-For`, an access log) names the same client
+/// the limits would. A request without a [`PeerAddr`] gets none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientIp(IpAddr);
 
@@ -29,6 +34,12 @@ impl ClientIp {
             Some(ip) => ClientIp(ip),
             None => ClientIp(peer),
         }
+    }
+
+    /// Where `request` came from, as the guard resolves it; `None` without a [`PeerAddr`].
+    pub(crate) fn of<B>(request: &http::Request<B>, trusted: &[IpNet]) -> Option<Self> {
+        let peer = request.extensions().get::<PeerAddr>()?;
+        Some(Self::resolve(peer.0.ip(), request.headers(), trusted))
     }
 
     /// The address.

@@ -11,6 +11,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::body::GuardBody;
+use crate::client_ip::ClientIp;
 use crate::context::UpstreamStatus;
 use crate::limit::Decision;
 use crate::rejection::{set_uniform_headers, Rejection, RATELIMIT, RATELIMIT_POLICY};
@@ -75,10 +76,14 @@ impl<F, B> ResponseFuture<F, B> {
         Self::guarded(future, false, None, None)
     }
 
-    /// The guard's own answer, with the rejection in its extensions for logs.
-    pub(crate) fn rejected(rejection: Rejection) -> Self {
+    /// The guard's own answer, with the rejection and whom it was for in its extensions
+    /// for logs.
+    pub(crate) fn rejected(rejection: Rejection, client: Option<ClientIp>) -> Self {
         let mut response = rejection.to_response();
         response.extensions_mut().insert(rejection);
+        if let Some(client) = client {
+            response.extensions_mut().insert(client);
+        }
         Self::answered(response, None)
     }
 

@@ -100,6 +100,11 @@
 //! layer is built. [`ResetGuardBuilder::without_peer_address`] opts into the shared bucket
 //! instead, for hosts that have no peer address or limit per client in front.
 //!
+//! What the guard makes of the peer (the peer itself, or the client behind it when it is one
+//! of `client_ip.trusted_proxies`) is left as a [`ClientIp`] in the extensions of each
+//! request it passes on under `other_routes: forward` and of each answer it gives before its
+//! limits apply, for the rest of the stack's logs and forwarding headers.
+//!
 //! # The `redis` feature
 //!
 //! Limits shared through Redis ([`ResetGuardLayer::builder`] with `store.redis`) need the
@@ -172,7 +177,7 @@ mod state;
 
 pub use auth::{InvalidDigest, TokenDigest};
 pub use body::GuardBody;
-pub use client_ip::PeerAddr;
+pub use client_ip::{ClientIp, PeerAddr};
 pub use config::{
     Cidr, ClientConfig, ClientIpConfig, ConfigError, EmailConfig, EmailKeyConfig, GuardConfig,
     GuardSettings, LimitsConfig, OtherRoutes, QuotaConfig, ResponsesConfig,

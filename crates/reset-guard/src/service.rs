@@ -13,6 +13,7 @@ use tower::Service;
 
 use crate::body::GuardBody;
 use crate::check::{conclude, inspect, Inspection, Plan, Verdict};
+use crate::client_ip::ClientIp;
 use crate::future::ResponseFuture;
 use crate::limit::ceil_secs;
 use crate::limit::Decision;
@@ -67,9 +68,16 @@ macro_rules! guard_service {
                 #[cfg(not(feature = "redis"))]
                 let eager = true;
                 let plan = match inspect(&self.core, &state, &request, eager) {
-                    Inspection::Answer(rejection) => return ResponseFuture::rejected(rejection),
+                    Inspection::Answer(rejection) => {
+                        let client = ClientIp::of(&request, &state.settings.trusted_proxies);
+                        return ResponseFuture::rejected(rejection, client);
+                    }
                     Inspection::PassThrough => {
-                        return ResponseFuture::passed_through(self.inner.call(request))
+                        let mut request = request;
+                        if let Some(client) = ClientIp::of(&request, &state.settings.trusted_proxies) {
+                            request.extensions_mut().insert(client);
+                        }
+                        return ResponseFuture::passed_through(self.inner.call(request));
                     }
                     Inspection::MissingPeer => {
                         return missing_peer(&self.core, &state.settings.path)

@@ -338,6 +338,54 @@ async fn forward_mode_passes_other_paths_untouched() {
 }
 
 #[tokio::test]
+async fn requests_the_guard_does_not_charge_carry_the_client_behind_trusted_proxies() {
+    let extra = "other_routes: forward\nclient_ip: { trusted_proxies: [192.0.2.0/24] }\n";
+    let from_proxy = |method: &str, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("x-forwarded-for", "6.6.6.6, 198.51.100.9")
+            .extension(peer())
+            .body(empty())
+            .unwrap()
+    };
+    let client = ClientIp::resolve("198.51.100.9".parse().unwrap(), &HeaderMap::new(), &[]);
+    // Passed on to the inner service, which finds the client in the request.
+    let found: Arc<Mutex<Option<ClientIp>>> = Arc::default();
+    let record = found.clone();
+    let inner = service_fn(move |request: Request<Full<Bytes>>| {
+        *record.lock().unwrap() = request.extensions().get::<ClientIp>().copied();
+        async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
+    });
+    let layer = ResetGuardLayer::new(settings(extra), ApiKey::new("server-key").unwrap());
+    let service = ServiceBuilder::new().layer(layer).service(inner);
+    let passed = service.clone().oneshot(from_proxy("GET", "/users.json"));
+    assert_eq!(passed.await.unwrap().status(), StatusCode::OK);
+    assert_eq!(*found.lock().unwrap(), Some(client));
+    // Answered by the guard before its limits: the client is in the answer.
+    for (method, path, status) in [
+        ("GET", "//users/password/reset.json", StatusCode::NOT_FOUND),
+        (
+            "POST",
+            "/users/password/reset.json",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+    ] {
+        let answer = service
+            .clone()
+            .oneshot(from_proxy(method, path))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), status);
+        assert_eq!(
+            answer.extensions().get::<ClientIp>(),
+            Some(&client),
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn forward_mode_never_forwards_lookalikes_of_the_guarded_path() {
     let extra = "other_routes: forward\n";
     for path in [

@@ -11,7 +11,9 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use reset_guard::internals::Attribution;
-use reset_guard::{GuardBody, GuardedRequest, PeerAddr, Rejection, ResetGuard, UpstreamStatus};
+use reset_guard::{
+    ClientIp, GuardBody, GuardedRequest, PeerAddr, Rejection, ResetGuard, UpstreamStatus,
+};
 use tokio::time::Instant;
 use tower::util::Either;
 use tower::ServiceExt;
@@ -131,6 +133,7 @@ async fn handle(
         duration: started.elapsed(),
         guarded: extensions.get::<GuardedRequest>(),
         attribution: extensions.get::<Attribution>(),
+        client: extensions.get::<ClientIp>(),
         rejection: extensions.get::<Rejection>(),
         refusal: refused.or(upstream.and_then(|u| u.refusal)),
         upstream,

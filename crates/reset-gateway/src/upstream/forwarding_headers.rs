@@ -26,14 +26,19 @@ pub(super) fn forwarded_for(peer: Option<IpAddr>, client: IpAddr) -> Option<Head
     HeaderValue::from_str(&format!("{client}, {peer}")).ok()
 }
 
-/// Replaces whatever forwarding headers a client sent with the peer's address alone (a
-/// forwarded route: the guard resolved no client).
-pub(super) fn replace_forwarding(headers: &mut HeaderMap, peer: Option<IpAddr>) {
+/// Replaces whatever forwarding headers a client sent with the gateway's chain (a forwarded
+/// route): the client the guard resolved behind trusted proxies, if any, and the peer.
+pub(super) fn replace_forwarding(
+    headers: &mut HeaderMap,
+    peer: Option<IpAddr>,
+    client: Option<IpAddr>,
+) {
     for spoofable in [&X_FORWARDED_FOR, &FORWARDED, &X_REAL_IP] {
         headers.remove(spoofable);
     }
-    if let Some(peer) = peer {
-        headers.insert(X_FORWARDED_FOR, ip_header(peer));
+    let chain = peer.and_then(|peer| forwarded_for(Some(peer), client.unwrap_or(peer)));
+    if let Some(chain) = chain {
+        headers.insert(X_FORWARDED_FOR, chain);
     }
 }
 

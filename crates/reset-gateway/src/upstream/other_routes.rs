@@ -28,6 +28,7 @@ impl UpstreamClient {
         &self,
         request: Request<Incoming>,
         peer: Option<IpAddr>,
+        client: Option<IpAddr>,
         owns_cors: bool,
     ) -> Answer {
         let (mut parts, body) = request.into_parts();
@@ -50,7 +51,7 @@ impl UpstreamClient {
         }
         parts.headers.remove(HOST);
         // The gateway's X-Forwarded-For is the one account of where the request came from.
-        replace_forwarding(&mut parts.headers, peer);
+        replace_forwarding(&mut parts.headers, peer, client);
         let (body, watch) = ClientBody::new(body);
         let mut upstream = Request::new(Either::Right(body));
         *upstream.method_mut() = parts.method;

@@ -473,3 +473,51 @@ async fn only_end_to_end_headers_cross_to_quickblox_on_forwarded_routes() {
     // Framed by the gateway from the body it sends.
     assert_eq!(seen["content-length"], "5");
 }
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_other_paths_name_the_client_it_forwarded_for() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let guard = "  other_routes: forward\n  client_ip:\n    trusted_proxies: [127.0.0.0/8]\n";
+    std::fs::write(&path, yaml(&mock.url(), guard, "")).unwrap();
+    let gw = crate::process::spawn_gateway(&path);
+    // The proxy appended the client's address to what the client wrote.
+    let from_proxy = |method: &str, target: &str| {
+        format!(
+            "{method} {target} HTTP/1.1\r\nHost: gateway.test\r\n\
+             X-Forwarded-For: 6.6.6.6, 198.51.100.9\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let status = async |method, target| {
+        raw(gw.addr, from_proxy(method, target).as_bytes())
+            .await
+            .status
+    };
+    // Passed on (QuickBlox, here its stand-in, knows no such path).
+    assert_eq!(status("GET", "/users.json").await, 404);
+    assert_eq!(mock.requests().len(), 1);
+    // Answered by the guard before any limit: a spelling of the reset path, a method.
+    assert_eq!(status("GET", "/users//password/reset.json").await, 404);
+    assert_eq!(status("POST", "/users/password/reset.json").await, 405);
+
+    // QuickBlox is told of the client first, then of the proxy; never of what the client wrote.
+    let seen = &mock.requests()[0].headers;
+    assert_eq!(seen["x-forwarded-for"], "198.51.100.9, 127.0.0.1");
+    let access: Vec<serde_json::Value> = poll_until(
+        100,
+        async || {
+            gw.logs()
+                .iter()
+                .filter(|l| l.contains("\"target\":\"access\""))
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        },
+        |lines: &Vec<serde_json::Value>| lines.len() == 3,
+    )
+    .await;
+    assert_eq!(access.len(), 3, "{access:#?}");
+    for line in access {
+        assert_eq!(line["client_ip"], "198.51.100.9", "{line}");
+    }
+}
