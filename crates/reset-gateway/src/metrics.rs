@@ -129,6 +129,7 @@ impl Metrics {
             .iter()
             .chain(Rejection::OUTCOMES.iter())
             .chain(Refusal::OUTCOMES.iter())
+            .chain([AccessRecord::CUT].iter())
             .map(|&outcome| {
                 (
                     outcome,

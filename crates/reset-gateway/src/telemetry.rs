@@ -105,6 +105,8 @@ pub struct AccessRecord<'a> {
     /// The client the guard resolved for a request it did not charge (another path).
     pub client: Option<&'a ClientIp>,
     pub rejection: Option<&'a Rejection>,
+    /// The connection ended before an answer was made.
+    pub cut: bool,
     pub refusal: Option<Refusal>,
     pub upstream: Option<&'a UpstreamExchange>,
     pub uniform: Option<&'a UpstreamStatus>,
@@ -116,9 +118,21 @@ impl AccessRecord<'_> {
     /// another route under `other_routes: forward`.
     pub const FORWARD_OUTCOMES: [&'static str; 2] = ["forwarded", "passed_through"];
 
+    /// The outcome of a request whose connection ended before its answer was made.
+    pub const CUT: &'static str = "cut";
+
+    /// The status logged for it: nginx's 499, "client closed request".
+    pub const CUT_STATUS: StatusCode = match StatusCode::from_u16(499) {
+        Ok(status) => status,
+        Err(_) => unreachable!(),
+    };
+
     /// The outcome label for logs and metrics.
     pub fn outcome(&self) -> &'static str {
         let [forwarded, passed_through] = Self::FORWARD_OUTCOMES;
+        if self.cut {
+            return Self::CUT;
+        }
         match (self.refusal, self.rejection, self.guarded) {
             (Some(refusal), _, _) => refusal.outcome(),
             (None, Some(rejection), _) => rejection.outcome(),

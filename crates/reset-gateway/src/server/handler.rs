@@ -119,7 +119,16 @@ async fn handle(
         None => {
             request.headers_mut().insert(X_REQUEST_ID, id.clone());
             request.extensions_mut().insert(PeerAddr(peer));
-            answer(&context, request).await
+            let unanswered = Unanswered {
+                context: &context,
+                request_id: &id,
+                received,
+                peer,
+                started,
+            };
+            let answer = answer(&context, request).await;
+            std::mem::forget(unanswered);
+            answer
         }
     };
     response.headers_mut().insert(X_REQUEST_ID, id.clone());
@@ -135,6 +144,7 @@ async fn handle(
         attribution: extensions.get::<Attribution>(),
         client: extensions.get::<ClientIp>(),
         rejection: extensions.get::<Rejection>(),
+        cut: false,
         refusal: refused.or(upstream.and_then(|u| u.refusal)),
         upstream,
         uniform: extensions.get::<UpstreamStatus>(),
@@ -151,6 +161,46 @@ async fn handle(
         }
     }
     Ok(response.map(|body| TrackedBody::new(body, open)))
+}
+
+/// A request waiting for its answer (on QuickBlox, Redis, or `min_latency`). Dropped
+/// before its answer was made, which happens only when the connection ended under it (the
+/// client closed it, or `shutdown_grace` ran out in a drain), it writes the request's access
+/// line: outcome `cut`, status 499 (nginx's "client closed request"), the peer as client
+/// (what the guard made of the request went with it). The request may have been charged,
+/// and passed on to QuickBlox: without the line nothing would say so.
+struct Unanswered<'a> {
+    context: &'a WorkerContext,
+    request_id: &'a http::HeaderValue,
+    received: std::time::SystemTime,
+    peer: SocketAddr,
+    started: Instant,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        let record = AccessRecord {
+            request_id: self.request_id.to_str().unwrap_or_default(),
+            received: self.received,
+            peer: self.peer.ip().to_canonical(),
+            status: AccessRecord::CUT_STATUS,
+            duration: self.started.elapsed(),
+            guarded: None,
+            attribution: None,
+            client: None,
+            rejection: None,
+            cut: true,
+            refusal: None,
+            upstream: None,
+            uniform: None,
+            include_email: false,
+        };
+        record.emit(&self.context.denials);
+        self.context
+            .state
+            .metrics
+            .request(record.outcome(), record.duration);
+    }
 }
 
 /// The guarded service's answer, or the refusal of a request still waiting for QuickBlox or

@@ -225,3 +225,104 @@ async fn denials_full_logs_every_denial() {
     assert_eq!(lines.len(), 200);
     assert!(lines.iter().all(|l| !l.contains("\"count\"")));
 }
+
+/// A gateway in front of a QuickBlox that takes 20 s to answer.
+async fn waiting_on_quickblox(
+    grace: &str,
+) -> (crate::process::Process, MockServer, tempfile::TempDir) {
+    let mut config = mock_config();
+    config.latency = std::time::Duration::from_secs(20);
+    let mock = MockServer::start(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let yaml = yaml(&mock.url(), "", "")
+        .replace("timeout: 400ms", "timeout: 30s")
+        .replace("shutdown_grace: 5s", &format!("shutdown_grace: {grace}"));
+    std::fs::write(&path, with_server_keys(&yaml, "  request_timeout: 40s\n")).unwrap();
+    (spawn_gateway(&path), mock, dir)
+}
+
+/// Waits until QuickBlox has the one request sent to it.
+async fn quickblox_has_it(mock: &MockServer) {
+    poll_until(500, async || mock.requests().len(), |n| *n > 0).await;
+    assert_eq!(mock.requests().len(), 1);
+}
+
+fn cut_line(logs: &[String], id: &str) -> Option<serde_json::Value> {
+    logs.iter()
+        .filter(|l| l.contains("\"target\":\"access\""))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|line| line["request_id"] == id)
+}
+
+/// A reset already passed on to QuickBlox (an email may be on its way) whose client left
+/// before the answer is still in the log and the metrics.
+#[tokio::test]
+async fn a_request_whose_client_left_before_its_answer_still_gets_its_line() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (process, mock, _dir) = waiting_on_quickblox("5s").await;
+    // Over HTTP/2 a client gives up on one request by resetting its stream (HTTP/1.1 has no
+    // such word: the gateway sees a closed connection only when it writes the answer).
+    let stream = tokio::net::TcpStream::connect(process.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(format!(
+        "http://{}{RESET}?email=alice%40example.com",
+        process.addr
+    ))
+    .header("qb-token", IOS_TOKEN)
+    .header("x-request-id", "left-early")
+    .body(http_body_util::Empty::<bytes::Bytes>::new())
+    .unwrap();
+    let waiting = tokio::spawn(sender.send_request(request));
+    quickblox_has_it(&mock).await;
+    waiting.abort();
+    let line = poll_until(
+        250,
+        async || cut_line(&process.logs(), "left-early"),
+        Option::is_some,
+    )
+    .await
+    .expect("an access line for the request the client left");
+    assert_eq!(line["outcome"], "cut", "{line}");
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["client_ip"], "127.0.0.1", "{line}");
+    let metrics = raw(
+        process.admin,
+        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        metrics
+            .body
+            .contains("reset_gateway_requests_total{outcome=\"cut\"} 1"),
+        "{}",
+        metrics.body
+    );
+}
+
+/// A drain whose `shutdown_grace` runs out under a request says so in that request's line.
+#[tokio::test]
+async fn a_request_cut_when_the_drain_runs_out_still_gets_its_line() {
+    use tokio::io::AsyncWriteExt;
+    let (mut process, mock, _dir) = waiting_on_quickblox("1s").await;
+    let mut client = tokio::net::TcpStream::connect(process.addr).await.unwrap();
+    let request = format!(
+        "GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\n\
+         QB-Token: {IOS_TOKEN}\r\nX-Request-Id: drained\r\n\r\n"
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    quickblox_has_it(&mock).await;
+    process.signal("TERM");
+    let logs = tokio::task::spawn_blocking(move || process.logs_to_end());
+    let logs = tokio::time::timeout(std::time::Duration::from_secs(15), logs)
+        .await
+        .expect("the gateway ends a second after the drain starts")
+        .unwrap();
+    let line = cut_line(&logs, "drained").unwrap_or_else(|| panic!("no line: {logs:#?}"));
+    assert_eq!(line["outcome"], "cut", "{line}");
+    assert_eq!(line["status"], 499, "{line}");
+}
