@@ -137,4 +137,25 @@ fn the_tcp_balancer_variants_send_proxy_protocol_and_the_gateways_require_it() {
     let ports = service["spec"]["ports"].as_sequence().unwrap();
     assert_eq!(ports.len(), 1);
     assert_eq!(ports[0]["targetPort"], "http");
+    // And the in-cluster Service loses it: a caller there sends no PROXY header, and the
+    // gateway would close every connection it made.
+    let patches: Vec<&str> = kustomization["patches"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    assert!(patches.contains(&"cluster-service.yaml"), "{patches:?}");
+    let patch = one("deploy/kubernetes-nlb/cluster-service.yaml");
+    let base_service = one("deploy/kubernetes/service.yaml");
+    assert_eq!(patch["metadata"]["name"], base_service["metadata"]["name"]);
+    let public_port = base_service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["targetPort"] == "http")
+        .unwrap()["port"]
+        .clone();
+    assert_eq!(patch["spec"]["ports"][0]["port"], public_port);
+    assert_eq!(patch["spec"]["ports"][0]["$patch"], "delete");
 }
