@@ -501,6 +501,28 @@ fn the_production_build_has_no_test_double() {
     assert!(!tree.lines().any(|l| l.starts_with("qb-mock ")), "{tree}");
 }
 
+/// The alert rules load, and fire on what their tests say (a replica down under either kind
+/// of scrape job, nothing scraped at all, a store down), with Prometheus's own `promtool`.
+#[test]
+fn the_alert_rules_fire_as_their_tests_say() {
+    for args in [
+        ["check", "rules", "rules.yaml"],
+        ["test", "rules", "rules_test.yaml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(&args)
+            .current_dir(repo("deploy/alerts"))
+            .output()
+            .expect("promtool (scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// Metric family names a Prometheus expression refers to, without sample suffixes.
 fn families(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
