@@ -80,7 +80,11 @@ pub fn from_yaml<T: DeserializeOwned>(yaml: &str) -> Result<T, ConfigError> {
     let deserializer = yaml_serde::Deserializer::from_str(yaml);
     serde_path_to_error::deserialize(deserializer).map_err(|error| {
         let path = error.path().to_string();
-        let path = if path == "." { String::new() } else { path };
+        // `.` is the document; `?` a place the parser never reached a key in (malformed YAML).
+        let path = match path.as_str() {
+            "." | "?" => String::new(),
+            _ => path,
+        };
         let inner = error.into_inner();
         let parsed_at = inner.location().map(|l| l.line());
         if let Some(line) = parsed_at.filter(|&l| indented_with_tab(yaml, l)) {
@@ -317,6 +321,22 @@ guard:
         assert_eq!(
             (error.path.as_str(), error.line),
             ("server", Some(3)),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn yaml_that_does_not_parse_is_an_error_of_the_file_at_its_line() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct File {
+            clients: Vec<String>,
+        }
+        let error = from_yaml::<File>("{ clients: [a] ]\n").unwrap_err();
+        assert_eq!(error.path, "", "{error}");
+        assert!(error.line.is_some(), "{error}");
+        assert!(
+            error.to_string().starts_with("(top level) (line "),
             "{error}"
         );
     }

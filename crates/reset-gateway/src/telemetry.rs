@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
-use reset_guard::internals::Attribution;
+use reset_guard::Attribution;
 use reset_guard::{ClientIp, GuardedRequest, Rejection, UpstreamStatus};
 
 use crate::refusal::Refusal;

@@ -13,7 +13,7 @@ use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use reset_guard::{ApiKey, GuardConfig, GuardedRequest, PeerAddr, ResetGuardLayer};
+use reset_guard::{ApiKey, GuardSettings, GuardedRequest, PeerAddr, ResetGuardLayer};
 use tokio::net::TcpListener;
 
 /// The `guard:` section, as in the gateway's YAML. The token is "foo", a stand-in anyone can
@@ -34,9 +34,8 @@ limits:
 
 /// The app's routes, with the guard in front of the reset route.
 pub fn app(api_key: ApiKey) -> Router {
-    let settings = GuardConfig::from_yaml(GUARD_YAML)
-        .and_then(|config| config.validate())
-        .expect("the example configuration is valid");
+    let settings =
+        GuardSettings::from_yaml(GUARD_YAML).expect("the example configuration is valid");
     Router::new()
         .route("/users/password/reset.json", get(reset))
         .route("/health", get(|| async { "ok" }))

@@ -38,6 +38,15 @@ impl<B> GuardBody<B> {
     }
 }
 
+impl<B: std::fmt::Debug> std::fmt::Debug for GuardBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuardBody::Inner { body } => f.debug_tuple("GuardBody::Inner").field(body).finish(),
+            GuardBody::Full { data } => f.debug_tuple("GuardBody::Full").field(data).finish(),
+        }
+    }
+}
+
 /// An empty body (what a CORS preflight answer carries).
 impl<B> Default for GuardBody<B> {
     fn default() -> Self {

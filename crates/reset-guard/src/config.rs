@@ -318,6 +318,14 @@ pub struct GuardSettings {
 }
 
 impl GuardSettings {
+    /// Reads and checks a `guard:` section in one step ([`GuardConfig::from_yaml`], then
+    /// [`GuardConfig::validate`]), an error of either placed at its line in `yaml`.
+    pub fn from_yaml(yaml: &str) -> Result<GuardSettings, ConfigError> {
+        GuardConfig::from_yaml(yaml)?
+            .validate()
+            .map_err(|error| error.located(yaml))
+    }
+
     /// The guarded path.
     pub fn path(&self) -> &str {
         &self.path

@@ -43,6 +43,20 @@ pin_project! {
     }
 }
 
+impl<F, B> std::fmt::Debug for ResponseFuture<F, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Deciding { .. } => "waiting for the store",
+            State::Inner { .. } => "waiting for the inner service",
+            State::Padding { .. } => "padding to min_latency",
+            State::Ready { .. } => "ready",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<F, B> ResponseFuture<F, B> {
     pub(crate) fn guarded(
         future: F,

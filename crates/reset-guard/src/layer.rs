@@ -43,6 +43,7 @@ impl ResetGuardLayer {
             store: StoreSettings::default(),
             clock: None,
             hasher: None,
+            key_secret_short: false,
             peer_optional: false,
         }
     }
@@ -62,7 +63,24 @@ pub struct ResetGuardBuilder {
     store: StoreSettings,
     clock: Option<Arc<dyn Clock>>,
     hasher: Option<KeyHasher>,
+    /// A key secret under [`MIN_KEY_SECRET`] bytes was given: `build` refuses it.
+    key_secret_short: bool,
     peer_optional: bool,
+}
+
+/// Fewest bytes of a key secret: the keyed hashes of addresses in Redis and in the logs are
+/// only as hard to reverse as the secret is to guess.
+const MIN_KEY_SECRET: usize = 16;
+
+impl std::fmt::Debug for ResetGuardBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResetGuardBuilder")
+            .field("settings", &self.settings)
+            .field("store", &self.store)
+            .field("key_secret", &self.hasher.as_ref().map(|_| "(set)"))
+            .field("peer_optional", &self.peer_optional)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ResetGuardBuilder {
@@ -79,9 +97,14 @@ impl ResetGuardBuilder {
         self
     }
 
-    /// Derives the limit-key hash from a secret instead of a random per-process key, so
-    /// stored keys and log tags are stable across restarts and replicas.
+    /// Derives the limit keys' hash from a secret of at least 16 bytes, so stored keys and
+    /// log tags are stable across restarts and replicas. Without it, the memory store hashes
+    /// with a random key of its own; with Redis it is required (`build` refuses to go
+    /// without it): every replica must give the same secret to share one limit, and hashes
+    /// of addresses under no secret could be reversed with a dictionary by anyone who
+    /// reads Redis.
     pub fn key_secret(mut self, secret: &[u8]) -> Self {
+        self.key_secret_short = secret.len() < MIN_KEY_SECRET;
         self.hasher = Some(KeyHasher::from_secret(secret));
         self
     }
@@ -120,6 +143,14 @@ impl ResetGuardBuilder {
                 "sweep_interval must be longer than zero".to_owned(),
             ));
         }
+        if self.store.max_keys == 0 {
+            return Err(StoreError("max_keys must be at least 1".to_owned()));
+        }
+        if self.key_secret_short {
+            return Err(StoreError(format!(
+                "the key secret must hold at least {MIN_KEY_SECRET} bytes"
+            )));
+        }
         let clock = self
             .clock
             .unwrap_or_else(|| Arc::new(MonotonicClock::default()));
@@ -128,6 +159,13 @@ impl ResetGuardBuilder {
         let redis = match &self.store.redis {
             Some(settings) => {
                 settings.check().map_err(StoreError)?;
+                if self.hasher.is_none() {
+                    return Err(StoreError(format!(
+                        "with Redis, give key_secret() the same secret of {MIN_KEY_SECRET}+ \
+                         bytes on every replica: without one, the hashed addresses in Redis \
+                         could be reversed with a dictionary"
+                    )));
+                }
                 // The standalone client starts its connection's task when made; every mode
                 // is held to it alike.
                 if tokio::runtime::Handle::try_current().is_err() {
@@ -172,7 +210,7 @@ impl ResetGuardBuilder {
                 #[cfg(feature = "redis")]
                 redis_specs,
             }),
-            hasher: self.hasher.unwrap_or_else(|| default_hasher(&self.store)),
+            hasher: self.hasher.unwrap_or_else(KeyHasher::random),
             #[cfg(feature = "redis")]
             redis,
             peer_optional: self.peer_optional,
@@ -184,17 +222,6 @@ impl ResetGuardBuilder {
         let housekeeping = Housekeeping(Box::pin(housekeeping(Arc::downgrade(&core))));
         Ok((ResetGuardLayer { core }, housekeeping))
     }
-}
-
-/// Without a configured secret: a random key per process for memory limits; a fixed one
-/// for Redis, where every replica must derive the same keys.
-fn default_hasher(store: &StoreSettings) -> KeyHasher {
-    #[cfg(feature = "redis")]
-    if store.redis.is_some() {
-        return KeyHasher::from_secret(b"");
-    }
-    let _ = store;
-    KeyHasher::random()
 }
 
 /// The store could not be set up.

@@ -107,14 +107,37 @@
 //!
 //! # The `redis` feature
 //!
-//! Limits shared through Redis ([`ResetGuardLayer::builder`] with `store.redis`) need the
-//! `redis` feature. With it, the inner service must be `Clone + Send + 'static` and its
-//! future and bodies `Send` (a Redis decision is awaited before the service is called),
-//! whether or not Redis is configured. With `store.redis` set, `build()` must run inside a
-//! Tokio runtime, and for `rediss://` the process must have a rustls crypto provider
-//! installed (`rustls::crypto::ring::default_provider().install_default()`, or another):
-//! the Redis client takes the process's; `build()` says so rather than each connection
-//! panicking.
+//! Limits shared through Redis ([`ResetGuardLayer::builder`] with
+//! [`StoreSettings::with_redis`]) need the `redis` feature. With it, the inner service must
+//! be `Clone + Send + 'static` and its future and bodies `Send` (a Redis decision is awaited
+//! before the service is called), whether or not Redis is configured. With Redis, `build()`
+//! needs a [`key_secret`](ResetGuardBuilder::key_secret) (the same on every replica), must
+//! run inside a Tokio runtime, and for `rediss://` the process must have a rustls crypto
+//! provider installed (`rustls::crypto::ring::default_provider().install_default()`, or
+//! another): the Redis client takes the process's; `build()` says so rather than each
+//! connection panicking. `RedisSettings::sentinel` and `RedisSettings::cluster` make the
+//! settings for those modes.
+//!
+//! ```no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn wire(settings: reset_guard::GuardSettings, api_key: reset_guard::ApiKey)
+//! # -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use reset_guard::{OnError, RedisSettings, ResetGuardLayer, StoreSettings};
+//!
+//! let redis = RedisSettings::new("redis://redis.internal:6379")
+//!     .with_password(std::env::var("REDIS_PASSWORD")?)
+//!     .with_timeout(Duration::from_millis(100))
+//!     .with_on_error(OnError::Deny);
+//! let (layer, housekeeping) = ResetGuardLayer::builder(settings, api_key)
+//!     .store(StoreSettings::default().with_redis(redis))
+//!     .key_secret(std::env::var("LIMIT_KEY_SECRET")?.as_bytes())
+//!     .build()?;
+//! tokio::spawn(housekeeping);
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Embedding in axum
 //!
@@ -182,11 +205,14 @@ pub use config::{
     Cidr, ClientConfig, ClientIpConfig, ConfigError, EmailConfig, EmailKeyConfig, GuardConfig,
     GuardSettings, LimitsConfig, OtherRoutes, QuotaConfig, ResponsesConfig,
 };
-pub use context::{GuardedRequest, UpstreamStatus};
+pub use context::{Attribution, GuardedRequest, UpstreamStatus};
 pub use duration::ConfigDuration;
 pub use email::EmailError;
 pub use future::ResponseFuture;
 pub use handle::GuardHandle;
+/// The network type of `client_ip.trusted_proxies` ([`Cidr`] wraps it), re-exported so
+/// [`ClientIp::resolve`] can be called without depending on `ipnet` yourself.
+pub use ipnet::IpNet;
 pub use layer::{Housekeeping, ResetGuardBuilder, ResetGuardLayer, StoreError};
 pub use limit::{Denial, LimitGroup, Quota, StoreSettings};
 #[cfg(feature = "redis")]
@@ -200,7 +226,6 @@ pub use service::ResetGuard;
 #[doc(hidden)]
 pub mod internals {
     pub use crate::auth::presented_token;
-    pub use crate::context::Attribution;
     pub use crate::email::{Email, EmailKey, EmailKeyPolicy, EmailPolicy};
     pub use crate::limit::PassThroughHasher;
     pub use crate::limit::{near_limit, QuotaOutcome};

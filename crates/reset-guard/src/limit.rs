@@ -182,17 +182,42 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// Store settings that belong to the deployment rather than to the `guard:` section.
+/// Store settings that belong to the deployment rather than to the `guard:` section:
+/// `StoreSettings::default()` (the memory store), changed with the `with_` methods.
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct StoreSettings {
-    /// Most keys each quota tracks before idle (then least-charged) keys are dropped.
+    /// Most keys each quota of the memory store tracks before idle (then least-charged)
+    /// keys are dropped. Kept in 64 shards, each holding its share rounded up: a quota
+    /// tracks at least 64 keys, and up to 63 more than this. At least 1.
     pub max_keys: usize,
     /// How often idle keys are forgotten.
     pub sweep_interval: Duration,
     /// Share limits through Redis instead of holding them in this process.
     #[cfg(feature = "redis")]
     pub redis: Option<RedisSettings>,
+}
+
+impl StoreSettings {
+    /// With [`max_keys`](Self::max_keys) keys per quota at most.
+    pub fn with_max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
+    }
+
+    /// With idle keys forgotten every `every` (the housekeeping's pace).
+    pub fn with_sweep_interval(mut self, every: Duration) -> Self {
+        self.sweep_interval = every;
+        self
+    }
+
+    /// With limits shared through Redis (give the builder a
+    /// [`key_secret`](crate::ResetGuardBuilder::key_secret) too).
+    #[cfg(feature = "redis")]
+    pub fn with_redis(mut self, redis: RedisSettings) -> Self {
+        self.redis = Some(redis);
+        self
+    }
 }
 
 impl Default for StoreSettings {

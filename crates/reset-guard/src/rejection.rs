@@ -48,7 +48,7 @@ pub enum Rejection {
     #[error("email is invalid: {0}")]
     EmailInvalid(EmailError),
     /// A rate limit denied the request.
-    #[error("{} limit: {} per {}s", .0.group.name(), .0.quota.requests, .0.quota.per.as_secs())]
+    #[error("{} limit: {} per {:?}", .0.group.name(), .0.quota.requests, .0.quota.per)]
     RateLimited(Denial),
     /// The shared limiter (Redis) could not be asked and `on_error: deny` is set.
     #[error("rate limiter unavailable")]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use reset_guard::internals::Attribution;
+use reset_guard::Attribution;
 use reset_guard::{
     ClientIp, GuardBody, GuardedRequest, PeerAddr, Rejection, ResetGuard, UpstreamStatus,
 };

@@ -510,7 +510,7 @@ fn the_alert_rules_fire_as_their_tests_say() {
         ["test", "rules", "rules_test.yaml"],
     ] {
         let out = std::process::Command::new("promtool")
-            .args(&args)
+            .args(args)
             .current_dir(repo("deploy/alerts"))
             .output()
             .expect("promtool (scripts/test installs it)");

@@ -124,6 +124,33 @@ fn a_zero_sweep_interval_is_an_error_not_a_panic() {
     assert!(error.to_string().contains("sweep_interval"), "{error}");
 }
 
+#[test]
+fn a_short_key_secret_or_no_keys_at_all_is_refused() {
+    let builder = || ResetGuardLayer::builder(settings(""), ApiKey::new("server-key").unwrap());
+    for secret in [&b""[..], b"fifteen bytes.."] {
+        let error = builder().key_secret(secret).build().expect_err("short");
+        assert!(error.to_string().contains("at least 16 bytes"), "{error}");
+    }
+    let _built = builder().key_secret(b"sixteen bytes..!").build().unwrap();
+    let error = builder()
+        .store(StoreSettings::default().with_max_keys(0))
+        .build()
+        .expect_err("no keys");
+    assert!(error.to_string().contains("max_keys"), "{error}");
+}
+
+/// Hashes of addresses under no secret can be reversed with a dictionary by anyone who
+/// reads Redis: the library refuses to store them, as the gateway does.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_without_a_key_secret_is_refused() {
+    let error = ResetGuardLayer::builder(settings(""), ApiKey::new("server-key").unwrap())
+        .store(StoreSettings::default().with_redis(RedisSettings::new("redis://127.0.0.1:6379")))
+        .build()
+        .expect_err("no key secret");
+    assert!(error.to_string().contains("key_secret()"), "{error}");
+}
+
 #[cfg(feature = "redis")]
 #[test]
 fn redis_settings_that_cannot_work_are_errors_not_panics() {
@@ -134,6 +161,7 @@ fn redis_settings_that_cannot_work_are_errors_not_panics() {
         };
         ResetGuardLayer::builder(self::settings(""), ApiKey::new("server-key").unwrap())
             .store(store)
+            .key_secret(b"a key secret of 16+ bytes")
             .build()
             .map(|_| ())
     };

@@ -47,7 +47,7 @@ fn rig_in(limits: &str, extra: &str, store: StoreSettings, clock: ManualClock) -
         ResetGuardLayer::builder(settings, ApiKey::new("server-key").unwrap())
             .clock(clock.clone())
             .store(store)
-            .key_secret(b"test secret")
+            .key_secret(b"a test key secret")
             .build()
             .unwrap();
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {

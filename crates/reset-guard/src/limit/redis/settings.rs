@@ -107,6 +107,42 @@ impl RedisSettings {
         }
     }
 
+    /// With the ACL user `username` (Redis 6+).
+    pub fn with_username(mut self, username: impl Into<String>) -> Self {
+        self.username = Some(username.into());
+        self
+    }
+
+    /// With the password sent with `AUTH` (kept in memory that is wiped when dropped).
+    pub fn with_password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(Zeroizing::new(password.into()));
+        self
+    }
+
+    /// Trusting only the CA certificates in `pem` for Redis's TLS.
+    pub fn with_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// With every key prefixed by `prefix`.
+    pub fn with_key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Waiting at most `timeout` for Redis (1ms to 60s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Answering as `on_error` says when Redis cannot answer in time.
+    pub fn with_on_error(mut self, on_error: OnError) -> Self {
+        self.on_error = on_error;
+        self
+    }
+
     /// Settings for the master the sentinels at `nodes` (`redis://host:port`, or all
     /// `rediss://`) name `master`, otherwise as [`new`](Self::new). The username,
     /// password and CA apply to the master and its replicas; the sentinels are asked
