@@ -453,3 +453,47 @@ async fn a_wrong_redis_password_is_logged_as_the_cause_without_the_password() {
         "the password was logged"
     );
 }
+
+/// The ACL user the README lists is enough to share limits; a user who may not run the
+/// script is not taken for a store that serves: `/readyz` and `store_up` say so.
+#[tokio::test]
+async fn the_documented_acl_user_serves_and_one_without_the_script_is_down() {
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_ACL_PASSWORD";
+    let redis = RedisServer::start();
+    let readme = crate::deploy::read("README.md");
+    let documented = readme
+        .lines()
+        .find(|l| l.starts_with("ACL SETUSER reset-gateway "))
+        .expect("the README shows the ACL user");
+    // The tests' key prefix, and a password.
+    let user = documented
+        .replace(">PASSWORD", ">acl-user-password")
+        .replace("~reset-gateway:* ~{reset-gateway:*", "~secured:*");
+    assert_eq!(redis.command(&user).as_deref(), Some("+OK\r\n"), "{user}");
+    let without_script = "ACL SETUSER no-script on >acl-user-password resetkeys ~secured:* \
+                          -@all +mget +psetex +time";
+    assert_eq!(redis.command(without_script).as_deref(), Some("+OK\r\n"));
+    std::env::set_var(VARIABLE, "acl-user-password");
+    let as_user = |mock: &MockServer, name: &str| {
+        redis_yaml_at(
+            mock,
+            &redis.url(),
+            &format!("    username: {name}\n    password_env: {VARIABLE}\n"),
+            "deny",
+        )
+    };
+
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = as_user(&mock, "reset-gateway");
+    let a = Gateway::start_yaml(mock, &yaml).await;
+    let b = Gateway::replica(&yaml).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    assert_eq!(a.admin_get("/readyz").await.status, 200);
+
+    let c = Gateway::replica(&as_user(&a.mock, "no-script")).await;
+    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
+    assert_eq!(ready.status, 503, "{ready:?}");
+    let metrics = c.admin_get("/metrics").await.body;
+    assert!(metrics.contains("reset_gateway_store_up 0"), "{metrics}");
+    assert_eq!(c.reset_as_ios("email=carol%40example.com").await.status, 503);
+}

@@ -246,17 +246,19 @@ impl RedisStore {
             .retain(|_, (until, _)| *until > now);
     }
 
-    /// Asks Redis whether it serves (a `PING`; in Sentinel mode the sentinels first, in
-    /// Cluster mode every master) and records whether it did in time.
+    /// Asks Redis whether it serves (the script, run for no request; in Sentinel mode the
+    /// sentinels first, in Cluster mode on every master) and records whether it did in
+    /// time.
     pub(crate) async fn probe(&self) -> bool {
         let answer = match &self.cluster {
-            Some(cluster) => cluster.every_master_answers(self.timeout).await,
+            Some(cluster) => cluster.every_master_answers(&self.script, self.timeout).await,
             None => self.ping_master().await,
         };
         self.record_probe(answer)
     }
 
-    /// `PING` to the master, after asking the sentinels whether it moved.
+    /// The script, run for no request on the master, after asking the sentinels whether
+    /// it moved.
     async fn ping_master(&self) -> Result<(), String> {
         let resolved = self.resolve().await;
         let Some(master) = self.master.load_full() else {
@@ -266,8 +268,10 @@ impl RedisStore {
             ));
         };
         let mut connection = master.connection.clone();
-        let command = redis::cmd("PING");
-        let ping = answer_in_time(self.timeout, command.query_async::<String>(&mut connection));
+        let ping = answer_in_time(
+            self.timeout,
+            batch::run_for_nothing(&mut connection, &self.script),
+        );
         match (ping.await, resolved) {
             (Ok(_), _) => Ok(()),
             (Err(cause), Ok(())) => Err(cause),
@@ -549,7 +553,7 @@ impl RedisStore {
 /// certificate can take longer than a request may wait to say so.
 pub(super) async fn answer_in_time<T>(
     timeout: Duration,
-    exchange: impl Future<Output = redis::RedisResult<T>>,
+    exchange: impl Future<Output = Result<T, impl std::fmt::Display>>,
 ) -> Result<T, String> {
     let mut exchange = std::pin::pin!(exchange);
     if let Ok(answer) = tokio::time::timeout(timeout, exchange.as_mut()).await {

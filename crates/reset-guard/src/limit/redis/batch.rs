@@ -343,6 +343,32 @@ pub(super) async fn call(
     answer(batch, outcome);
 }
 
+/// The script run for no request, as the probe runs it: a server that answers `PING` but
+/// refuses the script (an ACL without `EVALSHA`, `SCRIPT LOAD` or the commands the script
+/// calls) fails every request, so it does not count as serving.
+pub(super) async fn run_for_nothing(
+    connection: &mut impl redis::aio::ConnectionLike,
+    script: &redis::Script,
+) -> Result<(), String> {
+    let command = CallArgs::new(&[]).declared(script.get_hash());
+    let reply = match command.query_async::<redis::Value>(connection).await {
+        Err(error)
+            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
+            script
+                .load_async(connection)
+                .await
+                .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
+            command.query_async::<redis::Value>(connection).await
+        }
+        reply => reply,
+    };
+    match reply.map_err(|e| format!("the rate-limit script: {e}"))? {
+        redis::Value::BulkString(bytes) if bytes.is_empty() => Ok(()),
+        _ => Err("the rate-limit script answered something unexpected".to_owned()),
+    }
+}
+
 /// The script's answer: its numbers packed as little-endian f64 in one string (one bulk
 /// reply to read rather than seven integers per request), or `[-1]` from a call that found
 /// a key not served where it ran.

@@ -73,8 +73,13 @@ impl Cluster {
     /// gone fails nearly every request. The masters are those `CLUSTER SLOTS` names, each
     /// asked over a connection of the probe's own: the cluster client's `PING` to all
     /// masters passes over one whose connection it has dropped. A master whose ACL leaves
-    /// `CLUSTER INFO` out (`NOPERM`) counts as whole once it answers.
-    pub(super) async fn every_master_answers(&self, timeout: Duration) -> Result<(), String> {
+    /// `CLUSTER INFO` out (`NOPERM`) counts as whole once it answers. Each master is then
+    /// asked to run the script for no request: one that refuses it fails every request.
+    pub(super) async fn every_master_answers(
+        &self,
+        script: &redis::Script,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let mut connection = self
             .probe
             .get_or_init(|| async { self.connection() })
@@ -136,6 +141,12 @@ impl Cluster {
                 }
                 Ok(Err(error)) if error.code() == Some("NOPERM") => {}
                 Ok(Err(error)) => return Err(format!("{named}: {error}")),
+                Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
+            }
+            let run = super::batch::run_for_nothing(&mut connection, script);
+            match tokio::time::timeout(timeout, run).await {
+                Ok(Ok(())) => {}
+                Ok(Err(cause)) => return Err(format!("{named}: {cause}")),
                 Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
             }
             pinged.push((named, connection));
