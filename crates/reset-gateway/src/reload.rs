@@ -77,7 +77,10 @@ impl Fixed {
                 "server.cors",
                 format!("{:?} {:?}", server.cors_origins, server.cors_max_age),
             ),
-            ("store", store_fingerprint(settings).to_string()),
+            (
+                "store (kind, max_keys, key secret, Redis connection and password)",
+                store_fingerprint(settings).to_string(),
+            ),
             ("log", format!("{:?}", settings.log)),
         ])
     }

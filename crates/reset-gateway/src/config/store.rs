@@ -324,7 +324,13 @@ impl StoreConfig {
         .map(|(key, value)| key_secret(&key, value))
         .transpose()?;
         let redis = match self.kind {
-            StoreKind::Memory => None,
+            // Unused, but checked as far as the file alone goes (no secret is read): a
+            // password written in a URL is refused whatever the kind, and a section that
+            // could not work is found before the day kind turns to redis.
+            StoreKind::Memory => {
+                self.redis.target()?;
+                None
+            }
             StoreKind::Redis => Some(self.redis.validate()?),
         };
         if redis.is_some() && key_secret.is_none() {

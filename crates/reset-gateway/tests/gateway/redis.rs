@@ -206,18 +206,22 @@ async fn a_password_in_the_url_is_refused_without_echoing_it() {
         "redis://default:hunter2-password@127.0.0.1:6379/0",
         "rediss://user:hunter2-password@redis.internal:6380",
     ] {
-        let yaml = redis_yaml_at(&mock, url, "", "allow");
-        let error = reset_gateway::GatewayConfig::from_yaml(&yaml)
-            .unwrap()
-            .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
-            .unwrap_err();
-        let shown = error.to_string();
-        assert!(shown.starts_with("store.redis.url (line "), "{shown}");
-        assert!(shown.contains("password_env or password_file"), "{shown}");
-        assert!(
-            !shown.contains("hunter2"),
-            "the password was echoed: {shown}"
-        );
+        let redis = redis_yaml_at(&mock, url, "", "allow");
+        // Refused while the memory store is in use too: the password is in the file.
+        let memory = redis.replace("kind: redis", "kind: memory");
+        for yaml in [redis, memory] {
+            let error = reset_gateway::GatewayConfig::from_yaml(&yaml)
+                .unwrap()
+                .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+                .unwrap_err();
+            let shown = error.to_string();
+            assert!(shown.starts_with("store.redis.url (line "), "{shown}");
+            assert!(shown.contains("password_env or password_file"), "{shown}");
+            assert!(
+                !shown.contains("hunter2"),
+                "the password was echoed: {shown}"
+            );
+        }
     }
 }
 
@@ -448,6 +452,20 @@ async fn a_wrong_redis_password_is_logged_as_the_cause_without_the_password() {
     assert!(first > 0, "the failures were logged");
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(failures(gateway.logs()) <= 2, "{:?}", gateway.logs());
+    // The requests' line says what the probe knows of why, and on_error as it is written.
+    let failed = gateway
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("rate-limit store unavailable"))
+        .unwrap();
+    let failed: serde_json::Value = serde_json::from_str(&failed).unwrap();
+    assert!(
+        failed["probe_error"]
+            .as_str()
+            .is_some_and(|e| e.to_lowercase().contains("authentication")),
+        "{failed}"
+    );
+    assert_eq!(failed["on_error"], "deny", "{failed}");
     assert!(
         gateway.logs().iter().all(|l| !l.contains("hunter2")),
         "the password was logged"
@@ -495,5 +513,8 @@ async fn the_documented_acl_user_serves_and_one_without_the_script_is_down() {
     assert_eq!(ready.status, 503, "{ready:?}");
     let metrics = c.admin_get("/metrics").await.body;
     assert!(metrics.contains("reset_gateway_store_up 0"), "{metrics}");
-    assert_eq!(c.reset_as_ios("email=carol%40example.com").await.status, 503);
+    assert_eq!(
+        c.reset_as_ios("email=carol%40example.com").await.status,
+        503
+    );
 }

@@ -75,6 +75,11 @@ impl CauseLog {
         new
     }
 
+    /// The cause last warned of, while the failure lasts.
+    pub(super) fn last(&self) -> Option<&str> {
+        self.0.as_ref().map(|(cause, _)| cause.as_str())
+    }
+
     /// Forgets the failure once it is over; whether there was one.
     pub(super) fn clear(&mut self) -> bool {
         self.0.take().is_some()
@@ -251,7 +256,11 @@ impl RedisStore {
     /// time.
     pub(crate) async fn probe(&self) -> bool {
         let answer = match &self.cluster {
-            Some(cluster) => cluster.every_master_answers(&self.script, self.timeout).await,
+            Some(cluster) => {
+                cluster
+                    .every_master_answers(&self.script, self.timeout)
+                    .await
+            }
             None => self.ping_master().await,
         };
         self.record_probe(answer)
@@ -450,7 +459,12 @@ impl RedisStore {
                 .is_ok()
         {
             let failed = self.failed_unlogged.swap(0, Ordering::Relaxed);
-            tracing::warn!(target: "reset_guard::limit", error = why, failed, on_error = ?self.on_error, "rate-limit store unavailable");
+            // A request that waited out its timeout knows only that; the probe may know why
+            // (a refused password, an untrusted certificate).
+            let probe = self.probe_failure.lock().unwrap_or_else(|e| e.into_inner());
+            let probe_error = probe.last().map(str::to_owned);
+            drop(probe);
+            tracing::warn!(target: "reset_guard::limit", error = why, probe_error, failed, on_error = self.on_error.as_str(), "rate-limit store unavailable");
         }
         match self.on_error {
             OnError::Allow => Decision::Admitted(None),
