@@ -192,7 +192,19 @@ fn compose_and_dockerfile_match_the_binary() {
         let name = file.file_name().unwrap().to_str().unwrap();
         assert!(secrets.contains_key(name), "compose has no secret {name}");
         assert!(file.starts_with("/run/secrets"));
+        // The file the operator writes stays out of commits and of image build contexts.
+        let host_file = str_at(&secrets[name], &["file"]).trim_start_matches("./");
+        let in_repo = format!("deploy/{host_file}");
+        for ignore in [".gitignore", ".dockerignore"] {
+            assert!(
+                read(ignore).lines().any(|l| l == in_repo),
+                "{ignore} does not list {in_repo}"
+            );
+        }
     }
+    // The client's request id reaches the gateway through nginx.
+    let nginx = read("deploy/compose/nginx.conf");
+    assert!(nginx.contains("default $http_x_request_id;"), "{nginx}");
     let lb_waits_for = &compose["services"]["lb"]["depends_on"]["gateway"]["condition"];
     assert_eq!(
         lb_waits_for, "service_healthy",
@@ -294,6 +306,9 @@ fn the_compose_demo_runs_with_nothing_to_prepare() {
     let demo_digest = reset_guard::TokenDigest::of(b"demo-client-token");
     assert_eq!(config.guard.clients[0].token_sha256, demo_digest);
     assert!(read("deploy/compose.demo.yaml").contains("QB-Token: demo-client-token"));
+    // qb-mock runs from the gateway's image, whose HEALTHCHECK asks a gateway's admin
+    // port: it would be reported unhealthy for ever.
+    assert_eq!(mock["healthcheck"]["disable"], true);
 }
 
 /// SHA-256("change-me"): the placeholder client the shipped files carry.
