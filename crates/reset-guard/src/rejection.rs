@@ -363,6 +363,28 @@ mod tests {
     }
 
     #[test]
+    fn a_denial_names_its_quota_to_the_millisecond() {
+        let quota = |per: &str| {
+            crate::config::GuardConfig::from_yaml(&format!(
+                "clients: [{{ id: a, token_sha256: {} }}]\nlimits: {{ per_ip: [{{ requests: 5, per: {per} }}] }}\n",
+                "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+            ))
+            .unwrap()
+            .validate()
+            .unwrap()
+            .quotas(LimitGroup::PerIp)[0]
+        };
+        for (per, shown) in [("500ms", "5 per 500ms"), ("1h", "5 per 3600s")] {
+            let denied = Rejection::RateLimited(crate::limit::Denial {
+                group: LimitGroup::PerIp,
+                quota: quota(per),
+                retry_after: std::time::Duration::from_millis(100),
+            });
+            assert_eq!(denied.to_string(), format!("per_ip limit: {shown}"));
+        }
+    }
+
+    #[test]
     fn every_outcome_is_listed() {
         for rejection in every_kind() {
             assert!(
