@@ -52,6 +52,8 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabel, Counter>,
     outcome_counters: Vec<(&'static str, Counter)>,
+    /// `outcome="cut"`, counted on its own path (a dropped request).
+    cut: Counter,
     upstream_responses: Family<StatusLabel, Counter>,
     status_counters: Box<[OnceLock<Counter>]>,
     upstream_duration: Arc<LatencyHistogram>,
@@ -129,7 +131,6 @@ impl Metrics {
             .iter()
             .chain(Rejection::OUTCOMES.iter())
             .chain(Refusal::OUTCOMES.iter())
-            .chain([AccessRecord::CUT].iter())
             .map(|&outcome| {
                 (
                     outcome,
@@ -137,10 +138,16 @@ impl Metrics {
                 )
             })
             .collect();
+        let cut = requests
+            .get_or_create(&OutcomeLabel {
+                outcome: AccessRecord::CUT,
+            })
+            .clone();
         Metrics {
             registry,
             requests,
             outcome_counters,
+            cut,
             upstream_responses,
             status_counters: (0..STATUSES).map(|_| OnceLock::new()).collect(),
             upstream_duration,
@@ -160,6 +167,13 @@ impl Metrics {
             Some((_, counter)) => counter.inc(),
             None => self.requests.get_or_create(&OutcomeLabel { outcome }).inc(),
         };
+        self.request_duration.observe(duration);
+    }
+
+    /// Counts one request whose connection ended before its answer was made (apart from
+    /// [`request`](Self::request), which stays inlined on every answer's path).
+    pub fn cut(&self, duration: Duration) {
+        self.cut.inc();
         self.request_duration.observe(duration);
     }
 

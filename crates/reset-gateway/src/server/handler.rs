@@ -179,6 +179,11 @@ struct Unanswered<'a> {
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
+        // Dropped by a panic in the service stack: a fault (the runtime reports it), not a
+        // request the client or a drain cut.
+        if std::thread::panicking() {
+            return;
+        }
         let record = AccessRecord {
             request_id: self.request_id.to_str().unwrap_or_default(),
             received: self.received,
@@ -196,10 +201,7 @@ impl Drop for Unanswered<'_> {
             include_email: false,
         };
         record.emit(&self.context.denials);
-        self.context
-            .state
-            .metrics
-            .request(record.outcome(), record.duration);
+        self.context.state.metrics.cut(record.duration);
     }
 }
 

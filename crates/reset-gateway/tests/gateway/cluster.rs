@@ -194,6 +194,55 @@ async fn a_killed_master_serves_no_5xx_and_applies_limits_again_once_back() {
     );
 }
 
+/// The README's ACL user on every node: two gateways share limits on every master, and no
+/// node refuses them anything (a refused `GET` in the per-master script sent every call
+/// the slow way, slot by slot, with nothing wrong to see but in Redis's ACL LOG).
+#[tokio::test]
+async fn the_documented_acl_user_works_on_every_cluster_node() {
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_CLUSTER_ACL_PASSWORD";
+    let cluster = RedisCluster::start();
+    let user = crate::redis::documented_acl_user("cluster-acl-password", "cluster");
+    for node in &cluster.nodes {
+        assert_eq!(node.command(&user).as_deref(), Some("+OK\r\n"), "{user}");
+    }
+    std::env::set_var(VARIABLE, "cluster-acl-password");
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = per_email_yaml(
+        &mock,
+        &cluster.urls(),
+        &format!("    username: reset-gateway\n    password_env: {VARIABLE}\n"),
+        "deny",
+    );
+    let a = Gateway::start_yaml(mock, &yaml).await;
+    let b = Gateway::replica(&yaml).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    addresses_reach_every_master(&a, &b, &cluster).await;
+    assert_eq!(a.admin_get("/readyz").await.status, 200);
+    // Once a gateway has read the slot map, it decides on each master in one call whose
+    // script reads keys with GET: go on until a node has seen such a call.
+    let mut sent = 0;
+    let per_master_call = poll_until(
+        100,
+        async || {
+            sent += 1;
+            a.reset_as_ios(&format!("email=more{sent}%40example.com"))
+                .await;
+            // Redis lists a command once it was called or refused.
+            cluster.nodes.iter().any(|node| {
+                let stats = node.command("INFO commandstats").unwrap_or_default();
+                stats.lines().any(|l| l.starts_with("cmdstat_get:"))
+            })
+        },
+        |seen| *seen,
+    )
+    .await;
+    assert!(per_master_call, "no per-master call after {sent} requests");
+    for node in &cluster.nodes {
+        let log = node.command("ACL LOG").unwrap_or_default();
+        assert!(!log.contains("reset-gateway"), "refused: {log}");
+    }
+}
+
 #[tokio::test]
 async fn auth_on_every_cluster_node_from_env_or_file_shares_one_limit() {
     const PASSWORD: &str = "s3cret-cluster-password";

@@ -472,21 +472,33 @@ async fn a_wrong_redis_password_is_logged_as_the_cause_without_the_password() {
     );
 }
 
+/// The ACL user the README lists, with `password` and the keys of `key_prefix`.
+pub(crate) fn documented_acl_user(password: &str, key_prefix: &str) -> String {
+    let readme = crate::deploy::read("README.md");
+    let documented = readme
+        .lines()
+        .find(|l| l.starts_with("ACL SETUSER reset-gateway "))
+        .expect("the README shows the ACL user");
+    assert!(documented.contains(" >PASSWORD "), "{documented}");
+    assert!(
+        documented.contains(" ~reset-gateway:* ~{reset-gateway:* "),
+        "{documented}"
+    );
+    documented
+        .replace(">PASSWORD", &format!(">{password}"))
+        .replace(
+            "~reset-gateway:* ~{reset-gateway:*",
+            &format!("~{key_prefix}:* ~{{{key_prefix}:*"),
+        )
+}
+
 /// The ACL user the README lists is enough to share limits; a user who may not run the
 /// script is not taken for a store that serves: `/readyz` and `store_up` say so.
 #[tokio::test]
 async fn the_documented_acl_user_serves_and_one_without_the_script_is_down() {
     const VARIABLE: &str = "RESET_GATEWAY_TEST_ACL_PASSWORD";
     let redis = RedisServer::start();
-    let readme = crate::deploy::read("README.md");
-    let documented = readme
-        .lines()
-        .find(|l| l.starts_with("ACL SETUSER reset-gateway "))
-        .expect("the README shows the ACL user");
-    // The tests' key prefix, and a password.
-    let user = documented
-        .replace(">PASSWORD", ">acl-user-password")
-        .replace("~reset-gateway:* ~{reset-gateway:*", "~secured:*");
+    let user = documented_acl_user("acl-user-password", "secured");
     assert_eq!(redis.command(&user).as_deref(), Some("+OK\r\n"), "{user}");
     let without_script = "ACL SETUSER no-script on >acl-user-password resetkeys ~secured:* \
                           -@all +mget +psetex +time";
@@ -507,6 +519,8 @@ async fn the_documented_acl_user_serves_and_one_without_the_script_is_down() {
     let b = Gateway::replica(&yaml).await;
     assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
     assert_eq!(a.admin_get("/readyz").await.status, 200);
+    let log = redis.command("ACL LOG").unwrap_or_default();
+    assert!(!log.contains("reset-gateway"), "refused: {log}");
 
     let c = Gateway::replica(&as_user(&a.mock, "no-script")).await;
     let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;

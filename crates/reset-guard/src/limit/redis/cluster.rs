@@ -105,7 +105,8 @@ impl Cluster {
             .collect();
         let Some(masters) = urls else {
             // A master named without an address ("the node you asked"), or by one no URL
-            // can hold (a zone in an IPv6 address): only the cluster client reaches it.
+            // can hold (a zone in an IPv6 address): only the cluster client reaches it, and
+            // is asked a PING to every master (the script is not run there).
             let ping = connection.route_command(
                 redis::cmd("PING").clone(),
                 RoutingInfo::MultiNode((
