@@ -157,8 +157,10 @@ impl AccessRecord<'_> {
             || self.client.map_or(self.peer, ClientIp::ip),
             Attribution::client_ip,
         );
-        // Requests the guard refused; forwarded ones (and failed forwards) always get a line.
-        if self.rejection.is_some() && self.refusal.is_none() {
+        // Requests the guard refused, and requests cut while they waited (a client resetting
+        // HTTP/2 streams as fast as it opens them would otherwise write a line each);
+        // forwarded ones (and failed forwards) always get a line.
+        if (self.rejection.is_some() && self.refusal.is_none()) || self.cut {
             let denial = Denial {
                 outcome,
                 limit,

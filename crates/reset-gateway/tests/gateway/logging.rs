@@ -326,3 +326,49 @@ async fn a_request_cut_when_the_drain_runs_out_still_gets_its_line() {
     assert_eq!(line["outcome"], "cut", "{line}");
     assert_eq!(line["status"], 499, "{line}");
 }
+
+/// A client that resets its HTTP/2 streams as fast as it opens them does not write a line
+/// per stream: cut requests fold like denials.
+#[tokio::test]
+async fn requests_cut_in_a_burst_are_folded_into_a_summary() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    const STREAMS: usize = 20;
+    let (process, mock, _dir) = waiting_on_quickblox("5s").await;
+    let stream = tokio::net::TcpStream::connect(process.addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let waiting: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let request = http::Request::get(format!(
+                "http://{}{RESET}?email=user{i}%40example.com",
+                process.addr
+            ))
+            .header("qb-token", IOS_TOKEN)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+            tokio::spawn(sender.clone().send_request(request))
+        })
+        .collect();
+    poll_until(500, async || mock.requests().len(), |n| *n == STREAMS).await;
+    assert_eq!(mock.requests().len(), STREAMS);
+    waiting.iter().for_each(|w| w.abort());
+    let cut = |logs: &[String]| -> Vec<serde_json::Value> {
+        logs.iter()
+            .filter(|l| l.contains("\"target\":\"access\"") && l.contains("\"outcome\":\"cut\""))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let lines = poll_until(
+        250,
+        async || cut(&process.logs()),
+        |lines: &Vec<serde_json::Value>| lines.iter().any(|l| l.get("count").is_some()),
+    )
+    .await;
+    // Every cut request is accounted for: a line each, or a summary's count.
+    let accounted: u64 = lines.iter().map(|l| l["count"].as_u64().unwrap_or(1)).sum();
+    assert_eq!(accounted, STREAMS as u64, "{lines:#?}");
+    assert!(lines.len() <= 4 * 2, "{} lines: {lines:#?}", lines.len());
+}
