@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::DEFAULT_CONFIG_PATH;
 
@@ -18,6 +18,33 @@ pub struct Cli {
     /// What to do; without one, run the gateway.
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    /// The command line, or an exit with clap's message: also for `--config` written with a
+    /// command that reads no configuration (`hash-token`, `demo`, which runs its own), which
+    /// would otherwise be ignored without a word.
+    pub fn parse_checked() -> Cli {
+        let matches = Cli::command().get_matches();
+        let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+        let written =
+            matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);
+        let reads_none = match &cli.command {
+            Some(Command::HashToken) => Some("hash-token"),
+            #[cfg(feature = "demo")]
+            Some(Command::Demo { .. }) => Some("demo"),
+            _ => None,
+        };
+        if let (true, Some(name)) = (written, reads_none) {
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!("{name} reads no configuration file: leave out --config"),
+                )
+                .exit();
+        }
+        cli
+    }
 }
 
 /// Subcommands.

@@ -3,7 +3,6 @@
 use std::io::Read;
 use std::process::ExitCode;
 
-use clap::Parser;
 use reset_gateway::cli::{Cli, Command};
 use reset_gateway::console::{err, out};
 use reset_gateway::{health, load, signal, simulate, telemetry, EXIT_CONFIG};
@@ -13,7 +12,7 @@ use reset_guard::TokenDigest;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_checked();
     // Before anything else the gateway does: until a handler is in place, a SIGHUP would
     // end the process (the other commands keep SIGHUP's usual meaning).
     let early_hangup = match cli.command {

@@ -51,6 +51,9 @@ pub struct Reader {
     pub clients: Vec<String>,
     /// Access lines of requests that never reached the limits.
     pub unguarded: u64,
+    /// Requests cut before their answer (`outcome: cut`, a summary counting as its
+    /// `count`): the log does not say what they were charged.
+    pub cut: u64,
     /// Lines that are not access lines.
     pub other_lines: u64,
     /// Access lines skipped as unreadable (the first hundred).
@@ -173,6 +176,10 @@ impl Reader {
     fn request(&mut self, access: AccessLine<'_>) -> Result<Option<LoggedRequest>, String> {
         if access.target.as_deref() != Some("access") {
             self.other_lines += 1;
+            return Ok(None);
+        }
+        if access.outcome.as_deref() == Some("cut") {
+            self.cut += access.count.unwrap_or(1);
             return Ok(None);
         }
         if access.guarded != Some(true) {

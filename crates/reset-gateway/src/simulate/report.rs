@@ -97,9 +97,18 @@ pub fn human(simulation: &Simulation, reader: &Reader, names: (&str, Option<&str
     }
     let _ = writeln!(
         out,
-        "recorded: {} of {} requests refused with 429",
+        "recorded: {} of {} requests refused by a limit",
         simulation.recorded_denied, proposed.requests
     );
+    if reader.cut > 0 {
+        let _ = writeln!(
+            out,
+            "note: {} requests were cut before their answer (outcome cut); the log does not \
+             say what they were charged (they may have been), so they are not replayed and the \
+             replay may refuse fewer than the recording did",
+            reader.cut
+        );
+    }
     if proposed.unknown_beyond > 0 {
         let _ = writeln!(
             out,
@@ -245,6 +254,7 @@ pub fn json(simulation: &Simulation, reader: &Reader) -> Value {
         object.insert("last".into(), json!(time_of(last)));
     }
     object.insert("unguarded_lines".into(), json!(reader.unguarded));
+    object.insert("cut_requests".into(), json!(reader.cut));
     object.insert("other_lines".into(), json!(reader.other_lines));
     object.insert("bad_line_count".into(), json!(reader.bad_line_count()));
     let bad: Vec<Value> = reader

@@ -143,6 +143,27 @@ fn lines_are_replayed_in_arrival_order_whatever_order_they_were_written_in() {
 }
 
 #[test]
+fn requests_cut_before_their_answer_are_counted_not_replayed() {
+    let cut = |extra: &str| {
+        format!(
+            r#"{{"received_at":"2025-03-01T10:00:00Z","request_id":"r","client_ip":"{IP}","outcome":"cut","status":499{extra},"target":"access"}}"#
+        )
+    };
+    let lines = [
+        line(1, IP, None, None),
+        cut(""),
+        // A summary of folded cut requests stands for its count.
+        cut(r#","count":4,"last_received_at":"2025-03-01T10:00:01Z""#),
+    ];
+    let (fates, simulation, reader) = replay("", &lines);
+    assert_eq!(fates, [None]);
+    assert_eq!(simulation.proposed.requests, 1);
+    assert_eq!(reader.cut, 5);
+    assert_eq!(reader.unguarded, 0);
+    assert!(reader.bad_lines.is_empty(), "{:?}", reader.bad_lines);
+}
+
+#[test]
 fn unreadable_access_lines_are_reported_by_number_and_others_skipped() {
     let lines = [
         "plain text from another program".to_owned(),

@@ -72,6 +72,30 @@ fn hash_token_prints_the_digest_for_the_config() {
     assert!(!out.status.success(), "an empty token must not hash");
 }
 
+/// `--config` on a command that reads no file is a usage error, not ignored; the
+/// environment's RESET_GATEWAY_CONFIG (an image sets it for every command) is not.
+#[test]
+fn a_config_given_to_a_command_that_reads_none_is_refused() {
+    for args in [
+        &["hash-token", "--config", "/etc/gateway.yaml"][..],
+        &["--config", "/etc/gateway.yaml", "demo"],
+    ] {
+        let out = gateway().args(args).stdin(Stdio::null()).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("reads no configuration file"), "{said}");
+    }
+    let mut child = gateway()
+        .arg("hash-token")
+        .env("RESET_GATEWAY_CONFIG", "/etc/gateway.yaml")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"foo\n").unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+}
+
 /// Runs `check-config` (with an API key in the environment and what `configure` adds),
 /// and asserts that it accepts the configuration.
 fn assert_check_config_passes(configure: impl FnOnce(&mut Command) -> &mut Command) {
