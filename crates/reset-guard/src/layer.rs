@@ -158,7 +158,9 @@ impl ResetGuardBuilder {
         #[cfg(feature = "redis")]
         let redis = match &self.store.redis {
             Some(settings) => {
-                settings.check().map_err(StoreError)?;
+                settings
+                    .check()
+                    .map_err(|why| StoreError(why.to_string()))?;
                 if self.hasher.is_none() {
                     return Err(StoreError(format!(
                         "with Redis, give key_secret() the same secret of {MIN_KEY_SECRET}+ \

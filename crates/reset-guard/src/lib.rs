@@ -216,7 +216,7 @@ pub use ipnet::IpNet;
 pub use layer::{Housekeeping, ResetGuardBuilder, ResetGuardLayer, StoreError};
 pub use limit::{Denial, LimitGroup, Quota, StoreSettings};
 #[cfg(feature = "redis")]
-pub use limit::{OnError, RedisSettings};
+pub use limit::{InvalidRedisSettings, OnError, RedisSettings};
 pub use rejection::Rejection;
 pub use secret::{ApiKey, InvalidApiKey};
 pub use service::ResetGuard;

@@ -145,8 +145,9 @@ impl RedisConfig {
                         "mode: cluster needs seed nodes: nodes: [redis://host:6379, ...]",
                     ));
                 }
-                RedisSettings::cluster(nodes)
-                    .map_err(|why| ConfigError::new("store.redis.nodes", with_hint(&why)))
+                RedisSettings::cluster(nodes).map_err(|why| {
+                    ConfigError::new("store.redis.nodes", with_hint(&why.to_string()))
+                })
             }
             RedisMode::Standalone => {
                 let not_standalone = [
@@ -200,6 +201,7 @@ impl RedisConfig {
                     ));
                 };
                 RedisSettings::sentinel(nodes, master).map_err(|why| {
+                    let why = why.to_string();
                     let key = if why.starts_with("node") {
                         "store.redis.nodes"
                     } else {

@@ -205,4 +205,11 @@ fn redis_settings_that_cannot_work_are_errors_not_panics() {
     build(RedisSettings::new("rediss://127.0.0.1:6379")).unwrap();
     let with_password = RedisSettings::new("redis://:s3cret@127.0.0.1:6379");
     assert!(!format!("{with_password:?}").contains("s3cret"));
+    // A standard error: `?` takes it into any error type an application uses.
+    let cluster = || -> Result<RedisSettings, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(RedisSettings::cluster(&["redis://:s3cret@10.0.0.1:6379".to_owned()])?)
+    };
+    let error = cluster().unwrap_err().to_string();
+    assert!(error.starts_with("node 1 holds a password"), "{error}");
+    assert!(!error.contains("s3cret"), "{error}");
 }

@@ -27,7 +27,7 @@ use batch::{run_batches, Charges, Job, REPLY_LEN};
 use cluster::{Cluster, DirectMasters};
 use sentinel::{Master, SentinelPool};
 use settings::Sentinels;
-pub use settings::{OnError, RedisSettings};
+pub use settings::{InvalidRedisSettings, OnError, RedisSettings};
 
 use super::{
     Clock, Decision, Denial, LimitCounters, LimitGroup, LimitSettings, MonotonicClock, Quota,

@@ -29,6 +29,12 @@ impl OnError {
     }
 }
 
+/// Why [`RedisSettings`] cannot work, said without repeating a URL (which may hold a
+/// secret).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidRedisSettings(String);
+
 /// Where and how to reach Redis.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -95,10 +101,12 @@ impl RedisSettings {
     /// (they go in [`username`](Self::username) and [`password`](Self::password)), and a
     /// timeout from 1ms to 60s.
     /// The error says what is wrong without repeating the URL.
-    pub fn check(&self) -> Result<(), String> {
-        Self::check_url(&self.url).map_err(|why| format!("url {why}"))?;
+    pub fn check(&self) -> Result<(), InvalidRedisSettings> {
+        Self::check_url(&self.url).map_err(|why| InvalidRedisSettings(format!("url {why}")))?;
         if self.timeout < Duration::from_millis(1) || self.timeout > MAX_TIMEOUT {
-            return Err("timeout must be 1ms to 60s".to_owned());
+            return Err(InvalidRedisSettings(
+                "timeout must be 1ms to 60s".to_owned(),
+            ));
         }
         Ok(())
     }
@@ -162,17 +170,20 @@ impl RedisSettings {
     /// # Errors
     ///
     /// What is wrong with which node (counted from 1), without repeating it.
-    pub fn sentinel(nodes: &[String], master: &str) -> Result<Self, String> {
+    pub fn sentinel(nodes: &[String], master: &str) -> Result<Self, InvalidRedisSettings> {
         if nodes.is_empty() {
-            return Err("sentinel mode needs at least one sentinel".to_owned());
+            return Err(InvalidRedisSettings(
+                "sentinel mode needs at least one sentinel".to_owned(),
+            ));
         }
         if master.is_empty() || master.contains([',', '/', ' ']) {
-            return Err(
+            return Err(InvalidRedisSettings(
                 "the master's name must be non-empty, without `,`, `/` or spaces".to_owned(),
-            );
+            ));
         }
         let (scheme, addresses) =
-            node_addresses(nodes, "a sentinel that wants one is given the master's")?;
+            node_addresses(nodes, "a sentinel that wants one is given the master's")
+                .map_err(InvalidRedisSettings)?;
         Ok(Self::new(format!(
             "{scheme}+sentinel://{}/{master}",
             addresses.join(",")
@@ -186,11 +197,14 @@ impl RedisSettings {
     /// # Errors
     ///
     /// What is wrong with which node (counted from 1), without repeating it.
-    pub fn cluster(nodes: &[String]) -> Result<Self, String> {
+    pub fn cluster(nodes: &[String]) -> Result<Self, InvalidRedisSettings> {
         if nodes.is_empty() {
-            return Err("cluster mode needs at least one seed node".to_owned());
+            return Err(InvalidRedisSettings(
+                "cluster mode needs at least one seed node".to_owned(),
+            ));
         }
-        let (scheme, addresses) = node_addresses(nodes, "every node is asked with the same one")?;
+        let (scheme, addresses) = node_addresses(nodes, "every node is asked with the same one")
+            .map_err(InvalidRedisSettings)?;
         Ok(Self::new(format!(
             "{scheme}+cluster://{}",
             addresses.join(",")
