@@ -392,22 +392,12 @@ async fn a_sane_request_id_is_kept_and_a_hostile_one_replaced() {
 #[tokio::test]
 async fn http2_cleartext_is_served() {
     use http_body_util::{BodyExt, Empty};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let gw = Gateway::start("").await;
-    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::get(format!(
-        "http://{}{RESET}?email=alice%40example.com",
-        gw.addr
-    ))
-    .header("qb-token", IOS_TOKEN)
-    .body(Empty::<bytes::Bytes>::new())
-    .unwrap();
+    let mut sender = h2_connect(gw.addr).await;
+    let request = h2_reset(gw.addr, "email=alice%40example.com")
+        .body(Empty::new())
+        .unwrap();
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), http::Version::HTTP_2);

@@ -384,3 +384,22 @@ pub async fn reset_until_limited(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The sending half of a cleartext HTTP/2 connection to `addr`, its driver spawned.
+pub async fn h2_connect(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// A reset of `query` to `addr` as the iOS client sends it over HTTP/2 (the full URI).
+pub fn h2_reset(addr: SocketAddr, query: &str) -> http::request::Builder {
+    http::Request::get(format!("http://{addr}{RESET}?{query}")).header("qb-token", IOS_TOKEN)
+}

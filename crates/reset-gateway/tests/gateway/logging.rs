@@ -249,9 +249,8 @@ async fn quickblox_has_it(mock: &MockServer) {
 }
 
 fn cut_line(logs: &[String], id: &str) -> Option<serde_json::Value> {
-    logs.iter()
-        .filter(|l| l.contains("\"target\":\"access\""))
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    crate::process::access_lines(logs)
+        .into_iter()
         .find(|line| line["request_id"] == id)
 }
 
@@ -259,24 +258,14 @@ fn cut_line(logs: &[String], id: &str) -> Option<serde_json::Value> {
 /// before the answer is still in the log and the metrics.
 #[tokio::test]
 async fn a_request_whose_client_left_before_its_answer_still_gets_its_line() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let (process, mock, _dir) = waiting_on_quickblox("5s").await;
     // Over HTTP/2 a client gives up on one request by resetting its stream (HTTP/1.1 has no
     // such word: the gateway sees a closed connection only when it writes the answer).
-    let stream = tokio::net::TcpStream::connect(process.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::get(format!(
-        "http://{}{RESET}?email=alice%40example.com",
-        process.addr
-    ))
-    .header("qb-token", IOS_TOKEN)
-    .header("x-request-id", "left-early")
-    .body(http_body_util::Empty::<bytes::Bytes>::new())
-    .unwrap();
+    let mut sender = h2_connect(process.addr).await;
+    let request = h2_reset(process.addr, "email=alice%40example.com")
+        .header("x-request-id", "left-early")
+        .body(http_body_util::Empty::new())
+        .unwrap();
     let waiting = tokio::spawn(sender.send_request(request));
     quickblox_has_it(&mock).await;
     waiting.abort();
@@ -331,24 +320,14 @@ async fn a_request_cut_when_the_drain_runs_out_still_gets_its_line() {
 /// per stream: cut requests fold like denials.
 #[tokio::test]
 async fn requests_cut_in_a_burst_are_folded_into_a_summary() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     const STREAMS: usize = 20;
     let (process, mock, _dir) = waiting_on_quickblox("5s").await;
-    let stream = tokio::net::TcpStream::connect(process.addr).await.unwrap();
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let sender = h2_connect(process.addr).await;
     let waiting: Vec<_> = (0..STREAMS)
         .map(|i| {
-            let request = http::Request::get(format!(
-                "http://{}{RESET}?email=user{i}%40example.com",
-                process.addr
-            ))
-            .header("qb-token", IOS_TOKEN)
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
+            let request = h2_reset(process.addr, &format!("email=user{i}%40example.com"))
+                .body(http_body_util::Empty::new())
+                .unwrap();
             tokio::spawn(sender.clone().send_request(request))
         })
         .collect();
@@ -356,10 +335,8 @@ async fn requests_cut_in_a_burst_are_folded_into_a_summary() {
     assert_eq!(mock.requests().len(), STREAMS);
     waiting.iter().for_each(|w| w.abort());
     let cut = |logs: &[String]| -> Vec<serde_json::Value> {
-        logs.iter()
-            .filter(|l| l.contains("\"target\":\"access\"") && l.contains("\"outcome\":\"cut\""))
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        let lines = crate::process::access_lines(logs).into_iter();
+        lines.filter(|line| line["outcome"] == "cut").collect()
     };
     let lines = poll_until(
         250,

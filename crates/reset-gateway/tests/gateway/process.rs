@@ -438,6 +438,22 @@ impl Process {
         assert!(status.success());
     }
 
+    /// The access lines logged so far, parsed.
+    pub fn access_lines(&self) -> Vec<serde_json::Value> {
+        access_lines(&self.logs())
+    }
+
+    /// The access lines once `count` of them were logged (a few seconds at most), to
+    /// assert on.
+    pub async fn access_lines_once(&self, count: usize) -> Vec<serde_json::Value> {
+        poll_until(
+            100,
+            async || self.access_lines(),
+            |lines: &Vec<serde_json::Value>| lines.len() >= count,
+        )
+        .await
+    }
+
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
     }
@@ -948,4 +964,12 @@ fn every_key_the_shipped_config_shows_commented_out_is_a_key_the_gateway_knows()
     if let Err(error) = reset_gateway::GatewayConfig::from_yaml(&yaml) {
         panic!("a documented key is refused: {error}\n{yaml}");
     }
+}
+
+/// The access lines among `logs`, parsed.
+pub fn access_lines(logs: &[String]) -> Vec<serde_json::Value> {
+    logs.iter()
+        .filter(|l| l.contains("\"target\":\"access\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use qb_mock::MockServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -240,12 +240,7 @@ async fn upstream_bodies_that_break_their_framing_never_desync_the_client() {
 
 /// One HTTP/2 request to the gateway over cleartext.
 async fn h2_get(addr: SocketAddr, target: &str) -> (u16, Option<String>, Bytes) {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = h2_connect(addr).await;
     let request = http::Request::get(format!("http://{addr}{target}"))
         .header("qb-token", IOS_TOKEN)
         .body(Empty::<Bytes>::new())
@@ -504,18 +499,7 @@ async fn behind_a_trusted_proxy_other_paths_name_the_client_it_forwarded_for() {
     // QuickBlox is told of the client first, then of the proxy; never of what the client wrote.
     let seen = &mock.requests()[0].headers;
     assert_eq!(seen["x-forwarded-for"], "198.51.100.9, 127.0.0.1");
-    let access: Vec<serde_json::Value> = poll_until(
-        100,
-        async || {
-            gw.logs()
-                .iter()
-                .filter(|l| l.contains("\"target\":\"access\""))
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect()
-        },
-        |lines: &Vec<serde_json::Value>| lines.len() == 3,
-    )
-    .await;
+    let access = gw.access_lines_once(3).await;
     assert_eq!(access.len(), 3, "{access:#?}");
     for line in access {
         assert_eq!(line["client_ip"], "198.51.100.9", "{line}");

@@ -314,18 +314,7 @@ async fn the_access_log_names_the_client_the_balancer_named() {
         .await;
         assert_eq!(status, 200);
     }
-    let access: Vec<serde_json::Value> = poll_until(
-        100,
-        async || {
-            gw.logs()
-                .iter()
-                .filter(|l| l.contains("\"target\":\"access\""))
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect()
-        },
-        |lines: &Vec<serde_json::Value>| lines.len() == 2,
-    )
-    .await;
+    let access = gw.access_lines_once(2).await;
     assert_eq!(access.len(), 2);
     for line in access {
         assert_eq!(line["client_ip"], "127.0.0.2", "{line}");

@@ -207,7 +207,9 @@ fn redis_settings_that_cannot_work_are_errors_not_panics() {
     assert!(!format!("{with_password:?}").contains("s3cret"));
     // A standard error: `?` takes it into any error type an application uses.
     let cluster = || -> Result<RedisSettings, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(RedisSettings::cluster(&["redis://:s3cret@10.0.0.1:6379".to_owned()])?)
+        Ok(RedisSettings::cluster(&[
+            "redis://:s3cret@10.0.0.1:6379".to_owned()
+        ])?)
     };
     let error = cluster().unwrap_err().to_string();
     assert!(error.starts_with("node 1 holds a password"), "{error}");
