@@ -165,10 +165,11 @@ async fn handle(
 
 /// A request waiting for its answer (on QuickBlox, Redis, or `min_latency`). Dropped
 /// before its answer was made, which happens only when the connection ended under it (the
-/// client closed it, or `shutdown_grace` ran out in a drain), it writes the request's access
-/// line: outcome `cut`, status 499 (nginx's "client closed request"), the peer as client
-/// (what the guard made of the request went with it). The request may have been charged,
-/// and passed on to QuickBlox: without the line nothing would say so.
+/// client closed it, or `shutdown_grace` ran out in a drain), it logs the request: outcome
+/// `cut`, status 499 (nginx's "client closed request"), the peer as client (what the guard
+/// made of the request went with it), folded as denials are (a client can reset HTTP/2
+/// streams as fast as it opens them). The request may have been charged, and passed on to
+/// QuickBlox: without the line nothing would say so.
 struct Unanswered<'a> {
     context: &'a WorkerContext,
     request_id: &'a http::HeaderValue,
@@ -179,8 +180,8 @@ struct Unanswered<'a> {
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
-        // Dropped by a panic in the service stack: a fault (the runtime reports it), not a
-        // request the client or a drain cut.
+        // Dropped by a panic in the service stack: a fault (the panic hook reports it on
+        // standard error), not a request the client or a drain cut.
         if std::thread::panicking() {
             return;
         }

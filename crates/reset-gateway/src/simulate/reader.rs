@@ -179,7 +179,24 @@ impl Reader {
             return Ok(None);
         }
         if access.outcome.as_deref() == Some("cut") {
-            self.cut += access.count.unwrap_or(1);
+            // Not replayed, but read as carefully as a line that is: a count no summary can
+            // hold, or times that are not times, make it a bad line.
+            parse_time(access.received_at.as_deref().ok_or("no received_at")?)?;
+            let count = match access.count {
+                Some(count) => {
+                    if !(1..=super::summary::MOST).contains(&count) {
+                        return Err(format!(
+                            "count {count} is not 1 to {}",
+                            super::summary::MOST
+                        ));
+                    }
+                    let last = access.last_received_at.as_deref();
+                    parse_time(last.ok_or("a count without last_received_at")?)?;
+                    count
+                }
+                None => 1,
+            };
+            self.cut = self.cut.saturating_add(count);
             return Ok(None);
         }
         if access.guarded != Some(true) {

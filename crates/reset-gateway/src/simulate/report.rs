@@ -48,9 +48,10 @@ pub fn human(simulation: &Simulation, reader: &Reader, names: (&str, Option<&str
             let _ = writeln!(
                 out,
                 "No request in the log reached the limits ({} access lines of requests that \
-                 did not, {} unreadable, {} other lines: is this the gateway's JSON access log, \
-                 log.format: json?).",
+                 did not, {} requests cut before their answer, {} unreadable, {} other lines: \
+                 is this the gateway's JSON access log, log.format: json?).",
                 reader.unguarded,
+                reader.cut,
                 reader.bad_line_count(),
                 reader.other_lines
             );

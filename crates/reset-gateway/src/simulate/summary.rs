@@ -8,7 +8,7 @@ use super::reader::{parse_time, LoggedRequest};
 
 /// The most requests one summary line may stand for: a flood of a million requests a
 /// second over the longest window (60 s) is 60 million. A larger count is a damaged line.
-const MOST: u64 = 100_000_000;
+pub(super) const MOST: u64 = 100_000_000;
 
 /// The requests of one summary line after its first.
 #[derive(Debug)]

@@ -161,6 +161,18 @@ fn requests_cut_before_their_answer_are_counted_not_replayed() {
     assert_eq!(reader.cut, 5);
     assert_eq!(reader.unguarded, 0);
     assert!(reader.bad_lines.is_empty(), "{:?}", reader.bad_lines);
+
+    // Read as carefully as a line that is replayed: no count a summary cannot hold, no
+    // time that is not one.
+    let bad = [
+        cut(r#","count":18446744073709551615,"last_received_at":"2025-03-01T10:00:01Z""#),
+        cut(r#","count":0,"last_received_at":"2025-03-01T10:00:01Z""#),
+        cut(r#","count":2"#),
+        cut("").replace("2025-03-01T10:00:00Z", "nonsense"),
+    ];
+    let (_, _, reader) = replay("", &bad);
+    assert_eq!(reader.cut, 0);
+    assert_eq!(reader.bad_line_count(), 4, "{:?}", reader.bad_lines);
 }
 
 #[test]
