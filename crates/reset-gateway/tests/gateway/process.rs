@@ -515,29 +515,25 @@ impl Drop for Unready {
     }
 }
 
-pub fn spawn_unready(config: &std::path::Path) -> Unready {
-    Unready(
-        gateway()
-            .arg("--config")
-            .arg(config)
-            .env("QB_API_KEY", SERVER_KEY)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// Starts the binary and waits for its "serving" log line.
-pub fn spawn_gateway(config: &std::path::Path) -> Process {
-    let mut child = gateway()
+/// The gateway on `config`, with the server key, its log piped to the test.
+fn gateway_on(config: &std::path::Path) -> Command {
+    let mut command = gateway();
+    command
         .arg("--config")
         .arg(config)
         .env("QB_API_KEY", SERVER_KEY)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    command
+}
+
+pub fn spawn_unready(config: &std::path::Path) -> Unready {
+    Unready(gateway_on(config).spawn().unwrap())
+}
+
+/// Starts the binary and waits for its "serving" log line.
+pub fn spawn_gateway(config: &std::path::Path) -> Process {
+    let mut child = gateway_on(config).spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let (addr, admin) = loop {
