@@ -184,14 +184,7 @@ impl Reader {
             parse_time(access.received_at.as_deref().ok_or("no received_at")?)?;
             let count = match access.count {
                 Some(count) => {
-                    if !(1..=super::summary::MOST).contains(&count) {
-                        return Err(format!(
-                            "count {count} is not 1 to {}",
-                            super::summary::MOST
-                        ));
-                    }
-                    let last = access.last_received_at.as_deref();
-                    parse_time(last.ok_or("a count without last_received_at")?)?;
+                    super::summary::summary_end(count, access.last_received_at.as_deref())?;
                     count
                 }
                 None => 1,

@@ -8,7 +8,16 @@ use super::reader::{parse_time, LoggedRequest};
 
 /// The most requests one summary line may stand for: a flood of a million requests a
 /// second over the longest window (60 s) is 60 million. A larger count is a damaged line.
-pub(super) const MOST: u64 = 100_000_000;
+const MOST: u64 = 100_000_000;
+
+/// A summary line's `count` and `last_received_at`, checked: a count one summary can hold,
+/// and the time its last request arrived.
+pub(super) fn summary_end(count: u64, last_received_at: Option<&str>) -> Result<u64, String> {
+    if !(1..=MOST).contains(&count) {
+        return Err(format!("count {count} is not 1 to {MOST}"));
+    }
+    parse_time(last_received_at.ok_or("a count without last_received_at")?)
+}
 
 /// The requests of one summary line after its first.
 #[derive(Debug)]
@@ -28,10 +37,7 @@ impl Expansion {
         count: u64,
         last_received_at: Option<&str>,
     ) -> Result<Self, String> {
-        if !(1..=MOST).contains(&count) {
-            return Err(format!("count {count} is not 1 to {MOST}"));
-        }
-        let last_ns = parse_time(last_received_at.ok_or("a count without last_received_at")?)?;
+        let last_ns = summary_end(count, last_received_at)?;
         let span_ns = last_ns
             .checked_sub(first.at_ns)
             .ok_or("last_received_at is before received_at")?;
