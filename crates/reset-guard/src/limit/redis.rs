@@ -261,14 +261,14 @@ impl RedisStore {
                     .every_master_answers(&self.script, self.timeout)
                     .await
             }
-            None => self.ping_master().await,
+            None => self.probe_master().await,
         };
         self.record_probe(answer)
     }
 
     /// The script, run for no request on the master, after asking the sentinels whether
     /// it moved.
-    async fn ping_master(&self) -> Result<(), String> {
+    async fn probe_master(&self) -> Result<(), String> {
         let resolved = self.resolve().await;
         let Some(master) = self.master.load_full() else {
             let why = resolved.err().unwrap_or_default();
@@ -277,11 +277,11 @@ impl RedisStore {
             ));
         };
         let mut connection = master.connection.clone();
-        let ping = answer_in_time(
+        let run = answer_in_time(
             self.timeout,
             batch::run_for_nothing(&mut connection, &self.script),
         );
-        match (ping.await, resolved) {
+        match (run.await, resolved) {
             (Ok(_), _) => Ok(()),
             (Err(cause), Ok(())) => Err(cause),
             (Err(cause), Err(sentinels)) => Err(format!("{cause}; the sentinels: {sentinels}")),
