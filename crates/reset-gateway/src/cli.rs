@@ -21,11 +21,31 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// The command line's grammar, where the commands that read no configuration
+    /// (`hash-token`, `demo`) do not offer the global `--config` in their help: each has
+    /// a hidden one of its own, which `parse_checked` refuses when written.
+    pub fn command_checked() -> clap::Command {
+        let mut command = Cli::command();
+        for name in ["hash-token", "demo"] {
+            if command.find_subcommand(name).is_some() {
+                command = command.mut_subcommand(name, |sub| {
+                    sub.arg(
+                        clap::Arg::new("config")
+                            .long("config")
+                            .hide(true)
+                            .value_parser(clap::value_parser!(PathBuf)),
+                    )
+                });
+            }
+        }
+        command
+    }
+
     /// The command line, or an exit with clap's message: also for `--config` written with a
     /// command that reads no configuration (`hash-token`, `demo`, which runs its own), which
     /// would otherwise be ignored without a word.
     pub fn parse_checked() -> Cli {
-        let matches = Cli::command().get_matches();
+        let matches = Cli::command_checked().get_matches();
         let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
         let written =
             matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);

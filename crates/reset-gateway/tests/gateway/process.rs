@@ -72,8 +72,9 @@ fn hash_token_prints_the_digest_for_the_config() {
     assert!(!out.status.success(), "an empty token must not hash");
 }
 
-/// `--config` on a command that reads no file is a usage error, not ignored; the
-/// environment's RESET_GATEWAY_CONFIG (an image sets it for every command) is not.
+/// `--config` on a command that reads no file is a usage error, not ignored, and not in
+/// its help; the environment's RESET_GATEWAY_CONFIG (an image sets it for every command)
+/// is not an error.
 #[test]
 fn a_config_given_to_a_command_that_reads_none_is_refused() {
     for args in [
@@ -94,6 +95,17 @@ fn a_config_given_to_a_command_that_reads_none_is_refused() {
         .unwrap();
     child.stdin.take().unwrap().write_all(b"foo\n").unwrap();
     assert!(child.wait_with_output().unwrap().status.success());
+    // Their help does not offer it; a command that reads one does.
+    for (command, offers) in [
+        ("hash-token", false),
+        ("demo", false),
+        ("check-config", true),
+    ] {
+        let out = gateway().args([command, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{command}: {help}");
+        assert_eq!(help.contains("--config"), offers, "{command}: {help}");
+    }
 }
 
 /// Runs `check-config` (with an API key in the environment and what `configure` adds),
