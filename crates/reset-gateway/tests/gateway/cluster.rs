@@ -342,6 +342,55 @@ async fn tls_on_every_cluster_node_with_a_private_ca_and_not_with_another() {
     );
 }
 
+/// Managed clusters over TLS (ElastiCache's) announce their nodes by hostname, with
+/// certificates that name only hostnames: here every node announces `localhost`
+/// (`cluster-announce-hostname`, `cluster-preferred-endpoint-type hostname`) and its
+/// certificate names `localhost` alone. While the nodes still announce their IP address,
+/// which the certificate does not name, no connection to a master verifies.
+#[tokio::test]
+async fn tls_on_a_cluster_announcing_hostnames_with_certificates_naming_only_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificates_for(dir.path(), &["localhost"]);
+    let cluster = RedisCluster::start_with(ClusterOptions {
+        tls: Some((cert, key, ca.clone())),
+        ..Default::default()
+    });
+    let seed = &cluster.tls_urls("localhost")[..1];
+    let yaml = |mock: &MockServer, ca_file: &str| per_email_yaml(mock, seed, ca_file, "deny");
+
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let ca_line = format!("    ca_file: {}\n", ca.display());
+    let text = yaml(&mock, &ca_line);
+    let by_address = Gateway::start_yaml(mock, &text).await;
+    let refused = by_address.reset_as_ios("email=alice%40example.com").await;
+    assert_eq!(refused.status, 503, "127.0.0.1 is not in the certificate");
+    drop(by_address);
+
+    for node in &cluster.nodes {
+        for setting in [
+            "cluster-announce-hostname localhost",
+            "cluster-preferred-endpoint-type hostname",
+        ] {
+            let reply = node.command(&format!("CONFIG SET {setting}"));
+            assert_eq!(reply.as_deref().map(str::trim), Some("+OK"), "{setting}");
+        }
+    }
+    // Every node has heard every other's hostname (the cluster bus gossips it).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cluster.nodes.iter().all(|node| {
+        node.command("CLUSTER SLOTS")
+            .is_some_and(|slots| slots.matches("localhost").count() >= 3)
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the nodes never announced hostnames"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (a, b) = two_gateways_trusting(&ca, yaml).await;
+    addresses_reach_every_master(&a, &b, &cluster).await;
+}
+
 #[tokio::test]
 async fn two_gateways_share_limits_in_a_cluster_while_slots_move() {
     let cluster = RedisCluster::start();

@@ -232,11 +232,19 @@ pub fn closed_port() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
-/// A CA and a certificate for `localhost` signed by it, written to `dir`. Each has a name
+/// A CA and a certificate for `localhost` and `127.0.0.1` signed by it, written to `dir`. Each has a name
 /// of its own: OpenSSL (redis-server, redis-cli) takes a leaf named as its issuer for
 /// self-signed.
 pub fn test_certificates(
     dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    test_certificates_for(dir, &["localhost", "127.0.0.1"])
+}
+
+/// [`test_certificates`], the server's certificate naming `sans` alone.
+pub fn test_certificates_for(
+    dir: &std::path::Path,
+    sans: &[&str],
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let named = |sans: Vec<String>, name: &str| {
         let mut params = rcgen::CertificateParams::new(sans).unwrap();
@@ -251,12 +259,9 @@ pub fn test_certificates(
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = named(
-        vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
-        "localhost",
-    )
-    .signed_by(&key, &ca, &ca_key)
-    .unwrap();
+    let cert = named(sans.iter().map(|s| s.to_string()).collect(), sans[0])
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
     let files = (
         dir.join("ca.pem"),
         dir.join("cert.pem"),
