@@ -16,7 +16,6 @@ use memchr::memmem;
 use reset_guard::LimitGroup;
 
 use super::access_line::AccessLine;
-use super::summary::Expansion;
 
 /// One charged request as the log tells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +32,11 @@ pub struct LoggedRequest {
     pub email_hash: Option<u64>,
     /// The group that refused it when it was recorded (`outcome: rate_limited`).
     pub recorded_denial: Option<LimitGroup>,
+    /// How many more requests alike its line stands for (a summary line's `count` less
+    /// one; 0 for a line of its own), spread evenly up to `last_ns` (summary.rs).
+    pub more: u32,
+    /// When the last of them arrived (`at_ns` for a line of its own).
+    pub last_ns: u64,
 }
 
 /// What went wrong with one access line.
@@ -60,16 +64,15 @@ pub struct Reader {
     pub bad_lines: Vec<BadLine>,
     bad_lines_total: u64,
     line: u64,
-    /// The rest of the requests of the last summary line read.
-    summarized: Option<Expansion>,
 }
 
 /// Most unreadable lines remembered one by one (the rest are only counted).
 const BAD_LINES_KEPT: usize = 100;
 
 impl Reader {
-    /// Reads every line of `input`, handing each charged request to `each` with the
-    /// client ids seen so far. Fails only when `input` itself cannot be read.
+    /// Reads every line of `input`, handing each charged request (a summary line's as
+    /// one, with the number of requests alike it stands for) to `each` with the client ids
+    /// seen so far. Fails only when `input` itself cannot be read.
     pub fn read_all(
         &mut self,
         mut input: impl BufRead,
@@ -115,13 +118,10 @@ impl Reader {
         }
     }
 
-    /// Reads one line and hands on the requests it stands for.
+    /// Reads one line and hands on the request it stands for.
     fn take(&mut self, line: &[u8], each: &mut impl FnMut(LoggedRequest, &[String])) {
         if let Some(request) = self.line(line) {
             each(request, &self.clients);
-            while let Some(request) = self.summarized() {
-                each(request, &self.clients);
-            }
         }
     }
 
@@ -130,16 +130,9 @@ impl Reader {
         self.bad_lines_total
     }
 
-    /// After [`line`](Self::line) returned the first request of a summary line, the
-    /// others it stands for, one a call.
-    pub fn summarized(&mut self) -> Option<LoggedRequest> {
-        self.summarized.as_mut()?.next()
-    }
-
     /// Reads one line (with or without its newline).
     pub fn line(&mut self, bytes: &[u8]) -> Option<LoggedRequest> {
         self.line += 1;
-        self.summarized = None;
         // Most lines of a busy log are access lines; the rest are cheap to tell apart.
         if !is_access_line(bytes) {
             // Only access lines carry received_at: this one lost its end (a log shipper's
@@ -215,19 +208,20 @@ impl Reader {
             Some(_) => None,
             None => return Err("no outcome".into()),
         };
-        let request = LoggedRequest {
+        let (more, last_ns) = match access.count {
+            Some(count) => super::summary::rest(at_ns, count, access.last_received_at.as_deref())?,
+            None => (0, at_ns),
+        };
+        Ok(Some(LoggedRequest {
             line: self.line,
             at_ns,
             client_ip: client_ip.to_canonical(),
             client,
             email_hash,
             recorded_denial,
-        };
-        if let Some(count) = access.count {
-            let last = access.last_received_at.as_deref();
-            self.summarized = Some(Expansion::new(&request, count, last)?);
-        }
-        Ok(Some(request))
+            more,
+            last_ns,
+        }))
     }
 
     fn client(&mut self, id: &str) -> u32 {

@@ -4,17 +4,13 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::time::Duration;
 
 use reset_guard::internals::{Charge, QuotaOutcome, Recorded, Replay};
 use reset_guard::{GuardSettings, LimitGroup, Quota};
 
 use super::distinct::DistinctKeys;
 use super::reader::LoggedRequest;
-
-/// Log lines are written when requests finish, so a line may follow lines of requests
-/// that arrived after it. Requests are held this long (in log time) to be put in order.
-pub const REORDER_WINDOW: Duration = Duration::from_secs(300);
+use super::summary::Expansion;
 
 /// What one quota made of the replayed traffic.
 #[derive(Debug, Clone)]
@@ -193,54 +189,48 @@ pub struct Simulation {
     pub changes: Vec<Change>,
     /// Requests the recording refused with 429.
     pub recorded_denied: u64,
-    /// Requests that arrived more than [`REORDER_WINDOW`] before one already replayed,
-    /// replayed as if at that later time.
-    pub late: u64,
     /// First and last arrival replayed (nanoseconds since the Unix epoch).
     pub span: Option<(u64, u64)>,
     /// Every request's fate under the proposal, by line, when asked for.
     pub fates: Option<Vec<(u64, Option<LimitGroup>)>>,
     clients: Vec<String>,
-    /// The reorder window: requests that came in arrival order (most of them, so most
-    /// cost no heap operation), and those that came out of it.
+    /// Every line's request, held until the log ends: a line is written when its request
+    /// finishes, so it may follow lines of requests that arrived after it, and the logs of
+    /// several replicas may come one after another (`kubectl logs -l` prints pod by pod).
+    /// They are sorted by arrival then, and replayed from the front. A summary line is held
+    /// as one (about 80 bytes), its other requests made as the replay reaches them.
     in_order: VecDeque<LoggedRequest>,
+    /// The summary lines whose first request was replayed and whose others are not all.
+    expanding: BinaryHeap<Reverse<Expanding>>,
     /// How many requests at the front of `in_order` had their state read ahead.
     prefetched: usize,
-    pending: BinaryHeap<Reverse<Pending>>,
-    newest: u64,
-    replayed_until: u64,
     /// Settings the proposal changes from the current configuration that a replay cannot
     /// model (it reads client IPs, clients and address keys from the log): their keys.
     pub unreplayed: Vec<&'static str>,
 }
 
-/// A request waiting in the reorder window, ordered by arrival (then line).
+/// A summary line's requests still to replay, ordered by the next one's arrival (then
+/// line).
 #[derive(Debug)]
-struct Pending(LoggedRequest);
+struct Expanding(Expansion);
 
-impl Pending {
-    fn order(&self) -> (u64, u64) {
-        (self.0.at_ns, self.0.line)
-    }
-}
-
-impl PartialEq for Pending {
+impl PartialEq for Expanding {
     fn eq(&self, other: &Self) -> bool {
-        self.order() == other.order()
+        self.0.order() == other.0.order()
     }
 }
 
-impl Eq for Pending {}
+impl Eq for Expanding {}
 
-impl PartialOrd for Pending {
+impl PartialOrd for Expanding {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Pending {
+impl Ord for Expanding {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.order().cmp(&other.order())
+        self.0.order().cmp(&other.0.order())
     }
 }
 
@@ -254,15 +244,12 @@ impl Simulation {
             changed: 0,
             changes: Vec::new(),
             recorded_denied: 0,
-            late: 0,
             span: None,
             fates: None,
             clients: Vec::new(),
             in_order: VecDeque::new(),
+            expanding: BinaryHeap::new(),
             prefetched: 0,
-            pending: BinaryHeap::new(),
-            newest: 0,
-            replayed_until: 0,
             unreplayed: Vec::new(),
         }
     }
@@ -273,72 +260,54 @@ impl Simulation {
         self
     }
 
-    /// Takes one logged request; it is replayed once nothing earlier can still follow.
+    /// Takes one logged request; it is replayed by [`finish`](Self::finish), in arrival
+    /// order.
     pub fn push(&mut self, request: LoggedRequest, clients: &[String]) {
         if clients.len() != self.clients.len() {
             self.clients = clients.to_vec();
         }
-        self.newest = self.newest.max(request.at_ns);
-        // Lines come in increasing order, so a request no earlier than the last one in
-        // order sorts after it (arrival, then line) and the queue stays sorted.
-        if self
-            .in_order
-            .back()
-            .is_none_or(|last| request.at_ns >= last.at_ns)
-        {
-            self.in_order.push_back(request);
-        } else {
-            self.pending.push(Reverse(Pending(request)));
-        }
-        let window = REORDER_WINDOW.as_nanos() as u64;
-        while let Some(first) = self.next_waiting() {
-            if first.saturating_add(window) > self.newest {
-                break;
-            }
-            let Some(request) = self.take_first() else {
-                break;
-            };
-            self.replay(request);
-        }
+        self.in_order.push_back(request);
     }
 
-    /// Replays whatever is still held; call once the log is read.
+    /// Replays every request taken, by arrival (then line); call once the log is read.
+    /// The sort is stable and takes runs already in order as they are (one replica's log
+    /// is nearly sorted), so logs one after another cost a merge of them.
     pub fn finish(&mut self) {
+        self.in_order
+            .make_contiguous()
+            .sort_by_key(|request| (request.at_ns, request.line));
         while let Some(request) = self.take_first() {
             self.replay(request);
         }
     }
 
-    /// The arrival time of the earliest request held.
-    fn next_waiting(&self) -> Option<u64> {
-        let queued = self.in_order.front().map(|r| r.at_ns);
-        let heaped = self.pending.peek().map(|Reverse(p)| p.0.at_ns);
-        match (queued, heaped) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// Takes the earliest request held (by arrival, then line).
+    /// Takes the earliest request held (by arrival, then line), the next of a summary
+    /// line's or a line's own.
     fn take_first(&mut self) -> Option<LoggedRequest> {
-        let from_heap = match (self.in_order.front(), self.pending.peek()) {
-            (Some(queued), Some(Reverse(heaped))) => {
-                (heaped.0.at_ns, heaped.0.line) < (queued.at_ns, queued.line)
-            }
+        let from_summary = match (self.in_order.front(), self.expanding.peek()) {
+            (Some(line), Some(Reverse(summary))) => summary.0.order() < (line.at_ns, line.line),
             (None, Some(_)) => true,
             _ => false,
         };
-        if from_heap {
-            self.pending.pop().map(|Reverse(p)| p.0)
-        } else {
-            self.prefetch_ahead();
-            self.prefetched = self.prefetched.saturating_sub(1);
-            self.in_order.pop_front()
+        if from_summary {
+            let Reverse(Expanding(mut expansion)) = self.expanding.pop()?;
+            let request = expansion.next();
+            if !expansion.is_done() {
+                self.expanding.push(Reverse(Expanding(expansion)));
+            }
+            return request;
         }
+        self.prefetch_ahead();
+        self.prefetched = self.prefetched.saturating_sub(1);
+        let request = self.in_order.pop_front()?;
+        if let Some(rest) = Expansion::after(&request) {
+            self.expanding.push(Reverse(Expanding(rest)));
+        }
+        Some(request)
     }
 
     /// Reads ahead the limiter state of the next requests in order, a batch at a time, so
-    /// that their cache misses overlap (requests from the heap, few, are not read ahead).
+    /// that their cache misses overlap.
     fn prefetch_ahead(&mut self) {
         if self.prefetched > PREFETCH / 2 {
             return;
@@ -357,10 +326,6 @@ impl Simulation {
     }
 
     fn replay(&mut self, request: LoggedRequest) {
-        if request.at_ns < self.replayed_until {
-            self.late += 1;
-        }
-        self.replayed_until = self.replayed_until.max(request.at_ns);
         self.span = Some(match self.span {
             None => (request.at_ns, request.at_ns),
             Some((first, last)) => (first.min(request.at_ns), last.max(request.at_ns)),

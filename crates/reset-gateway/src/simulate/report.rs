@@ -119,13 +119,6 @@ pub fn human(simulation: &Simulation, reader: &Reader, names: (&str, Option<&str
             proposed.unknown_beyond
         );
     }
-    if simulation.late > 0 {
-        let _ = writeln!(
-            out,
-            "note: {} requests were logged over 5 minutes out of order and replayed late",
-            simulation.late
-        );
-    }
     if !simulation.unreplayed.is_empty() {
         let _ = writeln!(
             out,
@@ -249,7 +242,6 @@ pub fn json(simulation: &Simulation, reader: &Reader) -> Value {
         json!(simulation.proposed.unknown_beyond),
     );
     object.insert("unreplayed_changes".into(), json!(simulation.unreplayed));
-    object.insert("late".into(), json!(simulation.late));
     if let Some((first, last)) = simulation.span {
         object.insert("first".into(), json!(time_of(first)));
         object.insert("last".into(), json!(time_of(last)));

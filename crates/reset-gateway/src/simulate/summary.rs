@@ -19,35 +19,70 @@ pub(super) fn summary_end(count: u64, last_received_at: Option<&str>) -> Result<
     parse_time(last_received_at.ok_or("a count without last_received_at")?)
 }
 
-/// The requests of one summary line after its first.
+/// A summary line's requests after its first, checked: how many (`count` less one) and
+/// when the last arrived.
+pub(super) fn rest(
+    first_ns: u64,
+    count: u64,
+    last_received_at: Option<&str>,
+) -> Result<(u32, u64), String> {
+    let last_ns = summary_end(count, last_received_at)?;
+    if last_ns < first_ns {
+        return Err("last_received_at is before received_at".into());
+    }
+    let more = u32::try_from(count - 1).map_err(|_| format!("count {count} is too large"))?;
+    Ok((more, last_ns))
+}
+
+/// The requests of one summary line after its first, made one at a time as the replay
+/// reaches them (a flood's summaries stand for millions of requests, which are never
+/// held at once).
 #[derive(Debug)]
 pub(super) struct Expansion {
+    /// The next request (its arrival set), a copy of the first in all else.
     request: LoggedRequest,
     first_ns: u64,
-    span_ns: u64,
+    last_ns: u64,
     count: u64,
+    /// The index of `request` among the line's requests (the first is 0).
     next: u64,
 }
 
 impl Expansion {
-    /// Checks `count` and `last_received_at` of a line whose first request is `first`;
-    /// the rest of the requests it stands for.
-    pub(super) fn new(
-        first: &LoggedRequest,
-        count: u64,
-        last_received_at: Option<&str>,
-    ) -> Result<Self, String> {
-        let last_ns = summary_end(count, last_received_at)?;
-        let span_ns = last_ns
-            .checked_sub(first.at_ns)
-            .ok_or("last_received_at is before received_at")?;
-        Ok(Expansion {
-            request: first.clone(),
+    /// The requests after `first`, if its line stands for more than itself.
+    pub(super) fn after(first: &LoggedRequest) -> Option<Self> {
+        if first.more == 0 {
+            return None;
+        }
+        let mut expansion = Expansion {
+            request: LoggedRequest {
+                more: 0,
+                ..first.clone()
+            },
             first_ns: first.at_ns,
-            span_ns,
-            count,
+            last_ns: first.last_ns,
+            count: u64::from(first.more) + 1,
             next: 1,
-        })
+        };
+        expansion.request.at_ns = expansion.at(1);
+        Some(expansion)
+    }
+
+    /// The arrival of request `i` of the line's, spread evenly from first to last.
+    fn at(&self, i: u64) -> u64 {
+        let span = self.last_ns - self.first_ns;
+        let offset = u128::from(span) * u128::from(i) / u128::from(self.count - 1);
+        self.first_ns + u64::try_from(offset).unwrap_or(span)
+    }
+
+    /// Whether every request was made.
+    pub(super) fn is_done(&self) -> bool {
+        self.next >= self.count
+    }
+
+    /// The next request's arrival, then its line: the order the replay takes requests in.
+    pub(super) fn order(&self) -> (u64, u64) {
+        (self.request.at_ns, self.request.line)
     }
 }
 
@@ -58,10 +93,12 @@ impl Iterator for Expansion {
         if self.next >= self.count {
             return None;
         }
-        let offset = u128::from(self.span_ns) * u128::from(self.next) / u128::from(self.count - 1);
-        self.next += 1;
         let mut request = self.request.clone();
-        request.at_ns = self.first_ns + u64::try_from(offset).unwrap_or(self.span_ns);
+        request.last_ns = request.at_ns;
+        self.next += 1;
+        if self.next < self.count {
+            self.request.at_ns = self.at(self.next);
+        }
         Some(request)
     }
 }
@@ -70,26 +107,29 @@ impl Iterator for Expansion {
 mod tests {
     use super::*;
 
-    fn first() -> LoggedRequest {
-        LoggedRequest {
+    fn first(count: u64, last: Option<&str>) -> Result<LoggedRequest, String> {
+        let (more, last_ns) = rest(1_000, count, last)?;
+        Ok(LoggedRequest {
             line: 7,
             at_ns: 1_000,
             client_ip: "203.0.113.7".parse().unwrap(),
             client: Some(0),
             email_hash: Some(42),
             recorded_denial: None,
-        }
+            more,
+            last_ns,
+        })
     }
 
     #[test]
     fn a_summary_spreads_its_requests_from_first_to_last() {
-        let last = "1970-01-01T00:00:00.000002Z";
-        let rest: Vec<u64> = Expansion::new(&first(), 5, Some(last))
+        let last = Some("1970-01-01T00:00:00.000002Z");
+        let rest: Vec<u64> = Expansion::after(&first(5, last).unwrap())
             .unwrap()
             .map(|r| r.at_ns)
             .collect();
         assert_eq!(rest, [1_250, 1_500, 1_750, 2_000]);
-        assert_eq!(Expansion::new(&first(), 1, Some(last)).unwrap().count(), 0);
+        assert!(Expansion::after(&first(1, last).unwrap()).is_none());
     }
 
     #[test]
@@ -102,10 +142,7 @@ mod tests {
             (3, Some("1970-01-01T00:00:00.0000005Z")),
             (3, Some("yesterday")),
         ] {
-            assert!(
-                Expansion::new(&first(), count, last).is_err(),
-                "{count} {last:?}"
-            );
+            assert!(first(count, last).is_err(), "{count} {last:?}");
         }
     }
 }

@@ -137,9 +137,46 @@ fn lines_are_replayed_in_arrival_order_whatever_order_they_were_written_in() {
         line(2, IP, None, None),
         line(0, IP, None, None),
     ];
-    let (fates, simulation, _) = replay("  per_ip: [{ requests: 2, per: 1h }]\n", &lines);
+    let (fates, _, _) = replay("  per_ip: [{ requests: 2, per: 1h }]\n", &lines);
     assert_eq!(fates, [None, Some(LimitGroup::PerIp), None]);
-    assert_eq!(simulation.late, 0);
+}
+
+#[test]
+fn logs_of_several_replicas_one_after_another_are_replayed_in_arrival_order() {
+    // One replica's log (10:00:00, 10:16:40, 10:33:20), then another's (10:08:20), as
+    // `kubectl logs -l` or `cat` puts them: far more apart than a slow request's line.
+    let lines = [
+        line(0, IP, None, None),
+        line(1000, IP, None, None),
+        line(2000, IP, None, None),
+        line(500, IP, None, None),
+    ];
+    let (fates, simulation, _) = replay("  per_ip: [{ requests: 2, per: 1h }]\n", &lines);
+    // Two an hour, one every 30 minutes: 10:00:00 and 10:08:20 are admitted, 10:16:40 is
+    // the third within the burst and refused, 10:33:20 has had one refilled.
+    assert_eq!(fates, [None, Some(LimitGroup::PerIp), None, None]);
+    assert_eq!(simulation.proposed.denied, 1);
+}
+
+#[test]
+fn a_summary_lines_requests_take_their_turns_among_other_lines() {
+    // Three folded denials from 10:00:00.5 to 10:00:02.5 (so at .5, 1.5 and 2.5), then a
+    // line of its own at 10:00:01.5 from the same address, written later, and one at
+    // 10:00:01.0 written after it.
+    let summary = line(0, IP, None, None).replace(
+        r#""outcome":"forwarded","status":200"#,
+        r#""outcome":"rate_limited","limit":"per_ip","status":429,"count":3,"last_received_at":"2025-03-01T10:00:02.5Z""#,
+    );
+    let mut lines = vec![summary, line(1, IP, None, None)];
+    lines.push(line(1, IP, None, None).replace(":01.5Z", ":01.0Z"));
+    let (fates, simulation, _) = replay("  per_ip: [{ requests: 3, per: 1h }]\n", &lines);
+    // Fates by line, each line's requests in arrival order: the summary's at .5, 1.5 (its
+    // line comes first at that time) and 2.5, the fifth request in all, refused like
+    // the line at 1.5, the fourth; the one at 1.0 is the second.
+    let refused = Some(LimitGroup::PerIp);
+    assert_eq!(fates, [None, None, refused, refused, None]);
+    assert_eq!(simulation.proposed.requests, 5);
+    assert_eq!(simulation.recorded_denied, 3);
 }
 
 #[test]

@@ -168,7 +168,11 @@ async fn a_replay_of_recorded_traffic_decides_as_the_gateway_did() {
                 std::fs::File::open(&log)
                     .map(std::io::BufReader::new)
                     .unwrap(),
-                |r, _| recorded.push((r.line, r.recorded_denial)),
+                |r, _| {
+                    for _ in 0..=r.more {
+                        recorded.push((r.line, r.recorded_denial))
+                    }
+                },
             )
             .unwrap();
         recorded
