@@ -32,22 +32,31 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 use crate::upstream::UpstreamExchange;
 
-/// `log.level` as a filter. The Redis client logs each failed reconnection to a cluster
-/// node, many a second during an outage the gateway already reports once per cause: only
-/// its errors pass, unless the level names it (`info,redis=debug`).
-fn level(log: &LogConfig) -> String {
-    let directives = || log.level.split(',').map(str::trim);
-    let names_redis = directives().any(|d| {
-        let target = d.split('=').next().unwrap_or_default();
-        target == "redis" || target.starts_with("redis::")
-    });
-    // `off` (or `error`) already keeps the client's reconnection messages out.
-    let quiet =
-        directives().any(|d| d.eq_ignore_ascii_case("off") || d.eq_ignore_ascii_case("error"));
-    match names_redis || quiet {
-        true => log.level.clone(),
-        false => format!("{},redis=error", log.level),
+/// `log.level` (or `RUST_LOG`) as a filter. The access log is not the gateway's messages
+/// but its record of requests (what `simulate` replays): a level raised to quiet the
+/// messages (`warn`) keeps it, unless the level names it (`warn,access=off`). The Redis
+/// client logs each failed reconnection to a cluster node, many a second during an outage
+/// the gateway already reports once per cause: only its errors pass, unless the level
+/// names it (`info,redis=debug`).
+fn level(level: &str) -> String {
+    let targets = || {
+        level
+            .split(',')
+            .map(|d| d.trim().split('=').next().unwrap_or_default())
+    };
+    let mut filter = level.to_owned();
+    if !targets().any(|t| t == "access") {
+        filter.push_str(",access=info");
     }
+    let names_redis = targets().any(|t| t == "redis" || t.starts_with("redis::"));
+    // `off` (or `error`) already keeps the client's reconnection messages out.
+    let quiet = level
+        .split(',')
+        .any(|d| d.trim().eq_ignore_ascii_case("off") || d.trim().eq_ignore_ascii_case("error"));
+    if !(names_redis || quiet) {
+        filter.push_str(",redis=error");
+    }
+    filter
 }
 
 /// Installs the global subscriber, writing to stderr through the non-blocking sink
@@ -55,7 +64,8 @@ fn level(log: &LogConfig) -> String {
 /// drop writes out what is queued. Calling it again (tests) is harmless and returns `None`.
 pub fn init(log: &LogConfig) -> Option<LogSink> {
     let (writer, sink) = sink::install(log.format, log.queue_lines)?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level(log)));
+    let level = std::env::var("RUST_LOG").unwrap_or_else(|_| log.level.clone());
+    let filter = EnvFilter::new(self::level(&level));
     // Colour codes only for a person at a terminal: in a file or a log pipeline they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -444,13 +454,7 @@ mod tests {
 
     #[test]
     fn the_redis_client_logs_errors_only_unless_the_level_names_it() {
-        let with = |level: &str| {
-            let log = LogConfig {
-                level: level.to_owned(),
-                ..LogConfig::default()
-            };
-            super::level(&log)
-        };
+        let with = |level: &str| super::level(level).replace(",access=info", "");
         assert_eq!(with("info"), "info,redis=error");
         assert_eq!(
             with("warn,reset_guard::limit::redis=debug"),
@@ -462,5 +466,16 @@ mod tests {
             "info,redis::cluster_async=warn"
         );
         assert_eq!(with("off"), "off");
+    }
+
+    #[test]
+    fn the_access_log_is_kept_at_any_level_unless_the_level_names_it() {
+        assert_eq!(super::level("warn"), "warn,access=info,redis=error");
+        assert_eq!(super::level("off"), "off,access=info");
+        assert_eq!(
+            super::level("warn,access=off"),
+            "warn,access=off,redis=error"
+        );
+        assert_eq!(super::level("access=debug"), "access=debug,redis=error");
     }
 }

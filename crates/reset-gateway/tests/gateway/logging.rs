@@ -221,6 +221,17 @@ async fn a_flood_of_one_address_costs_a_few_lines_a_window_and_still_replays_who
     assert!(reader.bad_lines.is_empty(), "{:?}", reader.bad_lines);
 }
 
+/// The access log is the record of requests, not the gateway's messages: a level raised
+/// to quiet those keeps it, unless the level names it.
+#[tokio::test]
+async fn a_raised_log_level_keeps_the_access_log_unless_it_names_it() {
+    // (The start's "serving" line, which the test waits for, is let through.)
+    let lines = flood(5, "  level: warn,reset_gateway=info\n  denials: full\n").await;
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    let lines = flood(5, "  level: warn,reset_gateway=info,access=off\n").await;
+    assert!(lines.is_empty(), "{lines:?}");
+}
+
 #[tokio::test]
 async fn denials_full_logs_every_denial() {
     let lines = flood(200, "  denials: full\n").await;
