@@ -21,7 +21,8 @@ use crate::request_id::X_REQUEST_ID;
 
 impl UpstreamClient {
     /// Another path under `other_routes: forward`: passed on as it came, less hop-by-hop
-    /// and framing headers, streamed both ways; the timeout covers the answer's head. A
+    /// and framing headers, streamed both ways; the timeout covers the answer's head, and
+    /// then bounds each wait for the body (`StreamedBody`). A
     /// failure of the client's own body is the client's error (400, or 408 when it stalled),
     /// never QuickBlox's.
     pub(super) async fn forward_other(
@@ -79,7 +80,7 @@ impl UpstreamClient {
                 }
                 parts.version = Version::HTTP_11;
                 let status = parts.status;
-                let body = StreamedBody::new(body, lease);
+                let body = StreamedBody::new(body, lease, self.settings.timeout);
                 (
                     Ok(Response::from_parts(parts, GuardBody::inner(body))),
                     Some(status),

@@ -1,26 +1,47 @@
 //! An answer streamed back from QuickBlox on a forwarded route.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use super::pool::Lease;
 
 /// An answer streamed from QuickBlox; its connection goes back to the pool once the
 /// body has been read to its end (servers stop polling a body that says it has ended, so
-/// that is checked after each frame, and when the body is dropped).
+/// that is checked after each frame, and when the body is dropped). A body that sends
+/// nothing for `idle` (QuickBlox sent a head, then stalled) ends with an error, which
+/// closes the client's connection (resets its stream over HTTP/2), as nginx's
+/// `proxy_read_timeout` does: else the client's connection, and its place under
+/// `max_connections`, would be held for as long as QuickBlox's socket stayed open.
 pub struct StreamedBody {
     body: Incoming,
     lease: Option<Lease>,
+    idle: Duration,
+    /// Started when the body is first polled, pushed back by every frame.
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+/// Why a streamed answer ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamedBodyError {
+    #[error("QuickBlox's answer: {0}")]
+    Upstream(#[from] hyper::Error),
+    #[error("QuickBlox sent nothing of its answer's body for {0:?}")]
+    Stalled(Duration),
 }
 
 impl StreamedBody {
-    pub(super) fn new(body: Incoming, lease: Lease) -> Self {
+    pub(super) fn new(body: Incoming, lease: Lease, idle: Duration) -> Self {
         StreamedBody {
             body,
             lease: Some(lease),
+            idle,
+            deadline: None,
         }
     }
 
@@ -41,17 +62,33 @@ impl Drop for StreamedBody {
 
 impl http_body::Body for StreamedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = StreamedBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let frame = Pin::new(&mut self.body).poll_frame(cx);
-        if frame.is_ready() {
-            self.release_if_read();
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, StreamedBodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.release_if_read();
+                if let Some(deadline) = &mut this.deadline {
+                    deadline.as_mut().reset(Instant::now() + this.idle);
+                }
+                Poll::Ready(frame.map(|frame| frame.map_err(StreamedBodyError::from)))
+            }
+            Poll::Pending => {
+                let idle = this.idle;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match deadline.as_mut().poll(cx) {
+                    // The connection is not released: what it would carry next is unknown.
+                    Poll::Ready(()) => Poll::Ready(Some(Err(StreamedBodyError::Stalled(idle)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {

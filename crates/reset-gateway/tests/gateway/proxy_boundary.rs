@@ -22,13 +22,18 @@ const BAD_BODY: &str = r#"{"errors":{"base":["Request body is malformed or cut s
 /// What a hostile upstream tries to slip in as the answer to the client's next request.
 const INJECTED: &str = "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected";
 
-/// An upstream that answers every request head with the same bytes, then closes.
+/// An upstream that answers every request head with the same bytes, then closes (or
+/// keeps the connection open, sending nothing more).
 struct RawUpstream {
     addr: SocketAddr,
 }
 
 impl RawUpstream {
     async fn start(answer: String) -> RawUpstream {
+        Self::start_with(answer, true).await
+    }
+
+    async fn start_with(answer: String, close: bool) -> RawUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -44,7 +49,12 @@ impl RawUpstream {
                         }
                     }
                     let _ = stream.write_all(answer.as_bytes()).await;
-                    let _ = stream.shutdown().await;
+                    if close {
+                        let _ = stream.shutdown().await;
+                    } else {
+                        // Held open until the gateway closes it.
+                        let _ = stream.read(&mut byte).await;
+                    }
                 });
             }
         });
@@ -440,6 +450,43 @@ async fn a_preface_sent_in_pieces_is_served_and_one_never_finished_is_dropped() 
         .expect("the gateway dropped the connection")
         .unwrap();
     assert!(rest.is_empty());
+}
+
+/// QuickBlox sends a forwarded route's answer head and part of its body, then nothing,
+/// its connection left open: the client's connection is closed once the body has been
+/// idle for `upstream.timeout` (400ms here), not held for as long as QuickBlox's is.
+#[tokio::test]
+async fn a_forwarded_answer_whose_body_stalls_is_cut_after_the_upstream_timeout() {
+    let upstream = RawUpstream::start_with(
+        "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"ok\":1}".to_owned(),
+        false,
+    )
+    .await;
+    let gw = gateway_before(&upstream.url(), "  other_routes: forward\n").await;
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client
+        .write_all(b"GET /users.json HTTP/1.1\r\nHost: gateway.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    // A guard against a hang, far beyond the 400ms the gateway is given.
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match client.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the connection was held open");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.ends_with("{\"ok\":1}"),
+        "only what QuickBlox sent: {text}"
+    );
 }
 
 #[tokio::test]
