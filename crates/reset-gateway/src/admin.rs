@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -32,18 +33,32 @@ impl AdminState {
     }
 }
 
+/// Admin connections served at once; more wait in the listen backlog. Probes and
+/// scrapers need a few: without a bound, connections held open there took every file
+/// descriptor the public listener needed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long one admin connection may last, whatever it does: a client that sends
+/// requests and never reads the answers is not dropped by the head's read timeout.
+/// Prometheus and probes open a new one when theirs was closed.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+
 /// Serves the admin endpoints on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(place) = places.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, _) = crate::accept::accept(&listener).await;
         let state = state.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| answer(state.clone(), request));
-            let _ = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(5))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            drop(place);
         });
     }
 }

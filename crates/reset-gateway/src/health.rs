@@ -13,7 +13,7 @@ use crate::config::GatewayConfig;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// `GET /readyz` on the admin listener the configuration at `path` names; `Ok` with the
-/// answer's first line when it is 200, else the reason.
+/// address asked when it answers 200, else the reason.
 pub fn check(path: &Path) -> Result<String, String> {
     let yaml = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -38,7 +38,7 @@ pub fn check(path: &Path) -> Result<String, String> {
     let status_line = answer.lines().next().unwrap_or_default().to_owned();
     let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b.trim());
     if status_line.split(' ').nth(1) == Some("200") {
-        Ok(format!("{addr}: {body}"))
+        Ok(addr.to_string())
     } else {
         Err(format!("{addr}: {status_line}: {body}"))
     }

@@ -11,6 +11,7 @@ pub mod console;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod explain;
+pub mod fd_limit;
 pub mod header_names;
 pub mod health;
 pub mod hop_by_hop;

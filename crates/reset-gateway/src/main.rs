@@ -57,6 +57,7 @@ fn main() -> ExitCode {
             };
             // Kept to the end: dropping it writes out the lines still queued.
             let _log_sink = telemetry::init(&settings.log);
+            reset_gateway::fd_limit::raise_for(settings.server.max_connections);
             let path = cli.config.clone();
             runtime(async move {
                 // Caught before the listeners open, so no signal meets its default action.

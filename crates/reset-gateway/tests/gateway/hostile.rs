@@ -623,3 +623,62 @@ async fn a_stream_never_read_drops_its_connection_however_another_is_read() {
     let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
     assert!(ended.is_ok(), "the parked stream kept its connection");
 }
+
+/// Connections held open on the admin listener are bounded: beyond
+/// `admin::MAX_CONNECTIONS` a connection waits in the backlog (it cannot take the file
+/// descriptors the public listener needs), and is served once one of them closes.
+#[tokio::test]
+async fn admin_connections_beyond_the_bound_wait_for_one_to_close() {
+    let gw = Gateway::start("").await;
+    let mut held = Vec::new();
+    for _ in 0..reset_gateway::admin::MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(gw.admin).await.unwrap());
+    }
+    // Each of those is served (an answer on every one), and kept.
+    for stream in &mut held {
+        let request = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n";
+        stream.write_all(request).await.unwrap();
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200");
+    }
+    let waiting = tokio::spawn(gw_admin_healthz(gw.admin));
+    // Not answered while every place is taken (the held ones' next head may take up to
+    // 5 s to time out), while the public listener serves.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "served beyond the bound");
+    assert_eq!(status_of(&gw, &format!("{GOOD}\r\n")).await, 200);
+    held.pop();
+    let answered = tokio::time::timeout(Duration::from_secs(20), waiting).await;
+    assert_eq!(
+        answered.expect("served once a place was free").unwrap(),
+        200
+    );
+}
+
+async fn gw_admin_healthz(admin: std::net::SocketAddr) -> u16 {
+    raw(
+        admin,
+        b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .status
+}
+
+/// An admin client that sends requests and never reads the answers is not held by the
+/// head's read timeout (the gateway is writing): its connection ends after
+/// `admin::CONNECTION_LIFETIME` (on the test's paused clock).
+#[tokio::test(start_paused = true)]
+async fn an_admin_client_that_never_reads_is_dropped() {
+    let gw = Gateway::start("").await;
+    let mut stream = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let request = b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n".repeat(64);
+    // The gateway's answers fill both sockets' buffers, it stops reading, the writes
+    // wait: until the gateway closes the connection.
+    let lifetime = reset_gateway::admin::CONNECTION_LIFETIME;
+    let writing = async { while stream.write_all(&request).await.is_ok() {} };
+    let closed = tokio::time::timeout(lifetime * 3, writing).await;
+    assert!(closed.is_ok(), "still open after three lifetimes");
+    assert!(started.elapsed() >= reset_gateway::admin::CONNECTION_LIFETIME);
+}

@@ -936,7 +936,7 @@ async fn health_asks_the_admin_listener_the_config_names() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!("ready: {admin}: ready")
+        format!("ready: {admin}")
     );
 }
 
@@ -980,4 +980,54 @@ pub fn access_lines(logs: &[String]) -> Vec<serde_json::Value> {
         .filter(|l| l.contains("\"target\":\"access\""))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// Under an open-file limit that cannot hold `server.max_connections` (here 300 files
+/// for 1000 connections, the hard limit as low), the gateway says so at start, and
+/// serves. Under a soft limit below a higher hard one it raises its own and says nothing.
+#[test]
+fn an_open_file_limit_short_of_max_connections_is_warned_of_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = with_server_keys(
+        &yaml("http://127.0.0.1:9", "", ""),
+        "  max_connections: 1000\n",
+    );
+    let path = write_config(&dir, &yaml);
+    let start_under = |ulimit: &str| {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit {ulimit} && exec \"$0\" --config \"$1\""))
+            .arg(BIN)
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .env("QB_API_KEY", SERVER_KEY)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = Vec::new();
+        for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+            let line = line.unwrap();
+            let serving = line.contains("\"serving\"");
+            lines.push(line);
+            if serving {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        lines
+    };
+    let short = start_under("-n 300");
+    assert!(short.last().unwrap().contains("\"serving\""), "{short:?}");
+    let warning = short
+        .iter()
+        .find(|l| l.contains("fewer files than server.max_connections needs"))
+        .unwrap_or_else(|| panic!("no warning: {short:?}"));
+    assert!(warning.contains("\"open_files\":300"), "{warning}");
+    let raised = start_under("-H -n 4096 && ulimit -S -n 300");
+    assert!(
+        !raised.iter().any(|l| l.contains("max_connections")),
+        "{raised:?}"
+    );
 }
