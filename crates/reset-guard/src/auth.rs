@@ -36,6 +36,32 @@ pub fn presented_token(headers: &HeaderMap) -> Result<&[u8], Rejection> {
     }
 }
 
+/// Removes every `QB-Token` and `Authorization: ApiKey` header that carries a token of
+/// `clients`, from a request passed on to another route: the gateway's credential shares
+/// its header with QuickBlox's session token, and an app that sends it with every request
+/// would otherwise hand it to QuickBlox. QuickBlox's own tokens (any other value) stay.
+pub fn remove_client_tokens(headers: &mut HeaderMap, clients: &ClientRegistry) {
+    for name in [QB_TOKEN, AUTHORIZATION.as_str()] {
+        let is_qb_token = name == QB_TOKEN;
+        let carries_one = |value: &http::HeaderValue| {
+            let token = match is_qb_token {
+                true => Some(trim(value.as_bytes())),
+                false => api_key_token(value.as_bytes()),
+            };
+            token.is_some_and(|t| clients.identify(t).is_some())
+        };
+        let values = headers.get_all(name);
+        if !values.iter().any(carries_one) {
+            continue;
+        }
+        let kept: Vec<_> = values.iter().filter(|v| !carries_one(v)).cloned().collect();
+        headers.remove(name);
+        for value in kept {
+            headers.append(name, value);
+        }
+    }
+}
+
 /// `ApiKey <token>`, scheme case-insensitive. `ApiKey` alone is the scheme with an empty
 /// token (HTTP strips the space after it), which then matches no client, as an empty
 /// `QB-Token` does.

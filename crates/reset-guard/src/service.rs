@@ -84,6 +84,10 @@ macro_rules! guard_service {
                     }
                     Inspection::PassThrough => {
                         let mut request = request;
+                        crate::auth::remove_client_tokens(
+                            request.headers_mut(),
+                            &state.settings.clients,
+                        );
                         if let Some(client) = ClientIp::of(&request, &state.settings.trusted_proxies) {
                             request.extensions_mut().insert(client);
                         }

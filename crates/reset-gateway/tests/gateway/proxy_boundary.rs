@@ -489,6 +489,41 @@ async fn a_forwarded_answer_whose_body_stalls_is_cut_after_the_upstream_timeout(
     );
 }
 
+/// The gateway's own client tokens never reach QuickBlox on a forwarded route (an app may
+/// send its token with every request, in the header QuickBlox reads its session token
+/// from); QuickBlox's own tokens, and other credentials, pass.
+#[tokio::test]
+async fn a_client_token_of_the_gateway_never_crosses_to_quickblox_on_forwarded_routes() {
+    let gw = Gateway::start("  other_routes: forward\n").await;
+    let cases = [
+        (format!("QB-Token: {IOS_TOKEN}"), None),
+        (format!("Authorization: ApiKey  {WEB_TOKEN} "), None),
+        (
+            "QB-Token: a-quickblox-session-token".to_owned(),
+            Some(("qb-token", "a-quickblox-session-token")),
+        ),
+        (
+            format!("Authorization: Bearer {IOS_TOKEN}"),
+            Some(("authorization", "Bearer ios-client-token-1a2b3c")),
+        ),
+    ];
+    for (i, (header, crossed)) in cases.iter().enumerate() {
+        let request = format!(
+            "GET /users.json HTTP/1.1\r\nHost: gateway.test\r\n{header}\r\nConnection: close\r\n\r\n"
+        );
+        raw(gw.addr, request.as_bytes()).await;
+        let seen = &gw.mock.requests()[i].headers;
+        assert!(seen.get("x-forwarded-for").is_some(), "{seen:?}");
+        match crossed {
+            None => {
+                assert!(seen.get("qb-token").is_none(), "{header}: {seen:?}");
+                assert!(seen.get("authorization").is_none(), "{header}: {seen:?}");
+            }
+            Some((name, value)) => assert_eq!(seen[*name], *value, "{header}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn only_end_to_end_headers_cross_to_quickblox_on_forwarded_routes() {
     let gw = Gateway::start("  other_routes: forward\n").await;
