@@ -85,18 +85,26 @@ fn walk_forwarded_for(headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> 
 }
 
 /// One entry: an address, or an address with a port (`192.0.2.1:4711`,
-/// `[2001:db8::1]:4711`), in brackets (`[2001:db8::1]`) or with a zone (`fe80::1%eth0`),
-/// as balancers write them.
+/// `[2001:db8::1]:4711`), in brackets (`[2001:db8::1]`) or with a zone (`fe80::1%eth0`,
+/// `[fe80::1%eth0]:4711`), as balancers write them.
 fn forwarded_address(entry: &str) -> Option<IpAddr> {
     let ip = match entry.parse::<IpAddr>() {
         Ok(ip) => ip,
         Err(_) => match entry.parse::<SocketAddr>() {
             Ok(socket) => socket.ip(),
             Err(_) => {
-                let bare = entry
-                    .strip_prefix('[')
-                    .and_then(|e| e.strip_suffix(']'))
-                    .unwrap_or(entry);
+                // `[fe80::1%eth0]`, `[fe80::1%eth0]:4711`: a zone, which `SocketAddr` does
+                // not read, in brackets, with or without a port.
+                let bare = match entry.strip_prefix('[') {
+                    Some(rest) => {
+                        let (inside, after) = rest.split_once(']')?;
+                        if !after.is_empty() {
+                            after.strip_prefix(':')?.parse::<u16>().ok()?;
+                        }
+                        inside
+                    }
+                    None => entry,
+                };
                 let without_zone = bare.split_once('%').map_or(bare, |(ip, _)| ip);
                 without_zone.parse::<std::net::Ipv6Addr>().ok()?.into()
             }
@@ -197,6 +205,8 @@ mod tests {
             ("[2001:db8::1]:443", "2001:db8::1"),
             ("[2001:db8::1]", "2001:db8::1"),
             ("fe80::1%eth0", "fe80::1"),
+            ("[fe80::1%eth0]", "fe80::1"),
+            ("[fe80::1%eth0]:80", "fe80::1"),
         ] {
             let got = ClientIp::resolve(ip("10.0.0.2"), &xff(&[entry]), &trusted);
             assert_eq!(got.ip(), ip(want));

@@ -151,6 +151,17 @@ impl std::str::FromStr for Cidr {
                 net.addr()
             ));
         }
+        // Peers and forwarded addresses are compared in IPv4 form (an IPv4 client of a
+        // dual-stack listener arrives as `::ffff:a.b.c.d`): a block written in the mapped
+        // form is read as the IPv4 block it is, else it would never match.
+        if let IpNet::V6(v6) = net {
+            if let Some(v4) = v6.addr().to_ipv4_mapped() {
+                // At least /96: a shorter one has host bits set (the `ffff`), refused above.
+                let prefix = v6.prefix_len().saturating_sub(96);
+                let v4 = ipnet::Ipv4Net::new(v4, prefix).map_err(|e| e.to_string())?;
+                return Ok(Cidr(IpNet::V4(v4)));
+            }
+        }
         Ok(Cidr(net))
     }
 }

@@ -94,6 +94,26 @@ fn a_block_with_host_bits_is_refused_with_both_readings() {
     );
 }
 
+/// Peers are compared in IPv4 form, so a block written IPv4-mapped is read as IPv4 (it
+/// would never match otherwise).
+#[test]
+fn an_ipv4_mapped_block_is_read_as_the_ipv4_block() {
+    let cidr = |text: &str| text.parse::<crate::Cidr>().map(|c| c.0.to_string());
+    assert_eq!(cidr("::ffff:127.0.0.1/128").unwrap(), "127.0.0.1/32");
+    assert_eq!(cidr("::ffff:10.0.0.0/104").unwrap(), "10.0.0.0/8");
+    assert_eq!(cidr("::ffff:192.0.2.7").unwrap(), "192.0.2.7/32");
+    assert_eq!(cidr("2001:db8::/32").unwrap(), "2001:db8::/32");
+    // And it matches an IPv4 peer.
+    let trusted = [cidr("::ffff:127.0.0.1/128").unwrap().parse().unwrap()];
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+    let client = crate::ClientIp::resolve("127.0.0.1".parse().unwrap(), &headers, &trusted);
+    assert_eq!(
+        client.ip(),
+        "203.0.113.9".parse::<std::net::IpAddr>().unwrap()
+    );
+}
+
 #[test]
 fn documented_placeholder_tokens_are_refused() {
     let placeholder = TokenDigest::of(b"change-me").to_hex();
