@@ -25,6 +25,13 @@ use crate::proxy_protocol::{self, Failure, ProxyProtocolSettings};
 /// Streams one HTTP/2 connection may have open at once.
 pub(super) const MAX_CONCURRENT_STREAMS: u32 = 32;
 
+/// How long the steps before HTTP (PROXY header, TLS handshake, preface) may take before
+/// an HTTP/1.1 connection's first request head is held to what is left of the deadline:
+/// hyper's own header read timer starts afresh when it begins reading, so a client slow
+/// through those steps and then through its head would get up to twice the timeout. A
+/// connection that gets through them at once (nearly all) costs no timer more.
+const BEFORE_HTTP_SLACK: Duration = Duration::from_millis(20);
+
 /// The HTTP/1.1 and HTTP/2 server settings.
 #[derive(Clone)]
 pub(super) struct Protocols {
@@ -127,8 +134,8 @@ impl Connection {
             None => timeout_at(deadline, preface::read_protocol(stream)).await,
         };
         match sniffed {
-            Ok(Ok((preface::Protocol::Http2, io))) => self.serve_h2(io, client).await,
-            Ok(Ok((preface::Protocol::Http1, io))) => self.serve_h1(io, client).await,
+            Ok(Ok((preface::Protocol::Http2, io))) => self.serve_h2(io, client, deadline).await,
+            Ok(Ok((preface::Protocol::Http1, io))) => self.serve_h1(io, client, deadline).await,
             Ok(Err(error)) => {
                 tracing::debug!(peer = %client, %error, "connection failed before a request")
             }
@@ -147,9 +154,9 @@ impl Connection {
         match timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
                 if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    self.serve_h2(tls, client).await
+                    self.serve_h2(tls, client, deadline).await
                 } else {
-                    self.serve_h1(tls, client).await
+                    self.serve_h1(tls, client, deadline).await
                 }
             }
             Ok(Err(error)) => tracing::debug!(peer = %client, %error, "TLS handshake failed"),
@@ -157,19 +164,45 @@ impl Connection {
         }
     }
 
-    /// HTTP/1.1, every request attributed to `client`.
+    /// HTTP/1.1, every request attributed to `client`; the first request's head must have
+    /// come by `deadline` (set at accept).
     async fn serve_h1<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         self,
         io: I,
         client: SocketAddr,
+        deadline: Instant,
     ) {
         let io = SendTimeout::new(io, self.context.request_timeout);
-        let service = GatewayService::new(self.context, client);
+        let late = deadline + BEFORE_HTTP_SLACK < Instant::now() + self.head_timeout;
+        let first_request = late.then(|| Arc::new(Activity::since(Instant::now())));
+        let mut service = GatewayService::new(self.context, client);
+        if let Some(activity) = &first_request {
+            service = service.counting(activity.clone());
+        }
         let connection = self
             .protocols
             .http1
             .serve_connection(TokioIo::new(io), service);
-        if let Err(error) = self.watcher.watch(connection).await {
+        let connection = self.watcher.watch(connection);
+        let result = match first_request {
+            None => connection.await,
+            Some(activity) => {
+                let no_head_in_time = async {
+                    tokio::time::sleep_until(deadline).await;
+                    if activity.has_begun() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    result = connection => result,
+                    () = no_head_in_time => {
+                        tracing::debug!(peer = %client, "no request within the header read timeout");
+                        return;
+                    }
+                }
+            }
+        };
+        if let Err(error) = result {
             tracing::debug!(peer = %client, %error, "HTTP/1.1 connection ended with an error");
         }
     }
@@ -181,10 +214,14 @@ impl Connection {
         mut self,
         io: I,
         client: SocketAddr,
+        deadline: Instant,
     ) {
         let send_timeout = self.context.request_timeout;
         let io = SendTimeout::new(io, send_timeout);
-        let activity = std::sync::Arc::new(Activity::new());
+        // Idle from the accept: a connection that took its time over the steps before
+        // HTTP/2 has had that much of its header read timeout.
+        let accepted = deadline.checked_sub(self.head_timeout).unwrap_or(deadline);
+        let activity = std::sync::Arc::new(Activity::since(accepted));
         let service = GatewayService::new(self.context, client).counting(activity.clone());
         let connection = self
             .protocols

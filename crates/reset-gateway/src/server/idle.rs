@@ -46,9 +46,10 @@ pub(super) struct Activity {
 }
 
 impl Activity {
-    pub(super) fn new() -> Self {
+    /// A connection's answers, idle from `start` until its first request.
+    pub(super) fn since(start: Instant) -> Self {
         Activity {
-            start: Instant::now(),
+            start,
             open: AtomicUsize::new(0),
             last_done_ms: AtomicU64::new(0),
             waiting: Mutex::new(Vec::new()),
@@ -62,6 +63,11 @@ impl Activity {
 
     fn at(&self, ms: &AtomicU64) -> Instant {
         self.start + Duration::from_millis(ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether any request has begun.
+    pub(super) fn has_begun(&self) -> bool {
+        self.requests.load(Ordering::Relaxed) > 0
     }
 
     /// A request began; it ends when the returned guard is dropped.
@@ -243,7 +249,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_counts_from_the_last_request_and_never_while_one_is_open() {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::since(Instant::now()));
         let start = Instant::now();
         tokio::time::sleep(Duration::from_secs(3)).await;
         let open = activity.begin();
@@ -261,7 +267,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_not_asked_for_more_is_stalled_once_it_has_waited_the_limit() {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::since(Instant::now()));
         let start = Instant::now();
         let open = activity.begin();
         let stalled = tokio::spawn({
@@ -282,7 +288,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn each_answer_waits_on_its_own_clock() {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::since(Instant::now()));
         let start = Instant::now();
         let (read, never_read) = (activity.begin(), activity.begin());
         let stalled = tokio::spawn({

@@ -371,6 +371,42 @@ async fn slowloris_dribbling_a_head_byte_by_byte_is_cut_off() {
     assert!(gw.mock.requests().is_empty());
 }
 
+/// A client silent until just before the header read timeout (1s here), then dribbling
+/// its head, is cut off at that deadline: the time before HTTP counts (hyper's own timer
+/// starts when it begins reading, which alone would give it about twice as long).
+#[tokio::test]
+async fn a_head_begun_late_must_still_end_by_the_header_read_timeout() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml =
+        yaml(&mock.url(), "", "").replace("header_read_timeout: 300ms", "header_read_timeout: 1s");
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    // The first byte tells HTTP/1.1 from HTTP/2; then one byte every 50ms, for up to
+    // three seconds.
+    for byte in GOOD.as_bytes().iter().cycle().take(60) {
+        if stream.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut probe = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(1), stream.peek(&mut probe)).await
+        {
+            break;
+        }
+    }
+    // Cut at 1s, seen within 50ms; a second timeout counted from the head's start
+    // would cut at about 1.9s.
+    let cut_after = started.elapsed();
+    assert!(
+        cut_after < Duration::from_millis(1500),
+        "cut after {cut_after:?}, the limit 1s after the connection opened"
+    );
+    assert!(gw.mock.requests().is_empty());
+}
+
 #[tokio::test]
 async fn a_hanging_quickblox_does_not_hold_up_other_clients() {
     let gw = Gateway::start("").await;
