@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "demo")]
         Command::Demo { listen } => runtime(async move {
             let stop = signal::Terminate::install()?;
-            stop.serve(|drain| reset_gateway::demo::run(listen, drain))
+            stop.serve(|drain, _| reset_gateway::demo::run(listen, drain))
                 .await
         }),
         Command::Run => {
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
                 let app = reset_gateway::build(settings).await?;
                 tokio::spawn(app.reloader(path).watch(hangups));
                 tracing::info!(listen = %app.local_addr(), admin = %app.admin_addr(), "serving");
-                stop.serve(|drain| app.run(drain)).await
+                stop.serve(|drain, now| app.run_until(drain, now)).await
             })
         }
     }

@@ -207,9 +207,20 @@ impl App {
     /// on one thread, with no work stealing or cross-thread wake-ups between them. The
     /// admin listener, reloads and limiter housekeeping stay on the caller's runtime.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.run_until(shutdown, std::future::pending()).await
+    }
+
+    /// [`run`](Self::run), and once `now` completes during the drain, the requests still
+    /// in flight are cut at once, as when the grace runs out (each gets its `cut` line).
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()>,
+        now: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let server = self.settings.server.clone();
         tokio::spawn(admin::serve(self.admin, self.state.clone()));
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (cut, cutting) = tokio::sync::watch::channel(false);
         // max_connections split exactly (3 over 2 workers: 2 and 1); each worker at least 1,
         // or its listener's share of new connections would wait for ever.
         let workers = self.workers.len();
@@ -233,6 +244,7 @@ impl App {
                 grace: server.shutdown_grace,
                 max_connections: share(index),
                 stop: stopped.clone(),
+                cut: cutting.clone(),
             };
             let (done, finish) = tokio::sync::oneshot::channel();
             std::thread::Builder::new()
@@ -255,8 +267,16 @@ impl App {
             "draining connections"
         );
         let _ = stop.send(true);
-        for finish in finished {
-            finish.await.context("a worker thread died")??;
+        let mut now = std::pin::pin!(now);
+        for mut finish in finished {
+            let finished = tokio::select! {
+                finished = &mut finish => finished,
+                () = &mut now => {
+                    let _ = cut.send(true);
+                    finish.await
+                }
+            };
+            finished.context("a worker thread died")??;
         }
         // The denials folded since the last sweep: a recording stays complete.
         self.denials.drain();

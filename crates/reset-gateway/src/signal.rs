@@ -17,6 +17,11 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// How soon after the first stop signal another counts as the same request.
 const SAME_REQUEST: Duration = Duration::from_secs(1);
+/// How long a second stop signal waits for the requests in flight to be cut and logged.
+const CUT_WAIT: Duration = Duration::from_secs(2);
+
+/// A cue to the server: the drain's start, or the cut of what is still in flight.
+pub type Cue = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The signals that stop the gateway, SIGTERM and SIGINT, caught from now on.
 pub struct Terminate {
@@ -34,22 +39,28 @@ impl Terminate {
     }
 
     /// Runs `serve`, handing it a future that completes on the first SIGTERM or SIGINT
-    /// (its cue to drain). A second signal while it drains ends it at once (the operator
-    /// who presses Ctrl-C again means it), unless it comes within a second of the first.
-    pub async fn serve<F>(
-        mut self,
-        serve: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
-    ) -> anyhow::Result<()>
+    /// (its cue to drain), and one that completes on a second (its cue to cut what is still
+    /// in flight). The second ends it at once, with an error, once the cut requests are
+    /// logged (at most two seconds): the operator who presses Ctrl-C again means it. One
+    /// within a second of the first is the same request.
+    pub async fn serve<F>(mut self, serve: impl FnOnce(Cue, Cue) -> F) -> anyhow::Result<()>
     where
         F: Future<Output = anyhow::Result<()>>,
     {
         let (first, drain) = tokio::sync::oneshot::channel::<()>();
-        let serving = serve(Box::pin(async move {
-            let _ = drain.await;
-        }));
+        let (second, now) = tokio::sync::oneshot::channel::<()>();
+        let cue = |received: tokio::sync::oneshot::Receiver<()>| -> Cue {
+            Box::pin(async move {
+                if received.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            })
+        };
+        let serving = serve(cue(drain), cue(now));
+        let mut serving = std::pin::pin!(serving);
         tokio::select! {
-            result = serving => result,
-            name = async {
+            result = &mut serving => result,
+            (name, again) = async {
                 let name = self.next().await;
                 tracing::info!("{name} received");
                 let _ = first.send(());
@@ -60,12 +71,18 @@ impl Terminate {
                     // while the terminal sends its own: a signal that soon is the same
                     // request, not a second one.
                     if drain_began.elapsed() >= SAME_REQUEST {
-                        tracing::warn!("{again} received again: stopping without waiting for the requests in flight");
-                        break again;
+                        tracing::warn!("{again} received after {name}: cutting the requests in flight");
+                        break (name, again);
                     }
                     tracing::info!("{again} received within a second of {name}: the same request, still draining");
                 }
-            } => anyhow::bail!("{name} received twice: stopped without waiting for the requests in flight"),
+            } => {
+                // The requests in flight are cut and logged as such (their lines are the
+                // record `simulate` replays); a server that takes longer is left.
+                let _ = second.send(());
+                let _ = tokio::time::timeout(CUT_WAIT, serving).await;
+                anyhow::bail!("{again} after {name}: stopped without waiting for the requests in flight")
+            }
         }
     }
 

@@ -25,6 +25,8 @@ pub(super) struct Worker {
     pub(super) grace: Duration,
     pub(super) max_connections: usize,
     pub(super) stop: tokio::sync::watch::Receiver<bool>,
+    /// Set when the requests still in flight during the drain are to be cut now.
+    pub(super) cut: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Worker {
@@ -65,11 +67,13 @@ impl Worker {
             });
         }
         drop(listener);
+        let mut cut = self.cut.clone();
         tokio::select! {
             () = graceful.shutdown() => {}
             // Requests still in flight, or an HTTP/2 client that has not acknowledged its
             // GOAWAY: both are cut off.
             () = tokio::time::sleep(self.grace) => tracing::warn!("shutdown grace elapsed with connections still open; closing them"),
+            _ = cut.wait_for(|cut| *cut) => {}
         }
         Ok(())
     }

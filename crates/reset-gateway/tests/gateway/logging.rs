@@ -306,6 +306,47 @@ async fn a_request_whose_client_left_before_its_answer_still_gets_its_line() {
     );
 }
 
+/// A second stop signal during the drain (after the second in which it counts as the
+/// same request) ends the process at once, exit 1, and the request still in flight gets
+/// its `cut` line: the recording keeps it.
+#[tokio::test]
+async fn a_request_cut_by_a_second_stop_signal_still_gets_its_line() {
+    use tokio::io::AsyncWriteExt;
+    let (mut process, mock, _dir) = waiting_on_quickblox("30s").await;
+    let mut client = tokio::net::TcpStream::connect(process.addr).await.unwrap();
+    let request = format!(
+        "GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\n\
+         QB-Token: {IOS_TOKEN}\r\nX-Request-Id: hurried\r\n\r\n"
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    quickblox_has_it(&mock).await;
+    process.signal("TERM");
+    poll_until(
+        500,
+        async || process.logs(),
+        |logs| logs.iter().any(|l| l.contains("draining connections")),
+    )
+    .await;
+    // A signal within a second of the first is the same request.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    process.signal("INT");
+    let ended = tokio::task::spawn_blocking(move || {
+        let status = process.child.wait().unwrap();
+        (status, process.logs_to_end())
+    });
+    let (status, logs) = tokio::time::timeout(std::time::Duration::from_secs(15), ended)
+        .await
+        .expect("the second signal ends the gateway at once, not after the 30 s grace")
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{logs:#?}");
+    let line = cut_line(&logs, "hurried").unwrap_or_else(|| panic!("no line: {logs:#?}"));
+    assert_eq!(line["outcome"], "cut", "{line}");
+    assert!(
+        logs.iter().any(|l| l.contains("SIGINT after SIGTERM")),
+        "{logs:#?}"
+    );
+}
+
 /// A drain whose `shutdown_grace` runs out under a request says so in that request's line.
 #[tokio::test]
 async fn a_request_cut_when_the_drain_runs_out_still_gets_its_line() {
