@@ -7,17 +7,17 @@
 /// admin listener's connections, Redis, the log and the configuration files.
 const HEADROOM: u64 = 256;
 
-/// Raises the open-file limit as far as `max_connections` needs (and the hard limit
-/// allows), and warns when it is short of them: a client connection takes a descriptor, and one more while its
-/// request waits on QuickBlox.
+/// Raises the open-file limit as far as `max_connections` may need (and the hard limit
+/// allows): a client connection takes a descriptor, and one more while its request waits
+/// on QuickBlox. Warns when the limit cannot hold even one each.
 pub fn raise_for(max_connections: usize) {
-    let wanted = (max_connections as u64)
-        .saturating_mul(2)
-        .saturating_add(HEADROOM);
+    let connections = max_connections as u64;
+    let wanted = connections.saturating_mul(2).saturating_add(HEADROOM);
+    let needed = connections.saturating_add(HEADROOM);
     match rlimit::increase_nofile_limit(wanted) {
-        Ok(limit) if limit < wanted => tracing::warn!(
+        Ok(limit) if limit < needed => tracing::warn!(
             open_files = limit,
-            needed = wanted,
+            needed,
             max_connections,
             "the process may open fewer files than server.max_connections needs (a client \
              connection takes one, and one more while its request waits on QuickBlox): raise \

@@ -268,10 +268,12 @@ impl App {
         );
         let _ = stop.send(true);
         let mut now = std::pin::pin!(now);
+        let mut cutting = false;
         for mut finish in finished {
             let finished = tokio::select! {
                 finished = &mut finish => finished,
-                () = &mut now => {
+                () = &mut now, if !cutting => {
+                    cutting = true;
                     let _ = cut.send(true);
                     finish.await
                 }

@@ -744,7 +744,8 @@ async fn a_second_sigterm_while_draining_stops_at_once() {
         .unwrap();
     assert_eq!(status.code(), Some(1), "not a clean drain: {logs:?}");
     assert!(
-        logs.iter().any(|l| l.contains("SIGTERM received again")),
+        logs.iter()
+            .any(|l| l.contains("SIGTERM received after SIGTERM")),
         "{logs:?}"
     );
     repeat.join().unwrap();
