@@ -8,7 +8,7 @@
 //! are missing; it writes that warning straight to the sink, where it cannot be dropped.
 //! Lines that cannot be written at all (the reader of stderr is gone) are counted too.
 
-use std::io::{BufWriter, Stderr, Write};
+use std::io::{Stderr, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -60,13 +60,8 @@ pub(super) fn install(format: LogFormat, queue_lines: usize) -> Option<(NonBlock
     if DROPPED.get().is_some() {
         return None;
     }
-    let drain = Drain {
-        // Lines are flushed at the end of each batch the thread takes from the queue.
-        out: BufWriter::with_capacity(64 * 1024, std::io::stderr()),
-        format,
-        reported: 0,
-        buffered: 0,
-    };
+    // Lines are flushed at the end of each batch the thread takes from the queue.
+    let drain = Drain::new(std::io::stderr(), format, dropped_lines);
     let (writer, worker) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(queue_lines)
@@ -77,53 +72,101 @@ pub(super) fn install(format: LogFormat, queue_lines: usize) -> Option<(NonBlock
     Some((writer, LogSink { _worker: worker }))
 }
 
-/// The draining end: stderr, with a warning of the lines dropped since the last.
-struct Drain {
-    out: BufWriter<Stderr>,
+/// The draining end: stderr, with a warning of the lines dropped since the last warning
+/// that reached it. Lines are gathered in a buffer of its own and written at the end of
+/// each batch (or when it is full); a write that fails (a full disk) loses the buffer,
+/// counted, rather than keeping it to write late (`BufWriter` keeps it, and its lines
+/// would appear long after the warning that counted them lost).
+struct Drain<W: Write = Stderr> {
+    out: W,
+    buffer: Vec<u8>,
+    /// Where each warning in `buffer` starts.
+    warnings: Vec<usize>,
+    /// A failed write left a line cut short in `out`: the next write ends it first, so
+    /// the line after it stays whole.
+    cut_line: bool,
     format: LogFormat,
-    /// Drops already told of.
+    /// Drops told of by the warnings in `buffer` and before.
     reported: u64,
-    /// Lines in `out`'s buffer, not yet known to be written.
-    buffered: u64,
+    /// Drops told of by the warnings known to be written: a warning lost with the buffer
+    /// told nobody, so the next one counts from here.
+    reported_out: u64,
+    /// Every line dropped so far ([`dropped_lines`]).
+    dropped: fn() -> u64,
 }
 
-impl Drain {
-    /// The lines in the buffer (and `more`) are lost: counted, and the error goes no
-    /// further (nobody is left to read it).
-    fn lost(&mut self, more: u64) {
-        UNWRITTEN.fetch_add(self.buffered + more, Ordering::Relaxed);
-        self.buffered = 0;
+/// How much the sink gathers before it writes.
+const BUFFER_BYTES: usize = 64 * 1024;
+
+impl<W: Write> Drain<W> {
+    fn new(out: W, format: LogFormat, dropped: fn() -> u64) -> Self {
+        Drain {
+            out,
+            buffer: Vec::with_capacity(BUFFER_BYTES),
+            warnings: Vec::new(),
+            cut_line: false,
+            format,
+            reported: 0,
+            reported_out: 0,
+            dropped,
+        }
+    }
+
+    /// Writes the buffer out; on failure counts the lines it could not write as dropped
+    /// (the error goes no further: nobody is left to read it).
+    fn write_buffer(&mut self) {
+        if self.cut_line && !self.buffer.is_empty() {
+            self.buffer.insert(0, b'\n');
+            self.warnings.iter_mut().for_each(|at| *at += 1);
+        }
+        let mut written = 0;
+        let failed = loop {
+            if written == self.buffer.len() {
+                break false;
+            }
+            match self.out.write(&self.buffer[written..]) {
+                Ok(0) => break true,
+                Ok(n) => written += n,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break true,
+            }
+        };
+        let failed = failed || self.out.flush().is_err();
+        if failed {
+            // Whole lines not written, and one cut short, less the warnings among them.
+            let unwritten = &self.buffer[written..];
+            let lines = memchr::memchr_iter(b'\n', unwritten).count() as u64;
+            let warnings = self.warnings.iter().filter(|at| **at + 1 > written).count() as u64;
+            UNWRITTEN.fetch_add(lines.saturating_sub(warnings), Ordering::Relaxed);
+            self.reported = self.reported_out;
+            self.cut_line = written > 0 && self.buffer[written - 1] != b'\n';
+        } else {
+            self.reported_out = self.reported;
+            self.cut_line = false;
+        }
+        self.buffer.clear();
+        self.warnings.clear();
     }
 }
 
-impl Write for Drain {
+impl<W: Write> Write for Drain<W> {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        let dropped = dropped_lines();
+        let dropped = (self.dropped)();
         if dropped > self.reported {
             let notice = notice(self.format, dropped - self.reported, dropped);
             self.reported = dropped;
-            if self.out.write_all(notice.as_bytes()).is_err() {
-                self.lost(1);
-                return Ok(line.len());
-            }
+            self.warnings.push(self.buffer.len());
+            self.buffer.extend_from_slice(notice.as_bytes());
         }
-        // Flushed here rather than inside write_all, so that the lines known to be buffered
-        // are the ones a failed flush loses.
-        if self.out.buffer().len() + line.len() > self.out.capacity() {
-            self.flush()?;
+        if self.buffer.len() + line.len() > BUFFER_BYTES {
+            self.write_buffer();
         }
-        match self.out.write_all(line) {
-            Ok(()) => self.buffered += 1,
-            Err(_) => self.lost(1),
-        }
+        self.buffer.extend_from_slice(line);
         Ok(line.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        match self.out.flush() {
-            Ok(()) => self.buffered = 0,
-            Err(_) => self.lost(0),
-        }
+        self.write_buffer();
         Ok(())
     }
 }
@@ -148,6 +191,81 @@ fn notice(format: LogFormat, dropped: u64, dropped_total: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+
+    /// A disk that fills up (at once, or after `room` more bytes) and is freed again.
+    #[derive(Clone, Default)]
+    struct Disk {
+        full: Arc<AtomicBool>,
+        room: Arc<Mutex<Option<usize>>>,
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Disk {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let mut room = self.room.lock().unwrap();
+            if self.full.load(Ordering::Relaxed) || *room == Some(0) {
+                return Err(std::io::Error::other("no space left on device"));
+            }
+            let n = room.map_or(bytes.len(), |room| room.min(bytes.len()));
+            *room = room.map(|room| room - n);
+            self.written.lock().unwrap().extend_from_slice(&bytes[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    static QUEUE_DROPS: AtomicU64 = AtomicU64::new(0);
+
+    fn drops() -> u64 {
+        QUEUE_DROPS.load(Ordering::Relaxed) + UNWRITTEN.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_warning_lost_on_a_full_disk_is_counted_in_the_next_one() {
+        let disk = Disk::default();
+        let mut drain = Drain::new(disk.clone(), LogFormat::Json, drops);
+        let before = drops();
+        QUEUE_DROPS.fetch_add(5, Ordering::Relaxed);
+        disk.full.store(true, Ordering::Relaxed);
+        // The warning of 5 and the line after it are buffered, and lost with the flush.
+        drain.write_all(b"{\"line\":1}\n").unwrap();
+        drain.flush().unwrap();
+        assert!(disk.written.lock().unwrap().is_empty());
+        disk.full.store(false, Ordering::Relaxed);
+        drain.write_all(b"{\"line\":2}\n").unwrap();
+        drain.flush().unwrap();
+        let written = String::from_utf8(disk.written.lock().unwrap().clone()).unwrap();
+        let warning: serde_json::Value =
+            serde_json::from_str(written.lines().next().unwrap()).unwrap();
+        // The 5 the queue dropped and the line lost on the full disk: none was told of.
+        assert_eq!(
+            warning["dropped"].as_u64(),
+            Some(drops() - before),
+            "{written}"
+        );
+        assert_eq!(drops() - before, 6);
+        assert_eq!(written.lines().nth(1), Some("{\"line\":2}"));
+    }
+
+    #[test]
+    fn a_line_cut_short_by_a_full_disk_leaves_the_next_lines_whole() {
+        let disk = Disk::default();
+        let mut drain = Drain::new(disk.clone(), LogFormat::Json, || 0);
+        *disk.room.lock().unwrap() = Some(15);
+        drain.write_all(b"{\"line\":1}\n").unwrap();
+        drain.write_all(b"{\"line\":2}\n").unwrap();
+        drain.flush().unwrap();
+        *disk.room.lock().unwrap() = None;
+        drain.write_all(b"{\"line\":3}\n").unwrap();
+        drain.flush().unwrap();
+        let written = String::from_utf8(disk.written.lock().unwrap().clone()).unwrap();
+        assert_eq!(written, "{\"line\":1}\n{\"li\n{\"line\":3}\n");
+    }
 
     #[test]
     fn the_notice_is_a_json_line_like_the_others() {
