@@ -147,7 +147,11 @@ fn spoken(duration: Duration) -> String {
         }
     }
     if parts.is_empty() {
-        return format!("{} microseconds", duration.as_micros().max(1));
+        let (n, unit) = match duration.as_micros() {
+            0 => (duration.as_nanos().max(1), "nanosecond"),
+            micros => (micros, "microsecond"),
+        };
+        return format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
     }
     parts.join(" ")
 }
@@ -205,5 +209,15 @@ mod tests {
 ",
         );
         assert!(text.contains("one every 16.7 milliseconds"), "{text}");
+        for (quota, pace) in [
+            ("1000000, per: 1s", "one every microsecond"),
+            ("200000, per: 1s", "one every 5 microseconds"),
+            ("4294967295, per: 1h", "one every 838 nanoseconds"),
+        ] {
+            let text = explained(&format!(
+                "  per_ip: []\n  per_client: []\n  per_email: []\n  global: [{{ requests: {quota} }}]\n"
+            ));
+            assert!(text.contains(pace), "{quota}: {text}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use reset_guard::LimitGroup;
 use serde_json::{json, Value};
 
 use super::reader::Reader;
-use super::replay::{Simulation, Tally};
+use super::replay::{QuotaTally, Simulation, Tally};
 use crate::explain::written_duration;
 
 fn time_of(ns: u64) -> String {
@@ -58,9 +58,21 @@ pub fn human(simulation: &Simulation, reader: &Reader, names: (&str, Option<&str
         }
     }
     let _ = writeln!(out);
+    let mut tallies = vec![("proposed", proposed)];
+    if let Some(current) = &simulation.current {
+        tallies.push(("current", current));
+    }
+    // As wide as the widest quota and burst (a quota of millions a second is 7 digits).
+    let quotas = || tallies.iter().flat_map(|(_, tally)| &tally.quotas);
+    let widths = (
+        quotas().map(|q| quota_text(q).len()).fold(8, usize::max),
+        quotas()
+            .map(|q| q.quota.burst.to_string().len())
+            .fold(6, usize::max),
+    );
     let _ = writeln!(
         out,
-        "{:<9} {:<10} {:<8} {:>6} {:>6} {:>9} {:>10} {:>13} {:>9}",
+        "{:<9} {:<10} {:<q$} {:>b$} {:>6} {:>9} {:>10} {:>13} {:>9}",
         "config",
         "group",
         "quota",
@@ -69,15 +81,13 @@ pub fn human(simulation: &Simulation, reader: &Reader, names: (&str, Option<&str
         "seen",
         "would deny",
         "distinct keys",
-        "peak use"
+        "peak use",
+        q = widths.0,
+        b = widths.1,
     );
-    let mut tallies = vec![("proposed", proposed)];
-    if let Some(current) = &simulation.current {
-        tallies.push(("current", current));
-    }
     for group in LimitGroup::ALL {
         for (config, tally) in &tallies {
-            table_rows(&mut out, config, tally, group);
+            table_rows(&mut out, config, tally, group, widths);
         }
     }
     let _ = writeln!(out);
@@ -165,18 +175,29 @@ fn by_group(tally: &Tally) -> String {
     }
 }
 
-fn table_rows(out: &mut String, config: &str, tally: &Tally, group: LimitGroup) {
+/// `3/1h`, as the quota column shows it.
+fn quota_text(quota: &QuotaTally) -> String {
+    format!(
+        "{}/{}",
+        quota.quota.requests,
+        written_duration(quota.quota.per)
+    )
+}
+
+fn table_rows(
+    out: &mut String,
+    config: &str,
+    tally: &Tally,
+    group: LimitGroup,
+    (quota_width, burst_width): (usize, usize),
+) {
     for quota in tally.quotas.iter().filter(|q| q.group == group) {
         let _ = writeln!(
             out,
-            "{:<9} {:<10} {:<8} {:>6} {:>6} {:>9} {:>10} {:>13} {:>8.0}%",
+            "{:<9} {:<10} {:<quota_width$} {:>burst_width$} {:>6} {:>9} {:>10} {:>13} {:>8.0}%",
             config,
             group.name(),
-            format!(
-                "{}/{}",
-                quota.quota.requests,
-                written_duration(quota.quota.per)
-            ),
+            quota_text(quota),
             quota.quota.burst,
             if quota.quota.shadow { "yes" } else { "no" },
             quota.seen,

@@ -142,6 +142,30 @@ fn lines_are_replayed_in_arrival_order_whatever_order_they_were_written_in() {
 }
 
 #[test]
+fn the_table_is_as_wide_as_its_widest_quota() {
+    let lines = [line(0, IP, Some("ios"), Some(7))];
+    let (_, simulation, reader) = replay(
+        "  per_ip: [{ requests: 20, per: 1m }]\n  global: [{ requests: 12345678, per: 1s, burst: 99999999 }]\n",
+        &lines,
+    );
+    let table = super::report::human(&simulation, &reader, ("proposed.yaml", None));
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("config") || l.starts_with("proposed  "))
+        .collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    // The shadow column ends at the same place on every row.
+    let ends: Vec<usize> = rows
+        .iter()
+        .map(|row| {
+            row.find(" shadow")
+                .map_or_else(|| row.find(" no ").unwrap() + 3, |at| at + 7)
+        })
+        .collect();
+    assert!(ends.iter().all(|end| *end == ends[0]), "{table}");
+}
+
+#[test]
 fn logs_of_several_replicas_one_after_another_are_replayed_in_arrival_order() {
     // One replica's log (10:00:00, 10:16:40, 10:33:20), then another's (10:08:20), as
     // `kubectl logs -l` or `cat` puts them: far more apart than a slow request's line.
