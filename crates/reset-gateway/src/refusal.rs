@@ -10,8 +10,9 @@ use http::{HeaderValue, Response, StatusCode};
 /// exchange (or the handler's own timeout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    /// An HTTP/1.1 request without exactly one Host header (RFC 9112 §3.2).
-    #[error("HTTP/1.1 request without exactly one Host header")]
+    /// A request with more than one Host header or one that names no host, or an
+    /// HTTP/1.1 request without one (RFC 9112 §3.2).
+    #[error("request without exactly one valid Host header")]
     HostRequired,
     /// A request target longer than `server.max_uri_bytes`.
     #[error("request target too long")]

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::client_ip::ClientIp;
 use crate::config::GuardSettings;
 use crate::limit::{LimitGroup, Limiter, Quota};
 use crate::secret::ApiKey;
@@ -78,6 +79,14 @@ impl GuardHandle {
             return store.errors();
         }
         0
+    }
+
+    /// The client behind `peer`, by the trusted proxies in force: for what is answered
+    /// before the guard sees a request (a malformed one), so that its log line names the
+    /// client the limits would.
+    pub fn client_ip(&self, peer: std::net::IpAddr, headers: &http::HeaderMap) -> ClientIp {
+        let state = self.core.current.load();
+        ClientIp::resolve(peer, headers, &state.settings.trusted_proxies)
     }
 
     /// The settings in force.

@@ -42,8 +42,10 @@ pub(super) struct WorkerContext {
     pub(super) state: Arc<AdminState>,
 }
 
-/// Requests a careful HTTP server refuses before looking at what they ask: an HTTP/1.1
-/// request without exactly one Host (RFC 9112 §3.2), or a target longer than `max_uri`.
+/// Requests a careful HTTP server refuses before looking at what they ask (RFC 9112
+/// §3.2): more than one Host, a Host that is no host (`a b`, `a/b`), an HTTP/1.1 request
+/// without one (unless its target names the host: absolute-form, as nginx takes it); or a
+/// target longer than `max_uri`.
 fn malformed<B>(request: &Request<B>, max_uri: usize) -> Option<Refusal> {
     let uri_len = request
         .uri()
@@ -52,13 +54,48 @@ fn malformed<B>(request: &Request<B>, max_uri: usize) -> Option<Refusal> {
     if uri_len > max_uri {
         return Some(Refusal::TargetTooLong);
     }
-    if request.version() == http::Version::HTTP_11 && request.uri().authority().is_none() {
-        let mut hosts = request.headers().get_all(http::header::HOST).iter();
-        if hosts.next().is_none() || hosts.next().is_some() {
-            return Some(Refusal::HostRequired);
+    let mut hosts = request.headers().get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some(Refusal::HostRequired),
+        (Some(host), None) if !is_host(host.as_bytes()) => Some(Refusal::HostRequired),
+        (None, _)
+            if request.version() == http::Version::HTTP_11
+                && request.uri().authority().is_none() =>
+        {
+            Some(Refusal::HostRequired)
         }
+        _ => None,
     }
-    None
+}
+
+/// Whether a Host value is `uri-host [ ":" port ]` as far as its bytes go: a registered
+/// name, an IPv4 address or a bracketed IPv6 one (RFC 3986's unreserved, sub-delims,
+/// percent-encoding, `:` and brackets). Empty is allowed (RFC 9112 §3.2).
+fn is_host(value: &[u8]) -> bool {
+    value.iter().all(|b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
 }
 
 /// One connection's view of the gateway.
@@ -114,8 +151,13 @@ async fn handle(
     let received = std::time::SystemTime::now();
     let id = request_id::resolve(request.headers());
     // A refusal made here, before the guard: a malformed request, or one out of time.
+    let mut refused_client = None;
     let (mut response, refused) = match malformed(&request, context.max_uri_bytes) {
-        Some(refusal) => (refusal.to_response().map(GuardBody::full), Some(refusal)),
+        Some(refusal) => {
+            let client = context.state.guard.client_ip(peer.ip(), request.headers());
+            refused_client = Some(client);
+            (refusal.to_response().map(GuardBody::full), Some(refusal))
+        }
         None => {
             request.headers_mut().insert(X_REQUEST_ID, id.clone());
             request.extensions_mut().insert(PeerAddr(peer));
@@ -142,7 +184,7 @@ async fn handle(
         duration: started.elapsed(),
         guarded: extensions.get::<GuardedRequest>(),
         attribution: extensions.get::<Attribution>(),
-        client: extensions.get::<ClientIp>(),
+        client: extensions.get::<ClientIp>().or(refused_client.as_ref()),
         rejection: extensions.get::<Rejection>(),
         cut: false,
         refusal: refused.or(upstream.and_then(|u| u.refusal)),

@@ -26,11 +26,23 @@ async fn smuggling_attempts_are_refused_and_never_reach_quickblox() {
         ("CR inside the query", "GET /users/password/reset.json?email=al\rice HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_owned()),
         ("no Host on HTTP/1.1", "GET /users/password/reset.json?email=alice%40example.com HTTP/1.1\r\nQB-Token: ios-client-token-1a2b3c\r\nConnection: close\r\n\r\n".to_owned()),
         ("two Host headers", format!("{GOOD}Host: y\r\nConnection: close\r\n\r\n")),
+        ("two Host headers, absolute-form", "GET http://x/users/password/reset.json?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nHost: y\r\nQB-Token: ios-client-token-1a2b3c\r\nConnection: close\r\n\r\n".to_owned()),
+        ("a Host with a space", GOOD.replace("Host: x", "Host: a b") + "Connection: close\r\n\r\n"),
+        ("a Host with a path", GOOD.replace("Host: x", "Host: a/b?c") + "Connection: close\r\n\r\n"),
     ];
     for (what, request) in cases {
         assert_eq!(status_of(&gw, &request).await, 400, "{what}");
     }
     assert!(gw.mock.requests().is_empty());
+    // A target that names the host needs no Host (as nginx takes it); a port, an IPv6
+    // literal and an empty Host are hosts.
+    let absolute = "GET http://x/users/password/reset.json?email=alice%40example.com HTTP/1.1\r\nQB-Token: ios-client-token-1a2b3c\r\nConnection: close\r\n\r\n";
+    assert_eq!(status_of(&gw, absolute).await, 200);
+    for host in ["x:8080", "[2001:db8::1]:443", ""] {
+        let request =
+            GOOD.replace("Host: x", &format!("Host: {host}")) + "Connection: close\r\n\r\n";
+        assert_eq!(status_of(&gw, &request).await, 200, "{host:?}");
+    }
     // Identical duplicates of Content-Length: 0 carry no body and are harmless.
     let same = format!("{GOOD}Content-Length: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     assert_eq!(status_of(&gw, &same).await, 200);

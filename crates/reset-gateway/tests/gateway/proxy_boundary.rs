@@ -577,12 +577,18 @@ async fn behind_a_trusted_proxy_other_paths_name_the_client_it_forwarded_for() {
     // Answered by the guard before any limit: a spelling of the reset path, a method.
     assert_eq!(status("GET", "/users//password/reset.json").await, 404);
     assert_eq!(status("POST", "/users/password/reset.json").await, 405);
+    // Refused by the gateway before the guard: a target too long, no Host.
+    let long = format!("/users.json?{}", "x".repeat(9000));
+    assert_eq!(status("GET", &long).await, 414);
+    let no_host =
+        "GET /users.json HTTP/1.1\r\nX-Forwarded-For: 198.51.100.9\r\nConnection: close\r\n\r\n";
+    assert_eq!(raw(gw.addr, no_host.as_bytes()).await.status, 400);
 
     // QuickBlox is told of the client first, then of the proxy; never of what the client wrote.
     let seen = &mock.requests()[0].headers;
     assert_eq!(seen["x-forwarded-for"], "198.51.100.9, 127.0.0.1");
-    let access = gw.access_lines_once(3).await;
-    assert_eq!(access.len(), 3, "{access:#?}");
+    let access = gw.access_lines_once(5).await;
+    assert_eq!(access.len(), 5, "{access:#?}");
     for line in access {
         assert_eq!(line["client_ip"], "198.51.100.9", "{line}");
     }
