@@ -22,6 +22,11 @@ pub enum Refusal {
     /// would reach QuickBlox as something else.
     #[error("CONNECT or asterisk-form request on a forwarded route")]
     NotProxied,
+    /// On a forwarded route, a request body sent with a transfer coding other than
+    /// `chunked` (`gzip, chunked`): re-framed for QuickBlox, its coding would be lost and
+    /// the bytes passed on as if plain (nginx answers 501 too).
+    #[error("request body in a transfer coding other than chunked")]
+    TransferCodingUnsupported,
     /// A forwarded request's body was broken by the client (bad chunk framing, cut short
     /// before its length): the client's fault, not QuickBlox's.
     #[error("request body malformed or cut short")]
@@ -39,10 +44,11 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every label [`outcome`](Refusal::outcome) gives, for counters made ahead of use.
-    pub const OUTCOMES: [&'static str; 7] = [
+    pub const OUTCOMES: [&'static str; 8] = [
         "host_required",
         "target_too_long",
         "not_proxied",
+        "transfer_coding_unsupported",
         "client_body_invalid",
         "client_body_timeout",
         "upstream_unavailable",
@@ -56,6 +62,7 @@ impl Refusal {
                 StatusCode::BAD_REQUEST
             }
             Refusal::TargetTooLong => StatusCode::URI_TOO_LONG,
+            Refusal::TransferCodingUnsupported => StatusCode::NOT_IMPLEMENTED,
             Refusal::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -64,11 +71,13 @@ impl Refusal {
 
     /// A short label for logs and metrics.
     pub fn outcome(self) -> &'static str {
-        let [host, target, not_proxied, body, body_timeout, unavailable, timeout] = Self::OUTCOMES;
+        let [host, target, not_proxied, coding, body, body_timeout, unavailable, timeout] =
+            Self::OUTCOMES;
         match self {
             Refusal::HostRequired => host,
             Refusal::TargetTooLong => target,
             Refusal::NotProxied => not_proxied,
+            Refusal::TransferCodingUnsupported => coding,
             Refusal::ClientBodyInvalid => body,
             Refusal::ClientBodyTimeout => body_timeout,
             Refusal::UpstreamUnavailable => unavailable,
@@ -85,6 +94,9 @@ impl Refusal {
             Refusal::TargetTooLong => r#"{"errors":{"base":["Request target too long"]}}"#,
             Refusal::NotProxied => {
                 r#"{"errors":{"base":["CONNECT and asterisk-form requests are not proxied"]}}"#
+            }
+            Refusal::TransferCodingUnsupported => {
+                r#"{"errors":{"base":["Transfer codings other than chunked are not supported"]}}"#
             }
             Refusal::ClientBodyInvalid => {
                 r#"{"errors":{"base":["Request body is malformed or cut short"]}}"#
@@ -117,9 +129,11 @@ impl Refusal {
 mod tests {
     use super::*;
 
-    const ALL: [Refusal; 6] = [
+    const ALL: [Refusal; 8] = [
         Refusal::HostRequired,
         Refusal::TargetTooLong,
+        Refusal::NotProxied,
+        Refusal::TransferCodingUnsupported,
         Refusal::ClientBodyInvalid,
         Refusal::ClientBodyTimeout,
         Refusal::UpstreamUnavailable,

@@ -41,6 +41,9 @@ impl UpstreamClient {
         if parts.method == Method::CONNECT || authority_form || !path.starts_with('/') {
             return (Err(Refusal::NotProxied), None);
         }
+        if !only_chunked(&parts.headers) {
+            return (Err(Refusal::TransferCodingUnsupported), None);
+        }
         let Ok(uri) = Uri::try_from(format!("{}{}", self.prefix, path)) else {
             return (Err(Refusal::UpstreamUnavailable), None);
         };
@@ -60,6 +63,10 @@ impl UpstreamClient {
         *upstream.headers_mut() = parts.headers;
         match timeout(self.settings.timeout, self.pool.send(upstream, None)).await {
             Ok(Ok((response, _))) if !is_final(response.status()) => {
+                (Err(Refusal::UpstreamUnavailable), Some(response.status()))
+            }
+            // A body in a coding the gateway would drop when it frames the answer anew.
+            Ok(Ok((response, _))) if !only_chunked(response.headers()) => {
                 (Err(Refusal::UpstreamUnavailable), Some(response.status()))
             }
             Ok(Ok((response, lease))) => {
@@ -91,4 +98,18 @@ impl UpstreamClient {
             Err(_) => (Err(Refusal::UpstreamTimeout), None),
         }
     }
+}
+
+/// Whether every transfer coding named is `chunked` (or none is): hyper decodes that
+/// framing and the other side gets the body framed anew; any other coding (`gzip`) would
+/// be lost on the way, the bytes passed on as if plain.
+fn only_chunked(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|b| *b == b','))
+        .all(|coding| {
+            let coding = coding.trim_ascii();
+            coding.is_empty() || coding.eq_ignore_ascii_case(b"chunked")
+        })
 }

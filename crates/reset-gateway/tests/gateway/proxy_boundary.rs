@@ -452,6 +452,36 @@ async fn a_preface_sent_in_pieces_is_served_and_one_never_finished_is_dropped() 
     assert!(rest.is_empty());
 }
 
+/// A body in a transfer coding other than chunked would lose its coding when the gateway
+/// frames it anew, and reach the other side as if plain: a client's is refused with 501
+/// (as nginx does), QuickBlox's answered as a bad gateway.
+#[tokio::test]
+async fn transfer_codings_other_than_chunked_are_refused_both_ways() {
+    let gw = Gateway::start("  other_routes: forward\n").await;
+    let request = "POST /users.json HTTP/1.1\r\nHost: gateway.test\r\n\
+                   Transfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let reply = raw(gw.addr, request.as_bytes()).await;
+    assert_eq!(reply.status, 501, "{reply:?}");
+    assert!(gw.mock.requests().is_empty());
+    // Chunked alone, in any case, is passed on.
+    let chunked = request.replace("gzip, chunked", "Chunked");
+    assert_ne!(raw(gw.addr, chunked.as_bytes()).await.status, 501);
+
+    let upstream = RawUpstream::start(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nnot plain"
+            .to_owned(),
+    )
+    .await;
+    let gw = gateway_before(&upstream.url(), "  other_routes: forward\n").await;
+    let reply = raw(
+        gw.addr,
+        b"GET /users.json HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 502, "{reply:?}");
+    assert!(!reply.body.contains("not plain"), "{reply:?}");
+}
+
 /// QuickBlox sends a forwarded route's answer head and part of its body, then nothing,
 /// its connection left open: the client's connection is closed once the body has been
 /// idle for `upstream.timeout` (400ms here), not held for as long as QuickBlox's is.
