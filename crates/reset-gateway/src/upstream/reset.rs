@@ -147,8 +147,11 @@ fn keep_answer_headers(headers: &mut HeaderMap) {
     if headers.keys().all(|name| ANSWER_HEADERS.contains(name)) {
         return;
     }
+    // What QuickBlox's own Connection header names is hop-by-hop, whatever its name.
+    let hop_named: Vec<_> = connection_named(headers).collect();
     let kept: Vec<_> = ANSWER_HEADERS
         .iter()
+        .filter(|name| !hop_named.contains(name))
         .flat_map(|name| {
             headers
                 .get_all(name)

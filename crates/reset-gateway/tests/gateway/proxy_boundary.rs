@@ -452,6 +452,25 @@ async fn a_preface_sent_in_pieces_is_served_and_one_never_finished_is_dropped() 
     assert!(rest.is_empty());
 }
 
+/// A header QuickBlox's answer names in its own Connection header is hop-by-hop: not
+/// passed to the client even where the reset's answer would keep it.
+#[tokio::test]
+async fn headers_quickbloxs_connection_names_stay_behind_on_the_reset_path() {
+    let upstream = RawUpstream::start(
+        "HTTP/1.1 200 OK\r\nConnection: Content-Language\r\nContent-Language: de\r\n\
+         Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+            .to_owned(),
+    )
+    .await;
+    let gw = gateway_before(&upstream.url(), "  responses:\n    uniform: false\n").await;
+    let reply = gw
+        .reset("email=alice%40example.com", &[("QB-Token", IOS_TOKEN)])
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.header("content-language").is_none(), "{reply:?}");
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+}
+
 /// A body in a transfer coding other than chunked would lose its coding when the gateway
 /// frames it anew, and reach the other side as if plain: a client's is refused with 501
 /// (as nginx does), QuickBlox's answered as a bad gateway.
