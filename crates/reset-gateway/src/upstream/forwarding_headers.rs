@@ -14,6 +14,19 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// The client address as some servers read it, which a client could fill with anything.
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
+/// The client address as CDNs and balancers name it (Akamai and Cloudflare Enterprise's
+/// `True-Client-IP`, Cloudflare's, Fastly's, and others'): set by them in front of a
+/// server that trusts them, and forged by anyone else. The gateway is the edge here, so a
+/// client's never reaches QuickBlox.
+const CLIENT_IP_HEADERS: [HeaderName; 6] = [
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("fastly-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("x-original-forwarded-for"),
+];
+
 /// The chain sent upstream: the peer, preceded by the client when it came through trusted
 /// proxies (the guard resolved a client other than the peer). Nothing the client wrote is
 /// passed on: a chain copied whole carried its forged entries to the left, where a reader
@@ -33,7 +46,10 @@ pub(super) fn replace_forwarding(
     peer: Option<IpAddr>,
     client: Option<IpAddr>,
 ) {
-    for spoofable in [&X_FORWARDED_FOR, &FORWARDED, &X_REAL_IP] {
+    for spoofable in [&X_FORWARDED_FOR, &FORWARDED, &X_REAL_IP]
+        .into_iter()
+        .chain(&CLIENT_IP_HEADERS)
+    {
         headers.remove(spoofable);
     }
     let chain = peer.and_then(|peer| forwarded_for(Some(peer), client.unwrap_or(peer)));

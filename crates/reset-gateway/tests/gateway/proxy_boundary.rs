@@ -579,7 +579,8 @@ async fn only_end_to_end_headers_cross_to_quickblox_on_forwarded_routes() {
     let request = "POST /users.json HTTP/1.1\r\nHost: gateway.test\r\n\
                    Connection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
                    Expect: 100-continue\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\
-                   X-Forwarded-For: 6.6.6.6\r\nX-Kept: 1\r\nContent-Length: 5\r\n\r\nhello";
+                   X-Forwarded-For: 6.6.6.6\r\nTrue-Client-IP: 6.6.6.6\r\nCF-Connecting-IP: 6.6.6.6\r\n\
+                   X-Kept: 1\r\nContent-Length: 5\r\n\r\nhello";
     raw(gw.addr, request.as_bytes()).await;
     let seen = &gw.mock.requests()[0].headers;
     for dropped in [
@@ -590,6 +591,8 @@ async fn only_end_to_end_headers_cross_to_quickblox_on_forwarded_routes() {
         "expect",
         "forwarded",
         "x-real-ip",
+        "true-client-ip",
+        "cf-connecting-ip",
         "transfer-encoding",
     ] {
         assert!(seen.get(dropped).is_none(), "{dropped} crossed: {seen:?}");
