@@ -56,6 +56,7 @@ impl UpstreamClient {
         parts.headers.remove(HOST);
         // The gateway's X-Forwarded-For is the one account of where the request came from.
         replace_forwarding(&mut parts.headers, peer, client);
+        let head = parts.method == Method::HEAD;
         let (body, watch) = ClientBody::new(body);
         let mut upstream = Request::new(Either::Right(body));
         *upstream.method_mut() = parts.method;
@@ -71,7 +72,15 @@ impl UpstreamClient {
             }
             Ok(Ok((response, lease))) => {
                 let (mut parts, body) = response.into_parts();
+                // An answer to HEAD has no body to frame: its Content-Length is the size
+                // of the body a GET would get, which only QuickBlox knows.
+                let length = head
+                    .then(|| parts.headers.get(http::header::CONTENT_LENGTH).cloned())
+                    .flatten();
                 hop_by_hop::strip(&mut parts.headers);
+                if let Some(length) = length {
+                    parts.headers.insert(http::header::CONTENT_LENGTH, length);
+                }
                 if owns_cors {
                     // The gateway's CORS answer is the one: merged with QuickBlox's, an
                     // allowed origin could gain its Allow-Credentials.

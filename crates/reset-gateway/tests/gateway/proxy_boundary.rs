@@ -471,6 +471,25 @@ async fn headers_quickbloxs_connection_names_stay_behind_on_the_reset_path() {
     assert_eq!(reply.header("content-type"), Some("application/json"));
 }
 
+/// An answer to HEAD on a forwarded route keeps QuickBlox's Content-Length (the size a
+/// GET would get), and no body.
+#[tokio::test]
+async fn a_head_answer_keeps_its_content_length() {
+    let upstream = RawUpstream::start(
+        "HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nConnection: close\r\n\r\n".to_owned(),
+    )
+    .await;
+    let gw = gateway_before(&upstream.url(), "  other_routes: forward\n").await;
+    let reply = raw(
+        gw.addr,
+        b"HEAD /users.json HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.header("content-length"), Some("1234"), "{reply:?}");
+    assert!(reply.body.is_empty(), "{reply:?}");
+}
+
 /// A body in a transfer coding other than chunked would lose its coding when the gateway
 /// frames it anew, and reach the other side as if plain: a client's is refused with 501
 /// (as nginx does), QuickBlox's answered as a bad gateway.
