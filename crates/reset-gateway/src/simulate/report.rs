@@ -123,8 +123,8 @@ pub fn human(simulation: &Simulation, reader: &Reader, names: (&str, Option<&str
     if proposed.unknown_beyond > 0 {
         let _ = writeln!(
             out,
-            "note: {} requests the recording refused early would get further under the \
-             proposal; the log does not say which client or address they were for, so the \
+            "note: {} requests the recording refused per IP or per client got further in this \
+             replay; the log does not say which client or address they were for, so the \
              later groups were not charged for them",
             proposed.unknown_beyond
         );
