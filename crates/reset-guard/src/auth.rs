@@ -125,6 +125,14 @@ impl TokenDigest {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
+
+    /// The documentation's placeholder token this is the digest of (`change-me`), which
+    /// a guard refuses: anyone can send it.
+    pub fn placeholder(&self) -> Option<&'static str> {
+        crate::config::PLACEHOLDER_TOKENS
+            .into_iter()
+            .find(|token| TokenDigest::of(token.as_bytes()) == *self)
+    }
 }
 
 /// A digest written as 64 hex digits, as `reset-gateway hash-token` prints it.

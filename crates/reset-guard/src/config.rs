@@ -23,7 +23,7 @@ pub use limits::{EmailKeyConfig, LimitsConfig, QuotaConfig};
 
 /// Client tokens that appear in documentation and examples: a client configured with one
 /// of them would accept a token anyone can read, so it is refused.
-const PLACEHOLDER_TOKENS: [&str; 2] = ["change-me", "changeme"];
+pub(crate) const PLACEHOLDER_TOKENS: [&str; 2] = ["change-me", "changeme"];
 /// Whether `path` is written as it travels in a request target, which is what it is
 /// compared with: unreserved and sub-delimiter characters, `:`, `@`, `/`, and `%XX`.
 fn spelled_as_sent(path: &str) -> bool {
@@ -261,10 +261,7 @@ impl GuardConfig {
                     "is SHA-256 of the empty token, which a request without one presents",
                 ));
             }
-            if let Some(token) = PLACEHOLDER_TOKENS
-                .iter()
-                .find(|t| TokenDigest::of(t.as_bytes()) == client.token_sha256)
-            {
+            if let Some(token) = client.token_sha256.placeholder() {
                 return Err(ConfigError::new(
                     format!("clients[{i}].token_sha256"),
                     format!(

@@ -326,3 +326,40 @@ fn compare_lists_the_requests_whose_fate_changes() {
         serde_json::json!(["guard.client_ip.trusted_proxies"])
     );
 }
+
+/// The shipped files carry a placeholder client the gateway refuses to run with; a replay
+/// sends nothing, so it takes them as they are (the README points at them as shapes to
+/// try).
+#[test]
+fn the_shipped_examples_replay_as_they_are() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config");
+    let log = "{\"received_at\":\"2025-03-01T10:00:00Z\",\"guarded\":true,\"client_id\":\"example-app\",\
+               \"client_ip\":\"203.0.113.1\",\"email_hash\":\"00000000000000aa\",\"outcome\":\"forwarded\",\
+               \"target\":\"access\"}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("access.log");
+    std::fs::write(&log_path, log).unwrap();
+    for file in ["gateway.yaml", "examples/shadow-rollout.yaml"] {
+        let out = Command::new(BIN)
+            .args(["simulate", "--config"])
+            .arg(format!("{examples}/{file}"))
+            .arg("--log")
+            .arg(&log_path)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{file}: {said}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Replayed 1 requests"),
+            "{file}"
+        );
+    }
+    // The gateway itself still refuses them.
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(format!("{examples}/gateway.yaml"))
+        .env("QB_API_KEY", "k")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
