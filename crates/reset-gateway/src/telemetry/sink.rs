@@ -61,7 +61,7 @@ pub(super) fn install(format: LogFormat, queue_lines: usize) -> Option<(NonBlock
         return None;
     }
     // Lines are flushed at the end of each batch the thread takes from the queue.
-    let drain = Drain::new(std::io::stderr(), format, dropped_lines);
+    let drain = Drain::new(std::io::stderr(), format, dropped_lines, &UNWRITTEN);
     let (writer, worker) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(queue_lines)
@@ -93,13 +93,15 @@ struct Drain<W: Write = Stderr> {
     reported_out: u64,
     /// Every line dropped so far ([`dropped_lines`]).
     dropped: fn() -> u64,
+    /// Where the lines it could not write are counted (`UNWRITTEN`).
+    unwritten: &'static AtomicU64,
 }
 
 /// How much the sink gathers before it writes.
 const BUFFER_BYTES: usize = 64 * 1024;
 
 impl<W: Write> Drain<W> {
-    fn new(out: W, format: LogFormat, dropped: fn() -> u64) -> Self {
+    fn new(out: W, format: LogFormat, dropped: fn() -> u64, unwritten: &'static AtomicU64) -> Self {
         Drain {
             out,
             buffer: Vec::with_capacity(BUFFER_BYTES),
@@ -109,13 +111,19 @@ impl<W: Write> Drain<W> {
             reported: 0,
             reported_out: 0,
             dropped,
+            unwritten,
         }
     }
 
     /// Writes the buffer out; on failure counts the lines it could not write as dropped
     /// (the error goes no further: nobody is left to read it).
     fn write_buffer(&mut self) {
-        if self.cut_line && !self.buffer.is_empty() {
+        if self.buffer.is_empty() {
+            return;
+        }
+        // The end of a line cut short by the last failed write, in front of the rest.
+        let ending = usize::from(self.cut_line);
+        if self.cut_line {
             self.buffer.insert(0, b'\n');
             self.warnings.iter_mut().for_each(|at| *at += 1);
         }
@@ -133,13 +141,18 @@ impl<W: Write> Drain<W> {
         };
         let failed = failed || self.out.flush().is_err();
         if failed {
-            // Whole lines not written, and one cut short, less the warnings among them.
-            let unwritten = &self.buffer[written..];
+            // Whole lines not written, and one cut short, less the warnings among them
+            // (and less the ending of an earlier cut line, no line of its own).
+            let unwritten = &self.buffer[written.max(ending)..];
             let lines = memchr::memchr_iter(b'\n', unwritten).count() as u64;
             let warnings = self.warnings.iter().filter(|at| **at + 1 > written).count() as u64;
-            UNWRITTEN.fetch_add(lines.saturating_sub(warnings), Ordering::Relaxed);
+            self.unwritten
+                .fetch_add(lines.saturating_sub(warnings), Ordering::Relaxed);
             self.reported = self.reported_out;
-            self.cut_line = written > 0 && self.buffer[written - 1] != b'\n';
+            // Nothing written: a line cut before is still cut.
+            if written > 0 {
+                self.cut_line = self.buffer[written - 1] != b'\n';
+            }
         } else {
             self.reported_out = self.reported;
             self.cut_line = false;
@@ -220,15 +233,16 @@ mod tests {
     }
 
     static QUEUE_DROPS: AtomicU64 = AtomicU64::new(0);
+    static LOST: AtomicU64 = AtomicU64::new(0);
 
     fn drops() -> u64 {
-        QUEUE_DROPS.load(Ordering::Relaxed) + UNWRITTEN.load(Ordering::Relaxed)
+        QUEUE_DROPS.load(Ordering::Relaxed) + LOST.load(Ordering::Relaxed)
     }
 
     #[test]
     fn a_warning_lost_on_a_full_disk_is_counted_in_the_next_one() {
         let disk = Disk::default();
-        let mut drain = Drain::new(disk.clone(), LogFormat::Json, drops);
+        let mut drain = Drain::new(disk.clone(), LogFormat::Json, drops, &LOST);
         let before = drops();
         QUEUE_DROPS.fetch_add(5, Ordering::Relaxed);
         disk.full.store(true, Ordering::Relaxed);
@@ -255,16 +269,23 @@ mod tests {
     #[test]
     fn a_line_cut_short_by_a_full_disk_leaves_the_next_lines_whole() {
         let disk = Disk::default();
-        let mut drain = Drain::new(disk.clone(), LogFormat::Json, || 0);
+        static CUT_LOST: AtomicU64 = AtomicU64::new(0);
+        let mut drain = Drain::new(disk.clone(), LogFormat::Json, || 0, &CUT_LOST);
         *disk.room.lock().unwrap() = Some(15);
         drain.write_all(b"{\"line\":1}\n").unwrap();
         drain.write_all(b"{\"line\":2}\n").unwrap();
         drain.flush().unwrap();
-        *disk.room.lock().unwrap() = None;
+        // Still full at the next batch, and a flush with nothing to write.
         drain.write_all(b"{\"line\":3}\n").unwrap();
         drain.flush().unwrap();
+        drain.flush().unwrap();
+        *disk.room.lock().unwrap() = None;
+        drain.write_all(b"{\"line\":4}\n").unwrap();
+        drain.flush().unwrap();
         let written = String::from_utf8(disk.written.lock().unwrap().clone()).unwrap();
-        assert_eq!(written, "{\"line\":1}\n{\"li\n{\"line\":3}\n");
+        assert_eq!(written, "{\"line\":1}\n{\"li\n{\"line\":4}\n");
+        // The cut line and the one written onto a full disk, not the ending added.
+        assert_eq!(CUT_LOST.load(Ordering::Relaxed), 2);
     }
 
     #[test]
