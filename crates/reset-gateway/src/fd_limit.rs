@@ -19,10 +19,10 @@ pub fn raise_for(max_connections: usize) {
             open_files = limit,
             needed,
             max_connections,
-            "the process may open fewer files than server.max_connections needs (a client \
-             connection takes one, and one more while its request waits on QuickBlox): raise \
-             the limit (ulimit -n, systemd LimitNOFILE, docker --ulimit nofile) or lower \
-             server.max_connections"
+            "the process may open fewer files than server.max_connections client connections \
+             take (one each, and one more while a request waits on QuickBlox, which this limit \
+             leaves no room for): raise the limit (ulimit -n, systemd LimitNOFILE, docker \
+             --ulimit nofile) or lower server.max_connections"
         ),
         Ok(_) => {}
         Err(error) => tracing::warn!(%error, "cannot read the open-file limit"),

@@ -3,6 +3,7 @@
 //! TLS), served by hyper until it ends or the worker drains.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +30,9 @@ pub(super) const MAX_CONCURRENT_STREAMS: u32 = 32;
 /// an HTTP/1.1 connection's first request head is held to what is left of the deadline:
 /// hyper's own header read timer starts afresh when it begins reading, so a client slow
 /// through those steps and then through its head would get up to twice the timeout. A
-/// connection that gets through them at once (nearly all) costs no timer more.
+/// cleartext connection whose request came with it costs nothing more; one later (a TLS
+/// handshake from afar takes a round trip or two) costs a timer and a flag set by its
+/// requests.
 const BEFORE_HTTP_SLACK: Duration = Duration::from_millis(20);
 
 /// The HTTP/1.1 and HTTP/2 server settings.
@@ -174,10 +177,10 @@ impl Connection {
     ) {
         let io = SendTimeout::new(io, self.context.request_timeout);
         let late = deadline + BEFORE_HTTP_SLACK < Instant::now() + self.head_timeout;
-        let first_request = late.then(|| Arc::new(Activity::since(Instant::now())));
+        let first_request = late.then(|| Arc::new(AtomicBool::new(false)));
         let mut service = GatewayService::new(self.context, client);
-        if let Some(activity) = &first_request {
-            service = service.counting(activity.clone());
+        if let Some(began) = &first_request {
+            service = service.noting_the_first_request(began.clone());
         }
         let connection = self
             .protocols
@@ -186,10 +189,10 @@ impl Connection {
         let connection = self.watcher.watch(connection);
         let result = match first_request {
             None => connection.await,
-            Some(activity) => {
+            Some(began) => {
                 let no_head_in_time = async {
                     tokio::time::sleep_until(deadline).await;
-                    if activity.has_begun() {
+                    if began.load(Ordering::Relaxed) {
                         std::future::pending::<()>().await;
                     }
                 };

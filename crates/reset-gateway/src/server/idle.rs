@@ -65,11 +65,6 @@ impl Activity {
         self.start + Duration::from_millis(ms.load(Ordering::Relaxed))
     }
 
-    /// Whether any request has begun.
-    pub(super) fn has_begun(&self) -> bool {
-        self.requests.load(Ordering::Relaxed) > 0
-    }
-
     /// A request began; it ends when the returned guard is dropped.
     pub(super) fn begin(self: &Arc<Self>) -> RequestOpen {
         self.open.fetch_add(1, Ordering::Relaxed);

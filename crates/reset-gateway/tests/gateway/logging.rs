@@ -239,7 +239,8 @@ async fn denials_full_logs_every_denial() {
     assert!(lines.iter().all(|l| !l.contains("\"count\"")));
 }
 
-/// A gateway in front of a QuickBlox that takes 20 s to answer.
+/// A gateway in front of a QuickBlox that takes 20 s to answer, with two workers (as on
+/// two cores): a drain waits on each.
 async fn waiting_on_quickblox(
     grace: &str,
 ) -> (crate::process::Process, MockServer, tempfile::TempDir) {
@@ -251,7 +252,8 @@ async fn waiting_on_quickblox(
     let yaml = yaml(&mock.url(), "", "")
         .replace("timeout: 400ms", "timeout: 30s")
         .replace("shutdown_grace: 5s", &format!("shutdown_grace: {grace}"));
-    std::fs::write(&path, with_server_keys(&yaml, "  request_timeout: 40s\n")).unwrap();
+    let server_keys = "  request_timeout: 40s\n  workers: 2\n";
+    std::fs::write(&path, with_server_keys(&yaml, server_keys)).unwrap();
     (spawn_gateway(&path), mock, dir)
 }
 

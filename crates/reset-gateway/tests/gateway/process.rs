@@ -1023,10 +1023,11 @@ fn an_open_file_limit_short_of_max_connections_is_warned_of_at_start() {
     assert!(short.last().unwrap().contains("\"serving\""), "{short:?}");
     let warning = short
         .iter()
-        .find(|l| l.contains("fewer files than server.max_connections needs"))
+        .find(|l| l.contains("fewer files than server.max_connections client connections"))
         .unwrap_or_else(|| panic!("no warning: {short:?}"));
     assert!(warning.contains("\"open_files\":300"), "{warning}");
-    let raised = start_under("-H -n 4096 && ulimit -S -n 300");
+    let raised = start_under("-S -n 300 && ulimit -H -n 4096");
+    assert!(raised.last().unwrap().contains("\"serving\""), "{raised:?}");
     assert!(
         !raised.iter().any(|l| l.contains("max_connections")),
         "{raised:?}"
