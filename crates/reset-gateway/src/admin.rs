@@ -37,6 +37,10 @@ impl AdminState {
 /// scrapers need a few: without a bound, connections held open there took every file
 /// descriptor the public listener needed.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Admin connections one address may hold at once; more are closed as they come. One
+/// client holding every place would keep the orchestrator's probes (from the node's
+/// address) waiting until the pod is restarted.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
 /// How long one admin connection may last, whatever it does: a client that sends
 /// requests and never reads the answers is not dropped by the head's read timeout.
 /// Prometheus and probes open a new one when theirs was closed.
@@ -45,13 +49,19 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 /// Serves the admin endpoints on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_peer = Arc::new(PerPeer::default());
     loop {
         let Ok(place) = places.clone().acquire_owned().await else {
             return;
         };
-        let (stream, _) = crate::accept::accept(&listener).await;
+        let (stream, peer) = crate::accept::accept(&listener).await;
+        let Some(peer_place) = per_peer.take(peer.ip()) else {
+            tracing::debug!(%peer, "admin connection closed: its address holds enough");
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _peer_place = peer_place;
             let service = hyper::service::service_fn(move |request| answer(state.clone(), request));
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -60,6 +70,37 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
             drop(place);
         });
+    }
+}
+
+/// The admin connections each address holds.
+#[derive(Default)]
+struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One of an address's places, given back when dropped.
+struct PeerPlace(Arc<PerPeer>, std::net::IpAddr);
+
+impl PerPeer {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerPlace> {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(ip).or_insert(0);
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerPlace(self.clone(), ip))
+    }
+}
+
+impl Drop for PeerPlace {
+    fn drop(&mut self) {
+        let mut held = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.1);
+            }
+        }
     }
 }
 

@@ -672,23 +672,70 @@ async fn a_stream_never_read_drops_its_connection_however_another_is_read() {
     assert!(ended.is_ok(), "the parked stream kept its connection");
 }
 
+/// A connection to `to` from the loopback address `from` (127.0.0.0/8 is all local).
+async fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind((std::net::Ipv4Addr::from(from), 0).into())
+        .unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Asks `/healthz` over `stream` and reads the status line; the connection stays open.
+async fn healthz_kept_open(stream: &mut tokio::net::TcpStream) -> std::io::Result<[u8; 12]> {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await?;
+    let mut answer = [0u8; 12];
+    stream.read_exact(&mut answer).await?;
+    Ok(answer)
+}
+
 /// Connections held open on the admin listener are bounded: beyond
 /// `admin::MAX_CONNECTIONS` a connection waits in the backlog (it cannot take the file
-/// descriptors the public listener needs), and is served once one of them closes.
+/// descriptors the public listener needs), and is served once one of them closes; one
+/// address may hold `admin::MAX_CONNECTIONS_PER_PEER` (more are closed at once), so one
+/// client cannot keep the orchestrator's probes waiting.
 #[tokio::test]
-async fn admin_connections_beyond_the_bound_wait_for_one_to_close() {
+async fn admin_connections_are_bounded_in_all_and_per_address() {
+    use reset_gateway::admin::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER};
     let gw = Gateway::start("").await;
+    // One address: its places, then one more, closed at once, while another's probe is
+    // served.
     let mut held = Vec::new();
-    for _ in 0..reset_gateway::admin::MAX_CONNECTIONS {
-        held.push(tokio::net::TcpStream::connect(gw.admin).await.unwrap());
+    for _ in 0..MAX_CONNECTIONS_PER_PEER {
+        let mut stream = connect_from([127, 0, 0, 2], gw.admin).await;
+        assert_eq!(
+            &healthz_kept_open(&mut stream).await.unwrap(),
+            b"HTTP/1.1 200"
+        );
+        held.push(stream);
     }
-    // Each of those is served (an answer on every one), and kept.
-    for stream in &mut held {
-        let request = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n";
-        stream.write_all(request).await.unwrap();
-        let mut answer = [0u8; 12];
-        stream.read_exact(&mut answer).await.unwrap();
-        assert_eq!(&answer, b"HTTP/1.1 200");
+    let mut one_more = connect_from([127, 0, 0, 2], gw.admin).await;
+    let refused = tokio::time::timeout(Duration::from_secs(10), healthz_kept_open(&mut one_more));
+    assert!(
+        refused.await.unwrap().is_err(),
+        "a place beyond the address's own"
+    );
+    let mut probe = connect_from([127, 0, 0, 3], gw.admin).await;
+    assert_eq!(
+        &healthz_kept_open(&mut probe).await.unwrap(),
+        b"HTTP/1.1 200"
+    );
+    drop(probe);
+
+    // Every place taken, from enough addresses.
+    let mut address = 4;
+    while held.len() < MAX_CONNECTIONS {
+        for _ in 0..MAX_CONNECTIONS_PER_PEER.min(MAX_CONNECTIONS - held.len()) {
+            let mut stream = connect_from([127, 0, 0, address], gw.admin).await;
+            assert_eq!(
+                &healthz_kept_open(&mut stream).await.unwrap(),
+                b"HTTP/1.1 200"
+            );
+            held.push(stream);
+        }
+        address += 1;
     }
     let waiting = tokio::spawn(gw_admin_healthz(gw.admin));
     // Not answered while every place is taken (the held ones' next head may take up to
