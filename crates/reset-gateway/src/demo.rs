@@ -42,6 +42,7 @@ pub fn settings(listen: SocketAddr, upstream_url: &str) -> anyhow::Result<Settin
 pub async fn run(
     listen: SocketAddr,
     shutdown: impl std::future::Future<Output = ()>,
+    now: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let mock = MockServer::start(MockConfig {
         api_key: DEMO_API_KEY.to_owned(),
@@ -63,7 +64,7 @@ pub async fn run(
         "{}\n",
         instructions(app.local_addr(), app.admin_addr(), &mock.url(), per_ip)
     ));
-    app.run(shutdown).await?;
+    app.run_until(shutdown, now).await?;
     mock.shutdown().await;
     Ok(())
 }

@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "demo")]
         Command::Demo { listen } => runtime(async move {
             let stop = signal::Terminate::install()?;
-            stop.serve(|drain, _| reset_gateway::demo::run(listen, drain))
+            stop.serve(|drain, now| reset_gateway::demo::run(listen, drain, now))
                 .await
         }),
         Command::Run => {
