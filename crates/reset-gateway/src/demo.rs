@@ -38,7 +38,8 @@ pub fn settings(listen: SocketAddr, upstream_url: &str) -> anyhow::Result<Settin
     Ok(GatewayConfig::from_yaml(&yaml)?.validate_with_key(&yaml, key)?)
 }
 
-/// Starts the stand-in and the gateway, prints what to try, serves until `shutdown`.
+/// Starts the stand-in and the gateway, prints what to try, serves until `shutdown` (and
+/// cuts the requests still in flight when `now` completes during the drain).
 pub async fn run(
     listen: SocketAddr,
     shutdown: impl std::future::Future<Output = ()>,
