@@ -187,26 +187,25 @@ impl Connection {
             .http1
             .serve_connection(TokioIo::new(io), service);
         let connection = self.watcher.watch(connection);
-        let result = match first_request {
-            None => connection.await,
-            Some(began) => {
-                let no_head_in_time = async {
-                    tokio::time::sleep_until(deadline).await;
-                    if began.load(Ordering::Relaxed) {
-                        std::future::pending::<()>().await;
-                    }
-                };
-                tokio::select! {
-                    result = connection => result,
-                    () = no_head_in_time => {
-                        tracing::debug!(peer = %client, "no request within the header read timeout");
-                        return;
-                    }
-                }
+        let Some(began) = first_request else {
+            if let Err(error) = connection.await {
+                tracing::debug!(peer = %client, %error, "HTTP/1.1 connection ended with an error");
+            }
+            return;
+        };
+        let no_head_in_time = async {
+            tokio::time::sleep_until(deadline).await;
+            if began.load(Ordering::Relaxed) {
+                std::future::pending::<()>().await;
             }
         };
-        if let Err(error) = result {
-            tracing::debug!(peer = %client, %error, "HTTP/1.1 connection ended with an error");
+        tokio::select! {
+            result = connection => if let Err(error) = result {
+                tracing::debug!(peer = %client, %error, "HTTP/1.1 connection ended with an error");
+            },
+            () = no_head_in_time => {
+                tracing::debug!(peer = %client, "no request within the header read timeout");
+            }
         }
     }
 

@@ -177,12 +177,13 @@ async fn handle(
     let received = std::time::SystemTime::now();
     let id = request_id::resolve(request.headers());
     // A refusal made here, before the guard: a malformed request, or one out of time.
-    let mut refused_client = None;
     let (mut response, refused) = match malformed(&request, context.max_uri_bytes) {
         Some(refusal) => {
+            let mut response = refusal.to_response().map(GuardBody::full);
+            // Its line names the client behind trusted proxies, as the guard's would.
             let client = context.state.guard.client_ip(peer.ip(), request.headers());
-            refused_client = Some(client);
-            (refusal.to_response().map(GuardBody::full), Some(refusal))
+            response.extensions_mut().insert(client);
+            (response, Some(refusal))
         }
         None => {
             request.headers_mut().insert(X_REQUEST_ID, id.clone());
@@ -210,7 +211,7 @@ async fn handle(
         duration: started.elapsed(),
         guarded: extensions.get::<GuardedRequest>(),
         attribution: extensions.get::<Attribution>(),
-        client: extensions.get::<ClientIp>().or(refused_client.as_ref()),
+        client: extensions.get::<ClientIp>(),
         rejection: extensions.get::<Rejection>(),
         cut: false,
         refusal: refused.or(upstream.and_then(|u| u.refusal)),
