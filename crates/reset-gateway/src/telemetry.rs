@@ -34,10 +34,12 @@ use crate::upstream::UpstreamExchange;
 
 /// `log.level` (or `RUST_LOG`) as a filter. The access log is not the gateway's messages
 /// but its record of requests (what `simulate` replays): a level raised to quiet the
-/// messages (`warn`) keeps it, unless the level names it (`warn,access=off`). The Redis
-/// client logs each failed reconnection to a cluster node, many a second during an outage
-/// the gateway already reports once per cause: only its errors pass, unless the level
-/// names it (`info,redis=debug`).
+/// messages (`warn`) keeps it, unless the level names it (`warn,access=off`). Two
+/// libraries log at warn level what a client or an outage does many times a second, which
+/// the gateway reports its own way: the Redis client each failed reconnection to a
+/// cluster node (the gateway logs an outage once per cause), rustls every TLS client that
+/// sends an IP address as its server name (wrk, `openssl s_client`, scanners: a line per
+/// handshake). Only their errors pass, unless the level names them (`info,redis=debug`).
 fn level(level: &str) -> String {
     let targets = || {
         level
@@ -48,16 +50,25 @@ fn level(level: &str) -> String {
     if !targets().any(|t| t == "access") {
         filter.push_str(",access=info");
     }
-    let names_redis = targets().any(|t| t == "redis" || t.starts_with("redis::"));
-    // `off` (or `error`) already keeps the client's reconnection messages out.
+    // `off` (or `error`) already keeps their warnings out.
     let quiet = level
         .split(',')
         .any(|d| d.trim().eq_ignore_ascii_case("off") || d.trim().eq_ignore_ascii_case("error"));
-    if !(names_redis || quiet) {
-        filter.push_str(",redis=error");
+    for library in NOISY_LIBRARIES {
+        let named = targets().any(|t| {
+            t == library
+                || t.strip_prefix(library)
+                    .is_some_and(|rest| rest.starts_with("::"))
+        });
+        if !(named || quiet) {
+            filter.push_str(&format!(",{library}=error"));
+        }
     }
     filter
 }
+
+/// Libraries whose warnings only pass when the level names them (see [`level`]).
+const NOISY_LIBRARIES: [&str; 2] = ["redis", "rustls"];
 
 /// Installs the global subscriber, writing to stderr through the non-blocking sink
 /// (`sink.rs`); `RUST_LOG` overrides `log.level`. Keep the returned sink until exit: its
@@ -454,7 +465,11 @@ mod tests {
 
     #[test]
     fn the_redis_client_logs_errors_only_unless_the_level_names_it() {
-        let with = |level: &str| super::level(level).replace(",access=info", "");
+        let with = |level: &str| {
+            super::level(level)
+                .replace(",access=info", "")
+                .replace(",rustls=error", "")
+        };
         assert_eq!(with("info"), "info,redis=error");
         assert_eq!(
             with("warn,reset_guard::limit::redis=debug"),
@@ -466,16 +481,23 @@ mod tests {
             "info,redis::cluster_async=warn"
         );
         assert_eq!(with("off"), "off");
+        // rustls alike.
+        assert_eq!(
+            super::level("info"),
+            "info,access=info,redis=error,rustls=error"
+        );
+        assert_eq!(
+            super::level("info,rustls=warn"),
+            "info,rustls=warn,access=info,redis=error"
+        );
     }
 
     #[test]
     fn the_access_log_is_kept_at_any_level_unless_the_level_names_it() {
-        assert_eq!(super::level("warn"), "warn,access=info,redis=error");
-        assert_eq!(super::level("off"), "off,access=info");
-        assert_eq!(
-            super::level("warn,access=off"),
-            "warn,access=off,redis=error"
-        );
-        assert_eq!(super::level("access=debug"), "access=debug,redis=error");
+        let level = |l: &str| super::level(l).replace(",rustls=error", "");
+        assert_eq!(level("warn"), "warn,access=info,redis=error");
+        assert_eq!(level("off"), "off,access=info");
+        assert_eq!(level("warn,access=off"), "warn,access=off,redis=error");
+        assert_eq!(level("access=debug"), "access=debug,redis=error");
     }
 }

@@ -1033,3 +1033,35 @@ fn an_open_file_limit_short_of_max_connections_is_warned_of_at_start() {
         "{raised:?}"
     );
 }
+
+/// rustls warns of every TLS client that sends an IP address as its server name (wrk,
+/// `openssl s_client`, scanners do): a line per handshake that no log should carry by
+/// default. Such clients are served, and leave no line.
+#[test]
+fn tls_clients_naming_an_ip_address_leave_no_warning_per_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = test_certificates(dir.path());
+    let yaml = yaml("http://127.0.0.1:9", "", "").replace(
+        "server:\n",
+        &format!(
+            "server:\n  tls:\n    cert_file: {}\n    key_file: {}\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let path = write_config(&dir, &yaml);
+    let mut gateway = spawn_gateway(&path);
+    for _ in 0..3 {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", &gateway.addr.to_string()])
+            .args(["-servername", "127.0.0.1"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl is installed");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("BEGIN CERTIFICATE"), "{said}");
+    }
+    gateway.signal("TERM");
+    let logs = gateway.logs_to_end();
+    assert!(!logs.iter().any(|l| l.contains("SNI")), "{logs:#?}");
+}
