@@ -9,7 +9,7 @@ use prometheus_client::encoding::{text, DescriptorEncoder, EncodeLabelSet, Encod
 use prometheus_client::encoding::{MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -60,6 +60,19 @@ pub struct Metrics {
     request_duration: Arc<LatencyHistogram>,
     reloads: Family<ResultLabel, Counter>,
     proxy_refused: Family<ReasonLabel, Counter>,
+    /// Client connections open, over every worker.
+    connections: Gauge,
+    /// Times a worker had every place of its `max_connections` share taken.
+    connection_limit: Counter,
+}
+
+/// A client connection counted open until dropped.
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -108,6 +121,18 @@ impl Metrics {
             "Configuration reloads, by result",
             reloads.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "reset_gateway_connections",
+            "Client connections open",
+            connections.clone(),
+        );
+        let connection_limit = Counter::default();
+        registry.register(
+            "reset_gateway_connection_limit_reached",
+            "Times a worker had server.max_connections (its share) open and left new connections waiting in the listen backlog",
+            connection_limit.clone(),
+        );
         registry.register(
             "reset_gateway_proxy_protocol_refused",
             "Connections closed for their PROXY protocol header, or its absence, by reason",
@@ -154,7 +179,20 @@ impl Metrics {
             request_duration,
             reloads,
             proxy_refused,
+            connections,
+            connection_limit,
         }
+    }
+
+    /// Counts a client connection open until the returned guard is dropped.
+    pub fn connection_opened(&self) -> OpenConnection {
+        self.connections.inc();
+        OpenConnection(self.connections.clone())
+    }
+
+    /// Counts a worker finding its share of `server.max_connections` all taken.
+    pub fn connection_limit_reached(&self) {
+        self.connection_limit.inc();
     }
 
     /// Counts one answered request.

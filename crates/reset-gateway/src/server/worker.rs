@@ -14,6 +14,9 @@ use super::handler::WorkerContext;
 use crate::accept::accept;
 use crate::proxy_protocol::ProxyProtocolSettings;
 
+/// Least time between two warnings that a worker's connections are all taken.
+const LIMIT_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
 /// One worker: its listener, its event loop, its connections.
 pub(super) struct Worker {
     pub(super) listener: std::net::TcpListener,
@@ -39,12 +42,28 @@ impl Worker {
             let _ = draining.wait_for(|stop| *stop).await;
         };
         let mut stop = std::pin::pin!(stop);
+        let metrics = &self.context.state.metrics;
+        let mut limit_warned: Option<tokio::time::Instant> = None;
         loop {
             // Beyond max_connections, new connections wait in the kernel's backlog rather
-            // than being accepted and starving the ones being served.
-            let permit = tokio::select! {
-                permit = connections.clone().acquire_owned() => permit.expect("never closed"),
-                () = &mut stop => break,
+            // than being accepted and starving the ones being served: counted, and said at
+            // most once a minute (the wait shows nowhere else: not in request durations).
+            let permit = match connections.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    metrics.connection_limit_reached();
+                    if limit_warned.is_none_or(|at| at.elapsed() >= LIMIT_WARNING_INTERVAL) {
+                        limit_warned = Some(tokio::time::Instant::now());
+                        tracing::warn!(
+                            max_connections = self.max_connections,
+                            "server.max_connections (this worker's share) all open: new connections wait in the listen backlog"
+                        );
+                    }
+                    tokio::select! {
+                        permit = connections.clone().acquire_owned() => permit.expect("never closed"),
+                        () = &mut stop => break,
+                    }
+                }
             };
             let (stream, peer) = tokio::select! {
                 accepted = accept(&listener) => accepted,
@@ -61,8 +80,10 @@ impl Worker {
             };
             let tls = self.tls.clone();
             let proxy = self.proxy.clone();
+            let open = metrics.connection_opened();
             tokio::spawn(async move {
                 let _permit = permit;
+                let _open = open;
                 connection.serve(stream, tls, proxy).await;
             });
         }

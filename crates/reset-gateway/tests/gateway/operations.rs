@@ -986,3 +986,53 @@ async fn a_connection_redis_closed_while_idle_fails_no_request() {
     }
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
 }
+
+/// Connections open are a gauge; a worker with its share of `server.max_connections` all
+/// open counts it (new connections wait in the backlog, where no request duration shows
+/// the wait), and serves the one waiting once a place is free.
+#[tokio::test]
+async fn connections_open_and_the_limit_reached_are_counted() {
+    let mut config = mock_config();
+    config.latency = Duration::from_millis(1500);
+    let mock = MockServer::start(config).await.unwrap();
+    let yaml = with_server_keys(
+        &yaml(&mock.url(), "", "").replace("timeout: 400ms", "timeout: 5s"),
+        "  workers: 1\n  max_connections: 2\n",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let request = format!(
+        "GET /users/password/reset.json?email=alice%40example.com HTTP/1.1\r\nHost: x\r\n\
+         QB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n"
+    );
+    // Two held on QuickBlox, a third waiting for a place.
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let (addr, request) = (gw.addr, request.clone());
+            tokio::spawn(async move { raw(addr, request.as_bytes()).await.status })
+        })
+        .collect();
+    let open = poll_until(
+        200,
+        async || metric(gw.admin, "reset_gateway_connections").await,
+        |open| *open == 2.0,
+    )
+    .await;
+    assert_eq!(open, 2.0);
+    let reached = poll_until(
+        200,
+        async || metric(gw.admin, "reset_gateway_connection_limit_reached_total").await,
+        |n| *n >= 1.0,
+    )
+    .await;
+    assert!(reached >= 1.0);
+    for answer in waiting {
+        assert_eq!(answer.await.unwrap(), 200);
+    }
+    let open = poll_until(
+        200,
+        async || metric(gw.admin, "reset_gateway_connections").await,
+        |open| *open == 0.0,
+    )
+    .await;
+    assert_eq!(open, 0.0);
+}
