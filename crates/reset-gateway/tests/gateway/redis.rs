@@ -17,6 +17,36 @@ fn redis_yaml(mock: &MockServer, redis: &RedisServer, on_error: &str) -> String 
     )
 }
 
+/// An address refused before Redis went away stays refused while it is away, under
+/// `on_error: allow` too: its denial is cached, and the groups before it (per IP here)
+/// that Redis cannot decide would not have let it through either. Other addresses are
+/// served unlimited, as `allow` says.
+#[tokio::test]
+async fn an_address_refused_stays_refused_while_redis_is_away_under_allow() {
+    let mut redis = RedisServer::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = redis_yaml(&mock, &redis, "allow");
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let alice = "email=alice%40example.com";
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(gw.reset_as_ios(alice).await.status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    redis.stop();
+    let sent = gw.mock.requests().len();
+    for _ in 0..3 {
+        assert_eq!(gw.reset_as_ios(alice).await.status, 429);
+    }
+    assert_eq!(
+        gw.mock.requests().len(),
+        sent,
+        "nothing reached QuickBlox for alice"
+    );
+    let bob = gw.reset_as_ios("email=bob%40example.com").await;
+    assert!(![429, 503].contains(&bob.status), "{bob:?}");
+}
+
 #[tokio::test]
 async fn two_replicas_enforce_one_per_email_limit_exactly() {
     let redis = RedisServer::start();

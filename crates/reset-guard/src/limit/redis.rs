@@ -371,13 +371,13 @@ impl RedisStore {
                 }
             };
             if let Err(why) = queued {
-                return store.fail(&why);
+                return store.fail_unless_cached(&why, cached);
             }
             match tokio::time::timeout(store.timeout, answer).await {
                 Ok(Ok(Ok(reply))) => store.read_reply(&reply, charges.as_slice(), &specs, cached),
-                Ok(Ok(Err(error))) => store.fail(&error),
-                Ok(Err(_)) => store.fail("the Redis worker stopped"),
-                Err(_) => store.fail("timed out"),
+                Ok(Ok(Err(error))) => store.fail_unless_cached(&error, cached),
+                Ok(Err(_)) => store.fail_unless_cached("the Redis worker stopped", cached),
+                Err(_) => store.fail_unless_cached("timed out", cached),
             }
         })
     }
@@ -421,6 +421,25 @@ impl RedisStore {
             queues.push((self.id, current, sender.clone()));
             Ok(sender)
         })
+    }
+
+    /// A failed request whose later group is known to deny (the local denial cache): denied
+    /// by it, whatever `on_error` says. Had Redis answered, the request would have been
+    /// refused either way, by that group or by an earlier one; under `allow` an outage
+    /// would otherwise let a flood through to an address already refused.
+    pub(super) fn fail_unless_cached(
+        self: &Arc<Self>,
+        why: &str,
+        cached: Option<(usize, Denial)>,
+    ) -> Decision {
+        let decision = self.fail(why);
+        match cached {
+            Some((i, denial)) => {
+                self.counters.count_denied(denial.group);
+                Decision::Denied(i, denial)
+            }
+            None => decision,
+        }
     }
 
     /// A failed request: as `on_error` says. Redis is probed now rather than at the next
