@@ -222,6 +222,14 @@ impl RedisConfig {
                 "must be non-empty, without spaces",
             ));
         }
+        // An ACL grants keys by pattern (`~prefix:*`): a glob character in the prefix
+        // would grant the gateway's user other keys too.
+        if self.key_prefix.contains(['*', '?', '[', ']', '\\']) {
+            return Err(ConfigError::new(
+                "store.redis.key_prefix",
+                "must not hold a glob character (* ? [ ] \\): a Redis ACL grants keys by a pattern made from it",
+            ));
+        }
         if self.timeout.0.is_zero() || self.timeout.0 > std::time::Duration::from_secs(60) {
             return Err(ConfigError::new(
                 "store.redis.timeout",

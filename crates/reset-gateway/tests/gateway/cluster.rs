@@ -514,6 +514,7 @@ fn cluster_mode_is_checked_without_echoing_a_node_password() {
         (&format!("{cluster}    url: redis://10.0.0.3:6379\n"), "store.redis.url (line", "seed nodes go in nodes"),
         (&format!("{cluster}    sentinel_master: mymaster\n"), "store.redis.sentinel_master (line", "is for mode: sentinel"),
         (&format!("{cluster}    key_prefix: 'a{{b}}'\n"), "store.redis.key_prefix (line", "hash tags"),
+        (&format!("{cluster}    key_prefix: 'rg*'\n"), "store.redis.key_prefix (line", "glob character"),
         ("    mode: cluster\n    nodes: [redis://10.0.0.1:6379, 'redis://:hunter2-password@10.0.0.2:6379']\n", "store.redis.nodes (line", "node 2 holds a password"),
         ("    mode: cluster\n    nodes: [redis://10.0.0.1:6379, rediss://10.0.0.2:6379]\n", "store.redis.nodes (line", "same scheme"),
         ("    mode: cluster\n    nodes: [not a url]\n", "store.redis.nodes (line", "not a valid Redis URL"),
