@@ -257,6 +257,24 @@ async fn waiting_on_quickblox(
     (spawn_gateway(&path), mock, dir)
 }
 
+/// A reset with request id `id`, sent to `process` and waiting on QuickBlox (`mock`); the
+/// connection is kept open with the returned stream.
+async fn waiting_reset(
+    process: &crate::process::Process,
+    mock: &MockServer,
+    id: &str,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut client = tokio::net::TcpStream::connect(process.addr).await.unwrap();
+    let request = format!(
+        "GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\n\
+         QB-Token: {IOS_TOKEN}\r\nX-Request-Id: {id}\r\n\r\n"
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    quickblox_has_it(mock).await;
+    client
+}
+
 /// Waits until QuickBlox has the one request sent to it.
 async fn quickblox_has_it(mock: &MockServer) {
     poll_until(500, async || mock.requests().len(), |n| *n > 0).await;
@@ -313,15 +331,8 @@ async fn a_request_whose_client_left_before_its_answer_still_gets_its_line() {
 /// its `cut` line: the recording keeps it.
 #[tokio::test]
 async fn a_request_cut_by_a_second_stop_signal_still_gets_its_line() {
-    use tokio::io::AsyncWriteExt;
     let (mut process, mock, _dir) = waiting_on_quickblox("30s").await;
-    let mut client = tokio::net::TcpStream::connect(process.addr).await.unwrap();
-    let request = format!(
-        "GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\n\
-         QB-Token: {IOS_TOKEN}\r\nX-Request-Id: hurried\r\n\r\n"
-    );
-    client.write_all(request.as_bytes()).await.unwrap();
-    quickblox_has_it(&mock).await;
+    let _client = waiting_reset(&process, &mock, "hurried").await;
     process.signal("TERM");
     poll_until(
         500,
@@ -352,15 +363,8 @@ async fn a_request_cut_by_a_second_stop_signal_still_gets_its_line() {
 /// A drain whose `shutdown_grace` runs out under a request says so in that request's line.
 #[tokio::test]
 async fn a_request_cut_when_the_drain_runs_out_still_gets_its_line() {
-    use tokio::io::AsyncWriteExt;
     let (mut process, mock, _dir) = waiting_on_quickblox("1s").await;
-    let mut client = tokio::net::TcpStream::connect(process.addr).await.unwrap();
-    let request = format!(
-        "GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\n\
-         QB-Token: {IOS_TOKEN}\r\nX-Request-Id: drained\r\n\r\n"
-    );
-    client.write_all(request.as_bytes()).await.unwrap();
-    quickblox_has_it(&mock).await;
+    let _client = waiting_reset(&process, &mock, "drained").await;
     process.signal("TERM");
     let logs = tokio::task::spawn_blocking(move || process.logs_to_end());
     let logs = tokio::time::timeout(std::time::Duration::from_secs(15), logs)
