@@ -408,3 +408,11 @@ pub async fn h2_connect(
 pub fn h2_reset(addr: SocketAddr, query: &str) -> http::request::Builder {
     http::Request::get(format!("http://{addr}{RESET}?{query}")).header("qb-token", IOS_TOKEN)
 }
+
+/// Whether `server` holds limit state: a key other than the probe's own (`{prefix}:probe`).
+pub fn holds_limits(server: &test_support::RedisServer) -> bool {
+    server
+        .dump()
+        .iter()
+        .any(|(key, _)| !key.ends_with(":probe"))
+}

@@ -17,6 +17,36 @@ fn redis_yaml(mock: &MockServer, redis: &RedisServer, on_error: &str) -> String 
     )
 }
 
+/// A Redis at `maxmemory` that evicts nothing refuses every write, so every request
+/// fails: the store is reported down (not ready under `deny`) until it takes writes again.
+#[tokio::test]
+async fn a_redis_that_refuses_writes_is_reported_down() {
+    let redis = RedisServer::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = redis_yaml(&mock, &redis, "deny");
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let ready = async || gw.admin_get("/readyz").await.status;
+    assert_eq!(poll_until(300, ready, |s| *s == 200).await, 200);
+    for setting in ["maxmemory-policy noeviction", "maxmemory 1"] {
+        let reply = redis.command(&format!("CONFIG SET {setting}"));
+        assert_eq!(reply.as_deref().map(str::trim), Some("+OK"), "{setting}");
+    }
+    let refused = gw.reset_as_ios("email=alice%40example.com").await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(poll_until(300, ready, |s| *s == 503).await, 503);
+    let up = sample(
+        &gw.admin_get("/metrics").await.body,
+        "reset_gateway_store_up",
+    );
+    assert_eq!(up, Some(0.0));
+    redis.command("CONFIG SET maxmemory 0");
+    assert_eq!(poll_until(300, ready, |s| *s == 200).await, 200);
+    assert_eq!(
+        gw.reset_as_ios("email=alice%40example.com").await.status,
+        200
+    );
+}
+
 /// An address refused before Redis went away stays refused while it is away, under
 /// `on_error: allow` too: its denial is cached, and the groups before it (per IP here)
 /// that Redis cannot decide would not have let it through either. Other addresses are
@@ -79,9 +109,8 @@ async fn two_replicas_enforce_one_per_email_limit_exactly() {
     );
 
     // Nothing in Redis names the address, the client or its token.
-    let dump = redis.dump();
-    assert!(!dump.is_empty());
-    for (key, value) in dump {
+    assert!(holds_limits(&redis));
+    for (key, value) in redis.dump() {
         let both = format!("{key} {value}").to_lowercase();
         for secret in ["alice", "example", "ios", IOS_TOKEN, "127.0.0.1"] {
             assert!(
@@ -217,7 +246,7 @@ async fn auth_with_a_password_from_the_environment_shares_one_limit() {
     let b = Gateway::replica(&yaml).await;
     assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
     assert!(
-        !redis.dump().is_empty(),
+        holds_limits(&redis),
         "the limits live in the password-protected Redis"
     );
 
@@ -269,7 +298,7 @@ async fn tls_with_a_private_ca_and_not_with_another() {
     })
     .await;
     assert!(
-        !redis.dump().is_empty(),
+        holds_limits(&redis),
         "the limits went over TLS to this Redis"
     );
 

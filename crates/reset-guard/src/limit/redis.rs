@@ -266,8 +266,10 @@ impl RedisStore {
         self.record_probe(answer)
     }
 
-    /// The script, run for no request on the master, after asking the sentinels whether
-    /// it moved.
+    /// The script, run for no request on the master, and a write of the probe's own key,
+    /// after asking the sentinels whether it moved: a Redis at `maxmemory` that evicts
+    /// nothing answers the script but refuses every write it makes (`OOM`), which fails
+    /// every request.
     async fn probe_master(&self) -> Result<(), String> {
         let resolved = self.resolve().await;
         let Some(master) = self.master.load_full() else {
@@ -277,10 +279,11 @@ impl RedisStore {
             ));
         };
         let mut connection = master.connection.clone();
-        let run = answer_in_time(
-            self.timeout,
-            batch::run_for_nothing(&mut connection, &self.script),
-        );
+        let key = format!("{}:probe", self.prefix);
+        let run = answer_in_time(self.timeout, async {
+            batch::run_for_nothing(&mut connection, &self.script).await?;
+            batch::write_probe(&mut connection, &key).await
+        });
         match (run.await, resolved) {
             (Ok(_), _) => Ok(()),
             (Err(cause), Ok(())) => Err(cause),

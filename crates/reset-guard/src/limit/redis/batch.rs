@@ -369,6 +369,22 @@ pub(super) async fn run_for_nothing(
     }
 }
 
+/// Writes the probe's own key (`PSETEX`, which the gateway's ACL user may run on its
+/// keys; it expires in ten seconds): a server that refuses writes (`OOM` at `maxmemory`
+/// under `noeviction`, a replica) fails every request, so it does not count as serving.
+pub(super) async fn write_probe(
+    connection: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+) -> Result<(), String> {
+    redis::cmd("PSETEX")
+        .arg(key)
+        .arg(10_000)
+        .arg(1)
+        .query_async::<()>(connection)
+        .await
+        .map_err(|e| format!("a write: {e}"))
+}
+
 /// The script's answer: its numbers packed as little-endian f64 in one string (one bulk
 /// reply to read rather than seven integers per request), or `[-1]` from a call that found
 /// a key not served where it ran.
