@@ -46,7 +46,7 @@ struct Fixed(Vec<(&'static str, String)>);
 impl Fixed {
     fn of(settings: &Settings) -> Self {
         let server = &settings.server;
-        Fixed(vec![
+        let mut fixed = Fixed(vec![
             ("server.listen", server.listen.to_string()),
             ("admin.listen", server.admin_listen.to_string()),
             ("server.tls (on or off)", server.tls.is_some().to_string()),
@@ -77,12 +77,10 @@ impl Fixed {
                 "server.cors",
                 format!("{:?} {:?}", server.cors_origins, server.cors_max_age),
             ),
-            (
-                "store (kind, max_keys, key secret, Redis connection and password)",
-                store_fingerprint(settings).to_string(),
-            ),
             ("log", format!("{:?}", settings.log)),
-        ])
+        ]);
+        fixed.0.extend(store_entries(settings));
+        fixed
     }
 
     /// The keys whose values differ in `other`.
@@ -96,23 +94,50 @@ impl Fixed {
     }
 }
 
-/// A hash of what `store` holds beyond its kind, to tell a changed store section on reload.
-fn store_fingerprint(settings: &Settings) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    let store = &settings.store;
-    store.limits.max_keys.hash(&mut hasher);
-    store.key_secret.as_deref().hash(&mut hasher);
-    if let Some(redis) = &store.limits.redis {
-        redis.url.hash(&mut hasher);
-        redis.username.hash(&mut hasher);
-        redis.password.as_deref().hash(&mut hasher);
-        redis.ca_pem.hash(&mut hasher);
-        redis.key_prefix.hash(&mut hasher);
-        redis.timeout.hash(&mut hasher);
-        format!("{:?}", redis.on_error).hash(&mut hasher);
+/// What `store` holds, key by key; secrets (the key secret, the Redis password) and the CA
+/// only as a hash, so that a changed one is named without being kept.
+fn store_entries(settings: &Settings) -> Vec<(&'static str, String)> {
+    fn hashed<T: std::hash::Hash>(value: T) -> String {
+        use std::hash::Hasher;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        value.hash(&mut hasher);
+        hasher.finish().to_string()
     }
-    hasher.finish()
+    let store = &settings.store;
+    let redis = store.limits.redis.as_ref();
+    vec![
+        (
+            "store.kind",
+            if redis.is_some() { "redis" } else { "memory" }.to_owned(),
+        ),
+        ("store.max_keys", store.limits.max_keys.to_string()),
+        ("store.key_secret", hashed(store.key_secret.as_deref())),
+        (
+            "store.redis (url, mode, nodes)",
+            format!("{:?}", redis.map(|r| &r.url)),
+        ),
+        (
+            "store.redis.username",
+            format!("{:?}", redis.map(|r| &r.username)),
+        ),
+        (
+            "store.redis.password",
+            hashed(redis.map(|r| r.password.as_deref())),
+        ),
+        ("store.redis.ca_file", hashed(redis.map(|r| &r.ca_pem))),
+        (
+            "store.redis.key_prefix",
+            format!("{:?}", redis.map(|r| &r.key_prefix)),
+        ),
+        (
+            "store.redis.timeout",
+            format!("{:?}", redis.map(|r| r.timeout)),
+        ),
+        (
+            "store.redis.on_error",
+            format!("{:?}", redis.map(|r| r.on_error)),
+        ),
+    ]
 }
 
 impl Reloader {

@@ -424,7 +424,11 @@ async fn a_reload_names_the_settings_that_need_a_restart() {
     write(&path, &yaml(&mock.url(), "", ""));
     let gw = spawn_gateway(&path);
     let changed = with_server_keys(
-        &yaml(&mock.url(), "", "log:\n  level: debug\n"),
+        &yaml(
+            &mock.url(),
+            "",
+            "log:\n  level: debug\nstore:\n  max_keys: 5000\n",
+        ),
         "  request_timeout: 1s\n  max_uri_bytes: 300\n",
     );
     write(&path, &changed);
@@ -442,7 +446,7 @@ async fn a_reload_names_the_settings_that_need_a_restart() {
     .expect("a warning");
     let json: serde_json::Value = serde_json::from_str(&warning).unwrap();
     assert_eq!(
-        json["keys"], "server.request_timeout, server.max_uri_bytes, log",
+        json["keys"], "server.request_timeout, server.max_uri_bytes, log, store.max_keys",
         "{warning}"
     );
 }
