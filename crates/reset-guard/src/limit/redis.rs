@@ -374,13 +374,13 @@ impl RedisStore {
                 }
             };
             if let Err(why) = queued {
-                return store.fail_unless_cached(&why, cached);
+                return store.fail(&why, cached);
             }
             match tokio::time::timeout(store.timeout, answer).await {
                 Ok(Ok(Ok(reply))) => store.read_reply(&reply, charges.as_slice(), &specs, cached),
-                Ok(Ok(Err(error))) => store.fail_unless_cached(&error, cached),
-                Ok(Err(_)) => store.fail_unless_cached("the Redis worker stopped", cached),
-                Err(_) => store.fail_unless_cached("timed out", cached),
+                Ok(Ok(Err(error))) => store.fail(&error, cached),
+                Ok(Err(_)) => store.fail("the Redis worker stopped", cached),
+                Err(_) => store.fail("timed out", cached),
             }
         })
     }
@@ -426,31 +426,13 @@ impl RedisStore {
         })
     }
 
-    /// A failed request whose later group is known to deny (the local denial cache): denied
-    /// by it, whatever `on_error` says. Had Redis answered, the request would have been
-    /// refused either way, by that group or by an earlier one; under `allow` an outage
-    /// would otherwise let a flood through to an address already refused.
-    pub(super) fn fail_unless_cached(
-        self: &Arc<Self>,
-        why: &str,
-        cached: Option<(usize, Denial)>,
-    ) -> Decision {
-        let decision = self.fail(why);
-        match cached {
-            Some((i, denial)) => {
-                self.counters.count_denied(denial.group);
-                Decision::Denied(i, denial)
-            }
-            None => decision,
-        }
-    }
-
-    /// A failed request: as `on_error` says. Redis is probed now rather than at the next
+    /// A failed request: as `on_error` says, or denied by `cached` (see [`failed`]). Redis is
+    /// probed now rather than at the next
     /// second, at most every 250ms: the probe, not the request, says whether the store is
     /// up (a request can time out while Redis serves, or fail on one master of a cluster
     /// while another answers), and in Sentinel mode it asks the sentinels whether the
     /// master moved (a connection refused, or `READONLY` from a demoted master).
-    fn fail(self: &Arc<Self>, why: &str) -> Decision {
+    pub(super) fn fail(self: &Arc<Self>, why: &str, cached: Option<(usize, Denial)>) -> Decision {
         let now = self.clock.now();
         let last = self.last_prompted_probe.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= PROMPTED_PROBE_INTERVAL_NS
@@ -464,10 +446,15 @@ impl RedisStore {
                 store.probe().await;
             });
         }
-        self.failed(why)
+        self.failed(why, cached)
     }
 
-    fn failed(&self, why: &str) -> Decision {
+    /// Counts and logs a failed request; it is denied when a later group of it is known to
+    /// deny (`cached`, the local denial cache), whatever `on_error` says: had Redis
+    /// answered, it would have been refused either way, by that group or an earlier one,
+    /// and under `allow` an outage would otherwise let a flood through to an address
+    /// already refused. Else as `on_error` says.
+    fn failed(&self, why: &str, cached: Option<(usize, Denial)>) -> Decision {
         self.errors.fetch_add(1, Ordering::Relaxed);
         // One line a second at most, however many requests fail: the count is in the
         // line (and in store_errors_total), the cause in the probe's.
@@ -488,9 +475,13 @@ impl RedisStore {
             drop(probe);
             tracing::warn!(target: "reset_guard::limit", error = why, probe_error, failed, on_error = self.on_error.as_str(), "rate-limit store unavailable");
         }
-        match self.on_error {
-            OnError::Allow => Decision::Admitted(None),
-            OnError::Deny => Decision::Unavailable,
+        match (cached, self.on_error) {
+            (Some((i, denial)), _) => {
+                self.counters.count_denied(denial.group);
+                Decision::Denied(i, denial)
+            }
+            (None, OnError::Allow) => Decision::Admitted(None),
+            (None, OnError::Deny) => Decision::Unavailable,
         }
     }
 
@@ -522,7 +513,7 @@ impl RedisStore {
         }
         if field(0) == 1 {
             let Some((gi, group, key, quota)) = quota_at(field(1), field(2)) else {
-                return self.failed("unexpected reply from the rate-limit script");
+                return self.failed("unexpected reply from the rate-limit script", None);
             };
             let retry = Duration::from_micros(u64::try_from(field(3)).unwrap_or(0));
             let denial = Denial {

@@ -512,8 +512,8 @@ impl RedisStore {
             let decided = tokio::time::timeout(store.timeout, store.decide_groups(&specs, charges));
             let merged = match decided.await {
                 Ok(Ok(merged)) => merged,
-                Ok(Err(why)) => return store.fail_unless_cached(&why, cached),
-                Err(_) => return store.fail_unless_cached("timed out", cached),
+                Ok(Err(why)) => return store.fail(&why, cached),
+                Err(_) => return store.fail("timed out", cached),
             };
             store.read_reply(&merged, charges.as_slice(), &specs, cached)
         })
