@@ -230,6 +230,14 @@ impl RedisCluster {
             .collect()
     }
 
+    /// Every key of the cluster as [`dump`](Self::dump), without the gateway probe's own
+    /// (`{prefix:probe:N}`, one per master).
+    pub fn quota_keys(&self) -> Vec<(usize, String, String)> {
+        let mut keys = self.dump();
+        keys.retain(|(_, key, _)| !key.contains(":probe:"));
+        keys
+    }
+
     /// A key's remaining time to live in milliseconds, asked of the node holding it.
     pub fn pttl(&self, node: usize, key: &str) -> i64 {
         self.nodes[node]

@@ -61,17 +61,13 @@ async fn addresses_reach_every_master(a: &Gateway, b: &Gateway, cluster: &RedisC
     );
 }
 
-/// How many keys each master holds.
+/// How many keys of limits each master holds (not the probe's).
 fn keys_per_node(cluster: &RedisCluster) -> Vec<usize> {
-    cluster
-        .nodes
-        .iter()
-        .map(|node| {
-            node.command("DBSIZE")
-                .and_then(|reply| reply.trim().trim_start_matches(':').parse().ok())
-                .unwrap_or(0)
-        })
-        .collect()
+    let mut per_node = vec![0; cluster.nodes.len()];
+    for (node, ..) in cluster.quota_keys() {
+        per_node[node] += 1;
+    }
+    per_node
 }
 
 #[tokio::test]
@@ -569,4 +565,45 @@ async fn readiness_follows_every_master_under_deny() {
     );
     gw.mock.add_user("bob@example.com");
     assert_eq!(gw.reset_as_ios("email=bob%40example.com").await.status, 200);
+}
+
+/// A master at `maxmemory` that evicts nothing answers everything but refuses every write
+/// (`OOM`), failing each request whose keys it holds: the probe, which writes a key of its
+/// own on every master, reports the store down until it takes writes again.
+#[tokio::test]
+async fn a_master_that_refuses_writes_is_reported_down() {
+    let cluster = RedisCluster::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = per_email_yaml(&mock, &cluster.urls(), "", "deny");
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let ready = async || gw.admin_get("/readyz").await.status;
+    assert_eq!(poll_until(300, ready, |s| *s == 200).await, 200);
+    // One probe key on each master, in a slot it serves, expiring.
+    let probe_keys = async || {
+        let mut keys = cluster.dump();
+        keys.retain(|(_, key, _)| key.contains(":probe:"));
+        keys
+    };
+    let probes = poll_until(300, probe_keys, |keys| keys.len() == 3).await;
+    let mut holders: Vec<usize> = probes.iter().map(|(node, ..)| *node).collect();
+    holders.sort();
+    assert_eq!(holders, [0, 1, 2], "{probes:?}");
+    for (node, key, _) in &probes {
+        let ttl = cluster.pttl(*node, key);
+        assert!(ttl > 0 && ttl <= 10_000, "{key}: {ttl}");
+    }
+
+    for setting in ["maxmemory-policy noeviction", "maxmemory 1"] {
+        let reply = cluster.nodes[2].command(&format!("CONFIG SET {setting}"));
+        assert_eq!(reply.as_deref().map(str::trim), Some("+OK"), "{setting}");
+    }
+    assert_eq!(
+        poll_until(300, ready, |s| *s == 503).await,
+        503,
+        "a master refuses writes"
+    );
+    let metrics = gw.admin_get("/metrics").await.body;
+    assert_eq!(sample(&metrics, "reset_gateway_store_up"), Some(0.0));
+    cluster.nodes[2].command("CONFIG SET maxmemory 0");
+    assert_eq!(poll_until(300, ready, |s| *s == 200).await, 200);
 }

@@ -258,7 +258,7 @@ impl RedisStore {
         let answer = match &self.cluster {
             Some(cluster) => {
                 cluster
-                    .every_master_answers(&self.script, self.timeout)
+                    .every_master_answers(&self.script, &self.prefix, self.timeout)
                     .await
             }
             None => self.probe_master().await,

@@ -37,9 +37,8 @@ pub(super) struct Cluster {
     pub(super) config: redis::cluster::ClusterConfig,
     /// The probe's connection; made on first use, then reconnected by the client itself.
     pub(super) probe: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
-    /// The probe's own connection to each master it asked, by the master's name in logs
-    /// (`master host:port`).
-    masters_pinged: tokio::sync::Mutex<Vec<(String, MultiplexedConnection)>>,
+    /// The probe's own connection to each master it asked.
+    masters_pinged: tokio::sync::Mutex<Vec<ProbedMaster>>,
     /// What every thread's batching needs to send one call per master.
     pub(super) nodes: Arc<NodeCalls>,
 }
@@ -74,10 +73,13 @@ impl Cluster {
     /// asked over a connection of the probe's own: the cluster client's `PING` to all
     /// masters passes over one whose connection it has dropped. A master whose ACL leaves
     /// `CLUSTER INFO` out (`NOPERM`) counts as whole once it answers. Each master is then
-    /// asked to run the script for no request: one that refuses it fails every request.
+    /// asked to run the script for no request (one that refuses it fails every request), and
+    /// to write a key of the probe's own in one of its slots: a master at `maxmemory` that
+    /// evicts nothing answers the rest but refuses every write (`OOM`).
     pub(super) async fn every_master_answers(
         &self,
         script: &redis::Script,
+        prefix: &str,
         timeout: Duration,
     ) -> Result<(), String> {
         let mut connection = self
@@ -95,12 +97,14 @@ impl Cluster {
         let map = SlotOwners::parse(&reply).ok_or("CLUSTER SLOTS: an answer not understood")?;
         let urls: Option<Vec<_>> = map
             .masters
-            .into_iter()
-            .map(|address| {
-                let (host, port) = address?;
-                let url = settings::node_url(self.nodes.direct.scheme, &host, port);
+            .iter()
+            .enumerate()
+            .map(|(index, address)| {
+                let (host, port) = address.as_ref()?;
+                let url = settings::node_url(self.nodes.direct.scheme, host, *port);
                 let client = self.nodes.direct.settings.client_at(&url, true).ok()?;
-                Some((format!("master {host}:{port}"), client))
+                let slot = map.owner.iter().position(|&o| usize::from(o) == index)?;
+                Some((format!("master {host}:{port}"), client, slot as u16))
             })
             .collect();
         let Some(masters) = urls else {
@@ -117,17 +121,18 @@ impl Cluster {
             return answer_in_time(timeout, ping).await.map(|_| ());
         };
         let mut pinged = self.masters_pinged.lock().await;
-        pinged.retain(|(named, _)| masters.iter().any(|(m, _)| m == named));
+        pinged.retain(|probed| masters.iter().any(|(m, ..)| *m == probed.named));
         let mut verdict = Ok(());
-        for (named, client) in masters {
-            let known = pinged.iter().position(|(m, _)| *m == named);
-            let mut connection = match known {
-                Some(at) => pinged.swap_remove(at).1,
+        for (named, client, slot) in masters {
+            let known = pinged.iter().position(|probed| probed.named == named);
+            let (mut connection, key) = match known.map(|at| pinged.swap_remove(at)) {
+                Some(probed) if probed.key.0 == slot => (probed.connection, probed.key),
+                Some(probed) => (probed.connection, (slot, probe_key(prefix, slot))),
                 None => {
                     // Connecting takes a handshake or two more than a call (TLS, AUTH).
                     let wait = timeout.max(Duration::from_millis(250));
                     match answer_in_time(wait, client.get_multiplexed_async_connection()).await {
-                        Ok(connection) => connection,
+                        Ok(connection) => (connection, (slot, probe_key(prefix, slot))),
                         Err(cause) => return Err(format!("{named}: {cause}")),
                     }
                 }
@@ -150,10 +155,46 @@ impl Cluster {
                 Ok(Err(cause)) => return Err(format!("{named}: {cause}")),
                 Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
             }
-            pinged.push((named, connection));
+            let write = super::batch::write_probe(&mut connection, &key.1);
+            match tokio::time::timeout(timeout, write).await {
+                Ok(Ok(())) => {}
+                // The slot moved since `CLUSTER SLOTS`: the next probe writes where it went.
+                Ok(Err(cause)) if cause.contains("MOVED") || cause.contains("ASK") => {}
+                Ok(Err(cause)) => return Err(format!("{named}: {cause}")),
+                Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
+            }
+            pinged.push(ProbedMaster {
+                named,
+                connection,
+                key,
+            });
         }
         verdict
     }
+}
+
+/// A master the probe asked: its name in logs (`master host:port`), the probe's connection
+/// to it, and the probe's key in one of its slots (the slot, the key).
+struct ProbedMaster {
+    named: String,
+    connection: MultiplexedConnection,
+    key: (u16, String),
+}
+
+/// The probe's own key in `slot`: `{prefix:probe:N}`, with the first `N` whose hash tag
+/// falls there (about 16,000 tries on average, once per master and slot map).
+fn probe_key(prefix: &str, slot: u16) -> String {
+    let head = format!("{prefix}:probe:");
+    let mut crc = crc16::State::<crc16::XMODEM>::new();
+    crc.update(head.as_bytes());
+    let n = (0..1_000_000u32)
+        .find(|n| {
+            let mut tag = crc;
+            tag.update(n.to_string().as_bytes());
+            tag.get() % 16384 == slot
+        })
+        .unwrap_or_default();
+    format!("{{{head}{n}}}")
 }
 
 /// Calls that decide the groups of many requests on one master at once.
@@ -619,5 +660,21 @@ impl RedisStore {
             queues.push((self.id, (0, 0), sender.clone()));
             sender
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe_key;
+
+    #[test]
+    fn the_probe_key_falls_in_the_slot_asked_for() {
+        for slot in [0, 1, 5460, 5461, 10922, 10923, 16383] {
+            let key = probe_key("reset-gateway", slot);
+            let tag = key.trim_start_matches('{').trim_end_matches('}');
+            assert!(tag.starts_with("reset-gateway:probe:"), "{key}");
+            let crc = crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes());
+            assert_eq!(crc % 16384, slot, "{key}");
+        }
     }
 }
