@@ -232,6 +232,65 @@ async fn a_raised_log_level_keeps_the_access_log_unless_it_names_it() {
     assert!(lines.is_empty(), "{lines:?}");
 }
 
+/// At `trace`, every library's lines pass but the HTTP/2 library's, which writes the
+/// target of a request it refuses (an app that did not encode a space in the address)
+/// unless the level names `h2`.
+#[tokio::test]
+async fn no_raw_address_in_any_line_at_trace_level() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml(&mock.url(), "", "log:\n  level: trace\n")).unwrap();
+    let mut gateway = spawn_gateway(&config);
+    // HTTP/2 by hand, since a client library would not send that target: the preface,
+    // empty SETTINGS, and one HEADERS frame of literal fields (HPACK, no Huffman coding).
+    let target = format!("{RESET}?email=hidden person@example.com");
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "gateway"),
+        (":path", target.as_str()),
+        ("qb-token", IOS_TOKEN),
+    ] {
+        block.push(0);
+        for text in [name, value] {
+            block.push(u8::try_from(text.len()).unwrap());
+            block.extend_from_slice(text.as_bytes());
+        }
+    }
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    bytes.extend_from_slice(&u32::try_from(block.len()).unwrap().to_be_bytes()[1..]);
+    bytes.extend_from_slice(&[1, 0x05, 0, 0, 0, 1]); // HEADERS, END_STREAM | END_HEADERS, stream 1
+    bytes.extend_from_slice(&block);
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    // The server's frames, up to the stream's reset (RST_STREAM, type 3): it was refused.
+    let mut read = Vec::new();
+    let refused = loop {
+        let mut chunk = [0u8; 256];
+        let n = stream.read(&mut chunk).await.unwrap();
+        read.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        let mut types = Vec::new();
+        while let Some(head) = read.get(at..at + 9) {
+            types.push(head[3]);
+            at +=
+                9 + (usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]));
+        }
+        if n == 0 || types.contains(&3) {
+            break types.contains(&3);
+        }
+    };
+    assert!(refused, "{read:?}");
+    drop(stream);
+    gateway.signal("TERM");
+    let logs = gateway.logs_to_end();
+    let leaks: Vec<_> = logs.iter().filter(|l| l.contains("hidden")).collect();
+    assert!(leaks.is_empty(), "{leaks:#?}");
+}
+
 #[tokio::test]
 async fn denials_full_logs_every_denial() {
     let lines = flood(200, "  denials: full\n").await;
