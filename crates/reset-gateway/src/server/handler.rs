@@ -176,6 +176,8 @@ async fn handle(
     let started = Instant::now();
     let received = std::time::SystemTime::now();
     let id = request_id::resolve(request.headers());
+    let head_over_h2 =
+        request.method() == http::Method::HEAD && request.version() == http::Version::HTTP_2;
     // A refusal made here, before the guard: a malformed request, or one out of time.
     let (mut response, refused) = match malformed(&request, context.max_uri_bytes) {
         Some(refusal) => {
@@ -229,7 +231,24 @@ async fn handle(
             metrics.upstream(status.as_u16(), exchange.duration);
         }
     }
+    if head_over_h2 {
+        without_body(&mut response);
+    }
     Ok(response.map(|body| TrackedBody::new(body, open)))
+}
+
+/// An answer to HEAD carries no body. hyper leaves one out over HTTP/1.1 itself, but over
+/// HTTP/2 it sends what it is given, and a client that receives DATA on an answer to HEAD
+/// fails the stream (`PROTOCOL_ERROR`). Its `Content-Length` stays the body's, as a GET's.
+fn without_body(response: &mut Response<GatewayBody>) {
+    use http_body::Body as _;
+    if let Some(length) = response.body().size_hint().exact() {
+        response
+            .headers_mut()
+            .entry(http::header::CONTENT_LENGTH)
+            .or_insert_with(|| length.into());
+    }
+    *response.body_mut() = GuardBody::default();
 }
 
 /// A request waiting for its answer (on QuickBlox, Redis, or `min_latency`). Dropped

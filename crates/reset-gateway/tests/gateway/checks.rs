@@ -414,6 +414,32 @@ async fn http2_cleartext_is_served() {
     );
 }
 
+/// An answer to HEAD over HTTP/2 has no body (a DATA frame there is a protocol error to
+/// the client), and the `Content-Length` a GET's answer would have.
+#[tokio::test]
+async fn http2_answers_to_head_have_no_body() {
+    use http_body_util::{BodyExt, Empty};
+
+    let gw = Gateway::start("").await;
+    // The same answer as to HEAD, with its body: a GET's to a path with no route, a POST's
+    // to the reset path (HEAD is not GET there).
+    for (path, method, status) in [("/nothing", "GET", 404), (RESET, "POST", 405)] {
+        let get = gw.send(method, path, &[], "").await;
+        assert_eq!(get.status, status);
+        assert!(!get.body.is_empty());
+        let mut sender = h2_connect(gw.addr).await;
+        let request = http::Request::head(format!("http://{}{path}", gw.addr))
+            .body(Empty::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), status);
+        let length = response.headers()[http::header::CONTENT_LENGTH].clone();
+        assert_eq!(length.to_str().unwrap(), get.body.len().to_string());
+        let body = response.into_body().collect().await;
+        assert!(body.unwrap().to_bytes().is_empty(), "{path}");
+    }
+}
+
 #[tokio::test]
 async fn slow_request_heads_are_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
