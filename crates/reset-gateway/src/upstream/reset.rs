@@ -3,9 +3,10 @@
 use std::net::IpAddr;
 
 use http::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONTENT_LANGUAGE, CONTENT_TYPE, RETRY_AFTER, VARY,
+    ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LANGUAGE,
+    CONTENT_TYPE, RETRY_AFTER, VARY,
 };
-use http::{HeaderMap, HeaderName, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty, Limited};
 use hyper::body::Incoming;
 use reset_guard::{GuardBody, GuardedRequest};
@@ -64,6 +65,12 @@ impl UpstreamClient {
             // if it hands the key back (as a 502 for a 200 it would replace, it would tell
             // accounts apart).
             if !guarded.answer_replaced(status) {
+                // A body in a content coding could be checked for the key only once
+                // decoded, and the client would get it without its Content-Encoding.
+                if coded(&parts.headers) {
+                    warn_once_coded();
+                    return Err((Refusal::UpstreamUnavailable, Some(status)));
+                }
                 keep_answer_headers(&mut parts.headers);
                 if let Some(key) = &upstream_key {
                     if carries(&parts.headers, &body, key.as_bytes()) {
@@ -106,10 +113,13 @@ impl UpstreamClient {
         uri.push('?');
         guarded.write_email_query(&mut uri);
         let uri = Uri::try_from(uri).ok()?;
-        let mut headers = HeaderMap::with_capacity(settings.pass_headers.len() + 3);
+        let mut headers = HeaderMap::with_capacity(settings.pass_headers.len() + 4);
         if let Some(key) = incoming.get(AUTHORIZATION) {
             headers.insert(AUTHORIZATION, key.clone());
         }
+        // The answer is checked as it comes: without this, any coding would be acceptable
+        // (RFC 9110 §12.5.3), and a CDN before QuickBlox may compress.
+        headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         if let Some(id) = incoming.get(&X_REQUEST_ID) {
             headers.insert(X_REQUEST_ID.clone(), id.clone());
         }
@@ -165,15 +175,59 @@ fn keep_answer_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether the answer holds the key of `key` (the `Authorization` value sent). A key too
-/// short to tell from ordinary text is not looked for.
+/// Whether the answer holds the key of `key` (the `Authorization` value sent): as it is,
+/// JSON-escaped (`\/` for `/`) or percent-encoded (hex digits in either case), the forms
+/// an upstream that echoes a request writes it in. A key too short to tell from ordinary
+/// text is not looked for.
 fn carries(headers: &HeaderMap, body: &[u8], key: &[u8]) -> bool {
     let secret = key.strip_prefix(b"ApiKey ").unwrap_or(key);
     if secret.len() < 8 {
         return false;
     }
-    let holds = |bytes: &[u8]| memchr::memmem::find(bytes, secret).is_some();
+    let forms = key_forms(secret);
+    let holds = |bytes: &[u8]| {
+        forms
+            .iter()
+            .any(|form| memchr::memmem::find(bytes, form).is_some())
+    };
     holds(body) || headers.values().any(|v| holds(v.as_bytes()))
+}
+
+/// `secret` as it is, and each other form it can be written in (for a key of letters,
+/// digits and `-._~`, none).
+fn key_forms(secret: &[u8]) -> Vec<Vec<u8>> {
+    let mut json = Vec::with_capacity(secret.len());
+    let (mut upper, mut lower) = (Vec::new(), Vec::new());
+    for &b in secret {
+        if b == b'/' {
+            json.push(b'\\');
+        }
+        json.push(b);
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            upper.push(b);
+            lower.push(b);
+        } else {
+            let hex = format!("%{b:02X}");
+            upper.extend_from_slice(hex.as_bytes());
+            lower.extend_from_slice(hex.to_ascii_lowercase().as_bytes());
+        }
+    }
+    let mut forms = vec![secret.to_vec()];
+    for form in [json, upper, lower] {
+        if !forms.contains(&form) {
+            forms.push(form);
+        }
+    }
+    forms
+}
+
+/// Whether the answer's body is in a content coding (`gzip`, ...): `identity` is none.
+fn coded(headers: &HeaderMap) -> bool {
+    headers.get_all(CONTENT_ENCODING).iter().any(|coding| {
+        coding.as_bytes().split(|&b| b == b',').any(|c| {
+            !c.trim_ascii().is_empty() && !c.trim_ascii().eq_ignore_ascii_case(b"identity")
+        })
+    })
 }
 
 /// Said once per process: if QuickBlox echoes the key, it does so on every request.
@@ -183,6 +237,18 @@ fn warn_once_key_reflected() {
         tracing::error!(
             "QuickBlox's answer to a reset held the server API key: withheld, the client gets 502 \
              (said once)"
+        );
+    }
+}
+
+/// Said once per process: an upstream that compresses despite `Accept-Encoding: identity`
+/// does so on every answer.
+fn warn_once_coded() {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::error!(
+            "QuickBlox answered a reset in a content coding (Content-Encoding), which the gateway \
+             cannot check for the API key: withheld, the client gets 502 (said once)"
         );
     }
 }
@@ -216,5 +282,37 @@ mod tests {
         headers.insert(CONTENT_TYPE, "text/s3cr3t-key".parse().unwrap());
         assert!(carries(&headers, b"", key));
         assert!(!carries(&HeaderMap::new(), b"{\"errors\":[]}", key));
+    }
+
+    #[test]
+    fn the_key_is_found_json_escaped_or_percent_encoded() {
+        let key = b"ApiKey QBKEY/super+secret=0123";
+        for body in [
+            &b"{\"auth\":\"ApiKey QBKEY\\/super+secret=0123\"}"[..],
+            b"auth=ApiKey%20QBKEY%2Fsuper%2Bsecret%3D0123",
+            b"auth=ApiKey%20QBKEY%2fsuper%2bsecret%3d0123",
+        ] {
+            assert!(
+                carries(&HeaderMap::new(), body, key),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // A key of unreserved characters has one form only.
+        assert_eq!(key_forms(b"abc-DEF_123.x~y").len(), 1);
+    }
+
+    #[test]
+    fn a_coded_answer_is_told_apart_from_identity() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_ENCODING, value.parse().unwrap());
+            coded(&headers)
+        };
+        assert!(!coded(&HeaderMap::new()));
+        assert!(!with("identity"));
+        assert!(!with("Identity"));
+        assert!(with("gzip"));
+        assert!(with("identity, br"));
     }
 }
