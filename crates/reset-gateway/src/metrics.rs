@@ -154,6 +154,7 @@ impl Metrics {
         // family).
         let outcome_counters = AccessRecord::FORWARD_OUTCOMES
             .iter()
+            .chain([AccessRecord::PREFLIGHT].iter())
             .chain(Rejection::OUTCOMES.iter())
             .chain(Refusal::OUTCOMES.iter())
             .map(|&outcome| {

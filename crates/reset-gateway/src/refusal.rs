@@ -34,6 +34,10 @@ pub enum Refusal {
     /// A forwarded request's body stopped arriving before QuickBlox could answer.
     #[error("request body not received in time")]
     ClientBodyTimeout,
+    /// A CORS preflight from an origin not in `server.cors.allow_origins`: a browser would
+    /// refuse the call anyway; the 403 says why to whoever reads it.
+    #[error("CORS preflight from an origin not allowed")]
+    OriginNotAllowed,
     /// QuickBlox could not be reached or answered badly.
     #[error("upstream unavailable")]
     UpstreamUnavailable,
@@ -44,13 +48,14 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every label [`outcome`](Refusal::outcome) gives, for counters made ahead of use.
-    pub const OUTCOMES: [&'static str; 8] = [
+    pub const OUTCOMES: [&'static str; 9] = [
         "host_required",
         "target_too_long",
         "not_proxied",
         "transfer_coding_unsupported",
         "client_body_invalid",
         "client_body_timeout",
+        "origin_refused",
         "upstream_unavailable",
         "upstream_timeout",
     ];
@@ -64,6 +69,7 @@ impl Refusal {
             Refusal::TargetTooLong => StatusCode::URI_TOO_LONG,
             Refusal::TransferCodingUnsupported => StatusCode::NOT_IMPLEMENTED,
             Refusal::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::OriginNotAllowed => StatusCode::FORBIDDEN,
             Refusal::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -71,7 +77,7 @@ impl Refusal {
 
     /// A short label for logs and metrics.
     pub fn outcome(self) -> &'static str {
-        let [host, target, not_proxied, coding, body, body_timeout, unavailable, timeout] =
+        let [host, target, not_proxied, coding, body, body_timeout, origin, unavailable, timeout] =
             Self::OUTCOMES;
         match self {
             Refusal::HostRequired => host,
@@ -80,6 +86,7 @@ impl Refusal {
             Refusal::TransferCodingUnsupported => coding,
             Refusal::ClientBodyInvalid => body,
             Refusal::ClientBodyTimeout => body_timeout,
+            Refusal::OriginNotAllowed => origin,
             Refusal::UpstreamUnavailable => unavailable,
             Refusal::UpstreamTimeout => timeout,
         }
@@ -104,6 +111,7 @@ impl Refusal {
             Refusal::ClientBodyTimeout => {
                 r#"{"errors":{"base":["Request body not received in time"]}}"#
             }
+            Refusal::OriginNotAllowed => r#"{"errors":{"base":["Origin not allowed"]}}"#,
             Refusal::UpstreamUnavailable | Refusal::UpstreamTimeout => {
                 r#"{"errors":{"base":["Upstream unavailable"]}}"#
             }
@@ -129,13 +137,14 @@ impl Refusal {
 mod tests {
     use super::*;
 
-    const ALL: [Refusal; 8] = [
+    const ALL: [Refusal; 9] = [
         Refusal::HostRequired,
         Refusal::TargetTooLong,
         Refusal::NotProxied,
         Refusal::TransferCodingUnsupported,
         Refusal::ClientBodyInvalid,
         Refusal::ClientBodyTimeout,
+        Refusal::OriginNotAllowed,
         Refusal::UpstreamUnavailable,
         Refusal::UpstreamTimeout,
     ];

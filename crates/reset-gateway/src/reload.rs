@@ -75,7 +75,13 @@ impl Fixed {
             ("server.max_uri_bytes", server.max_uri_bytes.to_string()),
             (
                 "server.cors",
-                format!("{:?} {:?}", server.cors_origins, server.cors_max_age),
+                format!(
+                    "{:?} {:?} {} {:?}",
+                    server.cors_origins,
+                    server.cors_allow_headers,
+                    server.cors_allow_credentials,
+                    server.cors_max_age
+                ),
             ),
             ("log", format!("{:?}", settings.log)),
         ]);

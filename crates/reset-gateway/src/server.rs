@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderName, Method};
+use http::header::{ALLOW, RETRY_AFTER};
+use http::Method;
 use reset_guard::{GuardHandle, ResetGuardLayer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -20,7 +20,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::admin::{self, AdminState};
 use crate::config::Settings;
-use crate::header_names::{QB_TOKEN, RATELIMIT, RATELIMIT_POLICY};
+use crate::header_names::{RATELIMIT, RATELIMIT_POLICY};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::request_id::X_REQUEST_ID;
@@ -99,13 +99,14 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let forwarder = Forwarder::new(settings.upstream.clone(), cors.is_some())?;
         let service = tower::ServiceBuilder::new()
             // CORS first: a browser's preflight is answered here, before any check.
-            .option_layer(cors)
+            .option_layer(cors.clone())
             // The guard sits in front of the forwarder: nothing it rejects costs an upstream call.
             .layer(layer.clone())
             .service(forwarder.clone());
         forwarders.push(forwarder);
         workers.push(Arc::new(WorkerContext {
             service,
+            cors,
             include_email: settings.log.include_email,
             denials: denials.clone(),
             request_timeout: server.request_timeout,
@@ -157,15 +158,16 @@ fn cors(settings: &Settings) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(AllowOrigin::list(origins.iter().cloned()))
             .allow_methods([Method::GET])
-            .allow_headers([
-                QB_TOKEN,
-                AUTHORIZATION,
-                CONTENT_TYPE,
+            .allow_headers(settings.server.cors_allow_headers.clone())
+            .allow_credentials(settings.server.cors_allow_credentials)
+            // `Allow` too: a 405 names the methods the path takes.
+            .expose_headers([
+                RETRY_AFTER,
+                RATELIMIT,
+                RATELIMIT_POLICY,
                 X_REQUEST_ID,
-                HeaderName::from_static("qb-sdk"),
-                HeaderName::from_static("qb-os"),
+                ALLOW,
             ])
-            .expose_headers([RETRY_AFTER, RATELIMIT, RATELIMIT_POLICY, X_REQUEST_ID])
             .max_age(settings.server.cors_max_age),
     )
 }

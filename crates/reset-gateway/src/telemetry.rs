@@ -131,6 +131,8 @@ pub struct AccessRecord<'a> {
     pub rejection: Option<&'a Rejection>,
     /// The connection ended before an answer was made.
     pub cut: bool,
+    /// A CORS preflight, answered by the gateway (origin allowed).
+    pub preflight: bool,
     pub refusal: Option<Refusal>,
     pub upstream: Option<&'a UpstreamExchange>,
     pub uniform: Option<&'a UpstreamStatus>,
@@ -145,6 +147,9 @@ impl AccessRecord<'_> {
     /// The outcome of a request whose connection ended before its answer was made.
     pub const CUT: &'static str = "cut";
 
+    /// The outcome of a CORS preflight from an allowed origin.
+    pub const PREFLIGHT: &'static str = "preflight";
+
     /// The status logged for it: nginx's 499, "client closed request".
     pub const CUT_STATUS: StatusCode = match StatusCode::from_u16(499) {
         Ok(status) => status,
@@ -156,6 +161,9 @@ impl AccessRecord<'_> {
         let [forwarded, passed_through] = Self::FORWARD_OUTCOMES;
         if self.cut {
             return Self::CUT;
+        }
+        if self.preflight {
+            return Self::PREFLIGHT;
         }
         match (self.refusal, self.rejection, self.guarded) {
             (Some(refusal), _, _) => refusal.outcome(),
@@ -181,10 +189,15 @@ impl AccessRecord<'_> {
             || self.client.map_or(self.peer, ClientIp::ip),
             Attribution::client_ip,
         );
-        // Requests the guard refused, and requests cut while they waited (a client resetting
-        // HTTP/2 streams as fast as it opens them would otherwise write a line each);
-        // forwarded ones (and failed forwards) always get a line.
-        if (self.rejection.is_some() && self.refusal.is_none()) || self.cut {
+        // Requests the guard refused, requests cut while they waited (a client resetting
+        // HTTP/2 streams as fast as it opens them would otherwise write a line each), and
+        // CORS preflights, which cost a client nothing to repeat; forwarded ones (and failed
+        // forwards) always get a line.
+        if (self.rejection.is_some() && self.refusal.is_none())
+            || self.cut
+            || self.preflight
+            || self.refusal == Some(Refusal::OriginNotAllowed)
+        {
             let denial = Denial {
                 outcome,
                 limit,

@@ -85,6 +85,11 @@ pub struct ProxyProtocolConfig {
 pub struct CorsConfig {
     /// Origins allowed to call the gateway from a browser (`https://app.example`); empty: CORS off.
     pub allow_origins: Vec<String>,
+    /// Request headers a browser may send besides [`CORS_HEADERS`] (a tracing SDK's own).
+    pub allow_headers: Vec<String>,
+    /// Whether a request sent with credentials (`credentials: "include"`, `withCredentials`)
+    /// may be read: the gateway reads no cookie, so only for apps that send them anyway.
+    pub allow_credentials: bool,
     /// How long browsers may cache a preflight answer.
     pub max_age: ConfigDuration,
 }
@@ -93,9 +98,61 @@ impl Default for CorsConfig {
     fn default() -> Self {
         CorsConfig {
             allow_origins: Vec::new(),
+            allow_headers: Vec::new(),
+            allow_credentials: false,
             max_age: ConfigDuration::from_secs(600),
         }
     }
+}
+
+/// The request headers a browser may always send: the credentials, the QuickBlox SDK's
+/// own, and the tracing headers browser SDKs add to every call (W3C trace context,
+/// baggage, Sentry's), which would otherwise fail each call in its preflight.
+pub const CORS_HEADERS: [&str; 10] = [
+    "qb-token",
+    "authorization",
+    "content-type",
+    "x-request-id",
+    "qb-sdk",
+    "qb-os",
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "sentry-trace",
+];
+
+/// An origin as a browser sends it in `Origin`: scheme and host in lower case, without the
+/// scheme's default port, so that what is configured can match it byte for byte.
+fn browser_origin(origin: &str) -> Result<http::HeaderValue, String> {
+    let like = "is not an origin like https://app.example";
+    let uri = origin
+        .parse::<Uri>()
+        .map_err(|_| format!("{origin:?} {like}"))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(format!("{origin:?} {like}"));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return Err(format!("{origin:?} {like}")),
+    };
+    if uri.path() != "/" || origin.ends_with('/') || authority.as_str().contains('@') {
+        return Err(format!(
+            "{origin:?} {like} (no path, user or trailing slash)"
+        ));
+    }
+    let host = authority.host().to_ascii_lowercase();
+    if host.contains('*') {
+        return Err(format!(
+            "{origin:?}: wildcards are not supported; list each origin"
+        ));
+    }
+    let origin = match authority.port_u16() {
+        Some(port) if port != default_port => format!("{scheme}://{host}:{port}"),
+        _ => format!("{scheme}://{host}"),
+    };
+    http::HeaderValue::from_str(&origin).map_err(|_| format!("{origin:?} {like}"))
 }
 
 /// `admin`.
@@ -135,8 +192,12 @@ pub struct ServerSettings {
     pub max_uri_bytes: usize,
     /// TLS files, if TLS is on.
     pub tls: Option<TlsConfig>,
-    /// Allowed CORS origins (empty: off) and preflight cache time.
+    /// Allowed CORS origins, as browsers write them (empty: off).
     pub cors_origins: Vec<http::HeaderValue>,
+    /// Request headers a preflight may name: [`CORS_HEADERS`] and `allow_headers`.
+    pub cors_allow_headers: Vec<http::HeaderName>,
+    /// Requests with credentials may be read.
+    pub cors_allow_credentials: bool,
     /// Preflight cache time.
     pub cors_max_age: Duration,
     /// Admin listener.
@@ -191,20 +252,26 @@ impl ServerConfig {
         }
         let mut cors_origins = Vec::new();
         for (i, origin) in self.cors.allow_origins.iter().enumerate() {
-            let valid = origin.parse::<Uri>().ok().filter(|u| {
-                matches!(u.scheme_str(), Some("http" | "https"))
-                    && u.path() == "/"
-                    && !origin.ends_with('/')
-            });
-            let value = valid
-                .and_then(|_| http::HeaderValue::from_str(origin).ok())
-                .ok_or_else(|| {
-                    ConfigError::new(
-                        format!("server.cors.allow_origins[{i}]"),
-                        format!("{origin:?} is not an origin like https://app.example"),
-                    )
-                })?;
-            cors_origins.push(value);
+            let value = browser_origin(origin)
+                .map_err(|why| ConfigError::new(format!("server.cors.allow_origins[{i}]"), why))?;
+            if !cors_origins.contains(&value) {
+                cors_origins.push(value);
+            }
+        }
+        let mut cors_allow_headers: Vec<http::HeaderName> = CORS_HEADERS
+            .iter()
+            .map(|name| http::HeaderName::from_static(name))
+            .collect();
+        for (i, name) in self.cors.allow_headers.iter().enumerate() {
+            let name = http::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+                ConfigError::new(
+                    format!("server.cors.allow_headers[{i}]"),
+                    format!("{name:?} is not a header name"),
+                )
+            })?;
+            if !cors_allow_headers.contains(&name) {
+                cors_allow_headers.push(name);
+            }
         }
         if let Some(proxy) = &self.proxy_protocol {
             if proxy.trusted.is_empty() {
@@ -241,6 +308,8 @@ impl ServerConfig {
             max_uri_bytes: self.max_uri_bytes,
             tls: self.tls.clone(),
             cors_origins,
+            cors_allow_headers,
+            cors_allow_credentials: self.cors.allow_credentials,
             cors_max_age: self.cors.max_age.0,
             admin_listen: admin.listen,
             proxy_protocol: self
@@ -266,7 +335,37 @@ fn clash(a: SocketAddr, b: SocketAddr) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::clash;
+    use super::{browser_origin, clash};
+
+    #[test]
+    fn origins_are_written_as_browsers_send_them() {
+        for (configured, sent) in [
+            ("https://app.example", "https://app.example"),
+            ("HTTPS://App.Example:443", "https://app.example"),
+            ("http://LOCALHOST:39110", "http://localhost:39110"),
+            ("http://app.example:80", "http://app.example"),
+            ("https://app.example:8443", "https://app.example:8443"),
+            ("http://[::1]:3000", "http://[::1]:3000"),
+        ] {
+            assert_eq!(browser_origin(configured).unwrap(), sent, "{configured}");
+        }
+        for refused in [
+            "https://*.example.com",
+            "https://app.example/",
+            "https://app.example/path",
+            "https://user@app.example",
+            "ftp://app.example",
+            "app.example",
+            "*",
+            "null",
+        ] {
+            let why = browser_origin(refused).unwrap_err();
+            assert!(why.contains(refused), "{why}");
+        }
+        assert!(browser_origin("https://*.example.com")
+            .unwrap_err()
+            .contains("wildcards are not supported"));
+    }
 
     #[test]
     fn listeners_clash_on_one_port_where_one_covers_the_other() {

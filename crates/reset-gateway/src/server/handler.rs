@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::ACCESS_CONTROL_ALLOW_ORIGIN;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use reset_guard::Attribution;
@@ -18,7 +19,7 @@ use reset_guard::{
 use tokio::time::Instant;
 use tower::util::Either;
 use tower::ServiceExt;
-use tower_http::cors::Cors;
+use tower_http::cors::{Cors, CorsLayer};
 
 use super::idle::{Activity, RequestOpen, TrackedBody};
 use crate::admin::AdminState;
@@ -36,6 +37,8 @@ pub(super) type Stack = Either<Cors<ResetGuard<Forwarder>>, ResetGuard<Forwarder
 /// What every connection of one worker reads.
 pub(super) struct WorkerContext {
     pub(super) service: Stack,
+    /// The CORS layer of `service`, when on: for the answers made outside it.
+    pub(super) cors: Option<CorsLayer>,
     pub(super) include_email: bool,
     pub(super) denials: Arc<DenialLog>,
     pub(super) request_timeout: Duration,
@@ -178,8 +181,18 @@ async fn handle(
     let id = request_id::resolve(request.headers());
     let head_over_h2 =
         request.method() == http::Method::HEAD && request.version() == http::Version::HTTP_2;
+    let origin = context
+        .cors
+        .as_ref()
+        .and_then(|_| request.headers().get(http::header::ORIGIN).cloned());
+    // What the CORS layer answers itself; any other OPTIONS goes to the guard as any method.
+    let preflight = origin.is_some()
+        && request.method() == http::Method::OPTIONS
+        && request
+            .headers()
+            .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
     // A refusal made here, before the guard: a malformed request, or one out of time.
-    let (mut response, refused) = match malformed(&request, context.max_uri_bytes) {
+    let (mut response, mut refused) = match malformed(&request, context.max_uri_bytes) {
         Some(refusal) => {
             let mut response = refusal.to_response().map(GuardBody::full);
             // Its line names the client behind trusted proxies, as the guard's would.
@@ -197,11 +210,27 @@ async fn handle(
                 peer,
                 started,
             };
-            let answer = answer(&context, request).await;
+            let answer = answer(&context, request, preflight).await;
             std::mem::forget(unanswered);
             answer
         }
     };
+    match (&context.cors, origin) {
+        // A browser would refuse the call anyway: the 403 says why to whoever reads it.
+        _ if preflight
+            && refused.is_none()
+            && !response.headers().contains_key(ACCESS_CONTROL_ALLOW_ORIGIN) =>
+        {
+            let refusal = Refusal::OriginNotAllowed;
+            response = refusal.to_response().map(GuardBody::full);
+            refused = Some(refusal);
+        }
+        // An answer made outside the stack, readable by the page as any other.
+        (Some(cors), Some(origin)) if refused.is_some() => {
+            response = with_cors(cors, origin, response).await;
+        }
+        _ => {}
+    }
     response.headers_mut().insert(X_REQUEST_ID, id.clone());
     let extensions = response.extensions();
     let upstream = extensions.get::<UpstreamExchange>();
@@ -216,6 +245,7 @@ async fn handle(
         client: extensions.get::<ClientIp>(),
         rejection: extensions.get::<Rejection>(),
         cut: false,
+        preflight: preflight && refused.is_none(),
         refusal: refused.or(upstream.and_then(|u| u.refusal)),
         upstream,
         uniform: extensions.get::<UpstreamStatus>(),
@@ -235,6 +265,26 @@ async fn handle(
         without_body(&mut response);
     }
     Ok(response.map(|body| TrackedBody::new(body, open)))
+}
+
+/// `response`, made outside the service stack, with the CORS headers the stack gives an
+/// answer to a request from `origin` (none if it is not allowed).
+async fn with_cors(
+    cors: &CorsLayer,
+    origin: http::HeaderValue,
+    response: Response<GatewayBody>,
+) -> Response<GatewayBody> {
+    use tower::Layer as _;
+    let mut made = Some(response);
+    let answered = tower::service_fn(move |_: Request<()>| {
+        std::future::ready(Ok::<_, Infallible>(made.take().unwrap_or_default()))
+    });
+    let mut asked = Request::new(());
+    asked.headers_mut().insert(http::header::ORIGIN, origin);
+    match cors.layer(answered).oneshot(asked).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
 }
 
 /// An answer to HEAD carries no body. hyper leaves one out over HTTP/1.1 itself, but over
@@ -284,6 +334,7 @@ impl Drop for Unanswered<'_> {
             client: None,
             rejection: None,
             cut: true,
+            preflight: false,
             refusal: None,
             upstream: None,
             uniform: None,
@@ -295,12 +346,20 @@ impl Drop for Unanswered<'_> {
 }
 
 /// The guarded service's answer, or the refusal of a request still waiting for QuickBlox or
-/// Redis at `server.request_timeout`.
+/// Redis at `server.request_timeout`. An `OPTIONS` that is no CORS preflight skips the
+/// CORS layer (which would answer it as one): the guard answers it as any other method.
 async fn answer(
     context: &WorkerContext,
     request: Request<Incoming>,
+    preflight: bool,
 ) -> (Response<GatewayBody>, Option<Refusal>) {
-    let mut answer = std::pin::pin!(context.service.clone().oneshot(request));
+    let service = match &context.service {
+        Either::Left(cors) if request.method() == http::Method::OPTIONS && !preflight => {
+            Either::Right(cors.get_ref().clone())
+        }
+        service => service.clone(),
+    };
+    let mut answer = std::pin::pin!(service.oneshot(request));
     // Most answers (every rejection) are ready at once: only arm the request timer for the
     // ones that wait on QuickBlox or Redis.
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(answer.as_mut().poll(cx))).await;

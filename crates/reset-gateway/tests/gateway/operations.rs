@@ -255,6 +255,107 @@ async fn cors_preflight_and_exposed_headers_for_allowed_origins_only() {
     assert_eq!(other.header("access-control-allow-origin"), None);
 }
 
+/// What a browser app meets: an origin configured as people write it matches what the
+/// browser sends; tracing SDKs' headers and credentials pass when allowed; a preflight
+/// from another origin is a 403 that says why; an OPTIONS that is no preflight is any
+/// other method to the guard; and an answer the gateway makes before its checks (a target
+/// too long) is readable by the page too.
+#[tokio::test]
+async fn cors_as_a_browser_app_meets_it() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = with_server_keys(
+        &yaml(&mock.url(), "", ""),
+        "  max_uri_bytes: 256\n  cors:\n    allow_origins: [\"HTTPS://App.Example:443\"]\n    allow_headers: [x-datadog-trace-id]\n    allow_credentials: true\n",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let preflight = |origin: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.send(
+                "OPTIONS",
+                &format!("{RESET}?email=a%40b.io"),
+                &[
+                    ("Origin", origin),
+                    ("Access-Control-Request-Method", "GET"),
+                    (
+                        "Access-Control-Request-Headers",
+                        "qb-token,traceparent,sentry-trace,baggage,x-datadog-trace-id",
+                    ),
+                ],
+                "",
+            )
+            .await
+        }
+    };
+    let allowed = preflight("https://app.example").await;
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+    assert_eq!(
+        allowed.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let headers = allowed.header("access-control-allow-headers").unwrap();
+    for name in [
+        "qb-token",
+        "traceparent",
+        "sentry-trace",
+        "baggage",
+        "x-datadog-trace-id",
+    ] {
+        assert!(headers.contains(name), "{name} in {headers}");
+    }
+    assert_eq!(
+        allowed.header("access-control-allow-credentials"),
+        Some("true")
+    );
+
+    let refused = preflight("https://evil.example").await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    assert_eq!(
+        refused.body,
+        r#"{"errors":{"base":["Origin not allowed"]}}"#
+    );
+    assert_eq!(refused.header("access-control-allow-origin"), None);
+
+    // No preflight: no Origin, or no method asked for.
+    let plain = gw.send("OPTIONS", RESET, &[], "").await;
+    assert_eq!((plain.status, plain.header("allow")), (405, Some("GET")));
+    let no_method = gw
+        .send("OPTIONS", RESET, &[("Origin", "https://app.example")], "")
+        .await;
+    assert_eq!(no_method.status, 405, "{no_method:?}");
+
+    let long = format!("email={}%40b.io", "a".repeat(300));
+    let too_long = gw
+        .reset(
+            &long,
+            &[("QB-Token", IOS_TOKEN), ("Origin", "https://app.example")],
+        )
+        .await;
+    assert_eq!(too_long.status, 414);
+    assert_eq!(
+        too_long.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let reply = gw
+        .send("POST", RESET, &[("Origin", "https://app.example")], "")
+        .await;
+    assert_eq!(reply.status, 405);
+    let exposed = reply.header("access-control-expose-headers").unwrap();
+    assert!(exposed.to_lowercase().contains("allow"), "{exposed}");
+
+    let metrics = gw.admin_get("/metrics").await.body;
+    let count = |outcome: &str| {
+        sample(
+            &metrics,
+            &format!("reset_gateway_requests_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(count("preflight"), Some(1.0));
+    assert_eq!(count("origin_refused"), Some(1.0));
+    assert_eq!(count("passed_through"), Some(0.0));
+    assert!(gw.mock.requests().is_empty());
+}
+
 #[tokio::test]
 async fn tls_with_alpn_h2_and_http1() {
     use http_body_util::{BodyExt, Empty};
