@@ -60,6 +60,9 @@ impl UpstreamClient {
                 .map_err(|_| (Refusal::UpstreamUnavailable, Some(status)))?
                 .to_bytes();
             lease.release();
+            if status == http::StatusCode::UNAUTHORIZED {
+                warn_key_refused();
+            }
             // An answer the guard replaces whole (uniform answers) shows the client nothing
             // but that it came; one passed on is cut to what a client needs, and withheld
             // if it hands the key back (as a 502 for a 200 it would replace, it would tell
@@ -228,6 +231,34 @@ fn coded(headers: &HeaderMap) -> bool {
             !c.trim_ascii().is_empty() && !c.trim_ascii().eq_ignore_ascii_case(b"identity")
         })
     })
+}
+
+/// QuickBlox refusing the server key stops every reset email while uniform answers show
+/// clients a success: said at once, then at most once a minute with the count since.
+fn warn_key_refused() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static REFUSED: AtomicU64 = AtomicU64::new(0);
+    static SAID_AT: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let now = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs()
+        + 1;
+    REFUSED.fetch_add(1, Ordering::Relaxed);
+    let said = SAID_AT.load(Ordering::Relaxed);
+    if (said == 0 || now >= said + 60)
+        && SAID_AT
+            .compare_exchange(said, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let refused = REFUSED.swap(0, Ordering::Relaxed);
+        tracing::error!(
+            refused,
+            "QuickBlox answers resets with 401: it refuses the server API key (upstream.api_key_env \
+             or api_key_file), so no reset email is sent; under uniform answers clients still get 200"
+        );
+    }
 }
 
 /// Said once per process: if QuickBlox echoes the key, it does so on every request.

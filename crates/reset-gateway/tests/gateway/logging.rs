@@ -291,6 +291,39 @@ async fn no_raw_address_in_any_line_at_trace_level() {
     assert!(leaks.is_empty(), "{leaks:#?}");
 }
 
+/// QuickBlox refusing the server key sends no reset email, while uniform answers give
+/// every client a 200: the log says so, once, not once per request.
+#[tokio::test]
+async fn a_refused_server_key_is_said_in_the_log() {
+    let mock = MockServer::start(qb_mock::MockConfig {
+        api_key: "another-applications-key".to_owned(),
+        ..mock_config()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml(&mock.url(), "", "")).unwrap();
+    let mut gateway = spawn_gateway(&config);
+    for _ in 0..3 {
+        let reply = raw(
+            gateway.addr,
+            format!("GET {RESET}?email={ALICE} HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "uniform answers hide it from clients");
+    }
+    gateway.signal("TERM");
+    let logs = gateway.logs_to_end();
+    let said: Vec<_> = logs
+        .iter()
+        .filter(|l| l.contains("refuses the server API key"))
+        .collect();
+    assert_eq!(said.len(), 1, "{said:#?}");
+    assert!(said[0].contains("\"level\":\"ERROR\""), "{}", said[0]);
+    assert!(!said[0].contains(SERVER_KEY));
+}
+
 #[tokio::test]
 async fn denials_full_logs_every_denial() {
     let lines = flood(200, "  denials: full\n").await;
