@@ -91,7 +91,7 @@ chrome() { # page origin port -> the page's data-result
     --dump-dom "http://127.0.0.1:$1/page.html?gateway=http://127.0.0.1:$PLAIN&token=$TOKEN&email=alice@example.com" 2>/dev/null \
     | grep -o 'data-result="[^"]*"'
 }
-check "browser fetch from an allowed origin (preflight, then 200 with X-Request-Id exposed)" \
+check "browser fetch from an allowed origin (preflight with traceparent, then 200 with X-Request-Id exposed)" \
   'chrome "$PAGE" | grep -Eq "status=200 request-id=[0-9a-f]{32}"'
 check "browser fetch from another origin is blocked by CORS" \
   'chrome "$OTHER" | grep -q "error=TypeError"'

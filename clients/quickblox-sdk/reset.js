@@ -4,8 +4,10 @@
 const QB = require('quickblox');
 
 const [api, token, email] = process.argv.slice(2);
-QB.init(token, 12345, null, { endpoints: { api, chat: '127.0.0.1' }, debug: false });
-QB.users.resetPassword(email, (error) => {
+// An instance of its own, as an app whose other calls go to QuickBlox would use.
+const reset = new QB.QuickBlox();
+reset.init(token, 12345, null, { endpoints: { api, chat: '127.0.0.1' }, debug: false });
+reset.users.resetPassword(email, (error) => {
   if (error) {
     console.log('reset failed: ' + JSON.stringify(error));
     process.exit(1);
