@@ -144,6 +144,7 @@ impl UpstreamClient {
             origin,
             settings.pool_max_idle,
             settings.pool_idle_timeout,
+            settings.connect_timeout,
         )?;
         Ok(UpstreamClient {
             pool,

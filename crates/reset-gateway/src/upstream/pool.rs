@@ -52,6 +52,8 @@ struct PoolState {
     host: HeaderValue,
     max_idle: usize,
     idle_timeout: Duration,
+    /// Bounds TCP and TLS together (the connector's own timeout covers TCP only).
+    connect_timeout: Duration,
     /// HTTP/1.1 connections waiting for a request, the most recently used last.
     idle: Mutex<Vec<Idle>>,
     /// The HTTP/2 connection, and the connect that may bring one.
@@ -104,6 +106,7 @@ impl Pool {
         origin: Uri,
         max_idle: usize,
         idle_timeout: Duration,
+        connect_timeout: Duration,
     ) -> anyhow::Result<Pool> {
         let authority = origin
             .authority()
@@ -126,6 +129,7 @@ impl Pool {
                 origin,
                 max_idle,
                 idle_timeout,
+                connect_timeout,
                 idle: Mutex::new(Vec::new()),
                 // Plain HTTP is HTTP/1.1: only TLS can negotiate HTTP/2.
                 h2: Mutex::new(H2::new(plain)),

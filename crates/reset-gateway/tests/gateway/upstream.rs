@@ -43,6 +43,35 @@ async fn slow_hanging_and_endless_upstreams_are_a_504() {
     assert_eq!(reply.status, 200);
 }
 
+/// A server that takes the connection and never answers the TLS handshake: a connect
+/// timeout (504 at `connect_timeout`), not a wait for the whole `upstream.timeout`.
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_a_connect_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            kept.push(stream);
+        }
+    });
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = yaml(&format!("https://{addr}"), "", "").replace(
+        "timeout: 400ms\n  connect_timeout: 400ms",
+        "timeout: 30s\n  connect_timeout: 200ms",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let started = std::time::Instant::now();
+    let reply = gw.reset_as_ios("email=alice%40example.com").await;
+    assert_eq!((reply.status, reply.body.as_str()), (504, UNAVAILABLE));
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(15),
+        "waited {waited:?}: upstream.timeout, not connect_timeout"
+    );
+    held.abort();
+}
+
 #[tokio::test]
 async fn upstream_connections_are_kept_and_reused() {
     // One worker: each worker thread keeps connections of its own.

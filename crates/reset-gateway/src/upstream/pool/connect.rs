@@ -19,14 +19,21 @@ pub(super) enum Fresh {
 }
 
 impl PoolState {
-    /// Connects to the origin.
+    /// Connects to the origin: TCP and TLS within `connect_timeout` together (a server that
+    /// takes the connection and never answers the TLS handshake is a timeout too, as
+    /// nginx's `proxy_connect_timeout`).
     pub(super) async fn connect(&self) -> Result<Fresh, SendError> {
-        let io = self
-            .connector
-            .clone()
-            .oneshot(self.origin.clone())
-            .await
-            .map_err(SendError::Connect)?;
+        let connecting = self.connector.clone().oneshot(self.origin.clone());
+        let io = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(connected) => connected.map_err(SendError::Connect)?,
+            Err(_) => {
+                let late = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "not connected within upstream.connect_timeout (TCP and TLS)",
+                );
+                return Err(SendError::Connect(late.into()));
+            }
+        };
         if io.connected().is_negotiated_h2() {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
