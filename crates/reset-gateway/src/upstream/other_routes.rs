@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use http::header::HOST;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, Version};
+use http_body::Body as _;
 use http_body_util::Either;
 use hyper::body::Incoming;
 use reset_guard::GuardBody;
@@ -57,12 +58,29 @@ impl UpstreamClient {
         // The gateway's X-Forwarded-For is the one account of where the request came from.
         replace_forwarding(&mut parts.headers, peer, client);
         let head = parts.method == Method::HEAD;
+        // An idempotent request without a body can go again on a new connection when a
+        // kept one closed under it (as nginx retries one on a cached connection); one with
+        // a body cannot, its bytes being read on the way.
+        let replayable = parts.method.is_idempotent() && body.is_end_stream();
+        let again = replayable.then(|| (parts.method.clone(), uri.clone(), parts.headers.clone()));
+        let replay = again.as_ref().map(|(method, uri, headers)| {
+            move || {
+                let mut upstream = Request::new(Either::Left(http_body_util::Empty::new()));
+                *upstream.method_mut() = method.clone();
+                *upstream.uri_mut() = uri.clone();
+                *upstream.headers_mut() = headers.clone();
+                upstream
+            }
+        });
+        let replay = replay
+            .as_ref()
+            .map(|r| r as &(dyn Fn() -> Request<super::UpstreamBody> + Sync));
         let (body, watch) = ClientBody::new(body);
         let mut upstream = Request::new(Either::Right(body));
         *upstream.method_mut() = parts.method;
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers;
-        match timeout(self.settings.timeout, self.pool.send(upstream, None)).await {
+        match timeout(self.settings.timeout, self.pool.send(upstream, replay)).await {
             Ok(Ok((response, _))) if !is_final(response.status()) => {
                 (Err(Refusal::UpstreamUnavailable), Some(response.status()))
             }
