@@ -230,6 +230,7 @@ impl AccessRecord<'_> {
             limit,
             status: self.status.as_u16(),
             upstream_status,
+            upstream_error: self.upstream.and_then(|u| u.error.as_deref()),
             upstream_ms: self.upstream.map(|u| millis(u.duration)),
             duration_ms: millis(self.duration),
         };
@@ -255,6 +256,8 @@ struct AccessLine<'a> {
     limit: Option<&'static str>,
     status: u16,
     upstream_status: Option<u16>,
+    /// What QuickBlox did wrong, when the request failed for it.
+    upstream_error: Option<&'a str>,
     upstream_ms: Option<f64>,
     duration_ms: f64,
 }
@@ -275,6 +278,7 @@ impl AccessLine<'_> {
             limit = self.limit,
             status = self.status,
             upstream_status = self.upstream_status,
+            upstream_error = self.upstream_error,
             upstream_ms = self.upstream_ms,
             duration_ms = self.duration_ms,
         );
@@ -305,6 +309,9 @@ impl AccessLine<'_> {
         line.uint("status", self.status.into());
         if let Some(status) = self.upstream_status {
             line.uint("upstream_status", status.into());
+        }
+        if let Some(error) = self.upstream_error {
+            line.str("upstream_error", error);
         }
         if let Some(ms) = self.upstream_ms {
             line.float("upstream_ms", ms);
@@ -375,6 +382,7 @@ mod tests {
             limit: Some("per_email"),
             status: 429,
             upstream_status: Some(404),
+            upstream_error: Some("answer body: connection \"closed\""),
             upstream_ms: Some(8000.0),
             duration_ms: 0.031,
         };
@@ -388,6 +396,7 @@ mod tests {
             limit: None,
             status: 200,
             upstream_status: None,
+            upstream_error: None,
             upstream_ms: None,
             duration_ms: 12345.678,
             ..full
@@ -416,6 +425,7 @@ mod tests {
             limit: None,
             status: 200,
             upstream_status: None,
+            upstream_error: None,
             upstream_ms: None,
             duration_ms: 0.0,
         };
@@ -445,6 +455,7 @@ mod tests {
             limit: Some("per_email"),
             status: 429,
             upstream_status: Some(200),
+            upstream_error: None,
             upstream_ms: Some(41.2),
             duration_ms: 0.031,
         };
@@ -452,7 +463,11 @@ mod tests {
             client_id: Some("ios \"app\""),
             ..line
         };
-        for (line, scanned) in [(line, true), (quoted, false)] {
+        let failed = AccessLine {
+            upstream_error: Some("connect refused"),
+            ..line
+        };
+        for (line, scanned) in [(line, true), (quoted, false), (failed, true)] {
             let json = line.json(SystemTime::now());
             let json = json.trim_ascii_end();
             let by_scanner = crate::simulate::access_line::scan(json);

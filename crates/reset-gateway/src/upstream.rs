@@ -29,6 +29,7 @@ use crate::tls::read_certificates;
 
 mod cause;
 mod client_body;
+mod failures;
 mod forwarding_headers;
 mod other_routes;
 mod pool;
@@ -36,6 +37,7 @@ mod reset;
 mod streamed_body;
 
 use client_body::{BodyWatch, ClientBody};
+use failures::{Failure, FailureLog};
 use pool::{Pool, SendError};
 
 pub use streamed_body::StreamedBody;
@@ -46,15 +48,15 @@ pub type UpstreamBody = Either<Empty<Bytes>, ClientBody>;
 /// What the forwarder answers with: a reset answer read whole, or a streamed one.
 pub type ForwardBody = GuardBody<StreamedBody>;
 
-/// What forwarding one request came to: the answer or the gateway's refusal, and
-/// QuickBlox's status when it answered.
+/// What forwarding one request came to: the answer or why there is none, and QuickBlox's
+/// status when it answered.
 type Answer = (
-    Result<Response<ForwardBody>, Refusal>,
+    Result<Response<ForwardBody>, Failure>,
     Option<http::StatusCode>,
 );
 
 /// How the upstream exchange went, left in the response extensions for the access log.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct UpstreamExchange {
     /// QuickBlox's status, when it answered.
     pub status: Option<http::StatusCode>,
@@ -62,6 +64,8 @@ pub struct UpstreamExchange {
     pub duration: Duration,
     /// The gateway's own answer, when the exchange failed.
     pub refusal: Option<Refusal>,
+    /// What QuickBlox did wrong, in a few words, when the failure was its own.
+    pub error: Option<Box<str>>,
 }
 
 /// Forwards requests to QuickBlox over pooled HTTP/1.1 or HTTP/2 connections. Clones share
@@ -81,6 +85,8 @@ struct UpstreamClient {
     /// The path `upstream.url` puts before every upstream path (usually none).
     prefix: String,
     settings: UpstreamSettings,
+    /// Shared with the streamed answers, which may fail after their head.
+    failures: Arc<FailureLog>,
 }
 
 impl Forwarder {
@@ -139,6 +145,12 @@ impl UpstreamClient {
             .wrap_connector(http);
         let origin: Uri = settings.base.parse().context("upstream.url")?;
         let prefix = origin.path().trim_end_matches('/').to_owned();
+        let upstream = origin.authority().map_or_else(String::new, |a| {
+            a.port().map_or_else(
+                || a.host().to_owned(),
+                |port| format!("{}:{port}", a.host()),
+            )
+        });
         let pool = Pool::new(
             connector,
             origin,
@@ -150,7 +162,25 @@ impl UpstreamClient {
             pool,
             prefix,
             settings,
+            failures: Arc::new(FailureLog::new(upstream)),
         })
+    }
+}
+
+impl UpstreamClient {
+    /// `answer`, its failure (if QuickBlox's) reported as the request `request_id`'s.
+    fn reported(&self, answer: Answer, request_id: Option<&http::HeaderValue>) -> Answer {
+        if let (
+            Err(Failure {
+                cause: Some(cause), ..
+            }),
+            _,
+        ) = &answer
+        {
+            let id = request_id.and_then(|id| id.to_str().ok());
+            self.failures.report(cause, id);
+        }
+        answer
     }
 }
 
@@ -173,14 +203,18 @@ impl Forwarder {
                     .await
             }
         };
-        let (mut response, refusal) = match response {
-            Ok(response) => (response, None),
-            Err(refusal) => (refusal.to_response().map(GuardBody::full), Some(refusal)),
+        let (mut response, refusal, error) = match response {
+            Ok(response) => (response, None, None),
+            Err(Failure { refusal, cause }) => {
+                let response = refusal.to_response().map(GuardBody::full);
+                (response, Some(refusal), cause.map(String::into_boxed_str))
+            }
         };
         extensions.insert(UpstreamExchange {
             status,
             duration: started.elapsed(),
             refusal,
+            error,
         });
         extensions.extend(std::mem::take(response.extensions_mut()));
         *response.extensions_mut() = extensions;
@@ -196,31 +230,28 @@ fn is_final(status: http::StatusCode) -> bool {
 }
 
 /// Whose fault a failed forwarded exchange is: the client's if its body broke.
-fn blame(error: SendError, watch: &BodyWatch) -> Refusal {
+fn blame(error: SendError, watch: &BodyWatch) -> Failure {
     if watch.failed() {
         tracing::debug!(%error, "client request body failed");
-        return Refusal::ClientBodyInvalid;
+        return Refusal::ClientBodyInvalid.into();
     }
-    classify(error).0
+    classify(error)
 }
 
 /// A connect that timed out is a 504; everything else (refused, reset, TLS, protocol) a 502.
-fn classify(error: SendError) -> (Refusal, Option<http::StatusCode>) {
-    // The access log says only upstream_unavailable or upstream_timeout; the cause is here.
-    tracing::warn!(
-        upstream_error = cause::upstream_error(error.chain()),
-        %error,
-        "upstream request failed"
-    );
+fn classify(error: SendError) -> Failure {
+    let cause = cause::upstream_error(error.chain());
     let timed_out = error.chain().any(|cause| {
         cause
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
     });
-    if timed_out {
-        return (Refusal::UpstreamTimeout, None);
-    }
-    (Refusal::UpstreamUnavailable, None)
+    let refusal = if timed_out {
+        Refusal::UpstreamTimeout
+    } else {
+        Refusal::UpstreamUnavailable
+    };
+    Failure::upstream(refusal, cause)
 }
 
 impl tower::Service<Request<Incoming>> for Forwarder {

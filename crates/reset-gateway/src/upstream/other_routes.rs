@@ -14,8 +14,8 @@ use tokio::time::timeout;
 
 use super::client_body::ClientBody;
 use super::forwarding_headers::replace_forwarding;
-use super::streamed_body::StreamedBody;
-use super::{blame, is_final, Answer, UpstreamClient};
+use super::streamed_body::{AnswerWatch, StreamedBody};
+use super::{blame, is_final, Answer, Failure, UpstreamClient};
 use crate::hop_by_hop;
 use crate::refusal::Refusal;
 use crate::request_id::X_REQUEST_ID;
@@ -40,19 +40,20 @@ impl UpstreamClient {
         // sent.
         let authority_form = parts.uri.scheme().is_none() && parts.uri.authority().is_some();
         if parts.method == Method::CONNECT || authority_form || !path.starts_with('/') {
-            return (Err(Refusal::NotProxied), None);
+            return (Err(Refusal::NotProxied.into()), None);
         }
         if !only_chunked(&parts.headers) {
-            return (Err(Refusal::TransferCodingUnsupported), None);
+            return (Err(Refusal::TransferCodingUnsupported.into()), None);
         }
-        let Ok(uri) = Uri::try_from(format!("{}{}", self.prefix, path)) else {
-            return (Err(Refusal::UpstreamUnavailable), None);
-        };
         // The gateway's own request id, whatever the client's Connection header names.
-        let id = parts.headers.get(&X_REQUEST_ID).cloned();
+        let request_id = parts.headers.get(&X_REQUEST_ID).cloned();
+        let Ok(uri) = Uri::try_from(format!("{}{}", self.prefix, path)) else {
+            let failure = Failure::upstream(Refusal::UpstreamUnavailable, "no valid target");
+            return self.reported((Err(failure), None), request_id.as_ref());
+        };
         hop_by_hop::strip(&mut parts.headers);
-        if let Some(id) = id {
-            parts.headers.insert(X_REQUEST_ID, id);
+        if let Some(id) = &request_id {
+            parts.headers.insert(X_REQUEST_ID, id.clone());
         }
         parts.headers.remove(HOST);
         // The gateway's X-Forwarded-For is the one account of where the request came from.
@@ -80,13 +81,20 @@ impl UpstreamClient {
         *upstream.method_mut() = parts.method;
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers;
-        match timeout(self.settings.timeout, self.pool.send(upstream, replay)).await {
+        let answer = match timeout(self.settings.timeout, self.pool.send(upstream, replay)).await {
             Ok(Ok((response, _))) if !is_final(response.status()) => {
-                (Err(Refusal::UpstreamUnavailable), Some(response.status()))
+                let status = response.status();
+                let cause = format!("status {}, not a final answer", status.as_u16());
+                (
+                    Err(Failure::upstream(Refusal::UpstreamUnavailable, cause)),
+                    Some(status),
+                )
             }
             // A body in a coding the gateway would drop when it frames the answer anew.
             Ok(Ok((response, _))) if !only_chunked(response.headers()) => {
-                (Err(Refusal::UpstreamUnavailable), Some(response.status()))
+                let cause = "answer in a transfer coding other than chunked";
+                let failure = Failure::upstream(Refusal::UpstreamUnavailable, cause);
+                (Err(failure), Some(response.status()))
             }
             Ok(Ok((response, lease))) => {
                 let (mut parts, body) = response.into_parts();
@@ -114,16 +122,27 @@ impl UpstreamClient {
                 }
                 parts.version = Version::HTTP_11;
                 let status = parts.status;
-                let body = StreamedBody::new(body, lease, self.settings.timeout);
+                let watch = AnswerWatch {
+                    failures: self.failures.clone(),
+                    request_id: request_id.clone(),
+                };
+                let body = StreamedBody::new(body, lease, self.settings.timeout, watch);
                 (
                     Ok(Response::from_parts(parts, GuardBody::inner(body))),
                     Some(status),
                 )
             }
             Ok(Err(error)) => (Err(blame(error, &watch)), None),
-            Err(_) if watch.waiting_on_client() => (Err(Refusal::ClientBodyTimeout), None),
-            Err(_) => (Err(Refusal::UpstreamTimeout), None),
-        }
+            Err(_) if watch.waiting_on_client() => (Err(Refusal::ClientBodyTimeout.into()), None),
+            Err(_) => {
+                let cause = "no answer within upstream.timeout";
+                (
+                    Err(Failure::upstream(Refusal::UpstreamTimeout, cause)),
+                    None,
+                )
+            }
+        };
+        self.reported(answer, request_id.as_ref())
     }
 }
 

@@ -13,7 +13,7 @@ use reset_guard::{GuardBody, GuardedRequest};
 use tokio::time::timeout;
 
 use super::forwarding_headers::{forwarded_for, X_FORWARDED_FOR};
-use super::{classify, is_final, Answer, UpstreamBody, UpstreamClient};
+use super::{cause, classify, is_final, Answer, Failure, UpstreamBody, UpstreamClient};
 use crate::hop_by_hop::connection_named;
 use crate::refusal::Refusal;
 use crate::request_id::X_REQUEST_ID;
@@ -34,7 +34,8 @@ impl UpstreamClient {
         // Built again only if a kept connection turns out dead under it.
         let build = || self.reset_request(&request, guarded, peer);
         let Some(upstream) = build() else {
-            return (Err(Refusal::UpstreamUnavailable), None);
+            let failure = Failure::upstream(Refusal::UpstreamUnavailable, "no valid target");
+            return self.reported((Err(failure), None), request.headers().get(&X_REQUEST_ID));
         };
         let replay = || build().expect("built once already");
         // The key as sent (a clone shares its wiped-on-drop buffer), to make sure no answer
@@ -47,17 +48,26 @@ impl UpstreamClient {
                 .pool
                 .send(upstream, Some(&replay))
                 .await
-                .map_err(classify)?;
+                .map_err(|error| (classify(error), None))?;
             let (mut parts, body) = response.into_parts();
             let status = parts.status;
+            let failed = |cause: String| {
+                (
+                    Failure::upstream(Refusal::UpstreamUnavailable, cause),
+                    Some(status),
+                )
+            };
             if !is_final(status) {
                 // Dropping the lease closes the connection: it was switched or is out of step.
-                return Err((Refusal::UpstreamUnavailable, Some(status)));
+                return Err(failed(format!(
+                    "status {}, not a final answer",
+                    status.as_u16()
+                )));
             }
             let body = Limited::new(body, MAX_RESET_BODY)
                 .collect()
                 .await
-                .map_err(|_| (Refusal::UpstreamUnavailable, Some(status)))?
+                .map_err(|error| failed(body_error(error.as_ref())))?
                 .to_bytes();
             lease.release();
             if status == http::StatusCode::UNAUTHORIZED {
@@ -72,30 +82,37 @@ impl UpstreamClient {
                 // decoded, and the client would get it without its Content-Encoding.
                 if coded(&parts.headers) {
                     warn_once_coded();
-                    return Err((Refusal::UpstreamUnavailable, Some(status)));
+                    return Err(failed("answer in a content coding".to_owned()));
                 }
                 keep_answer_headers(&mut parts.headers);
                 if let Some(key) = &upstream_key {
                     if carries(&parts.headers, &body, key.as_bytes()) {
                         warn_once_key_reflected();
-                        return Err((Refusal::UpstreamUnavailable, Some(status)));
+                        return Err(failed("answer held the server API key".to_owned()));
                     }
                 }
             }
             parts.version = Version::HTTP_11;
-            Ok::<_, (Refusal, Option<http::StatusCode>)>(Response::from_parts(
+            Ok::<_, (Failure, Option<http::StatusCode>)>(Response::from_parts(
                 parts,
                 GuardBody::full(body),
             ))
         });
-        match timeout(self.settings.timeout, exchange).await {
+        let answer = match timeout(self.settings.timeout, exchange).await {
             Ok(Ok(response)) => {
                 let status = response.status();
-                (Ok(response), Some(status))
+                return (Ok(response), Some(status));
             }
-            Ok(Err((refusal, status))) => (Err(refusal), status),
-            Err(_) => (Err(Refusal::UpstreamTimeout), None),
-        }
+            Ok(Err((failure, status))) => (Err(failure), status),
+            Err(_) => {
+                let cause = "no whole answer within upstream.timeout";
+                (
+                    Err(Failure::upstream(Refusal::UpstreamTimeout, cause)),
+                    None,
+                )
+            }
+        };
+        self.reported(answer, request.headers().get(&X_REQUEST_ID))
     }
 
     /// The request sent upstream for a checked reset from `peer`; none if its target is
@@ -222,6 +239,16 @@ fn key_forms(secret: &[u8]) -> Vec<Vec<u8>> {
         }
     }
     forms
+}
+
+/// Why a reset answer's body could not be read whole, in a few words.
+fn body_error(error: &(dyn std::error::Error + Send + Sync + 'static)) -> String {
+    if error.is::<http_body_util::LengthLimitError>() {
+        return format!("answer body over {} KiB", MAX_RESET_BODY / 1024);
+    }
+    let error: &(dyn std::error::Error + 'static) = error;
+    let chain = std::iter::successors(Some(error), |&e| e.source());
+    format!("answer body: {}", cause::upstream_error(chain))
 }
 
 /// Whether the answer's body is in a content coding (`gzip`, ...): `identity` is none.

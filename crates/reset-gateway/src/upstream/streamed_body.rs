@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::failures::FailureLog;
 use super::pool::Lease;
 
 /// An answer streamed from QuickBlox; its connection goes back to the pool once the
@@ -24,6 +26,29 @@ pub struct StreamedBody {
     idle: Duration,
     /// Started when the body is first polled, pushed back by every frame.
     deadline: Option<Pin<Box<Sleep>>>,
+    watch: AnswerWatch,
+}
+
+/// Where a body that fails after its head (logged already) is reported, and as which
+/// request: the client sees only its connection closed.
+pub(super) struct AnswerWatch {
+    pub(super) failures: Arc<FailureLog>,
+    pub(super) request_id: Option<http::HeaderValue>,
+}
+
+impl AnswerWatch {
+    fn failed(&self, error: &StreamedBodyError) {
+        let cause = match error {
+            StreamedBodyError::Upstream(error) => {
+                let error: &(dyn std::error::Error + 'static) = error;
+                let chain = std::iter::successors(Some(error), |&e| e.source());
+                format!("answer body: {}", super::cause::upstream_error(chain))
+            }
+            StreamedBodyError::Stalled(idle) => format!("answer body: nothing for {idle:?}"),
+        };
+        let id = self.request_id.as_ref().and_then(|id| id.to_str().ok());
+        self.failures.report(&cause, id);
+    }
 }
 
 /// Why a streamed answer ended early.
@@ -36,12 +61,13 @@ pub enum StreamedBodyError {
 }
 
 impl StreamedBody {
-    pub(super) fn new(body: Incoming, lease: Lease, idle: Duration) -> Self {
+    pub(super) fn new(body: Incoming, lease: Lease, idle: Duration, watch: AnswerWatch) -> Self {
         StreamedBody {
             body,
             lease: Some(lease),
             idle,
             deadline: None,
+            watch,
         }
     }
 
@@ -75,7 +101,11 @@ impl http_body::Body for StreamedBody {
                 if let Some(deadline) = &mut this.deadline {
                     deadline.as_mut().reset(Instant::now() + this.idle);
                 }
-                Poll::Ready(frame.map(|frame| frame.map_err(StreamedBodyError::from)))
+                let frame = frame.map(|frame| frame.map_err(StreamedBodyError::from));
+                if let Some(Err(error)) = &frame {
+                    this.watch.failed(error);
+                }
+                Poll::Ready(frame)
             }
             Poll::Pending => {
                 let idle = this.idle;
@@ -84,7 +114,11 @@ impl http_body::Body for StreamedBody {
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                 match deadline.as_mut().poll(cx) {
                     // The connection is not released: what it would carry next is unknown.
-                    Poll::Ready(()) => Poll::Ready(Some(Err(StreamedBodyError::Stalled(idle)))),
+                    Poll::Ready(()) => {
+                        let error = StreamedBodyError::Stalled(idle);
+                        this.watch.failed(&error);
+                        Poll::Ready(Some(Err(error)))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }

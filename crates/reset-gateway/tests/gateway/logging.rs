@@ -324,6 +324,58 @@ async fn a_refused_server_key_is_said_in_the_log() {
     assert!(!said[0].contains(SERVER_KEY));
 }
 
+/// Why QuickBlox failed a request is in that request's access line (`upstream_error`), and
+/// an outage is said in one warning line a second with the count, not one per request.
+#[tokio::test]
+async fn an_upstream_failure_is_in_its_access_line_and_an_outage_in_a_line_a_second() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    mock.set_failure(qb_mock::Failure::AbortMidBody);
+    let dir = tempfile::tempdir().unwrap();
+    let refused = dir.path().join("refused.yaml");
+    let closed = format!("http://{}", closed_port());
+    std::fs::write(&refused, yaml(&closed, "", "")).unwrap();
+    let cut = dir.path().join("cut.yaml");
+    std::fs::write(&cut, yaml(&mock.url(), "", "")).unwrap();
+    // (A head and part of a body, then a reset: hyper reads it as a message cut short.)
+    for (config, cause) in [(&refused, "connect refused"), (&cut, "connection closed")] {
+        let mut gateway = spawn_gateway(config);
+        for _ in 0..5 {
+            let reply = raw(
+                gateway.addr,
+                format!("GET {RESET}?email={ALICE} HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await;
+            assert_eq!(reply.status, 502);
+        }
+        gateway.signal("TERM");
+        let logs = gateway.logs_to_end();
+        let access: Vec<serde_json::Value> = logs
+            .iter()
+            .filter(|l| l.contains("\"target\":\"access\""))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(access.len(), 5);
+        for line in &access {
+            let error = line["upstream_error"].as_str().unwrap_or_default();
+            assert!(error.contains(cause), "{line}");
+            assert_eq!(line["outcome"], "upstream_unavailable");
+        }
+        let warnings: Vec<serde_json::Value> = logs
+            .iter()
+            .filter(|l| l.contains("upstream request failed"))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(!warnings.is_empty() && warnings.len() < 5, "{warnings:#?}");
+        let first = &warnings[0];
+        assert_eq!(first["failed"], 1, "{first}");
+        assert_eq!(first["request_id"], access[0]["request_id"], "{first}");
+        assert!(first["upstream"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"));
+    }
+}
+
 #[tokio::test]
 async fn denials_full_logs_every_denial() {
     let lines = flood(200, "  denials: full\n").await;
