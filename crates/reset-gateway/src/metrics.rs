@@ -59,6 +59,8 @@ pub struct Metrics {
     upstream_duration: Arc<LatencyHistogram>,
     request_duration: Arc<LatencyHistogram>,
     reloads: Family<ResultLabel, Counter>,
+    /// 1 while the file last applied changes settings that only a restart applies.
+    restart_pending: Gauge,
     proxy_refused: Family<ReasonLabel, Counter>,
     /// Client connections open, over every worker.
     connections: Gauge,
@@ -121,6 +123,12 @@ impl Metrics {
             "Configuration reloads, by result",
             reloads.clone(),
         );
+        let restart_pending = Gauge::default();
+        registry.register(
+            "reset_gateway_config_restart_pending",
+            "1 while the configuration last applied changes settings that only a restart applies (the running ones stay)",
+            restart_pending.clone(),
+        );
         let connections = Gauge::default();
         registry.register(
             "reset_gateway_connections",
@@ -179,6 +187,7 @@ impl Metrics {
             upstream_duration,
             request_duration,
             reloads,
+            restart_pending,
             proxy_refused,
             connections,
             connection_limit,
@@ -238,6 +247,11 @@ impl Metrics {
     }
 
     /// Counts a reload attempt.
+    /// Whether the file last applied waits for a restart in part.
+    pub fn restart_pending(&self, pending: bool) {
+        self.restart_pending.set(i64::from(pending));
+    }
+
     pub fn reload(&self, ok: bool) {
         let [success, failure] = RELOAD_RESULTS;
         let result = if ok { success } else { failure };

@@ -223,6 +223,7 @@ impl Reloader {
             forwarder.apply(upstream);
         }
         self.state.guard.update(settings.guard, settings.api_key);
+        self.state.metrics.restart_pending(!changed.is_empty());
         Ok(())
     }
 
@@ -326,16 +327,19 @@ enum Look {
     Unchanged,
     /// New contents, the same as the look before: time to reload.
     Changed,
-    /// The file cannot be read (said once, until it can be again).
+    /// The file cannot be read, at two looks in a row (said once, until it can be again):
+    /// an editor that moves the file aside and writes a new one leaves it missing for a
+    /// moment, which is no failure.
     Unreadable(String),
 }
 
-/// The file watch's memory between looks: the contents last applied (or tried), and new
-/// contents seen once and waiting for a second look.
+/// The file watch's memory between looks: the contents last applied (or tried), new
+/// contents seen once and waiting for a second look, and how many looks in a row found
+/// the file unreadable (counted up to two: reported).
 struct Watch {
     applied: Option<[u8; 32]>,
     pending: Option<[u8; 32]>,
-    unreadable: bool,
+    unreadable: u8,
 }
 
 impl Watch {
@@ -343,7 +347,7 @@ impl Watch {
         Watch {
             applied: start.ok(),
             pending: None,
-            unreadable: false,
+            unreadable: 0,
         }
     }
 
@@ -360,13 +364,14 @@ impl Watch {
             Ok(now) => now,
             Err(error) => {
                 self.pending = None;
-                if std::mem::replace(&mut self.unreadable, true) {
+                self.unreadable = self.unreadable.saturating_add(1).min(3);
+                if self.unreadable != 2 {
                     return Look::Unchanged;
                 }
                 return Look::Unreadable(error.to_string());
             }
         };
-        self.unreadable = false;
+        self.unreadable = 0;
         if self.applied == Some(now) {
             self.pending = None;
             Look::Unchanged
@@ -411,6 +416,7 @@ mod tests {
     #[test]
     fn an_unreadable_file_is_reported_once_until_it_is_readable_again() {
         let mut watch = Watch::new(contents(1));
+        assert_eq!(watch.look(gone()), Look::Unchanged, "gone for a moment");
         assert!(matches!(watch.look(gone()), Look::Unreadable(_)));
         assert_eq!(watch.look(gone()), Look::Unchanged);
         assert_eq!(
@@ -418,6 +424,7 @@ mod tests {
             Look::Unchanged,
             "the same file again"
         );
+        assert_eq!(watch.look(gone()), Look::Unchanged);
         assert!(matches!(watch.look(gone()), Look::Unreadable(_)));
         assert_eq!(watch.look(contents(2)), Look::Unchanged);
         assert_eq!(
@@ -425,6 +432,16 @@ mod tests {
             Look::Changed,
             "a new file, once settled"
         );
+    }
+
+    /// An editor's save (the file moved aside, a new one written) seen missing at one look:
+    /// no failure, and the new contents are applied once settled.
+    #[test]
+    fn a_file_missing_at_one_look_is_no_failure() {
+        let mut watch = Watch::new(contents(1));
+        assert_eq!(watch.look(gone()), Look::Unchanged);
+        assert_eq!(watch.look(contents(2)), Look::Unchanged);
+        assert_eq!(watch.look(contents(2)), Look::Changed);
     }
 
     #[test]

@@ -550,6 +550,21 @@ async fn a_reload_names_the_settings_that_need_a_restart() {
         json["keys"], "server.request_timeout, server.max_uri_bytes, log, store.max_keys",
         "{warning}"
     );
+    // Applied in part: a gauge says a restart is pending, until the file matches again.
+    let pending = async || {
+        let get = b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
+        sample(
+            &raw(gw.admin, get).await.body,
+            "reset_gateway_config_restart_pending",
+        )
+    };
+    assert_eq!(pending().await, Some(1.0));
+    write(&path, &yaml(&mock.url(), "", ""));
+    gw.signal("HUP");
+    assert_eq!(
+        poll_until(100, pending, |p| *p == Some(0.0)).await,
+        Some(0.0)
+    );
 }
 
 #[tokio::test]
