@@ -18,7 +18,9 @@ pub struct GuardHandle {
 
 impl GuardHandle {
     /// Applies new settings and key to every request from now on. Limiter state is kept
-    /// for every quota whose limit did not change.
+    /// for every quota whose limit did not change; in the memory store a changed quota
+    /// takes over the state of the one it replaces, each key charged with the requests it
+    /// had spent there (with Redis, a changed quota's keys start afresh).
     pub fn update(&self, settings: GuardSettings, api_key: ApiKey) {
         let core = &self.core;
         let previous = core.current.load();

@@ -263,8 +263,12 @@ impl<C> std::fmt::Debug for Limiter<C> {
 }
 
 impl<C: ShardCell<Shard>> Limiter<C> {
-    /// Builds the state for `settings`, carrying over the state of every quota whose
-    /// limit did not change (shadow may flip), so a reload forgives nobody.
+    /// Builds the state for `settings`, so that a reload forgives nobody: every quota whose
+    /// limit did not change (shadow may flip) keeps its state, wherever it moved in its
+    /// group; a changed quota takes over the state of the one it replaces (the group's
+    /// changed quotas paired with its removed ones in order), each key charged with the
+    /// requests it had spent ([`QuotaState::carried_from`]); a quota added to a group
+    /// starts afresh.
     pub(crate) fn new(
         settings: &LimitSettings,
         store: &StoreSettings,
@@ -278,14 +282,30 @@ impl<C: ShardCell<Shard>> Limiter<C> {
                 .filter(|p| p.max_keys == store.max_keys)
                 .map(|p| p.groups[group.index()].iter().map(|e| &e.state).collect())
                 .unwrap_or_default();
-            for quota in &settings.groups[group.index()] {
-                let state = match reusable.iter().position(|s| s.quota.same_limit(quota)) {
-                    Some(i) => reusable.remove(i).clone(),
-                    None => Arc::new(QuotaState::counting_evictions(
-                        *quota,
-                        store.max_keys,
-                        counters.evictions(group),
-                    )),
+            let quotas = &settings.groups[group.index()];
+            // Unchanged quotas first, so that a changed one never takes their state.
+            let kept: Vec<Option<Arc<QuotaState<C>>>> = quotas
+                .iter()
+                .map(|quota| {
+                    let i = reusable.iter().position(|s| s.quota.same_limit(quota))?;
+                    Some(reusable.remove(i).clone())
+                })
+                .collect();
+            let mut replaced = reusable.into_iter();
+            for (quota, kept) in quotas.iter().zip(kept) {
+                let evictions = counters.evictions(group);
+                let state = match kept {
+                    Some(state) => state,
+                    None => Arc::new(match replaced.next() {
+                        Some(previous) => QuotaState::carried_from(
+                            previous,
+                            *quota,
+                            store.max_keys,
+                            evictions,
+                            clock.now(),
+                        ),
+                        None => QuotaState::counting_evictions(*quota, store.max_keys, evictions),
+                    }),
                 };
                 groups[group.index()].push(Entry {
                     state,

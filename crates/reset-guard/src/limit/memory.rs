@@ -99,6 +99,39 @@ impl<C: ShardCell<Shard>> QuotaState<C> {
         }
     }
 
+    /// A state for `quota` that takes over every counting key of `previous` (the quota it
+    /// replaces in a reload), each charged with as many requests as it had spent there, at
+    /// most a full burst: tightening a quota (3 an hour to 1) refuses at once an address
+    /// that has already had its new quota, and loosening one keeps what was spent, where a
+    /// fresh state would hand every address a new burst on each reload.
+    pub(crate) fn carried_from(
+        previous: &QuotaState<C>,
+        quota: Quota,
+        max_keys: usize,
+        evictions: Arc<AtomicU64>,
+        now: u64,
+    ) -> Self {
+        let state = Self::counting_evictions(quota, max_keys, evictions);
+        for shard in 0..SHARDS {
+            let old = previous.read(shard);
+            let mut new = state.write(shard);
+            for (key, tat) in &old.tats {
+                let backlog = tat.load(Ordering::Relaxed).saturating_sub(now);
+                if backlog == 0 {
+                    continue;
+                }
+                let spent = u128::from(backlog) * u128::from(quota.interval_ns)
+                    / u128::from(previous.quota.interval_ns);
+                let carried = u64::try_from(spent)
+                    .unwrap_or(u64::MAX)
+                    .min(quota.capacity_ns);
+                new.tats
+                    .insert(*key, AtomicU64::new(now.saturating_add(carried)));
+            }
+        }
+        state
+    }
+
     /// The shard, exclusively: for new keys, groups of several quotas and sweeping.
     pub(crate) fn write(&self, shard: usize) -> C::Write<'_> {
         self.shards[shard].write()

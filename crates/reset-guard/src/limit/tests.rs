@@ -525,7 +525,7 @@ async fn near_limit_counts_follow_their_quota_through_a_reload() {
     assert_eq!(
         counts(&rig),
         [("3/3600s".to_owned(), 0), ("9/86400s".to_owned(), 0)],
-        "a changed quota starts from nothing"
+        "a changed quota's count starts from nothing (a series of its own)"
     );
 }
 
@@ -538,7 +538,11 @@ async fn reload_keeps_state_for_unchanged_quotas() {
         &rig,
         "  per_ip: [{ requests: 2, per: 1h }]\n  per_email: [{ requests: 2, per: 1h }]\n",
     );
-    assert_eq!(rig.status(ask("a@b.io")).await, 200);
+    assert_eq!(
+        rig.status(ask("a@b.io")).await,
+        200,
+        "one more: it had spent one of the two"
+    );
     assert_eq!(
         rig.status(ask("c@b.io")).await,
         429,
@@ -546,9 +550,39 @@ async fn reload_keeps_state_for_unchanged_quotas() {
     );
     assert_eq!(
         rig.statuses(2, ask("a@b.io").from("192.0.2.50")).await,
-        [200, 429],
-        "new quota, fresh state"
+        [429, 429],
+        "both spent under the changed quota"
     );
+    assert_eq!(rig.status(ask("d@b.io").from("192.0.2.51")).await, 200);
+}
+
+/// A changed quota takes over the one it replaces, each address charged with what it had
+/// spent: tightening 3 an hour to 1 refuses an address that had 2 (a fresh quota handed
+/// every address a new burst on each reload); loosening keeps what was spent.
+#[tokio::test]
+async fn a_changed_quota_keeps_what_each_address_spent() {
+    let rig = new_rig("  per_email: [{ requests: 3, per: 1h }]\n");
+    assert_eq!(rig.statuses(2, ask("two@b.io")).await, [200, 200]);
+    assert_eq!(rig.statuses(4, ask("all@b.io")).await, [200, 200, 200, 429]);
+    assert_eq!(rig.status(ask("one@b.io")).await, 200);
+    reload(&rig, "  per_email: [{ requests: 1, per: 1h }]\n");
+    assert_eq!(
+        rig.status(ask("two@b.io")).await,
+        429,
+        "had two of the new one"
+    );
+    assert_eq!(rig.status(ask("all@b.io")).await, 429);
+    assert_eq!(rig.status(ask("one@b.io")).await, 429, "had its one");
+    assert_eq!(rig.status(ask("new@b.io")).await, 200);
+    // A full burst at most: an hour on, each has one again, as under a fresh 1/1h.
+    rig.advance(3600);
+    assert_eq!(rig.statuses(2, ask("all@b.io")).await, [200, 429]);
+
+    // Loosened: 1 an hour to 3 keeps the one spent.
+    let rig = new_rig("  per_email: [{ requests: 1, per: 1h }]\n");
+    assert_eq!(rig.status(ask("a@b.io")).await, 200);
+    reload(&rig, "  per_email: [{ requests: 3, per: 1h }]\n");
+    assert_eq!(rig.statuses(3, ask("a@b.io")).await, [200, 200, 429]);
 }
 
 #[tokio::test]
