@@ -207,7 +207,7 @@ impl Forwarder {
             Ok(response) => (response, None, None),
             Err(Failure { refusal, cause }) => {
                 let response = refusal.to_response().map(GuardBody::full);
-                (response, Some(refusal), cause.map(String::into_boxed_str))
+                (response, Some(refusal), cause)
             }
         };
         extensions.insert(UpstreamExchange {

@@ -227,7 +227,8 @@ async fn handle(
         }
         // An answer made outside the stack, readable by the page as any other.
         (Some(cors), Some(origin)) if refused.is_some() => {
-            response = with_cors(cors, origin, response).await;
+            // Boxed: rare, and every request's future would otherwise hold its room.
+            response = Box::pin(with_cors(cors, origin, response)).await;
         }
         _ => {}
     }

@@ -17,7 +17,8 @@ const INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(super) struct Failure {
     pub(super) refusal: crate::refusal::Refusal,
-    pub(super) cause: Option<String>,
+    /// Boxed: every forwarded request's future holds a `Failure`'s room.
+    pub(super) cause: Option<Box<str>>,
 }
 
 impl Failure {
@@ -25,7 +26,7 @@ impl Failure {
     pub(super) fn upstream(refusal: crate::refusal::Refusal, cause: impl Into<String>) -> Self {
         Failure {
             refusal,
-            cause: Some(cause.into()),
+            cause: Some(cause.into().into_boxed_str()),
         }
     }
 }

@@ -3,10 +3,10 @@
 use std::net::IpAddr;
 
 use http::header::{
-    ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LANGUAGE,
-    CONTENT_TYPE, RETRY_AFTER, VARY,
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LANGUAGE, CONTENT_TYPE, RETRY_AFTER,
+    VARY,
 };
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderName, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty, Limited};
 use hyper::body::Incoming;
 use reset_guard::{GuardBody, GuardedRequest};
@@ -133,13 +133,12 @@ impl UpstreamClient {
         uri.push('?');
         guarded.write_email_query(&mut uri);
         let uri = Uri::try_from(uri).ok()?;
-        let mut headers = HeaderMap::with_capacity(settings.pass_headers.len() + 4);
+        let mut headers = HeaderMap::with_capacity(settings.pass_headers.len() + 3);
         if let Some(key) = incoming.get(AUTHORIZATION) {
             headers.insert(AUTHORIZATION, key.clone());
         }
-        // The answer is checked as it comes: without this, any coding would be acceptable
-        // (RFC 9110 §12.5.3), and a CDN before QuickBlox may compress.
-        headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        // No Accept-Encoding: servers and CDNs compress only for a client that names a
+        // coding (one that comes coded anyway is withheld, below `coded`).
         if let Some(id) = incoming.get(&X_REQUEST_ID) {
             headers.insert(X_REQUEST_ID.clone(), id.clone());
         }
