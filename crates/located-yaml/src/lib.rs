@@ -113,6 +113,12 @@ pub fn from_yaml<T: DeserializeOwned>(yaml: &str) -> Result<T, ConfigError> {
     })
 }
 
+/// Every key path written in `yaml` (`store`, `store.redis`, `store.redis.url`,
+/// `guard.clients[1].id`), in no particular order; what follows a syntax error is left out.
+pub fn key_paths(yaml: &str) -> Vec<String> {
+    KeyLines::of(yaml).first.into_keys().collect()
+}
+
 /// The line of every key path written in a document: `store.redis.url`,
 /// `guard.clients[1].id`. A sequence item's line is the line it starts on.
 struct KeyLines {

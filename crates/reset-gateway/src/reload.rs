@@ -6,7 +6,9 @@
 //! key file, the TLS pair, `upstream.ca_file`): a Secret rotated in place is picked up
 //! like an edited file. A change is applied once the contents have stood still for one
 //! poll, so a file caught half-written (a writer that truncates, then writes) is not
-//! applied with defaults filling its missing sections.
+//! applied with defaults filling its missing sections; one that lacks a section the
+//! running file has (what a writer pausing longer mid-file leaves) waits until it has
+//! stood still for [`HOLD`].
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,10 @@ use reset_guard::ConfigError;
 /// row see the same new contents.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
+/// How long a file lacking a section the running one has must stand still to be applied
+/// by the watch (a section removed on purpose takes this long; `SIGHUP` applies at once).
+const HOLD: Duration = Duration::from_secs(5);
+
 /// Reloads one running gateway from its file.
 pub struct Reloader {
     path: PathBuf,
@@ -34,6 +40,19 @@ pub struct Reloader {
     fixed: Fixed,
     /// The running configuration's [`Settings::reread_files`].
     reread_files: Mutex<Vec<PathBuf>>,
+    /// The sections (key paths two deep: `guard.limits`) of the file last applied.
+    sections: Mutex<Vec<String>>,
+}
+
+/// The sections of a configuration file: its key paths at most two deep, without list
+/// items (`server`, `server.cors`, `guard.limits`).
+fn sections(yaml: &str) -> Vec<String> {
+    let mut sections: Vec<String> = located_yaml::key_paths(yaml)
+        .into_iter()
+        .filter(|path| !path.contains('[') && path.matches('.').count() <= 1)
+        .collect();
+    sections.sort();
+    sections
 }
 
 /// What only a restart changes, as one configuration has it: each setting's key and its
@@ -154,6 +173,7 @@ impl Reloader {
         certs: Option<Arc<CertStore>>,
         settings: &Settings,
     ) -> Self {
+        let running = std::fs::read_to_string(&path).map(|yaml| sections(&yaml));
         Reloader {
             path,
             state,
@@ -161,6 +181,7 @@ impl Reloader {
             certs,
             fixed: Fixed::of(settings),
             reread_files: Mutex::new(settings.reread_files.clone()),
+            sections: Mutex::new(running.unwrap_or_default()),
         }
     }
 
@@ -223,6 +244,7 @@ impl Reloader {
             forwarder.apply(upstream);
         }
         self.state.guard.update(settings.guard, settings.api_key);
+        *self.sections.lock().unwrap() = sections(yaml);
         self.state.metrics.restart_pending(!changed.is_empty());
         Ok(())
     }
@@ -238,6 +260,8 @@ impl Reloader {
             }
         };
         let mut watch = Watch::new(self.fingerprint());
+        // A settled file lacking sections the running one has: its text and since when.
+        let mut held: Option<(String, tokio::time::Instant)> = None;
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -253,8 +277,14 @@ impl Reloader {
                     self.reload_and_note(&mut watch);
                 }
                 _ = tick.tick() => match watch.look(self.fingerprint()) {
-                    Look::Unchanged => {}
-                    Look::Changed => self.reload_and_note(&mut watch),
+                    Look::Unchanged => held = None,
+                    Look::Changed => {
+                        if self.holds(&mut held) {
+                            watch.defer();
+                        } else {
+                            self.reload_and_note(&mut watch);
+                        }
+                    }
                     Look::Unreadable(error) => {
                         self.state.metrics.reload(false);
                         tracing::error!(
@@ -264,6 +294,39 @@ impl Reloader {
                         );
                     }
                 },
+            }
+        }
+    }
+
+    /// Whether the settled file must wait: it lacks a section the running file has, and
+    /// has not stood still for [`HOLD`] yet (said once per such file).
+    fn holds(&self, held: &mut Option<(String, tokio::time::Instant)>) -> bool {
+        let Ok(yaml) = std::fs::read_to_string(&self.path) else {
+            return false;
+        };
+        let now = sections(&yaml);
+        let missing: Vec<String> = self
+            .sections
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|section| !now.contains(section))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            *held = None;
+            return false;
+        }
+        match held {
+            Some((text, since)) if *text == yaml => since.elapsed() < HOLD,
+            _ => {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    missing = %missing.join(", "),
+                    "the configuration file lacks sections the running one has; applied once it has stood still for 5s (a writer still writing?)"
+                );
+                *held = Some((yaml, tokio::time::Instant::now()));
+                true
             }
         }
     }
@@ -338,6 +401,8 @@ enum Look {
 /// the file unreadable (counted up to two: reported).
 struct Watch {
     applied: Option<[u8; 32]>,
+    /// What `applied` was before the last `Changed`, for [`defer`](Watch::defer).
+    before: Option<[u8; 32]>,
     pending: Option<[u8; 32]>,
     unreadable: u8,
 }
@@ -346,9 +411,17 @@ impl Watch {
     fn new(start: std::io::Result<[u8; 32]>) -> Self {
         Watch {
             applied: start.ok(),
+            before: None,
             pending: None,
             unreadable: 0,
         }
+    }
+
+    /// The contents just found `Changed` are not applied yet: every later look at them
+    /// finds them changed again, until they are applied or replaced.
+    fn defer(&mut self) {
+        self.pending = self.applied;
+        self.applied = self.before;
     }
 
     /// A reload happened outside the watch (SIGHUP): these contents are the ones tried.
@@ -376,7 +449,7 @@ impl Watch {
             self.pending = None;
             Look::Unchanged
         } else if self.pending == Some(now) {
-            self.applied = Some(now);
+            self.before = self.applied.replace(now);
             self.pending = None;
             Look::Changed
         } else {
@@ -442,6 +515,36 @@ mod tests {
         assert_eq!(watch.look(gone()), Look::Unchanged);
         assert_eq!(watch.look(contents(2)), Look::Unchanged);
         assert_eq!(watch.look(contents(2)), Look::Changed);
+    }
+
+    #[test]
+    fn deferred_contents_are_found_changed_at_every_look_until_applied() {
+        let mut watch = Watch::new(contents(1));
+        assert_eq!(watch.look(contents(2)), Look::Unchanged);
+        assert_eq!(watch.look(contents(2)), Look::Changed);
+        watch.defer();
+        assert_eq!(watch.look(contents(2)), Look::Changed);
+        watch.defer();
+        // Finished meanwhile: the new contents settle as any change.
+        assert_eq!(watch.look(contents(3)), Look::Unchanged);
+        assert_eq!(watch.look(contents(3)), Look::Changed);
+        assert_eq!(watch.look(contents(3)), Look::Unchanged);
+    }
+
+    #[test]
+    fn a_files_sections_are_its_keys_two_deep() {
+        let yaml = "server:\n  listen: x\n  cors: { allow_origins: [a] }\nguard:\n  clients:\n    - id: a\n  limits:\n    per_ip: []\n";
+        assert_eq!(
+            super::sections(yaml),
+            [
+                "guard",
+                "guard.clients",
+                "guard.limits",
+                "server",
+                "server.cors",
+                "server.listen"
+            ]
+        );
     }
 
     #[test]

@@ -517,6 +517,51 @@ async fn reload_on_sighup_and_on_file_change_keeps_a_good_config() {
     assert_eq!(status, 200, "the file change was picked up");
 }
 
+/// A writer that stops half way (truncated, then written in two parts with a pause): the
+/// half lacks the limits the running file has, so it waits for the rest instead of
+/// running a second on default limits.
+#[tokio::test]
+async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let limits = |per_ip: u32| {
+        format!("  responses: {{ uniform: false }}\n  limits:\n    per_ip: [{{ requests: {per_ip}, per: 1h }}]\n    per_client: []\n    per_email: []\n    global: []\n")
+    };
+    let full = |per_ip: u32| yaml(&mock.url(), &limits(per_ip), "");
+    write(&path, &full(1));
+    let gw = spawn_gateway(&path);
+    let ask = || {
+        let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+        async move { raw(gw.addr, request.as_bytes()).await.status }
+    };
+    assert_eq!(ask().await, 200);
+    assert_eq!(ask().await, 429);
+
+    // The first part: everything before the limits (the defaults would allow 20 a minute).
+    let text = full(1);
+    let half = &text[..text.find("  responses:").unwrap()];
+    write(&path, half);
+    let waiting = poll_until(
+        150,
+        async || {
+            gw.logs()
+                .iter()
+                .any(|l| l.contains("lacks sections the running one has"))
+        },
+        |said| *said,
+    )
+    .await;
+    assert!(waiting, "{:?}", gw.logs());
+    assert_eq!(ask().await, 429, "the half is not applied");
+    // The rest arrives: applied as any change.
+    write(&path, &full(1000));
+    assert_eq!(
+        poll_until(150, async || ask().await, |s| *s == 200).await,
+        200
+    );
+}
+
 #[tokio::test]
 async fn a_reload_names_the_settings_that_need_a_restart() {
     let mock = MockServer::start(mock_config()).await.unwrap();
