@@ -240,6 +240,15 @@ impl std::fmt::Debug for StoreSettings {
     }
 }
 
+/// Takes from `replaced` the quota state whose window is nearest `quota`'s.
+fn nearest_window<'a, S>(
+    replaced: &mut Vec<&'a Arc<QuotaState<S>>>,
+    quota: &Quota,
+) -> Option<&'a Arc<QuotaState<S>>> {
+    let nearest = (0..replaced.len()).min_by_key(|&i| replaced[i].quota.per.abs_diff(quota.per))?;
+    Some(replaced.remove(nearest))
+}
+
 struct Entry<C> {
     state: Arc<QuotaState<C>>,
     shadow: bool,
@@ -265,10 +274,10 @@ impl<C> std::fmt::Debug for Limiter<C> {
 impl<C: ShardCell<Shard>> Limiter<C> {
     /// Builds the state for `settings`, so that a reload forgives nobody: every quota whose
     /// limit did not change (shadow may flip) keeps its state, wherever it moved in its
-    /// group; a changed quota takes over the state of the one it replaces (the group's
-    /// changed quotas paired with its removed ones in order), each key charged with the
+    /// group; a changed quota takes over the state of the one it replaces (of the group's
+    /// removed quotas, the one whose window is nearest its own), each key charged with the
     /// requests it had spent ([`QuotaState::carried_from`]); a quota added to a group
-    /// starts afresh.
+    /// starts afresh. Requests decided on the old state while it is copied are not carried.
     pub(crate) fn new(
         settings: &LimitSettings,
         store: &StoreSettings,
@@ -291,12 +300,12 @@ impl<C: ShardCell<Shard>> Limiter<C> {
                     Some(reusable.remove(i).clone())
                 })
                 .collect();
-            let mut replaced = reusable.into_iter();
+            let mut replaced = reusable;
             for (quota, kept) in quotas.iter().zip(kept) {
                 let evictions = counters.evictions(group);
                 let state = match kept {
                     Some(state) => state,
-                    None => Arc::new(match replaced.next() {
+                    None => Arc::new(match nearest_window(&mut replaced, quota) {
                         Some(previous) => QuotaState::carried_from(
                             previous,
                             *quota,

@@ -137,12 +137,25 @@ fn browser_origin(origin: &str) -> Result<http::HeaderValue, String> {
         "https" => 443,
         _ => return Err(format!("{origin:?} {like}")),
     };
-    if uri.path() != "/" || origin.ends_with('/') || authority.as_str().contains('@') {
+    if uri.path() != "/"
+        || uri.query().is_some()
+        || origin.ends_with('/')
+        || origin.contains('#')
+        || authority.as_str().contains('@')
+    {
         return Err(format!(
-            "{origin:?} {like} (no path, user or trailing slash)"
+            "{origin:?} {like} (no path, query, user or trailing slash)"
         ));
     }
+    // A port that is no port number is no port at all to the URI parser (`:99999`).
+    let after_host = authority.as_str().get(authority.host().len()..);
+    if after_host.is_some_and(|rest| !rest.is_empty()) && authority.port_u16().is_none() {
+        return Err(format!("{origin:?}: the port is not a port number"));
+    }
     let host = authority.host().to_ascii_lowercase();
+    if host.is_empty() {
+        return Err(format!("{origin:?} {like} (it names no host)"));
+    }
     if host.contains('*') {
         return Err(format!(
             "{origin:?}: wildcards are not supported; list each origin"
@@ -354,6 +367,11 @@ mod tests {
             "https://app.example/",
             "https://app.example/path",
             "https://user@app.example",
+            "https://app.example:99999",
+            "https://app.example:84433",
+            "https://:443",
+            "https://app.example?x=1",
+            "https://app.example#f",
             "ftp://app.example",
             "app.example",
             "*",

@@ -290,10 +290,13 @@ async fn with_cors(
 
 /// An answer to HEAD carries no body. hyper leaves one out over HTTP/1.1 itself, but over
 /// HTTP/2 it sends what it is given, and a client that receives DATA on an answer to HEAD
-/// fails the stream (`PROTOCOL_ERROR`). Its `Content-Length` stays the body's, as a GET's.
+/// fails the stream (`PROTOCOL_ERROR`). Its `Content-Length` stays the body's, as a GET's;
+/// a body already at its end says nothing of the length (a forwarded HEAD's, which
+/// QuickBlox's own `Content-Length` describes if it sent one), as hyper's HTTP/2 server reads it.
 fn without_body(response: &mut Response<GatewayBody>) {
     use http_body::Body as _;
-    if let Some(length) = response.body().size_hint().exact() {
+    let body = response.body();
+    if let Some(length) = body.size_hint().exact().filter(|_| !body.is_end_stream()) {
         response
             .headers_mut()
             .entry(http::header::CONTENT_LENGTH)

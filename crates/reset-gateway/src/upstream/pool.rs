@@ -52,7 +52,8 @@ struct PoolState {
     host: HeaderValue,
     max_idle: usize,
     idle_timeout: Duration,
-    /// Bounds TCP and TLS together (the connector's own timeout covers TCP only).
+    /// Bounds the name lookup, TCP and TLS together (the connector's own timeout covers
+    /// TCP only).
     connect_timeout: Duration,
     /// HTTP/1.1 connections waiting for a request, the most recently used last.
     idle: Mutex<Vec<Idle>>,

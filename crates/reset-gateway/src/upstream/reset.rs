@@ -195,49 +195,43 @@ fn keep_answer_headers(headers: &mut HeaderMap) {
 }
 
 /// Whether the answer holds the key of `key` (the `Authorization` value sent): as it is,
-/// JSON-escaped (`\/` for `/`) or percent-encoded (hex digits in either case), the forms
-/// an upstream that echoes a request writes it in. A key too short to tell from ordinary
-/// text is not looked for.
+/// JSON-escaped (`\/`, `\"`, `\\`) or percent-encoded (hex digits in either case), the
+/// forms an upstream that echoes a request writes it in. Matched where it lies, without a
+/// copy of the key in another form (the key lives only in wiped buffers). A key too short
+/// to tell from ordinary text is not looked for.
 fn carries(headers: &HeaderMap, body: &[u8], key: &[u8]) -> bool {
     let secret = key.strip_prefix(b"ApiKey ").unwrap_or(key);
     if secret.len() < 8 {
         return false;
     }
-    let forms = key_forms(secret);
-    let holds = |bytes: &[u8]| {
-        forms
-            .iter()
-            .any(|form| memchr::memmem::find(bytes, form).is_some())
+    let holds = |text: &[u8]| {
+        memchr::memmem::find(text, secret).is_some()
+            // Written otherwise, a `\` or a `%` stands for some byte of it.
+            || (memchr::memchr2(b'\\', b'%', text).is_some()
+                && (0..text.len()).any(|at| written_at(&text[at..], secret)))
     };
     holds(body) || headers.values().any(|v| holds(v.as_bytes()))
 }
 
-/// `secret` as it is, and each other form it can be written in (for a key of letters,
-/// digits and `-._~`, none).
-fn key_forms(secret: &[u8]) -> Vec<Vec<u8>> {
-    let mut json = Vec::with_capacity(secret.len());
-    let (mut upper, mut lower) = (Vec::new(), Vec::new());
+/// Whether `text` begins with `secret`, each byte of it written as it is, escaped with a
+/// backslash, or percent-encoded.
+fn written_at(text: &[u8], secret: &[u8]) -> bool {
+    let mut at = 0;
     for &b in secret {
-        if b == b'/' {
-            json.push(b'\\');
-        }
-        json.push(b);
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            upper.push(b);
-            lower.push(b);
-        } else {
-            let hex = format!("%{b:02X}");
-            upper.extend_from_slice(hex.as_bytes());
-            lower.extend_from_slice(hex.to_ascii_lowercase().as_bytes());
+        match text.get(at) {
+            Some(&c) if c == b => at += 1,
+            Some(b'\\') if text.get(at + 1) == Some(&b) => at += 2,
+            Some(b'%') if text.get(at + 1..at + 3).and_then(hex_byte) == Some(b) => at += 3,
+            _ => return false,
         }
     }
-    let mut forms = vec![secret.to_vec()];
-    for form in [json, upper, lower] {
-        if !forms.contains(&form) {
-            forms.push(form);
-        }
-    }
-    forms
+    true
+}
+
+/// Two hex digits, either case.
+fn hex_byte(digits: &[u8]) -> Option<u8> {
+    let digit = |d: u8| (d as char).to_digit(16);
+    Some((digit(digits[0])? * 16 + digit(digits[1])?) as u8)
 }
 
 /// Why a reset answer's body could not be read whole, in a few words.
@@ -355,8 +349,21 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
-        // A key of unreserved characters has one form only.
-        assert_eq!(key_forms(b"abc-DEF_123.x~y").len(), 1);
+        // Mixed, and the escapes JSON writes for a quote and a backslash.
+        let key = b"ApiKey k3y/\"q\\uote+d";
+        for body in [
+            &b"k3y\\/\\\"q\\\\uote+d"[..],
+            b"k3y%2F%22q%5cuote%2Bd",
+            b"x=k3y%2f\\\"q%5Cuote+d;",
+        ] {
+            assert!(
+                carries(&HeaderMap::new(), body, key),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(!carries(&HeaderMap::new(), b"k3y%2F%22q%5cuote%2B", key));
+        assert!(!carries(&HeaderMap::new(), b"%%\\\\%4", key));
     }
 
     #[test]

@@ -578,6 +578,22 @@ async fn a_changed_quota_keeps_what_each_address_spent() {
     rig.advance(3600);
     assert_eq!(rig.statuses(2, ask("all@b.io")).await, [200, 429]);
 
+    // Reordered and retuned at once: each takes over the quota of the nearest window.
+    let rig = new_rig("  per_email: [{ requests: 1, per: 1m }, { requests: 3, per: 1h }]\n");
+    for _ in 0..3 {
+        assert_eq!(rig.status(ask("r@b.io")).await, 200);
+        rig.advance(61);
+    }
+    reload(
+        &rig,
+        "  per_email: [{ requests: 5, per: 1h }, { requests: 2, per: 1m }]\n",
+    );
+    assert_eq!(
+        rig.statuses(3, ask("r@b.io")).await,
+        [200, 200, 429],
+        "3 of 5 spent"
+    );
+
     // Loosened: 1 an hour to 3 keeps the one spent.
     let rig = new_rig("  per_email: [{ requests: 1, per: 1h }]\n");
     assert_eq!(rig.status(ask("a@b.io")).await, 200);

@@ -19,9 +19,9 @@ pub(super) enum Fresh {
 }
 
 impl PoolState {
-    /// Connects to the origin: TCP and TLS within `connect_timeout` together (a server that
-    /// takes the connection and never answers the TLS handshake is a timeout too, as
-    /// nginx's `proxy_connect_timeout`).
+    /// Connects to the origin: the name lookup, TCP and TLS within `connect_timeout`
+    /// together (a server that takes the connection and never answers the TLS handshake is
+    /// a timeout too, as with nginx's `proxy_connect_timeout`).
     pub(super) async fn connect(&self) -> Result<Fresh, SendError> {
         let connecting = self.connector.clone().oneshot(self.origin.clone());
         let io = match tokio::time::timeout(self.connect_timeout, connecting).await {
@@ -29,7 +29,7 @@ impl PoolState {
             Err(_) => {
                 let late = std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "not connected within upstream.connect_timeout (TCP and TLS)",
+                    "not connected within upstream.connect_timeout (name lookup, TCP and TLS)",
                 );
                 return Err(SendError::Connect(late.into()));
             }

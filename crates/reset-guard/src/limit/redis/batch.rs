@@ -376,13 +376,31 @@ pub(super) async fn write_probe(
     connection: &mut impl redis::aio::ConnectionLike,
     key: &str,
 ) -> Result<(), String> {
+    write_probe_answer(connection, key)
+        .await
+        .map_err(|e| format!("a write: {e}"))
+}
+
+/// [`write_probe`] with Redis's own error, for a caller that tells a redirect apart.
+pub(super) async fn write_probe_answer(
+    connection: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+) -> redis::RedisResult<()> {
     redis::cmd("PSETEX")
         .arg(key)
         .arg(10_000)
         .arg(1)
         .query_async::<()>(connection)
         .await
-        .map_err(|e| format!("a write: {e}"))
+}
+
+/// Whether a cluster node sent the command elsewhere (`MOVED`, `ASK`): its slot is moving.
+pub(super) fn redirected(error: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        error.kind(),
+        ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::Ask)
+    )
 }
 
 /// The script's answer: its numbers packed as little-endian f64 in one string (one bulk
@@ -423,6 +441,19 @@ pub(super) fn answer(batch: Vec<Job>, outcome: Result<Vec<i64>, String>) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_redirect_is_told_from_a_failure() {
+        let error = |reply: &[u8]| {
+            let value = redis::parse_redis_value(reply).unwrap();
+            value.extract_error().unwrap_err()
+        };
+        assert!(super::redirected(&error(b"-MOVED 3999 127.0.0.1:6381\r\n")));
+        assert!(super::redirected(&error(b"-ASK 3999 127.0.0.1:6381\r\n")));
+        assert!(!super::redirected(&error(
+            b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"
+        )));
+    }
     use super::*;
 
     fn limits(per_email: &[(u32, u64)]) -> LimitSettings {

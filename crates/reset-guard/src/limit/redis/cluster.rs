@@ -155,12 +155,12 @@ impl Cluster {
                 Ok(Err(cause)) => return Err(format!("{named}: {cause}")),
                 Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
             }
-            let write = super::batch::write_probe(&mut connection, &key.1);
+            let write = super::batch::write_probe_answer(&mut connection, &key.1);
             match tokio::time::timeout(timeout, write).await {
                 Ok(Ok(())) => {}
                 // The slot moved since `CLUSTER SLOTS`: the next probe writes where it went.
-                Ok(Err(cause)) if cause.contains("MOVED") || cause.contains("ASK") => {}
-                Ok(Err(cause)) => return Err(format!("{named}: {cause}")),
+                Ok(Err(error)) if super::batch::redirected(&error) => {}
+                Ok(Err(error)) => return Err(format!("{named}: a write: {error}")),
                 Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
             }
             pinged.push(ProbedMaster {
