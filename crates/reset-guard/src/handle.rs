@@ -40,6 +40,8 @@ impl GuardHandle {
         );
         #[cfg(feature = "redis")]
         let redis_specs = core.redis.as_ref().map(|r| r.specs(&settings.limits));
+        #[cfg(feature = "redis")]
+        let moves = crate::limit::quota_moves(&previous.settings.limits, &settings.limits);
         core.current.store(Arc::new(GuardState {
             settings,
             api_key,
@@ -50,6 +52,7 @@ impl GuardHandle {
         #[cfg(feature = "redis")]
         if let Some(store) = &core.redis {
             store.forget_denials();
+            store.carry_over(moves);
         }
     }
 

@@ -24,7 +24,7 @@ use ipnet::IpNet;
 #[cfg(feature = "redis")]
 pub use self::redis::{InvalidRedisSettings, OnError, RedisSettings};
 #[cfg(feature = "redis")]
-pub(crate) use self::redis::{RedisSpecs, RedisStore};
+pub(crate) use self::redis::{QuotaMove, RedisSpecs, RedisStore};
 #[cfg(test)]
 pub(crate) use clock::ManualClock;
 pub(crate) use clock::{Clock, MonotonicClock, SetClock};
@@ -240,13 +240,58 @@ impl std::fmt::Debug for StoreSettings {
     }
 }
 
-/// Takes from `replaced` the quota state whose window is nearest `quota`'s.
-fn nearest_window<'a, S>(
-    replaced: &mut Vec<&'a Arc<QuotaState<S>>>,
-    quota: &Quota,
-) -> Option<&'a Arc<QuotaState<S>>> {
-    let nearest = (0..replaced.len()).min_by_key(|&i| replaced[i].quota.per.abs_diff(quota.per))?;
-    Some(replaced.remove(nearest))
+/// Every changed quota of a reload and the quota it replaces, group by group.
+#[cfg(feature = "redis")]
+pub(crate) fn quota_moves(old: &LimitSettings, new: &LimitSettings) -> Vec<QuotaMove> {
+    let mut moves = Vec::new();
+    for group in LimitGroup::ALL {
+        let (from, to) = (old.quotas(group), new.quotas(group));
+        for (quota, origin) in to.iter().zip(successors(from, to)) {
+            if let Origin::Replacing(i) = origin {
+                moves.push(QuotaMove {
+                    group,
+                    from: from[i],
+                    to: *quota,
+                });
+            }
+        }
+    }
+    moves
+}
+
+/// Where a quota of a reloaded group takes its state from, by index into the old group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The same limit (shadow may differ): its state as it is.
+    Kept(usize),
+    /// A changed quota: the removed one whose window is nearest its own, its state
+    /// converted (each key charged with the requests it had spent).
+    Replacing(usize),
+    /// Added: afresh.
+    New,
+}
+
+/// Where each quota of `new` takes its state from in `old` (the same group before a
+/// reload): unchanged quotas first, wherever they moved, so that a changed one never takes
+/// their state; then each changed one the removed quota of the nearest window.
+pub(crate) fn successors(old: &[Quota], new: &[Quota]) -> Vec<Origin> {
+    let mut free: Vec<usize> = (0..old.len()).collect();
+    let mut origins: Vec<Origin> = new
+        .iter()
+        .map(|quota| {
+            let at = free.iter().position(|&i| old[i].same_limit(quota));
+            at.map_or(Origin::New, |at| Origin::Kept(free.remove(at)))
+        })
+        .collect();
+    for (quota, origin) in new.iter().zip(&mut origins) {
+        if *origin == Origin::New {
+            let nearest = (0..free.len()).min_by_key(|&at| old[free[at]].per.abs_diff(quota.per));
+            if let Some(at) = nearest {
+                *origin = Origin::Replacing(free.remove(at));
+            }
+        }
+    }
+    origins
 }
 
 struct Entry<C> {
@@ -287,34 +332,28 @@ impl<C: ShardCell<Shard>> Limiter<C> {
     ) -> Limiter<C> {
         let mut groups: [Vec<Entry<C>>; 4] = Default::default();
         for group in LimitGroup::ALL {
-            let mut reusable: Vec<&Arc<QuotaState<C>>> = previous
+            let before: Vec<&Arc<QuotaState<C>>> = previous
                 .filter(|p| p.max_keys == store.max_keys)
                 .map(|p| p.groups[group.index()].iter().map(|e| &e.state).collect())
                 .unwrap_or_default();
+            let old: Vec<Quota> = before.iter().map(|s| s.quota).collect();
             let quotas = &settings.groups[group.index()];
-            // Unchanged quotas first, so that a changed one never takes their state.
-            let kept: Vec<Option<Arc<QuotaState<C>>>> = quotas
-                .iter()
-                .map(|quota| {
-                    let i = reusable.iter().position(|s| s.quota.same_limit(quota))?;
-                    Some(reusable.remove(i).clone())
-                })
-                .collect();
-            let mut replaced = reusable;
-            for (quota, kept) in quotas.iter().zip(kept) {
+            for (quota, origin) in quotas.iter().zip(successors(&old, quotas)) {
                 let evictions = counters.evictions(group);
-                let state = match kept {
-                    Some(state) => state,
-                    None => Arc::new(match nearest_window(&mut replaced, quota) {
-                        Some(previous) => QuotaState::carried_from(
-                            previous,
-                            *quota,
-                            store.max_keys,
-                            evictions,
-                            clock.now(),
-                        ),
-                        None => QuotaState::counting_evictions(*quota, store.max_keys, evictions),
-                    }),
+                let state = match origin {
+                    Origin::Kept(i) => before[i].clone(),
+                    Origin::Replacing(i) => Arc::new(QuotaState::carried_from(
+                        before[i],
+                        *quota,
+                        store.max_keys,
+                        evictions,
+                        clock.now(),
+                    )),
+                    Origin::New => Arc::new(QuotaState::counting_evictions(
+                        *quota,
+                        store.max_keys,
+                        evictions,
+                    )),
                 };
                 groups[group.index()].push(Entry {
                     state,

@@ -18,12 +18,14 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 
 mod batch;
+mod carry;
 mod cluster;
 mod sentinel;
 mod settings;
 
 pub(crate) use batch::RedisSpecs;
 use batch::{run_batches, Charges, Job, REPLY_LEN};
+pub(crate) use carry::QuotaMove;
 use cluster::{Cluster, DirectMasters};
 use sentinel::{Master, SentinelPool};
 use settings::Sentinels;

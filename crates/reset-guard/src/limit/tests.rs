@@ -1009,6 +1009,51 @@ mod redis_store {
         )
     }
 
+    /// As in memory: a changed quota keeps what each address spent, its new keys written
+    /// from the old ones in the background (within a moment of the reload).
+    #[tokio::test]
+    async fn a_changed_quota_keeps_what_each_address_spent_in_redis() {
+        let server = RedisServer::start();
+        let rig = redis_rig(
+            &server,
+            "  per_email: [{ requests: 3, per: 1h }]\n",
+            "",
+            OnError::Deny,
+        );
+        assert_eq!(rig.statuses(2, ask("two@b.io")).await, [200, 200]);
+        assert_eq!(rig.status(ask("one@b.io")).await, 200);
+        reload(&rig, "  per_email: [{ requests: 1, per: 1h }]\n");
+        let carried = poll_keys(
+            || {
+                quota_keys(&server)
+                    .iter()
+                    .filter(|(key, _)| key.contains(":3600000000.3600000000:"))
+                    .count()
+            },
+            2,
+        )
+        .await;
+        assert_eq!(carried, 2, "{:?}", server.dump());
+        assert_eq!(
+            rig.status(ask("two@b.io")).await,
+            429,
+            "had two of the new one"
+        );
+        assert_eq!(rig.status(ask("one@b.io")).await, 429, "had its one");
+        assert_eq!(rig.status(ask("new@b.io")).await, 200);
+    }
+
+    /// `count()` once it reaches `expected`, or after two seconds.
+    async fn poll_keys(count: impl Fn() -> usize, expected: usize) -> usize {
+        for _ in 0..100 {
+            if count() >= expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        count()
+    }
+
     #[tokio::test]
     async fn the_shared_table_in_redis() {
         let server = RedisServer::start();

@@ -173,6 +173,46 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// A connection of its own to each master `CLUSTER SLOTS` names (one named without an
+    /// address is left out), for work that walks every master's keys.
+    pub(super) async fn master_connections(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<MultiplexedConnection>, String> {
+        let mut connection = self
+            .probe
+            .get_or_init(|| async { self.connection() })
+            .await
+            .clone();
+        let ask = connection.route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        );
+        let reply = answer_in_time(timeout.max(Duration::from_secs(1)), ask)
+            .await
+            .map_err(|cause| format!("CLUSTER SLOTS: {cause}"))?;
+        let map = SlotOwners::parse(&reply).ok_or("CLUSTER SLOTS: an answer not understood")?;
+        let mut connections = Vec::new();
+        for (host, port) in map.masters.iter().flatten() {
+            let url = settings::node_url(self.nodes.direct.scheme, host, *port);
+            let client = self
+                .nodes
+                .direct
+                .settings
+                .client_at(&url, true)
+                .map_err(|e| format!("master {host}:{port}: {e}"))?;
+            let connecting = client.get_multiplexed_async_connection();
+            let wait = timeout.max(Duration::from_secs(1));
+            let connected = answer_in_time(wait, connecting)
+                .await
+                .map_err(|cause| format!("master {host}:{port}: {cause}"))?;
+            connections.push(connected);
+        }
+        Ok(connections)
+    }
+}
+
 /// A master the probe asked: its name in logs (`master host:port`), the probe's connection
 /// to it, and the probe's key in one of its slots (the slot, the key).
 struct ProbedMaster {

@@ -210,3 +210,44 @@ async fn consecutive_groups_on_one_master_are_decided_in_one_call() {
         );
     }
 }
+
+/// A changed quota keeps what each address spent in a cluster too: every master's keys of
+/// the old quota walked, each new key written beside the old one (one hash tag, one slot).
+#[tokio::test]
+async fn a_changed_quota_keeps_what_each_address_spent_in_a_cluster() {
+    let cluster = RedisCluster::start();
+    let rig = rig_in(
+        "  per_email: [{ requests: 3, per: 1h }]\n",
+        "",
+        cluster_store(&cluster, "carry"),
+        ManualClock::new(),
+    );
+    let addresses: Vec<String> = (0..12).map(|i| format!("user{i}@b.io")).collect();
+    for address in &addresses {
+        assert_eq!(rig.statuses(2, ask(address)).await, [200, 200]);
+    }
+    reload(&rig, "  per_email: [{ requests: 1, per: 1h }]\n");
+    let new_keys = || {
+        cluster
+            .quota_keys()
+            .into_iter()
+            .filter(|(_, key, _)| key.ends_with("}:3600000000.3600000000"))
+            .map(|(node, ..)| node)
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..100 {
+        if new_keys().len() == addresses.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut nodes = new_keys();
+    assert_eq!(nodes.len(), addresses.len(), "{:?}", cluster.quota_keys());
+    nodes.sort();
+    nodes.dedup();
+    assert!(nodes.len() > 1, "keys on several masters: {nodes:?}");
+    for address in &addresses {
+        assert_eq!(rig.status(ask(address)).await, 429, "{address}");
+    }
+    assert_eq!(rig.status(ask("new@b.io")).await, 200);
+}

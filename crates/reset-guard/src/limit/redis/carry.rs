@@ -1,0 +1,237 @@
+//! A changed quota's state carried over a reload, in Redis: as the memory store does
+//! (`QuotaState::carried_from`), each address is charged under the new quota with the
+//! requests it had spent under the one it replaces, at most a full burst, so that
+//! tightening a limit (3 an hour to 1) refuses at once an address that had 2.
+//!
+//! A quota's keys are named by its numbers, so the new quota's keys are written from the
+//! old ones: each master is walked with `SCAN` (in the background, after the reload), and
+//! each old key that still counts gives its new key, unless a request already made one.
+//! Replicas reloading the same file do the same work and agree (the first write stands).
+//! Until the walk reaches a key, a request for it finds the new quota's key absent and
+//! starts afresh, as before: the walk takes about a second per 100,000 keys of the quota.
+
+use std::time::Duration;
+
+use super::*;
+
+/// One key's state carried from the quota it replaced: unless the new key exists, the
+/// old key's backlog (its TAT past now) in requests, at the new quota's interval, at most
+/// the new quota's capacity. The same TTL and number forms as the decision script.
+const CARRY: &str = r"
+pcall(redis.replicate_commands)
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat or tat <= now or redis.call('GET', KEYS[2]) then
+  return 0
+end
+local lead = math.min((tat - now) * tonumber(ARGV[2]) / tonumber(ARGV[1]), tonumber(ARGV[3]))
+local ttl = lead / 1000
+redis.call('PSETEX', KEYS[2], string.format('%d', ttl - ttl % 1 + 1), string.format('%d', now + lead))
+return 1
+";
+
+/// Keys asked for per `SCAN` step.
+const SCAN_COUNT: usize = 1000;
+
+/// One changed quota of a group: the quota it replaces and its own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QuotaMove {
+    pub(crate) group: LimitGroup,
+    pub(crate) from: Quota,
+    pub(crate) to: Quota,
+}
+
+/// `interval.capacity` in microseconds, as a quota's keys name it.
+fn quota_part(quota: &Quota) -> String {
+    let interval_us = (quota.interval_ns / 1000).max(1);
+    format!("{interval_us}.{}", interval_us * u64::from(quota.burst))
+}
+
+/// How one move's keys are found and renamed.
+struct Names {
+    /// `SCAN`'s pattern for the old quota's keys.
+    pattern: String,
+    /// What an old key's name has that the new one replaces: at its start (standalone:
+    /// `{prefix}:{group}:{quota}:`) or at its end (cluster: `}:{quota}`).
+    old: String,
+    new: String,
+    at_end: bool,
+}
+
+impl Names {
+    fn of(prefix: &str, movement: &QuotaMove, cluster: bool) -> Names {
+        let group = movement.group.name();
+        let (from, to) = (quota_part(&movement.from), quota_part(&movement.to));
+        if cluster {
+            Names {
+                pattern: format!("{{{prefix}:{group}:*}}:{from}"),
+                old: format!("}}:{from}"),
+                new: format!("}}:{to}"),
+                at_end: true,
+            }
+        } else {
+            Names {
+                pattern: format!("{prefix}:{group}:{from}:*"),
+                old: format!("{prefix}:{group}:{from}:"),
+                new: format!("{prefix}:{group}:{to}:"),
+                at_end: false,
+            }
+        }
+    }
+
+    /// The new quota's key for an old key (none for a name not of the old quota).
+    fn renamed(&self, key: &str) -> Option<String> {
+        if self.at_end {
+            let stem = key.strip_suffix(&self.old)?;
+            Some(format!("{stem}{}", self.new))
+        } else {
+            let rest = key.strip_prefix(&self.old)?;
+            Some(format!("{}{rest}", self.new))
+        }
+    }
+}
+
+impl RedisStore {
+    /// Carries the state of each changed quota in `moves` over to its new keys, in the
+    /// background (an embedding app that reloads outside a Tokio runtime carries nothing).
+    pub(crate) fn carry_over(self: &Arc<Self>, moves: Vec<QuotaMove>) {
+        if moves.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        runtime.spawn(async move {
+            let started = tokio::time::Instant::now();
+            match store.carry(&moves).await {
+                Ok(carried) => tracing::info!(
+                    target: "reset_guard::limit",
+                    carried,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "changed quotas' state carried over in Redis"
+                ),
+                Err(error) => tracing::warn!(
+                    target: "reset_guard::limit",
+                    %error,
+                    "changed quotas' state not carried over in Redis: their keys start afresh"
+                ),
+            }
+        });
+    }
+
+    async fn carry(&self, moves: &[QuotaMove]) -> Result<u64, String> {
+        let script = redis::Script::new(CARRY);
+        let mut carried = 0;
+        match &self.cluster {
+            Some(cluster) => {
+                let mut masters = cluster.master_connections(self.timeout).await?;
+                for movement in moves {
+                    let names = Names::of(&self.prefix, movement, true);
+                    for master in &mut masters {
+                        carried += carry_on(master, &script, &names, movement).await?;
+                    }
+                }
+            }
+            None => {
+                let _ = self.resolve().await;
+                let master = self.master.load_full().ok_or("no Redis master is known")?;
+                let mut connection = master.connection.clone();
+                for movement in moves {
+                    let names = Names::of(&self.prefix, movement, false);
+                    carried += carry_on(&mut connection, &script, &names, movement).await?;
+                }
+            }
+        }
+        Ok(carried)
+    }
+}
+
+/// Walks one server's keys of the old quota, carrying each; how many were carried.
+async fn carry_on(
+    connection: &mut (impl redis::aio::ConnectionLike + Send),
+    script: &redis::Script,
+    names: &Names,
+    movement: &QuotaMove,
+) -> Result<u64, String> {
+    let (from, to) = (&movement.from, &movement.to);
+    let args = [
+        (from.interval_ns / 1000).max(1),
+        (to.interval_ns / 1000).max(1),
+        (to.interval_ns / 1000).max(1) * u64::from(to.burst),
+    ];
+    let wait = Duration::from_secs(5);
+    // A pipeline sends the script by its hash only: loaded first.
+    tokio::time::timeout(wait, script.load_async(connection))
+        .await
+        .map_err(|_| format!("SCRIPT LOAD: no answer within {wait:?}"))?
+        .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
+    let mut cursor: u64 = 0;
+    let mut carried = 0;
+    loop {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(&names.pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT);
+        let step = scan.query_async::<(u64, Vec<String>)>(connection);
+        let (next, keys) = tokio::time::timeout(wait, step)
+            .await
+            .map_err(|_| format!("SCAN: no answer within {wait:?}"))?
+            .map_err(|e| format!("SCAN: {e}"))?;
+        if !keys.is_empty() {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                if let Some(new) = names.renamed(key) {
+                    pipe.invoke_script(script.key(key).key(new).arg(&args[..]));
+                }
+            }
+            let done = tokio::time::timeout(wait, pipe.query_async::<Vec<u64>>(connection))
+                .await
+                .map_err(|_| format!("carrying: no answer within {wait:?}"))?
+                .map_err(|e| format!("carrying: {e}"))?;
+            carried += done.iter().sum::<u64>();
+        }
+        if next == 0 {
+            return Ok(carried);
+        }
+        cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn movement() -> QuotaMove {
+        let quota = |requests, secs| Quota::new(requests, Duration::from_secs(secs), None, false);
+        QuotaMove {
+            group: LimitGroup::PerEmail,
+            from: quota(3, 3600).unwrap(),
+            to: quota(1, 3600).unwrap(),
+        }
+    }
+
+    #[test]
+    fn keys_are_renamed_as_the_decision_names_them() {
+        let plain = Names::of("rg", &movement(), false);
+        assert_eq!(plain.pattern, "rg:per_email:1200000000.3600000000:*");
+        assert_eq!(
+            plain
+                .renamed("rg:per_email:1200000000.3600000000:00ab")
+                .as_deref(),
+            Some("rg:per_email:3600000000.3600000000:00ab")
+        );
+        let cluster = Names::of("rg", &movement(), true);
+        assert_eq!(cluster.pattern, "{rg:per_email:*}:1200000000.3600000000");
+        assert_eq!(
+            cluster
+                .renamed("{rg:per_email:00ab}:1200000000.3600000000")
+                .as_deref(),
+            Some("{rg:per_email:00ab}:3600000000.3600000000")
+        );
+        assert_eq!(plain.renamed("rg:per_ip:1.2:00ab"), None);
+    }
+}
