@@ -18,9 +18,10 @@ pub struct GuardHandle {
 
 impl GuardHandle {
     /// Applies new settings and key to every request from now on. Limiter state is kept
-    /// for every quota whose limit did not change; in the memory store a changed quota
-    /// takes over the state of the one it replaces, each key charged with the requests it
-    /// had spent there (with Redis, a changed quota's keys start afresh).
+    /// for every quota whose limit did not change; a changed quota derives its state from
+    /// the removed quota of the nearest window, each key charged with the requests it had
+    /// spent there (with Redis, in the background: `carry.rs`; spawned on the current
+    /// Tokio runtime, none outside one).
     pub fn update(&self, settings: GuardSettings, api_key: ApiKey) {
         let core = &self.core;
         let previous = core.current.load();
@@ -51,7 +52,10 @@ impl GuardHandle {
         }));
         #[cfg(feature = "redis")]
         if let Some(store) = &core.redis {
-            store.forget_denials();
+            store.forget_denials(
+                &previous.settings.limits,
+                &core.current.load().settings.limits,
+            );
             store.carry_over(moves);
         }
     }

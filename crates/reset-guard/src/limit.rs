@@ -264,16 +264,17 @@ pub(crate) fn quota_moves(old: &LimitSettings, new: &LimitSettings) -> Vec<Quota
 pub(crate) enum Origin {
     /// The same limit (shadow may differ): its state as it is.
     Kept(usize),
-    /// A changed quota: the removed one whose window is nearest its own, its state
-    /// converted (each key charged with the requests it had spent).
+    /// A changed quota: derived from a removed one, the one whose window is nearest its own
+    /// (by ratio), each key charged with the requests it had spent.
+    /// Several changed quotas may derive from one removed quota.
     Replacing(usize),
-    /// Added: afresh.
+    /// Added to a group that lost no quota: afresh.
     New,
 }
 
 /// Where each quota of `new` takes its state from in `old` (the same group before a
-/// reload): unchanged quotas first, wherever they moved, so that a changed one never takes
-/// their state; then each changed one the removed quota of the nearest window.
+/// reload), whatever order either is written in: an unchanged quota keeps its own; each
+/// changed one derives from the removed quota of the nearest window.
 pub(crate) fn successors(old: &[Quota], new: &[Quota]) -> Vec<Origin> {
     let mut free: Vec<usize> = (0..old.len()).collect();
     let mut origins: Vec<Origin> = new
@@ -283,11 +284,23 @@ pub(crate) fn successors(old: &[Quota], new: &[Quota]) -> Vec<Origin> {
             at.map_or(Origin::New, |at| Origin::Kept(free.remove(at)))
         })
         .collect();
+    // How far apart two windows are: the larger over the smaller, in thousandths (30
+    // minutes is nearer an hour than 10 seconds); ties go the same way whatever the order.
+    let apart = |a: &Quota, b: &Quota| {
+        let (a, b) = (a.per.as_nanos().max(1), b.per.as_nanos().max(1));
+        a.max(b) * 1_000 / a.min(b)
+    };
     for (quota, origin) in new.iter().zip(&mut origins) {
         if *origin == Origin::New {
-            let nearest = (0..free.len()).min_by_key(|&at| old[free[at]].per.abs_diff(quota.per));
-            if let Some(at) = nearest {
-                *origin = Origin::Replacing(free.remove(at));
+            let nearest = free.iter().min_by_key(|&&i| {
+                (
+                    apart(&old[i], quota),
+                    old[i].capacity_ns,
+                    old[i].interval_ns,
+                )
+            });
+            if let Some(&i) = nearest {
+                *origin = Origin::Replacing(i);
             }
         }
     }

@@ -126,6 +126,8 @@ pub(crate) struct RedisStore {
     /// When a failed request was last logged, and how many failed since.
     failure_logged: AtomicU64,
     failed_unlogged: AtomicU64,
+    /// Held by the walk carrying changed quotas over a reload (carry.rs): one at a time.
+    carrying: tokio::sync::Mutex<()>,
     /// Counts the times the probe found Redis back after a failure. A thread's connection
     /// that saw no request since may be dead (Redis restarted under it) and would fail the
     /// next request: each thread's queue made before is remade, with a new connection,
@@ -205,6 +207,7 @@ impl RedisStore {
             probe_failure: Mutex::new(CauseLog::default()),
             failure_logged: AtomicU64::new(0),
             failed_unlogged: AtomicU64::new(0),
+            carrying: tokio::sync::Mutex::new(()),
             errors: AtomicU64::new(0),
             denials: Mutex::new(HashMap::new()),
             clock: MonotonicClock::default(),
@@ -237,11 +240,29 @@ impl RedisStore {
     }
 
     /// Forgets cached denials (after a reload, quotas may have changed).
-    pub(crate) fn forget_denials(&self) {
-        self.denials
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+    /// After a reload from `old` to `new` limits: a cached denial stays only where the new
+    /// group still denies it at least as long, by a quota that derives from the one that
+    /// denied (the same, or one no looser: as long an interval or longer, no larger burst,
+    /// enforced). So a flood refused before a reload that tightens its limit stays refused,
+    /// instead of reaching Redis before the changed quota's state is carried over.
+    pub(crate) fn forget_denials(&self, old: &LimitSettings, new: &LimitSettings) {
+        let mut cache = self.denials.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|(group, _), (_, denial)| {
+            let (before, after) = (old.quotas(*group), new.quotas(*group));
+            after
+                .iter()
+                .zip(super::successors(before, after))
+                .any(|(quota, origin)| {
+                    let from = match origin {
+                        super::Origin::Kept(i) | super::Origin::Replacing(i) => before[i],
+                        super::Origin::New => return false,
+                    };
+                    from.same_limit(&denial.quota)
+                        && !quota.shadow
+                        && quota.interval_ns >= from.interval_ns
+                        && quota.burst <= from.burst
+                })
+        });
     }
 
     /// Drops expired cached denials.

@@ -594,6 +594,32 @@ async fn a_changed_quota_keeps_what_each_address_spent() {
         "3 of 5 spent"
     );
 
+    // A quota added beside a tightened one: both derive from the one they replace, so
+    // neither starts afresh, whichever is written first.
+    for new in [
+        "  per_email: [{ requests: 10, per: 1d }, { requests: 2, per: 1h }]\n",
+        "  per_email: [{ requests: 2, per: 1h }, { requests: 10, per: 1d }]\n",
+    ] {
+        let rig = new_rig("  per_email: [{ requests: 3, per: 1h }]\n");
+        assert_eq!(rig.statuses(3, ask("s@b.io")).await, [200; 3]);
+        reload(&rig, new);
+        assert_eq!(rig.status(ask("s@b.io")).await, 429, "{new}");
+    }
+    // Retuned and reordered at once: each derives from the quota of the nearest window.
+    for new in [
+        "  per_email: [{ requests: 6, per: 30m }, { requests: 3, per: 10s }]\n",
+        "  per_email: [{ requests: 3, per: 10s }, { requests: 6, per: 30m }]\n",
+    ] {
+        let rig = new_rig("  per_email: [{ requests: 2, per: 10s }, { requests: 6, per: 1h }]\n");
+        for _ in 0..6 {
+            assert_eq!(rig.status(ask("w@b.io")).await, 200);
+            rig.advance(5);
+        }
+        reload(&rig, new);
+        rig.advance(10);
+        assert_eq!(rig.status(ask("w@b.io")).await, 429, "{new}");
+    }
+
     // Loosened: 1 an hour to 3 keeps the one spent.
     let rig = new_rig("  per_email: [{ requests: 1, per: 1h }]\n");
     assert_eq!(rig.status(ask("a@b.io")).await, 200);
@@ -1041,6 +1067,72 @@ mod redis_store {
         );
         assert_eq!(rig.status(ask("one@b.io")).await, 429, "had its one");
         assert_eq!(rig.status(ask("new@b.io")).await, 200);
+    }
+
+    /// A reload that tightens a quota keeps the denials cached under it (the address would
+    /// be refused under the new one at least as long): a flood refused before it is not
+    /// let through while the changed quota's state is carried over. One that loosens it
+    /// forgets them.
+    #[tokio::test]
+    async fn a_cached_denial_stands_through_a_reload_that_tightens_its_quota() {
+        let mut server = RedisServer::start();
+        let rig = redis_rig(
+            &server,
+            "  per_email: [{ requests: 3, per: 1h }]\n",
+            "",
+            OnError::Deny,
+        );
+        assert_eq!(rig.statuses(4, ask("f@b.io")).await, [200, 200, 200, 429]);
+        reload(&rig, "  per_email: [{ requests: 2, per: 2h }]\n");
+        server.stop();
+        // Redis is gone: only the cache can refuse it (under deny, Redis's absence is a 503).
+        assert_eq!(rig.status(ask("f@b.io")).await, 429, "still refused");
+        assert_eq!(rig.status(ask("g@b.io")).await, 503);
+        reload(&rig, "  per_email: [{ requests: 5, per: 1h }]\n");
+        assert_eq!(rig.status(ask("f@b.io")).await, 503, "loosened: forgotten");
+    }
+
+    /// A→B→A: the keys A's quota left before B are older than what B spent, and the walk
+    /// back writes over them.
+    #[tokio::test]
+    async fn a_quota_changed_and_changed_back_keeps_what_was_spent_in_between() {
+        let server = RedisServer::start();
+        let a = "  per_email: [{ requests: 3, per: 1h }]\n";
+        let rig = redis_rig(&server, a, "", OnError::Deny);
+        assert_eq!(rig.status(ask("ab@b.io")).await, 200);
+        reload(&rig, "  per_email: [{ requests: 5, per: 1h }]\n");
+        let carried = poll_keys(
+            || {
+                quota_keys(&server)
+                    .iter()
+                    .filter(|(key, _)| key.contains(":720000000.3600000000:"))
+                    .count()
+            },
+            1,
+        )
+        .await;
+        assert_eq!(carried, 1);
+        assert_eq!(
+            rig.statuses(5, ask("ab@b.io")).await,
+            [200, 200, 200, 200, 429]
+        );
+        reload(&rig, a);
+        // The walk back writes over the key A left (one spent): five spent, capped at three.
+        let back = poll_keys(
+            || {
+                let keys = quota_keys(&server);
+                let tat = |part: &str| -> i64 {
+                    keys.iter()
+                        .find(|(key, _)| key.contains(part))
+                        .map_or(0, |(_, v)| v.parse().unwrap())
+                };
+                usize::from(tat(":1200000000.3600000000:") >= tat(":720000000.3600000000:"))
+            },
+            1,
+        )
+        .await;
+        assert_eq!(back, 1, "{:?}", quota_keys(&server));
+        assert_eq!(rig.status(ask("ab@b.io")).await, 429);
     }
 
     /// `count()` once it reaches `expected`, or after two seconds.

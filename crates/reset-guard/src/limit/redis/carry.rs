@@ -5,28 +5,35 @@
 //!
 //! A quota's keys are named by its numbers, so the new quota's keys are written from the
 //! old ones: each master is walked with `SCAN` (in the background, after the reload), and
-//! each old key that still counts gives its new key, unless a request already made one.
-//! Replicas reloading the same file do the same work and agree (the first write stands).
-//! Until the walk reaches a key, a request for it finds the new quota's key absent and
-//! starts afresh, as before: the walk took 1.2 s for 100,000 keys of a quota (a busy
-//! 2-core machine, one standalone server).
+//! each old key that still counts gives its new key, unless that key is already further
+//! along (a request, another replica's walk, or a quota the group had before). Replicas
+//! reloading the same file do the same work and agree. Until the walk reaches a key, a
+//! request for it finds the new quota's key absent and starts afresh; the walk took 1.2 s
+//! for 100,000 keys of a quota (a busy 2-core machine, one standalone server). Walks run
+//! one at a time, so a second reload's walk reads what the first one wrote; a master that
+//! fails its walk is walked again, a few times, with the others done meanwhile.
 
 use std::time::Duration;
 
 use super::*;
 
-/// One key's state carried from the quota it replaced: unless the new key exists, the
-/// old key's backlog (its TAT past now) in requests, at the new quota's interval, at most
-/// the new quota's capacity. The same TTL and number forms as the decision script.
+/// One key's state carried from the quota it replaced: the old key's backlog (its TAT past
+/// now) in requests, at the new quota's interval, at most the new quota's capacity, unless
+/// the new key is already further along. The same TTL and number forms as the decision
+/// script.
 const CARRY: &str = r"
 pcall(redis.replicate_commands)
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local tat = tonumber(redis.call('GET', KEYS[1]))
-if not tat or tat <= now or redis.call('GET', KEYS[2]) then
+if not tat or tat <= now then
   return 0
 end
 local lead = math.min((tat - now) * tonumber(ARGV[2]) / tonumber(ARGV[1]), tonumber(ARGV[3]))
+local present = tonumber(redis.call('GET', KEYS[2]))
+if present and present >= now + lead then
+  return 0
+end
 local ttl = lead / 1000
 redis.call('PSETEX', KEYS[2], string.format('%d', ttl - ttl % 1 + 1), string.format('%d', now + lead))
 return 1
@@ -105,35 +112,85 @@ impl RedisStore {
         };
         let store = self.clone();
         runtime.spawn(async move {
+            // One walk at a time: a later reload's walk reads what this one writes.
+            let _walking = store.carrying.lock().await;
             let started = tokio::time::Instant::now();
-            match store.carry(&moves).await {
-                Ok(carried) => tracing::info!(
-                    target: "reset_guard::limit",
-                    carried,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "changed quotas' state carried over in Redis"
-                ),
-                Err(error) => tracing::warn!(
-                    target: "reset_guard::limit",
-                    %error,
-                    "changed quotas' state not carried over in Redis: their keys start afresh"
-                ),
+            let mut carried = 0;
+            let mut pending: Vec<usize> = Vec::new();
+            for attempt in 0..CARRY_ATTEMPTS {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+                }
+                match store.carry(&moves, &mut pending, attempt == 0).await {
+                    Ok((count, errors)) => {
+                        carried += count;
+                        if errors.is_empty() {
+                            tracing::info!(
+                                target: "reset_guard::limit",
+                                carried,
+                                took_ms = started.elapsed().as_millis() as u64,
+                                "changed quotas' state carried over in Redis"
+                            );
+                            return;
+                        }
+                        tracing::warn!(target: "reset_guard::limit", error = %errors.join("; "), attempt = attempt + 1, "carrying changed quotas' state over in Redis failed in part; trying again");
+                    }
+                    Err(error) => {
+                        tracing::warn!(target: "reset_guard::limit", %error, attempt = attempt + 1, "carrying changed quotas' state over in Redis failed; trying again");
+                    }
+                }
             }
+            tracing::error!(
+                target: "reset_guard::limit",
+                carried,
+                "changed quotas' state not carried over in Redis where it failed: those keys start afresh"
+            );
         });
     }
 
-    async fn carry(&self, moves: &[QuotaMove]) -> Result<u64, String> {
+    /// One attempt: every master (the first time), or those in `pending` (the ones that
+    /// failed before, by index; left holding those that failed again). How many keys were
+    /// carried, and why the failed ones failed.
+    async fn carry(
+        &self,
+        moves: &[QuotaMove],
+        pending: &mut Vec<usize>,
+        first: bool,
+    ) -> Result<(u64, Vec<String>), String> {
         let script = redis::Script::new(CARRY);
         let mut carried = 0;
+        let mut errors = Vec::new();
         match &self.cluster {
             Some(cluster) => {
-                let mut masters = cluster.master_connections(self.timeout).await?;
-                for movement in moves {
-                    let names = Names::of(&self.prefix, movement, true);
-                    for master in &mut masters {
-                        carried += carry_on(master, &script, &names, movement).await?;
+                let masters = cluster.master_connections(self.timeout).await?;
+                let asked: Vec<usize> = if first {
+                    (0..masters.len()).collect()
+                } else {
+                    std::mem::take(pending)
+                };
+                let mut failed = Vec::new();
+                for (i, master) in masters.into_iter().enumerate() {
+                    if !asked.contains(&i) {
+                        continue;
+                    }
+                    let Ok((name, mut connection)) = master else {
+                        failed.push(i);
+                        errors.push(master.err().unwrap_or_default());
+                        continue;
+                    };
+                    for movement in moves {
+                        let names = Names::of(&self.prefix, movement, true);
+                        match carry_on(&mut connection, &script, &names, movement).await {
+                            Ok(count) => carried += count,
+                            Err(error) => {
+                                failed.push(i);
+                                errors.push(format!("{name}: {error}"));
+                                break;
+                            }
+                        }
                     }
                 }
+                *pending = failed;
             }
             None => {
                 let _ = self.resolve().await;
@@ -145,9 +202,12 @@ impl RedisStore {
                 }
             }
         }
-        Ok(carried)
+        Ok((carried, errors))
     }
 }
+
+/// Tries at walking a master, one to five seconds and more apart.
+const CARRY_ATTEMPTS: u32 = 5;
 
 /// Walks one server's keys of the old quota, carrying each; how many were carried.
 async fn carry_on(

@@ -174,12 +174,13 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// A connection of its own to each master `CLUSTER SLOTS` names (one named without an
-    /// address is left out), for work that walks every master's keys.
+    /// A connection of its own to each master `CLUSTER SLOTS` names, in its order (one
+    /// named without an address is left out), or why there is none, for work that walks
+    /// every master's keys: one master that cannot be reached leaves the others to walk.
     pub(super) async fn master_connections(
         &self,
         timeout: Duration,
-    ) -> Result<Vec<MultiplexedConnection>, String> {
+    ) -> Result<Vec<Result<(String, MultiplexedConnection), String>>, String> {
         let mut connection = self
             .probe
             .get_or_init(|| async { self.connection() })
@@ -195,19 +196,19 @@ impl Cluster {
         let map = SlotOwners::parse(&reply).ok_or("CLUSTER SLOTS: an answer not understood")?;
         let mut connections = Vec::new();
         for (host, port) in map.masters.iter().flatten() {
+            let named = format!("master {host}:{port}");
             let url = settings::node_url(self.nodes.direct.scheme, host, *port);
-            let client = self
-                .nodes
-                .direct
-                .settings
-                .client_at(&url, true)
-                .map_err(|e| format!("master {host}:{port}: {e}"))?;
-            let connecting = client.get_multiplexed_async_connection();
-            let wait = timeout.max(Duration::from_secs(1));
-            let connected = answer_in_time(wait, connecting)
-                .await
-                .map_err(|cause| format!("master {host}:{port}: {cause}"))?;
-            connections.push(connected);
+            let connected = match self.nodes.direct.settings.client_at(&url, true) {
+                Ok(client) => {
+                    let connecting = client.get_multiplexed_async_connection();
+                    let wait = timeout.max(Duration::from_secs(1));
+                    answer_in_time(wait, connecting)
+                        .await
+                        .map_err(|cause| format!("{named}: {cause}"))
+                }
+                Err(error) => Err(format!("{named}: {error}")),
+            };
+            connections.push(connected.map(|connection| (named, connection)));
         }
         Ok(connections)
     }
