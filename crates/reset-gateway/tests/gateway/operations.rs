@@ -542,8 +542,9 @@ async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
     let text = full(1);
     let half = &text[..text.find("  responses:").unwrap()];
     write(&path, half);
+    // Generous: the file is looked at twice a second, and a loaded machine is slow.
     let waiting = poll_until(
-        150,
+        500,
         async || {
             gw.logs()
                 .iter()
@@ -557,7 +558,7 @@ async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
     // The rest arrives: applied as any change.
     write(&path, &full(1000));
     assert_eq!(
-        poll_until(150, async || ask().await, |s| *s == 200).await,
+        poll_until(500, async || ask().await, |s| *s == 200).await,
         200
     );
 }

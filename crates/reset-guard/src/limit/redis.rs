@@ -246,22 +246,27 @@ impl RedisStore {
     /// enforced). So a flood refused before a reload that tightens its limit stays refused,
     /// instead of reaching Redis before the changed quota's state is carried over.
     pub(crate) fn forget_denials(&self, old: &LimitSettings, new: &LimitSettings) {
+        // Per group, the old quotas whose denials stand, found before the cache is locked.
+        let standing = LimitGroup::ALL.map(|group| {
+            let (before, after) = (old.quotas(group), new.quotas(group));
+            let successors = super::successors(before, after);
+            let derived = after.iter().zip(successors).filter_map(|(quota, origin)| {
+                let from = match origin {
+                    super::Origin::Kept(i) | super::Origin::Replacing(i) => before[i],
+                    super::Origin::New => return None,
+                };
+                let no_looser = !quota.shadow
+                    && quota.interval_ns >= from.interval_ns
+                    && quota.burst <= from.burst;
+                no_looser.then_some(from)
+            });
+            derived.collect::<Vec<Quota>>()
+        });
         let mut cache = self.denials.lock().unwrap_or_else(|e| e.into_inner());
         cache.retain(|(group, _), (_, denial)| {
-            let (before, after) = (old.quotas(*group), new.quotas(*group));
-            after
+            standing[group.index()]
                 .iter()
-                .zip(super::successors(before, after))
-                .any(|(quota, origin)| {
-                    let from = match origin {
-                        super::Origin::Kept(i) | super::Origin::Replacing(i) => before[i],
-                        super::Origin::New => return false,
-                    };
-                    from.same_limit(&denial.quota)
-                        && !quota.shadow
-                        && quota.interval_ns >= from.interval_ns
-                        && quota.burst <= from.burst
-                })
+                .any(|quota| quota.same_limit(&denial.quota))
         });
     }
 

@@ -116,12 +116,13 @@ impl RedisStore {
             let _walking = store.carrying.lock().await;
             let started = tokio::time::Instant::now();
             let mut carried = 0;
-            let mut pending: Vec<usize> = Vec::new();
+            // The masters (by name) still to walk; none known yet: every one.
+            let mut pending: Option<Vec<String>> = None;
             for attempt in 0..CARRY_ATTEMPTS {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
                 }
-                match store.carry(&moves, &mut pending, attempt == 0).await {
+                match store.carry(&moves, &mut pending).await {
                     Ok((count, errors)) => {
                         carried += count;
                         if errors.is_empty() {
@@ -148,14 +149,14 @@ impl RedisStore {
         });
     }
 
-    /// One attempt: every master (the first time), or those in `pending` (the ones that
-    /// failed before, by index; left holding those that failed again). How many keys were
-    /// carried, and why the failed ones failed.
+    /// One attempt: every master, or those `pending` names (the ones that failed before;
+    /// left naming those that failed again). How many keys were carried, and why the failed
+    /// masters failed. Without the cluster's map of masters, nothing is walked and `pending`
+    /// stays as it was.
     async fn carry(
         &self,
         moves: &[QuotaMove],
-        pending: &mut Vec<usize>,
-        first: bool,
+        pending: &mut Option<Vec<String>>,
     ) -> Result<(u64, Vec<String>), String> {
         let script = redis::Script::new(CARRY);
         let mut carried = 0;
@@ -163,34 +164,32 @@ impl RedisStore {
         match &self.cluster {
             Some(cluster) => {
                 let masters = cluster.master_connections(self.timeout).await?;
-                let asked: Vec<usize> = if first {
-                    (0..masters.len()).collect()
-                } else {
-                    std::mem::take(pending)
-                };
                 let mut failed = Vec::new();
-                for (i, master) in masters.into_iter().enumerate() {
-                    if !asked.contains(&i) {
+                for (name, master) in masters {
+                    if pending.as_ref().is_some_and(|names| !names.contains(&name)) {
                         continue;
                     }
-                    let Ok((name, mut connection)) = master else {
-                        failed.push(i);
-                        errors.push(master.err().unwrap_or_default());
-                        continue;
+                    let mut connection = match master {
+                        Ok(connection) => connection,
+                        Err(error) => {
+                            errors.push(format!("{name}: {error}"));
+                            failed.push(name);
+                            continue;
+                        }
                     };
                     for movement in moves {
                         let names = Names::of(&self.prefix, movement, true);
                         match carry_on(&mut connection, &script, &names, movement).await {
                             Ok(count) => carried += count,
                             Err(error) => {
-                                failed.push(i);
                                 errors.push(format!("{name}: {error}"));
+                                failed.push(name);
                                 break;
                             }
                         }
                     }
                 }
-                *pending = failed;
+                *pending = Some(failed);
             }
             None => {
                 let _ = self.resolve().await;
@@ -206,7 +205,7 @@ impl RedisStore {
     }
 }
 
-/// Tries at walking a master, one to five seconds and more apart.
+/// Tries at walking a master: the first, then four more 2, 4, 8 and 16 s apart.
 const CARRY_ATTEMPTS: u32 = 5;
 
 /// Walks one server's keys of the old quota, carrying each; how many were carried.
@@ -244,22 +243,39 @@ async fn carry_on(
             .map_err(|e| format!("SCAN: {e}"))?;
         if !keys.is_empty() {
             let mut pipe = redis::pipe();
+            // One key's failure is its own: a key in a slot being moved (`MOVED`, `ASK`,
+            // `TRYAGAIN`) is skipped, its new key left to start afresh; the walk goes on.
+            pipe.ignore_errors();
             for key in &keys {
                 if let Some(new) = names.renamed(key) {
                     pipe.invoke_script(script.key(key).key(new).arg(&args[..]));
                 }
             }
-            let done = tokio::time::timeout(wait, pipe.query_async::<Vec<u64>>(connection))
+            let answers = pipe.query_async::<Vec<redis::RedisResult<u64>>>(connection);
+            let done = tokio::time::timeout(wait, answers)
                 .await
                 .map_err(|_| format!("carrying: no answer within {wait:?}"))?
                 .map_err(|e| format!("carrying: {e}"))?;
-            carried += done.iter().sum::<u64>();
+            for answer in done {
+                match answer {
+                    Ok(count) => carried += count,
+                    Err(error) if moving(&error) => {}
+                    Err(error) => return Err(format!("carrying: {error}")),
+                }
+            }
         }
         if next == 0 {
             return Ok(carried);
         }
         cursor = next;
     }
+}
+
+/// Whether a key's slot is being moved between masters (`MOVED`, `ASK`, `TRYAGAIN`).
+fn moving(error: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    super::batch::redirected(error)
+        || matches!(error.kind(), ErrorKind::Server(ServerErrorKind::TryAgain))
 }
 
 #[cfg(test)]

@@ -174,13 +174,14 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// A connection of its own to each master `CLUSTER SLOTS` names, in its order (one
-    /// named without an address is left out), or why there is none, for work that walks
-    /// every master's keys: one master that cannot be reached leaves the others to walk.
+    /// A connection of its own to each master `CLUSTER SLOTS` names, by its name in logs
+    /// (`master host:port`), or why there is none (named without an address, unreachable),
+    /// for work that walks every master's keys: one master that cannot be reached leaves
+    /// the others to walk.
     pub(super) async fn master_connections(
         &self,
         timeout: Duration,
-    ) -> Result<Vec<Result<(String, MultiplexedConnection), String>>, String> {
+    ) -> Result<Vec<(String, Result<MultiplexedConnection, String>)>, String> {
         let mut connection = self
             .probe
             .get_or_init(|| async { self.connection() })
@@ -195,7 +196,12 @@ impl Cluster {
             .map_err(|cause| format!("CLUSTER SLOTS: {cause}"))?;
         let map = SlotOwners::parse(&reply).ok_or("CLUSTER SLOTS: an answer not understood")?;
         let mut connections = Vec::new();
-        for (host, port) in map.masters.iter().flatten() {
+        for (i, master) in map.masters.iter().enumerate() {
+            let Some((host, port)) = master else {
+                let unnamed = format!("master {i} (named without an address)");
+                connections.push((unnamed, Err("no address to reach it by".to_owned())));
+                continue;
+            };
             let named = format!("master {host}:{port}");
             let url = settings::node_url(self.nodes.direct.scheme, host, *port);
             let connected = match self.nodes.direct.settings.client_at(&url, true) {
@@ -208,7 +214,7 @@ impl Cluster {
                 }
                 Err(error) => Err(format!("{named}: {error}")),
             };
-            connections.push(connected.map(|connection| (named, connection)));
+            connections.push((named, connected));
         }
         Ok(connections)
     }

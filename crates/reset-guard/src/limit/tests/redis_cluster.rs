@@ -251,3 +251,44 @@ async fn a_changed_quota_keeps_what_each_address_spent_in_a_cluster() {
     }
     assert_eq!(rig.status(ask("new@b.io")).await, 200);
 }
+
+/// A cluster that answers nothing when the walk starts (every node paused): the attempts
+/// after it walk every master, not none.
+#[tokio::test]
+async fn a_walk_that_finds_the_cluster_unanswering_walks_every_master_once_it_answers() {
+    let cluster = RedisCluster::start();
+    let rig = rig_in(
+        "  per_email: [{ requests: 3, per: 1h }]\n",
+        "",
+        cluster_store(&cluster, "paused"),
+        ManualClock::new(),
+    );
+    let addresses: Vec<String> = (0..12).map(|i| format!("user{i}@b.io")).collect();
+    for address in &addresses {
+        assert_eq!(rig.statuses(2, ask(address)).await, [200, 200]);
+    }
+    for node in &cluster.nodes {
+        assert_eq!(
+            node.command("CLIENT PAUSE 2500 ALL")
+                .as_deref()
+                .map(str::trim),
+            Some("+OK")
+        );
+    }
+    reload(&rig, "  per_email: [{ requests: 1, per: 1h }]\n");
+    let carried = || {
+        cluster
+            .quota_keys()
+            .into_iter()
+            .filter(|(_, key, _)| key.ends_with("}:3600000000.3600000000"))
+            .count()
+    };
+    // The second try comes 2 s after the first failed: within about 5 s in all.
+    for _ in 0..500 {
+        if carried() == addresses.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(carried(), addresses.len());
+}
