@@ -82,19 +82,7 @@ impl Cluster {
         prefix: &str,
         timeout: Duration,
     ) -> Result<(), String> {
-        let mut connection = self
-            .probe
-            .get_or_init(|| async { self.connection() })
-            .await
-            .clone();
-        let ask = connection.route_command(
-            redis::cmd("CLUSTER").arg("SLOTS").clone(),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-        );
-        let reply = answer_in_time(timeout, ask)
-            .await
-            .map_err(|cause| format!("CLUSTER SLOTS: {cause}"))?;
-        let map = SlotOwners::parse(&reply).ok_or("CLUSTER SLOTS: an answer not understood")?;
+        let (mut connection, map) = self.slot_owners(timeout).await?;
         let urls: Option<Vec<_>> = map
             .masters
             .iter()
@@ -174,14 +162,12 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// A connection of its own to each master `CLUSTER SLOTS` names, by its name in logs
-    /// (`master host:port`), or why there is none (named without an address, unreachable),
-    /// for work that walks every master's keys: one master that cannot be reached leaves
-    /// the others to walk.
-    pub(super) async fn master_connections(
+    /// Which master serves each slot, as `CLUSTER SLOTS` answered the probe's connection
+    /// within `wait`, with that connection.
+    async fn slot_owners(
         &self,
-        timeout: Duration,
-    ) -> Result<Vec<(String, Result<MultiplexedConnection, String>)>, String> {
+        wait: Duration,
+    ) -> Result<(redis::cluster_async::ClusterConnection, SlotOwners), String> {
         let mut connection = self
             .probe
             .get_or_init(|| async { self.connection() })
@@ -191,10 +177,24 @@ impl Cluster {
             redis::cmd("CLUSTER").arg("SLOTS").clone(),
             RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
         );
-        let reply = answer_in_time(timeout.max(Duration::from_secs(1)), ask)
+        let reply = answer_in_time(wait, ask)
             .await
             .map_err(|cause| format!("CLUSTER SLOTS: {cause}"))?;
         let map = SlotOwners::parse(&reply).ok_or("CLUSTER SLOTS: an answer not understood")?;
+        Ok((connection, map))
+    }
+
+    /// A connection of its own to each master `CLUSTER SLOTS` names, by its name in logs
+    /// (`master host:port`), or why there is none (named without an address, unreachable),
+    /// for work that walks every master's keys: one master that cannot be reached leaves
+    /// the others to walk.
+    pub(super) async fn master_connections(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<(String, Result<MultiplexedConnection, String>)>, String> {
+        let (_, map) = self
+            .slot_owners(timeout.max(Duration::from_secs(1)))
+            .await?;
         let mut connections = Vec::new();
         for (i, master) in map.masters.iter().enumerate() {
             let Some((host, port)) = master else {
