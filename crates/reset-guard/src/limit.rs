@@ -330,12 +330,12 @@ impl<C> std::fmt::Debug for Limiter<C> {
 }
 
 impl<C: ShardCell<Shard>> Limiter<C> {
-    /// Builds the state for `settings`, so that a reload forgives nobody: every quota whose
-    /// limit did not change (shadow may flip) keeps its state, wherever it moved in its
-    /// group; a changed quota takes over the state of the one it replaces (of the group's
-    /// removed quotas, the one whose window is nearest its own), each key charged with the
-    /// requests it had spent ([`QuotaState::carried_from`]); a quota added to a group
-    /// starts afresh. Requests decided on the old state while it is copied are not carried.
+    /// Builds the state for `settings`, so that a reload forgives nobody (as [`successors`]
+    /// pairs them): every quota whose limit did not change (shadow may flip) keeps its
+    /// state, wherever it moved in its group; a changed quota derives its state from the
+    /// removed quota of the nearest window, each key charged with the requests it had spent
+    /// ([`QuotaState::carried_from`]); a quota added to a group that lost none starts
+    /// afresh. Requests decided on the old state while it is copied are not carried.
     pub(crate) fn new(
         settings: &LimitSettings,
         store: &StoreSettings,

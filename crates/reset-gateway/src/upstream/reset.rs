@@ -281,27 +281,32 @@ fn warn_key_refused() {
     }
 }
 
-/// Said once per process: if QuickBlox echoes the key, it does so on every request.
+/// Runs `say` the first time only: what QuickBlox's answers do once, they do to every
+/// request.
+fn once(said: &std::sync::atomic::AtomicBool, say: impl FnOnce()) {
+    if !said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        say();
+    }
+}
+
 fn warn_once_key_reflected() {
     static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    once(&SAID, || {
         tracing::error!(
             "QuickBlox's answer to a reset held the server API key: withheld, the client gets 502 \
              (said once)"
         );
-    }
+    });
 }
 
-/// Said once per process: an upstream that compresses despite `Accept-Encoding: identity`
-/// does so on every answer.
 fn warn_once_coded() {
     static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    once(&SAID, || {
         tracing::error!(
             "QuickBlox answered a reset in a content coding (Content-Encoding), which the gateway \
              cannot check for the API key: withheld, the client gets 502 (said once)"
         );
-    }
+    });
 }
 
 #[cfg(test)]

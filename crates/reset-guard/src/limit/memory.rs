@@ -120,9 +120,10 @@ impl<C: ShardCell<Shard>> QuotaState<C> {
                 if backlog == 0 {
                     continue;
                 }
-                let spent = u128::from(backlog) * u128::from(quota.interval_ns)
+                // The requests the backlog stands for, at the new quota's interval.
+                let lead = u128::from(backlog) * u128::from(quota.interval_ns)
                     / u128::from(previous.quota.interval_ns);
-                let carried = u64::try_from(spent)
+                let carried = u64::try_from(lead)
                     .unwrap_or(u64::MAX)
                     .min(quota.capacity_ns);
                 new.tats
