@@ -266,7 +266,8 @@ fn has_body<B: Body>(request: &Request<B>) -> bool {
 }
 
 /// Whether `path` could name the same route as `guarded` once decoded, case-folded,
-/// with dot segments, doubled or trailing slashes and the format suffix removed.
+/// with dot segments, doubled or trailing slashes, `;` parameters (which Java servers and
+/// some proxies drop from each segment) and the format suffix removed.
 fn resembles(path: &str, guarded: &str) -> bool {
     normalise(path) == normalise(guarded)
 }
@@ -275,6 +276,7 @@ fn normalise(path: &str) -> String {
     let decoded = percent_decode_str(path).decode_utf8_lossy().to_lowercase();
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split(['/', '\\']) {
+        let segment = segment.split(';').next().unwrap_or_default();
         match segment {
             "" | "." => {}
             ".." => {
@@ -287,6 +289,10 @@ fn normalise(path: &str) -> String {
         if let Some(dot) = last.find('.') {
             *last = &last[..dot];
         }
+    }
+    // `reset/.json`: a format suffix standing as a segment of its own.
+    if segments.last() == Some(&"") {
+        segments.pop();
     }
     segments.join("/")
 }
@@ -308,6 +314,10 @@ mod tests {
             "/users/password/reset",
             "/users/password/reset.xml",
             "/users%2Fpassword/reset.json",
+            "/users;x/password/reset.json",
+            "/users/password/reset;.json",
+            "/users/password%3Bjsessionid=1/reset.json",
+            "/users/password/reset/.json",
         ] {
             assert!(resembles(path, guarded), "{path}");
         }
