@@ -3,6 +3,9 @@
 
 use std::fmt;
 
+use icu_normalizer::DecomposingNormalizerBorrowed;
+use icu_properties::props::{DefaultIgnorableCodePoint, GeneralCategory};
+use icu_properties::{CodePointMapData, CodePointSetData};
 use idna::AsciiDenyList;
 
 /// Longest whole address, in octets (RFC 5321 path limit less the angle brackets).
@@ -126,32 +129,14 @@ impl fmt::Debug for Email {
     }
 }
 
-/// Characters refused anywhere in an address: whitespace, controls and the invisible
-/// formatting code points that make two addresses look alike.
+/// Characters refused anywhere in an address: whitespace, controls, and the invisible
+/// ones (Unicode's default-ignorable code points and format characters) that make two
+/// addresses look alike, or that IDNA would silently drop from a domain.
 fn is_forbidden_char(c: char) -> bool {
     c.is_whitespace()
         || c.is_control()
-        || matches!(
-            c,
-            '\u{00AD}'
-                | '\u{034F}'
-                | '\u{061C}'
-                | '\u{115F}'
-                | '\u{1160}'
-                | '\u{17B4}'
-                | '\u{17B5}'
-                | '\u{180B}'..='\u{180F}'
-                | '\u{200B}'..='\u{200F}'
-                | '\u{202A}'..='\u{202E}'
-                | '\u{2060}'..='\u{206F}'
-                | '\u{3164}'
-                | '\u{FE00}'..='\u{FE0F}'
-                | '\u{FEFF}'
-                | '\u{FFA0}'
-                | '\u{FFF0}'..='\u{FFFB}'
-                | '\u{1D173}'..='\u{1D17A}'
-                | '\u{E0000}'..='\u{E0FFF}'
-        )
+        || CodePointSetData::new::<DefaultIgnorableCodePoint>().contains(c)
+        || CodePointMapData::<GeneralCategory>::new().get(c) == GeneralCategory::Format
 }
 
 /// RFC 5322 `atext`.
@@ -238,10 +223,15 @@ fn check_hostname(ascii: &str) -> Result<(), EmailError> {
 /// How addresses are folded into one per-email limit key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EmailKeyPolicy {
-    /// `bob+news@x.io` counts as `bob@x.io`.
+    /// `bob+news@x.io` counts as `bob@x.io` (and `bob-news@yahoo.com` as `bob@yahoo.com`
+    /// when `fold_provider_aliases` is on).
     pub strip_plus_tag: bool,
     /// `b.o.b@gmail.com` counts as `bob@gmail.com`; googlemail.com counts as gmail.com.
     pub fold_gmail_dots: bool,
+    /// Other big providers' spellings of one mailbox count as one: me.com and mac.com as
+    /// icloud.com; Proton's domains as proton.me, its local parts without `.`, `-`, `_`;
+    /// Yahoo's `-` tags; Fastmail's `anything@bob.fastmail.com` as `bob@fastmail.com`.
+    pub fold_provider_aliases: bool,
 }
 
 impl Default for EmailKeyPolicy {
@@ -249,12 +239,17 @@ impl Default for EmailKeyPolicy {
         EmailKeyPolicy {
             strip_plus_tag: true,
             fold_gmail_dots: true,
+            fold_provider_aliases: true,
         }
     }
 }
 
-/// The canonical form of an address: every spelling that reaches the same mailbox
-/// maps to one key, so a caller cannot dodge the per-email limit by rewriting it.
+/// The canonical form of an address: the spellings that reach one mailbox at the
+/// providers [`EmailKeyPolicy`] names, or that a mail store matching addresses without
+/// regard to case and accents would take for one, map to one key, so a caller cannot
+/// dodge the per-email limit by rewriting an address. (A domain that delivers every
+/// local part to one mailbox, a catch-all, is beyond any key: the per-IP, per-client and
+/// global limits bound it.)
 ///
 /// It still holds the address, so it is hashed before it is stored anywhere.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -275,32 +270,134 @@ impl EmailKey {
 }
 
 /// Feeds the canonical form of `email` to `sink`, one character at a time, so the limiter
-/// can hash it without building it: lower-cased local part without its `+tag` (unless
-/// it starts with one), without dots for Gmail, `@`, the lower-cased IDNA ASCII domain.
+/// can hash it without building it: the local part lower-cased, without its tag (unless it
+/// starts with one) and without the characters its provider ignores, `@`, the lower-cased
+/// IDNA ASCII domain (the provider's own for an alias). Non-ASCII text is first folded
+/// (see [`fold`]). A plain ASCII address takes no allocation.
 pub(crate) fn canonical_chars(email: &Email, policy: EmailKeyPolicy, mut sink: impl FnMut(char)) {
+    let folded_domain;
     let mut domain = email.ascii_domain();
-    let gmail = policy.fold_gmail_dots && matches!(domain, "gmail.com" | "googlemail.com");
-    if gmail {
-        domain = "gmail.com";
+    if domain.contains("xn--") {
+        folded_domain = fold_domain(domain);
+        domain = &folded_domain;
     }
+    let folded_local;
     let mut local = email.local_part();
+    if !local.is_ascii() {
+        folded_local = fold(local);
+        local = &folded_local;
+    }
+    if policy.fold_provider_aliases {
+        if let Some((user, provider_domain)) = subdomain_address(domain) {
+            (local, domain) = (user, provider_domain);
+        }
+    }
+    let rules = provider(domain, policy);
+    if let Some(own) = rules.domain {
+        domain = own;
+    }
     if policy.strip_plus_tag {
-        if let Some(plus) = local.find('+').filter(|&i| i > 0) {
-            local = &local[..plus];
+        let tag = |c: char| c == '+' || Some(c) == rules.tag;
+        if let Some(at) = local.find(tag).filter(|&i| i > 0) {
+            local = &local[..at];
         }
     }
     for c in local.chars() {
-        if c.is_ascii() {
-            let c = c.to_ascii_lowercase();
-            if !(gmail && c == '.') {
-                sink(c);
-            }
-        } else {
-            c.to_lowercase().for_each(&mut sink);
+        let c = c.to_ascii_lowercase();
+        if !rules.ignored.contains(&c) {
+            sink(c);
         }
     }
     sink('@');
     domain.chars().for_each(sink);
+}
+
+/// What a mail provider takes for one mailbox, beyond case and `+` tags.
+#[derive(Default)]
+struct ProviderRules {
+    /// The domain its aliases count as.
+    domain: Option<&'static str>,
+    /// Local-part characters it ignores.
+    ignored: &'static [char],
+    /// A second character that starts a tag.
+    tag: Option<char>,
+}
+
+/// The rules of the provider serving `domain` (an IDNA ASCII, lower-case domain).
+fn provider(domain: &str, policy: EmailKeyPolicy) -> ProviderRules {
+    match domain {
+        "gmail.com" | "googlemail.com" if policy.fold_gmail_dots => ProviderRules {
+            domain: Some("gmail.com"),
+            ignored: &['.'],
+            tag: None,
+        },
+        _ if !policy.fold_provider_aliases => ProviderRules::default(),
+        "icloud.com" | "me.com" | "mac.com" => ProviderRules {
+            domain: Some("icloud.com"),
+            ..ProviderRules::default()
+        },
+        "proton.me" | "protonmail.com" | "protonmail.ch" | "pm.me" => ProviderRules {
+            domain: Some("proton.me"),
+            ignored: &['.', '-', '_'],
+            tag: None,
+        },
+        // Yahoo names have no `-`: one there starts a disposable address's keyword.
+        "ymail.com" | "rocketmail.com" => ProviderRules {
+            tag: Some('-'),
+            ..ProviderRules::default()
+        },
+        _ if domain.starts_with("yahoo.") => ProviderRules {
+            tag: Some('-'),
+            ..ProviderRules::default()
+        },
+        _ => ProviderRules::default(),
+    }
+}
+
+/// `anything@bob.fastmail.com` reaches `bob@fastmail.com`: the user and the provider's
+/// domain of an address whose domain names the user.
+fn subdomain_address(domain: &str) -> Option<(&str, &str)> {
+    let (user, rest) = domain.split_once('.')?;
+    matches!(rest, "fastmail.com" | "fastmail.fm").then_some((user, rest))
+}
+
+/// `text` lower-cased with its compatibility forms decomposed and combining marks dropped
+/// (fullwidth `Ｂｏｂ` as `bob`, `josé` composed or not as `jose`, `ß` as `ss`, a dotless
+/// `ı` as `i`): a mail
+/// store comparing addresses without regard to accents (MySQL's default collations do)
+/// takes such spellings for one.
+fn fold(text: &str) -> String {
+    let marks = CodePointMapData::<GeneralCategory>::new();
+    let is_mark = |c: char| {
+        matches!(
+            marks.get(c),
+            GeneralCategory::NonspacingMark | GeneralCategory::EnclosingMark
+        )
+    };
+    let mut folded = String::with_capacity(text.len());
+    for c in DecomposingNormalizerBorrowed::new_nfkd().normalize_iter(text.chars()) {
+        // Lower-casing can add a mark of its own (`İ` is `i` and a dot above).
+        for c in c.to_lowercase().filter(|&c| !is_mark(c)) {
+            match c {
+                'ß' => folded.push_str("ss"),
+                // What upper-cases to `I` (case-insensitive collations compare that way).
+                'ı' => folded.push('i'),
+                c => folded.push(c),
+            }
+        }
+    }
+    folded
+}
+
+/// An internationalised domain (IDNA ASCII form) folded as [`fold`] does, in IDNA ASCII
+/// form again: `gmáil.com` counts as gmail.com. The domain as it is when the folded name
+/// is not a valid one.
+fn fold_domain(ascii: &str) -> String {
+    let (unicode, _) = idna::domain_to_unicode(ascii);
+    match to_ascii(&fold(&unicode)) {
+        Ok(folded) if check_hostname(&folded).is_ok() => folded,
+        _ => ascii.to_owned(),
+    }
 }
 
 impl fmt::Debug for EmailKey {

@@ -84,6 +84,9 @@ pub struct EmailKeyConfig {
     pub strip_plus_tag: bool,
     /// Dots in gmail.com local parts are ignored; googlemail.com is gmail.com.
     pub fold_gmail_dots: bool,
+    /// Other providers' aliases of one mailbox count as one (iCloud, Proton, Yahoo's `-`
+    /// tags, Fastmail's subdomains).
+    pub fold_provider_aliases: bool,
 }
 
 impl Default for EmailKeyConfig {
@@ -91,6 +94,7 @@ impl Default for EmailKeyConfig {
         EmailKeyConfig {
             strip_plus_tag: true,
             fold_gmail_dots: true,
+            fold_provider_aliases: true,
         }
     }
 }
@@ -164,6 +168,7 @@ impl LimitsConfig {
         let email_key = EmailKeyPolicy {
             strip_plus_tag: self.email_key.strip_plus_tag,
             fold_gmail_dots: self.email_key.fold_gmail_dots,
+            fold_provider_aliases: self.email_key.fold_provider_aliases,
         };
         Ok((limits, email_key))
     }

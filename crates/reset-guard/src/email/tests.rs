@@ -84,7 +84,7 @@ fn key_folds_case_plus_tags_and_gmail_dots() {
         key("Anna@xn--bcher-kva.example")
     );
     assert_eq!(key("+only@example.com"), "+only@example.com");
-    assert_eq!(key("ÉLISE@example.com"), "élise@example.com");
+    assert_eq!(key("ÉLISE@example.com"), "elise@example.com");
 }
 
 #[test]
@@ -93,8 +93,93 @@ fn key_policy_can_keep_tags_and_dots() {
     let policy = EmailKeyPolicy {
         strip_plus_tag: false,
         fold_gmail_dots: false,
+        fold_provider_aliases: false,
     };
     assert_eq!(EmailKey::new(&email, policy).as_str(), "b.ob+x@gmail.com");
+    let keep = |address: &str| {
+        let email = Email::parse(address, STRICT).unwrap();
+        EmailKey::new(&email, policy).as_str().to_owned()
+    };
+    assert_eq!(keep("b.ob-x@me.com"), "b.ob-x@me.com");
+    assert_eq!(keep("x@bob.fastmail.com"), "x@bob.fastmail.com");
+}
+
+/// The spellings one provider delivers to one mailbox share a key; a provider's other
+/// names (Outlook's dots, Yahoo's country domains) stay apart.
+#[test]
+fn key_folds_provider_aliases() {
+    assert_eq!(key("Bob@me.com"), "bob@icloud.com");
+    assert_eq!(key("bob+x@mac.com"), "bob@icloud.com");
+    assert_eq!(key("bob@iCloud.com"), "bob@icloud.com");
+    for proton in [
+        "Bob.Smith@protonmail.com",
+        "bob_smith@pm.me",
+        "bob-smith+x@proton.me",
+        "b.o.b.smith@protonmail.ch",
+    ] {
+        assert_eq!(key(proton), "bobsmith@proton.me", "{proton}");
+    }
+    assert_eq!(key("base-keyword@yahoo.com"), "base@yahoo.com");
+    assert_eq!(key("base-other@yahoo.co.uk"), "base@yahoo.co.uk");
+    assert_eq!(key("base-x@ymail.com"), "base@ymail.com");
+    assert_eq!(key("-base@yahoo.com"), "-base@yahoo.com");
+    assert_eq!(key("anything@Bob.Fastmail.com"), "bob@fastmail.com");
+    assert_eq!(key("bob+x@fastmail.fm"), "bob@fastmail.fm");
+    assert_eq!(key("b.ob@outlook.com"), "b.ob@outlook.com");
+    assert_eq!(key("bob-x@example.com"), "bob-x@example.com");
+    assert_eq!(key("x@a.b.fastmail.com"), "x@a.b.fastmail.com");
+}
+
+/// A store that matches addresses without regard to accents (MySQL's default collations)
+/// takes `gmáil.com` for gmail.com: such spellings share the key of the plain one, however
+/// they are written (Unicode, punycode, composed or not, fullwidth).
+#[test]
+fn key_folds_accents_and_compatibility_forms() {
+    let victim = key("victim@gmail.com");
+    for spelling in [
+        "victim@gmáil.com",
+        "victim@xn--gmil-6na.com",
+        "victim@gma\u{0301}il.com",
+        "victim@ĝmail.com",
+        "victim@gmail.cóm",
+        "victim@gmaïl.com",
+        "victim@ｇｍａｉｌ.com",
+        "vïctim@gmail.com",
+        "ｖｉｃｔｉｍ@gmail.com",
+        "v\u{0131}ctim@gmail.com",
+        "VİCTIM@gmail.com",
+        "vic．tim@gmail.com",
+        "victim＋x@gmail.com",
+    ] {
+        assert_eq!(key(spelling), victim, "{spelling}");
+    }
+    assert_eq!(key("josé@example.com"), key("jose\u{0301}@example.com"));
+    assert_eq!(key("josé@example.com"), "jose@example.com");
+    assert_eq!(key("anna@straße.example"), "anna@strasse.example");
+    assert_eq!(key("anna@bücher.example"), "anna@bucher.example");
+    // Scripts without case or accents keep their letters, in IDNA ASCII form.
+    assert_eq!(key("用户@例子.example"), "用户@xn--fsqu00a.example");
+}
+
+/// Characters that do not show, which IDNA would drop from a domain without a trace, are
+/// refused rather than forwarded.
+#[test]
+fn invisible_characters_are_refused() {
+    for address in [
+        "a@gmail\u{1BCA0}.com",
+        "a\u{1BCA0}b@example.com",
+        "a@exam\u{00AD}ple.com",
+        "a@example.com\u{E0001}",
+        "a\u{FFF9}@example.com",
+        "a@exa\u{0600}mple.com",
+    ] {
+        assert_eq!(
+            Email::parse(address, UTF8),
+            Err(EmailError::ForbiddenCharacter),
+            "{}",
+            address.escape_unicode()
+        );
+    }
 }
 
 #[test]

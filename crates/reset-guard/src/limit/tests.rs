@@ -397,11 +397,27 @@ async fn spellings_of_one_mailbox_share_a_bucket() {
     let idn = new_rig("  per_email: [{ requests: 1, per: 1h }]\n");
     assert_eq!(idn.status(ask("anna@bücher.example")).await, 200);
     assert_eq!(idn.status(ask("Anna+x@xn--bcher-kva.example")).await, 429);
+
+    // Accented spellings a mail store matching without regard to accents would take for
+    // the victim's address, and another provider's aliases.
+    let accents = new_rig("  per_email: [{ requests: 3, per: 1h }]\n");
+    for spelling in [
+        "victim@gmail.com",
+        "victim@gmáil.com",
+        "victim@xn--gmil-6na.com",
+    ] {
+        assert_eq!(accents.status(ask(spelling)).await, 200, "{spelling}");
+    }
+    assert_eq!(accents.status(ask("victim@ｇｍａｉｌ.cóm")).await, 429);
+    let aliases = new_rig("  per_email: [{ requests: 2, per: 1h }]\n");
+    assert_eq!(aliases.status(ask("Bob.Smith@protonmail.com")).await, 200);
+    assert_eq!(aliases.status(ask("bob_smith@pm.me")).await, 200);
+    assert_eq!(aliases.status(ask("bob-smith+x@proton.me")).await, 429);
 }
 
 #[tokio::test]
 async fn email_key_folding_can_be_switched_off() {
-    let rig = new_rig("  per_email: [{ requests: 1, per: 1h }]\n  email_key: { strip_plus_tag: false, fold_gmail_dots: false }\n");
+    let rig = new_rig("  per_email: [{ requests: 1, per: 1h }]\n  email_key: { strip_plus_tag: false, fold_gmail_dots: false, fold_provider_aliases: false }\n");
     assert_eq!(rig.status(ask("bob@gmail.com")).await, 200);
     assert_eq!(rig.status(ask("bob+x@gmail.com")).await, 200);
     assert_eq!(rig.status(ask("b.ob@gmail.com")).await, 200);
@@ -410,6 +426,8 @@ async fn email_key_folding_can_be_switched_off() {
         429,
         "case always folds"
     );
+    assert_eq!(rig.status(ask("bob@me.com")).await, 200);
+    assert_eq!(rig.status(ask("bob@icloud.com")).await, 200);
 }
 
 #[tokio::test]
