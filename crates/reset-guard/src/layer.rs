@@ -84,7 +84,8 @@ impl std::fmt::Debug for ResetGuardBuilder {
 }
 
 impl ResetGuardBuilder {
-    /// Bounds and housekeeping of the in-memory store.
+    /// Where limits live and how they are kept: the in-memory store's bounds and sweep
+    /// interval, or Redis ([`StoreSettings::with_redis`], with the `redis` feature).
     pub fn store(mut self, store: StoreSettings) -> Self {
         self.store = store;
         self
@@ -204,6 +205,7 @@ impl ResetGuardBuilder {
         );
         #[cfg(feature = "redis")]
         let redis_specs = redis.as_ref().map(|r| r.specs(&self.settings.limits));
+        let gone = Arc::new(tokio::sync::Notify::new());
         let core = Arc::new(GuardCore {
             current: ArcSwap::from_pointee(GuardState {
                 settings: self.settings,
@@ -220,8 +222,9 @@ impl ResetGuardBuilder {
             store: self.store,
             clock,
             counters,
+            gone: gone.clone(),
         });
-        let housekeeping = Housekeeping(Box::pin(housekeeping(Arc::downgrade(&core))));
+        let housekeeping = Housekeeping(Box::pin(housekeeping(Arc::downgrade(&core), gone)));
         Ok((ResetGuardLayer { core }, housekeeping))
     }
 }
@@ -232,7 +235,9 @@ impl ResetGuardBuilder {
 pub struct StoreError(String);
 
 /// The limits' background work, returned by [`ResetGuardBuilder::build`] for the caller
-/// to spawn (`tokio::spawn(housekeeping)`).
+/// to spawn (`tokio::spawn(housekeeping)`). It ends as soon as the layer, every service
+/// built from it and every [`GuardHandle`] are dropped (a handle can still change the
+/// guard, so it keeps it); to end it before, abort its task.
 #[must_use = "housekeeping does nothing unless spawned"]
 pub struct Housekeeping(Pin<Box<dyn Future<Output = ()> + Send>>);
 
@@ -251,13 +256,21 @@ impl std::fmt::Debug for Housekeeping {
 }
 
 /// Sweeps idle keys every `sweep_interval` and, with Redis, probes it every second (every
-/// 250ms while it does not answer), until
-/// the guard is gone.
-async fn housekeeping(weak: Weak<GuardCore>) {
+/// 250ms while it does not answer), until the guard is gone.
+async fn housekeeping(weak: Weak<GuardCore>, gone: Arc<tokio::sync::Notify>) {
     #[cfg(feature = "redis")]
-    tokio::join!(sweep(weak.clone()), probe_redis(weak));
+    let work = async {
+        tokio::join!(sweep(weak.clone()), probe_redis(weak));
+    };
     #[cfg(not(feature = "redis"))]
-    sweep(weak).await;
+    let work = sweep(weak);
+    let gone = gone.notified();
+    let (mut work, mut gone) = (std::pin::pin!(work), std::pin::pin!(gone));
+    std::future::poll_fn(|cx| match work.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(()),
+        Poll::Pending => gone.as_mut().poll(cx),
+    })
+    .await;
 }
 
 async fn sweep(weak: Weak<GuardCore>) {

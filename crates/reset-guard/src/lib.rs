@@ -108,9 +108,10 @@
 //! # The `redis` feature
 //!
 //! Limits shared through Redis ([`ResetGuardLayer::builder`] with
-//! [`StoreSettings::with_redis`]) need the `redis` feature. With it, the inner service must
-//! be `Clone + Send + 'static` and its future and bodies `Send` (a Redis decision is awaited
-//! before the service is called), whether or not Redis is configured. With Redis, `build()`
+//! [`StoreSettings::with_redis`]) need the `redis` feature. The inner service must be
+//! `Clone + Send + 'static` and its future and bodies `Send` (with Redis a decision is
+//! awaited before the service is called), with the feature or without, so that a crate
+//! turning it on anywhere in a build breaks nothing that compiled before. With Redis, `build()`
 //! needs a [`key_secret`](ResetGuardBuilder::key_secret) (the same on every replica), must
 //! run inside a Tokio runtime, and for `rediss://` the process must have a rustls crypto
 //! provider installed (`rustls::crypto::ring::default_provider().install_default()`, or

@@ -14,6 +14,7 @@ use tower::Service;
 use crate::body::GuardBody;
 use crate::check::{conclude, inspect, Inspection, Plan, Verdict};
 use crate::client_ip::ClientIp;
+use crate::context::Attribution;
 use crate::future::ResponseFuture;
 use crate::limit::ceil_secs;
 use crate::limit::Decision;
@@ -49,89 +50,70 @@ impl<S> ResetGuard<S> {
     }
 }
 
-/// The service impl, written once for both builds: with Redis, a request may wait for the
-/// store's answer with the inner service taken along, so the inner service must be
-/// `Clone + Send + 'static` there; without, the guard asks nothing of it.
-macro_rules! guard_service {
-    ($($bounds:tt)*) => {
-        impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ResetGuard<S>
-        where
-            $($bounds)*
-        {
-            type Response = Response<GuardBody<ResBody>>;
-            type Error = S::Error;
-            type Future = ResponseFuture<S::Future, ResBody>;
-
-            fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-                self.inner.poll_ready(cx)
-            }
-
-            fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-                let state = self.core.current.load();
-                let min_latency = state.settings.min_latency;
-                let floor = match min_latency.is_zero() {
-                    true => None,
-                    false => Instant::now().checked_add(min_latency),
-                };
-                #[cfg(feature = "redis")]
-                let eager = self.core.redis.is_none();
-                #[cfg(not(feature = "redis"))]
-                let eager = true;
-                let plan = match inspect(&self.core, &state, &request, eager) {
-                    Inspection::Answer(rejection) => {
-                        let client = ClientIp::of(&request, &state.settings.trusted_proxies);
-                        return ResponseFuture::rejected(rejection, client);
-                    }
-                    Inspection::PassThrough => {
-                        let mut request = request;
-                        crate::auth::remove_client_tokens(
-                            request.headers_mut(),
-                            &state.settings.clients,
-                        );
-                        if let Some(client) = ClientIp::of(&request, &state.settings.trusted_proxies) {
-                            request.extensions_mut().insert(client);
-                        }
-                        return ResponseFuture::passed_through(self.inner.call(request));
-                    }
-                    Inspection::MissingPeer => {
-                        return missing_peer(&self.core, &state.settings.path)
-                    }
-                    Inspection::Plan(plan) => plan,
-                };
-                #[cfg(feature = "redis")]
-                if let (Some(store), Some(specs)) = (&self.core.redis, &state.redis_specs) {
-                    let decision = store.decide(specs, plan.charges());
-                    // The inner service was made ready for this request: take that one along and
-                    // leave a fresh clone for the next `poll_ready`.
-                    let clone = self.inner.clone();
-                    let mut inner = std::mem::replace(&mut self.inner, clone);
-                    let state = arc_swap::Guard::into_inner(state);
-                    return ResponseFuture::deciding(
-                        decision,
-                        Box::new(move |decision| {
-                            finish(&mut inner, &state, request, plan, decision, floor)
-                        }),
-                    );
-                }
-                let decision = plan.eager_decision();
-                finish(&mut self.inner, &state, request, plan, decision, floor)
-            }
-        }
-    };
-}
-
-#[cfg(feature = "redis")]
-guard_service! {
+/// With Redis, a request may wait for the store's answer with the inner service taken
+/// along, so the inner service must be `Clone + Send + 'static`. The bounds are the same
+/// without the `redis` feature, so that a crate turning the feature on somewhere in a build
+/// breaks no code that compiled without it (features must only add).
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ResetGuard<S>
+where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     ReqBody: Body + Send + 'static,
     ResBody: Send + 'static,
-}
+{
+    type Response = Response<GuardBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody>;
 
-#[cfg(not(feature = "redis"))]
-guard_service! {
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ReqBody: Body,
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let state = self.core.current.load();
+        let min_latency = state.settings.min_latency;
+        let floor = match min_latency.is_zero() {
+            true => None,
+            false => Instant::now().checked_add(min_latency),
+        };
+        #[cfg(feature = "redis")]
+        let eager = self.core.redis.is_none();
+        #[cfg(not(feature = "redis"))]
+        let eager = true;
+        let plan = match inspect(&self.core, &state, &request, eager) {
+            Inspection::Answer(rejection) => {
+                let client = ClientIp::of(&request, &state.settings.trusted_proxies);
+                return ResponseFuture::rejected(rejection, client);
+            }
+            Inspection::PassThrough => {
+                let mut request = request;
+                crate::auth::remove_client_tokens(request.headers_mut(), &state.settings.clients);
+                if let Some(client) = ClientIp::of(&request, &state.settings.trusted_proxies) {
+                    request.extensions_mut().insert(client);
+                }
+                return ResponseFuture::passed_through(self.inner.call(request));
+            }
+            Inspection::MissingPeer => return missing_peer(&self.core, &state.settings.path),
+            Inspection::Plan(plan) => plan,
+        };
+        #[cfg(feature = "redis")]
+        if let (Some(store), Some(specs)) = (&self.core.redis, &state.redis_specs) {
+            let decision = store.decide(specs, plan.charges());
+            // The inner service was made ready for this request: take that one along and
+            // leave a fresh clone for the next `poll_ready`.
+            let clone = self.inner.clone();
+            let mut inner = std::mem::replace(&mut self.inner, clone);
+            let state = arc_swap::Guard::into_inner(state);
+            return ResponseFuture::deciding(
+                decision,
+                Box::new(move |decision| {
+                    finish(&mut inner, &state, request, plan, decision, floor)
+                }),
+            );
+        }
+        let decision = plan.eager_decision();
+        finish(&mut self.inner, &state, request, plan, decision, floor)
+    }
 }
 
 /// A guarded request without a peer address: counting it against a core bucket would
@@ -180,8 +162,10 @@ where
         }
         Verdict::Silenced(rejection, guarded) => {
             let mut response = uniform_success();
-            response.extensions_mut().insert(rejection);
-            response.extensions_mut().insert(*guarded);
+            let extensions = response.extensions_mut();
+            extensions.insert(rejection);
+            extensions.insert(Attribution::from(&*guarded));
+            extensions.insert(*guarded);
             ResponseFuture::answered(response, floor)
         }
         Verdict::Rejected(rejection, attribution) => {

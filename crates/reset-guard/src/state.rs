@@ -34,6 +34,16 @@ pub(crate) struct GuardCore {
     pub(crate) store: StoreSettings,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) counters: Arc<LimitCounters>,
+    /// Told when the guard is dropped, so its housekeeping ends then rather than at its
+    /// next tick (a probe every second would otherwise go on until then).
+    pub(crate) gone: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for GuardCore {
+    fn drop(&mut self) {
+        // A permit is kept if housekeeping is not waiting yet.
+        self.gone.notify_one();
+    }
 }
 
 impl std::fmt::Debug for GuardCore {

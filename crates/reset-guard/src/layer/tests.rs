@@ -76,39 +76,34 @@ async fn spawned_housekeeping_forgets_idle_keys() {
     panic!("the idle key was never swept");
 }
 
-/// Without Redis the guard asks nothing more of the inner service than to be a service:
-/// neither `Clone` nor `Send` (compiled by `cargo check -p reset-guard --all-targets`,
-/// which builds without the `redis` feature).
-#[cfg(not(feature = "redis"))]
-#[tokio::test]
-async fn memory_limits_take_any_inner_service() {
-    use std::rc::Rc;
-    use std::task::{Context, Poll};
+/// Housekeeping ends when the guard is dropped, not at its next sweep (virtual time: the
+/// paused clock would jump to that sweep if the task waited for it). A handle keeps it.
+#[tokio::test(start_paused = true)]
+async fn housekeeping_ends_once_the_guard_and_its_handles_are_dropped() {
+    let (layer, housekeeping) =
+        ResetGuardLayer::builder(settings(""), ApiKey::new("server-key").unwrap())
+            .build()
+            .unwrap();
+    let handle = layer.handle();
+    let service =
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(|_: Request<Empty<Bytes>>| async {
+                Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+            }));
+    let mut task = tokio::spawn(housekeeping);
+    drop(service);
+    let sweep_interval = StoreSettings::default().sweep_interval;
+    let held = tokio::time::timeout(sweep_interval * 5 / 2, &mut task).await;
+    assert!(
+        held.is_err(),
+        "a handle keeps the guard and its housekeeping"
+    );
 
-    struct Local(Rc<()>);
-    impl tower::Service<Request<Empty<Bytes>>> for Local {
-        type Response = Response<Empty<Bytes>>;
-        type Error = Infallible;
-        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Ready(Ok(()))
-        }
-        fn call(&mut self, _: Request<Empty<Bytes>>) -> Self::Future {
-            let _ = &self.0;
-            std::future::ready(Ok(Response::new(Empty::new())))
-        }
-    }
-
-    let layer = ResetGuardLayer::new(settings(""), ApiKey::new("server-key").unwrap());
-    let service = ServiceBuilder::new()
-        .layer(layer)
-        .service(Local(Rc::new(())));
-    let request = reset("email=a%40example.com")
-        .header("qb-token", "foo")
-        .body(Empty::new())
-        .unwrap();
-    let response = service.oneshot(request).await.unwrap();
-    assert_eq!(response.status(), http::StatusCode::OK);
+    let dropped_at = tokio::time::Instant::now();
+    drop(handle);
+    task.await.unwrap();
+    assert_eq!(dropped_at.elapsed(), Duration::ZERO);
 }
 
 #[test]

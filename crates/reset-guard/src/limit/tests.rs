@@ -446,6 +446,12 @@ async fn uniform_per_email_denial_looks_like_success_and_skips_upstream() {
         denied.extensions().get::<Rejection>().is_some(),
         "logs still see the denial"
     );
+    let attribution = denied.extensions().get::<Attribution>();
+    assert_eq!(
+        attribution.and_then(Attribution::client_id),
+        Some("foo"),
+        "and whom it was for, as on the guard's other answers"
+    );
     let (a, b) = (
         first.into_body().collect().await.unwrap().to_bytes(),
         denied.into_body().collect().await.unwrap().to_bytes(),
