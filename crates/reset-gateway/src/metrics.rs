@@ -61,6 +61,7 @@ pub struct Metrics {
     reloads: Family<ResultLabel, Counter>,
     /// 1 while the file last applied changes settings that only a restart applies.
     restart_pending: Gauge,
+    last_reload_successful: Gauge,
     proxy_refused: Family<ReasonLabel, Counter>,
     /// Client connections open, over every worker.
     connections: Gauge,
@@ -129,6 +130,14 @@ impl Metrics {
             "1 while the configuration last applied changes settings that only a restart applies (the running ones stay)",
             restart_pending.clone(),
         );
+        let last_reload_successful = Gauge::default();
+        // The file the process started with was valid, or it would not have started.
+        last_reload_successful.set(1);
+        registry.register(
+            "reset_gateway_config_last_reload_successful",
+            "0 from a refused reload until one succeeds: the file on disk is not what runs, and a replica starting from it would refuse to start",
+            last_reload_successful.clone(),
+        );
         let connections = Gauge::default();
         registry.register(
             "reset_gateway_connections",
@@ -188,6 +197,7 @@ impl Metrics {
             request_duration,
             reloads,
             restart_pending,
+            last_reload_successful,
             proxy_refused,
             connections,
             connection_limit,
@@ -246,13 +256,14 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a reload attempt.
     /// Whether the file last applied waits for a restart in part.
     pub fn restart_pending(&self, pending: bool) {
         self.restart_pending.set(i64::from(pending));
     }
 
+    /// Counts a reload attempt, and keeps whether the last one succeeded.
     pub fn reload(&self, ok: bool) {
+        self.last_reload_successful.set(i64::from(ok));
         let [success, failure] = RELOAD_RESULTS;
         let result = if ok { success } else { failure };
         self.reloads.get_or_create(&ResultLabel { result }).inc();

@@ -593,7 +593,13 @@ async fn alerts_and_dashboard_use_metrics_the_gateway_exports() {
         }
     }
     assert!(alerts >= 4);
-    for required in ["upstream", "rate_limited", "store_errors", "config_reloads"] {
+    for required in [
+        "upstream",
+        "rate_limited",
+        "store_errors",
+        "config_last_reload_successful",
+        "limit=\"global\"",
+    ] {
         assert!(
             read("deploy/alerts/rules.yaml").contains(required),
             "no alert on {required}"

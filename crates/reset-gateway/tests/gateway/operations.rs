@@ -484,6 +484,8 @@ async fn reload_on_sighup_and_on_file_change_keeps_a_good_config() {
     )
     .await;
     assert!(successes >= 1.0);
+    let last_ok = async || metric(gw.admin, "reset_gateway_config_last_reload_successful").await;
+    assert_eq!(last_ok().await, 1.0);
 
     // A broken file is rejected and the running config stays.
     std::fs::write(&path, "server: [this is not\n").unwrap();
@@ -510,11 +512,15 @@ async fn reload_on_sighup_and_on_file_change_keeps_a_good_config() {
     )
     .await;
     assert!(rejection_logged, "{:?}", gw.logs());
+    // Until a reload succeeds, the gauge says the file on disk is refused (the alert on it
+    // stays on as long as the bad file does, where one on the failure count cleared).
+    assert_eq!(last_ok().await, 0.0);
 
     // Changing the file alone is enough (no signal): the limit goes back up.
     write(&path, &yaml(&mock.url(), &limits(1000), ""));
     let status = poll_until(250, async || ask().await, |s| *s == 200).await;
     assert_eq!(status, 200, "the file change was picked up");
+    assert_eq!(poll_until(100, last_ok, |v| *v == 1.0).await, 1.0);
 }
 
 /// A writer that stops half way (truncated, then written in two parts with a pause): the
