@@ -67,6 +67,9 @@ pub struct Email {
     at: usize,
     /// Only when it differs from the domain as given (upper case, Unicode).
     ascii_domain: Option<Box<str>>,
+    /// Whether the ASCII domain has an internationalised (`xn--`) label: only then is it
+    /// folded for the key.
+    international: bool,
 }
 
 impl Email {
@@ -90,11 +93,12 @@ impl Email {
             return Err(EmailError::AtSign);
         }
         check_local(local, policy)?;
-        let ascii_domain = ascii_domain(domain)?;
+        let (ascii_domain, international) = ascii_domain(domain)?;
         Ok(Email {
             address: input.into(),
             at,
             ascii_domain: ascii_domain.map(Into::into),
+            international,
         })
     }
 
@@ -164,15 +168,15 @@ fn check_local(local: &str, policy: EmailPolicy) -> Result<(), EmailError> {
 }
 
 /// Converts the domain to its IDNA ASCII form and checks the hostname rules on that form;
-/// `None` when that form is the domain as given.
-fn ascii_domain(domain: &str) -> Result<Option<String>, EmailError> {
+/// `None` when that form is the domain as given. And whether that form has an `xn--` label.
+fn ascii_domain(domain: &str) -> Result<(Option<String>, bool), EmailError> {
     // Plain lower-case ASCII needs no mapping unless it holds punycode, which IDNA must verify.
     let plain = domain
         .bytes()
         .all(|b| b.is_ascii() && !b.is_ascii_uppercase());
     if plain && !domain.contains("xn--") {
         check_hostname(domain)?;
-        return Ok(None);
+        return Ok((None, false));
     }
     let ascii = if domain.is_ascii() && !domain.to_ascii_lowercase().contains("xn--") {
         domain.to_ascii_lowercase()
@@ -180,7 +184,8 @@ fn ascii_domain(domain: &str) -> Result<Option<String>, EmailError> {
         to_ascii(domain)?
     };
     check_hostname(&ascii)?;
-    Ok((ascii != domain).then_some(ascii))
+    let international = ascii.contains("xn--");
+    Ok(((ascii != domain).then_some(ascii), international))
 }
 
 fn to_ascii(domain: &str) -> Result<String, EmailError> {
@@ -277,7 +282,7 @@ impl EmailKey {
 pub(crate) fn canonical_chars(email: &Email, policy: EmailKeyPolicy, mut sink: impl FnMut(char)) {
     let folded_domain;
     let mut domain = email.ascii_domain();
-    if domain.contains("xn--") {
+    if email.international {
         folded_domain = fold_domain(domain);
         domain = &folded_domain;
     }
@@ -297,8 +302,11 @@ pub(crate) fn canonical_chars(email: &Email, policy: EmailKeyPolicy, mut sink: i
         domain = own;
     }
     if policy.strip_plus_tag {
-        let tag = |c: char| c == '+' || Some(c) == rules.tag;
-        if let Some(at) = local.find(tag).filter(|&i| i > 0) {
+        let at = match rules.tag {
+            None => local.find('+'),
+            Some(tag) => local.find(['+', tag]),
+        };
+        if let Some(at) = at.filter(|&i| i > 0) {
             local = &local[..at];
         }
     }
@@ -357,6 +365,9 @@ fn provider(domain: &str, policy: EmailKeyPolicy) -> ProviderRules {
 /// `anything@bob.fastmail.com` reaches `bob@fastmail.com`: the user and the provider's
 /// domain of an address whose domain names the user.
 fn subdomain_address(domain: &str) -> Option<(&str, &str)> {
+    if !(domain.ends_with(".fastmail.com") || domain.ends_with(".fastmail.fm")) {
+        return None;
+    }
     let (user, rest) = domain.split_once('.')?;
     matches!(rest, "fastmail.com" | "fastmail.fm").then_some((user, rest))
 }
