@@ -451,7 +451,7 @@ impl Collector for LogCollector {
 /// A quota as its `quota` label: `3/1h`, with the burst when it is not `requests`
 /// (`200/1s burst 400`) and ` shadow` for a shadow quota, so two quotas of one group
 /// never share a series.
-fn quota_label(quota: &reset_guard::Quota) -> String {
+pub(crate) fn quota_label(quota: &reset_guard::Quota) -> String {
     let mut label = format!(
         "{}/{}",
         quota.requests,

@@ -18,9 +18,10 @@ use sha2::{Digest, Sha256};
 
 use crate::admin::AdminState;
 use crate::config::{GatewayConfig, Settings};
+use crate::metrics::quota_label;
 use crate::tls::CertStore;
 use crate::upstream::Forwarder;
-use reset_guard::ConfigError;
+use reset_guard::{ConfigError, GuardSettings, LimitGroup};
 
 /// How often the files are looked at for changes; a change is applied when two looks in a
 /// row see the same new contents.
@@ -190,12 +191,12 @@ impl Reloader {
     /// TLS certificate. The rest of `server` and `admin`, the store section and logging
     /// need a restart.
     pub fn reload(&self) -> anyhow::Result<()> {
-        self.reload_reading().0
+        self.reload_reading().0.map(drop)
     }
 
     /// [`reload`](Self::reload), and the file's text as it read it (none if it could
     /// not), so that the watch notes exactly what was tried.
-    fn reload_reading(&self) -> (anyhow::Result<()>, Option<String>) {
+    fn reload_reading(&self) -> (anyhow::Result<String>, Option<String>) {
         let yaml = std::fs::read_to_string(&self.path);
         let result = match &yaml {
             Ok(yaml) => self.try_reload(yaml),
@@ -207,7 +208,15 @@ impl Reloader {
         };
         self.state.metrics.reload(result.is_ok());
         match &result {
-            Ok(()) => tracing::info!(path = %self.path.display(), "configuration reloaded"),
+            Ok(limits) if limits.is_empty() => {
+                tracing::info!(path = %self.path.display(), "configuration reloaded")
+            }
+            // What a retuned quota was and is, so a mistake shows in the log of the reload.
+            Ok(limits) => tracing::info!(
+                path = %self.path.display(),
+                limits_changed = %limits,
+                "configuration reloaded"
+            ),
             Err(error) => tracing::error!(
                 path = %self.path.display(),
                 error = %error,
@@ -220,7 +229,7 @@ impl Reloader {
     /// Checks and applies `yaml`. A file that parses names the files it reads: those are
     /// watched from now on even if it is rejected, so that the API key file it waits for
     /// reloads it once it appears.
-    fn try_reload(&self, yaml: &str) -> anyhow::Result<()> {
+    fn try_reload(&self, yaml: &str) -> anyhow::Result<String> {
         let config = GatewayConfig::from_yaml(yaml)?;
         *self.reread_files.lock().unwrap() = config.reread_files();
         let settings = config.validate(yaml)?;
@@ -243,10 +252,11 @@ impl Reloader {
         for (forwarder, upstream) in self.forwarders.iter().zip(upstreams) {
             forwarder.apply(upstream);
         }
+        let limits_changed = limit_changes(&self.state.guard.settings(), &settings.guard);
         self.state.guard.update(settings.guard, settings.api_key);
         *self.sections.lock().unwrap() = sections(yaml);
         self.state.metrics.restart_pending(!changed.is_empty());
-        Ok(())
+        Ok(limits_changed)
     }
 
     /// Reloads on each of `hangups` (SIGHUP, see [`crate::signal::hangups`]) and whenever
@@ -457,6 +467,35 @@ impl Watch {
             Look::Unchanged
         }
     }
+}
+
+/// Each limit group whose quotas differ, as it was and as it is:
+/// `per_ip: 20/1m -> 1/1m; global: 100/1s -> none`; empty when none changed.
+fn limit_changes(before: &GuardSettings, after: &GuardSettings) -> String {
+    let quotas = |settings: &GuardSettings, group| {
+        let quotas = settings.quotas(group);
+        match quotas.is_empty() {
+            true => "none".to_owned(),
+            false => quotas
+                .iter()
+                .map(quota_label)
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    };
+    LimitGroup::ALL
+        .into_iter()
+        .filter(|&group| before.quotas(group) != after.quotas(group))
+        .map(|group| {
+            format!(
+                "{}: {} -> {}",
+                group.name(),
+                quotas(before, group),
+                quotas(after, group)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]

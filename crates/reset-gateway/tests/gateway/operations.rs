@@ -484,6 +484,23 @@ async fn reload_on_sighup_and_on_file_change_keeps_a_good_config() {
     )
     .await;
     assert!(successes >= 1.0);
+    // The reload's line says what the quotas were and are: a mistake shows there.
+    let reloaded = poll_until(
+        100,
+        async || {
+            gw.logs()
+                .into_iter()
+                .find(|l| l.contains("configuration reloaded"))
+        },
+        Option::is_some,
+    )
+    .await
+    .expect("a reload line");
+    let json: serde_json::Value = serde_json::from_str(&reloaded).unwrap();
+    assert_eq!(
+        json["limits_changed"], "per_ip: 100/1h -> 1/1h",
+        "{reloaded}"
+    );
     let last_ok = async || metric(gw.admin, "reset_gateway_config_last_reload_successful").await;
     assert_eq!(last_ok().await, 1.0);
 
