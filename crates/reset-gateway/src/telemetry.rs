@@ -228,6 +228,7 @@ impl AccessRecord<'_> {
                 .map(|g| g.email()),
             outcome,
             limit,
+            limits_skipped: self.guarded.is_some_and(GuardedRequest::limits_skipped),
             status: self.status.as_u16(),
             upstream_status,
             upstream_error: self.upstream.and_then(|u| u.error.as_deref()),
@@ -254,6 +255,8 @@ struct AccessLine<'a> {
     email: Option<&'a str>,
     outcome: &'static str,
     limit: Option<&'static str>,
+    /// Passed without its limits: Redis could not be asked, `on_error: allow`.
+    limits_skipped: bool,
     status: u16,
     upstream_status: Option<u16>,
     /// What QuickBlox did wrong, when the request failed for it.
@@ -276,6 +279,7 @@ impl AccessLine<'_> {
             email = self.email,
             outcome = self.outcome,
             limit = self.limit,
+            limits_skipped = self.limits_skipped.then_some(true),
             status = self.status,
             upstream_status = self.upstream_status,
             upstream_error = self.upstream_error,
@@ -305,6 +309,9 @@ impl AccessLine<'_> {
         line.str("outcome", self.outcome);
         if let Some(limit) = self.limit {
             line.str("limit", limit);
+        }
+        if self.limits_skipped {
+            line.bool("limits_skipped", true);
         }
         line.uint("status", self.status.into());
         if let Some(status) = self.upstream_status {
@@ -380,6 +387,7 @@ mod tests {
             email: Some("us\"er\n\u{2028}@exämple.com"),
             outcome: "rate_limited",
             limit: Some("per_email"),
+            limits_skipped: true,
             status: 429,
             upstream_status: Some(404),
             upstream_error: Some("answer body: connection \"closed\""),
@@ -394,6 +402,7 @@ mod tests {
             email: None,
             outcome: "forwarded",
             limit: None,
+            limits_skipped: false,
             status: 200,
             upstream_status: None,
             upstream_error: None,
@@ -423,6 +432,7 @@ mod tests {
             email: None,
             outcome: "forwarded",
             limit: None,
+            limits_skipped: false,
             status: 200,
             upstream_status: None,
             upstream_error: None,
@@ -453,6 +463,7 @@ mod tests {
             email: Some("bob@example.com"),
             outcome: "rate_limited",
             limit: Some("per_email"),
+            limits_skipped: false,
             status: 429,
             upstream_status: Some(200),
             upstream_error: None,

@@ -205,6 +205,7 @@ pub(crate) fn inspect<B: Body>(
         email,
         email_hash,
         uniform: settings.uniform,
+        limits_skipped: false,
     }));
     if plan.charge(LimitGroup::PerEmail, email_hash, eager) {
         plan.charge(LimitGroup::Global, 0, eager);
@@ -232,10 +233,17 @@ pub(crate) fn conclude<B>(
         (Decision::Denied(_, denial), _) => {
             Verdict::Rejected(Rejection::RateLimited(denial), attribution)
         }
-        (Decision::Admitted(_), Then::Reject(rejection)) => {
+        (Decision::Admitted(_) | Decision::Unlimited, Then::Reject(rejection)) => {
             Verdict::Rejected(rejection, attribution)
         }
-        (Decision::Admitted(standing), Then::Forward(guarded)) => {
+        (decision @ (Decision::Admitted(_) | Decision::Unlimited), Then::Forward(mut guarded)) => {
+            let standing = match decision {
+                Decision::Admitted(standing) => standing,
+                _ => {
+                    guarded.limits_skipped = true;
+                    None
+                }
+            };
             let headers = request.headers_mut();
             headers.remove(QB_TOKEN);
             headers.insert(AUTHORIZATION, state.api_key.authorization().clone());

@@ -19,9 +19,17 @@ pub struct GuardedRequest {
     pub(crate) email_hash: u64,
     /// `responses.uniform` as the request was checked.
     pub(crate) uniform: bool,
+    /// The store could not be asked and `on_error: allow` let the request through.
+    pub(crate) limits_skipped: bool,
 }
 
 impl GuardedRequest {
+    /// Whether the request passed without its limits: the Redis store could not be asked
+    /// and `on_error: allow` let it through.
+    pub fn limits_skipped(&self) -> bool {
+        self.limits_skipped
+    }
+
     /// The id of the configured client the token belongs to.
     pub fn client_id(&self) -> &str {
         self.client_id.as_str()

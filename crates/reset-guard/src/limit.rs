@@ -135,6 +135,10 @@ pub(crate) enum Decision {
     /// The store could not be asked and `on_error: deny` is set.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     Unavailable,
+    /// The store could not be asked and `on_error: allow` let the request through, its
+    /// limits unapplied.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Unlimited,
 }
 
 /// Why a request was limited: the quota that denied it and when it may retry.

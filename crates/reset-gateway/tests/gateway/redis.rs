@@ -173,6 +173,40 @@ async fn redis_outage_under_allow_keeps_serving() {
     }
 }
 
+/// Under `allow`, the access line of a request Redis could not decide says it passed
+/// without its limits (it reads `forwarded` like any other), and one Redis decided does not.
+#[tokio::test]
+async fn a_request_let_through_by_on_error_allow_says_so_in_its_access_line() {
+    let mut redis = RedisServer::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, redis_yaml(&mock, &redis, "allow")).unwrap();
+    let gateway = crate::process::spawn_gateway(&config);
+    let ask = || {
+        let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+        async move { raw(gateway.addr, request.as_bytes()).await.status }
+    };
+    assert_eq!(ask().await, 200);
+    redis.stop();
+    assert_eq!(ask().await, 200);
+    // The access log is written by a thread of its own: wait for both lines.
+    let access_lines = || -> Vec<serde_json::Value> {
+        gateway
+            .logs()
+            .iter()
+            .filter(|l| l.contains("\"target\":\"access\""))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let lines = poll_until(100, async || access_lines(), |l| l.len() >= 2).await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["outcome"], "forwarded");
+    assert_eq!(lines[0].get("limits_skipped"), None, "{}", lines[0]);
+    assert_eq!(lines[1]["outcome"], "forwarded");
+    assert_eq!(lines[1]["limits_skipped"], true, "{}", lines[1]);
+}
+
 /// `redis_yaml` for a Redis at `url`, with more `store.redis` keys.
 fn redis_yaml_at(mock: &MockServer, url: &str, redis_extra: &str, on_error: &str) -> String {
     yaml(

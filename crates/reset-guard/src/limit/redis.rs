@@ -508,7 +508,7 @@ impl RedisStore {
                 self.counters.count_denied(denial.group);
                 Decision::Denied(i, denial)
             }
-            (None, OnError::Allow) => Decision::Admitted(None),
+            (None, OnError::Allow) => Decision::Unlimited,
             (None, OnError::Deny) => Decision::Unavailable,
         }
     }
