@@ -303,6 +303,7 @@ impl Reloader {
                             "cannot read the configuration file; the running configuration stays"
                         );
                     }
+                    Look::Restored => self.reload_and_note(&mut watch),
                 },
             }
         }
@@ -404,6 +405,9 @@ enum Look {
     /// an editor that moves the file aside and writes a new one leaves it missing for a
     /// moment, which is no failure.
     Unreadable(String),
+    /// Readable again after it was reported unreadable, with the contents last tried: tried
+    /// again, so that the reload gauge says what the file on disk is, not that it was gone.
+    Restored,
 }
 
 /// The file watch's memory between looks: the contents last applied (or tried), new
@@ -454,10 +458,14 @@ impl Watch {
                 return Look::Unreadable(error.to_string());
             }
         };
+        let reported = self.unreadable >= 2;
         self.unreadable = 0;
         if self.applied == Some(now) {
             self.pending = None;
-            Look::Unchanged
+            match reported {
+                true => Look::Restored,
+                false => Look::Unchanged,
+            }
         } else if self.pending == Some(now) {
             self.before = self.applied.replace(now);
             self.pending = None;
@@ -529,13 +537,16 @@ mod tests {
     fn an_unreadable_file_is_reported_once_until_it_is_readable_again() {
         let mut watch = Watch::new(contents(1));
         assert_eq!(watch.look(gone()), Look::Unchanged, "gone for a moment");
+        assert_eq!(watch.look(contents(1)), Look::Unchanged, "and back");
+        assert_eq!(watch.look(gone()), Look::Unchanged);
         assert!(matches!(watch.look(gone()), Look::Unreadable(_)));
         assert_eq!(watch.look(gone()), Look::Unchanged);
         assert_eq!(
             watch.look(contents(1)),
-            Look::Unchanged,
-            "the same file again"
+            Look::Restored,
+            "the same file again, after it was reported gone"
         );
+        assert_eq!(watch.look(contents(1)), Look::Unchanged);
         assert_eq!(watch.look(gone()), Look::Unchanged);
         assert!(matches!(watch.look(gone()), Look::Unreadable(_)));
         assert_eq!(watch.look(contents(2)), Look::Unchanged);

@@ -354,12 +354,20 @@ fn provider(domain: &str, policy: EmailKeyPolicy) -> ProviderRules {
             tag: Some('-'),
             ..ProviderRules::default()
         },
-        _ if domain.starts_with("yahoo.") => ProviderRules {
+        _ if is_yahoo(domain) => ProviderRules {
             tag: Some('-'),
             ..ProviderRules::default()
         },
         _ => ProviderRules::default(),
     }
+}
+
+/// Yahoo's own domains: `yahoo.` and a country's suffix (`com`, `fr`, `co.uk`, `com.au`),
+/// not any domain that starts with the word (`yahoo.example.org`).
+fn is_yahoo(domain: &str) -> bool {
+    domain.strip_prefix("yahoo.").is_some_and(|suffix| {
+        suffix.split('.').count() <= 2 && suffix.split('.').all(|label| label.len() <= 3)
+    })
 }
 
 /// `anything@bob.fastmail.com` reaches `bob@fastmail.com`: the user and the provider's
@@ -373,8 +381,8 @@ fn subdomain_address(domain: &str) -> Option<(&str, &str)> {
 }
 
 /// `text` lower-cased with its compatibility forms decomposed and combining marks dropped
-/// (fullwidth `Ｂｏｂ` as `bob`, `josé` composed or not as `jose`, `ß` as `ss`, a dotless
-/// `ı` as `i`): a mail
+/// (fullwidth `Ｂｏｂ` as `bob`, `josé` composed or not as `jose`), and the letters listed
+/// below as their base letters (`ß` as `ss`, `ł` as `l`): a mail
 /// store comparing addresses without regard to accents (MySQL's default collations do)
 /// takes such spellings for one.
 fn fold(text: &str) -> String {
@@ -389,13 +397,30 @@ fn fold(text: &str) -> String {
     for c in DecomposingNormalizerBorrowed::new_nfkd().normalize_iter(text.chars()) {
         // Lower-casing can add a mark of its own (`İ` is `i` and a dot above).
         for c in c.to_lowercase().filter(|&c| !is_mark(c)) {
-            match c {
-                'ß' => folded.push_str("ss"),
-                // What upper-cases to `I` (case-insensitive collations compare that way).
-                'ı' => folded.push('i'),
-                c => folded.push(c),
-            }
+            folded.push_str(match c {
+                // Letters that do not decompose but that Unicode's collation (MySQL's
+                // utf8mb4_0900_ai_ci) ranks as their base letters, or that upper-case
+                // to one (`ı` to `I`).
+                'ß' => "ss",
+                'æ' => "ae",
+                'œ' => "oe",
+                'ł' => "l",
+                'ø' => "o",
+                'đ' | 'ð' => "d",
+                'ħ' => "h",
+                'ı' => "i",
+                'ς' => "σ",
+                c => {
+                    folded.push(c);
+                    continue;
+                }
+            });
         }
+    }
+    // Nothing left (a local part of marks alone): the text itself, lower-cased, rather
+    // than one key shared by every such address.
+    if folded.is_empty() {
+        return text.to_lowercase();
     }
     folded
 }

@@ -128,6 +128,8 @@ fn key_folds_provider_aliases() {
     assert_eq!(key("b.ob@outlook.com"), "b.ob@outlook.com");
     assert_eq!(key("bob-x@example.com"), "bob-x@example.com");
     assert_eq!(key("x@a.b.fastmail.com"), "x@a.b.fastmail.com");
+    assert_eq!(key("base-x@yahoo.example.org"), "base-x@yahoo.example.org");
+    assert_eq!(key("base-x@yahoo.com.au"), "base@yahoo.com.au");
 }
 
 /// A store that matches addresses without regard to accents (MySQL's default collations)
@@ -150,6 +152,8 @@ fn key_folds_accents_and_compatibility_forms() {
         "VİCTIM@gmail.com",
         "vic．tim@gmail.com",
         "victim＋x@gmail.com",
+        "victim@gmaił.com",
+        "victim@gmaıl.cøm",
     ] {
         assert_eq!(key(spelling), victim, "{spelling}");
     }
@@ -157,6 +161,10 @@ fn key_folds_accents_and_compatibility_forms() {
     assert_eq!(key("josé@example.com"), "jose@example.com");
     assert_eq!(key("anna@straße.example"), "anna@strasse.example");
     assert_eq!(key("anna@bücher.example"), "anna@bucher.example");
+    assert_eq!(key("michæl@hotmail.com"), key("michael@høtmail.com"));
+    assert_eq!(key("Đorđe@example.com"), "dorde@example.com");
+    // A local part of marks alone keeps its own key.
+    assert_ne!(key("\u{0301}@example.com"), key("\u{0300}@example.com"));
     // Scripts without case or accents keep their letters, in IDNA ASCII form.
     assert_eq!(key("用户@例子.example"), "用户@xn--fsqu00a.example");
 }
