@@ -5,6 +5,7 @@
 //! per request.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -41,10 +42,16 @@ impl From<crate::refusal::Refusal> for Failure {
     }
 }
 
-/// The failures of one upstream client, for its warning line.
+/// The failures of one upstream client, for its warning line. Every worker has a client
+/// of its own; they share one [`Gate`], so the process writes at most a line a second.
 pub(super) struct FailureLog {
     /// `host:port` of the upstream (never its path or credentials).
     upstream: String,
+    gate: Arc<Gate>,
+}
+
+/// When the last line was written, and the failures since.
+pub(super) struct Gate {
     started: Instant,
     /// Failures not yet in a line.
     unlogged: AtomicU64,
@@ -52,29 +59,42 @@ pub(super) struct FailureLog {
     logged_at: AtomicU64,
 }
 
-impl FailureLog {
-    pub(super) fn new(upstream: String) -> Self {
-        FailureLog {
-            upstream,
+impl Gate {
+    fn new() -> Arc<Gate> {
+        Arc::new(Gate {
             started: Instant::now(),
             unlogged: AtomicU64::new(0),
             logged_at: AtomicU64::new(0),
-        }
+        })
+    }
+}
+
+/// The process's gate, shared by every worker's client.
+static PROCESS_GATE: LazyLock<Arc<Gate>> = LazyLock::new(Gate::new);
+
+impl FailureLog {
+    pub(super) fn new(upstream: String) -> Self {
+        FailureLog::with_gate(upstream, PROCESS_GATE.clone())
+    }
+
+    fn with_gate(upstream: String, gate: Arc<Gate>) -> Self {
+        FailureLog { upstream, gate }
     }
 
     /// Counts a failure of the request `request_id`; writes the line if it is due.
     pub(super) fn report(&self, cause: &str, request_id: Option<&str>) {
-        self.unlogged.fetch_add(1, Ordering::Relaxed);
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
-        let last = self.logged_at.load(Ordering::Relaxed);
+        let gate = &self.gate;
+        gate.unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = u64::try_from(gate.started.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
+        let last = gate.logged_at.load(Ordering::Relaxed);
         let due = last == 0 || now.saturating_sub(last) >= INTERVAL.as_millis() as u64;
         if due
-            && self
+            && gate
                 .logged_at
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            let failed = self.unlogged.swap(0, Ordering::Relaxed);
+            let failed = gate.unlogged.swap(0, Ordering::Relaxed);
             tracing::warn!(
                 upstream = %self.upstream,
                 upstream_error = cause,
@@ -88,7 +108,7 @@ impl FailureLog {
     /// Failures counted but not yet in a line.
     #[cfg(test)]
     fn unlogged(&self) -> u64 {
-        self.unlogged.load(Ordering::Relaxed)
+        self.gate.unlogged.load(Ordering::Relaxed)
     }
 }
 
@@ -98,7 +118,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_line_at_the_first_failure_then_at_most_one_a_second_with_the_count() {
-        let log = FailureLog::new("qb.example:443".to_owned());
+        let log = FailureLog::with_gate("qb.example:443".to_owned(), Gate::new());
         log.report("connect refused", Some("a"));
         assert_eq!(log.unlogged(), 0, "the first is said at once");
         for _ in 0..5 {
@@ -108,5 +128,23 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1000)).await;
         log.report("connect refused", Some("c"));
         assert_eq!(log.unlogged(), 0, "said with the six since");
+    }
+
+    /// Two workers' clients (one each) write one line between them within the second.
+    #[tokio::test(start_paused = true)]
+    async fn the_workers_clients_share_one_line_a_second() {
+        let gate = Gate::new();
+        let first = FailureLog::with_gate("qb.example:443".to_owned(), gate.clone());
+        let second = FailureLog::with_gate("qb.example:443".to_owned(), gate);
+        first.report("connect refused", Some("a"));
+        second.report("connect refused", Some("b"));
+        assert_eq!(
+            second.unlogged(),
+            1,
+            "the second worker's failure waits for the next line"
+        );
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        second.report("connect refused", Some("c"));
+        assert_eq!(first.unlogged(), 0);
     }
 }
