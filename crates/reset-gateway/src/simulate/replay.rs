@@ -163,6 +163,10 @@ pub struct Change {
     pub line: u64,
     /// Arrival, nanoseconds since the Unix epoch.
     pub at_ns: u64,
+    /// Whom it was for, as its line says: the client IP, the client, the address key.
+    pub client_ip: std::net::IpAddr,
+    pub client_id: Option<String>,
+    pub email_hash: Option<u64>,
     /// The group the proposal refuses it at, if any.
     pub proposed: Option<LimitGroup>,
     /// The group the current configuration refuses it at, if any.
@@ -346,6 +350,9 @@ impl Simulation {
                     self.changes.push(Change {
                         line: request.line,
                         at_ns: request.at_ns,
+                        client_ip: recorded.client_ip,
+                        client_id: recorded.client_id.map(str::to_owned),
+                        email_hash: recorded.email_hash,
                         proposed,
                         current: before,
                     });

@@ -7,8 +7,9 @@ use reset_guard::LimitGroup;
 use serde_json::{json, Value};
 
 use super::reader::Reader;
-use super::replay::{QuotaTally, Simulation, Tally};
+use super::replay::{Change, QuotaTally, Simulation, Tally};
 use crate::explain::written_duration;
+use crate::telemetry::email_tag;
 
 fn time_of(ns: u64) -> String {
     let at = std::time::UNIX_EPOCH + Duration::from_nanos(ns);
@@ -20,6 +21,19 @@ fn fate(group: Option<LimitGroup>) -> String {
         Some(group) => format!("refused by {}", group.name()),
         None => "admitted".to_owned(),
     }
+}
+
+/// Whom a changed request was for, as the access log names them (`email_hash` as its
+/// line writes it), so the report can be read beside the log.
+fn whom(change: &Change) -> String {
+    let mut whom = format!("client_ip {}", change.client_ip);
+    if let Some(id) = &change.client_id {
+        let _ = write!(whom, ", client_id {id}");
+    }
+    if let Some(hash) = change.email_hash {
+        let _ = write!(whom, ", email_hash {}", email_tag(hash));
+    }
+    whom
 }
 
 fn percent(part: u64, whole: u64) -> f64 {
@@ -142,9 +156,10 @@ pub fn human(simulation: &Simulation, reader: &Reader, names: (&str, Option<&str
         for change in simulation.changes.iter().take(20) {
             let _ = writeln!(
                 out,
-                "  line {} at {}: {} now, {} proposed",
+                "  line {} at {} ({}): {} now, {} proposed",
                 change.line,
                 time_of(change.at_ns),
+                whom(change),
                 fate(change.current),
                 fate(change.proposed)
             );
@@ -285,6 +300,9 @@ pub fn json(simulation: &Simulation, reader: &Reader) -> Value {
                 json!({
                     "line": c.line,
                     "received_at": time_of(c.at_ns),
+                    "client_ip": c.client_ip.to_string(),
+                    "client_id": c.client_id,
+                    "email_hash": c.email_hash.map(email_tag),
                     "current": c.current.map(LimitGroup::name),
                     "proposed": c.proposed.map(LimitGroup::name),
                 })

@@ -299,11 +299,37 @@ fn compare_lists_the_requests_whose_fate_changes() {
     assert!(text.contains("2 requests change fate"), "{text}");
     assert!(
         text.contains(
-            "line 4 at 2025-03-01T10:00:03.000001Z: refused by per_email now, admitted proposed"
+            "line 4 at 2025-03-01T10:00:03.000001Z (client_ip 203.0.113.3, client_id ios, \
+             email_hash 00000000000000aa): refused by per_email now, admitted proposed"
         ),
         "{text}"
     );
     assert!(!text.contains("cannot model"), "{text}");
+    let mut child = Command::new(BIN)
+        .args(["simulate", "--json", "--config"])
+        .arg(&proposed)
+        .arg("--compare")
+        .arg(&current)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(log.as_bytes())
+        .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(
+        json["compare"]["changes"][0],
+        serde_json::json!({
+            "line": 4, "received_at": "2025-03-01T10:00:03.000001Z", "client_ip": "203.0.113.3",
+            "client_id": "ios", "email_hash": "00000000000000aa",
+            "current": "per_email", "proposed": null
+        })
+    );
 
     // A proposal that changes whose address a request is: said, not silently replayed as
     // the recording resolved it.
