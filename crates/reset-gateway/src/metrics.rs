@@ -111,7 +111,7 @@ impl Metrics {
         );
         registry.register(
             "reset_gateway_upstream_duration_seconds",
-            "Time QuickBlox took to answer",
+            "Time QuickBlox took over a reset: to answer, or until the exchange failed (a timeout counts its whole wait)",
             SharedHistogram(upstream_duration.clone()),
         );
         registry.register(
@@ -233,6 +233,11 @@ impl Metrics {
     pub fn cut(&self, duration: Duration) {
         self.cut.inc();
         self.request_duration.observe(duration);
+    }
+
+    /// Times one exchange with QuickBlox that brought no answer.
+    pub fn upstream_failed(&self, duration: Duration) {
+        self.upstream_duration.observe(duration);
     }
 
     /// Counts one QuickBlox answer.

@@ -258,8 +258,11 @@ async fn handle(
     // QuickBlox's answers to resets only: a route passed through (other_routes: forward)
     // answers for itself, and its 401s say nothing of the API key.
     if let (Some(exchange), Some(_)) = (record.upstream, record.guarded) {
-        if let Some(status) = record.uniform.map(|u| u.0).or(exchange.status) {
-            metrics.upstream(status.as_u16(), exchange.duration);
+        match record.uniform.map(|u| u.0).or(exchange.status) {
+            Some(status) => metrics.upstream(status.as_u16(), exchange.duration),
+            // No answer (timed out, refused, cut): its wait is still QuickBlox's latency,
+            // or a slowdown that ends in timeouts would empty the latency panel.
+            None => metrics.upstream_failed(exchange.duration),
         }
     }
     if head_over_h2 {

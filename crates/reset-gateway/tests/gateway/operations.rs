@@ -1225,3 +1225,28 @@ async fn connections_open_and_the_limit_reached_are_counted() {
     .await;
     assert_eq!(open, 0.0);
 }
+
+/// A QuickBlox that never answers: its wait is in the upstream latency histogram, whole
+/// (`upstream.timeout`, 400ms here), though no answer is counted by status. Without it, a
+/// slowdown that ends in timeouts empties the latency panel.
+#[tokio::test]
+async fn an_upstream_timeout_counts_its_wait_in_the_upstream_latency() {
+    let gw = Gateway::start("").await;
+    gw.mock.set_failure(qb_mock::Failure::Hang);
+    assert_eq!(
+        gw.reset_as_ios("email=alice%40example.com").await.status,
+        504
+    );
+    let count = metric(gw.admin, "reset_gateway_upstream_duration_seconds_count").await;
+    let sum = metric(gw.admin, "reset_gateway_upstream_duration_seconds_sum").await;
+    assert_eq!(count, 1.0);
+    assert!(sum >= 0.4, "the whole wait: {sum}");
+    assert_eq!(
+        metric(
+            gw.admin,
+            r#"reset_gateway_upstream_responses_total{status="504"}"#
+        )
+        .await,
+        0.0
+    );
+}
