@@ -69,6 +69,23 @@ pub struct Metrics {
     connection_limit: Counter,
 }
 
+/// How long requests waited for the Redis store's decisions: the guard records into it
+/// (`ResetGuardBuilder::on_store_wait`, made before the guard), [`Metrics`] exports it.
+#[derive(Clone, Debug)]
+pub struct StoreWaits(Arc<LatencyHistogram>);
+
+impl Default for StoreWaits {
+    fn default() -> Self {
+        StoreWaits(Arc::new(LatencyHistogram::new(latency_buckets())))
+    }
+}
+
+impl StoreWaits {
+    pub fn observe(&self, waited: Duration) {
+        self.0.observe(waited);
+    }
+}
+
 /// A client connection counted open until dropped.
 pub struct OpenConnection(Gauge);
 
@@ -91,7 +108,7 @@ impl Metrics {
         "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
     /// Registers every family; `guard` supplies the limiter's own counters at scrape time.
-    pub fn new(guard: GuardHandle) -> Self {
+    pub fn new(guard: GuardHandle, store_waits: StoreWaits) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<OutcomeLabel, Counter>::default();
         let upstream_responses = Family::<StatusLabel, Counter>::default();
@@ -113,6 +130,11 @@ impl Metrics {
             "reset_gateway_upstream_duration_seconds",
             "Time QuickBlox took over a reset: to answer, or until the exchange failed (a timeout counts its whole wait)",
             SharedHistogram(upstream_duration.clone()),
+        );
+        registry.register(
+            "reset_gateway_store_duration_seconds",
+            "Time a request waited for the Redis store's decision (asked in a batch with others), or until store.redis.timeout; none with the memory store",
+            SharedHistogram(store_waits.0),
         );
         registry.register(
             "reset_gateway_request_duration_seconds",

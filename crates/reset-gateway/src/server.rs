@@ -21,7 +21,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::admin::{self, AdminState};
 use crate::config::Settings;
 use crate::header_names::{RATELIMIT, RATELIMIT_POLICY};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreWaits};
 use crate::reload::Reloader;
 use crate::request_id::X_REQUEST_ID;
 use crate::telemetry::DenialLog;
@@ -63,8 +63,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         .with_context(|| format!("server.listen: cannot listen on {}", server.listen))?;
     let addr = listeners[0].local_addr()?;
     let admin = admin::bind(server.admin_listen).await?;
+    let store_waits = StoreWaits::default();
+    let observed = store_waits.clone();
     let mut layer = ResetGuardLayer::builder(settings.guard.clone(), settings.api_key.clone())
-        .store(settings.store.limits.clone());
+        .store(settings.store.limits.clone())
+        .on_store_wait(move |waited| observed.observe(waited));
     if let Some(secret) = &settings.store.key_secret {
         layer = layer.key_secret(secret);
     }
@@ -79,7 +82,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
     let guard = layer.handle();
     let state = Arc::new(AdminState {
         draining: Default::default(),
-        metrics: Metrics::new(guard.clone()),
+        metrics: Metrics::new(guard.clone(), store_waits),
         guard,
     });
     let (certs, tls) = match &server.tls {

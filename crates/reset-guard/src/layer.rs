@@ -45,6 +45,7 @@ impl ResetGuardLayer {
             hasher: None,
             key_secret_short: false,
             peer_optional: false,
+            store_wait: None,
         }
     }
 
@@ -66,7 +67,11 @@ pub struct ResetGuardBuilder {
     /// A key secret under [`MIN_KEY_SECRET`] bytes was given: `build` refuses it.
     key_secret_short: bool,
     peer_optional: bool,
+    store_wait: Option<StoreWaitObserver>,
 }
+
+/// What [`ResetGuardBuilder::on_store_wait`] is given.
+pub(crate) type StoreWaitObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
 
 /// Fewest bytes of a key secret: the keyed hashes of addresses in Redis and in the logs are
 /// only as hard to reverse as the secret is to guess.
@@ -122,6 +127,18 @@ impl ResetGuardBuilder {
     /// limits per client.
     pub fn without_peer_address(mut self) -> Self {
         self.peer_optional = true;
+        self
+    }
+
+    /// Called with how long each request waited for the Redis store's decision (asked in a
+    /// batch with others), or until it gave up at `timeout`, for the host's metrics: Redis
+    /// slowing down under its timeout shows nowhere else. Not called with the in-memory
+    /// store, nor for a request a cached denial answered without asking Redis.
+    pub fn on_store_wait(
+        mut self,
+        observe: impl Fn(std::time::Duration) + Send + Sync + 'static,
+    ) -> Self {
+        self.store_wait = Some(Arc::new(observe));
         self
     }
 
@@ -191,7 +208,8 @@ impl ResetGuardBuilder {
                 }
                 Some(Arc::new(
                     crate::limit::RedisStore::new(settings, counters.clone())
-                        .map_err(|e| StoreError(e.to_string()))?,
+                        .map_err(|e| StoreError(e.to_string()))?
+                        .observing_waits(self.store_wait.clone()),
                 ))
             }
             None => None,

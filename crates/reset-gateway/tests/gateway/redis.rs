@@ -207,6 +207,45 @@ async fn a_request_let_through_by_on_error_allow_says_so_in_its_access_line() {
     assert_eq!(lines[1]["limits_skipped"], true, "{}", lines[1]);
 }
 
+/// Redis slower than usual but within its timeout fails nothing and trips no alert: the
+/// store latency histogram is where it shows. Paused 200ms (timeout 300ms), a request
+/// waits out the pause, and its wait is in `reset_gateway_store_duration_seconds`.
+#[tokio::test]
+async fn a_slow_redis_shows_in_the_store_latency() {
+    let redis = RedisServer::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = redis_yaml(&mock, &redis, "deny");
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let waits = async || {
+        let reply = raw(
+            gw.admin,
+            b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let count = sample(&reply.body, "reset_gateway_store_duration_seconds_count");
+        let sum = sample(&reply.body, "reset_gateway_store_duration_seconds_sum");
+        (count.unwrap_or(0.0), sum.unwrap_or(0.0))
+    };
+    assert_eq!(
+        gw.reset_as_ios("email=alice%40example.com").await.status,
+        200
+    );
+    let (count, quick) = waits().await;
+    assert_eq!(count, 1.0);
+    assert!(redis.command("CLIENT PAUSE 200 ALL").is_some());
+    assert_eq!(
+        gw.reset_as_ios("email=alice%40example.com").await.status,
+        200,
+        "slow, not failed"
+    );
+    let (count, sum) = waits().await;
+    assert_eq!(count, 2.0);
+    assert!(
+        sum - quick >= 0.1,
+        "the pause is in the wait: {quick} then {sum}"
+    );
+}
+
 /// `redis_yaml` for a Redis at `url`, with more `store.redis` keys.
 fn redis_yaml_at(mock: &MockServer, url: &str, redis_extra: &str, on_error: &str) -> String {
     yaml(

@@ -137,6 +137,8 @@ pub(crate) struct RedisStore {
     denials: Mutex<HashMap<(LimitGroup, u64), (u64, Denial)>>,
     clock: MonotonicClock,
     counters: Arc<LimitCounters>,
+    /// Told how long each request waited for its decision (the host's metrics).
+    wait_observer: Option<crate::layer::StoreWaitObserver>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -212,6 +214,7 @@ impl RedisStore {
             denials: Mutex::new(HashMap::new()),
             clock: MonotonicClock::default(),
             counters,
+            wait_observer: None,
         })
     }
 
@@ -350,6 +353,22 @@ impl RedisStore {
         }
     }
 
+    /// Tells `observer` how long each request waits for its decision from Redis.
+    pub(crate) fn observing_waits(
+        mut self,
+        observer: Option<crate::layer::StoreWaitObserver>,
+    ) -> Self {
+        self.wait_observer = observer;
+        self
+    }
+
+    /// A request's wait since `started`, to the observer if there is one.
+    fn waited(&self, started: std::time::Instant) {
+        if let Some(observe) = &self.wait_observer {
+            observe(started.elapsed());
+        }
+    }
+
     /// Decides a plan's charges: from the local denial cache when it can, else with one
     /// script call.
     pub(crate) fn decide(
@@ -393,24 +412,42 @@ impl RedisStore {
             Err(job)
         };
         let store = self.clone();
+        let started = std::time::Instant::now();
         Box::pin(async move {
-            let queued = match early {
-                Ok(queued) => queued,
-                Err(job) => {
-                    let _ = tokio::time::timeout(store.timeout, store.resolve()).await;
-                    store.enqueue(job)
-                }
-            };
-            if let Err(why) = queued {
-                return store.fail(&why, cached);
-            }
-            match tokio::time::timeout(store.timeout, answer).await {
-                Ok(Ok(Ok(reply))) => store.read_reply(&reply, charges.as_slice(), &specs, cached),
-                Ok(Ok(Err(error))) => store.fail(&error, cached),
-                Ok(Err(_)) => store.fail("the Redis worker stopped", cached),
-                Err(_) => store.fail("timed out", cached),
-            }
+            let decision = store
+                .await_queued(early, answer, charges, &specs, cached)
+                .await;
+            store.waited(started);
+            decision
         })
+    }
+
+    /// The decision of a job handed to a queue (`early`: queued, or not yet, until the
+    /// sentinels name a master), from its `answer`, as `on_error` says when there is none.
+    async fn await_queued(
+        self: &Arc<Self>,
+        early: Result<Result<(), String>, Job>,
+        answer: oneshot::Receiver<Result<[i64; REPLY_LEN], String>>,
+        charges: Charges,
+        specs: &Arc<RedisSpecs>,
+        cached: Option<(usize, Denial)>,
+    ) -> Decision {
+        let queued = match early {
+            Ok(queued) => queued,
+            Err(job) => {
+                let _ = tokio::time::timeout(self.timeout, self.resolve()).await;
+                self.enqueue(job)
+            }
+        };
+        if let Err(why) = queued {
+            return self.fail(&why, cached);
+        }
+        match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok(Ok(reply))) => self.read_reply(&reply, charges.as_slice(), specs, cached),
+            Ok(Ok(Err(error))) => self.fail(&error, cached),
+            Ok(Err(_)) => self.fail("the Redis worker stopped", cached),
+            Err(_) => self.fail("timed out", cached),
+        }
     }
 
     /// Hands a job to this thread's queue.

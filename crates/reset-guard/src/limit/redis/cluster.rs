@@ -595,15 +595,17 @@ impl RedisStore {
     ) -> Pin<Box<dyn Future<Output = Decision> + Send>> {
         let store = self.clone();
         let specs = specs.clone();
+        let started = std::time::Instant::now();
         Box::pin(async move {
             // One timer for the whole request rather than one per group.
             let decided = tokio::time::timeout(store.timeout, store.decide_groups(&specs, charges));
-            let merged = match decided.await {
-                Ok(Ok(merged)) => merged,
-                Ok(Err(why)) => return store.fail(&why, cached),
-                Err(_) => return store.fail("timed out", cached),
+            let decision = match decided.await {
+                Ok(Ok(merged)) => store.read_reply(&merged, charges.as_slice(), &specs, cached),
+                Ok(Err(why)) => store.fail(&why, cached),
+                Err(_) => store.fail("timed out", cached),
             };
-            store.read_reply(&merged, charges.as_slice(), &specs, cached)
+            store.waited(started);
+            decision
         })
     }
 
