@@ -53,6 +53,11 @@ pub enum Rejection {
     /// The shared limiter (Redis) could not be asked and `on_error: deny` is set.
     #[error("rate limiter unavailable")]
     LimiterUnavailable,
+    /// A request on the guarded path without a [`PeerAddr`](crate::PeerAddr): a wiring
+    /// mistake in the host service (see [`ResetGuardBuilder::without_peer_address`](crate::ResetGuardBuilder::without_peer_address)),
+    /// answered 500.
+    #[error("no peer address: the host service does not insert PeerAddr")]
+    MissingPeerAddress,
 }
 
 impl Rejection {
@@ -73,11 +78,12 @@ impl Rejection {
             }
             Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Rejection::LimiterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::MissingPeerAddress => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// Every label [`outcome`](Rejection::outcome) gives, for counters made ahead of use.
-    pub const OUTCOMES: [&'static str; 12] = [
+    pub const OUTCOMES: [&'static str; 13] = [
         "not_found",
         "method_not_allowed",
         "body_on_get",
@@ -90,6 +96,7 @@ impl Rejection {
         "email_invalid",
         "rate_limited",
         "limiter_unavailable",
+        "missing_peer_address",
     ];
 
     /// A short label for logs and metrics.
@@ -109,6 +116,7 @@ impl Rejection {
             Rejection::EmailNotUtf8 | Rejection::EmailInvalid(_) => "email_invalid",
             Rejection::RateLimited(_) => "rate_limited",
             Rejection::LimiterUnavailable => "limiter_unavailable",
+            Rejection::MissingPeerAddress => "missing_peer_address",
         }
     }
 
@@ -145,6 +153,7 @@ impl Rejection {
                 r#"{"errors":{"base":["Too many requests, retry later"]}}"#
             }
             Rejection::LimiterUnavailable => r#"{"errors":{"base":["Rate limiter unavailable"]}}"#,
+            Rejection::MissingPeerAddress => r#"{"errors":{"base":["Internal server error"]}}"#,
         }
     }
 

@@ -4,9 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::Body;
 use tokio::time::Instant;
 use tower::Service;
@@ -18,7 +16,7 @@ use crate::context::Attribution;
 use crate::future::ResponseFuture;
 use crate::limit::ceil_secs;
 use crate::limit::Decision;
-use crate::rejection::{rate_limit_fields, uniform_success, JSON};
+use crate::rejection::{rate_limit_fields, uniform_success, Rejection};
 use crate::state::{GuardCore, GuardState};
 
 /// Checks reset requests and answers rejections itself; built by
@@ -131,13 +129,8 @@ fn missing_peer<F, B>(core: &GuardCore, path: &str) -> ResponseFuture<F, B> {
              Logged once."
         );
     }
-    const BODY: &str = r#"{"errors":{"base":["Internal server error"]}}"#;
-    let mut response = Response::new(Bytes::from_static(BODY.as_bytes()));
-    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, JSON.clone());
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(BODY.len()));
-    ResponseFuture::answered(response, None)
+    // Tagged like the guard's other answers, so the host's logs tell it from its own 500s.
+    ResponseFuture::rejected(Rejection::MissingPeerAddress, None)
 }
 
 /// Turns the store's decision into the answer: the inner service's, or the guard's own.

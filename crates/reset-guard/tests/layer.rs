@@ -503,6 +503,11 @@ async fn a_reset_without_a_peer_address_is_refused_and_logged_once() {
             .unwrap();
         let response = service.clone().oneshot(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        // Tagged as the guard's, so the host's logs tell it from a handler's 500.
+        assert_eq!(
+            response.extensions().get::<Rejection>(),
+            Some(&Rejection::MissingPeerAddress)
+        );
         assert_eq!(
             response.headers()["content-type"],
             "application/json; charset=utf-8"
