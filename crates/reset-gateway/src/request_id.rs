@@ -11,9 +11,37 @@ const MAX_LEN: usize = 128;
 pub fn resolve(headers: &HeaderMap) -> HeaderValue {
     let mut values = headers.get_all(&X_REQUEST_ID).iter();
     match (values.next(), values.next()) {
-        (Some(value), None) if is_sane(value.as_bytes()) => value.clone(),
+        (Some(value), None)
+            if is_sane(value.as_bytes()) && !holds_credential(headers, value.as_bytes()) =>
+        {
+            value.clone()
+        }
         _ => generate(),
     }
+}
+
+/// Whether `id` holds the token of the request's own credential (a client that sends its
+/// token as its request id): the id is written to logs, and a token must never be.
+fn holds_credential(headers: &HeaderMap, id: &[u8]) -> bool {
+    let tokens = headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .map(|v| {
+            v.as_bytes()
+                .rsplit(|&b| b == b' ')
+                .next()
+                .unwrap_or_default()
+        })
+        .chain(
+            headers
+                .get_all("qb-token")
+                .iter()
+                .map(HeaderValue::as_bytes),
+        );
+    tokens
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| token.len() >= 8)
+        .any(|token| id.windows(token.len()).any(|window| window == token))
 }
 
 /// Ids end up in logs and upstream headers: only short, plain tokens are kept.
@@ -53,6 +81,26 @@ mod tests {
     #[test]
     fn keeps_a_sane_id_and_replaces_the_rest() {
         assert_eq!(resolve(&with(&["abc-123_x.y:z"])), "abc-123_x.y:z");
+        // A client that sends its token as its request id: a fresh one instead.
+        for credential in [
+            ("qb-token", "ios-client-token-1234"),
+            ("authorization", "ApiKey ios-client-token-1234"),
+        ] {
+            for id in ["ios-client-token-1234", "req-ios-client-token-1234-7"] {
+                let mut headers = with(&[]);
+                headers.insert(X_REQUEST_ID, HeaderValue::from_static(id));
+                headers.insert(credential.0, HeaderValue::from_static(credential.1));
+                let resolved = resolve(&headers);
+                assert_ne!(resolved, id, "{credential:?}");
+                assert_eq!(resolved.len(), 32);
+            }
+        }
+        let mut headers = with(&["abc-123"]);
+        headers.insert(
+            "qb-token",
+            HeaderValue::from_static("ios-client-token-1234"),
+        );
+        assert_eq!(resolve(&headers), "abc-123", "an id of its own stands");
         for bad in [&["a b"][..], &["a", "b"], &["<script>"], &[""]] {
             let id = resolve(&with(bad));
             assert_eq!(id.len(), 32, "{bad:?}");
