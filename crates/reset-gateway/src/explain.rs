@@ -9,10 +9,51 @@ use reset_guard::{GuardSettings, LimitGroup, Quota};
 /// `per_email: 3 per hour, at most 3 at once; a steady client gets one every 20 minutes;
 /// at most 10 a day per address`.
 pub fn explain(settings: &GuardSettings) -> String {
-    LimitGroup::ALL
+    let mut text: String = LimitGroup::ALL
         .into_iter()
         .map(|group| format!("{}\n", group_line(group, settings.quotas(group))))
-        .collect()
+        .collect();
+    if let Some(note) = one_client_spends_global(settings) {
+        text.push_str(&note);
+    }
+    text
+}
+
+/// The steady rate a group's enforced quotas admit for one key, in requests a second
+/// (`None`: no enforced quota, no limit).
+fn steady_rate(quotas: &[Quota]) -> Option<f64> {
+    quotas
+        .iter()
+        .filter(|quota| !quota.shadow)
+        .map(|quota| f64::from(quota.requests) / quota.per.as_secs_f64())
+        .min_by(f64::total_cmp)
+}
+
+/// A note when one client alone may admit as much as the global quota: a leaked client
+/// token flooding new addresses then spends `global`, and every client's resets get 429.
+fn one_client_spends_global(settings: &GuardSettings) -> Option<String> {
+    let global = steady_rate(settings.quotas(LimitGroup::Global))?;
+    let client = steady_rate(settings.quotas(LimitGroup::PerClient));
+    if client.is_some_and(|client| client < global) {
+        return None;
+    }
+    let per_client = match client {
+        Some(rate) => format!("admits {} a second", spoken_rate(rate)),
+        None => "has no limit".to_owned(),
+    };
+    Some(format!(
+        "note: one client alone can spend the global quota (per_client {per_client}, global \
+         {} a second): with its token leaked, a flood of new addresses gets every client's \
+         resets refused until global refills. With several apps, keep each one's per_client \
+         below global.\n",
+        spoken_rate(global)
+    ))
+}
+
+/// `200`, `0.5`, `0.0028`: a rate with what precision it needs.
+fn spoken_rate(rate: f64) -> String {
+    let text = format!("{rate:.4}");
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
 fn group_line(group: LimitGroup, quotas: &[Quota]) -> String {
@@ -186,6 +227,31 @@ mod tests {
                 "global: no limit",
             ]
         );
+    }
+
+    /// The shipped limits let one client spend the whole global quota: said, with what to do.
+    #[test]
+    fn a_client_that_can_spend_the_global_quota_is_noted() {
+        let text = explained(
+            "  per_ip: []\n  per_client: [{ requests: 200, per: 1s, burst: 400 }]\n  per_email: []\n  global: [{ requests: 100, per: 1s }]\n",
+        );
+        assert!(
+            text.contains("note: one client alone can spend the global quota (per_client admits 200 a second, global 100 a second)"),
+            "{text}"
+        );
+        let text = explained(
+            "  per_ip: []\n  per_client: []\n  per_email: []\n  global: [{ requests: 10, per: 1h }]\n",
+        );
+        assert!(
+            text.contains("(per_client has no limit, global 0.0028 a second)"),
+            "{text}"
+        );
+        for fine in [
+            "  per_ip: []\n  per_client: [{ requests: 50, per: 1s }]\n  per_email: []\n  global: [{ requests: 100, per: 1s }]\n",
+            "  per_ip: []\n  per_client: [{ requests: 500, per: 1s }]\n  per_email: []\n  global: []\n",
+        ] {
+            assert!(!explained(fine).contains("note:"), "{fine}");
+        }
     }
 
     #[test]
