@@ -133,7 +133,7 @@ impl Metrics {
         );
         registry.register(
             "reset_gateway_store_duration_seconds",
-            "Time a request waited for the Redis store's decision (asked in a batch with others), or until store.redis.timeout; none with the memory store",
+            "Time a request waited for the Redis store's decision (asked in a batch with others), or for its failure (a timeout waits store.redis.timeout, a refused connection fails at once); none with the memory store",
             SharedHistogram(store_waits.0),
         );
         registry.register(

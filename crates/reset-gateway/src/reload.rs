@@ -43,6 +43,10 @@ pub struct Reloader {
     reread_files: Mutex<Vec<PathBuf>>,
     /// The sections (key paths two deep: `guard.limits`) of the file last applied.
     sections: Mutex<Vec<String>>,
+    /// The last reload could not read the file (a SIGHUP while it was away): tried again
+    /// at the first look that finds it readable, unchanged or not, so the reload gauge
+    /// does not stay at a failure the file no longer has.
+    read_failed: std::sync::atomic::AtomicBool,
 }
 
 /// The sections of a configuration file: its key paths at most two deep, without list
@@ -183,6 +187,7 @@ impl Reloader {
             fixed: Fixed::of(settings),
             reread_files: Mutex::new(settings.reread_files.clone()),
             sections: Mutex::new(running.unwrap_or_default()),
+            read_failed: Default::default(),
         }
     }
 
@@ -207,6 +212,8 @@ impl Reloader {
             .into()),
         };
         self.state.metrics.reload(result.is_ok());
+        self.read_failed
+            .store(yaml.is_err(), std::sync::atomic::Ordering::Relaxed);
         match &result {
             Ok(limits) if limits.is_empty() => {
                 tracing::info!(path = %self.path.display(), "configuration reloaded")
@@ -286,26 +293,39 @@ impl Reloader {
                     tracing::info!("SIGHUP received");
                     self.reload_and_note(&mut watch);
                 }
-                _ = tick.tick() => match watch.look(self.fingerprint()) {
-                    Look::Unchanged => held = None,
-                    Look::Changed => {
-                        if self.holds(&mut held) {
-                            watch.defer();
-                        } else {
-                            self.reload_and_note(&mut watch);
-                        }
-                    }
-                    Look::Unreadable(error) => {
-                        self.state.metrics.reload(false);
-                        tracing::error!(
-                            path = %self.path.display(),
-                            %error,
-                            "cannot read the configuration file; the running configuration stays"
-                        );
-                    }
-                    Look::Restored => self.reload_and_note(&mut watch),
-                },
+                _ = tick.tick() => self.look(&mut watch, &mut held),
             }
+        }
+    }
+
+    /// One look at the file: reloads it once it changed and settled, says once that it
+    /// cannot be read, and tries again a file back as it was after a reload could not
+    /// read it (a SIGHUP while it was away) or after it was reported unreadable.
+    fn look(&self, watch: &mut Watch, held: &mut Option<(String, tokio::time::Instant)>) {
+        let now = self.fingerprint();
+        let read_failed = self.read_failed.load(std::sync::atomic::Ordering::Relaxed);
+        if read_failed && now.as_ref().is_ok_and(|now| watch.applied == Some(*now)) {
+            self.reload_and_note(watch);
+            return;
+        }
+        match watch.look(now) {
+            Look::Unchanged => *held = None,
+            Look::Changed => {
+                if self.holds(held) {
+                    watch.defer();
+                } else {
+                    self.reload_and_note(watch);
+                }
+            }
+            Look::Unreadable(error) => {
+                self.state.metrics.reload(false);
+                tracing::error!(
+                    path = %self.path.display(),
+                    %error,
+                    "cannot read the configuration file; the running configuration stays"
+                );
+            }
+            Look::Restored => self.reload_and_note(watch),
         }
     }
 
@@ -491,9 +511,15 @@ fn limit_changes(before: &GuardSettings, after: &GuardSettings) -> String {
                 .join(", "),
         }
     };
+    // As sets: a reload that only reorders a group's quotas changes nothing.
+    let sorted = |settings: &GuardSettings, group| {
+        let mut quotas = settings.quotas(group).to_vec();
+        quotas.sort_by_key(|q| (q.per, q.requests, q.burst, q.shadow));
+        quotas
+    };
     LimitGroup::ALL
         .into_iter()
-        .filter(|&group| before.quotas(group) != after.quotas(group))
+        .filter(|&group| sorted(before, group) != sorted(after, group))
         .map(|group| {
             format!(
                 "{}: {} -> {}",
@@ -508,7 +534,29 @@ fn limit_changes(before: &GuardSettings, after: &GuardSettings) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{Look, Watch};
+    use super::{limit_changes, Look, Watch};
+
+    fn guard(limits: &str) -> reset_guard::GuardSettings {
+        let yaml = format!(
+            "clients: [{{ id: ios, token_sha256: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae }}]\nlimits:\n{limits}"
+        );
+        reset_guard::GuardSettings::from_yaml(&yaml).unwrap()
+    }
+
+    /// What a reload's line says of the limits: each group that changed, as it was and is;
+    /// nothing for a reordered group or an unchanged one.
+    #[test]
+    fn limit_changes_name_each_changed_group_and_nothing_else() {
+        let before = guard("  per_ip: [{ requests: 20, per: 1m }, { requests: 100, per: 1h }]\n  global: [{ requests: 100, per: 1s }]\n");
+        let reordered = guard("  per_ip: [{ requests: 100, per: 1h }, { requests: 20, per: 1m }]\n  global: [{ requests: 100, per: 1s }]\n");
+        assert_eq!(limit_changes(&before, &reordered), "");
+        assert_eq!(limit_changes(&before, &before), "");
+        let changed = guard("  per_ip: [{ requests: 1, per: 1m }, { requests: 100, per: 1h, shadow: true }]\n  global: []\n");
+        assert_eq!(
+            limit_changes(&before, &changed),
+            "per_ip: 20/1m, 100/1h -> 1/1m, 100/1h shadow; global: 100/1s -> none"
+        );
+    }
 
     fn contents(byte: u8) -> std::io::Result<[u8; 32]> {
         Ok([byte; 32])

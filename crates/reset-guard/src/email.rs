@@ -362,12 +362,19 @@ fn provider(domain: &str, policy: EmailKeyPolicy) -> ProviderRules {
     }
 }
 
-/// Yahoo's own domains: `yahoo.` and a country's suffix (`com`, `fr`, `co.uk`, `com.au`),
-/// not any domain that starts with the word (`yahoo.example.org`).
+/// Yahoo's own domains: `yahoo.com` and a country's (`yahoo.fr`, `yahoo.co.uk`,
+/// `yahoo.com.au`), not another domain whose name starts with the word
+/// (`yahoo.abc.com`, `yahoo.example.org`).
 fn is_yahoo(domain: &str) -> bool {
-    domain.strip_prefix("yahoo.").is_some_and(|suffix| {
-        suffix.split('.').count() <= 2 && suffix.split('.').all(|label| label.len() <= 3)
-    })
+    let country = |code: &str| code.len() == 2 && code.bytes().all(|b| b.is_ascii_lowercase());
+    match domain.strip_prefix("yahoo.") {
+        Some("com") => true,
+        Some(suffix) => match suffix.split_once('.') {
+            None => country(suffix),
+            Some((second, code)) => matches!(second, "co" | "com") && country(code),
+        },
+        None => false,
+    }
 }
 
 /// `anything@bob.fastmail.com` reaches `bob@fastmail.com`: the user and the provider's

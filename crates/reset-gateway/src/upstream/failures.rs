@@ -130,6 +130,15 @@ mod tests {
         assert_eq!(log.unlogged(), 0, "said with the six since");
     }
 
+    /// Every client the gateway makes (one per worker, more at each reload) shares the
+    /// process's gate.
+    #[test]
+    fn clients_share_the_process_gate() {
+        let first = FailureLog::new("qb.example:443".to_owned());
+        let second = FailureLog::new("qb.example:443".to_owned());
+        assert!(Arc::ptr_eq(&first.gate, &second.gate));
+    }
+
     /// Two workers' clients (one each) write one line between them within the second.
     #[tokio::test(start_paused = true)]
     async fn the_workers_clients_share_one_line_a_second() {

@@ -1250,3 +1250,23 @@ async fn an_upstream_timeout_counts_its_wait_in_the_upstream_latency() {
         0.0
     );
 }
+
+/// A SIGHUP while the file is away (moved aside by an editor, a remount) is a failed
+/// reload; the same file back clears it, where the gauge stayed at 0 (and the alert on)
+/// until the file next changed.
+#[tokio::test]
+async fn a_sighup_while_the_file_is_away_is_cleared_by_its_return() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let aside = dir.path().join("gateway.yaml.moved");
+    write(&path, &yaml(&mock.url(), "", ""));
+    let gw = spawn_gateway(&path);
+    let last_ok = async || metric(gw.admin, "reset_gateway_config_last_reload_successful").await;
+    assert_eq!(last_ok().await, 1.0);
+    std::fs::rename(&path, &aside).unwrap();
+    gw.signal("HUP");
+    assert_eq!(poll_until(100, last_ok, |v| *v == 0.0).await, 0.0);
+    std::fs::rename(&aside, &path).unwrap();
+    assert_eq!(poll_until(100, last_ok, |v| *v == 1.0).await, 1.0);
+}

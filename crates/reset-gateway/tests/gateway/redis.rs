@@ -207,6 +207,47 @@ async fn a_request_let_through_by_on_error_allow_says_so_in_its_access_line() {
     assert_eq!(lines[1]["limits_skipped"], true, "{}", lines[1]);
 }
 
+/// Redis gone (its port refusing connections): a request is failed by the refusal
+/// itself, not by waiting out `store.redis.timeout` (100ms here) while the client retried
+/// with backoff, so its failure line names the refusal rather than "timed out". The first
+/// request after the stop fails on the broken connection either way; the one a second
+/// later (failure lines come at most once a second) is the one that reconnects.
+#[tokio::test]
+async fn a_refused_redis_connection_fails_a_request_by_the_refusal_not_the_timeout() {
+    let mut redis = RedisServer::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    let yaml = redis_yaml(&mock, &redis, "deny").replace("timeout: 300ms", "timeout: 100ms");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = crate::process::spawn_gateway(&config);
+    let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+    assert_eq!(raw(gateway.addr, request.as_bytes()).await.status, 200);
+    redis.stop();
+    assert_eq!(raw(gateway.addr, request.as_bytes()).await.status, 503);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(raw(gateway.addr, request.as_bytes()).await.status, 503);
+    let failed = poll_until(
+        100,
+        async || {
+            gateway
+                .logs()
+                .into_iter()
+                .filter(|l| l.contains("rate-limit store unavailable"))
+                .nth(1)
+        },
+        Option::is_some,
+    )
+    .await
+    .expect("the second failure is logged");
+    let json: serde_json::Value = serde_json::from_str(&failed).unwrap();
+    let error = json["error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(
+        error.contains("refused") || error.contains("broken pipe") || error.contains("reset"),
+        "{failed}"
+    );
+}
+
 /// Redis slower than usual but within its timeout fails nothing and trips no alert: the
 /// store latency histogram is where it shows. Paused 200ms (timeout 300ms), a request
 /// waits out the pause, and its wait is in `reset_gateway_store_duration_seconds`.

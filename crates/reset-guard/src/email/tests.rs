@@ -129,6 +129,8 @@ fn key_folds_provider_aliases() {
     assert_eq!(key("bob-x@example.com"), "bob-x@example.com");
     assert_eq!(key("x@a.b.fastmail.com"), "x@a.b.fastmail.com");
     assert_eq!(key("base-x@yahoo.example.org"), "base-x@yahoo.example.org");
+    assert_eq!(key("base-x@yahoo.abc.com"), "base-x@yahoo.abc.com");
+    assert_eq!(key("base-x@yahoo.fr"), "base@yahoo.fr");
     assert_eq!(key("base-x@yahoo.com.au"), "base@yahoo.com.au");
 }
 

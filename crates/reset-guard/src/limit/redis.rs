@@ -152,8 +152,10 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Prepares the client; the connection is made on first use and remade with backoff
-    /// whenever it breaks, so the gateway starts and serves while Redis is away.
+    /// Prepares the client; the connection is made on first use and remade whenever it
+    /// breaks (one attempt each time: a request does not wait out a backoff, and the probe
+    /// tries again every 250 ms while Redis is away), so the gateway starts and serves
+    /// while Redis is away.
     pub(crate) fn new(
         settings: &RedisSettings,
         counters: Arc<LimitCounters>,
@@ -161,9 +163,7 @@ impl RedisStore {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(250))))
             .set_response_timeout(Some(settings.timeout))
-            .set_number_of_retries(0)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1));
+            .set_number_of_retries(0);
         let sentinels = settings.sentinels();
         let cluster = match settings.cluster_nodes() {
             Some(nodes) => Some(Cluster::new(
@@ -362,9 +362,16 @@ impl RedisStore {
         self
     }
 
-    /// A request's wait since `started`, to the observer if there is one.
-    fn waited(&self, started: std::time::Instant) {
-        if let Some(observe) = &self.wait_observer {
+    /// When a request starts to wait, if anyone is told how long it waited.
+    fn wait_started(&self) -> Option<std::time::Instant> {
+        self.wait_observer
+            .as_ref()
+            .map(|_| std::time::Instant::now())
+    }
+
+    /// A request's wait since `started`, to the observer.
+    fn waited(&self, started: Option<std::time::Instant>) {
+        if let (Some(observe), Some(started)) = (&self.wait_observer, started) {
             observe(started.elapsed());
         }
     }
@@ -412,7 +419,7 @@ impl RedisStore {
             Err(job)
         };
         let store = self.clone();
-        let started = std::time::Instant::now();
+        let started = self.wait_started();
         Box::pin(async move {
             let decision = store
                 .await_queued(early, answer, charges, &specs, cached)

@@ -595,7 +595,7 @@ impl RedisStore {
     ) -> Pin<Box<dyn Future<Output = Decision> + Send>> {
         let store = self.clone();
         let specs = specs.clone();
-        let started = std::time::Instant::now();
+        let started = self.wait_started();
         Box::pin(async move {
             // One timer for the whole request rather than one per group.
             let decided = tokio::time::timeout(store.timeout, store.decide_groups(&specs, charges));
