@@ -705,3 +705,42 @@ async fn the_documented_acl_user_serves_and_one_without_the_script_is_down() {
         503
     );
 }
+
+/// The gateway's ACL user switched off and its connections closed (AUTH then refused,
+/// which the Redis client does not retry as it does a broken connection), then switched on
+/// again: the gateway serves again within seconds, without a restart.
+#[tokio::test]
+async fn the_gateway_serves_again_once_its_refused_acl_user_is_back() {
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_ACL_PASSWORD_OFF_ON";
+    let redis = RedisServer::start();
+    let user = documented_acl_user("acl-user-password", "secured");
+    assert_eq!(redis.command(&user).as_deref(), Some("+OK\r\n"), "{user}");
+    std::env::set_var(VARIABLE, "acl-user-password");
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = redis_yaml_at(
+        &mock,
+        &redis.url(),
+        &format!("    username: reset-gateway\n    password_env: {VARIABLE}\n"),
+        "deny",
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let ask = || async { gw.reset_as_ios("email=alice%40example.com").await.status };
+    assert_eq!(ask().await, 200);
+
+    assert_eq!(
+        redis.command("ACL SETUSER reset-gateway off").as_deref(),
+        Some("+OK\r\n")
+    );
+    assert!(redis.command("CLIENT KILL USER reset-gateway").is_some());
+    let down = poll_until(100, || gw.admin_get("/readyz"), |r| r.status == 503).await;
+    assert_eq!(down.status, 503, "refused while the user is off");
+    assert_eq!(ask().await, 503);
+
+    assert_eq!(
+        redis.command("ACL SETUSER reset-gateway on").as_deref(),
+        Some("+OK\r\n")
+    );
+    let ready = poll_until(250, || gw.admin_get("/readyz"), |r| r.status == 200).await;
+    assert_eq!(ready.status, 200, "ready again once the user is back");
+    assert_eq!(poll_until(100, ask, |s| *s == 200).await, 200);
+}

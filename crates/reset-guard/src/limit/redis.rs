@@ -315,7 +315,22 @@ impl RedisStore {
             batch::run_for_nothing(&mut connection, &self.script).await?;
             batch::write_probe(&mut connection, &key).await
         });
-        match (run.await, resolved) {
+        let answer = run.await;
+        if answer.is_err() {
+            // The Redis client remakes a connection only after an I/O error: one whose
+            // making failed otherwise (AUTH refused while an ACL user was off, a server
+            // still loading) would fail every probe after, though Redis serves again. The
+            // next probe gets a connection of its own; the threads' follow once it answers.
+            if let Ok(fresh) = Master::new(
+                master.generation,
+                master.address.clone(),
+                master.client.clone(),
+                &self.config,
+            ) {
+                let _ = self.master.compare_and_swap(&master, Some(Arc::new(fresh)));
+            }
+        }
+        match (answer, resolved) {
             (Ok(_), _) => Ok(()),
             (Err(cause), Ok(())) => Err(cause),
             (Err(cause), Err(sentinels)) => Err(format!("{cause}; the sentinels: {sentinels}")),
