@@ -133,11 +133,22 @@ pub struct ClientIpConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr(pub IpNet);
 
+/// Why a text is not a [`Cidr`]: the message says what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidCidr(String);
+
 impl std::str::FromStr for Cidr {
-    type Err = String;
+    type Err = InvalidCidr;
 
     /// `10.0.0.0/8`, `2001:db8::/32`, or a bare address for one host.
-    fn from_str(text: &str) -> Result<Cidr, String> {
+    fn from_str(text: &str) -> Result<Cidr, InvalidCidr> {
+        Cidr::parse(text).map_err(InvalidCidr)
+    }
+}
+
+impl Cidr {
+    fn parse(text: &str) -> Result<Cidr, String> {
         let net = text
             .parse::<IpNet>()
             .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))

@@ -23,6 +23,17 @@ impl GuardHandle {
     /// spent there (with Redis, in the background: `carry.rs`; spawned on the current
     /// Tokio runtime, none outside one).
     pub fn update(&self, settings: GuardSettings, api_key: ApiKey) {
+        self.apply(settings, api_key);
+    }
+
+    /// [`update`](Self::update) keeping the API key the guard sends now: new limits or
+    /// clients need no key in hand.
+    pub fn update_settings(&self, settings: GuardSettings) {
+        let api_key = self.core.current.load().api_key.clone();
+        self.apply(settings, api_key);
+    }
+
+    fn apply(&self, settings: GuardSettings, api_key: ApiKey) {
         let core = &self.core;
         let previous = core.current.load();
         for group in LimitGroup::ALL {

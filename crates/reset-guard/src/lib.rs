@@ -204,7 +204,7 @@ pub use body::GuardBody;
 pub use client_ip::{ClientIp, PeerAddr};
 pub use config::{
     Cidr, ClientConfig, ClientIpConfig, ConfigError, EmailConfig, EmailKeyConfig, GuardConfig,
-    GuardSettings, LimitsConfig, OtherRoutes, QuotaConfig, ResponsesConfig,
+    GuardSettings, InvalidCidr, LimitsConfig, OtherRoutes, QuotaConfig, ResponsesConfig,
 };
 pub use context::{Attribution, GuardedRequest, UpstreamStatus};
 pub use duration::ConfigDuration;

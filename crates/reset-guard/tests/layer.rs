@@ -425,6 +425,13 @@ async fn handle_swaps_settings_live() {
     let response = service.clone().oneshot(ask()).await.unwrap();
     assert_eq!(body_of(response).await, "ApiKey k2");
 
+    // New settings alone keep the key the guard has.
+    handle.update_settings(settings(
+        "responses: { uniform: false }\nlimits: { per_ip: [] }\n",
+    ));
+    let response = service.clone().oneshot(ask()).await.unwrap();
+    assert_eq!(body_of(response).await, "ApiKey k2");
+
     let other_client = GuardConfig::from_yaml(&format!(
         "clients: [{{ id: b, token_sha256: {} }}]",
         "0".repeat(64)

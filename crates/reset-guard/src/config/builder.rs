@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{Cidr, ClientConfig, GuardConfig, OtherRoutes};
+use super::{Cidr, ClientConfig, EmailKeyConfig, GuardConfig, OtherRoutes};
 use crate::auth::TokenDigest;
 use crate::duration::ConfigDuration;
 use crate::limit::LimitGroup;
@@ -93,6 +93,33 @@ impl GuardConfig {
         self.email.allow_utf8_local = allow;
         self
     }
+
+    /// Lets clients in this block skip the per-IP limit (your own health checkers).
+    pub fn exempt_ip(mut self, block: Cidr) -> Self {
+        self.limits.exempt_ips.push(block);
+        self
+    }
+
+    /// How much of a client address keys the per-IP limit: the leading bits of an IPv4
+    /// and of an IPv6 address (defaults 32 and 64).
+    pub fn ip_prefixes(mut self, ipv4: u8, ipv6: u8) -> Self {
+        self.limits.ipv4_prefix = ipv4;
+        self.limits.ipv6_prefix = ipv6;
+        self
+    }
+
+    /// Sends `RateLimit-Policy` and `RateLimit` on allowed answers too (default `false`;
+    /// refused with uniform answers while `per_email` has an enforced quota).
+    pub fn response_headers(mut self, on: bool) -> Self {
+        self.limits.response_headers = on;
+        self
+    }
+
+    /// How addresses fold into one per-email key (default: every folding on).
+    pub fn email_key(mut self, email_key: EmailKeyConfig) -> Self {
+        self.limits.email_key = email_key;
+        self
+    }
 }
 
 #[cfg(test)]
@@ -113,12 +140,20 @@ mod tests {
             )
             .limits(LimitGroup::Global, [])
             .trust_proxy("10.0.0.0/8".parse().unwrap())
+            .exempt_ip("192.0.2.7".parse().unwrap())
+            .ip_prefixes(24, 48)
+            .email_key(EmailKeyConfig {
+                fold_gmail_dots: false,
+                ..EmailKeyConfig::default()
+            })
             .validate()
             .unwrap();
         let from_yaml = GuardConfig::from_yaml(&format!(
             "clients: [{{ id: app, token_sha256: {} }}]\nother_routes: forward\n\
              responses: {{ uniform: false, min_latency: 50ms }}\n\
-             limits: {{ per_email: [{{ requests: 5, per: 1h, burst: 2 }}], global: [] }}\n\
+             limits: {{ per_email: [{{ requests: 5, per: 1h, burst: 2 }}], global: [], \
+             exempt_ips: [192.0.2.7], ipv4_prefix: 24, ipv6_prefix: 48, \
+             email_key: {{ fold_gmail_dots: false }} }}\n\
              client_ip: {{ trusted_proxies: [10.0.0.0/8] }}\n",
             digest.to_hex()
         ))

@@ -103,6 +103,12 @@ fn an_ipv4_mapped_block_is_read_as_the_ipv4_block() {
     assert_eq!(cidr("::ffff:10.0.0.0/104").unwrap(), "10.0.0.0/8");
     assert_eq!(cidr("::ffff:192.0.2.7").unwrap(), "192.0.2.7/32");
     assert_eq!(cidr("2001:db8::/32").unwrap(), "2001:db8::/32");
+    // A refusal is an error type of its own, saying what to write.
+    let refused: Box<dyn std::error::Error> = Box::new(cidr("10.0.0.1/8").unwrap_err());
+    assert!(
+        refused.to_string().contains("write 10.0.0.0/8"),
+        "{refused}"
+    );
     // And it matches an IPv4 peer.
     let trusted = [cidr("::ffff:127.0.0.1/128").unwrap().parse().unwrap()];
     let mut headers = http::HeaderMap::new();
