@@ -105,6 +105,26 @@
 //! request it passes on under `other_routes: forward` and of each answer it gives before its
 //! limits apply, for the rest of the stack's logs and forwarding headers.
 //!
+//! # Changing settings at run time
+//!
+//! [`ResetGuardLayer::handle`] gives a [`GuardHandle`]: new settings apply to every service
+//! built from the layer from the next request on, each quota that did not change keeping
+//! its state and a changed one carrying over what each key spent (as the gateway's reload
+//! does). [`GuardHandle::update`] also swaps the API key.
+//!
+//! ```
+//! use reset_guard::{ApiKey, GuardSettings, ResetGuardLayer};
+//!
+//! let clients = "clients: [{ id: app, token_sha256: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae }]\n";
+//! let settings = GuardSettings::from_yaml(clients)?;
+//! let layer = ResetGuardLayer::new(settings, ApiKey::new("server-key")?);
+//! let handle = layer.handle();
+//! // Later, say from a file watcher: a tighter per-email limit.
+//! let tighter = format!("{clients}limits: {{ per_email: [{{ requests: 1, per: 1h }}] }}\n");
+//! handle.update_settings(GuardSettings::from_yaml(&tighter)?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # The `redis` feature
 //!
 //! Limits shared through Redis ([`ResetGuardLayer::builder`] with
