@@ -274,23 +274,32 @@ fn compare_lists_the_requests_whose_fate_changes() {
             )
         })
         .collect();
-    let mut child = Command::new(BIN)
-        .args(["simulate", "--config"])
-        .arg(&proposed)
-        .arg("--compare")
-        .arg(&current)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(log.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    // The proposal against the current file, the log on standard input.
+    let compare = |json: bool| {
+        let mut command = Command::new(BIN);
+        command.arg("simulate");
+        if json {
+            command.arg("--json");
+        }
+        let mut child = command
+            .arg("--config")
+            .arg(&proposed)
+            .arg("--compare")
+            .arg(&current)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(log.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = compare(false);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("proposed ("), "{text}");
@@ -305,23 +314,7 @@ fn compare_lists_the_requests_whose_fate_changes() {
         "{text}"
     );
     assert!(!text.contains("cannot model"), "{text}");
-    let mut child = Command::new(BIN)
-        .args(["simulate", "--json", "--config"])
-        .arg(&proposed)
-        .arg("--compare")
-        .arg(&current)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(log.as_bytes())
-        .unwrap();
-    let json: serde_json::Value =
-        serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&compare(true).stdout).unwrap();
     assert_eq!(
         json["compare"]["changes"][0],
         serde_json::json!({
