@@ -43,9 +43,10 @@ pub struct Reloader {
     reread_files: Mutex<Vec<PathBuf>>,
     /// The sections (key paths two deep: `guard.limits`) of the file last applied.
     sections: Mutex<Vec<String>>,
-    /// The last reload could not read the file (a SIGHUP while it was away): tried again
-    /// at the first look that finds it readable, unchanged or not, so the reload gauge
-    /// does not stay at a failure the file no longer has.
+    /// The file could not be read, at the last reload (a SIGHUP while it was away) or at
+    /// the watch's looks: tried again at the first look that finds it back as it was (a
+    /// changed file is reloaded as any change is), so the reload gauge does not stay at a
+    /// failure the file no longer has.
     read_failed: std::sync::atomic::AtomicBool,
 }
 
@@ -299,8 +300,7 @@ impl Reloader {
     }
 
     /// One look at the file: reloads it once it changed and settled, says once that it
-    /// cannot be read, and tries again a file back as it was after a reload could not
-    /// read it (a SIGHUP while it was away) or after it was reported unreadable.
+    /// cannot be read, and tries again a file back as it was after it could not be read.
     fn look(&self, watch: &mut Watch, held: &mut Option<(String, tokio::time::Instant)>) {
         let now = self.fingerprint();
         let read_failed = self.read_failed.load(std::sync::atomic::Ordering::Relaxed);
@@ -319,13 +319,14 @@ impl Reloader {
             }
             Look::Unreadable(error) => {
                 self.state.metrics.reload(false);
+                self.read_failed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(
                     path = %self.path.display(),
                     %error,
                     "cannot read the configuration file; the running configuration stays"
                 );
             }
-            Look::Restored => self.reload_and_note(watch),
         }
     }
 
@@ -425,9 +426,6 @@ enum Look {
     /// an editor that moves the file aside and writes a new one leaves it missing for a
     /// moment, which is no failure.
     Unreadable(String),
-    /// Readable again after it was reported unreadable, with the contents last tried: tried
-    /// again, so that the reload gauge says what the file on disk is, not that it was gone.
-    Restored,
 }
 
 /// The file watch's memory between looks: the contents last applied (or tried), new
@@ -478,14 +476,10 @@ impl Watch {
                 return Look::Unreadable(error.to_string());
             }
         };
-        let reported = self.unreadable >= 2;
         self.unreadable = 0;
         if self.applied == Some(now) {
             self.pending = None;
-            match reported {
-                true => Look::Restored,
-                false => Look::Unchanged,
-            }
+            Look::Unchanged
         } else if self.pending == Some(now) {
             self.before = self.applied.replace(now);
             self.pending = None;
@@ -591,10 +585,9 @@ mod tests {
         assert_eq!(watch.look(gone()), Look::Unchanged);
         assert_eq!(
             watch.look(contents(1)),
-            Look::Restored,
-            "the same file again, after it was reported gone"
+            Look::Unchanged,
+            "the same file again (the reloader tries it again: it was reported gone)"
         );
-        assert_eq!(watch.look(contents(1)), Look::Unchanged);
         assert_eq!(watch.look(gone()), Look::Unchanged);
         assert!(matches!(watch.look(gone()), Look::Unreadable(_)));
         assert_eq!(watch.look(contents(2)), Look::Unchanged);

@@ -1269,4 +1269,10 @@ async fn a_sighup_while_the_file_is_away_is_cleared_by_its_return() {
     assert_eq!(poll_until(100, last_ok, |v| *v == 0.0).await, 0.0);
     std::fs::rename(&aside, &path).unwrap();
     assert_eq!(poll_until(100, last_ok, |v| *v == 1.0).await, 1.0);
+
+    // The same when the watch finds it away (at two looks) with no signal.
+    std::fs::rename(&path, &aside).unwrap();
+    assert_eq!(poll_until(150, last_ok, |v| *v == 0.0).await, 0.0);
+    std::fs::rename(&aside, &path).unwrap();
+    assert_eq!(poll_until(150, last_ok, |v| *v == 1.0).await, 1.0);
 }
