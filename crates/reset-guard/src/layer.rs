@@ -131,7 +131,8 @@ impl ResetGuardBuilder {
     }
 
     /// Called with how long each request waited for the Redis store's decision (asked in a
-    /// batch with others), or until it gave up at `timeout`, for the host's metrics: Redis
+    /// batch with others), or for its failure (the whole `timeout` for one that timed out,
+    /// next to nothing for a refused connection), for the host's metrics: Redis
     /// slowing down under its timeout shows nowhere else. Not called with the in-memory
     /// store, nor for a request a cached denial answered without asking Redis.
     pub fn on_store_wait(
@@ -146,7 +147,7 @@ impl ResetGuardBuilder {
     /// limiter keys every `store.sweep_interval` (and, with Redis, probes the server every
     /// second so readiness follows it and a lost connection is remade before requests need
     /// it). Nothing runs until you spawn it, as with tower's `Buffer::pair`; it ends by
-    /// itself once the layer and every service built from it are gone. Left unspawned,
+    /// itself once the layer, every service built from it and every handle are gone. Left unspawned,
     /// memory stays bounded by `store.max_keys` and idle keys are reclaimed as new ones
     /// arrive, but Redis is only probed when a request fails.
     ///
