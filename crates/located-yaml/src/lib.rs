@@ -254,6 +254,19 @@ fn without_location(message: &str) -> String {
 /// a sequence`). A value in the wrong place may be a secret (a URL with a password written
 /// where a list of them belongs), so the message keeps its type and the line, not the value.
 fn without_string_value(message: &str) -> String {
+    // `unknown variant `X`, expected one of ...`: a typo of a word is worth echoing
+    // (`standalon`); anything else may be a secret written in the wrong place.
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        if let Some((value, expected)) = rest.split_once('`') {
+            let word = value.len() <= 32
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if !word {
+                return format!("unknown value (not shown){expected}");
+            }
+        }
+    }
     for lead in ["invalid type: string ", "invalid value: string "] {
         let Some(start) = message.find(lead) else {
             continue;
@@ -363,6 +376,31 @@ guard:
         assert_eq!(
             without_string_value("unknown field `x`"),
             "unknown field `x`"
+        );
+        // An enum's value: a typo of a word is shown, anything else (a password pasted
+        // into `mode:`) is not.
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        #[serde(rename_all = "lowercase")]
+        enum Mode {
+            Standalone,
+            Cluster,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Store {
+            mode: Mode,
+        }
+        let typo = from_yaml::<Store>("mode: standalon\n").unwrap_err();
+        assert!(typo.message.contains("`standalon`"), "{}", typo.message);
+        let secret = from_yaml::<Store>("mode: p@ssw0rd-Secret!\n").unwrap_err();
+        assert!(!secret.message.contains("ssw0rd"), "{}", secret.message);
+        assert!(
+            secret
+                .message
+                .contains("expected `standalone` or `cluster`"),
+            "{}",
+            secret.message
         );
     }
 }
