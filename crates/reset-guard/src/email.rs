@@ -388,8 +388,8 @@ fn subdomain_address(domain: &str) -> Option<(&str, &str)> {
 }
 
 /// `text` lower-cased with its compatibility forms decomposed and combining marks dropped
-/// (fullwidth `Ｂｏｂ` as `bob`, `josé` composed or not as `jose`), and the letters listed
-/// below as their base letters (`ß` as `ss`, `ł` as `l`): a mail
+/// (fullwidth `Ｂｏｂ` as `bob`, `josé` composed or not as `jose`), and [`base_letters`]
+/// as theirs (`ß` as `ss`, `ł` as `l`): a mail
 /// store comparing addresses without regard to accents (MySQL's default collations do)
 /// takes such spellings for one.
 fn fold(text: &str) -> String {
@@ -404,24 +404,10 @@ fn fold(text: &str) -> String {
     for c in DecomposingNormalizerBorrowed::new_nfkd().normalize_iter(text.chars()) {
         // Lower-casing can add a mark of its own (`İ` is `i` and a dot above).
         for c in c.to_lowercase().filter(|&c| !is_mark(c)) {
-            folded.push_str(match c {
-                // Letters that do not decompose but that Unicode's collation (MySQL's
-                // utf8mb4_0900_ai_ci) ranks as their base letters, or that upper-case
-                // to one (`ı` to `I`).
-                'ß' => "ss",
-                'æ' => "ae",
-                'œ' => "oe",
-                'ł' => "l",
-                'ø' => "o",
-                'đ' | 'ð' => "d",
-                'ħ' => "h",
-                'ı' => "i",
-                'ς' => "σ",
-                c => {
-                    folded.push(c);
-                    continue;
-                }
-            });
+            match base_letters(c) {
+                Some(letters) => folded.push_str(letters),
+                None => folded.push(c),
+            }
         }
     }
     // Nothing left (a local part of marks alone): the text itself, lower-cased, rather
@@ -430,6 +416,23 @@ fn fold(text: &str) -> String {
         return text.to_lowercase();
     }
     folded
+}
+
+/// Letters that do not decompose but that Unicode's collation (MySQL's utf8mb4_0900_ai_ci)
+/// ranks as their base letters, or that upper-case to one (`ı` to `I`).
+fn base_letters(c: char) -> Option<&'static str> {
+    Some(match c {
+        'ß' => "ss",
+        'æ' => "ae",
+        'œ' => "oe",
+        'ł' => "l",
+        'ø' => "o",
+        'đ' | 'ð' => "d",
+        'ħ' => "h",
+        'ı' => "i",
+        'ς' => "σ",
+        _ => return None,
+    })
 }
 
 /// An internationalised domain (IDNA ASCII form) folded as [`fold`] does, in IDNA ASCII
