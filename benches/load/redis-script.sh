@@ -3,12 +3,13 @@
 # runs under valgrind's callgrind while a small client sends the same kind of script call
 # the gateway makes under store-modes.sh's load (BATCH requests per call, each charging
 # four groups and five quotas and denied by none: one client and one IP, whose keys every
-# request shares with the global key, and a new address each time, whose two per-email
-# keys are new; NEW_IPS=1 gives each request a new per-IP key as well). Unlike CPU time on a shared machine, the count moves by about 1-2% between runs
+# request shares with the global key, and a new address each time, whose per-email key
+# (holding both its quotas) is new; NEW_IPS=1 gives each request a new per-IP key as well). Unlike CPU time on a shared machine, the count moves by about 1-2% between runs
 # (the keys are random), so it is the figure to compare two versions of the script by.
 #
 #   benches/load/redis-script.sh                          # this tree's script
-#   SCRIPT=/path/to/other/redis.lua benches/load/redis-script.sh
+#   LAYOUT=packed SCRIPT=/path/to/older/redis.lua ...     # a script from before one key
+#                                                         # per group (a key per quota)
 #   LAYOUT=args SCRIPT=/path/to/older/redis.lua ...       # a script from before the numbers
 #                                                         # were packed into one argument
 #   LAYOUT=packed1 SCRIPT=...                             # packed numbers, every key of
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/../.."
 SCRIPT=${SCRIPT:-crates/reset-guard/src/limit/redis.lua}
 BATCH=${BATCH:-16}
 CALLS=${CALLS:-300}
-LAYOUT=${LAYOUT:-packed}
+LAYOUT=${LAYOUT:-slots}
 NEW_IPS=${NEW_IPS:-0}
 
 # shellcheck source=benches/load/lib.sh
@@ -83,7 +84,38 @@ def reply():
 for _ in range(calls):
     # As wrk drives the gateway: one client, a new address each request, one IP (or a new one).
     hashes = [(random.getrandbits(64) if new_ips else 1, random.getrandbits(64)) for _ in range(batch)]
-    if layout == 'packed':
+    if layout == 'slots':
+        # One key per group and hash, holding each of its quotas (a slot); the slot table
+        # lists each key's slots side by side; per request and group, where its quota set
+        # starts and the number of each quota's slot.
+        key_slots, order, wanted = {}, [], []
+        for ip, email in hashes:
+            groups = [(5, 'rg:per_ip:%016x' % ip, [(1, 100000000)]),
+                      (9, 'rg:per_client:0000000000000001', [(1, 100000000)]),
+                      (13, 'rg:per_email:%016x' % email, [(1200000000, 3600000000), (8640000000, 86400000000)]),
+                      (20, 'rg:global:0000000000000000', [(1, 100000000)])]
+            for _, key, quotas in groups:
+                if key not in key_slots:
+                    key_slots[key] = []
+                    order.append(key)
+                for quota in quotas:
+                    if quota not in key_slots[key]:
+                        key_slots[key].append(quota)
+            wanted.append(groups)
+        table, number = [], {}
+        for key in order:
+            table.append(len(key_slots[key]))
+            for quota in key_slots[key]:
+                number[(key, quota)] = len(number) + 1
+                table += [quota[0], quota[1], 0]
+        numbers = []
+        for groups in wanted:
+            numbers.append(4)
+            for start, key, quotas in groups:
+                numbers += [start] + [number[(key, q)] for q in quotas]
+        header = [batch, 0, 5 + len(sets) + len(table), 5 + len(sets)]
+        args = [b'EVALSHA', sha, len(order)] + order + [packed(header + sets + table + numbers)]
+    elif layout == 'packed':
         # Each distinct key once; per request and group, where its quota set starts and the
         # index of each quota's key.
         keys, index, numbers = [], {}, []

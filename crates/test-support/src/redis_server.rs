@@ -332,18 +332,49 @@ impl RedisServer {
         Some(String::from_utf8_lossy(&reply).into_owned())
     }
 
-    /// Every key and its value.
+    /// Every key and its value: as it is when it is text, a limit key's state as
+    /// `interval_us.capacity_us=tat` per quota (see [`quota_states`](Self::quota_states)).
     pub fn dump(&self) -> Vec<(String, String)> {
+        let script = "local v = redis.call('GET', KEYS[1]) if not v then return '' end \
+            if v:match('^[%w.:]*$') then return v end \
+            if #v % 24 ~= 0 then return '<' .. #v .. ' bytes>' end \
+            local n = {struct.unpack('<' .. string.rep('d', #v / 8), v)} local out = {} \
+            for i = 1, #v / 8, 3 do \
+            out[#out + 1] = string.format('%d.%d=%d', n[i], n[i + 1], n[i + 2]) end \
+            return table.concat(out, ' ')";
         let keys = self.command("KEYS *").unwrap_or_default();
         bulk_strings(&keys)
             .into_iter()
             .map(|key| {
-                let value = self.command(&format!("GET {key}")).unwrap_or_default();
+                let value = self
+                    .command(&format!("EVAL \"{script}\" 1 {key}"))
+                    .unwrap_or_default();
                 let value = bulk_strings(&format!("*1\r\n{value}"))
                     .pop()
                     .unwrap_or_default();
                 (key, value)
             })
+            .collect()
+    }
+
+    /// The state a limit key holds, read by the server itself (the value is binary): per
+    /// quota of its group, interval_us, capacity_us and TAT (microseconds of the server's
+    /// clock), or nothing for a key that is absent.
+    pub fn quota_states(&self, key: &str) -> Vec<[i64; 3]> {
+        let script = "local v = redis.call('GET', KEYS[1]) if not v then return {} end \
+            local n = {struct.unpack('<' .. string.rep('d', #v / 8), v)} local out = {} \
+            for i = 1, #v / 8 do out[i] = string.format('%d', n[i]) end return out";
+        let reply = self
+            .command(&format!("EVAL \"{script}\" 1 {key}"))
+            .unwrap_or_default();
+        let numbers: Vec<i64> = bulk_strings(&reply)
+            .iter()
+            .map(|n| n.parse().unwrap_or(-1))
+            .collect();
+        assert_eq!(numbers.len() % 3, 0, "{key} holds {reply:?}");
+        numbers
+            .chunks_exact(3)
+            .map(|c| [c[0], c[1], c[2]])
             .collect()
     }
 

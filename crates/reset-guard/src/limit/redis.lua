@@ -1,5 +1,11 @@
 -- Rate-limit decisions for a batch of requests, evaluated atomically on the Redis server.
 --
+-- A key holds the state of one group for one keyed hash (an address, a client, an IP, or
+-- the one global key): for each quota of the group, its interval_us, capacity_us and TAT,
+-- packed as little-endian doubles, three per quota. One key per group rather than one per
+-- quota: a new address writes one key where it wrote one per quota, which in Redis (and in
+-- every replica applying the same writes) costs far more than the bytes it holds.
+--
 -- The keys: each distinct key of the batch once, as KEYS, or in ARGV after the numbers
 -- (see below).
 -- ARGV[1]: every number of the call, packed as little-endian doubles, read with one C call
@@ -8,10 +14,24 @@
 --   nums[1]  the number of requests
 --   nums[2]  how many keys follow in ARGV (0: the keys are KEYS)
 --   nums[3]  where in nums the first request starts
+--   nums[4]  where in nums the slot table starts
 --   then the quota sets, each the quotas of one group: its quota count, then interval_us,
 --   capacity_us and shadow (0/1) per quota;
 --   then per request: its group count, and per group the position in nums of its quota
---   set's count followed by the index (from 1) of each quota's key.
+--   set's count followed by the slot of each quota;
+--   then the slot table: per key, in key order, its slot count, and per slot (a quota of
+--   the key's group: a TAT the batch uses; slots are numbered from 1 across the table)
+--   interval_us, capacity_us, the count of its lineage, and per quota of the lineage its
+--   interval_us and capacity_us: the quotas it replaced in reloads, the latest first, and
+--   which each of them had replaced.
+--
+-- A quota with a lineage counts what its key still holds under a quota of the lineage:
+-- the nearest one held, its backlog carried forward quota by quota to the slot's own (in
+-- requests, at each quota's interval, at most its burst: the memory store's carry over a
+-- reload), and the slot's own TAT if that is further along. So a reload needs no pass
+-- over Redis: an address is carried over when it is next asked about, whichever replica
+-- asks. A written key keeps the quotas the batch did not use (another replica's, before or
+-- after a reload of its own) while they still count.
 --
 -- Declared keys (KEYS) must share one slot in a Redis Cluster. Keys passed in ARGV let one
 -- call decide requests whose keys live in different slots of one cluster node (Redis 7's
@@ -38,21 +58,33 @@
 --
 -- Written for the cost of Redis's Lua: every table and string made costs an allocation and
 -- the garbage collector's work later (about a thousand instructions for an empty table),
--- so the gateway does the bookkeeping it can (distinct keys, where each set starts) and
--- the script makes no table per request.
+-- so the gateway does the bookkeeping it can (distinct keys, where each set starts, each
+-- key's slots side by side) and the script makes no table per request, and one per key
+-- only for a key that holds a value.
 
 -- Redis before 7 needs this to write after reading TIME (effects replication).
 pcall(redis.replicate_commands)
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local call, format = redis.call, string.format
+local call, format, pack, unpack_doubles = redis.call, string.format, struct.pack, struct.unpack
+
+-- struct's format for n doubles: literals for what a key of one or two quotas holds (no
+-- string to make), made otherwise.
+local function doubles(n)
+  if n == 3 then
+    return '<ddd'
+  elseif n == 6 then
+    return '<dddddd'
+  end
+  return '<' .. string.rep('d', n)
+end
 
 local packed = ARGV[1]
-local nums = {struct.unpack('<' .. string.rep('d', #packed / 8), packed)}
+local nums = {unpack_doubles(doubles(#packed / 8), packed)}
 
--- Every key's TAT, read before anything is written.
-local keys, tats, dirty = KEYS, {}, {}
+-- Every key's value, read before anything is written.
+local keys, values = KEYS, {}
 local in_argv = nums[2]
 if in_argv > 0 then
   keys = {}
@@ -63,13 +95,101 @@ if in_argv > 0 then
       return {-1}
     end
     keys[i] = key
-    tats[i] = value and tonumber(value) or 0
+    values[i] = value
   end
 elseif #keys > 0 then
-  local values = call('MGET', unpack(keys))
-  for i = 1, #keys do
-    local value = values[i]
-    tats[i] = value and tonumber(value) or 0
+  values = call('MGET', unpack(keys))
+end
+
+-- Every slot's TAT, numbered as the slot table lists them; per key (only where there are
+-- any), what it holds that no slot uses.
+local tats, dirty, kept = {}, {}, nil
+local p, s = nums[4], 0
+for k = 1, #keys do
+  local count = nums[p]
+  p = p + 1
+  local value = values[k]
+  if not value then
+    -- A new key (most keys of new addresses): every slot starts afresh.
+    for _ = 1, count do
+      s = s + 1
+      tats[s] = 0
+      p = p + 3 + 2 * nums[p + 2]
+    end
+  else
+    local n_stored = #value / 8
+    n_stored = n_stored - n_stored % 3
+    local stored = {unpack_doubles(doubles(n_stored), value)}
+    local key_at, used = p, 0
+    for _ = 1, count do
+      s = s + 1
+      local interval, capacity, lineage = nums[p], nums[p + 1], nums[p + 2]
+      local tat = 0
+      for t = 1, n_stored, 3 do
+        if stored[t] == interval and stored[t + 1] == capacity then
+          tat, used = stored[t + 2], used + 1
+          break
+        end
+      end
+      -- The nearest quota of the lineage the key holds, carried forward to this one.
+      local a = p + 3
+      for j = 1, lineage do
+        local from_interval, from_capacity, from = nums[a + 2 * j - 2], nums[a + 2 * j - 1], nil
+        for t = 1, n_stored, 3 do
+          if stored[t] == from_interval and stored[t + 1] == from_capacity then
+            from = stored[t + 2]
+            break
+          end
+        end
+        if from then
+          local lead = from - now
+          if lead > 0 then
+            for step = j, 1, -1 do
+              local to_interval, to_capacity = interval, capacity
+              if step > 1 then
+                to_interval, to_capacity = nums[a + 2 * step - 4], nums[a + 2 * step - 3]
+              end
+              lead = lead * to_interval / nums[a + 2 * step - 2]
+              lead = lead - lead % 1
+              if lead > to_capacity then
+                lead = to_capacity
+              end
+            end
+            if now + lead > tat then
+              tat = now + lead
+            end
+          end
+          break
+        end
+      end
+      tats[s] = tat
+      p = a + 2 * lineage
+    end
+    if n_stored > 3 * used then
+      -- Quotas no slot uses: kept while they still count.
+      local others, n = nil, 0
+      for t = 1, n_stored, 3 do
+        if stored[t + 2] > now then
+          local mine, at = false, key_at
+          for _ = 1, count do
+            if nums[at] == stored[t] and nums[at + 1] == stored[t + 1] then
+              mine = true
+              break
+            end
+            at = at + 3 + 2 * nums[at + 2]
+          end
+          if not mine then
+            others = others or {}
+            others[n + 1], others[n + 2], others[n + 3] = stored[t], stored[t + 1], stored[t + 2]
+            n = n + 3
+          end
+        end
+      end
+      if others then
+        kept = kept or {}
+        kept[k] = others
+      end
+    end
   end
 end
 
@@ -183,14 +303,60 @@ for _ = 1, nums[1] do
   n_out = n_out + 2
 end
 
--- Each changed key once, with its final TAT ('%d' prints through a C long, far cheaper
--- than the formatting of a number argument); it expires once that TAT passes, and from
--- then on equals no state at all. PSETEX rather than SET ... PX: no options to parse.
-for i = 1, #keys do
-  if dirty[i] then
-    local tat = tats[i]
+-- Each changed key once, with every quota of its group that still counts ('%d' prints
+-- through a C long, far cheaper than the formatting of a number argument); it expires
+-- once its last TAT passes, and from then on equals no state at all. PSETEX rather than
+-- SET ... PX: no options to parse.
+local row
+p, s = nums[4], 0
+for k = 1, #keys do
+  local count = nums[p]
+  p = p + 1
+  local first = s + 1
+  s = s + count
+  local changed = false
+  for i = first, s do
+    if dirty[i] then
+      changed = true
+      break
+    end
+  end
+  local others = kept and kept[k]
+  if not changed then
+    for _ = 1, count do
+      p = p + 3 + 2 * nums[p + 2]
+    end
+  elseif count == 1 and not others then
+    -- One quota, just charged (most keys).
+    local tat = tats[first]
     local ttl = (tat - now) / 1000
-    call('PSETEX', keys[i], format('%d', ttl - ttl % 1 + 1), format('%d', tat))
+    call('PSETEX', keys[k], format('%d', ttl - ttl % 1 + 1), pack('<ddd', nums[p], nums[p + 1], tat))
+    p = p + 3 + 2 * nums[p + 2]
+  else
+    row = row or {}
+    local n, latest = 0, now
+    for i = first, s do
+      local tat = tats[i]
+      if tat > now then
+        row[n + 1], row[n + 2], row[n + 3] = nums[p], nums[p + 1], tat
+        n = n + 3
+        if tat > latest then
+          latest = tat
+        end
+      end
+      p = p + 3 + 2 * nums[p + 2]
+    end
+    if others then
+      for t = 1, #others, 3 do
+        row[n + 1], row[n + 2], row[n + 3] = others[t], others[t + 1], others[t + 2]
+        n = n + 3
+        if others[t + 2] > latest then
+          latest = others[t + 2]
+        end
+      end
+    end
+    local ttl = (latest - now) / 1000
+    call('PSETEX', keys[k], format('%d', ttl - ttl % 1 + 1), pack(doubles(n), unpack(row, 1, n)))
   end
 end
-return struct.pack('<' .. string.rep('d', n_out), unpack(out, 1, n_out))
+return pack(doubles(n_out), unpack(out, 1, n_out))

@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::limit::{LimitGroup, LimitSettings, Quota};
+use crate::limit::{successors, LimitGroup, LimitSettings, Origin, Quota};
 
 /// Most requests decided by one script call.
 pub(super) const MAX_BATCH: usize = 128;
@@ -24,8 +24,8 @@ pub(super) struct Job {
 }
 
 /// The script's view of one settings generation, prepared once per reload: per group, the
-/// quota arguments and how each quota's keys are spelled (in Cluster mode each key's group
-/// and keyed hash form its hash tag, so every quota of one group and key shares a slot).
+/// quota arguments, each quota's lineage (what it replaced in reloads) and how the group's
+/// keys are spelled (in Cluster mode a key's group and keyed hash form its hash tag).
 #[derive(Debug)]
 pub(crate) struct RedisSpecs {
     groups: [GroupSpec; 4],
@@ -61,24 +61,37 @@ pub(super) struct GroupSpec {
     args: Vec<u64>,
     /// The CRC16 of `{prefix}:{group}:`, the start of every hash tag of the group.
     tag_crc: crc16::State<crc16::XMODEM>,
-    /// Per quota, what comes before and after the keyed hash's 16 hex digits in its key:
-    /// `{prefix}:{group}:{quota}:` and nothing, or in Cluster mode `{{prefix}:{group}:` and
-    /// `}:{quota}`, whose hash tag puts every quota of one group and key in one slot. The
-    /// quota (`{interval_us}.{capacity_us}`) is part of the key: a changed quota starts
-    /// fresh, an unchanged one keeps its state across reloads and replicas.
-    key_parts: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Per quota, the quotas it replaced in reloads, the latest first, as
+    /// (interval_us, capacity_us): a key that holds none of its own state yet counts what
+    /// it holds under the nearest of them (redis.lua).
+    lineage: Vec<Vec<(u64, u64)>>,
+    /// What comes before and after the keyed hash's 16 hex digits in the group's keys:
+    /// `{prefix}:{group}:` and nothing, or in Cluster mode `{{prefix}:{group}:` and `}`,
+    /// a hash tag. A key holds every quota of its group, each named by its numbers: an
+    /// unchanged quota keeps its state across reloads and replicas.
+    key_parts: (Vec<u8>, Vec<u8>),
 }
 
+/// Most quotas a quota's lineage remembers: enough for reloads in quick succession (a
+/// limit changed and changed back) to count what was spent before them.
+const MAX_LINEAGE: usize = 4;
+
 impl GroupSpec {
-    /// Appends the key of quota `q` for the keyed hash `hash` (formatted by hand: a batch
-    /// has several keys per request, and `core::fmt` was a fifth of the gateway's work
-    /// for a call).
-    fn key(&self, out: &mut Vec<u8>, q: usize, hash: u64) {
-        let (before, after) = &self.key_parts[q];
+    /// Appends the group's key for the keyed hash `hash` (formatted by hand: a batch has
+    /// several keys per request, and `core::fmt` was a fifth of the gateway's work for a
+    /// call).
+    fn key(&self, out: &mut Vec<u8>, hash: u64) {
+        let (before, after) = &self.key_parts;
         out.extend_from_slice(before);
         out.extend_from_slice(&hex16(hash));
         out.extend_from_slice(after);
     }
+}
+
+/// A quota's numbers as the script has them: interval_us and capacity_us.
+fn micros(quota: &Quota) -> (u64, u64) {
+    let interval_us = (quota.interval_ns / 1000).max(1);
+    (interval_us, interval_us * u64::from(quota.burst))
 }
 
 /// `hash` as 16 lowercase hex digits.
@@ -101,32 +114,51 @@ impl RedisSpecs {
         crc.get() % 16384
     }
 
-    pub(crate) fn new(limits: &LimitSettings, prefix: &str, cluster: bool) -> Self {
+    /// The view of `limits`; `previous`, the generation they replace in a reload, gives
+    /// each changed quota its lineage (as [`successors`] pairs them, and as the memory
+    /// store carries state over).
+    pub(crate) fn new(
+        limits: &LimitSettings,
+        prefix: &str,
+        cluster: bool,
+        previous: Option<&RedisSpecs>,
+    ) -> Self {
         let groups = LimitGroup::ALL.map(|group| {
             let quotas = limits.quotas(group);
             let head = format!("{prefix}:{}", group.name());
             let mut tag_crc = crc16::State::<crc16::XMODEM>::new();
             tag_crc.update(head.as_bytes());
             tag_crc.update(b":");
-            let mut spec = GroupSpec {
-                quotas: quotas.to_vec(),
-                args: vec![quotas.len() as u64],
-                tag_crc,
-                key_parts: Vec::new(),
+            let lineage = match previous.map(|p| p.group(group)) {
+                Some(old) => successors(&old.quotas, quotas)
+                    .into_iter()
+                    .map(|origin| match origin {
+                        Origin::Kept(i) => old.lineage[i].clone(),
+                        Origin::Replacing(i) => std::iter::once(micros(&old.quotas[i]))
+                            .chain(old.lineage[i].iter().copied())
+                            .take(MAX_LINEAGE)
+                            .collect(),
+                        Origin::New => Vec::new(),
+                    })
+                    .collect(),
+                None => vec![Vec::new(); quotas.len()],
             };
+            let mut args = vec![quotas.len() as u64];
             for quota in quotas {
-                let interval_us = (quota.interval_ns / 1000).max(1);
-                let capacity_us = interval_us * u64::from(quota.burst);
-                spec.args
-                    .extend([interval_us, capacity_us, u64::from(quota.shadow)]);
-                let quota = format!("{interval_us}.{capacity_us}");
-                spec.key_parts.push(if cluster {
-                    (format!("{{{head}:").into(), format!("}}:{quota}").into())
-                } else {
-                    (format!("{head}:{quota}:").into(), Vec::new())
-                });
+                let (interval_us, capacity_us) = micros(quota);
+                args.extend([interval_us, capacity_us, u64::from(quota.shadow)]);
             }
-            spec
+            GroupSpec {
+                quotas: quotas.to_vec(),
+                args,
+                tag_crc,
+                lineage,
+                key_parts: if cluster {
+                    (format!("{{{head}:").into(), b"}".to_vec())
+                } else {
+                    (format!("{head}:").into(), Vec::new())
+                },
+            }
         });
         RedisSpecs { groups }
     }
@@ -140,9 +172,10 @@ impl RedisSpecs {
 /// redis.lua): the numbers, packed into one argument, and each distinct key once.
 pub(super) struct CallArgs {
     /// The number of requests, of keys passed in ARGV (0 here: the undeclared call patches
-    /// it) and where the first request starts, the quota sets, then each request's groups
-    /// (where its set starts, and its keys' indices); each a little-endian f64 (every value
-    /// is an integer below 2^53).
+    /// it), where the first request starts and where the slot table starts, the quota
+    /// sets, the slot table (each key's quotas), then each request's groups (where its set
+    /// starts, and its slots); each a little-endian f64 (every value is an integer below
+    /// 2^53).
     numbers: Vec<u8>,
     /// Each distinct key of the batch once, in first use order, back to back.
     keys: Vec<u8>,
@@ -153,13 +186,8 @@ pub(super) struct CallArgs {
 /// Where the count of keys passed in ARGV sits in the packed numbers.
 const KEYS_IN_ARGV_AT: usize = 8;
 
-/// A key's identity: its group, its quota's interval_us and capacity_us, and the keyed
-/// hash (the prefix and the mode are the store's). Two settings generations with the same
-/// quota share its keys.
-type KeyId = (usize, u64, u64, u64);
-
-/// Hashes a [`KeyId`] for the batch's key index: one multiply per word (as rustc's
-/// FxHash). Its last word is a keyed hash of the client's key already, which no client can
+/// Hashes a key's identity, its group and keyed hash, for the batch's key index: one
+/// multiply per word (as rustc's FxHash). The hash is keyed already, which no client can
 /// aim collisions at; std's SipHash cost about 1,000 instructions per request here.
 #[derive(Default)]
 struct KeyIdHasher(u64);
@@ -184,11 +212,30 @@ impl std::hash::Hasher for KeyIdHasher {
     }
 }
 
-type KeyIndex = HashMap<KeyId, u64, std::hash::BuildHasherDefault<KeyIdHasher>>;
+/// Each distinct key of a batch (its group and keyed hash; the prefix and the mode are
+/// the store's), by its index in the batch.
+type KeyIndex = HashMap<(usize, u64), usize, std::hash::BuildHasherDefault<KeyIdHasher>>;
+
+/// A slot of the batch (one quota's state in one key): its numbers, the group spec and
+/// quota it was first seen under (for its lineage), and the key's next slot.
+struct Slot<'a> {
+    interval_us: u64,
+    capacity_us: u64,
+    spec: &'a GroupSpec,
+    quota: usize,
+    next: Option<usize>,
+}
+
+/// A key's slots, as a list through [`Slot::next`].
+#[derive(Clone, Copy)]
+struct KeySlots {
+    first: usize,
+    last: usize,
+}
 
 impl CallArgs {
-    /// The quota sets of every settings generation in the batch, once, then each
-    /// request's groups and keys.
+    /// The quota sets of every settings generation in the batch, once, then each key's
+    /// slots, then each request's groups and slots.
     pub(super) fn new(batch: &[Job]) -> Self {
         let mut generations: Vec<&Arc<RedisSpecs>> = Vec::new();
         for job in batch {
@@ -196,13 +243,14 @@ impl CallArgs {
                 generations.push(&job.specs);
             }
         }
-        let mut numbers = Vec::with_capacity(8 * (8 + 10 * batch.len()));
+        let mut numbers = Vec::with_capacity(8 * (12 + 14 * batch.len()));
         fn push(numbers: &mut Vec<u8>, n: u64) {
             numbers.extend_from_slice(&(n as f64).to_le_bytes());
         }
-        // Filled in below: where the first request starts.
-        let header = [batch.len() as u64, 0, 0];
-        header.iter().for_each(|n| push(&mut numbers, *n));
+        // Filled in below: where the requests and the slot table start.
+        [batch.len() as u64, 0, 0, 0]
+            .iter()
+            .for_each(|n| push(&mut numbers, *n));
         // Per generation and group: where (from 1, as Lua counts) its quota set starts.
         let mut set_at = vec![[0u64; 4]; generations.len()];
         for (specs, at) in generations.iter().zip(&mut set_at) {
@@ -211,11 +259,17 @@ impl CallArgs {
                 spec.args.iter().for_each(|n| push(&mut numbers, *n));
             }
         }
+        // The requests, each quota's slot numbered by first use; the slot table after them.
         let first_request = (numbers.len() / 8 + 1) as f64;
         numbers[16..24].copy_from_slice(&first_request.to_le_bytes());
-        let mut keys = Vec::with_capacity(64 * 4 * batch.len());
+        let mut keys = Vec::with_capacity(48 * 4 * batch.len());
         let mut key_ends = Vec::with_capacity(4 * batch.len());
+        let mut key_slots: Vec<KeySlots> = Vec::with_capacity(4 * batch.len());
         let mut index = KeyIndex::with_capacity_and_hasher(4 * batch.len(), Default::default());
+        let mut slots: Vec<Slot> = Vec::with_capacity(6 * batch.len());
+        // Whether every key's slots were first seen one after another (a key that gains a
+        // slot later, under another generation of a reload, needs them renumbered).
+        let mut side_by_side = true;
         for job in batch {
             let generation = generations
                 .iter()
@@ -223,23 +277,103 @@ impl CallArgs {
                 .unwrap_or(0);
             push(&mut numbers, job.charges.len as u64);
             for (group, hash) in job.charges.as_slice() {
-                let spec = job.specs.group(*group);
                 push(&mut numbers, set_at[generation][group.index()]);
-                for (q, numbers_of_quota) in spec.args[1..].chunks_exact(3).enumerate() {
-                    let id = (
-                        group.index(),
-                        numbers_of_quota[0],
-                        numbers_of_quota[1],
-                        *hash,
-                    );
-                    let at = *index.entry(id).or_insert_with(|| {
-                        spec.key(&mut keys, q, *hash);
-                        key_ends.push(keys.len());
-                        key_ends.len() as u64
+                let spec = job.specs.group(*group);
+                if spec.quotas.is_empty() {
+                    continue;
+                }
+                let key = *index.entry((group.index(), *hash)).or_insert_with(|| {
+                    spec.key(&mut keys, *hash);
+                    key_ends.push(keys.len());
+                    key_slots.push(KeySlots {
+                        first: usize::MAX,
+                        last: usize::MAX,
                     });
-                    push(&mut numbers, at);
+                    key_ends.len() - 1
+                });
+                for (quota, numbers_of_quota) in spec.args[1..].chunks_exact(3).enumerate() {
+                    let (interval_us, capacity_us) = (numbers_of_quota[0], numbers_of_quota[1]);
+                    let mut at = Some(key_slots[key].first).filter(|&i| i != usize::MAX);
+                    while let Some(i) = at {
+                        let slot = &slots[i];
+                        if (slot.interval_us, slot.capacity_us) == (interval_us, capacity_us) {
+                            break;
+                        }
+                        at = slot.next;
+                    }
+                    let slot = at.unwrap_or_else(|| {
+                        let new = slots.len();
+                        slots.push(Slot {
+                            interval_us,
+                            capacity_us,
+                            spec,
+                            quota,
+                            next: None,
+                        });
+                        let list = &mut key_slots[key];
+                        if list.first == usize::MAX {
+                            list.first = new;
+                        } else {
+                            side_by_side &= list.last + 1 == new;
+                            slots[list.last].next = Some(new);
+                        }
+                        list.last = new;
+                        new
+                    });
+                    push(&mut numbers, slot as u64 + 1);
                 }
             }
+        }
+        if !side_by_side {
+            // Each slot's number in the table, where a key's slots sit together, written
+            // over the first-use numbers the requests were given.
+            let mut number_of_slot = vec![0u64; slots.len()];
+            let mut number = 0;
+            for list in &key_slots {
+                let mut at = Some(list.first);
+                while let Some(i) = at {
+                    number += 1;
+                    number_of_slot[i] = number;
+                    at = slots[i].next;
+                }
+            }
+            let mut at = first_request as usize - 1;
+            for job in batch {
+                at += 1;
+                for (group, _) in job.charges.as_slice() {
+                    at += 1;
+                    for _ in 0..job.specs.group(*group).quotas.len() {
+                        let first_use = f64::from_le_bytes(
+                            numbers[8 * at..8 * at + 8].try_into().unwrap_or_default(),
+                        ) as usize;
+                        let renumbered = number_of_slot[first_use - 1] as f64;
+                        numbers[8 * at..8 * at + 8].copy_from_slice(&renumbered.to_le_bytes());
+                        at += 1;
+                    }
+                }
+            }
+        }
+        let slot_table = (numbers.len() / 8 + 1) as f64;
+        numbers[24..32].copy_from_slice(&slot_table.to_le_bytes());
+        for list in &key_slots {
+            let count_at = numbers.len();
+            push(&mut numbers, 0);
+            let mut count = 0u32;
+            let mut at = Some(list.first);
+            while let Some(i) = at {
+                let slot = &slots[i];
+                let lineage = &slot.spec.lineage[slot.quota];
+                push(&mut numbers, slot.interval_us);
+                push(&mut numbers, slot.capacity_us);
+                push(&mut numbers, lineage.len() as u64);
+                for (interval_us, capacity_us) in lineage {
+                    push(&mut numbers, *interval_us);
+                    push(&mut numbers, *capacity_us);
+                }
+                count += 1;
+                at = slot.next;
+            }
+            numbers[count_at..count_at + 8].copy_from_slice(&f64::from(count).to_le_bytes());
         }
         CallArgs {
             numbers,
@@ -511,7 +645,7 @@ mod tests {
 
     #[test]
     fn a_request_that_stopped_waiting_is_not_sent() {
-        let specs = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false));
+        let specs = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false, None));
         let (sender, mut queue) = mpsc::channel(8);
         let mut waiting = Vec::new();
         for i in 0..4u64 {
@@ -536,18 +670,12 @@ mod tests {
         assert_eq!(sent, [1, 3]);
     }
 
-    #[test]
-    fn each_distinct_key_is_passed_once_and_every_request_points_at_its_sets_and_keys() {
-        // A reload between two requests of one batch: the per-IP quota is unchanged (its
-        // keys are shared), the per-email one changed (new keys).
-        let old = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false));
-        let new = Arc::new(RedisSpecs::new(
-            &limits(&[(3, 3600), (5, 86_400)]),
-            "rg",
-            false,
-        ));
-        let batch = [job(&old, 1, 7), job(&new, 1, 7), job(&new, 2, 7)];
-        let args = CallArgs::new(&batch);
+    /// A request's slots, each as (its key, interval_us, capacity_us).
+    type Used = Vec<(String, u64, u64)>;
+
+    /// The keys, the slot table and each request's slots of a call, read as the script
+    /// reads them (checking that each slot is the quota its set names).
+    fn read(args: &CallArgs) -> (Vec<String>, Used, Vec<Used>) {
         let all_keys: Vec<String> = args
             .keys()
             .map(|key| String::from_utf8(key.to_vec()).unwrap())
@@ -559,44 +687,125 @@ mod tests {
             .collect();
         // Lua counts from 1.
         let at = |i: u64| nums[usize::try_from(i).unwrap() - 1];
-        assert_eq!(&nums[..2], [3, 0], "three requests, keys declared");
+        assert_eq!(nums[1], 0, "keys declared");
+        // The slot table: per key its slots (interval_us, capacity_us, lineage), numbered
+        // from 1 in order, each key's side by side.
+        let mut slots = Vec::new();
+        let mut next = at(4);
+        for key in &all_keys {
+            let count = at(next);
+            next += 1;
+            for _ in 0..count {
+                assert_eq!(at(next + 2), 0, "no lineage without a changed quota");
+                slots.push((key.clone(), at(next), at(next + 1)));
+                next += 3;
+            }
+        }
+        assert_eq!(
+            next as usize,
+            nums.len() + 1,
+            "the slot table ends the numbers"
+        );
         let mut next = at(3);
-        let mut keys_of_requests = Vec::new();
-        for _ in 0..3 {
+        let mut requests = Vec::new();
+        for _ in 0..nums[0] {
             let groups = at(next);
             next += 1;
-            let mut keys = Vec::new();
+            let mut used = Vec::new();
             for _ in 0..groups {
                 let set = at(next);
                 let quotas = at(set);
                 for q in 0..quotas {
-                    // The set holds interval_us, capacity_us and shadow per quota.
-                    let interval_us = at(set + 1 + 3 * q);
-                    let key = &all_keys[usize::try_from(at(next + 1 + q)).unwrap() - 1];
-                    assert!(key.contains(&format!(":{interval_us}.")), "{key}");
-                    keys.push(key.clone());
+                    // The set holds interval_us, capacity_us and shadow per quota: the
+                    // slot is that quota's.
+                    let slot = &slots[usize::try_from(at(next + 1 + q)).unwrap() - 1];
+                    assert_eq!((slot.1, slot.2), (at(set + 1 + 3 * q), at(set + 2 + 3 * q)));
+                    used.push(slot.clone());
                 }
                 next += 1 + quotas;
             }
-            keys_of_requests.push(keys);
+            requests.push(used);
         }
-        assert_eq!(next as usize, nums.len() + 1, "every number read");
-        let [first, second, third] = &keys_of_requests[..] else {
-            panic!("{keys_of_requests:?}")
+        assert_eq!(next, at(4), "the slot table follows the requests");
+        (all_keys, slots, requests)
+    }
+
+    #[test]
+    fn each_distinct_key_is_passed_once_with_its_slots_and_every_request_points_at_its_own() {
+        // A reload between two requests of one batch: the per-IP quota is unchanged, the
+        // per-email group gains a daily quota (one key per group and address still).
+        let old = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false, None));
+        let new = Arc::new(RedisSpecs::new(
+            &limits(&[(3, 3600), (5, 86_400)]),
+            "rg",
+            false,
+            Some(&old),
+        ));
+        let batch = [job(&old, 1, 7), job(&new, 1, 7), job(&new, 2, 7)];
+        let (all_keys, slots, requests) = read(&CallArgs::new(&batch));
+        let [first, second, third] = &requests[..] else {
+            panic!("{requests:?}")
         };
-        assert_eq!(first.len(), 2);
-        assert_eq!(second.len(), 3);
-        // The unchanged per-IP quota's key, and the first per-email quota's (its numbers
-        // did not change), are the same keys in both generations.
+        assert_eq!((first.len(), second.len(), third.len()), (2, 3, 3));
+        // The unchanged per-IP quota and the unchanged per-email quota are the same slots
+        // in both generations; the daily quota is a second slot of the same key.
         assert_eq!(first[..2], second[..2]);
+        assert_eq!(second[1].0, second[2].0, "one key for the group");
         assert_ne!(second[0], third[0], "another address");
         assert_eq!(second[1..], third[1..], "the same mailbox");
-        // Each key once: per-IP for two addresses, two per-email keys.
+        // Each key once: per-IP for two addresses, one per-email key; four slots.
+        assert_eq!(all_keys.len(), 3, "{all_keys:?}");
+        assert_eq!(slots.len(), 4, "{slots:?}");
+        assert!(
+            all_keys.contains(&format!("rg:per_email:{:016x}", 7)),
+            "{all_keys:?}"
+        );
+
+        // The daily quota's slot first seen after another key's: the mailbox's two slots
+        // are still side by side in the table, and each request points at its own.
+        let batch = [job(&old, 1, 7), job(&old, 2, 8), job(&new, 1, 7)];
+        let (all_keys, slots, requests) = read(&CallArgs::new(&batch));
         assert_eq!(all_keys.len(), 4, "{all_keys:?}");
-        let mut distinct = all_keys.clone();
-        distinct.sort();
-        distinct.dedup();
-        assert_eq!(distinct.len(), 4);
+        assert_eq!(slots.len(), 5, "{slots:?}");
+        assert_eq!(requests[0][..2], requests[2][..2]);
+        assert_eq!(requests[2][1].0, requests[2][2].0, "one key for the group");
+        assert_eq!(requests[2][2].1, 86_400_000_000 / 5, "the daily quota");
+    }
+
+    #[test]
+    fn a_group_without_quotas_has_no_key() {
+        let specs = Arc::new(RedisSpecs::new(&limits(&[]), "rg", false, None));
+        let (reply, _) = oneshot::channel();
+        let job = Job {
+            specs,
+            charges: Charges::new(&[(LimitGroup::PerEmail, 7), (LimitGroup::PerIp, 1)]),
+            reply,
+        };
+        let args = CallArgs::new(&[job]);
+        let keys: Vec<&[u8]> = args.keys().collect();
+        assert_eq!(keys, [b"rg:per_ip:0000000000000001"]);
+    }
+
+    #[test]
+    fn a_changed_quota_remembers_what_it_replaced_through_later_reloads() {
+        let email = |specs: &RedisSpecs| specs.group(LimitGroup::PerEmail).lineage.clone();
+        let hour = |requests: u64| (3_600_000_000 / requests, 3_600_000_000);
+        let a = RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false, None);
+        // Tightened: the new quota derives from the old.
+        let b = RedisSpecs::new(&limits(&[(1, 3600)]), "rg", false, Some(&a));
+        assert_eq!(email(&b), [vec![hour(3)]]);
+        // A daily quota added beside it (the group lost none): afresh; the hourly one keeps
+        // its lineage.
+        let c = RedisSpecs::new(&limits(&[(1, 3600), (5, 86_400)]), "rg", false, Some(&b));
+        assert_eq!(email(&c), [vec![hour(3)], vec![]]);
+        // Loosened again: the latest first, then what that one replaced.
+        let d = RedisSpecs::new(&limits(&[(5, 3600), (5, 86_400)]), "rg", false, Some(&c));
+        assert_eq!(email(&d), [vec![hour(1), hour(3)], vec![]]);
+        // The unchanged per-IP quota has none.
+        assert_eq!(
+            d.group(LimitGroup::PerIp).lineage,
+            [Vec::<(u64, u64)>::new()]
+        );
     }
 
     #[test]
@@ -608,7 +817,7 @@ mod tests {
             exempt: Vec::new(),
             response_headers: false,
         };
-        let specs = RedisSpecs::new(&limits, "rg", true);
+        let specs = RedisSpecs::new(&limits, "rg", true, None);
         for hash in [0, 1, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
             for group in LimitGroup::ALL {
                 let tag = format!("rg:{}:{hash:016x}", group.name());
