@@ -85,36 +85,32 @@ for _ in range(calls):
     # As wrk drives the gateway: one client, a new address each request, one IP (or a new one).
     hashes = [(random.getrandbits(64) if new_ips else 1, random.getrandbits(64)) for _ in range(batch)]
     if layout == 'slots':
-        # One key per group and hash, holding each of its quotas (a slot); the slot table
-        # lists each key's slots side by side; per request and group, where its quota set
-        # starts and the number of each quota's slot.
+        # One key per group and hash, holding each of its quotas (a slot); per request and
+        # group, where its quota set starts and the number of each quota's slot; then the
+        # slot table: per key its slot count and, per slot, where a set holds its numbers.
+        sets_of = {5: [6], 9: [10], 13: [14, 17], 20: [21]}
         key_slots, order, wanted = {}, [], []
         for ip, email in hashes:
-            groups = [(5, 'rg:per_ip:%016x' % ip, [(1, 100000000)]),
-                      (9, 'rg:per_client:0000000000000001', [(1, 100000000)]),
-                      (13, 'rg:per_email:%016x' % email, [(1200000000, 3600000000), (8640000000, 86400000000)]),
-                      (20, 'rg:global:0000000000000000', [(1, 100000000)])]
-            for _, key, quotas in groups:
+            groups = [(5, 'rg:per_ip:%016x' % ip), (9, 'rg:per_client:0000000000000001'),
+                      (13, 'rg:per_email:%016x' % email), (20, 'rg:global:0000000000000000')]
+            for start, key in groups:
                 if key not in key_slots:
-                    key_slots[key] = []
+                    key_slots[key] = sets_of[start]
                     order.append(key)
-                for quota in quotas:
-                    if quota not in key_slots[key]:
-                        key_slots[key].append(quota)
             wanted.append(groups)
-        table, number = [], {}
+        number, table = {}, []
         for key in order:
             table.append(len(key_slots[key]))
-            for quota in key_slots[key]:
-                number[(key, quota)] = len(number) + 1
-                table += [quota[0], quota[1], 0]
+            for at in key_slots[key]:
+                number[(key, at)] = len(number) + 1
+                table.append(at)
         numbers = []
         for groups in wanted:
             numbers.append(4)
-            for start, key, quotas in groups:
-                numbers += [start] + [number[(key, q)] for q in quotas]
-        header = [batch, 0, 5 + len(sets) + len(table), 5 + len(sets)]
-        args = [b'EVALSHA', sha, len(order)] + order + [packed(header + sets + table + numbers)]
+            for start, key in groups:
+                numbers += [start] + [number[(key, at)] for at in sets_of[start]]
+        header = [batch, 0, 5 + len(sets), 5 + len(sets) + len(numbers)]
+        args = [b'EVALSHA', sha, len(order)] + order + [packed(header + sets + numbers + table)]
     elif layout == 'packed':
         # Each distinct key once; per request and group, where its quota set starts and the
         # index of each quota's key.

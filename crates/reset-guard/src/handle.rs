@@ -20,7 +20,8 @@ impl GuardHandle {
     /// Applies new settings and key to every request from now on. Limiter state is kept
     /// for every quota whose limit did not change; a changed quota derives its state from
     /// the removed quota of the nearest window, each key charged with the requests it had
-    /// spent there (with Redis, as each key is next asked about, by whichever replica asks).
+    /// spent there (with Redis, in the background: `carry.rs`; spawned on the current
+    /// Tokio runtime, none outside one).
     pub fn update(&self, settings: GuardSettings, api_key: ApiKey) {
         self.apply(settings, api_key);
     }
@@ -50,10 +51,9 @@ impl GuardHandle {
             Some(&previous.limiter),
         );
         #[cfg(feature = "redis")]
-        let redis_specs = core
-            .redis
-            .as_ref()
-            .map(|r| r.specs(&settings.limits, previous.redis_specs.as_deref()));
+        let redis_specs = core.redis.as_ref().map(|r| r.specs(&settings.limits));
+        #[cfg(feature = "redis")]
+        let moves = crate::limit::quota_moves(&previous.settings.limits, &settings.limits);
         core.current.store(Arc::new(GuardState {
             settings,
             api_key,
@@ -67,6 +67,7 @@ impl GuardHandle {
                 &previous.settings.limits,
                 &core.current.load().settings.limits,
             );
+            store.carry_over(moves);
         }
     }
 

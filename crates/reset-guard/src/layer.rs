@@ -223,7 +223,7 @@ impl ResetGuardBuilder {
             None,
         );
         #[cfg(feature = "redis")]
-        let redis_specs = redis.as_ref().map(|r| r.specs(&self.settings.limits, None));
+        let redis_specs = redis.as_ref().map(|r| r.specs(&self.settings.limits));
         let gone = Arc::new(tokio::sync::Notify::new());
         let core = Arc::new(GuardCore {
             current: ArcSwap::from_pointee(GuardState {

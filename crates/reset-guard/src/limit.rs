@@ -24,7 +24,7 @@ use ipnet::IpNet;
 #[cfg(feature = "redis")]
 pub use self::redis::{InvalidRedisSettings, OnError, RedisSettings};
 #[cfg(feature = "redis")]
-pub(crate) use self::redis::{RedisSpecs, RedisStore};
+pub(crate) use self::redis::{QuotaMove, RedisSpecs, RedisStore};
 #[cfg(test)]
 pub(crate) use clock::ManualClock;
 pub(crate) use clock::{Clock, MonotonicClock, SetClock};
@@ -242,6 +242,25 @@ impl std::fmt::Debug for StoreSettings {
             .field("sweep_interval", &self.sweep_interval)
             .finish_non_exhaustive()
     }
+}
+
+/// Every changed quota of a reload and the quota it replaces, group by group.
+#[cfg(feature = "redis")]
+pub(crate) fn quota_moves(old: &LimitSettings, new: &LimitSettings) -> Vec<QuotaMove> {
+    let mut moves = Vec::new();
+    for group in LimitGroup::ALL {
+        let (from, to) = (old.quotas(group), new.quotas(group));
+        for (quota, origin) in to.iter().zip(successors(from, to)) {
+            if let Origin::Replacing(i) = origin {
+                moves.push(QuotaMove {
+                    group,
+                    from: from[i],
+                    to: *quota,
+                });
+            }
+        }
+    }
+    moves
 }
 
 /// Where a quota of a reloaded group takes its state from, by index into the old group.

@@ -3,8 +3,9 @@
 -- A key holds the state of one group for one keyed hash (an address, a client, an IP, or
 -- the one global key): for each quota of the group, its interval_us, capacity_us and TAT,
 -- packed as little-endian doubles, three per quota. One key per group rather than one per
--- quota: a new address writes one key where it wrote one per quota, which in Redis (and in
--- every replica applying the same writes) costs far more than the bytes it holds.
+-- quota: a new address writes one key where it wrote one per quota, and a write of a new
+-- key (a `PSETEX` from the script, and the same write on every replica) is most of what a
+-- request costs Redis (benches/README.md, "One key per group and address").
 --
 -- The keys: each distinct key of the batch once, as KEYS, or in ARGV after the numbers
 -- (see below).
@@ -20,18 +21,12 @@
 --   then per request: its group count, and per group the position in nums of its quota
 --   set's count followed by the slot of each quota;
 --   then the slot table: per key, in key order, its slot count, and per slot (a quota of
---   the key's group: a TAT the batch uses; slots are numbered from 1 across the table)
---   interval_us, capacity_us, the count of its lineage, and per quota of the lineage its
---   interval_us and capacity_us: the quotas it replaced in reloads, the latest first, and
---   which each of them had replaced.
+--   the key's group whose TAT the batch uses; slots are numbered from 1 across the table)
+--   where in nums a quota set holds its interval_us and capacity_us.
 --
--- A quota with a lineage counts what its key still holds under a quota of the lineage:
--- the nearest one held, its backlog carried forward quota by quota to the slot's own (in
--- requests, at each quota's interval, at most its burst: the memory store's carry over a
--- reload), and the slot's own TAT if that is further along. So a reload needs no pass
--- over Redis: an address is carried over when it is next asked about, whichever replica
--- asks. A written key keeps the quotas the batch did not use (another replica's, before or
--- after a reload of its own) while they still count.
+-- A written key keeps the quotas the batch did not use (another replica's, before or
+-- after a reload of its own) while they still count. A reload's changed quotas are
+-- carried over by the gateway's walk (limit/redis/carry.rs), in the same format.
 --
 -- Declared keys (KEYS) must share one slot in a Redis Cluster. Keys passed in ARGV let one
 -- call decide requests whose keys live in different slots of one cluster node (Redis 7's
@@ -80,8 +75,25 @@ local function doubles(n)
   return '<' .. string.rep('d', n)
 end
 
+-- The call's numbers. Lua returns at most about 8,000 values from one call; the largest
+-- call (128 requests, each of four groups of four quotas on keys of its own) has about
+-- 5,300, and a call of more than 4,000 is read in parts, to stay clear of the limit.
 local packed = ARGV[1]
-local nums = {unpack_doubles(doubles(#packed / 8), packed)}
+local count = #packed / 8
+local nums
+if count <= 4000 then
+  nums = {unpack_doubles(doubles(count), packed)}
+else
+  nums = {}
+  local format_of_part = doubles(1000)
+  for first = 0, count - 1, 1000 do
+    local part = count - first
+    local values = {unpack_doubles(part < 1000 and doubles(part) or format_of_part, packed, 8 * first + 1)}
+    for i = 1, (part < 1000 and part or 1000) do
+      nums[first + i] = values[i]
+    end
+  end
+end
 
 -- Every key's value, read before anything is written.
 local keys, values = KEYS, {}
@@ -106,24 +118,25 @@ end
 local tats, dirty, kept = {}, {}, nil
 local p, s = nums[4], 0
 for k = 1, #keys do
-  local count = nums[p]
-  p = p + 1
+  local slots = nums[p]
+  local key_at = p + 1
+  p = key_at + slots
   local value = values[k]
   if not value then
     -- A new key (most keys of new addresses): every slot starts afresh.
-    for _ = 1, count do
+    for _ = 1, slots do
       s = s + 1
       tats[s] = 0
-      p = p + 3 + 2 * nums[p + 2]
     end
   else
     local n_stored = #value / 8
     n_stored = n_stored - n_stored % 3
     local stored = {unpack_doubles(doubles(n_stored), value)}
-    local key_at, used = p, 0
-    for _ = 1, count do
+    local used = 0
+    for at = key_at, p - 1 do
       s = s + 1
-      local interval, capacity, lineage = nums[p], nums[p + 1], nums[p + 2]
+      local q = nums[at]
+      local interval, capacity = nums[q], nums[q + 1]
       local tat = 0
       for t = 1, n_stored, 3 do
         if stored[t] == interval and stored[t + 1] == capacity then
@@ -131,52 +144,20 @@ for k = 1, #keys do
           break
         end
       end
-      -- The nearest quota of the lineage the key holds, carried forward to this one.
-      local a = p + 3
-      for j = 1, lineage do
-        local from_interval, from_capacity, from = nums[a + 2 * j - 2], nums[a + 2 * j - 1], nil
-        for t = 1, n_stored, 3 do
-          if stored[t] == from_interval and stored[t + 1] == from_capacity then
-            from = stored[t + 2]
-            break
-          end
-        end
-        if from then
-          local lead = from - now
-          if lead > 0 then
-            for step = j, 1, -1 do
-              local to_interval, to_capacity = interval, capacity
-              if step > 1 then
-                to_interval, to_capacity = nums[a + 2 * step - 4], nums[a + 2 * step - 3]
-              end
-              lead = lead * to_interval / nums[a + 2 * step - 2]
-              lead = lead - lead % 1
-              if lead > to_capacity then
-                lead = to_capacity
-              end
-            end
-            if now + lead > tat then
-              tat = now + lead
-            end
-          end
-          break
-        end
-      end
       tats[s] = tat
-      p = a + 2 * lineage
     end
     if n_stored > 3 * used then
       -- Quotas no slot uses: kept while they still count.
       local others, n = nil, 0
       for t = 1, n_stored, 3 do
         if stored[t + 2] > now then
-          local mine, at = false, key_at
-          for _ = 1, count do
-            if nums[at] == stored[t] and nums[at + 1] == stored[t + 1] then
+          local mine = false
+          for at = key_at, p - 1 do
+            local q = nums[at]
+            if nums[q] == stored[t] and nums[q + 1] == stored[t + 1] then
               mine = true
               break
             end
-            at = at + 3 + 2 * nums[at + 2]
           end
           if not mine then
             others = others or {}
@@ -310,10 +291,11 @@ end
 local row
 p, s = nums[4], 0
 for k = 1, #keys do
-  local count = nums[p]
-  p = p + 1
+  local slots = nums[p]
+  local key_at = p + 1
+  p = key_at + slots
   local first = s + 1
-  s = s + count
+  s = s + slots
   local changed = false
   for i = first, s do
     if dirty[i] then
@@ -322,29 +304,24 @@ for k = 1, #keys do
     end
   end
   local others = kept and kept[k]
-  if not changed then
-    for _ = 1, count do
-      p = p + 3 + 2 * nums[p + 2]
-    end
-  elseif count == 1 and not others then
+  if changed and slots == 1 and not others then
     -- One quota, just charged (most keys).
-    local tat = tats[first]
+    local tat, q = tats[first], nums[key_at]
     local ttl = (tat - now) / 1000
-    call('PSETEX', keys[k], format('%d', ttl - ttl % 1 + 1), pack('<ddd', nums[p], nums[p + 1], tat))
-    p = p + 3 + 2 * nums[p + 2]
-  else
+    call('PSETEX', keys[k], format('%d', ttl - ttl % 1 + 1), pack('<ddd', nums[q], nums[q + 1], tat))
+  elseif changed then
     row = row or {}
     local n, latest = 0, now
     for i = first, s do
       local tat = tats[i]
       if tat > now then
-        row[n + 1], row[n + 2], row[n + 3] = nums[p], nums[p + 1], tat
+        local q = nums[key_at + i - first]
+        row[n + 1], row[n + 2], row[n + 3] = nums[q], nums[q + 1], tat
         n = n + 3
         if tat > latest then
           latest = tat
         end
       end
-      p = p + 3 + 2 * nums[p + 2]
     end
     if others then
       for t = 1, #others, 3 do

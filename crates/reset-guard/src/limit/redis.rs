@@ -18,12 +18,14 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 
 mod batch;
+mod carry;
 mod cluster;
 mod sentinel;
 mod settings;
 
 pub(crate) use batch::RedisSpecs;
 use batch::{run_batches, Charges, Job, REPLY_LEN};
+pub(crate) use carry::QuotaMove;
 use cluster::{Cluster, DirectMasters};
 use sentinel::{Master, SentinelPool};
 use settings::Sentinels;
@@ -124,6 +126,8 @@ pub(crate) struct RedisStore {
     /// When a failed request was last logged, and how many failed since.
     failure_logged: AtomicU64,
     failed_unlogged: AtomicU64,
+    /// Held by the walk carrying changed quotas over a reload (carry.rs): one at a time.
+    carrying: tokio::sync::Mutex<()>,
     /// Counts the times the probe found Redis back after a failure. A thread's connection
     /// that saw no request since may be dead (Redis restarted under it) and would fail the
     /// next request: each thread's queue made before is remade, with a new connection,
@@ -205,6 +209,7 @@ impl RedisStore {
             probe_failure: Mutex::new(CauseLog::default()),
             failure_logged: AtomicU64::new(0),
             failed_unlogged: AtomicU64::new(0),
+            carrying: tokio::sync::Mutex::new(()),
             errors: AtomicU64::new(0),
             denials: Mutex::new(HashMap::new()),
             clock: MonotonicClock::default(),
@@ -228,18 +233,12 @@ impl RedisStore {
         self.on_error
     }
 
-    /// The script's view of a settings generation; `previous`, the one it replaces in a
-    /// reload, from which changed quotas derive their state.
-    pub(crate) fn specs(
-        &self,
-        limits: &LimitSettings,
-        previous: Option<&RedisSpecs>,
-    ) -> Arc<RedisSpecs> {
+    /// The script's view of a settings generation.
+    pub(crate) fn specs(&self, limits: &LimitSettings) -> Arc<RedisSpecs> {
         Arc::new(RedisSpecs::new(
             limits,
             &self.prefix,
             self.cluster.is_some(),
-            previous,
         ))
     }
 

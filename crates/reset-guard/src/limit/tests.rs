@@ -1059,8 +1059,34 @@ mod redis_store {
         )
     }
 
-    /// As in memory: a changed quota keeps what each address spent, from the first
-    /// request after the reload (each key carried over as it is next asked about).
+    /// Every quota state in Redis (not the probe's): (interval_us, capacity_us, TAT).
+    fn states(server: &RedisServer) -> Vec<[i64; 3]> {
+        quota_keys(server)
+            .iter()
+            .flat_map(|(key, _)| server.quota_states(key))
+            .collect()
+    }
+
+    /// How many keys hold a state of the quota (interval_us, capacity_us), once `expected`
+    /// do or after two seconds (the walk carrying a reload runs in the background).
+    async fn holding(server: &RedisServer, quota: (i64, i64), expected: usize) -> usize {
+        let count = || {
+            states(server)
+                .iter()
+                .filter(|[interval, capacity, _]| (*interval, *capacity) == quota)
+                .count()
+        };
+        for _ in 0..100 {
+            if count() >= expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        count()
+    }
+
+    /// As in memory: a changed quota keeps what each address spent, each key given the new
+    /// quota's state in the background (within a moment of the reload).
     #[tokio::test]
     async fn a_changed_quota_keeps_what_each_address_spent_in_redis() {
         let server = RedisServer::start();
@@ -1074,6 +1100,8 @@ mod redis_store {
         assert_eq!(rig.status(ask("one@b.io")).await, 200);
         assert_eq!(rig.statuses(3, ask("three@b.io")).await, [200, 200, 200]);
         reload(&rig, "  per_email: [{ requests: 1, per: 1h }]\n");
+        let hourly = (3_600_000_000, 3_600_000_000);
+        assert_eq!(holding(&server, hourly, 3).await, 3, "{:?}", server.dump());
         assert_eq!(
             rig.status(ask("two@b.io")).await,
             429,
@@ -1081,11 +1109,13 @@ mod redis_store {
         );
         assert_eq!(rig.status(ask("one@b.io")).await, 429, "had its one");
         assert_eq!(rig.status(ask("new@b.io")).await, 200);
-        // Changed twice more with no request in between: what was spent under the first
-        // quota, carried through the others (at most a burst of one under 1/1h), counts
-        // under the last, as the memory store carries it at each reload.
+        // Changed twice more, each walk after the one before: what was spent under the
+        // first quota, carried through the others (at most a burst of one under 1/1h),
+        // counts under the last, as the memory store carries it at each reload.
         reload(&rig, "  per_email: [{ requests: 1, per: 2h }]\n");
         reload(&rig, "  per_email: [{ requests: 5, per: 1h }]\n");
+        let five = (720_000_000, 3_600_000_000);
+        assert_eq!(holding(&server, five, 4).await, 4, "{:?}", server.dump());
         assert_eq!(
             rig.statuses(5, ask("three@b.io")).await,
             [200, 200, 200, 200, 429],
@@ -1093,11 +1123,11 @@ mod redis_store {
         );
     }
 
-    /// Replicas reloading at different times share one key per address: the one that
-    /// reloaded counts what the other spent under the old quota, and the other, still on
-    /// the old quota, keeps its own count (the reloaded one's writes keep it).
+    /// Replicas reloading at different times share one key per address, each counting
+    /// under its own file's quota: the one still on the old file keeps its count through
+    /// the other's writes.
     #[tokio::test]
-    async fn a_replica_reloaded_first_counts_what_one_not_yet_reloaded_spent() {
+    async fn replicas_reloading_apart_keep_their_own_counts_in_one_key() {
         let server = RedisServer::start();
         let store = redis_store(&server, OnError::Deny);
         let old = "  per_email: [{ requests: 3, per: 1h }]\n";
@@ -1105,9 +1135,10 @@ mod redis_store {
         let ahead = rig_in(old, "", store, ManualClock::new());
         reload(&ahead, "  per_email: [{ requests: 2, per: 1h }]\n");
         assert_eq!(behind.statuses(1, ask("r@b.io")).await, [200]);
-        assert_eq!(ahead.statuses(2, ask("r@b.io")).await, [200, 429]);
-        // The old quota's count (one) survived the write of the new one's.
+        assert_eq!(ahead.statuses(3, ask("r@b.io")).await, [200, 200, 429]);
         assert_eq!(behind.statuses(3, ask("r@b.io")).await, [200, 200, 429]);
+        let held = states(&server);
+        assert_eq!(held.len(), 2, "both quotas in the one key: {held:?}");
     }
 
     /// A reload that tightens a quota keeps the denials cached under it (the address would
@@ -1134,7 +1165,7 @@ mod redis_store {
     }
 
     /// A→B→A: the state A's quota left before B is older than what B spent, and the
-    /// reload back counts what B spent.
+    /// walk back writes over it.
     #[tokio::test]
     async fn a_quota_changed_and_changed_back_keeps_what_was_spent_in_between() {
         let server = RedisServer::start();
@@ -1142,12 +1173,27 @@ mod redis_store {
         let rig = redis_rig(&server, a, "", OnError::Deny);
         assert_eq!(rig.status(ask("ab@b.io")).await, 200);
         reload(&rig, "  per_email: [{ requests: 5, per: 1h }]\n");
+        let (three, five) = ((1_200_000_000, 3_600_000_000), (720_000_000, 3_600_000_000));
+        assert_eq!(holding(&server, five, 1).await, 1);
         assert_eq!(
             rig.statuses(5, ask("ab@b.io")).await,
             [200, 200, 200, 200, 429]
         );
         reload(&rig, a);
-        // Five spent, capped at three: refused, though A's own state says one.
+        // The walk back writes over what A left (one spent): five spent, capped at three.
+        let tat = |quota: (i64, i64)| {
+            states(&server)
+                .iter()
+                .find(|[interval, capacity, _]| (*interval, *capacity) == quota)
+                .map_or(0, |[.., tat]| *tat)
+        };
+        for _ in 0..100 {
+            if tat(three) >= tat(five) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(tat(three) >= tat(five), "{:?}", server.dump());
         assert_eq!(rig.status(ask("ab@b.io")).await, 429);
         let keys = quota_keys(&server);
         assert_eq!(keys.len(), 1, "one key for the address: {keys:?}");
@@ -1334,8 +1380,13 @@ mod redis_store {
         let charge_us = 864_000;
         assert_eq!(state("per_ip")[0] - ip_before[0], 120 * charge_us);
         assert_eq!(state("global")[0] - global_before[0], 80 * charge_us);
-        // Each address's two per-email keys, charged twice each (1 + 40 addresses).
+        // Each address's one per-email key, holding its two quotas (1 + 40 addresses).
         assert_eq!(state("per_email").len(), 2 * 41);
+        assert_eq!(
+            quota_keys(&server).len(),
+            41 + 2,
+            "and per_ip's and global's"
+        );
     }
 
     #[tokio::test]

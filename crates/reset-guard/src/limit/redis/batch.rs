@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::limit::{successors, LimitGroup, LimitSettings, Origin, Quota};
+use crate::limit::{LimitGroup, LimitSettings, Quota};
 
 /// Most requests decided by one script call.
 pub(super) const MAX_BATCH: usize = 128;
@@ -24,8 +24,8 @@ pub(super) struct Job {
 }
 
 /// The script's view of one settings generation, prepared once per reload: per group, the
-/// quota arguments, each quota's lineage (what it replaced in reloads) and how the group's
-/// keys are spelled (in Cluster mode a key's group and keyed hash form its hash tag).
+/// quota arguments and how the group's keys are spelled (in Cluster mode a key's group and
+/// keyed hash form its hash tag).
 #[derive(Debug)]
 pub(crate) struct RedisSpecs {
     groups: [GroupSpec; 4],
@@ -61,20 +61,12 @@ pub(super) struct GroupSpec {
     args: Vec<u64>,
     /// The CRC16 of `{prefix}:{group}:`, the start of every hash tag of the group.
     tag_crc: crc16::State<crc16::XMODEM>,
-    /// Per quota, the quotas it replaced in reloads, the latest first, as
-    /// (interval_us, capacity_us): a key that holds none of its own state yet counts what
-    /// it holds under the nearest of them (redis.lua).
-    lineage: Vec<Vec<(u64, u64)>>,
     /// What comes before and after the keyed hash's 16 hex digits in the group's keys:
     /// `{prefix}:{group}:` and nothing, or in Cluster mode `{{prefix}:{group}:` and `}`,
     /// a hash tag. A key holds every quota of its group, each named by its numbers: an
     /// unchanged quota keeps its state across reloads and replicas.
     key_parts: (Vec<u8>, Vec<u8>),
 }
-
-/// Most quotas a quota's lineage remembers: enough for reloads in quick succession (a
-/// limit changed and changed back) to count what was spent before them.
-const MAX_LINEAGE: usize = 4;
 
 impl GroupSpec {
     /// Appends the group's key for the keyed hash `hash` (formatted by hand: a batch has
@@ -88,8 +80,8 @@ impl GroupSpec {
     }
 }
 
-/// A quota's numbers as the script has them: interval_us and capacity_us.
-fn micros(quota: &Quota) -> (u64, u64) {
+/// A quota's numbers as the scripts have them: interval_us and capacity_us.
+pub(super) fn micros(quota: &Quota) -> (u64, u64) {
     let interval_us = (quota.interval_ns / 1000).max(1);
     (interval_us, interval_us * u64::from(quota.burst))
 }
@@ -114,35 +106,13 @@ impl RedisSpecs {
         crc.get() % 16384
     }
 
-    /// The view of `limits`; `previous`, the generation they replace in a reload, gives
-    /// each changed quota its lineage (as [`successors`] pairs them, and as the memory
-    /// store carries state over).
-    pub(crate) fn new(
-        limits: &LimitSettings,
-        prefix: &str,
-        cluster: bool,
-        previous: Option<&RedisSpecs>,
-    ) -> Self {
+    pub(crate) fn new(limits: &LimitSettings, prefix: &str, cluster: bool) -> Self {
         let groups = LimitGroup::ALL.map(|group| {
             let quotas = limits.quotas(group);
             let head = format!("{prefix}:{}", group.name());
             let mut tag_crc = crc16::State::<crc16::XMODEM>::new();
             tag_crc.update(head.as_bytes());
             tag_crc.update(b":");
-            let lineage = match previous.map(|p| p.group(group)) {
-                Some(old) => successors(&old.quotas, quotas)
-                    .into_iter()
-                    .map(|origin| match origin {
-                        Origin::Kept(i) => old.lineage[i].clone(),
-                        Origin::Replacing(i) => std::iter::once(micros(&old.quotas[i]))
-                            .chain(old.lineage[i].iter().copied())
-                            .take(MAX_LINEAGE)
-                            .collect(),
-                        Origin::New => Vec::new(),
-                    })
-                    .collect(),
-                None => vec![Vec::new(); quotas.len()],
-            };
             let mut args = vec![quotas.len() as u64];
             for quota in quotas {
                 let (interval_us, capacity_us) = micros(quota);
@@ -152,7 +122,6 @@ impl RedisSpecs {
                 quotas: quotas.to_vec(),
                 args,
                 tag_crc,
-                lineage,
                 key_parts: if cluster {
                     (format!("{{{head}:").into(), b"}".to_vec())
                 } else {
@@ -173,8 +142,8 @@ impl RedisSpecs {
 pub(super) struct CallArgs {
     /// The number of requests, of keys passed in ARGV (0 here: the undeclared call patches
     /// it), where the first request starts and where the slot table starts, the quota
-    /// sets, the slot table (each key's quotas), then each request's groups (where its set
-    /// starts, and its slots); each a little-endian f64 (every value is an integer below
+    /// sets, each request's groups (where its set starts, and its slots), then the slot
+    /// table (each key's quotas); each a little-endian f64 (every value is an integer below
     /// 2^53).
     numbers: Vec<u8>,
     /// Each distinct key of the batch once, in first use order, back to back.
@@ -216,13 +185,12 @@ impl std::hash::Hasher for KeyIdHasher {
 /// the store's), by its index in the batch.
 type KeyIndex = HashMap<(usize, u64), usize, std::hash::BuildHasherDefault<KeyIdHasher>>;
 
-/// A slot of the batch (one quota's state in one key): its numbers, the group spec and
-/// quota it was first seen under (for its lineage), and the key's next slot.
-struct Slot<'a> {
+/// A slot of the batch (one quota's state in one key): its numbers, where they are in the
+/// call's quota sets (from 1, as Lua counts), and the key's next slot.
+struct Slot {
     interval_us: u64,
     capacity_us: u64,
-    spec: &'a GroupSpec,
-    quota: usize,
+    numbers_at: u64,
     next: Option<usize>,
 }
 
@@ -306,8 +274,7 @@ impl CallArgs {
                         slots.push(Slot {
                             interval_us,
                             capacity_us,
-                            spec,
-                            quota,
+                            numbers_at: set_at[generation][group.index()] + 1 + 3 * quota as u64,
                             next: None,
                         });
                         let list = &mut key_slots[key];
@@ -361,17 +328,9 @@ impl CallArgs {
             let mut count = 0u32;
             let mut at = Some(list.first);
             while let Some(i) = at {
-                let slot = &slots[i];
-                let lineage = &slot.spec.lineage[slot.quota];
-                push(&mut numbers, slot.interval_us);
-                push(&mut numbers, slot.capacity_us);
-                push(&mut numbers, lineage.len() as u64);
-                for (interval_us, capacity_us) in lineage {
-                    push(&mut numbers, *interval_us);
-                    push(&mut numbers, *capacity_us);
-                }
+                push(&mut numbers, slots[i].numbers_at);
                 count += 1;
-                at = slot.next;
+                at = slots[i].next;
             }
             numbers[count_at..count_at + 8].copy_from_slice(&f64::from(count).to_le_bytes());
         }
@@ -645,7 +604,7 @@ mod tests {
 
     #[test]
     fn a_request_that_stopped_waiting_is_not_sent() {
-        let specs = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false, None));
+        let specs = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false));
         let (sender, mut queue) = mpsc::channel(8);
         let mut waiting = Vec::new();
         for i in 0..4u64 {
@@ -688,17 +647,17 @@ mod tests {
         // Lua counts from 1.
         let at = |i: u64| nums[usize::try_from(i).unwrap() - 1];
         assert_eq!(nums[1], 0, "keys declared");
-        // The slot table: per key its slots (interval_us, capacity_us, lineage), numbered
-        // from 1 in order, each key's side by side.
+        // The slot table: per key its slots (where a set holds the quota's interval_us and
+        // capacity_us), numbered from 1 in order, each key's side by side.
         let mut slots = Vec::new();
         let mut next = at(4);
         for key in &all_keys {
             let count = at(next);
             next += 1;
             for _ in 0..count {
-                assert_eq!(at(next + 2), 0, "no lineage without a changed quota");
-                slots.push((key.clone(), at(next), at(next + 1)));
-                next += 3;
+                let numbers_at = at(next);
+                slots.push((key.clone(), at(numbers_at), at(numbers_at + 1)));
+                next += 1;
             }
         }
         assert_eq!(
@@ -734,12 +693,11 @@ mod tests {
     fn each_distinct_key_is_passed_once_with_its_slots_and_every_request_points_at_its_own() {
         // A reload between two requests of one batch: the per-IP quota is unchanged, the
         // per-email group gains a daily quota (one key per group and address still).
-        let old = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false, None));
+        let old = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false));
         let new = Arc::new(RedisSpecs::new(
             &limits(&[(3, 3600), (5, 86_400)]),
             "rg",
             false,
-            Some(&old),
         ));
         let batch = [job(&old, 1, 7), job(&new, 1, 7), job(&new, 2, 7)];
         let (all_keys, slots, requests) = read(&CallArgs::new(&batch));
@@ -772,9 +730,68 @@ mod tests {
         assert_eq!(requests[2][2].1, 86_400_000_000 / 5, "the daily quota");
     }
 
+    /// The largest call there is: a full batch, every group with the most quotas, every key
+    /// new and then every key holding all four: the script reads all its numbers (Lua
+    /// returns at most about 8,000 values from one call) and decides every request.
+    #[test]
+    fn a_full_batch_of_the_most_quotas_is_decided_whole() {
+        let quota = |requests, secs| Quota::new(requests, Duration::from_secs(secs), None, false);
+        let four: Vec<Quota> = (1..=4)
+            .map(|q| quota(1000 * q, 3600 * u64::from(q)).unwrap())
+            .collect();
+        let limits = LimitSettings {
+            groups: [four.clone(), four.clone(), four.clone(), four],
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            exempt: Vec::new(),
+            response_headers: false,
+        };
+        let specs = Arc::new(RedisSpecs::new(&limits, "rg", false));
+        let batch = || -> Vec<Job> {
+            (0..MAX_BATCH as u64)
+                .map(|i| Job {
+                    specs: specs.clone(),
+                    charges: Charges::new(&[
+                        (LimitGroup::PerIp, 1000 + i),
+                        (LimitGroup::PerClient, 2000 + i),
+                        (LimitGroup::PerEmail, 3000 + i),
+                        (LimitGroup::Global, 0),
+                    ]),
+                    reply: oneshot::channel().0,
+                })
+                .collect()
+        };
+        let server = test_support::RedisServer::start();
+        let mut connection = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let script = redis::Script::new(include_str!("../redis.lua"));
+        let _: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(include_str!("../redis.lua"))
+            .query(&mut connection)
+            .unwrap();
+        for round in ["new keys", "every key holding four quotas"] {
+            let args = CallArgs::new(&batch());
+            assert!(args.numbers.len() / 8 > 4000, "{round}: read in parts");
+            let reply = args
+                .declared(script.get_hash())
+                .query::<redis::Value>(&mut connection)
+                .unwrap_or_else(|e| panic!("{round}: {e}"));
+            let values = numbers(reply).unwrap();
+            assert_eq!(values.len(), REPLY_LEN * MAX_BATCH, "{round}");
+            for answer in values.chunks_exact(REPLY_LEN) {
+                assert_eq!(answer[0], 0, "{round}: admitted: {answer:?}");
+            }
+        }
+        let email_key = format!("rg:per_email:{:016x}", 3000);
+        assert_eq!(server.quota_states(&email_key).len(), 4);
+    }
+
     #[test]
     fn a_group_without_quotas_has_no_key() {
-        let specs = Arc::new(RedisSpecs::new(&limits(&[]), "rg", false, None));
+        let specs = Arc::new(RedisSpecs::new(&limits(&[]), "rg", false));
         let (reply, _) = oneshot::channel();
         let job = Job {
             specs,
@@ -787,28 +804,6 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_quota_remembers_what_it_replaced_through_later_reloads() {
-        let email = |specs: &RedisSpecs| specs.group(LimitGroup::PerEmail).lineage.clone();
-        let hour = |requests: u64| (3_600_000_000 / requests, 3_600_000_000);
-        let a = RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false, None);
-        // Tightened: the new quota derives from the old.
-        let b = RedisSpecs::new(&limits(&[(1, 3600)]), "rg", false, Some(&a));
-        assert_eq!(email(&b), [vec![hour(3)]]);
-        // A daily quota added beside it (the group lost none): afresh; the hourly one keeps
-        // its lineage.
-        let c = RedisSpecs::new(&limits(&[(1, 3600), (5, 86_400)]), "rg", false, Some(&b));
-        assert_eq!(email(&c), [vec![hour(3)], vec![]]);
-        // Loosened again: the latest first, then what that one replaced.
-        let d = RedisSpecs::new(&limits(&[(5, 3600), (5, 86_400)]), "rg", false, Some(&c));
-        assert_eq!(email(&d), [vec![hour(1), hour(3)], vec![]]);
-        // The unchanged per-IP quota has none.
-        assert_eq!(
-            d.group(LimitGroup::PerIp).lineage,
-            [Vec::<(u64, u64)>::new()]
-        );
-    }
-
-    #[test]
     fn a_slot_is_the_crc16_of_the_hash_tag_as_redis_computes_it() {
         let limits = LimitSettings {
             groups: Default::default(),
@@ -817,7 +812,7 @@ mod tests {
             exempt: Vec::new(),
             response_headers: false,
         };
-        let specs = RedisSpecs::new(&limits, "rg", true, None);
+        let specs = RedisSpecs::new(&limits, "rg", true);
         for hash in [0, 1, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
             for group in LimitGroup::ALL {
                 let tag = format!("rg:{}:{hash:016x}", group.name());

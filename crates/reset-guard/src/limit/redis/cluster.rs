@@ -183,6 +183,41 @@ impl Cluster {
         let map = SlotOwners::parse(&reply).ok_or("CLUSTER SLOTS: an answer not understood")?;
         Ok((connection, map))
     }
+
+    /// A connection of its own to each master `CLUSTER SLOTS` names, by its name in logs
+    /// (`master host:port`), or why there is none (named without an address, unreachable),
+    /// for work that walks every master's keys: one master that cannot be reached leaves
+    /// the others to walk.
+    pub(super) async fn master_connections(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<(String, Result<MultiplexedConnection, String>)>, String> {
+        let (_, map) = self
+            .slot_owners(timeout.max(Duration::from_secs(1)))
+            .await?;
+        let mut connections = Vec::new();
+        for (i, master) in map.masters.iter().enumerate() {
+            let Some((host, port)) = master else {
+                let unnamed = format!("master {i} (named without an address)");
+                connections.push((unnamed, Err("no address to reach it by".to_owned())));
+                continue;
+            };
+            let named = format!("master {host}:{port}");
+            let url = settings::node_url(self.nodes.direct.scheme, host, *port);
+            let connected = match self.nodes.direct.settings.client_at(&url, true) {
+                Ok(client) => {
+                    let connecting = client.get_multiplexed_async_connection();
+                    let wait = timeout.max(Duration::from_secs(1));
+                    answer_in_time(wait, connecting)
+                        .await
+                        .map_err(|cause| format!("{named}: {cause}"))
+                }
+                Err(error) => Err(format!("{named}: {error}")),
+            };
+            connections.push((named, connected));
+        }
+        Ok(connections)
+    }
 }
 
 /// A master the probe asked: its name in logs (`master host:port`), the probe's connection

@@ -209,8 +209,28 @@ async fn consecutive_groups_on_one_master_are_decided_in_one_call() {
     }
 }
 
-/// A changed quota keeps what each address spent in a cluster too, from the first request
-/// after the reload, on whichever master holds the address's key.
+/// How many keys of the cluster hold a state of the quota (interval_us, capacity_us), once
+/// `expected` do or after ten seconds (the walk carrying a reload runs in the background).
+async fn holding(cluster: &RedisCluster, quota: (i64, i64), expected: usize) -> usize {
+    let count = || {
+        cluster
+            .quota_keys()
+            .iter()
+            .flat_map(|(node, key, _)| cluster.nodes[*node].quota_states(key))
+            .filter(|[interval, capacity, _]| (*interval, *capacity) == quota)
+            .count()
+    };
+    for _ in 0..500 {
+        if count() >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    count()
+}
+
+/// A changed quota keeps what each address spent in a cluster too: every master's keys of
+/// the group walked, each given the new quota's state beside the old one's.
 #[tokio::test]
 async fn a_changed_quota_keeps_what_each_address_spent_in_a_cluster() {
     let cluster = RedisCluster::start();
@@ -230,8 +250,45 @@ async fn a_changed_quota_keeps_what_each_address_spent_in_a_cluster() {
     nodes.dedup();
     assert!(nodes.len() > 1, "keys on several masters: {nodes:?}");
     reload(&rig, "  per_email: [{ requests: 1, per: 1h }]\n");
+    let hourly = (3_600_000_000, 3_600_000_000);
+    assert_eq!(
+        holding(&cluster, hourly, addresses.len()).await,
+        addresses.len()
+    );
     for address in &addresses {
         assert_eq!(rig.status(ask(address)).await, 429, "{address}");
     }
     assert_eq!(rig.status(ask("new@b.io")).await, 200);
+}
+
+/// A cluster that answers nothing when the walk starts (every node paused): the attempts
+/// after it walk every master, not none.
+#[tokio::test]
+async fn a_walk_that_finds_the_cluster_unanswering_walks_every_master_once_it_answers() {
+    let cluster = RedisCluster::start();
+    let rig = rig_in(
+        "  per_email: [{ requests: 3, per: 1h }]\n",
+        "",
+        cluster_store(&cluster, "paused"),
+        ManualClock::new(),
+    );
+    let addresses: Vec<String> = (0..12).map(|i| format!("user{i}@b.io")).collect();
+    for address in &addresses {
+        assert_eq!(rig.statuses(2, ask(address)).await, [200, 200]);
+    }
+    for node in &cluster.nodes {
+        assert_eq!(
+            node.command("CLIENT PAUSE 2500 ALL")
+                .as_deref()
+                .map(str::trim),
+            Some("+OK")
+        );
+    }
+    reload(&rig, "  per_email: [{ requests: 1, per: 1h }]\n");
+    // The second try comes 2 s after the first failed: within about 5 s in all.
+    let hourly = (3_600_000_000, 3_600_000_000);
+    assert_eq!(
+        holding(&cluster, hourly, addresses.len()).await,
+        addresses.len()
+    );
 }

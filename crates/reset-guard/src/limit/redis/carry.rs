@@ -1,0 +1,355 @@
+//! A changed quota's state carried over a reload, in Redis: as the memory store does
+//! (`QuotaState::carried_from`), each address is charged under the new quota with the
+//! requests it had spent under the one it replaces, at most a full burst, so that
+//! tightening a limit (3 an hour to 1) refuses at once an address that had 2.
+//!
+//! A key holds every quota of its group for one address (client, IP), each by its numbers,
+//! so each key of a group with a changed quota is given the new quota's state from the
+//! old one's: each master is walked with `SCAN` (in the background, after the reload), and
+//! each key whose old quota still counts gains the new one, unless the key holds the new
+//! one further along already (a request, another replica's walk, or a quota the group had
+//! before). The old quota's state stays while it counts, for replicas still on the old
+//! file. Replicas reloading the same file do the same work and agree. Until the walk
+//! reaches a key, a request for it finds no state of the new quota and starts afresh; the
+//! walk took 1.2 s for 100,000 keys (a busy 2-core machine, one standalone server). Walks
+//! run one at a time, so a second reload's walk reads what the first one wrote; a master
+//! that fails its walk is walked again, a few times, with the others done meanwhile.
+
+use std::time::Duration;
+
+use super::batch::micros;
+use super::*;
+
+/// One key's changed quotas carried over, in order: per move in ARGV[1] (packed as the
+/// decision script's numbers) the old quota's interval_us and capacity_us, then the new
+/// one's. The old quota's backlog (its TAT past now) in requests, at the new quota's
+/// interval, at most the new quota's capacity, unless the key holds the new quota further
+/// along. The key is written back (as the decision script writes it: a triple of doubles
+/// per quota, expiring with its last TAT) only if a quota was carried.
+const CARRY: &str = r"
+pcall(redis.replicate_commands)
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local value = redis.call('GET', KEYS[1])
+if not value then
+  return 0
+end
+local n = #value / 8
+n = n - n % 3
+if n == 0 then
+  return 0
+end
+local stored = {struct.unpack('<' .. string.rep('d', n), value)}
+local moves = {struct.unpack('<' .. string.rep('d', #ARGV[1] / 8), ARGV[1])}
+local carried = 0
+for m = 1, #ARGV[1] / 8, 4 do
+  local from_interval, from_capacity = moves[m], moves[m + 1]
+  local to_interval, to_capacity = moves[m + 2], moves[m + 3]
+  local from, to = nil, nil
+  for t = 1, n, 3 do
+    if stored[t] == from_interval and stored[t + 1] == from_capacity then
+      from = t
+    elseif stored[t] == to_interval and stored[t + 1] == to_capacity then
+      to = t
+    end
+  end
+  if from and stored[from + 2] > now then
+    local lead = (stored[from + 2] - now) * to_interval / from_interval
+    lead = math.min(lead - lead % 1, to_capacity)
+    if not to then
+      to = n + 1
+      n = n + 3
+      stored[to], stored[to + 1], stored[to + 2] = to_interval, to_capacity, 0
+    end
+    if stored[to + 2] < now + lead then
+      stored[to + 2] = now + lead
+      carried = 1
+    end
+  end
+end
+if carried == 0 then
+  return 0
+end
+local row, k, latest = {}, 0, now
+for t = 1, n, 3 do
+  if stored[t + 2] > now then
+    row[k + 1], row[k + 2], row[k + 3] = stored[t], stored[t + 1], stored[t + 2]
+    k = k + 3
+    if stored[t + 2] > latest then
+      latest = stored[t + 2]
+    end
+  end
+end
+local ttl = (latest - now) / 1000
+redis.call('PSETEX', KEYS[1], string.format('%d', ttl - ttl % 1 + 1),
+  struct.pack('<' .. string.rep('d', k), unpack(row, 1, k)))
+return 1
+";
+
+/// Keys asked for per `SCAN` step.
+const SCAN_COUNT: usize = 1000;
+
+/// One changed quota of a group: the quota it replaces and its own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QuotaMove {
+    pub(crate) group: LimitGroup,
+    pub(crate) from: Quota,
+    pub(crate) to: Quota,
+}
+
+/// `SCAN`'s pattern for a group's keys: `{prefix}:{group}:*`, or in Cluster mode
+/// `{{prefix}:{group}:*}` (the whole key is its hash tag). Keys of an older layout, one per
+/// quota, match the first too, hold no state the script reads, and are left alone.
+fn group_pattern(prefix: &str, group: LimitGroup, cluster: bool) -> String {
+    if cluster {
+        format!("{{{prefix}:{}:*}}", group.name())
+    } else {
+        format!("{prefix}:{}:*", group.name())
+    }
+}
+
+/// The moves of each group that has any, as the script's packed argument.
+fn by_group(moves: &[QuotaMove]) -> Vec<(LimitGroup, Vec<u8>)> {
+    let mut groups: Vec<(LimitGroup, Vec<u8>)> = Vec::new();
+    for movement in moves {
+        let at = match groups.iter().position(|(g, _)| *g == movement.group) {
+            Some(at) => at,
+            None => {
+                groups.push((movement.group, Vec::new()));
+                groups.len() - 1
+            }
+        };
+        let ((from_interval, from_capacity), (to_interval, to_capacity)) =
+            (micros(&movement.from), micros(&movement.to));
+        for n in [from_interval, from_capacity, to_interval, to_capacity] {
+            groups[at].1.extend_from_slice(&(n as f64).to_le_bytes());
+        }
+    }
+    groups
+}
+
+impl RedisStore {
+    /// Carries the state of each changed quota in `moves` over to its new keys, in the
+    /// background (an embedding app that reloads outside a Tokio runtime carries nothing).
+    pub(crate) fn carry_over(self: &Arc<Self>, moves: Vec<QuotaMove>) {
+        if moves.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        runtime.spawn(async move {
+            // One walk at a time: a later reload's walk reads what this one writes.
+            let _walking = store.carrying.lock().await;
+            let started = tokio::time::Instant::now();
+            let mut carried = 0;
+            // The masters (by name) still to walk; none known yet: every one.
+            let mut pending: Option<Vec<String>> = None;
+            for attempt in 0..CARRY_ATTEMPTS {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+                }
+                match store.carry(&moves, &mut pending).await {
+                    Ok((count, errors)) => {
+                        carried += count;
+                        if errors.is_empty() {
+                            tracing::info!(
+                                target: "reset_guard::limit",
+                                carried,
+                                took_ms = started.elapsed().as_millis() as u64,
+                                "changed quotas' state carried over in Redis"
+                            );
+                            return;
+                        }
+                        tracing::warn!(target: "reset_guard::limit", error = %errors.join("; "), attempt = attempt + 1, "carrying changed quotas' state over in Redis failed in part; trying again");
+                    }
+                    Err(error) => {
+                        tracing::warn!(target: "reset_guard::limit", %error, attempt = attempt + 1, "carrying changed quotas' state over in Redis failed; trying again");
+                    }
+                }
+            }
+            tracing::error!(
+                target: "reset_guard::limit",
+                carried,
+                "changed quotas' state not carried over in Redis where it failed: those keys start afresh"
+            );
+        });
+    }
+
+    /// One attempt: every master, or those `pending` names (the ones that failed before;
+    /// left naming those that failed again). How many keys were carried, and why the failed
+    /// masters failed. Without the cluster's map of masters, nothing is walked and `pending`
+    /// stays as it was.
+    async fn carry(
+        &self,
+        moves: &[QuotaMove],
+        pending: &mut Option<Vec<String>>,
+    ) -> Result<(u64, Vec<String>), String> {
+        let script = redis::Script::new(CARRY);
+        let groups = by_group(moves);
+        let mut carried = 0;
+        let mut errors = Vec::new();
+        match &self.cluster {
+            Some(cluster) => {
+                let masters = cluster.master_connections(self.timeout).await?;
+                let mut failed = Vec::new();
+                for (name, master) in masters {
+                    if pending.as_ref().is_some_and(|names| !names.contains(&name)) {
+                        continue;
+                    }
+                    let mut connection = match master {
+                        Ok(connection) => connection,
+                        Err(error) => {
+                            errors.push(format!("{name}: {error}"));
+                            failed.push(name);
+                            continue;
+                        }
+                    };
+                    for (group, moves) in &groups {
+                        let pattern = group_pattern(&self.prefix, *group, true);
+                        match carry_on(&mut connection, &script, &pattern, moves).await {
+                            Ok(count) => carried += count,
+                            Err(error) => {
+                                errors.push(format!("{name}: {error}"));
+                                failed.push(name);
+                                break;
+                            }
+                        }
+                    }
+                }
+                *pending = Some(failed);
+            }
+            None => {
+                let _ = self.resolve().await;
+                let master = self.master.load_full().ok_or("no Redis master is known")?;
+                let mut connection = master.connection.clone();
+                for (group, moves) in &groups {
+                    let pattern = group_pattern(&self.prefix, *group, false);
+                    carried += carry_on(&mut connection, &script, &pattern, moves).await?;
+                }
+            }
+        }
+        Ok((carried, errors))
+    }
+}
+
+/// Tries at walking a master: the first, then four more 2, 4, 8 and 16 s apart.
+const CARRY_ATTEMPTS: u32 = 5;
+
+/// Walks one server's keys of a group (`pattern`), carrying its changed quotas (`moves`,
+/// packed) in each; how many keys gained state.
+async fn carry_on(
+    connection: &mut (impl redis::aio::ConnectionLike + Send),
+    script: &redis::Script,
+    pattern: &str,
+    moves: &[u8],
+) -> Result<u64, String> {
+    let wait = Duration::from_secs(5);
+    // A pipeline sends the script by its hash only: loaded first.
+    tokio::time::timeout(wait, script.load_async(connection))
+        .await
+        .map_err(|_| format!("SCRIPT LOAD: no answer within {wait:?}"))?
+        .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
+    let mut cursor: u64 = 0;
+    let mut carried = 0;
+    loop {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT);
+        let step = scan.query_async::<(u64, Vec<String>)>(connection);
+        let (next, keys) = tokio::time::timeout(wait, step)
+            .await
+            .map_err(|_| format!("SCAN: no answer within {wait:?}"))?
+            .map_err(|e| format!("SCAN: {e}"))?;
+        if !keys.is_empty() {
+            let mut pipe = redis::pipe();
+            // One key's failure is its own: a key in a slot being moved (`MOVED`, `ASK`,
+            // `TRYAGAIN`) is skipped, its new quota left to start afresh; the walk goes on.
+            pipe.ignore_errors();
+            for key in &keys {
+                pipe.invoke_script(script.key(key).arg(moves));
+            }
+            let answers = pipe.query_async::<Vec<redis::RedisResult<u64>>>(connection);
+            let done = tokio::time::timeout(wait, answers)
+                .await
+                .map_err(|_| format!("carrying: no answer within {wait:?}"))?
+                .map_err(|e| format!("carrying: {e}"))?;
+            for answer in done {
+                match answer {
+                    Ok(count) => carried += count,
+                    Err(error) if moving(&error) => {}
+                    Err(error) => return Err(format!("carrying: {error}")),
+                }
+            }
+        }
+        if next == 0 {
+            return Ok(carried);
+        }
+        cursor = next;
+    }
+}
+
+/// Whether a key's slot is being moved between masters (`MOVED`, `ASK`, `TRYAGAIN`).
+fn moving(error: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    super::batch::redirected(error)
+        || matches!(error.kind(), ErrorKind::Server(ServerErrorKind::TryAgain))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_walk_finds_the_keys_the_decision_writes() {
+        assert_eq!(
+            group_pattern("rg", LimitGroup::PerEmail, false),
+            "rg:per_email:*"
+        );
+        assert_eq!(
+            group_pattern("rg", LimitGroup::PerEmail, true),
+            "{rg:per_email:*}"
+        );
+    }
+
+    #[test]
+    fn each_group_is_walked_once_with_all_its_moves() {
+        let quota =
+            |requests, secs| Quota::new(requests, Duration::from_secs(secs), None, false).unwrap();
+        let movement = |group, from, to| QuotaMove { group, from, to };
+        let groups = by_group(&[
+            movement(LimitGroup::PerEmail, quota(3, 3600), quota(1, 3600)),
+            movement(LimitGroup::PerIp, quota(10, 60), quota(5, 60)),
+            movement(LimitGroup::PerEmail, quota(3, 3600), quota(10, 86_400)),
+        ]);
+        let numbers = |packed: &[u8]| -> Vec<u64> {
+            packed
+                .chunks_exact(8)
+                .map(|n| f64::from_le_bytes(n.try_into().unwrap()) as u64)
+                .collect()
+        };
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].0, LimitGroup::PerEmail);
+        assert_eq!(
+            numbers(&groups[0].1),
+            [
+                1_200_000_000,
+                3_600_000_000,
+                3_600_000_000,
+                3_600_000_000,
+                1_200_000_000,
+                3_600_000_000,
+                8_640_000_000,
+                86_400_000_000
+            ]
+        );
+        assert_eq!(
+            numbers(&groups[1].1),
+            [6_000_000, 60_000_000, 12_000_000, 60_000_000]
+        );
+    }
+}
