@@ -378,6 +378,21 @@ impl RedisServer {
             .collect()
     }
 
+    /// Writes `key` as a limit key holding `numbers` (Lua expressions, three per quota:
+    /// interval_us, capacity_us, TAT; `1/0` is infinity), without an expiry: a value the
+    /// gateway did not write. `now` in an expression is the server's clock in microseconds.
+    pub fn plant_quota_states(&self, key: &str, numbers: &str) {
+        let script = format!(
+            "local t = redis.call('TIME') local now = t[1] * 1000000 + t[2] \
+             local n = {{{numbers}}} \
+             return redis.call('SET', KEYS[1], struct.pack('<' .. string.rep('d', #n), unpack(n)))"
+        );
+        let reply = self
+            .command(&format!("EVAL \"{script}\" 1 {key}"))
+            .unwrap_or_default();
+        assert_eq!(reply.trim(), "+OK", "{key}: {reply}");
+    }
+
     /// Kills the server (SIGKILL: the worst case for its clients).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

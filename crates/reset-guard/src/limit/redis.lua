@@ -141,16 +141,23 @@ for k = 1, #keys do
       for t = 1, n_stored, 3 do
         if stored[t] == interval and stored[t + 1] == capacity then
           tat, used = stored[t + 2], used + 1
+          -- A GCRA state is never further ahead than its capacity: a value that is
+          -- (written by something else, or not a number) counts as a full burst spent.
+          if not (tat <= now + capacity) then
+            tat = now + capacity
+          end
           break
         end
       end
       tats[s] = tat
     end
     if n_stored > 3 * used then
-      -- Quotas no slot uses: kept while they still count.
+      -- Quotas no slot uses: kept while they still count, and only if they read as a
+      -- state (no further ahead than its capacity, which no quota makes 2^53 us).
       local others, n = nil, 0
       for t = 1, n_stored, 3 do
-        if stored[t + 2] > now then
+        local tat = stored[t + 2]
+        if tat > now and tat <= now + stored[t + 1] and stored[t + 1] < 9007199254740992 then
           local mine = false
           for at = key_at, p - 1 do
             local q = nums[at]

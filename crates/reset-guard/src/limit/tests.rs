@@ -1141,6 +1141,109 @@ mod redis_store {
         assert_eq!(held.len(), 2, "both quotas in the one key: {held:?}");
     }
 
+    /// A key holds another replica's quota beside this one's (a reload not yet everywhere):
+    /// kept through this one's writes while it counts, the key expiring with the later of
+    /// the two; one that no longer counts is dropped; a value that reads as no state (not
+    /// written by the gateway, or not numbers) is decided as a full burst spent, not an
+    /// error, and written over.
+    #[tokio::test]
+    async fn a_key_keeps_the_quotas_it_holds_for_others_while_they_count() {
+        let server = RedisServer::start();
+        let store = redis_store(&server, OnError::Deny);
+        let daily = rig_in(
+            "  per_email: [{ requests: 5, per: 1d }]\n",
+            "",
+            store.clone(),
+            ManualClock::new(),
+        );
+        let hourly = rig_in(
+            "  per_email: [{ requests: 5, per: 1h }]\n",
+            "",
+            store,
+            ManualClock::new(),
+        );
+        assert_eq!(daily.status(ask("k@b.io")).await, 200);
+        assert_eq!(hourly.status(ask("k@b.io")).await, 200);
+        let keys = quota_keys(&server);
+        let [(key, _)] = &keys[..] else {
+            panic!("{keys:?}")
+        };
+        assert_eq!(server.quota_states(key).len(), 2, "{keys:?}");
+        let ttl: i64 = server
+            .command(&format!("PTTL {key}"))
+            .unwrap()
+            .trim_start_matches(':')
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            ttl > 3_600_000,
+            "expires with the daily quota's state: {ttl}"
+        );
+
+        // A quota of another file whose state has run out, and one whose TAT is not a
+        // state at all, beside this one's.
+        let day = 86_400_000_000i64;
+        server.plant_quota_states(
+            key,
+            &format!("17280000000, {day}, now + 17280000000, 1000, 2000, now - 1, 7, 8, 1/0"),
+        );
+        assert_eq!(daily.status(ask("k@b.io")).await, 200, "two of five spent");
+        let held = server.quota_states(key);
+        assert_eq!(held.len(), 1, "the others dropped: {held:?}");
+        assert_eq!(held[0][..2], [17_280_000_000, day]);
+
+        // This quota's own state past its capacity (or not a number): a full burst spent.
+        for tat in ["now + 10 * 86400000000", "0/0"] {
+            server.plant_quota_states(key, &format!("17280000000, {day}, {tat}"));
+            assert_eq!(daily.status(ask("k@b.io")).await, 429, "{tat}");
+            assert_eq!(daily.handle.store_errors(), 0);
+        }
+    }
+
+    /// Two changed quotas deriving from one removed quota: the walk gives each key both.
+    #[tokio::test]
+    async fn a_walk_carries_every_changed_quota_of_a_group() {
+        let server = RedisServer::start();
+        let rig = redis_rig(
+            &server,
+            "  per_email: [{ requests: 3, per: 1h }]\n",
+            "",
+            OnError::Deny,
+        );
+        assert_eq!(rig.statuses(3, ask("w@b.io")).await, [200, 200, 200]);
+        reload(
+            &rig,
+            "  per_email: [{ requests: 1, per: 1h }, { requests: 10, per: 1d }]\n",
+        );
+        let daily = (8_640_000_000, 86_400_000_000);
+        assert_eq!(holding(&server, daily, 1).await, 1, "{:?}", server.dump());
+        let held = states(&server);
+        assert_eq!(held.len(), 3, "the old quota and both new ones: {held:?}");
+        // Three spent: the hourly quota's one (capped), three of the daily ten.
+        let lead = |quota: (i64, i64)| {
+            let [.., tat] = held
+                .iter()
+                .find(|[i, c, _]| (*i, *c) == quota)
+                .copied()
+                .unwrap();
+            let [.., old] = held
+                .iter()
+                .find(|[i, c, _]| (*i, *c) == (1_200_000_000, 3_600_000_000))
+                .copied()
+                .unwrap();
+            (tat - old) / 1_000_000
+        };
+        // Each new state is the old one's backlog (3 x 20 min) at the new interval, from
+        // the walk's moment: within a few seconds of what these give.
+        assert!(
+            (lead((3_600_000_000, 3_600_000_000))).abs() < 10,
+            "{held:?}"
+        );
+        assert!((lead(daily) - (3 * 8_640 - 3_600)).abs() < 10, "{held:?}");
+        assert_eq!(rig.status(ask("w@b.io")).await, 429);
+    }
+
     /// A reload that tightens a quota keeps the denials cached under it (the address would
     /// be refused under the new one at least as long): a flood refused before it is not
     /// let through while the changed quota's state is carried over. One that loosens it

@@ -16,7 +16,7 @@ pub(super) const MAX_BATCH: usize = 128;
 /// Numbers the script returns per request.
 pub(super) const REPLY_LEN: usize = 7;
 
-/// One request's charges under one settings generation, and where its six numbers go.
+/// One request's charges under one settings generation, and where its seven numbers go.
 pub(super) struct Job {
     pub(super) specs: Arc<RedisSpecs>,
     pub(super) charges: Charges,
@@ -202,8 +202,8 @@ struct KeySlots {
 }
 
 impl CallArgs {
-    /// The quota sets of every settings generation in the batch, once, then each key's
-    /// slots, then each request's groups and slots.
+    /// The quota sets of every settings generation in the batch, once, then each
+    /// request's groups and slots, then each key's slots.
     pub(super) fn new(batch: &[Job]) -> Self {
         let mut generations: Vec<&Arc<RedisSpecs>> = Vec::new();
         for job in batch {
@@ -435,7 +435,7 @@ pub(super) fn gather_from(first: Job, mut next: impl FnMut() -> Option<Job>) -> 
     batch
 }
 
-/// One script call deciding `batch`, and each job's six numbers (or the error) sent back.
+/// One script call deciding `batch`, and each job's seven numbers (or the error) sent back.
 pub(super) async fn call(
     batch: Vec<Job>,
     connection: &mut impl redis::aio::ConnectionLike,
@@ -538,7 +538,7 @@ pub(super) fn numbers(reply: redis::Value) -> Result<Vec<i64>, String> {
     }
 }
 
-/// Sends each job of a batch its six numbers from the script's reply, or the error.
+/// Sends each job of a batch its seven numbers from the script's reply, or the error.
 pub(super) fn answer(batch: Vec<Job>, outcome: Result<Vec<i64>, String>) {
     let outcome = match outcome {
         Ok(values) if values.len() != REPLY_LEN * batch.len() => {

@@ -11,7 +11,8 @@
 //! before). The old quota's state stays while it counts, for replicas still on the old
 //! file. Replicas reloading the same file do the same work and agree. Until the walk
 //! reaches a key, a request for it finds no state of the new quota and starts afresh; the
-//! walk took 1.2 s for 100,000 keys (a busy 2-core machine, one standalone server). Walks
+//! walk took 1.2 s for 100,000 keys (a busy 2-core machine, one standalone server, when
+//! each quota had keys of its own: one script call per key then as now). Walks
 //! run one at a time, so a second reload's walk reads what the first one wrote; a master
 //! that fails its walk is walked again, a few times, with the others done meanwhile.
 
@@ -30,8 +31,8 @@ const CARRY: &str = r"
 pcall(redis.replicate_commands)
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local value = redis.call('GET', KEYS[1])
-if not value then
+local read, value = pcall(redis.call, 'GET', KEYS[1])
+if not read or not value then
   return 0
 end
 local n = #value / 8
@@ -53,7 +54,8 @@ for m = 1, #ARGV[1] / 8, 4 do
       to = t
     end
   end
-  if from and stored[from + 2] > now then
+  -- Only a state that reads as one (no further ahead than its capacity) is carried.
+  if from and stored[from + 2] > now and stored[from + 2] <= now + from_capacity then
     local lead = (stored[from + 2] - now) * to_interval / from_interval
     lead = math.min(lead - lead % 1, to_capacity)
     if not to then
@@ -72,7 +74,8 @@ if carried == 0 then
 end
 local row, k, latest = {}, 0, now
 for t = 1, n, 3 do
-  if stored[t + 2] > now then
+  local tat = stored[t + 2]
+  if tat > now and tat <= now + stored[t + 1] and stored[t + 1] < 9007199254740992 then
     row[k + 1], row[k + 2], row[k + 3] = stored[t], stored[t + 1], stored[t + 2]
     k = k + 3
     if stored[t + 2] > latest then
