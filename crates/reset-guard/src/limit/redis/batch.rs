@@ -135,6 +135,14 @@ impl RedisSpecs {
     pub(super) fn group(&self, group: LimitGroup) -> &GroupSpec {
         &self.groups[group.index()]
     }
+
+    /// The key of `group` for the keyed hash `hash`, as the script is given it.
+    #[cfg(test)]
+    pub(super) fn key_of(&self, group: LimitGroup, hash: u64) -> String {
+        let mut key = Vec::new();
+        self.group(group).key(&mut key, hash);
+        String::from_utf8(key).unwrap_or_default()
+    }
 }
 
 /// One script call's arguments for a batch (the layout is described at the top of

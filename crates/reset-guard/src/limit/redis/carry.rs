@@ -100,14 +100,16 @@ pub(crate) struct QuotaMove {
     pub(crate) to: Quota,
 }
 
-/// `SCAN`'s pattern for a group's keys: `{prefix}:{group}:*`, or in Cluster mode
-/// `{{prefix}:{group}:*}` (the whole key is its hash tag). Keys of an older layout, one per
-/// quota, match the first too, hold no state the script reads, and are left alone.
+/// `SCAN`'s pattern for a group's keys: `{prefix}:{group}:` and the keyed hash's 16 hex
+/// digits, in Cluster mode inside braces (the whole key is its hash tag). No other key
+/// matches: not the probe's, another group's, a longer prefix's, or one of the layout
+/// before (one key per quota, `{prefix}:{group}:{quota}:{hash}`).
 fn group_pattern(prefix: &str, group: LimitGroup, cluster: bool) -> String {
+    let hash = "?".repeat(16);
     if cluster {
-        format!("{{{prefix}:{}:*}}", group.name())
+        format!("{{{prefix}:{}:{hash}}}", group.name())
     } else {
-        format!("{prefix}:{}:*", group.name())
+        format!("{prefix}:{}:{hash}", group.name())
     }
 }
 
@@ -308,15 +310,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_walk_finds_the_keys_the_decision_writes() {
-        assert_eq!(
-            group_pattern("rg", LimitGroup::PerEmail, false),
-            "rg:per_email:*"
-        );
-        assert_eq!(
-            group_pattern("rg", LimitGroup::PerEmail, true),
-            "{rg:per_email:*}"
-        );
+    fn a_walk_finds_the_keys_the_decision_writes_and_no_other() {
+        let limits = LimitSettings {
+            groups: Default::default(),
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            exempt: Vec::new(),
+            response_headers: false,
+        };
+        for cluster in [false, true] {
+            let pattern = group_pattern("rg", LimitGroup::PerEmail, cluster);
+            let specs = super::super::batch::RedisSpecs::new(&limits, "rg", cluster);
+            let key = specs.key_of(LimitGroup::PerEmail, 0x00ab_cdef_0123_4567);
+            assert!(glob(&pattern, &key), "{pattern} {key}");
+            for other in [
+                "rg:probe",
+                "rg:per_ip:00abcdef01234567",
+                "rg:per_email:1200000000.3600000000:00abcdef01234567",
+                "rg:per_email:00abcdef01234567:x",
+                "{rg:per_email:00abcdef01234567}:1200000000.3600000000",
+            ] {
+                assert!(!glob(&pattern, other), "{pattern} matches {other}");
+            }
+        }
+    }
+
+    /// Redis's glob for the patterns above: `?` is any one character, the rest literal.
+    fn glob(pattern: &str, key: &str) -> bool {
+        pattern.len() == key.len()
+            && pattern
+                .bytes()
+                .zip(key.bytes())
+                .all(|(p, k)| p == b'?' || p == k)
     }
 
     #[test]
