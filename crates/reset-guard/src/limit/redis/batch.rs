@@ -396,6 +396,9 @@ pub(super) async fn run_batches(
     let mut connection = connection;
     let mut last_call = std::time::Instant::now();
     while let Some(first) = queue.recv().await {
+        // The first job's sender woke this task, which the runtime may run next, before
+        // the other requests ready to run have sent theirs: let them.
+        tokio::task::yield_now().await;
         let mut batch = gather(first, &mut queue);
         if last_call.elapsed() >= IDLE_CHECK {
             // Redis may have closed a connection left idle (its `timeout`, `CLIENT KILL`):

@@ -531,6 +531,9 @@ async fn run_master_batches(
     // This task's connection to the master, and the master's address.
     let mut master = None;
     while let Some(first) = queue.recv().await {
+        // The first job's sender woke this task, which the runtime may run next, before
+        // the other requests answered by the same reply have sent theirs: let them.
+        tokio::task::yield_now().await;
         let batch = gather_from(first, || queue.try_recv().ok());
         let Some(job) = batch.first() else {
             continue;
