@@ -91,6 +91,19 @@ pub struct LimitSettings {
 }
 
 impl LimitSettings {
+    /// Settings of these groups' quotas (in `LimitGroup::ALL` order) and the defaults
+    /// otherwise, for tests of the stores.
+    #[cfg(test)]
+    pub(crate) fn of_groups(groups: [Vec<Quota>; 4]) -> Self {
+        LimitSettings {
+            groups,
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            exempt: Vec::new(),
+            response_headers: false,
+        }
+    }
+
     /// The quotas of one group.
     pub fn quotas(&self, group: LimitGroup) -> &[Quota] {
         &self.groups[group.index()]

@@ -596,13 +596,7 @@ mod tests {
             .iter()
             .map(|(requests, secs)| quota(*requests, *secs).unwrap())
             .collect();
-        LimitSettings {
-            groups,
-            ipv4_prefix: 32,
-            ipv6_prefix: 64,
-            exempt: Vec::new(),
-            response_headers: false,
-        }
+        LimitSettings::of_groups(groups)
     }
 
     fn job(specs: &Arc<RedisSpecs>, ip: u64, email: u64) -> Job {
@@ -750,13 +744,7 @@ mod tests {
         let four: Vec<Quota> = (1..=4)
             .map(|q| quota(1000 * q, 3600 * u64::from(q)).unwrap())
             .collect();
-        let limits = LimitSettings {
-            groups: [four.clone(), four.clone(), four.clone(), four],
-            ipv4_prefix: 32,
-            ipv6_prefix: 64,
-            exempt: Vec::new(),
-            response_headers: false,
-        };
+        let limits = LimitSettings::of_groups([four.clone(), four.clone(), four.clone(), four]);
         let specs = Arc::new(RedisSpecs::new(&limits, "rg", false));
         let batch = || -> Vec<Job> {
             (0..MAX_BATCH as u64)
@@ -816,14 +804,7 @@ mod tests {
 
     #[test]
     fn a_slot_is_the_crc16_of_the_hash_tag_as_redis_computes_it() {
-        let limits = LimitSettings {
-            groups: Default::default(),
-            ipv4_prefix: 32,
-            ipv6_prefix: 64,
-            exempt: Vec::new(),
-            response_headers: false,
-        };
-        let specs = RedisSpecs::new(&limits, "rg", true);
+        let specs = RedisSpecs::new(&LimitSettings::of_groups(Default::default()), "rg", true);
         for hash in [0, 1, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
             for group in LimitGroup::ALL {
                 let tag = format!("rg:{}:{hash:016x}", group.name());

@@ -311,13 +311,7 @@ mod tests {
 
     #[test]
     fn a_walk_finds_the_keys_the_decision_writes_and_no_other() {
-        let limits = LimitSettings {
-            groups: Default::default(),
-            ipv4_prefix: 32,
-            ipv6_prefix: 64,
-            exempt: Vec::new(),
-            response_headers: false,
-        };
+        let limits = LimitSettings::of_groups(Default::default());
         for cluster in [false, true] {
             let pattern = group_pattern("rg", LimitGroup::PerEmail, cluster);
             let specs = super::super::batch::RedisSpecs::new(&limits, "rg", cluster);
