@@ -92,8 +92,8 @@ pub struct LimitSettings {
 
 impl LimitSettings {
     /// Settings of these groups' quotas (in `LimitGroup::ALL` order) and the defaults
-    /// otherwise, for tests of the stores.
-    #[cfg(test)]
+    /// otherwise, for tests of the Redis store.
+    #[cfg(all(test, feature = "redis"))]
     pub(crate) fn of_groups(groups: [Vec<Quota>; 4]) -> Self {
         LimitSettings {
             groups,
