@@ -1040,6 +1040,7 @@ mod redis_store {
                 key_prefix: format!("t{}", rand_suffix()),
                 timeout: Duration::from_millis(500),
                 on_error,
+                cluster_groups: ClusterGroups::InOrder,
             }),
             ..StoreSettings::default()
         }
@@ -1570,6 +1571,7 @@ mod redis_store {
                 key_prefix: "stalled".into(),
                 timeout: Duration::from_millis(100),
                 on_error: OnError::Deny,
+                cluster_groups: ClusterGroups::InOrder,
             }),
             ..StoreSettings::default()
         };
