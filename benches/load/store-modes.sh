@@ -9,14 +9,17 @@
 #              mode sentinel naming the three sentinels and `mymaster`
 #   cluster    three masters joined with `redis-cli --cluster create`, and a gateway with
 #              mode cluster given the three as seed nodes
+#   cluster-at-once  the same cluster, and a gateway with `cluster_groups: at_once`
 #
 # then measures the four gateways in rounds, taking turns (the order rotates each round),
 # and prints each mode's median requests/s, p50/p99, CPU per request (the gateway's own, and
 # that of the Redis processes serving the mode: master and replica and sentinels; the three
-# cluster nodes), requests per script call (how well the gateway batches; a call's fixed
-# cost in Redis is several requests' worth) and its ratio to memory. Everything listens on loopback and is stopped on exit.
+# cluster nodes) and its user-space part, how idle the machine stayed (a mode that leaves it
+# idle waits rather than works), requests per script call (how well the gateway batches; a
+# call's fixed cost in Redis is several requests' worth) and its ratio to memory. Everything
+# listens on loopback and is stopped on exit.
 #
-#   benches/load/store-modes.sh                    # 8 s per run, five rounds: ~4 minutes
+#   benches/load/store-modes.sh                    # 8 s per run, five rounds: ~5 minutes
 #   DURATION=10s ROUNDS=3 benches/load/store-modes.sh
 #   GATEWAY_WORKERS=2 benches/load/store-modes.sh  # default 1
 #   MODES=cluster CONNECTIONS=256 benches/load/store-modes.sh   # memory and cluster only
@@ -33,7 +36,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 GATEWAY_WORKERS=${GATEWAY_WORKERS:-1}
 # The modes measured; memory always (the ratios are to it). MODES="cluster" measures
 # memory and cluster only.
-read -r -a MODES <<<"memory ${MODES:-standalone sentinel cluster}"
+read -r -a MODES <<<"memory ${MODES:-standalone sentinel cluster cluster-at-once}"
 
 # shellcheck source=benches/load/lib.sh
 source benches/load/lib.sh
@@ -183,9 +186,11 @@ STORE_PORTS[memory]=""
 STORE_PORTS[standalone]=$STANDALONE
 STORE_PORTS[sentinel]="$MASTER $REPLICA"
 STORE_PORTS[cluster]=${CLUSTER[*]}
+STORE_PORTS[cluster-at-once]=${CLUSTER[*]}
 STORE_PIDS[standalone]=$standalone_pids
 STORE_PIDS[sentinel]=$sentinel_pids
 STORE_PIDS[cluster]=$cluster_pids
+STORE_PIDS[cluster-at-once]=$cluster_pids
 if [ -n "${BEFORE:-}" ]; then
   cp "$BEFORE" "$work/reset-gateway-before"
   for mode in "${MODES[@]}"; do
@@ -203,7 +208,8 @@ for mode in "${MODES[@]}"; do
     standalone) store="store: { kind: redis, $redis_common, redis: { mode: standalone, url: \"redis://127.0.0.1:$STANDALONE\", $redis_tail } }" ;;
     sentinel) store="store: { kind: redis, $redis_common, redis: { mode: sentinel, nodes: $(list "${SENTINELS[@]}"), sentinel_master: mymaster, $redis_tail } }" ;;
     cluster) store="store: { kind: redis, $redis_common, redis: { mode: cluster, nodes: $(list "${CLUSTER[@]}"), $redis_tail } }" ;;
-    *) echo "store-modes.sh: unknown mode '$mode' in MODES (standalone, sentinel, cluster)" >&2; exit 1 ;;
+    cluster-at-once) store="store: { kind: redis, $redis_common, redis: { mode: cluster, nodes: $(list "${CLUSTER[@]}"), cluster_groups: at_once, $redis_tail } }" ;;
+    *) echo "store-modes.sh: unknown mode '$mode' in MODES (standalone, sentinel, cluster, cluster-at-once)" >&2; exit 1 ;;
   esac
   config "${PORT[$mode]}" "$store" >"$work/$mode.yaml"
 done
@@ -215,8 +221,11 @@ for mode in "${MODES[@]}"; do
 done
 for mode in "${MODES[@]}"; do wait_port "${PORT[$mode]}"; done
 
-# CPU time (user + system, in clock ticks) of the given processes so far.
+# CPU time of the given processes so far, in clock ticks: user and system, then user only.
 cpu_ticks() { local total=0 pid; for pid in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$total"; }
+user_ticks() { local total=0 pid; for pid in "$@"; do total=$((total + $(awk '{print $14}' "/proc/$pid/stat"))); done; echo "$total"; }
+# The whole machine's CPU time so far, in clock ticks: all of it, and idle (idle + iowait).
+machine_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6}' /proc/stat; }
 
 # Script calls (EVALSHA) the given Redis servers have run so far.
 script_calls() {
@@ -230,19 +239,28 @@ script_calls() {
 
 measure() { # mode round -> one line
   local port=${PORT[$1]} out gw_before gw_after st_before st_after calls_before calls_after
+  local gwu_before gwu_after stu_before stu_after box_before box_after
   BENCH_CLIENT_TOKEN=$TOKEN wrk -t1 -c8 -d1s -s benches/load/reset.lua "http://127.0.0.1:$port" >/dev/null 2>&1 || true
   gw_before=$(cpu_ticks "${GW_PID[$1]}")
+  gwu_before=$(user_ticks "${GW_PID[$1]}")
   # shellcheck disable=SC2086
   st_before=$(cpu_ticks ${STORE_PIDS[$1]})
   # shellcheck disable=SC2086
+  stu_before=$(user_ticks ${STORE_PIDS[$1]})
+  box_before=$(machine_ticks)
+  # shellcheck disable=SC2086
   calls_before=$(script_calls ${STORE_PORTS[$1]})
   out=$(BENCH_CLIENT_TOKEN=$TOKEN timeout 120 wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s benches/load/reset.lua "http://127.0.0.1:$port" 2>&1)
+  box_after=$(machine_ticks)
   gw_after=$(cpu_ticks "${GW_PID[$1]}")
+  gwu_after=$(user_ticks "${GW_PID[$1]}")
   # shellcheck disable=SC2086
   st_after=$(cpu_ticks ${STORE_PIDS[$1]})
   # shellcheck disable=SC2086
+  stu_after=$(user_ticks ${STORE_PIDS[$1]})
+  # shellcheck disable=SC2086
   calls_after=$(script_calls ${STORE_PORTS[$1]})
-  local rps p50 p99 non2xx errors requests hz gw_us st_us per_call
+  local rps p50 p99 non2xx errors requests hz gw_us st_us gw_user st_user idle per_call
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
@@ -252,8 +270,11 @@ measure() { # mode round -> one line
   hz=$(getconf CLK_TCK)
   gw_us=$(awk -v t=$((gw_after - gw_before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
   st_us=$(awk -v t=$((st_after - st_before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
+  gw_user=$(awk -v t=$((gwu_after - gwu_before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
+  st_user=$(awk -v t=$((stu_after - stu_before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
+  idle=$(awk -v b="$box_before" -v a="$box_after" 'BEGIN {split(b, x, " "); split(a, y, " "); t = y[1] - x[1]; printf "%.1f", (t > 0 ? 100 * (y[2] - x[2]) / t : 0)}')
   per_call=$(awk -v c=$((calls_after - calls_before)) -v n="$requests" 'BEGIN {if (c > 0) printf "%.1f", n / c; else print "-"}')
-  printf '%-17s %-5s %12s %10s %10s %8s %8s %10s %10s %9s\n' "$1" "$2" "$rps" "$p50" "$p99" "${non2xx:-0}" "${errors:-0}" "$gw_us" "$st_us" "$per_call"
+  printf '%-17s %-5s %12s %10s %10s %8s %8s %8s %8s %8s %8s %6s %9s\n' "$1" "$2" "$rps" "$p50" "$p99" "${non2xx:-0}" "${errors:-0}" "$gw_us" "$gw_user" "$st_us" "$st_user" "$idle" "$per_call"
 }
 
 # Warm every gateway (connection pools, Redis script caches, the cluster's slot map).
@@ -264,8 +285,9 @@ done
 results=$work/results.txt
 {
   echo "# $(date -u +%FT%TZ) $(nproc) cores, commit $commit$([ "$dirty" -gt 0 ] && echo " (+$dirty uncommitted tracked files)"), wrk -t1 -c$CONNECTIONS -d$DURATION, $ROUNDS round(s), gateway workers $GATEWAY_WORKERS, redis $(redis-server --version | awk '{print $3}')"
-  echo "# gw_us: the gateway's CPU per request; store_us: its Redis processes' (none for memory); per_call: requests per script call"
-  printf '%-17s %-5s %12s %10s %10s %8s %8s %10s %10s %9s\n' mode round "requests/s" p50 p99 non-2xx errors gw_us store_us per_call
+  echo "# gw_us: the gateway's CPU per request (gw_user: the user-space part of it); store_us, store_user: its"
+  echo "# Redis processes' (none for memory); idle: the machine's idle share (%); per_call: requests per script call"
+  printf '%-17s %-5s %12s %10s %10s %8s %8s %8s %8s %8s %8s %6s %9s\n' mode round "requests/s" p50 p99 non-2xx errors gw_us gw_user store_us st_user idle per_call
 } | tee "$results"
 for round in $(seq "$ROUNDS"); do
   # Rotate the order so that no mode always runs first or last.
@@ -281,22 +303,27 @@ rows = {}
 for line in open(sys.argv[1]):
     if line.startswith('#') or line.startswith('mode'):
         continue
-    mode, rnd, rps, p50, p99, bad, err, gw, st, per_call = line.split()
+    mode, rnd, rps, p50, p99, bad, err, gw, gw_user, st, st_user, idle, per_call = line.split()
     rows.setdefault(mode, []).append(dict(round=int(rnd), rps=float(rps), p50=p50, p99=p99,
                                           bad=int(bad), err=int(err), gw=float(gw), st=float(st),
+                                          gw_user=float(gw_user), st_user=float(st_user),
+                                          idle=float(idle),
                                           per_call=None if per_call == '-' else float(per_call)))
 def median_row(rs):
     return sorted(rs, key=lambda r: r['rps'])[len(rs) // 2]
 mem = statistics.median(r['rps'] for r in rows['memory'])
 mem_by_round = {r['round']: r['rps'] for r in rows['memory']}
 print()
-print(f"{'mode':<17} {'requests/s':>11} {'p50':>9} {'p99':>9} {'gw us/req':>10} {'store us/req':>13} {'req/call':>9} {'ratio':>6} {'paired':>7}  per-round ratios")
+print(f"{'mode':<17} {'requests/s':>11} {'p50':>9} {'p99':>9} {'gw us/req (user)':>17} {'store us/req (user)':>20} {'idle %':>7} {'req/call':>9} {'ratio':>6} {'paired':>7}  per-round ratios")
 for mode in rows:
     rs = rows[mode]
     rps = statistics.median(r['rps'] for r in rs)
     m = median_row(rs)
     gw = statistics.median(r['gw'] for r in rs)
     st = statistics.median(r['st'] for r in rs)
+    gw_user = statistics.median(r['gw_user'] for r in rs)
+    st_user = statistics.median(r['st_user'] for r in rs)
+    idle = statistics.median(r['idle'] for r in rs)
     calls = [r['per_call'] for r in rs if r['per_call'] is not None]
     per_call = f"{statistics.median(calls):9.1f}" if calls else f"{'-':>9}"
     ratios = [r['rps'] / mem_by_round[r['round']] for r in sorted(rs, key=lambda r: r['round'])]
@@ -304,7 +331,7 @@ for mode in rows:
     paired = statistics.median(ratios)
     bad = sum(r['bad'] + r['err'] for r in rs)
     note = '' if bad == 0 else f'  ({bad} non-2xx or socket errors!)'
-    print(f"{mode:<17} {rps:11.0f} {m['p50']:>9} {m['p99']:>9} {gw:10.2f} {st:13.2f} {per_call} {rps / mem:6.2f} {paired:7.2f}  {per_round}{note}")
+    print(f"{mode:<17} {rps:11.0f} {m['p50']:>9} {m['p99']:>9} {gw:9.2f} ({gw_user:5.2f}) {st:12.2f} ({st_user:5.2f}) {idle:7.1f} {per_call} {rps / mem:6.2f} {paired:7.2f}  {per_round}{note}")
 print()
 print("ratio: median requests/s over memory's median; paired: median of the per-round ratios (each")
 print("round's requests/s over memory's in the same round, so less moved by load that drifts over the")
