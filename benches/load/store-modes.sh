@@ -9,7 +9,6 @@
 #              mode sentinel naming the three sentinels and `mymaster`
 #   cluster    three masters joined with `redis-cli --cluster create`, and a gateway with
 #              mode cluster given the three as seed nodes
-#   cluster-at-once  the same cluster, and a gateway with `cluster_groups: at_once`
 #
 # then measures the four gateways in rounds, taking turns (the order rotates each round),
 # and prints each mode's median requests/s, p50/p99, CPU per request (the gateway's own, and
@@ -19,7 +18,7 @@
 # call's fixed cost in Redis is several requests' worth) and its ratio to memory. Everything
 # listens on loopback and is stopped on exit.
 #
-#   benches/load/store-modes.sh                    # 8 s per run, five rounds: ~5 minutes
+#   benches/load/store-modes.sh                    # 8 s per run, five rounds: ~4 minutes
 #   DURATION=10s ROUNDS=3 benches/load/store-modes.sh
 #   GATEWAY_WORKERS=2 benches/load/store-modes.sh  # default 1
 #   MODES=cluster CONNECTIONS=256 benches/load/store-modes.sh   # memory and cluster only
@@ -36,7 +35,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 GATEWAY_WORKERS=${GATEWAY_WORKERS:-1}
 # The modes measured; memory always (the ratios are to it). MODES="cluster" measures
 # memory and cluster only.
-read -r -a MODES <<<"memory ${MODES:-standalone sentinel cluster cluster-at-once}"
+read -r -a MODES <<<"memory ${MODES:-standalone sentinel cluster}"
 
 # shellcheck source=benches/load/lib.sh
 source benches/load/lib.sh
@@ -186,11 +185,9 @@ STORE_PORTS[memory]=""
 STORE_PORTS[standalone]=$STANDALONE
 STORE_PORTS[sentinel]="$MASTER $REPLICA"
 STORE_PORTS[cluster]=${CLUSTER[*]}
-STORE_PORTS[cluster-at-once]=${CLUSTER[*]}
 STORE_PIDS[standalone]=$standalone_pids
 STORE_PIDS[sentinel]=$sentinel_pids
 STORE_PIDS[cluster]=$cluster_pids
-STORE_PIDS[cluster-at-once]=$cluster_pids
 if [ -n "${BEFORE:-}" ]; then
   cp "$BEFORE" "$work/reset-gateway-before"
   for mode in "${MODES[@]}"; do
@@ -208,8 +205,7 @@ for mode in "${MODES[@]}"; do
     standalone) store="store: { kind: redis, $redis_common, redis: { mode: standalone, url: \"redis://127.0.0.1:$STANDALONE\", $redis_tail } }" ;;
     sentinel) store="store: { kind: redis, $redis_common, redis: { mode: sentinel, nodes: $(list "${SENTINELS[@]}"), sentinel_master: mymaster, $redis_tail } }" ;;
     cluster) store="store: { kind: redis, $redis_common, redis: { mode: cluster, nodes: $(list "${CLUSTER[@]}"), $redis_tail } }" ;;
-    cluster-at-once) store="store: { kind: redis, $redis_common, redis: { mode: cluster, nodes: $(list "${CLUSTER[@]}"), cluster_groups: at_once, $redis_tail } }" ;;
-    *) echo "store-modes.sh: unknown mode '$mode' in MODES (standalone, sentinel, cluster, cluster-at-once)" >&2; exit 1 ;;
+    *) echo "store-modes.sh: unknown mode '$mode' in MODES (standalone, sentinel, cluster)" >&2; exit 1 ;;
   esac
   config "${PORT[$mode]}" "$store" >"$work/$mode.yaml"
 done

@@ -168,10 +168,6 @@ fn store_entries(settings: &Settings) -> Vec<(&'static str, String)> {
             "store.redis.on_error",
             format!("{:?}", redis.map(|r| r.on_error)),
         ),
-        (
-            "store.redis.cluster_groups",
-            format!("{:?}", redis.map(|r| r.cluster_groups)),
-        ),
     ]
 }
 

@@ -235,9 +235,9 @@ pub use handle::GuardHandle;
 /// [`ClientIp::resolve`] can be called without depending on `ipnet` yourself.
 pub use ipnet::IpNet;
 pub use layer::{Housekeeping, ResetGuardBuilder, ResetGuardLayer, StoreError};
-#[cfg(feature = "redis")]
-pub use limit::{ClusterGroups, InvalidRedisSettings, OnError, RedisSettings};
 pub use limit::{Denial, LimitGroup, Quota, StoreSettings};
+#[cfg(feature = "redis")]
+pub use limit::{InvalidRedisSettings, OnError, RedisSettings};
 pub use rejection::Rejection;
 pub use secret::{ApiKey, InvalidApiKey};
 pub use service::ResetGuard;

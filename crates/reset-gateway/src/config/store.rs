@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use reset_guard::{ClusterGroups, ConfigDuration, ConfigError, OnError, RedisSettings};
+use reset_guard::{ConfigDuration, ConfigError, OnError, RedisSettings};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
@@ -94,9 +94,6 @@ pub struct RedisConfig {
     pub timeout: ConfigDuration,
     /// `allow` or `deny` (503) when Redis cannot answer in time.
     pub on_error: OnError,
-    /// Cluster mode: `in_order` (each group once the one before admitted) or `at_once`
-    /// (all together, the groups after a denial refunded).
-    pub cluster_groups: ClusterGroups,
 }
 
 impl Default for RedisConfig {
@@ -113,7 +110,6 @@ impl Default for RedisConfig {
             key_prefix: "reset-gateway".to_owned(),
             timeout: ConfigDuration::from_millis(50),
             on_error: OnError::Allow,
-            cluster_groups: ClusterGroups::InOrder,
         }
     }
 }
@@ -280,13 +276,6 @@ impl RedisConfig {
         settings.key_prefix = self.key_prefix.clone();
         settings.timeout = self.timeout.0;
         settings.on_error = self.on_error;
-        if self.cluster_groups != ClusterGroups::InOrder && self.mode != RedisMode::Cluster {
-            return Err(ConfigError::new(
-                "store.redis.cluster_groups",
-                "is for mode: cluster (the other modes decide every group in one call)",
-            ));
-        }
-        settings.cluster_groups = self.cluster_groups;
         Ok(settings)
     }
 }

@@ -389,22 +389,10 @@ async fn tls_on_a_cluster_announcing_hostnames_with_certificates_naming_only_the
 
 #[tokio::test]
 async fn two_gateways_share_limits_in_a_cluster_while_slots_move() {
-    share_limits_while_slots_move("in_order").await;
-}
-
-#[tokio::test]
-async fn groups_asked_at_once_share_limits_while_slots_move() {
-    share_limits_while_slots_move("at_once").await;
-}
-
-/// Two gateways with `cluster_groups` as given share one limit, before, while and after
-/// 3000 slots move.
-async fn share_limits_while_slots_move(cluster_groups: &str) {
     let cluster = RedisCluster::start();
     let mock = MockServer::start(mock_config()).await.unwrap();
     // One seed node is enough: the client learns the others from it.
-    let yaml = cluster_yaml(&mock, &cluster.urls()[..1])
-        + &format!("    cluster_groups: {cluster_groups}\n");
+    let yaml = cluster_yaml(&mock, &cluster.urls()[..1]);
     let a = Gateway::start_yaml(mock, &yaml).await;
     // B has its own (unused) mock; its upstream is A's, which knows every address used.
     let b = Gateway::replica(&yaml).await;
@@ -516,12 +504,8 @@ fn cluster_mode_is_checked_without_echoing_a_node_password() {
         key_secret_file().display()
     ))
     .unwrap();
-    check(&format!("{cluster}    cluster_groups: at_once\n")).unwrap();
-    check(&format!("{cluster}    cluster_groups: in_order\n")).unwrap();
     let refused = [
         ("    mode: cluster\n", "store.redis.nodes (line", "needs seed nodes"),
-        (&format!("{cluster}    cluster_groups: sideways\n"), "store.redis.cluster_groups (line", "expected `in_order` or `at_once`"),
-        ("    url: redis://10.0.0.3:6379\n    cluster_groups: at_once\n", "store.redis.cluster_groups (line", "is for mode: cluster"),
         ("    mode: cluster\n    nodes: []\n", "store.redis.nodes (line", "needs seed nodes"),
         (&format!("{cluster}    url: redis://10.0.0.3:6379\n"), "store.redis.url (line", "seed nodes go in nodes"),
         (&format!("{cluster}    sentinel_master: mymaster\n"), "store.redis.sentinel_master (line", "is for mode: sentinel"),

@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, oneshot};
 mod batch;
 mod carry;
 mod cluster;
-mod refund;
 mod sentinel;
 mod settings;
 
@@ -30,7 +29,7 @@ pub(crate) use carry::QuotaMove;
 use cluster::{Cluster, DirectMasters};
 use sentinel::{Master, SentinelPool};
 use settings::Sentinels;
-pub use settings::{ClusterGroups, InvalidRedisSettings, OnError, RedisSettings};
+pub use settings::{InvalidRedisSettings, OnError, RedisSettings};
 
 use super::{
     Clock, Decision, Denial, LimitCounters, LimitGroup, LimitSettings, MonotonicClock, Quota,
@@ -177,7 +176,6 @@ impl RedisStore {
                     config: config.clone(),
                     scheme: settings::scheme_of(&nodes),
                 },
-                settings.cluster_groups,
             )),
             None => None,
         };

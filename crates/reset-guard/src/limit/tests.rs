@@ -1040,7 +1040,6 @@ mod redis_store {
                 key_prefix: format!("t{}", rand_suffix()),
                 timeout: Duration::from_millis(500),
                 on_error,
-                cluster_groups: ClusterGroups::InOrder,
             }),
             ..StoreSettings::default()
         }
@@ -1571,7 +1570,6 @@ mod redis_store {
                 key_prefix: "stalled".into(),
                 timeout: Duration::from_millis(100),
                 on_error: OnError::Deny,
-                cluster_groups: ClusterGroups::InOrder,
             }),
             ..StoreSettings::default()
         };

@@ -137,6 +137,7 @@ impl RedisSpecs {
     }
 
     /// The key of `group` for the keyed hash `hash`, as the script is given it.
+    #[cfg(test)]
     pub(super) fn key_of(&self, group: LimitGroup, hash: u64) -> String {
         let mut key = Vec::new();
         self.group(group).key(&mut key, hash);

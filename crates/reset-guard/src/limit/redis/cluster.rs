@@ -15,8 +15,6 @@
 //! map yet, a key not served where the map said) a group is one call with declared keys,
 //! which the cluster client routes and redirects itself.
 
-use std::collections::VecDeque;
-use std::ops::Range;
 use std::sync::atomic::AtomicU64;
 
 use redis::aio::MultiplexedConnection;
@@ -43,10 +41,6 @@ pub(super) struct Cluster {
     masters_pinged: tokio::sync::Mutex<Vec<ProbedMaster>>,
     /// What every thread's batching needs to send one call per master.
     pub(super) nodes: Arc<NodeCalls>,
-    /// `cluster_groups: at_once`: a request's groups are sent together.
-    at_once: bool,
-    /// Gives back what a group charged a request an earlier group denied (refund.rs).
-    pub(super) refund: redis::Script,
 }
 
 impl Cluster {
@@ -56,7 +50,6 @@ impl Cluster {
         client: redis::cluster::ClusterClient,
         config: redis::cluster::ClusterConfig,
         direct: DirectMasters,
-        groups: ClusterGroups,
     ) -> Self {
         Cluster {
             client,
@@ -64,8 +57,6 @@ impl Cluster {
             probe: tokio::sync::OnceCell::new(),
             masters_pinged: tokio::sync::Mutex::new(Vec::new()),
             nodes: Arc::new(NodeCalls::new(direct)),
-            at_once: groups == ClusterGroups::AtOnce,
-            refund: redis::Script::new(super::refund::REFUND),
         }
     }
 
@@ -609,20 +600,12 @@ impl RedisStore {
         let specs = specs.clone();
         let started = self.wait_started();
         Box::pin(async move {
-            // One deadline for the whole request rather than one per group.
-            let deadline = tokio::time::Instant::now() + store.timeout;
-            let decided = if store.cluster.as_ref().is_some_and(|c| c.at_once) {
-                store.decide_groups_at_once(&specs, charges, deadline).await
-            } else {
-                let in_order = store.decide_groups(&specs, charges);
-                match tokio::time::timeout_at(deadline, in_order).await {
-                    Ok(decided) => decided,
-                    Err(_) => Err("timed out".to_owned()),
-                }
-            };
-            let decision = match decided {
-                Ok(merged) => store.read_reply(&merged, charges.as_slice(), &specs, cached),
-                Err(why) => store.fail(&why, cached),
+            // One timer for the whole request rather than one per group.
+            let decided = tokio::time::timeout(store.timeout, store.decide_groups(&specs, charges));
+            let decision = match decided.await {
+                Ok(Ok(merged)) => store.read_reply(&merged, charges.as_slice(), &specs, cached),
+                Ok(Err(why)) => store.fail(&why, cached),
+                Err(_) => store.fail("timed out", cached),
             };
             store.waited(started);
             decision
@@ -640,7 +623,17 @@ impl RedisStore {
         charges: Charges,
     ) -> Result<[i64; REPLY_LEN], String> {
         let all = charges.as_slice();
-        let owners = self.group_owners(specs, all);
+        // Each group's master by the slot map (none without one, or for an unowned slot;
+        // none either where Redis before 7 runs no flagged script: a group is a call there).
+        let mut owners = [None; 4];
+        let nodes = self.cluster.as_ref().map(|c| &c.nodes);
+        let usable = nodes.filter(|n| n.supported.load(Ordering::Relaxed));
+        if let Some(map) = usable.and_then(|n| n.slots.load_full()) {
+            for (owner, (group, hash)) in owners.iter_mut().zip(all) {
+                *owner = Some(map.owner[usize::from(specs.slot(*group, *hash))])
+                    .filter(|owner| *owner != u16::MAX);
+            }
+        }
         // {denied, group, quota, remaining or retry, reset, shadow mask, near mask}, as
         // the script.
         let mut merged = [0i64; REPLY_LEN];
@@ -695,149 +688,6 @@ impl RedisStore {
         Ok(merged)
     }
 
-    /// Each group's master by the slot map (none without one, or for an unowned slot; none
-    /// either where Redis before 7 runs no flagged script: a group is a call there).
-    fn group_owners(&self, specs: &RedisSpecs, all: &[(LimitGroup, u64)]) -> [Option<u16>; 4] {
-        let mut owners = [None; 4];
-        let nodes = self.cluster.as_ref().map(|c| &c.nodes);
-        let usable = nodes.filter(|n| n.supported.load(Ordering::Relaxed));
-        if let Some(map) = usable.and_then(|n| n.slots.load_full()) {
-            for (owner, (group, hash)) in owners.iter_mut().zip(all) {
-                *owner = Some(map.owner[usize::from(specs.slot(*group, *hash))])
-                    .filter(|owner| *owner != u16::MAX);
-            }
-        }
-        owners
-    }
-
-    /// `cluster_groups: at_once`: every group with quotas sent at once (consecutive groups
-    /// on one master as one job there, decided in order in one step, as in order); the
-    /// replies read in request order as if the groups had been decided one after another,
-    /// so the decision is the one that order gives on the states each group found. The
-    /// groups after the one that decided (denied, failed, or was still unanswered at
-    /// `deadline`) would not have been asked: what they charged is refunded, and the
-    /// answer waits for that (until `deadline`; the refunds go on after it), so a client
-    /// that sends its next request after this one's answer finds the states it would
-    /// have found in order.
-    async fn decide_groups_at_once(
-        self: &Arc<Self>,
-        specs: &Arc<RedisSpecs>,
-        charges: Charges,
-        deadline: tokio::time::Instant,
-    ) -> Result<[i64; REPLY_LEN], String> {
-        let all = charges.as_slice();
-        let owners = self.group_owners(specs, all);
-        let mut asked = VecDeque::with_capacity(all.len());
-        let mut first = 0;
-        while first < all.len() {
-            if specs.group(all[first].0).quotas.is_empty() {
-                first += 1;
-                continue;
-            }
-            let mut end = first + 1;
-            if owners[first].is_some() {
-                while end < all.len()
-                    && (specs.group(all[end].0).quotas.is_empty() || owners[end] == owners[first])
-                {
-                    end += 1;
-                }
-            }
-            // A job that cannot be queued fails the request; those queued before it are
-            // decided, as the groups before a failure are in order.
-            asked.push_back(self.ask(specs, all, first..end)?);
-            first = end;
-        }
-        let read = self.read_in_order(specs, all, &mut asked);
-        let decided = tokio::time::timeout_at(deadline, read)
-            .await
-            .unwrap_or_else(|_| Err("timed out".to_owned()));
-        if !asked.is_empty() {
-            let (store, specs) = (self.clone(), specs.clone());
-            let refunds = tokio::spawn(async move {
-                for Asked { groups, answer } in asked {
-                    // Undecided (`ONE_BY_ONE`, a failure): nothing was charged.
-                    let Ok(Ok(one)) = answer.await else {
-                        continue;
-                    };
-                    // The job's groups up to the one that denied (none charged there),
-                    // or all of them.
-                    let charged = if one[0] == 1 {
-                        usize::try_from(one[1] - 1).unwrap_or(0)
-                    } else {
-                        groups.len()
-                    };
-                    for (i, at) in groups.take(charged).enumerate() {
-                        let shadows_charged = (one[5] >> i) & 1 == 0;
-                        store
-                            .refund(&specs, charges.as_slice()[at], shadows_charged)
-                            .await;
-                    }
-                }
-            });
-            let _ = tokio::time::timeout_at(deadline, refunds).await;
-        }
-        decided
-    }
-
-    /// Sends the job of the request's groups `groups` (`all` is the request's).
-    fn ask(
-        &self,
-        specs: &Arc<RedisSpecs>,
-        all: &[(LimitGroup, u64)],
-        groups: Range<usize>,
-    ) -> Result<Asked, String> {
-        let (reply, answer) = oneshot::channel();
-        self.enqueue(Job {
-            specs: specs.clone(),
-            charges: Charges::new(&all[groups.clone()]),
-            reply,
-        })?;
-        Ok(Asked { groups, answer })
-    }
-
-    /// The replies of one request's jobs read in request order, up to the first that
-    /// denies or fails, merged into the one reply the script gives for a whole request;
-    /// the jobs after it are left in `asked`. A job of several groups that its master no
-    /// longer serves all of (`ONE_BY_ONE`) decided nothing: its groups are asked again,
-    /// each alone.
-    async fn read_in_order(
-        &self,
-        specs: &Arc<RedisSpecs>,
-        all: &[(LimitGroup, u64)],
-        asked: &mut VecDeque<Asked>,
-    ) -> Result<[i64; REPLY_LEN], String> {
-        let mut merged = [0i64; REPLY_LEN];
-        let mut tightest: Option<i64> = None;
-        while let Some(Asked { groups, answer }) = asked.pop_front() {
-            let one = match answer.await {
-                Ok(Err(why)) if why == ONE_BY_ONE => {
-                    for at in groups.rev() {
-                        if !specs.group(all[at].0).quotas.is_empty() {
-                            asked.push_front(self.ask(specs, all, at..at + 1)?);
-                        }
-                    }
-                    continue;
-                }
-                Ok(reply) => reply?,
-                Err(_) => return Err("the Redis worker stopped".to_owned()),
-            };
-            // As in order: the job's groups are numbered from 1 in the reply.
-            let first = groups.start;
-            let offset = i64::try_from(first).unwrap_or(0);
-            merged[5] |= one[5] << first;
-            merged[6] |= one[6] << (4 * first);
-            if one[0] == 1 {
-                merged[..5].copy_from_slice(&[1, offset + one[1], one[2], one[3], 0]);
-                break;
-            }
-            if one[1] != 0 && tightest.is_none_or(|remaining| one[3] <= remaining) {
-                tightest = Some(one[3]);
-                merged[..5].copy_from_slice(&[0, offset + one[1], one[2], one[3], one[4]]);
-            }
-        }
-        Ok(merged)
-    }
-
     /// Cluster mode: this thread's queue and its own cluster connection, which keeps
     /// itself connected to every master (reconnecting, and refreshing the slot map on
     /// MOVED or when a node is lost).
@@ -863,13 +713,6 @@ impl RedisStore {
             sender
         })
     }
-}
-
-/// A job of one request's groups asked at once: the groups (by their index in the
-/// request) and its answer.
-struct Asked {
-    groups: Range<usize>,
-    answer: oneshot::Receiver<Result<[i64; REPLY_LEN], String>>,
 }
 
 #[cfg(test)]

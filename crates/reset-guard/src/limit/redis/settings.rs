@@ -29,36 +29,6 @@ impl OnError {
     }
 }
 
-/// How Cluster mode decides the groups of one request, whose keys live on different
-/// masters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum ClusterGroups {
-    /// One after another in request order, each once the one before admitted: a group
-    /// after a denial is never charged, as in the other modes. A request costs a round trip
-    /// per master its groups go to in turn.
-    #[default]
-    InOrder,
-    /// All at once, each on its master, in one round trip; a group after the one that
-    /// denied (which in order would not have been asked) is refunded as soon as the
-    /// denial is known. Until then, about one round trip, that group holds one request
-    /// more, which another request deciding on the same key at its last allowance in that
-    /// moment can find spent: an approximation, traded for fewer round trips and larger
-    /// batches (benches/README.md, "All groups at once").
-    AtOnce,
-}
-
-impl ClusterGroups {
-    /// As written in the configuration: `in_order` or `at_once`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClusterGroups::InOrder => "in_order",
-            ClusterGroups::AtOnce => "at_once",
-        }
-    }
-}
-
 /// Why [`RedisSettings`] cannot work, said without repeating a URL (which may hold a
 /// secret).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,8 +57,6 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// What happens when Redis cannot answer in time.
     pub on_error: OnError,
-    /// Cluster mode: whether a request's groups are decided in order or all at once.
-    pub cluster_groups: ClusterGroups,
 }
 
 impl fmt::Debug for RedisSettings {
@@ -101,7 +69,6 @@ impl fmt::Debug for RedisSettings {
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("on_error", &self.on_error)
-            .field("cluster_groups", &self.cluster_groups)
             .finish()
     }
 }
@@ -132,16 +99,10 @@ impl RedisSettings {
     /// Whether these settings can work, as [`crate::ResetGuardBuilder::build`] checks
     /// them: a URL the client accepts, with no user, password, query or fragment in it
     /// (they go in [`username`](Self::username) and [`password`](Self::password)), and a
-    /// timeout from 1ms to 60s; `cluster_groups` other than in order only in Cluster mode.
+    /// timeout from 1ms to 60s.
     /// The error says what is wrong without repeating the URL.
     pub fn check(&self) -> Result<(), InvalidRedisSettings> {
         Self::check_url(&self.url).map_err(|why| InvalidRedisSettings(format!("url {why}")))?;
-        if self.cluster_groups != ClusterGroups::InOrder && self.cluster_nodes().is_none() {
-            return Err(InvalidRedisSettings(
-                "cluster_groups is for Redis Cluster (the other modes decide every group in one call)"
-                    .to_owned(),
-            ));
-        }
         if self.timeout < Duration::from_millis(1) || self.timeout > MAX_TIMEOUT {
             return Err(InvalidRedisSettings(
                 "timeout must be 1ms to 60s".to_owned(),
@@ -161,7 +122,6 @@ impl RedisSettings {
             key_prefix: "reset-gateway".to_owned(),
             timeout: Duration::from_millis(50),
             on_error: OnError::Allow,
-            cluster_groups: ClusterGroups::InOrder,
         }
     }
 
@@ -198,12 +158,6 @@ impl RedisSettings {
     /// Answering as `on_error` says when Redis cannot answer in time.
     pub fn with_on_error(mut self, on_error: OnError) -> Self {
         self.on_error = on_error;
-        self
-    }
-
-    /// Cluster mode: deciding a request's groups as `groups` says (in order unless set).
-    pub fn with_cluster_groups(mut self, groups: ClusterGroups) -> Self {
-        self.cluster_groups = groups;
         self
     }
 
