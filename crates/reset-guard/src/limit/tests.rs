@@ -1193,10 +1193,13 @@ mod redis_store {
         assert_eq!(held.len(), 1, "the others dropped: {held:?}");
         assert_eq!(held[0][..2], [17_280_000_000, day]);
 
-        // This quota's own state past its capacity (or not a number): a full burst spent.
+        // This quota's own state past its capacity (or not a number): a full burst spent,
+        // so the next request waits one interval (4.8 h), not the ten days written.
         for tat in ["now + 10 * 86400000000", "0/0"] {
             server.plant_quota_states(key, &format!("17280000000, {day}, {tat}"));
-            assert_eq!(daily.status(ask("k@b.io")).await, 429, "{tat}");
+            let denied = daily.send(ask("k@b.io")).await;
+            assert_eq!(denied.status(), 429, "{tat}");
+            assert_eq!(header(&denied, "retry-after"), Some("17280"), "{tat}");
             assert_eq!(daily.handle.store_errors(), 0);
         }
     }
