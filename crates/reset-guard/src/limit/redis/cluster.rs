@@ -467,59 +467,19 @@ impl NodeCalls {
     }
 }
 
-/// One thread's queue to each master (by its index in the slot map), each drained by a
-/// task of its own (`run_master_batches`). A request whose group's master the slot map
-/// names sends its job straight to that master's queue, not through the thread's cluster
-/// queue first: a task's hop less per group, 3% of the gateway's instructions per request
-/// in Cluster mode (benches/README.md, "Straight to the master's queue").
-#[derive(Clone)]
-pub(super) struct MasterQueues {
-    queues: Arc<Mutex<Vec<Option<mpsc::Sender<Job>>>>>,
+/// Cluster mode: each job is one group of one request (its keys share a hash tag). Jobs
+/// whose slot the slot map places on a master go to that master's own queue on this
+/// thread; the others are decided one call per hash tag at once. The calls run side by
+/// side over the cluster connection.
+pub(super) async fn run_cluster_batches(
+    mut queue: mpsc::Receiver<Job>,
     connection: redis::cluster_async::ClusterConnection,
     nodes: Arc<NodeCalls>,
     script: Arc<redis::Script>,
     timeout: Duration,
-}
-
-impl MasterQueues {
-    /// Sends `job` to the queue of master `owner`, starting its task on first use; gives
-    /// the job back when that queue is full (as the thread's queue refuses one) or gone.
-    fn send(&self, owner: u16, job: Job) -> Result<(), Job> {
-        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        let index = usize::from(owner);
-        if queues.len() <= index {
-            queues.resize(index + 1, None);
-        }
-        let sender = queues[index].get_or_insert_with(|| {
-            let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
-            tokio::spawn(run_master_batches(
-                receiver,
-                self.connection.clone(),
-                self.nodes.clone(),
-                self.script.clone(),
-                self.timeout,
-            ));
-            sender
-        });
-        sender.try_send(job).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => job,
-        })
-    }
-}
-
-/// Cluster mode: each job is one group of one request (its keys share a hash tag), sent
-/// here when the request knew no master for it (no slot map yet). Jobs whose slot the slot
-/// map now places on a master go to that master's queue on this thread; the others are
-/// decided one call per hash tag at once. The calls run side by side over the cluster
-/// connection.
-pub(super) async fn run_cluster_batches(mut queue: mpsc::Receiver<Job>, masters: MasterQueues) {
-    let MasterQueues {
-        connection,
-        nodes,
-        script,
-        timeout,
-        ..
-    } = masters.clone();
+) {
+    // Per master (its index in the slot map): the queue its calls are made from.
+    let mut masters: Vec<Option<mpsc::UnboundedSender<Job>>> = Vec::new();
     while let Some(first) = queue.recv().await {
         let mut by_tag = gather(first, &mut queue);
         if let Some(map) = nodes.slot_map(&connection, timeout) {
@@ -531,7 +491,22 @@ pub(super) async fn run_cluster_batches(mut queue: mpsc::Receiver<Job>, masters:
                     rest.push(job);
                     continue;
                 }
-                if let Err(job) = masters.send(owner, job) {
+                let index = usize::from(owner);
+                if masters.len() <= index {
+                    masters.resize(index + 1, None);
+                }
+                let sender = masters[index].get_or_insert_with(|| {
+                    let (sender, receiver) = mpsc::unbounded_channel();
+                    tokio::spawn(run_master_batches(
+                        receiver,
+                        connection.clone(),
+                        nodes.clone(),
+                        script.clone(),
+                        timeout,
+                    ));
+                    sender
+                });
+                if let Err(mpsc::error::SendError(job)) = sender.send(job) {
                     rest.push(job);
                 }
             }
@@ -547,7 +522,7 @@ pub(super) async fn run_cluster_batches(mut queue: mpsc::Receiver<Job>, masters:
 /// served there hands its jobs back to be decided one call per hash tag, through the
 /// cluster client (which follows `MOVED` and `ASK`).
 async fn run_master_batches(
-    mut queue: mpsc::Receiver<Job>,
+    mut queue: mpsc::UnboundedReceiver<Job>,
     connection: redis::cluster_async::ClusterConnection,
     nodes: Arc<NodeCalls>,
     script: Arc<redis::Script>,
@@ -684,10 +659,7 @@ impl RedisStore {
                 charges: Charges::new(&all[first..end]),
                 reply,
             };
-            match owners[first] {
-                Some(owner) => self.send_to_master(owner, job)?,
-                None => self.enqueue(job)?,
-            }
+            self.enqueue(job)?;
             let one = match answer.await {
                 Ok(Err(why)) if why == ONE_BY_ONE => {
                     together = false;
@@ -720,53 +692,27 @@ impl RedisStore {
     /// itself connected to every master (reconnecting, and refreshing the slot map on
     /// MOVED or when a node is lost).
     pub(super) fn cluster_queue(&self, cluster: &Cluster) -> mpsc::Sender<Job> {
-        self.cluster_thread(cluster).0
-    }
-
-    /// Sends `job` to this thread's queue for master `owner` (its index in the slot map),
-    /// or, when that queue refuses it, to the thread's cluster queue.
-    fn send_to_master(&self, owner: u16, job: Job) -> Result<(), String> {
-        let Some(cluster) = &self.cluster else {
-            return self.enqueue(job);
-        };
-        match self.cluster_thread(cluster).1.send(owner, job) {
-            Ok(()) => Ok(()),
-            Err(job) => self.enqueue(job),
-        }
-    }
-
-    /// This thread's cluster queue and master queues, made on first use (with the
-    /// thread's own cluster connection, which they share).
-    fn cluster_thread(&self, cluster: &Cluster) -> (mpsc::Sender<Job>, MasterQueues) {
-        MASTER_QUEUES.with(|threads| {
-            let mut threads = threads.borrow_mut();
-            if let Some((.., sender, masters)) = threads
+        QUEUES.with(|queues| {
+            let mut queues = queues.borrow_mut();
+            if let Some((.., sender)) = queues
                 .iter()
-                .find(|(id, sender, _)| *id == self.id && !sender.is_closed())
+                .find(|(id, _, s)| *id == self.id && !s.is_closed())
             {
-                return (sender.clone(), masters.clone());
+                return sender.clone();
             }
-            let masters = MasterQueues {
-                queues: Arc::new(Mutex::new(Vec::new())),
-                connection: cluster.connection(),
-                nodes: cluster.nodes.clone(),
-                script: self.script.clone(),
-                timeout: self.timeout,
-            };
             let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
-            tokio::spawn(run_cluster_batches(receiver, masters.clone()));
-            threads.retain(|(id, ..)| *id != self.id);
-            threads.push((self.id, sender.clone(), masters.clone()));
-            (sender, masters)
+            tokio::spawn(run_cluster_batches(
+                receiver,
+                cluster.connection(),
+                cluster.nodes.clone(),
+                self.script.clone(),
+                self.timeout,
+            ));
+            queues.retain(|(id, ..)| *id != self.id);
+            queues.push((self.id, (0, 0), sender.clone()));
+            sender
         })
     }
-}
-
-thread_local! {
-    /// Per thread: each cluster store's queue for jobs of no known master, and its queue
-    /// to each master.
-    static MASTER_QUEUES: std::cell::RefCell<Vec<(u64, mpsc::Sender<Job>, MasterQueues)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]
