@@ -83,6 +83,62 @@ async fn a_burst_per_ip_refuses_spends_nothing_of_the_later_groups() {
     assert_eq!(rig.status(ask("later@b.io").from("203.0.113.7")).await, 200);
 }
 
+/// More requests at once on one thread than its queue holds (65,536): the overflow is
+/// refused at once (503 under `on_error: deny`), not left to wait for
+/// Redis, and the rest are decided.
+#[tokio::test]
+async fn a_flood_beyond_the_queue_is_refused_at_once() {
+    let cluster = RedisCluster::start();
+    let mut store = cluster_store(&cluster, "overflow");
+    if let Some(redis) = store.redis.as_mut() {
+        redis.timeout = Duration::from_secs(60);
+    }
+    let rig = rig_in(
+        "  global: [{ requests: 1000000, per: 1d }]\n",
+        "",
+        store,
+        ManualClock::new(),
+    );
+    // Once the slot map is read (in the background, after the first call), requests go
+    // to their master's queue on the thread: wait for that (its script loaded), so the
+    // flood meets the master's queue.
+    let flagged = format!(
+        "#!lua flags=allow-cross-slot-keys\n{}",
+        include_str!("../redis.lua")
+    );
+    let sha = redis::Script::new(&flagged).get_hash().to_owned();
+    let loaded = || {
+        cluster.nodes.iter().any(|node| {
+            let mut connection = redis::Client::open(node.url())
+                .and_then(|client| client.get_connection())
+                .expect("a connection to a node");
+            let exists: Vec<i64> = redis::cmd("SCRIPT")
+                .arg("EXISTS")
+                .arg(&sha)
+                .query(&mut connection)
+                .unwrap_or_default();
+            exists == [1]
+        })
+    };
+    for i in 0..200 {
+        assert_eq!(rig.status(ask(&format!("w{i}@b.io"))).await, 200);
+        if loaded() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(loaded(), "the master's queue was never used");
+    let n = 70_000;
+    let asks = (0..n).map(|_| rig.status(ask("x@b.io")));
+    // All sent before any is answered.
+    let statuses = tokio::task::unconstrained(futures_util::future::join_all(asks)).await;
+    let refused = statuses.iter().filter(|&&s| s == 503).count();
+    let admitted = statuses.iter().filter(|&&s| s == 200).count();
+    assert_eq!(admitted + refused, n, "only 200 or 503");
+    assert!(refused > 0, "none of {n} refused");
+    assert!(admitted >= 60_000, "{admitted} admitted, {refused} refused");
+}
+
 #[tokio::test]
 async fn each_group_and_key_has_its_own_slot_and_keys_spread_over_the_masters() {
     let cluster = RedisCluster::start();
