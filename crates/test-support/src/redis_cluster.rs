@@ -240,13 +240,7 @@ impl RedisCluster {
 
     /// A key's remaining time to live in milliseconds, asked of the node holding it.
     pub fn pttl(&self, node: usize, key: &str) -> i64 {
-        self.nodes[node]
-            .command(&format!("PTTL {key}"))
-            .unwrap_or_default()
-            .trim_start_matches(':')
-            .trim()
-            .parse()
-            .unwrap_or(-3)
+        self.nodes[node].pttl(key)
     }
 }
 

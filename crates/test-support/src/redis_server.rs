@@ -357,6 +357,17 @@ impl RedisServer {
             .collect()
     }
 
+    /// A key's remaining time to live in milliseconds (-1: none; -2: no such key; -3: no
+    /// answer).
+    pub fn pttl(&self, key: &str) -> i64 {
+        self.command(&format!("PTTL {key}"))
+            .unwrap_or_default()
+            .trim_start_matches(':')
+            .trim()
+            .parse()
+            .unwrap_or(-3)
+    }
+
     /// The state a limit key holds, read by the server itself (the value is binary): per
     /// quota of its group, interval_us, capacity_us and TAT (microseconds of the server's
     /// clock), or nothing for a key that is absent.

@@ -1169,13 +1169,7 @@ mod redis_store {
             panic!("{keys:?}")
         };
         assert_eq!(server.quota_states(key).len(), 2, "{keys:?}");
-        let ttl: i64 = server
-            .command(&format!("PTTL {key}"))
-            .unwrap()
-            .trim_start_matches(':')
-            .trim()
-            .parse()
-            .unwrap();
+        let ttl = server.pttl(key);
         assert!(
             ttl > 3_600_000,
             "expires with the daily quota's state: {ttl}"
@@ -1418,13 +1412,7 @@ mod redis_store {
                 assert_eq!(states.len(), 1, "{key} = {value}");
                 assert!(states[0].iter().all(|n| *n > 0), "{key} = {value}");
             }
-            let ttl: i64 = server
-                .command(&format!("PTTL {key}"))
-                .unwrap()
-                .trim_start_matches(':')
-                .trim()
-                .parse()
-                .unwrap();
+            let ttl = server.pttl(key);
             assert!(ttl > 0 && ttl <= 3_600_001, "{key} has no expiry ({ttl})");
         }
     }
