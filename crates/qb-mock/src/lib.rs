@@ -129,6 +129,21 @@ pub struct MockServer {
     task: Option<JoinHandle<()>>,
 }
 
+/// A listener on `addr` with a backlog as deep as the gateway's own (4096, where Tokio's
+/// `bind` asks for 1024 and gets less on some kernels): a gateway under load opens upstream
+/// connections in bursts, and a shallow accept queue would drop their handshakes, each
+/// costing its request a second's SYN retransmit that a real upstream would not add.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 impl MockServer {
     /// Starts on a free loopback port.
     pub async fn start(config: MockConfig) -> std::io::Result<MockServer> {
@@ -141,7 +156,7 @@ impl MockServer {
         config: MockConfig,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> std::io::Result<MockServer> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = listen(addr)?;
         let addr = listener.local_addr()?;
         let users = config.users.iter().map(|u| u.to_lowercase()).collect();
         let shared = Arc::new(Shared {
