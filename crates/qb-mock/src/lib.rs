@@ -129,8 +129,8 @@ pub struct MockServer {
     task: Option<JoinHandle<()>>,
 }
 
-/// A listener on `addr` with a backlog as deep as the gateway's own (4096, where Tokio's
-/// `bind` asks for 1024 and gets less on some kernels): a gateway under load opens upstream
+/// A listener on `addr` with a backlog as deep as the gateway's own (4096; Tokio's `bind`
+/// leaves 128, as `ss -ltn` shows): a gateway under load opens upstream
 /// connections in bursts, and a shallow accept queue would drop their handshakes, each
 /// costing its request a second's SYN retransmit that a real upstream would not add.
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
