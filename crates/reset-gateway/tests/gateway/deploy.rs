@@ -463,6 +463,54 @@ fn only_the_gateway_may_reach_its_redis() {
     );
 }
 
+/// A Redis server's arguments: `maxmemory-policy` is `noeviction`. Every key the gateway
+/// writes has a TTL, so a `volatile-*` policy (or an `allkeys-*` one) may evict a key that
+/// still counts, and that address's quota starts afresh without a word.
+fn assert_never_evicts(what: &str, args: &[&str]) {
+    let policy = args
+        .windows(2)
+        .find(|pair| pair[0] == "--maxmemory-policy")
+        .map(|pair| pair[1]);
+    assert_eq!(policy, Some("noeviction"), "{what}: {args:?}");
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_sequence()
+        .map(|items| items.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_shipped_redis_keeps_keys_that_still_count() {
+    let mut checked = 0;
+    for file in [
+        "deploy/compose.yaml",
+        "deploy/compose.demo.yaml",
+        "deploy/compose.tcp-lb.yaml",
+        "deploy/compose.sentinel.yaml",
+    ] {
+        let compose = one(file);
+        for (name, service) in compose["services"].as_mapping().unwrap() {
+            let command = strings(&service["command"]);
+            // Data nodes; a sentinel (started from a script of its own) holds no keys.
+            if command.first() == Some(&"redis-server") {
+                assert_never_evicts(&format!("{file}: {}", name.as_str().unwrap()), &command);
+                checked += 1;
+            }
+        }
+    }
+    let manifests = rendered_manifests();
+    let redis = manifests
+        .iter()
+        .find(|m| m["kind"] == "Deployment" && m["metadata"]["name"] == "redis")
+        .unwrap();
+    let container = &redis["spec"]["template"]["spec"]["containers"][0];
+    assert_never_evicts("deploy/kubernetes/redis.yaml", &strings(&container["args"]));
+    // compose.yaml, the demo, the TCP balancer's, and the Sentinel variant's master and replica.
+    assert_eq!(checked, 5);
+}
+
 #[test]
 fn the_redis_the_configmap_names_is_deployed() {
     let manifests = rendered_manifests();
