@@ -453,14 +453,20 @@ impl NodeCalls {
                         Err(_) => return Ok(None),
                     }
                 }
-                Err(_) => {
-                    // The master failed over, went or came back (a dropped connection,
-                    // CLUSTERDOWN, READONLY, LOADING): read the map again, connect anew, and
-                    // hand these jobs to the cluster client, which waits, follows and
-                    // retries as it always has for them.
+                Err(error) => {
+                    // The master failed over, went or came back: read the map again and
+                    // connect anew.
                     self.slots.store(None);
                     *master = None;
-                    return Ok(None);
+                    if refused_before_running(&error) {
+                        // Nothing ran (CLUSTERDOWN, READONLY, LOADING, MOVED...): the
+                        // cluster client waits, follows and retries these jobs.
+                        return Ok(None);
+                    }
+                    // Anything else (a connection dropped after the call was written, a
+                    // reply not understood) may come after the script ran: sent again,
+                    // these requests would be charged twice. `on_error` decides them.
+                    return Err(error.to_string());
                 }
             }
         }
@@ -557,6 +563,25 @@ async fn run_master_batches(
     }
 }
 
+/// Whether Redis refused a script call without running it, so that it can be sent again
+/// without charging anyone twice: the cluster is down or its slots are moving, the node is
+/// no longer a master or is loading its data.
+fn refused_before_running(error: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        error.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly
+                | ServerErrorKind::BusyLoading
+        )
+    )
+}
+
 /// One call per hash tag: the jobs with the same tag (the same group and key) together.
 fn by_tags(
     batch: Vec<Job>,
@@ -564,8 +589,11 @@ fn by_tags(
     script: &Arc<redis::Script>,
     timeout: Duration,
 ) {
+    // A request that stopped waiting (timed out, answered as `on_error` says) while its job
+    // was in a call that gave way is not charged now.
     let (mut batch, several): (Vec<Job>, Vec<Job>) = batch
         .into_iter()
+        .filter(|job| !job.reply.is_closed())
         .partition(|job| job.charges.as_slice().len() == 1);
     for job in several {
         let _ = job.reply.send(Err(ONE_BY_ONE.to_owned()));

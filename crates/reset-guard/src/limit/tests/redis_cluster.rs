@@ -379,3 +379,182 @@ async fn a_walk_that_finds_the_cluster_unanswering_walks_every_master_once_it_an
         addresses.len()
     );
 }
+
+/// A TCP proxy in front of one Redis node that can lose a script call's reply: armed, it
+/// forwards the next `EVALSHA` that carries requests (more arguments than the probe's call
+/// for none) and, when Redis answers, closes the client's connection instead of passing
+/// the answer on. Redis has run the script by then; only the reply is lost.
+struct ReplyDropper {
+    port: u16,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    dropped: Arc<AtomicUsize>,
+    /// Calls of the script with `allow-cross-slot-keys` (one master's batch) seen.
+    batched_calls: Arc<AtomicUsize>,
+}
+
+impl ReplyDropper {
+    async fn start(node: u16, batched_sha: String) -> ReplyDropper {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dropper = ReplyDropper {
+            port: listener.local_addr().unwrap().port(),
+            armed: Arc::default(),
+            dropped: Arc::default(),
+            batched_calls: Arc::default(),
+        };
+        let (armed, dropped, batched) = (
+            dropper.armed.clone(),
+            dropper.dropped.clone(),
+            dropper.batched_calls.clone(),
+        );
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", node)).await else {
+                    continue;
+                };
+                let (armed, dropped, batched) = (armed.clone(), dropped.clone(), batched.clone());
+                let sha = batched_sha.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let lose_next_reply = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let lose = lose_next_reply.clone();
+                    let upward = tokio::spawn(async move {
+                        let mut buffer = vec![0; 1 << 16];
+                        while let Ok(n) = client_read.read(&mut buffer).await {
+                            if n == 0 {
+                                break;
+                            }
+                            let bytes = &buffer[..n];
+                            if let Some(arguments) = evalsha_arguments(bytes) {
+                                if arguments >= 5 {
+                                    let text = String::from_utf8_lossy(bytes);
+                                    if text.contains(&sha) {
+                                        batched.fetch_add(1, Ordering::SeqCst);
+                                    }
+                                    if armed.swap(false, Ordering::SeqCst) {
+                                        lose.store(true, Ordering::SeqCst);
+                                    }
+                                }
+                            }
+                            if server_write.write_all(bytes).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    let mut buffer = vec![0; 1 << 16];
+                    while let Ok(n) = server_read.read(&mut buffer).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if lose_next_reply.load(Ordering::SeqCst) {
+                            dropped.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        if client_write.write_all(&buffer[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    upward.abort();
+                });
+            }
+        });
+        dropper
+    }
+}
+
+/// The argument count of an `EVALSHA` command at the start of `bytes` (`*N\r\n$7\r\nEVALSHA`).
+fn evalsha_arguments(bytes: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(bytes.get(..32.min(bytes.len()))?).ok()?;
+    let rest = text.strip_prefix('*')?;
+    let (count, command) = rest.split_once("\r\n")?;
+    command
+        .to_ascii_uppercase()
+        .starts_with("$7\r\nEVALSHA\r\n")
+        .then(|| count.parse().ok())?
+}
+
+/// A master's connection that drops after the script ran (its reply lost) fails that
+/// call's requests as `on_error` says; the call is not sent again (through the cluster
+/// client, as a refused call is), so the request is charged once, as in standalone mode.
+#[tokio::test]
+async fn a_reply_lost_after_the_script_ran_charges_the_request_once() {
+    // One master holding every slot, which tells clients the proxy's port as its own.
+    let port = loop {
+        let candidate = test_support::free_port();
+        if candidate <= 55_535
+            && std::net::TcpListener::bind(("127.0.0.1", candidate + 10_000)).is_ok()
+        {
+            break candidate;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("lost-reply-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let node = RedisServer::start_on_with(
+        port,
+        test_support::RedisOptions {
+            cluster_dir: Some(dir.clone()),
+            ..Default::default()
+        },
+    );
+    let batched = format!(
+        "#!lua flags=allow-cross-slot-keys\n{}",
+        include_str!("../redis.lua")
+    );
+    let sha = redis::Script::new(&batched).get_hash().to_owned();
+    let proxy = ReplyDropper::start(port, sha).await;
+    node.command("CLUSTER ADDSLOTSRANGE 0 16383").unwrap();
+    node.command("CONFIG SET cluster-announce-ip 127.0.0.1")
+        .unwrap();
+    node.command(&format!("CONFIG SET cluster-announce-port {}", proxy.port))
+        .unwrap();
+    node.command(&format!(
+        "CONFIG SET cluster-announce-bus-port {}",
+        port + 10_000
+    ))
+    .unwrap();
+    for _ in 0..100 {
+        let slots = node.command("CLUSTER SLOTS").unwrap_or_default();
+        let info = node.command("CLUSTER INFO").unwrap_or_default();
+        if info.contains("cluster_state:ok") && slots.contains(&proxy.port.to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut settings =
+        RedisSettings::cluster(&[format!("redis://127.0.0.1:{}", proxy.port)]).unwrap();
+    settings.key_prefix = "lost".to_owned();
+    settings.timeout = Duration::from_millis(1000);
+    settings.on_error = OnError::Deny;
+    let rig = rig_in(
+        "  per_ip: [{ requests: 2, per: 1h }]\n  per_client: []\n  per_email: []\n  global: []\n",
+        "",
+        StoreSettings {
+            redis: Some(settings),
+            ..StoreSettings::default()
+        },
+        ManualClock::new(),
+    );
+    // Until requests go to the master's own queue (the slot map read in the background).
+    for i in 0..100 {
+        let ip: &'static str = Box::leak(format!("198.51.100.{}", i + 1).into_boxed_str());
+        assert_eq!(rig.status(ask("w@b.io").from(ip)).await, 200);
+        if proxy.batched_calls.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(
+        proxy.batched_calls.load(Ordering::SeqCst) > 0,
+        "no call went to the master's queue"
+    );
+    proxy.armed.store(true, Ordering::SeqCst);
+    // Redis runs the first request's call; its reply is lost: deny says 503.
+    assert_eq!(rig.status(ask("a@b.io").from("192.0.2.50")).await, 503);
+    assert_eq!(proxy.dropped.load(Ordering::SeqCst), 1);
+    // Charged once: one request of the two left.
+    assert_eq!(rig.status(ask("a@b.io").from("192.0.2.50")).await, 200);
+    assert_eq!(rig.status(ask("a@b.io").from("192.0.2.50")).await, 429);
+    drop(node);
+    let _ = std::fs::remove_dir_all(dir);
+}
