@@ -1198,6 +1198,48 @@ mod redis_store {
         }
     }
 
+    /// A value far longer than any state the gateway writes (9,000 numbers, more than
+    /// Lua returns from one call) under a key: its first quotas are read as ever, the rest
+    /// ignored; neither that request nor the others of its call fail.
+    #[tokio::test]
+    async fn an_overlong_value_under_a_key_is_read_as_its_first_quotas() {
+        let server = RedisServer::start();
+        let daily = rig_in(
+            "  per_email: [{ requests: 5, per: 1d }]\n  per_ip: []\n",
+            "",
+            redis_store(&server, OnError::Deny),
+            ManualClock::new(),
+        );
+        assert_eq!(daily.status(ask("k@b.io")).await, 200);
+        let keys = quota_keys(&server);
+        let [(key, _)] = &keys[..] else {
+            panic!("{keys:?}")
+        };
+        // This quota's own state, a full burst spent, then numbers that are no state.
+        let mut value = Vec::new();
+        for number in [17_280_000_000.0, 86_400_000_000.0, f64::INFINITY] {
+            value.extend_from_slice(&f64::to_le_bytes(number));
+        }
+        for _ in 0..9_000 {
+            value.extend_from_slice(&f64::to_le_bytes(7.0));
+        }
+        let mut connection = redis::Client::open(server.url())
+            .and_then(|client| client.get_connection())
+            .unwrap();
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query(&mut connection)
+            .unwrap();
+        let (planted, other) =
+            futures_util::future::join(daily.send(ask("k@b.io")), daily.status(ask("other@b.io")))
+                .await;
+        assert_eq!(planted.status(), 429);
+        assert_eq!(header(&planted, "retry-after"), Some("17280"));
+        assert_eq!(other, 200);
+        assert_eq!(daily.handle.store_errors(), 0);
+    }
+
     /// Two changed quotas deriving from one removed quota: the walk gives each key both.
     #[tokio::test]
     async fn a_walk_carries_every_changed_quota_of_a_group() {

@@ -36,6 +36,9 @@ if not read or not value then
   return 0
 end
 local n = #value / 8
+if n > 999 then
+  n = 999
+end
 n = n - n % 3
 if n == 0 then
   return 0
