@@ -6,7 +6,9 @@
 //! otherwise the next sentinel is asked. The sentinel whose answer was used is asked
 //! first next time, so a dead sentinel costs its timeout once, not on every question.
 //! The sentinels are asked without the username and password, and with them when a
-//! sentinel wants them (its own `requirepass`); whichever way worked is tried first.
+//! sentinel wants them; a sentinel's own `requirepass` is the password of its `default`
+//! user, so with a username set the password alone is tried too. Whichever way worked is
+//! tried first.
 
 use std::sync::atomic::AtomicUsize;
 
@@ -46,8 +48,9 @@ pub(super) struct SentinelPool {
     sentinels: Sentinels,
     /// The position of the sentinel asked first: the last one whose answer was used.
     first: AtomicUsize,
-    /// Whether the sentinels are asked with the username and password.
-    with_auth: AtomicBool,
+    /// How the sentinels are asked: the position in [`SENTINEL_AUTH`] of the way that
+    /// worked last.
+    auth: AtomicUsize,
     /// Why the sentinels' answers could not be used, as logged.
     failure: std::sync::Mutex<CauseLog>,
 }
@@ -57,7 +60,7 @@ impl SentinelPool {
         SentinelPool {
             sentinels,
             first: AtomicUsize::new(0),
-            with_auth: AtomicBool::new(false),
+            auth: AtomicUsize::new(0),
             failure: std::sync::Mutex::new(CauseLog::default()),
         }
     }
@@ -67,6 +70,11 @@ impl SentinelPool {
         &self.sentinels.nodes
     }
 }
+
+/// The ways a sentinel is asked, as (send the username, send the password): without
+/// credentials, with the username and password the master is reached with, and with the
+/// password alone (as Redis's `default` user: a sentinel's `requirepass`).
+const SENTINEL_AUTH: [(bool, bool); 3] = [(false, false), (true, true), (false, true)];
 
 /// Whether a sentinel refused because of the credentials: it wants a password it was not
 /// given (`NOAUTH`), or it has none and refused the one it was given.
@@ -202,33 +210,40 @@ impl RedisStore {
     }
 
     /// The sentinel at `at`'s answer to `SENTINEL get-master-addr-by-name`: asked the way
-    /// that worked last, then the other way if it refused the credentials.
+    /// that worked last, then the other ways while it refuses the credentials.
     async fn ask_sentinel(
         &self,
         pool: &SentinelPool,
         at: usize,
     ) -> redis::RedisResult<Option<(String, u16)>> {
-        let with_auth = pool.with_auth.load(Ordering::Relaxed);
+        let last = pool.auth.load(Ordering::Relaxed) % SENTINEL_AUTH.len();
         let node = &pool.nodes()[at];
-        match self.query_sentinel(pool, node, with_auth).await {
-            Err(error) if refused_credentials(&error) && self.settings.password.is_some() => {
-                let answer = self.query_sentinel(pool, node, !with_auth).await;
-                if answer.is_ok() {
-                    pool.with_auth.store(!with_auth, Ordering::Relaxed);
-                }
-                answer
-            }
-            answer => answer,
+        let mut answer = self.query_sentinel(pool, node, SENTINEL_AUTH[last]).await;
+        if self.settings.password.is_none() {
+            return answer;
         }
+        for (way, &credentials) in SENTINEL_AUTH.iter().enumerate() {
+            let refused = matches!(&answer, Err(error) if refused_credentials(error));
+            // Without a username, the password alone is what the second way sends.
+            let same = way == 2 && self.settings.username.is_none();
+            if !refused || way == last || same {
+                continue;
+            }
+            answer = self.query_sentinel(pool, node, credentials).await;
+            if answer.is_ok() {
+                pool.auth.store(way, Ordering::Relaxed);
+            }
+        }
+        answer
     }
 
     async fn query_sentinel(
         &self,
         pool: &SentinelPool,
         node: &str,
-        with_auth: bool,
+        (username, password): (bool, bool),
     ) -> redis::RedisResult<Option<(String, u16)>> {
-        let client = self.settings.client_at(node, with_auth)?;
+        let client = self.settings.client_as(node, username, password)?;
         let mut connection = client.get_multiplexed_async_connection().await?;
         redis::cmd("SENTINEL")
             .arg("get-master-addr-by-name")

@@ -295,15 +295,25 @@ impl RedisSettings {
     /// The client for the server at `url`: with the username and password when `auth`
     /// (Sentinel mode asks the sentinels without them first), TLS with `ca_pem` when set.
     pub(crate) fn client_at(&self, url: &str, auth: bool) -> redis::RedisResult<redis::Client> {
+        self.client_as(url, auth, auth)
+    }
+
+    /// [`client_at`](Self::client_at), saying apart whether the username and the password
+    /// are sent: a password alone authenticates as Redis's `default` user (a sentinel's own
+    /// `requirepass`).
+    pub(crate) fn client_as(
+        &self,
+        url: &str,
+        username: bool,
+        password: bool,
+    ) -> redis::RedisResult<redis::Client> {
         let info = url.into_connection_info()?;
         let mut handshake = info.redis_settings().clone();
-        if auth {
-            if let Some(username) = &self.username {
-                handshake = handshake.set_username(username);
-            }
-            if let Some(password) = &self.password {
-                handshake = handshake.set_password(password.as_str());
-            }
+        if let Some(name) = self.username.as_ref().filter(|_| username && password) {
+            handshake = handshake.set_username(name);
+        }
+        if let Some(secret) = self.password.as_ref().filter(|_| password) {
+            handshake = handshake.set_password(secret.as_str());
         }
         let info = info
             .set_redis_settings(handshake)

@@ -94,11 +94,61 @@ async fn sentinels_that_want_a_password_get_the_masters_and_are_then_asked_with_
     let _ = store.resolve().await;
     assert_eq!(master_port(&store), Some(master.port()));
     let pool = store.sentinels.as_ref().unwrap();
-    assert!(pool.with_auth.load(Ordering::Relaxed), "remembered");
+    assert_eq!(pool.auth.load(Ordering::Relaxed), 1, "remembered");
     assert!(store.probe().await);
 
     // Without a password, neither the sentinel nor the master lets the store in.
     let store = self::store(&[sentinel.url()]);
     let _ = store.resolve().await;
     assert_eq!(master_port(&store), None);
+}
+
+/// An ACL user for the gateway on the master, and sentinels with a `requirepass` of their
+/// own (the password of their `default` user) equal to that user's password: the sentinels
+/// are asked with the password alone, and the master with the user.
+#[tokio::test]
+async fn sentinels_whose_requirepass_is_the_users_password_are_asked_with_it_alone() {
+    const DATA_PASSWORD: &str = "data-nodes-default-password";
+    const USER_PASSWORD: &str = "gateway-user-password";
+    let master = RedisServer::start_with(RedisOptions {
+        password: Some(DATA_PASSWORD.to_owned()),
+        ..Default::default()
+    });
+    let mut connection = redis::Client::open(format!(
+        "redis://:{DATA_PASSWORD}@127.0.0.1:{}",
+        master.port()
+    ))
+    .and_then(|client| client.get_connection())
+    .unwrap();
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("reset-gateway")
+        .arg("on")
+        .arg(format!(">{USER_PASSWORD}"))
+        .arg("~*")
+        .arg("+@all")
+        .query(&mut connection)
+        .unwrap();
+    let sentinel = RedisServer::sentinel_with(
+        master.port(),
+        test_support::SentinelOptions {
+            auth_pass: Some(DATA_PASSWORD.to_owned()),
+            password: Some(USER_PASSWORD.to_owned()),
+            ..Default::default()
+        },
+    );
+    let mut settings = RedisSettings::sentinel(&[sentinel.url()], SENTINEL_MASTER).unwrap();
+    settings.username = Some("reset-gateway".to_owned());
+    settings.password = Some(USER_PASSWORD.to_owned().into());
+    settings.timeout = Duration::from_millis(300);
+    let store = RedisStore::new(&settings, Arc::new(LimitCounters::default())).unwrap();
+    assert_eq!(store.resolve().await, Ok(()));
+    assert_eq!(master_port(&store), Some(master.port()));
+    let pool = store.sentinels.as_ref().unwrap();
+    assert_eq!(
+        pool.auth.load(Ordering::Relaxed),
+        2,
+        "the password alone, remembered"
+    );
+    assert!(store.probe().await);
 }
