@@ -37,12 +37,14 @@ use crate::upstream::UpstreamExchange;
 /// messages (`warn`) keeps it, unless the level names it (`warn,access=off`). Two
 /// libraries log at warn level what a client or an outage does many times a second, which
 /// the gateway reports its own way: the Redis client each failed reconnection to a
-/// cluster node (the gateway logs an outage once per cause), rustls every TLS client that
-/// sends an IP address as its server name (wrk, `openssl s_client`, scanners: a line per
-/// handshake). The HTTP/2 library logs a malformed request's target at debug level and
-/// every request's at trace (its frames' pseudo-headers): a raw email address, which no
-/// line may hold unless the operator asked for that library by name. Only their errors
-/// pass, unless the level names them (`info,redis=debug`).
+/// cluster node, as an error, each retry of each call (dozens of lines a second while a
+/// cluster's seeds refuse the password; the gateway logs an outage once per cause, and
+/// every failed request in its metrics), rustls every TLS client that sends an IP address
+/// as its server name (wrk, `openssl s_client`, scanners: a line per handshake). The
+/// HTTP/2 library logs a malformed request's target at debug level and every request's
+/// at trace (its frames' pseudo-headers): a raw email address, which no line may hold
+/// unless the operator asked for that library by name. Only rustls's and HTTP/2's errors
+/// pass, and none of the Redis client's, unless the level names them (`info,redis=debug`).
 fn level(level: &str) -> String {
     let targets = || {
         level
@@ -53,25 +55,29 @@ fn level(level: &str) -> String {
     if !targets().any(|t| t == "access") {
         filter.push_str(",access=info");
     }
-    // `off` (or `error`) already keeps their warnings out.
-    let quiet = level
-        .split(',')
-        .any(|d| d.trim().eq_ignore_ascii_case("off") || d.trim().eq_ignore_ascii_case("error"));
-    for library in NOISY_LIBRARIES {
+    // `off` already keeps everything out, and `error` what a floor of `error` would.
+    let bare = |name: &str| {
+        level
+            .split(',')
+            .any(|d| d.trim().eq_ignore_ascii_case(name))
+    };
+    for (library, floor) in NOISY_LIBRARIES {
         let named = targets().any(|t| {
             t == library
                 || t.strip_prefix(library)
                     .is_some_and(|rest| rest.starts_with("::"))
         });
-        if !(named || quiet) {
-            filter.push_str(&format!(",{library}=error"));
+        let kept_out = bare("off") || (bare("error") && floor == "error");
+        if !(named || kept_out) {
+            filter.push_str(&format!(",{library}={floor}"));
         }
     }
     filter
 }
 
-/// Libraries whose warnings only pass when the level names them (see [`level`]).
-const NOISY_LIBRARIES: [&str; 3] = ["redis", "rustls", "h2"];
+/// Libraries whose lines only pass from the level given (`off`: none) unless the level
+/// names them (see [`level`]).
+const NOISY_LIBRARIES: [(&str, &str); 3] = [("redis", "off"), ("rustls", "error"), ("h2", "error")];
 
 /// Installs the global subscriber, writing to stderr through the non-blocking sink
 /// (`sink.rs`); `RUST_LOG` overrides `log.level`. Keep the returned sink until exit: its
@@ -506,17 +512,17 @@ mod tests {
     }
 
     #[test]
-    fn the_redis_client_logs_errors_only_unless_the_level_names_it() {
+    fn the_redis_client_logs_nothing_unless_the_level_names_it() {
         let with = |level: &str| {
             super::level(level)
                 .replace(",access=info", "")
                 .replace(",rustls=error", "")
                 .replace(",h2=error", "")
         };
-        assert_eq!(with("info"), "info,redis=error");
+        assert_eq!(with("info"), "info,redis=off");
         assert_eq!(
             with("warn,reset_guard::limit::redis=debug"),
-            "warn,reset_guard::limit::redis=debug,redis=error"
+            "warn,reset_guard::limit::redis=debug,redis=off"
         );
         assert_eq!(with("info,redis=debug"), "info,redis=debug");
         assert_eq!(
@@ -524,23 +530,25 @@ mod tests {
             "info,redis::cluster_async=warn"
         );
         assert_eq!(with("off"), "off");
+        // Its errors too: at `error` level, it alone is named.
+        assert_eq!(super::level("error"), "error,access=info,redis=off");
         // rustls alike.
         assert_eq!(
             super::level("info"),
-            "info,access=info,redis=error,rustls=error,h2=error"
+            "info,access=info,redis=off,rustls=error,h2=error"
         );
         assert_eq!(
             super::level("info,rustls=warn"),
-            "info,rustls=warn,access=info,redis=error,h2=error"
+            "info,rustls=warn,access=info,redis=off,h2=error"
         );
         // h2 too: at debug and trace it logs request targets, email addresses and all.
         assert_eq!(
             super::level("trace"),
-            "trace,access=info,redis=error,rustls=error,h2=error"
+            "trace,access=info,redis=off,rustls=error,h2=error"
         );
         assert_eq!(
             super::level("debug,h2=trace"),
-            "debug,h2=trace,access=info,redis=error,rustls=error"
+            "debug,h2=trace,access=info,redis=off,rustls=error"
         );
     }
 
@@ -551,9 +559,9 @@ mod tests {
                 .replace(",rustls=error", "")
                 .replace(",h2=error", "")
         };
-        assert_eq!(level("warn"), "warn,access=info,redis=error");
+        assert_eq!(level("warn"), "warn,access=info,redis=off");
         assert_eq!(level("off"), "off,access=info");
-        assert_eq!(level("warn,access=off"), "warn,access=off,redis=error");
-        assert_eq!(level("access=debug"), "access=debug,redis=error");
+        assert_eq!(level("warn,access=off"), "warn,access=off,redis=off");
+        assert_eq!(level("access=debug"), "access=debug,redis=off");
     }
 }

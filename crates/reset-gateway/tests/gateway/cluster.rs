@@ -607,3 +607,59 @@ async fn a_master_that_refuses_writes_is_reported_down() {
     cluster.nodes[2].command("CONFIG SET maxmemory 0");
     assert_eq!(poll_until(300, ready, |s| *s == 200).await, 200);
 }
+
+/// The probe's line when the cluster client cannot connect, in a gateway process of its
+/// own: waits for it (and a second more), and returns it with every line logged.
+async fn probe_failure(yaml: &str) -> (String, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = crate::process::spawn_gateway(&config);
+    let probe_failed = |logs: &Vec<String>| {
+        logs.iter()
+            .find(|line| line.contains("Redis does not answer the probe"))
+            .cloned()
+    };
+    let line = poll_until(100, async || probe_failed(&gateway.logs()), Option::is_some)
+        .await
+        .expect("the probe's failure is logged");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    (line, gateway.logs())
+}
+
+/// Seed nodes that refuse the password, and a seed that is a single server, not a
+/// cluster: the probe's line says what the seeds answered (the cluster client alone says
+/// only that it has no connection), and the Redis client's own errors, one per retry of
+/// each reconnection (dozens a second), stay out of the log. No password is logged.
+#[tokio::test]
+async fn the_probe_names_what_the_seed_nodes_answer() {
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_CLUSTER_WRONG_PASSWORD";
+    let cluster = RedisCluster::start_with(ClusterOptions {
+        password: Some("the-cluster-password".to_owned()),
+        ..Default::default()
+    });
+    std::env::set_var(VARIABLE, "not-the-cluster-password");
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let seed = &cluster.urls()[..1];
+    let yaml = per_email_yaml(
+        &mock,
+        seed,
+        &format!("    password_env: {VARIABLE}\n"),
+        "deny",
+    );
+    let (line, logs) = probe_failure(&yaml).await;
+    assert!(line.contains(&format!("seed {}: ", seed[0])), "{line}");
+    assert!(line.to_lowercase().contains("authentication"), "{line}");
+    let from_the_client: Vec<_> = logs
+        .iter()
+        .filter(|l| l.contains("\"target\":\"redis::"))
+        .collect();
+    assert!(from_the_client.is_empty(), "{from_the_client:?}");
+    assert!(logs.iter().all(|l| !l.contains("not-the-cluster-password")));
+
+    let single = test_support::RedisServer::start();
+    let yaml = per_email_yaml(&mock, &[single.url()], "", "deny");
+    let (line, _) = probe_failure(&yaml).await;
+    assert!(line.contains("cluster support disabled"), "{line}");
+    assert!(line.contains("mode: standalone"), "{line}");
+}

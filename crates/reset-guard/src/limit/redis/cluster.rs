@@ -177,11 +177,58 @@ impl Cluster {
             redis::cmd("CLUSTER").arg("SLOTS").clone(),
             RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
         );
-        let reply = answer_in_time(wait, ask)
-            .await
-            .map_err(|cause| format!("CLUSTER SLOTS: {cause}"))?;
-        let map = SlotOwners::parse(&reply).ok_or("CLUSTER SLOTS: an answer not understood")?;
+        let reply = match answer_in_time(wait, ask).await {
+            Ok(reply) => reply,
+            // The cluster client says only that it has no connection: each seed node's
+            // own answer says why (a refused password, a closed port, not a cluster).
+            Err(cause) => {
+                return Err(format!(
+                    "CLUSTER SLOTS: {cause}; {}",
+                    self.seeds_say(wait).await
+                ))
+            }
+        };
+        let map = SlotOwners::parse(&reply).ok_or_else(|| match &reply {
+            redis::Value::ServerError(error) => not_a_cluster(&format!("CLUSTER SLOTS: {error}")),
+            _ => "CLUSTER SLOTS: an answer not understood".to_owned(),
+        })?;
         Ok((connection, map))
+    }
+
+    /// What each seed node answers `CLUSTER SLOTS` over a connection of its own, within
+    /// `wait` (all asked at once), for the probe's message when the cluster client has no
+    /// connection.
+    async fn seeds_say(&self, wait: Duration) -> String {
+        let settings = &self.nodes.direct.settings;
+        let seeds = settings.cluster_nodes().unwrap_or_default();
+        let mut asked = tokio::task::JoinSet::new();
+        for (at, url) in seeds.into_iter().enumerate() {
+            let settings = settings.clone();
+            asked.spawn(async move {
+                let answer = answer_in_time(wait, async {
+                    let client = settings.client_at(&url, true)?;
+                    let mut connection = client.get_multiplexed_async_connection().await?;
+                    redis::cmd("CLUSTER")
+                        .arg("SLOTS")
+                        .query_async::<redis::Value>(&mut connection)
+                        .await
+                })
+                .await;
+                let said = match answer {
+                    Ok(redis::Value::Array(_)) => "answers".to_owned(),
+                    Ok(other) => format!("{other:?}"),
+                    Err(cause) => not_a_cluster(&cause),
+                };
+                // A URL holds no password (refused when the settings are read).
+                (at, format!("seed {url}: {}", bounded(&said)))
+            });
+        }
+        let mut said = asked.join_all().await;
+        said.sort();
+        said.into_iter()
+            .map(|(_, said)| said)
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// A connection of its own to each master `CLUSTER SLOTS` names, by its name in logs
@@ -560,6 +607,23 @@ async fn run_master_batches(
             Ok(None) => by_tags(batch, &connection, &script, timeout),
             Err(error) => answer(batch, Err(error)),
         }
+    }
+}
+
+/// `cause`, with what to do when it says the server is not part of a cluster.
+fn not_a_cluster(cause: &str) -> String {
+    if cause.contains("cluster support disabled") {
+        format!("{cause} (a server that is not part of a Redis Cluster: `mode: cluster` needs one; one server is `mode: standalone`)")
+    } else {
+        cause.to_owned()
+    }
+}
+
+/// At most 200 characters of what a server said, for a log line.
+fn bounded(said: &str) -> &str {
+    match said.char_indices().nth(200) {
+        Some((end, _)) => &said[..end],
+        None => said,
     }
 }
 
