@@ -18,7 +18,13 @@ impl FakeSentinel {
     /// A sentinel that names `127.0.0.1:<port>` as the master of any name, and answers
     /// `+OK` to every other command.
     pub fn naming(port: u16) -> FakeSentinel {
-        Self::start(Some(port))
+        Self::start(Some(("127.0.0.1".to_owned(), port)))
+    }
+
+    /// A sentinel that names `host:port` (anything at all, as a broken or hostile one
+    /// might) as the master of any name.
+    pub fn naming_host(host: &str, port: u16) -> FakeSentinel {
+        Self::start(Some((host.to_owned(), port)))
     }
 
     /// A sentinel that accepts connections and never answers.
@@ -26,7 +32,7 @@ impl FakeSentinel {
         Self::start(None)
     }
 
-    fn start(names: Option<u16>) -> FakeSentinel {
+    fn start(names: Option<(String, u16)>) -> FakeSentinel {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let connections = Arc::new(AtomicUsize::new(0));
@@ -41,9 +47,9 @@ impl FakeSentinel {
                 }
                 let Ok(stream) = stream else { continue };
                 count.fetch_add(1, Ordering::Relaxed);
-                match names {
-                    Some(port) => {
-                        std::thread::spawn(move || answer(stream, port));
+                match names.clone() {
+                    Some(named) => {
+                        std::thread::spawn(move || answer(stream, named));
                     }
                     None => held.push(stream),
                 }
@@ -76,7 +82,7 @@ impl Drop for FakeSentinel {
 }
 
 /// Answers each command (a RESP array of bulk strings) on `stream` until it closes.
-fn answer(stream: TcpStream, port: u16) {
+fn answer(stream: TcpStream, (host, port): (String, u16)) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -87,7 +93,11 @@ fn answer(stream: TcpStream, port: u16) {
             .is_some_and(|c| c.eq_ignore_ascii_case("sentinel"))
         {
             let port = port.to_string();
-            format!("*2\r\n$9\r\n127.0.0.1\r\n${}\r\n{port}\r\n", port.len())
+            format!(
+                "*2\r\n${}\r\n{host}\r\n${}\r\n{port}\r\n",
+                host.len(),
+                port.len()
+            )
         } else {
             "+OK\r\n".to_owned()
         };

@@ -662,6 +662,17 @@ impl RedisStore {
     }
 }
 
+/// Whether `host` can be a host name or an IP address: at most 253 characters (a DNS
+/// name's most), of letters, digits and the few signs names and addresses use (an IPv6
+/// address's colons, and its zone after `%`).
+pub(super) fn host_name_like(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'%'))
+}
+
 /// A probe's exchange, answered within `timeout` or not. A late answer is waited for a
 /// little longer, for its cause: a connection that is refused its password or its
 /// certificate can take longer than a request may wait to say so.

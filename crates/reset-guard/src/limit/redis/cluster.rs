@@ -369,7 +369,9 @@ impl SlotOwners {
                 let Value::Int(port) = port else { return None };
                 // An empty host is "the node you asked", which this map does not record;
                 // `?`, a node with no name of the preferred endpoint type.
-                (!host.is_empty() && host != "?").then_some((host, u16::try_from(port).ok()?))
+                // Anything else no host name is (a node's answer gone wrong) is no address
+                // either.
+                host_name_like(&host).then_some((host, u16::try_from(port).ok()?))
             })
             .collect();
         Some(SlotOwners { owner, masters })

@@ -179,6 +179,15 @@ impl RedisStore {
                     continue;
                 }
             };
+            if !host_name_like(&address.0) {
+                // Only a host name or an address is a master to connect to; anything else
+                // (a reply of megabytes, a control character) would only go into the logs.
+                tracing::debug!(target: "reset_guard::limit", "a sentinel named a master by something that is no host name");
+                causes.push(format!(
+                    "sentinel {sentinel} names a master by no host name"
+                ));
+                continue;
+            }
             let named = format!("{}:{}", address.0, address.1);
             if refused.contains(&address) {
                 causes.push(format!("sentinel {sentinel} names {named} too"));

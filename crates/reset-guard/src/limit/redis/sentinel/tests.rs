@@ -152,3 +152,30 @@ async fn sentinels_whose_requirepass_is_the_users_password_are_asked_with_it_alo
     );
     assert!(store.probe().await);
 }
+
+/// Sentinels that name a master by something no host name is (a megabyte of letters, a
+/// line break): passed over with a short reason, never connected to or logged whole; a
+/// sentinel after them names the master.
+#[tokio::test]
+async fn a_master_named_by_no_host_name_is_passed_over_with_a_short_reason() {
+    let master = RedisServer::start();
+    let huge = FakeSentinel::naming_host(&"a".repeat(1 << 20), master.port());
+    let broken = FakeSentinel::naming_host("127.0.0.1\nforged line", master.port());
+    let store = store(&[huge.url(), broken.url()]);
+    let why = store.resolve().await.unwrap_err();
+    assert!(why.len() < 200, "{} characters", why.len());
+    assert!(
+        why.contains("sentinel 1 names a master by no host name"),
+        "{why}"
+    );
+    assert!(
+        why.contains("sentinel 2 names a master by no host name"),
+        "{why}"
+    );
+    assert_eq!(master_port(&store), None);
+
+    let sentinel = RedisServer::sentinel(master.port());
+    let store = self::store(&[huge.url(), sentinel.url()]);
+    assert_eq!(store.resolve().await, Ok(()));
+    assert_eq!(master_port(&store), Some(master.port()));
+}
