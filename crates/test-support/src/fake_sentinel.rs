@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub struct FakeSentinel {
     port: u16,
@@ -18,13 +19,19 @@ impl FakeSentinel {
     /// A sentinel that names `127.0.0.1:<port>` as the master of any name, and answers
     /// `+OK` to every other command.
     pub fn naming(port: u16) -> FakeSentinel {
-        Self::start(Some(("127.0.0.1".to_owned(), port)))
+        Self::start(Some(("127.0.0.1".to_owned(), port, Duration::ZERO)))
+    }
+
+    /// A sentinel that names `127.0.0.1:<port>`, each time only after `delay` (a sentinel
+    /// on a slow or distant host).
+    pub fn naming_after(port: u16, delay: Duration) -> FakeSentinel {
+        Self::start(Some(("127.0.0.1".to_owned(), port, delay)))
     }
 
     /// A sentinel that names `host:port` (anything at all, as a broken or hostile one
     /// might) as the master of any name.
     pub fn naming_host(host: &str, port: u16) -> FakeSentinel {
-        Self::start(Some((host.to_owned(), port)))
+        Self::start(Some((host.to_owned(), port, Duration::ZERO)))
     }
 
     /// A sentinel that accepts connections and never answers.
@@ -32,7 +39,7 @@ impl FakeSentinel {
         Self::start(None)
     }
 
-    fn start(names: Option<(String, u16)>) -> FakeSentinel {
+    fn start(names: Option<(String, u16, Duration)>) -> FakeSentinel {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let connections = Arc::new(AtomicUsize::new(0));
@@ -82,7 +89,7 @@ impl Drop for FakeSentinel {
 }
 
 /// Answers each command (a RESP array of bulk strings) on `stream` until it closes.
-fn answer(stream: TcpStream, (host, port): (String, u16)) {
+fn answer(stream: TcpStream, (host, port, delay): (String, u16, Duration)) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -92,6 +99,7 @@ fn answer(stream: TcpStream, (host, port): (String, u16)) {
             .first()
             .is_some_and(|c| c.eq_ignore_ascii_case("sentinel"))
         {
+            std::thread::sleep(delay);
             let port = port.to_string();
             format!(
                 "*2\r\n${}\r\n{host}\r\n${}\r\n{port}\r\n",

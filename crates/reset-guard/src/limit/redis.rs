@@ -454,17 +454,20 @@ impl RedisStore {
         specs: &Arc<RedisSpecs>,
         cached: Option<(usize, Denial)>,
     ) -> Decision {
+        // One deadline for the whole decision: the sentinels' first answer (before any
+        // master is named) comes out of the same `timeout` as Redis's.
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let queued = match early {
             Ok(queued) => queued,
             Err(job) => {
-                let _ = tokio::time::timeout(self.timeout, self.resolve()).await;
+                let _ = tokio::time::timeout_at(deadline, self.resolve()).await;
                 self.enqueue(job)
             }
         };
         if let Err(why) = queued {
             return self.fail(&why, cached);
         }
-        match tokio::time::timeout(self.timeout, answer).await {
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Ok(reply))) => self.read_reply(&reply, charges.as_slice(), specs, cached),
             Ok(Ok(Err(error))) => self.fail(&error, cached),
             Ok(Err(_)) => self.fail("the Redis worker stopped", cached),

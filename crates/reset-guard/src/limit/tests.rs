@@ -1198,6 +1198,43 @@ mod redis_store {
         }
     }
 
+    /// The first decision, before any master is named, waits at most `timeout` in all: the
+    /// sentinels' answer and Redis's come out of one deadline. Here the sentinel answers after
+    /// 800 ms of a one-second timeout, and the master it names, which answers `ROLE`, holds
+    /// every write (`CLIENT PAUSE ... WRITE`): the request fails as `on_error` says after about
+    /// a second, not 1.8.
+    #[tokio::test]
+    async fn the_first_decision_waits_for_the_sentinels_and_redis_within_one_timeout() {
+        let master = test_support::RedisServer::start();
+        let slow =
+            test_support::FakeSentinel::naming_after(master.port(), Duration::from_millis(800));
+        assert_eq!(
+            master.command("CLIENT PAUSE 5000 WRITE").as_deref(),
+            Some("+OK\r\n")
+        );
+        let mut settings =
+            RedisSettings::sentinel(&[slow.url()], test_support::SENTINEL_MASTER).unwrap();
+        settings.timeout = Duration::from_millis(1000);
+        settings.on_error = OnError::Deny;
+        let rig = rig_in(
+            "  per_ip: [{ requests: 5, per: 1h }]\n",
+            "",
+            StoreSettings {
+                redis: Some(settings),
+                ..StoreSettings::default()
+            },
+            ManualClock::new(),
+        );
+        let started = std::time::Instant::now();
+        assert_eq!(rig.status(ask("a@b.io")).await, 503);
+        let waited = started.elapsed();
+        // It waited for the sentinel (which a 500 ms limit of the Redis client's own on
+        // every answer had cut short), and for nothing past its one timeout.
+        assert!(waited >= Duration::from_millis(800), "{waited:?}");
+        assert!(waited < Duration::from_millis(1500), "{waited:?}");
+        let _ = master.command("CLIENT UNPAUSE");
+    }
+
     /// A value far longer than any state the gateway writes (9,000 numbers, more than
     /// Lua returns from one call) under a key: its first quotas are read as ever, the rest
     /// ignored; neither that request nor the others of its call fail.

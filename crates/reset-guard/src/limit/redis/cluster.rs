@@ -119,7 +119,7 @@ impl Cluster {
                 None => {
                     // Connecting takes a handshake or two more than a call (TLS, AUTH).
                     let wait = timeout.max(Duration::from_millis(250));
-                    match answer_in_time(wait, client.get_multiplexed_async_connection()).await {
+                    match answer_in_time(wait, RedisSettings::connect_for(&client, wait)).await {
                         Ok(connection) => (connection, (slot, probe_key(prefix, slot))),
                         Err(cause) => return Err(format!("{named}: {cause}")),
                     }
@@ -207,7 +207,7 @@ impl Cluster {
             asked.spawn(async move {
                 let answer = answer_in_time(wait, async {
                     let client = settings.client_at(&url, true)?;
-                    let mut connection = client.get_multiplexed_async_connection().await?;
+                    let mut connection = RedisSettings::connect_for(&client, wait).await?;
                     redis::cmd("CLUSTER")
                         .arg("SLOTS")
                         .query_async::<redis::Value>(&mut connection)
@@ -253,8 +253,8 @@ impl Cluster {
             let url = settings::node_url(self.nodes.direct.scheme, host, *port);
             let connected = match self.nodes.direct.settings.client_at(&url, true) {
                 Ok(client) => {
-                    let connecting = client.get_multiplexed_async_connection();
                     let wait = timeout.max(Duration::from_secs(1));
+                    let connecting = RedisSettings::connect_for(&client, wait);
                     answer_in_time(wait, connecting)
                         .await
                         .map_err(|cause| format!("{named}: {cause}"))

@@ -253,7 +253,8 @@ impl RedisStore {
         (username, password): (bool, bool),
     ) -> redis::RedisResult<Option<(String, u16)>> {
         let client = self.settings.client_as(node, username, password)?;
-        let mut connection = client.get_multiplexed_async_connection().await?;
+        let wait = self.timeout.max(Duration::from_millis(250));
+        let mut connection = RedisSettings::connect_for(&client, wait).await?;
         redis::cmd("SENTINEL")
             .arg("get-master-addr-by-name")
             .arg(&pool.sentinels.master)
@@ -280,7 +281,8 @@ impl RedisStore {
             None => {
                 let url = pool.sentinels.master_url(&address.0, address.1);
                 let client = self.settings.client_at(&url, true)?;
-                let mut connection = client.get_multiplexed_async_connection().await?;
+                let wait = self.timeout.max(Duration::from_millis(250));
+                let mut connection = RedisSettings::connect_for(&client, wait).await?;
                 let reply = role.query_async(&mut connection).await?;
                 (client, reply)
             }

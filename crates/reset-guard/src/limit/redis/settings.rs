@@ -298,6 +298,20 @@ impl RedisSettings {
         self.client_as(url, auth, auth)
     }
 
+    /// A connection of its own from `client` whose calls may each take `wait` (the Redis
+    /// client's default, 500 ms, would fail a slower answer however long `timeout` is).
+    pub(crate) async fn connect_for(
+        client: &redis::Client,
+        wait: std::time::Duration,
+    ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(wait))
+            .set_response_timeout(Some(wait));
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
     /// [`client_at`](Self::client_at), saying apart whether the username and the password
     /// are sent: a password alone authenticates as Redis's `default` user (a sentinel's own
     /// `requirepass`).
