@@ -259,9 +259,20 @@ async fn carry_on(
         .await
         .map_err(|_| format!("SCRIPT LOAD: no answer within {wait:?}"))?
         .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
+    // Redis ends every SCAN, in about as many steps as its keys fill tables of
+    // SCAN_COUNT (a table is at most twice its keys, and keys arrive meanwhile): a server
+    // that goes on far past that is not one, and would hold up every later carry-over.
+    // A user whose ACL leaves DBSIZE out gets a bound of a billion keys' worth.
+    let dbsize = redis::cmd("DBSIZE");
+    let dbsize = dbsize.query_async::<u64>(connection);
+    let keys_held = tokio::time::timeout(wait, dbsize)
+        .await
+        .map_err(|_| format!("DBSIZE: no answer within {wait:?}"))?
+        .unwrap_or(1_000_000_000);
+    let most_steps = keys_held / SCAN_COUNT as u64 * 4 + 1000;
     let mut cursor: u64 = 0;
     let mut carried = 0;
-    loop {
+    for _ in 0..most_steps {
         let mut scan = redis::cmd("SCAN");
         scan.arg(cursor)
             .arg("MATCH")
@@ -299,6 +310,9 @@ async fn carry_on(
         }
         cursor = next;
     }
+    Err(format!(
+        "SCAN: no end after {most_steps} steps over {keys_held} keys (is this a Redis server?)"
+    ))
 }
 
 /// Whether a key's slot is being moved between masters (`MOVED`, `ASK`, `TRYAGAIN`).
@@ -339,6 +353,59 @@ mod tests {
                 .bytes()
                 .zip(key.bytes())
                 .all(|(p, k)| p == b'?' || p == k)
+    }
+
+    /// A server that answers every `SCAN` with more to come (no Redis does): the walk
+    /// gives up, with the reason, after the steps its key count allows, rather than holding
+    /// the carry-over (and every later one) forever.
+    #[tokio::test]
+    async fn a_scan_that_never_ends_is_given_up() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let scans = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = scans.clone();
+        let script = redis::Script::new(CARRY);
+        let loaded = format!("$40\r\n{}\r\n", script.get_hash());
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buffer = vec![0; 1 << 16];
+            let mut pending = Vec::new();
+            while let Ok(n) = stream.read(&mut buffer).await {
+                if n == 0 {
+                    break;
+                }
+                pending.extend_from_slice(&buffer[..n]);
+                let text = String::from_utf8_lossy(&pending).to_ascii_uppercase();
+                // One reply per command seen (each is a RESP array: `*N\r\n$len\r\nNAME`).
+                let mut replies = Vec::new();
+                for command in text.split('*').skip(1) {
+                    let name = command.split("\r\n").nth(2).unwrap_or_default();
+                    replies.push(match name {
+                        "SCRIPT" => loaded.clone(),
+                        "DBSIZE" => ":10\r\n".to_owned(),
+                        "SCAN" => {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                            "*2\r\n$1\r\n7\r\n*0\r\n".to_owned()
+                        }
+                        _ => "+OK\r\n".to_owned(),
+                    });
+                }
+                pending.clear();
+                if stream.write_all(replies.concat().as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let walked = carry_on(&mut connection, &script, "rg:per_email:*", &[]).await;
+        let error = walked.unwrap_err();
+        assert!(
+            error.contains("no end after 1000 steps over 10 keys"),
+            "{error}"
+        );
+        assert_eq!(scans.load(Ordering::Relaxed), 1000);
     }
 
     #[test]
