@@ -264,7 +264,7 @@ impl RedisConfig {
                 ));
             }
             read_certificates("store.redis.ca_file", path)
-                .map_err(|e| ConfigError::new("store.redis.ca_file", format!("{e:#}")))?;
+                .map_err(|e| super::located_error(&e, "store.redis.ca_file"))?;
             let pem = std::fs::read(path).map_err(|e| {
                 ConfigError::new(
                     "store.redis.ca_file",

@@ -437,6 +437,26 @@ fn standalone_mode_takes_only_redis_urls() {
     check_redis_section("    url: rediss://127.0.0.1:6380/2\n").unwrap();
 }
 
+/// A `ca_file` that holds no certificate, or is missing: the error names the key once,
+/// with its line, and the file.
+#[test]
+fn a_ca_file_without_certificates_is_named_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let missing = dir.path().join("missing.pem");
+    for file in [&empty, &missing] {
+        let error = check_redis_section(&format!(
+            "    url: rediss://127.0.0.1:6380\n    ca_file: {}\n",
+            file.display()
+        ))
+        .unwrap_err();
+        assert!(error.starts_with("store.redis.ca_file (line "), "{error}");
+        assert_eq!(error.matches("store.redis.ca_file").count(), 1, "{error}");
+        assert!(error.contains(&file.display().to_string()), "{error}");
+    }
+}
+
 #[test]
 fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
     const EMPTY: &str = "RESET_GATEWAY_TEST_EMPTY_REDIS_PASSWORD";
