@@ -1320,6 +1320,50 @@ mod redis_store {
         assert_eq!(rig.status(ask("w@b.io")).await, 429);
     }
 
+    /// A reload's walk meets a key holding a value far longer than any state (9,003
+    /// numbers, this quota's state first): it carries that key's state over like any other
+    /// and goes on to the rest, rather than failing at it.
+    #[tokio::test]
+    async fn a_walk_reads_an_overlong_value_as_its_first_quotas() {
+        let server = RedisServer::start();
+        let rig = redis_rig(
+            &server,
+            "  per_email: [{ requests: 3, per: 1h }]\n",
+            "",
+            OnError::Deny,
+        );
+        assert_eq!(rig.status(ask("v@b.io")).await, 200);
+        let keys = quota_keys(&server);
+        let [(key, _)] = &keys[..] else {
+            panic!("{keys:?}")
+        };
+        let mut connection = redis::Client::open(server.url())
+            .and_then(|client| client.get_connection())
+            .unwrap();
+        // Two of three spent, by the server's clock.
+        let (seconds, micros): (u64, u64) = redis::cmd("TIME").query(&mut connection).unwrap();
+        let tat = (seconds * 1_000_000 + micros + 2_400_000_000) as f64;
+        let mut value = Vec::new();
+        for number in [1_200_000_000.0, 3_600_000_000.0, tat] {
+            value.extend_from_slice(&f64::to_le_bytes(number));
+        }
+        for _ in 0..9_000 {
+            value.extend_from_slice(&f64::to_le_bytes(7.0));
+        }
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query(&mut connection)
+            .unwrap();
+        assert_eq!(rig.status(ask("w@b.io")).await, 200);
+        reload(
+            &rig,
+            "  per_email: [{ requests: 1, per: 1h }, { requests: 10, per: 1d }]\n",
+        );
+        let daily = (8_640_000_000, 86_400_000_000);
+        assert_eq!(holding(&server, daily, 2).await, 2, "{:?}", server.dump());
+    }
+
     /// A reload that tightens a quota keeps the denials cached under it (the address would
     /// be refused under the new one at least as long): a flood refused before it is not
     /// let through while the changed quota's state is carried over. One that loosens it
