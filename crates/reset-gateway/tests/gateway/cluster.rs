@@ -615,14 +615,7 @@ async fn probe_failure(yaml: &str) -> (String, Vec<String>) {
     let config = dir.path().join("gateway.yaml");
     std::fs::write(&config, yaml).unwrap();
     let gateway = crate::process::spawn_gateway(&config);
-    let probe_failed = |logs: &Vec<String>| {
-        logs.iter()
-            .find(|line| line.contains("Redis does not answer the probe"))
-            .cloned()
-    };
-    let line = poll_until(100, async || probe_failed(&gateway.logs()), Option::is_some)
-        .await
-        .expect("the probe's failure is logged");
+    let line = crate::redis::probe_failure_line(&gateway).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     (line, gateway.logs())
 }

@@ -586,6 +586,18 @@ fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
     check_redis_section("    timeout: 29s\n").unwrap();
 }
 
+/// The line in which a gateway process says the Redis probe failed, once it is logged
+/// (within five seconds).
+pub(crate) async fn probe_failure_line(gateway: &crate::process::Process) -> String {
+    let probe_failed = |logs: Vec<String>| {
+        logs.into_iter()
+            .find(|line| line.contains("Redis does not answer the probe"))
+    };
+    poll_until(100, async || probe_failed(gateway.logs()), Option::is_some)
+        .await
+        .expect("the probe's failure is logged")
+}
+
 #[tokio::test]
 async fn a_wrong_redis_password_is_logged_as_the_cause_without_the_password() {
     let redis = test_support::RedisServer::start_with(test_support::RedisOptions {
@@ -605,20 +617,7 @@ async fn a_wrong_redis_password_is_logged_as_the_cause_without_the_password() {
     let config = dir.path().join("gateway.yaml");
     std::fs::write(&config, yaml).unwrap();
     let gateway = crate::process::spawn_gateway(&config);
-    let probe_failed = |logs: &Vec<String>| {
-        logs.iter()
-            .find(|line| line.contains("Redis does not answer the probe"))
-            .cloned()
-    };
-    let mut line = None;
-    for _ in 0..100 {
-        line = probe_failed(&gateway.logs());
-        if line.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let line = line.expect("the probe's failure is logged");
+    let line = probe_failure_line(&gateway).await;
     assert!(
         line.to_lowercase().contains("authentication"),
         "the cause is named: {line}"

@@ -1235,6 +1235,23 @@ mod redis_store {
         let _ = master.command("CLIENT UNPAUSE");
     }
 
+    /// Writes `key` as `state` (interval_us, capacity_us, TAT) followed by 9,000 numbers
+    /// that are no state: more than Lua returns from one call.
+    fn plant_overlong(server: &RedisServer, key: &str, state: [f64; 3]) {
+        let mut value = Vec::new();
+        for number in state.into_iter().chain(std::iter::repeat_n(7.0, 9_000)) {
+            value.extend_from_slice(&f64::to_le_bytes(number));
+        }
+        let mut connection = redis::Client::open(server.url())
+            .and_then(|client| client.get_connection())
+            .unwrap();
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query(&mut connection)
+            .unwrap();
+    }
+
     /// A value far longer than any state the gateway writes (9,000 numbers, more than
     /// Lua returns from one call) under a key: its first quotas are read as ever, the rest
     /// ignored; neither that request nor the others of its call fail.
@@ -1253,21 +1270,11 @@ mod redis_store {
             panic!("{keys:?}")
         };
         // This quota's own state, a full burst spent, then numbers that are no state.
-        let mut value = Vec::new();
-        for number in [17_280_000_000.0, 86_400_000_000.0, f64::INFINITY] {
-            value.extend_from_slice(&f64::to_le_bytes(number));
-        }
-        for _ in 0..9_000 {
-            value.extend_from_slice(&f64::to_le_bytes(7.0));
-        }
-        let mut connection = redis::Client::open(server.url())
-            .and_then(|client| client.get_connection())
-            .unwrap();
-        let () = redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .query(&mut connection)
-            .unwrap();
+        plant_overlong(
+            &server,
+            key,
+            [17_280_000_000.0, 86_400_000_000.0, f64::INFINITY],
+        );
         let (planted, other) =
             futures_util::future::join(daily.send(ask("k@b.io")), daily.status(ask("other@b.io")))
                 .await;
@@ -1337,24 +1344,13 @@ mod redis_store {
         let [(key, _)] = &keys[..] else {
             panic!("{keys:?}")
         };
+        // Two of three spent, by the server's clock.
         let mut connection = redis::Client::open(server.url())
             .and_then(|client| client.get_connection())
             .unwrap();
-        // Two of three spent, by the server's clock.
         let (seconds, micros): (u64, u64) = redis::cmd("TIME").query(&mut connection).unwrap();
         let tat = (seconds * 1_000_000 + micros + 2_400_000_000) as f64;
-        let mut value = Vec::new();
-        for number in [1_200_000_000.0, 3_600_000_000.0, tat] {
-            value.extend_from_slice(&f64::to_le_bytes(number));
-        }
-        for _ in 0..9_000 {
-            value.extend_from_slice(&f64::to_le_bytes(7.0));
-        }
-        let () = redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .query(&mut connection)
-            .unwrap();
+        plant_overlong(&server, key, [1_200_000_000.0, 3_600_000_000.0, tat]);
         assert_eq!(rig.status(ask("w@b.io")).await, 200);
         reload(
             &rig,
