@@ -189,7 +189,9 @@ impl Cluster {
             }
         };
         let map = SlotOwners::parse(&reply).ok_or_else(|| match &reply {
-            redis::Value::ServerError(error) => not_a_cluster(&format!("CLUSTER SLOTS: {error}")),
+            redis::Value::ServerError(error) => {
+                not_a_cluster(&format!("CLUSTER SLOTS: {}", bounded(&error.to_string())))
+            }
             _ => "CLUSTER SLOTS: an answer not understood".to_owned(),
         })?;
         Ok((connection, map))
