@@ -421,7 +421,7 @@ pub(super) async fn run_batches(
 
 /// How long a connection may sit unused before it is checked with a PING ahead of the
 /// next call.
-const IDLE_CHECK: Duration = Duration::from_millis(500);
+pub(super) const IDLE_CHECK: Duration = Duration::from_millis(500);
 
 /// The first job and whatever else is waiting, up to [`MAX_BATCH`].
 pub(super) fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {

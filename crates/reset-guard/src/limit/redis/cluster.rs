@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicU64;
 use redis::aio::MultiplexedConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
-use super::batch::{answer, call, gather, gather_from, numbers, CallArgs};
+use super::batch::{answer, call, gather, gather_from, numbers, CallArgs, IDLE_CHECK};
 use super::*;
 
 /// Slots in a Redis Cluster.
@@ -505,18 +505,21 @@ impl NodeCalls {
                     }
                 }
                 Err(error) => {
-                    // The master failed over, went or came back: read the map again and
-                    // connect anew.
-                    self.slots.store(None);
+                    // The master failed over, went or came back: connect anew.
                     *master = None;
-                    if refused_before_running(&error) {
-                        // Nothing ran (CLUSTERDOWN, READONLY, LOADING, MOVED...): the
-                        // cluster client waits, follows and retries these jobs.
+                    if refused_before_running(&error) || error.is_connection_refusal() {
+                        // Nothing ran (CLUSTERDOWN, READONLY, LOADING, MOVED..., or no
+                        // connection): read the map again; the cluster client waits,
+                        // follows and retries these jobs.
+                        self.slots.store(None);
                         return Ok(None);
                     }
                     // Anything else (a connection dropped after the call was written, a
                     // reply not understood) may come after the script ran: sent again,
-                    // these requests would be charged twice. `on_error` decides them.
+                    // these requests would be charged twice. `on_error` decides them. The
+                    // slot map stays: the next call goes to a new connection to the same
+                    // master, rather than through the cluster client, which would send
+                    // its calls again after a dropped connection.
                     return Err(error.to_string());
                 }
             }
@@ -586,12 +589,28 @@ async fn run_master_batches(
     timeout: Duration,
 ) {
     // This task's connection to the master, and the master's address.
-    let mut master = None;
+    let mut master: Option<((String, u16), ConnectionManager)> = None;
+    let mut last_call = std::time::Instant::now();
     while let Some(first) = queue.recv().await {
         // The first job's sender woke this task, which the runtime may run next, before
         // the other requests answered by the same reply have sent theirs: let them.
         tokio::task::yield_now().await;
-        let batch = gather_from(first, || queue.try_recv().ok());
+        let mut batch = gather_from(first, || queue.try_recv().ok());
+        if let Some((_, connection)) = master
+            .as_mut()
+            .filter(|_| last_call.elapsed() >= IDLE_CHECK)
+        {
+            // The master may have closed a connection left idle (its `timeout`), or
+            // restarted: a PING finds out before a script is sent that a closed connection
+            // would fail (a failure that cannot tell whether the script ran). As in the
+            // other modes.
+            let ping = redis::cmd("PING");
+            let pinged = tokio::time::timeout(timeout, ping.query_async::<()>(connection)).await;
+            if !matches!(pinged, Ok(Ok(()))) {
+                master = None;
+            }
+            batch.retain(|job| !job.reply.is_closed());
+        }
         let Some(job) = batch.first() else {
             continue;
         };
@@ -606,6 +625,7 @@ async fn run_master_batches(
                 nodes.slots.store(None);
                 Err("timed out".to_owned())
             });
+        last_call = std::time::Instant::now();
         match decided {
             Ok(Some(values)) => answer(batch, Ok(values)),
             Ok(None) => by_tags(batch, &connection, &script, timeout),

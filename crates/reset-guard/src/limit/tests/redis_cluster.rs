@@ -558,3 +558,61 @@ async fn a_reply_lost_after_the_script_ran_charges_the_request_once() {
     drop(node);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A rig whose requests, after a warm-up, go to the masters' own connections (the slot
+/// map read in the background): per_ip only, five an hour.
+async fn warmed_per_ip_rig(cluster: &RedisCluster, prefix: &str) -> Rig {
+    let rig = rig_in(
+        "  per_ip: [{ requests: 5, per: 1h }]\n  per_client: []\n  per_email: []\n  global: []\n",
+        "",
+        cluster_store(cluster, prefix),
+        ManualClock::new(),
+    );
+    for i in 0..40 {
+        let ip: &'static str = Box::leak(format!("198.51.100.{}", i + 1).into_boxed_str());
+        assert_eq!(rig.status(ask("w@b.io").from(ip)).await, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rig
+}
+
+/// Twelve requests from addresses of their own, one at a time.
+async fn twelve_from_new_addresses(rig: &Rig) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let ip: &'static str = Box::leak(format!("203.0.113.{}", i + 1).into_boxed_str());
+        statuses.push(rig.status(ask("x@b.io").from(ip)).await);
+    }
+    statuses
+}
+
+/// Masters that close connections left idle (their `timeout`): the first calls after the
+/// idle spell find out with a PING and go on a new connection, rather than failing on
+/// the closed one (where a failure could not tell whether the script ran).
+#[tokio::test]
+async fn connections_a_master_closed_while_idle_are_replaced_before_a_call() {
+    let cluster = RedisCluster::start();
+    let rig = warmed_per_ip_rig(&cluster, "idle").await;
+    for node in &cluster.nodes {
+        node.command("CONFIG SET timeout 1").unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(twelve_from_new_addresses(&rig).await, [200; 12]);
+    assert_eq!(rig.handle.store_errors(), 0);
+}
+
+/// Every master restarted on its address (its slots kept): the first requests after are
+/// decided, not failed on the connections that died with the old processes.
+#[tokio::test]
+async fn the_first_requests_after_every_master_restarted_are_decided() {
+    let mut cluster = RedisCluster::start();
+    let rig = warmed_per_ip_rig(&cluster, "restart").await;
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    for i in 0..3 {
+        cluster.restart(i);
+    }
+    cluster.wait_ok(Duration::from_secs(10));
+    assert_eq!(twelve_from_new_addresses(&rig).await, [200; 12]);
+}
