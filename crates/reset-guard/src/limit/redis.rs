@@ -460,7 +460,7 @@ impl RedisStore {
         let queued = match early {
             Ok(queued) => queued,
             Err(job) => {
-                let _ = tokio::time::timeout_at(deadline, self.resolve()).await;
+                let _ = tokio::time::timeout_at(deadline, self.resolve_first()).await;
                 self.enqueue(job)
             }
         };

@@ -1235,6 +1235,35 @@ mod redis_store {
         let _ = master.command("CLIENT UNPAUSE");
     }
 
+    /// First requests arriving together, before any master is named, with a sentinel that
+    /// answers in 400 ms of a one-second timeout: all wait for the one answer and are
+    /// decided, rather than each asking the sentinel again in turn and the last running out
+    /// of time.
+    #[tokio::test]
+    async fn first_requests_together_share_the_sentinels_first_answer() {
+        let master = test_support::RedisServer::start();
+        let slow =
+            test_support::FakeSentinel::naming_after(master.port(), Duration::from_millis(400));
+        let mut settings =
+            RedisSettings::sentinel(&[slow.url()], test_support::SENTINEL_MASTER).unwrap();
+        settings.timeout = Duration::from_millis(1000);
+        settings.on_error = OnError::Deny;
+        let rig = rig_in(
+            "  per_ip: [{ requests: 5, per: 1h }]\n",
+            "",
+            StoreSettings {
+                redis: Some(settings),
+                ..StoreSettings::default()
+            },
+            ManualClock::new(),
+        );
+        let ips = ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"];
+        let statuses =
+            futures_util::future::join_all(ips.iter().map(|ip| rig.status(ask("a@b.io").from(ip))))
+                .await;
+        assert_eq!(statuses, [200; 4]);
+    }
+
     /// Writes `key` as `state` (interval_us, capacity_us, TAT) followed by 9,000 numbers
     /// that are no state: more than Lua returns from one call.
     fn plant_overlong(server: &RedisServer, key: &str, state: [f64; 3]) {

@@ -104,6 +104,31 @@ impl RedisStore {
         };
         let _one = self.resolving.lock().await;
         let current = self.master.load_full();
+        self.ask_sentinels(pool, current).await
+    }
+
+    /// In Sentinel mode, until the sentinels have named a master: asks them, unless the
+    /// question before this one (whose answer this one waited for) named one. The first
+    /// requests after start all wait for that one answer, not each for one of its own.
+    pub(super) async fn resolve_first(&self) -> Result<(), String> {
+        let Some(pool) = &self.sentinels else {
+            return Ok(());
+        };
+        let _one = self.resolving.lock().await;
+        let current = self.master.load_full();
+        if current.is_some() {
+            return Ok(());
+        }
+        self.ask_sentinels(pool, current).await
+    }
+
+    /// Asks the sentinels which server is the master (`current`: the one requests go to
+    /// now), and moves every connection to it if it changed. The caller holds `resolving`.
+    async fn ask_sentinels(
+        &self,
+        pool: &SentinelPool,
+        current: Option<Arc<Master>>,
+    ) -> Result<(), String> {
         let found = self.find_master(pool, current.as_deref()).await;
         // Logged once per new reason: the sentinels are asked every second, and more
         // often while requests fail.
