@@ -94,6 +94,8 @@ return 1
 
 /// Keys asked for per `SCAN` step.
 const SCAN_COUNT: usize = 1000;
+/// How long each step of a walk (a `SCAN`, a pipeline of carries) may take.
+const STEP_WAIT: Duration = Duration::from_secs(5);
 
 /// One changed quota of a group: the quota it replaces and its own.
 #[derive(Debug, Clone, Copy)]
@@ -253,23 +255,49 @@ async fn carry_on(
     pattern: &str,
     moves: &[u8],
 ) -> Result<u64, String> {
-    let wait = Duration::from_secs(5);
+    let wait = STEP_WAIT;
     // A pipeline sends the script by its hash only: loaded first.
     tokio::time::timeout(wait, script.load_async(connection))
         .await
         .map_err(|_| format!("SCRIPT LOAD: no answer within {wait:?}"))?
         .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
-    // Redis ends every SCAN, in about as many steps as its keys fill tables of
-    // SCAN_COUNT (a table is at most twice its keys, and keys arrive meanwhile): a server
-    // that goes on far past that is not one, and would hold up every later carry-over.
-    // A user whose ACL leaves DBSIZE out gets a bound of a billion keys' worth.
+    // A user whose ACL leaves DBSIZE out gets the bound of a billion keys.
     let dbsize = redis::cmd("DBSIZE");
     let dbsize = dbsize.query_async::<u64>(connection);
     let keys_held = tokio::time::timeout(wait, dbsize)
         .await
         .map_err(|_| format!("DBSIZE: no answer within {wait:?}"))?
         .unwrap_or(1_000_000_000);
-    let most_steps = keys_held / SCAN_COUNT as u64 * 4 + 1000;
+    walk(
+        connection,
+        script,
+        pattern,
+        moves,
+        (keys_held, scan_bound(keys_held)),
+    )
+    .await
+}
+
+/// The most `SCAN` steps a walk over `keys_held` keys takes before it is given up. Redis
+/// ends every SCAN: in about as many steps as its keys fill steps of SCAN_COUNT (its
+/// table at most twice its keys, and keys arriving meanwhile), or, in a table left sparse
+/// (Redis does not shrink it while a fork saves the data), in about a step per 10,000 of
+/// its buckets: 100,000 steps more cover a table of a billion. A server that goes on past
+/// that is not Redis, and would hold up every later carry-over.
+fn scan_bound(keys_held: u64) -> u64 {
+    keys_held / SCAN_COUNT as u64 * 4 + 100_000
+}
+
+/// [`carry_on`]'s walk, giving up after `most_steps` `SCAN` steps (`keys_held`, for the
+/// error).
+async fn walk(
+    connection: &mut (impl redis::aio::ConnectionLike + Send),
+    script: &redis::Script,
+    pattern: &str,
+    moves: &[u8],
+    (keys_held, most_steps): (u64, u64),
+) -> Result<u64, String> {
+    let wait = STEP_WAIT;
     let mut cursor: u64 = 0;
     let mut carried = 0;
     for _ in 0..most_steps {
@@ -376,12 +404,11 @@ mod tests {
                     break;
                 }
                 pending.extend_from_slice(&buffer[..n]);
-                let text = String::from_utf8_lossy(&pending).to_ascii_uppercase();
-                // One reply per command seen (each is a RESP array: `*N\r\n$len\r\nNAME`).
+                // One reply per whole command (a RESP array of bulk strings) received.
                 let mut replies = Vec::new();
-                for command in text.split('*').skip(1) {
-                    let name = command.split("\r\n").nth(2).unwrap_or_default();
-                    replies.push(match name {
+                while let Some((name, used)) = command_name(&pending) {
+                    pending.drain(..used);
+                    replies.push(match name.to_ascii_uppercase().as_str() {
                         "SCRIPT" => loaded.clone(),
                         "DBSIZE" => ":10\r\n".to_owned(),
                         "SCAN" => {
@@ -391,7 +418,6 @@ mod tests {
                         _ => "+OK\r\n".to_owned(),
                     });
                 }
-                pending.clear();
                 if stream.write_all(replies.concat().as_bytes()).await.is_err() {
                     break;
                 }
@@ -399,13 +425,40 @@ mod tests {
         });
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
         let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-        let walked = carry_on(&mut connection, &script, "rg:per_email:*", &[]).await;
+        let walked = walk(&mut connection, &script, "rg:per_email:*", &[], (10, 1000)).await;
         let error = walked.unwrap_err();
         assert!(
             error.contains("no end after 1000 steps over 10 keys"),
             "{error}"
         );
         assert_eq!(scans.load(Ordering::Relaxed), 1000);
+        // The bound leaves room for a table sparse as a fork leaves it: 16,777,216 buckets
+        // (once 8.4 million keys) holding 100,000 keys took 1,678 steps.
+        assert_eq!(scan_bound(10), 100_000);
+        assert!(scan_bound(100_000) > 1_678 * 10);
+    }
+
+    /// The first command in `bytes` (a RESP array of bulk strings): its name, and how many
+    /// bytes it took; none until it has all arrived.
+    fn command_name(bytes: &[u8]) -> Option<(String, usize)> {
+        let line = |at: usize| -> Option<(&str, usize)> {
+            let end = at + bytes.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+            Some((std::str::from_utf8(&bytes[at..end]).ok()?, end + 2))
+        };
+        let (count, mut at) = line(0)?;
+        let count: usize = count.strip_prefix('*')?.parse().ok()?;
+        let mut name = None;
+        for _ in 0..count {
+            let (length, start) = line(at)?;
+            let length: usize = length.strip_prefix('$')?.parse().ok()?;
+            let word = bytes.get(start..start + length)?;
+            name.get_or_insert_with(|| String::from_utf8_lossy(word).into_owned());
+            at = start + length + 2;
+            if bytes.len() < at {
+                return None;
+            }
+        }
+        Some((name?, at))
     }
 
     #[test]
