@@ -515,11 +515,16 @@ impl NodeCalls {
                         return Ok(None);
                     }
                     // Anything else (a connection dropped after the call was written, a
-                    // reply not understood) may come after the script ran: sent again,
-                    // these requests would be charged twice. `on_error` decides them. The
-                    // slot map stays: the next call goes to a new connection to the same
-                    // master, rather than through the cluster client, which would send
-                    // its calls again after a dropped connection.
+                    // reply not understood, no reply in time) may come after the script
+                    // ran: sent again, these requests would be charged twice. `on_error`
+                    // decides them. After a dropped connection the slot map stays: the
+                    // next call goes to a new connection to the same master, rather than
+                    // through the cluster client, which would send its calls again after a
+                    // dropped connection. A master that stops answering may have been
+                    // replaced: the map is read again.
+                    if error.is_timeout() {
+                        self.slots.store(None);
+                    }
                     return Err(error.to_string());
                 }
             }
@@ -596,8 +601,16 @@ async fn run_master_batches(
         // the other requests answered by the same reply have sent theirs: let them.
         tokio::task::yield_now().await;
         let mut batch = gather_from(first, || queue.try_recv().ok());
+        // The master the slot map names for this batch, whose connection the call uses
+        // (another, from before the map changed, is replaced by the call).
+        let named = batch.first().and_then(|job| {
+            let (group, hash) = job.charges.as_slice()[0];
+            let map = nodes.slots.load_full()?;
+            map.master(job.specs.slot(group, hash)).cloned()
+        });
         if let Some((_, connection)) = master
             .as_mut()
+            .filter(|(address, _)| named.as_ref() == Some(address))
             .filter(|_| last_call.elapsed() >= IDLE_CHECK)
         {
             // The master may have closed a connection left idle (its `timeout`), or
@@ -606,7 +619,16 @@ async fn run_master_batches(
             // other modes.
             let ping = redis::cmd("PING");
             let pinged = tokio::time::timeout(timeout, ping.query_async::<()>(connection)).await;
-            if !matches!(pinged, Ok(Ok(()))) {
+            let answered = match &pinged {
+                Ok(Ok(())) => true,
+                Ok(Err(error)) if !error.is_timeout() => false,
+                // No answer in time: the master may have been replaced; read the map again.
+                _ => {
+                    nodes.slots.store(None);
+                    false
+                }
+            };
+            if !answered {
                 master = None;
             }
             batch.retain(|job| !job.reply.is_closed());

@@ -616,3 +616,50 @@ async fn the_first_requests_after_every_master_restarted_are_decided() {
     cluster.wait_ok(Duration::from_secs(10));
     assert_eq!(twelve_from_new_addresses(&rig).await, [200; 12]);
 }
+
+/// Master 0's slots all moved to master 1 (the slot map read again), then master 1 stops
+/// answering clients (`CLIENT PAUSE ... ALL`). Requests whose keys master 2 holds, after an
+/// idle spell, are decided at once: the idle check asks the master the map names for them,
+/// not the one a task used before the map changed.
+#[tokio::test]
+async fn the_idle_check_asks_the_master_the_slot_map_names() {
+    let cluster = RedisCluster::start();
+    let rig = rig_in(
+        "  per_ip: [{ requests: 5, per: 1h }]\n  per_client: []\n  per_email: []\n  global: []\n",
+        "",
+        cluster_store(&cluster, "moved"),
+        ManualClock::new(),
+    );
+    // Which addresses' keys master 2 holds (it keeps its slots throughout).
+    let mut on_two = Vec::new();
+    for i in 0..40 {
+        let ip: &'static str = Box::leak(format!("198.51.100.{}", i + 1).into_boxed_str());
+        let before = cluster.nodes[2].dump().len();
+        assert_eq!(rig.status(ask("w@b.io").from(ip)).await, 200);
+        if cluster.nodes[2].dump().len() > before {
+            on_two.push(ip);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(on_two.len() >= 3, "{on_two:?}");
+    let all = cluster.slots_of(0) as u32;
+    cluster.reshard(0, 1, all);
+    assert_eq!(cluster.slots_of(0), 0);
+    // Requests to the moved slots: the stale map sends some to master 0 (map cleared, the
+    // jobs through the cluster client); then the map is read again.
+    for i in 0..12 {
+        let ip: &'static str = Box::leak(format!("192.0.2.{}", i + 1).into_boxed_str());
+        assert_eq!(rig.status(ask("m@b.io").from(ip)).await, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(rig.status(ask("m@b.io").from("192.0.2.200")).await, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.nodes[1].command("CLIENT PAUSE 30000 ALL").unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut statuses = Vec::new();
+    for ip in &on_two {
+        statuses.push(rig.status(ask("w@b.io").from(ip)).await);
+    }
+    let _ = cluster.nodes[1].command("CLIENT UNPAUSE");
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+}
