@@ -601,17 +601,21 @@ async fn run_master_batches(
         // the other requests answered by the same reply have sent theirs: let them.
         tokio::task::yield_now().await;
         let mut batch = gather_from(first, || queue.try_recv().ok());
-        // The master the slot map names for this batch, whose connection the call uses
-        // (another, from before the map changed, is replaced by the call).
-        let named = batch.first().and_then(|job| {
-            let (group, hash) = job.charges.as_slice()[0];
-            let map = nodes.slots.load_full()?;
-            map.master(job.specs.slot(group, hash)).cloned()
-        });
+        // Whether `address` is the master the slot map names for this batch, whose
+        // connection the call uses (another, from before the map changed, is replaced by
+        // the call).
+        let named = |address: &(String, u16)| {
+            batch.first().is_some_and(|job| {
+                let (group, hash) = job.charges.as_slice()[0];
+                let map = nodes.slots.load_full();
+                let slot = job.specs.slot(group, hash);
+                map.is_some_and(|map| map.master(slot) == Some(address))
+            })
+        };
         if let Some((_, connection)) = master
             .as_mut()
-            .filter(|(address, _)| named.as_ref() == Some(address))
             .filter(|_| last_call.elapsed() >= IDLE_CHECK)
+            .filter(|(address, _)| named(address))
         {
             // The master may have closed a connection left idle (its `timeout`), or
             // restarted: a PING finds out before a script is sent that a closed connection
