@@ -167,7 +167,8 @@ impl RedisStore {
         let sentinels = settings.sentinels();
         let cluster = match settings.cluster_nodes() {
             Some(nodes) => Some(Cluster::new(
-                settings.cluster_client(&nodes)?,
+                settings.cluster_client(&nodes, true)?,
+                settings.cluster_client(&nodes, false)?,
                 redis::cluster::ClusterConfig::new()
                     .set_connection_timeout(settings.timeout.max(Duration::from_millis(250)))
                     .set_response_timeout(settings.timeout),

@@ -358,7 +358,7 @@ impl CallArgs {
     }
 
     /// `EVALSHA` with the keys declared (they must share one slot in a cluster).
-    fn declared(&self, sha: &str) -> redis::Cmd {
+    pub(super) fn declared(&self, sha: &str) -> redis::Cmd {
         use redis::RedisWrite;
         let mut command = redis::cmd("EVALSHA");
         command.arg(sha).arg(self.key_ends.len());

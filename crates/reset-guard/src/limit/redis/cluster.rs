@@ -13,14 +13,16 @@
 //! a connection of the thread's own to each master (by the slot map's address), not
 //! through the cluster client's routing. Where that cannot work (Redis before 7, no slot
 //! map yet, a key not served where the map said) a group is one call with declared keys,
-//! which the cluster client routes and redirects itself.
+//! which the cluster client routes; the client sends nothing again itself (after a dropped
+//! connection it would, and Redis may have run the call), so `call_by_tag` follows its
+//! redirections and waits out a slot in motion.
 
 use std::sync::atomic::AtomicU64;
 
 use redis::aio::MultiplexedConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
-use super::batch::{answer, call, gather, gather_from, numbers, CallArgs, IDLE_CHECK};
+use super::batch::{answer, gather, gather_from, numbers, CallArgs, IDLE_CHECK};
 use super::*;
 
 /// Slots in a Redis Cluster.
@@ -31,9 +33,13 @@ const ONE_BY_ONE: &str = "decide these groups one by one";
 /// Least time between two reads of the slot map.
 const SLOT_MAP_INTERVAL_NS: u64 = 1_000_000_000;
 
-/// Cluster mode: the client every per-thread connection is made from, and the probe's.
+/// Cluster mode: the client the probe's connection is made from, and the one every
+/// per-thread connection for script calls is made from.
 pub(super) struct Cluster {
+    /// Follows redirections and sends again on its own: for the probe.
     pub(super) client: redis::cluster::ClusterClient,
+    /// Sends nothing twice: for script calls (see [`call_by_tag`]).
+    calls: redis::cluster::ClusterClient,
     pub(super) config: redis::cluster::ClusterConfig,
     /// The probe's connection; made on first use, then reconnected by the client itself.
     pub(super) probe: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
@@ -48,11 +54,13 @@ impl Cluster {
     /// timeouts of the settings), for the calls that go to one master.
     pub(super) fn new(
         client: redis::cluster::ClusterClient,
+        calls: redis::cluster::ClusterClient,
         config: redis::cluster::ClusterConfig,
         direct: DirectMasters,
     ) -> Self {
         Cluster {
             client,
+            calls,
             config,
             probe: tokio::sync::OnceCell::new(),
             masters_pinged: tokio::sync::Mutex::new(Vec::new()),
@@ -60,8 +68,9 @@ impl Cluster {
         }
     }
 
+    /// A connection for a thread's script calls, which sends nothing twice.
     pub(super) fn connection(&self) -> redis::cluster_async::ClusterConnection {
-        self.client
+        self.calls
             .get_pending_async_connection_with_config(self.config.clone())
     }
 
@@ -170,7 +179,10 @@ impl Cluster {
     ) -> Result<(redis::cluster_async::ClusterConnection, SlotOwners), String> {
         let mut connection = self
             .probe
-            .get_or_init(|| async { self.connection() })
+            .get_or_init(|| async {
+                self.client
+                    .get_pending_async_connection_with_config(self.config.clone())
+            })
             .await
             .clone();
         let ask = connection.route_command(
@@ -718,10 +730,71 @@ fn by_tags(
             .into_iter()
             .partition(|job| job.charges.as_slice().first().copied() == tag);
         batch = rest;
-        let mut connection = connection.clone();
+        let connection = connection.clone();
         let script = script.clone();
-        tokio::spawn(async move { call(same, &mut connection, &script, timeout).await });
+        tokio::spawn(call_by_tag(same, connection, script, timeout));
     }
+}
+
+/// One hash tag's jobs as one script call through the cluster client, which routes it by
+/// the tag's slot but sends nothing again itself. A call Redis refused without running it
+/// is sent again here until `timeout`: after `ASK`, to the node named, with `ASKING`
+/// before it; after `MOVED` (the client reads its slot map again), `TRYAGAIN`,
+/// `CLUSTERDOWN`, no connection and the like, after a pause. Any other failure (a
+/// connection dropped after the call was written, which the client would have sent again)
+/// may come after the script ran: it is the jobs' answer, and `on_error` decides.
+async fn call_by_tag(
+    batch: Vec<Job>,
+    mut connection: redis::cluster_async::ClusterConnection,
+    script: Arc<redis::Script>,
+    timeout: Duration,
+) {
+    let args = CallArgs::new(&batch);
+    let command = args.declared(script.get_hash());
+    let decided = tokio::time::timeout(timeout, async {
+        let mut asking: Option<(String, u16)> = None;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let reply = match asking.take() {
+                Some((host, port)) => {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("ASKING").add_command(command.clone());
+                    let node = SingleNodeRoutingInfo::ByAddress { host, port };
+                    let replies = connection.route_pipeline(pipe, 1, 1, node).await;
+                    replies.map(|mut replies| replies.pop().unwrap_or(redis::Value::Nil))
+                }
+                None => command.query_async::<redis::Value>(&mut connection).await,
+            };
+            let error = match reply {
+                Ok(value) => return numbers(value),
+                Err(error) => error,
+            };
+            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
+                script
+                    .load_async(&mut connection)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            } else if let Some((node, _)) = error
+                .redirect_node()
+                .filter(|_| error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Ask))
+            {
+                let (host, port) = node.rsplit_once(':').ok_or_else(|| error.to_string())?;
+                let port = port.parse().map_err(|_| error.to_string())?;
+                asking = Some((host.trim_matches(['[', ']']).to_owned(), port));
+            } else if refused_before_running(&error)
+                || error.is_connection_refusal()
+                || error.kind() == redis::ErrorKind::ClusterConnectionNotFound
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            } else {
+                return Err(error.to_string());
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out".to_owned()));
+    answer(batch, decided);
 }
 
 impl RedisStore {

@@ -254,10 +254,15 @@ impl RedisSettings {
     }
 
     /// The cluster client for these settings: the seed nodes, with the username and
-    /// password, TLS through rustls with `ca_pem` when set, and `timeout` per reply.
+    /// password, TLS through rustls with `ca_pem` when set, and `timeout` per reply. With
+    /// `retries`, it follows redirections and reconnects and sends a command again on its
+    /// own (for the probe's questions, which can be asked twice); without, every failure
+    /// comes back to the caller (for script calls, which must not run twice: the client
+    /// sends a command again after its connection drops, when Redis may have run it).
     pub(crate) fn cluster_client(
         &self,
         nodes: &[String],
+        retries: bool,
     ) -> redis::RedisResult<redis::cluster::ClusterClient> {
         let mut builder =
             redis::cluster::ClusterClientBuilder::new(nodes.iter().map(String::as_str))
@@ -267,7 +272,7 @@ impl RedisSettings {
                 // TRYAGAIN while a slot's keys are split between two nodes); with 3 retries
                 // one in about 170,000 calls gave up mid-reshard (a 5xx under deny). The
                 // store timeout bounds the whole wait, however many retries it holds.
-                .retries(16)
+                .retries(if retries { 16 } else { 0 })
                 .min_retry_wait(10)
                 .max_retry_wait(200)
                 .tcp_settings(tcp_settings());

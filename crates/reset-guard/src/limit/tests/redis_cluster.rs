@@ -474,11 +474,10 @@ fn evalsha_arguments(bytes: &[u8]) -> Option<usize> {
         .then(|| count.parse().ok())?
 }
 
-/// A master's connection that drops after the script ran (its reply lost) fails that
-/// call's requests as `on_error` says; the call is not sent again (through the cluster
-/// client, as a refused call is), so the request is charged once, as in standalone mode.
-#[tokio::test]
-async fn a_reply_lost_after_the_script_ran_charges_the_request_once() {
+/// One master holding every slot, which tells clients a [`ReplyDropper`]'s port as its
+/// own, and a rig deciding per_ip (two an hour, `deny`) there: the node, its directory,
+/// the proxy and the rig.
+async fn behind_a_reply_dropper() -> (RedisServer, std::path::PathBuf, ReplyDropper, Rig) {
     // One master holding every slot, which tells clients the proxy's port as its own.
     let port = loop {
         let candidate = test_support::free_port();
@@ -535,6 +534,15 @@ async fn a_reply_lost_after_the_script_ran_charges_the_request_once() {
         },
         ManualClock::new(),
     );
+    (node, dir, proxy, rig)
+}
+
+/// A master's connection that drops after the script ran (its reply lost) fails that
+/// call's requests as `on_error` says; the call is not sent again (through the cluster
+/// client, as a refused call is), so the request is charged once, as in standalone mode.
+#[tokio::test]
+async fn a_reply_lost_after_the_script_ran_charges_the_request_once() {
+    let (node, dir, proxy, rig) = behind_a_reply_dropper().await;
     // Until requests go to the master's own queue (the slot map read in the background).
     for i in 0..100 {
         let ip: &'static str = Box::leak(format!("198.51.100.{}", i + 1).into_boxed_str());
@@ -662,4 +670,86 @@ async fn the_idle_check_asks_the_master_the_slot_map_names() {
     }
     let _ = cluster.nodes[1].command("CLIENT UNPAUSE");
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+}
+
+/// The same lost reply on the cluster client's path (no slot map yet, as right after start
+/// or after a master refused a call): the client, which would send a call again after its
+/// connection dropped, sends nothing twice; the request is charged once.
+#[tokio::test]
+async fn a_reply_lost_on_the_cluster_clients_path_charges_the_request_once() {
+    let (node, dir, proxy, rig) = behind_a_reply_dropper().await;
+    // The plain script loaded first, so the reply lost is the script's own, not NOSCRIPT.
+    let mut direct = redis::Client::open(node.url())
+        .and_then(|client| client.get_connection())
+        .unwrap();
+    let _: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(include_str!("../redis.lua"))
+        .query(&mut direct)
+        .unwrap();
+    proxy.armed.store(true, Ordering::SeqCst);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(rig.status(ask("a@b.io").from("192.0.2.50")).await);
+    }
+    assert_eq!(proxy.dropped.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        proxy.batched_calls.load(Ordering::SeqCst),
+        0,
+        "not the master's queue"
+    );
+    assert_eq!(statuses, [503, 200, 429], "charged once");
+    drop(node);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Every slot of master 0 migrating to master 1 (`CLUSTER SETSLOT ... MIGRATING` and
+/// `IMPORTING`, as a reshard leaves a slot while its keys move): a new key there is answered
+/// `ASK` by master 0, and the call is sent with `ASKING` to master 1. Limits hold, and no
+/// request fails.
+#[tokio::test]
+async fn a_call_answered_ask_goes_to_the_node_named() {
+    let cluster = RedisCluster::start();
+    assert_eq!(cluster.slots_of(0), 5461, "master 0 holds slots 0-5460");
+    let rig = warmed_per_ip_rig(&cluster, "ask").await;
+    let (from, to) = (cluster.node_id(0), cluster.node_id(1));
+    let connect = |i: usize| {
+        redis::Client::open(cluster.nodes[i].url())
+            .and_then(|client| client.get_connection())
+            .unwrap()
+    };
+    let (mut importing, mut migrating) = (redis::pipe(), redis::pipe());
+    for slot in 0..=5460 {
+        importing
+            .cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("IMPORTING")
+            .arg(&from)
+            .ignore();
+        migrating
+            .cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("MIGRATING")
+            .arg(&to)
+            .ignore();
+    }
+    let () = importing.query(&mut connect(1)).unwrap();
+    let () = migrating.query(&mut connect(0)).unwrap();
+    let before = [0, 1].map(|i| cluster.nodes[i].dump().len());
+    for i in 0..12 {
+        let ip: &'static str = Box::leak(format!("203.0.113.{}", i + 1).into_boxed_str());
+        let statuses = rig.statuses(6, ask("x@b.io").from(ip)).await;
+        assert_eq!(statuses, [200, 200, 200, 200, 200, 429], "{ip}");
+    }
+    assert_eq!(rig.handle.store_errors(), 0);
+    // About a third of the twelve addresses' keys live in master 0's slots: none written
+    // there, all on master 1, where ASK sent them.
+    let after = [0, 1].map(|i| cluster.nodes[i].dump().len());
+    assert!(
+        after[0] <= before[0],
+        "keys written on master 0: {before:?} {after:?}"
+    );
+    assert!(after[1] - before[1] > 4, "{before:?} {after:?}");
 }
