@@ -589,7 +589,7 @@ pub(super) async fn run_cluster_batches(
             }
             by_tag = rest;
         }
-        by_tags(by_tag, &connection, &script, timeout);
+        by_tags(by_tag, &connection, &nodes, &script, timeout);
     }
 }
 
@@ -666,7 +666,7 @@ async fn run_master_batches(
         last_call = std::time::Instant::now();
         match decided {
             Ok(Some(values)) => answer(batch, Ok(values)),
-            Ok(None) => by_tags(batch, &connection, &script, timeout),
+            Ok(None) => by_tags(batch, &connection, &nodes, &script, timeout),
             Err(error) => answer(batch, Err(error)),
         }
     }
@@ -712,6 +712,7 @@ fn refused_before_running(error: &redis::RedisError) -> bool {
 fn by_tags(
     batch: Vec<Job>,
     connection: &redis::cluster_async::ClusterConnection,
+    nodes: &Arc<NodeCalls>,
     script: &Arc<redis::Script>,
     timeout: Duration,
 ) {
@@ -732,35 +733,53 @@ fn by_tags(
         batch = rest;
         let connection = connection.clone();
         let script = script.clone();
-        tokio::spawn(call_by_tag(same, connection, script, timeout));
+        tokio::spawn(call_by_tag(
+            same,
+            connection,
+            nodes.clone(),
+            script,
+            timeout,
+        ));
     }
 }
 
 /// One hash tag's jobs as one script call through the cluster client, which routes it by
 /// the tag's slot but sends nothing again itself. A call Redis refused without running it
 /// is sent again here until `timeout`: after `ASK`, to the node named, with `ASKING`
-/// before it; after `MOVED` (the client reads its slot map again), `TRYAGAIN`,
-/// `CLUSTERDOWN`, no connection and the like, after a pause. Any other failure (a
-/// connection dropped after the call was written, which the client would have sent again)
-/// may come after the script ran: it is the jobs' answer, and `on_error` decides.
+/// before it, over a connection of its own (the node may be one the client has no
+/// connection to: a new master taking slots); after `MOVED` (the client reads its slot map
+/// again), `TRYAGAIN`, `CLUSTERDOWN`, no connection and the like, after a pause. Any other
+/// failure (a connection dropped after the call was written, which the client would have
+/// sent again) may come after the script ran: it is the jobs' answer, and `on_error`
+/// decides.
 async fn call_by_tag(
     batch: Vec<Job>,
     mut connection: redis::cluster_async::ClusterConnection,
+    nodes: Arc<NodeCalls>,
     script: Arc<redis::Script>,
     timeout: Duration,
 ) {
     let args = CallArgs::new(&batch);
     let command = args.declared(script.get_hash());
     let decided = tokio::time::timeout(timeout, async {
-        let mut asking: Option<(String, u16)> = None;
+        // The node an `ASK` named, and the connection to it once made.
+        let mut asked: Option<(String, Option<MultiplexedConnection>)> = None;
         let mut pause = Duration::from_millis(10);
         loop {
-            let reply = match asking.take() {
-                Some((host, port)) => {
+            let reply = match &mut asked {
+                Some((url, node)) => {
+                    if node.is_none() {
+                        let client = nodes.direct.settings.client_at(url, true);
+                        let connected = match client {
+                            Ok(client) => RedisSettings::connect_for(&client, timeout).await,
+                            Err(error) => Err(error),
+                        };
+                        *node = Some(connected.map_err(|e| e.to_string())?);
+                    }
+                    let node = node.as_mut().ok_or("no connection to the node ASK named")?;
                     let mut pipe = redis::pipe();
-                    pipe.cmd("ASKING").add_command(command.clone());
-                    let node = SingleNodeRoutingInfo::ByAddress { host, port };
-                    let replies = connection.route_pipeline(pipe, 1, 1, node).await;
+                    pipe.cmd("ASKING").ignore().add_command(command.clone());
+                    let replies = pipe.query_async::<Vec<redis::Value>>(node).await;
                     replies.map(|mut replies| replies.pop().unwrap_or(redis::Value::Nil))
                 }
                 None => command.query_async::<redis::Value>(&mut connection).await,
@@ -770,17 +789,22 @@ async fn call_by_tag(
                 Err(error) => error,
             };
             if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
-                script
-                    .load_async(&mut connection)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            } else if let Some((node, _)) = error
+                let loaded = match &mut asked {
+                    Some((_, Some(node))) => script.load_async(node).await,
+                    _ => script.load_async(&mut connection).await,
+                };
+                loaded.map_err(|e| e.to_string())?;
+                continue;
+            }
+            asked = None;
+            if let Some((node, _)) = error
                 .redirect_node()
                 .filter(|_| error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Ask))
             {
                 let (host, port) = node.rsplit_once(':').ok_or_else(|| error.to_string())?;
-                let port = port.parse().map_err(|_| error.to_string())?;
-                asking = Some((host.trim_matches(['[', ']']).to_owned(), port));
+                let port: u16 = port.parse().map_err(|_| error.to_string())?;
+                let host = host.trim_matches(['[', ']']);
+                asked = Some((settings::node_url(nodes.direct.scheme, host, port), None));
             } else if refused_before_running(&error)
                 || error.is_connection_refusal()
                 || error.kind() == redis::ErrorKind::ClusterConnectionNotFound

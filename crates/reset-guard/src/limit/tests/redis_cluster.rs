@@ -753,3 +753,83 @@ async fn a_call_answered_ask_goes_to_the_node_named() {
     );
     assert!(after[1] - before[1] > 4, "{before:?} {after:?}");
 }
+
+/// A fourth master joins, holding no slot yet, and master 0's slots start migrating to it
+/// (scaling out): calls answered `ASK` go to that new node, which the cluster client has
+/// no connection to and which has no script loaded yet. Limits hold, no request fails.
+#[tokio::test]
+async fn a_call_answered_ask_reaches_a_new_master_with_no_slots_yet() {
+    let cluster = RedisCluster::start();
+    let rig = warmed_per_ip_rig(&cluster, "scale").await;
+    let port = loop {
+        let candidate = test_support::free_port();
+        if candidate <= 55_535
+            && std::net::TcpListener::bind(("127.0.0.1", candidate + 10_000)).is_ok()
+        {
+            break candidate;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("scale-out-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let new = RedisServer::start_on_with(
+        port,
+        test_support::RedisOptions {
+            cluster_dir: Some(dir.clone()),
+            ..Default::default()
+        },
+    );
+    let first = cluster.nodes[0].port();
+    new.command(&format!("CLUSTER MEET 127.0.0.1 {first}"))
+        .unwrap();
+    let mut direct = redis::Client::open(new.url())
+        .and_then(|client| client.get_connection())
+        .unwrap();
+    let new_id: String = redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query(&mut direct)
+        .unwrap();
+    // Joined once the others know it and it sees the cluster whole (as a reshard waits).
+    for _ in 0..200 {
+        let known = cluster.nodes[0]
+            .command("CLUSTER NODES")
+            .unwrap_or_default();
+        let whole = new.command("CLUSTER INFO").unwrap_or_default();
+        if known.contains(&new_id) && whole.contains("cluster_state:ok") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let from = cluster.node_id(0);
+    let (mut importing, mut migrating) = (redis::pipe(), redis::pipe());
+    for slot in 0..=5460 {
+        importing
+            .cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("IMPORTING")
+            .arg(&from)
+            .ignore();
+        migrating
+            .cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("MIGRATING")
+            .arg(&new_id)
+            .ignore();
+    }
+    let () = importing.query(&mut direct).unwrap();
+    let mut source = redis::Client::open(cluster.nodes[0].url())
+        .and_then(|client| client.get_connection())
+        .unwrap();
+    let () = migrating.query(&mut source).unwrap();
+    for i in 0..12 {
+        let ip: &'static str = Box::leak(format!("203.0.113.{}", i + 1).into_boxed_str());
+        let statuses = rig.statuses(6, ask("x@b.io").from(ip)).await;
+        assert_eq!(statuses, [200, 200, 200, 200, 200, 429], "{ip}");
+    }
+    assert_eq!(rig.handle.store_errors(), 0);
+    let held: u64 = redis::cmd("DBSIZE").query(&mut direct).unwrap();
+    assert!(held > 0, "no key reached the new master");
+    drop(new);
+    let _ = std::fs::remove_dir_all(dir);
+}
