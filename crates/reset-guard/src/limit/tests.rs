@@ -1211,6 +1211,24 @@ mod redis_store {
         }
     }
 
+    /// A rig in Sentinel mode asking only `sentinel` (`deny`, a one-second timeout):
+    /// per_ip five an hour.
+    fn slow_sentinel_rig(sentinel: &test_support::FakeSentinel) -> Rig {
+        let mut settings =
+            RedisSettings::sentinel(&[sentinel.url()], test_support::SENTINEL_MASTER).unwrap();
+        settings.timeout = Duration::from_millis(1000);
+        settings.on_error = OnError::Deny;
+        rig_in(
+            "  per_ip: [{ requests: 5, per: 1h }]\n",
+            "",
+            StoreSettings {
+                redis: Some(settings),
+                ..StoreSettings::default()
+            },
+            ManualClock::new(),
+        )
+    }
+
     /// The first decision, before any master is named, waits at most `timeout` in all: the
     /// sentinels' answer and Redis's come out of one deadline. Here the sentinel answers after
     /// 800 ms of a one-second timeout, and the master it names, which answers `ROLE`, holds
@@ -1225,19 +1243,7 @@ mod redis_store {
             master.command("CLIENT PAUSE 5000 WRITE").as_deref(),
             Some("+OK\r\n")
         );
-        let mut settings =
-            RedisSettings::sentinel(&[slow.url()], test_support::SENTINEL_MASTER).unwrap();
-        settings.timeout = Duration::from_millis(1000);
-        settings.on_error = OnError::Deny;
-        let rig = rig_in(
-            "  per_ip: [{ requests: 5, per: 1h }]\n",
-            "",
-            StoreSettings {
-                redis: Some(settings),
-                ..StoreSettings::default()
-            },
-            ManualClock::new(),
-        );
+        let rig = slow_sentinel_rig(&slow);
         let started = std::time::Instant::now();
         assert_eq!(rig.status(ask("a@b.io")).await, 503);
         let waited = started.elapsed();
@@ -1257,19 +1263,7 @@ mod redis_store {
         let master = test_support::RedisServer::start();
         let slow =
             test_support::FakeSentinel::naming_after(master.port(), Duration::from_millis(400));
-        let mut settings =
-            RedisSettings::sentinel(&[slow.url()], test_support::SENTINEL_MASTER).unwrap();
-        settings.timeout = Duration::from_millis(1000);
-        settings.on_error = OnError::Deny;
-        let rig = rig_in(
-            "  per_ip: [{ requests: 5, per: 1h }]\n",
-            "",
-            StoreSettings {
-                redis: Some(settings),
-                ..StoreSettings::default()
-            },
-            ManualClock::new(),
-        );
+        let rig = slow_sentinel_rig(&slow);
         let ips = ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"];
         let statuses =
             futures_util::future::join_all(ips.iter().map(|ip| rig.status(ask("a@b.io").from(ip))))

@@ -474,11 +474,9 @@ fn evalsha_arguments(bytes: &[u8]) -> Option<usize> {
         .then(|| count.parse().ok())?
 }
 
-/// One master holding every slot, which tells clients a [`ReplyDropper`]'s port as its
-/// own, and a rig deciding per_ip (two an hour, `deny`) there: the node, its directory,
-/// the proxy and the rig.
-async fn behind_a_reply_dropper() -> (RedisServer, std::path::PathBuf, ReplyDropper, Rig) {
-    // One master holding every slot, which tells clients the proxy's port as its own.
+/// A redis-server in cluster mode on a free port whose bus port (+10000) is free too,
+/// joined to nothing and holding no slot yet, and its directory (`name` in its path).
+fn lone_cluster_node(name: &str) -> (RedisServer, std::path::PathBuf) {
     let port = loop {
         let candidate = test_support::free_port();
         if candidate <= 55_535
@@ -487,7 +485,7 @@ async fn behind_a_reply_dropper() -> (RedisServer, std::path::PathBuf, ReplyDrop
             break candidate;
         }
     };
-    let dir = std::env::temp_dir().join(format!("lost-reply-{}-{port}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("{name}-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let node = RedisServer::start_on_with(
         port,
@@ -496,6 +494,16 @@ async fn behind_a_reply_dropper() -> (RedisServer, std::path::PathBuf, ReplyDrop
             ..Default::default()
         },
     );
+    (node, dir)
+}
+
+/// One master holding every slot, which tells clients a [`ReplyDropper`]'s port as its
+/// own, and a rig deciding per_ip (two an hour, `deny`) there: the node, its directory,
+/// the proxy and the rig.
+async fn behind_a_reply_dropper() -> (RedisServer, std::path::PathBuf, ReplyDropper, Rig) {
+    // One master holding every slot, which tells clients the proxy's port as its own.
+    let (node, dir) = lone_cluster_node("lost-reply");
+    let port = node.port();
     let batched = format!(
         "#!lua flags=allow-cross-slot-keys\n{}",
         include_str!("../redis.lua")
@@ -761,23 +769,7 @@ async fn a_call_answered_ask_goes_to_the_node_named() {
 async fn a_call_answered_ask_reaches_a_new_master_with_no_slots_yet() {
     let cluster = RedisCluster::start();
     let rig = warmed_per_ip_rig(&cluster, "scale").await;
-    let port = loop {
-        let candidate = test_support::free_port();
-        if candidate <= 55_535
-            && std::net::TcpListener::bind(("127.0.0.1", candidate + 10_000)).is_ok()
-        {
-            break candidate;
-        }
-    };
-    let dir = std::env::temp_dir().join(format!("scale-out-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let new = RedisServer::start_on_with(
-        port,
-        test_support::RedisOptions {
-            cluster_dir: Some(dir.clone()),
-            ..Default::default()
-        },
-    );
+    let (new, dir) = lone_cluster_node("scale-out");
     let first = cluster.nodes[0].port();
     new.command(&format!("CLUSTER MEET 127.0.0.1 {first}"))
         .unwrap();
