@@ -711,21 +711,19 @@ async fn a_reply_lost_on_the_cluster_clients_path_charges_the_request_once() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Every slot of master 0 migrating to master 1 (`CLUSTER SETSLOT ... MIGRATING` and
-/// `IMPORTING`, as a reshard leaves a slot while its keys move): a new key there is answered
-/// `ASK` by master 0, and the call is sent with `ASKING` to master 1. Limits hold, and no
-/// request fails.
-#[tokio::test]
-async fn a_call_answered_ask_goes_to_the_node_named() {
-    let cluster = RedisCluster::start();
-    assert_eq!(cluster.slots_of(0), 5461, "master 0 holds slots 0-5460");
-    let rig = warmed_per_ip_rig(&cluster, "ask").await;
-    let (from, to) = (cluster.node_id(0), cluster.node_id(1));
-    let connect = |i: usize| {
-        redis::Client::open(cluster.nodes[i].url())
+/// Sets every slot of master 0 (0-5460) migrating to `to` and importing there (as a
+/// reshard leaves a slot while its keys move), by `CLUSTER SETSLOT` on both.
+fn migrate_master_0s_slots(cluster: &RedisCluster, to: &RedisServer) {
+    let connect = |node: &RedisServer| {
+        redis::Client::open(node.url())
             .and_then(|client| client.get_connection())
             .unwrap()
     };
+    let mut into = connect(to);
+    let (from, to_id): (String, String) = (
+        cluster.node_id(0),
+        redis::cmd("CLUSTER").arg("MYID").query(&mut into).unwrap(),
+    );
     let (mut importing, mut migrating) = (redis::pipe(), redis::pipe());
     for slot in 0..=5460 {
         importing
@@ -740,18 +738,36 @@ async fn a_call_answered_ask_goes_to_the_node_named() {
             .arg("SETSLOT")
             .arg(slot)
             .arg("MIGRATING")
-            .arg(&to)
+            .arg(&to_id)
             .ignore();
     }
-    let () = importing.query(&mut connect(1)).unwrap();
-    let () = migrating.query(&mut connect(0)).unwrap();
-    let before = [0, 1].map(|i| cluster.nodes[i].dump().len());
+    let () = importing.query(&mut into).unwrap();
+    let () = migrating.query(&mut connect(&cluster.nodes[0])).unwrap();
+}
+
+/// Twelve new addresses, six requests each: five admitted and the sixth refused (per_ip
+/// five an hour), and no store error.
+async fn twelve_addresses_get_five_each(rig: &Rig) {
     for i in 0..12 {
         let ip: &'static str = Box::leak(format!("203.0.113.{}", i + 1).into_boxed_str());
         let statuses = rig.statuses(6, ask("x@b.io").from(ip)).await;
         assert_eq!(statuses, [200, 200, 200, 200, 200, 429], "{ip}");
     }
     assert_eq!(rig.handle.store_errors(), 0);
+}
+
+/// Every slot of master 0 migrating to master 1 (`CLUSTER SETSLOT ... MIGRATING` and
+/// `IMPORTING`, as a reshard leaves a slot while its keys move): a new key there is answered
+/// `ASK` by master 0, and the call is sent with `ASKING` to master 1. Limits hold, and no
+/// request fails.
+#[tokio::test]
+async fn a_call_answered_ask_goes_to_the_node_named() {
+    let cluster = RedisCluster::start();
+    assert_eq!(cluster.slots_of(0), 5461, "master 0 holds slots 0-5460");
+    let rig = warmed_per_ip_rig(&cluster, "ask").await;
+    migrate_master_0s_slots(&cluster, &cluster.nodes[1]);
+    let before = [0, 1].map(|i| cluster.nodes[i].dump().len());
+    twelve_addresses_get_five_each(&rig).await;
     // About a third of the twelve addresses' keys live in master 0's slots: none written
     // there, all on master 1, where ASK sent them.
     let after = [0, 1].map(|i| cluster.nodes[i].dump().len());
@@ -791,35 +807,8 @@ async fn a_call_answered_ask_reaches_a_new_master_with_no_slots_yet() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let from = cluster.node_id(0);
-    let (mut importing, mut migrating) = (redis::pipe(), redis::pipe());
-    for slot in 0..=5460 {
-        importing
-            .cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg("IMPORTING")
-            .arg(&from)
-            .ignore();
-        migrating
-            .cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg("MIGRATING")
-            .arg(&new_id)
-            .ignore();
-    }
-    let () = importing.query(&mut direct).unwrap();
-    let mut source = redis::Client::open(cluster.nodes[0].url())
-        .and_then(|client| client.get_connection())
-        .unwrap();
-    let () = migrating.query(&mut source).unwrap();
-    for i in 0..12 {
-        let ip: &'static str = Box::leak(format!("203.0.113.{}", i + 1).into_boxed_str());
-        let statuses = rig.statuses(6, ask("x@b.io").from(ip)).await;
-        assert_eq!(statuses, [200, 200, 200, 200, 200, 429], "{ip}");
-    }
-    assert_eq!(rig.handle.store_errors(), 0);
+    migrate_master_0s_slots(&cluster, &new);
+    twelve_addresses_get_five_each(&rig).await;
     let held: u64 = redis::cmd("DBSIZE").query(&mut direct).unwrap();
     assert!(held > 0, "no key reached the new master");
     drop(new);
