@@ -519,7 +519,7 @@ impl NodeCalls {
                 Err(error) => {
                     // The master failed over, went or came back: connect anew.
                     *master = None;
-                    if refused_before_running(&error) || error.is_connection_refusal() {
+                    if refused_before_running(&error) {
                         // Nothing ran (CLUSTERDOWN, READONLY, LOADING, MOVED..., or no
                         // connection): read the map again; the cluster client waits,
                         // follows and retries these jobs.
@@ -689,23 +689,25 @@ fn bounded(said: &str) -> &str {
     }
 }
 
-/// Whether Redis refused a script call without running it, so that it can be sent again
+/// Whether a script call failed without Redis running it, so that it can be sent again
 /// without charging anyone twice: the cluster is down or its slots are moving, the node is
-/// no longer a master or is loading its data.
+/// no longer a master or is loading its data, or there was no connection to send it on.
 fn refused_before_running(error: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
-    matches!(
-        error.kind(),
-        ErrorKind::Server(
-            ServerErrorKind::Moved
-                | ServerErrorKind::Ask
-                | ServerErrorKind::TryAgain
-                | ServerErrorKind::ClusterDown
-                | ServerErrorKind::MasterDown
-                | ServerErrorKind::ReadOnly
-                | ServerErrorKind::BusyLoading
+    error.is_connection_refusal()
+        || matches!(
+            error.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                        | ServerErrorKind::BusyLoading
+                )
         )
-    )
 }
 
 /// One call per hash tag: the jobs with the same tag (the same group and key) together.
@@ -805,10 +807,7 @@ async fn call_by_tag(
                 let port: u16 = port.parse().map_err(|_| error.to_string())?;
                 let host = host.trim_matches(['[', ']']);
                 asked = Some((settings::node_url(nodes.direct.scheme, host, port), None));
-            } else if refused_before_running(&error)
-                || error.is_connection_refusal()
-                || error.kind() == redis::ErrorKind::ClusterConnectionNotFound
-            {
+            } else if refused_before_running(&error) {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(200));
             } else {
