@@ -22,6 +22,7 @@ mod carry;
 mod cluster;
 mod sentinel;
 mod settings;
+mod walk;
 
 pub(crate) use batch::RedisSpecs;
 use batch::{run_batches, Charges, Job, REPLY_LEN};
@@ -48,6 +49,8 @@ const PROMPTED_PROBE_INTERVAL_NS: u64 = 250_000_000;
 const CAUSE_WAIT: Duration = Duration::from_millis(500);
 /// Most requests waiting for Redis; beyond that they fail fast (as `on_error` says).
 const QUEUE_LIMIT: usize = 65_536;
+/// Why a request beyond [`QUEUE_LIMIT`] failed.
+const QUEUE_FULL: &str = "too many requests waiting for Redis";
 
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -426,7 +429,7 @@ impl RedisStore {
         let job = Job {
             specs: specs.clone(),
             charges,
-            reply,
+            reply: reply.into(),
         };
         // Until the sentinels have named a master (just after start), they are asked first.
         let early = if self.master.load().is_some() {
@@ -480,16 +483,13 @@ impl RedisStore {
     fn enqueue(&self, job: Job) -> Result<(), String> {
         self.queue()?
             .try_send(job)
-            .map_err(|_| "too many requests waiting for Redis".to_owned())
+            .map_err(|_| QUEUE_FULL.to_owned())
     }
 
     /// This thread's batching queue, started on first use. Each worker thread batches its
     /// own requests over its own Redis connection, so a decision never hops threads. A
     /// queue made for an earlier master is replaced; it ends once its last job is answered.
     fn queue(&self) -> Result<mpsc::Sender<Job>, String> {
-        if let Some(cluster) = &self.cluster {
-            return Ok(self.cluster_queue(cluster));
-        }
         let Some(master) = self.master.load_full() else {
             return Err("the sentinels have named no Redis master yet".to_owned());
         };

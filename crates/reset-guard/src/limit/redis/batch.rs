@@ -9,6 +9,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
+use super::walk::Walker;
 use crate::limit::{LimitGroup, LimitSettings, Quota};
 
 /// Most requests decided by one script call.
@@ -20,7 +21,41 @@ pub(super) const REPLY_LEN: usize = 7;
 pub(super) struct Job {
     pub(super) specs: Arc<RedisSpecs>,
     pub(super) charges: Charges,
-    pub(super) reply: oneshot::Sender<Result<[i64; REPLY_LEN], String>>,
+    pub(super) reply: Reply,
+}
+
+/// Where a job's seven numbers go.
+#[derive(Debug)]
+pub(super) enum Reply {
+    /// To the request, whose charges the job holds whole.
+    Request(oneshot::Sender<Result<[i64; REPLY_LEN], String>>),
+    /// Cluster mode: into the request's walk over its groups, the job being one run of them.
+    Walk(Walker),
+}
+
+impl Reply {
+    /// Whether the request stopped waiting (it timed out and was answered as `on_error`
+    /// says): charging it afterwards would count a request its limits never decided.
+    pub(super) fn is_closed(&self) -> bool {
+        match self {
+            Reply::Request(request) => request.is_closed(),
+            Reply::Walk(walker) => walker.is_closed(),
+        }
+    }
+
+    pub(super) fn send(self, outcome: Result<[i64; REPLY_LEN], String>) {
+        match self {
+            // The request may have given up already; that is fine.
+            Reply::Request(request) => drop(request.send(outcome)),
+            Reply::Walk(walker) => walker.send(outcome),
+        }
+    }
+}
+
+impl From<oneshot::Sender<Result<[i64; REPLY_LEN], String>>> for Reply {
+    fn from(request: oneshot::Sender<Result<[i64; REPLY_LEN], String>>) -> Self {
+        Reply::Request(request)
+    }
 }
 
 /// The script's view of one settings generation, prepared once per reload: per group, the
@@ -431,7 +466,7 @@ pub(super) fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {
 /// The first job and what `next` has waiting, up to [`MAX_BATCH`], less the jobs whose
 /// requests stopped waiting (they timed out and were answered as `on_error` says):
 /// charging them afterwards would count requests their limits never decided.
-pub(super) fn gather_from(first: Job, mut next: impl FnMut() -> Option<Job>) -> Vec<Job> {
+fn gather_from(first: Job, mut next: impl FnMut() -> Option<Job>) -> Vec<Job> {
     let mut batch = Vec::new();
     let mut job = Some(first);
     while let Some(waiting) = job {
@@ -566,8 +601,7 @@ pub(super) fn answer(batch: Vec<Job>, outcome: Result<Vec<i64>, String>) {
             }
             Err(error) => Err(error.clone()),
         };
-        // The request may have given up already; that is fine.
-        let _ = job.reply.send(reply);
+        job.reply.send(reply);
     }
 }
 
@@ -603,7 +637,7 @@ mod tests {
         Job {
             specs: specs.clone(),
             charges: Charges::new(&[(LimitGroup::PerIp, ip), (LimitGroup::PerEmail, email)]),
-            reply: oneshot::channel().0,
+            reply: oneshot::channel().0.into(),
         }
     }
 
@@ -617,7 +651,7 @@ mod tests {
             let job = Job {
                 specs: specs.clone(),
                 charges: Charges::new(&[(LimitGroup::PerIp, i)]),
-                reply,
+                reply: reply.into(),
             };
             // The first and third requests timed out (their answers are dropped).
             if i % 2 == 1 {
@@ -756,7 +790,7 @@ mod tests {
                         (LimitGroup::PerEmail, 3000 + i),
                         (LimitGroup::Global, 0),
                     ]),
-                    reply: oneshot::channel().0,
+                    reply: oneshot::channel().0.into(),
                 })
                 .collect()
         };
@@ -795,7 +829,7 @@ mod tests {
         let job = Job {
             specs,
             charges: Charges::new(&[(LimitGroup::PerEmail, 7), (LimitGroup::PerIp, 1)]),
-            reply,
+            reply: reply.into(),
         };
         let args = CallArgs::new(&[job]);
         let keys: Vec<&[u8]> = args.keys().collect();

@@ -6,7 +6,9 @@
 //! decisions waiting on one thread (of many requests) whose slots one master serves go to it
 //! as one script call, as in the other modes. That is what keeps a cluster near the
 //! standalone mode's cost: a call per group of every request would cost the cluster
-//! several times the CPU (benches/README.md, "Redis modes"). The script is told the keys
+//! several times the CPU (benches/README.md, "Redis modes"). A request's walk over its
+//! groups goes from one master's call straight to the next master's queue on the thread
+//! (`walk.rs`), and back to the request only once decided. The script is told the keys
 //! as arguments (declared keys must share one slot) and carries Redis 7's
 //! `allow-cross-slot-keys` flag; it checks that it serves every key before it writes any,
 //! so a slot map gone stale costs a second try, never a wrong decision. These calls go over
@@ -18,18 +20,18 @@
 //! redirections and waits out a slot in motion.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::Weak;
 
 use redis::aio::MultiplexedConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use tokio::sync::mpsc::error::TrySendError;
 
-use super::batch::{answer, gather, gather_from, numbers, CallArgs, IDLE_CHECK};
+use super::batch::{answer, gather, numbers, CallArgs, Reply, IDLE_CHECK};
+use super::walk::{Walk, Walker};
 use super::*;
 
 /// Slots in a Redis Cluster.
 const SLOTS: usize = 16_384;
-/// The answer to a job of several groups that could not be decided in one call (its keys
-/// are no longer all on one master): the request decides those groups one by one.
-const ONE_BY_ONE: &str = "decide these groups one by one";
 /// Least time between two reads of the slot map.
 const SLOT_MAP_INTERVAL_NS: u64 = 1_000_000_000;
 
@@ -544,52 +546,89 @@ impl NodeCalls {
     }
 }
 
-/// Cluster mode: each job is one group of one request (its keys share a hash tag). Jobs
-/// whose slot the slot map places on a master go to that master's own queue on this
-/// thread; the others are decided one call per hash tag at once. The calls run side by
-/// side over the cluster connection.
-pub(super) async fn run_cluster_batches(
-    mut queue: mpsc::Receiver<Job>,
+thread_local! {
+    /// Per thread: each cluster store's queues on this thread.
+    static CLUSTER_QUEUES: std::cell::RefCell<Vec<(u64, Arc<ThreadQueues>)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One thread's queues to a cluster: one per master (by its index in the slot map), each
+/// with a task making that master's calls, started on first use; and one for the jobs
+/// whose master is not known (no slot map when their request started), which go where the
+/// map places them once read, or to the cluster client. Each holds at most
+/// [`QUEUE_LIMIT`] jobs; beyond that a request fails at once, as `on_error` says.
+struct ThreadQueues {
+    unplaced: mpsc::Sender<Job>,
+    masters: Mutex<Vec<Option<mpsc::Sender<Job>>>>,
     connection: redis::cluster_async::ClusterConnection,
     nodes: Arc<NodeCalls>,
     script: Arc<redis::Script>,
     timeout: Duration,
-) {
-    // Per master (its index in the slot map): the queue its calls are made from.
-    let mut masters: Vec<Option<mpsc::UnboundedSender<Job>>> = Vec::new();
+}
+
+impl ThreadQueues {
+    /// Hands `job` to its master's queue when the slot map placed it, else to be placed.
+    fn enqueue(self: &Arc<Self>, job: Job, owner: Option<u16>) -> Result<(), String> {
+        let job = match owner {
+            Some(owner) => match self.to_master(job, owner) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(_)) => return Err(QUEUE_FULL.to_owned()),
+                // The master's task stopped (its runtime is shutting down): as if unplaced.
+                Err(TrySendError::Closed(job)) => job,
+            },
+            None => job,
+        };
+        self.unplaced
+            .try_send(job)
+            .map_err(|_| QUEUE_FULL.to_owned())
+    }
+
+    /// Hands `job` to the queue of master `owner` on this thread, whose task starts on
+    /// first use; gives the job back if the queue is full or its task has stopped. (The job
+    /// is moved either way; boxing it would cost an allocation per run.)
+    #[allow(clippy::result_large_err)]
+    fn to_master(self: &Arc<Self>, job: Job, owner: u16) -> Result<(), TrySendError<Job>> {
+        let mut masters = self.masters.lock().unwrap_or_else(|e| e.into_inner());
+        let index = usize::from(owner);
+        if masters.len() <= index {
+            masters.resize(index + 1, None);
+        }
+        let sender = masters[index].get_or_insert_with(|| {
+            let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
+            tokio::spawn(run_master_batches(receiver, Arc::downgrade(self)));
+            sender
+        });
+        sender.try_send(job)
+    }
+}
+
+/// The jobs whose master the request did not know: those the slot map (read now if there
+/// was none) places on a master go to that master's queue on this thread; the others are
+/// decided one call per hash tag at once, side by side over the cluster connection.
+async fn run_unplaced(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQueues>) {
     while let Some(first) = queue.recv().await {
         let mut by_tag = gather(first, &mut queue);
-        if let Some(map) = nodes.slot_map(&connection, timeout) {
+        let Some(queues) = queues.upgrade() else {
+            answer(by_tag, Err("the Redis worker stopped".to_owned()));
+            continue;
+        };
+        if let Some(map) = queues.nodes.slot_map(&queues.connection, queues.timeout) {
             let mut rest = Vec::new();
             for job in by_tag {
                 let (group, hash) = job.charges.as_slice()[0];
-                let owner = map.owner[usize::from(job.specs.slot(group, hash))];
-                if owner == u16::MAX {
-                    rest.push(job);
-                    continue;
-                }
-                let index = usize::from(owner);
-                if masters.len() <= index {
-                    masters.resize(index + 1, None);
-                }
-                let sender = masters[index].get_or_insert_with(|| {
-                    let (sender, receiver) = mpsc::unbounded_channel();
-                    tokio::spawn(run_master_batches(
-                        receiver,
-                        connection.clone(),
-                        nodes.clone(),
-                        script.clone(),
-                        timeout,
-                    ));
-                    sender
-                });
-                if let Err(mpsc::error::SendError(job)) = sender.send(job) {
-                    rest.push(job);
+                match map.owner[usize::from(job.specs.slot(group, hash))] {
+                    u16::MAX => rest.push(job),
+                    owner => match queues.to_master(job, owner) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(job)) => {
+                            job.reply.send(Err(QUEUE_FULL.to_owned()));
+                        }
+                        Err(TrySendError::Closed(job)) => rest.push(job),
+                    },
                 }
             }
             by_tag = rest;
         }
-        by_tags(by_tag, &connection, &nodes, &script, timeout);
+        by_tags(by_tag, &queues);
     }
 }
 
@@ -598,13 +637,10 @@ pub(super) async fn run_cluster_batches(
 /// grow rather than multiply (as in the other modes); a call that finds its keys no longer
 /// served there hands its jobs back to be decided one call per hash tag, through the
 /// cluster client (which follows `MOVED` and `ASK`).
-async fn run_master_batches(
-    mut queue: mpsc::UnboundedReceiver<Job>,
-    connection: redis::cluster_async::ClusterConnection,
-    nodes: Arc<NodeCalls>,
-    script: Arc<redis::Script>,
-    timeout: Duration,
-) {
+async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQueues>) {
+    let Some((nodes, timeout)) = queues.upgrade().map(|q| (q.nodes.clone(), q.timeout)) else {
+        return;
+    };
     // This task's connection to the master, and the master's address.
     let mut master: Option<((String, u16), ConnectionManager)> = None;
     let mut last_call = std::time::Instant::now();
@@ -612,7 +648,7 @@ async fn run_master_batches(
         // The first job's sender woke this task, which the runtime may run next, before
         // the other requests answered by the same reply have sent theirs: let them.
         tokio::task::yield_now().await;
-        let mut batch = gather_from(first, || queue.try_recv().ok());
+        let mut batch = gather(first, &mut queue);
         // Whether `address` is the master the slot map names for this batch, whose
         // connection the call uses (another, from before the map changed, is replaced by
         // the call).
@@ -664,10 +700,51 @@ async fn run_master_batches(
                 Err("timed out".to_owned())
             });
         last_call = std::time::Instant::now();
-        match decided {
-            Ok(Some(values)) => answer(batch, Ok(values)),
-            Ok(None) => by_tags(batch, &connection, &nodes, &script, timeout),
-            Err(error) => answer(batch, Err(error)),
+        match (decided, queues.upgrade()) {
+            (Ok(Some(values)), Some(queues)) => hand_on(batch, values, &queues),
+            (Ok(None), Some(queues)) => by_tags(batch, &queues),
+            (Ok(Some(values)), None) => answer(batch, Ok(values)),
+            (Ok(None), None) => answer(batch, Err("the Redis worker stopped".to_owned())),
+            (Err(error), _) => answer(batch, Err(error)),
+        }
+    }
+}
+
+/// Each job of a decided batch sent on with its numbers: a walk that has not ended, whose
+/// next run the slot map placed on a master, goes straight to that master's queue on this
+/// thread; every other job goes back to its request.
+fn hand_on(batch: Vec<Job>, values: Vec<i64>, queues: &Arc<ThreadQueues>) {
+    if values.len() != REPLY_LEN * batch.len() {
+        return answer(batch, Ok(values));
+    }
+    for (job, one) in batch.into_iter().zip(values.chunks_exact(REPLY_LEN)) {
+        let one: [i64; REPLY_LEN] = one.try_into().unwrap_or_default();
+        let Job { specs, reply, .. } = job;
+        let mut walker = match reply {
+            Reply::Walk(walker) => walker,
+            reply => {
+                reply.send(Ok(one));
+                continue;
+            }
+        };
+        walker.walk.merge(&one);
+        let Some((charges, Some(owner))) = walker.walk.next_run(&specs) else {
+            walker.back();
+            continue;
+        };
+        let reply = Reply::Walk(walker);
+        if let Err(TrySendError::Full(job) | TrySendError::Closed(job)) = queues.to_master(
+            Job {
+                specs,
+                charges,
+                reply,
+            },
+            owner,
+        ) {
+            // Back to the request, which tries once more or fails.
+            if let Reply::Walk(walker) = job.reply {
+                walker.back();
+            }
         }
     }
 }
@@ -711,13 +788,7 @@ fn refused_before_running(error: &redis::RedisError) -> bool {
 }
 
 /// One call per hash tag: the jobs with the same tag (the same group and key) together.
-fn by_tags(
-    batch: Vec<Job>,
-    connection: &redis::cluster_async::ClusterConnection,
-    nodes: &Arc<NodeCalls>,
-    script: &Arc<redis::Script>,
-    timeout: Duration,
-) {
+fn by_tags(batch: Vec<Job>, queues: &ThreadQueues) {
     // A request that stopped waiting (timed out, answered as `on_error` says) while its job
     // was in a call that gave way is not charged now.
     let (mut batch, several): (Vec<Job>, Vec<Job>) = batch
@@ -725,7 +796,15 @@ fn by_tags(
         .filter(|job| !job.reply.is_closed())
         .partition(|job| job.charges.as_slice().len() == 1);
     for job in several {
-        let _ = job.reply.send(Err(ONE_BY_ONE.to_owned()));
+        match job.reply {
+            Reply::Walk(mut walker) => {
+                walker.walk.one_by_one();
+                walker.back();
+            }
+            // Every cluster job is a walk's run; a job of several groups that is not could
+            // not be decided here.
+            reply => reply.send(Err("groups no longer on one master".to_owned())),
+        }
     }
     while !batch.is_empty() {
         let tag = batch[0].charges.as_slice().first().copied();
@@ -733,14 +812,12 @@ fn by_tags(
             .into_iter()
             .partition(|job| job.charges.as_slice().first().copied() == tag);
         batch = rest;
-        let connection = connection.clone();
-        let script = script.clone();
         tokio::spawn(call_by_tag(
             same,
-            connection,
-            nodes.clone(),
-            script,
-            timeout,
+            queues.connection.clone(),
+            queues.nodes.clone(),
+            queues.script.clone(),
+            queues.timeout,
         ));
     }
 }
@@ -850,105 +927,71 @@ impl RedisStore {
         })
     }
 
-    /// The groups of one request decided one after another, until one denies; the replies
-    /// merged into the one the script gives for a whole request. Consecutive groups whose
-    /// keys the slot map places on one master are one job there, decided in order in one
-    /// step (as in the other modes); if that master no longer serves them all, they are
-    /// decided one by one.
+    /// The groups of one request decided run after run (see [`Walk`]), until one denies;
+    /// the replies merged into the one the script gives for a whole request. If a run's
+    /// master no longer serves all of its keys, its groups are decided one by one.
     async fn decide_groups(
         &self,
         specs: &Arc<RedisSpecs>,
         charges: Charges,
     ) -> Result<[i64; REPLY_LEN], String> {
-        let all = charges.as_slice();
+        let Some(cluster) = &self.cluster else {
+            return Err("not a cluster".to_owned());
+        };
         // Each group's master by the slot map (none without one, or for an unowned slot;
         // none either where Redis before 7 runs no flagged script: a group is a call there).
         let mut owners = [None; 4];
-        let nodes = self.cluster.as_ref().map(|c| &c.nodes);
-        let usable = nodes.filter(|n| n.supported.load(Ordering::Relaxed));
-        if let Some(map) = usable.and_then(|n| n.slots.load_full()) {
-            for (owner, (group, hash)) in owners.iter_mut().zip(all) {
-                *owner = Some(map.owner[usize::from(specs.slot(*group, *hash))])
-                    .filter(|owner| *owner != u16::MAX);
-            }
-        }
-        // {denied, group, quota, remaining or retry, reset, shadow mask, near mask}, as
-        // the script.
-        let mut merged = [0i64; REPLY_LEN];
-        let mut tightest: Option<i64> = None;
-        let mut first = 0;
-        let mut together = true;
-        while first < all.len() {
-            if specs.group(all[first].0).quotas.is_empty() {
-                first += 1;
-                continue;
-            }
-            let mut end = first + 1;
-            if together && owners[first].is_some() {
-                while end < all.len()
-                    && (specs.group(all[end].0).quotas.is_empty() || owners[end] == owners[first])
-                {
-                    end += 1;
+        if cluster.nodes.supported.load(Ordering::Relaxed) {
+            if let Some(map) = cluster.nodes.slots.load_full() {
+                for (owner, (group, hash)) in owners.iter_mut().zip(charges.as_slice()) {
+                    *owner = Some(map.owner[usize::from(specs.slot(*group, *hash))])
+                        .filter(|owner| *owner != u16::MAX);
                 }
             }
-            let (reply, answer) = oneshot::channel();
+        }
+        let queues = self.cluster_queues(cluster);
+        let mut walk = Walk::new(charges, owners);
+        while let Some((run, owner)) = walk.next_run(specs) {
+            let (request, answer) = oneshot::channel();
             let job = Job {
                 specs: specs.clone(),
-                charges: Charges::new(&all[first..end]),
-                reply,
+                charges: run,
+                reply: Reply::Walk(Walker::new(walk, request)),
             };
-            self.enqueue(job)?;
-            let one = match answer.await {
-                Ok(Err(why)) if why == ONE_BY_ONE => {
-                    together = false;
-                    continue;
-                }
-                Ok(reply) => reply?,
+            queues.enqueue(job, owner)?;
+            walk = match answer.await {
+                Ok(walked) => walked?,
                 Err(_) => return Err("the Redis worker stopped".to_owned()),
             };
-            // The job's groups are numbered from 1 in the reply; in the request, from
-            // `first` + 1.
-            let offset = i64::try_from(first).unwrap_or(0);
-            merged[5] |= one[5] << first;
-            merged[6] |= one[6] << (4 * first);
-            if one[0] == 1 {
-                merged[..5].copy_from_slice(&[1, offset + one[1], one[2], one[3], 0]);
-                break;
-            }
-            // The tightest admitting quota; on a tie, the later group's, as the script and
-            // the memory store.
-            if one[1] != 0 && tightest.is_none_or(|remaining| one[3] <= remaining) {
-                tightest = Some(one[3]);
-                merged[..5].copy_from_slice(&[0, offset + one[1], one[2], one[3], one[4]]);
-            }
-            first = end;
         }
-        Ok(merged)
+        Ok(walk.merged())
     }
 
-    /// Cluster mode: this thread's queue and its own cluster connection, which keeps
+    /// Cluster mode: this thread's queues, and its own cluster connection, which keeps
     /// itself connected to every master (reconnecting, and refreshing the slot map on
     /// MOVED or when a node is lost).
-    pub(super) fn cluster_queue(&self, cluster: &Cluster) -> mpsc::Sender<Job> {
-        QUEUES.with(|queues| {
+    fn cluster_queues(&self, cluster: &Cluster) -> Arc<ThreadQueues> {
+        CLUSTER_QUEUES.with(|queues| {
             let mut queues = queues.borrow_mut();
-            if let Some((.., sender)) = queues
+            if let Some((_, found)) = queues
                 .iter()
-                .find(|(id, _, s)| *id == self.id && !s.is_closed())
+                .find(|(id, found)| *id == self.id && !found.unplaced.is_closed())
             {
-                return sender.clone();
+                return found.clone();
             }
-            let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
-            tokio::spawn(run_cluster_batches(
-                receiver,
-                cluster.connection(),
-                cluster.nodes.clone(),
-                self.script.clone(),
-                self.timeout,
-            ));
-            queues.retain(|(id, ..)| *id != self.id);
-            queues.push((self.id, (0, 0), sender.clone()));
-            sender
+            let (unplaced, receiver) = mpsc::channel(QUEUE_LIMIT);
+            let made = Arc::new(ThreadQueues {
+                unplaced,
+                masters: Mutex::new(Vec::new()),
+                connection: cluster.connection(),
+                nodes: cluster.nodes.clone(),
+                script: self.script.clone(),
+                timeout: self.timeout,
+            });
+            tokio::spawn(run_unplaced(receiver, Arc::downgrade(&made)));
+            queues.retain(|(id, _)| *id != self.id);
+            queues.push((self.id, made.clone()));
+            made
         })
     }
 }
