@@ -321,7 +321,22 @@ pub(super) struct NodeCalls {
     sha: String,
     clock: MonotonicClock,
     direct: DirectMasters,
+    /// Connections to the nodes `ASK` named lately, kept for the next such call: while a
+    /// slot migrates, every call for a new key in it is answered `ASK`, and a connection
+    /// per call would cost a handshake each (TCP, TLS, AUTH).
+    asked: Mutex<Vec<AskedNode>>,
 }
+
+/// A connection to a node an `ASK` named (by its URL), and when it was last used.
+struct AskedNode {
+    url: String,
+    connection: MultiplexedConnection,
+    used: std::time::Instant,
+}
+
+/// Most connections kept to nodes `ASK` named (a reshard moves slots to a few at a time);
+/// beyond that, the one used least lately is let go.
+const ASKED_NODES_KEPT: usize = 8;
 
 /// A connection of its own to each master, for the calls that go to one master: the
 /// cluster client's routing (a task of its own between the caller and the node's
@@ -415,7 +430,61 @@ impl NodeCalls {
             sha,
             clock: MonotonicClock::default(),
             direct,
+            asked: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A connection to the node at `url`, which an `ASK` named: the one kept from an
+    /// earlier `ASK` (after a PING if it sat idle, as a master's connection), or a new one.
+    async fn asked_node(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<MultiplexedConnection, String> {
+        let kept = {
+            let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+            asked.iter_mut().find(|node| node.url == url).map(|node| {
+                let idle = node.used.elapsed() >= IDLE_CHECK;
+                node.used = std::time::Instant::now();
+                (node.connection.clone(), idle)
+            })
+        };
+        if let Some((mut connection, idle)) = kept {
+            if !idle {
+                return Ok(connection);
+            }
+            let ping = redis::cmd("PING");
+            let pinged = tokio::time::timeout(timeout, ping.query_async::<()>(&mut connection));
+            if let Ok(Ok(())) = pinged.await {
+                return Ok(connection);
+            }
+            self.forget_asked(url);
+        }
+        let client = self.direct.settings.client_at(url, true);
+        let connection = match client {
+            Ok(client) => RedisSettings::connect_for(&client, timeout).await,
+            Err(error) => Err(error),
+        }
+        .map_err(|e| e.to_string())?;
+        let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+        asked.retain(|node| node.url != url);
+        if asked.len() >= ASKED_NODES_KEPT {
+            if let Some(oldest) = (0..asked.len()).min_by_key(|&i| asked[i].used) {
+                asked.swap_remove(oldest);
+            }
+        }
+        asked.push(AskedNode {
+            url: url.to_owned(),
+            connection: connection.clone(),
+            used: std::time::Instant::now(),
+        });
+        Ok(connection)
+    }
+
+    /// Lets go of the connection kept to the node at `url` (it failed).
+    fn forget_asked(&self, url: &str) {
+        let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+        asked.retain(|node| node.url != url);
     }
 
     /// The slot map, or none; asks the cluster for it (in the background, at most once a
@@ -825,8 +894,8 @@ fn by_tags(batch: Vec<Job>, queues: &ThreadQueues) {
 /// One hash tag's jobs as one script call through the cluster client, which routes it by
 /// the tag's slot but sends nothing again itself. A call Redis refused without running it
 /// is sent again here until `timeout`: after `ASK`, to the node named, with `ASKING`
-/// before it, over a connection of its own (the node may be one the client has no
-/// connection to: a new master taking slots); after `MOVED` (the client reads its slot map
+/// before it, over a connection of the gateway's own, kept for the next `ASK` (the node
+/// may be one the client has no connection to: a new master taking slots); after `MOVED` (the client reads its slot map
 /// again), `TRYAGAIN`, `CLUSTERDOWN`, no connection and the like, after a pause. Any other
 /// failure (a connection dropped after the call was written, which the client would have
 /// sent again) may come after the script ran: it is the jobs' answer, and `on_error`
@@ -848,17 +917,19 @@ async fn call_by_tag(
             let reply = match &mut asked {
                 Some((url, node)) => {
                     if node.is_none() {
-                        let client = nodes.direct.settings.client_at(url, true);
-                        let connected = match client {
-                            Ok(client) => RedisSettings::connect_for(&client, timeout).await,
-                            Err(error) => Err(error),
-                        };
-                        *node = Some(connected.map_err(|e| e.to_string())?);
+                        *node = Some(nodes.asked_node(url, timeout).await?);
                     }
                     let node = node.as_mut().ok_or("no connection to the node ASK named")?;
                     let mut pipe = redis::pipe();
                     pipe.cmd("ASKING").ignore().add_command(command.clone());
                     let replies = pipe.query_async::<Vec<redis::Value>>(node).await;
+                    if let Err(error) = &replies {
+                        if !matches!(error.kind(), redis::ErrorKind::Server(_)) {
+                            // Not the node's answer (a dropped connection, no reply in
+                            // time): the next `ASK` connects anew.
+                            nodes.forget_asked(url);
+                        }
+                    }
                     replies.map(|mut replies| replies.pop().unwrap_or(redis::Value::Nil))
                 }
                 None => command.query_async::<redis::Value>(&mut connection).await,

@@ -758,8 +758,8 @@ async fn twelve_addresses_get_five_each(rig: &Rig) {
 
 /// Every slot of master 0 migrating to master 1 (`CLUSTER SETSLOT ... MIGRATING` and
 /// `IMPORTING`, as a reshard leaves a slot while its keys move): a new key there is answered
-/// `ASK` by master 0, and the call is sent with `ASKING` to master 1. Limits hold, and no
-/// request fails.
+/// `ASK` by master 0, and the call is sent with `ASKING` to master 1, over one connection
+/// kept for every such call. Limits hold, and no request fails.
 #[tokio::test]
 async fn a_call_answered_ask_goes_to_the_node_named() {
     let cluster = RedisCluster::start();
@@ -767,7 +767,19 @@ async fn a_call_answered_ask_goes_to_the_node_named() {
     let rig = warmed_per_ip_rig(&cluster, "ask").await;
     migrate_master_0s_slots(&cluster, &cluster.nodes[1]);
     let before = [0, 1].map(|i| cluster.nodes[i].dump().len());
+    let connections = || {
+        let info = cluster.nodes[1].command("INFO stats").unwrap_or_default();
+        let field = info
+            .lines()
+            .find_map(|line| line.strip_prefix("total_connections_received:"));
+        field.and_then(|n| n.trim().parse::<u64>().ok()).unwrap()
+    };
+    let connected = connections();
     twelve_addresses_get_five_each(&rig).await;
+    // Every call for a key of about four of the addresses was answered `ASK` (24 or so);
+    // one connection (and the one asking this) served them.
+    let made = connections() - connected;
+    assert!(made <= 2, "{made} connections to master 1");
     // About a third of the twelve addresses' keys live in master 0's slots: none written
     // there, all on master 1, where ASK sent them.
     let after = [0, 1].map(|i| cluster.nodes[i].dump().len());
