@@ -47,6 +47,8 @@ const CAUSE_LOG_INTERVAL_NS: u64 = 5_000_000_000;
 const PROMPTED_PROBE_INTERVAL_NS: u64 = 250_000_000;
 /// How much longer than `timeout` the probe waits for the cause of a late answer.
 const CAUSE_WAIT: Duration = Duration::from_millis(500);
+/// The script that decides a batch of requests.
+const SCRIPT: &str = include_str!("redis.lua");
 /// Most requests waiting for Redis; beyond that they fail fast (as `on_error` says).
 const QUEUE_LIMIT: usize = 65_536;
 /// Why a request beyond [`QUEUE_LIMIT`] failed.
@@ -201,7 +203,7 @@ impl RedisStore {
             resolving: tokio::sync::Mutex::new(()),
             last_prompted_probe: AtomicU64::new(0),
             settings: settings.clone(),
-            script: Arc::new(redis::Script::new(include_str!("redis.lua"))),
+            script: Arc::new(redis::Script::new(SCRIPT)),
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             config,
             prefix: settings.key_prefix.clone(),

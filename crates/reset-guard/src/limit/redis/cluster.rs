@@ -23,7 +23,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Weak;
 
 use redis::aio::MultiplexedConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::batch::{answer, gather, numbers, CallArgs, Reply, IDLE_CHECK};
@@ -417,10 +417,7 @@ impl SlotOwners {
 
 impl NodeCalls {
     fn new(direct: DirectMasters) -> Self {
-        let code = format!(
-            "#!lua flags=allow-cross-slot-keys\n{}",
-            include_str!("../redis.lua")
-        );
+        let code = format!("#!lua flags=allow-cross-slot-keys\n{}", SCRIPT);
         let sha = redis::Script::new(&code).get_hash().to_owned();
         NodeCalls {
             slots: ArcSwapOption::empty(),
@@ -907,6 +904,12 @@ async fn call_by_tag(
     script: Arc<redis::Script>,
     timeout: Duration,
 ) {
+    let Some(slot) = batch.first().map(|job| {
+        let (group, hash) = job.charges.as_slice()[0];
+        job.specs.slot(group, hash)
+    }) else {
+        return;
+    };
     let args = CallArgs::new(&batch);
     let command = args.declared(script.get_hash());
     let decided = tokio::time::timeout(timeout, async {
@@ -940,8 +943,17 @@ async fn call_by_tag(
             };
             if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
                 let loaded = match &mut asked {
-                    Some((_, Some(node))) => script.load_async(node).await,
-                    _ => script.load_async(&mut connection).await,
+                    Some((_, Some(node))) => script.load_async(node).await.map(drop),
+                    // On the master that serves the call's slot only: the client would
+                    // send `SCRIPT LOAD` to every node, and fail the call if any one of
+                    // them failed to answer.
+                    _ => {
+                        let load = redis::cmd("SCRIPT").arg("LOAD").arg(SCRIPT).clone();
+                        let route = Route::new(slot, SlotAddr::Master);
+                        let master =
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                        connection.route_command(load, master).await.map(drop)
+                    }
                 };
                 loaded.map_err(|e| e.to_string())?;
                 continue;

@@ -826,3 +826,33 @@ async fn a_call_answered_ask_reaches_a_new_master_with_no_slots_yet() {
     drop(new);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A call through the cluster client (no slot map yet, as just after start) that finds
+/// the script missing loads it on its own master only: another master that cannot take
+/// it just then (here it refuses `SCRIPT LOAD`) does not fail the call.
+#[tokio::test]
+async fn a_missing_script_is_loaded_on_the_calls_own_master_only() {
+    let cluster = RedisCluster::start();
+    let rig = rig_in(
+        "  global: [{ requests: 5, per: 1h }]\n",
+        "",
+        cluster_store(&cluster, "noscript"),
+        ManualClock::new(),
+    );
+    // The one key of these requests, and the master serving it (the others answer MOVED).
+    let key = "{noscript:global:0000000000000000}";
+    let owner = (0..3)
+        .find(|&i| {
+            let exists = cluster.nodes[i].command(&format!("EXISTS {key}"));
+            exists.is_some_and(|reply| reply.starts_with(':'))
+        })
+        .expect("a master serving the key");
+    for node in &cluster.nodes {
+        node.command("SCRIPT FLUSH").unwrap();
+    }
+    let other = &cluster.nodes[(owner + 1) % 3];
+    other.command("ACL SETUSER default -script|load").unwrap();
+    let statuses = rig.statuses(6, ask("a@b.io")).await;
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+    assert_eq!(rig.handle.store_errors(), 0);
+}
