@@ -14,10 +14,13 @@
 //! so a slot map gone stale costs a second try, never a wrong decision. These calls go over
 //! a connection of the thread's own to each master (by the slot map's address), not
 //! through the cluster client's routing. Where that cannot work (Redis before 7, no slot
-//! map yet, a key not served where the map said) a group is one call with declared keys,
-//! which the cluster client routes; the client sends nothing again itself (after a dropped
-//! connection it would, and Redis may have run the call), so `call_by_tag` follows its
-//! redirections and waits out a slot in motion.
+//! map yet, a key not served where the map said) a group is one call with declared keys
+//! (`call_by_tag`), sent to the master the slot map (or the last one read) names over a
+//! connection of the gateway's own, which follows `MOVED` and `ASK` itself and waits out a
+//! slot in motion. Only without any map does such a call go through the cluster client:
+//! while that client reads its slot map again (after a `MOVED`) it holds every command
+//! sent through it, and after a dropped connection it would send a call again, when Redis
+//! may have run it (it is made to send nothing again itself).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Weak;
@@ -26,14 +29,14 @@ use redis::aio::MultiplexedConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::batch::{answer, gather, numbers, CallArgs, Reply, IDLE_CHECK};
+use super::batch::{answer, gather, numbers, redirected, CallArgs, Reply, IDLE_CHECK};
 use super::walk::{Walk, Walker};
 use super::*;
 
 /// Slots in a Redis Cluster.
 const SLOTS: usize = 16_384;
-/// Least time between two reads of the slot map.
-const SLOT_MAP_INTERVAL_NS: u64 = 1_000_000_000;
+/// Least time between two reads of the slot map (after a call found it stale).
+const SLOT_MAP_INTERVAL_NS: u64 = 100_000_000;
 
 /// Cluster mode: the client the probe's connection is made from, and the one every
 /// per-thread connection for script calls is made from.
@@ -158,7 +161,7 @@ impl Cluster {
             match tokio::time::timeout(timeout, write).await {
                 Ok(Ok(())) => {}
                 // The slot moved since `CLUSTER SLOTS`: the next probe writes where it went.
-                Ok(Err(error)) if super::batch::redirected(&error) => {}
+                Ok(Err(error)) if redirected(&error) => {}
                 Ok(Err(error)) => return Err(format!("{named}: a write: {error}")),
                 Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
             }
@@ -312,6 +315,9 @@ pub(super) struct NodeCalls {
     /// Which master serves each slot, as the cluster last said; none until read, and
     /// again after a call found it stale.
     slots: ArcSwapOption<SlotOwners>,
+    /// The slot map last read, kept when `slots` is let go: where a call through the
+    /// gateway's own connections is sent first, and whom to ask for the map again.
+    last_read_map: ArcSwapOption<SlotOwners>,
     /// When the slot map was last asked for ([`MonotonicClock`] nanoseconds).
     last_read: AtomicU64,
     /// Off once a server refused the flagged script (Redis before 7).
@@ -321,22 +327,25 @@ pub(super) struct NodeCalls {
     sha: String,
     clock: MonotonicClock,
     direct: DirectMasters,
-    /// Connections to the nodes `ASK` named lately, kept for the next such call: while a
-    /// slot migrates, every call for a new key in it is answered `ASK`, and a connection
-    /// per call would cost a handshake each (TCP, TLS, AUTH).
-    asked: Mutex<Vec<AskedNode>>,
+    /// Connections to the nodes calls of one hash tag went to lately (the master the slot
+    /// map names, or the node `ASK` or `MOVED` named), shared by every thread, kept for
+    /// the next such call: while a slot migrates, every call for a new key in it is
+    /// answered `ASK`, and a connection per call would cost a handshake each (TCP, TLS,
+    /// AUTH).
+    redirected: Mutex<Vec<RedirectTarget>>,
 }
 
-/// A connection to a node an `ASK` named (by its URL), and when it was last used.
-struct AskedNode {
+/// A connection to a node a redirection named (by its URL), and when it was last used.
+struct RedirectTarget {
     url: String,
     connection: MultiplexedConnection,
     used: std::time::Instant,
 }
 
-/// Most connections kept to nodes `ASK` named (a reshard moves slots to a few at a time);
-/// beyond that, the one used least lately is let go.
-const ASKED_NODES_KEPT: usize = 8;
+/// Most connections kept to nodes the slot map or a redirection named (one per master,
+/// and a new master or two while slots move to it); beyond that, the one used least
+/// lately is let go.
+const REDIRECT_TARGETS_KEPT: usize = 64;
 
 /// A connection of its own to each master, for the calls that go to one master: the
 /// cluster client's routing (a task of its own between the caller and the node's
@@ -421,32 +430,33 @@ impl NodeCalls {
         let sha = redis::Script::new(&code).get_hash().to_owned();
         NodeCalls {
             slots: ArcSwapOption::empty(),
+            last_read_map: ArcSwapOption::empty(),
             last_read: AtomicU64::new(0),
             supported: AtomicBool::new(true),
             code,
             sha,
             clock: MonotonicClock::default(),
             direct,
-            asked: Mutex::new(Vec::new()),
+            redirected: Mutex::new(Vec::new()),
         }
     }
 
-    /// A connection to the node at `url`, which an `ASK` named: the one kept from an
-    /// earlier `ASK` (after a PING if it sat idle, as a master's connection), or a new one.
-    async fn asked_node(
+    /// A connection to the node at `url`, which a redirection named: the one kept from an
+    /// earlier one (after a PING if it sat idle, as a master's connection), or a new one.
+    async fn redirected_to(
         &self,
         url: &str,
         timeout: Duration,
     ) -> Result<MultiplexedConnection, String> {
-        let kept = {
-            let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
-            asked.iter_mut().find(|node| node.url == url).map(|node| {
+        let found = {
+            let mut kept = self.redirected.lock().unwrap_or_else(|e| e.into_inner());
+            kept.iter_mut().find(|node| node.url == url).map(|node| {
                 let idle = node.used.elapsed() >= IDLE_CHECK;
                 node.used = std::time::Instant::now();
                 (node.connection.clone(), idle)
             })
         };
-        if let Some((mut connection, idle)) = kept {
+        if let Some((mut connection, idle)) = found {
             if !idle {
                 return Ok(connection);
             }
@@ -455,7 +465,7 @@ impl NodeCalls {
             if let Ok(Ok(())) = pinged.await {
                 return Ok(connection);
             }
-            self.forget_asked(url);
+            self.forget_redirected(url);
         }
         let client = self.direct.settings.client_at(url, true);
         let connection = match client {
@@ -463,14 +473,14 @@ impl NodeCalls {
             Err(error) => Err(error),
         }
         .map_err(|e| e.to_string())?;
-        let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
-        asked.retain(|node| node.url != url);
-        if asked.len() >= ASKED_NODES_KEPT {
-            if let Some(oldest) = (0..asked.len()).min_by_key(|&i| asked[i].used) {
-                asked.swap_remove(oldest);
+        let mut kept = self.redirected.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|node| node.url != url);
+        if kept.len() >= REDIRECT_TARGETS_KEPT {
+            if let Some(oldest) = (0..kept.len()).min_by_key(|&i| kept[i].used) {
+                kept.swap_remove(oldest);
             }
         }
-        asked.push(AskedNode {
+        kept.push(RedirectTarget {
             url: url.to_owned(),
             connection: connection.clone(),
             used: std::time::Instant::now(),
@@ -479,9 +489,25 @@ impl NodeCalls {
     }
 
     /// Lets go of the connection kept to the node at `url` (it failed).
-    fn forget_asked(&self, url: &str) {
-        let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
-        asked.retain(|node| node.url != url);
+    fn forget_redirected(&self, url: &str) {
+        let mut kept = self.redirected.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|node| node.url != url);
+    }
+
+    /// Places the groups of `walk` not decided yet on their masters by the slot map as it
+    /// is now (a map read again may number the masters differently): none without a map,
+    /// for a slot no master serves, or where Redis before 7 runs no flagged script (a group
+    /// is a call through the cluster client there).
+    fn place(&self, walk: &mut Walk, specs: &RedisSpecs) {
+        let map = self
+            .slots
+            .load_full()
+            .filter(|_| self.supported.load(Ordering::Relaxed));
+        walk.place(|group, hash| {
+            let map = map.as_ref()?;
+            let owner = map.owner[usize::from(specs.slot(group, hash))];
+            (owner != u16::MAX).then_some(owner)
+        });
     }
 
     /// The slot map, or none; asks the cluster for it (in the background, at most once a
@@ -505,18 +531,68 @@ impl NodeCalls {
                 .is_ok()
         {
             let nodes = self.clone();
-            let mut connection = connection.clone();
+            let connection = connection.clone();
             tokio::spawn(async move {
-                let ask = connection.route_command(
-                    redis::cmd("CLUSTER").arg("SLOTS").clone(),
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-                );
-                if let Ok(Ok(reply)) = tokio::time::timeout(timeout, ask).await {
-                    nodes.slots.store(SlotOwners::parse(&reply).map(Arc::new));
+                let read = tokio::time::timeout(timeout, nodes.read_slot_map(connection, timeout));
+                if let Ok(Some(map)) = read.await {
+                    let map = Arc::new(map);
+                    nodes.last_read_map.store(Some(map.clone()));
+                    nodes.slots.store(Some(map));
                 }
             });
         }
         map
+    }
+
+    /// `CLUSTER SLOTS`, asked over the gateway's own connections of the masters the map last
+    /// read names, else of the seed nodes, and only then through the cluster client: while
+    /// that client reads the map again itself (after a `MOVED`), it holds every command
+    /// sent through it.
+    async fn read_slot_map(
+        &self,
+        mut connection: redis::cluster_async::ClusterConnection,
+        timeout: Duration,
+    ) -> Option<SlotOwners> {
+        let masters = self.last_read_map.load_full().map(|map| {
+            let addresses = map.masters.iter().flatten();
+            let urls =
+                addresses.map(|(host, port)| settings::node_url(self.direct.scheme, host, *port));
+            urls.collect::<Vec<_>>()
+        });
+        let urls =
+            masters.unwrap_or_else(|| self.direct.settings.cluster_nodes().unwrap_or_default());
+        for url in urls {
+            let Ok(mut node) = self.redirected_to(&url, timeout).await else {
+                continue;
+            };
+            let ask = redis::cmd("CLUSTER").arg("SLOTS").clone();
+            match ask.query_async::<redis::Value>(&mut node).await {
+                Ok(reply) => {
+                    if let Some(map) = SlotOwners::parse(&reply) {
+                        return Some(map);
+                    }
+                }
+                Err(error) if !matches!(error.kind(), redis::ErrorKind::Server(_)) => {
+                    self.forget_redirected(&url);
+                }
+                Err(_) => {}
+            }
+        }
+        let ask = connection.route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        );
+        SlotOwners::parse(&ask.await.ok()?)
+    }
+
+    /// The URL of the master that serves `slot` by the slot map, or by the map last read.
+    fn master_url(&self, slot: u16) -> Option<String> {
+        let map = self
+            .slots
+            .load_full()
+            .or_else(|| self.last_read_map.load_full())?;
+        let (host, port) = map.master(slot)?;
+        Some(settings::node_url(self.direct.scheme, host, *port))
     }
 
     /// One call deciding `batch`, every job of which has its keys on the master that serves
@@ -529,6 +605,9 @@ impl NodeCalls {
         slot: u16,
         master: &mut Option<((String, u16), ConnectionManager)>,
     ) -> Result<Option<Vec<i64>>, String> {
+        if !self.supported.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let map = self.slots.load_full();
         let Some(address) = map.as_ref().and_then(|map| map.master(slot)) else {
             return Ok(None);
@@ -643,9 +722,10 @@ impl ThreadQueues {
             },
             None => job,
         };
-        self.unplaced
-            .try_send(job)
-            .map_err(|_| QUEUE_FULL.to_owned())
+        self.unplaced.try_send(job).map_err(|error| match error {
+            TrySendError::Full(_) => QUEUE_FULL.to_owned(),
+            TrySendError::Closed(_) => "the Redis worker stopped".to_owned(),
+        })
     }
 
     /// Hands `job` to the queue of master `owner` on this thread, whose task starts on
@@ -657,6 +737,13 @@ impl ThreadQueues {
         let index = usize::from(owner);
         if masters.len() <= index {
             masters.resize(index + 1, None);
+        }
+        // A task that stopped (it panicked) is replaced.
+        if masters[index]
+            .as_ref()
+            .is_some_and(|sender| sender.is_closed())
+        {
+            masters[index] = None;
         }
         let sender = masters[index].get_or_insert_with(|| {
             let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
@@ -700,9 +787,9 @@ async fn run_unplaced(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQueues>
 
 /// One master's calls from one thread: whatever jobs wait for it go as one call over this
 /// task's own connection to the master, one call at a time, so that under load the calls
-/// grow rather than multiply (as in the other modes); a call that finds its keys no longer
-/// served there hands its jobs back to be decided one call per hash tag, through the
-/// cluster client (which follows `MOVED` and `ASK`).
+/// grow rather than multiply (as in the other modes). Each decided job's walk goes on to
+/// its next run's master ([`hand_on`]); a call that finds its keys no longer served there
+/// hands its jobs back to be decided one call per hash tag, through the cluster client.
 async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQueues>) {
     let Some((nodes, timeout)) = queues.upgrade().map(|q| (q.nodes.clone(), q.timeout)) else {
         return;
@@ -794,6 +881,7 @@ fn hand_on(batch: Vec<Job>, values: Vec<i64>, queues: &Arc<ThreadQueues>) {
             }
         };
         walker.walk.merge(&one);
+        queues.nodes.place(&mut walker.walk, &specs);
         let Some((charges, Some(owner))) = walker.walk.next_run(&specs) else {
             walker.back();
             continue;
@@ -888,15 +976,17 @@ fn by_tags(batch: Vec<Job>, queues: &ThreadQueues) {
     }
 }
 
-/// One hash tag's jobs as one script call through the cluster client, which routes it by
-/// the tag's slot but sends nothing again itself. A call Redis refused without running it
-/// is sent again here until `timeout`: after `ASK`, to the node named, with `ASKING`
-/// before it, over a connection of the gateway's own, kept for the next `ASK` (the node
-/// may be one the client has no connection to: a new master taking slots); after `MOVED` (the client reads its slot map
-/// again), `TRYAGAIN`, `CLUSTERDOWN`, no connection and the like, after a pause. Any other
-/// failure (a connection dropped after the call was written, which the client would have
-/// sent again) may come after the script ran: it is the jobs' answer, and `on_error`
-/// decides.
+/// One hash tag's jobs as one script call with declared keys, sent to the master the slot
+/// map (or the last one read) names over a connection of the gateway's own, or without a
+/// map through the cluster client, which routes it by the tag's slot but sends nothing
+/// again itself. A call Redis refused without running it is sent again here until
+/// `timeout`: after `ASK` or `MOVED`, to the node named (with `ASKING` before it after
+/// `ASK`), over a connection of the gateway's own, kept for the next call there (the node
+/// may be one the client has no connection to: a new master taking slots); after
+/// `TRYAGAIN`, `CLUSTERDOWN`, no connection and the like, after a pause, through the
+/// cluster client. Any other failure (a connection dropped after the call was written,
+/// which the client would have sent again) may come after the script ran: it is the jobs'
+/// answer, and `on_error` decides.
 async fn call_by_tag(
     batch: Vec<Job>,
     mut connection: redis::cluster_async::ClusterConnection,
@@ -913,27 +1003,53 @@ async fn call_by_tag(
     let args = CallArgs::new(&batch);
     let command = args.declared(script.get_hash());
     let decided = tokio::time::timeout(timeout, async {
-        // The node an `ASK` named, and the connection to it once made.
-        let mut asked: Option<(String, Option<MultiplexedConnection>)> = None;
+        // The node the last redirection named, and the connection to it once made.
+        // First the master the slot map names (the last read, if it was let go), over the
+        // gateway's own connection; without a map, through the cluster client.
+        let to_the_map = |nodes: &NodeCalls| {
+            let url = nodes.master_url(slot)?;
+            Some(Redirected {
+                url,
+                asking: false,
+                node: None,
+            })
+        };
+        let mut sent_to = to_the_map(&nodes);
+        let mut redirections = 0;
         let mut pause = Duration::from_millis(10);
         loop {
-            let reply = match &mut asked {
-                Some((url, node)) => {
-                    if node.is_none() {
-                        *node = Some(nodes.asked_node(url, timeout).await?);
-                    }
-                    let node = node.as_mut().ok_or("no connection to the node ASK named")?;
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("ASKING").ignore().add_command(command.clone());
-                    let replies = pipe.query_async::<Vec<redis::Value>>(node).await;
-                    if let Err(error) = &replies {
-                        if !matches!(error.kind(), redis::ErrorKind::Server(_)) {
-                            // Not the node's answer (a dropped connection, no reply in
-                            // time): the next `ASK` connects anew.
-                            nodes.forget_asked(url);
+            let reply = match &mut sent_to {
+                Some(to) => {
+                    if to.node.is_none() {
+                        match nodes.redirected_to(&to.url, timeout).await {
+                            Ok(node) => to.node = Some(node),
+                            // Unreachable (a master gone, not yet replaced): the cluster
+                            // client, after a pause.
+                            Err(_) => {
+                                sent_to = None;
+                                tokio::time::sleep(pause).await;
+                                pause = (pause * 2).min(Duration::from_millis(200));
+                                continue;
+                            }
                         }
                     }
-                    replies.map(|mut replies| replies.pop().unwrap_or(redis::Value::Nil))
+                    let node = to.node.as_mut().ok_or("no connection to the node named")?;
+                    let reply = if to.asking {
+                        let mut pipe = redis::pipe();
+                        pipe.cmd("ASKING").ignore().add_command(command.clone());
+                        let replies = pipe.query_async::<Vec<redis::Value>>(node).await;
+                        replies.map(|mut replies| replies.pop().unwrap_or(redis::Value::Nil))
+                    } else {
+                        command.query_async::<redis::Value>(node).await
+                    };
+                    if let Err(error) = &reply {
+                        if !matches!(error.kind(), redis::ErrorKind::Server(_)) {
+                            // Not the node's answer (a dropped connection, no reply in
+                            // time): the next redirection there connects anew.
+                            nodes.forget_redirected(&to.url);
+                        }
+                    }
+                    reply
                 }
                 None => command.query_async::<redis::Value>(&mut connection).await,
             };
@@ -942,8 +1058,10 @@ async fn call_by_tag(
                 Err(error) => error,
             };
             if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
-                let loaded = match &mut asked {
-                    Some((_, Some(node))) => script.load_async(node).await.map(drop),
+                let loaded = match &mut sent_to {
+                    Some(Redirected {
+                        node: Some(node), ..
+                    }) => script.load_async(node).await.map(drop),
                     // On the master that serves the call's slot only: the client would
                     // send `SCRIPT LOAD` to every node, and fail the call if any one of
                     // them failed to answer.
@@ -958,18 +1076,28 @@ async fn call_by_tag(
                 loaded.map_err(|e| e.to_string())?;
                 continue;
             }
-            asked = None;
-            if let Some((node, _)) = error
-                .redirect_node()
-                .filter(|_| error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Ask))
-            {
+            let asking = error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Ask);
+            if let Some((node, _)) = error.redirect_node().filter(|_| redirected(&error)) {
                 let (host, port) = node.rsplit_once(':').ok_or_else(|| error.to_string())?;
                 let port: u16 = port.parse().map_err(|_| error.to_string())?;
                 let host = host.trim_matches(['[', ']']);
-                asked = Some((settings::node_url(nodes.direct.scheme, host, port), None));
+                let url = settings::node_url(nodes.direct.scheme, host, port);
+                // Nodes sending the call back and forth (a slot half moved): a pause
+                // between sends after the first two.
+                redirections += 1;
+                if redirections > 2 {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                sent_to = Some(Redirected {
+                    url,
+                    asking,
+                    node: None,
+                });
             } else if refused_before_running(&error) {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(200));
+                sent_to = to_the_map(&nodes);
             } else {
                 return Err(error.to_string());
             }
@@ -980,10 +1108,18 @@ async fn call_by_tag(
     answer(batch, decided);
 }
 
+/// The node a redirection named, by its URL: whether it was `ASK` (the call goes with
+/// `ASKING` before it), and the connection to it once made.
+struct Redirected {
+    url: String,
+    asking: bool,
+    node: Option<MultiplexedConnection>,
+}
+
 impl RedisStore {
-    /// Cluster mode: one script call per group with quotas, in request order, each over
-    /// that group's keys only (one hash tag, one slot), until one denies. As in one call
-    /// over all groups, a group is charged only if all its quotas admit, and the groups
+    /// Cluster mode: the groups with quotas decided in request order, run after run (a run
+    /// being one group, or consecutive groups on one master), until one denies. As in one
+    /// call over all groups, a group is charged only if all its quotas admit, and the groups
     /// after a denial are not charged; what differs is that the groups are no longer
     /// decided in one atomic step (another request may be decided between two of them).
     /// The replies are merged into the one the script gives for a whole request, so the
@@ -1021,20 +1157,13 @@ impl RedisStore {
         let Some(cluster) = &self.cluster else {
             return Err("not a cluster".to_owned());
         };
-        // Each group's master by the slot map (none without one, or for an unowned slot;
-        // none either where Redis before 7 runs no flagged script: a group is a call there).
-        let mut owners = [None; 4];
-        if cluster.nodes.supported.load(Ordering::Relaxed) {
-            if let Some(map) = cluster.nodes.slots.load_full() {
-                for (owner, (group, hash)) in owners.iter_mut().zip(charges.as_slice()) {
-                    *owner = Some(map.owner[usize::from(specs.slot(*group, *hash))])
-                        .filter(|owner| *owner != u16::MAX);
-                }
-            }
-        }
         let queues = self.cluster_queues(cluster);
-        let mut walk = Walk::new(charges, owners);
-        while let Some((run, owner)) = walk.next_run(specs) {
+        let mut walk = Walk::new(charges);
+        loop {
+            cluster.nodes.place(&mut walk, specs);
+            let Some((run, owner)) = walk.next_run(specs) else {
+                break;
+            };
             let (request, answer) = oneshot::channel();
             let job = Job {
                 specs: specs.clone(),

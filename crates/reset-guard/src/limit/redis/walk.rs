@@ -10,6 +10,7 @@
 use tokio::sync::oneshot;
 
 use super::batch::{Charges, RedisSpecs, REPLY_LEN};
+use crate::limit::LimitGroup;
 
 /// Where a request stands in deciding its groups, and their replies merged into the one the
 /// script gives for a whole request.
@@ -17,7 +18,8 @@ use super::batch::{Charges, RedisSpecs, REPLY_LEN};
 pub(super) struct Walk {
     /// All of the request's groups, in order.
     charges: Charges,
-    /// Each group's master (its index in the slot map), where the map placed it.
+    /// Each group's master (its index in the slot map), where the map placed it
+    /// ([`Walk::place`]).
     owners: [Option<u16>; 4],
     /// Whether a run may hold several groups: not once a master no longer served all of a
     /// run's keys (the slot map had gone stale).
@@ -34,15 +36,24 @@ pub(super) struct Walk {
 }
 
 impl Walk {
-    pub(super) fn new(charges: Charges, owners: [Option<u16>; 4]) -> Self {
+    pub(super) fn new(charges: Charges) -> Self {
         Walk {
             charges,
-            owners,
+            owners: [None; 4],
             together: true,
             run: (0, 0),
             next: 0,
             merged: [0; REPLY_LEN],
             tightest: None,
+        }
+    }
+
+    /// Places each group not decided yet on the master `owner` names for its group and
+    /// keyed hash (none: not known).
+    pub(super) fn place(&mut self, owner: impl Fn(LimitGroup, u64) -> Option<u16>) {
+        let all = self.charges.as_slice();
+        for (i, (group, hash)) in all.iter().enumerate().skip(self.next) {
+            self.owners[i] = owner(*group, *hash);
         }
     }
 
@@ -150,7 +161,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::limit::{LimitGroup, LimitSettings, Quota};
+    use crate::limit::{LimitSettings, Quota};
 
     fn specs(with_quotas: [bool; 4]) -> RedisSpecs {
         let quota = Quota::new(5, Duration::from_secs(60), None, false).unwrap();
@@ -160,6 +171,13 @@ mod tests {
 
     fn all_four() -> Charges {
         Charges::new(&LimitGroup::ALL.map(|group| (group, group.index() as u64)))
+    }
+
+    /// A walk over all four groups, each placed on the master `owners` names.
+    fn placed(owners: [Option<u16>; 4]) -> Walk {
+        let mut walk = Walk::new(all_four());
+        walk.place(|group, _| owners[group.index()]);
+        walk
     }
 
     fn groups(charges: &Charges) -> Vec<LimitGroup> {
@@ -175,7 +193,7 @@ mod tests {
     #[test]
     fn consecutive_groups_on_one_master_are_one_run() {
         let specs = specs([true; 4]);
-        let mut walk = Walk::new(all_four(), [Some(0), Some(0), Some(1), Some(0)]);
+        let mut walk = placed([Some(0), Some(0), Some(1), Some(0)]);
         let (run, owner) = walk.next_run(&specs).unwrap();
         assert_eq!(
             (groups(&run), owner),
@@ -197,7 +215,7 @@ mod tests {
     #[test]
     fn a_denial_ends_the_walk_and_names_the_group_in_the_request() {
         let specs = specs([true; 4]);
-        let mut walk = Walk::new(all_four(), [Some(0), Some(1), Some(2), Some(0)]);
+        let mut walk = placed([Some(0), Some(1), Some(2), Some(0)]);
         walk.next_run(&specs);
         walk.merge(&admitted(1, 9));
         walk.next_run(&specs);
@@ -209,7 +227,7 @@ mod tests {
     #[test]
     fn groups_without_quotas_are_passed_over_and_do_not_split_a_run() {
         let specs = specs([true, false, true, false]);
-        let mut walk = Walk::new(all_four(), [Some(0), Some(2), Some(0), Some(1)]);
+        let mut walk = placed([Some(0), Some(2), Some(0), Some(1)]);
         let (run, _) = walk.next_run(&specs).unwrap();
         assert_eq!(
             groups(&run).len(),
@@ -224,7 +242,7 @@ mod tests {
     #[test]
     fn after_a_stale_map_runs_are_single_groups() {
         let specs = specs([true; 4]);
-        let mut walk = Walk::new(all_four(), [Some(0); 4]);
+        let mut walk = placed([Some(0); 4]);
         assert_eq!(groups(&walk.next_run(&specs).unwrap().0).len(), 4);
         walk.one_by_one();
         for group in LimitGroup::ALL {
@@ -238,7 +256,7 @@ mod tests {
     #[test]
     fn shadow_and_near_limit_marks_keep_their_group() {
         let specs = specs([true; 4]);
-        let mut walk = Walk::new(all_four(), [Some(0), Some(1), Some(1), Some(2)]);
+        let mut walk = placed([Some(0), Some(1), Some(1), Some(2)]);
         walk.next_run(&specs);
         walk.merge(&admitted(1, 5));
         walk.next_run(&specs);
