@@ -49,7 +49,9 @@ const PROMPTED_PROBE_INTERVAL_NS: u64 = 250_000_000;
 const CAUSE_WAIT: Duration = Duration::from_millis(500);
 /// The script that decides a batch of requests.
 const SCRIPT: &str = include_str!("redis.lua");
-/// Most requests waiting for Redis; beyond that they fail fast (as `on_error` says).
+/// Most requests waiting in one of a thread's queues for Redis (in Cluster mode, a thread
+/// has one per master and one for requests not yet placed); beyond that they fail fast (as
+/// `on_error` says).
 const QUEUE_LIMIT: usize = 65_536;
 /// Why a request beyond [`QUEUE_LIMIT`] failed.
 const QUEUE_FULL: &str = "too many requests waiting for Redis";
