@@ -17,7 +17,8 @@
 //! map yet, a key not served where the map said) a group is one call with declared keys
 //! (`call_by_tag`), sent to the master the slot map (or the last one read) names over a
 //! connection of the gateway's own, which follows `MOVED` and `ASK` itself and waits out a
-//! slot in motion. Only without any map does such a call go through the cluster client:
+//! slot in motion. Only without any map, or while the master it names cannot be reached,
+//! does such a call go through the cluster client:
 //! while that client reads its slot map again (after a `MOVED`) it holds every command
 //! sent through it, and after a dropped connection it would send a call again, when Redis
 //! may have run it (it is made to send nothing again itself).
@@ -36,7 +37,7 @@ use super::*;
 /// Slots in a Redis Cluster.
 const SLOTS: usize = 16_384;
 /// Least time between two reads of the slot map (after a call found it stale).
-const SLOT_MAP_INTERVAL_NS: u64 = 100_000_000;
+const SLOT_MAP_INTERVAL_NS: u64 = 200_000_000;
 
 /// Cluster mode: the client the probe's connection is made from, and the one every
 /// per-thread connection for script calls is made from.
@@ -320,6 +321,8 @@ pub(super) struct NodeCalls {
     last_read_map: ArcSwapOption<SlotOwners>,
     /// When the slot map was last asked for ([`MonotonicClock`] nanoseconds).
     last_read: AtomicU64,
+    /// Whether a read of the slot map is under way.
+    reading: AtomicBool,
     /// Off once a server refused the flagged script (Redis before 7).
     supported: AtomicBool,
     /// The script with the `allow-cross-slot-keys` flag, and its SHA-1.
@@ -333,6 +336,8 @@ pub(super) struct NodeCalls {
     /// answered `ASK`, and a connection per call would cost a handshake each (TCP, TLS,
     /// AUTH).
     redirected: Mutex<Vec<RedirectTarget>>,
+    /// Per node (by URL): held while a connection to it is made.
+    connects: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A connection to a node a redirection named (by its URL), and when it was last used.
@@ -352,7 +357,8 @@ const REDIRECT_TARGETS_KEPT: usize = 64;
 /// connection, its requests in flight polled on every step) cost the gateway more per
 /// call than the rest of the call together (benches/README.md, "The gateway's side").
 /// A call that finds its keys elsewhere, or cannot ask the master, makes the gateway read
-/// the slot map again and leaves its jobs to the cluster client.
+/// the slot map again and leaves its jobs to be decided one call per hash tag
+/// ([`call_by_tag`]).
 pub(crate) struct DirectMasters {
     pub(crate) settings: RedisSettings,
     pub(crate) config: ConnectionManagerConfig,
@@ -432,47 +438,50 @@ impl NodeCalls {
             slots: ArcSwapOption::empty(),
             last_read_map: ArcSwapOption::empty(),
             last_read: AtomicU64::new(0),
+            reading: AtomicBool::new(false),
             supported: AtomicBool::new(true),
             code,
             sha,
             clock: MonotonicClock::default(),
             direct,
             redirected: Mutex::new(Vec::new()),
+            connects: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A connection to the node at `url`, which a redirection named: the one kept from an
-    /// earlier one (after a PING if it sat idle, as a master's connection), or a new one.
+    /// A connection to the node at `url` (a master of the slot map, or one a redirection
+    /// named): the one kept from an earlier call (after a PING if it sat idle, as a master's
+    /// connection), or a new one, made by one caller at a time per node (a burst of calls
+    /// after a restart would each make its own). `wait` bounds the PING and the connect.
     async fn redirected_to(
         &self,
         url: &str,
-        timeout: Duration,
+        wait: Duration,
     ) -> Result<MultiplexedConnection, String> {
-        let found = {
-            let mut kept = self.redirected.lock().unwrap_or_else(|e| e.into_inner());
-            kept.iter_mut().find(|node| node.url == url).map(|node| {
-                let idle = node.used.elapsed() >= IDLE_CHECK;
-                node.used = std::time::Instant::now();
-                (node.connection.clone(), idle)
-            })
+        let deadline = tokio::time::Instant::now() + wait;
+        if let Some(connection) = self.kept_connection(url, deadline).await {
+            return Ok(connection);
+        }
+        let gate = {
+            let mut connects = self.connects.lock().unwrap_or_else(|e| e.into_inner());
+            connects.entry(url.to_owned()).or_default().clone()
         };
-        if let Some((mut connection, idle)) = found {
-            if !idle {
-                return Ok(connection);
-            }
-            let ping = redis::cmd("PING");
-            let pinged = tokio::time::timeout(timeout, ping.query_async::<()>(&mut connection));
-            if let Ok(Ok(())) = pinged.await {
-                return Ok(connection);
-            }
-            self.forget_redirected(url);
+        let _alone = tokio::time::timeout_at(deadline, gate.lock())
+            .await
+            .map_err(|_| format!("no connection to {url} within {wait:?}"))?;
+        // Made by the caller before, while this one waited.
+        if let Some(connection) = self.kept_connection(url, deadline).await {
+            return Ok(connection);
         }
         let client = self.direct.settings.client_at(url, true);
-        let connection = match client {
-            Ok(client) => RedisSettings::connect_for(&client, timeout).await,
-            Err(error) => Err(error),
-        }
-        .map_err(|e| e.to_string())?;
+        let connected = match client {
+            Ok(client) => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                answer_in_time(left, RedisSettings::connect_for(&client, left)).await
+            }
+            Err(error) => Err(error.to_string()),
+        };
+        let connection = connected?;
         let mut kept = self.redirected.lock().unwrap_or_else(|e| e.into_inner());
         kept.retain(|node| node.url != url);
         if kept.len() >= REDIRECT_TARGETS_KEPT {
@@ -488,6 +497,32 @@ impl NodeCalls {
         Ok(connection)
     }
 
+    /// The connection kept to the node at `url`, if any, checked with a PING (answered by
+    /// `deadline`) if it sat idle; one that does not answer is let go.
+    async fn kept_connection(
+        &self,
+        url: &str,
+        deadline: tokio::time::Instant,
+    ) -> Option<MultiplexedConnection> {
+        let (mut connection, idle) = {
+            let mut kept = self.redirected.lock().unwrap_or_else(|e| e.into_inner());
+            let node = kept.iter_mut().find(|node| node.url == url)?;
+            let idle = node.used.elapsed() >= IDLE_CHECK;
+            node.used = std::time::Instant::now();
+            (node.connection.clone(), idle)
+        };
+        if !idle {
+            return Some(connection);
+        }
+        let ping = redis::cmd("PING");
+        let pinged = tokio::time::timeout_at(deadline, ping.query_async::<()>(&mut connection));
+        if let Ok(Ok(())) = pinged.await {
+            return Some(connection);
+        }
+        self.forget_redirected(url);
+        None
+    }
+
     /// Lets go of the connection kept to the node at `url` (it failed).
     fn forget_redirected(&self, url: &str) {
         let mut kept = self.redirected.lock().unwrap_or_else(|e| e.into_inner());
@@ -497,7 +532,7 @@ impl NodeCalls {
     /// Places the groups of `walk` not decided yet on their masters by the slot map as it
     /// is now (a map read again may number the masters differently): none without a map,
     /// for a slot no master serves, or where Redis before 7 runs no flagged script (a group
-    /// is a call through the cluster client there).
+    /// is a call of its own there, [`call_by_tag`]).
     fn place(&self, walk: &mut Walk, specs: &RedisSpecs) {
         let map = self
             .slots
@@ -510,26 +545,23 @@ impl NodeCalls {
         });
     }
 
-    /// The slot map, or none; asks the cluster for it (in the background, at most once a
-    /// second) when there is none.
+    /// The slot map, or none (none either where Redis before 7 runs no flagged script);
+    /// asks the cluster for it (in the background, one read at a time, at most every
+    /// [`SLOT_MAP_INTERVAL_NS`]) when there is none. With Redis before 7 the map is kept too:
+    /// it says where calls of one hash tag go first.
     fn slot_map(
         self: &Arc<Self>,
         connection: &redis::cluster_async::ClusterConnection,
         timeout: Duration,
     ) -> Option<Arc<SlotOwners>> {
-        if !self.supported.load(Ordering::Relaxed) {
-            return None;
-        }
         let map = self.slots.load_full();
         let now = self.clock.now();
         let last = self.last_read.load(Ordering::Relaxed);
         if map.is_none()
             && now.saturating_sub(last) >= SLOT_MAP_INTERVAL_NS
-            && self
-                .last_read
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+            && !self.reading.swap(true, Ordering::Acquire)
         {
+            self.last_read.store(now.max(1), Ordering::Relaxed);
             let nodes = self.clone();
             let connection = connection.clone();
             tokio::spawn(async move {
@@ -539,43 +571,55 @@ impl NodeCalls {
                     nodes.last_read_map.store(Some(map.clone()));
                     nodes.slots.store(Some(map));
                 }
+                nodes.reading.store(false, Ordering::Release);
             });
         }
-        map
+        map.filter(|_| self.supported.load(Ordering::Relaxed))
     }
 
-    /// `CLUSTER SLOTS`, asked over the gateway's own connections of the masters the map last
-    /// read names, else of the seed nodes, and only then through the cluster client: while
-    /// that client reads the map again itself (after a `MOVED`), it holds every command
-    /// sent through it.
+    /// `CLUSTER SLOTS`, asked at once over the gateway's own connections of the masters the
+    /// map last read names and of the seed nodes, the first answer taken (a master that
+    /// hangs, or an address no longer anyone's, is not waited for); then through the cluster
+    /// client, which while it reads the map again itself (after a `MOVED`) holds every
+    /// command sent through it.
     async fn read_slot_map(
-        &self,
+        self: &Arc<Self>,
         mut connection: redis::cluster_async::ClusterConnection,
         timeout: Duration,
     ) -> Option<SlotOwners> {
-        let masters = self.last_read_map.load_full().map(|map| {
-            let addresses = map.masters.iter().flatten();
-            let urls =
-                addresses.map(|(host, port)| settings::node_url(self.direct.scheme, host, *port));
-            urls.collect::<Vec<_>>()
-        });
-        let urls =
-            masters.unwrap_or_else(|| self.direct.settings.cluster_nodes().unwrap_or_default());
+        let mut urls = self.direct.settings.cluster_nodes().unwrap_or_default();
+        if let Some(map) = self.last_read_map.load_full() {
+            for (host, port) in map.masters.iter().flatten() {
+                let url = settings::node_url(self.direct.scheme, host, *port);
+                if !urls.contains(&url) {
+                    urls.insert(0, url);
+                }
+            }
+        }
+        // Dropped with the first answer: the others are not waited for.
+        let mut asked = tokio::task::JoinSet::new();
         for url in urls {
-            let Ok(mut node) = self.redirected_to(&url, timeout).await else {
-                continue;
-            };
-            let ask = redis::cmd("CLUSTER").arg("SLOTS").clone();
-            match ask.query_async::<redis::Value>(&mut node).await {
-                Ok(reply) => {
-                    if let Some(map) = SlotOwners::parse(&reply) {
-                        return Some(map);
+            let nodes = self.clone();
+            asked.spawn(async move {
+                let ask = async {
+                    let mut node = nodes.redirected_to(&url, timeout).await.ok()?;
+                    let command = redis::cmd("CLUSTER").arg("SLOTS").clone();
+                    match command.query_async::<redis::Value>(&mut node).await {
+                        Ok(reply) => SlotOwners::parse(&reply),
+                        Err(error) => {
+                            if !matches!(error.kind(), redis::ErrorKind::Server(_)) {
+                                nodes.forget_redirected(&url);
+                            }
+                            None
+                        }
                     }
-                }
-                Err(error) if !matches!(error.kind(), redis::ErrorKind::Server(_)) => {
-                    self.forget_redirected(&url);
-                }
-                Err(_) => {}
+                };
+                tokio::time::timeout(timeout, ask).await.ok().flatten()
+            });
+        }
+        while let Some(answer) = asked.join_next().await {
+            if let Ok(Some(map)) = answer {
+                return Some(map);
             }
         }
         let ask = connection.route_command(
@@ -615,7 +659,7 @@ impl NodeCalls {
         if master.as_ref().is_none_or(|(known, _)| known != address) {
             let url = settings::node_url(self.direct.scheme, &address.0, address.1);
             // An address no URL can name (a zone in an IPv6 address, say) leaves these
-            // jobs to the cluster client.
+            // jobs to be decided one call per hash tag.
             let client = self.direct.settings.client_at(&url, true);
             let connection = client.and_then(|client| {
                 ConnectionManager::new_lazy_with_config(client, self.direct.config.clone())
@@ -668,8 +712,8 @@ impl NodeCalls {
                     *master = None;
                     if refused_before_running(&error) {
                         // Nothing ran (CLUSTERDOWN, READONLY, LOADING, MOVED..., or no
-                        // connection): read the map again; the cluster client waits,
-                        // follows and retries these jobs.
+                        // connection): read the map again; `call_by_tag` waits, follows and
+                        // sends these jobs again.
                         self.slots.store(None);
                         return Ok(None);
                     }
@@ -677,10 +721,8 @@ impl NodeCalls {
                     // reply not understood, no reply in time) may come after the script
                     // ran: sent again, these requests would be charged twice. `on_error`
                     // decides them. After a dropped connection the slot map stays: the
-                    // next call goes to a new connection to the same master, rather than
-                    // through the cluster client, which would send its calls again after a
-                    // dropped connection. A master that stops answering may have been
-                    // replaced: the map is read again.
+                    // next call goes to a new connection to the same master. A master that
+                    // stops answering may have been replaced: the map is read again.
                     if error.is_timeout() {
                         self.slots.store(None);
                     }
@@ -699,7 +741,7 @@ thread_local! {
 /// One thread's queues to a cluster: one per master (by its index in the slot map), each
 /// with a task making that master's calls, started on first use; and one for the jobs
 /// whose master is not known (no slot map when their request started), which go where the
-/// map places them once read, or to the cluster client. Each holds at most
+/// map places them once read, or are decided one call per hash tag. Each holds at most
 /// [`QUEUE_LIMIT`] jobs; beyond that a request fails at once, as `on_error` says.
 struct ThreadQueues {
     unplaced: mpsc::Sender<Job>,
@@ -789,7 +831,7 @@ async fn run_unplaced(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQueues>
 /// task's own connection to the master, one call at a time, so that under load the calls
 /// grow rather than multiply (as in the other modes). Each decided job's walk goes on to
 /// its next run's master ([`hand_on`]); a call that finds its keys no longer served there
-/// hands its jobs back to be decided one call per hash tag, through the cluster client.
+/// hands its jobs back to be decided one call per hash tag ([`call_by_tag`]).
 async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQueues>) {
     let Some((nodes, timeout)) = queues.upgrade().map(|q| (q.nodes.clone(), q.timeout)) else {
         return;
@@ -977,14 +1019,15 @@ fn by_tags(batch: Vec<Job>, queues: &ThreadQueues) {
 }
 
 /// One hash tag's jobs as one script call with declared keys, sent to the master the slot
-/// map (or the last one read) names over a connection of the gateway's own, or without a
-/// map through the cluster client, which routes it by the tag's slot but sends nothing
-/// again itself. A call Redis refused without running it is sent again here until
+/// map (or the last one read) names over a connection of the gateway's own (given a
+/// quarter of the time to connect), or without a map, or while that master cannot be
+/// reached, through the cluster client, which routes it by the tag's slot but sends
+/// nothing again itself. A call Redis refused without running it is sent again here until
 /// `timeout`: after `ASK` or `MOVED`, to the node named (with `ASKING` before it after
 /// `ASK`), over a connection of the gateway's own, kept for the next call there (the node
 /// may be one the client has no connection to: a new master taking slots); after
-/// `TRYAGAIN`, `CLUSTERDOWN`, no connection and the like, after a pause, through the
-/// cluster client. Any other failure (a connection dropped after the call was written,
+/// `TRYAGAIN`, `CLUSTERDOWN`, no connection and the like, after a pause, to the master the
+/// map names again. Any other failure (a connection dropped after the call was written,
 /// which the client would have sent again) may come after the script ran: it is the jobs'
 /// answer, and `on_error` decides.
 async fn call_by_tag(
@@ -1021,11 +1064,16 @@ async fn call_by_tag(
             let reply = match &mut sent_to {
                 Some(to) => {
                     if to.node.is_none() {
-                        match nodes.redirected_to(&to.url, timeout).await {
+                        // A quarter of the time: a node that hangs leaves the rest to
+                        // the cluster client.
+                        let wait = (timeout / 4).max(Duration::from_millis(50));
+                        match nodes.redirected_to(&to.url, wait).await {
                             Ok(node) => to.node = Some(node),
-                            // Unreachable (a master gone, not yet replaced): the cluster
-                            // client, after a pause.
+                            // Unreachable (a master gone or hung, not yet replaced): the
+                            // slot map is read again, and the cluster client asked after a
+                            // pause.
                             Err(_) => {
+                                nodes.slots.store(None);
                                 sent_to = None;
                                 tokio::time::sleep(pause).await;
                                 pause = (pause * 2).min(Duration::from_millis(200));
@@ -1045,8 +1093,10 @@ async fn call_by_tag(
                     if let Err(error) = &reply {
                         if !matches!(error.kind(), redis::ErrorKind::Server(_)) {
                             // Not the node's answer (a dropped connection, no reply in
-                            // time): the next redirection there connects anew.
+                            // time): the next call there connects anew, and the slot map
+                            // is read again (the node may have been replaced).
                             nodes.forget_redirected(&to.url);
+                            nodes.slots.store(None);
                         }
                     }
                     reply
@@ -1082,6 +1132,11 @@ async fn call_by_tag(
                 let port: u16 = port.parse().map_err(|_| error.to_string())?;
                 let host = host.trim_matches(['[', ']']);
                 let url = settings::node_url(nodes.direct.scheme, host, port);
+                // The slot map is stale: read again (with Redis before 7 nothing else
+                // would tell).
+                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Moved) {
+                    nodes.slots.store(None);
+                }
                 // Nodes sending the call back and forth (a slot half moved): a pause
                 // between sends after the first two.
                 redirections += 1;
