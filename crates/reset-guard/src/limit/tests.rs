@@ -115,24 +115,31 @@ impl Ask {
     }
 }
 
-impl Rig {
-    async fn send(&self, ask: Ask) -> Response<GuardBody<Full<Bytes>>> {
+impl Ask {
+    /// The reset request this asks for, from its peer.
+    fn request(self) -> Request<Empty<Bytes>> {
         let mut request = Request::get(format!(
             "/users/password/reset.json?email={}",
-            encode_query_value(&ask.email)
+            encode_query_value(&self.email)
         ));
-        if let Some(token) = ask.token {
+        if let Some(token) = self.token {
             request = request.header("qb-token", token);
         }
-        if let Some(xff) = ask.forwarded_for {
+        if let Some(xff) = self.forwarded_for {
             request = request.header("x-forwarded-for", xff);
         }
         let mut request = request.body(Empty::new()).unwrap();
-        let ip: std::net::IpAddr = ask.peer.parse().unwrap();
+        let ip: std::net::IpAddr = self.peer.parse().unwrap();
         request
             .extensions_mut()
             .insert(PeerAddr(SocketAddr::new(ip, 40000)));
-        self.service.clone().oneshot(request).await.unwrap()
+        request
+    }
+}
+
+impl Rig {
+    async fn send(&self, ask: Ask) -> Response<GuardBody<Full<Bytes>>> {
+        self.service.clone().oneshot(ask.request()).await.unwrap()
     }
 
     async fn status(&self, ask: Ask) -> u16 {

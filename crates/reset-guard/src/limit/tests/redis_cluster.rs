@@ -234,17 +234,7 @@ async fn concurrent_requests_share_one_call_per_master_and_decide_exactly() {
 
     // Decided many at a time, each address still gets exactly its quota: 40 addresses, each
     // asked three times in one burst, interleaved.
-    let state = |group: &str| -> i64 {
-        let found: Vec<i64> = cluster
-            .dump()
-            .into_iter()
-            .filter(|(_, key, _)| key.contains(&format!(":{group}:")))
-            .flat_map(|(node, key, _)| cluster.nodes[node].quota_states(&key))
-            .map(|[.., tat]| tat)
-            .collect();
-        assert_eq!(found.len(), 1, "one {group} key: {found:?}");
-        found[0]
-    };
+    let state = |group: &str| single_key_tat(&cluster, group);
     let (ip_before, global_before) = (state("per_ip"), state("global"));
     let asks = (0..120).map(|i| rig.status(ask(&format!("exact{}@b.io", i % 40))));
     let statuses = futures_util::future::join_all(asks).await;
@@ -861,19 +851,12 @@ async fn a_missing_script_is_loaded_on_the_calls_own_master_only() {
 
 /// One request sent on a clone of the rig's service, for requests spawned as tasks.
 async fn send_on(service: Svc, ask: Ask) -> u16 {
-    let mut request = Request::get(format!(
-        "/users/password/reset.json?email={}",
-        encode_query_value(&ask.email)
-    ));
-    if let Some(token) = ask.token {
-        request = request.header("qb-token", token);
-    }
-    let mut request = request.body(Empty::new()).unwrap();
-    let ip: std::net::IpAddr = ask.peer.parse().unwrap();
-    request
-        .extensions_mut()
-        .insert(PeerAddr(SocketAddr::new(ip, 40000)));
-    service.oneshot(request).await.unwrap().status().as_u16()
+    service
+        .oneshot(ask.request())
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 /// The TAT of the one key of `group` (per_ip, per_client or global) in the cluster.
