@@ -565,13 +565,14 @@ impl NodeCalls {
             let nodes = self.clone();
             let connection = connection.clone();
             tokio::spawn(async move {
+                // Done reading however the task ends (a runtime shut down under it too).
+                let _reading = Reading(&nodes.reading);
                 let read = tokio::time::timeout(timeout, nodes.read_slot_map(connection, timeout));
                 if let Ok(Some(map)) = read.await {
                     let map = Arc::new(map);
                     nodes.last_read_map.store(Some(map.clone()));
                     nodes.slots.store(Some(map));
                 }
-                nodes.reading.store(false, Ordering::Release);
             });
         }
         map.filter(|_| self.supported.load(Ordering::Relaxed))
@@ -1046,9 +1047,10 @@ async fn call_by_tag(
     let args = CallArgs::new(&batch);
     let command = args.declared(script.get_hash());
     let decided = tokio::time::timeout(timeout, async {
-        // The node the last redirection named, and the connection to it once made.
-        // First the master the slot map names (the last read, if it was let go), over the
-        // gateway's own connection; without a map, through the cluster client.
+        // Where the call goes, and the connection there once made: first the master the
+        // slot map names (the last read, if it was let go), then the node a redirection
+        // named, over the gateway's own connections; without a map, or while that master
+        // cannot be reached, through the cluster client.
         let to_the_map = |nodes: &NodeCalls| {
             let url = nodes.master_url(slot)?;
             Some(Redirected {
@@ -1161,6 +1163,15 @@ async fn call_by_tag(
     .await
     .unwrap_or_else(|_| Err("timed out".to_owned()));
     answer(batch, decided);
+}
+
+/// Clears "a read of the slot map is under way" when dropped.
+struct Reading<'a>(&'a AtomicBool);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// The node a redirection named, by its URL: whether it was `ASK` (the call goes with
