@@ -9,8 +9,11 @@
 #              mode sentinel naming the three sentinels and `mymaster`
 #   cluster    three masters joined with `redis-cli --cluster create`, and a gateway with
 #              mode cluster given the three as seed nodes
+#   cluster-spread
+#              the same cluster, and a gateway whose global group is spread over
+#              GLOBAL_KEYS keys (store.redis.global_keys, default 3: one per master)
 #
-# then measures the four gateways in rounds, taking turns (the order rotates each round),
+# then measures the gateways in rounds, taking turns (the order rotates each round),
 # and prints each mode's median requests/s, p50/p99, CPU per request (the gateway's own, and
 # that of the Redis processes serving the mode: master and replica and sentinels; the three
 # cluster nodes) and its user-space part, how idle the machine stayed (a mode that leaves it
@@ -35,7 +38,8 @@ CONNECTIONS=${CONNECTIONS:-64}
 GATEWAY_WORKERS=${GATEWAY_WORKERS:-1}
 # The modes measured; memory always (the ratios are to it). MODES="cluster" measures
 # memory and cluster only.
-read -r -a MODES <<<"memory ${MODES:-standalone sentinel cluster}"
+read -r -a MODES <<<"memory ${MODES:-standalone sentinel cluster cluster-spread}"
+GLOBAL_KEYS=${GLOBAL_KEYS:-3}
 
 # shellcheck source=benches/load/lib.sh
 source benches/load/lib.sh
@@ -185,9 +189,11 @@ STORE_PORTS[memory]=""
 STORE_PORTS[standalone]=$STANDALONE
 STORE_PORTS[sentinel]="$MASTER $REPLICA"
 STORE_PORTS[cluster]=${CLUSTER[*]}
+STORE_PORTS[cluster-spread]=${CLUSTER[*]}
 STORE_PIDS[standalone]=$standalone_pids
 STORE_PIDS[sentinel]=$sentinel_pids
 STORE_PIDS[cluster]=$cluster_pids
+STORE_PIDS[cluster-spread]=$cluster_pids
 if [ -n "${BEFORE:-}" ]; then
   cp "$BEFORE" "$work/reset-gateway-before"
   for mode in "${MODES[@]}"; do
@@ -205,7 +211,8 @@ for mode in "${MODES[@]}"; do
     standalone) store="store: { kind: redis, $redis_common, redis: { mode: standalone, url: \"redis://127.0.0.1:$STANDALONE\", $redis_tail } }" ;;
     sentinel) store="store: { kind: redis, $redis_common, redis: { mode: sentinel, nodes: $(list "${SENTINELS[@]}"), sentinel_master: mymaster, $redis_tail } }" ;;
     cluster) store="store: { kind: redis, $redis_common, redis: { mode: cluster, nodes: $(list "${CLUSTER[@]}"), $redis_tail } }" ;;
-    *) echo "store-modes.sh: unknown mode '$mode' in MODES (standalone, sentinel, cluster)" >&2; exit 1 ;;
+    cluster-spread) store="store: { kind: redis, $redis_common, redis: { mode: cluster, nodes: $(list "${CLUSTER[@]}"), global_keys: $GLOBAL_KEYS, $redis_tail } }" ;;
+    *) echo "store-modes.sh: unknown mode '$mode' in MODES (standalone, sentinel, cluster, cluster-spread)" >&2; exit 1 ;;
   esac
   config "${PORT[$mode]}" "$store" >"$work/$mode.yaml"
 done

@@ -123,6 +123,25 @@ impl GatewayConfig {
                 )
                 .located(yaml));
             }
+            // Each key of a spread global group holds 1/N of each quota's burst.
+            let spread = redis.global_keys;
+            let global = guard.quotas(reset_guard::LimitGroup::Global);
+            if let Some((i, quota)) = global
+                .iter()
+                .enumerate()
+                .find(|(_, quota)| quota.burst < u32::from(spread))
+            {
+                return Err(ConfigError::new(
+                    format!("guard.limits.global[{i}]"),
+                    format!(
+                        "has a burst of {}, below store.redis.global_keys ({spread}): spread \
+                         over {spread} keys, each would hold less than one request; give it a \
+                         burst of at least {spread}, or lower global_keys",
+                        quota.burst
+                    ),
+                )
+                .located(yaml));
+            }
         }
         let reread_files = self.reread_files();
         Ok(Settings {

@@ -168,6 +168,10 @@ fn store_entries(settings: &Settings) -> Vec<(&'static str, String)> {
             "store.redis.on_error",
             format!("{:?}", redis.map(|r| r.on_error)),
         ),
+        (
+            "store.redis.global_keys",
+            format!("{:?}", redis.map(|r| r.global_keys)),
+        ),
     ]
 }
 

@@ -237,7 +237,7 @@ pub use ipnet::IpNet;
 pub use layer::{Housekeeping, ResetGuardBuilder, ResetGuardLayer, StoreError};
 pub use limit::{Denial, LimitGroup, Quota, StoreSettings};
 #[cfg(feature = "redis")]
-pub use limit::{InvalidRedisSettings, OnError, RedisSettings};
+pub use limit::{InvalidRedisSettings, OnError, RedisSettings, MAX_GLOBAL_KEYS};
 pub use rejection::Rejection;
 pub use secret::{ApiKey, InvalidApiKey};
 pub use service::ResetGuard;

@@ -22,7 +22,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 #[cfg(feature = "redis")]
-pub use self::redis::{InvalidRedisSettings, OnError, RedisSettings};
+pub use self::redis::{InvalidRedisSettings, OnError, RedisSettings, MAX_GLOBAL_KEYS};
 #[cfg(feature = "redis")]
 pub(crate) use self::redis::{QuotaMove, RedisSpecs, RedisStore};
 #[cfg(test)]

@@ -288,19 +288,20 @@ impl RedisServer {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    /// Script calls (`EVAL`/`EVALSHA`) this server has run so far.
+    /// Script calls (`EVAL`/`EVALSHA`) this server has run so far without an error: a call
+    /// refused `NOSCRIPT` (sent again once the client has loaded the script) is not one.
     pub fn script_calls(&self) -> u64 {
         let info = self.command("INFO commandstats").unwrap_or_default();
+        let field = |line: &str, name: &str| -> u64 {
+            line.split(&format!(",{name}="))
+                .nth(1)
+                .or_else(|| line.split(&format!(":{name}=")).nth(1))
+                .and_then(|rest| rest.split(',').next()?.trim().parse().ok())
+                .unwrap_or(0)
+        };
         info.lines()
-            .filter(|l| l.starts_with("cmdstat_evalsha") || l.starts_with("cmdstat_eval:"))
-            .filter_map(|l| {
-                l.split("calls=")
-                    .nth(1)?
-                    .split(',')
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .map(|l| field(l, "calls").saturating_sub(field(l, "failed_calls")))
             .sum()
     }
 

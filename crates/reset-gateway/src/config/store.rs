@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use reset_guard::{ConfigDuration, ConfigError, OnError, RedisSettings};
+use reset_guard::{ConfigDuration, ConfigError, OnError, RedisSettings, MAX_GLOBAL_KEYS};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
@@ -94,6 +94,8 @@ pub struct RedisConfig {
     pub timeout: ConfigDuration,
     /// `allow` or `deny` (503) when Redis cannot answer in time.
     pub on_error: OnError,
+    /// Cluster mode: how many keys the global group is spread over (1: one exact key).
+    pub global_keys: u16,
 }
 
 impl Default for RedisConfig {
@@ -110,6 +112,7 @@ impl Default for RedisConfig {
             key_prefix: "reset-gateway".to_owned(),
             timeout: ConfigDuration::from_millis(50),
             on_error: OnError::Allow,
+            global_keys: 1,
         }
     }
 }
@@ -215,6 +218,7 @@ impl RedisConfig {
 
     fn validate(&self) -> Result<RedisSettings, ConfigError> {
         let mut settings = self.target()?;
+        self.check_global_keys()?;
         let tls = settings.url.starts_with("rediss");
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
             return Err(ConfigError::new(
@@ -276,7 +280,27 @@ impl RedisConfig {
         settings.key_prefix = self.key_prefix.clone();
         settings.timeout = self.timeout.0;
         settings.on_error = self.on_error;
+        settings.global_keys = self.global_keys;
         Ok(settings)
+    }
+}
+
+impl RedisConfig {
+    /// `global_keys`: 1 to the most, and above 1 only in cluster mode.
+    fn check_global_keys(&self) -> Result<(), ConfigError> {
+        if self.global_keys == 0 || self.global_keys > MAX_GLOBAL_KEYS {
+            return Err(ConfigError::new(
+                "store.redis.global_keys",
+                format!("must be 1 to {MAX_GLOBAL_KEYS}"),
+            ));
+        }
+        if self.global_keys > 1 && self.mode != RedisMode::Cluster {
+            return Err(ConfigError::new(
+                "store.redis.global_keys",
+                "is for mode: cluster, where it spreads the one global key over the masters (one server holds it at no extra cost)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -339,6 +363,7 @@ impl StoreConfig {
             // could not work is found before the day kind turns to redis.
             StoreKind::Memory => {
                 self.redis.target()?;
+                self.redis.check_global_keys()?;
                 None
             }
             StoreKind::Redis => Some(self.redis.validate()?),

@@ -514,6 +514,9 @@ fn cluster_mode_is_checked_without_echoing_a_node_password() {
         ("    mode: cluster\n    nodes: [redis://10.0.0.1:6379, 'redis://:hunter2-password@10.0.0.2:6379']\n", "store.redis.nodes (line", "node 2 holds a password"),
         ("    mode: cluster\n    nodes: [redis://10.0.0.1:6379, rediss://10.0.0.2:6379]\n", "store.redis.nodes (line", "same scheme"),
         ("    mode: cluster\n    nodes: [not a url]\n", "store.redis.nodes (line", "not a valid Redis URL"),
+        (&format!("{cluster}    global_keys: 0\n"), "store.redis.global_keys (line", "must be 1 to 1024"),
+        (&format!("{cluster}    global_keys: 1025\n"), "store.redis.global_keys (line", "must be 1 to 1024"),
+        ("    url: redis://10.0.0.1:6379\n    global_keys: 3\n", "store.redis.global_keys (line", "is for mode: cluster"),
     ];
     for (redis, path, why) in refused {
         let shown = check(redis).unwrap_err();
@@ -524,6 +527,38 @@ fn cluster_mode_is_checked_without_echoing_a_node_password() {
             "the password was echoed: {shown}"
         );
     }
+}
+
+/// Spread over N keys, each global quota's burst is cut in N: a burst below N is refused,
+/// on the line of the quota, at start and at a reload alike (both check the whole file).
+#[test]
+fn a_global_burst_below_global_keys_is_refused_on_its_line() {
+    let store = format!(
+        "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    mode: cluster\n    nodes: [redis://10.0.0.1:6379]\n    global_keys: 3\n",
+        key_secret_file().display()
+    );
+    let check = |global: &str| {
+        let limits = format!(
+            "  limits: {{ per_ip: [], per_client: [], per_email: [], global: {global} }}\n"
+        );
+        let yaml = yaml("http://127.0.0.1:9", &limits, &store);
+        let line = 1 + yaml.lines().position(|l| l.contains("global: [")).unwrap();
+        reset_gateway::GatewayConfig::from_yaml(&yaml)
+            .unwrap()
+            .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+            .map(|_| ())
+            .map_err(|e| (line, e.to_string()))
+    };
+    check("[{ requests: 100, per: 1s }]").unwrap();
+    check("[{ requests: 100, per: 1s, burst: 3 }]").unwrap();
+    check("[]").unwrap();
+    let (line, shown) =
+        check("[{ requests: 100, per: 1s }, { requests: 1000, per: 1h, burst: 2 }]").unwrap_err();
+    assert!(
+        shown.contains(&format!("guard.limits.global[1] (line {line})"))
+            && shown.contains("burst of 2, below store.redis.global_keys (3)"),
+        "{shown}"
+    );
 }
 
 #[tokio::test]

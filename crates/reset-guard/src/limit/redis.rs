@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 mod batch;
 mod carry;
 mod cluster;
+mod global_keys;
 mod sentinel;
 mod settings;
 mod walk;
@@ -30,7 +31,7 @@ pub(crate) use carry::QuotaMove;
 use cluster::{Cluster, DirectMasters};
 use sentinel::{Master, SentinelPool};
 use settings::Sentinels;
-pub use settings::{InvalidRedisSettings, OnError, RedisSettings};
+pub use settings::{InvalidRedisSettings, OnError, RedisSettings, MAX_GLOBAL_KEYS};
 
 use super::{
     Clock, Decision, Denial, LimitCounters, LimitGroup, LimitSettings, MonotonicClock, Quota,
@@ -247,6 +248,7 @@ impl RedisStore {
             limits,
             &self.prefix,
             self.cluster.is_some(),
+            self.settings.global_keys,
         ))
     }
 
@@ -407,6 +409,8 @@ impl RedisStore {
         charges: &[(LimitGroup, u64)],
     ) -> Pin<Box<dyn Future<Output = Decision> + Send>> {
         let now = self.clock.now();
+        let spread = specs.spread_global(charges);
+        let charges = spread.as_ref().map_or(charges, Charges::as_slice);
         // A group known to deny needs no round trip; the groups before it still do.
         let cached = self.cached_denial(charges, now);
         let asked = cached.map_or(charges.len(), |(i, _)| i);

@@ -1047,6 +1047,7 @@ mod redis_store {
                 key_prefix: format!("t{}", rand_suffix()),
                 timeout: Duration::from_millis(500),
                 on_error,
+                global_keys: 1,
             }),
             ..StoreSettings::default()
         }
@@ -1723,6 +1724,7 @@ mod redis_store {
                 key_prefix: "stalled".into(),
                 timeout: Duration::from_millis(100),
                 on_error: OnError::Deny,
+                global_keys: 1,
             }),
             ..StoreSettings::default()
         };

@@ -9,6 +9,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
+use super::global_keys::GlobalKeys;
 use super::walk::Walker;
 use crate::limit::{LimitGroup, LimitSettings, Quota};
 
@@ -64,6 +65,8 @@ impl From<oneshot::Sender<Result<[i64; REPLY_LEN], String>>> for Reply {
 #[derive(Debug)]
 pub(crate) struct RedisSpecs {
     groups: [GroupSpec; 4],
+    /// The keys the `global` group is spread over (one, unless `global_keys` says more).
+    global: GlobalKeys,
 }
 
 /// A request's charges in order, without an allocation (a request has at most four).
@@ -141,16 +144,34 @@ impl RedisSpecs {
         crc.get() % 16384
     }
 
-    pub(crate) fn new(limits: &LimitSettings, prefix: &str, cluster: bool) -> Self {
+    /// `global_keys`: how many keys the `global` group is spread over (Cluster mode; see
+    /// [`GlobalKeys`]).
+    pub(crate) fn new(
+        limits: &LimitSettings,
+        prefix: &str,
+        cluster: bool,
+        global_keys: u16,
+    ) -> Self {
+        let tag_crc = |group: LimitGroup| {
+            let mut tag_crc = crc16::State::<crc16::XMODEM>::new();
+            tag_crc.update(format!("{prefix}:{}:", group.name()).as_bytes());
+            tag_crc
+        };
+        let global = GlobalKeys::new(global_keys, |hash| {
+            let mut crc = tag_crc(LimitGroup::Global);
+            crc.update(&hex16(hash));
+            crc.get() % 16384
+        });
         let groups = LimitGroup::ALL.map(|group| {
             let quotas = limits.quotas(group);
             let head = format!("{prefix}:{}", group.name());
-            let mut tag_crc = crc16::State::<crc16::XMODEM>::new();
-            tag_crc.update(head.as_bytes());
-            tag_crc.update(b":");
+            let tag_crc = tag_crc(group);
             let mut args = vec![quotas.len() as u64];
             for quota in quotas {
-                let (interval_us, capacity_us) = micros(quota);
+                let (interval_us, capacity_us) = match group {
+                    LimitGroup::Global => global.micros(quota),
+                    _ => micros(quota),
+                };
                 args.extend([interval_us, capacity_us, u64::from(quota.shadow)]);
             }
             GroupSpec {
@@ -164,7 +185,27 @@ impl RedisSpecs {
                 },
             }
         });
-        RedisSpecs { groups }
+        RedisSpecs { groups, global }
+    }
+
+    /// `charges` with the global charge on the key its address's part of the slot range
+    /// charges, when the group is spread over several (the address's charge comes just
+    /// before it).
+    pub(super) fn spread_global(&self, charges: &[(LimitGroup, u64)]) -> Option<Charges> {
+        if self.global.count() == 1 {
+            return None;
+        }
+        let mut spread = Charges::new(charges);
+        for i in 1..spread.len {
+            if let [(LimitGroup::PerEmail, address), (LimitGroup::Global, global)] =
+                &mut spread.items[i - 1..=i]
+            {
+                *global = self
+                    .global
+                    .for_address(self.slot(LimitGroup::PerEmail, *address));
+            }
+        }
+        Some(spread)
     }
 
     pub(super) fn group(&self, group: LimitGroup) -> &GroupSpec {
@@ -643,7 +684,7 @@ mod tests {
 
     #[test]
     fn a_request_that_stopped_waiting_is_not_sent() {
-        let specs = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false));
+        let specs = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false, 1));
         let (sender, mut queue) = mpsc::channel(8);
         let mut waiting = Vec::new();
         for i in 0..4u64 {
@@ -732,11 +773,12 @@ mod tests {
     fn each_distinct_key_is_passed_once_with_its_slots_and_every_request_points_at_its_own() {
         // A reload between two requests of one batch: the per-IP quota is unchanged, the
         // per-email group gains a daily quota (one key per group and address still).
-        let old = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false));
+        let old = Arc::new(RedisSpecs::new(&limits(&[(3, 3600)]), "rg", false, 1));
         let new = Arc::new(RedisSpecs::new(
             &limits(&[(3, 3600), (5, 86_400)]),
             "rg",
             false,
+            1,
         ));
         let batch = [job(&old, 1, 7), job(&new, 1, 7), job(&new, 2, 7)];
         let (all_keys, slots, requests) = read(&CallArgs::new(&batch));
@@ -779,7 +821,7 @@ mod tests {
             .map(|q| quota(1000 * q, 3600 * u64::from(q)).unwrap())
             .collect();
         let limits = LimitSettings::of_groups([four.clone(), four.clone(), four.clone(), four]);
-        let specs = Arc::new(RedisSpecs::new(&limits, "rg", false));
+        let specs = Arc::new(RedisSpecs::new(&limits, "rg", false, 1));
         let batch = || -> Vec<Job> {
             (0..MAX_BATCH as u64)
                 .map(|i| Job {
@@ -824,7 +866,7 @@ mod tests {
 
     #[test]
     fn a_group_without_quotas_has_no_key() {
-        let specs = Arc::new(RedisSpecs::new(&limits(&[]), "rg", false));
+        let specs = Arc::new(RedisSpecs::new(&limits(&[]), "rg", false, 1));
         let (reply, _) = oneshot::channel();
         let job = Job {
             specs,
@@ -838,7 +880,7 @@ mod tests {
 
     #[test]
     fn a_slot_is_the_crc16_of_the_hash_tag_as_redis_computes_it() {
-        let specs = RedisSpecs::new(&LimitSettings::of_groups(Default::default()), "rg", true);
+        let specs = RedisSpecs::new(&LimitSettings::of_groups(Default::default()), "rg", true, 1);
         for hash in [0, 1, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
             for group in LimitGroup::ALL {
                 let tag = format!("rg:{}:{hash:016x}", group.name());

@@ -19,6 +19,7 @@
 use std::time::Duration;
 
 use super::batch::micros;
+use super::global_keys::spread_micros;
 use super::*;
 
 /// One key's changed quotas carried over, in order: per move in ARGV[1] (packed as the
@@ -118,8 +119,13 @@ fn group_pattern(prefix: &str, group: LimitGroup, cluster: bool) -> String {
     }
 }
 
-/// The moves of each group that has any, as the script's packed argument.
-fn by_group(moves: &[QuotaMove]) -> Vec<(LimitGroup, Vec<u8>)> {
+/// The moves of each group that has any, as the script's packed argument; the global
+/// group's quotas as each of its `global_keys` keys holds them.
+fn by_group(moves: &[QuotaMove], global_keys: u16) -> Vec<(LimitGroup, Vec<u8>)> {
+    let numbers = |group: LimitGroup, quota: &Quota| match group {
+        LimitGroup::Global => spread_micros(quota, u64::from(global_keys)),
+        _ => micros(quota),
+    };
     let mut groups: Vec<(LimitGroup, Vec<u8>)> = Vec::new();
     for movement in moves {
         let at = match groups.iter().position(|(g, _)| *g == movement.group) {
@@ -129,8 +135,10 @@ fn by_group(moves: &[QuotaMove]) -> Vec<(LimitGroup, Vec<u8>)> {
                 groups.len() - 1
             }
         };
-        let ((from_interval, from_capacity), (to_interval, to_capacity)) =
-            (micros(&movement.from), micros(&movement.to));
+        let ((from_interval, from_capacity), (to_interval, to_capacity)) = (
+            numbers(movement.group, &movement.from),
+            numbers(movement.group, &movement.to),
+        );
         for n in [from_interval, from_capacity, to_interval, to_capacity] {
             groups[at].1.extend_from_slice(&(n as f64).to_le_bytes());
         }
@@ -197,7 +205,7 @@ impl RedisStore {
         pending: &mut Option<Vec<String>>,
     ) -> Result<(u64, Vec<String>), String> {
         let script = redis::Script::new(CARRY);
-        let groups = by_group(moves);
+        let groups = by_group(moves, self.settings.global_keys);
         let mut carried = 0;
         let mut errors = Vec::new();
         match &self.cluster {
@@ -359,7 +367,7 @@ mod tests {
         let limits = LimitSettings::of_groups(Default::default());
         for cluster in [false, true] {
             let pattern = group_pattern("rg", LimitGroup::PerEmail, cluster);
-            let specs = super::super::batch::RedisSpecs::new(&limits, "rg", cluster);
+            let specs = super::super::batch::RedisSpecs::new(&limits, "rg", cluster, 1);
             let key = specs.key_of(LimitGroup::PerEmail, 0x00ab_cdef_0123_4567);
             assert!(glob(&pattern, &key), "{pattern} {key}");
             for other in [
@@ -462,22 +470,26 @@ mod tests {
     }
 
     #[test]
-    fn each_group_is_walked_once_with_all_its_moves() {
+    fn each_group_is_walked_once_with_all_its_moves_and_the_global_keys_hold_their_share() {
         let quota =
             |requests, secs| Quota::new(requests, Duration::from_secs(secs), None, false).unwrap();
         let movement = |group, from, to| QuotaMove { group, from, to };
-        let groups = by_group(&[
-            movement(LimitGroup::PerEmail, quota(3, 3600), quota(1, 3600)),
-            movement(LimitGroup::PerIp, quota(10, 60), quota(5, 60)),
-            movement(LimitGroup::PerEmail, quota(3, 3600), quota(10, 86_400)),
-        ]);
+        let groups = by_group(
+            &[
+                movement(LimitGroup::PerEmail, quota(3, 3600), quota(1, 3600)),
+                movement(LimitGroup::PerIp, quota(10, 60), quota(5, 60)),
+                movement(LimitGroup::PerEmail, quota(3, 3600), quota(10, 86_400)),
+                movement(LimitGroup::Global, quota(100, 1), quota(50, 1)),
+            ],
+            4,
+        );
         let numbers = |packed: &[u8]| -> Vec<u64> {
             packed
                 .chunks_exact(8)
                 .map(|n| f64::from_le_bytes(n.try_into().unwrap()) as u64)
                 .collect()
         };
-        assert_eq!(groups.len(), 2);
+        assert_eq!(groups.len(), 3);
         assert_eq!(groups[0].0, LimitGroup::PerEmail);
         assert_eq!(
             numbers(&groups[0].1),
@@ -495,6 +507,12 @@ mod tests {
         assert_eq!(
             numbers(&groups[1].1),
             [6_000_000, 60_000_000, 12_000_000, 60_000_000]
+        );
+        // Spread over four keys, each holds a quarter of the rate, and of the burst.
+        assert_eq!(groups[2].0, LimitGroup::Global);
+        assert_eq!(
+            numbers(&groups[2].1),
+            [40_000, 1_000_000, 80_000, 1_000_000]
         );
     }
 }

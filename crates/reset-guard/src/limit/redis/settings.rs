@@ -57,7 +57,20 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// What happens when Redis cannot answer in time.
     pub on_error: OnError,
+    /// Cluster mode: how many keys the `global` group is spread over (1 to
+    /// [`MAX_GLOBAL_KEYS`]; 1, the default, is one exact key). With N, each global quota
+    /// is N quotas of 1/N of its rate and burst, one per key, and a request charges the
+    /// key of its address's part of the slot range: the one hot key's load is spread over
+    /// the masters, and the global charge is usually decided in the same call as the
+    /// address's (see the README's "Several replicas"). An approximation: a key whose
+    /// part of the traffic comes faster than its share is refused while the others still
+    /// have room, so the whole is never more than the quota, but can refuse a little
+    /// before it.
+    pub global_keys: u16,
 }
+
+/// Most keys [`RedisSettings::global_keys`] spreads the `global` group over.
+pub const MAX_GLOBAL_KEYS: u16 = 1024;
 
 impl fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -69,6 +82,7 @@ impl fmt::Debug for RedisSettings {
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("on_error", &self.on_error)
+            .field("global_keys", &self.global_keys)
             .finish()
     }
 }
@@ -108,6 +122,16 @@ impl RedisSettings {
                 "timeout must be 1ms to 60s".to_owned(),
             ));
         }
+        if self.global_keys == 0 || self.global_keys > MAX_GLOBAL_KEYS {
+            return Err(InvalidRedisSettings(format!(
+                "global_keys must be 1 to {MAX_GLOBAL_KEYS}"
+            )));
+        }
+        if self.global_keys > 1 && self.cluster_nodes().is_none() {
+            return Err(InvalidRedisSettings(
+                "global_keys above 1 is for a Redis Cluster (one server holds the one global key at no extra cost)".to_owned(),
+            ));
+        }
         Ok(())
     }
 
@@ -122,6 +146,7 @@ impl RedisSettings {
             key_prefix: "reset-gateway".to_owned(),
             timeout: Duration::from_millis(50),
             on_error: OnError::Allow,
+            global_keys: 1,
         }
     }
 
@@ -158,6 +183,13 @@ impl RedisSettings {
     /// Answering as `on_error` says when Redis cannot answer in time.
     pub fn with_on_error(mut self, on_error: OnError) -> Self {
         self.on_error = on_error;
+        self
+    }
+
+    /// Cluster mode: the `global` group spread over `keys` keys (see
+    /// [`global_keys`](Self::global_keys)).
+    pub fn with_global_keys(mut self, keys: u16) -> Self {
+        self.global_keys = keys;
         self
     }
 
@@ -496,7 +528,25 @@ pub(crate) fn node_url(scheme: &str, host: &str, port: u16) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::without_credentials;
+    use super::{without_credentials, RedisSettings};
+
+    #[test]
+    fn global_keys_are_one_to_the_most_and_above_one_only_in_a_cluster() {
+        let cluster = || RedisSettings::cluster(&["redis://10.0.0.1:6379".to_owned()]).unwrap();
+        assert_eq!(cluster().global_keys, 1, "one exact key by default");
+        assert!(cluster().with_global_keys(3).check().is_ok());
+        assert!(cluster().with_global_keys(1024).check().is_ok());
+        for keys in [0, 1025] {
+            let refused = cluster().with_global_keys(keys).check().unwrap_err();
+            assert_eq!(refused.to_string(), "global_keys must be 1 to 1024");
+        }
+        let standalone = RedisSettings::new("redis://10.0.0.1:6379").with_global_keys(3);
+        assert!(standalone
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("global_keys above 1 is for a Redis Cluster"));
+    }
 
     #[test]
     fn debug_leaves_credentials_and_queries_out() {

@@ -166,7 +166,7 @@ mod tests {
     fn specs(with_quotas: [bool; 4]) -> RedisSpecs {
         let quota = Quota::new(5, Duration::from_secs(60), None, false).unwrap();
         let groups = with_quotas.map(|on| if on { vec![quota] } else { Vec::new() });
-        RedisSpecs::new(&LimitSettings::of_groups(groups), "rg", true)
+        RedisSpecs::new(&LimitSettings::of_groups(groups), "rg", true, 1)
     }
 
     fn all_four() -> Charges {

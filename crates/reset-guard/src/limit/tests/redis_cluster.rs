@@ -3,6 +3,8 @@
 use super::*;
 use test_support::{RedisCluster, RedisServer};
 
+mod global_keys;
+
 fn cluster_store(cluster: &RedisCluster, prefix: &str) -> StoreSettings {
     let mut settings = RedisSettings::cluster(&cluster.urls()).unwrap();
     settings.key_prefix = prefix.to_owned();

@@ -1,0 +1,157 @@
+//! Cluster mode: the `global` group spread over several keys (`global_keys`).
+//!
+//! One global key lives in one slot, so every request's last decision lands on the one
+//! master that holds it, in a call of its own after the address's (a round trip, and a
+//! script call's fixed cost in Redis, for about two requests in three). Spread over N keys,
+//! each global quota becomes N quotas of 1/N of its rate and burst, one per key, and a
+//! request charges the key for its address's part of the slot range: the slot range is cut
+//! into N equal parts, and key `i` is named so that its own slot lies in part `i`. Where
+//! the masters hold contiguous ranges of slots (as `redis-cli --cluster create` and
+//! `--cluster rebalance` leave them), the address's key and its global key are then mostly
+//! on one master, and decided in one call. The address's keyed hash picks the part, so
+//! every replica picks the same key, and no client can aim its addresses at one part.
+
+use super::batch::micros;
+use crate::limit::Quota;
+
+/// Slots in a Redis Cluster.
+const SLOTS: u32 = 16384;
+
+/// The keyed hashes that name the global group's keys, one per part of the slot range.
+#[derive(Debug)]
+pub(super) struct GlobalKeys {
+    /// Per part, the hash whose key lies in it; one key (hash 0, the key of one exact
+    /// global group) when the group is not spread.
+    hashes: Box<[u64]>,
+}
+
+impl GlobalKeys {
+    /// `count` keys (at least one), each found in its part: `slot_of` says where the key
+    /// of a keyed hash lies.
+    pub(super) fn new(count: u16, slot_of: impl Fn(u64) -> u16) -> Self {
+        let count = u32::from(count.max(1));
+        if count == 1 {
+            return GlobalKeys {
+                hashes: Box::new([0]),
+            };
+        }
+        let mut hashes = vec![None; count as usize];
+        let mut missing = hashes.len();
+        // Candidates 0, 1, 2, ... each fill the part their slot lies in, if it has no key
+        // yet: about N ln N tries (CRC16 spreads them evenly), a few thousand for 1,024
+        // keys, once per reload.
+        for hash in 0u64.. {
+            let part = &mut hashes[part_of(slot_of(hash), count)];
+            if part.is_none() {
+                *part = Some(hash);
+                missing -= 1;
+                if missing == 0 {
+                    break;
+                }
+            }
+        }
+        GlobalKeys {
+            hashes: hashes.into_iter().map(Option::unwrap_or_default).collect(),
+        }
+    }
+
+    /// How many keys the group is spread over.
+    pub(super) fn count(&self) -> u64 {
+        self.hashes.len() as u64
+    }
+
+    /// The keyed hash of the global key a request whose address's key lies in
+    /// `address_slot` charges.
+    pub(super) fn for_address(&self, address_slot: u16) -> u64 {
+        self.hashes[part_of(address_slot, self.hashes.len() as u32)]
+    }
+
+    /// A global quota's numbers on each of the keys (see [`spread_micros`]).
+    pub(super) fn micros(&self, quota: &Quota) -> (u64, u64) {
+        spread_micros(quota, self.count())
+    }
+}
+
+/// A global quota's numbers on each of `keys` keys, as the scripts have them: `keys` times
+/// the interval (1/N of the rate) and the same capacity (1/N of the burst, in requests),
+/// but at least one request's worth, so that a burst below N still admits.
+pub(super) fn spread_micros(quota: &Quota, keys: u64) -> (u64, u64) {
+    let (interval_us, capacity_us) = micros(quota);
+    if keys <= 1 {
+        return (interval_us, capacity_us);
+    }
+    let interval_us = interval_us.saturating_mul(keys);
+    (interval_us, capacity_us.max(interval_us))
+}
+
+/// Which of `count` equal parts of the slot range `slot` lies in.
+fn part_of(slot: u16, count: u32) -> usize {
+    (u32::from(slot % SLOTS as u16) * count / SLOTS) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crc_slot(hash: u64) -> u16 {
+        let tag = format!("rg:global:{hash:016x}");
+        crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
+    }
+
+    #[test]
+    fn one_key_is_the_exact_global_key() {
+        let keys = GlobalKeys::new(1, crc_slot);
+        assert_eq!(keys.count(), 1);
+        assert_eq!(keys.for_address(0), 0);
+        assert_eq!(keys.for_address(16383), 0);
+    }
+
+    #[test]
+    fn each_key_lies_in_the_part_of_the_slot_range_it_serves() {
+        for count in [2u16, 3, 16, 1024] {
+            let keys = GlobalKeys::new(count, crc_slot);
+            assert_eq!(keys.count(), u64::from(count));
+            let mut seen = std::collections::HashSet::new();
+            for slot in 0..16384u16 {
+                let hash = keys.for_address(slot);
+                seen.insert(hash);
+                let part = |s: u16| u32::from(s) * u32::from(count) / 16384;
+                assert_eq!(
+                    part(crc_slot(hash)),
+                    part(slot),
+                    "{count} keys, slot {slot}"
+                );
+            }
+            assert_eq!(seen.len(), usize::from(count), "every key serves its part");
+        }
+    }
+
+    #[test]
+    fn three_keys_follow_the_ranges_cluster_create_gives_three_masters() {
+        // redis-cli --cluster create: 0-5460, 5461-10922, 10923-16383.
+        let keys = GlobalKeys::new(3, crc_slot);
+        let master = |slot: u16| match slot {
+            0..=5460 => 0,
+            5461..=10922 => 1,
+            _ => 2,
+        };
+        let apart = (0..16384u16)
+            .filter(|&slot| master(crc_slot(keys.for_address(slot))) != master(slot))
+            .count();
+        assert!(
+            apart <= 2,
+            "{apart} slots whose global key is on another master"
+        );
+    }
+
+    #[test]
+    fn each_key_holds_its_share_of_the_rate_and_the_burst() {
+        let quota = Quota::new(100, std::time::Duration::from_secs(1), Some(50), false).unwrap();
+        let (interval, capacity) = micros(&quota);
+        let keys = GlobalKeys::new(5, crc_slot);
+        assert_eq!(keys.micros(&quota), (5 * interval, capacity));
+        // A burst of 50 over 64 keys: one request at once per key, at least.
+        let keys = GlobalKeys::new(64, crc_slot);
+        assert_eq!(keys.micros(&quota), (64 * interval, 64 * interval));
+    }
+}
