@@ -323,6 +323,8 @@ pub(super) struct NodeCalls {
     last_read: AtomicU64,
     /// Whether a read of the slot map is under way.
     reading: AtomicBool,
+    /// The node whose answer the last read of the slot map took: asked first next time.
+    last_answered: Mutex<Option<String>>,
     /// Off once a server refused the flagged script (Redis before 7).
     supported: AtomicBool,
     /// The script with the `allow-cross-slot-keys` flag, and its SHA-1.
@@ -439,6 +441,7 @@ impl NodeCalls {
             last_read_map: ArcSwapOption::empty(),
             last_read: AtomicU64::new(0),
             reading: AtomicBool::new(false),
+            last_answered: Mutex::new(None),
             supported: AtomicBool::new(true),
             code,
             sha,
@@ -578,11 +581,13 @@ impl NodeCalls {
         map.filter(|_| self.supported.load(Ordering::Relaxed))
     }
 
-    /// `CLUSTER SLOTS`, asked at once over the gateway's own connections of the masters the
-    /// map last read names and of the seed nodes, the first answer taken (a master that
-    /// hangs, or an address no longer anyone's, is not waited for); then through the cluster
-    /// client, which while it reads the map again itself (after a `MOVED`) holds every
-    /// command sent through it.
+    /// `CLUSTER SLOTS` over the gateway's own connections: first of the node whose answer
+    /// the last read took; if it has not answered within a quarter of the timeout (or fails,
+    /// or there is none), of every other master the map last read names and every seed node
+    /// at once; the first answer taken (a master that hangs, or an address no longer
+    /// anyone's, is not waited for, and a healthy cluster is asked once per read, not once
+    /// per node). Then through the cluster client, which while it reads the map again
+    /// itself (after a `MOVED`) holds every command sent through it.
     async fn read_slot_map(
         self: &Arc<Self>,
         mut connection: redis::cluster_async::ClusterConnection,
@@ -597,29 +602,25 @@ impl NodeCalls {
                 }
             }
         }
+        let first = self.last_answered.lock().map(|g| g.clone()).unwrap_or(None);
         // Dropped with the first answer: the others are not waited for.
         let mut asked = tokio::task::JoinSet::new();
+        if let Some(first) = first.filter(|url| urls.contains(url)) {
+            urls.retain(|url| *url != first);
+            asked.spawn(self.clone().ask_slot_map(first, timeout));
+            let answered = tokio::time::timeout(timeout / 4, asked.join_next()).await;
+            if let Ok(Some(Ok(Some(answer)))) = answered {
+                return Some(answer.1);
+            }
+        }
         for url in urls {
-            let nodes = self.clone();
-            asked.spawn(async move {
-                let ask = async {
-                    let mut node = nodes.redirected_to(&url, timeout).await.ok()?;
-                    let command = redis::cmd("CLUSTER").arg("SLOTS").clone();
-                    match command.query_async::<redis::Value>(&mut node).await {
-                        Ok(reply) => SlotOwners::parse(&reply),
-                        Err(error) => {
-                            if !matches!(error.kind(), redis::ErrorKind::Server(_)) {
-                                nodes.forget_redirected(&url);
-                            }
-                            None
-                        }
-                    }
-                };
-                tokio::time::timeout(timeout, ask).await.ok().flatten()
-            });
+            asked.spawn(self.clone().ask_slot_map(url, timeout));
         }
         while let Some(answer) = asked.join_next().await {
-            if let Ok(Some(map)) = answer {
+            if let Ok(Some((url, map))) = answer {
+                if let Ok(mut last) = self.last_answered.lock() {
+                    *last = Some(url);
+                }
                 return Some(map);
             }
         }
@@ -628,6 +629,29 @@ impl NodeCalls {
             RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
         );
         SlotOwners::parse(&ask.await.ok()?)
+    }
+
+    /// The slot map as the node at `url` answers it, within `timeout`, with the URL.
+    async fn ask_slot_map(
+        self: Arc<Self>,
+        url: String,
+        timeout: Duration,
+    ) -> Option<(String, SlotOwners)> {
+        let ask = async {
+            let mut node = self.redirected_to(&url, timeout).await.ok()?;
+            let command = redis::cmd("CLUSTER").arg("SLOTS").clone();
+            match command.query_async::<redis::Value>(&mut node).await {
+                Ok(reply) => SlotOwners::parse(&reply),
+                Err(error) => {
+                    if !matches!(error.kind(), redis::ErrorKind::Server(_)) {
+                        self.forget_redirected(&url);
+                    }
+                    None
+                }
+            }
+        };
+        let map = tokio::time::timeout(timeout, ask).await.ok().flatten()?;
+        Some((url, map))
     }
 
     /// The URL of the master that serves `slot` by the slot map, or by the map last read.
