@@ -325,6 +325,10 @@ pub(super) struct NodeCalls {
     reading: AtomicBool,
     /// The node whose answer the last read of the slot map took: asked first next time.
     last_answered: Mutex<Option<String>>,
+    /// What a node said when asked for the slot map, while the last read found only
+    /// servers that are not part of a cluster: requests fail with it (as `on_error`
+    /// says), rather than being decided on one server the probe reports down.
+    not_a_cluster: Mutex<Option<String>>,
     /// Off once a server refused the flagged script (Redis before 7).
     supported: AtomicBool,
     /// The script with the `allow-cross-slot-keys` flag, and its SHA-1.
@@ -442,6 +446,7 @@ impl NodeCalls {
             last_read: AtomicU64::new(0),
             reading: AtomicBool::new(false),
             last_answered: Mutex::new(None),
+            not_a_cluster: Mutex::new(None),
             supported: AtomicBool::new(true),
             code,
             sha,
@@ -643,6 +648,13 @@ impl NodeCalls {
             match command.query_async::<redis::Value>(&mut node).await {
                 Ok(reply) => SlotOwners::parse(&reply),
                 Err(error) => {
+                    let said = error.to_string();
+                    if said.contains("cluster support disabled") {
+                        let why = not_a_cluster(&format!("CLUSTER SLOTS: {}", bounded(&said)));
+                        if let Ok(mut known) = self.not_a_cluster.lock() {
+                            *known = Some(why);
+                        }
+                    }
                     if !matches!(error.kind(), redis::ErrorKind::Server(_)) {
                         self.forget_redirected(&url);
                     }
@@ -651,7 +663,16 @@ impl NodeCalls {
             }
         };
         let map = tokio::time::timeout(timeout, ask).await.ok().flatten()?;
+        if let Ok(mut said) = self.not_a_cluster.lock() {
+            *said = None;
+        }
         Some((url, map))
+    }
+
+    /// Why requests cannot be decided, while the seed nodes said they are not part of a
+    /// cluster.
+    fn not_a_cluster(&self) -> Option<String> {
+        self.not_a_cluster.lock().ok()?.clone()
     }
 
     /// The URL of the master that serves `slot` by the slot map, or by the map last read.
@@ -847,6 +868,9 @@ async fn run_unplaced(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQueues>
                 }
             }
             by_tag = rest;
+        } else if let Some(said) = queues.nodes.not_a_cluster() {
+            answer(by_tag, Err(said));
+            continue;
         }
         by_tags(by_tag, &queues);
     }

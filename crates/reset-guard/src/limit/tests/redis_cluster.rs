@@ -1030,3 +1030,39 @@ async fn a_hung_master_replaced_by_its_replica_is_left_behind() {
     let _ = std::fs::remove_dir_all(dir);
     assert_eq!(failed[1], 0, "failed of 30, 3 s and 6 s after: {failed:?}");
 }
+
+/// `mode: cluster` given one server that is not part of a cluster: once the slot map has
+/// been asked for, requests fail as `on_error` says (503 under `deny`), as the probe reports
+/// the store down, rather than being decided on that one server.
+#[tokio::test]
+async fn a_seed_that_is_not_a_cluster_fails_requests_as_on_error_says() {
+    let single = RedisServer::start();
+    let mut settings = RedisSettings::cluster(&[single.url()]).unwrap();
+    settings.key_prefix = "single".to_owned();
+    settings.timeout = Duration::from_millis(500);
+    settings.on_error = OnError::Deny;
+    let store = StoreSettings {
+        redis: Some(settings),
+        ..StoreSettings::default()
+    };
+    let rig = rig_in(
+        "  per_email: [{ requests: 100, per: 1h }]\n",
+        "",
+        store,
+        ManualClock::new(),
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..100 {
+        statuses.push(rig.status(ask("a@b.io")).await);
+        if statuses.ends_with(&[503, 503, 503]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(statuses.ends_with(&[503, 503, 503]), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| [200, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert_eq!(rig.status(ask("b@b.io")).await, 503);
+}
