@@ -311,6 +311,10 @@ fn probe_key(prefix: &str, slot: u16) -> String {
     format!("{{{head}{n}}}")
 }
 
+/// A node's answer when asked for the slot map: the map, with the node's URL; or, where
+/// there is none, why requests cannot be decided if the node is not part of a cluster.
+type Asked = Result<(String, SlotOwners), Option<String>>;
+
 /// Calls that decide the groups of many requests on one master at once.
 pub(super) struct NodeCalls {
     /// Which master serves each slot, as the cluster last said; none until read, and
@@ -608,65 +612,78 @@ impl NodeCalls {
             }
         }
         let first = self.last_answered.lock().map(|g| g.clone()).unwrap_or(None);
-        // Dropped with the first answer: the others are not waited for.
-        let mut asked = tokio::task::JoinSet::new();
-        if let Some(first) = first.filter(|url| urls.contains(url)) {
-            urls.retain(|url| *url != first);
-            asked.spawn(self.clone().ask_slot_map(first, timeout));
-            let answered = tokio::time::timeout(timeout / 4, asked.join_next()).await;
-            if let Ok(Some(Ok(Some(answer)))) = answered {
-                return Some(answer.1);
-            }
-        }
-        for url in urls {
-            asked.spawn(self.clone().ask_slot_map(url, timeout));
-        }
-        while let Some(answer) = asked.join_next().await {
-            if let Ok(Some((url, map))) = answer {
+        // What a node said if it is not part of a cluster: kept only if no node answers.
+        let mut not_a_cluster = None;
+        let mut read = |answer: Result<Asked, tokio::task::JoinError>| match answer {
+            Ok(Ok((url, map))) => {
                 if let Ok(mut last) = self.last_answered.lock() {
                     *last = Some(url);
                 }
-                return Some(map);
+                Some(map)
+            }
+            Ok(Err(Some(why))) => {
+                not_a_cluster = Some(why);
+                None
+            }
+            _ => None,
+        };
+        // Dropped with the first answer: the others are not waited for.
+        let mut asked = tokio::task::JoinSet::new();
+        let mut map = None;
+        if let Some(first) = first.filter(|url| urls.contains(url)) {
+            urls.retain(|url| *url != first);
+            asked.spawn(self.clone().ask_slot_map(first, timeout));
+            if let Ok(Some(answer)) = tokio::time::timeout(timeout / 4, asked.join_next()).await {
+                map = read(answer);
             }
         }
-        let ask = connection.route_command(
-            redis::cmd("CLUSTER").arg("SLOTS").clone(),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-        );
-        SlotOwners::parse(&ask.await.ok()?)
+        if map.is_none() {
+            for url in urls {
+                asked.spawn(self.clone().ask_slot_map(url, timeout));
+            }
+            while let Some(answer) = asked.join_next().await {
+                map = read(answer);
+                if map.is_some() {
+                    break;
+                }
+            }
+        }
+        if map.is_none() {
+            let ask = connection.route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            );
+            map = ask.await.ok().as_ref().and_then(SlotOwners::parse);
+        }
+        if let Ok(mut known) = self.not_a_cluster.lock() {
+            *known = if map.is_some() { None } else { not_a_cluster };
+        }
+        map
     }
 
-    /// The slot map as the node at `url` answers it, within `timeout`, with the URL.
-    async fn ask_slot_map(
-        self: Arc<Self>,
-        url: String,
-        timeout: Duration,
-    ) -> Option<(String, SlotOwners)> {
+    /// The slot map as the node at `url` answers it, within `timeout`, with the URL; or, if
+    /// it says it is not part of a cluster, why requests cannot be decided.
+    async fn ask_slot_map(self: Arc<Self>, url: String, timeout: Duration) -> Asked {
         let ask = async {
-            let mut node = self.redirected_to(&url, timeout).await.ok()?;
+            let mut node = self.redirected_to(&url, timeout).await.map_err(|_| None)?;
             let command = redis::cmd("CLUSTER").arg("SLOTS").clone();
             match command.query_async::<redis::Value>(&mut node).await {
-                Ok(reply) => SlotOwners::parse(&reply),
+                Ok(reply) => SlotOwners::parse(&reply).ok_or(None),
                 Err(error) => {
-                    let said = error.to_string();
-                    if said.contains("cluster support disabled") {
-                        let why = not_a_cluster(&format!("CLUSTER SLOTS: {}", bounded(&said)));
-                        if let Ok(mut known) = self.not_a_cluster.lock() {
-                            *known = Some(why);
-                        }
-                    }
                     if !matches!(error.kind(), redis::ErrorKind::Server(_)) {
                         self.forget_redirected(&url);
                     }
-                    None
+                    let said = error.to_string();
+                    Err(said
+                        .contains("cluster support disabled")
+                        .then(|| not_a_cluster(&format!("CLUSTER SLOTS: {}", bounded(&said)))))
                 }
             }
         };
-        let map = tokio::time::timeout(timeout, ask).await.ok().flatten()?;
-        if let Ok(mut said) = self.not_a_cluster.lock() {
-            *said = None;
-        }
-        Some((url, map))
+        let map = tokio::time::timeout(timeout, ask)
+            .await
+            .map_err(|_| None)??;
+        Ok((url, map))
     }
 
     /// Why requests cannot be decided, while the seed nodes said they are not part of a
