@@ -305,6 +305,15 @@ impl RedisServer {
             .sum()
     }
 
+    /// Connections to this server, the one asking included (`INFO clients`).
+    pub fn connected_clients(&self) -> usize {
+        let info = self.command("INFO clients").unwrap_or_default();
+        info.lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Sends one inline command and returns the raw reply (enough for tests).
     pub fn command(&self, line: &str) -> Option<String> {
         let mut stream =

@@ -61,8 +61,9 @@ static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     /// Per thread: each store's batching queue on this thread, and the connection
-    /// generation it was made in.
-    static QUEUES: std::cell::RefCell<Vec<(u64, Generation, mpsc::Sender<Job>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// generation it was made in. Weak: the store holds the queue (`held_queues`), so a
+    /// dropped store's tasks and connections end, however long its threads live.
+    static QUEUES: std::cell::RefCell<Vec<(u64, Generation, mpsc::WeakSender<Job>)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The cause of a failure last warned of, and when. A new cause is warned of, but not
@@ -147,6 +148,9 @@ pub(crate) struct RedisStore {
     counters: Arc<LimitCounters>,
     /// Told how long each request waited for its decision (the host's metrics).
     wait_observer: Option<crate::layer::StoreWaitObserver>,
+    /// Each thread's batching queue, held here rather than by the thread (whose list has a
+    /// weak handle): they end with the store.
+    held_queues: Mutex<Vec<(std::thread::ThreadId, mpsc::Sender<Job>)>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -224,6 +228,7 @@ impl RedisStore {
             clock: MonotonicClock::default(),
             counters,
             wait_observer: None,
+            held_queues: Mutex::new(Vec::new()),
         })
     }
 
@@ -504,10 +509,13 @@ impl RedisStore {
         let current = (master.generation, self.reconnects.load(Ordering::Acquire));
         QUEUES.with(|queues| {
             let mut queues = queues.borrow_mut();
-            if let Some((.., sender)) = queues.iter().find(|(id, generation, s)| {
-                *id == self.id && *generation == current && !s.is_closed()
-            }) {
-                return Ok(sender.clone());
+            if let Some(sender) = queues
+                .iter()
+                .find(|(id, generation, _)| *id == self.id && *generation == current)
+                .and_then(|(.., weak)| weak.upgrade())
+                .filter(|sender| !sender.is_closed())
+            {
+                return Ok(sender);
             }
             let connection =
                 ConnectionManager::new_lazy_with_config(master.client.clone(), self.config.clone())
@@ -519,8 +527,11 @@ impl RedisStore {
                 self.script.clone(),
                 self.timeout,
             ));
-            queues.retain(|(id, ..)| *id != self.id);
-            queues.push((self.id, current, sender.clone()));
+            // This store's queue made before on this thread (an earlier master or
+            // connection) ends once its last job is answered; so do dropped stores'.
+            queues.retain(|(id, _, weak)| *id != self.id && weak.strong_count() > 0);
+            queues.push((self.id, current, sender.downgrade()));
+            hold(&self.held_queues, sender.clone());
             Ok(sender)
         })
     }
@@ -672,6 +683,14 @@ impl RedisStore {
             })
         })
     }
+}
+
+/// Holds `queue` as this thread's in `held`, in place of the one it replaces.
+pub(super) fn hold<T>(held: &Mutex<Vec<(std::thread::ThreadId, T)>>, queue: T) {
+    let thread = std::thread::current().id();
+    let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+    held.retain(|(holder, _)| *holder != thread);
+    held.push((thread, queue));
 }
 
 /// Whether `host` can be a host name or an IP address: at most 253 characters (a DNS

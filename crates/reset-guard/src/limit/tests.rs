@@ -1053,6 +1053,38 @@ mod redis_store {
         }
     }
 
+    /// Waits up to two seconds for `count` to fall to `to`; what it is then.
+    pub(super) async fn falls_to(to: usize, count: impl Fn() -> usize) -> usize {
+        for _ in 0..100 {
+            if count() <= to {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        count()
+    }
+
+    /// A store dropped while its threads live on (an application that builds its layer
+    /// again): its queues' tasks end and their connections close, with the probe's.
+    #[tokio::test]
+    async fn a_dropped_store_closes_its_connections() {
+        let server = RedisServer::start();
+        let before = server.connected_clients();
+        let rig = redis_rig(
+            &server,
+            "  per_email: [{ requests: 3, per: 1h }]\n",
+            "",
+            OnError::Deny,
+        );
+        assert_eq!(rig.status(ask("a@b.io")).await, 200);
+        assert!(server.connected_clients() > before);
+        drop(rig);
+        assert_eq!(
+            falls_to(before, || server.connected_clients()).await,
+            before
+        );
+    }
+
     fn rand_suffix() -> u64 {
         use std::hash::{BuildHasher, RandomState};
         RandomState::new().hash_one(0u8)

@@ -53,6 +53,9 @@ pub(super) struct Cluster {
     masters_pinged: tokio::sync::Mutex<Vec<ProbedMaster>>,
     /// What every thread's batching needs to send one call per master.
     pub(super) nodes: Arc<NodeCalls>,
+    /// Each thread's queues, held here rather than by the thread (whose list has a weak
+    /// handle): they end with the store.
+    held_queues: Mutex<Vec<(std::thread::ThreadId, Arc<ThreadQueues>)>>,
 }
 
 impl Cluster {
@@ -71,6 +74,7 @@ impl Cluster {
             probe: tokio::sync::OnceCell::new(),
             masters_pinged: tokio::sync::Mutex::new(Vec::new()),
             nodes: Arc::new(NodeCalls::new(direct)),
+            held_queues: Mutex::new(Vec::new()),
         }
     }
 
@@ -797,8 +801,10 @@ impl NodeCalls {
 }
 
 thread_local! {
-    /// Per thread: each cluster store's queues on this thread.
-    static CLUSTER_QUEUES: std::cell::RefCell<Vec<(u64, Arc<ThreadQueues>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per thread: each cluster store's queues on this thread. Weak: the store holds them
+    /// (`Cluster::held_queues`), so a dropped store's tasks and connections end, however
+    /// long its threads live.
+    static CLUSTER_QUEUES: std::cell::RefCell<Vec<(u64, std::sync::Weak<ThreadQueues>)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One thread's queues to a cluster: one per master (by its index in the slot map), each
@@ -1316,11 +1322,13 @@ impl RedisStore {
     fn cluster_queues(&self, cluster: &Cluster) -> Arc<ThreadQueues> {
         CLUSTER_QUEUES.with(|queues| {
             let mut queues = queues.borrow_mut();
-            if let Some((_, found)) = queues
+            if let Some(found) = queues
                 .iter()
-                .find(|(id, found)| *id == self.id && !found.unplaced.is_closed())
+                .find(|(id, _)| *id == self.id)
+                .and_then(|(_, weak)| weak.upgrade())
+                .filter(|found| !found.unplaced.is_closed())
             {
-                return found.clone();
+                return found;
             }
             let (unplaced, receiver) = mpsc::channel(QUEUE_LIMIT);
             let made = Arc::new(ThreadQueues {
@@ -1332,8 +1340,9 @@ impl RedisStore {
                 timeout: self.timeout,
             });
             tokio::spawn(run_unplaced(receiver, Arc::downgrade(&made)));
-            queues.retain(|(id, _)| *id != self.id);
-            queues.push((self.id, made.clone()));
+            queues.retain(|(id, weak)| *id != self.id && weak.strong_count() > 0);
+            queues.push((self.id, Arc::downgrade(&made)));
+            super::hold(&cluster.held_queues, made.clone());
             made
         })
     }

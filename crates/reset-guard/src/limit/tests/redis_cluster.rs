@@ -1066,3 +1066,30 @@ async fn a_seed_that_is_not_a_cluster_fails_requests_as_on_error_says() {
     );
     assert_eq!(rig.status(ask("b@b.io")).await, 503);
 }
+
+/// A cluster store dropped while its threads live on: every queue's task ends and every
+/// connection to the masters closes.
+#[tokio::test]
+async fn a_dropped_cluster_store_closes_its_connections() {
+    let cluster = RedisCluster::start();
+    let clients = || -> usize {
+        cluster
+            .nodes
+            .iter()
+            .map(RedisServer::connected_clients)
+            .sum()
+    };
+    let before = clients();
+    let rig = rig_in(
+        "  per_ip: [{ requests: 100, per: 1m }]\n  per_email: [{ requests: 3, per: 1h }]\n",
+        "",
+        cluster_store(&cluster, "dropped"),
+        ManualClock::new(),
+    );
+    for i in 0..20 {
+        assert_eq!(rig.status(ask(&format!("user{i}@b.io"))).await, 200);
+    }
+    assert!(clients() > before);
+    drop(rig);
+    assert_eq!(super::redis_store::falls_to(before, clients).await, before);
+}
