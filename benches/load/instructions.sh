@@ -14,7 +14,9 @@
 #   STORE="redis cluster" benches/load/instructions.sh # forwarded resets with every group on,
 #                                                      # the memory store against a Redis
 #                                                      # server and a three-master cluster it
-#                                                      # starts (the gateway's side only)
+#                                                      # starts (the gateway's side only);
+#                                                      # cluster-spread: the same cluster
+#                                                      # with global_keys: 3
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
@@ -147,16 +149,11 @@ if [ -n "$STORE" ]; then
     redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" "$@" >/dev/null & pids+=($!)
   }
   common='kind: redis, key_secret_env: RESET_GATEWAY_KEY_SECRET'
-  count stores "store: { kind: memory }"
-  for mode in $STORE; do
-    case $mode in
-      redis)
-        port=$(free_port); redis_at "$port"; wait_port "$port"
-        count "$mode" "store: { $common, redis: { url: \"redis://127.0.0.1:$port\", timeout: 5s } }" ;;
-      cluster)
-        nodes=()
-        for i in 1 2 3; do
-          port=$(python3 -c 'import socket
+  # Three masters joined by redis-cli, once for every cluster mode: sets cluster_list.
+  start_cluster() {
+    local nodes=() i port list
+    for i in 1 2 3; do
+      port=$(python3 -c 'import socket
 while True:
     a = socket.socket(); a.bind(("127.0.0.1", 0)); p = a.getsockname()[1]
     if p + 10000 > 65535: continue
@@ -164,18 +161,30 @@ while True:
     try: b.bind(("127.0.0.1", p + 10000))
     except OSError: continue
     print(p); break')
-          redis_at "$port" --cluster-enabled yes --cluster-config-file "$work/nodes-$port.conf"
-          nodes+=("$port")
-        done
-        for port in "${nodes[@]}"; do wait_port "$port"; done
-        redis-cli --cluster create "${nodes[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >/dev/null
-        for _ in $(seq 100); do
-          redis-cli -p "${nodes[0]}" cluster info | grep -q cluster_state:ok && break
-          sleep 0.1
-        done
-        list=$(printf '"redis://127.0.0.1:%s", ' "${nodes[@]}")
-        count "$mode" "store: { $common, redis: { mode: cluster, nodes: [${list%, }], timeout: 5s } }" ;;
-      *) echo "instructions.sh: unknown STORE mode '$mode' (redis, cluster)" >&2; exit 1 ;;
+      redis_at "$port" --cluster-enabled yes --cluster-config-file "$work/nodes-$port.conf"
+      nodes+=("$port")
+    done
+    for port in "${nodes[@]}"; do wait_port "$port"; done
+    redis-cli --cluster create "${nodes[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >/dev/null
+    for _ in $(seq 100); do
+      redis-cli -p "${nodes[0]}" cluster info | grep -q cluster_state:ok && break
+      sleep 0.1
+    done
+    list=$(printf '"redis://127.0.0.1:%s", ' "${nodes[@]}")
+    cluster_list=${list%, }
+  }
+  count stores "store: { kind: memory }"
+  for mode in $STORE; do
+    case $mode in
+      redis)
+        port=$(free_port); redis_at "$port"; wait_port "$port"
+        count "$mode" "store: { $common, redis: { url: \"redis://127.0.0.1:$port\", timeout: 5s } }" ;;
+      cluster | cluster-spread)
+        [ -n "${cluster_list:-}" ] || start_cluster
+        spread=""
+        [ "$mode" = cluster-spread ] && spread="global_keys: 3, "
+        count "$mode" "store: { $common, redis: { mode: cluster, nodes: [$cluster_list], ${spread}timeout: 5s } }" ;;
+      *) echo "instructions.sh: unknown STORE mode '$mode' (redis, cluster, cluster-spread)" >&2; exit 1 ;;
     esac
   done
   exit 0
