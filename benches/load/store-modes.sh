@@ -216,9 +216,20 @@ for mode in "${MODES[@]}"; do
   esac
   config "${PORT[$mode]}" "$store" >"$work/$mode.yaml"
 done
+checked=()
 for mode in "${MODES[@]}"; do
-  QB_API_KEY=bench-server-key "${BINARY[$mode]}" check-config --config "$work/$mode.yaml" >/dev/null 2>"$work/$mode.check" \
-    || { echo "$mode: config refused:" >&2; cat "$work/$mode.check" >&2; exit 1; }
+  if ! QB_API_KEY=bench-server-key "${BINARY[$mode]}" check-config --config "$work/$mode.yaml" >/dev/null 2>"$work/$mode.check"; then
+    # A build from before a mode's setting existed (cluster-spread's global_keys) is left
+    # out of that mode.
+    case $mode in
+      *-before) echo "$mode: left out, the build before refuses its config: $(cat "$work/$mode.check")" >&2; continue ;;
+      *) echo "$mode: config refused:" >&2; cat "$work/$mode.check" >&2; exit 1 ;;
+    esac
+  fi
+  checked+=("$mode")
+done
+MODES=("${checked[@]}")
+for mode in "${MODES[@]}"; do
   QB_API_KEY=bench-server-key "${BINARY[$mode]}" --config "$work/$mode.yaml" 2>"$work/$mode.log" & pids+=($!)
   GW_PID[$mode]=$!
 done
@@ -230,11 +241,13 @@ user_ticks() { local total=0 pid; for pid in "$@"; do total=$((total + $(awk '{p
 # The whole machine's CPU time so far, in clock ticks: all of it, and idle (idle + iowait).
 machine_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6}' /proc/stat; }
 
-# Script calls (EVALSHA) the given Redis servers have run so far.
+# Script calls (EVALSHA) the given Redis servers have run so far, less those that failed (a
+# call refused NOSCRIPT is sent again once the script is loaded).
 script_calls() {
   local total=0 port n
   for port in "$@"; do
-    n=$(ask "$port" INFO commandstats | tr -d '\r' | awk -F'[=,]' '/^cmdstat_evalsha:/ {print $2}')
+    n=$(ask "$port" INFO commandstats | tr -d '\r' | awk -F'[:=,]' '/^cmdstat_evalsha:/ {
+      for (i = 2; i < NF; i += 2) v[$i] = $(i + 1); print v["calls"] - v["failed_calls"] }')
     total=$((total + ${n:-0}))
   done
   echo "$total"

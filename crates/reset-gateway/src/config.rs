@@ -123,25 +123,8 @@ impl GatewayConfig {
                 )
                 .located(yaml));
             }
-            // Each key of a spread global group holds 1/N of each quota's burst.
-            let spread = redis.global_keys;
-            let global = guard.quotas(reset_guard::LimitGroup::Global);
-            if let Some((i, quota)) = global
-                .iter()
-                .enumerate()
-                .find(|(_, quota)| quota.burst < u32::from(spread))
-            {
-                return Err(ConfigError::new(
-                    format!("guard.limits.global[{i}]"),
-                    format!(
-                        "has a burst of {}, below store.redis.global_keys ({spread}): spread \
-                         over {spread} keys, each would hold less than one request; give it a \
-                         burst of at least {spread}, or lower global_keys",
-                        quota.burst
-                    ),
-                )
-                .located(yaml));
-            }
+            global_bursts_fit(&guard, redis.global_keys, "store.redis.global_keys")
+                .map_err(|e| e.located(yaml))?;
         }
         let reread_files = self.reread_files();
         Ok(Settings {
@@ -153,6 +136,33 @@ impl GatewayConfig {
             log: self.log.clone(),
             reread_files,
         })
+    }
+}
+
+/// Each global quota's burst at least `keys`, the keys the global group is spread over
+/// (`store.redis.global_keys`, as `named`): a key holds 1/N of each quota's burst, and
+/// less than one request would refuse every request of its part.
+pub(crate) fn global_bursts_fit(
+    guard: &reset_guard::GuardSettings,
+    keys: u16,
+    named: &str,
+) -> Result<(), ConfigError> {
+    let global = guard.quotas(reset_guard::LimitGroup::Global);
+    match global
+        .iter()
+        .enumerate()
+        .find(|(_, quota)| quota.burst < u32::from(keys))
+    {
+        Some((i, quota)) => Err(ConfigError::new(
+            format!("guard.limits.global[{i}]"),
+            format!(
+                "has a burst of {}, below the {keys} keys the global group is spread over \
+                 ({named}): each would hold less than one request; give it a burst of at \
+                 least {keys}, or lower global_keys",
+                quota.burst
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

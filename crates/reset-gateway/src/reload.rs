@@ -39,6 +39,9 @@ pub struct Reloader {
     certs: Option<Arc<CertStore>>,
     /// What needs a restart to change, as the process started with it.
     fixed: Fixed,
+    /// The running store's `global_keys` (read at start): a reload's global bursts must fit
+    /// it, whatever the file says now.
+    global_keys: u16,
     /// The running configuration's [`Settings::reread_files`].
     reread_files: Mutex<Vec<PathBuf>>,
     /// The sections (key paths two deep: `guard.limits`) of the file last applied.
@@ -190,6 +193,12 @@ impl Reloader {
             forwarders,
             certs,
             fixed: Fixed::of(settings),
+            global_keys: settings
+                .store
+                .limits
+                .redis
+                .as_ref()
+                .map_or(1, |redis| redis.global_keys),
             reread_files: Mutex::new(settings.reread_files.clone()),
             sections: Mutex::new(running.unwrap_or_default()),
             read_failed: Default::default(),
@@ -245,6 +254,12 @@ impl Reloader {
         let config = GatewayConfig::from_yaml(yaml)?;
         *self.reread_files.lock().unwrap() = config.reread_files();
         let settings = config.validate(yaml)?;
+        crate::config::global_bursts_fit(
+            &settings.guard,
+            self.global_keys,
+            "store.redis.global_keys of the running gateway, which changes only on restart",
+        )
+        .map_err(|e| e.located(yaml))?;
         let changed = self.fixed.changed_in(&Fixed::of(&settings));
         if !changed.is_empty() {
             tracing::warn!(

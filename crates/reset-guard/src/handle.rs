@@ -54,6 +54,13 @@ impl GuardHandle {
         let redis_specs = core.redis.as_ref().map(|r| r.specs(&settings.limits));
         #[cfg(feature = "redis")]
         let moves = crate::limit::quota_moves(&previous.settings.limits, &settings.limits);
+        #[cfg(feature = "redis")]
+        let global_keys = {
+            let keys = |specs: &Option<Arc<crate::limit::RedisSpecs>>| {
+                specs.as_ref().map_or(1, |specs| specs.global_keys())
+            };
+            (keys(&previous.redis_specs), keys(&redis_specs))
+        };
         core.current.store(Arc::new(GuardState {
             settings,
             api_key,
@@ -67,7 +74,7 @@ impl GuardHandle {
                 &previous.settings.limits,
                 &core.current.load().settings.limits,
             );
-            store.carry_over(moves);
+            store.carry_over(moves, global_keys);
         }
     }
 

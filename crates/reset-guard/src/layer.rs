@@ -154,8 +154,9 @@ impl ResetGuardBuilder {
     /// # Errors
     ///
     /// If `store.sweep_interval` is zero; with `store.redis`, if its settings cannot work
-    /// (`RedisSettings::check`), no Tokio runtime is running, or the URL is `rediss://` and
-    /// no rustls crypto provider is installed for the process.
+    /// (`RedisSettings::check`, or a global quota whose burst is below `global_keys`), no
+    /// Tokio runtime is running, or the URL is `rediss://` and no rustls crypto provider is
+    /// installed for the process.
     pub fn build(self) -> Result<(ResetGuardLayer, Housekeeping), StoreError> {
         if self.store.sweep_interval.is_zero() {
             return Err(StoreError(
@@ -180,6 +181,17 @@ impl ResetGuardBuilder {
                 settings
                     .check()
                     .map_err(|why| StoreError(why.to_string()))?;
+                let spread = settings.global_keys;
+                let global = self.settings.quotas(crate::LimitGroup::Global);
+                if let Some(quota) = global.iter().find(|q| q.burst < u32::from(spread)) {
+                    return Err(StoreError(format!(
+                        "global_keys {spread} spreads each global quota over {spread} keys, \
+                         and a global quota ({} per {:?}) has a burst of {}: each key would \
+                         hold less than one request; give it a burst of at least {spread}, or \
+                         lower global_keys",
+                        quota.requests, quota.per, quota.burst
+                    )));
+                }
                 if self.hasher.is_none() {
                     return Err(StoreError(format!(
                         "with Redis, give key_secret() the same secret of {MIN_KEY_SECRET}+ \

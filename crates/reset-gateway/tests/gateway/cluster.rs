@@ -556,9 +556,69 @@ fn a_global_burst_below_global_keys_is_refused_on_its_line() {
         check("[{ requests: 100, per: 1s }, { requests: 1000, per: 1h, burst: 2 }]").unwrap_err();
     assert!(
         shown.contains(&format!("guard.limits.global[1] (line {line})"))
-            && shown.contains("burst of 2, below store.redis.global_keys (3)"),
+            && shown.contains(
+                "burst of 2, below the 3 keys the global group is spread over (store.redis.global_keys)"
+            ),
         "{shown}"
     );
+}
+
+/// `global_keys` changes only on restart: a reload's global bursts are held to the
+/// running store's, not to what the file says now (a file that drops global_keys and the
+/// burst to 1 would have the running three keys admit three at once).
+#[tokio::test]
+async fn a_reload_holds_global_bursts_to_the_running_global_keys() {
+    let cluster = RedisCluster::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    for i in 0..10 {
+        mock.add_user(&format!("user{i}@example.com"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let file = |global: &str, extra: &str| {
+        yaml(
+            &mock.url(),
+            &format!("  responses: {{ uniform: false }}\n  limits:\n    per_ip: []\n    per_client: []\n    per_email: []\n    global: {global}\n"),
+            &format!(
+                "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    mode: cluster\n    nodes: [{}]\n    timeout: 1s\n    on_error: deny\n{extra}",
+                key_secret_file().display(),
+                cluster.urls().join(", "),
+            ),
+        )
+    };
+    std::fs::write(
+        &path,
+        file("[{ requests: 300, per: 1h }]", "    global_keys: 3\n"),
+    )
+    .unwrap();
+    let gw = crate::process::spawn_gateway(&path);
+    std::fs::write(&path, file("[{ requests: 1, per: 1h }]", "")).unwrap();
+    gw.signal("HUP");
+    assert!(
+        gw.logged("configuration reload rejected").await,
+        "{:?}",
+        gw.logs()
+    );
+    let rejected = gw
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("configuration reload rejected"))
+        .unwrap();
+    assert!(
+        rejected.contains("guard.limits.global[0]")
+            && rejected.contains("burst of 1, below the 3 keys")
+            && rejected.contains("running gateway"),
+        "{rejected}"
+    );
+    // The running limits stay: 300 an hour over three keys.
+    for i in 0..10 {
+        let request = format!("GET {RESET}?email=user{i}%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+        assert_eq!(
+            raw(gw.addr, request.as_bytes()).await.status,
+            200,
+            "user{i}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
-use super::global_keys::GlobalKeys;
+use super::global_keys::{spread_over, GlobalKeys};
 use super::walk::Walker;
 use crate::limit::{LimitGroup, LimitSettings, Quota};
 
@@ -157,7 +157,16 @@ impl RedisSpecs {
             tag_crc.update(format!("{prefix}:{}:", group.name()).as_bytes());
             tag_crc
         };
-        let global = GlobalKeys::new(global_keys, |hash| {
+        let spread = spread_over(global_keys, limits.quotas(LimitGroup::Global));
+        if spread < global_keys {
+            tracing::warn!(
+                target: "reset_guard::limit",
+                global_keys,
+                spread,
+                "a global quota's burst is below store.redis.global_keys: the global group is spread over as many keys as the smallest burst, whose state starts afresh"
+            );
+        }
+        let global = GlobalKeys::new(spread, |hash| {
             let mut crc = tag_crc(LimitGroup::Global);
             crc.update(&hex16(hash));
             crc.get() % 16384
@@ -186,6 +195,11 @@ impl RedisSpecs {
             }
         });
         RedisSpecs { groups, global }
+    }
+
+    /// How many keys the global group is spread over.
+    pub(crate) fn global_keys(&self) -> u64 {
+        self.global.count()
     }
 
     /// `charges` with the global charge on the key its address's part of the slot range

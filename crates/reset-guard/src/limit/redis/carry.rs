@@ -120,10 +120,11 @@ fn group_pattern(prefix: &str, group: LimitGroup, cluster: bool) -> String {
 }
 
 /// The moves of each group that has any, as the script's packed argument; the global
-/// group's quotas as each of its `global_keys` keys holds them.
-fn by_group(moves: &[QuotaMove], global_keys: u16) -> Vec<(LimitGroup, Vec<u8>)> {
-    let numbers = |group: LimitGroup, quota: &Quota| match group {
-        LimitGroup::Global => spread_micros(quota, u64::from(global_keys)),
+/// group's quotas as each of its keys holds them, spread over `global_keys` (before the
+/// reload, after it).
+fn by_group(moves: &[QuotaMove], global_keys: (u64, u64)) -> Vec<(LimitGroup, Vec<u8>)> {
+    let numbers = |group: LimitGroup, quota: &Quota, keys: u64| match group {
+        LimitGroup::Global => spread_micros(quota, keys),
         _ => micros(quota),
     };
     let mut groups: Vec<(LimitGroup, Vec<u8>)> = Vec::new();
@@ -136,8 +137,8 @@ fn by_group(moves: &[QuotaMove], global_keys: u16) -> Vec<(LimitGroup, Vec<u8>)>
             }
         };
         let ((from_interval, from_capacity), (to_interval, to_capacity)) = (
-            numbers(movement.group, &movement.from),
-            numbers(movement.group, &movement.to),
+            numbers(movement.group, &movement.from, global_keys.0),
+            numbers(movement.group, &movement.to, global_keys.1),
         );
         for n in [from_interval, from_capacity, to_interval, to_capacity] {
             groups[at].1.extend_from_slice(&(n as f64).to_le_bytes());
@@ -149,7 +150,9 @@ fn by_group(moves: &[QuotaMove], global_keys: u16) -> Vec<(LimitGroup, Vec<u8>)>
 impl RedisStore {
     /// Carries the state of each changed quota in `moves` over to its new keys, in the
     /// background (an embedding app that reloads outside a Tokio runtime carries nothing).
-    pub(crate) fn carry_over(self: &Arc<Self>, moves: Vec<QuotaMove>) {
+    /// `global_keys`: how many keys the global group was spread over before the reload,
+    /// and after it.
+    pub(crate) fn carry_over(self: &Arc<Self>, moves: Vec<QuotaMove>, global_keys: (u64, u64)) {
         if moves.is_empty() {
             return;
         }
@@ -168,7 +171,7 @@ impl RedisStore {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
                 }
-                match store.carry(&moves, &mut pending).await {
+                match store.carry(&moves, global_keys, &mut pending).await {
                     Ok((count, errors)) => {
                         carried += count;
                         if errors.is_empty() {
@@ -202,10 +205,11 @@ impl RedisStore {
     async fn carry(
         &self,
         moves: &[QuotaMove],
+        global_keys: (u64, u64),
         pending: &mut Option<Vec<String>>,
     ) -> Result<(u64, Vec<String>), String> {
         let script = redis::Script::new(CARRY);
-        let groups = by_group(moves, self.settings.global_keys);
+        let groups = by_group(moves, global_keys);
         let mut carried = 0;
         let mut errors = Vec::new();
         match &self.cluster {
@@ -481,7 +485,7 @@ mod tests {
                 movement(LimitGroup::PerEmail, quota(3, 3600), quota(10, 86_400)),
                 movement(LimitGroup::Global, quota(100, 1), quota(50, 1)),
             ],
-            4,
+            (4, 4),
         );
         let numbers = |packed: &[u8]| -> Vec<u64> {
             packed

@@ -73,15 +73,24 @@ impl GlobalKeys {
 }
 
 /// A global quota's numbers on each of `keys` keys, as the scripts have them: `keys` times
-/// the interval (1/N of the rate) and the same capacity (1/N of the burst, in requests),
-/// but at least one request's worth, so that a burst below N still admits.
+/// the interval (1/N of the rate) and the same capacity (1/N of the burst, in requests).
+/// `keys` is at most the burst ([`spread_over`]), so each key holds at least one request.
 pub(super) fn spread_micros(quota: &Quota, keys: u64) -> (u64, u64) {
     let (interval_us, capacity_us) = micros(quota);
-    if keys <= 1 {
-        return (interval_us, capacity_us);
-    }
-    let interval_us = interval_us.saturating_mul(keys);
-    (interval_us, capacity_us.max(interval_us))
+    (interval_us.saturating_mul(keys.max(1)), capacity_us)
+}
+
+/// How many keys `global` quotas are spread over when `global_keys` asks for `keys`: as many,
+/// unless a quota's burst is smaller (each key would hold less than one request, and a key
+/// given one anyway would make the whole looser than the quota): then as many as the
+/// smallest burst. The gateway's configuration and the layer's builder refuse that case; a
+/// reload through [`crate::GuardHandle::update`] cannot, and gets this.
+pub(crate) fn spread_over(keys: u16, quotas: &[Quota]) -> u16 {
+    let smallest_burst = quotas.iter().map(|q| q.burst).min().unwrap_or(u32::MAX);
+    u16::try_from(smallest_burst)
+        .unwrap_or(u16::MAX)
+        .min(keys)
+        .max(1)
 }
 
 /// Which of `count` equal parts of the slot range `slot` lies in.
@@ -150,8 +159,18 @@ mod tests {
         let (interval, capacity) = micros(&quota);
         let keys = GlobalKeys::new(5, crc_slot);
         assert_eq!(keys.micros(&quota), (5 * interval, capacity));
-        // A burst of 50 over 64 keys: one request at once per key, at least.
-        let keys = GlobalKeys::new(64, crc_slot);
-        assert_eq!(keys.micros(&quota), (64 * interval, 64 * interval));
+    }
+
+    #[test]
+    fn a_burst_below_the_keys_asked_for_spreads_over_as_many_keys_as_it() {
+        let quota =
+            |burst| Quota::new(100, std::time::Duration::from_secs(1), Some(burst), false).unwrap();
+        assert_eq!(spread_over(64, &[quota(100), quota(50)]), 50);
+        assert_eq!(spread_over(3, &[quota(100), quota(50)]), 3);
+        assert_eq!(spread_over(3, &[]), 3, "no global quota");
+        assert_eq!(spread_over(3, &[quota(1)]), 1);
+        // Never looser: with a burst of 2 over 2 keys, each holds one request.
+        let (interval, capacity) = spread_micros(&quota(2), 2);
+        assert_eq!(capacity, interval);
     }
 }

@@ -65,7 +65,10 @@ pub struct RedisSettings {
     /// address's (see the README's "Several replicas"). An approximation: a key whose
     /// part of the traffic comes faster than its share is refused while the others still
     /// have room, so the whole is never more than the quota, but can refuse a little
-    /// before it.
+    /// before it. Each global quota needs a burst of at least N: the builder refuses less,
+    /// and a reload through [`GuardHandle::update`](crate::GuardHandle::update) with less
+    /// spreads the group over as many keys as the smallest burst (its state starting
+    /// afresh), with a warning.
     pub global_keys: u16,
 }
 

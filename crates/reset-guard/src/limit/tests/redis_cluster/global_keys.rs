@@ -104,3 +104,50 @@ async fn a_changed_global_quota_is_carried_to_each_of_its_keys() {
     let spread_hourly = (720_000_000, 3_600_000_000);
     assert_eq!(holding(&cluster, spread_hourly, 3).await, 3);
 }
+
+/// A global burst below `global_keys`: each key would hold less than one request, and one
+/// given a request anyway would admit N at once. The builder refuses it.
+#[tokio::test]
+async fn the_builder_refuses_a_global_burst_below_global_keys() {
+    let yaml = format!(
+        "clients:\n  - {{ id: foo, token_sha256: {FOO} }}\nlimits:\n{}",
+        only("  global: [{ requests: 10, per: 1h }, { requests: 1, per: 1m }]\n")
+    );
+    let settings = GuardConfig::from_yaml(&yaml).unwrap().validate().unwrap();
+    let mut redis = RedisSettings::cluster(&["redis://127.0.0.1:1".to_owned()]).unwrap();
+    redis.global_keys = 3;
+    let refused = ResetGuardLayer::builder(settings, ApiKey::new("server-key").unwrap())
+        .store(StoreSettings {
+            redis: Some(redis),
+            ..StoreSettings::default()
+        })
+        .key_secret(b"a test key secret")
+        .build()
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("has a burst of 1: each key would hold less than one request"),
+        "{refused}"
+    );
+}
+
+/// A reload through the handle cannot be refused: with a burst below the keys asked for,
+/// the group is spread over as many keys as the burst, never looser than the quota.
+#[tokio::test]
+async fn a_reload_to_a_burst_below_global_keys_spreads_over_fewer_keys() {
+    let cluster = RedisCluster::start();
+    let rig = rig_in(
+        "  global: [{ requests: 300, per: 1h }]\n",
+        "",
+        spread_store(&cluster, "fewer", 3),
+        ManualClock::new(),
+    );
+    reload(&rig, "  global: [{ requests: 2, per: 1h }]\n");
+    let mut statuses = Vec::new();
+    for i in 0..60 {
+        statuses.push(rig.status(ask(&format!("user{i}@b.io"))).await);
+    }
+    let admitted = statuses.iter().filter(|&&s| s == 200).count();
+    assert_eq!(admitted, 2, "{statuses:?}");
+}
