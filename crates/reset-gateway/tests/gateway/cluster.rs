@@ -621,6 +621,57 @@ async fn a_reload_holds_global_bursts_to_the_running_global_keys() {
     }
 }
 
+/// The shipped cluster example, as a deployment writes it (its seed nodes, upstream and
+/// secrets), runs against a real cluster: an address gets its three resets an hour, on
+/// both of two replicas, with the global group spread over the three masters.
+#[tokio::test]
+async fn the_cluster_example_serves_on_a_real_cluster() {
+    let cluster = RedisCluster::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../config/examples/redis-cluster.yaml"
+    ));
+    let path = crate::process::deployed_copy(example, dir.path(), true);
+    let secret = dir.path().join("key_secret");
+    let yaml = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("0.0.0.0:8080", "127.0.0.1:0")
+        .replace("https://api.quickblox.com", &mock.url())
+        .replace(
+            "[redis://redis-1:6379, redis://redis-2:6379, redis://redis-3:6379]",
+            &format!("[{}]", cluster.urls().join(", ")),
+        )
+        .replace(
+            "key_secret_env: RESET_GATEWAY_KEY_SECRET",
+            &format!("key_secret_file: {}", secret.display()),
+        );
+    assert!(yaml.contains("global_keys: 3") && yaml.contains(&cluster.urls()[0]));
+    std::fs::write(&path, format!("{yaml}admin:\n  listen: 127.0.0.1:0\n")).unwrap();
+    let (a, b) = (
+        crate::process::spawn_gateway(&path),
+        crate::process::spawn_gateway(&path),
+    );
+    let reset = |addr| async move {
+        let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+        raw(addr, request.as_bytes()).await.status
+    };
+    let mut statuses = Vec::new();
+    for addr in [a.addr, b.addr, a.addr, b.addr] {
+        statuses.push(reset(addr).await);
+    }
+    // The fourth, refused, is answered as a success (uniform answers), never forwarded.
+    assert_eq!(statuses, [200, 200, 200, 200]);
+    assert_eq!(mock.requests().len(), 3, "forwarded");
+    let globals = cluster
+        .quota_keys()
+        .into_iter()
+        .filter(|(_, key, _)| key.contains(":global:"))
+        .count();
+    assert_eq!(globals, 1, "one request's global key so far");
+}
+
 #[tokio::test]
 async fn readiness_follows_every_master_under_deny() {
     let mut cluster = RedisCluster::start();

@@ -145,7 +145,7 @@ const PLACEHOLDER_DIGEST: &str = "e2186dbdb1bb4193608605e84f33208765b5693b55edd4
 
 /// A shipped file as a deployment would write it: file-based secrets pointing at files of
 /// `dir`, and with `real_token` a real client token in place of the placeholder.
-fn deployed_copy(
+pub fn deployed_copy(
     path: &std::path::Path,
     dir: &std::path::Path,
     real_token: bool,
@@ -904,7 +904,7 @@ fn every_example_config_is_valid_once_its_placeholder_is_replaced() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 4);
+    assert_eq!(checked, 5);
 }
 
 #[tokio::test]
