@@ -21,6 +21,7 @@ mod batch;
 mod carry;
 mod cluster;
 mod global_keys;
+mod held;
 mod sentinel;
 mod settings;
 mod walk;
@@ -29,6 +30,7 @@ pub(crate) use batch::RedisSpecs;
 use batch::{run_batches, Charges, Job, REPLY_LEN};
 pub(crate) use carry::QuotaMove;
 use cluster::{Cluster, DirectMasters};
+use held::{hold, Held, Release};
 use sentinel::{Master, SentinelPool};
 use settings::Sentinels;
 pub use settings::{InvalidRedisSettings, OnError, RedisSettings, MAX_GLOBAL_KEYS};
@@ -59,11 +61,20 @@ const QUEUE_FULL: &str = "too many requests waiting for Redis";
 
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
 
+/// A store's batching queue on one thread: the store's id, the connection generation it
+/// was made in, a weak handle to it, and the release of the store's hold on it.
+type QueueOfThread = (
+    u64,
+    Generation,
+    mpsc::WeakSender<Job>,
+    Release<mpsc::Sender<Job>>,
+);
+
 thread_local! {
     /// Per thread: each store's batching queue on this thread, and the connection
-    /// generation it was made in. Weak: the store holds the queue (`held_queues`), so a
-    /// dropped store's tasks and connections end, however long its threads live.
-    static QUEUES: std::cell::RefCell<Vec<(u64, Generation, mpsc::WeakSender<Job>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// generation it was made in. Weak: the store holds the queue (`held_queues`) until
+    /// the entry's `Release` goes with the entry or the thread (held.rs).
+    static QUEUES: std::cell::RefCell<Vec<QueueOfThread>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The cause of a failure last warned of, and when. A new cause is warned of, but not
@@ -148,9 +159,9 @@ pub(crate) struct RedisStore {
     counters: Arc<LimitCounters>,
     /// Told how long each request waited for its decision (the host's metrics).
     wait_observer: Option<crate::layer::StoreWaitObserver>,
-    /// Each thread's batching queue, held here rather than by the thread (whose list has a
-    /// weak handle): they end with the store.
-    held_queues: Mutex<Vec<(std::thread::ThreadId, mpsc::Sender<Job>)>>,
+    /// Each thread's batching queue, held here until the store or the thread goes
+    /// (held.rs).
+    held_queues: Held<mpsc::Sender<Job>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -228,7 +239,7 @@ impl RedisStore {
             clock: MonotonicClock::default(),
             counters,
             wait_observer: None,
-            held_queues: Mutex::new(Vec::new()),
+            held_queues: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -511,8 +522,8 @@ impl RedisStore {
             let mut queues = queues.borrow_mut();
             if let Some(sender) = queues
                 .iter()
-                .find(|(id, generation, _)| *id == self.id && *generation == current)
-                .and_then(|(.., weak)| weak.upgrade())
+                .find(|(id, generation, ..)| *id == self.id && *generation == current)
+                .and_then(|(_, _, weak, _)| weak.upgrade())
                 .filter(|sender| !sender.is_closed())
             {
                 return Ok(sender);
@@ -529,9 +540,9 @@ impl RedisStore {
             ));
             // This store's queue made before on this thread (an earlier master or
             // connection) ends once its last job is answered; so do dropped stores'.
-            queues.retain(|(id, _, weak)| *id != self.id && weak.strong_count() > 0);
-            queues.push((self.id, current, sender.downgrade()));
-            hold(&self.held_queues, sender.clone());
+            queues.retain(|(id, _, weak, _)| *id != self.id && weak.strong_count() > 0);
+            let release = hold(&self.held_queues, sender.clone());
+            queues.push((self.id, current, sender.downgrade(), release));
             Ok(sender)
         })
     }
@@ -683,14 +694,6 @@ impl RedisStore {
             })
         })
     }
-}
-
-/// Holds `queue` as this thread's in `held`, in place of the one it replaces.
-pub(super) fn hold<T>(held: &Mutex<Vec<(std::thread::ThreadId, T)>>, queue: T) {
-    let thread = std::thread::current().id();
-    let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
-    held.retain(|(holder, _)| *holder != thread);
-    held.push((thread, queue));
 }
 
 /// Whether `host` can be a host name or an IP address: at most 253 characters (a DNS

@@ -1085,6 +1085,37 @@ mod redis_store {
         );
     }
 
+    /// Requests from threads that then exit (an application's own threads, a blocking
+    /// pool's that retire, the threads `block_in_place` hands a worker's core to): each
+    /// thread's queue, task and connection end with it, while the store lives on.
+    #[test]
+    fn a_thread_that_exits_releases_its_queue() {
+        let server = RedisServer::start();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let limits = "  per_email: [{ requests: 1000, per: 1h }]\n";
+        let rig = runtime.block_on(async { redis_rig(&server, limits, "", OnError::Deny) });
+        assert_eq!(runtime.block_on(rig.status(ask("w@b.io"))), 200);
+        let base = server.connected_clients();
+        for i in 0..5 {
+            let service = rig.service.clone();
+            let handle = runtime.handle().clone();
+            let status = std::thread::spawn(move || {
+                let request = ask(&format!("u{i}@b.io")).request();
+                handle.block_on(service.oneshot(request)).unwrap().status()
+            })
+            .join()
+            .unwrap();
+            assert_eq!(status, 200);
+        }
+        let left = runtime.block_on(falls_to(base, || server.connected_clients()));
+        assert_eq!(left, base, "connections of threads gone");
+        assert_eq!(runtime.block_on(rig.status(ask("w2@b.io"))), 200);
+    }
+
     fn rand_suffix() -> u64 {
         use std::hash::{BuildHasher, RandomState};
         RandomState::new().hash_one(0u8)

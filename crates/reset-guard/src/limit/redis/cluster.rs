@@ -53,9 +53,8 @@ pub(super) struct Cluster {
     masters_pinged: tokio::sync::Mutex<Vec<ProbedMaster>>,
     /// What every thread's batching needs to send one call per master.
     pub(super) nodes: Arc<NodeCalls>,
-    /// Each thread's queues, held here rather than by the thread (whose list has a weak
-    /// handle): they end with the store.
-    held_queues: Mutex<Vec<(std::thread::ThreadId, Arc<ThreadQueues>)>>,
+    /// Each thread's queues, held here until the store or the thread goes (held.rs).
+    held_queues: held::Held<Arc<ThreadQueues>>,
 }
 
 impl Cluster {
@@ -74,7 +73,7 @@ impl Cluster {
             probe: tokio::sync::OnceCell::new(),
             masters_pinged: tokio::sync::Mutex::new(Vec::new()),
             nodes: Arc::new(NodeCalls::new(direct)),
-            held_queues: Mutex::new(Vec::new()),
+            held_queues: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -672,7 +671,11 @@ impl NodeCalls {
             let mut node = self.redirected_to(&url, timeout).await.map_err(|_| None)?;
             let command = redis::cmd("CLUSTER").arg("SLOTS").clone();
             match command.query_async::<redis::Value>(&mut node).await {
-                Ok(reply) => SlotOwners::parse(&reply).ok_or(None),
+                // A node that serves no slot and knows no master (one that left the
+                // cluster, `CLUSTER RESET`) is no answer.
+                Ok(reply) => SlotOwners::parse(&reply)
+                    .filter(|map| !map.masters.is_empty())
+                    .ok_or(None),
                 Err(error) => {
                     if !matches!(error.kind(), redis::ErrorKind::Server(_)) {
                         self.forget_redirected(&url);
@@ -800,11 +803,15 @@ impl NodeCalls {
     }
 }
 
+/// A cluster store's queues on one thread: the store's id, a weak handle to them, and the
+/// release of the store's hold on them.
+type QueuesOfThread = (u64, Weak<ThreadQueues>, held::Release<Arc<ThreadQueues>>);
+
 thread_local! {
     /// Per thread: each cluster store's queues on this thread. Weak: the store holds them
-    /// (`Cluster::held_queues`), so a dropped store's tasks and connections end, however
-    /// long its threads live.
-    static CLUSTER_QUEUES: std::cell::RefCell<Vec<(u64, std::sync::Weak<ThreadQueues>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// (`Cluster::held_queues`) until the entry's `Release` goes with the entry or the
+    /// thread (held.rs).
+    static CLUSTER_QUEUES: std::cell::RefCell<Vec<QueuesOfThread>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One thread's queues to a cluster: one per master (by its index in the slot map), each
@@ -1324,8 +1331,8 @@ impl RedisStore {
             let mut queues = queues.borrow_mut();
             if let Some(found) = queues
                 .iter()
-                .find(|(id, _)| *id == self.id)
-                .and_then(|(_, weak)| weak.upgrade())
+                .find(|(id, ..)| *id == self.id)
+                .and_then(|(_, weak, _)| weak.upgrade())
                 .filter(|found| !found.unplaced.is_closed())
             {
                 return found;
@@ -1340,9 +1347,9 @@ impl RedisStore {
                 timeout: self.timeout,
             });
             tokio::spawn(run_unplaced(receiver, Arc::downgrade(&made)));
-            queues.retain(|(id, weak)| *id != self.id && weak.strong_count() > 0);
-            queues.push((self.id, Arc::downgrade(&made)));
-            super::hold(&cluster.held_queues, made.clone());
+            queues.retain(|(id, weak, _)| *id != self.id && weak.strong_count() > 0);
+            let release = held::hold(&cluster.held_queues, made.clone());
+            queues.push((self.id, Arc::downgrade(&made), release));
             made
         })
     }
