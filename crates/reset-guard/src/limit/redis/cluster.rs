@@ -593,7 +593,9 @@ impl NodeCalls {
         map.filter(|_| self.supported.load(Ordering::Relaxed))
     }
 
-    /// `CLUSTER SLOTS` over the gateway's own connections: first of the node whose answer
+    /// `CLUSTER SLOTS` (a map that names no master is no answer: a node that left the
+    /// cluster, or one whose slots are not assigned yet) over the gateway's own
+    /// connections: first of the node whose answer
     /// the last read took; if it has not answered within a quarter of the timeout (or fails,
     /// or there is none), of every other master the map last read names and every seed node
     /// at once; the first answer taken (a master that hangs, or an address no longer
@@ -656,7 +658,12 @@ impl NodeCalls {
                 redis::cmd("CLUSTER").arg("SLOTS").clone(),
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
             );
-            map = ask.await.ok().as_ref().and_then(SlotOwners::parse);
+            map = ask
+                .await
+                .ok()
+                .as_ref()
+                .and_then(SlotOwners::parse)
+                .filter(|map| !map.masters.is_empty());
         }
         if let Ok(mut known) = self.not_a_cluster.lock() {
             *known = if map.is_some() { None } else { not_a_cluster };
