@@ -1032,24 +1032,28 @@ async fn a_hung_master_replaced_by_its_replica_is_left_behind() {
     assert_eq!(failed[1], 0, "failed of 30, 3 s and 6 s after: {failed:?}");
 }
 
+/// A cluster store (`deny`, a second's timeout) whose one seed node is `seed`.
+fn seeded_by(seed: &RedisServer, prefix: &str) -> StoreSettings {
+    let mut settings = RedisSettings::cluster(&[seed.url()]).unwrap();
+    settings.key_prefix = prefix.to_owned();
+    settings.timeout = Duration::from_millis(1000);
+    settings.on_error = OnError::Deny;
+    StoreSettings {
+        redis: Some(settings),
+        ..StoreSettings::default()
+    }
+}
+
 /// `mode: cluster` given one server that is not part of a cluster: once the slot map has
 /// been asked for, requests fail as `on_error` says (503 under `deny`), as the probe reports
 /// the store down, rather than being decided on that one server.
 #[tokio::test]
 async fn a_seed_that_is_not_a_cluster_fails_requests_as_on_error_says() {
     let single = RedisServer::start();
-    let mut settings = RedisSettings::cluster(&[single.url()]).unwrap();
-    settings.key_prefix = "single".to_owned();
-    settings.timeout = Duration::from_millis(500);
-    settings.on_error = OnError::Deny;
-    let store = StoreSettings {
-        redis: Some(settings),
-        ..StoreSettings::default()
-    };
     let rig = rig_in(
         "  per_email: [{ requests: 100, per: 1h }]\n",
         "",
-        store,
+        seeded_by(&single, "single"),
         ManualClock::new(),
     );
     let mut statuses = Vec::new();
@@ -1172,18 +1176,10 @@ async fn a_seed_that_left_the_cluster_is_not_taken_for_the_slot_map() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut settings = RedisSettings::cluster(&[seed.url()]).unwrap();
-    settings.key_prefix = "left".to_owned();
-    settings.timeout = Duration::from_millis(1000);
-    settings.on_error = OnError::Deny;
-    let store = StoreSettings {
-        redis: Some(settings),
-        ..StoreSettings::default()
-    };
     let rig = rig_in(
         "  per_ip: [{ requests: 100000, per: 1d }]\n  per_email: [{ requests: 1, per: 1h }]\n  global: [{ requests: 100000, per: 1d }]\n",
         "",
-        store,
+        seeded_by(&seed, "left"),
         ManualClock::new(),
     );
     // 60 new addresses, three groups each: 180 calls without a slot map, fewer with one.
