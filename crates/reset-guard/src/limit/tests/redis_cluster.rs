@@ -5,8 +5,18 @@ use test_support::{RedisCluster, RedisServer};
 
 mod global_keys;
 
+/// A cluster store (`deny`, a second's timeout) seeded by every node of `cluster`.
 fn cluster_store(cluster: &RedisCluster, prefix: &str) -> StoreSettings {
-    let mut settings = RedisSettings::cluster(&cluster.urls()).unwrap();
+    store_seeded_by(&cluster.urls(), prefix)
+}
+
+/// A cluster store (`deny`, a second's timeout) whose one seed node is `seed`.
+fn seeded_by(seed: &RedisServer, prefix: &str) -> StoreSettings {
+    store_seeded_by(&[seed.url()], prefix)
+}
+
+fn store_seeded_by(seeds: &[String], prefix: &str) -> StoreSettings {
+    let mut settings = RedisSettings::cluster(seeds).unwrap();
     settings.key_prefix = prefix.to_owned();
     settings.timeout = Duration::from_millis(1000);
     settings.on_error = OnError::Deny;
@@ -1030,18 +1040,6 @@ async fn a_hung_master_replaced_by_its_replica_is_left_behind() {
     drop(replica);
     let _ = std::fs::remove_dir_all(dir);
     assert_eq!(failed[1], 0, "failed of 30, 3 s and 6 s after: {failed:?}");
-}
-
-/// A cluster store (`deny`, a second's timeout) whose one seed node is `seed`.
-fn seeded_by(seed: &RedisServer, prefix: &str) -> StoreSettings {
-    let mut settings = RedisSettings::cluster(&[seed.url()]).unwrap();
-    settings.key_prefix = prefix.to_owned();
-    settings.timeout = Duration::from_millis(1000);
-    settings.on_error = OnError::Deny;
-    StoreSettings {
-        redis: Some(settings),
-        ..StoreSettings::default()
-    }
 }
 
 /// `mode: cluster` given one server that is not part of a cluster: once the slot map has
