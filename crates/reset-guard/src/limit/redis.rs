@@ -518,33 +518,39 @@ impl RedisStore {
             return Err("the sentinels have named no Redis master yet".to_owned());
         };
         let current = (master.generation, self.reconnects.load(Ordering::Acquire));
-        QUEUES.with(|queues| {
-            let mut queues = queues.borrow_mut();
-            if let Some(sender) = queues
-                .iter()
-                .find(|(id, generation, ..)| *id == self.id && *generation == current)
-                .and_then(|(_, _, weak, _)| weak.upgrade())
-                .filter(|sender| !sender.is_closed())
-            {
-                return Ok(sender);
-            }
-            let connection =
-                ConnectionManager::new_lazy_with_config(master.client.clone(), self.config.clone())
-                    .map_err(|e| e.to_string())?;
-            let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
-            tokio::spawn(run_batches(
-                receiver,
-                connection,
-                self.script.clone(),
-                self.timeout,
-            ));
-            // This store's queue made before on this thread (an earlier master or
-            // connection) ends once its last job is answered; so do dropped stores'.
-            queues.retain(|(id, _, weak, _)| *id != self.id && weak.strong_count() > 0);
-            let release = hold(&self.held_queues, sender.clone());
-            queues.push((self.id, current, sender.downgrade(), release));
-            Ok(sender)
-        })
+        // A thread whose thread-locals are being destroyed (a decision asked from another
+        // one's destructor) has no queue to give: the request fails as `on_error` says.
+        QUEUES
+            .try_with(|queues| {
+                let mut queues = queues.borrow_mut();
+                if let Some(sender) = queues
+                    .iter()
+                    .find(|(id, generation, ..)| *id == self.id && *generation == current)
+                    .and_then(|(_, _, weak, _)| weak.upgrade())
+                    .filter(|sender| !sender.is_closed())
+                {
+                    return Ok(sender);
+                }
+                let connection = ConnectionManager::new_lazy_with_config(
+                    master.client.clone(),
+                    self.config.clone(),
+                )
+                .map_err(|e| e.to_string())?;
+                let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
+                tokio::spawn(run_batches(
+                    receiver,
+                    connection,
+                    self.script.clone(),
+                    self.timeout,
+                ));
+                // This store's queue made before on this thread (an earlier master or
+                // connection) ends once its last job is answered; so do dropped stores'.
+                queues.retain(|(id, _, weak, _)| *id != self.id && weak.strong_count() > 0);
+                let release = hold(&self.held_queues, sender.clone());
+                queues.push((self.id, current, sender.downgrade(), release));
+                Ok(sender)
+            })
+            .unwrap_or_else(|_| Err("the thread is exiting".to_owned()))
     }
 
     /// A failed request: as `on_error` says, or denied by `cached` (see [`failed`]). Redis is

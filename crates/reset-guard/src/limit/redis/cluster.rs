@@ -595,13 +595,13 @@ impl NodeCalls {
 
     /// `CLUSTER SLOTS` (a map that names no master is no answer: a node that left the
     /// cluster, or one whose slots are not assigned yet) over the gateway's own
-    /// connections: first of the node whose answer
-    /// the last read took; if it has not answered within a quarter of the timeout (or fails,
-    /// or there is none), of every other master the map last read names and every seed node
-    /// at once; the first answer taken (a master that hangs, or an address no longer
-    /// anyone's, is not waited for, and a healthy cluster is asked once per read, not once
-    /// per node). Then through the cluster client, which while it reads the map again
-    /// itself (after a `MOVED`) holds every command sent through it.
+    /// connections: first of the node whose answer the last read took; if it has not
+    /// answered within a quarter of the timeout (or fails, or there is none), of every
+    /// other master the map last read names and every seed node at once; the first answer
+    /// taken (a master that hangs, or an address no longer anyone's, is not waited for,
+    /// and a healthy cluster is asked once per read, not once per node). Then through the
+    /// cluster client, which while it reads the map again itself (after a `MOVED`) holds
+    /// every command sent through it.
     async fn read_slot_map(
         self: &Arc<Self>,
         mut connection: redis::cluster_async::ClusterConnection,
@@ -1308,7 +1308,7 @@ impl RedisStore {
         let Some(cluster) = &self.cluster else {
             return Err("not a cluster".to_owned());
         };
-        let queues = self.cluster_queues(cluster);
+        let queues = self.cluster_queues(cluster)?;
         let mut walk = Walk::new(charges);
         loop {
             cluster.nodes.place(&mut walk, specs);
@@ -1333,32 +1333,35 @@ impl RedisStore {
     /// Cluster mode: this thread's queues, and its own cluster connection, which keeps
     /// itself connected to every master (reconnecting, and refreshing the slot map on
     /// MOVED or when a node is lost).
-    fn cluster_queues(&self, cluster: &Cluster) -> Arc<ThreadQueues> {
-        CLUSTER_QUEUES.with(|queues| {
-            let mut queues = queues.borrow_mut();
-            if let Some(found) = queues
-                .iter()
-                .find(|(id, ..)| *id == self.id)
-                .and_then(|(_, weak, _)| weak.upgrade())
-                .filter(|found| !found.unplaced.is_closed())
-            {
-                return found;
-            }
-            let (unplaced, receiver) = mpsc::channel(QUEUE_LIMIT);
-            let made = Arc::new(ThreadQueues {
-                unplaced,
-                masters: Mutex::new(Vec::new()),
-                connection: cluster.connection(),
-                nodes: cluster.nodes.clone(),
-                script: self.script.clone(),
-                timeout: self.timeout,
-            });
-            tokio::spawn(run_unplaced(receiver, Arc::downgrade(&made)));
-            queues.retain(|(id, weak, _)| *id != self.id && weak.strong_count() > 0);
-            let release = held::hold(&cluster.held_queues, made.clone());
-            queues.push((self.id, Arc::downgrade(&made), release));
-            made
-        })
+    fn cluster_queues(&self, cluster: &Cluster) -> Result<Arc<ThreadQueues>, String> {
+        // As `RedisStore::queue`: a thread being torn down has none to give.
+        CLUSTER_QUEUES
+            .try_with(|queues| {
+                let mut queues = queues.borrow_mut();
+                if let Some(found) = queues
+                    .iter()
+                    .find(|(id, ..)| *id == self.id)
+                    .and_then(|(_, weak, _)| weak.upgrade())
+                    .filter(|found| !found.unplaced.is_closed())
+                {
+                    return found;
+                }
+                let (unplaced, receiver) = mpsc::channel(QUEUE_LIMIT);
+                let made = Arc::new(ThreadQueues {
+                    unplaced,
+                    masters: Mutex::new(Vec::new()),
+                    connection: cluster.connection(),
+                    nodes: cluster.nodes.clone(),
+                    script: self.script.clone(),
+                    timeout: self.timeout,
+                });
+                tokio::spawn(run_unplaced(receiver, Arc::downgrade(&made)));
+                queues.retain(|(id, weak, _)| *id != self.id && weak.strong_count() > 0);
+                let release = held::hold(&cluster.held_queues, made.clone());
+                queues.push((self.id, Arc::downgrade(&made), release));
+                made
+            })
+            .map_err(|_| "the thread is exiting".to_owned())
     }
 }
 
