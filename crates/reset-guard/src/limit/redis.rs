@@ -568,10 +568,14 @@ impl RedisStore {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            let store = self.clone();
-            tokio::spawn(async move {
-                store.probe().await;
-            });
+            // Outside a runtime (a decision asked while the thread is torn down) there is
+            // none to probe on; the housekeeping's probe still runs each second.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let store = self.clone();
+                runtime.spawn(async move {
+                    store.probe().await;
+                });
+            }
         }
         self.failed(why, cached)
     }

@@ -1116,6 +1116,56 @@ mod redis_store {
         assert_eq!(runtime.block_on(rig.status(ask("w2@b.io"))), 200);
     }
 
+    /// What a request asked from a thread-local's destructor was answered.
+    static LATE_STATUS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+    /// Asks for a reset when dropped, on the runtime it holds.
+    struct AskOnDrop(Option<(Svc, tokio::runtime::Handle)>);
+
+    impl Drop for AskOnDrop {
+        fn drop(&mut self) {
+            if let Some((service, runtime)) = self.0.take() {
+                let request = ask("late@b.io").request();
+                let response = runtime.block_on(service.oneshot(request)).unwrap();
+                LATE_STATUS.store(response.status().as_u16(), Ordering::SeqCst);
+            }
+        }
+    }
+
+    thread_local! {
+        static LATE: std::cell::RefCell<AskOnDrop> = const { std::cell::RefCell::new(AskOnDrop(None)) };
+    }
+
+    /// A request decided while its thread's thread-locals are being destroyed (from another
+    /// thread-local's destructor, after the thread's queue list is gone) fails as `on_error`
+    /// says, rather than panicking in a destructor, which aborts the process.
+    #[test]
+    fn a_decision_asked_while_the_thread_exits_fails_as_on_error_says() {
+        let server = RedisServer::start();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let limits = "  per_email: [{ requests: 1000, per: 1h }]\n";
+        let rig = runtime.block_on(async { redis_rig(&server, limits, "", OnError::Deny) });
+        let handle = runtime.handle().clone();
+        let service = rig.service.clone();
+        std::thread::spawn(move || {
+            // Thread-locals are destroyed in the reverse order of their first use: Tokio's
+            // (its context, the thread's parker) last, then LATE, and the queue list (first
+            // used by the request below) before LATE.
+            handle.block_on(async {});
+            LATE.with(|late| late.borrow_mut().0 = Some((service.clone(), handle.clone())));
+            let early = handle.block_on(service.oneshot(ask("early@b.io").request()));
+            assert_eq!(early.unwrap().status(), 200);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(LATE_STATUS.load(Ordering::SeqCst), 503);
+        drop(rig);
+    }
+
     fn rand_suffix() -> u64 {
         use std::hash::{BuildHasher, RandomState};
         RandomState::new().hash_one(0u8)
