@@ -160,6 +160,24 @@ impl Rig {
     }
 }
 
+/// `count()` once `done` holds for it, or when `limit` has passed (asked every 20ms): for
+/// what background work (a carry-over walk, connections closing) makes true soon.
+#[cfg(feature = "redis")]
+async fn counted_until(
+    limit: Duration,
+    count: impl Fn() -> usize,
+    done: impl Fn(usize) -> bool,
+) -> usize {
+    let step = Duration::from_millis(20);
+    for _ in 0..limit.as_millis() / step.as_millis() {
+        if done(count()) {
+            break;
+        }
+        tokio::time::sleep(step).await;
+    }
+    count()
+}
+
 fn header<'a, B>(response: &'a Response<B>, name: &str) -> Option<&'a str> {
     response.headers().get(name).map(|v| v.to_str().unwrap())
 }
@@ -1055,13 +1073,7 @@ mod redis_store {
 
     /// Waits up to two seconds for `count` to fall to `to`; what it is then.
     pub(super) async fn falls_to(to: usize, count: impl Fn() -> usize) -> usize {
-        for _ in 0..100 {
-            if count() <= to {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        count()
+        counted_until(Duration::from_secs(2), count, |n| n <= to).await
     }
 
     /// A store dropped while its threads live on (an application that builds its layer
@@ -1197,13 +1209,7 @@ mod redis_store {
                 .filter(|[interval, capacity, _]| (*interval, *capacity) == quota)
                 .count()
         };
-        for _ in 0..100 {
-            if count() >= expected {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        count()
+        counted_until(Duration::from_secs(2), count, |n| n >= expected).await
     }
 
     /// As in memory: a changed quota keeps what each address spent, each key given the new

@@ -309,13 +309,7 @@ async fn holding(cluster: &RedisCluster, quota: (i64, i64), expected: usize) -> 
             .filter(|[interval, capacity, _]| (*interval, *capacity) == quota)
             .count()
     };
-    for _ in 0..500 {
-        if count() >= expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    count()
+    counted_until(Duration::from_secs(10), count, |n| n >= expected).await
 }
 
 /// A changed quota keeps what each address spent in a cluster too: every master's keys of
