@@ -213,6 +213,9 @@ impl Cluster {
             redis::Value::ServerError(error) => {
                 not_a_cluster(&format!("CLUSTER SLOTS: {}", bounded(&error.to_string())))
             }
+            redis::Value::Array(ranges) if ranges.is_empty() => {
+                format!("CLUSTER SLOTS: {SERVES_NO_SLOT}")
+            }
             _ => "CLUSTER SLOTS: an answer not understood".to_owned(),
         })?;
         Ok((connection, map))
@@ -238,6 +241,9 @@ impl Cluster {
                 })
                 .await;
                 let said = match answer {
+                    Ok(redis::Value::Array(ranges)) if ranges.is_empty() => {
+                        SERVES_NO_SLOT.to_owned()
+                    }
                     Ok(redis::Value::Array(_)) => "answers".to_owned(),
                     Ok(other) => format!("{other:?}"),
                     Err(cause) => not_a_cluster(&cause),
@@ -290,6 +296,11 @@ impl Cluster {
     }
 }
 
+/// What a node answering an empty slot map is told to be.
+const SERVES_NO_SLOT: &str = "the node serves no slot and names no master (its cluster's slots \
+     are not assigned yet, or it left its cluster): list nodes of a cluster whose slots are \
+     assigned (`redis-cli --cluster create`)";
+
 /// A master the probe asked: its name in logs (`master host:port`), the probe's connection
 /// to it, and the probe's key in one of its slots (the slot, the key).
 struct ProbedMaster {
@@ -333,8 +344,9 @@ pub(super) struct NodeCalls {
     /// The node whose answer the last read of the slot map took: asked first next time.
     last_answered: Mutex<Option<String>>,
     /// What a node said when asked for the slot map, while the last read found only
-    /// servers that are not part of a cluster: requests fail with it (as `on_error`
-    /// says), rather than being decided on one server the probe reports down.
+    /// servers that are not part of a cluster, or nodes that serve no slot: requests fail
+    /// with it at once (as `on_error` says), rather than being decided on one server the
+    /// probe reports down, or each waiting for the timeout.
     not_a_cluster: Mutex<Option<String>>,
     /// Off once a server refused the flagged script (Redis before 7).
     supported: AtomicBool,
@@ -388,6 +400,9 @@ struct SlotOwners {
 
 impl SlotOwners {
     /// Reads a `CLUSTER SLOTS` reply: `[start, end, [host, port, ...], replicas...]` per range.
+    /// A reply naming no master is no map: a node whose slots are not assigned yet, or one
+    /// that left its cluster (`CLUSTER RESET`), answers that at once, and taken it would
+    /// send every call down the one-per-hash-tag path for good.
     fn parse(reply: &redis::Value) -> Option<Self> {
         use redis::Value;
         let Value::Array(ranges) = reply else {
@@ -432,8 +447,8 @@ impl SlotOwners {
                 // either.
                 host_name_like(&host).then_some((host, u16::try_from(port).ok()?))
             })
-            .collect();
-        Some(SlotOwners { owner, masters })
+            .collect::<Vec<_>>();
+        (!masters.is_empty()).then_some(SlotOwners { owner, masters })
     }
 
     /// The address of the master serving `slot`, by this map.
@@ -593,9 +608,8 @@ impl NodeCalls {
         map.filter(|_| self.supported.load(Ordering::Relaxed))
     }
 
-    /// `CLUSTER SLOTS` (a map that names no master is no answer: a node that left the
-    /// cluster, or one whose slots are not assigned yet) over the gateway's own
-    /// connections: first of the node whose answer the last read took; if it has not
+    /// `CLUSTER SLOTS` (a map that names no master is no answer, see [`SlotOwners::parse`])
+    /// over the gateway's own connections: first of the node whose answer the last read took; if it has not
     /// answered within a quarter of the timeout (or fails, or there is none), of every
     /// other master the map last read names and every seed node at once; the first answer
     /// taken (a master that hangs, or an address no longer anyone's, is not waited for,
@@ -658,12 +672,7 @@ impl NodeCalls {
                 redis::cmd("CLUSTER").arg("SLOTS").clone(),
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
             );
-            map = ask
-                .await
-                .ok()
-                .as_ref()
-                .and_then(SlotOwners::parse)
-                .filter(|map| !map.masters.is_empty());
+            map = ask.await.ok().as_ref().and_then(SlotOwners::parse);
         }
         if let Ok(mut known) = self.not_a_cluster.lock() {
             *known = if map.is_some() { None } else { not_a_cluster };
@@ -672,17 +681,17 @@ impl NodeCalls {
     }
 
     /// The slot map as the node at `url` answers it, within `timeout`, with the URL; or, if
-    /// it says it is not part of a cluster, why requests cannot be decided.
+    /// it says it is not part of a cluster or serves no slot, why requests cannot be
+    /// decided.
     async fn ask_slot_map(self: Arc<Self>, url: String, timeout: Duration) -> Asked {
         let ask = async {
             let mut node = self.redirected_to(&url, timeout).await.map_err(|_| None)?;
             let command = redis::cmd("CLUSTER").arg("SLOTS").clone();
             match command.query_async::<redis::Value>(&mut node).await {
-                // A node that serves no slot and knows no master (one that left the
-                // cluster, `CLUSTER RESET`) is no answer.
-                Ok(reply) => SlotOwners::parse(&reply)
-                    .filter(|map| !map.masters.is_empty())
-                    .ok_or(None),
+                Ok(redis::Value::Array(ranges)) if ranges.is_empty() => {
+                    Err(Some(format!("CLUSTER SLOTS: {SERVES_NO_SLOT}")))
+                }
+                Ok(reply) => SlotOwners::parse(&reply).ok_or(None),
                 Err(error) => {
                     if !matches!(error.kind(), redis::ErrorKind::Server(_)) {
                         self.forget_redirected(&url);
@@ -701,7 +710,7 @@ impl NodeCalls {
     }
 
     /// Why requests cannot be decided, while the seed nodes said they are not part of a
-    /// cluster.
+    /// cluster, or serve no slot.
     fn not_a_cluster(&self) -> Option<String> {
         self.not_a_cluster.lock().ok()?.clone()
     }
@@ -1367,7 +1376,30 @@ impl RedisStore {
 
 #[cfg(test)]
 mod tests {
-    use super::probe_key;
+    use super::{probe_key, SlotOwners};
+    use redis::Value;
+
+    #[test]
+    fn a_slot_map_naming_no_master_is_no_map() {
+        assert!(SlotOwners::parse(&Value::Array(Vec::new())).is_none());
+        let range = |start, end, port| {
+            Value::Array(vec![
+                Value::Int(start),
+                Value::Int(end),
+                Value::Array(vec![
+                    Value::BulkString(b"10.0.0.1".to_vec()),
+                    Value::Int(port),
+                ]),
+            ])
+        };
+        let map = SlotOwners::parse(&Value::Array(vec![
+            range(0, 8191, 7000),
+            range(8192, 16383, 7001),
+        ]))
+        .expect("two masters");
+        assert_eq!(map.masters.len(), 2);
+        assert_eq!(map.master(8192), Some(&("10.0.0.1".to_owned(), 7001)));
+    }
 
     #[test]
     fn the_probe_key_falls_in_the_slot_asked_for() {

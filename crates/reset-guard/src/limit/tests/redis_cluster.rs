@@ -1064,6 +1064,37 @@ async fn a_seed_that_is_not_a_cluster_fails_requests_as_on_error_says() {
     assert_eq!(rig.status(ask("b@b.io")).await, 503);
 }
 
+/// `mode: cluster` seeded by a cluster node whose slots are not assigned (no master in its
+/// slot map): requests fail as `on_error` says, and are served once its slots are assigned.
+#[tokio::test]
+async fn a_seed_serving_no_slot_fails_requests_as_on_error_says() {
+    let (lone, dir) = lone_cluster_node("no-slot-seed");
+    let rig = rig_in(
+        "  per_email: [{ requests: 100, per: 1h }]\n",
+        "",
+        seeded_by(&lone, "no-slot"),
+        ManualClock::new(),
+    );
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        statuses.push(rig.status(ask(&format!("u{i}@b.io"))).await);
+    }
+    assert!(statuses.iter().all(|&s| s == 503), "{statuses:?}");
+    // Its slots assigned, the node serves: nothing of the refusal is kept.
+    lone.command("CLUSTER ADDSLOTSRANGE 0 16383").unwrap();
+    let mut served = Vec::new();
+    for i in 0..100 {
+        served.push(rig.status(ask(&format!("v{i}@b.io"))).await);
+        if served.ends_with(&[200, 200, 200]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(lone);
+    let _ = std::fs::remove_dir_all(dir);
+    assert!(served.ends_with(&[200, 200, 200]), "{served:?}");
+}
+
 /// A cluster store dropped while its threads live on: every queue's task ends and every
 /// connection to the masters closes.
 #[tokio::test]
