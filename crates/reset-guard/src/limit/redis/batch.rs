@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
-use super::global_keys::{spread_over, GlobalKeys};
+use super::global_keys::{group_micros, spread_over, GlobalKeys};
 use super::walk::Walker;
 use crate::limit::{LimitGroup, LimitSettings, Quota};
 
@@ -124,6 +124,13 @@ pub(super) fn micros(quota: &Quota) -> (u64, u64) {
     (interval_us, interval_us * u64::from(quota.burst))
 }
 
+/// The slot of the key for keyed hash `hash` whose hash tag starts with what `tag_crc`
+/// has read.
+fn slot_of(mut tag_crc: crc16::State<crc16::XMODEM>, hash: u64) -> u16 {
+    tag_crc.update(&hex16(hash));
+    tag_crc.get() % 16384
+}
+
 /// `hash` as 16 lowercase hex digits.
 fn hex16(hash: u64) -> [u8; 16] {
     let mut digits = [0u8; 16];
@@ -139,9 +146,7 @@ impl RedisSpecs {
     pub(super) fn slot(&self, group: LimitGroup, hash: u64) -> u16 {
         // The CRC of `{prefix}:{group}:` is kept; only the hash's 16 hex digits are added
         // per key, without formatting or allocating (a cluster request needs several).
-        let mut crc = self.group(group).tag_crc;
-        crc.update(&hex16(hash));
-        crc.get() % 16384
+        slot_of(self.group(group).tag_crc, hash)
     }
 
     /// `global_keys`: how many keys the `global` group is spread over (Cluster mode; see
@@ -166,21 +171,15 @@ impl RedisSpecs {
                 "a global quota's burst is below store.redis.global_keys: the global group is spread over as many keys as the smallest burst, whose state starts afresh"
             );
         }
-        let global = GlobalKeys::new(spread, |hash| {
-            let mut crc = tag_crc(LimitGroup::Global);
-            crc.update(&hex16(hash));
-            crc.get() % 16384
-        });
+        let global_crc = tag_crc(LimitGroup::Global);
+        let global = GlobalKeys::new(spread, |hash| slot_of(global_crc, hash));
         let groups = LimitGroup::ALL.map(|group| {
             let quotas = limits.quotas(group);
             let head = format!("{prefix}:{}", group.name());
             let tag_crc = tag_crc(group);
             let mut args = vec![quotas.len() as u64];
             for quota in quotas {
-                let (interval_us, capacity_us) = match group {
-                    LimitGroup::Global => global.micros(quota),
-                    _ => micros(quota),
-                };
+                let (interval_us, capacity_us) = group_micros(group, quota, global.count());
                 args.extend([interval_us, capacity_us, u64::from(quota.shadow)]);
             }
             GroupSpec {

@@ -18,8 +18,7 @@
 
 use std::time::Duration;
 
-use super::batch::micros;
-use super::global_keys::spread_micros;
+use super::global_keys::group_micros;
 use super::*;
 
 /// One key's changed quotas carried over, in order: per move in ARGV[1] (packed as the
@@ -123,10 +122,6 @@ fn group_pattern(prefix: &str, group: LimitGroup, cluster: bool) -> String {
 /// group's quotas as each of its keys holds them, spread over `global_keys` (before the
 /// reload, after it).
 fn by_group(moves: &[QuotaMove], global_keys: (u64, u64)) -> Vec<(LimitGroup, Vec<u8>)> {
-    let numbers = |group: LimitGroup, quota: &Quota, keys: u64| match group {
-        LimitGroup::Global => spread_micros(quota, keys),
-        _ => micros(quota),
-    };
     let mut groups: Vec<(LimitGroup, Vec<u8>)> = Vec::new();
     for movement in moves {
         let at = match groups.iter().position(|(g, _)| *g == movement.group) {
@@ -137,8 +132,8 @@ fn by_group(moves: &[QuotaMove], global_keys: (u64, u64)) -> Vec<(LimitGroup, Ve
             }
         };
         let ((from_interval, from_capacity), (to_interval, to_capacity)) = (
-            numbers(movement.group, &movement.from, global_keys.0),
-            numbers(movement.group, &movement.to, global_keys.1),
+            group_micros(movement.group, &movement.from, global_keys.0),
+            group_micros(movement.group, &movement.to, global_keys.1),
         );
         for n in [from_interval, from_capacity, to_interval, to_capacity] {
             groups[at].1.extend_from_slice(&(n as f64).to_le_bytes());

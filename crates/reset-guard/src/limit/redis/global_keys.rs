@@ -12,7 +12,7 @@
 //! every replica picks the same key, and no client can aim its addresses at one part.
 
 use super::batch::micros;
-use crate::limit::Quota;
+use crate::limit::{LimitGroup, Quota};
 
 /// Slots in a Redis Cluster.
 const SLOTS: u32 = 16384;
@@ -65,11 +65,6 @@ impl GlobalKeys {
     pub(super) fn for_address(&self, address_slot: u16) -> u64 {
         self.hashes[part_of(address_slot, self.hashes.len() as u32)]
     }
-
-    /// A global quota's numbers on each of the keys (see [`spread_micros`]).
-    pub(super) fn micros(&self, quota: &Quota) -> (u64, u64) {
-        spread_micros(quota, self.count())
-    }
 }
 
 /// A global quota's numbers on each of `keys` keys, as the scripts have them: `keys` times
@@ -78,6 +73,15 @@ impl GlobalKeys {
 pub(super) fn spread_micros(quota: &Quota, keys: u64) -> (u64, u64) {
     let (interval_us, capacity_us) = micros(quota);
     (interval_us.saturating_mul(keys.max(1)), capacity_us)
+}
+
+/// A quota's numbers on each of its group's keys: a global quota's spread over
+/// `global_keys` keys, any other's whole.
+pub(super) fn group_micros(group: LimitGroup, quota: &Quota, global_keys: u64) -> (u64, u64) {
+    match group {
+        LimitGroup::Global => spread_micros(quota, global_keys),
+        _ => micros(quota),
+    }
 }
 
 /// How many keys `global` quotas are spread over when `global_keys` asks for `keys`: as many,
@@ -157,8 +161,15 @@ mod tests {
     fn each_key_holds_its_share_of_the_rate_and_the_burst() {
         let quota = Quota::new(100, std::time::Duration::from_secs(1), Some(50), false).unwrap();
         let (interval, capacity) = micros(&quota);
-        let keys = GlobalKeys::new(5, crc_slot);
-        assert_eq!(keys.micros(&quota), (5 * interval, capacity));
+        let keys = GlobalKeys::new(5, crc_slot).count();
+        assert_eq!(
+            group_micros(LimitGroup::Global, &quota, keys),
+            (5 * interval, capacity)
+        );
+        assert_eq!(
+            group_micros(LimitGroup::PerEmail, &quota, keys),
+            (interval, capacity)
+        );
     }
 
     #[test]
