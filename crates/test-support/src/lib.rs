@@ -8,5 +8,5 @@ mod redis_server;
 
 pub use fake_sentinel::FakeSentinel;
 pub use haproxy::Haproxy;
-pub use redis_cluster::{ClusterOptions, RedisCluster};
+pub use redis_cluster::{lone_cluster_node, ClusterOptions, RedisCluster};
 pub use redis_server::{free_port, RedisOptions, RedisServer, SentinelOptions, SENTINEL_MASTER};

@@ -26,6 +26,18 @@ pub struct ClusterOptions {
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
+/// One cluster node on its own, with its `nodes-<port>.conf` in `dir`: `cluster-enabled
+/// yes`, no slot assigned, no other node met (a node before `redis-cli --cluster create`).
+pub fn lone_cluster_node(dir: &std::path::Path) -> RedisServer {
+    RedisServer::start_on_with(
+        free_cluster_port(),
+        RedisOptions {
+            cluster_dir: Some(dir.to_owned()),
+            ..RedisOptions::default()
+        },
+    )
+}
+
 /// A free loopback port whose cluster bus port (+10000) is free as well.
 fn free_cluster_port() -> u16 {
     loop {

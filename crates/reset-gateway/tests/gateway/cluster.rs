@@ -809,22 +809,8 @@ async fn the_probe_names_what_the_seed_nodes_answer() {
 /// `on_error` says: `a_seed_serving_no_slot_fails_requests_as_on_error_says`).
 #[tokio::test]
 async fn a_seed_serving_no_slot_is_reported_down_with_the_reason() {
-    let port = loop {
-        let candidate = test_support::free_port();
-        if candidate <= 55_535
-            && std::net::TcpListener::bind(("127.0.0.1", candidate + 10_000)).is_ok()
-        {
-            break candidate;
-        }
-    };
     let nodes = tempfile::tempdir().unwrap();
-    let lone = test_support::RedisServer::start_on_with(
-        port,
-        test_support::RedisOptions {
-            cluster_dir: Some(nodes.path().to_owned()),
-            ..Default::default()
-        },
-    );
+    let lone = test_support::lone_cluster_node(nodes.path());
     let mock = MockServer::start(mock_config()).await.unwrap();
     let yaml = per_email_yaml(&mock, &[lone.url()], "", "deny");
     let (line, _) = probe_failure(&yaml).await;

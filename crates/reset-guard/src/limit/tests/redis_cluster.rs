@@ -473,24 +473,13 @@ fn evalsha_arguments(bytes: &[u8]) -> Option<usize> {
 /// A redis-server in cluster mode on a free port whose bus port (+10000) is free too,
 /// joined to nothing and holding no slot yet, and its directory (`name` in its path).
 fn lone_cluster_node(name: &str) -> (RedisServer, std::path::PathBuf) {
-    let port = loop {
-        let candidate = test_support::free_port();
-        if candidate <= 55_535
-            && std::net::TcpListener::bind(("127.0.0.1", candidate + 10_000)).is_ok()
-        {
-            break candidate;
-        }
-    };
-    let dir = std::env::temp_dir().join(format!("{name}-{}-{port}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        test_support::free_port()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
-    let node = RedisServer::start_on_with(
-        port,
-        test_support::RedisOptions {
-            cluster_dir: Some(dir.clone()),
-            ..Default::default()
-        },
-    );
-    (node, dir)
+    (test_support::lone_cluster_node(&dir), dir)
 }
 
 /// One master holding every slot, which tells clients a [`ReplyDropper`]'s port as its
