@@ -22,6 +22,7 @@ mod carry;
 mod cluster;
 mod global_keys;
 mod held;
+mod keep_alive;
 mod sentinel;
 mod settings;
 mod walk;
@@ -184,7 +185,7 @@ impl RedisStore {
         counters: Arc<LimitCounters>,
     ) -> redis::RedisResult<Self> {
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(250))))
+            .set_connection_timeout(Some(settings::connect_timeout(settings.timeout)))
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(0);
         let sentinels = settings.sentinels();
@@ -193,7 +194,7 @@ impl RedisStore {
                 settings.cluster_client(&nodes, true)?,
                 settings.cluster_client(&nodes, false)?,
                 redis::cluster::ClusterConfig::new()
-                    .set_connection_timeout(settings.timeout.max(Duration::from_millis(250)))
+                    .set_connection_timeout(settings::connect_timeout(settings.timeout))
                     .set_response_timeout(settings.timeout),
                 DirectMasters {
                     settings: settings.clone(),
@@ -337,10 +338,15 @@ impl RedisStore {
         };
         let mut connection = master.connection.clone();
         let key = format!("{}:probe", self.prefix);
-        let run = answer_in_time(self.timeout, async {
-            batch::run_for_nothing(&mut connection, &self.script).await?;
-            batch::write_probe(&mut connection, &key).await
-        });
+        // Each exchange within `timeout`, as a request's call is; the first may have to
+        // make the connection (after one failed), which takes longer.
+        let run = async {
+            let ping = redis::cmd("PING");
+            let connect = settings::connect_timeout(self.timeout) + self.timeout;
+            answer_in_time(connect, ping.query_async::<()>(&mut connection)).await?;
+            batch::run_for_nothing(&mut connection, &self.script, self.timeout).await?;
+            answer_in_time(self.timeout, batch::write_probe(&mut connection, &key)).await
+        };
         let answer = run.await;
         if answer.is_err() {
             // The Redis client remakes a connection only after an I/O error: one whose
@@ -476,7 +482,7 @@ impl RedisStore {
     /// sentinels name a master), from its `answer`, as `on_error` says when there is none.
     async fn await_queued(
         self: &Arc<Self>,
-        early: Result<Result<(), String>, Job>,
+        early: Result<Result<Queued, String>, Job>,
         answer: oneshot::Receiver<Result<[i64; REPLY_LEN], String>>,
         charges: Charges,
         specs: &Arc<RedisSpecs>,
@@ -484,7 +490,8 @@ impl RedisStore {
     ) -> Decision {
         // One deadline for the whole decision: the sentinels' first answer (before any
         // master is named) comes out of the same `timeout` as Redis's.
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let started = tokio::time::Instant::now();
+        let mut deadline = started + self.timeout;
         let queued = match early {
             Ok(queued) => queued,
             Err(job) => {
@@ -492,8 +499,15 @@ impl RedisStore {
                 self.enqueue(job)
             }
         };
-        if let Err(why) = queued {
-            return self.fail(&why, cached);
+        match queued {
+            Err(why) => return self.fail(&why, cached),
+            // The first request on a new connection (this thread's first, or the first
+            // after the master changed) waits for it to be made too: as long as making a
+            // connection may take, at least 250 ms.
+            Ok(Queued::OnNewConnection) => {
+                deadline = deadline.max(started + settings::connect_timeout(self.timeout));
+            }
+            Ok(Queued::OnConnection) => {}
         }
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Ok(reply))) => self.read_reply(&reply, charges.as_slice(), specs, cached),
@@ -504,16 +518,16 @@ impl RedisStore {
     }
 
     /// Hands a job to this thread's queue.
-    fn enqueue(&self, job: Job) -> Result<(), String> {
-        self.queue()?
-            .try_send(job)
-            .map_err(|_| QUEUE_FULL.to_owned())
+    fn enqueue(&self, job: Job) -> Result<Queued, String> {
+        let (queue, queued) = self.queue()?;
+        queue.try_send(job).map_err(|_| QUEUE_FULL.to_owned())?;
+        Ok(queued)
     }
 
     /// This thread's batching queue, started on first use. Each worker thread batches its
     /// own requests over its own Redis connection, so a decision never hops threads. A
     /// queue made for an earlier master is replaced; it ends once its last job is answered.
-    fn queue(&self) -> Result<mpsc::Sender<Job>, String> {
+    fn queue(&self) -> Result<(mpsc::Sender<Job>, Queued), String> {
         let Some(master) = self.master.load_full() else {
             return Err("the sentinels have named no Redis master yet".to_owned());
         };
@@ -529,7 +543,7 @@ impl RedisStore {
                     .and_then(|(_, _, weak, _)| weak.upgrade())
                     .filter(|sender| !sender.is_closed())
                 {
-                    return Ok(sender);
+                    return Ok((sender, Queued::OnConnection));
                 }
                 let connection = ConnectionManager::new_lazy_with_config(
                     master.client.clone(),
@@ -548,7 +562,7 @@ impl RedisStore {
                 queues.retain(|(id, _, weak, _)| *id != self.id && weak.strong_count() > 0);
                 let release = hold(&self.held_queues, sender.clone());
                 queues.push((self.id, current, sender.downgrade(), release));
-                Ok(sender)
+                Ok((sender, Queued::OnNewConnection))
             })
             .unwrap_or_else(|_| Err("the thread is exiting".to_owned()))
     }
@@ -715,6 +729,14 @@ pub(super) fn host_name_like(host: &str) -> bool {
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'%'))
+}
+
+/// Where a job was queued: on a connection its thread's queue has made already, or on one
+/// it makes for this job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queued {
+    OnConnection,
+    OnNewConnection,
 }
 
 /// A probe's exchange, answered within `timeout` or not. A late answer is waited for a

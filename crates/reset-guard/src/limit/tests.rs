@@ -1071,6 +1071,31 @@ mod redis_store {
         }
     }
 
+    /// Redis a network away (30 ms a round trip) with a 50 ms timeout: the probe, each of
+    /// whose exchanges is a round trip, finds it serving; the first request (for which its
+    /// thread's connection is made) and requests after pauses past the idle check (the
+    /// connection kept alive in the background, not checked on the request's time) are
+    /// decided, not failed as `on_error` says.
+    #[tokio::test]
+    async fn redis_a_round_trip_under_the_timeout_away_decides_every_request() {
+        let server = RedisServer::start();
+        let away = test_support::DelayProxy::start(server.addr(), Duration::from_millis(15));
+        let mut store = redis_store(&server, OnError::Deny);
+        if let Some(redis) = store.redis.as_mut() {
+            redis.url = away.url();
+            redis.timeout = Duration::from_millis(50);
+        }
+        let rig = rig_with("  per_email: [{ requests: 100, per: 1h }]\n", "", store);
+        let mut statuses = vec![rig.status(ask("first@b.io")).await];
+        for i in 0..3 {
+            tokio::time::sleep(Duration::from_millis(1300)).await;
+            statuses.push(rig.status(ask(&format!("after{i}@b.io"))).await);
+        }
+        assert_eq!(statuses, [200; 4]);
+        assert_eq!(rig.handle.store_errors(), 0);
+        assert!(rig.handle.store_ready(), "the probe finds Redis serving");
+    }
+
     /// Waits up to two seconds for `count` to fall to `to`; what it is then.
     pub(super) async fn falls_to(to: usize, count: impl Fn() -> usize) -> usize {
         counted_until(Duration::from_secs(2), count, |n| n <= to).await

@@ -10,6 +10,8 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
 use super::global_keys::{group_micros, spread_over, GlobalKeys};
+use super::keep_alive::KeepAlive;
+use super::settings;
 use super::walk::Walker;
 use crate::limit::{LimitGroup, LimitSettings, Quota};
 
@@ -476,6 +478,7 @@ impl CallArgs {
 
 /// Gathers whatever requests are waiting into one script call, so a busy gateway makes
 /// one round trip for many requests; each request is still decided atomically, in order.
+/// While idle, the connection is kept alive in the background ([`KeepAlive`]).
 pub(super) async fn run_batches(
     mut queue: mpsc::Receiver<Job>,
     connection: ConnectionManager,
@@ -483,19 +486,40 @@ pub(super) async fn run_batches(
     timeout: Duration,
 ) {
     let mut connection = connection;
-    let mut last_call = std::time::Instant::now();
-    while let Some(first) = queue.recv().await {
+    let mut keep_alive = KeepAlive::new();
+    let idle = tokio::time::sleep_until(keep_alive.due());
+    tokio::pin!(idle);
+    loop {
+        let first = tokio::select! {
+            biased;
+            job = queue.recv() => match job {
+                Some(job) => job,
+                None => return,
+            },
+            () = &mut idle => {
+                keep_alive.ping_if_due(&connection, timeout);
+                idle.as_mut().reset(keep_alive.due());
+                continue;
+            }
+        };
         // The first job's sender woke this task, which the runtime may run next, before
         // the other requests ready to run have sent theirs: let them.
         tokio::task::yield_now().await;
         let mut batch = gather(first, &mut queue);
-        if last_call.elapsed() >= IDLE_CHECK {
-            // Redis may have closed a connection left idle (its `timeout`, `CLIENT KILL`):
-            // a PING finds out, and the manager makes a new one, before a script is sent
-            // that a closed connection would fail. A script call itself is never made
-            // twice: a connection that closes after it was written may have run it.
+        if keep_alive.liveness.silent() {
+            // A new connection, or nothing has answered for a while (the background PINGs
+            // failed: Redis restarted, or closed the connection): a PING makes the
+            // connection, or finds out and has the manager make a new one, before a
+            // script is sent that a closed connection would fail (given the time making a
+            // connection takes; the first request on a new one waits for that too). A
+            // script call itself is never made twice: a connection that closes after it
+            // was written may have run it.
             let ping = redis::cmd("PING");
-            let _ = tokio::time::timeout(timeout, ping.query_async::<()>(&mut connection)).await;
+            let wait = settings::connect_timeout(timeout) + timeout;
+            let pinged = tokio::time::timeout(wait, ping.query_async::<()>(&mut connection));
+            if let Ok(Ok(())) = pinged.await {
+                keep_alive.liveness.answered();
+            }
             batch.retain(|job| !job.reply.is_closed());
         }
         if batch.is_empty() {
@@ -503,14 +527,12 @@ pub(super) async fn run_batches(
         }
         // One call at a time: Redis runs scripts one after another anyway, and whatever
         // arrives meanwhile rides in the next batch.
-        call(batch, &mut connection, &script, timeout).await;
-        last_call = std::time::Instant::now();
+        keep_alive.sent();
+        if call(batch, &mut connection, &script, timeout).await {
+            keep_alive.liveness.answered();
+        }
     }
 }
-
-/// How long a connection may sit unused before it is checked with a PING ahead of the
-/// next call.
-pub(super) const IDLE_CHECK: Duration = Duration::from_millis(500);
 
 /// The first job and whatever else is waiting, up to [`MAX_BATCH`].
 pub(super) fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {
@@ -535,33 +557,42 @@ fn gather_from(first: Job, mut next: impl FnMut() -> Option<Job>) -> Vec<Job> {
     batch
 }
 
-/// One script call deciding `batch`, and each job's seven numbers (or the error) sent back.
+/// One script call deciding `batch`, and each job's seven numbers (or the error) sent back;
+/// whether Redis answered (with the numbers, or an error of its own).
 pub(super) async fn call(
     batch: Vec<Job>,
     connection: &mut impl redis::aio::ConnectionLike,
     script: &redis::Script,
     timeout: Duration,
-) {
+) -> bool {
     let args = CallArgs::new(&batch);
     let command = args.declared(script.get_hash());
-    let call = async {
-        match command.query_async::<redis::Value>(connection).await {
-            // A server that lost its scripts (restarted, or `SCRIPT FLUSH`): load it again.
-            Err(error)
-                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                script.load_async(connection).await?;
-                command.query_async::<redis::Value>(connection).await
-            }
-            reply => reply,
+    let mut reply =
+        tokio::time::timeout(timeout, command.query_async::<redis::Value>(connection)).await;
+    if let Ok(Err(error)) = &reply {
+        if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
+            // A server that lost its scripts (restarted, or `SCRIPT FLUSH`): load it
+            // again. Each exchange is given the timeout a call is.
+            reply = match tokio::time::timeout(timeout, script.load_async(connection)).await {
+                Ok(Ok(_)) => {
+                    let again = command.query_async::<redis::Value>(connection);
+                    tokio::time::timeout(timeout, again).await
+                }
+                Ok(Err(error)) => Ok(Err(error)),
+                Err(late) => Err(late),
+            };
         }
-    };
-    let outcome = match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(reply)) => numbers(reply),
-        Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err("timed out".to_owned()),
+    }
+    let (outcome, answered) = match reply {
+        Ok(Ok(reply)) => (numbers(reply), true),
+        Ok(Err(error)) => {
+            let answered = matches!(error.kind(), redis::ErrorKind::Server(_));
+            (Err(error.to_string()), answered)
+        }
+        Err(_) => (Err("timed out".to_owned()), false),
     };
     answer(batch, outcome);
+    answered
 }
 
 /// The script run for no request, as the probe runs it: a server that answers `PING` but
@@ -570,20 +601,23 @@ pub(super) async fn call(
 pub(super) async fn run_for_nothing(
     connection: &mut impl redis::aio::ConnectionLike,
     script: &redis::Script,
+    timeout: Duration,
 ) -> Result<(), String> {
+    let late = |_| format!("no answer within {timeout:?}");
     let command = CallArgs::new(&[]).declared(script.get_hash());
-    let reply = match command.query_async::<redis::Value>(connection).await {
-        Err(error)
-            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-        {
-            script
-                .load_async(connection)
+    let mut reply = tokio::time::timeout(timeout, command.query_async::<redis::Value>(connection))
+        .await
+        .map_err(late)?;
+    if let Err(error) = &reply {
+        if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
+            tokio::time::timeout(timeout, script.load_async(connection))
                 .await
+                .map_err(late)?
                 .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
-            command.query_async::<redis::Value>(connection).await
+            let again = command.query_async::<redis::Value>(connection);
+            reply = tokio::time::timeout(timeout, again).await.map_err(late)?;
         }
-        reply => reply,
-    };
+    }
     match reply.map_err(|e| format!("the rate-limit script: {e}"))? {
         redis::Value::BulkString(bytes) if bytes.is_empty() => Ok(()),
         _ => Err("the rate-limit script answered something unexpected".to_owned()),

@@ -23,14 +23,15 @@
 //! sent through it, and after a dropped connection it would send a call again, when Redis
 //! may have run it (it is made to send nothing again itself).
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Weak;
 
 use redis::aio::MultiplexedConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::batch::{answer, gather, numbers, redirected, CallArgs, Reply, IDLE_CHECK};
+use super::batch::{answer, gather, numbers, redirected, CallArgs, Reply};
+use super::keep_alive::{KeepAlive, IDLE_CHECK};
 use super::walk::{Walk, Walker};
 use super::*;
 
@@ -136,7 +137,7 @@ impl Cluster {
                 Some(probed) => (probed.connection, (slot, probe_key(prefix, slot))),
                 None => {
                     // Connecting takes a handshake or two more than a call (TLS, AUTH).
-                    let wait = timeout.max(Duration::from_millis(250));
+                    let wait = settings::connect_timeout(timeout);
                     match answer_in_time(wait, RedisSettings::connect_for(&client, wait)).await {
                         Ok(connection) => (connection, (slot, probe_key(prefix, slot))),
                         Err(cause) => return Err(format!("{named}: {cause}")),
@@ -155,11 +156,9 @@ impl Cluster {
                 Ok(Err(error)) => return Err(format!("{named}: {error}")),
                 Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
             }
-            let run = super::batch::run_for_nothing(&mut connection, script);
-            match tokio::time::timeout(timeout, run).await {
-                Ok(Ok(())) => {}
-                Ok(Err(cause)) => return Err(format!("{named}: {cause}")),
-                Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
+            let run = super::batch::run_for_nothing(&mut connection, script, timeout);
+            if let Err(cause) = run.await {
+                return Err(format!("{named}: {cause}"));
             }
             let write = super::batch::write_probe_answer(&mut connection, &key.1);
             match tokio::time::timeout(timeout, write).await {
@@ -341,6 +340,8 @@ pub(super) struct NodeCalls {
     last_read: AtomicU64,
     /// Whether a read of the slot map is under way.
     reading: AtomicBool,
+    /// Told when a read of the slot map ends.
+    read_done: tokio::sync::Notify,
     /// The node whose answer the last read of the slot map took: asked first next time.
     last_answered: Mutex<Option<String>>,
     /// What a node said when asked for the slot map, while the last read found only
@@ -467,6 +468,7 @@ impl NodeCalls {
             last_read_map: ArcSwapOption::empty(),
             last_read: AtomicU64::new(0),
             reading: AtomicBool::new(false),
+            read_done: tokio::sync::Notify::new(),
             last_answered: Mutex::new(None),
             not_a_cluster: Mutex::new(None),
             supported: AtomicBool::new(true),
@@ -587,8 +589,10 @@ impl NodeCalls {
         let map = self.slots.load_full();
         let now = self.clock.now();
         let last = self.last_read.load(Ordering::Relaxed);
+        // (`last` is 0 before the first read, which the clock's first 200 ms must not hold
+        // back.)
         if map.is_none()
-            && now.saturating_sub(last) >= SLOT_MAP_INTERVAL_NS
+            && (last == 0 || now.saturating_sub(last) >= SLOT_MAP_INTERVAL_NS)
             && !self.reading.swap(true, Ordering::Acquire)
         {
             self.last_read.store(now.max(1), Ordering::Relaxed);
@@ -596,8 +600,10 @@ impl NodeCalls {
             let connection = connection.clone();
             tokio::spawn(async move {
                 // Done reading however the task ends (a runtime shut down under it too).
-                let _reading = Reading(&nodes.reading);
-                let read = tokio::time::timeout(timeout, nodes.read_slot_map(connection, timeout));
+                let _reading = Reading(&nodes.reading, &nodes.read_done);
+                // Reading it may mean making a connection first.
+                let wait = settings::connect_timeout(timeout) + timeout;
+                let read = tokio::time::timeout(wait, nodes.read_slot_map(connection, timeout));
                 if let Ok(Some(map)) = read.await {
                     let map = Arc::new(map);
                     nodes.last_read_map.store(Some(map.clone()));
@@ -685,7 +691,8 @@ impl NodeCalls {
     /// decided.
     async fn ask_slot_map(self: Arc<Self>, url: String, timeout: Duration) -> Asked {
         let ask = async {
-            let mut node = self.redirected_to(&url, timeout).await.map_err(|_| None)?;
+            let connect = settings::connect_timeout(timeout);
+            let mut node = self.redirected_to(&url, connect).await.map_err(|_| None)?;
             let command = redis::cmd("CLUSTER").arg("SLOTS").clone();
             match command.query_async::<redis::Value>(&mut node).await {
                 Ok(redis::Value::Array(ranges)) if ranges.is_empty() => {
@@ -703,7 +710,8 @@ impl NodeCalls {
                 }
             }
         };
-        let map = tokio::time::timeout(timeout, ask)
+        // Asking may mean making a connection first.
+        let map = tokio::time::timeout(settings::connect_timeout(timeout) + timeout, ask)
             .await
             .map_err(|_| None)??;
         Ok((url, map))
@@ -838,6 +846,10 @@ thread_local! {
 struct ThreadQueues {
     unplaced: mpsc::Sender<Job>,
     masters: Mutex<Vec<Option<mpsc::Sender<Job>>>>,
+    /// How many of the masters' tasks have had a call answered: until each master the slot
+    /// map names has, a request may be the one its connection is made for, and waits as
+    /// long as making a connection may take (at least 250 ms) rather than `timeout`.
+    connected: AtomicUsize,
     connection: redis::cluster_async::ClusterConnection,
     nodes: Arc<NodeCalls>,
     script: Arc<redis::Script>,
@@ -898,7 +910,22 @@ async fn run_unplaced(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQueues>
             answer(by_tag, Err("the Redis worker stopped".to_owned()));
             continue;
         };
-        if let Some(map) = queues.nodes.slot_map(&queues.connection, queues.timeout) {
+        let mut map = queues.nodes.slot_map(&queues.connection, queues.timeout);
+        if map.is_none() && queues.connected.load(Ordering::Relaxed) == 0 {
+            // This thread's first requests: the map being read (over connections of the
+            // gateway's own, given the time making one takes) is waited for, rather than
+            // sending them through the cluster client, whose connection may still be in
+            // the making and is given only the timeout of a call.
+            let done = queues.nodes.read_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if queues.nodes.reading.load(Ordering::Acquire) {
+                let wait = settings::connect_timeout(queues.timeout) + queues.timeout;
+                let _ = tokio::time::timeout(wait, done).await;
+                map = queues.nodes.slot_map(&queues.connection, queues.timeout);
+            }
+        }
+        if let Some(map) = map {
             let mut rest = Vec::new();
             for job in by_tag {
                 let (group, hash) = job.charges.as_slice()[0];
@@ -933,8 +960,26 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
     };
     // This task's connection to the master, and the master's address.
     let mut master: Option<((String, u16), ConnectionManager)> = None;
-    let mut last_call = std::time::Instant::now();
-    while let Some(first) = queue.recv().await {
+    let mut keep_alive = KeepAlive::new();
+    // Whether a call of this task has been answered yet ([`ThreadQueues::connected`]).
+    let mut connected = false;
+    let idle = tokio::time::sleep_until(keep_alive.due());
+    tokio::pin!(idle);
+    loop {
+        let first = tokio::select! {
+            biased;
+            job = queue.recv() => match job {
+                Some(job) => job,
+                None => return,
+            },
+            () = &mut idle => {
+                if let Some((_, connection)) = &master {
+                    keep_alive.ping_if_due(connection, timeout);
+                }
+                idle.as_mut().reset(keep_alive.due());
+                continue;
+            }
+        };
         // The first job's sender woke this task, which the runtime may run next, before
         // the other requests answered by the same reply have sent theirs: let them.
         tokio::task::yield_now().await;
@@ -952,17 +997,21 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
         };
         if let Some((_, connection)) = master
             .as_mut()
-            .filter(|_| last_call.elapsed() >= IDLE_CHECK)
+            .filter(|_| keep_alive.liveness.silent())
             .filter(|(address, _)| named(address))
         {
-            // The master may have closed a connection left idle (its `timeout`), or
-            // restarted: a PING finds out before a script is sent that a closed connection
-            // would fail (a failure that cannot tell whether the script ran). As in the
-            // other modes.
+            // Nothing has answered for a while (the background PINGs failed: the master
+            // restarted, or closed the connection): a PING finds out before a script is
+            // sent that a closed connection would fail (a failure that cannot tell
+            // whether the script ran). As in the other modes.
             let ping = redis::cmd("PING");
-            let pinged = tokio::time::timeout(timeout, ping.query_async::<()>(connection)).await;
+            let wait = settings::connect_timeout(timeout) + timeout;
+            let pinged = tokio::time::timeout(wait, ping.query_async::<()>(connection)).await;
             let answered = match &pinged {
-                Ok(Ok(())) => true,
+                Ok(Ok(())) => {
+                    keep_alive.liveness.answered();
+                    true
+                }
                 Ok(Err(error)) if !error.is_timeout() => false,
                 // No answer in time: the master may have been replaced; read the map again.
                 _ => {
@@ -980,7 +1029,14 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
         };
         let (group, hash) = job.charges.as_slice()[0];
         let slot = job.specs.slot(group, hash);
-        let decided = tokio::time::timeout(timeout, nodes.call(&batch, slot, &mut master))
+        keep_alive.sent();
+        // The first call makes the connection too (the requests' own deadline allows
+        // for it: [`ThreadQueues::connected`]).
+        let wait = match keep_alive.liveness.silent() {
+            true => settings::connect_timeout(timeout) + timeout,
+            false => timeout,
+        };
+        let decided = tokio::time::timeout(wait, nodes.call(&batch, slot, &mut master))
             .await
             .unwrap_or_else(|_| {
                 // A master that stops answering without closing its connection: make a
@@ -989,7 +1045,15 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
                 nodes.slots.store(None);
                 Err("timed out".to_owned())
             });
-        last_call = std::time::Instant::now();
+        if let Ok(Some(_)) = decided {
+            keep_alive.liveness.answered();
+            if !connected {
+                connected = true;
+                if let Some(queues) = queues.upgrade() {
+                    queues.connected.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         match (decided, queues.upgrade()) {
             (Ok(Some(values)), Some(queues)) => hand_on(batch, values, &queues),
             (Ok(None), Some(queues)) => by_tags(batch, &queues),
@@ -1103,12 +1167,18 @@ fn by_tags(batch: Vec<Job>, queues: &ThreadQueues) {
             .into_iter()
             .partition(|job| job.charges.as_slice().first().copied() == tag);
         batch = rest;
+        // Until a call of this thread's has been answered, its cluster connection may
+        // still be in the making (the requests' deadline allows for it).
+        let wait = match queues.connected.load(Ordering::Relaxed) {
+            0 => settings::connect_timeout(queues.timeout) + queues.timeout,
+            _ => queues.timeout,
+        };
         tokio::spawn(call_by_tag(
             same,
             queues.connection.clone(),
             queues.nodes.clone(),
             queues.script.clone(),
-            queues.timeout,
+            wait,
         ));
     }
 }
@@ -1260,11 +1330,12 @@ async fn call_by_tag(
 }
 
 /// Clears "a read of the slot map is under way" when dropped.
-struct Reading<'a>(&'a AtomicBool);
+struct Reading<'a>(&'a AtomicBool, &'a tokio::sync::Notify);
 
 impl Drop for Reading<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
+        self.1.notify_waiters();
     }
 }
 
@@ -1294,8 +1365,26 @@ impl RedisStore {
         let specs = specs.clone();
         let started = self.wait_started();
         Box::pin(async move {
-            // One timer for the whole request rather than one per group.
-            let decided = tokio::time::timeout(store.timeout, store.decide_groups(&specs, charges));
+            let Some(cluster) = &store.cluster else {
+                return store.fail("not a cluster", cached);
+            };
+            let queues = match store.cluster_queues(cluster) {
+                Ok(queues) => queues,
+                Err(why) => return store.fail(&why, cached),
+            };
+            // One timer for the whole request rather than one per group; longer while
+            // this thread's connections to the masters are being made.
+            let masters = cluster
+                .nodes
+                .slots
+                .load()
+                .as_ref()
+                .map_or(0, |m| m.masters.len());
+            let wait = match queues.connected.load(Ordering::Relaxed) >= masters.max(1) {
+                true => store.timeout,
+                false => settings::connect_timeout(store.timeout),
+            };
+            let decided = tokio::time::timeout(wait, store.decide_groups(&queues, &specs, charges));
             let decision = match decided.await {
                 Ok(Ok(merged)) => store.read_reply(&merged, charges.as_slice(), &specs, cached),
                 Ok(Err(why)) => store.fail(&why, cached),
@@ -1311,16 +1400,13 @@ impl RedisStore {
     /// master no longer serves all of its keys, its groups are decided one by one.
     async fn decide_groups(
         &self,
+        queues: &Arc<ThreadQueues>,
         specs: &Arc<RedisSpecs>,
         charges: Charges,
     ) -> Result<[i64; REPLY_LEN], String> {
-        let Some(cluster) = &self.cluster else {
-            return Err("not a cluster".to_owned());
-        };
-        let queues = self.cluster_queues(cluster)?;
         let mut walk = Walk::new(charges);
         loop {
-            cluster.nodes.place(&mut walk, specs);
+            queues.nodes.place(&mut walk, specs);
             let Some((run, owner)) = walk.next_run(specs) else {
                 break;
             };
@@ -1359,6 +1445,7 @@ impl RedisStore {
                 let made = Arc::new(ThreadQueues {
                     unplaced,
                     masters: Mutex::new(Vec::new()),
+                    connected: AtomicUsize::new(0),
                     connection: cluster.connection(),
                     nodes: cluster.nodes.clone(),
                     script: self.script.clone(),

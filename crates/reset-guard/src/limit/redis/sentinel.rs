@@ -176,7 +176,7 @@ impl RedisStore {
         pool: &SentinelPool,
         current: Option<&Master>,
     ) -> Result<((String, u16), redis::Client), String> {
-        let wait = self.timeout.max(Duration::from_millis(250));
+        let wait = settings::connect_timeout(self.timeout);
         let count = pool.nodes().len();
         let first = pool.first.load(Ordering::Relaxed);
         // Servers that did not answer as master this time: another sentinel naming one
@@ -278,7 +278,7 @@ impl RedisStore {
         (username, password): (bool, bool),
     ) -> redis::RedisResult<Option<(String, u16)>> {
         let client = self.settings.client_as(node, username, password)?;
-        let wait = self.timeout.max(Duration::from_millis(250));
+        let wait = settings::connect_timeout(self.timeout);
         let mut connection = RedisSettings::connect_for(&client, wait).await?;
         redis::cmd("SENTINEL")
             .arg("get-master-addr-by-name")
@@ -306,7 +306,7 @@ impl RedisStore {
             None => {
                 let url = pool.sentinels.master_url(&address.0, address.1);
                 let client = self.settings.client_at(&url, true)?;
-                let wait = self.timeout.max(Duration::from_millis(250));
+                let wait = settings::connect_timeout(self.timeout);
                 let mut connection = RedisSettings::connect_for(&client, wait).await?;
                 let reply = role.query_async(&mut connection).await?;
                 (client, reply)

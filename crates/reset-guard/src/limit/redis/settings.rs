@@ -301,7 +301,7 @@ impl RedisSettings {
     ) -> redis::RedisResult<redis::cluster::ClusterClient> {
         let mut builder =
             redis::cluster::ClusterClientBuilder::new(nodes.iter().map(String::as_str))
-                .connection_timeout(self.timeout.max(std::time::Duration::from_millis(250)))
+                .connection_timeout(connect_timeout(self.timeout))
                 .response_timeout(self.timeout)
                 // A call can be bounced several times while slots move (MOVED, then ASK,
                 // TRYAGAIN while a slot's keys are split between two nodes); with 3 retries
@@ -527,6 +527,12 @@ pub(crate) fn node_url(scheme: &str, host: &str, port: u16) -> String {
     } else {
         format!("{scheme}://{host}:{port}")
     }
+}
+
+/// How long making a connection may take: a handshake or two more than a call (TCP, TLS,
+/// `AUTH`), so at least 250 ms, whatever `timeout` a call is given.
+pub(crate) fn connect_timeout(timeout: std::time::Duration) -> std::time::Duration {
+    timeout.max(std::time::Duration::from_millis(250))
 }
 
 #[cfg(test)]

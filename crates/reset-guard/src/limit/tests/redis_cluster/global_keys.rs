@@ -54,10 +54,13 @@ async fn a_spread_global_quota_admits_its_whole_in_the_addresses_own_calls() {
     for i in warm..120 {
         statuses.push(rig.status(ask(&format!("user{i}@b.io"))).await);
     }
-    assert_eq!(
-        script_calls(&cluster) - before,
-        (120 - warm) as u64,
-        "one call per request"
+    // (The probe, each second, runs the script once on each master: a run of it may fall
+    // among these requests.)
+    let calls = script_calls(&cluster) - before;
+    let requests = (120 - warm) as u64;
+    assert!(
+        (requests..=requests + 3).contains(&calls),
+        "one call per request: {calls} for {requests}"
     );
     // Every key filled to its 10 (each part of the range got more than 10 addresses), and
     // a full key refused only its own part's addresses: 30 admitted in all, as one key.

@@ -1,0 +1,91 @@
+//! A TCP proxy on a free loopback port that delays every byte by a fixed time each way,
+//! so that a server on this machine answers as one a network away does: a round trip takes
+//! twice the delay, and bytes sent back to back stay back to back.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+pub struct DelayProxy {
+    addr: SocketAddr,
+    stopped: Arc<AtomicBool>,
+}
+
+impl DelayProxy {
+    /// Forwards connections to `target`, each way `delay` late.
+    pub fn start(target: SocketAddr, delay: Duration) -> DelayProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let stop = stopped.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (Ok(client_side), Ok(server_side)) = (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                forward_late(client, server_side, delay);
+                forward_late(server, client_side, delay);
+            }
+        });
+        DelayProxy { addr, stopped }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.addr.port())
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        // Wakes the accepting thread, which then sees it is stopped.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// Copies what `from` sends to `to`, each chunk `delay` after it arrived: one thread reads
+/// and stamps, another writes when due, so the delay is not added once per chunk.
+fn forward_late(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+    let (chunks, due) = mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buffer) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if chunks
+                        .send((Instant::now() + delay, buffer[..n].to_vec()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for (at, chunk) in due {
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            if to.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}
