@@ -7,12 +7,16 @@ use reset_guard::{GuardSettings, LimitGroup, Quota};
 
 /// One line per limit group, for example
 /// `per_email: 3 per hour, at most 3 at once; a steady client gets one every 20 minutes;
-/// at most 10 a day per address`.
-pub fn explain(settings: &GuardSettings) -> String {
+/// at most 10 a day per address`. `global_keys`: how many keys a Redis Cluster store
+/// spreads the global group over (`store.redis.global_keys`; 1 for any other store).
+pub fn explain(settings: &GuardSettings, global_keys: u16) -> String {
     let mut text: String = LimitGroup::ALL
         .into_iter()
         .map(|group| format!("{}\n", group_line(group, settings.quotas(group))))
         .collect();
+    if let Some(spread) = global_spread(settings.quotas(LimitGroup::Global), global_keys) {
+        text.push_str(&spread);
+    }
     if let Some(note) = one_client_spends_global(settings) {
         text.push_str(&note);
     }
@@ -51,6 +55,29 @@ fn one_client_spends_global(settings: &GuardSettings) -> Option<String> {
 }
 
 /// `200`, `0.5`, `0.0028`: a rate with what precision it needs.
+/// What each of the keys the global group is spread over holds, when it is spread.
+fn global_spread(quotas: &[Quota], keys: u16) -> Option<String> {
+    if keys <= 1 || quotas.is_empty() {
+        return None;
+    }
+    let each: Vec<String> = quotas
+        .iter()
+        .map(|quota| {
+            format!(
+                "{} per {}, at most {} at once",
+                spoken_rate(f64::from(quota.requests) / f64::from(keys)),
+                window(quota.per),
+                quota.burst / u32::from(keys),
+            )
+        })
+        .collect();
+    Some(format!(
+        "  spread over {keys} keys (store.redis.global_keys), each charged by the addresses of \
+         its part of the cluster's slots: {} on each key; an approximation, never looser\n",
+        each.join("; ")
+    ))
+}
+
 fn spoken_rate(rate: f64) -> String {
     let text = format!("{rate:.4}");
     text.trim_end_matches('0').trim_end_matches('.').to_owned()
@@ -209,7 +236,7 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap();
-        explain(&settings)
+        explain(&settings, 1)
     }
 
     #[test]
@@ -227,6 +254,32 @@ mod tests {
                 "global: no limit",
             ]
         );
+    }
+
+    /// A global group spread over several keys (`store.redis.global_keys`) says what each
+    /// key holds.
+    #[test]
+    fn a_spread_global_group_says_what_each_key_holds() {
+        let client = "clients:\n  - id: ios\n    token_sha256: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\n";
+        let limits = "  per_ip: []\n  per_client: []\n  per_email: []\n  global: [{ requests: 100, per: 1s }]\n";
+        let settings = GuardConfig::from_yaml(&format!("{client}limits:\n{limits}"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let text = explain(&settings, 3);
+        assert!(
+            text.contains("global: 100 per second, at most 100 at once"),
+            "{text}"
+        );
+        assert!(
+            text.contains("spread over 3 keys (store.redis.global_keys)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("33.3333 per second, at most 33 at once on each key"),
+            "{text}"
+        );
+        assert!(!explain(&settings, 1).contains("spread"));
     }
 
     /// The shipped limits let one client spend the whole global quota: said, with what to do.

@@ -24,9 +24,11 @@ fn main() -> ExitCode {
             Ok(settings) => {
                 let mut written = out(format_args!("configuration OK: {}\n", cli.config.display()));
                 if explain {
+                    let redis = settings.store.limits.redis.as_ref();
+                    let global_keys = redis.map_or(1, |redis| redis.global_keys);
                     written &= out(format_args!(
                         "{}",
-                        reset_gateway::explain::explain(&settings.guard)
+                        reset_gateway::explain::explain(&settings.guard, global_keys)
                     ));
                 }
                 exit_code(written)

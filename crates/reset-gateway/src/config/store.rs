@@ -345,6 +345,25 @@ fn key_secret(key: &str, value: Zeroizing<String>) -> Result<Zeroizing<Vec<u8>>,
     Ok(Zeroizing::new(value.as_bytes().to_vec()))
 }
 
+impl RedisConfig {
+    /// The first key of this section that says which Redis server to use or how to reach
+    /// it, if any (the rest have defaults that name none).
+    fn names_a_server(&self) -> Option<&'static str> {
+        [
+            ("url", self.url.is_some()),
+            ("nodes", self.nodes.is_some()),
+            ("sentinel_master", self.sentinel_master.is_some()),
+            ("username", self.username.is_some()),
+            ("password_env", self.password_env.is_some()),
+            ("password_file", self.password_file.is_some()),
+            ("ca_file", self.ca_file.is_some()),
+            ("mode", self.mode != RedisMode::Standalone),
+        ]
+        .into_iter()
+        .find_map(|(key, set)| set.then_some(key))
+    }
+}
+
 impl StoreConfig {
     pub(super) fn validate(&self) -> Result<LimitStore, ConfigError> {
         if self.max_keys == 0 {
@@ -364,6 +383,18 @@ impl StoreConfig {
             StoreKind::Memory => {
                 self.redis.target()?;
                 self.redis.check_global_keys()?;
+                if let Some(key) = self.redis.names_a_server() {
+                    // Left at memory (the default) by mistake, every replica would keep a
+                    // limit of its own while the file says where the shared one is.
+                    return Err(ConfigError::new(
+                        "store.kind",
+                        format!(
+                            "is memory (the default), but store.redis.{key} names a Redis \
+                             server: set `kind: redis` to keep limits there, shared by every \
+                             replica, or leave the Redis server out of store.redis"
+                        ),
+                    ));
+                }
                 None
             }
             StoreKind::Redis => Some(self.redis.validate()?),
@@ -400,8 +431,9 @@ fn env_or_file(
             format!("set {file_key} or {env_key}, not both"),
         )),
         (None, Some(path)) => {
+            // The path is not echoed: a secret pasted here by mistake would be.
             let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::new(&file_key, format!("cannot read {}: {e}", path.display()))
+                ConfigError::new(&file_key, format!("cannot read the file it names: {e}"))
             })?);
             let value = Zeroizing::new(text.trim().to_owned());
             if value.is_empty() {

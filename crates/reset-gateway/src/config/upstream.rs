@@ -179,14 +179,15 @@ impl UpstreamConfig {
     /// Reads the key from `api_key_file`, else from the variable `api_key_env`.
     pub fn resolve_api_key(&self) -> Result<ApiKey, ConfigError> {
         if let Some(path) = &self.api_key_file {
+            // The path is not echoed: a key pasted here by mistake would be.
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError::new(
                     "upstream.api_key_file",
-                    format!("cannot read {}: {e}", path.display()),
+                    format!("cannot read the file it names: {e}"),
                 )
             })?;
             return ApiKey::new(text).map_err(|e| {
-                ConfigError::new("upstream.api_key_file", format!("{}: {e}", path.display()))
+                ConfigError::new("upstream.api_key_file", format!("the file's key: {e}"))
             });
         }
         let name = &self.api_key_env;

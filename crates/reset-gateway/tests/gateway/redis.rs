@@ -288,7 +288,12 @@ async fn a_slow_redis_shows_in_the_store_latency() {
 }
 
 /// `redis_yaml` for a Redis at `url`, with more `store.redis` keys.
-fn redis_yaml_at(mock: &MockServer, url: &str, redis_extra: &str, on_error: &str) -> String {
+pub(crate) fn redis_yaml_at(
+    mock: &MockServer,
+    url: &str,
+    redis_extra: &str,
+    on_error: &str,
+) -> String {
     yaml(
         &mock.url(),
         "  responses: { uniform: false }\n  limits:\n    per_ip: []\n    per_client: []\n    per_email: [{ requests: 3, per: 1h }]\n    global: []\n",
@@ -369,6 +374,79 @@ async fn auth_with_a_password_from_the_environment_shares_one_limit() {
     let c = Gateway::replica(&no_password).await;
     let reply = c.reset_as_ios("email=bob%40example.com").await;
     assert_eq!(reply.status, 503, "{reply:?}");
+}
+
+/// A `store.redis` section that names a server while `kind` is left at memory (the
+/// default) is refused on `kind`'s line: each replica would otherwise keep a limit of its
+/// own, silently. The shipped file's section, which names none, is not.
+#[tokio::test]
+async fn a_redis_server_named_under_the_memory_store_is_refused() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let redis = redis_yaml_at(&mock, "redis://10.0.0.7:6379", "", "deny");
+    for (yaml, named) in [
+        (redis.replace("  kind: redis\n", ""), "store.redis.url"),
+        (
+            redis.replace("kind: redis", "kind: memory"),
+            "store.redis.url",
+        ),
+        (
+            redis
+                .replace("kind: redis", "kind: memory")
+                .replace("url: redis://10.0.0.7:6379", "password_env: REDIS_PASSWORD"),
+            "store.redis.password_env",
+        ),
+    ] {
+        let error = reset_gateway::GatewayConfig::from_yaml(&yaml)
+            .unwrap()
+            .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("store.kind"), "{error}\n{yaml}");
+        assert!(error.contains(named), "{error}");
+        assert!(error.contains("kind: redis"), "{error}");
+    }
+}
+
+/// A secret pasted into a key that names a file holding one (`password_file`,
+/// `key_secret_file`, `upstream.api_key_file`) is not echoed by the error that it names no
+/// file it can read.
+#[tokio::test]
+async fn a_secret_given_for_a_secret_files_path_is_not_echoed() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let redis = redis_yaml_at(&mock, "redis://127.0.0.1:6379", "", "deny");
+    let secret = "Sup3rS3cret-pasted!";
+    let refused = |error: String, key: &str| {
+        assert!(error.starts_with(key), "{error}");
+        assert!(error.contains("cannot read the file it names"), "{error}");
+        assert!(!error.contains(secret), "the secret was echoed: {error}");
+    };
+    for (yaml, key) in [
+        (
+            format!("{redis}    password_file: {secret}\n"),
+            "store.redis.password_file",
+        ),
+        (
+            redis.replace(
+                &format!("key_secret_file: {}", key_secret_file().display()),
+                &format!("key_secret_file: {secret}"),
+            ),
+            "store.key_secret_file",
+        ),
+    ] {
+        let error = reset_gateway::GatewayConfig::from_yaml(&yaml)
+            .unwrap()
+            .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+            .unwrap_err();
+        refused(error.to_string(), key);
+    }
+    let yaml = redis.replacen(
+        "  timeout: 400ms\n",
+        &format!("  timeout: 400ms\n  api_key_file: {secret}\n"),
+        1,
+    );
+    let config = reset_gateway::GatewayConfig::from_yaml(&yaml).unwrap();
+    let error = config.upstream.resolve_api_key().unwrap_err();
+    refused(error.to_string(), "upstream.api_key_file");
 }
 
 #[tokio::test]

@@ -275,6 +275,9 @@ impl RedisSettings {
         if has_query(url) {
             return Err(QUERY_REFUSED);
         }
+        if info.redis_settings().db() < 0 {
+            return Err("names a database below 0 (Redis numbers them from /0)");
+        }
         Ok(())
     }
 
@@ -538,6 +541,13 @@ pub(crate) fn connect_timeout(timeout: std::time::Duration) -> std::time::Durati
 #[cfg(test)]
 mod tests {
     use super::{without_credentials, RedisSettings};
+
+    #[test]
+    fn a_database_below_zero_is_refused() {
+        let refused = RedisSettings::check_url("redis://10.0.0.1:6379/-1").unwrap_err();
+        assert!(refused.contains("below 0"), "{refused}");
+        assert!(RedisSettings::check_url("redis://10.0.0.1:6379/3").is_ok());
+    }
 
     #[test]
     fn global_keys_are_one_to_the_most_and_above_one_only_in_a_cluster() {
