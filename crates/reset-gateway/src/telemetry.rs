@@ -79,6 +79,31 @@ fn level(level: &str) -> String {
 /// names them (see [`level`]).
 const NOISY_LIBRARIES: [(&str, &str); 3] = [("redis", "off"), ("rustls", "error"), ("h2", "error")];
 
+/// The text format's fields as tracing's own format writes them, with line breaks and
+/// other control characters escaped: one event is one line, whatever a value holds (a
+/// Redis client's error can span lines).
+struct OneLineFields(tracing_subscriber::fmt::format::DefaultFields);
+
+impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for OneLineFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut writer: tracing_subscriber::fmt::format::Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut text = String::new();
+        let inner = tracing_subscriber::fmt::format::Writer::new(&mut text);
+        self.0.format_fields(inner, fields)?;
+        for c in text.chars() {
+            match c.is_control() && c != '\u{1b}' {
+                // (ESC starts the colours written at a terminal.)
+                true => write!(writer, "{}", c.escape_default())?,
+                false => writer.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Installs the global subscriber, writing to stderr through the non-blocking sink
 /// (`sink.rs`); `RUST_LOG` overrides `log.level`. Keep the returned sink until exit: its
 /// drop writes out what is queued. Calling it again (tests) is harmless and returns `None`.
@@ -97,7 +122,9 @@ pub fn init(log: &LogConfig) -> Option<LogSink> {
             .flatten_event(true)
             .with_current_span(false)
             .try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder
+            .fmt_fields(OneLineFields(Default::default()))
+            .try_init(),
     };
     if installed.is_ok() && log.format == LogFormat::Json {
         sink::write_access_lines_directly();

@@ -816,3 +816,18 @@ async fn a_seed_serving_no_slot_is_reported_down_with_the_reason() {
     let (line, _) = probe_failure(&yaml).await;
     assert!(line.contains("serves no slot"), "{line}");
 }
+
+/// `mode: standalone` given a node of a Redis Cluster: every request's keys span slots
+/// (CROSSSLOT), so the probe reports the store down and says to use `mode: cluster`, rather
+/// than passing because its own key happens to live on that node.
+#[tokio::test]
+async fn a_cluster_node_given_as_a_standalone_server_is_reported_with_the_mode_to_use() {
+    let cluster = RedisCluster::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    for node in &cluster.nodes {
+        let yaml = crate::redis::redis_yaml_at(&mock, &node.url(), "", "deny");
+        let (line, _) = probe_failure(&yaml).await;
+        assert!(line.contains("Redis Cluster node"), "{line}");
+        assert!(line.contains("mode: cluster"), "{line}");
+    }
+}

@@ -1007,14 +1007,13 @@ async fn a_refused_upstream_logs_its_cause_at_the_default_level() {
     assert_at_most_three_decimals(logged_number(access, "duration_ms").unwrap(), access);
 }
 
-#[tokio::test]
-async fn text_logs_to_a_pipe_are_plain_with_short_durations() {
+/// A gateway run from `yaml` (a text log format) written in `dir`, its stderr a pipe:
+/// found by its `serving` line, which holds no colour code.
+async fn spawn_text_gateway(dir: &std::path::Path, yaml: &str) -> Process {
     use std::io::BufRead;
 
-    let mock = MockServer::start(mock_config()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.yaml");
-    std::fs::write(&path, yaml(&mock.url(), "", "log:\n  format: text\n")).unwrap();
+    let path = dir.join("gateway.yaml");
+    std::fs::write(&path, yaml).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_reset-gateway"))
         .arg("--config")
         .arg(&path)
@@ -1055,13 +1054,20 @@ async fn text_logs_to_a_pipe_are_plain_with_short_durations() {
     .unwrap_or_else(|| panic!("the gateway never said it serves: {:?}", logs.lock()));
     // Parsed only after checking for colour codes, which would split `listen=` from its value.
     assert!(!serving.contains("\x1b["), "colour codes in {serving:?}");
-    let gw = Process {
+    Process {
         child,
         addr: address(&serving, " listen=").unwrap(),
         admin: address(&serving, " admin=").unwrap(),
         logs,
         logs_ended: Default::default(),
-    };
+    }
+}
+
+#[tokio::test]
+async fn text_logs_to_a_pipe_are_plain_with_short_durations() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_text_gateway(dir.path(), &yaml(&mock.url(), "", "log:\n  format: text\n")).await;
 
     let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
     assert_eq!(raw(gw.addr, request.as_bytes()).await.status, 200);
@@ -1275,4 +1281,33 @@ async fn a_sighup_while_the_file_is_away_is_cleared_by_its_return() {
     assert_eq!(poll_until(150, last_ok, |v| *v == 0.0).await, 0.0);
     std::fs::rename(&aside, &path).unwrap();
     assert_eq!(poll_until(150, last_ok, |v| *v == 1.0).await, 1.0);
+}
+
+/// In the text format one event is one line, whatever a value holds: here the Redis
+/// client's error for a server that answers HTTP spans lines, and is logged on one, its
+/// line breaks escaped.
+#[tokio::test]
+async fn a_text_log_event_is_one_line_whatever_its_values_hold() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let http = mock.url().replace("http://", "redis://");
+    let yaml = crate::redis::redis_yaml_at(&mock, &http, "", "deny") + "log:\n  format: text\n";
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_text_gateway(dir.path(), &yaml).await;
+    assert!(gw.logged("Redis does not answer the probe").await);
+    let logs = gw.logs();
+    let probe = logs
+        .iter()
+        .find(|l| l.contains("Redis does not answer the probe"))
+        .unwrap();
+    assert!(
+        probe.contains("\\n"),
+        "the error's line break, escaped: {probe}"
+    );
+    // Every line is an event's: it starts with the event's timestamp.
+    for line in &logs {
+        assert!(
+            line.starts_with("20"),
+            "a line that is no event's: {line:?}"
+        );
+    }
 }

@@ -341,9 +341,19 @@ impl RedisStore {
         // Each exchange within `timeout`, as a request's call is; the first may have to
         // make the connection (after one failed), which takes longer.
         let run = async {
-            let ping = redis::cmd("PING");
+            // `CLUSTER INFO` as the first exchange: a server that is not part of a cluster
+            // refuses it (as does an ACL without it), which is answer enough; a cluster
+            // node answers, and fails every request (their keys span slots).
+            let ask = redis::cmd("CLUSTER").arg("INFO").clone();
+            let asked = async { Ok::<_, String>(ask.query_async::<String>(&mut connection).await) };
             let connect = settings::connect_timeout(self.timeout) + self.timeout;
-            answer_in_time(connect, ping.query_async::<()>(&mut connection)).await?;
+            match answer_in_time(connect, asked).await? {
+                Ok(_) if self.sentinels.is_none() => return Err(A_CLUSTER_NODE.to_owned()),
+                Err(error) if !matches!(error.kind(), redis::ErrorKind::Server(_)) => {
+                    return Err(error.to_string())
+                }
+                _ => {}
+            }
             batch::run_for_nothing(&mut connection, &self.script, self.timeout).await?;
             answer_in_time(self.timeout, batch::write_probe(&mut connection, &key)).await
         };
@@ -730,6 +740,10 @@ pub(super) fn host_name_like(host: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'%'))
 }
+
+/// The probe's cause when `mode: standalone` names a Redis Cluster node.
+const A_CLUSTER_NODE: &str = "the server is a Redis Cluster node, where a request's keys \
+     live in different slots: use `mode: cluster`, with the node among the seed `nodes`";
 
 /// Where a job was queued: on a connection its thread's queue has made already, or on one
 /// it makes for this job.
