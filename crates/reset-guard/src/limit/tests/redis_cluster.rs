@@ -1164,6 +1164,38 @@ async fn a_seed_serving_no_slot_fails_requests_as_on_error_says() {
     assert!(served.ends_with(&[200, 200, 200]), "{served:?}");
 }
 
+/// A first seed node that takes connections but never answers (a hung host) beside one
+/// that does, with the default 50 ms timeout: the first request after start, and those
+/// after it, are decided (the slot map is asked of every seed at once, and waited for).
+#[tokio::test]
+async fn a_silent_first_seed_fails_no_request() {
+    let cluster = RedisCluster::start();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("redis://{}", silent.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        let mut accepted = Vec::new();
+        for connection in silent.incoming().take(64) {
+            accepted.push(connection);
+        }
+    });
+    let mut store = store_seeded_by(&[silent_url, cluster.urls()[0].clone()], "silent");
+    if let Some(redis) = store.redis.as_mut() {
+        redis.timeout = Duration::from_millis(50);
+    }
+    let rig = rig_in(
+        "  per_ip: [{ requests: 100, per: 1h }]\n  per_email: [{ requests: 3, per: 1h }]\n",
+        "",
+        store,
+        ManualClock::new(),
+    );
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        statuses.push(rig.status(ask(&format!("s{i}@b.io"))).await);
+    }
+    drop(held);
+    assert_eq!(statuses, [200; 10]);
+}
+
 /// A cluster store dropped while its threads live on: every queue's task ends and every
 /// connection to the masters closes.
 #[tokio::test]
