@@ -722,6 +722,17 @@ async fn a_wrong_redis_password_is_logged_as_the_cause_without_the_password() {
     assert!(first > 0, "the failures were logged");
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(failures(gateway.logs()) <= 2, "{:?}", gateway.logs());
+    // And every one of the twenty is in a line within a second or so, while Redis still
+    // refuses (not held until the next failure, or its return).
+    let counted = |logs: Vec<String>| -> u64 {
+        logs.iter()
+            .filter(|l| l.contains("rate-limit store unavailable"))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|json| json["failed"].as_u64())
+            .sum()
+    };
+    let logged = poll_until(100, async || counted(gateway.logs()), |n| *n >= 20).await;
+    assert_eq!(logged, 20, "{:?}", gateway.logs());
     // The requests' line says what the probe knows of why, and on_error as it is written.
     let failed = gateway
         .logs()

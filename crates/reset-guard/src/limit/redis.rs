@@ -382,6 +382,12 @@ impl RedisStore {
     /// Records what the probe found. A failure's cause is logged when it is new, and the
     /// return of Redis after one; then every thread's connection is made anew.
     fn record_probe(&self, answer: Result<(), String>) -> bool {
+        let up = self.record_probe_answer(answer);
+        self.log_failures(None);
+        up
+    }
+
+    fn record_probe_answer(&self, answer: Result<(), String>) -> bool {
         let mut last = self.probe_failure.lock().unwrap_or_else(|e| e.into_inner());
         match answer {
             Ok(()) => {
@@ -611,9 +617,26 @@ impl RedisStore {
     /// already refused. Else as `on_error` says.
     fn failed(&self, why: &str, cached: Option<(usize, Denial)>) -> Decision {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        // One line a second at most, however many requests fail: the count is in the
-        // line (and in store_errors_total), the cause in the probe's.
         self.failed_unlogged.fetch_add(1, Ordering::Relaxed);
+        self.log_failures(Some(why));
+        match (cached, self.on_error) {
+            (Some((i, denial)), _) => {
+                self.counters.count_denied(denial.group);
+                Decision::Denied(i, denial)
+            }
+            (None, OnError::Allow) => Decision::Unlimited,
+            (None, OnError::Deny) => Decision::Unavailable,
+        }
+    }
+
+    /// Logs the failed requests not in a line yet: one line a second at most, however many
+    /// fail (the count is in the line, and in store_errors_total; the cause in the
+    /// probe's). Called by each failed request (`why` it failed) and by each probe, so a
+    /// burst's count is logged within a second or so, not held until the next failure.
+    fn log_failures(&self, why: Option<&str>) {
+        if self.failed_unlogged.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let now = self.clock.now();
         let last = self.failure_logged.load(Ordering::Relaxed);
         if (last == 0 || now.saturating_sub(last) >= FAILURE_LOG_INTERVAL_NS)
@@ -623,20 +646,15 @@ impl RedisStore {
                 .is_ok()
         {
             let failed = self.failed_unlogged.swap(0, Ordering::Relaxed);
+            if failed == 0 {
+                return;
+            }
             // A request that waited out its timeout knows only that; the probe may know why
             // (a refused password, an untrusted certificate).
             let probe = self.probe_failure.lock().unwrap_or_else(|e| e.into_inner());
             let probe_error = probe.last().map(str::to_owned);
             drop(probe);
             tracing::warn!(target: "reset_guard::limit", error = why, probe_error, failed, on_error = self.on_error.as_str(), "rate-limit store unavailable");
-        }
-        match (cached, self.on_error) {
-            (Some((i, denial)), _) => {
-                self.counters.count_denied(denial.group);
-                Decision::Denied(i, denial)
-            }
-            (None, OnError::Allow) => Decision::Unlimited,
-            (None, OnError::Deny) => Decision::Unavailable,
         }
     }
 
