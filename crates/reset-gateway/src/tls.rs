@@ -25,14 +25,21 @@ impl CertStore {
     /// Loads the certificate chain and key.
     pub fn load(tls: &TlsConfig) -> anyhow::Result<Arc<CertStore>> {
         Ok(Arc::new(CertStore {
-            current: ArcSwap::from_pointee(certified_key(&tls.cert_file, &tls.key_file)?),
+            current: ArcSwap::from_pointee(certified_key(
+                "server.tls",
+                &tls.cert_file,
+                &tls.key_file,
+            )?),
         }))
     }
 
     /// Replaces the certificate; new handshakes use it, open connections keep theirs.
     pub fn reload(&self, tls: &TlsConfig) -> anyhow::Result<()> {
-        self.current
-            .store(Arc::new(certified_key(&tls.cert_file, &tls.key_file)?));
+        self.current.store(Arc::new(certified_key(
+            "server.tls",
+            &tls.cert_file,
+            &tls.key_file,
+        )?));
         Ok(())
     }
 
@@ -67,12 +74,18 @@ pub fn read_certificates(key: &str, path: &Path) -> anyhow::Result<Vec<Certifica
     Ok(certs)
 }
 
-fn certified_key(cert_file: &Path, key_file: &Path) -> anyhow::Result<CertifiedKey> {
-    let chain = read_certificates("server.tls.cert_file", cert_file)?;
+/// The certificate chain in `cert_file` with the private key in `key_file`, checked to
+/// match; errors name the config keys `{section}.cert_file` and `{section}.key_file`.
+pub fn certified_key(
+    section: &str,
+    cert_file: &Path,
+    key_file: &Path,
+) -> anyhow::Result<CertifiedKey> {
+    let chain = read_certificates(&format!("{section}.cert_file"), cert_file)?;
     // The key's own parse error is not shown: it could quote key material.
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|_| {
         anyhow::anyhow!(
-            "server.tls.key_file: no PEM private key in {}",
+            "{section}.key_file: no PEM private key in {}",
             key_file.display()
         )
     })?;
@@ -81,14 +94,14 @@ fn certified_key(cert_file: &Path, key_file: &Path) -> anyhow::Result<CertifiedK
         .load_private_key(key)
         .map_err(|_| {
             anyhow::anyhow!(
-                "server.tls.key_file: unsupported private key in {}",
+                "{section}.key_file: unsupported private key in {}",
                 key_file.display()
             )
         })?;
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|_| {
         anyhow::anyhow!(
-            "server.tls: the key in {} does not match the certificate",
+            "{section}: the key in {} does not match the certificate",
             key_file.display()
         )
     })?;

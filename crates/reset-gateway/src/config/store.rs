@@ -88,6 +88,10 @@ pub struct RedisConfig {
     pub password_file: Option<PathBuf>,
     /// PEM certificates of a private CA for `rediss://` (then only these are trusted).
     pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM chain) for `rediss://` servers that ask for one.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's PEM private key.
+    pub key_file: Option<PathBuf>,
     /// Prefix of every key.
     pub key_prefix: String,
     /// Longest a request waits for Redis.
@@ -109,6 +113,8 @@ impl Default for RedisConfig {
             password_env: None,
             password_file: None,
             ca_file: None,
+            cert_file: None,
+            key_file: None,
             key_prefix: "reset-gateway".to_owned(),
             timeout: ConfigDuration::from_millis(50),
             on_error: OnError::Allow,
@@ -277,6 +283,37 @@ impl RedisConfig {
             })?;
             settings.ca_pem = Some(pem);
         }
+        match (&self.cert_file, &self.key_file) {
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                let missing = match self.cert_file {
+                    None => "store.redis.cert_file",
+                    Some(_) => "store.redis.key_file",
+                };
+                return Err(ConfigError::new(
+                    missing,
+                    "a client certificate needs both store.redis.cert_file and key_file",
+                ));
+            }
+            (Some(cert_file), Some(key_file)) => {
+                if !tls {
+                    return Err(ConfigError::new(
+                        "store.redis.cert_file",
+                        "is for TLS: the URL (in sentinel and cluster mode, every node) must start with rediss://",
+                    ));
+                }
+                crate::tls::certified_key("store.redis", cert_file, key_file)
+                    .map_err(|e| super::located_error(&e, "store.redis"))?;
+                let read = |key: &str, path: &Path| {
+                    std::fs::read(path).map_err(|e| {
+                        ConfigError::new(key, format!("cannot read {}: {e}", path.display()))
+                    })
+                };
+                let cert = read("store.redis.cert_file", cert_file)?;
+                let key = read("store.redis.key_file", key_file)?;
+                settings = settings.with_client_certificate(cert, key);
+            }
+        }
         settings.key_prefix = self.key_prefix.clone();
         settings.timeout = self.timeout.0;
         settings.on_error = self.on_error;
@@ -357,6 +394,8 @@ impl RedisConfig {
             ("password_env", self.password_env.is_some()),
             ("password_file", self.password_file.is_some()),
             ("ca_file", self.ca_file.is_some()),
+            ("cert_file", self.cert_file.is_some()),
+            ("key_file", self.key_file.is_some()),
             ("mode", self.mode != RedisMode::Standalone),
         ]
         .into_iter()

@@ -499,6 +499,116 @@ async fn tls_with_a_private_ca_and_not_with_another() {
     another_ca_is_not_trusted(|ca_file| redis_yaml_at(&a.mock, &tls_url, ca_file, "deny")).await;
 }
 
+/// A Redis that asks TLS clients for a certificate (`tls-auth-clients yes`, Redis's own
+/// default): with `cert_file` and `key_file`, two gateways share its limits; without, the
+/// probe's line names the missing certificate and requests fail as `on_error` says. A key
+/// without its certificate, or a certificate with a plain URL, is refused on its line.
+#[tokio::test]
+async fn a_client_certificate_for_a_redis_that_asks_for_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificates(dir.path());
+    let redis = test_support::RedisServer::start_with(test_support::RedisOptions {
+        tls: Some((
+            test_support::free_port(),
+            cert.clone(),
+            key.clone(),
+            ca.clone(),
+        )),
+        ..Default::default()
+    });
+    redis.command("CONFIG SET tls-auth-clients yes").unwrap();
+    let tls_url = redis.tls_url("localhost").unwrap();
+    // The server's own certificate, from the CA Redis trusts, serves as the client's.
+    let client_certificate = format!(
+        "    cert_file: {}\n    key_file: {}\n",
+        cert.display(),
+        key.display()
+    );
+    let (_a, _b) = two_gateways_trusting(&ca, |mock, ca_file| {
+        redis_yaml_at(
+            mock,
+            &tls_url,
+            &format!("{ca_file}{client_certificate}"),
+            "deny",
+        )
+    })
+    .await;
+    assert!(
+        holds_limits(&redis),
+        "the limits went over TLS to this Redis"
+    );
+
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let without = redis_yaml_at(
+        &mock,
+        &tls_url,
+        &format!("    ca_file: {}\n", ca.display()),
+        "deny",
+    );
+    let config = dir.path().join("without.yaml");
+    std::fs::write(&config, without).unwrap();
+    let gateway = crate::process::spawn_gateway(&config);
+    let line = probe_failure_line(&gateway).await;
+    assert!(line.contains("cert_file"), "{line}");
+
+    let key_alone = redis_yaml_at(
+        &mock,
+        &tls_url,
+        &format!(
+            "    ca_file: {}\n    key_file: {}\n",
+            ca.display(),
+            key.display()
+        ),
+        "deny",
+    );
+    let error = reset_gateway::GatewayConfig::from_yaml(&key_alone)
+        .unwrap()
+        .validate_with_key(&key_alone, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(error.starts_with("store.redis.cert_file"), "{error}");
+    let plain = redis_yaml_at(&mock, &redis.url(), &client_certificate, "deny");
+    let error = reset_gateway::GatewayConfig::from_yaml(&plain)
+        .unwrap()
+        .validate_with_key(&plain, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(error.starts_with("store.redis.cert_file (line "), "{error}");
+    assert!(error.contains("rediss://"), "{error}");
+}
+
+/// TLS where the port has none, and none where it has TLS: the probe's line says what
+/// the URL's scheme may have to do with it.
+#[tokio::test]
+async fn a_scheme_that_does_not_match_the_port_is_hinted_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificates(dir.path());
+    let redis = test_support::RedisServer::start_with(test_support::RedisOptions {
+        tls: Some((test_support::free_port(), cert, key, ca.clone())),
+        ..Default::default()
+    });
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let plain_port = redis.url().replace("redis://", "rediss://");
+    let tls_port = redis
+        .tls_url("127.0.0.1")
+        .unwrap()
+        .replace("rediss://", "redis://");
+    for (url, extra, hint) in [
+        (
+            plain_port,
+            format!("    ca_file: {}\n", ca.display()),
+            "rediss:// is for a TLS port",
+        ),
+        (tls_port, String::new(), "must start with rediss://"),
+    ] {
+        let config = dir.path().join("gateway.yaml");
+        std::fs::write(&config, redis_yaml_at(&mock, &url, &extra, "deny")).unwrap();
+        let gateway = crate::process::spawn_gateway(&config);
+        let line = probe_failure_line(&gateway).await;
+        assert!(line.contains(hint), "{url}: {line}");
+    }
+}
+
 #[test]
 fn standalone_mode_takes_only_redis_urls() {
     for url in [

@@ -407,6 +407,7 @@ impl RedisStore {
             }
             Err(cause) => {
                 self.broken.store(true, Ordering::Relaxed);
+                let cause = with_tls_hint(cause, self.settings.url.starts_with("rediss"));
                 if last.is_new(&cause, self.clock.now()) {
                     tracing::warn!(target: "reset_guard::limit", error = %cause, "Redis does not answer the probe");
                 }
@@ -757,6 +758,23 @@ pub(super) fn host_name_like(host: &str) -> bool {
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'%'))
+}
+
+/// `cause`, with what TLS may have to do with it: a server asking for a client certificate
+/// the settings do not hold; a server that does not speak TLS (it sends a TLS handshake no
+/// answer, which looks like a hang); a TLS port reached without TLS (it drops the
+/// connection).
+fn with_tls_hint(cause: String, tls: bool) -> String {
+    let hint = if cause.contains("CertificateRequired") {
+        " (the server asks for a client certificate: store.redis.cert_file and key_file)"
+    } else if tls && (cause.contains("no answer") || cause.contains("timed out")) {
+        " (if that port does not speak TLS, a TLS handshake gets no answer: rediss:// is for a TLS port)"
+    } else if !tls && (cause.contains("reset by peer") || cause.contains("broken pipe")) {
+        " (if that port speaks TLS, the URL must start with rediss://)"
+    } else {
+        ""
+    };
+    cause + hint
 }
 
 /// The probe's cause when `mode: standalone` names a Redis Cluster node.

@@ -51,6 +51,9 @@ pub struct RedisSettings {
     /// PEM certificates of a private CA that Redis's TLS certificate chains to; then only
     /// these are trusted for Redis (none: the public web PKI roots).
     pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate for `rediss://` servers that ask for one (Redis's own TLS
+    /// default, `tls-auth-clients yes`): its PEM certificate chain and PEM private key.
+    pub client_certificate: Option<(Vec<u8>, Zeroizing<Vec<u8>>)>,
     /// Prepended to every key, so several deployments can share one server.
     pub key_prefix: String,
     /// Longest a request waits for Redis: 1ms to 60s.
@@ -82,6 +85,10 @@ impl fmt::Debug for RedisSettings {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "(set)"))
             .field("ca_pem", &self.ca_pem.as_ref().map(|_| "(set)"))
+            .field(
+                "client_certificate",
+                &self.client_certificate.as_ref().map(|_| "(set)"),
+            )
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("on_error", &self.on_error)
@@ -146,6 +153,7 @@ impl RedisSettings {
             username: None,
             password: None,
             ca_pem: None,
+            client_certificate: None,
             key_prefix: "reset-gateway".to_owned(),
             timeout: Duration::from_millis(50),
             on_error: OnError::Allow,
@@ -168,6 +176,17 @@ impl RedisSettings {
     /// Trusting only the CA certificates in `pem` for Redis's TLS.
     pub fn with_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Sending the client certificate in `cert_pem` (its chain, PEM), whose private key is
+    /// `key_pem`, to `rediss://` servers that ask for one.
+    pub fn with_client_certificate(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.client_certificate = Some((cert_pem.into(), Zeroizing::new(key_pem.into())));
         self
     }
 
@@ -320,11 +339,8 @@ impl RedisSettings {
         if let Some(password) = &self.password {
             builder = builder.password(password.as_str());
         }
-        if let Some(pem) = &self.ca_pem {
-            builder = builder.certs(redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem.clone()),
-            });
+        if let Some(certificates) = self.tls_certificates() {
+            builder = builder.certs(certificates);
         }
         builder.build()
     }
@@ -375,16 +391,27 @@ impl RedisSettings {
         let info = info
             .set_redis_settings(handshake)
             .set_tcp_settings(tcp_settings());
-        match &self.ca_pem {
-            Some(pem) => redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                },
-            ),
+        match self.tls_certificates() {
+            Some(certificates) => redis::Client::build_with_tls(info, certificates),
             None => redis::Client::open(info),
         }
+    }
+
+    /// The private CA and the client certificate, where either is set (else the client's
+    /// defaults: the public web PKI roots, no client certificate).
+    fn tls_certificates(&self) -> Option<redis::TlsCertificates> {
+        if self.ca_pem.is_none() && self.client_certificate.is_none() {
+            return None;
+        }
+        Some(redis::TlsCertificates {
+            client_tls: self.client_certificate.as_ref().map(|(cert, key)| {
+                redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.to_vec(),
+                }
+            }),
+            root_cert: self.ca_pem.clone(),
+        })
     }
 }
 
