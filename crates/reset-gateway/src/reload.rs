@@ -128,8 +128,8 @@ impl Fixed {
     }
 }
 
-/// What `store` holds, key by key; secrets (the key secret, the Redis password) and the CA
-/// only as a hash, so that a changed one is named without being kept.
+/// What `store` holds, key by key; secrets (the key secret, the Redis password, the client
+/// certificate's key) and the CA only as a hash, so that a changed one is named without being kept.
 fn store_entries(settings: &Settings) -> Vec<(&'static str, String)> {
     fn hashed<T: std::hash::Hash>(value: T) -> String {
         use std::hash::Hasher;
@@ -159,6 +159,13 @@ fn store_entries(settings: &Settings) -> Vec<(&'static str, String)> {
             hashed(redis.map(|r| r.password.as_deref())),
         ),
         ("store.redis.ca_file", hashed(redis.map(|r| &r.ca_pem))),
+        (
+            "store.redis.cert_file, key_file",
+            hashed(redis.map(|r| {
+                let certificate = r.client_certificate.as_ref();
+                certificate.map(|(cert, key)| (cert, key.as_slice()))
+            })),
+        ),
         (
             "store.redis.key_prefix",
             format!("{:?}", redis.map(|r| &r.key_prefix)),
