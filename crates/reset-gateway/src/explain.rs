@@ -54,7 +54,6 @@ fn one_client_spends_global(settings: &GuardSettings) -> Option<String> {
     ))
 }
 
-/// `200`, `0.5`, `0.0028`: a rate with what precision it needs.
 /// What each of the keys the global group is spread over holds, when it is spread.
 fn global_spread(quotas: &[Quota], keys: u16) -> Option<String> {
     if keys <= 1 || quotas.is_empty() {
@@ -78,6 +77,7 @@ fn global_spread(quotas: &[Quota], keys: u16) -> Option<String> {
     ))
 }
 
+/// `200`, `0.5`, `0.0028`: a rate with what precision it needs.
 fn spoken_rate(rate: f64) -> String {
     let text = format!("{rate:.4}");
     text.trim_end_matches('0').trim_end_matches('.').to_owned()

@@ -93,9 +93,11 @@ impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for OneLineFields {
         let mut text = String::new();
         let inner = tracing_subscriber::fmt::format::Writer::new(&mut text);
         self.0.format_fields(inner, fields)?;
+        if !text.contains(char::is_control) {
+            return writer.write_str(&text);
+        }
         for c in text.chars() {
-            match c.is_control() && c != '\u{1b}' {
-                // (ESC starts the colours written at a terminal.)
+            match c.is_control() {
                 true => write!(writer, "{}", c.escape_default())?,
                 false => writer.write_char(c)?,
             }

@@ -63,12 +63,14 @@ const QUEUE_FULL: &str = "too many requests waiting for Redis";
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
 
 /// A store's batching queue on one thread: the store's id, the connection generation it
-/// was made in, a weak handle to it, and the release of the store's hold on it.
+/// was made in, a weak handle to it, the release of the store's hold on it, and when it
+/// was made (its connection with it).
 type QueueOfThread = (
     u64,
     Generation,
     mpsc::WeakSender<Job>,
     Release<mpsc::Sender<Job>>,
+    tokio::time::Instant,
 );
 
 thread_local! {
@@ -132,6 +134,9 @@ pub(crate) struct RedisStore {
     id: u64,
     config: ConnectionManagerConfig,
     prefix: String,
+    /// Standalone and Sentinel mode: two of the probe's keys in different slots (see
+    /// [`keys_in_two_slots`]).
+    probe_reads: Vec<String>,
     timeout: Duration,
     on_error: OnError,
     /// Whether Redis serves, as `/readyz` and `store_up` report it: the probe's verdict
@@ -226,6 +231,7 @@ impl RedisStore {
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             config,
             prefix: settings.key_prefix.clone(),
+            probe_reads: keys_in_two_slots(&settings.key_prefix),
             timeout: settings.timeout,
             on_error: settings.on_error,
             healthy: AtomicBool::new(true),
@@ -341,17 +347,18 @@ impl RedisStore {
         // Each exchange within `timeout`, as a request's call is; the first may have to
         // make the connection (after one failed), which takes longer.
         let run = async {
-            // `CLUSTER INFO` as the first exchange: a server that is not part of a cluster
-            // refuses it (as does an ACL without it), which is answer enough; a cluster
-            // node answers, and fails every request (their keys span slots).
-            let ask = redis::cmd("CLUSTER").arg("INFO").clone();
-            let asked = async { Ok::<_, String>(ask.query_async::<String>(&mut connection).await) };
-            let connect = settings::connect_timeout(self.timeout) + self.timeout;
+            // The first exchange reads two of the probe's keys in different slots, as a
+            // request's call does: a Redis Cluster node refuses it (`CROSSSLOT`), and so
+            // every request; any other answer of the server's own is answer enough.
+            let read = redis::cmd("MGET").arg(&self.probe_reads).clone();
+            let asked =
+                async { Ok::<_, String>(read.query_async::<redis::Value>(&mut connection).await) };
+            let connect = settings::connect_timeout(self.timeout);
             match answer_in_time(connect, asked).await? {
-                Ok(_) if self.sentinels.is_none() => return Err(A_CLUSTER_NODE.to_owned()),
-                Err(error) if !matches!(error.kind(), redis::ErrorKind::Server(_)) => {
-                    return Err(error.to_string())
+                Err(error) if error.code() == Some("CROSSSLOT") => {
+                    return Err(A_CLUSTER_NODE.to_owned())
                 }
+                Err(error) if error.code().is_none() => return Err(error.to_string()),
                 _ => {}
             }
             batch::run_for_nothing(&mut connection, &self.script, self.timeout).await?;
@@ -518,13 +525,13 @@ impl RedisStore {
         };
         match queued {
             Err(why) => return self.fail(&why, cached),
-            // The first request on a new connection (this thread's first, or the first
-            // after the master changed) waits for it to be made too: as long as making a
+            // The first requests on a new connection (this thread's first, or the first
+            // after the master changed) wait for it to be made too: as long as making a
             // connection may take, at least 250 ms.
-            Ok(Queued::OnNewConnection) => {
+            Ok(Queued::WhileConnecting) => {
                 deadline = deadline.max(started + settings::connect_timeout(self.timeout));
             }
-            Ok(Queued::OnConnection) => {}
+            Ok(Queued::Connected) => {}
         }
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Ok(reply))) => self.read_reply(&reply, charges.as_slice(), specs, cached),
@@ -554,13 +561,13 @@ impl RedisStore {
         QUEUES
             .try_with(|queues| {
                 let mut queues = queues.borrow_mut();
-                if let Some(sender) = queues
+                if let Some((sender, made)) = queues
                     .iter()
                     .find(|(id, generation, ..)| *id == self.id && *generation == current)
-                    .and_then(|(_, _, weak, _)| weak.upgrade())
-                    .filter(|sender| !sender.is_closed())
+                    .and_then(|(_, _, weak, _, made)| Some((weak.upgrade()?, *made)))
+                    .filter(|(sender, _)| !sender.is_closed())
                 {
-                    return Ok((sender, Queued::OnConnection));
+                    return Ok((sender, Queued::since(made, self.timeout)));
                 }
                 let connection = ConnectionManager::new_lazy_with_config(
                     master.client.clone(),
@@ -576,10 +583,11 @@ impl RedisStore {
                 ));
                 // This store's queue made before on this thread (an earlier master or
                 // connection) ends once its last job is answered; so do dropped stores'.
-                queues.retain(|(id, _, weak, _)| *id != self.id && weak.strong_count() > 0);
+                queues.retain(|(id, _, weak, ..)| *id != self.id && weak.strong_count() > 0);
                 let release = hold(&self.held_queues, sender.clone());
-                queues.push((self.id, current, sender.downgrade(), release));
-                Ok((sender, Queued::OnNewConnection))
+                let made = tokio::time::Instant::now();
+                queues.push((self.id, current, sender.downgrade(), release, made));
+                Ok((sender, Queued::WhileConnecting))
             })
             .unwrap_or_else(|_| Err("the thread is exiting".to_owned()))
     }
@@ -777,16 +785,46 @@ fn with_tls_hint(cause: String, tls: bool) -> String {
     cause + hint
 }
 
+/// Two of the probe's keys (`{prefix}:probe`, `{prefix}:probe:N`) whose Redis Cluster
+/// slots differ, so that a cluster node refuses reading both at once; one key where no two
+/// can differ (a prefix holding a hash tag puts every key in its slot, and a request's keys
+/// too).
+fn keys_in_two_slots(prefix: &str) -> Vec<String> {
+    let slot = |key: &str| {
+        let tagged = key.find('{').and_then(|open| {
+            let close = key[open + 1..].find('}')?;
+            (close > 0).then(|| &key[open + 1..open + 1 + close])
+        });
+        crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key).as_bytes()) % 16384
+    };
+    let first = format!("{prefix}:probe");
+    let other = (0..64)
+        .map(|n| format!("{prefix}:probe:{n}"))
+        .find(|key| slot(key) != slot(&first));
+    std::iter::once(first).chain(other).collect()
+}
+
 /// The probe's cause when `mode: standalone` names a Redis Cluster node.
 const A_CLUSTER_NODE: &str = "the server is a Redis Cluster node, where a request's keys \
      live in different slots: use `mode: cluster`, with the node among the seed `nodes`";
 
 /// Where a job was queued: on a connection its thread's queue has made already, or on one
-/// it makes for this job.
+/// that may still be in the making (within the time making one may take, from when its
+/// queue was made).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Queued {
-    OnConnection,
-    OnNewConnection,
+    Connected,
+    WhileConnecting,
+}
+
+impl Queued {
+    /// For a queue (and its connection) made at `made`, with the store's `timeout`.
+    fn since(made: tokio::time::Instant, timeout: Duration) -> Queued {
+        match made.elapsed() < settings::connect_timeout(timeout) {
+            true => Queued::WhileConnecting,
+            false => Queued::Connected,
+        }
+    }
 }
 
 /// A probe's exchange, answered within `timeout` or not. A late answer is waited for a
@@ -804,6 +842,22 @@ pub(super) async fn answer_in_time<T>(
         Ok(Err(error)) => Err(error.to_string()),
         Ok(Ok(_)) => Err(format!("answered, but after more than {timeout:?}")),
         Err(_) => Err(format!("no answer within {:?}", timeout + CAUSE_WAIT)),
+    }
+}
+
+#[cfg(test)]
+mod probe_key_tests {
+    use super::keys_in_two_slots;
+
+    #[test]
+    fn the_probe_reads_two_keys_in_different_slots_where_there_can_be_two() {
+        let slot = |key: &str| crc16::State::<crc16::XMODEM>::calculate(key.as_bytes()) % 16384;
+        let keys = keys_in_two_slots("reset-gateway");
+        assert_eq!(keys[0], "reset-gateway:probe");
+        assert!(keys[1].starts_with("reset-gateway:probe:"), "{keys:?}");
+        assert_ne!(slot(&keys[0]), slot(&keys[1]));
+        // A hash tag in the prefix puts every key in one slot: one key is read.
+        assert_eq!(keys_in_two_slots("{rg}"), ["{rg}:probe"]);
     }
 }
 

@@ -1097,6 +1097,25 @@ mod redis_store {
         assert!(rig.handle.store_ready(), "the probe finds Redis serving");
     }
 
+    /// The same Redis (30 ms a round trip, 50 ms timeout), eight requests at once as the
+    /// thread's first: all wait for the connection being made, not only the one its queue
+    /// was made for.
+    #[tokio::test]
+    async fn a_burst_on_a_new_connection_is_decided_whole() {
+        let server = RedisServer::start();
+        let away = test_support::DelayProxy::start(server.addr(), Duration::from_millis(15));
+        let mut store = redis_store(&server, OnError::Deny);
+        if let Some(redis) = store.redis.as_mut() {
+            redis.url = away.url();
+            redis.timeout = Duration::from_millis(50);
+        }
+        let rig = rig_with("  per_email: [{ requests: 100, per: 1h }]\n", "", store);
+        let burst = (0..8).map(|i| rig.status(ask(&format!("b{i}@b.io"))));
+        let statuses = futures_util::future::join_all(burst).await;
+        assert_eq!(statuses, [200; 8]);
+        assert_eq!(rig.handle.store_errors(), 0);
+    }
+
     /// Waits up to two seconds for `count` to fall to `to`; what it is then.
     pub(super) async fn falls_to(to: usize, count: impl Fn() -> usize) -> usize {
         counted_until(Duration::from_secs(2), count, |n| n <= to).await

@@ -515,7 +515,7 @@ pub(super) async fn run_batches(
             // script call itself is never made twice: a connection that closes after it
             // was written may have run it.
             let ping = redis::cmd("PING");
-            let wait = settings::connect_timeout(timeout) + timeout;
+            let wait = settings::connect_timeout(timeout);
             let pinged = tokio::time::timeout(wait, ping.query_async::<()>(&mut connection));
             if let Ok(Ok(())) = pinged.await {
                 keep_alive.liveness.answered();

@@ -847,9 +847,11 @@ struct ThreadQueues {
     unplaced: mpsc::Sender<Job>,
     masters: Mutex<Vec<Option<mpsc::Sender<Job>>>>,
     /// How many of the masters' tasks have had a call answered: until each master the slot
-    /// map names has, a request may be the one its connection is made for, and waits as
-    /// long as making a connection may take (at least 250 ms) rather than `timeout`.
+    /// map names has, within the time making a connection may take (at least 250 ms) from
+    /// when these queues were made, a request may be one a connection is made for, and
+    /// waits that long rather than `timeout`.
     connected: AtomicUsize,
+    made: tokio::time::Instant,
     connection: redis::cluster_async::ClusterConnection,
     nodes: Arc<NodeCalls>,
     script: Arc<redis::Script>,
@@ -857,6 +859,14 @@ struct ThreadQueues {
 }
 
 impl ThreadQueues {
+    /// Whether this thread's connections may still be in the making: fewer than `masters`
+    /// of its masters' tasks have had a call answered, within the time making a
+    /// connection may take from when these queues were made ([`Self::connected`]).
+    fn connecting(&self, masters: usize) -> bool {
+        self.connected.load(Ordering::Relaxed) < masters
+            && self.made.elapsed() < settings::connect_timeout(self.timeout)
+    }
+
     /// Hands `job` to its master's queue when the slot map placed it, else to be placed.
     fn enqueue(self: &Arc<Self>, job: Job, owner: Option<u16>) -> Result<(), String> {
         let job = match owner {
@@ -911,7 +921,7 @@ async fn run_unplaced(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQueues>
             continue;
         };
         let mut map = queues.nodes.slot_map(&queues.connection, queues.timeout);
-        if map.is_none() && queues.connected.load(Ordering::Relaxed) == 0 {
+        if map.is_none() && queues.connecting(1) {
             // This thread's first requests: the map being read (over connections of the
             // gateway's own, given the time making one takes) is waited for, rather than
             // sending them through the cluster client, whose connection may still be in
@@ -920,7 +930,7 @@ async fn run_unplaced(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQueues>
             tokio::pin!(done);
             done.as_mut().enable();
             if queues.nodes.reading.load(Ordering::Acquire) {
-                let wait = settings::connect_timeout(queues.timeout) + queues.timeout;
+                let wait = settings::connect_timeout(queues.timeout);
                 let _ = tokio::time::timeout(wait, done).await;
                 map = queues.nodes.slot_map(&queues.connection, queues.timeout);
             }
@@ -973,8 +983,11 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
                 None => return,
             },
             () = &mut idle => {
-                if let Some((_, connection)) = &master {
-                    keep_alive.ping_if_due(connection, timeout);
+                match &master {
+                    Some((_, connection)) => keep_alive.ping_if_due(connection, timeout),
+                    // No connection to keep (the next call makes one): not due again
+                    // until the next interval, rather than at once, forever.
+                    None => keep_alive.sent(),
                 }
                 idle.as_mut().reset(keep_alive.due());
                 continue;
@@ -1005,7 +1018,7 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
             // sent that a closed connection would fail (a failure that cannot tell
             // whether the script ran). As in the other modes.
             let ping = redis::cmd("PING");
-            let wait = settings::connect_timeout(timeout) + timeout;
+            let wait = settings::connect_timeout(timeout);
             let pinged = tokio::time::timeout(wait, ping.query_async::<()>(connection)).await;
             let answered = match &pinged {
                 Ok(Ok(())) => {
@@ -1033,7 +1046,7 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
         // The first call makes the connection too (the requests' own deadline allows
         // for it: [`ThreadQueues::connected`]).
         let wait = match keep_alive.liveness.silent() {
-            true => settings::connect_timeout(timeout) + timeout,
+            true => settings::connect_timeout(timeout),
             false => timeout,
         };
         let decided = tokio::time::timeout(wait, nodes.call(&batch, slot, &mut master))
@@ -1167,11 +1180,11 @@ fn by_tags(batch: Vec<Job>, queues: &ThreadQueues) {
             .into_iter()
             .partition(|job| job.charges.as_slice().first().copied() == tag);
         batch = rest;
-        // Until a call of this thread's has been answered, its cluster connection may
-        // still be in the making (the requests' deadline allows for it).
-        let wait = match queues.connected.load(Ordering::Relaxed) {
-            0 => settings::connect_timeout(queues.timeout) + queues.timeout,
-            _ => queues.timeout,
+        // While this thread's connections may still be in the making, its cluster
+        // connection may be too (the requests' deadline allows for it).
+        let wait = match queues.connecting(1) {
+            true => settings::connect_timeout(queues.timeout),
+            false => queues.timeout,
         };
         tokio::spawn(call_by_tag(
             same,
@@ -1380,9 +1393,9 @@ impl RedisStore {
                 .load()
                 .as_ref()
                 .map_or(0, |m| m.masters.len());
-            let wait = match queues.connected.load(Ordering::Relaxed) >= masters.max(1) {
-                true => store.timeout,
-                false => settings::connect_timeout(store.timeout),
+            let wait = match queues.connecting(masters.max(1)) {
+                true => settings::connect_timeout(store.timeout),
+                false => store.timeout,
             };
             let decided = tokio::time::timeout(wait, store.decide_groups(&queues, &specs, charges));
             let decision = match decided.await {
@@ -1446,6 +1459,7 @@ impl RedisStore {
                     unplaced,
                     masters: Mutex::new(Vec::new()),
                     connected: AtomicUsize::new(0),
+                    made: tokio::time::Instant::now(),
                     connection: cluster.connection(),
                     nodes: cluster.nodes.clone(),
                     script: self.script.clone(),
