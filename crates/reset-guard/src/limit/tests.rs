@@ -1072,6 +1072,18 @@ mod redis_store {
         }
     }
 
+    /// A store (`deny`, a 50 ms timeout) reaching `server` through a proxy that makes
+    /// each round trip 30 ms, and the proxy.
+    fn thirty_ms_away(server: &RedisServer) -> (test_support::DelayProxy, StoreSettings) {
+        let away = test_support::DelayProxy::start(server.addr(), Duration::from_millis(15));
+        let mut store = redis_store(server, OnError::Deny);
+        if let Some(redis) = store.redis.as_mut() {
+            redis.url = away.url();
+            redis.timeout = Duration::from_millis(50);
+        }
+        (away, store)
+    }
+
     /// Redis a network away (30 ms a round trip) with a 50 ms timeout: the probe, each of
     /// whose exchanges is a round trip, finds it serving; the first request (for which its
     /// thread's connection is made) and requests after pauses past the idle check (the
@@ -1080,12 +1092,7 @@ mod redis_store {
     #[tokio::test]
     async fn redis_a_round_trip_under_the_timeout_away_decides_every_request() {
         let server = RedisServer::start();
-        let away = test_support::DelayProxy::start(server.addr(), Duration::from_millis(15));
-        let mut store = redis_store(&server, OnError::Deny);
-        if let Some(redis) = store.redis.as_mut() {
-            redis.url = away.url();
-            redis.timeout = Duration::from_millis(50);
-        }
+        let (_away, store) = thirty_ms_away(&server);
         let rig = rig_with("  per_email: [{ requests: 100, per: 1h }]\n", "", store);
         let mut statuses = vec![rig.status(ask("first@b.io")).await];
         for i in 0..3 {
@@ -1103,12 +1110,7 @@ mod redis_store {
     #[tokio::test]
     async fn a_burst_on_a_new_connection_is_decided_whole() {
         let server = RedisServer::start();
-        let away = test_support::DelayProxy::start(server.addr(), Duration::from_millis(15));
-        let mut store = redis_store(&server, OnError::Deny);
-        if let Some(redis) = store.redis.as_mut() {
-            redis.url = away.url();
-            redis.timeout = Duration::from_millis(50);
-        }
+        let (_away, store) = thirty_ms_away(&server);
         let rig = rig_with("  per_email: [{ requests: 100, per: 1h }]\n", "", store);
         let burst = (0..8).map(|i| rig.status(ask(&format!("b{i}@b.io"))));
         let statuses = futures_util::future::join_all(burst).await;

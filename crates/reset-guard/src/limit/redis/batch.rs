@@ -487,21 +487,10 @@ pub(super) async fn run_batches(
 ) {
     let mut connection = connection;
     let mut keep_alive = KeepAlive::new();
-    let idle = tokio::time::sleep_until(keep_alive.due());
-    tokio::pin!(idle);
-    loop {
-        let first = tokio::select! {
-            biased;
-            job = queue.recv() => match job {
-                Some(job) => job,
-                None => return,
-            },
-            () = &mut idle => {
-                keep_alive.ping_if_due(&connection, timeout);
-                idle.as_mut().reset(keep_alive.due());
-                continue;
-            }
-        };
+    while let Some(first) = keep_alive
+        .next_job(&mut queue, Some(&connection), timeout)
+        .await
+    {
         // The first job's sender woke this task, which the runtime may run next, before
         // the other requests ready to run have sent theirs: let them.
         tokio::task::yield_now().await;

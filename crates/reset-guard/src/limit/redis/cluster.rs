@@ -973,25 +973,10 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
     let mut keep_alive = KeepAlive::new();
     // Whether a call of this task has been answered yet ([`ThreadQueues::connected`]).
     let mut connected = false;
-    let idle = tokio::time::sleep_until(keep_alive.due());
-    tokio::pin!(idle);
     loop {
-        let first = tokio::select! {
-            biased;
-            job = queue.recv() => match job {
-                Some(job) => job,
-                None => return,
-            },
-            () = &mut idle => {
-                match &master {
-                    Some((_, connection)) => keep_alive.ping_if_due(connection, timeout),
-                    // No connection to keep (the next call makes one): not due again
-                    // until the next interval, rather than at once, forever.
-                    None => keep_alive.sent(),
-                }
-                idle.as_mut().reset(keep_alive.due());
-                continue;
-            }
+        let connection = master.as_ref().map(|(_, connection)| connection);
+        let Some(first) = keep_alive.next_job(&mut queue, connection, timeout).await else {
+            return;
         };
         // The first job's sender woke this task, which the runtime may run next, before
         // the other requests answered by the same reply have sent theirs: let them.

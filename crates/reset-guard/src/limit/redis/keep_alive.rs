@@ -74,13 +74,43 @@ pub(super) struct KeepAlive {
     /// When anything was last sent over the connection (a call, or a `PING`).
     last_sent: Instant,
     pub(super) liveness: Arc<Liveness>,
+    /// Fires when a `PING` is next due, if nothing is sent before.
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl KeepAlive {
     pub(super) fn new() -> Self {
+        let last_sent = Instant::now();
         KeepAlive {
-            last_sent: Instant::now(),
+            last_sent,
             liveness: Liveness::new(),
+            idle: Box::pin(tokio::time::sleep_until(last_sent + IDLE_CHECK)),
+        }
+    }
+
+    /// The next job of a batching task's `queue` (none once every sender is gone); while
+    /// none comes, `connection`, if the task has one, is kept alive.
+    pub(super) async fn next_job<J>(
+        &mut self,
+        queue: &mut tokio::sync::mpsc::Receiver<J>,
+        connection: Option<&ConnectionManager>,
+        timeout: Duration,
+    ) -> Option<J> {
+        loop {
+            tokio::select! {
+                biased;
+                job = queue.recv() => return job,
+                () = &mut self.idle => {
+                    match connection {
+                        Some(connection) => self.ping_if_due(connection, timeout),
+                        // No connection to keep (the next call makes one): not due again
+                        // until the next interval, rather than at once, forever.
+                        None => self.sent(),
+                    }
+                    let due = self.due();
+                    self.idle.as_mut().reset(due);
+                }
+            }
         }
     }
 

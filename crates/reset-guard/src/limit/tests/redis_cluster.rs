@@ -506,6 +506,29 @@ fn lone_cluster_node(name: &str) -> (RedisServer, std::path::PathBuf) {
     (test_support::lone_cluster_node(&dir), dir)
 }
 
+/// Has a lone cluster node serve every slot and tell clients `port` (a proxy's in front
+/// of it) as its own; returns once it says so and the cluster is whole.
+async fn serve_every_slot_announcing(node: &RedisServer, port: u16) {
+    node.command("CLUSTER ADDSLOTSRANGE 0 16383").unwrap();
+    node.command("CONFIG SET cluster-announce-ip 127.0.0.1")
+        .unwrap();
+    node.command(&format!("CONFIG SET cluster-announce-port {port}"))
+        .unwrap();
+    node.command(&format!(
+        "CONFIG SET cluster-announce-bus-port {}",
+        node.port() + 10_000
+    ))
+    .unwrap();
+    for _ in 0..100 {
+        let slots = node.command("CLUSTER SLOTS").unwrap_or_default();
+        let info = node.command("CLUSTER INFO").unwrap_or_default();
+        if info.contains("cluster_state:ok") && slots.contains(&port.to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One master holding every slot, which tells clients a [`ReplyDropper`]'s port as its
 /// own, and a rig deciding per_ip (two an hour, `deny`) there: the node, its directory,
 /// the proxy and the rig.
@@ -519,24 +542,7 @@ async fn behind_a_reply_dropper() -> (RedisServer, std::path::PathBuf, ReplyDrop
     );
     let sha = redis::Script::new(&batched).get_hash().to_owned();
     let proxy = ReplyDropper::start(port, sha).await;
-    node.command("CLUSTER ADDSLOTSRANGE 0 16383").unwrap();
-    node.command("CONFIG SET cluster-announce-ip 127.0.0.1")
-        .unwrap();
-    node.command(&format!("CONFIG SET cluster-announce-port {}", proxy.port))
-        .unwrap();
-    node.command(&format!(
-        "CONFIG SET cluster-announce-bus-port {}",
-        port + 10_000
-    ))
-    .unwrap();
-    for _ in 0..100 {
-        let slots = node.command("CLUSTER SLOTS").unwrap_or_default();
-        let info = node.command("CLUSTER INFO").unwrap_or_default();
-        if info.contains("cluster_state:ok") && slots.contains(&proxy.port.to_string()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    serve_every_slot_announcing(&node, proxy.port).await;
     let mut settings =
         RedisSettings::cluster(&[format!("redis://127.0.0.1:{}", proxy.port)]).unwrap();
     settings.key_prefix = "lost".to_owned();
@@ -562,26 +568,8 @@ async fn behind_a_reply_dropper() -> (RedisServer, std::path::PathBuf, ReplyDrop
 #[tokio::test]
 async fn a_cluster_a_round_trip_under_the_timeout_away_decides_every_request() {
     let (node, dir) = lone_cluster_node("away");
-    let port = node.port();
     let away = test_support::DelayProxy::start(node.addr(), Duration::from_millis(15));
-    node.command("CLUSTER ADDSLOTSRANGE 0 16383").unwrap();
-    node.command("CONFIG SET cluster-announce-ip 127.0.0.1")
-        .unwrap();
-    node.command(&format!("CONFIG SET cluster-announce-port {}", away.port()))
-        .unwrap();
-    node.command(&format!(
-        "CONFIG SET cluster-announce-bus-port {}",
-        port + 10_000
-    ))
-    .unwrap();
-    for _ in 0..100 {
-        let slots = node.command("CLUSTER SLOTS").unwrap_or_default();
-        let info = node.command("CLUSTER INFO").unwrap_or_default();
-        if info.contains("cluster_state:ok") && slots.contains(&away.port().to_string()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    serve_every_slot_announcing(&node, away.port()).await;
     let mut settings = RedisSettings::cluster(&[away.url()]).unwrap();
     settings.key_prefix = "away".to_owned();
     settings.timeout = Duration::from_millis(50);
