@@ -543,18 +543,10 @@ async fn behind_a_reply_dropper() -> (RedisServer, std::path::PathBuf, ReplyDrop
     let sha = redis::Script::new(&batched).get_hash().to_owned();
     let proxy = ReplyDropper::start(port, sha).await;
     serve_every_slot_announcing(&node, proxy.port).await;
-    let mut settings =
-        RedisSettings::cluster(&[format!("redis://127.0.0.1:{}", proxy.port)]).unwrap();
-    settings.key_prefix = "lost".to_owned();
-    settings.timeout = Duration::from_millis(1000);
-    settings.on_error = OnError::Deny;
     let rig = rig_in(
         "  per_ip: [{ requests: 2, per: 1h }]\n  per_client: []\n  per_email: []\n  global: []\n",
         "",
-        StoreSettings {
-            redis: Some(settings),
-            ..StoreSettings::default()
-        },
+        store_seeded_by(&[format!("redis://127.0.0.1:{}", proxy.port)], "lost"),
         ManualClock::new(),
     );
     (node, dir, proxy, rig)
@@ -570,17 +562,14 @@ async fn a_cluster_a_round_trip_under_the_timeout_away_decides_every_request() {
     let (node, dir) = lone_cluster_node("away");
     let away = test_support::DelayProxy::start(node.addr(), Duration::from_millis(15));
     serve_every_slot_announcing(&node, away.port()).await;
-    let mut settings = RedisSettings::cluster(&[away.url()]).unwrap();
-    settings.key_prefix = "away".to_owned();
-    settings.timeout = Duration::from_millis(50);
-    settings.on_error = OnError::Deny;
+    let mut store = store_seeded_by(&[away.url()], "away");
+    if let Some(redis) = store.redis.as_mut() {
+        redis.timeout = Duration::from_millis(50);
+    }
     let rig = rig_in(
         "  per_email: [{ requests: 100, per: 1h }]\n",
         "",
-        StoreSettings {
-            redis: Some(settings),
-            ..StoreSettings::default()
-        },
+        store,
         ManualClock::new(),
     );
     let mut statuses = vec![rig.status(ask("first@b.io")).await];
