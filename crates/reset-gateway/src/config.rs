@@ -59,8 +59,9 @@ pub struct Settings {
     /// Logging.
     pub log: LogConfig,
     /// The files besides this one that a reload reads again (the API key file, the TLS
-    /// certificate and key, `upstream.ca_file`): a change to one is a change to the
-    /// configuration.
+    /// certificate and key, `upstream.ca_file`, and the store's secret and Redis files):
+    /// a change to one is a change to the configuration (for the store's, one that needs a
+    /// restart, which the reload says).
     pub reread_files: Vec<PathBuf>,
 }
 
@@ -81,6 +82,17 @@ impl GatewayConfig {
                     .tls
                     .iter()
                     .flat_map(|tls| [&tls.cert_file, &tls.key_file]),
+            )
+            .chain(self.store.key_secret_file.iter())
+            .chain(
+                [
+                    &self.store.redis.password_file,
+                    &self.store.redis.ca_file,
+                    &self.store.redis.cert_file,
+                    &self.store.redis.key_file,
+                ]
+                .into_iter()
+                .flatten(),
             )
             .cloned()
             .collect()

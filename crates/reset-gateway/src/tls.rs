@@ -82,10 +82,12 @@ pub fn certified_key(
     key_file: &Path,
 ) -> anyhow::Result<CertifiedKey> {
     let chain = read_certificates(&format!("{section}.cert_file"), cert_file)?;
+    let pem = std::fs::read(key_file)
+        .with_context(|| format!("{section}.key_file: cannot read {}", key_file.display()))?;
     // The key's own parse error is not shown: it could quote key material.
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|_| {
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
         anyhow::anyhow!(
-            "{section}.key_file: no PEM private key in {}",
+            "{section}.key_file: no PEM private key in {} (an encrypted key is not read)",
             key_file.display()
         )
     })?;

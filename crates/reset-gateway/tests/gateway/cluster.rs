@@ -824,10 +824,14 @@ async fn a_seed_serving_no_slot_is_reported_down_with_the_reason() {
 async fn a_cluster_node_given_as_a_standalone_server_is_reported_with_the_mode_to_use() {
     let cluster = RedisCluster::start();
     let mock = MockServer::start(mock_config()).await.unwrap();
-    for node in &cluster.nodes {
-        let yaml = crate::redis::redis_yaml_at(&mock, &node.url(), "", "deny");
+    // And a node whose slots are not assigned yet (CLUSTERDOWN).
+    let nodes = tempfile::tempdir().unwrap();
+    let lone = test_support::lone_cluster_node(nodes.path());
+    let urls = cluster.nodes.iter().chain([&lone]).map(|node| node.url());
+    for url in urls {
+        let yaml = crate::redis::redis_yaml_at(&mock, &url, "", "deny");
         let (line, _) = probe_failure(&yaml).await;
-        assert!(line.contains("Redis Cluster node"), "{line}");
-        assert!(line.contains("mode: cluster"), "{line}");
+        assert!(line.contains("Redis Cluster node"), "{url}: {line}");
+        assert!(line.contains("mode: cluster"), "{url}: {line}");
     }
 }

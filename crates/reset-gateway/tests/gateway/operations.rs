@@ -1311,3 +1311,47 @@ async fn a_text_log_event_is_one_line_whatever_its_values_hold() {
         );
     }
 }
+
+/// The store's files are watched like the configuration: a Redis password file rotated in
+/// place (a Secret) is noticed without a signal, and said to need a restart (the password
+/// is read at start), with the restart-pending gauge set.
+#[tokio::test]
+async fn a_rotated_redis_password_file_is_said_to_need_a_restart() {
+    let redis = test_support::RedisServer::start_with(test_support::RedisOptions {
+        password: Some("first-redis-password".to_owned()),
+        ..Default::default()
+    });
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("redis-password");
+    std::fs::write(&password, "first-redis-password\n").unwrap();
+    let yaml = crate::redis::redis_yaml_at(
+        &mock,
+        &redis.url(),
+        &format!("    password_file: {}\n", password.display()),
+        "deny",
+    );
+    let path = dir.path().join("gateway.yaml");
+    write(&path, &yaml);
+    let gw = spawn_gateway(&path);
+    std::fs::write(&password, "second-redis-password\n").unwrap();
+    let warning = poll_until(
+        250,
+        async || {
+            gw.logs()
+                .into_iter()
+                .find(|l| l.contains("change only on restart"))
+        },
+        Option::is_some,
+    )
+    .await
+    .expect("a warning, with no signal sent");
+    assert!(warning.contains("store.redis.password"), "{warning}");
+    assert!(!warning.contains("second-redis-password"), "{warning}");
+    let get = b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
+    let pending = sample(
+        &raw(gw.admin, get).await.body,
+        "reset_gateway_config_restart_pending",
+    );
+    assert_eq!(pending, Some(1.0));
+}

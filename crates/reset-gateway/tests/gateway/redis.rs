@@ -567,6 +567,23 @@ async fn a_client_certificate_for_a_redis_that_asks_for_one() {
         .unwrap_err()
         .to_string();
     assert!(error.starts_with("store.redis.cert_file"), "{error}");
+    let missing = redis_yaml_at(
+        &mock,
+        &tls_url,
+        &format!(
+            "    cert_file: {}\n    key_file: {}\n",
+            cert.display(),
+            dir.path().join("no-such-key.pem").display()
+        ),
+        "deny",
+    );
+    let error = reset_gateway::GatewayConfig::from_yaml(&missing)
+        .unwrap()
+        .validate_with_key(&missing, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(error.starts_with("store.redis.key_file (line "), "{error}");
+    assert!(error.contains("cannot read"), "{error}");
     let plain = redis_yaml_at(&mock, &redis.url(), &client_certificate, "deny");
     let error = reset_gateway::GatewayConfig::from_yaml(&plain)
         .unwrap()
@@ -607,6 +624,23 @@ async fn a_scheme_that_does_not_match_the_port_is_hinted_at() {
         let line = probe_failure_line(&gateway).await;
         assert!(line.contains(hint), "{url}: {line}");
     }
+    // A TLS Redis that served, then stalls: no hint about TLS.
+    let tls_url = redis.tls_url("localhost").unwrap();
+    let yaml = redis_yaml_at(
+        &mock,
+        &tls_url,
+        &format!("    ca_file: {}\n", ca.display()),
+        "deny",
+    );
+    let config = dir.path().join("served.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = crate::process::spawn_gateway(&config);
+    let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+    assert_eq!(raw(gateway.addr, request.as_bytes()).await.status, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    redis.command("CLIENT PAUSE 3000 ALL").unwrap();
+    let line = probe_failure_line(&gateway).await;
+    assert!(!line.contains("rediss://"), "{line}");
 }
 
 #[test]

@@ -144,6 +144,9 @@ pub(crate) struct RedisStore {
     /// way: one can time out while Redis serves, or be decided by the masters of a cluster
     /// that are left; and the probe remakes the connections before it says Redis is back.
     healthy: AtomicBool,
+    /// Whether the probe has ever found Redis serving (a TLS hint is for a server never
+    /// reached: [`with_tls_hint`]).
+    ever_served: AtomicBool,
     /// Set when the probe failed (its own connection breaks with every restart of Redis,
     /// however short); cleared by its next success, which then counts a reconnect.
     broken: AtomicBool,
@@ -235,6 +238,7 @@ impl RedisStore {
             timeout: settings.timeout,
             on_error: settings.on_error,
             healthy: AtomicBool::new(true),
+            ever_served: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
             probe_failure: Mutex::new(CauseLog::default()),
@@ -355,7 +359,14 @@ impl RedisStore {
                 async { Ok::<_, String>(read.query_async::<redis::Value>(&mut connection).await) };
             let connect = settings::connect_timeout(self.timeout);
             match answer_in_time(connect, asked).await? {
-                Err(error) if error.code() == Some("CROSSSLOT") => {
+                // (A node whose slots are not assigned answers CLUSTERDOWN; one that does
+                // not serve the keys' slots, MOVED or ASK.)
+                Err(error)
+                    if matches!(
+                        error.code(),
+                        Some("CROSSSLOT" | "CLUSTERDOWN" | "MOVED" | "ASK")
+                    ) =>
+                {
                     return Err(A_CLUSTER_NODE.to_owned())
                 }
                 Err(error) if error.code().is_none() => return Err(error.to_string()),
@@ -410,11 +421,17 @@ impl RedisStore {
                     tracing::info!(target: "reset_guard::limit", failed, "Redis answers the probe again");
                 }
                 self.healthy.store(true, Ordering::Release);
+                self.ever_served.store(true, Ordering::Relaxed);
                 true
             }
             Err(cause) => {
                 self.broken.store(true, Ordering::Relaxed);
-                let cause = with_tls_hint(cause, self.settings.url.starts_with("rediss"));
+                // A hint about TLS only while Redis has never served: a stall or restart
+                // of one that did is no matter of TLS.
+                let cause = match self.ever_served.load(Ordering::Relaxed) {
+                    true => cause,
+                    false => with_tls_hint(cause, self.settings.url.starts_with("rediss")),
+                };
                 if last.is_new(&cause, self.clock.now()) {
                     tracing::warn!(target: "reset_guard::limit", error = %cause, "Redis does not answer the probe");
                 }

@@ -838,6 +838,9 @@ thread_local! {
     static CLUSTER_QUEUES: std::cell::RefCell<Vec<QueuesOfThread>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// A master's queue on one thread, and when its task (and connection) was started.
+type MasterQueue = (mpsc::Sender<Job>, tokio::time::Instant);
+
 /// One thread's queues to a cluster: one per master (by its index in the slot map), each
 /// with a task making that master's calls, started on first use; and one for the jobs
 /// whose master is not known (no slot map when their request started), which go where the
@@ -845,7 +848,7 @@ thread_local! {
 /// [`QUEUE_LIMIT`] jobs; beyond that a request fails at once, as `on_error` says.
 struct ThreadQueues {
     unplaced: mpsc::Sender<Job>,
-    masters: Mutex<Vec<Option<mpsc::Sender<Job>>>>,
+    masters: Mutex<Vec<Option<MasterQueue>>>,
     /// How many of the masters' tasks have had a call answered: until each master the slot
     /// map names has, within the time making a connection may take (at least 250 ms) from
     /// when these queues were made, a request may be one a connection is made for, and
@@ -859,12 +862,31 @@ struct ThreadQueues {
 }
 
 impl ThreadQueues {
-    /// Whether this thread's connections may still be in the making: fewer than `masters`
-    /// of its masters' tasks have had a call answered, within the time making a
-    /// connection may take from when these queues were made ([`Self::connected`]).
-    fn connecting(&self, masters: usize) -> bool {
-        self.connected.load(Ordering::Relaxed) < masters
+    /// Whether this thread's first connections may still be in the making: none of its
+    /// masters' tasks has had a call answered, within the time making a connection may
+    /// take from when these queues were made ([`Self::connected`]).
+    fn young(&self) -> bool {
+        self.connected.load(Ordering::Relaxed) == 0
             && self.made.elapsed() < settings::connect_timeout(self.timeout)
+    }
+
+    /// Whether a request may be one that a connection to a master is made for: these
+    /// queues are [young](Self::young), or fewer than the `masters` the slot map names
+    /// have had a call answered and one of them has no task on this thread yet, or one
+    /// started within the time making a connection may take.
+    fn connecting(&self, masters: usize) -> bool {
+        if self.young() {
+            return true;
+        }
+        if self.connected.load(Ordering::Relaxed) >= masters {
+            return false;
+        }
+        let window = settings::connect_timeout(self.timeout);
+        let started = self.masters.lock().unwrap_or_else(|e| e.into_inner());
+        (0..masters).any(|i| {
+            let task = started.get(i).and_then(Option::as_ref);
+            task.is_none_or(|(_, at)| at.elapsed() < window)
+        })
     }
 
     /// Hands `job` to its master's queue when the slot map placed it, else to be placed.
@@ -897,14 +919,14 @@ impl ThreadQueues {
         // A task that stopped (it panicked) is replaced.
         if masters[index]
             .as_ref()
-            .is_some_and(|sender| sender.is_closed())
+            .is_some_and(|(sender, _)| sender.is_closed())
         {
             masters[index] = None;
         }
-        let sender = masters[index].get_or_insert_with(|| {
+        let (sender, _) = masters[index].get_or_insert_with(|| {
             let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
             tokio::spawn(run_master_batches(receiver, Arc::downgrade(self)));
-            sender
+            (sender, tokio::time::Instant::now())
         });
         sender.try_send(job)
     }
@@ -921,7 +943,7 @@ async fn run_unplaced(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQueues>
             continue;
         };
         let mut map = queues.nodes.slot_map(&queues.connection, queues.timeout);
-        if map.is_none() && queues.connecting(1) {
+        if map.is_none() && queues.young() {
             // This thread's first requests: the map being read (over connections of the
             // gateway's own, given the time making one takes) is waited for, rather than
             // sending them through the cluster client, whose connection may still be in
@@ -1167,7 +1189,7 @@ fn by_tags(batch: Vec<Job>, queues: &ThreadQueues) {
         batch = rest;
         // While this thread's connections may still be in the making, its cluster
         // connection may be too (the requests' deadline allows for it).
-        let wait = match queues.connecting(1) {
+        let wait = match queues.young() {
             true => settings::connect_timeout(queues.timeout),
             false => queues.timeout,
         };
@@ -1378,7 +1400,7 @@ impl RedisStore {
                 .load()
                 .as_ref()
                 .map_or(0, |m| m.masters.len());
-            let wait = match queues.connecting(masters.max(1)) {
+            let wait = match queues.connecting(masters) {
                 true => settings::connect_timeout(store.timeout),
                 false => store.timeout,
             };

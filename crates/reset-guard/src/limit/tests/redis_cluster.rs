@@ -1173,6 +1173,80 @@ async fn a_silent_first_seed_fails_no_request() {
     assert_eq!(statuses, [200; 10]);
 }
 
+/// Two masters, each a network away (30 ms a round trip; each tells clients its own
+/// delaying proxy's port), 50 ms timeout: the first request to the second master, made
+/// after the thread's first quarter second, waits for its connection to be made too,
+/// rather than failing.
+#[tokio::test]
+async fn a_master_first_reached_later_gets_its_connection_made() {
+    let (one, one_dir) = lone_cluster_node("later-one");
+    let (two, two_dir) = lone_cluster_node("later-two");
+    let delay = Duration::from_millis(15);
+    let proxies = [
+        test_support::DelayProxy::start(one.addr(), delay),
+        test_support::DelayProxy::start(two.addr(), delay),
+    ];
+    one.command(&format!("CLUSTER MEET 127.0.0.1 {}", two.port()))
+        .unwrap();
+    for (node, range, proxy) in [
+        (&one, "0 8191", &proxies[0]),
+        (&two, "8192 16383", &proxies[1]),
+    ] {
+        node.command(&format!("CLUSTER ADDSLOTSRANGE {range}"))
+            .unwrap();
+        node.command("CONFIG SET cluster-announce-ip 127.0.0.1")
+            .unwrap();
+        node.command(&format!(
+            "CONFIG SET cluster-announce-port {}",
+            proxy.port()
+        ))
+        .unwrap();
+        node.command(&format!(
+            "CONFIG SET cluster-announce-bus-port {}",
+            node.port() + 10_000
+        ))
+        .unwrap();
+    }
+    let whole = |node: &RedisServer| {
+        let slots = node.command("CLUSTER SLOTS").unwrap_or_default();
+        let info = node.command("CLUSTER INFO").unwrap_or_default();
+        info.contains("cluster_state:ok")
+            && proxies
+                .iter()
+                .all(|p| slots.contains(&p.port().to_string()))
+    };
+    for _ in 0..200 {
+        if whole(&one) && whole(&two) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(whole(&one) && whole(&two), "the two masters never agreed");
+    let mut store = store_seeded_by(&[proxies[0].url()], "later");
+    if let Some(redis) = store.redis.as_mut() {
+        redis.timeout = Duration::from_millis(50);
+    }
+    let rig = rig_in(
+        "  per_email: [{ requests: 100, per: 1h }]\n",
+        "",
+        store,
+        ManualClock::new(),
+    );
+    let mut statuses = vec![rig.status(ask("first@b.io")).await];
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for i in 0..12 {
+        statuses.push(rig.status(ask(&format!("later{i}@b.io"))).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let errors = rig.handle.store_errors();
+    drop(rig);
+    drop((one, two));
+    let _ = std::fs::remove_dir_all(one_dir);
+    let _ = std::fs::remove_dir_all(two_dir);
+    assert_eq!(statuses, [200; 13]);
+    assert_eq!(errors, 0);
+}
+
 /// CPU seconds (user and system) this process has used so far.
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
