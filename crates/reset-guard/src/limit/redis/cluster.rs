@@ -870,22 +870,29 @@ impl ThreadQueues {
             && self.made.elapsed() < settings::connect_timeout(self.timeout)
     }
 
-    /// Whether a request may be one that a connection to a master is made for: these
-    /// queues are [young](Self::young), or fewer than the `masters` the slot map names
-    /// have had a call answered and one of them has no task on this thread yet, or one
-    /// started within the time making a connection may take.
-    fn connecting(&self, masters: usize) -> bool {
+    /// Whether a request charging `charges` may be one that a connection to a master is
+    /// made for: these queues are [young](Self::young), or not every master the slot map
+    /// names has had a call answered here, and a master this request's keys are on has no
+    /// task on this thread yet, or one started within the time making a connection may
+    /// take. (Only the request's own masters: a master this thread's traffic never
+    /// reaches must not lengthen every request's wait.)
+    fn connecting(&self, nodes: &NodeCalls, specs: &RedisSpecs, charges: &Charges) -> bool {
         if self.young() {
             return true;
         }
-        if self.connected.load(Ordering::Relaxed) >= masters {
+        let map = nodes.slots.load();
+        let Some(map) = map.as_ref() else {
+            return false;
+        };
+        if self.connected.load(Ordering::Relaxed) >= map.masters.len() {
             return false;
         }
         let window = settings::connect_timeout(self.timeout);
         let started = self.masters.lock().unwrap_or_else(|e| e.into_inner());
-        (0..masters).any(|i| {
-            let task = started.get(i).and_then(Option::as_ref);
-            task.is_none_or(|(_, at)| at.elapsed() < window)
+        charges.as_slice().iter().any(|(group, hash)| {
+            let owner = usize::from(map.owner[usize::from(specs.slot(*group, *hash))]);
+            let task = started.get(owner).and_then(Option::as_ref);
+            owner != usize::from(u16::MAX) && task.is_none_or(|(_, at)| at.elapsed() < window)
         })
     }
 
@@ -1394,13 +1401,7 @@ impl RedisStore {
             };
             // One timer for the whole request rather than one per group; longer while
             // this thread's connections to the masters are being made.
-            let masters = cluster
-                .nodes
-                .slots
-                .load()
-                .as_ref()
-                .map_or(0, |m| m.masters.len());
-            let wait = match queues.connecting(masters) {
+            let wait = match queues.connecting(&cluster.nodes, &specs, &charges) {
                 true => settings::connect_timeout(store.timeout),
                 false => store.timeout,
             };
