@@ -15,6 +15,15 @@ fn seeded_by(seed: &RedisServer, prefix: &str) -> StoreSettings {
     store_seeded_by(&[seed.url()], prefix)
 }
 
+/// [`store_seeded_by`], with the default 50 ms timeout (as a deployment has it).
+fn store_seeded_by_50ms(seeds: &[String], prefix: &str) -> StoreSettings {
+    let mut store = store_seeded_by(seeds, prefix);
+    if let Some(redis) = store.redis.as_mut() {
+        redis.timeout = Duration::from_millis(50);
+    }
+    store
+}
+
 fn store_seeded_by(seeds: &[String], prefix: &str) -> StoreSettings {
     let mut settings = RedisSettings::cluster(seeds).unwrap();
     settings.key_prefix = prefix.to_owned();
@@ -562,10 +571,7 @@ async fn a_cluster_a_round_trip_under_the_timeout_away_decides_every_request() {
     let (node, dir) = lone_cluster_node("away");
     let away = test_support::DelayProxy::start(node.addr(), Duration::from_millis(15));
     serve_every_slot_announcing(&node, away.port()).await;
-    let mut store = store_seeded_by(&[away.url()], "away");
-    if let Some(redis) = store.redis.as_mut() {
-        redis.timeout = Duration::from_millis(50);
-    }
+    let store = store_seeded_by_50ms(&[away.url()], "away");
     let rig = rig_in(
         "  per_email: [{ requests: 100, per: 1h }]\n",
         "",
@@ -1155,10 +1161,7 @@ async fn a_silent_first_seed_fails_no_request() {
             accepted.push(connection);
         }
     });
-    let mut store = store_seeded_by(&[silent_url, cluster.urls()[0].clone()], "silent");
-    if let Some(redis) = store.redis.as_mut() {
-        redis.timeout = Duration::from_millis(50);
-    }
+    let store = store_seeded_by_50ms(&[silent_url, cluster.urls()[0].clone()], "silent");
     let rig = rig_in(
         "  per_ip: [{ requests: 100, per: 1h }]\n  per_email: [{ requests: 3, per: 1h }]\n",
         "",
@@ -1222,10 +1225,7 @@ async fn a_master_first_reached_later_gets_its_connection_made() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(whole(&one) && whole(&two), "the two masters never agreed");
-    let mut store = store_seeded_by(&[proxies[0].url()], "later");
-    if let Some(redis) = store.redis.as_mut() {
-        redis.timeout = Duration::from_millis(50);
-    }
+    let store = store_seeded_by_50ms(&[proxies[0].url()], "later");
     let rig = rig_in(
         "  per_email: [{ requests: 100, per: 1h }]\n",
         "",
@@ -1285,10 +1285,7 @@ async fn a_master_task_without_a_connection_idles_without_spinning() {
 #[tokio::test]
 async fn a_cluster_away_since_start_costs_requests_the_timeout() {
     let port = test_support::free_port();
-    let mut store = store_seeded_by(&[format!("redis://127.0.0.1:{port}")], "away");
-    if let Some(redis) = store.redis.as_mut() {
-        redis.timeout = Duration::from_millis(50);
-    }
+    let store = store_seeded_by_50ms(&[format!("redis://127.0.0.1:{port}")], "away");
     let rig = rig_in(
         "  per_ip: [{ requests: 100, per: 1h }]\n  per_email: [{ requests: 3, per: 1h }]\n",
         "",
