@@ -849,11 +849,11 @@ type MasterQueue = (mpsc::Sender<Job>, tokio::time::Instant);
 struct ThreadQueues {
     unplaced: mpsc::Sender<Job>,
     masters: Mutex<Vec<Option<MasterQueue>>>,
-    /// How many of the masters' tasks have had a call answered: until each master the slot
-    /// map names has, within the time making a connection may take (at least 250 ms) from
-    /// when these queues were made, a request may be one a connection is made for, and
-    /// waits that long rather than `timeout`.
+    /// How many of the masters' tasks have had a call answered: while some master has not,
+    /// a request may be one a connection is made for, and wait as long as that may take
+    /// (at least 250 ms) rather than `timeout` ([`Self::connecting`]).
     connected: AtomicUsize,
+    /// When these queues were made.
     made: tokio::time::Instant,
     connection: redis::cluster_async::ClusterConnection,
     nodes: Arc<NodeCalls>,
