@@ -426,12 +426,8 @@ impl RedisStore {
             }
             Err(cause) => {
                 self.broken.store(true, Ordering::Relaxed);
-                // A hint about TLS only while Redis has never served: a stall or restart
-                // of one that did is no matter of TLS.
-                let cause = match self.ever_served.load(Ordering::Relaxed) {
-                    true => cause,
-                    false => with_tls_hint(cause, self.settings.url.starts_with("rediss")),
-                };
+                let tls = self.settings.url.starts_with("rediss");
+                let cause = with_tls_hint(cause, tls, self.ever_served.load(Ordering::Relaxed));
                 if last.is_new(&cause, self.clock.now()) {
                     tracing::warn!(target: "reset_guard::limit", error = %cause, "Redis does not answer the probe");
                 }
@@ -786,12 +782,15 @@ pub(super) fn host_name_like(host: &str) -> bool {
 }
 
 /// `cause`, with what TLS may have to do with it: a server asking for a client certificate
-/// the settings do not hold; a server that does not speak TLS (it sends a TLS handshake no
-/// answer, which looks like a hang); a TLS port reached without TLS (it drops the
-/// connection).
-fn with_tls_hint(cause: String, tls: bool) -> String {
+/// the settings do not hold; and, while Redis has never `served` (a stall or restart of one
+/// that did is no matter of TLS), a server that does not speak TLS (it sends a TLS
+/// handshake no answer, which looks like a hang) or a TLS port reached without TLS (it
+/// drops the connection).
+fn with_tls_hint(cause: String, tls: bool, served: bool) -> String {
     let hint = if cause.contains("CertificateRequired") {
         " (the server asks for a client certificate: store.redis.cert_file and key_file)"
+    } else if served {
+        ""
     } else if tls && (cause.contains("no answer") || cause.contains("timed out")) {
         " (if that port does not speak TLS, a TLS handshake gets no answer: rediss:// is for a TLS port)"
     } else if !tls && (cause.contains("reset by peer") || cause.contains("broken pipe")) {
@@ -863,8 +862,28 @@ pub(super) async fn answer_in_time<T>(
 }
 
 #[cfg(test)]
-mod probe_key_tests {
-    use super::keys_in_two_slots;
+mod probe_tests {
+    use super::{keys_in_two_slots, with_tls_hint};
+
+    #[test]
+    fn a_tls_hint_is_given_where_tls_may_be_the_cause() {
+        let certificate = "received fatal alert: CertificateRequired".to_owned();
+        for served in [false, true] {
+            let hinted = with_tls_hint(certificate.clone(), true, served);
+            assert!(hinted.contains("store.redis.cert_file"), "{hinted}");
+        }
+        let late = "no answer within 50ms".to_owned();
+        assert!(with_tls_hint(late.clone(), true, false).contains("rediss:// is for a TLS port"));
+        assert_eq!(
+            with_tls_hint(late.clone(), true, true),
+            late,
+            "a stall of a Redis that served"
+        );
+        assert_eq!(with_tls_hint(late.clone(), false, false), late);
+        let reset = "Connection reset by peer (os error 104)".to_owned();
+        assert!(with_tls_hint(reset.clone(), false, false).contains("must start with rediss://"));
+        assert_eq!(with_tls_hint(reset.clone(), false, true), reset);
+    }
 
     #[test]
     fn the_probe_reads_two_keys_in_different_slots_where_there_can_be_two() {
