@@ -68,6 +68,38 @@ fn rig_in(limits: &str, extra: &str, store: StoreSettings, clock: ManualClock) -
     }
 }
 
+#[cfg(feature = "redis")]
+/// A runtime of one worker thread, for tests that make requests from threads of their own.
+fn one_worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[cfg(feature = "redis")]
+/// The statuses of `count` requests (new addresses), each made from a thread of its own
+/// that then exits, on `runtime`.
+fn from_exiting_threads(runtime: &tokio::runtime::Runtime, rig: &Rig, count: usize) -> Vec<u16> {
+    (0..count)
+        .map(|i| {
+            let service = rig.service.clone();
+            let handle = runtime.handle().clone();
+            std::thread::spawn(move || {
+                let request = ask(&format!("u{i}@b.io")).request();
+                handle
+                    .block_on(service.oneshot(request))
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+            .join()
+            .unwrap()
+        })
+        .collect()
+}
+
 /// `limits` with every group it does not name switched off, so each test sees only its quotas.
 fn only(limits: &str) -> String {
     let mut yaml = limits.to_owned();
@@ -1150,26 +1182,12 @@ mod redis_store {
     #[test]
     fn a_thread_that_exits_releases_its_queue() {
         let server = RedisServer::start();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = one_worker_runtime();
         let limits = "  per_email: [{ requests: 1000, per: 1h }]\n";
         let rig = runtime.block_on(async { redis_rig(&server, limits, "", OnError::Deny) });
         assert_eq!(runtime.block_on(rig.status(ask("w@b.io"))), 200);
         let base = server.connected_clients();
-        for i in 0..5 {
-            let service = rig.service.clone();
-            let handle = runtime.handle().clone();
-            let status = std::thread::spawn(move || {
-                let request = ask(&format!("u{i}@b.io")).request();
-                handle.block_on(service.oneshot(request)).unwrap().status()
-            })
-            .join()
-            .unwrap();
-            assert_eq!(status, 200);
-        }
+        assert_eq!(from_exiting_threads(&runtime, &rig, 5), [200; 5]);
         let left = runtime.block_on(falls_to(base, || server.connected_clients()));
         assert_eq!(left, base, "connections of threads gone");
         assert_eq!(runtime.block_on(rig.status(ask("w2@b.io"))), 200);
@@ -1201,11 +1219,7 @@ mod redis_store {
     #[test]
     fn a_decision_asked_while_the_thread_exits_fails_as_on_error_says() {
         let server = RedisServer::start();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = one_worker_runtime();
         let limits = "  per_email: [{ requests: 1000, per: 1h }]\n";
         let rig = runtime.block_on(async { redis_rig(&server, limits, "", OnError::Deny) });
         let handle = runtime.handle().clone();

@@ -1345,11 +1345,7 @@ async fn a_dropped_cluster_store_closes_its_connections() {
 #[test]
 fn a_thread_that_exits_releases_its_cluster_queues() {
     let cluster = RedisCluster::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = super::one_worker_runtime();
     let clients = || -> usize {
         cluster
             .nodes
@@ -1372,17 +1368,7 @@ fn a_thread_that_exits_releases_its_cluster_queues() {
         );
     }
     let base = clients();
-    for i in 0..5 {
-        let service = rig.service.clone();
-        let handle = runtime.handle().clone();
-        let status = std::thread::spawn(move || {
-            let request = ask(&format!("u{i}@b.io")).request();
-            handle.block_on(service.oneshot(request)).unwrap().status()
-        })
-        .join()
-        .unwrap();
-        assert_eq!(status, 200);
-    }
+    assert_eq!(super::from_exiting_threads(&runtime, &rig, 5), [200; 5]);
     let left = runtime.block_on(super::redis_store::falls_to(base, clients));
     assert_eq!(left, base, "connections of threads gone");
 }
