@@ -63,8 +63,20 @@ impl ResolvesServerCert for CertStore {
 
 /// Every certificate in the PEM file at `path` (at least one); errors name the config `key`.
 pub fn read_certificates(key: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+    let pem = std::fs::read(path)
+        .with_context(|| format!("{key}: cannot read certificates from {}", path.display()))?;
+    certificates_in(key, path, &pem)
+}
+
+/// Every certificate in `pem`, the contents of the file at `path` (at least one); errors
+/// name the config `key`. For a caller that keeps the bytes it checked.
+pub fn certificates_in(
+    key: &str,
+    path: &Path,
+    pem: &[u8],
+) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("{key}: cannot read certificates from {}", path.display()))?;
     anyhow::ensure!(
         !certs.is_empty(),
@@ -81,11 +93,27 @@ pub fn certified_key(
     cert_file: &Path,
     key_file: &Path,
 ) -> anyhow::Result<CertifiedKey> {
-    let chain = read_certificates(&format!("{section}.cert_file"), cert_file)?;
-    let pem = std::fs::read(key_file)
-        .with_context(|| format!("{section}.key_file: cannot read {}", key_file.display()))?;
+    let cert_pem = std::fs::read(cert_file).with_context(|| {
+        format!(
+            "{section}.cert_file: cannot read certificates from {}",
+            cert_file.display()
+        )
+    })?;
+    // The path is not echoed: a private key pasted in its place would be.
+    let key_pem = std::fs::read(key_file)
+        .with_context(|| format!("{section}.key_file: cannot read the file it names"))?;
+    certified_key_in(section, (cert_file, &cert_pem), (key_file, &key_pem))
+}
+
+/// [`certified_key`] of files already read: each is its path (for errors) and contents.
+pub fn certified_key_in(
+    section: &str,
+    (cert_file, cert_pem): (&Path, &[u8]),
+    (key_file, pem): (&Path, &[u8]),
+) -> anyhow::Result<CertifiedKey> {
+    let chain = certificates_in(&format!("{section}.cert_file"), cert_file, cert_pem)?;
     // The key's own parse error is not shown: it could quote key material.
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+    let key = PrivateKeyDer::from_pem_slice(pem).map_err(|_| {
         anyhow::anyhow!(
             "{section}.key_file: no PEM private key in {} (an encrypted key is not read)",
             key_file.display()

@@ -8,7 +8,7 @@ use reset_guard::{ConfigDuration, ConfigError, OnError, RedisSettings, MAX_GLOBA
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::tls::read_certificates;
+use crate::tls::certificates_in;
 
 /// `store`.
 #[derive(Debug, Clone, Deserialize)]
@@ -273,14 +273,15 @@ impl RedisConfig {
                     "is for TLS: the URL (in sentinel and cluster mode, every node) must start with rediss://",
                 ));
             }
-            read_certificates("store.redis.ca_file", path)
-                .map_err(|e| super::located_error(&e, "store.redis.ca_file"))?;
+            // Read once: the bytes checked are the bytes the store is given.
             let pem = std::fs::read(path).map_err(|e| {
                 ConfigError::new(
                     "store.redis.ca_file",
                     format!("cannot read {}: {e}", path.display()),
                 )
             })?;
+            certificates_in("store.redis.ca_file", path, &pem)
+                .map_err(|e| super::located_error(&e, "store.redis.ca_file"))?;
             settings.ca_pem = Some(pem);
         }
         match (&self.cert_file, &self.key_file) {
@@ -302,15 +303,21 @@ impl RedisConfig {
                         "is for TLS: the URL (in sentinel and cluster mode, every node) must start with rediss://",
                     ));
                 }
-                crate::tls::certified_key("store.redis", cert_file, key_file)
-                    .map_err(|e| super::located_error(&e, "store.redis"))?;
                 let read = |key: &str, path: &Path| {
                     std::fs::read(path).map_err(|e| {
                         ConfigError::new(key, format!("cannot read {}: {e}", path.display()))
                     })
                 };
                 let cert = read("store.redis.cert_file", cert_file)?;
-                let key = read("store.redis.key_file", key_file)?;
+                // The path is not echoed: a private key pasted in its place would be.
+                let key = std::fs::read(key_file).map_err(|e| {
+                    ConfigError::new(
+                        "store.redis.key_file",
+                        format!("cannot read the file it names: {e}"),
+                    )
+                })?;
+                crate::tls::certified_key_in("store.redis", (cert_file, &cert), (key_file, &key))
+                    .map_err(|e| super::located_error(&e, "store.redis"))?;
                 settings = settings.with_client_certificate(cert, key);
             }
         }

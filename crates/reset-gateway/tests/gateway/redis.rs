@@ -408,8 +408,8 @@ async fn a_redis_server_named_under_the_memory_store_is_refused() {
 }
 
 /// A secret pasted into a key that names a file holding one (`password_file`,
-/// `key_secret_file`, `upstream.api_key_file`) is not echoed by the error that it names no
-/// file it can read.
+/// `key_secret_file`, `upstream.api_key_file`, a TLS `key_file`) is not echoed by the
+/// error that it names no file it can read.
 #[tokio::test]
 async fn a_secret_given_for_a_secret_files_path_is_not_echoed() {
     let mock = MockServer::start(mock_config()).await.unwrap();
@@ -447,6 +447,46 @@ async fn a_secret_given_for_a_secret_files_path_is_not_echoed() {
     let config = reset_gateway::GatewayConfig::from_yaml(&yaml).unwrap();
     let error = config.upstream.resolve_api_key().unwrap_err();
     refused(error.to_string(), "upstream.api_key_file");
+
+    // A private key pasted in place of a key_file's path: the store's, and the server's.
+    let pem = "-----BEGIN PRIVATE KEY-----\\nMIIEvSup3rS3cret-pasted!\\n-----END PRIVATE KEY-----";
+    let any_file = key_secret_file();
+    let store = redis_yaml_at(
+        &mock,
+        "rediss://127.0.0.1:6379",
+        &format!(
+            "    cert_file: {}\n    key_file: \"{pem}\"\n",
+            any_file.display()
+        ),
+        "deny",
+    );
+    let server = with_server_keys(
+        &redis,
+        &format!(
+            "  tls:\n    cert_file: {}\n    key_file: \"{pem}\"\n",
+            any_file.display()
+        ),
+    );
+    for (yaml, key) in [
+        (store, "store.redis.key_file"),
+        (server, "server.tls.key_file"),
+    ] {
+        let error = reset_gateway::GatewayConfig::from_yaml(&yaml)
+            .unwrap()
+            .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with(key), "{error}");
+        assert!(
+            error.contains("names no readable file")
+                || error.contains("cannot read the file it names"),
+            "{error}"
+        );
+        assert!(
+            !error.contains(secret) && !error.contains("PRIVATE"),
+            "the key was echoed: {error}"
+        );
+    }
 }
 
 #[tokio::test]
