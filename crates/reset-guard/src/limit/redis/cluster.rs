@@ -887,13 +887,12 @@ impl ThreadQueues {
         if self.connected.load(Ordering::Relaxed) >= map.masters.len() {
             return false;
         }
-        let window = settings::connect_timeout(self.timeout);
-        let started = self.masters.lock().unwrap_or_else(|e| e.into_inner());
-        charges.as_slice().iter().any(|(group, hash)| {
-            let owner = usize::from(map.owner[usize::from(specs.slot(*group, *hash))]);
-            let task = started.get(owner).and_then(Option::as_ref);
-            owner != usize::from(u16::MAX) && task.is_none_or(|(_, at)| at.elapsed() < window)
-        })
+        let owners = charges
+            .as_slice()
+            .iter()
+            .map(|(group, hash)| map.owner[usize::from(specs.slot(*group, *hash))]);
+        let masters = self.masters.lock().unwrap_or_else(|e| e.into_inner());
+        reaches_a_new_master(owners, &masters, settings::connect_timeout(self.timeout))
     }
 
     /// Hands `job` to its master's queue when the slot map placed it, else to be placed.
@@ -937,6 +936,20 @@ impl ThreadQueues {
         });
         sender.try_send(job)
     }
+}
+
+/// Whether one of `owners` (the masters a request's keys are on, by index in the slot map;
+/// `u16::MAX`: none) has no task in `masters` yet, or one started within `window`: a master
+/// a connection may still be being made to.
+fn reaches_a_new_master(
+    owners: impl IntoIterator<Item = u16>,
+    masters: &[Option<MasterQueue>],
+    window: Duration,
+) -> bool {
+    owners.into_iter().any(|owner| {
+        let task = masters.get(usize::from(owner)).and_then(Option::as_ref);
+        owner != u16::MAX && task.is_none_or(|(_, at)| at.elapsed() < window)
+    })
 }
 
 /// The jobs whose master the request did not know: those the slot map (read now if there
@@ -1485,8 +1498,40 @@ impl RedisStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{probe_key, SlotOwners};
+    use super::{probe_key, reaches_a_new_master, MasterQueue, SlotOwners};
     use redis::Value;
+    use std::time::Duration;
+
+    /// Only the request's own masters count: one this thread never reached, which the
+    /// request's keys are not on, does not make it wait as if connecting.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_as_if_connecting_only_for_its_own_new_masters() {
+        let window = Duration::from_millis(250);
+        let task = || -> Option<MasterQueue> {
+            Some((tokio::sync::mpsc::channel(1).0, tokio::time::Instant::now()))
+        };
+        // Masters 0 and 1 have tasks, started now; master 2 has none.
+        let masters = [task(), task(), None];
+        assert!(
+            reaches_a_new_master([0, 1], &masters, window),
+            "started just now"
+        );
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert!(!reaches_a_new_master([0, 1, 0], &masters, window));
+        assert!(
+            !reaches_a_new_master([1, u16::MAX], &masters, window),
+            "no master"
+        );
+        assert!(
+            reaches_a_new_master([0, 2], &masters, window),
+            "no task on 2 yet"
+        );
+        assert!(
+            reaches_a_new_master([7], &masters, window),
+            "beyond the tasks made"
+        );
+        assert!(!reaches_a_new_master([], &masters, window));
+    }
 
     #[test]
     fn a_slot_map_naming_no_master_is_no_map() {
