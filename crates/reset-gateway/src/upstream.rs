@@ -235,6 +235,9 @@ fn blame(error: SendError, watch: &BodyWatch) -> Failure {
         tracing::debug!(%error, "client request body failed");
         return Refusal::ClientBodyInvalid.into();
     }
+    if watch.stalled() {
+        return Refusal::ClientBodyTimeout.into();
+    }
     classify(error)
 }
 

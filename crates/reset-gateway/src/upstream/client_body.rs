@@ -6,35 +6,67 @@
 //! `Content-Length`). Counting the client's mistakes as `upstream_unavailable` would let any
 //! anonymous client page whoever is on call, so the body itself records what happened to it.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 const READING: u8 = 0;
 const WAITING_ON_CLIENT: u8 = 1;
 const FAILED: u8 = 2;
 const ENDED: u8 = 3;
+const STALLED: u8 = 4;
 
-/// The client's body, passed through frame by frame.
+/// The client's body, passed through frame by frame. A body that sends nothing for `idle`
+/// ends with an error, as nginx's `client_body_timeout` ends it: else a client that
+/// started a body and never finished it would hold its connection, and the upstream
+/// connection its body goes to, for as long as QuickBlox kept reading, the answer long
+/// sent.
 pub struct ClientBody {
     inner: Incoming,
     state: Arc<AtomicU8>,
+    idle: Duration,
+    /// Started when the body first waits for the client, pushed back by every frame.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 /// What the forwarder reads afterwards: where the client's body got to.
 #[derive(Clone)]
 pub struct BodyWatch(Arc<AtomicU8>);
 
+/// Why a client's body ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("the client's body: {0}")]
+    Broken(#[from] hyper::Error),
+    #[error("the client sent nothing of its body for {0:?}")]
+    Stalled(Duration),
+}
+
 impl ClientBody {
-    pub fn new(inner: Incoming) -> (ClientBody, BodyWatch) {
-        let state = Arc::new(AtomicU8::new(READING));
+    /// The body, failing once it has sent nothing for `idle`.
+    pub fn new(inner: Incoming, idle: Duration) -> (ClientBody, BodyWatch) {
+        // A body that is empty from the start is never polled.
+        let first = match inner.is_end_stream() {
+            true => ENDED,
+            false => READING,
+        };
+        let state = Arc::new(AtomicU8::new(first));
         let watch = BodyWatch(state.clone());
-        (ClientBody { inner, state }, watch)
+        let body = ClientBody {
+            inner,
+            state,
+            idle,
+            deadline: None,
+        };
+        (body, watch)
     }
 }
 
@@ -44,30 +76,65 @@ impl BodyWatch {
         self.0.load(Ordering::Relaxed) == FAILED
     }
 
-    /// The body was last found waiting for the client to send more: a stall is theirs.
+    /// The body was last found waiting for the client to send more, or stopped for having
+    /// waited too long: a stall is theirs.
     pub fn waiting_on_client(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == WAITING_ON_CLIENT
+        matches!(self.0.load(Ordering::Relaxed), WAITING_ON_CLIENT | STALLED)
+    }
+
+    /// The body failed, or stopped for having sent nothing for too long: whatever then
+    /// broke the exchange is the client's doing.
+    pub fn broke_off(&self) -> bool {
+        matches!(self.0.load(Ordering::Relaxed), FAILED | STALLED)
+    }
+
+    /// The body stopped for having sent nothing for too long.
+    pub fn stalled(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == STALLED
+    }
+
+    /// The body was read to its end: the connection it went over carries nothing more of
+    /// it, and can take another request.
+    pub fn ended(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == ENDED
     }
 }
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ClientBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let this = &mut *self;
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
         let state = match &frame {
             Poll::Pending => WAITING_ON_CLIENT,
             Poll::Ready(Some(Err(_))) => FAILED,
             Poll::Ready(None) => ENDED,
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => ENDED,
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => ENDED,
             Poll::Ready(Some(Ok(_))) => READING,
         };
-        self.state.store(state, Ordering::Relaxed);
-        frame
+        this.state.store(state, Ordering::Relaxed);
+        let Poll::Pending = frame else {
+            if let Some(deadline) = &mut this.deadline {
+                deadline.as_mut().reset(Instant::now() + this.idle);
+            }
+            return frame.map(|frame| frame.map(|frame| frame.map_err(ClientBodyError::from)));
+        };
+        let idle = this.idle;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                this.state.store(STALLED, Ordering::Relaxed);
+                Poll::Ready(Some(Err(ClientBodyError::Stalled(idle))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {

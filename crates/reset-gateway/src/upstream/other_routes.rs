@@ -76,7 +76,8 @@ impl UpstreamClient {
         let replay = replay
             .as_ref()
             .map(|r| r as &(dyn Fn() -> Request<super::UpstreamBody> + Sync));
-        let (body, watch) = ClientBody::new(body);
+        // Each wait for more of the client's body is bounded as each wait for the answer's.
+        let (body, watch) = ClientBody::new(body, self.settings.timeout);
         let mut upstream = Request::new(Either::Right(body));
         *upstream.method_mut() = parts.method;
         *upstream.uri_mut() = uri;
@@ -122,11 +123,12 @@ impl UpstreamClient {
                 }
                 parts.version = Version::HTTP_11;
                 let status = parts.status;
-                let watch = AnswerWatch {
+                let answer = AnswerWatch {
                     failures: self.failures.clone(),
                     request_id: request_id.clone(),
                 };
-                let body = StreamedBody::new(body, lease, self.settings.timeout, watch);
+                let sent = watch.clone();
+                let body = StreamedBody::new(body, (lease, sent), self.settings.timeout, answer);
                 (
                     Ok(Response::from_parts(parts, GuardBody::inner(body))),
                     Some(status),

@@ -10,12 +10,16 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::client_body::BodyWatch;
 use super::failures::FailureLog;
 use super::pool::Lease;
 
 /// An answer streamed from QuickBlox; its connection goes back to the pool once the
 /// body has been read to its end (servers stop polling a body that says it has ended, so
-/// that is checked after each frame, and when the body is dropped). A body that sends
+/// that is checked after each frame, and when the body is dropped), and the client's body
+/// sent on it has ended too: an answer may come before the request's body is all sent
+/// (a server refusing it early), and a connection still sending one would keep the next
+/// request waiting behind it. Such a connection is closed instead. A body that sends
 /// nothing for `idle` (QuickBlox sent a head, then stalled) ends with an error, which
 /// closes the client's connection (resets its stream over HTTP/2), as nginx's
 /// `proxy_read_timeout` does: else the client's connection, and its place under
@@ -23,6 +27,8 @@ use super::pool::Lease;
 pub struct StreamedBody {
     body: Incoming,
     lease: Option<Lease>,
+    /// Where the client's body, sent on the same connection, got to.
+    sent: BodyWatch,
     idle: Duration,
     /// Started when the body is first polled, pushed back by every frame.
     deadline: Option<Pin<Box<Sleep>>>,
@@ -61,10 +67,16 @@ pub enum StreamedBodyError {
 }
 
 impl StreamedBody {
-    pub(super) fn new(body: Incoming, lease: Lease, idle: Duration, watch: AnswerWatch) -> Self {
+    pub(super) fn new(
+        body: Incoming,
+        (lease, sent): (Lease, BodyWatch),
+        idle: Duration,
+        watch: AnswerWatch,
+    ) -> Self {
         StreamedBody {
             body,
             lease: Some(lease),
+            sent,
             idle,
             deadline: None,
             watch,
@@ -72,7 +84,7 @@ impl StreamedBody {
     }
 
     fn release_if_read(&mut self) {
-        if http_body::Body::is_end_stream(&self.body) {
+        if http_body::Body::is_end_stream(&self.body) && self.sent.ended() {
             if let Some(lease) = self.lease.take() {
                 lease.release();
             }
@@ -102,8 +114,12 @@ impl http_body::Body for StreamedBody {
                     deadline.as_mut().reset(Instant::now() + this.idle);
                 }
                 let frame = frame.map(|frame| frame.map_err(StreamedBodyError::from));
+                // An answer cut short because the client's own body broke off (the
+                // connection it went over is then closed) is not QuickBlox's failure.
                 if let Some(Err(error)) = &frame {
-                    this.watch.failed(error);
+                    if !this.sent.broke_off() {
+                        this.watch.failed(error);
+                    }
                 }
                 Poll::Ready(frame)
             }

@@ -557,6 +557,94 @@ async fn a_forwarded_answer_whose_body_stalls_is_cut_after_the_upstream_timeout(
     );
 }
 
+/// An upstream that answers each request as soon as it has read its head (as nginx answers
+/// an error), then reads the request's body (by its Content-Length) and discards it before
+/// the next request on the connection.
+async fn early_answerer() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut byte = [0u8; 1];
+                loop {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let length: u64 = head
+                        .lines()
+                        .find_map(|line| line.strip_prefix("content-length:"))
+                        .map_or(0, |n| n.trim().parse().unwrap());
+                    let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let mut body = (&mut stream).take(length);
+                    match tokio::io::copy(&mut body, &mut tokio::io::sink()).await {
+                        Ok(read) if read == length => {}
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A client that starts a body on a forwarded route and never finishes it, answered
+/// before its body by QuickBlox: the upstream connection, still waiting to send that body,
+/// is not given to the next request (which would wait behind it until `upstream.timeout`
+/// and get a 504 blamed on QuickBlox), and the client's connection is closed once its
+/// body has sent nothing for `upstream.timeout` (400ms here), not held open for as long
+/// as QuickBlox keeps reading.
+#[tokio::test]
+async fn a_body_never_finished_holds_neither_its_connection_nor_the_next_request() {
+    let upstream = early_answerer().await;
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let config = yaml(
+        &format!("http://{upstream}"),
+        "  other_routes: forward\n",
+        "",
+    );
+    let gw = Gateway::start_yaml(mock, &with_server_keys(&config, "  workers: 1\n")).await;
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client
+        .write_all(b"POST /users.json HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: 1000000\r\n\r\npart")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).ends_with("ok") {
+        let n = client.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before the answer: {got:?}");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+
+    for _ in 0..3 {
+        let reply = raw(
+            gw.addr,
+            b"GET /users.json HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+    }
+
+    // A guard against a hang, far beyond the 400ms the gateway is given.
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(n @ 1..) = client.read(&mut chunk).await {
+            got.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection was held open");
+}
+
 /// The gateway's own client tokens never reach QuickBlox on a forwarded route (an app may
 /// send its token with every request, in the header QuickBlox reads its session token
 /// from); QuickBlox's own tokens, and other credentials, pass.
