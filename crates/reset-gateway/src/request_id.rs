@@ -23,15 +23,12 @@ pub fn resolve(headers: &HeaderMap) -> HeaderValue {
 /// Whether `id` holds the token of the request's own credential (a client that sends its
 /// token as its request id): the id is written to logs, and a token must never be.
 fn holds_credential(headers: &HeaderMap, id: &[u8]) -> bool {
+    // Every word of an Authorization value, whatever whitespace (a space or a tab, as the
+    // guard reads `ApiKey<TAB>token`) parts its scheme from its token.
     let tokens = headers
         .get_all(http::header::AUTHORIZATION)
         .iter()
-        .map(|v| {
-            v.as_bytes()
-                .rsplit(|&b| b == b' ')
-                .next()
-                .unwrap_or_default()
-        })
+        .flat_map(|v| v.as_bytes().split(|&b| b == b' ' || b == b'\t'))
         .chain(
             headers
                 .get_all("qb-token")
@@ -85,6 +82,9 @@ mod tests {
         for credential in [
             ("qb-token", "ios-client-token-1234"),
             ("authorization", "ApiKey ios-client-token-1234"),
+            // A tab after the scheme, which the guard reads as a space.
+            ("authorization", "ApiKey\tios-client-token-1234"),
+            ("authorization", "apikey \t ios-client-token-1234"),
         ] {
             for id in ["ios-client-token-1234", "req-ios-client-token-1234-7"] {
                 let mut headers = with(&[]);
