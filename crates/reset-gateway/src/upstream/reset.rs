@@ -195,7 +195,7 @@ fn keep_answer_headers(headers: &mut HeaderMap) {
 }
 
 /// Whether the answer holds the key of `key` (the `Authorization` value sent): as it is,
-/// JSON-escaped (`\/`, `\"`, `\\`) or percent-encoded (hex digits in either case), the
+/// JSON-escaped (`\/`, `\"`, `\\`, `\u0026`) or percent-encoded (hex digits in either case), the
 /// forms an upstream that echoes a request writes it in. Matched where it lies, without a
 /// copy of the key in another form (the key lives only in wiped buffers). A key too short
 /// to tell from ordinary text is not looked for.
@@ -214,13 +214,21 @@ fn carries(headers: &HeaderMap, body: &[u8], key: &[u8]) -> bool {
 }
 
 /// Whether `text` begins with `secret`, each byte of it written as it is, escaped with a
-/// backslash, or percent-encoded.
+/// backslash (`\&` or `\u0026`), or percent-encoded.
 fn written_at(text: &[u8], secret: &[u8]) -> bool {
     let mut at = 0;
     for &b in secret {
         match text.get(at) {
             Some(&c) if c == b => at += 1,
             Some(b'\\') if text.get(at + 1) == Some(&b) => at += 2,
+            // `\u0026`, as JSON writers that escape HTML's characters (Go, Rails) write `&`.
+            Some(b'\\')
+                if text.get(at + 1) == Some(&b'u')
+                    && text.get(at + 2..at + 4) == Some(b"00")
+                    && text.get(at + 4..at + 6).and_then(hex_byte) == Some(b) =>
+            {
+                at += 6
+            }
             Some(b'%') if text.get(at + 1..at + 3).and_then(hex_byte) == Some(b) => at += 3,
             _ => return false,
         }
@@ -367,6 +375,25 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+        // Every byte, or the ones Go's and Rails's JSON escape, as `\u00XX` in either case.
+        let key = b"ApiKey QBKEY&secret<value>2026";
+        for body in [
+            &b"{\"auth\":\"QBKEY\\u0026secret\\u003cvalue\\u003E2026\"}"[..],
+            b"\\u0051\\u0042\\u004b\\u0045\\u0059\\u0026secret<value>2026",
+        ] {
+            assert!(
+                carries(&HeaderMap::new(), body, key),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(!carries(
+            &HeaderMap::new(),
+            b"QBKEY\\u0027secret<value>2026",
+            key
+        ));
+        assert!(!carries(&HeaderMap::new(), b"QBKEY\\u00", key));
+        let key = b"ApiKey k3y/\"q\\uote+d";
         assert!(!carries(&HeaderMap::new(), b"k3y%2F%22q%5cuote%2B", key));
         assert!(!carries(&HeaderMap::new(), b"%%\\\\%4", key));
     }
