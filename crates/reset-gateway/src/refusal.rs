@@ -17,10 +17,11 @@ pub enum Refusal {
     /// A request target longer than `server.max_uri_bytes`.
     #[error("request target too long")]
     TargetTooLong,
-    /// On a forwarded route, a request no API proxy passes on: `CONNECT` (a tunnel), an
-    /// asterisk-form target (`OPTIONS *`) or an authority-form one (`GET host:80`), which
-    /// would reach QuickBlox as something else.
-    #[error("CONNECT or asterisk-form request on a forwarded route")]
+    /// On a forwarded route, a request no API proxy passes on: `CONNECT` (a tunnel),
+    /// `TRACE` (its answer echoes the request's cookies and credentials), an asterisk-form
+    /// target (`OPTIONS *`) or an authority-form one (`GET host:80`), which would reach
+    /// QuickBlox as something else.
+    #[error("CONNECT, TRACE or asterisk-form request on a forwarded route")]
     NotProxied,
     /// On a forwarded route, a request body sent with a transfer coding other than
     /// `chunked` (`gzip, chunked`): re-framed for QuickBlox, its coding would be lost and
@@ -100,7 +101,7 @@ impl Refusal {
             }
             Refusal::TargetTooLong => r#"{"errors":{"base":["Request target too long"]}}"#,
             Refusal::NotProxied => {
-                r#"{"errors":{"base":["CONNECT and asterisk-form requests are not proxied"]}}"#
+                r#"{"errors":{"base":["CONNECT, TRACE and asterisk-form requests are not proxied"]}}"#
             }
             Refusal::TransferCodingUnsupported => {
                 r#"{"errors":{"base":["Transfer codings other than chunked are not supported"]}}"#

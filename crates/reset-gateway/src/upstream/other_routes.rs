@@ -37,9 +37,11 @@ impl UpstreamClient {
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
         // A tunnel, or a target that is no path (asterisk-form; authority-form, which a
         // request line may carry with any method): nothing QuickBlox's API would read as
-        // sent.
+        // sent. And TRACE, whose answer would echo the request's headers (cookies and
+        // credentials) to whatever script sent it; nginx refuses it too.
         let authority_form = parts.uri.scheme().is_none() && parts.uri.authority().is_some();
-        if parts.method == Method::CONNECT || authority_form || !path.starts_with('/') {
+        let refused = parts.method == Method::CONNECT || parts.method == Method::TRACE;
+        if refused || authority_form || !path.starts_with('/') {
             return (Err(Refusal::NotProxied.into()), None);
         }
         if !only_chunked(&parts.headers) {

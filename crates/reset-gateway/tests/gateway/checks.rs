@@ -343,6 +343,7 @@ async fn other_routes_can_be_forwarded_untouched() {
     for head in [
         "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n",
         "OPTIONS * HTTP/1.1\r\nHost: x\r\n",
+        "TRACE /users.json HTTP/1.1\r\nHost: x\r\nCookie: session=1\r\n",
         "GET evil.example:80 HTTP/1.1\r\n",
         "POST evil.example:80 HTTP/1.1\r\nContent-Length: 0\r\n",
     ] {
