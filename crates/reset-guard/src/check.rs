@@ -253,7 +253,10 @@ pub(crate) fn conclude<B>(
     }
 }
 
-/// Content-Length > 0, any Transfer-Encoding, or (HTTP/2) a body stream that is not empty.
+/// Content-Length > 0, any Transfer-Encoding, or (HTTP/2 and later) a body stream that is
+/// not empty. Over HTTP/1 the headers alone say whether there is a body (RFC 9112 §6.3):
+/// a body type that cannot tell it is empty (a layer's wrapper, such as tower-http's
+/// `RequestBodyTimeout`, or a stream) is no body.
 fn has_body<B: Body>(request: &Request<B>) -> bool {
     let headers = request.headers();
     if headers.contains_key(TRANSFER_ENCODING) {
@@ -268,6 +271,9 @@ fn has_body<B: Body>(request: &Request<B>) -> bool {
             Some(0) => {}
             _ => return true,
         }
+    }
+    if request.version() < http::Version::HTTP_2 {
+        return false;
     }
     let body = request.body();
     !body.is_end_stream() && body.size_hint().exact() != Some(0)

@@ -96,6 +96,56 @@ fn empty() -> Full<Bytes> {
     Full::new(Bytes::new())
 }
 
+/// Over HTTP/1 only Content-Length and Transfer-Encoding say a request has a body: one
+/// whose body type cannot tell it is empty (tower-http's `RequestBodyTimeout` around it, or
+/// a stream) is served. Over HTTP/2, where a body needs no header, a stream with data is
+/// refused.
+#[tokio::test]
+async fn over_http1_only_the_headers_say_a_get_has_a_body() {
+    async fn answer<B>(_: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+        Ok(Response::new(Full::new(Bytes::new())))
+    }
+    let layer = ResetGuardLayer::new(settings(""), ApiKey::new("server-key").unwrap());
+    let wrapped = ServiceBuilder::new()
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            Duration::from_secs(5),
+        ))
+        .layer(layer.clone())
+        .service(service_fn(answer));
+    let request = reset("email=a@b.io")
+        .header("qb-token", "foo")
+        .extension(peer())
+        .body(empty())
+        .unwrap();
+    assert_eq!(wrapped.oneshot(request).await.unwrap().status(), 200);
+
+    let streamed = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(answer));
+    let stream = |data: &'static [u8]| {
+        let frames = [Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(
+            data,
+        )))];
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+    };
+    let request = |version, data| {
+        reset("email=b@c.io")
+            .version(version)
+            .header("qb-token", "foo")
+            .extension(peer())
+            .body(stream(data))
+            .unwrap()
+    };
+    let status = |response: Response<_>| response.status();
+    let service = streamed.clone();
+    let http1 = service.oneshot(request(http::Version::HTTP_11, b"")).await;
+    assert_eq!(http1.map(status).unwrap(), StatusCode::OK);
+    let http2 = streamed
+        .oneshot(request(http::Version::HTTP_2, b"hi"))
+        .await;
+    assert_eq!(http2.map(status).unwrap(), StatusCode::BAD_REQUEST);
+}
+
 #[tokio::test]
 async fn every_rejection_row_of_the_table() {
     let cases: Vec<(Request<Full<Bytes>>, StatusCode, &str)> = vec![
