@@ -135,9 +135,10 @@ impl TokenDigest {
     }
 }
 
-/// A digest written as 64 hex digits, as `reset-gateway hash-token` prints it.
+/// A digest written as 64 hex digits, as [`TokenDigest::to_hex`] and `reset-gateway
+/// hash-token` print it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("expected 64 hex digits (SHA-256 of the token, see `reset-gateway hash-token`)")]
+#[error("expected 64 hex digits (SHA-256 of the token: `TokenDigest::of`, or `reset-gateway hash-token`)")]
 pub struct InvalidDigest;
 
 impl std::str::FromStr for TokenDigest {

@@ -109,7 +109,8 @@ pub enum OtherRoutes {
 pub struct ClientConfig {
     /// Name used in logs and metrics.
     pub id: String,
-    /// SHA-256 of the client token, 64 hex digits (`reset-gateway hash-token` prints it).
+    /// SHA-256 of the client token, 64 hex digits ([`TokenDigest::of`] or `reset-gateway
+    /// hash-token` makes it).
     pub token_sha256: TokenDigest,
 }
 
@@ -278,7 +279,8 @@ impl GuardConfig {
                     format!(
                         "is SHA-256 of {token:?}, a placeholder from the documentation that anyone \
                          can send: make a random token for this app and write its digest here \
-                         (printf %s \"$TOKEN\" | reset-gateway hash-token)"
+                         (printf %s \"$TOKEN\" | reset-gateway hash-token; in code, \
+                         TokenDigest::of)"
                     ),
                 ));
             }

@@ -27,7 +27,8 @@ impl ResetGuardLayer {
     /// A guard with these settings that sends `api_key` upstream in place of client
     /// tokens, with in-memory limits under default store settings and no background work
     /// (idle keys are reclaimed as new ones arrive). [`builder`](Self::builder) gives the
-    /// sweeper, Redis, a clock and a key secret.
+    /// sweeper, Redis and a key secret. Limits run on the system's monotonic clock
+    /// (`std::time::Instant`): Tokio's paused test clock does not move them.
     pub fn new(settings: GuardSettings, api_key: ApiKey) -> Self {
         let (layer, _housekeeping) = Self::builder(settings, api_key)
             .build()
@@ -35,7 +36,7 @@ impl ResetGuardLayer {
         layer
     }
 
-    /// A builder for the store, clock and key secret.
+    /// A builder for the store and the key secret.
     pub fn builder(settings: GuardSettings, api_key: ApiKey) -> ResetGuardBuilder {
         ResetGuardBuilder {
             settings,
@@ -90,7 +91,7 @@ impl std::fmt::Debug for ResetGuardBuilder {
 
 impl ResetGuardBuilder {
     /// Where limits live and how they are kept: the in-memory store's bounds and sweep
-    /// interval, or Redis ([`StoreSettings::with_redis`], with the `redis` feature).
+    /// interval, or Redis (`StoreSettings::with_redis`, with the `redis` feature).
     pub fn store(mut self, store: StoreSettings) -> Self {
         self.store = store;
         self

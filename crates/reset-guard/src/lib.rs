@@ -16,16 +16,17 @@
 //! use bytes::Bytes;
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::{BodyExt, Empty, Full};
-//! use reset_guard::{ApiKey, GuardConfig, GuardedRequest, PeerAddr, ResetGuardLayer};
+//! use reset_guard::{ApiKey, GuardSettings, GuardedRequest, PeerAddr, ResetGuardLayer};
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // `guard:` section of the gateway's YAML; the token's SHA-256 is from `reset-gateway hash-token`.
-//! let config = GuardConfig::from_yaml(
+//! // `guard:` section of the gateway's YAML, read and checked at once so that an error names
+//! // its line; the token's SHA-256 is `TokenDigest::of(token)` (or `reset-gateway hash-token`).
+//! let settings = GuardSettings::from_yaml(
 //!     "clients:\n  - id: ios-app\n    token_sha256: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\n",
 //! )?;
-//! let layer = ResetGuardLayer::new(config.validate()?, ApiKey::new("server-api-key")?);
+//! let layer = ResetGuardLayer::new(settings, ApiKey::new("server-api-key")?);
 //!
 //! let upstream = service_fn(|request: Request<Empty<Bytes>>| async move {
 //!     // The client token is gone; the server key is in its place.
@@ -128,7 +129,7 @@
 //! # The `redis` feature
 //!
 //! Limits shared through Redis ([`ResetGuardLayer::builder`] with
-//! [`StoreSettings::with_redis`]) need the `redis` feature. The inner service must be
+//! `StoreSettings::with_redis`) need the `redis` feature. The inner service must be
 //! `Clone + Send + 'static` and its future and bodies `Send` (with Redis a decision is
 //! awaited before the service is called), with the feature or without, so that a crate
 //! turning it on anywhere in a build breaks nothing that compiled before. With Redis, `build()`
@@ -172,7 +173,7 @@
 //!
 //! use axum::extract::{ConnectInfo, Request};
 //! use axum::{middleware, routing::get, Router};
-//! use reset_guard::{ApiKey, GuardConfig, PeerAddr, ResetGuardLayer};
+//! use reset_guard::{ApiKey, GuardSettings, PeerAddr, ResetGuardLayer};
 //!
 //! async fn peer_addr(mut request: Request) -> Request {
 //!     if let Some(&ConnectInfo(addr)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
@@ -183,11 +184,10 @@
 //!
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let settings = GuardConfig::from_yaml(
+//! let settings = GuardSettings::from_yaml(
 //!     "clients:\n  - id: ios-app\n    token_sha256: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\n\
 //!      other_routes: forward\nresponses:\n  uniform: false\n",
-//! )?
-//! .validate()?;
+//! )?;
 //! let app = Router::new()
 //!     .route("/users/password/reset.json", get(|| async { "reset requested" }))
 //!     .route("/health", get(|| async { "ok" }))
