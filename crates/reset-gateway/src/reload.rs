@@ -268,12 +268,6 @@ impl Reloader {
         )
         .map_err(|e| e.located(yaml))?;
         let changed = self.fixed.changed_in(&Fixed::of(&settings));
-        if !changed.is_empty() {
-            tracing::warn!(
-                keys = %changed.join(", "),
-                "these settings change only on restart; the running ones stay"
-            );
-        }
         // Everything that can fail is prepared first; nothing is applied until all of it worked.
         let upstreams = self
             .forwarders
@@ -289,7 +283,15 @@ impl Reloader {
         let limits_changed = limit_changes(&self.state.guard.settings(), &settings.guard);
         self.state.guard.update(settings.guard, settings.api_key);
         *self.sections.lock().unwrap() = sections(yaml);
+        // Said once the reload is applied (a reload rejected later changes nothing), and
+        // with the gauge set: whoever reads the line then finds the gauge saying so.
         self.state.metrics.restart_pending(!changed.is_empty());
+        if !changed.is_empty() {
+            tracing::warn!(
+                keys = %changed.join(", "),
+                "these settings change only on restart; the running ones stay"
+            );
+        }
         Ok(limits_changed)
     }
 
