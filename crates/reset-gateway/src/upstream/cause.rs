@@ -7,16 +7,9 @@ use std::error::Error;
 /// cause that says something. Built from error messages only; hyper, I/O and rustls
 /// errors carry no header value, so no key or token.
 pub fn upstream_error<'a>(chain: impl Iterator<Item = &'a (dyn Error + 'static)>) -> String {
-    // An I/O error's `source` skips the error it wraps (rustls's, say): add that too.
     let mut causes: Vec<&(dyn Error + 'static)> = Vec::new();
     for cause in chain {
-        causes.push(cause);
-        if let Some(inner) = cause
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            causes.push(inner);
-        }
+        with_wrapped(&mut causes, cause);
     }
     for &cause in causes.iter().rev() {
         if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
@@ -54,6 +47,22 @@ pub fn upstream_error<'a>(chain: impl Iterator<Item = &'a (dyn Error + 'static)>
     causes.last().map_or_else(String::new, ToString::to_string)
 }
 
+/// Adds `cause` to `causes`, and what it wraps: an I/O error's `source` skips the error it
+/// wraps (rustls's, say), which may be an I/O error wrapping another in turn (hyper-rustls
+/// wraps tokio-rustls's, which wraps rustls's), each with its own sources.
+fn with_wrapped<'a>(causes: &mut Vec<&'a (dyn Error + 'static)>, cause: &'a (dyn Error + 'static)) {
+    causes.push(cause);
+    if let Some(inner) = cause
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        let inner: &(dyn Error + 'static) = inner;
+        for next in std::iter::successors(Some(inner), |&e| e.source()) {
+            with_wrapped(causes, next);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +81,12 @@ mod tests {
         );
         assert_eq!(
             upstream_error(std::iter::once(&tls as &(dyn Error + 'static))),
+            "tls: invalid peer certificate: UnknownIssuer"
+        );
+        // Wrapped twice, as hyper-rustls hands on tokio-rustls's error.
+        let twice = std::io::Error::other(tls);
+        assert_eq!(
+            upstream_error(std::iter::once(&twice as &(dyn Error + 'static))),
             "tls: invalid peer certificate: UnknownIssuer"
         );
         let dns = std::io::Error::other("failed to lookup address information");

@@ -966,11 +966,12 @@ fn assert_at_most_three_decimals(number: &str, line: &str) {
     );
 }
 
-#[tokio::test]
-async fn a_refused_upstream_logs_its_cause_at_the_default_level() {
+/// A gateway in front of `upstream` whose one reset failed: the line naming the cause,
+/// and every line logged.
+async fn a_failed_reset_through(upstream: &str) -> (serde_json::Value, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.yaml");
-    std::fs::write(&path, yaml(&format!("http://{}", closed_port()), "", "")).unwrap();
+    std::fs::write(&path, yaml(upstream, "", "")).unwrap();
     let gw = spawn_gateway(&path);
     let request = format!("GET {RESET}?email=alice%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
     assert_eq!(raw(gw.addr, request.as_bytes()).await.status, 502);
@@ -989,6 +990,23 @@ async fn a_refused_upstream_logs_its_cause_at_the_default_level() {
         .filter_map(|l| serde_json::from_str(l).ok())
         .find(|json: &serde_json::Value| !json["upstream_error"].is_null())
         .unwrap_or_else(|| panic!("no upstream_error logged: {lines:?}"));
+    (cause, lines)
+}
+
+/// A certificate QuickBlox's side presents that does not verify is said as TLS's.
+#[tokio::test]
+async fn an_untrusted_upstream_certificate_is_logged_as_tls() {
+    let (mock, _dir, _ca_file) = tls_mock(&[b"http/1.1"]).await;
+    let (cause, _) = a_failed_reset_through(&mock.url()).await;
+    assert_eq!(
+        cause["upstream_error"], "tls: invalid peer certificate: UnknownIssuer",
+        "{cause}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_upstream_logs_its_cause_at_the_default_level() {
+    let (cause, lines) = a_failed_reset_through(&format!("http://{}", closed_port())).await;
     assert_eq!(cause["level"], "WARN", "{cause}");
     assert_eq!(cause["upstream_error"], "connect refused", "{cause}");
     for line in &lines {
