@@ -145,11 +145,13 @@ impl UpstreamClient {
             .wrap_connector(http);
         let origin: Uri = settings.base.parse().context("upstream.url")?;
         let prefix = origin.path().trim_end_matches('/').to_owned();
+        // Host and port, the scheme's default port written out (`api.quickblox.com:443`).
+        let default_port = match origin.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            true => 443,
+            false => 80,
+        };
         let upstream = origin.authority().map_or_else(String::new, |a| {
-            a.port().map_or_else(
-                || a.host().to_owned(),
-                |port| format!("{}:{port}", a.host()),
-            )
+            format!("{}:{}", a.host(), a.port_u16().unwrap_or(default_port))
         });
         let pool = Pool::new(
             connector,
