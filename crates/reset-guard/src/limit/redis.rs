@@ -355,10 +355,9 @@ impl RedisStore {
             // request's call does: a Redis Cluster node refuses it (`CROSSSLOT`), and so
             // every request; any other answer of the server's own is answer enough.
             let read = redis::cmd("MGET").arg(&self.probe_reads).clone();
-            let asked =
-                async { Ok::<_, String>(read.query_async::<redis::Value>(&mut connection).await) };
+            let asked = read.query_async::<redis::Value>(&mut connection);
             let connect = settings::connect_timeout(self.timeout);
-            match answer_in_time(connect, asked).await? {
+            match in_time(connect, asked).await? {
                 // (A node whose slots are not assigned answers CLUSTERDOWN; one that does
                 // not serve the keys' slots, MOVED or ASK.)
                 Err(error)
@@ -850,9 +849,19 @@ pub(super) async fn answer_in_time<T>(
     timeout: Duration,
     exchange: impl Future<Output = Result<T, impl std::fmt::Display>>,
 ) -> Result<T, String> {
+    in_time(timeout, exchange).await?.map_err(|e| e.to_string())
+}
+
+/// [`answer_in_time`], giving the exchange's own error back when it came in time (for the
+/// caller to read its code), and said as why otherwise: an error that came late is the
+/// cause, never an answer.
+async fn in_time<T, E: std::fmt::Display>(
+    timeout: Duration,
+    exchange: impl Future<Output = Result<T, E>>,
+) -> Result<Result<T, E>, String> {
     let mut exchange = std::pin::pin!(exchange);
     if let Ok(answer) = tokio::time::timeout(timeout, exchange.as_mut()).await {
-        return answer.map_err(|e| e.to_string());
+        return Ok(answer);
     }
     match tokio::time::timeout(CAUSE_WAIT, exchange).await {
         Ok(Err(error)) => Err(error.to_string()),
@@ -863,7 +872,28 @@ pub(super) async fn answer_in_time<T>(
 
 #[cfg(test)]
 mod probe_tests {
-    use super::{keys_in_two_slots, with_tls_hint};
+    use super::{in_time, keys_in_two_slots, with_tls_hint};
+    use std::time::Duration;
+
+    /// An exchange that fails after its time (a connection's own timeout firing late) is
+    /// said as its error, never as an answer that came late.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_error_is_the_cause_and_a_late_answer_is_said_late() {
+        let after = |ms, answer: Result<(), &'static str>| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            answer
+        };
+        let timeout = Duration::from_millis(300);
+        let late_error = in_time(timeout, after(400, Err("connection timed out"))).await;
+        assert_eq!(late_error, Err("connection timed out".to_owned()));
+        let late_answer = in_time(timeout, after(400, Ok(()))).await;
+        assert_eq!(
+            late_answer,
+            Err("answered, but after more than 300ms".to_owned())
+        );
+        let in_time_error = in_time(timeout, after(100, Err("NOAUTH"))).await;
+        assert_eq!(in_time_error, Ok(Err("NOAUTH")));
+    }
 
     #[test]
     fn a_tls_hint_is_given_where_tls_may_be_the_cause() {
