@@ -61,6 +61,16 @@ impl UpstreamClient {
         // The gateway's X-Forwarded-For is the one account of where the request came from.
         replace_forwarding(&mut parts.headers, peer, client);
         let head = parts.method == Method::HEAD;
+        // hyper's client sends a GET's or HEAD's body of unknown length (a chunked one) as
+        // no body at all unless told its coding: the body the client sent is passed on,
+        // not dropped. (Over HTTP/2 to QuickBlox the header is left out, as it must be.)
+        let unsized_body = !body.is_end_stream() && body.size_hint().exact().is_none();
+        if unsized_body && (head || parts.method == Method::GET) {
+            parts.headers.insert(
+                http::header::TRANSFER_ENCODING,
+                http::HeaderValue::from_static("chunked"),
+            );
+        }
         // An idempotent request without a body can go again on a new connection when a
         // kept one closed under it (as nginx retries one on a cached connection); one with
         // a body cannot, its bytes being read on the way.
