@@ -253,10 +253,12 @@ pub(crate) fn conclude<B>(
     }
 }
 
-/// Content-Length > 0, any Transfer-Encoding, or (HTTP/2 and later) a body stream that is
-/// not empty. Over HTTP/1 the headers alone say whether there is a body (RFC 9112 §6.3):
-/// a body type that cannot tell it is empty (a layer's wrapper, such as tower-http's
-/// `RequestBodyTimeout`, or a stream) is no body.
+/// Content-Length > 0, any Transfer-Encoding, a body known to hold bytes, or (HTTP/2 and
+/// later) a body stream that is not empty. Over HTTP/1 the headers say whether there is a
+/// body (RFC 9112 §6.3): a body type that cannot tell its size (a layer's wrapper, such as
+/// tower-http's `RequestBodyTimeout`, or a stream) is no body unless they say so. (A layer
+/// that removes the framing headers, as tower-http's `RequestDecompression` does, belongs
+/// inside the guard.)
 fn has_body<B: Body>(request: &Request<B>) -> bool {
     let headers = request.headers();
     if headers.contains_key(TRANSFER_ENCODING) {
@@ -272,10 +274,10 @@ fn has_body<B: Body>(request: &Request<B>) -> bool {
             _ => return true,
         }
     }
-    if request.version() < http::Version::HTTP_2 {
-        return false;
-    }
     let body = request.body();
+    if request.version() < http::Version::HTTP_2 {
+        return body.size_hint().lower() > 0;
+    }
     !body.is_end_stream() && body.size_hint().exact() != Some(0)
 }
 

@@ -96,10 +96,10 @@ fn empty() -> Full<Bytes> {
     Full::new(Bytes::new())
 }
 
-/// Over HTTP/1 only Content-Length and Transfer-Encoding say a request has a body: one
-/// whose body type cannot tell it is empty (tower-http's `RequestBodyTimeout` around it, or
-/// a stream) is served. Over HTTP/2, where a body needs no header, a stream with data is
-/// refused.
+/// Over HTTP/1 Content-Length and Transfer-Encoding say a request has a body, or the body
+/// knowing it holds bytes: one whose body type cannot tell its size (tower-http's
+/// `RequestBodyTimeout` around it, or a stream) is served. Over HTTP/2, where a body needs
+/// no header, a stream with data is refused.
 #[tokio::test]
 async fn over_http1_only_the_headers_say_a_get_has_a_body() {
     async fn answer<B>(_: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -137,6 +137,20 @@ async fn over_http1_only_the_headers_say_a_get_has_a_body() {
             .unwrap()
     };
     let status = |response: Response<_>| response.status();
+    // A body known to hold bytes is one, headers or not.
+    let sized = reset("email=c@d.io")
+        .header("qb-token", "foo")
+        .extension(peer())
+        .body(Full::new(Bytes::from_static(b"email=victim%40x.io")))
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(ResetGuardLayer::new(
+            settings(""),
+            ApiKey::new("server-key").unwrap(),
+        ))
+        .service(service_fn(answer));
+    let refused = service.oneshot(sized).await.map(status).unwrap();
+    assert_eq!(refused, StatusCode::BAD_REQUEST);
     let service = streamed.clone();
     let http1 = service.oneshot(request(http::Version::HTTP_11, b"")).await;
     assert_eq!(http1.map(status).unwrap(), StatusCode::OK);
