@@ -8,12 +8,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
@@ -31,15 +31,23 @@ const STALLED: u8 = 4;
 /// sent.
 pub struct ClientBody {
     inner: Incoming,
-    state: Arc<AtomicU8>,
+    shared: Arc<Shared>,
+    /// The bytes its declared length still holds back (none: no length declared).
+    left: Option<u64>,
     idle: Duration,
     /// Started when the body first waits for the client, pushed back by every frame.
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
+/// Where the body got to, and how many frames it has passed on.
+struct Shared {
+    state: AtomicU8,
+    frames: AtomicU64,
+}
+
 /// What the forwarder reads afterwards: where the client's body got to.
 #[derive(Clone)]
-pub struct BodyWatch(Arc<AtomicU8>);
+pub struct BodyWatch(Arc<Shared>);
 
 /// Why a client's body ended early.
 #[derive(Debug, thiserror::Error)]
@@ -58,45 +66,75 @@ impl ClientBody {
             true => ENDED,
             false => READING,
         };
-        let state = Arc::new(AtomicU8::new(first));
-        let watch = BodyWatch(state.clone());
+        let shared = Arc::new(Shared {
+            state: AtomicU8::new(first),
+            frames: AtomicU64::new(0),
+        });
+        let watch = BodyWatch(shared.clone());
         let body = ClientBody {
+            left: inner.size_hint().exact(),
             inner,
-            state,
+            shared,
             idle,
             deadline: None,
         };
         (body, watch)
     }
+
+    /// Where a frame just read leaves the body. It has ended at its last frame (hyper's
+    /// client stops asking once a declared length is sent, or after trailers, so the end
+    /// is seen there rather than waited for).
+    fn after(&mut self, frame: &Frame<Bytes>) -> u8 {
+        if let Some(data) = frame.data_ref() {
+            self.left = self
+                .left
+                .map(|left| left.saturating_sub(data.remaining() as u64));
+        }
+        let last = frame.is_trailers() || self.left == Some(0) || self.inner.is_end_stream();
+        match last {
+            true => ENDED,
+            false => READING,
+        }
+    }
 }
 
 impl BodyWatch {
+    fn state(&self) -> u8 {
+        self.0.state.load(Ordering::Relaxed)
+    }
+
     /// The client's body failed: broken framing, or the client went away mid-body.
     pub fn failed(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == FAILED
+        self.state() == FAILED
     }
 
     /// The body was last found waiting for the client to send more, or stopped for having
     /// waited too long: a stall is theirs.
     pub fn waiting_on_client(&self) -> bool {
-        matches!(self.0.load(Ordering::Relaxed), WAITING_ON_CLIENT | STALLED)
+        matches!(self.state(), WAITING_ON_CLIENT | STALLED)
     }
 
     /// The body failed, or stopped for having sent nothing for too long: whatever then
     /// broke the exchange is the client's doing.
     pub fn broke_off(&self) -> bool {
-        matches!(self.0.load(Ordering::Relaxed), FAILED | STALLED)
+        matches!(self.state(), FAILED | STALLED)
     }
 
     /// The body stopped for having sent nothing for too long.
     pub fn stalled(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == STALLED
+        self.state() == STALLED
     }
 
     /// The body was read to its end: the connection it went over carries nothing more of
     /// it, and can take another request.
     pub fn ended(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == ENDED
+        self.state() == ENDED
+    }
+
+    /// How many frames the body has passed on so far: a count that moves while it is
+    /// being sent.
+    pub fn frames(&self) -> u64 {
+        self.0.frames.load(Ordering::Relaxed)
     }
 }
 
@@ -114,11 +152,11 @@ impl Body for ClientBody {
             Poll::Pending => WAITING_ON_CLIENT,
             Poll::Ready(Some(Err(_))) => FAILED,
             Poll::Ready(None) => ENDED,
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => ENDED,
-            Poll::Ready(Some(Ok(_))) => READING,
+            Poll::Ready(Some(Ok(frame))) => this.after(frame),
         };
-        this.state.store(state, Ordering::Relaxed);
+        this.shared.state.store(state, Ordering::Relaxed);
         let Poll::Pending = frame else {
+            this.shared.frames.fetch_add(1, Ordering::Relaxed);
             if let Some(deadline) = &mut this.deadline {
                 deadline.as_mut().reset(Instant::now() + this.idle);
             }
@@ -130,7 +168,7 @@ impl Body for ClientBody {
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
         match deadline.as_mut().poll(cx) {
             Poll::Ready(()) => {
-                this.state.store(STALLED, Ordering::Relaxed);
+                this.shared.state.store(STALLED, Ordering::Relaxed);
                 Poll::Ready(Some(Err(ClientBodyError::Stalled(idle))))
             }
             Poll::Pending => Poll::Pending,

@@ -2,6 +2,7 @@
 //! both ways.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use http::header::HOST;
 use http::uri::PathAndQuery;
@@ -10,9 +11,9 @@ use http_body::Body as _;
 use http_body_util::Either;
 use hyper::body::Incoming;
 use reset_guard::GuardBody;
-use tokio::time::timeout;
+use tokio::time::error::Elapsed;
 
-use super::client_body::ClientBody;
+use super::client_body::{BodyWatch, ClientBody};
 use super::forwarding_headers::replace_forwarding;
 use super::streamed_body::{AnswerWatch, StreamedBody};
 use super::{blame, is_final, Answer, Failure, UpstreamClient};
@@ -22,8 +23,9 @@ use crate::request_id::X_REQUEST_ID;
 
 impl UpstreamClient {
     /// Another path under `other_routes: forward`: passed on as it came, less hop-by-hop
-    /// and framing headers, streamed both ways; the timeout covers the answer's head, and
-    /// then bounds each wait for the body (`StreamedBody`). A
+    /// and framing headers, streamed both ways; the timeout covers the answer's head from
+    /// the client's body's last part (`while_sending`), each wait for more of that body
+    /// (`ClientBody`), and then each wait for the answer's body (`StreamedBody`). A
     /// failure of the client's own body is the client's error (400, or 408 when it stalled),
     /// never QuickBlox's.
     pub(super) async fn forward_other(
@@ -94,7 +96,8 @@ impl UpstreamClient {
         *upstream.method_mut() = parts.method;
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers;
-        let answer = match timeout(self.settings.timeout, self.pool.send(upstream, replay)).await {
+        let send = self.pool.send(upstream, replay);
+        let answer = match while_sending(send, self.settings.timeout, &watch).await {
             Ok(Ok((response, _))) if !is_final(response.status()) => {
                 let status = response.status();
                 let cause = format!("status {}, not a final answer", status.as_u16());
@@ -157,6 +160,31 @@ impl UpstreamClient {
             }
         };
         self.reported(answer, request_id.as_ref())
+    }
+}
+
+/// `send`, given `timeout` for its answer, counted again whenever the client's body moved
+/// in the last `timeout`: an upload that arrives steadily but takes longer than that is no
+/// late answer (each of its waits for the client is bounded by [`ClientBody`] itself), and
+/// an answer is given its whole time after the body's last part.
+async fn while_sending<F: std::future::Future>(
+    send: F,
+    timeout: Duration,
+    watch: &BodyWatch,
+) -> Result<F::Output, Elapsed> {
+    let mut send = std::pin::pin!(send);
+    let mut seen = watch.frames();
+    loop {
+        match tokio::time::timeout(timeout, send.as_mut()).await {
+            Ok(answer) => return Ok(answer),
+            Err(elapsed) => {
+                let now = watch.frames();
+                if now == seen {
+                    return Err(elapsed);
+                }
+                seen = now;
+            }
+        }
     }
 }
 

@@ -165,8 +165,12 @@ impl Pool {
                 match sender.try_send_request(for_h1(request, &state.host)).await {
                     Ok(response) => return Ok((response, state.lease(sender))),
                     Err(error) => {
-                        // The other kept connections are likely as dead: new ones.
-                        lock(&state.idle).clear();
+                        // The other kept connections are likely as dead: new ones. Not
+                        // when the client's own body failed the exchange (it broke off):
+                        // that says nothing of the others.
+                        if !error.error().is_user() {
+                            lock(&state.idle).clear();
+                        }
                         request = again(error, replay)?;
                     }
                 }

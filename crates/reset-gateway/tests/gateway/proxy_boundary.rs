@@ -4,6 +4,8 @@
 //! preface costs nothing while it waits.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -326,12 +328,24 @@ async fn a_status_that_is_not_final_is_a_bad_gateway() {
 
 /// An upstream that reads each request's whole body before it answers, as an API does.
 async fn body_reading_upstream() -> SocketAddr {
+    counting_body_reader().await.0
+}
+
+/// [`body_reading_upstream`], with the count of connections it has accepted; it holds
+/// its answer to `/slow` for 300ms.
+async fn counting_body_reader() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
             let service = hyper::service::service_fn(
                 |request: http::Request<hyper::body::Incoming>| async move {
+                    if request.uri().path() == "/slow" {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
                     let body = request.into_body().collect().await?.to_bytes();
                     Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from(format!(
                         "read {} bytes",
@@ -345,7 +359,150 @@ async fn body_reading_upstream() -> SocketAddr {
             );
         }
     });
-    addr
+    (addr, accepted)
+}
+
+/// A gateway of one worker (one pool of upstream connections) forwarding other routes to
+/// `upstream`.
+async fn one_worker_forwarding_to(upstream: SocketAddr) -> Gateway {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let config = yaml(
+        &format!("http://{upstream}"),
+        "  other_routes: forward\n",
+        "",
+    );
+    Gateway::start_yaml(mock, &with_server_keys(&config, "  workers: 1\n")).await
+}
+
+/// A body that keeps arriving is passed on however long it takes in all: only each wait
+/// for more of it is bounded by `upstream.timeout` (400ms here), not the whole upload.
+#[tokio::test]
+async fn an_upload_that_keeps_arriving_is_passed_on_however_long_it_takes() {
+    let (upstream, _) = counting_body_reader().await;
+    let gw = one_worker_forwarding_to(upstream).await;
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client
+        .write_all(b"POST /users.json HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\nContent-Length: 100\r\n\r\n")
+        .await
+        .unwrap();
+    // Five bytes every 50ms: a second in all, each wait far inside the 400ms.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.write_all(b"xxxxx").await.unwrap();
+    }
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut bytes))
+        .await
+        .expect("answered within 10s")
+        .unwrap();
+    let reply = parse(&bytes);
+    assert_eq!((reply.status, reply.body.as_str()), (200, "read 100 bytes"));
+}
+
+/// A request body of one chunk of data, then (if `trailers`) a trailer, whose end comes
+/// in a frame of its own: as a streaming HTTP/2 client ends a stream with an empty DATA
+/// frame after its data.
+struct EndApart {
+    data: Option<Bytes>,
+    trailers: bool,
+}
+
+impl http_body::Body for EndApart {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let frame = match self.data.take() {
+            Some(data) => Some(http_body::Frame::data(data)),
+            None if std::mem::take(&mut self.trailers) => {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("x-sum", http::HeaderValue::from_static("1"));
+                Some(http_body::Frame::trailers(trailers))
+            }
+            None => None,
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+}
+
+/// Uploads that end by their declared length (the end of the stream coming after it), or
+/// with trailers, leave their upstream connection for the next request, as uploads that
+/// end with their last byte do.
+#[tokio::test]
+async fn uploads_ending_by_length_or_trailers_keep_their_upstream_connection() {
+    let (upstream, accepted) = counting_body_reader().await;
+    let gw = one_worker_forwarding_to(upstream).await;
+    let trailed = "POST /users.json HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\
+                   Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n";
+    for _ in 0..3 {
+        let reply = raw(gw.addr, trailed.as_bytes()).await;
+        assert_eq!((reply.status, reply.body.as_str()), (200, "read 5 bytes"));
+    }
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    for trailers in [false, false, true] {
+        let mut request = http::Request::post(format!("http://{}/users.json", gw.addr));
+        if !trailers {
+            request = request.header("content-length", "5");
+        }
+        let body = EndApart {
+            data: Some(Bytes::from_static(b"hello")),
+            trailers,
+        };
+        let answer = sender.send_request(request.body(body).unwrap()).await;
+        let body = answer.unwrap().into_body().collect().await.unwrap();
+        assert_eq!(body.to_bytes(), "read 5 bytes");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one upstream connection"
+    );
+}
+
+/// A client that breaks off its body fails its own exchange only: the worker's other kept
+/// upstream connections stay for the next requests (they were dropped as if QuickBlox had
+/// closed them all).
+#[tokio::test]
+async fn a_body_broken_off_drops_only_its_own_upstream_connection() {
+    let (upstream, accepted) = counting_body_reader().await;
+    let gw = one_worker_forwarding_to(upstream).await;
+    let slow = b"GET /slow HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n";
+    // Two at once: two upstream connections, both kept once answered.
+    let (a, b) = tokio::join!(raw(gw.addr, slow), raw(gw.addr, slow));
+    assert_eq!((a.status, b.status), (200, 200));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    let broken =
+        b"POST /users.json HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: 100\r\n\r\nabc";
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client.write_all(broken).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut bytes))
+        .await
+        .expect("answered within 10s")
+        .unwrap();
+    assert_eq!(parse(&bytes).status, 400);
+    let reply = raw(
+        gw.addr,
+        b"GET /users.json HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the other kept connection was used"
+    );
 }
 
 #[tokio::test]
