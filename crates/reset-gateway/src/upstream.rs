@@ -15,9 +15,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::{Request, Response, Uri};
-use http_body_util::{Either, Empty};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use reset_guard::{ClientIp, GuardBody, GuardedRequest, PeerAddr};
@@ -36,14 +35,15 @@ mod pool;
 mod reset;
 mod streamed_body;
 
-use client_body::{BodyWatch, ClientBody};
+use client_body::{BodyWatch, ClientBody, WholeBody};
 use failures::{Failure, FailureLog};
 use pool::{Pool, SendError};
 
 pub use streamed_body::StreamedBody;
 
-/// What is sent upstream: nothing for a reset, the client's body for a forwarded route.
-pub type UpstreamBody = Either<Empty<Bytes>, ClientBody>;
+/// What is sent upstream: nothing for a reset; for a forwarded route the client's body,
+/// read whole first when it is small, else streamed.
+pub type UpstreamBody = Either<WholeBody, ClientBody>;
 
 /// What the forwarder answers with: a reset answer read whole, or a streamed one.
 pub type ForwardBody = GuardBody<StreamedBody>;

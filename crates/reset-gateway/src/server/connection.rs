@@ -26,6 +26,15 @@ use crate::proxy_protocol::{self, Failure, ProxyProtocolSettings};
 /// Streams one HTTP/2 connection may have open at once.
 pub(super) const MAX_CONCURRENT_STREAMS: u32 = 32;
 
+/// Bytes of an answer each HTTP/2 stream may buffer beyond what the client has taken, on
+/// top of the socket's own buffer: a frame's worth, enough to keep a reading client's
+/// socket fed.
+const MAX_SEND_BUFFER: usize = 16 * 1024;
+
+/// Streams of one HTTP/2 connection the gateway may reset for the client's protocol errors
+/// before it closes the connection.
+const MAX_LOCAL_RESETS: usize = 32;
+
 /// How long the steps before HTTP (PROXY header, TLS handshake, preface) may take before
 /// an HTTP/1.1 connection's first request head is held to what is left of the deadline:
 /// hyper's own header read timer starts afresh when it begins reading, so a client slow
@@ -60,6 +69,15 @@ impl Protocols {
             // can hold an upstream exchange for server.request_timeout.
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
+            // What each stream may hold of an answer the client has not taken yet. hyper's
+            // 400 KiB let a client that grants a huge window and then reads nothing pin
+            // 32 streams' worth of forwarded answers: about 40 MB a connection, with the
+            // upstream connections' read-ahead (benches/README.md has the figures).
+            .max_send_buf_size(MAX_SEND_BUFFER)
+            // Streams the gateway itself resets for a protocol error (a body longer than
+            // its content-length): each may have reached QuickBlox and cost an upstream
+            // connection, so a connection gets few before GOAWAY (hyper's default: 1,024).
+            .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20));
         Protocols { http1, http2 }

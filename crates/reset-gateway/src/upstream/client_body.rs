@@ -183,3 +183,47 @@ impl Body for ClientBody {
         self.inner.size_hint()
     }
 }
+
+/// A request body read whole before QuickBlox is asked: its bytes, then its trailers if it
+/// had any. Empty for a reset, which sends no body.
+#[derive(Default)]
+pub struct WholeBody {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl WholeBody {
+    pub fn new(whole: http_body_util::Collected<Bytes>) -> Self {
+        let trailers = whole.trailers().cloned();
+        let data = Some(whole.to_bytes()).filter(|data| !data.is_empty());
+        WholeBody { data, trailers }
+    }
+}
+
+impl Body for WholeBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let frame = match (self.data.take(), self.trailers.take()) {
+            (Some(data), trailers) => {
+                self.trailers = trailers;
+                Frame::data(data)
+            }
+            (None, Some(trailers)) => Frame::trailers(trailers),
+            (None, None) => return Poll::Ready(None),
+        };
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |data| data.len() as u64))
+    }
+}

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use reset_guard::GuardBody;
 use tokio::time::error::Elapsed;
 
-use super::client_body::{BodyWatch, ClientBody};
+use super::client_body::{BodyWatch, ClientBody, WholeBody};
 use super::forwarding_headers::replace_forwarding;
 use super::streamed_body::{AnswerWatch, StreamedBody};
 use super::{blame, is_final, Answer, Failure, UpstreamClient};
@@ -80,7 +80,7 @@ impl UpstreamClient {
         let again = replayable.then(|| (parts.method.clone(), uri.clone(), parts.headers.clone()));
         let replay = again.as_ref().map(|(method, uri, headers)| {
             move || {
-                let mut upstream = Request::new(Either::Left(http_body_util::Empty::new()));
+                let mut upstream = Request::new(Either::Left(WholeBody::default()));
                 *upstream.method_mut() = method.clone();
                 *upstream.uri_mut() = uri.clone();
                 *upstream.headers_mut() = headers.clone();
@@ -92,7 +92,25 @@ impl UpstreamClient {
             .map(|r| r as &(dyn Fn() -> Request<super::UpstreamBody> + Sync));
         // Each wait for more of the client's body is bounded as each wait for the answer's.
         let (body, watch) = ClientBody::new(body, self.settings.timeout);
-        let mut upstream = Request::new(Either::Right(body));
+        // A small body of a declared length is read whole before QuickBlox is asked (as
+        // nginx's proxy_request_buffering does): one the client breaks off then never
+        // reaches QuickBlox, nor costs the upstream connection it would have broken (an
+        // HTTP/2 client could break one on every stream, and open a connection after
+        // each batch).
+        let body = match body.size_hint().exact() {
+            Some(1..=BUFFERED_BODY) => match http_body_util::BodyExt::collect(body).await {
+                Ok(whole) => Either::Left(WholeBody::new(whole)),
+                Err(_) => {
+                    let refusal = match watch.stalled() {
+                        true => Refusal::ClientBodyTimeout,
+                        false => Refusal::ClientBodyInvalid,
+                    };
+                    return self.reported((Err(refusal.into()), None), request_id.as_ref());
+                }
+            },
+            _ => Either::Right(body),
+        };
+        let mut upstream = Request::new(body);
         *upstream.method_mut() = parts.method;
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers;
@@ -162,6 +180,9 @@ impl UpstreamClient {
         self.reported(answer, request_id.as_ref())
     }
 }
+
+/// The largest body of a declared length read whole before QuickBlox is asked.
+const BUFFERED_BODY: u64 = 64 * 1024;
 
 /// `send`, given `timeout` for its answer, counted again whenever the client's body moved
 /// in the last `timeout`: an upload that arrives steadily but takes longer than that is no

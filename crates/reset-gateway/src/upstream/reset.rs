@@ -7,11 +7,12 @@ use http::header::{
     VARY,
 };
 use http::{HeaderMap, HeaderName, Request, Response, Uri, Version};
-use http_body_util::{BodyExt, Either, Empty, Limited};
+use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use reset_guard::{GuardBody, GuardedRequest};
 use tokio::time::timeout;
 
+use super::client_body::WholeBody;
 use super::forwarding_headers::{forwarded_for, X_FORWARDED_FOR};
 use super::{cause, classify, is_final, Answer, Failure, UpstreamBody, UpstreamClient};
 use crate::hop_by_hop::connection_named;
@@ -154,7 +155,7 @@ impl UpstreamClient {
                 headers.append(name.clone(), value.clone());
             }
         }
-        let mut upstream = Request::new(Either::Left(Empty::new()));
+        let mut upstream = Request::new(Either::Left(WholeBody::default()));
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = headers;
         Some(upstream)

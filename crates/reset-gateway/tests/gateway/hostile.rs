@@ -241,6 +241,96 @@ fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// An upstream that answers every request with 1 MiB.
+async fn megabyte_answers() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|_| async {
+                let body = http_body_util::Full::new(bytes::Bytes::from(vec![b'x'; 1 << 20]));
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+/// An HTTP/2 frame: its type, flags, stream and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// A client that grants the largest flow-control window, asks for 32 big answers on a
+/// forwarded route and then reads nothing: what the gateway holds for it is bounded by
+/// the streams' send buffers and the upstream connections' read-ahead (16 KiB each), not
+/// by the answers (with hyper's 400 KiB for both it held about 40 MB a connection).
+#[tokio::test]
+async fn an_http2_client_that_grants_a_huge_window_and_reads_nothing_does_not_pin_memory() {
+    let upstream = megabyte_answers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let config = yaml(
+        &format!("http://{upstream}"),
+        "  other_routes: forward\n",
+        "",
+    );
+    std::fs::write(&path, with_server_keys(&config, "  workers: 1\n")).unwrap();
+    let gw = crate::process::spawn_gateway(&path);
+    let before = rss_kib(gw.child.id());
+    // HPACK literals, not indexed: a GET of /big.
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "gateway.test"),
+        (":path", "/big"),
+    ] {
+        block.push(0);
+        block.push(name.len() as u8);
+        block.extend(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend(value.as_bytes());
+    }
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut client = socket.connect(gw.addr).await.unwrap();
+        let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let largest: u32 = (1 << 31) - 1;
+        let mut window = vec![0, 4];
+        window.extend(largest.to_be_bytes());
+        opening.extend(h2_frame(4, 0, 0, &window));
+        opening.extend(h2_frame(8, 0, 0, &(largest - 65_535).to_be_bytes()));
+        for stream in 0..32u32 {
+            opening.extend(h2_frame(1, 0x5, 1 + 2 * stream, &block));
+        }
+        client.write_all(&opening).await.unwrap();
+        clients.push(client);
+    }
+    // The most it holds while the answers pile up (they stop once the buffers are full).
+    let mut most = before;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        most = most.max(rss_kib(gw.child.id()));
+    }
+    drop(clients);
+    // A bound, not a speed: far less than the 64 MiB of answers asked for.
+    assert!(
+        most.saturating_sub(before) < 32 * 1024,
+        "RSS grew from {before} KiB to {most} KiB"
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_never_reads_its_answers_does_not_pin_memory() {
     let mock = MockServer::start(mock_config()).await.unwrap();

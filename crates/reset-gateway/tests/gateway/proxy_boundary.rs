@@ -375,20 +375,21 @@ async fn one_worker_forwarding_to(upstream: SocketAddr) -> Gateway {
 }
 
 /// A body that keeps arriving is passed on however long it takes in all: only each wait
-/// for more of it is bounded by `upstream.timeout` (400ms here), not the whole upload.
+/// for more of it is bounded by `upstream.timeout` (400ms here), not the whole upload. (A
+/// body over 64 KiB, which is streamed rather than read whole first.)
 #[tokio::test]
 async fn an_upload_that_keeps_arriving_is_passed_on_however_long_it_takes() {
     let (upstream, _) = counting_body_reader().await;
     let gw = one_worker_forwarding_to(upstream).await;
     let mut client = TcpStream::connect(gw.addr).await.unwrap();
     client
-        .write_all(b"POST /users.json HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\nContent-Length: 100\r\n\r\n")
+        .write_all(b"POST /users.json HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\nContent-Length: 100000\r\n\r\n")
         .await
         .unwrap();
-    // Five bytes every 50ms: a second in all, each wait far inside the 400ms.
+    // 5,000 bytes every 50ms: a second in all, each wait far inside the 400ms.
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        client.write_all(b"xxxxx").await.unwrap();
+        client.write_all(&[b'x'; 5000]).await.unwrap();
     }
     let mut bytes = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut bytes))
@@ -396,7 +397,10 @@ async fn an_upload_that_keeps_arriving_is_passed_on_however_long_it_takes() {
         .expect("answered within 10s")
         .unwrap();
     let reply = parse(&bytes);
-    assert_eq!((reply.status, reply.body.as_str()), (200, "read 100 bytes"));
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "read 100000 bytes")
+    );
 }
 
 /// A request body of one chunk of data, then (if `trailers`) a trailer, whose end comes
@@ -452,15 +456,16 @@ async fn uploads_ending_by_length_or_trailers_keep_their_upstream_connection() {
     for trailers in [false, false, true] {
         let mut request = http::Request::post(format!("http://{}/users.json", gw.addr));
         if !trailers {
-            request = request.header("content-length", "5");
+            request = request.header("content-length", "70000");
         }
+        // Over 64 KiB: streamed, not read whole first.
         let body = EndApart {
-            data: Some(Bytes::from_static(b"hello")),
+            data: Some(Bytes::from(vec![b'h'; 70_000])),
             trailers,
         };
         let answer = sender.send_request(request.body(body).unwrap()).await;
         let body = answer.unwrap().into_body().collect().await.unwrap();
-        assert_eq!(body.to_bytes(), "read 5 bytes");
+        assert_eq!(body.to_bytes(), "read 70000 bytes");
     }
     assert_eq!(
         accepted.load(Ordering::SeqCst),
@@ -469,9 +474,9 @@ async fn uploads_ending_by_length_or_trailers_keep_their_upstream_connection() {
     );
 }
 
-/// A client that breaks off its body fails its own exchange only: the worker's other kept
-/// upstream connections stay for the next requests (they were dropped as if QuickBlox had
-/// closed them all).
+/// A client that breaks off a streamed body (over 64 KiB) fails its own exchange only: the
+/// worker's other kept upstream connections stay for the next requests (they were dropped
+/// as if QuickBlox had closed them all). A small body broken off never reaches QuickBlox.
 #[tokio::test]
 async fn a_body_broken_off_drops_only_its_own_upstream_connection() {
     let (upstream, accepted) = counting_body_reader().await;
@@ -481,17 +486,29 @@ async fn a_body_broken_off_drops_only_its_own_upstream_connection() {
     let (a, b) = tokio::join!(raw(gw.addr, slow), raw(gw.addr, slow));
     assert_eq!((a.status, b.status), (200, 200));
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
-    let broken =
-        b"POST /users.json HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: 100\r\n\r\nabc";
-    let mut client = TcpStream::connect(gw.addr).await.unwrap();
-    client.write_all(broken).await.unwrap();
-    client.shutdown().await.unwrap();
-    let mut bytes = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut bytes))
-        .await
-        .expect("answered within 10s")
-        .unwrap();
-    assert_eq!(parse(&bytes).status, 400);
+    let broken = |length: usize| async move {
+        let head = format!(
+            "POST /users.json HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: {length}\r\n\r\nabc"
+        );
+        let mut client = TcpStream::connect(gw.addr).await.unwrap();
+        client.write_all(head.as_bytes()).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut bytes = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut bytes))
+            .await
+            .expect("answered within 10s")
+            .unwrap();
+        parse(&bytes).status
+    };
+    for _ in 0..3 {
+        assert_eq!(broken(100).await, 400);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "small bodies are read first"
+    );
+    assert_eq!(broken(100_000).await, 400);
     let reply = raw(
         gw.addr,
         b"GET /users.json HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n",

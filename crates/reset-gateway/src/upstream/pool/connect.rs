@@ -44,6 +44,11 @@ impl PoolState {
             return Ok(Fresh::H2(sender));
         }
         let (sender, connection) = http1::Builder::new()
+            // What one connection reads ahead of a client taking an answer: hyper's
+            // ~400 KiB, on each of the connections a client's streams hold, was memory a
+            // client that reads nothing could pin. An answer's head must fit (QuickBlox's
+            // are a few hundred bytes; nginx allows 4-8 KiB by default).
+            .max_buf_size(16 * 1024)
             .handshake(io)
             .await
             .map_err(SendError::Exchange)?;
