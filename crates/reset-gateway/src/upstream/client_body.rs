@@ -189,12 +189,14 @@ impl Body for ClientBody {
 #[derive(Default)]
 pub struct WholeBody {
     data: Option<Bytes>,
-    trailers: Option<http::HeaderMap>,
+    /// Boxed, as the streamed body is ([`super::UpstreamBody`]): a reset's request stays
+    /// small.
+    trailers: Option<Box<http::HeaderMap>>,
 }
 
 impl WholeBody {
     pub fn new(whole: http_body_util::Collected<Bytes>) -> Self {
-        let trailers = whole.trailers().cloned();
+        let trailers = whole.trailers().cloned().map(Box::new);
         let data = Some(whole.to_bytes()).filter(|data| !data.is_empty());
         WholeBody { data, trailers }
     }
@@ -213,7 +215,7 @@ impl Body for WholeBody {
                 self.trailers = trailers;
                 Frame::data(data)
             }
-            (None, Some(trailers)) => Frame::trailers(trailers),
+            (None, Some(trailers)) => Frame::trailers(*trailers),
             (None, None) => return Poll::Ready(None),
         };
         Poll::Ready(Some(Ok(frame)))

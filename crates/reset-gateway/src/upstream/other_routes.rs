@@ -108,7 +108,7 @@ impl UpstreamClient {
                     return self.reported((Err(refusal.into()), None), request_id.as_ref());
                 }
             },
-            _ => Either::Right(body),
+            _ => Either::Right(Box::new(body)),
         };
         let mut upstream = Request::new(body);
         *upstream.method_mut() = parts.method;

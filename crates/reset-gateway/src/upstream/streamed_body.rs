@@ -32,7 +32,10 @@ pub struct StreamedBody {
     idle: Duration,
     /// Started when the body is first polled, pushed back by every frame.
     deadline: Option<Pin<Box<Sleep>>>,
-    watch: AnswerWatch,
+    /// Boxed: every answer's body type, a reset's and a 429's included, is as large as
+    /// this one's (its request id and the client's body's watch made every answer's moves
+    /// dearer, benches/README.md).
+    watch: Box<AnswerWatch>,
 }
 
 /// Where a body that fails after its head (logged already) is reported, and as which
@@ -79,7 +82,7 @@ impl StreamedBody {
             sent,
             idle,
             deadline: None,
-            watch,
+            watch: Box::new(watch),
         }
     }
 
