@@ -35,10 +35,11 @@ mod pool;
 mod reset;
 mod streamed_body;
 
-use client_body::{BodyWatch, ClientBody, WholeBody};
+use client_body::{ClientBody, WholeBody};
 use failures::{Failure, FailureLog};
 use pool::{Pool, SendError};
 
+pub use client_body::BodyWatch;
 pub use streamed_body::StreamedBody;
 
 /// What is sent upstream: nothing for a reset; for a forwarded route the client's body,
@@ -202,9 +203,11 @@ impl Forwarder {
             Some(guarded) => client.forward_reset(request, guarded, peer).await,
             None => {
                 let resolved = extensions.get::<ClientIp>().map(ClientIp::ip);
+                let origin = (peer, resolved);
+                let watch = extensions.remove::<BodyWatch>().unwrap_or_default();
                 // Boxed: its state (a body read whole, the wait while one is sent) is far
                 // larger than a reset's, and every reset's future would be as large.
-                Box::pin(client.forward_other(request, peer, resolved, self.owns_cors)).await
+                Box::pin(client.forward_other(request, origin, watch, self.owns_cors)).await
             }
         };
         let (mut response, refusal, error) = match response {

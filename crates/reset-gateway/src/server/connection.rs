@@ -31,9 +31,11 @@ pub(super) const MAX_CONCURRENT_STREAMS: u32 = 32;
 /// socket fed.
 const MAX_SEND_BUFFER: usize = 16 * 1024;
 
-/// Streams of one HTTP/2 connection the gateway may reset for the client's protocol errors
-/// before it closes the connection.
-const MAX_LOCAL_RESETS: usize = 32;
+/// Streams of one HTTP/2 connection the gateway may reset before it closes the connection.
+/// h2 counts the streams it refuses for going over [`MAX_CONCURRENT_STREAMS`] too: a client
+/// may open many before the gateway's SETTINGS reach it (hyper's client opens up to 100),
+/// so this is well above that burst.
+const MAX_LOCAL_RESETS: usize = 256;
 
 /// How long the steps before HTTP (PROXY header, TLS handshake, preface) may take before
 /// an HTTP/1.1 connection's first request head is held to what is left of the deadline:
@@ -75,8 +77,8 @@ impl Protocols {
             // upstream connections' read-ahead (benches/README.md has the figures).
             .max_send_buf_size(MAX_SEND_BUFFER)
             // Streams the gateway itself resets for a protocol error (a body longer than
-            // its content-length): each may have reached QuickBlox and cost an upstream
-            // connection, so a connection gets few before GOAWAY (hyper's default: 1,024).
+            // its content-length): each such body over 64 KiB has reached QuickBlox and
+            // costs an upstream connection, so a connection gets fewer than hyper's 1,024.
             .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20));

@@ -366,6 +366,15 @@ async fn answer(
         }
         service => service.clone(),
     };
+    // A request with a body is watched (on a forwarded route, `ClientBody` says where it
+    // got to): one whose time runs out while its body still arrives is the client's slow
+    // body (408), not QuickBlox's lateness.
+    let mut request = request;
+    let body = (!http_body::Body::is_end_stream(request.body())).then(|| {
+        let watch = crate::upstream::BodyWatch::default();
+        request.extensions_mut().insert(watch.clone());
+        watch
+    });
     let mut answer = std::pin::pin!(service.oneshot(request));
     // Most answers (every rejection) are ready at once: only arm the request timer for the
     // ones that wait on QuickBlox or Redis.
@@ -378,7 +387,10 @@ async fn answer(
         Ok(Ok(response)) => (response, None),
         Ok(Err(never)) => match never {},
         Err(_) => {
-            let refusal = Refusal::UpstreamTimeout;
+            let refusal = match body.is_some_and(|body| body.waiting_on_client()) {
+                true => Refusal::ClientBodyTimeout,
+                false => Refusal::UpstreamTimeout,
+            };
             (refusal.to_response().map(GuardBody::full), Some(refusal))
         }
     }

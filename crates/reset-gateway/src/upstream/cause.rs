@@ -33,6 +33,8 @@ pub fn upstream_error<'a>(chain: impl Iterator<Item = &'a (dyn Error + 'static)>
                 "timed out"
             } else if hyper.is_incomplete_message() {
                 "connection closed before the answer"
+            } else if hyper.is_parse_too_large() {
+                "answer head over 16 KiB"
             } else if hyper.is_parse() || hyper.is_parse_status() {
                 "invalid answer"
             } else if hyper.is_closed() || hyper.is_canceled() {

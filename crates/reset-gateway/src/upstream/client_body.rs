@@ -39,10 +39,13 @@ pub struct ClientBody {
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
-/// Where the body got to, and how many frames it has passed on.
+/// Where the body got to, and when it last passed a frame on.
 struct Shared {
     state: AtomicU8,
-    frames: AtomicU64,
+    /// When the body was made.
+    since: Instant,
+    /// Its last frame, in microseconds from `since`.
+    moved_us: AtomicU64,
 }
 
 /// What the forwarder reads afterwards: where the client's body got to.
@@ -59,26 +62,20 @@ pub enum ClientBodyError {
 }
 
 impl ClientBody {
-    /// The body, failing once it has sent nothing for `idle`.
-    pub fn new(inner: Incoming, idle: Duration) -> (ClientBody, BodyWatch) {
+    /// The body, failing once it has sent nothing for `idle`, watched through `watch` (made
+    /// for it alone).
+    pub fn new(inner: Incoming, idle: Duration, watch: &BodyWatch) -> ClientBody {
         // A body that is empty from the start is never polled.
-        let first = match inner.is_end_stream() {
-            true => ENDED,
-            false => READING,
-        };
-        let shared = Arc::new(Shared {
-            state: AtomicU8::new(first),
-            frames: AtomicU64::new(0),
-        });
-        let watch = BodyWatch(shared.clone());
-        let body = ClientBody {
+        if inner.is_end_stream() {
+            watch.0.state.store(ENDED, Ordering::Relaxed);
+        }
+        ClientBody {
             left: inner.size_hint().exact(),
             inner,
-            shared,
+            shared: watch.0.clone(),
             idle,
             deadline: None,
-        };
-        (body, watch)
+        }
     }
 
     /// Where a frame just read leaves the body. It has ended at its last frame (hyper's
@@ -95,6 +92,16 @@ impl ClientBody {
             true => ENDED,
             false => READING,
         }
+    }
+}
+
+impl Default for BodyWatch {
+    fn default() -> Self {
+        BodyWatch(Arc::new(Shared {
+            state: AtomicU8::new(READING),
+            since: Instant::now(),
+            moved_us: AtomicU64::new(0),
+        }))
     }
 }
 
@@ -131,10 +138,9 @@ impl BodyWatch {
         self.state() == ENDED
     }
 
-    /// How many frames the body has passed on so far: a count that moves while it is
-    /// being sent.
-    pub fn frames(&self) -> u64 {
-        self.0.frames.load(Ordering::Relaxed)
+    /// When the body last passed a frame on (when it was made, before its first).
+    pub fn moved_at(&self) -> Instant {
+        self.0.since + Duration::from_micros(self.0.moved_us.load(Ordering::Relaxed))
     }
 }
 
@@ -156,7 +162,9 @@ impl Body for ClientBody {
         };
         this.shared.state.store(state, Ordering::Relaxed);
         let Poll::Pending = frame else {
-            this.shared.frames.fetch_add(1, Ordering::Relaxed);
+            let moved = this.shared.since.elapsed().as_micros();
+            let moved = u64::try_from(moved).unwrap_or(u64::MAX);
+            this.shared.moved_us.store(moved, Ordering::Relaxed);
             if let Some(deadline) = &mut this.deadline {
                 deadline.as_mut().reset(Instant::now() + this.idle);
             }

@@ -31,8 +31,8 @@ impl UpstreamClient {
     pub(super) async fn forward_other(
         &self,
         request: Request<Incoming>,
-        peer: Option<IpAddr>,
-        client: Option<IpAddr>,
+        (peer, client): (Option<IpAddr>, Option<IpAddr>),
+        watch: BodyWatch,
         owns_cors: bool,
     ) -> Answer {
         let (mut parts, body) = request.into_parts();
@@ -91,7 +91,9 @@ impl UpstreamClient {
             .as_ref()
             .map(|r| r as &(dyn Fn() -> Request<super::UpstreamBody> + Sync));
         // Each wait for more of the client's body is bounded as each wait for the answer's.
-        let (body, watch) = ClientBody::new(body, self.settings.timeout);
+        // `watch` is the server's on a request with a body (its time running out while the
+        // body still arrives is then the client's doing, not QuickBlox's).
+        let body = ClientBody::new(body, self.settings.timeout, &watch);
         // A small body of a declared length is read whole before QuickBlox is asked (as
         // nginx's proxy_request_buffering does): one the client breaks off then never
         // reaches QuickBlox, nor costs the upstream connection it would have broken (an
@@ -184,26 +186,25 @@ impl UpstreamClient {
 /// The largest body of a declared length read whole before QuickBlox is asked.
 const BUFFERED_BODY: u64 = 64 * 1024;
 
-/// `send`, given `timeout` for its answer, counted again whenever the client's body moved
-/// in the last `timeout`: an upload that arrives steadily but takes longer than that is no
-/// late answer (each of its waits for the client is bounded by [`ClientBody`] itself), and
-/// an answer is given its whole time after the body's last part.
+/// `send`, given `timeout` for its answer from the client's body's last part: an upload
+/// that arrives steadily but takes longer than that is no late answer (each of its waits
+/// for the client is bounded by [`ClientBody`] itself).
 async fn while_sending<F: std::future::Future>(
     send: F,
     timeout: Duration,
     watch: &BodyWatch,
 ) -> Result<F::Output, Elapsed> {
     let mut send = std::pin::pin!(send);
-    let mut seen = watch.frames();
+    let mut deadline = tokio::time::Instant::now() + timeout;
     loop {
-        match tokio::time::timeout(timeout, send.as_mut()).await {
+        match tokio::time::timeout_at(deadline, send.as_mut()).await {
             Ok(answer) => return Ok(answer),
             Err(elapsed) => {
-                let now = watch.frames();
-                if now == seen {
+                let since_moved = watch.moved_at() + timeout;
+                if since_moved <= deadline {
                     return Err(elapsed);
                 }
-                seen = now;
+                deadline = since_moved;
             }
         }
     }

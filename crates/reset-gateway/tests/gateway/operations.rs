@@ -1004,6 +1004,29 @@ async fn an_untrusted_upstream_certificate_is_logged_as_tls() {
     );
 }
 
+/// An answer whose head is larger than an upstream connection reads ahead (16 KiB) is
+/// said as that, not as an invalid answer.
+#[tokio::test]
+async fn an_answer_head_over_the_read_ahead_is_said_so() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = [0u8; 4096];
+            let _ = stream.read(&mut head).await;
+            let padding = "x".repeat(20_000);
+            let answer =
+                format!("HTTP/1.1 200 OK\r\nX-Padding: {padding}\r\nContent-Length: 0\r\n\r\n");
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    let (cause, _) = a_failed_reset_through(&format!("http://{addr}")).await;
+    assert_eq!(
+        cause["upstream_error"], "answer head over 16 KiB",
+        "{cause}"
+    );
+}
+
 #[tokio::test]
 async fn a_refused_upstream_logs_its_cause_at_the_default_level() {
     let (cause, lines) = a_failed_reset_through(&format!("http://{}", closed_port())).await;

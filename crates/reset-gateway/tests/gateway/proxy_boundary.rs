@@ -332,7 +332,7 @@ async fn body_reading_upstream() -> SocketAddr {
 }
 
 /// [`body_reading_upstream`], with the count of connections it has accepted; it holds
-/// its answer to `/slow` for 300ms.
+/// its answer to `/slow` for 300ms before reading the body, to `/late` for 700ms after.
 async fn counting_body_reader() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -346,7 +346,11 @@ async fn counting_body_reader() -> (SocketAddr, Arc<AtomicUsize>) {
                     if request.uri().path() == "/slow" {
                         tokio::time::sleep(Duration::from_millis(300)).await;
                     }
+                    let late = request.uri().path() == "/late";
                     let body = request.into_body().collect().await?.to_bytes();
+                    if late {
+                        tokio::time::sleep(Duration::from_millis(700)).await;
+                    }
                     Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from(format!(
                         "read {} bytes",
                         body.len()
@@ -401,6 +405,86 @@ async fn an_upload_that_keeps_arriving_is_passed_on_however_long_it_takes() {
         (reply.status, reply.body.as_str()),
         (200, "read 100000 bytes")
     );
+}
+
+/// A client that opens more streams than the gateway allows before its SETTINGS arrive
+/// (hyper's client opens up to 100), all held open by QuickBlox, gets the surplus refused,
+/// not its connection closed: the refusals must not count as the stream errors that
+/// close one.
+#[tokio::test]
+async fn an_http2_burst_over_the_stream_limit_keeps_its_connection() {
+    let (upstream, _) = counting_body_reader().await;
+    let gw = one_worker_forwarding_to(upstream).await;
+    let sender = h2_connect(gw.addr).await;
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..80 {
+        let mut sender = sender.clone();
+        let request = http::Request::get(format!("http://{}/slow", gw.addr))
+            .body(Empty::new())
+            .unwrap();
+        burst.spawn(async move { sender.send_request(request).await.is_ok() });
+    }
+    let answered = burst.join_all().await.into_iter().filter(|ok| *ok).count();
+    assert!(answered >= 32, "{answered} of 80 answered");
+    let mut sender = sender;
+    let request = http::Request::get(format!("http://{}/users.json", gw.addr))
+        .body(Empty::new())
+        .unwrap();
+    let after = sender.send_request(request).await;
+    assert_eq!(after.expect("the connection is still open").status(), 200);
+}
+
+/// A body still arriving when `server.request_timeout` (1s here) is up is the client's
+/// slowness (408 `client_body_timeout`), not QuickBlox's lateness (504), whether it was
+/// being read whole (small) or streamed.
+#[tokio::test]
+async fn a_body_still_arriving_at_the_request_timeout_is_the_clients() {
+    let (upstream, _) = counting_body_reader().await;
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let config = yaml(
+        &format!("http://{upstream}"),
+        "  other_routes: forward\n",
+        "",
+    );
+    let config = with_server_keys(&config, "  workers: 1\n  request_timeout: 1s\n");
+    let gw = Gateway::start_yaml(mock, &config).await;
+    for length in [100, 100_000] {
+        let mut client = TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "POST /users.json HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\nContent-Length: {length}\r\n\r\n"
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        // A byte every 100ms: never a wait as long as upstream.timeout, never done.
+        let mut bytes = Vec::new();
+        let mut chunk = [0u8; 1024];
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if client.write_all(b"x").await.is_err() {
+                break;
+            }
+            if let Ok(Ok(n @ 1..)) =
+                tokio::time::timeout(Duration::from_millis(1), client.read(&mut chunk)).await
+            {
+                bytes.extend_from_slice(&chunk[..n]);
+                break;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut bytes)).await;
+        assert_eq!(parse(&bytes).status, 408, "{length} bytes");
+    }
+}
+
+/// A streamed body's answer gets `upstream.timeout` (400ms here) from the body's last
+/// part, not more: QuickBlox answering 700ms after it read the body is late.
+#[tokio::test]
+async fn a_streamed_bodys_answer_gets_the_timeout_from_the_bodys_end() {
+    let (upstream, _) = counting_body_reader().await;
+    let gw = one_worker_forwarding_to(upstream).await;
+    let body = "x".repeat(70_000);
+    let request = format!(
+        "POST /late HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\nContent-Length: 70000\r\n\r\n{body}"
+    );
+    assert_eq!(raw(gw.addr, request.as_bytes()).await.status, 504);
 }
 
 /// A request body of one chunk of data, then (if `trailers`) a trailer, whose end comes

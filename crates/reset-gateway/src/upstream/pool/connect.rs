@@ -37,6 +37,13 @@ impl PoolState {
         if io.connected().is_negotiated_h2() {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                // What one stream reads ahead of a client taking its answer, as over
+                // HTTP/1.1 (hyper: 2 MiB, and 5 MiB for the connection): clients that read
+                // nothing used up the shared connection's window, and every other request
+                // on it, resets included, waited out upstream.timeout. The connection's
+                // window has room for every stream QuickBlox allows to be that far ahead.
+                .initial_stream_window_size(64 * 1024)
+                .initial_connection_window_size(16 * 1024 * 1024)
                 .handshake(io)
                 .await
                 .map_err(SendError::Exchange)?;
