@@ -357,7 +357,7 @@ impl Drop for Unanswered<'_> {
 /// CORS layer (which would answer it as one): the guard answers it as any other method.
 async fn answer(
     context: &WorkerContext,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     preflight: bool,
 ) -> (Response<GatewayBody>, Option<Refusal>) {
     let service = match &context.service {
@@ -369,7 +369,6 @@ async fn answer(
     // A request with a body is watched (on a forwarded route, `ClientBody` says where it
     // got to): one whose time runs out while its body still arrives is the client's slow
     // body (408), not QuickBlox's lateness.
-    let mut request = request;
     let body = (!http_body::Body::is_end_stream(request.body())).then(|| {
         let watch = crate::upstream::BodyWatch::default();
         request.extensions_mut().insert(watch.clone());
