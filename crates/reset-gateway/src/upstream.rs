@@ -30,6 +30,7 @@ mod cause;
 mod client_body;
 mod failures;
 mod forwarding_headers;
+mod idle_deadline;
 mod other_routes;
 mod pool;
 mod reset;

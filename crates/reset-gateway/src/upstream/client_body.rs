@@ -6,7 +6,6 @@
 //! `Content-Length`). Counting the client's mistakes as `upstream_unavailable` would let any
 //! anonymous client page whoever is on call, so the body itself records what happened to it.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -16,7 +15,9 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use super::idle_deadline::IdleDeadline;
 
 const READING: u8 = 0;
 const WAITING_ON_CLIENT: u8 = 1;
@@ -34,9 +35,7 @@ pub struct ClientBody {
     shared: Arc<Shared>,
     /// The bytes its declared length still holds back (none: no length declared).
     left: Option<u64>,
-    idle: Duration,
-    /// Started when the body first waits for the client, pushed back by every frame.
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: IdleDeadline,
 }
 
 /// Where the body got to, and when it last passed a frame on.
@@ -73,8 +72,7 @@ impl ClientBody {
             left: inner.size_hint().exact(),
             inner,
             shared: watch.0.clone(),
-            idle,
-            deadline: None,
+            deadline: IdleDeadline::new(idle),
         }
     }
 
@@ -165,19 +163,13 @@ impl Body for ClientBody {
             let moved = this.shared.since.elapsed().as_micros();
             let moved = u64::try_from(moved).unwrap_or(u64::MAX);
             this.shared.moved_us.store(moved, Ordering::Relaxed);
-            if let Some(deadline) = &mut this.deadline {
-                deadline.as_mut().reset(Instant::now() + this.idle);
-            }
+            this.deadline.moved();
             return frame.map(|frame| frame.map(|frame| frame.map_err(ClientBodyError::from)));
         };
-        let idle = this.idle;
-        let deadline = this
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-        match deadline.as_mut().poll(cx) {
+        match this.deadline.poll_elapsed(cx) {
             Poll::Ready(()) => {
                 this.shared.state.store(STALLED, Ordering::Relaxed);
-                Poll::Ready(Some(Err(ClientBodyError::Stalled(idle))))
+                Poll::Ready(Some(Err(ClientBodyError::Stalled(this.deadline.idle()))))
             }
             Poll::Pending => Poll::Pending,
         }

@@ -1,6 +1,5 @@
 //! An answer streamed back from QuickBlox on a forwarded route.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -8,10 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
-use tokio::time::{Instant, Sleep};
 
 use super::client_body::BodyWatch;
 use super::failures::FailureLog;
+use super::idle_deadline::IdleDeadline;
 use super::pool::Lease;
 
 /// An answer streamed from QuickBlox; its connection goes back to the pool once the
@@ -29,9 +28,7 @@ pub struct StreamedBody {
     lease: Option<Lease>,
     /// Where the client's body, sent on the same connection, got to.
     sent: BodyWatch,
-    idle: Duration,
-    /// Started when the body is first polled, pushed back by every frame.
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: IdleDeadline,
     /// Boxed: every answer's body type, a reset's and a 429's included, is as large as
     /// this one's (its request id and the client's body's watch made every answer's moves
     /// dearer, benches/README.md).
@@ -80,8 +77,7 @@ impl StreamedBody {
             body,
             lease: Some(lease),
             sent,
-            idle,
-            deadline: None,
+            deadline: IdleDeadline::new(idle),
             watch: Box::new(watch),
         }
     }
@@ -113,9 +109,7 @@ impl http_body::Body for StreamedBody {
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.release_if_read();
-                if let Some(deadline) = &mut this.deadline {
-                    deadline.as_mut().reset(Instant::now() + this.idle);
-                }
+                this.deadline.moved();
                 let frame = frame.map(|frame| frame.map_err(StreamedBodyError::from));
                 // An answer cut short because the client's own body broke off (the
                 // connection it went over is then closed) is not QuickBlox's failure.
@@ -127,14 +121,10 @@ impl http_body::Body for StreamedBody {
                 Poll::Ready(frame)
             }
             Poll::Pending => {
-                let idle = this.idle;
-                let deadline = this
-                    .deadline
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                match deadline.as_mut().poll(cx) {
+                match this.deadline.poll_elapsed(cx) {
                     // The connection is not released: what it would carry next is unknown.
                     Poll::Ready(()) => {
-                        let error = StreamedBodyError::Stalled(idle);
+                        let error = StreamedBodyError::Stalled(this.deadline.idle());
                         this.watch.failed(&error);
                         Poll::Ready(Some(Err(error)))
                     }
