@@ -586,6 +586,20 @@ async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
     );
 }
 
+/// The warning that a reload changed settings that need a restart, once `gw` logs it.
+async fn restart_warning(gw: &Process) -> Option<String> {
+    poll_until(
+        100,
+        async || {
+            gw.logs()
+                .into_iter()
+                .find(|l| l.contains("change only on restart"))
+        },
+        Option::is_some,
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_reload_names_the_settings_that_need_a_restart() {
     let mock = MockServer::start(mock_config()).await.unwrap();
@@ -603,17 +617,7 @@ async fn a_reload_names_the_settings_that_need_a_restart() {
     );
     write(&path, &changed);
     gw.signal("HUP");
-    let warning = poll_until(
-        100,
-        async || {
-            gw.logs()
-                .into_iter()
-                .find(|l| l.contains("change only on restart"))
-        },
-        Option::is_some,
-    )
-    .await
-    .expect("a warning");
+    let warning = restart_warning(&gw).await.expect("a warning");
     let json: serde_json::Value = serde_json::from_str(&warning).unwrap();
     assert_eq!(
         json["keys"], "server.request_timeout, server.max_uri_bytes, log, store.max_keys",
@@ -1380,16 +1384,7 @@ async fn a_rotated_redis_password_file_is_said_to_need_a_restart() {
     let mut warning = None;
     for round in 0..5 {
         std::fs::write(&password, format!("rotated-redis-password-{round}\n")).unwrap();
-        warning = poll_until(
-            100,
-            async || {
-                gw.logs()
-                    .into_iter()
-                    .find(|l| l.contains("change only on restart"))
-            },
-            Option::is_some,
-        )
-        .await;
+        warning = restart_warning(&gw).await;
         if warning.is_some() {
             break;
         }

@@ -35,6 +35,17 @@ fn store_seeded_by(seeds: &[String], prefix: &str) -> StoreSettings {
     }
 }
 
+/// A rig on `store` whose one quota (100 an hour per address) no test here reaches: for
+/// tests about whether requests are decided at all.
+fn roomy_rig(store: StoreSettings) -> Rig {
+    rig_in(
+        "  per_email: [{ requests: 100, per: 1h }]\n",
+        "",
+        store,
+        ManualClock::new(),
+    )
+}
+
 #[tokio::test]
 async fn the_tightest_quota_on_a_tie_is_the_memory_stores_across_masters() {
     let cluster = RedisCluster::start();
@@ -572,12 +583,7 @@ async fn a_cluster_a_round_trip_under_the_timeout_away_decides_every_request() {
     let away = test_support::DelayProxy::start(node.addr(), Duration::from_millis(15));
     serve_every_slot_announcing(&node, away.port()).await;
     let store = store_seeded_by_50ms(&[away.url()], "away");
-    let rig = rig_in(
-        "  per_email: [{ requests: 100, per: 1h }]\n",
-        "",
-        store,
-        ManualClock::new(),
-    );
+    let rig = roomy_rig(store);
     let mut statuses = vec![rig.status(ask("first@b.io")).await];
     for i in 0..3 {
         tokio::time::sleep(Duration::from_millis(1300)).await;
@@ -1094,12 +1100,7 @@ async fn a_hung_master_replaced_by_its_replica_is_left_behind() {
 #[tokio::test]
 async fn a_seed_that_is_not_a_cluster_fails_requests_as_on_error_says() {
     let single = RedisServer::start();
-    let rig = rig_in(
-        "  per_email: [{ requests: 100, per: 1h }]\n",
-        "",
-        seeded_by(&single, "single"),
-        ManualClock::new(),
-    );
+    let rig = roomy_rig(seeded_by(&single, "single"));
     let mut statuses = Vec::new();
     for _ in 0..100 {
         statuses.push(rig.status(ask("a@b.io")).await);
@@ -1121,12 +1122,7 @@ async fn a_seed_that_is_not_a_cluster_fails_requests_as_on_error_says() {
 #[tokio::test]
 async fn a_seed_serving_no_slot_fails_requests_as_on_error_says() {
     let (lone, dir) = lone_cluster_node("no-slot-seed");
-    let rig = rig_in(
-        "  per_email: [{ requests: 100, per: 1h }]\n",
-        "",
-        seeded_by(&lone, "no-slot"),
-        ManualClock::new(),
-    );
+    let rig = roomy_rig(seeded_by(&lone, "no-slot"));
     let mut statuses = Vec::new();
     for i in 0..20 {
         statuses.push(rig.status(ask(&format!("u{i}@b.io"))).await);
@@ -1226,12 +1222,7 @@ async fn a_master_first_reached_later_gets_its_connection_made() {
     }
     assert!(whole(&one) && whole(&two), "the two masters never agreed");
     let store = store_seeded_by_50ms(&[proxies[0].url()], "later");
-    let rig = rig_in(
-        "  per_email: [{ requests: 100, per: 1h }]\n",
-        "",
-        store,
-        ManualClock::new(),
-    );
+    let rig = roomy_rig(store);
     let mut statuses = vec![rig.status(ask("first@b.io")).await];
     tokio::time::sleep(Duration::from_millis(400)).await;
     for i in 0..12 {
