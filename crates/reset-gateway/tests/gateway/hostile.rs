@@ -867,3 +867,157 @@ async fn an_admin_client_that_never_reads_is_dropped() {
     assert!(closed.is_ok(), "still open after three lifetimes");
     assert!(started.elapsed() >= reset_gateway::admin::CONNECTION_LIFETIME);
 }
+
+/// An HTTP/2-only QuickBlox over TLS (ALPN `h2`) trusting nothing but `dir`'s test CA:
+/// `/big` answers 8 MiB, every other path `{}`. Returns its address, the CA file and how
+/// many bytes of the big answers it has handed to its connections.
+async fn h2_upstream_with_big_answers(
+    dir: &std::path::Path,
+) -> (
+    std::net::SocketAddr,
+    std::path::PathBuf,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    use std::sync::atomic::AtomicUsize;
+    let (ca_file, cert_file, key_file) = test_certificates(dir);
+    let cert = rustls::pki_types::CertificateDer::pem_file_iter(&cert_file)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&key_file).unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, sent) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |request: http::Request<_>| {
+                    let sent = sent.clone();
+                    async move {
+                        use http_body_util::BodyExt;
+                        let body = if request.uri().path() == "/big" {
+                            CountedBody { chunks: 512, sent }.boxed()
+                        } else {
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"{}"))
+                                .map_err(|never| match never {})
+                                .boxed()
+                        };
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    (addr, ca_file, sent)
+}
+
+/// An answer of `chunks` parts of 16 KiB, each counted in `sent` as the connection takes it.
+struct CountedBody {
+    chunks: usize,
+    sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        const CHUNK: usize = 16 * 1024;
+        if self.chunks == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.chunks -= 1;
+        self.sent
+            .fetch_add(CHUNK, std::sync::atomic::Ordering::Relaxed);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from(
+            vec![b'x'; CHUNK],
+        )))))
+    }
+}
+
+/// Clients that ask for big answers on a forwarded route and read nothing share the one
+/// HTTP/2 connection to QuickBlox with every reset. What each stream may read ahead is
+/// bounded (64 KiB) well below the connection's window (16 MiB), so the resets' answers
+/// still flow; with hyper's defaults (2 MiB a stream, 5 MiB the connection) these six
+/// clients used the connection's window up and every reset waited out `upstream.timeout`
+/// (504).
+#[tokio::test]
+async fn clients_reading_nothing_do_not_hold_up_resets_on_a_shared_http2_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, ca_file, sent) = h2_upstream_with_big_answers(dir.path()).await;
+    let config = yaml(
+        &format!("https://localhost:{}", upstream.port()),
+        "  other_routes: forward\n",
+        "",
+    )
+    .replace("  timeout: 400ms\n", "  timeout: 3s\n")
+    .replace("  connect_timeout: 400ms\n", "  connect_timeout: 3s\n")
+    .replace(
+        "  pass_headers:",
+        &format!("  ca_file: {}\n  pass_headers:", ca_file.display()),
+    );
+    let gw = Gateway::start_yaml(
+        MockServer::start(mock_config()).await.unwrap(),
+        &with_server_keys(&config, "  workers: 1\n  request_timeout: 60s\n"),
+    )
+    .await;
+    // The first reset makes the one HTTP/2 connection every request then shares.
+    assert_eq!(
+        gw.reset_as_ios("email=alice%40example.com").await.status,
+        200
+    );
+
+    let mut readers_of_nothing = Vec::new();
+    for _ in 0..6 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut client = socket.connect(gw.addr).await.unwrap();
+        client
+            .write_all(b"GET /big HTTP/1.1\r\nHost: gateway.test\r\n\r\n")
+            .await
+            .unwrap();
+        readers_of_nothing.push(client);
+    }
+    // Until QuickBlox has sent all it can: what the windows and buffers let through.
+    let mut last = usize::MAX;
+    poll_until(
+        500,
+        async || {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = sent.load(std::sync::atomic::Ordering::Relaxed);
+            std::mem::replace(&mut last, now) == now && now > 0
+        },
+        |settled| *settled,
+    )
+    .await;
+
+    for email in ["alice%40example.com", "nobody%40example.com"] {
+        let reply = gw.reset_as_ios(&format!("email={email}")).await;
+        assert_eq!(reply.status, 200, "{email}: {}", reply.body);
+    }
+    drop(readers_of_nothing);
+}
