@@ -328,24 +328,20 @@ pub fn check_redis_section(redis: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// qb-mock over TLS with a certificate from a private CA, offering `alpn`; and the CA's file,
-/// kept as long as the directory.
-pub async fn tls_mock(alpn: &[&[u8]]) -> (MockServer, tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca_file, cert_file, key_file) = test_certificates(dir.path());
-    let cert =
-        <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::pem_file_iter(
-            &cert_file,
-        )
+/// A TLS server's settings with a certificate from a private CA written to `dir`, offering
+/// `alpn`; and the CA's file.
+pub fn tls_server_config(
+    dir: &std::path::Path,
+    alpn: &[&[u8]],
+) -> (rustls::ServerConfig, std::path::PathBuf) {
+    use rustls::pki_types::pem::PemObject;
+    let (ca_file, cert_file, key_file) = test_certificates(dir);
+    let cert = rustls::pki_types::CertificateDer::pem_file_iter(&cert_file)
         .unwrap()
         .next()
         .unwrap()
         .unwrap();
-    let key =
-        <rustls::pki_types::PrivateKeyDer as rustls::pki_types::pem::PemObject>::from_pem_file(
-            &key_file,
-        )
-        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&key_file).unwrap();
     let mut tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -355,6 +351,14 @@ pub async fn tls_mock(alpn: &[&[u8]]) -> (MockServer, tempfile::TempDir, std::pa
     .with_single_cert(vec![cert], key)
     .unwrap();
     tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    (tls, ca_file)
+}
+
+/// qb-mock over TLS with a certificate from a private CA, offering `alpn`; and the CA's file,
+/// kept as long as the directory.
+pub async fn tls_mock(alpn: &[&[u8]]) -> (MockServer, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, ca_file) = tls_server_config(dir.path(), alpn);
     let mock = MockServer::bind(
         "127.0.0.1:0".parse().unwrap(),
         mock_config(),

@@ -878,24 +878,8 @@ async fn h2_upstream_with_big_answers(
     std::path::PathBuf,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    use rustls::pki_types::pem::PemObject;
     use std::sync::atomic::AtomicUsize;
-    let (ca_file, cert_file, key_file) = test_certificates(dir);
-    let cert = rustls::pki_types::CertificateDer::pem_file_iter(&cert_file)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&key_file).unwrap();
-    let mut tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
-    .unwrap();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let (tls, ca_file) = tls_server_config(dir, &[b"h2"]);
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
