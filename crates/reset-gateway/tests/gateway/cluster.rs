@@ -342,7 +342,8 @@ async fn tls_on_every_cluster_node_with_a_private_ca_and_not_with_another() {
 /// certificates that name only hostnames: here every node announces `localhost`
 /// (`cluster-announce-hostname`, `cluster-preferred-endpoint-type hostname`) and its
 /// certificate names `localhost` alone. While the nodes still announce their IP address,
-/// which the certificate does not name, no connection to a master verifies.
+/// which the certificate does not name, no connection to a master verifies, and the probe
+/// says why.
 #[tokio::test]
 async fn tls_on_a_cluster_announcing_hostnames_with_certificates_naming_only_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -361,6 +362,14 @@ async fn tls_on_a_cluster_announcing_hostnames_with_certificates_naming_only_the
     let refused = by_address.reset_as_ios("email=alice%40example.com").await;
     assert_eq!(refused.status, 503, "127.0.0.1 is not in the certificate");
     drop(by_address);
+    // The probe's line says so, and what to change: not that the port may not speak TLS
+    // (the seed answered over TLS). With a short timeout the cluster client only says it
+    // timed out.
+    let (line, _) = probe_failure(&text.replace("timeout: 300ms", "timeout: 50ms")).await;
+    assert!(line.contains("answers, but master 127.0.0.1:"), "{line}");
+    assert!(line.contains("not valid for name"), "{line}");
+    assert!(line.contains("cluster-announce-hostname"), "{line}");
+    assert!(!line.contains("rediss:// is for a TLS port"), "{line}");
 
     for node in &cluster.nodes {
         for setting in [

@@ -426,7 +426,10 @@ impl RedisStore {
             Err(cause) => {
                 self.broken.store(true, Ordering::Relaxed);
                 let tls = self.settings.url.starts_with("rediss");
-                let cause = with_tls_hint(cause, tls, self.ever_served.load(Ordering::Relaxed));
+                // A cluster seed that answered proves the scheme right for its port.
+                let reached = self.ever_served.load(Ordering::Relaxed)
+                    || self.cluster.as_ref().is_some_and(|c| c.seed_answered());
+                let cause = with_tls_hint(cause, tls, reached);
                 if last.is_new(&cause, self.clock.now()) {
                     tracing::warn!(target: "reset_guard::limit", error = %cause, "Redis does not answer the probe");
                 }

@@ -23,7 +23,7 @@
 //! sent through it, and after a dropped connection it would send a call again, when Redis
 //! may have run it (it is made to send nothing again itself).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Weak;
 
 use redis::aio::MultiplexedConnection;
@@ -56,6 +56,8 @@ pub(super) struct Cluster {
     pub(super) nodes: Arc<NodeCalls>,
     /// Each thread's queues, held here until the store or the thread goes (held.rs).
     held_queues: held::Held<Arc<ThreadQueues>>,
+    /// Set once a seed node answers `CLUSTER SLOTS` ([`Cluster::seed_answered`]).
+    seed_answered: AtomicBool,
 }
 
 impl Cluster {
@@ -75,6 +77,7 @@ impl Cluster {
             masters_pinged: tokio::sync::Mutex::new(Vec::new()),
             nodes: Arc::new(NodeCalls::new(direct)),
             held_queues: Arc::new(Mutex::new(Vec::new())),
+            seed_answered: AtomicBool::new(false),
         }
     }
 
@@ -222,14 +225,18 @@ impl Cluster {
 
     /// What each seed node answers `CLUSTER SLOTS` over a connection of its own, within
     /// `wait` (all asked at once), for the probe's message when the cluster client has no
-    /// connection.
+    /// connection. A seed that answers has its masters reached in turn, by the addresses it
+    /// gives them, as the cluster client reaches them: where one cannot be (a certificate
+    /// that names a hostname while the nodes announce their IP addresses), that is why.
     async fn seeds_say(&self, wait: Duration) -> String {
-        let settings = &self.nodes.direct.settings;
-        let seeds = settings.cluster_nodes().unwrap_or_default();
+        let direct = &self.nodes.direct;
+        let seeds = direct.settings.cluster_nodes().unwrap_or_default();
         let mut asked = tokio::task::JoinSet::new();
         for (at, url) in seeds.into_iter().enumerate() {
-            let settings = settings.clone();
+            let (settings, scheme) = (direct.settings.clone(), direct.scheme);
             asked.spawn(async move {
+                // A connection of its own takes a handshake or two more than a call.
+                let wait = settings::connect_timeout(wait);
                 let answer = answer_in_time(wait, async {
                     let client = settings.client_at(&url, true)?;
                     let mut connection = RedisSettings::connect_for(&client, wait).await?;
@@ -243,20 +250,35 @@ impl Cluster {
                     Ok(redis::Value::Array(ranges)) if ranges.is_empty() => {
                         SERVES_NO_SLOT.to_owned()
                     }
-                    Ok(redis::Value::Array(_)) => "answers".to_owned(),
-                    Ok(other) => format!("{other:?}"),
-                    Err(cause) => not_a_cluster(&cause),
+                    Ok(reply @ redis::Value::Array(_)) => match SlotOwners::parse(&reply) {
+                        Some(map) => match first_unreachable(&map, &settings, scheme, wait).await {
+                            Some(why) => format!("answers, but {why}"),
+                            None => "answers".to_owned(),
+                        },
+                        None => "answers".to_owned(),
+                    },
+                    Ok(other) => bounded(&format!("{other:?}")).to_owned(),
+                    Err(cause) => not_a_cluster(bounded(&cause)),
                 };
                 // A URL holds no password (refused when the settings are read).
-                (at, format!("seed {url}: {}", bounded(&said)))
+                (at, format!("seed {url}: {said}"))
             });
         }
         let mut said = asked.join_all().await;
         said.sort();
+        if said.iter().any(|(_, said)| said.contains(": answers")) {
+            self.seed_answered.store(true, Ordering::Relaxed);
+        }
         said.into_iter()
             .map(|(_, said)| said)
             .collect::<Vec<_>>()
             .join("; ")
+    }
+
+    /// Whether a seed node has ever answered `CLUSTER SLOTS`: its URL's scheme (TLS or not)
+    /// is then the one its port speaks.
+    pub(super) fn seed_answered(&self) -> bool {
+        self.seed_answered.load(Ordering::Relaxed)
     }
 
     /// A connection of its own to each master `CLUSTER SLOTS` names, by its name in logs
@@ -1151,6 +1173,40 @@ fn not_a_cluster(cause: &str) -> String {
     } else {
         cause.to_owned()
     }
+}
+
+/// The first master of `map` that cannot be reached within `wait` at the address the
+/// cluster gives it, and why, with what to change where the certificate does not name that
+/// address.
+async fn first_unreachable(
+    map: &SlotOwners,
+    settings: &RedisSettings,
+    scheme: &str,
+    wait: Duration,
+) -> Option<String> {
+    for (host, port) in map.masters.iter().flatten() {
+        let url = settings::node_url(scheme, host, *port);
+        let reached = match settings.client_at(&url, true) {
+            Ok(client) => answer_in_time(wait, RedisSettings::connect_for(&client, wait))
+                .await
+                .map(drop),
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(cause) = reached {
+            let hint = if cause.contains("not valid for name") {
+                " (the cluster names its nodes by the address each announces, its IP address unless \
+                 cluster-announce-hostname and cluster-preferred-endpoint-type hostname say otherwise: \
+                 the nodes' certificates must name it)"
+            } else {
+                ""
+            };
+            return Some(format!(
+                "master {host}:{port} it names: {}{hint}",
+                bounded(&cause)
+            ));
+        }
+    }
+    None
 }
 
 /// At most 200 characters of what a server said, for a log line.
