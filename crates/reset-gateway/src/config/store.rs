@@ -82,6 +82,9 @@ pub struct RedisConfig {
     pub sentinel_master: Option<String>,
     /// The ACL user (Redis 6+).
     pub username: Option<String>,
+    /// Refused: the password never lives in this file.
+    #[serde(deserialize_with = "refuse_password")]
+    pub password: Option<()>,
     /// Environment variable holding the Redis password.
     pub password_env: Option<String>,
     /// File holding the Redis password (a mounted secret), instead of the variable.
@@ -110,6 +113,7 @@ impl Default for RedisConfig {
             nodes: None,
             sentinel_master: None,
             username: None,
+            password: None,
             password_env: None,
             password_file: None,
             ca_file: None,
@@ -349,6 +353,15 @@ impl RedisConfig {
 }
 
 /// A Redis URL's error, with where a password or user goes in this file when it is about one.
+fn refuse_password<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<()>, D::Error> {
+    super::upstream::refuse_secret(
+        deserializer,
+        "the Redis password must not be written in the file: set store.redis.password_env or password_file",
+    )
+}
+
 fn with_hint(why: &str) -> String {
     if why.contains("password") {
         format!("{why}: set store.redis.password_env or password_file")

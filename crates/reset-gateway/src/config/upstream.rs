@@ -58,11 +58,20 @@ impl Default for UpstreamConfig {
 }
 
 fn refuse_api_key<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<()>, D::Error> {
-    // Read and discard the value without ever putting it into a message.
-    let _ = de::IgnoredAny::deserialize(deserializer)?;
-    Err(de::Error::custom(
+    refuse_secret(
+        deserializer,
         "the API key must not be written in the file: set upstream.api_key_env or upstream.api_key_file",
-    ))
+    )
+}
+
+/// Refuses a key that would hold a secret in the file, saying `why`: the value is read and
+/// discarded without ever being put into a message.
+pub(super) fn refuse_secret<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    why: &'static str,
+) -> Result<Option<()>, D::Error> {
+    let _ = de::IgnoredAny::deserialize(deserializer)?;
+    Err(de::Error::custom(why))
 }
 
 /// Checked `upstream` section.

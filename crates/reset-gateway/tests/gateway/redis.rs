@@ -771,6 +771,11 @@ fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
             "is empty",
         ),
         (
+            "    password: hunter2-password\n".to_owned(),
+            "store.redis.password (line",
+            "set store.redis.password_env or password_file",
+        ),
+        (
             "    username: limiter\n".to_owned(),
             "store.redis.username (line",
             "needs a password",
