@@ -1041,3 +1041,62 @@ async fn the_gateway_serves_again_once_its_refused_acl_user_is_back() {
     assert_eq!(ready.status, 200, "ready again once the user is back");
     assert_eq!(poll_until(100, ask, |s| *s == 200).await, 200);
 }
+
+/// As above, but only the connections that carried requests are closed; the probe's stays
+/// open and finds Redis serving throughout, so only the worker threads see AUTH refused
+/// when they remake theirs. The Redis client remakes a connection only after an I/O error:
+/// each thread makes its own anew, and serves again once the user is back, though nothing
+/// else told it Redis was away (every request got 503 for as long as the gateway ran).
+#[tokio::test]
+async fn a_request_connection_refused_at_auth_is_made_anew_once_the_user_is_back() {
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_ACL_PASSWORD_REQUESTS_ONLY";
+    let redis = RedisServer::start();
+    let user = documented_acl_user("acl-user-password", "secured");
+    assert_eq!(redis.command(&user).as_deref(), Some("+OK\r\n"), "{user}");
+    std::env::set_var(VARIABLE, "acl-user-password");
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = redis_yaml_at(
+        &mock,
+        &redis.url(),
+        &format!("    username: reset-gateway\n    password_env: {VARIABLE}\n"),
+        "deny",
+    );
+    // One worker thread, whose connection is the one refused.
+    let yaml = with_server_keys(&yaml, "  workers: 1\n");
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let ask = || async { gw.reset_as_ios("email=alice%40example.com").await.status };
+    assert_eq!(ask().await, 200);
+
+    assert_eq!(
+        redis.command("ACL SETUSER reset-gateway off").as_deref(),
+        Some("+OK\r\n")
+    );
+    // The probe's connection last sent its own write (PSETEX), the requests' their script.
+    let clients = redis.command("CLIENT LIST").unwrap();
+    let carried_requests: Vec<&str> = clients
+        .lines()
+        .filter(|line| line.contains(" cmd=evalsha "))
+        .filter_map(|line| line.strip_prefix("id=")?.split(' ').next())
+        .collect();
+    assert!(!carried_requests.is_empty(), "{clients}");
+    for id in carried_requests {
+        assert!(redis.command(&format!("CLIENT KILL ID {id}")).is_some());
+    }
+    assert_eq!(poll_until(100, ask, |s| *s == 503).await, 503);
+    // Until a thread has tried to make its connection again, and been refused.
+    let refused = poll_until(
+        100,
+        async || redis.command("ACL LOG").unwrap_or_default(),
+        |log| log.contains("reset-gateway"),
+    )
+    .await;
+    assert!(refused.contains("auth"), "{refused}");
+    let ready = gw.admin_get("/readyz").await;
+    assert_eq!(ready.status, 200, "the probe's own connection still serves");
+
+    assert_eq!(
+        redis.command("ACL SETUSER reset-gateway on").as_deref(),
+        Some("+OK\r\n")
+    );
+    assert_eq!(poll_until(250, ask, |s| *s == 200).await, 200);
+}

@@ -584,15 +584,18 @@ impl RedisStore {
                 {
                     return Ok((sender, Queued::since(made, self.timeout)));
                 }
-                let connection = ConnectionManager::new_lazy_with_config(
-                    master.client.clone(),
-                    self.config.clone(),
-                )
-                .map_err(|e| e.to_string())?;
+                let (client, config) = (master.client.clone(), self.config.clone());
+                let connection =
+                    ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                        .map_err(|e| e.to_string())?;
+                let remake = move || {
+                    ConnectionManager::new_lazy_with_config(client.clone(), config.clone()).ok()
+                };
                 let (sender, receiver) = mpsc::channel(QUEUE_LIMIT);
                 tokio::spawn(run_batches(
                     receiver,
                     connection,
+                    remake,
                     self.script.clone(),
                     self.timeout,
                 ));

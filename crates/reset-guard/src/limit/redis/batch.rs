@@ -10,7 +10,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
 use super::global_keys::{group_micros, spread_over, GlobalKeys};
-use super::keep_alive::KeepAlive;
+use super::keep_alive::{KeepAlive, SILENT_CHECK};
 use super::settings;
 use super::walk::Walker;
 use crate::limit::{LimitGroup, LimitSettings, Quota};
@@ -479,13 +479,19 @@ impl CallArgs {
 /// Gathers whatever requests are waiting into one script call, so a busy gateway makes
 /// one round trip for many requests; each request is still decided atomically, in order.
 /// While idle, the connection is kept alive in the background ([`KeepAlive`]).
+///
+/// `remake` makes the connection anew: the Redis client remakes one only after an I/O
+/// error, so one whose making failed otherwise (`AUTH` refused while an ACL user was off,
+/// a server still loading its data) would fail every call after, though Redis serves
+/// again and the probe, over a connection of its own, finds it serving.
 pub(super) async fn run_batches(
     mut queue: mpsc::Receiver<Job>,
-    connection: ConnectionManager,
+    mut connection: ConnectionManager,
+    remake: impl Fn() -> Option<ConnectionManager>,
     script: Arc<redis::Script>,
     timeout: Duration,
 ) {
-    let mut connection = connection;
+    let mut made = tokio::time::Instant::now();
     let mut keep_alive = KeepAlive::new();
     while let Some(first) = keep_alive
         .next_job(&mut queue, Some(&connection), timeout)
@@ -503,10 +509,21 @@ pub(super) async fn run_batches(
             // connection takes; the first request on a new one waits for that too). A
             // script call itself is never made twice: a connection that closes after it
             // was written may have run it.
-            let ping = redis::cmd("PING");
             let wait = settings::connect_timeout(timeout);
-            let pinged = tokio::time::timeout(wait, ping.query_async::<()>(&mut connection));
-            if let Ok(Ok(())) = pinged.await {
+            let ping = |mut connection: ConnectionManager| async move {
+                let ping = redis::cmd("PING");
+                tokio::time::timeout(wait, ping.query_async::<()>(&mut connection)).await
+            };
+            let mut pinged = ping(connection.clone()).await;
+            // A PING refused (not merely late) on a connection silent this long: made
+            // anew, at most once per silent spell, and tried again.
+            if matches!(pinged, Ok(Err(_))) && made.elapsed() >= SILENT_CHECK {
+                if let Some(fresh) = remake() {
+                    (connection, made) = (fresh, tokio::time::Instant::now());
+                    pinged = ping(connection.clone()).await;
+                }
+            }
+            if let Ok(Ok(())) = pinged {
                 keep_alive.liveness.answered();
             }
             batch.retain(|job| !job.reply.is_closed());
