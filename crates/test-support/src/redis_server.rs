@@ -273,6 +273,17 @@ impl RedisServer {
         self.port
     }
 
+    /// Sends the process signal `name` (`STOP`, `CONT`): a Redis stopped by a stall of its
+    /// host, as a fork or a swapped page stalls it, runs on from where it was.
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{name}");
+    }
+
     /// The plain-TCP URL, without the password.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)

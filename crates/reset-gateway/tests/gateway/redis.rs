@@ -1100,3 +1100,33 @@ async fn a_request_connection_refused_at_auth_is_made_anew_once_the_user_is_back
     );
     assert_eq!(poll_until(250, ask, |s| *s == 200).await, 200);
 }
+
+/// Redis runs every call it has received, however late: calls sent while it stalls would
+/// all charge their requests once it resumes, though each request was answered as
+/// `on_error` says (503 here) and no reset was sent. After a call that got no answer, the
+/// next waits for a `PING` to come back first, and the requests that give up meanwhile
+/// are not sent: at most the call in flight when Redis stalled is charged.
+#[tokio::test]
+async fn requests_answered_while_redis_stalls_are_not_charged_when_it_resumes() {
+    let redis = RedisServer::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = redis_yaml_at(&mock, &redis.url(), "", "deny").replace("300ms", "100ms");
+    let gw = Gateway::start_yaml(mock, &with_server_keys(&yaml, "  workers: 1\n")).await;
+    gw.mock.add_user("bob@example.com");
+    let ask = async |email: &str| gw.reset_as_ios(&format!("email={email}")).await.status;
+    assert_eq!(ask("bob%40example.com").await, 200);
+
+    redis.signal("STOP");
+    for _ in 0..3 {
+        assert_eq!(ask("alice%40example.com").await, 503);
+    }
+    redis.signal("CONT");
+    // Redis answers again.
+    assert_eq!(
+        poll_until(200, async || ask("bob%40example.com").await, |s| *s == 200).await,
+        200
+    );
+    // Alice's quota is 3 an hour: at most one of the three refused requests counted.
+    assert_eq!(ask("alice%40example.com").await, 200);
+    assert_eq!(ask("alice%40example.com").await, 200);
+}

@@ -483,7 +483,8 @@ impl CallArgs {
 /// `remake` makes the connection anew: the Redis client remakes one only after an I/O
 /// error, so one whose making failed otherwise (`AUTH` refused while an ACL user was off,
 /// a server still loading its data) would fail every call after, though Redis serves
-/// again and the probe, over a connection of its own, finds it serving.
+/// again and the probe, over a connection of its own, finds it serving; and one held by a
+/// reply that never ends (a declared length it never sends) would wait for it for good.
 pub(super) async fn run_batches(
     mut queue: mpsc::Receiver<Job>,
     mut connection: ConnectionManager,
@@ -493,6 +494,8 @@ pub(super) async fn run_batches(
 ) {
     let mut made = tokio::time::Instant::now();
     let mut keep_alive = KeepAlive::new();
+    // Whether the last call went unanswered (late, or its connection broke).
+    let mut unanswered = false;
     while let Some(first) = keep_alive
         .next_job(&mut queue, Some(&connection), timeout)
         .await
@@ -501,7 +504,8 @@ pub(super) async fn run_batches(
         // the other requests ready to run have sent theirs: let them.
         tokio::task::yield_now().await;
         let mut batch = gather(first, &mut queue);
-        if keep_alive.liveness.silent() {
+        let silent = keep_alive.liveness.silent();
+        if silent || unanswered {
             // A new connection, or nothing has answered for a while (the background PINGs
             // failed: Redis restarted, or closed the connection): a PING makes the
             // connection, or finds out and has the manager make a new one, before a
@@ -509,24 +513,54 @@ pub(super) async fn run_batches(
             // connection takes; the first request on a new one waits for that too). A
             // script call itself is never made twice: a connection that closes after it
             // was written may have run it.
+            //
+            // And after a call that got no answer: Redis runs every call it has received,
+            // however late, so calls sent to a Redis that stalled would all charge their
+            // requests once it resumes, though each was answered as `on_error` says. Until
+            // a PING comes back (behind the late call, on its connection, or on the one
+            // made after it broke), nothing more is sent; the requests that give up
+            // meanwhile are answered as `on_error` says, and charged nowhere.
             let wait = settings::connect_timeout(timeout);
+            let until = tokio::time::Instant::now() + wait;
             let ping = |mut connection: ConnectionManager| async move {
                 let ping = redis::cmd("PING");
-                tokio::time::timeout(wait, ping.query_async::<()>(&mut connection)).await
+                tokio::time::timeout_at(until, ping.query_async::<()>(&mut connection)).await
             };
             let mut pinged = ping(connection.clone()).await;
-            // A PING refused (not merely late) on a connection silent this long: made
-            // anew, at most once per silent spell, and tried again.
-            if matches!(pinged, Ok(Err(_))) && made.elapsed() >= SILENT_CHECK {
+            if matches!(pinged, Ok(Err(_))) {
+                // Refused at once: a broken connection, which the client has begun to
+                // make anew, or one whose making failed.
+                if silent && made.elapsed() >= SILENT_CHECK {
+                    // No answer on a connection silent this long: made anew, at most once a
+                    // second.
+                    if let Some(fresh) = remake() {
+                        (connection, made) = (fresh, tokio::time::Instant::now());
+                    }
+                }
+                pinged = ping(connection.clone()).await;
+            } else if pinged.is_err() && silent && made.elapsed() >= SILENT_CHECK {
+                // Nothing at all, for this long (a reply that never ends holds it): made
+                // anew, at most once a second.
                 if let Some(fresh) = remake() {
                     (connection, made) = (fresh, tokio::time::Instant::now());
-                    pinged = ping(connection.clone()).await;
                 }
             }
-            if let Ok(Ok(())) = pinged {
-                keep_alive.liveness.answered();
-            }
             batch.retain(|job| !job.reply.is_closed());
+            match pinged {
+                Ok(Ok(())) => {
+                    keep_alive.liveness.answered();
+                    unanswered = false;
+                }
+                Ok(Err(refused)) if unanswered => {
+                    answer(batch, Err(refused.to_string()));
+                    continue;
+                }
+                Err(_) if unanswered => {
+                    answer(batch, Err(LATE_CALL.to_owned()));
+                    continue;
+                }
+                _ => {}
+            }
         }
         if batch.is_empty() {
             continue;
@@ -534,11 +568,16 @@ pub(super) async fn run_batches(
         // One call at a time: Redis runs scripts one after another anyway, and whatever
         // arrives meanwhile rides in the next batch.
         keep_alive.sent();
-        if call(batch, &mut connection, &script, timeout).await {
+        unanswered = !call(batch, &mut connection, &script, timeout).await;
+        if !unanswered {
             keep_alive.liveness.answered();
         }
     }
 }
+
+/// Why a request was not sent to Redis: an earlier call on its connection has had no
+/// answer yet.
+const LATE_CALL: &str = "no answer yet to an earlier call";
 
 /// The first job and whatever else is waiting, up to [`MAX_BATCH`].
 pub(super) fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {
