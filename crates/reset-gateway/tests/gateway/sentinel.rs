@@ -292,3 +292,54 @@ fn sentinel_mode_is_checked_without_echoing_a_node_password() {
         );
     }
 }
+
+/// Servers of the wrong kind where the settings want another: the probe's line names the
+/// server and says what the settings should be, not only Redis's own words.
+#[tokio::test]
+async fn the_probe_says_when_a_server_is_of_the_wrong_kind() {
+    let master = RedisServer::start();
+    let replica = RedisServer::start_with(RedisOptions {
+        replica_of: Some(master.port()),
+        ..Default::default()
+    });
+    let sentinel = RedisServer::sentinel(master.port());
+    let guarded = RedisServer::sentinel_with(
+        master.port(),
+        SentinelOptions {
+            password: Some("sentinel-password".to_owned()),
+            ..Default::default()
+        },
+    );
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let line_for = async |yaml: String| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("gateway.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let gateway = crate::process::spawn_gateway(&config);
+        crate::redis::probe_failure_line(&gateway).await
+    };
+    let standalone = |url: String| crate::redis::redis_yaml_at(&mock, &url, "", "deny");
+
+    let line = line_for(standalone(replica.url())).await;
+    assert!(
+        line.contains(&format!("server {}: ", replica.url())),
+        "{line}"
+    );
+    assert!(
+        line.contains("a replica: `url` must name the master"),
+        "{line}"
+    );
+
+    let line = line_for(standalone(sentinel.url())).await;
+    assert!(
+        line.contains(&format!("server {}: ", sentinel.url())),
+        "{line}"
+    );
+    assert!(line.contains("the sentinels go in `nodes`"), "{line}");
+
+    let line = line_for(sentinel_yaml(&mock, &[master.url()], "", "deny")).await;
+    assert!(line.contains("not a sentinel"), "{line}");
+
+    let line = line_for(sentinel_yaml(&mock, &[guarded.url()], "", "deny")).await;
+    assert!(line.contains("the sentinels want a password"), "{line}");
+}

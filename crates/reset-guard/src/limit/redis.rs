@@ -389,10 +389,23 @@ impl RedisStore {
                 let _ = self.master.compare_and_swap(&master, Some(Arc::new(fresh)));
             }
         }
+        // Which server said it, and what that says about the settings.
+        let (named, hint) = match &master.address {
+            Some((host, port)) => (format!("master {host}:{port}"), ""),
+            None => (
+                format!("server {}", self.settings.url),
+                answer
+                    .as_ref()
+                    .err()
+                    .map_or("", |cause| standalone_hint(cause)),
+            ),
+        };
         match (answer, resolved) {
             (Ok(_), _) => Ok(()),
-            (Err(cause), Ok(())) => Err(cause),
-            (Err(cause), Err(sentinels)) => Err(format!("{cause}; the sentinels: {sentinels}")),
+            (Err(cause), Ok(())) => Err(format!("{named}: {cause}{hint}")),
+            (Err(cause), Err(sentinels)) => {
+                Err(format!("{named}: {cause}; the sentinels: {sentinels}"))
+            }
         }
     }
 
@@ -784,6 +797,18 @@ pub(super) fn host_name_like(host: &str) -> bool {
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'%'))
+}
+
+/// What a standalone server's refusal says about the settings: a replica or a sentinel
+/// where the master belongs.
+fn standalone_hint(cause: &str) -> &'static str {
+    if cause.contains("read only replica") || cause.contains("READONLY") {
+        " (a replica: `url` must name the master; behind Sentinel, `mode: sentinel` follows it)"
+    } else if cause.contains("unknown command") {
+        " (a sentinel? `url` names a Redis server; the sentinels go in `nodes`, with `mode: sentinel`)"
+    } else {
+        ""
+    }
 }
 
 /// `cause`, with what TLS may have to do with it: a server asking for a client certificate

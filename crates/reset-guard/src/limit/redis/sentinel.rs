@@ -195,7 +195,10 @@ impl RedisStore {
                 }
                 Ok(Err(error)) => {
                     tracing::debug!(target: "reset_guard::limit", %error, "a sentinel did not answer");
-                    causes.push(format!("sentinel {sentinel}: {error}"));
+                    causes.push(format!(
+                        "sentinel {sentinel}: {error}{}",
+                        sentinel_hint(&error)
+                    ));
                     continue;
                 }
                 Err(_) => {
@@ -318,3 +321,16 @@ impl RedisStore {
 
 #[cfg(test)]
 mod tests;
+
+/// What a sentinel's refusal says about the settings: a Redis server given as a sentinel,
+/// or sentinels that want a password the settings do not hold.
+fn sentinel_hint(error: &redis::RedisError) -> &'static str {
+    let said = error.to_string();
+    if said.contains("unknown command") {
+        " (not a sentinel: in `mode: sentinel`, `nodes` lists the sentinels; one Redis server is `mode: standalone` with `url`)"
+    } else if said.contains("NOAUTH") {
+        " (the sentinels want a password: store.redis.password_env or password_file, as the sentinels' requirepass)"
+    } else {
+        ""
+    }
+}
