@@ -1004,24 +1004,31 @@ async fn the_documented_acl_user_serves_and_one_without_the_script_is_down() {
     );
 }
 
+/// A Redis with the documented ACL user, and a gateway (with `server_keys`) on it as that
+/// user under `on_error: deny`, its password in the environment variable `variable`.
+async fn acl_user_gateway(variable: &str, server_keys: &str) -> (RedisServer, Gateway) {
+    let redis = RedisServer::start();
+    let user = documented_acl_user("acl-user-password", "secured");
+    assert_eq!(redis.command(&user).as_deref(), Some("+OK\r\n"), "{user}");
+    // Each test runs in its own process: setting the variable touches no other test.
+    std::env::set_var(variable, "acl-user-password");
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = redis_yaml_at(
+        &mock,
+        &redis.url(),
+        &format!("    username: reset-gateway\n    password_env: {variable}\n"),
+        "deny",
+    );
+    let gw = Gateway::start_yaml(mock, &with_server_keys(&yaml, server_keys)).await;
+    (redis, gw)
+}
+
 /// The gateway's ACL user switched off and its connections closed (AUTH then refused,
 /// which the Redis client does not retry as it does a broken connection), then switched on
 /// again: the gateway serves again within seconds, without a restart.
 #[tokio::test]
 async fn the_gateway_serves_again_once_its_refused_acl_user_is_back() {
-    const VARIABLE: &str = "RESET_GATEWAY_TEST_ACL_PASSWORD_OFF_ON";
-    let redis = RedisServer::start();
-    let user = documented_acl_user("acl-user-password", "secured");
-    assert_eq!(redis.command(&user).as_deref(), Some("+OK\r\n"), "{user}");
-    std::env::set_var(VARIABLE, "acl-user-password");
-    let mock = MockServer::start(mock_config()).await.unwrap();
-    let yaml = redis_yaml_at(
-        &mock,
-        &redis.url(),
-        &format!("    username: reset-gateway\n    password_env: {VARIABLE}\n"),
-        "deny",
-    );
-    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let (redis, gw) = acl_user_gateway("RESET_GATEWAY_TEST_ACL_PASSWORD_OFF_ON", "").await;
     let ask = || async { gw.reset_as_ios("email=alice%40example.com").await.status };
     assert_eq!(ask().await, 200);
 
@@ -1050,21 +1057,12 @@ async fn the_gateway_serves_again_once_its_refused_acl_user_is_back() {
 /// else told it Redis was away (every request got 503 for as long as the gateway ran).
 #[tokio::test]
 async fn a_request_connection_refused_at_auth_is_made_anew_once_the_user_is_back() {
-    const VARIABLE: &str = "RESET_GATEWAY_TEST_ACL_PASSWORD_REQUESTS_ONLY";
-    let redis = RedisServer::start();
-    let user = documented_acl_user("acl-user-password", "secured");
-    assert_eq!(redis.command(&user).as_deref(), Some("+OK\r\n"), "{user}");
-    std::env::set_var(VARIABLE, "acl-user-password");
-    let mock = MockServer::start(mock_config()).await.unwrap();
-    let yaml = redis_yaml_at(
-        &mock,
-        &redis.url(),
-        &format!("    username: reset-gateway\n    password_env: {VARIABLE}\n"),
-        "deny",
-    );
     // One worker thread, whose connection is the one refused.
-    let yaml = with_server_keys(&yaml, "  workers: 1\n");
-    let gw = Gateway::start_yaml(mock, &yaml).await;
+    let (redis, gw) = acl_user_gateway(
+        "RESET_GATEWAY_TEST_ACL_PASSWORD_REQUESTS_ONLY",
+        "  workers: 1\n",
+    )
+    .await;
     let ask = || async { gw.reset_as_ios("email=alice%40example.com").await.status };
     assert_eq!(ask().await, 200);
 

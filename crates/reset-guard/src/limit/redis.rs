@@ -805,7 +805,7 @@ fn standalone_hint(cause: &str) -> &'static str {
     if cause.contains("read only replica") || cause.contains("READONLY") {
         " (a replica: `url` must name the master; behind Sentinel, `mode: sentinel` follows it)"
     } else if cause.contains("unknown command") {
-        " (a sentinel? `url` names a Redis server; the sentinels go in `nodes`, with `mode: sentinel`)"
+        " (a sentinel, or a server that runs no scripts? `url` names a Redis server that runs EVALSHA; the sentinels go in `nodes`, with `mode: sentinel`)"
     } else {
         ""
     }

@@ -496,6 +496,7 @@ pub(super) async fn run_batches(
     let mut keep_alive = KeepAlive::new();
     // Whether the last call went unanswered (late, or its connection broke).
     let mut unanswered = false;
+    let mut refusal = Refusal::default();
     while let Some(first) = keep_alive
         .next_job(&mut queue, Some(&connection), timeout)
         .await
@@ -518,8 +519,15 @@ pub(super) async fn run_batches(
             // however late, so calls sent to a Redis that stalled would all charge their
             // requests once it resumes, though each was answered as `on_error` says. Until
             // a PING comes back (behind the late call, on its connection, or on the one
-            // made after it broke), nothing more is sent; the requests that give up
-            // meanwhile are answered as `on_error` says, and charged nowhere.
+            // made after it broke), nothing is sent; the requests waiting meanwhile are
+            // answered as `on_error` says, and charged nowhere.
+            if let Some(why) = refusal.recent() {
+                // A PING failed a moment ago: these fail at once, rather than each batch
+                // making a connection attempt of its own (thousands a second against a
+                // closed port).
+                answer(batch, Err(why));
+                continue;
+            }
             let wait = settings::connect_timeout(timeout);
             let until = tokio::time::Instant::now() + wait;
             let ping = |mut connection: ConnectionManager| async move {
@@ -527,23 +535,19 @@ pub(super) async fn run_batches(
                 tokio::time::timeout_at(until, ping.query_async::<()>(&mut connection)).await
             };
             let mut pinged = ping(connection.clone()).await;
-            if matches!(pinged, Ok(Err(_))) {
-                // Refused at once: a broken connection, which the client has begun to
-                // make anew, or one whose making failed.
-                if silent && made.elapsed() >= SILENT_CHECK {
-                    // No answer on a connection silent this long: made anew, at most once a
-                    // second.
-                    if let Some(fresh) = remake() {
-                        (connection, made) = (fresh, tokio::time::Instant::now());
-                    }
-                }
-                pinged = ping(connection.clone()).await;
-            } else if pinged.is_err() && silent && made.elapsed() >= SILENT_CHECK {
-                // Nothing at all, for this long (a reply that never ends holds it): made
-                // anew, at most once a second.
+            let answered = matches!(pinged, Ok(Ok(())));
+            if !answered && silent && made.elapsed() >= SILENT_CHECK {
+                // No answer on a connection silent this long (a reply that never ends
+                // holds it, or its making failed in a way the client does not retry):
+                // made anew, at most once a second, and tried.
                 if let Some(fresh) = remake() {
                     (connection, made) = (fresh, tokio::time::Instant::now());
+                    pinged = ping(connection.clone()).await;
                 }
+            } else if matches!(&pinged, Ok(Err(error)) if !error.is_timeout()) {
+                // Refused at once: a broken connection, which the client has begun to make
+                // anew; tried once more on that one.
+                pinged = ping(connection.clone()).await;
             }
             batch.retain(|job| !job.reply.is_closed());
             match pinged {
@@ -551,15 +555,16 @@ pub(super) async fn run_batches(
                     keep_alive.liveness.answered();
                     unanswered = false;
                 }
-                Ok(Err(refused)) if unanswered => {
-                    answer(batch, Err(refused.to_string()));
+                failed => {
+                    let why = match failed {
+                        Ok(Err(error)) if !error.is_timeout() => error.to_string(),
+                        _ if unanswered => LATE_CALL.to_owned(),
+                        _ => "timed out".to_owned(),
+                    };
+                    answer(batch, Err(why.clone()));
+                    refusal.record(why);
                     continue;
                 }
-                Err(_) if unanswered => {
-                    answer(batch, Err(LATE_CALL.to_owned()));
-                    continue;
-                }
-                _ => {}
             }
         }
         if batch.is_empty() {
@@ -578,6 +583,26 @@ pub(super) async fn run_batches(
 /// Why a request was not sent to Redis: an earlier call on its connection has had no
 /// answer yet.
 const LATE_CALL: &str = "no answer yet to an earlier call";
+
+/// How long after a failed `PING` the requests of a connection fail at once, without
+/// another: as often as the probe tries while Redis is away.
+const REFUSAL_PAUSE: Duration = Duration::from_millis(250);
+
+/// The last `PING` of a connection that failed, and why.
+#[derive(Debug, Default)]
+struct Refusal(Option<(tokio::time::Instant, String)>);
+
+impl Refusal {
+    fn record(&mut self, why: String) {
+        self.0 = Some((tokio::time::Instant::now(), why));
+    }
+
+    /// Why, if it failed within [`REFUSAL_PAUSE`].
+    fn recent(&self) -> Option<String> {
+        let (at, why) = self.0.as_ref()?;
+        (at.elapsed() < REFUSAL_PAUSE).then(|| why.clone())
+    }
+}
 
 /// The first job and whatever else is waiting, up to [`MAX_BATCH`].
 pub(super) fn gather(first: Job, queue: &mut mpsc::Receiver<Job>) -> Vec<Job> {

@@ -225,18 +225,19 @@ impl Cluster {
 
     /// What each seed node answers `CLUSTER SLOTS` over a connection of its own, within
     /// `wait` (all asked at once), for the probe's message when the cluster client has no
-    /// connection. A seed that answers has its masters reached in turn, by the addresses it
-    /// gives them, as the cluster client reaches them: where one cannot be (a certificate
-    /// that names a hostname while the nodes announce their IP addresses), that is why.
+    /// connection. Where seeds answer, the masters the first of them names are reached in
+    /// turn (all at once), by the addresses it gives them, as the cluster client reaches
+    /// them: where one cannot be (a certificate that names a hostname while the nodes
+    /// announce their IP addresses), that is why.
     async fn seeds_say(&self, wait: Duration) -> String {
         let direct = &self.nodes.direct;
         let seeds = direct.settings.cluster_nodes().unwrap_or_default();
+        // A connection of its own takes a handshake or two more than a call.
+        let wait = settings::connect_timeout(wait);
         let mut asked = tokio::task::JoinSet::new();
         for (at, url) in seeds.into_iter().enumerate() {
-            let (settings, scheme) = (direct.settings.clone(), direct.scheme);
+            let settings = direct.settings.clone();
             asked.spawn(async move {
-                // A connection of its own takes a handshake or two more than a call.
-                let wait = settings::connect_timeout(wait);
                 let answer = answer_in_time(wait, async {
                     let client = settings.client_at(&url, true)?;
                     let mut connection = RedisSettings::connect_for(&client, wait).await?;
@@ -246,31 +247,36 @@ impl Cluster {
                         .await
                 })
                 .await;
-                let said = match answer {
+                let (said, map) = match answer {
                     Ok(redis::Value::Array(ranges)) if ranges.is_empty() => {
-                        SERVES_NO_SLOT.to_owned()
+                        (SERVES_NO_SLOT.to_owned(), None)
                     }
-                    Ok(reply @ redis::Value::Array(_)) => match SlotOwners::parse(&reply) {
-                        Some(map) => match first_unreachable(&map, &settings, scheme, wait).await {
-                            Some(why) => format!("answers, but {why}"),
-                            None => "answers".to_owned(),
-                        },
-                        None => "answers".to_owned(),
-                    },
-                    Ok(other) => bounded(&format!("{other:?}")).to_owned(),
-                    Err(cause) => not_a_cluster(bounded(&cause)),
+                    Ok(reply @ redis::Value::Array(_)) => {
+                        ("answers".to_owned(), SlotOwners::parse(&reply))
+                    }
+                    Ok(other) => (bounded(&format!("{other:?}")).to_owned(), None),
+                    Err(cause) => (not_a_cluster(bounded(&cause)), None),
                 };
                 // A URL holds no password (refused when the settings are read).
-                (at, format!("seed {url}: {said}"))
+                (at, format!("seed {url}: {said}"), map)
             });
         }
         let mut said = asked.join_all().await;
-        said.sort();
-        if said.iter().any(|(_, said)| said.contains(": answers")) {
+        said.sort_by_key(|(at, ..)| *at);
+        if said.iter().any(|(_, said, _)| said.ends_with(": answers")) {
             self.seed_answered.store(true, Ordering::Relaxed);
         }
+        let first_map = said
+            .iter_mut()
+            .find_map(|(_, said, map)| Some((said, map.take()?)));
+        if let Some((said, map)) = first_map {
+            if let Some(why) = first_unreachable(&map, &direct.settings, direct.scheme, wait).await
+            {
+                said.push_str(&format!(", but {why}"));
+            }
+        }
         said.into_iter()
-            .map(|(_, said)| said)
+            .map(|(_, said, _)| said)
             .collect::<Vec<_>>()
             .join("; ")
     }
@@ -1175,38 +1181,45 @@ fn not_a_cluster(cause: &str) -> String {
     }
 }
 
-/// The first master of `map` that cannot be reached within `wait` at the address the
-/// cluster gives it, and why, with what to change where the certificate does not name that
-/// address.
+/// The first master of `map` (in its order) that cannot be reached within `wait` at the
+/// address the cluster gives it (all tried at once), and why, with what to change where the
+/// certificate does not name that address.
 async fn first_unreachable(
     map: &SlotOwners,
     settings: &RedisSettings,
     scheme: &str,
     wait: Duration,
 ) -> Option<String> {
-    for (host, port) in map.masters.iter().flatten() {
+    let mut tried = tokio::task::JoinSet::new();
+    for (at, (host, port)) in map.masters.iter().flatten().enumerate() {
         let url = settings::node_url(scheme, host, *port);
-        let reached = match settings.client_at(&url, true) {
-            Ok(client) => answer_in_time(wait, RedisSettings::connect_for(&client, wait))
-                .await
-                .map(drop),
-            Err(error) => Err(error.to_string()),
-        };
-        if let Err(cause) = reached {
-            let hint = if cause.contains("not valid for name") {
-                " (the cluster names its nodes by the address each announces, its IP address unless \
-                 cluster-announce-hostname and cluster-preferred-endpoint-type hostname say otherwise: \
-                 the nodes' certificates must name it)"
-            } else {
-                ""
+        let (settings, named) = (settings.clone(), format!("{host}:{port}"));
+        tried.spawn(async move {
+            let reached = match settings.client_at(&url, true) {
+                Ok(client) => answer_in_time(wait, RedisSettings::connect_for(&client, wait))
+                    .await
+                    .map(drop),
+                Err(error) => Err(error.to_string()),
             };
-            return Some(format!(
-                "master {host}:{port} it names: {}{hint}",
-                bounded(&cause)
-            ));
-        }
+            (at, named, reached)
+        });
     }
-    None
+    let mut tried = tried.join_all().await;
+    tried.sort_by_key(|(at, ..)| *at);
+    let (_, named, cause) = tried
+        .into_iter()
+        .find_map(|(at, named, reached)| Some((at, named, reached.err()?)))?;
+    let hint = if cause.contains("not valid for name") {
+        " (the cluster names its nodes by the address each announces, its IP address unless \
+         cluster-announce-hostname and cluster-preferred-endpoint-type hostname say otherwise: \
+         the nodes' certificates must name it)"
+    } else {
+        ""
+    };
+    Some(format!(
+        "master {named} it names: {}{hint}",
+        bounded(&cause)
+    ))
 }
 
 /// At most 200 characters of what a server said, for a log line.
