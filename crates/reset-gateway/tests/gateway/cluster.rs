@@ -844,3 +844,36 @@ async fn a_cluster_node_given_as_a_standalone_server_is_reported_with_the_mode_t
         assert!(line.contains("mode: cluster"), "{url}: {line}");
     }
 }
+
+/// As in the other modes: requests answered while the masters stall are not charged once
+/// they resume, but for those of the call in flight when they stalled.
+#[tokio::test]
+async fn requests_answered_while_the_masters_stall_are_not_charged_when_they_resume() {
+    let cluster = RedisCluster::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = per_email_yaml(&mock, &cluster.urls()[..1], "", "deny").replace("300ms", "100ms");
+    let gw = Gateway::start_yaml(mock, &with_server_keys(&yaml, "  workers: 1\n")).await;
+    gw.mock.add_user("bob@example.com");
+    let ask = async |email: &str| gw.reset_as_ios(&format!("email={email}")).await.status;
+    assert_eq!(ask("bob%40example.com").await, 200);
+    assert_eq!(ask("alice%40example.com").await, 200);
+
+    for node in &cluster.nodes {
+        node.signal("STOP");
+    }
+    for _ in 0..3 {
+        assert_eq!(ask("alice%40example.com").await, 503);
+    }
+    for node in &cluster.nodes {
+        node.signal("CONT");
+    }
+    assert_eq!(
+        poll_until(300, async || ask("bob%40example.com").await, |s| *s == 200).await,
+        200
+    );
+    // Alice's quota is 3 an hour, one spent before: at most one more counted meanwhile.
+    // (Her master, whose call went unanswered, is asked again after a PING, at most 250 ms
+    // after the last one failed.)
+    let alice = async || ask("alice%40example.com").await;
+    assert_eq!(poll_until(100, alice, |s| *s != 503).await, 200);
+}

@@ -582,7 +582,7 @@ pub(super) async fn run_batches(
 
 /// Why a request was not sent to Redis: an earlier call on its connection has had no
 /// answer yet.
-const LATE_CALL: &str = "no answer yet to an earlier call";
+pub(super) const LATE_CALL: &str = "no answer yet to an earlier call";
 
 /// How long after a failed `PING` the requests of a connection fail at once, without
 /// another: as often as the probe tries while Redis is away.
@@ -590,15 +590,15 @@ const REFUSAL_PAUSE: Duration = Duration::from_millis(250);
 
 /// The last `PING` of a connection that failed, and why.
 #[derive(Debug, Default)]
-struct Refusal(Option<(tokio::time::Instant, String)>);
+pub(super) struct Refusal(Option<(tokio::time::Instant, String)>);
 
 impl Refusal {
-    fn record(&mut self, why: String) {
+    pub(super) fn record(&mut self, why: String) {
         self.0 = Some((tokio::time::Instant::now(), why));
     }
 
     /// Why, if it failed within [`REFUSAL_PAUSE`].
-    fn recent(&self) -> Option<String> {
+    pub(super) fn recent(&self) -> Option<String> {
         let (at, why) = self.0.as_ref()?;
         (at.elapsed() < REFUSAL_PAUSE).then(|| why.clone())
     }

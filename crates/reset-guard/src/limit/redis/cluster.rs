@@ -30,7 +30,7 @@ use redis::aio::MultiplexedConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::batch::{answer, gather, numbers, redirected, CallArgs, Reply};
+use super::batch::{answer, gather, numbers, redirected, CallArgs, Refusal, Reply, LATE_CALL};
 use super::keep_alive::{KeepAlive, IDLE_CHECK};
 use super::walk::{Walk, Walker};
 use super::*;
@@ -615,12 +615,24 @@ impl NodeCalls {
         timeout: Duration,
     ) -> Option<Arc<SlotOwners>> {
         let map = self.slots.load_full();
+        if map.is_none() {
+            self.read_again(connection, timeout);
+        }
+        map.filter(|_| self.supported.load(Ordering::Relaxed))
+    }
+
+    /// Asks the cluster for its slot map in the background (one read at a time, at most
+    /// every [`SLOT_MAP_INTERVAL_NS`]), keeping the map there is until the answer comes.
+    fn read_again(
+        self: &Arc<Self>,
+        connection: &redis::cluster_async::ClusterConnection,
+        timeout: Duration,
+    ) {
         let now = self.clock.now();
         let last = self.last_read.load(Ordering::Relaxed);
         // (`last` is 0 before the first read, which the clock's first 200 ms must not hold
         // back.)
-        if map.is_none()
-            && (last == 0 || now.saturating_sub(last) >= SLOT_MAP_INTERVAL_NS)
+        if (last == 0 || now.saturating_sub(last) >= SLOT_MAP_INTERVAL_NS)
             && !self.reading.swap(true, Ordering::Acquire)
         {
             self.last_read.store(now.max(1), Ordering::Relaxed);
@@ -639,7 +651,6 @@ impl NodeCalls {
                 }
             });
         }
-        map.filter(|_| self.supported.load(Ordering::Relaxed))
     }
 
     /// `CLUSTER SLOTS` (a map that names no master is no answer, see [`SlotOwners::parse`])
@@ -829,6 +840,12 @@ impl NodeCalls {
                         Err(_) => return Ok(None),
                     }
                 }
+                Err(error) if error.is_timeout() => {
+                    // No answer in time: the master may have stalled, and run the call
+                    // later, or have been replaced. The caller holds it back until it
+                    // answers, or the slot map, read again, names another.
+                    return Err(LATE_MASTER.to_owned());
+                }
                 Err(error) => {
                     // The master failed over, went or came back: connect anew.
                     *master = None;
@@ -840,14 +857,10 @@ impl NodeCalls {
                         return Ok(None);
                     }
                     // Anything else (a connection dropped after the call was written, a
-                    // reply not understood, no reply in time) may come after the script
-                    // ran: sent again, these requests would be charged twice. `on_error`
-                    // decides them. After a dropped connection the slot map stays: the
-                    // next call goes to a new connection to the same master. A master that
-                    // stops answering may have been replaced: the map is read again.
-                    if error.is_timeout() {
-                        self.slots.store(None);
-                    }
+                    // reply not understood) may come after the script ran: sent again,
+                    // these requests would be charged twice. `on_error` decides them. After
+                    // a dropped connection the slot map stays: the next call goes to a new
+                    // connection to the same master.
                     return Err(error.to_string());
                 }
             }
@@ -1029,6 +1042,9 @@ async fn run_unplaced(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQueues>
     }
 }
 
+/// Why a call was not decided: its master did not answer it in time.
+const LATE_MASTER: &str = "timed out";
+
 /// One master's calls from one thread: whatever jobs wait for it go as one call over this
 /// task's own connection to the master, one call at a time, so that under load the calls
 /// grow rather than multiply (as in the other modes). Each decided job's walk goes on to
@@ -1040,6 +1056,9 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
     };
     // This task's connection to the master, and the master's address.
     let mut master: Option<((String, u16), ConnectionManager)> = None;
+    // The connection of a call that got no answer in time, and its master's address.
+    let mut late: Option<((String, u16), ConnectionManager)> = None;
+    let mut refusal = Refusal::default();
     let mut keep_alive = KeepAlive::new();
     // Whether a call of this task has been answered yet ([`ThreadQueues::connected`]).
     let mut connected = false;
@@ -1055,7 +1074,7 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
         // Whether `address` is the master the slot map names for this batch, whose
         // connection the call uses (another, from before the map changed, is replaced by
         // the call).
-        let named = |address: &(String, u16)| {
+        let named = |batch: &[Job], address: &(String, u16)| {
             batch.first().is_some_and(|job| {
                 let (group, hash) = job.charges.as_slice()[0];
                 let map = nodes.slots.load_full();
@@ -1063,10 +1082,66 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
                 map.is_some_and(|map| map.master(slot) == Some(address))
             })
         };
+        // After a call its master did not answer in time: Redis runs every call it has
+        // received, however late, so calls sent to a master that stalled would all charge
+        // their requests once it resumes, though each was answered as `on_error` says.
+        // Nothing more goes to it (nor through the cluster client: the slot map is kept,
+        // and read again in the background to follow a failover) until a PING on that
+        // connection comes back, behind the late call; the requests meanwhile are answered
+        // as `on_error` says, and charged nowhere. Once the map names another master for
+        // these slots, the stalled one no longer counts.
+        let replaced = |batch: &[Job], address: &(String, u16)| {
+            nodes
+                .slots
+                .load_full()
+                .is_some_and(|_| !named(batch, address))
+        };
+        if late
+            .as_ref()
+            .is_some_and(|(address, _)| replaced(&batch, address))
+        {
+            late = None;
+        }
+        if let Some((_, connection)) = &late {
+            if let Some(why) = refusal.recent() {
+                answer(batch, Err(why));
+                continue;
+            }
+            let wait = settings::connect_timeout(timeout);
+            let until = tokio::time::Instant::now() + wait;
+            let ping = |mut connection: ConnectionManager| async move {
+                let ping = redis::cmd("PING");
+                tokio::time::timeout_at(until, ping.query_async::<()>(&mut connection)).await
+            };
+            let mut pinged = ping(connection.clone()).await;
+            if matches!(&pinged, Ok(Err(error)) if !error.is_timeout()) {
+                // A broken connection, which the client has begun to make anew.
+                pinged = ping(connection.clone()).await;
+            }
+            batch.retain(|job| !job.reply.is_closed());
+            match pinged {
+                Ok(Ok(())) => {
+                    keep_alive.liveness.answered();
+                    master = late.take();
+                }
+                failed => {
+                    let why = match failed {
+                        Ok(Err(error)) if !error.is_timeout() => error.to_string(),
+                        _ => LATE_CALL.to_owned(),
+                    };
+                    answer(batch, Err(why.clone()));
+                    refusal.record(why);
+                    if let Some(queues) = queues.upgrade() {
+                        queues.nodes.read_again(&queues.connection, timeout);
+                    }
+                    continue;
+                }
+            }
+        }
         if let Some((_, connection)) = master
             .as_mut()
             .filter(|_| keep_alive.liveness.silent())
-            .filter(|(address, _)| named(address))
+            .filter(|(address, _)| named(&batch, address))
         {
             // Nothing has answered for a while (the background PINGs failed: the master
             // restarted, or closed the connection): a PING finds out before a script is
@@ -1075,20 +1150,20 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
             let ping = redis::cmd("PING");
             let wait = settings::connect_timeout(timeout);
             let pinged = tokio::time::timeout(wait, ping.query_async::<()>(connection)).await;
-            let answered = match &pinged {
-                Ok(Ok(())) => {
-                    keep_alive.liveness.answered();
-                    true
-                }
-                Ok(Err(error)) if !error.is_timeout() => false,
-                // No answer in time: the master may have been replaced; read the map again.
+            match &pinged {
+                Ok(Ok(())) => keep_alive.liveness.answered(),
+                Ok(Err(error)) if !error.is_timeout() => master = None,
+                // No answer in time: held back as a late call's master is (the map read
+                // again: it may have been replaced).
                 _ => {
-                    nodes.slots.store(None);
-                    false
+                    late = master.take();
+                    refusal.record(LATE_CALL.to_owned());
+                    if let Some(queues) = queues.upgrade() {
+                        queues.nodes.read_again(&queues.connection, timeout);
+                    }
+                    answer(batch, Err("timed out".to_owned()));
+                    continue;
                 }
-            };
-            if !answered {
-                master = None;
             }
             batch.retain(|job| !job.reply.is_closed());
         }
@@ -1106,13 +1181,15 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
         };
         let decided = tokio::time::timeout(wait, nodes.call(&batch, slot, &mut master))
             .await
-            .unwrap_or_else(|_| {
-                // A master that stops answering without closing its connection: make a
-                // new one, to the master the slot map names when read again.
-                master = None;
-                nodes.slots.store(None);
-                Err("timed out".to_owned())
-            });
+            .unwrap_or_else(|_| Err(LATE_MASTER.to_owned()));
+        if matches!(&decided, Err(why) if why == LATE_MASTER) {
+            // A master that stops answering without closing its connection: held back
+            // (above) until it answers, or the slot map, read again, names another.
+            late = master.take();
+            if let Some(queues) = queues.upgrade() {
+                queues.nodes.read_again(&queues.connection, timeout);
+            }
+        }
         if let Ok(Some(_)) = decided {
             keep_alive.liveness.answered();
             if !connected {
