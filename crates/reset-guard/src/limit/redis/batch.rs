@@ -528,13 +528,8 @@ pub(super) async fn run_batches(
                 answer(batch, Err(why));
                 continue;
             }
-            let wait = settings::connect_timeout(timeout);
-            let until = tokio::time::Instant::now() + wait;
-            let ping = |mut connection: ConnectionManager| async move {
-                let ping = redis::cmd("PING");
-                tokio::time::timeout_at(until, ping.query_async::<()>(&mut connection)).await
-            };
-            let mut pinged = ping(connection.clone()).await;
+            let until = tokio::time::Instant::now() + settings::connect_timeout(timeout);
+            let mut pinged = ping_by(connection.clone(), until).await;
             let answered = matches!(pinged, Ok(Ok(())));
             if !answered && silent && made.elapsed() >= SILENT_CHECK {
                 // No answer on a connection silent this long (a reply that never ends
@@ -542,12 +537,12 @@ pub(super) async fn run_batches(
                 // made anew, at most once a second, and tried.
                 if let Some(fresh) = remake() {
                     (connection, made) = (fresh, tokio::time::Instant::now());
-                    pinged = ping(connection.clone()).await;
+                    pinged = ping_by(connection.clone(), until).await;
                 }
-            } else if matches!(&pinged, Ok(Err(error)) if !error.is_timeout()) {
-                // Refused at once: a broken connection, which the client has begun to make
-                // anew; tried once more on that one.
-                pinged = ping(connection.clone()).await;
+            } else if refused_at_once(&pinged) {
+                // A broken connection, which the client has begun to make anew: tried once
+                // more on that one.
+                pinged = ping_by(connection.clone(), until).await;
             }
             batch.retain(|job| !job.reply.is_closed());
             match pinged {
@@ -583,6 +578,24 @@ pub(super) async fn run_batches(
 /// Why a request was not sent to Redis: an earlier call on its connection has had no
 /// answer yet.
 pub(super) const LATE_CALL: &str = "no answer yet to an earlier call";
+
+/// What a `PING` over `connection` got by `until`.
+pub(super) type Pinged = Result<redis::RedisResult<()>, tokio::time::error::Elapsed>;
+
+/// A `PING` over `connection`, answered by `until` or not.
+pub(super) async fn ping_by(
+    mut connection: ConnectionManager,
+    until: tokio::time::Instant,
+) -> Pinged {
+    let ping = redis::cmd("PING");
+    tokio::time::timeout_at(until, ping.query_async::<()>(&mut connection)).await
+}
+
+/// Whether a `PING` failed at once, not for want of an answer (the client's response
+/// timeout included): its connection broke.
+pub(super) fn refused_at_once(pinged: &Pinged) -> bool {
+    matches!(pinged, Ok(Err(error)) if !error.is_timeout())
+}
 
 /// How long after a failed `PING` the requests of a connection fail at once, without
 /// another: as often as the probe tries while Redis is away.

@@ -30,7 +30,10 @@ use redis::aio::MultiplexedConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::batch::{answer, gather, numbers, redirected, CallArgs, Refusal, Reply, LATE_CALL};
+use super::batch::{
+    answer, gather, numbers, ping_by, redirected, refused_at_once, CallArgs, Refusal, Reply,
+    LATE_CALL,
+};
 use super::keep_alive::{KeepAlive, IDLE_CHECK};
 use super::walk::{Walk, Walker};
 use super::*;
@@ -1107,16 +1110,11 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
                 answer(batch, Err(why));
                 continue;
             }
-            let wait = settings::connect_timeout(timeout);
-            let until = tokio::time::Instant::now() + wait;
-            let ping = |mut connection: ConnectionManager| async move {
-                let ping = redis::cmd("PING");
-                tokio::time::timeout_at(until, ping.query_async::<()>(&mut connection)).await
-            };
-            let mut pinged = ping(connection.clone()).await;
-            if matches!(&pinged, Ok(Err(error)) if !error.is_timeout()) {
+            let until = tokio::time::Instant::now() + settings::connect_timeout(timeout);
+            let mut pinged = ping_by(connection.clone(), until).await;
+            if refused_at_once(&pinged) {
                 // A broken connection, which the client has begun to make anew.
-                pinged = ping(connection.clone()).await;
+                pinged = ping_by(connection.clone(), until).await;
             }
             batch.retain(|job| !job.reply.is_closed());
             match pinged {
