@@ -591,10 +591,12 @@ pub(super) async fn ping_by(
     tokio::time::timeout_at(until, ping.query_async::<()>(&mut connection)).await
 }
 
-/// Whether a `PING` failed at once, not for want of an answer (the client's response
-/// timeout included): its connection broke.
+/// Whether a `PING` failed with an error of the client's own before its deadline (a broken
+/// connection, the client's response timeout, or a failure it kept from an attempt to make
+/// the connection while Redis was away): worth once more, on the connection the client
+/// makes anew after it.
 pub(super) fn refused_at_once(pinged: &Pinged) -> bool {
-    matches!(pinged, Ok(Err(error)) if !error.is_timeout())
+    matches!(pinged, Ok(Err(_)))
 }
 
 /// How long after a failed `PING` the requests of a connection fail at once, without
