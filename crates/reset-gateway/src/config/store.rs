@@ -352,7 +352,7 @@ impl RedisConfig {
     }
 }
 
-/// A Redis URL's error, with where a password or user goes in this file when it is about one.
+/// Refuses `store.redis.password`, never echoing its value.
 fn refuse_password<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<()>, D::Error> {
@@ -362,6 +362,7 @@ fn refuse_password<'de, D: serde::Deserializer<'de>>(
     )
 }
 
+/// A Redis URL's error, with where a password or user goes in this file when it is about one.
 fn with_hint(why: &str) -> String {
     if why.contains("password") {
         format!("{why}: set store.redis.password_env or password_file")

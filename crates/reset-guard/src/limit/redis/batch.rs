@@ -551,11 +551,7 @@ pub(super) async fn run_batches(
                     unanswered = false;
                 }
                 failed => {
-                    let why = match failed {
-                        Ok(Err(error)) if !error.is_timeout() => error.to_string(),
-                        _ if unanswered => LATE_CALL.to_owned(),
-                        _ => "timed out".to_owned(),
-                    };
+                    let why = why_not(failed, unanswered);
                     answer(batch, Err(why.clone()));
                     refusal.record(why);
                     continue;
@@ -597,6 +593,16 @@ pub(super) async fn ping_by(
 /// makes anew after it.
 pub(super) fn refused_at_once(pinged: &Pinged) -> bool {
     matches!(pinged, Ok(Err(_)))
+}
+
+/// Why requests were not sent after a `PING` that failed: its error, or, without one, that
+/// an earlier call is still `unanswered` (or that the `PING` itself was not).
+pub(super) fn why_not(failed: Pinged, unanswered: bool) -> String {
+    match failed {
+        Ok(Err(error)) if !error.is_timeout() => error.to_string(),
+        _ if unanswered => LATE_CALL.to_owned(),
+        _ => "timed out".to_owned(),
+    }
 }
 
 /// How long after a failed `PING` the requests of a connection fail at once, without

@@ -31,8 +31,8 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::batch::{
-    answer, gather, numbers, ping_by, redirected, refused_at_once, CallArgs, Refusal, Reply,
-    LATE_CALL,
+    answer, gather, numbers, ping_by, redirected, refused_at_once, why_not, CallArgs, Refusal,
+    Reply, LATE_CALL,
 };
 use super::keep_alive::{KeepAlive, IDLE_CHECK};
 use super::walk::{Walk, Walker};
@@ -1123,10 +1123,7 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
                     master = late.take();
                 }
                 failed => {
-                    let why = match failed {
-                        Ok(Err(error)) if !error.is_timeout() => error.to_string(),
-                        _ => LATE_CALL.to_owned(),
-                    };
+                    let why = why_not(failed, true);
                     answer(batch, Err(why.clone()));
                     refusal.record(why);
                     if let Some(queues) = queues.upgrade() {
@@ -1145,9 +1142,8 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
             // restarted, or closed the connection): a PING finds out before a script is
             // sent that a closed connection would fail (a failure that cannot tell
             // whether the script ran). As in the other modes.
-            let ping = redis::cmd("PING");
-            let wait = settings::connect_timeout(timeout);
-            let pinged = tokio::time::timeout(wait, ping.query_async::<()>(connection)).await;
+            let until = tokio::time::Instant::now() + settings::connect_timeout(timeout);
+            let pinged = ping_by(connection.clone(), until).await;
             match &pinged {
                 Ok(Ok(())) => keep_alive.liveness.answered(),
                 Ok(Err(error)) if !error.is_timeout() => master = None,
@@ -1159,7 +1155,7 @@ async fn run_master_batches(mut queue: mpsc::Receiver<Job>, queues: Weak<ThreadQ
                     if let Some(queues) = queues.upgrade() {
                         queues.nodes.read_again(&queues.connection, timeout);
                     }
-                    answer(batch, Err("timed out".to_owned()));
+                    answer(batch, Err(LATE_MASTER.to_owned()));
                     continue;
                 }
             }
@@ -1281,9 +1277,9 @@ async fn first_unreachable(
     }
     let mut tried = tried.join_all().await;
     tried.sort_by_key(|(at, ..)| *at);
-    let (_, named, cause) = tried
+    let (named, cause) = tried
         .into_iter()
-        .find_map(|(at, named, reached)| Some((at, named, reached.err()?)))?;
+        .find_map(|(_, named, reached)| Some((named, reached.err()?)))?;
     let hint = if cause.contains("not valid for name") {
         " (the cluster names its nodes by the address each announces, its IP address unless \
          cluster-announce-hostname and cluster-preferred-endpoint-type hostname say otherwise: \
