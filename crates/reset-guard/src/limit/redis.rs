@@ -23,6 +23,7 @@ mod cluster;
 mod global_keys;
 mod held;
 mod keep_alive;
+mod late_nodes;
 mod sentinel;
 mod settings;
 mod walk;

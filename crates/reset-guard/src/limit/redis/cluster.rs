@@ -35,6 +35,7 @@ use super::batch::{
     Reply, LATE_CALL,
 };
 use super::keep_alive::{KeepAlive, IDLE_CHECK};
+use super::late_nodes::LateNodes;
 use super::walk::{Walk, Walker};
 use super::*;
 
@@ -395,6 +396,9 @@ pub(super) struct NodeCalls {
     redirected: Mutex<Vec<RedirectTarget>>,
     /// Per node (by URL): held while a connection to it is made.
     connects: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The nodes a call of one hash tag got no answer from in time, held back until it has
+    /// run.
+    late: LateNodes,
 }
 
 /// A connection to a node a redirection named (by its URL), and when it was last used.
@@ -509,6 +513,7 @@ impl NodeCalls {
             direct,
             redirected: Mutex::new(Vec::new()),
             connects: Mutex::new(HashMap::new()),
+            late: LateNodes::default(),
         }
     }
 
@@ -579,8 +584,13 @@ impl NodeCalls {
         }
         let ping = redis::cmd("PING");
         let pinged = tokio::time::timeout_at(deadline, ping.query_async::<()>(&mut connection));
-        if let Ok(Ok(())) = pinged.await {
-            return Some(connection);
+        match pinged.await {
+            Ok(Ok(())) => return Some(connection),
+            // The node stopped answering (a stall): held back as after a late call, until
+            // a PING on this connection comes back ([`LateNodes`]).
+            Err(_) => self.late.hold(url, connection),
+            Ok(Err(error)) if error.is_timeout() => self.late.hold(url, connection),
+            Ok(Err(_)) => {}
         }
         self.forget_redirected(url);
         None
@@ -1407,6 +1417,17 @@ async fn call_by_tag(
         let mut redirections = 0;
         let mut pause = Duration::from_millis(10);
         loop {
+            // A node that did not answer an earlier call in time gets nothing more until
+            // that call has run ([`LateNodes`]).
+            let goes_to = match &sent_to {
+                Some(to) => Some(to.url.clone()),
+                None => nodes.master_url(slot),
+            };
+            if let Some(url) = goes_to {
+                let overdue = nodes.direct.settings.timeout / 2;
+                let wait = (timeout / 2).max(Duration::from_millis(50));
+                nodes.late.clear(&url, overdue, wait).await?;
+            }
             let reply = match &mut sent_to {
                 Some(to) => {
                     if to.node.is_none() {
@@ -1428,6 +1449,7 @@ async fn call_by_tag(
                         }
                     }
                     let node = to.node.as_mut().ok_or("no connection to the node named")?;
+                    let call = nodes.late.sent(&to.url, node.clone());
                     let reply = if to.asking {
                         let mut pipe = redis::pipe();
                         pipe.cmd("ASKING").ignore().add_command(command.clone());
@@ -1436,6 +1458,10 @@ async fn call_by_tag(
                     } else {
                         command.query_async::<redis::Value>(node).await
                     };
+                    // Not answered in time, the call holds the node back (dropped).
+                    if !matches!(&reply, Err(error) if error.is_timeout()) {
+                        call.answered();
+                    }
                     if let Err(error) = &reply {
                         if !matches!(error.kind(), redis::ErrorKind::Server(_)) {
                             // Not the node's answer (a dropped connection, no reply in

@@ -1434,3 +1434,65 @@ async fn a_seed_that_left_the_cluster_is_not_taken_for_the_slot_map() {
         "no slot map any more: {calls:?}"
     );
 }
+
+/// The stall of `requests_answered_while_the_masters_stall_are_not_charged_when_they_resume`
+/// (the gateway's tests) on the cluster client's path, taken one call per hash tag (here
+/// for every call: the node refuses the script with flags, as Redis before 7 does):
+/// requests answered as `on_error` says while the master stalls are not charged once it
+/// resumes, but for the call in flight when it stalled. Whether the stall comes right after
+/// a call or after a pause (the kept connection is then checked with a `PING` first).
+#[tokio::test]
+async fn requests_decided_per_hash_tag_are_not_charged_for_a_stall_once_it_ends() {
+    let (node, dir) = lone_cluster_node("tag-stall");
+    let batched = format!(
+        "#!lua flags=allow-cross-slot-keys\n{}",
+        include_str!("../redis.lua")
+    );
+    let sha = redis::Script::new(&batched).get_hash().to_owned();
+    let proxy = ReplyDropper::start(node.port(), sha).await;
+    proxy.refuse_flagged.store(true, Ordering::SeqCst);
+    serve_every_slot_announcing(&node, proxy.port).await;
+    let mut store = store_seeded_by(&[format!("redis://127.0.0.1:{}", proxy.port)], "tag-stall");
+    if let Some(redis) = store.redis.as_mut() {
+        redis.timeout = Duration::from_millis(100);
+    }
+    let rig = rig_in(
+        "  per_ip: [{ requests: 3, per: 1h }]\n  per_client: []\n  per_email: []\n  global: []\n",
+        "",
+        store,
+        ManualClock::new(),
+    );
+    let from = |ip: &'static str| ask("a@b.io").from(ip);
+    // Asks `ask` until it gets something else than 503 (the node back), for 3 s at most.
+    let until_served = async |ask: Ask| {
+        let mut status = 503;
+        for _ in 0..300 {
+            status = rig.status(ask.clone()).await;
+            if status != 503 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        status
+    };
+    let mut seen = Vec::new();
+    for (ip, pause) in [("192.0.2.60", 0), ("192.0.2.62", 700)] {
+        seen.push(vec![rig.status(from(ip)).await]);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        node.signal("STOP");
+        seen.push(rig.statuses(3, from(ip)).await);
+        node.signal("CONT");
+        seen.push(vec![until_served(from("192.0.2.61")).await]);
+        // Three an hour, one spent before: at most one more counted meanwhile.
+        seen.push(vec![until_served(from(ip)).await]);
+    }
+    assert_eq!(
+        proxy.batched_calls.load(Ordering::SeqCst),
+        1,
+        "refused once"
+    );
+    drop(node);
+    let _ = std::fs::remove_dir_all(dir);
+    let once = [vec![200], vec![503; 3], vec![200], vec![200]];
+    assert_eq!(seen, [once.clone(), once].concat());
+}
