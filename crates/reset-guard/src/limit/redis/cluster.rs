@@ -519,10 +519,13 @@ impl NodeCalls {
 
     /// A connection to the node at `url` (a master of the slot map, or one a redirection
     /// named): the one kept from an earlier call (after a PING if it sat idle, as a master's
-    /// connection), or a new one, made by one caller at a time per node (a burst of calls
-    /// after a restart would each make its own). `wait` bounds the PING and the connect.
+    /// connection), or a new one, made by one task at a time per node (a burst of calls
+    /// after a restart would each make its own). `wait` bounds the PING and the wait for the
+    /// connect. The connect itself is given the time making a connection may take, in a task
+    /// of its own, and kept for the next call even where this one stopped waiting first: a
+    /// node more than `wait` away is reached that way.
     async fn redirected_to(
-        &self,
+        self: &Arc<Self>,
         url: &str,
         wait: Duration,
     ) -> Result<MultiplexedConnection, String> {
@@ -534,22 +537,31 @@ impl NodeCalls {
             let mut connects = self.connects.lock().unwrap_or_else(|e| e.into_inner());
             connects.entry(url.to_owned()).or_default().clone()
         };
-        let _alone = tokio::time::timeout_at(deadline, gate.lock())
+        if let Ok(alone) = gate.clone().try_lock_owned() {
+            let (nodes, url) = (self.clone(), url.to_owned());
+            tokio::spawn(async move {
+                let _alone = alone;
+                nodes.make_kept(&url).await;
+            });
+        }
+        let _made = tokio::time::timeout_at(deadline, gate.lock())
             .await
             .map_err(|_| format!("no connection to {url} within {wait:?}"))?;
-        // Made by the caller before, while this one waited.
-        if let Some(connection) = self.kept_connection(url, deadline).await {
-            return Ok(connection);
-        }
-        let client = self.direct.settings.client_at(url, true);
-        let connected = match client {
-            Ok(client) => {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                answer_in_time(left, RedisSettings::connect_for(&client, left)).await
-            }
-            Err(error) => Err(error.to_string()),
+        self.kept_connection(url, deadline)
+            .await
+            .ok_or_else(|| format!("no connection to {url}"))
+    }
+
+    /// Makes a connection to the node at `url`, kept for the calls there.
+    async fn make_kept(&self, url: &str) {
+        let Ok(client) = self.direct.settings.client_at(url, true) else {
+            return;
         };
-        let connection = connected?;
+        let connect = settings::connect_timeout(self.direct.settings.timeout);
+        let made = tokio::time::timeout(connect, RedisSettings::connect_for(&client, connect));
+        let Ok(Ok(connection)) = made.await else {
+            return;
+        };
         let mut kept = self.redirected.lock().unwrap_or_else(|e| e.into_inner());
         kept.retain(|node| node.url != url);
         if kept.len() >= REDIRECT_TARGETS_KEPT {
@@ -559,10 +571,9 @@ impl NodeCalls {
         }
         kept.push(RedirectTarget {
             url: url.to_owned(),
-            connection: connection.clone(),
+            connection,
             used: std::time::Instant::now(),
         });
-        Ok(connection)
     }
 
     /// The connection kept to the node at `url`, if any, checked with a PING (answered by
@@ -1424,9 +1435,8 @@ async fn call_by_tag(
                 None => nodes.master_url(slot),
             };
             if let Some(url) = goes_to {
-                let overdue = nodes.direct.settings.timeout / 2;
                 let wait = (timeout / 2).max(Duration::from_millis(50));
-                nodes.late.clear(&url, overdue, wait).await?;
+                nodes.late.clear(&url, wait).await?;
             }
             let reply = match &mut sent_to {
                 Some(to) => {
@@ -1588,7 +1598,12 @@ impl RedisStore {
             let decision = match decided.await {
                 Ok(Ok(merged)) => store.read_reply(&merged, charges.as_slice(), &specs, cached),
                 Ok(Err(why)) => store.fail(&why, cached),
-                Err(_) => store.fail("timed out", cached),
+                Err(_) => {
+                    // Before the answer: a call of one hash tag sent after it must find the
+                    // call this request waited for late ([`LateNodes`]).
+                    cluster.nodes.late.request_gave_up();
+                    store.fail("timed out", cached)
+                }
             };
             store.waited(started);
             decision

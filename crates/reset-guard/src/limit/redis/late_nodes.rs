@@ -10,12 +10,12 @@
 //! A call of one hash tag is a task of its own, and runs beside others: one may be sent
 //! while another to the same node is still unanswered, in the moment between its requests
 //! being answered as `on_error` says (their own deadline) and the call finding itself late
-//! (the same deadline, a little later). So a node also counts as late while a call to it has
-//! gone unanswered for half the store's timeout; a call then waits for the `PING` too, which
-//! costs a node that is merely slow one round trip. The first call to find the node held
-//! back sends the `PING`, and the others wait for its outcome; after one that failed, calls
-//! to the node fail at once (as `on_error` says) for a moment rather than each sending
-//! another.
+//! (the same deadline, a little later). So a node also counts as late while a call to it
+//! that was sent before some request ran out of time is unanswered: the request says so
+//! before it is answered. (A node that is merely slow, answering within the timeout, is
+//! never held back.) The first call to find the node held back sends the `PING`, and the
+//! others wait for its outcome; after one that failed, calls to the node fail at once (as
+//! `on_error` says) for a moment rather than each sending another.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,10 +28,24 @@ use tokio::time::Instant;
 use super::batch::{why_not, Refusal};
 
 /// The calls in flight and the nodes held back, by node URL.
-#[derive(Default)]
 pub(super) struct LateNodes {
     nodes: Mutex<HashMap<String, Node>>,
     next_call: AtomicU64,
+    /// When a request last ran out of time waiting for its decision, in nanoseconds after
+    /// `start` (0: none has).
+    gave_up: AtomicU64,
+    start: Instant,
+}
+
+impl Default for LateNodes {
+    fn default() -> Self {
+        LateNodes {
+            nodes: Mutex::default(),
+            next_call: AtomicU64::new(0),
+            gave_up: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -104,6 +118,17 @@ impl LateNodes {
         node.late.get_or_insert_with(|| Late::on(connection));
     }
 
+    /// A request ran out of time waiting for its decision: the calls in flight now are late.
+    pub(super) fn request_gave_up(&self) {
+        self.gave_up
+            .fetch_max(self.since_start(Instant::now()), Ordering::Relaxed);
+    }
+
+    fn since_start(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.start).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX).saturating_add(1)
+    }
+
     /// A call sent to the node at `url` over `connection`: held until the node answers it.
     pub(super) fn sent(&self, url: &str, connection: MultiplexedConnection) -> InFlight<'_> {
         let serial = self.next_call.fetch_add(1, Ordering::Relaxed);
@@ -119,16 +144,11 @@ impl LateNodes {
     }
 
     /// Whether a call may go to the node at `url` now: at once where it is not late (held
-    /// back, or a call to it unanswered for `overdue`); else once a `PING` behind its late
-    /// call is answered within `wait`. `Err`: why not (no answer yet; the `PING` that failed
-    /// a moment ago).
-    pub(super) async fn clear(
-        &self,
-        url: &str,
-        overdue: Duration,
-        wait: Duration,
-    ) -> Result<(), String> {
-        let Some((mut connection, ping)) = self.late(url, overdue) else {
+    /// back, or a call to it unanswered since before a request ran out of time); else once a
+    /// `PING` behind its late call is answered within `wait`. `Err`: why not (no answer
+    /// yet; the `PING` that failed a moment ago).
+    pub(super) async fn clear(&self, url: &str, wait: Duration) -> Result<(), String> {
+        let Some((mut connection, ping)) = self.late(url) else {
             return Ok(());
         };
         let mut refusal = ping.lock().await;
@@ -161,17 +181,16 @@ impl LateNodes {
     }
 
     /// The late call's connection and `PING` of the node at `url`, if it is late: held back,
-    /// or with a call unanswered for `overdue` (then held back from now).
-    fn late(
-        &self,
-        url: &str,
-        overdue: Duration,
-    ) -> Option<(MultiplexedConnection, Arc<tokio::sync::Mutex<Refusal>>)> {
+    /// or with a call unanswered since before a request ran out of time (then held back from
+    /// now).
+    fn late(&self, url: &str) -> Option<(MultiplexedConnection, Arc<tokio::sync::Mutex<Refusal>>)> {
+        let gave_up = self.gave_up.load(Ordering::Relaxed);
         let mut nodes = self.lock();
         let node = nodes.get_mut(url)?;
         if node.late.is_none() {
+            // The oldest call in flight.
             let (sent, connection) = node.in_flight.values().next()?;
-            if sent.elapsed() < overdue {
+            if self.since_start(*sent) >= gave_up {
                 return None;
             }
             node.late = Some(Late::on(connection.clone()));

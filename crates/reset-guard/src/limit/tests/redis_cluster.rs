@@ -1496,3 +1496,64 @@ async fn requests_decided_per_hash_tag_are_not_charged_for_a_stall_once_it_ends(
     let once = [vec![200], vec![503; 3], vec![200], vec![200]];
     assert_eq!(seen, [once.clone(), once].concat());
 }
+
+/// The same path with a master a network away that answers within the timeout (60 ms a round
+/// trip, of 100 ms), requests arriving one every 10 ms, so that calls overlap: once the first
+/// is decided (its connections made: a handshake is a round trip or two too), none is
+/// refused. A node is held back only once a request ran out of time, not for being slow (a
+/// call made to wait for a `PING` behind one in flight would take two round trips); and a
+/// connection to it is kept though making it takes longer than a call may wait for it.
+#[tokio::test]
+async fn requests_decided_per_hash_tag_by_a_slow_master_within_the_timeout_are_all_decided() {
+    let (node, dir) = lone_cluster_node("tag-slow");
+    let away = test_support::DelayProxy::start(node.addr(), Duration::from_millis(30));
+    let batched = format!(
+        "#!lua flags=allow-cross-slot-keys\n{}",
+        include_str!("../redis.lua")
+    );
+    let sha = redis::Script::new(&batched).get_hash().to_owned();
+    let proxy = ReplyDropper::start(away.port(), sha).await;
+    proxy.refuse_flagged.store(true, Ordering::SeqCst);
+    serve_every_slot_announcing(&node, proxy.port).await;
+    let mut store = store_seeded_by(&[format!("redis://127.0.0.1:{}", proxy.port)], "tag-slow");
+    if let Some(redis) = store.redis.as_mut() {
+        redis.timeout = Duration::from_millis(100);
+    }
+    let rig = roomy_rig(store);
+    const IPS: [&str; 12] = [
+        "192.0.2.70",
+        "192.0.2.71",
+        "192.0.2.72",
+        "192.0.2.73",
+        "192.0.2.74",
+        "192.0.2.75",
+        "192.0.2.76",
+        "192.0.2.77",
+        "192.0.2.78",
+        "192.0.2.79",
+        "192.0.2.80",
+        "192.0.2.81",
+    ];
+    let mut first = 0;
+    for _ in 0..30 {
+        first = rig.status(ask("first@b.io")).await;
+        if first == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(first, 200, "decided within 3 s");
+    let mut statuses = Vec::new();
+    let shared = &rig;
+    for round in ["a@b.io", "b@b.io", "c@b.io"] {
+        let overlapping = IPS.iter().zip(0..).map(|(ip, i)| async move {
+            tokio::time::sleep(Duration::from_millis(10 * i)).await;
+            shared.status(ask(round).from(ip)).await
+        });
+        statuses.extend(futures_util::future::join_all(overlapping).await);
+    }
+    drop(rig);
+    drop(node);
+    let _ = std::fs::remove_dir_all(dir);
+    assert_eq!(statuses, [200; 3 * IPS.len()]);
+}
