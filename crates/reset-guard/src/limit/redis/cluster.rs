@@ -398,7 +398,15 @@ pub(super) struct NodeCalls {
     connects: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The nodes a call of one hash tag got no answer from in time, held back until it has
     /// run.
-    late: LateNodes,
+    late: Arc<LateNodes>,
+}
+
+/// Why [`NodeCalls::redirected_to`] gave no connection.
+enum Unreached {
+    /// None made within the time given (the node hangs, or is far away: the connect goes on).
+    StillConnecting,
+    /// Making one failed (refused, or the node's handshake failed).
+    Failed,
 }
 
 /// A connection to a node a redirection named (by its URL), and when it was last used.
@@ -513,7 +521,7 @@ impl NodeCalls {
             direct,
             redirected: Mutex::new(Vec::new()),
             connects: Mutex::new(HashMap::new()),
-            late: LateNodes::default(),
+            late: Arc::default(),
         }
     }
 
@@ -528,7 +536,7 @@ impl NodeCalls {
         self: &Arc<Self>,
         url: &str,
         wait: Duration,
-    ) -> Result<MultiplexedConnection, String> {
+    ) -> Result<MultiplexedConnection, Unreached> {
         let deadline = tokio::time::Instant::now() + wait;
         if let Some(connection) = self.kept_connection(url, deadline).await {
             return Ok(connection);
@@ -546,10 +554,10 @@ impl NodeCalls {
         }
         let _made = tokio::time::timeout_at(deadline, gate.lock())
             .await
-            .map_err(|_| format!("no connection to {url} within {wait:?}"))?;
+            .map_err(|_| Unreached::StillConnecting)?;
         self.kept_connection(url, deadline)
             .await
-            .ok_or_else(|| format!("no connection to {url}"))
+            .ok_or(Unreached::Failed)
     }
 
     /// Makes a connection to the node at `url`, kept for the calls there.
@@ -1368,28 +1376,22 @@ fn by_tags(batch: Vec<Job>, queues: &ThreadQueues) {
             .into_iter()
             .partition(|job| job.charges.as_slice().first().copied() == tag);
         batch = rest;
-        // While this thread's connections may still be in the making, its cluster
-        // connection may be too (the requests' deadline allows for it).
-        let wait = match queues.young() {
-            true => settings::connect_timeout(queues.timeout),
-            false => queues.timeout,
-        };
         tokio::spawn(call_by_tag(
             same,
             queues.connection.clone(),
             queues.nodes.clone(),
             queues.script.clone(),
-            wait,
         ));
     }
 }
 
 /// One hash tag's jobs as one script call with declared keys, sent to the master the slot
 /// map (or the last one read) names over a connection of the gateway's own (given a
-/// quarter of the time to connect), or without a map, or while that master cannot be
-/// reached, through the cluster client, which routes it by the tag's slot but sends
-/// nothing again itself. A call Redis refused without running it is sent again here until
-/// `timeout`: after `ASK` or `MOVED`, to the node named (with `ASKING` before it after
+/// quarter of the time to connect), or without a map, or where connecting to that master
+/// failed, through the cluster client, which routes it by the tag's slot but sends nothing
+/// again itself. The call gives up a little before the first of its requests stops
+/// waiting ([`GIVES_UP_EARLY`]). A call Redis refused without running it is sent again
+/// here until then: after `ASK` or `MOVED`, to the node named (with `ASKING` before it after
 /// `ASK`), over a connection of the gateway's own, kept for the next call there (the node
 /// may be one the client has no connection to: a new master taking slots); after
 /// `TRYAGAIN`, `CLUSTERDOWN`, no connection and the like, after a pause, to the master the
@@ -1401,7 +1403,6 @@ async fn call_by_tag(
     mut connection: redis::cluster_async::ClusterConnection,
     nodes: Arc<NodeCalls>,
     script: Arc<redis::Script>,
-    timeout: Duration,
 ) {
     let Some(slot) = batch.first().map(|job| {
         let (group, hash) = job.charges.as_slice()[0];
@@ -1409,9 +1410,16 @@ async fn call_by_tag(
     }) else {
         return;
     };
+    let store_timeout = nodes.direct.settings.timeout;
+    let now = tokio::time::Instant::now();
+    let until = match batch.iter().filter_map(|job| job.reply.deadline()).min() {
+        Some(deadline) => deadline.checked_sub(GIVES_UP_EARLY).unwrap_or(deadline),
+        None => now + store_timeout,
+    };
+    let timeout = until.saturating_duration_since(now);
     let args = CallArgs::new(&batch);
     let command = args.declared(script.get_hash());
-    let decided = tokio::time::timeout(timeout, async {
+    let decided = tokio::time::timeout_at(until, async {
         // Where the call goes, and the connection there once made: first the master the
         // slot map names (the last read, if it was let go), then the node a redirection
         // named, over the gateway's own connections; without a map, or while that master
@@ -1435,8 +1443,12 @@ async fn call_by_tag(
                 None => nodes.master_url(slot),
             };
             if let Some(url) = goes_to {
-                let wait = (timeout / 2).max(Duration::from_millis(50));
-                nodes.late.clear(&url, wait).await?;
+                let ping_wait = settings::connect_timeout(store_timeout);
+                if let Err(why) = nodes.late.clear(&url, until, ping_wait).await {
+                    // Still held back: the map read again meanwhile (a failover).
+                    nodes.read_again(&connection, store_timeout);
+                    return Err(why);
+                }
             }
             let reply = match &mut sent_to {
                 Some(to) => {
@@ -1446,10 +1458,18 @@ async fn call_by_tag(
                         let wait = (timeout / 4).max(Duration::from_millis(50));
                         match nodes.redirected_to(&to.url, wait).await {
                             Ok(node) => to.node = Some(node),
-                            // Unreachable (a master gone or hung, not yet replaced): the
-                            // slot map is read again, and the cluster client asked after a
-                            // pause.
-                            Err(_) => {
+                            // Not connected yet (a master that hangs, or one far away whose
+                            // connection is still being made): the slot map is read again,
+                            // and these requests answered as `on_error` says. The cluster
+                            // client would send the call to the same master, which may run
+                            // it once it resumes.
+                            Err(Unreached::StillConnecting) => {
+                                nodes.read_again(&connection, store_timeout);
+                                return Err(format!("no connection to {} yet", to.url));
+                            }
+                            // Unreachable (a master gone, not yet replaced): the slot map
+                            // is read again, and the cluster client asked after a pause.
+                            Err(Unreached::Failed) => {
                                 nodes.slots.store(None);
                                 sent_to = None;
                                 tokio::time::sleep(pause).await;
@@ -1541,9 +1561,18 @@ async fn call_by_tag(
         }
     })
     .await
-    .unwrap_or_else(|_| Err("timed out".to_owned()));
+    .unwrap_or_else(|_| {
+        // A node that did not answer is held back now (`LateNodes`); the map read again.
+        nodes.read_again(&connection, store_timeout);
+        Err("timed out".to_owned())
+    });
     answer(batch, decided);
 }
+
+/// How long before the first of its requests stops waiting a call of one hash tag gives up:
+/// a timer tick or two, so that a node that has not answered it is held back before any of
+/// the requests is answered as `on_error` says, and so before any call sent after them.
+const GIVES_UP_EARLY: Duration = Duration::from_millis(2);
 
 /// Clears "a read of the slot map is under way" when dropped.
 struct Reading<'a>(&'a AtomicBool, &'a tokio::sync::Notify);
@@ -1594,16 +1623,12 @@ impl RedisStore {
                 true => settings::connect_timeout(store.timeout),
                 false => store.timeout,
             };
-            let decided = tokio::time::timeout(wait, store.decide_groups(&queues, &specs, charges));
-            let decision = match decided.await {
+            let deadline = tokio::time::Instant::now() + wait;
+            let decide = store.decide_groups(&queues, &specs, charges, deadline);
+            let decision = match tokio::time::timeout_at(deadline, decide).await {
                 Ok(Ok(merged)) => store.read_reply(&merged, charges.as_slice(), &specs, cached),
                 Ok(Err(why)) => store.fail(&why, cached),
-                Err(_) => {
-                    // Before the answer: a call of one hash tag sent after it must find the
-                    // call this request waited for late ([`LateNodes`]).
-                    cluster.nodes.late.request_gave_up();
-                    store.fail("timed out", cached)
-                }
+                Err(_) => store.fail("timed out", cached),
             };
             store.waited(started);
             decision
@@ -1618,6 +1643,7 @@ impl RedisStore {
         queues: &Arc<ThreadQueues>,
         specs: &Arc<RedisSpecs>,
         charges: Charges,
+        deadline: tokio::time::Instant,
     ) -> Result<[i64; REPLY_LEN], String> {
         let mut walk = Walk::new(charges);
         loop {
@@ -1629,7 +1655,7 @@ impl RedisStore {
             let job = Job {
                 specs: specs.clone(),
                 charges: run,
-                reply: Reply::Walk(Walker::new(walk, request)),
+                reply: Reply::Walk(Walker::new(walk, request, deadline)),
             };
             queues.enqueue(job, owner)?;
             walk = match answer.await {

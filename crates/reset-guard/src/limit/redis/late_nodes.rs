@@ -7,15 +7,17 @@
 //! such a node until a `PING` on the connection the late call went on is answered (a node
 //! answers a connection's commands in order, so the call has run by then).
 //!
-//! A call of one hash tag is a task of its own, and runs beside others: one may be sent
-//! while another to the same node is still unanswered, in the moment between its requests
-//! being answered as `on_error` says (their own deadline) and the call finding itself late
-//! (the same deadline, a little later). So a node also counts as late while a call to it
-//! that was sent before some request ran out of time is unanswered: the request says so
-//! before it is answered. (A node that is merely slow, answering within the timeout, is
-//! never held back.) The first call to find the node held back sends the `PING`, and the
-//! others wait for its outcome; after one that failed, calls to the node fail at once (as
-//! `on_error` says) for a moment rather than each sending another.
+//! A call is late when the first of its requests is about to stop waiting: it gives up just
+//! before them, so the node is held back before any of them is answered, and so before any
+//! call their clients send next. A node that is slow but answers in time is never held
+//! back. Calls of one hash tag run side by side, though: those sent while the first call
+//! of a stall was still in time may count too.
+//!
+//! The first call to find a node held back starts the `PING`, in a task of its own given
+//! the time making a connection may take (it waits behind the late call), so that its
+//! outcome stands though that call stops waiting first; the other calls wait for the same
+//! outcome. After a `PING` that failed, calls to the node fail at once (as `on_error`
+//! says) for a moment, rather than each starting another.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,36 +25,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tokio::time::Instant;
 
-use super::batch::{why_not, Refusal};
+use super::batch::{why_not, Refusal, LATE_CALL};
 
 /// The calls in flight and the nodes held back, by node URL.
+#[derive(Default)]
 pub(super) struct LateNodes {
     nodes: Mutex<HashMap<String, Node>>,
     next_call: AtomicU64,
-    /// When a request last ran out of time waiting for its decision, in nanoseconds after
-    /// `start` (0: none has).
-    gave_up: AtomicU64,
-    start: Instant,
-}
-
-impl Default for LateNodes {
-    fn default() -> Self {
-        LateNodes {
-            nodes: Mutex::default(),
-            next_call: AtomicU64::new(0),
-            gave_up: AtomicU64::new(0),
-            start: Instant::now(),
-        }
-    }
 }
 
 #[derive(Default)]
 struct Node {
-    /// Calls sent and not answered yet, by serial number (the oldest first): when each was
-    /// sent, and on which connection.
-    in_flight: BTreeMap<u64, (Instant, MultiplexedConnection)>,
+    /// Calls sent and not answered yet, by serial number: on which connection.
+    in_flight: BTreeMap<u64, MultiplexedConnection>,
     /// Set while the node is held back.
     late: Option<Late>,
 }
@@ -61,12 +49,25 @@ struct Node {
 /// time; the last that failed, and why).
 struct Late {
     connection: MultiplexedConnection,
-    ping: Arc<tokio::sync::Mutex<Refusal>>,
+    ping: Arc<AsyncMutex<Refusal>>,
 }
 
-/// A call in flight to a node. Answered in time, it goes; dropped without an answer (its time
-/// ran out, or Redis's reply did not come within the connection's own timeout), it holds
-/// the node back.
+impl Late {
+    fn on(connection: MultiplexedConnection) -> Self {
+        Late {
+            connection,
+            ping: Arc::default(),
+        }
+    }
+}
+
+/// Most nodes held back at once (more than a cluster has masters, and the nodes a slot
+/// moves to): beyond that a node is not held back. Each is let go once a `PING` behind its
+/// late call is answered, or its connection fails.
+const MOST_HELD: usize = 64;
+
+/// A call in flight to a node. Answered in time, it goes; dropped without an answer (its
+/// time ran out, or the connection's own timeout did), it holds the node back.
 pub(super) struct InFlight<'a> {
     nodes: &'a LateNodes,
     url: String,
@@ -84,24 +85,18 @@ impl InFlight<'_> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let mut nodes = self.nodes.lock();
+        let held = nodes.values().filter(|node| node.late.is_some()).count();
         let Some(node) = nodes.get_mut(&self.url) else {
             return;
         };
         let call = node.in_flight.remove(&self.serial);
-        if let (false, Some((_, connection))) = (self.answered, call) {
-            node.late.get_or_insert_with(|| Late::on(connection));
+        if let (false, Some(connection)) = (self.answered, call) {
+            if node.late.is_none() && held < MOST_HELD {
+                node.late = Some(Late::on(connection));
+            }
         }
         if node.in_flight.is_empty() && node.late.is_none() {
             nodes.remove(&self.url);
-        }
-    }
-}
-
-impl Late {
-    fn on(connection: MultiplexedConnection) -> Self {
-        Late {
-            connection,
-            ping: Arc::default(),
         }
     }
 }
@@ -114,19 +109,11 @@ impl LateNodes {
     /// Holds the node at `url` back: a `PING` on `connection` got no answer in time.
     pub(super) fn hold(&self, url: &str, connection: MultiplexedConnection) {
         let mut nodes = self.lock();
-        let node = nodes.entry(url.to_owned()).or_default();
-        node.late.get_or_insert_with(|| Late::on(connection));
-    }
-
-    /// A request ran out of time waiting for its decision: the calls in flight now are late.
-    pub(super) fn request_gave_up(&self) {
-        self.gave_up
-            .fetch_max(self.since_start(Instant::now()), Ordering::Relaxed);
-    }
-
-    fn since_start(&self, at: Instant) -> u64 {
-        let nanos = at.saturating_duration_since(self.start).as_nanos();
-        u64::try_from(nanos).unwrap_or(u64::MAX).saturating_add(1)
+        let held = nodes.values().filter(|node| node.late.is_some()).count();
+        if held < MOST_HELD || nodes.contains_key(url) {
+            let node = nodes.entry(url.to_owned()).or_default();
+            node.late.get_or_insert_with(|| Late::on(connection));
+        }
     }
 
     /// A call sent to the node at `url` over `connection`: held until the node answers it.
@@ -134,7 +121,7 @@ impl LateNodes {
         let serial = self.next_call.fetch_add(1, Ordering::Relaxed);
         let mut nodes = self.lock();
         let node = nodes.entry(url.to_owned()).or_default();
-        node.in_flight.insert(serial, (Instant::now(), connection));
+        node.in_flight.insert(serial, connection);
         InFlight {
             nodes: self,
             url: url.to_owned(),
@@ -143,33 +130,59 @@ impl LateNodes {
         }
     }
 
-    /// Whether a call may go to the node at `url` now: at once where it is not late (held
-    /// back, or a call to it unanswered since before a request ran out of time); else once a
-    /// `PING` behind its late call is answered within `wait`. `Err`: why not (no answer
-    /// yet; the `PING` that failed a moment ago).
-    pub(super) async fn clear(&self, url: &str, wait: Duration) -> Result<(), String> {
-        let Some((mut connection, ping)) = self.late(url) else {
+    /// Whether a call may go to the node at `url` now: at once where it is not held back;
+    /// else once a `PING` behind its late call (given `ping_wait`) is answered, if that is
+    /// by `until`. `Err`: why not (no answer yet; the `PING` that failed a moment ago).
+    pub(super) async fn clear(
+        self: &Arc<Self>,
+        url: &str,
+        until: Instant,
+        ping_wait: Duration,
+    ) -> Result<(), String> {
+        let Some((connection, ping)) = self.held(url) else {
             return Ok(());
         };
-        let mut refusal = ping.lock().await;
-        // Answered meanwhile, by the caller before.
+        let turn = tokio::time::timeout_at(until, ping.clone().lock_owned()).await;
+        let refusal = turn.map_err(|_| LATE_CALL.to_owned())?;
+        // Answered meanwhile, by the PING before.
         if !self.still_held(url, &ping) {
             return Ok(());
         }
         if let Some(why) = refusal.recent() {
             return Err(why);
         }
-        let ping_once = redis::cmd("PING");
-        let pinged = tokio::time::timeout(wait, ping_once.query_async::<()>(&mut connection));
-        match pinged.await {
+        let pinging =
+            tokio::spawn(
+                self.clone()
+                    .ping(url.to_owned(), connection, refusal, ping_wait),
+            );
+        match tokio::time::timeout_at(until, pinging).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err("the PING's task stopped".to_owned()),
+            Err(_) => Err(LATE_CALL.to_owned()),
+        }
+    }
+
+    /// A `PING` on a held node's late connection, within `wait`: answered, the node is let
+    /// go; else the failure is kept in `refusal` for the calls after.
+    async fn ping(
+        self: Arc<Self>,
+        url: String,
+        mut connection: MultiplexedConnection,
+        mut refusal: OwnedMutexGuard<Refusal>,
+        wait: Duration,
+    ) -> Result<(), String> {
+        let ping = redis::cmd("PING");
+        let pinged = tokio::time::timeout(wait, ping.query_async::<()>(&mut connection)).await;
+        match pinged {
             Ok(Ok(())) => {
-                self.let_go(url, &ping);
+                self.let_go(&url);
                 Ok(())
             }
-            // The connection failed (the node restarted, or was cut off): nothing sent on it
-            // is left to run. The next call connects anew.
+            // The connection failed (the node restarted, or was cut off): nothing sent on
+            // it is left to run. The next call connects anew.
             Ok(Err(error)) if !error.is_timeout() => {
-                self.let_go(url, &ping);
+                self.let_go(&url);
                 Ok(())
             }
             failed => {
@@ -180,45 +193,27 @@ impl LateNodes {
         }
     }
 
-    /// The late call's connection and `PING` of the node at `url`, if it is late: held back,
-    /// or with a call unanswered since before a request ran out of time (then held back from
-    /// now).
-    fn late(&self, url: &str) -> Option<(MultiplexedConnection, Arc<tokio::sync::Mutex<Refusal>>)> {
-        let gave_up = self.gave_up.load(Ordering::Relaxed);
-        let mut nodes = self.lock();
-        let node = nodes.get_mut(url)?;
-        if node.late.is_none() {
-            // The oldest call in flight.
-            let (sent, connection) = node.in_flight.values().next()?;
-            if self.since_start(*sent) >= gave_up {
-                return None;
-            }
-            node.late = Some(Late::on(connection.clone()));
-        }
-        let late = node.late.as_ref()?;
+    /// The late call's connection and `PING` of the node at `url`, if it is held back.
+    fn held(&self, url: &str) -> Option<(MultiplexedConnection, Arc<AsyncMutex<Refusal>>)> {
+        let nodes = self.lock();
+        let late = nodes.get(url)?.late.as_ref()?;
         Some((late.connection.clone(), late.ping.clone()))
     }
 
-    fn still_held(&self, url: &str, ping: &Arc<tokio::sync::Mutex<Refusal>>) -> bool {
+    fn still_held(&self, url: &str, ping: &Arc<AsyncMutex<Refusal>>) -> bool {
         let nodes = self.lock();
         let late = nodes.get(url).and_then(|node| node.late.as_ref());
         late.is_some_and(|late| Arc::ptr_eq(&late.ping, ping))
     }
 
-    fn let_go(&self, url: &str, ping: &Arc<tokio::sync::Mutex<Refusal>>) {
+    fn let_go(&self, url: &str) {
         let mut nodes = self.lock();
         let Some(node) = nodes.get_mut(url) else {
             return;
         };
-        if node
-            .late
-            .as_ref()
-            .is_some_and(|late| Arc::ptr_eq(&late.ping, ping))
-        {
-            node.late = None;
-            if node.in_flight.is_empty() {
-                nodes.remove(url);
-            }
+        node.late = None;
+        if node.in_flight.is_empty() {
+            nodes.remove(url);
         }
     }
 }

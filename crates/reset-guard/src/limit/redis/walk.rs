@@ -125,11 +125,25 @@ impl Walk {
 pub(super) struct Walker {
     pub(super) walk: Walk,
     request: oneshot::Sender<Result<Walk, String>>,
+    /// When the request stops waiting (and is answered as `on_error` says).
+    deadline: tokio::time::Instant,
 }
 
 impl Walker {
-    pub(super) fn new(walk: Walk, request: oneshot::Sender<Result<Walk, String>>) -> Self {
-        Walker { walk, request }
+    pub(super) fn new(
+        walk: Walk,
+        request: oneshot::Sender<Result<Walk, String>>,
+        deadline: tokio::time::Instant,
+    ) -> Self {
+        Walker {
+            walk,
+            request,
+            deadline,
+        }
+    }
+
+    pub(super) fn deadline(&self) -> tokio::time::Instant {
+        self.deadline
     }
 
     pub(super) fn is_closed(&self) -> bool {

@@ -1439,8 +1439,10 @@ async fn a_seed_that_left_the_cluster_is_not_taken_for_the_slot_map() {
 /// (the gateway's tests) on the cluster client's path, taken one call per hash tag (here
 /// for every call: the node refuses the script with flags, as Redis before 7 does):
 /// requests answered as `on_error` says while the master stalls are not charged once it
-/// resumes, but for the call in flight when it stalled. Whether the stall comes right after
-/// a call or after a pause (the kept connection is then checked with a `PING` first).
+/// resumes, but for the call in flight when it stalled. Whether the stall comes soon after
+/// a call or after a pause (the kept connection is then checked with a `PING` first). Each
+/// is answered within about the timeout (100 ms), not the time a first connection may take
+/// (250 ms).
 #[tokio::test]
 async fn requests_decided_per_hash_tag_are_not_charged_for_a_stall_once_it_ends() {
     let (node, dir) = lone_cluster_node("tag-stall");
@@ -1476,11 +1478,20 @@ async fn requests_decided_per_hash_tag_are_not_charged_for_a_stall_once_it_ends(
         status
     };
     let mut seen = Vec::new();
-    for (ip, pause) in [("192.0.2.60", 0), ("192.0.2.62", 700)] {
+    let mut slowest = Duration::ZERO;
+    // Past the first 250 ms, in which a request may wait for connections to be made; then
+    // past the time after which an idle connection is checked first.
+    for (ip, pause) in [("192.0.2.60", 300), ("192.0.2.62", 700)] {
         seen.push(vec![rig.status(from(ip)).await]);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         node.signal("STOP");
-        seen.push(rig.statuses(3, from(ip)).await);
+        let mut stalled = Vec::new();
+        for _ in 0..3 {
+            let asked = std::time::Instant::now();
+            stalled.push(rig.status(from(ip)).await);
+            slowest = slowest.max(asked.elapsed());
+        }
+        seen.push(stalled);
         node.signal("CONT");
         seen.push(vec![until_served(from("192.0.2.61")).await]);
         // Three an hour, one spent before: at most one more counted meanwhile.
@@ -1495,6 +1506,7 @@ async fn requests_decided_per_hash_tag_are_not_charged_for_a_stall_once_it_ends(
     let _ = std::fs::remove_dir_all(dir);
     let once = [vec![200], vec![503; 3], vec![200], vec![200]];
     assert_eq!(seen, [once.clone(), once].concat());
+    assert!(slowest < Duration::from_millis(200), "{slowest:?}");
 }
 
 /// The same path with a master a network away that answers within the timeout (60 ms a round
@@ -1556,4 +1568,99 @@ async fn requests_decided_per_hash_tag_by_a_slow_master_within_the_timeout_are_a
     drop(node);
     let _ = std::fs::remove_dir_all(dir);
     assert_eq!(statuses, [200; 3 * IPS.len()]);
+}
+
+/// On the same path, a master that stalls for good while its replica takes its slots
+/// (`CLUSTER FAILOVER TAKEOVER`): the master is held back, and the slot map read again
+/// meanwhile, so requests go to the new master within a second or two, rather than waiting
+/// on the stalled one's `PING` for as long as it stays stopped.
+#[tokio::test]
+async fn a_failover_is_followed_per_hash_tag_while_the_old_master_stays_stalled() {
+    let batched = format!(
+        "#!lua flags=allow-cross-slot-keys\n{}",
+        include_str!("../redis.lua")
+    );
+    let sha = redis::Script::new(&batched).get_hash().to_owned();
+    let (master, master_dir) = lone_cluster_node("tag-failover-m");
+    let (replica, replica_dir) = lone_cluster_node("tag-failover-r");
+    let to_master = ReplyDropper::start(master.port(), sha.clone()).await;
+    let to_replica = ReplyDropper::start(replica.port(), sha).await;
+    to_master.refuse_flagged.store(true, Ordering::SeqCst);
+    to_replica.refuse_flagged.store(true, Ordering::SeqCst);
+    serve_every_slot_announcing(&master, to_master.port).await;
+    for setting in [
+        "cluster-announce-ip 127.0.0.1".to_owned(),
+        format!("cluster-announce-port {}", to_replica.port),
+        format!("cluster-announce-bus-port {}", replica.port() + 10_000),
+    ] {
+        replica.command(&format!("CONFIG SET {setting}")).unwrap();
+    }
+    let master_id = master.command("CLUSTER MYID").unwrap();
+    let master_id = master_id.lines().last().unwrap().trim().to_owned();
+    replica
+        .command(&format!("CLUSTER MEET 127.0.0.1 {}", master.port()))
+        .unwrap();
+    for _ in 0..200 {
+        // Refused until the replica has heard of the master over the bus.
+        let said = replica.command(&format!("CLUSTER REPLICATE {master_id}"));
+        if said.unwrap_or_default().contains("OK") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut replicating = false;
+    for _ in 0..200 {
+        let linked = replica.command("INFO replication").unwrap_or_default();
+        replicating = linked.contains("master_link_status:up");
+        if replicating {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(replicating, "the replica follows {master_id}");
+    // And knows which slots it would take over.
+    for _ in 0..200 {
+        let slots = replica.command("CLUSTER SLOTS").unwrap_or_default();
+        if slots.contains(&to_master.port.to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seeds = [to_master.port, to_replica.port].map(|p| format!("redis://127.0.0.1:{p}"));
+    let mut store = store_seeded_by(&seeds, "tag-failover");
+    if let Some(redis) = store.redis.as_mut() {
+        redis.timeout = Duration::from_millis(100);
+    }
+    let rig = roomy_rig(store);
+    let mut first = 0;
+    for _ in 0..30 {
+        first = rig.status(ask("first@b.io")).await;
+        if first == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(first, 200);
+
+    master.signal("STOP");
+    // Held back, and its PING unanswered, before the replica takes over.
+    for _ in 0..10 {
+        assert_eq!(rig.status(ask("stalled@b.io")).await, 503);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    replica.command("CLUSTER FAILOVER TAKEOVER").unwrap();
+    let took_over = std::time::Instant::now();
+    let mut served = None;
+    while served.is_none() && took_over.elapsed() < Duration::from_secs(3) {
+        if rig.status(ask("after@b.io")).await == 200 {
+            served = Some(took_over.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    master.signal("CONT");
+    drop(rig);
+    drop((master, replica));
+    let _ = std::fs::remove_dir_all(master_dir);
+    let _ = std::fs::remove_dir_all(replica_dir);
+    assert!(served.is_some(), "served by the new master within 3 s");
 }
