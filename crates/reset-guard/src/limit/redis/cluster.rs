@@ -395,7 +395,8 @@ pub(super) struct NodeCalls {
     /// AUTH).
     redirected: Mutex<Vec<RedirectTarget>>,
     /// Per node (by URL): held while a connection to it is made.
-    connects: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Each holds whether the last attempt ran out of time (a node that hangs).
+    connects: Mutex<HashMap<String, Arc<tokio::sync::Mutex<bool>>>>,
     /// The nodes a call of one hash tag got no answer from in time, held back until it has
     /// run.
     late: Arc<LateNodes>,
@@ -527,48 +528,56 @@ impl NodeCalls {
 
     /// A connection to the node at `url` (a master of the slot map, or one a redirection
     /// named): the one kept from an earlier call (after a PING if it sat idle, as a master's
-    /// connection), or a new one, made by one task at a time per node (a burst of calls
-    /// after a restart would each make its own). `wait` bounds the PING and the wait for the
-    /// connect. The connect itself is given the time making a connection may take, in a task
+    /// connection, answered by `ping_until`), or a new one, made by one task at a time per
+    /// node (a burst of calls after a restart would each make its own). `wait` bounds the wait
+    /// for the connect. The connect itself is given the time making a connection may take, in a task
     /// of its own, and kept for the next call even where this one stopped waiting first: a
     /// node more than `wait` away is reached that way.
     async fn redirected_to(
         self: &Arc<Self>,
         url: &str,
         wait: Duration,
+        ping_until: tokio::time::Instant,
     ) -> Result<MultiplexedConnection, Unreached> {
         let deadline = tokio::time::Instant::now() + wait;
-        if let Some(connection) = self.kept_connection(url, deadline).await {
+        if let Some(connection) = self.kept_connection(url, ping_until).await {
             return Ok(connection);
         }
         let gate = {
             let mut connects = self.connects.lock().unwrap_or_else(|e| e.into_inner());
             connects.entry(url.to_owned()).or_default().clone()
         };
-        if let Ok(alone) = gate.clone().try_lock_owned() {
+        if let Ok(mut alone) = gate.clone().try_lock_owned() {
             let (nodes, url) = (self.clone(), url.to_owned());
             tokio::spawn(async move {
-                let _alone = alone;
-                nodes.make_kept(&url).await;
+                *alone = nodes.make_kept(&url).await;
             });
         }
-        let _made = tokio::time::timeout_at(deadline, gate.lock())
+        let hung = tokio::time::timeout_at(deadline, gate.lock())
             .await
             .map_err(|_| Unreached::StillConnecting)?;
-        self.kept_connection(url, deadline)
-            .await
-            .ok_or(Unreached::Failed)
+        if let Some(connection) = self.kept_connection(url, deadline).await {
+            return Ok(connection);
+        }
+        // A node that hangs is not a node gone: the cluster client would reach it too.
+        Err(match *hung {
+            true => Unreached::StillConnecting,
+            false => Unreached::Failed,
+        })
     }
 
-    /// Makes a connection to the node at `url`, kept for the calls there.
-    async fn make_kept(&self, url: &str) {
+    /// Makes a connection to the node at `url`, kept for the calls there; whether the
+    /// attempt ran out of time.
+    async fn make_kept(&self, url: &str) -> bool {
         let Ok(client) = self.direct.settings.client_at(url, true) else {
-            return;
+            return false;
         };
         let connect = settings::connect_timeout(self.direct.settings.timeout);
         let made = tokio::time::timeout(connect, RedisSettings::connect_for(&client, connect));
-        let Ok(Ok(connection)) = made.await else {
-            return;
+        let connection = match made.await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => return error.is_timeout(),
+            Err(_) => return true,
         };
         let mut kept = self.redirected.lock().unwrap_or_else(|e| e.into_inner());
         kept.retain(|node| node.url != url);
@@ -582,6 +591,7 @@ impl NodeCalls {
             connection,
             used: std::time::Instant::now(),
         });
+        false
     }
 
     /// The connection kept to the node at `url`, if any, checked with a PING (answered by
@@ -679,6 +689,13 @@ impl NodeCalls {
                 if let Ok(Some(map)) = read.await {
                     let map = Arc::new(map);
                     nodes.last_read_map.store(Some(map.clone()));
+                    let urls: Vec<String> = map
+                        .masters
+                        .iter()
+                        .flatten()
+                        .map(|(host, port)| settings::node_url(nodes.direct.scheme, host, *port))
+                        .collect();
+                    nodes.late.keep_only(&urls);
                     nodes.slots.store(Some(map));
                 }
             });
@@ -763,7 +780,9 @@ impl NodeCalls {
     async fn ask_slot_map(self: Arc<Self>, url: String, timeout: Duration) -> Asked {
         let ask = async {
             let connect = settings::connect_timeout(timeout);
-            let mut node = self.redirected_to(&url, connect).await.map_err(|_| None)?;
+            let until = tokio::time::Instant::now() + connect;
+            let connected = self.redirected_to(&url, connect, until).await;
+            let mut node = connected.map_err(|_| None)?;
             let command = redis::cmd("CLUSTER").arg("SLOTS").clone();
             match command.query_async::<redis::Value>(&mut node).await {
                 Ok(redis::Value::Array(ranges)) if ranges.is_empty() => {
@@ -952,6 +971,12 @@ impl ThreadQueues {
     fn connecting(&self, nodes: &NodeCalls, specs: &RedisSpecs, charges: &Charges) -> bool {
         if self.young() {
             return true;
+        }
+        // Where Redis before 7 runs no flagged script, a thread may never start a master's
+        // task (every call goes one hash tag at a time, over connections made apart from
+        // the request's wait): its requests would always wait as if connecting.
+        if !nodes.supported.load(Ordering::Relaxed) {
+            return false;
         }
         let map = nodes.slots.load();
         let Some(map) = map.as_ref() else {
@@ -1444,10 +1469,16 @@ async fn call_by_tag(
             };
             if let Some(url) = goes_to {
                 let ping_wait = settings::connect_timeout(store_timeout);
-                if let Err(why) = nodes.late.clear(&url, until, ping_wait).await {
+                let cleared = nodes.late.clear(&url, until, ping_wait).await;
+                if cleared.is_err() {
                     // Still held back: the map read again meanwhile (a failover).
                     nodes.read_again(&connection, store_timeout);
-                    return Err(why);
+                }
+                // Not sent even where the PING came back: the PING took part of its time,
+                // and a call sent late would hold the node back again, and so on, for a
+                // node more than half the timeout away.
+                if !cleared? {
+                    return Err(LATE_CALL.to_owned());
                 }
             }
             let reply = match &mut sent_to {
@@ -1456,7 +1487,7 @@ async fn call_by_tag(
                         // A quarter of the time: a node that hangs leaves the rest to
                         // the cluster client.
                         let wait = (timeout / 4).max(Duration::from_millis(50));
-                        match nodes.redirected_to(&to.url, wait).await {
+                        match nodes.redirected_to(&to.url, wait, until).await {
                             Ok(node) => to.node = Some(node),
                             // Not connected yet (a master that hangs, or one far away whose
                             // connection is still being made): the slot map is read again,

@@ -130,23 +130,24 @@ impl LateNodes {
         }
     }
 
-    /// Whether a call may go to the node at `url` now: at once where it is not held back;
-    /// else once a `PING` behind its late call (given `ping_wait`) is answered, if that is
-    /// by `until`. `Err`: why not (no answer yet; the `PING` that failed a moment ago).
+    /// Whether a call may go to the node at `url` now: `Ok(true)` where it is not held
+    /// back; `Ok(false)` where it was, and a `PING` behind its late call (given `ping_wait`)
+    /// was answered by `until`, so that the next call may go. `Err`: why not (no answer
+    /// yet; the `PING` that failed a moment ago).
     pub(super) async fn clear(
         self: &Arc<Self>,
         url: &str,
         until: Instant,
         ping_wait: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let Some((connection, ping)) = self.held(url) else {
-            return Ok(());
+            return Ok(true);
         };
         let turn = tokio::time::timeout_at(until, ping.clone().lock_owned()).await;
         let refusal = turn.map_err(|_| LATE_CALL.to_owned())?;
         // Answered meanwhile, by the PING before.
         if !self.still_held(url, &ping) {
-            return Ok(());
+            return Ok(false);
         }
         if let Some(why) = refusal.recent() {
             return Err(why);
@@ -157,7 +158,7 @@ impl LateNodes {
                     .ping(url.to_owned(), connection, refusal, ping_wait),
             );
         match tokio::time::timeout_at(until, pinging).await {
-            Ok(Ok(outcome)) => outcome,
+            Ok(Ok(outcome)) => outcome.map(|()| false),
             Ok(Err(_)) => Err("the PING's task stopped".to_owned()),
             Err(_) => Err(LATE_CALL.to_owned()),
         }
@@ -204,6 +205,14 @@ impl LateNodes {
         let nodes = self.lock();
         let late = nodes.get(url).and_then(|node| node.late.as_ref());
         late.is_some_and(|late| Arc::ptr_eq(&late.ping, ping))
+    }
+
+    /// Lets go of the nodes held back that are not among `urls` (the masters of a slot map
+    /// read again) and have no call in flight: addresses no call goes to any more (a master
+    /// replaced by its replica) would otherwise stay held, and fill the table.
+    pub(super) fn keep_only(&self, urls: &[String]) {
+        self.lock()
+            .retain(|url, node| !node.in_flight.is_empty() || urls.contains(url));
     }
 
     fn let_go(&self, url: &str) {
