@@ -1513,8 +1513,9 @@ async fn requests_decided_per_hash_tag_are_not_charged_for_a_stall_once_it_ends(
 /// trip, of 100 ms), requests arriving one every 10 ms, so that calls overlap: once the first
 /// is decided (its connections made: a handshake is a round trip or two too), none is
 /// refused. A node is held back only once a request ran out of time, not for being slow (a
-/// call made to wait for a `PING` behind one in flight would take two round trips); and a
-/// connection to it is kept though making it takes longer than a call may wait for it.
+/// call made to wait for a `PING` behind one in flight would take two round trips), and is
+/// let go for good after a short stall; and a connection to it is kept though making it
+/// takes longer than a call may wait for it.
 #[tokio::test]
 async fn requests_decided_per_hash_tag_by_a_slow_master_within_the_timeout_are_all_decided() {
     let (node, dir) = lone_cluster_node("tag-slow");
@@ -1564,10 +1565,33 @@ async fn requests_decided_per_hash_tag_by_a_slow_master_within_the_timeout_are_a
         });
         statuses.extend(futures_util::future::join_all(overlapping).await);
     }
+    // A short stall: the node is held back, then let go once it answers (the first requests
+    // after it may wait for a connection made anew), and requests one after another are
+    // decided again (a call sent right after the PING, with less than a round trip left,
+    // would be late and hold it back again, for good).
+    node.signal("STOP");
+    let stalled = rig.status(ask("stalled@b.io")).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    node.signal("CONT");
+    let mut again = 0;
+    for _ in 0..30 {
+        again = rig.status(ask("again@b.io")).await;
+        if again == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut after = Vec::new();
+    for ip in IPS {
+        after.push(rig.status(ask("after@b.io").from(ip)).await);
+    }
     drop(rig);
     drop(node);
     let _ = std::fs::remove_dir_all(dir);
     assert_eq!(statuses, [200; 3 * IPS.len()]);
+    assert_eq!(stalled, 503);
+    assert_eq!(again, 200, "decided again within 3 s of the stall");
+    assert_eq!(after, [200; IPS.len()]);
 }
 
 /// On the same path, a master that stalls for good while its replica takes its slots
