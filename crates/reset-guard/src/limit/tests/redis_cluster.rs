@@ -1435,6 +1435,44 @@ async fn a_seed_that_left_the_cluster_is_not_taken_for_the_slot_map() {
     );
 }
 
+/// `ask`'s status once 200, or after 3 s (asked every 100 ms): for requests that may wait
+/// for connections to be made, at first or after a stall.
+async fn served_within_3s(rig: &Rig, ask: Ask) -> u16 {
+    let mut status = 0;
+    for _ in 0..30 {
+        status = rig.status(ask.clone()).await;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    status
+}
+
+/// A lone cluster node seen through a proxy to `port` (the node's, or one in front of it)
+/// that refuses the script with flags, as Redis before 7 does, so that every call goes one
+/// hash tag at a time; the node serves every slot and names the proxy as its address. The
+/// proxy, and a store seeded by it with a 100 ms timeout.
+async fn as_before_redis_7(
+    node: &RedisServer,
+    port: u16,
+    prefix: &str,
+) -> (ReplyDropper, StoreSettings) {
+    let batched = format!(
+        "#!lua flags=allow-cross-slot-keys\n{}",
+        include_str!("../redis.lua")
+    );
+    let sha = redis::Script::new(&batched).get_hash().to_owned();
+    let proxy = ReplyDropper::start(port, sha).await;
+    proxy.refuse_flagged.store(true, Ordering::SeqCst);
+    serve_every_slot_announcing(node, proxy.port).await;
+    let mut store = store_seeded_by(&[format!("redis://127.0.0.1:{}", proxy.port)], prefix);
+    if let Some(redis) = store.redis.as_mut() {
+        redis.timeout = Duration::from_millis(100);
+    }
+    (proxy, store)
+}
+
 /// The stall of `requests_answered_while_the_masters_stall_are_not_charged_when_they_resume`
 /// (the gateway's tests) on the cluster client's path, taken one call per hash tag (here
 /// for every call: the node refuses the script with flags, as Redis before 7 does):
@@ -1446,18 +1484,7 @@ async fn a_seed_that_left_the_cluster_is_not_taken_for_the_slot_map() {
 #[tokio::test]
 async fn requests_decided_per_hash_tag_are_not_charged_for_a_stall_once_it_ends() {
     let (node, dir) = lone_cluster_node("tag-stall");
-    let batched = format!(
-        "#!lua flags=allow-cross-slot-keys\n{}",
-        include_str!("../redis.lua")
-    );
-    let sha = redis::Script::new(&batched).get_hash().to_owned();
-    let proxy = ReplyDropper::start(node.port(), sha).await;
-    proxy.refuse_flagged.store(true, Ordering::SeqCst);
-    serve_every_slot_announcing(&node, proxy.port).await;
-    let mut store = store_seeded_by(&[format!("redis://127.0.0.1:{}", proxy.port)], "tag-stall");
-    if let Some(redis) = store.redis.as_mut() {
-        redis.timeout = Duration::from_millis(100);
-    }
+    let (proxy, store) = as_before_redis_7(&node, node.port(), "tag-stall").await;
     let rig = rig_in(
         "  per_ip: [{ requests: 3, per: 1h }]\n  per_client: []\n  per_email: []\n  global: []\n",
         "",
@@ -1520,18 +1547,7 @@ async fn requests_decided_per_hash_tag_are_not_charged_for_a_stall_once_it_ends(
 async fn requests_decided_per_hash_tag_by_a_slow_master_within_the_timeout_are_all_decided() {
     let (node, dir) = lone_cluster_node("tag-slow");
     let away = test_support::DelayProxy::start(node.addr(), Duration::from_millis(30));
-    let batched = format!(
-        "#!lua flags=allow-cross-slot-keys\n{}",
-        include_str!("../redis.lua")
-    );
-    let sha = redis::Script::new(&batched).get_hash().to_owned();
-    let proxy = ReplyDropper::start(away.port(), sha).await;
-    proxy.refuse_flagged.store(true, Ordering::SeqCst);
-    serve_every_slot_announcing(&node, proxy.port).await;
-    let mut store = store_seeded_by(&[format!("redis://127.0.0.1:{}", proxy.port)], "tag-slow");
-    if let Some(redis) = store.redis.as_mut() {
-        redis.timeout = Duration::from_millis(100);
-    }
+    let (_proxy, store) = as_before_redis_7(&node, away.port(), "tag-slow").await;
     let rig = roomy_rig(store);
     const IPS: [&str; 12] = [
         "192.0.2.70",
@@ -1547,14 +1563,7 @@ async fn requests_decided_per_hash_tag_by_a_slow_master_within_the_timeout_are_a
         "192.0.2.80",
         "192.0.2.81",
     ];
-    let mut first = 0;
-    for _ in 0..30 {
-        first = rig.status(ask("first@b.io")).await;
-        if first == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let first = served_within_3s(&rig, ask("first@b.io")).await;
     assert_eq!(first, 200, "decided within 3 s");
     let mut statuses = Vec::new();
     let shared = &rig;
@@ -1573,14 +1582,7 @@ async fn requests_decided_per_hash_tag_by_a_slow_master_within_the_timeout_are_a
     let stalled = rig.status(ask("stalled@b.io")).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     node.signal("CONT");
-    let mut again = 0;
-    for _ in 0..30 {
-        again = rig.status(ask("again@b.io")).await;
-        if again == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let again = served_within_3s(&rig, ask("again@b.io")).await;
     let mut after = Vec::new();
     for ip in IPS {
         after.push(rig.status(ask("after@b.io").from(ip)).await);
@@ -1656,14 +1658,7 @@ async fn a_failover_is_followed_per_hash_tag_while_the_old_master_stays_stalled(
         redis.timeout = Duration::from_millis(100);
     }
     let rig = roomy_rig(store);
-    let mut first = 0;
-    for _ in 0..30 {
-        first = rig.status(ask("first@b.io")).await;
-        if first == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let first = served_within_3s(&rig, ask("first@b.io")).await;
     assert_eq!(first, 200);
 
     master.signal("STOP");
