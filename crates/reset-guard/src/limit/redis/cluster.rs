@@ -501,6 +501,12 @@ impl SlotOwners {
         let index = *self.owner.get(usize::from(slot))?;
         self.masters.get(usize::from(index))?.as_ref()
     }
+
+    /// The URL of each master this map names (`scheme`: `redis` or `rediss`).
+    fn master_urls<'a>(&'a self, scheme: &'a str) -> impl Iterator<Item = String> + 'a {
+        let masters = self.masters.iter().flatten();
+        masters.map(move |(host, port)| settings::node_url(scheme, host, *port))
+    }
 }
 
 impl NodeCalls {
@@ -615,11 +621,11 @@ impl NodeCalls {
         let pinged = tokio::time::timeout_at(deadline, ping.query_async::<()>(&mut connection));
         match pinged.await {
             Ok(Ok(())) => return Some(connection),
-            // The node stopped answering (a stall): held back as after a late call, until
-            // a PING on this connection comes back ([`LateNodes`]).
-            Err(_) => self.late.hold(url, connection),
-            Ok(Err(error)) if error.is_timeout() => self.late.hold(url, connection),
-            Ok(Err(_)) => {}
+            // A broken connection: made anew.
+            Ok(Err(error)) if !error.is_timeout() => {}
+            // No answer in time (a stall): held back as after a late call, until a PING on
+            // this connection comes back ([`LateNodes`]).
+            _ => self.late.hold(url, connection),
         }
         self.forget_redirected(url);
         None
@@ -689,12 +695,7 @@ impl NodeCalls {
                 if let Ok(Some(map)) = read.await {
                     let map = Arc::new(map);
                     nodes.last_read_map.store(Some(map.clone()));
-                    let urls: Vec<String> = map
-                        .masters
-                        .iter()
-                        .flatten()
-                        .map(|(host, port)| settings::node_url(nodes.direct.scheme, host, *port))
-                        .collect();
+                    let urls: Vec<String> = map.master_urls(nodes.direct.scheme).collect();
                     nodes.late.keep_only(&urls);
                     nodes.slots.store(Some(map));
                 }
@@ -717,8 +718,7 @@ impl NodeCalls {
     ) -> Option<SlotOwners> {
         let mut urls = self.direct.settings.cluster_nodes().unwrap_or_default();
         if let Some(map) = self.last_read_map.load_full() {
-            for (host, port) in map.masters.iter().flatten() {
-                let url = settings::node_url(self.direct.scheme, host, *port);
+            for url in map.master_urls(self.direct.scheme) {
                 if !urls.contains(&url) {
                     urls.insert(0, url);
                 }
@@ -1484,8 +1484,8 @@ async fn call_by_tag(
             let reply = match &mut sent_to {
                 Some(to) => {
                     if to.node.is_none() {
-                        // A quarter of the time: a node that hangs leaves the rest to
-                        // the cluster client.
+                        // A quarter of the time to connect (the connect goes on in the
+                        // background, for the calls after).
                         let wait = (timeout / 4).max(Duration::from_millis(50));
                         match nodes.redirected_to(&to.url, wait, until).await {
                             Ok(node) => to.node = Some(node),
