@@ -462,12 +462,12 @@ impl CallArgs {
     /// `EVALSHA` with the keys declared (they must share one slot in a cluster).
     pub(super) fn declared(&self, sha: &str) -> redis::Cmd {
         use redis::RedisWrite;
-        let mut command = redis::cmd("EVALSHA");
-        command.arg(sha).arg(self.key_ends.len());
+        let mut command = self.command(sha);
+        command.arg(self.key_ends.len());
         for key in self.keys() {
             command.write_arg(key);
         }
-        command.arg(&self.numbers[..]);
+        command.write_arg(&self.numbers);
         command
     }
 
@@ -475,14 +475,36 @@ impl CallArgs {
     /// slots of one cluster node.
     pub(super) fn undeclared(&self, sha: &str) -> redis::Cmd {
         use redis::RedisWrite;
-        let mut numbers = self.numbers.clone();
-        numbers[KEYS_IN_ARGV_AT..KEYS_IN_ARGV_AT + 8]
-            .copy_from_slice(&(self.key_ends.len() as f64).to_le_bytes());
-        let mut command = redis::cmd("EVALSHA");
-        command.arg(sha).arg(0).arg(numbers);
+        use std::io::Write;
+        let mut command = self.command(sha);
+        command.write_arg(b"0");
+        // The numbers as they are but for how many keys follow them (written in place, not
+        // copied first).
+        {
+            let mut numbers = command.writer_for_next_arg();
+            let key_count = (self.key_ends.len() as f64).to_le_bytes();
+            let written = numbers
+                .write_all(&self.numbers[..KEYS_IN_ARGV_AT])
+                .and_then(|()| numbers.write_all(&key_count))
+                .and_then(|()| numbers.write_all(&self.numbers[KEYS_IN_ARGV_AT + 8..]));
+            debug_assert!(written.is_ok(), "a command's buffer takes any write");
+        }
         for key in self.keys() {
             command.write_arg(key);
         }
+        command
+    }
+
+    /// `EVALSHA` and the script's hash, in a command sized for the rest of the call: its
+    /// buffers grown once rather than as each argument is written.
+    fn command(&self, sha: &str) -> redis::Cmd {
+        use redis::RedisWrite;
+        let mut command = redis::Cmd::with_capacity(
+            4 + self.key_ends.len(),
+            "EVALSHA".len() + sha.len() + 20 + self.keys.len() + self.numbers.len(),
+        );
+        command.write_arg(b"EVALSHA");
+        command.write_arg(sha.as_bytes());
         command
     }
 }
