@@ -641,14 +641,14 @@ impl NodeCalls {
     /// is now (a map read again may number the masters differently): none without a map,
     /// for a slot no master serves, or where Redis before 7 runs no flagged script (a group
     /// is a call of its own there, [`call_by_tag`]).
-    fn place(&self, walk: &mut Walk, specs: &RedisSpecs) {
-        let map = self
-            .slots
-            .load_full()
+    fn place(&self, walk: &mut Walk) {
+        let map = self.slots.load();
+        let map = map
+            .as_ref()
             .filter(|_| self.supported.load(Ordering::Relaxed));
-        walk.place(|group, hash| {
-            let map = map.as_ref()?;
-            let owner = map.owner[usize::from(specs.slot(group, hash))];
+        walk.place(|slot| {
+            let map = map?;
+            let owner = map.owner[usize::from(slot)];
             (owner != u16::MAX).then_some(owner)
         });
     }
@@ -1275,7 +1275,7 @@ fn hand_on(batch: Vec<Job>, values: Vec<i64>, queues: &Arc<ThreadQueues>) {
             }
         };
         walker.walk.merge(&one);
-        queues.nodes.place(&mut walker.walk, &specs);
+        queues.nodes.place(&mut walker.walk);
         let Some((charges, Some(owner))) = walker.walk.next_run(&specs) else {
             walker.back();
             continue;
@@ -1676,9 +1676,9 @@ impl RedisStore {
         charges: Charges,
         deadline: tokio::time::Instant,
     ) -> Result<[i64; REPLY_LEN], String> {
-        let mut walk = Walk::new(charges);
+        let mut walk = Walk::new(charges, |group, hash| specs.slot(group, hash));
         loop {
-            queues.nodes.place(&mut walk, specs);
+            queues.nodes.place(&mut walk);
             let Some((run, owner)) = walk.next_run(specs) else {
                 break;
             };

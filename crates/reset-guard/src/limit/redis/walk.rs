@@ -21,6 +21,8 @@ pub(super) struct Walk {
     /// Each group's master (its index in the slot map), where the map placed it
     /// ([`Walk::place`]).
     owners: [Option<u16>; 4],
+    /// Each group's slot, reckoned once: the walk is placed again after every run.
+    slots: [u16; 4],
     /// Whether a run may hold several groups: not once a master no longer served all of a
     /// run's keys (the slot map had gone stale).
     together: bool,
@@ -36,10 +38,16 @@ pub(super) struct Walk {
 }
 
 impl Walk {
-    pub(super) fn new(charges: Charges) -> Self {
+    /// A walk over `charges`, each group's keys in the slot `slot` gives.
+    pub(super) fn new(charges: Charges, slot: impl Fn(LimitGroup, u64) -> u16) -> Self {
+        let mut slots = [0; 4];
+        for (slot_of_group, (group, hash)) in slots.iter_mut().zip(charges.as_slice()) {
+            *slot_of_group = slot(*group, *hash);
+        }
         Walk {
             charges,
             owners: [None; 4],
+            slots,
             together: true,
             run: (0, 0),
             next: 0,
@@ -48,12 +56,11 @@ impl Walk {
         }
     }
 
-    /// Places each group not decided yet on the master `owner` names for its group and
-    /// keyed hash (none: not known).
-    pub(super) fn place(&mut self, owner: impl Fn(LimitGroup, u64) -> Option<u16>) {
-        let all = self.charges.as_slice();
-        for (i, (group, hash)) in all.iter().enumerate().skip(self.next) {
-            self.owners[i] = owner(*group, *hash);
+    /// Places each group not decided yet on the master `owner` names for its slot (none:
+    /// not known).
+    pub(super) fn place(&mut self, owner: impl Fn(u16) -> Option<u16>) {
+        for i in self.next..self.charges.as_slice().len() {
+            self.owners[i] = owner(self.slots[i]);
         }
     }
 
@@ -189,8 +196,9 @@ mod tests {
 
     /// A walk over all four groups, each placed on the master `owners` names.
     fn placed(owners: [Option<u16>; 4]) -> Walk {
-        let mut walk = Walk::new(all_four());
-        walk.place(|group, _| owners[group.index()]);
+        // Each group in a slot of its own, numbered as the group.
+        let mut walk = Walk::new(all_four(), |group, _| group.index() as u16);
+        walk.place(|slot| owners[usize::from(slot)]);
         walk
     }
 
