@@ -372,7 +372,16 @@ impl RedisStore {
                 Err(error) if error.code().is_none() => return Err(error.to_string()),
                 _ => {}
             }
-            batch::run_for_nothing(&mut connection, &self.script, self.timeout).await?;
+            // The script as a request's call runs it, its keys in different slots: a proxy
+            // that spreads keys over shards may read them together (the `MGET` above) but
+            // refuse a script's (`CROSSSLOT`), and so every request.
+            let script = batch::run_for_nothing(
+                &mut connection,
+                &self.script,
+                self.timeout,
+                &self.probe_reads,
+            );
+            script.await?;
             answer_in_time(self.timeout, batch::write_probe(&mut connection, &key)).await
         };
         let answer = run.await;

@@ -1826,6 +1826,37 @@ mod redis_store {
         );
     }
 
+    /// A proxy that spreads keys over shards may read keys of different slots together
+    /// (`MGET`) but refuse a script call whose keys are in several (`CROSSSLOT`), and so
+    /// every request of the standalone mode: the probe, which runs the script with keys in
+    /// two slots as a request's call does, does not find Redis serving.
+    #[tokio::test]
+    async fn a_proxy_refusing_a_script_over_several_slots_is_not_found_serving() {
+        use crate::limit::tests::script_proxy::{Refuse, ScriptProxy};
+        let server = RedisServer::start();
+        let proxy = ScriptProxy::start(server.port(), Refuse::KeysInSeveralSlots).await;
+        let mut store = redis_store(&server, OnError::Deny);
+        if let Some(redis) = store.redis.as_mut() {
+            redis.url = proxy.url();
+        }
+        // A request's keys in three slots (none shares a hash tag).
+        let limits = "  per_ip: [{ requests: 100, per: 1h }]\n  per_client: [{ requests: 100, per: 1h }]\n  per_email: [{ requests: 100, per: 1h }]\n";
+        let rig = rig_with(limits, "", store);
+        let status = rig.status(ask("a@b.io")).await;
+        let mut healthy = true;
+        for _ in 0..150 {
+            healthy = rig.handle.store_healthy();
+            if !healthy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(status, 503, "the request's call is refused");
+        assert!(!healthy, "the probe does not find Redis serving");
+        assert!(!rig.handle.store_ready());
+        assert!(proxy.refused.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    }
+
     #[tokio::test]
     async fn redis_down_follows_on_error_and_recovers() {
         let mut server = RedisServer::start();
@@ -1952,3 +1983,5 @@ mod redis_store {
 
 #[cfg(feature = "redis")]
 mod redis_cluster;
+#[cfg(feature = "redis")]
+mod script_proxy;

@@ -451,6 +451,32 @@ impl CallArgs {
         }
     }
 
+    /// A call deciding no request that declares `keys`, which the script reads and leaves
+    /// as they are: the probe's. A managed service's proxy routes a script call by its keys
+    /// and refuses one that declares none (ElastiCache Serverless: `Lua scripts without any
+    /// input keys are not supported`), or whose keys it cannot route together.
+    pub(super) fn for_nothing(keys: &[String]) -> Self {
+        // No request, the keys declared, the requests and the slot table both at 5 (from
+        // 1, as Lua counts); the table: each key, with no slot.
+        let numbers = [0.0f64, 0.0, 5.0, 5.0]
+            .into_iter()
+            .chain(keys.iter().map(|_| 0.0))
+            .flat_map(f64::to_le_bytes)
+            .collect();
+        let key_ends = keys
+            .iter()
+            .scan(0, |end, key| {
+                *end += key.len();
+                Some(*end)
+            })
+            .collect();
+        CallArgs {
+            numbers,
+            keys: keys.concat().into_bytes(),
+            key_ends,
+        }
+    }
+
     /// The distinct keys, in order.
     pub(super) fn keys(&self) -> impl Iterator<Item = &[u8]> {
         let starts = std::iter::once(0).chain(self.key_ends.iter().copied());
@@ -719,16 +745,19 @@ pub(super) async fn call(
     answered
 }
 
-/// The script run for no request, as the probe runs it: a server that answers `PING` but
+/// The script run for no request, as the probe runs it, declaring the probe's `keys` (read,
+/// not written) as a request's call declares its own: a server that answers `PING` but
 /// refuses the script (an ACL without `EVALSHA`, `SCRIPT LOAD` or the commands the script
-/// calls) fails every request, so it does not count as serving.
+/// calls, a proxy that cannot route the keys together) fails every request, so it does not
+/// count as serving.
 pub(super) async fn run_for_nothing(
     connection: &mut impl redis::aio::ConnectionLike,
     script: &redis::Script,
     timeout: Duration,
+    keys: &[String],
 ) -> Result<(), String> {
     let late = |_| format!("no answer within {timeout:?}");
-    let command = CallArgs::new(&[]).declared(script.get_hash());
+    let command = CallArgs::for_nothing(keys).declared(script.get_hash());
     let mut reply = tokio::time::timeout(timeout, command.query_async::<redis::Value>(connection))
         .await
         .map_err(late)?;

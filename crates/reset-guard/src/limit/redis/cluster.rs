@@ -163,7 +163,8 @@ impl Cluster {
                 Ok(Err(error)) => return Err(format!("{named}: {error}")),
                 Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
             }
-            let run = super::batch::run_for_nothing(&mut connection, script, timeout);
+            let keys = std::slice::from_ref(&key.1);
+            let run = super::batch::run_for_nothing(&mut connection, script, timeout, keys);
             if let Err(cause) = run.await {
                 return Err(format!("{named}: {cause}"));
             }
@@ -891,6 +892,15 @@ impl NodeCalls {
                         Err(_) => return Ok(None),
                     }
                 }
+                // A proxy in front of the nodes (a managed service's: ElastiCache
+                // Serverless) that routes a script call by its declared keys, and refuses
+                // one with none before it runs: decide one hash tag at a time from now on,
+                // every key of such a call declared and in one slot.
+                Err(error) if refuses_calls_without_keys(&error) => {
+                    tracing::info!(target: "reset_guard::limit", %error, "the cluster refuses a script call that declares no key; deciding one hash tag at a time");
+                    self.supported.store(false, Ordering::Relaxed);
+                    return Ok(None);
+                }
                 Err(error) if error.is_timeout() => {
                     // No answer in time: the master may have stalled, and run the call
                     // later, or have been replaced. The caller holds it back until it
@@ -1374,6 +1384,17 @@ fn refused_before_running(error: &redis::RedisError) -> bool {
                         | ServerErrorKind::BusyLoading
                 )
         )
+}
+
+/// Whether `error` is a refusal of a script call that declares no key, before it runs, as
+/// proxies that route calls by their keys answer: ElastiCache Serverless (`Lua scripts
+/// without any input keys are not supported`) and proxies that word it as a count
+/// (`number of keys can't be negative or zero`).
+fn refuses_calls_without_keys(error: &redis::RedisError) -> bool {
+    matches!(error.kind(), redis::ErrorKind::Server(_)) && {
+        let text = error.to_string();
+        text.contains("without any input keys") || text.contains("number of keys can't be")
+    }
 }
 
 /// One call per hash tag: the jobs with the same tag (the same group and key) together.

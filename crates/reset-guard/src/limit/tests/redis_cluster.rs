@@ -4,6 +4,7 @@ use super::*;
 use test_support::{RedisCluster, RedisServer};
 
 mod global_keys;
+mod keys_required;
 
 /// A cluster store (`deny`, a second's timeout) seeded by every node of `cluster`.
 fn cluster_store(cluster: &RedisCluster, prefix: &str) -> StoreSettings {
