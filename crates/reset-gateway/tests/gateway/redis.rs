@@ -866,6 +866,28 @@ pub(crate) async fn probe_failure_line(gateway: &crate::process::Process) -> Str
         .expect("the probe's failure is logged")
 }
 
+/// A sharded database behind one address (a managed service's proxy) reads keys of several
+/// slots together but refuses a script whose keys are in several, as every request's call
+/// is in the standalone mode: the probe's line says so, and which setting to use.
+#[tokio::test]
+async fn a_proxy_refusing_scripts_over_several_slots_is_named_in_the_probes_line() {
+    let redis = test_support::RedisServer::start();
+    let proxy =
+        test_support::ScriptProxy::start(redis.addr(), test_support::Refuse::KeysInSeveralSlots);
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, redis_yaml_at(&mock, &proxy.url(), "", "deny")).unwrap();
+    let gateway = crate::process::spawn_gateway(&config);
+    let line = probe_failure_line(&gateway).await;
+    assert!(
+        line.contains(&format!("server {}: ", proxy.url())),
+        "{line}"
+    );
+    assert!(line.to_lowercase().contains("crossslot"), "{line}");
+    assert!(line.contains("`mode: cluster`"), "{line}");
+}
+
 #[tokio::test]
 async fn a_wrong_redis_password_is_logged_as_the_cause_without_the_password() {
     let redis = test_support::RedisServer::start_with(test_support::RedisOptions {

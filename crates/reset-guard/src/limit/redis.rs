@@ -816,6 +816,8 @@ fn standalone_hint(cause: &str) -> &'static str {
         " (a replica: `url` must name the master; behind Sentinel, `mode: sentinel` follows it)"
     } else if cause.contains("unknown command") {
         " (a sentinel, or a server that runs no scripts? `url` names a Redis server that runs EVALSHA; the sentinels go in `nodes`, with `mode: sentinel`)"
+    } else if cause.contains("CROSSSLOT") || cause.contains("CrossSlot") {
+        " (keys spread over shards behind one address, and a request's keys are in different slots: `mode: cluster`, with the service's Redis Cluster endpoint among the seed `nodes`, where it offers one)"
     } else {
         ""
     }

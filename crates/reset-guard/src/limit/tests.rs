@@ -1832,9 +1832,9 @@ mod redis_store {
     /// two slots as a request's call does, does not find Redis serving.
     #[tokio::test]
     async fn a_proxy_refusing_a_script_over_several_slots_is_not_found_serving() {
-        use crate::limit::tests::script_proxy::{Refuse, ScriptProxy};
+        use test_support::{Refuse, ScriptProxy};
         let server = RedisServer::start();
-        let proxy = ScriptProxy::start(server.port(), Refuse::KeysInSeveralSlots).await;
+        let proxy = ScriptProxy::start(server.addr(), Refuse::KeysInSeveralSlots);
         let mut store = redis_store(&server, OnError::Deny);
         if let Some(redis) = store.redis.as_mut() {
             redis.url = proxy.url();
@@ -1854,7 +1854,7 @@ mod redis_store {
         assert_eq!(status, 503, "the request's call is refused");
         assert!(!healthy, "the probe does not find Redis serving");
         assert!(!rig.handle.store_ready());
-        assert!(proxy.refused.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+        assert!(proxy.refused() >= 2);
     }
 
     #[tokio::test]
@@ -1983,5 +1983,3 @@ mod redis_store {
 
 #[cfg(feature = "redis")]
 mod redis_cluster;
-#[cfg(feature = "redis")]
-mod script_proxy;

@@ -3,7 +3,7 @@
 //! keys are not supported.`).
 
 use super::*;
-use crate::limit::tests::script_proxy::{Refuse, ScriptProxy};
+use test_support::{Refuse, ScriptProxy};
 
 /// Through a proxy that refuses a script call declaring no key (ElastiCache Serverless's
 /// rule), the probe finds the cluster serving and every request is decided, one hash tag
@@ -11,8 +11,8 @@ use crate::limit::tests::script_proxy::{Refuse, ScriptProxy};
 #[tokio::test]
 async fn a_cluster_that_refuses_calls_declaring_no_key_decides_every_request() {
     let (node, dir) = lone_cluster_node("keys-required");
-    let proxy = ScriptProxy::start(node.port(), Refuse::NoKey).await;
-    serve_every_slot_announcing(&node, proxy.port).await;
+    let proxy = ScriptProxy::start(node.addr(), Refuse::NoKey);
+    serve_every_slot_announcing(&node, proxy.port()).await;
     let rig = rig_in(
         "  per_ip: [{ requests: 3, per: 1h }]\n  per_client: []\n  per_email: [{ requests: 2, per: 1h }]\n  global: []\n",
         "",
@@ -25,7 +25,7 @@ async fn a_cluster_that_refuses_calls_declaring_no_key_decides_every_request() {
     for i in 0..100 {
         let ip: &'static str = Box::leak(format!("198.51.100.{}", i + 1).into_boxed_str());
         warm_up.push(rig.status(ask(&format!("w{i}@b.io")).from(ip)).await);
-        if proxy.refused.load(Ordering::SeqCst) > 0 {
+        if proxy.refused() > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
@@ -53,14 +53,11 @@ async fn a_cluster_that_refuses_calls_declaring_no_key_decides_every_request() {
     drop(rig);
     drop(node);
     let _ = std::fs::remove_dir_all(dir);
-    assert!(
-        proxy.refused.load(Ordering::SeqCst) > 0,
-        "no call declaring no key was made"
-    );
+    assert!(proxy.refused() > 0, "no call declaring no key was made");
     assert!(warm_up.iter().all(|&status| status == 200), "{warm_up:?}");
     assert!(ready, "the probe finds the cluster serving");
     assert_eq!(from_one_address, [200, 200, 200, 429]);
     assert_eq!(for_one_address, [200, 200, 429]);
     assert_eq!(errors, 0);
-    assert!(proxy.passed.load(Ordering::SeqCst) > 0);
+    assert!(proxy.passed() > 0);
 }
