@@ -886,6 +886,7 @@ async fn a_proxy_refusing_scripts_over_several_slots_is_named_in_the_probes_line
     );
     assert!(line.to_lowercase().contains("crossslot"), "{line}");
     assert!(line.contains("`mode: cluster`"), "{line}");
+    assert!(line.contains("`key_prefix` in braces"), "{line}");
 }
 
 #[tokio::test]

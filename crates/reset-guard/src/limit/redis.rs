@@ -817,7 +817,7 @@ fn standalone_hint(cause: &str) -> &'static str {
     } else if cause.contains("unknown command") {
         " (a sentinel, or a server that runs no scripts? `url` names a Redis server that runs EVALSHA; the sentinels go in `nodes`, with `mode: sentinel`)"
     } else if cause.contains("CROSSSLOT") || cause.contains("CrossSlot") {
-        " (keys spread over shards behind one address, and a request's keys are in different slots: `mode: cluster`, with the service's Redis Cluster endpoint among the seed `nodes`, where it offers one)"
+        " (keys spread over shards behind one address, and a request's keys are in different slots: `mode: cluster`, with the service's Redis Cluster endpoint among the seed `nodes`, where it offers one; or a `key_prefix` in braces, `{reset-gateway}`, which puts every key in one slot, so on one shard)"
     } else {
         ""
     }

@@ -1857,6 +1857,39 @@ mod redis_store {
         assert!(proxy.refused() >= 2);
     }
 
+    /// The same proxy, with a key prefix in braces (a hash tag: every key in one slot, and
+    /// so on one shard): the probe finds it serving, requests are decided, and nothing is
+    /// refused.
+    #[tokio::test]
+    async fn a_prefix_in_braces_passes_a_proxy_refusing_a_script_over_several_slots() {
+        use test_support::{Refuse, ScriptProxy};
+        let server = RedisServer::start();
+        let proxy = ScriptProxy::start(server.addr(), Refuse::KeysInSeveralSlots);
+        let mut store = redis_store(&server, OnError::Deny);
+        if let Some(redis) = store.redis.as_mut() {
+            redis.url = proxy.url();
+            redis.key_prefix = format!("{{t{}}}", rand_suffix());
+        }
+        let limits = "  per_ip: [{ requests: 2, per: 1h }]\n  per_client: [{ requests: 100, per: 1h }]\n  per_email: [{ requests: 100, per: 1h }]\n";
+        let rig = rig_with(limits, "", store);
+        let mut statuses = Vec::new();
+        for i in 0..3 {
+            statuses.push(rig.status(ask(&format!("a{i}@b.io"))).await);
+        }
+        let mut healthy = false;
+        for _ in 0..30 {
+            healthy = rig.handle.store_healthy();
+            if healthy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(statuses, [200, 200, 429]);
+        assert!(healthy, "the probe finds Redis serving");
+        assert_eq!(proxy.refused(), 0);
+        assert!(proxy.passed() > 0);
+    }
+
     #[tokio::test]
     async fn redis_down_follows_on_error_and_recovers() {
         let mut server = RedisServer::start();

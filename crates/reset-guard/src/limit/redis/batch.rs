@@ -756,23 +756,47 @@ pub(super) async fn run_for_nothing(
     timeout: Duration,
     keys: &[String],
 ) -> Result<(), String> {
-    let late = |_| format!("no answer within {timeout:?}");
     let command = CallArgs::for_nothing(keys).declared(script.get_hash());
-    let mut reply = tokio::time::timeout(timeout, command.query_async::<redis::Value>(connection))
+    let answer = script_answer(connection, script, &command, timeout).await?;
+    answered_for_nothing(answer.map_err(|e| format!("the rate-limit script: {e}"))?)
+}
+
+/// `command`, a call of `script`, which is loaded if the server lost it (then called again):
+/// Redis's own answer (a refused load's, if it was), or why none came within `timeout` (each
+/// exchange).
+pub(super) async fn script_answer(
+    connection: &mut impl redis::aio::ConnectionLike,
+    script: &redis::Script,
+    command: &redis::Cmd,
+    timeout: Duration,
+) -> Result<redis::RedisResult<redis::Value>, String> {
+    let late = |_| format!("no answer within {timeout:?}");
+    let reply = tokio::time::timeout(timeout, command.query_async::<redis::Value>(connection))
         .await
         .map_err(late)?;
-    if let Err(error) = &reply {
-        if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
-            tokio::time::timeout(timeout, script.load_async(connection))
+    match reply {
+        Err(error)
+            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
+            let load = tokio::time::timeout(timeout, script.load_async(connection))
                 .await
-                .map_err(late)?
-                .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
+                .map_err(late)?;
+            if let Err(refused) = load {
+                return Ok(Err(refused));
+            }
             let again = command.query_async::<redis::Value>(connection);
-            reply = tokio::time::timeout(timeout, again).await.map_err(late)?;
+            tokio::time::timeout(timeout, again).await.map_err(late)
         }
+        reply => Ok(reply),
     }
-    match reply.map_err(|e| format!("the rate-limit script: {e}"))? {
+}
+
+/// Whether `reply` is the script's answer to a call for no request: nothing, or `[-1]`
+/// where a key passed as an argument is not served there (its slot is moving).
+pub(super) fn answered_for_nothing(reply: redis::Value) -> Result<(), String> {
+    match reply {
         redis::Value::BulkString(bytes) if bytes.is_empty() => Ok(()),
+        redis::Value::Array(values) if values == [redis::Value::Int(-1)] => Ok(()),
         _ => Err("the rate-limit script answered something unexpected".to_owned()),
     }
 }

@@ -163,8 +163,9 @@ impl Cluster {
                 Ok(Err(error)) => return Err(format!("{named}: {error}")),
                 Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
             }
-            let keys = std::slice::from_ref(&key.1);
-            let run = super::batch::run_for_nothing(&mut connection, script, timeout, keys);
+            let run = self
+                .nodes
+                .probe_call(&mut connection, script, &key.1, timeout);
             if let Err(cause) = run.await {
                 return Err(format!("{named}: {cause}"));
             }
@@ -824,6 +825,53 @@ impl NodeCalls {
         Some(settings::node_url(self.direct.scheme, host, *port))
     }
 
+    /// Calls of one hash tag from now on, for every request: a master refused the call
+    /// for several slots (`error`, logged the first time).
+    fn decide_by_tag(&self, error: &redis::RedisError) {
+        if self.supported.swap(false, Ordering::Relaxed) {
+            tracing::info!(target: "reset_guard::limit", %error, "the cluster cannot run one call per node; deciding one hash tag at a time");
+        }
+    }
+
+    /// The probe's call of the script for no request on a master, shaped as a request's
+    /// call is: while masters take one call for several slots, a master's batch (the
+    /// flagged script, `key` passed as an argument); otherwise a call of one hash tag,
+    /// `key` declared (`plain`, the script without flags). A master that refuses the
+    /// batch's shape itself, in words the requests' calls do not know (Redis before 7 does
+    /// not compile the flags; a proxy may refuse a call that declares no key), has the
+    /// calls go one hash tag at a time from then on, which is then what is asked. A slot
+    /// on the move (`[-1]`, `MOVED`, `ASK`) is an answer.
+    async fn probe_call(
+        &self,
+        connection: &mut impl redis::aio::ConnectionLike,
+        plain: &redis::Script,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let keys = [key.to_owned()];
+        if self.supported.load(Ordering::Relaxed) {
+            let flagged = redis::Script::new(&self.code);
+            let command = CallArgs::for_nothing(&keys).undeclared(&self.sha);
+            match super::batch::script_answer(connection, &flagged, &command, timeout).await? {
+                Ok(reply) => return super::batch::answered_for_nothing(reply),
+                Err(error) if redirected(&error) => return Ok(()),
+                Err(error) if passing_refusal(&error) => {
+                    return Err(format!("the rate-limit script: {error}"))
+                }
+                Err(error) if !matches!(error.kind(), redis::ErrorKind::Server(_)) => {
+                    return Err(format!("the rate-limit script: {error}"))
+                }
+                Err(error) => self.decide_by_tag(&error),
+            }
+        }
+        let command = CallArgs::for_nothing(&keys).declared(plain.get_hash());
+        match super::batch::script_answer(connection, plain, &command, timeout).await? {
+            Ok(reply) => super::batch::answered_for_nothing(reply),
+            Err(error) if redirected(&error) => Ok(()),
+            Err(error) => Err(format!("the rate-limit script: {error}")),
+        }
+    }
+
     /// One call deciding `batch`, every job of which has its keys on the master that serves
     /// `slot` (by the slot map), over this task's own connection to that master. `Ok(None)`:
     /// the call decided nothing (a key not served there, the flagged script refused, or the
@@ -883,8 +931,7 @@ impl NodeCalls {
                         // Redis before 7 knows no script flags (its compiler refuses the
                         // first line): decide slot by slot from now on.
                         Err(error) if error.to_string().contains("compiling") => {
-                            tracing::info!(target: "reset_guard::limit", %error, "the cluster cannot run one call per node; deciding slot by slot");
-                            self.supported.store(false, Ordering::Relaxed);
+                            self.decide_by_tag(&error);
                             return Ok(None);
                         }
                         // Anything else (a node loading its data, a dropped connection)
@@ -895,10 +942,10 @@ impl NodeCalls {
                 // A proxy in front of the nodes (a managed service's: ElastiCache
                 // Serverless) that routes a script call by its declared keys, and refuses
                 // one with none before it runs: decide one hash tag at a time from now on,
-                // every key of such a call declared and in one slot.
+                // every key of such a call declared and in one slot. (Refused in other
+                // words, the probe's call finds it, within a second.)
                 Err(error) if refuses_calls_without_keys(&error) => {
-                    tracing::info!(target: "reset_guard::limit", %error, "the cluster refuses a script call that declares no key; deciding one hash tag at a time");
-                    self.supported.store(false, Ordering::Relaxed);
+                    self.decide_by_tag(&error);
                     return Ok(None);
                 }
                 Err(error) if error.is_timeout() => {
@@ -1387,14 +1434,25 @@ fn refused_before_running(error: &redis::RedisError) -> bool {
 }
 
 /// Whether `error` is a refusal of a script call that declares no key, before it runs, as
-/// proxies that route calls by their keys answer: ElastiCache Serverless (`Lua scripts
-/// without any input keys are not supported`) and proxies that word it as a count
-/// (`number of keys can't be negative or zero`).
+/// proxies that route calls by their keys answer: ElastiCache Serverless (`ERR Lua scripts
+/// without any input keys are not supported`) and proxies that word it as a count (`ERR
+/// ... number of keys can't be negative or zero`).
 fn refuses_calls_without_keys(error: &redis::RedisError) -> bool {
-    matches!(error.kind(), redis::ErrorKind::Server(_)) && {
-        let text = error.to_string();
+    error.code() == Some("ERR") && {
+        let text = error.to_string().to_lowercase();
         text.contains("without any input keys") || text.contains("number of keys can't be")
     }
+}
+
+/// Whether a server error to a call of the script for no request may pass, the call's shape
+/// being fine: the server busy, loading, full, failing over, or refusing this user
+/// something (which the probe reports), or the keys' slot moving.
+fn passing_refusal(error: &redis::RedisError) -> bool {
+    refused_before_running(error)
+        || matches!(
+            error.code(),
+            Some("NOPERM" | "NOAUTH" | "WRONGPASS" | "OOM" | "BUSY" | "MISCONF" | "NOSCRIPT")
+        )
 }
 
 /// One call per hash tag: the jobs with the same tag (the same group and key) together.

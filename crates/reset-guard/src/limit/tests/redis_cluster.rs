@@ -1684,3 +1684,80 @@ async fn a_failover_is_followed_per_hash_tag_while_the_old_master_stays_stalled(
     let _ = std::fs::remove_dir_all(replica_dir);
     assert!(served.is_some(), "served by the new master within 3 s");
 }
+
+/// Whether the probe finds the cluster serving, sampled every 200 ms for `samples`.
+async fn readiness(rig: &Rig, samples: usize) -> Vec<bool> {
+    let mut ready = Vec::new();
+    for _ in 0..samples {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ready.push(rig.handle.store_ready());
+    }
+    ready
+}
+
+/// Until the probe finds the cluster serving (3 s at most).
+async fn until_ready(rig: &Rig) {
+    for _ in 0..30 {
+        if rig.handle.store_ready() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the probe never found the cluster serving");
+}
+
+/// A reshard moving master 0's slots out, its first slot (where the probe's key is)
+/// migrating and the probe's key already moved, as `redis-cli --cluster reshard` moves a
+/// slot's keys before it hands the slot over: the probe still finds the cluster serving
+/// (its call answered `ASK` or `[-1]` for that key is an answer), and requests are decided.
+#[tokio::test]
+async fn the_probe_finds_the_cluster_serving_while_its_slot_migrates() {
+    let cluster = RedisCluster::start();
+    let rig = warmed_per_ip_rig(&cluster, "mig").await;
+    until_ready(&rig).await;
+    migrate_master_0s_slots(&cluster, &cluster.nodes[1]);
+    let keys = cluster.nodes[0]
+        .command("KEYS {mig:probe:*")
+        .unwrap_or_default();
+    let key = keys
+        .lines()
+        .find(|line| line.starts_with("{mig:probe:"))
+        .expect("master 0's probe key")
+        .to_owned();
+    let to = cluster.nodes[1].port();
+    cluster.nodes[0]
+        .command(&format!("MIGRATE 127.0.0.1 {to} \"\" 0 5000 KEYS {key}"))
+        .unwrap();
+    let ready = readiness(&rig, 15).await;
+    assert_eq!(twelve_from_new_addresses(&rig).await, [200; 12]);
+    assert_eq!(ready, [true; 15]);
+}
+
+/// The same reshard once its first slot is handed over (slot 0 now master 1's, the rest
+/// still migrating): the probe's key for master 0 is now in slot 1, which master 0 no
+/// longer holds keys of (`ASK`), and the map read before names master 0 for slot 0
+/// (`MOVED`). The probe still finds the cluster serving.
+#[tokio::test]
+async fn the_probe_finds_the_cluster_serving_while_a_reshard_hands_its_slots_over() {
+    let cluster = RedisCluster::start();
+    let rig = warmed_per_ip_rig(&cluster, "front").await;
+    until_ready(&rig).await;
+    migrate_master_0s_slots(&cluster, &cluster.nodes[1]);
+    let to = cluster.nodes[1].port();
+    let keys = cluster.nodes[0]
+        .command("CLUSTER GETKEYSINSLOT 0 1000")
+        .unwrap_or_default();
+    for key in keys.lines().filter(|line| line.starts_with('{')) {
+        cluster.nodes[0]
+            .command(&format!("MIGRATE 127.0.0.1 {to} \"\" 0 5000 KEYS {key}"))
+            .unwrap();
+    }
+    let id = cluster.node_id(1);
+    for node in &cluster.nodes {
+        node.command(&format!("CLUSTER SETSLOT 0 NODE {id}"))
+            .unwrap();
+    }
+    let ready = readiness(&rig, 25).await;
+    assert_eq!(twelve_from_new_addresses(&rig).await, [200; 12]);
+    assert_eq!(ready, [true; 25]);
+}
