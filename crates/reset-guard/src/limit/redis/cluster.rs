@@ -1445,13 +1445,22 @@ fn refuses_calls_without_keys(error: &redis::RedisError) -> bool {
 }
 
 /// Whether a server error to a call of the script for no request may pass, the call's shape
-/// being fine: the server busy, loading, full, failing over, or refusing this user
-/// something (which the probe reports), or the keys' slot moving.
+/// being fine: the server busy, loading, full, short of replicas, failing over, or refusing
+/// this user something (which the probe reports), or the keys' slot moving.
 fn passing_refusal(error: &redis::RedisError) -> bool {
     refused_before_running(error)
         || matches!(
             error.code(),
-            Some("NOPERM" | "NOAUTH" | "WRONGPASS" | "OOM" | "BUSY" | "MISCONF" | "NOSCRIPT")
+            Some(
+                "NOPERM"
+                    | "NOAUTH"
+                    | "WRONGPASS"
+                    | "OOM"
+                    | "BUSY"
+                    | "MISCONF"
+                    | "NOREPLICAS"
+                    | "NOSCRIPT"
+            )
         )
 }
 
