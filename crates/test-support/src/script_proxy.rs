@@ -18,6 +18,9 @@ pub enum Refuse {
     /// Calls that declare no key, refused in words of the proxy's own (`ERR EVALSHA needs
     /// a key`), as another service may word it.
     NoKeyInOtherWords,
+    /// Calls that declare no key, refused with an error code of the proxy's own (`NOKEYS
+    /// EVALSHA needs a key`).
+    NoKeyWithACodeOfItsOwn,
     /// Calls whose declared keys are in more than one slot: `CROSSSLOT`.
     KeysInSeveralSlots,
 }
@@ -29,6 +32,9 @@ impl Refuse {
         match self {
             Refuse::NoKey => b"return redis.error_reply('ERR Lua scripts without any input keys are not supported.')",
             Refuse::NoKeyInOtherWords => b"return redis.error_reply('ERR EVALSHA needs a key')",
+            Refuse::NoKeyWithACodeOfItsOwn => {
+                b"return redis.error_reply('NOKEYS EVALSHA needs a key')"
+            }
             Refuse::KeysInSeveralSlots => {
                 b"return redis.error_reply('CROSSSLOT Keys in request don\\'t hash to the same slot')"
             }
@@ -37,7 +43,9 @@ impl Refuse {
 
     fn refuses(self, keys: &[Vec<u8>]) -> bool {
         match self {
-            Refuse::NoKey | Refuse::NoKeyInOtherWords => keys.is_empty(),
+            Refuse::NoKey | Refuse::NoKeyInOtherWords | Refuse::NoKeyWithACodeOfItsOwn => {
+                keys.is_empty()
+            }
             Refuse::KeysInSeveralSlots => {
                 keys.windows(2).any(|pair| slot(&pair[0]) != slot(&pair[1]))
             }

@@ -758,7 +758,7 @@ pub(super) async fn run_for_nothing(
 ) -> Result<(), String> {
     let command = CallArgs::for_nothing(keys).declared(script.get_hash());
     let answer = script_answer(connection, script, &command, timeout).await?;
-    answered_for_nothing(answer.map_err(|e| format!("the rate-limit script: {e}"))?)
+    answered_for_nothing(&answer.map_err(|e| format!("the rate-limit script: {e}"))?)
 }
 
 /// `command`, a call of `script`, which is loaded if the server lost it (then called again):
@@ -793,10 +793,10 @@ pub(super) async fn script_answer(
 
 /// Whether `reply` is the script's answer to a call for no request: nothing, or `[-1]`
 /// where a key passed as an argument is not served there (its slot is moving).
-pub(super) fn answered_for_nothing(reply: redis::Value) -> Result<(), String> {
+pub(super) fn answered_for_nothing(reply: &redis::Value) -> Result<(), String> {
     match reply {
         redis::Value::BulkString(bytes) if bytes.is_empty() => Ok(()),
-        redis::Value::Array(values) if values == [redis::Value::Int(-1)] => Ok(()),
+        redis::Value::Array(values) if values[..] == [redis::Value::Int(-1)] => Ok(()),
         _ => Err("the rate-limit script answered something unexpected".to_owned()),
     }
 }

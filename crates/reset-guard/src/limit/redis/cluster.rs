@@ -836,11 +836,13 @@ impl NodeCalls {
     /// The probe's call of the script for no request on a master, shaped as a request's
     /// call is: while masters take one call for several slots, a master's batch (the
     /// flagged script, `key` passed as an argument); otherwise a call of one hash tag,
-    /// `key` declared (`plain`, the script without flags). A master that refuses the
-    /// batch's shape itself, in words the requests' calls do not know (Redis before 7 does
-    /// not compile the flags; a proxy may refuse a call that declares no key), has the
-    /// calls go one hash tag at a time from then on, which is then what is asked. A slot
-    /// on the move (`[-1]`, `MOVED`, `ASK`) is an answer.
+    /// `key` declared (`plain`, the script without flags). Where a master refuses the
+    /// batch in words the requests' calls do not know (Redis before 7 does not compile the
+    /// flags; a proxy may refuse a call that declares no key, in words or a code of its
+    /// own) but answers the call of one hash tag, the calls go one hash tag at a time from
+    /// then on. Where it refuses both (an ACL user without a command the script runs), that
+    /// is the probe's failure, and nothing changes once it answers again. A slot on the
+    /// move (`[-1]`, `MOVED`, `ASK`) is an answer.
     async fn probe_call(
         &self,
         connection: &mut impl redis::aio::ConnectionLike,
@@ -849,26 +851,37 @@ impl NodeCalls {
         timeout: Duration,
     ) -> Result<(), String> {
         let keys = [key.to_owned()];
-        if self.supported.load(Ordering::Relaxed) {
-            let flagged = redis::Script::new(&self.code);
-            let command = CallArgs::for_nothing(&keys).undeclared(&self.sha);
-            match super::batch::script_answer(connection, &flagged, &command, timeout).await? {
-                Ok(reply) => return super::batch::answered_for_nothing(reply),
-                Err(error) if redirected(&error) => return Ok(()),
-                Err(error) if passing_refusal(&error) => {
-                    return Err(format!("the rate-limit script: {error}"))
-                }
-                Err(error) if !matches!(error.kind(), redis::ErrorKind::Server(_)) => {
-                    return Err(format!("the rate-limit script: {error}"))
-                }
-                Err(error) => self.decide_by_tag(&error),
-            }
+        let by_tag = CallArgs::for_nothing(&keys).declared(plain.get_hash());
+        if !self.supported.load(Ordering::Relaxed) {
+            return match super::batch::script_answer(connection, plain, &by_tag, timeout).await? {
+                Ok(reply) => super::batch::answered_for_nothing(&reply),
+                Err(error) if redirected(&error) => Ok(()),
+                Err(error) => Err(format!("the rate-limit script: {error}")),
+            };
         }
-        let command = CallArgs::for_nothing(&keys).declared(plain.get_hash());
-        match super::batch::script_answer(connection, plain, &command, timeout).await? {
-            Ok(reply) => super::batch::answered_for_nothing(reply),
-            Err(error) if redirected(&error) => Ok(()),
-            Err(error) => Err(format!("the rate-limit script: {error}")),
+        let flagged = redis::Script::new(&self.code);
+        let command = CallArgs::for_nothing(&keys).undeclared(&self.sha);
+        let refused =
+            match super::batch::script_answer(connection, &flagged, &command, timeout).await? {
+                Ok(reply) => return super::batch::answered_for_nothing(&reply),
+                Err(error) if redirected(&error) => return Ok(()),
+                // No answer of the server's own (a dropped connection), or a refusal of the
+                // moment: the probe's failure.
+                Err(error) if error.code().is_none() || passing_refusal(&error) => {
+                    return Err(format!("the rate-limit script: {error}"))
+                }
+                Err(error) => error,
+            };
+        match super::batch::script_answer(connection, plain, &by_tag, timeout).await? {
+            Ok(reply) if super::batch::answered_for_nothing(&reply).is_ok() => {
+                self.decide_by_tag(&refused);
+                Ok(())
+            }
+            Err(error) if redirected(&error) => {
+                self.decide_by_tag(&refused);
+                Ok(())
+            }
+            _ => Err(format!("the rate-limit script: {refused}")),
         }
     }
 

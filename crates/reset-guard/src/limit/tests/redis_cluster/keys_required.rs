@@ -62,27 +62,36 @@ async fn a_cluster_that_refuses_calls_declaring_no_key_decides_every_request() {
     assert!(proxy.passed() > 0);
 }
 
-/// A proxy that refuses a call declaring no key in words the requests' calls do not know:
-/// the probe, which makes the call a master's batch makes, finds the refusal and has the
-/// calls go one hash tag at a time; within a second or two every request is decided and
-/// the cluster is found serving.
+/// A proxy that refuses a call declaring no key in words the requests' calls do not know
+/// (`ERR EVALSHA needs a key`), or with a code of its own (`NOKEYS ...`): the probe, which
+/// makes the call a master's batch makes and then the call of one hash tag, finds the
+/// first refused and the second answered, and has the calls go one hash tag at a time;
+/// within a second or two every request is decided and the cluster is found serving.
 #[tokio::test]
 async fn a_refusal_in_other_words_is_found_by_the_probe() {
-    let (node, dir) = lone_cluster_node("keys-other-words");
-    let proxy = ScriptProxy::start(node.addr(), Refuse::NoKeyInOtherWords);
-    serve_every_slot_announcing(&node, proxy.port()).await;
-    let rig = roomy_rig(store_seeded_by(&[proxy.url()], "keys-other-words"));
-    let mut statuses = Vec::new();
-    for i in 0..60 {
-        let ip: &'static str = Box::leak(format!("198.51.100.{}", i + 1).into_boxed_str());
-        statuses.push(rig.status(ask(&format!("w{i}@b.io")).from(ip)).await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for (rule, name) in [
+        (Refuse::NoKeyInOtherWords, "keys-other-words"),
+        (Refuse::NoKeyWithACodeOfItsOwn, "keys-own-code"),
+    ] {
+        let (node, dir) = lone_cluster_node(name);
+        let proxy = ScriptProxy::start(node.addr(), rule);
+        serve_every_slot_announcing(&node, proxy.port()).await;
+        let rig = roomy_rig(store_seeded_by(&[proxy.url()], name));
+        let mut statuses = Vec::new();
+        for i in 0..60 {
+            let ip: &'static str = Box::leak(format!("198.51.100.{}", i + 1).into_boxed_str());
+            statuses.push(rig.status(ask(&format!("w{i}@b.io")).from(ip)).await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ready = rig.handle.store_ready();
+        drop(rig);
+        drop(node);
+        let _ = std::fs::remove_dir_all(dir);
+        assert!(
+            proxy.refused() > 0,
+            "{rule:?}: no call declaring no key was made"
+        );
+        assert_eq!(statuses[40..], [200; 20], "{rule:?}: {statuses:?}");
+        assert!(ready, "{rule:?}: the probe finds the cluster serving");
     }
-    let ready = rig.handle.store_ready();
-    drop(rig);
-    drop(node);
-    let _ = std::fs::remove_dir_all(dir);
-    assert!(proxy.refused() > 0, "no call declaring no key was made");
-    assert_eq!(statuses[40..], [200; 20], "{statuses:?}");
-    assert!(ready, "the probe finds the cluster serving");
 }
