@@ -19,25 +19,9 @@ impl DelayProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let stopped = Arc::new(AtomicBool::new(false));
-        let stop = stopped.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(target) else {
-                    continue;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                let (Ok(client_side), Ok(server_side)) = (client.try_clone(), server.try_clone())
-                else {
-                    continue;
-                };
-                forward_late(client, server_side, delay);
-                forward_late(server, client_side, delay);
-            }
+        crate::tcp_pairs::accept_pairs(listener, target, stopped.clone(), move |pair| {
+            forward_late(pair.client, pair.server_side, delay);
+            forward_late(pair.server, pair.client_side, delay);
         });
         DelayProxy { addr, stopped }
     }

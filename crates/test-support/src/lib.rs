@@ -7,6 +7,7 @@ mod haproxy;
 mod redis_cluster;
 mod redis_server;
 mod script_proxy;
+mod tcp_pairs;
 
 pub use delay_proxy::DelayProxy;
 pub use fake_sentinel::FakeSentinel;

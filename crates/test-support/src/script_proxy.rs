@@ -77,31 +77,17 @@ impl ScriptProxy {
             proxy.refused.clone(),
             proxy.passed.clone(),
         );
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(target) else {
-                    continue;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                let (Ok(client_side), Ok(server_side)) = (client.try_clone(), server.try_clone())
-                else {
-                    continue;
-                };
-                let (refused, passed) = (refused.clone(), passed.clone());
-                std::thread::spawn(move || {
-                    forward_commands(client, server_side, rule, &refused, &passed)
-                });
-                std::thread::spawn(move || {
-                    let (mut server, mut client_side) = (server, client_side);
-                    let _ = std::io::copy(&mut server, &mut client_side);
-                    let _ = client_side.shutdown(std::net::Shutdown::Both);
-                });
-            }
+        crate::tcp_pairs::accept_pairs(listener, target, stop, move |pair| {
+            let (refused, passed) = (refused.clone(), passed.clone());
+            let (client, server_side) = (pair.client, pair.server_side);
+            std::thread::spawn(move || {
+                forward_commands(client, server_side, rule, &refused, &passed)
+            });
+            let (mut server, mut client_side) = (pair.server, pair.client_side);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut server, &mut client_side);
+                let _ = client_side.shutdown(std::net::Shutdown::Both);
+            });
         });
         proxy
     }
