@@ -1826,19 +1826,28 @@ mod redis_store {
         );
     }
 
+    /// A store (`deny`) reaching `server` through a proxy that refuses a script call whose
+    /// keys are in several slots, as one that spreads keys over shards does, and the proxy.
+    fn behind_a_sharding_proxy(server: &RedisServer) -> (test_support::ScriptProxy, StoreSettings) {
+        let proxy = test_support::ScriptProxy::start(
+            server.addr(),
+            test_support::Refuse::KeysInSeveralSlots,
+        );
+        let mut store = redis_store(server, OnError::Deny);
+        if let Some(redis) = store.redis.as_mut() {
+            redis.url = proxy.url();
+        }
+        (proxy, store)
+    }
+
     /// A proxy that spreads keys over shards may read keys of different slots together
     /// (`MGET`) but refuse a script call whose keys are in several (`CROSSSLOT`), and so
     /// every request of the standalone mode: the probe, which runs the script with keys in
     /// two slots as a request's call does, does not find Redis serving.
     #[tokio::test]
     async fn a_proxy_refusing_a_script_over_several_slots_is_not_found_serving() {
-        use test_support::{Refuse, ScriptProxy};
         let server = RedisServer::start();
-        let proxy = ScriptProxy::start(server.addr(), Refuse::KeysInSeveralSlots);
-        let mut store = redis_store(&server, OnError::Deny);
-        if let Some(redis) = store.redis.as_mut() {
-            redis.url = proxy.url();
-        }
+        let (proxy, store) = behind_a_sharding_proxy(&server);
         // A request's keys in three slots (none shares a hash tag).
         let limits = "  per_ip: [{ requests: 100, per: 1h }]\n  per_client: [{ requests: 100, per: 1h }]\n  per_email: [{ requests: 100, per: 1h }]\n";
         let rig = rig_with(limits, "", store);
@@ -1862,12 +1871,9 @@ mod redis_store {
     /// refused.
     #[tokio::test]
     async fn a_prefix_in_braces_passes_a_proxy_refusing_a_script_over_several_slots() {
-        use test_support::{Refuse, ScriptProxy};
         let server = RedisServer::start();
-        let proxy = ScriptProxy::start(server.addr(), Refuse::KeysInSeveralSlots);
-        let mut store = redis_store(&server, OnError::Deny);
+        let (proxy, mut store) = behind_a_sharding_proxy(&server);
         if let Some(redis) = store.redis.as_mut() {
-            redis.url = proxy.url();
             redis.key_prefix = format!("{{t{}}}", rand_suffix());
         }
         let limits = "  per_ip: [{ requests: 2, per: 1h }]\n  per_client: [{ requests: 100, per: 1h }]\n  per_email: [{ requests: 100, per: 1h }]\n";
