@@ -147,7 +147,7 @@ fn store_entries(settings: &Settings) -> Vec<(&'static str, String)> {
         ("store.max_keys", store.limits.max_keys.to_string()),
         ("store.key_secret", hashed(store.key_secret.as_deref())),
         (
-            "store.redis (url, mode, nodes)",
+            "store.redis (url, mode, nodes, sentinel_master)",
             format!("{:?}", redis.map(|r| &r.url)),
         ),
         (
@@ -157,6 +157,13 @@ fn store_entries(settings: &Settings) -> Vec<(&'static str, String)> {
         (
             "store.redis.password",
             hashed(redis.map(|r| r.password.as_deref())),
+        ),
+        (
+            "store.redis.sentinel_username, sentinel_password",
+            hashed(redis.map(|r| {
+                let auth = r.sentinel_auth.as_ref();
+                auth.map(|(user, password)| (user, password.as_str()))
+            })),
         ),
         ("store.redis.ca_file", hashed(redis.map(|r| &r.ca_pem))),
         (

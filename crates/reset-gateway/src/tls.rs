@@ -83,6 +83,26 @@ pub fn certificates_in(
         "{key}: no certificate in {}",
         path.display()
     );
+    // Read as X.509 now, as a connection would read it (a PEM block whose contents were cut
+    // or changed is framed well): check-config and a reload then refuse a file that would
+    // stop the next start, rather than every restarted replica failing on it.
+    for (at, cert) in certs.iter().enumerate() {
+        rustls::RootCertStore::empty()
+            .add(cert.clone())
+            .map_err(|e| {
+                // rustls words it as a peer's ("invalid peer certificate: ..."): only the
+                // cause is said.
+                let why = match e {
+                    rustls::Error::InvalidCertificate(cause) => format!("{cause:?}"),
+                    other => other.to_string(),
+                };
+                anyhow::anyhow!(
+                    "{key}: certificate {} in {} is not a certificate that can be read ({why})",
+                    at + 1,
+                    path.display()
+                )
+            })?;
+    }
     Ok(certs)
 }
 

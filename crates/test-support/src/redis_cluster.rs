@@ -1,6 +1,7 @@
 //! A real Redis Cluster of three masters on free loopback ports (each port + 10000, its
 //! cluster bus, free too), joined with `redis-cli --cluster create`, and stopped with the
-//! test; optionally with a password and TLS, and with nodes killed and brought back.
+//! test; optionally with a replica of each master, a password and TLS, and with nodes
+//! killed and brought back.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -12,6 +13,8 @@ use crate::{RedisOptions, RedisServer};
 pub struct RedisCluster {
     /// The masters, in the order they were created.
     pub nodes: Vec<RedisServer>,
+    /// A replica of each master, in the masters' order, with [`ClusterOptions::replicas`].
+    pub replicas: Vec<RedisServer>,
     dir: PathBuf,
     options: ClusterOptions,
 }
@@ -24,6 +27,8 @@ pub struct ClusterOptions {
     /// TLS for clients and the cluster bus, on a TLS port of each node's own (the plain
     /// port stays open for the test's own commands): (certificate file, key file, CA file).
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// A replica for each master (`--cluster-replicas 1`), as most clusters run.
+    pub replicas: bool,
 }
 
 /// One cluster node on its own, with its `nodes-<port>.conf` in `dir`: `cluster-enabled
@@ -78,7 +83,8 @@ impl RedisCluster {
             free_cluster_port()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let nodes: Vec<RedisServer> = (0..3)
+        let count = if options.replicas { 6 } else { 3 };
+        let nodes: Vec<RedisServer> = (0..count)
             .map(|_| {
                 RedisServer::start_on_with(
                     free_cluster_port(),
@@ -94,8 +100,10 @@ impl RedisCluster {
                 )
             })
             .collect();
-        let cluster = RedisCluster {
+        let replicas = if options.replicas { "1" } else { "0" };
+        let mut cluster = RedisCluster {
             nodes,
+            replicas: Vec::new(),
             dir,
             options,
         };
@@ -105,7 +113,7 @@ impl RedisCluster {
             create.arg(cluster.cli_address(i));
         }
         let out = create
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", replicas, "--cluster-yes"])
             .output()
             .expect("redis-cli must be installed");
         assert!(
@@ -115,7 +123,62 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         cluster.wait_ok(Duration::from_secs(20));
+        if cluster.options.replicas {
+            cluster.sort_replicas(Duration::from_secs(20));
+        }
         cluster
+    }
+
+    /// Moves the replicas out of `nodes` into `replicas`, each at its master's index, once
+    /// each is linked to its master and every master lists it.
+    fn sort_replicas(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let role = |node: &RedisServer| node.command("INFO replication").unwrap_or_default();
+        let all = std::mem::take(&mut self.nodes);
+        let (mut masters, mut replicas) = (Vec::new(), Vec::new());
+        for node in all {
+            if role(&node).contains("role:master") {
+                masters.push(node);
+            } else {
+                replicas.push(node);
+            }
+        }
+        assert_eq!(
+            (masters.len(), replicas.len()),
+            (3, 3),
+            "three masters, three replicas"
+        );
+        let port_of = |info: &str| -> Option<u16> {
+            info.lines()
+                .find_map(|line| line.strip_prefix("master_port:"))
+                .and_then(|port| port.trim().parse().ok())
+        };
+        while Instant::now() < deadline {
+            let linked = replicas.iter().all(|r| {
+                let info = role(r);
+                info.contains("master_link_status:up") && port_of(&info).is_some()
+            });
+            let listed = masters.iter().all(|m| {
+                let slots = m.command("CLUSTER SLOTS").unwrap_or_default();
+                replicas
+                    .iter()
+                    .all(|r| slots.contains(&format!(":{}\r\n", r.port())))
+            });
+            if linked && listed {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut ordered = Vec::new();
+        for master in &masters {
+            let at = replicas
+                .iter()
+                .position(|r| port_of(&role(r)) == Some(master.port()))
+                .expect("a replica of each master");
+            ordered.push(replicas.remove(at));
+        }
+        self.nodes = masters;
+        self.replicas = ordered;
     }
 
     /// Waits until every node reports `cluster_state:ok` and agrees on three masters
@@ -258,7 +321,7 @@ impl RedisCluster {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        for node in &mut self.nodes {
+        for node in self.nodes.iter_mut().chain(&mut self.replicas) {
             node.stop();
         }
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -89,6 +89,16 @@ pub struct RedisConfig {
     pub password_env: Option<String>,
     /// File holding the Redis password (a mounted secret), instead of the variable.
     pub password_file: Option<PathBuf>,
+    /// Sentinel mode: the sentinels' own ACL user, where they have one.
+    pub sentinel_username: Option<String>,
+    /// Refused: the sentinels' password never lives in this file either.
+    #[serde(deserialize_with = "refuse_sentinel_password")]
+    pub sentinel_password: Option<()>,
+    /// Sentinel mode: the variable holding the sentinels' own password (their
+    /// `requirepass`), where it differs from the master's.
+    pub sentinel_password_env: Option<String>,
+    /// Sentinel mode: the file holding it, instead of the variable.
+    pub sentinel_password_file: Option<PathBuf>,
     /// PEM certificates of a private CA for `rediss://` (then only these are trusted).
     pub ca_file: Option<PathBuf>,
     /// A client certificate (PEM chain) for `rediss://` servers that ask for one.
@@ -116,6 +126,10 @@ impl Default for RedisConfig {
             password: None,
             password_env: None,
             password_file: None,
+            sentinel_username: None,
+            sentinel_password: None,
+            sentinel_password_env: None,
+            sentinel_password_file: None,
             ca_file: None,
             cert_file: None,
             key_file: None,
@@ -325,6 +339,7 @@ impl RedisConfig {
                 settings = settings.with_client_certificate(cert, key);
             }
         }
+        settings.sentinel_auth = self.sentinel_auth()?;
         settings.key_prefix = self.key_prefix.clone();
         settings.timeout = self.timeout.0;
         settings.on_error = self.on_error;
@@ -333,7 +348,56 @@ impl RedisConfig {
     }
 }
 
+/// The sentinels' own username (none: their default user) and password.
+type SentinelAuth = (Option<String>, Zeroizing<String>);
+
 impl RedisConfig {
+    /// The sentinels' own username and password, where given (sentinel mode only; a
+    /// username only with a password, as for the master).
+    fn sentinel_auth(&self) -> Result<Option<SentinelAuth>, ConfigError> {
+        let set = [
+            (
+                "store.redis.sentinel_username",
+                self.sentinel_username.is_some(),
+            ),
+            (
+                "store.redis.sentinel_password_env",
+                self.sentinel_password_env.is_some(),
+            ),
+            (
+                "store.redis.sentinel_password_file",
+                self.sentinel_password_file.is_some(),
+            ),
+        ];
+        if self.mode != RedisMode::Sentinel {
+            if let Some((key, _)) = set.into_iter().find(|(_, set)| *set) {
+                return Err(ConfigError::new(
+                    key,
+                    "is for mode: sentinel (the sentinels' own credentials)",
+                ));
+            }
+        }
+        let password = env_or_file(
+            "store.redis.sentinel_password",
+            self.sentinel_password_env.as_deref(),
+            self.sentinel_password_file.as_deref(),
+        )?;
+        if self.sentinel_username.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::new(
+                "store.redis.sentinel_username",
+                "must be non-empty (leave it out for the sentinels' default user)",
+            ));
+        }
+        match password {
+            Some((_, password)) => Ok(Some((self.sentinel_username.clone(), password))),
+            None if self.sentinel_username.is_some() => Err(ConfigError::new(
+                "store.redis.sentinel_username",
+                "needs a password: set store.redis.sentinel_password_env or sentinel_password_file",
+            )),
+            None => Ok(None),
+        }
+    }
+
     /// `global_keys`: 1 to the most, and above 1 only in cluster mode.
     fn check_global_keys(&self) -> Result<(), ConfigError> {
         if self.global_keys == 0 || self.global_keys > MAX_GLOBAL_KEYS {
@@ -359,6 +423,16 @@ fn refuse_password<'de, D: serde::Deserializer<'de>>(
     super::upstream::refuse_secret(
         deserializer,
         "the Redis password must not be written in the file: set store.redis.password_env or password_file",
+    )
+}
+
+/// Refuses `store.redis.sentinel_password`, never echoing its value.
+fn refuse_sentinel_password<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<()>, D::Error> {
+    super::upstream::refuse_secret(
+        deserializer,
+        "the sentinels' password must not be written in the file: set store.redis.sentinel_password_env or sentinel_password_file",
     )
 }
 
@@ -414,6 +488,15 @@ impl RedisConfig {
             ("username", self.username.is_some()),
             ("password_env", self.password_env.is_some()),
             ("password_file", self.password_file.is_some()),
+            ("sentinel_username", self.sentinel_username.is_some()),
+            (
+                "sentinel_password_env",
+                self.sentinel_password_env.is_some(),
+            ),
+            (
+                "sentinel_password_file",
+                self.sentinel_password_file.is_some(),
+            ),
             ("ca_file", self.ca_file.is_some()),
             ("cert_file", self.cert_file.is_some()),
             ("key_file", self.key_file.is_some()),
@@ -505,7 +588,11 @@ fn env_or_file(
             Ok(Some((file_key, value)))
         }
         (Some(name), None) => {
-            let value = Zeroizing::new(read_env(&env_key, name, false)?);
+            // Trimmed as a file's is: a secret made from a file (`kubectl create secret
+            // --from-file`) keeps its newline in the variable, and one replica reading it
+            // from the variable and another from the mounted file must derive the same keys.
+            let raw = Zeroizing::new(read_env(&env_key, name, false)?);
+            let value = Zeroizing::new(raw.trim().to_owned());
             if value.is_empty() {
                 return Err(ConfigError::new(
                     &env_key,

@@ -298,6 +298,21 @@ fn check_config_names_the_key_and_line() {
     );
 }
 
+/// A copy of the PEM file `ca` in `dir` with one line of its base64 left out: framed as a
+/// certificate, but not one.
+pub(crate) fn cut_certificate(ca: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+    let pem = std::fs::read_to_string(ca).unwrap();
+    let kept: Vec<&str> = pem
+        .lines()
+        .enumerate()
+        .filter(|(at, _)| *at != 4)
+        .map(|(_, line)| line)
+        .collect();
+    let cut = dir.join("cut-ca.pem");
+    std::fs::write(&cut, kept.join("\n") + "\n").unwrap();
+    cut
+}
+
 #[test]
 fn check_config_refuses_what_the_gateway_could_not_start_or_run_with() {
     let base = yaml("http://127.0.0.1:9", "", "");
@@ -308,6 +323,7 @@ fn check_config_refuses_what_the_gateway_could_not_start_or_run_with() {
     let (_, other_cert, _) = test_certificates(&other);
     let not_pem = dir.path().join("not.pem");
     std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let cut = cut_certificate(&ca, dir.path());
     let tls = |cert: &std::path::Path, key: &std::path::Path| {
         base.replace(
             "server:\n",
@@ -328,6 +344,13 @@ fn check_config_refuses_what_the_gateway_could_not_start_or_run_with() {
                 &format!("upstream:\n  ca_file: {}\n", not_pem.display()),
             ),
             "upstream.ca_file (line",
+        ),
+        (
+            base.replace(
+                "upstream:\n",
+                &format!("upstream:\n  ca_file: {}\n", cut.display()),
+            ),
+            "upstream.ca_file (line 8): certificate 1 in",
         ),
         (
             base.replace("[User-Agent, X-Trace]", "[User-Agent, Accept-Encoding]"),

@@ -698,6 +698,17 @@ fn standalone_mode_takes_only_redis_urls() {
         );
     }
     check_redis_section("    url: rediss://127.0.0.1:6380/2\n").unwrap();
+    // Port 0 is no server's: refused, in a URL and in a node.
+    let error = check_redis_section("    url: redis://127.0.0.1:0\n").unwrap_err();
+    assert!(
+        error.contains("store.redis.url (line") && error.contains("port 0"),
+        "{error}"
+    );
+    let error = check_redis_section(
+        "    mode: cluster\n    nodes: [redis://10.0.0.1:6379, redis://10.0.0.2:0]\n",
+    )
+    .unwrap_err();
+    assert!(error.contains("node 2 names port 0"), "{error}");
 }
 
 /// A `ca_file` that holds no certificate, or is missing: the error names the key once,
@@ -1024,6 +1035,68 @@ async fn the_documented_acl_user_serves_and_one_without_the_script_is_down() {
     assert_eq!(
         c.reset_as_ios("email=carol%40example.com").await.status,
         503
+    );
+}
+
+/// A key secret made from a file keeps its trailing newline when it is put in a variable
+/// (`kubectl create secret --from-file`): a replica reading it from `key_secret_env` and one
+/// reading the mounted file derive the same keys, and share the limit. Before, the
+/// variable's newline was kept and the file's trimmed: two limits, each address's four
+/// resets all forwarded.
+#[tokio::test]
+async fn a_key_secret_from_a_variable_or_a_file_with_its_newline_is_one_secret() {
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_KEY_SECRET_WITH_NEWLINE";
+    let redis = RedisServer::start();
+    let secret = "0123456789abcdef0123456789abcdef\n";
+    let file = std::env::temp_dir().join(format!("key-secret-newline-{}", std::process::id()));
+    std::fs::write(&file, secret).unwrap();
+    std::env::set_var(VARIABLE, secret);
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let from_file = redis_yaml_at(&mock, &redis.url(), "", "deny").replace(
+        &key_secret_file().display().to_string(),
+        &file.display().to_string(),
+    );
+    let from_variable = from_file.replace(
+        &format!("key_secret_file: {}", file.display()),
+        &format!("key_secret_env: {VARIABLE}"),
+    );
+    assert!(from_variable.contains("key_secret_env"), "{from_variable}");
+    let a = Gateway::start_yaml(mock, &from_file).await;
+    let b = Gateway::replica(&from_variable).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    let _ = std::fs::remove_file(file);
+}
+
+/// A user whose ACL leaves `PING` out (the README's user, less `+ping`) is answered
+/// `NOPERM` to the `PING` that checks a new or quiet connection: the connection works, and
+/// requests are decided. Before, every request failed as `on_error` says while `/readyz`
+/// said ready.
+#[tokio::test]
+async fn a_user_who_may_not_ping_still_shares_limits() {
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_NO_PING_PASSWORD";
+    let redis = RedisServer::start();
+    let documented = documented_acl_user("acl-user-password", "secured");
+    let user = documented
+        .replace("ACL SETUSER reset-gateway ", "ACL SETUSER no-ping ")
+        .replace(" +ping", "");
+    assert_ne!(user, documented.replace("reset-gateway ", "no-ping "));
+    assert_eq!(redis.command(&user).as_deref(), Some("+OK\r\n"), "{user}");
+    std::env::set_var(VARIABLE, "acl-user-password");
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = redis_yaml_at(
+        &mock,
+        &redis.url(),
+        &format!("    username: no-ping\n    password_env: {VARIABLE}\n"),
+        "deny",
+    );
+    let a = Gateway::start_yaml(mock, &yaml).await;
+    let b = Gateway::replica(&yaml).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    assert_eq!(a.admin_get("/readyz").await.status, 200);
+    let metrics = a.admin_get("/metrics").await.body;
+    assert!(
+        metrics.contains("reset_gateway_store_errors_total 0"),
+        "{metrics}"
     );
 }
 

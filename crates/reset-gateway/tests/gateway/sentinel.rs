@@ -264,6 +264,85 @@ async fn auth_on_the_master_behind_sentinels_from_env_or_file_shares_one_limit()
     assert_eq!(ready.status, 503, "not ready without the password");
 }
 
+/// Sentinels with a password of their own (`requirepass`), not the master's: given as
+/// `sentinel_password_env` or `_file`, the sentinels are asked with it and the master with
+/// its own, and two gateways share one limit. Without it, the sentinels refuse the
+/// master's password, and the probe's line says which keys to set.
+#[tokio::test]
+async fn sentinels_with_a_password_of_their_own_are_asked_with_it() {
+    const DATA: &str = "data-nodes-password";
+    const SENTINELS: &str = "sentinels-own-password";
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_SENTINELS_OWN_PASSWORD";
+    const MASTER_VARIABLE: &str = "RESET_GATEWAY_TEST_SENTINELS_DATA_PASSWORD";
+    let secured = RedisOptions {
+        password: Some(DATA.to_owned()),
+        ..Default::default()
+    };
+    let master = RedisServer::start_with(secured);
+    let sentinels: Vec<RedisServer> = (0..3)
+        .map(|_| {
+            RedisServer::sentinel_with(
+                master.port(),
+                SentinelOptions {
+                    auth_pass: Some(DATA.to_owned()),
+                    password: Some(SENTINELS.to_owned()),
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(10), || sentinels
+            .iter()
+            .all(|s| s.sentinel_field("flags").as_deref() == Some("master"))),
+        "the sentinels did not get into the master"
+    );
+    let nodes: Vec<String> = sentinels.iter().map(RedisServer::url).collect();
+    // Each test runs in its own process: setting the variables touches no other test.
+    std::env::set_var(VARIABLE, SENTINELS);
+    std::env::set_var(MASTER_VARIABLE, DATA);
+    let dir = tempfile::tempdir().unwrap();
+    let sentinel_file = dir.path().join("sentinel-password");
+    std::fs::write(&sentinel_file, format!("{SENTINELS}\n")).unwrap();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let master_password = format!("    password_env: {MASTER_VARIABLE}\n");
+    let from_env = sentinel_yaml(
+        &mock,
+        &nodes,
+        &format!("{master_password}    sentinel_password_env: {VARIABLE}\n"),
+        "deny",
+    );
+    let from_file = sentinel_yaml(
+        &mock,
+        &nodes,
+        &format!(
+            "{master_password}    sentinel_password_file: {}\n",
+            sentinel_file.display()
+        ),
+        "deny",
+    );
+    let a = Gateway::start_yaml(mock, &from_env).await;
+    let b = Gateway::replica(&from_file).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    assert!(holds_limits(&master), "the limits live in the master");
+
+    let without = dir.path().join("without-sentinel-password.yaml");
+    std::fs::write(
+        &without,
+        sentinel_yaml(&a.mock, &nodes, &master_password, "deny"),
+    )
+    .unwrap();
+    let gateway = crate::process::spawn_gateway(&without);
+    let line = crate::redis::probe_failure_line(&gateway).await;
+    let logs = gateway.logs();
+    assert!(line.contains("sentinel_password_env"), "{line}");
+    assert!(
+        logs.iter()
+            .all(|l| !l.contains(DATA) && !l.contains(SENTINELS)),
+        "a password was logged"
+    );
+}
+
 #[test]
 fn sentinel_mode_is_checked_without_echoing_a_node_password() {
     let check = check_redis_section;
@@ -281,6 +360,9 @@ fn sentinel_mode_is_checked_without_echoing_a_node_password() {
         ("    mode: sentinel\n    nodes: [redis://10.0.0.1:26379, rediss://10.0.0.2:26379]\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "same scheme"),
         ("    mode: sentinel\n    nodes: [not a url]\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "not a valid Redis URL"),
         (&format!("{sentinel}    sentinels: 3\n"), "store.redis.sentinels", "unknown field"),
+        ("    sentinel_password_env: SENTINEL_PASSWORD\n", "store.redis.sentinel_password_env (line", "is for mode: sentinel"),
+        (&format!("{sentinel}    sentinel_username: watcher\n"), "store.redis.sentinel_username (line", "needs a password"),
+        (&format!("{sentinel}    sentinel_password: hunter2-password\n"), "store.redis.sentinel_password (line", "sentinel_password_env or sentinel_password_file"),
     ];
     for (redis, path, why) in refused {
         let shown = check(redis).unwrap_err();
@@ -341,5 +423,6 @@ async fn the_probe_says_when_a_server_is_of_the_wrong_kind() {
     assert!(line.contains("not a sentinel"), "{line}");
 
     let line = line_for(sentinel_yaml(&mock, &[guarded.url()], "", "deny")).await;
-    assert!(line.contains("the sentinels want a password"), "{line}");
+    assert!(line.contains("the sentinel wants a password"), "{line}");
+    assert!(line.contains("sentinel_password_env"), "{line}");
 }

@@ -401,7 +401,10 @@ impl RedisStore {
         }
         // Which server said it, and what that says about the settings.
         let (named, hint) = match &master.address {
-            Some((host, port)) => (format!("master {host}:{port}"), ""),
+            Some((host, port)) => (
+                format!("master {host}:{port}"),
+                answer.as_ref().err().map_or("", |cause| access_hint(cause)),
+            ),
             None => (
                 format!("server {}", self.settings.url),
                 answer
@@ -819,6 +822,19 @@ fn standalone_hint(cause: &str) -> &'static str {
     } else if cause.contains("CROSSSLOT") || cause.contains("CrossSlot") {
         " (keys spread over shards behind one address, and a request's keys are in different slots: `mode: cluster`, with the service's Redis Cluster endpoint among the seed `nodes`, where it offers one; or a `key_prefix` in braces, `{reset-gateway}`, which puts every key in one slot, so on one shard)"
     } else {
+        access_hint(cause)
+    }
+}
+
+/// What a server's refusal says about the credentials, the ACL user or the server itself.
+fn access_hint(cause: &str) -> &'static str {
+    if cause.contains("NOAUTH") {
+        " (the server wants a password: store.redis.password_env or password_file)"
+    } else if cause.contains("NOPERM") || cause.contains("can't run this command") {
+        " (the ACL user lacks a command or key the gateway needs: the README's `ACL SETUSER` line, \"Several replicas\", lists them)"
+    } else if cause.contains("Parse error") {
+        " (the server's answer is not Redis's protocol: is `url` a Redis server's port?)"
+    } else {
         ""
     }
 }
@@ -827,11 +843,14 @@ fn standalone_hint(cause: &str) -> &'static str {
 /// the settings do not hold; and, while Redis has never `served` (a stall or restart of one
 /// that did is no matter of TLS), a server that does not speak TLS (it sends a TLS
 /// handshake no answer, which looks like a hang) or a TLS port reached without TLS (it
-/// drops the connection).
+/// drops the connection). A server whose certificate was read speaks TLS: its certificate
+/// is the cause.
 fn with_tls_hint(cause: String, tls: bool, served: bool) -> String {
     let hint = if cause.contains("CertificateRequired") {
         " (the server asks for a client certificate: store.redis.cert_file and key_file)"
-    } else if served {
+    } else if cause.contains("UnknownIssuer") {
+        " (the server's certificate is signed by no CA the gateway trusts: store.redis.ca_file for a private CA)"
+    } else if served || cause.contains("peer certificate") {
         ""
     } else if tls && (cause.contains("no answer") || cause.contains("timed out")) {
         " (if that port does not speak TLS, a TLS handshake gets no answer: rediss:// is for a TLS port)"
@@ -915,7 +934,7 @@ async fn in_time<T, E: std::fmt::Display>(
 
 #[cfg(test)]
 mod probe_tests {
-    use super::{in_time, keys_in_two_slots, with_tls_hint};
+    use super::{in_time, keys_in_two_slots, standalone_hint, with_tls_hint};
     use std::time::Duration;
 
     /// An exchange that fails after its time (a connection's own timeout firing late) is
@@ -939,6 +958,23 @@ mod probe_tests {
     }
 
     #[test]
+    fn a_refusal_of_the_credentials_or_the_acl_user_names_what_to_set() {
+        let cases = [
+            ("NOAUTH: Authentication required.", "store.redis.password_env"),
+            (
+                "the rate-limit script: ERR The user executing the script can't run this command or subcommand script: @user_script:63",
+                "`ACL SETUSER` line",
+            ),
+            ("NOPERM this user has no permissions to access one of the keys", "`ACL SETUSER` line"),
+            ("Parse error at 1 Unexpected '72'", "not Redis's protocol"),
+        ];
+        for (cause, named) in cases {
+            assert!(standalone_hint(cause).contains(named), "{cause}");
+        }
+        assert_eq!(standalone_hint("Connection refused"), "");
+    }
+
+    #[test]
     fn a_tls_hint_is_given_where_tls_may_be_the_cause() {
         let certificate = "received fatal alert: CertificateRequired".to_owned();
         for served in [false, true] {
@@ -956,6 +992,17 @@ mod probe_tests {
         let reset = "Connection reset by peer (os error 104)".to_owned();
         assert!(with_tls_hint(reset.clone(), false, false).contains("must start with rediss://"));
         assert_eq!(with_tls_hint(reset.clone(), false, true), reset);
+        // A port that sent its certificate speaks TLS, whatever else timed out.
+        let name = "CLUSTER SLOTS: timed out; seed rediss://127.0.0.1:7000: invalid peer \
+                    certificate: certificate not valid for name \"127.0.0.1\""
+            .to_owned();
+        assert_eq!(with_tls_hint(name.clone(), true, false), name);
+        let issuer = "invalid peer certificate: UnknownIssuer".to_owned();
+        let hinted = with_tls_hint(issuer, true, true);
+        assert!(
+            hinted.ends_with("store.redis.ca_file for a private CA)"),
+            "{hinted}"
+        );
     }
 
     #[test]

@@ -1092,6 +1092,7 @@ mod redis_store {
             redis: Some(RedisSettings {
                 username: None,
                 password: None,
+                sentinel_auth: None,
                 ca_pem: None,
                 client_certificate: None,
                 url: server.url(),
@@ -1969,6 +1970,7 @@ mod redis_store {
             redis: Some(RedisSettings {
                 username: None,
                 password: None,
+                sentinel_auth: None,
                 ca_pem: None,
                 client_certificate: None,
                 url: format!("redis://{}", stalled.local_addr().unwrap()),

@@ -642,8 +642,7 @@ pub(super) async fn ping_by(
     mut connection: ConnectionManager,
     until: tokio::time::Instant,
 ) -> Pinged {
-    let ping = redis::cmd("PING");
-    tokio::time::timeout_at(until, ping.query_async::<()>(&mut connection)).await
+    tokio::time::timeout_at(until, super::keep_alive::ping(&mut connection)).await
 }
 
 /// Whether a `PING` failed with an error of the client's own before its deadline (a broken

@@ -147,7 +147,10 @@ impl Cluster {
                     let wait = settings::connect_timeout(timeout);
                     match answer_in_time(wait, RedisSettings::connect_for(&client, wait)).await {
                         Ok(connection) => (connection, (slot, probe_key(prefix, slot))),
-                        Err(cause) => return Err(format!("{named}: {cause}")),
+                        Err(cause) => {
+                            let hint = certificate_name_hint(&cause);
+                            return Err(format!("{named}: {cause}{hint}"));
+                        }
                     }
                 }
             };
@@ -155,9 +158,18 @@ impl Cluster {
             let info = command.query_async::<String>(&mut connection);
             match tokio::time::timeout(timeout, info).await {
                 Ok(Ok(info)) if info.contains("cluster_state:ok") => {}
-                // It answered: its connection is kept for the next probe.
+                // It answered: its connection is kept for the next probe. Its script call
+                // and write would be refused (CLUSTERDOWN) for what another master lacks:
+                // the other masters are asked on, so that one that does not answer is the
+                // one named.
                 Ok(Ok(_)) => {
-                    verdict = verdict.and(Err(format!("{named} says the cluster is down")))
+                    verdict = verdict.and(Err(format!("{named} says the cluster is down")));
+                    pinged.push(ProbedMaster {
+                        named,
+                        connection,
+                        key,
+                    });
+                    continue;
                 }
                 Ok(Err(error)) if error.code() == Some("NOPERM") => {}
                 Ok(Err(error)) => return Err(format!("{named}: {error}")),
@@ -188,8 +200,12 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// Which master serves each slot, as `CLUSTER SLOTS` answered the probe's connection
-    /// within `wait`, with that connection.
+    /// Which master serves each slot, as `CLUSTER SLOTS` answered within `wait`, with the
+    /// probe's connection. The map is read as requests read it (the node that answered
+    /// last, then every master and seed at once, the first answer taken): the cluster
+    /// client asks one node it holds a connection to at random, replicas included, and one
+    /// that hangs (a replica stopped, a master frozen after its replica took over) would
+    /// have the probe report a cluster that serves every request down, on and off.
     async fn slot_owners(
         &self,
         wait: Duration,
@@ -202,6 +218,13 @@ impl Cluster {
             })
             .await
             .clone();
+        // Reading it may mean making a connection first.
+        let read = self.nodes.read_slot_map(connection.clone(), wait);
+        let in_time = settings::connect_timeout(wait) + wait;
+        if let Ok(Some(map)) = tokio::time::timeout(in_time, read).await {
+            return Ok((connection, map));
+        }
+        // No node answered: the cluster client's own error, and each seed's, say why.
         let ask = connection.route_command(
             redis::cmd("CLUSTER").arg("SLOTS").clone(),
             RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
@@ -619,8 +642,7 @@ impl NodeCalls {
         if !idle {
             return Some(connection);
         }
-        let ping = redis::cmd("PING");
-        let pinged = tokio::time::timeout_at(deadline, ping.query_async::<()>(&mut connection));
+        let pinged = tokio::time::timeout_at(deadline, super::keep_alive::ping(&mut connection));
         match pinged.await {
             Ok(Ok(())) => return Some(connection),
             // A broken connection: made anew.
@@ -1376,6 +1398,17 @@ fn not_a_cluster(cause: &str) -> String {
     }
 }
 
+/// Why a master's certificate may not name the address it was reached by, where `cause`
+/// says so.
+fn certificate_name_hint(cause: &str) -> &'static str {
+    if cause.contains("not valid for name") {
+        " (the cluster names its nodes by the address each announces, its IP address unless \
+         cluster-announce-hostname and cluster-preferred-endpoint-type hostname say otherwise: \
+         the nodes' certificates must name it)"
+    } else {
+        ""
+    }
+}
 /// The first master of `map` (in its order) that cannot be reached within `wait` at the
 /// address the cluster gives it (all tried at once), and why, with what to change where the
 /// certificate does not name that address.
@@ -1404,13 +1437,7 @@ async fn first_unreachable(
     let (named, cause) = tried
         .into_iter()
         .find_map(|(_, named, reached)| Some((named, reached.err()?)))?;
-    let hint = if cause.contains("not valid for name") {
-        " (the cluster names its nodes by the address each announces, its IP address unless \
-         cluster-announce-hostname and cluster-preferred-endpoint-type hostname say otherwise: \
-         the nodes' certificates must name it)"
-    } else {
-        ""
-    };
+    let hint = certificate_name_hint(&cause);
     Some(format!(
         "master {named} it names: {}{hint}",
         bounded(&cause)

@@ -28,6 +28,19 @@ pub(super) const IDLE_CHECK: Duration = Duration::from_millis(500);
 /// answer keep it from ever being needed.
 pub(super) const SILENT_CHECK: Duration = Duration::from_millis(1000);
 
+/// A `PING` over `connection`: answered, or why not. A user whose ACL leaves `PING` out is
+/// answered `NOPERM` over a connection that works, which is all a `PING` is sent to find
+/// out: counted as answered, rather than failing every request on a server that serves
+/// them. A refused password (`NOAUTH`, `WRONGPASS`) is not: the connection is made anew.
+pub(super) async fn ping(
+    connection: &mut impl redis::aio::ConnectionLike,
+) -> redis::RedisResult<()> {
+    match redis::cmd("PING").query_async::<()>(connection).await {
+        Err(error) if error.code() == Some("NOPERM") => Ok(()),
+        answer => answer,
+    }
+}
+
 /// When a connection last answered (a call or a `PING`), shared with the background
 /// `PING`s sent over it.
 #[derive(Debug)]
@@ -135,8 +148,7 @@ impl KeepAlive {
         let mut connection = connection.clone();
         let liveness = self.liveness.clone();
         tokio::spawn(async move {
-            let ping = redis::cmd("PING");
-            let pinged = tokio::time::timeout(timeout, ping.query_async::<()>(&mut connection));
+            let pinged = tokio::time::timeout(timeout, ping(&mut connection));
             if let Ok(Ok(())) = pinged.await {
                 liveness.answered();
             }

@@ -173,8 +173,7 @@ impl LateNodes {
         mut refusal: OwnedMutexGuard<Refusal>,
         wait: Duration,
     ) -> Result<(), String> {
-        let ping = redis::cmd("PING");
-        let pinged = tokio::time::timeout(wait, ping.query_async::<()>(&mut connection)).await;
+        let pinged = tokio::time::timeout(wait, super::keep_alive::ping(&mut connection)).await;
         match pinged {
             Ok(Ok(())) => {
                 self.let_go(&url);

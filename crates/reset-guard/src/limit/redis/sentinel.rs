@@ -185,12 +185,17 @@ impl RedisStore {
         // Why each sentinel's answer was not used, for the warning if none is.
         let mut causes: Vec<String> = Vec::new();
         for at in (0..count).map(|i| (first + i) % count) {
-            let sentinel = at + 1;
+            // Named by its place and its URL (which holds no password: refused when the
+            // settings are read), so that a typo in one is found.
+            let sentinel = format!("{} ({})", at + 1, pool.nodes()[at]);
             let address = match tokio::time::timeout(wait, self.ask_sentinel(pool, at)).await {
                 Ok(Ok(Some(address))) => address,
                 Ok(Ok(None)) => {
                     tracing::debug!(target: "reset_guard::limit", master = %pool.sentinels.master, "a sentinel does not know this master");
-                    causes.push(format!("sentinel {sentinel} does not know this master"));
+                    causes.push(format!(
+                        "sentinel {sentinel} knows no master named {:?}",
+                        pool.sentinels.master
+                    ));
                     continue;
                 }
                 Ok(Err(error)) => {
@@ -253,9 +258,16 @@ impl RedisStore {
         pool: &SentinelPool,
         at: usize,
     ) -> redis::RedisResult<Option<(String, u16)>> {
-        let last = pool.auth.load(Ordering::Relaxed) % SENTINEL_AUTH.len();
         let node = &pool.nodes()[at];
-        let mut answer = self.query_sentinel(pool, node, SENTINEL_AUTH[last]).await;
+        if self.settings.sentinel_auth.is_some() {
+            // The sentinels' own credentials, given apart: those only.
+            let client = self.settings.sentinel_client(node)?;
+            return self.query_sentinel(pool, client).await;
+        }
+        let last = pool.auth.load(Ordering::Relaxed) % SENTINEL_AUTH.len();
+        let mut answer = self
+            .query_sentinel_as(pool, node, SENTINEL_AUTH[last])
+            .await;
         if self.settings.password.is_none() {
             return answer;
         }
@@ -266,7 +278,7 @@ impl RedisStore {
             if !refused || way == last || same {
                 continue;
             }
-            answer = self.query_sentinel(pool, node, credentials).await;
+            answer = self.query_sentinel_as(pool, node, credentials).await;
             if answer.is_ok() {
                 pool.auth.store(way, Ordering::Relaxed);
             }
@@ -274,13 +286,24 @@ impl RedisStore {
         answer
     }
 
-    async fn query_sentinel(
+    /// [`query_sentinel`](Self::query_sentinel) of the sentinel at `node`, sending the
+    /// master's username and password as said.
+    async fn query_sentinel_as(
         &self,
         pool: &SentinelPool,
         node: &str,
         (username, password): (bool, bool),
     ) -> redis::RedisResult<Option<(String, u16)>> {
         let client = self.settings.client_as(node, username, password)?;
+        self.query_sentinel(pool, client).await
+    }
+
+    /// The master's address as the sentinel `client` reaches names it, if it knows it.
+    async fn query_sentinel(
+        &self,
+        pool: &SentinelPool,
+        client: redis::Client,
+    ) -> redis::RedisResult<Option<(String, u16)>> {
         let wait = settings::connect_timeout(self.timeout);
         let mut connection = RedisSettings::connect_for(&client, wait).await?;
         redis::cmd("SENTINEL")
@@ -329,7 +352,9 @@ fn sentinel_hint(error: &redis::RedisError) -> &'static str {
     if said.contains("unknown command") {
         " (not a sentinel: in `mode: sentinel`, `nodes` lists the sentinels; one Redis server is `mode: standalone` with `url`)"
     } else if said.contains("NOAUTH") {
-        " (the sentinels want a password: store.redis.password_env or password_file, as the sentinels' requirepass)"
+        " (the sentinel wants a password: store.redis.sentinel_password_env or sentinel_password_file, its requirepass; without them, the master's password is tried)"
+    } else if error.kind() == redis::ErrorKind::AuthenticationFailed {
+        " (the sentinel refused the password: where the sentinels' own requirepass differs from the master's password, store.redis.sentinel_password_env or sentinel_password_file)"
     } else {
         ""
     }

@@ -48,6 +48,11 @@ pub struct RedisSettings {
     pub username: Option<String>,
     /// The password sent with `AUTH`.
     pub password: Option<Zeroizing<String>>,
+    /// Sentinel mode: the sentinels' own credentials (their `requirepass`, or an ACL user
+    /// of theirs), where they differ from the master's: the username (none: the default
+    /// user) and the password. When set, the sentinels are asked with these only; when
+    /// not, without credentials and then with the master's.
+    pub sentinel_auth: Option<(Option<String>, Zeroizing<String>)>,
     /// PEM certificates of a private CA that Redis's TLS certificate chains to; then only
     /// these are trusted for Redis (none: the public web PKI roots).
     pub ca_pem: Option<Vec<u8>>,
@@ -84,6 +89,10 @@ impl fmt::Debug for RedisSettings {
             .field("url", &without_credentials(&self.url))
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "(set)"))
+            .field(
+                "sentinel_auth",
+                &self.sentinel_auth.as_ref().map(|(user, _)| (user, "(set)")),
+            )
             .field("ca_pem", &self.ca_pem.as_ref().map(|_| "(set)"))
             .field(
                 "client_certificate",
@@ -152,6 +161,7 @@ impl RedisSettings {
             url: url.into(),
             username: None,
             password: None,
+            sentinel_auth: None,
             ca_pem: None,
             client_certificate: None,
             key_prefix: "reset-gateway".to_owned(),
@@ -170,6 +180,17 @@ impl RedisSettings {
     /// With the password sent with `AUTH` (kept in memory that is wiped when dropped).
     pub fn with_password(mut self, password: impl Into<String>) -> Self {
         self.password = Some(Zeroizing::new(password.into()));
+        self
+    }
+
+    /// Sentinel mode: the sentinels asked as `username` (none: their default user) with
+    /// `password`, their own credentials (see [`sentinel_auth`](Self::sentinel_auth)).
+    pub fn with_sentinel_auth(
+        mut self,
+        username: Option<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.sentinel_auth = Some((username, Zeroizing::new(password.into())));
         self
     }
 
@@ -217,9 +238,10 @@ impl RedisSettings {
 
     /// Settings for the master the sentinels at `nodes` (`redis://host:port`, or all
     /// `rediss://`) name `master`, otherwise as [`new`](Self::new). The username,
-    /// password and CA apply to the master and its replicas; the sentinels are asked
-    /// without the username and password, and with them when they want one (their own
-    /// `requirepass`); the CA applies to them too.
+    /// password and CA apply to the master and its replicas; the sentinels are asked with
+    /// their own credentials where [`with_sentinel_auth`](Self::with_sentinel_auth) gives
+    /// them, else without the username and password, and with them when they want one
+    /// (their own `requirepass`, the same); the CA applies to them too.
     ///
     /// # Errors
     ///
@@ -296,6 +318,9 @@ impl RedisSettings {
         }
         if info.redis_settings().db() < 0 {
             return Err("names a database below 0 (Redis numbers them from /0)");
+        }
+        if port_of(info.addr()) == Some(0) {
+            return Err("names port 0, which no server listens on");
         }
         Ok(())
     }
@@ -380,13 +405,36 @@ impl RedisSettings {
         username: bool,
         password: bool,
     ) -> redis::RedisResult<redis::Client> {
+        let name = self.username.as_deref().filter(|_| username && password);
+        let secret = self.password.as_deref().filter(|_| password);
+        self.client_with(url, name, secret.map(String::as_str))
+    }
+
+    /// The client for the sentinel at `url`, with the sentinels' own credentials
+    /// ([`sentinel_auth`](Self::sentinel_auth), which must be set).
+    pub(crate) fn sentinel_client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        let (name, secret) = self
+            .sentinel_auth
+            .as_ref()
+            .map_or((None, None), |(n, s)| (n.as_deref(), Some(s.as_str())));
+        self.client_with(url, name, secret)
+    }
+
+    /// The client for the server at `url`, authenticating as `username` (with a password)
+    /// with `password`; TLS with `ca_pem` when set.
+    fn client_with(
+        &self,
+        url: &str,
+        username: Option<&str>,
+        password: Option<&str>,
+    ) -> redis::RedisResult<redis::Client> {
         let info = url.into_connection_info()?;
         let mut handshake = info.redis_settings().clone();
-        if let Some(name) = self.username.as_ref().filter(|_| username && password) {
+        if let Some(name) = username.filter(|_| password.is_some()) {
             handshake = handshake.set_username(name);
         }
-        if let Some(secret) = self.password.as_ref().filter(|_| password) {
-            handshake = handshake.set_password(secret.as_str());
+        if let Some(secret) = password {
+            handshake = handshake.set_password(secret);
         }
         let info = info
             .set_redis_settings(handshake)
@@ -423,6 +471,16 @@ fn tcp_settings() -> redis::io::tcp::TcpSettings {
     redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
+/// The TCP port of `address` (none for a Unix socket).
+fn port_of(address: &redis::ConnectionAddr) -> Option<u16> {
+    match address {
+        redis::ConnectionAddr::Tcp(_, port) | redis::ConnectionAddr::TcpTls { port, .. } => {
+            Some(*port)
+        }
+        _ => None,
+    }
+}
+
 /// Every node's scheme (`redis` or `rediss`, the same for all) and `host:port`; `password`
 /// says why a node may not hold a password.
 fn node_addresses(nodes: &[String], password: &str) -> Result<(&'static str, Vec<String>), String> {
@@ -447,6 +505,9 @@ fn node_addresses(nodes: &[String], password: &str) -> Result<(&'static str, Vec
         }
         if has_query(node) {
             return Err(format!("node {n} {QUERY_REFUSED}"));
+        }
+        if port_of(info.addr()) == Some(0) {
+            return Err(format!("node {n} names port 0, which no server listens on"));
         }
         if info.redis_settings().db() != 0 {
             // Cluster has only database 0, and a sentinel's URL says nothing of the master's.

@@ -408,7 +408,8 @@ struct ReplyDropper {
     armed: Arc<std::sync::atomic::AtomicBool>,
     refuse_flagged: Arc<std::sync::atomic::AtomicBool>,
     dropped: Arc<AtomicUsize>,
-    /// Calls of the script with `allow-cross-slot-keys` (one master's batch) seen.
+    /// Calls of the script with `allow-cross-slot-keys` (one master's batch) seen, the
+    /// probe's left out.
     batched_calls: Arc<AtomicUsize>,
 }
 
@@ -468,12 +469,13 @@ impl ReplyDropper {
                                 if arguments >= 5 {
                                     let text = String::from_utf8_lossy(bytes);
                                     let flagged = text.contains(&sha);
-                                    if flagged {
+                                    // The probe's calls (its key is the probe's) are
+                                    // neither a master's batch nor the one to lose.
+                                    let probe = text.contains(":probe");
+                                    if flagged && !probe {
                                         batched.fetch_add(1, Ordering::SeqCst);
                                     }
-                                    // A flagged call refused is not the one to lose,
-                                    // nor the probe's (its key is the probe's).
-                                    let probe = text.contains(":probe");
+                                    // Nor is a flagged call refused.
                                     if !(probe || refusing && flagged)
                                         && armed.swap(false, Ordering::SeqCst)
                                     {
@@ -635,10 +637,15 @@ async fn a_reply_lost_after_the_script_ran_charges_the_request_once() {
 /// A rig whose requests, after a warm-up, go to the masters' own connections (the slot
 /// map read in the background): per_ip only, five an hour.
 async fn warmed_per_ip_rig(cluster: &RedisCluster, prefix: &str) -> Rig {
+    warmed_per_ip_rig_on(cluster_store(cluster, prefix)).await
+}
+
+/// [`warmed_per_ip_rig`] on `store`.
+async fn warmed_per_ip_rig_on(store: StoreSettings) -> Rig {
     let rig = rig_in(
         "  per_ip: [{ requests: 5, per: 1h }]\n  per_client: []\n  per_email: []\n  global: []\n",
         "",
-        cluster_store(cluster, prefix),
+        store,
         ManualClock::new(),
     );
     for i in 0..40 {
@@ -1096,6 +1103,33 @@ async fn a_hung_master_replaced_by_its_replica_is_left_behind() {
     drop(replica);
     let _ = std::fs::remove_dir_all(dir);
     assert_eq!(failed[1], 0, "failed of 30, 3 s and 6 s after: {failed:?}");
+}
+
+/// Replicas that hang (SIGSTOP: a host that stops answering without closing its
+/// connections) leave the probe finding the cluster serving, as every request is served:
+/// the probe reads the slot map as requests do (the node that answered last, then every
+/// master and seed at once). Before, it asked a node the cluster client picked at random,
+/// replicas included, and reported the store down each time it picked a hung one (with
+/// half the nodes hung, about every other probe).
+#[tokio::test]
+async fn hung_replicas_leave_the_probe_finding_the_cluster_serving() {
+    let cluster = RedisCluster::start_with(test_support::ClusterOptions {
+        replicas: true,
+        ..Default::default()
+    });
+    // The default timeout, as a deployment has it.
+    let rig = warmed_per_ip_rig_on(store_seeded_by_50ms(&cluster.urls(), "hung-replicas")).await;
+    until_ready(&rig).await;
+    for replica in &cluster.replicas {
+        replica.signal("STOP");
+    }
+    let ready = readiness(&rig, 40).await;
+    let served = twelve_from_new_addresses(&rig).await;
+    for replica in &cluster.replicas {
+        replica.signal("CONT");
+    }
+    assert_eq!(served, [200; 12]);
+    assert_eq!(ready, [true; 40]);
 }
 
 /// `mode: cluster` given one server that is not part of a cluster: once the slot map has
