@@ -343,6 +343,40 @@ async fn sentinels_with_a_password_of_their_own_are_asked_with_it() {
     );
 }
 
+/// A sentinel listed wrong (nothing listens there: a typo) before one that answers: the
+/// gateway serves through the other, and says once, at `warn`, which sentinel it passed
+/// over and why, rather than only at debug level, where the typo went unnoticed until the
+/// other sentinels were down too.
+#[tokio::test]
+async fn a_sentinel_listed_wrong_is_named_once_another_names_the_master() {
+    let master = RedisServer::start();
+    let sentinel = RedisServer::sentinel(master.port());
+    let nowhere = format!("redis://127.0.0.1:{}", free_port());
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    let nodes = [nowhere.clone(), sentinel.url()];
+    std::fs::write(&config, sentinel_yaml(&mock, &nodes, "", "deny")).unwrap();
+    let gateway = crate::process::spawn_gateway(&config);
+    let passed_over = |logs: Vec<String>| {
+        logs.into_iter()
+            .find(|line| line.contains("sentinels passed over"))
+    };
+    let line = poll_until(100, async || passed_over(gateway.logs()), Option::is_some)
+        .await
+        .expect("the sentinel passed over is logged");
+    assert!(line.contains(r#""level":"WARN""#), "{line}");
+    assert!(line.contains(&format!("sentinel 1 ({nowhere})")), "{line}");
+    // Once: the sentinel that answered is asked first from then on.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let said = gateway
+        .logs()
+        .iter()
+        .filter(|l| l.contains("sentinels passed over"))
+        .count();
+    assert_eq!(said, 1);
+}
+
 #[test]
 fn sentinel_mode_is_checked_without_echoing_a_node_password() {
     let check = check_redis_section;

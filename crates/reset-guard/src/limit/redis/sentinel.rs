@@ -133,7 +133,7 @@ impl RedisStore {
         // Logged once per new reason: the sentinels are asked every second, and more
         // often while requests fail.
         let mut last = pool.failure.lock().unwrap_or_else(|e| e.into_inner());
-        let ((host, port), client) = match found {
+        let ((host, port), client, passed_over) = match found {
             Ok(found) => {
                 if last.clear() {
                     tracing::info!(target: "reset_guard::limit", "the sentinels name a Redis master again");
@@ -156,6 +156,14 @@ impl RedisStore {
         }
         let generation = current.map_or(1, |m| m.generation + 1);
         let named = format!("{host}:{port}");
+        if !passed_over.is_empty() {
+            // Said when a master is named (at start, and after a failover), not at every
+            // question: the sentinel that answered is asked first from then on. A sentinel
+            // listed wrong (a typo, a data node) would otherwise go unnoticed until the
+            // others are down.
+            let passed_over = passed_over.join("; ");
+            tracing::warn!(target: "reset_guard::limit", sentinels = %passed_over, "sentinels passed over for one that named the master");
+        }
         match Master::new(generation, Some((host, port)), client, &self.config) {
             Ok(master) => {
                 tracing::info!(target: "reset_guard::limit", master = %named, "Redis master named by the sentinels");
@@ -169,13 +177,14 @@ impl RedisStore {
     }
 
     /// The master's address and a client for it: from the first sentinel, starting with
-    /// the one whose answer was used last, that names a server which says it is a master.
-    /// Otherwise, each sentinel's reason (logged at debug level as it comes).
+    /// the one whose answer was used last, that names a server which says it is a master,
+    /// with why each sentinel asked before it was passed over. Otherwise, each sentinel's
+    /// reason (logged at debug level as it comes).
     async fn find_master(
         &self,
         pool: &SentinelPool,
         current: Option<&Master>,
-    ) -> Result<((String, u16), redis::Client), String> {
+    ) -> Result<((String, u16), redis::Client, Vec<String>), String> {
         let wait = settings::connect_timeout(self.timeout);
         let count = pool.nodes().len();
         let first = pool.first.load(Ordering::Relaxed);
@@ -229,7 +238,7 @@ impl RedisStore {
             match tokio::time::timeout(wait, self.confirm_master(pool, &address, current)).await {
                 Ok(Ok(Some(client))) => {
                     pool.first.store(at, Ordering::Relaxed);
-                    return Ok((address, client));
+                    return Ok((address, client, causes));
                 }
                 Ok(Ok(None)) => {
                     tracing::debug!(target: "reset_guard::limit", master = %named, "a sentinel named a Redis server that is not a master");
