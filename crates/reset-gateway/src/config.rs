@@ -87,6 +87,7 @@ impl GatewayConfig {
             .chain(
                 [
                     &self.store.redis.password_file,
+                    &self.store.redis.sentinel_password_file,
                     &self.store.redis.ca_file,
                     &self.store.redis.cert_file,
                     &self.store.redis.key_file,

@@ -234,7 +234,7 @@ impl RedisConfig {
                     } else {
                         "store.redis.sentinel_master"
                     };
-                    ConfigError::new(key, with_hint(&why))
+                    ConfigError::new(key, with_sentinel_hint(&why))
                 })
             }
         }
@@ -434,6 +434,18 @@ fn refuse_sentinel_password<'de, D: serde::Deserializer<'de>>(
         deserializer,
         "the sentinels' password must not be written in the file: set store.redis.sentinel_password_env or sentinel_password_file",
     )
+}
+
+/// A sentinel's URL's error, with where the sentinels' own password or user goes in this
+/// file when it is about one.
+fn with_sentinel_hint(why: &str) -> String {
+    if why.contains("password") {
+        format!("{why}: set store.redis.sentinel_password_env or sentinel_password_file")
+    } else if why.contains("user name") {
+        format!("{why}: set store.redis.sentinel_username")
+    } else {
+        why.to_owned()
+    }
 }
 
 /// A Redis URL's error, with where a password or user goes in this file when it is about one.

@@ -587,7 +587,7 @@ async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
 }
 
 /// The warning that a reload changed settings that need a restart, once `gw` logs it.
-async fn restart_warning(gw: &Process) -> Option<String> {
+pub(crate) async fn restart_warning(gw: &Process) -> Option<String> {
     poll_until(
         100,
         async || {
@@ -727,7 +727,14 @@ async fn readiness_follows_redis_under_deny() {
         ),
     );
     let gw = Gateway::start_yaml(mock, &yaml).await;
-    assert_eq!(gw.admin_get("/readyz").await.status, 200);
+    // Ready once the first probe finds Redis serving (it runs at start).
+    let ready = poll_until(
+        100,
+        async || gw.admin_get("/readyz").await.status,
+        |s| *s == 200,
+    )
+    .await;
+    assert_eq!(ready, 200);
     redis.stop();
     let status = poll_until(
         150,
@@ -738,6 +745,30 @@ async fn readiness_follows_redis_under_deny() {
     assert_eq!(status, 503, "the probe noticed Redis is gone");
     let metrics = gw.admin_get("/metrics").await.body;
     assert_eq!(sample(&metrics, "reset_gateway_store_up"), Some(0.0));
+}
+
+/// Under `deny`, a gateway is not ready before the probe has found Redis serving: with a
+/// Redis that takes connections and never answers, `/readyz` says 503 from the start,
+/// while every request would get 503 too. Before, it said 200 until the first probe had
+/// timed out (a moment here; with sentinels down, a quarter of a second per sentinel).
+#[tokio::test]
+async fn a_gateway_is_not_ready_before_redis_has_answered_under_deny() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let yaml = yaml(
+        &mock.url(),
+        "",
+        &format!(
+            "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    url: redis://{}\n    timeout: 200ms\n    on_error: deny\n",
+            key_secret_file().display(),
+            silent.local_addr().unwrap()
+        ),
+    );
+    let gw = Gateway::start_yaml(mock, &yaml).await;
+    assert_eq!(gw.admin_get("/readyz").await.status, 503);
+    let metrics = gw.admin_get("/metrics").await.body;
+    assert_eq!(sample(&metrics, "reset_gateway_store_up"), Some(0.0));
+    drop(silent);
 }
 
 #[tokio::test]

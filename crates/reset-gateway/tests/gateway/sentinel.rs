@@ -377,6 +377,33 @@ async fn a_sentinel_listed_wrong_is_named_once_another_names_the_master() {
     assert_eq!(said, 1);
 }
 
+/// The sentinels' password file is watched as the master's is: rotated in place, it is
+/// noticed without a signal and said to need a restart (it is read at start).
+#[tokio::test]
+async fn a_rotated_sentinel_password_file_is_said_to_need_a_restart() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("sentinel-password");
+    std::fs::write(&password, "first-sentinel-password\n").unwrap();
+    let nowhere = [format!("redis://127.0.0.1:{}", free_port())];
+    let extra = format!("    sentinel_password_file: {}\n", password.display());
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, sentinel_yaml(&mock, &nowhere, &extra, "allow")).unwrap();
+    let gateway = crate::process::spawn_gateway(&path);
+    // Rotated until noticed: the watch takes its first look once it starts.
+    let mut warning = None;
+    for round in 0..5 {
+        std::fs::write(&password, format!("rotated-sentinel-password-{round}\n")).unwrap();
+        warning = crate::operations::restart_warning(&gateway).await;
+        if warning.is_some() {
+            break;
+        }
+    }
+    let warning = warning.expect("a warning, with no signal sent");
+    assert!(warning.contains("sentinel_password"), "{warning}");
+    assert!(!warning.contains("rotated-sentinel-password"), "{warning}");
+}
+
 #[test]
 fn sentinel_mode_is_checked_without_echoing_a_node_password() {
     let check = check_redis_section;
@@ -391,6 +418,8 @@ fn sentinel_mode_is_checked_without_echoing_a_node_password() {
         ("    sentinel_master: mymaster\n", "store.redis.sentinel_master (line", "is for mode: sentinel"),
         (&format!("{sentinel}    url: redis://10.0.0.3:6379\n"), "store.redis.url (line", "comes from the sentinels"),
         ("    mode: sentinel\n    nodes: [redis://10.0.0.1:26379, 'redis://:hunter2-password@10.0.0.2:26379']\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "node 2 holds a password"),
+        ("    mode: sentinel\n    nodes: ['redis://:hunter2-password@10.0.0.2:26379']\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "set store.redis.sentinel_password_env or sentinel_password_file"),
+        ("    mode: sentinel\n    nodes: ['redis://watcher@10.0.0.2:26379']\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "set store.redis.sentinel_username"),
         ("    mode: sentinel\n    nodes: [redis://10.0.0.1:26379, rediss://10.0.0.2:26379]\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "same scheme"),
         ("    mode: sentinel\n    nodes: [not a url]\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "not a valid Redis URL"),
         (&format!("{sentinel}    sentinels: 3\n"), "store.redis.sentinels", "unknown field"),

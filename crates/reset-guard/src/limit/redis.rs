@@ -238,7 +238,10 @@ impl RedisStore {
             probe_reads: keys_in_two_slots(&settings.key_prefix),
             timeout: settings.timeout,
             on_error: settings.on_error,
-            healthy: AtomicBool::new(true),
+            // Not ready until the first probe finds Redis serving (it runs at once): a
+            // gateway under `deny` whose Redis is away, or whose sentinels are slow to name
+            // the master, is not put in rotation to answer 503s meanwhile.
+            healthy: AtomicBool::new(false),
             ever_served: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),

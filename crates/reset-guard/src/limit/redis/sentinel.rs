@@ -211,7 +211,7 @@ impl RedisStore {
                     tracing::debug!(target: "reset_guard::limit", %error, "a sentinel did not answer");
                     causes.push(format!(
                         "sentinel {sentinel}: {error}{}",
-                        sentinel_hint(&error)
+                        sentinel_hint(&error, self.settings.sentinel_auth.is_some())
                     ));
                     continue;
                 }
@@ -356,10 +356,14 @@ mod tests;
 
 /// What a sentinel's refusal says about the settings: a Redis server given as a sentinel,
 /// or sentinels that want a password the settings do not hold.
-fn sentinel_hint(error: &redis::RedisError) -> &'static str {
+fn sentinel_hint(error: &redis::RedisError, own_password: bool) -> &'static str {
     let said = error.to_string();
     if said.contains("unknown command") {
         " (not a sentinel: in `mode: sentinel`, `nodes` lists the sentinels; one Redis server is `mode: standalone` with `url`)"
+    } else if own_password
+        && (said.contains("NOAUTH") || error.kind() == redis::ErrorKind::AuthenticationFailed)
+    {
+        " (the sentinel refused store.redis.sentinel_password_env or sentinel_password_file (and sentinel_username): not its password, or it has none, and then the keys go)"
     } else if said.contains("NOAUTH") {
         " (the sentinel wants a password: store.redis.sentinel_password_env or sentinel_password_file, its requirepass; without them, the master's password is tried)"
     } else if error.kind() == redis::ErrorKind::AuthenticationFailed {

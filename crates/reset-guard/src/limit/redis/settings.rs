@@ -151,6 +151,20 @@ impl RedisSettings {
                 "global_keys above 1 is for a Redis Cluster (one server holds the one global key at no extra cost)".to_owned(),
             ));
         }
+        if let Some((username, _)) = &self.sentinel_auth {
+            if self.sentinels().is_none() {
+                return Err(InvalidRedisSettings(
+                    "sentinel_auth is for Sentinel mode (the sentinels' own credentials)"
+                        .to_owned(),
+                ));
+            }
+            if username.as_deref().is_some_and(str::is_empty) {
+                return Err(InvalidRedisSettings(
+                    "the sentinels' username must be non-empty (none: their default user)"
+                        .to_owned(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -258,7 +272,7 @@ impl RedisSettings {
             ));
         }
         let (scheme, addresses) =
-            node_addresses(nodes, "a sentinel that wants one is given the master's")
+            node_addresses(nodes, "a sentinel's own is given apart from the URLs")
                 .map_err(InvalidRedisSettings)?;
         Ok(Self::new(format!(
             "{scheme}+sentinel://{}/{master}",
@@ -629,6 +643,28 @@ pub(crate) fn connect_timeout(timeout: std::time::Duration) -> std::time::Durati
 #[cfg(test)]
 mod tests {
     use super::{without_credentials, RedisSettings};
+
+    #[test]
+    fn the_sentinels_own_credentials_are_for_sentinel_mode_only() {
+        let nodes = ["redis://10.0.0.1:26379".to_owned()];
+        let sentinel = RedisSettings::sentinel(&nodes, "mymaster").unwrap();
+        assert!(sentinel
+            .clone()
+            .with_sentinel_auth(None, "pw")
+            .check()
+            .is_ok());
+        let named = sentinel
+            .with_sentinel_auth(Some(String::new()), "pw")
+            .check();
+        assert!(named.unwrap_err().to_string().contains("non-empty"));
+        let standalone = RedisSettings::new("redis://10.0.0.1:6379").with_sentinel_auth(None, "pw");
+        let refused = standalone.check().unwrap_err().to_string();
+        assert!(refused.contains("Sentinel mode"), "{refused}");
+        assert!(
+            !format!("{standalone:?}").contains("pw\""),
+            "{standalone:?}"
+        );
+    }
 
     #[test]
     fn a_database_below_zero_is_refused() {

@@ -180,3 +180,20 @@ async fn a_master_named_by_no_host_name_is_passed_over_with_a_short_reason() {
     assert_eq!(store.resolve().await, Ok(()));
     assert_eq!(master_port(&store), Some(master.port()));
 }
+
+/// A refused password names the keys to set where the sentinels' own are not given, and
+/// says that those given are wrong (or not wanted) where they are.
+#[test]
+fn a_refused_sentinel_password_names_the_keys_as_they_stand() {
+    let refused = redis::RedisError::from((
+        redis::ErrorKind::AuthenticationFailed,
+        "Password authentication failed",
+    ));
+    let without = sentinel_hint(&refused, false);
+    assert!(without.contains("differs from the master's"), "{without}");
+    let given = sentinel_hint(&refused, true);
+    assert!(
+        given.contains("not its password, or it has none"),
+        "{given}"
+    );
+}
