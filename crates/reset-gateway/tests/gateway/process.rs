@@ -298,6 +298,55 @@ fn check_config_names_the_key_and_line() {
     );
 }
 
+/// A certificate of X.509 version 1 and its key, in `dir`, as `openssl x509 -req` makes one
+/// when given no extensions.
+fn version_1_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("v1.pem"), dir.join("v1.key"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        ])
+        .args(["/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed");
+    assert!(made.success());
+    // Made again from a request of it by `x509 -req`, which adds no extensions: version 1.
+    let request = dir.join("v1.csr");
+    let asked = Command::new("openssl")
+        .args(["x509", "-x509toreq", "-in"])
+        .arg(&cert)
+        .arg("-signkey")
+        .arg(&key)
+        .arg("-out")
+        .arg(&request)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(asked.success());
+    let signed = Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-in"])
+        .arg(&request)
+        .arg("-signkey")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(signed.success());
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("Version: 1 (0x0)"));
+    (cert, key)
+}
+
 /// A copy of the PEM file `ca` in `dir` with one line of its base64 left out: framed as a
 /// certificate, but not one.
 pub(crate) fn cut_certificate(ca: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
@@ -324,6 +373,7 @@ fn check_config_refuses_what_the_gateway_could_not_start_or_run_with() {
     let not_pem = dir.path().join("not.pem");
     std::fs::write(&not_pem, "not a certificate\n").unwrap();
     let cut = cut_certificate(&ca, dir.path());
+    let (v1_cert, v1_key) = version_1_certificate(dir.path());
     let tls = |cert: &std::path::Path, key: &std::path::Path| {
         base.replace(
             "server:\n",
@@ -338,6 +388,7 @@ fn check_config_refuses_what_the_gateway_could_not_start_or_run_with() {
     for (yaml, expected) in [
         (tls(&other_cert, &key), "server.tls (line 2): the key in"),
         (tls(&not_pem, &key), "server.tls.cert_file"),
+        (tls(&v1_cert, &v1_key), "X.509 version 1 is not read"),
         (
             base.replace(
                 "upstream:\n",
