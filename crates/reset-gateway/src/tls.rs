@@ -150,14 +150,23 @@ pub fn certified_key_in(
         })?;
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|e| match e {
-        // The certificate itself is not read as an end entity's: most often one of X.509
-        // version 1, which `openssl x509 -req` makes when given no extensions.
-        rustls::Error::InvalidCertificate(cause) => anyhow::anyhow!(
-            "{section}.cert_file: the certificate in {} cannot be read to check it against \
-             the key ({cause:?}); a certificate of X.509 version 1 is not read: make one of \
-             version 3 (openssl x509 -req ... -extfile with basicConstraints=CA:FALSE)",
-            cert_file.display()
-        ),
+        // The certificate itself is not read as an end entity's: one of X.509 version 1,
+        // which `openssl x509 -req` makes when given no extensions, or one the TLS library
+        // does not take (a critical extension it does not know).
+        rustls::Error::InvalidCertificate(cause) => {
+            let why = format!("{cause:?}");
+            let advice = if why.contains("UnsupportedCertVersion") {
+                "; a certificate of X.509 version 1 is not read: make one of version 3 \
+                 (openssl x509 -req ... -extfile with basicConstraints=CA:FALSE)"
+            } else {
+                " (the first certificate of the file is the one the key is checked against)"
+            };
+            anyhow::anyhow!(
+                "{section}.cert_file: the certificate in {} cannot be read to check it \
+                 against the key ({why}){advice}",
+                cert_file.display()
+            )
+        }
         _ => anyhow::anyhow!(
             "{section}: the key in {} does not match the certificate",
             key_file.display()

@@ -439,9 +439,9 @@ fn refuse_sentinel_password<'de, D: serde::Deserializer<'de>>(
 /// A sentinel's URL's error, with where the sentinels' own password or user goes in this
 /// file when it is about one.
 fn with_sentinel_hint(why: &str) -> String {
-    if why.contains("password") {
+    if why.contains("holds a password") {
         format!("{why}: set store.redis.sentinel_password_env or sentinel_password_file")
-    } else if why.contains("user name") {
+    } else if why.contains("holds a user name") {
         format!("{why}: set store.redis.sentinel_username")
     } else {
         why.to_owned()

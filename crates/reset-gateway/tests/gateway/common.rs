@@ -291,6 +291,19 @@ pub async fn poll_until<T>(
     answer
 }
 
+/// `/readyz` of `gateway`, asked every 100 ms for a second and a half: a gateway starts
+/// not ready under `on_error: deny`, and its probe (at start, then every 250 ms while Redis
+/// does not answer) would turn a 503 to 200 within that time if it found Redis serving. So
+/// a 503 throughout says the probe found it not serving, not only that it has not run.
+pub async fn readiness_across_probes(gateway: &Gateway) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for _ in 0..15 {
+        statuses.push(gateway.admin_get("/readyz").await.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    statuses
+}
+
 /// The value of one sample in Prometheus text, e.g. `reset_gateway_requests_total{outcome="forwarded"}`.
 pub fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics

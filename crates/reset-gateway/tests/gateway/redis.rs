@@ -326,8 +326,8 @@ pub(crate) async fn another_ca_is_not_trusted(yaml: impl Fn(&str) -> String) {
     let (other_ca, _, _) = test_certificates(other.path());
     let c = Gateway::replica(&yaml(&format!("    ca_file: {}\n", other_ca.display()))).await;
     assert_eq!(c.reset_as_ios("email=bob%40example.com").await.status, 503);
-    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
-    assert_eq!(ready.status, 503, "not ready without a trusted certificate");
+    let ready = readiness_across_probes(&c).await;
+    assert_eq!(ready, [503; 15], "not ready without a trusted certificate");
 }
 
 /// Four resets of one address, alternating between the two gateways.
@@ -1023,13 +1023,15 @@ async fn the_documented_acl_user_serves_and_one_without_the_script_is_down() {
     let a = Gateway::start_yaml(mock, &yaml).await;
     let b = Gateway::replica(&yaml).await;
     assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
-    assert_eq!(a.admin_get("/readyz").await.status, 200);
+    // Ready once the probe has found Redis serving (it runs at start).
+    let ready = poll_until(100, || a.admin_get("/readyz"), |r| r.status == 200).await;
+    assert_eq!(ready.status, 200);
     let log = redis.command("ACL LOG").unwrap_or_default();
     assert!(!log.contains("reset-gateway"), "refused: {log}");
 
     let c = Gateway::replica(&as_user(&a.mock, "no-script")).await;
-    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
-    assert_eq!(ready.status, 503, "{ready:?}");
+    let ready = readiness_across_probes(&c).await;
+    assert_eq!(ready, [503; 15]);
     let metrics = c.admin_get("/metrics").await.body;
     assert!(metrics.contains("reset_gateway_store_up 0"), "{metrics}");
     assert_eq!(
@@ -1092,7 +1094,9 @@ async fn a_user_who_may_not_ping_still_shares_limits() {
     let a = Gateway::start_yaml(mock, &yaml).await;
     let b = Gateway::replica(&yaml).await;
     assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
-    assert_eq!(a.admin_get("/readyz").await.status, 200);
+    // Ready once the probe has found Redis serving (it runs at start).
+    let ready = poll_until(100, || a.admin_get("/readyz"), |r| r.status == 200).await;
+    assert_eq!(ready.status, 200);
     let metrics = a.admin_get("/metrics").await.body;
     assert!(
         metrics.contains("reset_gateway_store_errors_total 0"),

@@ -260,8 +260,8 @@ async fn auth_on_the_master_behind_sentinels_from_env_or_file_shares_one_limit()
         reply.body,
         r#"{"errors":{"base":["Rate limiter unavailable"]}}"#
     );
-    let ready = poll_until(100, || c.admin_get("/readyz"), |r| r.status == 503).await;
-    assert_eq!(ready.status, 503, "not ready without the password");
+    let ready = readiness_across_probes(&c).await;
+    assert_eq!(ready, [503; 15], "not ready without the password");
 }
 
 /// Sentinels with a password of their own (`requirepass`), not the master's: given as
@@ -343,10 +343,11 @@ async fn sentinels_with_a_password_of_their_own_are_asked_with_it() {
     );
 }
 
-/// A sentinel listed wrong (nothing listens there: a typo) before one that answers: the
-/// gateway serves through the other, and says once, at `warn`, which sentinel it passed
-/// over and why, rather than only at debug level, where the typo went unnoticed until the
-/// other sentinels were down too.
+/// A sentinel listed wrong (nothing listens there: a typo), before or after one that
+/// answers: the gateway serves through the other, and says once, at `warn`, which sentinel
+/// cannot be asked and why, rather than only at debug level, where the typo went unnoticed
+/// until the other sentinels were down too. Listed after the one that answers, it is never
+/// asked by a question for the master: the probe asks it once a master is named.
 #[tokio::test]
 async fn a_sentinel_listed_wrong_is_named_once_another_names_the_master() {
     let master = RedisServer::start();
@@ -354,27 +355,34 @@ async fn a_sentinel_listed_wrong_is_named_once_another_names_the_master() {
     let nowhere = format!("redis://127.0.0.1:{}", free_port());
     let mock = MockServer::start(mock_config()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("gateway.yaml");
-    let nodes = [nowhere.clone(), sentinel.url()];
-    std::fs::write(&config, sentinel_yaml(&mock, &nodes, "", "deny")).unwrap();
-    let gateway = crate::process::spawn_gateway(&config);
-    let passed_over = |logs: Vec<String>| {
-        logs.into_iter()
-            .find(|line| line.contains("sentinels passed over"))
-    };
-    let line = poll_until(100, async || passed_over(gateway.logs()), Option::is_some)
-        .await
-        .expect("the sentinel passed over is logged");
-    assert!(line.contains(r#""level":"WARN""#), "{line}");
-    assert!(line.contains(&format!("sentinel 1 ({nowhere})")), "{line}");
-    // Once: the sentinel that answered is asked first from then on.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let said = gateway
-        .logs()
-        .iter()
-        .filter(|l| l.contains("sentinels passed over"))
-        .count();
-    assert_eq!(said, 1);
+    for (nodes, wrong) in [
+        ([nowhere.clone(), sentinel.url()], 1),
+        ([sentinel.url(), nowhere.clone()], 2),
+    ] {
+        let config = dir.path().join(format!("gateway-{wrong}.yaml"));
+        std::fs::write(&config, sentinel_yaml(&mock, &nodes, "", "deny")).unwrap();
+        let gateway = crate::process::spawn_gateway(&config);
+        let said = |logs: Vec<String>| {
+            logs.into_iter()
+                .find(|line| line.contains("sentinels that cannot be asked"))
+        };
+        let line = poll_until(150, async || said(gateway.logs()), Option::is_some)
+            .await
+            .expect("the sentinel listed wrong is logged");
+        assert!(line.contains(r#""level":"WARN""#), "{line}");
+        assert!(
+            line.contains(&format!("sentinel {wrong} ({nowhere})")),
+            "{line}"
+        );
+        assert!(!line.contains(&sentinel.url()), "{line}");
+        // Once: not at every probe.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let logs = gateway.logs();
+        let lines = logs
+            .iter()
+            .filter(|l| l.contains("sentinels that cannot be asked"));
+        assert_eq!(lines.count(), 1);
+    }
 }
 
 /// The sentinels' password file is watched as the master's is: rotated in place, it is
@@ -418,7 +426,7 @@ fn sentinel_mode_is_checked_without_echoing_a_node_password() {
         ("    sentinel_master: mymaster\n", "store.redis.sentinel_master (line", "is for mode: sentinel"),
         (&format!("{sentinel}    url: redis://10.0.0.3:6379\n"), "store.redis.url (line", "comes from the sentinels"),
         ("    mode: sentinel\n    nodes: [redis://10.0.0.1:26379, 'redis://:hunter2-password@10.0.0.2:26379']\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "node 2 holds a password"),
-        ("    mode: sentinel\n    nodes: ['redis://:hunter2-password@10.0.0.2:26379']\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "set store.redis.sentinel_password_env or sentinel_password_file"),
+        ("    mode: sentinel\n    nodes: ['redis://:hunter2-password@10.0.0.2:26379']\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "holds a password: a sentinel's own, given apart from the URLs: set store.redis.sentinel_password_env or sentinel_password_file"),
         ("    mode: sentinel\n    nodes: ['redis://watcher@10.0.0.2:26379']\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "set store.redis.sentinel_username"),
         ("    mode: sentinel\n    nodes: [redis://10.0.0.1:26379, rediss://10.0.0.2:26379]\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "same scheme"),
         ("    mode: sentinel\n    nodes: [not a url]\n    sentinel_master: mymaster\n", "store.redis.nodes (line", "not a valid Redis URL"),
@@ -427,6 +435,11 @@ fn sentinel_mode_is_checked_without_echoing_a_node_password() {
         (&format!("{sentinel}    sentinel_username: watcher\n"), "store.redis.sentinel_username (line", "needs a password"),
         (&format!("{sentinel}    sentinel_password: hunter2-password\n"), "store.redis.sentinel_password (line", "sentinel_password_env or sentinel_password_file"),
     ];
+    // A query is no password: its line names no password key.
+    let query = "    mode: sentinel\n    nodes: ['redis://10.0.0.2:26379/?protocol=resp3']\n    sentinel_master: mymaster\n";
+    let shown = check(query).unwrap_err();
+    assert!(shown.contains("has a query or a fragment"), "{shown}");
+    assert!(!shown.contains("password_env"), "{shown}");
     for (redis, path, why) in refused {
         let shown = check(redis).unwrap_err();
         assert!(shown.contains(path), "{redis}: {shown}");

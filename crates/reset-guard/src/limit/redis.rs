@@ -335,7 +335,10 @@ impl RedisStore {
             }
             None => self.probe_master().await,
         };
-        self.record_probe(answer)
+        let up = self.record_probe(answer);
+        // After the verdict, which it does not change: a sentinel down costs its timeout.
+        self.check_other_sentinels().await;
+        up
     }
 
     /// The script, run for no request on the master, and a write of the probe's own key,

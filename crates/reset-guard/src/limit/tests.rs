@@ -1853,18 +1853,22 @@ mod redis_store {
         let limits = "  per_ip: [{ requests: 100, per: 1h }]\n  per_client: [{ requests: 100, per: 1h }]\n  per_email: [{ requests: 100, per: 1h }]\n";
         let rig = rig_with(limits, "", store);
         let status = rig.status(ask("a@b.io")).await;
-        let mut healthy = true;
+        // The store starts not healthy: the probe's own call refused (beside the
+        // request's), and its verdict recorded, is what shows it.
         for _ in 0..150 {
-            healthy = rig.handle.store_healthy();
-            if !healthy {
+            if proxy.refused() >= 2 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        assert!(proxy.refused() >= 2, "the probe ran the script");
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(status, 503, "the request's call is refused");
-        assert!(!healthy, "the probe does not find Redis serving");
+        assert!(
+            !rig.handle.store_healthy(),
+            "the probe does not find Redis serving"
+        );
         assert!(!rig.handle.store_ready());
-        assert!(proxy.refused() >= 2);
     }
 
     /// The same proxy, with a key prefix in braces (a hash tag: every key in one slot, and
@@ -1906,6 +1910,13 @@ mod redis_store {
         let deny = redis_rig(&server, limits, "", OnError::Deny);
         assert_eq!(allow.status(ask("a@b.io")).await, 200);
         assert_eq!(allow.status(ask("a@b.io")).await, 429);
+        // Ready once the first probe finds Redis serving.
+        for _ in 0..100 {
+            if deny.handle.store_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(deny.handle.store_ready());
 
         server.stop();

@@ -51,6 +51,9 @@ pub(super) struct SentinelPool {
     /// How the sentinels are asked: the position in [`SENTINEL_AUTH`] of the way that
     /// worked last.
     auth: AtomicUsize,
+    /// Whether the sentinels other than the one that named the master have been asked
+    /// since it was named ([`RedisStore::check_other_sentinels`]).
+    others_checked: AtomicBool,
     /// Why the sentinels' answers could not be used, as logged.
     failure: std::sync::Mutex<CauseLog>,
 }
@@ -61,6 +64,7 @@ impl SentinelPool {
             sentinels,
             first: AtomicUsize::new(0),
             auth: AtomicUsize::new(0),
+            others_checked: AtomicBool::new(false),
             failure: std::sync::Mutex::new(CauseLog::default()),
         }
     }
@@ -133,7 +137,7 @@ impl RedisStore {
         // Logged once per new reason: the sentinels are asked every second, and more
         // often while requests fail.
         let mut last = pool.failure.lock().unwrap_or_else(|e| e.into_inner());
-        let ((host, port), client, passed_over) = match found {
+        let ((host, port), client) = match found {
             Ok(found) => {
                 if last.clear() {
                     tracing::info!(target: "reset_guard::limit", "the sentinels name a Redis master again");
@@ -156,14 +160,9 @@ impl RedisStore {
         }
         let generation = current.map_or(1, |m| m.generation + 1);
         let named = format!("{host}:{port}");
-        if !passed_over.is_empty() {
-            // Said when a master is named (at start, and after a failover), not at every
-            // question: the sentinel that answered is asked first from then on. A sentinel
-            // listed wrong (a typo, a data node) would otherwise go unnoticed until the
-            // others are down.
-            let passed_over = passed_over.join("; ");
-            tracing::warn!(target: "reset_guard::limit", sentinels = %passed_over, "sentinels passed over for one that named the master");
-        }
+        // The other sentinels are asked once more, by the probe, now that one named a
+        // master (at start, and after a failover).
+        pool.others_checked.store(false, Ordering::Relaxed);
         match Master::new(generation, Some((host, port)), client, &self.config) {
             Ok(master) => {
                 tracing::info!(target: "reset_guard::limit", master = %named, "Redis master named by the sentinels");
@@ -177,14 +176,13 @@ impl RedisStore {
     }
 
     /// The master's address and a client for it: from the first sentinel, starting with
-    /// the one whose answer was used last, that names a server which says it is a master,
-    /// with why each sentinel asked before it was passed over. Otherwise, each sentinel's
-    /// reason (logged at debug level as it comes).
+    /// the one whose answer was used last, that names a server which says it is a master.
+    /// Otherwise, each sentinel's reason (logged at debug level as it comes).
     async fn find_master(
         &self,
         pool: &SentinelPool,
         current: Option<&Master>,
-    ) -> Result<((String, u16), redis::Client, Vec<String>), String> {
+    ) -> Result<((String, u16), redis::Client), String> {
         let wait = settings::connect_timeout(self.timeout);
         let count = pool.nodes().len();
         let first = pool.first.load(Ordering::Relaxed);
@@ -238,7 +236,7 @@ impl RedisStore {
             match tokio::time::timeout(wait, self.confirm_master(pool, &address, current)).await {
                 Ok(Ok(Some(client))) => {
                     pool.first.store(at, Ordering::Relaxed);
-                    return Ok((address, client, causes));
+                    return Ok((address, client));
                 }
                 Ok(Ok(None)) => {
                     tracing::debug!(target: "reset_guard::limit", master = %named, "a sentinel named a Redis server that is not a master");
@@ -258,6 +256,42 @@ impl RedisStore {
             refused.push(address);
         }
         Err(causes.join("; "))
+    }
+
+    /// Once a sentinel has named the master: asks every other sentinel once (off the request
+    /// path: the probe calls this), and logs at `warn` those that cannot be asked or do not
+    /// know the master. The sentinels are asked in turn, starting with the one that
+    /// answered last, so one listed wrong (a typo, a data node, a wrong password of its
+    /// own) would otherwise go unnoticed until the ones before it fail.
+    pub(super) async fn check_other_sentinels(&self) {
+        let Some(pool) = &self.sentinels else {
+            return;
+        };
+        if self.master.load().is_none() || pool.others_checked.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let answered = pool.first.load(Ordering::Relaxed);
+        let wait = settings::connect_timeout(self.timeout);
+        let mut causes = Vec::new();
+        for at in (0..pool.nodes().len()).filter(|&at| at != answered) {
+            let sentinel = format!("{} ({})", at + 1, pool.nodes()[at]);
+            match tokio::time::timeout(wait, self.ask_sentinel(pool, at)).await {
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) => causes.push(format!(
+                    "sentinel {sentinel} knows no master named {:?}",
+                    pool.sentinels.master
+                )),
+                Ok(Err(error)) => causes.push(format!(
+                    "sentinel {sentinel}: {error}{}",
+                    sentinel_hint(&error, self.settings.sentinel_auth.is_some())
+                )),
+                Err(_) => causes.push(format!("sentinel {sentinel}: no answer within {wait:?}")),
+            }
+        }
+        if !causes.is_empty() {
+            let causes = causes.join("; ");
+            tracing::warn!(target: "reset_guard::limit", sentinels = %causes, "sentinels that cannot be asked, while another names the master");
+        }
     }
 
     /// The sentinel at `at`'s answer to `SENTINEL get-master-addr-by-name`: asked the way

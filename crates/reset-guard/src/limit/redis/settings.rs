@@ -272,8 +272,7 @@ impl RedisSettings {
             ));
         }
         let (scheme, addresses) =
-            node_addresses(nodes, "a sentinel's own is given apart from the URLs")
-                .map_err(InvalidRedisSettings)?;
+            node_addresses(nodes, "a sentinel's own").map_err(InvalidRedisSettings)?;
         Ok(Self::new(format!(
             "{scheme}+sentinel://{}/{master}",
             addresses.join(",")
