@@ -298,6 +298,32 @@ fn check_config_names_the_key_and_line() {
     );
 }
 
+/// A certificate of version 3 with a critical extension the TLS library does not know (which
+/// OpenSSL's clients take), and its key, in `dir`.
+fn unknown_critical_extension_certificate(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("critical.pem"), dir.join("critical.key"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        ])
+        .args([
+            "/CN=localhost",
+            "-addext",
+            "certificatePolicies=critical,1.2.3.4",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed");
+    assert!(made.success());
+    (cert, key)
+}
+
 /// A certificate of X.509 version 1 and its key, in `dir`, as `openssl x509 -req` makes one
 /// when given no extensions.
 fn version_1_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -374,6 +400,7 @@ fn check_config_refuses_what_the_gateway_could_not_start_or_run_with() {
     std::fs::write(&not_pem, "not a certificate\n").unwrap();
     let cut = cut_certificate(&ca, dir.path());
     let (v1_cert, v1_key) = version_1_certificate(dir.path());
+    let (critical_cert, critical_key) = unknown_critical_extension_certificate(dir.path());
     let tls = |cert: &std::path::Path, key: &std::path::Path| {
         base.replace(
             "server:\n",
@@ -389,6 +416,10 @@ fn check_config_refuses_what_the_gateway_could_not_start_or_run_with() {
         (tls(&other_cert, &key), "server.tls (line 2): the key in"),
         (tls(&not_pem, &key), "server.tls.cert_file"),
         (tls(&v1_cert, &v1_key), "X.509 version 1 is not read"),
+        (
+            tls(&critical_cert, &critical_key),
+            "(Other(OtherError(UnsupportedCriticalExtension))) (the first certificate",
+        ),
         (
             base.replace(
                 "upstream:\n",
