@@ -12,6 +12,7 @@ use std::time::Duration;
 pub struct FakeSentinel {
     port: u16,
     connections: Arc<AtomicUsize>,
+    questions: Arc<AtomicUsize>,
     stopped: Arc<AtomicBool>,
 }
 
@@ -43,8 +44,9 @@ impl FakeSentinel {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let connections = Arc::new(AtomicUsize::new(0));
+        let questions = Arc::new(AtomicUsize::new(0));
         let stopped = Arc::new(AtomicBool::new(false));
-        let (count, stop) = (connections.clone(), stopped.clone());
+        let (count, asked, stop) = (connections.clone(), questions.clone(), stopped.clone());
         std::thread::spawn(move || {
             // Silent connections are kept open, unanswered, until the sentinel goes.
             let mut held = Vec::new();
@@ -56,7 +58,8 @@ impl FakeSentinel {
                 count.fetch_add(1, Ordering::Relaxed);
                 match names.clone() {
                     Some(named) => {
-                        std::thread::spawn(move || answer(stream, named));
+                        let asked = asked.clone();
+                        std::thread::spawn(move || answer(stream, named, &asked));
                     }
                     None => held.push(stream),
                 }
@@ -65,6 +68,7 @@ impl FakeSentinel {
         FakeSentinel {
             port,
             connections,
+            questions,
             stopped,
         }
     }
@@ -78,6 +82,11 @@ impl FakeSentinel {
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
     }
+
+    /// `SENTINEL` commands it has answered so far, over every connection.
+    pub fn questions(&self) -> usize {
+        self.questions.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for FakeSentinel {
@@ -89,7 +98,7 @@ impl Drop for FakeSentinel {
 }
 
 /// Answers each command (a RESP array of bulk strings) on `stream` until it closes.
-fn answer(stream: TcpStream, (host, port, delay): (String, u16, Duration)) {
+fn answer(stream: TcpStream, (host, port, delay): (String, u16, Duration), asked: &AtomicUsize) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -100,6 +109,7 @@ fn answer(stream: TcpStream, (host, port, delay): (String, u16, Duration)) {
             .is_some_and(|c| c.eq_ignore_ascii_case("sentinel"))
         {
             std::thread::sleep(delay);
+            asked.fetch_add(1, Ordering::Relaxed);
             let port = port.to_string();
             format!(
                 "*2\r\n${}\r\n{host}\r\n${}\r\n{port}\r\n",

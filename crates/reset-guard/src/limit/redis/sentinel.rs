@@ -12,6 +12,8 @@
 
 use std::sync::atomic::AtomicUsize;
 
+use redis::aio::MultiplexedConnection;
+
 use super::*;
 
 /// The server decisions go to: the standalone one, or the master the sentinels named.
@@ -54,17 +56,24 @@ pub(super) struct SentinelPool {
     /// Whether the sentinels other than the one that named the master have been asked
     /// since it was named ([`RedisStore::check_other_sentinels`]).
     others_checked: AtomicBool,
+    /// Per sentinel, the connection kept from its last answer, with the way it was asked
+    /// ([`OWN_CREDENTIALS`] or a position in [`SENTINEL_AUTH`]): the sentinels are asked
+    /// every second, and a connection (a TLS handshake) each time would cost every sentinel
+    /// one per second per gateway, and leave as many sockets waiting to close.
+    kept: Vec<std::sync::Mutex<Option<(usize, MultiplexedConnection)>>>,
     /// Why the sentinels' answers could not be used, as logged.
     failure: std::sync::Mutex<CauseLog>,
 }
 
 impl SentinelPool {
     pub(super) fn new(sentinels: Sentinels) -> Self {
+        let kept = sentinels.nodes.iter().map(|_| Default::default()).collect();
         SentinelPool {
             sentinels,
             first: AtomicUsize::new(0),
             auth: AtomicUsize::new(0),
             others_checked: AtomicBool::new(false),
+            kept,
             failure: std::sync::Mutex::new(CauseLog::default()),
         }
     }
@@ -79,6 +88,10 @@ impl SentinelPool {
 /// credentials, with the username and password the master is reached with, and with the
 /// password alone (as Redis's `default` user: a sentinel's `requirepass`).
 const SENTINEL_AUTH: [(bool, bool); 3] = [(false, false), (true, true), (false, true)];
+
+/// The way a sentinel is asked with its own credentials ([`RedisSettings::sentinel_auth`]),
+/// beside the positions in [`SENTINEL_AUTH`].
+const OWN_CREDENTIALS: usize = usize::MAX;
 
 /// Whether a sentinel refused because of the credentials: it wants a password it was not
 /// given (`NOAUTH`), or it has none and refused the one it was given.
@@ -304,24 +317,22 @@ impl RedisStore {
         let node = &pool.nodes()[at];
         if self.settings.sentinel_auth.is_some() {
             // The sentinels' own credentials, given apart: those only.
-            let client = self.settings.sentinel_client(node)?;
-            return self.query_sentinel(pool, client).await;
+            let client = || self.settings.sentinel_client(node);
+            return self.query_sentinel(pool, at, OWN_CREDENTIALS, client).await;
         }
         let last = pool.auth.load(Ordering::Relaxed) % SENTINEL_AUTH.len();
-        let mut answer = self
-            .query_sentinel_as(pool, node, SENTINEL_AUTH[last])
-            .await;
+        let mut answer = self.query_sentinel_as(pool, at, last).await;
         if self.settings.password.is_none() {
             return answer;
         }
-        for (way, &credentials) in SENTINEL_AUTH.iter().enumerate() {
+        for way in 0..SENTINEL_AUTH.len() {
             let refused = matches!(&answer, Err(error) if refused_credentials(error));
             // Without a username, the password alone is what the second way sends.
             let same = way == 2 && self.settings.username.is_none();
             if !refused || way == last || same {
                 continue;
             }
-            answer = self.query_sentinel_as(pool, node, credentials).await;
+            answer = self.query_sentinel_as(pool, at, way).await;
             if answer.is_ok() {
                 pool.auth.store(way, Ordering::Relaxed);
             }
@@ -329,30 +340,60 @@ impl RedisStore {
         answer
     }
 
-    /// [`query_sentinel`](Self::query_sentinel) of the sentinel at `node`, sending the
-    /// master's username and password as said.
+    /// [`query_sentinel`](Self::query_sentinel) of the sentinel at `at`, sending the
+    /// master's username and password as the way at `way` of [`SENTINEL_AUTH`] says.
     async fn query_sentinel_as(
         &self,
         pool: &SentinelPool,
-        node: &str,
-        (username, password): (bool, bool),
+        at: usize,
+        way: usize,
     ) -> redis::RedisResult<Option<(String, u16)>> {
-        let client = self.settings.client_as(node, username, password)?;
-        self.query_sentinel(pool, client).await
+        let (username, password) = SENTINEL_AUTH[way];
+        let node = &pool.nodes()[at];
+        let client = || self.settings.client_as(node, username, password);
+        self.query_sentinel(pool, at, way, client).await
     }
 
-    /// The master's address as the sentinel `client` reaches names it, if it knows it.
+    /// The master's address as the sentinel at `at` names it, if it knows it: over the
+    /// connection kept from its last answer if it was asked the same `way`, else over a new
+    /// one from `client`, kept if it answers. A kept connection that fails (the sentinel
+    /// restarted, or closed it while idle) is let go and the question asked once more over a
+    /// new one.
     async fn query_sentinel(
         &self,
         pool: &SentinelPool,
-        client: redis::Client,
+        at: usize,
+        way: usize,
+        client: impl Fn() -> redis::RedisResult<redis::Client>,
     ) -> redis::RedisResult<Option<(String, u16)>> {
+        let slot = &pool.kept[at];
+        let keep = |kept: Option<(usize, MultiplexedConnection)>| {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = kept;
+        };
+        let kept = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((_, mut connection)) = kept.filter(|(asked, _)| *asked == way) {
+            match self.master_named_over(pool, &mut connection).await {
+                Err(error) if !matches!(error.kind(), redis::ErrorKind::Server(_)) => keep(None),
+                answer => return answer,
+            }
+        }
         let wait = settings::connect_timeout(self.timeout);
-        let mut connection = RedisSettings::connect_for(&client, wait).await?;
+        let mut connection = RedisSettings::connect_for(&client()?, wait).await?;
+        let answer = self.master_named_over(pool, &mut connection).await;
+        keep(answer.is_ok().then_some((way, connection)));
+        answer
+    }
+
+    /// `SENTINEL get-master-addr-by-name` over `connection`.
+    async fn master_named_over(
+        &self,
+        pool: &SentinelPool,
+        connection: &mut MultiplexedConnection,
+    ) -> redis::RedisResult<Option<(String, u16)>> {
         redis::cmd("SENTINEL")
             .arg("get-master-addr-by-name")
             .arg(&pool.sentinels.master)
-            .query_async(&mut connection)
+            .query_async(connection)
             .await
     }
 

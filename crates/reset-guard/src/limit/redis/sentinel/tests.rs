@@ -42,23 +42,25 @@ async fn a_sentinel_naming_a_replica_is_passed_over_and_asked_last() {
     };
     assert_eq!(role_calls(&replica), 1);
     assert!(store.probe().await, "the master answers");
-    // The probe asked the other sentinels once (a master was named: are they usable?).
-    let asked = stale.connections() + also_stale.connections();
+    // The probe asked the other sentinels once more (a master was named: are they
+    // usable?), over the connections kept from their answers.
+    let asked = stale.questions() + also_stale.questions();
     assert_eq!(asked, 4);
+    assert_eq!(stale.connections() + also_stale.connections(), 2);
     // The sentinel whose answer was used is now asked first.
     for _ in 0..3 {
         let _ = store.resolve().await;
     }
     assert!(store.probe().await);
-    assert_eq!(stale.connections() + also_stale.connections(), asked);
+    assert_eq!(stale.questions() + also_stale.questions(), asked);
     assert_eq!(master_port(&store), Some(master.port()));
     assert_eq!(role_calls(&replica), 1);
 
     // Alone, the stale sentinel gives no master: the replica is never used.
     let store = self::store(&[stale.url()]);
-    let before = stale.connections();
+    let before = stale.questions();
     let _ = store.resolve().await;
-    assert_eq!(stale.connections(), before + 1);
+    assert_eq!(stale.questions(), before + 1);
     assert_eq!(master_port(&store), None);
     assert!(!store.probe().await, "no master: not healthy");
 }
@@ -200,5 +202,51 @@ fn a_refused_sentinel_password_names_the_keys_as_they_stand() {
     assert!(
         given.contains("not its password, or it has none"),
         "{given}"
+    );
+}
+
+/// The sentinels are asked every second (and more often while requests fail): over the
+/// connection kept from the last answer, not a new one each time (a TLS handshake each,
+/// and a socket left waiting to close, per gateway and second). Before, five questions and
+/// a probe made six connections.
+#[tokio::test]
+async fn a_sentinel_is_asked_over_the_connection_kept_from_its_last_answer() {
+    let master = RedisServer::start();
+    let sentinel = RedisServer::sentinel(master.port());
+    // Each look at the sentinel's counter is a connection of its own, counted in it.
+    let received = || {
+        let stats = sentinel.command("INFO stats").unwrap_or_default();
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix("total_connections_received:"))
+            .and_then(|count| count.trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let store = store(&[sentinel.url()]);
+    let before = received();
+    for _ in 0..5 {
+        store.resolve().await.unwrap();
+    }
+    assert!(store.probe().await);
+    assert_eq!(master_port(&store), Some(master.port()));
+    assert_eq!(
+        received() - before,
+        2,
+        "one kept, and the look at the counter"
+    );
+
+    // A sentinel that closed the kept connection (its `timeout`, a restart) is asked over
+    // a new one, at once.
+    let killed = sentinel
+        .command("CLIENT KILL TYPE normal")
+        .unwrap_or_default();
+    assert!(killed.starts_with(":1"), "{killed}");
+    let before = received();
+    assert_eq!(store.resolve().await, Ok(()));
+    assert!(store.probe().await);
+    assert_eq!(
+        received() - before,
+        2,
+        "a new one kept, and the look at the counter"
     );
 }
