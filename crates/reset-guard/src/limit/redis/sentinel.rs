@@ -354,11 +354,13 @@ impl RedisStore {
         self.query_sentinel(pool, at, way, client).await
     }
 
-    /// The master's address as the sentinel at `at` names it, if it knows it: over the
-    /// connection kept from its last answer if it was asked the same `way`, else over a new
-    /// one from `client`, kept if it answers. A kept connection that fails (the sentinel
-    /// restarted, or closed it while idle) is let go and the question asked once more over a
-    /// new one.
+    /// The master's address as the sentinel at `at` names it, if it knows it. The sentinel
+    /// whose answer was used last, asked every second, is asked over the connection kept
+    /// from its last answer if it was asked the same `way`, else over a new one from
+    /// `client`, kept if it answers; a kept one that fails at once (the sentinel restarted,
+    /// or closed it) is let go and the question asked again over a new one. The others,
+    /// asked only when it fails, each over a new connection: one kept idle for hours can
+    /// have died without a word (a NAT's idle timeout), and would spend the whole wait.
     async fn query_sentinel(
         &self,
         pool: &SentinelPool,
@@ -367,20 +369,28 @@ impl RedisStore {
         client: impl Fn() -> redis::RedisResult<redis::Client>,
     ) -> redis::RedisResult<Option<(String, u16)>> {
         let slot = &pool.kept[at];
-        let keep = |kept: Option<(usize, MultiplexedConnection)>| {
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = kept;
-        };
-        let kept = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some((_, mut connection)) = kept.filter(|(asked, _)| *asked == way) {
+        // Taken out while it is used: a question cancelled by the caller's timeout leaves
+        // nothing kept.
+        let kept = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let keeping = at == pool.first.load(Ordering::Relaxed);
+        if let Some((_, mut connection)) = kept.filter(|(asked, _)| keeping && *asked == way) {
             match self.master_named_over(pool, &mut connection).await {
-                Err(error) if !matches!(error.kind(), redis::ErrorKind::Server(_)) => keep(None),
-                answer => return answer,
+                Err(error)
+                    if error.is_io_error()
+                        || error.is_connection_dropped()
+                        || error.is_timeout() => {}
+                answer => {
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((way, connection));
+                    return answer;
+                }
             }
         }
         let wait = settings::connect_timeout(self.timeout);
         let mut connection = RedisSettings::connect_for(&client()?, wait).await?;
         let answer = self.master_named_over(pool, &mut connection).await;
-        keep(answer.is_ok().then_some((way, connection)));
+        if keeping && answer.is_ok() {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((way, connection));
+        }
         answer
     }
 
