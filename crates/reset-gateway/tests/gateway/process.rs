@@ -298,72 +298,92 @@ fn check_config_names_the_key_and_line() {
     );
 }
 
+/// Runs `openssl` with `args` (paths among them), which must succeed.
+fn openssl(args: &[&std::ffi::OsStr]) {
+    let status = Command::new("openssl")
+        .args(args)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+/// A self-signed certificate for `localhost` with a new RSA key, in `dir` as `name`.pem
+/// and `name`.key, with the extensions `more` adds (`-addext ...`).
+fn self_signed(
+    dir: &std::path::Path,
+    name: &str,
+    more: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    let mut args: Vec<&std::ffi::OsStr> = ["req", "-x509", "-newkey", "rsa:2048", "-nodes"]
+        .into_iter()
+        .chain(["-days", "2", "-subj", "/CN=localhost"])
+        .chain(more.iter().copied())
+        .map(std::ffi::OsStr::new)
+        .collect();
+    args.extend([
+        "-keyout".as_ref(),
+        key.as_os_str(),
+        "-out".as_ref(),
+        cert.as_os_str(),
+    ]);
+    openssl(&args);
+    (cert, key)
+}
+
 /// A certificate of version 3 with a critical extension the TLS library does not know (which
 /// OpenSSL's clients take), and its key, in `dir`.
 fn unknown_critical_extension_certificate(
     dir: &std::path::Path,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join("critical.pem"), dir.join("critical.key"));
-    let made = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-        ])
-        .args([
-            "/CN=localhost",
-            "-addext",
-            "certificatePolicies=critical,1.2.3.4",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl is installed");
-    assert!(made.success());
-    (cert, key)
+    self_signed(
+        dir,
+        "critical",
+        &["-addext", "certificatePolicies=critical,1.2.3.4"],
+    )
 }
 
 /// A certificate of X.509 version 1 and its key, in `dir`, as `openssl x509 -req` makes one
 /// when given no extensions.
 fn version_1_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join("v1.pem"), dir.join("v1.key"));
-    let made = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-        ])
-        .args(["/CN=localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl is installed");
-    assert!(made.success());
+    let (cert, key) = self_signed(dir, "v1", &[]);
     // Made again from a request of it by `x509 -req`, which adds no extensions: version 1.
     let request = dir.join("v1.csr");
-    let asked = Command::new("openssl")
-        .args(["x509", "-x509toreq", "-in"])
-        .arg(&cert)
-        .arg("-signkey")
-        .arg(&key)
-        .arg("-out")
-        .arg(&request)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(asked.success());
-    let signed = Command::new("openssl")
-        .args(["x509", "-req", "-days", "2", "-in"])
-        .arg(&request)
-        .arg("-signkey")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(signed.success());
+    let os = std::ffi::OsStr::new;
+    openssl(
+        &[
+            os("x509"),
+            os("-x509toreq"),
+            os("-in"),
+            cert.as_os_str(),
+            os("-signkey"),
+        ]
+        .into_iter()
+        .chain([key.as_os_str(), os("-out"), request.as_os_str()])
+        .collect::<Vec<_>>(),
+    );
+    openssl(
+        &[
+            os("x509"),
+            os("-req"),
+            os("-days"),
+            os("2"),
+            os("-in"),
+            request.as_os_str(),
+        ]
+        .into_iter()
+        .chain([
+            os("-signkey"),
+            key.as_os_str(),
+            os("-out"),
+            cert.as_os_str(),
+        ])
+        .collect::<Vec<_>>(),
+    );
     let text = Command::new("openssl")
         .args(["x509", "-noout", "-text", "-in"])
         .arg(&cert)
