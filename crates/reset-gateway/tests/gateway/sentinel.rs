@@ -36,6 +36,25 @@ fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
+/// `count` sentinels of the master at `master_port`, each set up as `options` gives (a TLS
+/// port of its own, say), once each says it reaches the master.
+fn sentinels_reaching(
+    master_port: u16,
+    count: usize,
+    options: impl Fn() -> SentinelOptions,
+) -> Vec<RedisServer> {
+    let sentinels: Vec<RedisServer> = (0..count)
+        .map(|_| RedisServer::sentinel_with(master_port, options()))
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(10), || sentinels
+            .iter()
+            .all(|s| s.sentinel_field("flags").as_deref() == Some("master"))),
+        "the sentinels did not reach the master"
+    );
+    sentinels
+}
+
 /// A master, its replica and three sentinels (quorum 2) that know each other and the
 /// replica, so a failover can happen. With `password`, every one of them wants it: the data
 /// nodes (`requirepass`, and `masterauth` between them), the sentinels to reach them
@@ -153,23 +172,10 @@ async fn tls_to_the_sentinels_and_the_master_with_a_private_ca_and_not_with_anot
     });
     let master_tls_port = master.options().tls.as_ref().unwrap().0;
     // The sentinels watch the master's TLS port, over TLS, and so name that port.
-    let sentinels: Vec<RedisServer> = (0..2)
-        .map(|_| {
-            RedisServer::sentinel_with(
-                master_tls_port,
-                SentinelOptions {
-                    tls: tls(),
-                    ..Default::default()
-                },
-            )
-        })
-        .collect();
-    assert!(
-        wait_for(Duration::from_secs(10), || sentinels
-            .iter()
-            .all(|s| s.sentinel_field("flags").as_deref() == Some("master"))),
-        "the sentinels did not reach the master over TLS"
-    );
+    let sentinels = sentinels_reaching(master_tls_port, 2, || SentinelOptions {
+        tls: tls(),
+        ..Default::default()
+    });
     assert_eq!(sentinels[0].sentinel_master_port(), Some(master_tls_port));
     let nodes: Vec<String> = sentinels
         .iter()
@@ -279,24 +285,11 @@ async fn sentinels_with_a_password_of_their_own_are_asked_with_it() {
         ..Default::default()
     };
     let master = RedisServer::start_with(secured);
-    let sentinels: Vec<RedisServer> = (0..3)
-        .map(|_| {
-            RedisServer::sentinel_with(
-                master.port(),
-                SentinelOptions {
-                    auth_pass: Some(DATA.to_owned()),
-                    password: Some(SENTINELS.to_owned()),
-                    ..Default::default()
-                },
-            )
-        })
-        .collect();
-    assert!(
-        wait_for(Duration::from_secs(10), || sentinels
-            .iter()
-            .all(|s| s.sentinel_field("flags").as_deref() == Some("master"))),
-        "the sentinels did not get into the master"
-    );
+    let sentinels = sentinels_reaching(master.port(), 3, || SentinelOptions {
+        auth_pass: Some(DATA.to_owned()),
+        password: Some(SENTINELS.to_owned()),
+        ..Default::default()
+    });
     let nodes: Vec<String> = sentinels.iter().map(RedisServer::url).collect();
     // Each test runs in its own process: setting the variables touches no other test.
     std::env::set_var(VARIABLE, SENTINELS);
