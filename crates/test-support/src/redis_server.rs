@@ -44,6 +44,9 @@ pub struct SentinelOptions {
     /// `requirepass`: the sentinel's own password, for its clients and the other
     /// sentinels (which must share it).
     pub password: Option<String>,
+    /// ACL users of the sentinel's own, each a `user` line of its config without the
+    /// word `user` (`watcher on >secret -@all +sentinel|get-master-addr-by-name`).
+    pub users: Vec<String>,
     /// TLS on a second port, as [`RedisOptions::tls`], and to the master, its replicas and
     /// the other sentinels (`tls-replication yes`: the monitored port is a TLS one).
     pub tls: Option<(u16, PathBuf, PathBuf, PathBuf)>,
@@ -193,6 +196,9 @@ impl RedisServer {
         }
         if let Some(password) = &options.password {
             extra += &format!("requirepass {password}\n");
+        }
+        for user in &options.users {
+            extra += &format!("user {user}\n");
         }
         if let Some((tls_port, cert, key, ca)) = &options.tls {
             extra += &format!(

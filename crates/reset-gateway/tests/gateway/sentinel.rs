@@ -336,6 +336,60 @@ async fn sentinels_with_a_password_of_their_own_are_asked_with_it() {
     );
 }
 
+/// An ACL user of the sentinels' own (`sentinel_username`) allowed nothing but the one
+/// question the gateway asks them, as the README says to make it: two gateways share one
+/// limit through it. A user of theirs without that command is named in the probe's line
+/// with what it lacks, and no password is logged.
+#[tokio::test]
+async fn a_sentinel_user_that_may_only_ask_for_the_master_is_enough() {
+    const SENTINELS: &str = "sentinels-default-password";
+    const WATCHER: &str = "watcher-own-password";
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_SENTINEL_USER_PASSWORD";
+    let master = RedisServer::start();
+    let sentinels = sentinels_reaching(master.port(), 2, || SentinelOptions {
+        password: Some(SENTINELS.to_owned()),
+        users: vec![
+            format!("watcher on >{WATCHER} -@all +sentinel|get-master-addr-by-name"),
+            format!("blind on >{WATCHER} -@all +ping"),
+        ],
+        ..Default::default()
+    });
+    let nodes: Vec<String> = sentinels.iter().map(RedisServer::url).collect();
+    // Each test runs in its own process: setting the variable touches no other test.
+    std::env::set_var(VARIABLE, WATCHER);
+    let as_user = |mock: &MockServer, user: &str| {
+        sentinel_yaml(
+            mock,
+            &nodes,
+            &format!("    sentinel_username: {user}\n    sentinel_password_env: {VARIABLE}\n"),
+            "deny",
+        )
+    };
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let watcher = as_user(&mock, "watcher");
+    let a = Gateway::start_yaml(mock, &watcher).await;
+    let b = Gateway::replica(&watcher).await;
+    assert_eq!(four_resets(&a, &b).await, [200, 200, 200, 429]);
+    assert!(holds_limits(&master), "the limits live in the master");
+
+    let dir = tempfile::tempdir().unwrap();
+    let blind = dir.path().join("blind.yaml");
+    std::fs::write(&blind, as_user(&a.mock, "blind")).unwrap();
+    let gateway = crate::process::spawn_gateway(&blind);
+    let line = crate::redis::probe_failure_line(&gateway).await;
+    assert!(
+        line.contains("sentinel 1 (") && line.contains("+sentinel|get-master-addr-by-name"),
+        "{line}"
+    );
+    assert!(
+        gateway
+            .logs()
+            .iter()
+            .all(|l| !l.contains(WATCHER) && !l.contains(SENTINELS)),
+        "a password was logged"
+    );
+}
+
 /// A sentinel listed wrong (nothing listens there: a typo), before or after one that
 /// answers: the gateway serves through the other, and says once, at `warn`, which sentinel
 /// cannot be asked and why, rather than only at debug level, where the typo went unnoticed

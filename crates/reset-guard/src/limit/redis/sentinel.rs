@@ -440,7 +440,8 @@ impl RedisStore {
 mod tests;
 
 /// What a sentinel's refusal says about the settings: a Redis server given as a sentinel,
-/// or sentinels that want a password the settings do not hold.
+/// sentinels that want a password the settings do not hold, or an ACL user of theirs that
+/// may not ask for the master.
 fn sentinel_hint(error: &redis::RedisError, own_password: bool) -> &'static str {
     let said = error.to_string();
     if said.contains("unknown command") {
@@ -453,6 +454,8 @@ fn sentinel_hint(error: &redis::RedisError, own_password: bool) -> &'static str 
         " (the sentinel wants a password: store.redis.sentinel_password_env or sentinel_password_file, its requirepass; without them, the master's password is tried)"
     } else if error.kind() == redis::ErrorKind::AuthenticationFailed {
         " (the sentinel refused the password: where the sentinels' own requirepass differs from the master's password, store.redis.sentinel_password_env or sentinel_password_file)"
+    } else if said.contains("NOPERM") || said.contains("no permissions") {
+        " (the sentinel's ACL user may not ask for the master: it needs `+sentinel|get-master-addr-by-name`; store.redis.sentinel_username names the user)"
     } else {
         ""
     }
