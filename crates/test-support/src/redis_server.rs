@@ -331,6 +331,16 @@ impl RedisServer {
             .unwrap_or(0)
     }
 
+    /// Connections this server has accepted since it started, the one asking included
+    /// (`INFO stats`).
+    pub fn connections_received(&self) -> u64 {
+        let info = self.command("INFO stats").unwrap_or_default();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Sends one inline command and returns the raw reply (enough for tests).
     pub fn command(&self, line: &str) -> Option<String> {
         let mut stream =

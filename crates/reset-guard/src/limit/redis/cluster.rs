@@ -108,7 +108,7 @@ impl Cluster {
         prefix: &str,
         timeout: Duration,
     ) -> Result<(), String> {
-        let (mut connection, map) = self.slot_owners(timeout).await?;
+        let map = self.slot_owners(timeout).await?;
         let urls: Option<Vec<_>> = map
             .masters
             .iter()
@@ -125,6 +125,7 @@ impl Cluster {
             // A master named without an address ("the node you asked"), or by one no URL
             // can hold (a zone in an IPv6 address): only the cluster client reaches it, and
             // is asked a PING to every master (the script is not run there).
+            let mut connection = self.probe_connection().await;
             let ping = connection.route_command(
                 redis::cmd("PING").clone(),
                 RoutingInfo::MultiNode((
@@ -210,50 +211,37 @@ impl Cluster {
     /// client asks one node it holds a connection to at random, replicas included, and one
     /// that hangs (a replica stopped, a master frozen after its replica took over) would
     /// have the probe report a cluster that serves every request down, on and off.
-    async fn slot_owners(
-        &self,
-        wait: Duration,
-    ) -> Result<(redis::cluster_async::ClusterConnection, SlotOwners), String> {
-        let mut connection = self
-            .probe
+    ///
+    /// Not through the cluster client: while no node answers (a refused password, the
+    /// cluster down), a question to it is sent again on its own up to 16 times, each after
+    /// making connections to the seeds anew, and goes on after the probe has stopped
+    /// waiting for it: about 140 connections a second to a seed from one idle gateway
+    /// with a wrong password. Each seed's own answer says why instead.
+    async fn slot_owners(&self, wait: Duration) -> Result<SlotOwners, String> {
+        // Reading it may mean making a connection first.
+        let read = self.nodes.read_slot_map(None, wait);
+        let in_time = settings::connect_timeout(wait) + wait;
+        if let Ok(Some(map)) = tokio::time::timeout(in_time, read).await {
+            return Ok(map);
+        }
+        // Each seed node's own answer says why (a refused password, a closed port, not a
+        // cluster, no slot served).
+        Err(format!(
+            "CLUSTER SLOTS: no node gave a slot map; {}",
+            self.seeds_say(wait).await
+        ))
+    }
+
+    /// The probe's cluster connection, made on first use: only for a master named without
+    /// an address, which only the cluster client reaches.
+    async fn probe_connection(&self) -> redis::cluster_async::ClusterConnection {
+        self.probe
             .get_or_init(|| async {
                 self.client
                     .get_pending_async_connection_with_config(self.config.clone())
             })
             .await
-            .clone();
-        // Reading it may mean making a connection first.
-        let read = self.nodes.read_slot_map(connection.clone(), wait);
-        let in_time = settings::connect_timeout(wait) + wait;
-        if let Ok(Some(map)) = tokio::time::timeout(in_time, read).await {
-            return Ok((connection, map));
-        }
-        // No node answered: the cluster client's own error, and each seed's, say why.
-        let ask = connection.route_command(
-            redis::cmd("CLUSTER").arg("SLOTS").clone(),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-        );
-        let reply = match answer_in_time(wait, ask).await {
-            Ok(reply) => reply,
-            // The cluster client says only that it has no connection: each seed node's
-            // own answer says why (a refused password, a closed port, not a cluster).
-            Err(cause) => {
-                return Err(format!(
-                    "CLUSTER SLOTS: {cause}; {}",
-                    self.seeds_say(wait).await
-                ))
-            }
-        };
-        let map = SlotOwners::parse(&reply).ok_or_else(|| match &reply {
-            redis::Value::ServerError(error) => {
-                not_a_cluster(&format!("CLUSTER SLOTS: {}", bounded(&error.to_string())))
-            }
-            redis::Value::Array(ranges) if ranges.is_empty() => {
-                format!("CLUSTER SLOTS: {SERVES_NO_SLOT}")
-            }
-            _ => "CLUSTER SLOTS: an answer not understood".to_owned(),
-        })?;
-        Ok((connection, map))
+            .clone()
     }
 
     /// What each seed node answers `CLUSTER SLOTS` over a connection of its own, within
@@ -328,7 +316,7 @@ impl Cluster {
         &self,
         timeout: Duration,
     ) -> Result<Vec<(String, Result<MultiplexedConnection, String>)>, String> {
-        let (_, map) = self
+        let map = self
             .slot_owners(timeout.max(Duration::from_secs(1)))
             .await?;
         let mut connections = Vec::new();
@@ -410,6 +398,11 @@ pub(super) struct NodeCalls {
     /// with it at once (as `on_error` says), rather than being decided on one server the
     /// probe reports down, or each waiting for the timeout.
     not_a_cluster: Mutex<Option<String>>,
+    /// Until when ([`MonotonicClock`] nanoseconds) calls that only the cluster client could
+    /// send are answered at once, and with what: it reached no node for the last one (the
+    /// cluster down, a refused password). Each call sent through it meanwhile would make
+    /// it connect to the seeds anew: about six connections per request.
+    unreachable: Mutex<Option<(u64, String)>>,
     /// Off once a server refused the flagged script (Redis before 7).
     supported: AtomicBool,
     /// The script with the `allow-cross-slot-keys` flag, and its SHA-1.
@@ -550,6 +543,7 @@ impl NodeCalls {
             read_done: tokio::sync::Notify::new(),
             last_answered: Mutex::new(None),
             not_a_cluster: Mutex::new(None),
+            unreachable: Mutex::new(None),
             supported: AtomicBool::new(true),
             code,
             sha,
@@ -719,7 +713,8 @@ impl NodeCalls {
                 let _reading = Reading(&nodes.reading, &nodes.read_done);
                 // Reading it may mean making a connection first.
                 let wait = settings::connect_timeout(timeout) + timeout;
-                let read = tokio::time::timeout(wait, nodes.read_slot_map(connection, timeout));
+                let read =
+                    tokio::time::timeout(wait, nodes.read_slot_map(Some(connection), timeout));
                 if let Ok(Some(map)) = read.await {
                     let map = Arc::new(map);
                     nodes.last_read_map.store(Some(map.clone()));
@@ -736,12 +731,13 @@ impl NodeCalls {
     /// answered within a quarter of the timeout (or fails, or there is none), of every
     /// other master the map last read names and every seed node at once; the first answer
     /// taken (a master that hangs, or an address no longer anyone's, is not waited for,
-    /// and a healthy cluster is asked once per read, not once per node). Then through the
-    /// cluster client, which while it reads the map again itself (after a `MOVED`) holds
-    /// every command sent through it.
+    /// and a healthy cluster is asked once per read, not once per node). Then, for a
+    /// request's read, through `connection` (its thread's cluster client, which sends
+    /// nothing again on its own), the last resort: while that client reads the map again
+    /// itself (after a `MOVED`) it holds every command sent through it.
     async fn read_slot_map(
         self: &Arc<Self>,
-        mut connection: redis::cluster_async::ClusterConnection,
+        connection: Option<redis::cluster_async::ClusterConnection>,
         timeout: Duration,
     ) -> Option<SlotOwners> {
         let mut urls = self.direct.settings.cluster_nodes().unwrap_or_default();
@@ -789,7 +785,7 @@ impl NodeCalls {
                 }
             }
         }
-        if map.is_none() {
+        if let Some(mut connection) = connection.filter(|_| map.is_none()) {
             let ask = connection.route_command(
                 redis::cmd("CLUSTER").arg("SLOTS").clone(),
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
@@ -833,6 +829,32 @@ impl NodeCalls {
             .await
             .map_err(|_| None)??;
         Ok((url, map))
+    }
+
+    /// Why a call only the cluster client could send is not sent, for
+    /// [`UNREACHABLE_PAUSE`] after it reached no node for one.
+    fn unreachable(&self) -> Option<String> {
+        let now = self.clock.now();
+        let unreachable = self.unreachable.lock().ok()?;
+        let (until, why) = unreachable.as_ref()?;
+        (now < *until).then(|| why.clone())
+    }
+
+    /// The cluster client answered a call with `error`: if it reached no node, the calls
+    /// after it are not sent through it for [`UNREACHABLE_PAUSE`].
+    fn sent_through_client(&self, error: &redis::RedisError) {
+        let reached_none = error.kind() == redis::ErrorKind::ClusterConnectionNotFound
+            || error.kind() == redis::ErrorKind::AuthenticationFailed
+            || error.is_connection_refusal()
+            || error.is_io_error();
+        if !reached_none {
+            return;
+        }
+        let until = self.clock.now() + UNREACHABLE_PAUSE.as_nanos() as u64;
+        if let Ok(mut unreachable) = self.unreachable.lock() {
+            let why = format!("no node of the cluster reached: {error}");
+            *unreachable = Some((until, why));
+        }
     }
 
     /// Why requests cannot be decided, while the seed nodes said they are not part of a
@@ -1666,7 +1688,16 @@ async fn call_by_tag(
                     }
                     reply
                 }
-                None => command.query_async::<redis::Value>(&mut connection).await,
+                None => {
+                    if let Some(why) = nodes.unreachable() {
+                        return Err(why);
+                    }
+                    let reply = command.query_async::<redis::Value>(&mut connection).await;
+                    if let Err(error) = &reply {
+                        nodes.sent_through_client(error);
+                    }
+                    reply
+                }
             };
             let error = match reply {
                 Ok(value) => return numbers(value),
@@ -1731,6 +1762,11 @@ async fn call_by_tag(
     });
     answer(batch, decided);
 }
+
+/// How long calls that only the cluster client could send are answered at once after it
+/// reached no node for one ([`NodeCalls::unreachable`]), as the other modes answer a
+/// connection's requests at once for a while after a failed `PING`.
+const UNREACHABLE_PAUSE: Duration = Duration::from_millis(250);
 
 /// How long before the first of its requests stops waiting a call of one hash tag gives up:
 /// a timer tick or two, so that a node that has not answered it is held back before any of
