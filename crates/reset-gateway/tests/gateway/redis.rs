@@ -376,6 +376,51 @@ async fn auth_with_a_password_from_the_environment_shares_one_limit() {
     assert_eq!(reply.status, 503, "{reply:?}");
 }
 
+/// A password changed on the server while a gateway runs (a rotation whose old password
+/// was removed before this replica got the new one): every connection made from then on
+/// is refused, while those made before still work. The probe, whose connection is one of
+/// those, asks the server to take the password again, and `/readyz` says not ready under
+/// `deny`. Before, it stayed ready while most requests failed. Standalone and Cluster.
+#[tokio::test]
+async fn a_password_changed_on_the_server_is_noticed_by_the_probe() {
+    const VARIABLE: &str = "RESET_GATEWAY_TEST_REDIS_ROTATED_PASSWORD";
+    const OLD: &str = "the-password-before";
+    std::env::set_var(VARIABLE, OLD);
+    let redis = test_support::RedisServer::start_with(test_support::RedisOptions {
+        password: Some(OLD.to_owned()),
+        ..Default::default()
+    });
+    let cluster = test_support::RedisCluster::start_with(test_support::ClusterOptions {
+        password: Some(OLD.to_owned()),
+        ..Default::default()
+    });
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let password = format!("    password_env: {VARIABLE}\n");
+    let standalone = redis_yaml_at(&mock, &redis.url(), &password, "deny");
+    let in_cluster = standalone.replace(
+        &format!("    url: {}\n", redis.url()),
+        &format!("    mode: cluster\n    nodes: [{}]\n", cluster.urls()[0]),
+    );
+    let a = Gateway::start_yaml(mock, &standalone).await;
+    let b = Gateway::replica(&in_cluster).await;
+    for gateway in [&a, &b] {
+        let ready = poll_until(100, || gateway.admin_get("/readyz"), |r| r.status == 200).await;
+        assert_eq!(ready.status, 200, "{ready:?}");
+    }
+    for server in std::iter::once(&redis).chain(&cluster.nodes) {
+        assert_eq!(
+            server
+                .command("CONFIG SET requirepass the-password-after")
+                .as_deref(),
+            Some("+OK\r\n")
+        );
+    }
+    for gateway in [&a, &b] {
+        let ready = poll_until(100, || gateway.admin_get("/readyz"), |r| r.status == 503).await;
+        assert_eq!(ready.status, 503, "{ready:?}");
+    }
+}
+
 /// A `store.redis` section that names a server while `kind` is left at memory (the
 /// default) is refused on `kind`'s line: each replica would otherwise keep a limit of its
 /// own, silently. The shipped file's section, which names none, is not.

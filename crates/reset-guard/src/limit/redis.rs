@@ -358,12 +358,14 @@ impl RedisStore {
         // Each exchange within `timeout`, as a request's call is; the first may have to
         // make the connection (after one failed), which takes longer.
         let run = async {
-            // The first exchange reads two of the probe's keys in different slots, as a
+            let connect = settings::connect_timeout(self.timeout);
+            let auth = self.settings.still_authenticates(&mut connection);
+            in_time(connect, auth).await??;
+            // The next exchange reads two of the probe's keys in different slots, as a
             // request's call does: a Redis Cluster node refuses it (`CROSSSLOT`), and so
             // every request; any other answer of the server's own is answer enough.
             let read = redis::cmd("MGET").arg(&self.probe_reads).clone();
             let asked = read.query_async::<redis::Value>(&mut connection);
-            let connect = settings::connect_timeout(self.timeout);
             match in_time(connect, asked).await? {
                 // (A node whose slots are not assigned answers CLUSTERDOWN; one that does
                 // not serve the keys' slots, MOVED or ASK.)

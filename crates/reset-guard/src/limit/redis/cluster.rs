@@ -159,6 +159,16 @@ impl Cluster {
                     }
                 }
             };
+            let auth = self
+                .nodes
+                .direct
+                .settings
+                .still_authenticates(&mut connection);
+            match tokio::time::timeout(timeout, auth).await {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => return Err(format!("{named}: {why}")),
+                Err(_) => return Err(format!("{named}: no answer within {timeout:?}")),
+            }
             let command = redis::cmd("CLUSTER").arg("INFO").clone();
             let info = command.query_async::<String>(&mut connection);
             match tokio::time::timeout(timeout, info).await {

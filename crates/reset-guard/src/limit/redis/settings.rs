@@ -409,6 +409,33 @@ impl RedisSettings {
             .await
     }
 
+    /// Whether the server still takes these settings' password (and username), asked over
+    /// a connection already made: `AUTH` again, which a server refusing it answers without
+    /// changing the connection. The probe's connections were authenticated once; a password
+    /// changed on the server since (a rotation half done) refuses every connection the
+    /// threads make anew while the probe's own still works, and the gateway would say it is
+    /// ready while most requests fail. Nothing is asked without a password.
+    pub(crate) async fn still_authenticates(
+        &self,
+        connection: &mut impl redis::aio::ConnectionLike,
+    ) -> Result<(), String> {
+        let Some(password) = &self.password else {
+            return Ok(());
+        };
+        let mut auth = redis::cmd("AUTH");
+        if let Some(username) = &self.username {
+            auth.arg(username);
+        }
+        auth.arg(password.as_str());
+        match auth.query_async::<()>(connection).await {
+            Err(error) if error.kind() == redis::ErrorKind::AuthenticationFailed || error.code() == Some("WRONGPASS") => Err(
+                "the server no longer takes store.redis.password_env or password_file (and username): every new connection is refused (changed on the server, not here?)".to_owned(),
+            ),
+            Err(error) => Err(error.to_string()),
+            Ok(()) => Ok(()),
+        }
+    }
+
     /// [`client_at`](Self::client_at), saying apart whether the username and the password
     /// are sent: a password alone authenticates as Redis's `default` user (a sentinel's own
     /// `requirepass`).
