@@ -113,6 +113,11 @@ pub fn from_yaml<T: DeserializeOwned>(yaml: &str) -> Result<T, ConfigError> {
     })
 }
 
+/// Whether `yaml` is well-formed YAML (whatever it holds).
+pub fn parses(yaml: &str) -> bool {
+    Parser::new_from_str(yaml).all(|item| item.is_ok())
+}
+
 /// Every key path written in `yaml` (`store`, `store.redis`, `store.redis.url`,
 /// `guard.clients[1].id`), in no particular order; what follows a syntax error is left out.
 pub fn key_paths(yaml: &str) -> Vec<String> {

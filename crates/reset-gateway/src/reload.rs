@@ -6,9 +6,10 @@
 //! key file, the TLS pair, `upstream.ca_file`): a Secret rotated in place is picked up
 //! like an edited file. A change is applied once the contents have stood still for one
 //! poll, so a file caught half-written (a writer that truncates, then writes) is not
-//! applied with defaults filling its missing sections; one that lacks a section the
-//! running file has (what a writer pausing longer mid-file leaves) waits until it has
-//! stood still for [`HOLD`].
+//! applied with defaults filling its missing sections; one that lacks a key or a list item
+//! the running file has (what a writer pausing longer mid-file leaves: a section, a quota,
+//! a client) waits until it has stood still for [`HOLD`]. One that is not YAML at all is
+//! not held: its reload is refused at once, saying why.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -27,8 +28,9 @@ use reset_guard::{ConfigError, GuardSettings, LimitGroup};
 /// row see the same new contents.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// How long a file lacking a section the running one has must stand still to be applied
-/// by the watch (a section removed on purpose takes this long; `SIGHUP` applies at once).
+/// How long a file lacking a key or list item the running one has must stand still to be
+/// applied by the watch (a section, a quota or a client removed on purpose takes this
+/// long; `SIGHUP` applies at once).
 const HOLD: Duration = Duration::from_secs(5);
 
 /// Reloads one running gateway from its file.
@@ -44,7 +46,8 @@ pub struct Reloader {
     global_keys: u16,
     /// The running configuration's [`Settings::reread_files`].
     reread_files: Mutex<Vec<PathBuf>>,
-    /// The sections (key paths two deep: `guard.limits`) of the file last applied.
+    /// The sections (every key path and list item: `guard.limits.per_email[1].per`) of the
+    /// file last applied.
     sections: Mutex<Vec<String>>,
     /// The file could not be read, at the last reload (a SIGHUP while it was away) or at
     /// the watch's looks: tried again at the first look that finds it back as it was (a
@@ -53,16 +56,18 @@ pub struct Reloader {
     read_failed: std::sync::atomic::AtomicBool,
 }
 
-/// The sections of a configuration file: its key paths at most two deep, without list
-/// items (`server`, `server.cors`, `guard.limits`).
+/// The sections of a configuration file: every key path and list item (`server`,
+/// `guard.limits.per_email`, `guard.limits.per_email[1]`, `guard.limits.per_email[1].per`).
+/// A file cut anywhere lacks one of them: a group of limits left out takes its defaults,
+/// and a client list cut short refuses the clients cut off.
 fn sections(yaml: &str) -> Vec<String> {
-    let mut sections: Vec<String> = located_yaml::key_paths(yaml)
-        .into_iter()
-        .filter(|path| !path.contains('[') && path.matches('.').count() <= 1)
-        .collect();
+    let mut sections = located_yaml::key_paths(yaml);
     sections.sort();
     sections
 }
+
+/// At most this many of the missing sections are named in the watch's warning.
+const MISSING_NAMED: usize = 8;
 
 /// What only a restart changes, as one configuration has it: each setting's key and its
 /// value, written out to compare (the key secret and Redis password hashed, never kept).
@@ -371,6 +376,11 @@ impl Reloader {
         let Ok(yaml) = std::fs::read_to_string(&self.path) else {
             return false;
         };
+        // Not YAML: what follows the error would look missing. Its reload says why.
+        if !located_yaml::parses(&yaml) {
+            *held = None;
+            return false;
+        }
         let now = sections(&yaml);
         let missing: Vec<String> = self
             .sections
@@ -387,10 +397,14 @@ impl Reloader {
         match held {
             Some((text, since)) if *text == yaml => since.elapsed() < HOLD,
             _ => {
+                let mut named = missing[..missing.len().min(MISSING_NAMED)].join(", ");
+                if missing.len() > MISSING_NAMED {
+                    named += &format!(" and {} more", missing.len() - MISSING_NAMED);
+                }
                 tracing::warn!(
                     path = %self.path.display(),
-                    missing = %missing.join(", "),
-                    "the configuration file lacks sections the running one has; applied once it has stood still for 5s (a writer still writing?)"
+                    missing = %named,
+                    "the configuration file lacks keys or list items the running one has; applied once it has stood still for 5s (a writer still writing?)"
                 );
                 *held = Some((yaml, tokio::time::Instant::now()));
                 true
@@ -658,19 +672,22 @@ mod tests {
     }
 
     #[test]
-    fn a_files_sections_are_its_keys_two_deep() {
-        let yaml = "server:\n  listen: x\n  cors: { allow_origins: [a] }\nguard:\n  clients:\n    - id: a\n  limits:\n    per_ip: []\n";
-        assert_eq!(
-            super::sections(yaml),
-            [
-                "guard",
-                "guard.clients",
-                "guard.limits",
-                "server",
-                "server.cors",
-                "server.listen"
-            ]
-        );
+    fn a_files_sections_are_its_key_paths_and_list_items() {
+        let yaml = "server:\n  listen: x\n  cors: { allow_origins: [a] }\nguard:\n  clients:\n    - id: a\n  limits:\n    per_ip: []\n    per_email: [{ requests: 3, per: 1h }]\n";
+        let sections = super::sections(yaml);
+        for section in [
+            "guard.clients",
+            "guard.clients[0]",
+            "guard.clients[0].id",
+            "guard.limits.per_email",
+            "guard.limits.per_email[0].per",
+            "server.cors.allow_origins",
+        ] {
+            assert!(
+                sections.iter().any(|s| s == section),
+                "{section}: {sections:?}"
+            );
+        }
     }
 
     #[test]

@@ -542,7 +542,10 @@ async fn reload_on_sighup_and_on_file_change_keeps_a_good_config() {
 
 /// A writer that stops half way (truncated, then written in two parts with a pause): the
 /// half lacks the limits the running file has, so it waits for the rest instead of
-/// running a second on default limits.
+/// running a second on default limits; also when it stops inside the limits (before,
+/// only sections two deep were compared: a file cut after `per_ip` ran on the default
+/// per-email quotas). A file that is not YAML is not waited for: it is refused, saying
+/// why, without a warning that names every key after its error as missing.
 #[tokio::test]
 async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
     let mock = MockServer::start(mock_config()).await.unwrap();
@@ -571,19 +574,52 @@ async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
         async || {
             gw.logs()
                 .iter()
-                .any(|l| l.contains("lacks sections the running one has"))
+                .any(|l| l.contains("lacks keys or list items the running one has"))
         },
         |said| *said,
     )
     .await;
     assert!(waiting, "{:?}", gw.logs());
     assert_eq!(ask().await, 429, "the half is not applied");
+    let lacking = || {
+        gw.logs()
+            .iter()
+            .filter(|l| l.contains("lacks keys or list items the running one has"))
+            .count()
+    };
+    // Cut inside the limits, after a per-IP quota that would let alice through.
+    let text = full(1000);
+    let inside = &text[..text.find("    per_client:").unwrap()];
+    write(&path, inside);
+    let said = poll_until(500, async || lacking(), |n| *n >= 2).await;
+    assert_eq!(said, 2, "{:?}", gw.logs());
+    assert_eq!(
+        ask().await,
+        429,
+        "the file cut inside the limits is not applied"
+    );
     // The rest arrives: applied as any change.
     write(&path, &full(1000));
     assert_eq!(
         poll_until(500, async || ask().await, |s| *s == 200).await,
         200
     );
+
+    // Not YAML: refused, and not taken for a file lacking everything after its error.
+    let broken = full(1000).replace(
+        "per_ip: [{ requests: 1000, per: 1h }]",
+        "per_ip: [{ requests: 1000, per: 1h }",
+    );
+    write(&path, &broken);
+    let rejected = poll_until(
+        500,
+        async || gw.logs().iter().any(|l| l.contains("reload rejected")),
+        |said| *said,
+    )
+    .await;
+    assert!(rejected, "{:?}", gw.logs());
+    assert_eq!(lacking(), 2, "{:?}", gw.logs());
+    assert_eq!(ask().await, 200, "the running configuration stays");
 }
 
 /// The warning that a reload changed settings that need a restart, once `gw` logs it.
