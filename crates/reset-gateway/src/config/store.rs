@@ -344,6 +344,11 @@ impl RedisConfig {
         settings.timeout = self.timeout.0;
         settings.on_error = self.on_error;
         settings.global_keys = self.global_keys;
+        // What the store is built with is checked again when it is built: check-config
+        // refuses here whatever that would (a password with a line break inside).
+        settings
+            .check()
+            .map_err(|why| ConfigError::new("store.redis", why.to_string()))?;
         Ok(settings)
     }
 }

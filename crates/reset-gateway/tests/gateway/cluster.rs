@@ -821,6 +821,12 @@ async fn the_probe_names_what_the_seed_nodes_answer() {
     let (line, _) = probe_failure(&yaml).await;
     assert!(line.contains("cluster support disabled"), "{line}");
     assert!(line.contains("mode: standalone"), "{line}");
+
+    // A sentinel given as a seed.
+    let sentinel = test_support::RedisServer::sentinel(single.port());
+    let yaml = per_email_yaml(&mock, &[sentinel.url()], "", "deny");
+    let (line, _) = probe_failure(&yaml).await;
+    assert!(line.contains("(a sentinel? "), "{line}");
 }
 
 /// Seed nodes that refuse the password are not flooded with connections. The cluster

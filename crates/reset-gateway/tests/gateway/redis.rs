@@ -969,6 +969,7 @@ async fn a_wrong_redis_password_is_logged_as_the_cause_without_the_password() {
         line.to_lowercase().contains("authentication"),
         "the cause is named: {line}"
     );
+    assert!(line.contains("password_file (and username)"), "{line}");
     // Twenty requests fail at once (on_error deny): one line, counting them, not twenty.
     let request = format!("GET {RESET}?email=a%40b.io HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
     let addr = gateway.addr;

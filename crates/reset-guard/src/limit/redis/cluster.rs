@@ -1429,6 +1429,8 @@ fn hand_on(batch: Vec<Job>, values: Vec<i64>, queues: &Arc<ThreadQueues>) {
 fn not_a_cluster(cause: &str) -> String {
     if cause.contains("cluster support disabled") {
         format!("{cause} (a server that is not part of a Redis Cluster: `mode: cluster` needs one; one server is `mode: standalone`)")
+    } else if cause.contains("unknown command") && cause.contains("CLUSTER") {
+        format!("{cause} (a sentinel? `mode: cluster` needs the cluster's nodes; sentinels go in `nodes` with `mode: sentinel`)")
     } else {
         cause.to_owned()
     }

@@ -151,6 +151,44 @@ impl RedisSettings {
                 "global_keys above 1 is for a Redis Cluster (one server holds the one global key at no extra cost)".to_owned(),
             ));
         }
+        if self.username.is_some() && self.password.is_none() {
+            return Err(InvalidRedisSettings(
+                "a username needs a password (AUTH sends both; without one, every connection would run as Redis's default user)".to_owned(),
+            ));
+        }
+        let passwords = self.password.iter().map(|p| ("password", p)).chain(
+            self.sentinel_auth
+                .iter()
+                .map(|(_, p)| ("the sentinels' password", p)),
+        );
+        for (which, password) in passwords {
+            if password.is_empty() {
+                return Err(InvalidRedisSettings(format!("{which} is empty")));
+            }
+            if password.contains(['\n', '\r']) {
+                return Err(InvalidRedisSettings(format!(
+                    "{which} holds a line break (read from a file? trim it: no server's password ends with one)"
+                )));
+            }
+        }
+        if let Some(pem) = &self.ca_pem {
+            use rustls::pki_types::{pem::PemObject, CertificateDer};
+            let certificates = CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>();
+            match certificates {
+                Ok(certificates) if !certificates.is_empty() => {}
+                Ok(_) => {
+                    return Err(InvalidRedisSettings(
+                        "ca_pem holds no PEM certificate (give the file's contents, not its path)"
+                            .to_owned(),
+                    ))
+                }
+                Err(error) => {
+                    return Err(InvalidRedisSettings(format!(
+                        "ca_pem cannot be read as PEM certificates: {error}"
+                    )))
+                }
+            }
+        }
         if let Some((username, _)) = &self.sentinel_auth {
             if self.sentinels().is_none() {
                 return Err(InvalidRedisSettings(
@@ -191,7 +229,9 @@ impl RedisSettings {
         self
     }
 
-    /// With the password sent with `AUTH` (kept in memory that is wiped when dropped).
+    /// With the password sent with `AUTH` (kept in memory that is wiped when dropped), as
+    /// given: one read from a file must be trimmed of its newline ([`check`](Self::check)
+    /// refuses a password holding a line break, and an empty one).
     pub fn with_password(mut self, password: impl Into<String>) -> Self {
         self.password = Some(Zeroizing::new(password.into()));
         self
@@ -208,7 +248,8 @@ impl RedisSettings {
         self
     }
 
-    /// Trusting only the CA certificates in `pem` for Redis's TLS.
+    /// Trusting only the CA certificates in `pem` (the PEM text, as read from the file, not
+    /// its path) for Redis's TLS.
     pub fn with_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.ca_pem = Some(pem.into());
         self
@@ -428,9 +469,14 @@ impl RedisSettings {
         }
         auth.arg(password.as_str());
         match auth.query_async::<()>(connection).await {
-            Err(error) if error.kind() == redis::ErrorKind::AuthenticationFailed || error.code() == Some("WRONGPASS") => Err(
-                "the server no longer takes store.redis.password_env or password_file (and username): every new connection is refused (changed on the server, not here?)".to_owned(),
-            ),
+            Err(error)
+                if error.kind() == redis::ErrorKind::AuthenticationFailed
+                    || error.code() == Some("WRONGPASS") =>
+            {
+                Err(format!(
+                    "AUTH: {error} (the server does not take store.redis.password_env or password_file (and username), and refuses every new connection: not its password, changed on the server but not here?, or it has none)"
+                ))
+            }
             Err(error) => Err(error.to_string()),
             Ok(()) => Ok(()),
         }
@@ -690,6 +736,33 @@ mod tests {
             !format!("{standalone:?}").contains("pw\""),
             "{standalone:?}"
         );
+    }
+
+    /// Credentials and a CA that could not work are refused when the store is built, as
+    /// the gateway's configuration refuses them, rather than failing every connection (a
+    /// username without a password ran as the default user; an empty password, one read
+    /// from a file with its newline, or a CA path given as its contents were only seen as
+    /// refused passwords and untrusted servers).
+    #[test]
+    fn credentials_and_a_ca_that_cannot_work_are_refused() {
+        let server = || RedisSettings::new("rediss://10.0.0.1:6380");
+        let refused = |settings: RedisSettings| settings.check().unwrap_err().to_string();
+        assert!(refused(server().with_username("bob")).contains("needs a password"));
+        assert!(refused(server().with_password("")).contains("password is empty"));
+        let with_newline = refused(server().with_password("s3cret\n"));
+        assert!(with_newline.contains("line break"), "{with_newline}");
+        assert!(!with_newline.contains("s3cret"), "{with_newline}");
+        assert!(server()
+            .with_username("bob")
+            .with_password("s3cret")
+            .check()
+            .is_ok());
+        let path = refused(server().with_ca_pem("/etc/ssl/redis-ca.pem"));
+        assert!(path.contains("no PEM certificate"), "{path}");
+        let nodes = ["redis://10.0.0.1:26379".to_owned()];
+        let sentinel = RedisSettings::sentinel(&nodes, "mymaster").unwrap();
+        let empty = refused(sentinel.with_sentinel_auth(None, ""));
+        assert!(empty.contains("sentinels' password is empty"), "{empty}");
     }
 
     #[test]
