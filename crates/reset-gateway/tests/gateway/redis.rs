@@ -376,6 +376,48 @@ async fn auth_with_a_password_from_the_environment_shares_one_limit() {
     assert_eq!(reply.status, 503, "{reply:?}");
 }
 
+/// A shadow quota that would have denied is logged (naming it) and counted, with the
+/// Redis store as with the memory store, as `check-config --explain` and the shipped
+/// configs say. Before, the Redis store only counted it.
+#[tokio::test]
+async fn a_shadow_quota_that_would_deny_is_logged_with_either_store() {
+    let redis = RedisServer::start();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let limits = "  responses: { uniform: false }\n  limits:\n    per_ip: [{ requests: 100, per: 1m }, { requests: 2, per: 1m, shadow: true }]\n    per_client: []\n    per_email: []\n    global: []\n";
+    let redis_store = format!(
+        "store:\n  kind: redis\n  key_secret_file: {}\n  redis:\n    url: {}\n    key_prefix: shadow\n    timeout: 300ms\n    on_error: deny\n",
+        key_secret_file().display(),
+        redis.url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for (store, top) in [("memory", String::new()), ("redis", redis_store)] {
+        let config = dir.path().join(format!("{store}.yaml"));
+        std::fs::write(&config, yaml(&mock.url(), limits, &top)).unwrap();
+        let gateway = crate::process::spawn_gateway(&config);
+        for i in 0..5 {
+            let request = format!("GET {RESET}?email=user{i}%40example.com HTTP/1.1\r\nHost: x\r\nQB-Token: {IOS_TOKEN}\r\nConnection: close\r\n\r\n");
+            // Forwarded (QuickBlox knows no such user: 404), never refused.
+            let status = raw(gateway.addr, request.as_bytes()).await.status;
+            assert_eq!(status, 404, "{store}");
+        }
+        let logged = || {
+            gateway
+                .logs()
+                .into_iter()
+                .filter(|l| l.contains("shadow quota would deny"))
+                .collect::<Vec<_>>()
+        };
+        let lines = poll_until(100, async || logged(), |l| l.len() >= 3).await;
+        assert_eq!(lines.len(), 3, "{store}: {lines:?}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.contains(r#""limit":"per_ip""#) && l.contains(r#""requests":2"#)),
+            "{store}: {lines:?}"
+        );
+    }
+}
+
 /// A password changed on the server while a gateway runs (a rotation whose old password
 /// was removed before this replica got the new one): every connection made from then on
 /// is refused, while those made before still work. The probe, whose connection is one of

@@ -738,6 +738,7 @@ impl RedisStore {
         for (i, (group, _)) in groups.iter().enumerate() {
             if shadow_mask & (1 << i) != 0 {
                 self.counters.count_shadow(*group);
+                log_shadow(*group, &specs.group(*group).quotas);
             }
             for q in 0..MAX_QUOTAS_PER_GROUP {
                 if near_mask & (1 << (4 * i + q)) != 0 {
@@ -806,6 +807,36 @@ impl RedisStore {
                 )
             })
         })
+    }
+}
+
+/// A shadow quota of `group` would have denied a request the group admitted, logged as
+/// the memory store logs it. The script says which group, not which quota: a group with
+/// one shadow quota (the usual rollout) names it; one with several names them all, one of
+/// which would have denied.
+fn log_shadow(group: LimitGroup, quotas: &[Quota]) {
+    let mut shadows = quotas.iter().filter(|quota| quota.shadow);
+    match (shadows.next(), shadows.next()) {
+        (Some(quota), None) => tracing::info!(
+            target: "reset_guard::limit",
+            limit = group.name(),
+            requests = quota.requests,
+            per_secs = quota.per.as_secs(),
+            "shadow quota would deny"
+        ),
+        _ => {
+            let named: Vec<String> = quotas
+                .iter()
+                .filter(|quota| quota.shadow)
+                .map(|quota| format!("{}/{}s", quota.requests, quota.per.as_secs()))
+                .collect();
+            tracing::info!(
+                target: "reset_guard::limit",
+                limit = group.name(),
+                one_of = %named.join(", "),
+                "shadow quota would deny"
+            );
+        }
     }
 }
 
