@@ -80,6 +80,9 @@ impl GuardHandle {
 
     /// Whether the rate-limit store can serve: always for memory; for Redis, whether
     /// it answers, or `true` anyway under `on_error: allow` (requests are served then).
+    /// Redis is judged by the probe, which runs in the [`Housekeeping`](crate::Housekeeping)
+    /// task: until that task is spawned and has found Redis answering, a Redis store is not
+    /// healthy (and under `on_error: deny` not ready), whatever requests it decides.
     pub fn store_ready(&self) -> bool {
         #[cfg(feature = "redis")]
         if let Some(store) = &self.core.redis {

@@ -36,6 +36,49 @@ impl OnError {
 pub struct InvalidRedisSettings(String);
 
 /// Where and how to reach Redis.
+///
+/// One server ([`new`](Self::new)), the master a set of sentinels names
+/// ([`sentinel`](Self::sentinel)) or a Redis Cluster ([`cluster`](Self::cluster)); TLS with
+/// `rediss://` URLs, a private CA and a client certificate where the servers ask for one;
+/// AUTH with a password (and an ACL user) from wherever the program keeps its secrets:
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// use reset_guard::{OnError, RedisSettings};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // A Redis Cluster over TLS, its CA and password read from files (trimmed: a newline
+/// // is no part of a password).
+/// let password = std::fs::read_to_string("/run/secrets/redis_password")?;
+/// let cluster = RedisSettings::cluster(&["rediss://redis-1.internal:6380", "rediss://redis-2.internal:6380"])?
+///     .with_username("reset-gateway")
+///     .with_password(password.trim())
+///     .with_ca_pem(std::fs::read("/etc/ssl/redis-ca.pem")?)
+///     .with_timeout(Duration::from_millis(50))
+///     .with_on_error(OnError::Deny);
+/// cluster.check()?;
+///
+/// // Through Sentinel: the sentinels and the master's name; the sentinels' own
+/// // password, where they have one of their own.
+/// let sentinel = RedisSettings::sentinel(&["redis://sentinel-1:26379", "redis://sentinel-2:26379"], "mymaster")?
+///     .with_password(std::env::var("REDIS_PASSWORD")?)
+///     .with_sentinel_auth(None, std::env::var("SENTINEL_PASSWORD")?);
+/// sentinel.check()?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// The store's log lines (target `reset_guard::limit`) say why Redis cannot be asked, and
+/// hint at the setting to change by its name in the gateway's configuration:
+/// `store.redis.password_env` / `password_file` is [`with_password`](Self::with_password)
+/// (and `username`, [`with_username`](Self::with_username)), `ca_file` is
+/// [`with_ca_pem`](Self::with_ca_pem), `cert_file` and `key_file` are
+/// [`with_client_certificate`](Self::with_client_certificate), `sentinel_password_*` and
+/// `sentinel_username` are [`with_sentinel_auth`](Self::with_sentinel_auth), `mode` and
+/// `nodes` are the constructor, `key_prefix` is [`with_key_prefix`](Self::with_key_prefix).
+/// The Redis client logs under the target `redis`: it retries connections on its own, and
+/// says so at every try, so filter it (`redis=off`) as the gateway does.
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct RedisSettings {
@@ -301,7 +344,8 @@ impl RedisSettings {
     /// # Errors
     ///
     /// What is wrong with which node (counted from 1), without repeating it.
-    pub fn sentinel(nodes: &[String], master: &str) -> Result<Self, InvalidRedisSettings> {
+    pub fn sentinel(nodes: &[impl AsRef<str>], master: &str) -> Result<Self, InvalidRedisSettings> {
+        let nodes: Vec<String> = nodes.iter().map(|n| n.as_ref().to_owned()).collect();
         if nodes.is_empty() {
             return Err(InvalidRedisSettings(
                 "sentinel mode needs at least one sentinel".to_owned(),
@@ -313,7 +357,7 @@ impl RedisSettings {
             ));
         }
         let (scheme, addresses) =
-            node_addresses(nodes, "a sentinel's own").map_err(InvalidRedisSettings)?;
+            node_addresses(&nodes, "a sentinel's own").map_err(InvalidRedisSettings)?;
         Ok(Self::new(format!(
             "{scheme}+sentinel://{}/{master}",
             addresses.join(",")
@@ -327,13 +371,14 @@ impl RedisSettings {
     /// # Errors
     ///
     /// What is wrong with which node (counted from 1), without repeating it.
-    pub fn cluster(nodes: &[String]) -> Result<Self, InvalidRedisSettings> {
+    pub fn cluster(nodes: &[impl AsRef<str>]) -> Result<Self, InvalidRedisSettings> {
+        let nodes: Vec<String> = nodes.iter().map(|n| n.as_ref().to_owned()).collect();
         if nodes.is_empty() {
             return Err(InvalidRedisSettings(
                 "cluster mode needs at least one seed node".to_owned(),
             ));
         }
-        let (scheme, addresses) = node_addresses(nodes, "every node is asked with the same one")
+        let (scheme, addresses) = node_addresses(&nodes, "every node is asked with the same one")
             .map_err(InvalidRedisSettings)?;
         Ok(Self::new(format!(
             "{scheme}+cluster://{}",
