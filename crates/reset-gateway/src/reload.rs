@@ -49,6 +49,9 @@ pub struct Reloader {
     /// The sections (every key path and list item: `guard.limits.per_email[1].per`) of the
     /// file last applied.
     sections: Mutex<Vec<String>>,
+    /// SHA-256 of the API key applied last: a reload says when the key it read differs
+    /// (a rotation done), without the key.
+    api_key_digest: Mutex<[u8; 32]>,
     /// The file could not be read, at the last reload (a SIGHUP while it was away) or at
     /// the watch's looks: tried again at the first look that finds it back as it was (a
     /// changed file is reloaded as any change is), so the reload gauge does not stay at a
@@ -220,6 +223,7 @@ impl Reloader {
                 .map_or(1, |redis| redis.global_keys),
             reread_files: Mutex::new(settings.reread_files.clone()),
             sections: Mutex::new(running.unwrap_or_default()),
+            api_key_digest: Mutex::new(Sha256::digest(settings.api_key.expose()).into()),
             read_failed: Default::default(),
         }
     }
@@ -234,7 +238,7 @@ impl Reloader {
 
     /// [`reload`](Self::reload), and the file's text as it read it (none if it could
     /// not), so that the watch notes exactly what was tried.
-    fn reload_reading(&self) -> (anyhow::Result<String>, Option<String>) {
+    fn reload_reading(&self) -> (anyhow::Result<(String, bool)>, Option<String>) {
         let yaml = std::fs::read_to_string(&self.path);
         let result = match &yaml {
             Ok(yaml) => self.try_reload(yaml),
@@ -248,15 +252,18 @@ impl Reloader {
         self.read_failed
             .store(yaml.is_err(), std::sync::atomic::Ordering::Relaxed);
         match &result {
-            Ok(limits) if limits.is_empty() => {
-                tracing::info!(path = %self.path.display(), "configuration reloaded")
+            Ok((limits, api_key)) => {
+                // What a retuned quota was and is, so a mistake shows in the log of the
+                // reload; and whether the API key read is a new one (a rotation done).
+                let limits_changed = (!limits.is_empty()).then_some(limits.as_str());
+                let api_key = api_key.then_some("changed");
+                tracing::info!(
+                    path = %self.path.display(),
+                    limits_changed,
+                    api_key,
+                    "configuration reloaded"
+                )
             }
-            // What a retuned quota was and is, so a mistake shows in the log of the reload.
-            Ok(limits) => tracing::info!(
-                path = %self.path.display(),
-                limits_changed = %limits,
-                "configuration reloaded"
-            ),
             Err(error) => tracing::error!(
                 path = %self.path.display(),
                 error = %error,
@@ -269,7 +276,8 @@ impl Reloader {
     /// Checks and applies `yaml`. A file that parses names the files it reads: those are
     /// watched from now on even if it is rejected, so that the API key file it waits for
     /// reloads it once it appears.
-    fn try_reload(&self, yaml: &str) -> anyhow::Result<String> {
+    /// What changed: the limits (as [`limit_changes`] says), and whether the API key did.
+    fn try_reload(&self, yaml: &str) -> anyhow::Result<(String, bool)> {
         let config = GatewayConfig::from_yaml(yaml)?;
         *self.reread_files.lock().unwrap() = config.reread_files();
         let settings = config.validate(yaml)?;
@@ -293,6 +301,9 @@ impl Reloader {
             forwarder.apply(upstream);
         }
         let limits_changed = limit_changes(&self.state.guard.settings(), &settings.guard);
+        let digest: [u8; 32] = Sha256::digest(settings.api_key.expose()).into();
+        let api_key_changed =
+            std::mem::replace(&mut *self.api_key_digest.lock().unwrap(), digest) != digest;
         self.state.guard.update(settings.guard, settings.api_key);
         *self.sections.lock().unwrap() = sections(yaml);
         // Said once the reload is applied (a reload rejected later changes nothing), and
@@ -304,7 +315,7 @@ impl Reloader {
                 "these settings change only on restart; the running ones stay"
             );
         }
-        Ok(limits_changed)
+        Ok((limits_changed, api_key_changed))
     }
 
     /// Reloads on each of `hangups` (SIGHUP, see [`crate::signal::hangups`]) and whenever

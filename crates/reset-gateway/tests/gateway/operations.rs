@@ -906,6 +906,21 @@ async fn a_rotated_api_key_file_is_picked_up_without_a_signal() {
     std::fs::write(&key_file, "rotated-key-2\n").unwrap();
     let status = poll_until(250, async || ask().await, |s| *s == 200).await;
     assert_eq!(status, 200, "the rotated key is used without a signal");
+    // The reload's line says the key changed (an operator confirms a rotation by it),
+    // without the key.
+    let reloaded = poll_until(
+        100,
+        async || {
+            gw.logs()
+                .into_iter()
+                .find(|l| l.contains("configuration reloaded"))
+        },
+        Option::is_some,
+    )
+    .await
+    .expect("the reload is logged");
+    assert!(reloaded.contains(r#""api_key":"changed""#), "{reloaded}");
+    assert!(!reloaded.contains("rotated-key-2"), "{reloaded}");
 
     let failures = async || {
         let metrics = raw(

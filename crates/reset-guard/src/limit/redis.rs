@@ -156,6 +156,9 @@ pub(crate) struct RedisStore {
     /// When a failed request was last logged, and how many failed since.
     failure_logged: AtomicU64,
     failed_unlogged: AtomicU64,
+    /// Why the last failed request failed, for the line that counts it when the probe
+    /// writes that line.
+    last_failure: Mutex<Option<String>>,
     /// Held by the walk carrying changed quotas over a reload (carry.rs): one at a time.
     carrying: tokio::sync::Mutex<()>,
     /// Counts the times the probe found Redis back after a failure. A thread's connection
@@ -248,6 +251,7 @@ impl RedisStore {
             probe_failure: Mutex::new(CauseLog::default()),
             failure_logged: AtomicU64::new(0),
             failed_unlogged: AtomicU64::new(0),
+            last_failure: Mutex::new(None),
             carrying: tokio::sync::Mutex::new(()),
             errors: AtomicU64::new(0),
             denials: Mutex::new(HashMap::new()),
@@ -698,6 +702,13 @@ impl RedisStore {
         if self.failed_unlogged.load(Ordering::Relaxed) == 0 {
             return;
         }
+        if let Some(why) = why {
+            if let Ok(mut last) = self.last_failure.lock() {
+                if last.as_deref() != Some(why) {
+                    *last = Some(why.to_owned());
+                }
+            }
+        }
         let now = self.clock.now();
         let last = self.failure_logged.load(Ordering::Relaxed);
         if (last == 0 || now.saturating_sub(last) >= FAILURE_LOG_INTERVAL_NS)
@@ -715,7 +726,13 @@ impl RedisStore {
             let probe = self.probe_failure.lock().unwrap_or_else(|e| e.into_inner());
             let probe_error = probe.last().map(str::to_owned);
             drop(probe);
-            tracing::warn!(target: "reset_guard::limit", error = why, probe_error, failed, on_error = self.on_error.as_str(), "rate-limit store unavailable");
+            // Written by the probe's call: the last request's cause.
+            let last = why
+                .is_none()
+                .then(|| self.last_failure.lock().ok()?.clone())
+                .flatten();
+            let error = why.or(last.as_deref());
+            tracing::warn!(target: "reset_guard::limit", error, probe_error, failed, on_error = self.on_error.as_str(), "rate-limit store unavailable");
         }
     }
 

@@ -342,12 +342,11 @@ impl Cluster {
                 Ok(client) => {
                     let wait = timeout.max(Duration::from_secs(1));
                     let connecting = RedisSettings::connect_for(&client, wait);
-                    answer_in_time(wait, connecting)
-                        .await
-                        .map_err(|cause| format!("{named}: {cause}"))
+                    answer_in_time(wait, connecting).await
                 }
-                Err(error) => Err(format!("{named}: {error}")),
+                Err(error) => Err(error.to_string()),
             };
+            // (The caller names the master beside its error.)
             connections.push((named, connected));
         }
         Ok(connections)
