@@ -890,7 +890,8 @@ fn access_hint(cause: &str) -> &'static str {
         " (the ACL user lacks a command or key the gateway needs: the README's `ACL SETUSER` line, \"Several replicas\", lists them)"
     } else if cause.contains("Parse error") {
         " (the server's answer is not Redis's protocol: is `url` a Redis server's port?)"
-    } else if cause.contains("AuthenticationFailed") {
+    } else if cause.contains("AuthenticationFailed") && !cause.contains("store.redis.password_env")
+    {
         " (the server refused store.redis.password_env or password_file (and username): not its password, or it has none, as a sentinel given where a Redis server belongs has none)"
     } else {
         ""
