@@ -485,17 +485,10 @@ async fn reload_on_sighup_and_on_file_change_keeps_a_good_config() {
     .await;
     assert!(successes >= 1.0);
     // The reload's line says what the quotas were and are: a mistake shows there.
-    let reloaded = poll_until(
-        100,
-        async || {
-            gw.logs()
-                .into_iter()
-                .find(|l| l.contains("configuration reloaded"))
-        },
-        Option::is_some,
-    )
-    .await
-    .expect("a reload line");
+    let reloaded = gw
+        .line_with("configuration reloaded")
+        .await
+        .expect("a reload line");
     let json: serde_json::Value = serde_json::from_str(&reloaded).unwrap();
     assert_eq!(
         json["limits_changed"], "per_ip: 100/1h -> 1/1h",
@@ -624,16 +617,7 @@ async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
 
 /// The warning that a reload changed settings that need a restart, once `gw` logs it.
 pub(crate) async fn restart_warning(gw: &Process) -> Option<String> {
-    poll_until(
-        100,
-        async || {
-            gw.logs()
-                .into_iter()
-                .find(|l| l.contains("change only on restart"))
-        },
-        Option::is_some,
-    )
-    .await
+    gw.line_with("change only on restart").await
 }
 
 #[tokio::test]
@@ -908,17 +892,10 @@ async fn a_rotated_api_key_file_is_picked_up_without_a_signal() {
     assert_eq!(status, 200, "the rotated key is used without a signal");
     // The reload's line says the key changed (an operator confirms a rotation by it),
     // without the key.
-    let reloaded = poll_until(
-        100,
-        async || {
-            gw.logs()
-                .into_iter()
-                .find(|l| l.contains("configuration reloaded"))
-        },
-        Option::is_some,
-    )
-    .await
-    .expect("the reload is logged");
+    let reloaded = gw
+        .line_with("configuration reloaded")
+        .await
+        .expect("the reload is logged");
     assert!(reloaded.contains(r#""api_key":"changed""#), "{reloaded}");
     assert!(!reloaded.contains("rotated-key-2"), "{reloaded}");
 

@@ -595,6 +595,16 @@ impl Process {
         self.logs.lock().unwrap().clone()
     }
 
+    /// The first line holding `text`, once logged (waited for about two seconds).
+    pub async fn line_with(&self, text: &str) -> Option<String> {
+        poll_until(
+            100,
+            async || self.logs().into_iter().find(|l| l.contains(text)),
+            Option::is_some,
+        )
+        .await
+    }
+
     /// Whether a line holding `text` is logged within about five seconds.
     pub async fn logged(&self, text: &str) -> bool {
         poll_until(
