@@ -124,6 +124,18 @@ pub fn key_paths(yaml: &str) -> Vec<String> {
     KeyLines::of(yaml).first.into_keys().collect()
 }
 
+/// Every key path written in `yaml`, in the order they are written (by line; those on one
+/// line, a flow mapping's, by name); what follows a syntax error is left out.
+pub fn key_paths_in_order(yaml: &str) -> Vec<String> {
+    let mut paths: Vec<(usize, String)> = KeyLines::of(yaml)
+        .first
+        .into_iter()
+        .map(|(path, line)| (line, path))
+        .collect();
+    paths.sort();
+    paths.into_iter().map(|(_, path)| path).collect()
+}
+
 /// The line of every key path written in a document: `store.redis.url`,
 /// `guard.clients[1].id`. A sequence item's line is the line it starts on.
 struct KeyLines {

@@ -6,10 +6,13 @@
 //! key file, the TLS pair, `upstream.ca_file`): a Secret rotated in place is picked up
 //! like an edited file. A change is applied once the contents have stood still for one
 //! poll, so a file caught half-written (a writer that truncates, then writes) is not
-//! applied with defaults filling its missing sections; one that lacks a key or a list item
-//! the running file has (what a writer pausing longer mid-file leaves: a section, a quota,
-//! a client) waits until it has stood still for [`HOLD`]. One that is not YAML at all is
-//! not held: its reload is refused at once, saying why.
+//! applied with defaults filling its missing sections; one that lacks the running file's
+//! last keys or list items, and only those (what a writer pausing longer mid-file leaves:
+//! the end of a section, of a quota list, of the client list), waits until it has stood
+//! still for [`HOLD`]. A key removed from the middle (an edit: `shadow: true` taken off a
+//! quota) is applied at once; one that is not YAML at all is not held either: its reload
+//! is refused at once, saying why. A cut inside the last value itself (`requests: 1` of
+//! `requests: 10`) cannot be told from an edit: write the file in one go.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -28,9 +31,9 @@ use reset_guard::{ConfigError, GuardSettings, LimitGroup};
 /// row see the same new contents.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// How long a file lacking a key or list item the running one has must stand still to be
-/// applied by the watch (a section, a quota or a client removed on purpose takes this
-/// long; `SIGHUP` applies at once).
+/// How long a file lacking the running one's last keys or list items must stand still to
+/// be applied by the watch (the last section, quota or client removed on purpose takes
+/// this long; `SIGHUP` applies at once).
 const HOLD: Duration = Duration::from_secs(5);
 
 /// Reloads one running gateway from its file.
@@ -47,7 +50,7 @@ pub struct Reloader {
     /// The running configuration's [`Settings::reread_files`].
     reread_files: Mutex<Vec<PathBuf>>,
     /// The sections (every key path and list item: `guard.limits.per_email[1].per`) of the
-    /// file last applied.
+    /// file last applied, in the order written.
     sections: Mutex<Vec<String>>,
     /// SHA-256 of the API key applied last: a reload says when the key it read differs
     /// (a rotation done), without the key.
@@ -60,13 +63,26 @@ pub struct Reloader {
 }
 
 /// The sections of a configuration file: every key path and list item (`server`,
-/// `guard.limits.per_email`, `guard.limits.per_email[1]`, `guard.limits.per_email[1].per`).
-/// A file cut anywhere lacks one of them: a group of limits left out takes its defaults,
-/// and a client list cut short refuses the clients cut off.
+/// `guard.limits.per_email`, `guard.limits.per_email[1]`, `guard.limits.per_email[1].per`),
+/// in the order written. A file cut between two keys lacks the ones after the cut: a group
+/// of limits left out would take its defaults, and a client list cut short would refuse
+/// the clients cut off.
 fn sections(yaml: &str) -> Vec<String> {
-    let mut sections = located_yaml::key_paths(yaml);
-    sections.sort();
-    sections
+    located_yaml::key_paths_in_order(yaml)
+}
+
+/// What `now` lacks of `running` (sections in the order written), where that is all of
+/// `running`'s last ones, as a file cut short lacks them; none where a missing section is
+/// followed by one `now` has (a key removed from the middle: an edit, not a cut).
+fn cut_short(running: &[String], now: &[String]) -> Vec<String> {
+    let Some(first) = running.iter().position(|section| !now.contains(section)) else {
+        return Vec::new();
+    };
+    let rest = &running[first..];
+    if rest.iter().any(|section| now.contains(section)) {
+        return Vec::new();
+    }
+    rest.to_vec()
 }
 
 /// At most this many of the missing sections are named in the watch's warning.
@@ -392,15 +408,7 @@ impl Reloader {
             *held = None;
             return false;
         }
-        let now = sections(&yaml);
-        let missing: Vec<String> = self
-            .sections
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|section| !now.contains(section))
-            .cloned()
-            .collect();
+        let missing = cut_short(&self.sections.lock().unwrap(), &sections(&yaml));
         if missing.is_empty() {
             *held = None;
             return false;
@@ -415,7 +423,7 @@ impl Reloader {
                 tracing::warn!(
                     path = %self.path.display(),
                     missing = %named,
-                    "the configuration file lacks keys or list items the running one has; applied once it has stood still for 5s (a writer still writing?)"
+                    "the configuration file lacks the running one's last keys or list items; applied once it has stood still for 5s (a writer still writing?)"
                 );
                 *held = Some((yaml, tokio::time::Instant::now()));
                 true
@@ -680,6 +688,17 @@ mod tests {
         assert_eq!(watch.look(contents(3)), Look::Unchanged);
         assert_eq!(watch.look(contents(3)), Look::Changed);
         assert_eq!(watch.look(contents(3)), Look::Unchanged);
+    }
+
+    #[test]
+    fn only_the_running_files_last_sections_missing_is_a_cut() {
+        let running = super::sections("a:\n  b: 1\n  c: 2\nd:\n  - x: 1\n  - x: 2\n");
+        let cut = super::sections("a:\n  b: 1\n  c: 2\nd:\n  - x: 1\n");
+        assert_eq!(super::cut_short(&running, &cut), ["d[1]", "d[1].x"]);
+        // A key taken out of the middle is an edit.
+        let edited = super::sections("a:\n  b: 1\nd:\n  - x: 1\n  - x: 2\n");
+        assert!(super::cut_short(&running, &edited).is_empty());
+        assert!(super::cut_short(&running, &running).is_empty());
     }
 
     #[test]

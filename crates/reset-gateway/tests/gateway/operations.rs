@@ -567,7 +567,7 @@ async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
         async || {
             gw.logs()
                 .iter()
-                .any(|l| l.contains("lacks keys or list items the running one has"))
+                .any(|l| l.contains("lacks the running one's last keys or list items"))
         },
         |said| *said,
     )
@@ -577,7 +577,7 @@ async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
     let lacking = || {
         gw.logs()
             .iter()
-            .filter(|l| l.contains("lacks keys or list items the running one has"))
+            .filter(|l| l.contains("lacks the running one's last keys or list items"))
             .count()
     };
     // Cut inside the limits, after a per-IP quota that would let alice through.
@@ -613,6 +613,29 @@ async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
     assert!(rejected, "{:?}", gw.logs());
     assert_eq!(lacking(), 2, "{:?}", gw.logs());
     assert_eq!(ask().await, 200, "the running configuration stays");
+
+    // A key taken out of the middle (here the client list's `web`) is an edit, applied at
+    // once, not held as a cut (the file on disk is the refused one: the running one is
+    // `full(1000)`).
+    let web_gone = full(1000).replacen("    - id: web\n", "", 1);
+    let web_gone = {
+        let at = web_gone.find("      token_sha256:").unwrap();
+        let second = at + 1 + web_gone[at + 1..].find("      token_sha256:").unwrap();
+        let end = second + web_gone[second..].find('\n').unwrap() + 1;
+        format!("{}{}", &web_gone[..second], &web_gone[end..])
+    };
+    assert!(!web_gone.contains("id: web"), "{web_gone}");
+    let reloads = || {
+        gw.logs()
+            .iter()
+            .filter(|l| l.contains("configuration reloaded"))
+            .count()
+    };
+    let before = reloads();
+    write(&path, &web_gone);
+    let after = poll_until(500, async || reloads(), |n| *n > before).await;
+    assert!(after > before, "{:?}", gw.logs());
+    assert_eq!(lacking(), 2, "not held: {:?}", gw.logs());
 }
 
 /// The warning that a reload changed settings that need a restart, once `gw` logs it.

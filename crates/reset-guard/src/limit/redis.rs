@@ -703,7 +703,8 @@ impl RedisStore {
             return;
         }
         if let Some(why) = why {
-            if let Ok(mut last) = self.last_failure.lock() {
+            // Not waited for: a thread holding it records a cause as recent.
+            if let Ok(mut last) = self.last_failure.try_lock() {
                 if last.as_deref() != Some(why) {
                     *last = Some(why.to_owned());
                 }

@@ -208,9 +208,11 @@ impl RedisSettings {
             if password.is_empty() {
                 return Err(InvalidRedisSettings(format!("{which} is empty")));
             }
-            if password.contains(['\n', '\r']) {
+            // A line break inside may be the password's own (Redis takes any bytes); one at
+            // either end is a file's, left untrimmed.
+            if password.starts_with(['\n', '\r']) || password.ends_with(['\n', '\r']) {
                 return Err(InvalidRedisSettings(format!(
-                    "{which} holds a line break (read from a file? trim it: no server's password ends with one)"
+                    "{which} begins or ends with a line break (read from a file? trim it)"
                 )));
             }
         }
@@ -513,16 +515,31 @@ impl RedisSettings {
             auth.arg(username);
         }
         auth.arg(password.as_str());
-        match auth.query_async::<()>(connection).await {
+        let mut answer = auth.query_async::<()>(connection).await;
+        // A server before Redis 6 (or a proxy) takes the password alone, as the Redis
+        // client's own connection setup then sends it.
+        if answer
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("wrong number of arguments"))
+        {
+            answer = redis::cmd("AUTH")
+                .arg(password.as_str())
+                .query_async::<()>(connection)
+                .await;
+        }
+        match answer {
             Err(error)
                 if error.kind() == redis::ErrorKind::AuthenticationFailed
                     || error.code() == Some("WRONGPASS") =>
             {
                 Err(format!(
-                    "AUTH: {error} (the server does not take store.redis.password_env or password_file (and username), and refuses every new connection: not its password, changed on the server but not here?, or it has none)"
+                    "AUTH: {error} (the server does not take store.redis.password_env or password_file (and username), and refuses every new connection: not its password, or changed on the server but not here?)"
                 ))
             }
-            Err(error) => Err(error.to_string()),
+            Err(error) if error.to_string().contains("without any password configured") => Err(
+                "AUTH: the server has no password and refuses one (leave store.redis.password_env and password_file out, or is this the server meant?)".to_owned(),
+            ),
+            Err(error) => Err(format!("AUTH: {error}")),
             Ok(()) => Ok(()),
         }
     }
@@ -797,6 +814,8 @@ mod tests {
         let with_newline = refused(server().with_password("s3cret\n"));
         assert!(with_newline.contains("line break"), "{with_newline}");
         assert!(!with_newline.contains("s3cret"), "{with_newline}");
+        // One inside may be the password's own (base64 wrapped at 64 characters).
+        assert!(server().with_password("abc\ndef").check().is_ok());
         assert!(server()
             .with_username("bob")
             .with_password("s3cret")
