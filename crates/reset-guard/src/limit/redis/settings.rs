@@ -533,7 +533,7 @@ impl RedisSettings {
                     || error.code() == Some("WRONGPASS") =>
             {
                 Err(format!(
-                    "AUTH: {error} (the server does not take store.redis.password_env or password_file (and username), and refuses every new connection: not its password, or changed on the server but not here?)"
+                    "AUTH: {error} (the server does not take store.redis.password_env or password_file (and username), and refuses every new connection: not its password (changed on the server but not here?), or the server has none)"
                 ))
             }
             Err(error) if error.to_string().contains("without any password configured") => Err(
