@@ -113,9 +113,16 @@ pub fn from_yaml<T: DeserializeOwned>(yaml: &str) -> Result<T, ConfigError> {
     })
 }
 
-/// Whether `yaml` is well-formed YAML (whatever it holds).
+/// Whether `yaml` is well-formed YAML (whatever it holds) to the parser that reads key
+/// paths ([`key_paths_in_order`]), which refuses a little that the deserializer takes (a
+/// tab after a key's colon).
 pub fn parses(yaml: &str) -> bool {
     Parser::new_from_str(yaml).all(|item| item.is_ok())
+}
+
+/// Whether the deserializer ([`from_yaml`]) reads `yaml` as YAML (whatever it holds).
+pub fn loads(yaml: &str) -> bool {
+    yaml_serde::from_str::<yaml_serde::Value>(yaml).is_ok()
 }
 
 /// Every key path written in `yaml` (`store`, `store.redis`, `store.redis.url`,

@@ -7,12 +7,12 @@
 //! like an edited file. A change is applied once the contents have stood still for one
 //! poll, so a file caught half-written (a writer that truncates, then writes) is not
 //! applied with defaults filling its missing sections; one that lacks the running file's
-//! last keys or list items, and only those (what a writer pausing longer mid-file leaves:
-//! the end of a section, of a quota list, of the client list), waits until it has stood
-//! still for [`HOLD`]. A key removed from the middle (an edit: `shadow: true` taken off a
-//! quota) is applied at once; one that is not YAML at all is not held either: its reload
-//! is refused at once, saying why. A cut inside the last value itself (`requests: 1` of
-//! `requests: 10`) cannot be told from an edit: write the file in one go.
+//! last key or list item (what a writer pausing longer mid-file leaves, whatever it edited
+//! before the pause) waits until it has stood still for [`HOLD`]. A key removed from the
+//! middle (an edit: `shadow: true` taken off a quota) or a file reordered is applied at
+//! once; one that is not YAML at all is not held either: its reload is refused at once,
+//! saying why. A cut inside the last value itself (`requests: 1` of `requests: 10`) cannot
+//! be told from an edit: write the file in one go.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -71,18 +71,26 @@ fn sections(yaml: &str) -> Vec<String> {
     located_yaml::key_paths_in_order(yaml)
 }
 
-/// What `now` lacks of `running` (sections in the order written), where that is all of
-/// `running`'s last ones, as a file cut short lacks them; none where a missing section is
-/// followed by one `now` has (a key removed from the middle: an edit, not a cut).
+/// What `now` lacks at the end of `running` (sections in the order written), where it
+/// lacks `running`'s last section, as a file cut short does (also one edited before the
+/// cut); none where it has it (a key removed from the middle, or a file reordered: an
+/// edit, not a cut). List items count by position: an item removed from a list that ends
+/// the file looks like its last one cut off.
 fn cut_short(running: &[String], now: &[String]) -> Vec<String> {
-    let Some(first) = running.iter().position(|section| !now.contains(section)) else {
+    let Some(last) = running.last() else {
         return Vec::new();
     };
-    let rest = &running[first..];
-    if rest.iter().any(|section| now.contains(section)) {
+    if now.contains(last) {
         return Vec::new();
     }
-    rest.to_vec()
+    let kept = running.iter().rposition(|section| now.contains(section));
+    running[kept.map_or(0, |at| at + 1)..].to_vec()
+}
+
+/// Whether the watch holds a changed file back, or applies it (its text as read).
+enum Held {
+    Yes,
+    No(std::io::Result<String>),
 }
 
 /// At most this many of the missing sections are named in the watch's warning.
@@ -249,13 +257,17 @@ impl Reloader {
     /// TLS certificate. The rest of `server` and `admin`, the store section and logging
     /// need a restart.
     pub fn reload(&self) -> anyhow::Result<()> {
-        self.reload_reading().0.map(drop)
+        self.reload_reading(std::fs::read_to_string(&self.path))
+            .0
+            .map(drop)
     }
 
     /// [`reload`](Self::reload), and the file's text as it read it (none if it could
     /// not), so that the watch notes exactly what was tried.
-    fn reload_reading(&self) -> (anyhow::Result<(String, bool)>, Option<String>) {
-        let yaml = std::fs::read_to_string(&self.path);
+    fn reload_reading(
+        &self,
+        yaml: std::io::Result<String>,
+    ) -> (anyhow::Result<(String, bool)>, Option<String>) {
         let result = match &yaml {
             Ok(yaml) => self.try_reload(yaml),
             Err(error) => Err(ConfigError::new(
@@ -377,13 +389,12 @@ impl Reloader {
         }
         match watch.look(now) {
             Look::Unchanged => *held = None,
-            Look::Changed => {
-                if self.holds(held) {
-                    watch.defer();
-                } else {
-                    self.reload_and_note(watch);
-                }
-            }
+            Look::Changed => match self.holds(held) {
+                Held::Yes => watch.defer(),
+                // The text checked is the text applied: a writer truncating the file
+                // between the two would otherwise have its empty file applied.
+                Held::No(yaml) => self.reload_text_and_note(watch, yaml),
+            },
             Look::Unreadable(error) => {
                 self.state.metrics.reload(false);
                 self.read_failed
@@ -397,24 +408,38 @@ impl Reloader {
         }
     }
 
-    /// Whether the settled file must wait: it lacks a section the running file has, and
-    /// has not stood still for [`HOLD`] yet (said once per such file).
-    fn holds(&self, held: &mut Option<(String, tokio::time::Instant)>) -> bool {
-        let Ok(yaml) = std::fs::read_to_string(&self.path) else {
-            return false;
+    /// Whether the settled file must wait: it lacks the running file's last section, and
+    /// has not stood still for [`HOLD`] yet (said once per such file); if not, its text as
+    /// read, to be applied.
+    fn holds(&self, held: &mut Option<(String, tokio::time::Instant)>) -> Held {
+        let yaml = match std::fs::read_to_string(&self.path) {
+            Ok(yaml) => yaml,
+            Err(error) => return Held::No(Err(error)),
         };
-        // Not YAML: what follows the error would look missing. Its reload says why.
-        if !located_yaml::parses(&yaml) {
+        // Not YAML to the loader: its reload is refused at once, saying why (what follows
+        // the error would only look missing).
+        if !located_yaml::loads(&yaml) {
             *held = None;
-            return false;
+            return Held::No(Ok(yaml));
         }
-        let missing = cut_short(&self.sections.lock().unwrap(), &sections(&yaml));
+        // YAML the key-path reader stops in (a tab after a key's colon, which the loader
+        // takes): its sections cannot be compared, so it waits as a cut would.
+        let missing = match located_yaml::parses(&yaml) {
+            true => cut_short(&self.sections.lock().unwrap(), &sections(&yaml)),
+            false => vec!["(sections not compared: the file holds YAML the check cannot read through, such as a tab after a key's colon)".to_owned()],
+        };
         if missing.is_empty() {
             *held = None;
-            return false;
+            return Held::No(Ok(yaml));
         }
         match held {
-            Some((text, since)) if *text == yaml => since.elapsed() < HOLD,
+            Some((text, since)) if *text == yaml => {
+                if since.elapsed() < HOLD {
+                    Held::Yes
+                } else {
+                    Held::No(Ok(yaml))
+                }
+            }
             _ => {
                 let mut named = missing[..missing.len().min(MISSING_NAMED)].join(", ");
                 if missing.len() > MISSING_NAMED {
@@ -426,7 +451,7 @@ impl Reloader {
                     "the configuration file lacks the running one's last keys or list items; applied once it has stood still for 5s (a writer still writing?)"
                 );
                 *held = Some((yaml, tokio::time::Instant::now()));
-                true
+                Held::Yes
             }
         }
     }
@@ -438,7 +463,27 @@ impl Reloader {
     fn reload_and_note(&self, watch: &mut Watch) {
         let named = self.reread_files.lock().unwrap().clone();
         let named_before = Self::digest_of_files(&named);
-        if let (_, Some(yaml)) = self.reload_reading() {
+        let yaml = std::fs::read_to_string(&self.path);
+        self.noted(watch, named, named_before, yaml);
+    }
+
+    /// [`reload_and_note`](Self::reload_and_note) with the file's text as already read.
+    fn reload_text_and_note(&self, watch: &mut Watch, yaml: std::io::Result<String>) {
+        let named = self.reread_files.lock().unwrap().clone();
+        let named_before = Self::digest_of_files(&named);
+        self.noted(watch, named, named_before, yaml);
+    }
+
+    /// Reloads from `yaml` and notes it in `watch` with the named files as they were
+    /// (`named_before`), if the reload did not change which files are named.
+    fn noted(
+        &self,
+        watch: &mut Watch,
+        named: Vec<PathBuf>,
+        named_before: [u8; 32],
+        yaml: std::io::Result<String>,
+    ) {
+        if let (_, Some(yaml)) = self.reload_reading(yaml) {
             if *self.reread_files.lock().unwrap() == named {
                 watch.reloaded(Ok(Self::combined(yaml.as_bytes(), named_before)));
             }
@@ -699,6 +744,12 @@ mod tests {
         let edited = super::sections("a:\n  b: 1\nd:\n  - x: 1\n  - x: 2\n");
         assert!(super::cut_short(&running, &edited).is_empty());
         assert!(super::cut_short(&running, &running).is_empty());
+        // Edited (`c` removed) and cut (after `d`'s first item): a cut.
+        let both = super::sections("a:\n  b: 1\nd:\n  - x: 1\n");
+        assert_eq!(super::cut_short(&running, &both), ["d[1]", "d[1].x"]);
+        // Reordered whole: an edit.
+        let reordered = super::sections("d:\n  - x: 1\n  - x: 2\na:\n  b: 1\n  c: 2\n");
+        assert!(super::cut_short(&running, &reordered).is_empty());
     }
 
     #[test]

@@ -636,6 +636,18 @@ async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
     let after = poll_until(500, async || reloads(), |n| *n > before).await;
     assert!(after > before, "{:?}", gw.logs());
     assert_eq!(lacking(), 2, "not held: {:?}", gw.logs());
+
+    // Edited and cut (the writer pauses before the limits of a file whose `web` is gone):
+    // held. And a file with a tab after a key's colon, which the loader takes but the
+    // check cannot read through: held too, cut or not, rather than applied at once.
+    let edited_and_cut = &web_gone[..web_gone.find("  responses:").unwrap()];
+    write(&path, edited_and_cut);
+    assert_eq!(poll_until(500, async || lacking(), |n| *n >= 3).await, 3);
+    let tabbed = web_gone.replacen("listen: 127.0.0.1:0", "listen:\t127.0.0.1:0", 1);
+    assert_ne!(tabbed, web_gone);
+    write(&path, &tabbed[..tabbed.find("  responses:").unwrap()]);
+    assert_eq!(poll_until(500, async || lacking(), |n| *n >= 4).await, 4);
+    assert_eq!(ask().await, 200, "neither is applied");
 }
 
 /// The warning that a reload changed settings that need a restart, once `gw` logs it.
