@@ -412,6 +412,8 @@ pub(super) struct NodeCalls {
     /// cluster down, a refused password). Each call sent through it meanwhile would make
     /// it connect to the seeds anew: about six connections per request.
     unreachable: Mutex<Option<(u64, String)>>,
+    /// Whether the last read of the slot map found no node that gives one.
+    map_unread: AtomicBool,
     /// Off once a server refused the flagged script (Redis before 7).
     supported: AtomicBool,
     /// The script with the `allow-cross-slot-keys` flag, and its SHA-1.
@@ -553,6 +555,7 @@ impl NodeCalls {
             last_answered: Mutex::new(None),
             not_a_cluster: Mutex::new(None),
             unreachable: Mutex::new(None),
+            map_unread: AtomicBool::new(false),
             supported: AtomicBool::new(true),
             code,
             sha,
@@ -804,6 +807,7 @@ impl NodeCalls {
         if let Ok(mut known) = self.not_a_cluster.lock() {
             *known = if map.is_some() { None } else { not_a_cluster };
         }
+        self.map_unread.store(map.is_none(), Ordering::Relaxed);
         map
     }
 
@@ -852,10 +856,13 @@ impl NodeCalls {
     /// The cluster client answered a call with `error`: if it reached no node, the calls
     /// after it are not sent through it for [`UNREACHABLE_PAUSE`].
     fn sent_through_client(&self, error: &redis::RedisError) {
-        let reached_none = error.kind() == redis::ErrorKind::ClusterConnectionNotFound
-            || error.kind() == redis::ErrorKind::AuthenticationFailed
-            || error.is_connection_refusal()
+        // "No connection" also while the client is still making one to a node far away:
+        // counted as none reached only while no node gives a slot map either.
+        let no_connection = error.kind() == redis::ErrorKind::ClusterConnectionNotFound
             || error.is_io_error();
+        let reached_none = error.kind() == redis::ErrorKind::AuthenticationFailed
+            || error.is_connection_refusal()
+            || (no_connection && self.map_unread.load(Ordering::Relaxed));
         if !reached_none {
             return;
         }
