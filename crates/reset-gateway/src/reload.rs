@@ -49,9 +49,10 @@ pub struct Reloader {
     global_keys: u16,
     /// The running configuration's [`Settings::reread_files`].
     reread_files: Mutex<Vec<PathBuf>>,
-    /// The sections (every key path and list item: `guard.limits.per_email[1].per`) of the
-    /// file last applied, in the order written.
-    sections: Mutex<Vec<String>>,
+    /// The file last applied: its text's digest, and its sections (every key path and list
+    /// item: `guard.limits.per_email[1].per`) in the order written, none where they could
+    /// not be read through.
+    running: Mutex<([u8; 32], Option<Vec<String>>)>,
     /// SHA-256 of the API key applied last: a reload says when the key it read differs
     /// (a rotation done), without the key.
     api_key_digest: Mutex<[u8; 32]>,
@@ -64,11 +65,41 @@ pub struct Reloader {
 
 /// The sections of a configuration file: every key path and list item (`server`,
 /// `guard.limits.per_email`, `guard.limits.per_email[1]`, `guard.limits.per_email[1].per`),
-/// in the order written. A file cut between two keys lacks the ones after the cut: a group
-/// of limits left out would take its defaults, and a client list cut short would refuse
-/// the clients cut off.
-fn sections(yaml: &str) -> Vec<String> {
-    located_yaml::key_paths_in_order(yaml)
+/// in the order written, a client named by its id rather than its place
+/// (`guard.clients[ios].token_sha256`: one revoked from the middle of the list leaves the
+/// others' sections as they were). A file cut between two keys lacks the ones after the
+/// cut: a group of limits left out would take its defaults, and a client list cut short
+/// would refuse the clients cut off. None where the key-path reader stops before the end
+/// of text the loader takes (a tab after a key's colon).
+fn sections(yaml: &str) -> Option<Vec<String>> {
+    if !located_yaml::parses(yaml) {
+        return None;
+    }
+    let mut sections = located_yaml::key_paths_in_order(yaml);
+    let value = yaml_serde::from_str::<yaml_serde::Value>(yaml).ok();
+    let clients = value
+        .as_ref()
+        .and_then(|v| v.get("guard")?.get("clients")?.as_sequence().cloned())
+        .unwrap_or_default();
+    for (at, client) in clients.iter().enumerate() {
+        let Some(id) = client.get("id").and_then(|id| id.as_str()) else {
+            continue;
+        };
+        let placed = format!("guard.clients[{at}]");
+        for section in &mut sections {
+            if let Some(rest) = section.strip_prefix(&placed) {
+                if rest.is_empty() || rest.starts_with('.') {
+                    *section = format!("guard.clients[{id}]{rest}");
+                }
+            }
+        }
+    }
+    Some(sections)
+}
+
+/// A text's digest, to tell the running file from a changed one.
+fn digest(yaml: &str) -> [u8; 32] {
+    Sha256::digest(yaml.as_bytes()).into()
 }
 
 /// What `now` lacks at the end of `running` (sections in the order written), where it
@@ -232,7 +263,9 @@ impl Reloader {
         certs: Option<Arc<CertStore>>,
         settings: &Settings,
     ) -> Self {
-        let running = std::fs::read_to_string(&path).map(|yaml| sections(&yaml));
+        let running = std::fs::read_to_string(&path)
+            .map(|yaml| (digest(&yaml), sections(&yaml)))
+            .unwrap_or_default();
         Reloader {
             path,
             state,
@@ -246,7 +279,7 @@ impl Reloader {
                 .as_ref()
                 .map_or(1, |redis| redis.global_keys),
             reread_files: Mutex::new(settings.reread_files.clone()),
-            sections: Mutex::new(running.unwrap_or_default()),
+            running: Mutex::new(running),
             api_key_digest: Mutex::new(Sha256::digest(settings.api_key.expose()).into()),
             read_failed: Default::default(),
         }
@@ -329,11 +362,11 @@ impl Reloader {
             forwarder.apply(upstream);
         }
         let limits_changed = limit_changes(&self.state.guard.settings(), &settings.guard);
-        let digest: [u8; 32] = Sha256::digest(settings.api_key.expose()).into();
+        let key_digest: [u8; 32] = Sha256::digest(settings.api_key.expose()).into();
         let api_key_changed =
-            std::mem::replace(&mut *self.api_key_digest.lock().unwrap(), digest) != digest;
+            std::mem::replace(&mut *self.api_key_digest.lock().unwrap(), key_digest) != key_digest;
         self.state.guard.update(settings.guard, settings.api_key);
-        *self.sections.lock().unwrap() = sections(yaml);
+        *self.running.lock().unwrap() = (digest(yaml), sections(yaml));
         // Said once the reload is applied (a reload rejected later changes nothing), and
         // with the gauge set: whoever reads the line then finds the gauge saying so.
         self.state.metrics.restart_pending(!changed.is_empty());
@@ -422,11 +455,18 @@ impl Reloader {
             *held = None;
             return Held::No(Ok(yaml));
         }
-        // YAML the key-path reader stops in (a tab after a key's colon, which the loader
-        // takes): its sections cannot be compared, so it waits as a cut would.
-        let missing = match located_yaml::parses(&yaml) {
-            true => cut_short(&self.sections.lock().unwrap(), &sections(&yaml)),
-            false => vec!["(sections not compared: the file holds YAML the check cannot read through, such as a tab after a key's colon)".to_owned()],
+        let running = self.running.lock().unwrap().clone();
+        // The running text itself: only a file it names changed (an API key rotated).
+        if running.0 == digest(&yaml) {
+            *held = None;
+            return Held::No(Ok(yaml));
+        }
+        // YAML the key-path reader stops in, here or in the running file (a tab after a
+        // key's colon, which the loader takes): the sections cannot be compared, so it
+        // waits as a cut would.
+        let missing = match (running.1, sections(&yaml)) {
+            (Some(running), Some(now)) => cut_short(&running, &now),
+            _ => vec!["(sections not compared: this file or the running one holds YAML the check cannot read through, such as a tab after a key's colon)".to_owned()],
         };
         if missing.is_empty() {
             *held = None;
@@ -737,29 +777,52 @@ mod tests {
 
     #[test]
     fn only_the_running_files_last_sections_missing_is_a_cut() {
-        let running = super::sections("a:\n  b: 1\n  c: 2\nd:\n  - x: 1\n  - x: 2\n");
-        let cut = super::sections("a:\n  b: 1\n  c: 2\nd:\n  - x: 1\n");
+        let sections = |yaml: &str| super::sections(yaml).unwrap();
+        let running = sections("a:\n  b: 1\n  c: 2\nd:\n  - x: 1\n  - x: 2\n");
+        let cut = sections("a:\n  b: 1\n  c: 2\nd:\n  - x: 1\n");
         assert_eq!(super::cut_short(&running, &cut), ["d[1]", "d[1].x"]);
         // A key taken out of the middle is an edit.
-        let edited = super::sections("a:\n  b: 1\nd:\n  - x: 1\n  - x: 2\n");
+        let edited = sections("a:\n  b: 1\nd:\n  - x: 1\n  - x: 2\n");
         assert!(super::cut_short(&running, &edited).is_empty());
         assert!(super::cut_short(&running, &running).is_empty());
         // Edited (`c` removed) and cut (after `d`'s first item): a cut.
-        let both = super::sections("a:\n  b: 1\nd:\n  - x: 1\n");
+        let both = sections("a:\n  b: 1\nd:\n  - x: 1\n");
         assert_eq!(super::cut_short(&running, &both), ["d[1]", "d[1].x"]);
         // Reordered whole: an edit.
-        let reordered = super::sections("d:\n  - x: 1\n  - x: 2\na:\n  b: 1\n  c: 2\n");
+        let reordered = sections("d:\n  - x: 1\n  - x: 2\na:\n  b: 1\n  c: 2\n");
         assert!(super::cut_short(&running, &reordered).is_empty());
+        // Clients by id: one revoked from the middle of a list that ends the file is an
+        // edit; one put first and the list cut short after it is a cut.
+        let clients = |ids: &[&str]| {
+            let items: String = ids
+                .iter()
+                .map(|id| format!("    - id: {id}\n      token_sha256: x\n"))
+                .collect();
+            sections(&format!("guard:\n  clients:\n{items}"))
+        };
+        let abc = clients(&["a", "b", "c"]);
+        assert!(super::cut_short(&abc, &clients(&["a", "c"])).is_empty());
+        let cut = super::cut_short(&abc, &clients(&["z", "a", "b"]));
+        assert_eq!(
+            cut,
+            [
+                "guard.clients[c]",
+                "guard.clients[c].id",
+                "guard.clients[c].token_sha256"
+            ]
+        );
+        // Not read through (a tab after a colon): none.
+        assert_eq!(super::sections("a:\tb\n"), None);
     }
 
     #[test]
     fn a_files_sections_are_its_key_paths_and_list_items() {
         let yaml = "server:\n  listen: x\n  cors: { allow_origins: [a] }\nguard:\n  clients:\n    - id: a\n  limits:\n    per_ip: []\n    per_email: [{ requests: 3, per: 1h }]\n";
-        let sections = super::sections(yaml);
+        let sections = super::sections(yaml).unwrap();
         for section in [
             "guard.clients",
-            "guard.clients[0]",
-            "guard.clients[0].id",
+            "guard.clients[a]",
+            "guard.clients[a].id",
             "guard.limits.per_email",
             "guard.limits.per_email[0].per",
             "server.cors.allow_origins",

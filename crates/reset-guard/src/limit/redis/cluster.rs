@@ -858,8 +858,8 @@ impl NodeCalls {
     fn sent_through_client(&self, error: &redis::RedisError) {
         // "No connection" also while the client is still making one to a node far away:
         // counted as none reached only while no node gives a slot map either.
-        let no_connection = error.kind() == redis::ErrorKind::ClusterConnectionNotFound
-            || error.is_io_error();
+        let no_connection =
+            error.kind() == redis::ErrorKind::ClusterConnectionNotFound || error.is_io_error();
         let reached_none = error.kind() == redis::ErrorKind::AuthenticationFailed
             || error.is_connection_refusal()
             || (no_connection && self.map_unread.load(Ordering::Relaxed));
