@@ -515,12 +515,7 @@ async fn reload_on_sighup_and_on_file_change_keeps_a_good_config() {
     assert!(failures >= 1.0);
     assert_eq!(ask().await, 429, "still the last good configuration");
     // The failure is counted before it is logged, and the log is read by another thread.
-    let rejection_logged = poll_until(
-        100,
-        async || gw.logs().iter().any(|l| l.contains("reload rejected")),
-        |logged| *logged,
-    )
-    .await;
+    let rejection_logged = gw.logged("reload rejected").await;
     assert!(rejection_logged, "{:?}", gw.logs());
     // Until a reload succeeds, the gauge says the file on disk is refused (the alert on it
     // stays on as long as the bad file does, where one on the failure count cleared).
@@ -604,12 +599,7 @@ async fn a_file_lacking_the_running_ones_sections_waits_for_the_rest() {
         "per_ip: [{ requests: 1000, per: 1h }",
     );
     write(&path, &broken);
-    let rejected = poll_until(
-        500,
-        async || gw.logs().iter().any(|l| l.contains("reload rejected")),
-        |said| *said,
-    )
-    .await;
+    let rejected = gw.logged("reload rejected").await;
     assert!(rejected, "{:?}", gw.logs());
     assert_eq!(lacking(), 2, "{:?}", gw.logs());
     assert_eq!(ask().await, 200, "the running configuration stays");
