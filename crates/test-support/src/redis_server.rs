@@ -324,19 +324,20 @@ impl RedisServer {
 
     /// Connections to this server, the one asking included (`INFO clients`).
     pub fn connected_clients(&self) -> usize {
-        let info = self.command("INFO clients").unwrap_or_default();
-        info.lines()
-            .find_map(|l| l.strip_prefix("connected_clients:"))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
+        self.info_number("clients", "connected_clients") as usize
     }
 
     /// Connections this server has accepted since it started, the one asking included
     /// (`INFO stats`).
     pub fn connections_received(&self) -> u64 {
-        let info = self.command("INFO stats").unwrap_or_default();
+        self.info_number("stats", "total_connections_received")
+    }
+
+    /// The number `field` of `INFO section` (0 when the server does not say).
+    fn info_number(&self, section: &str, field: &str) -> u64 {
+        let info = self.command(&format!("INFO {section}")).unwrap_or_default();
         info.lines()
-            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0)
     }

@@ -786,6 +786,17 @@ async fn probe_failure(yaml: &str) -> (String, Vec<String>) {
     (line, gateway.logs())
 }
 
+/// A cluster whose nodes want a password, and the environment variable `variable` holding
+/// another one (each test runs in its own process: setting it touches no other test).
+fn cluster_refusing_the_password_in(variable: &str) -> RedisCluster {
+    let cluster = RedisCluster::start_with(ClusterOptions {
+        password: Some("the-cluster-password".to_owned()),
+        ..Default::default()
+    });
+    std::env::set_var(variable, "not-the-cluster-password");
+    cluster
+}
+
 /// Seed nodes that refuse the password, and a seed that is a single server, not a
 /// cluster: the probe's line says what the seeds answered (the cluster client alone says
 /// only that it has no connection), and the Redis client's own errors, one per retry of
@@ -793,11 +804,7 @@ async fn probe_failure(yaml: &str) -> (String, Vec<String>) {
 #[tokio::test]
 async fn the_probe_names_what_the_seed_nodes_answer() {
     const VARIABLE: &str = "RESET_GATEWAY_TEST_CLUSTER_WRONG_PASSWORD";
-    let cluster = RedisCluster::start_with(ClusterOptions {
-        password: Some("the-cluster-password".to_owned()),
-        ..Default::default()
-    });
-    std::env::set_var(VARIABLE, "not-the-cluster-password");
+    let cluster = cluster_refusing_the_password_in(VARIABLE);
     let mock = MockServer::start(mock_config()).await.unwrap();
     let seed = &cluster.urls()[..1];
     let yaml = per_email_yaml(
@@ -838,11 +845,7 @@ async fn the_probe_names_what_the_seed_nodes_answer() {
 #[tokio::test]
 async fn seeds_refusing_the_password_are_not_flooded_with_connections() {
     const VARIABLE: &str = "RESET_GATEWAY_TEST_CLUSTER_FLOOD_PASSWORD";
-    let cluster = RedisCluster::start_with(ClusterOptions {
-        password: Some("the-cluster-password".to_owned()),
-        ..Default::default()
-    });
-    std::env::set_var(VARIABLE, "not-the-cluster-password");
+    let cluster = cluster_refusing_the_password_in(VARIABLE);
     let mock = MockServer::start(mock_config()).await.unwrap();
     let yaml = per_email_yaml(
         &mock,

@@ -214,14 +214,7 @@ async fn a_sentinel_is_asked_over_the_connection_kept_from_its_last_answer() {
     let master = RedisServer::start();
     let sentinel = RedisServer::sentinel(master.port());
     // Each look at the sentinel's counter is a connection of its own, counted in it.
-    let received = || {
-        let stats = sentinel.command("INFO stats").unwrap_or_default();
-        stats
-            .lines()
-            .find_map(|line| line.strip_prefix("total_connections_received:"))
-            .and_then(|count| count.trim().parse::<u64>().ok())
-            .unwrap()
-    };
+    let received = || sentinel.connections_received();
     let store = store(&[sentinel.url()]);
     let before = received();
     for _ in 0..5 {
