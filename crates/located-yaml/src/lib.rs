@@ -125,14 +125,9 @@ pub fn loads(yaml: &str) -> bool {
     yaml_serde::from_str::<yaml_serde::Value>(yaml).is_ok()
 }
 
-/// Every key path written in `yaml` (`store`, `store.redis`, `store.redis.url`,
-/// `guard.clients[1].id`), in no particular order; what follows a syntax error is left out.
-pub fn key_paths(yaml: &str) -> Vec<String> {
-    KeyLines::of(yaml).first.into_keys().collect()
-}
-
-/// Every key path written in `yaml`, in the order they are written (by line; those on one
-/// line, a flow mapping's, by name); what follows a syntax error is left out.
+/// Every key path written in `yaml` (`store`, `store.redis.url`, `guard.clients[1].id`), in
+/// the order they are written (by line; those on one line, a flow mapping's, by name); what
+/// follows a syntax error is left out.
 pub fn key_paths_in_order(yaml: &str) -> Vec<String> {
     let mut paths: Vec<(usize, String)> = KeyLines::of(yaml)
         .first

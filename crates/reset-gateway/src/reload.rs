@@ -97,7 +97,7 @@ fn sections(yaml: &str) -> Option<Vec<String>> {
     Some(sections)
 }
 
-/// A text's digest, to tell the running file from a changed one.
+/// A text's digest, to tell the running file (or API key) from a changed one.
 fn digest(yaml: &str) -> [u8; 32] {
     Sha256::digest(yaml.as_bytes()).into()
 }
@@ -280,7 +280,7 @@ impl Reloader {
                 .map_or(1, |redis| redis.global_keys),
             reread_files: Mutex::new(settings.reread_files.clone()),
             running: Mutex::new(running),
-            api_key_digest: Mutex::new(Sha256::digest(settings.api_key.expose()).into()),
+            api_key_digest: Mutex::new(digest(settings.api_key.expose())),
             read_failed: Default::default(),
         }
     }
@@ -362,7 +362,7 @@ impl Reloader {
             forwarder.apply(upstream);
         }
         let limits_changed = limit_changes(&self.state.guard.settings(), &settings.guard);
-        let key_digest: [u8; 32] = Sha256::digest(settings.api_key.expose()).into();
+        let key_digest = digest(settings.api_key.expose());
         let api_key_changed =
             std::mem::replace(&mut *self.api_key_digest.lock().unwrap(), key_digest) != key_digest;
         self.state.guard.update(settings.guard, settings.api_key);
