@@ -70,11 +70,11 @@ impl GuardHandle {
         }));
         #[cfg(feature = "redis")]
         if let Some(store) = &core.redis {
-            store.forget_denials(
+            let stale = store.forget_denials(
                 &previous.settings.limits,
                 &core.current.load().settings.limits,
             );
-            store.carry_over(moves, global_keys);
+            store.carry_over(moves, global_keys, stale);
         }
     }
 

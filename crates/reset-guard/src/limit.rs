@@ -281,6 +281,10 @@ pub(crate) fn quota_moves(old: &LimitSettings, new: &LimitSettings) -> Vec<Quota
 pub(crate) enum Origin {
     /// The same limit (shadow may differ): its state as it is.
     Kept(usize),
+    /// The same limit as a quota another of the group keeps (a shadow copy put beside an
+    /// enforced quota): a copy of its state, so that the two move in step from where it
+    /// stood, as in Redis, where quotas with the same numbers share one state.
+    Copied(usize),
     /// A changed quota: derived from a removed one, the one whose window is nearest its own
     /// (by ratio), each key charged with the requests it had spent.
     /// Several changed quotas may derive from one removed quota.
@@ -290,17 +294,32 @@ pub(crate) enum Origin {
 }
 
 /// Where each quota of `new` takes its state from in `old` (the same group before a
-/// reload), whatever order either is written in: an unchanged quota keeps its own; each
+/// reload), whatever order either is written in: an unchanged quota keeps its own (one
+/// whose shadow flag is unchanged first, so that a shadow copy put before the quota it
+/// copies does not take its state); a second quota of the same limit, a copy of it; each
 /// changed one derives from the removed quota of the nearest window.
 pub(crate) fn successors(old: &[Quota], new: &[Quota]) -> Vec<Origin> {
     let mut free: Vec<usize> = (0..old.len()).collect();
-    let mut origins: Vec<Origin> = new
-        .iter()
-        .map(|quota| {
-            let at = free.iter().position(|&i| old[i].same_limit(quota));
-            at.map_or(Origin::New, |at| Origin::Kept(free.remove(at)))
-        })
-        .collect();
+    let mut origins = vec![Origin::New; new.len()];
+    for same_shadow in [true, false] {
+        for (quota, origin) in new.iter().zip(&mut origins) {
+            let unchanged = |i: &usize| {
+                old[*i].same_limit(quota) && (!same_shadow || old[*i].shadow == quota.shadow)
+            };
+            if *origin == Origin::New {
+                if let Some(at) = free.iter().position(unchanged) {
+                    *origin = Origin::Kept(free.remove(at));
+                }
+            }
+        }
+    }
+    for (quota, origin) in new.iter().zip(&mut origins) {
+        if *origin == Origin::New {
+            if let Some(i) = old.iter().position(|old| old.same_limit(quota)) {
+                *origin = Origin::Copied(i);
+            }
+        }
+    }
     // How far apart two windows are: the larger over the smaller, in thousandths (30
     // minutes is nearer an hour than 10 seconds); ties go the same way whatever the order.
     let apart = |a: &Quota, b: &Quota| {
@@ -372,7 +391,8 @@ impl<C: ShardCell<Shard>> Limiter<C> {
                 let evictions = counters.evictions(group);
                 let state = match origin {
                     Origin::Kept(i) => before[i].clone(),
-                    Origin::Replacing(i) => Arc::new(QuotaState::carried_from(
+                    // The same numbers: carried over exactly.
+                    Origin::Replacing(i) | Origin::Copied(i) => Arc::new(QuotaState::carried_from(
                         before[i],
                         *quota,
                         store.max_keys,

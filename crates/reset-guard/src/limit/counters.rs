@@ -74,13 +74,13 @@ impl LimitCounters {
     pub(crate) fn carry_near_limit(&self, group: LimitGroup, before: &[Quota], after: &[Quota]) {
         let counters = &self.near_limit[group.index()];
         let old: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-        let mut taken = [false; MAX_QUOTAS_PER_GROUP];
+        let origins = super::successors(before, after);
         for (position, counter) in counters.iter().enumerate() {
-            let carried = after.get(position).and_then(|quota| {
-                let from = (0..before.len()).find(|&i| !taken[i] && before[i].same_limit(quota))?;
-                taken[from] = true;
-                Some(old[from])
-            });
+            // Each count with the quota that keeps its state; any other starts a series.
+            let carried = match origins.get(position) {
+                Some(super::Origin::Kept(from)) => old.get(*from).copied(),
+                _ => None,
+            };
             counter.store(carried.unwrap_or(0), Ordering::Relaxed);
         }
     }

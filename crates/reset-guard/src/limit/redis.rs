@@ -42,6 +42,11 @@ use super::{
     Standing, MAX_QUOTAS_PER_GROUP,
 };
 
+/// Per group, the old quotas whose cached denials stand only until a reload's walk has
+/// carried the state of the quotas replacing them over.
+#[derive(Debug, Default)]
+pub(crate) struct StaleDenials([Vec<Quota>; 4]);
+
 /// Most denials remembered locally.
 const DENIAL_CACHE_LIMIT: usize = 100_000;
 /// Least time between two log lines about failed requests.
@@ -287,32 +292,75 @@ impl RedisStore {
         ))
     }
 
-    /// Forgets cached denials (after a reload, quotas may have changed).
-    /// After a reload from `old` to `new` limits: a cached denial stays only where the new
-    /// group still denies it at least as long, by a quota that derives from the one that
-    /// denied (the same, or one no looser: as long an interval or longer, no larger burst,
-    /// enforced). So a flood refused before a reload that tightens its limit stays refused,
-    /// instead of reaching Redis before the changed quota's state is carried over.
-    pub(crate) fn forget_denials(&self, old: &LimitSettings, new: &LimitSettings) {
-        // Per group, the old quotas whose denials stand, found before the cache is locked.
-        let standing = LimitGroup::ALL.map(|group| {
+    /// After a reload from `old` to `new` limits, forgets the cached denials that would
+    /// now answer differently from Redis, and returns, per group, the quotas whose
+    /// denials stand only until the reload's walk has carried their state over
+    /// ([`forget_stale_denials`](Self::forget_stale_denials)).
+    ///
+    /// A denial stands as it is where its quota is unchanged and enforced, and no other
+    /// enforced quota of its group is new, changed or newly enforced: Redis would answer
+    /// the same, with the same quota and `Retry-After`. A denial whose quota changed to one
+    /// no looser (as long an interval or longer, no larger burst, enforced) stands until
+    /// the walk is done: so a flood refused before a reload that tightens its limit stays
+    /// refused rather than reaching Redis before the new quota's state is there, and once
+    /// it is there Redis answers with the new quota's own wait. Every other denial is
+    /// forgotten at once: Redis holds the state that decides it.
+    pub(crate) fn forget_denials(&self, old: &LimitSettings, new: &LimitSettings) -> StaleDenials {
+        // Per group, found before the cache is locked: the old quotas whose denials stand,
+        // and of those the ones that stand only until the walk is done.
+        let verdicts = LimitGroup::ALL.map(|group| {
             let (before, after) = (old.quotas(group), new.quotas(group));
-            let successors = super::successors(before, after);
-            let derived = after.iter().zip(successors).filter_map(|(quota, origin)| {
-                let from = match origin {
-                    super::Origin::Kept(i) | super::Origin::Replacing(i) => before[i],
-                    super::Origin::New => return None,
-                };
-                let no_looser = !quota.shadow
-                    && quota.interval_ns >= from.interval_ns
-                    && quota.burst <= from.burst;
-                no_looser.then_some(from)
-            });
-            derived.collect::<Vec<Quota>>()
+            let origins = super::successors(before, after);
+            // An enforced quota that denies no longer than before: kept from an enforced
+            // one, or a copy of one.
+            let settled = |quota: &Quota, origin: &super::Origin| match origin {
+                super::Origin::Kept(i) | super::Origin::Copied(i) => {
+                    quota.shadow || !before[*i].shadow
+                }
+                _ => quota.shadow,
+            };
+            let group_settled = after.iter().zip(&origins).all(|(q, o)| settled(q, o));
+            let mut standing = Vec::new();
+            let mut until_carried = Vec::new();
+            for (quota, origin) in after.iter().zip(&origins) {
+                if quota.shadow {
+                    continue;
+                }
+                match origin {
+                    super::Origin::Kept(i) if group_settled && !before[*i].shadow => {
+                        standing.push(before[*i]);
+                    }
+                    super::Origin::Replacing(i)
+                        if quota.interval_ns >= before[*i].interval_ns
+                            && quota.burst <= before[*i].burst =>
+                    {
+                        standing.push(before[*i]);
+                        until_carried.push(before[*i]);
+                    }
+                    _ => {}
+                }
+            }
+            (standing, until_carried)
         });
         let mut cache = self.denials.lock().unwrap_or_else(|e| e.into_inner());
         cache.retain(|(group, _), (_, denial)| {
-            standing[group.index()]
+            verdicts[group.index()]
+                .0
+                .iter()
+                .any(|quota| quota.same_limit(&denial.quota))
+        });
+        StaleDenials(verdicts.map(|(_, until_carried)| until_carried))
+    }
+
+    /// Forgets the denials that stood only until a reload's walk carried the state of
+    /// their changed quotas over: Redis now answers them itself, with the new quota.
+    pub(crate) fn forget_stale_denials(&self, stale: &StaleDenials) {
+        if stale.0.iter().all(Vec::is_empty) {
+            return;
+        }
+        let mut cache = self.denials.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|(group, _), (_, denial)| {
+            !stale.0[group.index()]
                 .iter()
                 .any(|quota| quota.same_limit(&denial.quota))
         });

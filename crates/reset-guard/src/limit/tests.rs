@@ -708,6 +708,110 @@ async fn a_changed_quota_keeps_what_each_address_spent() {
     assert_eq!(rig.statuses(3, ask("a@b.io")).await, [200, 200, 429]);
 }
 
+/// Reloads whose answers once differed between the stores: each is (limits before, how
+/// many requests from one address, limits after, how many more).
+const RELOADS_ANSWERED_ALIKE: [(&str, usize, &str, usize); 4] = [
+    // A shadow copy put before the quota it copies: the quota keeps its state (memory
+    // handed the copy the state and every address a fresh burst).
+    (
+        "  per_email: [{ requests: 3, per: 1h }]\n",
+        3,
+        "  per_email: [{ requests: 3, per: 1h, shadow: true }, { requests: 3, per: 1h }]\n",
+        2,
+    ),
+    // Tightened while a denial is cached: it names the new quota and its wait (Redis's
+    // cache went on naming 2 an hour, and half the wait).
+    (
+        "  per_email: [{ requests: 2, per: 1h }]\n",
+        3,
+        "  per_email: [{ requests: 1, per: 1h }]\n",
+        2,
+    ),
+    // A shadow quota enforced beside the one whose denial is cached: the longer wait.
+    (
+        "  per_email: [{ requests: 1, per: 24h, shadow: true }, { requests: 2, per: 1h }]\n",
+        3,
+        "  per_email: [{ requests: 1, per: 24h }, { requests: 2, per: 1h }]\n",
+        2,
+    ),
+    // Unchanged, with a quota of another group added: the cached denial stands as it was.
+    (
+        "  per_email: [{ requests: 2, per: 1h }]\n",
+        3,
+        "  per_ip: [{ requests: 100, per: 1h }]\n  per_email: [{ requests: 2, per: 1h }]\n",
+        2,
+    ),
+];
+
+/// What a client is told: the status, the quota named, and `Retry-After`.
+async fn told(rig: &Rig, email: &str) -> (u16, Option<String>, Option<u64>) {
+    let response = rig.send(ask(email)).await;
+    let policy = header(&response, "ratelimit-policy").map(str::to_owned);
+    let retry = header(&response, "retry-after").and_then(|v| v.parse().ok());
+    (response.status().as_u16(), policy, retry)
+}
+
+/// Runs [`RELOADS_ANSWERED_ALIKE`] against the memory store and against `store` (a Redis
+/// store, new for each case), and asserts that a client is told the same by both once a
+/// reload's walk is done (Redis's `Retry-After` within a few seconds of memory's: its
+/// clock runs while the memory store's does not).
+async fn reloads_answered_alike(store: impl Fn(usize) -> StoreSettings) {
+    for (case, (before, spent, after, more)) in RELOADS_ANSWERED_ALIKE.into_iter().enumerate() {
+        let memory = new_rig(before);
+        let redis = rig_with(before, "", store(case));
+        for _ in 0..spent {
+            assert_eq!(told(&memory, "a@b.io").await, told(&redis, "a@b.io").await);
+        }
+        reload(&memory, after);
+        reload(&redis, after);
+        for _ in 0..more {
+            let expected = told(&memory, "a@b.io").await;
+            // Until the reload's walk is done, Redis may still answer from before it.
+            let mut got = told(&redis, "a@b.io").await;
+            for _ in 0..100 {
+                if got.0 == expected.0 && got.1 == expected.1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                got = told(&redis, "a@b.io").await;
+            }
+            assert_eq!(
+                (got.0, &got.1),
+                (expected.0, &expected.1),
+                "case {case}: {after}"
+            );
+            let (retry, retry_expected) = (got.2.unwrap_or(0), expected.2.unwrap_or(0));
+            assert!(
+                retry <= retry_expected && retry + 5 >= retry_expected,
+                "case {case}: Retry-After {retry}, memory {retry_expected}"
+            );
+        }
+    }
+}
+
+/// A shadow copy put before the quota it copies leaves the quota its state, and the copy
+/// starts where it stood: the two move in step, as they would had both been there all
+/// along.
+#[tokio::test]
+async fn a_shadow_copy_put_before_its_quota_leaves_it_its_state() {
+    let rig = new_rig("  per_email: [{ requests: 3, per: 1h }]\n");
+    assert_eq!(rig.statuses(3, ask("a@b.io")).await, [200; 3]);
+    assert_eq!(rig.statuses(2, ask("b@b.io")).await, [200; 2]);
+    reload(
+        &rig,
+        "  per_email: [{ requests: 3, per: 1h, shadow: true }, { requests: 3, per: 1h }]\n",
+    );
+    assert_eq!(rig.status(ask("a@b.io")).await, 429, "spent before");
+    assert_eq!(rig.status(ask("b@b.io")).await, 200);
+    let shadowed = rig.handle.shadow_denied(LimitGroup::PerEmail);
+    assert_eq!(rig.status(ask("b@b.io")).await, 429);
+    assert_eq!(
+        rig.handle.shadow_denied(LimitGroup::PerEmail),
+        shadowed,
+        "the copy denies with its quota, not before it"
+    );
+}
+
 #[tokio::test]
 async fn idle_keys_are_swept_and_memory_is_bounded() {
     let rig = rig_with(
@@ -1272,6 +1376,14 @@ mod redis_store {
                 .count()
         };
         counted_until(Duration::from_secs(2), count, |n| n >= expected).await
+    }
+
+    /// A reload is answered as the memory store answers it: a shadow copy before its quota,
+    /// and a denial cached before a reload that changes what it would say.
+    #[tokio::test]
+    async fn reloads_are_answered_as_in_memory() {
+        let server = RedisServer::start();
+        reloads_answered_alike(|_| redis_store(&server, OnError::Deny)).await;
     }
 
     /// As in memory: a changed quota keeps what each address spent, each key given the new

@@ -146,8 +146,14 @@ impl RedisStore {
     /// Carries the state of each changed quota in `moves` over to its new keys, in the
     /// background (an embedding app that reloads outside a Tokio runtime carries nothing).
     /// `global_keys`: how many keys the global group was spread over before the reload,
-    /// and after it.
-    pub(crate) fn carry_over(self: &Arc<Self>, moves: Vec<QuotaMove>, global_keys: (u64, u64)) {
+    /// and after it. Once every master is walked, the cached denials that stood only until
+    /// then (`stale`) are forgotten.
+    pub(crate) fn carry_over(
+        self: &Arc<Self>,
+        moves: Vec<QuotaMove>,
+        global_keys: (u64, u64),
+        stale: StaleDenials,
+    ) {
         if moves.is_empty() {
             return;
         }
@@ -176,6 +182,7 @@ impl RedisStore {
                                 took_ms = started.elapsed().as_millis() as u64,
                                 "changed quotas' state carried over in Redis"
                             );
+                            store.forget_stale_denials(&stale);
                             return;
                         }
                         tracing::warn!(target: "reset_guard::limit", error = %errors.join("; "), attempt = attempt + 1, "carrying changed quotas' state over in Redis failed in part; trying again");

@@ -69,6 +69,13 @@ async fn the_tightest_quota_on_a_tie_is_the_memory_stores_across_masters() {
     }
 }
 
+/// A reload is answered as the memory store answers it, as in the standalone mode.
+#[tokio::test]
+async fn reloads_are_answered_as_in_memory_across_masters() {
+    let cluster = RedisCluster::start();
+    reloads_answered_alike(|case| cluster_store(&cluster, &format!("reload{case}"))).await;
+}
+
 #[tokio::test]
 async fn the_shared_table_in_a_redis_cluster() {
     let cluster = RedisCluster::start();
