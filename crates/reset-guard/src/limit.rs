@@ -345,7 +345,10 @@ pub(crate) fn successors(old: &[Quota], new: &[Quota]) -> Vec<Origin> {
 
 struct Entry<C> {
     state: Arc<QuotaState<C>>,
-    shadow: bool,
+    /// The quota as the settings write it: the one answers name, and whether it is
+    /// shadow. (A state kept over a reload keeps the quota it was made for, which may be
+    /// written differently with the same numbers: `2 per 1h` for `4 per 2h, burst 2`.)
+    quota: Quota,
 }
 
 /// The live limiter: quota state for every group, the clock and the key hasher. Its
@@ -381,11 +384,12 @@ impl<C: ShardCell<Shard>> Limiter<C> {
     ) -> Limiter<C> {
         let mut groups: [Vec<Entry<C>>; 4] = Default::default();
         for group in LimitGroup::ALL {
-            let before: Vec<&Arc<QuotaState<C>>> = previous
+            let previous_entries: &[Entry<C>] = previous
                 .filter(|p| p.max_keys == store.max_keys)
-                .map(|p| p.groups[group.index()].iter().map(|e| &e.state).collect())
-                .unwrap_or_default();
-            let old: Vec<Quota> = before.iter().map(|s| s.quota).collect();
+                .map_or(&[], |p| &p.groups[group.index()]);
+            let before: Vec<&Arc<QuotaState<C>>> =
+                previous_entries.iter().map(|e| &e.state).collect();
+            let old: Vec<Quota> = previous_entries.iter().map(|e| e.quota).collect();
             let quotas = &settings.groups[group.index()];
             for (quota, origin) in quotas.iter().zip(successors(&old, quotas)) {
                 let evictions = counters.evictions(group);
@@ -407,7 +411,7 @@ impl<C: ShardCell<Shard>> Limiter<C> {
                 };
                 groups[group.index()].push(Entry {
                     state,
-                    shadow: quota.shadow,
+                    quota: *quota,
                 });
             }
         }
@@ -443,7 +447,7 @@ impl<C: ShardCell<Shard>> Limiter<C> {
         let shard = shard_of(key);
         match entries.as_slice() {
             [] => return Ok(None),
-            [single] if !single.shadow => {
+            [single] if !single.quota.shadow => {
                 return self.check_one(group, single, key, now, &mut observe)
             }
             _ => {}
@@ -460,13 +464,12 @@ impl<C: ShardCell<Shard>> Limiter<C> {
             if let Cell::Deny { retry_ns } = cell {
                 let candidate = Denial {
                     group,
-                    quota: Quota {
-                        shadow: entry.shadow,
-                        ..entry.state.quota
-                    },
+                    quota: entry.quota,
                     retry_after: Duration::from_nanos(retry_ns),
                 };
-                if !entry.shadow && denial.is_none_or(|d| d.retry_after < candidate.retry_after) {
+                if !entry.quota.shadow
+                    && denial.is_none_or(|d| d.retry_after < candidate.retry_after)
+                {
                     denial = Some(candidate);
                 }
             }
@@ -491,8 +494,8 @@ impl<C: ShardCell<Shard>> Limiter<C> {
                 tracing::info!(
                     target: "reset_guard::limit",
                     limit = group.name(),
-                    requests = entry.state.quota.requests,
-                    per_secs = entry.state.quota.per.as_secs(),
+                    requests = entry.quota.requests,
+                    per_secs = entry.quota.per.as_secs(),
                     "shadow quota would deny"
                 );
                 shadow_would_deny = true;
@@ -507,12 +510,12 @@ impl<C: ShardCell<Shard>> Limiter<C> {
             ) = (cells[i], maps[i].as_mut())
             {
                 entry.state.commit(map, key, tat, now);
-                self.count_if_near(group, i, &entry.state.quota, remaining);
+                self.count_if_near(group, i, &entry.quota, remaining);
                 observe(i, QuotaOutcome::Charged { remaining });
-                if !entry.shadow {
+                if !entry.quota.shadow {
                     let standing = Standing {
                         group,
-                        quota: entry.state.quota,
+                        quota: entry.quota,
                         remaining,
                         reset: Duration::from_nanos(reset_ns),
                     };
@@ -543,11 +546,11 @@ impl<C: ShardCell<Shard>> Limiter<C> {
                 reset_ns,
                 ..
             } => {
-                self.count_if_near(group, 0, &state.quota, remaining);
+                self.count_if_near(group, 0, &entry.quota, remaining);
                 observe(0, QuotaOutcome::Charged { remaining });
                 Ok(Some(Standing {
                     group,
-                    quota: state.quota,
+                    quota: entry.quota,
                     remaining,
                     reset: Duration::from_nanos(reset_ns),
                 }))
@@ -557,7 +560,7 @@ impl<C: ShardCell<Shard>> Limiter<C> {
                 self.counters.count_denied(group);
                 Err(Denial {
                     group,
-                    quota: state.quota,
+                    quota: entry.quota,
                     retry_after: Duration::from_nanos(retry_ns),
                 })
             }

@@ -297,7 +297,7 @@ impl RedisStore {
     /// denials stand only until the reload's walk has carried their state over
     /// ([`forget_stale_denials`](Self::forget_stale_denials)).
     ///
-    /// A denial stands as it is where its quota is unchanged and enforced, and no other
+    /// A denial stands as it is where its quota is unchanged (as written) and enforced, and no other
     /// enforced quota of its group is new, changed or newly enforced: Redis would answer
     /// the same, with the same quota and `Retry-After`. A denial whose quota changed to one
     /// no looser (as long an interval or longer, no larger burst, enforced) stands until
@@ -327,7 +327,9 @@ impl RedisStore {
                     continue;
                 }
                 match origin {
-                    super::Origin::Kept(i) if group_settled && !before[*i].shadow => {
+                    // Written alike too (`4 per 2h, burst 2` has the numbers of `2 per 1h`,
+                    // but answers name it as written).
+                    super::Origin::Kept(i) if group_settled && before[*i] == *quota => {
                         standing.push(before[*i]);
                     }
                     super::Origin::Replacing(i)

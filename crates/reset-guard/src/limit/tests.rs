@@ -710,7 +710,7 @@ async fn a_changed_quota_keeps_what_each_address_spent() {
 
 /// Reloads whose answers once differed between the stores: each is (limits before, how
 /// many requests from one address, limits after, how many more).
-const RELOADS_ANSWERED_ALIKE: [(&str, usize, &str, usize); 4] = [
+const RELOADS_ANSWERED_ALIKE: [(&str, usize, &str, usize); 5] = [
     // A shadow copy put before the quota it copies: the quota keeps its state (memory
     // handed the copy the state and every address a fresh burst).
     (
@@ -732,6 +732,14 @@ const RELOADS_ANSWERED_ALIKE: [(&str, usize, &str, usize); 4] = [
         "  per_email: [{ requests: 1, per: 24h, shadow: true }, { requests: 2, per: 1h }]\n",
         3,
         "  per_email: [{ requests: 1, per: 24h }, { requests: 2, per: 1h }]\n",
+        2,
+    ),
+    // The same numbers written another way: answers name the quota as now written (the
+    // memory store named it as the state it kept was first made for).
+    (
+        "  per_email: [{ requests: 2, per: 1h }]\n",
+        3,
+        "  per_email: [{ requests: 4, per: 2h, burst: 2 }]\n",
         2,
     ),
     // Unchanged, with a quota of another group added: the cached denial stands as it was.

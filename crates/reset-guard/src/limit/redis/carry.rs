@@ -166,13 +166,14 @@ impl RedisStore {
             let _walking = store.carrying.lock().await;
             let started = tokio::time::Instant::now();
             let mut carried = 0;
-            // The masters (by name) still to walk; none known yet: every one.
-            let mut pending: Option<Vec<String>> = None;
+            // The masters (by name) walked through: each attempt walks every other master
+            // the map names, so a replica promoted after a failed attempt is walked too.
+            let mut walked: Vec<String> = Vec::new();
             for attempt in 0..CARRY_ATTEMPTS {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
                 }
-                match store.carry(&moves, global_keys, &mut pending).await {
+                match store.carry(&moves, global_keys, &mut walked).await {
                     Ok((count, errors)) => {
                         carried += count;
                         if errors.is_empty() {
@@ -200,15 +201,16 @@ impl RedisStore {
         });
     }
 
-    /// One attempt: every master, or those `pending` names (the ones that failed before;
-    /// left naming those that failed again). How many keys were carried, and why the failed
-    /// masters failed. Without the cluster's map of masters, nothing is walked and `pending`
-    /// stays as it was.
+    /// One attempt: every master the cluster's map names now but `walked` does not (the
+    /// masters walked through by attempts before; those walked through now are added). How
+    /// many keys were carried, and why the failed masters failed. A master that failed over
+    /// meanwhile is no longer named, and its promoted replica, new to `walked`, is walked.
+    /// Without the cluster's map of masters, nothing is walked.
     async fn carry(
         &self,
         moves: &[QuotaMove],
         global_keys: (u64, u64),
-        pending: &mut Option<Vec<String>>,
+        walked: &mut Vec<String>,
     ) -> Result<(u64, Vec<String>), String> {
         let script = redis::Script::new(CARRY);
         let groups = by_group(moves, global_keys);
@@ -217,16 +219,14 @@ impl RedisStore {
         match &self.cluster {
             Some(cluster) => {
                 let masters = cluster.master_connections(self.timeout).await?;
-                let mut failed = Vec::new();
-                for (name, master) in masters {
-                    if pending.as_ref().is_some_and(|names| !names.contains(&name)) {
+                'masters: for (name, master) in masters {
+                    if walked.contains(&name) {
                         continue;
                     }
                     let mut connection = match master {
                         Ok(connection) => connection,
                         Err(error) => {
                             errors.push(format!("{name}: {error}"));
-                            failed.push(name);
                             continue;
                         }
                     };
@@ -236,13 +236,12 @@ impl RedisStore {
                             Ok(count) => carried += count,
                             Err(error) => {
                                 errors.push(format!("{name}: {error}"));
-                                failed.push(name);
-                                break;
+                                continue 'masters;
                             }
                         }
                     }
+                    walked.push(name);
                 }
-                *pending = Some(failed);
             }
             None => {
                 let _ = self.resolve().await;

@@ -372,6 +372,75 @@ async fn a_changed_quota_keeps_what_each_address_spent_in_a_cluster() {
     assert_eq!(rig.status(ask("new@b.io")).await, 200);
 }
 
+/// A reload whose walk finds a master killed, and its replica promoted before the walk is
+/// tried again: the promoted master's keys are walked too (they were skipped, the walk
+/// logged itself done, and the addresses living there kept the old quota's looser state).
+#[tokio::test]
+async fn a_walk_after_a_failover_carries_the_promoted_masters_keys() {
+    let mut cluster = RedisCluster::start_with(test_support::ClusterOptions {
+        replicas: true,
+        ..Default::default()
+    });
+    let rig = rig_in(
+        "  per_email: [{ requests: 3, per: 1h }]\n",
+        "",
+        cluster_store(&cluster, "failover-walk"),
+        ManualClock::new(),
+    );
+    let addresses: Vec<String> = (0..24).map(|i| format!("user{i}@b.io")).collect();
+    for address in &addresses {
+        assert_eq!(rig.statuses(2, ask(address)).await, [200, 200]);
+    }
+    let on_first = cluster.nodes[0].dump().len();
+    assert!(on_first >= 3, "master 0 holds {on_first} keys");
+    // Its replica has every write before the master dies.
+    assert!(cluster.nodes[0]
+        .command("WAIT 1 2000")
+        .is_some_and(|r| r.trim() == ":1"));
+    cluster.kill(0);
+    reload(&rig, "  per_email: [{ requests: 1, per: 1h }]\n");
+    let promoted = &cluster.replicas[0];
+    let mut waited = 0;
+    while !promoted
+        .command("INFO replication")
+        .is_some_and(|info| info.contains("role:master"))
+    {
+        waited += 1;
+        assert!(waited < 300, "the replica was not promoted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every key, on the promoted master and the two others, gains the new quota (the
+    // walk's attempts are 2, 4, 8 and 16 s apart).
+    let hourly = (3_600_000_000, 3_600_000_000);
+    let carried = || {
+        [&cluster.nodes[1], &cluster.nodes[2], promoted]
+            .iter()
+            .flat_map(|node| {
+                node.dump()
+                    .into_iter()
+                    .filter(|(key, _)| !key.contains(":probe:"))
+                    .flat_map(|(key, _)| node.quota_states(&key))
+            })
+            .filter(|[interval, capacity, _]| (*interval, *capacity) == hourly)
+            .count()
+    };
+    let held = counted_until(Duration::from_secs(35), carried, |n| n >= addresses.len()).await;
+    assert_eq!(held, addresses.len(), "keys given the new quota");
+    // Refused by the limit, once requests for the promoted master's slots are decided
+    // (503 under `deny` until the gateway has read the new slot map).
+    for address in &addresses {
+        let mut status = rig.status(ask(address)).await;
+        for _ in 0..100 {
+            if status != 503 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            status = rig.status(ask(address)).await;
+        }
+        assert_eq!(status, 429, "{address}");
+    }
+}
+
 /// A cluster that answers nothing when the walk starts (every node paused): the attempts
 /// after it walk every master, not none.
 #[tokio::test]
