@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 mod batch;
 mod carry;
 mod cluster;
+mod denials;
 mod global_keys;
 mod held;
 mod keep_alive;
@@ -47,8 +48,6 @@ use super::{
 #[derive(Debug, Default)]
 pub(crate) struct StaleDenials([Vec<Quota>; 4]);
 
-/// Most denials remembered locally.
-const DENIAL_CACHE_LIMIT: usize = 100_000;
 /// Least time between two log lines about failed requests.
 const FAILURE_LOG_INTERVAL_NS: u64 = 1_000_000_000;
 /// Least time between two warnings of a new cause of a failure.
@@ -172,7 +171,7 @@ pub(crate) struct RedisStore {
     /// before `/readyz` says ready again.
     reconnects: AtomicU64,
     errors: AtomicU64,
-    denials: Mutex<HashMap<(LimitGroup, u64), (u64, Denial)>>,
+    denials: Mutex<denials::DenialCache>,
     clock: MonotonicClock,
     counters: Arc<LimitCounters>,
     /// Told how long each request waited for its decision (the host's metrics).
@@ -259,7 +258,7 @@ impl RedisStore {
             last_failure: Mutex::new(None),
             carrying: tokio::sync::Mutex::new(()),
             errors: AtomicU64::new(0),
-            denials: Mutex::new(HashMap::new()),
+            denials: Mutex::new(denials::DenialCache::default()),
             clock: MonotonicClock::default(),
             counters,
             wait_observer: None,
@@ -345,7 +344,7 @@ impl RedisStore {
             (standing, until_carried)
         });
         let mut cache = self.denials.lock().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|(group, _), (_, denial)| {
+        cache.retain(|group, denial| {
             verdicts[group.index()]
                 .0
                 .iter()
@@ -361,7 +360,7 @@ impl RedisStore {
             return;
         }
         let mut cache = self.denials.lock().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|(group, _), (_, denial)| {
+        cache.retain(|group, denial| {
             !stale.0[group.index()]
                 .iter()
                 .any(|quota| quota.same_limit(&denial.quota))
@@ -374,7 +373,7 @@ impl RedisStore {
         self.denials
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, (until, _)| *until > now);
+            .sweep(now);
     }
 
     /// Asks Redis whether it serves (the script, run for no request; in Sentinel mode the
@@ -842,19 +841,10 @@ impl RedisStore {
     }
 
     fn remember(&self, group: LimitGroup, key: u64, denial: Denial) {
-        let until = self
-            .clock
-            .now()
-            .saturating_add(denial.retry_after.as_nanos() as u64);
+        let now = self.clock.now();
+        let until = now.saturating_add(denial.retry_after.as_nanos() as u64);
         let mut cache = self.denials.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= DENIAL_CACHE_LIMIT {
-            let now = self.clock.now();
-            cache.retain(|_, (u, _)| *u > now);
-            if cache.len() >= DENIAL_CACHE_LIMIT {
-                return;
-            }
-        }
-        cache.insert((group, key), (until, denial));
+        cache.remember((group, key), until, denial, now);
     }
 
     /// The first charge with a denial still in force, with its retry time brought up to date.

@@ -1,0 +1,127 @@
+//! The local cache of denials: an address (IP, client, email) refused by Redis is refused
+//! here until its denial resets, so a flood against one key does not reach Redis.
+//!
+//! Bounded at [`LIMIT`] denials. A full cache sweeps out the denials that have run out at
+//! most once a second, and remembers no new one until a sweep makes room: a sweep walks
+//! every entry under the lock every request takes, and a flood of new addresses, each
+//! refused, once made every new denial pay a walk of 100,000 entries that freed nothing
+//! (denials live as long as their `Retry-After`, up to hours), halving the gateway's
+//! requests per second. A denial not remembered is decided by Redis again, as before it
+//! was cached.
+
+use std::collections::HashMap;
+
+use super::{Denial, LimitGroup};
+
+/// Most denials remembered.
+pub(super) const LIMIT: usize = 100_000;
+/// Least time between two sweeps of a full cache.
+const FULL_SWEEP_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Denials by group and keyed hash, each with the time (the store's clock) it runs out.
+#[derive(Default)]
+pub(super) struct DenialCache {
+    entries: HashMap<(LimitGroup, u64), (u64, Denial)>,
+    /// When a full cache may be swept again.
+    next_full_sweep: u64,
+}
+
+impl DenialCache {
+    /// Remembers `denial` of `key` until `until`, if there is room (see the module's
+    /// docs).
+    pub(super) fn remember(
+        &mut self,
+        key: (LimitGroup, u64),
+        until: u64,
+        denial: Denial,
+        now: u64,
+    ) {
+        if self.entries.len() >= LIMIT && !self.entries.contains_key(&key) {
+            if now < self.next_full_sweep {
+                return;
+            }
+            self.next_full_sweep = now.saturating_add(FULL_SWEEP_INTERVAL_NS);
+            self.sweep(now);
+            if self.entries.len() >= LIMIT {
+                return;
+            }
+        }
+        self.entries.insert(key, (until, denial));
+    }
+
+    pub(super) fn get(&self, key: &(LimitGroup, u64)) -> Option<&(u64, Denial)> {
+        self.entries.get(key)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Keeps the denials `keep` says to keep.
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(LimitGroup, &Denial) -> bool) {
+        self.entries
+            .retain(|(group, _), (_, denial)| keep(*group, denial));
+    }
+
+    /// Drops the denials that have run out by `now`.
+    pub(super) fn sweep(&mut self, now: u64) {
+        self.entries.retain(|_, (until, _)| *until > now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::limit::Quota;
+
+    fn denial() -> Denial {
+        Denial {
+            group: LimitGroup::PerEmail,
+            quota: Quota::new(1, Duration::from_secs(3600), None, false).unwrap(),
+            retry_after: Duration::from_secs(10),
+        }
+    }
+
+    const SECOND: u64 = 1_000_000_000;
+
+    /// A full cache remembers no new denial until a sweep makes room, and sweeps at most
+    /// once a second: what ran out by then is dropped, and the room it leaves is used.
+    #[test]
+    fn a_full_cache_sweeps_at_most_once_a_second() {
+        let mut cache = DenialCache::default();
+        let key = |i: usize| (LimitGroup::PerEmail, i as u64);
+        // Half run out at 5 s, half at an hour.
+        for i in 0..LIMIT {
+            let until = if i % 2 == 0 {
+                5 * SECOND
+            } else {
+                3600 * SECOND
+            };
+            cache.remember(key(i), until, denial(), 0);
+        }
+        assert_eq!(cache.entries.len(), LIMIT);
+        // Full, nothing run out: the sweep frees nothing, and the next second is not swept.
+        cache.remember(key(LIMIT), 3600 * SECOND, denial(), SECOND);
+        assert!(cache.get(&key(LIMIT)).is_none());
+        cache.remember(
+            key(LIMIT + 1),
+            3600 * SECOND,
+            denial(),
+            6 * SECOND / 5 + SECOND / 2,
+        );
+        assert_eq!(cache.entries.len(), LIMIT, "no sweep within the second");
+        assert!(cache.get(&key(LIMIT + 1)).is_none());
+        // Past 5 s and a second after the last sweep: half are dropped.
+        cache.remember(key(LIMIT + 2), 3600 * SECOND, denial(), 6 * SECOND);
+        assert_eq!(cache.entries.len(), LIMIT / 2 + 1);
+        assert!(cache.get(&key(LIMIT + 2)).is_some());
+        // A denial already held is updated, full or not.
+        cache.remember(key(1), 7 * SECOND, denial(), 6 * SECOND);
+        assert_eq!(
+            cache.get(&key(1)).map(|(until, _)| *until),
+            Some(7 * SECOND)
+        );
+    }
+}
