@@ -48,6 +48,13 @@ use super::{
 #[derive(Debug, Default)]
 pub(crate) struct StaleDenials([Vec<Quota>; 4]);
 
+/// What Redis answers a write it refuses at `maxmemory` (under `noeviction`).
+const OOM_REFUSAL: &str = "OOM command not allowed";
+/// The probe's cause when requests' writes were refused so since it last ran.
+const WRITES_REFUSED: &str =
+    "Redis refused requests' writes for want of memory since the last probe \
+     (OOM command not allowed when used memory > 'maxmemory'; the probe's own small write fit): \
+     raise maxmemory or free memory, keeping maxmemory-policy noeviction";
 /// Least time between two log lines about failed requests.
 const FAILURE_LOG_INTERVAL_NS: u64 = 1_000_000_000;
 /// Least time between two warnings of a new cause of a failure.
@@ -171,6 +178,10 @@ pub(crate) struct RedisStore {
     /// before `/readyz` says ready again.
     reconnects: AtomicU64,
     errors: AtomicU64,
+    /// Whether Redis refused a request's write for want of memory since the probe last
+    /// ran: near `maxmemory` the probe's own small write can fit while most requests'
+    /// calls do not, so the probe takes the requests' word for it.
+    writes_refused: AtomicBool,
     denials: Mutex<denials::DenialCache>,
     clock: MonotonicClock,
     counters: Arc<LimitCounters>,
@@ -258,6 +269,7 @@ impl RedisStore {
             last_failure: Mutex::new(None),
             carrying: tokio::sync::Mutex::new(()),
             errors: AtomicU64::new(0),
+            writes_refused: AtomicBool::new(false),
             denials: Mutex::new(denials::DenialCache::default()),
             clock: MonotonicClock::default(),
             counters,
@@ -380,7 +392,9 @@ impl RedisStore {
     /// sentinels first, in Cluster mode on every master) and records whether it did in
     /// time.
     pub(crate) async fn probe(&self) -> bool {
-        let answer = match &self.cluster {
+        // Taken before the probe asks: a refusal while it runs counts at the next one.
+        let refused_writes = self.writes_refused.swap(false, Ordering::Relaxed);
+        let mut answer = match &self.cluster {
             Some(cluster) => {
                 cluster
                     .every_master_answers(&self.script, &self.prefix, self.timeout)
@@ -388,6 +402,9 @@ impl RedisStore {
             }
             None => self.probe_master().await,
         };
+        if answer.is_ok() && refused_writes {
+            answer = Err(WRITES_REFUSED.to_owned());
+        }
         let up = self.record_probe(answer);
         // After the verdict, which it does not change: a sentinel down costs its timeout.
         self.check_other_sentinels().await;
@@ -730,6 +747,9 @@ impl RedisStore {
     /// and under `allow` an outage would otherwise let a flood through to an address
     /// already refused. Else as `on_error` says.
     fn failed(&self, why: &str, cached: Option<(usize, Denial)>) -> Decision {
+        if why.contains(OOM_REFUSAL) {
+            self.writes_refused.store(true, Ordering::Relaxed);
+        }
         self.errors.fetch_add(1, Ordering::Relaxed);
         self.failed_unlogged.fetch_add(1, Ordering::Relaxed);
         self.log_failures(Some(why));
@@ -1029,6 +1049,39 @@ async fn in_time<T, E: std::fmt::Display>(
         Ok(Err(error)) => Err(error.to_string()),
         Ok(Ok(_)) => Err(format!("answered, but after more than {timeout:?}")),
         Err(_) => Err(format!("no answer within {:?}", timeout + CAUSE_WAIT)),
+    }
+}
+
+/// A Redis near `maxmemory` can take the probe's own small write while refusing most
+/// requests' calls (`OOM`): the probe takes the requests' word for it.
+#[cfg(test)]
+mod writes_refused_tests {
+    use super::*;
+    use test_support::RedisServer;
+
+    #[tokio::test]
+    async fn requests_refused_for_memory_take_the_store_down_until_a_probe_passes_without() {
+        let server = RedisServer::start();
+        let mut settings = RedisSettings::new(server.url());
+        settings.timeout = Duration::from_millis(500);
+        let store = RedisStore::new(&settings, Arc::new(LimitCounters::default())).unwrap();
+        assert!(store.probe().await, "Redis serves");
+        let why = "the rate-limit script: OOM command not allowed when used memory > 'maxmemory'.";
+        let _ = store.failed(why, None);
+        assert!(!store.probe().await, "a request's write was refused since");
+        assert!(!store.is_healthy());
+        let said = store
+            .probe_failure
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(said.contains("raise maxmemory"), "{said}");
+        assert!(store.probe().await, "no refusal since the last probe");
+        // Other failures are the probe's own to judge.
+        let _ = store.failed("no answer within 500ms", None);
+        assert!(store.probe().await);
     }
 }
 
