@@ -48,8 +48,9 @@ use super::{
 #[derive(Debug, Default)]
 pub(crate) struct StaleDenials([Vec<Quota>; 4]);
 
-/// What Redis answers a write it refuses at `maxmemory` (under `noeviction`).
-const OOM_REFUSAL: &str = "OOM command not allowed";
+/// What Redis says of a write it refuses at `maxmemory` (under `noeviction`), after its
+/// `OOM` code (which the Redis client prints as `"OOM": command not allowed ...`).
+const OOM_REFUSAL: &str = "command not allowed when used memory";
 /// The probe's cause when requests' writes were refused so since it last ran.
 const WRITES_REFUSED: &str =
     "Redis refused requests' writes for want of memory since the last probe \
@@ -1066,8 +1067,21 @@ mod writes_refused_tests {
         settings.timeout = Duration::from_millis(500);
         let store = RedisStore::new(&settings, Arc::new(LimitCounters::default())).unwrap();
         assert!(store.probe().await, "Redis serves");
-        let why = "the rate-limit script: OOM command not allowed when used memory > 'maxmemory'.";
-        let _ = store.failed(why, None);
+        // A write refused for memory, as the Redis client words it.
+        let full = RedisServer::start();
+        for setting in ["maxmemory-policy noeviction", "maxmemory 1"] {
+            full.command(&format!("CONFIG SET {setting}")).unwrap();
+        }
+        let client = redis::Client::open(full.url()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let refused = redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .query_async::<()>(&mut connection)
+            .await
+            .unwrap_err();
+        let why = format!("the rate-limit script: {refused}");
+        let _ = store.failed(&why, None);
         assert!(!store.probe().await, "a request's write was refused since");
         assert!(!store.is_healthy());
         let said = store
