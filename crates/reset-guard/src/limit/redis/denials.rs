@@ -92,33 +92,29 @@ mod tests {
     fn a_full_cache_sweeps_at_most_once_a_second() {
         let mut cache = DenialCache::default();
         let key = |i: usize| (LimitGroup::PerEmail, i as u64);
-        // Half run out at 5 s, half at an hour.
+        // Half run out at 1.5 s, half at an hour.
         for i in 0..LIMIT {
             let until = if i % 2 == 0 {
-                5 * SECOND
+                3 * SECOND / 2
             } else {
                 3600 * SECOND
             };
             cache.remember(key(i), until, denial(), 0);
         }
         assert_eq!(cache.entries.len(), LIMIT);
-        // Full, nothing run out: the sweep frees nothing, and the next second is not swept.
+        // Full at 1 s, nothing run out: the sweep frees nothing.
         cache.remember(key(LIMIT), 3600 * SECOND, denial(), SECOND);
         assert!(cache.get(&key(LIMIT)).is_none());
-        cache.remember(
-            key(LIMIT + 1),
-            3600 * SECOND,
-            denial(),
-            6 * SECOND / 5 + SECOND / 2,
-        );
+        // At 1.7 s half have run out, but the last sweep was less than a second ago.
+        cache.remember(key(LIMIT + 1), 3600 * SECOND, denial(), 17 * SECOND / 10);
         assert_eq!(cache.entries.len(), LIMIT, "no sweep within the second");
         assert!(cache.get(&key(LIMIT + 1)).is_none());
-        // Past 5 s and a second after the last sweep: half are dropped.
-        cache.remember(key(LIMIT + 2), 3600 * SECOND, denial(), 6 * SECOND);
+        // A second after the last sweep: what ran out is dropped.
+        cache.remember(key(LIMIT + 2), 3600 * SECOND, denial(), 2 * SECOND);
         assert_eq!(cache.entries.len(), LIMIT / 2 + 1);
         assert!(cache.get(&key(LIMIT + 2)).is_some());
         // A denial already held is updated, full or not.
-        cache.remember(key(1), 7 * SECOND, denial(), 6 * SECOND);
+        cache.remember(key(1), 7 * SECOND, denial(), 2 * SECOND);
         assert_eq!(
             cache.get(&key(1)).map(|(until, _)| *until),
             Some(7 * SECOND)
