@@ -44,9 +44,13 @@ use super::{
 };
 
 /// Per group, the old quotas whose cached denials stand only until a reload's walk has
-/// carried the state of the quotas replacing them over.
-#[derive(Debug, Default)]
-pub(crate) struct StaleDenials([Vec<Quota>; 4]);
+/// carried the state of the quotas replacing them over, and which reload that was (its
+/// number: denials cached after it are not its to forget).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct StaleDenials {
+    quotas: [Vec<Quota>; 4],
+    reload: u64,
+}
 
 /// What Redis says of a write it refuses at `maxmemory` (under `noeviction`), after its
 /// `OOM` code (which the Redis client prints as `"OOM": command not allowed ...`).
@@ -184,6 +188,12 @@ pub(crate) struct RedisStore {
     /// calls do not, so the probe takes the requests' word for it.
     writes_refused: AtomicBool,
     denials: Mutex<denials::DenialCache>,
+    /// How many reloads the store has seen; a cached denial keeps the count it was cached
+    /// at.
+    reloads: AtomicU64,
+    /// The stale denials of reloads whose walks are not done: they stand through the
+    /// reloads after, until their own walk is done.
+    awaiting_walks: Mutex<Vec<StaleDenials>>,
     clock: MonotonicClock,
     counters: Arc<LimitCounters>,
     /// Told how long each request waited for its decision (the host's metrics).
@@ -272,6 +282,8 @@ impl RedisStore {
             errors: AtomicU64::new(0),
             writes_refused: AtomicBool::new(false),
             denials: Mutex::new(denials::DenialCache::default()),
+            reloads: AtomicU64::new(0),
+            awaiting_walks: Mutex::new(Vec::new()),
             clock: MonotonicClock::default(),
             counters,
             wait_observer: None,
@@ -313,11 +325,18 @@ impl RedisStore {
     /// enforced quota of its group is new, changed or newly enforced: Redis would answer
     /// the same, with the same quota and `Retry-After`. A denial whose quota changed to one
     /// no looser (as long an interval or longer, no larger burst, enforced) stands until
-    /// the walk is done: so a flood refused before a reload that tightens its limit stays
-    /// refused rather than reaching Redis before the new quota's state is there, and once
-    /// it is there Redis answers with the new quota's own wait. Every other denial is
-    /// forgotten at once: Redis holds the state that decides it.
+    /// the walk is done, through any reload made meanwhile: so a flood refused before a
+    /// reload that tightens its limit stays refused rather than reaching Redis before the
+    /// new quota's state is there, and once it is there Redis answers with the new
+    /// quota's own wait. Every other denial is forgotten at once: Redis holds the state
+    /// that decides it.
     pub(crate) fn forget_denials(&self, old: &LimitSettings, new: &LimitSettings) -> StaleDenials {
+        let reload = self.reloads.fetch_add(1, Ordering::Relaxed) + 1;
+        let awaiting = self
+            .awaiting_walks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         // Per group, found before the cache is locked: the old quotas whose denials stand,
         // and of those the ones that stand only until the walk is done.
         let verdicts = LimitGroup::ALL.map(|group| {
@@ -354,30 +373,78 @@ impl RedisStore {
                     _ => {}
                 }
             }
+            // A reload before an earlier one's walk is done leaves that walk's denials
+            // standing, unless it loosens their group: drops a quota it enforced, or
+            // replaces one with a looser one.
+            let no_looser = |quota: &Quota, from: &Quota| {
+                quota.interval_ns >= from.interval_ns && quota.burst <= from.burst
+            };
+            let loosened = before.iter().enumerate().any(|(i, from)| {
+                !from.shadow
+                    && !after.iter().zip(&origins).any(|(quota, origin)| {
+                        !quota.shadow
+                            && match origin {
+                                super::Origin::Kept(j) => *j == i,
+                                super::Origin::Replacing(j) => *j == i && no_looser(quota, from),
+                                _ => false,
+                            }
+                    })
+            });
+            if !loosened {
+                for earlier in &awaiting {
+                    standing.extend_from_slice(&earlier.quotas[group.index()]);
+                }
+            }
             (standing, until_carried)
         });
         let mut cache = self.denials.lock().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|group, denial| {
+        cache.retain(|group, denial, _| {
             verdicts[group.index()]
                 .0
                 .iter()
                 .any(|quota| quota.same_limit(&denial.quota))
         });
-        StaleDenials(verdicts.map(|(_, until_carried)| until_carried))
+        drop(cache);
+        let stale = StaleDenials {
+            quotas: verdicts.map(|(_, until_carried)| until_carried),
+            reload,
+        };
+        if stale.quotas.iter().any(|quotas| !quotas.is_empty()) {
+            self.awaiting_walks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(stale.clone());
+        }
+        stale
     }
 
     /// Forgets the denials that stood only until a reload's walk carried the state of
     /// their changed quotas over: Redis now answers them itself, with the new quota.
+    /// Denials cached after that reload are Redis's own answers, and stay.
     pub(crate) fn forget_stale_denials(&self, stale: &StaleDenials) {
-        if stale.0.iter().all(Vec::is_empty) {
+        if !self.walk_over(stale) {
             return;
         }
         let mut cache = self.denials.lock().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|group, denial| {
-            !stale.0[group.index()]
-                .iter()
-                .any(|quota| quota.same_limit(&denial.quota))
+        cache.retain(|group, denial, cached_at| {
+            cached_at >= stale.reload
+                || !stale.quotas[group.index()]
+                    .iter()
+                    .any(|quota| quota.same_limit(&denial.quota))
         });
+    }
+
+    /// The reload's walk will carry nothing (it failed for good, or there is no runtime to
+    /// walk on): its stale denials stand until they run out, and no longer through later
+    /// reloads. Whether it had any.
+    pub(crate) fn walk_over(&self, stale: &StaleDenials) -> bool {
+        let mut awaiting = self
+            .awaiting_walks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let before = awaiting.len();
+        awaiting.retain(|earlier| earlier.reload != stale.reload);
+        awaiting.len() < before
     }
 
     /// Drops expired cached denials.
@@ -864,8 +931,9 @@ impl RedisStore {
     fn remember(&self, group: LimitGroup, key: u64, denial: Denial) {
         let now = self.clock.now();
         let until = now.saturating_add(denial.retry_after.as_nanos() as u64);
+        let reload = self.reloads.load(Ordering::Relaxed);
         let mut cache = self.denials.lock().unwrap_or_else(|e| e.into_inner());
-        cache.remember((group, key), until, denial, now);
+        cache.remember((group, key), until, denial, now, reload);
     }
 
     /// The first charge with a denial still in force, with its retry time brought up to date.
@@ -876,7 +944,7 @@ impl RedisStore {
         }
         charges.iter().enumerate().find_map(|(i, charge)| {
             let (until, denial) = cache.get(charge)?;
-            (*until > now).then(|| {
+            (until > now).then(|| {
                 (
                     i,
                     Denial {

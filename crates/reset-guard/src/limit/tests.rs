@@ -1394,6 +1394,39 @@ mod redis_store {
         reloads_answered_alike(|_| redis_store(&server, OnError::Deny)).await;
     }
 
+    /// A second reload before the first one's walk is done: a denial the first kept until
+    /// its walk stands through the second (it was forgotten, and the address reached Redis
+    /// before its spent state was carried over: a fresh burst), and once the walk is done
+    /// Redis answers it with the new quota.
+    #[tokio::test]
+    async fn a_denial_kept_until_a_walk_stands_through_the_next_reload() {
+        let server = RedisServer::start();
+        let rig = redis_rig(
+            &server,
+            "  per_email: [{ requests: 3, per: 1h }]\n",
+            "",
+            OnError::Deny,
+        );
+        assert_eq!(rig.statuses(4, ask("a@b.io")).await, [200, 200, 200, 429]);
+        reload(&rig, "  per_email: [{ requests: 1, per: 1h }]\n");
+        reload(
+            &rig,
+            "  per_ip: [{ requests: 100, per: 1h }]\n  per_email: [{ requests: 1, per: 1h }]\n",
+        );
+        assert_eq!(rig.status(ask("a@b.io")).await, 429);
+        let mut told = None;
+        for _ in 0..100 {
+            let response = rig.send(ask("a@b.io")).await;
+            assert_eq!(response.status(), 429);
+            told = header(&response, "ratelimit-policy").map(str::to_owned);
+            if told.as_deref() == Some(r#""per_email";q=1;w=3600"#) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(told.as_deref(), Some(r#""per_email";q=1;w=3600"#));
+    }
+
     /// As in memory: a changed quota keeps what each address spent, each key given the new
     /// quota's state in the background (within a moment of the reload).
     #[tokio::test]

@@ -155,9 +155,11 @@ impl RedisStore {
         stale: StaleDenials,
     ) {
         if moves.is_empty() {
+            self.walk_over(&stale);
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.walk_over(&stale);
             return;
         };
         let store = self.clone();
@@ -198,6 +200,7 @@ impl RedisStore {
                 carried,
                 "changed quotas' state not carried over in Redis where it failed: those keys start afresh"
             );
+            store.walk_over(&stale);
         });
     }
 
