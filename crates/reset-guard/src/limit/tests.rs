@@ -708,6 +708,7 @@ async fn a_changed_quota_keeps_what_each_address_spent() {
     assert_eq!(rig.statuses(3, ask("a@b.io")).await, [200, 200, 429]);
 }
 
+#[cfg(feature = "redis")]
 /// Reloads whose answers once differed between the stores: each is (limits before, how
 /// many requests from one address, limits after, how many more).
 const RELOADS_ANSWERED_ALIKE: [(&str, usize, &str, usize); 5] = [
@@ -751,6 +752,7 @@ const RELOADS_ANSWERED_ALIKE: [(&str, usize, &str, usize); 5] = [
     ),
 ];
 
+#[cfg(feature = "redis")]
 /// What a client is told: the status, the quota named, and `Retry-After`.
 async fn told(rig: &Rig, email: &str) -> (u16, Option<String>, Option<u64>) {
     let response = rig.send(ask(email)).await;
@@ -759,6 +761,7 @@ async fn told(rig: &Rig, email: &str) -> (u16, Option<String>, Option<u64>) {
     (response.status().as_u16(), policy, retry)
 }
 
+#[cfg(feature = "redis")]
 /// Runs [`RELOADS_ANSWERED_ALIKE`] against the memory store and against `store` (a Redis
 /// store, new for each case), and asserts that a client is told the same by both once a
 /// reload's walk is done (Redis's `Retry-After` within a few seconds of memory's: its
