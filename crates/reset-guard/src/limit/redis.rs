@@ -43,6 +43,12 @@ use super::{
     Standing, MAX_QUOTAS_PER_GROUP,
 };
 
+/// Whether `quota`, replacing `from` in a reload, denies at least as long: as long an
+/// interval or longer, no larger burst.
+fn no_looser(quota: &Quota, from: &Quota) -> bool {
+    quota.interval_ns >= from.interval_ns && quota.burst <= from.burst
+}
+
 /// Per group, the old quotas whose cached denials stand only until a reload's walk has
 /// carried the state of the quotas replacing them over, and which reload that was (its
 /// number: denials cached after it are not its to forget).
@@ -321,10 +327,10 @@ impl RedisStore {
     /// denials stand only until the reload's walk has carried their state over
     /// ([`forget_stale_denials`](Self::forget_stale_denials)).
     ///
-    /// A denial stands as it is where its quota is unchanged (as written) and enforced, and no other
-    /// enforced quota of its group is new, changed or newly enforced: Redis would answer
-    /// the same, with the same quota and `Retry-After`. A denial whose quota changed to one
-    /// no looser (as long an interval or longer, no larger burst, enforced) stands until
+    /// A denial stands as it is where its quota is unchanged (as written) and enforced, and
+    /// no other enforced quota of its group is new, changed or newly enforced: Redis would
+    /// answer the same, with the same quota and `Retry-After`. A denial whose quota changed
+    /// to one [no looser](no_looser) and enforced stands until
     /// the walk is done, through any reload made meanwhile: so a flood refused before a
     /// reload that tightens its limit stays refused rather than reaching Redis before the
     /// new quota's state is there, and once it is there Redis answers with the new
@@ -363,10 +369,7 @@ impl RedisStore {
                     super::Origin::Kept(i) if group_settled && before[*i] == *quota => {
                         standing.push(before[*i]);
                     }
-                    super::Origin::Replacing(i)
-                        if quota.interval_ns >= before[*i].interval_ns
-                            && quota.burst <= before[*i].burst =>
-                    {
+                    super::Origin::Replacing(i) if no_looser(quota, &before[*i]) => {
                         standing.push(before[*i]);
                         until_carried.push(before[*i]);
                     }
@@ -376,9 +379,6 @@ impl RedisStore {
             // A reload before an earlier one's walk is done leaves that walk's denials
             // standing, unless it loosens their group: drops a quota it enforced, or
             // replaces one with a looser one.
-            let no_looser = |quota: &Quota, from: &Quota| {
-                quota.interval_ns >= from.interval_ns && quota.burst <= from.burst
-            };
             let loosened = before.iter().enumerate().any(|(i, from)| {
                 !from.shadow
                     && !after.iter().zip(&origins).any(|(quota, origin)| {
