@@ -1369,6 +1369,19 @@ mod redis_store {
         )
     }
 
+    /// A rig on `server` under 3 an hour per address (`deny`), whose `address` has had its
+    /// three and been refused once (the denial cached).
+    async fn refused_after_three(server: &RedisServer, address: &str) -> Rig {
+        let rig = redis_rig(
+            server,
+            "  per_email: [{ requests: 3, per: 1h }]\n",
+            "",
+            OnError::Deny,
+        );
+        assert_eq!(rig.statuses(4, ask(address)).await, [200, 200, 200, 429]);
+        rig
+    }
+
     /// Every quota state in Redis (not the probe's): (interval_us, capacity_us, TAT).
     fn states(server: &RedisServer) -> Vec<[i64; 3]> {
         quota_keys(server)
@@ -1404,13 +1417,7 @@ mod redis_store {
     #[tokio::test]
     async fn a_denial_kept_until_a_walk_stands_through_the_next_reload() {
         let server = RedisServer::start();
-        let rig = redis_rig(
-            &server,
-            "  per_email: [{ requests: 3, per: 1h }]\n",
-            "",
-            OnError::Deny,
-        );
-        assert_eq!(rig.statuses(4, ask("a@b.io")).await, [200, 200, 200, 429]);
+        let rig = refused_after_three(&server, "a@b.io").await;
         reload(&rig, "  per_email: [{ requests: 1, per: 1h }]\n");
         reload(
             &rig,
@@ -1748,13 +1755,7 @@ mod redis_store {
     #[tokio::test]
     async fn a_cached_denial_stands_through_a_reload_that_tightens_its_quota() {
         let mut server = RedisServer::start();
-        let rig = redis_rig(
-            &server,
-            "  per_email: [{ requests: 3, per: 1h }]\n",
-            "",
-            OnError::Deny,
-        );
-        assert_eq!(rig.statuses(4, ask("f@b.io")).await, [200, 200, 200, 429]);
+        let rig = refused_after_three(&server, "f@b.io").await;
         reload(&rig, "  per_email: [{ requests: 2, per: 2h }]\n");
         server.stop();
         // Redis is gone: only the cache can refuse it (under deny, Redis's absence is a 503).
