@@ -395,7 +395,7 @@ impl<C: ShardCell<Shard>> Limiter<C> {
                 let evictions = counters.evictions(group);
                 let state = match origin {
                     Origin::Kept(i) => before[i].clone(),
-                    // The same numbers: carried over exactly.
+                    // (A copy has the same numbers, so it is carried over exactly.)
                     Origin::Replacing(i) | Origin::Copied(i) => Arc::new(QuotaState::carried_from(
                         before[i],
                         *quota,

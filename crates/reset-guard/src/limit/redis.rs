@@ -434,9 +434,10 @@ impl RedisStore {
         });
     }
 
-    /// The reload's walk will carry nothing (it failed for good, or there is no runtime to
-    /// walk on): its stale denials stand until they run out, and no longer through later
-    /// reloads. Whether it had any.
+    /// The reload's walk is over, carried or not: its stale denials no longer stand
+    /// through later reloads. Whether it had any. Where the walk carried nothing (it
+    /// failed for good, or there was no runtime to walk on), they stand until they run
+    /// out.
     pub(crate) fn walk_over(&self, stale: &StaleDenials) -> bool {
         let mut awaiting = self
             .awaiting_walks
