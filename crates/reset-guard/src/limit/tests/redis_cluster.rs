@@ -1566,11 +1566,12 @@ async fn served_within_3s(rig: &Rig, ask: Ask) -> u16 {
 /// A lone cluster node seen through a proxy to `port` (the node's, or one in front of it)
 /// that refuses the script with flags, as Redis before 7 does, so that every call goes one
 /// hash tag at a time; the node serves every slot and names the proxy as its address. The
-/// proxy, and a store seeded by it with a 100 ms timeout.
+/// proxy, and a store seeded by it with the given timeout.
 async fn as_before_redis_7(
     node: &RedisServer,
     port: u16,
     prefix: &str,
+    timeout: Duration,
 ) -> (ReplyDropper, StoreSettings) {
     let batched = format!(
         "#!lua flags=allow-cross-slot-keys\n{}",
@@ -1582,7 +1583,7 @@ async fn as_before_redis_7(
     serve_every_slot_announcing(node, proxy.port).await;
     let mut store = store_seeded_by(&[format!("redis://127.0.0.1:{}", proxy.port)], prefix);
     if let Some(redis) = store.redis.as_mut() {
-        redis.timeout = Duration::from_millis(100);
+        redis.timeout = timeout;
     }
     (proxy, store)
 }
@@ -1598,7 +1599,8 @@ async fn as_before_redis_7(
 #[tokio::test]
 async fn requests_decided_per_hash_tag_are_not_charged_for_a_stall_once_it_ends() {
     let (node, dir) = lone_cluster_node("tag-stall");
-    let (proxy, store) = as_before_redis_7(&node, node.port(), "tag-stall").await;
+    let (proxy, store) =
+        as_before_redis_7(&node, node.port(), "tag-stall", Duration::from_millis(100)).await;
     let rig = rig_in(
         "  per_ip: [{ requests: 3, per: 1h }]\n  per_client: []\n  per_email: []\n  global: []\n",
         "",
@@ -1650,8 +1652,9 @@ async fn requests_decided_per_hash_tag_are_not_charged_for_a_stall_once_it_ends(
     assert!(slowest < Duration::from_millis(200), "{slowest:?}");
 }
 
-/// The same path with a master a network away that answers within the timeout (60 ms a round
-/// trip, of 100 ms), requests arriving one every 10 ms, so that calls overlap: once the first
+/// The same path with a master a network away that answers within the timeout (200 ms a round
+/// trip, of 350 ms: room for a loaded machine, yet less than two round trips), requests
+/// arriving one every 10 ms, so that calls overlap: once the first
 /// is decided (its connections made: a handshake is a round trip or two too), none is
 /// refused. A node is held back only once a request ran out of time, not for being slow (a
 /// call made to wait for a `PING` behind one in flight would take two round trips), and is
@@ -1660,8 +1663,9 @@ async fn requests_decided_per_hash_tag_are_not_charged_for_a_stall_once_it_ends(
 #[tokio::test]
 async fn requests_decided_per_hash_tag_by_a_slow_master_within_the_timeout_are_all_decided() {
     let (node, dir) = lone_cluster_node("tag-slow");
-    let away = test_support::DelayProxy::start(node.addr(), Duration::from_millis(30));
-    let (_proxy, store) = as_before_redis_7(&node, away.port(), "tag-slow").await;
+    let away = test_support::DelayProxy::start(node.addr(), Duration::from_millis(100));
+    let timeout = Duration::from_millis(350);
+    let (_proxy, store) = as_before_redis_7(&node, away.port(), "tag-slow", timeout).await;
     let rig = roomy_rig(store);
     const IPS: [&str; 12] = [
         "192.0.2.70",
