@@ -700,25 +700,25 @@ impl RedisStore {
         specs: &Arc<RedisSpecs>,
         cached: Option<(usize, Denial)>,
     ) -> Decision {
-        // One deadline for the whole decision: the sentinels' first answer (before any
-        // master is named) comes out of the same `timeout` as Redis's.
+        // One deadline for the whole decision: `timeout`, or for the first requests, which
+        // wait for connections to be made (before any master is named, the sentinels'
+        // first answer; this thread's first, or the first after the master changed, the
+        // connection to Redis), as long as that may take: four times `timeout`, at least
+        // 250 ms. The sentinels' answer and Redis's come out of that one deadline.
         let started = tokio::time::Instant::now();
+        let connecting = started + settings::connect_timeout(self.timeout);
         let mut deadline = started + self.timeout;
         let queued = match early {
             Ok(queued) => queued,
             Err(job) => {
+                deadline = connecting;
                 let _ = tokio::time::timeout_at(deadline, self.resolve_first()).await;
                 self.enqueue(job)
             }
         };
         match queued {
             Err(why) => return self.fail(&why, cached),
-            // The first requests on a new connection (this thread's first, or the first
-            // after the master changed) wait for it to be made too: as long as making a
-            // connection may take, at least 250 ms.
-            Ok(Queued::WhileConnecting) => {
-                deadline = deadline.max(started + settings::connect_timeout(self.timeout));
-            }
+            Ok(Queued::WhileConnecting) => deadline = connecting,
             Ok(Queued::Connected) => {}
         }
         match tokio::time::timeout_at(deadline, answer).await {

@@ -1077,7 +1077,7 @@ struct ThreadQueues {
     masters: Mutex<Vec<Option<MasterQueue>>>,
     /// How many of the masters' tasks have had a call answered: while some master has not,
     /// a request may be one a connection is made for, and wait as long as that may take
-    /// (at least 250 ms) rather than `timeout` ([`Self::connecting`]).
+    /// (four times `timeout`, at least 250 ms) rather than `timeout` ([`Self::connecting`]).
     connected: AtomicUsize,
     /// When these queues were made.
     made: tokio::time::Instant,
