@@ -51,15 +51,17 @@ async fn a_spread_global_quota_admits_its_whole_in_the_addresses_own_calls() {
     // From then on, each address and the global key of its part of the slot range are on
     // one master (three keys, three masters holding a third of the slots each): one call.
     let before = script_calls(&cluster);
+    let started = std::time::Instant::now();
     for i in warm..120 {
         statuses.push(rig.status(ask(&format!("user{i}@b.io"))).await);
     }
     // (The probe, each second, runs the script once on each master: a run of it may fall
-    // among these requests.)
+    // among these requests, or more on a slow machine.)
+    let probes = 3 * (started.elapsed().as_secs() + 1);
     let calls = script_calls(&cluster) - before;
     let requests = (120 - warm) as u64;
     assert!(
-        (requests..=requests + 3).contains(&calls),
+        (requests..=requests + probes).contains(&calls),
         "one call per request: {calls} for {requests}"
     );
     // Every key filled to its 10 (each part of the range got more than 10 addresses), and
