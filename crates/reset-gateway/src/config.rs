@@ -124,13 +124,15 @@ impl GatewayConfig {
             .map_err(|e| e.located(yaml))?;
         if let Some(redis) = &store.limits.redis {
             // A request waits for Redis within its own time: a longer wait would never end
-            // in what on_error says, but in the request's timeout, blamed on QuickBlox.
-            if redis.timeout >= server.request_timeout {
+            // in what on_error says, but in the request's timeout, blamed on QuickBlox. The
+            // longest is a wait for a new connection: four times the timeout.
+            if redis.longest_wait() >= server.request_timeout {
                 return Err(ConfigError::new(
                     "store.redis.timeout",
                     format!(
-                        "must be shorter than server.request_timeout ({}), within which a \
-                         request waits for Redis",
+                        "four times it (at least 250ms: what a request waiting for a new \
+                         connection to Redis gets) must be shorter than \
+                         server.request_timeout ({}), within which a request waits for Redis",
                         crate::explain::written_duration(server.request_timeout)
                     ),
                 )

@@ -935,6 +935,12 @@ fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
             "store.redis.timeout (line",
             "shorter than server.request_timeout (30s)",
         ),
+        // Nor may the wait for a new connection, four times the timeout.
+        (
+            "    timeout: 8s\n".to_owned(),
+            "store.redis.timeout (line",
+            "four times it (at least 250ms: what a request waiting for a new connection",
+        ),
     ];
     for (redis, path, why) in refused {
         let shown = check_redis_section(&redis).unwrap_err();
@@ -949,7 +955,8 @@ fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
         "    username: limiter\n    password_file: {password}\n"
     ))
     .unwrap();
-    check_redis_section("    timeout: 29s\n").unwrap();
+    // Four times 7s is less than the default request_timeout, 30s.
+    check_redis_section("    timeout: 7s\n").unwrap();
 }
 
 /// The line in which a gateway process says the Redis probe failed, once it is logged

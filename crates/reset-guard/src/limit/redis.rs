@@ -72,6 +72,18 @@ const FAILURE_LOG_INTERVAL_NS: u64 = 1_000_000_000;
 const CAUSE_LOG_INTERVAL_NS: u64 = 5_000_000_000;
 /// Least time between two probes prompted by failed requests.
 const PROMPTED_PROBE_INTERVAL_NS: u64 = 250_000_000;
+
+/// A probe a failed request prompted, running: says so when it ends, or its task is
+/// dropped unfinished.
+struct PromptedProbe(Arc<RedisStore>);
+
+impl Drop for PromptedProbe {
+    fn drop(&mut self) {
+        self.0
+            .prompted_probe_running
+            .store(false, Ordering::Relaxed);
+    }
+}
 /// How much longer than `timeout` the probe waits for the cause of a late answer.
 const CAUSE_WAIT: Duration = Duration::from_millis(500);
 /// The script that decides a batch of requests.
@@ -150,6 +162,9 @@ pub(crate) struct RedisStore {
     resolving: tokio::sync::Mutex<()>,
     /// When a failed request last prompted a probe ([`MonotonicClock`] nanoseconds).
     last_prompted_probe: AtomicU64,
+    /// Whether a probe a failed request prompted is running: no other is started
+    /// meanwhile (each may wait on sentinels or Redis that hang).
+    prompted_probe_running: AtomicBool,
     /// The credentials and CA every client is built with.
     settings: RedisSettings,
     script: Arc<redis::Script>,
@@ -200,6 +215,7 @@ pub(crate) struct RedisStore {
     /// The stale denials of reloads whose walks are not done: they stand through the
     /// reloads after, until their own walk is done.
     awaiting_walks: Mutex<Vec<StaleDenials>>,
+    /// Starts when the store is made.
     clock: MonotonicClock,
     counters: Arc<LimitCounters>,
     /// Told how long each request waited for its decision (the host's metrics).
@@ -265,6 +281,7 @@ impl RedisStore {
             sentinels: sentinels.map(SentinelPool::new),
             resolving: tokio::sync::Mutex::new(()),
             last_prompted_probe: AtomicU64::new(0),
+            prompted_probe_running: AtomicBool::new(false),
             settings: settings.clone(),
             script: Arc::new(redis::Script::new(SCRIPT)),
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
@@ -706,12 +723,18 @@ impl RedisStore {
         // connection to Redis), as long as that may take: four times `timeout`, at least
         // 250 ms. The sentinels' answer and Redis's come out of that one deadline.
         let started = tokio::time::Instant::now();
-        let connecting = started + settings::connect_timeout(self.timeout);
+        let allowance = settings::connect_timeout(self.timeout);
+        let connecting = started + allowance;
         let mut deadline = started + self.timeout;
         let queued = match early {
             Ok(queued) => queued,
             Err(job) => {
-                deadline = connecting;
+                // The sentinels not answering past the store's first moments are away, as
+                // Redis can be: `timeout`, as for any request then. (The store's clock
+                // starts when the store is made.)
+                if u128::from(self.clock.now()) < allowance.as_nanos() {
+                    deadline = connecting;
+                }
                 let _ = tokio::time::timeout_at(deadline, self.resolve_first()).await;
                 self.enqueue(job)
             }
@@ -801,10 +824,12 @@ impl RedisStore {
             // Outside a runtime (a decision asked while the thread is torn down) there is
             // none to probe on; the housekeeping's probe still runs each second.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let store = self.clone();
-                runtime.spawn(async move {
-                    store.probe().await;
-                });
+                if !self.prompted_probe_running.swap(true, Ordering::Relaxed) {
+                    let running = PromptedProbe(self.clone());
+                    runtime.spawn(async move {
+                        running.0.probe().await;
+                    });
+                }
             }
         }
         self.failed(why, cached)

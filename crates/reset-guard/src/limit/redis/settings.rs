@@ -326,6 +326,15 @@ impl RedisSettings {
         self
     }
 
+    /// The longest a request may wait for Redis: [`timeout`](Self::timeout), or, while a
+    /// connection is made (a thread's first requests, the first after Redis came back),
+    /// four times it, at least 250 ms. A host that bounds a request's time should allow it
+    /// more than this, or such a wait ends in the host's timeout rather than as
+    /// [`on_error`](Self::on_error) says.
+    pub fn longest_wait(&self) -> Duration {
+        connect_timeout(self.timeout)
+    }
+
     /// Answering as `on_error` says when Redis cannot answer in time.
     pub fn with_on_error(mut self, on_error: OnError) -> Self {
         self.on_error = on_error;
