@@ -125,15 +125,32 @@ impl GatewayConfig {
         if let Some(redis) = &store.limits.redis {
             // A request waits for Redis within its own time: a longer wait would never end
             // in what on_error says, but in the request's timeout, blamed on QuickBlox. The
-            // longest is a wait for a new connection: four times the timeout.
-            if redis.longest_wait() >= server.request_timeout {
+            // longest is a wait for a new connection: four times the timeout, at least 250ms.
+            let floor = std::time::Duration::from_millis(250);
+            let longest = redis.longest_wait();
+            let written = crate::explain::written_duration;
+            if server.request_timeout <= floor {
+                return Err(ConfigError::new(
+                    "server.request_timeout",
+                    format!(
+                        "must be longer than {} with the Redis store: a request waiting for \
+                         a new connection to Redis gets that long at least",
+                        written(floor)
+                    ),
+                )
+                .located(yaml));
+            }
+            if longest >= server.request_timeout {
                 return Err(ConfigError::new(
                     "store.redis.timeout",
                     format!(
-                        "four times it (at least 250ms: what a request waiting for a new \
-                         connection to Redis gets) must be shorter than \
-                         server.request_timeout ({}), within which a request waits for Redis",
-                        crate::explain::written_duration(server.request_timeout)
+                        "must be shorter than server.request_timeout ({}), within which a \
+                         request waits for Redis, four times over: a request waiting for a new \
+                         connection to Redis gets {} (four times it, at least 250ms). Keep it \
+                         below {}, or lengthen server.request_timeout",
+                        written(server.request_timeout),
+                        written(longest),
+                        written(server.request_timeout / 4)
                     ),
                 )
                 .located(yaml));

@@ -939,7 +939,7 @@ fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
         (
             "    timeout: 8s\n".to_owned(),
             "store.redis.timeout (line",
-            "four times it (at least 250ms: what a request waiting for a new connection",
+            "gets 32s (four times it, at least 250ms). Keep it below 7500ms",
         ),
     ];
     for (redis, path, why) in refused {
@@ -957,6 +957,34 @@ fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
     .unwrap();
     // Four times 7s is less than the default request_timeout, 30s.
     check_redis_section("    timeout: 7s\n").unwrap();
+}
+
+/// A request timeout no Redis timeout fits in (a wait for a new connection is 250 ms at
+/// least) is the setting named.
+#[test]
+fn a_request_timeout_too_short_for_a_new_redis_connection_is_refused() {
+    let yaml = with_server_keys(
+        &yaml(
+            "http://127.0.0.1:9",
+            "",
+            &format!(
+                "store:\n  kind: redis\n  key_secret_file: {}\n",
+                key_secret_file().display()
+            ),
+        ),
+        "  request_timeout: 250ms\n",
+    );
+    let config = reset_gateway::GatewayConfig::from_yaml(&yaml).unwrap();
+    let shown = config
+        .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(shown.starts_with("server.request_timeout (line"), "{shown}");
+    assert!(
+        shown.contains("must be longer than 250ms with the Redis store"),
+        "{shown}"
+    );
 }
 
 /// The line in which a gateway process says the Redis probe failed, once it is logged

@@ -165,6 +165,10 @@ pub(crate) struct RedisStore {
     /// Whether a probe a failed request prompted is running: no other is started
     /// meanwhile (each may wait on sentinels or Redis that hang).
     prompted_probe_running: AtomicBool,
+    /// Sentinel mode: when the sentinels were first asked (by the probe, or by a request
+    /// where the host runs none), on [`Self::clock`]. Requests before any master is named
+    /// wait for their answer as long as making connections may take only that long after.
+    sentinels_first_asked: std::sync::OnceLock<u64>,
     /// The credentials and CA every client is built with.
     settings: RedisSettings,
     script: Arc<redis::Script>,
@@ -215,7 +219,6 @@ pub(crate) struct RedisStore {
     /// The stale denials of reloads whose walks are not done: they stand through the
     /// reloads after, until their own walk is done.
     awaiting_walks: Mutex<Vec<StaleDenials>>,
-    /// Starts when the store is made.
     clock: MonotonicClock,
     counters: Arc<LimitCounters>,
     /// Told how long each request waited for its decision (the host's metrics).
@@ -282,6 +285,7 @@ impl RedisStore {
             resolving: tokio::sync::Mutex::new(()),
             last_prompted_probe: AtomicU64::new(0),
             prompted_probe_running: AtomicBool::new(false),
+            sentinels_first_asked: std::sync::OnceLock::new(),
             settings: settings.clone(),
             script: Arc::new(redis::Script::new(SCRIPT)),
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
@@ -729,10 +733,11 @@ impl RedisStore {
         let queued = match early {
             Ok(queued) => queued,
             Err(job) => {
-                // The sentinels not answering past the store's first moments are away, as
-                // Redis can be: `timeout`, as for any request then. (The store's clock
-                // starts when the store is made.)
-                if u128::from(self.clock.now()) < allowance.as_nanos() {
+                // Sentinels that have not answered for that long since first asked are
+                // away, as Redis can be: `timeout`, as for any request then.
+                let now = self.clock.now();
+                let first_asked = *self.sentinels_first_asked.get_or_init(|| now);
+                if u128::from(now.saturating_sub(first_asked)) < allowance.as_nanos() {
                     deadline = connecting;
                 }
                 let _ = tokio::time::timeout_at(deadline, self.resolve_first()).await;

@@ -146,6 +146,7 @@ impl RedisStore {
         pool: &SentinelPool,
         current: Option<Arc<Master>>,
     ) -> Result<(), String> {
+        self.sentinels_first_asked.get_or_init(|| self.clock.now());
         let found = self.find_master(pool, current.as_deref()).await;
         // Logged once per new reason: the sentinels are asked every second, and more
         // often while requests fail.

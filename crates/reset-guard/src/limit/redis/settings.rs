@@ -105,8 +105,7 @@ pub struct RedisSettings {
     /// Prepended to every key, so several deployments can share one server.
     pub key_prefix: String,
     /// Longest a request waits for Redis: 1ms to 60s. Requests that wait for a connection
-    /// to be made (a thread's first, the first after Redis came back) get four times it,
-    /// at least 250 ms.
+    /// to be made get four times it, at least 250 ms ([`Self::longest_wait`]).
     pub timeout: Duration,
     /// What happens when Redis cannot answer in time.
     pub on_error: OnError,
@@ -326,10 +325,12 @@ impl RedisSettings {
         self
     }
 
-    /// The longest a request may wait for Redis: [`timeout`](Self::timeout), or, while a
-    /// connection is made (a thread's first requests, the first after Redis came back),
-    /// four times it, at least 250 ms. A host that bounds a request's time should allow it
-    /// more than this, or such a wait ends in the host's timeout rather than as
+    /// The longest a request may wait for Redis: four times [`timeout`](Self::timeout), at
+    /// least 250 ms. Only requests that wait for a connection to be made wait that long (a
+    /// thread's first, the first after Redis came back or the master changed, and in
+    /// Sentinel mode those before the sentinels first name a master, soon after they are
+    /// first asked); the others wait `timeout`. A host that bounds a request's time should
+    /// allow it more than this, or such a wait ends in the host's timeout rather than as
     /// [`on_error`](Self::on_error) says.
     pub fn longest_wait(&self) -> Duration {
         connect_timeout(self.timeout)
@@ -783,9 +784,10 @@ pub(crate) fn node_url(scheme: &str, host: &str, port: u16) -> String {
 /// How long making a connection may take, with the call it is made for: several round
 /// trips where a call takes one (TCP, TLS, `AUTH`, the client's own hello, in Cluster mode
 /// the slot map read through a seed first, the script loaded on a first `NOSCRIPT`).
-/// Measured against a Redis 80 ms away, a first standalone decision takes over three round
-/// trips and a first Cluster one about seven; with `timeout` a few round trips, as the
-/// README advises, four times it covers them. At least 250 ms, for Redis close by.
+/// Measured against a Redis 80 ms away, TCP handshakes included, a first standalone
+/// decision takes four to five round trips and a first Cluster one six to seven; with
+/// `timeout` a few round trips, as the README advises, four times it covers them. At least
+/// 250 ms, for Redis close by.
 pub(crate) fn connect_timeout(timeout: std::time::Duration) -> std::time::Duration {
     (timeout * CONNECTION_TIMEOUTS).max(std::time::Duration::from_millis(250))
 }
