@@ -654,6 +654,29 @@ async fn behind_a_reply_dropper() -> (RedisServer, std::path::PathBuf, ReplyDrop
     (node, dir, proxy, rig)
 }
 
+/// A lone cluster node serving every slot behind a proxy that delays each way by
+/// `delay_ms` (the node tells clients the proxy's port as its own), and a roomy rig whose
+/// store, seeded by it, has a `timeout_ms` timeout.
+async fn lone_node_away(
+    name: &str,
+    delay_ms: u64,
+    timeout_ms: u64,
+) -> (
+    RedisServer,
+    std::path::PathBuf,
+    test_support::DelayProxy,
+    Rig,
+) {
+    let (node, dir) = lone_cluster_node(name);
+    let away = test_support::DelayProxy::start(node.addr(), Duration::from_millis(delay_ms));
+    serve_every_slot_announcing(&node, away.port()).await;
+    let mut store = store_seeded_by(&[away.url()], name);
+    if let Some(redis) = store.redis.as_mut() {
+        redis.timeout = Duration::from_millis(timeout_ms);
+    }
+    (node, dir, away, roomy_rig(store))
+}
+
 /// A cluster a network away (200 ms a round trip; one master holding every slot, which
 /// tells clients the delaying proxy's port as its own) with a 350 ms timeout, less than two
 /// round trips (room for a loaded machine): requests after pauses past the idle check (the
@@ -663,14 +686,7 @@ async fn behind_a_reply_dropper() -> (RedisServer, std::path::PathBuf, ReplyDrop
 /// is quick: the test below is the one of first connections far away.)
 #[tokio::test]
 async fn a_cluster_a_round_trip_under_the_timeout_away_decides_every_request() {
-    let (node, dir) = lone_cluster_node("away");
-    let away = test_support::DelayProxy::start(node.addr(), Duration::from_millis(10));
-    serve_every_slot_announcing(&node, away.port()).await;
-    let mut store = store_seeded_by(&[away.url()], "away");
-    if let Some(redis) = store.redis.as_mut() {
-        redis.timeout = Duration::from_millis(350);
-    }
-    let rig = roomy_rig(store);
+    let (node, dir, away, rig) = lone_node_away("away", 10, 350).await;
     let mut statuses = vec![rig.status(ask("first@b.io")).await];
     away.set_delay(Duration::from_millis(100));
     for i in 0..3 {
@@ -692,14 +708,7 @@ async fn a_cluster_a_round_trip_under_the_timeout_away_decides_every_request() {
 /// four times the timeout is allowed for it), are decided, not failed as `on_error` says.
 #[tokio::test]
 async fn a_burst_on_new_connections_to_a_cluster_far_away_is_decided_whole() {
-    let (node, dir) = lone_cluster_node("far");
-    let away = test_support::DelayProxy::start(node.addr(), Duration::from_millis(40));
-    serve_every_slot_announcing(&node, away.port()).await;
-    let mut store = store_seeded_by(&[away.url()], "far");
-    if let Some(redis) = store.redis.as_mut() {
-        redis.timeout = Duration::from_millis(240);
-    }
-    let rig = roomy_rig(store);
+    let (node, dir, _away, rig) = lone_node_away("far", 40, 240).await;
     let burst = (0..8).map(|i| rig.status(ask(&format!("b{i}@b.io"))));
     let statuses = futures_util::future::join_all(burst).await;
     let errors = rig.handle.store_errors();
