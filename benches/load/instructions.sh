@@ -10,7 +10,11 @@
 #   LEVEL=info benches/load/instructions.sh            # with the access log (the default level)
 #   KEEP=/tmp/cg benches/load/instructions.sh          # keep callgrind's output files there
 #   NGINX=1 benches/load/instructions.sh               # also nginx doing the same job
-#                                                      # (configs/nginx.conf.in, one process)
+#                                                      # (configs/nginx.conf.in, one process),
+#                                                      # with an access log when the gateway
+#                                                      # writes one (any level, warn too)
+#   NGINX=1 LEVEL=warn,access=off benches/load/instructions.sh
+#                                                      # neither writes an access log
 #   STORE="redis cluster" benches/load/instructions.sh # forwarded resets with every group on,
 #                                                      # the memory store against a Redis
 #                                                      # server and a three-master cluster it
@@ -76,7 +80,7 @@ upstream: { url: "http://127.0.0.1:$MOCK" }
 guard:
   clients: [{ id: bench, token_sha256: $DIGEST }]
   limits: { per_ip: $per_ip, per_client: $per_client, per_email: $per_email, global: $global }
-log: { level: $LEVEL }
+log: { level: "$LEVEL" }
 $store
 YAML
   rm -f "$work"/callgrind.out*
@@ -105,9 +109,15 @@ YAML
 }
 
 # nginx under the same count: the load script's config, as one process (no master, no
-# daemon) so that callgrind follows the process that serves.
+# daemon) so that callgrind follows the process that serves. It writes an access log (its
+# default format, buffered as the gateway's sink is) whenever the gateway does: at any
+# LEVEL that does not say `access=off`, warn included.
 count_nginx() { # scenario -> one line
   local script=benches/load/reset.lua port static ip_rate ip_burst email_rate email_burst
+  local access_log="access_log off;" logged="no access log"
+  if [[ $LEVEL != *access=off* ]]; then
+    access_log="access_log $work/nginx-access.log combined buffer=64k;" logged="access log"
+  fi
   if [ "$1" = allow ]; then
     ip_rate=1000000r/s; ip_burst=1000000; email_rate=1000000r/s; email_burst=1000000
   else
@@ -118,7 +128,9 @@ count_nginx() { # scenario -> one line
     -e "s|@TOKEN@|$TOKEN|g" -e "s|@API_KEY@|$KEY|g" -e "s|@PER_IP_RATE@|$ip_rate|g" -e "s|@PER_IP_BURST@|$ip_burst|g" \
     -e "s|@PER_EMAIL_RATE@|$email_rate|g" -e "s|@PER_EMAIL_BURST@|$email_burst|g" \
     -e "s|^worker_processes 2;|worker_processes 1; master_process off; daemon off;|" \
+    -e "s|^    access_log off;|    $access_log|" \
     benches/load/configs/nginx.conf.in > "$work/nginx.conf"
+  grep -qF "    $access_log" "$work/nginx.conf"
   rm -f "$work"/callgrind.out*
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/callgrind.out" \
     nginx -c "$work/nginx.conf" -e "$work/nginx-error.log" 2>"$work/valgrind.log" &
@@ -136,7 +148,7 @@ count_nginx() { # scenario -> one line
   local requests total
   requests=$(awk '/requests in/ {print $1}' <<<"$out")
   total=$(awk '/^totals:/ {print $2}' "$work"/callgrind.out* | sort -n | tail -1)
-  printf '%-6s %8d requests %10d instructions/request (nginx)\n' "$1" "$requests" $((total / requests))
+  printf '%-6s %8d requests %10d instructions/request (nginx, %s)\n' "$1" "$requests" $((total / requests)) "$logged"
   if [ -n "$KEEP" ]; then
     for f in "$work"/callgrind.out*; do cp "$f" "$KEEP/nginx-$1.$requests.$(basename "$f")"; done
   fi
