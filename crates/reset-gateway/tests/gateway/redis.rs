@@ -798,6 +798,34 @@ fn standalone_mode_takes_only_redis_urls() {
     assert!(error.contains("node 2 names port 0"), "{error}");
 }
 
+#[test]
+fn a_node_whose_scheme_the_gateway_would_not_read_as_tls_is_refused() {
+    // The client reads `REDISS://` and `valkeys://` as TLS, the gateway did not: the password
+    // went in clear, certificates unchecked.
+    for (mode, scheme) in [
+        ("cluster", "REDISS"),
+        ("sentinel", "Rediss"),
+        ("cluster", "valkeys"),
+    ] {
+        let master = if mode == "sentinel" {
+            "    sentinel_master: m\n"
+        } else {
+            ""
+        };
+        let section = format!("    mode: {mode}\n    nodes: [{scheme}://10.0.0.1:6380]\n{master}");
+        let error = check_redis_section(&section).unwrap_err();
+        assert!(
+            error.starts_with("store.redis.nodes (line ")
+                && error.contains("node 1 must start with redis:// or rediss://"),
+            "{scheme}: {error}"
+        );
+    }
+    let error =
+        check_redis_section("    mode: cluster\n    nodes: [\"rediss://a,10.0.0.1:6380\"]\n")
+            .unwrap_err();
+    assert!(error.contains("node 1 holds a comma"), "{error}");
+}
+
 /// A `ca_file` that holds no certificate, or is missing: the error names the key once,
 /// with its line, and the file.
 #[test]

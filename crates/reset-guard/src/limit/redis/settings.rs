@@ -417,6 +417,10 @@ impl RedisSettings {
                 .iter()
                 .try_for_each(|node| Self::check_url(node));
         }
+        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        if !["redis", "rediss", "redis+unix", "unix"].contains(&scheme) {
+            return Err(SCHEME_REFUSED);
+        }
         let info = url.into_connection_info().map_err(|_| {
             "is not a valid Redis URL: redis://host:port[/db], or rediss:// for TLS"
         })?;
@@ -650,6 +654,15 @@ fn node_addresses(nodes: &[String], password: &str) -> Result<(&'static str, Vec
     let mut addresses = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         let n = i + 1;
+        if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
+            return Err(format!("node {n} {SCHEME_REFUSED}"));
+        }
+        if node.contains(',') {
+            // The nodes travel joined by commas: one inside a node would split it in two.
+            return Err(format!(
+                "node {n} holds a comma: give each node as an entry of its own"
+            ));
+        }
         let info = node
             .as_str()
             .into_connection_info()
@@ -696,6 +709,11 @@ fn node_addresses(nodes: &[String], password: &str) -> Result<(&'static str, Vec
     }
     Ok((scheme, addresses))
 }
+
+/// Why a scheme other than `redis://` or `rediss://` is refused: the client reads the scheme
+/// in any case and takes others (`valkeys://` is TLS too), where the gateway tells TLS by
+/// these two as written; `REDISS://` would have sent the password in clear.
+const SCHEME_REFUSED: &str = "must start with redis:// or rediss:// (for TLS), in lower case";
 
 /// Why a URL with a query or a fragment is refused: the client reads a few settings from
 /// there (`#insecure` turns off certificate checks) and ignores the rest, where a password
@@ -848,6 +866,51 @@ mod tests {
         let sentinel = RedisSettings::sentinel(&nodes, "mymaster").unwrap();
         let empty = refused(sentinel.with_sentinel_auth(None, ""));
         assert!(empty.contains("sentinels' password is empty"), "{empty}");
+    }
+
+    #[test]
+    fn only_redis_and_rediss_in_lower_case_are_taken_for_tls_is_told_by_them() {
+        // The client reads these (TLS for the `s` ones); the gateway would have sent the
+        // password in clear to a `REDISS://` node, taking it for a plain one.
+        for node in [
+            "REDISS://10.0.0.1:6380",
+            "Rediss://10.0.0.1:6380",
+            "valkeys://10.0.0.1:6380",
+            "valkey://10.0.0.1:6379",
+            "REDIS://10.0.0.1:6379",
+        ] {
+            let nodes = ["redis://10.0.0.2:6379".to_owned(), node.to_owned()];
+            for refused in [
+                RedisSettings::cluster(&nodes).unwrap_err().to_string(),
+                RedisSettings::sentinel(&nodes, "m")
+                    .unwrap_err()
+                    .to_string(),
+            ] {
+                assert!(
+                    refused.contains("node 2 must start with redis:// or rediss://"),
+                    "{node}: {refused}"
+                );
+            }
+            let alone = RedisSettings::new(node).check().unwrap_err().to_string();
+            assert!(
+                alone.contains("url must start with redis://"),
+                "{node}: {alone}"
+            );
+        }
+        assert!(RedisSettings::new("rediss://10.0.0.1:6380").check().is_ok());
+    }
+
+    #[test]
+    fn a_comma_inside_a_node_is_refused_rather_than_splitting_it() {
+        let nodes = ["rediss://localhost,127.0.0.1:6380".to_owned()];
+        for refused in [
+            RedisSettings::cluster(&nodes).unwrap_err().to_string(),
+            RedisSettings::sentinel(&nodes, "m")
+                .unwrap_err()
+                .to_string(),
+        ] {
+            assert!(refused.contains("node 1 holds a comma"), "{refused}");
+        }
     }
 
     #[test]
