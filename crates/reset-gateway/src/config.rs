@@ -15,6 +15,7 @@ mod server;
 mod store;
 mod upstream;
 
+pub(crate) use log::env_level;
 pub use log::{DenialLogging, LogConfig, LogFormat};
 pub use server::{
     AdminConfig, CorsConfig, ProxyProtocolConfig, ServerConfig, ServerSettings, TlsConfig,
@@ -102,6 +103,11 @@ impl GatewayConfig {
     /// Checks everything and resolves the API key. `yaml` is the text the config came
     /// from, used to find the line of errors found after parsing.
     pub fn validate(&self, yaml: &str) -> Result<Settings, ConfigError> {
+        // The limits before the secrets: a proposal checked where the production secrets
+        // are not shows its own errors first.
+        self.guard
+            .validate()
+            .map_err(|e| e.within("guard").located(yaml))?;
         let api_key = self
             .upstream
             .resolve_api_key()
@@ -123,38 +129,7 @@ impl GatewayConfig {
             .validate(&self.admin)
             .map_err(|e| e.located(yaml))?;
         if let Some(redis) = &store.limits.redis {
-            // A request waits for Redis within its own time: a longer wait would never end
-            // in what on_error says, but in the request's timeout, blamed on QuickBlox. The
-            // longest is a wait for a new connection: four times the timeout, at least 250ms.
-            let floor = std::time::Duration::from_millis(250);
-            let longest = redis.longest_wait();
-            let written = crate::explain::written_duration;
-            if server.request_timeout <= floor {
-                return Err(ConfigError::new(
-                    "server.request_timeout",
-                    format!(
-                        "must be longer than {} with the Redis store: a request waiting for \
-                         a new connection to Redis gets that long at least",
-                        written(floor)
-                    ),
-                )
-                .located(yaml));
-            }
-            if longest >= server.request_timeout {
-                return Err(ConfigError::new(
-                    "store.redis.timeout",
-                    format!(
-                        "must be shorter than server.request_timeout ({}), within which a \
-                         request waits for Redis, four times over: a request waiting for a new \
-                         connection to Redis gets {} (four times it, at least 250ms). Keep it \
-                         below {}, or lengthen server.request_timeout",
-                        written(server.request_timeout),
-                        written(longest),
-                        written(server.request_timeout / 4)
-                    ),
-                )
-                .located(yaml));
-            }
+            check_redis_wait_fits(redis, &server, &upstream).map_err(|e| e.located(yaml))?;
             global_bursts_fit(&guard, redis.global_keys, "store.redis.global_keys")
                 .map_err(|e| e.located(yaml))?;
         }
@@ -169,6 +144,58 @@ impl GatewayConfig {
             reread_files,
         })
     }
+}
+
+/// A request waits for Redis within its own time (`server.request_timeout`): a longer wait
+/// would never end in what `on_error` says, but in the request's timeout, blamed on
+/// QuickBlox. The longest is a wait for a new connection: four times the timeout, at least
+/// 250ms. Under `on_error: allow` the request then still asks QuickBlox, for up to
+/// `upstream.timeout`, so that must fit too.
+fn check_redis_wait_fits(
+    redis: &reset_guard::RedisSettings,
+    server: &server::ServerSettings,
+    upstream: &upstream::UpstreamSettings,
+) -> Result<(), ConfigError> {
+    let floor = std::time::Duration::from_millis(250);
+    let longest = redis.longest_wait();
+    let written = crate::explain::written_duration;
+    let allow = redis.on_error == reset_guard::OnError::Allow;
+    let (after, then) = match allow {
+        true => (
+            upstream.timeout,
+            format!(
+                ", and under on_error: allow then asks QuickBlox for up to upstream.timeout ({})",
+                written(upstream.timeout)
+            ),
+        ),
+        false => (std::time::Duration::ZERO, String::new()),
+    };
+    if server.request_timeout <= floor + after {
+        return Err(ConfigError::new(
+            "server.request_timeout",
+            format!(
+                "must be longer than {} with the Redis store: a request waiting for a new \
+                 connection to Redis gets {} at least{then}",
+                written(floor + after),
+                written(floor)
+            ),
+        ));
+    }
+    if longest + after >= server.request_timeout {
+        return Err(ConfigError::new(
+            "store.redis.timeout",
+            format!(
+                "must be shorter than server.request_timeout ({}), within which a request \
+                 waits for Redis, four times over: a request waiting for a new connection to \
+                 Redis gets {} (four times it, at least 250ms){then}. Keep it below {}, or \
+                 lengthen server.request_timeout",
+                written(server.request_timeout),
+                written(longest),
+                written((server.request_timeout - after) / 4)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Each global quota's burst at least `keys`, the keys the global group is spread over

@@ -77,9 +77,14 @@ fn global_spread(quotas: &[Quota], keys: u16) -> Option<String> {
     ))
 }
 
-/// `200`, `0.5`, `0.0028`: a rate with what precision it needs.
+/// `200`, `0.5`, `0.0028`, `0.000012`: a rate with what precision it needs (four decimals,
+/// and two significant digits at least, so that 1 a day is not read as 0 a second).
 fn spoken_rate(rate: f64) -> String {
-    let text = format!("{rate:.4}");
+    let decimals = match rate > 0.0 && rate < 1.0 {
+        true => (1.0 - rate.log10().floor()).clamp(4.0, 15.0) as usize,
+        false => 4,
+    };
+    let text = format!("{rate:.decimals$}");
     text.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
@@ -143,18 +148,7 @@ fn interval(quota: &Quota) -> Duration {
 /// `per` as it would be written in the YAML: the largest unit that divides it (`1h`,
 /// `90m`, `250ms`).
 pub fn written_duration(per: Duration) -> String {
-    let ms = per.as_millis();
-    for (unit, size) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1_000),
-    ] {
-        if ms >= size && ms.is_multiple_of(size) {
-            return format!("{}{unit}", ms / size);
-        }
-    }
-    format!("{ms}ms")
+    reset_guard::ConfigDuration(per).to_string()
 }
 
 const UNITS: [(&str, u128); 5] = [
@@ -237,6 +231,16 @@ mod tests {
             .validate()
             .unwrap();
         explain(&settings, 1)
+    }
+
+    #[test]
+    fn rates_keep_two_significant_digits_at_least() {
+        assert_eq!(spoken_rate(200.0), "200");
+        assert_eq!(spoken_rate(0.5), "0.5");
+        assert_eq!(spoken_rate(1.0 / 360.0), "0.0028");
+        // 1 a day: it read as 0 a second.
+        assert_eq!(spoken_rate(1.0 / 86_400.0), "0.000012");
+        assert_eq!(spoken_rate(0.0), "0");
     }
 
     #[test]

@@ -33,7 +33,16 @@ fn main() -> ExitCode {
                 }
                 exit_code(written)
             }
-            Err(error) => invalid(&cli.config, &error),
+            Err(error) => {
+                // The limits in words even so, where they are valid: a proposal read on a
+                // workstation lacks the production secrets (the error still says so).
+                if explain {
+                    if let Ok(words) = simulate::explained(&cli.config) {
+                        out(format_args!("{words}"));
+                    }
+                }
+                invalid(&cli.config, &error)
+            }
         },
         Command::Simulate { log, json, compare } => {
             simulate::main(&cli.config, log.as_deref(), compare.as_deref(), json)

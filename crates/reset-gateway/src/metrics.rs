@@ -477,20 +477,9 @@ impl Collector for LogCollector {
 
 /// A quota as its `quota` label: `3/1h`, with the burst when it is not `requests`
 /// (`200/1s burst 400`) and ` shadow` for a shadow quota, so two quotas of one group
-/// never share a series.
+/// never share a series (the log's `quota` field reads the same).
 pub(crate) fn quota_label(quota: &reset_guard::Quota) -> String {
-    let mut label = format!(
-        "{}/{}",
-        quota.requests,
-        crate::explain::written_duration(quota.per)
-    );
-    if quota.burst != quota.requests {
-        label.push_str(&format!(" burst {}", quota.burst));
-    }
-    if quota.shadow {
-        label.push_str(" shadow");
-    }
-    label
+    quota.to_string()
 }
 
 #[cfg(test)]

@@ -111,7 +111,7 @@ impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for OneLineFields {
 /// drop writes out what is queued. Calling it again (tests) is harmless and returns `None`.
 pub fn init(log: &LogConfig) -> Option<LogSink> {
     let (writer, sink) = sink::install(log.format, log.queue_lines)?;
-    let level = std::env::var("RUST_LOG").unwrap_or_else(|_| log.level.clone());
+    let level = crate::config::env_level().unwrap_or_else(|| log.level.clone());
     let filter = EnvFilter::new(self::level(&level));
     // Colour codes only for a person at a terminal: in a file or a log pipeline they are noise.
     let builder = tracing_subscriber::fmt()

@@ -21,6 +21,25 @@ impl ConfigDuration {
     }
 }
 
+/// As the file would write it, in the largest unit that divides it (`250ms`, `5s`, `1h`,
+/// `7d`; whole milliseconds, as the file gives them).
+impl fmt::Display for ConfigDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        for (unit, size) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1_000),
+        ] {
+            if ms >= size && ms.is_multiple_of(size) {
+                return write!(f, "{}{unit}", ms / size);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
 impl From<ConfigDuration> for Duration {
     fn from(d: ConfigDuration) -> Duration {
         d.0

@@ -494,8 +494,7 @@ impl<C: ShardCell<Shard>> Limiter<C> {
                 tracing::info!(
                     target: "reset_guard::limit",
                     limit = group.name(),
-                    requests = entry.quota.requests,
-                    per_secs = entry.quota.per.as_secs(),
+                    quota = %entry.quota,
                     "shadow quota would deny"
                 );
                 shadow_would_deny = true;

@@ -49,8 +49,26 @@ impl LogConfig {
         if !(1..=1_000_000).contains(&self.queue_lines) {
             return Err(ConfigError::new("log.queue_lines", "must be 1 to 1000000"));
         }
-        check_level(&self.level).map_err(|why| ConfigError::new("log.level", why))
+        check_level(&self.level).map_err(|why| ConfigError::new("log.level", why))?;
+        // It overrides log.level, read the same way: a bare word that is not a level would
+        // turn every message off, errors and refused reloads included.
+        if let Some(level) = env_level() {
+            check_level(&level).map_err(|why| {
+                ConfigError::new(
+                    "RUST_LOG",
+                    format!("{why} (set in the environment, it overrides log.level)"),
+                )
+            })?;
+        }
+        Ok(())
     }
+}
+
+/// `RUST_LOG`, where it is set to something: it overrides `log.level`.
+pub(crate) fn env_level() -> Option<String> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|level| !level.trim().is_empty())
 }
 
 /// Level names a filter directive may be.

@@ -240,10 +240,10 @@ impl RedisConfig {
         }
     }
 
-    fn validate(&self) -> Result<RedisSettings, ConfigError> {
-        let mut settings = self.target()?;
-        self.check_global_keys()?;
-        let tls = settings.url.starts_with("rediss");
+    /// The values the file alone decides (no secret read, no server asked): checked for
+    /// `kind: memory` too, so that a section that could not work is found before the day
+    /// `kind` turns to redis.
+    fn check_values(&self) -> Result<(), ConfigError> {
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
             return Err(ConfigError::new(
                 "store.redis.key_prefix",
@@ -264,6 +264,20 @@ impl RedisConfig {
                 "must be 1ms to 60s",
             ));
         }
+        if self.username.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::new(
+                "store.redis.username",
+                "must be non-empty (leave it out for the default user)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<RedisSettings, ConfigError> {
+        let mut settings = self.target()?;
+        self.check_global_keys()?;
+        self.check_values()?;
+        let tls = settings.url.starts_with("rediss");
         settings.username = self.username.clone();
         settings.password = env_or_file(
             "store.redis.password",
@@ -271,12 +285,6 @@ impl RedisConfig {
             self.password_file.as_deref(),
         )?
         .map(|(_, password)| password);
-        if self.username.as_deref().is_some_and(str::is_empty) {
-            return Err(ConfigError::new(
-                "store.redis.username",
-                "must be non-empty (leave it out for the default user)",
-            ));
-        }
         if settings.username.is_some() && settings.password.is_none() {
             // Redis would answer every call NOAUTH: the user is only sent with a password.
             return Err(ConfigError::new(
@@ -543,6 +551,7 @@ impl StoreConfig {
             StoreKind::Memory => {
                 self.redis.target()?;
                 self.redis.check_global_keys()?;
+                self.redis.check_values()?;
                 if let Some(key) = self.redis.names_a_server() {
                     // Left at memory (the default) by mistake, every replica would keep a
                     // limit of its own while the file says where the shared one is.

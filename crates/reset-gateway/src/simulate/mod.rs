@@ -10,7 +10,7 @@ pub mod replay;
 pub mod report;
 mod summary;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -65,6 +65,18 @@ pub fn limits_of(path: &Path) -> Result<(GuardSettings, usize), SimulateError> {
         return Err(config_error(error));
     }
     Ok((guard, config.store.max_keys))
+}
+
+/// The limits of the file at `path` in words (`check-config --explain`), read as a replay
+/// reads them: without the secrets, which a proposal checked on a workstation lacks.
+pub fn explained(path: &Path) -> Result<String, SimulateError> {
+    let (guard, _) = limits_of(path)?;
+    let (config, _) = config_of(path)?;
+    let global_keys = match config.store.kind {
+        crate::config::StoreKind::Redis => config.store.redis.global_keys,
+        crate::config::StoreKind::Memory => 1,
+    };
+    Ok(crate::explain::explain(&guard, global_keys))
 }
 
 fn config_of(path: &Path) -> Result<(GatewayConfig, String), SimulateError> {
@@ -169,11 +181,17 @@ pub const EXIT_NO_INPUT: u8 = 66;
 /// `current` beside it; prints the table or, with `json`, one JSON object.
 pub fn main(proposed: &Path, log: Option<&Path>, current: Option<&Path>, json: bool) -> ExitCode {
     match run(proposed, log, current, json) {
-        Ok(report) => {
-            let mut stdout = std::io::stdout().lock();
-            let _ = stdout.write_all(report.as_bytes());
-            ExitCode::SUCCESS
-        }
+        // A report that could not be written (a full disk, a closed pipe) is no success: a
+        // script keeping `--json` would be left an empty file.
+        Ok(report) => match crate::console::out(format_args!("{report}")) {
+            true => ExitCode::SUCCESS,
+            false => {
+                crate::console::err(format_args!(
+                    "the report could not be written to standard output"
+                ));
+                ExitCode::FAILURE
+            }
+        },
         Err(error @ SimulateError::Config { .. }) => {
             crate::console::err(format_args!("{error}"));
             ExitCode::from(crate::EXIT_CONFIG)

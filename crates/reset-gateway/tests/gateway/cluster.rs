@@ -533,7 +533,8 @@ fn cluster_mode_is_checked_without_echoing_a_node_password() {
         (&format!("{cluster}    key_prefix: 'rg*'\n"), "store.redis.key_prefix (line", "glob character"),
         ("    mode: cluster\n    nodes: [redis://10.0.0.1:6379, 'redis://:hunter2-password@10.0.0.2:6379']\n", "store.redis.nodes (line", "node 2 holds a password"),
         ("    mode: cluster\n    nodes: [redis://10.0.0.1:6379, rediss://10.0.0.2:6379]\n", "store.redis.nodes (line", "same scheme"),
-        ("    mode: cluster\n    nodes: [not a url]\n", "store.redis.nodes (line", "not a valid Redis URL"),
+        ("    mode: cluster\n    nodes: [not a url]\n", "store.redis.nodes (line", "must start with redis:// or rediss://"),
+        ("    mode: cluster\n    nodes: ['redis://not a host:6379']\n", "store.redis.nodes (line", "not a valid Redis URL"),
         (&format!("{cluster}    global_keys: 0\n"), "store.redis.global_keys (line", "must be 1 to 1024"),
         (&format!("{cluster}    global_keys: 1025\n"), "store.redis.global_keys (line", "must be 1 to 1024"),
         ("    url: redis://10.0.0.1:6379\n    global_keys: 3\n", "store.redis.global_keys (line", "is for mode: cluster"),
@@ -816,6 +817,8 @@ async fn the_probe_names_what_the_seed_nodes_answer() {
     let (line, logs) = probe_failure(&yaml).await;
     assert!(line.contains(&format!("seed {}: ", seed[0])), "{line}");
     assert!(line.to_lowercase().contains("authentication"), "{line}");
+    // And where to look, as in the other modes.
+    assert!(line.contains("password_env or password_file"), "{line}");
     let from_the_client: Vec<_> = logs
         .iter()
         .filter(|l| l.contains("\"target\":\"redis::"))

@@ -80,3 +80,38 @@ fn check_config_explains_each_quota_in_plain_words() {
     );
     assert!(text.contains("per_ip: no limit"), "{text}");
 }
+
+/// A proposal read on a workstation, without the production secrets: the limits' own
+/// errors come first, and `--explain` puts the limits in words even so (exiting 64, the
+/// missing secret named).
+#[test]
+fn check_config_reads_the_limits_without_the_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let check = |yaml: &str| {
+        std::fs::write(&path, yaml).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_reset-gateway"))
+            .args(["check-config", "--explain", "--config"])
+            .arg(&path)
+            .env_remove("QB_API_KEY")
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let out = check(&yaml("http://127.0.0.1:9", LIMITS, ""));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("QB_API_KEY"), "{stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("per_email: 3 per hour"), "{text}");
+    assert!(!text.contains("configuration OK"), "{text}");
+    // A limit that could not work is named before the missing key.
+    let broken = yaml("http://127.0.0.1:9", LIMITS, "")
+        .replace("{ requests: 3, per: 1h }", "{ requests: 0, per: 1h }");
+    assert_ne!(broken, yaml("http://127.0.0.1:9", LIMITS, ""));
+    let out = check(&broken);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("guard.limits.per_email[0]"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}

@@ -225,6 +225,37 @@ fn check_config_error(yaml: &str, env_key: bool) -> String {
     stderr
 }
 
+/// `RUST_LOG` overrides `log.level`, read the same way: a bare word that is not a level
+/// turned every message off (errors and refused reloads included), and is refused as
+/// `log.level: warning` is; set but empty, it is not set.
+#[test]
+fn a_rust_log_that_is_not_a_level_is_refused_as_log_level_would_be() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &yaml("http://127.0.0.1:9", "", ""));
+    let check = |rust_log: &str| {
+        gateway()
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env("QB_API_KEY", "k")
+            .env("RUST_LOG", rust_log)
+            .output()
+            .unwrap()
+    };
+    for rust_log in ["warning", "access=trace,=="] {
+        let out = check(rust_log);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{rust_log}: {stderr}");
+        assert!(
+            stderr.contains("RUST_LOG: ") && stderr.contains("overrides log.level"),
+            "{rust_log}: {stderr}"
+        );
+    }
+    for rust_log in ["", "warn,access=off", "info,reset_guard=debug"] {
+        let out = check(rust_log);
+        assert!(out.status.success(), "{rust_log}: {out:?}");
+    }
+}
+
 #[test]
 fn check_config_names_the_key_and_line() {
     let base = yaml("http://127.0.0.1:9", "", "");

@@ -410,9 +410,9 @@ async fn a_shadow_quota_that_would_deny_is_logged_with_either_store() {
         let lines = poll_until(100, async || logged(), |l| l.len() >= 3).await;
         assert_eq!(lines.len(), 3, "{store}: {lines:?}");
         assert!(
-            lines
-                .iter()
-                .all(|l| l.contains(r#""limit":"per_ip""#) && l.contains(r#""requests":2"#)),
+            lines.iter().all(
+                |l| l.contains(r#""limit":"per_ip""#) && l.contains(r#""quota":"2/1m shadow""#)
+            ),
             "{store}: {lines:?}"
         );
     }
@@ -491,6 +491,46 @@ async fn a_redis_server_named_under_the_memory_store_is_refused() {
         assert!(error.starts_with("store.kind"), "{error}\n{yaml}");
         assert!(error.contains(named), "{error}");
         assert!(error.contains("kind: redis"), "{error}");
+    }
+}
+
+/// A `store.redis` section the file alone shows could not work is refused under the memory
+/// store too, before the day `kind` turns to redis.
+#[test]
+fn a_redis_section_that_could_not_work_is_refused_under_the_memory_store() {
+    for (section, key, why) in [
+        ("timeout: 0s", "store.redis.timeout", "1ms to 60s"),
+        (
+            "key_prefix: \"a b*\"",
+            "store.redis.key_prefix",
+            "without spaces",
+        ),
+        (
+            "key_prefix: gw*",
+            "store.redis.key_prefix",
+            "glob character",
+        ),
+        (
+            "username: \"\"",
+            "store.redis.username",
+            "must be non-empty",
+        ),
+    ] {
+        let yaml = yaml(
+            "http://127.0.0.1:9",
+            "",
+            &format!("store:\n  kind: memory\n  redis:\n    {section}\n"),
+        );
+        let error = reset_gateway::GatewayConfig::from_yaml(&yaml)
+            .unwrap()
+            .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with(&format!("{key} (line")),
+            "{section}: {error}"
+        );
+        assert!(error.contains(why), "{section}: {error}");
     }
 }
 
@@ -965,9 +1005,18 @@ fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
         ),
         // Nor may the wait for a new connection, four times the timeout.
         (
-            "    timeout: 8s\n".to_owned(),
+            "    timeout: 8s\n    on_error: deny\n".to_owned(),
             "store.redis.timeout (line",
             "gets 32s (four times it, at least 250ms). Keep it below 7500ms",
+        ),
+        // Under on_error: allow (the default) the request then asks QuickBlox, for up to
+        // upstream.timeout (400ms here): a wait of 29.6s left it none, and it ended in a
+        // 504 rather than the answer allow promises.
+        (
+            "    timeout: 7400ms\n".to_owned(),
+            "store.redis.timeout (line",
+            "(four times it, at least 250ms), and under on_error: allow then asks \
+             QuickBlox for up to upstream.timeout (400ms). Keep it below 7400ms",
         ),
     ];
     for (redis, path, why) in refused {
@@ -983,8 +1032,10 @@ fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
         "    username: limiter\n    password_file: {password}\n"
     ))
     .unwrap();
-    // Four times 7s is less than the default request_timeout, 30s.
-    check_redis_section("    timeout: 7s\n").unwrap();
+    // Four times 7.4s is less than the default request_timeout, 30s; four times 7.3s and
+    // upstream.timeout, 400ms, as well.
+    check_redis_section("    timeout: 7400ms\n    on_error: deny\n").unwrap();
+    check_redis_section("    timeout: 7300ms\n").unwrap();
 }
 
 /// A request timeout no Redis timeout fits in (a wait for a new connection is 250 ms at
@@ -1000,18 +1051,37 @@ fn a_request_timeout_too_short_for_a_new_redis_connection_is_refused() {
                 key_secret_file().display()
             ),
         ),
-        "  request_timeout: 250ms\n",
+        "  request_timeout: 600ms\n",
     );
-    let config = reset_gateway::GatewayConfig::from_yaml(&yaml).unwrap();
-    let shown = config
-        .validate_with_key(&yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
-        .map(|_| ())
-        .unwrap_err()
-        .to_string();
-    assert!(shown.starts_with("server.request_timeout (line"), "{shown}");
+    let shown = |yaml: &str| {
+        let config = reset_gateway::GatewayConfig::from_yaml(yaml).unwrap();
+        config
+            .validate_with_key(yaml, reset_guard::ApiKey::new(SERVER_KEY).unwrap())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    // Under on_error: allow (the default), QuickBlox is asked after the wait, for up to
+    // upstream.timeout (400ms here).
+    let allow = shown(&yaml);
+    assert!(allow.starts_with("server.request_timeout (line"), "{allow}");
     assert!(
-        shown.contains("must be longer than 250ms with the Redis store"),
-        "{shown}"
+        allow.contains("must be longer than 650ms with the Redis store")
+            && allow.contains("upstream.timeout (400ms)"),
+        "{allow}"
+    );
+    let deny = yaml
+        .replace("request_timeout: 600ms", "request_timeout: 250ms")
+        .replace(
+            "  kind: redis\n",
+            "  kind: redis\n  redis:\n    on_error: deny\n",
+        );
+    let deny = shown(&deny);
+    assert!(deny.starts_with("server.request_timeout (line"), "{deny}");
+    assert!(
+        deny.contains("must be longer than 250ms with the Redis store")
+            && !deny.contains("upstream.timeout"),
+        "{deny}"
     );
 }
 
@@ -1048,6 +1118,34 @@ async fn a_proxy_refusing_scripts_over_several_slots_is_named_in_the_probes_line
     assert!(line.to_lowercase().contains("crossslot"), "{line}");
     assert!(line.contains("`mode: cluster`"), "{line}");
     assert!(line.contains("`key_prefix` in braces"), "{line}");
+}
+
+/// With a password set, a Redis that refuses connections is not said to refuse AUTH: the
+/// connection is made with the probe's first command, which is AUTH.
+#[tokio::test]
+async fn a_redis_away_is_not_blamed_on_auth_when_a_password_is_set() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("redis-password");
+    std::fs::write(&password, "s3cret-redis-password\n").unwrap();
+    let yaml = redis_yaml_at(
+        &mock,
+        &format!("redis://127.0.0.1:{port}"),
+        &format!("    password_file: {}\n", password.display()),
+        "deny",
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = crate::process::spawn_gateway(&config);
+    let line = probe_failure_line(&gateway).await;
+    assert!(line.to_lowercase().contains("refused"), "{line}");
+    assert!(!line.contains("AUTH"), "{line}");
+    assert!(!line.contains("s3cret"), "{line}");
 }
 
 #[tokio::test]

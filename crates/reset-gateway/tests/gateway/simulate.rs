@@ -382,3 +382,31 @@ fn the_shipped_examples_replay_as_they_are() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+/// A report that cannot be written (a full disk) is no success: a script keeping `--json`
+/// would be left an empty file and a zero status.
+#[test]
+fn a_report_that_cannot_be_written_fails_the_command() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config");
+    let log = "{\"received_at\":\"2025-03-01T10:00:00Z\",\"guarded\":true,\"client_id\":\"example-app\",\
+               \"client_ip\":\"203.0.113.1\",\"email_hash\":\"00000000000000aa\",\"outcome\":\"forwarded\",\
+               \"target\":\"access\"}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("access.log");
+    std::fs::write(&log_path, log).unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["simulate", "--json", "--config"])
+        .arg(format!("{examples}/gateway.yaml"))
+        .arg("--log")
+        .arg(&log_path)
+        .stdout(full)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("could not be written"), "{said}");
+}

@@ -146,9 +146,22 @@ impl LimitsConfig {
                 ));
             }
             for (i, config) in configs.iter().enumerate() {
-                let quota = config.validate().map_err(|message| {
-                    ConfigError::new(format!("limits.{}[{i}]", group.name()), message)
-                })?;
+                let path = format!("limits.{}[{i}]", group.name());
+                let quota = config
+                    .validate()
+                    .map_err(|message| ConfigError::new(path.clone(), message))?;
+                // Two alike would be one quota charged twice, counted under one name.
+                let quotas = &groups[group.index()];
+                if let Some(same) = quotas.iter().position(|other| *other == quota) {
+                    return Err(ConfigError::new(
+                        path,
+                        format!(
+                            "is the same quota as limits.{}[{same}] (the same requests, per, \
+                             burst and shadow): keep one",
+                            group.name()
+                        ),
+                    ));
+                }
                 groups[group.index()].push(quota);
             }
         }

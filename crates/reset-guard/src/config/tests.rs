@@ -188,3 +188,49 @@ fn rate_limit_fields_on_successes_cannot_give_away_a_silenced_per_email_denial()
     with("per_email: [{ requests: 3, per: 1h, shadow: true }]", true).unwrap();
     with("per_email: [{ requests: 3, per: 1h }]", false).unwrap();
 }
+
+#[test]
+fn a_quota_written_twice_in_one_group_is_refused() {
+    // `3/1h` and `3/60m` are one quota: charged twice, and counted under one name.
+    let yaml = format!(
+        "clients: [{{ id: ios, token_sha256: {DIGEST} }}]\nlimits:\n  global:\n    - {{ requests: 3, per: 1h }}\n    - {{ requests: 10, per: 1d }}\n    - {{ requests: 3, per: 60m }}\n"
+    );
+    let error = config(&yaml).unwrap_err().located(&yaml);
+    assert_eq!(error.path, "limits.global[2]");
+    assert_eq!(error.line, Some(6));
+    assert!(
+        error.message.contains("same quota as limits.global[0]"),
+        "{error}"
+    );
+    // A shadow copy beside it is another quota (what promoting it would do).
+    let shadow = yaml.replace("per: 60m }", "per: 60m, shadow: true }");
+    config(&shadow).unwrap();
+    // As is one that differs in its burst alone.
+    let burst = yaml.replace("per: 60m }", "per: 60m, burst: 5 }");
+    config(&burst).unwrap();
+}
+
+#[test]
+fn windows_beyond_a_hundred_years_are_refused() {
+    // Kept in nanoseconds of a clock that may count from 1970 (a replayed log's), a state
+    // beyond that overflowed and admitted everything.
+    for (quota, why) in [
+        ("{ requests: 1, per: 200000d }", "per is too long"),
+        ("{ requests: 1, per: 36501d }", "per is too long"),
+        (
+            "{ requests: 10, per: 3650d, burst: 1000 }",
+            "burst × per / requests is too long",
+        ),
+    ] {
+        let yaml = format!(
+            "clients: [{{ id: ios, token_sha256: {DIGEST} }}]\nlimits:\n  per_ip: [{quota}]\n"
+        );
+        let error = config(&yaml).unwrap_err();
+        assert_eq!(error.path, "limits.per_ip[0]", "{quota}");
+        assert!(error.message.contains(why), "{quota}: {error}");
+    }
+    let yaml = format!(
+        "clients: [{{ id: ios, token_sha256: {DIGEST} }}]\nlimits:\n  per_ip: [{{ requests: 1, per: 36500d }}]\n"
+    );
+    config(&yaml).unwrap();
+}

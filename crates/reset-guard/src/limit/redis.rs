@@ -623,7 +623,7 @@ impl RedisStore {
                 // A cluster seed that answered proves the scheme right for its port.
                 let reached = self.ever_served.load(Ordering::Relaxed)
                     || self.cluster.as_ref().is_some_and(|c| c.seed_answered());
-                let cause = with_tls_hint(cause, tls, reached);
+                let cause = with_auth_hint(with_tls_hint(cause, tls, reached));
                 if last.is_new(&cause, self.clock.now()) {
                     tracing::warn!(target: "reset_guard::limit", error = %cause, "Redis does not answer the probe");
                 }
@@ -998,15 +998,14 @@ fn log_shadow(group: LimitGroup, quotas: &[Quota]) {
         (Some(quota), None) => tracing::info!(
             target: "reset_guard::limit",
             limit = group.name(),
-            requests = quota.requests,
-            per_secs = quota.per.as_secs(),
+            quota = %quota,
             "shadow quota would deny"
         ),
         _ => {
             let named: Vec<String> = quotas
                 .iter()
                 .filter(|quota| quota.shadow)
-                .map(|quota| format!("{}/{}s", quota.requests, quota.per.as_secs()))
+                .map(ToString::to_string)
                 .collect();
             tracing::info!(
                 target: "reset_guard::limit",
@@ -1068,6 +1067,8 @@ fn access_hint(cause: &str) -> &'static str {
 fn with_tls_hint(cause: String, tls: bool, served: bool) -> String {
     let hint = if cause.contains("CertificateRequired") {
         " (the server asks for a client certificate: store.redis.cert_file and key_file)"
+    } else if cause.contains("UnknownCA") {
+        " (the server trusts no CA that signed the client certificate: store.redis.cert_file must come from the CA of the server's tls-ca-cert-file)"
     } else if cause.contains("UnknownIssuer") {
         " (the server's certificate is signed by no CA the gateway trusts: store.redis.ca_file for a private CA)"
     } else if served || cause.contains("peer certificate") {
@@ -1076,6 +1077,27 @@ fn with_tls_hint(cause: String, tls: bool, served: bool) -> String {
         " (if that port does not speak TLS, a TLS handshake gets no answer: rediss:// is for a TLS port)"
     } else if !tls && (cause.contains("reset by peer") || cause.contains("broken pipe")) {
         " (if that port speaks TLS, the URL must start with rediss://)"
+    } else {
+        ""
+    };
+    cause + hint
+}
+
+/// The probe's cause, with the settings to look at where Redis refused the credentials and
+/// the step that found it did not say so already (a cluster's seeds refuse them while the
+/// slot map is read, before the probe's own `AUTH`).
+fn with_auth_hint(cause: String) -> String {
+    let refused = [
+        "WRONGPASS",
+        "invalid username-password",
+        "AuthenticationFailed",
+    ];
+    let hint = if cause.contains("password_env") {
+        ""
+    } else if refused.iter().any(|sign| cause.contains(sign)) {
+        " (the server does not take store.redis.password_env or password_file (and username))"
+    } else if cause.contains("NOAUTH") {
+        " (the server wants a password: store.redis.password_env or password_file)"
     } else {
         ""
     };
@@ -1200,7 +1222,7 @@ mod writes_refused_tests {
 
 #[cfg(test)]
 mod probe_tests {
-    use super::{in_time, keys_in_two_slots, standalone_hint, with_tls_hint};
+    use super::{in_time, keys_in_two_slots, standalone_hint, with_auth_hint, with_tls_hint};
     use std::time::Duration;
 
     /// An exchange that fails after its time (a connection's own timeout firing late) is
@@ -1241,12 +1263,38 @@ mod probe_tests {
     }
 
     #[test]
+    fn refused_credentials_name_the_settings_once() {
+        let refused = "seed redis://10.0.0.1:7000: WRONGPASS invalid username-password pair";
+        let hinted = with_auth_hint(refused.to_owned());
+        assert!(
+            hinted.ends_with("password_env or password_file (and username))"),
+            "{hinted}"
+        );
+        // Said already (the probe's own AUTH): not twice.
+        let said = format!("{refused} (not store.redis.password_env or password_file)");
+        assert_eq!(with_auth_hint(said.clone()), said);
+        let missing = with_auth_hint("NOAUTH Authentication required.".to_owned());
+        assert!(missing.contains("wants a password"), "{missing}");
+        assert_eq!(
+            with_auth_hint("Connection refused".to_owned()),
+            "Connection refused"
+        );
+    }
+
+    #[test]
     fn a_tls_hint_is_given_where_tls_may_be_the_cause() {
         let certificate = "received fatal alert: CertificateRequired".to_owned();
         for served in [false, true] {
             let hinted = with_tls_hint(certificate.clone(), true, served);
             assert!(hinted.contains("store.redis.cert_file"), "{hinted}");
         }
+        // The server refused the client certificate's CA.
+        let unknown_ca = "received fatal alert: UnknownCA".to_owned();
+        let hinted = with_tls_hint(unknown_ca, true, false);
+        assert!(
+            hinted.contains("store.redis.cert_file must come from"),
+            "{hinted}"
+        );
         let late = "no answer within 50ms".to_owned();
         assert!(with_tls_hint(late.clone(), true, false).contains("rediss:// is for a TLS port"));
         assert_eq!(

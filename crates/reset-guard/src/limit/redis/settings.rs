@@ -327,11 +327,12 @@ impl RedisSettings {
 
     /// The longest a request may wait for Redis: four times [`timeout`](Self::timeout), at
     /// least 250 ms. Only requests that wait for a connection to be made wait that long (a
-    /// thread's first, the first after Redis came back or the master changed, and in
-    /// Sentinel mode those before the sentinels first name a master, soon after they are
-    /// first asked); the others wait `timeout`. A host that bounds a request's time should
-    /// allow it more than this, or such a wait ends in the host's timeout rather than as
-    /// [`on_error`](Self::on_error) says.
+    /// thread's first, the first after Redis stopped answering or came back, or after the
+    /// master changed, and in Sentinel mode those before the sentinels first name a master,
+    /// soon after they are first asked); the others wait `timeout`. A host that bounds a
+    /// request's time should allow it more than this (under [`OnError::Allow`], this and
+    /// what the request does next), or such a wait ends in the host's timeout rather than
+    /// as [`on_error`](Self::on_error) says.
     pub fn longest_wait(&self) -> Duration {
         connect_timeout(self.timeout)
     }
@@ -556,6 +557,19 @@ impl RedisSettings {
             Err(error) if error.to_string().contains("without any password configured") => Err(
                 "AUTH: the server has no password and refuses one (leave store.redis.password_env and password_file out, or is this the server meant?)".to_owned(),
             ),
+            // The connection is made with its first command, this one: what failed in the
+            // making (the server away, a database the user may not select) is not AUTH's.
+            Err(error)
+                if error.is_io_error()
+                    || error.is_connection_refusal()
+                    || error.is_connection_dropped()
+                    || error.is_timeout() =>
+            {
+                Err(error.to_string())
+            }
+            Err(error) if error.to_string().contains("refused to switch database") => Err(format!(
+                "SELECT: {error} (the URL's database: an ACL user needs +select, or use database 0)"
+            )),
             Err(error) => Err(format!("AUTH: {error}")),
             Ok(()) => Ok(()),
         }
