@@ -129,7 +129,8 @@ impl GatewayConfig {
             .validate(&self.admin)
             .map_err(|e| e.located(yaml))?;
         if let Some(redis) = &store.limits.redis {
-            check_redis_wait_fits(redis, &server, &upstream).map_err(|e| e.located(yaml))?;
+            check_redis_wait_fits(redis, server.request_timeout, upstream.timeout)
+                .map_err(|e| e.located(yaml))?;
             global_bursts_fit(&guard, redis.global_keys, "store.redis.global_keys")
                 .map_err(|e| e.located(yaml))?;
         }
@@ -149,39 +150,32 @@ impl GatewayConfig {
 /// A request waits for Redis within its own time (`server.request_timeout`): a longer wait
 /// would never end in what `on_error` says, but in the request's timeout, blamed on
 /// QuickBlox. The longest is a wait for a new connection: four times the timeout, at least
-/// 250ms. Under `on_error: allow` the request then still asks QuickBlox, for up to
-/// `upstream.timeout`, so that must fit too.
+/// 250ms; and a request decided then (admitted, or passed by `on_error: allow`) still asks
+/// QuickBlox, for up to `upstream.timeout`, so that must fit too.
 fn check_redis_wait_fits(
     redis: &reset_guard::RedisSettings,
-    server: &server::ServerSettings,
-    upstream: &upstream::UpstreamSettings,
+    request_timeout: std::time::Duration,
+    upstream_timeout: std::time::Duration,
 ) -> Result<(), ConfigError> {
     let floor = std::time::Duration::from_millis(250);
     let longest = redis.longest_wait();
     let written = crate::explain::written_duration;
-    let allow = redis.on_error == reset_guard::OnError::Allow;
-    let (after, then) = match allow {
-        true => (
-            upstream.timeout,
-            format!(
-                ", and under on_error: allow then asks QuickBlox for up to upstream.timeout ({})",
-                written(upstream.timeout)
-            ),
-        ),
-        false => (std::time::Duration::ZERO, String::new()),
-    };
-    if server.request_timeout <= floor + after {
+    let then = format!(
+        ", and a request then asks QuickBlox for up to upstream.timeout ({})",
+        written(upstream_timeout)
+    );
+    if request_timeout <= floor + upstream_timeout {
         return Err(ConfigError::new(
             "server.request_timeout",
             format!(
                 "must be longer than {} with the Redis store: a request waiting for a new \
                  connection to Redis gets {} at least{then}",
-                written(floor + after),
+                written(floor + upstream_timeout),
                 written(floor)
             ),
         ));
     }
-    if longest + after >= server.request_timeout {
+    if longest + upstream_timeout >= request_timeout {
         return Err(ConfigError::new(
             "store.redis.timeout",
             format!(
@@ -189,13 +183,38 @@ fn check_redis_wait_fits(
                  waits for Redis, four times over: a request waiting for a new connection to \
                  Redis gets {} (four times it, at least 250ms){then}. Keep it below {}, or \
                  lengthen server.request_timeout",
-                written(server.request_timeout),
+                written(request_timeout),
                 written(longest),
-                written((server.request_timeout - after) / 4)
+                written((request_timeout - upstream_timeout) / 4)
             ),
         ));
     }
     Ok(())
+}
+
+/// [`check_redis_wait_fits`] for a reload, which applies `upstream.timeout` but keeps the
+/// running gateway's `server.request_timeout` and Redis settings (they change only on
+/// restart): the error names the one it applies.
+pub(crate) fn reloaded_upstream_fits(
+    redis: &reset_guard::RedisSettings,
+    request_timeout: std::time::Duration,
+    upstream_timeout: std::time::Duration,
+) -> Result<(), ConfigError> {
+    if redis.longest_wait() + upstream_timeout < request_timeout {
+        return Ok(());
+    }
+    let written = crate::explain::written_duration;
+    Err(ConfigError::new(
+        "upstream.timeout",
+        format!(
+            "must be below {} with the running gateway's server.request_timeout ({}) and \
+             store.redis.timeout (a request waiting for a new connection to Redis gets {}), \
+             which change only on restart: a request asks QuickBlox after its wait for Redis",
+            written(request_timeout.saturating_sub(redis.longest_wait())),
+            written(request_timeout),
+            written(redis.longest_wait())
+        ),
+    ))
 }
 
 /// Each global quota's burst at least `keys`, the keys the global group is spread over

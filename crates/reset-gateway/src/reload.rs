@@ -47,6 +47,9 @@ pub struct Reloader {
     /// The running store's `global_keys` (read at start): a reload's global bursts must fit
     /// it, whatever the file says now.
     global_keys: u16,
+    /// The running store's Redis settings and `server.request_timeout` (read at start): a
+    /// reload's `upstream.timeout` must fit beside them (`reloaded_upstream_fits`).
+    redis_wait: Option<(reset_guard::RedisSettings, std::time::Duration)>,
     /// The running configuration's [`Settings::reread_files`].
     reread_files: Mutex<Vec<PathBuf>>,
     /// The file last applied: its text's digest, and its sections (every key path and list
@@ -278,6 +281,12 @@ impl Reloader {
                 .redis
                 .as_ref()
                 .map_or(1, |redis| redis.global_keys),
+            redis_wait: settings
+                .store
+                .limits
+                .redis
+                .clone()
+                .map(|redis| (redis, settings.server.request_timeout)),
             reread_files: Mutex::new(settings.reread_files.clone()),
             running: Mutex::new(running),
             api_key_digest: Mutex::new(digest(settings.api_key.expose())),
@@ -348,6 +357,14 @@ impl Reloader {
             "store.redis.global_keys of the running gateway, which changes only on restart",
         )
         .map_err(|e| e.located(yaml))?;
+        if let Some((redis, request_timeout)) = &self.redis_wait {
+            crate::config::reloaded_upstream_fits(
+                redis,
+                *request_timeout,
+                settings.upstream.timeout,
+            )
+            .map_err(|e| e.located(yaml))?;
+        }
         let changed = self.fixed.changed_in(&Fixed::of(&settings));
         // Everything that can fail is prepared first; nothing is applied until all of it worked.
         let upstreams = self

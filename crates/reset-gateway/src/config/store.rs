@@ -412,7 +412,7 @@ impl RedisConfig {
     }
 
     /// `global_keys`: 1 to the most, and above 1 only in cluster mode.
-    fn check_global_keys(&self) -> Result<(), ConfigError> {
+    pub(crate) fn check_global_keys(&self) -> Result<(), ConfigError> {
         if self.global_keys == 0 || self.global_keys > MAX_GLOBAL_KEYS {
             return Err(ConfigError::new(
                 "store.redis.global_keys",

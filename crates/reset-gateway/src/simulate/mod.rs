@@ -72,10 +72,12 @@ pub fn limits_of(path: &Path) -> Result<(GuardSettings, usize), SimulateError> {
 pub fn explained(path: &Path) -> Result<String, SimulateError> {
     let (guard, _) = limits_of(path)?;
     let (config, _) = config_of(path)?;
-    let global_keys = match config.store.kind {
-        crate::config::StoreKind::Redis => config.store.redis.global_keys,
-        crate::config::StoreKind::Memory => 1,
-    };
+    // The spread only where the file's own checks would take it (else the error says why).
+    let redis = &config.store.redis;
+    let spread = config.store.kind == crate::config::StoreKind::Redis
+        && redis.check_global_keys().is_ok()
+        && crate::config::global_bursts_fit(&guard, redis.global_keys, "").is_ok();
+    let global_keys = if spread { redis.global_keys } else { 1 };
     Ok(crate::explain::explain(&guard, global_keys))
 }
 

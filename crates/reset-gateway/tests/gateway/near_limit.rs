@@ -114,4 +114,16 @@ fn check_config_reads_the_limits_without_the_secrets() {
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("guard.limits.per_email[0]"), "{stderr}");
     assert!(out.stdout.is_empty());
+    // A spread of the global group the file is refused for is not described.
+    let spread = yaml(
+        "http://127.0.0.1:9",
+        "  limits:\n    global: [{ requests: 4, per: 1s }]\n",
+        "store:\n  kind: redis\n  redis:\n    url: redis://127.0.0.1:6379\n    global_keys: 2000\n",
+    );
+    let out = check(&spread);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("global: 4 per second"), "{text}");
+    assert!(!text.contains("spread over"), "{text}");
 }

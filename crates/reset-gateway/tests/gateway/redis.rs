@@ -1003,20 +1003,25 @@ fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
             "store.redis.timeout (line",
             "shorter than server.request_timeout (30s)",
         ),
-        // Nor may the wait for a new connection, four times the timeout.
+        // Nor may the wait for a new connection, four times the timeout, with the time a
+        // request decided then still takes to ask QuickBlox, upstream.timeout (400ms
+        // here): a wait of 29.6s left it none, and it ended in a 504 blamed on QuickBlox,
+        // under on_error: allow (the default) as under deny.
         (
             "    timeout: 8s\n    on_error: deny\n".to_owned(),
             "store.redis.timeout (line",
-            "gets 32s (four times it, at least 250ms). Keep it below 7500ms",
+            "gets 32s (four times it, at least 250ms), and a request then asks QuickBlox for \
+             up to upstream.timeout (400ms). Keep it below 7400ms",
         ),
-        // Under on_error: allow (the default) the request then asks QuickBlox, for up to
-        // upstream.timeout (400ms here): a wait of 29.6s left it none, and it ended in a
-        // 504 rather than the answer allow promises.
         (
             "    timeout: 7400ms\n".to_owned(),
             "store.redis.timeout (line",
-            "(four times it, at least 250ms), and under on_error: allow then asks \
-             QuickBlox for up to upstream.timeout (400ms). Keep it below 7400ms",
+            "Keep it below 7400ms",
+        ),
+        (
+            "    timeout: 7400ms\n    on_error: deny\n".to_owned(),
+            "store.redis.timeout (line",
+            "Keep it below 7400ms",
         ),
     ];
     for (redis, path, why) in refused {
@@ -1032,9 +1037,9 @@ fn redis_settings_that_cannot_work_are_refused_without_echoing_a_secret() {
         "    username: limiter\n    password_file: {password}\n"
     ))
     .unwrap();
-    // Four times 7.4s is less than the default request_timeout, 30s; four times 7.3s and
-    // upstream.timeout, 400ms, as well.
-    check_redis_section("    timeout: 7400ms\n    on_error: deny\n").unwrap();
+    // Four times 7.3s and upstream.timeout, 400ms, are less than the default
+    // request_timeout, 30s.
+    check_redis_section("    timeout: 7300ms\n    on_error: deny\n").unwrap();
     check_redis_section("    timeout: 7300ms\n").unwrap();
 }
 
@@ -1061,28 +1066,71 @@ fn a_request_timeout_too_short_for_a_new_redis_connection_is_refused() {
             .unwrap_err()
             .to_string()
     };
-    // Under on_error: allow (the default), QuickBlox is asked after the wait, for up to
-    // upstream.timeout (400ms here).
-    let allow = shown(&yaml);
-    assert!(allow.starts_with("server.request_timeout (line"), "{allow}");
-    assert!(
-        allow.contains("must be longer than 650ms with the Redis store")
-            && allow.contains("upstream.timeout (400ms)"),
-        "{allow}"
+    // QuickBlox is asked after the wait, for up to upstream.timeout (400ms here), under
+    // on_error: allow (the default) as under deny.
+    let deny = yaml.replace(
+        "  kind: redis\n",
+        "  kind: redis\n  redis:\n    on_error: deny\n",
     );
-    let deny = yaml
-        .replace("request_timeout: 600ms", "request_timeout: 250ms")
-        .replace(
-            "  kind: redis\n",
-            "  kind: redis\n  redis:\n    on_error: deny\n",
+    for shown in [shown(&yaml), shown(&deny)] {
+        assert!(shown.starts_with("server.request_timeout (line"), "{shown}");
+        assert!(
+            shown.contains("must be longer than 650ms with the Redis store")
+                && shown.contains("upstream.timeout (400ms)"),
+            "{shown}"
         );
-    let deny = shown(&deny);
-    assert!(deny.starts_with("server.request_timeout (line"), "{deny}");
+    }
+}
+
+/// A reload applies `upstream.timeout` but not `server.request_timeout` or the Redis
+/// settings: it is held to the running ones. A reload that lengthened the upstream's time
+/// (and the request's, which waits for a restart) left requests waiting for a new Redis
+/// connection no time to ask QuickBlox: 504s blamed on it.
+#[tokio::test]
+async fn a_reload_holds_upstream_timeout_to_the_running_request_timeout() {
+    let mock = MockServer::start(mock_config()).await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = |request_timeout: &str, upstream_timeout: &str| {
+        let yaml = redis_yaml_at(&mock, &format!("redis://127.0.0.1:{port}"), "", "allow")
+            .replace("    timeout: 300ms\n", "    timeout: 2s\n")
+            .replace(
+                "  timeout: 400ms\n",
+                &format!("  timeout: {upstream_timeout}\n"),
+            );
+        with_server_keys(&yaml, &format!("  request_timeout: {request_timeout}\n"))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    // A new connection's wait, 8s, and 400ms for QuickBlox fit in 10s.
+    std::fs::write(&path, file("10s", "400ms")).unwrap();
+    let gw = crate::process::spawn_gateway(&path);
+    std::fs::write(&path, file("30s", "2s")).unwrap();
+    gw.signal("HUP");
     assert!(
-        deny.contains("must be longer than 250ms with the Redis store")
-            && !deny.contains("upstream.timeout"),
-        "{deny}"
+        gw.logged("configuration reload rejected").await,
+        "{:?}",
+        gw.logs()
     );
+    let rejected = gw
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("configuration reload rejected"))
+        .unwrap();
+    assert!(
+        rejected.contains("upstream.timeout (line")
+            && rejected.contains(
+                "must be below 2s with the running gateway's server.request_timeout (10s)"
+            ),
+        "{rejected}"
+    );
+    // Within the running request timeout it is taken.
+    std::fs::write(&path, file("30s", "1500ms")).unwrap();
+    gw.signal("HUP");
+    assert!(gw.logged("configuration reloaded").await, "{:?}", gw.logs());
 }
 
 /// The line in which a gateway process says the Redis probe failed, once it is logged

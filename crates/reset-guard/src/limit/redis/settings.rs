@@ -418,9 +418,12 @@ impl RedisSettings {
                 .iter()
                 .try_for_each(|node| Self::check_url(node));
         }
-        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
         if !["redis", "rediss", "redis+unix", "unix"].contains(&scheme) {
-            return Err(SCHEME_REFUSED);
+            return Err(
+                "must start with redis:// or rediss:// (for TLS), in lower case, or unix:// \
+                 for a socket",
+            );
         }
         let info = url.into_connection_info().map_err(|_| {
             "is not a valid Redis URL: redis://host:port[/db], or rediss:// for TLS"
@@ -911,7 +914,15 @@ mod tests {
                 "{node}: {alone}"
             );
         }
-        assert!(RedisSettings::new("rediss://10.0.0.1:6380").check().is_ok());
+        for url in [
+            "rediss://10.0.0.1:6380",
+            "rediss://[::1]:6380",
+            "unix:///run/redis.sock",
+            "unix:/run/redis.sock",
+            "redis+unix:///run/redis.sock",
+        ] {
+            assert!(RedisSettings::new(url).check().is_ok(), "{url}");
+        }
     }
 
     #[test]
