@@ -256,25 +256,31 @@ pub(crate) fn conclude<B>(
 /// Content-Length > 0, any Transfer-Encoding, a body known to hold bytes, or (HTTP/2 and
 /// later) a body stream that is not empty. Over HTTP/1 the headers say whether there is a
 /// body (RFC 9112 §6.3): a body type that cannot tell its size (a layer's wrapper, such as
-/// tower-http's `RequestBodyTimeout`, or a stream) is no body unless they say so. (A layer
-/// that removes the framing headers, as tower-http's `RequestDecompression` does, belongs
-/// inside the guard.)
+/// tower-http's `RequestBodyTimeout`, or a stream) is no body unless they say so. A
+/// `Content-Length: 0` says there is none over HTTP/2 too (the HTTP/2 server holds the
+/// stream to it). Otherwise HTTP/2 tells an empty body by its stream's end, which such a
+/// wrapper hides: it belongs inside the guard. (So does a layer that removes the framing
+/// headers, as tower-http's `RequestDecompression` does.)
 fn has_body<B: Body>(request: &Request<B>) -> bool {
     let headers = request.headers();
     if headers.contains_key(TRANSFER_ENCODING) {
         return true;
     }
+    let mut declared_empty = false;
     for value in headers.get_all(CONTENT_LENGTH) {
         match value
             .to_str()
             .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
         {
-            Some(0) => {}
+            Some(0) => declared_empty = true,
             _ => return true,
         }
     }
     let body = request.body();
+    if declared_empty {
+        return body.size_hint().lower() > 0;
+    }
     if request.version() < http::Version::HTTP_2 {
         return body.size_hint().lower() > 0;
     }

@@ -79,7 +79,10 @@
 //!   `%XX` escapes): the guard owns it, comparing it with the path the layer sees (under
 //!   axum's `Router::nest`, without the prefix). It answers 405 to anything but GET there,
 //!   a CORS preflight included (the guard has no CORS: put a CORS layer outside it), 400 to
-//!   a body, and 401, 422 and 429 itself. The handler only sees checked
+//!   a body, and 401, 422 and 429 itself. Over HTTP/2 an empty body is told by
+//!   `Content-Length: 0` or by its stream's end, which a body wrapper outside the guard can
+//!   hide (tower-http's `RequestBodyTimeoutLayer`): such wrappers go inside it, or every
+//!   HTTP/2 reset without that header is a 400. The handler only sees checked
 //!   requests, whose `QB-Token` is replaced by `Authorization: ApiKey <server key>`.
 //! - `responses.uniform`: the default, `true`, turns the handler's 200, 401 and 404 into
 //!   one bare 200 with an empty body and none of its headers, and answers an address over

@@ -160,6 +160,47 @@ async fn over_http1_only_the_headers_say_a_get_has_a_body() {
     assert_eq!(http2.map(status).unwrap(), StatusCode::BAD_REQUEST);
 }
 
+/// Over HTTP/2 a `Content-Length: 0` says there is no body (the HTTP/2 server holds the
+/// stream to it), whatever a wrapper outside the guard hides of the body's end: with
+/// tower-http's `RequestBodyTimeout` around it, every HTTP/2 reset was a 400.
+#[tokio::test]
+async fn over_http2_a_declared_empty_body_is_none_behind_a_wrapper() {
+    async fn answer<B>(_: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+        Ok(Response::new(Full::new(Bytes::new())))
+    }
+    let wrapped = ServiceBuilder::new()
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            Duration::from_secs(5),
+        ))
+        .layer(ResetGuardLayer::new(
+            settings(""),
+            ApiKey::new("server-key").unwrap(),
+        ))
+        .service(service_fn(answer));
+    // A stream that has not ended, as an HTTP/2 request's body before its end is read.
+    let unended = || {
+        http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<http_body::Frame<Bytes>, Infallible>,
+        >())
+    };
+    let request = |content_length: Option<&str>| {
+        let mut request = reset("email=a@b.io")
+            .version(http::Version::HTTP_2)
+            .header("qb-token", "foo")
+            .extension(peer());
+        if let Some(length) = content_length {
+            request = request.header("content-length", length);
+        }
+        request.body(unended()).unwrap()
+    };
+    let status = |request| async { wrapped.clone().oneshot(request).await.unwrap().status() };
+    assert_eq!(status(request(Some("0"))).await, StatusCode::OK);
+    assert_eq!(status(request(Some("2"))).await, StatusCode::BAD_REQUEST);
+    // Without the header, the stream's end is what tells: hidden by the wrapper, the
+    // request is taken to have a body (the README says such wrappers go inside the guard).
+    assert_eq!(status(request(None)).await, StatusCode::BAD_REQUEST);
+}
+
 #[tokio::test]
 async fn every_rejection_row_of_the_table() {
     let cases: Vec<(Request<Full<Bytes>>, StatusCode, &str)> = vec![

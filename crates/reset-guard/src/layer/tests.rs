@@ -146,6 +146,41 @@ async fn redis_without_a_key_secret_is_refused() {
     assert!(error.to_string().contains("key_secret()"), "{error}");
 }
 
+/// With Redis, a decision's connections run as tasks of the runtime the service is called
+/// in: a service called outside one answers as `on_error` says (503 under deny) rather
+/// than panicking ("there is no reactor running").
+#[cfg(feature = "redis")]
+#[test]
+fn a_redis_guard_called_outside_a_runtime_answers_as_on_error_says() {
+    use tower::{Layer, Service};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = runtime.block_on(async {
+        let redis = RedisSettings::new("redis://127.0.0.1:9").with_on_error(OnError::Deny);
+        let (layer, _housekeeping) =
+            ResetGuardLayer::builder(settings(""), ApiKey::new("server-key").unwrap())
+                .store(StoreSettings::default().with_redis(redis))
+                .key_secret(b"a key secret of 16+ bytes")
+                .build()
+                .unwrap();
+        layer
+    });
+    let upstream = service_fn(|_: Request<Empty<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+    });
+    let mut service = layer.layer(upstream);
+    let request = reset("email=a%40example.com")
+        .header("qb-token", "foo")
+        .body(Empty::new())
+        .unwrap();
+    // Called on this thread, which is in no runtime; awaited in one.
+    let answer = service.call(request);
+    let response = runtime.block_on(answer).unwrap();
+    assert_eq!(response.status(), 503);
+}
+
 #[cfg(feature = "redis")]
 #[test]
 fn redis_settings_that_cannot_work_are_errors_not_panics() {

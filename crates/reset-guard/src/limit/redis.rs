@@ -683,6 +683,13 @@ impl RedisStore {
             };
             return Box::pin(std::future::ready(decision));
         }
+        // A decision's connections and batches run as tasks of the runtime the service is
+        // called in: called outside one, a request fails as `on_error` says, not in a panic.
+        if tokio::runtime::Handle::try_current().is_err() {
+            let why = "the service was called outside a Tokio runtime, where the Redis store's \
+                       connections run";
+            return Box::pin(std::future::ready(self.fail(why, cached)));
+        }
         if self.cluster.is_some() {
             return self.decide_in_cluster(specs, Charges::new(charges), cached);
         }

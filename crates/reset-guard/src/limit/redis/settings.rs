@@ -217,6 +217,16 @@ impl RedisSettings {
                 )));
             }
         }
+        // (The sentinel and cluster forms are `rediss+sentinel://`, `rediss+cluster://`.)
+        if (self.ca_pem.is_some() || self.client_certificate.is_some())
+            && !self.url.starts_with("rediss")
+        {
+            return Err(InvalidRedisSettings(
+                "ca_pem and the client certificate are for TLS: the URL (in sentinel and \
+                 cluster mode, every node) must start with rediss://"
+                    .to_owned(),
+            ));
+        }
         if let Some(pem) = &self.ca_pem {
             use rustls::pki_types::{pem::PemObject, CertificateDer};
             let certificates = CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>();
@@ -879,6 +889,13 @@ mod tests {
             .is_ok());
         let path = refused(server().with_ca_pem("/etc/ssl/redis-ca.pem"));
         assert!(path.contains("no PEM certificate"), "{path}");
+        // A CA for a URL without TLS: build() refused it in the client's words.
+        let plain = RedisSettings::new("redis://10.0.0.1:6379").with_ca_pem("/etc/ssl/ca.pem");
+        assert!(refused(plain).contains("are for TLS"));
+        let plain = RedisSettings::cluster(&["redis://10.0.0.1:6379"])
+            .unwrap()
+            .with_ca_pem("/etc/ssl/ca.pem");
+        assert!(refused(plain).contains("must start with rediss://"));
         let nodes = ["redis://10.0.0.1:26379".to_owned()];
         let sentinel = RedisSettings::sentinel(&nodes, "mymaster").unwrap();
         let empty = refused(sentinel.with_sentinel_auth(None, ""));
