@@ -146,19 +146,23 @@ async fn redis_without_a_key_secret_is_refused() {
     assert!(error.to_string().contains("key_secret()"), "{error}");
 }
 
-/// With Redis, a decision's connections run as tasks of the runtime the service is called
-/// in: a service called outside one answers as `on_error` says (503 under deny) rather
-/// than panicking ("there is no reactor running").
+/// With Redis, a decision's connections run as tasks of the runtime that polls it, not of
+/// the one (or none) the service is called in: called outside a runtime, it panicked ("no
+/// reactor running"); called in a runtime nobody drives, its thread's queue to Redis was
+/// that runtime's task, and every later request of the thread failed. Polled outside a
+/// runtime (another executor), a request answers as `on_error` says.
 #[cfg(feature = "redis")]
 #[test]
-fn a_redis_guard_called_outside_a_runtime_answers_as_on_error_says() {
+fn a_redis_decision_runs_on_the_runtime_that_polls_it() {
+    use std::future::Future;
     use tower::{Layer, Service};
+    let server = test_support::RedisServer::start();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let layer = runtime.block_on(async {
-        let redis = RedisSettings::new("redis://127.0.0.1:9").with_on_error(OnError::Deny);
+        let redis = RedisSettings::new(server.url()).with_on_error(OnError::Deny);
         let (layer, _housekeeping) =
             ResetGuardLayer::builder(settings(""), ApiKey::new("server-key").unwrap())
                 .store(StoreSettings::default().with_redis(redis))
@@ -171,14 +175,34 @@ fn a_redis_guard_called_outside_a_runtime_answers_as_on_error_says() {
         Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
     });
     let mut service = layer.layer(upstream);
-    let request = reset("email=a%40example.com")
-        .header("qb-token", "foo")
-        .body(Empty::new())
+    let request = |n: u32| {
+        reset(&format!("email=user{n}%40example.com"))
+            .header("qb-token", "foo")
+            .body(Empty::new())
+            .unwrap()
+    };
+    // Called on this thread, in no runtime; awaited in one.
+    let answer = service.call(request(1));
+    assert_eq!(runtime.block_on(answer).unwrap().status(), 200);
+    // Called in a runtime nobody drives; awaited in the one that runs, as the next.
+    let undriven = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
         .unwrap();
-    // Called on this thread, which is in no runtime; awaited in one.
-    let answer = service.call(request);
-    let response = runtime.block_on(answer).unwrap();
-    assert_eq!(response.status(), 503);
+    let answer = {
+        let _inside = undriven.enter();
+        service.call(request(2))
+    };
+    assert_eq!(runtime.block_on(answer).unwrap().status(), 200);
+    let answer = service.call(request(3));
+    assert_eq!(runtime.block_on(answer).unwrap().status(), 200);
+    // Polled outside any runtime: on_error (deny) answers, at once.
+    let mut answer = std::pin::pin!(service.call(request(4)));
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match answer.as_mut().poll(&mut context) {
+        std::task::Poll::Ready(response) => assert_eq!(response.unwrap().status(), 503),
+        std::task::Poll::Pending => panic!("a decision outside a runtime waits for nothing"),
+    }
 }
 
 #[cfg(feature = "redis")]

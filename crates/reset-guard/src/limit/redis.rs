@@ -657,8 +657,19 @@ impl RedisStore {
     }
 
     /// Decides a plan's charges: from the local denial cache when it can, else with one
-    /// script call.
+    /// script call. Nothing is done until the future is first polled: a thread's queue to
+    /// Redis is a task of the runtime that polls it, not of whatever runtime (or none) the
+    /// service happened to be called in.
     pub(crate) fn decide(
+        self: &Arc<Self>,
+        specs: &Arc<RedisSpecs>,
+        charges: &[(LimitGroup, u64)],
+    ) -> Pin<Box<dyn Future<Output = Decision> + Send>> {
+        let (store, specs, charges) = (self.clone(), specs.clone(), Charges::new(charges));
+        Box::pin(async move { store.decide_now(&specs, charges.as_slice()).await })
+    }
+
+    fn decide_now(
         self: &Arc<Self>,
         specs: &Arc<RedisSpecs>,
         charges: &[(LimitGroup, u64)],
@@ -683,11 +694,12 @@ impl RedisStore {
             };
             return Box::pin(std::future::ready(decision));
         }
-        // A decision's connections and batches run as tasks of the runtime the service is
-        // called in: called outside one, a request fails as `on_error` says, not in a panic.
+        // A decision's connections and batches run as tasks of the runtime that polls it:
+        // polled outside one (another executor), a request fails as `on_error` says rather
+        // than in a panic.
         if tokio::runtime::Handle::try_current().is_err() {
-            let why = "the service was called outside a Tokio runtime, where the Redis store's \
-                       connections run";
+            let why = "the decision was awaited outside a Tokio runtime, where the Redis \
+                       store's connections run";
             return Box::pin(std::future::ready(self.fail(why, cached)));
         }
         if self.cluster.is_some() {
