@@ -637,6 +637,16 @@ impl Process {
     }
 
     /// Whether a line holding `text` is logged within about five seconds.
+    /// The line saying a reload was rejected, once it is logged.
+    pub async fn reload_rejection(&self) -> String {
+        const REJECTED: &str = "configuration reload rejected";
+        assert!(self.logged(REJECTED).await, "{:?}", self.logs());
+        self.logs()
+            .into_iter()
+            .find(|l| l.contains(REJECTED))
+            .unwrap()
+    }
+
     pub async fn logged(&self, text: &str) -> bool {
         poll_until(
             250,

@@ -713,9 +713,7 @@ async fn a_client_certificate_for_a_redis_that_asks_for_one() {
         "deny",
     );
     let config = dir.path().join("without.yaml");
-    std::fs::write(&config, without).unwrap();
-    let gateway = crate::process::spawn_gateway(&config);
-    let line = probe_failure_line(&gateway).await;
+    let (_gateway, line) = started_with_failing_probe(&config, &without).await;
     assert!(line.contains("cert_file"), "{line}");
 
     let key_alone = redis_yaml_at(
@@ -786,9 +784,8 @@ async fn a_scheme_that_does_not_match_the_port_is_hinted_at() {
         (tls_port, String::new(), "must start with rediss://"),
     ] {
         let config = dir.path().join("gateway.yaml");
-        std::fs::write(&config, redis_yaml_at(&mock, &url, &extra, "deny")).unwrap();
-        let gateway = crate::process::spawn_gateway(&config);
-        let line = probe_failure_line(&gateway).await;
+        let (_gateway, line) =
+            started_with_failing_probe(&config, &redis_yaml_at(&mock, &url, &extra, "deny")).await;
         assert!(line.contains(hint), "{url}: {line}");
     }
     // A TLS Redis that served, then stalls: no hint about TLS.
@@ -1110,16 +1107,7 @@ async fn a_reload_holds_upstream_timeout_to_the_running_request_timeout() {
     let gw = crate::process::spawn_gateway(&path);
     std::fs::write(&path, file("30s", "2s")).unwrap();
     gw.signal("HUP");
-    assert!(
-        gw.logged("configuration reload rejected").await,
-        "{:?}",
-        gw.logs()
-    );
-    let rejected = gw
-        .logs()
-        .into_iter()
-        .find(|l| l.contains("configuration reload rejected"))
-        .unwrap();
+    let rejected = gw.reload_rejection().await;
     assert!(
         rejected.contains("upstream.timeout (line")
             && rejected.contains(
@@ -1131,6 +1119,18 @@ async fn a_reload_holds_upstream_timeout_to_the_running_request_timeout() {
     std::fs::write(&path, file("30s", "1500ms")).unwrap();
     gw.signal("HUP");
     assert!(gw.logged("configuration reloaded").await, "{:?}", gw.logs());
+}
+
+/// A gateway started on `yaml` (written to `config`), and the line in which it says the
+/// Redis probe failed.
+pub(crate) async fn started_with_failing_probe(
+    config: &std::path::Path,
+    yaml: &str,
+) -> (crate::process::Process, String) {
+    std::fs::write(config, yaml).unwrap();
+    let gateway = crate::process::spawn_gateway(config);
+    let line = probe_failure_line(&gateway).await;
+    (gateway, line)
 }
 
 /// The line in which a gateway process says the Redis probe failed, once it is logged
@@ -1156,9 +1156,8 @@ async fn a_proxy_refusing_scripts_over_several_slots_is_named_in_the_probes_line
     let mock = MockServer::start(mock_config()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("gateway.yaml");
-    std::fs::write(&config, redis_yaml_at(&mock, &proxy.url(), "", "deny")).unwrap();
-    let gateway = crate::process::spawn_gateway(&config);
-    let line = probe_failure_line(&gateway).await;
+    let (_gateway, line) =
+        started_with_failing_probe(&config, &redis_yaml_at(&mock, &proxy.url(), "", "deny")).await;
     assert!(
         line.contains(&format!("server {}: ", proxy.url())),
         "{line}"
@@ -1188,9 +1187,7 @@ async fn a_redis_away_is_not_blamed_on_auth_when_a_password_is_set() {
         "deny",
     );
     let config = dir.path().join("gateway.yaml");
-    std::fs::write(&config, yaml).unwrap();
-    let gateway = crate::process::spawn_gateway(&config);
-    let line = probe_failure_line(&gateway).await;
+    let (_gateway, line) = started_with_failing_probe(&config, &yaml).await;
     assert!(line.to_lowercase().contains("refused"), "{line}");
     assert!(!line.contains("AUTH"), "{line}");
     assert!(!line.contains("s3cret"), "{line}");
@@ -1213,9 +1210,7 @@ async fn a_wrong_redis_password_is_logged_as_the_cause_without_the_password() {
         "deny",
     );
     let config = dir.path().join("gateway.yaml");
-    std::fs::write(&config, yaml).unwrap();
-    let gateway = crate::process::spawn_gateway(&config);
-    let line = probe_failure_line(&gateway).await;
+    let (gateway, line) = started_with_failing_probe(&config, &yaml).await;
     assert!(
         line.to_lowercase().contains("authentication"),
         "the cause is named: {line}"

@@ -346,18 +346,25 @@ fn compare_lists_the_requests_whose_fate_changes() {
     );
 }
 
+/// A log of one forwarded reset by `example-app` (the shipped examples' client), written in
+/// `dir`: its path.
+fn one_forwarded_reset_logged(dir: &std::path::Path) -> std::path::PathBuf {
+    let log = "{\"received_at\":\"2025-03-01T10:00:00Z\",\"guarded\":true,\"client_id\":\"example-app\",\
+               \"client_ip\":\"203.0.113.1\",\"email_hash\":\"00000000000000aa\",\"outcome\":\"forwarded\",\
+               \"target\":\"access\"}\n";
+    let path = dir.join("access.log");
+    std::fs::write(&path, log).unwrap();
+    path
+}
+
 /// The shipped files carry a placeholder client the gateway refuses to run with; a replay
 /// sends nothing, so it takes them as they are (the README points at them as shapes to
 /// try).
 #[test]
 fn the_shipped_examples_replay_as_they_are() {
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config");
-    let log = "{\"received_at\":\"2025-03-01T10:00:00Z\",\"guarded\":true,\"client_id\":\"example-app\",\
-               \"client_ip\":\"203.0.113.1\",\"email_hash\":\"00000000000000aa\",\"outcome\":\"forwarded\",\
-               \"target\":\"access\"}\n";
     let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("access.log");
-    std::fs::write(&log_path, log).unwrap();
+    let log_path = one_forwarded_reset_logged(dir.path());
     for file in ["gateway.yaml", "examples/shadow-rollout.yaml"] {
         let out = Command::new(BIN)
             .args(["simulate", "--config"])
@@ -388,12 +395,8 @@ fn the_shipped_examples_replay_as_they_are() {
 #[test]
 fn a_report_that_cannot_be_written_fails_the_command() {
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config");
-    let log = "{\"received_at\":\"2025-03-01T10:00:00Z\",\"guarded\":true,\"client_id\":\"example-app\",\
-               \"client_ip\":\"203.0.113.1\",\"email_hash\":\"00000000000000aa\",\"outcome\":\"forwarded\",\
-               \"target\":\"access\"}\n";
     let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("access.log");
-    std::fs::write(&log_path, log).unwrap();
+    let log_path = one_forwarded_reset_logged(dir.path());
     let full = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/full")
