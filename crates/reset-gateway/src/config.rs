@@ -103,24 +103,26 @@ impl GatewayConfig {
     /// Checks everything and resolves the API key. `yaml` is the text the config came
     /// from, used to find the line of errors found after parsing.
     pub fn validate(&self, yaml: &str) -> Result<Settings, ConfigError> {
-        // The limits before the secrets: a proposal checked where the production secrets
-        // are not shows its own errors first.
-        self.guard
-            .validate()
-            .map_err(|e| e.within("guard").located(yaml))?;
-        let api_key = self
-            .upstream
-            .resolve_api_key()
-            .map_err(|e| e.located(yaml))?;
-        self.validate_with_key(yaml, api_key)
+        self.validate_resolving(yaml, || self.upstream.resolve_api_key())
     }
 
     /// Checks everything, with the API key supplied by the caller (the demo, tests).
     pub fn validate_with_key(&self, yaml: &str, api_key: ApiKey) -> Result<Settings, ConfigError> {
+        self.validate_resolving(yaml, || Ok(api_key))
+    }
+
+    /// Checks everything, the limits before the API key: a proposal checked where the
+    /// production secrets are not shows its own errors first.
+    fn validate_resolving(
+        &self,
+        yaml: &str,
+        api_key: impl FnOnce() -> Result<ApiKey, ConfigError>,
+    ) -> Result<Settings, ConfigError> {
         let guard = self
             .guard
             .validate()
             .map_err(|e| e.within("guard").located(yaml))?;
+        let api_key = api_key().map_err(|e| e.located(yaml))?;
         let upstream = self.upstream.validate().map_err(|e| e.located(yaml))?;
         let store = self.store.validate().map_err(|e| e.located(yaml))?;
         self.log.validate().map_err(|e| e.located(yaml))?;

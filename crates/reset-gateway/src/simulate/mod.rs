@@ -45,11 +45,20 @@ pub enum SimulateError {
 /// are checked: a replay needs no API key, secret or listener.
 pub fn limits_of(path: &Path) -> Result<(GuardSettings, usize), SimulateError> {
     let (config, yaml) = config_of(path)?;
+    limits_in(path, &config, &yaml)
+}
+
+/// [`limits_of`] the configuration read from `path` as `yaml`.
+fn limits_in(
+    path: &Path,
+    config: &GatewayConfig,
+    yaml: &str,
+) -> Result<(GuardSettings, usize), SimulateError> {
     let config_error = |error| SimulateError::Config {
         path: path.to_owned(),
         error,
     };
-    let mut guard = config.guard;
+    let mut guard = config.guard.clone();
     // A replay sends nothing and checks no token: the shipped files' placeholder client
     // (which the gateway refuses to run with) is taken as a client like another.
     for (i, client) in guard.clients.iter_mut().enumerate() {
@@ -59,9 +68,9 @@ pub fn limits_of(path: &Path) -> Result<(GuardSettings, usize), SimulateError> {
     }
     let guard = guard
         .validate()
-        .map_err(|e| config_error(e.within("guard").located(&yaml)))?;
+        .map_err(|e| config_error(e.within("guard").located(yaml)))?;
     if config.store.max_keys == 0 {
-        let error = ConfigError::new("store.max_keys", "must be at least 1").located(&yaml);
+        let error = ConfigError::new("store.max_keys", "must be at least 1").located(yaml);
         return Err(config_error(error));
     }
     Ok((guard, config.store.max_keys))
@@ -70,8 +79,8 @@ pub fn limits_of(path: &Path) -> Result<(GuardSettings, usize), SimulateError> {
 /// The limits of the file at `path` in words (`check-config --explain`), read as a replay
 /// reads them: without the secrets, which a proposal checked on a workstation lacks.
 pub fn explained(path: &Path) -> Result<String, SimulateError> {
-    let (guard, _) = limits_of(path)?;
-    let (config, _) = config_of(path)?;
+    let (config, yaml) = config_of(path)?;
+    let (guard, _) = limits_in(path, &config, &yaml)?;
     // The spread only where the file's own checks would take it (else the error says why).
     let redis = &config.store.redis;
     let spread = config.store.kind == crate::config::StoreKind::Redis
